@@ -212,6 +212,7 @@ pub fn boot_stack() -> core::ops::Range<u64> {
     }
     // SAFETY: both symbols are defined in the assembly above; only their addresses are taken.
     unsafe {
-        (core::ptr::addr_of!(boot_stack_bottom) as u64)..(core::ptr::addr_of!(boot_stack_top) as u64)
+        (core::ptr::addr_of!(boot_stack_bottom) as u64)
+            ..(core::ptr::addr_of!(boot_stack_top) as u64)
     }
 }

@@ -1,0 +1,2 @@
+//! x86-64 and VT-x.
+pub mod vmx;
