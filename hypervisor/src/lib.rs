@@ -10,4 +10,10 @@
 extern crate alloc;
 
 pub mod arch;
+pub mod boot_info;
+pub mod console;
+pub mod devices;
+pub mod exits;
+pub mod guest;
 pub mod mm;
+pub mod vcpu;

@@ -1,3 +1,4 @@
+//! The bare-metal entry: `boot/` jumps to [`ctvm_main`] in long mode.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
@@ -6,3 +7,6 @@ fn main() {
     eprintln!("the CTVM hypervisor runs on bare metal: build it with `cargo xtask build`");
     std::process::exit(2);
 }
+
+#[cfg(target_os = "none")]
+mod bare_metal;

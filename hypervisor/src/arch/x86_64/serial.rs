@@ -1,0 +1,44 @@
+//! The hypervisor's console: COM1, polled.
+
+use spin::Mutex;
+use uart_16550::{Config, Uart16550};
+
+type Port = Uart16550<uart_16550::backend::PioBackend>;
+
+static COM1: Mutex<Option<Port>> = Mutex::new(None);
+
+/// Programs COM1 (115200 8N1). Without a UART the console stays silent.
+pub fn init() {
+    // SAFETY: COM1 at 0x3F8 belongs to the hypervisor; guests reach it only
+    // through the emulated vUART.
+    let Ok(mut port) = (unsafe { Uart16550::new_port(0x3f8) }) else {
+        return;
+    };
+    if port.init(Config::default()).is_ok() {
+        *COM1.lock() = Some(port);
+    }
+}
+
+/// Writes raw bytes, turning `\n` into `\r\n` for terminals.
+pub fn write_bytes(bytes: &[u8]) {
+    let mut guard = COM1.lock();
+    let Some(port) = guard.as_mut() else { return };
+    for chunk in bytes.split_inclusive(|&b| b == b'\n') {
+        match chunk.split_last() {
+            Some((b'\n', body)) => {
+                port.send_bytes_exact(body);
+                port.send_bytes_exact(b"\r\n");
+            }
+            _ => port.send_bytes_exact(chunk),
+        }
+    }
+}
+
+/// For the fault handler: the lock may be held by the code that faulted.
+pub fn force_unlock() {
+    if COM1.is_locked() {
+        // SAFETY: only called on the way to stopping the machine, on the only
+        // CPU that runs hypervisor code.
+        unsafe { COM1.force_unlock() };
+    }
+}

@@ -1,0 +1,115 @@
+//! Start-up on bare metal: console, descriptor tables, memory, VMX, guests.
+
+extern crate alloc;
+
+use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
+use hypervisor::boot_info::{self, BootInfo};
+use hypervisor::console;
+use hypervisor::mm::frames::{self, FrameAllocator, Region};
+use linked_list_allocator::LockedHeap;
+use log::{error, info};
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// The heap serves hypervisor bookkeeping; guest memory and page tables come
+/// from the frame allocator.
+const HEAP_SIZE: u64 = 16 << 20;
+
+/// Frames above this are not mapped by the boot page tables.
+const ADDRESSABLE_LIMIT: u64 = 4 << 30;
+
+#[no_mangle]
+extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
+    serial::init();
+    console::init(serial::write_bytes, log::LevelFilter::Info);
+    gdt::init();
+    traps::init();
+    info!("CTVM {} starting", env!("CARGO_PKG_VERSION"));
+
+    if magic != ctvm_boot::MULTIBOOT2_BOOTLOADER_MAGIC {
+        error!("not started by a multiboot2 loader (magic {magic:#x}); halting");
+        power::stop_machine(power::EXIT_HYPERVISOR_FAULT);
+    }
+    // SAFETY: a multiboot2 loader passed this pointer with the magic above.
+    let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
+        Ok(mb) => mb,
+        Err(e) => fatal(format_args!(
+            "the multiboot2 information is unusable: {e:?}"
+        )),
+    };
+
+    let image = ctvm_boot::image_range();
+    let image = Region::new(image.start, image.end);
+    let mut excluded: [Region; 40] = [Region::default(); 40];
+    let mut count = 0;
+    for r in core::iter::once(image).chain(boot_info::boot_ranges(&mb)) {
+        if count == excluded.len() {
+            fatal(format_args!(
+                "more than {} boot modules",
+                excluded.len() - 2
+            ));
+        }
+        excluded[count] = r;
+        count += 1;
+    }
+    let free = match frames::free_memory::<128>(
+        boot_info::memory_map(&mb),
+        &excluded[..count],
+        ADDRESSABLE_LIMIT,
+    ) {
+        Ok(free) => free,
+        Err(_) => fatal(format_args!("the memory map is too fragmented")),
+    };
+    let mut frames = FrameAllocator::new(free);
+    let Some(heap) = frames.allocate(HEAP_SIZE, 2 << 20) else {
+        fatal(format_args!("no room for a {} MiB heap", HEAP_SIZE >> 20))
+    };
+    // SAFETY: the frames are free RAM, identity mapped, and handed to the heap alone.
+    unsafe { HEAP.lock().init(heap as *mut u8, HEAP_SIZE as usize) };
+
+    let boot = match BootInfo::parse(&mb) {
+        Ok(b) => b,
+        Err(e) => fatal(format_args!("boot information: {e:?}")),
+    };
+    for (key, value) in boot_info::options(&boot.cmdline) {
+        match key {
+            "log" => match console::parse_level(value) {
+                Some(level) => log::set_max_level(level),
+                None => log::warn!("unknown log level {value:?}"),
+            },
+            "exit" => match power::ExitMethod::parse(value) {
+                Some(m) => power::set_method(m),
+                None => log::warn!("unknown exit method {value:?}"),
+            },
+            _ => {}
+        }
+    }
+    info!(
+        "image {:?}, {} MiB free RAM in {} regions, {} modules, command line {:?}",
+        image,
+        frames.free_bytes() >> 20,
+        frames.regions().len(),
+        boot.modules.len(),
+        boot.cmdline
+    );
+    let _ = cpu::rdtsc();
+    power::stop_machine(power::EXIT_OK)
+}
+
+fn fatal(args: core::fmt::Arguments<'_>) -> ! {
+    error!("{args}; halting");
+    power::stop_machine(power::EXIT_HYPERVISOR_FAULT)
+}
+
+#[panic_handler]
+fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
+    console::force_unlock();
+    serial::force_unlock();
+    console::write_line(format_args!("ctvm: FATAL: hypervisor panic: {panic}"));
+    let rbp: u64;
+    // SAFETY: reads the frame pointer register only.
+    unsafe { core::arch::asm!("mov {}, rbp", out(reg) rbp) };
+    traps::print_backtrace(rbp);
+    power::stop_machine(power::EXIT_HYPERVISOR_FAULT)
+}

@@ -1,0 +1,194 @@
+//! Port I/O. Guests with emulated devices trap every port: COM1 reaches the
+//! vUART, port 0x92 (A20) is pinned, and everything else reads all-ones and
+//! ignores writes, logged once per port and guest.
+
+use log::info;
+
+use super::{Action, ExitContext, StopReason};
+use crate::console;
+use crate::devices::uart;
+use crate::vcpu::{skip_instruction, Field};
+
+/// An I/O instruction, from its exit qualification (SDM Table 28-5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoAccess {
+    pub port: u16,
+    pub size: u8,
+    pub input: bool,
+    pub string: bool,
+}
+
+impl IoAccess {
+    pub const fn from_qualification(q: u64) -> Self {
+        IoAccess {
+            size: ((q & 7) + 1) as u8,
+            input: q & (1 << 3) != 0,
+            string: q & (1 << 4) != 0,
+            port: (q >> 16) as u16,
+        }
+    }
+}
+
+/// System control port A: bit 1 enables A20. Writes could disable A20 and
+/// make the guest's addresses wrap, so they are ignored.
+const PORT_A20: u16 = 0x92;
+
+fn read_byte(ctx: &mut ExitContext<'_>, port: u16) -> u8 {
+    if uart::PORTS.contains(&port) {
+        ctx.guest.uart.read(port)
+    } else if port == PORT_A20 {
+        0x02
+    } else {
+        note_unhandled(ctx, port, "read");
+        0xff
+    }
+}
+
+fn write_byte(ctx: &mut ExitContext<'_>, port: u16, value: u8) {
+    if uart::PORTS.contains(&port) {
+        if let Some(line) = ctx.guest.uart.write(port, value) {
+            console::guest_line(ctx.guest.name(), &line);
+        }
+    } else {
+        note_unhandled(ctx, port, "write");
+    }
+}
+
+fn note_unhandled(ctx: &mut ExitContext<'_>, port: u16, what: &str) {
+    if ctx.guest.ports_logged.first_time(port) {
+        info!(
+            "guest {}: unhandled port {port:#x} ({what}); reads give 0xff, writes are ignored (logged once)",
+            ctx.guest.name()
+        );
+    }
+}
+
+pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
+    let access = IoAccess::from_qualification(ctx.exit.qualification);
+    if access.string {
+        return Action::Stop(StopReason::Unsupported {
+            what: "string port I/O (INS/OUTS)",
+            rip: ctx.vcpu.read(Field::Rip),
+        });
+    }
+    // Multi-byte accesses reach consecutive ports, as on the ISA bus.
+    if access.input {
+        let mut value = 0u64;
+        for i in 0..access.size {
+            let byte = read_byte(ctx, access.port.wrapping_add(u16::from(i)));
+            value |= u64::from(byte) << (8 * i);
+        }
+        let rax = &mut ctx.vcpu.regs().rax;
+        *rax = match access.size {
+            1 => (*rax & !0xff) | value,
+            2 => (*rax & !0xffff) | value,
+            _ => value, // a 32-bit destination zero-extends into RAX
+        };
+    } else {
+        let rax = ctx.vcpu.regs().rax;
+        for i in 0..access.size {
+            write_byte(
+                ctx,
+                access.port.wrapping_add(u16::from(i)),
+                (rax >> (8 * i)) as u8,
+            );
+        }
+    }
+    skip_instruction(ctx.vcpu, ctx.exit);
+    Action::Resume
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exits::reason;
+    use crate::exits::testing::run;
+    use crate::guest::{test_guest, Guest};
+    use crate::vcpu::fake::FakeVcpu;
+    use crate::vcpu::{ExitInfo, VcpuState};
+
+    fn qual(port: u16, size: u8, input: bool) -> u64 {
+        (u64::from(port) << 16) | u64::from(size - 1) | (u64::from(input) << 3)
+    }
+
+    fn io(g: &mut Guest, port: u16, size: u8, input: bool, rax: u64) -> (Action, u64) {
+        let mut v = FakeVcpu::new();
+        v.regs.rax = rax;
+        let exit = ExitInfo {
+            reason: reason::IO_INSTRUCTION,
+            qualification: qual(port, size, input),
+            instruction_len: 1,
+            ..Default::default()
+        };
+        let a = run(g, &mut v, exit);
+        assert_eq!(v.read(Field::Rip), 0x10_0001);
+        (a, v.regs.rax)
+    }
+
+    #[test]
+    fn qualification_decodes() {
+        let a = IoAccess::from_qualification(qual(0x3fd, 1, true));
+        assert_eq!(
+            a,
+            IoAccess {
+                port: 0x3fd,
+                size: 1,
+                input: true,
+                string: false
+            }
+        );
+        assert_eq!(IoAccess::from_qualification(qual(0xcf8, 4, false)).size, 4);
+    }
+
+    #[test]
+    fn uart_output_forms_lines() {
+        let mut g = test_guest();
+        for b in b"hi\n" {
+            assert_eq!(io(&mut g, 0x3f8, 1, false, u64::from(*b)).0, Action::Resume);
+        }
+        assert_eq!(g.uart.lines, 1);
+        // LSR says the transmitter is empty; the upper bytes of RAX survive a byte read.
+        assert_eq!(io(&mut g, 0x3fd, 1, true, 0x1234_5600).1, 0x1234_5660);
+    }
+
+    #[test]
+    fn unknown_ports_read_ones_and_are_logged_once() {
+        let mut g = test_guest();
+        assert_eq!(io(&mut g, 0x2f8, 1, true, 0).1, 0xff);
+        assert_eq!(
+            io(&mut g, 0x2f8, 2, true, 0xffff_ffff_0000_0000).1,
+            0xffff_ffff_0000_ffff
+        );
+        assert_eq!(
+            io(&mut g, 0xcfc, 4, true, 0xffff_ffff_0000_0000).1,
+            0xffff_ffff
+        );
+        assert!(!g.ports_logged.first_time(0x2f8));
+        assert!(!g.ports_logged.first_time(0x2f9));
+        assert!(g.ports_logged.first_time(0x2fa));
+    }
+
+    #[test]
+    fn a20_stays_on() {
+        let mut g = test_guest();
+        io(&mut g, 0x92, 1, false, 0);
+        assert_eq!(io(&mut g, 0x92, 1, true, 0).1, 0x02);
+    }
+
+    #[test]
+    fn string_io_is_refused_not_skipped() {
+        let mut g = test_guest();
+        let mut v = FakeVcpu::new();
+        let exit = ExitInfo {
+            reason: reason::IO_INSTRUCTION,
+            qualification: qual(0x3f8, 1, false) | (1 << 4),
+            instruction_len: 2,
+            ..Default::default()
+        };
+        assert!(matches!(
+            run(&mut g, &mut v, exit),
+            Action::Stop(StopReason::Unsupported { .. })
+        ));
+        assert_eq!(v.read(Field::Rip), 0x10_0000);
+    }
+}
