@@ -2,10 +2,14 @@
 
 extern crate alloc;
 
+use hypervisor::arch::x86_64::vmx::enable::enable;
+use hypervisor::arch::x86_64::vmx::vcpu::TrapAllBitmaps;
 use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
+use hypervisor::mm::phys;
+use hypervisor::vmm;
 use linked_list_allocator::LockedHeap;
 use log::{error, info};
 
@@ -53,7 +57,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         excluded[count] = r;
         count += 1;
     }
-    let free = match frames::free_memory::<128>(
+    let free = match frames::free_memory::<{ phys::REGIONS }>(
         boot_info::memory_map(&mb),
         &excluded[..count],
         ADDRESSABLE_LIMIT,
@@ -61,7 +65,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(free) => free,
         Err(_) => fatal(format_args!("the memory map is too fragmented")),
     };
-    let mut frames = FrameAllocator::new(free);
+    let mut frames: FrameAllocator<{ phys::REGIONS }> = FrameAllocator::new(free);
     let Some(heap) = frames.allocate(HEAP_SIZE, 2 << 20) else {
         fatal(format_args!("no room for a {} MiB heap", HEAP_SIZE >> 20))
     };
@@ -93,8 +97,37 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         boot.modules.len(),
         boot.cmdline
     );
-    let _ = cpu::rdtsc();
+    phys::install(frames);
+    mask_legacy_pic();
+
+    let vmx = match enable() {
+        Ok(vmx) => vmx,
+        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
+    };
+    vmx.report();
+    info!("VMX on");
+    let Some(bitmaps) = TrapAllBitmaps::new() else {
+        fatal(format_args!("no memory for the I/O and MSR bitmaps"))
+    };
+    let mut vms = vmm::create_vms(&vmx, &boot.modules, &bitmaps);
+    if vms.is_empty() {
+        info!("no guests configured");
+    } else {
+        vmm::run(&vmx, &mut vms);
+        vmm::report(&vms);
+    }
+    info!("all guests stopped; powering off");
     power::stop_machine(power::EXIT_OK)
+}
+
+/// The hypervisor runs with interrupts off and gives emulated-device guests
+/// none: the legacy PIC is masked so no stray IRQ reaches a guest exit.
+fn mask_legacy_pic() {
+    // SAFETY: writing the interrupt masks of both 8259s only masks interrupts.
+    unsafe {
+        cpu::outb(0x21, 0xff);
+        cpu::outb(0xa1, 0xff);
+    }
 }
 
 fn fatal(args: core::fmt::Arguments<'_>) -> ! {

@@ -17,3 +17,5 @@ pub mod exits;
 pub mod guest;
 pub mod mm;
 pub mod vcpu;
+#[cfg(target_os = "none")]
+pub mod vmm;

@@ -65,7 +65,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "boot",
             about: "the hypervisor boots, reports the VT-x features it found, and powers off",
-            hypervisor_args: "",
+            hypervisor_args: "log=debug",
             guests: vec![],
             megs: 256,
             timeout: Duration::from_secs(60),

@@ -65,6 +65,8 @@ pub enum StopReason {
         linear: Option<u64>,
         guest_memory: bool,
     },
+    /// VMLAUNCH/VMRESUME refused to enter (invalid control or host state).
+    LaunchFailed(String),
     EntryFailed {
         reason: u16,
         qualification: u64,
@@ -105,6 +107,7 @@ impl fmt::Display for StopReason {
                 "VM entry failed (reason {reason}, {}, qualification {qualification:#x}): {detail}",
                 reason_name(*reason)
             ),
+            StopReason::LaunchFailed(detail) => write!(f, "VMLAUNCH/VMRESUME failed: {detail}"),
             StopReason::Unhandled { reason, qualification, rip } => write!(
                 f,
                 "unhandled VM exit {reason} ({}), qualification {qualification:#x}, at rip {rip:#x}",

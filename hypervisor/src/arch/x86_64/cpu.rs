@@ -140,3 +140,35 @@ pub fn hardware_random() -> Option<u64> {
     }
     None
 }
+
+/// The host processor as the exit handlers see it.
+pub struct HostCpu;
+
+impl crate::exits::HostCpu for HostCpu {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = cpuid(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+
+    fn rdtsc(&self) -> u64 {
+        rdtsc()
+    }
+
+    fn read_msr(&self, msr: u32) -> u64 {
+        // SAFETY: the MSR policy only names architectural MSRs every x86-64 CPU has.
+        unsafe { rdmsr(msr) }
+    }
+
+    fn write_msr(&self, msr: u32, value: u64) {
+        // SAFETY: only the syscall MSRs, validated by the policy; the hypervisor
+        // itself never uses them.
+        unsafe { wrmsr(msr, value) }
+    }
+
+    fn set_xcr0(&self, value: u64) {
+        // SAFETY: the XSETBV handler validated the value against CPUID.0xD.
+        unsafe {
+            asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+        };
+    }
+}

@@ -40,6 +40,7 @@ pub fn set_method(method: ExitMethod) {
 
 /// Powers the machine off (emulators) or halts it (hardware).
 pub fn stop_machine(code: u8) -> ! {
+    super::serial::drain();
     match METHOD.load(Ordering::Relaxed) {
         m if m == ExitMethod::Bochs as u8 => {
             for &b in b"Shutdown" {

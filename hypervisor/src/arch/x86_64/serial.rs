@@ -42,3 +42,15 @@ pub fn force_unlock() {
         unsafe { COM1.force_unlock() };
     }
 }
+
+/// Waits until every byte written has left the transmitter, so nothing is
+/// lost when the machine powers off right after.
+pub fn drain() {
+    for _ in 0..1_000_000 {
+        // SAFETY: reading COM1's line status register has no side effects.
+        if unsafe { super::cpu::inb(0x3fd) } & 0x40 != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}

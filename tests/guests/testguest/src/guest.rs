@@ -205,8 +205,7 @@ fn check(ok: bool, what: fmt::Arguments<'_>) {
 }
 
 fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
-    // SAFETY: CPUID is always available in a 64-bit guest.
-    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, 0) };
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 

@@ -404,21 +404,21 @@ fn toggle(word: u32, caps: u64, bits: u32, on: bool) -> Option<u32> {
 mod tests {
     use super::*;
 
-    /// Bochs 2.7, `cpu: model=corei7_skylake_x`, read by CTVM's own boot probe
-    /// (the allowed-1 halves match ../shared/platform/BOCHS.md).
+    /// Bochs 2.7, `cpu: model=corei7_skylake_x`, as CTVM's `boot` scenario
+    /// logs them with `log=debug` (the allowed-1 halves match BOCHS.md).
     fn bochs_skylake_x() -> VmxMsrs {
         VmxMsrs {
             basic: 0x00d8_1000_0000_002b,
             pinbased: 0x0000_007f_0000_0016,
             procbased: 0xf7f9_fffe_0400_6172,
             procbased2: 0x0217_7fff_0000_0000,
-            exit: 0x007f_efff_0003_6dfb,
-            entry: 0x0000_f3ff_0000_11fb,
-            misc: 0x0000_0000_0000_01c5,
+            exit: 0x007f_ffff_0003_6dfb,
+            entry: 0x0000_ffff_0000_11fb,
+            misc: 0x0000_0000_6004_01e0,
             cr0_fixed0: 0x8000_0021,
             cr0_fixed1: 0xffff_ffff,
             cr4_fixed0: 0x2000,
-            cr4_fixed1: 0x0037_67ff,
+            cr4_fixed1: 0x0037_27ff,
             ept_vpid_cap: 0x0000_0f01_0633_4141,
             vmfunc: 1,
         }
