@@ -15,7 +15,12 @@ pub mod start_info;
 
 /// ABI version: major in the high 16 bits, minor in the low 16 bits. A
 /// different major is incompatible; a higher minor only adds calls.
-pub const ABI_VERSION: u32 = (1 << 16) | 0;
+pub const ABI_VERSION: u32 = abi_version(1, 0);
+
+/// Packs a major and minor version the way [`ABI_VERSION`] holds them.
+pub const fn abi_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
 
 /// The 12-byte signature returned in EBX, ECX, EDX of CPUID leaf 0x40000000.
 pub const CPUID_SIGNATURE: &[u8; 12] = b"CTVMCTVMCTVM";

@@ -76,8 +76,13 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(b) => b,
         Err(e) => fatal(format_args!("boot information: {e:?}")),
     };
+    let mut debug_fault = false;
+    let mut corrupt_guest = None;
     for (key, value) in boot_info::options(&boot.cmdline) {
         match key {
+            // Test knobs: prove that faults and failed entries are reported.
+            "debug.fault" => debug_fault = true,
+            "debug.corrupt-guest" => corrupt_guest = Some(value),
             "log" => match console::parse_level(value) {
                 Some(level) => log::set_max_level(level),
                 None => log::warn!("unknown log level {value:?}"),
@@ -86,7 +91,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
                 Some(m) => power::set_method(m),
                 None => log::warn!("unknown exit method {value:?}"),
             },
-            _ => {}
+            other => log::warn!("unknown option {other:?} on the command line"),
         }
     }
     info!(
@@ -106,10 +111,15 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     };
     vmx.report();
     info!("VMX on");
+    if debug_fault {
+        info!("debug.fault: reading unmapped memory at 64 GiB");
+        // SAFETY: deliberately faults; the handler reports and stops the machine.
+        unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
+    }
     let Some(bitmaps) = TrapAllBitmaps::new() else {
         fatal(format_args!("no memory for the I/O and MSR bitmaps"))
     };
-    let mut vms = vmm::create_vms(&vmx, &boot.modules, &bitmaps);
+    let mut vms = vmm::create_vms(&vmx, &boot.modules, &bitmaps, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
     } else {

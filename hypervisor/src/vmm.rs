@@ -116,7 +116,13 @@ impl Vm {
 
 /// Creates a VM per guest module. A module that fails to load is reported
 /// and skipped; the others still run.
-pub fn create_vms(vmx: &Vmx, modules: &[Module], bitmaps: &TrapAllBitmaps) -> Vec<Vm> {
+/// `corrupt` names a guest whose initial state is broken on purpose (a test knob).
+pub fn create_vms(
+    vmx: &Vmx,
+    modules: &[Module],
+    bitmaps: &TrapAllBitmaps,
+    corrupt: Option<&str>,
+) -> Vec<Vm> {
     let guest_modules: Vec<&Module> = modules
         .iter()
         .filter(|m| config::is_guest_module(&m.cmdline))
@@ -154,11 +160,17 @@ pub fn create_vms(vmx: &Vmx, modules: &[Module], bitmaps: &TrapAllBitmaps) -> Ve
             )
         };
         match Vm::create(vmx, bitmaps, config, image, timeslice) {
-            Ok(vm) => {
+            Ok(mut vm) => {
                 info!(
                     "guest {name}: loaded, {} MiB of RAM",
                     vm.guest.config.mem_bytes >> 20
                 );
+                if corrupt == Some(name.as_str()) {
+                    warn!("guest {name}: corrupting its initial CR4 (debug.corrupt-guest)");
+                    if let Some(vcpu) = vm.vcpu.as_mut() {
+                        vcpu.debug_corrupt_guest_cr4();
+                    }
+                }
                 vms.push(vm);
             }
             Err(why) => error!("guest {name}: could not be loaded: {why}"),

@@ -90,6 +90,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 }
             }
             if host {
+                util::lint()?;
                 util::host_tests()?;
             }
             if emulated {

@@ -34,6 +34,9 @@ pub struct Scenario {
     pub reject: Vec<&'static str>,
     /// Further checks on the whole output.
     pub checks: Vec<Check>,
+    /// Whether the run must end with the hypervisor's clean power-off (all
+    /// but the scenarios that crash the hypervisor on purpose).
+    pub ends_cleanly: bool,
 }
 
 impl Scenario {
@@ -50,7 +53,7 @@ impl Scenario {
 
 /// What every run must end with, and must never show.
 const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
-const ALWAYS_REJECT: &[&str] = &["FATAL", "panic"];
+const ALWAYS_REJECT: &[&str] = &["panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
     GuestSpec {
@@ -79,6 +82,7 @@ pub fn all() -> Vec<Scenario> {
             ],
             reject: vec![],
             checks: vec![],
+            ends_cleanly: true,
         },
         Scenario {
             name: "guest-basics",
@@ -103,6 +107,7 @@ pub fn all() -> Vec<Scenario> {
             ],
             reject: vec!["[alpha] FAIL"],
             checks: vec![unknown_port_logged_once],
+            ends_cleanly: true,
         },
         Scenario {
             name: "containment",
@@ -118,17 +123,59 @@ pub fn all() -> Vec<Scenario> {
             expect: vec![CLEAN_END],
             reject: vec![],
             checks: vec![containment_reports],
+            ends_cleanly: true,
+        },
+        Scenario {
+            name: "timeslice",
+            about: "two guests share the CPU: the preemption timer interleaves their work",
+            hypervisor_args: "",
+            guests: vec![guest("alpha", "test=ticks count=4"), guest("beta", "test=ticks count=4")],
+            megs: 256,
+            timeout: Duration::from_secs(120),
+            expect: vec![CLEAN_END],
+            reject: vec![],
+            checks: vec![interleaved_ticks],
+            ends_cleanly: true,
+        },
+        Scenario {
+            name: "entry-failure",
+            about: "a guest whose state VM entry refuses is stopped with the failing field named",
+            hypervisor_args: "debug.corrupt-guest=beta",
+            guests: vec![guest("alpha", "test=basics exit=3"), guest("beta", "test=basics")],
+            megs: 256,
+            timeout: Duration::from_secs(90),
+            expect: vec![CLEAN_END],
+            reject: vec![],
+            checks: vec![entry_failure_named],
+            ends_cleanly: true,
+        },
+        Scenario {
+            name: "hypervisor-fault",
+            about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
+            hypervisor_args: "debug.fault",
+            guests: vec![],
+            megs: 256,
+            timeout: Duration::from_secs(60),
+            expect: vec![
+                "ctvm: FATAL: exception 14 (#PF page fault) in the hypervisor, error code 0x0",
+                "cr2 0x0000001000000000",
+                "ctvm:   backtrace: 0x",
+            ],
+            reject: vec![CLEAN_END],
+            checks: vec![],
+            ends_cleanly: false,
         },
         Scenario {
             name: "demo",
-            about: "what `cargo xtask run` boots: two test guests side by side",
+            about: "what `cargo xtask run` boots: two test guests sharing the CPU",
             hypervisor_args: "",
-            guests: vec![guest("alpha", "test=basics exit=0"), guest("beta", "test=basics exit=0")],
+            guests: vec![guest("alpha", "test=basics exit=0"), guest("beta", "test=ticks count=3")],
             megs: 256,
             timeout: Duration::from_secs(120),
             expect: vec!["ctvm: guest alpha stopped", CLEAN_END],
             reject: vec![],
             checks: vec![],
+            ends_cleanly: true,
         },
     ]
 }
@@ -145,6 +192,44 @@ fn unknown_port_logged_once(out: &RunOutput) -> Result<(), String> {
             "the unknown port 0x2f8 was logged {n} times, expected once"
         ))
     }
+}
+
+fn interleaved_ticks(out: &RunOutput) -> Result<(), String> {
+    let order: Vec<&str> = out
+        .serial
+        .lines()
+        .filter(|l| l.contains("] tick "))
+        .map(|l| {
+            if l.starts_with("[alpha]") {
+                "alpha"
+            } else {
+                "beta"
+            }
+        })
+        .collect();
+    if order.len() != 8 {
+        return Err(format!("expected 8 tick lines, saw {}", order.len()));
+    }
+    let switches = order.windows(2).filter(|w| w[0] != w[1]).count();
+    if switches < 2 {
+        return Err(format!("the guests did not interleave: {order:?}"));
+    }
+    Ok(())
+}
+
+fn entry_failure_named(out: &RunOutput) -> Result<(), String> {
+    let s = &out.serial;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("ctvm: guest beta stopped: VM entry failed (reason 33"))
+        .ok_or("no entry-failure report for beta")?;
+    if !line.contains("GUEST_CR4") {
+        return Err(format!("the report does not name GUEST_CR4: {line}"));
+    }
+    if !s.contains("ctvm: guest alpha stopped: shutdown hypercall, exit code 3") {
+        return Err("alpha did not run to completion beside the broken guest".into());
+    }
+    Ok(())
 }
 
 fn containment_reports(out: &RunOutput) -> Result<(), String> {
@@ -191,8 +276,11 @@ pub fn verdict(s: &Scenario, out: &RunOutput) -> Result<(), String> {
             return Err(format!("unexpected {r:?}"));
         }
     }
-    if !out.serial.contains(CLEAN_END) {
+    if s.ends_cleanly && (out.serial.contains("FATAL") || !out.serial.contains(CLEAN_END)) {
         return Err("the hypervisor did not power off cleanly".into());
+    }
+    if !out.emulator_log.contains("shutdown requested") {
+        return Err("Bochs did not see the power-off on its shutdown port".into());
     }
     for check in &s.checks {
         check(out)?;

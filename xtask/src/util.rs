@@ -75,6 +75,39 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Formatting and lints, host and bare-metal builds alike.
+pub fn lint() -> Result<(), Fail> {
+    println!("xtask: rustfmt and clippy");
+    crate::packages::ensure_bare_target()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--quiet",
+        "--workspace",
+        "--exclude",
+        "testguest",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "clippy",
+        "--quiet",
+        "-p",
+        "hypervisor",
+        "-p",
+        "testguest",
+        "-p",
+        "ctvm-boot",
+        "--target",
+        crate::packages::BARE_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
 /// The host-side test suite: every crate that runs on Linux.
 pub fn host_tests() -> Result<(), Fail> {
     println!("xtask: host tests");

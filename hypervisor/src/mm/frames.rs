@@ -52,7 +52,7 @@ impl fmt::Debug for Region {
 pub const fn align_up(value: u64, align: u64) -> u64 {
     match value.checked_add(align - 1) {
         Some(v) => v & !(align - 1),
-        None => u64::MAX & !(align - 1),
+        None => !(align - 1),
     }
 }
 

@@ -244,7 +244,7 @@ impl<F: EntryFormat> PageTable<F> {
                 continue;
             };
             let size = level_bytes(level);
-            if a % size == 0 && remaining >= size {
+            if a.is_multiple_of(size) && remaining >= size {
                 mem.write(table, i, 0);
                 flush = Flush::NEEDED;
                 offset += size;
@@ -279,7 +279,7 @@ impl<F: EntryFormat> PageTable<F> {
             let remaining = len - offset;
             let (table, i, level) = self.find(mem, a).ok_or(MapError::NotMapped(a))?;
             let size = level_bytes(level);
-            if a % size == 0 && remaining >= size {
+            if a.is_multiple_of(size) && remaining >= size {
                 let old = mem.read(table, i);
                 let mut attrs = F::attrs(old);
                 if attrs.perms != perms {
@@ -344,7 +344,7 @@ impl<F: EntryFormat> PageTable<F> {
         let mut level = self.largest.level();
         while level > 0 {
             let size = level_bytes(level);
-            if addr % size == 0 && target % size == 0 && remaining >= size {
+            if addr.is_multiple_of(size) && target.is_multiple_of(size) && remaining >= size {
                 break;
             }
             level -= 1;
@@ -477,7 +477,7 @@ fn walk_leaves<F: EntryFormat>(
 
 fn check_range(addr: u64, len: u64) -> Result<(), MapError> {
     let end = addr.checked_add(len).ok_or(MapError::Misaligned)?;
-    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || end > ADDRESS_LIMIT {
+    if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || end > ADDRESS_LIMIT {
         return Err(MapError::Misaligned);
     }
     Ok(())

@@ -283,7 +283,7 @@ pub fn print_backtrace(mut rbp: u64) {
     let mut line = heapless_line();
     let _ = write!(line, "ctvm:   backtrace:");
     for _ in 0..24 {
-        if rbp % 8 != 0 || !on_stack(rbp) || !on_stack(rbp + 8) {
+        if !rbp.is_multiple_of(8) || !on_stack(rbp) || !on_stack(rbp + 8) {
             break;
         }
         // SAFETY: both words lie inside a hypervisor stack (checked above).

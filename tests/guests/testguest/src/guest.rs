@@ -309,6 +309,18 @@ fn test_basics() {
     );
 }
 
+/// Prints `count` numbered lines with busy work in between, so that guests
+/// sharing the CPU interleave their output when time slicing works.
+fn test_ticks(count: u32) {
+    for i in 1..=count {
+        let mut x = 0u64;
+        for j in 0..3_000_000u64 {
+            x = core::hint::black_box(x.wrapping_add(j));
+        }
+        say!("tick {i} of {count}");
+    }
+}
+
 fn test_triple_fault() {
     say!("loading an empty IDT and raising #UD: this guest must be stopped");
     let ptr = DescriptorPointer { limit: 0, base: 0 };
@@ -340,16 +352,19 @@ extern "C" fn guest_main(info: *const StartInfo) -> ! {
     install_idt();
 
     let mut exit = 0u32;
+    let mut count = 5u32;
     let mut test = "basics";
     for word in cmdline.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("exit", v)) => exit = v.parse().unwrap_or(97),
             Some(("test", v)) => test = v,
+            Some(("count", v)) => count = v.parse().unwrap_or(5),
             _ => {}
         }
     }
     match test {
         "basics" => test_basics(),
+        "ticks" => test_ticks(count),
         "triple-fault" => test_triple_fault(),
         "wild-write" => test_wild_write(),
         other => {

@@ -428,7 +428,8 @@ mod tests {
     /// Each broken field is named.
     #[test]
     fn each_broken_field_is_named() {
-        let cases: Vec<(&str, fn(&mut GuestStateSnapshot))> = vec![
+        type Breakage = (&'static str, fn(&mut GuestStateSnapshot));
+        let cases: Vec<Breakage> = vec![
             ("GUEST_CR0", |s| s.cr0 &= !0x20),
             ("GUEST_CR4", |s| s.cr4 &= !0x2000),
             ("GUEST_CR0/CR4", |s| s.cr4 &= !0x20),

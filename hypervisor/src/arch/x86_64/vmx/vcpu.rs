@@ -552,6 +552,14 @@ impl Vcpu {
         }
     }
 
+    /// For the entry-failure scenario: clears CR4.VMXE in the guest state,
+    /// which VM entry must refuse and CTVM must diagnose.
+    pub fn debug_corrupt_guest_cr4(&mut self) {
+        self.load();
+        let cr4 = vmcs::read(guest::CR4);
+        vmcs::write(guest::CR4, cr4 & !CR4_VMXE);
+    }
+
     pub fn cr_masks(&self) -> (u64, u64) {
         self.cr_masks
     }
