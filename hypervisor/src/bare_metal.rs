@@ -38,9 +38,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // SAFETY: a multiboot2 loader passed this pointer with the magic above.
     let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
         Ok(mb) => mb,
-        Err(e) => fatal(format_args!(
-            "the multiboot2 information is unusable: {e:?}"
-        )),
+        Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
     };
 
     let image = ctvm_boot::image_range();
@@ -49,10 +47,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     let mut count = 0;
     for r in core::iter::once(image).chain(boot_info::boot_ranges(&mb)) {
         if count == excluded.len() {
-            fatal(format_args!(
-                "more than {} boot modules",
-                excluded.len() - 2
-            ));
+            fatal(format_args!("more than {} boot modules", excluded.len() - 2));
         }
         excluded[count] = r;
         count += 1;
@@ -116,9 +111,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         // SAFETY: deliberately faults; the handler reports and stops the machine.
         unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
     }
-    let Some(bitmaps) = TrapAllBitmaps::new() else {
-        fatal(format_args!("no memory for the I/O and MSR bitmaps"))
-    };
+    let Some(bitmaps) = TrapAllBitmaps::new() else { fatal(format_args!("no memory for the I/O and MSR bitmaps")) };
     let mut vms = vmm::create_vms(&vmx, &boot.modules, &bitmaps, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");

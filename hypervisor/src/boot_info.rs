@@ -33,22 +33,13 @@ pub enum BootInfoError {
 
 /// The memory map as (region, kind), without allocating: this runs before
 /// the heap exists. Lengths that would wrap are clipped.
-pub fn memory_map<'a>(
-    mb: &'a BootInformation<'a>,
-) -> impl Iterator<Item = (Region, MemoryKind)> + Clone + 'a {
-    mb.memory_map_tag()
-        .into_iter()
-        .flat_map(|tag| tag.memory_areas())
-        .map(|area| {
-            let start = area.start_address();
-            let region = Region::new(start, start.saturating_add(area.size()));
-            let kind = if area.typ() == MemoryAreaType::Available {
-                MemoryKind::Available
-            } else {
-                MemoryKind::Reserved
-            };
-            (region, kind)
-        })
+pub fn memory_map<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = (Region, MemoryKind)> + Clone + 'a {
+    mb.memory_map_tag().into_iter().flat_map(|tag| tag.memory_areas()).map(|area| {
+        let start = area.start_address();
+        let region = Region::new(start, start.saturating_add(area.size()));
+        let kind = if area.typ() == MemoryAreaType::Available { MemoryKind::Available } else { MemoryKind::Reserved };
+        (region, kind)
+    })
 }
 
 /// The ranges the frame allocator must never hand out: the first MiB (BIOS
@@ -56,12 +47,9 @@ pub fn memory_map<'a>(
 /// The caller adds the hypervisor image.
 pub fn boot_ranges<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = Region> + 'a {
     let info = Region::new(mb.start_address() as u64, mb.end_address() as u64);
-    let modules = mb.module_tags().map(|m| {
-        Region::new(
-            u64::from(m.start_address()),
-            u64::from(m.end_address().max(m.start_address())),
-        )
-    });
+    let modules = mb
+        .module_tags()
+        .map(|m| Region::new(u64::from(m.start_address()), u64::from(m.end_address().max(m.start_address()))));
     [Region::new(0, 1 << 20), info].into_iter().chain(modules)
 }
 
@@ -71,18 +59,11 @@ impl BootInfo {
         if mb.memory_map_tag().is_none() {
             return Err(BootInfoError::NoMemoryMap);
         }
-        let cmdline = mb
-            .command_line_tag()
-            .and_then(|t| t.cmdline().ok())
-            .unwrap_or("")
-            .into();
+        let cmdline = mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("").into();
         let modules = mb
             .module_tags()
             .map(|m| Module {
-                range: Region::new(
-                    u64::from(m.start_address()),
-                    u64::from(m.end_address().max(m.start_address())),
-                ),
+                range: Region::new(u64::from(m.start_address()), u64::from(m.end_address().max(m.start_address()))),
                 cmdline: m.cmdline().unwrap_or("").into(),
             })
             .collect();
@@ -91,12 +72,7 @@ impl BootInfo {
         } else {
             mb.rsdp_v1_tag().map(|v1| as_bytes(v1, 20))
         };
-        Ok(BootInfo {
-            cmdline,
-            modules,
-            memory: memory_map(mb).collect(),
-            rsdp,
-        })
+        Ok(BootInfo { cmdline, modules, memory: memory_map(mb).collect(), rsdp })
     }
 }
 
@@ -111,27 +87,19 @@ fn as_bytes<T>(tag: &T, len: usize) -> Vec<u8> {
 
 /// `key=value` words of a command line. A word without `=` has an empty value.
 pub fn options(cmdline: &str) -> impl Iterator<Item = (&str, &str)> {
-    cmdline
-        .split_ascii_whitespace()
-        .map(|word| word.split_once('=').unwrap_or((word, "")))
+    cmdline.split_ascii_whitespace().map(|word| word.split_once('=').unwrap_or((word, "")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use multiboot2::{
-        BootInformationHeader, Builder, CommandLineTag, MemoryArea, MemoryMapTag, ModuleTag,
-    };
+    use multiboot2::{BootInformationHeader, Builder, CommandLineTag, MemoryArea, MemoryMapTag, ModuleTag};
 
     #[test]
     fn parses_memory_modules_and_cmdline() {
         let mbi = Builder::new()
             .cmdline(CommandLineTag::new("log=debug exit=bochs"))
-            .add_module(ModuleTag::new(
-                0x30_0000,
-                0x30_8000,
-                "guest=alpha mem=16M -- test=hello",
-            ))
+            .add_module(ModuleTag::new(0x30_0000, 0x30_8000, "guest=alpha mem=16M -- test=hello"))
             .add_module(ModuleTag::new(0x40_0000, 0x40_1000, ""))
             .mmap(MemoryMapTag::new(&[
                 MemoryArea::new(0, 0x9f000, MemoryAreaType::Available),
@@ -141,25 +109,16 @@ mod tests {
             ]))
             .build();
         // SAFETY: the builder produced a well-formed structure that outlives `mb`.
-        let mb = unsafe {
-            BootInformation::load(core::ptr::addr_of!(*mbi).cast::<BootInformationHeader>())
-        }
-        .unwrap();
+        let mb = unsafe { BootInformation::load(core::ptr::addr_of!(*mbi).cast::<BootInformationHeader>()) }.unwrap();
         let info = BootInfo::parse(&mb).unwrap();
         assert_eq!(info.cmdline, "log=debug exit=bochs");
         assert_eq!(info.modules.len(), 2);
         assert_eq!(info.modules[0].range, Region::new(0x30_0000, 0x30_8000));
         assert_eq!(info.modules[0].cmdline, "guest=alpha mem=16M -- test=hello");
-        assert_eq!(
-            info.memory[1],
-            (Region::new(0x100000, 0x40000000), MemoryKind::Available)
-        );
+        assert_eq!(info.memory[1], (Region::new(0x100000, 0x40000000), MemoryKind::Available));
         assert_eq!(info.memory[2].1, MemoryKind::Reserved);
         // A length that would wrap is clipped, and non-RAM types count as reserved.
-        assert_eq!(
-            info.memory[3],
-            (Region::new(0x1000, u64::MAX), MemoryKind::Reserved)
-        );
+        assert_eq!(info.memory[3], (Region::new(0x1000, u64::MAX), MemoryKind::Reserved));
         assert!(info.rsdp.is_none());
         let excluded: Vec<_> = boot_ranges(&mb).collect();
         assert!(excluded.contains(&Region::new(0x30_0000, 0x30_8000)));
@@ -170,14 +129,8 @@ mod tests {
     fn missing_memory_map_is_an_error() {
         let mbi = Builder::new().cmdline(CommandLineTag::new("x")).build();
         // SAFETY: as above.
-        let mb = unsafe {
-            BootInformation::load(core::ptr::addr_of!(*mbi).cast::<BootInformationHeader>())
-        }
-        .unwrap();
-        assert_eq!(
-            BootInfo::parse(&mb).unwrap_err(),
-            BootInfoError::NoMemoryMap
-        );
+        let mb = unsafe { BootInformation::load(core::ptr::addr_of!(*mbi).cast::<BootInformationHeader>()) }.unwrap();
+        assert_eq!(BootInfo::parse(&mb).unwrap_err(), BootInfoError::NoMemoryMap);
     }
 
     #[test]

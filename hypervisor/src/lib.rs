@@ -9,6 +9,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod arch;
 pub mod boot_info;
 pub mod console;

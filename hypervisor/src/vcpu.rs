@@ -150,10 +150,7 @@ pub fn skip_instruction(vcpu: &mut dyn VcpuState, exit: &ExitInfo) {
     // The instruction completed, so interrupt shadows from STI/MOV SS end.
     let blocking = vcpu.read(Field::Interruptibility);
     if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 {
-        vcpu.write(
-            Field::Interruptibility,
-            blocking & !BLOCKING_BY_STI_OR_MOV_SS,
-        );
+        vcpu.write(Field::Interruptibility, blocking & !BLOCKING_BY_STI_OR_MOV_SS);
     }
 }
 
@@ -203,8 +200,7 @@ pub mod fake {
             if info & (1 << 31) == 0 {
                 return None;
             }
-            let code =
-                (info & (1 << 11) != 0).then(|| self.read(Field::EntryExceptionErrorCode) as u32);
+            let code = (info & (1 << 11) != 0).then(|| self.read(Field::EntryExceptionErrorCode) as u32);
             Some((info as u8, code))
         }
     }
@@ -247,10 +243,7 @@ mod tests {
     fn skipping_advances_rip_and_ends_sti_shadow() {
         let mut v = FakeVcpu::new();
         v.write(Field::Interruptibility, 0b1001);
-        let exit = ExitInfo {
-            instruction_len: 3,
-            ..Default::default()
-        };
+        let exit = ExitInfo { instruction_len: 3, ..Default::default() };
         skip_instruction(&mut v, &exit);
         assert_eq!(v.read(Field::Rip), 0x10_0003);
         assert_eq!(v.read(Field::Interruptibility), 0b1000);
@@ -260,10 +253,7 @@ mod tests {
     fn injection_encodes_vector_type_and_error_code() {
         let mut v = FakeVcpu::new();
         inject_exception(&mut v, VECTOR_GP, Some(0));
-        assert_eq!(
-            v.read(Field::EntryInterruptionInfo),
-            13 | (3 << 8) | (1 << 11) | (1 << 31)
-        );
+        assert_eq!(v.read(Field::EntryInterruptionInfo), 13 | (3 << 8) | (1 << 11) | (1 << 31));
         assert_eq!(v.injected(), Some((13, Some(0))));
         let mut v = FakeVcpu::new();
         inject_exception(&mut v, VECTOR_UD, None);

@@ -31,14 +31,7 @@ pub struct Vm {
 }
 
 /// The syscall MSRs that live in hardware while a guest runs.
-const SHADOWED_MSRS: [u32; 6] = [
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-    0xc000_0102,
-    0xc000_0103,
-];
+const SHADOWED_MSRS: [u32; 6] = [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0102, 0xc000_0103];
 
 impl Vm {
     fn create(
@@ -56,39 +49,20 @@ impl Vm {
             unrestricted: vmx.controls.features.unrestricted_guest,
         };
         let size = config.mem_bytes;
-        let hpa = phys::alloc_zeroed(size, 2 << 20)
-            .ok_or_else(|| format!("no {} MiB of free RAM for it", size >> 20))?;
+        let hpa =
+            phys::alloc_zeroed(size, 2 << 20).ok_or_else(|| format!("no {} MiB of free RAM for it", size >> 20))?;
         let ram = Region::new(hpa, hpa + size);
         let mut memory = GuestMemory::new();
-        memory
-            .add(Region::new(0, size), hpa)
-            .map_err(|_| "overlapping memory")?;
-        let mut vm = Vm {
-            guest: Guest::new(config, memory, limits),
-            vcpu: None,
-            ept: None,
-            ram: Some(ram),
-        };
+        memory.add(Region::new(0, size), hpa).map_err(|_| "overlapping memory")?;
+        let mut vm = Vm { guest: Guest::new(config, memory, limits), vcpu: None, ept: None, ram: Some(ram) };
 
         let mut ept = Ept::new(vmx).ok_or("no memory for EPT tables")?;
         ept.map(0, hpa, size, Attrs::new(Perms::RWX, MemType::WriteBack))
             .map_err(|e| format!("EPT mapping failed: {e:?}"))?;
         vm.ept = Some(ept);
-        let entry = loader::load_native(
-            &vm.guest.memory,
-            &Identity,
-            image,
-            vm.guest.name(),
-            &vm.guest.config.args,
-        )
-        .map_err(|e| format!("{e}"))?;
-        let vcpu = Vcpu::new_native(
-            vmx,
-            vm.ept.as_ref().expect("set above"),
-            bitmaps,
-            &entry,
-            timeslice,
-        )?;
+        let entry = loader::load_native(&vm.guest.memory, &Identity, image, vm.guest.name(), &vm.guest.config.args)
+            .map_err(|e| format!("{e}"))?;
+        let vcpu = Vcpu::new_native(vmx, vm.ept.as_ref().expect("set above"), bitmaps, &entry, timeslice)?;
         vm.vcpu = Some(vcpu);
         Ok(vm)
     }
@@ -117,16 +91,8 @@ impl Vm {
 /// Creates a VM per guest module. A module that fails to load is reported
 /// and skipped; the others still run.
 /// `corrupt` names a guest whose initial state is broken on purpose (a test knob).
-pub fn create_vms(
-    vmx: &Vmx,
-    modules: &[Module],
-    bitmaps: &TrapAllBitmaps,
-    corrupt: Option<&str>,
-) -> Vec<Vm> {
-    let guest_modules: Vec<&Module> = modules
-        .iter()
-        .filter(|m| config::is_guest_module(&m.cmdline))
-        .collect();
+pub fn create_vms(vmx: &Vmx, modules: &[Module], bitmaps: &TrapAllBitmaps, corrupt: Option<&str>) -> Vec<Vm> {
+    let guest_modules: Vec<&Module> = modules.iter().filter(|m| config::is_guest_module(&m.cmdline)).collect();
     let ignored = modules.len() - guest_modules.len();
     if ignored > 0 {
         warn!("{ignored} boot module(s) without guest=NAME are ignored");
@@ -144,27 +110,17 @@ pub fn create_vms(
             }
         };
         if vms.iter().any(|vm: &Vm| vm.guest.name() == config.name) {
-            error!(
-                "boot module {i}: a guest named {} exists already; skipped",
-                config.name
-            );
+            error!("boot module {i}: a guest named {} exists already; skipped", config.name);
             continue;
         }
         let name = config.name.clone();
         // SAFETY: GRUB loaded the module there, and the frame allocator
         // excludes module ranges, so nothing else writes to it.
-        let image = unsafe {
-            core::slice::from_raw_parts(
-                module.range.start as *const u8,
-                module.range.len() as usize,
-            )
-        };
+        let image =
+            unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) };
         match Vm::create(vmx, bitmaps, config, image, timeslice) {
             Ok(mut vm) => {
-                info!(
-                    "guest {name}: loaded, {} MiB of RAM",
-                    vm.guest.config.mem_bytes >> 20
-                );
+                info!("guest {name}: loaded, {} MiB of RAM", vm.guest.config.mem_bytes >> 20);
                 if corrupt == Some(name.as_str()) {
                     warn!("guest {name}: corrupting its initial CR4 (debug.corrupt-guest)");
                     if let Some(vcpu) = vm.vcpu.as_mut() {
@@ -187,17 +143,10 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
     let host = HostCpu;
     let mut current: Option<usize> = None;
     let mut next = 0;
-    while let Some(i) = (0..vms.len())
-        .map(|k| (next + k) % vms.len())
-        .find(|&k| vms[k].guest.is_running())
-    {
+    while let Some(i) = (0..vms.len()).map(|k| (next + k) % vms.len()).find(|&k| vms[k].guest.is_running()) {
         if current != Some(i) {
             if let Some(prev) = current.filter(|&p| vms[p].vcpu.is_some()) {
-                vms[prev]
-                    .vcpu
-                    .as_mut()
-                    .expect("checked")
-                    .save_extended_state(vmx);
+                vms[prev].vcpu.as_mut().expect("checked").save_extended_state(vmx);
             }
             switch_to(vmx, &mut vms[i]);
             current = Some(i);
@@ -211,26 +160,12 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 let detail = failure.unwrap_or_default();
                 break Action::Stop(StopReason::LaunchFailed(detail));
             }
-            let mut ctx = ExitContext {
-                guest: &mut vm.guest,
-                vcpu,
-                exit: &exit,
-                host: &host,
-            };
+            let mut ctx = ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host };
             let action = exits::dispatch(&mut ctx);
             let action = match (action, failure) {
-                (
-                    Action::Stop(StopReason::EntryFailed {
-                        reason,
-                        qualification,
-                        ..
-                    }),
-                    Some(detail),
-                ) => Action::Stop(StopReason::EntryFailed {
-                    reason,
-                    qualification,
-                    detail,
-                }),
+                (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {
+                    Action::Stop(StopReason::EntryFailed { reason, qualification, detail })
+                }
                 (a, _) => a,
             };
             if action != Action::Resume {
@@ -254,14 +189,7 @@ fn switch_to(vmx: &Vmx, vm: &mut Vm) {
     let vcpu = vm.vcpu.as_mut().expect("running guests have a vCPU");
     vcpu.load();
     vcpu.restore_extended_state(vmx, xcr0);
-    let values = [
-        msrs.star,
-        msrs.lstar,
-        msrs.cstar,
-        msrs.sfmask,
-        msrs.kernel_gs_base,
-        msrs.tsc_aux,
-    ];
+    let values = [msrs.star, msrs.lstar, msrs.cstar, msrs.sfmask, msrs.kernel_gs_base, msrs.tsc_aux];
     for (msr, value) in SHADOWED_MSRS.into_iter().zip(values) {
         // SAFETY: architectural syscall MSRs; the hypervisor does not use them.
         unsafe { cpu::wrmsr(msr, value) };

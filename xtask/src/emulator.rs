@@ -45,9 +45,7 @@ impl Choice {
             "auto" => Ok(Choice::Auto),
             "bochs" => Ok(Choice::Fixed(Emulator::Bochs)),
             "qemu" | "kvm" => Ok(Choice::Fixed(Emulator::QemuKvm)),
-            other => Err(Fail(format!(
-                "unknown emulator {other:?} (auto, bochs, qemu)"
-            ))),
+            other => Err(Fail(format!("unknown emulator {other:?} (auto, bochs, qemu)"))),
         }
     }
 
@@ -62,15 +60,10 @@ impl Choice {
 
 /// KVM can run CTVM only when the host CPU has VMX and nested VMX is on.
 fn kvm_offers_vmx() -> bool {
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let vmx =
-        fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|w| w == "vmx"));
-    let nested = fs::read_to_string("/sys/module/kvm_intel/parameters/nested")
-        .is_ok_and(|v| matches!(v.trim(), "Y" | "1"));
+    let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let vmx = fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|w| w == "vmx"));
+    let nested =
+        fs::read_to_string("/sys/module/kvm_intel/parameters/nested").is_ok_and(|v| matches!(v.trim(), "Y" | "1"));
     kvm && vmx && nested
 }
 
@@ -141,13 +134,7 @@ pub fn boot(
             .arg(megs.to_string())
             .arg("-cdrom")
             .arg(iso)
-            .args([
-                "-display",
-                "none",
-                "-no-reboot",
-                "-device",
-                "isa-debug-exit,iobase=0xf4",
-            ])
+            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .stdin(Stdio::null())
@@ -165,23 +152,12 @@ pub fn boot(
             emulator_log.push_str(&s);
         }
     }
-    Ok(RunOutput {
-        serial: serial_text,
-        emulator_log,
-        timed_out,
-        elapsed,
-        dir,
-    })
+    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, dir })
 }
 
 /// Polls the child until it exits or the deadline passes (then kills it).
 /// Returns whether it timed out.
-fn wait_streaming(
-    child: &mut Child,
-    serial: &Path,
-    timeout: Duration,
-    echo: bool,
-) -> Result<bool, Fail> {
+fn wait_streaming(child: &mut Child, serial: &Path, timeout: Duration, echo: bool) -> Result<bool, Fail> {
     let deadline = Instant::now() + timeout;
     let mut offset = 0u64;
     let mut out = std::io::stdout();
@@ -219,18 +195,8 @@ pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> 
         println!("xtask: booting under Bochs (VT-x emulated; no usable KVM here)");
     }
     let iso = image::iso_for_emulator(scenario, emulator)?;
-    let result = boot(
-        emulator,
-        &iso,
-        &format!("run-{}", scenario.name),
-        scenario.megs,
-        Duration::from_secs(3600),
-        true,
-    )?;
-    println!(
-        "\nxtask: machine stopped after {:.1} s; logs in {}",
-        result.elapsed.as_secs_f64(),
-        result.dir.display()
-    );
+    let result =
+        boot(emulator, &iso, &format!("run-{}", scenario.name), scenario.megs, Duration::from_secs(3600), true)?;
+    println!("\nxtask: machine stopped after {:.1} s; logs in {}", result.elapsed.as_secs_f64(), result.dir.display());
     Ok(())
 }

@@ -19,30 +19,11 @@ pub struct Binaries {
 /// builds several times slower).
 pub fn build_all() -> Result<Binaries, Fail> {
     packages::ensure_bare_target()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        BARE_TARGET,
-        "-p",
-        "hypervisor",
-        "-p",
-        "testguest",
-    ]))?;
-    let dir = crate::util::root()
-        .join("target")
-        .join(BARE_TARGET)
-        .join("release");
-    let bins = Binaries {
-        hypervisor: dir.join("hypervisor"),
-        testguest: dir.join("testguest"),
-    };
+    run(cargo().args(["build", "--release", "--target", BARE_TARGET, "-p", "hypervisor", "-p", "testguest"]))?;
+    let dir = crate::util::root().join("target").join(BARE_TARGET).join("release");
+    let bins = Binaries { hypervisor: dir.join("hypervisor"), testguest: dir.join("testguest") };
     let size = fs::metadata(&bins.hypervisor)?.len();
-    println!(
-        "xtask: hypervisor image {} ({} KiB)",
-        bins.hypervisor.display(),
-        size / 1024
-    );
+    println!("xtask: hypervisor image {} ({} KiB)", bins.hypervisor.display(), size / 1024);
     Ok(bins)
 }
 
@@ -54,12 +35,7 @@ pub struct ModuleSpec {
 }
 
 /// Writes grub.cfg and runs grub-mkrescue; returns the ISO's path.
-pub fn make_iso(
-    name: &str,
-    hypervisor: &Path,
-    hv_args: &str,
-    modules: &[ModuleSpec],
-) -> Result<PathBuf, Fail> {
+pub fn make_iso(name: &str, hypervisor: &Path, hv_args: &str, modules: &[ModuleSpec]) -> Result<PathBuf, Fail> {
     packages::ensure_image_tools()?;
     let root = work_dir().join("iso").join(name);
     let _ = fs::remove_dir_all(&root);
@@ -72,13 +48,7 @@ pub fn make_iso(
     );
     cfg.push_str(&format!("    multiboot2 /boot/ctvm.elf {hv_args}\n"));
     for (i, m) in modules.iter().enumerate() {
-        let file_name = format!(
-            "m{i}-{}",
-            m.file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("module")
-        );
+        let file_name = format!("m{i}-{}", m.file.file_name().and_then(|n| n.to_str()).unwrap_or("module"));
         fs::copy(&m.file, boot.join(&file_name))?;
         cfg.push_str(&format!("    module2 /boot/{file_name} {}\n", m.args));
     }
@@ -92,10 +62,7 @@ pub fn make_iso(
         .output()
         .map_err(|e| Fail(format!("cannot run grub-mkrescue: {e}")))?;
     if !out.status.success() {
-        return Err(Fail(format!(
-            "grub-mkrescue failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+        return Err(Fail(format!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr))));
     }
     Ok(iso)
 }
@@ -104,17 +71,8 @@ pub fn make_iso(
 pub fn iso_for_emulator(scenario: &Scenario, emulator: Emulator) -> Result<PathBuf, Fail> {
     let bins = build_all()?;
     let modules = scenario.modules(&bins);
-    let hv_args = format!(
-        "exit={} {}",
-        emulator.exit_method(),
-        scenario.hypervisor_args
-    );
-    make_iso(
-        &format!("{}-{}", scenario.name, emulator.name()),
-        &bins.hypervisor,
-        hv_args.trim(),
-        &modules,
-    )
+    let hv_args = format!("exit={} {}", emulator.exit_method(), scenario.hypervisor_args);
+    make_iso(&format!("{}-{}", scenario.name, emulator.name()), &bins.hypervisor, hv_args.trim(), &modules)
 }
 
 pub fn iso_for(scenario: &Scenario) -> Result<PathBuf, Fail> {

@@ -61,14 +61,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
             while let Some(arg) = it.next() {
                 match arg.as_str() {
                     "--emulator" => {
-                        let value = it
-                            .next()
-                            .ok_or_else(|| Fail::new("--emulator needs a value"))?;
+                        let value = it.next().ok_or_else(|| Fail::new("--emulator needs a value"))?;
                         emulator = emulator::Choice::parse(value)?;
                     }
-                    other if other.starts_with('-') => {
-                        return Err(Fail(format!("unknown option {other}\n{USAGE}")))
-                    }
+                    other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}\n{USAGE}"))),
                     other => name = other.to_string(),
                 }
             }
@@ -83,9 +79,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 match arg.as_str() {
                     "--host-only" => emulated = false,
                     "--scenarios-only" => host = false,
-                    other if other.starts_with('-') => {
-                        return Err(Fail(format!("unknown option {other}\n{USAGE}")))
-                    }
+                    other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}\n{USAGE}"))),
                     other => names.push(other.to_string()),
                 }
             }

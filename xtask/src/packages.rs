@@ -35,11 +35,7 @@ fn is_root() -> bool {
 /// Installs missing emulator and ISO tools when running as root; otherwise
 /// prints the exact command and fails.
 pub fn ensure_image_tools() -> Result<(), Fail> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !have(tool))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let missing: Vec<&str> = TOOLS.iter().filter(|(tool, _)| !have(tool)).map(|(_, pkg)| *pkg).collect();
     ensure_packages(&missing)
 }
 
@@ -49,9 +45,7 @@ pub fn ensure_packages(missing: &[&str]) -> Result<(), Fail> {
     }
     let list = missing.join(" ");
     if !is_root() {
-        return Err(Fail(format!(
-            "missing packages; install them with:\n    sudo apt-get install -y {list}"
-        )));
+        return Err(Fail(format!("missing packages; install them with:\n    sudo apt-get install -y {list}")));
     }
     println!("xtask: installing {list}");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -64,16 +58,11 @@ pub fn ensure_packages(missing: &[&str]) -> Result<(), Fail> {
 /// Adds the bare-metal target to the pinned toolchain if it is missing
 /// (rustup does not, with RUSTUP_AUTO_INSTALL=0).
 pub fn ensure_bare_target() -> Result<(), Fail> {
-    let installed = output(
-        Command::new("rustup")
-            .current_dir(crate::util::root())
-            .args(["target", "list", "--installed"]),
-    )?;
+    let installed =
+        output(Command::new("rustup").current_dir(crate::util::root()).args(["target", "list", "--installed"]))?;
     if installed.lines().any(|l| l.trim() == BARE_TARGET) {
         return Ok(());
     }
     println!("xtask: adding the {BARE_TARGET} target to the toolchain");
-    run(Command::new("rustup")
-        .current_dir(crate::util::root())
-        .args(["target", "add", BARE_TARGET]))
+    run(Command::new("rustup").current_dir(crate::util::root()).args(["target", "add", BARE_TARGET]))
 }

@@ -56,11 +56,7 @@ const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
 const ALWAYS_REJECT: &[&str] = &["panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
-    GuestSpec {
-        name,
-        mem_mib: 16,
-        args,
-    }
+    GuestSpec { name, mem_mib: 16, args }
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -181,16 +177,11 @@ pub fn all() -> Vec<Scenario> {
 }
 
 fn unknown_port_logged_once(out: &RunOutput) -> Result<(), String> {
-    let n = out
-        .serial
-        .matches("ctvm: guest alpha: unhandled port 0x2f8")
-        .count();
+    let n = out.serial.matches("ctvm: guest alpha: unhandled port 0x2f8").count();
     if n == 1 {
         Ok(())
     } else {
-        Err(format!(
-            "the unknown port 0x2f8 was logged {n} times, expected once"
-        ))
+        Err(format!("the unknown port 0x2f8 was logged {n} times, expected once"))
     }
 }
 
@@ -199,13 +190,7 @@ fn interleaved_ticks(out: &RunOutput) -> Result<(), String> {
         .serial
         .lines()
         .filter(|l| l.contains("] tick "))
-        .map(|l| {
-            if l.starts_with("[alpha]") {
-                "alpha"
-            } else {
-                "beta"
-            }
-        })
+        .map(|l| if l.starts_with("[alpha]") { "alpha" } else { "beta" })
         .collect();
     if order.len() != 8 {
         return Err(format!("expected 8 tick lines, saw {}", order.len()));
@@ -251,10 +236,7 @@ fn containment_reports(out: &RunOutput) -> Result<(), String> {
 pub fn find(name: &str) -> Result<Scenario, Fail> {
     all().into_iter().find(|s| s.name == name).ok_or_else(|| {
         let names: Vec<_> = all().iter().map(|s| s.name).collect();
-        Fail(format!(
-            "no scenario {name:?}; scenarios: {}",
-            names.join(", ")
-        ))
+        Fail(format!("no scenario {name:?}; scenarios: {}", names.join(", ")))
     })
 }
 
@@ -298,11 +280,8 @@ fn total_exits(serial: &str) -> Option<u64> {
 }
 
 pub fn run_all(names: &[String]) -> Result<(), Fail> {
-    let selected: Vec<Scenario> = if names.is_empty() {
-        all()
-    } else {
-        names.iter().map(|n| find(n)).collect::<Result<_, _>>()?
-    };
+    let selected: Vec<Scenario> =
+        if names.is_empty() { all() } else { names.iter().map(|n| find(n)).collect::<Result<_, _>>()? };
     let mut results = Vec::new();
     for s in &selected {
         let iso = image::iso_for_emulator(s, Emulator::Bochs)?;
@@ -310,11 +289,7 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
         let out = emulator::boot(Emulator::Bochs, &iso, s.name, s.megs, s.timeout, false)?;
         let v = verdict(s, &out);
         match &v {
-            Ok(()) => println!(
-                "xtask: scenario {} passed in {:.1} s",
-                s.name,
-                out.elapsed.as_secs_f64()
-            ),
+            Ok(()) => println!("xtask: scenario {} passed in {:.1} s", s.name, out.elapsed.as_secs_f64()),
             Err(why) => {
                 println!("xtask: scenario {} FAILED: {why}", s.name);
                 println!("xtask: last console lines:");
@@ -327,24 +302,14 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
         }
         results.push((s.name, v.is_ok(), out.elapsed, total_exits(&out.serial)));
     }
-    println!(
-        "\n{:<16} {:<7} {:>9} {:>10}",
-        "scenario", "result", "wall (s)", "VM exits"
-    );
+    println!("\n{:<16} {:<7} {:>9} {:>10}", "scenario", "result", "wall (s)", "VM exits");
     for (name, ok, t, exits) in &results {
         let exits = exits.map_or("-".to_string(), |e| e.to_string());
-        println!(
-            "{name:<16} {:<7} {:>9.1} {exits:>10}",
-            if *ok { "pass" } else { "FAIL" },
-            t.as_secs_f64()
-        );
+        println!("{name:<16} {:<7} {:>9.1} {exits:>10}", if *ok { "pass" } else { "FAIL" }, t.as_secs_f64());
     }
     let failed = results.iter().filter(|r| !r.1).count();
     if failed > 0 {
-        return Err(Fail(format!(
-            "{failed} of {} scenarios failed",
-            results.len()
-        )));
+        return Err(Fail(format!("{failed} of {} scenarios failed", results.len())));
     }
     Ok(())
 }

@@ -21,10 +21,7 @@ impl From<std::io::Error> for Fail {
 
 /// The workspace root (the parent of `xtask/`).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Where xtask keeps what it makes: ISOs, run directories, logs.
@@ -34,9 +31,7 @@ pub fn work_dir() -> PathBuf {
 
 /// Runs a command to completion, failing with its name when it fails.
 pub fn run(cmd: &mut Command) -> Result<(), Fail> {
-    let status = cmd
-        .status()
-        .map_err(|e| Fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
+    let status = cmd.status().map_err(|e| Fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
     if status.success() {
         Ok(())
     } else {
@@ -46,9 +41,7 @@ pub fn run(cmd: &mut Command) -> Result<(), Fail> {
 
 /// Runs a command and returns its standard output.
 pub fn output(cmd: &mut Command) -> Result<String, Fail> {
-    let out = cmd
-        .output()
-        .map_err(|e| Fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
+    let out = cmd.output().map_err(|e| Fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
     if !out.status.success() {
         return Err(Fail(format!(
             "{} failed ({}): {}",

@@ -93,10 +93,7 @@ mod tests {
     #[test]
     fn bytes_become_lines() {
         let mut u = Uart::default();
-        assert_eq!(
-            send(&mut u, b"hello\r\nworld\npart"),
-            vec![b"hello".to_vec(), b"world".to_vec()]
-        );
+        assert_eq!(send(&mut u, b"hello\r\nworld\npart"), vec![b"hello".to_vec(), b"world".to_vec()]);
         assert_eq!(u.flush(), Some(b"part".to_vec()));
         assert_eq!(u.flush(), None);
         assert_eq!(u.lines, 3);

@@ -80,19 +80,10 @@ mod tests {
         let mut v = FakeVcpu::new();
         v.regs.rax = u64::from(leaf);
         v.write(Field::Cr4ReadShadow, cr4);
-        let exit = ExitInfo {
-            reason: reason::CPUID,
-            instruction_len: 2,
-            ..Default::default()
-        };
+        let exit = ExitInfo { reason: reason::CPUID, instruction_len: 2, ..Default::default() };
         assert_eq!(run(&mut g, &mut v, exit), crate::exits::Action::Resume);
         assert_eq!(v.read(Field::Rip), 0x10_0002);
-        [
-            v.regs.rax as u32,
-            v.regs.rbx as u32,
-            v.regs.rcx as u32,
-            v.regs.rdx as u32,
-        ]
+        [v.regs.rax as u32, v.regs.rbx as u32, v.regs.rcx as u32, v.regs.rdx as u32]
     }
 
     #[test]

@@ -60,18 +60,14 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             if (value ^ old) & (CR0_PG | CR0_PE) != 0 {
                 // Leaving or entering paging would need the IA-32e entry control
                 // and EFER.LMA to follow; no guest kind here does that yet.
-                return Action::Stop(StopReason::Unsupported {
-                    what: "switching CR0.PE/PG",
-                    rip,
-                });
+                return Action::Stop(StopReason::Unsupported { what: "switching CR0.PE/PG", rip });
             }
             let mut must_be_1 = limits.cr0_fixed0;
             if limits.unrestricted {
                 must_be_1 &= !(CR0_PE | CR0_PG);
             }
             ctx.vcpu.write(Field::Cr0ReadShadow, value);
-            ctx.vcpu
-                .write(Field::Cr0, (value | must_be_1) & limits.cr0_fixed1);
+            ctx.vcpu.write(Field::Cr0, (value | must_be_1) & limits.cr0_fixed1);
         }
         CrAccess::MovTo { cr: 4, gpr } => {
             let value = read_gpr(ctx, gpr);
@@ -80,8 +76,7 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
                 return gp(ctx);
             }
             ctx.vcpu.write(Field::Cr4ReadShadow, value);
-            ctx.vcpu
-                .write(Field::Cr4, (value | limits.cr4_fixed0) & limits.cr4_fixed1);
+            ctx.vcpu.write(Field::Cr4, (value | limits.cr4_fixed0) & limits.cr4_fixed1);
         }
         // CR3-load/store exiting is forced on by some processors.
         CrAccess::MovTo { cr: 3, gpr } => {
@@ -93,16 +88,10 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             write_gpr(ctx, gpr, value);
         }
         CrAccess::MovTo { .. } | CrAccess::MovFrom { .. } => {
-            return Action::Stop(StopReason::Unsupported {
-                what: "this control-register access",
-                rip,
-            });
+            return Action::Stop(StopReason::Unsupported { what: "this control-register access", rip });
         }
         CrAccess::Clts | CrAccess::Lmsw => {
-            return Action::Stop(StopReason::Unsupported {
-                what: "CLTS/LMSW on a masked CR0 bit",
-                rip,
-            });
+            return Action::Stop(StopReason::Unsupported { what: "CLTS/LMSW on a masked CR0 bit", rip });
         }
     }
     skip_instruction(ctx.vcpu, ctx.exit);
@@ -155,22 +144,13 @@ mod tests {
         assert_eq!(v.read(Field::Cr0ReadShadow), 0x8000_0011);
         assert_eq!(v.read(Field::Cr0), 0x8000_0031);
         assert_eq!(mov_to(0, 0x8000_0000).1.injected(), Some((13, Some(0))));
-        assert!(matches!(
-            mov_to(0, 0x31).0,
-            Action::Stop(StopReason::Unsupported { .. })
-        ));
+        assert!(matches!(mov_to(0, 0x31).0, Action::Stop(StopReason::Unsupported { .. })));
     }
 
     #[test]
     fn qualification_decodes() {
-        assert_eq!(
-            CrAccess::from_qualification(0x304),
-            CrAccess::MovTo { cr: 4, gpr: 3 }
-        );
-        assert_eq!(
-            CrAccess::from_qualification(0x413),
-            CrAccess::MovFrom { cr: 3, gpr: 4 }
-        );
+        assert_eq!(CrAccess::from_qualification(0x304), CrAccess::MovTo { cr: 4, gpr: 3 });
+        assert_eq!(CrAccess::from_qualification(0x413), CrAccess::MovFrom { cr: 3, gpr: 4 });
         assert_eq!(CrAccess::from_qualification(0x20), CrAccess::Clts);
     }
 }

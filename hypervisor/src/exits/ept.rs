@@ -71,18 +71,10 @@ mod tests {
             guest_physical: 0x1000,
             ..Default::default()
         };
-        let Action::Stop(StopReason::EptViolation {
-            access,
-            guest_memory,
-            linear,
-            ..
-        }) = run(&mut g, &mut v, exit)
+        let Action::Stop(StopReason::EptViolation { access, guest_memory, linear, .. }) = run(&mut g, &mut v, exit)
         else {
             panic!("not stopped")
         };
-        assert_eq!(
-            (access, guest_memory, linear),
-            (Access::Execute, true, None)
-        );
+        assert_eq!((access, guest_memory, linear), (Access::Execute, true, None));
     }
 }

@@ -27,18 +27,8 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
 pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
     let user_mode = cpl(ctx.vcpu) != 0;
     let regs = ctx.vcpu.regs();
-    let call = Registers {
-        rax: regs.rax,
-        rbx: regs.rbx,
-        rcx: regs.rcx,
-        rdx: regs.rdx,
-        rsi: regs.rsi,
-    };
-    let result = if user_mode {
-        Err(Error::NotPermitted)
-    } else {
-        decode(&call)
-    };
+    let call = Registers { rax: regs.rax, rbx: regs.rbx, rcx: regs.rcx, rdx: regs.rdx, rsi: regs.rsi };
+    let result = if user_mode { Err(Error::NotPermitted) } else { decode(&call) };
     let action = match result {
         Ok(Request::Version) => {
             let caps = ctx.guest.capabilities;
@@ -68,21 +58,14 @@ mod tests {
     use crate::vcpu::{ExitInfo, Field, VcpuState};
 
     fn regs(rax: u64, rbx: u64) -> Registers {
-        Registers {
-            rax,
-            rbx,
-            ..Default::default()
-        }
+        Registers { rax, rbx, ..Default::default() }
     }
 
     #[test]
     fn arguments_are_validated() {
         assert_eq!(decode(&regs(0, 0)), Ok(Request::Version));
         assert_eq!(decode(&regs(1, 42)), Ok(Request::Shutdown { code: 42 }));
-        assert_eq!(
-            decode(&regs(1, u64::from(u32::MAX))),
-            Ok(Request::Shutdown { code: u32::MAX })
-        );
+        assert_eq!(decode(&regs(1, u64::from(u32::MAX))), Ok(Request::Shutdown { code: u32::MAX }));
         assert_eq!(decode(&regs(1, 1 << 32)), Err(Error::InvalidArgument));
         assert_eq!(decode(&regs(2, 0)), Err(Error::UnknownCall));
         assert_eq!(decode(&regs(u64::MAX, 0)), Err(Error::UnknownCall));
@@ -94,11 +77,7 @@ mod tests {
         v.regs.rax = rax;
         v.regs.rbx = rbx;
         v.write(Field::SsAccessRights, 0x93 | (ss_dpl << 5));
-        let exit = ExitInfo {
-            reason: reason::VMCALL,
-            instruction_len: 3,
-            ..Default::default()
-        };
+        let exit = ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() };
         let a = run(&mut g, &mut v, exit);
         (a, v)
     }
@@ -114,10 +93,7 @@ mod tests {
 
     #[test]
     fn shutdown_stops_with_the_exit_code() {
-        assert_eq!(
-            call(1, 7, 0).0,
-            Action::Stop(StopReason::Shutdown { code: 7 })
-        );
+        assert_eq!(call(1, 7, 0).0, Action::Stop(StopReason::Shutdown { code: 7 }));
     }
 
     #[test]

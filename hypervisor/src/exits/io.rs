@@ -7,6 +7,7 @@ use log::info;
 use super::{Action, ExitContext, StopReason};
 use crate::console;
 use crate::devices::uart;
+use crate::guest::Platform;
 use crate::vcpu::{skip_instruction, Field};
 
 /// An I/O instruction, from its exit qualification (SDM Table 28-5).
@@ -33,8 +34,42 @@ impl IoAccess {
 /// make the guest's addresses wrap, so they are ignored.
 const PORT_A20: u16 = 0x92;
 
+/// Emulator control ports (Bochs' shutdown port, QEMU's isa-debug-exit):
+/// only the hypervisor may end the run.
+const EMULATOR_PORTS: [u16; 5] = [0x8900, 0xf4, 0xf5, 0xf6, 0xf7];
+
+/// ACPI PM1 control: writing SLP_EN with a sleep type enters that state.
+const PM1_SLP_EN: u32 = 1 << 13;
+
+/// The ports a pass-through guest cannot reach directly: they exit and are
+/// handled here. Every other port goes straight to the hardware.
+pub fn guarded_ports(pm1a_control: Option<u16>) -> impl Iterator<Item = u16> {
+    let pm1a = pm1a_control.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
+    [PORT_A20].into_iter().chain(EMULATOR_PORTS).chain(pm1a)
+}
+
+/// The PM1a control register of a pass-through guest: a sleep request stops
+/// the guest (the hypervisor then powers off itself); anything else reaches
+/// the hardware.
+fn pm1a(ctx: &mut ExitContext<'_>, access: IoAccess) -> Action {
+    let mask = (1u64 << (8 * u32::from(access.size.min(4)))) - 1;
+    if access.input {
+        let value = u64::from(ctx.host.port_read(access.port, access.size));
+        let rax = &mut ctx.vcpu.regs().rax;
+        *rax = if access.size == 4 { value } else { (*rax & !mask) | (value & mask) };
+    } else {
+        let value = (ctx.vcpu.regs().rax & mask) as u32;
+        if value & PM1_SLP_EN != 0 {
+            return Action::Stop(StopReason::AcpiSleep { sleep_type: ((value >> 10) & 7) as u16 });
+        }
+        ctx.host.port_write(access.port, access.size, value);
+    }
+    skip_instruction(ctx.vcpu, ctx.exit);
+    Action::Resume
+}
+
 fn read_byte(ctx: &mut ExitContext<'_>, port: u16) -> u8 {
-    if uart::PORTS.contains(&port) {
+    if uart::PORTS.contains(&port) && !ctx.guest.platform.is_pass_through() {
         ctx.guest.uart.read(port)
     } else if port == PORT_A20 {
         0x02
@@ -45,7 +80,7 @@ fn read_byte(ctx: &mut ExitContext<'_>, port: u16) -> u8 {
 }
 
 fn write_byte(ctx: &mut ExitContext<'_>, port: u16, value: u8) {
-    if uart::PORTS.contains(&port) {
+    if uart::PORTS.contains(&port) && !ctx.guest.platform.is_pass_through() {
         if let Some(line) = ctx.guest.uart.write(port, value) {
             console::guest_line(ctx.guest.name(), &line);
         }
@@ -71,6 +106,11 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             rip: ctx.vcpu.read(Field::Rip),
         });
     }
+    if let Platform::PassThrough { pm1a_control } = ctx.guest.platform {
+        if pm1a_control == Some(access.port) {
+            return pm1a(ctx, access);
+        }
+    }
     // Multi-byte accesses reach consecutive ports, as on the ISA bus.
     if access.input {
         let mut value = 0u64;
@@ -87,11 +127,7 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
     } else {
         let rax = ctx.vcpu.regs().rax;
         for i in 0..access.size {
-            write_byte(
-                ctx,
-                access.port.wrapping_add(u16::from(i)),
-                (rax >> (8 * i)) as u8,
-            );
+            write_byte(ctx, access.port.wrapping_add(u16::from(i)), (rax >> (8 * i)) as u8);
         }
     }
     skip_instruction(ctx.vcpu, ctx.exit);
@@ -121,22 +157,15 @@ mod tests {
             ..Default::default()
         };
         let a = run(g, &mut v, exit);
-        assert_eq!(v.read(Field::Rip), 0x10_0001);
+        let expected_rip = if a == Action::Resume { 0x10_0001 } else { 0x10_0000 };
+        assert_eq!(v.read(Field::Rip), expected_rip);
         (a, v.regs.rax)
     }
 
     #[test]
     fn qualification_decodes() {
         let a = IoAccess::from_qualification(qual(0x3fd, 1, true));
-        assert_eq!(
-            a,
-            IoAccess {
-                port: 0x3fd,
-                size: 1,
-                input: true,
-                string: false
-            }
-        );
+        assert_eq!(a, IoAccess { port: 0x3fd, size: 1, input: true, string: false });
         assert_eq!(IoAccess::from_qualification(qual(0xcf8, 4, false)).size, 4);
     }
 
@@ -155,14 +184,8 @@ mod tests {
     fn unknown_ports_read_ones_and_are_logged_once() {
         let mut g = test_guest();
         assert_eq!(io(&mut g, 0x2f8, 1, true, 0).1, 0xff);
-        assert_eq!(
-            io(&mut g, 0x2f8, 2, true, 0xffff_ffff_0000_0000).1,
-            0xffff_ffff_0000_ffff
-        );
-        assert_eq!(
-            io(&mut g, 0xcfc, 4, true, 0xffff_ffff_0000_0000).1,
-            0xffff_ffff
-        );
+        assert_eq!(io(&mut g, 0x2f8, 2, true, 0xffff_ffff_0000_0000).1, 0xffff_ffff_0000_ffff);
+        assert_eq!(io(&mut g, 0xcfc, 4, true, 0xffff_ffff_0000_0000).1, 0xffff_ffff);
         assert!(!g.ports_logged.first_time(0x2f8));
         assert!(!g.ports_logged.first_time(0x2f9));
         assert!(g.ports_logged.first_time(0x2fa));
@@ -176,6 +199,24 @@ mod tests {
     }
 
     #[test]
+    fn pass_through_sleep_request_stops_the_guest() {
+        let mut g = test_guest();
+        g.platform = Platform::PassThrough { pm1a_control: Some(0xb004) };
+        // SLP_TYP 5 with SLP_EN: Linux's power-off on Bochs.
+        let (a, _) = io(&mut g, 0xb004, 2, false, (5 << 10) | (1 << 13));
+        assert_eq!(a, Action::Stop(StopReason::AcpiSleep { sleep_type: 5 }));
+        // Without SLP_EN the write reaches the hardware (checked through FakeHost in msr tests' style).
+        let (a, rax) = io(&mut g, 0xb004, 2, true, 0xffff_0000);
+        assert_eq!(a, Action::Resume);
+        assert_eq!(rax, 0xffff_0000 | u64::from(0xb004u32 ^ 0x5a5a) & 0xffff);
+        // The emulator's shutdown port is not the guest's to use.
+        let (a, _) = io(&mut g, 0x8900, 1, false, u64::from(b'S'));
+        assert_eq!(a, Action::Resume);
+        let guarded: alloc::vec::Vec<u16> = guarded_ports(Some(0xb004)).collect();
+        assert!(guarded.contains(&0x8900) && guarded.contains(&0xb005) && guarded.contains(&0x92));
+    }
+
+    #[test]
     fn string_io_is_refused_not_skipped() {
         let mut g = test_guest();
         let mut v = FakeVcpu::new();
@@ -185,10 +226,7 @@ mod tests {
             instruction_len: 2,
             ..Default::default()
         };
-        assert!(matches!(
-            run(&mut g, &mut v, exit),
-            Action::Stop(StopReason::Unsupported { .. })
-        ));
+        assert!(matches!(run(&mut g, &mut v, exit), Action::Stop(StopReason::Unsupported { .. })));
         assert_eq!(v.read(Field::Rip), 0x10_0000);
     }
 }

@@ -6,23 +6,17 @@ use super::{Action, ExitContext, StopReason};
 use crate::vcpu::{inject_exception, skip_instruction, Field, VECTOR_GP, VECTOR_UD};
 
 pub fn triple_fault(ctx: &mut ExitContext<'_>) -> Action {
-    Action::Stop(StopReason::TripleFault {
-        rip: ctx.vcpu.read(Field::Rip),
-    })
+    Action::Stop(StopReason::TripleFault { rip: ctx.vcpu.read(Field::Rip) })
 }
 
 pub fn init_signal(_: &mut ExitContext<'_>) -> Action {
-    Action::Stop(StopReason::Reset {
-        what: "INIT signal",
-    })
+    Action::Stop(StopReason::Reset { what: "INIT signal" })
 }
 
 /// With no interrupt sources for emulated-device guests, a halted vCPU
 /// would never wake: stop it and say why rather than spin.
 pub fn hlt(ctx: &mut ExitContext<'_>) -> Action {
-    Action::Stop(StopReason::Halted {
-        rip: ctx.vcpu.read(Field::Rip),
-    })
+    Action::Stop(StopReason::Halted { rip: ctx.vcpu.read(Field::Rip) })
 }
 
 pub fn undefined_opcode(ctx: &mut ExitContext<'_>) -> Action {
@@ -103,51 +97,25 @@ mod tests {
     fn triple_fault_and_hlt_stop_the_guest() {
         let mut g = test_guest();
         let mut v = FakeVcpu::new();
-        let e = ExitInfo {
-            reason: reason::TRIPLE_FAULT,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&mut g, &mut v, e),
-            Action::Stop(StopReason::TripleFault { rip: 0x10_0000 })
-        );
-        let e = ExitInfo {
-            reason: reason::HLT,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&mut g, &mut v, e),
-            Action::Stop(StopReason::Halted { rip: 0x10_0000 })
-        );
+        let e = ExitInfo { reason: reason::TRIPLE_FAULT, ..Default::default() };
+        assert_eq!(run(&mut g, &mut v, e), Action::Stop(StopReason::TripleFault { rip: 0x10_0000 }));
+        let e = ExitInfo { reason: reason::HLT, ..Default::default() };
+        assert_eq!(run(&mut g, &mut v, e), Action::Stop(StopReason::Halted { rip: 0x10_0000 }));
     }
 
     #[test]
     fn xsetbv_is_checked() {
         // (rcx, value, accepted) with the fake host supporting x87|SSE|AVX.
-        for (rcx, value, ok) in [
-            (0, 0x7, true),
-            (0, 0x3, true),
-            (0, 0x2, false),
-            (0, 0x5, false),
-            (1, 0x7, false),
-            (0, 0xe7, false),
-        ] {
+        for (rcx, value, ok) in
+            [(0, 0x7, true), (0, 0x3, true), (0, 0x2, false), (0, 0x5, false), (1, 0x7, false), (0, 0xe7, false)]
+        {
             let mut g = test_guest();
             let mut v = FakeVcpu::new();
             v.regs.rcx = rcx;
             v.regs.rax = value;
             let host = FakeHost::default();
-            let exit = ExitInfo {
-                reason: reason::XSETBV,
-                instruction_len: 3,
-                ..Default::default()
-            };
-            let mut ctx = ExitContext {
-                guest: &mut g,
-                vcpu: &mut v,
-                exit: &exit,
-                host: &host,
-            };
+            let exit = ExitInfo { reason: reason::XSETBV, instruction_len: 3, ..Default::default() };
+            let mut ctx = ExitContext { guest: &mut g, vcpu: &mut v, exit: &exit, host: &host };
             assert_eq!(dispatch(&mut ctx), Action::Resume);
             assert_eq!(v.injected().is_none(), ok, "xcr{rcx} = {value:#x}");
             assert_eq!(*host.xcr0.borrow() == value, ok);

@@ -30,6 +30,10 @@ pub trait HostCpu {
     fn write_msr(&self, msr: u32, value: u64);
     /// Loads XCR0 (the running guest's value).
     fn set_xcr0(&self, value: u64);
+    /// Port I/O on the real machine, for pass-through ports the hypervisor
+    /// watches (`size` is 1, 2 or 4).
+    fn port_read(&self, port: u16, size: u8) -> u32;
+    fn port_write(&self, port: u16, size: u8, value: u32);
 }
 
 /// What to do after handling an exit.
@@ -48,6 +52,10 @@ pub enum Action {
 pub enum StopReason {
     Shutdown {
         code: u32,
+    },
+    /// A pass-through guest asked ACPI for a sleep state (S5 is power-off).
+    AcpiSleep {
+        sleep_type: u16,
     },
     TripleFault {
         rip: u64,
@@ -89,6 +97,9 @@ impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StopReason::Shutdown { code } => write!(f, "shutdown hypercall, exit code {code}"),
+            StopReason::AcpiSleep { sleep_type } => {
+                write!(f, "ACPI sleep requested (SLP_TYP {sleep_type}): treated as power-off")
+            }
             StopReason::TripleFault { rip } => write!(f, "triple fault at rip {rip:#x}"),
             StopReason::Reset { what } => write!(f, "reset requested ({what})"),
             StopReason::Halted { rip } => {
@@ -287,9 +298,7 @@ pub fn dispatch(ctx: &mut ExitContext<'_>) -> Action {
     if ctx.exit.entry_failed
         && !matches!(
             reason,
-            reason::ENTRY_FAIL_GUEST_STATE
-                | reason::ENTRY_FAIL_MSR_LOADING
-                | reason::ENTRY_FAIL_MACHINE_CHECK
+            reason::ENTRY_FAIL_GUEST_STATE | reason::ENTRY_FAIL_MSR_LOADING | reason::ENTRY_FAIL_MACHINE_CHECK
         )
     {
         return misc::entry_failed(ctx);
@@ -312,9 +321,7 @@ pub struct ExitStats {
 
 impl Default for ExitStats {
     fn default() -> Self {
-        ExitStats {
-            counts: [0; reason::COUNT + 1],
-        }
+        ExitStats { counts: [0; reason::COUNT + 1] }
     }
 }
 
@@ -330,11 +337,7 @@ impl ExitStats {
 
     /// (reason, name, count) for every reason seen.
     pub fn seen(&self) -> impl Iterator<Item = (u16, &'static str, u64)> + '_ {
-        self.counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &n)| n > 0)
-            .map(|(r, &n)| (r as u16, reason_name(r as u16), n))
+        self.counts.iter().enumerate().filter(|(_, &n)| n > 0).map(|(r, &n)| (r as u16, reason_name(r as u16), n))
     }
 }
 
@@ -349,6 +352,7 @@ pub mod testing {
     pub struct FakeHost {
         pub msr_writes: RefCell<alloc::vec::Vec<(u32, u64)>>,
         pub xcr0: RefCell<u64>,
+        pub port_writes: RefCell<alloc::vec::Vec<(u16, u8, u32)>>,
     }
 
     impl HostCpu for FakeHost {
@@ -374,17 +378,18 @@ pub mod testing {
         fn set_xcr0(&self, value: u64) {
             *self.xcr0.borrow_mut() = value;
         }
+        fn port_read(&self, port: u16, _size: u8) -> u32 {
+            u32::from(port) ^ 0x5a5a
+        }
+        fn port_write(&self, port: u16, size: u8, value: u32) {
+            self.port_writes.borrow_mut().push((port, size, value));
+        }
     }
 
     /// Runs one exit through [`dispatch`].
     pub fn run(guest: &mut Guest, vcpu: &mut FakeVcpu, exit: ExitInfo) -> Action {
         let host = FakeHost::default();
-        let mut ctx = ExitContext {
-            guest,
-            vcpu,
-            exit: &exit,
-            host: &host,
-        };
+        let mut ctx = ExitContext { guest, vcpu, exit: &exit, host: &host };
         dispatch(&mut ctx)
     }
 }
@@ -409,70 +414,26 @@ mod tests {
     fn unhandled_reasons_stop_the_guest_with_a_report() {
         let mut g = test_guest();
         let mut v = FakeVcpu::new();
-        let a = run(
-            &mut g,
-            &mut v,
-            ExitInfo {
-                reason: 37,
-                qualification: 5,
-                ..Default::default()
-            },
-        );
-        assert_eq!(
-            a,
-            Action::Stop(StopReason::Unhandled {
-                reason: 37,
-                qualification: 5,
-                rip: 0x10_0000
-            })
-        );
+        let a = run(&mut g, &mut v, ExitInfo { reason: 37, qualification: 5, ..Default::default() });
+        assert_eq!(a, Action::Stop(StopReason::Unhandled { reason: 37, qualification: 5, rip: 0x10_0000 }));
         // Reasons beyond the table too.
-        let a = run(
-            &mut g,
-            &mut v,
-            ExitInfo {
-                reason: 999,
-                ..Default::default()
-            },
-        );
-        assert!(matches!(
-            a,
-            Action::Stop(StopReason::Unhandled { reason: 999, .. })
-        ));
+        let a = run(&mut g, &mut v, ExitInfo { reason: 999, ..Default::default() });
+        assert!(matches!(a, Action::Stop(StopReason::Unhandled { reason: 999, .. })));
         let counted: alloc::vec::Vec<_> = g.exits.seen().collect();
         assert_eq!(counted, [(37, "monitor trap flag", 1), (70, "unknown", 1)]);
     }
 
     #[test]
     fn vmx_instructions_raise_ud() {
-        for r in [
-            reason::VMCLEAR,
-            20,
-            23,
-            reason::VMXON,
-            reason::INVEPT,
-            reason::VMFUNC,
-        ] {
+        for r in [reason::VMCLEAR, 20, 23, reason::VMXON, reason::INVEPT, reason::VMFUNC] {
             let mut g = test_guest();
             let mut v = FakeVcpu::new();
             assert_eq!(
-                run(
-                    &mut g,
-                    &mut v,
-                    ExitInfo {
-                        reason: r,
-                        instruction_len: 3,
-                        ..Default::default()
-                    }
-                ),
+                run(&mut g, &mut v, ExitInfo { reason: r, instruction_len: 3, ..Default::default() }),
                 Action::Resume
             );
             assert_eq!(v.injected(), Some((6, None)), "reason {r}");
-            assert_eq!(
-                v.read(Field::Rip),
-                0x10_0000,
-                "RIP stays on the faulting instruction"
-            );
+            assert_eq!(v.read(Field::Rip), 0x10_0000, "RIP stays on the faulting instruction");
         }
     }
 
@@ -489,9 +450,6 @@ mod tests {
             alloc::format!("{s}"),
             "EPT violation: write to guest-physical 0x40000000 (not guest memory) at rip 0x100123, guest-linear 0x40000000"
         );
-        assert_eq!(
-            alloc::format!("{}", StopReason::Shutdown { code: 42 }),
-            "shutdown hypercall, exit code 42"
-        );
+        assert_eq!(alloc::format!("{}", StopReason::Shutdown { code: 42 }), "shutdown hypercall, exit code 42");
     }
 }

@@ -65,9 +65,7 @@ fn valid(msr: u32, value: u64, current: u64) -> bool {
     match msr {
         EFER => (value ^ current) & !EFER_WRITABLE == 0,
         PAT => (0..8).all(|i| matches!((value >> (8 * i)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7)),
-        FS_BASE | GS_BASE | KERNEL_GS_BASE | LSTAR | CSTAR | SYSENTER_ESP | SYSENTER_EIP => {
-            is_canonical(value)
-        }
+        FS_BASE | GS_BASE | KERNEL_GS_BASE | LSTAR | CSTAR | SYSENTER_ESP | SYSENTER_EIP => is_canonical(value),
         SYSENTER_CS | TSC_AUX | SFMASK => value >> 32 == 0,
         _ => true,
     }
@@ -84,12 +82,49 @@ fn shadow_slot(g: &mut crate::guest::MsrShadow, msr: u32) -> &mut u64 {
     }
 }
 
+/// For pass-through guests the MSR bitmap lets everything through except
+/// these: the VMX capability MSRs and IA32_FEATURE_CONTROL (VMX is hidden),
+/// and writes to the TSC (the hypervisor's clock too).
+pub fn pass_through_traps() -> impl Iterator<Item = (u32, bool, bool)> {
+    // (msr, trap reads, trap writes)
+    let vmx = (crate::arch::x86_64::vmx::caps::msr::BASIC..=crate::arch::x86_64::vmx::caps::msr::VMFUNC)
+        .map(|m| (m, true, true));
+    [(FEATURE_CONTROL, true, true), (TSC, false, true)].into_iter().chain(vmx)
+}
+
+const FEATURE_CONTROL: u32 = 0x3a;
+/// What a pass-through guest reads in IA32_FEATURE_CONTROL: locked, VMX off.
+const FEATURE_CONTROL_LOCKED_OFF: u64 = 1;
+
+/// RDMSR/WRMSR exits of a pass-through guest: the guarded MSRs above, and
+/// MSRs outside the bitmap's ranges (hypervisor and AMD ranges), which
+/// this Intel processor does not implement for guests.
+fn pass_through(ctx: &mut ExitContext<'_>, write: bool) -> Action {
+    let msr = ctx.vcpu.regs().rcx as u32;
+    match (msr, write) {
+        (FEATURE_CONTROL, false) => {
+            let regs = ctx.vcpu.regs();
+            regs.rax = FEATURE_CONTROL_LOCKED_OFF;
+            regs.rdx = 0;
+        }
+        (TSC, true) => {
+            log::debug!("guest {}: write to the TSC ignored", ctx.guest.name());
+        }
+        _ => return deny(ctx),
+    }
+    skip_instruction(ctx.vcpu, ctx.exit);
+    Action::Resume
+}
+
 fn deny(ctx: &mut ExitContext<'_>) -> Action {
     inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
     Action::Resume
 }
 
 pub fn rdmsr(ctx: &mut ExitContext<'_>) -> Action {
+    if ctx.guest.platform.is_pass_through() {
+        return pass_through(ctx, false);
+    }
     let msr = ctx.vcpu.regs().rcx as u32;
     let value = match home(msr) {
         Some(Home::Vmcs(field)) => ctx.vcpu.read(field),
@@ -106,6 +141,9 @@ pub fn rdmsr(ctx: &mut ExitContext<'_>) -> Action {
 }
 
 pub fn wrmsr(ctx: &mut ExitContext<'_>) -> Action {
+    if ctx.guest.platform.is_pass_through() {
+        return pass_through(ctx, true);
+    }
     let regs = ctx.vcpu.regs();
     let msr = regs.rcx as u32;
     let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
@@ -139,14 +177,7 @@ mod tests {
     use crate::vcpu::fake::FakeVcpu;
     use crate::vcpu::{ExitInfo, VcpuState};
 
-    fn access(
-        g: &mut Guest,
-        v: &mut FakeVcpu,
-        host: &FakeHost,
-        write: bool,
-        msr: u32,
-        value: u64,
-    ) -> Action {
+    fn access(g: &mut Guest, v: &mut FakeVcpu, host: &FakeHost, write: bool, msr: u32, value: u64) -> Action {
         v.regs.rcx = u64::from(msr);
         v.regs.rax = value & 0xffff_ffff;
         v.regs.rdx = value >> 32;
@@ -155,12 +186,7 @@ mod tests {
             instruction_len: 2,
             ..Default::default()
         };
-        let mut ctx = ExitContext {
-            guest: g,
-            vcpu: v,
-            exit: &exit,
-            host,
-        };
+        let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host };
         dispatch(&mut ctx)
     }
 
@@ -193,21 +219,11 @@ mod tests {
             let mut v = FakeVcpu::new();
             v.write(Field::Efer, 0x500);
             let host = FakeHost::default();
-            assert_eq!(
-                access(&mut g, &mut v, &host, write, msr, value),
-                Action::Resume
-            );
+            assert_eq!(access(&mut g, &mut v, &host, write, msr, value), Action::Resume);
             let faulted = v.injected() == Some((13, Some(0)));
-            assert_eq!(
-                !faulted, allowed,
-                "msr {msr:#x} write={write} value={value:#x}"
-            );
+            assert_eq!(!faulted, allowed, "msr {msr:#x} write={write} value={value:#x}");
             let rip = v.read(Field::Rip);
-            assert_eq!(
-                rip,
-                if allowed { 0x10_0002 } else { 0x10_0000 },
-                "msr {msr:#x}"
-            );
+            assert_eq!(rip, if allowed { 0x10_0002 } else { 0x10_0000 }, "msr {msr:#x}");
         }
     }
 
@@ -217,12 +233,33 @@ mod tests {
         let mut v = FakeVcpu::new();
         let host = FakeHost::default();
         access(&mut g, &mut v, &host, true, LSTAR, 0xffff_ffff_8123_4567);
-        assert_eq!(
-            host.msr_writes.borrow().as_slice(),
-            &[(LSTAR, 0xffff_ffff_8123_4567)]
-        );
+        assert_eq!(host.msr_writes.borrow().as_slice(), &[(LSTAR, 0xffff_ffff_8123_4567)]);
         access(&mut g, &mut v, &host, false, LSTAR, 0);
         assert_eq!((v.regs.rdx << 32) | v.regs.rax, 0xffff_ffff_8123_4567);
+    }
+
+    #[test]
+    fn pass_through_guests_see_vmx_locked_off() {
+        let host = FakeHost::default();
+        for (msr, write, allowed, value) in [
+            (0x3a, false, true, 1u64),
+            (0x3a, true, false, 0),
+            (0x480, false, false, 0),
+            (0x491, false, false, 0),
+            (0x10, true, true, 0),
+            (0x4000_0000, false, false, 0),
+        ] {
+            let mut g = test_guest();
+            g.platform = crate::guest::Platform::PassThrough { pm1a_control: None };
+            let mut v = FakeVcpu::new();
+            access(&mut g, &mut v, &host, write, msr, 0);
+            assert_eq!(v.injected().is_none(), allowed, "msr {msr:#x} write={write}");
+            if allowed && !write {
+                assert_eq!(v.regs.rax, value);
+            }
+        }
+        assert!(host.msr_writes.borrow().is_empty(), "nothing reaches the hardware");
+        assert!(pass_through_traps().any(|(m, r, w)| m == 0x3a && r && w));
     }
 
     #[test]

@@ -39,10 +39,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::NoName => write!(f, "no guest=NAME"),
             ConfigError::BadName(n) => {
-                write!(
-                    f,
-                    "guest name {n:?} must be 1-{NAME_MAX} characters of a-z, 0-9, '-' and '_'"
-                )
+                write!(f, "guest name {n:?} must be 1-{NAME_MAX} characters of a-z, 0-9, '-' and '_'")
             }
             ConfigError::BadMemory(m) => write!(
                 f,
@@ -58,10 +55,7 @@ impl fmt::Display for ConfigError {
 
 /// Whether a module's command line describes a guest at all.
 pub fn is_guest_module(cmdline: &str) -> bool {
-    cmdline
-        .split_ascii_whitespace()
-        .take_while(|w| *w != "--")
-        .any(|w| w.starts_with("guest="))
+    cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w.starts_with("guest="))
 }
 
 pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
@@ -77,9 +71,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
             Some(("guest", n)) => {
                 let valid = !n.is_empty()
                     && n.len() <= NAME_MAX
-                    && n.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                    });
+                    && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
                 if !valid {
                     return Err(ConfigError::BadName(n.to_string()));
                 }
@@ -97,12 +89,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
         }
     }
     let name = name.ok_or(ConfigError::NoName)?;
-    Ok(GuestConfig {
-        name,
-        mem_bytes,
-        kind,
-        args: args.to_string(),
-    })
+    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string() })
 }
 
 /// `16M`, `1G`, `4096K` or plain bytes.
@@ -136,31 +123,13 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_a_reason() {
         assert_eq!(parse("mem=16M"), Err(ConfigError::NoName));
-        assert_eq!(
-            parse("guest=Alpha"),
-            Err(ConfigError::BadName("Alpha".into()))
-        );
+        assert_eq!(parse("guest=Alpha"), Err(ConfigError::BadName("Alpha".into())));
         assert_eq!(parse("guest="), Err(ConfigError::BadName("".into())));
-        assert!(matches!(
-            parse("guest=a mem=1M"),
-            Err(ConfigError::BadMemory(_))
-        ));
-        assert!(matches!(
-            parse("guest=a mem=99999999999999999999G"),
-            Err(ConfigError::BadMemory(_))
-        ));
-        assert!(matches!(
-            parse("guest=a mem=lots"),
-            Err(ConfigError::BadMemory(_))
-        ));
-        assert_eq!(
-            parse("guest=a kind=windows"),
-            Err(ConfigError::UnknownKind("windows".into()))
-        );
-        assert_eq!(
-            parse("guest=a colour=red"),
-            Err(ConfigError::UnknownOption("colour=red".into()))
-        );
+        assert!(matches!(parse("guest=a mem=1M"), Err(ConfigError::BadMemory(_))));
+        assert!(matches!(parse("guest=a mem=99999999999999999999G"), Err(ConfigError::BadMemory(_))));
+        assert!(matches!(parse("guest=a mem=lots"), Err(ConfigError::BadMemory(_))));
+        assert_eq!(parse("guest=a kind=windows"), Err(ConfigError::UnknownKind("windows".into())));
+        assert_eq!(parse("guest=a colour=red"), Err(ConfigError::UnknownOption("colour=red".into())));
         assert!(parse(&alloc::format!("guest={}", "x".repeat(32))).is_err());
     }
 

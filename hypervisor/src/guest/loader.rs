@@ -69,19 +69,11 @@ impl fmt::Display for LoadError {
             LoadError::Not64BitLittleEndian => write!(f, "not a 64-bit little-endian ELF"),
             LoadError::NotX86_64 => write!(f, "not an x86-64 ELF"),
             LoadError::NotExecutable => write!(f, "not an executable (ET_EXEC) ELF"),
-            LoadError::Truncated => write!(
-                f,
-                "truncated ELF: a header or segment lies outside the file"
-            ),
-            LoadError::SegmentOutOfRange { paddr, memsz } => write!(
-                f,
-                "segment at {paddr:#x}+{memsz:#x} lies outside guest RAM or below {:#x}",
-                layout::IMAGE_MIN
-            ),
-            LoadError::EntryOutsideImage(e) => write!(
-                f,
-                "entry point {e:#x} is not in a loaded executable segment"
-            ),
+            LoadError::Truncated => write!(f, "truncated ELF: a header or segment lies outside the file"),
+            LoadError::SegmentOutOfRange { paddr, memsz } => {
+                write!(f, "segment at {paddr:#x}+{memsz:#x} lies outside guest RAM or below {:#x}", layout::IMAGE_MIN)
+            }
+            LoadError::EntryOutsideImage(e) => write!(f, "entry point {e:#x} is not in a loaded executable segment"),
             LoadError::NoLoadableSegment => write!(f, "no loadable segment"),
             LoadError::TooLittleMemory => write!(f, "guest RAM too small"),
         }
@@ -90,10 +82,7 @@ impl fmt::Display for LoadError {
 
 impl From<OutOfRange> for LoadError {
     fn from(e: OutOfRange) -> Self {
-        LoadError::SegmentOutOfRange {
-            paddr: e.0,
-            memsz: 0,
-        }
+        LoadError::SegmentOutOfRange { paddr: e.0, memsz: 0 }
     }
 }
 
@@ -104,16 +93,12 @@ fn u16_at(b: &[u8], at: usize) -> Result<u16, LoadError> {
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, LoadError> {
     let s = b.get(at..at + 4).ok_or(LoadError::Truncated)?;
-    Ok(u32::from_le_bytes(
-        s.try_into().map_err(|_| LoadError::Truncated)?,
-    ))
+    Ok(u32::from_le_bytes(s.try_into().map_err(|_| LoadError::Truncated)?))
 }
 
 fn u64_at(b: &[u8], at: usize) -> Result<u64, LoadError> {
     let s = b.get(at..at + 8).ok_or(LoadError::Truncated)?;
-    Ok(u64::from_le_bytes(
-        s.try_into().map_err(|_| LoadError::Truncated)?,
-    ))
+    Ok(u64::from_le_bytes(s.try_into().map_err(|_| LoadError::Truncated)?))
 }
 
 /// One PT_LOAD segment, validated.
@@ -127,10 +112,7 @@ pub struct Segment {
 }
 
 /// Parses an ELF64 x86-64 executable into its loadable segments and entry.
-pub fn parse_elf(
-    image: &[u8],
-    mem_size: u64,
-) -> Result<(alloc::vec::Vec<Segment>, u64), LoadError> {
+pub fn parse_elf(image: &[u8], mem_size: u64) -> Result<(alloc::vec::Vec<Segment>, u64), LoadError> {
     if image.get(0..4) != Some(b"\x7fELF") {
         return Err(LoadError::NotElf);
     }
@@ -152,9 +134,8 @@ pub fn parse_elf(
     }
     let mut segments = alloc::vec::Vec::new();
     for i in 0..phnum {
-        let ph = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(LoadError::Truncated)?)
-            .ok_or(LoadError::Truncated)?;
+        let ph =
+            phoff.checked_add(i.checked_mul(phentsize).ok_or(LoadError::Truncated)?).ok_or(LoadError::Truncated)?;
         if u32_at(image, ph)? != 1 {
             continue; // not PT_LOAD
         }
@@ -182,9 +163,7 @@ pub fn parse_elf(
     if segments.is_empty() {
         return Err(LoadError::NoLoadableSegment);
     }
-    let entry_ok = segments
-        .iter()
-        .any(|s| s.executable && entry >= s.paddr && entry < s.paddr + s.mem_size);
+    let entry_ok = segments.iter().any(|s| s.executable && entry >= s.paddr && entry < s.paddr + s.mem_size);
     if !entry_ok {
         return Err(LoadError::EntryOutsideImage(entry));
     }
@@ -207,11 +186,7 @@ pub fn load_native(
     let (segments, entry) = parse_elf(image, size)?;
     mem.zero(phys, 0, size)?;
     for s in &segments {
-        mem.write(
-            phys,
-            s.paddr,
-            &image[s.file_offset..s.file_offset + s.file_size],
-        )?;
+        mem.write(phys, s.paddr, &image[s.file_offset..s.file_offset + s.file_size])?;
     }
 
     // Identity map the first 4 GiB: guest-virtual = guest-physical. What lies
@@ -219,18 +194,10 @@ pub fn load_native(
     // is reported there rather than as a guest page fault.
     const PRESENT_WRITABLE: u64 = 0b11;
     const LARGE: u64 = 1 << 7;
-    mem.write(
-        phys,
-        layout::PML4,
-        &(layout::PDPT | PRESENT_WRITABLE).to_le_bytes(),
-    )?;
+    mem.write(phys, layout::PML4, &(layout::PDPT | PRESENT_WRITABLE).to_le_bytes())?;
     for i in 0..4u64 {
         let pd = layout::PD + i * 0x1000;
-        mem.write(
-            phys,
-            layout::PDPT + i * 8,
-            &(pd | PRESENT_WRITABLE).to_le_bytes(),
-        )?;
+        mem.write(phys, layout::PDPT + i * 8, &(pd | PRESENT_WRITABLE).to_le_bytes())?;
         let mut table = [0u8; 4096];
         for (j, entry) in table.chunks_exact_mut(8).enumerate() {
             let addr = (i * 512 + j as u64) << 21;
@@ -255,11 +222,7 @@ pub fn load_native(
         mem.write(phys, layout::GDT + i as u64 * 8, &d.to_le_bytes())?;
     }
     // An I/O map base past the limit: no I/O permission bitmap.
-    mem.write(
-        phys,
-        tss + 0x66,
-        &(layout::TSS_LIMIT as u16 + 1).to_le_bytes(),
-    )?;
+    mem.write(phys, tss + 0x66, &(layout::TSS_LIMIT as u16 + 1).to_le_bytes())?;
 
     let info = StartInfo::new(name, size, cmdline);
     mem.write(phys, layout::START_INFO, &info.to_bytes())?;
@@ -326,13 +289,7 @@ mod tests {
     #[test]
     fn loads_segments_and_builds_the_start_state() {
         let (mem, phys) = guest_ram(4 * MIB);
-        let image = elf(
-            MIB,
-            &[
-                (MIB, &[0x90, 0xf4], 0x2000, 5),
-                (MIB + 0x2000, b"data", 0x1000, 6),
-            ],
-        );
+        let image = elf(MIB, &[(MIB, &[0x90, 0xf4], 0x2000, 5), (MIB + 0x2000, b"data", 0x1000, 6)]);
         let state = load_native(&mem, &phys, &image, "alpha", "test=basics").unwrap();
         assert_eq!(state.rip, MIB);
         assert_eq!(state.rsp, 4 * MIB - 16);
@@ -342,13 +299,9 @@ mod tests {
         assert_eq!(&bytes[(MIB + 0x2000) as usize..][..4], b"data");
         // bss is zero, the PML4 points at the PDPT, the last PD entry maps 4 GiB - 2 MiB.
         assert_eq!(bytes[(MIB + 2) as usize], 0);
-        let word =
-            |at: u64| u64::from_le_bytes(bytes[at as usize..at as usize + 8].try_into().unwrap());
+        let word = |at: u64| u64::from_le_bytes(bytes[at as usize..at as usize + 8].try_into().unwrap());
         assert_eq!(word(layout::PML4), layout::PDPT | 3);
-        assert_eq!(
-            word(layout::PD + 3 * 0x1000 + 511 * 8),
-            ((4u64 << 30) - (2 << 20)) | 0x83
-        );
+        assert_eq!(word(layout::PD + 3 * 0x1000 + 511 * 8), ((4u64 << 30) - (2 << 20)) | 0x83);
         assert_eq!(word(layout::GDT + 8), 0x00af_9a00_0000_ffff);
         assert_eq!(word(layout::START_INFO), start_info::MAGIC);
     }
@@ -357,57 +310,30 @@ mod tests {
     fn hostile_images_are_refused() {
         let (mem, phys) = guest_ram(4 * MIB);
         let good = elf(MIB, &[(MIB, &[0x90], 0x1000, 5)]);
-        assert_eq!(
-            load_native(&mem, &phys, b"MZ\x90\x00", "a", ""),
-            Err(LoadError::NotElf)
-        );
+        assert_eq!(load_native(&mem, &phys, b"MZ\x90\x00", "a", ""), Err(LoadError::NotElf));
         let mut bad = good.clone();
         bad[4] = 1;
-        assert_eq!(
-            load_native(&mem, &phys, &bad, "a", ""),
-            Err(LoadError::Not64BitLittleEndian)
-        );
+        assert_eq!(load_native(&mem, &phys, &bad, "a", ""), Err(LoadError::Not64BitLittleEndian));
         let mut bad = good.clone();
         bad[18] = 3;
-        assert_eq!(
-            load_native(&mem, &phys, &bad, "a", ""),
-            Err(LoadError::NotX86_64)
-        );
+        assert_eq!(load_native(&mem, &phys, &bad, "a", ""), Err(LoadError::NotX86_64));
         // Every truncation of a good image fails cleanly.
         for len in 0..good.len() {
-            assert!(
-                load_native(&mem, &phys, &good[..len], "a", "").is_err(),
-                "len {len}"
-            );
+            assert!(load_native(&mem, &phys, &good[..len], "a", "").is_err(), "len {len}");
         }
         // A segment into the start-up structures, past RAM, or wrapping.
         for paddr in [0x1000, 4 * MIB - 0x800, u64::MAX - 0x10] {
             let img = elf(paddr, &[(paddr, &[0x90], 0x1000, 5)]);
-            assert!(matches!(
-                load_native(&mem, &phys, &img, "a", ""),
-                Err(LoadError::SegmentOutOfRange { .. })
-            ));
+            assert!(matches!(load_native(&mem, &phys, &img, "a", ""), Err(LoadError::SegmentOutOfRange { .. })));
         }
         // Entry outside any executable segment.
-        let img = elf(
-            MIB + 0x1000,
-            &[(MIB, &[0x90], 0x1000, 5), (MIB + 0x1000, &[0], 0x1000, 6)],
-        );
-        assert_eq!(
-            load_native(&mem, &phys, &img, "a", ""),
-            Err(LoadError::EntryOutsideImage(MIB + 0x1000))
-        );
+        let img = elf(MIB + 0x1000, &[(MIB, &[0x90], 0x1000, 5), (MIB + 0x1000, &[0], 0x1000, 6)]);
+        assert_eq!(load_native(&mem, &phys, &img, "a", ""), Err(LoadError::EntryOutsideImage(MIB + 0x1000)));
         // A huge program-header count pointing past the file.
         let mut img = good.clone();
         img[56..58].copy_from_slice(&0xffffu16.to_le_bytes());
-        assert_eq!(
-            load_native(&mem, &phys, &img, "a", ""),
-            Err(LoadError::Truncated)
-        );
+        assert_eq!(load_native(&mem, &phys, &img, "a", ""), Err(LoadError::Truncated));
         let (small, phys_small) = guest_ram(MIB);
-        assert_eq!(
-            load_native(&small, &phys_small, &good, "a", ""),
-            Err(LoadError::TooLittleMemory)
-        );
+        assert_eq!(load_native(&small, &phys_small, &good, "a", ""), Err(LoadError::TooLittleMemory));
     }
 }

@@ -126,10 +126,7 @@ pub mod fake {
 
     impl FakePhys {
         pub fn new(base: u64, len: usize) -> Self {
-            FakePhys {
-                base,
-                bytes: RefCell::new(alloc::vec![0; len]),
-            }
+            FakePhys { base, bytes: RefCell::new(alloc::vec![0; len]) }
         }
     }
 

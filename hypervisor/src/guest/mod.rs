@@ -3,6 +3,7 @@
 //! wraps it in the bare-metal binary.
 
 pub mod config;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 
@@ -55,6 +56,23 @@ impl PortLog {
     }
 }
 
+/// Which devices a guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// Emulated devices only: every port and MSR access exits.
+    Emulated,
+    /// The machine's own devices, memory identity-mapped: only the ports and
+    /// MSRs the hypervisor must guard exit. `pm1a_control` is the ACPI port
+    /// whose sleep-enable bit powers the machine off.
+    PassThrough { pm1a_control: Option<u16> },
+}
+
+impl Platform {
+    pub fn is_pass_through(self) -> bool {
+        matches!(self, Platform::PassThrough { .. })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunState {
     Runnable,
@@ -63,6 +81,7 @@ pub enum RunState {
 
 pub struct Guest {
     pub config: GuestConfig,
+    pub platform: Platform,
     pub memory: GuestMemory,
     pub uart: Uart,
     pub ports_logged: PortLog,
@@ -75,9 +94,10 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub fn new(config: GuestConfig, memory: GuestMemory, cr_limits: CrLimits) -> Self {
+    pub fn new(config: GuestConfig, platform: Platform, memory: GuestMemory, cr_limits: CrLimits) -> Self {
         Guest {
             config,
+            platform,
             memory,
             uart: Uart::default(),
             ports_logged: PortLog::default(),
@@ -104,9 +124,7 @@ impl Guest {
 pub fn test_guest() -> Guest {
     let config = config::parse("guest=t mem=16M").unwrap();
     let mut memory = GuestMemory::new();
-    memory
-        .add(crate::mm::frames::Region::new(0, 16 << 20), 0x1000_0000)
-        .unwrap();
+    memory.add(crate::mm::frames::Region::new(0, 16 << 20), 0x1000_0000).unwrap();
     let limits = CrLimits {
         cr0_fixed0: 0x8000_0021,
         cr0_fixed1: 0xffff_ffff,
@@ -114,5 +132,5 @@ pub fn test_guest() -> Guest {
         cr4_fixed1: 0x0037_67ff,
         unrestricted: true,
     };
-    Guest::new(config, memory, limits)
+    Guest::new(config, Platform::Emulated, memory, limits)
 }

@@ -75,10 +75,7 @@ impl<const N: usize> Default for RegionSet<N> {
 
 impl<const N: usize> RegionSet<N> {
     pub const fn new() -> Self {
-        RegionSet {
-            regions: [Region::new(0, 0); N],
-            len: 0,
-        }
+        RegionSet { regions: [Region::new(0, 0); N], len: 0 }
     }
 
     pub fn as_slice(&self) -> &[Region] {
@@ -96,11 +93,7 @@ impl<const N: usize> RegionSet<N> {
         }
         let mut merged = region;
         // Find the run of regions that overlap or touch `merged`.
-        let first = self
-            .as_slice()
-            .iter()
-            .position(|r| r.end >= merged.start)
-            .unwrap_or(self.len);
+        let first = self.as_slice().iter().position(|r| r.end >= merged.start).unwrap_or(self.len);
         let mut last = first;
         while last < self.len && self.regions[last].start <= merged.end {
             merged.start = merged.start.min(self.regions[last].start);
@@ -233,8 +226,7 @@ impl<const N: usize> FrameAllocator<N> {
 
     /// Returns frames to the pool.
     pub fn deallocate(&mut self, start: u64, bytes: u64) -> Result<(), Overflow> {
-        self.free
-            .insert(Region::new(start, start + align_up(bytes, PAGE_SIZE)))
+        self.free.insert(Region::new(start, start + align_up(bytes, PAGE_SIZE)))
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -270,10 +262,7 @@ mod tests {
         s.insert(Region::new(0x3000, 0x5000)).unwrap();
         s.insert(Region::new(0x1000, 0x2000)).unwrap();
         s.insert(Region::new(0x8000, 0x9000)).unwrap();
-        assert_eq!(
-            as_pairs(&s),
-            set(&[(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)])
-        );
+        assert_eq!(as_pairs(&s), set(&[(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)]));
         s.insert(Region::new(0x2000, 0x3000)).unwrap(); // touches both neighbours
         assert_eq!(as_pairs(&s), set(&[(0x1000, 0x5000), (0x8000, 0x9000)]));
         s.insert(Region::new(0x4000, 0xa000)).unwrap(); // swallows the next one
@@ -314,10 +303,7 @@ mod tests {
             // Firmware maps sometimes overlap: reserved must win.
             (Region::new(0x0800_0800, 0x0800_1800), MemoryKind::Reserved),
             (Region::new(0xfffc0000, 0x1_0000_0000), MemoryKind::Reserved),
-            (
-                Region::new(0x1_0000_0100, 0x1_4000_0000),
-                MemoryKind::Available,
-            ),
+            (Region::new(0x1_0000_0100, 0x1_4000_0000), MemoryKind::Available),
         ]
     }
 
@@ -326,20 +312,10 @@ mod tests {
         let image = Region::new(0x200000, 0x2a5123);
         let module = Region::new(0x300000, 0x310000);
         let first_mib = Region::new(0, MIB);
-        let free = free_memory::<16>(
-            sample_map().into_iter(),
-            &[first_mib, image, module],
-            4 << 30,
-        )
-        .unwrap();
+        let free = free_memory::<16>(sample_map().into_iter(), &[first_mib, image, module], 4 << 30).unwrap();
         assert_eq!(
             as_pairs(&free),
-            set(&[
-                (0x100000, 0x200000),
-                (0x2a6000, 0x300000),
-                (0x310000, 0x0800_0000),
-                (0x0800_2000, 0x3fff0000),
-            ])
+            set(&[(0x100000, 0x200000), (0x2a6000, 0x300000), (0x310000, 0x0800_0000), (0x0800_2000, 0x3fff0000),])
         );
     }
 
@@ -355,12 +331,7 @@ mod tests {
     #[test]
     fn allocator_never_hands_out_excluded_frames() {
         let image = Region::new(0x200000, 0x400000);
-        let free = free_memory::<16>(
-            sample_map().into_iter(),
-            &[Region::new(0, MIB), image],
-            4 << 30,
-        )
-        .unwrap();
+        let free = free_memory::<16>(sample_map().into_iter(), &[Region::new(0, MIB), image], 4 << 30).unwrap();
         let mut alloc = FrameAllocator::new(free);
         let mut seen = Vec::new();
         while let Some(frame) = alloc.allocate(PAGE_SIZE, PAGE_SIZE) {

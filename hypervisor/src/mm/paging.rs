@@ -182,11 +182,7 @@ impl<F: EntryFormat> PageTable<F> {
     /// An empty hierarchy whose leaves are at most `largest`.
     pub fn new(mem: &mut impl TableMemory, largest: PageSize) -> Result<Self, MapError> {
         let root = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
-        Ok(PageTable {
-            root,
-            largest,
-            _format: core::marker::PhantomData,
-        })
+        Ok(PageTable { root, largest, _format: core::marker::PhantomData })
     }
 
     /// The physical address of the top-level table (for EPTP or CR3).
@@ -227,12 +223,7 @@ impl<F: EntryFormat> PageTable<F> {
 
     /// Removes every translation in `[addr, addr + len)`, splitting large pages
     /// that the range covers only in part.
-    pub fn unmap(
-        &mut self,
-        mem: &mut impl TableMemory,
-        addr: u64,
-        len: u64,
-    ) -> Result<Flush, MapError> {
+    pub fn unmap(&mut self, mem: &mut impl TableMemory, addr: u64, len: u64) -> Result<Flush, MapError> {
         check_range(addr, len)?;
         let mut flush = Flush::NONE;
         let mut offset = 0;
@@ -307,19 +298,11 @@ impl<F: EntryFormat> PageTable<F> {
         let entry = mem.read(table, i);
         let size = PageSize::from_level(level);
         let offset = addr & (size.bytes() - 1);
-        Some(Translation {
-            address: F::address(entry) + offset,
-            attrs: F::attrs(entry),
-            size,
-        })
+        Some(Translation { address: F::address(entry) + offset, attrs: F::attrs(entry), size })
     }
 
     /// Splits the large page holding `addr` (if any) down to 4 KiB pages.
-    pub fn split_to_4k(
-        &mut self,
-        mem: &mut impl TableMemory,
-        addr: u64,
-    ) -> Result<Flush, MapError> {
+    pub fn split_to_4k(&mut self, mem: &mut impl TableMemory, addr: u64) -> Result<Flush, MapError> {
         let mut flush = Flush::NONE;
         while let Some((table, i, level)) = self.find(mem, addr) {
             if level == 0 {
@@ -401,13 +384,7 @@ impl<F: EntryFormat> PageTable<F> {
 
     /// Replaces the large leaf at `table[i]` (of `level`) by a table of 512
     /// leaves one level down with the same attributes.
-    fn split(
-        &mut self,
-        mem: &mut impl TableMemory,
-        table: u64,
-        i: usize,
-        level: u8,
-    ) -> Result<Flush, MapError> {
+    fn split(&mut self, mem: &mut impl TableMemory, table: u64, i: usize, level: u8) -> Result<Flush, MapError> {
         let entry = mem.read(table, i);
         let next = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
         let base = F::address(entry);
@@ -463,11 +440,8 @@ fn walk_leaves<F: EntryFormat>(
         }
         let addr = base + i as u64 * level_bytes(level);
         if level == 0 || F::is_large(entry) {
-            let t = Translation {
-                address: F::address(entry),
-                attrs: F::attrs(entry),
-                size: PageSize::from_level(level),
-            };
+            let t =
+                Translation { address: F::address(entry), attrs: F::attrs(entry), size: PageSize::from_level(level) };
             f(addr, t);
         } else {
             walk_leaves::<F>(mem, F::address(entry), level - 1, addr, f);
@@ -502,10 +476,7 @@ pub mod host {
 
     impl HeapTables {
         pub fn with_limit(limit: usize) -> Self {
-            HeapTables {
-                limit: Some(limit),
-                ..Default::default()
-            }
+            HeapTables { limit: Some(limit), ..Default::default() }
         }
 
         pub fn live(&self) -> usize {
@@ -527,10 +498,7 @@ pub mod host {
         }
 
         fn free_table(&mut self, table: u64) {
-            assert!(
-                self.tables.remove(&table).is_some(),
-                "double free of table {table:#x}"
-            );
+            assert!(self.tables.remove(&table).is_some(), "double free of table {table:#x}");
         }
 
         fn read(&self, table: u64, index: usize) -> u64 {

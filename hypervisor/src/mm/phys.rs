@@ -36,10 +36,7 @@ pub fn free(addr: u64, bytes: u64) {
 
 /// (free, total) bytes.
 pub fn usage() -> (u64, u64) {
-    FRAMES
-        .lock()
-        .as_ref()
-        .map_or((0, 0), |f| (f.free_bytes(), f.total_bytes()))
+    FRAMES.lock().as_ref().map_or((0, 0), |f| (f.free_bytes(), f.total_bytes()))
 }
 
 /// Host-physical memory through the identity mapping.

@@ -15,9 +15,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists; we run at CPL 0.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -79,18 +77,14 @@ pub fn rdtsc() -> u64 {
 /// Port I/O reaches devices directly.
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: the caller owns the device behind the port.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
 }
 
 /// # Safety
 /// Port I/O reaches devices directly.
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: the caller owns the device behind the port.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
 }
 
 /// # Safety
@@ -98,9 +92,7 @@ pub unsafe fn outl(port: u16, value: u32) {
 pub unsafe fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: the caller owns the device behind the port.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
     value
 }
 
@@ -123,14 +115,10 @@ pub fn hardware_random() -> Option<u64> {
         let (value, ok): (u64, u8);
         if has_rdseed {
             // SAFETY: CPUID says RDSEED exists.
-            unsafe {
-                asm!("rdseed {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack))
-            };
+            unsafe { asm!("rdseed {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
         } else if has_rdrand {
             // SAFETY: CPUID says RDRAND exists.
-            unsafe {
-                asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack))
-            };
+            unsafe { asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
         } else {
             return None;
         }

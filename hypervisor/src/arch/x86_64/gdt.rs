@@ -38,10 +38,7 @@ static TABLES: Once<Tables> = Once::new();
 pub fn init() {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        for (slot, stack) in [IST_DOUBLE_FAULT, IST_NMI, IST_MACHINE_CHECK]
-            .into_iter()
-            .enumerate()
-        {
+        for (slot, stack) in [IST_DOUBLE_FAULT, IST_NMI, IST_MACHINE_CHECK].into_iter().enumerate() {
             // SAFETY: only the address is taken; each stack is used by the CPU alone.
             let base = unsafe { core::ptr::addr_of!(IST_STACKS[slot]) } as u64;
             tss.interrupt_stack_table[stack as usize] = VirtAddr::new(base + IST_STACK_SIZE as u64);
@@ -53,10 +50,7 @@ pub fn init() {
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
         let tss = gdt.append(Descriptor::tss_segment(tss));
-        Tables {
-            gdt,
-            selectors: Selectors { code, data, tss },
-        }
+        Tables { gdt, selectors: Selectors { code, data, tss } }
     });
     tables.gdt.load();
     // SAFETY: the selectors come from the GDT just loaded.

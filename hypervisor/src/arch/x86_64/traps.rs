@@ -150,15 +150,8 @@ struct Gate {
 }
 
 impl Gate {
-    const ABSENT: Gate = Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        flags: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    };
+    const ABSENT: Gate =
+        Gate { offset_low: 0, selector: 0, ist: 0, flags: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
 
     /// A present 64-bit interrupt gate (interrupts stay off in the handler).
     fn interrupt(handler: u64, selector: u16, ist: Option<u16>) -> Gate {
@@ -251,10 +244,7 @@ const NAMES: [&str; 33] = [
 extern "C" fn ctvm_exception(frame: &TrapFrame) -> ! {
     crate::console::force_unlock();
     super::serial::force_unlock();
-    let name = NAMES
-        .get(frame.vector as usize)
-        .copied()
-        .unwrap_or("unknown");
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("unknown");
     crate::console::write_line(format_args!(
         "ctvm: FATAL: exception {} ({name}) in the hypervisor, error code {:#x}",
         frame.vector, frame.error_code
@@ -302,10 +292,7 @@ pub fn print_backtrace(mut rbp: u64) {
 
 /// A fixed buffer for building one line without the heap, which may be what broke.
 fn heapless_line() -> FixedLine {
-    FixedLine {
-        buf: [0; 512],
-        len: 0,
-    }
+    FixedLine { buf: [0; 512], len: 0 }
 }
 
 struct FixedLine {

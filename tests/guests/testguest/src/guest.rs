@@ -131,11 +131,7 @@ struct FaultFrame {
 extern "C" fn guest_fault(frame: &mut FaultFrame) {
     let skip = SKIP_ON_FAULT.swap(0, Ordering::SeqCst);
     if skip == 0 {
-        say!(
-            "FAIL: unexpected exception {} at rip {:#x}",
-            frame.vector,
-            frame.rip
-        );
+        say!("FAIL: unexpected exception {} at rip {:#x}", frame.vector, frame.rip);
         shutdown(99);
     }
     LAST_FAULT.store(frame.vector, Ordering::SeqCst);
@@ -167,16 +163,10 @@ fn install_idt() {
                 6 => stubs[1],
                 _ => stubs[2],
             };
-            gate[0] = (handler & 0xffff)
-                | (u64::from(cs) << 16)
-                | (0x8e00u64 << 32)
-                | ((handler >> 16 & 0xffff) << 48);
+            gate[0] = (handler & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((handler >> 16 & 0xffff) << 48);
             gate[1] = handler >> 32;
         }
-        let ptr = DescriptorPointer {
-            limit: (32 * 16 - 1) as u16,
-            base: idt.as_ptr() as u64,
-        };
+        let ptr = DescriptorPointer { limit: (32 * 16 - 1) as u16, base: idt.as_ptr() as u64 };
         asm!("lidt [{}]", in(reg) &ptr, options(nostack));
     }
 }
@@ -218,9 +208,7 @@ fn rdmsr(msr: u32) -> u64 {
 
 fn wrmsr(msr: u32, v: u64) {
     // SAFETY: as above.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nomem, nostack))
-    };
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nomem, nostack)) };
 }
 
 fn hypercall(call: Call, args: [u64; 4]) -> (i64, u64, u64, u64) {
@@ -247,10 +235,7 @@ fn shutdown(code: u32) -> ! {
 fn test_basics() {
     let (_, _, ecx, _) = cpuid(1);
     check(ecx & (1 << 5) == 0, format_args!("cpuid hides vmx"));
-    check(
-        ecx & (1 << 31) != 0,
-        format_args!("cpuid announces a hypervisor"),
-    );
+    check(ecx & (1 << 31) != 0, format_args!("cpuid announces a hypervisor"));
 
     let (max, b, c, d) = cpuid(guest_agent::CPUID_LEAF_SIGNATURE);
     let mut sig = [0u8; 12];
@@ -259,41 +244,22 @@ fn test_basics() {
     sig[8..12].copy_from_slice(&d.to_le_bytes());
     check(
         &sig == guest_agent::CPUID_SIGNATURE && max >= guest_agent::CPUID_LEAF_INTERFACE,
-        format_args!(
-            "hypervisor leaf signature {}",
-            core::str::from_utf8(&sig).unwrap_or("?")
-        ),
+        format_args!("hypervisor leaf signature {}", core::str::from_utf8(&sig).unwrap_or("?")),
     );
 
     let (status, version, caps, _) = hypercall(Call::Version, [0; 4]);
     let caps = Capabilities(caps);
     check(
-        status == 0
-            && version == u64::from(guest_agent::ABI_VERSION)
-            && caps.contains(Capabilities::SHUTDOWN),
-        format_args!(
-            "hypercall version {}.{} caps {:#x}",
-            version >> 16,
-            version & 0xffff,
-            caps.0
-        ),
+        status == 0 && version == u64::from(guest_agent::ABI_VERSION) && caps.contains(Capabilities::SHUTDOWN),
+        format_args!("hypercall version {}.{} caps {:#x}", version >> 16, version & 0xffff, caps.0),
     );
     let status = hypercall_raw(0xdead);
-    check(
-        Error::from_status(status) == Some(Error::UnknownCall),
-        format_args!("unknown hypercall refused ({status})"),
-    );
+    check(Error::from_status(status) == Some(Error::UnknownCall), format_args!("unknown hypercall refused ({status})"));
 
     let efer = rdmsr(0xc000_0080);
-    check(
-        efer & (1 << 10) != 0,
-        format_args!("allowed msr read (EFER {efer:#x})"),
-    );
+    check(efer & (1 << 10) != 0, format_args!("allowed msr read (EFER {efer:#x})"));
     wrmsr(0xc000_0082, 0xffff_8000_1234_5000);
-    check(
-        rdmsr(0xc000_0082) == 0xffff_8000_1234_5000,
-        format_args!("allowed msr write round-trips (LSTAR)"),
-    );
+    check(rdmsr(0xc000_0082) == 0xffff_8000_1234_5000, format_args!("allowed msr write round-trips (LSTAR)"));
     let gp_basic = expect_fault(13, 2, || {
         rdmsr(0x480);
     });
@@ -303,10 +269,7 @@ fn test_basics() {
     let first = inb(0x2f8);
     let second = inb(0x2f8);
     outb(0x2f8, 0x55);
-    check(
-        first == 0xff && second == 0xff,
-        format_args!("unknown port reads 0xff"),
-    );
+    check(first == 0xff && second == 0xff, format_args!("unknown port reads 0xff"));
 }
 
 /// Prints `count` numbered lines with busy work in between, so that guests
@@ -345,10 +308,7 @@ extern "C" fn guest_main(info: *const StartInfo) -> ! {
     }
     let name = core::str::from_utf8(info.name()).unwrap_or("?");
     let cmdline = core::str::from_utf8(info.cmdline()).unwrap_or("");
-    say!(
-        "CTVM test guest {name} starting ({} MiB, \"{cmdline}\")",
-        info.mem_size >> 20
-    );
+    say!("CTVM test guest {name} starting ({} MiB, \"{cmdline}\")", info.mem_size >> 20);
     install_idt();
 
     let mut exit = 0u32;

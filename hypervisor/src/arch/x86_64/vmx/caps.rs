@@ -8,9 +8,7 @@
 
 use core::fmt;
 
-pub use x86::vmx::vmcs::control::{
-    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
-};
+pub use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
 
 /// VMX capability MSRs.
 pub mod msr {
@@ -79,24 +77,11 @@ impl VmxMsrs {
         let pick = |plain: u32, true_msr: u32| if true_ctls { true_msr } else { plain };
         let procbased = rdmsr(pick(msr::PROCBASED_CTLS, msr::TRUE_PROCBASED_CTLS));
         let has_secondary = allowed1(procbased) & PrimaryControls::SECONDARY_CONTROLS.bits() != 0;
-        let procbased2 = if has_secondary {
-            rdmsr(msr::PROCBASED_CTLS2)
-        } else {
-            0
-        };
+        let procbased2 = if has_secondary { rdmsr(msr::PROCBASED_CTLS2) } else { 0 };
         let p2 = allowed1(procbased2);
-        let ept_or_vpid =
-            SecondaryControls::ENABLE_EPT.bits() | SecondaryControls::ENABLE_VPID.bits();
-        let ept_vpid_cap = if p2 & ept_or_vpid != 0 {
-            rdmsr(msr::EPT_VPID_CAP)
-        } else {
-            0
-        };
-        let vmfunc = if p2 & SecondaryControls::ENABLE_VM_FUNCTIONS.bits() != 0 {
-            rdmsr(msr::VMFUNC)
-        } else {
-            0
-        };
+        let ept_or_vpid = SecondaryControls::ENABLE_EPT.bits() | SecondaryControls::ENABLE_VPID.bits();
+        let ept_vpid_cap = if p2 & ept_or_vpid != 0 { rdmsr(msr::EPT_VPID_CAP) } else { 0 };
+        let vmfunc = if p2 & SecondaryControls::ENABLE_VM_FUNCTIONS.bits() != 0 { rdmsr(msr::VMFUNC) } else { 0 };
         VmxMsrs {
             basic,
             pinbased: rdmsr(pick(msr::PINBASED_CTLS, msr::TRUE_PINBASED_CTLS)),
@@ -187,10 +172,7 @@ impl fmt::Display for Missing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Missing::Control { word, bits } => {
-                write!(
-                    f,
-                    "{word} controls {bits:#010x} cannot be set on this processor"
-                )
+                write!(f, "{word} controls {bits:#010x} cannot be set on this processor")
             }
             Missing::Ept(what) => write!(f, "EPT lacks {what}"),
             Missing::Basic(what) => write!(f, "IA32_VMX_BASIC: {what}"),
@@ -203,10 +185,7 @@ impl fmt::Display for Missing {
 fn adjust(word: &'static str, caps: u64, required: u32, optional: u32) -> Result<u32, Missing> {
     let missing = required & !allowed1(caps);
     if missing != 0 {
-        return Err(Missing::Control {
-            word,
-            bits: missing,
-        });
+        return Err(Missing::Control { word, bits: missing });
     }
     Ok(allowed0(caps) | required | (optional & allowed1(caps)))
 }
@@ -304,14 +283,12 @@ impl Controls {
 
         let has = |word: u32, bits: SecondaryControls| word & bits.bits() != 0;
         // VPID is only worth having with INVVPID to flush it.
-        let invvpid = cap & ept_cap::INVVPID != 0
-            && cap & (ept_cap::INVVPID_SINGLE | ept_cap::INVVPID_ALL) != 0;
+        let invvpid = cap & ept_cap::INVVPID != 0 && cap & (ept_cap::INVVPID_SINGLE | ept_cap::INVVPID_ALL) != 0;
         if !invvpid {
             procbased2 &= !SecondaryControls::ENABLE_VPID.bits();
         }
         // Only EPTP switching is used among the VM functions.
-        let eptp_switching =
-            has(procbased2, SecondaryControls::ENABLE_VM_FUNCTIONS) && m.vmfunc & 1 != 0;
+        let eptp_switching = has(procbased2, SecondaryControls::ENABLE_VM_FUNCTIONS) && m.vmfunc & 1 != 0;
         if !eptp_switching {
             procbased2 &= !SecondaryControls::ENABLE_VM_FUNCTIONS.bits();
         }
@@ -335,10 +312,7 @@ impl Controls {
             0,
         )?;
         if allowed1(m.entry) & EntryControls::IA32E_MODE_GUEST.bits() == 0 {
-            return Err(Missing::Control {
-                word: "VM-entry",
-                bits: EntryControls::IA32E_MODE_GUEST.bits(),
-            });
+            return Err(Missing::Control { word: "VM-entry", bits: EntryControls::IA32E_MODE_GUEST.bits() });
         }
 
         let features = Features {
@@ -357,20 +331,12 @@ impl Controls {
         };
         // #VE and VM functions need per-view set-up the baseline does not do;
         // they are switched on where used.
-        procbased2 &=
-            !(SecondaryControls::EPT_VIOLATION_VE | SecondaryControls::ENABLE_VM_FUNCTIONS).bits();
+        procbased2 &= !(SecondaryControls::EPT_VIOLATION_VE | SecondaryControls::ENABLE_VM_FUNCTIONS).bits();
         // The preemption timer is switched on per guest when time slicing.
         let pinbased = pinbased & !PinbasedControls::VMX_PREEMPTION_TIMER.bits()
             | (allowed0(m.pinbased) & PinbasedControls::VMX_PREEMPTION_TIMER.bits());
 
-        Ok(Controls {
-            pinbased,
-            procbased,
-            procbased2,
-            exit,
-            entry,
-            features,
-        })
+        Ok(Controls { pinbased, procbased, procbased2, exit, entry, features })
     }
 
     /// Sets or clears an entry control, if the processor allows the change.
@@ -529,33 +495,13 @@ mod tests {
         ];
         for c in cases {
             let got = Controls::compute(&c.msrs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-            assert_eq!(
-                got.pinbased, c.pinbased,
-                "{}: pin-based {:#x}",
-                c.name, got.pinbased
-            );
-            assert_eq!(
-                got.procbased, c.procbased,
-                "{}: primary {:#x}",
-                c.name, got.procbased
-            );
-            assert_eq!(
-                got.procbased2, c.procbased2,
-                "{}: secondary {:#x}",
-                c.name, got.procbased2
-            );
+            assert_eq!(got.pinbased, c.pinbased, "{}: pin-based {:#x}", c.name, got.pinbased);
+            assert_eq!(got.procbased, c.procbased, "{}: primary {:#x}", c.name, got.procbased);
+            assert_eq!(got.procbased2, c.procbased2, "{}: secondary {:#x}", c.name, got.procbased2);
             assert_eq!(got.exit, c.exit, "{}: exit {:#x}", c.name, got.exit);
             assert_eq!(got.entry, c.entry, "{}: entry {:#x}", c.name, got.entry);
-            assert_eq!(
-                got.features.unrestricted_guest, c.unrestricted,
-                "{}",
-                c.name
-            );
-            assert_eq!(
-                got.features.preemption_timer, c.preemption_timer,
-                "{}",
-                c.name
-            );
+            assert_eq!(got.features.unrestricted_guest, c.unrestricted, "{}", c.name);
+            assert_eq!(got.features.preemption_timer, c.preemption_timer, "{}", c.name);
             assert_eq!(got.features.vmfunc_eptp_switching, c.vmfunc, "{}", c.name);
             assert_eq!(got.features.ept_1g_pages, c.ept_1g, "{}", c.name);
             // Every word respects both halves of its capability MSR.
@@ -566,12 +512,7 @@ mod tests {
                 (got.exit, c.msrs.exit),
                 (got.entry, c.msrs.entry),
             ] {
-                assert_eq!(
-                    word & allowed0(caps),
-                    allowed0(caps),
-                    "{}: allowed-0 violated",
-                    c.name
-                );
+                assert_eq!(word & allowed0(caps), allowed0(caps), "{}: allowed-0 violated", c.name);
                 assert_eq!(word & !allowed1(caps), 0, "{}: allowed-1 violated", c.name);
             }
         }
@@ -605,9 +546,7 @@ mod tests {
         });
         assert!(read.contains(&msr::PINBASED_CTLS));
         assert!(read.contains(&msr::PROCBASED_CTLS2));
-        assert!(!read
-            .iter()
-            .any(|m| (msr::TRUE_PINBASED_CTLS..=msr::TRUE_ENTRY_CTLS).contains(m)));
+        assert!(!read.iter().any(|m| (msr::TRUE_PINBASED_CTLS..=msr::TRUE_ENTRY_CTLS).contains(m)));
     }
 
     #[test]
@@ -633,31 +572,16 @@ mod tests {
         let mut m = bochs_skylake_x();
         m.procbased2 &= !(u64::from(SecondaryControls::ENABLE_EPT.bits()) << 32);
         let err = Controls::compute(&m).unwrap_err();
-        assert_eq!(
-            err,
-            Missing::Control {
-                word: "secondary processor-based",
-                bits: 0x2
-            }
-        );
+        assert_eq!(err, Missing::Control { word: "secondary processor-based", bits: 0x2 });
         assert!(err.to_string().contains("secondary processor-based"));
 
         let mut m = bochs_skylake_x();
         m.ept_vpid_cap &= !ept_cap::WALK_LENGTH_4;
-        assert_eq!(
-            Controls::compute(&m).unwrap_err(),
-            Missing::Ept("4-level page walks")
-        );
+        assert_eq!(Controls::compute(&m).unwrap_err(), Missing::Ept("4-level page walks"));
 
         let mut m = bochs_skylake_x();
         m.procbased = 0; // no secondary controls at all (a pre-EPT CPU)
-        assert!(matches!(
-            Controls::compute(&m),
-            Err(Missing::Control {
-                word: "primary processor-based",
-                ..
-            })
-        ));
+        assert!(matches!(Controls::compute(&m), Err(Missing::Control { word: "primary processor-based", .. })));
     }
 
     #[test]
@@ -671,14 +595,8 @@ mod tests {
         assert!(!c.features.unrestricted_guest);
         assert!(!c.features.preemption_timer);
         assert!(!c.features.vmfunc_eptp_switching);
-        assert_eq!(
-            c.procbased2 & SecondaryControls::UNRESTRICTED_GUEST.bits(),
-            0
-        );
-        assert_eq!(
-            c.pinbased_with(&m, PinbasedControls::VMX_PREEMPTION_TIMER, true),
-            None
-        );
+        assert_eq!(c.procbased2 & SecondaryControls::UNRESTRICTED_GUEST.bits(), 0);
+        assert_eq!(c.pinbased_with(&m, PinbasedControls::VMX_PREEMPTION_TIMER, true), None);
     }
 
     #[test]
@@ -694,25 +612,15 @@ mod tests {
     fn toggles_respect_both_halves() {
         let m = kvm_nested();
         let c = Controls::compute(&m).unwrap();
-        let with = c
-            .entry_with(&m, EntryControls::IA32E_MODE_GUEST, true)
-            .unwrap();
+        let with = c.entry_with(&m, EntryControls::IA32E_MODE_GUEST, true).unwrap();
         assert_ne!(with & EntryControls::IA32E_MODE_GUEST.bits(), 0);
         // Bit 2 (load debug controls) is allowed-0 here: it cannot be cleared.
-        assert_eq!(
-            c.entry_with(&m, EntryControls::LOAD_DEBUG_CONTROLS, false),
-            None
-        );
+        assert_eq!(c.entry_with(&m, EntryControls::LOAD_DEBUG_CONTROLS, false), None);
         // No preemption timer under nested KVM.
-        assert_eq!(
-            c.pinbased_with(&m, PinbasedControls::VMX_PREEMPTION_TIMER, true),
-            None
-        );
+        assert_eq!(c.pinbased_with(&m, PinbasedControls::VMX_PREEMPTION_TIMER, true), None);
         let b = bochs_skylake_x();
         let cb = Controls::compute(&b).unwrap();
-        assert!(cb
-            .pinbased_with(&b, PinbasedControls::VMX_PREEMPTION_TIMER, true)
-            .is_some());
+        assert!(cb.pinbased_with(&b, PinbasedControls::VMX_PREEMPTION_TIMER, true).is_some());
     }
 
     #[test]

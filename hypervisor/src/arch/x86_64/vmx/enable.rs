@@ -80,18 +80,9 @@ pub fn enable() -> Result<Vmx, VmxError> {
     // SAFETY: the region is 4 KiB aligned, stamped with the revision, and CR0/CR4 are fixed.
     unsafe { x86::bits64::vmx::vmxon(vmxon.phys) }.map_err(|_| VmxError::VmxonFailed)?;
 
-    let physical_bits = if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
-        cpu::cpuid(0x8000_0008, 0).eax as u8
-    } else {
-        36
-    };
-    Ok(Vmx {
-        msrs,
-        controls,
-        physical_bits,
-        xsave,
-        _vmxon: vmxon,
-    })
+    let physical_bits =
+        if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
+    Ok(Vmx { msrs, controls, physical_bits, xsave, _vmxon: vmxon })
 }
 
 impl Vmx {
@@ -103,11 +94,7 @@ impl Vmx {
             "VT-x: VMCS revision {:#x}, {} physical address bits, TRUE controls {}",
             m.revision(),
             self.physical_bits,
-            if m.basic & (1 << 55) != 0 {
-                "yes"
-            } else {
-                "no"
-            }
+            if m.basic & (1 << 55) != 0 { "yes" } else { "no" }
         );
         log::info!(
             "VT-x: EPT with 2M pages {}, 1G pages {}, A/D bits {}, execute-only {}, INVEPT single-context {}",

@@ -113,10 +113,7 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
     if s.cr0 & cr0_must != cr0_must || s.cr0 & !m.cr0_fixed1 != 0 {
         fail(
             "GUEST_CR0",
-            format!(
-                "{:#x} violates the fixed bits (must set {cr0_must:#x}, may set {:#x})",
-                s.cr0, m.cr0_fixed1
-            ),
+            format!("{:#x} violates the fixed bits (must set {cr0_must:#x}, may set {:#x})", s.cr0, m.cr0_fixed1),
         );
     }
     if s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0 {
@@ -125,80 +122,46 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
     if s.cr4 & m.cr4_fixed0 != m.cr4_fixed0 || s.cr4 & !m.cr4_fixed1 != 0 {
         fail(
             "GUEST_CR4",
-            format!(
-                "{:#x} violates the fixed bits (must set {:#x}, may set {:#x})",
-                s.cr4, m.cr4_fixed0, m.cr4_fixed1
-            ),
+            format!("{:#x} violates the fixed bits (must set {:#x}, may set {:#x})", s.cr4, m.cr4_fixed0, m.cr4_fixed1),
         );
     }
     if ia32e && (s.cr0 & CR0_PG == 0 || s.cr4 & CR4_PAE == 0) {
-        fail(
-            "GUEST_CR0/CR4",
-            "IA-32e mode guest needs CR0.PG and CR4.PAE".into(),
-        );
+        fail("GUEST_CR0/CR4", "IA-32e mode guest needs CR0.PG and CR4.PAE".into());
     }
     if !ia32e && s.cr4 & CR4_PCIDE != 0 {
         fail("GUEST_CR4", "PCIDE set outside IA-32e mode".into());
     }
     if s.cr3 >> 52 != 0 {
-        fail(
-            "GUEST_CR3",
-            format!("{:#x} sets bits beyond the physical-address width", s.cr3),
-        );
+        fail("GUEST_CR3", format!("{:#x} sets bits beyond the physical-address width", s.cr3));
     }
     if s.entry_controls & ENTRY_LOAD_DEBUG != 0 && s.dr7 >> 32 != 0 {
         fail("GUEST_DR7", format!("{:#x} sets bits 63:32", s.dr7));
     }
     if s.entry_controls & ENTRY_LOAD_EFER != 0 {
         if s.efer & !(1 | EFER_LME | EFER_LMA | (1 << 11)) != 0 {
-            fail(
-                "GUEST_IA32_EFER",
-                format!("{:#x} sets reserved bits", s.efer),
-            );
+            fail("GUEST_IA32_EFER", format!("{:#x} sets reserved bits", s.efer));
         }
         if (s.efer & EFER_LMA != 0) != ia32e {
-            fail(
-                "GUEST_IA32_EFER",
-                "LMA differs from the IA-32e mode guest entry control".into(),
-            );
+            fail("GUEST_IA32_EFER", "LMA differs from the IA-32e mode guest entry control".into());
         }
         if s.cr0 & CR0_PG != 0 && (s.efer & EFER_LMA != 0) != (s.efer & EFER_LME != 0) {
-            fail(
-                "GUEST_IA32_EFER",
-                "LME differs from LMA while paging is on".into(),
-            );
+            fail("GUEST_IA32_EFER", "LME differs from LMA while paging is on".into());
         }
     }
     if s.entry_controls & ENTRY_LOAD_PAT != 0
         && !(0..8).all(|i| matches!((s.pat >> (8 * i)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7))
     {
-        fail(
-            "GUEST_IA32_PAT",
-            format!("{:#x} holds a reserved memory type", s.pat),
-        );
+        fail("GUEST_IA32_PAT", format!("{:#x} holds a reserved memory type", s.pat));
     }
 
     // Segments.
     let cs = s.cs;
     if !cs.usable() || !cs.present() || !cs.s() {
-        fail(
-            "GUEST_CS_ACCESS_RIGHTS",
-            format!(
-                "{:#x}: CS must be a usable, present code segment",
-                cs.access_rights
-            ),
-        );
+        fail("GUEST_CS_ACCESS_RIGHTS", format!("{:#x}: CS must be a usable, present code segment", cs.access_rights));
     } else {
-        let ok_types: &[u32] = if s.unrestricted_guest {
-            &[3, 9, 11, 13, 15]
-        } else {
-            &[9, 11, 13, 15]
-        };
+        let ok_types: &[u32] = if s.unrestricted_guest { &[3, 9, 11, 13, 15] } else { &[9, 11, 13, 15] };
         if !ok_types.contains(&cs.kind()) {
-            fail(
-                "GUEST_CS_ACCESS_RIGHTS",
-                format!("type {} is not an accessed code segment", cs.kind()),
-            );
+            fail("GUEST_CS_ACCESS_RIGHTS", format!("type {} is not an accessed code segment", cs.kind()));
         }
         if ia32e && cs.long() && cs.default_big() {
             fail("GUEST_CS_ACCESS_RIGHTS", "L and D both set".into());
@@ -206,16 +169,10 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
     }
     if s.ss.usable() {
         if !matches!(s.ss.kind(), 3 | 7) || !s.ss.s() || !s.ss.present() {
-            fail(
-                "GUEST_SS_ACCESS_RIGHTS",
-                format!("{:#x}: not a writable data segment", s.ss.access_rights),
-            );
+            fail("GUEST_SS_ACCESS_RIGHTS", format!("{:#x}: not a writable data segment", s.ss.access_rights));
         }
         if !s.unrestricted_guest && s.ss.dpl() != u32::from(s.ss.selector & 3) {
-            fail(
-                "GUEST_SS_ACCESS_RIGHTS",
-                "DPL differs from the selector's RPL".into(),
-            );
+            fail("GUEST_SS_ACCESS_RIGHTS", "DPL differs from the selector's RPL".into());
         }
     }
     for (name, seg) in [
@@ -225,45 +182,21 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
         ("GUEST_GS_ACCESS_RIGHTS", s.gs),
     ] {
         if seg.usable()
-            && (seg.kind() & 1 == 0
-                || !seg.s()
-                || !seg.present()
-                || (seg.kind() & 8 != 0 && seg.kind() & 2 == 0))
+            && (seg.kind() & 1 == 0 || !seg.s() || !seg.present() || (seg.kind() & 8 != 0 && seg.kind() & 2 == 0))
         {
-            fail(
-                name,
-                format!(
-                    "{:#x}: must be an accessed, present, readable segment",
-                    seg.access_rights
-                ),
-            );
+            fail(name, format!("{:#x}: must be an accessed, present, readable segment", seg.access_rights));
         }
     }
-    if s.tr.access_rights & AR_UNUSABLE != 0
-        || s.tr.s()
-        || !s.tr.present()
-        || s.tr.selector & 4 != 0
-    {
+    if s.tr.access_rights & AR_UNUSABLE != 0 || s.tr.s() || !s.tr.present() || s.tr.selector & 4 != 0 {
         fail(
             "GUEST_TR_ACCESS_RIGHTS",
-            format!(
-                "{:#x}: TR must be a usable, present system segment in the GDT",
-                s.tr.access_rights
-            ),
+            format!("{:#x}: TR must be a usable, present system segment in the GDT", s.tr.access_rights),
         );
     } else if (ia32e && s.tr.kind() != 11) || (!ia32e && !matches!(s.tr.kind(), 3 | 11)) {
-        fail(
-            "GUEST_TR_ACCESS_RIGHTS",
-            format!("type {} is not a busy TSS", s.tr.kind()),
-        );
+        fail("GUEST_TR_ACCESS_RIGHTS", format!("type {} is not a busy TSS", s.tr.kind()));
     }
-    if s.ldtr.usable()
-        && (s.ldtr.kind() != 2 || s.ldtr.s() || !s.ldtr.present() || s.ldtr.selector & 4 != 0)
-    {
-        fail(
-            "GUEST_LDTR_ACCESS_RIGHTS",
-            format!("{:#x}: not an LDT in the GDT", s.ldtr.access_rights),
-        );
+    if s.ldtr.usable() && (s.ldtr.kind() != 2 || s.ldtr.s() || !s.ldtr.present() || s.ldtr.selector & 4 != 0) {
+        fail("GUEST_LDTR_ACCESS_RIGHTS", format!("{:#x}: not an LDT in the GDT", s.ldtr.access_rights));
     }
     for (name, seg) in [
         ("GUEST_CS", s.cs),
@@ -279,37 +212,18 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
             continue;
         }
         if seg.access_rights & 0xfffe_0f00 != 0 {
-            fail(
-                name,
-                format!("access rights {:#x} set reserved bits", seg.access_rights),
-            );
+            fail(name, format!("access rights {:#x} set reserved bits", seg.access_rights));
         }
-        if (seg.limit & 0xfff != 0xfff && seg.granular())
-            || (seg.limit >> 20 != 0 && !seg.granular())
-        {
-            fail(
-                name,
-                format!(
-                    "limit {:#x} does not agree with the granularity bit",
-                    seg.limit
-                ),
-            );
+        if (seg.limit & 0xfff != 0xfff && seg.granular()) || (seg.limit >> 20 != 0 && !seg.granular()) {
+            fail(name, format!("limit {:#x} does not agree with the granularity bit", seg.limit));
         }
-        if matches!(name, "GUEST_FS" | "GUEST_GS" | "GUEST_TR" | "GUEST_LDTR")
-            && !canonical(seg.base)
-        {
+        if matches!(name, "GUEST_FS" | "GUEST_GS" | "GUEST_TR" | "GUEST_LDTR") && !canonical(seg.base) {
             fail(name, format!("base {:#x} is not canonical", seg.base));
         }
     }
-    for (name, base, limit) in [
-        ("GUEST_GDTR", s.gdtr_base, s.gdtr_limit),
-        ("GUEST_IDTR", s.idtr_base, s.idtr_limit),
-    ] {
+    for (name, base, limit) in [("GUEST_GDTR", s.gdtr_base, s.gdtr_limit), ("GUEST_IDTR", s.idtr_base, s.idtr_limit)] {
         if !canonical(base) || limit > 0xffff {
-            fail(
-                name,
-                format!("base {base:#x} / limit {limit:#x} out of range"),
-            );
+            fail(name, format!("base {base:#x} / limit {limit:#x} out of range"));
         }
     }
     if ia32e && cs.long() {
@@ -317,41 +231,23 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
             fail("GUEST_RIP", format!("{:#x} is not canonical", s.rip));
         }
     } else if s.rip >> 32 != 0 {
-        fail(
-            "GUEST_RIP",
-            format!("{:#x} exceeds 32 bits outside 64-bit mode", s.rip),
-        );
+        fail("GUEST_RIP", format!("{:#x} exceeds 32 bits outside 64-bit mode", s.rip));
     }
     let rflags_reserved = !0u64 << 22 | 1 << 15 | 1 << 5 | 1 << 3;
     if s.rflags & rflags_reserved != 0 || s.rflags & 2 == 0 {
-        fail(
-            "GUEST_RFLAGS",
-            format!("{:#x}: reserved bits wrong", s.rflags),
-        );
+        fail("GUEST_RFLAGS", format!("{:#x}: reserved bits wrong", s.rflags));
     }
     if ia32e && s.rflags & (1 << 17) != 0 {
         fail("GUEST_RFLAGS", "VM set in IA-32e mode".into());
     }
     if s.activity_state > 3 {
-        fail(
-            "GUEST_ACTIVITY_STATE",
-            format!("{} is not an activity state", s.activity_state),
-        );
+        fail("GUEST_ACTIVITY_STATE", format!("{} is not an activity state", s.activity_state));
     }
     if s.interruptibility >> 5 != 0 || s.interruptibility & 3 == 3 {
-        fail(
-            "GUEST_INTERRUPTIBILITY_INFO",
-            format!("{:#x} is invalid", s.interruptibility),
-        );
+        fail("GUEST_INTERRUPTIBILITY_INFO", format!("{:#x} is invalid", s.interruptibility));
     }
     if s.vmcs_link_pointer != u64::MAX {
-        fail(
-            "VMCS_LINK_POINTER",
-            format!(
-                "{:#x} must be all ones without VMCS shadowing",
-                s.vmcs_link_pointer
-            ),
-        );
+        fail("VMCS_LINK_POINTER", format!("{:#x} must be all ones without VMCS shadowing", s.vmcs_link_pointer));
     }
     out
 }
@@ -372,12 +268,7 @@ mod tests {
 
     /// The state CTVM gives a native 64-bit guest at its first instruction.
     fn good() -> GuestStateSnapshot {
-        let data = Segment {
-            selector: 0x10,
-            base: 0,
-            limit: 0xffff_ffff,
-            access_rights: 0xc093,
-        };
+        let data = Segment { selector: 0x10, base: 0, limit: 0xffff_ffff, access_rights: 0xc093 };
         GuestStateSnapshot {
             cr0: 0x8000_0031,
             cr3: 0x1000,
@@ -387,27 +278,14 @@ mod tests {
             pat: 0x0007_0406_0007_0406,
             rip: 0x10_0000,
             rflags: 2,
-            cs: Segment {
-                selector: 8,
-                base: 0,
-                limit: 0xffff_ffff,
-                access_rights: 0xa09b,
-            },
+            cs: Segment { selector: 8, base: 0, limit: 0xffff_ffff, access_rights: 0xa09b },
             ss: data,
             ds: data,
             es: data,
             fs: data,
             gs: data,
-            tr: Segment {
-                selector: 0x18,
-                base: 0x7100,
-                limit: 0x67,
-                access_rights: 0x8b,
-            },
-            ldtr: Segment {
-                access_rights: AR_UNUSABLE,
-                ..Default::default()
-            },
+            tr: Segment { selector: 0x18, base: 0x7100, limit: 0x67, access_rights: 0x8b },
+            ldtr: Segment { access_rights: AR_UNUSABLE, ..Default::default() },
             gdtr_base: 0x7000,
             gdtr_limit: 0x27,
             idtr_base: 0,
@@ -451,10 +329,7 @@ mod tests {
             let mut s = good();
             breakit(&mut s);
             let problems = check(&s, &msrs());
-            assert!(
-                problems.iter().any(|p| p.field == field),
-                "{field}: got {problems:?}"
-            );
+            assert!(problems.iter().any(|p| p.field == field), "{field}: got {problems:?}");
         }
     }
 }

@@ -56,8 +56,8 @@ impl EntryFormat for EptFormat {
         perms.set(Perms::READ, entry & READ != 0);
         perms.set(Perms::WRITE, entry & WRITE != 0);
         perms.set(Perms::EXECUTE, entry & EXECUTE != 0);
-        let mem_type = MemType::from_bits(((entry & MEMTYPE_MASK) >> MEMTYPE_SHIFT) as u8)
-            .unwrap_or(MemType::Uncacheable);
+        let mem_type =
+            MemType::from_bits(((entry & MEMTYPE_MASK) >> MEMTYPE_SHIFT) as u8).unwrap_or(MemType::Uncacheable);
         Attrs { perms, mem_type }
     }
 }
@@ -117,12 +117,7 @@ impl ViolationInfo {
             Access::Read
         };
         let allowed = Perms::from_bits_truncate(((q >> 3) & 7) as u8);
-        ViolationInfo {
-            access,
-            allowed,
-            linear_valid: q & (1 << 7) != 0,
-            final_translation: q & (1 << 8) != 0,
-        }
+        ViolationInfo { access, allowed, linear_valid: q & (1 << 7) != 0, final_translation: q & (1 << 8) != 0 }
     }
 }
 
@@ -152,14 +147,8 @@ mod tests {
     #[test]
     fn entry_bits_follow_the_sdm() {
         let a = Attrs::new(Perms::RX, MemType::WriteBack);
-        assert_eq!(
-            EptFormat::leaf(0x1234_5000, a, 0),
-            0x1234_5000 | 0b101 | (6 << 3)
-        );
-        assert_eq!(
-            EptFormat::leaf(0x4000_0000, a, 2),
-            0x4000_0000 | 0b101 | (6 << 3) | (1 << 7)
-        );
+        assert_eq!(EptFormat::leaf(0x1234_5000, a, 0), 0x1234_5000 | 0b101 | (6 << 3));
+        assert_eq!(EptFormat::leaf(0x4000_0000, a, 2), 0x4000_0000 | 0b101 | (6 << 3) | (1 << 7));
         assert_eq!(EptFormat::table(0x9000), 0x9007);
         let uc = Attrs::new(Perms::RW, MemType::Uncacheable);
         assert_eq!(EptFormat::attrs(EptFormat::leaf(0, uc, 0)), uc);
@@ -183,10 +172,7 @@ mod tests {
         let len = K4 + M2 + G1 + K4;
         let flush = pt.map(&mut mem, start, start, len, WB_RWX).unwrap();
         assert_eq!(flush, Flush::NONE, "mapping over nothing needs no flush");
-        let sizes: Vec<_> = leaves(&pt, &mem)
-            .iter()
-            .map(|(a, t)| (*a, t.size))
-            .collect();
+        let sizes: Vec<_> = leaves(&pt, &mem).iter().map(|(a, t)| (*a, t.size)).collect();
         assert_eq!(
             sizes,
             vec![
@@ -211,23 +197,12 @@ mod tests {
     fn translate_follows_offsets_and_misses() {
         let (mut pt, mut mem) = table(PageSize::Size1G);
         let _ = pt.map(&mut mem, G1, 5 * G1, G1, WB_RWX).unwrap();
-        let _ = pt
-            .map(
-                &mut mem,
-                0x1000,
-                0x8000,
-                K4,
-                Attrs::new(Perms::READ, MemType::Uncacheable),
-            )
-            .unwrap();
+        let _ = pt.map(&mut mem, 0x1000, 0x8000, K4, Attrs::new(Perms::READ, MemType::Uncacheable)).unwrap();
         let t = pt.translate(&mem, G1 + 0x12345).unwrap();
         assert_eq!(t.address, 5 * G1 + 0x12345);
         assert_eq!(t.size, PageSize::Size1G);
         let t = pt.translate(&mem, 0x1abc).unwrap();
-        assert_eq!(
-            (t.address, t.attrs.perms, t.attrs.mem_type),
-            (0x8abc, Perms::READ, MemType::Uncacheable)
-        );
+        assert_eq!((t.address, t.attrs.perms, t.attrs.mem_type), (0x8abc, Perms::READ, MemType::Uncacheable));
         assert_eq!(pt.translate(&mem, 0x2000), None);
         assert_eq!(pt.translate(&mem, 1 << 48), None);
         assert_eq!(pt.translate(&mem, u64::MAX), None);
@@ -241,21 +216,12 @@ mod tests {
         let flush = pt.protect(&mut mem, target, K4, Perms::RX).unwrap();
         assert!(flush.is_needed());
         let t = pt.translate(&mem, target).unwrap();
-        assert_eq!(
-            (t.size, t.attrs.perms, t.address),
-            (PageSize::Size4K, Perms::RX, target)
-        );
+        assert_eq!((t.size, t.attrs.perms, t.address), (PageSize::Size4K, Perms::RX, target));
         // Neighbours keep their rights and their translation, at 4K or 2M.
         let before = pt.translate(&mem, target - K4).unwrap();
-        assert_eq!(
-            (before.size, before.attrs.perms, before.address),
-            (PageSize::Size4K, Perms::RWX, target - K4)
-        );
+        assert_eq!((before.size, before.attrs.perms, before.address), (PageSize::Size4K, Perms::RWX, target - K4));
         let far = pt.translate(&mem, 100 * M2 + 7).unwrap();
-        assert_eq!(
-            (far.size, far.attrs.perms, far.address),
-            (PageSize::Size2M, Perms::RWX, 100 * M2 + 7)
-        );
+        assert_eq!((far.size, far.attrs.perms, far.address), (PageSize::Size2M, Perms::RWX, 100 * M2 + 7));
         // Every byte of the gigabyte still maps to itself.
         let mut covered = 0;
         for (a, t) in leaves(&pt, &mem) {
@@ -284,10 +250,7 @@ mod tests {
     fn protect_refuses_unmapped_ranges_and_changes_nothing() {
         let (mut pt, mut mem) = table(PageSize::Size2M);
         let _ = pt.map(&mut mem, 0, 0, M2, WB_RWX).unwrap();
-        assert_eq!(
-            pt.protect(&mut mem, 0, 2 * M2, Perms::READ),
-            Err(MapError::NotMapped(M2))
-        );
+        assert_eq!(pt.protect(&mut mem, 0, 2 * M2, Perms::READ), Err(MapError::NotMapped(M2)));
         assert_eq!(pt.translate(&mem, 0).unwrap().attrs.perms, Perms::RWX);
     }
 
@@ -299,10 +262,7 @@ mod tests {
         assert!(flush.is_needed());
         assert_eq!(pt.translate(&mem, M2 - K4), None);
         assert_eq!(pt.translate(&mem, M2), None);
-        assert_eq!(
-            pt.translate(&mem, M2 - 2 * K4).unwrap().address,
-            M2 - 2 * K4
-        );
+        assert_eq!(pt.translate(&mem, M2 - 2 * K4).unwrap().address, M2 - 2 * K4);
         assert_eq!(pt.translate(&mem, M2 + K4).unwrap().address, M2 + K4);
         // Unmapping a hole costs nothing and needs no flush.
         let flush = pt.unmap(&mut mem, 4 * G1, G1).unwrap();
@@ -320,33 +280,17 @@ mod tests {
         let with_pt = mem.live();
         let flush = pt.map(&mut mem, 0, 0x4000_0000, M2, WB_RWX).unwrap();
         assert!(flush.is_needed());
-        assert_eq!(
-            mem.live(),
-            with_pt - 1,
-            "the 4K table under the new 2M leaf is freed"
-        );
+        assert_eq!(mem.live(), with_pt - 1, "the 4K table under the new 2M leaf is freed");
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().address, 0x4000_1000);
     }
 
     #[test]
     fn misaligned_and_wrapping_ranges_are_refused() {
         let (mut pt, mut mem) = table(PageSize::Size2M);
-        assert_eq!(
-            pt.map(&mut mem, 0x10, 0, K4, WB_RWX),
-            Err(MapError::Misaligned)
-        );
-        assert_eq!(
-            pt.map(&mut mem, 0, 0, 100, WB_RWX),
-            Err(MapError::Misaligned)
-        );
-        assert_eq!(
-            pt.map(&mut mem, u64::MAX - 0xfff, 0, K4, WB_RWX),
-            Err(MapError::Misaligned)
-        );
-        assert_eq!(
-            pt.map(&mut mem, 1 << 48, 0, K4, WB_RWX),
-            Err(MapError::Misaligned)
-        );
+        assert_eq!(pt.map(&mut mem, 0x10, 0, K4, WB_RWX), Err(MapError::Misaligned));
+        assert_eq!(pt.map(&mut mem, 0, 0, 100, WB_RWX), Err(MapError::Misaligned));
+        assert_eq!(pt.map(&mut mem, u64::MAX - 0xfff, 0, K4, WB_RWX), Err(MapError::Misaligned));
+        assert_eq!(pt.map(&mut mem, 1 << 48, 0, K4, WB_RWX), Err(MapError::Misaligned));
         assert_eq!(pt.unmap(&mut mem, 0, !0xfff), Err(MapError::Misaligned));
     }
 
@@ -354,10 +298,7 @@ mod tests {
     fn out_of_memory_is_an_error() {
         let mut mem = HeapTables::with_limit(2);
         let mut pt = EptTable::new(&mut mem, PageSize::Size2M).unwrap();
-        assert_eq!(
-            pt.map(&mut mem, 0, 0, K4, WB_RWX),
-            Err(MapError::OutOfMemory)
-        );
+        assert_eq!(pt.map(&mut mem, 0, 0, K4, WB_RWX), Err(MapError::OutOfMemory));
     }
 
     #[test]

@@ -133,10 +133,7 @@ impl Ept {
             PageSize::Size4K
         };
         let table = EptTable::new(&mut Tables, largest).ok()?;
-        Some(Ept {
-            table,
-            single_context: f.invept_single_context,
-        })
+        Some(Ept { table, single_context: f.invept_single_context })
     }
 
     pub fn pointer(&self) -> u64 {
@@ -169,11 +166,8 @@ impl Ept {
 
     /// INVEPT for this hierarchy (single-context), or for all of them.
     pub fn invalidate(&self) {
-        let (kind, descriptor): (u64, [u64; 2]) = if self.single_context {
-            (1, [self.pointer(), 0])
-        } else {
-            (2, [0, 0])
-        };
+        let (kind, descriptor): (u64, [u64; 2]) =
+            if self.single_context { (1, [self.pointer(), 0]) } else { (2, [0, 0]) };
         // SAFETY: a valid INVEPT type with a descriptor naming this hierarchy.
         unsafe { asm!("invept {}, [{}]", in(reg) kind, in(reg) &descriptor, options(nostack)) };
     }
@@ -215,11 +209,7 @@ impl TrapAllBitmaps {
             // SAFETY: freshly allocated, identity-mapped frame.
             unsafe { core::ptr::write_bytes(*page as *mut u8, 0xff, 4096) };
         }
-        Some(TrapAllBitmaps {
-            io_a: pages[0],
-            io_b: pages[1],
-            msr: pages[2],
-        })
+        Some(TrapAllBitmaps { io_a: pages[0], io_b: pages[1], msr: pages[2] })
     }
 }
 
@@ -265,9 +255,8 @@ impl Vcpu {
                 vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(ticks));
             }
         }
-        let entry_ctls = c
-            .entry_with(m, EntryControls::IA32E_MODE_GUEST, true)
-            .ok_or("IA-32e mode guests not allowed")?;
+        let entry_ctls =
+            c.entry_with(m, EntryControls::IA32E_MODE_GUEST, true).ok_or("IA-32e mode guests not allowed")?;
         let mut proc2 = c.procbased2;
         if c.features.vpid {
             let vpid = NEXT_VPID.fetch_add(1, Ordering::Relaxed);
@@ -276,10 +265,7 @@ impl Vcpu {
             proc2 &= !SecondaryControls::ENABLE_VPID.bits();
         }
         vmcs::write(control::PINBASED_EXEC_CONTROLS, u64::from(pin));
-        vmcs::write(
-            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
-            u64::from(c.procbased),
-        );
+        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(c.procbased));
         vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, u64::from(proc2));
         vmcs::write(control::VMEXIT_CONTROLS, u64::from(c.exit));
         vmcs::write(control::VMENTRY_CONTROLS, u64::from(entry_ctls));
@@ -316,36 +302,11 @@ impl Vcpu {
         vmcs::write(guest::RIP, entry.rip);
         vmcs::write(guest::RFLAGS, 0x2);
         let segments = [
-            (
-                guest::ES_SELECTOR,
-                guest::ES_BASE,
-                guest::ES_LIMIT,
-                guest::ES_ACCESS_RIGHTS,
-            ),
-            (
-                guest::SS_SELECTOR,
-                guest::SS_BASE,
-                guest::SS_LIMIT,
-                guest::SS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::DS_SELECTOR,
-                guest::DS_BASE,
-                guest::DS_LIMIT,
-                guest::DS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::FS_SELECTOR,
-                guest::FS_BASE,
-                guest::FS_LIMIT,
-                guest::FS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::GS_SELECTOR,
-                guest::GS_BASE,
-                guest::GS_LIMIT,
-                guest::GS_ACCESS_RIGHTS,
-            ),
+            (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+            (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+            (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+            (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+            (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
         ];
         for (sel, base, limit, ar) in segments {
             vmcs::write(sel, u64::from(layout::DATA_SELECTOR));
@@ -380,10 +341,7 @@ impl Vcpu {
         vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
         vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
 
-        let regs = GuestRegisters {
-            rdi: entry.rdi,
-            ..Default::default()
-        };
+        let regs = GuestRegisters { rdi: entry.rdi, ..Default::default() };
         Ok(Vcpu {
             vmcs: region,
             regs,
@@ -410,18 +368,11 @@ impl Vcpu {
         if status != 0 {
             let detail = if status == 2 {
                 let e = vmcs::instruction_error();
-                format!(
-                    "VM-instruction error {e}: {}",
-                    vmcs::instruction_error_name(e)
-                )
+                format!("VM-instruction error {e}: {}", vmcs::instruction_error_name(e))
             } else {
                 String::from("VMfailInvalid: no current VMCS")
             };
-            let exit = ExitInfo {
-                reason: u16::MAX,
-                entry_failed: true,
-                ..Default::default()
-            };
+            let exit = ExitInfo { reason: u16::MAX, entry_failed: true, ..Default::default() };
             return (exit, Some(detail));
         }
         self.launched = true;
@@ -458,54 +409,14 @@ impl Vcpu {
             pat: vmcs::read(guest::IA32_PAT_FULL),
             rip: vmcs::read(guest::RIP),
             rflags: vmcs::read(guest::RFLAGS),
-            cs: seg(
-                guest::CS_SELECTOR,
-                guest::CS_BASE,
-                guest::CS_LIMIT,
-                guest::CS_ACCESS_RIGHTS,
-            ),
-            ss: seg(
-                guest::SS_SELECTOR,
-                guest::SS_BASE,
-                guest::SS_LIMIT,
-                guest::SS_ACCESS_RIGHTS,
-            ),
-            ds: seg(
-                guest::DS_SELECTOR,
-                guest::DS_BASE,
-                guest::DS_LIMIT,
-                guest::DS_ACCESS_RIGHTS,
-            ),
-            es: seg(
-                guest::ES_SELECTOR,
-                guest::ES_BASE,
-                guest::ES_LIMIT,
-                guest::ES_ACCESS_RIGHTS,
-            ),
-            fs: seg(
-                guest::FS_SELECTOR,
-                guest::FS_BASE,
-                guest::FS_LIMIT,
-                guest::FS_ACCESS_RIGHTS,
-            ),
-            gs: seg(
-                guest::GS_SELECTOR,
-                guest::GS_BASE,
-                guest::GS_LIMIT,
-                guest::GS_ACCESS_RIGHTS,
-            ),
-            tr: seg(
-                guest::TR_SELECTOR,
-                guest::TR_BASE,
-                guest::TR_LIMIT,
-                guest::TR_ACCESS_RIGHTS,
-            ),
-            ldtr: seg(
-                guest::LDTR_SELECTOR,
-                guest::LDTR_BASE,
-                guest::LDTR_LIMIT,
-                guest::LDTR_ACCESS_RIGHTS,
-            ),
+            cs: seg(guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS),
+            ss: seg(guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+            ds: seg(guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+            es: seg(guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+            fs: seg(guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+            gs: seg(guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+            tr: seg(guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS),
+            ldtr: seg(guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS),
             gdtr_base: vmcs::read(guest::GDTR_BASE),
             gdtr_limit: vmcs::read(guest::GDTR_LIMIT) as u32,
             idtr_base: vmcs::read(guest::IDTR_BASE),

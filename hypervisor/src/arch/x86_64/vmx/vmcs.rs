@@ -33,10 +33,7 @@ pub fn read(field: u32) -> u64 {
     match unsafe { vmx::vmread(field) } {
         Ok(v) => v,
         Err(_) => {
-            log::error!(
-                "VMREAD of field {field:#x} failed (error {})",
-                instruction_error()
-            );
+            log::error!("VMREAD of field {field:#x} failed (error {})", instruction_error());
             0
         }
     }
@@ -47,10 +44,7 @@ pub fn write(field: u32, value: u64) {
     // SAFETY: VMWRITE only changes the current VMCS, which belongs to the vCPU
     // being set up or handled; the values come from the hypervisor's logic.
     if unsafe { vmx::vmwrite(field, value) }.is_err() {
-        log::error!(
-            "VMWRITE of {value:#x} to field {field:#x} failed (error {})",
-            instruction_error()
-        );
+        log::error!("VMWRITE of {value:#x} to field {field:#x} failed (error {})", instruction_error());
     }
 }
 
