@@ -3,10 +3,10 @@
 extern crate alloc;
 
 use hypervisor::arch::x86_64::vmx::enable::enable;
-use hypervisor::arch::x86_64::vmx::vcpu::TrapAllBitmaps;
 use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
+use hypervisor::guest::config;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
 use hypervisor::vmm;
@@ -19,6 +19,10 @@ static HEAP: LockedHeap = LockedHeap::empty();
 /// The heap serves hypervisor bookkeeping; guest memory and page tables come
 /// from the frame allocator.
 const HEAP_SIZE: u64 = 16 << 20;
+
+/// RAM the hypervisor keeps for itself when a guest owns the machine: heap,
+/// page tables, VMCSs, native guests' memory. `hv.pool=SIZE` changes it.
+const DEFAULT_POOL: u64 = 96 << 20;
 
 /// Frames above this are not mapped by the boot page tables.
 const ADDRESSABLE_LIMIT: u64 = 4 << 30;
@@ -52,7 +56,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         excluded[count] = r;
         count += 1;
     }
-    let free = match frames::free_memory::<{ phys::REGIONS }>(
+    let mut free = match frames::free_memory::<{ phys::REGIONS }>(
         boot_info::memory_map(&mb),
         &excluded[..count],
         ADDRESSABLE_LIMIT,
@@ -60,6 +64,27 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(free) => free,
         Err(_) => fatal(format_args!("the memory map is too fragmented")),
     };
+    // With a guest that owns the machine, the hypervisor keeps one block of
+    // RAM (its pool) and leaves the rest to that guest.
+    let pass_through = mb.module_tags().any(|m| m.cmdline().is_ok_and(config::is_pass_through_module));
+    let mut pool = None;
+    if pass_through {
+        let cmdline = mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+        let size = boot_info::options(cmdline)
+            .find(|(k, _)| *k == "hv.pool")
+            .and_then(|(_, v)| config::parse_size(v))
+            .unwrap_or(DEFAULT_POOL)
+            .next_multiple_of(2 << 20);
+        let Some(block) = free.highest_block(size, 2 << 20, ADDRESSABLE_LIMIT) else {
+            fatal(format_args!("no {} MiB block of RAM for the hypervisor's pool", size >> 20))
+        };
+        let mut only = frames::RegionSet::new();
+        if only.insert(block).is_err() {
+            fatal(format_args!("pool set-up"));
+        }
+        free = only;
+        pool = Some(block);
+    }
     let mut frames: FrameAllocator<{ phys::REGIONS }> = FrameAllocator::new(free);
     let Some(heap) = frames.allocate(HEAP_SIZE, 2 << 20) else {
         fatal(format_args!("no room for a {} MiB heap", HEAP_SIZE >> 20))
@@ -78,6 +103,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             // Test knobs: prove that faults and failed entries are reported.
             "debug.fault" => debug_fault = true,
             "debug.corrupt-guest" => corrupt_guest = Some(value),
+            "hv.pool" => {}
             "log" => match console::parse_level(value) {
                 Some(level) => log::set_max_level(level),
                 None => log::warn!("unknown log level {value:?}"),
@@ -111,8 +137,23 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         // SAFETY: deliberately faults; the handler reports and stops the machine.
         unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
     }
-    let Some(bitmaps) = TrapAllBitmaps::new() else { fatal(format_args!("no memory for the I/O and MSR bitmaps")) };
-    let mut vms = vmm::create_vms(&vmx, &boot.modules, &bitmaps, corrupt_guest);
+    // Memory a pass-through guest must not see: the image, the pool, and the
+    // modules of the other guests.
+    let mut hypervisor_ranges = alloc::vec![image];
+    hypervisor_ranges.extend(pool);
+    hypervisor_ranges.extend(
+        boot.modules
+            .iter()
+            .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
+            .map(|m| m.range),
+    );
+    let machine = vmm::Machine {
+        modules: &boot.modules,
+        firmware_map: &boot.memory,
+        hypervisor_ranges: &hypervisor_ranges,
+        rsdp: boot.rsdp.as_deref(),
+    };
+    let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
     } else {

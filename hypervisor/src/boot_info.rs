@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 
 use multiboot2::{BootInformation, MemoryAreaType};
 
+use crate::guest::linux::E820Entry;
 use crate::mm::frames::{MemoryKind, Region};
 
 /// One multiboot2 module: a file GRUB loaded and the arguments after its name.
@@ -20,7 +21,8 @@ pub struct Module {
 pub struct BootInfo {
     pub cmdline: String,
     pub modules: Vec<Module>,
-    pub memory: Vec<(Region, MemoryKind)>,
+    /// The firmware's memory map, with its e820 types.
+    pub memory: Vec<E820Entry>,
     /// A copy of the RSDP (v2 preferred), for building guests' ACPI tables.
     pub rsdp: Option<Vec<u8>>,
 }
@@ -72,7 +74,16 @@ impl BootInfo {
         } else {
             mb.rsdp_v1_tag().map(|v1| as_bytes(v1, 20))
         };
-        Ok(BootInfo { cmdline, modules, memory: memory_map(mb).collect(), rsdp })
+        let memory = mb
+            .memory_map_tag()
+            .into_iter()
+            .flat_map(|tag| tag.memory_areas())
+            .map(|area| E820Entry {
+                region: Region::new(area.start_address(), area.start_address().saturating_add(area.size())),
+                kind: area.typ().val(),
+            })
+            .collect();
+        Ok(BootInfo { cmdline, modules, memory, rsdp })
     }
 }
 
@@ -115,10 +126,13 @@ mod tests {
         assert_eq!(info.modules.len(), 2);
         assert_eq!(info.modules[0].range, Region::new(0x30_0000, 0x30_8000));
         assert_eq!(info.modules[0].cmdline, "guest=alpha mem=16M -- test=hello");
-        assert_eq!(info.memory[1], (Region::new(0x100000, 0x40000000), MemoryKind::Available));
-        assert_eq!(info.memory[2].1, MemoryKind::Reserved);
-        // A length that would wrap is clipped, and non-RAM types count as reserved.
-        assert_eq!(info.memory[3], (Region::new(0x1000, u64::MAX), MemoryKind::Reserved));
+        assert_eq!(info.memory[1], E820Entry { region: Region::new(0x100000, 0x40000000), kind: 1 });
+        assert_eq!(info.memory[2].kind, 2);
+        // A length that would wrap is clipped; the type is kept for the e820 map.
+        assert_eq!(info.memory[3], E820Entry { region: Region::new(0x1000, u64::MAX), kind: 3 });
+        // For the frame allocator, non-RAM types count as reserved.
+        let kinds: Vec<_> = memory_map(&mb).map(|(_, k)| k).collect();
+        assert_eq!(kinds, [MemoryKind::Available, MemoryKind::Available, MemoryKind::Reserved, MemoryKind::Reserved]);
         assert!(info.rsdp.is_none());
         let excluded: Vec<_> = boot_ranges(&mb).collect();
         assert!(excluded.contains(&Region::new(0x30_0000, 0x30_8000)));

@@ -70,7 +70,7 @@ pub fn make_iso(name: &str, hypervisor: &Path, hv_args: &str, modules: &[ModuleS
 /// Builds everything and the ISO of one scenario for one emulator.
 pub fn iso_for_emulator(scenario: &Scenario, emulator: Emulator) -> Result<PathBuf, Fail> {
     let bins = build_all()?;
-    let modules = scenario.modules(&bins);
+    let modules = scenario.modules(&bins)?;
     let hv_args = format!("exit={} {}", emulator.exit_method(), scenario.hypervisor_args);
     make_iso(&format!("{}-{}", scenario.name, emulator.name()), &bins.hypervisor, hv_args.trim(), &modules)
 }

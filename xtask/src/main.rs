@@ -11,6 +11,7 @@
 
 mod emulator;
 mod image;
+mod linux;
 mod packages;
 mod scenarios;
 mod util;

@@ -8,15 +8,26 @@ use std::time::Duration;
 
 use crate::emulator::{self, Emulator, RunOutput};
 use crate::image::{self, Binaries, ModuleSpec};
+use crate::linux;
 use crate::util::Fail;
 
 /// A guest booted from a module.
 #[derive(Clone, Debug)]
 pub struct GuestSpec {
     pub name: &'static str,
+    pub kind: GuestImage,
     pub mem_mib: u32,
-    /// The test guest's own command line (after `--`).
+    /// The guest's own command line (after `--`).
     pub args: &'static str,
+}
+
+/// What a guest boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestImage {
+    /// The test guest kernel (`tests/guests/testguest`).
+    Test,
+    /// Debian's cloud kernel with the test initramfs, on the pass-through platform.
+    Linux,
 }
 
 pub type Check = fn(&RunOutput) -> Result<(), String>;
@@ -40,23 +51,42 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub fn modules(&self, bins: &Binaries) -> Vec<ModuleSpec> {
-        self.guests
-            .iter()
-            .map(|g| ModuleSpec {
-                file: bins.testguest.clone(),
-                args: format!("guest={} mem={}M -- {}", g.name, g.mem_mib, g.args),
-            })
-            .collect()
+    pub fn modules(&self, bins: &Binaries) -> Result<Vec<ModuleSpec>, Fail> {
+        let mut out = Vec::new();
+        for g in &self.guests {
+            match g.kind {
+                GuestImage::Test => out.push(ModuleSpec {
+                    file: bins.testguest.clone(),
+                    args: format!("guest={} mem={}M -- {}", g.name, g.mem_mib, g.args),
+                }),
+                GuestImage::Linux => {
+                    let assets = linux::assets()?;
+                    println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
+                    out.push(ModuleSpec {
+                        file: assets.kernel,
+                        args: format!("guest={} kind=linux -- {}", g.name, g.args),
+                    });
+                    out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
 /// What every run must end with, and must never show.
 const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
-const ALWAYS_REJECT: &[&str] = &["panic"];
+const ALWAYS_REJECT: &[&str] = &["hypervisor panic", "Kernel panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
-    GuestSpec { name, mem_mib: 16, args }
+    GuestSpec { name, kind: GuestImage::Test, mem_mib: 16, args }
+}
+
+/// The kernel command line of the Linux scenarios.
+const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
+
+fn linux(args: &'static str) -> GuestSpec {
+    GuestSpec { name: "linux", kind: GuestImage::Linux, mem_mib: 0, args }
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -143,6 +173,26 @@ pub fn all() -> Vec<Scenario> {
             expect: vec![CLEAN_END],
             reject: vec![],
             checks: vec![entry_failure_named],
+            ends_cleanly: true,
+        },
+        Scenario {
+            name: "linux-boot",
+            about: "Debian's cloud kernel boots to /init under CTVM on the pass-through platform and powers off",
+            hypervisor_args: "",
+            guests: vec![linux(LINUX_ARGS)],
+            megs: 1024,
+            timeout: Duration::from_secs(400),
+            expect: vec![
+                "ctvm: guest linux: Linux boot protocol 2.15",
+                "ctvm-init: started: Linux",
+                "ctvm-init: vmx visible: no",
+                "ctvm-init: hypervisor flag: yes",
+                "ctvm-init: done",
+                "ctvm: guest linux stopped: ACPI sleep requested (SLP_TYP",
+                CLEAN_END,
+            ],
+            reject: vec![],
+            checks: vec![],
             ends_cleanly: true,
         },
         Scenario {

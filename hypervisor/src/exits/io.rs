@@ -41,17 +41,27 @@ const EMULATOR_PORTS: [u16; 5] = [0x8900, 0xf4, 0xf5, 0xf6, 0xf7];
 /// ACPI PM1 control: writing SLP_EN with a sleep type enters that state.
 const PM1_SLP_EN: u32 = 1 << 13;
 
+/// The 8042 keyboard controller's command port: command 0xFE pulses the
+/// CPU reset line.
+const PORT_8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u32 = 0xfe;
+/// The PCI reset control register: bit 2 resets the machine.
+const PORT_RESET_CONTROL: u16 = 0xcf9;
+const RESET_CONTROL_RESET: u32 = 1 << 2;
+
 /// The ports a pass-through guest cannot reach directly: they exit and are
-/// handled here. Every other port goes straight to the hardware.
+/// handled here. Every other port goes straight to the hardware. A guest
+/// resetting or powering off the machine would end the hypervisor with it.
 pub fn guarded_ports(pm1a_control: Option<u16>) -> impl Iterator<Item = u16> {
     let pm1a = pm1a_control.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
-    [PORT_A20].into_iter().chain(EMULATOR_PORTS).chain(pm1a)
+    [PORT_A20, PORT_8042_COMMAND, PORT_RESET_CONTROL].into_iter().chain(EMULATOR_PORTS).chain(pm1a)
 }
 
-/// The PM1a control register of a pass-through guest: a sleep request stops
-/// the guest (the hypervisor then powers off itself); anything else reaches
-/// the hardware.
-fn pm1a(ctx: &mut ExitContext<'_>, access: IoAccess) -> Action {
+/// A pass-through guest's device port that can end the machine: a sleep
+/// request (PM1a control) or a reset (8042 command 0xFE, reset control bit 2)
+/// stops the guest instead, and the hypervisor then decides what happens to
+/// the machine. Anything else reaches the hardware.
+fn guarded_hardware_port(ctx: &mut ExitContext<'_>, access: IoAccess, pm1a: bool) -> Action {
     let mask = (1u64 << (8 * u32::from(access.size.min(4)))) - 1;
     if access.input {
         let value = u64::from(ctx.host.port_read(access.port, access.size));
@@ -59,8 +69,14 @@ fn pm1a(ctx: &mut ExitContext<'_>, access: IoAccess) -> Action {
         *rax = if access.size == 4 { value } else { (*rax & !mask) | (value & mask) };
     } else {
         let value = (ctx.vcpu.regs().rax & mask) as u32;
-        if value & PM1_SLP_EN != 0 {
+        if pm1a && value & PM1_SLP_EN != 0 {
             return Action::Stop(StopReason::AcpiSleep { sleep_type: ((value >> 10) & 7) as u16 });
+        }
+        if access.port == PORT_8042_COMMAND && access.size == 1 && value == I8042_RESET {
+            return Action::Stop(StopReason::Reset { what: "keyboard-controller reset" });
+        }
+        if access.port == PORT_RESET_CONTROL && access.size == 1 && value & RESET_CONTROL_RESET != 0 {
+            return Action::Stop(StopReason::Reset { what: "reset-control register" });
         }
         ctx.host.port_write(access.port, access.size, value);
     }
@@ -107,8 +123,14 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
         });
     }
     if let Platform::PassThrough { pm1a_control } = ctx.guest.platform {
-        if pm1a_control == Some(access.port) {
-            return pm1a(ctx, access);
+        let port = access.port;
+        // Emulator ports, and A20 written as a byte, stay emulated below.
+        // Everything else reaches the hardware through the guard, including
+        // wider accesses that merely overlap a guarded port (PCI's 32-bit
+        // 0xCF8 covers 0xCF9).
+        let emulated = EMULATOR_PORTS.contains(&port) || (port == PORT_A20 && access.size == 1);
+        if !emulated {
+            return guarded_hardware_port(ctx, access, pm1a_control == Some(port));
         }
     }
     // Multi-byte accesses reach consecutive ports, as on the ISA bus.
@@ -212,6 +234,17 @@ mod tests {
         // The emulator's shutdown port is not the guest's to use.
         let (a, _) = io(&mut g, 0x8900, 1, false, u64::from(b'S'));
         assert_eq!(a, Action::Resume);
+        let (a, _) = io(&mut g, 0x64, 1, false, 0xfe);
+        assert_eq!(a, Action::Stop(StopReason::Reset { what: "keyboard-controller reset" }));
+        let (a, _) = io(&mut g, 0xcf9, 1, false, 0x06);
+        assert_eq!(a, Action::Stop(StopReason::Reset { what: "reset-control register" }));
+        assert_eq!(io(&mut g, 0x64, 1, false, 0x60).0, Action::Resume);
+        // A PCI configuration address written as a dword spans 0xCF9: it must
+        // reach the hardware, not be taken for a reset.
+        let (a, _) = io(&mut g, 0xcf8, 4, false, 0x8000_0004);
+        assert_eq!(a, Action::Resume);
+        let (_, rax) = io(&mut g, 0xcf8, 4, true, 0);
+        assert_eq!(rax, u64::from(0xcf8u32 ^ 0x5a5a));
         let guarded: alloc::vec::Vec<u16> = guarded_ports(Some(0xb004)).collect();
         assert!(guarded.contains(&0x8900) && guarded.contains(&0xb005) && guarded.contains(&0x92));
     }

@@ -19,6 +19,8 @@ use crate::guest::Guest;
 use crate::vcpu::{ExitInfo, VcpuState};
 
 pub use ept::Access;
+pub use io::guarded_ports as io_guarded_ports;
+pub use msr::pass_through_traps as msr_pass_through_traps;
 
 /// What the host processor offers the handlers; faked in tests.
 pub trait HostCpu {

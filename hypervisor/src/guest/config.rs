@@ -13,6 +13,9 @@ pub const MEM_DEFAULT: u64 = 16 << 20;
 pub enum GuestKind {
     /// A CTVM-native 64-bit ELF kernel (the test guests).
     Native,
+    /// A Linux bzImage on the pass-through platform; its initrd is the module
+    /// marked `initrd=NAME`, and `mem=` does not apply (it gets the machine's RAM).
+    Linux,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +56,17 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The guest an initrd module belongs to (`initrd=NAME`).
+pub fn initrd_owner(cmdline: &str) -> Option<&str> {
+    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("initrd="))
+}
+
+/// Whether a module is a guest that owns the machine's devices (a Linux
+/// guest). Works without the heap: it runs before the hypervisor's memory is set up.
+pub fn is_pass_through_module(cmdline: &str) -> bool {
+    is_guest_module(cmdline) && cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w == "kind=linux")
+}
+
 /// Whether a module's command line describes a guest at all.
 pub fn is_guest_module(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w.starts_with("guest="))
@@ -84,6 +98,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
                 mem_bytes = mem_bytes.next_multiple_of(2 << 20);
             }
             Some(("kind", "test" | "native")) => kind = GuestKind::Native,
+            Some(("kind", "linux")) => kind = GuestKind::Linux,
             Some(("kind", k)) => return Err(ConfigError::UnknownKind(k.to_string())),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
         }
@@ -131,6 +146,16 @@ mod tests {
         assert_eq!(parse("guest=a kind=windows"), Err(ConfigError::UnknownKind("windows".into())));
         assert_eq!(parse("guest=a colour=red"), Err(ConfigError::UnknownOption("colour=red".into())));
         assert!(parse(&alloc::format!("guest={}", "x".repeat(32))).is_err());
+    }
+
+    #[test]
+    fn linux_guests_and_their_initrd() {
+        let c = parse("guest=linux kind=linux -- console=ttyS0 quiet").unwrap();
+        assert_eq!((c.kind, c.args.as_str()), (GuestKind::Linux, "console=ttyS0 quiet"));
+        assert_eq!(initrd_owner("initrd=linux"), Some("linux"));
+        assert_eq!(initrd_owner("guest=linux"), None);
+        assert!(is_pass_through_module("guest=linux kind=linux -- x"));
+        assert!(!is_pass_through_module("guest=a -- kind=linux"));
     }
 
     #[test]

@@ -8,7 +8,30 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use super::boot64::{self, EntryState, Selectors};
+use super::memory::{GuestMemory, HostPhys, OutOfRange};
 use crate::mm::frames::Region;
+
+/// Where the hypervisor puts what the kernel needs at entry: in low memory,
+/// which Linux keeps reserved (it never allocates the first MiB).
+pub mod boot_data {
+    use super::Selectors;
+
+    pub const BOOT_PARAMS: u64 = 0x7_0000;
+    pub const CMDLINE: u64 = 0x7_1000;
+    pub const CMDLINE_MAX: usize = 4095;
+    /// Page tables, GDT and TSS for the 64-bit entry.
+    pub const START_STRUCTURES: u64 = 0x7_2000;
+    /// Room for the ACPI tables the hypervisor adds.
+    pub const ACPI: u64 = 0x7_9000;
+    pub const END: u64 = 0x8_0000;
+    /// `__BOOT_CS` and `__BOOT_DS` as the boot protocol requires.
+    pub const SELECTORS: Selectors = Selectors { code: 0x10, data: 0x18, tss: 0x20 };
+
+    pub const fn region() -> crate::mm::frames::Region {
+        crate::mm::frames::Region::new(BOOT_PARAMS, END)
+    }
+}
 
 /// The oldest protocol with the 64-bit entry point (XLF_KERNEL_64): 2.12.
 pub const MIN_PROTOCOL: u16 = 0x020c;
@@ -77,6 +100,8 @@ pub enum LinuxError {
         max: usize,
     },
     TooManyE820Entries,
+    /// A write fell outside the guest's RAM.
+    OutsideGuestMemory(u64),
 }
 
 impl fmt::Display for LinuxError {
@@ -100,6 +125,7 @@ impl fmt::Display for LinuxError {
                 write!(f, "command line of {len} bytes exceeds the kernel's {max}")
             }
             LinuxError::TooManyE820Entries => write!(f, "the memory map needs more than 128 e820 entries"),
+            LinuxError::OutsideGuestMemory(a) => write!(f, "{a:#x} is outside the guest's memory"),
         }
     }
 }
@@ -307,6 +333,54 @@ pub fn boot_params(image: &BzImage<'_>, e820_map: &[E820Entry], layout: &BootLay
     Ok(bp)
 }
 
+impl From<OutOfRange> for LinuxError {
+    fn from(e: OutOfRange) -> Self {
+        LinuxError::OutsideGuestMemory(e.0)
+    }
+}
+
+/// What goes into the guest for its first instruction.
+pub struct LoadPlan<'a> {
+    pub image: &'a BzImage<'a>,
+    pub load_address: u64,
+    pub e820: &'a [E820Entry],
+    pub cmdline: &'a str,
+    pub initrd: Option<Region>,
+    pub rsdp: Option<u64>,
+}
+
+/// Copies the kernel to its load address, writes `boot_params`, the command
+/// line and the start structures, and returns the 64-bit entry state
+/// (RIP = load address + 0x200, RSI = `boot_params`).
+pub fn load(mem: &GuestMemory, phys: &impl HostPhys, plan: &LoadPlan<'_>) -> Result<EntryState, LinuxError> {
+    let max = plan.image.cmdline_max.min(boot_data::CMDLINE_MAX);
+    if plan.cmdline.len() > max {
+        return Err(LinuxError::CmdlineTooLong { len: plan.cmdline.len(), max });
+    }
+    let layout = BootLayout {
+        cmdline_addr: boot_data::CMDLINE,
+        cmdline_len: plan.cmdline.len(),
+        initrd: plan.initrd,
+        rsdp: plan.rsdp,
+    };
+    let params = boot_params(plan.image, plan.e820, &layout)?;
+    mem.write(phys, plan.load_address, plan.image.kernel())?;
+    mem.write(phys, boot_data::BOOT_PARAMS, &params)?;
+    mem.write(phys, boot_data::CMDLINE, plan.cmdline.as_bytes())?;
+    mem.write(phys, boot_data::CMDLINE + plan.cmdline.len() as u64, &[0])?;
+    let mut state = boot64::write_start_structures(
+        mem,
+        phys,
+        boot_data::START_STRUCTURES,
+        boot_data::SELECTORS,
+        plan.load_address + 0x200,
+    )?;
+    state.rsi = boot_data::BOOT_PARAMS;
+    // The kernel sets up its own stack at once; this one only covers the gap.
+    state.rsp = boot_data::BOOT_PARAMS;
+    Ok(state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +504,41 @@ mod tests {
         // An overlay over a hole stays an entry of its own.
         let map = build_e820(&[e(0, 0x1000, e820::RAM)], &[e(0x5000, 0x6000, e820::RESERVED)]).unwrap();
         assert_eq!(map, vec![e(0, 0x1000, e820::RAM), e(0x5000, 0x6000, e820::RESERVED)]);
+    }
+
+    #[test]
+    fn load_places_kernel_params_cmdline_and_entry() {
+        use crate::guest::memory::fake::FakePhys;
+        let b = bzimage(0x020f, 0x7f, (8 * MIB) as u32);
+        let k = BzImage::parse(&b).unwrap();
+        let phys = FakePhys::new(0, (32 * MIB) as usize);
+        let mut mem = GuestMemory::new();
+        mem.add(Region::new(0, 32 * MIB), 0).unwrap();
+        let map = [e(0, 32 * MIB, e820::RAM)];
+        let plan = LoadPlan {
+            image: &k,
+            load_address: 16 * MIB,
+            e820: &map,
+            cmdline: "console=ttyS0 quiet",
+            initrd: None,
+            rsdp: None,
+        };
+        let state = load(&mem, &phys, &plan).unwrap();
+        assert_eq!(state.rip, 16 * MIB + 0x200);
+        assert_eq!(state.rsi, boot_data::BOOT_PARAMS);
+        assert_eq!(state.selectors.code, 0x10);
+        let bytes = phys.bytes.borrow();
+        assert_eq!(&bytes[(16 * MIB) as usize..(16 * MIB) as usize + 16], &k.kernel()[..16]);
+        let cmd = boot_data::CMDLINE as usize;
+        assert_eq!(&bytes[cmd..cmd + 20], b"console=ttyS0 quiet\0");
+        assert_eq!(u32_at(&bytes[..], boot_data::BOOT_PARAMS as usize + off::CMD_LINE_PTR), boot_data::CMDLINE as u32);
+        drop(bytes);
+        // A kernel outside guest memory is refused, not written.
+        let far = LoadPlan { load_address: 32 * MIB - 0x1000, ..plan };
+        assert!(matches!(load(&mem, &phys, &far), Err(LinuxError::OutsideGuestMemory(_))));
+        let long = "x".repeat(3000);
+        let plan = LoadPlan { cmdline: &long, load_address: 16 * MIB, ..far };
+        assert!(matches!(load(&mem, &phys, &plan), Err(LinuxError::CmdlineTooLong { .. })));
     }
 
     #[test]

@@ -7,40 +7,24 @@
 
 use core::fmt;
 
-use guest_agent::start_info::{self, StartInfo};
+use guest_agent::start_info::StartInfo;
 
+use super::boot64::{self, EntryState};
 use super::memory::{GuestMemory, HostPhys, OutOfRange};
 
-/// Guest-physical layout of the start-up structures, below the image.
+/// Guest-physical layout of a native guest's start, below the image.
 pub mod layout {
-    pub const PML4: u64 = 0x1000;
-    pub const PDPT: u64 = 0x2000;
-    /// Four page directories: the first 4 GiB in 2 MiB pages.
-    pub const PD: u64 = 0x3000;
-    pub const GDT: u64 = 0x7000;
-    pub const TSS: u64 = 0x7100;
+    use crate::guest::boot64::Selectors;
+
+    /// Page tables, GDT and TSS (see `boot64`).
+    pub const START_STRUCTURES: u64 = 0x1000;
     pub const START_INFO: u64 = 0x8000;
     /// Nothing of the image may load below this.
     pub const IMAGE_MIN: u64 = 0x10_0000;
-    pub const IDENTITY_MAPPED: u64 = 4 << 30;
+    pub const SELECTORS: Selectors = Selectors { code: 0x08, data: 0x10, tss: 0x18 };
 
-    pub const CODE_SELECTOR: u16 = 0x08;
-    pub const DATA_SELECTOR: u16 = 0x10;
-    pub const TSS_SELECTOR: u16 = 0x18;
-    pub const GDT_LIMIT: u16 = 0x27;
-    pub const TSS_LIMIT: u32 = 0x67;
-}
-
-/// Register state for the first instruction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EntryState {
-    pub rip: u64,
-    pub rsp: u64,
-    pub rdi: u64,
-    pub cr3: u64,
-    pub gdt_base: u64,
-    pub gdt_limit: u16,
-    pub tss_base: u64,
+    const _: () = assert!(START_STRUCTURES + crate::guest::boot64::SIZE <= START_INFO);
+    const _: () = assert!(START_INFO + guest_agent::start_info::SIZE as u64 <= IMAGE_MIN);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,54 +173,12 @@ pub fn load_native(
         mem.write(phys, s.paddr, &image[s.file_offset..s.file_offset + s.file_size])?;
     }
 
-    // Identity map the first 4 GiB: guest-virtual = guest-physical. What lies
-    // beyond guest RAM is mapped too, so a stray access reaches the EPT and
-    // is reported there rather than as a guest page fault.
-    const PRESENT_WRITABLE: u64 = 0b11;
-    const LARGE: u64 = 1 << 7;
-    mem.write(phys, layout::PML4, &(layout::PDPT | PRESENT_WRITABLE).to_le_bytes())?;
-    for i in 0..4u64 {
-        let pd = layout::PD + i * 0x1000;
-        mem.write(phys, layout::PDPT + i * 8, &(pd | PRESENT_WRITABLE).to_le_bytes())?;
-        let mut table = [0u8; 4096];
-        for (j, entry) in table.chunks_exact_mut(8).enumerate() {
-            let addr = (i * 512 + j as u64) << 21;
-            entry.copy_from_slice(&(addr | PRESENT_WRITABLE | LARGE).to_le_bytes());
-        }
-        mem.write(phys, pd, &table)?;
-    }
-
-    let tss = layout::TSS;
-    let tss_low = u64::from(layout::TSS_LIMIT)
-        | ((tss & 0xff_ffff) << 16)
-        | (0x89u64 << 40) // present, 64-bit available TSS
-        | (((tss >> 24) & 0xff) << 56);
-    let gdt: [u64; 5] = [
-        0,
-        0x00af_9a00_0000_ffff, // 0x08: 64-bit code
-        0x00cf_9200_0000_ffff, // 0x10: data
-        tss_low,               // 0x18: TSS, low half
-        tss >> 32,             //       TSS, high half
-    ];
-    for (i, d) in gdt.iter().enumerate() {
-        mem.write(phys, layout::GDT + i as u64 * 8, &d.to_le_bytes())?;
-    }
-    // An I/O map base past the limit: no I/O permission bitmap.
-    mem.write(phys, tss + 0x66, &(layout::TSS_LIMIT as u16 + 1).to_le_bytes())?;
-
+    let mut state = boot64::write_start_structures(mem, phys, layout::START_STRUCTURES, layout::SELECTORS, entry)?;
     let info = StartInfo::new(name, size, cmdline);
     mem.write(phys, layout::START_INFO, &info.to_bytes())?;
-    debug_assert!(layout::START_INFO + start_info::SIZE as u64 <= layout::IMAGE_MIN);
-
-    Ok(EntryState {
-        rip: entry,
-        rsp: size.min(layout::IDENTITY_MAPPED) - 16,
-        rdi: layout::START_INFO,
-        cr3: layout::PML4,
-        gdt_base: layout::GDT,
-        gdt_limit: layout::GDT_LIMIT,
-        tss_base: layout::TSS,
-    })
+    state.rsp = size.min(boot64::IDENTITY_MAPPED) - 16;
+    state.rdi = layout::START_INFO;
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -293,17 +235,17 @@ mod tests {
         let state = load_native(&mem, &phys, &image, "alpha", "test=basics").unwrap();
         assert_eq!(state.rip, MIB);
         assert_eq!(state.rsp, 4 * MIB - 16);
-        assert_eq!(state.cr3, layout::PML4);
+        assert_eq!(state.cr3, layout::START_STRUCTURES);
         let bytes = phys.bytes.borrow();
         assert_eq!(&bytes[MIB as usize..MIB as usize + 2], &[0x90, 0xf4]);
         assert_eq!(&bytes[(MIB + 0x2000) as usize..][..4], b"data");
         // bss is zero, the PML4 points at the PDPT, the last PD entry maps 4 GiB - 2 MiB.
         assert_eq!(bytes[(MIB + 2) as usize], 0);
         let word = |at: u64| u64::from_le_bytes(bytes[at as usize..at as usize + 8].try_into().unwrap());
-        assert_eq!(word(layout::PML4), layout::PDPT | 3);
-        assert_eq!(word(layout::PD + 3 * 0x1000 + 511 * 8), ((4u64 << 30) - (2 << 20)) | 0x83);
-        assert_eq!(word(layout::GDT + 8), 0x00af_9a00_0000_ffff);
-        assert_eq!(word(layout::START_INFO), start_info::MAGIC);
+        assert_eq!(word(layout::START_STRUCTURES), (layout::START_STRUCTURES + 0x1000) | 3);
+        assert_eq!(word(layout::START_STRUCTURES + 0x5000 + 511 * 8), ((4u64 << 30) - (2 << 20)) | 0x83);
+        assert_eq!(word(state.gdt_base + 8), 0x00af_9a00_0000_ffff);
+        assert_eq!(word(layout::START_INFO), guest_agent::start_info::MAGIC);
     }
 
     #[test]

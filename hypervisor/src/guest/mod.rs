@@ -2,6 +2,7 @@
 //! emulated registers and counters. The VMX side (VMCS, EPT, run loop)
 //! wraps it in the bare-metal binary.
 
+pub mod boot64;
 pub mod config;
 pub mod linux;
 pub mod loader;

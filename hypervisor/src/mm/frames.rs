@@ -115,6 +115,16 @@ impl<const N: usize> RegionSet<N> {
         Ok(())
     }
 
+    /// The highest block of `size` bytes aligned to `align` (a power of two)
+    /// that lies inside one region and below `limit`.
+    pub fn highest_block(&self, size: u64, align: u64, limit: u64) -> Option<Region> {
+        self.as_slice().iter().rev().find_map(|r| {
+            let end = r.end.min(limit);
+            let start = end.checked_sub(size)? & !(align - 1);
+            (start >= r.start).then_some(Region::new(start, start + size))
+        })
+    }
+
     /// Removes a range; a region it cuts in the middle becomes two.
     pub fn remove(&mut self, cut: Region) -> Result<(), Overflow> {
         if cut.is_empty() {
@@ -347,6 +357,18 @@ mod tests {
         assert_eq!(seen[0], 0x100000);
         // Frames come out unique and ascending.
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn highest_block_is_aligned_and_inside_one_region() {
+        let mut s = RegionSet::<8>::new();
+        s.insert(Region::new(0x10_0000, 0x800_0000)).unwrap();
+        s.insert(Region::new(0x900_0000, 0x930_0000)).unwrap();
+        // 4 MiB do not fit in the small top region once aligned to 2 MiB.
+        assert_eq!(s.highest_block(4 * MIB, 2 * MIB, u64::MAX), Some(Region::new(0x7c0_0000, 0x800_0000)));
+        assert_eq!(s.highest_block(2 * MIB, 2 * MIB, u64::MAX), Some(Region::new(0x900_0000, 0x920_0000)));
+        assert_eq!(s.highest_block(2 * MIB, 2 * MIB, 0x400_0000), Some(Region::new(0x3e0_0000, 0x400_0000)));
+        assert_eq!(s.highest_block(256 * MIB, 2 * MIB, u64::MAX), None);
     }
 
     #[test]

@@ -153,6 +153,35 @@ impl crate::exits::HostCpu for HostCpu {
         unsafe { wrmsr(msr, value) }
     }
 
+    fn port_read(&self, port: u16, size: u8) -> u32 {
+        let value: u32;
+        // SAFETY: only ports the policy guards for a pass-through guest, which
+        // owns the device behind them.
+        unsafe {
+            match size {
+                1 => value = u32::from(inb(port)),
+                2 => {
+                    let v: u16;
+                    asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags));
+                    value = u32::from(v);
+                }
+                _ => asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)),
+            }
+        }
+        value
+    }
+
+    fn port_write(&self, port: u16, size: u8, value: u32) {
+        // SAFETY: as above.
+        unsafe {
+            match size {
+                1 => outb(port, value as u8),
+                2 => asm!("out dx, ax", in("dx") port, in("ax") value as u16, options(nomem, nostack, preserves_flags)),
+                _ => outl(port, value),
+            }
+        }
+    }
+
     fn set_xcr0(&self, value: u64) {
         // SAFETY: the XSETBV handler validated the value against CPUID.0xD.
         unsafe {

@@ -19,10 +19,23 @@ pub fn init() {
     }
 }
 
+const LCR: u16 = 0x3fb;
+const LCR_DLAB: u8 = 0x80;
+
 /// Writes raw bytes, turning `\n` into `\r\n` for terminals.
+///
+/// A pass-through guest may own COM1 too; the hypervisor writes only while
+/// that guest is stopped in an exit, and steps around its divisor latch.
 pub fn write_bytes(bytes: &[u8]) {
     let mut guard = COM1.lock();
     let Some(port) = guard.as_mut() else { return };
+    // SAFETY: reading and restoring COM1's line control register; the guest
+    // is not running while the hypervisor prints.
+    let lcr = unsafe { super::cpu::inb(LCR) };
+    if lcr & LCR_DLAB != 0 {
+        // SAFETY: as above.
+        unsafe { super::cpu::outb(LCR, lcr & !LCR_DLAB) };
+    }
     for chunk in bytes.split_inclusive(|&b| b == b'\n') {
         match chunk.split_last() {
             Some((b'\n', body)) => {
@@ -31,6 +44,10 @@ pub fn write_bytes(bytes: &[u8]) {
             }
             _ => port.send_bytes_exact(chunk),
         }
+    }
+    if lcr & LCR_DLAB != 0 {
+        // SAFETY: as above.
+        unsafe { super::cpu::outb(LCR, lcr) };
     }
 }
 

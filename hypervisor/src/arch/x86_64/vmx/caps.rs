@@ -352,6 +352,10 @@ impl Controls {
         toggle(self.exit, m.exit, bits.bits(), on)
     }
 
+    pub fn procbased_with(&self, m: &VmxMsrs, bits: PrimaryControls, on: bool) -> Option<u32> {
+        toggle(self.procbased, m.procbased, bits.bits(), on)
+    }
+
     pub fn procbased2_with(&self, m: &VmxMsrs, bits: SecondaryControls, on: bool) -> Option<u32> {
         toggle(self.procbased2, m.procbased2, bits.bits(), on)
     }

@@ -8,15 +8,17 @@ use core::sync::atomic::{AtomicU16, Ordering};
 
 use x86::vmx::vmcs::{control, guest, host, ro};
 
-use super::caps::{EntryControls, PinbasedControls, SecondaryControls};
+use super::bitmaps::{IoBitmap, MsrBitmap};
+use super::caps::{EntryControls, PinbasedControls, PrimaryControls, SecondaryControls};
 use super::enable::Vmx;
 use super::entry_check::{self, GuestStateSnapshot, Segment};
 use super::ept::{eptp, EptTable};
 use super::vmcs::{self, Region};
 use crate::arch::x86_64::{cpu, gdt, traps};
-use crate::guest::loader::{layout, EntryState};
+use crate::guest::boot64::{self, EntryState};
+use crate::guest::memory::HostPhys;
 use crate::mm::paging::{Attrs, MapError, PageSize, Perms};
-use crate::mm::phys::{self, Tables};
+use crate::mm::phys::{self, Identity, Tables};
 use crate::vcpu::{ExitInfo, Field, GuestRegisters, VcpuState};
 
 global_asm!(
@@ -193,24 +195,41 @@ pub struct Vcpu {
     cr_masks: (u64, u64),
 }
 
-/// Bitmaps shared by every emulated-device guest: all ones, so every port
-/// and every MSR access exits.
-pub struct TrapAllBitmaps {
+/// A guest's I/O and MSR bitmaps, in frames the VMCS points at.
+pub struct Bitmaps {
     io_a: u64,
     io_b: u64,
     msr: u64,
 }
 
-impl TrapAllBitmaps {
-    pub fn new() -> Option<Self> {
-        let mut pages = [0u64; 3];
-        for page in &mut pages {
-            *page = phys::alloc_zeroed(4096, 4096)?;
-            // SAFETY: freshly allocated, identity-mapped frame.
-            unsafe { core::ptr::write_bytes(*page as *mut u8, 0xff, 4096) };
-        }
-        Some(TrapAllBitmaps { io_a: pages[0], io_b: pages[1], msr: pages[2] })
+impl Bitmaps {
+    pub fn new(io: &IoBitmap, msr: &MsrBitmap) -> Option<Self> {
+        let page = |bytes: &[u8]| -> Option<u64> {
+            let frame = phys::alloc_zeroed(4096, 4096)?;
+            Identity.write(frame, bytes);
+            Some(frame)
+        };
+        Some(Bitmaps { io_a: page(&io.0[..4096])?, io_b: page(&io.0[4096..])?, msr: page(&msr.0)? })
     }
+}
+
+impl Drop for Bitmaps {
+    fn drop(&mut self) {
+        for frame in [self.io_a, self.io_b, self.msr] {
+            phys::free(frame, 4096);
+        }
+    }
+}
+
+/// How to set up a vCPU.
+pub struct VcpuSetup<'a> {
+    pub entry: &'a EntryState,
+    pub bitmaps: &'a Bitmaps,
+    /// TSC ticks between preemption-timer exits, when time slicing.
+    pub timeslice: Option<u32>,
+    /// The guest owns the machine's interrupts and may halt the CPU: no
+    /// exits on external interrupts or HLT.
+    pub pass_through: bool,
 }
 
 /// Access rights for the VMCS segment fields.
@@ -232,14 +251,9 @@ const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
 
 impl Vcpu {
     /// Creates the VMCS and fills every control, host and guest field for a
-    /// native guest that starts in 64-bit mode at `entry`.
-    pub fn new_native(
-        vmx: &Vmx,
-        ept: &Ept,
-        bitmaps: &TrapAllBitmaps,
-        entry: &EntryState,
-        timeslice: Option<u32>,
-    ) -> Result<Vcpu, String> {
+    /// guest that starts in 64-bit mode at `setup.entry`.
+    pub fn new(vmx: &Vmx, ept: &Ept, setup: &VcpuSetup<'_>) -> Result<Vcpu, String> {
+        let (entry, bitmaps) = (setup.entry, setup.bitmaps);
         let region = Region::new(vmx.msrs.revision()).ok_or("no memory for a VMCS")?;
         // SAFETY: the region is a fresh, revision-stamped VMCS.
         unsafe { x86::bits64::vmx::vmclear(region.phys) }.map_err(|_| "VMCLEAR failed")?;
@@ -249,9 +263,17 @@ impl Vcpu {
         let c = &vmx.controls;
         let m = &vmx.msrs;
         let mut pin = c.pinbased;
-        if let Some(ticks) = timeslice {
-            if let Some(p) = c.pinbased_with(m, PinbasedControls::VMX_PREEMPTION_TIMER, true) {
-                pin = p;
+        let mut proc = c.procbased;
+        if setup.pass_through {
+            pin = c
+                .pinbased_with(m, PinbasedControls::EXTERNAL_INTERRUPT_EXITING, false)
+                .ok_or("external-interrupt exiting cannot be turned off")?;
+            proc =
+                c.procbased_with(m, PrimaryControls::HLT_EXITING, false).ok_or("HLT exiting cannot be turned off")?;
+        }
+        if let Some(ticks) = setup.timeslice {
+            if c.features.preemption_timer {
+                pin |= PinbasedControls::VMX_PREEMPTION_TIMER.bits();
                 vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(ticks));
             }
         }
@@ -265,7 +287,7 @@ impl Vcpu {
             proc2 &= !SecondaryControls::ENABLE_VPID.bits();
         }
         vmcs::write(control::PINBASED_EXEC_CONTROLS, u64::from(pin));
-        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(c.procbased));
+        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(proc));
         vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, u64::from(proc2));
         vmcs::write(control::VMEXIT_CONTROLS, u64::from(c.exit));
         vmcs::write(control::VMENTRY_CONTROLS, u64::from(entry_ctls));
@@ -309,18 +331,18 @@ impl Vcpu {
             (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
         ];
         for (sel, base, limit, ar) in segments {
-            vmcs::write(sel, u64::from(layout::DATA_SELECTOR));
+            vmcs::write(sel, u64::from(entry.selectors.data));
             vmcs::write(base, 0);
             vmcs::write(limit, 0xffff_ffff);
             vmcs::write(ar, AR_DATA);
         }
-        vmcs::write(guest::CS_SELECTOR, u64::from(layout::CODE_SELECTOR));
+        vmcs::write(guest::CS_SELECTOR, u64::from(entry.selectors.code));
         vmcs::write(guest::CS_BASE, 0);
         vmcs::write(guest::CS_LIMIT, 0xffff_ffff);
         vmcs::write(guest::CS_ACCESS_RIGHTS, AR_CODE64);
-        vmcs::write(guest::TR_SELECTOR, u64::from(layout::TSS_SELECTOR));
+        vmcs::write(guest::TR_SELECTOR, u64::from(entry.selectors.tss));
         vmcs::write(guest::TR_BASE, entry.tss_base);
-        vmcs::write(guest::TR_LIMIT, u64::from(layout::TSS_LIMIT));
+        vmcs::write(guest::TR_LIMIT, u64::from(boot64::TSS_LIMIT));
         vmcs::write(guest::TR_ACCESS_RIGHTS, AR_TSS_BUSY);
         vmcs::write(guest::LDTR_SELECTOR, 0);
         vmcs::write(guest::LDTR_BASE, 0);
@@ -341,7 +363,7 @@ impl Vcpu {
         vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
         vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
 
-        let regs = GuestRegisters { rdi: entry.rdi, ..Default::default() };
+        let regs = GuestRegisters { rdi: entry.rdi, rsi: entry.rsi, ..Default::default() };
         Ok(Vcpu {
             vmcs: region,
             regs,
