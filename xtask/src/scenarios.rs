@@ -196,6 +196,26 @@ pub fn all() -> Vec<Scenario> {
             ends_cleanly: true,
         },
         Scenario {
+            name: "linux-containment",
+            about: "Linux writing to the hypervisor's memory through /dev/mem is stopped with a report",
+            hypervisor_args: "",
+            guests: vec![linux(concat!(
+                "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
+                " ctvm.poke=0x200000"
+            ))],
+            megs: 1024,
+            timeout: Duration::from_secs(400),
+            expect: vec![
+                "ctvm-init: done",
+                "ctvm-init: poking 0x200000 through /dev/mem",
+                "ctvm: guest linux stopped: EPT violation: write to guest-physical 0x200000 (not guest memory)",
+                CLEAN_END,
+            ],
+            reject: vec!["ctvm-init: FAIL"],
+            checks: vec![],
+            ends_cleanly: true,
+        },
+        Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
             hypervisor_args: "debug.fault",

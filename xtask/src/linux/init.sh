@@ -18,6 +18,15 @@ if grep -qw hypervisor /proc/cpuinfo; then say "hypervisor flag: yes"; else say 
 if [ -e /sys/class/tpm/tpm0 ]; then say "tpm0: present"; else say "tpm0: absent"; fi
 say "done"
 
+# ctvm.poke=ADDR: write to a physical address the guest does not own (the
+# hypervisor's memory); CTVM must stop the guest before the write lands.
+poke=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^ctvm.poke=//p')
+if [ -n "$poke" ]; then
+    say "poking $poke through /dev/mem"
+    devmem "$poke" 32 0xdeadbeef
+    say "FAIL: the write to $poke went through"
+fi
+
 if grep -qw ctvm.shell /proc/cmdline; then
     say "starting a shell (exit or poweroff -f to stop)"
     setsid cttyhack sh
