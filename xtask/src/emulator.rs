@@ -78,7 +78,18 @@ pub struct RunOutput {
 
 const BOCHS_DBG_RC: &str = "continue\nquit\n";
 
-fn bochsrc(iso: &Path, serial: &Path, log: &Path, megs: u32) -> String {
+/// Where Bochs' COM1 goes: a file (tests), or a TCP socket xtask bridges to
+/// the terminal (interactive runs).
+enum Com1<'a> {
+    File(&'a Path),
+    Socket(u16),
+}
+
+fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, megs: u32) -> String {
+    let com1 = match com1 {
+        Com1::File(path) => format!("mode=file, dev={}", path.display()),
+        Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
+    };
     format!(
         "megs: {megs}\n\
          cpu: model=corei7_skylake_x, count=1, ips=200000000, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
@@ -87,12 +98,11 @@ fn bochsrc(iso: &Path, serial: &Path, log: &Path, megs: u32) -> String {
          ata0-master: type=cdrom, path={}, status=inserted\n\
          boot: cdrom\n\
          display_library: rfb, options=\"timeout=0\"\n\
-         com1: enabled=1, mode=file, dev={}\n\
+         com1: enabled=1, {com1}\n\
          log: {}\n\
          speaker: enabled=0\n\
          clock: sync=none, time0=local\n",
         iso.display(),
-        serial.display(),
         log.display()
     )
 }
@@ -117,7 +127,7 @@ pub fn boot(
     let mut child = match emulator {
         Emulator::Bochs => {
             let rc = dir.join("bochsrc");
-            fs::write(&rc, bochsrc(iso, &serial, &emu_log, megs))?;
+            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, megs))?;
             fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
             Command::new("bochs")
                 .current_dir(&dir)
@@ -186,17 +196,141 @@ fn wait_streaming(child: &mut Child, serial: &Path, timeout: Duration, echo: boo
     }
 }
 
-/// `cargo xtask run`: boot a scenario and show its console.
+/// `cargo xtask run`: boot a scenario with the serial console on this
+/// terminal, input included, until the machine powers off.
 pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> {
     let emulator = choice.resolve();
-    if emulator == Emulator::QemuKvm {
-        println!("xtask: /dev/kvm offers VT-x: booting under QEMU with KVM");
-    } else {
-        println!("xtask: booting under Bochs (VT-x emulated; no usable KVM here)");
-    }
     let iso = image::iso_for_emulator(scenario, emulator)?;
-    let result =
-        boot(emulator, &iso, &format!("run-{}", scenario.name), scenario.megs, Duration::from_secs(3600), true)?;
-    println!("\nxtask: machine stopped after {:.1} s; logs in {}", result.elapsed.as_secs_f64(), result.dir.display());
+    let dir = work_dir().join("runs").join(format!("run-{}", scenario.name));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let start = Instant::now();
+    if emulator == Emulator::QemuKvm {
+        println!("xtask: /dev/kvm offers VT-x: booting under QEMU with KVM (Ctrl-A X quits)");
+        let status = Command::new("qemu-system-x86_64")
+            .current_dir(&dir)
+            .args(["-enable-kvm", "-cpu", "host", "-m"])
+            .arg(scenario.megs.to_string())
+            .arg("-cdrom")
+            .arg(&iso)
+            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-serial", "mon:stdio"])
+            .status()
+            .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?;
+        println!("\nxtask: QEMU exited ({status}) after {:.1} s", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    println!("xtask: booting under Bochs (VT-x emulated; no usable KVM here). Ctrl-] quits.");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    fs::write(dir.join("bochsrc"), bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), scenario.megs))?;
+    fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
+    let mut child = Command::new("bochs")
+        .current_dir(&dir)
+        .args(["-q", "-f", "bochsrc", "-rc", "dbg.rc"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(dir.join("bochs.out"))?)
+        .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?))
+        .spawn()
+        .map_err(|e| Fail(format!("cannot start bochs: {e}")))?;
+    let socket = connect_retrying(port, &mut child)?;
+    let raw = terminal::RawMode::enter();
+    let result = bridge(socket, &mut child, &dir.join("serial.txt"));
+    drop(raw);
+    result?;
+    println!("\r\nxtask: machine stopped after {:.1} s; logs in {}", start.elapsed().as_secs_f64(), dir.display());
     Ok(())
+}
+
+fn connect_retrying(port: u16, child: &mut Child) -> Result<std::net::TcpStream, Fail> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            return Ok(s);
+        }
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            return Err(Fail("Bochs did not open its serial socket; see bochs.err".into()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Copies the serial console to the terminal (and a log file), and the
+/// keyboard to the serial console, until the emulator exits or Ctrl-] is pressed.
+fn bridge(socket: std::net::TcpStream, child: &mut Child, log: &Path) -> Result<(), Fail> {
+    const QUIT: u8 = 0x1d; // Ctrl-]
+    let mut from_guest = socket.try_clone()?;
+    let mut log = fs::File::create(log)?;
+    let output = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            let _ = log.write_all(&buf[..n]);
+        }
+    });
+    let quit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quit_input = quit.clone();
+    let mut to_guest = socket;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if buf[..n].contains(&QUIT) {
+                quit_input.store(true, std::sync::atomic::Ordering::SeqCst);
+                break;
+            }
+            if to_guest.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    while child.try_wait()?.is_none() {
+        if quit.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = output.join();
+    Ok(())
+}
+
+mod terminal {
+    //! Raw terminal mode for the interactive console, through stty.
+    use std::process::{Command, Stdio};
+
+    pub struct RawMode(Option<String>);
+
+    impl RawMode {
+        /// Puts the terminal in raw mode when stdin is one; restored on drop.
+        pub fn enter() -> RawMode {
+            let saved = Command::new("stty")
+                .arg("-g")
+                .stdin(Stdio::inherit())
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            if saved.is_some() {
+                let _ = Command::new("stty").args(["raw", "-echo"]).stdin(Stdio::inherit()).status();
+            }
+            RawMode(saved)
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                let _ = Command::new("stty").arg(saved).stdin(Stdio::inherit()).status();
+            }
+        }
+    }
 }

@@ -31,9 +31,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `cargo xtask run` boots without a name.
+const DEFAULT_RUN: &str = "linux-shell";
+
 const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
   build                          build the hypervisor and the test guests
-  iso [SCENARIO]                 build the ISO of a scenario (default: demo)
+  iso [SCENARIO]                 build the ISO of a scenario (default: linux-shell)
   run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
   test [--host-only | --scenarios-only] [SCENARIO...]
                                  host tests and the emulator scenarios
@@ -50,14 +53,14 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         "iso" => {
-            let scenario = scenarios::find(rest.first().map_or("demo", String::as_str))?;
+            let scenario = scenarios::find(rest.first().map_or(DEFAULT_RUN, String::as_str))?;
             let iso = image::iso_for(&scenario)?;
             println!("{}", iso.display());
             Ok(())
         }
         "run" => {
             let mut emulator = emulator::Choice::Auto;
-            let mut name = "demo".to_string();
+            let mut name = DEFAULT_RUN.to_string();
             let mut it = rest.iter();
             while let Some(arg) = it.next() {
                 match arg.as_str() {

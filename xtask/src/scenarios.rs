@@ -48,6 +48,9 @@ pub struct Scenario {
     /// Whether the run must end with the hypervisor's clean power-off (all
     /// but the scenarios that crash the hypervisor on purpose).
     pub ends_cleanly: bool,
+    /// For `cargo xtask run` only (it waits for a person at the console);
+    /// `cargo xtask test` skips it unless it is named.
+    pub interactive: bool,
 }
 
 impl Scenario {
@@ -92,6 +95,19 @@ fn linux(args: &'static str) -> GuestSpec {
 pub fn all() -> Vec<Scenario> {
     vec![
         Scenario {
+            name: "linux-shell",
+            about: "what `cargo xtask run` boots: Debian's cloud kernel under CTVM, leaving a busybox shell",
+            hypervisor_args: "",
+            guests: vec![linux(concat!("console=ttyS0,115200 nokaslr quiet tpm_tis.interrupts=0", " ctvm.shell"))],
+            megs: 1024,
+            timeout: Duration::from_secs(3600),
+            expect: vec![CLEAN_END],
+            reject: vec![],
+            checks: vec![],
+            ends_cleanly: true,
+            interactive: true,
+        },
+        Scenario {
             name: "boot",
             about: "the hypervisor boots, reports the VT-x features it found, and powers off",
             hypervisor_args: "log=debug",
@@ -109,6 +125,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "guest-basics",
@@ -134,6 +151,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec!["[alpha] FAIL"],
             checks: vec![unknown_port_logged_once],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "containment",
@@ -150,6 +168,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![containment_reports],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "timeslice",
@@ -162,6 +181,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![interleaved_ticks],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "entry-failure",
@@ -174,6 +194,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![entry_failure_named],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "linux-boot",
@@ -194,6 +215,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "linux-containment",
@@ -214,6 +236,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec!["ctvm-init: FAIL"],
             checks: vec![],
             ends_cleanly: true,
+            interactive: false,
         },
         Scenario {
             name: "hypervisor-fault",
@@ -230,10 +253,11 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![CLEAN_END],
             checks: vec![],
             ends_cleanly: false,
+            interactive: false,
         },
         Scenario {
-            name: "demo",
-            about: "what `cargo xtask run` boots: two test guests sharing the CPU",
+            name: "test-guests",
+            about: "two test guests sharing the CPU (`cargo xtask run test-guests`)",
             hypervisor_args: "",
             guests: vec![guest("alpha", "test=basics exit=0"), guest("beta", "test=ticks count=3")],
             megs: 256,
@@ -242,6 +266,7 @@ pub fn all() -> Vec<Scenario> {
             reject: vec![],
             checks: vec![],
             ends_cleanly: true,
+            interactive: false,
         },
     ]
 }
@@ -350,8 +375,11 @@ fn total_exits(serial: &str) -> Option<u64> {
 }
 
 pub fn run_all(names: &[String]) -> Result<(), Fail> {
-    let selected: Vec<Scenario> =
-        if names.is_empty() { all() } else { names.iter().map(|n| find(n)).collect::<Result<_, _>>()? };
+    let selected: Vec<Scenario> = if names.is_empty() {
+        all().into_iter().filter(|s| !s.interactive).collect()
+    } else {
+        names.iter().map(|n| find(n)).collect::<Result<_, _>>()?
+    };
     let mut results = Vec::new();
     for s in &selected {
         let iso = image::iso_for_emulator(s, Emulator::Bochs)?;
