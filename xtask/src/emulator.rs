@@ -1,7 +1,7 @@
 //! Running an ISO under Bochs (VT-x emulated) or QEMU with KVM (nested VT-x).
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +73,8 @@ pub struct RunOutput {
     pub emulator_log: String,
     pub timed_out: bool,
     pub elapsed: Duration,
+    /// When the marker line first appeared on the console, from the start.
+    pub marker_at: Option<Duration>,
     pub dir: PathBuf,
 }
 
@@ -108,14 +110,14 @@ fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, megs: u32) -> String {
 }
 
 /// Boots `iso`, waits for the machine to power off or the timeout, and
-/// collects the serial output. `echo` streams the console as it comes.
+/// collects the serial output, noting when `marker` first appears.
 pub fn boot(
     emulator: Emulator,
     iso: &Path,
     run_name: &str,
     megs: u32,
     timeout: Duration,
-    echo: bool,
+    marker: Option<&str>,
 ) -> Result<RunOutput, Fail> {
     let dir = work_dir().join("runs").join(run_name);
     let _ = fs::remove_dir_all(&dir);
@@ -153,7 +155,7 @@ pub fn boot(
             .spawn()
             .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?,
     };
-    let timed_out = wait_streaming(&mut child, &serial, timeout, echo)?;
+    let (timed_out, marker_at) = wait_streaming(&mut child, &serial, timeout, marker)?;
     let elapsed = start.elapsed();
     let serial_text = String::from_utf8_lossy(&fs::read(&serial)?).replace('\r', "");
     let mut emulator_log = String::new();
@@ -162,35 +164,34 @@ pub fn boot(
             emulator_log.push_str(&s);
         }
     }
-    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, dir })
+    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, marker_at, dir })
 }
 
 /// Polls the child until it exits or the deadline passes (then kills it).
 /// Returns whether it timed out.
-fn wait_streaming(child: &mut Child, serial: &Path, timeout: Duration, echo: bool) -> Result<bool, Fail> {
-    let deadline = Instant::now() + timeout;
-    let mut offset = 0u64;
-    let mut out = std::io::stdout();
+fn wait_streaming(
+    child: &mut Child,
+    serial: &Path,
+    timeout: Duration,
+    marker: Option<&str>,
+) -> Result<(bool, Option<Duration>), Fail> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut marker_at = None;
     loop {
         let exited = child.try_wait()?.is_some();
-        if echo {
-            if let Ok(mut f) = fs::File::open(serial) {
-                f.seek(SeekFrom::Start(offset))?;
-                let mut buf = Vec::new();
-                f.read_to_end(&mut buf)?;
-                offset += buf.len() as u64;
-                let text: Vec<u8> = buf.into_iter().filter(|&b| b != b'\r').collect();
-                out.write_all(&text)?;
-                out.flush()?;
+        if let (Some(m), None) = (marker, marker_at) {
+            if fs::read(serial).is_ok_and(|b| b.windows(m.len()).any(|w| w == m.as_bytes())) {
+                marker_at = Some(start.elapsed());
             }
         }
         if exited {
-            return Ok(false);
+            return Ok((false, marker_at));
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Ok(true);
+            return Ok((true, marker_at));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

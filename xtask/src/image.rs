@@ -78,3 +78,22 @@ pub fn iso_for_emulator(scenario: &Scenario, emulator: Emulator) -> Result<PathB
 pub fn iso_for(scenario: &Scenario) -> Result<PathBuf, Fail> {
     iso_for_emulator(scenario, Emulator::Bochs)
 }
+
+/// An ISO that boots Linux straight from GRUB, without CTVM (for comparisons).
+pub fn make_linux_iso(name: &str, kernel: &Path, initrd: &Path, args: &str) -> Result<PathBuf, Fail> {
+    packages::ensure_image_tools()?;
+    let root = work_dir().join("iso").join(name);
+    let _ = fs::remove_dir_all(&root);
+    let boot = root.join("boot");
+    fs::create_dir_all(boot.join("grub"))?;
+    fs::copy(kernel, boot.join("vmlinuz"))?;
+    fs::copy(initrd, boot.join("initrd"))?;
+    let cfg = format!(
+        "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset timeout=0\n\n\
+         menuentry \"Linux\" {{\n    linux /boot/vmlinuz {args}\n    initrd /boot/initrd\n    boot\n}}\n"
+    );
+    fs::write(boot.join("grub").join("grub.cfg"), cfg)?;
+    let iso = work_dir().join(format!("{name}.iso"));
+    run(Command::new("grub-mkrescue").arg("-o").arg(&iso).arg(&root).stderr(std::process::Stdio::null()))?;
+    Ok(iso)
+}

@@ -9,6 +9,7 @@
 //!                              host tests, then every Bochs scenario
 //! ```
 
+mod bench;
 mod emulator;
 mod image;
 mod linux;
@@ -40,6 +41,7 @@ const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
   run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
   test [--host-only | --scenarios-only] [SCENARIO...]
                                  host tests and the emulator scenarios
+  bench [linux-boot]             Linux boot time under CTVM against bare, in one run
   scenarios                      list the scenarios";
 
 fn run(args: &[String]) -> Result<(), Fail> {
@@ -96,6 +98,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             Ok(())
         }
+        "bench" => match rest.first().map(String::as_str) {
+            Some("linux-boot") | None => bench::linux_boot(),
+            Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot"))),
+        },
         "scenarios" => {
             for s in scenarios::all() {
                 println!("{:<20} {}", s.name, s.about);

@@ -384,7 +384,7 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
     for s in &selected {
         let iso = image::iso_for_emulator(s, Emulator::Bochs)?;
         println!("xtask: scenario {}: {}", s.name, s.about);
-        let out = emulator::boot(Emulator::Bochs, &iso, s.name, s.megs, s.timeout, false)?;
+        let out = emulator::boot(Emulator::Bochs, &iso, s.name, s.megs, s.timeout, None)?;
         let v = verdict(s, &out);
         match &v {
             Ok(()) => println!("xtask: scenario {} passed in {:.1} s", s.name, out.elapsed.as_secs_f64()),
