@@ -17,6 +17,7 @@ pub mod devices;
 pub mod exits;
 pub mod guest;
 pub mod mm;
+pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]
 pub mod vmm;

@@ -15,6 +15,10 @@ const TOOLS: &[(&str, &str)] = &[
     ("mformat", "mtools"),
 ];
 
+/// What the host tests call out to: ACPICA's disassembler checks the ACPI
+/// tables CTVM builds.
+const TEST_TOOLS: &[(&str, &str)] = &[("iasl", "acpica-tools")];
+
 pub const BARE_TARGET: &str = "x86_64-unknown-none";
 
 fn have(tool: &str) -> bool {
@@ -36,6 +40,12 @@ fn is_root() -> bool {
 /// prints the exact command and fails.
 pub fn ensure_image_tools() -> Result<(), Fail> {
     let missing: Vec<&str> = TOOLS.iter().filter(|(tool, _)| !have(tool)).map(|(_, pkg)| *pkg).collect();
+    ensure_packages(&missing)
+}
+
+/// Installs (or names) the tools the host tests need.
+pub fn ensure_test_tools() -> Result<(), Fail> {
+    let missing: Vec<&str> = TEST_TOOLS.iter().filter(|(tool, _)| !have(tool)).map(|(_, pkg)| *pkg).collect();
     ensure_packages(&missing)
 }
 

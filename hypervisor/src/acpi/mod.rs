@@ -1,7 +1,11 @@
+//! ACPI: reading the firmware's tables, and building the ones guests need.
+//!
 //! Reading the firmware's ACPI tables: the RSDP, the RSDT/XSDT, and the FADT
 //! fields the hypervisor needs (the PM1 control port, to see a pass-through
 //! guest power off). Tables are firmware input; every length and checksum is
 //! checked before use.
+
+pub mod build;
 
 use alloc::vec::Vec;
 
