@@ -132,7 +132,7 @@ pub fn overlay(
 ) -> Option<(Vec<u8>, Overlay)> {
     let mut out = Vec::new();
     let place = |out: &mut Vec<u8>, bytes: &[u8]| -> u64 {
-        while out.len() % 16 != 0 {
+        while !out.len().is_multiple_of(16) {
             out.push(0);
         }
         let at = base + out.len() as u64;
