@@ -11,6 +11,7 @@
 //! through the guest's own page tables and bounds-checked.
 #![no_std]
 
+pub mod integrity;
 pub mod start_info;
 
 /// ABI version: major in the high 16 bits, minor in the low 16 bits. A
@@ -35,18 +36,39 @@ pub const CPUID_LEAF_INTERFACE: u32 = 0x4000_0001;
 pub enum Call {
     /// Returns 0; RBX = [`ABI_VERSION`], RCX = [`Capabilities`] bits.
     Version = 0,
-    /// Stops the calling guest. RBX = exit code (low 32 bits are used).
+    /// Stops the calling guest. RBX = exit code (a `u32`).
     Shutdown = 1,
+    /// RBX = address of an [`integrity::KernelLayout`], RCX = its size.
+    KernelRegister = 0x10,
+    /// Locks the registered layout and turns the protections on; nothing
+    /// can change the layout afterwards.
+    KernelLock = 0x11,
+    /// RBX = address of an [`integrity::ModuleInfo`], RCX = its size.
+    /// Returns the module's id in RAX (zero or positive).
+    ModuleRegister = 0x12,
+    /// RBX = module id: the module finished its init; its init ranges go.
+    ModuleLive = 0x13,
+    /// RBX = module id: the module is going away; its view is revoked.
+    ModuleUnregister = 0x14,
+    /// RBX = address of an array of [`integrity::ViolationRecord`], RCX =
+    /// how many fit. Returns how many were written; RBX = records dropped so far.
+    ViolationsRead = 0x15,
 }
 
 impl Call {
     /// Decodes a call number; `None` for numbers this ABI version lacks.
     pub const fn from_raw(raw: u64) -> Option<Self> {
-        match raw {
-            0 => Some(Self::Version),
-            1 => Some(Self::Shutdown),
-            _ => None,
-        }
+        Some(match raw {
+            0 => Self::Version,
+            1 => Self::Shutdown,
+            0x10 => Self::KernelRegister,
+            0x11 => Self::KernelLock,
+            0x12 => Self::ModuleRegister,
+            0x13 => Self::ModuleLive,
+            0x14 => Self::ModuleUnregister,
+            0x15 => Self::ViolationsRead,
+            _ => return None,
+        })
     }
 }
 
@@ -154,7 +176,16 @@ mod tests {
 
     #[test]
     fn call_numbers_round_trip() {
-        for call in [Call::Version, Call::Shutdown] {
+        for call in [
+            Call::Version,
+            Call::Shutdown,
+            Call::KernelRegister,
+            Call::KernelLock,
+            Call::ModuleRegister,
+            Call::ModuleLive,
+            Call::ModuleUnregister,
+            Call::ViolationsRead,
+        ] {
             assert_eq!(Call::from_raw(call as u64), Some(call));
         }
         assert_eq!(Call::from_raw(2), None);

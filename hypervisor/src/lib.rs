@@ -16,6 +16,7 @@ pub mod console;
 pub mod devices;
 pub mod exits;
 pub mod guest;
+pub mod integrity;
 pub mod mm;
 pub mod tpm;
 pub mod vcpu;

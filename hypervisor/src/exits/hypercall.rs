@@ -10,16 +10,58 @@ use crate::vcpu::{cpl, skip_instruction};
 pub enum Request {
     Version,
     Shutdown { code: u32 },
+    KernelRegister { layout: u64 },
+    KernelLock,
+    ModuleRegister { info: u64 },
+    ModuleLive { id: u32 },
+    ModuleUnregister { id: u32 },
+    ViolationsRead { buffer: u64, count: u32 },
+}
+
+/// At most this many violation records per read.
+pub const MAX_RECORDS_PER_READ: u32 = 1024;
+
+/// A guest pointer to a kernel structure: in the kernel half, not wrapping.
+fn kernel_pointer(addr: u64, size: u64) -> Result<u64, Error> {
+    let end = addr.checked_add(size).ok_or(Error::BadAddress)?;
+    if addr < 0xffff_8000_0000_0000 || end < addr {
+        return Err(Error::BadAddress);
+    }
+    Ok(addr)
+}
+
+fn structure(regs: &Registers, size: usize) -> Result<u64, Error> {
+    if regs.rcx != size as u64 {
+        return Err(Error::InvalidArgument);
+    }
+    kernel_pointer(regs.rbx, regs.rcx)
 }
 
 /// Checks every argument; a bad call is refused with an error code and
 /// changes nothing.
 pub fn decode(regs: &Registers) -> Result<Request, Error> {
+    use guest_agent::integrity::{KernelLayout, ModuleInfo, VIOLATION_RECORD_SIZE};
+    let id = || u32::try_from(regs.rbx).map_err(|_| Error::InvalidArgument);
     match Call::from_raw(regs.rax).ok_or(Error::UnknownCall)? {
         Call::Version => Ok(Request::Version),
         Call::Shutdown => {
             let code = u32::try_from(regs.rbx).map_err(|_| Error::InvalidArgument)?;
             Ok(Request::Shutdown { code })
+        }
+        Call::KernelRegister => {
+            Ok(Request::KernelRegister { layout: structure(regs, core::mem::size_of::<KernelLayout>())? })
+        }
+        Call::KernelLock => Ok(Request::KernelLock),
+        Call::ModuleRegister => {
+            Ok(Request::ModuleRegister { info: structure(regs, core::mem::size_of::<ModuleInfo>())? })
+        }
+        Call::ModuleLive => Ok(Request::ModuleLive { id: id()? }),
+        Call::ModuleUnregister => Ok(Request::ModuleUnregister { id: id()? }),
+        Call::ViolationsRead => {
+            let count = u32::try_from(regs.rcx).ok().filter(|c| (1..=MAX_RECORDS_PER_READ).contains(c));
+            let count = count.ok_or(Error::InvalidArgument)?;
+            let buffer = kernel_pointer(regs.rbx, u64::from(count) * VIOLATION_RECORD_SIZE as u64)?;
+            Ok(Request::ViolationsRead { buffer, count })
         }
     }
 }
@@ -39,6 +81,11 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             Action::Resume
         }
         Ok(Request::Shutdown { code }) => return Action::Stop(StopReason::Shutdown { code }),
+        // Integrity calls need a guest with integrity views (pass-through Linux).
+        Ok(_) => {
+            ctx.vcpu.regs().rax = Error::NotPermitted.code() as u64;
+            Action::Resume
+        }
         Err(e) => {
             ctx.vcpu.regs().rax = e.code() as u64;
             Action::Resume
@@ -68,6 +115,19 @@ mod tests {
         assert_eq!(decode(&regs(1, u64::from(u32::MAX))), Ok(Request::Shutdown { code: u32::MAX }));
         assert_eq!(decode(&regs(1, 1 << 32)), Err(Error::InvalidArgument));
         assert_eq!(decode(&regs(2, 0)), Err(Error::UnknownCall));
+        // Structures: the size must match and the pointer be a kernel address.
+        let size = core::mem::size_of::<guest_agent::integrity::KernelLayout>() as u64;
+        let k = 0xffff_8880_0010_0000;
+        let call = |rax, rbx, rcx| Registers { rax, rbx, rcx, ..Default::default() };
+        assert_eq!(decode(&call(0x10, k, size)), Ok(Request::KernelRegister { layout: k }));
+        assert_eq!(decode(&call(0x10, k, size - 1)), Err(Error::InvalidArgument));
+        assert_eq!(decode(&call(0x10, 0x1000, size)), Err(Error::BadAddress));
+        assert_eq!(decode(&call(0x10, u64::MAX - 8, size)), Err(Error::BadAddress));
+        assert_eq!(decode(&call(0x13, 7, 0)), Ok(Request::ModuleLive { id: 7 }));
+        assert_eq!(decode(&call(0x14, 1 << 33, 0)), Err(Error::InvalidArgument));
+        assert_eq!(decode(&call(0x15, k, 16)), Ok(Request::ViolationsRead { buffer: k, count: 16 }));
+        assert_eq!(decode(&call(0x15, k, 0)), Err(Error::InvalidArgument));
+        assert_eq!(decode(&call(0x15, k, 5000)), Err(Error::InvalidArgument));
         assert_eq!(decode(&regs(u64::MAX, 0)), Err(Error::UnknownCall));
     }
 

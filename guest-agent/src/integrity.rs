@@ -1,0 +1,179 @@
+//! The run-time integrity part of the ABI: what the guest agent reports
+//! (the kernel's layout, each module's ranges) and what it reads back (the
+//! violation records). Every structure has a fixed little-endian layout and
+//! a leading `size` field, so both sides can check what they were given.
+
+/// Version of the structures below.
+pub const STRUCT_VERSION: u32 = 1;
+
+/// A half-open range of guest-virtual addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// How many text-patching routines the layout can name.
+pub const POKE_ROUTINES: usize = 8;
+
+/// [`crate::Call::KernelRegister`]: the kernel as the agent sees it. The
+/// hypervisor checks it against what it can see itself (LSTAR, IDTR) and
+/// reads the exported-symbol tables it points to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub version: u32,
+    pub size: u32,
+    pub text: WireRange,
+    pub rodata: WireRange,
+    pub ro_after_init: WireRange,
+    pub syscall_table: WireRange,
+    /// `idt_table`: the writable IDT page, which IDTR's read-only alias maps.
+    pub idt: WireRange,
+    /// `entry_SYSCALL_64`, the anchor: IA32_LSTAR must hold it.
+    pub entry_syscall: u64,
+    /// `__start___ksymtab..__stop___ksymtab` and the GPL one: the kernel's
+    /// exported symbols (`struct kernel_symbol`, PREL32), the legitimate entries.
+    pub ksymtab: WireRange,
+    pub ksymtab_gpl: WireRange,
+    /// Functions that rewrite kernel text through `text_poke` (e.g.
+    /// `__text_poke`); unused slots are zero.
+    pub poke_routines: [WireRange; POKE_ROUTINES],
+}
+
+pub const MODULE_NAME_MAX: usize = 56;
+pub const MODULE_CODE_RANGES: usize = 2;
+pub const MODULE_DATA_RANGES: usize = 4;
+pub const MODULE_INIT_RANGES: usize = 2;
+/// Upper bound on a module's entry points in one registration.
+pub const MODULE_ENTRIES_MAX: u32 = 4096;
+
+/// [`crate::Call::ModuleRegister`]: one module, reported at
+/// MODULE_STATE_COMING, before any of its code runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleInfo {
+    pub version: u32,
+    pub size: u32,
+    /// NUL-padded.
+    pub name: [u8; MODULE_NAME_MAX],
+    /// Core text, init text.
+    pub code: [WireRange; MODULE_CODE_RANGES],
+    /// Writable data, read-only data, read-only-after-init data, bss.
+    pub data: [WireRange; MODULE_DATA_RANGES],
+    /// Init text and init data (dropped at MODULE_STATE_LIVE).
+    pub init: [WireRange; MODULE_INIT_RANGES],
+    /// Guest-virtual address of an array of `u64` entry points (init, exit,
+    /// and the functions in its symbol table).
+    pub entries: u64,
+    pub entry_count: u32,
+    pub flags: u32,
+}
+
+impl Default for ModuleInfo {
+    fn default() -> Self {
+        ModuleInfo {
+            version: STRUCT_VERSION,
+            size: core::mem::size_of::<ModuleInfo>() as u32,
+            name: [0; MODULE_NAME_MAX],
+            code: [WireRange::default(); MODULE_CODE_RANGES],
+            data: [WireRange::default(); MODULE_DATA_RANGES],
+            init: [WireRange::default(); MODULE_INIT_RANGES],
+            entries: 0,
+            entry_count: 0,
+            flags: 0,
+        }
+    }
+}
+
+/// Violation kinds, as numbered in [`ViolationRecord::kind`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationKindCode {
+    WriteKernelText = 1,
+    WriteReadOnlyData = 2,
+    WriteSyscallTable = 3,
+    WriteIdt = 4,
+    WriteModuleCode = 5,
+    WriteProtectedData = 6,
+    CallNonEntry = 7,
+    CallDeniedApi = 8,
+    EnterModuleOffEntry = 9,
+    ExecuteData = 10,
+    ControlRegister = 11,
+    DescriptorTable = 12,
+    SyscallMsr = 13,
+}
+
+/// What the hypervisor did about a violation.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationAction {
+    /// Audit mode: reported and let through.
+    Allowed = 1,
+    /// Enforce mode: reported and refused (the write or call did not happen).
+    Denied = 2,
+}
+
+impl ViolationAction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "allow",
+            Self::Denied => "deny",
+        }
+    }
+}
+
+/// One record of [`crate::Call::ViolationsRead`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ViolationRecord {
+    /// Increases by one per violation; a gap means records were dropped.
+    pub sequence: u64,
+    pub kind: u32,
+    /// The module whose view was active; `u32::MAX` for the kernel view.
+    pub module: u32,
+    pub rip: u64,
+    pub target: u64,
+    pub action: u32,
+    pub reserved: u32,
+}
+
+pub const VIOLATION_RECORD_SIZE: usize = core::mem::size_of::<ViolationRecord>();
+
+impl ViolationRecord {
+    pub fn to_bytes(&self) -> [u8; VIOLATION_RECORD_SIZE] {
+        let mut out = [0u8; VIOLATION_RECORD_SIZE];
+        out[0..8].copy_from_slice(&self.sequence.to_le_bytes());
+        out[8..12].copy_from_slice(&self.kind.to_le_bytes());
+        out[12..16].copy_from_slice(&self.module.to_le_bytes());
+        out[16..24].copy_from_slice(&self.rip.to_le_bytes());
+        out[24..32].copy_from_slice(&self.target.to_le_bytes());
+        out[32..36].copy_from_slice(&self.action.to_le_bytes());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structure_sizes_are_fixed() {
+        assert_eq!(core::mem::size_of::<WireRange>(), 16);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES);
+        assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8);
+        assert_eq!(VIOLATION_RECORD_SIZE, 40);
+    }
+
+    #[test]
+    fn record_bytes_match_the_repr_c_layout() {
+        let r =
+            ViolationRecord { sequence: 7, kind: 3, module: 2, rip: 0x1122, target: 0x3344, action: 2, reserved: 0 };
+        let bytes = r.to_bytes();
+        // SAFETY: ViolationRecord is repr(C) plain data of exactly this size.
+        let back: ViolationRecord = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,623 @@
+//! The decisions: what an EPT violation in a guest with integrity views means.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use guest_agent::integrity::ViolationAction;
+
+use super::layout::{KernelLayout, ModuleInfo, Range};
+use super::violation::{Violation, ViolationKind, ViolationLog};
+use super::{Mode, View};
+use crate::exits::Access;
+use crate::mm::paging::Perms;
+
+/// What a guest-physical page holds, as far as integrity is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageClass {
+    KernelText,
+    KernelReadOnly,
+    SyscallTable,
+    Idt,
+    /// A page of the kernel's own page tables (found at lock time).
+    PageTable,
+    ModuleCode(u32),
+    ModuleData(u32),
+}
+
+/// An EPT violation, as the engine needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub view: View,
+    pub access: Access,
+    pub gpa: u64,
+    /// The guest-linear address accessed (for a fetch: the target).
+    pub gva: u64,
+    pub rip: u64,
+    /// The two words at the top of the guest stack, where a call or an
+    /// interrupt left its return address (`None` if unreadable).
+    pub stack: [Option<u64>; 2],
+}
+
+/// What the VMX layer must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Retry the instruction in another view.
+    Switch(View),
+    /// Map the faulting page into the current module view with these rights
+    /// (never execute), then retry.
+    Grant(Perms),
+    /// Let this one write to a protected page through: open it, single-step
+    /// the instruction, close it again.
+    StepOver,
+    /// Refuse a write: the instruction is skipped, memory is unchanged.
+    Skip,
+    /// Refuse a call: return to the caller with an error (-EPERM in RAX).
+    ReturnError,
+    /// Not about integrity (an access the views do not explain); the caller
+    /// handles it as an ordinary EPT violation.
+    NotMine,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub step: Step,
+    pub violation: Option<Violation>,
+}
+
+impl Outcome {
+    fn step(step: Step) -> Self {
+        Outcome { step, violation: None }
+    }
+}
+
+/// A place control may legitimately come back to: the view it returns into
+/// and the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReturnPoint {
+    view: View,
+    address: u64,
+}
+
+/// Pending return points kept per guest. Tasks interleave (a module sleeps,
+/// another task calls another module), so this is a bounded set, not a stack.
+const MAX_RETURN_POINTS: usize = 512;
+
+struct Module {
+    info: ModuleInfo,
+    trusted: bool,
+    live: bool,
+}
+
+/// Why a registration is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// The layout is locked; it cannot change.
+    Locked,
+    /// No layout yet, or the protections are not on.
+    NotLocked,
+    /// A range overlaps the kernel or another module.
+    Overlap,
+    TooMany,
+    UnknownModule,
+}
+
+pub struct Engine {
+    pub mode: Mode,
+    layout: Option<KernelLayout>,
+    locked: bool,
+    pages: BTreeMap<u64, PageClass>,
+    modules: BTreeMap<u32, Module>,
+    next_id: u32,
+    returns: Vec<ReturnPoint>,
+    pub violations: ViolationLog,
+    /// Writes to protected text let through for the kernel's own patching.
+    pub pokes: u64,
+}
+
+const MAX_MODULES: usize = 256;
+
+fn page(addr: u64) -> u64 {
+    addr & !0xfff
+}
+
+fn in_ranges(ranges: &[Range], addr: u64) -> bool {
+    ranges.iter().any(|r| r.contains(addr))
+}
+
+impl Engine {
+    pub fn new(mode: Mode) -> Self {
+        Engine {
+            mode,
+            layout: None,
+            locked: false,
+            pages: BTreeMap::new(),
+            modules: BTreeMap::new(),
+            next_id: 1,
+            returns: Vec::new(),
+            violations: ViolationLog::new(256),
+            pokes: 0,
+        }
+    }
+
+    pub fn layout(&self) -> Option<&KernelLayout> {
+        self.layout.as_ref()
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// Takes the kernel's layout (already validated against LSTAR) and the
+    /// guest-physical pages of its protected parts, as (page, class).
+    pub fn register_kernel(
+        &mut self,
+        mut layout: KernelLayout,
+        pages: impl IntoIterator<Item = (u64, PageClass)>,
+    ) -> Result<(), RegisterError> {
+        if self.locked {
+            return Err(RegisterError::Locked);
+        }
+        layout.entries.sort_unstable();
+        layout.entries.dedup();
+        layout.denied_entries.sort_unstable();
+        layout.interrupt_handlers.sort_unstable();
+        self.pages.retain(|_, c| {
+            !matches!(c, PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt)
+        });
+        for (gpa, class) in pages {
+            self.pages.insert(page(gpa), class);
+        }
+        self.layout = Some(layout);
+        Ok(())
+    }
+
+    /// Locks the layout; from now on it cannot change and the protections hold.
+    pub fn lock(&mut self, page_tables: impl IntoIterator<Item = u64>) -> Result<(), RegisterError> {
+        if self.layout.is_none() {
+            return Err(RegisterError::NotLocked);
+        }
+        if self.locked {
+            return Err(RegisterError::Locked);
+        }
+        for gpa in page_tables {
+            self.pages.entry(page(gpa)).or_insert(PageClass::PageTable);
+        }
+        self.locked = true;
+        Ok(())
+    }
+
+    /// Adds a module with the guest-physical pages of its code and data.
+    /// Trusted modules keep running in the kernel view.
+    pub fn register_module(
+        &mut self,
+        mut info: ModuleInfo,
+        trusted: bool,
+        code_pages: &[u64],
+        data_pages: &[u64],
+    ) -> Result<u32, RegisterError> {
+        if !self.locked {
+            return Err(RegisterError::NotLocked);
+        }
+        if self.modules.len() >= MAX_MODULES {
+            return Err(RegisterError::TooMany);
+        }
+        let clash = code_pages.iter().chain(data_pages).any(|&p| self.pages.contains_key(&page(p)));
+        if clash {
+            return Err(RegisterError::Overlap);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if !trusted {
+            for &p in code_pages {
+                self.pages.insert(page(p), PageClass::ModuleCode(id));
+            }
+            for &p in data_pages {
+                self.pages.insert(page(p), PageClass::ModuleData(id));
+            }
+        }
+        info.entries.sort_unstable();
+        info.entries.dedup();
+        self.modules.insert(id, Module { info, trusted, live: false });
+        Ok(id)
+    }
+
+    /// The module finished init: its init ranges stop being entries.
+    pub fn module_live(&mut self, id: u32, init_pages: &[u64]) -> Result<(), RegisterError> {
+        let m = self.modules.get_mut(&id).ok_or(RegisterError::UnknownModule)?;
+        m.live = true;
+        let init = core::mem::take(&mut m.info.init);
+        m.info.entries.retain(|&e| !in_ranges(&init, e));
+        for p in init_pages {
+            if matches!(self.pages.get(&page(*p)), Some(PageClass::ModuleCode(m) | PageClass::ModuleData(m)) if *m == id)
+            {
+                self.pages.remove(&page(*p));
+            }
+        }
+        Ok(())
+    }
+
+    /// The module is going: its pages and return points go too.
+    pub fn unregister_module(&mut self, id: u32) -> Result<ModuleInfo, RegisterError> {
+        let m = self.modules.remove(&id).ok_or(RegisterError::UnknownModule)?;
+        self.pages.retain(|_, c| !matches!(c, PageClass::ModuleCode(x) | PageClass::ModuleData(x) if *x == id));
+        self.returns.retain(|r| r.view != View::Module(id));
+        Ok(m.info)
+    }
+
+    pub fn module_name(&self, id: u32) -> Option<&str> {
+        self.modules.get(&id).map(|m| m.info.name.as_str())
+    }
+
+    pub fn is_trusted(&self, id: u32) -> bool {
+        self.modules.get(&id).is_some_and(|m| m.trusted)
+    }
+
+    pub fn class_of(&self, gpa: u64) -> Option<PageClass> {
+        self.pages.get(&page(gpa)).copied()
+    }
+
+    /// Every tracked page, for building the views.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, PageClass)> + '_ {
+        self.pages.iter().map(|(&p, &c)| (p, c))
+    }
+
+    fn remember_return(&mut self, view: View, address: Option<u64>) {
+        let Some(address) = address else { return };
+        let point = ReturnPoint { view, address };
+        if self.returns.contains(&point) {
+            return;
+        }
+        if self.returns.len() == MAX_RETURN_POINTS {
+            self.returns.remove(0);
+        }
+        self.returns.push(point);
+    }
+
+    fn take_return(&mut self, view: View, address: u64) -> bool {
+        match self.returns.iter().position(|r| r.view == view && r.address == address) {
+            Some(i) => {
+                self.returns.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn violation(&mut self, fault: &Fault, kind: ViolationKind, deny: Step, allow: Step) -> Outcome {
+        let (step, action) = match self.mode {
+            Mode::Enforce => (deny, ViolationAction::Denied),
+            Mode::Audit => (allow, ViolationAction::Allowed),
+        };
+        let module = match fault.view {
+            View::Module(m) => Some(m),
+            View::Kernel => None,
+        };
+        let v = Violation { kind, module, rip: fault.rip, target: fault.gva, action };
+        self.violations.push(&v);
+        Outcome { step, violation: Some(v) }
+    }
+
+    /// Decides what an EPT violation means.
+    pub fn decide(&mut self, fault: &Fault) -> Outcome {
+        if !self.locked {
+            return Outcome::step(Step::NotMine);
+        }
+        let class = self.class_of(fault.gpa);
+        match (fault.view, fault.access) {
+            (View::Kernel, Access::Execute) => self.kernel_executes(fault, class),
+            (View::Kernel, Access::Write) => self.write_to_protected(fault, class, false),
+            (View::Kernel, Access::Read) => Outcome::step(Step::NotMine),
+            (View::Module(m), Access::Execute) => self.module_executes(fault, m, class),
+            (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
+            (View::Module(m), Access::Write) => match class {
+                Some(PageClass::ModuleData(owner)) if owner == m => Outcome::step(Step::Grant(Perms::RW)),
+                None => Outcome::step(Step::Grant(Perms::RW)),
+                _ => self.write_to_protected(fault, class, true),
+            },
+        }
+    }
+
+    /// The kernel view runs into code it may not execute: a module's.
+    fn kernel_executes(&mut self, fault: &Fault, class: Option<PageClass>) -> Outcome {
+        let Some(PageClass::ModuleCode(m)) = class else {
+            return Outcome::step(Step::NotMine);
+        };
+        let target = fault.gva;
+        if self.take_return(View::Module(m), target) {
+            return Outcome::step(Step::Switch(View::Module(m)));
+        }
+        let is_entry = self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+        if is_entry {
+            // A call from the kernel: it returns to the address it pushed.
+            self.remember_return(View::Kernel, fault.stack[0]);
+            return Outcome::step(Step::Switch(View::Module(m)));
+        }
+        self.violation(fault, ViolationKind::EnterModuleOffEntry, Step::ReturnError, Step::Switch(View::Module(m)))
+    }
+
+    /// A module's view runs into code outside the module.
+    fn module_executes(&mut self, fault: &Fault, m: u32, class: Option<PageClass>) -> Outcome {
+        let target = fault.gva;
+        match class {
+            Some(PageClass::ModuleCode(other)) if other != m => {
+                if self.take_return(View::Module(other), target) {
+                    return Outcome::step(Step::Switch(View::Module(other)));
+                }
+                let is_entry =
+                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+                if is_entry {
+                    self.remember_return(View::Module(m), fault.stack[0]);
+                    return Outcome::step(Step::Switch(View::Module(other)));
+                }
+                self.violation(
+                    fault,
+                    ViolationKind::EnterModuleOffEntry,
+                    Step::ReturnError,
+                    Step::Switch(View::Module(other)),
+                )
+            }
+            Some(PageClass::KernelText) => {
+                if self.take_return(View::Kernel, target) {
+                    return Outcome::step(Step::Switch(View::Kernel));
+                }
+                let layout = self.layout.as_ref().expect("locked implies a layout");
+                if layout.denied_entries.binary_search(&target).is_ok() {
+                    return self.violation(
+                        fault,
+                        ViolationKind::CallDeniedApi,
+                        Step::ReturnError,
+                        Step::Switch(View::Kernel),
+                    );
+                }
+                if layout.interrupt_handlers.binary_search(&target).is_ok() {
+                    // An interrupt or exception: the frame holds the interrupted
+                    // RIP at the top, or after an error code.
+                    for word in fault.stack {
+                        if let Some(rip) = word.filter(|&w| self.is_code_of(m, w)) {
+                            self.remember_return(View::Module(m), Some(rip));
+                        }
+                    }
+                    return Outcome::step(Step::Switch(View::Kernel));
+                }
+                if layout.entries.binary_search(&target).is_ok() {
+                    self.remember_return(View::Module(m), fault.stack[0]);
+                    return Outcome::step(Step::Switch(View::Kernel));
+                }
+                self.violation(fault, ViolationKind::CallNonEntry, Step::ReturnError, Step::Switch(View::Kernel))
+            }
+            Some(PageClass::ModuleCode(_)) => Outcome::step(Step::NotMine),
+            _ => self.violation(fault, ViolationKind::ExecuteData, Step::ReturnError, Step::Switch(View::Kernel)),
+        }
+    }
+
+    fn is_code_of(&self, m: u32, addr: u64) -> bool {
+        self.modules.get(&m).is_some_and(|md| in_ranges(&md.info.code, addr))
+    }
+
+    /// A write to a page one of the views protects.
+    fn write_to_protected(&mut self, fault: &Fault, class: Option<PageClass>, from_module: bool) -> Outcome {
+        let kind = match class {
+            Some(PageClass::KernelText) => ViolationKind::WriteKernelText,
+            Some(PageClass::KernelReadOnly) => ViolationKind::WriteReadOnlyData,
+            Some(PageClass::SyscallTable) => ViolationKind::WriteSyscallTable,
+            Some(PageClass::Idt) => ViolationKind::WriteIdt,
+            Some(PageClass::ModuleCode(_)) => ViolationKind::WriteModuleCode,
+            Some(PageClass::PageTable) if from_module => ViolationKind::WriteProtectedData,
+            Some(PageClass::ModuleData(_)) if from_module => ViolationKind::WriteProtectedData,
+            // The kernel view may write its page tables and module data.
+            _ => return Outcome::step(Step::NotMine),
+        };
+        // The kernel's own text patching (static keys, alternatives, ftrace,
+        // kprobes) writes text and module text through text_poke.
+        let poking = !from_module
+            && matches!(kind, ViolationKind::WriteKernelText | ViolationKind::WriteModuleCode)
+            && self.layout.as_ref().is_some_and(|l| in_ranges(&l.poke_routines, fault.rip));
+        if poking {
+            self.pokes += 1;
+            return Outcome::step(Step::StepOver);
+        }
+        self.violation(fault, kind, Step::Skip, Step::StepOver)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::String;
+    use alloc::vec;
+
+    const TEXT: u64 = 0xffff_ffff_8100_0000;
+    const TEXT_GPA: u64 = 0x100_0000;
+    const RODATA_GPA: u64 = 0x220_0000;
+    const SYSCALL_GPA: u64 = 0x230_0000;
+    const IDT_GPA: u64 = 0x240_0000;
+    const PT_GPA: u64 = 0x9000;
+    const PRINTK: u64 = TEXT + 0x1000;
+    const SET_MEMORY_RW: u64 = TEXT + 0x2000;
+    const IRQ_HANDLER: u64 = TEXT + 0x3000;
+    const POKE: u64 = TEXT + 0x4000;
+    const MOD: u64 = 0xffff_ffff_c000_0000;
+    const MOD_CODE_GPA: u64 = 0x3000_0000;
+    const MOD_DATA_GPA: u64 = 0x3000_1000;
+    const MOD_INIT: u64 = MOD + 0x10;
+    const MOD_FN: u64 = MOD + 0x100;
+    const HEAP_GPA: u64 = 0x5000_0000;
+
+    fn engine(mode: Mode) -> (Engine, u32) {
+        let mut e = Engine::new(mode);
+        let layout = KernelLayout {
+            text: Range::new(TEXT, TEXT + 0x100_0000),
+            entry_syscall: TEXT + 0x80_0000,
+            poke_routines: vec![Range::new(POKE, POKE + 0x100)],
+            entries: vec![PRINTK, SET_MEMORY_RW],
+            denied_entries: vec![SET_MEMORY_RW],
+            interrupt_handlers: vec![IRQ_HANDLER],
+            ..Default::default()
+        };
+        let pages = [
+            (TEXT_GPA, PageClass::KernelText),
+            (RODATA_GPA, PageClass::KernelReadOnly),
+            (SYSCALL_GPA, PageClass::SyscallTable),
+            (IDT_GPA, PageClass::Idt),
+        ];
+        e.register_kernel(layout, pages).unwrap();
+        e.lock([PT_GPA]).unwrap();
+        let info = ModuleInfo {
+            name: String::from("evil"),
+            code: vec![Range::new(MOD, MOD + 0x1000)],
+            data: vec![Range::new(MOD + 0x1000, MOD + 0x2000)],
+            init: vec![Range::new(MOD, MOD + 0x20)],
+            entries: vec![MOD_FN, MOD_INIT],
+        };
+        let id = e.register_module(info, false, &[MOD_CODE_GPA], &[MOD_DATA_GPA]).unwrap();
+        (e, id)
+    }
+
+    fn fault(view: View, access: Access, gpa: u64, gva: u64, stack: u64) -> Fault {
+        Fault { view, access, gpa, gva, rip: MOD + 0x200, stack: [Some(stack), None] }
+    }
+
+    /// Table: (view, access, gpa, target) → step and violation kind, in enforce mode.
+    #[test]
+    fn decisions_table_enforce() {
+        let (_, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        type Case = (View, Access, u64, u64, Step, Option<ViolationKind>);
+        let cases: &[Case] = &[
+            // Kernel → module: at an entry it switches, elsewhere it is refused.
+            (View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, Step::Switch(m), None),
+            (
+                View::Kernel,
+                Access::Execute,
+                MOD_CODE_GPA,
+                MOD_FN + 3,
+                Step::ReturnError,
+                Some(ViolationKind::EnterModuleOffEntry),
+            ),
+            // Module → kernel: exported function yes, mid-function or denied API no.
+            (m, Access::Execute, TEXT_GPA, PRINTK, Step::Switch(View::Kernel), None),
+            (m, Access::Execute, TEXT_GPA, PRINTK + 5, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
+            (m, Access::Execute, TEXT_GPA, SET_MEMORY_RW, Step::ReturnError, Some(ViolationKind::CallDeniedApi)),
+            (m, Access::Execute, TEXT_GPA, TEXT + 0x9999, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
+            (m, Access::Execute, HEAP_GPA, 0xffff_8880_0000_0000, Step::ReturnError, Some(ViolationKind::ExecuteData)),
+            (m, Access::Execute, TEXT_GPA, IRQ_HANDLER, Step::Switch(View::Kernel), None),
+            // Module data accesses: reads granted read-only, heap writes granted, protected writes refused.
+            (m, Access::Read, TEXT_GPA, TEXT, Step::Grant(Perms::READ), None),
+            (m, Access::Read, HEAP_GPA, 0xffff_8880_0000_0000, Step::Grant(Perms::READ), None),
+            (m, Access::Write, HEAP_GPA, 0xffff_8880_0000_0000, Step::Grant(Perms::RW), None),
+            (m, Access::Write, MOD_DATA_GPA, MOD + 0x1000, Step::Grant(Perms::RW), None),
+            (m, Access::Write, TEXT_GPA, PRINTK, Step::Skip, Some(ViolationKind::WriteKernelText)),
+            (m, Access::Write, RODATA_GPA, 0, Step::Skip, Some(ViolationKind::WriteReadOnlyData)),
+            (m, Access::Write, SYSCALL_GPA, 0, Step::Skip, Some(ViolationKind::WriteSyscallTable)),
+            (m, Access::Write, IDT_GPA, 0, Step::Skip, Some(ViolationKind::WriteIdt)),
+            (m, Access::Write, PT_GPA, 0, Step::Skip, Some(ViolationKind::WriteProtectedData)),
+            (m, Access::Write, MOD_CODE_GPA, MOD, Step::Skip, Some(ViolationKind::WriteModuleCode)),
+            // The kernel view: writes to protected pages are refused, reads are not integrity matters.
+            (View::Kernel, Access::Write, SYSCALL_GPA, 0, Step::Skip, Some(ViolationKind::WriteSyscallTable)),
+            (View::Kernel, Access::Write, TEXT_GPA, PRINTK, Step::Skip, Some(ViolationKind::WriteKernelText)),
+            (View::Kernel, Access::Write, PT_GPA, 0, Step::NotMine, None),
+            (View::Kernel, Access::Read, TEXT_GPA, TEXT, Step::NotMine, None),
+            (View::Kernel, Access::Execute, HEAP_GPA, 0, Step::NotMine, None),
+        ];
+        for (i, &(view, access, gpa, gva, step, kind)) in cases.iter().enumerate() {
+            let (mut e, _) = engine(Mode::Enforce);
+            let out = e.decide(&fault(view, access, gpa, gva, MOD + 0x300));
+            assert_eq!(out.step, step, "case {i}: {view:?} {access:?} {gpa:#x} {gva:#x}");
+            assert_eq!(out.violation.as_ref().map(|v| v.kind), kind, "case {i}");
+            if let Some(v) = out.violation {
+                assert_eq!(v.action, ViolationAction::Denied);
+                assert_eq!(e.violations.len(), 1, "every violation is recorded");
+            }
+        }
+    }
+
+    #[test]
+    fn audit_mode_reports_and_allows() {
+        let (mut e, id) = engine(Mode::Audit);
+        let out = e.decide(&fault(View::Module(id), Access::Write, SYSCALL_GPA, 0, 0));
+        assert_eq!(out.step, Step::StepOver);
+        assert_eq!(out.violation.unwrap().action, ViolationAction::Allowed);
+        let out = e.decide(&fault(View::Module(id), Access::Execute, TEXT_GPA, PRINTK + 5, 0));
+        assert_eq!(out.step, Step::Switch(View::Kernel));
+        assert_eq!(e.violations.len(), 2);
+    }
+
+    #[test]
+    fn calls_and_returns_pair_up() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let kernel_ret = TEXT + 0x5555;
+        let module_ret = MOD + 0x123;
+        // The kernel calls the module's init; the return address is in the kernel.
+        assert_eq!(
+            e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, kernel_ret)).step,
+            Step::Switch(m)
+        );
+        // The module calls printk, which will return into the module.
+        assert_eq!(e.decide(&fault(m, Access::Execute, TEXT_GPA, PRINTK, module_ret)).step, Step::Switch(View::Kernel));
+        // printk returns into the middle of the module: allowed once, as recorded.
+        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0)).step, Step::Switch(m));
+        let again = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0));
+        assert_eq!(
+            again.violation.map(|v| v.kind),
+            Some(ViolationKind::EnterModuleOffEntry),
+            "a return point is used once"
+        );
+        // The module returns to the kernel (not an exported symbol, but the recorded return).
+        assert_eq!(e.decide(&fault(m, Access::Execute, TEXT_GPA, kernel_ret, 0)).step, Step::Switch(View::Kernel));
+    }
+
+    #[test]
+    fn interrupts_while_in_a_module_return_to_it() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let interrupted = MOD + 0x456;
+        let f = Fault { stack: [Some(0), Some(interrupted)], ..fault(m, Access::Execute, TEXT_GPA, IRQ_HANDLER, 0) };
+        assert_eq!(e.decide(&f).step, Step::Switch(View::Kernel));
+        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, interrupted, 0)).step, Step::Switch(m));
+    }
+
+    #[test]
+    fn text_poke_from_the_kernel_is_let_through_and_counted() {
+        let (mut e, _) = engine(Mode::Enforce);
+        let f = Fault { rip: POKE + 0x10, ..fault(View::Kernel, Access::Write, TEXT_GPA, PRINTK, 0) };
+        let out = e.decide(&f);
+        assert_eq!((out.step, out.violation), (Step::StepOver, None));
+        assert_eq!(e.pokes, 1);
+        // The same write from a module's view is a violation whatever its RIP.
+        let (mut e, id) = engine(Mode::Enforce);
+        let f = Fault { rip: POKE + 0x10, ..fault(View::Module(id), Access::Write, TEXT_GPA, PRINTK, 0) };
+        assert_eq!(e.decide(&f).step, Step::Skip);
+    }
+
+    #[test]
+    fn registration_rules() {
+        let mut e = Engine::new(Mode::Enforce);
+        assert_eq!(e.register_module(ModuleInfo::default(), false, &[], &[]), Err(RegisterError::NotLocked));
+        assert_eq!(e.lock([]), Err(RegisterError::NotLocked));
+        let (mut e, id) = engine(Mode::Enforce);
+        assert_eq!(e.register_kernel(KernelLayout::default(), []), Err(RegisterError::Locked));
+        assert_eq!(e.lock([]), Err(RegisterError::Locked));
+        // A module claiming kernel pages is refused.
+        assert_eq!(e.register_module(ModuleInfo::default(), false, &[TEXT_GPA], &[]), Err(RegisterError::Overlap));
+        // Going live drops the init entry; unregistering drops the pages.
+        e.module_live(id, &[]).unwrap();
+        let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, 0));
+        assert_eq!(out.step, Step::ReturnError);
+        e.unregister_module(id).unwrap();
+        assert_eq!(e.class_of(MOD_CODE_GPA), None);
+        assert_eq!(e.unregister_module(id).unwrap_err(), RegisterError::UnknownModule);
+        // Before the lock nothing is an integrity matter.
+        let mut fresh = Engine::new(Mode::Enforce);
+        assert_eq!(fresh.decide(&fault(View::Kernel, Access::Write, TEXT_GPA, 0, 0)).step, Step::NotMine);
+    }
+
+    #[test]
+    fn trusted_modules_get_no_view() {
+        let (mut e, _) = engine(Mode::Enforce);
+        let info = ModuleInfo { name: String::from("dummy"), ..Default::default() };
+        let id = e.register_module(info, true, &[0x4000_0000], &[0x4000_1000]).unwrap();
+        assert!(e.is_trusted(id));
+        assert_eq!(e.class_of(0x4000_0000), None);
+    }
+}

@@ -1,0 +1,153 @@
+//! The kernel's layout and the modules' ranges, as guest-virtual addresses,
+//! with the guest-physical pages behind them.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// A half-open guest-virtual range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Range {
+    pub const fn new(start: u64, end: u64) -> Self {
+        Range { start, end }
+    }
+
+    pub const fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// Every 4 KiB page the range touches, by page address.
+    pub fn pages(&self) -> impl Iterator<Item = u64> {
+        let first = self.start & !0xfff;
+        let (end, empty) = (self.end, self.is_empty());
+        (0..).map(move |i| first + i * 0x1000).take_while(move |&p| !empty && p < end)
+    }
+}
+
+/// Kernel addresses live in the upper canonical half.
+pub const fn is_kernel_address(addr: u64) -> bool {
+    addr >= 0xffff_8000_0000_0000
+}
+
+/// The kernel as the agent reports it and the hypervisor checks it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub text: Range,
+    pub rodata: Range,
+    pub ro_after_init: Range,
+    pub syscall_table: Range,
+    pub idt: Range,
+    /// `entry_SYSCALL_64`: IA32_LSTAR must point here.
+    pub entry_syscall: u64,
+    /// The routines that legitimately rewrite kernel text (`text_poke` and
+    /// friends): a write to protected text from these is let through once.
+    pub poke_routines: Vec<Range>,
+    /// Legitimate entry points (exported symbols), sorted.
+    pub entries: Vec<u64>,
+    /// Entries untrusted modules may not call (dangerous kernel APIs), sorted.
+    pub denied_entries: Vec<u64>,
+    /// Interrupt and exception handlers (from the IDT), sorted.
+    pub interrupt_handlers: Vec<u64>,
+}
+
+/// Why a layout is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// A range is empty, reversed, or outside kernel addresses.
+    BadRange(&'static str),
+    /// LSTAR does not point at the reported syscall entry (the layout lies,
+    /// or KASLR was mis-reported).
+    SyscallEntryMismatch { lstar: u64, reported: u64 },
+    /// The syscall entry is not inside the reported text.
+    EntryOutsideText,
+}
+
+impl KernelLayout {
+    /// Checks the layout against what the hypervisor can see itself.
+    pub fn validate(&self, lstar: u64) -> Result<(), LayoutError> {
+        for (name, r) in
+            [("text", self.text), ("rodata", self.rodata), ("syscall table", self.syscall_table), ("idt", self.idt)]
+        {
+            if r.is_empty() || !is_kernel_address(r.start) {
+                return Err(LayoutError::BadRange(name));
+            }
+        }
+        if !self.ro_after_init.is_empty() && !is_kernel_address(self.ro_after_init.start) {
+            return Err(LayoutError::BadRange("ro_after_init"));
+        }
+        if lstar != self.entry_syscall {
+            return Err(LayoutError::SyscallEntryMismatch { lstar, reported: self.entry_syscall });
+        }
+        if !self.text.contains(self.entry_syscall) {
+            return Err(LayoutError::EntryOutsideText);
+        }
+        Ok(())
+    }
+
+    /// Read-only kernel data: rodata, ro-after-init, the syscall table and the IDT.
+    pub fn read_only(&self) -> [Range; 4] {
+        [self.rodata, self.ro_after_init, self.syscall_table, self.idt]
+    }
+}
+
+/// A module as the agent reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModuleInfo {
+    pub name: String,
+    /// Executable ranges (core text, init text).
+    pub code: Vec<Range>,
+    /// Its own data (writable data, bss, rodata), mapped into its view.
+    pub data: Vec<Range>,
+    /// The init sections (code and data), dropped when the module goes live.
+    pub init: Vec<Range>,
+    /// Where the kernel may call it: init/exit and the functions it hands out.
+    pub entries: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn layout() -> KernelLayout {
+        KernelLayout {
+            text: Range::new(0xffff_ffff_8100_0000, 0xffff_ffff_8200_0000),
+            rodata: Range::new(0xffff_ffff_8220_0000, 0xffff_ffff_8280_0000),
+            ro_after_init: Range::new(0xffff_ffff_8280_0000, 0xffff_ffff_8281_0000),
+            syscall_table: Range::new(0xffff_ffff_8230_0000, 0xffff_ffff_8230_1000),
+            idt: Range::new(0xffff_ffff_8300_0000, 0xffff_ffff_8300_1000),
+            entry_syscall: 0xffff_ffff_8180_0000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_cover_partial_ends() {
+        let r = Range::new(0x1ff8, 0x3001);
+        assert_eq!(r.pages().collect::<Vec<_>>(), [0x1000, 0x2000, 0x3000]);
+        assert_eq!(Range::new(5, 5).pages().count(), 0);
+    }
+
+    #[test]
+    fn layout_is_anchored_on_lstar() {
+        let l = layout();
+        assert_eq!(l.validate(0xffff_ffff_8180_0000), Ok(()));
+        assert_eq!(
+            l.validate(0xffff_ffff_8180_1000),
+            Err(LayoutError::SyscallEntryMismatch { lstar: 0xffff_ffff_8180_1000, reported: 0xffff_ffff_8180_0000 })
+        );
+        let mut bad = layout();
+        bad.text = Range::new(0x1000, 0x2000);
+        assert_eq!(bad.validate(0xffff_ffff_8180_0000), Err(LayoutError::BadRange("text")));
+        let mut outside = layout();
+        outside.entry_syscall = 0xffff_ffff_8300_0000;
+        assert_eq!(outside.validate(0xffff_ffff_8300_0000), Err(LayoutError::EntryOutsideText));
+    }
+}

@@ -1,0 +1,44 @@
+//! Run-time kernel integrity: the kernel view (KEPT) and one view per
+//! untrusted module (MEPT), and the decisions taken when control or data
+//! crosses between them.
+//!
+//! Everything here is pure policy over guest-physical pages and guest
+//! addresses: the VMX layer turns an EPT violation into a [`Fault`], asks
+//! [`Engine::decide`], and carries out the [`Outcome`] (switch EPTP, map a
+//! page into a module view, skip a denied write, ...). That keeps the
+//! security decisions testable on the host, table by table.
+//!
+//! What is protected, and how:
+//! - KEPT maps the kernel's text read/execute, its rodata, the syscall table
+//!   and the IDT read-only, and untrusted modules' code without execute.
+//! - MEPT(m) maps m's code read/execute and m's data read/write, and nothing
+//!   else until first touched: kernel data is then granted page by page,
+//!   read-only by default, writable where the policy allows, never executable.
+//! - Crossings: kernel → module only at m's registered entries or at a
+//!   recorded return address into m; module → kernel only at legitimate
+//!   kernel entries (exported symbols, minus a deny-list of dangerous APIs),
+//!   interrupt handlers, or a recorded return address into the kernel.
+
+pub mod engine;
+pub mod layout;
+pub mod violation;
+
+pub use engine::{Engine, Fault, Outcome, Step};
+pub use layout::{KernelLayout, ModuleInfo, Range};
+pub use violation::{Violation, ViolationKind, ViolationLog};
+
+/// What to do with a violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Report and allow.
+    Audit,
+    /// Report and deny.
+    Enforce,
+}
+
+/// An EPT view of a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum View {
+    Kernel,
+    Module(u32),
+}

@@ -1,0 +1,197 @@
+//! Violations: one console line each, and a bounded per-guest log the agent
+//! reads by hypercall. Overflow drops the oldest records but counts them, so
+//! nothing disappears without a trace.
+
+use alloc::collections::VecDeque;
+use core::fmt;
+
+use guest_agent::integrity::{ViolationAction, ViolationKindCode, ViolationRecord};
+
+/// What was attempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationKind {
+    WriteKernelText,
+    WriteReadOnlyData,
+    WriteSyscallTable,
+    WriteIdt,
+    WriteModuleCode,
+    WriteProtectedData,
+    /// A module called into the kernel somewhere that is not an entry.
+    CallNonEntry,
+    /// A module called a kernel API on its deny-list.
+    CallDeniedApi,
+    /// The kernel (or another module) jumped into a module off its entries.
+    EnterModuleOffEntry,
+    /// Execution of something that is not code in this view.
+    ExecuteData,
+    /// CR0.WP or CR4.SMEP/SMAP cleared after the lock.
+    ControlRegister,
+    /// LIDT/LGDT after the lock.
+    DescriptorTable,
+    /// A write to LSTAR, CSTAR or SYSENTER_* after the lock.
+    SyscallMsr,
+}
+
+impl ViolationKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::WriteKernelText => "write-kernel-text",
+            Self::WriteReadOnlyData => "write-rodata",
+            Self::WriteSyscallTable => "write-syscall-table",
+            Self::WriteIdt => "write-idt",
+            Self::WriteModuleCode => "write-module-code",
+            Self::WriteProtectedData => "write-protected-data",
+            Self::CallNonEntry => "call-non-entry",
+            Self::CallDeniedApi => "call-denied-api",
+            Self::EnterModuleOffEntry => "enter-module-off-entry",
+            Self::ExecuteData => "execute-data",
+            Self::ControlRegister => "control-register",
+            Self::DescriptorTable => "descriptor-table",
+            Self::SyscallMsr => "syscall-msr",
+        }
+    }
+
+    const fn code(self) -> ViolationKindCode {
+        match self {
+            Self::WriteKernelText => ViolationKindCode::WriteKernelText,
+            Self::WriteReadOnlyData => ViolationKindCode::WriteReadOnlyData,
+            Self::WriteSyscallTable => ViolationKindCode::WriteSyscallTable,
+            Self::WriteIdt => ViolationKindCode::WriteIdt,
+            Self::WriteModuleCode => ViolationKindCode::WriteModuleCode,
+            Self::WriteProtectedData => ViolationKindCode::WriteProtectedData,
+            Self::CallNonEntry => ViolationKindCode::CallNonEntry,
+            Self::CallDeniedApi => ViolationKindCode::CallDeniedApi,
+            Self::EnterModuleOffEntry => ViolationKindCode::EnterModuleOffEntry,
+            Self::ExecuteData => ViolationKindCode::ExecuteData,
+            Self::ControlRegister => ViolationKindCode::ControlRegister,
+            Self::DescriptorTable => ViolationKindCode::DescriptorTable,
+            Self::SyscallMsr => ViolationKindCode::SyscallMsr,
+        }
+    }
+}
+
+/// One violation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub kind: ViolationKind,
+    /// The module whose view was active, or `None` for the kernel view.
+    pub module: Option<u32>,
+    pub rip: u64,
+    /// The address written, or jumped to.
+    pub target: u64,
+    pub action: ViolationAction,
+}
+
+/// Formats the console line: `ctvm: violation guest=... module=... kind=...
+/// rip=... target=... action=...`.
+pub struct Line<'a> {
+    pub guest: &'a str,
+    pub module: &'a str,
+    pub violation: &'a Violation,
+}
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.violation;
+        write!(
+            f,
+            "ctvm: violation guest={} module={} kind={} rip={:#x} target={:#x} action={}",
+            self.guest,
+            self.module,
+            v.kind.name(),
+            v.rip,
+            v.target,
+            v.action.name()
+        )
+    }
+}
+
+/// A bounded log of records for the agent.
+#[derive(Clone, Debug)]
+pub struct ViolationLog {
+    records: VecDeque<ViolationRecord>,
+    capacity: usize,
+    next_sequence: u64,
+    /// Records dropped because the agent did not read them in time.
+    pub dropped: u64,
+}
+
+impl ViolationLog {
+    pub fn new(capacity: usize) -> Self {
+        ViolationLog { records: VecDeque::new(), capacity: capacity.max(1), next_sequence: 1, dropped: 0 }
+    }
+
+    pub fn push(&mut self, v: &Violation) {
+        if self.records.len() == self.capacity {
+            self.records.pop_front();
+            self.dropped += 1;
+        }
+        let record = ViolationRecord {
+            sequence: self.next_sequence,
+            kind: v.kind.code() as u32,
+            module: v.module.unwrap_or(u32::MAX),
+            rip: v.rip,
+            target: v.target,
+            action: v.action as u32,
+            reserved: 0,
+        };
+        self.next_sequence += 1;
+        self.records.push_back(record);
+    }
+
+    /// Takes up to `max` of the oldest records.
+    pub fn take(&mut self, max: usize) -> impl Iterator<Item = ViolationRecord> + '_ {
+        let n = max.min(self.records.len());
+        self.records.drain(..n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::format;
+    use alloc::vec::Vec;
+
+    fn v(kind: ViolationKind) -> Violation {
+        Violation {
+            kind,
+            module: Some(3),
+            rip: 0xffff_ffff_c000_1234,
+            target: 0xffff_ffff_8230_0008,
+            action: ViolationAction::Denied,
+        }
+    }
+
+    #[test]
+    fn the_console_line_has_every_field() {
+        let violation = v(ViolationKind::WriteSyscallTable);
+        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation });
+        assert_eq!(
+            line,
+            "ctvm: violation guest=linux module=evil kind=write-syscall-table rip=0xffffffffc0001234 \
+             target=0xffffffff82300008 action=deny"
+        );
+    }
+
+    #[test]
+    fn the_log_is_bounded_and_counts_what_it_drops() {
+        let mut log = ViolationLog::new(2);
+        for _ in 0..3 {
+            log.push(&v(ViolationKind::WriteIdt));
+        }
+        assert_eq!(log.dropped, 1);
+        let got: Vec<_> = log.take(10).collect();
+        assert_eq!(got.iter().map(|r| r.sequence).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(got[0].kind, ViolationKindCode::WriteIdt as u32);
+        assert_eq!(got[0].module, 3);
+        assert!(log.is_empty());
+    }
+}
