@@ -16,6 +16,7 @@ pub mod devices;
 pub mod exits;
 pub mod guest;
 pub mod mm;
+pub mod mmio;
 pub mod vcpu;
 #[cfg(target_os = "none")]
 pub mod vmm;
