@@ -561,16 +561,11 @@ impl<B: TpmBackend> Tis<B> {
                     self.raise(locality, int::COMMAND_READY);
                 }
             }
-            sts::GO => {
-                if self.state == State::Reception && !self.expecting() {
-                    self.execute(locality);
-                }
+            // Ignored while Expect is 1 or outside reception.
+            sts::GO if self.state == State::Reception && !self.expecting() => {
+                self.execute(locality)
             }
-            sts::RESPONSE_RETRY => {
-                if self.state == State::Completion {
-                    self.pos = 0;
-                }
-            }
+            sts::RESPONSE_RETRY if self.state == State::Completion => self.pos = 0,
             _ => {}
         }
     }
@@ -712,4 +707,991 @@ fn decode_offset(dword: u64) -> Option<(u8, Option<&'static RegisterInfo>)> {
         return None;
     }
     Some((locality, register_at((dword & 0xfff) as u16)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::VecDeque;
+    use alloc::vec;
+
+    // Register offsets inside a locality page.
+    const ACCESS: u64 = 0x00;
+    const INT_ENABLE: u64 = 0x08;
+    const INT_VECTOR: u64 = 0x0c;
+    const INT_STATUS: u64 = 0x10;
+    const INTF_CAPS: u64 = 0x14;
+    const STS: u64 = 0x18;
+    const FIFO: u64 = 0x24;
+    const IFACE_ID: u64 = 0x30;
+    const XFIFO: u64 = 0x80;
+    const DIDVID: u64 = 0xf00;
+    const RIDREG: u64 = 0xf04;
+
+    /// A backend that records what it got and answers from a queue.
+    #[derive(Default)]
+    struct Recorder {
+        commands: Vec<(u8, Vec<u8>)>,
+        answers: VecDeque<Vec<u8>>,
+    }
+
+    impl TpmBackend for Recorder {
+        fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+            self.commands.push((locality, command.to_vec()));
+            self.answers
+                .pop_front()
+                .unwrap_or_else(|| vec![0, 0xc4, 0, 0, 0, 10, 0, 0, 0, 0])
+        }
+    }
+
+    fn tis() -> Tis<Recorder> {
+        Tis::new(Recorder::default(), 0)
+    }
+
+    fn answer(t: &mut Tis<Recorder>, rsp: &[u8]) {
+        t.backend_mut().answers.push_back(rsp.to_vec());
+    }
+
+    fn at(l: u8, reg: u64) -> u64 {
+        (u64::from(l) << 12) | reg
+    }
+    fn r8(t: &mut Tis<Recorder>, l: u8, reg: u64) -> u8 {
+        t.read(at(l, reg), 1) as u8
+    }
+    fn r16(t: &mut Tis<Recorder>, l: u8, reg: u64) -> u16 {
+        t.read(at(l, reg), 2) as u16
+    }
+    fn r32(t: &mut Tis<Recorder>, l: u8, reg: u64) -> u32 {
+        t.read(at(l, reg), 4) as u32
+    }
+    fn w8(t: &mut Tis<Recorder>, l: u8, reg: u64, v: u8) {
+        t.write(at(l, reg), 1, u64::from(v))
+    }
+    fn w32(t: &mut Tis<Recorder>, l: u8, reg: u64, v: u32) {
+        t.write(at(l, reg), 4, u64::from(v))
+    }
+
+    /// A command of `len` bytes with a correct header.
+    fn command(len: usize, ordinal: u32) -> Vec<u8> {
+        let mut c = vec![0u8; len];
+        c[0..2].copy_from_slice(&[0x00, 0xc1]);
+        c[2..6].copy_from_slice(&(len as u32).to_be_bytes());
+        c[6..10].copy_from_slice(&ordinal.to_be_bytes());
+        for (i, b) in c.iter_mut().enumerate().skip(10) {
+            *b = i as u8;
+        }
+        c
+    }
+
+    fn response(len: usize) -> Vec<u8> {
+        let mut r = command(len, 0);
+        r[1] = 0xc4;
+        r
+    }
+
+    /// The TPM2_GetCapability(TPM_PT_TOTAL_COMMANDS) that tpm2_probe sends.
+    const TPM2_PROBE: [u8; 22] = [
+        0x80, 0x01, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x01, 0x7a, 0x00, 0x00, 0x00, 0x06, 0x00,
+        0x00, 0x01, 0x29, 0x00, 0x00, 0x00, 0x01,
+    ];
+    /// libtpms' TPM 1.2 answer to it: TPM_BAD_ORDINAL.
+    const BAD_ORDINAL: [u8; 10] = [0x00, 0xc4, 0x00, 0x00, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x0a];
+    /// TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_TIS_TIMEOUT).
+    const GETCAP_TIMEOUTS: [u8; 22] = [
+        0x00, 0xc1, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x00, 0x65, 0x00, 0x00, 0x00, 0x05, 0x00,
+        0x00, 0x00, 0x04, 0x00, 0x00, 0x01, 0x15,
+    ];
+    const TIMEOUTS_ANSWER: [u8; 30] = [
+        0x00, 0xc4, 0x00, 0x00, 0x00, 0x1e, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00,
+        0x0b, 0x71, 0xb0, 0x00, 0x1e, 0x84, 0x80, 0x00, 0x0b, 0x71, 0xb0, 0x00, 0x0b, 0x71, 0xb0,
+    ];
+
+    /// Linux's tpm_tis_core.c, step by step, against the model. Polling
+    /// loops are bounded: a state that never comes is an error.
+    struct Linux<'a> {
+        t: &'a mut Tis<Recorder>,
+        l: u8,
+        /// burstCount values get_burstcount() returned, in order.
+        bursts: Vec<usize>,
+        /// Chunk sizes written to / read from the FIFO.
+        chunks: Vec<usize>,
+    }
+
+    const POLLS: usize = 50;
+    const VALID: u8 = sts::VALID;
+    const EXPECT: u8 = sts::EXPECT;
+    const DATA_AVAIL: u8 = sts::DATA_AVAIL;
+    const READY: u8 = sts::COMMAND_READY;
+
+    impl<'a> Linux<'a> {
+        fn new(t: &'a mut Tis<Recorder>) -> Self {
+            Linux {
+                t,
+                l: 0,
+                bursts: Vec::new(),
+                chunks: Vec::new(),
+            }
+        }
+
+        fn check_locality(&mut self) -> bool {
+            r8(self.t, self.l, ACCESS) & 0xa2 == 0xa0
+        }
+
+        fn request_locality(&mut self) -> Result<(), &'static str> {
+            if self.check_locality() {
+                return Ok(());
+            }
+            w8(self.t, self.l, ACCESS, access::REQUEST_USE);
+            for _ in 0..POLLS {
+                if self.check_locality() {
+                    return Ok(());
+                }
+            }
+            Err("request_locality timed out")
+        }
+
+        fn relinquish(&mut self) {
+            w8(self.t, self.l, ACCESS, access::ACTIVE_LOCALITY);
+        }
+
+        /// tpm_tis_status(): an invalid status (0x23 bits set) reads as 0.
+        fn status(&mut self) -> u8 {
+            let s = r8(self.t, self.l, STS);
+            if s & 0x23 != 0 {
+                0
+            } else {
+                s
+            }
+        }
+
+        fn ready(&mut self) {
+            w8(self.t, self.l, STS, READY);
+        }
+
+        fn wait_for_stat(&mut self, mask: u8) -> Result<(), &'static str> {
+            for _ in 0..POLLS {
+                if self.status() & mask == mask {
+                    return Ok(());
+                }
+            }
+            Err("wait_for_tpm_stat: -ETIME")
+        }
+
+        fn get_burstcount(&mut self) -> Result<usize, &'static str> {
+            for _ in 0..POLLS {
+                let v = r32(self.t, self.l, STS);
+                let burst = ((v >> 8) & 0xffff) as usize;
+                if burst != 0 {
+                    self.bursts.push(burst);
+                    return Ok(burst);
+                }
+            }
+            Err("get_burstcount: -EBUSY")
+        }
+
+        fn send_data(&mut self, buf: &[u8]) -> Result<(), &'static str> {
+            let status = self.status();
+            if status & READY == 0 {
+                self.ready();
+                self.wait_for_stat(READY)?;
+            }
+            let len = buf.len();
+            let mut count = 0;
+            while count < len - 1 {
+                let burst = self.get_burstcount()?.min(len - count - 1);
+                for &b in &buf[count..count + burst] {
+                    w8(self.t, self.l, FIFO, b);
+                }
+                self.chunks.push(burst);
+                count += burst;
+                self.wait_for_stat(VALID)?;
+                if self.status() & EXPECT == 0 {
+                    self.ready();
+                    return Err("TPM_STS_DATA_EXPECT should be set");
+                }
+            }
+            w8(self.t, self.l, FIFO, buf[count]);
+            self.wait_for_stat(VALID)?;
+            if self.status() & EXPECT != 0 {
+                self.ready();
+                return Err("TPM_STS_DATA_EXPECT should be unset");
+            }
+            Ok(())
+        }
+
+        fn recv_data(&mut self, out: &mut Vec<u8>, count: usize) -> Result<(), &'static str> {
+            let mut size = 0;
+            while size < count {
+                self.wait_for_stat(DATA_AVAIL | VALID)?;
+                let burst = self.get_burstcount()?.min(count - size);
+                for _ in 0..burst {
+                    out.push(r8(self.t, self.l, FIFO));
+                }
+                self.chunks.push(burst);
+                size += burst;
+            }
+            Ok(())
+        }
+
+        fn try_recv(&mut self) -> Result<Vec<u8>, &'static str> {
+            let mut buf = Vec::new();
+            self.recv_data(&mut buf, HEADER_SIZE)?;
+            let expected = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+            if !(HEADER_SIZE..=BUFFER_SIZE).contains(&expected) {
+                return Err("-EIO");
+            }
+            self.recv_data(&mut buf, expected - HEADER_SIZE)?;
+            self.wait_for_stat(VALID)?;
+            if self.status() & DATA_AVAIL != 0 {
+                return Err("Error left over data");
+            }
+            Ok(buf)
+        }
+
+        fn recv(&mut self) -> Result<Vec<u8>, &'static str> {
+            let rc = self.try_recv();
+            self.ready();
+            rc
+        }
+
+        /// tpm_tis_send_main() then tpm_try_transmit()'s polling, then recv.
+        fn transmit(&mut self, cmd: &[u8]) -> Result<Vec<u8>, &'static str> {
+            self.send_data(cmd)?;
+            w8(self.t, self.l, STS, sts::GO);
+            for _ in 0..POLLS {
+                let status = self.status();
+                if status & (DATA_AVAIL | VALID) == DATA_AVAIL | VALID {
+                    return self.recv();
+                }
+                if status == READY {
+                    return Err("-ECANCELED");
+                }
+            }
+            Err("tpm_try_transmit: -ETIME")
+        }
+
+        /// tpm_chip_start / command / tpm_chip_stop.
+        fn command(&mut self, cmd: &[u8]) -> Result<Vec<u8>, &'static str> {
+            self.request_locality()?;
+            let rc = self.transmit(cmd);
+            self.relinquish();
+            rc
+        }
+    }
+
+    #[test]
+    fn register_table_is_sorted_aligned_and_in_the_page() {
+        for pair in REGISTERS.windows(2) {
+            assert!(pair[0].offset < pair[1].offset);
+        }
+        for r in REGISTERS {
+            assert_eq!(r.offset % 4, 0, "{}", r.name);
+            assert!(matches!(r.width, 1 | 4), "{}", r.name);
+            assert!(u64::from(r.offset) + u64::from(r.width) <= 0x1000);
+            assert_eq!(register_at(r.offset + 3).map(|x| x.name), Some(r.name));
+        }
+        assert_eq!(register_at(0x04), None);
+        assert_eq!(register_at(0x28), None);
+    }
+
+    #[test]
+    fn linux_probe_sequence() {
+        let mut t = tis();
+        let mut linux = Linux::new(&mut t);
+        // tpm_tis_core_init()
+        assert_eq!(r32(linux.t, 0, DIDVID), 0x0001_1014);
+        assert_eq!(
+            r8(linux.t, 0, ACCESS),
+            access::VALID | access::ESTABLISHMENT
+        );
+        let mut intmask = r32(linux.t, 0, INT_ENABLE);
+        assert_eq!(intmask, int::POLARITY_LOW_LEVEL);
+        let caps = r32(linux.t, 0, INTF_CAPS);
+        assert_eq!(caps, 0x2000_0697);
+        for bit in [0x80, 0x04, 0x02, 0x01] {
+            if caps & bit != 0 {
+                intmask |= bit;
+            }
+        }
+        intmask &= !int::GLOBAL_ENABLE;
+        linux.request_locality().unwrap();
+        assert_eq!(
+            r8(linux.t, 0, ACCESS),
+            access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT
+        );
+        w32(linux.t, 0, INT_ENABLE, intmask);
+        assert_eq!(r32(linux.t, 0, INT_ENABLE), 0x8f);
+        linux.relinquish();
+        assert_eq!(linux.t.active_locality(), None);
+        // tpm_chip_start(); tpm2_probe(); tpm_chip_stop()
+        linux
+            .t
+            .backend_mut()
+            .answers
+            .push_back(BAD_ORDINAL.to_vec());
+        let rsp = linux.command(&TPM2_PROBE).unwrap();
+        assert_eq!(rsp, BAD_ORDINAL);
+        assert_ne!(u16::from_be_bytes([rsp[0], rsp[1]]), 0x8001, "a TPM 1.2");
+        assert_eq!(linux.t.backend().commands, vec![(0, TPM2_PROBE.to_vec())]);
+        // 22 bytes: one chunk of 21 after a burst of 255, then the last byte.
+        assert_eq!(linux.bursts, [255, 10]);
+        assert_eq!(linux.chunks, [21, 10]);
+        assert_eq!(r8(linux.t, 0, RIDREG), RID);
+        // probe_itpm(): not Intel, so no iTPM probing.
+        assert_eq!(r16(linux.t, 0, DIDVID), 0x1014);
+        assert_eq!(
+            r8(linux.t, 0, ACCESS),
+            access::VALID | access::ESTABLISHMENT
+        );
+        assert_eq!(r32(linux.t, 0, IFACE_ID), 0xffff_ffff);
+    }
+
+    #[test]
+    fn linux_send_and_receive_byte_by_byte() {
+        let mut t = tis();
+        answer(&mut t, &TIMEOUTS_ANSWER);
+        let before = t.stats;
+        let mut linux = Linux::new(&mut t);
+        let rsp = linux.command(&GETCAP_TIMEOUTS).unwrap();
+        assert_eq!(rsp, TIMEOUTS_ANSWER);
+        assert_eq!(linux.bursts, [255, 30, 20]);
+        assert_eq!(linux.chunks, [21, 10, 20]);
+        assert_eq!(
+            linux.t.backend().commands,
+            vec![(0, GETCAP_TIMEOUTS.to_vec())]
+        );
+        // After the driver's final commandReady and relinquish: idle, no locality.
+        assert_eq!(linux.t.state(), State::Idle);
+        let stats = linux.t.stats;
+        assert_eq!(stats.commands - before.commands, 1);
+        assert_eq!(stats.bytes_in, 22);
+        assert_eq!(stats.bytes_out, 30);
+        // Register accesses (= VM exits) for this 22-byte command and its
+        // 30-byte answer: one per FIFO byte plus 21 for the locality, the
+        // status polling and the control writes.
+        assert_eq!(stats.accesses - before.accesses, 22 + 30 + 21);
+    }
+
+    #[test]
+    fn expect_and_burst_step_by_step() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        assert_eq!(r8(&mut t, 0, STS), VALID);
+        assert_eq!(r32(&mut t, 0, STS) >> 8, 0, "idle: nothing can move");
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r32(&mut t, 0, STS), 0xff00 | u32::from(VALID | READY));
+        let cmd = command(12, 0x99);
+        for (i, &b) in cmd.iter().enumerate() {
+            w8(&mut t, 0, FIFO, b);
+            let sts = r32(&mut t, 0, STS);
+            if i + 1 < cmd.len() {
+                assert_eq!(sts & 0xff, u32::from(VALID | EXPECT), "after byte {i}");
+                assert_eq!(sts >> 8, 255, "after byte {i}");
+            } else {
+                assert_eq!(sts, u32::from(VALID), "complete: Expect 0, burst 0");
+            }
+        }
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.backend().commands[0].1, cmd);
+        assert_eq!(
+            r32(&mut t, 0, STS),
+            (10 << 8) | u32::from(VALID | DATA_AVAIL)
+        );
+        for left in (1..=10u32).rev() {
+            assert_eq!(r32(&mut t, 0, STS) >> 8, left);
+            r8(&mut t, 0, FIFO);
+        }
+        assert_eq!(
+            r32(&mut t, 0, STS),
+            u32::from(VALID),
+            "dataAvail 0 after the last byte"
+        );
+    }
+
+    #[test]
+    fn a_4096_byte_command_and_answer() {
+        let mut t = tis();
+        let cmd = command(BUFFER_SIZE, 0xcd);
+        answer(&mut t, &response(BUFFER_SIZE));
+        let mut linux = Linux::new(&mut t);
+        let rsp = linux.command(&cmd).unwrap();
+        assert_eq!(rsp, response(BUFFER_SIZE));
+        assert_eq!(linux.t.backend().commands[0].1, cmd);
+        // Sending: 16 chunks of 255, then 15 (burst 16 = free space), then the last byte.
+        let mut sent = vec![255; 16];
+        sent.push(15);
+        assert_eq!(&linux.chunks[..17], &sent[..]);
+        assert_eq!(linux.bursts[16], 16);
+        // Receiving: the 10-byte header, then the rest in chunks of at most 255.
+        assert_eq!(linux.chunks[17], 10);
+        assert_eq!(linux.chunks[18..].iter().sum::<usize>(), BUFFER_SIZE - 10);
+        assert!(linux.chunks[18..].iter().all(|&c| c <= 255));
+    }
+
+    #[test]
+    fn inactive_localities_cannot_write_and_read_ones() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        // Locality 1 is not active: all its writes but ACCESS are ignored.
+        w8(&mut t, 1, STS, READY);
+        w8(&mut t, 1, FIFO, 0x00);
+        w32(&mut t, 1, INT_ENABLE, 0x8000_008f);
+        w8(&mut t, 1, INT_VECTOR, 5);
+        assert_eq!(r8(&mut t, 1, STS), 0xff);
+        assert_eq!(r32(&mut t, 1, STS), 0xffff_ffff);
+        assert_eq!(r8(&mut t, 1, FIFO), 0xff);
+        assert_eq!(r32(&mut t, 1, XFIFO), 0xffff_ffff);
+        assert_eq!(r32(&mut t, 1, INT_ENABLE), int::POLARITY_LOW_LEVEL);
+        assert_eq!(r8(&mut t, 1, INT_VECTOR), 0);
+        // Locality 0 is untouched: still ready, nothing received.
+        assert_eq!(t.state(), State::Ready);
+        assert_eq!(r8(&mut t, 0, STS), VALID | READY);
+        // Identification reads the same from every guest locality.
+        for l in 0..4 {
+            assert_eq!(r32(&mut t, l, DIDVID), DID_VID);
+            assert_eq!(r32(&mut t, l, INTF_CAPS), INTF_CAPABILITY);
+        }
+        // A whole command from locality 1 never reaches the backend.
+        for b in command(10, 1) {
+            w8(&mut t, 1, FIFO, b);
+        }
+        w8(&mut t, 1, STS, sts::GO);
+        assert!(t.backend().commands.is_empty());
+        assert_eq!(t.stats.bytes_in, 0);
+    }
+
+    #[test]
+    fn writes_with_no_locality_active_are_ignored() {
+        let mut t = tis();
+        w8(&mut t, 0, STS, READY);
+        w8(&mut t, 0, FIFO, 1);
+        w32(&mut t, 0, INT_ENABLE, 0x8000_0001);
+        assert_eq!(t.state(), State::Idle);
+        assert_eq!(r32(&mut t, 0, INT_ENABLE), int::POLARITY_LOW_LEVEL);
+        assert_eq!(r8(&mut t, 0, STS), 0xff);
+    }
+
+    /// Sends `bytes` through the FIFO of locality 0 (already ready).
+    fn feed(t: &mut Tis<Recorder>, bytes: &[u8]) {
+        for &b in bytes {
+            w8(t, 0, FIFO, b);
+        }
+    }
+
+    fn read_all(t: &mut Tis<Recorder>) -> Vec<u8> {
+        let mut out = Vec::new();
+        while r8(t, 0, STS) & DATA_AVAIL != 0 {
+            out.push(r8(t, 0, FIFO));
+        }
+        out
+    }
+
+    const BAD_PARAM_SIZE: [u8; 10] = [0, 0xc4, 0, 0, 0, 10, 0, 0, 0, 0x19];
+
+    #[test]
+    fn a_param_size_beyond_the_buffer_is_refused() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        let cmd = command(BUFFER_SIZE + 1, 0x14);
+        feed(&mut t, &cmd[..5]);
+        assert_eq!(r8(&mut t, 0, STS), VALID | EXPECT, "size not known yet");
+        feed(&mut t, &cmd[5..6]);
+        assert_eq!(r8(&mut t, 0, STS), VALID, "Expect drops with the bad size");
+        // Linux would stop here (Expect 0 mid-command); a driver that goes on
+        // has its bytes dropped, and never overflows anything.
+        feed(&mut t, &cmd[6..]);
+        assert_eq!(t.stats.bytes_in, 6);
+        w8(&mut t, 0, STS, sts::GO);
+        assert!(t.backend().commands.is_empty(), "never reaches the backend");
+        assert_eq!(read_all(&mut t), BAD_PARAM_SIZE);
+        assert_eq!(t.stats.refused, 1);
+        // And the Linux driver fails cleanly with -EIO on such a command.
+        let mut t = tis();
+        let mut linux = Linux::new(&mut t);
+        linux.request_locality().unwrap();
+        assert_eq!(
+            linux.send_data(&command(5000, 0x14)),
+            Err("TPM_STS_DATA_EXPECT should be set")
+        );
+        assert_eq!(
+            linux.t.state(),
+            State::Ready,
+            "the driver aborted with commandReady"
+        );
+    }
+
+    #[test]
+    fn a_param_size_below_the_header_is_refused() {
+        for size in [0u32, 6, 9] {
+            let mut t = tis();
+            w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+            w8(&mut t, 0, STS, READY);
+            let mut cmd = command(10, 0x65);
+            cmd[2..6].copy_from_slice(&size.to_be_bytes());
+            feed(&mut t, &cmd[..6]);
+            assert_eq!(r8(&mut t, 0, STS), VALID, "size {size}");
+            w8(&mut t, 0, STS, sts::GO);
+            assert!(t.backend().commands.is_empty());
+            assert_eq!(read_all(&mut t), BAD_PARAM_SIZE);
+        }
+    }
+
+    #[test]
+    fn bytes_beyond_param_size_refuse_the_command() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        let cmd = command(14, 0x46);
+        feed(&mut t, &cmd);
+        assert_eq!(r8(&mut t, 0, STS), VALID);
+        feed(&mut t, &[0xaa, 0xbb]);
+        assert_eq!(t.stats.bytes_in, 14, "the extra bytes are dropped");
+        assert_eq!(r8(&mut t, 0, STS), VALID);
+        w8(&mut t, 0, STS, sts::GO);
+        assert!(t.backend().commands.is_empty());
+        assert_eq!(read_all(&mut t), BAD_PARAM_SIZE);
+        // A fresh command after commandReady goes through.
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &cmd);
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.backend().commands, vec![(0, cmd)]);
+    }
+
+    #[test]
+    fn go_before_the_command_is_complete_is_ignored() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.state(), State::Idle);
+        w8(&mut t, 0, STS, READY);
+        let cmd = command(20, 0x15);
+        feed(&mut t, &cmd[..19]);
+        w8(&mut t, 0, STS, sts::GO);
+        assert!(t.backend().commands.is_empty());
+        assert_eq!(r8(&mut t, 0, STS), VALID | EXPECT);
+        // Several control bits at once are ignored too.
+        w8(&mut t, 0, STS, READY | sts::GO);
+        assert_eq!(t.state(), State::Reception);
+        feed(&mut t, &cmd[19..]);
+        w8(&mut t, 0, STS, sts::GO | sts::RESPONSE_RETRY);
+        assert!(t.backend().commands.is_empty());
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.backend().commands, vec![(0, cmd)]);
+    }
+
+    #[test]
+    fn fifo_reads_without_a_response_give_ff() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff, "idle");
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff, "ready");
+        assert_eq!(r32(&mut t, 0, XFIFO), 0xffff_ffff, "ready, 4 bytes");
+        feed(&mut t, &command(10, 0x99)[..4]);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff, "reception");
+        feed(&mut t, &command(10, 0x99)[4..]);
+        assert_eq!(t.state(), State::Reception);
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(read_all(&mut t).len(), 10);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff, "all read");
+        assert_eq!(r16(&mut t, 0, FIFO), 0xffff);
+        // Reading in the middle of reception did not disturb the command.
+        assert_eq!(t.backend().commands[0].1, command(10, 0x99));
+    }
+
+    #[test]
+    fn response_retry_rewinds_the_read_pointer() {
+        let mut t = tis();
+        answer(&mut t, &response(16));
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(10, 0x46));
+        w8(&mut t, 0, STS, sts::GO);
+        let first: Vec<u8> = (0..12).map(|_| r8(&mut t, 0, FIFO)).collect();
+        assert_eq!(first, response(16)[..12]);
+        w8(&mut t, 0, STS, sts::RESPONSE_RETRY);
+        assert_eq!(
+            r32(&mut t, 0, STS),
+            (16 << 8) | u32::from(VALID | DATA_AVAIL)
+        );
+        assert_eq!(read_all(&mut t), response(16));
+        w8(&mut t, 0, STS, sts::RESPONSE_RETRY);
+        assert_eq!(read_all(&mut t), response(16), "again after a full read");
+        // Outside completion, responseRetry does nothing.
+        w8(&mut t, 0, STS, READY);
+        w8(&mut t, 0, STS, sts::RESPONSE_RETRY);
+        assert_eq!(r8(&mut t, 0, STS), VALID | READY);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff);
+    }
+
+    #[test]
+    fn command_ready_aborts_reception_and_discards_a_response() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(30, 0x15)[..20]);
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r8(&mut t, 0, STS), VALID | READY);
+        let cmd = command(10, 0x99);
+        feed(&mut t, &cmd);
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(
+            t.backend().commands,
+            vec![(0, cmd)],
+            "the aborted bytes are gone"
+        );
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r8(&mut t, 0, STS), VALID | READY);
+        assert_eq!(r8(&mut t, 0, FIFO), 0xff, "the response is gone");
+    }
+
+    #[test]
+    fn seize_by_a_higher_locality() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(30, 0x15)[..12]);
+        // A lower or equal locality cannot seize.
+        w8(&mut t, 0, ACCESS, access::SEIZE);
+        assert_eq!(t.active_locality(), Some(0));
+        w8(&mut t, 2, ACCESS, access::SEIZE);
+        assert_eq!(t.active_locality(), Some(2));
+        assert_eq!(
+            r8(&mut t, 0, ACCESS),
+            access::VALID | access::BEEN_SEIZED | access::ESTABLISHMENT
+        );
+        assert_eq!(
+            r8(&mut t, 2, ACCESS),
+            access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT
+        );
+        // Locality 0's command is gone, and its registers are closed to it.
+        assert_eq!(t.state(), State::Idle);
+        assert_eq!(r8(&mut t, 0, STS), 0xff);
+        feed(&mut t, &[1, 2, 3]);
+        assert_eq!(r8(&mut t, 2, STS), VALID);
+        // Locality 1 (lower than 2) cannot take it back by seizing.
+        w8(&mut t, 1, ACCESS, access::SEIZE);
+        assert_eq!(t.active_locality(), Some(2));
+        // beenSeized is cleared by writing it.
+        w8(&mut t, 0, ACCESS, access::BEEN_SEIZED);
+        assert_eq!(r8(&mut t, 0, ACCESS), access::VALID | access::ESTABLISHMENT);
+        // Locality 3 seizes from 2.
+        w8(&mut t, 3, ACCESS, access::SEIZE | access::REQUEST_USE);
+        assert_eq!(t.active_locality(), Some(3));
+        assert_eq!(
+            r8(&mut t, 2, ACCESS) & access::BEEN_SEIZED,
+            access::BEEN_SEIZED
+        );
+        // The seizing locality's command goes to the backend as its own.
+        w8(&mut t, 3, STS, READY);
+        for b in command(10, 0x99) {
+            w8(&mut t, 3, FIFO, b);
+        }
+        w8(&mut t, 3, STS, sts::GO);
+        assert_eq!(t.backend().commands, vec![(3, command(10, 0x99))]);
+    }
+
+    #[test]
+    fn relinquish_hands_over_to_the_highest_waiting_locality() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 1, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 2, ACCESS, access::REQUEST_USE);
+        assert_eq!(t.active_locality(), Some(0));
+        assert_eq!(
+            r8(&mut t, 0, ACCESS),
+            access::VALID
+                | access::PENDING_REQUEST
+                | access::ACTIVE_LOCALITY
+                | access::ESTABLISHMENT
+        );
+        assert_eq!(
+            r8(&mut t, 1, ACCESS),
+            access::VALID | access::PENDING_REQUEST | access::REQUEST_USE | access::ESTABLISHMENT
+        );
+        // Locality 0 had a response waiting: relinquishing discards it.
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(10, 0x99));
+        w8(&mut t, 0, STS, sts::GO);
+        w8(&mut t, 0, ACCESS, access::ACTIVE_LOCALITY);
+        assert_eq!(t.active_locality(), Some(2));
+        assert_eq!(t.state(), State::Idle);
+        assert_eq!(r8(&mut t, 2, FIFO), 0xff);
+        // Locality 1 withdraws its request by writing activeLocality.
+        w8(&mut t, 1, ACCESS, access::ACTIVE_LOCALITY);
+        assert_eq!(r8(&mut t, 1, ACCESS), access::VALID | access::ESTABLISHMENT);
+        assert_eq!(r8(&mut t, 2, ACCESS) & access::PENDING_REQUEST, 0);
+        w8(&mut t, 2, ACCESS, access::ACTIVE_LOCALITY);
+        assert_eq!(t.active_locality(), None);
+        // Relinquishing a locality one does not hold does nothing.
+        w8(&mut t, 3, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, ACCESS, access::ACTIVE_LOCALITY);
+        assert_eq!(t.active_locality(), Some(3));
+    }
+
+    #[test]
+    fn bad_backend_answers_become_tpm_fail() {
+        const TPM_FAIL_RSP: [u8; 10] = [0, 0xc4, 0, 0, 0, 10, 0, 0, 0, 9];
+        let mut wrong_size = response(20);
+        wrong_size[5] = 21;
+        for (what, rsp) in [
+            ("empty", vec![]),
+            ("short", vec![0, 0xc4, 0, 0, 0, 6]),
+            ("too long", response(BUFFER_SIZE + 1)),
+            ("paramSize != length", wrong_size),
+        ] {
+            let mut t = tis();
+            answer(&mut t, &rsp);
+            w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+            w8(&mut t, 0, STS, READY);
+            feed(&mut t, &command(10, 0x99));
+            w8(&mut t, 0, STS, sts::GO);
+            assert_eq!(t.backend().commands.len(), 1, "{what}");
+            assert_eq!(read_all(&mut t), TPM_FAIL_RSP, "{what}");
+        }
+    }
+
+    #[test]
+    fn four_byte_fifo_accesses_move_four_bytes() {
+        for fifo in [FIFO, XFIFO] {
+            let mut t = tis();
+            let cmd = command(22, 0x65);
+            answer(&mut t, &response(30));
+            w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+            w8(&mut t, 0, STS, READY);
+            let before = t.stats.accesses;
+            for chunk in cmd.chunks(4) {
+                let mut word = [0u8; 4];
+                word[..chunk.len()].copy_from_slice(chunk);
+                t.write(
+                    at(0, fifo),
+                    chunk.len() as u8,
+                    u64::from(u32::from_le_bytes(word)),
+                );
+            }
+            assert_eq!(t.stats.accesses - before, 6);
+            assert_eq!(r8(&mut t, 0, STS), VALID);
+            w8(&mut t, 0, STS, sts::GO);
+            assert_eq!(t.backend().commands, vec![(0, cmd)]);
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                out.extend_from_slice(&r32(&mut t, 0, fifo).to_le_bytes());
+            }
+            // 30 bytes, then 0xff for the two asked beyond the response.
+            assert_eq!(&out[..30], &response(30)[..]);
+            assert_eq!(&out[30..], &[0xff, 0xff]);
+            assert_eq!(r8(&mut t, 0, STS), VALID);
+        }
+    }
+
+    #[test]
+    fn a_four_byte_write_past_param_size_marks_the_overrun() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        let cmd = command(10, 0x99);
+        feed(&mut t, &cmd[..8]);
+        // 4 bytes when 2 are expected.
+        t.write(
+            at(0, XFIFO),
+            4,
+            0xdddd_0000 | u64::from(u16::from_le_bytes([cmd[8], cmd[9]])),
+        );
+        w8(&mut t, 0, STS, sts::GO);
+        assert!(t.backend().commands.is_empty());
+        assert_eq!(read_all(&mut t), BAD_PARAM_SIZE);
+    }
+
+    #[test]
+    fn byte_lanes_of_wider_registers() {
+        let mut t = tis();
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        // DID_VID byte by byte, and as two words.
+        let bytes: Vec<u8> = (0..4).map(|i| r8(&mut t, 0, DIDVID + i)).collect();
+        assert_eq!(bytes, 0x0001_1014u32.to_le_bytes());
+        assert_eq!(r16(&mut t, 0, DIDVID + 2), 0x0001);
+        // burstCount alone, as the 16-bit field at 0x19.
+        assert_eq!(r16(&mut t, 0, STS + 1), 255);
+        assert_eq!(r8(&mut t, 0, STS + 3), 0);
+        // Registers narrower than their dword: the rest reads 0.
+        assert_eq!(r32(&mut t, 0, ACCESS) >> 8, 0);
+        assert_eq!(r32(&mut t, 0, RIDREG), u32::from(RID));
+        // No register: reads 0, writes ignored.
+        for off in [0x04, 0x1c, 0x28, 0x34, 0x84, 0x800, 0xf08, 0xffc] {
+            assert_eq!(r32(&mut t, 0, off), 0, "{off:#x}");
+            w32(&mut t, 0, off, 0xffff_ffff);
+        }
+        assert_eq!(t.state(), State::Ready);
+        // An 8-byte read at DID_VID covers RID too.
+        assert_eq!(t.read(at(0, DIDVID), 8), 0x0000_0001_0001_1014);
+        // INT_ENABLE written one byte at a time (byte 3 = globalIntEnable).
+        t.write(at(0, INT_ENABLE + 3), 1, 0x80);
+        t.write(at(0, INT_ENABLE), 1, 0x01);
+        assert_eq!(r32(&mut t, 0, INT_ENABLE), 0x8000_0001);
+        // Reserved bits of INT_ENABLE do not stick.
+        w32(&mut t, 0, INT_ENABLE, 0x7fff_ff60);
+        assert_eq!(r32(&mut t, 0, INT_ENABLE), 0);
+    }
+
+    #[test]
+    fn locality_4_and_beyond_read_ones_and_ignore_writes() {
+        let mut t = tis();
+        for reg in [ACCESS, STS, FIFO, DIDVID, INTF_CAPS] {
+            assert_eq!(r32(&mut t, 4, reg), 0xffff_ffff);
+        }
+        w8(&mut t, 4, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 4, ACCESS, access::SEIZE);
+        assert_eq!(t.active_locality(), None);
+        assert_eq!(t.read(SIZE, 4), 0xffff_ffff);
+        assert_eq!(t.read(u64::MAX, 8), u64::MAX);
+        t.write(u64::MAX - 2, 8, 0);
+        // An access straddling localities 3 and 4: each part by its own rule.
+        assert_eq!(t.read(at(3, 0xffe), 4), 0xffff_0000);
+        assert_eq!(t.read(SIZE - 2, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn interrupts_when_enabled() {
+        let mut t = Tis::new(Recorder::default(), 7);
+        assert_eq!(r8(&mut t, 0, INT_VECTOR), 7);
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        // Events while disabled leave no status.
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), 0);
+        assert_eq!(t.pending_interrupt(), None);
+        // Enable everything but globalIntEnable: still nothing.
+        w32(&mut t, 0, INT_ENABLE, 0x8f);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(10, 0x99));
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.pending_interrupt(), None);
+        w8(&mut t, 0, STS, READY);
+        // Now with globalIntEnable.
+        w32(&mut t, 0, INT_ENABLE, int::GLOBAL_ENABLE | 0x8f);
+        feed(&mut t, &command(10, 0x99));
+        assert_eq!(r32(&mut t, 0, INT_STATUS), int::STS_VALID, "Expect fell");
+        w32(&mut t, 0, INT_STATUS, int::STS_VALID);
+        assert_eq!(t.pending_interrupt(), None);
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), int::DATA_AVAIL | int::STS_VALID);
+        assert_eq!(t.pending_interrupt(), Some(7));
+        // Write-1-to-clear, one bit at a time; other bits stay.
+        w32(&mut t, 0, INT_STATUS, int::DATA_AVAIL);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), int::STS_VALID);
+        assert_eq!(t.pending_interrupt(), Some(7));
+        w32(&mut t, 0, INT_STATUS, 0xffff_ffff);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), 0);
+        assert_eq!(t.pending_interrupt(), None);
+        // commandReady from completion raises commandReady.
+        w8(&mut t, 0, STS, READY);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), int::COMMAND_READY);
+        w32(&mut t, 0, INT_STATUS, int::COMMAND_READY);
+        // Only the enabled sources: disable dataAvail, complete a command.
+        w32(
+            &mut t,
+            0,
+            INT_ENABLE,
+            int::GLOBAL_ENABLE | int::COMMAND_READY,
+        );
+        feed(&mut t, &command(10, 0x99));
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(r32(&mut t, 0, INT_STATUS), 0);
+        // Locality change, on the locality that gains the TPM.
+        w32(
+            &mut t,
+            1,
+            INT_ENABLE,
+            int::GLOBAL_ENABLE | int::LOCALITY_CHANGE,
+        );
+        assert_eq!(
+            r32(&mut t, 1, INT_ENABLE),
+            int::POLARITY_LOW_LEVEL,
+            "not active: ignored"
+        );
+        w8(&mut t, 0, ACCESS, access::ACTIVE_LOCALITY);
+        w8(&mut t, 1, ACCESS, access::REQUEST_USE);
+        w32(
+            &mut t,
+            1,
+            INT_ENABLE,
+            int::GLOBAL_ENABLE | int::LOCALITY_CHANGE,
+        );
+        w8(&mut t, 1, ACCESS, access::ACTIVE_LOCALITY);
+        w8(&mut t, 1, ACCESS, access::REQUEST_USE);
+        assert_eq!(r32(&mut t, 1, INT_STATUS), int::LOCALITY_CHANGE);
+        assert_eq!(t.pending_interrupt(), Some(7));
+        // INT_VECTOR 0: no line to report.
+        w8(&mut t, 1, INT_VECTOR, 0);
+        assert_eq!(t.pending_interrupt(), None);
+    }
+
+    #[test]
+    fn hostile_access_sequences_never_break_the_model() {
+        // A deterministic pseudo-random walk over offsets, sizes and values,
+        // biased toward the interesting registers.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let hot = [
+            ACCESS,
+            STS,
+            STS + 1,
+            FIFO,
+            XFIFO,
+            INT_ENABLE,
+            INT_STATUS,
+            0x26,
+            0x82,
+        ];
+        let mut t = tis();
+        for i in 0..200_000 {
+            let r = next();
+            let locality = (r % 6) as u8;
+            let reg = if r & 0x100 != 0 {
+                hot[((r >> 9) % hot.len() as u64) as usize]
+            } else {
+                (r >> 9) & 0xfff
+            };
+            let size = [1u8, 2, 4, 8, 3, 0, 9][((r >> 24) % 7) as usize];
+            let value = next();
+            let offset = (u64::from(locality) << 12) | reg;
+            if r & 0x200 != 0 {
+                t.write(offset, size, value);
+            } else {
+                let v = t.read(offset, size);
+                if size < 8 {
+                    assert_eq!(v >> (8 * u32::from(size)), 0, "step {i}");
+                }
+            }
+            // Occasionally a plausible command, so that execution happens.
+            if i % 1000 == 0 {
+                if let Some(l) = t.active_locality() {
+                    w8(&mut t, l, STS, READY);
+                    for b in command(10 + (r % 50) as usize, 0x99) {
+                        w8(&mut t, l, FIFO, b);
+                    }
+                    w8(&mut t, l, STS, sts::GO);
+                }
+            }
+            assert!(t.pos <= t.len && t.len <= BUFFER_SIZE, "step {i}");
+            let burst = (r32(&mut t, 0, STS) >> 8) & 0xffff;
+            assert!(burst <= u32::from(MAX_BURST) || burst == 0xffff);
+        }
+        assert!(t.backend().commands.len() > 10);
+        for (l, c) in &t.backend().commands {
+            assert!(*l < 4);
+            assert!((HEADER_SIZE..=BUFFER_SIZE).contains(&c.len()));
+            assert_eq!(
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]) as usize,
+                c.len()
+            );
+        }
+    }
 }

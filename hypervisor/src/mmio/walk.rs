@@ -238,6 +238,12 @@ pub mod testing {
         next_table: u64,
     }
 
+    impl Default for TestGuest {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl TestGuest {
         /// RAM at 0..4 MiB, an empty PML4 at 0x1000, tables from 0x2000 on.
         pub fn new() -> Self {
@@ -431,7 +437,7 @@ mod tests {
             translate(&g.memory, &g.phys, &far, va),
             Err(WalkError::OutsideRam {
                 linear: va,
-                gpa: 0x8000_0000 + 8
+                gpa: 0x8000_0000 // PML4 entry 0
             })
         );
         // A PDE pointing to a page table far beyond RAM (and beyond any host buffer).
