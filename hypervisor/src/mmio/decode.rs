@@ -93,8 +93,12 @@ pub enum DecodeError {
     Truncated,
     /// Not a valid instruction in this mode.
     Invalid,
-    /// A valid instruction that is not emulated: its text and why.
-    Unsupported { text: String, why: &'static str },
+    /// A valid instruction of `len` bytes that is not emulated: its text and why.
+    Unsupported {
+        text: String,
+        len: u8,
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -187,6 +191,7 @@ pub fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Result<Decoded, DecodeErr
     }
     let unsupported = |why| DecodeError::Unsupported {
         text: describe(&instruction),
+        len: instruction.len() as u8,
         why,
     };
     let Some((kind, size)) = form(instruction.code()) else {
@@ -650,7 +655,9 @@ mod tests {
     fn refused_instructions_name_themselves() {
         for &(bytes, text, why) in REFUSED {
             match decode(bytes, 64, 0) {
-                Err(DecodeError::Unsupported { text: t, why: w }) => {
+                Err(DecodeError::Unsupported {
+                    text: t, why: w, ..
+                }) => {
                     assert_eq!(t, text);
                     assert!(w.contains(why), "{text}: {w}");
                 }
