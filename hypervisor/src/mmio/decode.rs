@@ -11,7 +11,9 @@
 //! Everything else is refused with the instruction's text, never skipped:
 //! string instructions (MOVS, STOS, LODS, ...), read-modify-write
 //! instructions (ADD, OR, AND, INC, XCHG, CMPXCHG, ... with or without LOCK),
-//! and SSE/AVX moves. XCHG with memory is refused: it is an atomic
+//! and SSE/AVX moves; EVEX (AVX-512), XOP and 3DNow! encodings are not
+//! decoded at all (iced's `no_evex`, `no_xop`, `no_d3now`, for size) and are
+//! refused as invalid. XCHG with memory is refused: it is an atomic
 //! read-modify-write (implicitly locked) whose two halves would both reach
 //! the device, which no driver of a TIS or similar register file does.
 

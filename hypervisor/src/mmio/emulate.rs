@@ -185,36 +185,14 @@ pub fn emulate(
         }
     };
     error.len = decoded.len;
-    error.text = Some(decode::describe(&decoded.instruction));
     let op = decoded.op;
+    if let Err(reason) = check(vcpu, exit, &decoded, base) {
+        // Only now is the text worth an allocation.
+        error.text = Some(decode::describe(&decoded.instruction));
+        return fail(error, reason);
+    }
+    let offset = gpa.wrapping_sub(base);
     let size = op.size();
-
-    let access = ViolationInfo::from_qualification(exit.qualification).access;
-    let expected = if op.is_store() {
-        Access::Write
-    } else {
-        Access::Read
-    };
-    if access != expected {
-        return fail(
-            error,
-            Reason::Direction {
-                access,
-                store: op.is_store(),
-            },
-        );
-    }
-    let Some(offset) = gpa.checked_sub(base) else {
-        return fail(error, Reason::OutsideWindow { base });
-    };
-    if (gpa & (PAGE_SIZE - 1)) + u64::from(size) > PAGE_SIZE {
-        return fail(error, Reason::CrossesPage { size });
-    }
-    if let Some(linear) = operand_address(vcpu, &decoded.instruction) {
-        if linear & (PAGE_SIZE - 1) != gpa & (PAGE_SIZE - 1) {
-            return fail(error, Reason::AddressMismatch { linear });
-        }
-    }
 
     let mask = size_mask(size);
     let value = match op {
@@ -247,6 +225,42 @@ pub fn emulate(
         value,
         len: decoded.len,
     })
+}
+
+/// Whether the decoded instruction is the access the processor reported.
+fn check(
+    vcpu: &mut dyn VcpuState,
+    exit: &ExitInfo,
+    decoded: &decode::Decoded,
+    base: u64,
+) -> Result<(), Reason> {
+    let op = decoded.op;
+    let gpa = exit.guest_physical;
+    let access = ViolationInfo::from_qualification(exit.qualification).access;
+    let expected = if op.is_store() {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    if access != expected {
+        return Err(Reason::Direction {
+            access,
+            store: op.is_store(),
+        });
+    }
+    if gpa < base {
+        return Err(Reason::OutsideWindow { base });
+    }
+    let size = op.size();
+    if (gpa & (PAGE_SIZE - 1)) + u64::from(size) > PAGE_SIZE {
+        return Err(Reason::CrossesPage { size });
+    }
+    if let Some(linear) = operand_address(vcpu, &decoded.instruction) {
+        if linear & (PAGE_SIZE - 1) != gpa & (PAGE_SIZE - 1) {
+            return Err(Reason::AddressMismatch { linear });
+        }
+    }
+    Ok(())
 }
 
 /// The code segment's default size: 64 in IA-32e mode with CS.L, else 32
