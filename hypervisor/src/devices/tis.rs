@@ -375,12 +375,13 @@ impl<B: TpmBackend> Tis<B> {
         if info.read == ReadRule::Active && self.active != Some(locality) {
             return ones;
         }
+        let l = usize::from(locality);
         let value = match info.register {
             Register::DataFifo | Register::XDataFifo => return self.fifo_read(n),
             Register::Access => u32::from(self.access_value(locality)),
-            Register::IntEnable => self.int_enable[usize::from(locality)],
+            Register::IntEnable => self.int_enable.get(l).copied().unwrap_or(0),
             Register::IntVector => u32::from(self.int_vector),
-            Register::IntStatus => self.int_status[usize::from(locality)],
+            Register::IntStatus => self.int_status.get(l).copied().unwrap_or(0),
             Register::IntfCapability => INTF_CAPABILITY,
             Register::Sts => self.sts_value(),
             Register::InterfaceId => INTERFACE_ID,
@@ -408,11 +409,16 @@ impl<B: TpmBackend> Tis<B> {
             Register::Access if lane == 0 => self.access_write(locality, piece as u8),
             Register::IntEnable => {
                 let writable = int::GLOBAL_ENABLE | int::POLARITY_MASK | int::SOURCES;
-                let old = self.int_enable[l];
-                self.int_enable[l] = ((old & !lanes) | (bits & lanes)) & writable;
+                if let Some(enable) = self.int_enable.get_mut(l) {
+                    *enable = ((*enable & !lanes) | (bits & lanes)) & writable;
+                }
             }
             Register::IntVector if lane == 0 => self.int_vector = piece as u8 & 0xf,
-            Register::IntStatus => self.int_status[l] &= !(bits & lanes),
+            Register::IntStatus => {
+                if let Some(status) = self.int_status.get_mut(l) {
+                    *status &= !(bits & lanes);
+                }
+            }
             // Lanes 1..=3 hold burstCount (read-only) and TIS 1.3's
             // commandCancel/resetEstablishment, which are TPM 2.0 only.
             Register::Sts if lane == 0 => self.sts_write(piece as u8),
@@ -501,12 +507,11 @@ impl<B: TpmBackend> Tis<B> {
 
     /// `paramSize` from the header, once its bytes are there.
     fn param_size(&self) -> Option<usize> {
-        let b = self.buffer.get(2..6)?;
         if self.len < 6 {
             return None;
         }
-        let size = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        usize::try_from(size).ok()
+        let b = <[u8; 4]>::try_from(self.buffer.get(2..6)?).ok()?;
+        usize::try_from(u32::from_be_bytes(b)).ok()
     }
 
     fn size_acceptable(size: usize) -> bool {
