@@ -979,4 +979,57 @@ mod tests {
         assert!(alloc::format!("{e}")
             .starts_with("cannot emulate the instruction (8b 05 12 10) at rip"));
     }
+
+    #[test]
+    fn random_bytes_never_panic_and_never_half_emulate() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut emulated = 0;
+        let mut s = setup(&[]);
+        for i in 0..20_000 {
+            let mut code = [0u8; 15];
+            for b in code.iter_mut() {
+                *b = next() as u8;
+            }
+            // Bias toward the opcodes of interest, with random prefixes.
+            let op = [
+                0x88u8, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0xa0, 0xa1, 0xa2, 0xa3, 0x0f, 0x63,
+            ];
+            let r = next();
+            let at = (r % 3) as usize;
+            code[at] = op[((r >> 8) % op.len() as u64) as usize];
+            s.g.write(CODE_GPA, &code);
+            s.v.write(Field::Rip, CODE_VA);
+            s.dev.log.clear();
+            for reg in 0..16u8 {
+                s.v.regs.set(reg, next());
+            }
+            let offset = next() % 0x5000;
+            let qualification = [READ, WRITE, 4][(next() % 3) as usize];
+            let regs = s.v.regs;
+            let rsp = s.v.read(Field::Rsp);
+            match run(&mut s, qualification, offset) {
+                Ok(done) => {
+                    emulated += 1;
+                    assert_eq!(s.dev.log.len(), 1, "step {i}: {code:x?}");
+                    assert_eq!(s.v.read(Field::Rip), CODE_VA + u64::from(done.len));
+                    assert!((1..=15).contains(&done.len));
+                }
+                Err(e) => {
+                    assert!(s.dev.log.is_empty(), "step {i}: {e}");
+                    assert_eq!(s.v.regs, regs);
+                    assert_eq!(s.v.read(Field::Rsp), rsp);
+                    assert_eq!(s.v.read(Field::Rip), CODE_VA);
+                    assert!(!alloc::format!("{e}").is_empty());
+                }
+            }
+        }
+        // Random addresses rarely match the faulting page offset, but some do.
+        assert!(emulated > 0);
+    }
 }
