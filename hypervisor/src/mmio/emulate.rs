@@ -1013,7 +1013,17 @@ mod tests {
             let qualification = [READ, WRITE, 4][(next() % 3) as usize];
             let regs = s.v.regs;
             let rsp = s.v.read(Field::Rsp);
-            match run(&mut s, qualification, offset) {
+            let mut result = run(&mut s, qualification, offset);
+            // Retry at the operand's own page offset, so that many succeed.
+            if let Err(MmioError {
+                reason: Reason::AddressMismatch { linear },
+                ..
+            }) = result
+            {
+                let offset = (offset & !0xfff) | (linear & 0xfff);
+                result = run(&mut s, qualification, offset);
+            }
+            match result {
                 Ok(done) => {
                     emulated += 1;
                     assert_eq!(s.dev.log.len(), 1, "step {i}: {code:x?}");
@@ -1029,7 +1039,6 @@ mod tests {
                 }
             }
         }
-        // Random addresses rarely match the faulting page offset, but some do.
-        assert!(emulated > 0);
+        assert!(emulated > 1000, "{emulated}");
     }
 }
