@@ -1041,4 +1041,79 @@ mod tests {
         }
         assert!(emulated > 1000, "{emulated}");
     }
+
+    /// A TPM that answers every command with its ordinal as a 14-byte response.
+    struct Echo(Vec<Vec<u8>>);
+
+    impl crate::devices::tis::TpmBackend for Echo {
+        fn execute(&mut self, _locality: u8, command: &[u8]) -> Vec<u8> {
+            self.0.push(command.to_vec());
+            let mut r = alloc::vec![0, 0xc4, 0, 0, 0, 14, 0, 0, 0, 0];
+            r.extend_from_slice(&command[6..10]);
+            r
+        }
+    }
+
+    /// Runs one instruction (as Linux's readb/readl/writeb/writel compile
+    /// on x86-64) against the TIS through `emulate`.
+    fn tis_access(
+        s: &mut Setup,
+        tis: &mut crate::devices::tis::Tis<Echo>,
+        (code, store): (&[u8], bool),
+        offset: u64,
+        value: u64,
+    ) -> u64 {
+        s.g.write(CODE_GPA, code);
+        s.v.write(Field::Rip, CODE_VA);
+        s.v.regs.rdi = MMIO_VA + (offset & 0xfff);
+        s.v.regs.rsi = value;
+        s.v.regs.rax = 0xdead_beef_dead_beef;
+        let e = exit(if store { WRITE } else { READ }, offset);
+        emulate(&mut s.v, &e, &s.g.memory, &s.g.phys, tis, WINDOW).unwrap();
+        s.v.regs.rax
+    }
+
+    #[test]
+    fn a_tpm_command_through_trapped_instructions() {
+        const READB: (&[u8], bool) = (&[0x8a, 0x07], false); // mov al, [rdi]
+        const READL: (&[u8], bool) = (&[0x8b, 0x07], false); // mov eax, [rdi]
+        const WRITEB: (&[u8], bool) = (&[0x40, 0x88, 0x37], true); // mov [rdi], sil
+        const WRITEL: (&[u8], bool) = (&[0x89, 0x37], true); // mov [rdi], esi
+        let mut s = setup(&[]);
+        let mut tis = crate::devices::tis::Tis::new(Echo(Vec::new()), 0);
+        let t = &mut tis;
+        assert_eq!(
+            tis_access(&mut s, t, READL, 0xf00, 0),
+            0x0001_1014,
+            "DID_VID"
+        );
+        tis_access(&mut s, t, WRITEB, 0x000, 0x02);
+        // readb merges into RAX; readl zero-extends.
+        assert_eq!(
+            tis_access(&mut s, t, READB, 0x000, 0),
+            0xdead_beef_dead_bea1
+        );
+        tis_access(&mut s, t, WRITEB, 0x018, 0x40);
+        assert_eq!(
+            tis_access(&mut s, t, READL, 0x018, 0),
+            0xffc0,
+            "burstCount 255, ready"
+        );
+        let cmd = [0x00, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x46];
+        for b in cmd {
+            tis_access(&mut s, t, WRITEB, 0x024, u64::from(b));
+        }
+        assert_eq!(
+            tis_access(&mut s, t, READB, 0x018, 0) & 0xff,
+            0x80,
+            "Expect 0"
+        );
+        tis_access(&mut s, t, WRITEL, 0x018, 0x20);
+        let mut rsp = Vec::new();
+        while tis_access(&mut s, t, READB, 0x018, 0) & 0x10 != 0 {
+            rsp.push(tis_access(&mut s, t, READB, 0x024, 0) as u8);
+        }
+        assert_eq!(rsp, [0, 0xc4, 0, 0, 0, 14, 0, 0, 0, 0, 0, 0, 0, 0x46]);
+        assert_eq!(tis.backend().0, [cmd.to_vec()]);
+    }
 }
