@@ -299,6 +299,18 @@ impl<B: TpmBackend> Tis<B> {
         }
     }
 
+    /// Back to the power-on state (platform reset); the backend and the
+    /// statistics are kept, INT_VECTOR too (it is wiring, not state).
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.requests = 0;
+        self.seized = 0;
+        self.int_enable = [int::POLARITY_LOW_LEVEL; GUEST_LOCALITIES as usize];
+        self.int_status = [0; GUEST_LOCALITIES as usize];
+        self.buffer.fill(0);
+        self.reset_command(State::Idle);
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -493,6 +505,8 @@ impl<B: TpmBackend> Tis<B> {
         }
         self.active = locality;
         self.reset_command(State::Idle);
+        // Nothing of the previous owner's command or response stays behind.
+        self.buffer.fill(0);
         if let Some(l) = locality {
             self.raise(l, int::LOCALITY_CHANGE);
         }
@@ -1631,6 +1645,43 @@ mod tests {
         // INT_VECTOR 0: no line to report.
         w8(&mut t, 1, INT_VECTOR, 0);
         assert_eq!(t.pending_interrupt(), None);
+    }
+
+    #[test]
+    fn reset_returns_to_power_on_state() {
+        let mut t = Tis::new(Recorder::default(), 5);
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 1, ACCESS, access::REQUEST_USE);
+        w32(&mut t, 0, INT_ENABLE, int::GLOBAL_ENABLE | int::DATA_AVAIL);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(10, 0x99));
+        w8(&mut t, 0, STS, sts::GO);
+        assert_eq!(t.pending_interrupt(), Some(5));
+        t.reset();
+        assert_eq!(t.active_locality(), None);
+        assert_eq!(t.state(), State::Idle);
+        assert_eq!(t.pending_interrupt(), None);
+        for l in 0..4 {
+            assert_eq!(r8(&mut t, l, ACCESS), access::VALID | access::ESTABLISHMENT);
+            assert_eq!(r32(&mut t, l, INT_ENABLE), int::POLARITY_LOW_LEVEL);
+            assert_eq!(r32(&mut t, l, INT_STATUS), 0);
+        }
+        assert!(t.buffer.iter().all(|&b| b == 0));
+        assert_eq!(r8(&mut t, 0, INT_VECTOR), 5);
+        assert_eq!(t.backend().commands.len(), 1, "the backend is kept");
+    }
+
+    #[test]
+    fn a_locality_change_wipes_the_buffer() {
+        let mut t = tis();
+        answer(&mut t, &response(40));
+        w8(&mut t, 0, ACCESS, access::REQUEST_USE);
+        w8(&mut t, 0, STS, READY);
+        feed(&mut t, &command(30, 0x99));
+        w8(&mut t, 0, STS, sts::GO);
+        assert!(t.buffer.iter().any(|&b| b != 0));
+        w8(&mut t, 0, ACCESS, access::ACTIVE_LOCALITY);
+        assert!(t.buffer.iter().all(|&b| b == 0));
     }
 
     #[test]
