@@ -139,8 +139,13 @@ impl fmt::Display for MmioError {
 
 /// Emulates the access that caused `exit` (an EPT violation at
 /// `exit.guest_physical`) against `device`, whose window starts at
-/// guest-physical `base`. On success the destination register (loads) is
-/// written and RIP is past the instruction; on error nothing changed.
+/// guest-physical `base`. The caller has checked that the address is inside
+/// the window; the device gets `gpa - base` and must itself answer offsets
+/// near its end (an access may run past it, never past the page). On
+/// success the destination register (loads) is written and RIP is past the
+/// instruction, with the STI/MOV-SS shadow ended; on error nothing changed.
+///
+/// Allocation-free unless it fails.
 pub fn emulate(
     vcpu: &mut dyn VcpuState,
     exit: &ExitInfo,
