@@ -18,6 +18,7 @@ pub mod exits;
 pub mod guest;
 pub mod integrity;
 pub mod mm;
+pub mod mmio;
 pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]

@@ -1,2 +1,3 @@
 //! Emulated devices.
+pub mod tis;
 pub mod uart;
