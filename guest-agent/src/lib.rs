@@ -53,6 +53,10 @@ pub enum Call {
     /// RBX = address of an array of [`integrity::ViolationRecord`], RCX =
     /// how many fit. Returns how many were written; RBX = records dropped so far.
     ViolationsRead = 0x15,
+    /// Reads the measured-launch event log (TCG 1.2 format): RBX = buffer
+    /// address, RCX = buffer size (at most 64 KiB), RDX = offset in the log.
+    /// Copies what fits and returns the log's total size.
+    EventLogRead = 0x20,
 }
 
 impl Call {
@@ -67,6 +71,7 @@ impl Call {
             0x13 => Self::ModuleLive,
             0x14 => Self::ModuleUnregister,
             0x15 => Self::ViolationsRead,
+            0x20 => Self::EventLogRead,
             _ => return None,
         })
     }
@@ -185,6 +190,7 @@ mod tests {
             Call::ModuleLive,
             Call::ModuleUnregister,
             Call::ViolationsRead,
+            Call::EventLogRead,
         ] {
             assert_eq!(Call::from_raw(call as u64), Some(call));
         }

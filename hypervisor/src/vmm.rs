@@ -316,7 +316,7 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 // VMLAUNCH/VMRESUME itself failed (bad control or host state).
                 break Action::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
             }
-            let mut ctx = ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host };
+            let mut ctx = ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host, phys: &Identity };
             let action = exits::dispatch(&mut ctx);
             let action = match (action, failure) {
                 (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {

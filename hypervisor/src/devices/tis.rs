@@ -186,14 +186,7 @@ const fn reg(
     read: ReadRule,
     write: WriteRule,
 ) -> RegisterInfo {
-    RegisterInfo {
-        offset,
-        width,
-        name,
-        register,
-        read,
-        write,
-    }
+    RegisterInfo { offset, width, name, register, read, write }
 }
 
 /// The registers present in localities 0..=3 (TIS 1.2 table 6, plus TIS
@@ -208,14 +201,7 @@ pub const REGISTERS: [RegisterInfo; 11] = {
         reg(0x008, 4, "INT_ENABLE", IntEnable, R::Any, W::Active),
         reg(0x00c, 1, "INT_VECTOR", IntVector, R::Any, W::Active),
         reg(0x010, 4, "INT_STATUS", IntStatus, R::Any, W::Active),
-        reg(
-            0x014,
-            4,
-            "INTF_CAPABILITY",
-            IntfCapability,
-            R::Any,
-            W::ReadOnly,
-        ),
+        reg(0x014, 4, "INTF_CAPABILITY", IntfCapability, R::Any, W::ReadOnly),
         reg(0x018, 4, "STS", Sts, R::Active, W::Active),
         reg(0x024, 4, "DATA_FIFO", DataFifo, R::Active, W::Active),
         reg(0x030, 4, "INTERFACE_ID", InterfaceId, R::Any, W::ReadOnly),
@@ -477,9 +463,7 @@ impl<B: TpmBackend> Tis<B> {
         if value & access::ACTIVE_LOCALITY != 0 {
             if self.active == Some(locality) {
                 // Relinquish: hand over to the highest locality waiting.
-                let next = (0..GUEST_LOCALITIES)
-                    .rev()
-                    .find(|&l| self.requests & (1 << l) != 0);
+                let next = (0..GUEST_LOCALITIES).rev().find(|&l| self.requests & (1 << l) != 0);
                 if let Some(n) = next {
                     self.requests &= !(1 << n);
                 }
@@ -581,9 +565,7 @@ impl<B: TpmBackend> Tis<B> {
                 }
             }
             // Ignored while Expect is 1 or outside reception.
-            sts::GO if self.state == State::Reception && !self.expecting() => {
-                self.execute(locality)
-            }
+            sts::GO if self.state == State::Reception && !self.expecting() => self.execute(locality),
             sts::RESPONSE_RETRY if self.state == State::Completion => self.pos = 0,
             _ => {}
         }
@@ -684,8 +666,7 @@ impl<B: TpmBackend> Tis<B> {
 
     fn raise(&mut self, locality: u8, events: u32) {
         let l = usize::from(locality);
-        if let (Some(&enable), Some(status)) = (self.int_enable.get(l), self.int_status.get_mut(l))
-        {
+        if let (Some(&enable), Some(status)) = (self.int_enable.get(l), self.int_status.get_mut(l)) {
             if enable & int::GLOBAL_ENABLE != 0 {
                 *status |= events & enable & int::SOURCES;
             }
@@ -757,9 +738,7 @@ mod tests {
     impl TpmBackend for Recorder {
         fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
             self.commands.push((locality, command.to_vec()));
-            self.answers
-                .pop_front()
-                .unwrap_or_else(|| vec![0, 0xc4, 0, 0, 0, 10, 0, 0, 0, 0])
+            self.answers.pop_front().unwrap_or_else(|| vec![0, 0xc4, 0, 0, 0, 10, 0, 0, 0, 0])
         }
     }
 
@@ -810,19 +789,19 @@ mod tests {
 
     /// The TPM2_GetCapability(TPM_PT_TOTAL_COMMANDS) that tpm2_probe sends.
     const TPM2_PROBE: [u8; 22] = [
-        0x80, 0x01, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x01, 0x7a, 0x00, 0x00, 0x00, 0x06, 0x00,
-        0x00, 0x01, 0x29, 0x00, 0x00, 0x00, 0x01,
+        0x80, 0x01, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x01, 0x7a, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x01, 0x29,
+        0x00, 0x00, 0x00, 0x01,
     ];
     /// libtpms' TPM 1.2 answer to it: TPM_BAD_ORDINAL.
     const BAD_ORDINAL: [u8; 10] = [0x00, 0xc4, 0x00, 0x00, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x0a];
     /// TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_TIS_TIMEOUT).
     const GETCAP_TIMEOUTS: [u8; 22] = [
-        0x00, 0xc1, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x00, 0x65, 0x00, 0x00, 0x00, 0x05, 0x00,
-        0x00, 0x00, 0x04, 0x00, 0x00, 0x01, 0x15,
+        0x00, 0xc1, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x00, 0x65, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x04,
+        0x00, 0x00, 0x01, 0x15,
     ];
     const TIMEOUTS_ANSWER: [u8; 30] = [
-        0x00, 0xc4, 0x00, 0x00, 0x00, 0x1e, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00,
-        0x0b, 0x71, 0xb0, 0x00, 0x1e, 0x84, 0x80, 0x00, 0x0b, 0x71, 0xb0, 0x00, 0x0b, 0x71, 0xb0,
+        0x00, 0xc4, 0x00, 0x00, 0x00, 0x1e, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x0b, 0x71, 0xb0,
+        0x00, 0x1e, 0x84, 0x80, 0x00, 0x0b, 0x71, 0xb0, 0x00, 0x0b, 0x71, 0xb0,
     ];
 
     /// Linux's tpm_tis_core.c, step by step, against the model. Polling
@@ -844,12 +823,7 @@ mod tests {
 
     impl<'a> Linux<'a> {
         fn new(t: &'a mut Tis<Recorder>) -> Self {
-            Linux {
-                t,
-                l: 0,
-                bursts: Vec::new(),
-                chunks: Vec::new(),
-            }
+            Linux { t, l: 0, bursts: Vec::new(), chunks: Vec::new() }
         }
 
         fn check_locality(&mut self) -> bool {
@@ -1019,10 +993,7 @@ mod tests {
         let mut linux = Linux::new(&mut t);
         // tpm_tis_core_init()
         assert_eq!(r32(linux.t, 0, DIDVID), 0x0001_1014);
-        assert_eq!(
-            r8(linux.t, 0, ACCESS),
-            access::VALID | access::ESTABLISHMENT
-        );
+        assert_eq!(r8(linux.t, 0, ACCESS), access::VALID | access::ESTABLISHMENT);
         let mut intmask = r32(linux.t, 0, INT_ENABLE);
         assert_eq!(intmask, int::POLARITY_LOW_LEVEL);
         let caps = r32(linux.t, 0, INTF_CAPS);
@@ -1034,20 +1005,13 @@ mod tests {
         }
         intmask &= !int::GLOBAL_ENABLE;
         linux.request_locality().unwrap();
-        assert_eq!(
-            r8(linux.t, 0, ACCESS),
-            access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT
-        );
+        assert_eq!(r8(linux.t, 0, ACCESS), access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT);
         w32(linux.t, 0, INT_ENABLE, intmask);
         assert_eq!(r32(linux.t, 0, INT_ENABLE), 0x8f);
         linux.relinquish();
         assert_eq!(linux.t.active_locality(), None);
         // tpm_chip_start(); tpm2_probe(); tpm_chip_stop()
-        linux
-            .t
-            .backend_mut()
-            .answers
-            .push_back(BAD_ORDINAL.to_vec());
+        linux.t.backend_mut().answers.push_back(BAD_ORDINAL.to_vec());
         let rsp = linux.command(&TPM2_PROBE).unwrap();
         assert_eq!(rsp, BAD_ORDINAL);
         assert_ne!(u16::from_be_bytes([rsp[0], rsp[1]]), 0x8001, "a TPM 1.2");
@@ -1058,10 +1022,7 @@ mod tests {
         assert_eq!(r8(linux.t, 0, RIDREG), RID);
         // probe_itpm(): not Intel, so no iTPM probing.
         assert_eq!(r16(linux.t, 0, DIDVID), 0x1014);
-        assert_eq!(
-            r8(linux.t, 0, ACCESS),
-            access::VALID | access::ESTABLISHMENT
-        );
+        assert_eq!(r8(linux.t, 0, ACCESS), access::VALID | access::ESTABLISHMENT);
         assert_eq!(r32(linux.t, 0, IFACE_ID), 0xffff_ffff);
     }
 
@@ -1075,10 +1036,7 @@ mod tests {
         assert_eq!(rsp, TIMEOUTS_ANSWER);
         assert_eq!(linux.bursts, [255, 30, 20]);
         assert_eq!(linux.chunks, [21, 10, 20]);
-        assert_eq!(
-            linux.t.backend().commands,
-            vec![(0, GETCAP_TIMEOUTS.to_vec())]
-        );
+        assert_eq!(linux.t.backend().commands, vec![(0, GETCAP_TIMEOUTS.to_vec())]);
         // After the driver's final commandReady and relinquish: idle, no locality.
         assert_eq!(linux.t.state(), State::Idle);
         let stats = linux.t.stats;
@@ -1112,19 +1070,12 @@ mod tests {
         }
         w8(&mut t, 0, STS, sts::GO);
         assert_eq!(t.backend().commands[0].1, cmd);
-        assert_eq!(
-            r32(&mut t, 0, STS),
-            (10 << 8) | u32::from(VALID | DATA_AVAIL)
-        );
+        assert_eq!(r32(&mut t, 0, STS), (10 << 8) | u32::from(VALID | DATA_AVAIL));
         for left in (1..=10u32).rev() {
             assert_eq!(r32(&mut t, 0, STS) >> 8, left);
             r8(&mut t, 0, FIFO);
         }
-        assert_eq!(
-            r32(&mut t, 0, STS),
-            u32::from(VALID),
-            "dataAvail 0 after the last byte"
-        );
+        assert_eq!(r32(&mut t, 0, STS), u32::from(VALID), "dataAvail 0 after the last byte");
     }
 
     #[test]
@@ -1230,15 +1181,8 @@ mod tests {
         let mut t = tis();
         let mut linux = Linux::new(&mut t);
         linux.request_locality().unwrap();
-        assert_eq!(
-            linux.send_data(&command(5000, 0x14)),
-            Err("TPM_STS_DATA_EXPECT should be set")
-        );
-        assert_eq!(
-            linux.t.state(),
-            State::Ready,
-            "the driver aborted with commandReady"
-        );
+        assert_eq!(linux.send_data(&command(5000, 0x14)), Err("TPM_STS_DATA_EXPECT should be set"));
+        assert_eq!(linux.t.state(), State::Ready, "the driver aborted with commandReady");
     }
 
     #[test]
@@ -1331,10 +1275,7 @@ mod tests {
         let first: Vec<u8> = (0..12).map(|_| r8(&mut t, 0, FIFO)).collect();
         assert_eq!(first, response(16)[..12]);
         w8(&mut t, 0, STS, sts::RESPONSE_RETRY);
-        assert_eq!(
-            r32(&mut t, 0, STS),
-            (16 << 8) | u32::from(VALID | DATA_AVAIL)
-        );
+        assert_eq!(r32(&mut t, 0, STS), (16 << 8) | u32::from(VALID | DATA_AVAIL));
         assert_eq!(read_all(&mut t), response(16));
         w8(&mut t, 0, STS, sts::RESPONSE_RETRY);
         assert_eq!(read_all(&mut t), response(16), "again after a full read");
@@ -1356,11 +1297,7 @@ mod tests {
         let cmd = command(10, 0x99);
         feed(&mut t, &cmd);
         w8(&mut t, 0, STS, sts::GO);
-        assert_eq!(
-            t.backend().commands,
-            vec![(0, cmd)],
-            "the aborted bytes are gone"
-        );
+        assert_eq!(t.backend().commands, vec![(0, cmd)], "the aborted bytes are gone");
         w8(&mut t, 0, STS, READY);
         assert_eq!(r8(&mut t, 0, STS), VALID | READY);
         assert_eq!(r8(&mut t, 0, FIFO), 0xff, "the response is gone");
@@ -1377,14 +1314,8 @@ mod tests {
         assert_eq!(t.active_locality(), Some(0));
         w8(&mut t, 2, ACCESS, access::SEIZE);
         assert_eq!(t.active_locality(), Some(2));
-        assert_eq!(
-            r8(&mut t, 0, ACCESS),
-            access::VALID | access::BEEN_SEIZED | access::ESTABLISHMENT
-        );
-        assert_eq!(
-            r8(&mut t, 2, ACCESS),
-            access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT
-        );
+        assert_eq!(r8(&mut t, 0, ACCESS), access::VALID | access::BEEN_SEIZED | access::ESTABLISHMENT);
+        assert_eq!(r8(&mut t, 2, ACCESS), access::VALID | access::ACTIVE_LOCALITY | access::ESTABLISHMENT);
         // Locality 0's command is gone, and its registers are closed to it.
         assert_eq!(t.state(), State::Idle);
         assert_eq!(r8(&mut t, 0, STS), 0xff);
@@ -1399,10 +1330,7 @@ mod tests {
         // Locality 3 seizes from 2.
         w8(&mut t, 3, ACCESS, access::SEIZE | access::REQUEST_USE);
         assert_eq!(t.active_locality(), Some(3));
-        assert_eq!(
-            r8(&mut t, 2, ACCESS) & access::BEEN_SEIZED,
-            access::BEEN_SEIZED
-        );
+        assert_eq!(r8(&mut t, 2, ACCESS) & access::BEEN_SEIZED, access::BEEN_SEIZED);
         // The seizing locality's command goes to the backend as its own.
         w8(&mut t, 3, STS, READY);
         for b in command(10, 0x99) {
@@ -1421,10 +1349,7 @@ mod tests {
         assert_eq!(t.active_locality(), Some(0));
         assert_eq!(
             r8(&mut t, 0, ACCESS),
-            access::VALID
-                | access::PENDING_REQUEST
-                | access::ACTIVE_LOCALITY
-                | access::ESTABLISHMENT
+            access::VALID | access::PENDING_REQUEST | access::ACTIVE_LOCALITY | access::ESTABLISHMENT
         );
         assert_eq!(
             r8(&mut t, 1, ACCESS),
@@ -1484,11 +1409,7 @@ mod tests {
             for chunk in cmd.chunks(4) {
                 let mut word = [0u8; 4];
                 word[..chunk.len()].copy_from_slice(chunk);
-                t.write(
-                    at(0, fifo),
-                    chunk.len() as u8,
-                    u64::from(u32::from_le_bytes(word)),
-                );
+                t.write(at(0, fifo), chunk.len() as u8, u64::from(u32::from_le_bytes(word)));
             }
             assert_eq!(t.stats.accesses - before, 6);
             assert_eq!(r8(&mut t, 0, STS), VALID);
@@ -1513,11 +1434,7 @@ mod tests {
         let cmd = command(10, 0x99);
         feed(&mut t, &cmd[..8]);
         // 4 bytes when 2 are expected.
-        t.write(
-            at(0, XFIFO),
-            4,
-            0xdddd_0000 | u64::from(u16::from_le_bytes([cmd[8], cmd[9]])),
-        );
+        t.write(at(0, XFIFO), 4, 0xdddd_0000 | u64::from(u16::from_le_bytes([cmd[8], cmd[9]])));
         w8(&mut t, 0, STS, sts::GO);
         assert!(t.backend().commands.is_empty());
         assert_eq!(read_all(&mut t), BAD_PARAM_SIZE);
@@ -1609,35 +1526,16 @@ mod tests {
         assert_eq!(r32(&mut t, 0, INT_STATUS), int::COMMAND_READY);
         w32(&mut t, 0, INT_STATUS, int::COMMAND_READY);
         // Only the enabled sources: disable dataAvail, complete a command.
-        w32(
-            &mut t,
-            0,
-            INT_ENABLE,
-            int::GLOBAL_ENABLE | int::COMMAND_READY,
-        );
+        w32(&mut t, 0, INT_ENABLE, int::GLOBAL_ENABLE | int::COMMAND_READY);
         feed(&mut t, &command(10, 0x99));
         w8(&mut t, 0, STS, sts::GO);
         assert_eq!(r32(&mut t, 0, INT_STATUS), 0);
         // Locality change, on the locality that gains the TPM.
-        w32(
-            &mut t,
-            1,
-            INT_ENABLE,
-            int::GLOBAL_ENABLE | int::LOCALITY_CHANGE,
-        );
-        assert_eq!(
-            r32(&mut t, 1, INT_ENABLE),
-            int::POLARITY_LOW_LEVEL,
-            "not active: ignored"
-        );
+        w32(&mut t, 1, INT_ENABLE, int::GLOBAL_ENABLE | int::LOCALITY_CHANGE);
+        assert_eq!(r32(&mut t, 1, INT_ENABLE), int::POLARITY_LOW_LEVEL, "not active: ignored");
         w8(&mut t, 0, ACCESS, access::ACTIVE_LOCALITY);
         w8(&mut t, 1, ACCESS, access::REQUEST_USE);
-        w32(
-            &mut t,
-            1,
-            INT_ENABLE,
-            int::GLOBAL_ENABLE | int::LOCALITY_CHANGE,
-        );
+        w32(&mut t, 1, INT_ENABLE, int::GLOBAL_ENABLE | int::LOCALITY_CHANGE);
         w8(&mut t, 1, ACCESS, access::ACTIVE_LOCALITY);
         w8(&mut t, 1, ACCESS, access::REQUEST_USE);
         assert_eq!(r32(&mut t, 1, INT_STATUS), int::LOCALITY_CHANGE);
@@ -1695,26 +1593,12 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let hot = [
-            ACCESS,
-            STS,
-            STS + 1,
-            FIFO,
-            XFIFO,
-            INT_ENABLE,
-            INT_STATUS,
-            0x26,
-            0x82,
-        ];
+        let hot = [ACCESS, STS, STS + 1, FIFO, XFIFO, INT_ENABLE, INT_STATUS, 0x26, 0x82];
         let mut t = tis();
         for i in 0..200_000 {
             let r = next();
             let locality = (r % 6) as u8;
-            let reg = if r & 0x100 != 0 {
-                hot[((r >> 9) % hot.len() as u64) as usize]
-            } else {
-                (r >> 9) & 0xfff
-            };
+            let reg = if r & 0x100 != 0 { hot[((r >> 9) % hot.len() as u64) as usize] } else { (r >> 9) & 0xfff };
             let size = [1u8, 2, 4, 8, 3, 0, 9][((r >> 24) % 7) as usize];
             let value = next();
             let offset = (u64::from(locality) << 12) | reg;
@@ -1744,10 +1628,7 @@ mod tests {
         for (l, c) in &t.backend().commands {
             assert!(*l < 4);
             assert!((HEADER_SIZE..=BUFFER_SIZE).contains(&c.len()));
-            assert_eq!(
-                u32::from_be_bytes([c[2], c[3], c[4], c[5]]) as usize,
-                c.len()
-            );
+            assert_eq!(u32::from_be_bytes([c[2], c[3], c[4], c[5]]) as usize, c.len());
         }
     }
 }

@@ -8,11 +8,22 @@ pub use crate::arch::x86_64::vmx::ept::Access;
 use crate::arch::x86_64::vmx::ept::ViolationInfo;
 
 use super::{Action, ExitContext, StopReason};
+use crate::devices::tis;
+use crate::mmio;
 use crate::vcpu::Field;
 
 pub fn violation(ctx: &mut ExitContext<'_>) -> Action {
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     let gpa = ctx.exit.guest_physical;
+    let guest = &mut *ctx.guest;
+    if let Some(vtpm) = guest.vtpm.as_mut() {
+        if (tis::BASE..tis::BASE + tis::SIZE).contains(&gpa) {
+            return match mmio::emulate(ctx.vcpu, ctx.exit, &guest.memory, &ctx.phys, &mut vtpm.tis, tis::BASE) {
+                Ok(_) => Action::Resume,
+                Err(e) => Action::Stop(StopReason::Mmio(format!("{e}"))),
+            };
+        }
+    }
     Action::Stop(StopReason::EptViolation {
         gpa,
         access: info.access,
@@ -36,7 +47,7 @@ mod tests {
     use crate::exits::testing::run;
     use crate::guest::test_guest;
     use crate::vcpu::fake::FakeVcpu;
-    use crate::vcpu::ExitInfo;
+    use crate::vcpu::{ExitInfo, VcpuState};
 
     #[test]
     fn a_write_outside_guest_memory_stops_the_guest() {
@@ -59,6 +70,32 @@ mod tests {
                 guest_memory: false,
             })
         );
+    }
+
+    #[test]
+    fn the_tis_window_goes_to_the_vtpm_when_there_is_one() {
+        let exit = ExitInfo {
+            reason: reason::EPT_VIOLATION,
+            qualification: 1 << 0,
+            guest_physical: tis::BASE + 0xf00,
+            ..Default::default()
+        };
+        // No vTPM: an access outside guest memory like any other.
+        let mut g = test_guest();
+        let mut v = FakeVcpu::new();
+        assert!(matches!(run(&mut g, &mut v, exit), Action::Stop(StopReason::EptViolation { .. })));
+        // A vTPM: the access is emulated; here the guest has no page tables,
+        // so the instruction cannot be fetched and the guest stops with a clear report.
+        let mut g = test_guest();
+        g.vtpm = Some(crate::tpm::GuestTpm::new(alloc::boxed::Box::new(crate::tpm::fake::FakeTpm::default())));
+        let mut v = FakeVcpu::new();
+        v.write(crate::vcpu::Field::Cr0, 0x8000_0031);
+        v.write(crate::vcpu::Field::Efer, 0x500);
+        v.write(crate::vcpu::Field::CsAccessRights, 0xa09b);
+        match run(&mut g, &mut v, exit) {
+            Action::Stop(StopReason::Mmio(why)) => assert!(why.contains("cannot"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use guest_agent::{Call, Error, Registers, ABI_VERSION};
 
 use super::{Action, ExitContext, StopReason};
+use crate::guest::virt;
+use crate::mmio::walk::Paging;
 use crate::vcpu::{cpl, skip_instruction};
 
 /// A validated request.
@@ -16,7 +18,11 @@ pub enum Request {
     ModuleLive { id: u32 },
     ModuleUnregister { id: u32 },
     ViolationsRead { buffer: u64, count: u32 },
+    EventLogRead { buffer: u64, size: u32, offset: u32 },
 }
+
+/// Largest event-log read.
+pub const MAX_LOG_READ: u64 = 64 * 1024;
 
 /// At most this many violation records per read.
 pub const MAX_RECORDS_PER_READ: u32 = 1024;
@@ -63,7 +69,25 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
             let buffer = kernel_pointer(regs.rbx, u64::from(count) * VIOLATION_RECORD_SIZE as u64)?;
             Ok(Request::ViolationsRead { buffer, count })
         }
+        Call::EventLogRead => {
+            if regs.rcx > MAX_LOG_READ || regs.rdx > u64::from(u32::MAX) {
+                return Err(Error::InvalidArgument);
+            }
+            regs.rbx.checked_add(regs.rcx).ok_or(Error::BadAddress)?;
+            Ok(Request::EventLogRead { buffer: regs.rbx, size: regs.rcx as u32, offset: regs.rdx as u32 })
+        }
     }
+}
+
+/// Copies part of the event log into the guest; returns the log's size.
+fn read_event_log(ctx: &mut ExitContext<'_>, buffer: u64, size: u32, offset: u32) -> Result<u64, Error> {
+    let log = ctx.guest.vtpm.as_ref().ok_or(Error::NotPermitted)?.log.as_bytes();
+    let total = log.len() as u64;
+    let start = (offset as usize).min(log.len());
+    let end = start.saturating_add(size as usize).min(log.len());
+    let paging = Paging::from_vcpu(ctx.vcpu);
+    virt::write(&ctx.guest.memory, &ctx.phys, &paging, buffer, &log[start..end]).map_err(|_| Error::BadAddress)?;
+    Ok(total)
 }
 
 pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
@@ -81,6 +105,14 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             Action::Resume
         }
         Ok(Request::Shutdown { code }) => return Action::Stop(StopReason::Shutdown { code }),
+        Ok(Request::EventLogRead { buffer, size, offset }) => {
+            let status = match read_event_log(ctx, buffer, size, offset) {
+                Ok(total) => total,
+                Err(e) => e.code() as u64,
+            };
+            ctx.vcpu.regs().rax = status;
+            Action::Resume
+        }
         // Integrity calls need a guest with integrity views (pass-through Linux).
         Ok(_) => {
             ctx.vcpu.regs().rax = Error::NotPermitted.code() as u64;
@@ -164,6 +196,29 @@ mod tests {
         assert_eq!(v.regs.rbx, 1 << 40);
         let (_, v) = call(77, 0, 0);
         assert_eq!(v.regs.rax as i64, Error::UnknownCall.code());
+    }
+
+    #[test]
+    fn the_event_log_needs_a_vtpm_and_a_valid_buffer() {
+        let mut g = test_guest();
+        let mut v = FakeVcpu::new();
+        v.regs.rax = 0x20;
+        v.regs.rbx = 0x8000;
+        v.regs.rcx = 64;
+        let exit = ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() };
+        run(&mut g, &mut v, exit);
+        assert_eq!(v.regs.rax as i64, Error::NotPermitted.code());
+        // With a vTPM but no guest page tables, the buffer does not translate.
+        let mut vtpm = crate::tpm::GuestTpm::new(alloc::boxed::Box::new(crate::tpm::fake::FakeTpm::default()));
+        let event = crate::tpm::event_log::Event { pcr: 9, kind: 0xd, digest: [1; 20], data: alloc::vec![b'k'] };
+        vtpm.log.push(&event).unwrap();
+        g.vtpm = Some(vtpm);
+        v.regs.rax = 0x20;
+        v.write(Field::Cr0, 0x8000_0031);
+        v.write(Field::Efer, 0x500);
+        run(&mut g, &mut v, exit);
+        assert_eq!(v.regs.rax as i64, Error::BadAddress.code());
+        assert_eq!(decode(&Registers { rax: 0x20, rcx: 1 << 20, ..Default::default() }), Err(Error::InvalidArgument));
     }
 
     #[test]

@@ -115,7 +115,8 @@ mod tests {
             v.regs.rax = value;
             let host = FakeHost::default();
             let exit = ExitInfo { reason: reason::XSETBV, instruction_len: 3, ..Default::default() };
-            let mut ctx = ExitContext { guest: &mut g, vcpu: &mut v, exit: &exit, host: &host };
+            let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
+            let mut ctx = ExitContext { guest: &mut g, vcpu: &mut v, exit: &exit, host: &host, phys: &phys };
             assert_eq!(dispatch(&mut ctx), Action::Resume);
             assert_eq!(v.injected().is_none(), ok, "xcr{rcx} = {value:#x}");
             assert_eq!(*host.xcr0.borrow() == value, ok);

@@ -15,6 +15,7 @@ mod msr;
 use alloc::string::String;
 use core::fmt;
 
+use crate::guest::memory::HostPhys;
 use crate::guest::Guest;
 use crate::vcpu::{ExitInfo, VcpuState};
 
@@ -91,6 +92,8 @@ pub enum StopReason {
         what: &'static str,
         rip: u64,
     },
+    /// An access to an emulated MMIO window that cannot be emulated.
+    Mmio(String),
     LoadFailed(String),
     HypervisorError(String),
 }
@@ -127,6 +130,7 @@ impl fmt::Display for StopReason {
                 reason_name(*reason)
             ),
             StopReason::Unsupported { what, rip } => write!(f, "{what} is not supported (rip {rip:#x})"),
+            StopReason::Mmio(why) => f.write_str(why),
             StopReason::LoadFailed(why) => write!(f, "could not be loaded: {why}"),
             StopReason::HypervisorError(why) => write!(f, "hypervisor error: {why}"),
         }
@@ -139,6 +143,8 @@ pub struct ExitContext<'a> {
     pub vcpu: &'a mut dyn VcpuState,
     pub exit: &'a ExitInfo,
     pub host: &'a dyn HostCpu,
+    /// How the hypervisor reaches the guest's RAM.
+    pub phys: &'a dyn HostPhys,
 }
 
 pub type Handler = fn(&mut ExitContext<'_>) -> Action;
@@ -391,7 +397,8 @@ pub mod testing {
     /// Runs one exit through [`dispatch`].
     pub fn run(guest: &mut Guest, vcpu: &mut FakeVcpu, exit: ExitInfo) -> Action {
         let host = FakeHost::default();
-        let mut ctx = ExitContext { guest, vcpu, exit: &exit, host: &host };
+        let phys = crate::guest::memory::fake::FakePhys::new(0x1000_0000, 16 << 20);
+        let mut ctx = ExitContext { guest, vcpu, exit: &exit, host: &host, phys: &phys };
         dispatch(&mut ctx)
     }
 }

@@ -186,7 +186,8 @@ mod tests {
             instruction_len: 2,
             ..Default::default()
         };
-        let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host };
+        let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
+        let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host, phys: &phys };
         dispatch(&mut ctx)
     }
 

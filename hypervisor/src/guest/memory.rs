@@ -11,6 +11,15 @@ pub trait HostPhys {
     fn write(&self, hpa: u64, data: &[u8]);
 }
 
+impl<T: HostPhys + ?Sized> HostPhys for &T {
+    fn read(&self, hpa: u64, buf: &mut [u8]) {
+        (**self).read(hpa, buf)
+    }
+    fn write(&self, hpa: u64, data: &[u8]) {
+        (**self).write(hpa, data)
+    }
+}
+
 /// One contiguous piece of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backing {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod virt;
 
 use alloc::boxed::Box;
 
@@ -92,6 +93,8 @@ pub struct Guest {
     pub capabilities: u64,
     pub exits: ExitStats,
     pub state: RunState,
+    /// The guest's virtual TPM, if it has one.
+    pub vtpm: Option<crate::tpm::GuestTpm>,
 }
 
 impl Guest {
@@ -108,6 +111,7 @@ impl Guest {
             capabilities: guest_agent::Capabilities::SHUTDOWN,
             exits: ExitStats::default(),
             state: RunState::Runnable,
+            vtpm: None,
         }
     }
 

@@ -21,9 +21,7 @@ use alloc::format;
 use alloc::string::String;
 use core::fmt::{self, Write};
 
-use iced_x86::{
-    Code, Decoder, DecoderError, DecoderOptions, Instruction, MemorySize, OpKind, Register,
-};
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, MemorySize, OpKind, Register};
 
 /// A general-purpose register operand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,11 +94,7 @@ pub enum DecodeError {
     /// Not a valid instruction in this mode.
     Invalid,
     /// A valid instruction of `len` bytes that is not emulated: its text and why.
-    Unsupported {
-        text: String,
-        len: u8,
-        why: &'static str,
-    },
+    Unsupported { text: String, len: u8, why: &'static str },
 }
 
 impl fmt::Display for DecodeError {
@@ -173,11 +167,7 @@ pub fn gpr(reg: Register) -> Option<Gpr> {
         (1, 8..) => (i - 4, false),
         _ => (i, false),
     };
-    Some(Gpr {
-        index,
-        size,
-        high_byte,
-    })
+    Some(Gpr { index, size, high_byte })
 }
 
 /// Decodes the instruction at the start of `bytes` (fetched at `rip`) in a
@@ -191,11 +181,8 @@ pub fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Result<Decoded, DecodeErr
             _ => DecodeError::Invalid,
         });
     }
-    let unsupported = |why| DecodeError::Unsupported {
-        text: describe(&instruction),
-        len: instruction.len() as u8,
-        why,
-    };
+    let unsupported =
+        |why| DecodeError::Unsupported { text: describe(&instruction), len: instruction.len() as u8, why };
     let Some((kind, size)) = form(instruction.code()) else {
         return Err(unsupported(refusal(&instruction)));
     };
@@ -217,25 +204,21 @@ pub fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Result<Decoded, DecodeErr
             MmioOp::Load { size, dst, extend }
         }
         Kind::Store => {
-            let src =
-                match instruction.op1_kind() {
-                    OpKind::Register => {
-                        Source::Gpr(gpr(instruction.op1_register()).ok_or_else(|| {
-                            unsupported("its source is not a general-purpose register")
-                        })?)
-                    }
-                    _ => Source::Imm(instruction.try_immediate(1).map_err(|_| {
-                        unsupported("its source is not a register or an immediate")
-                    })?),
-                };
+            let src = match instruction.op1_kind() {
+                OpKind::Register => Source::Gpr(
+                    gpr(instruction.op1_register())
+                        .ok_or_else(|| unsupported("its source is not a general-purpose register"))?,
+                ),
+                _ => Source::Imm(
+                    instruction
+                        .try_immediate(1)
+                        .map_err(|_| unsupported("its source is not a register or an immediate"))?,
+                ),
+            };
             MmioOp::Store { size, src }
         }
     };
-    Ok(Decoded {
-        op,
-        len: instruction.len() as u8,
-        instruction,
-    })
+    Ok(Decoded { op, len: instruction.len() as u8, instruction })
 }
 
 /// Why a valid instruction is refused, by family.
@@ -260,9 +243,10 @@ fn refusal(instruction: &Instruction) -> &'static str {
         "LOCK-prefixed read-modify-write is not emulated on MMIO"
     } else if matches!(instruction.mnemonic(), iced_x86::Mnemonic::Xchg) {
         "XCHG with memory is an atomic read-modify-write, not emulated on MMIO"
-    } else if ops.clone().any(|i| {
-        instruction.op_kind(i) == OpKind::Register && gpr(instruction.op_register(i)).is_none()
-    }) {
+    } else if ops
+        .clone()
+        .any(|i| instruction.op_kind(i) == OpKind::Register && gpr(instruction.op_register(i)).is_none())
+    {
         "only general-purpose registers are emulated on MMIO"
     } else {
         "only MOV, MOVZX and MOVSX are emulated on MMIO"
@@ -333,9 +317,7 @@ pub fn describe(instruction: &Instruction) -> String {
                 }
                 s.push(']');
             }
-            OpKind::MemorySegSI | OpKind::MemorySegESI | OpKind::MemorySegRSI => {
-                s.push_str("[rsi]")
-            }
+            OpKind::MemorySegSI | OpKind::MemorySegESI | OpKind::MemorySegRSI => s.push_str("[rsi]"),
             OpKind::MemorySegDI
             | OpKind::MemorySegEDI
             | OpKind::MemorySegRDI
@@ -367,34 +349,20 @@ mod tests {
     use super::*;
 
     const fn r(index: u8, size: u8) -> Gpr {
-        Gpr {
-            index,
-            size,
-            high_byte: false,
-        }
+        Gpr { index, size, high_byte: false }
     }
     /// AH, CH, DH, BH.
     const fn h(index: u8) -> Gpr {
-        Gpr {
-            index,
-            size: 1,
-            high_byte: true,
-        }
+        Gpr { index, size: 1, high_byte: true }
     }
     const fn ld(size: u8, dst: Gpr, extend: Extend) -> MmioOp {
         MmioOp::Load { size, dst, extend }
     }
     const fn st(size: u8, src: Gpr) -> MmioOp {
-        MmioOp::Store {
-            size,
-            src: Source::Gpr(src),
-        }
+        MmioOp::Store { size, src: Source::Gpr(src) }
     }
     const fn imm(size: u8, value: u64) -> MmioOp {
-        MmioOp::Store {
-            size,
-            src: Source::Imm(value),
-        }
+        MmioOp::Store { size, src: Source::Imm(value) }
     }
     const SAME: Extend = Extend::None;
     const SIGN: Extend = Extend::Sign;
@@ -413,109 +381,29 @@ mod tests {
         ("mov al, [rax]", &[0x8a, 0x00], ld(1, r(RAX, 1), SAME)),
         ("mov ax, [rbx]", &[0x66, 0x8b, 0x03], ld(2, r(RAX, 2), SAME)),
         ("mov eax, [rcx]", &[0x8b, 0x01], ld(4, r(RAX, 4), SAME)),
-        (
-            "mov rax, [rdx]",
-            &[0x48, 0x8b, 0x02],
-            ld(8, r(RAX, 8), SAME),
-        ),
+        ("mov rax, [rdx]", &[0x48, 0x8b, 0x02], ld(8, r(RAX, 8), SAME)),
         ("mov r9b, [rsi]", &[0x44, 0x8a, 0x0e], ld(1, r(9, 1), SAME)),
-        (
-            "mov r15w, [rdi+0x10]",
-            &[0x66, 0x44, 0x8b, 0x7f, 0x10],
-            ld(2, r(15, 2), SAME),
-        ),
-        (
-            "mov r8d, [rax+rbx*4+0x24]",
-            &[0x44, 0x8b, 0x44, 0x98, 0x24],
-            ld(4, r(8, 4), SAME),
-        ),
-        (
-            "mov r12, [r13+0]",
-            &[0x4d, 0x8b, 0x65, 0x00],
-            ld(8, r(12, 8), SAME),
-        ),
+        ("mov r15w, [rdi+0x10]", &[0x66, 0x44, 0x8b, 0x7f, 0x10], ld(2, r(15, 2), SAME)),
+        ("mov r8d, [rax+rbx*4+0x24]", &[0x44, 0x8b, 0x44, 0x98, 0x24], ld(4, r(8, 4), SAME)),
+        ("mov r12, [r13+0]", &[0x4d, 0x8b, 0x65, 0x00], ld(8, r(12, 8), SAME)),
         ("mov ah, [rax]", &[0x8a, 0x20], ld(1, h(RAX), SAME)),
         ("mov bh, [rdx]", &[0x8a, 0x3a], ld(1, h(RBX), SAME)),
-        (
-            "mov sil, [rax]",
-            &[0x40, 0x8a, 0x30],
-            ld(1, r(RSI, 1), SAME),
-        ),
-        (
-            "movzx eax, byte [rdi+0x24]",
-            &[0x0f, 0xb6, 0x47, 0x24],
-            ld(1, r(RAX, 4), ZERO),
-        ),
-        (
-            "movzx eax, word [rdi]",
-            &[0x0f, 0xb7, 0x07],
-            ld(2, r(RAX, 4), ZERO),
-        ),
-        (
-            "movzx r10, byte [rax]",
-            &[0x4c, 0x0f, 0xb6, 0x10],
-            ld(1, r(10, 8), ZERO),
-        ),
-        (
-            "movzx cx, byte [rax]",
-            &[0x66, 0x0f, 0xb6, 0x08],
-            ld(1, r(RCX, 2), ZERO),
-        ),
-        (
-            "movsx eax, byte [rax]",
-            &[0x0f, 0xbe, 0x00],
-            ld(1, r(RAX, 4), SIGN),
-        ),
-        (
-            "movsx rdx, word [rax]",
-            &[0x48, 0x0f, 0xbf, 0x10],
-            ld(2, r(RDX, 8), SIGN),
-        ),
-        (
-            "movsx r11w, byte [rax]",
-            &[0x66, 0x44, 0x0f, 0xbe, 0x18],
-            ld(1, r(11, 2), SIGN),
-        ),
-        (
-            "movsxd rax, dword [rbx]",
-            &[0x48, 0x63, 0x03],
-            ld(4, r(RAX, 8), SIGN),
-        ),
-        (
-            "mov al, [moffs64]",
-            &[0xa0, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            ld(1, r(RAX, 1), SAME),
-        ),
-        (
-            "mov ax, [moffs64]",
-            &[0x66, 0xa1, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            ld(2, r(RAX, 2), SAME),
-        ),
-        (
-            "mov eax, [moffs64]",
-            &[0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0],
-            ld(4, r(RAX, 4), SAME),
-        ),
-        (
-            "mov rax, [moffs64]",
-            &[0x48, 0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0],
-            ld(8, r(RAX, 8), SAME),
-        ),
-        (
-            "mov eax, [ecx] (67h)",
-            &[0x67, 0x8b, 0x01],
-            ld(4, r(RAX, 4), SAME),
-        ),
-        (
-            "mov eax, [rip+0x100]",
-            &[0x8b, 0x05, 0x00, 0x01, 0x00, 0x00],
-            ld(4, r(RAX, 4), SAME),
-        ),
-        (
-            "mov ecx, fs:[rax]",
-            &[0x64, 0x8b, 0x08],
-            ld(4, r(RCX, 4), SAME),
-        ),
+        ("mov sil, [rax]", &[0x40, 0x8a, 0x30], ld(1, r(RSI, 1), SAME)),
+        ("movzx eax, byte [rdi+0x24]", &[0x0f, 0xb6, 0x47, 0x24], ld(1, r(RAX, 4), ZERO)),
+        ("movzx eax, word [rdi]", &[0x0f, 0xb7, 0x07], ld(2, r(RAX, 4), ZERO)),
+        ("movzx r10, byte [rax]", &[0x4c, 0x0f, 0xb6, 0x10], ld(1, r(10, 8), ZERO)),
+        ("movzx cx, byte [rax]", &[0x66, 0x0f, 0xb6, 0x08], ld(1, r(RCX, 2), ZERO)),
+        ("movsx eax, byte [rax]", &[0x0f, 0xbe, 0x00], ld(1, r(RAX, 4), SIGN)),
+        ("movsx rdx, word [rax]", &[0x48, 0x0f, 0xbf, 0x10], ld(2, r(RDX, 8), SIGN)),
+        ("movsx r11w, byte [rax]", &[0x66, 0x44, 0x0f, 0xbe, 0x18], ld(1, r(11, 2), SIGN)),
+        ("movsxd rax, dword [rbx]", &[0x48, 0x63, 0x03], ld(4, r(RAX, 8), SIGN)),
+        ("mov al, [moffs64]", &[0xa0, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], ld(1, r(RAX, 1), SAME)),
+        ("mov ax, [moffs64]", &[0x66, 0xa1, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], ld(2, r(RAX, 2), SAME)),
+        ("mov eax, [moffs64]", &[0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0], ld(4, r(RAX, 4), SAME)),
+        ("mov rax, [moffs64]", &[0x48, 0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0], ld(8, r(RAX, 8), SAME)),
+        ("mov eax, [ecx] (67h)", &[0x67, 0x8b, 0x01], ld(4, r(RAX, 4), SAME)),
+        ("mov eax, [rip+0x100]", &[0x8b, 0x05, 0x00, 0x01, 0x00, 0x00], ld(4, r(RAX, 4), SAME)),
+        ("mov ecx, fs:[rax]", &[0x64, 0x8b, 0x08], ld(4, r(RCX, 4), SAME)),
         ("mov esp, [rax]", &[0x8b, 0x20], ld(4, r(RSP, 4), SAME)),
         ("mov [rax], cl", &[0x88, 0x08], st(1, r(RCX, 1))),
         ("mov [rax], cx", &[0x66, 0x89, 0x08], st(2, r(RCX, 2))),
@@ -523,56 +411,16 @@ mod tests {
         ("mov [rax], rcx", &[0x48, 0x89, 0x08], st(8, r(RCX, 8))),
         ("mov [rax], r14b", &[0x44, 0x88, 0x30], st(1, r(14, 1))),
         ("mov [rax], ah", &[0x88, 0x20], st(1, h(RAX))),
-        (
-            "mov byte [rax+0x24], 0x40",
-            &[0xc6, 0x40, 0x24, 0x40],
-            imm(1, 0x40),
-        ),
-        (
-            "mov word [rax], 0x1234",
-            &[0x66, 0xc7, 0x00, 0x34, 0x12],
-            imm(2, 0x1234),
-        ),
-        (
-            "mov dword [rax], 0x87654321",
-            &[0xc7, 0x00, 0x21, 0x43, 0x65, 0x87],
-            imm(4, 0x8765_4321),
-        ),
-        (
-            "mov qword [rax], -2",
-            &[0x48, 0xc7, 0x00, 0xfe, 0xff, 0xff, 0xff],
-            imm(8, 0xffff_ffff_ffff_fffe),
-        ),
-        (
-            "mov [moffs64], al",
-            &[0xa2, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            st(1, r(RAX, 1)),
-        ),
-        (
-            "mov [moffs64], ax",
-            &[0x66, 0xa3, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            st(2, r(RAX, 2)),
-        ),
-        (
-            "mov [moffs64], eax",
-            &[0xa3, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            st(4, r(RAX, 4)),
-        ),
-        (
-            "mov [moffs64], rax",
-            &[0x48, 0xa3, 0x80, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            st(8, r(RAX, 8)),
-        ),
-        (
-            "mov [r8+r9*8+0x18], r10d",
-            &[0x47, 0x89, 0x54, 0xc8, 0x18],
-            st(4, r(10, 4)),
-        ),
-        (
-            "mov dword [rip+0x20], 0x20",
-            &[0xc7, 0x05, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00],
-            imm(4, 0x20),
-        ),
+        ("mov byte [rax+0x24], 0x40", &[0xc6, 0x40, 0x24, 0x40], imm(1, 0x40)),
+        ("mov word [rax], 0x1234", &[0x66, 0xc7, 0x00, 0x34, 0x12], imm(2, 0x1234)),
+        ("mov dword [rax], 0x87654321", &[0xc7, 0x00, 0x21, 0x43, 0x65, 0x87], imm(4, 0x8765_4321)),
+        ("mov qword [rax], -2", &[0x48, 0xc7, 0x00, 0xfe, 0xff, 0xff, 0xff], imm(8, 0xffff_ffff_ffff_fffe)),
+        ("mov [moffs64], al", &[0xa2, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], st(1, r(RAX, 1))),
+        ("mov [moffs64], ax", &[0x66, 0xa3, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], st(2, r(RAX, 2))),
+        ("mov [moffs64], eax", &[0xa3, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], st(4, r(RAX, 4))),
+        ("mov [moffs64], rax", &[0x48, 0xa3, 0x80, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], st(8, r(RAX, 8))),
+        ("mov [r8+r9*8+0x18], r10d", &[0x47, 0x89, 0x54, 0xc8, 0x18], st(4, r(10, 4))),
+        ("mov dword [rip+0x20], 0x20", &[0xc7, 0x05, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00], imm(4, 0x20)),
     ];
 
     #[test]
@@ -628,24 +476,12 @@ mod tests {
         (&[0xf3, 0xa5], "rep movsd [rdi], [rsi]", "string"),
         (&[0xaa], "stosb [rdi], al", "string"),
         (&[0xac], "lodsb al, [rsi]", "string"),
-        (
-            &[0xf0, 0x83, 0x00, 0x01],
-            "lock add dword [rax], 0x1",
-            "LOCK",
-        ),
+        (&[0xf0, 0x83, 0x00, 0x01], "lock add dword [rax], 0x1", "LOCK"),
         (&[0xf0, 0x80, 0x08, 0x01], "lock or byte [rax], 0x1", "LOCK"),
         (&[0x01, 0x08], "add dword [rax], ecx", "only MOV"),
         (&[0x87, 0x08], "xchg dword [rax], ecx", "XCHG"),
-        (
-            &[0xc5, 0xfe, 0x6f, 0x00],
-            "vmovdqu ymm0, [rax]",
-            "general-purpose",
-        ),
-        (
-            &[0xf3, 0x0f, 0x6f, 0x00],
-            "movdqu xmm0, [rax]",
-            "general-purpose",
-        ),
+        (&[0xc5, 0xfe, 0x6f, 0x00], "vmovdqu ymm0, [rax]", "general-purpose"),
+        (&[0xf3, 0x0f, 0x6f, 0x00], "movdqu xmm0, [rax]", "general-purpose"),
         (&[0x89, 0xc8], "mov eax, ecx", "does not access memory"),
         (&[0xf6, 0x00, 0x01], "test byte [rax], 0x1", "only MOV"),
         (&[0x0f, 0xc3, 0x00], "movnti dword [rax], eax", "only MOV"),
@@ -657,9 +493,7 @@ mod tests {
     fn refused_instructions_name_themselves() {
         for &(bytes, text, why) in REFUSED {
             match decode(bytes, 64, 0) {
-                Err(DecodeError::Unsupported {
-                    text: t, why: w, ..
-                }) => {
+                Err(DecodeError::Unsupported { text: t, why: w, .. }) => {
                     assert_eq!(t, text);
                     assert!(w.contains(why), "{text}: {w}");
                 }
@@ -671,44 +505,22 @@ mod tests {
     #[test]
     fn invalid_and_truncated_bytes() {
         // LOCK on MOV is #UD; 06 (push es) does not exist in 64-bit mode.
-        assert_eq!(
-            decode(&[0xf0, 0x8b, 0x00], 64, 0),
-            Err(DecodeError::Invalid)
-        );
-        assert_eq!(
-            decode(&[0x06, 0x90, 0x90], 64, 0),
-            Err(DecodeError::Invalid)
-        );
+        assert_eq!(decode(&[0xf0, 0x8b, 0x00], 64, 0), Err(DecodeError::Invalid));
+        assert_eq!(decode(&[0x06, 0x90, 0x90], 64, 0), Err(DecodeError::Invalid));
         // 15 prefixes and an opcode: longer than any instruction may be.
         let mut long = [0x66u8; 16];
         long[15] = 0x90;
         assert_eq!(decode(&long, 64, 0), Err(DecodeError::Invalid));
-        for bytes in [
-            &[][..],
-            &[0x8b],
-            &[0x48, 0x8b],
-            &[0xc7, 0x00, 0x21],
-            &[0xa1, 0, 0, 0],
-        ] {
-            assert_eq!(
-                decode(bytes, 64, 0),
-                Err(DecodeError::Truncated),
-                "{bytes:x?}"
-            );
+        for bytes in [&[][..], &[0x8b], &[0x48, 0x8b], &[0xc7, 0x00, 0x21], &[0xa1, 0, 0, 0]] {
+            assert_eq!(decode(bytes, 64, 0), Err(DecodeError::Truncated), "{bytes:x?}");
         }
     }
 
     #[test]
     fn other_code_sizes_decode_too() {
         // 8B 01 is mov eax, [ecx] in 32-bit code and mov ax, [bx+di] in 16-bit code.
-        assert_eq!(
-            decode(&[0x8b, 0x01], 32, 0).unwrap().op,
-            ld(4, r(RAX, 4), SAME)
-        );
-        assert_eq!(
-            decode(&[0x8b, 0x01], 16, 0).unwrap().op,
-            ld(2, r(RAX, 2), SAME)
-        );
+        assert_eq!(decode(&[0x8b, 0x01], 32, 0).unwrap().op, ld(4, r(RAX, 4), SAME));
+        assert_eq!(decode(&[0x8b, 0x01], 16, 0).unwrap().op, ld(2, r(RAX, 2), SAME));
         // 48 is DEC EAX outside 64-bit mode, not REX.W.
         assert!(matches!(
             decode(&[0x48, 0x8b, 0x02], 32, 0),

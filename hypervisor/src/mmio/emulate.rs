@@ -80,11 +80,7 @@ impl fmt::Display for Reason {
                     f.write_str("instruction fetch from an emulated MMIO window")
                 } else {
                     let does = if *store { "stores" } else { "loads" };
-                    write!(
-                        f,
-                        "the processor reported a {} but the instruction {does}",
-                        access.name()
-                    )
+                    write!(f, "the processor reported a {} but the instruction {does}", access.name())
                 }
             }
             Reason::OutsideWindow { base } => {
@@ -93,10 +89,9 @@ impl fmt::Display for Reason {
             Reason::CrossesPage { size } => {
                 write!(f, "its {size}-byte access crosses a page boundary")
             }
-            Reason::AddressMismatch { linear } => write!(
-                f,
-                "its memory operand (guest-linear {linear:#x}) is not the faulting address"
-            ),
+            Reason::AddressMismatch { linear } => {
+                write!(f, "its memory operand (guest-linear {linear:#x}) is not the faulting address")
+            }
         }
     }
 }
@@ -129,11 +124,7 @@ impl fmt::Display for MmioError {
         if self.text.is_some() || self.len > 0 {
             f.write_str(")")?;
         }
-        write!(
-            f,
-            " at rip {:#x}, guest-physical {:#x}: {}",
-            self.rip, self.gpa, self.reason
-        )
+        write!(f, " at rip {:#x}, guest-physical {:#x}: {}", self.rip, self.gpa, self.reason)
     }
 }
 
@@ -219,39 +210,19 @@ pub fn emulate(
             v
         }
     };
-    let done = ExitInfo {
-        instruction_len: u64::from(decoded.len),
-        ..*exit
-    };
+    let done = ExitInfo { instruction_len: u64::from(decoded.len), ..*exit };
     skip_instruction(vcpu, &done);
-    Ok(Emulated {
-        op,
-        offset,
-        value,
-        len: decoded.len,
-    })
+    Ok(Emulated { op, offset, value, len: decoded.len })
 }
 
 /// Whether the decoded instruction is the access the processor reported.
-fn check(
-    vcpu: &mut dyn VcpuState,
-    exit: &ExitInfo,
-    decoded: &decode::Decoded,
-    base: u64,
-) -> Result<(), Reason> {
+fn check(vcpu: &mut dyn VcpuState, exit: &ExitInfo, decoded: &decode::Decoded, base: u64) -> Result<(), Reason> {
     let op = decoded.op;
     let gpa = exit.guest_physical;
     let access = ViolationInfo::from_qualification(exit.qualification).access;
-    let expected = if op.is_store() {
-        Access::Write
-    } else {
-        Access::Read
-    };
+    let expected = if op.is_store() { Access::Write } else { Access::Read };
     if access != expected {
-        return Err(Reason::Direction {
-            access,
-            store: op.is_store(),
-        });
+        return Err(Reason::Direction { access, store: op.is_store() });
     }
     if gpa < base {
         return Err(Reason::OutsideWindow { base });
@@ -284,8 +255,7 @@ fn bitness(vcpu: &dyn VcpuState) -> u32 {
 /// The linear address of the instruction's memory operand (64-bit mode:
 /// only FS and GS have a base).
 fn operand_address(vcpu: &mut dyn VcpuState, instruction: &iced_x86::Instruction) -> Option<u64> {
-    let operand =
-        (0..instruction.op_count()).find(|&i| instruction.op_kind(i) == OpKind::Memory)?;
+    let operand = (0..instruction.op_count()).find(|&i| instruction.op_kind(i) == OpKind::Memory)?;
     let rsp = vcpu.read(Field::Rsp);
     let fs = vcpu.read(Field::FsBase);
     let gs = vcpu.read(Field::GsBase);
@@ -410,11 +380,7 @@ mod tests {
         for (f, val) in fields {
             v.write(f, val);
         }
-        Setup {
-            g,
-            v,
-            dev: Device::default(),
-        }
+        Setup { g, v, dev: Device::default() }
     }
 
     fn setup(code: &[u8]) -> Setup {
@@ -453,110 +419,19 @@ mod tests {
     /// (name, bytes, registers, offset, size, (register, value after)).
     type LoadCase = (&'static str, &'static [u8], Regs, u64, u8, (u8, u64));
     const LOADS: &[LoadCase] = &[
-        (
-            "mov cl, [rdi]",
-            &[0x8a, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xaaaa_bbbb_cccc_ddfe),
-        ),
-        (
-            "mov ch, [rdi]",
-            &[0x8a, 0x2f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xaaaa_bbbb_cccc_fe01),
-        ),
-        (
-            "mov cx, [rdi]",
-            &[0x66, 0x8b, 0x0f],
-            RDI_24,
-            0x24,
-            2,
-            (1, 0xaaaa_bbbb_cccc_80fe),
-        ),
-        (
-            "mov ecx, [rdi]",
-            &[0x8b, 0x0f],
-            RDI_24,
-            0x24,
-            4,
-            (1, 0x8866_80fe),
-        ),
-        (
-            "mov rcx, [rdi]",
-            &[0x48, 0x8b, 0x0f],
-            RDI_24,
-            0x24,
-            8,
-            (1, ANSWER),
-        ),
-        (
-            "movzx ecx, byte [rdi]",
-            &[0x0f, 0xb6, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xfe),
-        ),
-        (
-            "movzx cx, byte [rdi]",
-            &[0x66, 0x0f, 0xb6, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xaaaa_bbbb_cccc_00fe),
-        ),
-        (
-            "movzx rcx, word [rdi]",
-            &[0x48, 0x0f, 0xb7, 0x0f],
-            RDI_24,
-            0x24,
-            2,
-            (1, 0x80fe),
-        ),
-        (
-            "movsx ecx, byte [rdi]",
-            &[0x0f, 0xbe, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xffff_fffe),
-        ),
-        (
-            "movsx rcx, word [rdi]",
-            &[0x48, 0x0f, 0xbf, 0x0f],
-            RDI_24,
-            0x24,
-            2,
-            (1, 0xffff_ffff_ffff_80fe),
-        ),
-        (
-            "movsx cx, byte [rdi]",
-            &[0x66, 0x0f, 0xbe, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (1, 0xaaaa_bbbb_cccc_fffe),
-        ),
-        (
-            "movsxd rcx, dword [rdi]",
-            &[0x48, 0x63, 0x0f],
-            RDI_24,
-            0x24,
-            4,
-            (1, 0xffff_ffff_8866_80fe),
-        ),
-        (
-            "mov r9b, [rdi]",
-            &[0x44, 0x8a, 0x0f],
-            RDI_24,
-            0x24,
-            1,
-            (9, 0xaaaa_bbbb_cccc_ddfe),
-        ),
+        ("mov cl, [rdi]", &[0x8a, 0x0f], RDI_24, 0x24, 1, (1, 0xaaaa_bbbb_cccc_ddfe)),
+        ("mov ch, [rdi]", &[0x8a, 0x2f], RDI_24, 0x24, 1, (1, 0xaaaa_bbbb_cccc_fe01)),
+        ("mov cx, [rdi]", &[0x66, 0x8b, 0x0f], RDI_24, 0x24, 2, (1, 0xaaaa_bbbb_cccc_80fe)),
+        ("mov ecx, [rdi]", &[0x8b, 0x0f], RDI_24, 0x24, 4, (1, 0x8866_80fe)),
+        ("mov rcx, [rdi]", &[0x48, 0x8b, 0x0f], RDI_24, 0x24, 8, (1, ANSWER)),
+        ("movzx ecx, byte [rdi]", &[0x0f, 0xb6, 0x0f], RDI_24, 0x24, 1, (1, 0xfe)),
+        ("movzx cx, byte [rdi]", &[0x66, 0x0f, 0xb6, 0x0f], RDI_24, 0x24, 1, (1, 0xaaaa_bbbb_cccc_00fe)),
+        ("movzx rcx, word [rdi]", &[0x48, 0x0f, 0xb7, 0x0f], RDI_24, 0x24, 2, (1, 0x80fe)),
+        ("movsx ecx, byte [rdi]", &[0x0f, 0xbe, 0x0f], RDI_24, 0x24, 1, (1, 0xffff_fffe)),
+        ("movsx rcx, word [rdi]", &[0x48, 0x0f, 0xbf, 0x0f], RDI_24, 0x24, 2, (1, 0xffff_ffff_ffff_80fe)),
+        ("movsx cx, byte [rdi]", &[0x66, 0x0f, 0xbe, 0x0f], RDI_24, 0x24, 1, (1, 0xaaaa_bbbb_cccc_fffe)),
+        ("movsxd rcx, dword [rdi]", &[0x48, 0x63, 0x0f], RDI_24, 0x24, 4, (1, 0xffff_ffff_8866_80fe)),
+        ("mov r9b, [rdi]", &[0x44, 0x8a, 0x0f], RDI_24, 0x24, 1, (9, 0xaaaa_bbbb_cccc_ddfe)),
         (
             "mov r15, [rdi+rbx*4+0x24]",
             &[0x4c, 0x8b, 0x7c, 0x9f, 0x24],
@@ -565,38 +440,10 @@ mod tests {
             8,
             (15, ANSWER),
         ),
-        (
-            "mov esp, [rdi]",
-            &[0x8b, 0x27],
-            RDI_24,
-            0x24,
-            4,
-            (4, 0x8866_80fe),
-        ),
-        (
-            "mov sil, [rdi]",
-            &[0x40, 0x8a, 0x37],
-            RDI_24,
-            0x24,
-            1,
-            (6, 0xaaaa_bbbb_cccc_ddfe),
-        ),
-        (
-            "mov eax, [ecx] (67h)",
-            &[0x67, 0x8b, 0x01],
-            &[(1, 0xdead_beef_0000_0f00)],
-            0xf00,
-            4,
-            (0, 0x8866_80fe),
-        ),
-        (
-            "mov al, [moffs64]",
-            &[0xa0, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0x24,
-            1,
-            (0, 0xaaaa_bbbb_cccc_ddfe),
-        ),
+        ("mov esp, [rdi]", &[0x8b, 0x27], RDI_24, 0x24, 4, (4, 0x8866_80fe)),
+        ("mov sil, [rdi]", &[0x40, 0x8a, 0x37], RDI_24, 0x24, 1, (6, 0xaaaa_bbbb_cccc_ddfe)),
+        ("mov eax, [ecx] (67h)", &[0x67, 0x8b, 0x01], &[(1, 0xdead_beef_0000_0f00)], 0xf00, 4, (0, 0x8866_80fe)),
+        ("mov al, [moffs64]", &[0xa0, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0x24, 1, (0, 0xaaaa_bbbb_cccc_ddfe)),
         (
             "mov ax, [moffs64]",
             &[0x66, 0xa1, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
@@ -605,22 +452,8 @@ mod tests {
             2,
             (0, 0xaaaa_bbbb_cccc_80fe),
         ),
-        (
-            "mov eax, [moffs64]",
-            &[0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0xf00,
-            4,
-            (0, 0x8866_80fe),
-        ),
-        (
-            "mov rax, [moffs64]",
-            &[0x48, 0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0xf00,
-            8,
-            (0, ANSWER),
-        ),
+        ("mov eax, [moffs64]", &[0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0xf00, 4, (0, 0x8866_80fe)),
+        ("mov rax, [moffs64]", &[0x48, 0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0xf00, 8, (0, ANSWER)),
         (
             // RIP + 6 + 0x1012 = CODE_VA + 0x1018: page offset 0x018.
             "mov eax, [rip+0x1012]",
@@ -655,10 +488,7 @@ mod tests {
 
     #[test]
     fn segment_overrides_add_fs_and_gs_bases() {
-        for (bytes, field) in [
-            ([0x64, 0x8b, 0x08], Field::FsBase),
-            ([0x65, 0x8b, 0x08], Field::GsBase),
-        ] {
+        for (bytes, field) in [([0x64, 0x8b, 0x08], Field::FsBase), ([0x65, 0x8b, 0x08], Field::GsBase)] {
             let mut s = setup(&bytes);
             s.v.write(field, 0x7000_0010);
             s.v.regs.rax = 0x8;
@@ -667,10 +497,7 @@ mod tests {
             // Without the base, the operand is at page offset 0x008: refused.
             let mut s = setup(&bytes);
             s.v.regs.rax = 0x8;
-            assert_eq!(
-                run(&mut s, READ, 0x18).map_err(|e| e.reason),
-                Err(Reason::AddressMismatch { linear: 0x8 })
-            );
+            assert_eq!(run(&mut s, READ, 0x18).map_err(|e| e.reason), Err(Reason::AddressMismatch { linear: 0x8 }));
         }
     }
 
@@ -679,120 +506,22 @@ mod tests {
     const STORES: &[StoreCase] = &[
         ("mov [rdi], cl", &[0x88, 0x0f], RDI_24, 0x24, 1, 0x01),
         ("mov [rdi], ch", &[0x88, 0x2f], RDI_24, 0x24, 1, 0xdd),
-        (
-            "mov [rdi], cx",
-            &[0x66, 0x89, 0x0f],
-            RDI_24,
-            0x24,
-            2,
-            0xdd01,
-        ),
-        (
-            "mov [rdi], ecx",
-            &[0x89, 0x0f],
-            RDI_24,
-            0x24,
-            4,
-            0xcccc_dd01,
-        ),
-        (
-            "mov [rdi], rcx",
-            &[0x48, 0x89, 0x0f],
-            RDI_24,
-            0x24,
-            8,
-            0xaaaa_bbbb_cccc_dd01,
-        ),
-        (
-            "mov [rdi], r14b",
-            &[0x44, 0x88, 0x37],
-            RDI_24,
-            0x24,
-            1,
-            0x0e,
-        ),
+        ("mov [rdi], cx", &[0x66, 0x89, 0x0f], RDI_24, 0x24, 2, 0xdd01),
+        ("mov [rdi], ecx", &[0x89, 0x0f], RDI_24, 0x24, 4, 0xcccc_dd01),
+        ("mov [rdi], rcx", &[0x48, 0x89, 0x0f], RDI_24, 0x24, 8, 0xaaaa_bbbb_cccc_dd01),
+        ("mov [rdi], r14b", &[0x44, 0x88, 0x37], RDI_24, 0x24, 1, 0x0e),
         ("mov [rdi], spl", &[0x40, 0x88, 0x27], RDI_24, 0x24, 1, 0x34),
         ("mov [rdi], rsp", &[0x48, 0x89, 0x27], RDI_24, 0x24, 8, RSP0),
-        (
-            "mov byte [rdi], 0x40",
-            &[0xc6, 0x07, 0x40],
-            &[(7, MMIO_VA + 0x18)],
-            0x18,
-            1,
-            0x40,
-        ),
-        (
-            "mov word [rdi], 0x1234",
-            &[0x66, 0xc7, 0x07, 0x34, 0x12],
-            RDI_24,
-            0x24,
-            2,
-            0x1234,
-        ),
-        (
-            "mov dword [rdi], 0x87654321",
-            &[0xc7, 0x07, 0x21, 0x43, 0x65, 0x87],
-            RDI_24,
-            0x24,
-            4,
-            0x8765_4321,
-        ),
-        (
-            "mov qword [rdi], -2",
-            &[0x48, 0xc7, 0x07, 0xfe, 0xff, 0xff, 0xff],
-            RDI_24,
-            0x24,
-            8,
-            0xffff_ffff_ffff_fffe,
-        ),
-        (
-            "mov qword [rdi], 0x7fffffff",
-            &[0x48, 0xc7, 0x07, 0xff, 0xff, 0xff, 0x7f],
-            RDI_24,
-            0x24,
-            8,
-            0x7fff_ffff,
-        ),
-        (
-            "mov [r8+r9*8+0x18], r10d",
-            &[0x47, 0x89, 0x54, 0xc8, 0x18],
-            &[(8, MMIO_VA), (9, 1)],
-            0x20,
-            4,
-            0xcccc_dd0a,
-        ),
-        (
-            "mov [moffs64], al",
-            &[0xa2, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0x24,
-            1,
-            0x00,
-        ),
-        (
-            "mov [moffs64], ax",
-            &[0x66, 0xa3, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0x18,
-            2,
-            0xdd00,
-        ),
-        (
-            "mov [moffs64], eax",
-            &[0xa3, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0x24,
-            4,
-            0xcccc_dd00,
-        ),
-        (
-            "mov [moffs64], rax",
-            &[0x48, 0xa3, 0x80, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
-            &[],
-            0x80,
-            8,
-            0xaaaa_bbbb_cccc_dd00,
-        ),
+        ("mov byte [rdi], 0x40", &[0xc6, 0x07, 0x40], &[(7, MMIO_VA + 0x18)], 0x18, 1, 0x40),
+        ("mov word [rdi], 0x1234", &[0x66, 0xc7, 0x07, 0x34, 0x12], RDI_24, 0x24, 2, 0x1234),
+        ("mov dword [rdi], 0x87654321", &[0xc7, 0x07, 0x21, 0x43, 0x65, 0x87], RDI_24, 0x24, 4, 0x8765_4321),
+        ("mov qword [rdi], -2", &[0x48, 0xc7, 0x07, 0xfe, 0xff, 0xff, 0xff], RDI_24, 0x24, 8, 0xffff_ffff_ffff_fffe),
+        ("mov qword [rdi], 0x7fffffff", &[0x48, 0xc7, 0x07, 0xff, 0xff, 0xff, 0x7f], RDI_24, 0x24, 8, 0x7fff_ffff),
+        ("mov [r8+r9*8+0x18], r10d", &[0x47, 0x89, 0x54, 0xc8, 0x18], &[(8, MMIO_VA), (9, 1)], 0x20, 4, 0xcccc_dd0a),
+        ("mov [moffs64], al", &[0xa2, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0x24, 1, 0x00),
+        ("mov [moffs64], ax", &[0x66, 0xa3, 0x18, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0x18, 2, 0xdd00),
+        ("mov [moffs64], eax", &[0xa3, 0x24, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0x24, 4, 0xcccc_dd00),
+        ("mov [moffs64], rax", &[0x48, 0xa3, 0x80, 0x00, 0xd4, 0xfe, 0, 0, 0, 0], &[], 0x80, 8, 0xaaaa_bbbb_cccc_dd00),
         (
             // RIP + 10 + 0x100e = CODE_VA + 0x1018.
             "mov dword [rip+0x100e], 0x20",
@@ -867,14 +596,8 @@ mod tests {
             let mut s = setup(bytes);
             let e = refused(&mut s, READ, 0x24);
             assert_eq!(e.text.as_deref(), Some(text));
-            assert_eq!(
-                &e.bytes[..usize::from(e.len)],
-                &bytes[..bytes.len().min(usize::from(e.len))]
-            );
-            assert!(matches!(
-                e.reason,
-                Reason::Decode(DecodeError::Unsupported { .. })
-            ));
+            assert_eq!(&e.bytes[..usize::from(e.len)], &bytes[..bytes.len().min(usize::from(e.len))]);
+            assert!(matches!(e.reason, Reason::Decode(DecodeError::Unsupported { .. })));
         }
     }
 
@@ -883,33 +606,14 @@ mod tests {
         let mut s = setup(&[0x8b, 0x0f]); // a load
         s.v.regs.rdi = MMIO_VA + 0x24;
         let e = refused(&mut s, WRITE, 0x24);
-        assert_eq!(
-            e.reason,
-            Reason::Direction {
-                access: Access::Write,
-                store: false
-            }
-        );
-        assert!(alloc::format!("{e}")
-            .ends_with("the processor reported a write but the instruction loads"));
+        assert_eq!(e.reason, Reason::Direction { access: Access::Write, store: false });
+        assert!(alloc::format!("{e}").ends_with("the processor reported a write but the instruction loads"));
         let mut s = setup(&[0x89, 0x0f]); // a store
         s.v.regs.rdi = MMIO_VA + 0x24;
-        assert_eq!(
-            refused(&mut s, READ, 0x24).reason,
-            Reason::Direction {
-                access: Access::Read,
-                store: true
-            }
-        );
+        assert_eq!(refused(&mut s, READ, 0x24).reason, Reason::Direction { access: Access::Read, store: true });
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.regs.rdi = MMIO_VA + 0x24;
-        assert_eq!(
-            refused(&mut s, 4, 0x24).reason,
-            Reason::Direction {
-                access: Access::Execute,
-                store: false
-            }
-        );
+        assert_eq!(refused(&mut s, 4, 0x24).reason, Reason::Direction { access: Access::Execute, store: false });
     }
 
     #[test]
@@ -917,44 +621,27 @@ mod tests {
         // A 4-byte read at page offset 0xffe would reach into the next page.
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.regs.rdi = MMIO_VA + 0xffe;
-        assert_eq!(
-            refused(&mut s, READ, 0xffe).reason,
-            Reason::CrossesPage { size: 4 }
-        );
+        assert_eq!(refused(&mut s, READ, 0xffe).reason, Reason::CrossesPage { size: 4 });
         // A 4-byte read at MMIO_VA - 2 faults on the window's first byte:
         // its first two bytes were elsewhere.
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.regs.rdi = MMIO_VA - 2;
-        assert_eq!(
-            refused(&mut s, READ, 0).reason,
-            Reason::AddressMismatch {
-                linear: MMIO_VA - 2
-            }
-        );
+        assert_eq!(refused(&mut s, READ, 0).reason, Reason::AddressMismatch { linear: MMIO_VA - 2 });
         // A faulting address below the window's base.
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.regs.rdi = MMIO_VA + 0xff0;
-        assert_eq!(
-            refused(&mut s, READ, 0u64.wrapping_sub(0x10)).reason,
-            Reason::OutsideWindow { base: WINDOW }
-        );
+        assert_eq!(refused(&mut s, READ, 0u64.wrapping_sub(0x10)).reason, Reason::OutsideWindow { base: WINDOW });
     }
 
     #[test]
     fn only_64_bit_code_is_emulated() {
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.write(Field::CsAccessRights, 0xc09b); // D=1, L=0: 32-bit
-        assert_eq!(
-            refused(&mut s, READ, 0).reason,
-            Reason::NotLongMode { bitness: 32 }
-        );
+        assert_eq!(refused(&mut s, READ, 0).reason, Reason::NotLongMode { bitness: 32 });
         let mut s = setup(&[0x8b, 0x0f]);
         s.v.write(Field::Efer, 0);
         s.v.write(Field::CsAccessRights, 0x9b);
-        assert_eq!(
-            refused(&mut s, READ, 0).reason,
-            Reason::NotLongMode { bitness: 16 }
-        );
+        assert_eq!(refused(&mut s, READ, 0).reason, Reason::NotLongMode { bitness: 16 });
     }
 
     #[test]
@@ -962,13 +649,7 @@ mod tests {
         let mut s = setup(&[]);
         s.v.write(Field::Rip, CODE_VA + 0x2000);
         let e = refused(&mut s, READ, 0);
-        assert_eq!(
-            e.reason,
-            Reason::Fetch(WalkError::NotPresent {
-                linear: CODE_VA + 0x2000,
-                level: 1
-            })
-        );
+        assert_eq!(e.reason, Reason::Fetch(WalkError::NotPresent { linear: CODE_VA + 0x2000, level: 1 }));
         assert_eq!(
             alloc::format!("{e}"),
             "cannot emulate the access at rip 0xffffffff81002000, guest-physical 0xfed40000: \
@@ -981,8 +662,7 @@ mod tests {
         let e = refused(&mut s, READ, 0x18);
         assert_eq!(e.reason, Reason::Decode(DecodeError::Truncated));
         assert_eq!(&e.bytes[..usize::from(e.len)], &[0x8b, 0x05, 0x12, 0x10]);
-        assert!(alloc::format!("{e}")
-            .starts_with("cannot emulate the instruction (8b 05 12 10) at rip"));
+        assert!(alloc::format!("{e}").starts_with("cannot emulate the instruction (8b 05 12 10) at rip"));
     }
 
     #[test]
@@ -1002,9 +682,7 @@ mod tests {
                 *b = next() as u8;
             }
             // Bias toward the opcodes of interest, with random prefixes.
-            let op = [
-                0x88u8, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0xa0, 0xa1, 0xa2, 0xa3, 0x0f, 0x63,
-            ];
+            let op = [0x88u8, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0xa0, 0xa1, 0xa2, 0xa3, 0x0f, 0x63];
             let r = next();
             let at = (r % 3) as usize;
             code[at] = op[((r >> 8) % op.len() as u64) as usize];
@@ -1020,11 +698,7 @@ mod tests {
             let rsp = s.v.read(Field::Rsp);
             let mut result = run(&mut s, qualification, offset);
             // Retry at the operand's own page offset, so that many succeed.
-            if let Err(MmioError {
-                reason: Reason::AddressMismatch { linear },
-                ..
-            }) = result
-            {
+            if let Err(MmioError { reason: Reason::AddressMismatch { linear }, .. }) = result {
                 let offset = (offset & !0xfff) | (linear & 0xfff);
                 result = run(&mut s, qualification, offset);
             }
@@ -1087,32 +761,17 @@ mod tests {
         let mut s = setup(&[]);
         let mut tis = crate::devices::tis::Tis::new(Echo(Vec::new()), 0);
         let t = &mut tis;
-        assert_eq!(
-            tis_access(&mut s, t, READL, 0xf00, 0),
-            0x0001_1014,
-            "DID_VID"
-        );
+        assert_eq!(tis_access(&mut s, t, READL, 0xf00, 0), 0x0001_1014, "DID_VID");
         tis_access(&mut s, t, WRITEB, 0x000, 0x02);
         // readb merges into RAX; readl zero-extends.
-        assert_eq!(
-            tis_access(&mut s, t, READB, 0x000, 0),
-            0xdead_beef_dead_bea1
-        );
+        assert_eq!(tis_access(&mut s, t, READB, 0x000, 0), 0xdead_beef_dead_bea1);
         tis_access(&mut s, t, WRITEB, 0x018, 0x40);
-        assert_eq!(
-            tis_access(&mut s, t, READL, 0x018, 0),
-            0xffc0,
-            "burstCount 255, ready"
-        );
+        assert_eq!(tis_access(&mut s, t, READL, 0x018, 0), 0xffc0, "burstCount 255, ready");
         let cmd = [0x00, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x46];
         for b in cmd {
             tis_access(&mut s, t, WRITEB, 0x024, u64::from(b));
         }
-        assert_eq!(
-            tis_access(&mut s, t, READB, 0x018, 0) & 0xff,
-            0x80,
-            "Expect 0"
-        );
+        assert_eq!(tis_access(&mut s, t, READB, 0x018, 0) & 0xff, 0x80, "Expect 0");
         tis_access(&mut s, t, WRITEL, 0x018, 0x20);
         let mut rsp = Vec::new();
         while tis_access(&mut s, t, READB, 0x018, 0) & 0x10 != 0 {

@@ -48,12 +48,7 @@ impl Paging {
 
     /// 4-level paging (IA-32e mode with CR4.LA57 clear).
     pub const fn four_level(cr3: u64) -> Self {
-        Paging {
-            cr0: CR0_PG | 1,
-            cr3,
-            cr4: CR4_PAE,
-            efer: EFER_LMA | (1 << 8) | EFER_NXE,
-        }
+        Paging { cr0: CR0_PG | 1, cr3, cr4: CR4_PAE, efer: EFER_LMA | (1 << 8) | EFER_NXE }
     }
 }
 
@@ -80,24 +75,15 @@ impl fmt::Display for WalkError {
             WalkError::NotCanonical { linear } => {
                 write!(f, "guest-linear {linear:#x} is not canonical")
             }
-            WalkError::NotPresent { linear, level } => write!(
-                f,
-                "guest-linear {linear:#x} is not mapped ({} not present)",
-                name(level)
-            ),
-            WalkError::Reserved {
-                linear,
-                level,
-                entry,
-            } => write!(
-                f,
-                "guest-linear {linear:#x}: reserved bits set in {} {entry:#x}",
-                name(level)
-            ),
-            WalkError::OutsideRam { linear, gpa } => write!(
-                f,
-                "guest-linear {linear:#x} leads to guest-physical {gpa:#x}, outside guest RAM"
-            ),
+            WalkError::NotPresent { linear, level } => {
+                write!(f, "guest-linear {linear:#x} is not mapped ({} not present)", name(level))
+            }
+            WalkError::Reserved { linear, level, entry } => {
+                write!(f, "guest-linear {linear:#x}: reserved bits set in {} {entry:#x}", name(level))
+            }
+            WalkError::OutsideRam { linear, gpa } => {
+                write!(f, "guest-linear {linear:#x} leads to guest-physical {gpa:#x}, outside guest RAM")
+            }
             WalkError::UnsupportedMode(mode) => write!(f, "{mode} is not supported"),
         }
     }
@@ -113,12 +99,7 @@ const fn large_page_reserved(level: u8) -> u64 {
 }
 
 /// Translates a guest-linear address.
-pub fn translate(
-    memory: &GuestMemory,
-    phys: &impl HostPhys,
-    paging: &Paging,
-    linear: u64,
-) -> Result<u64, WalkError> {
+pub fn translate(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, linear: u64) -> Result<u64, WalkError> {
     if paging.cr0 & CR0_PG == 0 {
         // No paging: linear addresses are 32-bit physical addresses.
         return Ok(linear & 0xffff_ffff);
@@ -143,21 +124,12 @@ pub fn translate(
         let index = (linear >> shift) & 0x1ff;
         let entry_gpa = table | (index * 8);
         let mut raw = [0u8; 8];
-        memory
-            .read(phys, entry_gpa, &mut raw)
-            .map_err(|_| WalkError::OutsideRam {
-                linear,
-                gpa: entry_gpa,
-            })?;
+        memory.read(phys, entry_gpa, &mut raw).map_err(|_| WalkError::OutsideRam { linear, gpa: entry_gpa })?;
         let entry = u64::from_le_bytes(raw);
         if entry & PRESENT == 0 {
             return Err(WalkError::NotPresent { linear, level });
         }
-        let reserved = |entry: u64| WalkError::Reserved {
-            linear,
-            level,
-            entry,
-        };
+        let reserved = |entry: u64| WalkError::Reserved { linear, level, entry };
         if entry & reserved_xd != 0 {
             return Err(reserved(entry));
         }
@@ -249,11 +221,7 @@ pub mod testing {
         pub fn new() -> Self {
             let mut memory = GuestMemory::new();
             memory.add(Region::new(0, RAM), HOST_BASE).unwrap();
-            TestGuest {
-                memory,
-                phys: FakePhys::new(HOST_BASE, RAM as usize),
-                next_table: 0x2000,
-            }
+            TestGuest { memory, phys: FakePhys::new(HOST_BASE, RAM as usize), next_table: 0x2000 }
         }
 
         pub fn paging(&self) -> Paging {
@@ -339,11 +307,7 @@ mod tests {
             (0x0000_7f00_bfff_ffff, 0x3fff_ffff),
         ];
         for (linear, gpa) in cases {
-            assert_eq!(
-                translate(&g.memory, &g.phys, &p, linear),
-                Ok(gpa),
-                "{linear:#x}"
-            );
+            assert_eq!(translate(&g.memory, &g.phys, &p, linear), Ok(gpa), "{linear:#x}");
         }
     }
 
@@ -352,13 +316,7 @@ mod tests {
         let mut g = TestGuest::new();
         let p = g.paging();
         let va = 0xffff_8000_0000_5000u64;
-        assert_eq!(
-            translate(&g.memory, &g.phys, &p, va),
-            Err(WalkError::NotPresent {
-                linear: va,
-                level: 4
-            })
-        );
+        assert_eq!(translate(&g.memory, &g.phys, &p, va), Err(WalkError::NotPresent { linear: va, level: 4 }));
         g.map(va, 0x5000, 0x1000);
         assert_eq!(translate(&g.memory, &g.phys, &p, va), Ok(0x5000));
         for level in 1..=4u32 {
@@ -369,10 +327,7 @@ mod tests {
             g.write(at, &(e & !1).to_le_bytes());
             assert_eq!(
                 translate(&g.memory, &g.phys, &p, va),
-                Err(WalkError::NotPresent {
-                    linear: va,
-                    level: level as u8
-                }),
+                Err(WalkError::NotPresent { linear: va, level: level as u8 }),
                 "level {level}"
             );
         }
@@ -388,42 +343,23 @@ mod tests {
         let at = g.entry_address(va, 4);
         let e = g.read_u64(at) | 0x80;
         g.write(at, &e.to_le_bytes());
-        assert_eq!(
-            translate(&g.memory, &g.phys, &p, va),
-            Err(WalkError::Reserved {
-                linear: va,
-                level: 4,
-                entry: e
-            })
-        );
+        assert_eq!(translate(&g.memory, &g.phys, &p, va), Err(WalkError::Reserved { linear: va, level: 4, entry: e }));
         // A misaligned 2 MiB page (bit 13 set).
         let mut g = TestGuest::new();
         g.map(va, 0x20_0000 | 0x2000, 2 << 20);
-        assert!(matches!(
-            translate(&g.memory, &g.phys, &p, va),
-            Err(WalkError::Reserved { level: 2, .. })
-        ));
+        assert!(matches!(translate(&g.memory, &g.phys, &p, va), Err(WalkError::Reserved { level: 2, .. })));
         // A misaligned 1 GiB page (bit 21 set).
         let mut g = TestGuest::new();
         g.map(va, 0x20_0000, 1 << 30);
-        assert!(matches!(
-            translate(&g.memory, &g.phys, &p, va),
-            Err(WalkError::Reserved { level: 3, .. })
-        ));
+        assert!(matches!(translate(&g.memory, &g.phys, &p, va), Err(WalkError::Reserved { level: 3, .. })));
         // XD with EFER.NXE clear is reserved; with it set it is not.
         let mut g = TestGuest::new();
         g.map(va, 0x5000, 0x1000);
         let at = g.entry_address(va, 1);
         g.write(at, &(g.read_u64(at) | XD).to_le_bytes());
         assert_eq!(translate(&g.memory, &g.phys, &p, va), Ok(0x5000));
-        let no_nx = Paging {
-            efer: p.efer & !EFER_NXE,
-            ..p
-        };
-        assert!(matches!(
-            translate(&g.memory, &g.phys, &no_nx, va),
-            Err(WalkError::Reserved { level: 1, .. })
-        ));
+        let no_nx = Paging { efer: p.efer & !EFER_NXE, ..p };
+        assert!(matches!(translate(&g.memory, &g.phys, &no_nx, va), Err(WalkError::Reserved { level: 1, .. })));
     }
 
     #[test]
@@ -447,54 +383,27 @@ mod tests {
         g.write(at, &(0x000f_ffff_ffff_f000u64 | 7).to_le_bytes());
         assert_eq!(
             translate(&g.memory, &g.phys, &p, va),
-            Err(WalkError::OutsideRam {
-                linear: va,
-                gpa: 0x000f_ffff_ffff_f000
-            })
+            Err(WalkError::OutsideRam { linear: va, gpa: 0x000f_ffff_ffff_f000 })
         );
     }
 
     #[test]
     fn paging_modes() {
         let g = TestGuest::new();
-        let unpaged = Paging {
-            cr0: 1,
-            ..Paging::default()
-        };
-        assert_eq!(
-            translate(&g.memory, &g.phys, &unpaged, 0x1_0000_1234),
-            Ok(0x1234)
-        );
+        let unpaged = Paging { cr0: 1, ..Paging::default() };
+        assert_eq!(translate(&g.memory, &g.phys, &unpaged, 0x1_0000_1234), Ok(0x1234));
         let base = Paging::four_level(PML4);
         let modes = [
-            (
-                Paging {
-                    cr4: 0,
-                    efer: 0,
-                    ..base
-                },
-                "32-bit paging",
-            ),
+            (Paging { cr4: 0, efer: 0, ..base }, "32-bit paging"),
             (Paging { efer: 0, ..base }, "PAE paging outside long mode"),
-            (
-                Paging {
-                    cr4: base.cr4 | CR4_LA57,
-                    ..base
-                },
-                "5-level paging",
-            ),
+            (Paging { cr4: base.cr4 | CR4_LA57, ..base }, "5-level paging"),
         ];
         for (p, name) in modes {
-            assert_eq!(
-                translate(&g.memory, &g.phys, &p, 0x1000),
-                Err(WalkError::UnsupportedMode(name))
-            );
+            assert_eq!(translate(&g.memory, &g.phys, &p, 0x1000), Err(WalkError::UnsupportedMode(name)));
         }
         assert_eq!(
             translate(&g.memory, &g.phys, &base, 0x0000_8000_0000_0000),
-            Err(WalkError::NotCanonical {
-                linear: 0x0000_8000_0000_0000
-            })
+            Err(WalkError::NotCanonical { linear: 0x0000_8000_0000_0000 })
         );
     }
 
@@ -522,62 +431,32 @@ mod tests {
         g.write(CODE + 0xffc, &[1, 2, 3, 4]);
         let mut buf = [0; 15];
         // The next page is not mapped: 4 bytes.
-        assert_eq!(
-            fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf),
-            Ok(4)
-        );
+        assert_eq!(fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf), Ok(4));
         assert_eq!(&buf[..4], &[1, 2, 3, 4]);
         // The next page maps outside guest RAM: still 4 bytes.
         g.map(va + 0x1000, 0x8000_0000, 0x1000);
-        assert_eq!(
-            fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf),
-            Ok(4)
-        );
+        assert_eq!(fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf), Ok(4));
         // The first byte unmapped or outside RAM: an error.
         assert_eq!(
             fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0x1000, &mut buf),
-            Err(WalkError::OutsideRam {
-                linear: va + 0x1000,
-                gpa: 0x8000_0000
-            })
+            Err(WalkError::OutsideRam { linear: va + 0x1000, gpa: 0x8000_0000 })
         );
         assert_eq!(
             fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0x2000, &mut buf),
-            Err(WalkError::NotPresent {
-                linear: va + 0x2000,
-                level: 1
-            })
+            Err(WalkError::NotPresent { linear: va + 0x2000, level: 1 })
         );
         // RAM that ends inside the fetch window (unpaged: linear = physical).
-        let unpaged = Paging {
-            cr0: 1,
-            ..Paging::default()
-        };
+        let unpaged = Paging { cr0: 1, ..Paging::default() };
         g.write(RAM - 3, &[7, 8, 9]);
-        assert_eq!(
-            fetch_instruction(&g.memory, &g.phys, &unpaged, RAM - 3, &mut buf),
-            Ok(3)
-        );
+        assert_eq!(fetch_instruction(&g.memory, &g.phys, &unpaged, RAM - 3, &mut buf), Ok(3));
         assert_eq!(&buf[..3], &[7, 8, 9]);
     }
 
     #[test]
     fn errors_read_well() {
-        let e = WalkError::NotPresent {
-            linear: 0x1000,
-            level: 2,
-        };
-        assert_eq!(
-            alloc::format!("{e}"),
-            "guest-linear 0x1000 is not mapped (PDE not present)"
-        );
-        let e = WalkError::OutsideRam {
-            linear: 0x1000,
-            gpa: 0x8000_0000,
-        };
-        assert_eq!(
-            alloc::format!("{e}"),
-            "guest-linear 0x1000 leads to guest-physical 0x80000000, outside guest RAM"
-        );
+        let e = WalkError::NotPresent { linear: 0x1000, level: 2 };
+        assert_eq!(alloc::format!("{e}"), "guest-linear 0x1000 is not mapped (PDE not present)");
+        let e = WalkError::OutsideRam { linear: 0x1000, gpa: 0x8000_0000 };
+        assert_eq!(alloc::format!("{e}"), "guest-linear 0x1000 leads to guest-physical 0x80000000, outside guest RAM");
     }
 }
