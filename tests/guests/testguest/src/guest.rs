@@ -60,6 +60,8 @@ macro_rules! say {
     }};
 }
 
+mod tpm;
+
 // ---------------------------------------------------------------- faults
 
 /// Bytes to skip when the next fault is the expected one; 0 = none expected.
@@ -216,6 +218,26 @@ fn hypercall(call: Call, args: [u64; 4]) -> (i64, u64, u64, u64) {
     unsafe { guest_agent::hypercall(call, args) }
 }
 
+/// A raw hypercall with arguments in RBX, RCX, RDX, RSI; returns RAX.
+fn hypercall_raw_args(nr: u64, args: [u64; 4]) -> i64 {
+    let rax: u64;
+    // SAFETY: we run at CPL 0 inside CTVM; RBX is swapped through a scratch register.
+    unsafe {
+        asm!(
+            "xchg {b}, rbx",
+            "vmcall",
+            "xchg {b}, rbx",
+            b = inout(reg) args[0] => _,
+            inout("rax") nr => rax,
+            inout("rcx") args[1] => _,
+            inout("rdx") args[2] => _,
+            in("rsi") args[3],
+            options(nostack),
+        )
+    };
+    rax as i64
+}
+
 fn hypercall_raw(nr: u64) -> i64 {
     let rax: u64;
     // SAFETY: an unknown call number must come back as an error, nothing else.
@@ -313,18 +335,21 @@ extern "C" fn guest_main(info: *const StartInfo) -> ! {
 
     let mut exit = 0u32;
     let mut count = 5u32;
+    let mut wide = false;
     let mut test = "basics";
     for word in cmdline.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("exit", v)) => exit = v.parse().unwrap_or(97),
             Some(("test", v)) => test = v,
             Some(("count", v)) => count = v.parse().unwrap_or(5),
+            Some(("tis", v)) => wide = v == "wide",
             _ => {}
         }
     }
     match test {
         "basics" => test_basics(),
         "ticks" => test_ticks(count),
+        "vtpm" => tpm::run(wide),
         "triple-fault" => test_triple_fault(),
         "wild-write" => test_wild_write(),
         other => {
