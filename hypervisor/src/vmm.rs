@@ -2,6 +2,7 @@
 //! scheduled round-robin on this CPU, each exit dispatched to the generic
 //! handlers, and a report when every guest has stopped.
 
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -11,8 +12,9 @@ use log::{error, info, warn};
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrAccess, MsrBitmap};
+use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::Vmx;
-use crate::arch::x86_64::vmx::vcpu::{Bitmaps, Ept, Vcpu, VcpuSetup};
+use crate::arch::x86_64::vmx::vcpu::{current, Bitmaps, Ept, Vcpu, VcpuSetup};
 use crate::boot_info::Module;
 use crate::console;
 use crate::exits::{self, Action, ExitContext, StopReason};
@@ -20,6 +22,8 @@ use crate::guest::config::{self, GuestConfig, GuestKind};
 use crate::guest::linux::{self, boot_data, e820, BzImage, E820Entry, LoadPlan};
 use crate::guest::memory::GuestMemory;
 use crate::guest::{loader, CrLimits, Guest, Platform, RunState};
+use crate::integrity::control::{ControlError, GuestControl};
+use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
@@ -44,7 +48,10 @@ pub struct Machine<'a> {
 pub struct Vm {
     pub guest: Guest,
     vcpu: Option<Vcpu>,
+    /// The guest's EPT: its only view, or the kernel view (KEPT).
     ept: Option<Ept>,
+    /// One view per isolated module (MEPT).
+    module_views: BTreeMap<u32, Ept>,
     bitmaps: Option<Bitmaps>,
     /// RAM taken from the frame pool (native guests only).
     ram: Option<Region>,
@@ -71,7 +78,7 @@ fn module_bytes(module: &Module) -> &'static [u8] {
 
 impl Vm {
     fn empty(guest: Guest) -> Vm {
-        Vm { guest, vcpu: None, ept: None, bitmaps: None, ram: None }
+        Vm { guest, vcpu: None, ept: None, module_views: BTreeMap::new(), bitmaps: None, ram: None }
     }
 
     /// A native guest: RAM from the frame pool, emulated devices only.
@@ -142,7 +149,12 @@ impl Vm {
             }
         });
         let platform = Platform::PassThrough { pm1a_control };
+        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, config.trusted.clone()));
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
+        vm.guest.integrity = integrity;
+        if vm.guest.integrity.is_some() {
+            vm.guest.capabilities |= guest_agent::Capabilities::INTEGRITY;
+        }
 
         let ept = pass_through_ept(vmx, &map, machine.hypervisor_ranges)?;
         let plan = LoadPlan {
@@ -186,6 +198,9 @@ impl Vm {
     fn tear_down(&mut self) {
         self.vcpu = None;
         self.bitmaps = None;
+        for (_, view) in core::mem::take(&mut self.module_views) {
+            view.destroy();
+        }
         if let Some(ept) = self.ept.take() {
             ept.destroy();
         }
@@ -201,6 +216,87 @@ impl Vm {
         info!("guest {} stopped: {reason}", self.guest.name());
         self.guest.state = RunState::Stopped(reason);
         self.tear_down();
+    }
+}
+
+/// The VMX side of a guest's integrity views.
+struct Views<'a> {
+    vmx: &'a Vmx,
+    kernel: &'a mut Ept,
+    modules: &'a mut BTreeMap<u32, Ept>,
+    bitmaps: &'a Bitmaps,
+}
+
+impl Views<'_> {
+    fn view(&mut self, view: View) -> Result<&mut Ept, ControlError> {
+        match view {
+            View::Kernel => Ok(self.kernel),
+            View::Module(m) => self.modules.get_mut(&m).ok_or(ControlError),
+        }
+    }
+}
+
+impl GuestControl for Views<'_> {
+    fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
+        let eptp = self.view(view)?.pointer();
+        current::set_eptp(eptp);
+        Ok(())
+    }
+
+    fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
+        // Module views map pages one to one, with the kernel view's memory type.
+        let mem_type = self.kernel.translate(page).map_or(MemType::WriteBack, |t| t.attrs.mem_type);
+        let ept = self.view(view)?;
+        let result = if perms.is_empty() {
+            ept.unmap(page, PAGE_SIZE)
+        } else if ept.translate(page).is_some() {
+            ept.protect(page, PAGE_SIZE, perms)
+        } else {
+            ept.map(page, page, PAGE_SIZE, Attrs::new(perms, mem_type))
+        };
+        result.map_err(|_| ControlError)
+    }
+
+    fn perms(&self, view: View, page: u64) -> Option<Perms> {
+        let ept = match view {
+            View::Kernel => &*self.kernel,
+            View::Module(m) => self.modules.get(&m)?,
+        };
+        ept.translate(page).map(|t| t.attrs.perms)
+    }
+
+    fn create_view(&mut self, module: u32) -> Result<(), ControlError> {
+        let ept = Ept::new(self.vmx).ok_or(ControlError)?;
+        if let Some(old) = self.modules.insert(module, ept) {
+            old.destroy();
+        }
+        Ok(())
+    }
+
+    fn destroy_view(&mut self, module: u32) {
+        if let Some(ept) = self.modules.remove(&module) {
+            ept.destroy();
+        }
+    }
+
+    fn set_monitor_trap(&mut self, on: bool) {
+        current::set_primary_control(PrimaryControls::MONITOR_TRAP_FLAG, on);
+    }
+
+    fn guard_control_registers(&mut self, cr0: u64, cr4: u64) {
+        current::guard_control_registers(cr0, cr4);
+    }
+
+    fn trap_descriptor_tables(&mut self) {
+        if !current::enable_secondary_control(self.vmx, SecondaryControls::DTABLE_EXITING) {
+            warn!("descriptor-table exiting is not available: LGDT/LIDT are not trapped");
+        }
+    }
+
+    fn trap_msr_writes(&mut self, msrs: &[u32]) {
+        for &msr in msrs {
+            self.bitmaps.trap_msr_write(msr);
+        }
     }
 }
 
@@ -316,7 +412,15 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 // VMLAUNCH/VMRESUME itself failed (bad control or host state).
                 break Action::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
             }
-            let mut ctx = ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host, phys: &Identity };
+            let mut views = match (&vm.guest.integrity, vm.ept.as_mut(), vm.bitmaps.as_ref()) {
+                (Some(_), Some(kernel), Some(bitmaps)) => {
+                    Some(Views { vmx, kernel, modules: &mut vm.module_views, bitmaps })
+                }
+                _ => None,
+            };
+            let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
+            let mut ctx =
+                ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host, phys: &Identity, control };
             let action = exits::dispatch(&mut ctx);
             let action = match (action, failure) {
                 (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {

@@ -66,6 +66,11 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             if limits.unrestricted {
                 must_be_1 &= !(CR0_PE | CR0_PG);
             }
+            // Once integrity is locked, clearing CR0.WP is refused.
+            if super::integrity::control_register_write(ctx, old, value, super::integrity::CR0_WP) {
+                skip_instruction(ctx.vcpu, ctx.exit);
+                return Action::Resume;
+            }
             ctx.vcpu.write(Field::Cr0ReadShadow, value);
             ctx.vcpu.write(Field::Cr0, (value | must_be_1) & limits.cr0_fixed1);
         }
@@ -74,6 +79,12 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             // VMX is hidden; bits the processor lacks fault as they would on hardware.
             if value & CR4_VMXE != 0 || value & !limits.cr4_fixed1 != 0 {
                 return gp(ctx);
+            }
+            let old = ctx.vcpu.read(Field::Cr4ReadShadow);
+            let guarded = super::integrity::CR4_SMEP | super::integrity::CR4_SMAP;
+            if super::integrity::control_register_write(ctx, old, value, guarded) {
+                skip_instruction(ctx.vcpu, ctx.exit);
+                return Action::Resume;
             }
             ctx.vcpu.write(Field::Cr4ReadShadow, value);
             ctx.vcpu.write(Field::Cr4, (value | limits.cr4_fixed0) & limits.cr4_fixed1);

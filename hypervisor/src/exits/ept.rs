@@ -13,6 +13,9 @@ use crate::mmio;
 use crate::vcpu::Field;
 
 pub fn violation(ctx: &mut ExitContext<'_>) -> Action {
+    if let Some(action) = super::integrity::ept_violation(ctx) {
+        return action;
+    }
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     let gpa = ctx.exit.guest_physical;
     let guest = &mut *ctx.guest;

@@ -2,7 +2,7 @@
 
 use guest_agent::{Call, Error, Registers, ABI_VERSION};
 
-use super::{Action, ExitContext, StopReason};
+use super::{integrity, Action, ExitContext, StopReason};
 use crate::guest::virt;
 use crate::mmio::walk::Paging;
 use crate::vcpu::{cpl, skip_instruction};
@@ -113,9 +113,21 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             ctx.vcpu.regs().rax = status;
             Action::Resume
         }
-        // Integrity calls need a guest with integrity views (pass-through Linux).
-        Ok(_) => {
-            ctx.vcpu.regs().rax = Error::NotPermitted.code() as u64;
+        Ok(request) => {
+            // Only the kernel view may call: an isolated module's VMCALL
+            // must not register, unregister or read anything.
+            let from_module = ctx.guest.integrity.as_ref().is_some_and(|i| i.view != crate::integrity::View::Kernel);
+            let result = match request {
+                _ if from_module => Err(Error::NotPermitted),
+                Request::KernelRegister { layout } => integrity::register_kernel(ctx, layout),
+                Request::KernelLock => integrity::lock(ctx),
+                Request::ModuleRegister { info } => integrity::register_module(ctx, info),
+                Request::ModuleLive { id } => integrity::module_live(ctx, id),
+                Request::ModuleUnregister { id } => integrity::unregister_module(ctx, id),
+                Request::ViolationsRead { buffer, count } => integrity::read_violations(ctx, buffer, count),
+                Request::Version | Request::Shutdown { .. } | Request::EventLogRead { .. } => Err(Error::UnknownCall),
+            };
+            ctx.vcpu.regs().rax = result.unwrap_or_else(|e| e.code() as u64);
             Action::Resume
         }
         Err(e) => {

@@ -116,7 +116,8 @@ mod tests {
             let host = FakeHost::default();
             let exit = ExitInfo { reason: reason::XSETBV, instruction_len: 3, ..Default::default() };
             let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
-            let mut ctx = ExitContext { guest: &mut g, vcpu: &mut v, exit: &exit, host: &host, phys: &phys };
+            let mut ctx =
+                ExitContext { guest: &mut g, vcpu: &mut v, exit: &exit, host: &host, phys: &phys, control: None };
             assert_eq!(dispatch(&mut ctx), Action::Resume);
             assert_eq!(v.injected().is_none(), ok, "xcr{rcx} = {value:#x}");
             assert_eq!(*host.xcr0.borrow() == value, ok);

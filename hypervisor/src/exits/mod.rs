@@ -6,8 +6,10 @@
 
 mod cpuid;
 mod cr;
+mod dtable;
 mod ept;
 pub mod hypercall;
+pub mod integrity;
 mod io;
 mod misc;
 mod msr;
@@ -145,6 +147,8 @@ pub struct ExitContext<'a> {
     pub host: &'a dyn HostCpu,
     /// How the hypervisor reaches the guest's RAM.
     pub phys: &'a dyn HostPhys,
+    /// EPT views and register guards, for guests with integrity views.
+    pub control: Option<&'a mut dyn crate::integrity::control::GuestControl>,
 }
 
 pub type Handler = fn(&mut ExitContext<'_>) -> Action;
@@ -171,7 +175,10 @@ pub mod reason {
     pub const WRMSR: u16 = 32;
     pub const ENTRY_FAIL_GUEST_STATE: u16 = 33;
     pub const ENTRY_FAIL_MSR_LOADING: u16 = 34;
+    pub const MONITOR_TRAP: u16 = 37;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
+    pub const DESCRIPTOR_TABLE: u16 = 46;
+    pub const LDTR_TR: u16 = 47;
     pub const EPT_VIOLATION: u16 = 48;
     pub const EPT_MISCONFIG: u16 = 49;
     pub const INVEPT: u16 = 50;
@@ -291,6 +298,9 @@ const fn table() -> [Option<Handler>; reason::COUNT] {
     t[reason::EPT_VIOLATION as usize] = Some(ept::violation);
     t[reason::EPT_MISCONFIG as usize] = Some(ept::misconfiguration);
     t[reason::PREEMPTION_TIMER as usize] = Some(misc::preemption_timer);
+    t[reason::MONITOR_TRAP as usize] = Some(integrity::monitor_trap);
+    t[reason::DESCRIPTOR_TABLE as usize] = Some(dtable::handle);
+    t[reason::LDTR_TR as usize] = Some(dtable::handle);
     t[reason::WBINVD as usize] = Some(misc::skip);
     t[reason::XSETBV as usize] = Some(misc::xsetbv);
     t
@@ -358,6 +368,8 @@ pub mod testing {
 
     #[derive(Default)]
     pub struct FakeHost {
+        /// MSR values to report; others read as `msr << 8`.
+        pub msrs: alloc::collections::BTreeMap<u32, u64>,
         pub msr_writes: RefCell<alloc::vec::Vec<(u32, u64)>>,
         pub xcr0: RefCell<u64>,
         pub port_writes: RefCell<alloc::vec::Vec<(u16, u8, u32)>>,
@@ -378,7 +390,7 @@ pub mod testing {
             123_456
         }
         fn read_msr(&self, msr: u32) -> u64 {
-            u64::from(msr) << 8
+            self.msrs.get(&msr).copied().unwrap_or(u64::from(msr) << 8)
         }
         fn write_msr(&self, msr: u32, value: u64) {
             self.msr_writes.borrow_mut().push((msr, value));
@@ -398,7 +410,7 @@ pub mod testing {
     pub fn run(guest: &mut Guest, vcpu: &mut FakeVcpu, exit: ExitInfo) -> Action {
         let host = FakeHost::default();
         let phys = crate::guest::memory::fake::FakePhys::new(0x1000_0000, 16 << 20);
-        let mut ctx = ExitContext { guest, vcpu, exit: &exit, host: &host, phys: &phys };
+        let mut ctx = ExitContext { guest, vcpu, exit: &exit, host: &host, phys: &phys, control: None };
         dispatch(&mut ctx)
     }
 }
@@ -423,13 +435,13 @@ mod tests {
     fn unhandled_reasons_stop_the_guest_with_a_report() {
         let mut g = test_guest();
         let mut v = FakeVcpu::new();
-        let a = run(&mut g, &mut v, ExitInfo { reason: 37, qualification: 5, ..Default::default() });
-        assert_eq!(a, Action::Stop(StopReason::Unhandled { reason: 37, qualification: 5, rip: 0x10_0000 }));
+        let a = run(&mut g, &mut v, ExitInfo { reason: 36, qualification: 5, ..Default::default() });
+        assert_eq!(a, Action::Stop(StopReason::Unhandled { reason: 36, qualification: 5, rip: 0x10_0000 }));
         // Reasons beyond the table too.
         let a = run(&mut g, &mut v, ExitInfo { reason: 999, ..Default::default() });
         assert!(matches!(a, Action::Stop(StopReason::Unhandled { reason: 999, .. })));
         let counted: alloc::vec::Vec<_> = g.exits.seen().collect();
-        assert_eq!(counted, [(37, "monitor trap flag", 1), (70, "unknown", 1)]);
+        assert_eq!(counted, [(36, "MWAIT", 1), (70, "unknown", 1)]);
     }
 
     #[test]

@@ -110,6 +110,17 @@ fn pass_through(ctx: &mut ExitContext<'_>, write: bool) -> Action {
         (TSC, true) => {
             log::debug!("guest {}: write to the TSC ignored", ctx.guest.name());
         }
+        // The syscall entry points: trapped once integrity is locked.
+        (LSTAR | CSTAR | SYSENTER_CS | SYSENTER_ESP | SYSENTER_EIP, true) => {
+            let regs = ctx.vcpu.regs();
+            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            if !super::integrity::msr_write(ctx, msr, value) {
+                match home(msr) {
+                    Some(Home::Vmcs(field)) => ctx.vcpu.write(field, value),
+                    _ => ctx.host.write_msr(msr, value),
+                }
+            }
+        }
         _ => return deny(ctx),
     }
     skip_instruction(ctx.vcpu, ctx.exit);
@@ -187,7 +198,7 @@ mod tests {
             ..Default::default()
         };
         let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
-        let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host, phys: &phys };
+        let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host, phys: &phys, control: None };
         dispatch(&mut ctx)
     }
 

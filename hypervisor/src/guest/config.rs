@@ -26,6 +26,10 @@ pub struct GuestConfig {
     pub kind: GuestKind,
     /// Everything after `--`, handed to the guest.
     pub args: String,
+    /// Run-time integrity for a Linux guest's modules (`integrity=enforce|audit|off`).
+    pub integrity: Option<crate::integrity::Mode>,
+    /// Modules the policy trusts (`trust=name,name`): they run in the kernel view.
+    pub trusted: alloc::vec::Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     let mut name = None;
     let mut mem_bytes = MEM_DEFAULT;
     let mut kind = GuestKind::Native;
+    let mut integrity = None;
+    let mut integrity_set = false;
+    let mut trusted = alloc::vec::Vec::new();
     for word in options.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("guest", n)) => {
@@ -100,11 +107,26 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
             Some(("kind", "test" | "native")) => kind = GuestKind::Native,
             Some(("kind", "linux")) => kind = GuestKind::Linux,
             Some(("kind", k)) => return Err(ConfigError::UnknownKind(k.to_string())),
+            Some(("integrity", m)) => {
+                integrity_set = true;
+                integrity = match m {
+                    "enforce" => Some(crate::integrity::Mode::Enforce),
+                    "audit" => Some(crate::integrity::Mode::Audit),
+                    "off" => None,
+                    _ => return Err(ConfigError::UnknownOption(word.to_string())),
+                };
+            }
+            Some(("trust", names)) => trusted.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from)),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
         }
     }
     let name = name.ok_or(ConfigError::NoName)?;
-    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string() })
+    // Linux guests get integrity views in enforce mode unless told otherwise;
+    // they only act once the guest's agent locks the kernel's layout.
+    if !integrity_set && kind == GuestKind::Linux {
+        integrity = Some(crate::integrity::Mode::Enforce);
+    }
+    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted })
 }
 
 /// `16M`, `1G`, `4096K` or plain bytes.
@@ -153,6 +175,12 @@ mod tests {
         let c = parse("guest=linux kind=linux -- console=ttyS0 quiet").unwrap();
         assert_eq!((c.kind, c.args.as_str()), (GuestKind::Linux, "console=ttyS0 quiet"));
         assert_eq!(initrd_owner("initrd=linux"), Some("linux"));
+        assert_eq!(c.integrity, Some(crate::integrity::Mode::Enforce));
+        let c = parse("guest=linux kind=linux integrity=audit trust=dummy,ext4 --").unwrap();
+        assert_eq!(c.integrity, Some(crate::integrity::Mode::Audit));
+        assert_eq!(c.trusted, ["dummy", "ext4"]);
+        assert_eq!(parse("guest=a kind=linux integrity=off").unwrap().integrity, None);
+        assert!(parse("guest=a integrity=maybe").is_err());
         assert_eq!(initrd_owner("guest=linux"), None);
         assert!(is_pass_through_module("guest=linux kind=linux -- x"));
         assert!(!is_pass_through_module("guest=a -- kind=linux"));

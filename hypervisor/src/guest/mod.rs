@@ -95,6 +95,8 @@ pub struct Guest {
     pub state: RunState,
     /// The guest's virtual TPM, if it has one.
     pub vtpm: Option<crate::tpm::GuestTpm>,
+    /// Run-time kernel integrity, for guests whose agent reports to us.
+    pub integrity: Option<crate::integrity::GuestIntegrity>,
 }
 
 impl Guest {
@@ -112,6 +114,7 @@ impl Guest {
             exits: ExitStats::default(),
             state: RunState::Runnable,
             vtpm: None,
+            integrity: None,
         }
     }
 

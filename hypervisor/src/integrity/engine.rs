@@ -244,6 +244,27 @@ impl Engine {
         Ok(m.info)
     }
 
+    /// The init ranges of a module that has not gone live yet.
+    pub fn module_init(&self, id: u32) -> Option<Vec<Range>> {
+        self.modules.get(&id).map(|m| m.info.init.clone())
+    }
+
+    /// Records a violation found outside the EPT (a register write), in
+    /// `view`, and says what the mode makes of it.
+    pub fn record(&mut self, kind: ViolationKind, view: View, rip: u64, target: u64) -> Violation {
+        let action = match self.mode {
+            Mode::Enforce => ViolationAction::Denied,
+            Mode::Audit => ViolationAction::Allowed,
+        };
+        let module = match view {
+            View::Module(m) => Some(m),
+            View::Kernel => None,
+        };
+        let v = Violation { kind, module, rip, target, action };
+        self.violations.push(&v);
+        v
+    }
+
     pub fn module_name(&self, id: u32) -> Option<&str> {
         self.modules.get(&id).map(|m| m.info.name.as_str())
     }
@@ -408,10 +429,13 @@ impl Engine {
             _ => return Outcome::step(Step::NotMine),
         };
         // The kernel's own text patching (static keys, alternatives, ftrace,
-        // kprobes) writes text and module text through text_poke.
+        // kprobes) writes text and module text through text_poke: either in
+        // the poke routine itself, or in the memcpy it calls, whose return
+        // address is then on top of the stack.
+        let in_poke = |addr: u64| self.layout.as_ref().is_some_and(|l| in_ranges(&l.poke_routines, addr));
         let poking = !from_module
             && matches!(kind, ViolationKind::WriteKernelText | ViolationKind::WriteModuleCode)
-            && self.layout.as_ref().is_some_and(|l| in_ranges(&l.poke_routines, fault.rip));
+            && (in_poke(fault.rip) || fault.stack[0].is_some_and(in_poke));
         if poking {
             self.pokes += 1;
             return Outcome::step(Step::StepOver);
@@ -584,6 +608,19 @@ mod tests {
         let out = e.decide(&f);
         assert_eq!((out.step, out.violation), (Step::StepOver, None));
         assert_eq!(e.pokes, 1);
+        // Through memcpy: the return address into the poke routine is on the stack.
+        let f = Fault {
+            rip: TEXT + 0x7777,
+            stack: [Some(POKE + 0x20), None],
+            ..fault(View::Kernel, Access::Write, TEXT_GPA, PRINTK, 0)
+        };
+        assert_eq!(e.decide(&f).step, Step::StepOver);
+        let f = Fault {
+            rip: TEXT + 0x7777,
+            stack: [Some(TEXT + 0x8888), None],
+            ..fault(View::Kernel, Access::Write, TEXT_GPA, PRINTK, 0)
+        };
+        assert_eq!(e.decide(&f).step, Step::Skip);
         // The same write from a module's view is a violation whatever its RIP.
         let (mut e, id) = engine(Mode::Enforce);
         let f = Fault { rip: POKE + 0x10, ..fault(View::Module(id), Access::Write, TEXT_GPA, PRINTK, 0) };

@@ -19,9 +19,11 @@
 //!   kernel entries (exported symbols, minus a deny-list of dangerous APIs),
 //!   interrupt handlers, or a recorded return address into the kernel.
 
+pub mod control;
 pub mod engine;
 pub mod layout;
 pub mod violation;
+pub mod wire;
 
 pub use engine::{Engine, Fault, Outcome, Step};
 pub use layout::{KernelLayout, ModuleInfo, Range};
@@ -41,4 +43,20 @@ pub enum Mode {
 pub enum View {
     Kernel,
     Module(u32),
+}
+
+/// A guest's integrity state: the engine, the view the vCPU runs in, and a
+/// write being let through (view, page, rights before).
+pub struct GuestIntegrity {
+    pub engine: Engine,
+    pub view: View,
+    pub stepping: Option<(View, u64, Option<crate::mm::paging::Perms>)>,
+    /// Names of the modules the policy trusts: they run in the kernel view.
+    pub trusted: alloc::vec::Vec<alloc::string::String>,
+}
+
+impl GuestIntegrity {
+    pub fn new(mode: Mode, trusted: alloc::vec::Vec<alloc::string::String>) -> Self {
+        GuestIntegrity { engine: Engine::new(mode), view: View::Kernel, stepping: None, trusted }
+    }
 }

@@ -344,6 +344,14 @@ pub fn describe(instruction: &Instruction) -> String {
     s
 }
 
+/// The length of any valid 64-bit instruction at the start of `bytes` (to
+/// skip one the hypervisor refused), or `None` if it does not decode.
+pub fn instruction_length(bytes: &[u8]) -> Option<u8> {
+    let mut decoder = Decoder::new(64, bytes, DecoderOptions::NONE);
+    let instruction = decoder.decode();
+    (!instruction.is_invalid()).then(|| instruction.len() as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

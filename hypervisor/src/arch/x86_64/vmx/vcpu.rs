@@ -166,6 +166,11 @@ impl Ept {
         Ok(())
     }
 
+    /// Where a guest-physical address goes, and with what rights.
+    pub fn translate(&self, gpa: u64) -> Option<crate::mm::paging::Translation> {
+        self.table.translate(&Tables, gpa)
+    }
+
     /// INVEPT for this hierarchy (single-context), or for all of them.
     pub fn invalidate(&self) {
         let (kind, descriptor): (u64, [u64; 2]) =
@@ -210,6 +215,16 @@ impl Bitmaps {
             Some(frame)
         };
         Some(Bitmaps { io_a: page(&io.0[..4096])?, io_b: page(&io.0[4096..])?, msr: page(&msr.0)? })
+    }
+}
+
+impl Bitmaps {
+    /// Makes guest writes to an MSR exit from now on.
+    pub fn trap_msr_write(&self, msr: u32) {
+        let mut page = MsrBitmap::pass_all();
+        Identity.read(self.msr, &mut page.0);
+        page.trap(msr, super::bitmaps::MsrAccess::Write);
+        Identity.write(self.msr, &page.0);
     }
 }
 
@@ -506,6 +521,48 @@ impl Drop for Vcpu {
     }
 }
 
+/// Changes to the current VMCS (the vCPU being handled).
+pub mod current {
+    use super::*;
+
+    /// Adds bits to the CR0/CR4 guest/host masks: guest writes changing them
+    /// exit from now on. The read shadows take the bits' current values first.
+    pub fn guard_control_registers(cr0: u64, cr4: u64) {
+        for (mask_field, shadow_field, actual_field, bits) in [
+            (control::CR0_GUEST_HOST_MASK, control::CR0_READ_SHADOW, guest::CR0, cr0),
+            (control::CR4_GUEST_HOST_MASK, control::CR4_READ_SHADOW, guest::CR4, cr4),
+        ] {
+            let mask = vmcs::read(mask_field);
+            let new = bits & !mask;
+            let shadow = (vmcs::read(shadow_field) & !new) | (vmcs::read(actual_field) & new);
+            vmcs::write(shadow_field, shadow);
+            vmcs::write(mask_field, mask | bits);
+        }
+    }
+
+    /// Sets or clears a primary processor-based control (the monitor trap flag).
+    pub fn set_primary_control(bits: PrimaryControls, on: bool) {
+        let value = vmcs::read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        let value = if on { value | u64::from(bits.bits()) } else { value & !u64::from(bits.bits()) };
+        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, value);
+    }
+
+    /// Sets a secondary control if the processor allows it.
+    pub fn enable_secondary_control(vmx: &Vmx, bits: SecondaryControls) -> bool {
+        if vmx.controls.procbased2_with(&vmx.msrs, bits, true).is_none() {
+            return false;
+        }
+        let value = vmcs::read(control::SECONDARY_PROCBASED_EXEC_CONTROLS) | u64::from(bits.bits());
+        vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, value);
+        true
+    }
+
+    /// Points the vCPU at another EPT hierarchy.
+    pub fn set_eptp(eptp: u64) {
+        vmcs::write(control::EPTP_FULL, eptp);
+    }
+}
+
 fn write_host_state() {
     let sel = gdt::selectors();
     vmcs::write(host::CR0, cpu::read_cr0());
@@ -552,6 +609,12 @@ fn field_encoding(field: Field) -> u32 {
         Field::SysenterEsp => guest::IA32_SYSENTER_ESP,
         Field::SysenterEip => guest::IA32_SYSENTER_EIP,
         Field::CsSelector => guest::CS_SELECTOR,
+        Field::GdtrBase => guest::GDTR_BASE,
+        Field::GdtrLimit => guest::GDTR_LIMIT,
+        Field::IdtrBase => guest::IDTR_BASE,
+        Field::IdtrLimit => guest::IDTR_LIMIT,
+        Field::LdtrSelector => guest::LDTR_SELECTOR,
+        Field::TrSelector => guest::TR_SELECTOR,
         Field::CsAccessRights => guest::CS_ACCESS_RIGHTS,
         Field::SsAccessRights => guest::SS_ACCESS_RIGHTS,
         Field::Interruptibility => guest::INTERRUPTIBILITY_STATE,

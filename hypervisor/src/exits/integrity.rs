@@ -1,0 +1,758 @@
+//! The exits and hypercalls of run-time kernel integrity: the agent's
+//! registrations, EPT violations decided by the engine, the single-steps
+//! that let the kernel patch itself, and the registers that guard the
+//! protection once the layout is locked.
+
+use alloc::vec::Vec;
+
+use guest_agent::integrity::{self as abi, VIOLATION_RECORD_SIZE};
+use guest_agent::Error;
+
+use super::{Action, ExitContext, StopReason};
+use crate::arch::x86_64::vmx::ept::ViolationInfo;
+use crate::console;
+use crate::guest::virt;
+use crate::integrity::control::GuestControl;
+use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
+use crate::integrity::layout::Range;
+use crate::integrity::violation::{Line, Violation};
+use crate::integrity::{wire, View};
+use crate::mm::paging::Perms;
+use crate::mmio::walk::{translate, Paging};
+use crate::vcpu::{inject_exception, Field, VECTOR_GP};
+
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+pub const GUARDED_MSRS: [u32; 5] = [0x174, 0x175, 0x176, MSR_LSTAR, 0xc000_0083];
+pub const CR0_WP: u64 = 1 << 16;
+pub const CR4_SMEP: u64 = 1 << 20;
+pub const CR4_SMAP: u64 = 1 << 21;
+const EPERM: u64 = 1;
+
+/// Most exported symbols a kernel may have (Linux 6.x has about 30 000).
+const MAX_SYMBOLS: u64 = 200_000;
+
+fn paging(ctx: &ExitContext<'_>) -> Paging {
+    Paging::from_vcpu(ctx.vcpu)
+}
+
+fn read_guest(ctx: &ExitContext<'_>, gva: u64, len: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = alloc::vec![0u8; len];
+    virt::read(&ctx.guest.memory, &ctx.phys, &paging(ctx), gva, &mut buf).map_err(|_| Error::BadAddress)?;
+    Ok(buf)
+}
+
+fn gpa_of(ctx: &ExitContext<'_>, gva: u64) -> Result<u64, Error> {
+    translate(&ctx.guest.memory, &ctx.phys, &paging(ctx), gva).map_err(|_| Error::BadAddress)
+}
+
+/// The guest-physical pages behind a guest-virtual range.
+fn pages_of(ctx: &ExitContext<'_>, r: Range) -> Result<Vec<u64>, Error> {
+    r.pages().map(|p| gpa_of(ctx, p).map(|g| g & !0xfff)).collect()
+}
+
+fn control<'c>(ctx: &'c mut ExitContext<'_>) -> Result<&'c mut dyn GuestControl, Error> {
+    match ctx.control.as_mut() {
+        Some(c) => Ok(&mut **c),
+        None => Err(Error::NotPermitted),
+    }
+}
+
+fn map_err(e: RegisterError) -> Error {
+    match e {
+        RegisterError::Locked => Error::Locked,
+        RegisterError::NotLocked => Error::NotPermitted,
+        RegisterError::Overlap => Error::InvalidArgument,
+        RegisterError::TooMany => Error::NoSpace,
+        RegisterError::UnknownModule => Error::NotFound,
+    }
+}
+
+/// A NUL-terminated name at a guest address (at most 64 bytes read).
+fn name_at(ctx: &ExitContext<'_>, gva: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for chunk in 0..4u64 {
+        let bytes = read_guest(ctx, gva + chunk * 16, 16).ok()?;
+        for b in bytes {
+            if b == 0 {
+                return Some(out);
+            }
+            out.push(b);
+        }
+    }
+    Some(out)
+}
+
+/// [`guest_agent::Call::KernelRegister`].
+pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    if ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine.is_locked() {
+        return Err(Error::Locked);
+    }
+    let bytes = read_guest(ctx, address, core::mem::size_of::<abi::KernelLayout>())?;
+    let message = wire::kernel_layout(&bytes).map_err(|_| Error::InvalidArgument)?;
+    let mut layout = message.layout;
+    // The anchor: what the hypervisor sees in the processor.
+    let lstar = ctx.host.read_msr(MSR_LSTAR);
+    if let Err(e) = layout.validate(lstar) {
+        log::warn!("guest {}: kernel layout refused: {e:?}", ctx.guest.name());
+        return Err(Error::InvalidArgument);
+    }
+    // IDTR points at a read-only alias of idt_table: both must be one page.
+    let idtr = ctx.vcpu.read(Field::IdtrBase);
+    if gpa_of(ctx, idtr)? & !0xfff != gpa_of(ctx, layout.idt.start)? & !0xfff {
+        log::warn!("guest {}: IDTR {idtr:#x} does not map the reported idt_table", ctx.guest.name());
+        return Err(Error::InvalidArgument);
+    }
+    let gates = read_guest(ctx, layout.idt.start, 256 * 16)?;
+    layout.interrupt_handlers = gates
+        .chunks_exact(16)
+        .filter(|g| g[5] & 0x80 != 0)
+        .map(|g| {
+            u64::from(u16::from_le_bytes([g[0], g[1]]))
+                | (u64::from(u16::from_le_bytes([g[6], g[7]])) << 16)
+                | (u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32)
+        })
+        .collect();
+    // The exported symbols, read from the kernel's own tables.
+    for table in [message.ksymtab, message.ksymtab_gpl] {
+        let len = table.end.saturating_sub(table.start);
+        if len % wire::KERNEL_SYMBOL_SIZE != 0 || len / wire::KERNEL_SYMBOL_SIZE > MAX_SYMBOLS {
+            return Err(Error::InvalidArgument);
+        }
+        if len == 0 {
+            continue;
+        }
+        let raw = read_guest(ctx, table.start, len as usize)?;
+        for (value, name) in wire::ksymtab(table, &raw) {
+            if !layout.text.contains(value) {
+                continue; // exported data, not an entry point
+            }
+            layout.entries.push(value);
+            if let Some(n) = name_at(ctx, name) {
+                if wire::DENIED_APIS.iter().any(|d| d.as_bytes() == n.as_slice()) {
+                    layout.denied_entries.push(value);
+                }
+            }
+        }
+    }
+    let mut pages = Vec::new();
+    for (range, class) in [
+        (layout.text, PageClass::KernelText),
+        (layout.rodata, PageClass::KernelReadOnly),
+        (layout.ro_after_init, PageClass::KernelReadOnly),
+        (layout.syscall_table, PageClass::SyscallTable),
+        (layout.idt, PageClass::Idt),
+    ] {
+        for gpa in pages_of(ctx, range)? {
+            pages.push((gpa, class));
+        }
+    }
+    log::info!(
+        "guest {}: kernel layout registered: text {:#x}..{:#x}, {} exported entry points, {} denied, {} interrupt handlers",
+        ctx.guest.name(),
+        layout.text.start,
+        layout.text.end,
+        layout.entries.len(),
+        layout.denied_entries.len(),
+        layout.interrupt_handlers.len()
+    );
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    state.engine.register_kernel(layout, pages).map_err(map_err)?;
+    Ok(0)
+}
+
+/// The kernel's own page-table pages (PML4 and the upper levels of its
+/// half), which no module may write.
+fn kernel_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
+    let root = ctx.vcpu.read(Field::Cr3) & 0x000f_ffff_ffff_f000;
+    let mut out = alloc::vec![root];
+    let read_table = |at: u64| -> Vec<u64> {
+        let mut t = [0u8; 4096];
+        if ctx.guest.memory.read(&ctx.phys, at, &mut t).is_err() {
+            return Vec::new();
+        }
+        t.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap_or([0; 8]))).collect()
+    };
+    let pml4 = read_table(root);
+    for e in pml4.iter().skip(256).filter(|e| *e & 1 != 0) {
+        let pdpt = e & 0x000f_ffff_ffff_f000;
+        out.push(pdpt);
+        for e in read_table(pdpt).iter().filter(|e| *e & 1 != 0 && *e & 0x80 == 0) {
+            out.push(e & 0x000f_ffff_ffff_f000);
+        }
+    }
+    out
+}
+
+/// The rights a tracked page has in the kernel view.
+fn kernel_view_perms(class: PageClass) -> Perms {
+    match class {
+        PageClass::KernelText => Perms::RX,
+        PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt => Perms::READ,
+        PageClass::PageTable | PageClass::ModuleData(_) => Perms::RW,
+        PageClass::ModuleCode(_) => Perms::READ,
+    }
+}
+
+/// [`guest_agent::Call::KernelLock`].
+pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
+    let tables = kernel_page_tables(ctx);
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    state.engine.lock(tables).map_err(map_err)?;
+    let pages: Vec<(u64, PageClass)> = state.engine.pages().collect();
+    let name = alloc::string::String::from(ctx.guest.name());
+    let control = control(ctx)?;
+    for (page, class) in pages {
+        control.set_perms(View::Kernel, page, kernel_view_perms(class)).map_err(|_| Error::NoSpace)?;
+    }
+    control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
+    control.trap_descriptor_tables();
+    control.trap_msr_writes(&GUARDED_MSRS);
+    log::info!("guest {name}: kernel layout locked; protections on");
+    Ok(0)
+}
+
+/// [`guest_agent::Call::ModuleRegister`].
+pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    let bytes = read_guest(ctx, address, core::mem::size_of::<abi::ModuleInfo>())?;
+    let message = wire::module_info(&bytes).map_err(|_| Error::InvalidArgument)?;
+    let mut info = message.info;
+    let raw = read_guest(ctx, message.entries_address, message.entry_count as usize * 8)?;
+    info.entries = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    let mut code = Vec::new();
+    for r in &info.code {
+        code.extend(pages_of(ctx, *r)?);
+    }
+    let mut data = Vec::new();
+    for r in &info.data {
+        data.extend(pages_of(ctx, *r)?);
+    }
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    let trusted = state.trusted.contains(&info.name);
+    let name = info.name.clone();
+    let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
+    if !trusted {
+        let control = control(ctx)?;
+        let mut setup = || -> Result<(), crate::integrity::control::ControlError> {
+            control.create_view(id)?;
+            for &p in &code {
+                control.set_perms(View::Module(id), p, Perms::RX)?;
+                control.set_perms(View::Kernel, p, Perms::READ)?;
+            }
+            for &p in &data {
+                control.set_perms(View::Module(id), p, Perms::RW)?;
+            }
+            Ok(())
+        };
+        setup().map_err(|_| Error::NoSpace)?;
+    }
+    log::info!(
+        "guest {}: module {name} registered as {} ({} code pages, {} data pages)",
+        ctx.guest.name(),
+        if trusted { "trusted" } else { "untrusted, isolated" },
+        code.len(),
+        data.len()
+    );
+    Ok(u64::from(id))
+}
+
+/// Returns a module's pages to the kernel view and drops them from its view.
+fn release_pages(control: &mut dyn GuestControl, id: u32, pages: &[u64]) {
+    for &p in pages {
+        let _ = control.set_perms(View::Kernel, p, Perms::RWX);
+        let _ = control.set_perms(View::Module(id), p, Perms::empty());
+    }
+}
+
+/// [`guest_agent::Call::ModuleLive`].
+pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
+    let init = {
+        let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
+        state.engine.module_init(id).ok_or(Error::NotFound)?
+    };
+    let mut pages = Vec::new();
+    for r in init {
+        pages.extend(pages_of(ctx, r).unwrap_or_default());
+    }
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    state.engine.module_live(id, &pages).map_err(map_err)?;
+    if let Ok(control) = control(ctx) {
+        release_pages(control, id, &pages);
+    }
+    Ok(0)
+}
+
+/// [`guest_agent::Call::ModuleUnregister`].
+pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    let pages: Vec<u64> = state
+        .engine
+        .pages()
+        .filter(|(_, c)| matches!(c, PageClass::ModuleCode(m) | PageClass::ModuleData(m) if *m == id))
+        .map(|(p, _)| p)
+        .collect();
+    let trusted = state.engine.is_trusted(id);
+    state.engine.unregister_module(id).map_err(map_err)?;
+    if state.view == View::Module(id) {
+        state.view = View::Kernel;
+    }
+    if let Ok(control) = control(ctx) {
+        release_pages(control, id, &pages);
+        if !trusted {
+            let _ = control.activate_view(View::Kernel).ok();
+            control.destroy_view(id);
+        }
+    }
+    Ok(0)
+}
+
+/// [`guest_agent::Call::ViolationsRead`]: returns how many records were written.
+pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Result<u64, Error> {
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    let records: Vec<abi::ViolationRecord> = state.engine.violations.take(count as usize).collect();
+    let dropped = state.engine.violations.dropped;
+    let mut bytes = Vec::with_capacity(records.len() * VIOLATION_RECORD_SIZE);
+    for r in &records {
+        bytes.extend_from_slice(&r.to_bytes());
+    }
+    let p = paging(ctx);
+    virt::write(&ctx.guest.memory, &ctx.phys, &p, buffer, &bytes).map_err(|_| Error::BadAddress)?;
+    ctx.vcpu.regs().rbx = dropped;
+    Ok(records.len() as u64)
+}
+
+/// Prints a violation's console line.
+fn report(ctx: &ExitContext<'_>, v: &Violation) {
+    let state = ctx.guest.integrity.as_ref();
+    let module = match v.module {
+        Some(m) => state.and_then(|s| s.engine.module_name(m)).unwrap_or("?"),
+        None => "kernel",
+    };
+    console::write_line(format_args!("{}", Line { guest: ctx.guest.name(), module, violation: v }));
+}
+
+/// An EPT violation in a guest with integrity views, or `None` when it is
+/// not an integrity matter.
+pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
+    let state = ctx.guest.integrity.as_ref()?;
+    if !state.engine.is_locked() || ctx.control.is_none() {
+        return None;
+    }
+    let info = ViolationInfo::from_qualification(ctx.exit.qualification);
+    let rip = ctx.vcpu.read(Field::Rip);
+    let rsp = ctx.vcpu.read(Field::Rsp);
+    let word = |at: u64| read_guest(ctx, at, 8).ok().map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    let stack = [word(rsp), word(rsp.wrapping_add(8))];
+    let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
+    let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack };
+    let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
+    if let Some(v) = &outcome.violation {
+        report(ctx, v);
+    }
+    let page = ctx.exit.guest_physical & !0xfff;
+    let view = ctx.guest.integrity.as_ref()?.view;
+    let action = match outcome.step {
+        Step::NotMine => return None,
+        Step::Switch(to) => match control(ctx).ok()?.activate_view(to) {
+            Ok(()) => {
+                ctx.guest.integrity.as_mut()?.view = to;
+                Action::Resume
+            }
+            Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
+        },
+        Step::Grant(perms) => match control(ctx).ok()?.set_perms(view, page, perms) {
+            Ok(()) => Action::Resume,
+            Err(_) => Action::Stop(StopReason::HypervisorError("out of memory for a module view".into())),
+        },
+        Step::StepOver => {
+            let control = control(ctx).ok()?;
+            let before = control.perms(view, page);
+            let open = before.unwrap_or(Perms::READ) | Perms::WRITE;
+            if control.set_perms(view, page, open).is_err() {
+                return Some(Action::Stop(StopReason::HypervisorError("cannot open a page for one write".into())));
+            }
+            control.set_monitor_trap(true);
+            ctx.guest.integrity.as_mut()?.stepping = Some((view, page, before));
+            Action::Resume
+        }
+        Step::Skip => skip(ctx),
+        Step::ReturnError => return_error(ctx, stack[0]),
+    };
+    Some(action)
+}
+
+/// Refuses a write: the instruction is skipped (decoded for its length),
+/// or, when it cannot be decoded, faults with #GP.
+fn skip(ctx: &mut ExitContext<'_>) -> Action {
+    let rip = ctx.vcpu.read(Field::Rip);
+    let mut bytes = [0u8; crate::mmio::walk::MAX_INSTRUCTION_LEN];
+    let p = paging(ctx);
+    let len = crate::mmio::walk::fetch_instruction(&ctx.guest.memory, &ctx.phys, &p, rip, &mut bytes)
+        .ok()
+        .and_then(|n| crate::mmio::decode::instruction_length(&bytes[..n]));
+    match len {
+        Some(len) => {
+            let exit = crate::vcpu::ExitInfo { instruction_len: u64::from(len), ..*ctx.exit };
+            crate::vcpu::skip_instruction(ctx.vcpu, &exit);
+        }
+        None => inject_exception(ctx.vcpu, VECTOR_GP, Some(0)),
+    }
+    Action::Resume
+}
+
+/// Refuses a call: returns to the caller with -EPERM, as if the callee had.
+fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>) -> Action {
+    match return_address {
+        Some(ret) => {
+            let rsp = ctx.vcpu.read(Field::Rsp);
+            ctx.vcpu.write(Field::Rsp, rsp.wrapping_add(8));
+            ctx.vcpu.write(Field::Rip, ret);
+            ctx.vcpu.regs().rax = EPERM.wrapping_neg();
+        }
+        None => inject_exception(ctx.vcpu, VECTOR_GP, Some(0)),
+    }
+    Action::Resume
+}
+
+/// The monitor-trap exit after a let-through write: close the page again.
+pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
+    let stepping = ctx.guest.integrity.as_mut().and_then(|s| s.stepping.take());
+    let Ok(control) = control(ctx) else {
+        return Action::Stop(StopReason::Unsupported { what: "monitor trap without integrity views", rip: 0 });
+    };
+    control.set_monitor_trap(false);
+    if let Some((view, page, before)) = stepping {
+        if control.set_perms(view, page, before.unwrap_or(Perms::empty())).is_err() {
+            return Action::Stop(StopReason::HypervisorError("cannot close a page after one write".into()));
+        }
+    }
+    Action::Resume
+}
+
+/// Whether writing `new` over `old` clears a guarded bit after the lock;
+/// reports the violation and says whether to refuse.
+pub fn control_register_write(ctx: &mut ExitContext<'_>, old: u64, new: u64, guarded: u64) -> bool {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return false };
+    if !state.engine.is_locked() || old & guarded & !new == 0 {
+        return false;
+    }
+    let view = state.view;
+    let v = state.engine.record(crate::integrity::ViolationKind::ControlRegister, view, ctx.vcpu.read(Field::Rip), new);
+    report(ctx, &v);
+    v.action == abi::ViolationAction::Denied
+}
+
+/// A guarded MSR write after the lock (the syscall entry points).
+pub fn msr_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> bool {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return false };
+    if !state.engine.is_locked() || ctx.host.read_msr(msr) == value {
+        return false;
+    }
+    let view = state.view;
+    let v = state.engine.record(
+        crate::integrity::ViolationKind::SyscallMsr,
+        view,
+        ctx.vcpu.read(Field::Rip),
+        u64::from(msr),
+    );
+    report(ctx, &v);
+    v.action == abi::ViolationAction::Denied
+}
+
+/// LGDT/LIDT after the lock.
+pub fn descriptor_table_load(ctx: &mut ExitContext<'_>, base: u64) -> bool {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return false };
+    if !state.engine.is_locked() {
+        return false;
+    }
+    let view = state.view;
+    let v =
+        state.engine.record(crate::integrity::ViolationKind::DescriptorTable, view, ctx.vcpu.read(Field::Rip), base);
+    report(ctx, &v);
+    v.action == abi::ViolationAction::Denied
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole generic path on a miniature guest: the agent's hypercalls
+    //! against guest memory laid out like a kernel's, then EPT violations
+    //! decided and carried out through a fake VMX layer.
+    use super::*;
+    use crate::exits::testing::FakeHost;
+    use crate::exits::{dispatch, reason};
+    use crate::guest::memory::fake::FakePhys;
+    use crate::guest::memory::HostPhys;
+    use crate::guest::{test_guest, Guest};
+    use crate::integrity::control::fake::FakeControl;
+    use crate::integrity::{GuestIntegrity, Mode, ViolationKind};
+    use crate::vcpu::fake::FakeVcpu;
+    use crate::vcpu::{ExitInfo, VcpuState};
+
+    /// Guest RAM is 16 MiB at host 0x1000_0000; kernel virtual K + x maps
+    /// guest-physical x through 2 MiB pages.
+    const K: u64 = 0xffff_ffff_8000_0000;
+    const TEXT: u64 = 0x40_0000;
+    const PRINTK: u64 = TEXT + 0x1000;
+    const SET_MEMORY_RW: u64 = TEXT + 0x2000;
+    const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
+    const HANDLER: u64 = TEXT + 0x4000;
+    const RODATA: u64 = 0x60_0000;
+    const SYSCALL_TABLE: u64 = 0x61_0000;
+    const IDT: u64 = 0x62_0000;
+    const LAYOUT: u64 = 0x10_0000;
+    const KSYMTAB: u64 = 0x11_0000;
+    const NAMES: u64 = 0x11_1000;
+    const MODULE_INFO: u64 = 0x13_0000;
+    const MODULE_ENTRIES: u64 = 0x13_1000;
+    const MODULE_CODE: u64 = 0x80_0000;
+    const MODULE_DATA: u64 = 0x80_1000;
+    const STACK: u64 = 0x90_0000;
+
+    struct Fixture {
+        guest: Guest,
+        vcpu: FakeVcpu,
+        host: FakeHost,
+        phys: FakePhys,
+        control: FakeControl,
+    }
+
+    fn w(phys: &FakePhys, gpa: u64, bytes: &[u8]) {
+        phys.write(0x1000_0000 + gpa, bytes);
+    }
+
+    fn fixture(mode: Mode) -> Fixture {
+        let phys = FakePhys::new(0x1000_0000, 16 << 20);
+        // Page tables: PML4[511] -> PDPT, PDPT[510] -> PD, PD[i] -> 2 MiB page i.
+        w(&phys, 0x1000 + 511 * 8, &(0x2000u64 | 3).to_le_bytes());
+        w(&phys, 0x2000 + 510 * 8, &(0x3000u64 | 3).to_le_bytes());
+        for i in 0..8u64 {
+            w(&phys, 0x3000 + i * 8, &((i << 21) | 0x83).to_le_bytes());
+        }
+        // The layout the agent reports.
+        let mut l = abi::KernelLayout {
+            version: abi::STRUCT_VERSION,
+            size: core::mem::size_of::<abi::KernelLayout>() as u32,
+            text: abi::WireRange { start: K + TEXT, end: K + TEXT + 0x10_0000 },
+            rodata: abi::WireRange { start: K + RODATA, end: K + RODATA + 0x1000 },
+            syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
+            idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
+            entry_syscall: K + ENTRY_SYSCALL,
+            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 24 },
+            ..Default::default()
+        };
+        l.poke_routines[0] = abi::WireRange { start: K + TEXT + 0x5000, end: K + TEXT + 0x5100 };
+        // SAFETY: repr(C) plain data viewed as bytes.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
+        };
+        w(&phys, LAYOUT, bytes);
+        // __ksymtab: printk and set_memory_rw, PREL32.
+        for (i, (value, name, text)) in
+            [(PRINTK, NAMES, &b"printk\0"[..]), (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..])]
+                .iter()
+                .enumerate()
+        {
+            let at = KSYMTAB + i as u64 * 12;
+            w(&phys, at, &((*value as i64 - at as i64) as i32).to_le_bytes());
+            w(&phys, at + 4, &((*name as i64 - (at + 4) as i64) as i32).to_le_bytes());
+            w(&phys, *name, text);
+        }
+        // One present interrupt gate.
+        let h = K + HANDLER;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+        gate[5] = 0x8e;
+        gate[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
+        w(&phys, IDT + 14 * 16, &gate);
+        // A module: one code page holding `mov [rax], rbx`, one data page.
+        let mut m = abi::ModuleInfo::default();
+        m.name[..4].copy_from_slice(b"evil");
+        m.code[0] = abi::WireRange { start: K + MODULE_CODE, end: K + MODULE_CODE + 0x1000 };
+        m.data[0] = abi::WireRange { start: K + MODULE_DATA, end: K + MODULE_DATA + 0x1000 };
+        m.entries = K + MODULE_ENTRIES;
+        m.entry_count = 1;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&m))
+        };
+        w(&phys, MODULE_INFO, bytes);
+        w(&phys, MODULE_ENTRIES, &(K + MODULE_CODE).to_le_bytes());
+        w(&phys, MODULE_CODE + 0x10, &[0x48, 0x89, 0x18]);
+
+        let mut guest = test_guest();
+        guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None };
+        guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![]));
+        let mut vcpu = FakeVcpu::new();
+        vcpu.write(Field::Cr0, 0x8000_0031);
+        vcpu.write(Field::Cr3, 0x1000);
+        vcpu.write(Field::Cr4, 0x20);
+        vcpu.write(Field::Efer, 0x500);
+        vcpu.write(Field::CsAccessRights, 0xa09b);
+        vcpu.write(Field::IdtrBase, K + IDT);
+        vcpu.write(Field::Rsp, K + STACK);
+        let mut host = FakeHost::default();
+        host.msrs.insert(MSR_LSTAR, K + ENTRY_SYSCALL);
+        Fixture { guest, vcpu, host, phys, control: FakeControl::default() }
+    }
+
+    impl Fixture {
+        fn exit(&mut self, exit: ExitInfo) -> Action {
+            let mut ctx = ExitContext {
+                guest: &mut self.guest,
+                vcpu: &mut self.vcpu,
+                exit: &exit,
+                host: &self.host,
+                phys: &self.phys,
+                control: Some(&mut self.control),
+            };
+            dispatch(&mut ctx)
+        }
+
+        fn call(&mut self, nr: u64, rbx: u64, rcx: u64) -> i64 {
+            self.vcpu.regs.rax = nr;
+            self.vcpu.regs.rbx = rbx;
+            self.vcpu.regs.rcx = rcx;
+            self.exit(ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() });
+            self.vcpu.regs.rax as i64
+        }
+
+        fn ept(&mut self, access: u64, gpa: u64, gva: u64, rip: u64) -> Action {
+            self.vcpu.write(Field::Rip, rip);
+            let q = access | (1 << 7) | (1 << 8);
+            self.exit(ExitInfo {
+                reason: reason::EPT_VIOLATION,
+                qualification: q,
+                guest_physical: gpa,
+                guest_linear: gva,
+                ..Default::default()
+            })
+        }
+
+        fn register_everything(&mut self) -> u32 {
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            assert_eq!(self.call(0x10, K + LAYOUT, layout_size), 0, "kernel registered");
+            assert_eq!(self.call(0x11, 0, 0), 0, "locked");
+            let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+            let id = self.call(0x12, K + MODULE_INFO, info_size);
+            assert!(id > 0, "module registered: {id}");
+            id as u32
+        }
+    }
+
+    const READ: u64 = 1;
+    const WRITE: u64 = 2;
+    const FETCH: u64 = 4;
+
+    #[test]
+    fn registration_protects_the_kernel_and_isolates_the_module() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let e = &f.guest.integrity.as_ref().unwrap().engine;
+        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
+        assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
+        assert_eq!(e.layout().unwrap().interrupt_handlers, alloc::vec![K + HANDLER]);
+        // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
+        assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
+        assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::READ));
+        assert_eq!(f.control.perms(View::Kernel, IDT), Some(Perms::READ));
+        assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::READ));
+        // The module's view: its code RX, its data RW, nothing else.
+        assert_eq!(f.control.perms(View::Module(id), MODULE_CODE), Some(Perms::RX));
+        assert_eq!(f.control.perms(View::Module(id), MODULE_DATA), Some(Perms::RW));
+        assert_eq!(f.control.perms(View::Module(id), TEXT), None);
+        // The registers that could undo it are guarded.
+        assert_eq!(f.control.guarded, (CR0_WP, CR4_SMEP | CR4_SMAP));
+        assert!(f.control.descriptor_tables);
+        assert!(f.control.trapped_msrs.contains(&MSR_LSTAR));
+        // A second registration or lock is refused.
+        let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+        assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::Locked.code());
+        assert_eq!(f.call(0x11, 0, 0), Error::Locked.code());
+    }
+
+    #[test]
+    fn a_lying_layout_is_refused() {
+        let mut f = fixture(Mode::Enforce);
+        f.host.msrs.insert(MSR_LSTAR, K + TEXT + 0x9000);
+        let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+        assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::InvalidArgument.code());
+        let mut f = fixture(Mode::Enforce);
+        f.vcpu.write(Field::IdtrBase, K + RODATA);
+        assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::InvalidArgument.code());
+    }
+
+    #[test]
+    fn crossings_and_attacks_through_the_exit_path() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        // The kernel calls the module's entry: switch to its view.
+        w(&f.phys, STACK, &(K + TEXT + 0x77).to_le_bytes());
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        assert_eq!(f.control.active, Some(module));
+        // The module writes the syscall table: refused, the instruction skipped.
+        let rip = K + MODULE_CODE + 0x10;
+        assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, rip), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::Rip), rip + 3, "mov [rax], rbx skipped");
+        let last = f.guest.integrity.as_mut().unwrap().engine.violations.take(1).next().unwrap();
+        assert_eq!(last.kind, abi::ViolationKindCode::WriteSyscallTable as u32);
+        // It reads kernel data: granted read-only in its view.
+        assert_eq!(f.ept(READ, 0x20_0000, K + 0x20_0000, rip), Action::Resume);
+        assert_eq!(f.control.perms(module, 0x20_0000), Some(Perms::READ));
+        // It calls set_memory_rw: returns -EPERM to it instead.
+        w(&f.phys, STACK, &(K + MODULE_CODE + 0x40).to_le_bytes());
+        assert_eq!(f.ept(FETCH | READ, TEXT + 0x2000, K + SET_MEMORY_RW, K + SET_MEMORY_RW), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::Rip), K + MODULE_CODE + 0x40);
+        assert_eq!(f.vcpu.regs.rax as i64, -1);
+        assert_eq!(f.control.active, Some(module), "still in the module's view");
+        // It calls printk: switch to the kernel view.
+        f.vcpu.write(Field::Rsp, K + STACK);
+        assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel));
+        // An isolated module's own VMCALL is refused.
+        f.guest.integrity.as_mut().unwrap().view = module;
+        assert_eq!(f.call(0x14, u64::from(id), 0), Error::NotPermitted.code());
+    }
+
+    #[test]
+    fn text_poke_opens_one_page_for_one_instruction() {
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        let poke_rip = K + TEXT + 0x5010;
+        assert_eq!(f.ept(WRITE, TEXT + 0x1000, K + PRINTK, poke_rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RWX));
+        assert!(f.control.monitor_trap);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RX));
+        assert!(!f.control.monitor_trap);
+        assert_eq!(f.guest.integrity.as_ref().unwrap().engine.pokes, 1);
+    }
+
+    #[test]
+    fn clearing_cr0_wp_after_the_lock_is_refused() {
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        f.vcpu.write(Field::Cr0ReadShadow, 0x8005_0033);
+        f.vcpu.regs.rbx = 0x8004_0033; // WP cleared
+        let exit =
+            ExitInfo { reason: reason::CR_ACCESS, qualification: 3 << 8, instruction_len: 3, ..Default::default() };
+        f.vcpu.write(Field::Rip, 0x1000);
+        assert_eq!(f.exit(exit), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::Cr0ReadShadow), 0x8005_0033, "not written");
+        assert_eq!(f.vcpu.read(Field::Rip), 0x1003);
+        let v = f.guest.integrity.as_mut().unwrap().engine.violations.take(1).next().unwrap();
+        assert_eq!(v.kind, abi::ViolationKindCode::ControlRegister as u32);
+        let _ = ViolationKind::ControlRegister;
+    }
+
+    #[test]
+    fn audit_mode_lets_the_write_through_once() {
+        let mut f = fixture(Mode::Audit);
+        let id = f.register_everything();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.control.active = Some(View::Module(id));
+        assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, K + MODULE_CODE + 0x10), Action::Resume);
+        assert!(f.control.monitor_trap, "stepped over, not skipped");
+        assert_eq!(f.guest.integrity.as_ref().unwrap().engine.violations.len(), 1);
+    }
+}

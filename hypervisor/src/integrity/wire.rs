@@ -1,0 +1,260 @@
+//! Reading what the agent sends: its structures, field by field from bytes,
+//! and the kernel's exported-symbol table, which the hypervisor decodes
+//! itself rather than take a list from the guest.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use guest_agent::integrity::{self as abi, WireRange};
+
+use super::layout::{KernelLayout, ModuleInfo, Range};
+
+/// A structure that does not check out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireError {
+    Version,
+    Size,
+    Range,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+}
+
+fn range_at(b: &[u8], at: usize) -> Result<Range, WireError> {
+    let r = Range::new(u64_at(b, at), u64_at(b, at + 8));
+    if r.end < r.start {
+        return Err(WireError::Range);
+    }
+    Ok(r)
+}
+
+fn header(b: &[u8], size: usize) -> Result<(), WireError> {
+    if b.len() != size || u32_at(b, 4) as usize != size {
+        return Err(WireError::Size);
+    }
+    if u32_at(b, 0) != abi::STRUCT_VERSION {
+        return Err(WireError::Version);
+    }
+    Ok(())
+}
+
+/// The parts of a `KernelLayout` message; the exported-symbol tables are
+/// returned for the caller to read from guest memory.
+pub struct KernelMessage {
+    pub layout: KernelLayout,
+    pub ksymtab: Range,
+    pub ksymtab_gpl: Range,
+}
+
+pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
+    header(b, core::mem::size_of::<abi::KernelLayout>())?;
+    let mut at = 8;
+    let mut next = || {
+        let r = range_at(b, at);
+        at += core::mem::size_of::<WireRange>();
+        r
+    };
+    let text = next()?;
+    let rodata = next()?;
+    let ro_after_init = next()?;
+    let syscall_table = next()?;
+    let idt = next()?;
+    let entry_syscall = u64_at(b, at);
+    at += 8;
+    let mut next = || {
+        let r = range_at(b, at);
+        at += core::mem::size_of::<WireRange>();
+        r
+    };
+    let ksymtab = next()?;
+    let ksymtab_gpl = next()?;
+    let mut poke_routines = Vec::new();
+    for _ in 0..abi::POKE_ROUTINES {
+        let r = next()?;
+        if !r.is_empty() {
+            poke_routines.push(r);
+        }
+    }
+    let layout = KernelLayout {
+        text,
+        rodata,
+        ro_after_init,
+        syscall_table,
+        idt,
+        entry_syscall,
+        poke_routines,
+        ..Default::default()
+    };
+    Ok(KernelMessage { layout, ksymtab, ksymtab_gpl })
+}
+
+/// A `ModuleInfo` message; `entries` is read by the caller from guest
+/// memory (`entries_address`, `entry_count`).
+pub struct ModuleMessage {
+    pub info: ModuleInfo,
+    pub entries_address: u64,
+    pub entry_count: u32,
+}
+
+pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
+    header(b, core::mem::size_of::<abi::ModuleInfo>())?;
+    let name_bytes = &b[8..8 + abi::MODULE_NAME_MAX];
+    let len = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+    let name: String = name_bytes[..len].iter().map(|&c| if c.is_ascii_graphic() { c as char } else { '?' }).collect();
+    let mut at = 8 + abi::MODULE_NAME_MAX;
+    let mut take = |n: usize| -> Result<Vec<Range>, WireError> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let r = range_at(b, at)?;
+            at += 16;
+            if !r.is_empty() {
+                v.push(r);
+            }
+        }
+        Ok(v)
+    };
+    let code = take(abi::MODULE_CODE_RANGES)?;
+    let data = take(abi::MODULE_DATA_RANGES)?;
+    let init = take(abi::MODULE_INIT_RANGES)?;
+    let entries_address = u64_at(b, at);
+    let entry_count = u32_at(b, at + 8);
+    if entry_count > abi::MODULE_ENTRIES_MAX {
+        return Err(WireError::Size);
+    }
+    Ok(ModuleMessage { info: ModuleInfo { name, code, data, init, entries: Vec::new() }, entries_address, entry_count })
+}
+
+/// One `struct kernel_symbol` with PREL32 references (x86-64): three `i32`
+/// offsets, relative to each field's own address: value, name, namespace.
+pub const KERNEL_SYMBOL_SIZE: u64 = 12;
+
+/// Decodes an exported-symbol table at guest-virtual `table` from its raw
+/// bytes into (address, name address) pairs.
+pub fn ksymtab(table: Range, bytes: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (i, entry) in bytes.chunks_exact(KERNEL_SYMBOL_SIZE as usize).enumerate() {
+        let base = table.start + i as u64 * KERNEL_SYMBOL_SIZE;
+        let value = i32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
+        let name = i32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]);
+        out.push((base.wrapping_add_signed(i64::from(value)), (base + 4).wrapping_add_signed(i64::from(name))));
+    }
+    out
+}
+
+/// Kernel APIs an untrusted module may not call: they would let it reach
+/// its goal through the kernel (code patching, hooks, page permissions,
+/// symbol lookup).
+pub const DENIED_APIS: &[&str] = &[
+    "kallsyms_lookup_name",
+    "kallsyms_on_each_symbol",
+    "set_memory_rw",
+    "set_memory_x",
+    "set_memory_nx",
+    "set_memory_ro",
+    "set_direct_map_default_noflush",
+    "text_poke",
+    "text_poke_kgdb",
+    "text_poke_copy",
+    "register_ftrace_function",
+    "ftrace_set_filter_ip",
+    "ftrace_set_filter",
+    "register_kprobe",
+    "register_kprobes",
+    "register_kretprobe",
+    "register_kretprobes",
+    "unregister_kprobe",
+    "override_creds",
+    "commit_creds",
+    "prepare_kernel_cred",
+    "native_write_cr0",
+    "native_write_cr4",
+    "__x64_sys_call",
+    "x64_sys_call",
+    "call_usermodehelper",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn layout_bytes() -> Vec<u8> {
+        let mut l = abi::KernelLayout {
+            version: abi::STRUCT_VERSION,
+            size: core::mem::size_of::<abi::KernelLayout>() as u32,
+            text: WireRange { start: 0xffff_ffff_8100_0000, end: 0xffff_ffff_8200_0000 },
+            entry_syscall: 0xffff_ffff_8180_0000,
+            ksymtab: WireRange { start: 0xffff_ffff_8300_0000, end: 0xffff_ffff_8300_0018 },
+            ..Default::default()
+        };
+        l.poke_routines[1] = WireRange { start: 0xffff_ffff_8105_0000, end: 0xffff_ffff_8105_0200 };
+        // SAFETY: repr(C) plain data, viewed as bytes.
+        unsafe {
+            core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn kernel_layout_parses_and_checks() {
+        let m = kernel_layout(&layout_bytes()).unwrap();
+        assert_eq!(m.layout.text.start, 0xffff_ffff_8100_0000);
+        assert_eq!(m.layout.entry_syscall, 0xffff_ffff_8180_0000);
+        assert_eq!(m.ksymtab.end - m.ksymtab.start, 0x18);
+        assert_eq!(m.layout.poke_routines, vec![Range::new(0xffff_ffff_8105_0000, 0xffff_ffff_8105_0200)]);
+        let mut bad = layout_bytes();
+        bad[0] = 9;
+        assert_eq!(kernel_layout(&bad).err(), Some(WireError::Version));
+        assert_eq!(kernel_layout(&layout_bytes()[..100]).err(), Some(WireError::Size));
+        let mut reversed = layout_bytes();
+        reversed[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(kernel_layout(&reversed).err(), Some(WireError::Range));
+    }
+
+    #[test]
+    fn module_info_parses_name_ranges_and_bounds_entries() {
+        let mut m = abi::ModuleInfo::default();
+        m.name[..5].copy_from_slice(b"dummy");
+        m.code[0] = WireRange { start: 0xffff_ffff_c000_0000, end: 0xffff_ffff_c000_1000 };
+        m.data[1] = WireRange { start: 0xffff_ffff_c000_2000, end: 0xffff_ffff_c000_3000 };
+        m.entries = 0xffff_8880_0000_1000;
+        m.entry_count = 12;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&m))
+        }
+        .to_vec();
+        let got = module_info(&bytes).unwrap();
+        assert_eq!(got.info.name, "dummy");
+        assert_eq!(got.info.code.len(), 1);
+        assert_eq!(got.info.data, vec![Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000)]);
+        assert_eq!((got.entries_address, got.entry_count), (0xffff_8880_0000_1000, 12));
+        let mut many = m;
+        many.entry_count = abi::MODULE_ENTRIES_MAX + 1;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&many as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&many))
+        }
+        .to_vec();
+        assert_eq!(module_info(&bytes).err(), Some(WireError::Size));
+    }
+
+    #[test]
+    fn ksymtab_entries_are_relative_to_themselves() {
+        let table = Range::new(0xffff_ffff_8300_0000, 0xffff_ffff_8300_0018);
+        let mut bytes = vec![0u8; 24];
+        // Entry 0: value at -0x200_0000 (0xffffffff81000000), name at +0x100 from field 1.
+        bytes[0..4].copy_from_slice(&(-0x200_0000i32).to_le_bytes());
+        bytes[4..8].copy_from_slice(&0x100i32.to_le_bytes());
+        // Entry 1: value +0x10.
+        bytes[12..16].copy_from_slice(&0x10i32.to_le_bytes());
+        let got = ksymtab(table, &bytes);
+        assert_eq!(got[0], (0xffff_ffff_8100_0000, 0xffff_ffff_8300_0104));
+        assert_eq!(got[1].0, 0xffff_ffff_8300_001c);
+    }
+}
