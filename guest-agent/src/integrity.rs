@@ -40,7 +40,13 @@ pub struct KernelLayout {
     /// Functions that rewrite kernel text through `text_poke` (e.g.
     /// `__text_poke`); unused slots are zero.
     pub poke_routines: [WireRange; POKE_ROUTINES],
+    /// Kernel data modules must not write (e.g. the `modules` list head);
+    /// unused slots are zero.
+    pub sensitive: [WireRange; SENSITIVE_RANGES],
 }
+
+/// How many sensitive data ranges the layout can name.
+pub const SENSITIVE_RANGES: usize = 4;
 
 pub const MODULE_NAME_MAX: usize = 56;
 pub const MODULE_CODE_RANGES: usize = 2;
@@ -162,7 +168,10 @@ mod tests {
     #[test]
     fn structure_sizes_are_fixed() {
         assert_eq!(core::mem::size_of::<WireRange>(), 16);
-        assert_eq!(core::mem::size_of::<KernelLayout>(), 8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES);
+        assert_eq!(
+            core::mem::size_of::<KernelLayout>(),
+            8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES + 16 * SENSITIVE_RANGES
+        );
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8);
         assert_eq!(VIOLATION_RECORD_SIZE, 40);
     }

@@ -141,7 +141,10 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         (layout.ro_after_init, PageClass::KernelReadOnly),
         (layout.syscall_table, PageClass::SyscallTable),
         (layout.idt, PageClass::Idt),
-    ] {
+    ]
+    .into_iter()
+    .chain(layout.sensitive.iter().map(|&r| (r, PageClass::Sensitive)))
+    {
         for gpa in pages_of(ctx, range)? {
             pages.push((gpa, class));
         }
@@ -188,7 +191,7 @@ fn kernel_view_perms(class: PageClass) -> Perms {
     match class {
         PageClass::KernelText => Perms::RX,
         PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt => Perms::READ,
-        PageClass::PageTable | PageClass::ModuleData(_) => Perms::RW,
+        PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_) => Perms::RW,
         PageClass::ModuleCode(_) => Perms::READ,
     }
 }
@@ -230,21 +233,26 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let trusted = state.trusted.contains(&info.name);
     let name = info.name.clone();
     let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
-    if !trusted {
-        let control = control(ctx)?;
-        let mut setup = || -> Result<(), crate::integrity::control::ControlError> {
-            control.create_view(id)?;
+    let control = control(ctx)?;
+    let mut setup = || -> Result<(), crate::integrity::control::ControlError> {
+        if trusted {
+            // Runs in the kernel view; its code is not writable there either.
             for &p in &code {
-                control.set_perms(View::Module(id), p, Perms::RX)?;
-                control.set_perms(View::Kernel, p, Perms::READ)?;
+                control.set_perms(View::Kernel, p, Perms::RX)?;
             }
-            for &p in &data {
-                control.set_perms(View::Module(id), p, Perms::RW)?;
-            }
-            Ok(())
-        };
-        setup().map_err(|_| Error::NoSpace)?;
-    }
+            return Ok(());
+        }
+        control.create_view(id)?;
+        for &p in &code {
+            control.set_perms(View::Module(id), p, Perms::RX)?;
+            control.set_perms(View::Kernel, p, Perms::READ)?;
+        }
+        for &p in &data {
+            control.set_perms(View::Module(id), p, Perms::RW)?;
+        }
+        Ok(())
+    };
+    setup().map_err(|_| Error::NoSpace)?;
     log::info!(
         "guest {}: module {name} registered as {} ({} code pages, {} data pages)",
         ctx.guest.name(),

@@ -20,6 +20,8 @@ pub enum PageClass {
     Idt,
     /// A page of the kernel's own page tables (found at lock time).
     PageTable,
+    /// Kernel data the layout names as sensitive (the module list).
+    Sensitive,
     ModuleCode(u32),
     ModuleData(u32),
 }
@@ -207,13 +209,13 @@ impl Engine {
         }
         let id = self.next_id;
         self.next_id += 1;
-        if !trusted {
-            for &p in code_pages {
-                self.pages.insert(page(p), PageClass::ModuleCode(id));
-            }
-            for &p in data_pages {
-                self.pages.insert(page(p), PageClass::ModuleData(id));
-            }
+        // Trusted modules run in the kernel view, but their pages are still
+        // tracked: no isolated module may write them.
+        for &p in code_pages {
+            self.pages.insert(page(p), PageClass::ModuleCode(id));
+        }
+        for &p in data_pages {
+            self.pages.insert(page(p), PageClass::ModuleData(id));
         }
         info.entries.sort_unstable();
         info.entries.dedup();
@@ -343,6 +345,9 @@ impl Engine {
         let Some(PageClass::ModuleCode(m)) = class else {
             return Outcome::step(Step::NotMine);
         };
+        if self.is_trusted(m) {
+            return Outcome::step(Step::NotMine);
+        }
         let target = fault.gva;
         if self.take_return(View::Module(m), target) {
             return Outcome::step(Step::Switch(View::Module(m)));
@@ -360,6 +365,20 @@ impl Engine {
     fn module_executes(&mut self, fault: &Fault, m: u32, class: Option<PageClass>) -> Outcome {
         let target = fault.gva;
         match class {
+            // A trusted module runs in the kernel view: going there is a
+            // call into the kernel like any other.
+            Some(PageClass::ModuleCode(other)) if other != m && self.is_trusted(other) => {
+                if self.take_return(View::Kernel, target) {
+                    return Outcome::step(Step::Switch(View::Kernel));
+                }
+                let is_entry =
+                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+                if is_entry {
+                    self.remember_return(View::Module(m), fault.stack[0]);
+                    return Outcome::step(Step::Switch(View::Kernel));
+                }
+                self.violation(fault, ViolationKind::CallNonEntry, Step::ReturnError, Step::Switch(View::Kernel))
+            }
             Some(PageClass::ModuleCode(other)) if other != m => {
                 if self.take_return(View::Module(other), target) {
                     return Outcome::step(Step::Switch(View::Module(other)));
@@ -423,7 +442,7 @@ impl Engine {
             Some(PageClass::SyscallTable) => ViolationKind::WriteSyscallTable,
             Some(PageClass::Idt) => ViolationKind::WriteIdt,
             Some(PageClass::ModuleCode(_)) => ViolationKind::WriteModuleCode,
-            Some(PageClass::PageTable) if from_module => ViolationKind::WriteProtectedData,
+            Some(PageClass::PageTable | PageClass::Sensitive) if from_module => ViolationKind::WriteProtectedData,
             Some(PageClass::ModuleData(_)) if from_module => ViolationKind::WriteProtectedData,
             // The kernel view may write its page tables and module data.
             _ => return Outcome::step(Step::NotMine),
@@ -650,11 +669,21 @@ mod tests {
     }
 
     #[test]
-    fn trusted_modules_get_no_view() {
-        let (mut e, _) = engine(Mode::Enforce);
-        let info = ModuleInfo { name: String::from("dummy"), ..Default::default() };
+    fn trusted_modules_run_in_the_kernel_view_but_stay_protected() {
+        let (mut e, evil) = engine(Mode::Enforce);
+        let info =
+            ModuleInfo { name: String::from("agent"), entries: vec![0xffff_ffff_c100_0000], ..Default::default() };
         let id = e.register_module(info, true, &[0x4000_0000], &[0x4000_1000]).unwrap();
         assert!(e.is_trusted(id));
-        assert_eq!(e.class_of(0x4000_0000), None);
+        assert_eq!(e.class_of(0x4000_1000), Some(PageClass::ModuleData(id)));
+        // An isolated module may not write a trusted module's data.
+        let out = e.decide(&fault(View::Module(evil), Access::Write, 0x4000_1000, 0, 0));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::WriteProtectedData));
+        // It may call a trusted module's entry: that is the kernel view.
+        let out = e.decide(&fault(View::Module(evil), Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0000, 0));
+        assert_eq!(out.step, Step::Switch(View::Kernel));
+        // The kernel view executing a trusted module is not a crossing.
+        let out = e.decide(&fault(View::Kernel, Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0000, 0));
+        assert_eq!(out.step, Step::NotMine);
     }
 }

@@ -56,6 +56,8 @@ pub struct KernelLayout {
     pub denied_entries: Vec<u64>,
     /// Interrupt and exception handlers (from the IDT), sorted.
     pub interrupt_handlers: Vec<u64>,
+    /// Kernel data only the kernel view may write (the module list, ...).
+    pub sensitive: Vec<Range>,
 }
 
 /// Why a layout is refused.

@@ -80,7 +80,15 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
             poke_routines.push(r);
         }
     }
+    let mut sensitive = Vec::new();
+    for _ in 0..abi::SENSITIVE_RANGES {
+        let r = next()?;
+        if !r.is_empty() {
+            sensitive.push(r);
+        }
+    }
     let layout = KernelLayout {
+        sensitive,
         text,
         rodata,
         ro_after_init,
