@@ -11,6 +11,9 @@
 //! through the guest's own page tables and bounds-checked.
 #![no_std]
 
+#[cfg(feature = "c-header")]
+extern crate alloc;
+
 pub mod integrity;
 pub mod start_info;
 

@@ -98,6 +98,12 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             Ok(())
         }
+        "modules" => {
+            for ko in linux::modules::build()? {
+                println!("{}", ko.display());
+            }
+            Ok(())
+        }
         "bench" => match rest.first().map(String::as_str) {
             Some("linux-boot") | None => bench::linux_boot(),
             Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot"))),

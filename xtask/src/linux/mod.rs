@@ -9,6 +9,7 @@ use std::process::Command;
 use crate::util::{output, run, work_dir, Fail};
 
 mod cpio;
+pub mod modules;
 
 /// The kernel and initramfs a Linux scenario boots.
 pub struct LinuxAssets {
@@ -25,7 +26,7 @@ fn cache() -> PathBuf {
 }
 
 /// The versioned image package the meta-package points at.
-fn kernel_package() -> Result<String, Fail> {
+pub fn kernel_package() -> Result<String, Fail> {
     let deps = output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -36,11 +37,18 @@ fn kernel_package() -> Result<String, Fail> {
 
 /// Downloads (once) and unpacks a Debian package; returns the unpack directory.
 fn unpack(package: &str) -> Result<PathBuf, Fail> {
+    let root = cache().join(format!("{package}.root"));
+    unpack_into(package, &root)?;
+    Ok(root)
+}
+
+/// Downloads (once) and unpacks a package into `root` (several may share one).
+pub fn unpack_into(package: &str, root: &Path) -> Result<(), Fail> {
     let dir = cache();
     fs::create_dir_all(&dir)?;
-    let root = dir.join(format!("{package}.root"));
-    if root.join(".complete").exists() {
-        return Ok(root);
+    let marker = root.join(format!(".complete-{package}"));
+    if marker.exists() {
+        return Ok(());
     }
     let deb = match find_deb(&dir, package)? {
         Some(deb) => deb,
@@ -50,10 +58,10 @@ fn unpack(package: &str) -> Result<PathBuf, Fail> {
             find_deb(&dir, package)?.ok_or_else(|| Fail(format!("apt-get download left no {package} .deb")))?
         }
     };
-    let _ = fs::remove_dir_all(&root);
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    fs::write(root.join(".complete"), "")?;
-    Ok(root)
+    fs::create_dir_all(root)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+    fs::write(marker, "")?;
+    Ok(())
 }
 
 fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>, Fail> {

@@ -1,0 +1,330 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The CTVM guest agent: tells the hypervisor where the kernel's protected
+ * parts are, locks that layout, then reports every module before its code
+ * runs, so that CTVM can isolate it in its own EPT view.
+ *
+ * The kernel addresses come as module parameters, taken from /proc/kallsyms
+ * by /init while the kernel is still the measured, trusted one; CTVM checks
+ * them against what it sees itself (LSTAR, IDTR) and reads the exported
+ * symbols from the kernel's own __ksymtab.
+ *
+ * Works with Linux 6.1's core_layout/init_layout and 6.4's mod->mem[].
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/slab.h>
+#include <linux/mutex.h>
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+#include <linux/version.h>
+#include <linux/elf.h>
+#include <asm/processor.h>
+#include "ctvm_abi.h"
+
+static unsigned long text_start, text_end, rodata_start, rodata_end;
+static unsigned long ro_after_init_start, ro_after_init_end;
+static unsigned long syscall_table, idt, syscall_entry;
+static unsigned long ksymtab_start, ksymtab_end, ksymtab_gpl_start, ksymtab_gpl_end;
+static unsigned long poke_start, poke_end, module_list;
+module_param(text_start, ulong, 0400);
+module_param(text_end, ulong, 0400);
+module_param(rodata_start, ulong, 0400);
+module_param(rodata_end, ulong, 0400);
+module_param(ro_after_init_start, ulong, 0400);
+module_param(ro_after_init_end, ulong, 0400);
+module_param(syscall_table, ulong, 0400);
+module_param(idt, ulong, 0400);
+module_param(syscall_entry, ulong, 0400);
+module_param(ksymtab_start, ulong, 0400);
+module_param(ksymtab_end, ulong, 0400);
+module_param(ksymtab_gpl_start, ulong, 0400);
+module_param(ksymtab_gpl_end, ulong, 0400);
+module_param(poke_start, ulong, 0400);
+module_param(poke_end, ulong, 0400);
+module_param(module_list, ulong, 0400);
+
+/* One entry per module CTVM knows, to find its id again at LIVE and GOING. */
+struct tracked {
+	struct list_head link;
+	struct module *mod;
+	long id;
+};
+static LIST_HEAD(tracked_modules);
+static DEFINE_MUTEX(tracked_lock);
+
+static long ctvm_call(unsigned long nr, unsigned long a, unsigned long b,
+		      unsigned long c, unsigned long d)
+{
+	long ret;
+
+	asm volatile("vmcall"
+		     : "=a"(ret)
+		     : "a"(nr), "b"(a), "c"(b), "d"(c), "S"(d)
+		     : "memory");
+	return ret;
+}
+
+static bool ctvm_present(void)
+{
+	unsigned int eax, ebx, ecx, edx;
+	char sig[13];
+
+	cpuid(0x40000000, &eax, &ebx, &ecx, &edx);
+	memcpy(sig, &ebx, 4);
+	memcpy(sig + 4, &ecx, 4);
+	memcpy(sig + 8, &edx, 4);
+	sig[12] = 0;
+	return strcmp(sig, "CTVMCTVMCTVM") == 0;
+}
+
+static void range(struct ctvm_range *r, unsigned long start, unsigned long size)
+{
+	r->start = start;
+	r->end = start + size;
+}
+
+/* Where a module's memory is: 6.4 split it by kind, 6.1 had two layouts. */
+static void module_ranges(struct module *mod, struct ctvm_module_info *info)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	range(&info->code[0], (unsigned long)mod->mem[MOD_TEXT].base, mod->mem[MOD_TEXT].size);
+	range(&info->code[1], (unsigned long)mod->mem[MOD_INIT_TEXT].base, mod->mem[MOD_INIT_TEXT].size);
+	range(&info->data[0], (unsigned long)mod->mem[MOD_DATA].base, mod->mem[MOD_DATA].size);
+	range(&info->data[1], (unsigned long)mod->mem[MOD_RODATA].base, mod->mem[MOD_RODATA].size);
+	range(&info->data[2], (unsigned long)mod->mem[MOD_RO_AFTER_INIT].base,
+	      mod->mem[MOD_RO_AFTER_INIT].size);
+	range(&info->data[3], (unsigned long)mod->mem[MOD_INIT_DATA].base, mod->mem[MOD_INIT_DATA].size);
+	info->init[0] = info->code[1];
+	info->init[1] = info->data[3];
+#else
+	unsigned long core = (unsigned long)mod->core_layout.base;
+	unsigned long init = (unsigned long)mod->init_layout.base;
+
+	range(&info->code[0], core, mod->core_layout.text_size);
+	range(&info->code[1], init, mod->init_layout.text_size);
+	range(&info->data[0], core + mod->core_layout.text_size,
+	      mod->core_layout.size - mod->core_layout.text_size);
+	range(&info->data[1], init + mod->init_layout.text_size,
+	      mod->init_layout.size - mod->init_layout.text_size);
+	range(&info->init[0], init, mod->init_layout.size);
+#endif
+}
+
+/* The functions the kernel may call in a module: init, exit, and every
+ * function in its symbol table (the ones it hands out as callbacks). */
+static u64 *module_entries(struct module *mod, u32 *count)
+{
+	struct mod_kallsyms *ks;
+	u64 *entries;
+	u32 n = 0;
+	unsigned int i;
+
+	entries = kmalloc_array(CTVM_MODULE_ENTRIES_MAX, sizeof(u64), GFP_KERNEL);
+	if (!entries)
+		return NULL;
+	if (mod->init)
+		entries[n++] = (unsigned long)mod->init;
+#ifdef CONFIG_MODULE_UNLOAD
+	if (mod->exit)
+		entries[n++] = (unsigned long)mod->exit;
+#endif
+	preempt_disable();
+	ks = rcu_dereference_sched(mod->kallsyms);
+	for (i = 0; ks && i < ks->num_symtab && n < CTVM_MODULE_ENTRIES_MAX; i++) {
+		const Elf_Sym *sym = &ks->symtab[i];
+
+		if (ELF_ST_TYPE(sym->st_info) == STT_FUNC && sym->st_value)
+			entries[n++] = sym->st_value;
+	}
+	preempt_enable();
+	*count = n;
+	return entries;
+}
+
+static long report_module(struct module *mod)
+{
+	struct ctvm_module_info *info;
+	u64 *entries;
+	u32 count = 0;
+	long id;
+
+	info = kzalloc(sizeof(*info), GFP_KERNEL);
+	entries = module_entries(mod, &count);
+	if (!info || !entries) {
+		kfree(info);
+		kfree(entries);
+		return -ENOMEM;
+	}
+	info->version = CTVM_STRUCT_VERSION;
+	info->size = sizeof(*info);
+	strscpy(info->name, mod->name, sizeof(info->name));
+	module_ranges(mod, info);
+	info->entries = (unsigned long)entries;
+	info->entry_count = count;
+	id = ctvm_call(CTVM_CALL_MODULE_REGISTER, (unsigned long)info, sizeof(*info), 0, 0);
+	kfree(entries);
+	kfree(info);
+	return id;
+}
+
+static void track(struct module *mod, long id)
+{
+	struct tracked *t = kmalloc(sizeof(*t), GFP_KERNEL);
+
+	if (!t)
+		return;
+	t->mod = mod;
+	t->id = id;
+	mutex_lock(&tracked_lock);
+	list_add(&t->link, &tracked_modules);
+	mutex_unlock(&tracked_lock);
+}
+
+static long tracked_id(struct module *mod, bool remove)
+{
+	struct tracked *t;
+	long id = -1;
+
+	mutex_lock(&tracked_lock);
+	list_for_each_entry(t, &tracked_modules, link) {
+		if (t->mod == mod) {
+			id = t->id;
+			if (remove) {
+				list_del(&t->link);
+				kfree(t);
+			}
+			break;
+		}
+	}
+	mutex_unlock(&tracked_lock);
+	return id;
+}
+
+static int module_event(struct notifier_block *nb, unsigned long state, void *data)
+{
+	struct module *mod = data;
+	long id;
+
+	switch (state) {
+	case MODULE_STATE_COMING:
+		id = report_module(mod);
+		if (id < 0) {
+			pr_err("ctvm: module %s not registered (%ld)\n", mod->name, id);
+			break;
+		}
+		track(mod, id);
+		break;
+	case MODULE_STATE_LIVE:
+		id = tracked_id(mod, false);
+		if (id >= 0)
+			ctvm_call(CTVM_CALL_MODULE_LIVE, id, 0, 0, 0);
+		break;
+	case MODULE_STATE_GOING:
+		id = tracked_id(mod, true);
+		if (id >= 0)
+			ctvm_call(CTVM_CALL_MODULE_UNREGISTER, id, 0, 0, 0);
+		break;
+	}
+	return NOTIFY_OK;
+}
+
+/* Lowest priority: run after the kernel's own COMING notifiers. */
+static struct notifier_block module_nb = {
+	.notifier_call = module_event,
+	.priority = INT_MIN,
+};
+
+static const char *const kinds[] = {
+	"?", "write-kernel-text", "write-rodata", "write-syscall-table", "write-idt",
+	"write-module-code", "write-protected-data", "call-non-entry", "call-denied-api",
+	"enter-module-off-entry", "execute-data", "control-register", "descriptor-table",
+	"syscall-msr",
+};
+
+/* /proc/ctvm_violations: the records CTVM kept, read by hypercall. */
+static int violations_show(struct seq_file *m, void *v)
+{
+	struct ctvm_violation_record *records;
+	long n, i;
+
+	records = kmalloc_array(64, sizeof(*records), GFP_KERNEL);
+	if (!records)
+		return -ENOMEM;
+	do {
+		n = ctvm_call(CTVM_CALL_VIOLATIONS_READ, (unsigned long)records, 64, 0, 0);
+		for (i = 0; i < n; i++) {
+			const struct ctvm_violation_record *r = &records[i];
+			const char *kind = r->kind < ARRAY_SIZE(kinds) ? kinds[r->kind] : "?";
+
+			seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s\n",
+				   r->sequence, kind, (int)r->module, r->rip, r->target,
+				   r->action == 2 ? "deny" : "allow");
+		}
+	} while (n == 64);
+	kfree(records);
+	return n < 0 ? (int)n : 0;
+}
+
+static int __init ctvm_agent_init(void)
+{
+	struct ctvm_kernel_layout *layout;
+	long ret, caps;
+
+	if (!ctvm_present()) {
+		pr_err("ctvm: not running under CTVM\n");
+		return -ENODEV;
+	}
+	asm volatile("vmcall" : "=a"(ret), "=c"(caps) : "a"(CTVM_CALL_VERSION) : "rbx", "rdx", "memory");
+	if (ret != 0 || !(caps & CTVM_CAP_INTEGRITY)) {
+		pr_err("ctvm: the hypervisor offers no integrity views for this guest\n");
+		return -EOPNOTSUPP;
+	}
+	if (!text_start || !text_end || !syscall_table || !idt || !syscall_entry) {
+		pr_err("ctvm: kernel addresses missing (module parameters)\n");
+		return -EINVAL;
+	}
+	layout = kzalloc(sizeof(*layout), GFP_KERNEL);
+	if (!layout)
+		return -ENOMEM;
+	layout->version = CTVM_STRUCT_VERSION;
+	layout->size = sizeof(*layout);
+	layout->text = (struct ctvm_range){ text_start, text_end };
+	layout->rodata = (struct ctvm_range){ rodata_start, rodata_end };
+	layout->ro_after_init = (struct ctvm_range){ ro_after_init_start, ro_after_init_end };
+	layout->syscall_table = (struct ctvm_range){ syscall_table, syscall_table + 8 * 512 };
+	layout->idt = (struct ctvm_range){ idt, idt + 4096 };
+	layout->entry_syscall = syscall_entry;
+	layout->ksymtab = (struct ctvm_range){ ksymtab_start, ksymtab_end };
+	layout->ksymtab_gpl = (struct ctvm_range){ ksymtab_gpl_start, ksymtab_gpl_end };
+	layout->poke_routines[0] = (struct ctvm_range){ poke_start, poke_end };
+	if (module_list)
+		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
+	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
+	kfree(layout);
+	if (ret < 0) {
+		pr_err("ctvm: kernel layout refused (%ld)\n", ret);
+		return -EPERM;
+	}
+	ret = ctvm_call(CTVM_CALL_KERNEL_LOCK, 0, 0, 0, 0);
+	if (ret < 0) {
+		pr_err("ctvm: lock refused (%ld)\n", ret);
+		return -EPERM;
+	}
+	/* The agent itself: trusted by policy, its pages protected. */
+	ret = report_module(THIS_MODULE);
+	if (ret >= 0)
+		track(THIS_MODULE, ret);
+	proc_create_single("ctvm_violations", 0400, NULL, violations_show);
+	ret = register_module_notifier(&module_nb);
+	if (ret)
+		return ret;
+	/* The agent must not go away: hold a reference forever. */
+	__module_get(THIS_MODULE);
+	pr_info("ctvm: agent ready; kernel layout locked\n");
+	return 0;
+}
+
+module_init(ctvm_agent_init);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("CTVM guest agent: reports the kernel layout and modules to the hypervisor");

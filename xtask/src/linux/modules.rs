@@ -1,0 +1,90 @@
+//! Kernel modules for the Linux guest: the CTVM agent and the test modules
+//! (attacks and benign ones), built against Debian's headers for the guest
+//! kernel, fetched with `apt-get download` and unpacked under `target/`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{kernel_package, unpack_into};
+use crate::util::{output, root, run, work_dir, Fail};
+
+/// The unpacked headers tree to pass to `make -C`.
+fn headers() -> Result<PathBuf, Fail> {
+    let image = kernel_package()?;
+    let version = image.trim_start_matches("linux-image-");
+    let flavour_pkg = format!("linux-headers-{version}");
+    let deps = output(Command::new("apt-cache").args(["depends", &flavour_pkg]))?;
+    let mut packages = vec![flavour_pkg.clone()];
+    for dep in deps.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")) {
+        if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+            packages.push(dep.to_string());
+        }
+    }
+    let tree = work_dir().join("debian").join("headers-root");
+    for p in &packages {
+        unpack_into(p, &tree)?;
+    }
+    let build = tree.join("usr/src").join(&flavour_pkg);
+    // The flavour's Makefile includes the common tree by absolute path.
+    let makefile = build.join("Makefile");
+    let text = fs::read_to_string(&makefile)?;
+    let fixed = text.replace("include /usr/src/", &format!("include {}/usr/src/", tree.display()));
+    if fixed != text {
+        fs::write(&makefile, fixed)?;
+    }
+    Ok(build)
+}
+
+/// Builds one directory of module sources; returns the .ko files.
+fn build_dir(headers: &Path, sources: &Path, name: &str, extra: &[(&str, String)]) -> Result<Vec<PathBuf>, Fail> {
+    let dir = work_dir().join("linux").join("build").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    for entry in fs::read_dir(sources)? {
+        let path = entry?.path();
+        if path.is_file() {
+            fs::copy(&path, dir.join(path.file_name().expect("a file name")))?;
+        }
+    }
+    for (file, text) in extra {
+        fs::write(dir.join(file), text)?;
+    }
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(headers)
+        .arg(format!("M={}", dir.display()))
+        .arg("modules")
+        .output()
+        .map_err(|e| Fail(format!("cannot run make: {e}")))?;
+    if !out.status.success() {
+        return Err(Fail(format!(
+            "building the {name} modules failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let mut kos: Vec<PathBuf> =
+        fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "ko")).collect();
+    kos.sort();
+    Ok(kos)
+}
+
+/// The agent and the test modules, built for the guest kernel.
+pub fn build() -> Result<Vec<PathBuf>, Fail> {
+    crate::packages::ensure_packages(&missing_tools())?;
+    let headers = headers()?;
+    let header = guest_agent::integrity::c_header();
+    let mut kos = build_dir(&headers, &root().join("guest-agent/linux"), "agent", &[("ctvm_abi.h", header)])?;
+    kos.extend(build_dir(&headers, &root().join("tests/guests/linux-modules"), "tests", &[])?);
+    run(Command::new("strip").arg("--strip-debug").args(&kos))?;
+    Ok(kos)
+}
+
+fn missing_tools() -> Vec<&'static str> {
+    [("gcc-12", "gcc-12"), ("make", "make"), ("strip", "binutils")]
+        .into_iter()
+        .filter(|(tool, _)| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, p)| p)
+        .collect()
+}
