@@ -132,6 +132,10 @@ pub struct ExitInfo {
     pub guest_linear: u64,
     pub interruption_info: u32,
     pub interruption_error: u32,
+    /// An event (interrupt, exception, NMI) whose delivery the exit cut
+    /// short: it must be delivered again, or it is lost.
+    pub idt_vectoring_info: u32,
+    pub idt_vectoring_error: u32,
 }
 
 /// Interruption types for event injection (SDM 25.8.3).
@@ -157,6 +161,27 @@ pub fn skip_instruction(vcpu: &mut dyn VcpuState, exit: &ExitInfo) {
     let blocking = vcpu.read(Field::Interruptibility);
     if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 {
         vcpu.write(Field::Interruptibility, blocking & !BLOCKING_BY_STI_OR_MOV_SS);
+    }
+}
+
+const EVENT_VALID: u32 = 1 << 31;
+
+/// Re-queues the event whose delivery the exit interrupted, unless the
+/// handler queued one itself. A lost interrupt leaves the local APIC
+/// waiting for an EOI that never comes, and the guest hangs.
+pub fn redeliver_interrupted_event(vcpu: &mut dyn VcpuState, exit: &ExitInfo) {
+    let info = exit.idt_vectoring_info;
+    if info & EVENT_VALID == 0 || vcpu.read(Field::EntryInterruptionInfo) & u64::from(EVENT_VALID) != 0 {
+        return;
+    }
+    // Bit 12 (NMI unblocking) is reserved in the entry field.
+    vcpu.write(Field::EntryInterruptionInfo, u64::from(info & !(1 << 12)));
+    if info & (1 << 11) != 0 {
+        vcpu.write(Field::EntryExceptionErrorCode, u64::from(exit.idt_vectoring_error));
+    }
+    // Software interrupts and exceptions are re-executed with their length.
+    if matches!((info >> 8) & 7, 4..=6) {
+        vcpu.write(Field::EntryInstructionLength, exit.instruction_len);
     }
 }
 
@@ -264,6 +289,34 @@ mod tests {
         let mut v = FakeVcpu::new();
         inject_exception(&mut v, VECTOR_UD, None);
         assert_eq!(v.injected(), Some((6, None)));
+    }
+
+    #[test]
+    fn interrupted_events_are_delivered_again() {
+        // An external interrupt (vector 0xec) cut short by an EPT violation.
+        let mut v = FakeVcpu::new();
+        let exit = ExitInfo { idt_vectoring_info: 0x8000_00ec, ..Default::default() };
+        redeliver_interrupted_event(&mut v, &exit);
+        assert_eq!(v.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+        // A page fault with its error code, and NMI-unblocking cleared.
+        let mut v = FakeVcpu::new();
+        let exit = ExitInfo { idt_vectoring_info: 0x8000_1b0e, idt_vectoring_error: 2, ..Default::default() };
+        redeliver_interrupted_event(&mut v, &exit);
+        assert_eq!(v.injected(), Some((14, Some(2))));
+        assert_eq!(v.read(Field::EntryInterruptionInfo) & (1 << 12), 0);
+        // A software interrupt (int3) keeps its instruction length.
+        let mut v = FakeVcpu::new();
+        let exit = ExitInfo { idt_vectoring_info: 0x8000_0603, instruction_len: 1, ..Default::default() };
+        redeliver_interrupted_event(&mut v, &exit);
+        assert_eq!(v.read(Field::EntryInstructionLength), 1);
+        // Nothing pending, or the handler injected its own: left alone.
+        let mut v = FakeVcpu::new();
+        redeliver_interrupted_event(&mut v, &ExitInfo::default());
+        assert_eq!(v.injected(), None);
+        let mut v = FakeVcpu::new();
+        inject_exception(&mut v, VECTOR_GP, Some(0));
+        redeliver_interrupted_event(&mut v, &ExitInfo { idt_vectoring_info: 0x8000_00ec, ..Default::default() });
+        assert_eq!(v.injected(), Some((13, Some(0))));
     }
 
     #[test]

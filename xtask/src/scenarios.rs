@@ -67,7 +67,7 @@ impl Scenario {
                     println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
                     out.push(ModuleSpec {
                         file: assets.kernel,
-                        args: format!("guest={} kind=linux -- {}", g.name, g.args),
+                        args: format!("guest={} kind=linux trust=ctvm_agent -- {}", g.name, g.args),
                     });
                     out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
                 }
@@ -239,6 +239,52 @@ pub fn all() -> Vec<Scenario> {
             interactive: false,
         },
         Scenario {
+            name: "linux-integrity",
+            about: "the CTVM agent isolates modules: attacks are stopped and reported, benign modules and the kernel's own patching keep working",
+            hypervisor_args: "log=trace",
+            guests: vec![GuestSpec {
+                name: "linux",
+                kind: GuestImage::Linux,
+                mem_mib: 0,
+                args: concat!(
+                    "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
+                    " ctvm.integrity"
+                ),
+            }],
+            megs: 1024,
+            timeout: Duration::from_secs(600),
+            expect: vec![
+                "ctvm-init: agent loaded",
+                "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
+                "ctvm-init: attack atk_syscall: syscall table write blocked",
+                "ctvm-init: after atk_syscall: getpid ok",
+                "ctvm: violation guest=linux module=atk_idt kind=write-idt",
+                "ctvm-init: attack atk_idt: IDT write blocked",
+                "ctvm: violation guest=linux module=atk_text kind=write-kernel-text",
+                "ctvm-init: attack atk_text: kernel text write blocked",
+                "ctvm: violation guest=linux module=atk_wp kind=control-register",
+                "ctvm-init: attack atk_wp: CR0.WP stayed set; rodata write blocked",
+                "ctvm: violation guest=linux module=atk_call kind=call-non-entry",
+                "ctvm-init: attack atk_call: non-exported call returned -1; mid-function call returned -1",
+                "ctvm: violation guest=linux module=atk_dkom kind=write-protected-data",
+                "ctvm-init: attack atk_dkom: module list unlink blocked",
+                "ctvm: violation guest=linux module=atk_ftrace kind=call-denied-api",
+                "ctvm-init: attack atk_ftrace: ftrace hook blocked",
+                "ctvm: violation guest=linux module=atk_setmem kind=call-non-entry",
+                "ctvm-init: attack atk_setmem: set_memory_rw returned -1; rodata write blocked",
+                "ctvm: violation guest=linux module=atk_agent kind=write-protected-data",
+                "ctvm-init: attack atk_agent: agent data write blocked",
+                "ctvm-init: agent unload refused",
+                "ctvm-init: kernel still works",
+                "ctvm: guest linux stopped: ACPI sleep requested",
+                CLEAN_END,
+            ],
+            reject: vec!["WENT THROUGH", "getpid WRONG", "ctvm-init: FAIL", "action=allow"],
+            checks: vec![benign_modules_work],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
             hypervisor_args: "debug.fault",
@@ -278,6 +324,29 @@ fn unknown_port_logged_once(out: &RunOutput) -> Result<(), String> {
     } else {
         Err(format!("the unknown port 0x2f8 was logged {n} times, expected once"))
     }
+}
+
+fn benign_modules_work(out: &RunOutput) -> Result<(), String> {
+    let s = &out.serial;
+    for need in [
+        "ctvm-init: dummy: state UNKNOWN",
+        "ctvm-init: veth: 20 packets transmitted, 20 packets received",
+        "ctvm-init: calls: calls: 2000 rounds of snprintf/kstrtoint/strlen, 0 wrong",
+        "ctvm-init: static key sched_schedstats flipped: 0",
+    ] {
+        if !s.contains(need) {
+            return Err(format!("missing {need:?}"));
+        }
+    }
+    let hits = s
+        .lines()
+        .find_map(|l| l.strip_prefix("ctvm-init: kprobe hits: "))
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .ok_or("no kprobe hit count")?;
+    if hits == 0 {
+        return Err("the kernel's kprobe never fired".into());
+    }
+    Ok(())
 }
 
 fn interleaved_ticks(out: &RunOutput) -> Result<(), String> {

@@ -186,11 +186,13 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
     out
 }
 
-/// The rights a tracked page has in the kernel view.
+/// The rights a tracked page has in the kernel view. Read-only kernel data
+/// keeps execute: the vDSO, which user space runs, lives in rodata, and
+/// without mode-based execute control EPT cannot tell user from kernel.
+/// The guest's own page tables keep it non-executable for the kernel.
 fn kernel_view_perms(class: PageClass) -> Perms {
     match class {
-        PageClass::KernelText => Perms::RX,
-        PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt => Perms::READ,
+        PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt => Perms::RX,
         PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_) => Perms::RW,
         PageClass::ModuleCode(_) => Perms::READ,
     }
@@ -353,6 +355,16 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack };
     let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
+    log::trace!(
+        "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
+        fault.view,
+        fault.access,
+        fault.gpa,
+        fault.gva,
+        fault.rip,
+        fault.stack,
+        outcome.step
+    );
     if let Some(v) = &outcome.violation {
         report(ctx, v);
     }
@@ -661,8 +673,8 @@ mod tests {
         assert_eq!(e.layout().unwrap().interrupt_handlers, alloc::vec![K + HANDLER]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
         assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
-        assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::READ));
-        assert_eq!(f.control.perms(View::Kernel, IDT), Some(Perms::READ));
+        assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::RX));
+        assert_eq!(f.control.perms(View::Kernel, IDT), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::READ));
         // The module's view: its code RX, its data RW, nothing else.
         assert_eq!(f.control.perms(View::Module(id), MODULE_CODE), Some(Perms::RX));

@@ -321,14 +321,18 @@ pub fn dispatch(ctx: &mut ExitContext<'_>) -> Action {
     {
         return misc::entry_failed(ctx);
     }
-    match HANDLERS.get(usize::from(reason)).copied().flatten() {
+    let action = match HANDLERS.get(usize::from(reason)).copied().flatten() {
         Some(handler) => handler(ctx),
         None => Action::Stop(StopReason::Unhandled {
             reason,
             qualification: ctx.exit.qualification,
             rip: ctx.vcpu.read(crate::vcpu::Field::Rip),
         }),
+    };
+    if !matches!(action, Action::Stop(_)) {
+        crate::vcpu::redeliver_interrupted_event(ctx.vcpu, ctx.exit);
     }
+    action
 }
 
 /// VM exits per reason for one guest.

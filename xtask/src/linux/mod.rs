@@ -85,11 +85,18 @@ pub fn assets() -> Result<LinuxAssets, Fail> {
         return Err(Fail(format!("{} is missing from {package}", kernel.display())));
     }
     let busybox = unpack("busybox-static")?.join("bin").join("busybox");
+    let kos = modules::build()?;
+    let tree = kernel_root.join("lib").join("modules").join(&version).join("kernel");
+    let in_tree = [tree.join("drivers/net/dummy.ko"), tree.join("drivers/net/veth.ko")];
     let initrd = work_dir().join("linux").join("initramfs.cpio");
     fs::create_dir_all(initrd.parent().expect("has a parent"))?;
     let mut archive = cpio::Archive::default();
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin"] {
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib/ctvm"] {
         archive.directory(dir);
+    }
+    for ko in kos.iter().chain(&in_tree) {
+        let name = ko.file_name().and_then(|n| n.to_str()).ok_or_else(|| Fail::new("module name"))?;
+        archive.file(&format!("lib/ctvm/{name}"), 0o644, &fs::read(ko)?);
     }
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);

@@ -64,8 +64,10 @@ fn build_dir(headers: &Path, sources: &Path, name: &str, extra: &[(&str, String)
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    let mut kos: Vec<PathBuf> =
-        fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "ko")).collect();
+    let mut kos: Vec<PathBuf> = fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ko"))
+        .collect();
     kos.sort();
     Ok(kos)
 }
@@ -84,7 +86,9 @@ pub fn build() -> Result<Vec<PathBuf>, Fail> {
 fn missing_tools() -> Vec<&'static str> {
     [("gcc-12", "gcc-12"), ("make", "make"), ("strip", "binutils")]
         .into_iter()
-        .filter(|(tool, _)| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(tool, _)| {
+            !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+        })
         .map(|(_, p)| p)
         .collect()
 }

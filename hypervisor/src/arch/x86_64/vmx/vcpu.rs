@@ -424,6 +424,8 @@ impl Vcpu {
             guest_linear: vmcs::read(ro::GUEST_LINEAR_ADDR),
             interruption_info: vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32,
             interruption_error: vmcs::read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32,
+            idt_vectoring_info: vmcs::read(ro::IDT_VECTORING_INFO) as u32,
+            idt_vectoring_error: vmcs::read(ro::IDT_VECTORING_ERR_CODE) as u32,
         };
         let detail = exit.entry_failed.then(|| self.diagnose_guest_state(vmx));
         (exit, detail)
