@@ -26,7 +26,7 @@ static unsigned long text_start, text_end, rodata_start, rodata_end;
 static unsigned long ro_after_init_start, ro_after_init_end;
 static unsigned long syscall_table, idt, syscall_entry;
 static unsigned long ksymtab_start, ksymtab_end, ksymtab_gpl_start, ksymtab_gpl_end;
-static unsigned long poke_start, poke_end, module_list;
+static unsigned long poke_start, poke_end, module_list, page_table;
 module_param(text_start, ulong, 0400);
 module_param(text_end, ulong, 0400);
 module_param(rodata_start, ulong, 0400);
@@ -43,6 +43,7 @@ module_param(ksymtab_gpl_end, ulong, 0400);
 module_param(poke_start, ulong, 0400);
 module_param(poke_end, ulong, 0400);
 module_param(module_list, ulong, 0400);
+module_param(page_table, ulong, 0400);
 
 /* One entry per module CTVM knows, to find its id again at LIVE and GOING. */
 struct tracked {
@@ -300,6 +301,7 @@ static int __init ctvm_agent_init(void)
 	layout->poke_routines[0] = (struct ctvm_range){ poke_start, poke_end };
 	if (module_list)
 		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
+	layout->kernel_page_table = page_table;
 	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
 	kfree(layout);
 	if (ret < 0) {

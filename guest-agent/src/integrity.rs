@@ -43,6 +43,9 @@ pub struct KernelLayout {
     /// Kernel data modules must not write (e.g. the `modules` list head);
     /// unused slots are zero.
     pub sensitive: [WireRange; SENSITIVE_RANGES],
+    /// `init_top_pgt` (`swapper_pg_dir`): the kernel's own top-level page
+    /// table, whose kernel half every process shares.
+    pub kernel_page_table: u64,
 }
 
 /// How many sensitive data ranges the layout can name.
@@ -170,7 +173,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<WireRange>(), 16);
         assert_eq!(
             core::mem::size_of::<KernelLayout>(),
-            8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES + 16 * SENSITIVE_RANGES
+            8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES + 16 * SENSITIVE_RANGES + 8
         );
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8);
         assert_eq!(VIOLATION_RECORD_SIZE, 40);
@@ -220,7 +223,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n}};"
     );
     let _ = writeln!(
         h,

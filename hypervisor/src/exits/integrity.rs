@@ -163,10 +163,15 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     Ok(0)
 }
 
-/// The kernel's own page-table pages (PML4 and the upper levels of its
-/// half), which no module may write.
+/// The kernel's own page-table pages (its PML4 and the upper levels of the
+/// kernel half, which every process shares), which no module may write.
 fn kernel_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
-    let root = ctx.vcpu.read(Field::Cr3) & 0x000f_ffff_ffff_f000;
+    let Some(table) = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).map(|l| l.page_table) else {
+        return Vec::new();
+    };
+    let Ok(root) = gpa_of(ctx, table) else {
+        return Vec::new();
+    };
     let mut out = alloc::vec![root];
     let read_table = |at: u64| -> Vec<u64> {
         let mut t = [0u8; 4096];

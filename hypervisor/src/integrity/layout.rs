@@ -58,6 +58,8 @@ pub struct KernelLayout {
     pub interrupt_handlers: Vec<u64>,
     /// Kernel data only the kernel view may write (the module list, ...).
     pub sensitive: Vec<Range>,
+    /// The kernel's top-level page table (guest-virtual).
+    pub page_table: u64,
 }
 
 /// Why a layout is refused.

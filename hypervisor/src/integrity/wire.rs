@@ -87,7 +87,9 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
             sensitive.push(r);
         }
     }
+    let page_table = u64_at(b, at);
     let layout = KernelLayout {
+        page_table,
         sensitive,
         text,
         rodata,

@@ -42,20 +42,24 @@ integrity_tests() {
         syscall_table=$(sym sys_call_table) idt=$(sym idt_table) syscall_entry=$(sym entry_SYSCALL_64) \
         ksymtab_start=$(sym __start___ksymtab) ksymtab_end=$(sym __stop___ksymtab) \
         ksymtab_gpl_start=$(sym __start___ksymtab_gpl) ksymtab_gpl_end=$(sym __stop___ksymtab_gpl) \
-        poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules)
+        poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \\
+        page_table=$(sym init_top_pgt)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
 
     # Benign modules, isolated: in-tree dummy and veth with traffic, and our caller.
     insmod /lib/ctvm/dummy.ko && ip link add d0 type dummy && ip link set d0 up \
-        && say "dummy: $(ip -o link show d0 | grep -o 'state [A-Z]*')"
+        && say "dummy: $(ip link show d0 | head -n 1)"
     insmod /lib/ctvm/veth.ko
     unshare -n sleep 60 &
     ns=$!
     sleep 1
-    ip link add v0 type veth peer name v1 && ip link set v1 netns $ns \
-        && nsenter -t $ns -n ip addr add 10.9.0.2/24 dev v1 && nsenter -t $ns -n ip link set v1 up \
-        && ip addr add 10.9.0.1/24 dev v0 && ip link set v0 up \
-        && say "veth: $(ping -c 20 -i 0.2 -q 10.9.0.2 | grep 'packets transmitted')"
+    ip link add v0 type veth peer name v1 || say "FAIL: veth pair"
+    ip link set v1 netns $ns || say "FAIL: veth into a namespace"
+    nsenter -t $ns -n ip addr add 10.9.0.2/24 dev v1
+    nsenter -t $ns -n ip link set v1 up
+    ip addr add 10.9.0.1/24 dev v0
+    ip link set v0 up
+    say "veth: $(ping -c 20 -i 0.2 -q 10.9.0.2 | grep 'packets transmitted')"
     kill $ns 2>/dev/null
     insmod /lib/ctvm/calls.ko loops=2000 && say "calls: $(last calls)"
 

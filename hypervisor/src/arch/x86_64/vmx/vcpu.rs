@@ -405,7 +405,16 @@ impl Vcpu {
         if status != 0 {
             let detail = if status == 2 {
                 let e = vmcs::instruction_error();
-                format!("VM-instruction error {e}: {}", vmcs::instruction_error_name(e))
+                format!(
+                    "VM-instruction error {e}: {} (entry event {:#x}, error code {:#x}, length {}; controls pin {:#x} proc {:#x} proc2 {:#x})",
+                    vmcs::instruction_error_name(e),
+                    vmcs::read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+                    vmcs::read(control::VMENTRY_EXCEPTION_ERR_CODE),
+                    vmcs::read(control::VMENTRY_INSTRUCTION_LEN),
+                    vmcs::read(control::PINBASED_EXEC_CONTROLS),
+                    vmcs::read(control::PRIMARY_PROCBASED_EXEC_CONTROLS),
+                    vmcs::read(control::SECONDARY_PROCBASED_EXEC_CONTROLS)
+                )
             } else {
                 String::from("VMfailInvalid: no current VMCS")
             };
