@@ -359,7 +359,7 @@ impl<P: Platform> Tpm<P> {
             .owner
             .as_ref()
             .map(|o| o.auth.clone())
-            .ok_or(TPM_AUTHFAIL)
+            .ok_or(TPM_NOSRK)
     }
 
     /// Physical presence is asserted (TSC_PhysicalPresence).
