@@ -91,7 +91,7 @@ impl NvStore {
     pub fn used(&self) -> u32 {
         self.indices
             .iter()
-            .map(|i| i.public.size)
+            .map(|i| i.public.size.saturating_add(INDEX_OVERHEAD))
             .fold(0u32, u32::saturating_add)
     }
 

@@ -157,8 +157,42 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_OIAP
         | ORD_OSAP
         | ORD_FLUSH_SPECIFIC
-        | ORD_TERMINATE_HANDLE => ANY,
-        ORD_PCR_READ | ORD_GET_RANDOM | ORD_STIR_RANDOM | ORD_GET_TICKS => ACTIVE,
+        | ORD_TERMINATE_HANDLE
+        | ORD_OWNER_CLEAR
+        | ORD_FORCE_CLEAR
+        | ORD_PHYSICAL_ENABLE
+        | ORD_PHYSICAL_DISABLE
+        | ORD_PHYSICAL_SET_DEACTIVATED
+        | ORD_SET_OWNER_INSTALL
+        | TSC_ORD_PHYSICAL_PRESENCE
+        | ORD_CREATE_ENDORSEMENT_KEY_PAIR => ANY,
+        ORD_PCR_READ
+        | ORD_GET_RANDOM
+        | ORD_STIR_RANDOM
+        | ORD_GET_TICKS
+        | ORD_READ_PUBEK
+        | ORD_DISABLE_PUBEK_READ
+        | ORD_OWNER_READ_INTERNAL_PUB
+        | ORD_TAKE_OWNERSHIP
+        | ORD_GET_CAPABILITY_OWNER
+        | ORD_CREATE_WRAP_KEY
+        | ORD_LOAD_KEY
+        | ORD_LOAD_KEY2
+        | ORD_GET_PUB_KEY
+        | ORD_EVICT_KEY
+        | ORD_SIGN
+        | ORD_UNBIND
+        | ORD_SEAL
+        | ORD_UNSEAL
+        | ORD_QUOTE
+        | ORD_QUOTE2
+        | ORD_MAKE_IDENTITY
+        | ORD_ACTIVATE_IDENTITY
+        | ORD_NV_DEFINE_SPACE
+        | ORD_NV_WRITE_VALUE
+        | ORD_NV_WRITE_VALUE_AUTH
+        | ORD_NV_READ_VALUE
+        | ORD_NV_READ_VALUE_AUTH => ACTIVE,
         _ => return None,
     })
 }
