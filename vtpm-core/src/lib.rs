@@ -82,6 +82,7 @@ enum Mode {
 }
 
 /// State lost at TPM_Init.
+#[derive(Clone)]
 struct Volatile {
     flags: flags::StclearFlags,
     pcrs: pcr::PcrBank,
@@ -91,7 +92,9 @@ struct Volatile {
     tick_base_us: u64,
 }
 
-/// A TPM 1.2.
+/// A TPM 1.2. Cloning (when the platform clones) snapshots the whole
+/// chip, volatile state included.
+#[derive(Clone)]
 pub struct Tpm<P: Platform> {
     platform: P,
     drbg: crypto::Drbg,
