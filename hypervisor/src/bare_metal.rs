@@ -98,12 +98,17 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     };
     let mut debug_fault = false;
     let mut corrupt_guest = None;
+    let mut vtpm_seed = None;
     for (key, value) in boot_info::options(&boot.cmdline) {
         match key {
             // Test knobs: prove that faults and failed entries are reported.
             "debug.fault" => debug_fault = true,
             "debug.corrupt-guest" => corrupt_guest = Some(value),
             "hv.pool" => {}
+            "vtpm.seed" => match parse_seed(value) {
+                Some(seed) => vtpm_seed = Some(seed),
+                None => log::warn!("vtpm.seed must be 64 hexadecimal digits; ignored"),
+            },
             "log" => match console::parse_level(value) {
                 Some(level) => log::set_max_level(level),
                 None => log::warn!("unknown log level {value:?}"),
@@ -152,7 +157,11 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         firmware_map: &boot.memory,
         hypervisor_ranges: &hypervisor_ranges,
         rsdp: boot.rsdp.as_deref(),
+        vtpm_seed,
     };
+    if vtpm_seed.is_none() {
+        info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
+    }
     let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
@@ -162,6 +171,20 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     }
     info!("all guests stopped; powering off");
     power::stop_machine(power::EXIT_OK)
+}
+
+/// 32 bytes from 64 hexadecimal digits.
+fn parse_seed(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = core::str::from_utf8(pair).ok()?;
+        seed[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(seed)
 }
 
 /// The hypervisor runs with interrupts off and gives emulated-device guests

@@ -11,6 +11,7 @@ use log::{error, info, warn};
 
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
+use crate::arch::x86_64::entropy::HardwarePlatform;
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrAccess, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::Vmx;
@@ -27,6 +28,7 @@ use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
+use crate::tpm::{engine, launch_measurements, GuestTpm};
 
 /// The TPM TIS window, never mapped for a pass-through guest: it belongs to
 /// the virtual TPM.
@@ -42,6 +44,8 @@ pub struct Machine<'a> {
     pub hypervisor_ranges: &'a [Region],
     /// The RSDP copy from the boot loader.
     pub rsdp: Option<&'a [u8]>,
+    /// The platform secret vTPM identities derive from (`vtpm.seed=`).
+    pub vtpm_seed: Option<[u8; 32]>,
 }
 
 /// A guest with its virtual CPU and memory.
@@ -82,7 +86,13 @@ impl Vm {
     }
 
     /// A native guest: RAM from the frame pool, emulated devices only.
-    fn create_native(vmx: &Vmx, config: GuestConfig, image: &[u8], timeslice: Option<u32>) -> Result<Vm, String> {
+    fn create_native(
+        vmx: &Vmx,
+        config: GuestConfig,
+        image: &[u8],
+        timeslice: Option<u32>,
+        seed: Option<[u8; 32]>,
+    ) -> Result<Vm, String> {
         let size = config.mem_bytes;
         let hpa =
             phys::alloc_zeroed(size, 2 << 20).ok_or_else(|| format!("no {} MiB of free RAM for it", size >> 20))?;
@@ -96,6 +106,10 @@ impl Vm {
             .map_err(|e| format!("EPT mapping failed: {e:?}"))?;
         let entry = loader::load_native(&vm.guest.memory, &Identity, image, vm.guest.name(), &vm.guest.config.args)
             .map_err(|e| format!("{e}"))?;
+        if vm.guest.config.vtpm {
+            let cmdline = vm.guest.config.args.clone();
+            vm.attach_vtpm(seed, image, cmdline.as_bytes(), None)?;
+        }
         let bitmaps = Bitmaps::new(&IoBitmap::trap_all(), &MsrBitmap::trap_all()).ok_or("no memory for bitmaps")?;
         let setup = VcpuSetup { entry: &entry, bitmaps: &bitmaps, timeslice, pass_through: false };
         vm.vcpu = Some(Vcpu::new(vmx, &ept, &setup)?);
@@ -157,13 +171,19 @@ impl Vm {
         }
 
         let ept = pass_through_ept(vmx, &map, machine.hypervisor_ranges)?;
+        let mut rsdp = None;
+        if vm.guest.config.vtpm {
+            let cmdline = vm.guest.config.args.clone();
+            vm.attach_vtpm(machine.vtpm_seed, module_bytes(kernel), cmdline.as_bytes(), initrd.map(module_bytes))?;
+            rsdp = install_acpi(&vm.guest, machine.rsdp);
+        }
         let plan = LoadPlan {
             image: &image,
             load_address,
             e820: &map,
             cmdline: &vm.guest.config.args,
             initrd: initrd_range,
-            rsdp: None,
+            rsdp,
         };
         let entry = linux::load(&vm.guest.memory, &Identity, &plan).map_err(|e| format!("{e}"))?;
         info!(
@@ -192,6 +212,29 @@ impl Vm {
         vm.ept = Some(ept);
         vm.bitmaps = Some(bitmaps);
         Ok(vm)
+    }
+
+    /// Gives the guest its vTPM and measures what it is about to run (its
+    /// kernel, command line and initrd) before its first instruction.
+    fn attach_vtpm(
+        &mut self,
+        seed: Option<[u8; 32]>,
+        kernel: &[u8],
+        cmdline: &[u8],
+        initrd: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let tpm = engine::guest_tpm(self.guest.name(), seed, HardwarePlatform::new);
+        let mut vtpm = GuestTpm::new(engine::backend(tpm));
+        let measurements = launch_measurements(vtpm_core::sha1, kernel, cmdline, initrd);
+        vtpm.measure_launch(&measurements).map_err(|e| format!("measured launch failed: {e:?}"))?;
+        info!(
+            "guest {}: vTPM ready; kernel, command line{} measured into PCRs 8 and 9",
+            self.guest.name(),
+            if initrd.is_some() { " and initrd" } else { "" }
+        );
+        self.guest.vtpm = Some(vtpm);
+        self.guest.capabilities |= guest_agent::Capabilities::VTPM | guest_agent::Capabilities::EVENT_LOG;
+        Ok(())
     }
 
     /// Returns the guest's memory and tables to the pool.
@@ -279,8 +322,16 @@ impl GuestControl for Views<'_> {
         }
     }
 
+    fn has_monitor_trap(&self) -> bool {
+        self.vmx.controls.procbased_with(&self.vmx.msrs, PrimaryControls::MONITOR_TRAP_FLAG, true).is_some()
+    }
+
     fn set_monitor_trap(&mut self, on: bool) {
         current::set_primary_control(PrimaryControls::MONITOR_TRAP_FLAG, on);
+    }
+
+    fn intercept_debug_exceptions(&mut self, on: bool) {
+        current::set_exception_bitmap_bit(1, on);
     }
 
     fn guard_control_registers(&mut self, cr0: u64, cr4: u64) {
@@ -298,6 +349,37 @@ impl GuestControl for Views<'_> {
             self.bitmaps.trap_msr_write(msr);
         }
     }
+}
+
+/// Writes the ACPI overlay (TCPA with the event log, SSDT with the TPM
+/// device, new RSDP/RSDT/XSDT listing the firmware's tables too) into the
+/// boot data area; returns the new RSDP's address. Without firmware ACPI
+/// tables the guest still finds the TPM with `tpm_tis.force=1`.
+fn install_acpi(guest: &Guest, firmware_rsdp: Option<&[u8]>) -> Option<u64> {
+    let vtpm = guest.vtpm.as_ref()?;
+    let Some(rsdp) = firmware_rsdp.and_then(|b| acpi::Rsdp::parse(b).ok()) else {
+        warn!("guest {}: no firmware RSDP: the vTPM is not described in ACPI", guest.name());
+        return None;
+    };
+    let tables: Vec<u64> = match acpi::tables(&Identity, &rsdp) {
+        Ok(t) => t.iter().map(|t| t.address).collect(),
+        Err(e) => {
+            warn!("guest {}: firmware ACPI tables unreadable ({e:?}): the vTPM is not described", guest.name());
+            return None;
+        }
+    };
+    let area = (boot_data::EVENT_LOG - boot_data::ACPI) as usize;
+    let log_area = (boot_data::END - boot_data::EVENT_LOG) as u32;
+    let tis = (TIS_WINDOW.start as u32, TIS_WINDOW.len() as u32);
+    let (bytes, overlay) = acpi::build::overlay(boot_data::ACPI, area, &tables, (boot_data::EVENT_LOG, log_area), tis)?;
+    let log = vtpm.log.as_bytes();
+    let ok = guest.memory.write(&Identity, boot_data::ACPI, &bytes).is_ok()
+        && guest.memory.write(&Identity, boot_data::EVENT_LOG, log).is_ok()
+        && guest
+            .memory
+            .zero(&Identity, boot_data::EVENT_LOG + log.len() as u64, u64::from(log_area) - log.len() as u64)
+            .is_ok();
+    ok.then_some(overlay.rsdp)
 }
 
 /// Whole pages covering `r`.
@@ -362,7 +444,7 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
             continue;
         }
         let created = match config.kind {
-            GuestKind::Native => Vm::create_native(vmx, config, module_bytes(module), timeslice),
+            GuestKind::Native => Vm::create_native(vmx, config, module_bytes(module), timeslice, machine.vtpm_seed),
             GuestKind::Linux if vms.iter().any(|vm| vm.guest.platform.is_pass_through()) => {
                 Err(String::from("only one guest can own the machine's devices"))
             }

@@ -16,7 +16,7 @@ use crate::integrity::control::GuestControl;
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::Range;
 use crate::integrity::violation::{Line, Violation};
-use crate::integrity::{wire, View};
+use crate::integrity::{wire, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::mmio::walk::{translate, Paging};
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
@@ -24,6 +24,7 @@ use crate::vcpu::{inject_exception, Field, VECTOR_GP};
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 pub const GUARDED_MSRS: [u32; 5] = [0x174, 0x175, 0x176, MSR_LSTAR, 0xc000_0083];
 pub const CR0_WP: u64 = 1 << 16;
+const RFLAGS_TF: u64 = 1 << 8;
 pub const CR4_SMEP: u64 = 1 << 20;
 pub const CR4_SMAP: u64 = 1 << 21;
 const EPERM: u64 = 1;
@@ -395,8 +396,18 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             if control.set_perms(view, page, open).is_err() {
                 return Some(Action::Stop(StopReason::HypervisorError("cannot open a page for one write".into())));
             }
-            control.set_monitor_trap(true);
-            ctx.guest.integrity.as_mut()?.stepping = Some((view, page, before));
+            // One instruction, then close: with the monitor trap flag, or
+            // else with RFLAGS.TF and a #DB exit.
+            let trap_flag = if control.has_monitor_trap() {
+                control.set_monitor_trap(true);
+                None
+            } else {
+                control.intercept_debug_exceptions(true);
+                let rflags = ctx.vcpu.read(Field::Rflags);
+                ctx.vcpu.write(Field::Rflags, rflags | RFLAGS_TF);
+                Some(rflags & RFLAGS_TF != 0)
+            };
+            ctx.guest.integrity.as_mut()?.stepping = Some(Stepping { view, page, before, trap_flag });
             Action::Resume
         }
         Step::Skip => skip(ctx),
@@ -438,19 +449,48 @@ fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>) -> Actio
     Action::Resume
 }
 
-/// The monitor-trap exit after a let-through write: close the page again.
+/// The exit after a let-through write (monitor trap, or the #DB of
+/// RFLAGS.TF): close the page again.
 pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
     let stepping = ctx.guest.integrity.as_mut().and_then(|s| s.stepping.take());
-    let Ok(control) = control(ctx) else {
-        return Action::Stop(StopReason::Unsupported { what: "monitor trap without integrity views", rip: 0 });
+    let rip = ctx.vcpu.read(Field::Rip);
+    let Some(stepping) = stepping else {
+        return Action::Stop(StopReason::Unsupported { what: "a single-step exit with nothing being stepped", rip });
     };
-    control.set_monitor_trap(false);
-    if let Some((view, page, before)) = stepping {
-        if control.set_perms(view, page, before.unwrap_or(Perms::empty())).is_err() {
-            return Action::Stop(StopReason::HypervisorError("cannot close a page after one write".into()));
+    let Ok(control) = control(ctx) else {
+        return Action::Stop(StopReason::Unsupported { what: "a single-step exit without integrity views", rip });
+    };
+    match stepping.trap_flag {
+        None => control.set_monitor_trap(false),
+        Some(_) => control.intercept_debug_exceptions(false),
+    }
+    if control.set_perms(stepping.view, stepping.page, stepping.before.unwrap_or(Perms::empty())).is_err() {
+        return Action::Stop(StopReason::HypervisorError("cannot close a page after one write".into()));
+    }
+    if let Some(guest_had_tf) = stepping.trap_flag {
+        if guest_had_tf {
+            // The guest was single-stepping itself: its #DB is due.
+            inject_exception(ctx.vcpu, 1, None);
+        } else {
+            let rflags = ctx.vcpu.read(Field::Rflags);
+            ctx.vcpu.write(Field::Rflags, rflags & !RFLAGS_TF);
         }
     }
     Action::Resume
+}
+
+/// Exception exits: only #DB is intercepted, and only to end a single step.
+pub fn exception(ctx: &mut ExitContext<'_>) -> Action {
+    let vector = ctx.exit.interruption_info & 0xff;
+    let stepping = ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.is_some());
+    if vector == 1 && stepping {
+        return monitor_trap(ctx);
+    }
+    Action::Stop(StopReason::Unhandled {
+        reason: 0,
+        qualification: u64::from(ctx.exit.interruption_info),
+        rip: ctx.vcpu.read(Field::Rip),
+    })
 }
 
 /// Whether writing `new` over `old` clears a guarded bit after the lock;
@@ -751,6 +791,25 @@ mod tests {
         assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RX));
         assert!(!f.control.monitor_trap);
         assert_eq!(f.guest.integrity.as_ref().unwrap().engine.pokes, 1);
+    }
+
+    #[test]
+    fn without_the_monitor_trap_flag_a_trap_flag_steps_the_write() {
+        let mut f = fixture(Mode::Enforce);
+        f.control.no_monitor_trap = true;
+        f.register_everything();
+        f.vcpu.write(Field::Rflags, 0x2);
+        assert_eq!(f.ept(WRITE, TEXT + 0x1000, K + PRINTK, K + TEXT + 0x5010), Action::Resume);
+        assert!(!f.control.monitor_trap);
+        assert!(f.control.debug_exits);
+        assert_eq!(f.vcpu.read(Field::Rflags), 0x102);
+        assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RWX));
+        let db = ExitInfo { reason: 0, interruption_info: 0x8000_0301, ..Default::default() };
+        assert_eq!(f.exit(db), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::Rflags), 0x2);
+        assert!(!f.control.debug_exits);
+        assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RX));
+        assert_eq!(f.vcpu.injected(), None);
     }
 
     #[test]

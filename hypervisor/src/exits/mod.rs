@@ -270,6 +270,7 @@ pub fn reason_name(reason: u16) -> &'static str {
 
 const fn table() -> [Option<Handler>; reason::COUNT] {
     let mut t: [Option<Handler>; reason::COUNT] = [None; reason::COUNT];
+    t[reason::EXCEPTION_OR_NMI as usize] = Some(integrity::exception);
     t[reason::EXTERNAL_INTERRUPT as usize] = Some(misc::external_interrupt);
     t[reason::TRIPLE_FAULT as usize] = Some(misc::triple_fault);
     t[reason::INIT as usize] = Some(misc::init_signal);

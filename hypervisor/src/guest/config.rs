@@ -30,6 +30,8 @@ pub struct GuestConfig {
     pub integrity: Option<crate::integrity::Mode>,
     /// Modules the policy trusts (`trust=name,name`): they run in the kernel view.
     pub trusted: alloc::vec::Vec<String>,
+    /// A virtual TPM at 0xFED40000 (`vtpm=on|off`; on for Linux guests).
+    pub vtpm: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +89,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     let mut integrity = None;
     let mut integrity_set = false;
     let mut trusted = alloc::vec::Vec::new();
+    let mut vtpm = None;
     for word in options.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("guest", n)) => {
@@ -116,6 +119,8 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
                     _ => return Err(ConfigError::UnknownOption(word.to_string())),
                 };
             }
+            Some(("vtpm", "on")) => vtpm = Some(true),
+            Some(("vtpm", "off")) => vtpm = Some(false),
             Some(("trust", names)) => trusted.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from)),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
         }
@@ -126,7 +131,8 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     if !integrity_set && kind == GuestKind::Linux {
         integrity = Some(crate::integrity::Mode::Enforce);
     }
-    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted })
+    let vtpm = vtpm.unwrap_or(kind == GuestKind::Linux);
+    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm })
 }
 
 /// `16M`, `1G`, `4096K` or plain bytes.
@@ -180,6 +186,10 @@ mod tests {
         assert_eq!(c.integrity, Some(crate::integrity::Mode::Audit));
         assert_eq!(c.trusted, ["dummy", "ext4"]);
         assert_eq!(parse("guest=a kind=linux integrity=off").unwrap().integrity, None);
+        assert!(parse("guest=a kind=linux").unwrap().vtpm);
+        assert!(!parse("guest=a").unwrap().vtpm);
+        assert!(parse("guest=a vtpm=on").unwrap().vtpm);
+        assert!(!parse("guest=a kind=linux vtpm=off").unwrap().vtpm);
         assert!(parse("guest=a integrity=maybe").is_err());
         assert_eq!(initrd_owner("guest=linux"), None);
         assert!(is_pass_through_module("guest=linux kind=linux -- x"));

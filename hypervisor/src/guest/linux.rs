@@ -24,6 +24,8 @@ pub mod boot_data {
     pub const START_STRUCTURES: u64 = 0x7_2000;
     /// Room for the ACPI tables the hypervisor adds.
     pub const ACPI: u64 = 0x7_9000;
+    /// The measured-launch event log the TCPA table points at.
+    pub const EVENT_LOG: u64 = 0x7_c000;
     pub const END: u64 = 0x8_0000;
     /// `__BOOT_CS` and `__BOOT_DS` as the boot protocol requires.
     pub const SELECTORS: Selectors = Selectors { code: 0x10, data: 0x18, tss: 0x20 };

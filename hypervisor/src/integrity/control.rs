@@ -22,8 +22,12 @@ pub trait GuestControl {
     /// A new, empty view for a module.
     fn create_view(&mut self, module: u32) -> Result<(), ControlError>;
     fn destroy_view(&mut self, module: u32);
+    /// Whether the processor has the monitor trap flag (Bochs has not).
+    fn has_monitor_trap(&self) -> bool;
     /// The monitor trap flag: an exit after the next instruction.
     fn set_monitor_trap(&mut self, on: bool);
+    /// Whether #DB exits (the single-step fallback without the monitor trap flag).
+    fn intercept_debug_exceptions(&mut self, on: bool);
     /// From now on, guest writes that change these CR0/CR4 bits exit.
     fn guard_control_registers(&mut self, cr0: u64, cr4: u64);
     /// LGDT/LIDT/SGDT/SIDT (and the LDTR/TR ones) exit.
@@ -45,6 +49,9 @@ pub mod fake {
         pub perms: BTreeMap<(View, u64), Perms>,
         pub views: BTreeSet<u32>,
         pub monitor_trap: bool,
+        /// Pretend the processor lacks the monitor trap flag.
+        pub no_monitor_trap: bool,
+        pub debug_exits: bool,
         pub guarded: (u64, u64),
         pub descriptor_tables: bool,
         pub trapped_msrs: Vec<u32>,
@@ -80,8 +87,14 @@ pub mod fake {
             self.views.remove(&module);
             self.perms.retain(|(v, _), _| *v != View::Module(module));
         }
+        fn has_monitor_trap(&self) -> bool {
+            !self.no_monitor_trap
+        }
         fn set_monitor_trap(&mut self, on: bool) {
             self.monitor_trap = on;
+        }
+        fn intercept_debug_exceptions(&mut self, on: bool) {
+            self.debug_exits = on;
         }
         fn guard_control_registers(&mut self, cr0: u64, cr4: u64) {
             self.guarded = (cr0, cr4);

@@ -45,12 +45,23 @@ pub enum View {
     Module(u32),
 }
 
+/// A write being let through: the page opened, and how the single step is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stepping {
+    pub view: View,
+    pub page: u64,
+    pub before: Option<crate::mm::paging::Perms>,
+    /// Stepped with RFLAGS.TF (no monitor trap flag); whether TF was already
+    /// set by the guest, whose own #DB must then still arrive.
+    pub trap_flag: Option<bool>,
+}
+
 /// A guest's integrity state: the engine, the view the vCPU runs in, and a
-/// write being let through (view, page, rights before).
+/// write being let through.
 pub struct GuestIntegrity {
     pub engine: Engine,
     pub view: View,
-    pub stepping: Option<(View, u64, Option<crate::mm::paging::Perms>)>,
+    pub stepping: Option<Stepping>,
     /// Names of the modules the policy trusts: they run in the kernel view.
     pub trusted: alloc::vec::Vec<alloc::string::String>,
 }

@@ -7,6 +7,7 @@
 //! `TPM_Extend` per measurement. Any backend that answers TPM 1.2 commands
 //! works, and the host tests use a small fake.
 
+pub mod engine;
 pub mod event_log;
 
 use alloc::boxed::Box;

@@ -46,21 +46,14 @@ integrity_tests() {
         page_table=$(sym init_top_pgt)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
 
-    # Benign modules, isolated: in-tree dummy and veth with traffic, and our caller.
+    # Benign modules, isolated: in-tree dummy and veth carrying traffic, and our caller.
     insmod /lib/ctvm/dummy.ko && ip link add d0 type dummy && ip link set d0 up \
-        && say "dummy: $(ip link show d0 | head -n 1)"
-    insmod /lib/ctvm/veth.ko
-    unshare -n sleep 60 &
-    ns=$!
-    sleep 1
-    ip link add v0 type veth peer name v1 || say "FAIL: veth pair"
-    ip link set v1 netns $ns || say "FAIL: veth into a namespace"
-    nsenter -t $ns -n ip addr add 10.9.0.2/24 dev v1
-    nsenter -t $ns -n ip link set v1 up
-    ip addr add 10.9.0.1/24 dev v0
-    ip link set v0 up
-    say "veth: $(ping -c 20 -i 0.2 -q 10.9.0.2 | grep 'packets transmitted')"
-    kill $ns 2>/dev/null
+        && ip addr add 10.8.0.1/24 dev d0 && ping -c 20 -i 0.1 -W 1 10.8.0.2 > /dev/null
+    say "dummy: $(ip link show d0 | head -n 1 | grep -o '<[A-Z_,]*>'), tx packets $(cat /sys/class/net/d0/statistics/tx_packets)"
+    insmod /lib/ctvm/veth.ko && ip link add v0 type veth peer name v1 \
+        && ip addr add 10.9.0.1/24 dev v0 && ip addr add 10.9.0.2/24 dev v1 \
+        && ip link set v0 up && ip link set v1 up
+    say "veth: $(arping -c 20 -w 20 -I v0 10.9.0.2 | grep -o 'Received [0-9]* response'), rx packets $(cat /sys/class/net/v1/statistics/rx_packets)"
     insmod /lib/ctvm/calls.ko loops=2000 && say "calls: $(last calls)"
 
     # The kernel's own text patching keeps working: a static key and a kprobe.

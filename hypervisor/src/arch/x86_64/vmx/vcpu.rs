@@ -568,6 +568,13 @@ pub mod current {
         true
     }
 
+    /// Sets or clears one vector in the exception bitmap.
+    pub fn set_exception_bitmap_bit(vector: u8, on: bool) {
+        let bitmap = vmcs::read(control::EXCEPTION_BITMAP);
+        let bit = 1u64 << (vector & 31);
+        vmcs::write(control::EXCEPTION_BITMAP, if on { bitmap | bit } else { bitmap & !bit });
+    }
+
     /// Points the vCPU at another EPT hierarchy.
     pub fn set_eptp(eptp: u64) {
         vmcs::write(control::EPTP_FULL, eptp);
