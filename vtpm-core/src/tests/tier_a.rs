@@ -498,7 +498,7 @@ fn oiap_sessions_are_bounded_and_flushable() {
     err(
         &mut t,
         &Cmd::new(ORD_FLUSH_SPECIFIC).u32(1).u32(RT_KEY).bytes(),
-        TPM_INVALID_KEYHANDLE,
+        TPM_BAD_PARAMETER,
     );
     err(
         &mut t,
@@ -515,11 +515,7 @@ fn oiap_sessions_are_bounded_and_flushable() {
 fn osap_refuses_unknown_entities() {
     let mut t = started();
     let osap = |et: u16, ev: u32| Cmd::new(ORD_OSAP).u16(et).u32(ev).raw(&[0; 20]).bytes();
-    err(
-        &mut t,
-        &osap(ET_KEYHANDLE, 0x0100_0000),
-        TPM_INVALID_KEYHANDLE,
-    );
+    err(&mut t, &osap(ET_KEYHANDLE, 0x0100_0000), TPM_NOSRK);
     err(&mut t, &osap(ET_NV, 5), TPM_BADINDEX);
     err(&mut t, &osap(0x0099, 5), TPM_WRONG_ENTITYTYPE);
     err(&mut t, &osap(0x0602, KH_OWNER), TPM_INAPPROPRIATE_ENC);
