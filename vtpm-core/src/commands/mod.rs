@@ -131,8 +131,14 @@ const OWNED: Avail = Avail {
     deactivated: false,
     owner: true,
 };
+const ANY_OWNED: Avail = Avail {
+    disabled: true,
+    deactivated: true,
+    owner: true,
+};
 
-/// The ordinals this TPM implements and when they are available.
+/// The ordinals this TPM implements and when they are available (the
+/// owner column follows what libtpms answers without an owner).
 fn availability(ordinal: u32) -> Option<Avail> {
     Some(match ordinal {
         ORD_STARTUP
@@ -147,7 +153,6 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_OSAP
         | ORD_FLUSH_SPECIFIC
         | ORD_TERMINATE_HANDLE
-        | ORD_OWNER_CLEAR
         | ORD_FORCE_CLEAR
         | ORD_PHYSICAL_ENABLE
         | ORD_PHYSICAL_DISABLE
@@ -155,14 +160,20 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_SET_OWNER_INSTALL
         | TSC_ORD_PHYSICAL_PRESENCE
         | ORD_CREATE_ENDORSEMENT_KEY_PAIR => ANY,
-        ORD_PCR_READ | ORD_GET_RANDOM | ORD_STIR_RANDOM | ORD_GET_TICKS | ORD_READ_PUBEK
-        | ORD_TAKE_OWNERSHIP | ORD_NV_DEFINE_SPACE | ORD_NV_WRITE_VALUE | ORD_NV_READ_VALUE => {
-            ACTIVE
-        }
-        ORD_DISABLE_PUBEK_READ
+        ORD_OWNER_CLEAR => ANY_OWNED,
+        ORD_PCR_READ
+        | ORD_GET_RANDOM
+        | ORD_STIR_RANDOM
+        | ORD_GET_TICKS
+        | ORD_READ_PUBEK
+        | ORD_TAKE_OWNERSHIP
+        | ORD_NV_DEFINE_SPACE
+        | ORD_NV_WRITE_VALUE
+        | ORD_NV_READ_VALUE
+        | ORD_DISABLE_PUBEK_READ
         | ORD_OWNER_READ_INTERNAL_PUB
-        | ORD_GET_CAPABILITY_OWNER
-        | ORD_CREATE_WRAP_KEY
+        | ORD_GET_CAPABILITY_OWNER => ACTIVE,
+        ORD_CREATE_WRAP_KEY
         | ORD_LOAD_KEY
         | ORD_LOAD_KEY2
         | ORD_GET_PUB_KEY

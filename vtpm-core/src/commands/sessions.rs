@@ -26,13 +26,14 @@ impl<P: Platform> Tpm<P> {
         let entity_type = c.r.u16()?;
         let entity_value = c.r.u32()?;
         let nonce_odd_osap = c.r.digest()?;
-        self.check(c, &[TAG_RQU_COMMAND])?;
-        c.done()?;
+        // libtpms resolves the entity before it looks at the tag.
         // The high byte selects the ADIP scheme; only XOR is implemented.
         if entity_type >> 8 != 0 {
             return Err(TPM_INAPPROPRIATE_ENC);
         }
         let (entity, secret) = self.entity_secret(entity_type, entity_value)?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
+        c.done()?;
         if self.vol.sessions.free() == 0 {
             return Err(TPM_RESOURCES);
         }
