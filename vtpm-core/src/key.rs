@@ -37,10 +37,11 @@ impl KeyParms {
         let alg = r.u32()?;
         let enc_scheme = r.u16()?;
         let sig_scheme = r.u16()?;
-        let parms = r.sized32()?;
+        // libtpms rejects the algorithm before reading its parameters.
         if alg != ALG_RSA {
             return Err(TPM_BAD_KEY_PROPERTY);
         }
+        let parms = r.sized32()?;
         let mut p = Reader::new(parms);
         let key_bits = p.u32()?;
         let num_primes = p.u32()?;
@@ -315,10 +316,10 @@ impl KeyPublic {
                 return Err(TPM_INVALID_STRUCTURE);
             }
             KeyFormat::V12
-        } else if head[0] == 1 && head[1] == 1 {
-            KeyFormat::V11(head)
         } else {
-            return Err(TPM_BAD_VERSION);
+            // libtpms does not check TPM_STRUCT_VER here; the key's other
+            // properties decide.
+            KeyFormat::V11(head)
         };
         let usage = r.u16()?;
         let flags = r.u32()?;

@@ -215,6 +215,12 @@ impl<P: Platform> Tpm<P> {
 
     /// Extends a PCR for the hypervisor (measured launch), with the same
     /// locality rules as TPM_Extend. Returns the new value or a TPM error.
+    ///
+    /// Startup(ST_CLEAR) resets the PCRs, so measure after Startup: the
+    /// hypervisor can send Startup(ST_CLEAR) itself through [`Tpm::execute`]
+    /// before the guest runs; Linux then sees TPM_INVALID_POSTINIT for its
+    /// own Startup only if it sends one, and it sends one only when its first
+    /// GetCapability answers TPM_INVALID_POSTINIT.
     pub fn extend(&mut self, locality: u8, pcr: u32, digest: &[u8; 20]) -> Result<[u8; 20], u32> {
         self.vol.pcrs.extend(locality, pcr, digest)
     }

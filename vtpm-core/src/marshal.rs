@@ -7,6 +7,9 @@
 use crate::consts::TPM_BAD_PARAM_SIZE;
 use alloc::vec::Vec;
 
+/// Largest sized buffer libtpms will allocate (TPM_ALLOC_MAX).
+pub const ALLOC_MAX: u32 = 0x20000;
+
 /// A TPM return code.
 pub type Rc = u32;
 /// Result of a command step: a value or the TPM return code that ends it.
@@ -82,9 +85,13 @@ impl<'a> Reader<'a> {
         self.array()
     }
 
-    /// A buffer preceded by its u32 size.
+    /// A buffer preceded by its u32 size. Like libtpms, a size above
+    /// [`ALLOC_MAX`] is `TPM_SIZE`, one beyond the command `TPM_BAD_PARAM_SIZE`.
     pub fn sized32(&mut self) -> TpmResult<&'a [u8]> {
         let n = self.u32()?;
+        if n > ALLOC_MAX {
+            return Err(crate::consts::TPM_SIZE);
+        }
         self.bytes(usize::try_from(n).map_err(|_| TPM_BAD_PARAM_SIZE)?)
     }
 
@@ -166,6 +173,8 @@ mod tests {
     #[test]
     fn sized_buffer_cannot_lie_about_its_length() {
         let mut r = Reader::new(&[0xFF, 0xFF, 0xFF, 0xFF, 1]);
+        assert_eq!(r.sized32(), Err(crate::consts::TPM_SIZE));
+        let mut r = Reader::new(&[0, 2, 0, 0, 1]);
         assert_eq!(r.sized32(), Err(TPM_BAD_PARAM_SIZE));
         let mut r = Reader::new(&[0, 0, 0, 1, 7]);
         assert_eq!(r.sized32(), Ok(&[7u8][..]));

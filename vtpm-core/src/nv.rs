@@ -143,6 +143,10 @@ impl NvStore {
             }
             indices.push(NvIndex { public, auth, data });
         }
-        Ok(NvStore { indices })
+        let store = NvStore { indices };
+        if store.used() > NV_BUDGET {
+            return Err(TPM_FAIL);
+        }
+        Ok(store)
     }
 }

@@ -10,7 +10,10 @@ pub struct FuzzPlatform(pub u64);
 impl Platform for FuzzPlatform {
     fn fill_random(&mut self, buf: &mut [u8]) {
         for b in buf {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *b = (self.0 >> 33) as u8;
         }
     }
@@ -33,6 +36,86 @@ pub fn cmd(tag: u16, ord: u32, body: &[u8]) -> Vec<u8> {
     v
 }
 
+pub const KEY_AUTH: [u8; 20] = [0x6B; 20];
+
+/// The owned chip plus a signing-key blob and a sealed blob made under its
+/// SRK, so the fuzzer can reach LoadKey2/Sign/Quote/Unseal with real data.
+pub struct Fixture {
+    pub tpm: Tpm<FuzzPlatform>,
+    pub key_blob: Vec<u8>,
+    pub sealed_blob: Vec<u8>,
+}
+
+/// An OSAP session on the SRK; returns (handle, nonceEven, shared secret).
+fn osap_srk(t: &mut Tpm<FuzzPlatform>) -> ([u8; 4], [u8; 20], [u8; 20]) {
+    let mut p = vec![0, 4, 0x40, 0, 0, 0];
+    p.extend_from_slice(&[0x33; 20]);
+    let r = t.execute(0, &cmd(0xC1, 0x0B, &p));
+    let even_osap: [u8; 20] = r[34..54].try_into().unwrap();
+    let shared = vtpm_core::crypto::hmac_sha1(&SRK_AUTH, &[&even_osap, &[0x33; 20]]);
+    (
+        r[10..14].try_into().unwrap(),
+        r[14..34].try_into().unwrap(),
+        shared,
+    )
+}
+
+/// Runs an OSAP-authorised SRK command whose first parameter is an
+/// ADIP-encrypted secret; returns the output parameters.
+fn srk_adip(t: &mut Tpm<FuzzPlatform>, ord: u32, rest: &[u8]) -> Vec<u8> {
+    let (h, even, shared) = osap_srk(t);
+    let enc = vtpm_core::crypto::adip_xor(&KEY_AUTH, &shared, &even);
+    let mut params = enc.to_vec();
+    params.extend_from_slice(rest);
+    let odd = [0x0D; 20];
+    let mut d = ord.to_be_bytes().to_vec();
+    d.extend_from_slice(&params);
+    let mac = vtpm_core::crypto::hmac_sha1(&shared, &[&vtpm_core::sha1(&d), &even, &odd, &[0]]);
+    let mut body = 0x4000_0000u32.to_be_bytes().to_vec();
+    body.extend_from_slice(&params);
+    body.extend_from_slice(&h);
+    body.extend_from_slice(&odd);
+    body.push(0);
+    body.extend_from_slice(&mac);
+    let r = t.execute(0, &cmd(0xC2, ord, &body));
+    assert_eq!(&r[6..10], &[0, 0, 0, 0], "fuzz set-up: ordinal {ord:#x}");
+    r[10..r.len() - 41].to_vec()
+}
+
+#[allow(dead_code)]
+pub fn fixture() -> Fixture {
+    static FIX: OnceLock<(Tpm<FuzzPlatform>, Vec<u8>, Vec<u8>)> = OnceLock::new();
+    let (t, k, s) = FIX.get_or_init(|| {
+        let mut t = owned();
+        let mut tmpl = vec![1, 1, 0, 0, 0, 0x10, 0, 0, 0, 0, 1];
+        tmpl.extend_from_slice(&[
+            0, 0, 0, 1, 0, 1, 0, 2, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0,
+        ]);
+        tmpl.extend_from_slice(&[0; 12]);
+        let mut rest = [0x4D; 20].to_vec();
+        rest.extend_from_slice(&tmpl);
+        let key = srk_adip(&mut t, 0x1F, &rest);
+        // Sealed to PCR 10's current value.
+        let mut info = vec![0, 3, 0, 4, 0];
+        let mut comp = info.clone();
+        comp.extend_from_slice(&20u32.to_be_bytes());
+        comp.extend_from_slice(&t.pcr(10).unwrap());
+        info.extend_from_slice(&vtpm_core::sha1(&comp));
+        info.extend_from_slice(&[0; 20]);
+        let mut rest = (info.len() as u32).to_be_bytes().to_vec();
+        rest.extend_from_slice(&info);
+        rest.extend_from_slice(&5u32.to_be_bytes());
+        rest.extend_from_slice(b"fuzz!");
+        let sealed = srk_adip(&mut t, 0x17, &rest);
+        (t, key, sealed)
+    });
+    Fixture {
+        tpm: t.clone(),
+        key_blob: k.clone(),
+        sealed_blob: s.clone(),
+    }
+}
+
 /// A started chip with an owner (OWNER) and SRK (SRK_AUTH), made once.
 pub fn owned() -> Tpm<FuzzPlatform> {
     static CHIP: OnceLock<Tpm<FuzzPlatform>> = OnceLock::new();
@@ -52,7 +135,9 @@ pub fn owned() -> Tpm<FuzzPlatform> {
         p.extend_from_slice(&es);
         // SRK template: TPM_KEY v1.1 storage key, OAEP, 2048 bits.
         p.extend_from_slice(&[1, 1, 0, 0, 0, 0x11, 0, 0, 0, 0, 1]);
-        p.extend_from_slice(&[0, 0, 0, 1, 0, 3, 0, 1, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
+        p.extend_from_slice(&[
+            0, 0, 0, 1, 0, 3, 0, 1, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0,
+        ]);
         p.extend_from_slice(&[0; 12]);
         let t2 = authorise(&mut t, 0x0D, &[], &p, &OWNER);
         let r = t.execute(0, &t2);
@@ -63,7 +148,13 @@ pub fn owned() -> Tpm<FuzzPlatform> {
 }
 
 /// Opens an OIAP session and wraps `params` into an authorised command.
-pub fn authorise(t: &mut Tpm<FuzzPlatform>, ord: u32, handles: &[u8], params: &[u8], secret: &[u8; 20]) -> Vec<u8> {
+pub fn authorise(
+    t: &mut Tpm<FuzzPlatform>,
+    ord: u32,
+    handles: &[u8],
+    params: &[u8],
+    secret: &[u8; 20],
+) -> Vec<u8> {
     let r = t.execute(0, &cmd(0xC1, 0x0A, &[]));
     let (handle, even) = if r.len() == 34 {
         (r[10..14].to_vec(), r[14..34].to_vec())
@@ -87,7 +178,11 @@ pub fn authorise(t: &mut Tpm<FuzzPlatform>, ord: u32, handles: &[u8], params: &[
 
 /// The header invariants every response must hold.
 pub fn check_response(r: &[u8]) {
-    assert!(r.len() >= 10 && r.len() <= 4096, "response length {}", r.len());
+    assert!(
+        r.len() >= 10 && r.len() <= 4096,
+        "response length {}",
+        r.len()
+    );
     let tag = u16::from_be_bytes([r[0], r[1]]);
     let size = u32::from_be_bytes([r[2], r[3], r[4], r[5]]) as usize;
     let rc = u32::from_be_bytes([r[6], r[7], r[8], r[9]]);

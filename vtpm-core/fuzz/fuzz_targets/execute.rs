@@ -6,7 +6,9 @@
 //!   u16 length, parameters; the harness opens an OIAP session and computes
 //!   the HMAC, so the fuzzer reaches code behind authorisation.
 //! * op % 4 == 2: TPM_Init then Startup(ST_CLEAR or ST_STATE).
-//! * op % 4 == 3: the hypervisor's own extend/pcr calls.
+//! * op % 4 == 3: the hypervisor's own extend/pcr calls, or (high bit set)
+//!   a prepared key blob or sealed blob spliced into a LoadKey2 or Unseal,
+//!   optionally with fuzzed bytes overwriting part of it.
 //!
 //! Every response must have a well-formed header.
 #![no_main]
@@ -16,12 +18,13 @@ use common::*;
 use libfuzzer_sys::fuzz_target;
 
 const AUTH_ORDINALS: [u32; 20] = [
-    0x1F, 0x41, 0x20, 0x21, 0x3C, 0x1E, 0x17, 0x18, 0x16, 0x3E, 0x79, 0x7A, 0xCC, 0xCD, 0xCE, 0xCF, 0xD0, 0x66, 0x81,
-    0x5B,
+    0x1F, 0x41, 0x20, 0x21, 0x3C, 0x1E, 0x17, 0x18, 0x16, 0x3E, 0x79, 0x7A, 0xCC, 0xCD, 0xCE, 0xCF,
+    0xD0, 0x66, 0x81, 0x5B,
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let mut t = owned();
+    let fx = fixture();
+    let mut t = fx.tpm;
     t.clear_dirty();
     let mut loaded: Vec<[u8; 4]> = vec![0x4000_0000u32.to_be_bytes()];
     let mut i = 0usize;
@@ -71,6 +74,55 @@ fuzz_target!(|data: &[u8]| {
                 let st = if h[0] & 2 == 2 { 2 } else { 1 };
                 check_response(&t.execute(0, &cmd(0xC1, 0x99, &[0, st])));
             }
+            _ if op[0] & 0x80 != 0 => {
+                let Some(h) = next(&mut i, 3) else { break };
+                let unseal = h[0] & 1 == 1;
+                let mut blob = if unseal {
+                    fx.sealed_blob.clone()
+                } else {
+                    fx.key_blob.clone()
+                };
+                // Overwrite up to 255 bytes at a chosen offset with input bytes.
+                let n = usize::from(h[2]).min(data.len().saturating_sub(i));
+                if n > 0 && !blob.is_empty() {
+                    let at = usize::from(h[1]) * blob.len() / 256;
+                    for (k, b) in data[i..i + n].iter().enumerate() {
+                        if let Some(d) = blob.get_mut(at + k) {
+                            *d = *b;
+                        }
+                    }
+                    i += n;
+                }
+                if unseal {
+                    let mut c2 = authorise(
+                        &mut t,
+                        0x18,
+                        &0x4000_0000u32.to_be_bytes(),
+                        &blob,
+                        &SRK_AUTH,
+                    );
+                    // Add the data session: a second OIAP trailer keyed with KEY_AUTH.
+                    let extra = authorise(&mut t, 0x18, &[], &blob, &KEY_AUTH);
+                    c2.extend_from_slice(&extra[extra.len() - 45..]);
+                    c2[1] = 0xC3;
+                    let len = c2.len() as u32;
+                    c2[2..6].copy_from_slice(&len.to_be_bytes());
+                    check_response(&t.execute(0, &c2));
+                } else {
+                    let c = authorise(
+                        &mut t,
+                        0x41,
+                        &0x4000_0000u32.to_be_bytes(),
+                        &blob,
+                        &SRK_AUTH,
+                    );
+                    let r = t.execute(0, &c);
+                    check_response(&r);
+                    if r.len() >= 14 && r[6..10] == [0; 4] {
+                        loaded.push([r[10], r[11], r[12], r[13]]);
+                    }
+                }
+            }
             _ => {
                 let Some(h) = next(&mut i, 22) else { break };
                 let digest: [u8; 20] = h[2..22].try_into().unwrap();
@@ -82,7 +134,8 @@ fuzz_target!(|data: &[u8]| {
     // A changed permanent state must serialise and restore exactly.
     if t.permanent_dirty() {
         let blob = t.permanent_state();
-        let back = vtpm_core::Tpm::from_permanent(&blob, FuzzPlatform(3)).expect("own blob restores");
+        let back =
+            vtpm_core::Tpm::from_permanent(&blob, FuzzPlatform(3)).expect("own blob restores");
         assert_eq!(back.permanent_state(), blob);
     }
 });

@@ -19,12 +19,17 @@ fn envelope(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, body)) = data.split_first() else { return };
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
     match mode % 3 {
         0 => {
-            if let Ok(t) = vtpm_core::Tpm::from_permanent(&envelope(b"CTVMTPMP", body), FuzzPlatform(1)) {
+            if let Ok(t) =
+                vtpm_core::Tpm::from_permanent(&envelope(b"CTVMTPMP", body), FuzzPlatform(1))
+            {
                 let blob = t.permanent_state();
-                let again = vtpm_core::Tpm::from_permanent(&blob, FuzzPlatform(1)).expect("re-load");
+                let again =
+                    vtpm_core::Tpm::from_permanent(&blob, FuzzPlatform(1)).expect("re-load");
                 assert_eq!(again.permanent_state(), blob);
             }
         }

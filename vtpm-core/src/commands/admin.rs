@@ -18,7 +18,7 @@ impl<P: Platform> Tpm<P> {
     /// TSC_PhysicalPresence (TPM Main Part 3, 6.4).
     pub(crate) fn cmd_physical_presence(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let pp = c.r.u16()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let config = pp & PP_CONFIG_BITS;
         let state = pp & PP_STATE_BITS;
@@ -78,7 +78,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_PhysicalEnable and TPM_PhysicalDisable: take effect at once.
     pub(crate) fn cmd_physical_enable(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         self.require_presence()?;
         self.perm.flags.disable = c.ordinal == ORD_PHYSICAL_DISABLE;
@@ -90,7 +90,7 @@ impl<P: Platform> Tpm<P> {
     /// at the next Startup(ST_CLEAR).
     pub(crate) fn cmd_physical_set_deactivated(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let state = c.r.bool()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         self.require_presence()?;
         self.perm.flags.deactivated = state;
@@ -101,7 +101,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_SetOwnerInstall: whether TakeOwnership is allowed.
     pub(crate) fn cmd_set_owner_install(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let state = c.r.bool()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if self.perm.owner.is_some() {
             return Err(TPM_OWNER_SET);

@@ -27,7 +27,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_get_capability(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let area = c.r.u32()?;
         let sub = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let resp = self.capability(area, sub)?;
         let mut out = Vec::with_capacity(resp.len().saturating_add(4));
@@ -183,7 +183,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_GetCapabilityOwner (Part 3, 7.3): the flags as bitmaps.
     pub(crate) fn cmd_get_capability_owner(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let secret = self.owner_auth()?;
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;

@@ -22,7 +22,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_ReadPubek: the EK's public part and SHA1(pubkey ‖ antiReplay).
     pub(crate) fn cmd_read_pubek(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let anti_replay = c.r.digest()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let ek = self.perm.ek.as_ref().ok_or(TPM_NO_ENDORSEMENT)?;
         if !self.perm.flags.read_pubek {
@@ -38,7 +38,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_create_ek(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let anti_replay = c.r.digest()?;
         let parms = KeyParms::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if self.perm.ek.is_some() {
             return Err(TPM_DISABLED_CMD);
@@ -60,7 +60,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_OwnerReadInternalPub: the EK's or SRK's public key, for the owner.
     pub(crate) fn cmd_owner_read_internal_pub(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let secret = self.owner_auth()?;
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;
@@ -82,7 +82,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_DisablePubekRead: the owner hides the EK from ReadPubek.
     pub(crate) fn cmd_disable_pubek_read(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let secret = self.owner_auth()?;
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;

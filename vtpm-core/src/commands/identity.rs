@@ -23,7 +23,7 @@ impl<P: Platform> Tpm<P> {
         let enc_auth = c.r.digest()?;
         let label = c.r.digest()?;
         let template = KeyBlob::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
         c.done()?;
         let owner_i = c.n_auths().saturating_sub(1);
         let owner_handle = c.auth(owner_i)?.handle;
@@ -77,7 +77,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_activate_identity(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let blob = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
         c.done()?;
         if self.key(handle)?.public.usage != KEY_IDENTITY {
             return Err(TPM_BAD_PARAMETER);

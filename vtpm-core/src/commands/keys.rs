@@ -98,9 +98,9 @@ impl<P: Platform> Tpm<P> {
         let enc_usage = c.r.digest()?;
         let enc_migration = c.r.digest()?;
         let template = KeyBlob::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
-        let auth = c.auth(0)?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
+        let auth = c.auth(0)?;
         let parent_key = self.key(parent)?;
         let parent_migratable = parent_key.public.is_migratable();
         if parent_key.public.usage != KEY_STORAGE {
@@ -143,7 +143,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_load_key(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let parent = c.r.u32()?;
         let blob = KeyBlob::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let parent_key = self.key(parent)?;
         let parent_migratable = parent_key.public.is_migratable();
@@ -176,7 +176,7 @@ impl<P: Platform> Tpm<P> {
     /// readSRKPub allows).
     pub(crate) fn cmd_get_pub_key(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         if handle == KH_SRK && !self.perm.flags.read_srk_pub {
             return Err(TPM_INVALID_KEYHANDLE);
@@ -195,7 +195,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_EvictKey (deprecated, still used by TrouSerS for 1.1 keys).
     pub(crate) fn cmd_evict_key(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         self.evict(handle)?;
         Ok(Vec::new())
@@ -205,7 +205,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_sign(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let area = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let v = self.key_auth(c, 0, handle, 4, true)?;
         let k = lookup(&self.perm, &self.vol.keys, handle)?;
@@ -237,7 +237,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_unbind(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let data = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let v = self.key_auth(c, 0, handle, 4, true)?;
         let k = lookup(&self.perm, &self.vol.keys, handle)?;

@@ -21,7 +21,7 @@ use crate::consts::*;
 use crate::crypto::sha1_parts;
 use crate::marshal::{Put, Reader, TpmResult};
 use crate::secret::Secret;
-use crate::session::{AuthIn, Entity, Verified, AUTH_IN_LEN};
+use crate::session::{AuthIn, Entity, Verified};
 use crate::{Mode, Platform, Tpm};
 use alloc::vec::Vec;
 
@@ -29,56 +29,32 @@ use alloc::vec::Vec;
 pub const MAX_COMMAND: usize = 4096;
 const HEADER: usize = 10;
 
-/// One parsed request.
+/// One request being parsed. As in libtpms, parameters are read first from
+/// the whole body, then the authorisation trailers from what follows them,
+/// and nothing may be left over.
 pub(crate) struct Cmd<'a> {
     pub tag: u16,
     pub ordinal: u32,
     pub locality: u8,
-    /// Parameters: the body without the authorisation trailers.
+    body: &'a [u8],
+    /// The parameters, once [`Cmd::done`] ran.
     pub params: &'a [u8],
     pub r: Reader<'a>,
     auths: [Option<AuthIn>; 2],
-    auth_error: Option<u32>,
     /// Sessions named by this command, ended if it fails.
     pub used: [Option<u32>; 2],
 }
 
 impl<'a> Cmd<'a> {
     fn new(tag: u16, ordinal: u32, locality: u8, body: &'a [u8]) -> Self {
-        let n: usize = match tag {
-            TAG_RQU_AUTH1_COMMAND => 1,
-            TAG_RQU_AUTH2_COMMAND => 2,
-            _ => 0,
-        };
-        let mut auths = [None, None];
-        let mut auth_error = None;
-        let mut params = body;
-        if n > 0 {
-            match body.len().checked_sub(n.saturating_mul(AUTH_IN_LEN)) {
-                Some(split) => {
-                    let (p, trailer) = body.split_at(split);
-                    params = p;
-                    let mut tr = Reader::new(trailer);
-                    for slot in auths.iter_mut().take(n) {
-                        match AuthIn::read(&mut tr) {
-                            Ok(a) => *slot = Some(a),
-                            Err(e) => {
-                                auth_error.get_or_insert(e);
-                            }
-                        }
-                    }
-                }
-                None => auth_error = Some(TPM_BAD_PARAM_SIZE),
-            }
-        }
         Cmd {
             tag,
             ordinal,
             locality,
-            params,
-            r: Reader::new(params),
-            auths,
-            auth_error,
+            body,
+            params: &[],
+            r: Reader::new(body),
+            auths: [None, None],
             used: [None, None],
         }
     }
@@ -92,29 +68,33 @@ impl<'a> Cmd<'a> {
         }
     }
 
-    /// Ends parameter parsing: no bytes may be left.
+    /// Ends parameter parsing: reads the trailers the tag announces and
+    /// requires that nothing is left.
     pub fn done(&mut self) -> TpmResult<()> {
-        if let Some(e) = self.auth_error {
-            return Err(e);
+        let consumed = self.body.len().saturating_sub(self.r.remaining());
+        self.params = self.body.get(..consumed).unwrap_or(&[]);
+        let n: usize = match self.tag {
+            TAG_RQU_AUTH1_COMMAND => 1,
+            TAG_RQU_AUTH2_COMMAND => 2,
+            _ => 0,
+        };
+        for (slot, used) in self.auths.iter_mut().zip(self.used.iter_mut()).take(n) {
+            let a = AuthIn::read(&mut self.r)?;
+            *used = Some(a.handle);
+            *slot = Some(a);
         }
         self.r.finish()
     }
 
-    /// The `i`-th session trailer (0 or 1); remembers its handle so the
-    /// session ends if the command fails.
+    /// The `i`-th session trailer (0 or 1), after [`Cmd::done`].
     pub fn auth(&mut self, i: usize) -> TpmResult<AuthIn> {
-        let a = self
-            .auths
+        self.auths
             .get(i)
             .and_then(|a| a.clone())
-            .ok_or(TPM_BAD_PARAM_SIZE)?;
-        if let Some(u) = self.used.get_mut(i) {
-            *u = Some(a.handle);
-        }
-        Ok(a)
+            .ok_or(TPM_BAD_PARAM_SIZE)
     }
 
-    /// Number of sessions the tag announces.
+    /// Number of sessions the command carries.
     pub fn n_auths(&self) -> usize {
         self.auths.iter().filter(|a| a.is_some()).count()
     }
@@ -132,18 +112,33 @@ impl<'a> Cmd<'a> {
 struct Avail {
     disabled: bool,
     deactivated: bool,
+    /// Needs an owner (TPM_NOSRK otherwise), as libtpms' TPM_CHECK_OWNER.
+    owner: bool,
 }
 
 const ANY: Avail = Avail {
     disabled: true,
     deactivated: true,
+    owner: false,
 };
 const ACTIVE: Avail = Avail {
     disabled: false,
     deactivated: false,
+    owner: false,
+};
+const OWNED: Avail = Avail {
+    disabled: false,
+    deactivated: false,
+    owner: true,
+};
+const ANY_OWNED: Avail = Avail {
+    disabled: true,
+    deactivated: true,
+    owner: true,
 };
 
-/// The ordinals this TPM implements and when they are available.
+/// The ordinals this TPM implements and when they are available (the
+/// owner column follows what libtpms answers without an owner).
 fn availability(ordinal: u32) -> Option<Avail> {
     Some(match ordinal {
         ORD_STARTUP
@@ -158,7 +153,6 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_OSAP
         | ORD_FLUSH_SPECIFIC
         | ORD_TERMINATE_HANDLE
-        | ORD_OWNER_CLEAR
         | ORD_FORCE_CLEAR
         | ORD_PHYSICAL_ENABLE
         | ORD_PHYSICAL_DISABLE
@@ -166,16 +160,20 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_SET_OWNER_INSTALL
         | TSC_ORD_PHYSICAL_PRESENCE
         | ORD_CREATE_ENDORSEMENT_KEY_PAIR => ANY,
+        ORD_OWNER_CLEAR => ANY_OWNED,
         ORD_PCR_READ
         | ORD_GET_RANDOM
         | ORD_STIR_RANDOM
         | ORD_GET_TICKS
         | ORD_READ_PUBEK
+        | ORD_TAKE_OWNERSHIP
+        | ORD_NV_DEFINE_SPACE
+        | ORD_NV_WRITE_VALUE
+        | ORD_NV_READ_VALUE
         | ORD_DISABLE_PUBEK_READ
         | ORD_OWNER_READ_INTERNAL_PUB
-        | ORD_TAKE_OWNERSHIP
-        | ORD_GET_CAPABILITY_OWNER
-        | ORD_CREATE_WRAP_KEY
+        | ORD_GET_CAPABILITY_OWNER => ACTIVE,
+        ORD_CREATE_WRAP_KEY
         | ORD_LOAD_KEY
         | ORD_LOAD_KEY2
         | ORD_GET_PUB_KEY
@@ -188,11 +186,8 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_QUOTE2
         | ORD_MAKE_IDENTITY
         | ORD_ACTIVATE_IDENTITY
-        | ORD_NV_DEFINE_SPACE
-        | ORD_NV_WRITE_VALUE
         | ORD_NV_WRITE_VALUE_AUTH
-        | ORD_NV_READ_VALUE
-        | ORD_NV_READ_VALUE_AUTH => ACTIVE,
+        | ORD_NV_READ_VALUE_AUTH => OWNED,
         _ => return None,
     })
 }
@@ -239,7 +234,7 @@ fn process<P: Platform>(
     if size as usize != command.len() {
         return Err(TPM_BAD_PARAM_SIZE);
     }
-    let avail = availability(ordinal).ok_or(TPM_BAD_ORDINAL)?;
+    availability(ordinal).ok_or(TPM_BAD_ORDINAL)?;
     match tpm.mode {
         Mode::PostInit if ordinal != ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
         Mode::Failed if ordinal == ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
@@ -255,14 +250,6 @@ fn process<P: Platform>(
     }
     if locality > 4 {
         return Err(TPM_BAD_LOCALITY);
-    }
-    if tpm.mode == Mode::Operational {
-        if tpm.perm.flags.disable && !avail.disabled {
-            return Err(TPM_DISABLED);
-        }
-        if tpm.vol.flags.deactivated && !avail.deactivated {
-            return Err(TPM_DEACTIVATED);
-        }
     }
     let body = command.get(HEADER..).unwrap_or(&[]);
     let mut c = Cmd::new(tag, ordinal, locality, body);
@@ -324,6 +311,23 @@ fn dispatch<P: Platform>(tpm: &mut Tpm<P>, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>
 }
 
 impl<P: Platform> Tpm<P> {
+    /// The checks every ordinal makes once its parameters are read, in
+    /// libtpms' order: enabled, activated, owner present, then the tag.
+    pub(crate) fn check(&self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
+        if let (Mode::Operational, Some(avail)) = (self.mode, availability(c.ordinal)) {
+            if self.perm.flags.disable && !avail.disabled {
+                return Err(TPM_DISABLED);
+            }
+            if self.vol.flags.deactivated && !avail.deactivated {
+                return Err(TPM_DEACTIVATED);
+            }
+            if avail.owner && self.perm.owner.is_none() {
+                return Err(TPM_NOSRK);
+            }
+        }
+        c.tag_in(tags)
+    }
+
     /// Verifies session `i` of `c` for `entity` with `secret`, over the
     /// parameters after `handle_bytes`. The failure code follows the
     /// session's position (TPM_AUTHFAIL / TPM_AUTH2FAIL).

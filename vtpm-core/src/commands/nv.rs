@@ -18,7 +18,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_nv_define_space(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let public = NvPublic::read(&mut c.r)?;
         let enc_auth = c.r.digest()?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let (v, auth) = if c.n_auths() == 1 {
             let handle = c.auth(0)?.handle;
@@ -130,9 +130,9 @@ impl<P: Platform> Tpm<P> {
         let data = c.r.sized32()?;
         let by_auth = c.ordinal == ORD_NV_WRITE_VALUE_AUTH;
         if by_auth {
-            c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+            self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         } else {
-            c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+            self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         }
         c.done()?;
         if index == NV_INDEX0 && !by_auth {
@@ -204,9 +204,9 @@ impl<P: Platform> Tpm<P> {
         let size = c.r.u32()?;
         let by_auth = c.ordinal == ORD_NV_READ_VALUE_AUTH;
         if by_auth {
-            c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+            self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         } else {
-            c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+            self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         }
         c.done()?;
         let locked = self.perm.flags.nv_locked;

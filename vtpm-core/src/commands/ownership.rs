@@ -21,9 +21,9 @@ impl<P: Platform> Tpm<P> {
         let enc_owner = c.r.sized32()?;
         let enc_srk = c.r.sized32()?;
         let srk_blob = KeyBlob::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
-        let auth = c.auth(0)?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
+        let auth = c.auth(0)?;
         if self.perm.owner.is_some() {
             return Err(TPM_OWNER_SET);
         }
@@ -32,6 +32,9 @@ impl<P: Platform> Tpm<P> {
         }
         if protocol != PID_OWNER {
             return Err(TPM_BAD_PARAMETER);
+        }
+        if self.vol.sessions.get(auth.handle).is_none() {
+            return Err(TPM_INVALID_AUTHHANDLE);
         }
         let ek = self.perm.ek.clone().ok_or(TPM_NO_ENDORSEMENT)?;
         let owner_auth = self.decrypt_secret(&ek, enc_owner)?;
@@ -89,7 +92,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_OwnerClear: the owner removes itself.
     pub(crate) fn cmd_owner_clear(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let secret = self.owner_auth()?;
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;
@@ -104,7 +107,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_ForceClear: the same, by physical presence.
     pub(crate) fn cmd_force_clear(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if !self.physical_presence() {
             return Err(TPM_BAD_PRESENCE);

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_pcr_read(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let index = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let v = self.vol.pcrs.get(index)?;
         let mut out = Vec::with_capacity(20);
@@ -23,7 +23,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_extend(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let index = c.r.u32()?;
         let digest = c.r.digest()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let v = self.vol.pcrs.extend(c.locality, index, &digest)?;
         let mut out = Vec::with_capacity(20);
@@ -37,7 +37,7 @@ impl<P: Platform> Tpm<P> {
 
     pub(crate) fn cmd_pcr_reset(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let sel = PcrSelection::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         self.vol.pcrs.reset(c.locality, &sel)?;
         Ok(Vec::new())

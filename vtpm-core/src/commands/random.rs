@@ -13,7 +13,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_GetRandom: as many bytes as asked, up to what a response holds.
     pub(crate) fn cmd_get_random(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let n = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let n = usize::try_from(n).unwrap_or(MAX_RANDOM).min(MAX_RANDOM);
         let mut out = alloc::vec![0u8; n.saturating_add(4)];
@@ -26,7 +26,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_StirRandom: mixes caller data and fresh platform entropy in.
     pub(crate) fn cmd_stir_random(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let data = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let mut fresh = [0u8; 32];
         self.platform.fill_random(&mut fresh);
@@ -38,7 +38,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_GetTicks: TPM_CURRENT_TICKS with one tick per microsecond since
     /// TPM_Init, and the tick nonce of this power cycle.
     pub(crate) fn cmd_get_ticks(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let now = self.platform.ticks_us();
         let mut out = Vec::with_capacity(32);

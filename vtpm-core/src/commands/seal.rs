@@ -84,9 +84,9 @@ impl<P: Platform> Tpm<P> {
         let enc_auth = c.r.digest()?;
         let pcr_info = c.r.sized32()?;
         let data = c.r.sized32()?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
-        let auth = c.auth(0)?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
+        let auth = c.auth(0)?;
         if self.key(handle)?.public.usage != KEY_STORAGE {
             return Err(TPM_INVALID_KEYUSAGE);
         }
@@ -129,7 +129,7 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_unseal(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let stored = StoredData::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
         c.done()?;
         let k = self.key(handle)?;
         if k.public.usage != KEY_STORAGE {
@@ -193,7 +193,7 @@ impl<P: Platform> Tpm<P> {
         let handle = c.r.u32()?;
         let external = c.r.digest()?;
         let sel = PcrSelection::read(&mut c.r)?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let v = self.key_auth(c, 0, handle, 4, true)?;
         self.check_quote_key(handle, c.locality)?;
@@ -214,7 +214,7 @@ impl<P: Platform> Tpm<P> {
         let external = c.r.digest()?;
         let sel = PcrSelection::read(&mut c.r)?;
         let add_version = c.r.bool()?;
-        c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let v = self.key_auth(c, 0, handle, 4, true)?;
         self.check_quote_key(handle, c.locality)?;

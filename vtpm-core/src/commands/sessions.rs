@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_oiap(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let s = self.vol.sessions.open(Kind::Oiap, &mut self.drbg)?;
         let mut out = Vec::with_capacity(24);
@@ -26,13 +26,14 @@ impl<P: Platform> Tpm<P> {
         let entity_type = c.r.u16()?;
         let entity_value = c.r.u32()?;
         let nonce_odd_osap = c.r.digest()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
-        c.done()?;
+        // libtpms resolves the entity before it looks at the tag.
         // The high byte selects the ADIP scheme; only XOR is implemented.
         if entity_type >> 8 != 0 {
             return Err(TPM_INAPPROPRIATE_ENC);
         }
         let (entity, secret) = self.entity_secret(entity_type, entity_value)?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
+        c.done()?;
         if self.vol.sessions.free() == 0 {
             return Err(TPM_RESOURCES);
         }
@@ -64,8 +65,8 @@ impl<P: Platform> Tpm<P> {
     }
 
     fn key_entity(&self, handle: u32) -> TpmResult<(Entity, Secret)> {
+        let o = self.perm.owner.as_ref().ok_or(TPM_NOSRK)?;
         if handle == KH_SRK {
-            let o = self.perm.owner.as_ref().ok_or(TPM_NOSRK)?;
             return Ok((Entity::Srk, o.srk.usage_auth.clone()));
         }
         let k = self.vol.keys.get(handle).ok_or(TPM_INVALID_KEYHANDLE)?;
@@ -76,17 +77,16 @@ impl<P: Platform> Tpm<P> {
     pub(crate) fn cmd_flush_specific(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let rt = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         match rt {
-            RT_KEY => self.evict(handle)?,
+            RT_KEY => self.evict(handle).map_err(|_| TPM_BAD_PARAMETER)?,
             RT_AUTH => {
                 if !self.vol.sessions.terminate(handle) {
                     return Err(TPM_INVALID_AUTHHANDLE);
                 }
             }
             // Transport, context, counter, DAA: none exist here.
-            3..=8 => return Err(TPM_INVALID_RESOURCE),
             _ => return Err(TPM_INVALID_RESOURCE),
         }
         Ok(Vec::new())
@@ -95,7 +95,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_Terminate_Handle (deprecated in 1.2, still sent by old stacks).
     pub(crate) fn cmd_terminate_handle(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if !self.vol.sessions.terminate(handle) {
             return Err(TPM_INVALID_AUTHHANDLE);

@@ -16,7 +16,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_Startup (Part 3, 3.2).
     pub(crate) fn cmd_startup(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let st = c.r.u16()?;
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if self.mode != Mode::PostInit {
             return Err(TPM_INVALID_POSTINIT);
@@ -82,7 +82,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_SaveState (Part 3, 3.3).
     pub(crate) fn cmd_save_state(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let keys = self
             .vol
@@ -119,7 +119,7 @@ impl<P: Platform> Tpm<P> {
     /// TPM_SelfTestFull and TPM_ContinueSelfTest: both run the full test
     /// at once (there is no background test to wait for).
     pub(crate) fn cmd_self_test(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         if !self.self_test() {
             self.mode = Mode::Failed;
@@ -155,7 +155,7 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_GetTestResult: a vendor-specific text.
     pub(crate) fn cmd_get_test_result(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
-        c.tag_in(&[TAG_RQU_COMMAND])?;
+        self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
         let mut out = Vec::new();
         if self.mode == Mode::Failed {

@@ -182,7 +182,22 @@ fn define_space_error_codes_match_libtpms() {
 
 #[test]
 fn auth_attributes_conflict_with_the_wrong_command() {
+    // Without an owner the ...Auth commands answer TPM_NOSRK (libtpms).
     let mut t = started();
+    assert_eq!(define_noauth(&mut t, 0x1000, NV_PER_AUTHWRITE, 16), 0);
+    let mut s = oiap(&mut t);
+    let params = Cmd::new(0).u32(0x1000).u32(0).sized(b"hi").body;
+    let r = run_authed(
+        &mut t,
+        0,
+        ORD_NV_WRITE_VALUE_AUTH,
+        &[],
+        &params,
+        &mut [(&mut s, NV_AUTH, true)],
+        0,
+    );
+    assert_eq!(r, Err(TPM_NOSRK));
+    let mut t = owned();
     assert_eq!(
         define_noauth(&mut t, 0x1000, NV_PER_AUTHREAD | NV_PER_AUTHWRITE, 16),
         0

@@ -404,3 +404,106 @@ fn make_and_activate_identity() {
     );
     assert_eq!(r, Err(TPM_AUTH2FAIL));
 }
+
+#[test]
+fn activate_identity_with_ek_blob_activate_checks_pcrs() {
+    let mut t = owned();
+    let id_auth = [0x1D; 20];
+    let tmpl = template(
+        KEY_IDENTITY,
+        ES_NONE,
+        SS_RSASSAPKCS1V15_SHA1,
+        0,
+        AUTH_ALWAYS,
+        &[],
+    );
+    let mut srk = oiap(&mut t);
+    let mut own = osap(&mut t, ET_OWNER, KH_OWNER, &OWNER);
+    let params = [&own.adip(&id_auth)[..], &[0; 20], &tmpl].concat();
+    let out = run_authed(
+        &mut t,
+        0,
+        ORD_MAKE_IDENTITY,
+        &[],
+        &params,
+        &mut [(&mut srk, SRK_AUTH, false), (&mut own, OWNER, false)],
+        0,
+    )
+    .unwrap();
+    let mut r = crate::marshal::Reader::new(&out);
+    let idkey = crate::key::KeyBlob::read(&mut r).unwrap();
+    let blob_len = out.len() - 4 - r.sized32().unwrap().len();
+    let h = load_key2(&mut t, KH_SRK, &SRK_AUTH, &out[..blob_len]).unwrap();
+    let mut o = oiap(&mut t);
+    let ek = run_authed(
+        &mut t,
+        0,
+        ORD_OWNER_READ_INTERNAL_PUB,
+        &[],
+        &KH_EK.to_be_bytes(),
+        &mut [(&mut o, OWNER, false)],
+        0,
+    )
+    .unwrap()[28..]
+        .to_vec();
+    let sym = Cmd::new(0).u32(6).u16(0xFF).u16(16).raw(&[0xCD; 16]).body;
+    let id_digest = digest_of(&idkey.public.pubkey_bytes());
+    // TPM_EK_BLOB { TPM_EK_BLOB_ACTIVATE { sessionKey, idDigest, PCR_INFO_SHORT(PCR 10, locality 0) } }
+    let activate = |pcr_digest: [u8; 20]| {
+        let short = [&[0u8, 3, 0, 4, 0, 1][..], &pcr_digest].concat();
+        let inner = [&[0u8, 0x2B][..], &sym, &id_digest, &short].concat();
+        Cmd::new(0).u16(0x000C).u16(1).sized(&inner).body
+    };
+    let composite = [
+        &[0u8, 3, 0, 4, 0][..],
+        &20u32.to_be_bytes(),
+        &t.pcr(10).unwrap(),
+    ]
+    .concat();
+    let run = |t: &mut T, plain: &[u8]| {
+        let blob = crate::crypto::oaep_encrypt(&mut t.drbg, &ek, plain).unwrap();
+        let mut k = oiap(t);
+        let mut o = oiap(t);
+        let params = Cmd::new(0).sized(&blob).body;
+        run_authed(
+            t,
+            0,
+            ORD_ACTIVATE_IDENTITY,
+            &h.to_be_bytes(),
+            &params,
+            &mut [(&mut k, id_auth, false), (&mut o, OWNER, false)],
+            0,
+        )
+    };
+    assert_eq!(run(&mut t, &activate(digest_of(&composite))).unwrap(), sym);
+    assert_eq!(run(&mut t, &activate([0; 20])), Err(TPM_WRONGPCRVAL));
+    // Wrong identity key secret: the first session fails.
+    let blob = crate::crypto::oaep_encrypt(&mut t.drbg, &ek, &activate([0; 20])).unwrap();
+    let mut k = oiap(&mut t);
+    let mut o = oiap(&mut t);
+    let params = Cmd::new(0).sized(&blob).body;
+    let r = run_authed(
+        &mut t,
+        0,
+        ORD_ACTIVATE_IDENTITY,
+        &h.to_be_bytes(),
+        &params,
+        &mut [(&mut k, [0; 20], false), (&mut o, OWNER, false)],
+        0,
+    );
+    assert_eq!(r, Err(TPM_AUTHFAIL));
+    // A signing key is no identity.
+    let sh = load_key2(&mut t, KH_SRK, &SRK_AUTH, &cached_key(KEY_SIGNING)).unwrap();
+    let mut k = oiap(&mut t);
+    let mut o = oiap(&mut t);
+    let r = run_authed(
+        &mut t,
+        0,
+        ORD_ACTIVATE_IDENTITY,
+        &sh.to_be_bytes(),
+        &params,
+        &mut [(&mut k, KEY_AUTH, false), (&mut o, OWNER, false)],
+        0,
+    );
+    assert_eq!(r, Err(TPM_BAD_PARAMETER));
+}
