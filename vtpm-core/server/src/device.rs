@@ -244,15 +244,18 @@ impl<E: Engine> Device<E> {
             // A data fd can only travel over a Unix socket; over TCP there is
             // none in the message, which swtpm answers as bad input.
             Request::SetDataFd => ctrl::result_only(rc::BAD_PARAMETER),
+            Request::CancelTpmCmd if !self.running => not_running,
+            // Commands run to completion under the device lock: by the time
+            // a cancel is read there is nothing left to cancel. swtpm gives
+            // the same answer.
+            Request::CancelTpmCmd => ctrl::result_only(rc::FAIL),
             // Not offered (see CAPABILITIES): DRTM hashing needs an engine
-            // entry point for the locality-4 PCR 17 sequence, volatile
-            // state is not exposed by the engine, and commands run to
-            // completion so there is nothing to cancel.
+            // entry point for the locality-4 PCR 17-22 sequence, and the
+            // engine does not expose its volatile state.
             Request::HashStart
             | Request::HashData
             | Request::HashEnd
             | Request::StoreVolatile
-            | Request::CancelTpmCmd
             | Request::Unknown(_) => ctrl::result_only(rc::BAD_ORDINAL),
         };
         (answer, After::Continue)

@@ -534,7 +534,7 @@ fn differential(start: Start, scenario: fn(&mut Client<'_>)) {
 fn reference_linux_boot_set() {
     let mut a = Swtpm::start(Start::NeedsStartup);
     let mut b = Swtpm::start(Start::NeedsStartup);
-    let (ta_ctrl, tb_ctrl) = (a.tpm.control_addr, b.tpm.control_addr);
+    let (ta_ctrl, tb_ctrl) = (a.control_addr(), b.control_addr());
     let ta = run(&mut a, &mut |c| {
         linux_boot(c, &mut || assert_eq!(init(ta_ctrl), 0))
     });
@@ -547,7 +547,7 @@ fn reference_linux_boot_set() {
 #[test]
 fn differential_linux_boot_set() {
     let mut reference = Swtpm::start(Start::NeedsStartup);
-    let ctrl = reference.tpm.control_addr;
+    let ctrl = reference.control_addr();
     let expected = run(&mut reference, &mut |c| {
         linux_boot(c, &mut || assert_eq!(init(ctrl), 0))
     });

@@ -174,39 +174,66 @@ pub fn require_tool(program: &str, package: &str) -> PathBuf {
     panic!("`{program}` is not installed: this test needs the Debian package `{package}` (apt-get install {package})");
 }
 
-/// A running `swtpm socket` (libtpms TPM 1.2), the reference.
-pub struct Swtpm {
+/// A program that serves swtpm's socket interface with swtpm's options:
+/// swtpm itself, or the vtpm-server binary, which accepts the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    Swtpm,
+    VtpmServer,
+}
+
+impl Program {
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::Swtpm => "swtpm",
+            Program::VtpmServer => "vtpm-server",
+        }
+    }
+
+    fn path(self) -> PathBuf {
+        match self {
+            Program::Swtpm => require_tool("swtpm", "swtpm"),
+            Program::VtpmServer => PathBuf::from(env!("CARGO_BIN_EXE_vtpm-server")),
+        }
+    }
+}
+
+/// A TPM server running as a child process.
+pub struct ServerProcess {
+    pub program: Program,
     pub tpm: TcpTpm,
     child: Child,
     _state: Option<TempDir>,
     pub state_dir: PathBuf,
 }
 
-impl Swtpm {
-    /// A manufactured swtpm: its state has an EK, as vtpm-core's has from
-    /// `manufacture`, so the two start from the same point.
-    pub fn start(start: Start) -> Swtpm {
-        let dir = TempDir::new("swtpm");
-        let state_dir = dir.path().to_path_buf();
-        let template = manufactured_template();
-        std::fs::copy(
-            template.join("tpm-00.permall"),
-            state_dir.join("tpm-00.permall"),
-        )
-        .unwrap();
-        Self::start_in(state_dir, Some(dir), start)
+impl ServerProcess {
+    /// Starts `program` on `state_dir` on free ports. A swtpm state
+    /// directory without state is first given a manufactured one (an EK).
+    pub fn start_in_dir(program: Program, state_dir: &Path, start: Start) -> ServerProcess {
+        Self::start_in(program, state_dir.to_path_buf(), None, start)
     }
 
-    /// Starts swtpm on an existing state directory (kept on drop).
-    pub fn start_in_dir(state_dir: &Path, start: Start) -> Swtpm {
-        Self::start_in(state_dir.to_path_buf(), None, start)
-    }
-
-    fn start_in(state_dir: PathBuf, owned: Option<TempDir>, start: Start) -> Swtpm {
-        let swtpm = require_tool("swtpm", "swtpm");
+    fn start_in(
+        program: Program,
+        state_dir: PathBuf,
+        owned: Option<TempDir>,
+        start: Start,
+    ) -> ServerProcess {
+        let exe = program.path();
+        if program == Program::Swtpm && !state_dir.join("tpm-00.permall").exists() {
+            let template = manufactured_template();
+            std::fs::create_dir_all(&state_dir).unwrap();
+            std::fs::copy(
+                template.join("tpm-00.permall"),
+                state_dir.join("tpm-00.permall"),
+            )
+            .unwrap();
+        }
+        let mut last_err = String::new();
         for _attempt in 0..5 {
             let (cmd_port, ctrl_port) = (free_port(), free_port());
-            let mut child = Command::new(&swtpm)
+            let mut child = Command::new(&exe)
                 .arg("socket")
                 .arg("--tpmstate")
                 .arg(format!("dir={}", state_dir.display()))
@@ -220,36 +247,90 @@ impl Swtpm {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .expect("spawn swtpm");
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", exe.display()));
             let ctrl: SocketAddr = ([127, 0, 0, 1], ctrl_port).into();
             let cmd: SocketAddr = ([127, 0, 0, 1], cmd_port).into();
             if wait_listening(&mut child, &[ctrl, cmd]) {
-                return Swtpm {
-                    tpm: TcpTpm::new("swtpm", cmd, ctrl),
+                let tpm = TcpTpm::new(program.name(), cmd, ctrl);
+                return ServerProcess {
+                    program,
+                    tpm,
                     child,
                     _state: owned,
                     state_dir,
                 };
             }
             let _ = child.kill();
-            let _ = child.wait();
+            let out = child.wait_with_output().expect("wait for server");
+            last_err = String::from_utf8_lossy(&out.stderr).into_owned();
+            // Only a port taken in the meantime is worth another try.
+            if !last_err.to_lowercase().contains("in use") {
+                break;
+            }
         }
-        panic!("swtpm did not start on free ports after 5 attempts");
+        panic!(
+            "{} did not start; its error output:\n{last_err}",
+            program.name()
+        );
     }
 
-    /// Shuts swtpm down through its control port (state is saved).
+    /// Shuts the server down through its control port (state is saved).
     pub fn stop(mut self) {
-        self.tpm.shutdown();
-        let _ = self.child.wait();
+        assert_eq!(
+            self.tpm.shutdown(),
+            0,
+            "{}: CMD_SHUTDOWN",
+            self.program.name()
+        );
+        let status = self.child.wait().expect("wait for server");
+        assert!(
+            status.success(),
+            "{} exited with {status}",
+            self.program.name()
+        );
     }
 }
 
-impl Drop for Swtpm {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A running `swtpm socket` (libtpms TPM 1.2), the reference.
+pub struct Swtpm(pub ServerProcess);
+
+impl Swtpm {
+    /// A manufactured swtpm: its state has an EK, as vtpm-core's has from
+    /// `manufacture`, so the two start from the same point.
+    pub fn start(start: Start) -> Swtpm {
+        let dir = TempDir::new("swtpm");
+        let state_dir = dir.path().to_path_buf();
+        Swtpm(ServerProcess::start_in(
+            Program::Swtpm,
+            state_dir,
+            Some(dir),
+            start,
+        ))
+    }
+
+    pub fn control_addr(&self) -> SocketAddr {
+        self.0.tpm.control_addr
+    }
+}
+
+impl Transport for Swtpm {
+    fn name(&self) -> &str {
+        "swtpm"
+    }
+    fn transmit(&mut self, command: &[u8]) -> Vec<u8> {
+        self.0.tpm.transmit(command)
+    }
+    fn set_locality(&mut self, locality: u8) {
+        self.0.tpm.set_locality(locality)
     }
 }
 
@@ -296,18 +377,6 @@ pub fn wait_listening(child: &mut Child, addrs: &[SocketAddr]) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Transport for Swtpm {
-    fn name(&self) -> &str {
-        "swtpm"
-    }
-    fn transmit(&mut self, command: &[u8]) -> Vec<u8> {
-        self.tpm.transmit(command)
-    }
-    fn set_locality(&mut self, locality: u8) {
-        self.tpm.set_locality(locality)
     }
 }
 
