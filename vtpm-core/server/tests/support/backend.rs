@@ -5,19 +5,12 @@
 
 #![allow(dead_code)]
 
+pub use super::client::Transport;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Something that runs TPM 1.2 commands.
-pub trait Transport {
-    fn name(&self) -> &str;
-    fn transmit(&mut self, command: &[u8]) -> Vec<u8>;
-    /// The locality of the following commands (swtpm's CMD_SET_LOCALITY).
-    fn set_locality(&mut self, locality: u8);
-}
 
 /// A temporary directory removed on drop.
 pub struct TempDir(PathBuf);

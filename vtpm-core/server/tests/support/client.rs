@@ -3,8 +3,15 @@
 
 #![allow(dead_code)]
 
-use super::backend::Transport;
 use super::tpm12::*;
+
+/// Something that runs TPM 1.2 commands.
+pub trait Transport {
+    fn name(&self) -> &str;
+    fn transmit(&mut self, command: &[u8]) -> Vec<u8>;
+    /// The locality of the following commands (swtpm's CMD_SET_LOCALITY).
+    fn set_locality(&mut self, locality: u8);
+}
 
 /// How a step's responses from two TPMs must relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +34,8 @@ pub struct Client<'t> {
     pub tpm: &'t mut dyn Transport,
     pub nonces: Nonces,
     pub log: Vec<Step>,
+    /// Keep the transcript (off for benchmarks, where it would only grow).
+    pub record: bool,
 }
 
 /// The outcome of a command: its output parameters, or its return code.
@@ -38,6 +47,7 @@ impl<'t> Client<'t> {
             tpm,
             nonces: Nonces::new(0x5eed),
             log: Vec::new(),
+            record: true,
         }
     }
 
