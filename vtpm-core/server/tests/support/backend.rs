@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long a TPM may stay silent before the test gives up on it: a safety
+/// net against a server that never answers (which would hang the test run),
+/// far above the slowest command (RSA key generation).
+const NO_ANSWER: Duration = Duration::from_secs(120);
+
 /// A temporary directory removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -48,6 +53,7 @@ pub fn free_port() -> u16 {
 /// One request on the control channel; returns the raw answer of `reply_len` bytes.
 pub fn control(addr: SocketAddr, code: u32, body: &[u8], reply_len: usize) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("control port {addr}: {e}"));
+    s.set_read_timeout(Some(NO_ANSWER)).unwrap();
     let mut msg = code.to_be_bytes().to_vec();
     msg.extend_from_slice(body);
     s.write_all(&msg).unwrap();
@@ -82,6 +88,7 @@ impl TcpTpm {
         let s = self.stream.get_or_insert_with(|| {
             let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("command port {addr}: {e}"));
             s.set_nodelay(true).unwrap();
+            s.set_read_timeout(Some(NO_ANSWER)).unwrap();
             s
         });
         s.write_all(bytes).unwrap();

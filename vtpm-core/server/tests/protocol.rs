@@ -1,14 +1,16 @@
-//! The control channel as swtpm's own client, `swtpm_ioctl`, sees it, and
-//! byte-for-byte against swtpm's answers to the same requests.
+//! The swtpm socket protocol as clients see it: the control channel driven
+//! by swtpm's own client `swtpm_ioctl` and compared byte for byte with
+//! swtpm's answers, and the command channel's framing.
 //!
-//! Most of these tests serve a stand-in engine: the control channel's
-//! behaviour (power, locality, state blobs, shutdown) does not depend on what
+//! Most of these tests serve a stand-in engine: the protocol's behaviour
+//! (power, locality, state blobs, shutdown, framing) does not depend on what
 //! the TPM computes, so they hold before vtpm-core has its commands. The last
 //! test runs the real vtpm-server binary.
 
 mod support;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 
 use support::backend::{control, require_tool, Program, ServerProcess, Start, Swtpm, TempDir};
@@ -17,7 +19,8 @@ use vtpm_server::engine::Engine;
 use vtpm_server::server::{Config, Server};
 
 /// A stand-in TPM for exercising the transport: it answers every command
-/// with TPM_BAD_ORDINAL and keeps a permanent blob that changes when told.
+/// with success and the command's own bytes as output, so that the framing
+/// can be checked, and keeps a permanent blob.
 struct StandIn {
     permanent: Vec<u8>,
     dirty: bool,
@@ -54,8 +57,12 @@ impl Engine for StandIn {
         Err("the stand-in keeps no saved state".into())
     }
     fn power_on(&mut self) {}
-    fn execute(&mut self, _: u8, _: &[u8]) -> Vec<u8> {
-        vec![0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0x0a]
+    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+        let mut r = vec![0x00, 0xc4];
+        r.extend_from_slice(&(11 + command.len() as u32).to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0, locality]);
+        r.extend_from_slice(command);
+        r
     }
 }
 
@@ -137,12 +144,14 @@ fn swtpm_ioctl_drives_the_control_channel() {
 
     ioctl_ok(ctrl, &["-i"]);
     // Now commands reach the engine.
-    assert_eq!(
-        tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[9],
-        0x0a
-    );
+    assert_eq!(tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[9], 0);
     assert!(ioctl_ok(ctrl, &["-e"]).contains("tpmEstablished is 0"));
     ioctl_ok(ctrl, &["-l", "3"]);
+    assert_eq!(
+        tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[10],
+        3,
+        "locality reaches the engine"
+    );
     ioctl_ok(ctrl, &["-r", "3"]);
     assert!(ioctl_err(ctrl, &["-r", "1"]).contains("0x3d"));
     assert!(ioctl_ok(ctrl, &["-g"]).contains("ptm configuration flags: 0x0"));
@@ -260,4 +269,85 @@ fn swtpm_ioctl_against_the_vtpm_server_binary() {
     );
     assert!(ioctl_ok(ctrl, &["--info", "2"]).contains("vtpm-core"));
     server.stop();
+}
+
+fn echo_of(resp: &[u8]) -> &[u8] {
+    &resp[11..]
+}
+
+#[test]
+fn commands_are_framed_by_their_size_field() {
+    let s = serve_stand_in(Flags {
+        not_need_init: true,
+        startup_clear: false,
+    });
+    let pcr_read = [0x00, 0xc1, 0, 0, 0, 0x0e, 0, 0, 0, 0x15, 0, 0, 0, 0x0a];
+
+    // Several commands on one connection, then on another.
+    let mut tpm = support::backend::TcpTpm::new("stand-in", s.command, s.control);
+    for _ in 0..3 {
+        assert_eq!(echo_of(&tpm.raw(&pcr_read)), pcr_read);
+    }
+    tpm.disconnect();
+    assert_eq!(echo_of(&tpm.raw(&pcr_read)), pcr_read);
+    tpm.disconnect();
+
+    // A command split across TCP segments is put back together.
+    let mut raw = TcpStream::connect(s.command).unwrap();
+    raw.set_nodelay(true).unwrap();
+    raw.write_all(&pcr_read[..4]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    raw.write_all(&pcr_read[4..12]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    raw.write_all(&pcr_read[12..]).unwrap();
+    assert_eq!(echo_of(&read_response(&mut raw)), pcr_read);
+
+    // A size field that promises more than comes: the engine gets what came
+    // (and answers it as malformed), as swtpm passes on what it read.
+    let liar = [0x00, 0xc1, 0, 0, 0, 0x20, 0, 0, 0, 0x99, 0, 1];
+    raw.write_all(&liar).unwrap();
+    assert_eq!(echo_of(&read_response(&mut raw)), liar);
+    // A size field beyond any command is handed over at once.
+    let huge = [0x00, 0xc1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x15];
+    raw.write_all(&huge).unwrap();
+    assert_eq!(echo_of(&read_response(&mut raw)), huge);
+    drop(raw);
+
+    assert_eq!(control(s.control, 3, &[], 4), [0; 4]);
+    s.thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn shutdown_ends_a_connected_command_client() {
+    let s = serve_stand_in(Flags {
+        not_need_init: true,
+        startup_clear: false,
+    });
+    // A client (tcsd, say) holding the command connection open must not
+    // keep the server from shutting down.
+    let mut idle = TcpStream::connect(s.command).unwrap();
+    idle.write_all(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])
+        .unwrap();
+    read_response(&mut idle);
+    assert_eq!(control(s.control, 3, &[], 4), [0; 4]);
+    s.thread
+        .join()
+        .unwrap()
+        .expect("server stopped with a client connected");
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(0),
+        0,
+        "the command connection is closed"
+    );
+}
+
+fn read_response(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).unwrap();
+    let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
+    let mut r = head.to_vec();
+    r.resize(size, 0);
+    s.read_exact(&mut r[10..]).unwrap();
+    r
 }
