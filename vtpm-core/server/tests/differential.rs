@@ -12,7 +12,7 @@
 
 mod support;
 
-use support::backend::{Start, Swtpm, Transport, Vtpm};
+use support::backend::{Program, ServerProcess, Start, Swtpm, Transport, Vtpm};
 use support::client::{compare, Client, Kind, Step};
 use support::tpm12::*;
 
@@ -606,4 +606,81 @@ fn reference_trousers_flow() {
 #[test]
 fn differential_trousers_flow() {
     differential(Start::StartupClear, trousers);
+}
+
+/// TPM_SaveState, the TPM process stopped and started again on the same
+/// state directory (a host suspending a guest to disk), then
+/// Startup(ST_STATE): the PCRs come back, and the saved state is consumed,
+/// so a second Startup(ST_STATE) after another restart is refused. Returns
+/// the transcript of all three runs.
+fn suspend_to_disk(program: Program) -> Vec<Step> {
+    let dir = support::backend::TempDir::new("suspend");
+    let state = dir.path().join("state");
+    let name = program.name();
+    let mut log = Vec::new();
+
+    let mut tpm = ServerProcess::start_in_dir(program, &state, Start::StartupClear);
+    let mut c = Client::new(&mut tpm.tpm);
+    let measured = c.extend(10, &sha1(&[b"before suspend"])).expect("Extend");
+    c.extend(16, &sha1(&[b"debug PCR"])).expect("Extend");
+    let r = c.raw(
+        "SaveState",
+        Kind::Exact,
+        Cmd::new(tag::RQU_COMMAND, ord::SAVE_STATE).finish(),
+    );
+    assert_eq!(header(&r).rc, rc::SUCCESS, "{name}: SaveState");
+    log.append(&mut c.log);
+    tpm.stop();
+
+    let mut tpm = ServerProcess::start_in_dir(program, &state, Start::NeedsStartup);
+    let mut c = Client::new(&mut tpm.tpm);
+    assert_eq!(
+        c.startup(2),
+        rc::SUCCESS,
+        "{name}: Startup(ST_STATE) after a restart"
+    );
+    assert_eq!(
+        c.pcr_read(10),
+        Ok(measured),
+        "{name}: PCR 10 restored from the saved state"
+    );
+    c.pcr_read(16).expect("PCRRead");
+    log.append(&mut c.log);
+    tpm.stop();
+
+    let mut tpm = ServerProcess::start_in_dir(program, &state, Start::NeedsStartup);
+    let mut c = Client::new(&mut tpm.tpm);
+    assert_ne!(
+        c.startup(2),
+        rc::SUCCESS,
+        "{name}: a saved state restores once only"
+    );
+    c.startup(1);
+    log.append(&mut c.log);
+    // TPM_Init, then a clear start works whatever the failed one left.
+    assert_eq!(tpm.tpm.init(), 0, "{name}: CMD_INIT");
+    let mut c = Client::new(&mut tpm.tpm);
+    assert_eq!(
+        c.startup(1),
+        rc::SUCCESS,
+        "{name}: Startup(ST_CLEAR) after TPM_Init"
+    );
+    assert_eq!(c.pcr_read(10), Ok([0; 20]), "{name}: PCR 10 cleared");
+    log.append(&mut c.log);
+    tpm.stop();
+    log
+}
+
+#[test]
+fn reference_suspend_to_disk() {
+    let a = suspend_to_disk(Program::Swtpm);
+    let b = suspend_to_disk(Program::Swtpm);
+    compare(&a, &b, "swtpm #2");
+}
+
+#[test]
+fn differential_suspend_to_disk() {
+    let expected = suspend_to_disk(Program::Swtpm);
+    let got = suspend_to_disk(Program::VtpmServer);
+    compare(&expected, &got, "vtpm-server");
 }
