@@ -501,6 +501,338 @@ fn trousers(c: &mut Client<'_>) {
     }
 }
 
+/// The rest of Tier B that TrouSerS reaches: owner reads of internal public
+/// keys, GetCapabilityOwner, GetPubKey, UnBind of data bound with the key's
+/// public half, Quote2, ActivateIdentity, NV areas with their own secret,
+/// sessions kept open across commands (rolling nonces) and flushed, and the
+/// Tier A odds and ends (SelfTestFull, GetTestResult, StirRandom, GetTicks).
+fn tier_b_extras(c: &mut Client<'_>) {
+    let name = c.name();
+    let r = c.raw(
+        "SelfTestFull",
+        Kind::Exact,
+        Cmd::new(tag::RQU_COMMAND, ord::SELF_TEST_FULL).finish(),
+    );
+    assert_eq!(header(&r).rc, rc::SUCCESS, "{name}: SelfTestFull");
+    // The test result is vendor data: compared in shape.
+    c.raw(
+        "GetTestResult",
+        Kind::Shape,
+        Cmd::new(tag::RQU_COMMAND, ord::GET_TEST_RESULT).finish(),
+    );
+    let stir = Cmd::new(tag::RQU_COMMAND, ord::STIR_RANDOM).sized(b"host entropy");
+    c.raw("StirRandom", Kind::Exact, stir.finish());
+    let ticks = c.raw(
+        "GetTicks",
+        Kind::Shape,
+        Cmd::new(tag::RQU_COMMAND, ord::GET_TICKS).finish(),
+    );
+    assert_eq!(header(&ticks).rc, rc::SUCCESS, "{name}: GetTicks");
+    assert_eq!(
+        &ticks[10..12],
+        &[0x00, 0x14],
+        "{name}: TPM_CURRENT_TICKS tag"
+    );
+    for ordinal in [
+        ord::EXTEND,
+        ord::SEAL,
+        ord::QUOTE2,
+        ord::NV_READ_VALUE_AUTH,
+        ord::ACTIVATE_IDENTITY,
+    ] {
+        c.get_capability(Kind::Exact, cap::ORD, &ordinal.to_be_bytes())
+            .unwrap();
+    }
+
+    let ek = c.read_pubek().expect("ReadPubek");
+    let srk = c.take_ownership(&ek, &OWNER, &SRK).expect("TakeOwnership");
+
+    // The owner reads the EK and the SRK public keys.
+    let owner_read = |c: &mut Client<'_>, handle: u32| {
+        let mut s = c.oiap(&OWNER);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::OWNER_READ_INTERNAL_PUB).u32(handle);
+        let out = c.authorised(
+            "OwnerReadInternalPub",
+            Kind::Shape,
+            cmd,
+            &mut [&mut s],
+            false,
+        );
+        out.map(|o| parse_pubkey(&mut Reader::new(&o)))
+    };
+    assert_eq!(
+        owner_read(c, TPM_KH_EK).map(|k| k.modulus),
+        Ok(ek.modulus.clone()),
+        "{name}: EK via owner"
+    );
+    assert_eq!(
+        owner_read(c, TPM_KH_SRK).map(|k| k.modulus),
+        Ok(srk.modulus.clone()),
+        "{name}: SRK via owner"
+    );
+    assert!(
+        owner_read(c, 0x0100_0001).is_err(),
+        "{name}: OwnerReadInternalPub of another handle"
+    );
+    let mut s = c.oiap(&OWNER);
+    let out = c.authorised(
+        "GetCapabilityOwner",
+        Kind::Shape,
+        Cmd::new(tag::RQU_AUTH1, ord::GET_CAPABILITY_OWNER),
+        &mut [&mut s],
+        false,
+    );
+    assert_eq!(
+        out.map(|o| o.len()),
+        Ok(12),
+        "{name}: GetCapabilityOwner: version and two flag words"
+    );
+
+    // A binding key: data bound to its public half comes back through UnBind.
+    let bind_auth = sha1(&[b"bind key"]);
+    let template = key_template(TPM_KEY_BIND, TPM_ES_RSAESOAEP_SHA1_MGF1, TPM_SS_NONE);
+    let bind = c
+        .create_wrap_key(TPM_KH_SRK, &SRK, &bind_auth, &template)
+        .expect("CreateWrapKey(bind)");
+    let handle = c
+        .load_key2(TPM_KH_SRK, &SRK, &bind)
+        .expect("LoadKey2(bind)");
+    let mut s = c.oiap(&bind_auth);
+    let out = c.authorised(
+        "GetPubKey",
+        Kind::Shape,
+        Cmd::new(tag::RQU_AUTH1, ord::GET_PUB_KEY).handle(handle),
+        &mut [&mut s],
+        false,
+    );
+    let public = parse_pubkey(&mut Reader::new(&out.expect("GetPubKey")));
+    assert_eq!(
+        public.modulus, bind.modulus,
+        "{name}: GetPubKey returns the key's public half"
+    );
+    // TPM_BOUND_DATA: version 1.1.0.0, payload TPM_PT_BIND, the data.
+    let bound = oaep_tcpa(
+        &rsa_key(&public.modulus, &public.exponent),
+        &[&[1, 1, 0, 0, 2][..], b"bound secret"].concat(),
+    );
+    let mut s = c.oiap(&bind_auth);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::UNBIND)
+        .handle(handle)
+        .sized(&bound);
+    let out = c
+        .authorised("UnBind", Kind::Shape, cmd, &mut [&mut s], false)
+        .expect("UnBind");
+    assert_eq!(Reader::new(&out).sized(), b"bound secret", "{name}: UnBind");
+    let r = c.raw(
+        "EvictKey",
+        Kind::Exact,
+        Cmd::new(tag::RQU_COMMAND, ord::EVICT_KEY)
+            .u32(handle)
+            .finish(),
+    );
+    assert_eq!(header(&r).rc, rc::SUCCESS, "{name}: EvictKey");
+
+    // An AIK: Quote2 verifies, ActivateIdentity releases what was sent to it.
+    let aik_auth = sha1(&[b"aik"]);
+    let (aik, _) = c
+        .make_identity(&OWNER, &SRK, &aik_auth, &sha1(&[b"ca"]))
+        .expect("MakeIdentity");
+    let aik_handle = c.load_key2(TPM_KH_SRK, &SRK, &aik).expect("LoadKey2(AIK)");
+    let nonce = sha1(&[b"quote2 nonce"]);
+    let pcrs = [0u32, 10, 16];
+    let mut s = c.oiap(&aik_auth);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::QUOTE2)
+        .handle(aik_handle)
+        .bytes(&nonce)
+        .bytes(&pcr_selection(&pcrs))
+        .u8(0);
+    let out = c
+        .authorised("Quote2", Kind::Shape, cmd, &mut [&mut s], false)
+        .expect("Quote2");
+    let mut r = Reader::new(&out);
+    let info_short = r.bytes(2 + 3 + 1 + 20).to_vec();
+    assert!(r.sized().is_empty(), "{name}: no version info asked for");
+    let sig = r.sized().to_vec();
+    let values: Vec<Digest20> = pcrs.iter().map(|&p| c.pcr_read(p).unwrap()).collect();
+    assert_eq!(
+        &info_short[6..],
+        &sha1(&[&pcr_composite(&pcrs, &values)]),
+        "{name}: Quote2 digestAtRelease"
+    );
+    let info2 = sha1(&[&[0x00, 0x36], b"QUT2", &nonce, &info_short]);
+    verify_sha1(&rsa_key(&aik.modulus, &aik.exponent), &info2, &sig)
+        .unwrap_or_else(|e| panic!("{name}: Quote2 signature: {e}"));
+
+    let mut aik_pub = rsa_key_parms(TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
+    aik_pub.extend_from_slice(&(aik.modulus.len() as u32).to_be_bytes());
+    aik_pub.extend_from_slice(&aik.modulus);
+    let session_key = [0x5au8; 16];
+    // TPM_ASYM_CA_CONTENTS: TPM_SYMMETRIC_KEY(AES128, CTR) ‖ SHA1(AIK TPM_PUBKEY).
+    let mut contents = Vec::new();
+    contents.extend_from_slice(&6u32.to_be_bytes());
+    contents.extend_from_slice(&4u16.to_be_bytes());
+    contents.extend_from_slice(&16u16.to_be_bytes());
+    contents.extend_from_slice(&session_key);
+    contents.extend_from_slice(&sha1(&[&aik_pub]));
+    let blob = oaep_tcpa(&rsa_key(&ek.modulus, &ek.exponent), &contents);
+    let mut sk = c.oiap(&aik_auth);
+    let mut so = c.oiap(&OWNER);
+    let cmd = Cmd::new(tag::RQU_AUTH2, ord::ACTIVATE_IDENTITY)
+        .handle(aik_handle)
+        .sized(&blob);
+    let out = c
+        .authorised(
+            "ActivateIdentity",
+            Kind::Shape,
+            cmd,
+            &mut [&mut sk, &mut so],
+            false,
+        )
+        .expect("ActivateIdentity");
+    assert_eq!(
+        out,
+        contents[..24].to_vec(),
+        "{name}: ActivateIdentity returns the symmetric key"
+    );
+
+    // Sessions kept open: three commands on one OIAP session with
+    // continueAuthSession set, the nonces rolling (each answer is verified
+    // with the previous nonceEven); the fourth closes it; it is then gone.
+    let get_pub = || Cmd::new(tag::RQU_AUTH1, ord::GET_PUB_KEY).handle(aik_handle);
+    let mut s = c.oiap(&aik_auth);
+    for (i, cont) in [true, true, true, false].into_iter().enumerate() {
+        c.authorised(
+            &format!("GetPubKey #{i} on one session"),
+            Kind::Shape,
+            get_pub(),
+            &mut [&mut s],
+            cont,
+        )
+        .unwrap_or_else(|rc| panic!("{name}: command {i} on a continued session: rc {rc:#x}"));
+    }
+    let closed = c.authorised(
+        "GetPubKey on a closed session",
+        Kind::Shape,
+        get_pub(),
+        &mut [&mut s],
+        false,
+    );
+    assert_eq!(
+        closed.err(),
+        Some(rc::INVALID_AUTHHANDLE),
+        "{name}: a session closed by continueAuthSession=FALSE"
+    );
+    // A refused command ends its session whatever it asked for: an
+    // identity key does not Sign.
+    let mut s = c.oiap(&aik_auth);
+    let sign = Cmd::new(tag::RQU_AUTH1, ord::SIGN)
+        .handle(aik_handle)
+        .sized(&sha1(&[b"x"]));
+    let refused = c.authorised("Sign with an AIK", Kind::Shape, sign, &mut [&mut s], true);
+    assert_eq!(
+        refused.err(),
+        Some(rc::INVALID_KEYUSAGE),
+        "{name}: Sign with an identity key"
+    );
+    let after = c.authorised(
+        "GetPubKey after a refusal",
+        Kind::Shape,
+        get_pub(),
+        &mut [&mut s],
+        true,
+    );
+    assert_eq!(
+        after.err(),
+        Some(rc::INVALID_AUTHHANDLE),
+        "{name}: the session died with the refused command"
+    );
+    // A session flushed explicitly.
+    let mut s = c.oiap(&aik_auth);
+    c.authorised(
+        "GetPubKey before flushing",
+        Kind::Shape,
+        get_pub(),
+        &mut [&mut s],
+        true,
+    )
+    .expect("GetPubKey");
+    let flush = Cmd::new(tag::RQU_COMMAND, ord::FLUSH_SPECIFIC)
+        .u32(s.handle)
+        .u32(2);
+    let r = c.raw("FlushSpecific(auth session)", Kind::Exact, flush.finish());
+    assert_eq!(header(&r).rc, rc::SUCCESS, "{name}: flush an open session");
+    let flushed = c.authorised(
+        "GetPubKey on a flushed session",
+        Kind::Shape,
+        get_pub(),
+        &mut [&mut s],
+        false,
+    );
+    assert_eq!(
+        flushed.err(),
+        Some(rc::INVALID_AUTHHANDLE),
+        "{name}: a flushed session"
+    );
+    let flush = Cmd::new(tag::RQU_COMMAND, ord::FLUSH_SPECIFIC)
+        .u32(s.handle)
+        .u32(2);
+    c.raw(
+        "FlushSpecific(flushed session)",
+        Kind::Exact,
+        flush.finish(),
+    );
+    // Key handles are the TPM's choice: the list is compared in size.
+    c.get_capability(Kind::Shape, cap::KEY_HANDLE, &[]).unwrap();
+
+    // An NV area with its own secret.
+    let area = sha1(&[b"nv area secret"]);
+    let index = 0x0001_1200;
+    let perms = TPM_NV_PER_AUTHWRITE | TPM_NV_PER_AUTHREAD;
+    assert_eq!(
+        c.nv_define_with_auth(&OWNER, index, perms, 16, &area),
+        rc::SUCCESS,
+        "{name}: NV define (auth)"
+    );
+    let mut s = c.oiap(&area);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_WRITE_VALUE_AUTH)
+        .u32(index)
+        .u32(4)
+        .sized(b"area");
+    c.authorised("NV_WriteValueAuth", Kind::Shape, cmd, &mut [&mut s], false)
+        .expect("NV_WriteValueAuth");
+    let mut s = c.oiap(&area);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_READ_VALUE_AUTH)
+        .u32(index)
+        .u32(0)
+        .u32(8);
+    let out = c
+        .authorised("NV_ReadValueAuth", Kind::Shape, cmd, &mut [&mut s], false)
+        .expect("NV_ReadValueAuth");
+    assert_eq!(
+        Reader::new(&out).sized(),
+        &[0xff, 0xff, 0xff, 0xff, b'a', b'r', b'e', b'a'],
+        "{name}: NV read (unwritten bytes are FF)"
+    );
+    let mut s = c.oiap(&sha1(&[b"wrong"]));
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_READ_VALUE_AUTH)
+        .u32(index)
+        .u32(0)
+        .u32(8);
+    assert_eq!(
+        c.authorised(
+            "NV_ReadValueAuth (wrong secret)",
+            Kind::Shape,
+            cmd,
+            &mut [&mut s],
+            false
+        )
+        .err(),
+        Some(rc::AUTHFAIL)
+    );
+    c.get_capability(Kind::Exact, cap::NV_INDEX, &index.to_be_bytes())
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------
@@ -683,4 +1015,14 @@ fn differential_suspend_to_disk() {
     let expected = suspend_to_disk(Program::Swtpm);
     let got = suspend_to_disk(Program::VtpmServer);
     compare(&expected, &got, "vtpm-server");
+}
+
+#[test]
+fn reference_tier_b_extras() {
+    reference_twice(Start::StartupClear, tier_b_extras);
+}
+
+#[test]
+fn differential_tier_b_extras() {
+    differential(Start::StartupClear, tier_b_extras);
 }

@@ -439,8 +439,20 @@ impl<'t> Client<'t> {
 
     /// NV_DefineSpace authorised by the owner (size 0 releases the index).
     pub fn nv_define(&mut self, owner: &Digest20, index: u32, permissions: u32, size: u32) -> u32 {
+        self.nv_define_with_auth(owner, index, permissions, size, &WELL_KNOWN)
+    }
+
+    /// NV_DefineSpace with the area's own secret (for AUTHREAD/AUTHWRITE).
+    pub fn nv_define_with_auth(
+        &mut self,
+        owner: &Digest20,
+        index: u32,
+        permissions: u32,
+        size: u32,
+        area_auth: &Digest20,
+    ) -> u32 {
         let mut s = self.osap(TPM_ET_OWNER, TPM_KH_OWNER, owner);
-        let enc = xor_encrypt(&WELL_KNOWN, &s.shared.unwrap(), &s.nonce_even);
+        let enc = xor_encrypt(area_auth, &s.shared.unwrap(), &s.nonce_even);
         let short = {
             let mut v = pcr_selection(&[]);
             v.push(0x1f); // localityAtRelease: any

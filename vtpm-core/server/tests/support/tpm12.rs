@@ -53,6 +53,15 @@ pub mod ord {
     pub const NV_READ_VALUE: u32 = 0xcf;
     pub const GET_TICKS: u32 = 0xf1;
     pub const PHYSICAL_ENABLE: u32 = 0x6f;
+    pub const UNBIND: u32 = 0x1e;
+    pub const EVICT_KEY: u32 = 0x22;
+    pub const QUOTE2: u32 = 0x3e;
+    pub const STIR_RANDOM: u32 = 0x47;
+    pub const GET_CAPABILITY_OWNER: u32 = 0x66;
+    pub const ACTIVATE_IDENTITY: u32 = 0x7a;
+    pub const OWNER_READ_INTERNAL_PUB: u32 = 0x81;
+    pub const NV_WRITE_VALUE_AUTH: u32 = 0xce;
+    pub const NV_READ_VALUE_AUTH: u32 = 0xd0;
     pub const PHYSICAL_SET_DEACTIVATED: u32 = 0x72;
     pub const TSC_PHYSICAL_PRESENCE: u32 = 0x4000_000a;
 }
@@ -62,6 +71,8 @@ pub mod rc {
     pub const AUTHFAIL: u32 = 0x01;
     pub const AUTH2FAIL: u32 = 0x1d;
     pub const DISABLED: u32 = 0x07;
+    pub const INVALID_AUTHHANDLE: u32 = 0x22;
+    pub const INVALID_KEYUSAGE: u32 = 0x24;
     pub const BAD_PARAMETER: u32 = 0x03;
     pub const BADINDEX: u32 = 0x02;
     pub const BAD_ORDINAL: u32 = 0x0a;
@@ -98,6 +109,10 @@ pub mod cap {
 
 pub const TPM_KH_SRK: u32 = 0x4000_0000;
 pub const TPM_KH_OWNER: u32 = 0x4000_0001;
+pub const TPM_KH_EK: u32 = 0x4000_0006;
+pub const TPM_KEY_BIND: u16 = 0x0014;
+pub const TPM_NV_PER_AUTHWRITE: u32 = 0x0000_0004;
+pub const TPM_NV_PER_AUTHREAD: u32 = 0x0004_0000;
 pub const TPM_ET_KEYHANDLE: u16 = 0x0001;
 pub const TPM_ET_OWNER: u16 = 0x0002;
 pub const TPM_ET_NV: u16 = 0x000b;
