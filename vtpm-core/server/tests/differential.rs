@@ -1102,6 +1102,103 @@ fn hostile_authorised(c: &mut Client<'_>) {
     assert_eq!(c.owner_clear(&OWNER), rc::SUCCESS, "{name}: OwnerClear");
 }
 
+/// Every Tier A command cut short at every length, and with a byte too
+/// many, each with a paramSize that tells the truth about its length: the
+/// error codes of a parser walking off the end of its input.
+fn truncations(c: &mut Client<'_>) {
+    let commands: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "Extend",
+            Cmd::new(tag::RQU_COMMAND, ord::EXTEND)
+                .u32(10)
+                .bytes(&[7; 20])
+                .finish(),
+        ),
+        (
+            "PCRRead",
+            Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(10).finish(),
+        ),
+        (
+            "PCR_Reset",
+            Cmd::new(tag::RQU_COMMAND, ord::PCR_RESET)
+                .bytes(&pcr_selection(&[16]))
+                .finish(),
+        ),
+        (
+            "GetRandom",
+            Cmd::new(tag::RQU_COMMAND, ord::GET_RANDOM).u32(16).finish(),
+        ),
+        (
+            "StirRandom",
+            Cmd::new(tag::RQU_COMMAND, ord::STIR_RANDOM)
+                .sized(b"0123456789")
+                .finish(),
+        ),
+        (
+            "GetCapability(PROPERTY)",
+            Cmd::new(tag::RQU_COMMAND, ord::GET_CAPABILITY)
+                .u32(cap::PROPERTY)
+                .sized(&cap::PROP_TIS_TIMEOUT.to_be_bytes())
+                .finish(),
+        ),
+        (
+            "GetCapability(VERSION_VAL)",
+            Cmd::new(tag::RQU_COMMAND, ord::GET_CAPABILITY)
+                .u32(cap::VERSION_VAL)
+                .sized(&[])
+                .finish(),
+        ),
+        (
+            "Startup",
+            Cmd::new(tag::RQU_COMMAND, ord::STARTUP).u16(1).finish(),
+        ),
+        (
+            "OSAP",
+            Cmd::new(tag::RQU_COMMAND, ord::OSAP)
+                .u16(TPM_ET_OWNER)
+                .u32(TPM_KH_OWNER)
+                .bytes(&[3; 20])
+                .finish(),
+        ),
+        (
+            "FlushSpecific",
+            Cmd::new(tag::RQU_COMMAND, ord::FLUSH_SPECIFIC)
+                .u32(0x0200_0000)
+                .u32(2)
+                .finish(),
+        ),
+    ];
+    for (name, full) in commands {
+        for len in 10..full.len() {
+            let mut cut = full[..len].to_vec();
+            cut[2..6].copy_from_slice(&(len as u32).to_be_bytes());
+            let r = c.raw(&format!("{name} cut to {len}"), Kind::Exact, cut);
+            assert_ne!(
+                header(&r).rc,
+                rc::SUCCESS,
+                "{}: {name} cut to {len} bytes was accepted",
+                c.name()
+            );
+        }
+        let mut long = full.clone();
+        long.push(0);
+        let n = long.len() as u32;
+        long[2..6].copy_from_slice(&n.to_be_bytes());
+        let r = c.raw(&format!("{name} with a byte too many"), Kind::Exact, long);
+        assert_ne!(
+            header(&r).rc,
+            rc::SUCCESS,
+            "{}: {name} with a trailing byte was accepted",
+            c.name()
+        );
+    }
+    assert!(
+        c.pcr_read(0).is_ok(),
+        "{}: TPM unusable after truncated input",
+        c.name()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------
@@ -1333,4 +1430,14 @@ fn vtpm_refuses_nv_offset_overflow() {
         Ok(vec![0xff; 8]),
         "the area is untouched"
     );
+}
+
+#[test]
+fn reference_truncations() {
+    reference_twice(Start::StartupClear, truncations);
+}
+
+#[test]
+fn differential_truncations() {
+    differential(Start::StartupClear, truncations);
 }
