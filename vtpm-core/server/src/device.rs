@@ -86,7 +86,10 @@ impl<E: Engine> Device<E> {
         if flags.not_need_init {
             dev.init()?;
             if flags.startup_clear {
-                dev.process(&STARTUP_CLEAR);
+                let r = dev.process(&STARTUP_CLEAR);
+                if r.get(6..10) != Some(&[0, 0, 0, 0]) {
+                    eprintln!("vtpm-server: TPM_Startup(ST_CLEAR) at start was refused: {r:02x?}");
+                }
             }
         }
         Ok(dev)
