@@ -197,10 +197,8 @@ pub fn image_range() -> core::ops::Range<u64> {
         static __image_start: u8;
         static __image_end: u8;
     }
-    // SAFETY: both symbols are defined by linker.ld; only their addresses are taken.
-    unsafe {
-        (core::ptr::addr_of!(__image_start) as u64)..(core::ptr::addr_of!(__image_end) as u64)
-    }
+    // Only the addresses of the linker.ld symbols are taken.
+    (core::ptr::addr_of!(__image_start) as u64)..(core::ptr::addr_of!(__image_end) as u64)
 }
 
 /// The boot stack, for the hypervisor's fault handler to tell a stack overflow.
@@ -210,8 +208,6 @@ pub fn boot_stack() -> core::ops::Range<u64> {
         static boot_stack_bottom: u8;
         static boot_stack_top: u8;
     }
-    // SAFETY: both symbols are defined in the assembly above; only their addresses are taken.
-    unsafe {
-        (core::ptr::addr_of!(boot_stack_bottom) as u64)..(core::ptr::addr_of!(boot_stack_top) as u64)
-    }
+    // Only the addresses of the symbols defined in the assembly above are taken.
+    (core::ptr::addr_of!(boot_stack_bottom) as u64)..(core::ptr::addr_of!(boot_stack_top) as u64)
 }

@@ -1,1 +1,173 @@
+//! The CTVM hypercall ABI: the one definition of hypercall numbers, argument
+//! structures, version, capability bits and error codes, shared by the
+//! hypervisor and every guest-side agent.
+//!
+//! # Calling convention
+//! A guest executes `VMCALL` at CPL 0 with the call number in RAX and up to
+//! four arguments in RBX, RCX, RDX and RSI. The hypervisor returns a status in
+//! RAX: zero or a positive value for success, a negative [`Error`] code
+//! otherwise. Extra results come back in RBX, RCX and RDX as each call says.
+//! Guest pointers are guest-virtual addresses, translated by the hypervisor
+//! through the guest's own page tables and bounds-checked.
 #![no_std]
+
+pub mod start_info;
+
+/// ABI version: major in the high 16 bits, minor in the low 16 bits. A
+/// different major is incompatible; a higher minor only adds calls.
+pub const ABI_VERSION: u32 = abi_version(1, 0);
+
+/// Packs a major and minor version the way [`ABI_VERSION`] holds them.
+pub const fn abi_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// The 12-byte signature returned in EBX, ECX, EDX of CPUID leaf 0x40000000.
+pub const CPUID_SIGNATURE: &[u8; 12] = b"CTVMCTVMCTVM";
+/// The first hypervisor CPUID leaf: EAX gives the highest leaf.
+pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// EAX = [`ABI_VERSION`], EBX = [`Capabilities`] bits.
+pub const CPUID_LEAF_INTERFACE: u32 = 0x4000_0001;
+
+/// Hypercall numbers, passed in RAX.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// Returns 0; RBX = [`ABI_VERSION`], RCX = [`Capabilities`] bits.
+    Version = 0,
+    /// Stops the calling guest. RBX = exit code (low 32 bits are used).
+    Shutdown = 1,
+}
+
+impl Call {
+    /// Decodes a call number; `None` for numbers this ABI version lacks.
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Version),
+            1 => Some(Self::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// What the hypervisor offers this guest, returned by [`Call::Version`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    /// [`Call::Shutdown`] is available.
+    pub const SHUTDOWN: u64 = 1 << 0;
+    /// The guest has a virtual TPM at 0xFED40000.
+    pub const VTPM: u64 = 1 << 1;
+    /// The measured-launch event log can be read.
+    pub const EVENT_LOG: u64 = 1 << 2;
+    /// Run-time kernel integrity (KEPT/MEPT) calls are available.
+    pub const INTEGRITY: u64 = 1 << 3;
+
+    pub const fn contains(self, bits: u64) -> bool {
+        self.0 & bits == bits
+    }
+}
+
+/// Negative status codes returned in RAX.
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The call number is unknown.
+    UnknownCall = -1,
+    /// An argument is out of range or malformed.
+    InvalidArgument = -2,
+    /// A guest pointer does not translate, or the range crosses into memory
+    /// the guest does not own.
+    BadAddress = -3,
+    /// The call is not allowed from this guest, privilege level or state.
+    NotPermitted = -4,
+    /// The object is locked and cannot change any more.
+    Locked = -5,
+    /// A fixed-size table is full.
+    NoSpace = -6,
+    /// The named object does not exist.
+    NotFound = -7,
+    /// The object exists already.
+    Exists = -8,
+}
+
+impl Error {
+    pub const fn code(self) -> i64 {
+        self as i64
+    }
+
+    /// Decodes a status returned in RAX; `None` for success values.
+    pub const fn from_status(status: i64) -> Option<Self> {
+        Some(match status {
+            -1 => Self::UnknownCall,
+            -2 => Self::InvalidArgument,
+            -3 => Self::BadAddress,
+            -4 => Self::NotPermitted,
+            -5 => Self::Locked,
+            -6 => Self::NoSpace,
+            -7 => Self::NotFound,
+            -8 => Self::Exists,
+            _ => return None,
+        })
+    }
+}
+
+/// The registers of one hypercall, as the guest set them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Registers {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+}
+
+/// Guest side: issues a hypercall. Returns (RAX, RBX, RCX, RDX) after the call.
+///
+/// # Safety
+/// Must run at CPL 0 inside a CTVM guest; outside a hypervisor `VMCALL` raises #UD.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn hypercall(call: Call, args: [u64; 4]) -> (i64, u64, u64, u64) {
+    let (rax, rbx, rcx, rdx): (u64, u64, u64, u64);
+    // SAFETY: the caller guarantees we run as a CTVM guest at CPL 0. RBX is
+    // reserved by LLVM, so it is swapped through a scratch register.
+    unsafe {
+        core::arch::asm!(
+            "xchg {b}, rbx",
+            "vmcall",
+            "xchg {b}, rbx",
+            b = inout(reg) args[0] => rbx,
+            inout("rax") call as u64 => rax,
+            inout("rcx") args[1] => rcx,
+            inout("rdx") args[2] => rdx,
+            in("rsi") args[3],
+            options(nostack),
+        );
+    }
+    (rax as i64, rbx, rcx, rdx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_numbers_round_trip() {
+        for call in [Call::Version, Call::Shutdown] {
+            assert_eq!(Call::from_raw(call as u64), Some(call));
+        }
+        assert_eq!(Call::from_raw(2), None);
+        assert_eq!(Call::from_raw(u64::MAX), None);
+    }
+
+    #[test]
+    fn error_codes_are_negative_and_round_trip() {
+        for code in -8..=-1 {
+            let err = Error::from_status(code).expect("defined code");
+            assert_eq!(err.code(), code);
+        }
+        assert_eq!(Error::from_status(0), None);
+        assert_eq!(Error::from_status(-9), None);
+    }
+}

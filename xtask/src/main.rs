@@ -1,1 +1,117 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for building, booting and testing CTVM.
+//!
+//! ```text
+//! cargo xtask build            build the hypervisor and the test guests
+//! cargo xtask iso [SCENARIO]   build a bootable ISO (default: the demo set-up)
+//! cargo xtask run [--emulator bochs|qemu] [SCENARIO]
+//!                              boot it, streaming the serial console
+//! cargo xtask test [--host-only|--scenarios-only] [NAME...]
+//!                              host tests, then every Bochs scenario
+//! ```
+
+mod bench;
+mod emulator;
+mod image;
+mod linux;
+mod packages;
+mod scenarios;
+mod util;
+
+use std::process::ExitCode;
+
+use util::Fail;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(message)) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `cargo xtask run` boots without a name.
+const DEFAULT_RUN: &str = "linux-shell";
+
+const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
+  build                          build the hypervisor and the test guests
+  iso [SCENARIO]                 build the ISO of a scenario (default: linux-shell)
+  run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
+  test [--host-only | --scenarios-only] [SCENARIO...]
+                                 host tests and the emulator scenarios
+  bench [linux-boot]             Linux boot time under CTVM against bare, in one run
+  scenarios                      list the scenarios";
+
+fn run(args: &[String]) -> Result<(), Fail> {
+    let Some((command, rest)) = args.split_first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    match command.as_str() {
+        "build" => {
+            image::build_all()?;
+            Ok(())
+        }
+        "iso" => {
+            let scenario = scenarios::find(rest.first().map_or(DEFAULT_RUN, String::as_str))?;
+            let iso = image::iso_for(&scenario)?;
+            println!("{}", iso.display());
+            Ok(())
+        }
+        "run" => {
+            let mut emulator = emulator::Choice::Auto;
+            let mut name = DEFAULT_RUN.to_string();
+            let mut it = rest.iter();
+            while let Some(arg) = it.next() {
+                match arg.as_str() {
+                    "--emulator" => {
+                        let value = it.next().ok_or_else(|| Fail::new("--emulator needs a value"))?;
+                        emulator = emulator::Choice::parse(value)?;
+                    }
+                    other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}\n{USAGE}"))),
+                    other => name = other.to_string(),
+                }
+            }
+            let scenario = scenarios::find(&name)?;
+            emulator::run_interactive(&scenario, emulator)
+        }
+        "test" => {
+            let mut host = true;
+            let mut emulated = true;
+            let mut names = Vec::new();
+            for arg in rest {
+                match arg.as_str() {
+                    "--host-only" => emulated = false,
+                    "--scenarios-only" => host = false,
+                    other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}\n{USAGE}"))),
+                    other => names.push(other.to_string()),
+                }
+            }
+            if host {
+                util::lint()?;
+                util::host_tests()?;
+            }
+            if emulated {
+                scenarios::run_all(&names)?;
+            }
+            Ok(())
+        }
+        "bench" => match rest.first().map(String::as_str) {
+            Some("linux-boot") | None => bench::linux_boot(),
+            Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot"))),
+        },
+        "scenarios" => {
+            for s in scenarios::all() {
+                println!("{:<20} {}", s.name, s.about);
+            }
+            Ok(())
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(Fail(format!("unknown command {other:?}\n{USAGE}"))),
+    }
+}

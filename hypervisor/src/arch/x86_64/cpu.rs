@@ -1,0 +1,191 @@
+//! Thin wrappers over privileged instructions: MSRs, CPUID, control
+//! registers, port I/O, the TSC and the hardware random number generator.
+
+use core::arch::asm;
+use core::arch::x86_64::{__cpuid_count, CpuidResult};
+
+pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    __cpuid_count(leaf, subleaf)
+}
+
+/// Reads an MSR.
+///
+/// # Safety
+/// The MSR must exist on this processor, or the read raises #GP.
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists; we run at CPL 0.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// The MSR must exist and accept the value; the write may change how the
+/// processor behaves in any way the MSR controls.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the MSR and value are valid.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags))
+    };
+}
+
+macro_rules! control_register {
+    ($read:ident, $write:ident, $reg:literal) => {
+        pub fn $read() -> u64 {
+            let value: u64;
+            // SAFETY: reading a control register has no side effects at CPL 0.
+            unsafe { asm!(concat!("mov {}, ", $reg), out(reg) value, options(nomem, nostack, preserves_flags)) };
+            value
+        }
+
+        /// # Safety
+        /// The new value changes paging or protection for the whole hypervisor.
+        pub unsafe fn $write(value: u64) {
+            // SAFETY: the caller guarantees the value keeps the hypervisor running.
+            unsafe { asm!(concat!("mov ", $reg, ", {}"), in(reg) value, options(nostack, preserves_flags)) };
+        }
+    };
+}
+
+control_register!(read_cr0, write_cr0, "cr0");
+control_register!(read_cr3, write_cr3, "cr3");
+control_register!(read_cr4, write_cr4, "cr4");
+
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// # Safety
+/// CR2 only matters to the guest that runs next; any value is harmless to the host.
+pub unsafe fn write_cr2(value: u64) {
+    // SAFETY: see above.
+    unsafe { asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is unprivileged and side-effect free.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// # Safety
+/// Port I/O reaches devices directly.
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller owns the device behind the port.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// # Safety
+/// Port I/O reaches devices directly.
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller owns the device behind the port.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// # Safety
+/// Port I/O reaches devices directly; reads can have side effects.
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: the caller owns the device behind the port.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// Stops this CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: with interrupts disabled, HLT parks the CPU; NMIs return here.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Hardware entropy: RDSEED when present, else RDRAND, each retried a few
+/// times as Intel recommends. `None` when neither exists or both keep failing.
+pub fn hardware_random() -> Option<u64> {
+    let leaf7 = cpuid(7, 0);
+    let leaf1 = cpuid(1, 0);
+    let has_rdseed = leaf7.ebx & (1 << 18) != 0;
+    let has_rdrand = leaf1.ecx & (1 << 30) != 0;
+    for _ in 0..32 {
+        let (value, ok): (u64, u8);
+        if has_rdseed {
+            // SAFETY: CPUID says RDSEED exists.
+            unsafe { asm!("rdseed {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
+        } else if has_rdrand {
+            // SAFETY: CPUID says RDRAND exists.
+            unsafe { asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
+        } else {
+            return None;
+        }
+        if ok != 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The host processor as the exit handlers see it.
+pub struct HostCpu;
+
+impl crate::exits::HostCpu for HostCpu {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = cpuid(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+
+    fn rdtsc(&self) -> u64 {
+        rdtsc()
+    }
+
+    fn read_msr(&self, msr: u32) -> u64 {
+        // SAFETY: the MSR policy only names architectural MSRs every x86-64 CPU has.
+        unsafe { rdmsr(msr) }
+    }
+
+    fn write_msr(&self, msr: u32, value: u64) {
+        // SAFETY: only the syscall MSRs, validated by the policy; the hypervisor
+        // itself never uses them.
+        unsafe { wrmsr(msr, value) }
+    }
+
+    fn port_read(&self, port: u16, size: u8) -> u32 {
+        let value: u32;
+        // SAFETY: only ports the policy guards for a pass-through guest, which
+        // owns the device behind them.
+        unsafe {
+            match size {
+                1 => value = u32::from(inb(port)),
+                2 => {
+                    let v: u16;
+                    asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags));
+                    value = u32::from(v);
+                }
+                _ => asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)),
+            }
+        }
+        value
+    }
+
+    fn port_write(&self, port: u16, size: u8, value: u32) {
+        // SAFETY: as above.
+        unsafe {
+            match size {
+                1 => outb(port, value as u8),
+                2 => asm!("out dx, ax", in("dx") port, in("ax") value as u16, options(nomem, nostack, preserves_flags)),
+                _ => outl(port, value),
+            }
+        }
+    }
+
+    fn set_xcr0(&self, value: u64) {
+        // SAFETY: the XSETBV handler validated the value against CPUID.0xD.
+        unsafe {
+            asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+        };
+    }
+}

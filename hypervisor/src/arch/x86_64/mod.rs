@@ -1,0 +1,14 @@
+//! x86-64 and VT-x. The modules behind `cfg(target_os = "none")` execute
+//! privileged instructions; the rest are pure formats and logic.
+pub mod vmx;
+
+#[cfg(target_os = "none")]
+pub mod cpu;
+#[cfg(target_os = "none")]
+pub mod gdt;
+#[cfg(target_os = "none")]
+pub mod power;
+#[cfg(target_os = "none")]
+pub mod serial;
+#[cfg(target_os = "none")]
+pub mod traps;

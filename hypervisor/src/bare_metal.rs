@@ -1,0 +1,192 @@
+//! Start-up on bare metal: console, descriptor tables, memory, VMX, guests.
+
+extern crate alloc;
+
+use hypervisor::arch::x86_64::vmx::enable::enable;
+use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
+use hypervisor::boot_info::{self, BootInfo};
+use hypervisor::console;
+use hypervisor::guest::config;
+use hypervisor::mm::frames::{self, FrameAllocator, Region};
+use hypervisor::mm::phys;
+use hypervisor::vmm;
+use linked_list_allocator::LockedHeap;
+use log::{error, info};
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// The heap serves hypervisor bookkeeping; guest memory and page tables come
+/// from the frame allocator.
+const HEAP_SIZE: u64 = 16 << 20;
+
+/// RAM the hypervisor keeps for itself when a guest owns the machine: heap,
+/// page tables, VMCSs, native guests' memory. `hv.pool=SIZE` changes it.
+const DEFAULT_POOL: u64 = 96 << 20;
+
+/// Frames above this are not mapped by the boot page tables.
+const ADDRESSABLE_LIMIT: u64 = 4 << 30;
+
+#[no_mangle]
+extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
+    serial::init();
+    console::init(serial::write_bytes, log::LevelFilter::Info);
+    gdt::init();
+    traps::init();
+    info!("CTVM {} starting", env!("CARGO_PKG_VERSION"));
+
+    if magic != ctvm_boot::MULTIBOOT2_BOOTLOADER_MAGIC {
+        error!("not started by a multiboot2 loader (magic {magic:#x}); halting");
+        power::stop_machine(power::EXIT_HYPERVISOR_FAULT);
+    }
+    // SAFETY: a multiboot2 loader passed this pointer with the magic above.
+    let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
+        Ok(mb) => mb,
+        Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
+    };
+
+    let image = ctvm_boot::image_range();
+    let image = Region::new(image.start, image.end);
+    let mut excluded: [Region; 40] = [Region::default(); 40];
+    let mut count = 0;
+    for r in core::iter::once(image).chain(boot_info::boot_ranges(&mb)) {
+        if count == excluded.len() {
+            fatal(format_args!("more than {} boot modules", excluded.len() - 2));
+        }
+        excluded[count] = r;
+        count += 1;
+    }
+    let mut free = match frames::free_memory::<{ phys::REGIONS }>(
+        boot_info::memory_map(&mb),
+        &excluded[..count],
+        ADDRESSABLE_LIMIT,
+    ) {
+        Ok(free) => free,
+        Err(_) => fatal(format_args!("the memory map is too fragmented")),
+    };
+    // With a guest that owns the machine, the hypervisor keeps one block of
+    // RAM (its pool) and leaves the rest to that guest.
+    let pass_through = mb.module_tags().any(|m| m.cmdline().is_ok_and(config::is_pass_through_module));
+    let mut pool = None;
+    if pass_through {
+        let cmdline = mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+        let size = boot_info::options(cmdline)
+            .find(|(k, _)| *k == "hv.pool")
+            .and_then(|(_, v)| config::parse_size(v))
+            .unwrap_or(DEFAULT_POOL)
+            .next_multiple_of(2 << 20);
+        let Some(block) = free.highest_block(size, 2 << 20, ADDRESSABLE_LIMIT) else {
+            fatal(format_args!("no {} MiB block of RAM for the hypervisor's pool", size >> 20))
+        };
+        let mut only = frames::RegionSet::new();
+        if only.insert(block).is_err() {
+            fatal(format_args!("pool set-up"));
+        }
+        free = only;
+        pool = Some(block);
+    }
+    let mut frames: FrameAllocator<{ phys::REGIONS }> = FrameAllocator::new(free);
+    let Some(heap) = frames.allocate(HEAP_SIZE, 2 << 20) else {
+        fatal(format_args!("no room for a {} MiB heap", HEAP_SIZE >> 20))
+    };
+    // SAFETY: the frames are free RAM, identity mapped, and handed to the heap alone.
+    unsafe { HEAP.lock().init(heap as *mut u8, HEAP_SIZE as usize) };
+
+    let boot = match BootInfo::parse(&mb) {
+        Ok(b) => b,
+        Err(e) => fatal(format_args!("boot information: {e:?}")),
+    };
+    let mut debug_fault = false;
+    let mut corrupt_guest = None;
+    for (key, value) in boot_info::options(&boot.cmdline) {
+        match key {
+            // Test knobs: prove that faults and failed entries are reported.
+            "debug.fault" => debug_fault = true,
+            "debug.corrupt-guest" => corrupt_guest = Some(value),
+            "hv.pool" => {}
+            "log" => match console::parse_level(value) {
+                Some(level) => log::set_max_level(level),
+                None => log::warn!("unknown log level {value:?}"),
+            },
+            "exit" => match power::ExitMethod::parse(value) {
+                Some(m) => power::set_method(m),
+                None => log::warn!("unknown exit method {value:?}"),
+            },
+            other => log::warn!("unknown option {other:?} on the command line"),
+        }
+    }
+    info!(
+        "image {:?}, {} MiB free RAM in {} regions, {} modules, command line {:?}",
+        image,
+        frames.free_bytes() >> 20,
+        frames.regions().len(),
+        boot.modules.len(),
+        boot.cmdline
+    );
+    phys::install(frames);
+    mask_legacy_pic();
+
+    let vmx = match enable() {
+        Ok(vmx) => vmx,
+        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
+    };
+    vmx.report();
+    info!("VMX on");
+    if debug_fault {
+        info!("debug.fault: reading unmapped memory at 64 GiB");
+        // SAFETY: deliberately faults; the handler reports and stops the machine.
+        unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
+    }
+    // Memory a pass-through guest must not see: the image, the pool, and the
+    // modules of the other guests.
+    let mut hypervisor_ranges = alloc::vec![image];
+    hypervisor_ranges.extend(pool);
+    hypervisor_ranges.extend(
+        boot.modules
+            .iter()
+            .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
+            .map(|m| m.range),
+    );
+    let machine = vmm::Machine {
+        modules: &boot.modules,
+        firmware_map: &boot.memory,
+        hypervisor_ranges: &hypervisor_ranges,
+        rsdp: boot.rsdp.as_deref(),
+    };
+    let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
+    if vms.is_empty() {
+        info!("no guests configured");
+    } else {
+        vmm::run(&vmx, &mut vms);
+        vmm::report(&vms);
+    }
+    info!("all guests stopped; powering off");
+    power::stop_machine(power::EXIT_OK)
+}
+
+/// The hypervisor runs with interrupts off and gives emulated-device guests
+/// none: the legacy PIC is masked so no stray IRQ reaches a guest exit.
+fn mask_legacy_pic() {
+    // SAFETY: writing the interrupt masks of both 8259s only masks interrupts.
+    unsafe {
+        cpu::outb(0x21, 0xff);
+        cpu::outb(0xa1, 0xff);
+    }
+}
+
+fn fatal(args: core::fmt::Arguments<'_>) -> ! {
+    error!("{args}; halting");
+    power::stop_machine(power::EXIT_HYPERVISOR_FAULT)
+}
+
+#[panic_handler]
+fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
+    console::force_unlock();
+    serial::force_unlock();
+    console::write_line(format_args!("ctvm: FATAL: hypervisor panic: {panic}"));
+    let rbp: u64;
+    // SAFETY: reads the frame pointer register only.
+    unsafe { core::arch::asm!("mov {}, rbp", out(reg) rbp) };
+    traps::print_backtrace(rbp);
+    power::stop_machine(power::EXIT_HYPERVISOR_FAULT)
+}

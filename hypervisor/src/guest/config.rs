@@ -1,0 +1,176 @@
+//! A guest's configuration, from its multiboot2 module's command line:
+//! `guest=NAME [mem=SIZE] [kind=test] -- ARGS FOR THE GUEST`.
+
+use alloc::string::{String, ToString};
+use core::fmt;
+
+pub const NAME_MAX: usize = 31;
+pub const MEM_MIN: u64 = 4 << 20;
+pub const MEM_MAX: u64 = 64 << 30;
+pub const MEM_DEFAULT: u64 = 16 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestKind {
+    /// A CTVM-native 64-bit ELF kernel (the test guests).
+    Native,
+    /// A Linux bzImage on the pass-through platform; its initrd is the module
+    /// marked `initrd=NAME`, and `mem=` does not apply (it gets the machine's RAM).
+    Linux,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestConfig {
+    pub name: String,
+    /// Bytes of RAM, a multiple of 2 MiB.
+    pub mem_bytes: u64,
+    pub kind: GuestKind,
+    /// Everything after `--`, handed to the guest.
+    pub args: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    NoName,
+    BadName(String),
+    BadMemory(String),
+    UnknownKind(String),
+    UnknownOption(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::NoName => write!(f, "no guest=NAME"),
+            ConfigError::BadName(n) => {
+                write!(f, "guest name {n:?} must be 1-{NAME_MAX} characters of a-z, 0-9, '-' and '_'")
+            }
+            ConfigError::BadMemory(m) => write!(
+                f,
+                "mem={m:?} must be a size such as 16M or 1G between {} MiB and {} GiB",
+                MEM_MIN >> 20,
+                MEM_MAX >> 30
+            ),
+            ConfigError::UnknownKind(k) => write!(f, "unknown guest kind {k:?}"),
+            ConfigError::UnknownOption(o) => write!(f, "unknown option {o:?}"),
+        }
+    }
+}
+
+/// The guest an initrd module belongs to (`initrd=NAME`).
+pub fn initrd_owner(cmdline: &str) -> Option<&str> {
+    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("initrd="))
+}
+
+/// Whether a module is a guest that owns the machine's devices (a Linux
+/// guest). Works without the heap: it runs before the hypervisor's memory is set up.
+pub fn is_pass_through_module(cmdline: &str) -> bool {
+    is_guest_module(cmdline) && cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w == "kind=linux")
+}
+
+/// Whether a module's command line describes a guest at all.
+pub fn is_guest_module(cmdline: &str) -> bool {
+    cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w.starts_with("guest="))
+}
+
+pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
+    let (options, args) = match cmdline.split_once("--") {
+        Some((o, a)) => (o, a.trim()),
+        None => (cmdline, ""),
+    };
+    let mut name = None;
+    let mut mem_bytes = MEM_DEFAULT;
+    let mut kind = GuestKind::Native;
+    for word in options.split_ascii_whitespace() {
+        match word.split_once('=') {
+            Some(("guest", n)) => {
+                let valid = !n.is_empty()
+                    && n.len() <= NAME_MAX
+                    && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                if !valid {
+                    return Err(ConfigError::BadName(n.to_string()));
+                }
+                name = Some(n.to_string());
+            }
+            Some(("mem", m)) => {
+                mem_bytes = parse_size(m)
+                    .filter(|&b| (MEM_MIN..=MEM_MAX).contains(&b))
+                    .ok_or_else(|| ConfigError::BadMemory(m.to_string()))?;
+                mem_bytes = mem_bytes.next_multiple_of(2 << 20);
+            }
+            Some(("kind", "test" | "native")) => kind = GuestKind::Native,
+            Some(("kind", "linux")) => kind = GuestKind::Linux,
+            Some(("kind", k)) => return Err(ConfigError::UnknownKind(k.to_string())),
+            _ => return Err(ConfigError::UnknownOption(word.to_string())),
+        }
+    }
+    let name = name.ok_or(ConfigError::NoName)?;
+    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string() })
+}
+
+/// `16M`, `1G`, `4096K` or plain bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_name_memory_and_args() {
+        let c = parse("guest=alpha mem=32M -- test=basics exit=42").unwrap();
+        assert_eq!(c.name, "alpha");
+        assert_eq!(c.mem_bytes, 32 << 20);
+        assert_eq!(c.args, "test=basics exit=42");
+        let c = parse("guest=b").unwrap();
+        assert_eq!((c.mem_bytes, c.args.as_str()), (MEM_DEFAULT, ""));
+        // Odd sizes round up to 2 MiB.
+        assert_eq!(parse("guest=c mem=5M").unwrap().mem_bytes, 6 << 20);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_reason() {
+        assert_eq!(parse("mem=16M"), Err(ConfigError::NoName));
+        assert_eq!(parse("guest=Alpha"), Err(ConfigError::BadName("Alpha".into())));
+        assert_eq!(parse("guest="), Err(ConfigError::BadName("".into())));
+        assert!(matches!(parse("guest=a mem=1M"), Err(ConfigError::BadMemory(_))));
+        assert!(matches!(parse("guest=a mem=99999999999999999999G"), Err(ConfigError::BadMemory(_))));
+        assert!(matches!(parse("guest=a mem=lots"), Err(ConfigError::BadMemory(_))));
+        assert_eq!(parse("guest=a kind=windows"), Err(ConfigError::UnknownKind("windows".into())));
+        assert_eq!(parse("guest=a colour=red"), Err(ConfigError::UnknownOption("colour=red".into())));
+        assert!(parse(&alloc::format!("guest={}", "x".repeat(32))).is_err());
+    }
+
+    #[test]
+    fn linux_guests_and_their_initrd() {
+        let c = parse("guest=linux kind=linux -- console=ttyS0 quiet").unwrap();
+        assert_eq!((c.kind, c.args.as_str()), (GuestKind::Linux, "console=ttyS0 quiet"));
+        assert_eq!(initrd_owner("initrd=linux"), Some("linux"));
+        assert_eq!(initrd_owner("guest=linux"), None);
+        assert!(is_pass_through_module("guest=linux kind=linux -- x"));
+        assert!(!is_pass_through_module("guest=a -- kind=linux"));
+    }
+
+    #[test]
+    fn guest_modules_are_recognised() {
+        assert!(is_guest_module("guest=a -- x"));
+        assert!(!is_guest_module("initrd -- guest=a"));
+        assert!(!is_guest_module(""));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096K"), Some(4 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+    }
+}

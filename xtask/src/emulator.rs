@@ -1,0 +1,337 @@
+//! Running an ISO under Bochs (VT-x emulated) or QEMU with KVM (nested VT-x).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::image;
+use crate::scenarios::Scenario;
+use crate::util::{work_dir, Fail};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emulator {
+    Bochs,
+    QemuKvm,
+}
+
+impl Emulator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Bochs => "bochs",
+            Emulator::QemuKvm => "qemu",
+        }
+    }
+
+    /// The hypervisor's `exit=` option for this emulator.
+    pub fn exit_method(self) -> &'static str {
+        match self {
+            Emulator::Bochs => "bochs",
+            Emulator::QemuKvm => "qemu",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Choice {
+    Auto,
+    Fixed(Emulator),
+}
+
+impl Choice {
+    pub fn parse(s: &str) -> Result<Self, Fail> {
+        match s {
+            "auto" => Ok(Choice::Auto),
+            "bochs" => Ok(Choice::Fixed(Emulator::Bochs)),
+            "qemu" | "kvm" => Ok(Choice::Fixed(Emulator::QemuKvm)),
+            other => Err(Fail(format!("unknown emulator {other:?} (auto, bochs, qemu)"))),
+        }
+    }
+
+    pub fn resolve(self) -> Emulator {
+        match self {
+            Choice::Fixed(e) => e,
+            Choice::Auto if kvm_offers_vmx() => Emulator::QemuKvm,
+            Choice::Auto => Emulator::Bochs,
+        }
+    }
+}
+
+/// KVM can run CTVM only when the host CPU has VMX and nested VMX is on.
+fn kvm_offers_vmx() -> bool {
+    let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let vmx = fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|w| w == "vmx"));
+    let nested =
+        fs::read_to_string("/sys/module/kvm_intel/parameters/nested").is_ok_and(|v| matches!(v.trim(), "Y" | "1"));
+    kvm && vmx && nested
+}
+
+/// The result of one emulator run.
+pub struct RunOutput {
+    pub serial: String,
+    pub emulator_log: String,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+    /// When the marker line first appeared on the console, from the start.
+    pub marker_at: Option<Duration>,
+    pub dir: PathBuf,
+}
+
+const BOCHS_DBG_RC: &str = "continue\nquit\n";
+
+/// Where Bochs' COM1 goes: a file (tests), or a TCP socket xtask bridges to
+/// the terminal (interactive runs).
+enum Com1<'a> {
+    File(&'a Path),
+    Socket(u16),
+}
+
+fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, megs: u32) -> String {
+    let com1 = match com1 {
+        Com1::File(path) => format!("mode=file, dev={}", path.display()),
+        Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
+    };
+    format!(
+        "megs: {megs}\n\
+         cpu: model=corei7_skylake_x, count=1, ips=200000000, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
+         romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+         vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
+         ata0-master: type=cdrom, path={}, status=inserted\n\
+         boot: cdrom\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         com1: enabled=1, {com1}\n\
+         log: {}\n\
+         speaker: enabled=0\n\
+         clock: sync=none, time0=local\n",
+        iso.display(),
+        log.display()
+    )
+}
+
+/// Boots `iso`, waits for the machine to power off or the timeout, and
+/// collects the serial output, noting when `marker` first appears.
+pub fn boot(
+    emulator: Emulator,
+    iso: &Path,
+    run_name: &str,
+    megs: u32,
+    timeout: Duration,
+    marker: Option<&str>,
+) -> Result<RunOutput, Fail> {
+    let dir = work_dir().join("runs").join(run_name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let serial = dir.join("serial.txt");
+    let emu_log = dir.join(format!("{}.log", emulator.name()));
+    fs::write(&serial, "")?;
+    let start = Instant::now();
+    let mut child = match emulator {
+        Emulator::Bochs => {
+            let rc = dir.join("bochsrc");
+            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, megs))?;
+            fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
+            Command::new("bochs")
+                .current_dir(&dir)
+                .args(["-q", "-f", "bochsrc", "-rc", "dbg.rc"])
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(dir.join("bochs.out"))?)
+                .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?))
+                .spawn()
+                .map_err(|e| Fail(format!("cannot start bochs: {e}")))?
+        }
+        Emulator::QemuKvm => Command::new("qemu-system-x86_64")
+            .current_dir(&dir)
+            .args(["-enable-kvm", "-cpu", "host", "-m"])
+            .arg(megs.to_string())
+            .arg("-cdrom")
+            .arg(iso)
+            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&emu_log)?)
+            .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?))
+            .spawn()
+            .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?,
+    };
+    let (timed_out, marker_at) = wait_streaming(&mut child, &serial, timeout, marker)?;
+    let elapsed = start.elapsed();
+    let serial_text = String::from_utf8_lossy(&fs::read(&serial)?).replace('\r', "");
+    let mut emulator_log = String::new();
+    for f in ["bochs.out", "bochs.err", "qemu.err"] {
+        if let Ok(s) = fs::read_to_string(dir.join(f)) {
+            emulator_log.push_str(&s);
+        }
+    }
+    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, marker_at, dir })
+}
+
+/// Polls the child until it exits or the deadline passes (then kills it).
+/// Returns whether it timed out.
+fn wait_streaming(
+    child: &mut Child,
+    serial: &Path,
+    timeout: Duration,
+    marker: Option<&str>,
+) -> Result<(bool, Option<Duration>), Fail> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut marker_at = None;
+    loop {
+        let exited = child.try_wait()?.is_some();
+        if let (Some(m), None) = (marker, marker_at) {
+            if fs::read(serial).is_ok_and(|b| b.windows(m.len()).any(|w| w == m.as_bytes())) {
+                marker_at = Some(start.elapsed());
+            }
+        }
+        if exited {
+            return Ok((false, marker_at));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok((true, marker_at));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `cargo xtask run`: boot a scenario with the serial console on this
+/// terminal, input included, until the machine powers off.
+pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> {
+    let emulator = choice.resolve();
+    let iso = image::iso_for_emulator(scenario, emulator)?;
+    let dir = work_dir().join("runs").join(format!("run-{}", scenario.name));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let start = Instant::now();
+    if emulator == Emulator::QemuKvm {
+        println!("xtask: /dev/kvm offers VT-x: booting under QEMU with KVM (Ctrl-A X quits)");
+        let status = Command::new("qemu-system-x86_64")
+            .current_dir(&dir)
+            .args(["-enable-kvm", "-cpu", "host", "-m"])
+            .arg(scenario.megs.to_string())
+            .arg("-cdrom")
+            .arg(&iso)
+            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4", "-serial", "mon:stdio"])
+            .status()
+            .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?;
+        println!("\nxtask: QEMU exited ({status}) after {:.1} s", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    println!("xtask: booting under Bochs (VT-x emulated; no usable KVM here). Ctrl-] quits.");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    fs::write(dir.join("bochsrc"), bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), scenario.megs))?;
+    fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
+    let mut child = Command::new("bochs")
+        .current_dir(&dir)
+        .args(["-q", "-f", "bochsrc", "-rc", "dbg.rc"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(dir.join("bochs.out"))?)
+        .stderr(Stdio::from(fs::File::create(dir.join("bochs.err"))?))
+        .spawn()
+        .map_err(|e| Fail(format!("cannot start bochs: {e}")))?;
+    let socket = connect_retrying(port, &mut child)?;
+    let raw = terminal::RawMode::enter();
+    let result = bridge(socket, &mut child, &dir.join("serial.txt"));
+    drop(raw);
+    result?;
+    println!("\r\nxtask: machine stopped after {:.1} s; logs in {}", start.elapsed().as_secs_f64(), dir.display());
+    Ok(())
+}
+
+fn connect_retrying(port: u16, child: &mut Child) -> Result<std::net::TcpStream, Fail> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            return Ok(s);
+        }
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            return Err(Fail("Bochs did not open its serial socket; see bochs.err".into()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Copies the serial console to the terminal (and a log file), and the
+/// keyboard to the serial console, until the emulator exits or Ctrl-] is pressed.
+fn bridge(socket: std::net::TcpStream, child: &mut Child, log: &Path) -> Result<(), Fail> {
+    const QUIT: u8 = 0x1d; // Ctrl-]
+    let mut from_guest = socket.try_clone()?;
+    let mut log = fs::File::create(log)?;
+    let output = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            let _ = log.write_all(&buf[..n]);
+        }
+    });
+    let quit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quit_input = quit.clone();
+    let mut to_guest = socket;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if buf[..n].contains(&QUIT) {
+                quit_input.store(true, std::sync::atomic::Ordering::SeqCst);
+                break;
+            }
+            if to_guest.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    while child.try_wait()?.is_none() {
+        if quit.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = output.join();
+    Ok(())
+}
+
+mod terminal {
+    //! Raw terminal mode for the interactive console, through stty.
+    use std::process::{Command, Stdio};
+
+    pub struct RawMode(Option<String>);
+
+    impl RawMode {
+        /// Puts the terminal in raw mode when stdin is one; restored on drop.
+        pub fn enter() -> RawMode {
+            let saved = Command::new("stty")
+                .arg("-g")
+                .stdin(Stdio::inherit())
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            if saved.is_some() {
+                let _ = Command::new("stty").args(["raw", "-echo"]).stdin(Stdio::inherit()).status();
+            }
+            RawMode(saved)
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                let _ = Command::new("stty").arg(saved).stdin(Stdio::inherit()).status();
+            }
+        }
+    }
+}

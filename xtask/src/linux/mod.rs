@@ -1,0 +1,91 @@
+//! The Linux guest's files: Debian's cloud kernel and busybox, fetched with
+//! `apt-get download` and cached under `target/ctvm/debian/`, and an
+//! initramfs built around `init.sh`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{output, run, work_dir, Fail};
+
+mod cpio;
+
+/// The kernel and initramfs a Linux scenario boots.
+pub struct LinuxAssets {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub version: String,
+}
+
+const META_PACKAGE: &str = "linux-image-cloud-amd64";
+const INIT: &str = include_str!("init.sh");
+
+fn cache() -> PathBuf {
+    work_dir().join("debian")
+}
+
+/// The versioned image package the meta-package points at.
+fn kernel_package() -> Result<String, Fail> {
+    let deps = output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
+    deps.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string)
+        .ok_or_else(|| Fail(format!("apt-cache knows no {META_PACKAGE}; run `apt-get update` first")))
+}
+
+/// Downloads (once) and unpacks a Debian package; returns the unpack directory.
+fn unpack(package: &str) -> Result<PathBuf, Fail> {
+    let dir = cache();
+    fs::create_dir_all(&dir)?;
+    let root = dir.join(format!("{package}.root"));
+    if root.join(".complete").exists() {
+        return Ok(root);
+    }
+    let deb = match find_deb(&dir, package)? {
+        Some(deb) => deb,
+        None => {
+            println!("xtask: downloading {package} (apt-get download)");
+            run(Command::new("apt-get").current_dir(&dir).args(["download", "-q", package]))?;
+            find_deb(&dir, package)?.ok_or_else(|| Fail(format!("apt-get download left no {package} .deb")))?
+        }
+    };
+    let _ = fs::remove_dir_all(&root);
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    fs::write(root.join(".complete"), "")?;
+    Ok(root)
+}
+
+fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>, Fail> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(&format!("{package}_")) && name.ends_with(".deb") {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// Fetches the kernel and busybox and builds the initramfs.
+pub fn assets() -> Result<LinuxAssets, Fail> {
+    let package = kernel_package()?;
+    let version = package.trim_start_matches("linux-image-").to_string();
+    let kernel_root = unpack(&package)?;
+    let kernel = kernel_root.join("boot").join(format!("vmlinuz-{version}"));
+    if !kernel.exists() {
+        return Err(Fail(format!("{} is missing from {package}", kernel.display())));
+    }
+    let busybox = unpack("busybox-static")?.join("bin").join("busybox");
+    let initrd = work_dir().join("linux").join("initramfs.cpio");
+    fs::create_dir_all(initrd.parent().expect("has a parent"))?;
+    let mut archive = cpio::Archive::default();
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin"] {
+        archive.directory(dir);
+    }
+    archive.char_device("dev/console", 5, 1);
+    archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
+    archive.file("init", 0o755, INIT.as_bytes());
+    fs::write(&initrd, archive.finish())?;
+    Ok(LinuxAssets { kernel, initrd, version })
+}
