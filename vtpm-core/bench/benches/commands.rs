@@ -28,16 +28,8 @@ use tpm12::*;
 
 const OWNER: Digest20 = WELL_KNOWN;
 const SRK: Digest20 = WELL_KNOWN;
-const GROUPS: [&str; 8] = [
-    "Extend",
-    "PCRRead",
-    "GetRandom(128)",
-    "OSAP+Seal",
-    "Unseal",
-    "LoadKey2",
-    "Quote",
-    "TakeOwnership",
-];
+const GROUPS: [&str; 8] =
+    ["Extend", "PCRRead", "GetRandom(128)", "OSAP+Seal", "Unseal", "LoadKey2", "Quote", "TakeOwnership"];
 
 /// A TPM under measurement.
 trait Subject: Transport {
@@ -64,10 +56,7 @@ impl Lib {
             .finish();
         expect_ok(&tpm.execute(&create_ek), "libtpms CreateEndorsementKeyPair");
         let unowned = tpm.permall();
-        Lib {
-            tpm: Some(tpm),
-            unowned,
-        }
+        Lib { tpm: Some(tpm), unowned }
     }
 }
 
@@ -141,8 +130,7 @@ mod vtpm {
 
     impl Subject for Vtpm {
         fn reset_unowned(&mut self) {
-            self.tpm =
-                Tpm::from_permanent(&self.unowned, HostPlatform(Instant::now())).expect("restore");
+            self.tpm = Tpm::from_permanent(&self.unowned, HostPlatform(Instant::now())).expect("restore");
             self.tpm.power_on();
             expect_ok(&self.tpm.execute(0, &startup_clear()), "vtpm-core Startup");
         }
@@ -178,48 +166,21 @@ fn own_and_prepare(tpm: &mut dyn Transport) -> Fixture {
     let key_auth = sha1(&[b"bench key"]);
     let data_auth = sha1(&[b"bench data"]);
     let template = key_template(TPM_KEY_SIGNING, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
-    let wrapped = c
-        .create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template)
-        .expect("CreateWrapKey");
+    let wrapped = c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template).expect("CreateWrapKey");
     let loaded = c.load_key2(TPM_KH_SRK, &SRK, &wrapped).expect("LoadKey2");
     let pcr10 = c.pcr_read(10).expect("PCRRead");
-    let sealed = c
-        .seal(
-            TPM_KH_SRK,
-            &SRK,
-            &data_auth,
-            &pcr_info(&[10], &[pcr10]),
-            &[0x42; 32],
-        )
-        .expect("Seal");
-    Fixture {
-        ek,
-        key_auth,
-        data_auth,
-        wrapped,
-        loaded,
-        sealed,
-    }
+    let sealed = c.seal(TPM_KH_SRK, &SRK, &data_auth, &pcr_info(&[10], &[pcr10]), &[0x42; 32]).expect("Seal");
+    Fixture { ek, key_auth, data_auth, wrapped, loaded, sealed }
 }
 
 fn bench_subject<S: Subject>(crit: &mut Criterion, s: &mut S) {
     let name = s.name().to_string();
-    let extend = Cmd::new(tag::RQU_COMMAND, ord::EXTEND)
-        .u32(10)
-        .bytes(&sha1(&[b"measurement"]))
-        .finish();
+    let extend = Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(10).bytes(&sha1(&[b"measurement"])).finish();
     let pcr_read = Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(10).finish();
-    let get_random = Cmd::new(tag::RQU_COMMAND, ord::GET_RANDOM)
-        .u32(128)
-        .finish();
-    for (group, cmd) in [
-        ("Extend", &extend),
-        ("PCRRead", &pcr_read),
-        ("GetRandom(128)", &get_random),
-    ] {
+    let get_random = Cmd::new(tag::RQU_COMMAND, ord::GET_RANDOM).u32(128).finish();
+    for (group, cmd) in [("Extend", &extend), ("PCRRead", &pcr_read), ("GetRandom(128)", &get_random)] {
         expect_ok(&s.transmit(cmd), group);
-        crit.benchmark_group(group)
-            .bench_function(&name, |b| b.iter(|| black_box(s.transmit(black_box(cmd)))));
+        crit.benchmark_group(group).bench_function(&name, |b| b.iter(|| black_box(s.transmit(black_box(cmd)))));
     }
 
     // PCR 10 went on moving above: start the authorised part from a fresh TPM.
@@ -228,18 +189,9 @@ fn bench_subject<S: Subject>(crit: &mut Criterion, s: &mut S) {
     let mut c = Client::new(s);
     c.record = false;
     crit.benchmark_group("OSAP+Seal")
-        .bench_function(&name, |b| {
-            b.iter(|| {
-                c.seal(TPM_KH_SRK, &SRK, &f.data_auth, &[], &[0x42; 32])
-                    .expect("Seal")
-            })
-        });
-    crit.benchmark_group("Unseal").bench_function(&name, |b| {
-        b.iter(|| {
-            c.unseal(TPM_KH_SRK, &SRK, &f.data_auth, &f.sealed)
-                .expect("Unseal")
-        })
-    });
+        .bench_function(&name, |b| b.iter(|| c.seal(TPM_KH_SRK, &SRK, &f.data_auth, &[], &[0x42; 32]).expect("Seal")));
+    crit.benchmark_group("Unseal")
+        .bench_function(&name, |b| b.iter(|| c.unseal(TPM_KH_SRK, &SRK, &f.data_auth, &f.sealed).expect("Unseal")));
     crit.benchmark_group("LoadKey2").bench_function(&name, |b| {
         b.iter(|| {
             let h = c.load_key2(TPM_KH_SRK, &SRK, &f.wrapped).expect("LoadKey2");
@@ -248,40 +200,31 @@ fn bench_subject<S: Subject>(crit: &mut Criterion, s: &mut S) {
     });
     let nonce = sha1(&[b"quote nonce"]);
     crit.benchmark_group("Quote").bench_function(&name, |b| {
-        b.iter(|| {
-            c.quote(f.loaded, &f.key_auth, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7, 10])
-                .expect("Quote")
-        })
+        b.iter(|| c.quote(f.loaded, &f.key_auth, &nonce, &[0, 1, 2, 3, 4, 5, 6, 7, 10]).expect("Quote"))
     });
     drop(c);
 
     // TakeOwnership creates the SRK: every measured call needs an unowned
     // TPM, restored outside the timed region.
-    crit.benchmark_group("TakeOwnership")
-        .sample_size(10)
-        .bench_function(&name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    s.reset_unowned();
-                    let mut c = Client::new(s);
-                    c.record = false;
-                    let t = Instant::now();
-                    c.take_ownership(&f.ek, &OWNER, &SRK)
-                        .expect("TakeOwnership");
-                    total += t.elapsed();
-                }
-                total
-            })
-        });
+    crit.benchmark_group("TakeOwnership").sample_size(10).bench_function(&name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                s.reset_unowned();
+                let mut c = Client::new(s);
+                c.record = false;
+                let t = Instant::now();
+                c.take_ownership(&f.ek, &OWNER, &SRK).expect("TakeOwnership");
+                total += t.elapsed();
+            }
+            total
+        })
+    });
 }
 
 fn print_ratios() {
     println!();
-    println!(
-        "{:<16} {:>12} {:>12} {:>10}",
-        "command", "vtpm-core", "libtpms", "libtpms/vtpm"
-    );
+    println!("{:<16} {:>12} {:>12} {:>10}", "command", "vtpm-core", "libtpms", "libtpms/vtpm");
     for g in GROUPS {
         let v = vtpm_bench::mean_ns(g, "vtpm-core");
         let l = vtpm_bench::mean_ns(g, "libtpms");
@@ -296,14 +239,10 @@ fn print_ratios() {
 }
 
 fn main() {
-    let quick =
-        std::env::var_os("VTPM_BENCH_QUICK").is_some() || std::env::args().any(|a| a == "--quick");
+    let quick = std::env::var_os("VTPM_BENCH_QUICK").is_some() || std::env::args().any(|a| a == "--quick");
     let mut crit = Criterion::default();
     if quick {
-        crit = crit
-            .warm_up_time(Duration::from_millis(200))
-            .measurement_time(Duration::from_secs(1))
-            .sample_size(10);
+        crit = crit.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(1)).sample_size(10);
     }
     let mut crit = crit.configure_from_args();
 
@@ -313,9 +252,7 @@ fn main() {
         bench_subject(&mut crit, &mut v);
     }
     #[cfg(not(feature = "engine"))]
-    eprintln!(
-        "vtpm-bench: built without the vtpm-core engine (feature `engine`): measuring libtpms only"
-    );
+    eprintln!("vtpm-bench: built without the vtpm-core engine (feature `engine`): measuring libtpms only");
 
     let mut l = Lib::manufacture();
     bench_subject(&mut crit, &mut l);

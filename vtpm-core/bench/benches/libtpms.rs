@@ -16,8 +16,7 @@ type TpmResult = u32;
 struct Callbacks {
     size_of_struct: c_int,
     nvram_init: Option<extern "C" fn() -> TpmResult>,
-    nvram_loaddata:
-        Option<extern "C" fn(*mut *mut c_uchar, *mut u32, u32, *const c_char) -> TpmResult>,
+    nvram_loaddata: Option<extern "C" fn(*mut *mut c_uchar, *mut u32, u32, *const c_char) -> TpmResult>,
     nvram_storedata: Option<extern "C" fn(*const c_uchar, u32, u32, *const c_char) -> TpmResult>,
     nvram_deletename: Option<extern "C" fn(u32, *const c_char, c_uchar) -> TpmResult>,
     io_init: Option<extern "C" fn() -> TpmResult>,
@@ -65,12 +64,7 @@ extern "C" fn nvram_init() -> TpmResult {
     TPM_SUCCESS
 }
 
-extern "C" fn nvram_loaddata(
-    data: *mut *mut c_uchar,
-    length: *mut u32,
-    _: u32,
-    n: *const c_char,
-) -> TpmResult {
+extern "C" fn nvram_loaddata(data: *mut *mut c_uchar, length: *mut u32, _: u32, n: *const c_char) -> TpmResult {
     let guard = nvram();
     let Some(blob) = guard.as_ref().and_then(|m| m.get(&name(n))) else {
         return TPM_RETRY;
@@ -89,25 +83,15 @@ extern "C" fn nvram_loaddata(
     TPM_SUCCESS
 }
 
-extern "C" fn nvram_storedata(
-    data: *const c_uchar,
-    length: u32,
-    _: u32,
-    n: *const c_char,
-) -> TpmResult {
+extern "C" fn nvram_storedata(data: *const c_uchar, length: u32, _: u32, n: *const c_char) -> TpmResult {
     // SAFETY: libtpms passes `length` readable bytes at `data`.
     let blob = unsafe { std::slice::from_raw_parts(data, length as usize) }.to_vec();
-    nvram()
-        .get_or_insert_with(HashMap::new)
-        .insert(name(n), blob);
+    nvram().get_or_insert_with(HashMap::new).insert(name(n), blob);
     TPM_SUCCESS
 }
 
 extern "C" fn nvram_deletename(_: u32, n: *const c_char, must_exist: c_uchar) -> TpmResult {
-    let existed = nvram()
-        .get_or_insert_with(HashMap::new)
-        .remove(&name(n))
-        .is_some();
+    let existed = nvram().get_or_insert_with(HashMap::new).remove(&name(n)).is_some();
     if must_exist != 0 && !existed {
         TPM_FAIL
     } else {
@@ -145,30 +129,16 @@ impl Libtpms {
         // SAFETY: plain library calls in the documented order; the callbacks
         // structure is copied by libtpms.
         unsafe {
-            assert_eq!(
-                TPMLIB_ChooseTPMVersion(TPMLIB_TPM_VERSION_1_2),
-                TPM_SUCCESS,
-                "TPMLIB_ChooseTPMVersion"
-            );
-            assert_eq!(
-                TPMLIB_RegisterCallbacks(&mut callbacks),
-                TPM_SUCCESS,
-                "TPMLIB_RegisterCallbacks"
-            );
+            assert_eq!(TPMLIB_ChooseTPMVersion(TPMLIB_TPM_VERSION_1_2), TPM_SUCCESS, "TPMLIB_ChooseTPMVersion");
+            assert_eq!(TPMLIB_RegisterCallbacks(&mut callbacks), TPM_SUCCESS, "TPMLIB_RegisterCallbacks");
             assert_eq!(TPMLIB_MainInit(), TPM_SUCCESS, "TPMLIB_MainInit");
         }
-        Libtpms {
-            resp: ptr::null_mut(),
-            resp_buf_size: 0,
-        }
+        Libtpms { resp: ptr::null_mut(), resp_buf_size: 0 }
     }
 
     /// The permanent state as libtpms last stored it.
     pub fn permall(&self) -> Vec<u8> {
-        nvram()
-            .as_ref()
-            .and_then(|m| m.get("permall").cloned())
-            .expect("libtpms stored its permanent state")
+        nvram().as_ref().and_then(|m| m.get("permall").cloned()).expect("libtpms stored its permanent state")
     }
 
     pub fn execute(&mut self, command: &[u8]) -> Vec<u8> {
@@ -177,13 +147,7 @@ impl Libtpms {
         // SAFETY: libtpms (re)allocates `self.resp` as needed and reports its
         // size; the command buffer is ours and outlives the call.
         let rc = unsafe {
-            TPMLIB_Process(
-                &mut self.resp,
-                &mut resp_size,
-                &mut self.resp_buf_size,
-                cmd.as_mut_ptr(),
-                cmd.len() as u32,
-            )
+            TPMLIB_Process(&mut self.resp, &mut resp_size, &mut self.resp_buf_size, cmd.as_mut_ptr(), cmd.len() as u32)
         };
         assert_eq!(rc, TPM_SUCCESS, "TPMLIB_Process failed as a library call");
         // SAFETY: libtpms wrote `resp_size` bytes at `self.resp`.

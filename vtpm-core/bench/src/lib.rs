@@ -15,10 +15,7 @@ pub fn criterion_dir() -> PathBuf {
 /// The mean time in nanoseconds criterion estimated for `group/function`
 /// in the run that just finished (`new/estimates.json`).
 pub fn mean_ns(group: &str, function: &str) -> Option<f64> {
-    let path = criterion_dir()
-        .join(group)
-        .join(function)
-        .join("new/estimates.json");
+    let path = criterion_dir().join(group).join(function).join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     // {"mean":{"confidence_interval":{...},"point_estimate":123.4,...},...}
     let mean = &text[text.find("\"mean\"")?..];

@@ -19,16 +19,12 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
 }
 
-pub const USAGE: &str =
-    "usage: vtpm-server [socket] --tpmstate dir=DIR --server [type=tcp,]port=PORT[,bindaddr=ADDR] \
+pub const USAGE: &str = "usage: vtpm-server [socket] --tpmstate dir=DIR --server [type=tcp,]port=PORT[,bindaddr=ADDR] \
 --ctrl type=tcp,port=PORT[,bindaddr=ADDR] [--flags not-need-init,startup-clear] [--pid file=FILE]";
 
 /// Splits `key=value,key=value`.
 fn key_values(arg: &str) -> Vec<(&str, &str)> {
-    arg.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
-        .collect()
+    arg.split(',').filter(|s| !s.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, ""))).collect()
 }
 
 fn endpoint(opt: &str, arg: &str) -> Result<SocketAddr, String> {
@@ -38,17 +34,8 @@ fn endpoint(opt: &str, arg: &str) -> Result<SocketAddr, String> {
         match k {
             "type" if v == "tcp" => {}
             "type" => return Err(format!("{opt}: only type=tcp is supported, not type={v}")),
-            "port" => {
-                port = Some(
-                    v.parse::<u16>()
-                        .map_err(|_| format!("{opt}: bad port {v:?}"))?,
-                )
-            }
-            "bindaddr" => {
-                addr = v
-                    .parse()
-                    .map_err(|_| format!("{opt}: bad bindaddr {v:?}"))?
-            }
+            "port" => port = Some(v.parse::<u16>().map_err(|_| format!("{opt}: bad port {v:?}"))?),
+            "bindaddr" => addr = v.parse().map_err(|_| format!("{opt}: bad bindaddr {v:?}"))?,
             "disconnect" => {}
             _ => return Err(format!("{opt}: unknown parameter {k:?}")),
         }
@@ -102,10 +89,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, String>
         }
     }
     if flags.startup_clear && !flags.not_need_init {
-        return Err(
-            "--flags startup-clear needs not-need-init (the TPM must be powered to start it)"
-                .into(),
-        );
+        return Err("--flags startup-clear needs not-need-init (the TPM must be powered to start it)".into());
     }
     Ok(Options {
         config: Config {
@@ -136,40 +120,26 @@ mod tests {
         assert_eq!(o.config.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(o.config.command_addr, "127.0.0.1:2321".parse().unwrap());
         assert_eq!(o.config.control_addr, "127.0.0.1:2322".parse().unwrap());
-        assert_eq!(
-            o.config.flags,
-            Flags {
-                not_need_init: true,
-                startup_clear: true
-            }
-        );
+        assert_eq!(o.config.flags, Flags { not_need_init: true, startup_clear: true });
     }
 
     #[test]
     fn bindaddr_and_defaults() {
-        let o = parse(args(
-            "--tpmstate dir=d --server port=1,bindaddr=::1 --ctrl type=tcp,port=2",
-        ))
-        .unwrap();
+        let o = parse(args("--tpmstate dir=d --server port=1,bindaddr=::1 --ctrl type=tcp,port=2")).unwrap();
         assert_eq!(o.config.command_addr, "[::1]:1".parse().unwrap());
         assert_eq!(o.config.flags, Flags::default());
     }
 
     #[test]
     fn errors_name_the_option() {
-        let e = parse(args(
-            "--tpmstate dir=d --server type=unixio,path=x --ctrl type=tcp,port=2",
-        ))
-        .unwrap_err();
+        let e = parse(args("--tpmstate dir=d --server type=unixio,path=x --ctrl type=tcp,port=2")).unwrap_err();
         assert!(e.contains("--server"), "{e}");
         let e = parse(args("--tpmstate dir=d --server port=1")).unwrap_err();
         assert!(e.contains("--ctrl"), "{e}");
         let e = parse(args("--tpm2")).unwrap_err();
         assert!(e.contains("1.2"), "{e}");
-        let e = parse(args(
-            "--tpmstate dir=d --server port=1 --ctrl type=tcp,port=2 --flags startup-clear",
-        ))
-        .unwrap_err();
+        let e =
+            parse(args("--tpmstate dir=d --server port=1 --ctrl type=tcp,port=2 --flags startup-clear")).unwrap_err();
         assert!(e.contains("not-need-init"), "{e}");
     }
 }

@@ -211,11 +211,7 @@ impl Request {
             }
             code::GET_STATEBLOB => {
                 at_least(12)?;
-                Request::GetStateBlob {
-                    flags: be32(&body[0..]),
-                    blob_type: be32(&body[4..]),
-                    offset: be32(&body[8..]),
-                }
+                Request::GetStateBlob { flags: be32(&body[0..]), blob_type: be32(&body[4..]), offset: be32(&body[8..]) }
             }
             code::SET_STATEBLOB => {
                 at_least(12)?;
@@ -242,10 +238,7 @@ impl Request {
                 at_least(16)?;
                 let mut f = [0u8; 8];
                 f.copy_from_slice(&body[..8]);
-                Request::GetInfo {
-                    flags: u64::from_be_bytes(f),
-                    offset: be32(&body[8..]),
-                }
+                Request::GetInfo { flags: u64::from_be_bytes(f), offset: be32(&body[8..]) }
             }
             other => Request::Unknown(other),
         })
@@ -313,10 +306,7 @@ mod tests {
 
     #[test]
     fn init_needs_exactly_its_flags() {
-        assert_eq!(
-            Request::parse(code::INIT, &[0, 0, 0, 1]),
-            Ok(Request::Init { flags: 1 })
-        );
+        assert_eq!(Request::parse(code::INIT, &[0, 0, 0, 1]), Ok(Request::Init { flags: 1 }));
         assert_eq!(Request::parse(code::INIT, &[0, 0, 1]), Err(BadInput));
         assert_eq!(Request::parse(code::INIT, &[0; 5]), Err(BadInput));
     }
@@ -331,10 +321,7 @@ mod tests {
     #[test]
     fn unknown_codes_are_kept_for_bad_ordinal() {
         assert_eq!(Request::parse(0x13, &[]), Ok(Request::Unknown(0x13)));
-        assert_eq!(
-            Request::parse(0xffff_ffff, &[1]),
-            Ok(Request::Unknown(0xffff_ffff))
-        );
+        assert_eq!(Request::parse(0xffff_ffff, &[1]), Ok(Request::Unknown(0xffff_ffff)));
     }
 
     #[test]
@@ -343,11 +330,7 @@ mod tests {
         body.extend_from_slice(&[7, 8, 9]);
         assert_eq!(
             Request::parse(code::SET_STATEBLOB, &body),
-            Ok(Request::SetStateBlob {
-                flags: 0,
-                blob_type: 1,
-                data: vec![7, 8, 9]
-            })
+            Ok(Request::SetStateBlob { flags: 0, blob_type: 1, data: vec![7, 8, 9] })
         );
         body.push(10);
         assert_eq!(Request::parse(code::SET_STATEBLOB, &body), Err(BadInput));
@@ -357,10 +340,7 @@ mod tests {
     fn responses_have_swtpm_layout() {
         // Bytes captured from swtpm 0.7.1 on the same requests.
         assert_eq!(established(0, false), hex("0000000000000000"));
-        assert_eq!(
-            buffer_size(4096, 3072, 4096),
-            hex("00000000000010000000 0c0000001000")
-        );
+        assert_eq!(buffer_size(4096, 3072, 4096), hex("00000000000010000000 0c0000001000"));
         let spec = r#"{"TPMSpecification":{"family":"1.2","level":2,"revision":116}}"#;
         let got = info(spec, 0);
         assert_eq!(&got[..12], &hex("000000000000003f0000003f")[..]);
@@ -370,9 +350,6 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 }

@@ -57,10 +57,7 @@ impl<E: Engine> Device<E> {
     /// so creates its EK) and persists it at once on first start.
     pub fn open(state: StateDir, flags: Flags) -> io::Result<Self> {
         let invalid = |what: &str, e: String| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}/{what}: {e}", state.path().display()),
-            )
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}/{what}: {e}", state.path().display()))
         };
         let mut tpm = match state.read(PERMANENT_FILE)? {
             Some(blob) => E::from_permanent(&blob).map_err(|e| invalid(PERMANENT_FILE, e))?,
@@ -73,16 +70,9 @@ impl<E: Engine> Device<E> {
         };
         let saved_on_disk = state.read(SAVESTATE_FILE)?;
         if let Some(blob) = &saved_on_disk {
-            tpm.set_saved_state(blob)
-                .map_err(|e| invalid(SAVESTATE_FILE, e))?;
+            tpm.set_saved_state(blob).map_err(|e| invalid(SAVESTATE_FILE, e))?;
         }
-        let mut dev = Device {
-            tpm,
-            state: Some(state),
-            running: false,
-            locality: 0,
-            saved_on_disk,
-        };
+        let mut dev = Device { tpm, state: Some(state), running: false, locality: 0, saved_on_disk };
         if flags.not_need_init {
             dev.init()?;
             if flags.startup_clear {
@@ -201,29 +191,19 @@ impl<E: Engine> Device<E> {
             Request::ResetTpmEstablished { .. } if !self.running => not_running,
             Request::ResetTpmEstablished { locality } => {
                 // libtpms resets the bit only from localities 3 and 4.
-                ctrl::result_only(if locality == 3 || locality == 4 {
-                    rc::SUCCESS
-                } else {
-                    rc::BAD_LOCALITY
-                })
+                ctrl::result_only(if locality == 3 || locality == 4 { rc::SUCCESS } else { rc::BAD_LOCALITY })
             }
-            Request::SetLocality { locality } if locality > 4 => {
-                ctrl::result_only(rc::BAD_LOCALITY)
-            }
+            Request::SetLocality { locality } if locality > 4 => ctrl::result_only(rc::BAD_LOCALITY),
             Request::SetLocality { locality } => {
                 self.locality = locality;
                 ctrl::result_only(rc::SUCCESS)
             }
             Request::GetStateBlob { .. } if !self.running => not_running,
-            Request::GetStateBlob {
-                blob_type, offset, ..
-            } => self.get_blob(blob_type, offset),
+            Request::GetStateBlob { blob_type, offset, .. } => self.get_blob(blob_type, offset),
             Request::SetStateBlob { .. } if self.running => not_running,
-            Request::SetStateBlob {
-                flags,
-                blob_type,
-                data,
-            } => ctrl::result_only(self.set_blob(flags, blob_type, &data)),
+            Request::SetStateBlob { flags, blob_type, data } => {
+                ctrl::result_only(self.set_blob(flags, blob_type, &data))
+            }
             Request::GetConfig => {
                 // No file key and no migration key: state is stored in clear.
                 let mut v = ctrl::result_only(rc::SUCCESS);
@@ -231,9 +211,7 @@ impl<E: Engine> Device<E> {
                 v
             }
             Request::SetBufferSize { size } if size > 0 && self.running => not_running,
-            Request::SetBufferSize { .. } => {
-                ctrl::buffer_size(ctrl::BUFFER_SIZE, ctrl::BUFFER_MIN, ctrl::BUFFER_SIZE)
-            }
+            Request::SetBufferSize { .. } => ctrl::buffer_size(ctrl::BUFFER_SIZE, ctrl::BUFFER_MIN, ctrl::BUFFER_SIZE),
             Request::GetInfo { flags, offset } => {
                 let mut parts = Vec::new();
                 if flags & ctrl::INFO_TPMSPECIFICATION != 0 {
@@ -296,9 +274,7 @@ impl<E: Engine> Device<E> {
                         let _ = tpm.set_saved_state(saved);
                     }
                     self.tpm = tpm;
-                    state
-                        .write(PERMANENT_FILE, data)
-                        .map(|()| self.tpm.clear_dirty())
+                    state.write(PERMANENT_FILE, data).map(|()| self.tpm.clear_dirty())
                 }
                 Err(e) => {
                     eprintln!("vtpm-server: refused permanent blob: {e}");
@@ -306,9 +282,7 @@ impl<E: Engine> Device<E> {
                 }
             },
             ctrl::blob::SAVESTATE => match self.tpm.set_saved_state(data) {
-                Ok(()) => state
-                    .write(SAVESTATE_FILE, data)
-                    .map(|()| self.saved_on_disk = Some(data.to_vec())),
+                Ok(()) => state.write(SAVESTATE_FILE, data).map(|()| self.saved_on_disk = Some(data.to_vec())),
                 Err(e) => {
                     eprintln!("vtpm-server: refused savestate blob: {e}");
                     return rc::BAD_PARAMETER;
@@ -345,21 +319,11 @@ mod tests {
 
     impl Engine for Recorder {
         fn manufacture() -> Self {
-            Recorder {
-                permanent: b"EK".to_vec(),
-                dirty: true,
-                saved: None,
-                powered: 0,
-            }
+            Recorder { permanent: b"EK".to_vec(), dirty: true, saved: None, powered: 0 }
         }
         fn from_permanent(blob: &[u8]) -> Result<Self, String> {
             if blob.starts_with(b"EK") {
-                Ok(Recorder {
-                    permanent: blob.to_vec(),
-                    dirty: false,
-                    saved: None,
-                    powered: 0,
-                })
+                Ok(Recorder { permanent: blob.to_vec(), dirty: false, saved: None, powered: 0 })
             } else {
                 Err("not a permanent blob".into())
             }
@@ -422,10 +386,7 @@ mod tests {
         let d = tempdir("init");
         let mut dev = open(&d, Flags::default());
         assert_eq!(dev.process(&[0]), NOT_RUNNING_RESPONSE);
-        assert_eq!(
-            dev.control(Request::Init { flags: 0 }).0,
-            ctrl::result_only(rc::SUCCESS)
-        );
+        assert_eq!(dev.control(Request::Init { flags: 0 }).0, ctrl::result_only(rc::SUCCESS));
         assert_eq!(dev.process(&[0]), vec![0xee, 0]);
         assert_eq!(dev.control(Request::Stop).0, ctrl::result_only(rc::SUCCESS));
         assert_eq!(dev.process(&[0]), NOT_RUNNING_RESPONSE);
@@ -436,13 +397,7 @@ mod tests {
     #[test]
     fn startup_clear_is_sent_after_power_on() {
         let d = tempdir("sc");
-        let dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: true,
-            },
-        );
+        let dev = open(&d, Flags { not_need_init: true, startup_clear: true });
         assert!(dev.running());
         assert_eq!(dev.tpm.powered, 1);
         drop(dev);
@@ -452,22 +407,10 @@ mod tests {
     #[test]
     fn locality_reaches_the_engine_and_is_bounded() {
         let d = tempdir("loc");
-        let mut dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: false,
-            },
-        );
-        assert_eq!(
-            dev.control(Request::SetLocality { locality: 3 }).0,
-            ctrl::result_only(rc::SUCCESS)
-        );
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
+        assert_eq!(dev.control(Request::SetLocality { locality: 3 }).0, ctrl::result_only(rc::SUCCESS));
         assert_eq!(dev.process(&[0]), vec![0xee, 3]);
-        assert_eq!(
-            dev.control(Request::SetLocality { locality: 5 }).0,
-            ctrl::result_only(rc::BAD_LOCALITY)
-        );
+        assert_eq!(dev.control(Request::SetLocality { locality: 5 }).0, ctrl::result_only(rc::BAD_LOCALITY));
         assert_eq!(dev.locality(), 3);
         drop(dev);
         std::fs::remove_dir_all(d).unwrap();
@@ -476,13 +419,7 @@ mod tests {
     #[test]
     fn state_changes_are_on_disk_before_the_answer_and_survive_restart() {
         let d = tempdir("persist");
-        let mut dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: false,
-            },
-        );
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
         dev.process(&[1]);
         assert_eq!(std::fs::read(d.join(PERMANENT_FILE)).unwrap(), b"EK+");
         dev.process(&[2]);
@@ -504,9 +441,7 @@ mod tests {
         let d = tempdir("corrupt");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(PERMANENT_FILE), b"garbage").unwrap();
-        let e = Device::<Recorder>::open(StateDir::open(&d).unwrap(), Flags::default())
-            .err()
-            .unwrap();
+        let e = Device::<Recorder>::open(StateDir::open(&d).unwrap(), Flags::default()).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains(PERMANENT_FILE), "{e}");
         std::fs::remove_dir_all(d).unwrap();
@@ -515,38 +450,15 @@ mod tests {
     #[test]
     fn state_blobs_move_only_in_the_allowed_power_state() {
         let d = tempdir("blobs");
-        let mut dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: false,
-            },
-        );
-        let set = Request::SetStateBlob {
-            flags: 0,
-            blob_type: ctrl::blob::PERMANENT,
-            data: b"EKnew".to_vec(),
-        };
-        assert_eq!(
-            dev.control(set.clone()).0,
-            ctrl::result_only(rc::BAD_ORDINAL)
-        );
-        let got = dev
-            .control(Request::GetStateBlob {
-                flags: 0,
-                blob_type: ctrl::blob::PERMANENT,
-                offset: 0,
-            })
-            .0;
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
+        let set = Request::SetStateBlob { flags: 0, blob_type: ctrl::blob::PERMANENT, data: b"EKnew".to_vec() };
+        assert_eq!(dev.control(set.clone()).0, ctrl::result_only(rc::BAD_ORDINAL));
+        let got = dev.control(Request::GetStateBlob { flags: 0, blob_type: ctrl::blob::PERMANENT, offset: 0 }).0;
         assert_eq!(got, ctrl::state_blob(rc::SUCCESS, b"EK"));
         dev.control(Request::Stop);
         assert_eq!(dev.control(set).0, ctrl::result_only(rc::SUCCESS));
         assert_eq!(std::fs::read(d.join(PERMANENT_FILE)).unwrap(), b"EKnew");
-        let bad = Request::SetStateBlob {
-            flags: 0,
-            blob_type: ctrl::blob::PERMANENT,
-            data: b"junk".to_vec(),
-        };
+        let bad = Request::SetStateBlob { flags: 0, blob_type: ctrl::blob::PERMANENT, data: b"junk".to_vec() };
         assert_eq!(dev.control(bad).0, ctrl::result_only(rc::BAD_PARAMETER));
         drop(dev);
         std::fs::remove_dir_all(d).unwrap();
@@ -555,18 +467,9 @@ mod tests {
     #[test]
     fn shutdown_persists_and_lets_go_of_the_directory() {
         let d = tempdir("shutdown");
-        let mut dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: false,
-            },
-        );
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
         let (answer, after) = dev.control(Request::Shutdown);
-        assert_eq!(
-            (answer, after),
-            (ctrl::result_only(rc::SUCCESS), After::Terminate)
-        );
+        assert_eq!((answer, after), (ctrl::result_only(rc::SUCCESS), After::Terminate));
         assert_eq!(dev.process(&[0]), NOT_RUNNING_RESPONSE);
         // The lock is released although the device value still exists.
         let again = open(&d, Flags::default());
@@ -577,18 +480,8 @@ mod tests {
     #[test]
     fn unknown_and_unoffered_codes_answer_bad_ordinal() {
         let d = tempdir("unknown");
-        let mut dev = open(
-            &d,
-            Flags {
-                not_need_init: true,
-                startup_clear: false,
-            },
-        );
-        for r in [
-            Request::Unknown(0x13),
-            Request::HashStart,
-            Request::StoreVolatile,
-        ] {
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
+        for r in [Request::Unknown(0x13), Request::HashStart, Request::StoreVolatile] {
             assert_eq!(dev.control(r).0, ctrl::result_only(rc::BAD_ORDINAL));
         }
         let caps = u64::from_be_bytes(dev.control(Request::GetCapability).0.try_into().unwrap());

@@ -38,7 +38,5 @@ fn run(options: vtpm_server::cli::Options) -> std::io::Result<()> {
 
 #[cfg(not(feature = "engine"))]
 fn run(_: vtpm_server::cli::Options) -> std::io::Result<()> {
-    Err(std::io::Error::other(
-        "built without the vtpm-core engine (feature `engine`)",
-    ))
+    Err(std::io::Error::other("built without the vtpm-core engine (feature `engine`)"))
 }

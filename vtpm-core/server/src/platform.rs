@@ -11,9 +11,7 @@ pub struct OsPlatform {
 
 impl OsPlatform {
     pub fn new() -> Self {
-        OsPlatform {
-            start: Instant::now(),
-        }
+        OsPlatform { start: Instant::now() }
     }
 
     /// Fills `buf` from the OS. A TPM without entropy must not run, so a

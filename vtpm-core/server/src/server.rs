@@ -66,32 +66,23 @@ impl<E: Engine> Server<E> {
             stopping: AtomicBool::new(false),
             command_client: Mutex::new(None),
         });
-        Ok(Server {
-            shared,
-            command,
-            control,
-        })
+        Ok(Server { shared, command, control })
     }
 
     pub fn command_addr(&self) -> SocketAddr {
-        self.command
-            .local_addr()
-            .expect("bound listener has an address")
+        self.command.local_addr().expect("bound listener has an address")
     }
 
     pub fn control_addr(&self) -> SocketAddr {
-        self.control
-            .local_addr()
-            .expect("bound listener has an address")
+        self.control.local_addr().expect("bound listener has an address")
     }
 
     /// Serves until a control client sends CMD_SHUTDOWN.
     pub fn run(self) -> io::Result<()> {
         let command_addr = self.command_addr();
         let shared = Arc::clone(&self.shared);
-        let command_thread = thread::Builder::new()
-            .name("vtpm-command".into())
-            .spawn(move || serve_commands(&shared, &self.command))?;
+        let command_thread =
+            thread::Builder::new().name("vtpm-command".into()).spawn(move || serve_commands(&shared, &self.command))?;
 
         for stream in self.control.incoming() {
             let stream = match stream {
@@ -112,16 +103,12 @@ impl<E: Engine> Server<E> {
             let _ = client.shutdown(Shutdown::Both);
         }
         let _ = TcpStream::connect(command_addr);
-        command_thread
-            .join()
-            .map_err(|_| io::Error::other("command thread panicked"))
+        command_thread.join().map_err(|_| io::Error::other("command thread panicked"))
     }
 
     /// Runs the server on its own thread (for tests and embedding).
     pub fn spawn(self) -> io::Result<JoinHandle<io::Result<()>>> {
-        thread::Builder::new()
-            .name("vtpm-server".into())
-            .spawn(move || self.run())
+        thread::Builder::new().name("vtpm-server".into()).spawn(move || self.run())
     }
 }
 
@@ -176,11 +163,7 @@ pub fn read_command(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
     while have < 10 {
         let n = stream.read(&mut buf[have..])?;
         if n == 0 {
-            return if have == 0 {
-                Ok(None)
-            } else {
-                Err(ErrorKind::UnexpectedEof.into())
-            };
+            return if have == 0 { Ok(None) } else { Err(ErrorKind::UnexpectedEof.into()) };
         }
         have += n;
     }
@@ -244,21 +227,13 @@ fn read_control(stream: &mut TcpStream) -> io::Result<Option<(u32, Vec<u8>)>> {
                 Some(n) => Some(n),
                 None => ctrl::variable_request_header(code).and_then(|(hdr, at)| {
                     (body.len() >= hdr).then(|| {
-                        hdr + u32::from_be_bytes([
-                            body[at],
-                            body[at + 1],
-                            body[at + 2],
-                            body[at + 3],
-                        ]) as usize
+                        hdr + u32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]) as usize
                     })
                 }),
             };
             if let Some(n) = needed {
                 if 4 + n > MAX_CONTROL {
-                    return Err(io::Error::new(
-                        ErrorKind::InvalidData,
-                        "control message too large",
-                    ));
+                    return Err(io::Error::new(ErrorKind::InvalidData, "control message too large"));
                 }
                 if body.len() >= n {
                     return Ok(Some((code, body.to_vec())));

@@ -25,28 +25,18 @@ impl StateDir {
     /// another server holds it.
     pub fn open(dir: &Path) -> io::Result<StateDir> {
         fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
-                    format!(
-                        "state directory {} is in use by another server",
-                        dir.display()
-                    ),
+                    format!("state directory {} is in use by another server", dir.display()),
                 ))
             }
             Err(fs::TryLockError::Error(e)) => return Err(e),
         }
-        Ok(StateDir {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
+        Ok(StateDir { dir: dir.to_path_buf(), _lock: lock })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,8 +86,7 @@ mod tests {
     fn tempdir(tag: &str) -> PathBuf {
         let mut b = [0u8; 8];
         crate::platform::OsPlatform::fill(&mut b);
-        let d =
-            std::env::temp_dir().join(format!("vtpm-state-{tag}-{:016x}", u64::from_le_bytes(b)));
+        let d = std::env::temp_dir().join(format!("vtpm-state-{tag}-{:016x}", u64::from_le_bytes(b)));
         fs::create_dir_all(&d).unwrap();
         d
     }
@@ -109,10 +98,7 @@ mod tests {
         assert_eq!(s.read(PERMANENT_FILE).unwrap(), None);
         s.write(PERMANENT_FILE, b"one").unwrap();
         s.write(PERMANENT_FILE, b"two").unwrap();
-        assert_eq!(
-            s.read(PERMANENT_FILE).unwrap().as_deref(),
-            Some(&b"two"[..])
-        );
+        assert_eq!(s.read(PERMANENT_FILE).unwrap().as_deref(), Some(&b"two"[..]));
         assert!(!d.join("vtpm-permanent.bin.tmp").exists());
         s.remove(PERMANENT_FILE).unwrap();
         s.remove(PERMANENT_FILE).unwrap();

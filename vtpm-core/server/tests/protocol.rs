@@ -28,17 +28,11 @@ struct StandIn {
 
 impl Engine for StandIn {
     fn manufacture() -> Self {
-        StandIn {
-            permanent: b"stand-in permanent state".to_vec(),
-            dirty: true,
-        }
+        StandIn { permanent: b"stand-in permanent state".to_vec(), dirty: true }
     }
     fn from_permanent(blob: &[u8]) -> Result<Self, String> {
         blob.starts_with(b"stand-in")
-            .then(|| StandIn {
-                permanent: blob.to_vec(),
-                dirty: false,
-            })
+            .then(|| StandIn { permanent: blob.to_vec(), dirty: false })
             .ok_or("not ours".into())
     }
     fn permanent_state(&self) -> Vec<u8> {
@@ -83,12 +77,7 @@ fn serve_stand_in(flags: Flags) -> InProcess {
     };
     let server = Server::<StandIn>::bind(&config).expect("bind");
     let (command, control) = (server.command_addr(), server.control_addr());
-    InProcess {
-        command,
-        control,
-        thread: server.spawn().unwrap(),
-        _dir: dir,
-    }
+    InProcess { command, control, thread: server.spawn().unwrap(), _dir: dir }
 }
 
 fn ioctl(ctrl: SocketAddr, args: &[&str]) -> Output {
@@ -104,26 +93,15 @@ fn ioctl(ctrl: SocketAddr, args: &[&str]) -> Output {
 
 fn ioctl_ok(ctrl: SocketAddr, args: &[&str]) -> String {
     let out = ioctl(ctrl, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "swtpm_ioctl {args:?} failed: {text}");
     text
 }
 
 fn ioctl_err(ctrl: SocketAddr, args: &[&str]) -> String {
     let out = ioctl(ctrl, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !out.status.success(),
-        "swtpm_ioctl {args:?} succeeded but must fail: {text}"
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "swtpm_ioctl {args:?} succeeded but must fail: {text}");
     text
 }
 
@@ -136,10 +114,7 @@ fn swtpm_ioctl_drives_the_control_channel() {
     assert!(caps.contains("ptm capability is 0x"), "{caps}");
     // Before CMD_INIT, TPM commands fail and the established bit is not there.
     let mut tpm = support::backend::TcpTpm::new("stand-in", s.command, ctrl);
-    assert_eq!(
-        tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65]),
-        [0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0x09]
-    );
+    assert_eq!(tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65]), [0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0x09]);
     assert!(ioctl_err(ctrl, &["-e"]).contains("0xa"));
 
     ioctl_ok(ctrl, &["-i"]);
@@ -147,11 +122,7 @@ fn swtpm_ioctl_drives_the_control_channel() {
     assert_eq!(tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[9], 0);
     assert!(ioctl_ok(ctrl, &["-e"]).contains("tpmEstablished is 0"));
     ioctl_ok(ctrl, &["-l", "3"]);
-    assert_eq!(
-        tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[10],
-        3,
-        "locality reaches the engine"
-    );
+    assert_eq!(tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[10], 3, "locality reaches the engine");
     ioctl_ok(ctrl, &["-r", "3"]);
     assert!(ioctl_err(ctrl, &["-r", "1"]).contains("0x3d"));
     assert!(ioctl_ok(ctrl, &["-g"]).contains("ptm configuration flags: 0x0"));
@@ -167,25 +138,15 @@ fn swtpm_ioctl_drives_the_control_channel() {
     ioctl_ok(ctrl, &["--save", "permanent", blob_arg]);
     assert_eq!(std::fs::read(&blob).unwrap(), b"stand-in permanent state");
     ioctl_ok(ctrl, &["--stop"]);
-    assert_eq!(
-        tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[9],
-        0x09,
-        "commands after CMD_STOP"
-    );
+    assert_eq!(tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])[9], 0x09, "commands after CMD_STOP");
     std::fs::write(&blob, b"stand-in permanent state, loaded").unwrap();
     ioctl_ok(ctrl, &["--load", "permanent", blob_arg]);
     ioctl_ok(ctrl, &["-i"]);
     ioctl_ok(ctrl, &["--save", "permanent", blob_arg]);
-    assert_eq!(
-        std::fs::read(&blob).unwrap(),
-        b"stand-in permanent state, loaded"
-    );
+    assert_eq!(std::fs::read(&blob).unwrap(), b"stand-in permanent state, loaded");
 
     ioctl_ok(ctrl, &["-s"]);
-    s.thread
-        .join()
-        .unwrap()
-        .expect("server stopped cleanly after CMD_SHUTDOWN");
+    s.thread.join().unwrap().expect("server stopped cleanly after CMD_SHUTDOWN");
 }
 
 /// Raw control requests whose answers must equal swtpm's, byte for byte.
@@ -204,30 +165,10 @@ const SAME_AS_SWTPM: &[(&str, u32, &[u8], usize)] = &[
     ("CMD_GET_CONFIG", 0x0f, &[], 8),
     ("CMD_GET_CONFIG with a body", 0x0f, &[1], 4),
     ("CMD_SET_BUFFERSIZE query", 0x11, &[0, 0, 0, 0], 16),
-    (
-        "CMD_SET_BUFFERSIZE while running",
-        0x11,
-        &[0, 0, 0x10, 0],
-        4,
-    ),
-    (
-        "CMD_SET_STATEBLOB while running",
-        0x0d,
-        &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-        4,
-    ),
-    (
-        "CMD_GET_INFO spec",
-        0x12,
-        &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-        75,
-    ),
-    (
-        "CMD_GET_INFO offset past the end",
-        0x12,
-        &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0xff, 0, 0, 0, 0],
-        4,
-    ),
+    ("CMD_SET_BUFFERSIZE while running", 0x11, &[0, 0, 0x10, 0], 4),
+    ("CMD_SET_STATEBLOB while running", 0x0d, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], 4),
+    ("CMD_GET_INFO spec", 0x12, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], 75),
+    ("CMD_GET_INFO offset past the end", 0x12, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0xff, 0, 0, 0, 0], 4),
     ("CMD_STOP with a body", 0x0e, &[1], 4),
     ("CMD_STOP", 0x0e, &[], 4),
     ("CMD_GET_TPMESTABLISHED while stopped", 4, &[], 4),
@@ -237,17 +178,11 @@ const SAME_AS_SWTPM: &[(&str, u32, &[u8], usize)] = &[
 #[test]
 fn control_answers_match_swtpm() {
     let swtpm = Swtpm::start(Start::StartupClear);
-    let ours = serve_stand_in(Flags {
-        not_need_init: true,
-        startup_clear: false,
-    });
+    let ours = serve_stand_in(Flags { not_need_init: true, startup_clear: false });
     for &(label, code, body, len) in SAME_AS_SWTPM {
         let want = control(swtpm.control_addr(), code, body, len);
         let got = control(ours.control, code, body, len);
-        assert_eq!(
-            got, want,
-            "{label}: vtpm-server answered differently from swtpm"
-        );
+        assert_eq!(got, want, "{label}: vtpm-server answered differently from swtpm");
     }
     assert_eq!(control(ours.control, 3, &[], 4), [0; 4]);
     ours.thread.join().unwrap().unwrap();
@@ -262,11 +197,7 @@ fn swtpm_ioctl_against_the_vtpm_server_binary() {
     let mut tpm = support::backend::TcpTpm::new("vtpm-server", server.tpm.command_addr, ctrl);
     // TPM_Startup(ST_CLEAR) after the init: a TPM that works answers 0.
     let r = tpm.raw(&[0x00, 0xc1, 0, 0, 0, 0x0c, 0, 0, 0, 0x99, 0, 1]);
-    assert_eq!(
-        r,
-        [0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0],
-        "Startup after swtpm_ioctl -i"
-    );
+    assert_eq!(r, [0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0], "Startup after swtpm_ioctl -i");
     assert!(ioctl_ok(ctrl, &["--info", "2"]).contains("vtpm-core"));
     server.stop();
 }
@@ -277,10 +208,7 @@ fn echo_of(resp: &[u8]) -> &[u8] {
 
 #[test]
 fn commands_are_framed_by_their_size_field() {
-    let s = serve_stand_in(Flags {
-        not_need_init: true,
-        startup_clear: false,
-    });
+    let s = serve_stand_in(Flags { not_need_init: true, startup_clear: false });
     let pcr_read = [0x00, 0xc1, 0, 0, 0, 0x0e, 0, 0, 0, 0x15, 0, 0, 0, 0x0a];
 
     // Several commands on one connection, then on another.
@@ -319,27 +247,16 @@ fn commands_are_framed_by_their_size_field() {
 
 #[test]
 fn shutdown_ends_a_connected_command_client() {
-    let s = serve_stand_in(Flags {
-        not_need_init: true,
-        startup_clear: false,
-    });
+    let s = serve_stand_in(Flags { not_need_init: true, startup_clear: false });
     // A client (tcsd, say) holding the command connection open must not
     // keep the server from shutting down.
     let mut idle = TcpStream::connect(s.command).unwrap();
-    idle.write_all(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65])
-        .unwrap();
+    idle.write_all(&[0x00, 0xc1, 0, 0, 0, 0x0a, 0, 0, 0, 0x65]).unwrap();
     read_response(&mut idle);
     assert_eq!(control(s.control, 3, &[], 4), [0; 4]);
-    s.thread
-        .join()
-        .unwrap()
-        .expect("server stopped with a client connected");
+    s.thread.join().unwrap().expect("server stopped with a client connected");
     let mut buf = [0u8; 1];
-    assert_eq!(
-        idle.read(&mut buf).unwrap_or(0),
-        0,
-        "the command connection is closed"
-    );
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "the command connection is closed");
 }
 
 fn read_response(s: &mut TcpStream) -> Vec<u8> {

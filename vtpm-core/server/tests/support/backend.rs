@@ -24,8 +24,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let mut b = [0u8; 8];
         getrandom::fill(&mut b).unwrap();
-        let p =
-            std::env::temp_dir().join(format!("vtpm-test-{tag}-{:016x}", u64::from_le_bytes(b)));
+        let p = std::env::temp_dir().join(format!("vtpm-test-{tag}-{:016x}", u64::from_le_bytes(b)));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -43,11 +42,7 @@ impl Drop for TempDir {
 /// A port that was free a moment ago: for programs that cannot be told to
 /// pick their own. Callers retry on the rare collision.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One request on the control channel; returns the raw answer of `reply_len` bytes.
@@ -58,8 +53,7 @@ pub fn control(addr: SocketAddr, code: u32, body: &[u8], reply_len: usize) -> Ve
     msg.extend_from_slice(body);
     s.write_all(&msg).unwrap();
     let mut reply = vec![0u8; reply_len];
-    s.read_exact(&mut reply)
-        .unwrap_or_else(|e| panic!("control code {code:#x} on {addr}: {e}"));
+    s.read_exact(&mut reply).unwrap_or_else(|e| panic!("control code {code:#x} on {addr}: {e}"));
     reply
 }
 
@@ -73,12 +67,7 @@ pub struct TcpTpm {
 
 impl TcpTpm {
     pub fn new(name: &str, command_addr: SocketAddr, control_addr: SocketAddr) -> Self {
-        TcpTpm {
-            name: name.into(),
-            command_addr,
-            control_addr,
-            stream: None,
-        }
+        TcpTpm { name: name.into(), command_addr, control_addr, stream: None }
     }
 
     /// Sends bytes that need not be a well-formed command and reads one
@@ -93,14 +82,9 @@ impl TcpTpm {
         });
         s.write_all(bytes).unwrap();
         let mut head = [0u8; 10];
-        s.read_exact(&mut head)
-            .unwrap_or_else(|e| panic!("{}: no response header: {e}", self.name));
+        s.read_exact(&mut head).unwrap_or_else(|e| panic!("{}: no response header: {e}", self.name));
         let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
-        assert!(
-            (10..=4096).contains(&size),
-            "{}: response size {size} out of range",
-            self.name
-        );
+        assert!((10..=4096).contains(&size), "{}: response size {size} out of range", self.name);
         let mut resp = head.to_vec();
         resp.resize(size, 0);
         s.read_exact(&mut resp[10..]).unwrap();
@@ -133,12 +117,7 @@ impl Transport for TcpTpm {
     }
     fn set_locality(&mut self, locality: u8) {
         let r = control(self.control_addr, 5, &[locality], 4);
-        assert_eq!(
-            r,
-            [0, 0, 0, 0],
-            "{}: CMD_SET_LOCALITY {locality} refused",
-            self.name
-        );
+        assert_eq!(r, [0, 0, 0, 0], "{}: CMD_SET_LOCALITY {locality} refused", self.name);
     }
 }
 
@@ -163,9 +142,7 @@ impl Start {
 /// Fails the test, naming the package to install, when a tool is missing.
 pub fn require_tool(program: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in
-        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-    {
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
         let p = dir.join(program);
         if p.is_file() {
             return p;
@@ -214,21 +191,12 @@ impl ServerProcess {
         Self::start_in(program, state_dir.to_path_buf(), None, start)
     }
 
-    fn start_in(
-        program: Program,
-        state_dir: PathBuf,
-        owned: Option<TempDir>,
-        start: Start,
-    ) -> ServerProcess {
+    fn start_in(program: Program, state_dir: PathBuf, owned: Option<TempDir>, start: Start) -> ServerProcess {
         let exe = program.path();
         if program == Program::Swtpm && !state_dir.join("tpm-00.permall").exists() {
             let template = manufactured_template();
             std::fs::create_dir_all(&state_dir).unwrap();
-            std::fs::copy(
-                template.join("tpm-00.permall"),
-                state_dir.join("tpm-00.permall"),
-            )
-            .unwrap();
+            std::fs::copy(template.join("tpm-00.permall"), state_dir.join("tpm-00.permall")).unwrap();
         }
         let mut last_err = String::new();
         for _attempt in 0..5 {
@@ -252,13 +220,7 @@ impl ServerProcess {
             let cmd: SocketAddr = ([127, 0, 0, 1], cmd_port).into();
             if wait_listening(&mut child, &[ctrl, cmd]) {
                 let tpm = TcpTpm::new(program.name(), cmd, ctrl);
-                return ServerProcess {
-                    program,
-                    tpm,
-                    child,
-                    _state: owned,
-                    state_dir,
-                };
+                return ServerProcess { program, tpm, child, _state: owned, state_dir };
             }
             let _ = child.kill();
             let out = child.wait_with_output().expect("wait for server");
@@ -268,26 +230,14 @@ impl ServerProcess {
                 break;
             }
         }
-        panic!(
-            "{} did not start; its error output:\n{last_err}",
-            program.name()
-        );
+        panic!("{} did not start; its error output:\n{last_err}", program.name());
     }
 
     /// Shuts the server down through its control port (state is saved).
     pub fn stop(mut self) {
-        assert_eq!(
-            self.tpm.shutdown(),
-            0,
-            "{}: CMD_SHUTDOWN",
-            self.program.name()
-        );
+        assert_eq!(self.tpm.shutdown(), 0, "{}: CMD_SHUTDOWN", self.program.name());
         let status = self.child.wait().expect("wait for server");
-        assert!(
-            status.success(),
-            "{} exited with {status}",
-            self.program.name()
-        );
+        assert!(status.success(), "{} exited with {status}", self.program.name());
     }
 }
 
@@ -309,12 +259,7 @@ impl Swtpm {
     pub fn start(start: Start) -> Swtpm {
         let dir = TempDir::new("swtpm");
         let state_dir = dir.path().to_path_buf();
-        Swtpm(ServerProcess::start_in(
-            Program::Swtpm,
-            state_dir,
-            Some(dir),
-            start,
-        ))
+        Swtpm(ServerProcess::start_in(Program::Swtpm, state_dir, Some(dir), start))
     }
 
     pub fn control_addr(&self) -> SocketAddr {
@@ -408,20 +353,12 @@ impl Vtpm {
             state_dir: state_dir.clone(),
             command_addr: ([127, 0, 0, 1], 0).into(),
             control_addr: ([127, 0, 0, 1], 0).into(),
-            flags: Flags {
-                not_need_init: true,
-                startup_clear: start == Start::StartupClear,
-            },
+            flags: Flags { not_need_init: true, startup_clear: start == Start::StartupClear },
         };
         let server = Server::<VtpmEngine>::bind(&config).expect("vtpm-server binds");
         let tpm = TcpTpm::new("vtpm", server.command_addr(), server.control_addr());
         let thread = Some(server.spawn().expect("vtpm-server thread"));
-        Vtpm {
-            tpm,
-            thread,
-            _state: owned,
-            state_dir,
-        }
+        Vtpm { tpm, thread, _state: owned, state_dir }
     }
 
     #[cfg(not(feature = "engine"))]
@@ -439,9 +376,7 @@ impl Vtpm {
     fn stop_inner(&mut self) {
         if let Some(t) = self.thread.take() {
             self.tpm.shutdown();
-            t.join()
-                .expect("server thread")
-                .expect("server ran cleanly");
+            t.join().expect("server thread").expect("server ran cleanly");
         }
     }
 }

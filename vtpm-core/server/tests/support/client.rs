@@ -43,12 +43,7 @@ pub type Out = Result<Vec<u8>, u32>;
 
 impl<'t> Client<'t> {
     pub fn new(tpm: &'t mut dyn Transport) -> Self {
-        Client {
-            tpm,
-            nonces: Nonces::new(0x5eed),
-            log: Vec::new(),
-            record: true,
-        }
+        Client { tpm, nonces: Nonces::new(0x5eed), log: Vec::new(), record: true }
     }
 
     pub fn name(&self) -> String {
@@ -59,12 +54,9 @@ impl<'t> Client<'t> {
     pub fn raw(&mut self, label: &str, kind: Kind, command: Vec<u8>) -> Vec<u8> {
         let response = self.tpm.transmit(&command);
         header(&response);
-        self.log.push(Step {
-            label: label.into(),
-            kind,
-            command,
-            response: response.clone(),
-        });
+        if self.record {
+            self.log.push(Step { label: label.into(), kind, command, response: response.clone() });
+        }
         response
     }
 
@@ -79,32 +71,18 @@ impl<'t> Client<'t> {
         if h.rc != rc::SUCCESS {
             return Err(h.rc);
         }
-        assert_eq!(
-            h.tag,
-            tag::RSP_COMMAND,
-            "{}: {label}: wrong response tag",
-            self.name()
-        );
+        assert_eq!(h.tag, tag::RSP_COMMAND, "{}: {label}: wrong response tag", self.name());
         Ok(r[10..].to_vec())
     }
 
     /// An authorised command: appends one trailer per session, sends, and
     /// verifies each session's resAuth on success.
-    pub fn authorised(
-        &mut self,
-        label: &str,
-        kind: Kind,
-        cmd: Cmd,
-        sessions: &mut [&mut Session],
-        cont: bool,
-    ) -> Out {
+    pub fn authorised(&mut self, label: &str, kind: Kind, cmd: Cmd, sessions: &mut [&mut Session], cont: bool) -> Out {
         let ordinal = cmd.ordinal();
         let digest = cmd.param_digest();
         let mut buf = cmd.finish();
-        let sent: Vec<Sent> = sessions
-            .iter()
-            .map(|s| authorize(&digest, s, self.nonces.next(), cont, &mut buf))
-            .collect();
+        let sent: Vec<Sent> =
+            sessions.iter().map(|s| authorize(&digest, s, self.nonces.next(), cont, &mut buf)).collect();
         let n = buf.len() as u32;
         buf[2..6].copy_from_slice(&n.to_be_bytes());
         let r = self.raw(label, kind, buf);
@@ -112,11 +90,7 @@ impl<'t> Client<'t> {
         if h.rc != rc::SUCCESS {
             return Err(h.rc);
         }
-        let want = if sessions.len() == 2 {
-            tag::RSP_AUTH2
-        } else {
-            tag::RSP_AUTH1
-        };
+        let want = if sessions.len() == 2 { tag::RSP_AUTH2 } else { tag::RSP_AUTH1 };
         assert_eq!(h.tag, want, "{}: {label}: wrong response tag", self.name());
         Ok(verify_response(ordinal, &r, sessions, &sent).to_vec())
     }
@@ -124,23 +98,14 @@ impl<'t> Client<'t> {
     // ---- Tier A -------------------------------------------------------
 
     pub fn startup(&mut self, st: u16) -> u32 {
-        let r = self.raw(
-            &format!("Startup({st})"),
-            Kind::Exact,
-            Cmd::new(tag::RQU_COMMAND, ord::STARTUP).u16(st).finish(),
-        );
+        let r =
+            self.raw(&format!("Startup({st})"), Kind::Exact, Cmd::new(tag::RQU_COMMAND, ord::STARTUP).u16(st).finish());
         header(&r).rc
     }
 
     pub fn get_capability(&mut self, kind: Kind, area: u32, sub: &[u8]) -> Out {
         let label = format!("GetCapability({area:#x}, {})", hex(sub));
-        let out = self.plain(
-            &label,
-            kind,
-            Cmd::new(tag::RQU_COMMAND, ord::GET_CAPABILITY)
-                .u32(area)
-                .sized(sub),
-        )?;
+        let out = self.plain(&label, kind, Cmd::new(tag::RQU_COMMAND, ord::GET_CAPABILITY).u32(area).sized(sub))?;
         let mut r = Reader::new(&out);
         let data = r.sized().to_vec();
         assert_eq!(r.remaining(), 0, "{}: {label}: trailing bytes", self.name());
@@ -152,11 +117,8 @@ impl<'t> Client<'t> {
     }
 
     pub fn pcr_read(&mut self, pcr: u32) -> Result<Digest20, u32> {
-        let out = self.plain(
-            &format!("PCRRead({pcr})"),
-            Kind::Exact,
-            Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(pcr),
-        )?;
+        let out =
+            self.plain(&format!("PCRRead({pcr})"), Kind::Exact, Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(pcr))?;
         Ok(out[..].try_into().expect("PCRRead returns 20 bytes"))
     }
 
@@ -164,9 +126,7 @@ impl<'t> Client<'t> {
         let out = self.plain(
             &format!("Extend({pcr})"),
             Kind::Exact,
-            Cmd::new(tag::RQU_COMMAND, ord::EXTEND)
-                .u32(pcr)
-                .bytes(digest),
+            Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(pcr).bytes(digest),
         )?;
         Ok(out[..].try_into().expect("Extend returns 20 bytes"))
     }
@@ -180,79 +140,48 @@ impl<'t> Client<'t> {
     }
 
     pub fn get_random(&mut self, n: u32) -> Result<Vec<u8>, u32> {
-        let out = self.plain(
-            &format!("GetRandom({n})"),
-            Kind::Shape,
-            Cmd::new(tag::RQU_COMMAND, ord::GET_RANDOM).u32(n),
-        )?;
+        let out =
+            self.plain(&format!("GetRandom({n})"), Kind::Shape, Cmd::new(tag::RQU_COMMAND, ord::GET_RANDOM).u32(n))?;
         Ok(Reader::new(&out).sized().to_vec())
     }
 
     /// ReadPubek, with its checksum SHA1(pubkey ‖ antiReplay) verified.
     pub fn read_pubek(&mut self) -> Result<PubKey, u32> {
         let anti_replay = self.nonces.next();
-        let out = self.plain(
-            "ReadPubek",
-            Kind::Shape,
-            Cmd::new(tag::RQU_COMMAND, ord::READ_PUBEK).bytes(&anti_replay),
-        )?;
+        let out =
+            self.plain("ReadPubek", Kind::Shape, Cmd::new(tag::RQU_COMMAND, ord::READ_PUBEK).bytes(&anti_replay))?;
         let mut r = Reader::new(&out);
         let key = parse_pubkey(&mut r);
         let checksum = r.digest();
-        assert_eq!(
-            checksum,
-            sha1(&[&key.raw, &anti_replay]),
-            "{}: ReadPubek checksum",
-            self.name()
-        );
+        assert_eq!(checksum, sha1(&[&key.raw, &anti_replay]), "{}: ReadPubek checksum", self.name());
         Ok(key)
     }
 
     // ---- Sessions -----------------------------------------------------
 
     pub fn oiap(&mut self, secret: &Digest20) -> Session {
-        let out = self
-            .plain("OIAP", Kind::Shape, Cmd::new(tag::RQU_COMMAND, ord::OIAP))
-            .expect("OIAP");
+        let out = self.plain("OIAP", Kind::Shape, Cmd::new(tag::RQU_COMMAND, ord::OIAP)).expect("OIAP");
         let mut r = Reader::new(&out);
-        Session {
-            handle: r.u32(),
-            nonce_even: r.digest(),
-            key: *secret,
-            shared: None,
-        }
+        Session { handle: r.u32(), nonce_even: r.digest(), key: *secret, shared: None }
     }
 
     /// OSAP: sharedSecret = HMAC(entityAuth, nonceEvenOSAP ‖ nonceOddOSAP).
     pub fn osap(&mut self, entity_type: u16, entity: u32, secret: &Digest20) -> Session {
         let odd_osap = self.nonces.next();
-        let cmd = Cmd::new(tag::RQU_COMMAND, ord::OSAP)
-            .u16(entity_type)
-            .u32(entity)
-            .bytes(&odd_osap);
+        let cmd = Cmd::new(tag::RQU_COMMAND, ord::OSAP).u16(entity_type).u32(entity).bytes(&odd_osap);
         let out = self.plain("OSAP", Kind::Shape, cmd).expect("OSAP");
         let mut r = Reader::new(&out);
         let handle = r.u32();
         let nonce_even = r.digest();
         let even_osap = r.digest();
         let shared = hmac_sha1(secret, &[&even_osap, &odd_osap]);
-        Session {
-            handle,
-            nonce_even,
-            key: shared,
-            shared: Some(shared),
-        }
+        Session { handle, nonce_even, key: shared, shared: Some(shared) }
     }
 
     // ---- Ownership ----------------------------------------------------
 
     /// TakeOwnership with the owner and SRK secrets OAEP-encrypted to the EK.
-    pub fn take_ownership(
-        &mut self,
-        ek: &PubKey,
-        owner: &Digest20,
-        srk: &Digest20,
-    ) -> Result<KeyBlob, u32> {
+    pub fn take_ownership(&mut self, ek: &PubKey, owner: &Digest20, srk: &Digest20) -> Result<KeyBlob, u32> {
         let ek = rsa_key(&ek.modulus, &ek.exponent);
         let enc_owner = oaep_tcpa(&ek, owner);
         let enc_srk = oaep_tcpa(&ek, srk);
@@ -304,38 +233,22 @@ impl<'t> Client<'t> {
         Ok(parse_key(&mut Reader::new(&out)))
     }
 
-    pub fn load_key2(
-        &mut self,
-        parent: u32,
-        parent_auth: &Digest20,
-        key: &KeyBlob,
-    ) -> Result<u32, u32> {
+    pub fn load_key2(&mut self, parent: u32, parent_auth: &Digest20, key: &KeyBlob) -> Result<u32, u32> {
         let mut s = self.oiap(parent_auth);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::LOAD_KEY2)
-            .handle(parent)
-            .bytes(&key.raw);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::LOAD_KEY2).handle(parent).bytes(&key.raw);
         let out = self.authorised("LoadKey2", Kind::Shape, cmd, &mut [&mut s], false)?;
         Ok(Reader::new(&out).u32())
     }
 
-    pub fn sign(
-        &mut self,
-        key: u32,
-        key_auth: &Digest20,
-        digest: &Digest20,
-    ) -> Result<Vec<u8>, u32> {
+    pub fn sign(&mut self, key: u32, key_auth: &Digest20, digest: &Digest20) -> Result<Vec<u8>, u32> {
         let mut s = self.oiap(key_auth);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::SIGN)
-            .handle(key)
-            .sized(digest);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::SIGN).handle(key).sized(digest);
         let out = self.authorised("Sign", Kind::Shape, cmd, &mut [&mut s], false)?;
         Ok(Reader::new(&out).sized().to_vec())
     }
 
     pub fn flush_key(&mut self, handle: u32) -> u32 {
-        let cmd = Cmd::new(tag::RQU_COMMAND, ord::FLUSH_SPECIFIC)
-            .u32(handle)
-            .u32(1);
+        let cmd = Cmd::new(tag::RQU_COMMAND, ord::FLUSH_SPECIFIC).u32(handle).u32(1);
         match self.plain("FlushSpecific", Kind::Shape, cmd) {
             Ok(_) => rc::SUCCESS,
             Err(rc) => rc,
@@ -354,11 +267,7 @@ impl<'t> Client<'t> {
     ) -> Result<Vec<u8>, u32> {
         let mut s = self.osap(TPM_ET_KEYHANDLE, key, key_auth);
         let enc = xor_encrypt(data_auth, &s.shared.unwrap(), &s.nonce_even);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::SEAL)
-            .handle(key)
-            .bytes(&enc)
-            .sized(pcr_info)
-            .sized(data);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::SEAL).handle(key).bytes(&enc).sized(pcr_info).sized(data);
         self.authorised("Seal", Kind::Shape, cmd, &mut [&mut s], false)
     }
 
@@ -372,9 +281,7 @@ impl<'t> Client<'t> {
     ) -> Result<Vec<u8>, u32> {
         let mut sk = self.oiap(key_auth);
         let mut sd = self.oiap(data_auth);
-        let cmd = Cmd::new(tag::RQU_AUTH2, ord::UNSEAL)
-            .handle(key)
-            .bytes(sealed);
+        let cmd = Cmd::new(tag::RQU_AUTH2, ord::UNSEAL).handle(key).bytes(sealed);
         let out = self.authorised("Unseal", Kind::Shape, cmd, &mut [&mut sk, &mut sd], false)?;
         Ok(Reader::new(&out).sized().to_vec())
     }
@@ -390,10 +297,7 @@ impl<'t> Client<'t> {
         pcrs: &[u32],
     ) -> Result<(Vec<u8>, Vec<u8>), u32> {
         let mut s = self.oiap(key_auth);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::QUOTE)
-            .handle(key)
-            .bytes(external)
-            .bytes(&pcr_selection(pcrs));
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::QUOTE).handle(key).bytes(external).bytes(&pcr_selection(pcrs));
         let out = self.authorised("Quote", Kind::Shape, cmd, &mut [&mut s], false)?;
         let mut r = Reader::new(&out);
         let sel_size = r.u16() as usize;
@@ -418,17 +322,8 @@ impl<'t> Client<'t> {
         let mut so = self.osap(TPM_ET_OWNER, TPM_KH_OWNER, owner);
         let enc = xor_encrypt(aik_auth, &so.shared.unwrap(), &so.nonce_even);
         let template = key_template(TPM_KEY_IDENTITY, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
-        let cmd = Cmd::new(tag::RQU_AUTH2, ord::MAKE_IDENTITY)
-            .bytes(&enc)
-            .bytes(label_digest)
-            .bytes(&template);
-        let out = self.authorised(
-            "MakeIdentity",
-            Kind::Shape,
-            cmd,
-            &mut [&mut ss, &mut so],
-            false,
-        )?;
+        let cmd = Cmd::new(tag::RQU_AUTH2, ord::MAKE_IDENTITY).bytes(&enc).bytes(label_digest).bytes(&template);
+        let out = self.authorised("MakeIdentity", Kind::Shape, cmd, &mut [&mut ss, &mut so], false)?;
         let mut r = Reader::new(&out);
         let key = parse_key(&mut r);
         let binding = r.sized().to_vec();
@@ -471,13 +366,7 @@ impl<'t> Client<'t> {
             .u8(0)
             .u32(size)
             .bytes(&enc);
-        match self.authorised(
-            &format!("NV_DefineSpace({index:#x}, {size})"),
-            Kind::Shape,
-            cmd,
-            &mut [&mut s],
-            false,
-        ) {
+        match self.authorised(&format!("NV_DefineSpace({index:#x}, {size})"), Kind::Shape, cmd, &mut [&mut s], false) {
             Ok(_) => rc::SUCCESS,
             Err(rc) => rc,
         }
@@ -485,28 +374,16 @@ impl<'t> Client<'t> {
 
     pub fn nv_write(&mut self, owner: &Digest20, index: u32, offset: u32, data: &[u8]) -> u32 {
         let mut s = self.oiap(owner);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_WRITE_VALUE)
-            .u32(index)
-            .u32(offset)
-            .sized(data);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_WRITE_VALUE).u32(index).u32(offset).sized(data);
         match self.authorised("NV_WriteValue", Kind::Shape, cmd, &mut [&mut s], false) {
             Ok(_) => rc::SUCCESS,
             Err(rc) => rc,
         }
     }
 
-    pub fn nv_read(
-        &mut self,
-        owner: &Digest20,
-        index: u32,
-        offset: u32,
-        len: u32,
-    ) -> Result<Vec<u8>, u32> {
+    pub fn nv_read(&mut self, owner: &Digest20, index: u32, offset: u32, len: u32) -> Result<Vec<u8>, u32> {
         let mut s = self.oiap(owner);
-        let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_READ_VALUE)
-            .u32(index)
-            .u32(offset)
-            .u32(len);
+        let cmd = Cmd::new(tag::RQU_AUTH1, ord::NV_READ_VALUE).u32(index).u32(offset).u32(len);
         let out = self.authorised("NV_ReadValue", Kind::Shape, cmd, &mut [&mut s], false)?;
         Ok(Reader::new(&out).sized().to_vec())
     }
@@ -532,9 +409,5 @@ pub fn compare(reference: &[Step], subject: &[Step], subject_name: &str) {
             hex(&b.response)
         );
     }
-    assert_eq!(
-        reference.len(),
-        subject.len(),
-        "{subject_name} ran a different number of steps"
-    );
+    assert_eq!(reference.len(), subject.len(), "{subject_name} ran a different number of steps");
 }

@@ -159,10 +159,7 @@ impl Cmd {
         buf.extend_from_slice(&tag.to_be_bytes());
         buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&ordinal.to_be_bytes());
-        Cmd {
-            buf,
-            params_from: 10,
-        }
+        Cmd { buf, params_from: 10 }
     }
     pub fn u8(mut self, v: u8) -> Self {
         self.buf.push(v);
@@ -264,22 +261,13 @@ pub struct Header {
 }
 
 pub fn header(resp: &[u8]) -> Header {
-    assert!(
-        resp.len() >= 10,
-        "response shorter than a header: {}",
-        hex(resp)
-    );
+    assert!(resp.len() >= 10, "response shorter than a header: {}", hex(resp));
     let h = Header {
         tag: u16::from_be_bytes([resp[0], resp[1]]),
         size: u32::from_be_bytes(resp[2..6].try_into().unwrap()),
         rc: u32::from_be_bytes(resp[6..10].try_into().unwrap()),
     };
-    assert_eq!(
-        h.size as usize,
-        resp.len(),
-        "paramSize disagrees with the response length: {}",
-        hex(resp)
-    );
+    assert_eq!(h.size as usize, resp.len(), "paramSize disagrees with the response length: {}", hex(resp));
     h
 }
 
@@ -289,10 +277,7 @@ pub fn hex(b: &[u8]) -> String {
 
 pub fn unhex(s: &str) -> Vec<u8> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 /// An authorisation session held by the client.
@@ -332,13 +317,7 @@ pub struct Sent {
 }
 
 /// Appends one authorisation trailer (handle ‖ nonceOdd ‖ continue ‖ HMAC).
-pub fn authorize(
-    digest: &Digest20,
-    s: &Session,
-    nonce_odd: Digest20,
-    cont: bool,
-    into: &mut Vec<u8>,
-) -> Sent {
+pub fn authorize(digest: &Digest20, s: &Session, nonce_odd: Digest20, cont: bool, into: &mut Vec<u8>) -> Sent {
     let c = [cont as u8];
     let mac = hmac_sha1(&s.key, &[digest, &s.nonce_even, &nonce_odd, &c]);
     into.extend_from_slice(&s.handle.to_be_bytes());
@@ -351,20 +330,11 @@ pub fn authorize(
 /// Splits a successful authorised response into its output parameters and
 /// checks each session's resAuth; the sessions take the new nonceEven.
 /// Returns the output parameters (after the 10-byte header).
-pub fn verify_response<'a>(
-    ordinal: u32,
-    resp: &'a [u8],
-    sessions: &mut [&mut Session],
-    sent: &[Sent],
-) -> &'a [u8] {
+pub fn verify_response<'a>(ordinal: u32, resp: &'a [u8], sessions: &mut [&mut Session], sent: &[Sent]) -> &'a [u8] {
     let h = header(resp);
     assert_eq!(h.rc, rc::SUCCESS, "verify_response on a failed command");
     let trailer = 41 * sessions.len();
-    assert!(
-        resp.len() >= 10 + trailer,
-        "authorised response too short: {}",
-        hex(resp)
-    );
+    assert!(resp.len() >= 10 + trailer, "authorised response too short: {}", hex(resp));
     let out = &resp[10..resp.len() - trailer];
     // Returned handles are not authorised (LoadKey2's inkeyHandle).
     let handles = if ordinal == ord::LOAD_KEY2 { 4 } else { 0 };
@@ -374,11 +344,7 @@ pub fn verify_response<'a>(
         let nonce_even: Digest20 = t[..20].try_into().unwrap();
         let cont = t[20];
         let mac = hmac_sha1(&s.key, &[&digest, &nonce_even, &sent.nonce_odd, &[cont]]);
-        assert_eq!(
-            &t[21..41],
-            &mac,
-            "resAuth of session {i} does not verify (ordinal {ordinal:#x})"
-        );
+        assert_eq!(&t[21..41], &mac, "resAuth of session {i} does not verify (ordinal {ordinal:#x})");
         assert_eq!(cont != 0, sent.cont, "continueAuthSession echoed wrongly");
         s.nonce_even = nonce_even;
     }
@@ -492,15 +458,7 @@ pub fn parse_key(r: &mut Reader<'_>) -> KeyBlob {
     let modulus = r.sized().to_vec();
     let enc_data_len = r.sized().len();
     let raw = r.data[start..r.pos()].to_vec();
-    KeyBlob {
-        raw,
-        usage,
-        enc_scheme,
-        sig_scheme,
-        modulus,
-        exponent,
-        enc_data_len,
-    }
+    KeyBlob { raw, usage, enc_scheme, sig_scheme, modulus, exponent, enc_data_len }
 }
 
 /// A TPM_PUBKEY (TPM_KEY_PARMS ‖ TPM_STORE_PUBKEY).
@@ -515,35 +473,24 @@ pub fn parse_pubkey(r: &mut Reader<'_>) -> PubKey {
     let start = r.pos();
     let (_, _, exponent) = rsa_parms(r);
     let modulus = r.sized().to_vec();
-    PubKey {
-        raw: r.data[start..r.pos()].to_vec(),
-        modulus,
-        exponent,
-    }
+    PubKey { raw: r.data[start..r.pos()].to_vec(), modulus, exponent }
 }
 
 /// The RSA public key, with the TPM's default exponent when none is given.
 pub fn rsa_key(modulus: &[u8], exponent: &[u8]) -> PublicKey {
-    let e = if exponent.is_empty() {
-        &[1, 0, 1][..]
-    } else {
-        exponent
-    };
+    let e = if exponent.is_empty() { &[1, 0, 1][..] } else { exponent };
     let n = BoxedUint::from_be_slice_vartime(modulus);
-    PublicKey::new(n, BoxedUint::from_be_slice_vartime(e))
-        .expect("TPM key is a valid RSA public key")
+    PublicKey::new(n, BoxedUint::from_be_slice_vartime(e)).expect("TPM key is a valid RSA public key")
 }
 
 /// Verifies an RSA PKCS#1 v1.5 SHA-1 signature over `digest`.
 pub fn verify_sha1(key: &PublicKey, digest: &Digest20, sig: &[u8]) -> Result<(), String> {
-    key.verify(Pkcs1v15Sign::new::<Sha1>(), digest, sig)
-        .map_err(|e| e.to_string())
+    key.verify(Pkcs1v15Sign::new::<Sha1>(), digest, sig).map_err(|e| e.to_string())
 }
 
 /// OAEP-SHA1 with the label "TCPA", as TakeOwnership expects.
 pub fn oaep_tcpa(key: &PublicKey, msg: &[u8]) -> Vec<u8> {
-    key.encrypt(&mut OsRng, Oaep::<Sha1>::new_with_label(&b"TCPA"[..]), msg)
-        .expect("OAEP encryption")
+    key.encrypt(&mut OsRng, Oaep::<Sha1>::new_with_label(&b"TCPA"[..]), msg).expect("OAEP encryption")
 }
 
 /// TPM_QUOTE_INFO digest: SHA1(1.1.0.0 ‖ "QUOT" ‖ SHA1(composite) ‖ externalData).
