@@ -82,7 +82,9 @@ impl TcpTpm {
         });
         s.write_all(bytes).unwrap();
         let mut head = [0u8; 10];
-        s.read_exact(&mut head).unwrap_or_else(|e| panic!("{}: no response header: {e}", self.name));
+        s.read_exact(&mut head).unwrap_or_else(|e| {
+            panic!("{}: no response header: {e} (did the server die? an engine panic is printed above)", self.name)
+        });
         let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
         assert!((10..=4096).contains(&size), "{}: response size {size} out of range", self.name);
         let mut resp = head.to_vec();
