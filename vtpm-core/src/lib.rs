@@ -1,2 +1,248 @@
-//! A `no_std` + `alloc` TPM 1.2 engine (work in progress, see the README's status table).
+//! `vtpm-core`: a `no_std` + `alloc` TPM 1.2 engine, one instance per guest.
+//!
+//! The engine answers TPM 1.2 command bytes the way libtpms (swtpm) does:
+//! same wire formats, return codes and state transitions for the commands it
+//! implements (Tier A and Tier B of `shared/platform/TPM12.md`); every other
+//! ordinal answers `TPM_BAD_ORDINAL` (0x0A).
+//!
+//! # Interface
+//! * [`Platform`] supplies entropy and time; there is no global state.
+//! * [`Tpm::manufacture`] makes a fresh chip (the EK is generated then);
+//!   [`Tpm::permanent_state`] / [`Tpm::from_permanent`] persist and restore it.
+//!   The caller persists when [`Tpm::permanent_dirty`] says so.
+//! * [`Tpm::power_on`] is TPM_Init; the guest must then send Startup.
+//! * [`Tpm::execute`] runs one command from a locality and returns the
+//!   response. It never panics, whatever the bytes.
+//! * TPM_SaveState produces a blob ([`Tpm::saved_state`]) that
+//!   Startup(ST_STATE) consumes once; [`Tpm::set_saved_state`] hands a
+//!   persisted one back after the hypervisor restarts.
+//! * [`Tpm::extend`] / [`Tpm::pcr`] serve the hypervisor's measured launch.
+//!
+//! # Limits
+//! * Commands up to 4096 bytes (larger ones: `TPM_BAD_PARAM_SIZE`).
+//! * 16 authorisation sessions, 20 loaded keys (as libtpms).
+//! * NV: 64 indices, 0x6FFA bytes of data in total.
+//! * RSA keys are 2048-bit with e = 65537.
+
 #![no_std]
+#![forbid(unsafe_code)]
+#![deny(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+#![deny(clippy::arithmetic_side_effects)]
+
+extern crate alloc;
+
+pub mod consts;
+pub mod crypto;
+pub mod flags;
+pub mod key;
+pub mod keys;
+pub mod marshal;
+pub mod nv;
+pub mod pcr;
+pub mod secret;
+pub mod session;
+pub mod state;
+
+mod commands;
+#[cfg(test)]
+mod tests;
+
+use alloc::vec::Vec;
+pub use state::StateError;
+
+/// One SHA-1 for the whole workspace (RustCrypto `sha1`).
+pub fn sha1(data: &[u8]) -> [u8; 20] {
+    crypto::sha1(data)
+}
+
+/// What the TPM needs from the machine it runs on.
+pub trait Platform {
+    /// Fills `buf` with entropy (RDRAND/RDSEED in the hypervisor, a fixed
+    /// seed in tests).
+    fn fill_random(&mut self, buf: &mut [u8]);
+    /// Monotonic microseconds, for GetTicks.
+    fn ticks_us(&mut self) -> u64;
+}
+
+/// Where the chip is in its life cycle since TPM_Init.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// After TPM_Init, waiting for Startup.
+    PostInit,
+    /// Started.
+    Operational,
+    /// Failure mode (e.g. Startup(ST_STATE) without a saved state) until
+    /// the next TPM_Init.
+    Failed,
+}
+
+/// State lost at TPM_Init.
+struct Volatile {
+    flags: flags::StclearFlags,
+    pcrs: pcr::PcrBank,
+    sessions: session::Sessions,
+    keys: keys::KeyTable,
+    tick_nonce: [u8; 20],
+    tick_base_us: u64,
+}
+
+/// A TPM 1.2.
+pub struct Tpm<P: Platform> {
+    platform: P,
+    drbg: crypto::Drbg,
+    perm: state::Permanent,
+    dirty: bool,
+    mode: Mode,
+    vol: Volatile,
+    saved: Option<Vec<u8>>,
+    /// True once the full self-test ran in this power cycle.
+    selftest_full_done: bool,
+}
+
+impl<P: Platform> Tpm<P> {
+    fn with_permanent(mut platform: P, perm: state::Permanent) -> Self {
+        let mut seed = [0u8; 32];
+        platform.fill_random(&mut seed);
+        let mut drbg = crypto::Drbg::new(seed);
+        let tick_base_us = platform.ticks_us();
+        let tick_nonce = drbg.nonce();
+        Tpm {
+            platform,
+            drbg,
+            perm,
+            dirty: false,
+            mode: Mode::PostInit,
+            vol: Volatile {
+                flags: flags::StclearFlags::default(),
+                pcrs: pcr::PcrBank::cleared(),
+                sessions: session::Sessions::default(),
+                keys: keys::KeyTable::default(),
+                tick_nonce,
+                tick_base_us,
+            },
+            saved: None,
+            selftest_full_done: false,
+        }
+    }
+
+    /// A fresh chip with its endorsement key, provisioned as
+    /// `swtpm_setup --createek` leaves one: EK made, physical presence
+    /// command enabled, no owner. It needs Startup.
+    pub fn manufacture(platform: P) -> Self {
+        let mut t = Self::manufacture_without_ek(platform);
+        t.create_ek();
+        t.perm.flags.pp_cmd_enable = true;
+        t.dirty = true;
+        t
+    }
+
+    /// A fresh chip without an EK (as libtpms before provisioning), for
+    /// testing TPM_CreateEndorsementKeyPair.
+    pub fn manufacture_without_ek(platform: P) -> Self {
+        let mut t = Self::with_permanent(platform, state::Permanent::factory());
+        t.dirty = true;
+        t
+    }
+
+    /// Restores a chip from [`Tpm::permanent_state`]. Refuses corrupt or
+    /// truncated blobs without loading any part of them.
+    pub fn from_permanent(blob: &[u8], platform: P) -> Result<Self, StateError> {
+        let perm = state::Permanent::from_blob(blob)?;
+        Ok(Self::with_permanent(platform, perm))
+    }
+
+    /// The versioned, checksummed permanent state.
+    pub fn permanent_state(&self) -> Vec<u8> {
+        self.perm.to_blob()
+    }
+
+    /// True when the permanent state changed since [`Tpm::clear_dirty`].
+    pub fn permanent_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Marks the permanent state as persisted.
+    pub fn clear_dirty(&mut self) {
+        self.dirty = false;
+    }
+
+    /// The state TPM_SaveState produced, while it is still valid (any
+    /// command after SaveState other than Startup(ST_STATE) invalidates it).
+    pub fn saved_state(&self) -> Option<Vec<u8>> {
+        self.saved.clone()
+    }
+
+    /// Hands back a persisted saved state, for Startup(ST_STATE) after the
+    /// hypervisor restarted.
+    pub fn set_saved_state(&mut self, blob: &[u8]) -> Result<(), StateError> {
+        let s = state::Saved::from_blob(blob)?;
+        if s.identity != self.perm.identity() {
+            return Err(StateError::WrongTpm);
+        }
+        self.saved = Some(blob.to_vec());
+        Ok(())
+    }
+
+    /// TPM_Init: a power cycle. Volatile state is lost; the chip waits for
+    /// Startup. A saved state survives (that is its purpose).
+    pub fn power_on(&mut self) {
+        let mut fresh = [0u8; 32];
+        self.platform.fill_random(&mut fresh);
+        self.drbg.mix(&fresh);
+        self.mode = Mode::PostInit;
+        self.vol.flags = flags::StclearFlags::default();
+        self.vol.pcrs = pcr::PcrBank::cleared();
+        self.vol.sessions.clear();
+        self.vol.keys.clear();
+        self.vol.tick_nonce = self.drbg.nonce();
+        self.vol.tick_base_us = self.platform.ticks_us();
+        self.selftest_full_done = false;
+    }
+
+    /// Runs one command sent from `locality` (0–4) and returns the response.
+    pub fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+        commands::execute(self, locality, command)
+    }
+
+    /// Extends a PCR for the hypervisor (measured launch), with the same
+    /// locality rules as TPM_Extend. Returns the new value or a TPM error.
+    pub fn extend(&mut self, locality: u8, pcr: u32, digest: &[u8; 20]) -> Result<[u8; 20], u32> {
+        self.vol.pcrs.extend(locality, pcr, digest)
+    }
+
+    /// Current value of a PCR, or None for an index beyond 23.
+    pub fn pcr(&self, pcr: u32) -> Option<[u8; 20]> {
+        self.vol.pcrs.get(pcr).ok()
+    }
+
+    fn create_ek(&mut self) -> bool {
+        match crypto::RsaKey::generate(&mut self.drbg) {
+            Some(k) => {
+                self.perm.ek = Some(k);
+                self.perm.flags.cekp_used = true;
+                self.perm.flags.enable_revoke_ek = false;
+                self.dirty = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[allow(dead_code)] // used by the ownership commands
+    fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    fn reseed_if_due(&mut self) {
+        if self.drbg.needs_reseed() {
+            let mut e = [0u8; 32];
+            self.platform.fill_random(&mut e);
+            self.drbg.mix(&e);
+        }
+    }
+}

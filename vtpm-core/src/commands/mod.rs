@@ -1,0 +1,337 @@
+//! Command framing, dispatch and the checks common to all ordinals.
+//!
+//! The order of checks follows libtpms' `TPM_Process`: size, ordinal,
+//! post-init, failure mode, then per ordinal: parameters, enable/activate
+//! state, tag, authorisation, trailing bytes.
+
+mod capability;
+mod pcr;
+mod random;
+mod sessions;
+mod startup;
+
+use crate::consts::*;
+use crate::crypto::sha1_parts;
+use crate::marshal::{Put, Reader, TpmResult};
+use crate::secret::Secret;
+use crate::session::{AuthIn, Entity, Verified, AUTH_IN_LEN};
+use crate::{Mode, Platform, Tpm};
+use alloc::vec::Vec;
+
+/// Largest command and response (TPM_CAP_PROP_INPUT_BUFFER).
+pub const MAX_COMMAND: usize = 4096;
+const HEADER: usize = 10;
+
+/// One parsed request.
+pub(crate) struct Cmd<'a> {
+    pub tag: u16,
+    pub ordinal: u32,
+    pub locality: u8,
+    /// Parameters: the body without the authorisation trailers.
+    pub params: &'a [u8],
+    pub r: Reader<'a>,
+    auths: [Option<AuthIn>; 2],
+    auth_error: Option<u32>,
+    /// Sessions named by this command, ended if it fails.
+    pub used: [Option<u32>; 2],
+}
+
+impl<'a> Cmd<'a> {
+    fn new(tag: u16, ordinal: u32, locality: u8, body: &'a [u8]) -> Self {
+        let n: usize = match tag {
+            TAG_RQU_AUTH1_COMMAND => 1,
+            TAG_RQU_AUTH2_COMMAND => 2,
+            _ => 0,
+        };
+        let mut auths = [None, None];
+        let mut auth_error = None;
+        let mut params = body;
+        if n > 0 {
+            match body.len().checked_sub(n.saturating_mul(AUTH_IN_LEN)) {
+                Some(split) => {
+                    let (p, trailer) = body.split_at(split);
+                    params = p;
+                    let mut tr = Reader::new(trailer);
+                    for slot in auths.iter_mut().take(n) {
+                        match AuthIn::read(&mut tr) {
+                            Ok(a) => *slot = Some(a),
+                            Err(e) => {
+                                auth_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+                None => auth_error = Some(TPM_BAD_PARAM_SIZE),
+            }
+        }
+        Cmd {
+            tag,
+            ordinal,
+            locality,
+            params,
+            r: Reader::new(params),
+            auths,
+            auth_error,
+            used: [None, None],
+        }
+    }
+
+    /// Requires the tag to be one of `tags` (TPM_BADTAG otherwise).
+    pub fn tag_in(&self, tags: &[u16]) -> TpmResult<()> {
+        if tags.contains(&self.tag) {
+            Ok(())
+        } else {
+            Err(TPM_BADTAG)
+        }
+    }
+
+    /// Ends parameter parsing: no bytes may be left.
+    pub fn done(&mut self) -> TpmResult<()> {
+        if let Some(e) = self.auth_error {
+            return Err(e);
+        }
+        self.r.finish()
+    }
+
+    /// The `i`-th session trailer (0 or 1); remembers its handle so the
+    /// session ends if the command fails.
+    pub fn auth(&mut self, i: usize) -> TpmResult<AuthIn> {
+        let a = self
+            .auths
+            .get(i)
+            .and_then(|a| a.clone())
+            .ok_or(TPM_BAD_PARAM_SIZE)?;
+        if let Some(u) = self.used.get_mut(i) {
+            *u = Some(a.handle);
+        }
+        Ok(a)
+    }
+
+    #[allow(dead_code)]
+    /// Number of sessions the tag announces.
+    pub fn n_auths(&self) -> usize {
+        self.auths.iter().filter(|a| a.is_some()).count()
+    }
+
+    /// inParamDigest: SHA1(ordinal ‖ parameters after the first
+    /// `handle_bytes` bytes of handles).
+    pub fn in_digest(&self, handle_bytes: usize) -> [u8; 20] {
+        let p = self.params.get(handle_bytes..).unwrap_or(&[]);
+        sha1_parts(&[&self.ordinal.to_be_bytes(), p])
+    }
+}
+
+/// Which states an ordinal runs in.
+#[derive(Clone, Copy)]
+struct Avail {
+    disabled: bool,
+    deactivated: bool,
+}
+
+const ANY: Avail = Avail {
+    disabled: true,
+    deactivated: true,
+};
+const ACTIVE: Avail = Avail {
+    disabled: false,
+    deactivated: false,
+};
+
+/// The ordinals this TPM implements and when they are available.
+fn availability(ordinal: u32) -> Option<Avail> {
+    Some(match ordinal {
+        ORD_STARTUP
+        | ORD_SAVE_STATE
+        | ORD_SELF_TEST_FULL
+        | ORD_CONTINUE_SELF_TEST
+        | ORD_GET_TEST_RESULT
+        | ORD_GET_CAPABILITY
+        | ORD_EXTEND
+        | ORD_PCR_RESET
+        | ORD_OIAP
+        | ORD_OSAP
+        | ORD_FLUSH_SPECIFIC
+        | ORD_TERMINATE_HANDLE => ANY,
+        ORD_PCR_READ | ORD_GET_RANDOM | ORD_STIR_RANDOM | ORD_GET_TICKS => ACTIVE,
+        _ => return None,
+    })
+}
+
+/// An error response: tag 0xC4, size 10, the code.
+pub(crate) fn error_response(rc: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER);
+    v.put_u16(TAG_RSP_COMMAND);
+    v.put_u32(HEADER as u32);
+    v.put_u32(rc);
+    v
+}
+
+pub(crate) fn execute<P: Platform>(tpm: &mut Tpm<P>, locality: u8, command: &[u8]) -> Vec<u8> {
+    tpm.reseed_if_due();
+    match process(tpm, locality, command) {
+        Ok((tag, body)) => {
+            let Some(len) = body.len().checked_add(HEADER).filter(|l| *l <= MAX_COMMAND) else {
+                return error_response(TPM_SIZE);
+            };
+            let mut v = Vec::with_capacity(len);
+            v.put_u16(tag.wrapping_add(3));
+            v.put_u32(len as u32);
+            v.put_u32(TPM_SUCCESS);
+            v.put(&body);
+            v
+        }
+        Err(rc) => error_response(rc),
+    }
+}
+
+fn process<P: Platform>(
+    tpm: &mut Tpm<P>,
+    locality: u8,
+    command: &[u8],
+) -> TpmResult<(u16, Vec<u8>)> {
+    if command.len() > MAX_COMMAND {
+        return Err(TPM_BAD_PARAM_SIZE);
+    }
+    let mut r = Reader::new(command);
+    let tag = r.u16()?;
+    let size = r.u32()?;
+    let ordinal = r.u32()?;
+    if size as usize != command.len() {
+        return Err(TPM_BAD_PARAM_SIZE);
+    }
+    let avail = availability(ordinal).ok_or(TPM_BAD_ORDINAL)?;
+    match tpm.mode {
+        Mode::PostInit if ordinal != ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
+        Mode::Failed if ordinal == ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
+        Mode::Failed if !matches!(ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY) => {
+            return Err(TPM_FAILEDSELFTEST)
+        }
+        _ => {}
+    }
+    // Any command other than SaveState itself invalidates a saved state
+    // (Startup(ST_STATE) consumes it itself).
+    if ordinal != ORD_SAVE_STATE && ordinal != ORD_STARTUP {
+        tpm.saved = None;
+    }
+    if locality > 4 {
+        return Err(TPM_BAD_LOCALITY);
+    }
+    if tpm.mode == Mode::Operational {
+        if tpm.perm.flags.disable && !avail.disabled {
+            return Err(TPM_DISABLED);
+        }
+        if tpm.vol.flags.deactivated && !avail.deactivated {
+            return Err(TPM_DEACTIVATED);
+        }
+    }
+    let body = command.get(HEADER..).unwrap_or(&[]);
+    let mut c = Cmd::new(tag, ordinal, locality, body);
+    let result = dispatch(tpm, &mut c);
+    if result.is_err() {
+        for h in c.used.iter().flatten() {
+            tpm.vol.sessions.terminate(*h);
+        }
+    }
+    result.map(|b| (tag, b))
+}
+
+fn dispatch<P: Platform>(tpm: &mut Tpm<P>, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
+    match c.ordinal {
+        ORD_STARTUP => tpm.cmd_startup(c),
+        ORD_SAVE_STATE => tpm.cmd_save_state(c),
+        ORD_SELF_TEST_FULL | ORD_CONTINUE_SELF_TEST => tpm.cmd_self_test(c),
+        ORD_GET_TEST_RESULT => tpm.cmd_get_test_result(c),
+        ORD_GET_CAPABILITY => tpm.cmd_get_capability(c),
+        ORD_PCR_READ => tpm.cmd_pcr_read(c),
+        ORD_EXTEND => tpm.cmd_extend(c),
+        ORD_PCR_RESET => tpm.cmd_pcr_reset(c),
+        ORD_GET_RANDOM => tpm.cmd_get_random(c),
+        ORD_STIR_RANDOM => tpm.cmd_stir_random(c),
+        ORD_GET_TICKS => tpm.cmd_get_ticks(c),
+        ORD_OIAP => tpm.cmd_oiap(c),
+        ORD_OSAP => tpm.cmd_osap(c),
+        ORD_FLUSH_SPECIFIC => tpm.cmd_flush_specific(c),
+        ORD_TERMINATE_HANDLE => tpm.cmd_terminate_handle(c),
+        _ => Err(TPM_BAD_ORDINAL),
+    }
+}
+
+#[allow(dead_code)] // helpers for the Tier B commands
+impl<P: Platform> Tpm<P> {
+    /// Verifies session `i` of `c` for `entity` with `secret`, over the
+    /// parameters after `handle_bytes`. The failure code follows the
+    /// session's position (TPM_AUTHFAIL / TPM_AUTH2FAIL).
+    pub(crate) fn verify(
+        &mut self,
+        c: &mut Cmd<'_>,
+        i: usize,
+        entity: Entity,
+        secret: &Secret,
+        handle_bytes: usize,
+    ) -> TpmResult<Verified> {
+        let a = c.auth(i)?;
+        let fail = if i == 0 { TPM_AUTHFAIL } else { TPM_AUTH2FAIL };
+        let digest = c.in_digest(handle_bytes);
+        self.vol.sessions.verify(&a, entity, secret, &digest, fail)
+    }
+
+    /// Appends the response trailers of the verified sessions to `out`
+    /// (whose first `handle_bytes` are handles, outside the HMAC) and ends
+    /// those the caller did not continue.
+    pub(crate) fn respond(
+        &mut self,
+        c: &Cmd<'_>,
+        verified: &[&Verified],
+        out: &mut Vec<u8>,
+        handle_bytes: usize,
+    ) {
+        let digest = sha1_parts(&[
+            &TPM_SUCCESS.to_be_bytes(),
+            &c.ordinal.to_be_bytes(),
+            out.get(handle_bytes..).unwrap_or(&[]),
+        ]);
+        for v in verified {
+            self.vol.sessions.respond(v, &digest, &mut self.drbg, out);
+        }
+        for v in verified {
+            if !v.cont {
+                self.vol.sessions.terminate(v.handle);
+            }
+        }
+    }
+
+    /// Decrypts a new secret sent with ADIP under the OSAP session `auth`
+    /// (XOR with SHA1(sharedSecret ‖ nonce)).
+    pub(crate) fn adip_decrypt(
+        &self,
+        handle: u32,
+        enc: &[u8; 20],
+        nonce: &[u8; 20],
+    ) -> TpmResult<Secret> {
+        let shared = self.vol.sessions.osap_shared(handle).ok_or(TPM_BAD_MODE)?;
+        Ok(Secret(crate::crypto::adip_xor(enc, &shared.0, nonce)))
+    }
+
+    /// The nonceEven a session holds now (the one the caller used).
+    pub(crate) fn nonce_even(&self, handle: u32) -> TpmResult<[u8; 20]> {
+        self.vol
+            .sessions
+            .get(handle)
+            .map(|s| s.nonce_even)
+            .ok_or(TPM_INVALID_AUTHHANDLE)
+    }
+
+    /// The owner secret, or the error for an unowned TPM.
+    pub(crate) fn owner_auth(&self) -> TpmResult<Secret> {
+        self.perm
+            .owner
+            .as_ref()
+            .map(|o| o.auth.clone())
+            .ok_or(TPM_AUTHFAIL)
+    }
+
+    /// Physical presence is asserted (TSC_PhysicalPresence).
+    pub(crate) fn physical_presence(&self) -> bool {
+        self.vol.flags.physical_presence
+    }
+}

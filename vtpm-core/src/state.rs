@@ -1,0 +1,273 @@
+//! The permanent state (what a chip keeps in NV) and the saved volatile
+//! state (what TPM_SaveState keeps for Startup(ST_STATE)), and their blobs.
+//!
+//! Blob layout: `magic (8) ‖ version u32 ‖ body length u32 ‖ body ‖
+//! SHA1(magic ‖ version ‖ length ‖ body)`. A blob is parsed completely into
+//! fresh values before anything is replaced, so a bad blob is never half
+//! loaded.
+
+use crate::crypto::{self, RsaKey};
+use crate::flags::{PermanentFlags, StclearFlags};
+use crate::key::Key;
+use crate::marshal::{Put, Reader};
+use crate::nv::NvStore;
+use crate::pcr::{PcrBank, NUM_PCRS};
+use crate::secret::Secret;
+use alloc::vec::Vec;
+
+const PERMANENT_MAGIC: &[u8; 8] = b"CTVMTPMP";
+const SAVED_MAGIC: &[u8; 8] = b"CTVMTPMS";
+/// Version of both blob formats.
+pub const STATE_VERSION: u32 = 1;
+
+/// Why a state blob was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// Shorter than its header and checksum, or than its length field says.
+    Truncated,
+    /// Not a blob of this kind (wrong magic).
+    BadMagic,
+    /// Written by an unknown format version.
+    UnsupportedVersion(u32),
+    /// The checksum does not match: the blob was corrupted.
+    ChecksumMismatch,
+    /// The checksum matched but the content does not parse or is
+    /// inconsistent (e.g. a key that does not rebuild).
+    Malformed,
+    /// A saved state that belongs to another permanent state (another
+    /// owner or another chip).
+    WrongTpm,
+}
+
+impl core::fmt::Display for StateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StateError::Truncated => f.write_str("state blob truncated"),
+            StateError::BadMagic => f.write_str("not a vTPM state blob"),
+            StateError::UnsupportedVersion(v) => write!(f, "unsupported state version {v}"),
+            StateError::ChecksumMismatch => f.write_str("state blob checksum mismatch"),
+            StateError::Malformed => f.write_str("state blob content malformed"),
+            StateError::WrongTpm => f.write_str("saved state belongs to another TPM state"),
+        }
+    }
+}
+
+fn seal_blob(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(body.len().saturating_add(36));
+    v.put(magic);
+    v.put_u32(STATE_VERSION);
+    v.put_sized32(body);
+    let sum = crypto::sha1(&v);
+    v.put(&sum);
+    v
+}
+
+fn open_blob<'a>(magic: &[u8; 8], blob: &'a [u8]) -> Result<&'a [u8], StateError> {
+    let Some(split) = blob.len().checked_sub(20) else {
+        return Err(StateError::Truncated);
+    };
+    let (content, sum) = blob.split_at(split);
+    let mut r = Reader::new(content);
+    let m = r.bytes(8).map_err(|_| StateError::Truncated)?;
+    if m != magic {
+        return Err(StateError::BadMagic);
+    }
+    let version = r.u32().map_err(|_| StateError::Truncated)?;
+    let body = r.sized32().map_err(|_| StateError::Truncated)?;
+    if r.remaining() != 0 {
+        // Length field and blob length disagree.
+        return Err(StateError::Truncated);
+    }
+    if !crypto::ct_eq(&crypto::sha1(content), sum) {
+        return Err(StateError::ChecksumMismatch);
+    }
+    if version != STATE_VERSION {
+        return Err(StateError::UnsupportedVersion(version));
+    }
+    Ok(body)
+}
+
+/// The owner's part of the permanent state.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    pub auth: Secret,
+    pub tpm_proof: Secret,
+    pub srk: Key,
+}
+
+/// Everything that survives a power cycle.
+#[derive(Clone, Debug)]
+pub struct Permanent {
+    pub flags: PermanentFlags,
+    pub ek: Option<RsaKey>,
+    pub owner: Option<Owner>,
+    pub nv: NvStore,
+    pub no_owner_nv_write: u32,
+}
+
+impl Permanent {
+    /// A chip as it leaves the factory, before the EK exists.
+    pub fn factory() -> Self {
+        Permanent {
+            flags: PermanentFlags::factory(),
+            ek: None,
+            owner: None,
+            nv: NvStore::default(),
+            no_owner_nv_write: 0,
+        }
+    }
+
+    /// The versioned, checksummed blob.
+    pub fn to_blob(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(2048);
+        self.flags.write(&mut b);
+        b.put_u32(self.no_owner_nv_write);
+        match &self.ek {
+            Some(ek) => {
+                b.put_u8(1);
+                b.put_sized32(&ek.modulus());
+                b.put_sized32(&zeroize::Zeroizing::new(ek.prime()));
+            }
+            None => b.put_u8(0),
+        }
+        match &self.owner {
+            Some(o) => {
+                b.put_u8(1);
+                b.put(&o.auth.0);
+                b.put(&o.tpm_proof.0);
+                o.srk.write_internal(&mut b);
+            }
+            None => b.put_u8(0),
+        }
+        self.nv.write(&mut b);
+        let blob = seal_blob(PERMANENT_MAGIC, &b);
+        zeroize::Zeroize::zeroize(&mut b);
+        blob
+    }
+
+    /// Parses a blob made by [`Permanent::to_blob`].
+    pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
+        let body = open_blob(PERMANENT_MAGIC, blob)?;
+        Self::parse_body(body).ok_or(StateError::Malformed)
+    }
+
+    fn parse_body(body: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(body);
+        let flags = PermanentFlags::read(&mut r).ok()?;
+        let no_owner_nv_write = r.u32().ok()?;
+        let ek = match r.u8().ok()? {
+            0 => None,
+            1 => {
+                let n = r.sized32().ok()?;
+                let p = r.sized32().ok()?;
+                Some(RsaKey::from_n_p(n, p)?)
+            }
+            _ => return None,
+        };
+        let owner = match r.u8().ok()? {
+            0 => None,
+            1 => Some(Owner {
+                auth: Secret(r.digest().ok()?),
+                tpm_proof: Secret(r.digest().ok()?),
+                srk: Key::read_internal(&mut r).ok()?,
+            }),
+            _ => return None,
+        };
+        let nv = NvStore::read(&mut r).ok()?;
+        r.finish().ok()?;
+        Some(Permanent {
+            flags,
+            ek,
+            owner,
+            nv,
+            no_owner_nv_write,
+        })
+    }
+
+    /// A digest naming this chip and owner, bound into saved states.
+    pub fn identity(&self) -> [u8; 20] {
+        let ek = self.ek.as_ref().map(|k| k.modulus()).unwrap_or_default();
+        let proof = self
+            .owner
+            .as_ref()
+            .map(|o| o.tpm_proof.0)
+            .unwrap_or([0; 20]);
+        crypto::sha1_parts(&[&ek, &proof])
+    }
+}
+
+/// The volatile state TPM_SaveState preserves.
+pub struct Saved {
+    pub identity: [u8; 20],
+    pub flags: StclearFlags,
+    pub pcrs: PcrBank,
+    /// Loaded keys with their handles.
+    pub keys: Vec<(u32, Key)>,
+    /// Per-index (readSTClear, writeSTClear) locks.
+    pub nv_locks: Vec<(u32, bool, bool)>,
+}
+
+impl Saved {
+    pub fn to_blob(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(1024);
+        b.put(&self.identity);
+        self.flags.write(&mut b);
+        for v in &self.pcrs.values {
+            b.put(v);
+        }
+        b.put_u32(self.keys.len() as u32);
+        for (h, k) in &self.keys {
+            b.put_u32(*h);
+            k.write_internal(&mut b);
+        }
+        b.put_u32(self.nv_locks.len() as u32);
+        for (i, r, w) in &self.nv_locks {
+            b.put_u32(*i);
+            b.put_u8(u8::from(*r));
+            b.put_u8(u8::from(*w));
+        }
+        let blob = seal_blob(SAVED_MAGIC, &b);
+        zeroize::Zeroize::zeroize(&mut b);
+        blob
+    }
+
+    pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
+        let body = open_blob(SAVED_MAGIC, blob)?;
+        Self::parse_body(body).ok_or(StateError::Malformed)
+    }
+
+    fn parse_body(body: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(body);
+        let identity = r.digest().ok()?;
+        let flags = StclearFlags::read(&mut r).ok()?;
+        let mut pcrs = PcrBank::cleared();
+        for v in pcrs.values.iter_mut().take(NUM_PCRS) {
+            *v = r.digest().ok()?;
+        }
+        let nkeys = r.u32().ok()?;
+        if nkeys as usize > crate::keys::MAX_KEYS {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for _ in 0..nkeys {
+            let h = r.u32().ok()?;
+            keys.push((h, Key::read_internal(&mut r).ok()?));
+        }
+        let nlocks = r.u32().ok()?;
+        if nlocks as usize > crate::nv::MAX_INDICES {
+            return None;
+        }
+        let mut nv_locks = Vec::new();
+        for _ in 0..nlocks {
+            nv_locks.push((r.u32().ok()?, r.bool().ok()?, r.bool().ok()?));
+        }
+        r.finish().ok()?;
+        Some(Saved {
+            identity,
+            flags,
+            pcrs,
+            keys,
+            nv_locks,
+        })
+    }
+}
