@@ -7,7 +7,7 @@
 //! needs (OSAP for Seal, two OIAPs for Unseal, one OIAP otherwise) and the
 //! client's HMAC work, identical on both sides.
 //!
-//! Run: `cargo bench -p vtpm-bench --features engine` (add `-- --quick`, or
+//! Run: `cargo bench -p vtpm-bench` (add `-- --quick`, or
 //! set VTPM_BENCH_QUICK=1, for a smoke run). The last lines printed are the
 //! ratio table, read back from criterion's `target/criterion/*/new/estimates.json`.
 
@@ -84,7 +84,6 @@ impl Subject for Lib {
 // ---------------------------------------------------------------------------
 // vtpm-core
 
-#[cfg(feature = "engine")]
 mod vtpm {
     use super::*;
     use vtpm_core::{Platform, Tpm};
@@ -246,13 +245,9 @@ fn main() {
     }
     let mut crit = crit.configure_from_args();
 
-    #[cfg(feature = "engine")]
-    {
-        let mut v = vtpm::Vtpm::manufacture();
-        bench_subject(&mut crit, &mut v);
-    }
-    #[cfg(not(feature = "engine"))]
-    eprintln!("vtpm-bench: built without the vtpm-core engine (feature `engine`): measuring libtpms only");
+    let mut v = vtpm::Vtpm::manufacture();
+    bench_subject(&mut crit, &mut v);
+    drop(v);
 
     let mut l = Lib::manufacture();
     bench_subject(&mut crit, &mut l);

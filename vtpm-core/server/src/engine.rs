@@ -25,7 +25,6 @@ pub trait Engine: Send + Sized + 'static {
     fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8>;
 }
 
-#[cfg(feature = "engine")]
 mod vtpm {
     use super::Engine;
     use crate::platform::OsPlatform;
@@ -63,5 +62,4 @@ mod vtpm {
 }
 
 /// The engine the binary serves.
-#[cfg(feature = "engine")]
 pub type VtpmEngine = vtpm_core::Tpm<crate::platform::OsPlatform>;

@@ -19,7 +19,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[cfg(feature = "engine")]
 fn run(options: vtpm_server::cli::Options) -> std::io::Result<()> {
     use vtpm_server::engine::VtpmEngine;
     use vtpm_server::server::Server;
@@ -34,9 +33,4 @@ fn run(options: vtpm_server::cli::Options) -> std::io::Result<()> {
         server.control_addr()
     );
     server.run()
-}
-
-#[cfg(not(feature = "engine"))]
-fn run(_: vtpm_server::cli::Options) -> std::io::Result<()> {
-    Err(std::io::Error::other("built without the vtpm-core engine (feature `engine`)"))
 }

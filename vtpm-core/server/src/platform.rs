@@ -32,7 +32,6 @@ impl Default for OsPlatform {
     }
 }
 
-#[cfg(feature = "engine")]
 impl vtpm_core::Platform for OsPlatform {
     fn fill_random(&mut self, buf: &mut [u8]) {
         OsPlatform::fill(buf)

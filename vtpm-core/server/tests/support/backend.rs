@@ -346,7 +346,6 @@ impl Vtpm {
         Self::start_in(state_dir.to_path_buf(), None, start)
     }
 
-    #[cfg(feature = "engine")]
     fn start_in(state_dir: PathBuf, owned: Option<TempDir>, start: Start) -> Vtpm {
         use vtpm_server::device::Flags;
         use vtpm_server::engine::VtpmEngine;
@@ -361,14 +360,6 @@ impl Vtpm {
         let tpm = TcpTpm::new("vtpm", server.command_addr(), server.control_addr());
         let thread = Some(server.spawn().expect("vtpm-server thread"));
         Vtpm { tpm, thread, _state: owned, state_dir }
-    }
-
-    #[cfg(not(feature = "engine"))]
-    fn start_in(_: PathBuf, _: Option<TempDir>, _: Start) -> Vtpm {
-        panic!(
-            "vtpm-server was built without the vtpm-core engine (feature `engine`): \
-             the engine branch has not landed vtpm_core::Tpm yet"
-        );
     }
 
     pub fn stop(mut self) {
