@@ -2,6 +2,7 @@
 //! to print one vtpm-core / libtpms ratio table at the end of a run.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Where criterion keeps its results: `$CARGO_TARGET_DIR/criterion`, or the
 /// workspace's `target/criterion`.
@@ -13,9 +14,13 @@ pub fn criterion_dir() -> PathBuf {
 }
 
 /// The mean time in nanoseconds criterion estimated for `group/function`
-/// in the run that just finished (`new/estimates.json`).
-pub fn mean_ns(group: &str, function: &str) -> Option<f64> {
+/// (`new/estimates.json`), if it was written at or after `since`: a result
+/// left by an earlier run is not this run's.
+pub fn mean_ns(group: &str, function: &str, since: SystemTime) -> Option<f64> {
     let path = criterion_dir().join(group).join(function).join("new/estimates.json");
+    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     // {"mean":{"confidence_interval":{...},"point_estimate":123.4,...},...}
     let mean = &text[text.find("\"mean\"")?..];
@@ -59,8 +64,10 @@ mod tests {
         .unwrap();
         // This test alone reads CARGO_TARGET_DIR in this process.
         std::env::set_var("CARGO_TARGET_DIR", &dir);
-        assert_eq!(mean_ns("g", "f"), Some(2.5));
-        assert_eq!(mean_ns("g", "missing"), None);
+        assert_eq!(mean_ns("g", "f", SystemTime::UNIX_EPOCH), Some(2.5));
+        assert_eq!(mean_ns("g", "missing", SystemTime::UNIX_EPOCH), None);
+        let later = SystemTime::now() + std::time::Duration::from_secs(60);
+        assert_eq!(mean_ns("g", "f", later), None, "an older result is not reported");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
