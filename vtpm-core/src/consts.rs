@@ -65,6 +65,7 @@ pub const TPM_OWNER_CONTROL: u32 = 0x4F;
 pub const TPM_BAD_HANDLE: u32 = 0x58;
 pub const TPM_NOOPERATOR: u32 = 0x49;
 pub const TPM_DECRYPT_ERROR: u32 = 0x21;
+pub const TPM_INAPPROPRIATE_SIG: u32 = 0x27;
 pub const TPM_NEEDS_SELFTEST: u32 = 0x801;
 pub const TPM_DOING_SELFTEST: u32 = 0x802;
 

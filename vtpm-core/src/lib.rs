@@ -233,7 +233,6 @@ impl<P: Platform> Tpm<P> {
         }
     }
 
-    #[allow(dead_code)] // used by the ownership commands
     fn mark_dirty(&mut self) {
         self.dirty = true;
     }

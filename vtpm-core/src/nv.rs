@@ -1,7 +1,8 @@
 //! NV storage: defined indices, their attributes and data.
 //!
-//! Budget: at most [`MAX_INDICES`] indices and [`NV_BUDGET`] bytes of data
-//! in total (libtpms reports the same 0x6FFA as TPM_CAP_PROP_MAX_NV_AVAILABLE).
+//! Budget: at most [`MAX_INDICES`] indices and [`NV_BUDGET`] bytes in total,
+//! each index costing its data size plus [`INDEX_OVERHEAD`] (the figures
+//! libtpms reports through TPM_CAP_PROP_MAX_NV_AVAILABLE).
 
 use crate::consts::*;
 use crate::key::PcrInfoShort;
@@ -11,6 +12,8 @@ use alloc::vec::Vec;
 
 /// Total bytes of NV data all indices may hold.
 pub const NV_BUDGET: u32 = 0x6FFA;
+/// Bytes of the budget each index costs besides its data.
+pub const INDEX_OVERHEAD: u32 = 53;
 /// Most indices that can be defined.
 pub const MAX_INDICES: usize = 64;
 /// Writes allowed without an owner before the TPM refuses (TPM_MAX_NV_WRITE_NOOWNER).
@@ -88,7 +91,7 @@ impl NvStore {
     pub fn used(&self) -> u32 {
         self.indices
             .iter()
-            .map(|i| i.public.size)
+            .map(|i| i.public.size.saturating_add(INDEX_OVERHEAD))
             .fold(0u32, u32::saturating_add)
     }
 

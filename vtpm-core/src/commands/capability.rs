@@ -12,7 +12,7 @@ use crate::{keys, session, Platform, Tpm};
 use alloc::vec::Vec;
 
 /// TPM_CAP_VERSION_INFO as libtpms reports it (spec 1.2 rev 116, "IBM").
-const VERSION_INFO: [u8; 15] = [
+pub(crate) const VERSION_INFO: [u8; 15] = [
     0x00, 0x30, 0x01, 0x02, 0x12, 0x9e, 0x00, 0x02, 0x03, 0x49, 0x42, 0x4d, 0x00, 0x00, 0x00,
 ];
 /// TPM_DA_INFO of a TPM with dictionary-attack logic idle.
@@ -182,7 +182,6 @@ impl<P: Platform> Tpm<P> {
     }
 
     /// TPM_GetCapabilityOwner (Part 3, 7.3): the flags as bitmaps.
-    #[allow(dead_code)]
     pub(crate) fn cmd_get_capability_owner(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         c.tag_in(&[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;

@@ -4,9 +4,16 @@
 //! post-init, failure mode, then per ordinal: parameters, enable/activate
 //! state, tag, authorisation, trailing bytes.
 
+mod admin;
 mod capability;
+mod ek;
+mod identity;
+mod keys;
+mod nv;
+mod ownership;
 mod pcr;
 mod random;
+mod seal;
 mod sessions;
 mod startup;
 
@@ -107,7 +114,6 @@ impl<'a> Cmd<'a> {
         Ok(a)
     }
 
-    #[allow(dead_code)]
     /// Number of sessions the tag announces.
     pub fn n_auths(&self) -> usize {
         self.auths.iter().filter(|a| a.is_some()).count()
@@ -151,8 +157,42 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_OIAP
         | ORD_OSAP
         | ORD_FLUSH_SPECIFIC
-        | ORD_TERMINATE_HANDLE => ANY,
-        ORD_PCR_READ | ORD_GET_RANDOM | ORD_STIR_RANDOM | ORD_GET_TICKS => ACTIVE,
+        | ORD_TERMINATE_HANDLE
+        | ORD_OWNER_CLEAR
+        | ORD_FORCE_CLEAR
+        | ORD_PHYSICAL_ENABLE
+        | ORD_PHYSICAL_DISABLE
+        | ORD_PHYSICAL_SET_DEACTIVATED
+        | ORD_SET_OWNER_INSTALL
+        | TSC_ORD_PHYSICAL_PRESENCE
+        | ORD_CREATE_ENDORSEMENT_KEY_PAIR => ANY,
+        ORD_PCR_READ
+        | ORD_GET_RANDOM
+        | ORD_STIR_RANDOM
+        | ORD_GET_TICKS
+        | ORD_READ_PUBEK
+        | ORD_DISABLE_PUBEK_READ
+        | ORD_OWNER_READ_INTERNAL_PUB
+        | ORD_TAKE_OWNERSHIP
+        | ORD_GET_CAPABILITY_OWNER
+        | ORD_CREATE_WRAP_KEY
+        | ORD_LOAD_KEY
+        | ORD_LOAD_KEY2
+        | ORD_GET_PUB_KEY
+        | ORD_EVICT_KEY
+        | ORD_SIGN
+        | ORD_UNBIND
+        | ORD_SEAL
+        | ORD_UNSEAL
+        | ORD_QUOTE
+        | ORD_QUOTE2
+        | ORD_MAKE_IDENTITY
+        | ORD_ACTIVATE_IDENTITY
+        | ORD_NV_DEFINE_SPACE
+        | ORD_NV_WRITE_VALUE
+        | ORD_NV_WRITE_VALUE_AUTH
+        | ORD_NV_READ_VALUE
+        | ORD_NV_READ_VALUE_AUTH => ACTIVE,
         _ => return None,
     })
 }
@@ -252,11 +292,37 @@ fn dispatch<P: Platform>(tpm: &mut Tpm<P>, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>
         ORD_OSAP => tpm.cmd_osap(c),
         ORD_FLUSH_SPECIFIC => tpm.cmd_flush_specific(c),
         ORD_TERMINATE_HANDLE => tpm.cmd_terminate_handle(c),
+        ORD_READ_PUBEK => tpm.cmd_read_pubek(c),
+        ORD_CREATE_ENDORSEMENT_KEY_PAIR => tpm.cmd_create_ek(c),
+        ORD_OWNER_READ_INTERNAL_PUB => tpm.cmd_owner_read_internal_pub(c),
+        ORD_DISABLE_PUBEK_READ => tpm.cmd_disable_pubek_read(c),
+        ORD_TAKE_OWNERSHIP => tpm.cmd_take_ownership(c),
+        ORD_OWNER_CLEAR => tpm.cmd_owner_clear(c),
+        ORD_FORCE_CLEAR => tpm.cmd_force_clear(c),
+        ORD_PHYSICAL_ENABLE | ORD_PHYSICAL_DISABLE => tpm.cmd_physical_enable(c),
+        ORD_PHYSICAL_SET_DEACTIVATED => tpm.cmd_physical_set_deactivated(c),
+        ORD_SET_OWNER_INSTALL => tpm.cmd_set_owner_install(c),
+        TSC_ORD_PHYSICAL_PRESENCE => tpm.cmd_physical_presence(c),
+        ORD_GET_CAPABILITY_OWNER => tpm.cmd_get_capability_owner(c),
+        ORD_CREATE_WRAP_KEY => tpm.cmd_create_wrap_key(c),
+        ORD_LOAD_KEY | ORD_LOAD_KEY2 => tpm.cmd_load_key(c),
+        ORD_GET_PUB_KEY => tpm.cmd_get_pub_key(c),
+        ORD_EVICT_KEY => tpm.cmd_evict_key(c),
+        ORD_SIGN => tpm.cmd_sign(c),
+        ORD_UNBIND => tpm.cmd_unbind(c),
+        ORD_SEAL => tpm.cmd_seal(c),
+        ORD_UNSEAL => tpm.cmd_unseal(c),
+        ORD_QUOTE => tpm.cmd_quote(c),
+        ORD_QUOTE2 => tpm.cmd_quote2(c),
+        ORD_MAKE_IDENTITY => tpm.cmd_make_identity(c),
+        ORD_ACTIVATE_IDENTITY => tpm.cmd_activate_identity(c),
+        ORD_NV_DEFINE_SPACE => tpm.cmd_nv_define_space(c),
+        ORD_NV_WRITE_VALUE | ORD_NV_WRITE_VALUE_AUTH => tpm.cmd_nv_write(c),
+        ORD_NV_READ_VALUE | ORD_NV_READ_VALUE_AUTH => tpm.cmd_nv_read(c),
         _ => Err(TPM_BAD_ORDINAL),
     }
 }
 
-#[allow(dead_code)] // helpers for the Tier B commands
 impl<P: Platform> Tpm<P> {
     /// Verifies session `i` of `c` for `entity` with `secret`, over the
     /// parameters after `handle_bytes`. The failure code follows the
@@ -321,13 +387,13 @@ impl<P: Platform> Tpm<P> {
             .ok_or(TPM_INVALID_AUTHHANDLE)
     }
 
-    /// The owner secret, or the error for an unowned TPM.
+    /// The owner secret; an unowned TPM answers TPM_NOSRK (as libtpms).
     pub(crate) fn owner_auth(&self) -> TpmResult<Secret> {
         self.perm
             .owner
             .as_ref()
             .map(|o| o.auth.clone())
-            .ok_or(TPM_AUTHFAIL)
+            .ok_or(TPM_NOSRK)
     }
 
     /// Physical presence is asserted (TSC_PhysicalPresence).

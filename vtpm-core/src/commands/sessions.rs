@@ -65,7 +65,7 @@ impl<P: Platform> Tpm<P> {
 
     fn key_entity(&self, handle: u32) -> TpmResult<(Entity, Secret)> {
         if handle == KH_SRK {
-            let o = self.perm.owner.as_ref().ok_or(TPM_INVALID_KEYHANDLE)?;
+            let o = self.perm.owner.as_ref().ok_or(TPM_NOSRK)?;
             return Ok((Entity::Srk, o.srk.usage_auth.clone()));
         }
         let k = self.vol.keys.get(handle).ok_or(TPM_INVALID_KEYHANDLE)?;

@@ -9,6 +9,11 @@
 )]
 #![allow(clippy::arithmetic_side_effects, dead_code)]
 
+mod keys;
+mod nv;
+mod ownership;
+mod seal;
+mod state;
 mod tier_a;
 
 use crate::consts::*;
@@ -291,4 +296,200 @@ pub fn run_authed(
 
 pub fn digest_of(s: &[u8]) -> [u8; 20] {
     sha1(s)
+}
+
+pub const OWNER: [u8; 20] = [0x0A; 20];
+/// The TrouSerS "well-known secret".
+pub const SRK_AUTH: [u8; 20] = [0; 20];
+
+/// The EK modulus, via ReadPubek.
+pub fn read_pubek(t: &mut T) -> Vec<u8> {
+    let b = ok(t, 0, &Cmd::new(ORD_READ_PUBEK).raw(&[7; 20]).bytes());
+    b[28..284].to_vec()
+}
+
+/// A TPM_KEY (v1.1) template.
+pub fn template(usage: u16, enc: u16, sig: u16, flags: u32, auth_usage: u8, pcr: &[u8]) -> Vec<u8> {
+    let mut c = Cmd::new(0)
+        .raw(&[1, 1, 0, 0])
+        .u16(usage)
+        .u32(flags)
+        .u8(auth_usage);
+    c = c
+        .u32(ALG_RSA)
+        .u16(enc)
+        .u16(sig)
+        .u32(12)
+        .u32(2048)
+        .u32(2)
+        .u32(0);
+    c = c.sized(pcr).u32(0).u32(0);
+    c.body
+}
+
+pub fn srk_template() -> Vec<u8> {
+    template(
+        KEY_STORAGE,
+        ES_RSAESOAEP_SHA1_MGF1,
+        SS_NONE,
+        0,
+        AUTH_ALWAYS,
+        &[],
+    )
+}
+
+/// The TakeOwnership command parameters (after the protocol id) for
+/// `owner`/`srk` secrets encrypted to `ek`.
+pub fn take_ownership_params(
+    t: &mut T,
+    ek: &[u8],
+    owner: &[u8; 20],
+    srk: &[u8; 20],
+    srk_params: &[u8],
+) -> Vec<u8> {
+    let enc_owner = crate::crypto::oaep_encrypt(&mut t.drbg, ek, owner).unwrap();
+    let enc_srk = crate::crypto::oaep_encrypt(&mut t.drbg, ek, srk).unwrap();
+    Cmd::new(0)
+        .u16(PID_OWNER)
+        .sized(&enc_owner)
+        .sized(&enc_srk)
+        .raw(srk_params)
+        .body
+}
+
+pub fn take_ownership(t: &mut T) -> Vec<u8> {
+    let ek = read_pubek(t);
+    let params = take_ownership_params(t, &ek, &OWNER, &SRK_AUTH, &srk_template());
+    let mut s = oiap(t);
+    run_authed(
+        t,
+        0,
+        ORD_TAKE_OWNERSHIP,
+        &[],
+        &params,
+        &mut [(&mut s, OWNER, false)],
+        0,
+    )
+    .unwrap()
+}
+
+/// A started chip with an owner (OWNER) and SRK (SRK_AUTH), made once.
+pub fn owned() -> T {
+    static BLOB: OnceLock<Vec<u8>> = OnceLock::new();
+    let blob = BLOB.get_or_init(|| {
+        let mut t = started();
+        take_ownership(&mut t);
+        t.permanent_state()
+    });
+    let mut t = Tpm::from_permanent(blob, TestPlatform::new(3)).unwrap();
+    ok(&mut t, 0, &startup(ST_CLEAR));
+    t
+}
+
+/// CreateWrapKey under `parent` with OSAP; returns the TPM_KEY blob.
+pub fn create_wrap_key(
+    t: &mut T,
+    parent: u32,
+    parent_auth: &[u8; 20],
+    usage_auth: &[u8; 20],
+    tmpl: &[u8],
+) -> Result<Vec<u8>, u32> {
+    let et = if parent == KH_SRK {
+        ET_SRK
+    } else {
+        ET_KEYHANDLE
+    };
+    let mut s = osap(t, et, parent, parent_auth);
+    let mut params = s.adip(usage_auth).to_vec();
+    // The migration secret is encrypted with nonceOdd, which the trailer
+    // derives from nonceEven: compute it the same way.
+    let odd = sha1_parts(&[&s.nonce_even, b"odd"]);
+    params.extend_from_slice(&crate::crypto::adip_xor(
+        &[0x4D; 20],
+        &s.shared.unwrap(),
+        &odd,
+    ));
+    params.extend_from_slice(tmpl);
+    run_authed(
+        t,
+        0,
+        ORD_CREATE_WRAP_KEY,
+        &parent.to_be_bytes(),
+        &params,
+        &mut [(&mut s, *parent_auth, false)],
+        0,
+    )
+}
+
+/// LoadKey2 with an OIAP session; returns the handle.
+pub fn load_key2(t: &mut T, parent: u32, parent_auth: &[u8; 20], blob: &[u8]) -> Result<u32, u32> {
+    let mut s = oiap(t);
+    run_authed(
+        t,
+        0,
+        ORD_LOAD_KEY2,
+        &parent.to_be_bytes(),
+        blob,
+        &mut [(&mut s, *parent_auth, false)],
+        4,
+    )
+    .map(|o| be32(&o))
+}
+
+pub const KEY_AUTH: [u8; 20] = [0x6B; 20];
+
+/// Key blobs made once under the cached owner's SRK.
+pub fn cached_key(kind: u16) -> Vec<u8> {
+    static KEYS: OnceLock<std::collections::BTreeMap<u16, Vec<u8>>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut t = owned();
+        let mut m = std::collections::BTreeMap::new();
+        let sign = template(
+            KEY_SIGNING,
+            ES_NONE,
+            SS_RSASSAPKCS1V15_SHA1,
+            0,
+            AUTH_ALWAYS,
+            &[],
+        );
+        m.insert(
+            KEY_SIGNING,
+            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &sign).unwrap(),
+        );
+        let bind = template(
+            KEY_BIND,
+            ES_RSAESOAEP_SHA1_MGF1,
+            SS_NONE,
+            0,
+            AUTH_ALWAYS,
+            &[],
+        );
+        m.insert(
+            KEY_BIND,
+            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &bind).unwrap(),
+        );
+        let storage = template(
+            KEY_STORAGE,
+            ES_RSAESOAEP_SHA1_MGF1,
+            SS_NONE,
+            0,
+            AUTH_ALWAYS,
+            &[],
+        );
+        m.insert(
+            KEY_STORAGE,
+            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &storage).unwrap(),
+        );
+        m
+    })
+    .get(&kind)
+    .unwrap()
+    .clone()
+}
+
+/// The modulus inside a TPM_KEY blob made by this TPM (v1.1, no PCR info).
+pub fn key_modulus(blob: &[u8]) -> Vec<u8> {
+    let mut r = crate::marshal::Reader::new(blob);
+    let k = crate::key::KeyBlob::read(&mut r).unwrap();
+    k.public.modulus
 }

@@ -523,5 +523,7 @@ fn osap_refuses_unknown_entities() {
     err(&mut t, &osap(ET_NV, 5), TPM_BADINDEX);
     err(&mut t, &osap(0x0099, 5), TPM_WRONG_ENTITYTYPE);
     err(&mut t, &osap(0x0602, KH_OWNER), TPM_INAPPROPRIATE_ENC);
-    err(&mut t, &osap(ET_OWNER, KH_OWNER), TPM_AUTHFAIL);
+    err(&mut t, &osap(ET_OWNER, KH_OWNER), TPM_NOSRK);
+    err(&mut t, &osap(ET_SRK, KH_SRK), TPM_NOSRK);
+    err(&mut t, &osap(ET_KEYHANDLE, KH_SRK), TPM_NOSRK);
 }
