@@ -235,6 +235,12 @@ impl ServerProcess {
         panic!("{} did not start; its error output:\n{last_err}", program.name());
     }
 
+    /// Kills the server with SIGKILL: no chance to save anything more.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the server");
+        self.child.wait().expect("reap the server");
+    }
+
     /// Shuts the server down through its control port (state is saved).
     pub fn stop(mut self) {
         assert_eq!(self.tpm.shutdown(), 0, "{}: CMD_SHUTDOWN", self.program.name());
