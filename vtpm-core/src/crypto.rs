@@ -65,6 +65,7 @@ pub fn adip_xor(secret: &[u8; 20], shared: &[u8; 20], nonce: &[u8; 20]) -> [u8; 
 }
 
 /// The TPM's deterministic random bit generator.
+#[derive(Clone)]
 pub struct Drbg {
     rng: ChaCha20Rng,
     since_reseed: u64,

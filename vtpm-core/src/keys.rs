@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 /// Keys loaded at once (libtpms: TPM_KEY_HANDLES).
 pub const MAX_KEYS: usize = 20;
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct KeyTable {
     pub slots: Vec<(u32, Key)>,
 }

@@ -82,6 +82,7 @@ enum Mode {
 }
 
 /// State lost at TPM_Init.
+#[derive(Clone)]
 struct Volatile {
     flags: flags::StclearFlags,
     pcrs: pcr::PcrBank,
@@ -91,7 +92,9 @@ struct Volatile {
     tick_base_us: u64,
 }
 
-/// A TPM 1.2.
+/// A TPM 1.2. Cloning (when the platform clones) snapshots the whole
+/// chip, volatile state included.
+#[derive(Clone)]
 pub struct Tpm<P: Platform> {
     platform: P,
     drbg: crypto::Drbg,
@@ -99,7 +102,8 @@ pub struct Tpm<P: Platform> {
     dirty: bool,
     mode: Mode,
     vol: Volatile,
-    saved: Option<Vec<u8>>,
+    /// Holds loaded keys' private parts: zeroised when dropped.
+    saved: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// True once the full self-test ran in this power cycle.
     selftest_full_done: bool,
 }
@@ -174,7 +178,7 @@ impl<P: Platform> Tpm<P> {
     /// The state TPM_SaveState produced, while it is still valid (any
     /// command after SaveState other than Startup(ST_STATE) invalidates it).
     pub fn saved_state(&self) -> Option<Vec<u8>> {
-        self.saved.clone()
+        self.saved.as_ref().map(|s| s.to_vec())
     }
 
     /// Hands back a persisted saved state, for Startup(ST_STATE) after the
@@ -184,7 +188,7 @@ impl<P: Platform> Tpm<P> {
         if s.identity != self.perm.identity() {
             return Err(StateError::WrongTpm);
         }
-        self.saved = Some(blob.to_vec());
+        self.saved = Some(zeroize::Zeroizing::new(blob.to_vec()));
         Ok(())
     }
 

@@ -29,13 +29,13 @@ pub enum Entity {
     Data,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Kind {
     Oiap,
     Osap { entity: Entity, shared: Secret },
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Session {
     pub handle: u32,
     pub kind: Kind,
@@ -43,7 +43,7 @@ pub struct Session {
 }
 
 /// The session table.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Sessions {
     slots: Vec<Session>,
 }

@@ -178,7 +178,7 @@ impl<P: Platform> Tpm<P> {
         let handle = c.r.u32()?;
         c.tag_in(&[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
-        if handle == KH_SRK && !self.perm.flags.read_srk_pub && c.n_auths() == 0 {
+        if handle == KH_SRK && !self.perm.flags.read_srk_pub {
             return Err(TPM_INVALID_KEYHANDLE);
         }
         let always = self.key(handle)?.public.auth_usage == AUTH_ALWAYS;

@@ -25,7 +25,7 @@ impl<P: Platform> Tpm<P> {
             ST_CLEAR => self.startup_clear(),
             ST_STATE => {
                 let blob = self.saved.take();
-                let restored = blob.as_deref().map(Saved::from_blob);
+                let restored = blob.as_deref().map(|b| Saved::from_blob(b));
                 match restored {
                     Some(Ok(s)) if s.identity == self.perm.identity() => self.startup_state(s),
                     // No (or an unusable) saved state: libtpms enters
@@ -112,7 +112,7 @@ impl<P: Platform> Tpm<P> {
             keys,
             nv_locks,
         };
-        self.saved = Some(s.to_blob());
+        self.saved = Some(zeroize::Zeroizing::new(s.to_blob()));
         Ok(Vec::new())
     }
 

@@ -354,3 +354,144 @@ fn loaded_keys_survive_save_state() {
         Err(TPM_INVALID_KEYHANDLE)
     );
 }
+
+#[test]
+fn load_key_v11_ordinal_and_srk_public_read_rules() {
+    let mut t = owned();
+    let blob = cached_key(KEY_SIGNING);
+    let mut s = oiap(&mut t);
+    let out = run_authed(
+        &mut t,
+        0,
+        ORD_LOAD_KEY,
+        &KH_SRK.to_be_bytes(),
+        &blob,
+        &mut [(&mut s, SRK_AUTH, false)],
+        4,
+    )
+    .unwrap();
+    let h = be32(&out);
+    assert!(t.vol.keys.get(h).is_some());
+    // The SRK's public key is not readable by GetPubKey (readSRKPub FALSE).
+    err(
+        &mut t,
+        &Cmd::new(ORD_GET_PUB_KEY).u32(KH_SRK).bytes(),
+        TPM_INVALID_KEYHANDLE,
+    );
+    let mut s = oiap(&mut t);
+    let r = run_authed(
+        &mut t,
+        0,
+        ORD_GET_PUB_KEY,
+        &KH_SRK.to_be_bytes(),
+        &[],
+        &mut [(&mut s, SRK_AUTH, false)],
+        0,
+    );
+    assert_eq!(r, Err(TPM_INVALID_KEYHANDLE));
+    // A key blob cannot be loaded with tag C1 when the parent needs auth.
+    err(
+        &mut t,
+        &Cmd::new(ORD_LOAD_KEY2).u32(KH_SRK).raw(&blob).bytes(),
+        TPM_AUTHFAIL,
+    );
+}
+
+#[test]
+fn capabilities_about_keys_and_handles() {
+    let mut t = owned();
+    let h = load_key2(&mut t, KH_SRK, &SRK_AUTH, &cached_key(KEY_SIGNING)).unwrap();
+    let s = oiap(&mut t);
+    let getcap = |area: u32, sub: &[u8]| Cmd::new(ORD_GET_CAPABILITY).u32(area).sized(sub).bytes();
+    let keys = ok(&mut t, 0, &getcap(CAP_HANDLE, &RT_KEY.to_be_bytes()));
+    assert_eq!(keys, [&[0u8, 0, 0, 6, 0, 1][..], &h.to_be_bytes()].concat());
+    let auths = ok(&mut t, 0, &getcap(CAP_HANDLE, &RT_AUTH.to_be_bytes()));
+    assert_eq!(
+        auths,
+        [&[0u8, 0, 0, 6, 0, 1][..], &s.handle.to_be_bytes()].concat()
+    );
+    err(
+        &mut t,
+        &getcap(CAP_HANDLE, &9u32.to_be_bytes()),
+        TPM_BAD_MODE,
+    );
+    let free = ok(&mut t, 0, &getcap(CAP_PROPERTY, &0x104u32.to_be_bytes()));
+    assert_eq!(be32(&free[4..]), 19);
+    let parms = |bits: u32| {
+        Cmd::new(0)
+            .u32(ALG_RSA)
+            .u16(ES_RSAESOAEP_SHA1_MGF1)
+            .u16(SS_NONE)
+            .sized(&Cmd::new(0).u32(bits).u32(2).u32(0).body)
+            .body
+    };
+    assert_eq!(
+        ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &parms(2048))),
+        [0, 0, 0, 1, 1]
+    );
+    assert_eq!(
+        ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &parms(4096))),
+        [0, 0, 0, 1, 0]
+    );
+    err(&mut t, &getcap(CAP_CHECK_LOADED, &[]), TPM_BAD_PARAM_SIZE);
+    assert_eq!(
+        ok(&mut t, 0, &getcap(CAP_SELECT_SIZE, &[1, 2, 0, 3])),
+        [0, 0, 0, 1, 1]
+    );
+    assert_eq!(
+        ok(&mut t, 0, &getcap(CAP_SELECT_SIZE, &[1, 2, 0, 4])),
+        [0, 0, 0, 1, 0]
+    );
+    err(&mut t, &getcap(CAP_SELECT_SIZE, &[]), TPM_BAD_PARAM_SIZE);
+    assert_eq!(ok(&mut t, 0, &getcap(CAP_PID, &[0, 5])), [0, 0, 0, 1, 1]);
+    assert_eq!(ok(&mut t, 0, &getcap(CAP_PID, &[0, 6])), [0, 0, 0, 1, 0]);
+    let da = ok(&mut t, 0, &getcap(CAP_DA_LOGIC, &[0, 2]));
+    assert_eq!(&da[4..6], &[0, 0x37]);
+    err(
+        &mut t,
+        &getcap(CAP_FLAG, &0x10Au32.to_be_bytes()),
+        TPM_BAD_MODE,
+    );
+    err(&mut t, &getcap(0x99, &[]), TPM_BAD_MODE);
+    // Owner installed: SetOwnerInstall is refused.
+    ok(
+        &mut t,
+        0,
+        &Cmd::new(TSC_ORD_PHYSICAL_PRESENCE).u16(PP_PRESENT).bytes(),
+    );
+    err(
+        &mut t,
+        &Cmd::new(ORD_SET_OWNER_INSTALL).u8(1).bytes(),
+        TPM_OWNER_SET,
+    );
+}
+
+#[test]
+fn legacy_key_signs_and_unbinds_pkcs1() {
+    let mut t = owned();
+    let tmpl = template(
+        KEY_LEGACY,
+        ES_RSAESPKCSV15,
+        SS_RSASSAPKCS1V15_SHA1,
+        0,
+        AUTH_NEVER,
+        &[],
+    );
+    let blob = create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &[0; 20], &tmpl).unwrap();
+    let n = key_modulus(&blob);
+    let h = load_key2(&mut t, KH_SRK, &SRK_AUTH, &blob).unwrap();
+    let r = ok(
+        &mut t,
+        0,
+        &Cmd::new(ORD_SIGN).u32(h).sized(&[3; 20]).bytes(),
+    );
+    assert!(crate::crypto::verify_sha1(&n, &[3; 20], &r[4..]));
+    // PKCS#1 v1.5 encryption of raw data (no TPM_BOUND_DATA) comes back raw.
+    let nb = crypto_bigint::BoxedUint::from_be_slice(&n, 2048).unwrap();
+    let pk = rsa::PublicKey::new(nb, crypto_bigint::BoxedUint::from(65537u64)).unwrap();
+    let ct = pk
+        .encrypt(t.drbg.rng(), rsa::Pkcs1v15Encrypt, b"legacy")
+        .unwrap();
+    let out = ok(&mut t, 0, &Cmd::new(ORD_UNBIND).u32(h).sized(&ct).bytes());
+    assert_eq!(out, [&[0u8, 0, 0, 6][..], b"legacy"].concat());
+}
