@@ -67,8 +67,8 @@ impl Transport for Lib {
     fn transmit(&mut self, command: &[u8]) -> Vec<u8> {
         self.tpm.as_mut().expect("libtpms running").execute(command)
     }
-    fn set_locality(&mut self, _: u8) {
-        unimplemented!("the benchmark runs at locality 0")
+    fn set_locality(&mut self, locality: u8) {
+        self.tpm.as_mut().expect("libtpms running").set_locality(locality)
     }
 }
 
@@ -103,6 +103,7 @@ mod vtpm {
     pub struct Vtpm {
         tpm: Tpm<HostPlatform>,
         unowned: Vec<u8>,
+        locality: u8,
     }
 
     impl Vtpm {
@@ -111,7 +112,7 @@ mod vtpm {
             tpm.power_on();
             expect_ok(&tpm.execute(0, &startup_clear()), "vtpm-core Startup");
             let unowned = tpm.permanent_state();
-            Vtpm { tpm, unowned }
+            Vtpm { tpm, unowned, locality: 0 }
         }
     }
 
@@ -120,10 +121,10 @@ mod vtpm {
             "vtpm-core"
         }
         fn transmit(&mut self, command: &[u8]) -> Vec<u8> {
-            self.tpm.execute(0, command)
+            self.tpm.execute(self.locality, command)
         }
-        fn set_locality(&mut self, _: u8) {
-            unimplemented!("the benchmark runs at locality 0")
+        fn set_locality(&mut self, locality: u8) {
+            self.locality = locality;
         }
     }
 

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uchar, CStr};
 use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 type TpmResult = u32;
@@ -46,6 +47,26 @@ const TPM_SUCCESS: TpmResult = 0;
 const TPM_FAIL: TpmResult = 9;
 /// What libtpms expects from `loaddata` for state that was never stored.
 const TPM_RETRY: TpmResult = 0x800;
+
+/// The locality libtpms asks for through `tpm_io_getlocality`.
+static LOCALITY: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn io_init() -> TpmResult {
+    TPM_SUCCESS
+}
+
+extern "C" fn io_getlocality(locality: *mut u32, _: u32) -> TpmResult {
+    // SAFETY: libtpms passes a valid out-parameter.
+    unsafe { *locality = LOCALITY.load(Ordering::Relaxed) };
+    TPM_SUCCESS
+}
+
+extern "C" fn io_getphysicalpresence(present: *mut c_uchar, _: u32) -> TpmResult {
+    // No hardware physical presence: only TSC_PhysicalPresence asserts it.
+    // SAFETY: libtpms passes a valid out-parameter.
+    unsafe { *present = 0 };
+    TPM_SUCCESS
+}
 
 /// The TPM's NVRAM: blob name ("permall", "savestate", "volatilestate") to bytes.
 static NVRAM: Mutex<Option<HashMap<String, Vec<u8>>>> = Mutex::new(None);
@@ -122,9 +143,9 @@ impl Libtpms {
             nvram_loaddata: Some(nvram_loaddata),
             nvram_storedata: Some(nvram_storedata),
             nvram_deletename: Some(nvram_deletename),
-            io_init: None,
-            io_getlocality: None,
-            io_getphysicalpresence: None,
+            io_init: Some(io_init),
+            io_getlocality: Some(io_getlocality),
+            io_getphysicalpresence: Some(io_getphysicalpresence),
         };
         // SAFETY: plain library calls in the documented order; the callbacks
         // structure is copied by libtpms.
@@ -139,6 +160,11 @@ impl Libtpms {
     /// The permanent state as libtpms last stored it.
     pub fn permall(&self) -> Vec<u8> {
         nvram().as_ref().and_then(|m| m.get("permall").cloned()).expect("libtpms stored its permanent state")
+    }
+
+    /// The locality of the following commands.
+    pub fn set_locality(&mut self, locality: u8) {
+        LOCALITY.store(u32::from(locality), Ordering::Relaxed);
     }
 
     pub fn execute(&mut self, command: &[u8]) -> Vec<u8> {
