@@ -19,7 +19,9 @@
 #include <linux/seq_file.h>
 #include <linux/version.h>
 #include <linux/elf.h>
+#include <linux/extable.h>
 #include <asm/processor.h>
+#include <asm/nospec-branch.h>
 #include "ctvm_abi.h"
 
 static unsigned long text_start, text_end, rodata_start, rodata_end;
@@ -44,6 +46,11 @@ module_param(poke_start, ulong, 0400);
 module_param(poke_end, ulong, 0400);
 module_param(module_list, ulong, 0400);
 module_param(page_table, ulong, 0400);
+/* The return thunks a module's returns may be patched into (srso_return_thunk
+ * and the like are not exported); __x86_return_thunk is added here. */
+static unsigned long return_thunks[CTVM_RETURN_THUNKS - 1];
+static int return_thunk_count;
+module_param_array(return_thunks, ulong, &return_thunk_count, 0400);
 
 /* One entry per module CTVM knows, to find its id again at LIVE and GOING. */
 struct tracked {
@@ -59,9 +66,10 @@ static long ctvm_call(unsigned long nr, unsigned long a, unsigned long b,
 {
 	long ret;
 
+	/* Calls may return values in RBX..RSI too: all are in/out. */
 	asm volatile("vmcall"
-		     : "=a"(ret)
-		     : "a"(nr), "b"(a), "c"(b), "d"(c), "S"(d)
+		     : "=a"(ret), "+b"(a), "+c"(b), "+d"(c), "+S"(d)
+		     : "a"(nr)
 		     : "memory");
 	return ret;
 }
@@ -143,18 +151,41 @@ static u64 *module_entries(struct module *mod, u32 *count)
 	return entries;
 }
 
+/* Its exception table: where the kernel resumes it after a fault (the
+ * entries hold offsets relative to themselves). */
+static struct ctvm_fixup *module_fixups(struct module *mod, u32 *count)
+{
+	struct ctvm_fixup *fixups;
+	unsigned int i, n = min_t(unsigned int, mod->num_exentries, CTVM_MODULE_FIXUPS_MAX);
+
+	fixups = kmalloc_array(max(n, 1U), sizeof(*fixups), GFP_KERNEL);
+	if (!fixups)
+		return NULL;
+	for (i = 0; i < n; i++) {
+		const struct exception_table_entry *e = &mod->extable[i];
+
+		fixups[i].insn = (unsigned long)&e->insn + e->insn;
+		fixups[i].fixup = (unsigned long)&e->fixup + e->fixup;
+	}
+	*count = n;
+	return fixups;
+}
+
 static long report_module(struct module *mod)
 {
 	struct ctvm_module_info *info;
+	struct ctvm_fixup *fixups;
 	u64 *entries;
-	u32 count = 0;
+	u32 count = 0, fixup_count = 0;
 	long id;
 
 	info = kzalloc(sizeof(*info), GFP_KERNEL);
 	entries = module_entries(mod, &count);
-	if (!info || !entries) {
+	fixups = module_fixups(mod, &fixup_count);
+	if (!info || !entries || !fixups) {
 		kfree(info);
 		kfree(entries);
+		kfree(fixups);
 		return -ENOMEM;
 	}
 	info->version = CTVM_STRUCT_VERSION;
@@ -163,7 +194,10 @@ static long report_module(struct module *mod)
 	module_ranges(mod, info);
 	info->entries = (unsigned long)entries;
 	info->entry_count = count;
+	info->fixups = (unsigned long)fixups;
+	info->fixup_count = fixup_count;
 	id = ctvm_call(CTVM_CALL_MODULE_REGISTER, (unsigned long)info, sizeof(*info), 0, 0);
+	kfree(fixups);
 	kfree(entries);
 	kfree(info);
 	return id;
@@ -267,6 +301,27 @@ static int violations_show(struct seq_file *m, void *v)
 	return n < 0 ? (int)n : 0;
 }
 
+/* The kernel's branch thunks: a module's indirect calls and returns go
+ * through them, so CTVM judges the branch, not the thunk. */
+static void branch_thunks(struct ctvm_kernel_layout *layout)
+{
+	int i, n = 0;
+
+#ifdef CONFIG_RETPOLINE
+#define THUNK(i, reg) layout->indirect_thunks[i] = (unsigned long)__x86_indirect_thunk_##reg
+	THUNK(0, rax); THUNK(1, rcx); THUNK(2, rdx); THUNK(3, rbx);
+	THUNK(4, rsp); THUNK(5, rbp); THUNK(6, rsi); THUNK(7, rdi);
+	THUNK(8, r8); THUNK(9, r9); THUNK(10, r10); THUNK(11, r11);
+	THUNK(12, r12); THUNK(13, r13); THUNK(14, r14); THUNK(15, r15);
+#undef THUNK
+#endif
+#ifdef CONFIG_RETHUNK
+	layout->return_thunks[n++] = (unsigned long)__x86_return_thunk;
+#endif
+	for (i = 0; i < return_thunk_count && n < CTVM_RETURN_THUNKS; i++)
+		layout->return_thunks[n++] = return_thunks[i];
+}
+
 static int __init ctvm_agent_init(void)
 {
 	struct ctvm_kernel_layout *layout;
@@ -302,6 +357,7 @@ static int __init ctvm_agent_init(void)
 	if (module_list)
 		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
 	layout->kernel_page_table = page_table;
+	branch_thunks(layout);
 	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
 	kfree(layout);
 	if (ret < 0) {

@@ -4,7 +4,7 @@
 //! a leading `size` field, so both sides can check what they were given.
 
 /// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 1;
+pub const STRUCT_VERSION: u32 = 2;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -46,7 +46,20 @@ pub struct KernelLayout {
     /// `init_top_pgt` (`swapper_pg_dir`): the kernel's own top-level page
     /// table, whose kernel half every process shares.
     pub kernel_page_table: u64,
+    /// `__x86_indirect_thunk_<reg>` by register number (RAX = 0 .. R15 =
+    /// 15), zero where absent: a call through one is a `jmp *reg`, and the
+    /// hypervisor judges the register's target, not the thunk.
+    pub indirect_thunks: [u64; INDIRECT_THUNKS],
+    /// The return thunks a module's `ret` may be patched into
+    /// (`__x86_return_thunk`, `srso_return_thunk`, ...), zero-padded: each
+    /// is a `ret`, judged by the return address.
+    pub return_thunks: [u64; RETURN_THUNKS],
 }
+
+/// One indirect-branch thunk per general-purpose register.
+pub const INDIRECT_THUNKS: usize = 16;
+/// How many return thunks the layout can name.
+pub const RETURN_THUNKS: usize = 8;
 
 /// How many sensitive data ranges the layout can name.
 pub const SENSITIVE_RANGES: usize = 4;
@@ -78,6 +91,23 @@ pub struct ModuleInfo {
     pub entries: u64,
     pub entry_count: u32,
     pub flags: u32,
+    /// Guest-virtual address of an array of [`Fixup`]s: the module's
+    /// exception table, where the kernel may resume it after a fault.
+    pub fixups: u64,
+    pub fixup_count: u32,
+    pub reserved: u32,
+}
+
+/// Upper bound on a module's exception-table entries in one registration.
+pub const MODULE_FIXUPS_MAX: u32 = 4096;
+
+/// One exception-table entry, as absolute addresses: a fault at `insn`
+/// resumes at `fixup`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fixup {
+    pub insn: u64,
+    pub fixup: u64,
 }
 
 impl Default for ModuleInfo {
@@ -92,6 +122,9 @@ impl Default for ModuleInfo {
             entries: 0,
             entry_count: 0,
             flags: 0,
+            fixups: 0,
+            fixup_count: 0,
+            reserved: 0,
         }
     }
 }
@@ -164,32 +197,6 @@ impl ViolationRecord {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn structure_sizes_are_fixed() {
-        assert_eq!(core::mem::size_of::<WireRange>(), 16);
-        assert_eq!(
-            core::mem::size_of::<KernelLayout>(),
-            8 + 16 * 5 + 8 + 16 * 2 + 16 * POKE_ROUTINES + 16 * SENSITIVE_RANGES + 8
-        );
-        assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8);
-        assert_eq!(VIOLATION_RECORD_SIZE, 40);
-    }
-
-    #[test]
-    fn record_bytes_match_the_repr_c_layout() {
-        let r =
-            ViolationRecord { sequence: 7, kind: 3, module: 2, rip: 0x1122, target: 0x3344, action: 2, reserved: 0 };
-        let bytes = r.to_bytes();
-        // SAFETY: ViolationRecord is repr(C) plain data of exactly this size.
-        let back: ViolationRecord = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        assert_eq!(back, r);
-    }
-}
-
 #[cfg(feature = "c-header")]
 /// The C view of this ABI, for the Linux agent: generated from the Rust
 /// definitions (sizes and offsets checked at compile time on both sides),
@@ -216,18 +223,19 @@ pub fn c_header() -> alloc::string::String {
     }
     let _ = writeln!(h, "#define CTVM_STRUCT_VERSION {STRUCT_VERSION}");
     let _ = writeln!(h, "#define CTVM_POKE_ROUTINES {POKE_ROUTINES}\n#define CTVM_SENSITIVE_RANGES {SENSITIVE_RANGES}");
+    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}");
     let _ = writeln!(
         h,
-        "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n"
+        "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n"
     );
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n}};"
     );
     let _ = writeln!(
         h,
-        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n}};"
+        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n\t__u64 fixups;\n\t__u32 fixup_count;\n\t__u32 reserved;\n}};\n\nstruct ctvm_fixup {{ __u64 insn; __u64 fixup; }};"
     );
     let _ = writeln!(
         h,
@@ -236,6 +244,7 @@ pub fn c_header() -> alloc::string::String {
     for (c, size) in [
         ("struct ctvm_kernel_layout", size_of::<KernelLayout>()),
         ("struct ctvm_module_info", size_of::<ModuleInfo>()),
+        ("struct ctvm_fixup", size_of::<Fixup>()),
         ("struct ctvm_violation_record", size_of::<ViolationRecord>()),
     ] {
         let _ = writeln!(h, "static_assert(sizeof({c}) == {size});");
@@ -252,9 +261,16 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, return_thunks) == {});",
+        offset_of!(KernelLayout, return_thunks)
+    );
+    let _ = writeln!(
+        h,
         "static_assert(offsetof(struct ctvm_module_info, entries) == {});",
         offset_of!(ModuleInfo, entries)
     );
+    let _ =
+        writeln!(h, "static_assert(offsetof(struct ctvm_module_info, fixups) == {});", offset_of!(ModuleInfo, fixups));
     let _ = writeln!(
         h,
         "static_assert(offsetof(struct ctvm_violation_record, action) == {});",
@@ -262,4 +278,38 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(h, "\n#endif");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structure_sizes_are_fixed() {
+        assert_eq!(core::mem::size_of::<WireRange>(), 16);
+        assert_eq!(
+            core::mem::size_of::<KernelLayout>(),
+            8 + 16 * 5
+                + 8
+                + 16 * 2
+                + 16 * POKE_ROUTINES
+                + 16 * SENSITIVE_RANGES
+                + 8
+                + 8 * INDIRECT_THUNKS
+                + 8 * RETURN_THUNKS
+        );
+        assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16);
+        assert_eq!(core::mem::size_of::<Fixup>(), 16);
+        assert_eq!(VIOLATION_RECORD_SIZE, 40);
+    }
+
+    #[test]
+    fn record_bytes_match_the_repr_c_layout() {
+        let r =
+            ViolationRecord { sequence: 7, kind: 3, module: 2, rip: 0x1122, target: 0x3344, action: 2, reserved: 0 };
+        let bytes = r.to_bytes();
+        // SAFETY: ViolationRecord is repr(C) plain data of exactly this size.
+        let back: ViolationRecord = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        assert_eq!(back, r);
+    }
 }

@@ -562,6 +562,18 @@ pub fn report(vms: &[Vm]) {
             info!("    {reason:>3} {name:<28} {count:>10}");
         }
         info!("  total {} {}", vm.guest.name(), vm.guest.exits.total());
+        if let Some(i) = &vm.guest.integrity {
+            let s = i.engine.stats;
+            info!(
+                "  integrity {}: {} view switches, {} thunk branches, {} pages granted, {} text pokes let through, {} violations",
+                vm.guest.name(),
+                s.switches,
+                s.branches,
+                s.grants,
+                s.pokes,
+                s.violations
+            );
+        }
     }
     let (free, total) = phys::usage();
     info!("free RAM {} of {} MiB", free >> 20, total >> 20);

@@ -46,3 +46,54 @@ fn exits(serial: &str) -> Option<u64> {
         .filter_map(|r| r.split_whitespace().last()?.parse().ok())
         .reduce(|a: u64, b| a + b)
 }
+
+/// The cost of isolating a module: `calls.ko` (two exported kernel calls
+/// per round, four crossings) under CTVM without the agent, then isolated
+/// by it at two loop counts, so that boot and load costs cancel out of the
+/// per-round exit and view-switch counts.
+pub fn integrity() -> Result<(), Fail> {
+    let bins = image::build_all()?;
+    let timeout = Duration::from_secs(900);
+    let runs = [("bare", 5000u32), ("agent", 1000), ("agent", 5000)];
+    let mut rows = Vec::new();
+    for (mode, loops) in runs {
+        let name = format!("bench-integrity-{mode}-{loops}");
+        let args = format!("{} ctvm.bench={mode} ctvm.loops={loops}", scenarios::LINUX_ARGS);
+        let spec = scenarios::linux_guest(Box::leak(args.into_boxed_str()));
+        let modules = scenarios::modules_for(&[spec], &bins)?;
+        let iso = image::make_iso(&name, &bins.hypervisor, "exit=bochs", &modules)?;
+        println!("xtask: bench: {mode}, {loops} rounds");
+        let out = emulator::boot(Emulator::Bochs, &iso, &name, 1024, timeout, None)?;
+        let prefix = format!("ctvm-init: bench {mode}: {loops} rounds of snprintf/kstrtoint/strlen, 0 wrong, ");
+        let ns = out
+            .serial
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.split(' ').next()?.parse::<u64>().ok())
+            .ok_or_else(|| Fail(format!("{name}: no result line; logs in {}", out.dir.display())))?;
+        let switches = out
+            .serial
+            .lines()
+            .find_map(|l| l.split_once("integrity linux: ")?.1.split(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        rows.push((mode, loops, ns, exits(&out.serial).unwrap_or(0), switches));
+    }
+    println!("\n{:<6} {:>7} {:>12} {:>10} {:>14}", "run", "rounds", "ns/round", "VM exits", "view switches");
+    for (mode, loops, ns, exits, switches) in &rows {
+        println!("{mode:<6} {loops:>7} {ns:>12} {exits:>10} {switches:>14}");
+    }
+    let (bare, low, high) = (rows[0], rows[1], rows[2]);
+    let rounds = f64::from(high.1 - low.1);
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / rounds;
+    println!(
+        "per round with the agent: {:.2} VM exits, {:.2} view switches; guest time {:.2}x bare ({} vs {} ns, \
+         about {} vs {} emulated instructions at Bochs' 200 M ips)",
+        per(low.3, high.3),
+        per(low.4, high.4),
+        high.2 as f64 / bare.2 as f64,
+        high.2,
+        bare.2,
+        high.2 / 5,
+        bare.2 / 5
+    );
+    Ok(())
+}

@@ -17,6 +17,8 @@ pub struct GuestSpec {
     pub name: &'static str,
     pub kind: GuestImage,
     pub mem_mib: u32,
+    /// A virtual TPM for a test guest (Linux guests always have one).
+    pub vtpm: bool,
     /// The guest's own command line (after `--`).
     pub args: &'static str,
 }
@@ -55,26 +57,37 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn modules(&self, bins: &Binaries) -> Result<Vec<ModuleSpec>, Fail> {
-        let mut out = Vec::new();
-        for g in &self.guests {
-            match g.kind {
-                GuestImage::Test => out.push(ModuleSpec {
-                    file: bins.testguest.clone(),
-                    args: format!("guest={} mem={}M -- {}", g.name, g.mem_mib, g.args),
-                }),
-                GuestImage::Linux => {
-                    let assets = linux::assets()?;
-                    println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
-                    out.push(ModuleSpec {
-                        file: assets.kernel,
-                        args: format!("guest={} kind=linux trust=ctvm_agent -- {}", g.name, g.args),
-                    });
-                    out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
-                }
+        modules_for(&self.guests, bins)
+    }
+}
+
+/// The multiboot modules (images and their command lines) for these guests.
+pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSpec>, Fail> {
+    let mut out = Vec::new();
+    for g in guests {
+        match g.kind {
+            GuestImage::Test => out.push(ModuleSpec {
+                file: bins.testguest.clone(),
+                args: format!(
+                    "guest={} mem={}M{} -- {}",
+                    g.name,
+                    g.mem_mib,
+                    if g.vtpm { " vtpm=on" } else { "" },
+                    g.args
+                ),
+            }),
+            GuestImage::Linux => {
+                let assets = linux::assets()?;
+                println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
+                out.push(ModuleSpec {
+                    file: assets.kernel,
+                    args: format!("guest={} kind=linux trust=ctvm_agent -- {}", g.name, g.args),
+                });
+                out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 /// What every run must end with, and must never show.
@@ -82,14 +95,18 @@ const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
 const ALWAYS_REJECT: &[&str] = &["hypervisor panic", "Kernel panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
-    GuestSpec { name, kind: GuestImage::Test, mem_mib: 16, args }
+    GuestSpec { name, kind: GuestImage::Test, mem_mib: 16, vtpm: false, args }
+}
+
+fn guest_with_vtpm(name: &'static str, args: &'static str) -> GuestSpec {
+    GuestSpec { vtpm: true, ..guest(name, args) }
 }
 
 /// The kernel command line of the Linux scenarios.
-const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
+pub const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
 
-fn linux(args: &'static str) -> GuestSpec {
-    GuestSpec { name: "linux", kind: GuestImage::Linux, mem_mib: 0, args }
+pub fn linux_guest(args: &'static str) -> GuestSpec {
+    GuestSpec { name: "linux", kind: GuestImage::Linux, mem_mib: 0, vtpm: true, args }
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -98,7 +115,7 @@ pub fn all() -> Vec<Scenario> {
             name: "linux-shell",
             about: "what `cargo xtask run` boots: Debian's cloud kernel under CTVM, leaving a busybox shell",
             hypervisor_args: "",
-            guests: vec![linux(concat!("console=ttyS0,115200 nokaslr quiet tpm_tis.interrupts=0", " ctvm.shell"))],
+            guests: vec![linux_guest(concat!("console=ttyS0,115200 nokaslr quiet tpm_tis.interrupts=0", " ctvm.shell"))],
             megs: 1024,
             timeout: Duration::from_secs(3600),
             expect: vec![CLEAN_END],
@@ -197,10 +214,51 @@ pub fn all() -> Vec<Scenario> {
             interactive: false,
         },
         Scenario {
+            name: "vtpm",
+            about: "a test guest drives its vTPM through the virtual TIS and checks the measured launch against its event log",
+            hypervisor_args: "",
+            guests: vec![guest_with_vtpm("alpha", "test=vtpm exit=5")],
+            megs: 256,
+            timeout: Duration::from_secs(300),
+            expect: vec![
+                "ctvm: guest alpha: vTPM ready",
+                "[alpha] ok: TIS DID_VID 0x00011014",
+                "[alpha] ok: locality 0 granted",
+                "[alpha] ok: Startup answers INVALID_POSTINIT",
+                "[alpha] ok: GetCapability reports 24 PCRs",
+                "[alpha] ok: event log read",
+                "[alpha] ok: PCR 8 equals the event log's replay",
+                "[alpha] ok: PCR 9 equals the event log's replay",
+                "[alpha] ok: Extend of PCR 16 computes SHA-1(old || digest)",
+                "[alpha] ok: GetRandom returns 32 varied bytes",
+                "[alpha] ok: ReadPubek returns the endorsement key",
+                "[alpha] all checks passed",
+                "ctvm: guest alpha stopped: shutdown hypercall, exit code 5",
+                CLEAN_END,
+            ],
+            reject: vec!["[alpha] FAIL"],
+            checks: vec![pcrs_match_the_images],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
+            name: "vtpm-two-guests",
+            about: "two guests, two vTPMs: different launches give different PCRs, EKs and event logs",
+            hypervisor_args: "vtpm.seed=5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
+            guests: vec![guest_with_vtpm("alpha", "test=vtpm mode=first"), guest_with_vtpm("beta", "test=vtpm mode=second")],
+            megs: 256,
+            timeout: Duration::from_secs(400),
+            expect: vec![CLEAN_END],
+            reject: vec!["FAIL"],
+            checks: vec![pcrs_match_the_images, two_vtpms_differ],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
             name: "linux-boot",
             about: "Debian's cloud kernel boots to /init under CTVM on the pass-through platform and powers off",
             hypervisor_args: "",
-            guests: vec![linux(LINUX_ARGS)],
+            guests: vec![linux_guest(LINUX_ARGS)],
             megs: 1024,
             timeout: Duration::from_secs(400),
             expect: vec![
@@ -218,10 +276,35 @@ pub fn all() -> Vec<Scenario> {
             interactive: false,
         },
         Scenario {
+            name: "linux-tpm",
+            about: "Linux finds its vTPM through ACPI; PCRs 8-10 match the event log, IMA and the files on the ISO",
+            hypervisor_args: "",
+            guests: vec![linux_guest(concat!(
+                "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0 ima_policy=tcb",
+                " ctvm.tpm"
+            ))],
+            megs: 1024,
+            timeout: Duration::from_secs(500),
+            expect: vec![
+                "ctvm: guest linux: vTPM ready",
+                "ctvm-init: tpm0: present",
+                "ctvm-init: pcr PCR-08:",
+                "ctvm-init: bios log: ",
+                "ctvm-init: ima: 10 ",
+                "ctvm-init: tpm random: 00c40000002e00000000",
+                "ctvm: guest linux stopped: ACPI sleep requested",
+                CLEAN_END,
+            ],
+            reject: vec!["ctvm-init: FAIL"],
+            checks: vec![linux_pcrs_replay],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
             name: "linux-containment",
             about: "Linux writing to the hypervisor's memory through /dev/mem is stopped with a report",
             hypervisor_args: "",
-            guests: vec![linux(concat!(
+            guests: vec![linux_guest(concat!(
                 "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
                 " ctvm.poke=0x200000"
             ))],
@@ -246,6 +329,7 @@ pub fn all() -> Vec<Scenario> {
                 name: "linux",
                 kind: GuestImage::Linux,
                 mem_mib: 0,
+                vtpm: true,
                 args: concat!(
                     "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
                     " ctvm.integrity"
@@ -326,11 +410,178 @@ fn unknown_port_logged_once(out: &RunOutput) -> Result<(), String> {
     }
 }
 
+/// A value the guest printed as `[guest] key=hex`.
+fn printed<'a>(out: &'a RunOutput, guest: &str, key: &str) -> Option<&'a str> {
+    let prefix = format!("[{guest}] {key}=");
+    out.serial.lines().find_map(|l| l.strip_prefix(prefix.as_str()))
+}
+
+fn sha1(data: &[u8]) -> [u8; 20] {
+    sha1_smol::Sha1::from(data).digest().bytes()
+}
+
+fn extend(old: [u8; 20], digest: [u8; 20]) -> [u8; 20] {
+    let mut both = old.to_vec();
+    both.extend_from_slice(&digest);
+    sha1(&both)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// PCRs 8 and 9 as the guests read them must equal what this harness
+/// computes on its own from the files it put on the ISO: the kernel image
+/// into PCR 9, the command line (what follows `--`) into PCR 8.
+fn pcrs_match_the_images(out: &RunOutput) -> Result<(), String> {
+    let name = out.dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let iso = crate::util::work_dir().join("iso").join(format!("{name}-bochs")).join("boot");
+    let cfg = std::fs::read_to_string(iso.join("grub/grub.cfg")).map_err(|e| e.to_string())?;
+    let mut checked = 0;
+    for line in cfg.lines().filter_map(|l| l.trim().strip_prefix("module2 /boot/")) {
+        let (file, rest) = line.split_once(' ').ok_or("module2 line")?;
+        let guest = rest.split_whitespace().find_map(|w| w.strip_prefix("guest=")).ok_or("no guest=")?;
+        if !rest.contains("vtpm=on") {
+            continue;
+        }
+        let cmdline = rest.split_once("--").map_or("", |(_, a)| a.trim());
+        let image = std::fs::read(iso.join(file)).map_err(|e| e.to_string())?;
+        let pcr9 = hex(&extend([0; 20], sha1(&image)));
+        let pcr8 = hex(&extend([0; 20], sha1(cmdline.as_bytes())));
+        for (key, want) in [("pcr8", &pcr8), ("pcr9", &pcr9)] {
+            let got = printed(out, guest, key).ok_or_else(|| format!("{guest} printed no {key}"))?;
+            if got != want {
+                return Err(format!("{guest}: {key} is {got}, the harness computes {want}"));
+            }
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        return Err("no guest with a vTPM on the ISO".into());
+    }
+    Ok(())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn pcr20(v: &[u8]) -> Result<[u8; 20], String> {
+    v.try_into().map_err(|_| "a PCR is not 20 bytes".to_string())
+}
+
+/// Linux's view of its vTPM against the harness's own computation: PCR 8
+/// and 9 from the files on the ISO, the firmware event log replaying to
+/// them, IMA's list replaying to PCR 10, and TPM random bytes.
+fn linux_pcrs_replay(out: &RunOutput) -> Result<(), String> {
+    let line = |prefix: &str| out.serial.lines().find_map(|l| l.strip_prefix(prefix)).map(str::trim);
+    let pcr = |n: &str| -> Result<[u8; 20], String> {
+        pcr20(&unhex(line(&format!("ctvm-init: pcr PCR-{n}:")).ok_or(format!("no PCR-{n}"))?).ok_or("bad hex")?)
+    };
+    // The files and command line as the ISO holds them.
+    let iso = crate::util::work_dir().join("iso").join("linux-tpm-bochs").join("boot");
+    let cfg = std::fs::read_to_string(iso.join("grub/grub.cfg")).map_err(|e| e.to_string())?;
+    let modules: Vec<(&str, &str)> =
+        cfg.lines().filter_map(|l| l.trim().strip_prefix("module2 /boot/")).filter_map(|l| l.split_once(' ')).collect();
+    let (kernel_file, kernel_args) =
+        modules.iter().find(|(_, a)| a.contains("kind=linux")).ok_or("no kernel module")?;
+    let (initrd_file, _) = modules.iter().find(|(_, a)| a.starts_with("initrd=")).ok_or("no initrd module")?;
+    let cmdline = kernel_args.split_once("--").map_or("", |(_, a)| a.trim());
+    let kernel = std::fs::read(iso.join(kernel_file)).map_err(|e| e.to_string())?;
+    let initrd = std::fs::read(iso.join(initrd_file)).map_err(|e| e.to_string())?;
+    let want9 = extend(extend([0; 20], sha1(&kernel)), sha1(&initrd));
+    let want8 = extend([0; 20], sha1(cmdline.as_bytes()));
+    if pcr("08")? != want8 || pcr("09")? != want9 {
+        return Err(format!(
+            "PCRs 8/9 are {}/{}, the harness computes {}/{}",
+            hex(&pcr("08")?),
+            hex(&pcr("09")?),
+            hex(&want8),
+            hex(&want9)
+        ));
+    }
+    // The event log Linux exposes replays to the same values.
+    let log = unhex(line("ctvm-init: bios log:").ok_or("no bios log")?).ok_or("bad log hex")?;
+    let mut replay = [[0u8; 20]; 24];
+    let mut at = 0;
+    let word = |o: usize| u32::from_le_bytes([log[o], log[o + 1], log[o + 2], log[o + 3]]);
+    while at + 32 <= log.len() {
+        let (index, size) = (word(at) as usize, word(at + 28) as usize);
+        if index < 24 {
+            replay[index] = extend(replay[index], pcr20(&log[at + 8..at + 28])?);
+        }
+        at += 32 + size;
+    }
+    if replay[8] != want8 || replay[9] != want9 {
+        return Err("binary_bios_measurements does not replay to PCRs 8 and 9".into());
+    }
+    // IMA: PCR 10 is the fold of the template hashes.
+    let mut pcr10 = [0u8; 20];
+    let mut entries = 0;
+    for l in out.serial.lines().filter_map(|l| l.strip_prefix("ctvm-init: ima: ")) {
+        let hash = l.split_whitespace().nth(1).ok_or("short IMA line")?;
+        pcr10 = extend(pcr10, pcr20(&unhex(hash).ok_or("bad IMA hash")?)?);
+        entries += 1;
+    }
+    if entries == 0 || pcr("10")? != pcr10 {
+        return Err(format!("PCR 10 does not replay from {entries} IMA entries"));
+    }
+    // 32 random bytes from the TPM, through /dev/tpm0.
+    let random = unhex(line("ctvm-init: tpm random:").ok_or("no random bytes")?).ok_or("bad random hex")?;
+    if random.len() != 46 || random[14..].iter().all(|&b| b == random[14]) {
+        return Err(format!("GetRandom through /dev/tpm0 answered {}", hex(&random)));
+    }
+    Ok(())
+}
+
+fn two_vtpms_differ(out: &RunOutput) -> Result<(), String> {
+    for key in ["pcr8", "ek"] {
+        let a = printed(out, "alpha", key).ok_or(format!("alpha printed no {key}"))?;
+        let b = printed(out, "beta", key).ok_or(format!("beta printed no {key}"))?;
+        if a == b {
+            return Err(format!("alpha and beta share {key}={a}"));
+        }
+    }
+    let events = |g: &str| {
+        out.serial
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{g}] event ")))
+            .map(|l| l[g.len() + 3..].to_string())
+            .collect::<Vec<_>>()
+    };
+    if events("alpha") == events("beta") || events("alpha").is_empty() {
+        return Err("the two event logs are the same".into());
+    }
+    Ok(())
+}
+
 fn benign_modules_work(out: &RunOutput) -> Result<(), String> {
     let s = &out.serial;
+    // The hypervisor's own lines may cut a guest line in two: look for each part alone.
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &s[s.find(marker)? + marker.len()..];
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    // ping sends 20 packets through the dummy device; arping's 10 requests cross the veth pair.
+    let tx = number_after("ctvm-init: dummy: <BROADCAST,NOARP,UP,LOWER_UP>, tx packets ").ok_or("no dummy line")?;
+    if tx < 20 {
+        return Err(format!("dummy sent {tx} packets, expected at least 20"));
+    }
+    let sent = number_after("ctvm-init: veth: tx packets ").ok_or("no veth tx count")?;
+    let received = number_after(", peer rx packets ").ok_or("no veth peer rx count")?;
+    if sent < 10 || received < 10 {
+        return Err(format!("veth carried too little: {sent} sent, {received} received by the peer; expected 10 each"));
+    }
+    // The static key and the kprobe patch kernel text through text_poke.
+    let pokes = s
+        .lines()
+        .find_map(|l| l.split_once(" pages granted, ")?.1.split(' ').next()?.parse::<u64>().ok())
+        .ok_or("no integrity summary")?;
+    if pokes == 0 {
+        return Err("no text_poke write was let through: the kernel's own patching did not run".into());
+    }
     for need in [
-        "ctvm-init: dummy: <BROADCAST,NOARP,UP,LOWER_UP>, tx packets 2",
-        "ctvm-init: veth: Received 20 response",
         "ctvm-init: calls: calls: 2000 rounds of snprintf/kstrtoint/strlen, 0 wrong",
         "ctvm-init: static key sched_schedstats flipped: 0",
     ] {

@@ -166,13 +166,9 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
 
 /// The kernel's own page-table pages (its PML4 and the upper levels of the
 /// kernel half, which every process shares), which no module may write.
-fn kernel_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
-    let Some(table) = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).map(|l| l.page_table) else {
-        return Vec::new();
-    };
-    let Ok(root) = gpa_of(ctx, table) else {
-        return Vec::new();
-    };
+fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
+    let layout = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).ok_or(Error::NotPermitted)?;
+    let root = gpa_of(ctx, layout.page_table)?;
     let mut out = alloc::vec![root];
     let read_table = |at: u64| -> Vec<u64> {
         let mut t = [0u8; 4096];
@@ -189,7 +185,7 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
             out.push(e & 0x000f_ffff_ffff_f000);
         }
     }
-    out
+    Ok(out)
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -206,7 +202,7 @@ fn kernel_view_perms(class: PageClass) -> Perms {
 
 /// [`guest_agent::Call::KernelLock`].
 pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
-    let tables = kernel_page_tables(ctx);
+    let tables = kernel_page_tables(ctx)?;
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.lock(tables).map_err(map_err)?;
     let pages: Vec<(u64, PageClass)> = state.engine.pages().collect();
@@ -229,6 +225,10 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let mut info = message.info;
     let raw = read_guest(ctx, message.entries_address, message.entry_count as usize * 8)?;
     info.entries = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    let fixup_bytes = message.fixup_count as usize * core::mem::size_of::<abi::Fixup>();
+    if fixup_bytes > 0 {
+        info.fixups = wire::fixups(&read_guest(ctx, message.fixups_address, fixup_bytes)?, &info.code);
+    }
     let mut code = Vec::new();
     for r in &info.code {
         code.extend(pages_of(ctx, *r)?);
@@ -240,6 +240,7 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     let trusted = state.trusted.contains(&info.name);
     let name = info.name.clone();
+    let fixups = info.fixups.len();
     let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
     let control = control(ctx)?;
     let mut setup = || -> Result<(), crate::integrity::control::ControlError> {
@@ -262,7 +263,7 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     };
     setup().map_err(|_| Error::NoSpace)?;
     log::info!(
-        "guest {}: module {name} registered as {} ({} code pages, {} data pages)",
+        "guest {}: module {name} registered as {} ({} code pages, {} data pages, {fixups} fault fixups)",
         ctx.guest.name(),
         if trusted { "trusted" } else { "untrusted, isolated" },
         code.len(),
@@ -359,7 +360,9 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let word = |at: u64| read_guest(ctx, at, 8).ok().map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
     let stack = [word(rsp), word(rsp.wrapping_add(8))];
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
-    let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack };
+    let regs = *ctx.vcpu.regs();
+    let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
+    let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack, gprs };
     let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
@@ -412,6 +415,23 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         }
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0]),
+        Step::Fault => {
+            inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
+            Action::Resume
+        }
+        Step::Branch { view: to, rip: target, pop } => {
+            if to != view {
+                if control(ctx).ok()?.activate_view(to).is_err() {
+                    return Some(Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))));
+                }
+                ctx.guest.integrity.as_mut()?.view = to;
+            }
+            if pop {
+                ctx.vcpu.write(Field::Rsp, rsp.wrapping_add(8));
+            }
+            ctx.vcpu.write(Field::Rip, target);
+            Action::Resume
+        }
     };
     Some(action)
 }
@@ -602,6 +622,7 @@ mod tests {
             idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
             entry_syscall: K + ENTRY_SYSCALL,
             ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 24 },
+            kernel_page_table: K + 0x1000,
             ..Default::default()
         };
         l.poke_routines[0] = abi::WireRange { start: K + TEXT + 0x5000, end: K + TEXT + 0x5100 };
@@ -725,6 +746,11 @@ mod tests {
         assert_eq!(f.control.perms(View::Module(id), MODULE_CODE), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Module(id), MODULE_DATA), Some(Perms::RW));
         assert_eq!(f.control.perms(View::Module(id), TEXT), None);
+        // The kernel's own page tables (PML4, PDPT, PD) are the kernel's alone.
+        for table in [0x1000, 0x2000, 0x3000] {
+            assert_eq!(e.class_of(table), Some(PageClass::PageTable), "{table:#x}");
+            assert_eq!(f.control.perms(View::Kernel, table), Some(Perms::RW));
+        }
         // The registers that could undo it are guarded.
         assert_eq!(f.control.guarded, (CR0_WP, CR4_SMEP | CR4_SMAP));
         assert!(f.control.descriptor_tables);
@@ -790,7 +816,7 @@ mod tests {
         assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
         assert_eq!(f.control.perms(View::Kernel, TEXT + 0x1000), Some(Perms::RX));
         assert!(!f.control.monitor_trap);
-        assert_eq!(f.guest.integrity.as_ref().unwrap().engine.pokes, 1);
+        assert_eq!(f.guest.integrity.as_ref().unwrap().engine.stats.pokes, 1);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 
 use guest_agent::integrity::ViolationAction;
 
-use super::layout::{KernelLayout, ModuleInfo, Range};
+use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
 use super::violation::{Violation, ViolationKind, ViolationLog};
 use super::{Mode, View};
 use crate::exits::Access;
@@ -38,6 +38,18 @@ pub struct Fault {
     /// The two words at the top of the guest stack, where a call or an
     /// interrupt left its return address (`None` if unreadable).
     pub stack: [Option<u64>; 2],
+    /// The general-purpose registers by number (RSP is 4): where a
+    /// branch thunk goes.
+    pub gprs: [u64; 16],
+}
+
+/// Where control goes when it leaves a module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Destination {
+    Own,
+    Kernel,
+    Module(u32),
+    Elsewhere,
 }
 
 /// What the VMX layer must do.
@@ -55,6 +67,11 @@ pub enum Step {
     Skip,
     /// Refuse a call: return to the caller with an error (-EPERM in RAX).
     ReturnError,
+    /// Refuse a transfer that is not a call (a jump or a return): #GP.
+    Fault,
+    /// Carry out a branch the hypervisor emulates (a thunk): continue at
+    /// `rip` in `view`, after popping the return address if `pop`.
+    Branch { view: View, rip: u64, pop: bool },
     /// Not about integrity (an access the views do not explain); the caller
     /// handles it as an ordinary EPT violation.
     NotMine,
@@ -112,8 +129,21 @@ pub struct Engine {
     next_id: u32,
     returns: Vec<ReturnPoint>,
     pub violations: ViolationLog,
+    pub stats: Stats,
+}
+
+/// What the engine decided, counted: the cost of isolation is in these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// View switches at crossings between kernel and modules.
+    pub switches: u64,
+    /// Thunk branches carried out by the hypervisor.
+    pub branches: u64,
+    /// Pages granted into module views on first touch.
+    pub grants: u64,
     /// Writes to protected text let through for the kernel's own patching.
     pub pokes: u64,
+    pub violations: u64,
 }
 
 const MAX_MODULES: usize = 256;
@@ -137,7 +167,7 @@ impl Engine {
             next_id: 1,
             returns: Vec::new(),
             violations: ViolationLog::new(256),
-            pokes: 0,
+            stats: Stats::default(),
         }
     }
 
@@ -264,6 +294,7 @@ impl Engine {
         };
         let v = Violation { kind, module, rip, target, action };
         self.violations.push(&v);
+        self.stats.violations += 1;
         v
     }
 
@@ -284,8 +315,7 @@ impl Engine {
         self.pages.iter().map(|(&p, &c)| (p, c))
     }
 
-    fn remember_return(&mut self, view: View, address: Option<u64>) {
-        let Some(address) = address else { return };
+    fn remember_return(&mut self, view: View, address: u64) {
         let point = ReturnPoint { view, address };
         if self.returns.contains(&point) {
             return;
@@ -307,6 +337,10 @@ impl Engine {
     }
 
     fn violation(&mut self, fault: &Fault, kind: ViolationKind, deny: Step, allow: Step) -> Outcome {
+        self.violation_at(fault, kind, fault.gva, deny, allow)
+    }
+
+    fn violation_at(&mut self, fault: &Fault, kind: ViolationKind, target: u64, deny: Step, allow: Step) -> Outcome {
         let (step, action) = match self.mode {
             Mode::Enforce => (deny, ViolationAction::Denied),
             Mode::Audit => (allow, ViolationAction::Allowed),
@@ -315,13 +349,30 @@ impl Engine {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
-        let v = Violation { kind, module, rip: fault.rip, target: fault.gva, action };
+        let v = Violation { kind, module, rip: fault.rip, target, action };
         self.violations.push(&v);
         Outcome { step, violation: Some(v) }
     }
 
     /// Decides what an EPT violation means.
     pub fn decide(&mut self, fault: &Fault) -> Outcome {
+        let out = self.judge(fault);
+        let counter = match out.step {
+            Step::Switch(_) => Some(&mut self.stats.switches),
+            Step::Branch { .. } => Some(&mut self.stats.branches),
+            Step::Grant(_) => Some(&mut self.stats.grants),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            *c += 1;
+        }
+        if out.violation.is_some() {
+            self.stats.violations += 1;
+        }
+        out
+    }
+
+    fn judge(&mut self, fault: &Fault) -> Outcome {
         if !self.locked {
             return Outcome::step(Step::NotMine);
         }
@@ -349,85 +400,174 @@ impl Engine {
             return Outcome::step(Step::NotMine);
         }
         let target = fault.gva;
-        if self.take_return(View::Module(m), target) {
+        if self.take_return(View::Module(m), target) || self.resumes_after_fault(m, target) {
             return Outcome::step(Step::Switch(View::Module(m)));
         }
         let is_entry = self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
         if is_entry {
             // A call from the kernel: it returns to the address it pushed.
-            self.remember_return(View::Kernel, fault.stack[0]);
+            if let Some(ret) = fault.stack[0].filter(|&a| is_kernel_address(a)) {
+                self.remember_return(View::Kernel, ret);
+            }
             return Outcome::step(Step::Switch(View::Module(m)));
         }
-        self.violation(fault, ViolationKind::EnterModuleOffEntry, Step::ReturnError, Step::Switch(View::Module(m)))
+        // A call from the kernel gets an error back; anything else faults.
+        let deny = if fault.stack[0].is_some_and(is_kernel_address) { Step::ReturnError } else { Step::Fault };
+        self.violation(fault, ViolationKind::EnterModuleOffEntry, deny, Step::Switch(View::Module(m)))
+    }
+
+    /// After a fault in module `m`, the kernel resumes it at an
+    /// exception-table fixup: legitimate once for the faulting instruction
+    /// the module was interrupted at.
+    fn resumes_after_fault(&mut self, m: u32, target: u64) -> bool {
+        let Some(md) = self.modules.get(&m) else { return false };
+        let insns: Vec<u64> = md.info.fixups.iter().filter(|&&(_, f)| f == target).map(|&(i, _)| i).collect();
+        insns.into_iter().any(|insn| self.take_return(View::Module(m), insn))
     }
 
     /// A module's view runs into code outside the module.
     fn module_executes(&mut self, fault: &Fault, m: u32, class: Option<PageClass>) -> Outcome {
         let target = fault.gva;
-        match class {
-            // A trusted module runs in the kernel view: going there is a
-            // call into the kernel like any other.
-            Some(PageClass::ModuleCode(other)) if other != m && self.is_trusted(other) => {
-                if self.take_return(View::Kernel, target) {
-                    return Outcome::step(Step::Switch(View::Kernel));
-                }
-                let is_entry =
-                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
-                if is_entry {
-                    self.remember_return(View::Module(m), fault.stack[0]);
-                    return Outcome::step(Step::Switch(View::Kernel));
-                }
-                self.violation(fault, ViolationKind::CallNonEntry, Step::ReturnError, Step::Switch(View::Kernel))
+        if class == Some(PageClass::KernelText) {
+            let layout = self.layout.as_ref().expect("locked implies a layout");
+            // The kernel's branch thunks are branches, judged by where they go.
+            if let Some(reg) = layout.thunk_register(target) {
+                return self.emulated_branch(fault, m, fault.gprs[reg], false);
             }
-            Some(PageClass::ModuleCode(other)) if other != m => {
-                if self.take_return(View::Module(other), target) {
-                    return Outcome::step(Step::Switch(View::Module(other)));
-                }
-                let is_entry =
-                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
-                if is_entry {
-                    self.remember_return(View::Module(m), fault.stack[0]);
-                    return Outcome::step(Step::Switch(View::Module(other)));
-                }
-                self.violation(
-                    fault,
-                    ViolationKind::EnterModuleOffEntry,
-                    Step::ReturnError,
-                    Step::Switch(View::Module(other)),
-                )
+            if layout.is_return_thunk(target) {
+                return match fault.stack[0] {
+                    Some(ret) => self.emulated_branch(fault, m, ret, true),
+                    None => self.violation(fault, ViolationKind::CallNonEntry, Step::Fault, Step::Switch(View::Kernel)),
+                };
             }
-            Some(PageClass::KernelText) => {
+        }
+        let dest = match class {
+            Some(PageClass::KernelText) => Destination::Kernel,
+            Some(PageClass::ModuleCode(other)) if other != m => Destination::Module(other),
+            Some(PageClass::ModuleCode(_)) => return Outcome::step(Step::NotMine),
+            _ => Destination::Elsewhere,
+        };
+        let allowed = self.destination_view(m, dest);
+        let deny = self.refusal(fault, m, false);
+        match self.leave_module(fault, m, target, dest, fault.stack[0]) {
+            Ok(view) => Outcome::step(Step::Switch(view)),
+            Err(kind) => self.violation(fault, kind, deny, Step::Switch(allowed)),
+        }
+    }
+
+    /// A branch the hypervisor carries out for a thunk (`jmp *reg`, or a
+    /// `ret` when `pop`), after judging its real target.
+    fn emulated_branch(&mut self, fault: &Fault, m: u32, target: u64, pop: bool) -> Outcome {
+        let layout = self.layout.as_ref().expect("locked implies a layout");
+        let dest = if self.is_code_of(m, target) {
+            Destination::Own
+        } else if layout.text.contains(target) {
+            Destination::Kernel
+        } else if let Some(other) = self.module_with_code(target) {
+            Destination::Module(other)
+        } else {
+            Destination::Elsewhere
+        };
+        let allowed = self.destination_view(m, dest);
+        let deny = self.refusal(fault, m, pop);
+        // A jump leaves the caller's return address on top of the stack; a
+        // return consumes it.
+        let return_address = if pop { None } else { fault.stack[0] };
+        match self.leave_module(fault, m, target, dest, return_address) {
+            Ok(view) => Outcome::step(Step::Branch { view, rip: target, pop }),
+            Err(kind) => {
+                // Reported at the module's call site rather than in the thunk.
+                let at =
+                    Fault { rip: return_address.filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip), ..*fault };
+                self.violation_at(&at, kind, target, deny, Step::Branch { view: allowed, rip: target, pop })
+            }
+        }
+    }
+
+    /// Whether control may go from module `m` to `target` in `dest`, and
+    /// the view it runs in there; records the return point of a call.
+    fn leave_module(
+        &mut self,
+        fault: &Fault,
+        m: u32,
+        target: u64,
+        dest: Destination,
+        return_address: Option<u64>,
+    ) -> Result<View, ViolationKind> {
+        let call_return = return_address.filter(|&a| self.is_code_of(m, a));
+        match dest {
+            Destination::Own => Ok(View::Module(m)),
+            Destination::Kernel => {
                 if self.take_return(View::Kernel, target) {
-                    return Outcome::step(Step::Switch(View::Kernel));
+                    return Ok(View::Kernel);
                 }
                 let layout = self.layout.as_ref().expect("locked implies a layout");
                 if layout.denied_entries.binary_search(&target).is_ok() {
-                    return self.violation(
-                        fault,
-                        ViolationKind::CallDeniedApi,
-                        Step::ReturnError,
-                        Step::Switch(View::Kernel),
-                    );
+                    return Err(ViolationKind::CallDeniedApi);
                 }
                 if layout.interrupt_handlers.binary_search(&target).is_ok() {
                     // An interrupt or exception: the frame holds the interrupted
                     // RIP at the top, or after an error code.
                     for word in fault.stack {
                         if let Some(rip) = word.filter(|&w| self.is_code_of(m, w)) {
-                            self.remember_return(View::Module(m), Some(rip));
+                            self.remember_return(View::Module(m), rip);
                         }
                     }
-                    return Outcome::step(Step::Switch(View::Kernel));
+                    return Ok(View::Kernel);
                 }
                 if layout.entries.binary_search(&target).is_ok() {
-                    self.remember_return(View::Module(m), fault.stack[0]);
-                    return Outcome::step(Step::Switch(View::Kernel));
+                    if let Some(ret) = call_return {
+                        self.remember_return(View::Module(m), ret);
+                    }
+                    return Ok(View::Kernel);
                 }
-                self.violation(fault, ViolationKind::CallNonEntry, Step::ReturnError, Step::Switch(View::Kernel))
+                Err(ViolationKind::CallNonEntry)
             }
-            Some(PageClass::ModuleCode(_)) => Outcome::step(Step::NotMine),
-            _ => self.violation(fault, ViolationKind::ExecuteData, Step::ReturnError, Step::Switch(View::Kernel)),
+            Destination::Module(other) => {
+                // A trusted module runs in the kernel view.
+                let view = if self.is_trusted(other) { View::Kernel } else { View::Module(other) };
+                if self.take_return(view, target) {
+                    return Ok(view);
+                }
+                let is_entry =
+                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+                if !is_entry {
+                    return Err(if view == View::Kernel {
+                        ViolationKind::CallNonEntry
+                    } else {
+                        ViolationKind::EnterModuleOffEntry
+                    });
+                }
+                if let Some(ret) = call_return {
+                    self.remember_return(View::Module(m), ret);
+                }
+                Ok(view)
+            }
+            Destination::Elsewhere => Err(ViolationKind::ExecuteData),
         }
+    }
+
+    /// Where a transfer out of module `m` runs when audit mode lets it go.
+    fn destination_view(&self, m: u32, dest: Destination) -> View {
+        match dest {
+            Destination::Own => View::Module(m),
+            Destination::Module(other) if !self.is_trusted(other) => View::Module(other),
+            _ => View::Kernel,
+        }
+    }
+
+    /// How a refused transfer out of module `m` ends: a call returns an
+    /// error to the module; anything else (a return, a jump) faults.
+    fn refusal(&self, fault: &Fault, m: u32, pop: bool) -> Step {
+        if !pop && fault.stack[0].is_some_and(|a| self.is_code_of(m, a)) {
+            Step::ReturnError
+        } else {
+            Step::Fault
+        }
+    }
+
+    fn module_with_code(&self, addr: u64) -> Option<u32> {
+        self.modules.iter().find(|(_, md)| in_ranges(&md.info.code, addr)).map(|(&id, _)| id)
     }
 
     fn is_code_of(&self, m: u32, addr: u64) -> bool {
@@ -456,7 +596,7 @@ impl Engine {
             && matches!(kind, ViolationKind::WriteKernelText | ViolationKind::WriteModuleCode)
             && (in_poke(fault.rip) || fault.stack[0].is_some_and(in_poke));
         if poking {
-            self.pokes += 1;
+            self.stats.pokes += 1;
             return Outcome::step(Step::StepOver);
         }
         self.violation(fault, kind, Step::Skip, Step::StepOver)
@@ -479,6 +619,8 @@ mod tests {
     const SET_MEMORY_RW: u64 = TEXT + 0x2000;
     const IRQ_HANDLER: u64 = TEXT + 0x3000;
     const POKE: u64 = TEXT + 0x4000;
+    const THUNK_RAX: u64 = TEXT + 0x5000;
+    const RETURN_THUNK: u64 = TEXT + 0x5800;
     const MOD: u64 = 0xffff_ffff_c000_0000;
     const MOD_CODE_GPA: u64 = 0x3000_0000;
     const MOD_DATA_GPA: u64 = 0x3000_1000;
@@ -495,6 +637,8 @@ mod tests {
             entries: vec![PRINTK, SET_MEMORY_RW],
             denied_entries: vec![SET_MEMORY_RW],
             interrupt_handlers: vec![IRQ_HANDLER],
+            indirect_thunks: core::array::from_fn(|r| if r == 0 { THUNK_RAX } else { 0 }),
+            return_thunks: vec![RETURN_THUNK],
             ..Default::default()
         };
         let pages = [
@@ -511,13 +655,14 @@ mod tests {
             data: vec![Range::new(MOD + 0x1000, MOD + 0x2000)],
             init: vec![Range::new(MOD, MOD + 0x20)],
             entries: vec![MOD_FN, MOD_INIT],
+            fixups: vec![(MOD + 0x400, MOD + 0x480)],
         };
         let id = e.register_module(info, false, &[MOD_CODE_GPA], &[MOD_DATA_GPA]).unwrap();
         (e, id)
     }
 
     fn fault(view: View, access: Access, gpa: u64, gva: u64, stack: u64) -> Fault {
-        Fault { view, access, gpa, gva, rip: MOD + 0x200, stack: [Some(stack), None] }
+        Fault { view, access, gpa, gva, rip: MOD + 0x200, stack: [Some(stack), None], gprs: [0; 16] }
     }
 
     /// Table: (view, access, gpa, target) → step and violation kind, in enforce mode.
@@ -626,7 +771,7 @@ mod tests {
         let f = Fault { rip: POKE + 0x10, ..fault(View::Kernel, Access::Write, TEXT_GPA, PRINTK, 0) };
         let out = e.decide(&f);
         assert_eq!((out.step, out.violation), (Step::StepOver, None));
-        assert_eq!(e.pokes, 1);
+        assert_eq!(e.stats.pokes, 1);
         // Through memcpy: the return address into the poke routine is on the stack.
         let f = Fault {
             rip: TEXT + 0x7777,
@@ -658,7 +803,7 @@ mod tests {
         assert_eq!(e.register_module(ModuleInfo::default(), false, &[TEXT_GPA], &[]), Err(RegisterError::Overlap));
         // Going live drops the init entry; unregistering drops the pages.
         e.module_live(id, &[]).unwrap();
-        let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, 0));
+        let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, TEXT + 0x10));
         assert_eq!(out.step, Step::ReturnError);
         e.unregister_module(id).unwrap();
         assert_eq!(e.class_of(MOD_CODE_GPA), None);
@@ -685,5 +830,78 @@ mod tests {
         // The kernel view executing a trusted module is not a crossing.
         let out = e.decide(&fault(View::Kernel, Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0000, 0));
         assert_eq!(out.step, Step::NotMine);
+    }
+
+    /// A fault at a thunk with RAX and the top of the stack set.
+    fn thunk_fault(id: u32, thunk: u64, rax: u64, top: u64) -> Fault {
+        let mut f = fault(View::Module(id), Access::Execute, TEXT_GPA, thunk, top);
+        f.gprs[0] = rax;
+        f
+    }
+
+    #[test]
+    fn indirect_thunks_are_judged_by_their_real_target() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let module_ret = MOD + 0x123;
+        // Through the thunk to an exported function: the branch is carried
+        // out in the kernel view, and the call returns as usual.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK, module_ret));
+        assert_eq!(out.step, Step::Branch { view: View::Kernel, rip: PRINTK, pop: false });
+        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0)).step, Step::Switch(m));
+        // To the middle of a function, or a denied API: refused, reported
+        // with the real target, and the call gets an error back.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK + 4, module_ret));
+        assert_eq!(out.step, Step::ReturnError);
+        let v = out.violation.unwrap();
+        assert_eq!((v.kind, v.target, v.rip), (ViolationKind::CallNonEntry, PRINTK + 4, module_ret));
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, SET_MEMORY_RW, module_ret));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallDeniedApi));
+        // To the module's own code: no crossing at all.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, MOD + 0x700, module_ret));
+        assert_eq!((out.step, out.violation), (Step::Branch { view: m, rip: MOD + 0x700, pop: false }, None));
+        // To data: refused.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, 0xffff_8880_0000_0000, module_ret));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData));
+        // A tail jump (no return address into the module) that is refused faults.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK + 4, TEXT + 0x9000));
+        assert_eq!(out.step, Step::Fault);
+        // A thunk is only a thunk for its own register.
+        let out = e.decide(&thunk_fault(id, THUNK_RAX + 0x20, PRINTK, module_ret));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallNonEntry));
+    }
+
+    #[test]
+    fn return_thunks_are_returns() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let kernel_ret = TEXT + 0x5555;
+        // The kernel calls the module, which returns through the thunk.
+        e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, kernel_ret));
+        let out = e.decide(&thunk_fault(id, RETURN_THUNK, 0, kernel_ret));
+        assert_eq!(out.step, Step::Branch { view: View::Kernel, rip: kernel_ret, pop: true });
+        // A return inside the module stays in its view.
+        let out = e.decide(&thunk_fault(id, RETURN_THUNK, 0, MOD + 0x200));
+        assert_eq!(out.step, Step::Branch { view: m, rip: MOD + 0x200, pop: true });
+        // A return to a kernel address nothing called from faults.
+        let out = e.decide(&thunk_fault(id, RETURN_THUNK, 0, TEXT + 0x6666));
+        assert_eq!(out.step, Step::Fault);
+        assert_eq!(out.violation.map(|v| (v.kind, v.target)), Some((ViolationKind::CallNonEntry, TEXT + 0x6666)));
+    }
+
+    #[test]
+    fn a_fault_resumes_the_module_at_its_fixup_only() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        // No fault pending: the fixup is not an entry.
+        let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, TEXT + 0x10));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::EnterModuleOffEntry));
+        // A page fault at the instruction the table names: the handler
+        // resumes the module at the fixup, once.
+        let f = Fault { stack: [Some(0), Some(MOD + 0x400)], ..fault(m, Access::Execute, TEXT_GPA, IRQ_HANDLER, 0) };
+        assert_eq!(e.decide(&f).step, Step::Switch(View::Kernel));
+        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, 0)).step, Step::Switch(m));
+        let again = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, 0));
+        assert_eq!(again.step, Step::Fault, "not a call from the kernel: the transfer faults");
     }
 }

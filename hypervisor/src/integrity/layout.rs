@@ -60,6 +60,10 @@ pub struct KernelLayout {
     pub sensitive: Vec<Range>,
     /// The kernel's top-level page table (guest-virtual).
     pub page_table: u64,
+    /// `__x86_indirect_thunk_<reg>` by register number, zero where absent.
+    pub indirect_thunks: [u64; 16],
+    /// The return thunks (each a `ret`), sorted.
+    pub return_thunks: Vec<u64>,
 }
 
 /// Why a layout is refused.
@@ -84,6 +88,9 @@ impl KernelLayout {
                 return Err(LayoutError::BadRange(name));
             }
         }
+        if !is_kernel_address(self.page_table) {
+            return Err(LayoutError::BadRange("kernel page table"));
+        }
         if !self.ro_after_init.is_empty() && !is_kernel_address(self.ro_after_init.start) {
             return Err(LayoutError::BadRange("ro_after_init"));
         }
@@ -92,6 +99,10 @@ impl KernelLayout {
         }
         if !self.text.contains(self.entry_syscall) {
             return Err(LayoutError::EntryOutsideText);
+        }
+        let thunks = self.indirect_thunks.iter().chain(&self.return_thunks).filter(|&&t| t != 0);
+        if thunks.clone().any(|&t| !self.text.contains(t)) {
+            return Err(LayoutError::BadRange("thunk"));
         }
         Ok(())
     }
@@ -114,6 +125,20 @@ pub struct ModuleInfo {
     pub init: Vec<Range>,
     /// Where the kernel may call it: init/exit and the functions it hands out.
     pub entries: Vec<u64>,
+    /// Its exception table as (faulting instruction, fixup): after a fault
+    /// at the first, the kernel resumes it at the second.
+    pub fixups: Vec<(u64, u64)>,
+}
+
+impl KernelLayout {
+    /// The register an indirect-branch thunk at `addr` jumps through.
+    pub fn thunk_register(&self, addr: u64) -> Option<usize> {
+        self.indirect_thunks.iter().position(|&t| t == addr && t != 0)
+    }
+
+    pub fn is_return_thunk(&self, addr: u64) -> bool {
+        self.return_thunks.binary_search(&addr).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +153,7 @@ mod tests {
             syscall_table: Range::new(0xffff_ffff_8230_0000, 0xffff_ffff_8230_1000),
             idt: Range::new(0xffff_ffff_8300_0000, 0xffff_ffff_8300_1000),
             entry_syscall: 0xffff_ffff_8180_0000,
+            page_table: 0xffff_ffff_8300_2000,
             ..Default::default()
         }
     }
@@ -150,8 +176,18 @@ mod tests {
         let mut bad = layout();
         bad.text = Range::new(0x1000, 0x2000);
         assert_eq!(bad.validate(0xffff_ffff_8180_0000), Err(LayoutError::BadRange("text")));
+        let mut no_table = layout();
+        no_table.page_table = 0;
+        assert_eq!(no_table.validate(0xffff_ffff_8180_0000), Err(LayoutError::BadRange("kernel page table")));
         let mut outside = layout();
         outside.entry_syscall = 0xffff_ffff_8300_0000;
         assert_eq!(outside.validate(0xffff_ffff_8300_0000), Err(LayoutError::EntryOutsideText));
+        let mut thunk = layout();
+        thunk.indirect_thunks[0] = 0xffff_ffff_8100_1000;
+        assert_eq!(thunk.validate(0xffff_ffff_8180_0000), Ok(()));
+        assert_eq!(thunk.thunk_register(0xffff_ffff_8100_1000), Some(0));
+        assert_eq!(thunk.thunk_register(0), None);
+        thunk.return_thunks.push(0xffff_ffff_8300_0000);
+        assert_eq!(thunk.validate(0xffff_ffff_8180_0000), Err(LayoutError::BadRange("thunk")));
     }
 }

@@ -88,8 +88,20 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         }
     }
     let page_table = u64_at(b, at);
+    at += 8;
+    let mut indirect_thunks = [0u64; abi::INDIRECT_THUNKS];
+    for t in &mut indirect_thunks {
+        *t = u64_at(b, at);
+        at += 8;
+    }
+    let mut return_thunks: Vec<u64> =
+        (0..abi::RETURN_THUNKS).map(|i| u64_at(b, at + 8 * i)).filter(|&t| t != 0).collect();
+    return_thunks.sort_unstable();
+    return_thunks.dedup();
     let layout = KernelLayout {
         page_table,
+        indirect_thunks,
+        return_thunks,
         sensitive,
         text,
         rodata,
@@ -103,12 +115,14 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
     Ok(KernelMessage { layout, ksymtab, ksymtab_gpl })
 }
 
-/// A `ModuleInfo` message; `entries` is read by the caller from guest
-/// memory (`entries_address`, `entry_count`).
+/// A `ModuleInfo` message; `entries` and `fixups` are read by the caller
+/// from guest memory.
 pub struct ModuleMessage {
     pub info: ModuleInfo,
     pub entries_address: u64,
     pub entry_count: u32,
+    pub fixups_address: u64,
+    pub fixup_count: u32,
 }
 
 pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
@@ -133,10 +147,24 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
     let init = take(abi::MODULE_INIT_RANGES)?;
     let entries_address = u64_at(b, at);
     let entry_count = u32_at(b, at + 8);
-    if entry_count > abi::MODULE_ENTRIES_MAX {
+    let fixups_address = u64_at(b, at + 16);
+    let fixup_count = u32_at(b, at + 24);
+    if entry_count > abi::MODULE_ENTRIES_MAX || fixup_count > abi::MODULE_FIXUPS_MAX {
         return Err(WireError::Size);
     }
-    Ok(ModuleMessage { info: ModuleInfo { name, code, data, init, entries: Vec::new() }, entries_address, entry_count })
+    let info = ModuleInfo { name, code, data, init, entries: Vec::new(), fixups: Vec::new() };
+    Ok(ModuleMessage { info, entries_address, entry_count, fixups_address, fixup_count })
+}
+
+/// Decodes an array of [`abi::Fixup`]s, keeping those whose instruction
+/// and fixup both lie in the module's code.
+pub fn fixups(bytes: &[u8], code: &[Range]) -> Vec<(u64, u64)> {
+    let in_code = |a: u64| code.iter().any(|r| r.contains(a));
+    bytes
+        .chunks_exact(core::mem::size_of::<abi::Fixup>())
+        .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+        .filter(|&(insn, fixup)| in_code(insn) && in_code(fixup))
+        .collect()
 }
 
 /// One `struct kernel_symbol` with PREL32 references (x86-64): three `i32`
@@ -203,6 +231,9 @@ mod tests {
             ..Default::default()
         };
         l.poke_routines[1] = WireRange { start: 0xffff_ffff_8105_0000, end: 0xffff_ffff_8105_0200 };
+        l.indirect_thunks[15] = 0xffff_ffff_81e0_01e0;
+        l.return_thunks[3] = 0xffff_ffff_81e0_1000;
+        l.return_thunks[1] = 0xffff_ffff_81e0_0800;
         // SAFETY: repr(C) plain data, viewed as bytes.
         unsafe {
             core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
@@ -217,6 +248,8 @@ mod tests {
         assert_eq!(m.layout.entry_syscall, 0xffff_ffff_8180_0000);
         assert_eq!(m.ksymtab.end - m.ksymtab.start, 0x18);
         assert_eq!(m.layout.poke_routines, vec![Range::new(0xffff_ffff_8105_0000, 0xffff_ffff_8105_0200)]);
+        assert_eq!(m.layout.thunk_register(0xffff_ffff_81e0_01e0), Some(15));
+        assert_eq!(m.layout.return_thunks, vec![0xffff_ffff_81e0_0800, 0xffff_ffff_81e0_1000]);
         let mut bad = layout_bytes();
         bad[0] = 9;
         assert_eq!(kernel_layout(&bad).err(), Some(WireError::Version));
@@ -252,6 +285,35 @@ mod tests {
         }
         .to_vec();
         assert_eq!(module_info(&bytes).err(), Some(WireError::Size));
+        let mut fixups = m;
+        fixups.fixups = 0xffff_8880_0000_2000;
+        fixups.fixup_count = 3;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&fixups as *const abi::ModuleInfo).cast::<u8>(), size_of_val(&fixups))
+        }
+        .to_vec();
+        let got = module_info(&bytes).unwrap();
+        assert_eq!((got.fixups_address, got.fixup_count), (0xffff_8880_0000_2000, 3));
+        fixups.fixup_count = abi::MODULE_FIXUPS_MAX + 1;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&fixups as *const abi::ModuleInfo).cast::<u8>(), size_of_val(&fixups))
+        }
+        .to_vec();
+        assert_eq!(module_info(&bytes).err(), Some(WireError::Size));
+    }
+
+    #[test]
+    fn fixups_outside_the_module_code_are_dropped() {
+        let code = [Range::new(0x1000, 0x2000)];
+        let mut bytes = Vec::new();
+        for (insn, fixup) in [(0x1010u64, 0x1020u64), (0x1010, 0x3000), (0x0, 0x1020), (0x1ff0, 0x1ff8)] {
+            bytes.extend_from_slice(&insn.to_le_bytes());
+            bytes.extend_from_slice(&fixup.to_le_bytes());
+        }
+        bytes.push(0xaa); // a torn trailing entry is ignored
+        assert_eq!(fixups(&bytes, &code), vec![(0x1010, 0x1020), (0x1ff0, 0x1ff8)]);
     }
 
     #[test]

@@ -18,11 +18,34 @@ if grep -qw hypervisor /proc/cpuinfo; then say "hypervisor flag: yes"; else say 
 if [ -e /sys/class/tpm/tpm0 ]; then say "tpm0: present"; else say "tpm0: absent"; fi
 say "done"
 
+sym() { awk -v s="$1" '$3 == s { print "0x" $1; exit }' /proc/kallsyms; }
+after() { awk -v s="$1" 'found { print "0x" $1; exit } $3 == s { found = 1 }' /proc/kallsyms; }
+# The return thunks this kernel has (which one modules use depends on the CPU).
+return_thunks() {
+    list=$(for t in retbleed_return_thunk srso_return_thunk srso_alias_return_thunk its_return_thunk; do sym $t; done \
+        | tr '\n' ',' | sed 's/,$//')
+    [ -n "$list" ] && echo "return_thunks=$list"
+}
+cmdline_value() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
+
+# The CTVM agent, given the kernel's layout from kallsyms while the kernel is
+# still the measured one.
+load_agent() {
+    insmod /lib/ctvm/ctvm_agent.ko \
+        text_start=$(sym _stext) text_end=$(sym _etext) \
+        rodata_start=$(sym __start_rodata) rodata_end=$(sym __end_rodata) \
+        ro_after_init_start=$(sym __start_ro_after_init) ro_after_init_end=$(sym __end_ro_after_init) \
+        syscall_table=$(sym sys_call_table) idt=$(sym idt_table) syscall_entry=$(sym entry_SYSCALL_64) \
+        ksymtab_start=$(sym __start___ksymtab) ksymtab_end=$(sym __stop___ksymtab) \
+        ksymtab_gpl_start=$(sym __start___ksymtab_gpl) ksymtab_gpl_end=$(sym __stop___ksymtab_gpl) \
+        poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \
+        page_table=$(sym init_top_pgt) $(return_thunks)
+    if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
+}
+
 # ctvm.integrity: load the CTVM agent, then attack the kernel from modules
 # and check that every attack is stopped while benign modules keep working.
 integrity_tests() {
-    sym() { awk -v s="$1" '$3 == s { print "0x" $1; exit }' /proc/kallsyms; }
-    after() { awk -v s="$1" 'found { print "0x" $1; exit } $3 == s { found = 1 }' /proc/kallsyms; }
     getpid_ok() { sh -c 'read -r pid rest < /proc/self/stat; [ "$pid" = "$$" ]'; }
     last() { dmesg | grep "ctvm-test: $1:" | tail -n 1 | sed 's/^.*ctvm-test: //'; }
     attack() {
@@ -32,28 +55,24 @@ integrity_tests() {
         if getpid_ok; then say "after $name: getpid ok"; else say "after $name: getpid WRONG"; fi
     }
 
+    say "spectre_v2: $(cat /sys/devices/system/cpu/vulnerabilities/spectre_v2); retbleed: $(cat /sys/devices/system/cpu/vulnerabilities/retbleed)"
     for s in _stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table idt_table entry_SYSCALL_64 __text_poke modules _sdata; do
         say "symbol $s $(sym $s)"
     done
-    insmod /lib/ctvm/ctvm_agent.ko \
-        text_start=$(sym _stext) text_end=$(sym _etext) \
-        rodata_start=$(sym __start_rodata) rodata_end=$(sym __end_rodata) \
-        ro_after_init_start=$(sym __start_ro_after_init) ro_after_init_end=$(sym __end_ro_after_init) \
-        syscall_table=$(sym sys_call_table) idt=$(sym idt_table) syscall_entry=$(sym entry_SYSCALL_64) \
-        ksymtab_start=$(sym __start___ksymtab) ksymtab_end=$(sym __stop___ksymtab) \
-        ksymtab_gpl_start=$(sym __start___ksymtab_gpl) ksymtab_gpl_end=$(sym __stop___ksymtab_gpl) \
-        poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \\
-        page_table=$(sym init_top_pgt)
-    if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
+    load_agent
 
     # Benign modules, isolated: in-tree dummy and veth carrying traffic, and our caller.
+    # (busybox insmod retries a failed init with init_module: attacks load twice.)
     insmod /lib/ctvm/dummy.ko && ip link add d0 type dummy && ip link set d0 up \
         && ip addr add 10.8.0.1/24 dev d0 && ping -c 20 -i 0.1 -W 1 10.8.0.2 > /dev/null
     say "dummy: $(ip link show d0 | head -n 1 | grep -o '<[A-Z_,]*>'), tx packets $(cat /sys/class/net/d0/statistics/tx_packets)"
-    insmod /lib/ctvm/veth.ko && ip link add v0 type veth peer name v1 \
-        && ip addr add 10.9.0.1/24 dev v0 && ip addr add 10.9.0.2/24 dev v1 \
-        && ip link set v0 up && ip link set v1 up
-    say "veth: $(arping -c 20 -w 20 -I v0 10.9.0.2 | grep -o 'Received [0-9]* response'), rx packets $(cat /sys/class/net/v1/statistics/rx_packets)"
+    # busybox ip cannot name the peer: the kernel calls it veth0.
+    insmod /lib/ctvm/veth.ko && ip link add v0 type veth \
+        && ip addr add 10.9.0.1/24 dev v0 && ip addr add 10.9.0.2/24 dev veth0 \
+        && ip link set v0 up && ip link set veth0 up
+    # Same namespace, so no replies come back; the requests cross the pair.
+    arping -c 10 -w 12 -I v0 10.9.0.2 > /dev/null
+    say "veth: tx packets $(cat /sys/class/net/v0/statistics/tx_packets), peer rx packets $(cat /sys/class/net/veth0/statistics/rx_packets)"
     insmod /lib/ctvm/calls.ko loops=2000 && say "calls: $(last calls)"
 
     # The kernel's own text patching keeps working: a static key and a kprobe.
@@ -83,13 +102,47 @@ integrity_tests() {
     say "violations recorded: $(wc -l < /proc/ctvm_violations)"
 }
 
+# ctvm.tpm: print what the harness checks about the vTPM: the PCRs, the
+# firmware event log (hex), IMA's measurement list, and random bytes from
+# the TPM through /dev/tpm0.
+tpm_tests() {
+    T=/sys/class/tpm/tpm0
+    [ -e $T ] || { say "FAIL: no /sys/class/tpm/tpm0"; return; }
+    say "tpm: $(cat $T/device/description 2>/dev/null) $(grep -h 'TCG version' $T/device/caps 2>/dev/null)"
+    grep -E '^PCR-(08|09|10):' $T/device/pcrs | while read -r line; do say "pcr $line"; done
+    say "bios log: $(hexdump -v -e '1/1 "%02x"' /sys/kernel/security/tpm0/binary_bios_measurements)"
+    while read -r line; do say "ima: $line"; done < /sys/kernel/security/ima/ascii_runtime_measurements
+    exec 3<>/dev/tpm0
+    printf '\000\301\000\000\000\016\000\000\000\106\000\000\000\040' >&3
+    say "tpm random: $(dd bs=4096 count=1 <&3 2>/dev/null | hexdump -v -e '1/1 "%02x"')"
+    exec 3>&-
+    if [ -c /dev/hwrng ] && head -c 16 /dev/hwrng > /dev/null 2>&1; then
+        say "hwrng: $(cat /sys/class/misc/hw_random/rng_current)"
+    else
+        say "hwrng: none ($(cat /sys/class/misc/hw_random/rng_available 2>/dev/null))"
+    fi
+}
+
+if grep -qw ctvm.tpm /proc/cmdline; then
+    tpm_tests
+fi
+
 if grep -qw ctvm.integrity /proc/cmdline; then
     integrity_tests
 fi
 
+# ctvm.bench=agent|bare ctvm.loops=N: the cost of isolation on a module
+# that calls into the kernel in a loop, with the agent (isolated) or without.
+bench=$(cmdline_value ctvm.bench)
+if [ -n "$bench" ]; then
+    [ "$bench" = agent ] && load_agent
+    insmod /lib/ctvm/calls.ko loops="$(cmdline_value ctvm.loops)"
+    say "bench $bench: $(dmesg | grep 'ctvm-test: calls:' | tail -n 1 | sed 's/^.*ctvm-test: calls: //')"
+fi
+
 # ctvm.poke=ADDR: write to a physical address the guest does not own (the
 # hypervisor's memory); CTVM must stop the guest before the write lands.
-poke=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^ctvm.poke=//p')
+poke=$(cmdline_value ctvm.poke)
 if [ -n "$poke" ]; then
     say "poking $poke through /dev/mem"
     devmem "$poke" 32 0xdeadbeef
