@@ -56,6 +56,7 @@ pub fn integrity() -> Result<(), Fail> {
     let timeout = Duration::from_secs(900);
     let runs = [("bare", 5000u32), ("agent", 1000), ("agent", 5000)];
     let mut rows = Vec::new();
+    let mut workloads = Vec::new();
     for (mode, loops) in runs {
         let name = format!("bench-integrity-{mode}-{loops}");
         let args = format!("{} ctvm.bench={mode} ctvm.loops={loops}", scenarios::LINUX_ARGS);
@@ -76,6 +77,16 @@ pub fn integrity() -> Result<(), Fail> {
             .find_map(|l| l.split_once("integrity linux: ")?.1.split(' ').next()?.parse::<u64>().ok())
             .unwrap_or(0);
         rows.push((mode, loops, ns, exits(&out.serial).unwrap_or(0), switches));
+        let marker = format!("ctvm-init: bench {mode} workload ");
+        workloads.push(
+            out.serial
+                .lines()
+                .filter_map(|l| {
+                    let (name, ms) = l.strip_prefix(marker.as_str())?.split_once(": ")?;
+                    Some((name.to_string(), ms.trim_end_matches(" ms").parse::<u64>().ok()?))
+                })
+                .collect::<Vec<_>>(),
+        );
     }
     println!("\n{:<6} {:>7} {:>12} {:>10} {:>14}", "run", "rounds", "ns/round", "VM exits", "view switches");
     for (mode, loops, ns, exits, switches) in &rows {
@@ -95,5 +106,11 @@ pub fn integrity() -> Result<(), Fail> {
         high.2 / 5,
         bare.2 / 5
     );
+    println!("\nworkload touching no isolated module (guest ms, 10 ms steps): bare | agent | ratio");
+    for (name, bare_ms) in &workloads[0] {
+        if let Some((_, agent_ms)) = workloads[2].iter().find(|(n, _)| n == name) {
+            println!("  {name:<22} {bare_ms:>7} {agent_ms:>7} {:>7.3}", *agent_ms as f64 / (*bare_ms).max(1) as f64);
+        }
+    }
     Ok(())
 }

@@ -569,7 +569,7 @@ fn benign_modules_work(out: &RunOutput) -> Result<(), String> {
         return Err(format!("dummy sent {tx} packets, expected at least 20"));
     }
     let sent = number_after("ctvm-init: veth: tx packets ").ok_or("no veth tx count")?;
-    let received = number_after(", peer rx packets ").ok_or("no veth peer rx count")?;
+    let received = number_after("peer rx packets ").ok_or("no veth peer rx count")?;
     if sent < 10 || received < 10 {
         return Err(format!("veth carried too little: {sent} sent, {received} received by the peer; expected 10 each"));
     }

@@ -18,8 +18,20 @@ if grep -qw hypervisor /proc/cpuinfo; then say "hypervisor flag: yes"; else say 
 if [ -e /sys/class/tpm/tpm0 ]; then say "tpm0: present"; else say "tpm0: absent"; fi
 say "done"
 
-sym() { awk -v s="$1" '$3 == s { print "0x" $1; exit }' /proc/kallsyms; }
-after() { awk -v s="$1" 'found { print "0x" $1; exit } $3 == s { found = 1 }' /proc/kallsyms; }
+# Kernel symbols from one pass over /proc/kallsyms (each pass takes seconds
+# under Bochs); "after:NAME" is the symbol that follows NAME.
+SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
+    idt_table entry_SYSCALL_64 __text_poke modules _sdata __start___ksymtab __stop___ksymtab __start___ksymtab_gpl
+    __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
+    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw"
+sym() {
+    [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
+        BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
+        follow != "" { print "after:" follow " 0x" $1; follow = "" }
+        ($3 in wanted) && !($3 in seen) { print $3 " 0x" $1; seen[$3] = 1; follow = $3 }' /proc/kallsyms > /tmp/symbols
+    awk -v s="$1" '$1 == s { print $2; exit }' /tmp/symbols
+}
+after() { sym "after:$1"; }
 # The return thunks this kernel has (which one modules use depends on the CPU).
 return_thunks() {
     list=$(for t in retbleed_return_thunk srso_return_thunk srso_alias_return_thunk its_return_thunk; do sym $t; done \
@@ -138,6 +150,15 @@ if [ -n "$bench" ]; then
     [ "$bench" = agent ] && load_agent
     insmod /lib/ctvm/calls.ko loops="$(cmdline_value ctvm.loops)"
     say "bench $bench: $(dmesg | grep 'ctvm-test: calls:' | tail -n 1 | sed 's/^.*ctvm-test: calls: //')"
+    # Work that touches no isolated module, timed in guest time (10 ms steps).
+    uptime_cs() { read -r up rest < /proc/uptime; echo "${up%.*}${up#*.}"; }
+    measure() {
+        t0=$(uptime_cs); sh -c "$2"; t1=$(uptime_cs)
+        say "bench $bench workload $1: $(( (t1 - t0) * 10 )) ms"
+    }
+    measure pipe-16MiB 'dd if=/dev/zero bs=65536 count=256 2>/dev/null | cat > /dev/null'
+    measure pipe-switches-20000 'dd if=/dev/zero bs=1 count=20000 2>/dev/null | dd of=/dev/null bs=1 2>/dev/null'
+    measure syscalls-200000 'dd if=/dev/zero of=/dev/null bs=1 count=100000 2>/dev/null'
 fi
 
 # ctvm.poke=ADDR: write to a physical address the guest does not own (the

@@ -2,7 +2,7 @@
 //! virtual TPM at 0xFED40000 as a real driver would, reads the measured-launch
 //! event log by hypercall, and checks the two against each other.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::arch::asm;
 
 use super::{check, hypercall_raw_args, Console};
 use core::fmt::Write;
@@ -22,24 +22,32 @@ const STS_GO: u8 = 0x20;
 const STS_DATA_AVAIL: u8 = 0x10;
 const STS_EXPECT: u8 = 0x08;
 
+// MMIO through explicit MOVs, as Linux's readb/writel do: a plain volatile
+// access may be folded into another instruction (`test byte [r12], 0x40`),
+// which the hypervisor's MMIO emulation does not take.
+
 fn r8(off: usize) -> u8 {
-    // SAFETY: the vTIS window; every access exits to the hypervisor.
-    unsafe { read_volatile((TIS + off) as *const u8) }
+    let v: u8;
+    // SAFETY: a read of the vTIS window, which exits to the hypervisor.
+    unsafe { asm!("mov {}, byte ptr [{}]", out(reg_byte) v, in(reg) TIS + off, options(nostack)) };
+    v
 }
 
 fn w8(off: usize, v: u8) {
-    // SAFETY: as above.
-    unsafe { write_volatile((TIS + off) as *mut u8, v) }
+    // SAFETY: as above, a write.
+    unsafe { asm!("mov byte ptr [{}], {}", in(reg) TIS + off, in(reg_byte) v, options(nostack)) };
 }
 
 fn r32(off: usize) -> u32 {
+    let v: u32;
     // SAFETY: as above.
-    unsafe { read_volatile((TIS + off) as *const u32) }
+    unsafe { asm!("mov {:e}, dword ptr [{}]", out(reg) v, in(reg) TIS + off, options(nostack)) };
+    v
 }
 
 fn w32(off: usize, v: u32) {
     // SAFETY: as above.
-    unsafe { write_volatile((TIS + off) as *mut u32, v) }
+    unsafe { asm!("mov dword ptr [{}], {:e}", in(reg) TIS + off, in(reg) v, options(nostack)) };
 }
 
 /// Polls until `mask` is set in the low byte of STS, with a bound.
