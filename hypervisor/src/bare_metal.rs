@@ -105,8 +105,11 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             "debug.fault" => debug_fault = true,
             "debug.corrupt-guest" => corrupt_guest = Some(value),
             "hv.pool" => {}
-            "vtpm.seed" => match parse_seed(value) {
-                Some(seed) => vtpm_seed = Some(seed),
+            "vtpm.seed" => match hypervisor::tpm::parse_seed(value.as_bytes()) {
+                Some(seed) => {
+                    log::warn!("vtpm.seed on the command line: a measuring GRUB logs it in clear; use a module");
+                    vtpm_seed = Some(seed);
+                }
                 None => log::warn!("vtpm.seed must be 64 hexadecimal digits; ignored"),
             },
             "log" => match console::parse_level(value) {
@@ -152,6 +155,13 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
             .map(|m| m.range),
     );
+    // The seed as a file: GRUB measures a module's digest, not its contents.
+    if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == "vtpm.seed") {
+        match hypervisor::tpm::parse_seed(vmm::module_bytes(m)) {
+            Some(seed) => vtpm_seed = Some(seed),
+            None => log::warn!("the vtpm.seed module must hold 64 hexadecimal digits; ignored"),
+        }
+    }
     let machine = vmm::Machine {
         modules: &boot.modules,
         firmware_map: &boot.memory,
@@ -174,19 +184,6 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
 }
 
 /// 32 bytes from 64 hexadecimal digits.
-fn parse_seed(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut seed = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let text = core::str::from_utf8(pair).ok()?;
-        seed[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(seed)
-}
-
 /// The hypervisor runs with interrupts off and gives emulated-device guests
 /// none: the legacy PIC is masked so no stray IRQ reaches a guest exit.
 fn mask_legacy_pic() {

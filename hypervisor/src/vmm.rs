@@ -74,7 +74,7 @@ fn cr_limits(vmx: &Vmx) -> CrLimits {
     }
 }
 
-fn module_bytes(module: &Module) -> &'static [u8] {
+pub fn module_bytes(module: &Module) -> &'static [u8] {
     // SAFETY: GRUB loaded the module there, the frame allocator never hands
     // out module ranges, and no guest's EPT maps a module it does not own.
     unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) }
