@@ -7,6 +7,7 @@ use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
 use hypervisor::guest::config;
+use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
 use hypervisor::vmm;
@@ -162,12 +163,14 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             None => log::warn!("the vtpm.seed module must hold 64 hexadecimal digits; ignored"),
         }
     }
+    let policy = trusted_module_policy(&boot.modules);
     let machine = vmm::Machine {
         modules: &boot.modules,
         firmware_map: &boot.memory,
         hypervisor_ranges: &hypervisor_ranges,
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
+        policy: &policy,
     };
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
@@ -184,6 +187,28 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
 }
 
 /// 32 bytes from 64 hexadecimal digits.
+/// The digests of the modules guests may trust, from the module whose
+/// command line is `ctvm.policy`. A malformed policy trusts nothing: every
+/// guest naming a module in `trust=` then refuses to start.
+fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
+    let Some(m) = modules.iter().find(|m| m.cmdline.trim() == "ctvm.policy") else {
+        return Policy::default();
+    };
+    let parsed = core::str::from_utf8(vmm::module_bytes(m))
+        .map_err(|_| alloc::string::String::from("not UTF-8"))
+        .and_then(|text| Policy::parse(text).map_err(|e| alloc::format!("{e}")));
+    match parsed {
+        Ok(p) => {
+            info!("ctvm.policy: {} trusted module digest(s)", p.entries.len());
+            p
+        }
+        Err(e) => {
+            error!("ctvm.policy: {e}; no module is trusted");
+            Policy::default()
+        }
+    }
+}
+
 /// The hypervisor runs with interrupts off and gives emulated-device guests
 /// none: the legacy PIC is masked so no stray IRQ reaches a guest exit.
 fn mask_legacy_pic() {

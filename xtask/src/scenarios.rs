@@ -83,9 +83,10 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
                 println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
                 out.push(ModuleSpec {
                     file: assets.kernel,
-                    args: format!("guest={} kind=linux trust=ctvm_agent -- {}", g.name, g.args),
+                    args: format!("guest={} kind=linux trust=ctvm_agent,ifb -- {}", g.name, g.args),
                 });
                 out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
+                out.push(ModuleSpec { file: assets.policy, args: "ctvm.policy".into() });
             }
             GuestImage::VtpmSeed => {
                 let file = crate::util::work_dir().join(format!("vtpm-seed-{}", &g.args[..8.min(g.args.len())]));
@@ -356,7 +357,14 @@ pub fn all() -> Vec<Scenario> {
             megs: 1024,
             timeout: Duration::from_secs(600),
             expect: vec![
+                "module ctvm_agent registered as trusted",
                 "ctvm-init: agent loaded",
+                "ctvm: violation guest=linux module=ifb kind=code-digest",
+                "ctvm: violation guest=linux module=ifb kind=write-syscall-table",
+                "ctvm-init: twin ifb: syscall table write blocked",
+                "ctvm-init: after twin ifb: getpid ok",
+                "module ifb registered as trusted",
+                "ctvm-init: ifb up: yes",
                 "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
                 "ctvm-init: attack atk_syscall: syscall table write blocked",
                 "ctvm-init: after atk_syscall: getpid ok",

@@ -77,6 +77,14 @@ integrity_tests() {
     done
     load_agent
 
+    # Trust follows code, not names: a twin of the trusted ifb driver built
+    # from attack code is isolated and stopped; the real ifb then runs trusted.
+    insmod /lib/ctvm/twin/ifb.ko table=$(sym sys_call_table) 2>/dev/null
+    say "twin $(last ifb)"
+    if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
+    insmod /lib/ctvm/ifb.ko && ip link add i0 type ifb && ip link set i0 up
+    say "ifb up: $(ip link show i0 | grep -q ',UP' && echo yes || echo no)"
+
     # Benign modules, isolated: in-tree dummy and veth carrying traffic, and our caller.
     # (busybox insmod retries a failed init with init_module: attacks load twice.)
     insmod /lib/ctvm/dummy.ko && ip link add d0 type dummy && ip link set d0 up \
