@@ -32,6 +32,7 @@ pub const TPM_RESOURCES: u32 = 0x15;
 pub const TPM_SIZE: u32 = 0x17;
 pub const TPM_WRONGPCRVAL: u32 = 0x18;
 pub const TPM_BAD_PARAM_SIZE: u32 = 0x19;
+pub const TPM_SHA_THREAD: u32 = 0x1A;
 pub const TPM_FAILEDSELFTEST: u32 = 0x1C;
 pub const TPM_AUTH2FAIL: u32 = 0x1D;
 pub const TPM_BADTAG: u32 = 0x1E;

@@ -36,6 +36,19 @@ pub fn sha1_parts(parts: &[&[u8]]) -> [u8; 20] {
     h.finalize().into()
 }
 
+/// A SHA-1 computed piece by piece (the TPM_HASH_* sequence).
+pub type Sha1Stream = Sha1;
+
+/// Feeds `data` to a running SHA-1.
+pub fn sha1_update(h: &mut Sha1Stream, data: &[u8]) {
+    h.update(data);
+}
+
+/// Ends a running SHA-1.
+pub fn sha1_finish(h: Sha1Stream) -> [u8; 20] {
+    h.finalize().into()
+}
+
 /// HMAC-SHA1 keyed with `key` over the concatenation of `parts`.
 pub fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
     // HMAC accepts keys of every length, so this cannot fail.

@@ -235,16 +235,23 @@ fn process<P: Platform>(
         return Err(TPM_BAD_PARAM_SIZE);
     }
     availability(ordinal).ok_or(TPM_BAD_ORDINAL)?;
+    let failure_mode_ok = matches!(ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY);
     match tpm.mode {
         Mode::PostInit if ordinal != ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
-        Mode::Failed if ordinal == ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
-        Mode::Failed if !matches!(ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY) => {
-            return Err(TPM_FAILEDSELFTEST)
+        // Startup goes on to refuse itself (and end the post-init state).
+        Mode::PostInitFailed if ordinal == ORD_STARTUP => {}
+        Mode::PostInitFailed if failure_mode_ok => return Err(TPM_INVALID_POSTINIT),
+        Mode::PostInitFailed => return Err(TPM_FAILEDSELFTEST),
+        Mode::Failed if ordinal == ORD_STARTUP => {
+            tpm.saved = None;
+            return Err(TPM_INVALID_POSTINIT);
         }
+        Mode::Failed if !failure_mode_ok => return Err(TPM_FAILEDSELFTEST),
         _ => {}
     }
     // Any command other than SaveState itself invalidates a saved state
-    // (Startup(ST_STATE) consumes it itself).
+    // (Startup takes it itself: Startup(ST_STATE) consumes it, any other
+    // Startup drops it).
     if ordinal != ORD_SAVE_STATE && ordinal != ORD_STARTUP {
         tpm.saved = None;
     }
