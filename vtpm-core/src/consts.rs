@@ -166,6 +166,8 @@ pub const KEYFLAG_MIGRATABLE: u32 = 0x2;
 pub const KEYFLAG_VOLATILE: u32 = 0x4;
 pub const KEYFLAG_PCR_IGNORED_ON_READ: u32 = 0x8;
 pub const KEYFLAG_MIGRATE_AUTHORITY: u32 = 0x10;
+/// The defined TPM_KEY_FLAGS bits (TPM 1.2).
+pub const KEY_FLAGS_MASK: u32 = 0x1F;
 pub const AUTH_NEVER: u8 = 0x00;
 pub const AUTH_ALWAYS: u8 = 0x01;
 pub const AUTH_PRIV_USE_ONLY: u8 = 0x03;

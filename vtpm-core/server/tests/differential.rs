@@ -587,8 +587,38 @@ fn hostile_authorised(c: &mut Client<'_>) {
     lying.raw[30..34].copy_from_slice(&0x7fff_0000u32.to_be_bytes()); // PCRInfoSize
     assert!(c.load_key2(TPM_KH_SRK, &SRK, &lying).is_err(), "{name}: LoadKey2 with a lying PCRInfoSize");
     assert!(c.load_key2(0x0100_0999, &SRK, &good).is_err(), "{name}: LoadKey2 under an unknown parent");
+    // Changed headers (a TPM_KEY version 1.1 here) are refused while
+    // parsing, before the authorisation is looked at; changed revision
+    // bytes and public fields only by the pubDataDigest check.
+    let wrong = sha1(&[b"not the SRK secret"]);
+    for head in [[2u8, 1, 0, 0], [1, 2, 0, 0], [0, 0x28, 0, 1], [0, 0x29, 0, 0], [0, 0x28, 0, 0], [1, 1, 0, 1]] {
+        let mut k = good.clone();
+        k.raw[..4].copy_from_slice(&head);
+        assert!(c.load_key2(TPM_KH_SRK, &wrong, &k).is_err(), "{name}: LoadKey2 with header {head:02x?}");
+        assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with header {head:02x?}");
+    }
+    let mut k = good.clone();
+    k.raw[10] = 0; // authDataUsage NEVER
+    assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with a changed authDataUsage");
+    let mut k = good.clone();
+    k.raw[6..10].copy_from_slice(&0x20u32.to_be_bytes()); // an undefined key flag
+    assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with an undefined key flag");
     let bad_usage = key_template(0x9999, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
     assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &bad_usage).is_err(), "{name}: unknown key usage");
+    let templates = [
+        ("storage key with PKCS#1 v1.5", key_template(TPM_KEY_STORAGE, 0x0002, TPM_SS_NONE)),
+        ("signing key with an encryption scheme", key_template(TPM_KEY_SIGNING, TPM_ES_RSAESOAEP_SHA1_MGF1, 0x0002)),
+        ("authchange key", key_template(0x0013, TPM_ES_RSAESOAEP_SHA1_MGF1, TPM_SS_NONE)),
+        ("identity key", key_template(TPM_KEY_IDENTITY, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1)),
+    ];
+    for (what, template) in templates {
+        assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template).is_err(), "{name}: CreateWrapKey of a {what}");
+    }
+    let mut flagged = key_template(TPM_KEY_SIGNING, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
+    flagged[6..10].copy_from_slice(&0x10u32.to_be_bytes()); // migrateAuthority
+    assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &flagged).is_err(), "{name}: migrateAuthority key");
+    flagged[6..10].copy_from_slice(&0x40u32.to_be_bytes()); // undefined
+    assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &flagged).is_err(), "{name}: undefined key flag");
 
     // Sealed data that was tampered with, and data too large to seal.
     let data_auth = sha1(&[b"data"]);
@@ -598,6 +628,11 @@ fn hostile_authorised(c: &mut Client<'_>) {
     bad[n - 7] ^= 0x40;
     assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &bad).is_err(), "{name}: Unseal of a tampered blob");
     assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &sealed[..n - 1]).is_err(), "{name}: Unseal of a truncated blob");
+    // The same blob with encData one byte short (its size field says so).
+    let mut short = sealed[..n - 1].to_vec();
+    let size_at = n - 256 - 4;
+    short[size_at..size_at + 4].copy_from_slice(&255u32.to_be_bytes());
+    assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &short).is_err(), "{name}: Unseal of a 255-byte encData");
     assert!(c.seal(TPM_KH_SRK, &SRK, &data_auth, &[], &[0x33; 300]).is_err(), "{name}: Seal of 300 bytes");
 
     // NV misuse.
@@ -614,6 +649,10 @@ fn hostile_authorised(c: &mut Client<'_>) {
     c.nv_define(&OWNER, 0x1001_3001, perms, 8);
     assert_ne!(c.nv_define(&OWNER, 0x0001_3002, perms, 0x0010_0000), rc::SUCCESS, "{name}: 1 MiB of NV");
     assert_eq!(c.nv_define(&OWNER, 0x0001_3000, perms, 0), rc::SUCCESS, "{name}: NV release");
+    // A size libtpms can allocate but that does not fit (TPM_NOSPACE, where
+    // 1 MiB is TPM_SIZE). (A failed redefinition of an existing index is not
+    // sent: libtpms 0.9.2 then enters failure mode.)
+    assert_ne!(c.nv_define(&OWNER, 0x0001_3003, perms, 0x8000), rc::SUCCESS, "{name}: 32 KiB of NV");
     assert_eq!(c.owner_clear(&OWNER), rc::SUCCESS, "{name}: OwnerClear");
 }
 
@@ -889,3 +928,4 @@ fn vtpm_refuses_tier_c() {
         assert_eq!(supported, Ok(vec![0]), "GetCapability(ORD, {name})");
     }
 }
+
