@@ -748,6 +748,128 @@ fn differential_linux_boot_set() {
     compare(&expected, &got, "vtpm-core");
 }
 
+/// The DRTM sequence (CMD_HASH_START / DATA / END) and what it does to the
+/// dynamic PCRs 17–22 and to PCR_Reset (TOSPresent), the establishment flag,
+/// and the failure modes a broken sequence causes, before and after
+/// Startup. Control answers are logged next to the TPM commands and
+/// compared too.
+fn drtm(c: &mut Client<'_>, ctrl: std::net::SocketAddr) {
+    let name = c.name();
+    let control = |c: &mut Client<'_>, label: &str, code: u32, body: &[u8], len: usize| -> Vec<u8> {
+        let answer = support::backend::control(ctrl, code, body, len);
+        c.log.push(Step { label: label.into(), kind: Kind::Exact, command: code.to_be_bytes().to_vec(), response: answer.clone() });
+        answer
+    };
+    let dynamic = |c: &mut Client<'_>| {
+        for pcr in 16..=23 {
+            let _ = c.pcr_read(pcr);
+        }
+    };
+    let flags = |c: &mut Client<'_>| c.get_capability(Kind::Exact, cap::FLAG, &cap::FLAG_PERMANENT.to_be_bytes());
+    let hash_data = |data: &[u8]| [&(data.len() as u32).to_be_bytes()[..], data].concat();
+    let m = sha1(&[b"drtm"]);
+
+    dynamic(c);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    // Without a dynamic launch, resets of 17-22 give all-FF.
+    c.set_locality(2);
+    let _ = c.extend(20, &m);
+    c.pcr_reset(&[20, 21]);
+    dynamic(c);
+    // The launch: 17-22 zero, only locality 4 may extend 17 while it is zero.
+    assert_eq!(control(c, "HASH_START", 6, &[], 4), [0; 4], "{name}: HASH_START");
+    dynamic(c);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    flags(c).unwrap();
+    c.set_locality(3);
+    assert!(c.extend(17, &m).is_err(), "{name}: PCR 17 at zero from locality 3");
+    control(c, "HASH_DATA", 7, &hash_data(b"measured launch "), 4);
+    control(c, "HASH_DATA (empty)", 7, &hash_data(b""), 4);
+    control(c, "HASH_DATA", 7, &hash_data(&[0x5a; 3000]), 4);
+    assert_eq!(control(c, "HASH_END", 8, &[], 4), [0; 4], "{name}: HASH_END");
+    dynamic(c);
+    let _ = c.extend(17, &m);
+    // With TOSPresent, resets give zero.
+    c.set_locality(2);
+    let _ = c.extend(20, &m);
+    c.pcr_reset(&[20, 21]);
+    c.set_locality(4);
+    c.pcr_reset(&[17, 18]);
+    c.set_locality(2);
+    let _ = c.extend(17, &m);
+    dynamic(c);
+    // HASH_END without HASH_START: TPM_SHA_THREAD and failure mode.
+    control(c, "HASH_END without HASH_START", 8, &[], 4);
+    let _ = c.pcr_read(0);
+    c.set_locality(0);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    let _ = c.property(Kind::Exact, cap::PROP_TIS_TIMEOUT);
+    // Parameters are parsed before the failure mode is noticed, the tag after.
+    malformed_pcr_reads(c);
+    // TPM_Init and Startup: TOSPresent is gone, the flag stays.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    c.startup(1);
+    dynamic(c);
+    c.set_locality(2);
+    c.pcr_reset(&[20]);
+    let _ = c.pcr_read(20);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    control(c, "RESET_TPMESTABLISHED 0", 0x0b, &[0], 4);
+    control(c, "RESET_TPMESTABLISHED 3", 0x0b, &[3], 4);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    c.set_locality(0);
+    flags(c).unwrap();
+    // A second HASH_START inside a sequence: TPM_FAIL and failure mode.
+    control(c, "HASH_START", 6, &[], 4);
+    control(c, "HASH_START again", 6, &[], 4);
+    let _ = c.pcr_read(0);
+    // HASH_START before Startup: TPM_INVALID_POSTINIT and a failure mode in
+    // which the TPM still counts as post-init.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    control(c, "HASH_START before Startup", 6, &[], 4);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    let _ = c.pcr_read(0);
+    c.startup(1);
+    c.startup(1);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    // Before Startup too, parameters come first.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    malformed_pcr_reads(c);
+    // A malformed Startup still ends the post-init state.
+    c.startup(7);
+    c.startup(1);
+    dynamic(c);
+    c.raw("Startup without its type", Kind::Exact, Cmd::new(tag::RQU_COMMAND, ord::STARTUP).finish());
+}
+
+/// A PCRRead cut short, one with a trailing byte and one with an auth tag.
+fn malformed_pcr_reads(c: &mut Client<'_>) {
+    c.raw("PCRRead truncated", Kind::Exact, unhex("00c1 0000000c 00000015 0000"));
+    c.raw("PCRRead trailing byte", Kind::Exact, unhex("00c1 0000000f 00000015 00000000 00"));
+    c.raw("PCRRead auth tag", Kind::Exact, unhex("00c2 0000000e 00000015 00000000"));
+}
+
+#[test]
+fn reference_drtm() {
+    let mut a = Swtpm::start(Start::StartupClear);
+    let mut b = Swtpm::start(Start::StartupClear);
+    let (ca, cb) = (a.control_addr(), b.control_addr());
+    let ta = run(&mut a, &mut |c| drtm(c, ca));
+    let tb = run(&mut b, &mut |c| drtm(c, cb));
+    compare(&ta, &tb, "swtpm #2");
+}
+
+#[test]
+fn differential_drtm() {
+    let mut reference = Swtpm::start(Start::StartupClear);
+    let ctrl = reference.control_addr();
+    let expected = run(&mut reference, &mut |c| drtm(c, ctrl));
+    let mut subject = Vtpm::start(Start::StartupClear);
+    let ctrl = subject.tpm.control_addr;
+    let got = run(&mut subject, &mut |c| drtm(c, ctrl));
+    compare(&expected, &got, "vtpm-core");
+}
+
 /// CMD_INIT on the control channel: TPM_Init, as after a resume.
 fn init(ctrl: std::net::SocketAddr) -> u32 {
     u32::from_be_bytes(support::backend::control(ctrl, 2, &0u32.to_be_bytes(), 4).try_into().unwrap())
