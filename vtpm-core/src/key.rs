@@ -398,14 +398,23 @@ impl KeyPublic {
         if self.flags & KEYFLAG_REDIRECTION != 0 {
             return Err(TPM_BAD_KEY_PROPERTY);
         }
-        if !matches!(self.auth_usage, AUTH_NEVER | AUTH_ALWAYS | AUTH_PRIV_USE_ONLY) {
+        if !matches!(
+            self.auth_usage,
+            AUTH_NEVER | AUTH_ALWAYS | AUTH_PRIV_USE_ONLY
+        ) {
             return Err(TPM_INVALID_STRUCTURE);
         }
         let (enc, sig) = (self.parms.enc_scheme, self.parms.sig_scheme);
         let ok = match self.usage {
-            KEY_STORAGE | KEY_MIGRATE | KEY_AUTHCHANGE => enc == ES_RSAESOAEP_SHA1_MGF1 && sig == SS_NONE,
+            KEY_STORAGE | KEY_MIGRATE | KEY_AUTHCHANGE => {
+                enc == ES_RSAESOAEP_SHA1_MGF1 && sig == SS_NONE
+            }
             KEY_SIGNING => {
-                enc == ES_NONE && matches!(sig, SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER | SS_RSASSAPKCS1V15_INFO)
+                enc == ES_NONE
+                    && matches!(
+                        sig,
+                        SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER | SS_RSASSAPKCS1V15_INFO
+                    )
             }
             KEY_IDENTITY => enc == ES_NONE && sig == SS_RSASSAPKCS1V15_SHA1,
             KEY_BIND => matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15) && sig == SS_NONE,
@@ -467,7 +476,12 @@ impl Key {
     /// (TPM_AUTHFAIL). The public part must have passed
     /// [`KeyPublic::check_template`].
     pub fn unwrap(blob: KeyBlob, parent: &Key, drbg: &mut Drbg) -> TpmResult<Key> {
-        let plain = zeroize::Zeroizing::new(parent.rsa.oaep_decrypt(drbg, &blob.enc_data).ok_or(TPM_DECRYPT_ERROR)?);
+        let plain = zeroize::Zeroizing::new(
+            parent
+                .rsa
+                .oaep_decrypt(drbg, &blob.enc_data)
+                .ok_or(TPM_DECRYPT_ERROR)?,
+        );
         let mut r = Reader::new(&plain);
         let payload = r.u8()?;
         if payload != PT_ASYM {
@@ -481,7 +495,12 @@ impl Key {
         if !crypto::ct_eq(&digest, &blob.public.digest()) {
             return Err(TPM_AUTHFAIL);
         }
-        Ok(Key { public: blob.public, usage_auth, migration_auth, rsa })
+        Ok(Key {
+            public: blob.public,
+            usage_auth,
+            migration_auth,
+            rsa,
+        })
     }
 
     /// Serialises for the TPM's own persisted state (SRK, saved keys).

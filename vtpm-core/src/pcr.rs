@@ -136,7 +136,11 @@ impl PcrBank {
         }
         for i in sel.indices() {
             if let Some(v) = self.values.get_mut(i) {
-                *v = if DYNAMIC.contains(&i) && !tos_present { [0xFF; 20] } else { [0; 20] };
+                *v = if DYNAMIC.contains(&i) && !tos_present {
+                    [0xFF; 20]
+                } else {
+                    [0; 20]
+                };
             }
         }
         Ok(())

@@ -54,8 +54,7 @@ fn scale() -> usize {
     std::env::var("FUZZ_SMOKE_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
 }
 
-const INTERESTING_U32: [u32; 12] =
-    [0, 1, 2, 10, 0x7F, 0x80, 0xFF, 0x100, 0x1000, 0xFFFF, 0x7FFF_FFFF, 0xFFFF_FFFF];
+const INTERESTING_U32: [u32; 12] = [0, 1, 2, 10, 0x7F, 0x80, 0xFF, 0x100, 0x1000, 0xFFFF, 0x7FFF_FFFF, 0xFFFF_FFFF];
 
 /// Writes a big-endian length at `at` that lies about what follows it by a
 /// little (-2..=+2 bytes) or a lot (an interesting value).
@@ -130,9 +129,9 @@ fn mutate(rng: &mut Rng, input: &[u8], corpus: &[Vec<u8>], max_len: usize) -> Ve
 
 /// The ordinals vtpm-core implements, a few it refuses, and the TPM2 probe.
 const ORDINALS: [u32; 47] = [
-    0x99, 0x98, 0x50, 0x53, 0x54, 0x65, 0x15, 0x14, 0xC8, 0x46, 0x47, 0xF1, 0x0A, 0x0B, 0xBA, 0x96, 0x7C, 0x78,
-    0x81, 0x7E, 0x0D, 0x5B, 0x5D, 0x6F, 0x70, 0x72, 0x71, 0x4000_000A, 0x66, 0x1F, 0x20, 0x41, 0x21, 0x22, 0x3C,
-    0x1E, 0x17, 0x18, 0x16, 0x3E, 0x79, 0x7A, 0xCC, 0xCD, 0xCF, 0xD0, 0x17A,
+    0x99, 0x98, 0x50, 0x53, 0x54, 0x65, 0x15, 0x14, 0xC8, 0x46, 0x47, 0xF1, 0x0A, 0x0B, 0xBA, 0x96, 0x7C, 0x78, 0x81,
+    0x7E, 0x0D, 0x5B, 0x5D, 0x6F, 0x70, 0x72, 0x71, 0x4000000A, 0x66, 0x1F, 0x20, 0x41, 0x21, 0x22, 0x3C, 0x1E, 0x17,
+    0x18, 0x16, 0x3E, 0x79, 0x7A, 0xCC, 0xCD, 0xCF, 0xD0, 0x17A,
 ];
 
 /// A command for a real ordinal with a random body (whose sized fields then
@@ -204,8 +203,11 @@ fn random_records(rng: &mut Rng) -> Vec<u8> {
                     }
                 };
                 // Mostly the loaded key (slot 1) with its secret, else anything.
-                let secret_and_key =
-                    if key_loaded && rng.below(4) > 0 { 2 | 1 << 2 } else { (rng.below(3) + (rng.below(3) << 2)) as u8 };
+                let secret_and_key = if key_loaded && rng.below(4) > 0 {
+                    2 | 1 << 2
+                } else {
+                    (rng.below(3) + (rng.below(3) << 2)) as u8
+                };
                 v.extend_from_slice(&[1, selector, secret_and_key]);
                 v.extend_from_slice(&(params.len() as u16).to_be_bytes());
                 v.extend_from_slice(&params);
@@ -392,4 +394,3 @@ fn state_loaders_refuse_rather_than_panic() {
     }
     eprintln!("state loaders: {n} blobs in {:.1?}", start.elapsed());
 }
-

@@ -17,10 +17,7 @@ pub struct FuzzPlatform(pub u64);
 impl Platform for FuzzPlatform {
     fn fill_random(&mut self, buf: &mut [u8]) {
         for b in buf {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             *b = (self.0 >> 33) as u8;
         }
     }
@@ -60,11 +57,7 @@ fn osap_srk(t: &mut Tpm<FuzzPlatform>) -> ([u8; 4], [u8; 20], [u8; 20]) {
     let r = t.execute(0, &cmd(0xC1, 0x0B, &p));
     let even_osap: [u8; 20] = r[34..54].try_into().unwrap();
     let shared = vtpm_core::crypto::hmac_sha1(&SRK_AUTH, &[&even_osap, &[0x33; 20]]);
-    (
-        r[10..14].try_into().unwrap(),
-        r[14..34].try_into().unwrap(),
-        shared,
-    )
+    (r[10..14].try_into().unwrap(), r[14..34].try_into().unwrap(), shared)
 }
 
 /// Runs an OSAP-authorised SRK command whose first parameter is an
@@ -94,9 +87,7 @@ pub fn fixture() -> Fixture {
     let (t, k, s) = FIX.get_or_init(|| {
         let mut t = owned();
         let mut tmpl = vec![1, 1, 0, 0, 0, 0x10, 0, 0, 0, 0, 1];
-        tmpl.extend_from_slice(&[
-            0, 0, 0, 1, 0, 1, 0, 2, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0,
-        ]);
+        tmpl.extend_from_slice(&[0, 0, 0, 1, 0, 1, 0, 2, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
         tmpl.extend_from_slice(&[0; 12]);
         let mut rest = [0x4D; 20].to_vec();
         rest.extend_from_slice(&tmpl);
@@ -115,11 +106,7 @@ pub fn fixture() -> Fixture {
         let sealed = srk_adip(&mut t, 0x17, &rest);
         (t, key, sealed)
     });
-    Fixture {
-        tpm: t.clone(),
-        key_blob: k.clone(),
-        sealed_blob: s.clone(),
-    }
+    Fixture { tpm: t.clone(), key_blob: k.clone(), sealed_blob: s.clone() }
 }
 
 /// A started chip with an owner (OWNER) and SRK (SRK_AUTH), made once.
@@ -141,9 +128,7 @@ pub fn owned() -> Tpm<FuzzPlatform> {
         p.extend_from_slice(&es);
         // SRK template: TPM_KEY v1.1 storage key, OAEP, 2048 bits.
         p.extend_from_slice(&[1, 1, 0, 0, 0, 0x11, 0, 0, 0, 0, 1]);
-        p.extend_from_slice(&[
-            0, 0, 0, 1, 0, 3, 0, 1, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0,
-        ]);
+        p.extend_from_slice(&[0, 0, 0, 1, 0, 3, 0, 1, 0, 0, 0, 12, 0, 0, 8, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
         p.extend_from_slice(&[0; 12]);
         let t2 = authorise(&mut t, 0x0D, &[], &p, &OWNER);
         let r = t.execute(0, &t2);
@@ -154,19 +139,10 @@ pub fn owned() -> Tpm<FuzzPlatform> {
 }
 
 /// Opens an OIAP session and wraps `params` into an authorised command.
-pub fn authorise(
-    t: &mut Tpm<FuzzPlatform>,
-    ord: u32,
-    handles: &[u8],
-    params: &[u8],
-    secret: &[u8; 20],
-) -> Vec<u8> {
+pub fn authorise(t: &mut Tpm<FuzzPlatform>, ord: u32, handles: &[u8], params: &[u8], secret: &[u8; 20]) -> Vec<u8> {
     let r = t.execute(0, &cmd(0xC1, 0x0A, &[]));
-    let (handle, even) = if r.len() == 34 {
-        (r[10..14].to_vec(), r[14..34].to_vec())
-    } else {
-        (vec![0; 4], vec![0; 20])
-    };
+    let (handle, even) =
+        if r.len() == 34 { (r[10..14].to_vec(), r[14..34].to_vec()) } else { (vec![0; 4], vec![0; 20]) };
     let odd = [0x0D; 20];
     let mut d = Vec::new();
     d.extend_from_slice(&ord.to_be_bytes());
@@ -191,7 +167,7 @@ pub fn check_response(r: &[u8]) {
     let size = u32::from_be_bytes([r[2], r[3], r[4], r[5]]) as usize;
     let rc = u32::from_be_bytes([r[6], r[7], r[8], r[9]]);
     assert_eq!(size, r.len(), "size field");
-    assert!(matches!(tag, 0xC4 | 0xC5 | 0xC6), "tag {tag:#x}");
+    assert!(matches!(tag, 0xC4..=0xC6), "tag {tag:#x}");
     if rc != 0 {
         assert_eq!((tag, r.len()), (0xC4, 10), "error responses are bare");
     }

@@ -580,9 +580,25 @@ fn hostile_authorised(c: &mut Client<'_>) {
     let mut swapped = good.clone();
     swapped.raw[200] ^= 0x80; // inside the public modulus
     assert!(c.load_key2(TPM_KH_SRK, &SRK, &swapped).is_err(), "{name}: LoadKey2 with a changed public key");
+    // A blob cut short whose encDataSize still says 256: encData swallows
+    // the start of the session trailer and what remains of the trailer is
+    // parsed. The cut is longer than the trailer's HMAC (20 bytes) so that
+    // the trailer runs out before its continueAuthSession byte; a shorter
+    // cut would read that byte from the HMAC, which differs from run to run,
+    // and the answer would flip between TPM_BAD_PARAMETER (not 0 or 1) and
+    // TPM_BAD_PARAM_SIZE on either TPM.
     let mut truncated = good.clone();
-    truncated.raw.truncate(n - 10);
-    assert!(c.load_key2(TPM_KH_SRK, &SRK, &truncated).is_err(), "{name}: LoadKey2 of a truncated blob");
+    truncated.raw.truncate(n - 30);
+    let r = c.load_key2(TPM_KH_SRK, &SRK, &truncated);
+    assert_eq!(r, Err(rc::BAD_PARAM_SIZE), "{name}: LoadKey2 of a truncated blob");
+    // A short encData whose size says so: the blob parses, the
+    // authorisation holds, and the decryption refuses it.
+    let mut short = good.clone();
+    short.raw.truncate(n - 10);
+    let size_at = n - 4 - good.enc_data_len;
+    short.raw[size_at..size_at + 4].copy_from_slice(&((good.enc_data_len - 10) as u32).to_be_bytes());
+    let r = c.load_key2(TPM_KH_SRK, &SRK, &short);
+    assert_eq!(r, Err(rc::DECRYPT_ERROR), "{name}: LoadKey2 of a short encData");
     let mut lying = good.clone();
     lying.raw[30..34].copy_from_slice(&0x7fff_0000u32.to_be_bytes()); // PCRInfoSize
     assert!(c.load_key2(TPM_KH_SRK, &SRK, &lying).is_err(), "{name}: LoadKey2 with a lying PCRInfoSize");
@@ -612,7 +628,10 @@ fn hostile_authorised(c: &mut Client<'_>) {
         ("identity key", key_template(TPM_KEY_IDENTITY, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1)),
     ];
     for (what, template) in templates {
-        assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template).is_err(), "{name}: CreateWrapKey of a {what}");
+        assert!(
+            c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template).is_err(),
+            "{name}: CreateWrapKey of a {what}"
+        );
     }
     let mut flagged = key_template(TPM_KEY_SIGNING, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
     flagged[6..10].copy_from_slice(&0x10u32.to_be_bytes()); // migrateAuthority
@@ -757,7 +776,12 @@ fn drtm(c: &mut Client<'_>, ctrl: std::net::SocketAddr) {
     let name = c.name();
     let control = |c: &mut Client<'_>, label: &str, code: u32, body: &[u8], len: usize| -> Vec<u8> {
         let answer = support::backend::control(ctrl, code, body, len);
-        c.log.push(Step { label: label.into(), kind: Kind::Exact, command: code.to_be_bytes().to_vec(), response: answer.clone() });
+        c.log.push(Step {
+            label: label.into(),
+            kind: Kind::Exact,
+            command: code.to_be_bytes().to_vec(),
+            response: answer.clone(),
+        });
         answer
     };
     let dynamic = |c: &mut Client<'_>| {
@@ -1050,4 +1074,3 @@ fn vtpm_refuses_tier_c() {
         assert_eq!(supported, Ok(vec![0]), "GetCapability(ORD, {name})");
     }
 }
-

@@ -110,7 +110,10 @@ impl<P: Platform> Tpm<P> {
         let even = self.nonce_even(auth.handle)?;
         // ADIP needs an OSAP session (libtpms checks the session type
         // before the HMAC).
-        self.vol.sessions.osap_shared(auth.handle).ok_or(TPM_BAD_MODE)?;
+        self.vol
+            .sessions
+            .osap_shared(auth.handle)
+            .ok_or(TPM_BAD_MODE)?;
         let v = self.key_auth(c, 0, parent, 4, true)?.ok_or(TPM_AUTHFAIL)?;
         let usage_auth = self.adip_decrypt(auth.handle, &enc_usage, &even)?;
         let migration_auth = self.adip_decrypt(auth.handle, &enc_migration, &auth.nonce_odd)?;
@@ -130,10 +133,19 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_INVALID_KEYUSAGE);
         }
         public.pcr.stamp_creation(&self.vol.pcrs, c.locality)?;
-        let migration_auth = if public.is_migratable() { migration_auth } else { self.tpm_proof()? };
+        let migration_auth = if public.is_migratable() {
+            migration_auth
+        } else {
+            self.tpm_proof()?
+        };
         let rsa = RsaKey::generate(&mut self.drbg).ok_or(TPM_FAIL)?;
         public.modulus = rsa.modulus();
-        let key = Key { public, usage_auth, migration_auth, rsa };
+        let key = Key {
+            public,
+            usage_auth,
+            migration_auth,
+            rsa,
+        };
         let parent_key = lookup(&self.perm, &self.vol.keys, parent)?;
         let blob = key.wrap(parent_key, &mut self.drbg)?;
         let mut out = blob.to_bytes();

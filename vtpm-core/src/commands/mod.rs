@@ -310,7 +310,10 @@ impl<P: Platform> Tpm<P> {
     /// Startup, which handle it themselves), waiting for Startup
     /// (TPM_INVALID_POSTINIT), enabled, activated, owner present.
     pub(crate) fn check(&self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
-        let exempt = matches!(c.ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP);
+        let exempt = matches!(
+            c.ordinal,
+            ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP
+        );
         if matches!(self.mode, Mode::Failed | Mode::PostInitFailed) && !exempt {
             return Err(TPM_FAILEDSELFTEST);
         }

@@ -57,7 +57,9 @@ impl<P: Platform> Tpm<P> {
                 return Err(TPM_AREA_LOCKED);
             }
         }
-        let reclaimed = old.map_or(0, |i| i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD));
+        let reclaimed = old.map_or(0, |i| {
+            i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD)
+        });
         let exists = old.is_some();
         if exists && public.size == 0 {
             self.perm.nv.remove(index);
@@ -75,7 +77,8 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_SIZE);
         }
         let cost = public.size.saturating_add(crate::nv::INDEX_OVERHEAD);
-        if cost > self.perm.nv.free().saturating_add(reclaimed) || (!exists && self.perm.nv.indices.len() >= MAX_INDICES)
+        if cost > self.perm.nv.free().saturating_add(reclaimed)
+            || (!exists && self.perm.nv.indices.len() >= MAX_INDICES)
         {
             return Err(TPM_NOSPACE);
         }

@@ -149,7 +149,11 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_INVALID_KEYUSAGE);
         }
         let proof = self.tpm_proof()?;
-        let plain = Zeroizing::new(key.rsa.oaep_decrypt(&mut self.drbg, &stored.enc_data).ok_or(TPM_NOTSEALED_BLOB)?);
+        let plain = Zeroizing::new(
+            key.rsa
+                .oaep_decrypt(&mut self.drbg, &stored.enc_data)
+                .ok_or(TPM_NOTSEALED_BLOB)?,
+        );
         let sealed = (|| {
             let mut r = Reader::new(&plain);
             let payload = r.u8().ok()?;
@@ -157,7 +161,8 @@ impl<P: Platform> Tpm<P> {
             let blob_proof = r.digest().ok()?;
             let digest = r.digest().ok()?;
             let secret = r.sized32().ok()?;
-            let valid = proof.ct_eq(&blob_proof) && ct_eq(&digest, &stored.digest()) && payload == PT_SEAL;
+            let valid =
+                proof.ct_eq(&blob_proof) && ct_eq(&digest, &stored.digest()) && payload == PT_SEAL;
             valid.then_some((data_auth, secret))
         })();
         let (data_auth, secret) = sealed.ok_or(TPM_NOTSEALED_BLOB)?;

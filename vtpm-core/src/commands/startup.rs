@@ -33,7 +33,11 @@ impl<P: Platform> Tpm<P> {
         result
     }
 
-    fn startup(&mut self, c: &mut Cmd<'_>, saved: Option<zeroize::Zeroizing<Vec<u8>>>) -> TpmResult<Vec<u8>> {
+    fn startup(
+        &mut self,
+        c: &mut Cmd<'_>,
+        saved: Option<zeroize::Zeroizing<Vec<u8>>>,
+    ) -> TpmResult<Vec<u8>> {
         let st = c.r.u16()?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;

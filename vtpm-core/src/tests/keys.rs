@@ -219,13 +219,27 @@ fn create_wrap_key_error_paths() {
         Err(TPM_BAD_KEY_PROPERTY)
     );
     // An authchange key passes the property check and is then refused.
-    let ac = template(KEY_AUTHCHANGE, ES_RSAESOAEP_SHA1_MGF1, SS_NONE, 0, AUTH_ALWAYS, &[]);
+    let ac = template(
+        KEY_AUTHCHANGE,
+        ES_RSAESOAEP_SHA1_MGF1,
+        SS_NONE,
+        0,
+        AUTH_ALWAYS,
+        &[],
+    );
     assert_eq!(
         create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &ac),
         Err(TPM_INVALID_KEYUSAGE)
     );
     // Undefined key flags are refused while parsing, before authorisation.
-    let flags = template(KEY_SIGNING, ES_NONE, SS_RSASSAPKCS1V15_SHA1, 0x20, AUTH_ALWAYS, &[]);
+    let flags = template(
+        KEY_SIGNING,
+        ES_NONE,
+        SS_RSASSAPKCS1V15_SHA1,
+        0x20,
+        AUTH_ALWAYS,
+        &[],
+    );
     assert_eq!(
         create_wrap_key(&mut t, KH_SRK, &[1; 20], &KEY_AUTH, &flags),
         Err(TPM_BAD_KEY_PROPERTY)
@@ -292,10 +306,7 @@ fn tampered_or_truncated_key_blobs_are_refused() {
     let mut b = blob.clone();
     assert_eq!(b[10], AUTH_ALWAYS);
     b[10] = AUTH_NEVER;
-    assert_eq!(
-        load_key2(&mut t, KH_SRK, &SRK_AUTH, &b),
-        Err(TPM_AUTHFAIL)
-    );
+    assert_eq!(load_key2(&mut t, KH_SRK, &SRK_AUTH, &b), Err(TPM_AUTHFAIL));
     // Flip a byte of encData.
     let mut b = blob.clone();
     let last = b.len() - 10;
@@ -326,16 +337,16 @@ fn tampered_or_truncated_key_blobs_are_refused() {
     for head in [[0, 0x28, 0, 1], [0, 0x29, 0, 0]] {
         let mut b = blob.clone();
         b[..4].copy_from_slice(&head);
-        assert_eq!(load_key2(&mut t, KH_SRK, &[9; 20], &b), Err(TPM_BAD_KEY_PROPERTY));
+        assert_eq!(
+            load_key2(&mut t, KH_SRK, &[9; 20], &b),
+            Err(TPM_BAD_KEY_PROPERTY)
+        );
     }
     // Revision bytes are not checked, but they are part of the public
     // digest bound into encData.
     let mut b = blob.clone();
     b[3] ^= 1;
-    assert_eq!(
-        load_key2(&mut t, KH_SRK, &SRK_AUTH, &b),
-        Err(TPM_AUTHFAIL)
-    );
+    assert_eq!(load_key2(&mut t, KH_SRK, &SRK_AUTH, &b), Err(TPM_AUTHFAIL));
 }
 
 #[test]
