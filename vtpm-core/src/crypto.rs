@@ -232,6 +232,14 @@ impl RsaKey {
         }
     }
 
+    /// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to this key's public half,
+    /// reusing its precomputed Montgomery form of the modulus (rebuilding it
+    /// from the modulus bytes costs more than the encryption itself).
+    pub fn oaep_encrypt(&self, drbg: &mut Drbg, msg: &[u8]) -> Option<Vec<u8>> {
+        let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);
+        self.key.as_public_key().encrypt(drbg.rng(), pad, msg).ok()
+    }
+
     /// Decrypts OAEP (SHA-1, MGF1, label "TCPA").
     pub fn oaep_decrypt(&self, drbg: &mut Drbg, ct: &[u8]) -> Option<Vec<u8>> {
         if ct.len() != RSA_BYTES {
@@ -270,7 +278,8 @@ impl RsaKey {
     }
 }
 
-/// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to the public modulus `n`.
+/// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to the public modulus `n`
+/// (for keys the TPM does not hold; see [`RsaKey::oaep_encrypt`]).
 pub fn oaep_encrypt(drbg: &mut Drbg, n: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
     let key = public_key(n)?;
     let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);

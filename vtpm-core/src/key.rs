@@ -458,7 +458,7 @@ impl Key {
     /// Wraps this key under `parent` (a storage key): the TPM_KEY blob.
     pub fn wrap(&self, parent: &Key, drbg: &mut Drbg) -> TpmResult<KeyBlob> {
         let mut plain = self.store_asymkey();
-        let enc = crypto::oaep_encrypt(drbg, &parent.public.modulus, &plain).ok_or(TPM_FAIL);
+        let enc = parent.rsa.oaep_encrypt(drbg, &plain).ok_or(TPM_FAIL);
         zeroize::Zeroize::zeroize(&mut plain);
         Ok(KeyBlob {
             public: self.public.clone(),

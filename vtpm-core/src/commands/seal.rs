@@ -3,7 +3,7 @@
 use super::keys::lookup;
 use super::Cmd;
 use crate::consts::*;
-use crate::crypto::{self, ct_eq, sha1, sha1_parts};
+use crate::crypto::{ct_eq, sha1, sha1_parts};
 use crate::key::{PcrBinding, PcrInfoShort};
 use crate::marshal::{Put, Reader, TpmResult};
 use crate::pcr::{locality_bit, PcrSelection};
@@ -116,8 +116,10 @@ impl<P: Platform> Tpm<P> {
         sealed.put(&stored.digest());
         sealed.put_sized32(data);
         let key = lookup(&self.perm, &self.vol.keys, handle)?;
-        stored.enc_data =
-            crypto::oaep_encrypt(&mut self.drbg, &key.public.modulus, &sealed).ok_or(TPM_FAIL)?;
+        stored.enc_data = key
+            .rsa
+            .oaep_encrypt(&mut self.drbg, &sealed)
+            .ok_or(TPM_FAIL)?;
         let mut out = Vec::new();
         stored.write(&mut out, true);
         self.respond(c, &[&v], &mut out, 0);
