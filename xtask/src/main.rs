@@ -97,11 +97,15 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 util::lint()?;
                 util::host_tests()?;
             }
+            if emulated && names.is_empty() {
+                agent_on_newer_kernel()?;
+            }
             if emulated {
                 scenarios::run_all(&names)?;
             }
             Ok(())
         }
+        "modules" if rest.first().map(String::as_str) == Some("--newer-kernel") => agent_on_newer_kernel(),
         "modules" => {
             for ko in linux::modules::build()? {
                 println!("{}", ko.display());
@@ -127,4 +131,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         other => Err(Fail(format!("unknown command {other:?}\n{USAGE}"))),
     }
+}
+
+fn agent_on_newer_kernel() -> Result<(), Fail> {
+    let package = linux::modules::agent_builds_on_newer_kernel()?;
+    println!("xtask: the agent builds against {package} (its mod->mem[] path)");
+    Ok(())
 }
