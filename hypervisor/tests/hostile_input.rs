@@ -1,0 +1,1234 @@
+//! Hostile-input tests: thousands of random and mutated inputs thrown at the
+//! hypervisor's host-testable surfaces, each checked against a property
+//! that must hold for every input, not only for the inputs a driver or an
+//! agent would send.
+//!
+//! The rule they enforce: what a guest controls (hypercall registers, the
+//! bytes behind its pointers, its page tables, the instruction at an MMIO
+//! fault, the TIS registers and TPM command bytes) and what a boot module
+//! carries (command lines, kernel images) never panics the hypervisor or
+//! corrupts its state. The worst outcome is the offending guest stopped,
+//! or its request refused, with a clear error.
+//!
+//! Everything is deterministic: a small xorshift generator with a fixed seed
+//! per test, so a failure names its case and reproduces. `CTVM_FUZZ_SCALE=N`
+//! runs N times as many cases (the seeds stay the same).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+
+use hypervisor::guest::memory::{GuestMemory, HostPhys};
+use hypervisor::mm::frames::Region;
+use hypervisor::vcpu::{ExitInfo, Field, GuestRegisters, VcpuState};
+
+// ---------------------------------------------------------------------------
+// Harness: a deterministic generator, fake host memory, a fake vCPU.
+// ---------------------------------------------------------------------------
+
+/// xorshift64*: small, fast, and good enough to explore input spaces.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng((seed ^ 0x5dee_ce66_d1ce_4e5b).max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    fn upto(&mut self, n: usize) -> usize {
+        self.below(n as u64 + 1) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    /// A value from the places where arithmetic goes wrong.
+    fn edgy(&mut self) -> u64 {
+        match self.below(12) {
+            0 => 0,
+            1 => 1,
+            2 => u64::MAX,
+            3 => u64::MAX - self.below(0x2000),
+            4 => 1 << 63,
+            5 => 0xffff_8000_0000_0000 + self.below(0x1_0000),
+            6 => 0x0000_7fff_ffff_f000 + self.below(0x2000),
+            7 => self.below(0x1_0000),
+            8 => u64::from(u32::MAX) + self.below(3),
+            9 => 1 << self.below(64),
+            _ => self.next(),
+        }
+    }
+}
+
+/// How many cases to run: `n` times `CTVM_FUZZ_SCALE` (default 1).
+fn scaled(n: usize) -> usize {
+    let scale = std::env::var("CTVM_FUZZ_SCALE").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(1);
+    n * scale.max(1)
+}
+
+/// A few random edits of `seed`: bit flips, replaced, inserted and deleted
+/// bytes, truncation, and boundary values written over it.
+fn mutate(rng: &mut Rng, seed: &[u8], max_len: usize) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len() as u64 + 1) as usize;
+        match rng.below(8) {
+            0 if at < v.len() => v[at] ^= 1 << rng.below(8),
+            1 if at < v.len() => v[at] = rng.byte(),
+            2 => v.insert(at, rng.byte()),
+            3 if at < v.len() => {
+                v.remove(at);
+            }
+            4 => v.truncate(at),
+            5 => v.insert(at, rng.pick(&[0x00, 0xff, 0x7f, 0x80, 0x66, 0x67, 0xf0, 0xf2, 0xf3, 0x48, 0x4f, 0x0f])),
+            6 if at + 4 <= v.len() => v[at..at + 4].copy_from_slice(&(rng.edgy() as u32).to_le_bytes()),
+            _ => v.push(rng.byte()),
+        }
+    }
+    v.truncate(max_len);
+    v
+}
+
+/// Host-physical memory behind one guest's RAM: a buffer at `base`. Any
+/// access outside it means the hypervisor followed a guest-controlled
+/// address out of the guest's own memory, and fails the test.
+struct Ram {
+    base: u64,
+    bytes: RefCell<Vec<u8>>,
+    reads: Cell<u64>,
+}
+
+impl Ram {
+    fn new(base: u64, len: usize) -> Self {
+        Ram { base, bytes: RefCell::new(vec![0; len]), reads: Cell::new(0) }
+    }
+
+    fn offset(&self, hpa: u64, len: usize) -> usize {
+        let size = self.bytes.borrow().len() as u64;
+        match hpa.checked_sub(self.base) {
+            Some(off) if off.checked_add(len as u64).is_some_and(|end| end <= size) => off as usize,
+            _ => panic!("the hypervisor touched host memory outside the guest: {hpa:#x}+{len:#x}"),
+        }
+    }
+}
+
+impl HostPhys for Ram {
+    fn read(&self, hpa: u64, buf: &mut [u8]) {
+        self.reads.set(self.reads.get() + 1);
+        let at = self.offset(hpa, buf.len());
+        buf.copy_from_slice(&self.bytes.borrow()[at..at + buf.len()]);
+    }
+
+    fn write(&self, hpa: u64, data: &[u8]) {
+        let at = self.offset(hpa, data.len());
+        self.bytes.borrow_mut()[at..at + data.len()].copy_from_slice(data);
+    }
+}
+
+/// Guest RAM at guest-physical 0, backed by a [`Ram`] at host 0x1000_0000.
+struct GuestRam {
+    memory: GuestMemory,
+    phys: Ram,
+}
+
+const HOST_BASE: u64 = 0x1000_0000;
+
+impl GuestRam {
+    fn new(size: u64) -> Self {
+        let mut memory = GuestMemory::new();
+        memory.add(Region::new(0, size), HOST_BASE).unwrap();
+        GuestRam { memory, phys: Ram::new(HOST_BASE, size as usize) }
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) {
+        self.memory.write(&self.phys, gpa, data).unwrap();
+    }
+
+    fn u64_at(&self, gpa: u64) -> u64 {
+        let mut b = [0; 8];
+        self.memory.read(&self.phys, gpa, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.phys.bytes.borrow().clone()
+    }
+}
+
+const PTE_PRESENT_RW: u64 = 0x3;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Builds 4-level page tables with 4 KiB pages in guest RAM, taking table
+/// pages from `next` upwards.
+struct Mapper {
+    pml4: u64,
+    next: u64,
+}
+
+impl Mapper {
+    fn new(pml4: u64, next: u64) -> Self {
+        Mapper { pml4, next }
+    }
+
+    fn table(&mut self, g: &GuestRam, table: u64, index: u64) -> u64 {
+        let e = g.u64_at(table + index * 8);
+        if e & 1 != 0 {
+            return e & PTE_ADDR;
+        }
+        let t = self.next;
+        self.next += 0x1000;
+        g.write(t, &[0; 4096]);
+        g.write(table + index * 8, &(t | 0x7).to_le_bytes());
+        t
+    }
+
+    /// Maps the 4 KiB page at `va` to `gpa`; returns the PTE's address.
+    fn map(&mut self, g: &GuestRam, va: u64, gpa: u64) -> u64 {
+        let idx = |level: u32| (va >> (12 + 9 * (level - 1))) & 0x1ff;
+        let pdpt = self.table(g, self.pml4, idx(4));
+        let pd = self.table(g, pdpt, idx(3));
+        let pt = self.table(g, pd, idx(2));
+        let at = pt + idx(1) * 8;
+        g.write(at, &(gpa | PTE_PRESENT_RW).to_le_bytes());
+        at
+    }
+}
+
+/// A vCPU over a map, comparable before and after a refused operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Vcpu {
+    regs: GuestRegisters,
+    fields: BTreeMap<Field, u64>,
+}
+
+impl VcpuState for Vcpu {
+    fn regs(&mut self) -> &mut GuestRegisters {
+        &mut self.regs
+    }
+    fn read(&self, field: Field) -> u64 {
+        self.fields.get(&field).copied().unwrap_or(0)
+    }
+    fn write(&mut self, field: Field, value: u64) {
+        self.fields.insert(field, value);
+    }
+}
+
+const CR0_PE_PG: u64 = 0x8000_0001;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME_LMA_NXE: u64 = (1 << 8) | (1 << 10) | (1 << 11);
+/// CS access rights of 64-bit kernel code (L = 1, DPL 0).
+const CS_LONG: u64 = 0xa09b;
+
+/// A vCPU in 64-bit mode on page tables rooted at `cr3`.
+fn long_mode_vcpu(cr3: u64) -> Vcpu {
+    let mut v = Vcpu::default();
+    v.write(Field::Cr0, CR0_PE_PG | (1 << 16));
+    v.write(Field::Cr3, cr3);
+    v.write(Field::Cr4, CR4_PAE);
+    v.write(Field::Efer, EFER_LME_LMA_NXE);
+    v.write(Field::CsAccessRights, CS_LONG);
+    v.write(Field::SsAccessRights, 0x93);
+    v.write(Field::Rflags, 0x2);
+    v
+}
+
+fn reg_by_index(regs: &mut GuestRegisters, index: u8) -> Option<&mut u64> {
+    Some(match index {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        15 => &mut regs.r15,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// MMIO: the instruction decoder.
+// ---------------------------------------------------------------------------
+
+mod mmio_decoder {
+    use super::*;
+    use hypervisor::mmio::decode::{decode, instruction_length, DecodeError, Extend, MmioOp, Source};
+
+    /// Emulated and refused encodings to mutate from.
+    pub const SEEDS: &[&[u8]] = &[
+        &[0x8a, 0x00],
+        &[0x8b, 0x01],
+        &[0x48, 0x8b, 0x02],
+        &[0x66, 0x44, 0x8b, 0x7f, 0x10],
+        &[0x44, 0x8b, 0x44, 0x98, 0x24],
+        &[0x4d, 0x8b, 0x65, 0x00],
+        &[0x8a, 0x20],
+        &[0x40, 0x8a, 0x30],
+        &[0x0f, 0xb6, 0x47, 0x24],
+        &[0x4c, 0x0f, 0xb6, 0x10],
+        &[0x48, 0x0f, 0xbf, 0x10],
+        &[0x48, 0x63, 0x03],
+        &[0xa1, 0x00, 0x0f, 0xd4, 0xfe, 0, 0, 0, 0],
+        &[0x48, 0xa3, 0x80, 0x00, 0xd4, 0xfe, 0, 0, 0, 0],
+        &[0x67, 0x8b, 0x01],
+        &[0x8b, 0x05, 0x00, 0x01, 0x00, 0x00],
+        &[0x64, 0x8b, 0x08],
+        &[0x88, 0x08],
+        &[0x48, 0x89, 0x08],
+        &[0x88, 0x20],
+        &[0xc6, 0x40, 0x24, 0x40],
+        &[0x66, 0xc7, 0x00, 0x34, 0x12],
+        &[0x48, 0xc7, 0x00, 0xfe, 0xff, 0xff, 0xff],
+        &[0x47, 0x89, 0x54, 0xc8, 0x18],
+        &[0xc7, 0x05, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00],
+        // Refused: string, LOCK, XCHG, AVX, SSE, register-only, RMW.
+        &[0xf3, 0xa5],
+        &[0xf0, 0x83, 0x00, 0x01],
+        &[0x87, 0x08],
+        &[0xc5, 0xfe, 0x6f, 0x00],
+        &[0xf3, 0x0f, 0x6f, 0x00],
+        &[0x89, 0xc8],
+        &[0xff, 0x40, 0xf0],
+        // EVEX and XOP, which this build does not decode at all.
+        &[0x62, 0xf1, 0x7c, 0x48, 0x10, 0x00],
+        &[0x8f, 0xe9, 0x78, 0x01, 0xc8],
+    ];
+
+    const PREFIXES: &[u8] = &[0x66, 0x67, 0xf0, 0xf2, 0xf3, 0x2e, 0x36, 0x3e, 0x26, 0x64, 0x65, 0x40, 0x48, 0x4c, 0x41];
+
+    /// Bytes to decode: random, mutated from a seed, or a seed behind a
+    /// random run of prefixes (possibly more than 15 bytes in all).
+    pub fn instruction_bytes(rng: &mut Rng) -> Vec<u8> {
+        match rng.below(4) {
+            0 => {
+                let n = rng.upto(20);
+                rng.bytes(n)
+            }
+            1 => {
+                let mut v: Vec<u8> = (0..rng.upto(16)).map(|_| rng.pick(PREFIXES)).collect();
+                v.extend_from_slice(rng.pick(SEEDS));
+                v
+            }
+            _ => {
+                let seed = rng.pick(SEEDS);
+                let mut v = mutate(rng, seed, 24);
+                if rng.chance(50) {
+                    let n = rng.upto(8);
+                    v.extend(rng.bytes(n));
+                }
+                v
+            }
+        }
+    }
+
+    fn mask(size: u8) -> u64 {
+        if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * size)) - 1
+        }
+    }
+
+    /// The decoded operation is one the emulator can carry out exactly.
+    fn check_op(op: &MmioOp, what: &str) {
+        let size = op.size();
+        assert!(matches!(size, 1 | 2 | 4 | 8), "{what}: access size {size}");
+        match *op {
+            MmioOp::Load { dst, extend, .. } => {
+                assert!(dst.index < 16 && matches!(dst.size, 1 | 2 | 4 | 8), "{what}: destination {dst:?}");
+                assert!(!dst.high_byte || (dst.size == 1 && dst.index < 4), "{what}: high byte {dst:?}");
+                match extend {
+                    Extend::None => assert_eq!(dst.size, size, "{what}: MOV changes width"),
+                    // MOVSXD r32/r16 extends to the same width (a 32-bit write zero-extends).
+                    Extend::Zero | Extend::Sign => assert!(dst.size >= size, "{what}: extension narrows"),
+                }
+            }
+            MmioOp::Store { src: Source::Gpr(g), .. } => {
+                assert!(g.index < 16 && g.size == size, "{what}: source {g:?} for a {size}-byte store");
+                assert!(!g.high_byte || (g.size == 1 && g.index < 4), "{what}: high byte {g:?}");
+            }
+            MmioOp::Store { src: Source::Imm(v), .. } => {
+                // Immediates are the access width, except REX.W C7's sign-extended imm32.
+                let fits = v & !mask(size) == 0 || (size == 8 && (v as i64) == i64::from(v as i32));
+                assert!(fits, "{what}: immediate {v:#x} for a {size}-byte store");
+            }
+        }
+    }
+
+    #[test]
+    fn decoder_never_reads_or_reports_past_the_instruction() {
+        let mut rng = Rng::new(0xdec0de);
+        let (mut ok, mut refused, mut truncated) = (0, 0, 0);
+        for case in 0..scaled(30_000) {
+            let bytes = instruction_bytes(&mut rng);
+            let bitness = rng.pick(&[64, 64, 64, 32, 16]);
+            let rip = rng.edgy();
+            let what = format!("case {case}: {bytes:02x?} in {bitness}-bit code");
+            let result = decode(&bytes, bitness, rip);
+            match &result {
+                Ok(d) => {
+                    ok += 1;
+                    let len = usize::from(d.len);
+                    assert!((1..=15).contains(&len) && len <= bytes.len(), "{what}: length {len}");
+                    assert_eq!(d.instruction.len(), len, "{what}");
+                    check_op(&d.op, &what);
+                    // Self-delimiting: the instruction's own bytes decode the same.
+                    let again = decode(&bytes[..len], bitness, rip).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                    assert_eq!((again.op, again.len), (d.op, d.len), "{what}");
+                }
+                Err(DecodeError::Unsupported { text, len, why }) => {
+                    refused += 1;
+                    let len = usize::from(*len);
+                    assert!((1..=15).contains(&len) && len <= bytes.len(), "{what}: length {len}");
+                    assert!(!text.is_empty() && !why.is_empty(), "{what}: an unnamed refusal");
+                    match decode(&bytes[..len], bitness, rip) {
+                        Err(DecodeError::Unsupported { text: t, len: l, .. }) => {
+                            assert_eq!((&t, usize::from(l)), (text, len), "{what}")
+                        }
+                        other => panic!("{what}: its own bytes give {other:?}"),
+                    }
+                }
+                // With 15 bytes at hand no instruction runs out of them.
+                Err(DecodeError::Truncated) => {
+                    truncated += 1;
+                    assert!(bytes.len() < 15, "{what}: truncated with {} bytes", bytes.len());
+                }
+                Err(DecodeError::Invalid) => {}
+            }
+            if bitness == 64 {
+                // The length used to skip a refused instruction agrees with the decoder.
+                let expected = match &result {
+                    Ok(d) => Some(d.len),
+                    Err(DecodeError::Unsupported { len, .. }) => Some(*len),
+                    Err(_) => None,
+                };
+                assert_eq!(instruction_length(&bytes), expected, "{what}");
+            }
+        }
+        assert!(ok > 1_000 && refused > 1_000 && truncated > 100, "generator too narrow: {ok} {refused} {truncated}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MMIO: the whole emulation step, instruction fetched through page tables.
+// ---------------------------------------------------------------------------
+
+mod mmio_emulation {
+    use super::*;
+    use hypervisor::mmio::decode::{self, Extend, MmioOp, Source};
+    use hypervisor::mmio::{emulate, MmioDevice};
+
+    const CODE_VA: u64 = 0xffff_ffff_8100_0000;
+    const CODE_GPA: u64 = 0x30_0000;
+    const NEXT_GPA: u64 = 0x30_2000;
+    const WINDOW: u64 = 0xfed4_0000;
+
+    #[derive(Default)]
+    struct Device {
+        /// (store, offset, size, value)
+        accesses: Vec<(bool, u64, u8, u64)>,
+        answer: u64,
+    }
+
+    impl MmioDevice for Device {
+        fn read(&mut self, offset: u64, size: u8) -> u64 {
+            self.accesses.push((false, offset, size, 0));
+            self.answer
+        }
+        fn write(&mut self, offset: u64, size: u8, value: u64) {
+            self.accesses.push((true, offset, size, value));
+        }
+    }
+
+    fn mask(size: u8) -> u64 {
+        if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * size)) - 1
+        }
+    }
+
+    /// `mov r, [rm]`, `mov [rm], r`, MOVZX/MOVSX and immediates with a
+    /// plain register base, so that the operand can match the fault.
+    fn register_form(rng: &mut Rng) -> Vec<u8> {
+        let reg = rng.below(8) as u8;
+        let rm = rng.pick(&[0u8, 1, 2, 3, 6, 7]);
+        let modrm = (reg << 3) | rm;
+        let mut v = Vec::new();
+        if rng.chance(30) {
+            v.push(rng.pick(&[0x66u8, 0x67, 0x64, 0x65]));
+        }
+        if rng.chance(40) {
+            v.push(0x40 | rng.below(16) as u8);
+        }
+        match rng.below(6) {
+            0 => v.extend([rng.pick(&[0x8au8, 0x8b, 0x88, 0x89, 0x63]), modrm]),
+            1 => v.extend([0x0f, rng.pick(&[0xb6u8, 0xb7, 0xbe, 0xbf]), modrm]),
+            2 => v.extend([0xc6, rm, rng.byte()]),
+            3 => {
+                v.extend([0xc7, rm]);
+                v.extend(rng.bytes(4));
+            }
+            4 => v.extend([rng.pick(&[0x8bu8, 0x89]), 0x40 | (reg << 3) | rm, 0]),
+            _ => v.extend(mmio_decoder::instruction_bytes(rng)),
+        }
+        v
+    }
+
+    #[test]
+    fn refused_accesses_change_nothing_and_emulated_ones_exactly_one_register() {
+        let mut rng = Rng::new(0xe1u64);
+        let g = GuestRam::new(4 << 20);
+        let mut mapper = Mapper::new(0x1000, 0x2000);
+        mapper.map(&g, CODE_VA, CODE_GPA);
+        let next_pte = mapper.map(&g, CODE_VA + 0x1000, NEXT_GPA);
+        let (mut emulated, mut refused) = (0, 0);
+        for case in 0..scaled(6_000) {
+            // The instruction, somewhere on the code page (maybe across its end).
+            let code = register_form(&mut rng);
+            let offset = if rng.chance(30) { 0xff0 + rng.below(0x10) } else { rng.below(0xfe0) };
+            let mut bytes = code.clone();
+            bytes.extend(rng.bytes(16));
+            let (first, second) = bytes.split_at(((0x1000 - offset) as usize).min(bytes.len()));
+            g.write(CODE_GPA + offset, first);
+            g.write(NEXT_GPA, second);
+            let next_present = rng.chance(70);
+            g.write(next_pte, &(NEXT_GPA | if next_present { PTE_PRESENT_RW } else { 0 }).to_le_bytes());
+
+            let gpa = if rng.chance(5) { WINDOW - 1 - rng.below(0x1000) } else { WINDOW + rng.below(0x5000) };
+            let mut vcpu = long_mode_vcpu(0x1000);
+            if rng.chance(5) {
+                vcpu.write(Field::CsAccessRights, rng.pick(&[0xc09b, 0x9b, 0xa09b & !(1 << 13)]));
+            }
+            vcpu.write(Field::Rip, CODE_VA + offset);
+            vcpu.write(Field::Interruptibility, rng.below(4));
+            // Registers that point at the faulting byte's page offset (or anywhere).
+            let aligned = rng.chance(70);
+            let value = |rng: &mut Rng| if aligned { (rng.edgy() & !0xfff) | (gpa & 0xfff) } else { rng.edgy() };
+            for i in 0..16u8 {
+                let v = value(&mut rng);
+                match reg_by_index(&mut vcpu.regs, i) {
+                    Some(r) => *r = v,
+                    None => vcpu.write(Field::Rsp, v),
+                }
+            }
+            vcpu.write(Field::FsBase, if rng.chance(50) { 0 } else { value(&mut rng) });
+            vcpu.write(Field::GsBase, if rng.chance(50) { 0 } else { value(&mut rng) });
+            let access = rng.pick(&[1u64, 2, 2, 1, 4, 3, 7]);
+            let exit = ExitInfo {
+                reason: 48,
+                qualification: access | (1 << 7) | (1 << 8),
+                guest_physical: gpa,
+                guest_linear: rng.edgy(),
+                ..Default::default()
+            };
+            let mut device = Device { answer: rng.next(), ..Default::default() };
+            let before = vcpu.clone();
+            let what = format!("case {case}: {code:02x?} at page offset {offset:#x}, gpa {gpa:#x}");
+            match emulate(&mut vcpu, &exit, &g.memory, &g.phys, &mut device, WINDOW) {
+                Err(e) => {
+                    refused += 1;
+                    assert_eq!(vcpu, before, "{what}: a refused access changed the vCPU ({e})");
+                    assert!(device.accesses.is_empty(), "{what}: a refused access reached the device ({e})");
+                    assert!(usize::from(e.len) <= 15, "{what}: {e:?}");
+                    let line = e.to_string();
+                    assert!(line.contains("rip") && line.contains(&format!("{gpa:#x}")), "{what}: {line}");
+                }
+                Ok(done) => {
+                    emulated += 1;
+                    let size = done.op.size();
+                    assert_eq!(device.accesses.len(), 1, "{what}: {:?}", device.accesses);
+                    let (store, at, width, written) = device.accesses[0];
+                    assert_eq!((store, at, width), (done.op.is_store(), gpa - WINDOW, size), "{what}");
+                    assert_eq!(done.offset, gpa - WINDOW, "{what}");
+                    assert!((gpa & 0xfff) + u64::from(size) <= 0x1000, "{what}: the access leaves its page");
+                    let decoded = decode::decode(&bytes, 64, CODE_VA + offset).expect("it was emulated");
+                    assert_eq!(done.len, decoded.len, "{what}");
+                    let mut expected = before.clone();
+                    expected.write(Field::Rip, (CODE_VA + offset).wrapping_add(u64::from(done.len)));
+                    expected.write(Field::Interruptibility, before.read(Field::Interruptibility) & !3);
+                    let reg = |v: &Vcpu, index: u8| {
+                        let mut regs = v.regs;
+                        reg_by_index(&mut regs, index).map_or(v.read(Field::Rsp), |r| *r)
+                    };
+                    match done.op {
+                        MmioOp::Load { size, dst, extend } => {
+                            let raw = device.answer & mask(size);
+                            assert_eq!(done.value, raw, "{what}");
+                            let widened = match extend {
+                                Extend::Sign => match size {
+                                    1 => raw as i8 as i64 as u64,
+                                    2 => raw as i16 as i64 as u64,
+                                    4 => raw as i32 as i64 as u64,
+                                    _ => raw,
+                                },
+                                _ => raw,
+                            };
+                            let old = reg(&before, dst.index);
+                            let new = match (dst.size, dst.high_byte) {
+                                (1, true) => (old & !0xff00) | ((widened & 0xff) << 8),
+                                (1, false) => (old & !0xff) | (widened & 0xff),
+                                (2, _) => (old & !0xffff) | (widened & 0xffff),
+                                (4, _) => widened & 0xffff_ffff,
+                                _ => widened,
+                            };
+                            match reg_by_index(&mut expected.regs, dst.index) {
+                                Some(r) => *r = new,
+                                None => expected.write(Field::Rsp, new),
+                            }
+                        }
+                        MmioOp::Store { size, src } => {
+                            let v = match src {
+                                Source::Imm(imm) => imm,
+                                Source::Gpr(g) if g.high_byte => reg(&before, g.index) >> 8,
+                                Source::Gpr(g) => reg(&before, g.index),
+                            } & mask(size);
+                            assert_eq!((written, done.value), (v, v), "{what}");
+                        }
+                    }
+                    assert_eq!(vcpu, expected, "{what}: more changed than the destination and RIP");
+                }
+            }
+        }
+        assert!(emulated > 300 && refused > 300, "generator too narrow: {emulated} emulated, {refused} refused");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The guest page-table walker, against a reference walk written from the SDM.
+// ---------------------------------------------------------------------------
+
+mod page_walk {
+    use super::*;
+    use hypervisor::guest::virt;
+    use hypervisor::mmio::walk::{fetch_instruction, translate, Paging, WalkError};
+
+    const RAM: u64 = 1 << 20;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Walk {
+        Gpa(u64),
+        NotCanonical,
+        NotPresent(u8),
+        Reserved(u8),
+        Outside(u64),
+        Unsupported,
+    }
+
+    /// The 4-level walk as the SDM describes it, over a byte image of RAM.
+    fn reference(ram: &[u8], p: &Paging, linear: u64) -> Walk {
+        if p.cr0 & (1 << 31) == 0 {
+            return Walk::Gpa(linear & 0xffff_ffff);
+        }
+        if p.efer & (1 << 10) == 0 || p.cr4 & CR4_PAE == 0 || p.cr4 & (1 << 12) != 0 {
+            return Walk::Unsupported;
+        }
+        let top = (linear as i64) >> 47;
+        if top != 0 && top != -1 {
+            return Walk::NotCanonical;
+        }
+        let nxe = p.efer & (1 << 11) != 0;
+        let mut table = p.cr3 & PTE_ADDR;
+        for level in (1..=4u8).rev() {
+            let shift = 12 + 9 * u32::from(level - 1);
+            let at = table + ((linear >> shift) & 0x1ff) * 8;
+            if at + 8 > ram.len() as u64 {
+                return Walk::Outside(at);
+            }
+            let e = u64::from_le_bytes(ram[at as usize..at as usize + 8].try_into().unwrap());
+            if e & 1 == 0 {
+                return Walk::NotPresent(level);
+            }
+            if !nxe && e >> 63 != 0 {
+                return Walk::Reserved(level);
+            }
+            if e & 0x80 != 0 && level > 1 {
+                if level == 4 {
+                    return Walk::Reserved(level);
+                }
+                // Bits 13 up to the page's base address are reserved.
+                let reserved = ((1u64 << shift) - 1) & !0x1fff;
+                if e & reserved != 0 {
+                    return Walk::Reserved(level);
+                }
+                let page = (1u64 << shift) - 1;
+                return Walk::Gpa((e & PTE_ADDR & !page) | (linear & page));
+            }
+            table = e & PTE_ADDR;
+        }
+        Walk::Gpa(table | (linear & 0xfff))
+    }
+
+    fn observed(r: Result<u64, WalkError>, linear: u64) -> Walk {
+        match r {
+            Ok(gpa) => Walk::Gpa(gpa),
+            Err(WalkError::NotCanonical { linear: l }) => {
+                assert_eq!(l, linear);
+                Walk::NotCanonical
+            }
+            Err(WalkError::NotPresent { linear: l, level }) => {
+                assert_eq!(l, linear);
+                Walk::NotPresent(level)
+            }
+            Err(WalkError::Reserved { linear: l, level, .. }) => {
+                assert_eq!(l, linear);
+                Walk::Reserved(level)
+            }
+            Err(WalkError::OutsideRam { linear: l, gpa }) => {
+                assert_eq!(l, linear);
+                Walk::Outside(gpa)
+            }
+            Err(WalkError::UnsupportedMode(_)) => Walk::Unsupported,
+        }
+    }
+
+    /// A paging-structure entry a hostile guest might write: pointing into
+    /// its RAM (often at another table, or back at itself), past it, at the
+    /// end of the address space, with reserved or large-page bits.
+    fn hostile_entry(rng: &mut Rng) -> u64 {
+        let addr = match rng.below(10) {
+            0..=5 => rng.below(RAM / 0x1000) << 12,
+            6 => (rng.next() << 12) & PTE_ADDR,
+            7 => RAM - 0x1000,
+            8 => RAM,
+            _ => 0,
+        };
+        let mut e = addr | (rng.next() & 0x7e);
+        if rng.chance(88) {
+            e |= 1;
+        }
+        if rng.chance(20) {
+            e |= 0x80;
+        }
+        if rng.chance(10) {
+            e |= 1 << 63;
+        }
+        if rng.chance(10) {
+            e |= rng.next() & 0x3fff_e000;
+        }
+        if rng.chance(3) {
+            e = rng.next();
+        }
+        e
+    }
+
+    fn hostile_world(rng: &mut Rng) -> GuestRam {
+        let g = GuestRam::new(RAM);
+        {
+            let mut bytes = g.phys.bytes.borrow_mut();
+            for e in bytes.chunks_exact_mut(8) {
+                e.copy_from_slice(&hostile_entry(rng).to_le_bytes());
+            }
+        }
+        g
+    }
+
+    fn hostile_paging(rng: &mut Rng) -> Paging {
+        let long = Paging::four_level(rng.below(RAM / 0x1000) << 12);
+        match rng.below(20) {
+            0 => Paging { cr0: rng.pick(&[0, 1]), ..long },
+            1 => Paging { cr4: 0, ..long },
+            2 => Paging { efer: 0, ..long },
+            3 => Paging { cr4: long.cr4 | (1 << 12), ..long },
+            4 => Paging { efer: long.efer & !(1 << 11), ..long },
+            5 => Paging { cr3: rng.edgy(), ..long },
+            _ => long,
+        }
+    }
+
+    fn hostile_linear(rng: &mut Rng) -> u64 {
+        match rng.below(4) {
+            0 => rng.edgy(),
+            1 => 0xffff_8000_0000_0000 | (rng.next() & 0x7fff_ffff_ffff),
+            2 => rng.next() & 0x7fff_ffff_ffff,
+            _ => rng.next(),
+        }
+    }
+
+    #[test]
+    fn walks_of_hostile_tables_agree_with_the_sdm_and_stay_bounded() {
+        let mut rng = Rng::new(0x3a1c);
+        let mut seen = BTreeSet::new();
+        for world in 0..scaled(12) {
+            let g = hostile_world(&mut rng);
+            let ram = g.snapshot();
+            for case in 0..2_000 {
+                let p = hostile_paging(&mut rng);
+                let linear = hostile_linear(&mut rng);
+                let reads = g.phys.reads.get();
+                let got = observed(translate(&g.memory, &g.phys, &p, linear), linear);
+                // Cycles (an entry pointing back at its own table) cannot extend the walk.
+                assert!(g.phys.reads.get() - reads <= 4, "world {world} case {case}: more than 4 table reads");
+                let want = reference(&ram, &p, linear);
+                assert_eq!(got, want, "world {world} case {case}: {p:x?} linear {linear:#x}");
+                seen.insert(format!("{want:?}").split('(').next().unwrap().to_string());
+            }
+        }
+        assert_eq!(seen.len(), 6, "every walk outcome was reached");
+    }
+
+    #[test]
+    fn instruction_fetch_returns_exactly_the_bytes_the_tables_map() {
+        let mut rng = Rng::new(0xfe7c);
+        for world in 0..scaled(8) {
+            let g = hostile_world(&mut rng);
+            let ram = g.snapshot();
+            for case in 0..1_500 {
+                let p = hostile_paging(&mut rng);
+                let rip = if rng.chance(50) { hostile_linear(&mut rng) | 0xff0 } else { hostile_linear(&mut rng) };
+                let byte_at = |linear: u64| match reference(&ram, &p, linear) {
+                    Walk::Gpa(gpa) if gpa < RAM => Some(ram[gpa as usize]),
+                    _ => None,
+                };
+                let mut buf = [0u8; 15];
+                let what = format!("world {world} case {case}: rip {rip:#x} {p:x?}");
+                match fetch_instruction(&g.memory, &g.phys, &p, rip, &mut buf) {
+                    Ok(n) => {
+                        assert!((1..=15).contains(&n), "{what}: {n} bytes");
+                        for (k, b) in buf.iter().enumerate().take(n) {
+                            assert_eq!(Some(*b), byte_at(rip.wrapping_add(k as u64)), "{what}: byte {k}");
+                        }
+                        if n < 15 {
+                            assert_eq!(byte_at(rip.wrapping_add(n as u64)), None, "{what}: stopped early at {n}");
+                        }
+                    }
+                    Err(_) => assert_eq!(byte_at(rip), None, "{what}: the first byte was fetchable"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copies_through_hostile_tables_are_all_or_nothing() {
+        let mut rng = Rng::new(0xc097);
+        for world in 0..scaled(6) {
+            let g = hostile_world(&mut rng);
+            for case in 0..150 {
+                let p = hostile_paging(&mut rng);
+                let gva = if rng.chance(50) { hostile_linear(&mut rng) } else { hostile_linear(&mut rng) | 0xff8 };
+                let len = rng.upto(3 * 4096);
+                let data = rng.bytes(len);
+                let before = g.snapshot();
+                let what = format!("world {world} case {case}: {len} bytes at {gva:#x}");
+                match virt::write(&g.memory, &g.phys, &p, gva, &data) {
+                    Err(_) => assert!(g.snapshot() == before, "{what}: a failed write changed guest memory"),
+                    Ok(()) => {
+                        // Byte k lands where the tables mapped it when the call
+                        // was made (even if the data rewrites those tables);
+                        // aliases see the last byte written.
+                        let mut expected = before.clone();
+                        for (k, b) in data.iter().enumerate() {
+                            match reference(&before, &p, gva + k as u64) {
+                                Walk::Gpa(gpa) if gpa < RAM => expected[gpa as usize] = *b,
+                                other => panic!("{what}: byte {k} written through {other:?}"),
+                            }
+                        }
+                        assert!(g.snapshot() == expected, "{what}: guest memory is not the data written");
+                    }
+                }
+                let mut out = vec![0; len];
+                if virt::read(&g.memory, &g.phys, &p, gva, &mut out).is_ok() {
+                    let ram = g.snapshot();
+                    for (k, b) in out.iter().enumerate() {
+                        let gpa = match reference(&ram, &p, gva + k as u64) {
+                            Walk::Gpa(gpa) if gpa < RAM => gpa,
+                            other => panic!("{what}: byte {k} read through {other:?}"),
+                        };
+                        assert_eq!(*b, ram[gpa as usize], "{what}: byte {k}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The TIS register file, driven by a hostile guest driver.
+// ---------------------------------------------------------------------------
+
+mod tpm_tis {
+    use super::*;
+    use hypervisor::devices::tis::{self, access, sts, State, Tis, TpmBackend};
+
+    fn param_size(b: &[u8]) -> Option<usize> {
+        Some(u32::from_be_bytes(b.get(2..6)?.try_into().ok()?) as usize)
+    }
+
+    fn well_formed(b: &[u8]) -> bool {
+        (10..=tis::BUFFER_SIZE).contains(&b.len()) && param_size(b) == Some(b.len())
+    }
+
+    /// A backend that answers anything: well-formed responses, responses too
+    /// short or too long, with a lying `paramSize`, or nothing.
+    struct Chaos {
+        rng: Rng,
+        /// (locality, command, response)
+        log: Vec<(u8, Vec<u8>, Vec<u8>)>,
+    }
+
+    impl TpmBackend for Chaos {
+        fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+            let rng = &mut self.rng;
+            let len = match rng.below(8) {
+                0 => rng.upto(9),
+                1 => 4097 + rng.upto(2000),
+                2 => tis::BUFFER_SIZE,
+                _ => 10 + rng.upto(300),
+            };
+            let mut r = rng.bytes(len);
+            if len >= 6 {
+                let claimed = if rng.chance(80) { len as u32 } else { rng.edgy() as u32 };
+                r[2..6].copy_from_slice(&claimed.to_be_bytes());
+            }
+            self.log.push((locality, command.to_vec(), r.clone()));
+            r
+        }
+    }
+
+    fn chaos(seed: u64) -> Tis<Chaos> {
+        Tis::new(Chaos { rng: Rng::new(seed), log: Vec::new() }, (seed % 17) as u8)
+    }
+
+    const REGISTERS: &[u64] =
+        &[0x0, 0x8, 0xc, 0x10, 0x14, 0x18, 0x19, 0x1a, 0x1b, 0x24, 0x25, 0x30, 0x80, 0xf00, 0xf04];
+
+    /// One access anywhere in (and past) the window, of any size, with values
+    /// that matter to the register hit.
+    fn random_access(rng: &mut Rng, tis: &mut Tis<Chaos>) -> (u64, u8, Option<u64>) {
+        let locality = rng.pick(&[0u64, 1, 2, 3, 0, 1, 4, 5, 0x10]);
+        let offset = match rng.below(10) {
+            0 => rng.edgy(),
+            1 => locality * 0x1000 + rng.below(0x1000),
+            _ => locality * 0x1000 + rng.pick(REGISTERS) + if rng.chance(10) { rng.below(4) } else { 0 },
+        };
+        let size = rng.pick(&[1u8, 1, 1, 2, 4, 4, 8, 0, 3, 5, 16, 255]);
+        let value = match offset & 0xfff {
+            0x0 => {
+                let any = rng.byte();
+                u64::from(rng.pick(&[
+                    access::REQUEST_USE,
+                    access::ACTIVE_LOCALITY,
+                    access::SEIZE,
+                    access::BEEN_SEIZED,
+                    any,
+                ]))
+            }
+            0x18 => {
+                let any = rng.byte();
+                u64::from(rng.pick(&[sts::COMMAND_READY, sts::GO, sts::RESPONSE_RETRY, any]))
+            }
+            _ => rng.next(),
+        };
+        if rng.chance(45) {
+            tis.write(offset, size, value);
+            (offset, size, Some(value))
+        } else {
+            (offset, size, None)
+        }
+    }
+
+    #[test]
+    fn random_register_traffic_keeps_the_tis_consistent() {
+        let mut rng = Rng::new(0x715);
+        let mut commands = 0;
+        for run in 0..scaled(150) {
+            let mut tis = chaos(run as u64);
+            for step in 0..400 {
+                // Now and then a driver's well-formed command amid the noise,
+                // from a locality that may or may not hold the TPM.
+                let scripted = rng.chance(5).then(|| rng.below(4));
+                if let Some(l) = scripted {
+                    tis.write(l * 0x1000, 1, u64::from(access::REQUEST_USE));
+                    tis.write(l * 0x1000 + 0x18, 1, u64::from(sts::COMMAND_READY));
+                    let n = 10 + rng.upto(30);
+                    let mut c = rng.bytes(n);
+                    let len = c.len() as u32;
+                    c[2..6].copy_from_slice(&len.to_be_bytes());
+                    send(&mut rng, &mut tis, l, &c);
+                }
+                let executed = tis.backend().log.len();
+                let active_before = tis.active_locality();
+                let (offset, size, wrote) = match scripted {
+                    Some(l) => {
+                        tis.write(l * 0x1000 + 0x18, 1, u64::from(sts::GO));
+                        (l * 0x1000 + 0x18, 1, Some(u64::from(sts::GO)))
+                    }
+                    None => random_access(&mut rng, &mut tis),
+                };
+                let what = format!("run {run} step {step}: {offset:#x}/{size} {wrote:x?}");
+                if wrote.is_none() {
+                    let v = tis.read(offset, size);
+                    if size < 8 {
+                        assert_eq!(v >> (8 * u32::from(size)), 0, "{what}: {v:#x} is wider than the read");
+                    }
+                }
+                // Only well-framed commands of the active locality reach the TPM.
+                let log = &tis.backend().log;
+                assert!(log.len() <= executed + 1, "{what}: one access ran two commands");
+                if log.len() > executed {
+                    commands += 1;
+                    let (locality, command, _) = log.last().unwrap();
+                    assert!(well_formed(command), "{what}: the backend got {} bytes: {command:02x?}", command.len());
+                    assert_eq!(Some(*locality), active_before, "{what}");
+                    assert_eq!(tis.state(), State::Completion, "{what}");
+                }
+                assert!(tis.active_locality().is_none_or(|l| l < 4), "{what}: {:?}", tis.active_locality());
+                // Reported only on the line INT_VECTOR names, never line 0.
+                let vector = tis.read(0xc, 1) as u8;
+                assert!(tis.pending_interrupt().is_none_or(|v| v == vector && v != 0), "{what}");
+                // STS as each locality sees it.
+                for l in 0..6u64 {
+                    let status = tis.read(l * 0x1000 + 0x18, 4);
+                    let mine = tis.active_locality() == Some(l as u8);
+                    if !mine {
+                        assert_eq!(status, 0xffff_ffff, "{what}: locality {l} sees STS {status:#x}");
+                        continue;
+                    }
+                    let burst = (status >> 8) & 0xffff;
+                    assert!(burst <= u64::from(tis::MAX_BURST), "{what}: burstCount {burst}");
+                    assert_ne!(status & u64::from(sts::VALID), 0, "{what}");
+                    let avail = status & u64::from(sts::DATA_AVAIL) != 0;
+                    assert_eq!(avail, tis.state() == State::Completion && burst > 0, "{what}: {status:#x}");
+                }
+            }
+        }
+        assert!(commands > 50, "only {commands} commands executed");
+    }
+
+    /// Writes `bytes` through the FIFO (or XDATA_FIFO) of `locality` in
+    /// pieces of 1, 2 or 4 bytes.
+    fn send(rng: &mut Rng, tis: &mut Tis<impl TpmBackend>, locality: u64, bytes: &[u8]) {
+        let base = locality * 0x1000;
+        let mut at = 0;
+        while at < bytes.len() {
+            let n = rng.pick(&[1usize, 2, 4, 4]).min(bytes.len() - at);
+            let mut v = 0u64;
+            for (i, b) in bytes[at..at + n].iter().enumerate() {
+                v |= u64::from(*b) << (8 * i);
+            }
+            let fifo = if rng.chance(20) { 0x80 } else { 0x24 };
+            tis.write(base + fifo, n as u8, v);
+            at += n;
+        }
+    }
+
+    /// Reads the response while dataAvail is set; returns it.
+    fn drain(rng: &mut Rng, tis: &mut Tis<impl TpmBackend>, locality: u64) -> Vec<u8> {
+        let base = locality * 0x1000;
+        let mut out = Vec::new();
+        for _ in 0..2 * tis::BUFFER_SIZE {
+            if tis.read(base + 0x18, 1) & u64::from(sts::DATA_AVAIL) == 0 {
+                break;
+            }
+            let n = rng.pick(&[1u8, 2, 4]);
+            let burst = ((tis.read(base + 0x18, 4) >> 8) & 0xffff) as u8;
+            let n = n.min(burst.max(1));
+            let v = tis.read(base + 0x24, n);
+            out.extend_from_slice(&v.to_le_bytes()[..usize::from(n)]);
+        }
+        out
+    }
+
+    /// A command a driver might send: well framed, or with a `paramSize`
+    /// that is too small, too large, or not the bytes sent.
+    fn command_bytes(rng: &mut Rng) -> Vec<u8> {
+        let len = match rng.below(10) {
+            0 => rng.upto(9),
+            1 => 4090 + rng.upto(20),
+            _ => 10 + rng.upto(200),
+        };
+        let mut c = rng.bytes(len);
+        if len >= 6 {
+            let claimed = match rng.below(6) {
+                0 => rng.edgy() as u32,
+                1 => (len as u32).wrapping_add(rng.pick(&[1u32, 2, 0xffff_ffff, 0xffff_fffe])),
+                _ => len as u32,
+            };
+            c[2..6].copy_from_slice(&claimed.to_be_bytes());
+        }
+        c
+    }
+
+    #[test]
+    fn framing_reaches_the_backend_only_for_well_framed_commands_and_responses_are_never_overread() {
+        let mut rng = Rng::new(0xf1f0);
+        let mut tis = chaos(7);
+        let (mut executed, mut refused) = (0, 0);
+        for case in 0..scaled(2_500) {
+            let locality = rng.below(4);
+            let base = locality * 0x1000;
+            if tis.active_locality() != Some(locality as u8) {
+                // Relinquish whoever holds it, then ask.
+                if let Some(a) = tis.active_locality() {
+                    tis.write(u64::from(a) * 0x1000, 1, u64::from(access::ACTIVE_LOCALITY));
+                }
+                tis.write(base, 1, u64::from(access::REQUEST_USE));
+            }
+            assert_eq!(tis.active_locality(), Some(locality as u8), "case {case}");
+            tis.write(base + 0x18, 1, u64::from(sts::COMMAND_READY));
+            let command = command_bytes(&mut rng);
+            let what = format!("case {case}: {} bytes, paramSize {:?}", command.len(), param_size(&command));
+            send(&mut rng, &mut tis, locality, &command);
+            let before = tis.backend().log.len();
+            let out_before = tis.stats.bytes_out;
+            tis.write(base + 0x18, 1, u64::from(sts::GO));
+            let ran = tis.backend().log.len() > before;
+
+            // The framing rules of the module documentation, as a model.
+            let p = param_size(&command);
+            let acceptable = p.is_some_and(|p| (10..=tis::BUFFER_SIZE).contains(&p));
+            let expected_go = match p {
+                None => false,                                       // Expect still 1: tpmGo ignored
+                Some(p) if acceptable && command.len() < p => false, // still expecting
+                _ => true,                                           // executes or is refused
+            };
+            assert_eq!(ran, well_formed(&command), "{what}: backend reached = {ran}");
+            if !expected_go {
+                let waiting = if command.is_empty() { State::Ready } else { State::Reception };
+                assert_eq!(tis.state(), waiting, "{what}");
+                continue;
+            }
+            assert_eq!(tis.state(), State::Completion, "{what}");
+            let response = drain(&mut rng, &mut tis, locality);
+            assert!(well_formed(&response), "{what}: served {} bytes: {response:02x?}", response.len());
+            assert_eq!(tis.stats.bytes_out - out_before, response.len() as u64, "{what}");
+            if ran {
+                executed += 1;
+                let (_, seen, answer) = tis.backend().log.last().unwrap().clone();
+                assert_eq!(seen, command, "{what}: the backend saw other bytes");
+                if well_formed(&answer) {
+                    assert_eq!(response, answer, "{what}");
+                } else {
+                    assert_eq!(response[6..10], tis::TPM_FAIL.to_be_bytes(), "{what}: {answer:02x?}");
+                }
+            } else {
+                refused += 1;
+                assert_eq!(response[6..10], tis::TPM_BAD_PARAM_SIZE.to_be_bytes(), "{what}");
+            }
+            // Past the end: all-ones, nothing more counted, dataAvail clear.
+            for _ in 0..rng.upto(8) {
+                assert_eq!(tis.read(base + 0x24, 4), 0xffff_ffff, "{what}: read past the response");
+            }
+            assert_eq!(tis.stats.bytes_out - out_before, response.len() as u64, "{what}");
+            assert_eq!(tis.read(base + 0x18, 1) & u64::from(sts::DATA_AVAIL), 0, "{what}");
+            // Another locality never reads it.
+            let other = (locality + 1 + rng.below(3)) % 4;
+            assert_eq!(tis.read(other * 0x1000 + 0x24, 4), 0xffff_ffff, "{what}");
+            // responseRetry serves the same bytes again.
+            if rng.chance(20) {
+                tis.write(base + 0x18, 1, u64::from(sts::RESPONSE_RETRY));
+                assert_eq!(drain(&mut rng, &mut tis, locality), response, "{what}: retry");
+            }
+        }
+        assert!(executed > 500 && refused > 200, "{executed} executed, {refused} refused");
+    }
+
+    /// Entropy and time for a vtpm-core chip in a test.
+    struct Fixed(Rng);
+
+    impl vtpm_core::Platform for Fixed {
+        fn fill_random(&mut self, buf: &mut [u8]) {
+            for b in buf {
+                *b = self.0.byte();
+            }
+        }
+        fn ticks_us(&mut self) -> u64 {
+            0
+        }
+    }
+
+    /// TPM 1.2 commands that need no keys: Startup, SelfTestFull,
+    /// ContinueSelfTest, GetTestResult, GetRandom, PcrRead, Extend,
+    /// GetCapability, OIAP, ReadPubek, PCR_Reset, Startup(STATE), SaveState.
+    const TPM_SEEDS: &[&[u8]] = &[
+        &[0, 0xc1, 0, 0, 0, 12, 0, 0, 0, 0x99, 0, 1],
+        &[0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x50],
+        &[0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x53],
+        &[0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x54],
+        &[0, 0xc1, 0, 0, 0, 14, 0, 0, 0, 0x46, 0, 0, 0, 0x40],
+        &[0, 0xc1, 0, 0, 0, 14, 0, 0, 0, 0x15, 0, 0, 0, 8],
+        &[
+            0, 0xc1, 0, 0, 0, 34, 0, 0, 0, 0x14, 0, 0, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+            18, 19, 20,
+        ],
+        &[0, 0xc1, 0, 0, 0, 18, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 1, 1],
+        &[0, 0xc1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 6, 0, 0, 0, 4, 0, 0, 1, 8],
+        &[0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x0a],
+        &[0, 0xc1, 0, 0, 0, 30, 0, 0, 0, 0x7c, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+        &[0, 0xc1, 0, 0, 0, 15, 0, 0, 0, 0xc8, 0, 3, 0, 0, 0x80],
+        &[0, 0xc1, 0, 0, 0, 12, 0, 0, 0, 0x99, 0, 2],
+        &[0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x98],
+    ];
+
+    #[test]
+    fn the_vtpm_answers_mutated_commands_with_well_formed_responses() {
+        let mut rng = Rng::new(0x7b3);
+        let tpm = vtpm_core::Tpm::manufacture_without_ek(Fixed(Rng::new(1)));
+        let mut tis = Tis::new(hypervisor::tpm::engine::Engine(tpm), 0);
+        tis.backend_mut().0.power_on();
+        let mut answered = 0;
+        for case in 0..scaled(1_500) {
+            let locality = rng.below(4);
+            let base = locality * 0x1000;
+            if tis.active_locality() != Some(locality as u8) {
+                if let Some(a) = tis.active_locality() {
+                    tis.write(u64::from(a) * 0x1000, 1, u64::from(access::ACTIVE_LOCALITY));
+                }
+                tis.write(base, 1, u64::from(access::REQUEST_USE));
+            }
+            tis.write(base + 0x18, 1, u64::from(sts::COMMAND_READY));
+            let seed = rng.pick(TPM_SEEDS);
+            let mut command = mutate(&mut rng, seed, 64);
+            if command.len() >= 6 && rng.chance(80) {
+                let len = command.len() as u32;
+                command[2..6].copy_from_slice(&len.to_be_bytes());
+            }
+            send(&mut rng, &mut tis, locality, &command);
+            tis.write(base + 0x18, 1, u64::from(sts::GO));
+            if tis.state() != State::Completion {
+                continue;
+            }
+            let response = drain(&mut rng, &mut tis, locality);
+            assert!(well_formed(&response), "case {case}: {command:02x?} gave {response:02x?}");
+            answered += 1;
+        }
+        assert!(answered > 1_000, "only {answered} answered");
+    }
+}
