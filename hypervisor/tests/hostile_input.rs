@@ -170,6 +170,10 @@ impl GuestRam {
         GuestRam { memory, phys: Ram::new(HOST_BASE, size as usize) }
     }
 
+    fn size(&self) -> u64 {
+        self.memory.size()
+    }
+
     fn write(&self, gpa: u64, data: &[u8]) {
         self.memory.write(&self.phys, gpa, data).unwrap();
     }
@@ -1230,5 +1234,457 @@ mod tpm_tis {
             answered += 1;
         }
         assert!(answered > 1_000, "only {answered} answered");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Boot modules: guest command lines, bzImages, ELF images, memory maps.
+// ---------------------------------------------------------------------------
+
+mod boot_inputs {
+    use super::*;
+    use hypervisor::guest::config::{self, GuestKind};
+    use hypervisor::guest::linux::{self, e820, BootLayout, BzImage, E820Entry, LoadPlan};
+    use hypervisor::guest::loader;
+
+    const WORDS: &[&str] = &[
+        "guest=a",
+        "guest=web-1",
+        "guest=",
+        "guest=UPPER",
+        "guest=abcdefghijklmnopqrstuvwxyz0123456789",
+        "guest==",
+        "guest=é",
+        "mem=16M",
+        "mem=4M",
+        "mem=3M",
+        "mem=64G",
+        "mem=65G",
+        "mem=4097K",
+        "mem=18446744073709551615G",
+        "mem=99999999999999999999",
+        "mem=",
+        "mem=M",
+        "mem=-1M",
+        "mem=1e3",
+        "mem=16MM",
+        "kind=linux",
+        "kind=test",
+        "kind=native",
+        "kind=",
+        "integrity=enforce",
+        "integrity=audit",
+        "integrity=off",
+        "integrity=on",
+        "vtpm=on",
+        "vtpm=off",
+        "vtpm=1",
+        "trust=a,b,,c",
+        "trust=",
+        "trust=,,,",
+        "initrd=x",
+        "initrd=a",
+        "--",
+        "--",
+        "--x",
+        "=",
+        "==",
+        "-",
+        "\u{0}",
+        "\u{feff}guest=x",
+    ];
+
+    const VALID: &[&str] = &[
+        "mem=16M",
+        "mem=6m",
+        "kind=linux",
+        "kind=test",
+        "integrity=audit",
+        "integrity=off",
+        "vtpm=on",
+        "vtpm=off",
+        "trust=a,b",
+        "-- x",
+        "-- initrd=y",
+    ];
+
+    fn command_line(rng: &mut Rng) -> String {
+        let mut s = String::new();
+        if rng.chance(50) {
+            s.push_str(rng.pick(&["guest=a", "guest=linux", "guest=x_1"]));
+            for _ in 0..rng.upto(4) {
+                s.push(' ');
+                s.push_str(rng.pick(VALID));
+            }
+        }
+        for _ in 0..rng.upto(if s.is_empty() { 8 } else { 2 }) {
+            s.push_str(rng.pick(&[" ", "  ", "\t", "\n", "\x0c", "\r", "\u{a0}", ""]));
+            s.push_str(rng.pick(WORDS));
+        }
+        if rng.chance(30) {
+            let bytes = mutate(rng, s.as_bytes(), 200);
+            s = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        s
+    }
+
+    #[test]
+    fn guest_command_lines_parse_to_valid_configs_or_refuse() {
+        let mut rng = Rng::new(0xc0f1);
+        let mut accepted = 0;
+        for case in 0..scaled(20_000) {
+            let line = command_line(&mut rng);
+            let what = format!("case {case}: {line:?}");
+            // An initrd is named before `--`, by a module that is not a guest.
+            if let Some(owner) = config::initrd_owner(&line) {
+                assert!(!config::is_guest_module(&line), "{what}");
+                let options = line.split_ascii_whitespace().take_while(|w| *w != "--");
+                assert!(options.clone().any(|w| w == format!("initrd={owner}")), "{what}: owner {owner:?}");
+            }
+            let _ = hypervisor::boot_info::options(&line).count();
+            match config::parse(&line) {
+                Ok(c) => {
+                    accepted += 1;
+                    assert!((1..=config::NAME_MAX).contains(&c.name.len()), "{what}: name {:?}", c.name);
+                    assert!(
+                        c.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'),
+                        "{what}: name {:?}",
+                        c.name
+                    );
+                    assert!((config::MEM_MIN..=config::MEM_MAX).contains(&c.mem_bytes), "{what}: {}", c.mem_bytes);
+                    assert_eq!(c.mem_bytes % (2 << 20), 0, "{what}");
+                    assert!(c.trusted.iter().all(|t| !t.is_empty()), "{what}");
+                    assert!(config::is_guest_module(&line), "{what}: parsed but not a guest module");
+                    assert_eq!(c.kind == GuestKind::Linux, config::is_pass_through_module(&line), "{what}");
+                    // The arguments are the words after the first word `--`.
+                    let after: Vec<&str> = line.split_ascii_whitespace().skip_while(|w| *w != "--").skip(1).collect();
+                    let after = after.join(" ");
+                    let words: Vec<&str> = c.args.split_whitespace().collect();
+                    assert_eq!(words, after.split_whitespace().collect::<Vec<_>>(), "{what}");
+                    assert_eq!(config::initrd_owner(&line), None, "{what}: a guest taken for an initrd");
+                    // The start record truncates, never overflows.
+                    let info = guest_agent::start_info::StartInfo::new(&c.name, c.mem_bytes, &c.args);
+                    assert!(info.cmdline_len as usize <= guest_agent::start_info::CMDLINE_MAX, "{what}");
+                    let _ = info.to_bytes();
+                }
+                Err(e) => assert!(!e.to_string().is_empty(), "{what}"),
+            }
+        }
+        assert!(accepted > 1_000, "only {accepted} accepted");
+        for s in ["", "K", "0", "18446744073709551615", "18446744073709551615K", "17179869184G", "16m", "١٦M"] {
+            let n = config::parse_size(s);
+            if let Some(n) = n {
+                assert!(s.trim_end_matches(['K', 'k', 'M', 'm', 'G', 'g']).parse::<u64>().is_ok(), "{s}: {n}");
+            }
+        }
+    }
+
+    /// A bzImage header as the boot protocol lays it out, protocol 2.15.
+    fn bzimage(rng: &mut Rng) -> Vec<u8> {
+        let setup_sects = 1 + rng.below(8) as usize;
+        let kernel_offset = (setup_sects + 1) * 512;
+        let payload = 0x201 + rng.upto(0x3000);
+        let mut b = rng.bytes(kernel_offset + payload);
+        b[..kernel_offset].fill(0);
+        b[0x1f1] = setup_sects as u8;
+        b[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+        b[0x200] = 0xeb;
+        b[0x201] = 0x6a;
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x211] = 1;
+        b[0x230..0x234].copy_from_slice(&(0x20_0000u32).to_le_bytes());
+        b[0x234] = 1;
+        b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+        b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        let init = payload as u32 + rng.below(0x40_0000) as u32;
+        b[0x260..0x264].copy_from_slice(&init.to_le_bytes());
+        b
+    }
+
+    /// Header fields rewritten with boundary values.
+    fn hostile_bzimage(rng: &mut Rng) -> Vec<u8> {
+        let mut b = bzimage(rng);
+        for _ in 0..rng.below(4) {
+            let (at, width) = rng.pick(&[
+                (0x1f1usize, 1usize),
+                (0x201, 1),
+                (0x206, 2),
+                (0x230, 4),
+                (0x234, 1),
+                (0x236, 2),
+                (0x238, 4),
+                (0x258, 8),
+                (0x260, 4),
+            ]);
+            let v = rng.edgy().to_le_bytes();
+            b[at..at + width].copy_from_slice(&v[..width]);
+        }
+        if rng.chance(30) {
+            b = mutate(rng, &b, b.len() + 16);
+        }
+        if rng.chance(10) {
+            let n = rng.upto(b.len());
+            b.truncate(n);
+        }
+        b
+    }
+
+    #[test]
+    fn bzimages_parse_load_and_describe_themselves_within_bounds() {
+        let mut rng = Rng::new(0xb2);
+        let g = GuestRam::new(48 << 20);
+        let mut loaded = 0;
+        for case in 0..scaled(1_500) {
+            let bytes = hostile_bzimage(&mut rng);
+            let what = format!("case {case}: {} bytes", bytes.len());
+            let Ok(image) = BzImage::parse(&bytes) else { continue };
+            assert!(image.kernel_offset < bytes.len(), "{what}");
+            assert_eq!(image.kernel(), &bytes[image.kernel_offset..], "{what}");
+            assert!(image.init_size >= image.kernel().len() as u64, "{what}");
+            assert!(image.kernel_alignment.is_power_of_two() && image.kernel_alignment >= 0x1000, "{what}");
+            // Where it goes: inside RAM, clear of what must be avoided, below the limit.
+            let ram = [Region::new(0x10_0000, 0x9f_0000 + rng.below(4) * 0x40_0000), Region::new(0x100_0000, 48 << 20)];
+            let avoid =
+                [Region::new(0x7_0000, 0x8_0000), Region::new(0x100_0000 + rng.below(0x80) * 0x1000, 0x180_0000)];
+            let limit = rng.pick(&[4u64 << 30, 48 << 20, 0x200_0000]);
+            let Ok(at) = image.load_address(&ram, &avoid, limit) else { continue };
+            let end = at + image.init_size;
+            assert!(end <= limit, "{what}: {at:#x}");
+            assert!(ram.iter().any(|r| r.start <= at && end <= r.end), "{what}: {at:#x} not in RAM");
+            assert!(!avoid.iter().any(|a| a.overlaps(&Region::new(at, end))), "{what}: {at:#x} overlaps");
+            assert!(at == image.pref_address || (image.relocatable && at % image.kernel_alignment == 0), "{what}");
+            // boot_params and the load itself.
+            let e820: Vec<E820Entry> = (0..rng.upto(130))
+                .map(|i| E820Entry { region: Region::new(i as u64, i as u64 + 1), kind: 1 })
+                .collect();
+            let layout = BootLayout {
+                cmdline_addr: rng.edgy(),
+                cmdline_len: rng.upto(5000),
+                initrd: rng.chance(50).then(|| Region::new(rng.edgy(), rng.edgy())),
+                rsdp: rng.chance(50).then(|| rng.edgy()),
+            };
+            match linux::boot_params(&image, &e820, &layout) {
+                Ok(bp) => {
+                    assert!(e820.len() <= e820::MAX_ENTRIES && layout.cmdline_len <= image.cmdline_max, "{what}");
+                    assert_eq!(usize::from(bp[0x1e8]), e820.len(), "{what}");
+                }
+                Err(e) => assert!(!e.to_string().is_empty(), "{what}"),
+            }
+            if end <= g.size() {
+                let cmdline: String = (0..rng.upto(300)).map(|_| rng.pick(&['a', ' ', '=', 'é'])).collect();
+                let plan = LoadPlan {
+                    image: &image,
+                    load_address: at,
+                    e820: &e820[..e820.len().min(128)],
+                    cmdline: &cmdline,
+                    initrd: None,
+                    rsdp: None,
+                };
+                if let Ok(entry) = linux::load(&g.memory, &g.phys, &plan) {
+                    loaded += 1;
+                    assert_eq!(entry.rip, at + 0x200, "{what}");
+                }
+            }
+        }
+        assert!(loaded > 50, "only {loaded} loaded");
+    }
+
+    /// An ELF64 x86-64 executable with `n` program headers.
+    fn elf(rng: &mut Rng) -> Vec<u8> {
+        let n = 1 + rng.below(3) as usize;
+        let mut b = vec![0u8; 64 + 56 * n + 0x2000];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&(n as u16).to_le_bytes());
+        for i in 0..n {
+            let ph = 64 + 56 * i;
+            b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+            b[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+            b[ph + 8..ph + 16].copy_from_slice(&(0x1000u64).to_le_bytes());
+            b[ph + 24..ph + 32].copy_from_slice(&(0x10_0000u64 + 0x10_0000 * i as u64).to_le_bytes());
+            b[ph + 32..ph + 40].copy_from_slice(&0x800u64.to_le_bytes());
+            b[ph + 40..ph + 48].copy_from_slice(&0x3000u64.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn elf_images_with_hostile_headers_are_refused_or_load_inside_guest_ram() {
+        let mut rng = Rng::new(0xe1f);
+        let g = GuestRam::new(4 << 20);
+        let mut loaded = 0;
+        for case in 0..scaled(4_000) {
+            let mut b = elf(&mut rng);
+            for _ in 0..rng.below(4) {
+                let ph = 64 + 56 * rng.below(3) as usize;
+                let (at, width) = rng.pick(&[
+                    (24usize, 8usize),
+                    (32, 8),
+                    (54, 2),
+                    (56, 2),
+                    (ph + 8, 8),
+                    (ph + 24, 8),
+                    (ph + 32, 8),
+                    (ph + 40, 8),
+                ]);
+                if at + width <= b.len() {
+                    let v = rng.edgy().to_le_bytes();
+                    b[at..at + width].copy_from_slice(&v[..width]);
+                }
+            }
+            if rng.chance(20) {
+                b = mutate(&mut rng, &b, b.len());
+            }
+            let what = format!("case {case}");
+            let mem = rng.pick(&[4u64 << 20, 2 << 20, u64::MAX]);
+            if let Ok((segments, entry)) = loader::parse_elf(&b, mem) {
+                for s in &segments {
+                    assert!(s.file_offset.checked_add(s.file_size).is_some_and(|e| e <= b.len()), "{what}: {s:?}");
+                    assert!(s.file_size as u64 <= s.mem_size, "{what}: {s:?}");
+                    assert!(s.paddr >= loader::layout::IMAGE_MIN, "{what}: {s:?}");
+                    assert!(s.paddr.checked_add(s.mem_size).is_some_and(|e| e <= mem), "{what}: {s:?}");
+                }
+                assert!(segments.iter().any(|s| s.executable && (s.paddr..s.paddr + s.mem_size).contains(&entry)));
+            }
+            match loader::load_native(&g.memory, &g.phys, &b, "fuzz", "console=x") {
+                Ok(state) => {
+                    loaded += 1;
+                    assert!(state.rip >= loader::layout::IMAGE_MIN && state.rip < g.size(), "{what}");
+                }
+                Err(e) => assert!(!e.to_string().is_empty(), "{what}"),
+            }
+        }
+        assert!(loaded > 100, "only {loaded} loaded");
+    }
+
+    fn rank(kind: u32) -> u8 {
+        match kind {
+            e820::RAM => 0,
+            e820::ACPI => 1,
+            e820::NVS => 2,
+            e820::UNUSABLE => 3,
+            _ => 4,
+        }
+    }
+
+    fn entries(rng: &mut Rng, n: usize) -> Vec<E820Entry> {
+        (0..n)
+            .map(|_| {
+                let start = if rng.chance(20) { rng.edgy() } else { rng.below(64) << 20 | rng.below(4) << 12 };
+                let end = match rng.below(5) {
+                    0 => rng.edgy(),
+                    1 => start,
+                    _ => start.saturating_add(rng.below(32) << 20 | rng.below(4) << 12),
+                };
+                E820Entry { region: Region::new(start, end), kind: rng.pick(&[1, 1, 1, 2, 3, 4, 5, 0, 12, u32::MAX]) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn memory_maps_merge_into_a_sorted_disjoint_map_that_honours_ranks() {
+        let mut rng = Rng::new(0xe820);
+        let mut built = 0;
+        for case in 0..scaled(3_000) {
+            let n = rng.upto(40);
+            let firmware = entries(&mut rng, n);
+            let n = rng.upto(8);
+            let overlays = entries(&mut rng, n);
+            let what = format!("case {case}");
+            let Ok(map) = linux::build_e820(&firmware, &overlays) else { continue };
+            built += 1;
+            assert!(map.len() <= e820::MAX_ENTRIES, "{what}");
+            for w in map.windows(2) {
+                assert!(w[0].region.end <= w[1].region.start, "{what}: {w:?} overlap or are unsorted");
+                assert!(!(w[0].region.end == w[1].region.start && w[0].kind == w[1].kind), "{what}: unmerged {w:?}");
+            }
+            // At every boundary the answer is the overlay's, or else the firmware's, by rank.
+            let points: BTreeSet<u64> = firmware
+                .iter()
+                .chain(&overlays)
+                .flat_map(|e| [e.region.start, e.region.end.saturating_sub(1), e.region.start.saturating_add(1)])
+                .collect();
+            for p in points {
+                let best = |list: &[E820Entry]| {
+                    list.iter().filter(|e| e.region.contains(p)).map(|e| e.kind).max_by_key(|&k| rank(k))
+                };
+                let expected = best(&overlays).or_else(|| best(&firmware));
+                let got = map.iter().find(|e| e.region.contains(p)).map(|e| e.kind);
+                match (expected, got) {
+                    (Some(k), Some(g)) => {
+                        assert_eq!(rank(k), rank(g), "{what}: at {p:#x}\n{firmware:x?}\n{overlays:x?}\n{map:x?}")
+                    }
+                    (e, g) => assert_eq!(e, g, "{what}: at {p:#x}\n{firmware:?}\n{overlays:?}\n{map:?}"),
+                }
+            }
+        }
+        assert!(built > 1_000, "only {built} maps built");
+    }
+
+    #[test]
+    fn event_logs_parse_without_reading_past_their_bytes() {
+        use hypervisor::tpm::event_log::{parse, Event, EventLog};
+        let mut rng = Rng::new(0x10c);
+        for case in 0..scaled(3_000) {
+            let mut log = EventLog::new(rng.upto(4096));
+            let mut pushed = Vec::new();
+            for _ in 0..rng.upto(20) {
+                let n = rng.upto(300);
+                let e = Event {
+                    pcr: rng.below(30) as u32,
+                    kind: rng.edgy() as u32,
+                    digest: [rng.byte(); 20],
+                    data: rng.bytes(n),
+                };
+                if log.push(&e).is_ok() {
+                    pushed.push(e);
+                }
+            }
+            // Room is always left for the all-zero terminator a reader looks for.
+            assert!(log.as_bytes().len() + 32 <= log.capacity() || pushed.is_empty(), "case {case}");
+            let mut area = log.as_bytes().to_vec();
+            area.resize(log.capacity().max(area.len()), 0);
+            if pushed.iter().all(|e| !(e.pcr == 0 && e.kind == 0 && e.data.is_empty())) {
+                assert_eq!(parse(&area), Ok(pushed), "case {case}");
+            }
+            // Arbitrary bytes: parsed or refused with the offset of the bad record.
+            let junk = mutate(&mut rng, &area, 5000);
+            if let Err(at) = parse(&junk) {
+                assert!(at <= junk.len(), "case {case}: error offset {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn uart_lines_are_bounded_and_printed_escaped() {
+        use hypervisor::console::Escaped;
+        use hypervisor::devices::uart::{Uart, BASE};
+        let mut rng = Rng::new(0x16550);
+        let mut uart = Uart::default();
+        let mut lines = 0;
+        for _ in 0..scaled(200_000) {
+            let port = match rng.below(10) {
+                0 => BASE + rng.below(8) as u16,
+                1 => rng.next() as u16,
+                _ => BASE,
+            };
+            let value = if rng.chance(3) { b'\n' } else { rng.byte() };
+            if let Some(line) = uart.write(port, value) {
+                lines += 1;
+                assert!(line.len() <= 512, "a line of {} bytes", line.len());
+                let shown = Escaped(&line).to_string();
+                assert!(shown.bytes().all(|b| (0x20..0x7f).contains(&b)), "{shown:?}");
+            }
+            let _ = uart.read(rng.next() as u16);
+        }
+        assert!(lines > 100, "{lines}");
     }
 }
