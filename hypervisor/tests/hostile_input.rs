@@ -247,6 +247,12 @@ impl VcpuState for Vcpu {
     }
 }
 
+/// The bytes of an ABI structure, as the guest lays it out in memory.
+fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: the ABI structures are repr(C) plain data without padding holes.
+    unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) }.to_vec()
+}
+
 const CR0_PE_PG: u64 = 0x8000_0001;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME_LMA_NXE: u64 = (1 << 8) | (1 << 10) | (1 << 11);
@@ -1686,5 +1692,186 @@ mod boot_inputs {
             let _ = uart.read(rng.next() as u16);
         }
         assert!(lines > 100, "{lines}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent's ABI: hypercall registers and the structures behind them.
+// ---------------------------------------------------------------------------
+
+mod agent_abi {
+    use super::*;
+    use guest_agent::integrity as abi;
+    use guest_agent::{Call, Error, Registers};
+    use hypervisor::exits::hypercall::{decode, Request, MAX_LOG_READ, MAX_RECORDS_PER_READ};
+    use hypervisor::integrity::layout::Range;
+    use hypervisor::integrity::wire;
+
+    const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+
+    #[test]
+    fn hypercall_arguments_are_decoded_only_when_every_check_holds() {
+        let mut rng = Rng::new(0x4ca11);
+        let numbers = [0u64, 1, 2, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x1f, 0x20, 0x21];
+        let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+        let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+        let mut decoded = 0;
+        for case in 0..scaled(100_000) {
+            let arg = |rng: &mut Rng| match rng.below(4) {
+                0 => rng.pick(&[layout_size, info_size, 1, 1024, 1025, MAX_LOG_READ, MAX_LOG_READ + 1]),
+                _ => rng.edgy(),
+            };
+            let regs = Registers {
+                rax: if rng.chance(90) { rng.pick(&numbers) } else { rng.edgy() },
+                rbx: arg(&mut rng),
+                rcx: arg(&mut rng),
+                rdx: arg(&mut rng),
+                rsi: arg(&mut rng),
+            };
+            let what = format!("case {case}: {regs:x?}");
+            let kernel_range = |addr: u64, size: u64| addr >= KERNEL_HALF && addr.checked_add(size).is_some();
+            match decode(&regs) {
+                Ok(request) => {
+                    decoded += 1;
+                    match request {
+                        Request::Version => assert_eq!(regs.rax, 0, "{what}"),
+                        Request::Shutdown { code } => assert_eq!(u64::from(code), regs.rbx, "{what}"),
+                        Request::KernelRegister { layout } => {
+                            assert_eq!((layout, regs.rcx), (regs.rbx, layout_size), "{what}");
+                            assert!(kernel_range(layout, layout_size), "{what}");
+                        }
+                        Request::KernelLock => assert_eq!(regs.rax, 0x11, "{what}"),
+                        Request::ModuleRegister { info } => {
+                            assert_eq!((info, regs.rcx), (regs.rbx, info_size), "{what}");
+                            assert!(kernel_range(info, info_size), "{what}");
+                        }
+                        Request::ModuleLive { id } | Request::ModuleUnregister { id } => {
+                            assert_eq!(u64::from(id), regs.rbx, "{what}")
+                        }
+                        Request::ViolationsRead { buffer, count } => {
+                            assert!(
+                                (1..=MAX_RECORDS_PER_READ).contains(&count) && u64::from(count) == regs.rcx,
+                                "{what}"
+                            );
+                            let bytes = u64::from(count) * abi::VIOLATION_RECORD_SIZE as u64;
+                            assert!(buffer == regs.rbx && kernel_range(buffer, bytes), "{what}");
+                        }
+                        Request::EventLogRead { buffer, size, offset } => {
+                            assert!(u64::from(size) <= MAX_LOG_READ && u64::from(size) == regs.rcx, "{what}");
+                            assert_eq!((buffer, u64::from(offset)), (regs.rbx, regs.rdx), "{what}");
+                            assert!(buffer.checked_add(u64::from(size)).is_some(), "{what}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    assert!(e.code() < 0, "{what}");
+                    assert_eq!(e == Error::UnknownCall, Call::from_raw(regs.rax).is_none(), "{what}: {e:?}");
+                }
+            }
+        }
+        assert!(decoded > 10_000, "{decoded}");
+    }
+
+    #[test]
+    fn agent_structures_decode_to_well_formed_values_or_are_refused() {
+        let mut rng = Rng::new(0x317e);
+        let layout_size = core::mem::size_of::<abi::KernelLayout>();
+        // Ranges mostly in order, anywhere (up to the end of the address space).
+        let range = |rng: &mut Rng| {
+            let start = rng.edgy();
+            let end = if rng.chance(97) { start.saturating_add(rng.below(0x10_0000)) } else { rng.edgy() };
+            abi::WireRange { start, end }
+        };
+        let tamper = |rng: &mut Rng, mut b: Vec<u8>| {
+            if rng.chance(10) {
+                b = mutate(rng, &b, b.len() + 8);
+            }
+            b
+        };
+        let (mut layouts, mut modules) = (0, 0);
+        for case in 0..scaled(20_000) {
+            let mut l =
+                abi::KernelLayout { version: abi::STRUCT_VERSION, size: layout_size as u32, ..Default::default() };
+            for r in [&mut l.text, &mut l.rodata, &mut l.ro_after_init, &mut l.syscall_table, &mut l.idt]
+                .into_iter()
+                .chain([&mut l.ksymtab, &mut l.ksymtab_gpl])
+                .chain(&mut l.poke_routines)
+                .chain(&mut l.sensitive)
+            {
+                *r = range(&mut rng);
+            }
+            l.entry_syscall = rng.edgy();
+            l.kernel_page_table = rng.edgy();
+            for t in l.indirect_thunks.iter_mut().chain(&mut l.return_thunks) {
+                *t = if rng.chance(50) { 0 } else { rng.edgy() };
+            }
+            let b = tamper(&mut rng, bytes_of(&l));
+            if let Ok(m) = wire::kernel_layout(&b) {
+                layouts += 1;
+                let l = &m.layout;
+                for r in [l.text, l.rodata, l.ro_after_init, l.syscall_table, l.idt, m.ksymtab, m.ksymtab_gpl] {
+                    assert!(r.start <= r.end, "case {case}: {r:x?}");
+                }
+                assert!(l.poke_routines.iter().chain(&l.sensitive).all(|r| !r.is_empty()), "case {case}");
+                assert!(l.return_thunks.windows(2).all(|w| w[0] < w[1]) && !l.return_thunks.contains(&0));
+                let _ = l.validate(rng.edgy());
+            }
+            let mut i = abi::ModuleInfo::default();
+            for c in &mut i.name {
+                *c = if rng.chance(10) { 0 } else { rng.byte() };
+            }
+            for r in i.code.iter_mut().chain(&mut i.data).chain(&mut i.init) {
+                *r = range(&mut rng);
+            }
+            (i.entries, i.fixups) = (rng.edgy(), rng.edgy());
+            i.entry_count = if rng.chance(80) { rng.below(4097) as u32 } else { rng.edgy() as u32 };
+            i.fixup_count = if rng.chance(80) { rng.below(4097) as u32 } else { rng.edgy() as u32 };
+            let b = tamper(&mut rng, bytes_of(&i));
+            if let Ok(m) = wire::module_info(&b) {
+                modules += 1;
+                assert!(m.entry_count <= abi::MODULE_ENTRIES_MAX && m.fixup_count <= abi::MODULE_FIXUPS_MAX);
+                assert!(m.info.name.len() <= abi::MODULE_NAME_MAX, "case {case}");
+                assert!(m.info.name.chars().all(|c| c.is_ascii_graphic()), "case {case}: {:?}", m.info.name);
+                let i = &m.info;
+                assert!(i.code.iter().chain(&i.data).chain(&i.init).all(|r| !r.is_empty()), "case {case}");
+                let n = rng.upto(200);
+                let raw = rng.bytes(n);
+                for (insn, fixup) in wire::fixups(&raw, &i.code) {
+                    assert!(i.code.iter().any(|r| r.contains(insn)) && i.code.iter().any(|r| r.contains(fixup)));
+                }
+            }
+            // Symbol tables anywhere, up to the very end of the address space.
+            let entries = rng.upto(8) as u64;
+            let start = if rng.chance(50) { u64::MAX - entries * 12 - rng.below(4) } else { rng.edgy() };
+            if let Some(end) = start.checked_add(entries * 12) {
+                let raw = rng.bytes(entries as usize * 12);
+                assert_eq!(wire::ksymtab(Range::new(start, end), &raw).len() as u64, entries, "case {case}");
+            }
+        }
+        assert!(layouts > 100 && modules > 1_000, "{layouts} {modules}");
+    }
+
+    #[test]
+    fn ranges_list_exactly_the_pages_they_touch_even_at_the_top_of_the_address_space() {
+        let mut rng = Rng::new(0x9a9e);
+        for case in 0..scaled(20_000) {
+            let start = rng.edgy();
+            let end = match rng.below(4) {
+                0 => u64::MAX - rng.below(0x3000),
+                1 => start.saturating_add(rng.below(0x5000)),
+                2 => rng.edgy(),
+                _ => start.wrapping_sub(rng.below(0x3000)),
+            };
+            let r = Range::new(start, end);
+            let expected = if r.is_empty() { 0 } else { ((end - 1) >> 12) - (start >> 12) + 1 };
+            let pages: Vec<u64> = r.pages().take(expected.min(512) as usize + 2).collect();
+            let what = format!("case {case}: {start:#x}..{end:#x}");
+            assert_eq!(pages.len() as u64, expected.min(512 + 2), "{what}");
+            assert!(pages.iter().all(|p| p & 0xfff == 0 && *p < end), "{what}: {pages:x?}");
+            assert!(pages.windows(2).all(|w| w[1] == w[0] + 0x1000), "{what}");
+            if let Some(first) = pages.first() {
+                assert_eq!(*first, start & !0xfff, "{what}");
+            }
+        }
     }
 }
