@@ -1875,3 +1875,746 @@ mod agent_abi {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The integrity views under a hostile agent and hostile modules: a
+// pass-through guest with its agent, on a fake VMX layer.
+// ---------------------------------------------------------------------------
+
+mod integrity_views {
+    use super::*;
+    use guest_agent::integrity as abi;
+    use guest_agent::Error;
+    use hypervisor::exits::{dispatch, Action, ExitContext, HostCpu, StopReason};
+    use hypervisor::guest::{config, CrLimits, Guest, Platform};
+    use hypervisor::integrity::control::{ControlError, GuestControl};
+    use hypervisor::integrity::engine::PageClass;
+    use hypervisor::integrity::layout::{KernelLayout, Range};
+    use hypervisor::integrity::{GuestIntegrity, Mode, View};
+    use hypervisor::mm::paging::Perms;
+
+    /// Kernel virtual K + x maps guest-physical x (4 KiB pages, 16 MiB).
+    const K: u64 = 0xffff_ffff_8000_0000;
+    const RAM: u64 = 16 << 20;
+    const PML4: u64 = 0x1000;
+    const PDPT: u64 = 0x2000;
+    const PD: u64 = 0x3000;
+    const PTS: u64 = 0x4000;
+    const LAYOUT: u64 = 0x10_0000;
+    const KSYMTAB: u64 = 0x11_0000;
+    const NAMES: u64 = 0x11_1000;
+    const INFO: u64 = 0x13_0000;
+    const ENTRIES: u64 = 0x14_0000;
+    const FIXUPS: u64 = 0x18_0000;
+    const BUFFER: u64 = 0x20_0000;
+    const TEXT: u64 = 0x40_0000;
+    const TEXT_END: u64 = 0x50_0000;
+    const PRINTK: u64 = TEXT + 0x1000;
+    const SET_MEMORY_RW: u64 = TEXT + 0x2000;
+    const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
+    const HANDLER: u64 = TEXT + 0x4000;
+    const POKE: u64 = TEXT + 0x5000;
+    const AGENT: u64 = TEXT + 0x6000;
+    const RODATA: u64 = 0x60_0000;
+    const RO_AFTER_INIT: u64 = 0x60_4000;
+    const SYSCALL_TABLE: u64 = 0x61_0000;
+    const IDT: u64 = 0x62_0000;
+    const SENSITIVE: u64 = 0x63_0000;
+    const STACK: u64 = 0x70_0000;
+    const MODULES: u64 = 0x80_0000;
+    const MODULE_PAGES: u64 = 0x400;
+    /// Device memory: not RAM, but the kernel view maps it (pass-through).
+    const MMIO: u64 = 0xfe00_0000;
+    /// The hypervisor's own memory and the vTPM's window: the guest's EPT
+    /// never maps them.
+    const HYPERVISOR: u64 = 0x1_0000_0000;
+    const TIS: u64 = 0xfed4_0000;
+    const LSTAR: u32 = 0xc000_0082;
+
+    /// What the guest's EPT maps before integrity changes anything.
+    fn owned(page: u64) -> bool {
+        page < RAM || (MMIO..MMIO + 0x10_0000).contains(&page)
+    }
+
+    /// Page rights that differ from the initial mapping, and the module views.
+    type ViewState = (BTreeMap<(View, u64), Option<Perms>>, BTreeSet<u32>);
+
+    /// A module as the engine shows it: id, name, init ranges, trusted.
+    type ModuleState = (u32, Option<String>, Option<Vec<Range>>, bool);
+
+    /// The VMX layer's views, with the kernel view's initial mapping modelled
+    /// and allocation failures injected on request (where a real EPT would
+    /// need a new table).
+    struct Control {
+        explicit: BTreeMap<(View, u64), Perms>,
+        views: BTreeSet<u32>,
+        fail_percent: u64,
+        rng: Rng,
+        /// Pages mapped that the guest does not own.
+        escapes: Vec<(View, u64, Perms)>,
+        monitor_trap: bool,
+    }
+
+    impl Control {
+        fn new() -> Self {
+            Control {
+                explicit: BTreeMap::new(),
+                views: BTreeSet::new(),
+                fail_percent: 0,
+                rng: Rng::new(0xc7),
+                escapes: Vec::new(),
+                monitor_trap: false,
+            }
+        }
+
+        fn default_perms(view: View, page: u64) -> Option<Perms> {
+            (view == View::Kernel && owned(page)).then_some(Perms::RWX)
+        }
+
+        /// The mappings that differ from the initial ones, and the views.
+        fn state(&self) -> ViewState {
+            let changed = self
+                .explicit
+                .keys()
+                .map(|&(v, p)| ((v, p), self.perms(v, p)))
+                .filter(|&((v, p), now)| now != Self::default_perms(v, p))
+                .collect();
+            (changed, self.views.clone())
+        }
+
+        fn fails(&mut self) -> bool {
+            self.fail_percent > 0 && self.rng.chance(self.fail_percent)
+        }
+    }
+
+    impl GuestControl for Control {
+        fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
+            match view {
+                View::Module(m) if !self.views.contains(&m) => Err(ControlError),
+                _ => Ok(()),
+            }
+        }
+        fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
+            assert_eq!(page & 0xfff, 0, "set_perms on an unaligned page {page:#x}");
+            if let View::Module(m) = view {
+                if !self.views.contains(&m) {
+                    return Err(ControlError);
+                }
+            }
+            // Tables are allocated when a view first gets its own entry for a
+            // page (a new leaf, or a large page split): only then can it fail.
+            if !self.explicit.contains_key(&(view, page)) && self.fails() {
+                return Err(ControlError);
+            }
+            if !perms.is_empty() && !owned(page) {
+                self.escapes.push((view, page, perms));
+            }
+            self.explicit.insert((view, page), perms);
+            Ok(())
+        }
+        fn perms(&self, view: View, page: u64) -> Option<Perms> {
+            match self.explicit.get(&(view, page)) {
+                Some(p) if p.is_empty() => None,
+                Some(p) => Some(*p),
+                None => Self::default_perms(view, page),
+            }
+        }
+        fn create_view(&mut self, module: u32) -> Result<(), ControlError> {
+            if self.fails() {
+                return Err(ControlError);
+            }
+            self.explicit.retain(|(v, _), _| *v != View::Module(module));
+            self.views.insert(module);
+            Ok(())
+        }
+        fn destroy_view(&mut self, module: u32) {
+            self.views.remove(&module);
+            self.explicit.retain(|(v, _), _| *v != View::Module(module));
+        }
+        fn has_monitor_trap(&self) -> bool {
+            true
+        }
+        fn set_monitor_trap(&mut self, on: bool) {
+            self.monitor_trap = on;
+        }
+        fn intercept_debug_exceptions(&mut self, _: bool) {}
+        fn guard_control_registers(&mut self, _: u64, _: u64) {}
+        fn trap_descriptor_tables(&mut self) {}
+        fn trap_msr_writes(&mut self, _: &[u32]) {}
+    }
+
+    struct Host;
+
+    impl HostCpu for Host {
+        fn cpuid(&self, leaf: u32, _: u32) -> [u32; 4] {
+            [leaf, 0, 0, 0]
+        }
+        fn rdtsc(&self) -> u64 {
+            1
+        }
+        fn read_msr(&self, msr: u32) -> u64 {
+            if msr == LSTAR {
+                K + ENTRY_SYSCALL
+            } else {
+                u64::from(msr) << 8
+            }
+        }
+        fn write_msr(&self, _: u32, _: u64) {}
+        fn set_xcr0(&self, _: u64) {}
+        fn port_read(&self, _: u16, _: u8) -> u32 {
+            0xffff_ffff
+        }
+        fn port_write(&self, _: u16, _: u8, _: u32) {}
+    }
+
+    /// The engine as far as it can be observed from outside.
+    #[derive(Debug, PartialEq)]
+    struct EngineState {
+        locked: bool,
+        layout: Option<KernelLayout>,
+        pages: Vec<(u64, PageClass)>,
+        modules: Vec<ModuleState>,
+        violations: usize,
+        dropped: u64,
+        view: View,
+    }
+
+    struct World {
+        guest: Guest,
+        vcpu: Vcpu,
+        ram: GuestRam,
+        control: Control,
+        rng: Rng,
+        /// Guest-physical pages of text, rodata, the syscall table, the IDT.
+        protected: Vec<u64>,
+        /// Guest-physical pages of the kernel's upper page-table levels.
+        tables: Vec<u64>,
+        ids: Vec<u32>,
+    }
+
+    fn pte(gpa: u64) -> u64 {
+        PTS + (gpa >> 12) * 8
+    }
+
+    impl World {
+        /// Kernel registered and locked.
+        fn new(seed: u64, mode: Mode) -> World {
+            let mut w = World::unlocked(seed, mode);
+            assert_eq!(w.call(0x11, 0, 0, 0).1, 0, "kernel locked");
+            w
+        }
+
+        /// Kernel registered, not locked yet.
+        fn unlocked(seed: u64, mode: Mode) -> World {
+            let ram = GuestRam::new(RAM);
+            ram.write(PML4 + 511 * 8, &(PDPT | 3).to_le_bytes());
+            ram.write(PDPT + 510 * 8, &(PD | 3).to_le_bytes());
+            for i in 0..RAM >> 21 {
+                ram.write(PD + i * 8, &((PTS + i * 0x1000) | 3).to_le_bytes());
+            }
+            for page in (0..RAM).step_by(0x1000) {
+                ram.write(pte(page), &(page | 3).to_le_bytes());
+            }
+            let mut l = abi::KernelLayout {
+                version: abi::STRUCT_VERSION,
+                size: core::mem::size_of::<abi::KernelLayout>() as u32,
+                text: abi::WireRange { start: K + TEXT, end: K + TEXT_END },
+                rodata: abi::WireRange { start: K + RODATA, end: K + RODATA + 0x4000 },
+                ro_after_init: abi::WireRange { start: K + RO_AFTER_INIT, end: K + RO_AFTER_INIT + 0x1000 },
+                syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
+                idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
+                entry_syscall: K + ENTRY_SYSCALL,
+                ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 24 },
+                kernel_page_table: K + PML4,
+                ..Default::default()
+            };
+            l.poke_routines[0] = abi::WireRange { start: K + POKE, end: K + POKE + 0x100 };
+            l.sensitive[0] = abi::WireRange { start: K + SENSITIVE, end: K + SENSITIVE + 0x1000 };
+            ram.write(LAYOUT, &bytes_of(&l));
+            for (i, (value, name, text)) in
+                [(PRINTK, NAMES, &b"printk\0"[..]), (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..])]
+                    .into_iter()
+                    .enumerate()
+            {
+                let at = KSYMTAB + i as u64 * 12;
+                ram.write(at, &((value as i64 - at as i64) as i32).to_le_bytes());
+                ram.write(at + 4, &((name as i64 - (at + 4) as i64) as i32).to_le_bytes());
+                ram.write(name, text);
+            }
+            let h = K + HANDLER;
+            let mut gate = [0u8; 16];
+            gate[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+            gate[5] = 0x8e;
+            gate[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+            gate[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
+            ram.write(IDT + 14 * 16, &gate);
+
+            let config = config::parse("guest=fuzz").unwrap();
+            let limits = CrLimits {
+                cr0_fixed0: 0x8000_0021,
+                cr0_fixed1: 0xffff_ffff,
+                cr4_fixed0: 0x2000,
+                cr4_fixed1: 0x0037_67ff,
+                unrestricted: true,
+            };
+            let mut guest =
+                Guest::new(config, Platform::PassThrough { pm1a_control: None }, ram.memory.clone(), limits);
+            guest.integrity = Some(GuestIntegrity::new(mode, vec!["trusted".into()]));
+            let mut vcpu = long_mode_vcpu(PML4);
+            vcpu.write(Field::IdtrBase, K + IDT);
+            let protected = (TEXT..TEXT_END)
+                .step_by(0x1000)
+                .chain((RODATA..RO_AFTER_INIT + 0x1000).step_by(0x1000))
+                .chain([SYSCALL_TABLE, IDT])
+                .collect();
+            let mut w = World {
+                guest,
+                vcpu,
+                ram,
+                control: Control::new(),
+                rng: Rng::new(seed),
+                protected,
+                tables: vec![PML4, PDPT, PD],
+                ids: Vec::new(),
+            };
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            assert_eq!(w.call(0x10, K + LAYOUT, layout_size, 0).1, 0, "kernel registered");
+            w
+        }
+
+        fn exit(&mut self, exit: ExitInfo) -> Action {
+            let mut ctx = ExitContext {
+                guest: &mut self.guest,
+                vcpu: &mut self.vcpu,
+                exit: &exit,
+                host: &Host,
+                phys: &self.ram.phys,
+                control: Some(&mut self.control),
+            };
+            dispatch(&mut ctx)
+        }
+
+        /// One VMCALL from the agent at CPL 0; (action, RAX as a status).
+        fn call(&mut self, rax: u64, rbx: u64, rcx: u64, rdx: u64) -> (Action, i64) {
+            let regs = &mut self.vcpu.regs;
+            (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (rax, rbx, rcx, rdx);
+            self.vcpu.write(Field::Rip, K + AGENT);
+            self.vcpu.write(Field::Rsp, K + STACK + 0x800);
+            let action = self.exit(ExitInfo { reason: 18, instruction_len: 3, ..Default::default() });
+            if action == Action::Resume {
+                assert_eq!(self.vcpu.read(Field::Rip), K + AGENT + 3, "a hypercall did not return past VMCALL");
+            }
+            (action, self.vcpu.regs.rax as i64)
+        }
+
+        fn integrity(&self) -> &GuestIntegrity {
+            self.guest.integrity.as_ref().unwrap()
+        }
+
+        fn engine_state(&self) -> EngineState {
+            let i = self.integrity();
+            let e = &i.engine;
+            EngineState {
+                locked: e.is_locked(),
+                layout: e.layout().cloned(),
+                pages: e.pages().collect(),
+                modules: (1..=300)
+                    .map(|id| (id, e.module_name(id).map(String::from), e.module_init(id), e.is_trusted(id)))
+                    .filter(|m| m.1.is_some())
+                    .collect(),
+                violations: e.violations.len(),
+                dropped: e.violations.dropped,
+                view: i.view,
+            }
+        }
+
+        /// A range a hostile agent might report for a module.
+        fn hostile_range(&mut self) -> abi::WireRange {
+            let rng = &mut self.rng;
+            let module_page = |rng: &mut Rng| K + MODULES + rng.below(MODULE_PAGES) * 0x1000;
+            let (start, end) = match rng.below(16) {
+                0..=5 => {
+                    let s = module_page(rng) + if rng.chance(20) { rng.below(0x1000) } else { 0 };
+                    (s, s + 1 + rng.below(8 * 0x1000))
+                }
+                6 => {
+                    let s = K + TEXT + rng.below(TEXT_END - TEXT);
+                    (s, s + 1 + rng.below(0x4000))
+                }
+                7 => {
+                    let s = K + rng.pick(&[RODATA, RO_AFTER_INIT, SYSCALL_TABLE, IDT, SENSITIVE, PML4, PDPT, PD]);
+                    (s, s + 0x1000)
+                }
+                8 => {
+                    let s = module_page(rng);
+                    (s, s.saturating_add(1 << (30 + rng.below(17))))
+                }
+                9 => {
+                    let s = module_page(rng);
+                    (s, s - 1 - rng.below(0x1000))
+                }
+                10 => (u64::MAX - rng.below(0x3000), u64::MAX),
+                11 => (0, 0),
+                12 => (0x1000 + rng.below(0x1000_0000), 0x1000_0000 + rng.below(0x1000_0000)),
+                13 => {
+                    let s = K + RAM + rng.below(0x100_0000);
+                    (s, s + 0x2000)
+                }
+                14 => {
+                    // Aliases: a module-area page whose PTE the agent pointed elsewhere.
+                    let s = module_page(rng);
+                    (s, s + 0x1000)
+                }
+                _ => (rng.edgy(), rng.edgy()),
+            };
+            abi::WireRange { start, end }
+        }
+
+        fn hostile_module(&mut self) -> abi::ModuleInfo {
+            let mut m = abi::ModuleInfo::default();
+            let name: &[u8] = match self.rng.below(5) {
+                0 => b"trusted",
+                1 => b"evil",
+                2 => b"trusted\0junk",
+                _ => &[0xff, b'\n', 0x1b, b'[', b'2', b'J', b'x'],
+            };
+            m.name[..name.len()].copy_from_slice(name);
+            // Code and data mostly where a module would be (so that many
+            // registrations succeed), init ranges anywhere: they are only
+            // translated when the module goes live.
+            for r in m.code.iter_mut().chain(&mut m.data) {
+                *r = match self.rng.below(8) {
+                    0..=3 => {
+                        let s = K + MODULES + self.rng.below(MODULE_PAGES) * 0x1000;
+                        abi::WireRange { start: s, end: s + 1 + self.rng.below(4 * 0x1000) }
+                    }
+                    4 | 5 => abi::WireRange::default(),
+                    _ => self.hostile_range(),
+                };
+            }
+            for r in &mut m.init {
+                *r = match self.rng.below(4) {
+                    0 => m.code[0],
+                    1 => m.data[0],
+                    2 => abi::WireRange::default(),
+                    _ => self.hostile_range(),
+                };
+            }
+            // Entry points and fixups: inside its code, elsewhere, or not readable.
+            let code = m.code[0];
+            let count = self.rng.pick(&[0u32, 1, 3, 8, 4096, 4097, u32::MAX]);
+            let entries: Vec<u8> = (0..count.min(4096))
+                .flat_map(|_| {
+                    let a = if self.rng.chance(70) {
+                        code.start.wrapping_add(self.rng.below(0x100))
+                    } else {
+                        self.rng.edgy()
+                    };
+                    a.to_le_bytes()
+                })
+                .collect();
+            self.ram.write(ENTRIES, &entries);
+            m.entries = if self.rng.chance(90) { K + ENTRIES } else { self.rng.edgy() };
+            m.entry_count = count;
+            let fixups = self.rng.pick(&[0u32, 2, 4096, 4097]);
+            let bytes: Vec<u8> = (0..fixups.min(4096) * 2)
+                .flat_map(|_| code.start.wrapping_add(self.rng.below(0x2000)).to_le_bytes())
+                .collect();
+            self.ram.write(FIXUPS, &bytes);
+            m.fixups = if self.rng.chance(90) { K + FIXUPS } else { self.rng.edgy() };
+            m.fixup_count = fixups;
+            if self.rng.chance(5) {
+                m.version ^= 1 << self.rng.below(32);
+            }
+            m
+        }
+
+        /// Points a module-area PTE somewhere a hostile kernel might.
+        fn remap(&mut self) {
+            let page = MODULES + self.rng.below(MODULE_PAGES) * 0x1000;
+            let rng = &mut self.rng;
+            let target = match rng.below(9) {
+                0 => page,
+                1 => (TEXT + rng.below(TEXT_END - TEXT)) & !0xfff,
+                2 => rng.pick(&[RODATA, SYSCALL_TABLE, IDT, SENSITIVE, PML4, PDPT, PD, PTS]),
+                3 => HYPERVISOR + rng.below(0x100) * 0x1000,
+                4 => TIS + rng.below(5) * 0x1000,
+                5 => MMIO + rng.below(0x100) * 0x1000,
+                6 => rng.below(RAM >> 12) << 12,
+                7 => (rng.next() << 12) & PTE_ADDR,
+                _ => MODULES + rng.below(MODULE_PAGES) * 0x1000,
+            };
+            let present = if rng.chance(90) { 3 } else { 0 };
+            self.ram.write(pte(page), &(target | present).to_le_bytes());
+        }
+
+        /// A hypercall with hostile arguments; checks that a refused one
+        /// changed nothing.
+        fn hostile_call(&mut self) {
+            let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            let pick_id = |w: &mut World| {
+                if !w.ids.is_empty() && w.rng.chance(80) {
+                    w.rng.pick(&w.ids)
+                } else {
+                    w.rng.edgy() as u32
+                }
+            };
+            let (rax, rbx, rcx, rdx) = match self.rng.below(12) {
+                0..=4 => {
+                    let m = self.hostile_module();
+                    self.ram.write(INFO, &bytes_of(&m));
+                    (0x12, K + INFO, info_size, 0)
+                }
+                5 | 6 => {
+                    let id = if self.rng.chance(50) { self.ids.last().copied() } else { None };
+                    (0x13, u64::from(id.unwrap_or_else(|| pick_id(self))), 0, 0)
+                }
+                7 => (0x14, u64::from(pick_id(self)), 0, 0),
+                8 => {
+                    let buffer = match self.rng.below(4) {
+                        0 => K + BUFFER,
+                        1 => K + BUFFER + 0x9000,
+                        2 => K + RAM - 0x100,
+                        _ => self.rng.edgy(),
+                    };
+                    (0x15, buffer, self.rng.pick(&[1, 16, 1024, 1025, 0]), 0)
+                }
+                9 => (0x10, K + LAYOUT, layout_size, 0),
+                10 => (0x11, 0, 0, 0),
+                _ => (self.rng.pick(&[0x20, 0x16, 0x1f, 0]), self.rng.edgy(), self.rng.edgy(), self.rng.edgy()),
+            };
+            let user = self.rng.chance(3);
+            self.vcpu.write(Field::SsAccessRights, if user { 0x93 | (3 << 5) } else { 0x93 });
+            let before = (self.engine_state(), self.control.state());
+            let (action, status) = self.call(rax, rbx, rcx, rdx);
+            self.vcpu.write(Field::SsAccessRights, 0x93);
+            assert_eq!(action, Action::Resume, "call {rax:#x}");
+            if user {
+                assert_eq!(status, Error::NotPermitted.code(), "a user-mode hypercall");
+            }
+            if status < 0 {
+                let after = (self.engine_state(), self.control.state());
+                assert!(
+                    after == before,
+                    "refused call {rax:#x} ({rbx:#x}, {rcx:#x}) -> {status} changed state:\nbefore {before:#x?}\nafter {after:#x?}"
+                );
+            } else if rax == 0x12 {
+                self.ids.push(status as u32);
+            }
+        }
+
+        /// An EPT violation in the current view, at a page a hostile module
+        /// (or kernel) might touch.
+        fn hostile_fault(&mut self) -> Action {
+            let views: Vec<u32> = self.control.views.iter().copied().collect();
+            let view = if views.is_empty() || self.rng.chance(40) {
+                View::Kernel
+            } else {
+                View::Module(self.rng.pick(&views))
+            };
+            self.guest.integrity.as_mut().unwrap().view = view;
+            let rng = &mut self.rng;
+            let page = match rng.below(10) {
+                0 => rng.pick(&self.protected),
+                1 => rng.pick(&self.tables),
+                2..=4 => MODULES + rng.below(MODULE_PAGES) * 0x1000,
+                5 => rng.below(RAM >> 12) << 12,
+                6 => MMIO + rng.below(0x100) * 0x1000,
+                7 => HYPERVISOR + rng.below(0x100) * 0x1000,
+                8 => TIS + rng.below(5) * 0x1000,
+                _ => rng.edgy() & PTE_ADDR,
+            };
+            let gpa = page | rng.below(0x1000);
+            let code = |rng: &mut Rng| match rng.below(4) {
+                0 => K + TEXT + rng.below(TEXT_END - TEXT),
+                1 => K + POKE + rng.below(0x100),
+                2 => K + MODULES + rng.below(MODULE_PAGES * 0x1000),
+                _ => rng.edgy(),
+            };
+            let rip = code(rng);
+            let words = [code(rng), code(rng)];
+            let gva = if rng.chance(50) { K.wrapping_add(gpa) } else { rng.edgy() };
+            let access = rng.pick(&[1u64, 2, 4, 2, 1]);
+            let linear = if rng.chance(80) { 1 << 7 } else { 0 };
+            self.ram.write(STACK + 0x800, &words[0].to_le_bytes());
+            self.ram.write(STACK + 0x808, &words[1].to_le_bytes());
+            self.vcpu.write(Field::Rip, rip);
+            self.vcpu.write(Field::Rsp, K + STACK + 0x800);
+            for i in [0u8, 1, 2, 3, 6, 7, 8, 9] {
+                *reg_by_index(&mut self.vcpu.regs, i).unwrap() = code(&mut self.rng);
+            }
+            let action = self.exit(ExitInfo {
+                reason: 48,
+                qualification: access | linear | (1 << 8),
+                guest_physical: gpa,
+                guest_linear: gva,
+                instruction_len: 3,
+                ..Default::default()
+            });
+            if self.integrity().stepping.is_some() {
+                // The single step ends: the page closes again.
+                assert_eq!(self.exit(ExitInfo { reason: 37, ..Default::default() }), Action::Resume);
+                assert!(self.integrity().stepping.is_none());
+            }
+            action
+        }
+
+        /// The views match the policy: nothing the guest does not own is
+        /// mapped, protected kernel pages are never writable, and a module
+        /// view writes only its data or untracked pages and executes only
+        /// its code.
+        fn check_views(&self, what: &str) {
+            assert!(
+                self.control.escapes.is_empty(),
+                "{what}: mapped memory the guest does not own: {:x?}",
+                self.control.escapes
+            );
+            let engine = &self.integrity().engine;
+            // Protections are on from the lock.
+            for &p in self.protected.iter().filter(|_| engine.is_locked()) {
+                let k = self.control.perms(View::Kernel, p).unwrap_or(Perms::empty());
+                assert!(!k.contains(Perms::WRITE), "{what}: kernel view may write protected page {p:#x} ({k:?})");
+            }
+            for (&(view, page), &perms) in &self.control.explicit {
+                let class = engine.class_of(page);
+                match view {
+                    View::Module(m) => {
+                        if perms.contains(Perms::WRITE) {
+                            assert!(
+                                class.is_none() || class == Some(PageClass::ModuleData(m)),
+                                "{what}: module {m} may write {page:#x}, a {class:?} page"
+                            );
+                        }
+                        if perms.contains(Perms::EXECUTE) {
+                            assert_eq!(
+                                class,
+                                Some(PageClass::ModuleCode(m)),
+                                "{what}: module {m} may execute {page:#x}"
+                            );
+                        }
+                    }
+                    View::Kernel if engine.is_locked() => {
+                        let read_only = matches!(
+                            class,
+                            Some(
+                                PageClass::KernelText
+                                    | PageClass::KernelReadOnly
+                                    | PageClass::SyscallTable
+                                    | PageClass::Idt
+                                    | PageClass::ModuleCode(_)
+                            )
+                        );
+                        assert!(
+                            !(read_only && perms.contains(Perms::WRITE)),
+                            "{what}: kernel view may write {page:#x}, a {class:?} page"
+                        );
+                    }
+                    View::Kernel => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_hostile_agent_and_hostile_modules_never_break_the_views() {
+        let mut registered = 0;
+        for run in 0..scaled(6) {
+            let mode = if run % 2 == 0 { Mode::Enforce } else { Mode::Audit };
+            let mut w = World::new(run as u64, mode);
+            w.check_views("after the lock");
+            if run % 3 == 2 {
+                w.control.fail_percent = 5;
+            }
+            for step in 0..700 {
+                let what = format!("run {run} step {step}");
+                match w.rng.below(10) {
+                    0..=3 => w.hostile_call(),
+                    4 => w.remap(),
+                    _ => {
+                        let action = w.hostile_fault();
+                        assert!(
+                            !matches!(action, Action::Stop(StopReason::HypervisorError(_)))
+                                || w.control.fail_percent > 0,
+                            "{what}: {action:?}"
+                        );
+                    }
+                }
+                w.check_views(&what);
+            }
+            registered += w.ids.len();
+        }
+        assert!(registered > 20, "only {registered} modules registered");
+    }
+
+    #[test]
+    fn the_lock_protects_only_guest_ram_and_is_all_or_nothing() {
+        let (mut locked, mut refused) = (0, 0);
+        for case in 0..scaled(60) {
+            let mut w = World::unlocked(case as u64, Mode::Enforce);
+            // The kernel half of the top-level table, and the PDPT, point anywhere.
+            for _ in 0..1 + w.rng.below(6) {
+                let rng = &mut w.rng;
+                let target = match rng.below(6) {
+                    0 => HYPERVISOR + rng.below(0x100) * 0x1000,
+                    1 => TIS,
+                    2 => MMIO + rng.below(0x100) * 0x1000,
+                    3 => rng.pick(&[PTS, TEXT, IDT, PML4]),
+                    4 => rng.below(RAM >> 12) << 12,
+                    _ => (rng.next() << 12) & PTE_ADDR,
+                };
+                let (table, index) = if rng.chance(60) { (PML4, 256 + rng.below(255)) } else { (PDPT, rng.below(510)) };
+                w.ram.write(table + index * 8, &(target | 3).to_le_bytes());
+            }
+            w.control.fail_percent = if case % 2 == 0 { 0 } else { 1 + w.rng.below(20) };
+            let before = (w.engine_state(), w.control.state());
+            let (_, status) = w.call(0x11, 0, 0, 0);
+            let what = format!("case {case}: lock -> {status}");
+            if status < 0 {
+                refused += 1;
+                assert_eq!(status, Error::NoSpace.code(), "{what}");
+                assert!((w.engine_state(), w.control.state()) == before, "{what}: a refused lock changed state");
+            } else {
+                locked += 1;
+                assert!(w.integrity().engine.is_locked(), "{what}");
+                for t in [PML4, PDPT, PD] {
+                    assert_eq!(w.integrity().engine.class_of(t), Some(PageClass::PageTable), "{what}: {t:#x}");
+                }
+            }
+            w.check_views(&what);
+        }
+        assert!(locked > 10 && refused > 5, "{locked} locked, {refused} refused");
+    }
+
+    #[test]
+    fn registration_work_is_bounded_whatever_the_ranges_claim() {
+        let mut w = World::new(3, Mode::Enforce);
+        // 512 GiB of kernel addresses, every 2 MiB of them mapping the same
+        // 2 MiB of RAM (the module area).
+        const PDPT_ALIAS: u64 = 0xc000;
+        const PD_ALIAS: u64 = 0xd000;
+        w.ram.write(PML4 + 256 * 8, &(PDPT_ALIAS | 3).to_le_bytes());
+        for i in 0..512 {
+            w.ram.write(PDPT_ALIAS + i * 8, &(PD_ALIAS | 3).to_le_bytes());
+            w.ram.write(PD_ALIAS + i * 8, &(MODULES | 0x83).to_le_bytes());
+        }
+        let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+        let base = 0xffff_8000_0000_0000u64;
+        // 16 MiB registers; one page more than 64 MiB, 1 GiB and all 512 GiB do not.
+        for (len, accepted) in [(16 << 20, true), ((64 << 20) + 0x1000, false), (1 << 30, false), (1 << 39, false)] {
+            let mut m = abi::ModuleInfo::default();
+            m.name[..3].copy_from_slice(b"big");
+            m.code[0] = abi::WireRange { start: base + (1 << 30), end: base + (1 << 30) + len };
+            w.ram.write(INFO, &bytes_of(&m));
+            let reads = w.ram.phys.reads.get();
+            let (_, status) = w.call(0x12, K + INFO, info_size, 0);
+            let reads = w.ram.phys.reads.get() - reads;
+            assert_eq!(status >= 0, accepted, "{len:#x} bytes: {status}");
+            assert!(reads <= 4 * (16 << 20) / 0x1000 + 100, "{len:#x} bytes: {reads} reads of guest memory");
+            if accepted {
+                assert_eq!(w.call(0x14, status as u64, 0, 0).1, 0);
+            }
+        }
+        w.check_views("after the big modules");
+    }
+}
