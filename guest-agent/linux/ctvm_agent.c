@@ -274,7 +274,7 @@ static const char *const kinds[] = {
 	"?", "write-kernel-text", "write-rodata", "write-syscall-table", "write-idt",
 	"write-module-code", "write-protected-data", "call-non-entry", "call-denied-api",
 	"enter-module-off-entry", "execute-data", "control-register", "descriptor-table",
-	"syscall-msr",
+	"syscall-msr", "code-digest",
 };
 
 /* /proc/ctvm_violations: the records CTVM kept, read by hypercall. */

@@ -146,6 +146,7 @@ pub enum ViolationKindCode {
     ControlRegister = 11,
     DescriptorTable = 12,
     SyscallMsr = 13,
+    CodeDigest = 14,
 }
 
 /// What the hypervisor did about a violation.

@@ -7,6 +7,7 @@ use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
 use hypervisor::guest::config;
+use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
 use hypervisor::vmm;
@@ -105,8 +106,11 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             "debug.fault" => debug_fault = true,
             "debug.corrupt-guest" => corrupt_guest = Some(value),
             "hv.pool" => {}
-            "vtpm.seed" => match parse_seed(value) {
-                Some(seed) => vtpm_seed = Some(seed),
+            "vtpm.seed" => match hypervisor::tpm::parse_seed(value.as_bytes()) {
+                Some(seed) => {
+                    log::warn!("vtpm.seed on the command line: a measuring GRUB logs it in clear; use a module");
+                    vtpm_seed = Some(seed);
+                }
                 None => log::warn!("vtpm.seed must be 64 hexadecimal digits; ignored"),
             },
             "log" => match console::parse_level(value) {
@@ -152,12 +156,21 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
             .map(|m| m.range),
     );
+    // The seed as a file: GRUB measures a module's digest, not its contents.
+    if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == "vtpm.seed") {
+        match hypervisor::tpm::parse_seed(vmm::module_bytes(m)) {
+            Some(seed) => vtpm_seed = Some(seed),
+            None => log::warn!("the vtpm.seed module must hold 64 hexadecimal digits; ignored"),
+        }
+    }
+    let policy = trusted_module_policy(&boot.modules);
     let machine = vmm::Machine {
         modules: &boot.modules,
         firmware_map: &boot.memory,
         hypervisor_ranges: &hypervisor_ranges,
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
+        policy: &policy,
     };
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
@@ -174,17 +187,26 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
 }
 
 /// 32 bytes from 64 hexadecimal digits.
-fn parse_seed(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
+/// The digests of the modules guests may trust, from the module whose
+/// command line is `ctvm.policy`. A malformed policy trusts nothing: every
+/// guest naming a module in `trust=` then refuses to start.
+fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
+    let Some(m) = modules.iter().find(|m| m.cmdline.trim() == "ctvm.policy") else {
+        return Policy::default();
+    };
+    let parsed = core::str::from_utf8(vmm::module_bytes(m))
+        .map_err(|_| alloc::string::String::from("not UTF-8"))
+        .and_then(|text| Policy::parse(text).map_err(|e| alloc::format!("{e}")));
+    match parsed {
+        Ok(p) => {
+            info!("ctvm.policy: {} trusted module digest(s)", p.entries.len());
+            p
+        }
+        Err(e) => {
+            error!("ctvm.policy: {e}; no module is trusted");
+            Policy::default()
+        }
     }
-    let mut seed = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let text = core::str::from_utf8(pair).ok()?;
-        seed[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(seed)
 }
 
 /// The hypervisor runs with interrupts off and gives emulated-device guests

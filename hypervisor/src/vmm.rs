@@ -46,6 +46,8 @@ pub struct Machine<'a> {
     pub rsdp: Option<&'a [u8]>,
     /// The platform secret vTPM identities derive from (`vtpm.seed=`).
     pub vtpm_seed: Option<[u8; 32]>,
+    /// The trusted-module digests (the `ctvm.policy` module).
+    pub policy: &'a crate::integrity::policy::Policy,
 }
 
 /// A guest with its virtual CPU and memory.
@@ -74,7 +76,7 @@ fn cr_limits(vmx: &Vmx) -> CrLimits {
     }
 }
 
-fn module_bytes(module: &Module) -> &'static [u8] {
+pub fn module_bytes(module: &Module) -> &'static [u8] {
     // SAFETY: GRUB loaded the module there, the frame allocator never hands
     // out module ranges, and no guest's EPT maps a module it does not own.
     unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) }
@@ -163,7 +165,13 @@ impl Vm {
             }
         });
         let platform = Platform::PassThrough { pm1a_control };
-        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, config.trusted.clone()));
+        let mut trusted = Vec::new();
+        for name in &config.trusted {
+            let entry = machine.policy.get(name);
+            trusted
+                .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
+        }
+        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, trusted));
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
@@ -422,9 +430,10 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
     let modules = machine.modules;
     let guest_modules: Vec<&Module> = modules.iter().filter(|m| config::is_guest_module(&m.cmdline)).collect();
     let initrds: Vec<&Module> = modules.iter().filter(|m| config::initrd_owner(&m.cmdline).is_some()).collect();
-    let ignored = modules.len() - guest_modules.len() - initrds.len();
+    let data = modules.iter().filter(|m| config::is_data_module(&m.cmdline)).count();
+    let ignored = modules.len() - guest_modules.len() - initrds.len() - data;
     if ignored > 0 {
-        warn!("{ignored} boot module(s) without guest=NAME or initrd=NAME are ignored");
+        warn!("{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed or ctvm.policy are ignored");
     }
     // Time slicing only matters with more than one guest.
     let timeslice = (guest_modules.len() > 1 && vmx.controls.features.preemption_timer)

@@ -2159,7 +2159,16 @@ mod integrity_views {
             };
             let mut guest =
                 Guest::new(config, Platform::PassThrough { pm1a_control: None }, ram.memory.clone(), limits);
-            guest.integrity = Some(GuestIntegrity::new(mode, vec!["trusted".into()]));
+            // "trusted" is pinned to one page of zeros: hostile modules of
+            // that name are trusted or refused by their code.
+            let pinned = hypervisor::integrity::policy::Entry {
+                name: "trusted".into(),
+                text_len: 0x1000,
+                init_len: 0,
+                sha256: <sha2::Sha256 as sha2::Digest>::digest([0u8; 0x1000]).into(),
+                masks: vec![],
+            };
+            guest.integrity = Some(GuestIntegrity::new(mode, vec![pinned]));
             let mut vcpu = long_mode_vcpu(PML4);
             vcpu.write(Field::IdtrBase, K + IDT);
             let protected = (TEXT..TEXT_END)

@@ -32,6 +32,7 @@ pub const TPM_RESOURCES: u32 = 0x15;
 pub const TPM_SIZE: u32 = 0x17;
 pub const TPM_WRONGPCRVAL: u32 = 0x18;
 pub const TPM_BAD_PARAM_SIZE: u32 = 0x19;
+pub const TPM_SHA_THREAD: u32 = 0x1A;
 pub const TPM_FAILEDSELFTEST: u32 = 0x1C;
 pub const TPM_AUTH2FAIL: u32 = 0x1D;
 pub const TPM_BADTAG: u32 = 0x1E;
@@ -165,6 +166,8 @@ pub const KEYFLAG_MIGRATABLE: u32 = 0x2;
 pub const KEYFLAG_VOLATILE: u32 = 0x4;
 pub const KEYFLAG_PCR_IGNORED_ON_READ: u32 = 0x8;
 pub const KEYFLAG_MIGRATE_AUTHORITY: u32 = 0x10;
+/// The defined TPM_KEY_FLAGS bits (TPM 1.2).
+pub const KEY_FLAGS_MASK: u32 = 0x1F;
 pub const AUTH_NEVER: u8 = 0x00;
 pub const AUTH_ALWAYS: u8 = 0x01;
 pub const AUTH_PRIV_USE_ONLY: u8 = 0x03;

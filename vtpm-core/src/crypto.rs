@@ -36,6 +36,19 @@ pub fn sha1_parts(parts: &[&[u8]]) -> [u8; 20] {
     h.finalize().into()
 }
 
+/// A SHA-1 computed piece by piece (the TPM_HASH_* sequence).
+pub type Sha1Stream = Sha1;
+
+/// Feeds `data` to a running SHA-1.
+pub fn sha1_update(h: &mut Sha1Stream, data: &[u8]) {
+    h.update(data);
+}
+
+/// Ends a running SHA-1.
+pub fn sha1_finish(h: Sha1Stream) -> [u8; 20] {
+    h.finalize().into()
+}
+
 /// HMAC-SHA1 keyed with `key` over the concatenation of `parts`.
 pub fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
     // HMAC accepts keys of every length, so this cannot fail.
@@ -219,6 +232,14 @@ impl RsaKey {
         }
     }
 
+    /// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to this key's public half,
+    /// reusing its precomputed Montgomery form of the modulus (rebuilding it
+    /// from the modulus bytes costs more than the encryption itself).
+    pub fn oaep_encrypt(&self, drbg: &mut Drbg, msg: &[u8]) -> Option<Vec<u8>> {
+        let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);
+        self.key.as_public_key().encrypt(drbg.rng(), pad, msg).ok()
+    }
+
     /// Decrypts OAEP (SHA-1, MGF1, label "TCPA").
     pub fn oaep_decrypt(&self, drbg: &mut Drbg, ct: &[u8]) -> Option<Vec<u8>> {
         if ct.len() != RSA_BYTES {
@@ -257,7 +278,8 @@ impl RsaKey {
     }
 }
 
-/// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to the public modulus `n`.
+/// OAEP-encrypts `msg` (SHA-1, MGF1, "TCPA") to the public modulus `n`
+/// (for keys the TPM does not hold; see [`RsaKey::oaep_encrypt`]).
 pub fn oaep_encrypt(drbg: &mut Drbg, n: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
     let key = public_key(n)?;
     let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);

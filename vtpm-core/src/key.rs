@@ -310,19 +310,28 @@ impl KeyBlob {
 impl KeyPublic {
     /// Parses a TPM_KEY or TPM_KEY12 up to and including pubKey.
     pub fn read(r: &mut Reader<'_>) -> TpmResult<Self> {
+        // As libtpms' TPM_Key_LoadPubData: a non-zero first byte is a
+        // TPM_KEY whose version must be 1.1 (TPM_BAD_VERSION; the revision
+        // bytes are free), a zero one a TPM_KEY12 with tag 0x0028 and fill
+        // 0 (TPM_BAD_KEY_PROPERTY).
         let head = r.array::<4>()?;
-        let format = if head[..2] == TAG_KEY12.to_be_bytes() {
-            if head[2..] != [0, 0] {
-                return Err(TPM_INVALID_STRUCTURE);
+        let format = if head[0] != 0 {
+            if head[..2] != [1, 1] {
+                return Err(TPM_BAD_VERSION);
+            }
+            KeyFormat::V11(head)
+        } else {
+            if head[..2] != TAG_KEY12.to_be_bytes() || head[2..] != [0, 0] {
+                return Err(TPM_BAD_KEY_PROPERTY);
             }
             KeyFormat::V12
-        } else {
-            // libtpms does not check TPM_STRUCT_VER here; the key's other
-            // properties decide.
-            KeyFormat::V11(head)
         };
         let usage = r.u16()?;
         let flags = r.u32()?;
+        // libtpms refuses undefined flag bits while parsing (TPM_KeyFlags_Load).
+        if flags & !KEY_FLAGS_MASK != 0 {
+            return Err(TPM_BAD_KEY_PROPERTY);
+        }
         let auth_usage = r.u8()?;
         let parms = KeyParms::read(r)?;
         let pcr = PcrBinding::read_sized(r, format == KeyFormat::V12)?;
@@ -378,11 +387,15 @@ impl KeyPublic {
         self.flags & KEYFLAG_MIGRATABLE != 0
     }
 
-    /// Checks a template's usage, schemes and flags (TPM_Key_CheckProperties).
+    /// Checks a key's usage and schemes against what this TPM makes and
+    /// uses, as libtpms' TPM_Key_CheckProperties: every refusal is
+    /// TPM_BAD_KEY_PROPERTY (an unknown usage included). Callers then apply
+    /// their own usage rules (TPM_INVALID_KEYUSAGE), e.g. refusing
+    /// TPM_KEY_IDENTITY in CreateWrapKey.
     pub fn check_template(&self) -> TpmResult<()> {
         self.parms.check_supported()?;
-        if self.flags & !(KEYFLAG_MIGRATABLE | KEYFLAG_VOLATILE | KEYFLAG_PCR_IGNORED_ON_READ) != 0
-        {
+        // Redirected output is not implemented (libtpms accepts the flag).
+        if self.flags & KEYFLAG_REDIRECTION != 0 {
             return Err(TPM_BAD_KEY_PROPERTY);
         }
         if !matches!(
@@ -392,40 +405,27 @@ impl KeyPublic {
             return Err(TPM_INVALID_STRUCTURE);
         }
         let (enc, sig) = (self.parms.enc_scheme, self.parms.sig_scheme);
-        match self.usage {
-            KEY_STORAGE => {
-                if enc != ES_RSAESOAEP_SHA1_MGF1 || sig != SS_NONE {
-                    return Err(TPM_INVALID_KEYUSAGE);
-                }
+        let ok = match self.usage {
+            KEY_STORAGE | KEY_MIGRATE | KEY_AUTHCHANGE => {
+                enc == ES_RSAESOAEP_SHA1_MGF1 && sig == SS_NONE
             }
             KEY_SIGNING => {
-                if enc != ES_NONE
-                    || !matches!(
+                enc == ES_NONE
+                    && matches!(
                         sig,
                         SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER | SS_RSASSAPKCS1V15_INFO
                     )
-                {
-                    return Err(TPM_INVALID_KEYUSAGE);
-                }
             }
-            KEY_IDENTITY => {
-                if enc != ES_NONE || sig != SS_RSASSAPKCS1V15_SHA1 {
-                    return Err(TPM_INVALID_KEYUSAGE);
-                }
-            }
-            KEY_BIND => {
-                if !matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15) || sig != SS_NONE {
-                    return Err(TPM_INVALID_KEYUSAGE);
-                }
-            }
+            KEY_IDENTITY => enc == ES_NONE && sig == SS_RSASSAPKCS1V15_SHA1,
+            KEY_BIND => matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15) && sig == SS_NONE,
             KEY_LEGACY => {
-                if !matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15)
-                    || !matches!(sig, SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER)
-                {
-                    return Err(TPM_INVALID_KEYUSAGE);
-                }
+                matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15)
+                    && matches!(sig, SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER)
             }
-            _ => return Err(TPM_INVALID_KEYUSAGE),
+            _ => false,
+        };
+        if !ok {
+            return Err(TPM_BAD_KEY_PROPERTY);
         }
         Ok(())
     }
@@ -458,7 +458,7 @@ impl Key {
     /// Wraps this key under `parent` (a storage key): the TPM_KEY blob.
     pub fn wrap(&self, parent: &Key, drbg: &mut Drbg) -> TpmResult<KeyBlob> {
         let mut plain = self.store_asymkey();
-        let enc = crypto::oaep_encrypt(drbg, &parent.public.modulus, &plain).ok_or(TPM_FAIL);
+        let enc = parent.rsa.oaep_encrypt(drbg, &plain).ok_or(TPM_FAIL);
         zeroize::Zeroize::zeroize(&mut plain);
         Ok(KeyBlob {
             public: self.public.clone(),
@@ -466,8 +466,15 @@ impl Key {
         })
     }
 
-    /// Unwraps a TPM_KEY blob with `parent`, checking the binding of the
-    /// private to the public part (and so any tampering).
+    /// Unwraps a TPM_KEY blob with `parent` (the steps of libtpms'
+    /// TPM_Key_DecryptEncData and TPM_Key_CheckPubDataDigest, with their
+    /// error codes): decryption (TPM_DECRYPT_ERROR), the TPM_STORE_ASYMKEY
+    /// structure (TPM_INVALID_STRUCTURE for a wrong payload type,
+    /// TPM_BAD_PARAM_SIZE when short; trailing bytes are ignored), the
+    /// prime against the public modulus (TPM_BAD_PARAMETER when it does
+    /// not divide it), then pubDataDigest against the public part
+    /// (TPM_AUTHFAIL). The public part must have passed
+    /// [`KeyPublic::check_template`].
     pub fn unwrap(blob: KeyBlob, parent: &Key, drbg: &mut Drbg) -> TpmResult<Key> {
         let plain = zeroize::Zeroizing::new(
             parent
@@ -476,20 +483,18 @@ impl Key {
                 .ok_or(TPM_DECRYPT_ERROR)?,
         );
         let mut r = Reader::new(&plain);
-        let payload = r.u8().map_err(|_| TPM_DECRYPT_ERROR)?;
-        let usage_auth = Secret(r.digest().map_err(|_| TPM_DECRYPT_ERROR)?);
-        let migration_auth = Secret(r.digest().map_err(|_| TPM_DECRYPT_ERROR)?);
-        let digest = r.digest().map_err(|_| TPM_DECRYPT_ERROR)?;
-        let prime = r.sized32().map_err(|_| TPM_DECRYPT_ERROR)?;
-        r.finish().map_err(|_| TPM_DECRYPT_ERROR)?;
+        let payload = r.u8()?;
         if payload != PT_ASYM {
             return Err(TPM_INVALID_STRUCTURE);
         }
+        let usage_auth = Secret(r.digest()?);
+        let migration_auth = Secret(r.digest()?);
+        let digest = r.digest()?;
+        let prime = r.sized32()?;
+        let rsa = RsaKey::from_n_p(&blob.public.modulus, prime).ok_or(TPM_BAD_PARAMETER)?;
         if !crypto::ct_eq(&digest, &blob.public.digest()) {
-            return Err(TPM_DECRYPT_ERROR);
+            return Err(TPM_AUTHFAIL);
         }
-        blob.public.parms.check_supported()?;
-        let rsa = RsaKey::from_n_p(&blob.public.modulus, prime).ok_or(TPM_BAD_KEY_PROPERTY)?;
         Ok(Key {
             public: blob.public,
             usage_auth,

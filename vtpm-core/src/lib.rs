@@ -16,7 +16,9 @@
 //! * TPM_SaveState produces a blob ([`Tpm::saved_state`]) that
 //!   Startup(ST_STATE) consumes once; [`Tpm::set_saved_state`] hands a
 //!   persisted one back after the hypervisor restarts.
-//! * [`Tpm::extend`] / [`Tpm::pcr`] serve the hypervisor's measured launch.
+//! * [`Tpm::extend`] / [`Tpm::pcr`] serve the hypervisor's measured launch;
+//!   [`Tpm::hash_start`] / [`Tpm::hash_data`] / [`Tpm::hash_end`] are the
+//!   TPM_HASH_* LPC sequence of a dynamic launch (DRTM).
 //!
 //! # Limits
 //! * Commands up to 4096 bytes (larger ones: `TPM_BAD_PARAM_SIZE`).
@@ -79,6 +81,13 @@ enum Mode {
     /// Failure mode (e.g. Startup(ST_STATE) without a saved state) until
     /// the next TPM_Init.
     Failed,
+    /// Failure mode entered before any Startup (a TPM_HASH_* sequence
+    /// error right after TPM_Init). libtpms still counts the chip as
+    /// post-init: GetCapability and GetTestResult answer
+    /// TPM_INVALID_POSTINIT, everything else TPM_FAILEDSELFTEST, and the
+    /// next Startup (refused with TPM_FAILEDSELFTEST) ends the post-init
+    /// state, leaving [`Mode::Failed`].
+    PostInitFailed,
 }
 
 /// State lost at TPM_Init.
@@ -90,6 +99,12 @@ struct Volatile {
     keys: keys::KeyTable,
     tick_nonce: [u8; 20],
     tick_base_us: u64,
+    /// TPM_STANY_FLAGS.TOSPresent: set by TPM_HASH_START, cleared by
+    /// TPM_Init and by every successful Startup. Decides what PCR_Reset
+    /// writes to PCRs 17–22.
+    tos_present: bool,
+    /// The SHA-1 of a TPM_HASH_START … TPM_HASH_END sequence in progress.
+    drtm: Option<crypto::Sha1Stream>,
 }
 
 /// A TPM 1.2. Cloning (when the platform clones) snapshots the whole
@@ -128,6 +143,8 @@ impl<P: Platform> Tpm<P> {
                 keys: keys::KeyTable::default(),
                 tick_nonce,
                 tick_base_us,
+                tos_present: false,
+                drtm: None,
             },
             saved: None,
             selftest_full_done: false,
@@ -205,7 +222,96 @@ impl<P: Platform> Tpm<P> {
         self.vol.keys.clear();
         self.vol.tick_nonce = self.drbg.nonce();
         self.vol.tick_base_us = self.platform.ticks_us();
+        self.vol.tos_present = false;
+        self.vol.drtm = None;
         self.selftest_full_done = false;
+    }
+
+    /// TPM_HASH_START, the LPC command of a dynamic launch (DRTM), sent by
+    /// the platform at locality 4 outside the command stream (swtpm's
+    /// CMD_HASH_START). It sets TPM_PERMANENT_FLAGS.tpmEstablished (the
+    /// permanent state becomes dirty) and TOSPresent, zeroes PCRs 17–22 and
+    /// starts a SHA-1 that [`Tpm::hash_data`] feeds and [`Tpm::hash_end`]
+    /// extends into PCR 17.
+    ///
+    /// As in libtpms, every error here puts the TPM into failure mode until
+    /// the next TPM_Init: before Startup it answers TPM_INVALID_POSTINIT;
+    /// while a sequence is already open, TPM_FAIL.
+    pub fn hash_start(&mut self) -> Result<(), u32> {
+        if matches!(self.mode, Mode::PostInit | Mode::PostInitFailed) {
+            self.mode = Mode::PostInitFailed;
+            return Err(consts::TPM_INVALID_POSTINIT);
+        }
+        if !self.perm.flags.tpm_established {
+            self.perm.flags.tpm_established = true;
+            self.dirty = true;
+        }
+        self.vol.tos_present = true;
+        self.vol.pcrs.hash_start();
+        if self.vol.drtm.is_some() {
+            self.enter_failure_mode();
+            return Err(consts::TPM_FAIL);
+        }
+        self.vol.drtm = Some(crypto::Sha1Stream::default());
+        Ok(())
+    }
+
+    /// TPM_HASH_DATA: more of the measured launch code. Without a
+    /// TPM_HASH_START it answers TPM_SHA_THREAD and the TPM enters failure
+    /// mode (as libtpms).
+    pub fn hash_data(&mut self, data: &[u8]) -> Result<(), u32> {
+        match self.vol.drtm.as_mut() {
+            Some(h) => {
+                crypto::sha1_update(h, data);
+                Ok(())
+            }
+            None => {
+                self.enter_failure_mode();
+                Err(consts::TPM_SHA_THREAD)
+            }
+        }
+    }
+
+    /// TPM_HASH_END: PCR 17 = SHA1(zero ‖ SHA1(data)), ending the sequence.
+    /// Without a TPM_HASH_START: TPM_SHA_THREAD and failure mode.
+    pub fn hash_end(&mut self) -> Result<(), u32> {
+        match self.vol.drtm.take() {
+            Some(h) => {
+                self.vol.pcrs.hash_end(&crypto::sha1_finish(h));
+                Ok(())
+            }
+            None => {
+                self.enter_failure_mode();
+                Err(consts::TPM_SHA_THREAD)
+            }
+        }
+    }
+
+    /// TPM_PERMANENT_FLAGS.tpmEstablished: a dynamic launch happened since
+    /// the flag was last reset.
+    pub fn tpm_established(&self) -> bool {
+        self.perm.flags.tpm_established
+    }
+
+    /// Resets tpmEstablished, which only localities 3 and 4 may do
+    /// (TPM_BAD_LOCALITY otherwise).
+    pub fn reset_established(&mut self, locality: u8) -> Result<(), u32> {
+        if locality != 3 && locality != 4 {
+            return Err(consts::TPM_BAD_LOCALITY);
+        }
+        if self.perm.flags.tpm_established {
+            self.perm.flags.tpm_established = false;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Failure mode until the next TPM_Init, keeping the post-init state.
+    fn enter_failure_mode(&mut self) {
+        self.mode = match self.mode {
+            Mode::PostInit | Mode::PostInitFailed => Mode::PostInitFailed,
+            Mode::Operational | Mode::Failed => Mode::Failed,
+        };
     }
 
     /// Runs one command sent from `locality` (0–4) and returns the response.

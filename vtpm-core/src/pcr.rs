@@ -2,9 +2,25 @@
 //!
 //! PC Client Implementation Specification for TPM 1.2, table "PCR
 //! attributes": PCR 16 (debug) and 23 (application) are resettable and
-//! extendable from any locality; 17–22 read all-FF after Startup(ST_CLEAR)
-//! and are resettable and extendable only from the localities listed below
-//! (the same tables as libtpms' `TPM_PCRAttributes_Init`).
+//! extendable from any locality; 17–22 are resettable and extendable only
+//! from the localities listed below (the same tables as libtpms'
+//! `TPM_PCRAttributes_Init`).
+//!
+//! The value a reset gives (PC Client table "PCR initial and reset
+//! values", as libtpms' `TPM_PCR_Init` / `TPM_PCR_Reset` apply it):
+//!
+//! | event | 0–15 | 16, 23 | 17–22 |
+//! | --- | --- | --- | --- |
+//! | TPM_Init (power on), hence Startup | 00 | 00 | FF |
+//! | TPM_PCR_Reset, no trusted OS (TOSPresent clear) | – | 00 | FF |
+//! | TPM_PCR_Reset after TPM_HASH_START (TOSPresent set) | – | 00 | 00 |
+//! | TPM_HASH_START | unchanged | unchanged | 00 |
+//!
+//! TOSPresent is set by TPM_HASH_START and cleared by TPM_Init and by every
+//! successful TPM_Startup. PCR 17 (the locality-4 PCR) can be extended from
+//! localities 2 and 3 only once it is no longer zero: while it holds its
+//! DRTM reset value only locality 4 may extend it (PC Client TIS, as
+//! libtpms' `TPM_ExtendCommon`).
 
 use crate::consts::*;
 use crate::crypto::sha1_parts;
@@ -38,7 +54,13 @@ const EXTEND_LOCALITIES: [u8; NUM_PCRS] = [
     0x1F, // 23
 ];
 
-/// The value a PCR holds after Startup(ST_CLEAR).
+/// The locality-4 PCR, which TPM_HASH_END extends.
+pub const LOCALITY_4_PCR: usize = 17;
+
+/// The PCRs TPM_HASH_START zeroes (the dynamic-launch PCRs).
+const DYNAMIC: core::ops::RangeInclusive<usize> = 17..=22;
+
+/// The value a PCR holds after TPM_Init (and so after Startup(ST_CLEAR)).
 pub fn reset_value(index: usize) -> [u8; 20] {
     if (17..=22).contains(&index) {
         [0xFF; 20]
@@ -86,12 +108,19 @@ impl PcrBank {
         if allowed & locality_bit(locality)? == 0 {
             return Err(TPM_BAD_LOCALITY);
         }
+        // At its DRTM reset value (zero) the locality-4 PCR takes extends
+        // from locality 4 only.
+        if i == LOCALITY_4_PCR && locality != 4 && *v == [0; 20] {
+            return Err(TPM_BAD_LOCALITY);
+        }
         *v = sha1_parts(&[v.as_slice(), digest]);
         Ok(*v)
     }
 
     /// PCR_Reset of the PCRs in `sel` from `locality`: all or none.
-    pub fn reset(&mut self, locality: u8, sel: &PcrSelection) -> TpmResult<()> {
+    /// `tos_present` is TPM_STANY_FLAGS.TOSPresent: with it, 17–22 reset to
+    /// zero; without it, to all-FF. 16 and 23 always reset to zero.
+    pub fn reset(&mut self, locality: u8, sel: &PcrSelection, tos_present: bool) -> TpmResult<()> {
         if sel.is_empty() {
             return Err(TPM_INVALID_PCR_INFO);
         }
@@ -107,12 +136,31 @@ impl PcrBank {
         }
         for i in sel.indices() {
             if let Some(v) = self.values.get_mut(i) {
-                // A reset from a locality sets the value to zero; only
-                // Startup gives 17-22 their all-FF value.
-                *v = [0; 20];
+                *v = if DYNAMIC.contains(&i) && !tos_present {
+                    [0xFF; 20]
+                } else {
+                    [0; 20]
+                };
             }
         }
         Ok(())
+    }
+
+    /// TPM_HASH_START: the dynamic-launch PCRs 17–22 become zero.
+    pub fn hash_start(&mut self) {
+        for i in DYNAMIC {
+            if let Some(v) = self.values.get_mut(i) {
+                *v = [0; 20];
+            }
+        }
+    }
+
+    /// TPM_HASH_END: PCR 17 = SHA1(zero ‖ `digest`), whatever it held
+    /// (libtpms extends from the reset value, not from the current one).
+    pub fn hash_end(&mut self, digest: &[u8; 20]) {
+        if let Some(v) = self.values.get_mut(LOCALITY_4_PCR) {
+            *v = sha1_parts(&[&[0; 20], digest]);
+        }
     }
 
     /// TPM_PCR_COMPOSITE of the selected PCRs.
@@ -226,17 +274,52 @@ mod tests {
     fn reset_follows_locality_table_and_is_all_or_nothing() {
         let mut b = PcrBank::cleared();
         b.extend(0, 16, &[1; 20]).unwrap();
-        assert_eq!(b.reset(0, &sel([0, 0, 0x02])), Err(TPM_NOTLOCAL)); // 17
-        assert_eq!(b.reset(0, &sel([0, 0x04, 0])), Err(TPM_NOTRESETABLE)); // 10
-        assert_eq!(b.reset(0, &sel([0, 0, 0x03])), Err(TPM_NOTLOCAL));
+        assert_eq!(b.reset(0, &sel([0, 0, 0x02]), false), Err(TPM_NOTLOCAL)); // 17
+        assert_eq!(b.reset(0, &sel([0, 0x04, 0]), false), Err(TPM_NOTRESETABLE)); // 10
+        assert_eq!(b.reset(0, &sel([0, 0, 0x03]), false), Err(TPM_NOTLOCAL));
         assert_ne!(b.get(16).unwrap(), [0; 20]);
-        assert_eq!(b.reset(0, &sel([0; 3])), Err(TPM_INVALID_PCR_INFO));
-        b.reset(0, &sel([0, 0, 0x01])).unwrap();
+        assert_eq!(b.reset(0, &sel([0; 3]), false), Err(TPM_INVALID_PCR_INFO));
+        b.reset(0, &sel([0, 0, 0x01]), false).unwrap();
         assert_eq!(b.get(16).unwrap(), [0; 20]);
-        b.reset(4, &sel([0, 0, 0x02])).unwrap();
-        assert_eq!(b.get(17).unwrap(), [0; 20]);
-        b.reset(2, &sel([0, 0, 0x20])).unwrap();
-        assert_eq!(b.get(21).unwrap(), [0; 20]);
+        b.extend(4, 17, &[1; 20]).unwrap();
+        b.reset(4, &sel([0, 0, 0x02]), false).unwrap();
+        assert_eq!(b.get(17).unwrap(), [0xFF; 20]);
+        b.reset(2, &sel([0, 0, 0x20]), false).unwrap();
+        assert_eq!(b.get(21).unwrap(), [0xFF; 20]);
+    }
+
+    #[test]
+    fn reset_value_depends_on_tos_present() {
+        let mut b = PcrBank::cleared();
+        b.extend(2, 20, &[1; 20]).unwrap();
+        b.extend(0, 23, &[1; 20]).unwrap();
+        b.reset(2, &sel([0, 0, 0x10]), false).unwrap();
+        assert_eq!(b.get(20).unwrap(), [0xFF; 20]);
+        b.reset(2, &sel([0, 0, 0x10]), true).unwrap();
+        assert_eq!(b.get(20).unwrap(), [0; 20]);
+        b.reset(0, &sel([0, 0, 0x80]), false).unwrap();
+        assert_eq!(b.get(23).unwrap(), [0; 20]);
+    }
+
+    #[test]
+    fn drtm_sequence_and_the_locality_4_pcr() {
+        let mut b = PcrBank::cleared();
+        b.extend(0, 10, &[1; 20]).unwrap();
+        let pcr10 = b.get(10).unwrap();
+        b.hash_start();
+        for i in 17..=22 {
+            assert_eq!(b.get(i).unwrap(), [0; 20]);
+        }
+        assert_eq!(b.get(10).unwrap(), pcr10);
+        // At zero, PCR 17 takes extends from locality 4 only.
+        assert_eq!(b.extend(3, 17, &[1; 20]), Err(TPM_BAD_LOCALITY));
+        b.hash_end(&[2; 20]);
+        assert_eq!(b.get(17).unwrap(), sha1_parts(&[&[0; 20], &[2; 20]]));
+        assert!(b.extend(3, 17, &[1; 20]).is_ok());
+        // After a reset with TOSPresent it is zero again.
+        b.reset(4, &sel([0, 0, 0x02]), true).unwrap();
+        assert_eq!(b.extend(2, 17, &[1; 20]), Err(TPM_BAD_LOCALITY));
+        assert!(b.extend(4, 17, &[1; 20]).is_ok());
     }
 
     #[test]

@@ -41,8 +41,11 @@ const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
   run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
   test [--host-only | --scenarios-only] [SCENARIO...]
                                  host tests and the emulator scenarios
-  bench [linux-boot|integrity]   Linux boot time under CTVM against bare; the cost of
-                                 isolating a module (exits, view switches, guest time)
+  bench [linux-boot|integrity|ima|exits]
+                                 Linux boot time under CTVM against bare; the cost of
+                                 isolating a module (exits, view switches, guest time);
+                                 the cost of IMA's measurements in the vTPM; the cost
+                                 of an exit, a vTIS access and a TPM command
   scenarios                      list the scenarios";
 
 fn run(args: &[String]) -> Result<(), Fail> {
@@ -108,7 +111,9 @@ fn run(args: &[String]) -> Result<(), Fail> {
         "bench" => match rest.first().map(String::as_str) {
             Some("linux-boot") | None => bench::linux_boot(),
             Some("integrity") => bench::integrity(),
-            Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot, integrity"))),
+            Some("ima") => bench::ima(),
+            Some("exits") => bench::exits_cost(),
+            Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot, integrity, ima, exits"))),
         },
         "scenarios" => {
             for s in scenarios::all() {

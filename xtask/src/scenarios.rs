@@ -30,6 +30,8 @@ pub enum GuestImage {
     Test,
     /// Debian's cloud kernel with the test initramfs, on the pass-through platform.
     Linux,
+    /// Not a guest: the vTPM seed, as the file module `vtpm.seed` (`args` holds its hex).
+    VtpmSeed,
 }
 
 pub type Check = fn(&RunOutput) -> Result<(), String>;
@@ -81,9 +83,16 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
                 println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
                 out.push(ModuleSpec {
                     file: assets.kernel,
-                    args: format!("guest={} kind=linux trust=ctvm_agent -- {}", g.name, g.args),
+                    args: format!("guest={} kind=linux trust=ctvm_agent,ifb -- {}", g.name, g.args),
                 });
                 out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
+                out.push(ModuleSpec { file: assets.policy, args: "ctvm.policy".into() });
+            }
+            GuestImage::VtpmSeed => {
+                let file = crate::util::work_dir().join(format!("vtpm-seed-{}", &g.args[..8.min(g.args.len())]));
+                std::fs::write(&file, format!("{}\n", g.args))
+                    .map_err(|e| Fail(format!("cannot write {}: {e}", file.display())))?;
+                out.push(ModuleSpec { file, args: "vtpm.seed".into() });
             }
         }
     }
@@ -244,12 +253,22 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "vtpm-two-guests",
             about: "two guests, two vTPMs: different launches give different PCRs, EKs and event logs",
-            hypervisor_args: "vtpm.seed=5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
-            guests: vec![guest_with_vtpm("alpha", "test=vtpm mode=first"), guest_with_vtpm("beta", "test=vtpm mode=second")],
+            hypervisor_args: "",
+            guests: vec![
+                GuestSpec {
+                    name: "seed",
+                    kind: GuestImage::VtpmSeed,
+                    mem_mib: 0,
+                    vtpm: false,
+                    args: "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
+                },
+                guest_with_vtpm("alpha", "test=vtpm mode=first"),
+                guest_with_vtpm("beta", "test=vtpm mode=second"),
+            ],
             megs: 256,
             timeout: Duration::from_secs(400),
             expect: vec![CLEAN_END],
-            reject: vec!["FAIL"],
+            reject: vec!["FAIL", "no vtpm.seed", "vtpm.seed module must hold"],
             checks: vec![pcrs_match_the_images, two_vtpms_differ],
             ends_cleanly: true,
             interactive: false,
@@ -281,7 +300,7 @@ pub fn all() -> Vec<Scenario> {
             hypervisor_args: "",
             guests: vec![linux_guest(concat!(
                 "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0 ima_policy=tcb",
-                " ctvm.tpm"
+                " ctvm.tpm ctvm.ima=files"
             ))],
             megs: 1024,
             timeout: Duration::from_secs(500),
@@ -338,7 +357,14 @@ pub fn all() -> Vec<Scenario> {
             megs: 1024,
             timeout: Duration::from_secs(600),
             expect: vec![
+                "module ctvm_agent registered as trusted",
                 "ctvm-init: agent loaded",
+                "ctvm: violation guest=linux module=ifb kind=code-digest",
+                "ctvm: violation guest=linux module=ifb kind=write-syscall-table",
+                "ctvm-init: twin ifb: syscall table write blocked",
+                "ctvm-init: after twin ifb: getpid ok",
+                "module ifb registered as trusted",
+                "ctvm-init: ifb up: yes",
                 "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
                 "ctvm-init: attack atk_syscall: syscall table write blocked",
                 "ctvm-init: after atk_syscall: getpid ok",
@@ -440,7 +466,10 @@ fn pcrs_match_the_images(out: &RunOutput) -> Result<(), String> {
     let mut checked = 0;
     for line in cfg.lines().filter_map(|l| l.trim().strip_prefix("module2 /boot/")) {
         let (file, rest) = line.split_once(' ').ok_or("module2 line")?;
-        let guest = rest.split_whitespace().find_map(|w| w.strip_prefix("guest=")).ok_or("no guest=")?;
+        // Data modules (the vTPM seed) carry no guest= and are not measured.
+        let Some(guest) = rest.split_whitespace().find_map(|w| w.strip_prefix("guest=")) else {
+            continue;
+        };
         if !rest.contains("vtpm=on") {
             continue;
         }
@@ -524,8 +553,14 @@ fn linux_pcrs_replay(out: &RunOutput) -> Result<(), String> {
         pcr10 = extend(pcr10, pcr20(&unhex(hash).ok_or("bad IMA hash")?)?);
         entries += 1;
     }
-    if entries == 0 || pcr("10")? != pcr10 {
+    if pcr("10")? != pcr10 {
         return Err(format!("PCR 10 does not replay from {entries} IMA entries"));
+    }
+    // The boot aggregate, then each file /init read under the measure-all policy.
+    let files =
+        line("ctvm-init: read ").and_then(|l| l.split(' ').next()?.parse::<usize>().ok()).ok_or("no read line")?;
+    if entries < files + 2 {
+        return Err(format!("{entries} IMA entries for {files} modules and busybox read: files were not measured"));
     }
     // 32 random bytes from the TPM, through /dev/tpm0.
     let random = unhex(line("ctvm-init: tpm random:").ok_or("no random bytes")?).ok_or("bad random hex")?;

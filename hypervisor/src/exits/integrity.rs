@@ -14,7 +14,8 @@ use crate::console;
 use crate::guest::virt;
 use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
-use crate::integrity::layout::Range;
+use crate::integrity::layout::{ModuleInfo, Range};
+use crate::integrity::policy::Mismatch;
 use crate::integrity::violation::{Line, Violation};
 use crate::integrity::{wire, Stepping, View};
 use crate::mm::paging::Perms;
@@ -344,13 +345,25 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     for r in &info.data {
         data.extend(pages_of(ctx, *r)?);
     }
+    let verdict = trust_verdict(ctx, &info)?;
+    let rip = ctx.vcpu.read(Field::Rip);
     let guest = alloc::string::String::from(ctx.guest.name());
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return Err(Error::NotPermitted);
     };
-    let trusted = state.trusted.contains(&info.name);
+    let mismatch = match &verdict {
+        Some(Err(m)) => Some(m.clone()),
+        _ => None,
+    };
+    // Audit mode reports a mismatch and trusts the module all the same.
+    let trusted = match verdict {
+        None => false,
+        Some(Ok(())) => true,
+        Some(Err(_)) => state.engine.mode == crate::integrity::Mode::Audit,
+    };
     let name = info.name.clone();
     let fixups = info.fixups.len();
+    let code_start = info.code.first().map_or(0, |r| r.start);
     let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
     let others: Vec<u32> = state.engine.modules().filter(|&m| m != id).collect();
     let mut undo = Undo::default();
@@ -359,6 +372,12 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         let _ = state.engine.unregister_module(id);
         return Err(Error::NoSpace);
     }
+    // Reported once the module is in place, so a refused call records nothing.
+    if let Some(m) = mismatch {
+        log::warn!("guest {guest}: module {name} is named in trust= but its code has {m}");
+        let v = state.engine.record(crate::integrity::ViolationKind::CodeDigest, View::Module(id), rip, code_start);
+        report(ctx, &v);
+    }
     log::info!(
         "guest {guest}: module {name} registered as {} ({} code pages, {} data pages, {fixups} fault fixups)",
         if trusted { "trusted" } else { "untrusted, isolated" },
@@ -366,6 +385,25 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         data.len()
     );
     Ok(u64::from(id))
+}
+
+/// Whether a module may run in the kernel view: `None` if the guest does
+/// not trust its name, else whether its code is the code the policy pins.
+fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Result<(), Mismatch>>, Error> {
+    let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
+    let Some(entry) = state.trusted.iter().find(|e| e.name == info.name) else {
+        return Ok(None);
+    };
+    let lengths: Vec<u64> = info.code.iter().map(|r| r.end - r.start).collect();
+    if lengths != entry.range_lengths() {
+        // Sizes alone decide; nothing is read for a module of another size.
+        return Ok(Some(entry.check(&lengths, &mut [])));
+    }
+    let mut code = Vec::new();
+    for r in &info.code {
+        code.extend(read_guest(ctx, r.start, (r.end - r.start) as usize)?);
+    }
+    Ok(Some(entry.check(&lengths, &mut code)))
 }
 
 /// Returns a module's pages to the kernel view and drops them from its view.
@@ -675,6 +713,7 @@ mod tests {
     use crate::guest::memory::HostPhys;
     use crate::guest::{test_guest, Guest};
     use crate::integrity::control::fake::FakeControl;
+    use crate::integrity::policy::Entry;
     use crate::integrity::{GuestIntegrity, Mode, ViolationKind};
     use crate::vcpu::fake::FakeVcpu;
     use crate::vcpu::{ExitInfo, VcpuState};
@@ -866,6 +905,48 @@ mod tests {
         let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
         assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::Locked.code());
         assert_eq!(f.call(0x11, 0, 0), Error::Locked.code());
+    }
+
+    /// Registers the fixture's module (one code page holding `mov [rax], rbx`)
+    /// under a policy that pins `evil` to that page with `byte` at 0x20.
+    fn register_pinned(mode: Mode, byte: u8) -> (Fixture, u32) {
+        use sha2::Digest;
+        let mut code = alloc::vec![0u8; 0x1000];
+        code[0x10..0x13].copy_from_slice(&[0x48, 0x89, 0x18]);
+        code[0x20] = byte;
+        // The masked byte counts for nothing, whatever the loader put there.
+        code[0x11] = 0;
+        let sha256 = sha2::Sha256::digest(&code).into();
+        let entry = Entry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: alloc::vec![(0x11, 1)] };
+        let mut f = fixture(mode);
+        f.guest.integrity.as_mut().unwrap().trusted = alloc::vec![entry];
+        let id = f.register_everything();
+        (f, id)
+    }
+
+    fn violation_kinds(f: &mut Fixture) -> Vec<u32> {
+        let e = &mut f.guest.integrity.as_mut().unwrap().engine;
+        e.violations.take(usize::MAX).map(|r| r.kind).collect()
+    }
+
+    #[test]
+    fn trust_is_pinned_to_the_code_not_the_name() {
+        // The code the policy pins: the module runs in the kernel view.
+        let (mut f, id) = register_pinned(Mode::Enforce, 0);
+        assert!(f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
+        assert!(!f.control.views.contains(&id), "no view of its own");
+        assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::RX));
+        assert_eq!(violation_kinds(&mut f), [0u32; 0]);
+        // The same name with one other byte: isolated, and reported.
+        let (mut f, id) = register_pinned(Mode::Enforce, 0xcc);
+        assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
+        assert!(f.control.views.contains(&id));
+        assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::READ));
+        assert_eq!(violation_kinds(&mut f), [abi::ViolationKindCode::CodeDigest as u32]);
+        // Audit mode reports the mismatch and trusts it all the same.
+        let (mut f, id) = register_pinned(Mode::Audit, 0xcc);
+        assert!(f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
+        assert_eq!(violation_kinds(&mut f), [abi::ViolationKindCode::CodeDigest as u32]);
     }
 
     #[test]

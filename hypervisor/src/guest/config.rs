@@ -80,6 +80,12 @@ pub fn is_pass_through_module(cmdline: &str) -> bool {
     is_guest_module(cmdline) && options.filter_map(|w| w.strip_prefix("kind=")).next_back() == Some("linux")
 }
 
+/// Whether a module is data for the hypervisor itself: the vTPM seed or the
+/// trusted-module policy.
+pub fn is_data_module(cmdline: &str) -> bool {
+    matches!(cmdline.trim(), "vtpm.seed" | "ctvm.policy")
+}
+
 /// Whether a module's command line describes a guest at all.
 pub fn is_guest_module(cmdline: &str) -> bool {
     split_args(cmdline).0.split_ascii_whitespace().any(|w| w.starts_with("guest="))

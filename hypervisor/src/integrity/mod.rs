@@ -22,6 +22,7 @@
 pub mod control;
 pub mod engine;
 pub mod layout;
+pub mod policy;
 pub mod violation;
 pub mod wire;
 
@@ -62,12 +63,13 @@ pub struct GuestIntegrity {
     pub engine: Engine,
     pub view: View,
     pub stepping: Option<Stepping>,
-    /// Names of the modules the policy trusts: they run in the kernel view.
-    pub trusted: alloc::vec::Vec<alloc::string::String>,
+    /// The modules this guest trusts, each pinned by its code's digest: a
+    /// module whose name and code match runs in the kernel view.
+    pub trusted: alloc::vec::Vec<policy::Entry>,
 }
 
 impl GuestIntegrity {
-    pub fn new(mode: Mode, trusted: alloc::vec::Vec<alloc::string::String>) -> Self {
+    pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
         GuestIntegrity { engine: Engine::new(mode), view: View::Kernel, stepping: None, trusted }
     }
 }

@@ -30,6 +30,8 @@ pub enum ViolationKind {
     DescriptorTable,
     /// A write to LSTAR, CSTAR or SYSENTER_* after the lock.
     SyscallMsr,
+    /// A module named as trusted whose code is not the code the policy pins.
+    CodeDigest,
 }
 
 impl ViolationKind {
@@ -48,6 +50,7 @@ impl ViolationKind {
             Self::ControlRegister => "control-register",
             Self::DescriptorTable => "descriptor-table",
             Self::SyscallMsr => "syscall-msr",
+            Self::CodeDigest => "code-digest",
         }
     }
 
@@ -66,6 +69,7 @@ impl ViolationKind {
             Self::ControlRegister => ViolationKindCode::ControlRegister,
             Self::DescriptorTable => ViolationKindCode::DescriptorTable,
             Self::SyscallMsr => ViolationKindCode::SyscallMsr,
+            Self::CodeDigest => ViolationKindCode::CodeDigest,
         }
     }
 }

@@ -112,6 +112,20 @@ impl GuestTpm {
     }
 }
 
+/// The vTPM seed: 64 hexadecimal digits (32 bytes), surrounding whitespace
+/// allowed, as `openssl rand -hex 32` writes them.
+pub fn parse_seed(text: &[u8]) -> Option<[u8; 32]> {
+    let text = text.trim_ascii();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (out, pair) in seed.iter_mut().zip(text.chunks(2)) {
+        *out = u8::from_str_radix(core::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(seed)
+}
+
 /// The launch measurements of a guest, GRUB's way: the command line into
 /// PCR 8, the kernel and the initrd into PCR 9. `sha1` hashes.
 pub fn launch_measurements<'a>(
@@ -177,6 +191,16 @@ pub mod fake {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn seeds_are_64_hex_digits() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let seed = super::parse_seed(alloc::format!("{hex}\n").as_bytes()).unwrap();
+        assert_eq!((seed[0], seed[1], seed[31]), (0x00, 0x11, 0xff));
+        assert_eq!(super::parse_seed(&hex.as_bytes()[..62]), None);
+        assert_eq!(super::parse_seed(hex.replace('0', "g").as_bytes()), None);
+        assert_eq!(super::parse_seed(b"+1122334455667788990011223344556677889900112233445566778899001122"), None);
+    }
+
     use super::fake::FakeTpm;
     use super::*;
 

@@ -119,7 +119,9 @@ pub enum Request {
         locality: u8,
     },
     HashStart,
-    HashData,
+    HashData {
+        data: Vec<u8>,
+    },
     HashEnd,
     CancelTpmCmd,
     StoreVolatile,
@@ -199,7 +201,14 @@ impl Request {
                 Request::SetLocality { locality: body[0] }
             }
             code::HASH_START => Request::HashStart,
-            code::HASH_DATA => Request::HashData,
+            code::HASH_DATA => {
+                at_least(4)?;
+                let len = be32(body) as usize;
+                if body.len() - 4 != len {
+                    return Err(BadInput);
+                }
+                Request::HashData { data: body[4..].to_vec() }
+            }
             code::HASH_END => Request::HashEnd,
             code::CANCEL_TPM_CMD => {
                 exact(0)?;
@@ -334,6 +343,14 @@ mod tests {
         );
         body.push(10);
         assert_eq!(Request::parse(code::SET_STATEBLOB, &body), Err(BadInput));
+    }
+
+    #[test]
+    fn hash_data_length_must_match_its_data() {
+        assert_eq!(Request::parse(code::HASH_DATA, &[0, 0, 0, 2, 7, 8]), Ok(Request::HashData { data: vec![7, 8] }));
+        assert_eq!(Request::parse(code::HASH_DATA, &[0, 0, 0, 0]), Ok(Request::HashData { data: vec![] }));
+        assert_eq!(Request::parse(code::HASH_DATA, &[0, 0, 0, 3, 7, 8]), Err(BadInput));
+        assert_eq!(Request::parse(code::HASH_DATA, &[0, 0]), Err(BadInput));
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl<E: Engine> Device<E> {
         | ctrl::cap::GET_TPMESTABLISHED
         | ctrl::cap::RESET_TPMESTABLISHED
         | ctrl::cap::SET_LOCALITY
+        | ctrl::cap::HASHING
         | ctrl::cap::GET_STATEBLOB
         | ctrl::cap::SET_STATEBLOB
         | ctrl::cap::GET_CONFIG
@@ -185,13 +186,28 @@ impl<E: Engine> Device<E> {
                 return (ctrl::result_only(code), After::Terminate);
             }
             Request::GetTpmEstablished if !self.running => not_running,
-            // The establishment bit is set only by a DRTM sequence
-            // (CMD_HASH_START), which this server does not offer.
-            Request::GetTpmEstablished => ctrl::established(rc::SUCCESS, false),
+            // The establishment bit is set by a DRTM sequence (CMD_HASH_START).
+            Request::GetTpmEstablished => ctrl::established(rc::SUCCESS, self.tpm.tpm_established()),
             Request::ResetTpmEstablished { .. } if !self.running => not_running,
             Request::ResetTpmEstablished { locality } => {
                 // libtpms resets the bit only from localities 3 and 4.
-                ctrl::result_only(if locality == 3 || locality == 4 { rc::SUCCESS } else { rc::BAD_LOCALITY })
+                let r = self.tpm.reset_established(locality);
+                self.persisted(r)
+            }
+            // The DRTM sequence, at locality 4 whatever CMD_SET_LOCALITY
+            // chose (as swtpm). Its errors put the TPM into failure mode.
+            Request::HashStart | Request::HashData { .. } | Request::HashEnd if !self.running => not_running,
+            Request::HashStart => {
+                let r = self.tpm.hash_start();
+                self.persisted(r)
+            }
+            Request::HashData { data } => {
+                let r = self.tpm.hash_data(&data);
+                self.persisted(r)
+            }
+            Request::HashEnd => {
+                let r = self.tpm.hash_end();
+                self.persisted(r)
             }
             Request::SetLocality { locality } if locality > 4 => ctrl::result_only(rc::BAD_LOCALITY),
             Request::SetLocality { locality } => {
@@ -230,16 +246,21 @@ impl<E: Engine> Device<E> {
             // a cancel is read there is nothing left to cancel. swtpm gives
             // the same answer.
             Request::CancelTpmCmd => ctrl::result_only(rc::FAIL),
-            // Not offered (see CAPABILITIES): DRTM hashing needs an engine
-            // entry point for the locality-4 PCR 17-22 sequence, and the
-            // engine does not expose its volatile state.
-            Request::HashStart
-            | Request::HashData
-            | Request::HashEnd
-            | Request::StoreVolatile
-            | Request::Unknown(_) => ctrl::result_only(rc::BAD_ORDINAL),
+            // Not offered (see CAPABILITIES): the engine does not expose its
+            // volatile state.
+            Request::StoreVolatile | Request::Unknown(_) => ctrl::result_only(rc::BAD_ORDINAL),
         };
         (answer, After::Continue)
+    }
+
+    /// The answer to a control request that may have changed the
+    /// permanent state: persisted first, as for TPM commands.
+    fn persisted(&mut self, r: Result<(), u32>) -> Vec<u8> {
+        if let Err(e) = self.persist() {
+            eprintln!("vtpm-server: could not persist TPM state: {e}");
+            return ctrl::result_only(rc::IOERROR);
+        }
+        ctrl::result_only(r.err().unwrap_or(rc::SUCCESS))
     }
 
     fn get_blob(&mut self, blob_type: u32, offset: u32) -> Vec<u8> {
@@ -358,6 +379,28 @@ mod tests {
                 _ => {}
             }
             vec![0xee, locality]
+        }
+        fn hash_start(&mut self) -> Result<(), u32> {
+            self.permanent.push(b'H');
+            self.dirty = true;
+            Ok(())
+        }
+        fn hash_data(&mut self, _data: &[u8]) -> Result<(), u32> {
+            Ok(())
+        }
+        fn hash_end(&mut self) -> Result<(), u32> {
+            Err(0x1a)
+        }
+        fn tpm_established(&self) -> bool {
+            self.permanent.contains(&b'H')
+        }
+        fn reset_established(&mut self, locality: u8) -> Result<(), u32> {
+            if locality < 3 {
+                return Err(rc::BAD_LOCALITY);
+            }
+            self.permanent.retain(|b| *b != b'H');
+            self.dirty = true;
+            Ok(())
         }
     }
 
@@ -481,12 +524,34 @@ mod tests {
     fn unknown_and_unoffered_codes_answer_bad_ordinal() {
         let d = tempdir("unknown");
         let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
-        for r in [Request::Unknown(0x13), Request::HashStart, Request::StoreVolatile] {
+        for r in [Request::Unknown(0x13), Request::StoreVolatile] {
             assert_eq!(dev.control(r).0, ctrl::result_only(rc::BAD_ORDINAL));
         }
         let caps = u64::from_be_bytes(dev.control(Request::GetCapability).0.try_into().unwrap());
-        assert_eq!(caps & ctrl::cap::HASHING, 0);
+        assert_eq!(caps & ctrl::cap::STORE_VOLATILE, 0);
         assert_ne!(caps & ctrl::cap::SET_LOCALITY, 0);
+        drop(dev);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn drtm_requests_reach_the_engine_and_persist() {
+        let d = tempdir("drtm");
+        let mut dev = open(&d, Flags { not_need_init: true, startup_clear: false });
+        let caps = u64::from_be_bytes(dev.control(Request::GetCapability).0.try_into().unwrap());
+        assert_ne!(caps & ctrl::cap::HASHING, 0);
+        assert_eq!(dev.control(Request::GetTpmEstablished).0, ctrl::established(rc::SUCCESS, false));
+        assert_eq!(dev.control(Request::HashStart).0, ctrl::result_only(rc::SUCCESS));
+        assert_eq!(std::fs::read(d.join(PERMANENT_FILE)).unwrap(), b"EKH");
+        assert_eq!(dev.control(Request::HashData { data: vec![1] }).0, ctrl::result_only(rc::SUCCESS));
+        assert_eq!(dev.control(Request::HashEnd).0, ctrl::result_only(0x1a));
+        assert_eq!(dev.control(Request::GetTpmEstablished).0, ctrl::established(rc::SUCCESS, true));
+        let reset = |l| Request::ResetTpmEstablished { locality: l };
+        assert_eq!(dev.control(reset(0)).0, ctrl::result_only(rc::BAD_LOCALITY));
+        assert_eq!(dev.control(reset(4)).0, ctrl::result_only(rc::SUCCESS));
+        assert_eq!(std::fs::read(d.join(PERMANENT_FILE)).unwrap(), b"EK");
+        dev.control(Request::Stop);
+        assert_eq!(dev.control(Request::HashStart).0, ctrl::result_only(rc::BAD_ORDINAL));
         drop(dev);
         std::fs::remove_dir_all(d).unwrap();
     }

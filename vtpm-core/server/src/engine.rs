@@ -23,6 +23,15 @@ pub trait Engine: Send + Sized + 'static {
     fn power_on(&mut self);
     /// Runs one TPM command at `locality` and returns its response.
     fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8>;
+    /// TPM_HASH_START / TPM_HASH_DATA / TPM_HASH_END (the DRTM sequence):
+    /// `Err` carries the TPM result code.
+    fn hash_start(&mut self) -> Result<(), u32>;
+    fn hash_data(&mut self, data: &[u8]) -> Result<(), u32>;
+    fn hash_end(&mut self) -> Result<(), u32>;
+    /// TPM_PERMANENT_FLAGS.tpmEstablished.
+    fn tpm_established(&self) -> bool;
+    /// Resets tpmEstablished as `locality` asks.
+    fn reset_established(&mut self, locality: u8) -> Result<(), u32>;
 }
 
 mod vtpm {
@@ -57,6 +66,21 @@ mod vtpm {
         }
         fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
             Tpm::execute(self, locality, command)
+        }
+        fn hash_start(&mut self) -> Result<(), u32> {
+            Tpm::hash_start(self)
+        }
+        fn hash_data(&mut self, data: &[u8]) -> Result<(), u32> {
+            Tpm::hash_data(self, data)
+        }
+        fn hash_end(&mut self) -> Result<(), u32> {
+            Tpm::hash_end(self)
+        }
+        fn tpm_established(&self) -> bool {
+            Tpm::tpm_established(self)
+        }
+        fn reset_established(&mut self, locality: u8) -> Result<(), u32> {
+            Tpm::reset_established(self, locality)
         }
     }
 }

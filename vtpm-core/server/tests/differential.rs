@@ -580,15 +580,64 @@ fn hostile_authorised(c: &mut Client<'_>) {
     let mut swapped = good.clone();
     swapped.raw[200] ^= 0x80; // inside the public modulus
     assert!(c.load_key2(TPM_KH_SRK, &SRK, &swapped).is_err(), "{name}: LoadKey2 with a changed public key");
+    // A blob cut short whose encDataSize still says 256: encData swallows
+    // the start of the session trailer and what remains of the trailer is
+    // parsed. The cut is longer than the trailer's HMAC (20 bytes) so that
+    // the trailer runs out before its continueAuthSession byte; a shorter
+    // cut would read that byte from the HMAC, which differs from run to run,
+    // and the answer would flip between TPM_BAD_PARAMETER (not 0 or 1) and
+    // TPM_BAD_PARAM_SIZE on either TPM.
     let mut truncated = good.clone();
-    truncated.raw.truncate(n - 10);
-    assert!(c.load_key2(TPM_KH_SRK, &SRK, &truncated).is_err(), "{name}: LoadKey2 of a truncated blob");
+    truncated.raw.truncate(n - 30);
+    let r = c.load_key2(TPM_KH_SRK, &SRK, &truncated);
+    assert_eq!(r, Err(rc::BAD_PARAM_SIZE), "{name}: LoadKey2 of a truncated blob");
+    // A short encData whose size says so: the blob parses, the
+    // authorisation holds, and the decryption refuses it.
+    let mut short = good.clone();
+    short.raw.truncate(n - 10);
+    let size_at = n - 4 - good.enc_data_len;
+    short.raw[size_at..size_at + 4].copy_from_slice(&((good.enc_data_len - 10) as u32).to_be_bytes());
+    let r = c.load_key2(TPM_KH_SRK, &SRK, &short);
+    assert_eq!(r, Err(rc::DECRYPT_ERROR), "{name}: LoadKey2 of a short encData");
     let mut lying = good.clone();
     lying.raw[30..34].copy_from_slice(&0x7fff_0000u32.to_be_bytes()); // PCRInfoSize
     assert!(c.load_key2(TPM_KH_SRK, &SRK, &lying).is_err(), "{name}: LoadKey2 with a lying PCRInfoSize");
     assert!(c.load_key2(0x0100_0999, &SRK, &good).is_err(), "{name}: LoadKey2 under an unknown parent");
+    // Changed headers (a TPM_KEY version 1.1 here) are refused while
+    // parsing, before the authorisation is looked at; changed revision
+    // bytes and public fields only by the pubDataDigest check.
+    let wrong = sha1(&[b"not the SRK secret"]);
+    for head in [[2u8, 1, 0, 0], [1, 2, 0, 0], [0, 0x28, 0, 1], [0, 0x29, 0, 0], [0, 0x28, 0, 0], [1, 1, 0, 1]] {
+        let mut k = good.clone();
+        k.raw[..4].copy_from_slice(&head);
+        assert!(c.load_key2(TPM_KH_SRK, &wrong, &k).is_err(), "{name}: LoadKey2 with header {head:02x?}");
+        assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with header {head:02x?}");
+    }
+    let mut k = good.clone();
+    k.raw[10] = 0; // authDataUsage NEVER
+    assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with a changed authDataUsage");
+    let mut k = good.clone();
+    k.raw[6..10].copy_from_slice(&0x20u32.to_be_bytes()); // an undefined key flag
+    assert!(c.load_key2(TPM_KH_SRK, &SRK, &k).is_err(), "{name}: LoadKey2 with an undefined key flag");
     let bad_usage = key_template(0x9999, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
     assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &bad_usage).is_err(), "{name}: unknown key usage");
+    let templates = [
+        ("storage key with PKCS#1 v1.5", key_template(TPM_KEY_STORAGE, 0x0002, TPM_SS_NONE)),
+        ("signing key with an encryption scheme", key_template(TPM_KEY_SIGNING, TPM_ES_RSAESOAEP_SHA1_MGF1, 0x0002)),
+        ("authchange key", key_template(0x0013, TPM_ES_RSAESOAEP_SHA1_MGF1, TPM_SS_NONE)),
+        ("identity key", key_template(TPM_KEY_IDENTITY, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1)),
+    ];
+    for (what, template) in templates {
+        assert!(
+            c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &template).is_err(),
+            "{name}: CreateWrapKey of a {what}"
+        );
+    }
+    let mut flagged = key_template(TPM_KEY_SIGNING, TPM_ES_NONE, TPM_SS_RSASSAPKCS1V15_SHA1);
+    flagged[6..10].copy_from_slice(&0x10u32.to_be_bytes()); // migrateAuthority
+    assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &flagged).is_err(), "{name}: migrateAuthority key");
+    flagged[6..10].copy_from_slice(&0x40u32.to_be_bytes()); // undefined
+    assert!(c.create_wrap_key(TPM_KH_SRK, &SRK, &key_auth, &flagged).is_err(), "{name}: undefined key flag");
 
     // Sealed data that was tampered with, and data too large to seal.
     let data_auth = sha1(&[b"data"]);
@@ -598,6 +647,11 @@ fn hostile_authorised(c: &mut Client<'_>) {
     bad[n - 7] ^= 0x40;
     assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &bad).is_err(), "{name}: Unseal of a tampered blob");
     assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &sealed[..n - 1]).is_err(), "{name}: Unseal of a truncated blob");
+    // The same blob with encData one byte short (its size field says so).
+    let mut short = sealed[..n - 1].to_vec();
+    let size_at = n - 256 - 4;
+    short[size_at..size_at + 4].copy_from_slice(&255u32.to_be_bytes());
+    assert!(c.unseal(TPM_KH_SRK, &SRK, &data_auth, &short).is_err(), "{name}: Unseal of a 255-byte encData");
     assert!(c.seal(TPM_KH_SRK, &SRK, &data_auth, &[], &[0x33; 300]).is_err(), "{name}: Seal of 300 bytes");
 
     // NV misuse.
@@ -614,6 +668,10 @@ fn hostile_authorised(c: &mut Client<'_>) {
     c.nv_define(&OWNER, 0x1001_3001, perms, 8);
     assert_ne!(c.nv_define(&OWNER, 0x0001_3002, perms, 0x0010_0000), rc::SUCCESS, "{name}: 1 MiB of NV");
     assert_eq!(c.nv_define(&OWNER, 0x0001_3000, perms, 0), rc::SUCCESS, "{name}: NV release");
+    // A size libtpms can allocate but that does not fit (TPM_NOSPACE, where
+    // 1 MiB is TPM_SIZE). (A failed redefinition of an existing index is not
+    // sent: libtpms 0.9.2 then enters failure mode.)
+    assert_ne!(c.nv_define(&OWNER, 0x0001_3003, perms, 0x8000), rc::SUCCESS, "{name}: 32 KiB of NV");
     assert_eq!(c.owner_clear(&OWNER), rc::SUCCESS, "{name}: OwnerClear");
 }
 
@@ -706,6 +764,133 @@ fn differential_linux_boot_set() {
     let mut subject = Vtpm::start(Start::NeedsStartup);
     let ctrl = subject.tpm.control_addr;
     let got = run(&mut subject, &mut |c| linux_boot(c, &mut || assert_eq!(init(ctrl), 0)));
+    compare(&expected, &got, "vtpm-core");
+}
+
+/// The DRTM sequence (CMD_HASH_START / DATA / END) and what it does to the
+/// dynamic PCRs 17–22 and to PCR_Reset (TOSPresent), the establishment flag,
+/// and the failure modes a broken sequence causes, before and after
+/// Startup. Control answers are logged next to the TPM commands and
+/// compared too.
+fn drtm(c: &mut Client<'_>, ctrl: std::net::SocketAddr) {
+    let name = c.name();
+    let control = |c: &mut Client<'_>, label: &str, code: u32, body: &[u8], len: usize| -> Vec<u8> {
+        let answer = support::backend::control(ctrl, code, body, len);
+        c.log.push(Step {
+            label: label.into(),
+            kind: Kind::Exact,
+            command: code.to_be_bytes().to_vec(),
+            response: answer.clone(),
+        });
+        answer
+    };
+    let dynamic = |c: &mut Client<'_>| {
+        for pcr in 16..=23 {
+            let _ = c.pcr_read(pcr);
+        }
+    };
+    let flags = |c: &mut Client<'_>| c.get_capability(Kind::Exact, cap::FLAG, &cap::FLAG_PERMANENT.to_be_bytes());
+    let hash_data = |data: &[u8]| [&(data.len() as u32).to_be_bytes()[..], data].concat();
+    let m = sha1(&[b"drtm"]);
+
+    dynamic(c);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    // Without a dynamic launch, resets of 17-22 give all-FF.
+    c.set_locality(2);
+    let _ = c.extend(20, &m);
+    c.pcr_reset(&[20, 21]);
+    dynamic(c);
+    // The launch: 17-22 zero, only locality 4 may extend 17 while it is zero.
+    assert_eq!(control(c, "HASH_START", 6, &[], 4), [0; 4], "{name}: HASH_START");
+    dynamic(c);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    flags(c).unwrap();
+    c.set_locality(3);
+    assert!(c.extend(17, &m).is_err(), "{name}: PCR 17 at zero from locality 3");
+    control(c, "HASH_DATA", 7, &hash_data(b"measured launch "), 4);
+    control(c, "HASH_DATA (empty)", 7, &hash_data(b""), 4);
+    control(c, "HASH_DATA", 7, &hash_data(&[0x5a; 3000]), 4);
+    assert_eq!(control(c, "HASH_END", 8, &[], 4), [0; 4], "{name}: HASH_END");
+    dynamic(c);
+    let _ = c.extend(17, &m);
+    // With TOSPresent, resets give zero.
+    c.set_locality(2);
+    let _ = c.extend(20, &m);
+    c.pcr_reset(&[20, 21]);
+    c.set_locality(4);
+    c.pcr_reset(&[17, 18]);
+    c.set_locality(2);
+    let _ = c.extend(17, &m);
+    dynamic(c);
+    // HASH_END without HASH_START: TPM_SHA_THREAD and failure mode.
+    control(c, "HASH_END without HASH_START", 8, &[], 4);
+    let _ = c.pcr_read(0);
+    c.set_locality(0);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    let _ = c.property(Kind::Exact, cap::PROP_TIS_TIMEOUT);
+    // Parameters are parsed before the failure mode is noticed, the tag after.
+    malformed_pcr_reads(c);
+    // TPM_Init and Startup: TOSPresent is gone, the flag stays.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    c.startup(1);
+    dynamic(c);
+    c.set_locality(2);
+    c.pcr_reset(&[20]);
+    let _ = c.pcr_read(20);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    control(c, "RESET_TPMESTABLISHED 0", 0x0b, &[0], 4);
+    control(c, "RESET_TPMESTABLISHED 3", 0x0b, &[3], 4);
+    control(c, "GET_TPMESTABLISHED", 4, &[], 8);
+    c.set_locality(0);
+    flags(c).unwrap();
+    // A second HASH_START inside a sequence: TPM_FAIL and failure mode.
+    control(c, "HASH_START", 6, &[], 4);
+    control(c, "HASH_START again", 6, &[], 4);
+    let _ = c.pcr_read(0);
+    // HASH_START before Startup: TPM_INVALID_POSTINIT and a failure mode in
+    // which the TPM still counts as post-init.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    control(c, "HASH_START before Startup", 6, &[], 4);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    let _ = c.pcr_read(0);
+    c.startup(1);
+    c.startup(1);
+    let _ = c.property(Kind::Exact, cap::PROP_OWNER);
+    // Before Startup too, parameters come first.
+    control(c, "CMD_INIT", 2, &[0; 4], 4);
+    malformed_pcr_reads(c);
+    // A malformed Startup still ends the post-init state.
+    c.startup(7);
+    c.startup(1);
+    dynamic(c);
+    c.raw("Startup without its type", Kind::Exact, Cmd::new(tag::RQU_COMMAND, ord::STARTUP).finish());
+}
+
+/// A PCRRead cut short, one with a trailing byte and one with an auth tag.
+fn malformed_pcr_reads(c: &mut Client<'_>) {
+    c.raw("PCRRead truncated", Kind::Exact, unhex("00c1 0000000c 00000015 0000"));
+    c.raw("PCRRead trailing byte", Kind::Exact, unhex("00c1 0000000f 00000015 00000000 00"));
+    c.raw("PCRRead auth tag", Kind::Exact, unhex("00c2 0000000e 00000015 00000000"));
+}
+
+#[test]
+fn reference_drtm() {
+    let mut a = Swtpm::start(Start::StartupClear);
+    let mut b = Swtpm::start(Start::StartupClear);
+    let (ca, cb) = (a.control_addr(), b.control_addr());
+    let ta = run(&mut a, &mut |c| drtm(c, ca));
+    let tb = run(&mut b, &mut |c| drtm(c, cb));
+    compare(&ta, &tb, "swtpm #2");
+}
+
+#[test]
+fn differential_drtm() {
+    let mut reference = Swtpm::start(Start::StartupClear);
+    let ctrl = reference.control_addr();
+    let expected = run(&mut reference, &mut |c| drtm(c, ctrl));
+    let mut subject = Vtpm::start(Start::StartupClear);
+    let ctrl = subject.tpm.control_addr;
+    let got = run(&mut subject, &mut |c| drtm(c, ctrl));
     compare(&expected, &got, "vtpm-core");
 }
 

@@ -29,6 +29,17 @@ impl<P: Platform> Tpm<P> {
         let sub = c.r.sized32()?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
+        // In failure mode only the version and vendor capabilities answer
+        // (Part 3, 7.1 action 3, as libtpms: MANUFACTURER 0x103, TIS_TIMEOUT
+        // 0x115 and DURATION 0x120 are the properties).
+        if self.mode == crate::Mode::Failed {
+            let property = <[u8; 4]>::try_from(sub).map(u32::from_be_bytes).ok();
+            let allowed = matches!(area, CAP_VERSION | CAP_VERSION_VAL | CAP_MFR)
+                || (area == CAP_PROPERTY && matches!(property, Some(0x103 | 0x115 | 0x120)));
+            if !allowed {
+                return Err(TPM_FAILEDSELFTEST);
+            }
+        }
         let resp = self.capability(area, sub)?;
         let mut out = Vec::with_capacity(resp.len().saturating_add(4));
         out.put_sized32(&resp);

@@ -93,6 +93,11 @@ impl<P: Platform> Tpm<P> {
 
     /// TPM_CreateWrapKey (Part 3, 10.4): a new key wrapped under a loaded
     /// storage key; its secrets arrive ADIP-encrypted under the OSAP session.
+    /// Checks in libtpms' order: parent handle, authorisation, the
+    /// template's properties (TPM_BAD_KEY_PROPERTY), then the usage rules
+    /// (TPM_INVALID_KEYUSAGE): a storage parent, a non-migratable child
+    /// only under a non-migratable parent, no identity or authchange key,
+    /// no migrateAuthority flag.
     pub(crate) fn cmd_create_wrap_key(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let parent = c.r.u32()?;
         let enc_usage = c.r.digest()?;
@@ -101,21 +106,30 @@ impl<P: Platform> Tpm<P> {
         self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
         let auth = c.auth(0)?;
-        let parent_key = self.key(parent)?;
-        let parent_migratable = parent_key.public.is_migratable();
-        if parent_key.public.usage != KEY_STORAGE {
-            return Err(TPM_INVALID_KEYUSAGE);
-        }
+        self.key(parent)?;
         let even = self.nonce_even(auth.handle)?;
+        // ADIP needs an OSAP session (libtpms checks the session type
+        // before the HMAC).
+        self.vol
+            .sessions
+            .osap_shared(auth.handle)
+            .ok_or(TPM_BAD_MODE)?;
         let v = self.key_auth(c, 0, parent, 4, true)?.ok_or(TPM_AUTHFAIL)?;
         let usage_auth = self.adip_decrypt(auth.handle, &enc_usage, &even)?;
         let migration_auth = self.adip_decrypt(auth.handle, &enc_migration, &auth.nonce_odd)?;
         let mut public = template.public;
         public.check_template()?;
+        let parent_key = self.key(parent)?;
+        if parent_key.public.usage != KEY_STORAGE {
+            return Err(TPM_INVALID_KEYUSAGE);
+        }
+        if parent_key.public.is_migratable() && !public.is_migratable() {
+            return Err(TPM_INVALID_KEYUSAGE);
+        }
         if public.usage == KEY_IDENTITY || public.usage == KEY_AUTHCHANGE {
             return Err(TPM_INVALID_KEYUSAGE);
         }
-        if parent_migratable && !public.is_migratable() {
+        if public.flags & KEYFLAG_MIGRATE_AUTHORITY != 0 {
             return Err(TPM_INVALID_KEYUSAGE);
         }
         public.pcr.stamp_creation(&self.vol.pcrs, c.locality)?;
@@ -139,31 +153,39 @@ impl<P: Platform> Tpm<P> {
         Ok(out)
     }
 
-    /// TPM_LoadKey2 and TPM_LoadKey: unwrap under a loaded storage key.
+    /// TPM_LoadKey2 and TPM_LoadKey: unwrap under a loaded storage key, in
+    /// libtpms' order (TPM_LoadKeyCommon): parent handle, authorisation,
+    /// storage parent (TPM_INVALID_KEYUSAGE), the key's properties
+    /// (TPM_BAD_KEY_PROPERTY), decryption and integrity ([`Key::unwrap`]),
+    /// usage rules (TPM_INVALID_KEYUSAGE: a migratable identity key, an
+    /// authchange key, a non-migratable key whose migrationAuth is not this
+    /// TPM's tpmProof), and only then a free slot (TPM_NOSPACE).
     pub(crate) fn cmd_load_key(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let parent = c.r.u32()?;
         let blob = KeyBlob::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_COMMAND, TAG_RQU_AUTH1_COMMAND])?;
         c.done()?;
-        let parent_key = self.key(parent)?;
-        let parent_migratable = parent_key.public.is_migratable();
-        if parent_key.public.usage != KEY_STORAGE {
+        self.key(parent)?;
+        let v = self.key_auth(c, 0, parent, 4, true)?;
+        if self.key(parent)?.public.usage != KEY_STORAGE {
             return Err(TPM_INVALID_KEYUSAGE);
         }
-        let v = self.key_auth(c, 0, parent, 4, true)?;
-        if self.vol.keys.free() == 0 {
-            return Err(TPM_NOSPACE);
-        }
         blob.public.check_template()?;
+        // Certified-migration keys come only from TPM_CMK_CreateKey, which
+        // this TPM does not implement.
+        if blob.public.flags & KEYFLAG_MIGRATE_AUTHORITY != 0 {
+            return Err(TPM_BAD_KEY_PROPERTY);
+        }
         let parent_key = lookup(&self.perm, &self.vol.keys, parent)?;
         let key = Key::unwrap(blob, parent_key, &mut self.drbg)?;
-        if !key.public.is_migratable() {
-            if parent_migratable {
-                return Err(TPM_INVALID_KEYUSAGE);
-            }
-            if !key.migration_auth.ct_eq(&self.tpm_proof()?.0) {
-                return Err(TPM_FAIL);
-            }
+        if key.public.usage == KEY_IDENTITY && key.public.is_migratable() {
+            return Err(TPM_INVALID_KEYUSAGE);
+        }
+        if key.public.usage == KEY_AUTHCHANGE {
+            return Err(TPM_INVALID_KEYUSAGE);
+        }
+        if !key.public.is_migratable() && !key.migration_auth.ct_eq(&self.tpm_proof()?.0) {
+            return Err(TPM_INVALID_KEYUSAGE);
         }
         let handle = self.vol.keys.insert(key, &mut self.drbg)?;
         let mut out = Vec::with_capacity(45);

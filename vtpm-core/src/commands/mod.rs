@@ -1,8 +1,8 @@
 //! Command framing, dispatch and the checks common to all ordinals.
 //!
-//! The order of checks follows libtpms' `TPM_Process`: size, ordinal,
-//! post-init, failure mode, then per ordinal: parameters, enable/activate
-//! state, tag, authorisation, trailing bytes.
+//! The order of checks follows libtpms' `TPM_Process`: size, ordinal, then
+//! per ordinal: parameters, state (failure mode, post-init, enabled,
+//! activated, owner), tag, authorisation, trailing bytes.
 
 mod admin;
 mod capability;
@@ -235,16 +235,9 @@ fn process<P: Platform>(
         return Err(TPM_BAD_PARAM_SIZE);
     }
     availability(ordinal).ok_or(TPM_BAD_ORDINAL)?;
-    match tpm.mode {
-        Mode::PostInit if ordinal != ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
-        Mode::Failed if ordinal == ORD_STARTUP => return Err(TPM_INVALID_POSTINIT),
-        Mode::Failed if !matches!(ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY) => {
-            return Err(TPM_FAILEDSELFTEST)
-        }
-        _ => {}
-    }
     // Any command other than SaveState itself invalidates a saved state
-    // (Startup(ST_STATE) consumes it itself).
+    // (Startup takes it itself: Startup(ST_STATE) consumes it, any other
+    // Startup drops it).
     if ordinal != ORD_SAVE_STATE && ordinal != ORD_STARTUP {
         tpm.saved = None;
     }
@@ -312,8 +305,21 @@ fn dispatch<P: Platform>(tpm: &mut Tpm<P>, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>
 
 impl<P: Platform> Tpm<P> {
     /// The checks every ordinal makes once its parameters are read, in
-    /// libtpms' order: enabled, activated, owner present, then the tag.
+    /// libtpms' order (TPM_CheckState, then the tag): failure mode
+    /// (TPM_FAILEDSELFTEST, except for GetCapability, GetTestResult and
+    /// Startup, which handle it themselves), waiting for Startup
+    /// (TPM_INVALID_POSTINIT), enabled, activated, owner present.
     pub(crate) fn check(&self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
+        let exempt = matches!(
+            c.ordinal,
+            ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP
+        );
+        if matches!(self.mode, Mode::Failed | Mode::PostInitFailed) && !exempt {
+            return Err(TPM_FAILEDSELFTEST);
+        }
+        if matches!(self.mode, Mode::PostInit | Mode::PostInitFailed) && c.ordinal != ORD_STARTUP {
+            return Err(TPM_INVALID_POSTINIT);
+        }
         if let (Mode::Operational, Some(avail)) = (self.mode, availability(c.ordinal)) {
             if self.perm.flags.disable && !avail.disabled {
                 return Err(TPM_DISABLED);

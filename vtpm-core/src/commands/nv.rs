@@ -44,21 +44,38 @@ impl<P: Platform> Tpm<P> {
         if index == NV_INDEX0 {
             return Err(TPM_BADINDEX);
         }
-        let exists = self.perm.nv.get(index).is_some();
-        if public.size == 0 {
-            if !exists {
-                return Err(TPM_BAD_PARAM_SIZE);
+        // The checks run as if an existing index were already deleted
+        // (libtpms deletes it first, Action 6), but a redefinition that
+        // fails leaves it in place: libtpms then rolls its permanent state
+        // back from NV (TPM_PermanentAll_NVStore).
+        let old = self.perm.nv.get(index);
+        if let Some(old) = old {
+            if self.perm.flags.nv_locked
+                && ((old.public.has(NV_PER_GLOBALLOCK) && self.vol.flags.global_lock)
+                    || (old.public.has(NV_PER_WRITE_STCLEAR) && old.public.write_st_clear))
+            {
+                return Err(TPM_AREA_LOCKED);
             }
+        }
+        let reclaimed = old.map_or(0, |i| {
+            i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD)
+        });
+        let exists = old.is_some();
+        if exists && public.size == 0 {
             self.perm.nv.remove(index);
             self.vol.sessions.terminate_entity(Entity::Nv(index));
             self.mark_dirty();
             return self.nv_respond(c, v);
         }
         check_attributes(&public)?;
-        // Redefining an index replaces it.
-        let reclaimed = self.perm.nv.get(index).map_or(0, |i| {
-            i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD)
-        });
+        if public.size == 0 {
+            return Err(TPM_BAD_PARAM_SIZE);
+        }
+        // libtpms allocates the area before it counts free space: a size it
+        // cannot allocate is TPM_SIZE, one that does not fit TPM_NOSPACE.
+        if public.size > crate::marshal::ALLOC_MAX {
+            return Err(TPM_SIZE);
+        }
         let cost = public.size.saturating_add(crate::nv::INDEX_OVERHEAD);
         if cost > self.perm.nv.free().saturating_add(reclaimed)
             || (!exists && self.perm.nv.indices.len() >= MAX_INDICES)

@@ -39,7 +39,9 @@ impl<P: Platform> Tpm<P> {
         let sel = PcrSelection::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
-        self.vol.pcrs.reset(c.locality, &sel)?;
+        self.vol
+            .pcrs
+            .reset(c.locality, &sel, self.vol.tos_present)?;
         Ok(Vec::new())
     }
 }

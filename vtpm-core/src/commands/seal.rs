@@ -3,7 +3,7 @@
 use super::keys::lookup;
 use super::Cmd;
 use crate::consts::*;
-use crate::crypto::{self, ct_eq, sha1, sha1_parts};
+use crate::crypto::{ct_eq, sha1, sha1_parts};
 use crate::key::{PcrBinding, PcrInfoShort};
 use crate::marshal::{Put, Reader, TpmResult};
 use crate::pcr::{locality_bit, PcrSelection};
@@ -116,8 +116,10 @@ impl<P: Platform> Tpm<P> {
         sealed.put(&stored.digest());
         sealed.put_sized32(data);
         let key = lookup(&self.perm, &self.vol.keys, handle)?;
-        stored.enc_data =
-            crypto::oaep_encrypt(&mut self.drbg, &key.public.modulus, &sealed).ok_or(TPM_FAIL)?;
+        stored.enc_data = key
+            .rsa
+            .oaep_encrypt(&mut self.drbg, &sealed)
+            .ok_or(TPM_FAIL)?;
         let mut out = Vec::new();
         stored.write(&mut out, true);
         self.respond(c, &[&v], &mut out, 0);
@@ -125,43 +127,47 @@ impl<P: Platform> Tpm<P> {
     }
 
     /// TPM_Unseal: the key session first (unless the key needs none and
-    /// the tag is 0xC2), then the data session, which must be OIAP.
+    /// the tag is 0xC2), then the data session, which must be OIAP. Checks
+    /// in libtpms' order: parent handle, parent authorisation, a
+    /// non-migratable storage parent (TPM_INVALID_KEYUSAGE), then the blob:
+    /// any failure to decrypt it or to find this TPM's sealed data in it is
+    /// TPM_NOTSEALED_BLOB; then the PCRs and the data authorisation.
     pub(crate) fn cmd_unseal(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let handle = c.r.u32()?;
         let stored = StoredData::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_AUTH1_COMMAND, TAG_RQU_AUTH2_COMMAND])?;
         c.done()?;
         let k = self.key(handle)?;
-        if k.public.usage != KEY_STORAGE {
-            return Err(TPM_INVALID_KEYUSAGE);
-        }
         let (key_v, data_i) = if c.n_auths() == 2 {
             (self.key_auth(c, 0, handle, 4, true)?, 1)
         } else {
-            if self.key(handle)?.public.auth_usage != AUTH_NEVER {
+            if k.public.auth_usage != AUTH_NEVER {
                 return Err(TPM_AUTHFAIL);
             }
             (None, 0)
         };
         let key = lookup(&self.perm, &self.vol.keys, handle)?;
+        if key.public.usage != KEY_STORAGE || key.public.is_migratable() {
+            return Err(TPM_INVALID_KEYUSAGE);
+        }
+        let proof = self.tpm_proof()?;
         let plain = Zeroizing::new(
             key.rsa
                 .oaep_decrypt(&mut self.drbg, &stored.enc_data)
-                .ok_or(TPM_DECRYPT_ERROR)?,
+                .ok_or(TPM_NOTSEALED_BLOB)?,
         );
-        let mut r = Reader::new(&plain);
-        let payload = r.u8().map_err(|_| TPM_NOTSEALED_BLOB)?;
-        let data_auth = Secret(r.digest().map_err(|_| TPM_NOTSEALED_BLOB)?);
-        let proof = r.digest().map_err(|_| TPM_NOTSEALED_BLOB)?;
-        let digest = r.digest().map_err(|_| TPM_NOTSEALED_BLOB)?;
-        let secret = r.sized32().map_err(|_| TPM_NOTSEALED_BLOB)?;
-        r.finish().map_err(|_| TPM_NOTSEALED_BLOB)?;
-        if payload != PT_SEAL
-            || !self.tpm_proof()?.ct_eq(&proof)
-            || !ct_eq(&digest, &stored.digest())
-        {
-            return Err(TPM_NOTSEALED_BLOB);
-        }
+        let sealed = (|| {
+            let mut r = Reader::new(&plain);
+            let payload = r.u8().ok()?;
+            let data_auth = Secret(r.digest().ok()?);
+            let blob_proof = r.digest().ok()?;
+            let digest = r.digest().ok()?;
+            let secret = r.sized32().ok()?;
+            let valid =
+                proof.ct_eq(&blob_proof) && ct_eq(&digest, &stored.digest()) && payload == PT_SEAL;
+            valid.then_some((data_auth, secret))
+        })();
+        let (data_auth, secret) = sealed.ok_or(TPM_NOTSEALED_BLOB)?;
         stored.seal_info.check_release(&self.vol.pcrs, c.locality)?;
         let data_v = self.verify(c, data_i, Entity::Data, &data_auth, 4)?;
         let mut out = Vec::with_capacity(secret.len().saturating_add(90));

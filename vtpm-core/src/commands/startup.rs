@@ -13,19 +13,43 @@ use alloc::vec::Vec;
 const TEST_RESULT_OK: &[u8] = b"vTPM self-test passed\n";
 
 impl<P: Platform> Tpm<P> {
-    /// TPM_Startup (Part 3, 3.2).
+    /// TPM_Startup (Part 3, 3.2). As in libtpms, a Startup sent after
+    /// TPM_Init ends the post-init state whatever its outcome (a malformed
+    /// one leaves the TPM running without the Startup actions), and every
+    /// Startup invalidates a saved state that it does not consume.
     pub(crate) fn cmd_startup(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
+        let saved = self.saved.take();
+        let before = self.mode;
+        let result = self.startup(c, saved);
+        self.mode = match (before, self.mode) {
+            (Mode::PostInit, Mode::PostInit) => Mode::Operational,
+            (Mode::PostInitFailed, _) => Mode::Failed,
+            (_, now) => now,
+        };
+        if result.is_ok() {
+            // TPM_STANY_FLAGS are reset by every successful Startup.
+            self.vol.tos_present = false;
+        }
+        result
+    }
+
+    fn startup(
+        &mut self,
+        c: &mut Cmd<'_>,
+        saved: Option<zeroize::Zeroizing<Vec<u8>>>,
+    ) -> TpmResult<Vec<u8>> {
         let st = c.r.u16()?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
-        if self.mode != Mode::PostInit {
-            return Err(TPM_INVALID_POSTINIT);
+        match self.mode {
+            Mode::PostInit => {}
+            Mode::PostInitFailed => return Err(TPM_FAILEDSELFTEST),
+            Mode::Operational | Mode::Failed => return Err(TPM_INVALID_POSTINIT),
         }
         match st {
             ST_CLEAR => self.startup_clear(),
             ST_STATE => {
-                let blob = self.saved.take();
-                let restored = blob.as_deref().map(|b| Saved::from_blob(b));
+                let restored = saved.as_deref().map(|b| Saved::from_blob(b));
                 match restored {
                     Some(Ok(s)) if s.identity == self.perm.identity() => self.startup_state(s),
                     // No (or an unusable) saved state: libtpms enters
@@ -47,7 +71,6 @@ impl<P: Platform> Tpm<P> {
     }
 
     fn startup_clear(&mut self) {
-        self.saved = None;
         self.vol.flags = StclearFlags {
             deactivated: self.perm.flags.deactivated,
             ..Default::default()

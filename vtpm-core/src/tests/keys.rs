@@ -206,10 +206,43 @@ fn create_wrap_key_error_paths() {
         create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &id),
         Err(TPM_INVALID_KEYUSAGE)
     );
+    // Schemes that do not fit the usage, and unknown usages, fail
+    // libtpms' TPM_Key_CheckProperties: TPM_BAD_KEY_PROPERTY.
     let bad = template(KEY_STORAGE, ES_RSAESPKCSV15, SS_NONE, 0, AUTH_ALWAYS, &[]);
     assert_eq!(
         create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &bad),
+        Err(TPM_BAD_KEY_PROPERTY)
+    );
+    let unknown = template(0x9999, ES_NONE, SS_RSASSAPKCS1V15_SHA1, 0, AUTH_ALWAYS, &[]);
+    assert_eq!(
+        create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &unknown),
+        Err(TPM_BAD_KEY_PROPERTY)
+    );
+    // An authchange key passes the property check and is then refused.
+    let ac = template(
+        KEY_AUTHCHANGE,
+        ES_RSAESOAEP_SHA1_MGF1,
+        SS_NONE,
+        0,
+        AUTH_ALWAYS,
+        &[],
+    );
+    assert_eq!(
+        create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &ac),
         Err(TPM_INVALID_KEYUSAGE)
+    );
+    // Undefined key flags are refused while parsing, before authorisation.
+    let flags = template(
+        KEY_SIGNING,
+        ES_NONE,
+        SS_RSASSAPKCS1V15_SHA1,
+        0x20,
+        AUTH_ALWAYS,
+        &[],
+    );
+    assert_eq!(
+        create_wrap_key(&mut t, KH_SRK, &[1; 20], &KEY_AUTH, &flags),
+        Err(TPM_BAD_KEY_PROPERTY)
     );
     let mut small = tmpl.clone();
     small[23..27].copy_from_slice(&1024u32.to_be_bytes());
@@ -260,13 +293,20 @@ fn create_wrap_key_error_paths() {
 fn tampered_or_truncated_key_blobs_are_refused() {
     let mut t = owned();
     let blob = cached_key(KEY_SIGNING);
-    // Flip a byte of the public part: the digest inside encData no longer matches.
+    // Flip a byte of the public modulus: the stored prime no longer
+    // divides it (libtpms: TPM_BAD_PARAMETER, found before the digest).
     let mut b = blob.clone();
     b[50] ^= 1;
     assert_eq!(
         load_key2(&mut t, KH_SRK, &SRK_AUTH, &b),
-        Err(TPM_DECRYPT_ERROR)
+        Err(TPM_BAD_PARAMETER)
     );
+    // Change another public field (authDataUsage ALWAYS -> NEVER): the
+    // pubDataDigest inside encData no longer matches (TPM_AUTHFAIL).
+    let mut b = blob.clone();
+    assert_eq!(b[10], AUTH_ALWAYS);
+    b[10] = AUTH_NEVER;
+    assert_eq!(load_key2(&mut t, KH_SRK, &SRK_AUTH, &b), Err(TPM_AUTHFAIL));
     // Flip a byte of encData.
     let mut b = blob.clone();
     let last = b.len() - 10;
@@ -286,14 +326,27 @@ fn tampered_or_truncated_key_blobs_are_refused() {
         load_key2(&mut t, KH_SRK, &SRK_AUTH, &blob[..100]),
         Err(TPM_BAD_PARAM_SIZE)
     );
-    // Changed version bytes: not checked on parsing (libtpms), but they are
-    // part of the public digest bound into encData.
+    // Changed version bytes are refused while parsing, before the
+    // authorisation (libtpms' TPM_Key_LoadPubData): a TPM_KEY must be
+    // version 1.1, a TPM_KEY12 must have tag 0x0028 and fill 0.
+    for (at, value, want) in [(0, 2, TPM_BAD_VERSION), (1, 2, TPM_BAD_VERSION)] {
+        let mut b = blob.clone();
+        b[at] = value;
+        assert_eq!(load_key2(&mut t, KH_SRK, &[9; 20], &b), Err(want));
+    }
+    for head in [[0, 0x28, 0, 1], [0, 0x29, 0, 0]] {
+        let mut b = blob.clone();
+        b[..4].copy_from_slice(&head);
+        assert_eq!(
+            load_key2(&mut t, KH_SRK, &[9; 20], &b),
+            Err(TPM_BAD_KEY_PROPERTY)
+        );
+    }
+    // Revision bytes are not checked, but they are part of the public
+    // digest bound into encData.
     let mut b = blob.clone();
-    b[0] = 2;
-    assert_eq!(
-        load_key2(&mut t, KH_SRK, &SRK_AUTH, &b),
-        Err(TPM_DECRYPT_ERROR)
-    );
+    b[3] ^= 1;
+    assert_eq!(load_key2(&mut t, KH_SRK, &SRK_AUTH, &b), Err(TPM_AUTHFAIL));
 }
 
 #[test]

@@ -153,6 +153,23 @@ fn define_space_error_codes_match_libtpms() {
         define_noauth(&mut t, 0x1005, NV_PER_AUTHWRITE, 0x7000),
         TPM_NOSPACE
     );
+    // A size libtpms cannot even allocate (above TPM_ALLOC_MAX) is TPM_SIZE.
+    assert_eq!(
+        define_noauth(&mut t, 0x1005, NV_PER_AUTHWRITE, 0x0010_0000),
+        TPM_SIZE
+    );
+    // A redefinition that fails leaves the old index (libtpms rolls back).
+    assert_eq!(define_noauth(&mut t, 0x1006, NV_PER_PPWRITE, 8), 0);
+    assert_eq!(
+        define_noauth(&mut t, 0x1006, NV_PER_PPWRITE, 0x0010_0000),
+        TPM_SIZE
+    );
+    assert_eq!(
+        define_noauth(&mut t, 0x1006, NV_PER_PPWRITE, 0x7000),
+        TPM_NOSPACE
+    );
+    assert!(t.perm.nv.get(0x1006).is_some_and(|i| i.data.len() == 8));
+    assert_eq!(define_noauth(&mut t, 0x1006, NV_PER_PPWRITE, 0), 0);
     let mut p = nv_pub(0x1004, NV_PER_AUTHWRITE, 16);
     p[11] = 0; // pcrInfoRead.localityAtRelease
     assert_eq!(

@@ -50,10 +50,16 @@ fn every_command_before_startup_is_invalid_postinit() {
 }
 
 #[test]
-fn startup_with_unknown_type_is_bad_parameter_and_stays_in_postinit() {
+fn startup_with_unknown_type_is_bad_parameter_and_ends_postinit() {
+    // libtpms clears postInitialise whatever the Startup's outcome: a
+    // second Startup is refused and the TPM runs on.
     let mut t = manufactured();
     err(&mut t, &startup(7), TPM_BAD_PARAMETER);
-    ok(&mut t, 0, &startup(ST_CLEAR));
+    err(&mut t, &startup(ST_CLEAR), TPM_INVALID_POSTINIT);
+    ok(&mut t, 0, &pcr_read(0));
+    let mut t = manufactured();
+    err(&mut t, &hex("00c1 0000000a 00000099"), TPM_BAD_PARAM_SIZE);
+    err(&mut t, &startup(ST_CLEAR), TPM_INVALID_POSTINIT);
 }
 
 #[test]
@@ -299,12 +305,83 @@ fn pcr_reset_follows_locality_rules() {
     err(&mut t, &reset(&hex("0000")), TPM_INVALID_PCR_INFO);
     err(&mut t, &reset(&hex("0004 00000000")), TPM_INVALID_PCR_INFO);
     err(&mut t, &reset(&hex("0003 00")), TPM_BAD_PARAM_SIZE);
-    // Locality 4 resets 17 to zero (DRTM); locality 2 resets 21-22.
+    // Locality 4 resets 17, locality 2 resets 21-22: without a dynamic
+    // launch (TOSPresent clear) back to all-FF, as libtpms.
+    ok(&mut t, 4, &extend(17, [1; 20]));
     assert_eq!(rc(&t.execute(4, &reset(&hex("0003 000002")))), 0);
-    assert_eq!(ok(&mut t, 0, &pcr_read(17)), [0; 20]);
+    assert_eq!(ok(&mut t, 0, &pcr_read(17)), [0xFF; 20]);
+    ok(&mut t, 2, &extend(22, [1; 20]));
+    assert_eq!(rc(&t.execute(2, &reset(&hex("0003 000060")))), 0);
+    assert_eq!(ok(&mut t, 0, &pcr_read(22)), [0xFF; 20]);
+    assert_eq!(rc(&t.execute(3, &reset(&hex("0003 000020")))), TPM_NOTLOCAL);
+    // After TPM_HASH_START (TOSPresent set) the same resets give zero.
+    t.hash_start().unwrap();
+    t.hash_end().unwrap();
+    ok(&mut t, 2, &extend(22, [1; 20]));
     assert_eq!(rc(&t.execute(2, &reset(&hex("0003 000060")))), 0);
     assert_eq!(ok(&mut t, 0, &pcr_read(22)), [0; 20]);
-    assert_eq!(rc(&t.execute(3, &reset(&hex("0003 000020")))), TPM_NOTLOCAL);
+    assert_ne!(ok(&mut t, 0, &pcr_read(17)), [0; 20]);
+    assert_eq!(rc(&t.execute(4, &reset(&hex("0003 000002")))), 0);
+    assert_eq!(ok(&mut t, 0, &pcr_read(17)), [0; 20]);
+    // ... until the next TPM_Init and Startup.
+    t.power_on();
+    ok(&mut t, 0, &startup(ST_CLEAR));
+    assert_eq!(rc(&t.execute(2, &reset(&hex("0003 000060")))), 0);
+    assert_eq!(ok(&mut t, 0, &pcr_read(22)), [0xFF; 20]);
+}
+
+#[test]
+fn drtm_hash_sequence_as_libtpms() {
+    // Before Startup: TPM_INVALID_POSTINIT and failure mode, still
+    // post-init (GetCapability refused as post-init).
+    let mut t = manufactured();
+    assert_eq!(t.hash_start(), Err(TPM_INVALID_POSTINIT));
+    err(&mut t, &pcr_read(0), TPM_FAILEDSELFTEST);
+    err(&mut t, &getcap(CAP_VERSION, &[]), TPM_INVALID_POSTINIT);
+    err(&mut t, &startup(ST_CLEAR), TPM_FAILEDSELFTEST);
+    err(&mut t, &startup(ST_CLEAR), TPM_INVALID_POSTINIT);
+    ok(&mut t, 0, &getcap(CAP_VERSION, &[]));
+    t.power_on();
+    ok(&mut t, 0, &startup(ST_CLEAR));
+
+    // The sequence: 17-22 zero, PCR 17 = SHA1(0 || SHA1(data)), the
+    // establishment flag set and persisted.
+    ok(&mut t, 0, &extend(10, [3; 20]));
+    let pcr10 = ok(&mut t, 0, &pcr_read(10));
+    t.clear_dirty();
+    assert!(!t.tpm_established());
+    t.hash_start().unwrap();
+    assert!(t.tpm_established() && t.permanent_dirty());
+    for i in 17..=22 {
+        assert_eq!(ok(&mut t, 0, &pcr_read(i)), [0; 20]);
+    }
+    // While PCR 17 is zero only locality 4 extends it.
+    assert_eq!(rc(&t.execute(3, &extend(17, [1; 20]))), TPM_BAD_LOCALITY);
+    t.hash_data(b"ab").unwrap();
+    t.hash_data(b"c").unwrap();
+    t.hash_end().unwrap();
+    let expect = crate::crypto::sha1_parts(&[&[0; 20], &crate::sha1(b"abc")]);
+    assert_eq!(ok(&mut t, 0, &pcr_read(17)), expect);
+    assert_eq!(ok(&mut t, 0, &pcr_read(10)), pcr10);
+    ok(&mut t, 3, &extend(17, [1; 20]));
+    // The flag survives a power cycle; localities 3 and 4 reset it.
+    t.power_on();
+    ok(&mut t, 0, &startup(ST_CLEAR));
+    assert_eq!(ok(&mut t, 0, &pcr_read(17)), [0xFF; 20]);
+    assert!(t.tpm_established());
+    assert_eq!(t.reset_established(0), Err(TPM_BAD_LOCALITY));
+    t.reset_established(3).unwrap();
+    assert!(!t.tpm_established());
+
+    // HASH_END without HASH_START: TPM_SHA_THREAD, failure mode.
+    assert_eq!(t.hash_end(), Err(TPM_SHA_THREAD));
+    err(&mut t, &pcr_read(0), TPM_FAILEDSELFTEST);
+    t.power_on();
+    ok(&mut t, 0, &startup(ST_CLEAR));
+    // A second HASH_START inside a sequence: TPM_FAIL, failure mode.
+    t.hash_start().unwrap();
+    assert_eq!(t.hash_start(), Err(TPM_FAIL));
+    err(&mut t, &pcr_read(0), TPM_FAILEDSELFTEST);
 }
 
 #[test]

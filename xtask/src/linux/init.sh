@@ -38,6 +38,10 @@ return_thunks() {
         | tr '\n' ',' | sed 's/,$//')
     [ -n "$list" ] && echo "return_thunks=$list"
 }
+# Guest time in nanoseconds (Bochs' guest time counts emulated instructions).
+now_ns() {
+    awk '/^now at/ { print $3; exit }' /proc/timer_list 2>/dev/null || awk '{ printf "%d", $1 * 1e9 }' /proc/uptime
+}
 cmdline_value() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
 
 # The CTVM agent, given the kernel's layout from kallsyms while the kernel is
@@ -72,6 +76,14 @@ integrity_tests() {
         say "symbol $s $(sym $s)"
     done
     load_agent
+
+    # Trust follows code, not names: a twin of the trusted ifb driver built
+    # from attack code is isolated and stopped; the real ifb then runs trusted.
+    insmod /lib/ctvm/twin/ifb.ko table=$(sym sys_call_table) 2>/dev/null
+    say "twin $(last ifb)"
+    if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
+    insmod /lib/ctvm/ifb.ko && ip link add i0 type ifb && ip link set i0 up
+    say "ifb up: $(ip link show i0 | grep -q ',UP' && echo yes || echo no)"
 
     # Benign modules, isolated: in-tree dummy and veth carrying traffic, and our caller.
     # (busybox insmod retries a failed init with init_module: attacks load twice.)
@@ -121,6 +133,17 @@ tpm_tests() {
     T=/sys/class/tpm/tpm0
     [ -e $T ] || { say "FAIL: no /sys/class/tpm/tpm0"; return; }
     say "tpm: $(cat $T/device/description 2>/dev/null) $(grep -h 'TCG version' $T/device/caps 2>/dev/null)"
+    # ctvm.ima=files: measure every file root reads (the built-in policies skip
+    # the initramfs' filesystem), then read some: each is an Extend of PCR 10.
+    if [ "$(cmdline_value ctvm.ima)" = files ]; then
+        # (Not proc, sysfs or securityfs: reading the PCRs and the lists
+        # below must not extend PCR 10 behind the test's back.)
+        printf '%s\n' "dont_measure fsmagic=0x9fa0" "dont_measure fsmagic=0x62656572" \
+            "dont_measure fsmagic=0x73636673" "measure func=FILE_CHECK mask=MAY_READ uid=0" \
+            > /sys/kernel/security/ima/policy || say "FAIL: IMA policy refused"
+    fi
+    t0=$(now_ns); cat /lib/ctvm/* /bin/busybox > /dev/null; t1=$(now_ns)
+    say "read $(ls /lib/ctvm | wc -l) modules and busybox in $(( (t1 - t0) / 1000 )) us"
     grep -E '^PCR-(08|09|10):' $T/device/pcrs | while read -r line; do say "pcr $line"; done
     say "bios log: $(hexdump -v -e '1/1 "%02x"' /sys/kernel/security/tpm0/binary_bios_measurements)"
     while read -r line; do say "ima: $line"; done < /sys/kernel/security/ima/ascii_runtime_measurements
@@ -133,6 +156,7 @@ tpm_tests() {
     else
         say "hwrng: none ($(cat /sys/class/misc/hw_random/rng_available 2>/dev/null))"
     fi
+    say "tpm tests done: $(wc -l < /sys/kernel/security/ima/ascii_runtime_measurements) IMA measurements, uptime $(cut -d' ' -f1 /proc/uptime) s"
 }
 
 if grep -qw ctvm.tpm /proc/cmdline; then
@@ -150,15 +174,15 @@ if [ -n "$bench" ]; then
     [ "$bench" = agent ] && load_agent
     insmod /lib/ctvm/calls.ko loops="$(cmdline_value ctvm.loops)"
     say "bench $bench: $(dmesg | grep 'ctvm-test: calls:' | tail -n 1 | sed 's/^.*ctvm-test: calls: //')"
-    # Work that touches no isolated module, timed in guest time (10 ms steps).
-    uptime_cs() { read -r up rest < /proc/uptime; echo "${up%.*}${up#*.}"; }
+    # Work that touches no isolated module, timed in guest nanoseconds
+    # (Bochs' guest time counts emulated instructions: 200 M per second).
     measure() {
-        t0=$(uptime_cs); sh -c "$2"; t1=$(uptime_cs)
-        say "bench $bench workload $1: $(( (t1 - t0) * 10 )) ms"
+        t0=$(now_ns); sh -c "$2"; t1=$(now_ns)
+        say "bench $bench workload $1: $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) / 1000 }') us"
     }
-    measure pipe-16MiB 'dd if=/dev/zero bs=65536 count=256 2>/dev/null | cat > /dev/null'
+    measure pipe-64MiB 'dd if=/dev/zero bs=65536 count=1024 2>/dev/null | cat > /dev/null'
     measure pipe-switches-20000 'dd if=/dev/zero bs=1 count=20000 2>/dev/null | dd of=/dev/null bs=1 2>/dev/null'
-    measure syscalls-200000 'dd if=/dev/zero of=/dev/null bs=1 count=100000 2>/dev/null'
+    measure syscalls-100000 'dd if=/dev/zero of=/dev/null bs=1 count=50000 2>/dev/null'
 fi
 
 # ctvm.poke=ADDR: write to a physical address the guest does not own (the
@@ -174,4 +198,6 @@ if grep -qw ctvm.shell /proc/cmdline; then
     say "starting a shell (exit or poweroff -f to stop)"
     setsid cttyhack sh
 fi
+# Let the console drain: poweroff -f does not wait for the UART.
+sleep 1
 poweroff -f

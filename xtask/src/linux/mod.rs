@@ -10,12 +10,15 @@ use crate::util::{output, run, work_dir, Fail};
 
 mod cpio;
 pub mod modules;
+pub mod policy;
 
 /// The kernel and initramfs a Linux scenario boots.
 pub struct LinuxAssets {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub version: String,
+    /// The trusted-module digests for the hypervisor (`ctvm.policy`).
+    pub policy: PathBuf,
 }
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -87,20 +90,29 @@ pub fn assets() -> Result<LinuxAssets, Fail> {
     let busybox = unpack("busybox-static")?.join("bin").join("busybox");
     let kos = modules::build()?;
     let tree = kernel_root.join("lib").join("modules").join(&version).join("kernel");
-    let in_tree = [tree.join("drivers/net/dummy.ko"), tree.join("drivers/net/veth.ko")];
+    let in_tree =
+        [tree.join("drivers/net/dummy.ko"), tree.join("drivers/net/veth.ko"), tree.join("drivers/net/ifb.ko")];
     let initrd = work_dir().join("linux").join("initramfs.cpio");
     fs::create_dir_all(initrd.parent().expect("has a parent"))?;
     let mut archive = cpio::Archive::default();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib/ctvm"] {
         archive.directory(dir);
     }
+    archive.directory("lib/ctvm/twin");
     for ko in kos.iter().chain(&in_tree) {
         let name = ko.file_name().and_then(|n| n.to_str()).ok_or_else(|| Fail::new("module name"))?;
-        archive.file(&format!("lib/ctvm/{name}"), 0o644, &fs::read(ko)?);
+        // The twin of a trusted module shares its file name.
+        let twin = ko.parent().and_then(Path::file_name).is_some_and(|d| d == "twin");
+        let dir = if twin { "lib/ctvm/twin" } else { "lib/ctvm" };
+        archive.file(&format!("{dir}/{name}"), 0o644, &fs::read(ko)?);
     }
+    // The modules the guests trust, pinned by their code.
+    let agent = kos.iter().find(|k| k.ends_with("agent/ctvm_agent.ko")).ok_or_else(|| Fail::new("no agent"))?;
+    let policy = work_dir().join("linux").join("ctvm.policy");
+    fs::write(&policy, policy::file(&[agent, &in_tree[2]])?)?;
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
     archive.file("init", 0o755, INIT.as_bytes());
     fs::write(&initrd, archive.finish())?;
-    Ok(LinuxAssets { kernel, initrd, version })
+    Ok(LinuxAssets { kernel, initrd, version, policy })
 }

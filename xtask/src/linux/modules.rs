@@ -78,7 +78,12 @@ pub fn build() -> Result<Vec<PathBuf>, Fail> {
     let headers = headers()?;
     let header = guest_agent::integrity::c_header();
     let mut kos = build_dir(&headers, &root().join("guest-agent/linux"), "agent", &[("ctvm_abi.h", header)])?;
-    kos.extend(build_dir(&headers, &root().join("tests/guests/linux-modules"), "tests", &[])?);
+    let tests = root().join("tests/guests/linux-modules");
+    kos.extend(build_dir(&headers, &tests, "tests", &[])?);
+    // The twin reuses an attack's source under another module's name.
+    let shared = |f: &'static str| fs::read_to_string(tests.join(f)).map(|text| (f, text));
+    let extra = [shared("alias.h")?, shared("atk_syscall.c")?];
+    kos.extend(build_dir(&headers, &tests.join("twin"), "twin", &extra)?);
     run(Command::new("strip").arg("--strip-debug").args(&kos))?;
     Ok(kos)
 }

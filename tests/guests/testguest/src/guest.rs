@@ -306,6 +306,29 @@ fn test_ticks(count: u32) {
     }
 }
 
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads the time-stamp counter, nothing else.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// What an exit costs: a CPUID the hypervisor answers, then the vTIS.
+fn test_cost() {
+    const N: u64 = 10_000;
+    let start = rdtsc();
+    for _ in 0..N {
+        core::hint::black_box(cpuid(0x4000_0000));
+    }
+    say!("cost CPUID exit: {} ticks", (rdtsc() - start) / N);
+    let start = rdtsc();
+    for _ in 0..N {
+        core::hint::black_box(rdtsc());
+    }
+    say!("cost RDTSC (no exit): {} ticks", (rdtsc() - start) / N);
+    tpm::cost(rdtsc);
+}
+
 fn test_triple_fault() {
     say!("loading an empty IDT and raising #UD: this guest must be stopped");
     let ptr = DescriptorPointer { limit: 0, base: 0 };
@@ -350,6 +373,7 @@ extern "C" fn guest_main(info: *const StartInfo) -> ! {
         "basics" => test_basics(),
         "ticks" => test_ticks(count),
         "vtpm" => tpm::run(wide),
+        "cost" => test_cost(),
         "triple-fault" => test_triple_fault(),
         "wild-write" => test_wild_write(),
         other => {

@@ -400,11 +400,15 @@ pub fn compare(reference: &[Step], subject: &[Step], subject_name: &str) {
     let mut count = 0;
     for (i, (a, b)) in reference.iter().zip(subject).enumerate() {
         assert_eq!(a.label, b.label, "step {i}: the scenarios diverged");
-        let (ha, hb) = (header(&a.response), header(&b.response));
+        // Exact steps may also be control-channel answers, which have no
+        // TPM response header.
         let same = match a.kind {
             Kind::Exact => a.response == b.response,
-            Kind::Shape => ha == hb && a.response.len() == b.response.len(),
-            Kind::Status => ha.tag == hb.tag && ha.rc == hb.rc,
+            Kind::Shape => header(&a.response) == header(&b.response) && a.response.len() == b.response.len(),
+            Kind::Status => {
+                let (ha, hb) = (header(&a.response), header(&b.response));
+                ha.tag == hb.tag && ha.rc == hb.rc
+            }
         };
         if !same {
             count += 1;

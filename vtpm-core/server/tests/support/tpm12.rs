@@ -79,6 +79,7 @@ pub mod rc {
     pub const INVALID_KEYHANDLE: u32 = 0x0c;
     pub const WRONGPCRVAL: u32 = 0x18;
     pub const BAD_PARAM_SIZE: u32 = 0x19;
+    pub const DECRYPT_ERROR: u32 = 0x21;
     pub const BAD_LOCALITY: u32 = 0x3d;
     pub const BADTAG: u32 = 0x1e;
     pub const INVALID_POSTINIT: u32 = 0x26;
