@@ -12,7 +12,7 @@ use super::{Action, ExitContext, StopReason};
 use crate::arch::x86_64::vmx::ept::ViolationInfo;
 use crate::console;
 use crate::guest::virt;
-use crate::integrity::control::GuestControl;
+use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
@@ -47,9 +47,24 @@ fn gpa_of(ctx: &ExitContext<'_>, gva: u64) -> Result<u64, Error> {
     translate(&ctx.guest.memory, &ctx.phys, &paging(ctx), gva).map_err(|_| Error::BadAddress)
 }
 
-/// The guest-physical pages behind a guest-virtual range.
+/// The largest range registered in one piece (a kernel's text is some tens
+/// of MiB): what one hypercall may cost in walks and memory is bounded, even
+/// when the guest maps terabytes of addresses onto the same RAM.
+const MAX_RANGE_PAGES: u64 = (64 << 20) / 0x1000;
+
+/// The guest-physical pages behind a guest-virtual range, all in guest RAM:
+/// the guest's page tables may point anywhere (at the hypervisor's memory,
+/// at the vTPM's window), and what is registered here is mapped into views.
 fn pages_of(ctx: &ExitContext<'_>, r: Range) -> Result<Vec<u64>, Error> {
-    r.pages().map(|p| gpa_of(ctx, p).map(|g| g & !0xfff)).collect()
+    if !r.is_empty() && (r.end - 1) / 0x1000 - r.start / 0x1000 >= MAX_RANGE_PAGES {
+        return Err(Error::InvalidArgument);
+    }
+    r.pages()
+        .map(|p| match gpa_of(ctx, p) {
+            Ok(gpa) if ctx.guest.memory.contains(gpa) => Ok(gpa & !0xfff),
+            _ => Err(Error::BadAddress),
+        })
+        .collect()
 }
 
 fn control<'c>(ctx: &'c mut ExitContext<'_>) -> Result<&'c mut dyn GuestControl, Error> {
@@ -186,6 +201,9 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
             out.push(e & 0x000f_ffff_ffff_f000);
         }
     }
+    // Entries may point outside guest RAM: those are no tables to protect,
+    // and must not be mapped into the kernel view by the lock.
+    out.retain(|&t| ctx.guest.memory.contains(t));
     Ok(out)
 }
 
@@ -201,22 +219,111 @@ fn kernel_view_perms(class: PageClass) -> Perms {
     }
 }
 
+/// Page rights changed in the views by a request, to put back if the
+/// request fails half-way: a refused hypercall leaves the views (and the
+/// engine) as they were.
+#[derive(Default)]
+struct Undo {
+    perms: Vec<(View, u64, Option<Perms>)>,
+    created: Option<u32>,
+}
+
+impl Undo {
+    fn set(&mut self, control: &mut dyn GuestControl, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
+        let before = control.perms(view, page);
+        control.set_perms(view, page, perms)?;
+        self.perms.push((view, page, before));
+        Ok(())
+    }
+
+    fn create_view(&mut self, control: &mut dyn GuestControl, module: u32) -> Result<(), ControlError> {
+        control.create_view(module)?;
+        self.created = Some(module);
+        Ok(())
+    }
+
+    fn revert(self, control: &mut dyn GuestControl) {
+        if let Some(m) = self.created {
+            control.destroy_view(m);
+        }
+        for (view, page, before) in self.perms.into_iter().rev() {
+            if self.created.is_none_or(|m| view != View::Module(m)) {
+                // Back to rights the page had: no new table is needed.
+                let _ = control.set_perms(view, page, before.unwrap_or(Perms::empty()));
+            }
+        }
+    }
+}
+
 /// [`guest_agent::Call::KernelLock`].
 pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
     let tables = kernel_page_tables(ctx)?;
-    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
-    state.engine.lock(tables).map_err(map_err)?;
-    let pages: Vec<(u64, PageClass)> = state.engine.pages().collect();
     let name = alloc::string::String::from(ctx.guest.name());
-    let control = control(ctx)?;
-    for (page, class) in pages {
-        control.set_perms(View::Kernel, page, kernel_view_perms(class)).map_err(|_| Error::NoSpace)?;
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(Error::NotPermitted);
+    };
+    if state.engine.is_locked() {
+        return Err(Error::Locked);
+    }
+    // What the lock protects: the registered pages, and the kernel's page
+    // tables where they are not registered as something else.
+    let mut pages: alloc::collections::BTreeMap<u64, PageClass> = state.engine.pages().collect();
+    for &t in &tables {
+        pages.entry(t & !0xfff).or_insert(PageClass::PageTable);
+    }
+    let mut undo = Undo::default();
+    for (&page, &class) in &pages {
+        if undo.set(control, View::Kernel, page, kernel_view_perms(class)).is_err() {
+            undo.revert(control);
+            return Err(Error::NoSpace);
+        }
+    }
+    if let Err(e) = state.engine.lock(tables) {
+        undo.revert(control);
+        return Err(map_err(e));
     }
     control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
     control.trap_descriptor_tables();
     control.trap_msr_writes(&GUARDED_MSRS);
     log::info!("guest {name}: kernel layout locked; protections on");
     Ok(0)
+}
+
+/// Maps a new module's pages into the views. Pages that other modules'
+/// views were granted while nobody owned them are taken back first: they
+/// are this module's now.
+fn module_views(
+    control: &mut dyn GuestControl,
+    undo: &mut Undo,
+    id: u32,
+    trusted: bool,
+    others: &[u32],
+    code: &[u64],
+    data: &[u64],
+) -> Result<(), ControlError> {
+    for &other in others {
+        for &p in code.iter().chain(data) {
+            if control.perms(View::Module(other), p).is_some() {
+                undo.set(control, View::Module(other), p, Perms::empty())?;
+            }
+        }
+    }
+    if trusted {
+        // Runs in the kernel view; its code is not writable there either.
+        for &p in code {
+            undo.set(control, View::Kernel, p, Perms::RX)?;
+        }
+        return Ok(());
+    }
+    undo.create_view(control, id)?;
+    for &p in code {
+        undo.set(control, View::Module(id), p, Perms::RX)?;
+        undo.set(control, View::Kernel, p, Perms::READ)?;
+    }
+    for &p in data {
+        undo.set(control, View::Module(id), p, Perms::RW)?;
+    }
+    Ok(())
 }
 
 /// [`guest_agent::Call::ModuleRegister`].
@@ -239,7 +346,11 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         data.extend(pages_of(ctx, *r)?);
     }
     let verdict = trust_verdict(ctx, &info)?;
-    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    let rip = ctx.vcpu.read(Field::Rip);
+    let guest = alloc::string::String::from(ctx.guest.name());
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(Error::NotPermitted);
+    };
     let mismatch = match &verdict {
         Some(Err(m)) => Some(m.clone()),
         _ => None,
@@ -254,36 +365,21 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let fixups = info.fixups.len();
     let code_start = info.code.first().map_or(0, |r| r.start);
     let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
+    let others: Vec<u32> = state.engine.modules().filter(|&m| m != id).collect();
+    let mut undo = Undo::default();
+    if module_views(control, &mut undo, id, trusted, &others, &code, &data).is_err() {
+        undo.revert(control);
+        let _ = state.engine.unregister_module(id);
+        return Err(Error::NoSpace);
+    }
+    // Reported once the module is in place, so a refused call records nothing.
     if let Some(m) = mismatch {
-        log::warn!("guest {}: module {name} is named in trust= but its code has {m}", ctx.guest.name());
-        let rip = ctx.vcpu.read(Field::Rip);
-        let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+        log::warn!("guest {guest}: module {name} is named in trust= but its code has {m}");
         let v = state.engine.record(crate::integrity::ViolationKind::CodeDigest, View::Module(id), rip, code_start);
         report(ctx, &v);
     }
-    let control = control(ctx)?;
-    let mut setup = || -> Result<(), crate::integrity::control::ControlError> {
-        if trusted {
-            // Runs in the kernel view; its code is not writable there either.
-            for &p in &code {
-                control.set_perms(View::Kernel, p, Perms::RX)?;
-            }
-            return Ok(());
-        }
-        control.create_view(id)?;
-        for &p in &code {
-            control.set_perms(View::Module(id), p, Perms::RX)?;
-            control.set_perms(View::Kernel, p, Perms::READ)?;
-        }
-        for &p in &data {
-            control.set_perms(View::Module(id), p, Perms::RW)?;
-        }
-        Ok(())
-    };
-    setup().map_err(|_| Error::NoSpace)?;
     log::info!(
-        "guest {}: module {name} registered as {} ({} code pages, {} data pages, {fixups} fault fixups)",
-        ctx.guest.name(),
+        "guest {guest}: module {name} registered as {} ({} code pages, {} data pages, {fixups} fault fixups)",
         if trusted { "trusted" } else { "untrusted, isolated" },
         code.len(),
         data.len()
@@ -329,6 +425,10 @@ pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
         pages.extend(pages_of(ctx, r).unwrap_or_default());
     }
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    // The init ranges translate anew, to anything by now: only the module's
+    // own pages go back to the kernel view.
+    let own = |c: Option<PageClass>| matches!(c, Some(PageClass::ModuleCode(m) | PageClass::ModuleData(m)) if m == id);
+    pages.retain(|&p| own(state.engine.class_of(p)));
     state.engine.module_live(id, &pages).map_err(map_err)?;
     if let Ok(control) = control(ctx) {
         release_pages(control, id, &pages);
@@ -362,17 +462,17 @@ pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Erro
 
 /// [`guest_agent::Call::ViolationsRead`]: returns how many records were written.
 pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Result<u64, Error> {
-    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
-    let records: Vec<abi::ViolationRecord> = state.engine.violations.take(count as usize).collect();
-    let dropped = state.engine.violations.dropped;
-    let mut bytes = Vec::with_capacity(records.len() * VIOLATION_RECORD_SIZE);
-    for r in &records {
-        bytes.extend_from_slice(&r.to_bytes());
-    }
+    let log = &ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine.violations;
+    let mut bytes = Vec::with_capacity(log.len().min(count as usize) * VIOLATION_RECORD_SIZE);
+    let records = log.peek(count as usize).map(|r| bytes.extend_from_slice(&r.to_bytes())).count();
+    let dropped = log.dropped;
     let p = paging(ctx);
     virt::write(&ctx.guest.memory, &ctx.phys, &p, buffer, &bytes).map_err(|_| Error::BadAddress)?;
+    // Records leave the log only once the agent has them.
+    let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+    state.engine.violations.take(records).for_each(drop);
     ctx.vcpu.regs().rbx = dropped;
-    Ok(records.len() as u64)
+    Ok(records as u64)
 }
 
 /// Prints a violation's console line.
@@ -390,6 +490,14 @@ fn report(ctx: &ExitContext<'_>, v: &Violation) {
 pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let state = ctx.guest.integrity.as_ref()?;
     if !state.engine.is_locked() || ctx.control.is_none() {
+        return None;
+    }
+    // A page the kernel view does not map (the hypervisor's memory, the
+    // vTPM's window) is not the views' business: no view may map it, and
+    // the access is handled (emulated, or the guest stopped) as it would be
+    // without integrity.
+    let page = ctx.exit.guest_physical & !0xfff;
+    if ctx.control.as_deref().is_none_or(|c| c.perms(View::Kernel, page).is_none()) {
         return None;
     }
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
@@ -415,7 +523,6 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if let Some(v) = &outcome.violation {
         report(ctx, v);
     }
-    let page = ctx.exit.guest_physical & !0xfff;
     let view = ctx.guest.integrity.as_ref()?.view;
     let action = match outcome.step {
         Step::NotMine => return None,

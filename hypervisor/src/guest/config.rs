@@ -62,15 +62,22 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// The guest an initrd module belongs to (`initrd=NAME`).
+/// The guest an initrd module belongs to (`initrd=NAME`). A guest's own
+/// module is never an initrd, and what follows `--` (the guest's arguments,
+/// where Linux has an `initrd=` of its own) does not count.
 pub fn initrd_owner(cmdline: &str) -> Option<&str> {
-    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("initrd="))
+    if is_guest_module(cmdline) {
+        return None;
+    }
+    split_args(cmdline).0.split_ascii_whitespace().find_map(|w| w.strip_prefix("initrd="))
 }
 
 /// Whether a module is a guest that owns the machine's devices (a Linux
-/// guest). Works without the heap: it runs before the hypervisor's memory is set up.
+/// guest). Works without the heap: it runs before the hypervisor's memory is
+/// set up. It must agree with [`parse`]: the last `kind=` before `--` counts.
 pub fn is_pass_through_module(cmdline: &str) -> bool {
-    is_guest_module(cmdline) && cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w == "kind=linux")
+    let options = split_args(cmdline).0.split_ascii_whitespace();
+    is_guest_module(cmdline) && options.filter_map(|w| w.strip_prefix("kind=")).next_back() == Some("linux")
 }
 
 /// Whether a module is data for the hypervisor itself: the vTPM seed or the
@@ -81,14 +88,25 @@ pub fn is_data_module(cmdline: &str) -> bool {
 
 /// Whether a module's command line describes a guest at all.
 pub fn is_guest_module(cmdline: &str) -> bool {
-    cmdline.split_ascii_whitespace().take_while(|w| *w != "--").any(|w| w.starts_with("guest="))
+    split_args(cmdline).0.split_ascii_whitespace().any(|w| w.starts_with("guest="))
+}
+
+/// The options, and the guest's arguments after the first word `--`.
+fn split_args(cmdline: &str) -> (&str, &str) {
+    let mut at = 0;
+    while let Some(start) = cmdline[at..].find(|c: char| !c.is_ascii_whitespace()).map(|i| at + i) {
+        let end = cmdline[start..].find(|c: char| c.is_ascii_whitespace()).map_or(cmdline.len(), |i| start + i);
+        if &cmdline[start..end] == "--" {
+            return (&cmdline[..start], &cmdline[end..]);
+        }
+        at = end;
+    }
+    (cmdline, "")
 }
 
 pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
-    let (options, args) = match cmdline.split_once("--") {
-        Some((o, a)) => (o, a.trim()),
-        None => (cmdline, ""),
-    };
+    let (options, args) = split_args(cmdline);
+    let args = args.trim();
     let mut name = None;
     let mut mem_bytes = MEM_DEFAULT;
     let mut kind = GuestKind::Native;
@@ -200,6 +218,15 @@ mod tests {
         assert_eq!(initrd_owner("guest=linux"), None);
         assert!(is_pass_through_module("guest=linux kind=linux -- x"));
         assert!(!is_pass_through_module("guest=a -- kind=linux"));
+        // The early check and the parse agree on which kind= counts and where `--` is.
+        assert!(!is_pass_through_module("guest=a kind=linux kind=test"));
+        assert_eq!(parse("guest=a kind=linux kind=test").unwrap().kind, GuestKind::Native);
+        assert_eq!(parse("guest=a kind=linux--"), Err(ConfigError::UnknownKind("linux--".into())));
+        assert!(!is_pass_through_module("guest=a kind=linux--"));
+        // A guest's arguments may hold Linux's own initrd=: that is not an initrd module.
+        assert_eq!(initrd_owner("guest=l kind=linux -- console=ttyS0 initrd=/boot/initrd.img"), None);
+        assert_eq!(initrd_owner("guest=a initrd=l"), None);
+        assert_eq!(initrd_owner("other -- initrd=l"), None);
     }
 
     #[test]

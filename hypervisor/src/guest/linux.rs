@@ -266,12 +266,11 @@ fn rank(kind: u32) -> u8 {
 /// it. Overlapping entries are resolved by [`rank`]; an overlay beats the
 /// firmware wherever it applies. Adjacent equal entries merge.
 pub fn build_e820(firmware: &[E820Entry], overlays: &[E820Entry]) -> Result<Vec<E820Entry>, LinuxError> {
-    let mut points: Vec<u64> = firmware
-        .iter()
-        .chain(overlays)
-        .filter(|e| !e.region.is_empty())
-        .flat_map(|e| [e.region.start, e.region.end])
-        .collect();
+    // Empty entries (firmware does report zero-length ones) cover nothing:
+    // inside another entry they must not change its type.
+    let firmware: Vec<&E820Entry> = firmware.iter().filter(|e| !e.region.is_empty()).collect();
+    let overlays: Vec<&E820Entry> = overlays.iter().filter(|e| !e.region.is_empty()).collect();
+    let mut points: Vec<u64> = firmware.iter().chain(&overlays).flat_map(|e| [e.region.start, e.region.end]).collect();
     points.sort_unstable();
     points.dedup();
     let mut out: Vec<E820Entry> = Vec::new();
@@ -506,6 +505,9 @@ mod tests {
         // An overlay over a hole stays an entry of its own.
         let map = build_e820(&[e(0, 0x1000, e820::RAM)], &[e(0x5000, 0x6000, e820::RESERVED)]).unwrap();
         assert_eq!(map, vec![e(0, 0x1000, e820::RAM), e(0x5000, 0x6000, e820::RESERVED)]);
+        // A zero-length entry inside RAM covers nothing.
+        let map = build_e820(&[e(0, 0x10_0000, e820::RAM), e(0x8000, 0x8000, e820::NVS)], &[]).unwrap();
+        assert_eq!(map, vec![e(0, 0x10_0000, e820::RAM)]);
     }
 
     #[test]

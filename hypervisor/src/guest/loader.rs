@@ -70,19 +70,22 @@ impl From<OutOfRange> for LoadError {
     }
 }
 
+/// `n` bytes at `at`; offsets come from the file, so `at + n` may overflow.
+fn bytes_at(b: &[u8], at: usize, n: usize) -> Result<&[u8], LoadError> {
+    at.checked_add(n).and_then(|end| b.get(at..end)).ok_or(LoadError::Truncated)
+}
+
 fn u16_at(b: &[u8], at: usize) -> Result<u16, LoadError> {
-    let s = b.get(at..at + 2).ok_or(LoadError::Truncated)?;
+    let s = bytes_at(b, at, 2)?;
     Ok(u16::from_le_bytes([s[0], s[1]]))
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, LoadError> {
-    let s = b.get(at..at + 4).ok_or(LoadError::Truncated)?;
-    Ok(u32::from_le_bytes(s.try_into().map_err(|_| LoadError::Truncated)?))
+    Ok(u32::from_le_bytes(bytes_at(b, at, 4)?.try_into().map_err(|_| LoadError::Truncated)?))
 }
 
 fn u64_at(b: &[u8], at: usize) -> Result<u64, LoadError> {
-    let s = b.get(at..at + 8).ok_or(LoadError::Truncated)?;
-    Ok(u64::from_le_bytes(s.try_into().map_err(|_| LoadError::Truncated)?))
+    Ok(u64::from_le_bytes(bytes_at(b, at, 8)?.try_into().map_err(|_| LoadError::Truncated)?))
 }
 
 /// One PT_LOAD segment, validated.

@@ -2,6 +2,8 @@
 //! tables, page by page, checking every translation. Hypercall arguments go
 //! through here: a guest pointer is never followed blindly.
 
+use alloc::vec::Vec;
+
 use super::memory::{GuestMemory, HostPhys};
 use crate::mmio::walk::{translate, Paging};
 
@@ -46,7 +48,9 @@ pub fn read(
 }
 
 /// Writes only after every page of the destination translated, so a bad
-/// pointer changes nothing.
+/// pointer changes nothing. The data goes where those translations say: it
+/// may land in the guest's own page tables, and must not change where the
+/// rest of it goes (or make the rest fail after part was written).
 pub fn write(
     memory: &GuestMemory,
     phys: &impl HostPhys,
@@ -55,14 +59,15 @@ pub fn write(
     data: &[u8],
 ) -> Result<(), BadAddress> {
     check_range(gva, data.len())?;
-    for (at, _, n) in chunks(gva, data.len()) {
+    let mut pieces = Vec::new();
+    for (at, offset, n) in chunks(gva, data.len()) {
         let gpa = translate(memory, phys, paging, at).map_err(|_| BadAddress(at))?;
         if !memory.contains(gpa) || !memory.contains(gpa + n as u64 - 1) {
             return Err(BadAddress(at));
         }
+        pieces.push((at, gpa, offset, n));
     }
-    for (at, offset, n) in chunks(gva, data.len()) {
-        let gpa = translate(memory, phys, paging, at).map_err(|_| BadAddress(at))?;
+    for (at, gpa, offset, n) in pieces {
         memory.write(phys, gpa, &data[offset..offset + n]).map_err(|_| BadAddress(at))?;
     }
     Ok(())

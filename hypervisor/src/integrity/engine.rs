@@ -276,6 +276,11 @@ impl Engine {
         Ok(m.info)
     }
 
+    /// The registered modules' ids.
+    pub fn modules(&self) -> impl Iterator<Item = u32> + '_ {
+        self.modules.keys().copied()
+    }
+
     /// The init ranges of a module that has not gone live yet.
     pub fn module_init(&self, id: u32) -> Option<Vec<Range>> {
         self.modules.get(&id).map(|m| m.info.init.clone())

@@ -24,11 +24,12 @@ impl Range {
         self.end <= self.start
     }
 
-    /// Every 4 KiB page the range touches, by page address.
+    /// Every 4 KiB page the range touches, by page address. Ends at the top
+    /// of the address space rather than wrap around to page 0.
     pub fn pages(&self) -> impl Iterator<Item = u64> {
-        let first = self.start & !0xfff;
-        let (end, empty) = (self.end, self.is_empty());
-        (0..).map(move |i| first + i * 0x1000).take_while(move |&p| !empty && p < end)
+        let first = (!self.is_empty()).then_some(self.start & !0xfff);
+        let end = self.end;
+        core::iter::successors(first, |&p| p.checked_add(0x1000)).take_while(move |&p| p < end)
     }
 }
 
@@ -163,6 +164,8 @@ mod tests {
         let r = Range::new(0x1ff8, 0x3001);
         assert_eq!(r.pages().collect::<Vec<_>>(), [0x1000, 0x2000, 0x3000]);
         assert_eq!(Range::new(5, 5).pages().count(), 0);
+        let top = Range::new(u64::MAX - 0x1800, u64::MAX);
+        assert_eq!(top.pages().collect::<Vec<_>>(), [0xffff_ffff_ffff_e000, 0xffff_ffff_ffff_f000]);
     }
 
     #[test]

@@ -143,6 +143,11 @@ impl ViolationLog {
         self.records.push_back(record);
     }
 
+    /// Up to `max` of the oldest records, left in the log.
+    pub fn peek(&self, max: usize) -> impl Iterator<Item = &ViolationRecord> + '_ {
+        self.records.iter().take(max)
+    }
+
     /// Takes up to `max` of the oldest records.
     pub fn take(&mut self, max: usize) -> impl Iterator<Item = ViolationRecord> + '_ {
         let n = max.min(self.records.len());
