@@ -147,6 +147,9 @@ pub struct Stats {
 }
 
 const MAX_MODULES: usize = 256;
+/// Pages tracked for modules, all together (256 MiB of module memory): the
+/// bookkeeping lives on the hypervisor's heap, which a guest must not exhaust.
+pub const MAX_MODULE_PAGES: usize = 1 << 16;
 
 fn page(addr: u64) -> u64 {
     addr & !0xfff
@@ -230,7 +233,9 @@ impl Engine {
         if !self.locked {
             return Err(RegisterError::NotLocked);
         }
-        if self.modules.len() >= MAX_MODULES {
+        let tracked = self.pages.values().filter(|c| matches!(c, PageClass::ModuleCode(_) | PageClass::ModuleData(_)));
+        if self.modules.len() >= MAX_MODULES || tracked.count() + code_pages.len() + data_pages.len() > MAX_MODULE_PAGES
+        {
             return Err(RegisterError::TooMany);
         }
         let clash = code_pages.iter().chain(data_pages).any(|&p| self.pages.contains_key(&page(p)));
@@ -668,6 +673,18 @@ mod tests {
 
     fn fault(view: View, access: Access, gpa: u64, gva: u64, stack: u64) -> Fault {
         Fault { view, access, gpa, gva, rip: MOD + 0x200, stack: [Some(stack), None], gprs: [0; 16] }
+    }
+
+    #[test]
+    fn module_pages_are_bounded_in_total() {
+        let (mut e, _) = engine(Mode::Enforce);
+        let info = |name: &str| ModuleInfo { name: name.into(), ..Default::default() };
+        let big: Vec<u64> = (0..MAX_MODULE_PAGES as u64 - 2).map(|i| 0x1_0000_0000 + i * 0x1000).collect();
+        e.register_module(info("big"), false, &big, &[]).unwrap();
+        let before = e.pages().count();
+        // Two pages are tracked already (evil's): one more page is one too many.
+        assert_eq!(e.register_module(info("more"), false, &[0x2_0000_0000], &[]), Err(RegisterError::TooMany));
+        assert_eq!(e.pages().count(), before, "a refused registration tracks nothing");
     }
 
     /// Table: (view, access, gpa, target) → step and violation kind, in enforce mode.
