@@ -292,7 +292,7 @@ pub fn run(wide: bool) {
 /// Costs through the vTIS, in TSC ticks (on Bochs, emulated instructions,
 /// the hypervisor's included): one STS read, and a 34-byte Extend (10-byte
 /// response) with byte-wide and 4-byte FIFO access.
-pub fn cost(rdtsc: fn() -> u64) {
+pub fn cost(rdtsc: fn() -> u64, per_k: u64) {
     const READS: u64 = 1000;
     const EXTENDS: u64 = 50;
     let start = rdtsc();
@@ -300,7 +300,7 @@ pub fn cost(rdtsc: fn() -> u64) {
         core::hint::black_box(r8(STS));
     }
     let per_read = (rdtsc() - start) / READS;
-    say_cost("vTIS STS read", per_read);
+    say_cost("vTIS STS read", per_read, per_k);
     // SAFETY: single-threaded guest; the buffer is used by this function only.
     let out = unsafe { &mut *core::ptr::addr_of_mut!(RESPONSE) };
     let mut cmd = [0u8; 64];
@@ -315,11 +315,12 @@ pub fn cost(rdtsc: fn() -> u64) {
         let start = rdtsc();
         let ok = (0..EXTENDS).all(|_| tis.transact(&cmd[..n], out).is_some_and(|l| l == 30 && code(&out[..l]) == 0));
         check(ok, format_args!("{EXTENDS} Extends of PCR 16 ({name})"));
-        say_cost(name, (rdtsc() - start) / EXTENDS);
+        say_cost(name, (rdtsc() - start) / EXTENDS, per_k);
     }
 }
 
-fn say_cost(what: &str, ticks: u64) {
+/// One cost line: TSC ticks, and instructions at `per_k` ticks per 1000.
+pub fn say_cost(what: &str, ticks: u64, per_k: u64) {
     let mut c = Console;
-    let _ = writeln!(c, "cost {what}: {ticks} ticks");
+    let _ = writeln!(c, "cost {what}: {ticks} ticks, about {} instructions", ticks * 1000 / per_k);
 }
