@@ -142,6 +142,42 @@ impl Drbg {
         self.since_reseed = self.since_reseed.saturating_add(512);
         &mut self.rng
     }
+
+    /// The current state, from which [`Drbg::replay`] produces the output
+    /// this generator is about to produce. Whoever holds it can predict
+    /// that output: the caller must move this generator elsewhere (e.g.
+    /// [`Drbg::mix`]) before drawing from it again.
+    pub fn snapshot(&self) -> DrbgSnapshot {
+        DrbgSnapshot {
+            seed: self.rng.get_seed(),
+            word_pos: self.rng.get_word_pos(),
+        }
+    }
+
+    /// A generator that continues from `s`.
+    pub fn replay(s: &DrbgSnapshot) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(s.seed);
+        rng.set_word_pos(s.word_pos);
+        Drbg {
+            rng,
+            since_reseed: 0,
+        }
+    }
+}
+
+/// A [`Drbg`] state (ChaCha20 key and position in its stream 0, the only
+/// stream a `Drbg` uses): a secret as strong as everything generated from
+/// it. Zeroised when dropped.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct DrbgSnapshot {
+    pub seed: [u8; 32],
+    pub word_pos: u128,
+}
+
+impl core::fmt::Debug for DrbgSnapshot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DrbgSnapshot(..)")
+    }
 }
 
 /// An RSA-2048 private key, with the two values the TPM stores for it.

@@ -90,7 +90,7 @@ impl<P: Platform> Tpm<P> {
         };
         let owner_secret = self.owner_auth()?;
         let owner_v = self.verify(c, owner_i, Entity::Owner, &owner_secret, 4)?;
-        let ek = self.perm.ek.clone().ok_or(TPM_NO_ENDORSEMENT)?;
+        let ek = self.endorsement_key()?.clone();
         let plain = Zeroizing::new(
             ek.oaep_decrypt(&mut self.drbg, blob)
                 .ok_or(TPM_DECRYPT_ERROR)?,

@@ -36,7 +36,7 @@ impl<P: Platform> Tpm<P> {
         if self.vol.sessions.get(auth.handle).is_none() {
             return Err(TPM_INVALID_AUTHHANDLE);
         }
-        let ek = self.perm.ek.clone().ok_or(TPM_NO_ENDORSEMENT)?;
+        let ek = self.endorsement_key()?.clone();
         let owner_auth = self.decrypt_secret(&ek, enc_owner)?;
         let srk_auth = self.decrypt_secret(&ek, enc_srk)?;
         if !matches!(

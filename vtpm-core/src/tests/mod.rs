@@ -9,6 +9,7 @@
 )]
 #![allow(clippy::arithmetic_side_effects, dead_code)]
 
+mod ek;
 mod keys;
 mod nv;
 mod ownership;
