@@ -69,11 +69,7 @@ fn seal_blob(magic: &[u8; 8], version: u32, body: &[u8]) -> Vec<u8> {
 
 /// Checks a blob's frame and checksum; returns its version (one of
 /// `versions`) and body.
-fn open_blob<'a>(
-    magic: &[u8; 8],
-    versions: &[u32],
-    blob: &'a [u8],
-) -> Result<(u32, &'a [u8]), StateError> {
+fn open_blob<'a>(magic: &[u8; 8], versions: &[u32], blob: &'a [u8]) -> Result<(u32, &'a [u8]), StateError> {
     let Some(split) = blob.len().checked_sub(20) else {
         return Err(StateError::Truncated);
     };
@@ -231,13 +227,7 @@ impl Permanent {
         };
         let nv = NvStore::read(&mut r).ok()?;
         r.finish().ok()?;
-        Some(Permanent {
-            flags,
-            ek,
-            owner,
-            nv,
-            no_owner_nv_write,
-        })
+        Some(Permanent { flags, ek, owner, nv, no_owner_nv_write })
     }
 
     /// A digest naming this chip and owner, bound into saved states. A
@@ -249,16 +239,11 @@ impl Permanent {
         let ek = match &self.ek {
             Endorsement::Present(k) => k.modulus(),
             Endorsement::Deferred(s) => {
-                crypto::sha1_parts(&[b"CTVM deferred EK", &s.seed, &s.word_pos.to_be_bytes()])
-                    .to_vec()
+                crypto::sha1_parts(&[b"CTVM deferred EK", &s.seed, &s.word_pos.to_be_bytes()]).to_vec()
             }
             Endorsement::Absent => Vec::new(),
         };
-        let proof = self
-            .owner
-            .as_ref()
-            .map(|o| o.tpm_proof.0)
-            .unwrap_or([0; 20]);
+        let proof = self.owner.as_ref().map(|o| o.tpm_proof.0).unwrap_or([0; 20]);
         crypto::sha1_parts(&[&ek, &proof])
     }
 }
@@ -329,12 +314,6 @@ impl Saved {
             nv_locks.push((r.u32().ok()?, r.bool().ok()?, r.bool().ok()?));
         }
         r.finish().ok()?;
-        Some(Saved {
-            identity,
-            flags,
-            pcrs,
-            keys,
-            nv_locks,
-        })
+        Some(Saved { identity, flags, pcrs, keys, nv_locks })
     }
 }

@@ -70,14 +70,7 @@ impl<P: Platform> Tpm<P> {
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;
         let mut out = match handle {
             KH_EK => ek_pubkey(self.endorsement_key()?),
-            KH_SRK => self
-                .perm
-                .owner
-                .as_ref()
-                .ok_or(TPM_NOSRK)?
-                .srk
-                .public
-                .pubkey_bytes(),
+            KH_SRK => self.perm.owner.as_ref().ok_or(TPM_NOSRK)?.srk.public.pubkey_bytes(),
             _ => return Err(TPM_BAD_PARAMETER),
         };
         self.respond(c, &[&v], &mut out, 0);

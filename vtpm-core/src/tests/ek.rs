@@ -10,8 +10,8 @@ use crate::state::{Endorsement, PERMANENT_VERSION_DEFERRED_EK, STATE_VERSION};
 /// inside `manufacture`). Guests derive their EK from a seed at every boot:
 /// deferring must not change it.
 const EK_OF_SEED_1: [u8; 20] = [
-    0xd7, 0x24, 0x1a, 0x72, 0xb6, 0x3a, 0xa5, 0x96, 0x83, 0x7b, 0x33, 0x15, 0xda, 0x7f, 0x62, 0x86,
-    0x05, 0xcd, 0x33, 0x9a,
+    0xd7, 0x24, 0x1a, 0x72, 0xb6, 0x3a, 0xa5, 0x96, 0x83, 0x7b, 0x33, 0x15, 0xda, 0x7f, 0x62, 0x86, 0x05, 0xcd, 0x33,
+    0x9a,
 ];
 
 fn deferred(t: &T) -> bool {
@@ -40,28 +40,14 @@ fn making_saving_and_booting_a_chip_do_not_generate_its_ek() {
     ok(&mut t, 0, &startup(ST_CLEAR));
     ok(&mut t, 0, &Cmd::new(ORD_CONTINUE_SELF_TEST).bytes());
     ok(&mut t, 0, &Cmd::new(ORD_SELF_TEST_FULL).bytes());
-    ok(
-        &mut t,
-        0,
-        &Cmd::new(ORD_GET_CAPABILITY)
-            .u32(4)
-            .sized(&0x108u32.to_be_bytes())
-            .bytes(),
-    );
+    ok(&mut t, 0, &Cmd::new(ORD_GET_CAPABILITY).u32(4).sized(&0x108u32.to_be_bytes()).bytes());
     let parms = Cmd::new(0)
         .u32(ALG_RSA)
         .u16(ES_RSAESOAEP_SHA1_MGF1)
         .u16(SS_NONE)
         .sized(&Cmd::new(0).u32(2048).u32(2).u32(0).body)
         .body;
-    err(
-        &mut t,
-        &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR)
-            .raw(&[1; 20])
-            .raw(&parms)
-            .bytes(),
-        TPM_DISABLED_CMD,
-    );
+    err(&mut t, &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR).raw(&[1; 20]).raw(&parms).bytes(), TPM_DISABLED_CMD);
     ok(&mut t, 0, &Cmd::new(ORD_SAVE_STATE).bytes());
     let saved = t.saved_state().unwrap();
     let mut resumed = Tpm::from_permanent(&blob, TestPlatform::new(3)).unwrap();
@@ -103,29 +89,14 @@ fn take_ownership_generates_a_deferred_ek() {
     assert!(deferred(&t));
     let params = take_ownership_params(&mut t, &ek, &OWNER, &SRK_AUTH, &srk_template());
     let mut s = oiap(&mut t);
-    let out = run_authed(
-        &mut t,
-        0,
-        ORD_TAKE_OWNERSHIP,
-        &[],
-        &params,
-        &mut [(&mut s, OWNER, false)],
-        0,
-    );
+    let out = run_authed(&mut t, 0, ORD_TAKE_OWNERSHIP, &[], &params, &mut [(&mut s, OWNER, false)], 0);
     assert!(out.is_ok(), "{out:?}");
     assert!(t.endorsement_key_generated());
     // OwnerReadInternalPub(EK) answers the same key.
     let mut s = oiap(&mut t);
-    let out = run_authed(
-        &mut t,
-        0,
-        ORD_OWNER_READ_INTERNAL_PUB,
-        &[],
-        &KH_EK.to_be_bytes(),
-        &mut [(&mut s, OWNER, false)],
-        0,
-    )
-    .unwrap();
+    let out =
+        run_authed(&mut t, 0, ORD_OWNER_READ_INTERNAL_PUB, &[], &KH_EK.to_be_bytes(), &mut [(&mut s, OWNER, false)], 0)
+            .unwrap();
     assert_eq!(&out[28..284], &ek[..]);
 }
 
@@ -158,17 +129,11 @@ fn deferred_and_generated_eks_need_their_own_blob_version() {
     read_pubek(&mut generated);
     let generated = generated.permanent_state();
     // Each body under the other version, with a matching checksum.
-    for (blob, other) in [
-        (&fresh, STATE_VERSION),
-        (&generated, PERMANENT_VERSION_DEFERRED_EK),
-    ] {
+    for (blob, other) in [(&fresh, STATE_VERSION), (&generated, PERMANENT_VERSION_DEFERRED_EK)] {
         let mut b = blob[..blob.len() - 20].to_vec();
         b[8..12].copy_from_slice(&other.to_be_bytes());
         let sum = sha1(&b);
         b.extend_from_slice(&sum);
-        assert_eq!(
-            Tpm::from_permanent(&b, TestPlatform::new(1)).err(),
-            Some(crate::StateError::Malformed)
-        );
+        assert_eq!(Tpm::from_permanent(&b, TestPlatform::new(1)).err(), Some(crate::StateError::Malformed));
     }
 }
