@@ -89,10 +89,7 @@ impl Drbg {
     pub fn new(mut seed: [u8; 32]) -> Self {
         let rng = ChaCha20Rng::from_seed(seed);
         seed.zeroize();
-        Drbg {
-            rng,
-            since_reseed: 0,
-        }
+        Drbg { rng, since_reseed: 0 }
     }
 
     /// Mixes `entropy` into the state: the new seed depends on the old state
@@ -142,6 +139,36 @@ impl Drbg {
         self.since_reseed = self.since_reseed.saturating_add(512);
         &mut self.rng
     }
+
+    /// The current state, from which [`Drbg::replay`] produces the output
+    /// this generator is about to produce. Whoever holds it can predict
+    /// that output: the caller must move this generator elsewhere (e.g.
+    /// [`Drbg::mix`]) before drawing from it again.
+    pub fn snapshot(&self) -> DrbgSnapshot {
+        DrbgSnapshot { seed: self.rng.get_seed(), word_pos: self.rng.get_word_pos() }
+    }
+
+    /// A generator that continues from `s`.
+    pub fn replay(s: &DrbgSnapshot) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(s.seed);
+        rng.set_word_pos(s.word_pos);
+        Drbg { rng, since_reseed: 0 }
+    }
+}
+
+/// A [`Drbg`] state (ChaCha20 key and position in its stream 0, the only
+/// stream a `Drbg` uses): a secret as strong as everything generated from
+/// it. Zeroised when dropped.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct DrbgSnapshot {
+    pub seed: [u8; 32],
+    pub word_pos: u128,
+}
+
+impl core::fmt::Debug for DrbgSnapshot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DrbgSnapshot(..)")
+    }
 }
 
 /// An RSA-2048 private key, with the two values the TPM stores for it.
@@ -157,9 +184,7 @@ impl core::fmt::Debug for RsaKey {
 
 impl Clone for RsaKey {
     fn clone(&self) -> Self {
-        RsaKey {
-            key: self.key.clone(),
-        }
+        RsaKey { key: self.key.clone() }
     }
 }
 
@@ -176,9 +201,7 @@ fn be_padded(v: &BoxedUint, len: usize) -> Vec<u8> {
 impl RsaKey {
     /// Generates a 2048-bit key with e = 65537.
     pub fn generate(drbg: &mut Drbg) -> Option<Self> {
-        PrivateKey::new(drbg.rng(), RSA_BITS)
-            .ok()
-            .map(|key| RsaKey { key })
+        PrivateKey::new(drbg.rng(), RSA_BITS).ok().map(|key| RsaKey { key })
     }
 
     /// Rebuilds a key from its modulus and one prime, as TPM_STORE_ASYMKEY
@@ -254,16 +277,12 @@ impl RsaKey {
         if ct.len() != RSA_BYTES {
             return None;
         }
-        self.key
-            .decrypt_blinded(drbg.rng(), Pkcs1v15Encrypt, ct)
-            .ok()
+        self.key.decrypt_blinded(drbg.rng(), Pkcs1v15Encrypt, ct).ok()
     }
 
     /// PKCS#1 v1.5 signature over a SHA-1 digest (with its DigestInfo).
     pub fn sign_sha1(&self, drbg: &mut Drbg, digest: &[u8; 20]) -> Option<Vec<u8>> {
-        self.key
-            .sign_with_rng(drbg.rng(), Pkcs1v15Sign::new::<Sha1>(), digest)
-            .ok()
+        self.key.sign_with_rng(drbg.rng(), Pkcs1v15Sign::new::<Sha1>(), digest).ok()
     }
 
     /// PKCS#1 v1.5 signature over raw bytes (the DER scheme: the caller
@@ -272,9 +291,7 @@ impl RsaKey {
         if data.len() > RSA_BYTES - 11 {
             return None;
         }
-        self.key
-            .sign_with_rng(drbg.rng(), Pkcs1v15Sign::new_unprefixed(), data)
-            .ok()
+        self.key.sign_with_rng(drbg.rng(), Pkcs1v15Sign::new_unprefixed(), data).ok()
     }
 }
 
@@ -303,11 +320,7 @@ fn public_key(n: &[u8]) -> Option<PublicKey> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -316,8 +329,8 @@ mod tests {
         assert_eq!(
             sha1(b"abc"),
             [
-                0xa9, 0x99, 0x3e, 0x36, 0x47, 0x06, 0x81, 0x6a, 0xba, 0x3e, 0x25, 0x71, 0x78, 0x50,
-                0xc2, 0x6c, 0x9c, 0xd0, 0xd8, 0x9d
+                0xa9, 0x99, 0x3e, 0x36, 0x47, 0x06, 0x81, 0x6a, 0xba, 0x3e, 0x25, 0x71, 0x78, 0x50, 0xc2, 0x6c, 0x9c,
+                0xd0, 0xd8, 0x9d
             ]
         );
         assert_eq!(sha1_parts(&[b"a", b"bc"]), sha1(b"abc"));
@@ -329,8 +342,8 @@ mod tests {
         assert_eq!(
             mac,
             [
-                0xef, 0xfc, 0xdf, 0x6a, 0xe5, 0xeb, 0x2f, 0xa2, 0xd2, 0x74, 0x16, 0xd5, 0xf1, 0x84,
-                0xdf, 0x9c, 0x25, 0x9a, 0x7c, 0x79
+                0xef, 0xfc, 0xdf, 0x6a, 0xe5, 0xeb, 0x2f, 0xa2, 0xd2, 0x74, 0x16, 0xd5, 0xf1, 0x84, 0xdf, 0x9c, 0x25,
+                0x9a, 0x7c, 0x79
             ]
         );
     }

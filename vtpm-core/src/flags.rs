@@ -151,11 +151,7 @@ impl StclearFlags {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -164,9 +160,7 @@ mod tests {
         let mut v = Vec::new();
         PermanentFlags::factory().write(&mut v);
         // swtpm, fresh state, GetCapability(FLAG, PERMANENT).
-        let want = [
-            0x00, 0x1f, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0,
-        ];
+        let want = [0x00, 0x1f, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0];
         assert_eq!(v, want);
         let back = PermanentFlags::read(&mut Reader::new(&v)).unwrap();
         assert_eq!(back, PermanentFlags::factory());
@@ -174,11 +168,7 @@ mod tests {
 
     #[test]
     fn stclear_round_trip() {
-        let f = StclearFlags {
-            deactivated: true,
-            global_lock: true,
-            ..Default::default()
-        };
+        let f = StclearFlags { deactivated: true, global_lock: true, ..Default::default() };
         let mut v = Vec::new();
         f.write(&mut v);
         assert_eq!(v, [0, 0x20, 1, 0, 0, 0, 1]);

@@ -47,14 +47,7 @@ impl KeyParms {
         let num_primes = p.u32()?;
         let exponent = p.sized32()?.to_vec();
         p.finish()?;
-        Ok(KeyParms {
-            alg,
-            enc_scheme,
-            sig_scheme,
-            key_bits,
-            num_primes,
-            exponent,
-        })
+        Ok(KeyParms { alg, enc_scheme, sig_scheme, key_bits, num_primes, exponent })
     }
 
     pub fn write(&self, out: &mut Vec<u8>) {
@@ -114,11 +107,7 @@ pub enum PcrBinding {
 
 impl PcrInfo {
     pub fn read(r: &mut Reader<'_>) -> TpmResult<Self> {
-        Ok(PcrInfo {
-            selection: PcrSelection::read(r)?,
-            at_release: r.digest()?,
-            at_creation: r.digest()?,
-        })
+        Ok(PcrInfo { selection: PcrSelection::read(r)?, at_release: r.digest()?, at_creation: r.digest()? })
     }
     pub fn write(&self, out: &mut Vec<u8>) {
         self.selection.write(out);
@@ -154,11 +143,7 @@ impl PcrInfoLong {
 
 impl PcrInfoShort {
     pub fn read(r: &mut Reader<'_>) -> TpmResult<Self> {
-        Ok(PcrInfoShort {
-            selection: PcrSelection::read(r)?,
-            locality_at_release: r.u8()?,
-            at_release: r.digest()?,
-        })
+        Ok(PcrInfoShort { selection: PcrSelection::read(r)?, locality_at_release: r.u8()?, at_release: r.digest()? })
     }
     pub fn write(&self, out: &mut Vec<u8>) {
         self.selection.write(out);
@@ -196,11 +181,8 @@ impl PcrBinding {
             return Ok(PcrBinding::None);
         }
         let mut p = Reader::new(raw);
-        let b = if long {
-            PcrBinding::Long(PcrInfoLong::read(&mut p)?)
-        } else {
-            PcrBinding::V11(PcrInfo::read(&mut p)?)
-        };
+        let b =
+            if long { PcrBinding::Long(PcrInfoLong::read(&mut p)?) } else { PcrBinding::V11(PcrInfo::read(&mut p)?) };
         p.finish()?;
         Ok(b)
     }
@@ -247,9 +229,7 @@ impl PcrBinding {
                 if i.locality_at_release & locality_bit(locality)? == 0 {
                     return Err(TPM_BAD_LOCALITY);
                 }
-                if !i.release_selection.is_empty()
-                    && pcrs.composite_hash(&i.release_selection) != i.at_release
-                {
+                if !i.release_selection.is_empty() && pcrs.composite_hash(&i.release_selection) != i.at_release {
                     return Err(TPM_WRONGPCRVAL);
                 }
                 Ok(())
@@ -336,15 +316,7 @@ impl KeyPublic {
         let parms = KeyParms::read(r)?;
         let pcr = PcrBinding::read_sized(r, format == KeyFormat::V12)?;
         let modulus = r.sized32()?.to_vec();
-        Ok(KeyPublic {
-            format,
-            usage,
-            flags,
-            auth_usage,
-            parms,
-            pcr,
-            modulus,
-        })
+        Ok(KeyPublic { format, usage, flags, auth_usage, parms, pcr, modulus })
     }
 
     /// Everything of TPM_KEY up to and including pubKey.
@@ -398,23 +370,14 @@ impl KeyPublic {
         if self.flags & KEYFLAG_REDIRECTION != 0 {
             return Err(TPM_BAD_KEY_PROPERTY);
         }
-        if !matches!(
-            self.auth_usage,
-            AUTH_NEVER | AUTH_ALWAYS | AUTH_PRIV_USE_ONLY
-        ) {
+        if !matches!(self.auth_usage, AUTH_NEVER | AUTH_ALWAYS | AUTH_PRIV_USE_ONLY) {
             return Err(TPM_INVALID_STRUCTURE);
         }
         let (enc, sig) = (self.parms.enc_scheme, self.parms.sig_scheme);
         let ok = match self.usage {
-            KEY_STORAGE | KEY_MIGRATE | KEY_AUTHCHANGE => {
-                enc == ES_RSAESOAEP_SHA1_MGF1 && sig == SS_NONE
-            }
+            KEY_STORAGE | KEY_MIGRATE | KEY_AUTHCHANGE => enc == ES_RSAESOAEP_SHA1_MGF1 && sig == SS_NONE,
             KEY_SIGNING => {
-                enc == ES_NONE
-                    && matches!(
-                        sig,
-                        SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER | SS_RSASSAPKCS1V15_INFO
-                    )
+                enc == ES_NONE && matches!(sig, SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_DER | SS_RSASSAPKCS1V15_INFO)
             }
             KEY_IDENTITY => enc == ES_NONE && sig == SS_RSASSAPKCS1V15_SHA1,
             KEY_BIND => matches!(enc, ES_RSAESOAEP_SHA1_MGF1 | ES_RSAESPKCSV15) && sig == SS_NONE,
@@ -460,10 +423,7 @@ impl Key {
         let mut plain = self.store_asymkey();
         let enc = parent.rsa.oaep_encrypt(drbg, &plain).ok_or(TPM_FAIL);
         zeroize::Zeroize::zeroize(&mut plain);
-        Ok(KeyBlob {
-            public: self.public.clone(),
-            enc_data: enc?,
-        })
+        Ok(KeyBlob { public: self.public.clone(), enc_data: enc? })
     }
 
     /// Unwraps a TPM_KEY blob with `parent` (the steps of libtpms'
@@ -476,12 +436,7 @@ impl Key {
     /// (TPM_AUTHFAIL). The public part must have passed
     /// [`KeyPublic::check_template`].
     pub fn unwrap(blob: KeyBlob, parent: &Key, drbg: &mut Drbg) -> TpmResult<Key> {
-        let plain = zeroize::Zeroizing::new(
-            parent
-                .rsa
-                .oaep_decrypt(drbg, &blob.enc_data)
-                .ok_or(TPM_DECRYPT_ERROR)?,
-        );
+        let plain = zeroize::Zeroizing::new(parent.rsa.oaep_decrypt(drbg, &blob.enc_data).ok_or(TPM_DECRYPT_ERROR)?);
         let mut r = Reader::new(&plain);
         let payload = r.u8()?;
         if payload != PT_ASYM {
@@ -495,12 +450,7 @@ impl Key {
         if !crypto::ct_eq(&digest, &blob.public.digest()) {
             return Err(TPM_AUTHFAIL);
         }
-        Ok(Key {
-            public: blob.public,
-            usage_auth,
-            migration_auth,
-            rsa,
-        })
+        Ok(Key { public: blob.public, usage_auth, migration_auth, rsa })
     }
 
     /// Serialises for the TPM's own persisted state (SRK, saved keys).
@@ -522,12 +472,7 @@ impl Key {
         let migration_auth = Secret(r.digest()?);
         let prime = r.sized32()?;
         let rsa = RsaKey::from_n_p(&public.modulus, prime).ok_or(TPM_FAIL)?;
-        Ok(Key {
-            public,
-            usage_auth,
-            migration_auth,
-            rsa,
-        })
+        Ok(Key { public, usage_auth, migration_auth, rsa })
     }
 
     /// Checks that the key's PCR binding is satisfied now.

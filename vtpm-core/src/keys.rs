@@ -20,10 +20,7 @@ impl KeyTable {
     }
 
     pub fn get(&self, handle: u32) -> Option<&Key> {
-        self.slots
-            .iter()
-            .find(|(h, _)| *h == handle)
-            .map(|(_, k)| k)
+        self.slots.iter().find(|(h, _)| *h == handle).map(|(_, k)| k)
     }
 
     /// Inserts with a fresh random handle.

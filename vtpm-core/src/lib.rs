@@ -7,8 +7,11 @@
 //!
 //! # Interface
 //! * [`Platform`] supplies entropy and time; there is no global state.
-//! * [`Tpm::manufacture`] makes a fresh chip (the EK is generated then);
-//!   [`Tpm::permanent_state`] / [`Tpm::from_permanent`] persist and restore it.
+//! * [`Tpm::manufacture`] makes a fresh chip. Its EK is decided then (by
+//!   the platform's entropy) but generated only when a command first needs
+//!   it: ReadPubek, OwnerReadInternalPub, TakeOwnership, ActivateIdentity.
+//!   [`Tpm::permanent_state`] / [`Tpm::from_permanent`] persist and restore
+//!   it, a not yet generated EK included.
 //!   The caller persists when [`Tpm::permanent_dirty`] says so.
 //! * [`Tpm::power_on`] is TPM_Init; the guest must then send Startup.
 //! * [`Tpm::execute`] runs one command from a locality and returns the
@@ -28,12 +31,7 @@
 
 #![no_std]
 #![forbid(unsafe_code)]
-#![deny(
-    clippy::indexing_slicing,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(clippy::arithmetic_side_effects)]
 
 extern crate alloc;
@@ -154,9 +152,23 @@ impl<P: Platform> Tpm<P> {
     /// A fresh chip with its endorsement key, provisioned as
     /// `swtpm_setup --createek` leaves one: EK made, physical presence
     /// command enabled, no owner. It needs Startup.
+    ///
+    /// The EK is deferred ([`state::Endorsement::Deferred`]): this keeps the
+    /// DRBG state that would have generated it here and generates it from
+    /// that state when a command first needs it, which yields the same key
+    /// as generating it now. Making a chip therefore costs no RSA key
+    /// generation, and a chip made from deterministic entropy (the
+    /// hypervisor's per-guest seed) still gets the same EK every time.
     pub fn manufacture(platform: P) -> Self {
         let mut t = Self::manufacture_without_ek(platform);
-        t.create_ek();
+        t.perm.ek = state::Endorsement::Deferred(t.drbg.snapshot());
+        // The snapshot predicts this DRBG's next output: move it on to a
+        // state the EK's generation never sees.
+        let mut fresh = [0u8; 32];
+        t.platform.fill_random(&mut fresh);
+        t.drbg.mix(&fresh);
+        t.perm.flags.cekp_used = true;
+        t.perm.flags.enable_revoke_ek = false;
         t.perm.flags.pp_cmd_enable = true;
         t.dirty = true;
         t
@@ -175,6 +187,13 @@ impl<P: Platform> Tpm<P> {
     pub fn from_permanent(blob: &[u8], platform: P) -> Result<Self, StateError> {
         let perm = state::Permanent::from_blob(blob)?;
         Ok(Self::with_permanent(platform, perm))
+    }
+
+    /// True once the EK exists as a key: false while it is deferred (see
+    /// [`Tpm::manufacture`]) or absent. Callers check with it that bringing
+    /// a chip up did not pay for an RSA key generation.
+    pub fn endorsement_key_generated(&self) -> bool {
+        self.perm.ek.key().is_some()
     }
 
     /// The versioned, checksummed permanent state.
@@ -336,10 +355,12 @@ impl<P: Platform> Tpm<P> {
         self.vol.pcrs.get(pcr).ok()
     }
 
+    /// TPM_CreateEndorsementKeyPair's key, generated at once (the
+    /// response carries it).
     fn create_ek(&mut self) -> bool {
         match crypto::RsaKey::generate(&mut self.drbg) {
             Some(k) => {
-                self.perm.ek = Some(k);
+                self.perm.ek = state::Endorsement::Present(k);
                 self.perm.flags.cekp_used = true;
                 self.perm.flags.enable_revoke_ek = false;
                 self.dirty = true;
@@ -347,6 +368,18 @@ impl<P: Platform> Tpm<P> {
             }
             None => false,
         }
+    }
+
+    /// The EK, generated now if it was deferred (the permanent state then
+    /// holds the key and is dirty). TPM_NO_ENDORSEMENT when there is none.
+    fn endorsement_key(&mut self) -> Result<&crypto::RsaKey, u32> {
+        if let state::Endorsement::Deferred(s) = &self.perm.ek {
+            let mut drbg = crypto::Drbg::replay(s);
+            let key = crypto::RsaKey::generate(&mut drbg).ok_or(consts::TPM_FAIL)?;
+            self.perm.ek = state::Endorsement::Present(key);
+            self.dirty = true;
+        }
+        self.perm.ek.key().ok_or(consts::TPM_NO_ENDORSEMENT)
     }
 
     fn mark_dirty(&mut self) {

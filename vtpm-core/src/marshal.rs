@@ -152,11 +152,7 @@ impl Put for Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -182,10 +178,7 @@ mod tests {
 
     #[test]
     fn bool_refuses_values_above_one() {
-        assert_eq!(
-            Reader::new(&[2]).bool(),
-            Err(crate::consts::TPM_BAD_PARAMETER)
-        );
+        assert_eq!(Reader::new(&[2]).bool(), Err(crate::consts::TPM_BAD_PARAMETER));
         assert_eq!(Reader::new(&[1]).bool(), Ok(true));
     }
 

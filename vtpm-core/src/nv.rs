@@ -89,10 +89,7 @@ pub struct NvStore {
 
 impl NvStore {
     pub fn used(&self) -> u32 {
-        self.indices
-            .iter()
-            .map(|i| i.public.size.saturating_add(INDEX_OVERHEAD))
-            .fold(0u32, u32::saturating_add)
+        self.indices.iter().map(|i| i.public.size.saturating_add(INDEX_OVERHEAD)).fold(0u32, u32::saturating_add)
     }
 
     pub fn free(&self) -> u32 {

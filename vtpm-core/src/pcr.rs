@@ -44,8 +44,7 @@ const RESET_LOCALITIES: [u8; NUM_PCRS] = [
 
 /// Locality bitmaps allowed to extend each PCR.
 const EXTEND_LOCALITIES: [u8; NUM_PCRS] = [
-    0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F,
-    0x1F, // 0-16
+    0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, 0x1F, // 0-16
     0x1C, // 17: localities 2-4
     0x1C, // 18
     0x0C, // 19: localities 2-3
@@ -92,11 +91,7 @@ impl PcrBank {
 
     /// Reads a PCR.
     pub fn get(&self, index: u32) -> TpmResult<[u8; 20]> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.values.get(i))
-            .copied()
-            .ok_or(TPM_BADINDEX)
+        usize::try_from(index).ok().and_then(|i| self.values.get(i)).copied().ok_or(TPM_BADINDEX)
     }
 
     /// Extends a PCR as `locality` asks: new = SHA1(old ‖ digest).
@@ -136,11 +131,7 @@ impl PcrBank {
         }
         for i in sel.indices() {
             if let Some(v) = self.values.get_mut(i) {
-                *v = if DYNAMIC.contains(&i) && !tos_present {
-                    [0xFF; 20]
-                } else {
-                    [0; 20]
-                };
+                *v = if DYNAMIC.contains(&i) && !tos_present { [0xFF; 20] } else { [0; 20] };
             }
         }
         Ok(())
@@ -226,20 +217,12 @@ impl PcrSelection {
 
     /// Selected PCR indices, ascending.
     pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..NUM_PCRS).filter(|i| {
-            self.bits
-                .get(i / 8)
-                .is_some_and(|b| b & (1 << (i % 8)) != 0)
-        })
+        (0..NUM_PCRS).filter(|i| self.bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
     }
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -324,10 +307,7 @@ mod tests {
 
     #[test]
     fn selection_refuses_more_than_three_bytes() {
-        assert_eq!(
-            PcrSelection::read(&mut Reader::new(&[0, 4, 0, 0, 0, 0])),
-            Err(TPM_INVALID_PCR_INFO)
-        );
+        assert_eq!(PcrSelection::read(&mut Reader::new(&[0, 4, 0, 0, 0, 0])), Err(TPM_INVALID_PCR_INFO));
         let s = PcrSelection::read(&mut Reader::new(&[0, 2, 0x81, 0x00])).unwrap();
         assert_eq!(s.indices().collect::<Vec<_>>(), [0, 7]);
         let mut out = Vec::new();

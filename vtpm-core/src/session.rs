@@ -70,11 +70,7 @@ impl Sessions {
             }
         };
         let nonce_even = drbg.nonce();
-        self.slots.push(Session {
-            handle,
-            kind,
-            nonce_even,
-        });
+        self.slots.push(Session { handle, kind, nonce_even });
         self.slots.last().ok_or(TPM_FAIL)
     }
 
@@ -96,8 +92,7 @@ impl Sessions {
     /// Ends every OSAP session bound to `entity` (its secret changed or it
     /// went away).
     pub fn terminate_entity(&mut self, entity: Entity) {
-        self.slots
-            .retain(|s| !matches!(&s.kind, Kind::Osap { entity: e, .. } if *e == entity));
+        self.slots.retain(|s| !matches!(&s.kind, Kind::Osap { entity: e, .. } if *e == entity));
     }
 
     pub fn clear(&mut self) {
@@ -116,12 +111,7 @@ pub struct AuthIn {
 
 impl AuthIn {
     pub fn read(r: &mut Reader<'_>) -> TpmResult<Self> {
-        Ok(AuthIn {
-            handle: r.u32()?,
-            nonce_odd: r.digest()?,
-            cont: r.bool()?,
-            hmac: r.digest()?,
-        })
+        Ok(AuthIn { handle: r.u32()?, nonce_odd: r.digest()?, cont: r.bool()?, hmac: r.digest()? })
     }
 }
 
@@ -134,13 +124,7 @@ pub struct Verified {
 }
 
 /// The HMAC both sides compute.
-pub fn auth_hmac(
-    key: &[u8; 20],
-    digest: &[u8; 20],
-    even: &[u8; 20],
-    odd: &[u8; 20],
-    cont: bool,
-) -> [u8; 20] {
+pub fn auth_hmac(key: &[u8; 20], digest: &[u8; 20], even: &[u8; 20], odd: &[u8; 20], cont: bool) -> [u8; 20] {
     hmac_sha1(key, &[digest, even, odd, &[u8::from(cont)]])
 }
 
@@ -169,23 +153,12 @@ impl Sessions {
         if !ct_eq(&want, &auth.hmac) {
             return Err(fail);
         }
-        Ok(Verified {
-            handle: auth.handle,
-            key,
-            nonce_odd: auth.nonce_odd,
-            cont: auth.cont,
-        })
+        Ok(Verified { handle: auth.handle, key, nonce_odd: auth.nonce_odd, cont: auth.cont })
     }
 
     /// Rolls the nonce of a verified session and appends its response
     /// trailer: nonceEven ‖ continue ‖ HMAC.
-    pub fn respond(
-        &mut self,
-        v: &Verified,
-        out_digest: &[u8; 20],
-        drbg: &mut Drbg,
-        out: &mut Vec<u8>,
-    ) {
+    pub fn respond(&mut self, v: &Verified, out_digest: &[u8; 20], drbg: &mut Drbg, out: &mut Vec<u8>) {
         let even = drbg.nonce();
         if let Some(s) = self.get_mut(v.handle) {
             s.nonce_even = even;

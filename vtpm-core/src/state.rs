@@ -6,7 +6,7 @@
 //! fresh values before anything is replaced, so a bad blob is never half
 //! loaded.
 
-use crate::crypto::{self, RsaKey};
+use crate::crypto::{self, DrbgSnapshot, RsaKey};
 use crate::flags::{PermanentFlags, StclearFlags};
 use crate::key::Key;
 use crate::marshal::{Put, Reader};
@@ -19,6 +19,11 @@ const PERMANENT_MAGIC: &[u8; 8] = b"CTVMTPMP";
 const SAVED_MAGIC: &[u8; 8] = b"CTVMTPMS";
 /// Version of both blob formats.
 pub const STATE_VERSION: u32 = 1;
+/// Version of a permanent blob that holds a deferred EK
+/// ([`Endorsement::Deferred`]); other permanent blobs stay at
+/// [`STATE_VERSION`], so that an engine without deferred EKs still reads
+/// them and refuses the others by their version.
+pub const PERMANENT_VERSION_DEFERRED_EK: u32 = 2;
 
 /// Why a state blob was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,17 +57,19 @@ impl core::fmt::Display for StateError {
     }
 }
 
-fn seal_blob(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+fn seal_blob(magic: &[u8; 8], version: u32, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(body.len().saturating_add(36));
     v.put(magic);
-    v.put_u32(STATE_VERSION);
+    v.put_u32(version);
     v.put_sized32(body);
     let sum = crypto::sha1(&v);
     v.put(&sum);
     v
 }
 
-fn open_blob<'a>(magic: &[u8; 8], blob: &'a [u8]) -> Result<&'a [u8], StateError> {
+/// Checks a blob's frame and checksum; returns its version (one of
+/// `versions`) and body.
+fn open_blob<'a>(magic: &[u8; 8], versions: &[u32], blob: &'a [u8]) -> Result<(u32, &'a [u8]), StateError> {
     let Some(split) = blob.len().checked_sub(20) else {
         return Err(StateError::Truncated);
     };
@@ -81,10 +88,10 @@ fn open_blob<'a>(magic: &[u8; 8], blob: &'a [u8]) -> Result<&'a [u8], StateError
     if !crypto::ct_eq(&crypto::sha1(content), sum) {
         return Err(StateError::ChecksumMismatch);
     }
-    if version != STATE_VERSION {
+    if !versions.contains(&version) {
         return Err(StateError::UnsupportedVersion(version));
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 /// The owner's part of the permanent state.
@@ -95,11 +102,43 @@ pub struct Owner {
     pub srk: Key,
 }
 
+/// The endorsement key, or what it will be generated from.
+// One per chip: an allocation for the key would save nothing that matters.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Endorsement {
+    /// No EK: TPM_CreateEndorsementKeyPair may create one.
+    Absent,
+    /// The EK exists for every command's purpose but is not generated yet:
+    /// the DRBG state its generation starts from. An RSA-2048 generation
+    /// takes seconds (tens of seconds in an emulator) and most boots never
+    /// use the EK, so the first command that needs it generates it; the
+    /// key is the one generating at once from this state would have made.
+    Deferred(DrbgSnapshot),
+    /// The EK.
+    Present(RsaKey),
+}
+
+impl Endorsement {
+    /// True unless there is no EK at all (a deferred EK exists).
+    pub fn exists(&self) -> bool {
+        !matches!(self, Endorsement::Absent)
+    }
+
+    /// The key, once generated.
+    pub fn key(&self) -> Option<&RsaKey> {
+        match self {
+            Endorsement::Present(k) => Some(k),
+            _ => None,
+        }
+    }
+}
+
 /// Everything that survives a power cycle.
 #[derive(Clone, Debug)]
 pub struct Permanent {
     pub flags: PermanentFlags,
-    pub ek: Option<RsaKey>,
+    pub ek: Endorsement,
     pub owner: Option<Owner>,
     pub nv: NvStore,
     pub no_owner_nv_write: u32,
@@ -110,25 +149,33 @@ impl Permanent {
     pub fn factory() -> Self {
         Permanent {
             flags: PermanentFlags::factory(),
-            ek: None,
+            ek: Endorsement::Absent,
             owner: None,
             nv: NvStore::default(),
             no_owner_nv_write: 0,
         }
     }
 
-    /// The versioned, checksummed blob.
+    /// The versioned, checksummed blob. A deferred EK stays deferred: its
+    /// DRBG state is stored, nothing is generated.
     pub fn to_blob(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(2048);
         self.flags.write(&mut b);
         b.put_u32(self.no_owner_nv_write);
+        let mut version = STATE_VERSION;
         match &self.ek {
-            Some(ek) => {
+            Endorsement::Present(ek) => {
                 b.put_u8(1);
                 b.put_sized32(&ek.modulus());
                 b.put_sized32(&zeroize::Zeroizing::new(ek.prime()));
             }
-            None => b.put_u8(0),
+            Endorsement::Deferred(s) => {
+                version = PERMANENT_VERSION_DEFERRED_EK;
+                b.put_u8(2);
+                b.put(&s.seed);
+                b.put(&s.word_pos.to_be_bytes());
+            }
+            Endorsement::Absent => b.put_u8(0),
         }
         match &self.owner {
             Some(o) => {
@@ -140,28 +187,33 @@ impl Permanent {
             None => b.put_u8(0),
         }
         self.nv.write(&mut b);
-        let blob = seal_blob(PERMANENT_MAGIC, &b);
+        let blob = seal_blob(PERMANENT_MAGIC, version, &b);
         zeroize::Zeroize::zeroize(&mut b);
         blob
     }
 
     /// Parses a blob made by [`Permanent::to_blob`].
     pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
-        let body = open_blob(PERMANENT_MAGIC, blob)?;
-        Self::parse_body(body).ok_or(StateError::Malformed)
+        let versions = [STATE_VERSION, PERMANENT_VERSION_DEFERRED_EK];
+        let (version, body) = open_blob(PERMANENT_MAGIC, &versions, blob)?;
+        Self::parse_body(version, body).ok_or(StateError::Malformed)
     }
 
-    fn parse_body(body: &[u8]) -> Option<Self> {
+    fn parse_body(version: u32, body: &[u8]) -> Option<Self> {
         let mut r = Reader::new(body);
         let flags = PermanentFlags::read(&mut r).ok()?;
         let no_owner_nv_write = r.u32().ok()?;
-        let ek = match r.u8().ok()? {
-            0 => None,
-            1 => {
+        let ek = match (r.u8().ok()?, version) {
+            (0, STATE_VERSION) => Endorsement::Absent,
+            (1, STATE_VERSION) => {
                 let n = r.sized32().ok()?;
                 let p = r.sized32().ok()?;
-                Some(RsaKey::from_n_p(n, p)?)
+                Endorsement::Present(RsaKey::from_n_p(n, p)?)
             }
+            (2, PERMANENT_VERSION_DEFERRED_EK) => Endorsement::Deferred(DrbgSnapshot {
+                seed: r.array().ok()?,
+                word_pos: u128::from_be_bytes(r.array().ok()?),
+            }),
             _ => return None,
         };
         let owner = match r.u8().ok()? {
@@ -175,23 +227,23 @@ impl Permanent {
         };
         let nv = NvStore::read(&mut r).ok()?;
         r.finish().ok()?;
-        Some(Permanent {
-            flags,
-            ek,
-            owner,
-            nv,
-            no_owner_nv_write,
-        })
+        Some(Permanent { flags, ek, owner, nv, no_owner_nv_write })
     }
 
-    /// A digest naming this chip and owner, bound into saved states.
+    /// A digest naming this chip and owner, bound into saved states. A
+    /// deferred EK is named by a digest of its DRBG state, so that saving
+    /// the state does not generate it. Generating it changes the identity,
+    /// but only a command does that, and any command other than SaveState
+    /// and Startup (which never generate it) ends a saved state anyway.
     pub fn identity(&self) -> [u8; 20] {
-        let ek = self.ek.as_ref().map(|k| k.modulus()).unwrap_or_default();
-        let proof = self
-            .owner
-            .as_ref()
-            .map(|o| o.tpm_proof.0)
-            .unwrap_or([0; 20]);
+        let ek = match &self.ek {
+            Endorsement::Present(k) => k.modulus(),
+            Endorsement::Deferred(s) => {
+                crypto::sha1_parts(&[b"CTVM deferred EK", &s.seed, &s.word_pos.to_be_bytes()]).to_vec()
+            }
+            Endorsement::Absent => Vec::new(),
+        };
+        let proof = self.owner.as_ref().map(|o| o.tpm_proof.0).unwrap_or([0; 20]);
         crypto::sha1_parts(&[&ek, &proof])
     }
 }
@@ -226,13 +278,13 @@ impl Saved {
             b.put_u8(u8::from(*r));
             b.put_u8(u8::from(*w));
         }
-        let blob = seal_blob(SAVED_MAGIC, &b);
+        let blob = seal_blob(SAVED_MAGIC, STATE_VERSION, &b);
         zeroize::Zeroize::zeroize(&mut b);
         blob
     }
 
     pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
-        let body = open_blob(SAVED_MAGIC, blob)?;
+        let (_, body) = open_blob(SAVED_MAGIC, &[STATE_VERSION], blob)?;
         Self::parse_body(body).ok_or(StateError::Malformed)
     }
 
@@ -262,12 +314,6 @@ impl Saved {
             nv_locks.push((r.u32().ok()?, r.bool().ok()?, r.bool().ok()?));
         }
         r.finish().ok()?;
-        Some(Saved {
-            identity,
-            flags,
-            pcrs,
-            keys,
-            nv_locks,
-        })
+        Some(Saved { identity, flags, pcrs, keys, nv_locks })
     }
 }

@@ -330,8 +330,9 @@ fn raw_commands_in_every_power_state() {
 fn state_loaders_refuse_rather_than_panic() {
     let start = Instant::now();
     let mut rng = Rng::new(0x5EED_0003);
-    // Real blobs: an owned chip's permanent state (EK, SRK, an NV index)
-    // and its SaveState blob with a key loaded.
+    // Real blobs: an owned chip's permanent state (EK, SRK, an NV index),
+    // its SaveState blob with a key loaded, and a new chip's permanent
+    // state (its EK deferred: version 2).
     let fx = fixture();
     let mut t = fx.tpm;
     // NV_DefineSpace without authorisation (nvLocked is clear): an
@@ -352,19 +353,25 @@ fn state_loaders_refuse_rather_than_panic() {
     exec(&mut t, 0, &cmd(0xC1, 0x98, &[]));
     let permanent = t.permanent_state();
     let saved = t.saved_state().expect("SaveState produced a blob");
+    let fresh = Tpm::manufacture(FuzzPlatform(3)).permanent_state();
     let strip = |b: &[u8]| b[16..b.len() - 20].to_vec();
-    let bodies = [(b"CTVMTPMP", strip(&permanent)), (b"CTVMTPMS", strip(&saved))];
-    let corpus: Vec<Vec<u8>> = bodies.iter().map(|(_, b)| b.clone()).collect();
+    let blobs = [(b"CTVMTPMP", 1, &permanent), (b"CTVMTPMS", 1, &saved), (b"CTVMTPMP", 2, &fresh)];
+    let bodies: Vec<_> = blobs.iter().map(|(magic, version, b)| (*magic, *version, strip(b))).collect();
+    let corpus: Vec<Vec<u8>> = bodies.iter().map(|(_, _, b)| b.clone()).collect();
+    for ((_, version, body), (magic, _, blob)) in bodies.iter().zip(&blobs) {
+        assert_eq!(&envelope(magic, *version, body), *blob, "the envelope rebuilds a real blob");
+    }
 
     let n = 1500 * scale();
     for i in 0..n {
-        let (magic, body) = rng.pick(&bodies);
+        let which = rng.below(bodies.len());
+        let (magic, version, body) = &bodies[which];
         let mutated = mutate(&mut rng, body, &corpus, 1 << 16);
         let whole = match i % 3 {
             // A valid envelope around a mutated body: the body parsers run.
-            0 | 1 => envelope(magic, &mutated),
+            0 | 1 => envelope(magic, *version, &mutated),
             // The whole blob mutated: the envelope checks must refuse it.
-            _ => mutate(&mut rng, if *magic == b"CTVMTPMP" { &permanent } else { &saved }, &corpus, 1 << 16),
+            _ => mutate(&mut rng, blobs[which].2, &corpus, 1 << 16),
         };
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if *magic == b"CTVMTPMP" {

@@ -322,10 +322,11 @@ pub fn run_execute(data: &[u8]) {
     }
 }
 
-/// Wraps `body` in a valid state envelope: magic, version 1, length, SHA-1.
-pub fn envelope(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+/// Wraps `body` in a valid state envelope: magic, version, length, SHA-1.
+/// (Version 1 for every blob; 2 for a permanent state with a deferred EK.)
+pub fn envelope(magic: &[u8; 8], version: u32, body: &[u8]) -> Vec<u8> {
     let mut v = magic.to_vec();
-    v.extend_from_slice(&1u32.to_be_bytes());
+    v.extend_from_slice(&version.to_be_bytes());
     v.extend_from_slice(&(body.len() as u32).to_be_bytes());
     v.extend_from_slice(body);
     let sum = vtpm_core::sha1(&v);
@@ -333,9 +334,10 @@ pub fn envelope(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The `state` target: the first byte picks the loader. Two thirds of the
-/// inputs are wrapped in a valid envelope so that the body parsers, not
-/// just the checksum, are reached. The loaders must refuse or load, never
+/// The `state` target: the first byte picks the loader (and, for a
+/// permanent state, its version by the top bit). Two thirds of the inputs
+/// are wrapped in a valid envelope so that the body parsers, not just the
+/// checksum, are reached. The loaders must refuse or load, never
 /// panic; a loaded permanent state must serialise and restore exactly, and
 /// the chip must then answer well-formed responses.
 pub fn run_state(data: &[u8]) {
@@ -344,7 +346,8 @@ pub fn run_state(data: &[u8]) {
     };
     match mode % 3 {
         0 => {
-            if let Ok(mut t) = Tpm::from_permanent(&envelope(b"CTVMTPMP", body), FuzzPlatform(1)) {
+            let version = if mode & 0x80 != 0 { 2 } else { 1 };
+            if let Ok(mut t) = Tpm::from_permanent(&envelope(b"CTVMTPMP", version, body), FuzzPlatform(1)) {
                 let blob = t.permanent_state();
                 let again = Tpm::from_permanent(&blob, FuzzPlatform(1)).expect("re-load");
                 assert_eq!(again.permanent_state(), blob);
@@ -355,7 +358,7 @@ pub fn run_state(data: &[u8]) {
         }
         1 => {
             let mut t = owned();
-            let _ = t.set_saved_state(&envelope(b"CTVMTPMS", body));
+            let _ = t.set_saved_state(&envelope(b"CTVMTPMS", 1, body));
             t.power_on();
             exec(&mut t, 0, &cmd(0xC1, 0x99, &[0, 2]));
             exec(&mut t, 0, &cmd(0xC1, 0x15, &[0, 0, 0, 10]));

@@ -54,7 +54,8 @@ pub struct Device<E: Engine> {
 
 impl<E: Engine> Device<E> {
     /// Opens the TPM kept in `state`: restores it, or manufactures it (and
-    /// so creates its EK) and persists it at once on first start.
+    /// so decides its EK, generated when first needed) and persists it at
+    /// once on first start.
     pub fn open(state: StateDir, flags: Flags) -> io::Result<Self> {
         let invalid = |what: &str, e: String| {
             io::Error::new(io::ErrorKind::InvalidData, format!("{}/{what}: {e}", state.path().display()))

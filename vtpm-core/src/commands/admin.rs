@@ -9,8 +9,7 @@ use crate::{Platform, Tpm};
 use alloc::vec::Vec;
 
 /// Bits that change the permanent physical-presence configuration.
-const PP_CONFIG_BITS: u16 =
-    PP_HW_DISABLE | PP_CMD_DISABLE | PP_LIFETIME_LOCK | PP_HW_ENABLE | PP_CMD_ENABLE;
+const PP_CONFIG_BITS: u16 = PP_HW_DISABLE | PP_CMD_DISABLE | PP_LIFETIME_LOCK | PP_HW_ENABLE | PP_CMD_ENABLE;
 /// Bits that assert or lock presence for this boot.
 const PP_STATE_BITS: u16 = PP_NOTPRESENT | PP_PRESENT | PP_LOCK;
 

@@ -12,13 +12,12 @@ use crate::{keys, session, Platform, Tpm};
 use alloc::vec::Vec;
 
 /// TPM_CAP_VERSION_INFO as libtpms reports it (spec 1.2 rev 116, "IBM").
-pub(crate) const VERSION_INFO: [u8; 15] = [
-    0x00, 0x30, 0x01, 0x02, 0x12, 0x9e, 0x00, 0x02, 0x03, 0x49, 0x42, 0x4d, 0x00, 0x00, 0x00,
-];
+pub(crate) const VERSION_INFO: [u8; 15] =
+    [0x00, 0x30, 0x01, 0x02, 0x12, 0x9e, 0x00, 0x02, 0x03, 0x49, 0x42, 0x4d, 0x00, 0x00, 0x00];
 /// TPM_DA_INFO of a TPM with dictionary-attack logic idle.
 const DA_INFO: [u8; 21] = [
-    0x00, 0x37, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x39, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x37, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x39, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00,
 ];
 /// Transport sessions are not implemented but libtpms reports 16 free.
 const TRANS_SESSIONS: u32 = 16;
@@ -117,9 +116,7 @@ impl<P: Platform> Tpm<P> {
                 let minor = r.u8()?;
                 let size = r.u16()?;
                 r.finish()?;
-                let ok = major == 1
-                    && (minor == 1 || minor == 2)
-                    && usize::from(size) <= crate::pcr::SELECT_BYTES;
+                let ok = major == 1 && (minor == 1 || minor == 2) && usize::from(size) <= crate::pcr::SELECT_BYTES;
                 out.put_u8(u8::from(ok));
             }
             CAP_DA_LOGIC => out.put(&DA_INFO),
@@ -203,13 +200,16 @@ impl<P: Platform> Tpm<P> {
         let mut sf = Vec::new();
         self.vol.flags.write(&mut sf);
         let bitmap = |bytes: &[u8]| -> u32 {
-            bytes.iter().skip(2).enumerate().fold(0u32, |acc, (i, b)| {
-                if *b != 0 && i < 32 {
-                    acc | (1u32 << i)
-                } else {
-                    acc
-                }
-            })
+            bytes.iter().skip(2).enumerate().fold(
+                0u32,
+                |acc, (i, b)| {
+                    if *b != 0 && i < 32 {
+                        acc | (1u32 << i)
+                    } else {
+                        acc
+                    }
+                },
+            )
         };
         let mut out = Vec::new();
         out.put(&[1, 1, 0, 0]);

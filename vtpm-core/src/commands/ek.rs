@@ -20,27 +20,31 @@ pub(crate) fn ek_pubkey(ek: &RsaKey) -> Vec<u8> {
 
 impl<P: Platform> Tpm<P> {
     /// TPM_ReadPubek: the EK's public part and SHA1(pubkey ‖ antiReplay).
+    /// A deferred EK is generated only once the read is allowed.
     pub(crate) fn cmd_read_pubek(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let anti_replay = c.r.digest()?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
-        let ek = self.perm.ek.as_ref().ok_or(TPM_NO_ENDORSEMENT)?;
+        if !self.perm.ek.exists() {
+            return Err(TPM_NO_ENDORSEMENT);
+        }
         if !self.perm.flags.read_pubek {
             return Err(TPM_DISABLED_CMD);
         }
-        let mut out = ek_pubkey(ek);
+        let mut out = ek_pubkey(self.endorsement_key()?);
         let checksum = sha1_parts(&[&out, &anti_replay]);
         out.put(&checksum);
         Ok(out)
     }
 
-    /// TPM_CreateEndorsementKeyPair: only while no EK exists.
+    /// TPM_CreateEndorsementKeyPair: only while no EK exists (a deferred
+    /// one exists: it is refused without being generated).
     pub(crate) fn cmd_create_ek(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
         let anti_replay = c.r.digest()?;
         let parms = KeyParms::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
-        if self.perm.ek.is_some() {
+        if self.perm.ek.exists() {
             return Err(TPM_DISABLED_CMD);
         }
         parms.check_supported()?;
@@ -50,7 +54,7 @@ impl<P: Platform> Tpm<P> {
         if !self.create_ek() {
             return Err(TPM_FAIL);
         }
-        let ek = self.perm.ek.as_ref().ok_or(TPM_FAIL)?;
+        let ek = self.perm.ek.key().ok_or(TPM_FAIL)?;
         let mut out = ek_pubkey(ek);
         let checksum = sha1_parts(&[&out, &anti_replay]);
         out.put(&checksum);
@@ -65,15 +69,8 @@ impl<P: Platform> Tpm<P> {
         let secret = self.owner_auth()?;
         let v = self.verify(c, 0, Entity::Owner, &secret, 0)?;
         let mut out = match handle {
-            KH_EK => ek_pubkey(self.perm.ek.as_ref().ok_or(TPM_NO_ENDORSEMENT)?),
-            KH_SRK => self
-                .perm
-                .owner
-                .as_ref()
-                .ok_or(TPM_NOSRK)?
-                .srk
-                .public
-                .pubkey_bytes(),
+            KH_EK => ek_pubkey(self.endorsement_key()?),
+            KH_SRK => self.perm.owner.as_ref().ok_or(TPM_NOSRK)?.srk.public.pubkey_bytes(),
             _ => return Err(TPM_BAD_PARAMETER),
         };
         self.respond(c, &[&v], &mut out, 0);

@@ -27,11 +27,8 @@ impl<P: Platform> Tpm<P> {
         c.done()?;
         let owner_i = c.n_auths().saturating_sub(1);
         let owner_handle = c.auth(owner_i)?.handle;
-        let srk_v: Option<Verified> = if owner_i == 1 {
-            self.key_auth(c, 0, KH_SRK, 0, true)?
-        } else {
-            self.key_auth(c, 1, KH_SRK, 0, true)?
-        };
+        let srk_v: Option<Verified> =
+            if owner_i == 1 { self.key_auth(c, 0, KH_SRK, 0, true)? } else { self.key_auth(c, 1, KH_SRK, 0, true)? };
         let even = self.nonce_even(owner_handle)?;
         let owner_secret = self.owner_auth()?;
         let owner_v = self.verify(c, owner_i, Entity::Owner, &owner_secret, 0)?;
@@ -44,22 +41,10 @@ impl<P: Platform> Tpm<P> {
         public.pcr.stamp_creation(&self.vol.pcrs, c.locality)?;
         let rsa = RsaKey::generate(&mut self.drbg).ok_or(TPM_FAIL)?;
         public.modulus = rsa.modulus();
-        let key = Key {
-            public,
-            usage_auth,
-            migration_auth: self.tpm_proof()?,
-            rsa,
-        };
-        let contents = sha1_parts(&[
-            &[1, 1, 0, 0],
-            &ORD_MAKE_IDENTITY.to_be_bytes(),
-            &label,
-            &key.public.pubkey_bytes(),
-        ]);
-        let binding = key
-            .rsa
-            .sign_sha1(&mut self.drbg, &contents)
-            .ok_or(TPM_FAIL)?;
+        let key = Key { public, usage_auth, migration_auth: self.tpm_proof()?, rsa };
+        let contents =
+            sha1_parts(&[&[1, 1, 0, 0], &ORD_MAKE_IDENTITY.to_be_bytes(), &label, &key.public.pubkey_bytes()]);
+        let binding = key.rsa.sign_sha1(&mut self.drbg, &contents).ok_or(TPM_FAIL)?;
         let srk = lookup(&self.perm, &self.vol.keys, KH_SRK)?;
         let blob = key.wrap(srk, &mut self.drbg)?;
         let mut out = blob.to_bytes();
@@ -83,18 +68,12 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_BAD_PARAMETER);
         }
         let owner_i = c.n_auths().saturating_sub(1);
-        let key_v = if owner_i == 1 {
-            self.key_auth(c, 0, handle, 4, true)?
-        } else {
-            self.key_auth(c, 1, handle, 4, true)?
-        };
+        let key_v =
+            if owner_i == 1 { self.key_auth(c, 0, handle, 4, true)? } else { self.key_auth(c, 1, handle, 4, true)? };
         let owner_secret = self.owner_auth()?;
         let owner_v = self.verify(c, owner_i, Entity::Owner, &owner_secret, 4)?;
-        let ek = self.perm.ek.clone().ok_or(TPM_NO_ENDORSEMENT)?;
-        let plain = Zeroizing::new(
-            ek.oaep_decrypt(&mut self.drbg, blob)
-                .ok_or(TPM_DECRYPT_ERROR)?,
-        );
+        let ek = self.endorsement_key()?.clone();
+        let plain = Zeroizing::new(ek.oaep_decrypt(&mut self.drbg, blob).ok_or(TPM_DECRYPT_ERROR)?);
         let id_digest = sha1(&self.key(handle)?.public.pubkey_bytes());
         let mut r = Reader::new(&plain);
         let is_ek_blob = plain.get(..2) == Some(&TAG_EK_BLOB.to_be_bytes()[..]);

@@ -15,17 +15,9 @@ use alloc::vec::Vec;
 use zeroize::Zeroizing;
 
 /// The key a handle names: the SRK or a loaded key.
-pub(crate) fn lookup<'a>(
-    perm: &'a Permanent,
-    keys: &'a KeyTable,
-    handle: u32,
-) -> TpmResult<&'a Key> {
+pub(crate) fn lookup<'a>(perm: &'a Permanent, keys: &'a KeyTable, handle: u32) -> TpmResult<&'a Key> {
     if handle == KH_SRK {
-        return perm
-            .owner
-            .as_ref()
-            .map(|o| &o.srk)
-            .ok_or(TPM_INVALID_KEYHANDLE);
+        return perm.owner.as_ref().map(|o| &o.srk).ok_or(TPM_INVALID_KEYHANDLE);
     }
     keys.get(handle).ok_or(TPM_INVALID_KEYHANDLE)
 }
@@ -65,27 +57,16 @@ impl<P: Platform> Tpm<P> {
             }
             return Err(TPM_AUTHFAIL);
         }
-        self.verify(c, i, entity_of(handle), &secret, handle_bytes)
-            .map(Some)
+        self.verify(c, i, entity_of(handle), &secret, handle_bytes).map(Some)
     }
 
     /// The tpmProof, which also guards non-migratable keys.
     pub(crate) fn tpm_proof(&self) -> TpmResult<Secret> {
-        self.perm
-            .owner
-            .as_ref()
-            .map(|o| o.tpm_proof.clone())
-            .ok_or(TPM_NOSRK)
+        self.perm.owner.as_ref().map(|o| o.tpm_proof.clone()).ok_or(TPM_NOSRK)
     }
 
     /// Response trailers for an optional session.
-    pub(crate) fn respond_opt(
-        &mut self,
-        c: &Cmd<'_>,
-        v: Option<&Verified>,
-        out: &mut Vec<u8>,
-        handle_bytes: usize,
-    ) {
+    pub(crate) fn respond_opt(&mut self, c: &Cmd<'_>, v: Option<&Verified>, out: &mut Vec<u8>, handle_bytes: usize) {
         if let Some(v) = v {
             self.respond(c, &[v], out, handle_bytes);
         }
@@ -110,10 +91,7 @@ impl<P: Platform> Tpm<P> {
         let even = self.nonce_even(auth.handle)?;
         // ADIP needs an OSAP session (libtpms checks the session type
         // before the HMAC).
-        self.vol
-            .sessions
-            .osap_shared(auth.handle)
-            .ok_or(TPM_BAD_MODE)?;
+        self.vol.sessions.osap_shared(auth.handle).ok_or(TPM_BAD_MODE)?;
         let v = self.key_auth(c, 0, parent, 4, true)?.ok_or(TPM_AUTHFAIL)?;
         let usage_auth = self.adip_decrypt(auth.handle, &enc_usage, &even)?;
         let migration_auth = self.adip_decrypt(auth.handle, &enc_migration, &auth.nonce_odd)?;
@@ -133,19 +111,10 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_INVALID_KEYUSAGE);
         }
         public.pcr.stamp_creation(&self.vol.pcrs, c.locality)?;
-        let migration_auth = if public.is_migratable() {
-            migration_auth
-        } else {
-            self.tpm_proof()?
-        };
+        let migration_auth = if public.is_migratable() { migration_auth } else { self.tpm_proof()? };
         let rsa = RsaKey::generate(&mut self.drbg).ok_or(TPM_FAIL)?;
         public.modulus = rsa.modulus();
-        let key = Key {
-            public,
-            usage_auth,
-            migration_auth,
-            rsa,
-        };
+        let key = Key { public, usage_auth, migration_auth, rsa };
         let parent_key = lookup(&self.perm, &self.vol.keys, parent)?;
         let blob = key.wrap(parent_key, &mut self.drbg)?;
         let mut out = blob.to_bytes();
@@ -275,20 +244,17 @@ impl<P: Platform> Tpm<P> {
             }
             .ok_or(TPM_DECRYPT_ERROR)?,
         );
-        let bound = plain
-            .get(..5)
-            .is_some_and(|h| h.get(..2) == BOUND_HEADER.get(..2) && h.get(4) == Some(&PT_BIND));
-        let payload: &[u8] =
-            if k.public.parms.enc_scheme == ES_RSAESOAEP_SHA1_MGF1 || k.public.usage == KEY_BIND {
-                if !bound {
-                    return Err(TPM_INVALID_STRUCTURE);
-                }
-                plain.get(5..).unwrap_or(&[])
-            } else if bound {
-                plain.get(5..).unwrap_or(&[])
-            } else {
-                &plain
-            };
+        let bound = plain.get(..5).is_some_and(|h| h.get(..2) == BOUND_HEADER.get(..2) && h.get(4) == Some(&PT_BIND));
+        let payload: &[u8] = if k.public.parms.enc_scheme == ES_RSAESOAEP_SHA1_MGF1 || k.public.usage == KEY_BIND {
+            if !bound {
+                return Err(TPM_INVALID_STRUCTURE);
+            }
+            plain.get(5..).unwrap_or(&[])
+        } else if bound {
+            plain.get(5..).unwrap_or(&[])
+        } else {
+            &plain
+        };
         let mut out = Vec::with_capacity(payload.len().saturating_add(45));
         out.put_sized32(payload);
         self.respond_opt(c, v.as_ref(), &mut out, 0);

@@ -47,16 +47,7 @@ pub(crate) struct Cmd<'a> {
 
 impl<'a> Cmd<'a> {
     fn new(tag: u16, ordinal: u32, locality: u8, body: &'a [u8]) -> Self {
-        Cmd {
-            tag,
-            ordinal,
-            locality,
-            body,
-            params: &[],
-            r: Reader::new(body),
-            auths: [None, None],
-            used: [None, None],
-        }
+        Cmd { tag, ordinal, locality, body, params: &[], r: Reader::new(body), auths: [None, None], used: [None, None] }
     }
 
     /// Requires the tag to be one of `tags` (TPM_BADTAG otherwise).
@@ -88,10 +79,7 @@ impl<'a> Cmd<'a> {
 
     /// The `i`-th session trailer (0 or 1), after [`Cmd::done`].
     pub fn auth(&mut self, i: usize) -> TpmResult<AuthIn> {
-        self.auths
-            .get(i)
-            .and_then(|a| a.clone())
-            .ok_or(TPM_BAD_PARAM_SIZE)
+        self.auths.get(i).and_then(|a| a.clone()).ok_or(TPM_BAD_PARAM_SIZE)
     }
 
     /// Number of sessions the command carries.
@@ -116,26 +104,10 @@ struct Avail {
     owner: bool,
 }
 
-const ANY: Avail = Avail {
-    disabled: true,
-    deactivated: true,
-    owner: false,
-};
-const ACTIVE: Avail = Avail {
-    disabled: false,
-    deactivated: false,
-    owner: false,
-};
-const OWNED: Avail = Avail {
-    disabled: false,
-    deactivated: false,
-    owner: true,
-};
-const ANY_OWNED: Avail = Avail {
-    disabled: true,
-    deactivated: true,
-    owner: true,
-};
+const ANY: Avail = Avail { disabled: true, deactivated: true, owner: false };
+const ACTIVE: Avail = Avail { disabled: false, deactivated: false, owner: false };
+const OWNED: Avail = Avail { disabled: false, deactivated: false, owner: true };
+const ANY_OWNED: Avail = Avail { disabled: true, deactivated: true, owner: true };
 
 /// The ordinals this TPM implements and when they are available (the
 /// owner column follows what libtpms answers without an owner).
@@ -219,11 +191,7 @@ pub(crate) fn execute<P: Platform>(tpm: &mut Tpm<P>, locality: u8, command: &[u8
     }
 }
 
-fn process<P: Platform>(
-    tpm: &mut Tpm<P>,
-    locality: u8,
-    command: &[u8],
-) -> TpmResult<(u16, Vec<u8>)> {
+fn process<P: Platform>(tpm: &mut Tpm<P>, locality: u8, command: &[u8]) -> TpmResult<(u16, Vec<u8>)> {
     if command.len() > MAX_COMMAND {
         return Err(TPM_BAD_PARAM_SIZE);
     }
@@ -310,10 +278,7 @@ impl<P: Platform> Tpm<P> {
     /// Startup, which handle it themselves), waiting for Startup
     /// (TPM_INVALID_POSTINIT), enabled, activated, owner present.
     pub(crate) fn check(&self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
-        let exempt = matches!(
-            c.ordinal,
-            ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP
-        );
+        let exempt = matches!(c.ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP);
         if matches!(self.mode, Mode::Failed | Mode::PostInitFailed) && !exempt {
             return Err(TPM_FAILEDSELFTEST);
         }
@@ -354,18 +319,9 @@ impl<P: Platform> Tpm<P> {
     /// Appends the response trailers of the verified sessions to `out`
     /// (whose first `handle_bytes` are handles, outside the HMAC) and ends
     /// those the caller did not continue.
-    pub(crate) fn respond(
-        &mut self,
-        c: &Cmd<'_>,
-        verified: &[&Verified],
-        out: &mut Vec<u8>,
-        handle_bytes: usize,
-    ) {
-        let digest = sha1_parts(&[
-            &TPM_SUCCESS.to_be_bytes(),
-            &c.ordinal.to_be_bytes(),
-            out.get(handle_bytes..).unwrap_or(&[]),
-        ]);
+    pub(crate) fn respond(&mut self, c: &Cmd<'_>, verified: &[&Verified], out: &mut Vec<u8>, handle_bytes: usize) {
+        let digest =
+            sha1_parts(&[&TPM_SUCCESS.to_be_bytes(), &c.ordinal.to_be_bytes(), out.get(handle_bytes..).unwrap_or(&[])]);
         for v in verified {
             self.vol.sessions.respond(v, &digest, &mut self.drbg, out);
         }
@@ -378,32 +334,19 @@ impl<P: Platform> Tpm<P> {
 
     /// Decrypts a new secret sent with ADIP under the OSAP session `auth`
     /// (XOR with SHA1(sharedSecret ‖ nonce)).
-    pub(crate) fn adip_decrypt(
-        &self,
-        handle: u32,
-        enc: &[u8; 20],
-        nonce: &[u8; 20],
-    ) -> TpmResult<Secret> {
+    pub(crate) fn adip_decrypt(&self, handle: u32, enc: &[u8; 20], nonce: &[u8; 20]) -> TpmResult<Secret> {
         let shared = self.vol.sessions.osap_shared(handle).ok_or(TPM_BAD_MODE)?;
         Ok(Secret(crate::crypto::adip_xor(enc, &shared.0, nonce)))
     }
 
     /// The nonceEven a session holds now (the one the caller used).
     pub(crate) fn nonce_even(&self, handle: u32) -> TpmResult<[u8; 20]> {
-        self.vol
-            .sessions
-            .get(handle)
-            .map(|s| s.nonce_even)
-            .ok_or(TPM_INVALID_AUTHHANDLE)
+        self.vol.sessions.get(handle).map(|s| s.nonce_even).ok_or(TPM_INVALID_AUTHHANDLE)
     }
 
     /// The owner secret; an unowned TPM answers TPM_NOSRK (as libtpms).
     pub(crate) fn owner_auth(&self) -> TpmResult<Secret> {
-        self.perm
-            .owner
-            .as_ref()
-            .map(|o| o.auth.clone())
-            .ok_or(TPM_NOSRK)
+        self.perm.owner.as_ref().map(|o| o.auth.clone()).ok_or(TPM_NOSRK)
     }
 
     /// Physical presence is asserted (TSC_PhysicalPresence).

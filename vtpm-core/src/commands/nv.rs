@@ -57,9 +57,7 @@ impl<P: Platform> Tpm<P> {
                 return Err(TPM_AREA_LOCKED);
             }
         }
-        let reclaimed = old.map_or(0, |i| {
-            i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD)
-        });
+        let reclaimed = old.map_or(0, |i| i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD));
         let exists = old.is_some();
         if exists && public.size == 0 {
             self.perm.nv.remove(index);
@@ -85,12 +83,7 @@ impl<P: Platform> Tpm<P> {
         self.perm.nv.remove(index);
         self.vol.sessions.terminate_entity(Entity::Nv(index));
         let data = alloc::vec![0xFF; public.size as usize];
-        let public = NvPublic {
-            read_st_clear: false,
-            write_st_clear: false,
-            write_define: false,
-            ..public
-        };
+        let public = NvPublic { read_st_clear: false, write_st_clear: false, write_define: false, ..public };
         self.perm.nv.indices.push(NvIndex { public, auth, data });
         self.mark_dirty();
         self.nv_respond(c, v)
@@ -184,11 +177,8 @@ impl<P: Platform> Tpm<P> {
             }
         }
         p.pcr_write.check(&self.vol.pcrs, c.locality)?;
-        let (write_define, write_st_clear, write_all) = (
-            p.has(NV_PER_WRITEDEFINE),
-            p.has(NV_PER_WRITE_STCLEAR),
-            p.has(NV_PER_WRITEALL),
-        );
+        let (write_define, write_st_clear, write_all) =
+            (p.has(NV_PER_WRITEDEFINE), p.has(NV_PER_WRITE_STCLEAR), p.has(NV_PER_WRITEALL));
         if data.is_empty() {
             if write_define {
                 i.public.write_define = true;
@@ -205,10 +195,7 @@ impl<P: Platform> Tpm<P> {
             if write_all && data.len() != i.data.len() {
                 return Err(TPM_NOT_FULLWRITE);
             }
-            i.data
-                .get_mut(start..end)
-                .ok_or(TPM_NOSPACE)?
-                .copy_from_slice(data);
+            i.data.get_mut(start..end).ok_or(TPM_NOSPACE)?.copy_from_slice(data);
         }
         self.mark_dirty();
         self.nv_respond(c, v)
@@ -263,16 +250,10 @@ impl<P: Platform> Tpm<P> {
 
 /// Attribute rules of NV_DefineSpace (libtpms' error codes).
 fn check_attributes(p: &NvPublic) -> TpmResult<()> {
-    if (p.has(NV_PER_OWNERWRITE) && p.has(NV_PER_AUTHWRITE))
-        || (p.has(NV_PER_OWNERREAD) && p.has(NV_PER_AUTHREAD))
-    {
+    if (p.has(NV_PER_OWNERWRITE) && p.has(NV_PER_AUTHWRITE)) || (p.has(NV_PER_OWNERREAD) && p.has(NV_PER_AUTHREAD)) {
         return Err(TPM_AUTH_CONFLICT);
     }
-    let write_bits = NV_PER_PPWRITE
-        | NV_PER_OWNERWRITE
-        | NV_PER_AUTHWRITE
-        | NV_PER_WRITEDEFINE
-        | NV_PER_WRITE_STCLEAR;
+    let write_bits = NV_PER_PPWRITE | NV_PER_OWNERWRITE | NV_PER_AUTHWRITE | NV_PER_WRITEDEFINE | NV_PER_WRITE_STCLEAR;
     if p.attributes & write_bits == 0 && p.pcr_write.selection.is_empty() {
         return Err(TPM_PER_NOWRITE);
     }

@@ -36,13 +36,10 @@ impl<P: Platform> Tpm<P> {
         if self.vol.sessions.get(auth.handle).is_none() {
             return Err(TPM_INVALID_AUTHHANDLE);
         }
-        let ek = self.perm.ek.clone().ok_or(TPM_NO_ENDORSEMENT)?;
+        let ek = self.endorsement_key()?.clone();
         let owner_auth = self.decrypt_secret(&ek, enc_owner)?;
         let srk_auth = self.decrypt_secret(&ek, enc_srk)?;
-        if !matches!(
-            self.vol.sessions.get(auth.handle).map(|s| &s.kind),
-            Some(Kind::Oiap) | None
-        ) {
+        if !matches!(self.vol.sessions.get(auth.handle).map(|s| &s.kind), Some(Kind::Oiap) | None) {
             return Err(TPM_AUTHFAIL);
         }
         let v = self.verify(c, 0, Entity::Owner, &owner_auth, 0)?;
@@ -55,21 +52,9 @@ impl<P: Platform> Tpm<P> {
         let rsa = RsaKey::generate(&mut self.drbg).ok_or(TPM_FAIL)?;
         let tpm_proof = Secret(self.drbg.nonce());
         public.modulus = rsa.modulus();
-        let srk = Key {
-            public,
-            usage_auth: srk_auth,
-            migration_auth: tpm_proof.clone(),
-            rsa,
-        };
-        let srk_pub = KeyBlob {
-            public: srk.public.clone(),
-            enc_data: Vec::new(),
-        };
-        self.perm.owner = Some(Owner {
-            auth: owner_auth,
-            tpm_proof,
-            srk,
-        });
+        let srk = Key { public, usage_auth: srk_auth, migration_auth: tpm_proof.clone(), rsa };
+        let srk_pub = KeyBlob { public: srk.public.clone(), enc_data: Vec::new() };
+        self.perm.owner = Some(Owner { auth: owner_auth, tpm_proof, srk });
         self.perm.flags.read_pubek = false;
         self.mark_dirty();
         let mut out = srk_pub.to_bytes();
@@ -79,14 +64,8 @@ impl<P: Platform> Tpm<P> {
 
     /// OAEP-decrypts a 20-byte secret with the EK.
     fn decrypt_secret(&mut self, ek: &RsaKey, enc: &[u8]) -> TpmResult<Secret> {
-        let plain = Zeroizing::new(
-            ek.oaep_decrypt(&mut self.drbg, enc)
-                .ok_or(TPM_DECRYPT_ERROR)?,
-        );
-        let s: [u8; 20] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| TPM_BAD_KEY_PROPERTY)?;
+        let plain = Zeroizing::new(ek.oaep_decrypt(&mut self.drbg, enc).ok_or(TPM_DECRYPT_ERROR)?);
+        let s: [u8; 20] = plain.as_slice().try_into().map_err(|_| TPM_BAD_KEY_PROPERTY)?;
         Ok(Secret(s))
     }
 
@@ -124,10 +103,7 @@ impl<P: Platform> Tpm<P> {
     /// chip disabled and (from the next boot) deactivated.
     fn clear_owner(&mut self) {
         self.perm.owner = None;
-        self.perm
-            .nv
-            .indices
-            .retain(|i| i.public.index & NV_D_BIT != 0);
+        self.perm.nv.indices.retain(|i| i.public.index & NV_D_BIT != 0);
         self.perm.no_owner_nv_write = 0;
         let f = &mut self.perm.flags;
         f.disable = true;

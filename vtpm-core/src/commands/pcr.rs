@@ -39,9 +39,7 @@ impl<P: Platform> Tpm<P> {
         let sel = PcrSelection::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
-        self.vol
-            .pcrs
-            .reset(c.locality, &sel, self.vol.tos_present)?;
+        self.vol.pcrs.reset(c.locality, &sel, self.vol.tos_present)?;
         Ok(Vec::new())
     }
 }

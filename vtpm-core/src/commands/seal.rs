@@ -44,11 +44,7 @@ impl StoredData {
         let long = matches!(head, StoredHead::V12(_));
         let seal_info = PcrBinding::read_sized(r, long)?;
         let enc_data = r.sized32()?.to_vec();
-        Ok(StoredData {
-            head,
-            seal_info,
-            enc_data,
-        })
+        Ok(StoredData { head, seal_info, enc_data })
     }
 
     fn write(&self, out: &mut Vec<u8>, with_enc: bool) {
@@ -99,16 +95,8 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_BAD_DATASIZE);
         }
         seal_info.stamp_creation(&self.vol.pcrs, c.locality)?;
-        let head = if long {
-            StoredHead::V12(0)
-        } else {
-            StoredHead::V11([1, 1, 0, 0])
-        };
-        let mut stored = StoredData {
-            head,
-            seal_info,
-            enc_data: Vec::new(),
-        };
+        let head = if long { StoredHead::V12(0) } else { StoredHead::V11([1, 1, 0, 0]) };
+        let mut stored = StoredData { head, seal_info, enc_data: Vec::new() };
         let mut sealed = Zeroizing::new(Vec::with_capacity(214));
         sealed.put_u8(PT_SEAL);
         sealed.put(&data_auth.0);
@@ -116,10 +104,7 @@ impl<P: Platform> Tpm<P> {
         sealed.put(&stored.digest());
         sealed.put_sized32(data);
         let key = lookup(&self.perm, &self.vol.keys, handle)?;
-        stored.enc_data = key
-            .rsa
-            .oaep_encrypt(&mut self.drbg, &sealed)
-            .ok_or(TPM_FAIL)?;
+        stored.enc_data = key.rsa.oaep_encrypt(&mut self.drbg, &sealed).ok_or(TPM_FAIL)?;
         let mut out = Vec::new();
         stored.write(&mut out, true);
         self.respond(c, &[&v], &mut out, 0);
@@ -151,11 +136,7 @@ impl<P: Platform> Tpm<P> {
             return Err(TPM_INVALID_KEYUSAGE);
         }
         let proof = self.tpm_proof()?;
-        let plain = Zeroizing::new(
-            key.rsa
-                .oaep_decrypt(&mut self.drbg, &stored.enc_data)
-                .ok_or(TPM_NOTSEALED_BLOB)?,
-        );
+        let plain = Zeroizing::new(key.rsa.oaep_decrypt(&mut self.drbg, &stored.enc_data).ok_or(TPM_NOTSEALED_BLOB)?);
         let sealed = (|| {
             let mut r = Reader::new(&plain);
             let payload = r.u8().ok()?;
@@ -163,8 +144,7 @@ impl<P: Platform> Tpm<P> {
             let blob_proof = r.digest().ok()?;
             let digest = r.digest().ok()?;
             let secret = r.sized32().ok()?;
-            let valid =
-                proof.ct_eq(&blob_proof) && ct_eq(&digest, &stored.digest()) && payload == PT_SEAL;
+            let valid = proof.ct_eq(&blob_proof) && ct_eq(&digest, &stored.digest()) && payload == PT_SEAL;
             valid.then_some((data_auth, secret))
         })();
         let (data_auth, secret) = sealed.ok_or(TPM_NOTSEALED_BLOB)?;
@@ -185,10 +165,7 @@ impl<P: Platform> Tpm<P> {
         if !matches!(k.public.usage, KEY_SIGNING | KEY_IDENTITY | KEY_LEGACY) {
             return Err(TPM_INVALID_KEYUSAGE);
         }
-        if !matches!(
-            k.public.parms.sig_scheme,
-            SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_INFO
-        ) {
+        if !matches!(k.public.parms.sig_scheme, SS_RSASSAPKCS1V15_SHA1 | SS_RSASSAPKCS1V15_INFO) {
             return Err(TPM_INAPPROPRIATE_SIG);
         }
         k.check_pcrs(&self.vol.pcrs, locality)
@@ -231,11 +208,7 @@ impl<P: Platform> Tpm<P> {
         };
         let mut short_bytes = Vec::new();
         short.write(&mut short_bytes);
-        let version: &[u8] = if add_version {
-            &super::capability::VERSION_INFO
-        } else {
-            &[]
-        };
+        let version: &[u8] = if add_version { &super::capability::VERSION_INFO } else { &[] };
         let mut signed = Vec::with_capacity(128);
         signed.put_u16(TAG_QUOTE_INFO2);
         signed.put(b"QUT2");
@@ -243,10 +216,7 @@ impl<P: Platform> Tpm<P> {
         signed.put(&short_bytes);
         signed.put(version);
         let key = lookup(&self.perm, &self.vol.keys, handle)?;
-        let sig = key
-            .rsa
-            .sign_sha1(&mut self.drbg, &sha1(&signed))
-            .ok_or(TPM_FAIL)?;
+        let sig = key.rsa.sign_sha1(&mut self.drbg, &sha1(&signed)).ok_or(TPM_FAIL)?;
         let mut out = short_bytes;
         out.put_sized32(version);
         out.put_sized32(&sig);

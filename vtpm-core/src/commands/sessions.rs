@@ -39,10 +39,7 @@ impl<P: Platform> Tpm<P> {
         }
         let nonce_even_osap = self.drbg.nonce();
         let shared = Secret(hmac_sha1(&secret.0, &[&nonce_even_osap, &nonce_odd_osap]));
-        let s = self
-            .vol
-            .sessions
-            .open(Kind::Osap { entity, shared }, &mut self.drbg)?;
+        let s = self.vol.sessions.open(Kind::Osap { entity, shared }, &mut self.drbg)?;
         let mut out = Vec::with_capacity(44);
         out.put_u32(s.handle);
         out.put(&s.nonce_even);

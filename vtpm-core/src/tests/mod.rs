@@ -1,14 +1,10 @@
 //! Test-side marshalling and a small TrouSerS-like client that performs
 //! real OIAP/OSAP authorisation against the engine.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![allow(clippy::arithmetic_side_effects, dead_code)]
 
+mod ek;
 mod keys;
 mod nv;
 mod ownership;
@@ -32,10 +28,7 @@ pub struct TestPlatform {
 
 impl TestPlatform {
     pub fn new(seed: u64) -> Self {
-        TestPlatform {
-            state: seed | 1,
-            now: 0,
-        }
+        TestPlatform { state: seed | 1, now: 0 }
     }
 }
 
@@ -81,11 +74,7 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn new(ord: u32) -> Self {
-        Cmd {
-            tag: TAG_RQU_COMMAND,
-            ord,
-            body: Vec::new(),
-        }
+        Cmd { tag: TAG_RQU_COMMAND, ord, body: Vec::new() }
     }
     pub fn u8(mut self, v: u8) -> Self {
         self.body.push(v);
@@ -169,29 +158,15 @@ pub struct Sess {
 
 pub fn oiap(t: &mut T) -> Sess {
     let b = ok(t, 0, &Cmd::new(ORD_OIAP).bytes());
-    Sess {
-        handle: be32(&b),
-        nonce_even: b[4..24].try_into().unwrap(),
-        shared: None,
-        nonce_odd: [0; 20],
-    }
+    Sess { handle: be32(&b), nonce_even: b[4..24].try_into().unwrap(), shared: None, nonce_odd: [0; 20] }
 }
 
 pub fn osap(t: &mut T, et: u16, ev: u32, secret: &[u8; 20]) -> Sess {
     let odd_osap = [0x33u8; 20];
-    let b = ok(
-        t,
-        0,
-        &Cmd::new(ORD_OSAP).u16(et).u32(ev).raw(&odd_osap).bytes(),
-    );
+    let b = ok(t, 0, &Cmd::new(ORD_OSAP).u16(et).u32(ev).raw(&odd_osap).bytes());
     let even_osap: [u8; 20] = b[24..44].try_into().unwrap();
     let shared = hmac_sha1(secret, &[&even_osap, &odd_osap]);
-    Sess {
-        handle: be32(&b),
-        nonce_even: b[4..24].try_into().unwrap(),
-        shared: Some(shared),
-        nonce_odd: [0; 20],
-    }
+    Sess { handle: be32(&b), nonce_even: b[4..24].try_into().unwrap(), shared: Some(shared), nonce_odd: [0; 20] }
 }
 
 impl Sess {
@@ -203,15 +178,7 @@ impl Sess {
     pub fn trailer(&mut self, ord: u32, params: &[u8], secret: &[u8; 20], cont: bool) -> Vec<u8> {
         self.nonce_odd = sha1_parts(&[&self.nonce_even, b"odd"]);
         let digest = sha1_parts(&[&ord.to_be_bytes(), params]);
-        let mac = hmac_sha1(
-            self.key(secret),
-            &[
-                &digest,
-                &self.nonce_even,
-                &self.nonce_odd,
-                &[u8::from(cont)],
-            ],
-        );
+        let mac = hmac_sha1(self.key(secret), &[&digest, &self.nonce_even, &self.nonce_odd, &[u8::from(cont)]]);
         let mut v = Vec::new();
         v.extend_from_slice(&self.handle.to_be_bytes());
         v.extend_from_slice(&self.nonce_odd);
@@ -227,10 +194,7 @@ impl Sess {
         let even: [u8; 20] = trailer[..20].try_into().unwrap();
         let cont = trailer[20];
         let digest = sha1_parts(&[&0u32.to_be_bytes(), &ord.to_be_bytes(), out]);
-        let mac = hmac_sha1(
-            self.key(secret),
-            &[&digest, &even, &self.nonce_odd, &[cont]],
-        );
+        let mac = hmac_sha1(self.key(secret), &[&digest, &even, &self.nonce_odd, &[cont]]);
         assert_eq!(&mac[..], &trailer[21..], "response HMAC");
         self.nonce_even = even;
     }
@@ -242,12 +206,7 @@ impl Sess {
 }
 
 /// Builds an authorised command: `handles` are outside the HMAC.
-pub fn authed(
-    ord: u32,
-    handles: &[u8],
-    params: &[u8],
-    sessions: &mut [(&mut Sess, [u8; 20], bool)],
-) -> Vec<u8> {
+pub fn authed(ord: u32, handles: &[u8], params: &[u8], sessions: &mut [(&mut Sess, [u8; 20], bool)]) -> Vec<u8> {
     let tag = match sessions.len() {
         1 => TAG_RQU_AUTH1_COMMAND,
         2 => TAG_RQU_AUTH2_COMMAND,
@@ -284,12 +243,7 @@ pub fn run_authed(
     let out_len = body.len() - 41 * n;
     let (out, trailers) = body.split_at(out_len);
     for (i, (s, secret, _)) in sessions.iter_mut().enumerate() {
-        s.check(
-            ord,
-            &out[out_handles..],
-            &trailers[i * 41..(i + 1) * 41],
-            secret,
-        );
+        s.check(ord, &out[out_handles..], &trailers[i * 41..(i + 1) * 41], secret);
     }
     Ok(out.to_vec())
 }
@@ -310,67 +264,29 @@ pub fn read_pubek(t: &mut T) -> Vec<u8> {
 
 /// A TPM_KEY (v1.1) template.
 pub fn template(usage: u16, enc: u16, sig: u16, flags: u32, auth_usage: u8, pcr: &[u8]) -> Vec<u8> {
-    let mut c = Cmd::new(0)
-        .raw(&[1, 1, 0, 0])
-        .u16(usage)
-        .u32(flags)
-        .u8(auth_usage);
-    c = c
-        .u32(ALG_RSA)
-        .u16(enc)
-        .u16(sig)
-        .u32(12)
-        .u32(2048)
-        .u32(2)
-        .u32(0);
+    let mut c = Cmd::new(0).raw(&[1, 1, 0, 0]).u16(usage).u32(flags).u8(auth_usage);
+    c = c.u32(ALG_RSA).u16(enc).u16(sig).u32(12).u32(2048).u32(2).u32(0);
     c = c.sized(pcr).u32(0).u32(0);
     c.body
 }
 
 pub fn srk_template() -> Vec<u8> {
-    template(
-        KEY_STORAGE,
-        ES_RSAESOAEP_SHA1_MGF1,
-        SS_NONE,
-        0,
-        AUTH_ALWAYS,
-        &[],
-    )
+    template(KEY_STORAGE, ES_RSAESOAEP_SHA1_MGF1, SS_NONE, 0, AUTH_ALWAYS, &[])
 }
 
 /// The TakeOwnership command parameters (after the protocol id) for
 /// `owner`/`srk` secrets encrypted to `ek`.
-pub fn take_ownership_params(
-    t: &mut T,
-    ek: &[u8],
-    owner: &[u8; 20],
-    srk: &[u8; 20],
-    srk_params: &[u8],
-) -> Vec<u8> {
+pub fn take_ownership_params(t: &mut T, ek: &[u8], owner: &[u8; 20], srk: &[u8; 20], srk_params: &[u8]) -> Vec<u8> {
     let enc_owner = crate::crypto::oaep_encrypt(&mut t.drbg, ek, owner).unwrap();
     let enc_srk = crate::crypto::oaep_encrypt(&mut t.drbg, ek, srk).unwrap();
-    Cmd::new(0)
-        .u16(PID_OWNER)
-        .sized(&enc_owner)
-        .sized(&enc_srk)
-        .raw(srk_params)
-        .body
+    Cmd::new(0).u16(PID_OWNER).sized(&enc_owner).sized(&enc_srk).raw(srk_params).body
 }
 
 pub fn take_ownership(t: &mut T) -> Vec<u8> {
     let ek = read_pubek(t);
     let params = take_ownership_params(t, &ek, &OWNER, &SRK_AUTH, &srk_template());
     let mut s = oiap(t);
-    run_authed(
-        t,
-        0,
-        ORD_TAKE_OWNERSHIP,
-        &[],
-        &params,
-        &mut [(&mut s, OWNER, false)],
-        0,
-    )
-    .unwrap()
+    run_authed(t, 0, ORD_TAKE_OWNERSHIP, &[], &params, &mut [(&mut s, OWNER, false)], 0).unwrap()
 }
 
 /// A started chip with an owner (OWNER) and SRK (SRK_AUTH), made once.
@@ -394,46 +310,22 @@ pub fn create_wrap_key(
     usage_auth: &[u8; 20],
     tmpl: &[u8],
 ) -> Result<Vec<u8>, u32> {
-    let et = if parent == KH_SRK {
-        ET_SRK
-    } else {
-        ET_KEYHANDLE
-    };
+    let et = if parent == KH_SRK { ET_SRK } else { ET_KEYHANDLE };
     let mut s = osap(t, et, parent, parent_auth);
     let mut params = s.adip(usage_auth).to_vec();
     // The migration secret is encrypted with nonceOdd, which the trailer
     // derives from nonceEven: compute it the same way.
     let odd = sha1_parts(&[&s.nonce_even, b"odd"]);
-    params.extend_from_slice(&crate::crypto::adip_xor(
-        &[0x4D; 20],
-        &s.shared.unwrap(),
-        &odd,
-    ));
+    params.extend_from_slice(&crate::crypto::adip_xor(&[0x4D; 20], &s.shared.unwrap(), &odd));
     params.extend_from_slice(tmpl);
-    run_authed(
-        t,
-        0,
-        ORD_CREATE_WRAP_KEY,
-        &parent.to_be_bytes(),
-        &params,
-        &mut [(&mut s, *parent_auth, false)],
-        0,
-    )
+    run_authed(t, 0, ORD_CREATE_WRAP_KEY, &parent.to_be_bytes(), &params, &mut [(&mut s, *parent_auth, false)], 0)
 }
 
 /// LoadKey2 with an OIAP session; returns the handle.
 pub fn load_key2(t: &mut T, parent: u32, parent_auth: &[u8; 20], blob: &[u8]) -> Result<u32, u32> {
     let mut s = oiap(t);
-    run_authed(
-        t,
-        0,
-        ORD_LOAD_KEY2,
-        &parent.to_be_bytes(),
-        blob,
-        &mut [(&mut s, *parent_auth, false)],
-        4,
-    )
-    .map(|o| be32(&o))
+    run_authed(t, 0, ORD_LOAD_KEY2, &parent.to_be_bytes(), blob, &mut [(&mut s, *parent_auth, false)], 4)
+        .map(|o| be32(&o))
 }
 
 pub const KEY_AUTH: [u8; 20] = [0x6B; 20];
@@ -444,42 +336,12 @@ pub fn cached_key(kind: u16) -> Vec<u8> {
     KEYS.get_or_init(|| {
         let mut t = owned();
         let mut m = std::collections::BTreeMap::new();
-        let sign = template(
-            KEY_SIGNING,
-            ES_NONE,
-            SS_RSASSAPKCS1V15_SHA1,
-            0,
-            AUTH_ALWAYS,
-            &[],
-        );
-        m.insert(
-            KEY_SIGNING,
-            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &sign).unwrap(),
-        );
-        let bind = template(
-            KEY_BIND,
-            ES_RSAESOAEP_SHA1_MGF1,
-            SS_NONE,
-            0,
-            AUTH_ALWAYS,
-            &[],
-        );
-        m.insert(
-            KEY_BIND,
-            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &bind).unwrap(),
-        );
-        let storage = template(
-            KEY_STORAGE,
-            ES_RSAESOAEP_SHA1_MGF1,
-            SS_NONE,
-            0,
-            AUTH_ALWAYS,
-            &[],
-        );
-        m.insert(
-            KEY_STORAGE,
-            create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &storage).unwrap(),
-        );
+        let sign = template(KEY_SIGNING, ES_NONE, SS_RSASSAPKCS1V15_SHA1, 0, AUTH_ALWAYS, &[]);
+        m.insert(KEY_SIGNING, create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &sign).unwrap());
+        let bind = template(KEY_BIND, ES_RSAESOAEP_SHA1_MGF1, SS_NONE, 0, AUTH_ALWAYS, &[]);
+        m.insert(KEY_BIND, create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &bind).unwrap());
+        let storage = template(KEY_STORAGE, ES_RSAESOAEP_SHA1_MGF1, SS_NONE, 0, AUTH_ALWAYS, &[]);
+        m.insert(KEY_STORAGE, create_wrap_key(&mut t, KH_SRK, &SRK_AUTH, &KEY_AUTH, &storage).unwrap());
         m
     })
     .get(&kind)

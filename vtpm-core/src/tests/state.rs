@@ -28,18 +28,10 @@ fn permanent_state_round_trips_exactly() {
 fn dirty_tracks_permanent_changes_only() {
     let mut t = started();
     t.clear_dirty();
-    ok(
-        &mut t,
-        0,
-        &Cmd::new(ORD_EXTEND).u32(1).raw(&[1; 20]).bytes(),
-    );
+    ok(&mut t, 0, &Cmd::new(ORD_EXTEND).u32(1).raw(&[1; 20]).bytes());
     ok(&mut t, 0, &Cmd::new(ORD_GET_RANDOM).u32(8).bytes());
     assert!(!t.permanent_dirty());
-    ok(
-        &mut t,
-        0,
-        &Cmd::new(TSC_ORD_PHYSICAL_PRESENCE).u16(PP_PRESENT).bytes(),
-    );
+    ok(&mut t, 0, &Cmd::new(TSC_ORD_PHYSICAL_PRESENCE).u16(PP_PRESENT).bytes());
     assert!(!t.permanent_dirty(), "presence is volatile");
     ok(&mut t, 0, &Cmd::new(ORD_PHYSICAL_DISABLE).bytes());
     assert!(t.permanent_dirty());
@@ -63,18 +55,12 @@ fn every_corruption_and_truncation_is_refused() {
         for bit in [0x01u8, 0x80] {
             let mut b = blob.clone();
             b[i] ^= bit;
-            assert!(
-                Tpm::from_permanent(&b, TestPlatform::new(1)).is_err(),
-                "flip {bit:#x} at {i}"
-            );
+            assert!(Tpm::from_permanent(&b, TestPlatform::new(1)).is_err(), "flip {bit:#x} at {i}");
         }
     }
     for n in 0..blob.len() {
         let e = Tpm::from_permanent(&blob[..n], TestPlatform::new(1)).err();
-        assert!(
-            matches!(e, Some(StateError::Truncated | StateError::BadMagic)),
-            "truncated to {n}: {e:?}"
-        );
+        assert!(matches!(e, Some(StateError::Truncated | StateError::BadMagic)), "truncated to {n}: {e:?}");
     }
     let mut longer = blob.clone();
     longer.push(0);
@@ -87,35 +73,23 @@ fn corruption_of_a_full_blob_is_refused_with_clear_errors() {
     let mut b = blob.clone();
     let mid = b.len() / 2;
     b[mid] ^= 0x10;
-    assert_eq!(
-        Tpm::from_permanent(&b, TestPlatform::new(1)).err(),
-        Some(StateError::ChecksumMismatch)
-    );
+    assert_eq!(Tpm::from_permanent(&b, TestPlatform::new(1)).err(), Some(StateError::ChecksumMismatch));
     let mut b = blob.clone();
     b[0] ^= 1;
-    assert_eq!(
-        Tpm::from_permanent(&b, TestPlatform::new(1)).err(),
-        Some(StateError::BadMagic)
-    );
+    assert_eq!(Tpm::from_permanent(&b, TestPlatform::new(1)).err(), Some(StateError::BadMagic));
     // A future version is named as such (checksum recomputed to match).
     let mut b = blob[..blob.len() - 20].to_vec();
     b[11] = 9;
     let sum = crate::crypto::sha1(&b);
     b.extend_from_slice(&sum);
-    assert_eq!(
-        Tpm::from_permanent(&b, TestPlatform::new(1)).err(),
-        Some(StateError::UnsupportedVersion(9))
-    );
+    assert_eq!(Tpm::from_permanent(&b, TestPlatform::new(1)).err(), Some(StateError::UnsupportedVersion(9)));
     // A consistent checksum over a body that does not parse.
     let mut b = blob[..12].to_vec();
     b.extend_from_slice(&3u32.to_be_bytes());
     b.extend_from_slice(&[1, 2, 3]);
     let sum = crate::crypto::sha1(&b);
     b.extend_from_slice(&sum);
-    assert_eq!(
-        Tpm::from_permanent(&b, TestPlatform::new(1)).err(),
-        Some(StateError::Malformed)
-    );
+    assert_eq!(Tpm::from_permanent(&b, TestPlatform::new(1)).err(), Some(StateError::Malformed));
 }
 
 #[test]

@@ -21,30 +21,16 @@ fn reset(sel: &[u8]) -> Vec<u8> {
 
 fn hex(s: &str) -> Vec<u8> {
     let s: std::string::String = s.split_whitespace().collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 #[test]
 fn every_command_before_startup_is_invalid_postinit() {
     let mut t = manufactured();
     err(&mut t, &pcr_read(0), TPM_INVALID_POSTINIT);
-    err(
-        &mut t,
-        &getcap(CAP_PROPERTY, &0x115u32.to_be_bytes()),
-        TPM_INVALID_POSTINIT,
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_GET_TEST_RESULT).bytes(),
-        TPM_INVALID_POSTINIT,
-    );
-    assert_eq!(
-        t.execute(0, &startup(ST_CLEAR)),
-        hex("00c4 0000000a 00000000")
-    );
+    err(&mut t, &getcap(CAP_PROPERTY, &0x115u32.to_be_bytes()), TPM_INVALID_POSTINIT);
+    err(&mut t, &Cmd::new(ORD_GET_TEST_RESULT).bytes(), TPM_INVALID_POSTINIT);
+    assert_eq!(t.execute(0, &startup(ST_CLEAR)), hex("00c4 0000000a 00000000"));
     // A second Startup is refused.
     err(&mut t, &startup(ST_CLEAR), TPM_INVALID_POSTINIT);
 }
@@ -89,43 +75,19 @@ fn tpm2_probe_gets_bad_ordinal_like_libtpms() {
 fn framing_errors() {
     let mut t = started();
     // Lying paramSize.
-    err(
-        &mut t,
-        &hex("00c1 00000012 00000065 00000005 00000004 00000115"),
-        TPM_BAD_PARAM_SIZE,
-    );
+    err(&mut t, &hex("00c1 00000012 00000065 00000005 00000004 00000115"), TPM_BAD_PARAM_SIZE);
     // Too short for a header.
     err(&mut t, &hex("00c1 0000"), TPM_BAD_PARAM_SIZE);
     err(&mut t, &[], TPM_BAD_PARAM_SIZE);
     // Missing parameter, extra parameter.
     err(&mut t, &Cmd::new(ORD_PCR_READ).bytes(), TPM_BAD_PARAM_SIZE);
-    err(
-        &mut t,
-        &Cmd::new(ORD_PCR_READ).u32(1).u32(2).bytes(),
-        TPM_BAD_PARAM_SIZE,
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_PCR_READ).u8(0).bytes(),
-        TPM_BAD_PARAM_SIZE,
-    );
+    err(&mut t, &Cmd::new(ORD_PCR_READ).u32(1).u32(2).bytes(), TPM_BAD_PARAM_SIZE);
+    err(&mut t, &Cmd::new(ORD_PCR_READ).u8(0).bytes(), TPM_BAD_PARAM_SIZE);
     // Wrong tags.
-    err(
-        &mut t,
-        &Cmd::new(ORD_PCR_READ).u32(1).tag(0xC2).bytes(),
-        TPM_BADTAG,
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_PCR_READ).u32(1).tag(0xC5).bytes(),
-        TPM_BADTAG,
-    );
+    err(&mut t, &Cmd::new(ORD_PCR_READ).u32(1).tag(0xC2).bytes(), TPM_BADTAG);
+    err(&mut t, &Cmd::new(ORD_PCR_READ).u32(1).tag(0xC5).bytes(), TPM_BADTAG);
     // Over 4096 bytes.
-    err(
-        &mut t,
-        &Cmd::new(ORD_PCR_READ).raw(&[0; 5000]).bytes(),
-        TPM_BAD_PARAM_SIZE,
-    );
+    err(&mut t, &Cmd::new(ORD_PCR_READ).raw(&[0; 5000]).bytes(), TPM_BAD_PARAM_SIZE);
     // Unknown and Tier C ordinals.
     err(&mut t, &Cmd::new(0x12345).bytes(), TPM_BAD_ORDINAL);
     err(&mut t, &Cmd::new(0x31).bytes(), TPM_BAD_ORDINAL); // DAA_Join
@@ -143,88 +105,37 @@ fn locality_above_four_is_refused() {
 fn linux_capabilities_match_libtpms_bytes() {
     let mut t = started();
     let cases: &[(u32, u32, &str)] = &[
-        (
-            CAP_PROPERTY,
-            0x115,
-            "00c4 0000001e 00000000 00000010 000f4240 000f4240 000f4240 000f4240",
-        ),
-        (
-            CAP_PROPERTY,
-            0x120,
-            "00c4 0000001a 00000000 0000000c 02faf080 05f5e100 11e1a300",
-        ),
+        (CAP_PROPERTY, 0x115, "00c4 0000001e 00000000 00000010 000f4240 000f4240 000f4240 000f4240"),
+        (CAP_PROPERTY, 0x120, "00c4 0000001a 00000000 0000000c 02faf080 05f5e100 11e1a300"),
         (CAP_PROPERTY, 0x111, "00c4 0000000f 00000000 00000001 00"),
-        (
-            CAP_PROPERTY,
-            0x103,
-            "00c4 00000012 00000000 00000004 49424d00",
-        ),
-        (
-            CAP_PROPERTY,
-            0x101,
-            "00c4 00000012 00000000 00000004 00000018",
-        ),
-        (
-            CAP_PROPERTY,
-            0x104,
-            "00c4 00000012 00000000 00000004 00000014",
-        ),
-        (
-            CAP_PROPERTY,
-            0x10A,
-            "00c4 00000012 00000000 00000004 00000010",
-        ),
-        (
-            CAP_PROPERTY,
-            0x11D,
-            "00c4 00000012 00000000 00000004 00000020",
-        ),
-        (
-            CAP_PROPERTY,
-            0x123,
-            "00c4 00000012 00000000 00000004 00006ffa",
-        ),
-        (
-            CAP_PROPERTY,
-            0x124,
-            "00c4 00000012 00000000 00000004 00001000",
-        ),
+        (CAP_PROPERTY, 0x103, "00c4 00000012 00000000 00000004 49424d00"),
+        (CAP_PROPERTY, 0x101, "00c4 00000012 00000000 00000004 00000018"),
+        (CAP_PROPERTY, 0x104, "00c4 00000012 00000000 00000004 00000014"),
+        (CAP_PROPERTY, 0x10A, "00c4 00000012 00000000 00000004 00000010"),
+        (CAP_PROPERTY, 0x11D, "00c4 00000012 00000000 00000004 00000020"),
+        (CAP_PROPERTY, 0x123, "00c4 00000012 00000000 00000004 00006ffa"),
+        (CAP_PROPERTY, 0x124, "00c4 00000012 00000000 00000004 00001000"),
         (CAP_PROPERTY, 0x105, "00c4 0000000a 0000002c"),
         (CAP_PROPERTY, 0x999, "00c4 0000000a 0000002c"),
-        (
-            CAP_FLAG,
-            0x109,
-            "00c4 00000015 00000000 00000007 0020 0000000000",
-        ),
+        (CAP_FLAG, 0x109, "00c4 00000015 00000000 00000007 0020 0000000000"),
         (CAP_ORD, 0x14, "00c4 0000000f 00000000 00000001 01"),
         (CAP_ORD, 0x1234, "00c4 0000000f 00000000 00000001 00"),
         (CAP_ALG, 1, "00c4 0000000f 00000000 00000001 01"),
         (CAP_ALG, 6, "00c4 0000000f 00000000 00000001 00"),
     ];
     for (area, sub, want) in cases {
-        assert_eq!(
-            t.execute(0, &getcap(*area, &sub.to_be_bytes())),
-            hex(want),
-            "cap {area:#x}/{sub:#x}"
-        );
+        assert_eq!(t.execute(0, &getcap(*area, &sub.to_be_bytes())), hex(want), "cap {area:#x}/{sub:#x}");
     }
     let fixed: &[(u32, &str)] = &[
         (CAP_VERSION, "00c4 00000012 00000000 00000004 01010000"),
-        (
-            CAP_VERSION_VAL,
-            "00c4 0000001d 00000000 0000000f 0030 0102129e 0002 03 49424d00 0000",
-        ),
+        (CAP_VERSION_VAL, "00c4 0000001d 00000000 0000000f 0030 0102129e 0002 03 49424d00 0000"),
         (CAP_KEY_HANDLE, "00c4 00000010 00000000 00000002 0000"),
         (CAP_NV_LIST, "00c4 0000000e 00000000 00000000"),
         (CAP_SYM_MODE, "00c4 0000000a 0000002c"),
         (CAP_NV_INDEX, "00c4 0000000a 0000002c"),
     ];
     for (area, want) in fixed {
-        assert_eq!(
-            t.execute(0, &getcap(*area, &[])),
-            hex(want),
-            "cap {area:#x}"
-        );
+        assert_eq!(t.execute(0, &getcap(*area, &[])), hex(want), "cap {area:#x}");
     }
 }
 
@@ -234,10 +145,7 @@ fn permanent_flags_after_manufacture_match_swtpm_setup_createek() {
     let r = t.execute(0, &getcap(CAP_FLAG, &0x108u32.to_be_bytes()));
     // disable=0 ownership=1 deactivated=0 readPubek=1 allowMaintenance=1
     // physicalPresenceCMDEnable=1 CEKPUsed=1 enableRevokeEK=0.
-    assert_eq!(
-        r,
-        hex("00c4 00000024 00000000 00000016 001f 00010001 00010000 01010000 00000000 00000000")
-    );
+    assert_eq!(r, hex("00c4 00000024 00000000 00000016 001f 00010001 00010000 01010000 00000000 00000000"));
 }
 
 #[test]
@@ -265,10 +173,7 @@ fn pcr_read_after_startup_clear_follows_pc_client_defaults() {
 fn extend_matches_libtpms_bytes_and_chains() {
     let mut t = started();
     let r = t.execute(0, &extend(10, [1; 20]));
-    assert_eq!(
-        r,
-        hex("00c4 0000001e 00000000 c3ad7f64b8d976aaf2b3a9c98f7ee5631cde7125")
-    );
+    assert_eq!(r, hex("00c4 0000001e 00000000 c3ad7f64b8d976aaf2b3a9c98f7ee5631cde7125"));
     let second = ok(&mut t, 0, &extend(10, [2; 20]));
     let want = sha1_parts(&[&hex("c3ad7f64b8d976aaf2b3a9c98f7ee5631cde7125"), &[2; 20]]);
     assert_eq!(second, want);
@@ -294,10 +199,7 @@ fn extend_enforces_index_and_locality() {
 fn pcr_reset_follows_locality_rules() {
     let mut t = started();
     ok(&mut t, 0, &extend(16, [1; 20]));
-    assert_eq!(
-        t.execute(0, &reset(&hex("0003 000001"))),
-        hex("00c4 0000000a 00000000")
-    );
+    assert_eq!(t.execute(0, &reset(&hex("0003 000001"))), hex("00c4 0000000a 00000000"));
     assert_eq!(ok(&mut t, 0, &pcr_read(16)), [0; 20]);
     err(&mut t, &reset(&hex("0003 000400")), TPM_NOTRESETABLE);
     err(&mut t, &reset(&hex("0003 000002")), TPM_NOTLOCAL);
@@ -392,10 +294,7 @@ fn get_random_returns_what_was_asked_up_to_buffer() {
     assert_eq!(b.len(), 132);
     let b2 = ok(&mut t, 0, &Cmd::new(ORD_GET_RANDOM).u32(128).bytes());
     assert_ne!(b, b2);
-    assert_eq!(
-        ok(&mut t, 0, &Cmd::new(ORD_GET_RANDOM).u32(0).bytes()),
-        [0, 0, 0, 0]
-    );
+    assert_eq!(ok(&mut t, 0, &Cmd::new(ORD_GET_RANDOM).u32(0).bytes()), [0, 0, 0, 0]);
     let big = t.execute(0, &Cmd::new(ORD_GET_RANDOM).u32(5000).bytes());
     assert_eq!(big.len(), 4096);
     assert_eq!(be32(&big[10..]), 4082);
@@ -409,11 +308,7 @@ fn stir_random_changes_the_stream() {
     let ra = ok(&mut a, 0, &Cmd::new(ORD_GET_RANDOM).u32(20).bytes());
     let rb = ok(&mut b, 0, &Cmd::new(ORD_GET_RANDOM).u32(20).bytes());
     assert_ne!(ra, rb);
-    err(
-        &mut b,
-        &Cmd::new(ORD_STIR_RANDOM).u32(5).raw(b"ab").bytes(),
-        TPM_BAD_PARAM_SIZE,
-    );
+    err(&mut b, &Cmd::new(ORD_STIR_RANDOM).u32(5).raw(b"ab").bytes(), TPM_BAD_PARAM_SIZE);
 }
 
 #[test]
@@ -437,22 +332,12 @@ fn get_ticks_counts_microseconds_with_a_stable_nonce() {
 #[test]
 fn self_tests_pass_and_report() {
     let mut t = started();
-    assert_eq!(
-        t.execute(0, &Cmd::new(ORD_CONTINUE_SELF_TEST).bytes()),
-        hex("00c4 0000000a 00000000")
-    );
-    assert_eq!(
-        t.execute(0, &Cmd::new(ORD_SELF_TEST_FULL).bytes()),
-        hex("00c4 0000000a 00000000")
-    );
+    assert_eq!(t.execute(0, &Cmd::new(ORD_CONTINUE_SELF_TEST).bytes()), hex("00c4 0000000a 00000000"));
+    assert_eq!(t.execute(0, &Cmd::new(ORD_SELF_TEST_FULL).bytes()), hex("00c4 0000000a 00000000"));
     let r = ok(&mut t, 0, &Cmd::new(ORD_GET_TEST_RESULT).bytes());
     assert_eq!(be32(&r) as usize, r.len() - 4);
     assert!(r.ends_with(b"passed\n"));
-    err(
-        &mut t,
-        &Cmd::new(ORD_SELF_TEST_FULL).u8(0).bytes(),
-        TPM_BAD_PARAM_SIZE,
-    );
+    err(&mut t, &Cmd::new(ORD_SELF_TEST_FULL).u8(0).bytes(), TPM_BAD_PARAM_SIZE);
 }
 
 #[test]
@@ -515,10 +400,7 @@ fn saved_state_is_refused_when_corrupt_or_foreign() {
         assert!(t.set_saved_state(&blob[..n]).is_err(), "truncated to {n}");
     }
     let mut other = Tpm::manufacture_without_ek(TestPlatform::new(9));
-    assert_eq!(
-        other.set_saved_state(&blob),
-        Err(crate::StateError::WrongTpm)
-    );
+    assert_eq!(other.set_saved_state(&blob), Err(crate::StateError::WrongTpm));
 }
 
 #[test]
@@ -526,16 +408,8 @@ fn startup_deactivated_limits_commands() {
     let mut t = manufactured();
     ok(&mut t, 0, &startup(ST_DEACTIVATED));
     err(&mut t, &pcr_read(1), TPM_DEACTIVATED);
-    err(
-        &mut t,
-        &Cmd::new(ORD_GET_RANDOM).u32(1).bytes(),
-        TPM_DEACTIVATED,
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_STIR_RANDOM).sized(b"a").bytes(),
-        TPM_DEACTIVATED,
-    );
+    err(&mut t, &Cmd::new(ORD_GET_RANDOM).u32(1).bytes(), TPM_DEACTIVATED);
+    err(&mut t, &Cmd::new(ORD_STIR_RANDOM).sized(b"a").bytes(), TPM_DEACTIVATED);
     err(&mut t, &Cmd::new(ORD_GET_TICKS).bytes(), TPM_DEACTIVATED);
     // Extend still extends but answers zeros (libtpms).
     assert_eq!(ok(&mut t, 0, &extend(10, [1; 20])), [0; 20]);
@@ -559,29 +433,13 @@ fn oiap_sessions_are_bounded_and_flushable() {
     let flush = |h: u32| Cmd::new(ORD_FLUSH_SPECIFIC).u32(h).u32(RT_AUTH).bytes();
     ok(&mut t, 0, &flush(handles[0]));
     err(&mut t, &flush(handles[0]), TPM_INVALID_AUTHHANDLE);
-    ok(
-        &mut t,
-        0,
-        &Cmd::new(ORD_TERMINATE_HANDLE).u32(handles[1]).bytes(),
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_TERMINATE_HANDLE).u32(handles[1]).bytes(),
-        TPM_INVALID_AUTHHANDLE,
-    );
+    ok(&mut t, 0, &Cmd::new(ORD_TERMINATE_HANDLE).u32(handles[1]).bytes());
+    err(&mut t, &Cmd::new(ORD_TERMINATE_HANDLE).u32(handles[1]).bytes(), TPM_INVALID_AUTHHANDLE);
     oiap(&mut t);
     oiap(&mut t);
     err(&mut t, &Cmd::new(ORD_OIAP).bytes(), TPM_RESOURCES);
-    err(
-        &mut t,
-        &Cmd::new(ORD_FLUSH_SPECIFIC).u32(1).u32(RT_KEY).bytes(),
-        TPM_BAD_PARAMETER,
-    );
-    err(
-        &mut t,
-        &Cmd::new(ORD_FLUSH_SPECIFIC).u32(1).u32(99).bytes(),
-        TPM_INVALID_RESOURCE,
-    );
+    err(&mut t, &Cmd::new(ORD_FLUSH_SPECIFIC).u32(1).u32(RT_KEY).bytes(), TPM_BAD_PARAMETER);
+    err(&mut t, &Cmd::new(ORD_FLUSH_SPECIFIC).u32(1).u32(99).bytes(), TPM_INVALID_RESOURCE);
     // Startup(ST_CLEAR) after TPM_Init drops all sessions.
     t.power_on();
     ok(&mut t, 0, &startup(ST_CLEAR));
