@@ -311,6 +311,7 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm-init: bios log: ",
                 "ctvm-init: ima: 10 ",
                 "ctvm-init: tpm random: 00c40000002e00000000",
+                "ctvm-init: hwrng ctvm-tpm-rng: ",
                 "ctvm: guest linux stopped: ACPI sleep requested",
                 CLEAN_END,
             ],
@@ -561,6 +562,16 @@ fn linux_pcrs_replay(out: &RunOutput) -> Result<(), String> {
         line("ctvm-init: read ").and_then(|l| l.split(' ').next()?.parse::<usize>().ok()).ok_or("no read line")?;
     if entries < files + 2 {
         return Err(format!("{entries} IMA entries for {files} modules and busybox read: files were not measured"));
+    }
+    // Two reads of /dev/hwrng, served by the vTPM.
+    let reads: Vec<Vec<u8>> = line("ctvm-init: hwrng ctvm-tpm-rng: ")
+        .ok_or("no /dev/hwrng line")?
+        .split_whitespace()
+        .map(|h| unhex(h).ok_or("bad hwrng hex"))
+        .collect::<Result<_, _>>()?;
+    let varied = |r: &[u8]| r.len() == 32 && r.iter().any(|&b| b != r[0]);
+    if reads.len() != 2 || !reads.iter().all(|r| varied(r)) || reads[0] == reads[1] {
+        return Err(format!("/dev/hwrng gave {reads:02x?}"));
     }
     // 32 random bytes from the TPM, through /dev/tpm0.
     let random = unhex(line("ctvm-init: tpm random:").ok_or("no random bytes")?).ok_or("bad random hex")?;
