@@ -105,11 +105,19 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
         // Patch tables: each relocation at the start of a record names a site.
         let table = name_of(target);
         let contents = data_of(target);
-        let Some((record, field)) = patch_table(table) else { continue };
+        let Some((mut record, field)) = patch_table(table) else { continue };
+        if table == ".altinstructions" {
+            // 12 bytes a record in 6.1, 14 in 6.12 (wider flags): two
+            // relocated fields each, so the third relocation starts record two.
+            let mut offsets: Vec<u64> = relas.iter().map(|r| r.r_offset).collect();
+            offsets.sort_unstable();
+            record = offsets.get(2).copied().unwrap_or(contents.len() as u64).max(10);
+        }
         for r in relas.iter().filter(|r| r.r_offset % record == field) {
             let Some(at) = site(r) else { continue };
             let len = match table {
-                ".altinstructions" => u64::from(*contents.get(r.r_offset as usize + 10).unwrap_or(&0)),
+                // instrlen, then replacementlen, end the record.
+                ".altinstructions" => u64::from(*contents.get((r.r_offset + record - 2) as usize).unwrap_or(&0)),
                 ".parainstructions" => u64::from(*contents.get(r.r_offset as usize + 9).unwrap_or(&0)),
                 ".smp_locks" => 1,
                 ".ibt_endbr_seal" => 4,
@@ -157,7 +165,8 @@ fn field_len(kind: u32) -> Option<u64> {
 /// size, offset of the site's field within a record).
 fn patch_table(name: &str) -> Option<(u64, u64)> {
     match name {
-        ".altinstructions" => Some((12, 0)),
+        ".altinstructions" => Some((12, 0)), // the record size is measured
+
         ".parainstructions" => Some((16, 0)),
         "__jump_table" => Some((16, 0)),
         ".static_call_sites" => Some((8, 0)),
