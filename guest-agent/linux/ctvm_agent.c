@@ -307,7 +307,8 @@ static void branch_thunks(struct ctvm_kernel_layout *layout)
 {
 	int i, n = 0;
 
-#ifdef CONFIG_RETPOLINE
+/* CONFIG_MITIGATION_* since 6.9. */
+#if defined(CONFIG_RETPOLINE) || defined(CONFIG_MITIGATION_RETPOLINE)
 #define THUNK(i, reg) layout->indirect_thunks[i] = (unsigned long)__x86_indirect_thunk_##reg
 	THUNK(0, rax); THUNK(1, rcx); THUNK(2, rdx); THUNK(3, rbx);
 	THUNK(4, rsp); THUNK(5, rbp); THUNK(6, rsi); THUNK(7, rdi);
@@ -315,7 +316,7 @@ static void branch_thunks(struct ctvm_kernel_layout *layout)
 	THUNK(12, r12); THUNK(13, r13); THUNK(14, r14); THUNK(15, r15);
 #undef THUNK
 #endif
-#ifdef CONFIG_RETHUNK
+#if defined(CONFIG_RETHUNK) || defined(CONFIG_MITIGATION_RETHUNK)
 	layout->return_thunks[n++] = (unsigned long)__x86_return_thunk;
 #endif
 	for (i = 0; i < return_thunk_count && n < CTVM_RETURN_THUNKS; i++)

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 /// What `cargo xtask run` boots without a name.
 const DEFAULT_RUN: &str = "linux-shell";
 
-const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
+const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios|modules|bench> [options]
   build                          build the hypervisor and the test guests
   iso [SCENARIO]                 build the ISO of a scenario (default: linux-shell)
   run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
@@ -46,7 +46,9 @@ const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios> [options]
                                  isolating a module (exits, view switches, guest time);
                                  the cost of IMA's measurements in the vTPM; the cost
                                  of an exit, a vTIS access and a TPM command
-  scenarios                      list the scenarios";
+  scenarios                      list the scenarios
+  modules [--newer-kernel]       build the agent and test modules for the guest kernel
+                                 (or the newest 6.4+ cloud kernel apt offers)";
 
 fn run(args: &[String]) -> Result<(), Fail> {
     let Some((command, rest)) = args.split_first() else {
@@ -97,17 +99,17 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 util::lint()?;
                 util::host_tests()?;
             }
-            if emulated && names.is_empty() {
-                agent_on_newer_kernel()?;
-            }
             if emulated {
                 scenarios::run_all(&names)?;
             }
             Ok(())
         }
-        "modules" if rest.first().map(String::as_str) == Some("--newer-kernel") => agent_on_newer_kernel(),
         "modules" => {
-            for ko in linux::modules::build()? {
+            let kernel = match rest.first().map(String::as_str) {
+                Some("--newer-kernel") => linux::Kernel::Newer,
+                _ => linux::Kernel::Default,
+            };
+            for ko in linux::modules::build(&linux::kernel_package(kernel)?)? {
                 println!("{}", ko.display());
             }
             Ok(())
@@ -131,10 +133,4 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         other => Err(Fail(format!("unknown command {other:?}\n{USAGE}"))),
     }
-}
-
-fn agent_on_newer_kernel() -> Result<(), Fail> {
-    let package = linux::modules::agent_builds_on_newer_kernel()?;
-    println!("xtask: the agent builds against {package} (its mod->mem[] path)");
-    Ok(())
 }

@@ -29,7 +29,7 @@ pub enum GuestImage {
     /// The test guest kernel (`tests/guests/testguest`).
     Test,
     /// Debian's cloud kernel with the test initramfs, on the pass-through platform.
-    Linux,
+    Linux(linux::Kernel),
     /// Not a guest: the vTPM seed, as the file module `vtpm.seed` (`args` holds its hex).
     VtpmSeed,
 }
@@ -78,8 +78,8 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
                     g.args
                 ),
             }),
-            GuestImage::Linux => {
-                let assets = linux::assets()?;
+            GuestImage::Linux(kernel) => {
+                let assets = linux::assets(kernel)?;
                 println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
                 out.push(ModuleSpec {
                     file: assets.kernel,
@@ -115,7 +115,7 @@ fn guest_with_vtpm(name: &'static str, args: &'static str) -> GuestSpec {
 pub const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
 
 pub fn linux_guest(args: &'static str) -> GuestSpec {
-    GuestSpec { name: "linux", kind: GuestImage::Linux, mem_mib: 0, vtpm: true, args }
+    GuestSpec { name: "linux", kind: GuestImage::Linux(linux::Kernel::Default), mem_mib: 0, vtpm: true, args }
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -341,60 +341,16 @@ pub fn all() -> Vec<Scenario> {
             ends_cleanly: true,
             interactive: false,
         },
-        Scenario {
-            name: "linux-integrity",
-            about: "the CTVM agent isolates modules: attacks are stopped and reported, benign modules and the kernel's own patching keep working",
-            hypervisor_args: "",
-            guests: vec![GuestSpec {
-                name: "linux",
-                kind: GuestImage::Linux,
-                mem_mib: 0,
-                vtpm: true,
-                args: concat!(
-                    "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
-                    " ctvm.integrity"
-                ),
-            }],
-            megs: 1024,
-            timeout: Duration::from_secs(600),
-            expect: vec![
-                "module ctvm_agent registered as trusted",
-                "ctvm-init: agent loaded",
-                "ctvm: violation guest=linux module=ifb kind=code-digest",
-                "ctvm: violation guest=linux module=ifb kind=write-syscall-table",
-                "ctvm-init: twin ifb: syscall table write blocked",
-                "ctvm-init: after twin ifb: getpid ok",
-                "module ifb registered as trusted",
-                "ctvm-init: ifb up: yes",
-                "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
-                "ctvm-init: attack atk_syscall: syscall table write blocked",
-                "ctvm-init: after atk_syscall: getpid ok",
-                "ctvm: violation guest=linux module=atk_idt kind=write-idt",
-                "ctvm-init: attack atk_idt: IDT write blocked",
-                "ctvm: violation guest=linux module=atk_text kind=write-kernel-text",
-                "ctvm-init: attack atk_text: kernel text write blocked",
-                "ctvm: violation guest=linux module=atk_wp kind=control-register",
-                "ctvm-init: attack atk_wp: CR0.WP stayed set; rodata write blocked",
-                "ctvm: violation guest=linux module=atk_call kind=call-non-entry",
-                "ctvm-init: attack atk_call: non-exported call returned -1; mid-function call returned -1",
-                "ctvm: violation guest=linux module=atk_dkom kind=write-protected-data",
-                "ctvm-init: attack atk_dkom: module list unlink blocked",
-                "ctvm: violation guest=linux module=atk_ftrace kind=call-denied-api",
-                "ctvm-init: attack atk_ftrace: ftrace hook blocked",
-                "ctvm: violation guest=linux module=atk_setmem kind=call-non-entry",
-                "ctvm-init: attack atk_setmem: set_memory_rw returned -1; rodata write blocked",
-                "ctvm: violation guest=linux module=atk_agent kind=write-protected-data",
-                "ctvm-init: attack atk_agent: agent data write blocked",
-                "ctvm-init: agent unload refused",
-                "ctvm-init: kernel still works",
-                "ctvm: guest linux stopped: ACPI sleep requested",
-                CLEAN_END,
-            ],
-            reject: vec!["WENT THROUGH", "getpid WRONG", "ctvm-init: FAIL", "action=allow"],
-            checks: vec![benign_modules_work],
-            ends_cleanly: true,
-            interactive: false,
-        },
+        linux_integrity(
+            "linux-integrity",
+            "the CTVM agent isolates modules: attacks are stopped and reported, benign modules and the kernel's own patching keep working",
+            linux::Kernel::Default,
+        ),
+        linux_integrity(
+            "linux-integrity-newer",
+            "linux-integrity on the newest 6.4+ cloud kernel apt offers (modules in mod->mem[])",
+            linux::Kernel::Newer,
+        ),
         Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
@@ -776,4 +732,59 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
         return Err(Fail(format!("{failed} of {} scenarios failed", results.len())));
     }
     Ok(())
+}
+
+/// The integrity scenario on one kernel.
+fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kernel) -> Scenario {
+    Scenario {
+        name,
+        about,
+        hypervisor_args: "",
+        guests: vec![GuestSpec {
+            name: "linux",
+            kind: GuestImage::Linux(kernel),
+            mem_mib: 0,
+            vtpm: true,
+            args: concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0", " ctvm.integrity"),
+        }],
+        megs: 1024,
+        timeout: Duration::from_secs(600),
+        expect: vec![
+            "module ctvm_agent registered as trusted",
+            "ctvm-init: agent loaded",
+            "ctvm: violation guest=linux module=ifb kind=code-digest",
+            "ctvm: violation guest=linux module=ifb kind=write-syscall-table",
+            "ctvm-init: twin ifb: syscall table write blocked",
+            "ctvm-init: after twin ifb: getpid ok",
+            "module ifb registered as trusted",
+            "ctvm-init: ifb up: yes",
+            "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
+            "ctvm-init: attack atk_syscall: syscall table write blocked",
+            "ctvm-init: after atk_syscall: getpid ok",
+            "ctvm: violation guest=linux module=atk_idt kind=write-idt",
+            "ctvm-init: attack atk_idt: IDT write blocked",
+            "ctvm: violation guest=linux module=atk_text kind=write-kernel-text",
+            "ctvm-init: attack atk_text: kernel text write blocked",
+            "ctvm: violation guest=linux module=atk_wp kind=control-register",
+            "ctvm-init: attack atk_wp: CR0.WP stayed set; rodata write blocked",
+            "ctvm: violation guest=linux module=atk_call kind=call-non-entry",
+            "ctvm-init: attack atk_call: non-exported call returned -1; mid-function call returned -1",
+            "ctvm: violation guest=linux module=atk_dkom kind=write-protected-data",
+            "ctvm-init: attack atk_dkom: module list unlink blocked",
+            "ctvm: violation guest=linux module=atk_ftrace kind=call-denied-api",
+            "ctvm-init: attack atk_ftrace: ftrace hook blocked",
+            "ctvm: violation guest=linux module=atk_setmem kind=call-non-entry",
+            "ctvm-init: attack atk_setmem: set_memory_rw returned -1; rodata write blocked",
+            "ctvm: violation guest=linux module=atk_agent kind=write-protected-data",
+            "ctvm-init: attack atk_agent: agent data write blocked",
+            "ctvm-init: agent unload refused",
+            "ctvm-init: kernel still works",
+            "ctvm: guest linux stopped: ACPI sleep requested",
+            CLEAN_END,
+        ],
+        reject: vec!["WENT THROUGH", "getpid WRONG", "ctvm-init: FAIL", "action=allow"],
+        checks: vec![benign_modules_work],
+        ends_cleanly: true,
+        interactive: false,
+    }
 }

@@ -41,6 +41,11 @@ pub fn run(cmd: &mut Command) -> Result<(), Fail> {
 
 /// Runs a command and returns its standard output.
 pub fn output(cmd: &mut Command) -> Result<String, Fail> {
+    output_bytes(cmd).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A command's standard output, or its failure with its standard error.
+pub fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>, Fail> {
     let out = cmd.output().map_err(|e| Fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
     if !out.status.success() {
         return Err(Fail(format!(
@@ -50,7 +55,7 @@ pub fn output(cmd: &mut Command) -> Result<String, Fail> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
 }
 
 pub fn describe(cmd: &Command) -> String {

@@ -143,11 +143,17 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             if !layout.text.contains(value) {
                 continue; // exported data, not an entry point
             }
-            layout.entries.push(value);
-            if let Some(n) = name_at(ctx, name) {
-                if wire::DENIED_APIS.iter().any(|d| d.as_bytes() == n.as_slice()) {
-                    layout.denied_entries.push(value);
-                }
+            let n = name_at(ctx, name).unwrap_or_default();
+            // Thunks come from the kernel's own table too, so that a kernel
+            // the agent does not know (renamed configs) cannot turn them
+            // into entries that jump anywhere.
+            match wire::export_kind(&n) {
+                wire::ExportKind::IndirectThunk(reg) => layout.indirect_thunks[reg] = value,
+                wire::ExportKind::ReturnThunk => layout.return_thunks.push(value),
+                wire::ExportKind::Function => layout.entries.push(value),
+            }
+            if wire::DENIED_APIS.iter().any(|d| d.as_bytes() == n.as_slice()) {
+                layout.denied_entries.push(value);
             }
         }
     }
@@ -167,13 +173,15 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         }
     }
     log::info!(
-        "guest {}: kernel layout registered: text {:#x}..{:#x}, {} exported entry points, {} denied, {} interrupt handlers",
+        "guest {}: kernel layout registered: text {:#x}..{:#x}, {} exported entry points, {} denied, {} interrupt handlers, {} branch thunks, {} return thunks",
         ctx.guest.name(),
         layout.text.start,
         layout.text.end,
         layout.entries.len(),
         layout.denied_entries.len(),
-        layout.interrupt_handlers.len()
+        layout.interrupt_handlers.len(),
+        layout.indirect_thunks.iter().filter(|&&t| t != 0).count(),
+        layout.return_thunks.len()
     );
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.register_kernel(layout, pages).map_err(map_err)?;
@@ -724,6 +732,7 @@ mod tests {
     const TEXT: u64 = 0x40_0000;
     const PRINTK: u64 = TEXT + 0x1000;
     const SET_MEMORY_RW: u64 = TEXT + 0x2000;
+    const THUNK_RAX: u64 = TEXT + 0x3000;
     const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
     const HANDLER: u64 = TEXT + 0x4000;
     const RODATA: u64 = 0x60_0000;
@@ -767,7 +776,7 @@ mod tests {
             syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
             idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
             entry_syscall: K + ENTRY_SYSCALL,
-            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 24 },
+            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 36 },
             kernel_page_table: K + 0x1000,
             ..Default::default()
         };
@@ -777,11 +786,14 @@ mod tests {
             core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
         };
         w(&phys, LAYOUT, bytes);
-        // __ksymtab: printk and set_memory_rw, PREL32.
-        for (i, (value, name, text)) in
-            [(PRINTK, NAMES, &b"printk\0"[..]), (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..])]
-                .iter()
-                .enumerate()
+        // __ksymtab: printk, set_memory_rw and a retpoline thunk, PREL32.
+        for (i, (value, name, text)) in [
+            (PRINTK, NAMES, &b"printk\0"[..]),
+            (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..]),
+            (THUNK_RAX, NAMES + 0x20, &b"__x86_indirect_thunk_rax\0"[..]),
+        ]
+        .iter()
+        .enumerate()
         {
             let at = KSYMTAB + i as u64 * 12;
             w(&phys, at, &((*value as i64 - at as i64) as i32).to_le_bytes());
@@ -880,7 +892,9 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         let e = &f.guest.integrity.as_ref().unwrap().engine;
+        // The thunk, known by its exported name, is a branch to judge, not an entry.
         assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
+        assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
         assert_eq!(e.layout().unwrap().interrupt_handlers, alloc::vec![K + HANDLER]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.

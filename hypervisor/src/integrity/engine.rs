@@ -196,6 +196,8 @@ impl Engine {
         layout.entries.dedup();
         layout.denied_entries.sort_unstable();
         layout.interrupt_handlers.sort_unstable();
+        layout.return_thunks.sort_unstable();
+        layout.return_thunks.dedup();
         self.pages.retain(|_, c| {
             !matches!(c, PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt)
         });

@@ -216,8 +216,43 @@ pub const DENIED_APIS: &[&str] = &[
     "call_usermodehelper",
 ];
 
+/// What an exported kernel symbol's name says it is, for the crossings a
+/// module may make: a branch thunk is judged by where it branches, so it is
+/// never an entry point in its own right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportKind {
+    /// `__x86_indirect_thunk_<reg>`: `jmp *reg`, with the register's number.
+    IndirectThunk(usize),
+    /// `__x86_return_thunk`: `ret`.
+    ReturnThunk,
+    Function,
+}
+
+pub fn export_kind(name: &[u8]) -> ExportKind {
+    const REGS: [&[u8]; 16] = [
+        b"rax", b"rcx", b"rdx", b"rbx", b"rsp", b"rbp", b"rsi", b"rdi", b"r8", b"r9", b"r10", b"r11", b"r12", b"r13",
+        b"r14", b"r15",
+    ];
+    if name == b"__x86_return_thunk" {
+        return ExportKind::ReturnThunk;
+    }
+    match name.strip_prefix(b"__x86_indirect_thunk_").and_then(|r| REGS.iter().position(|&g| g == r)) {
+        Some(reg) => ExportKind::IndirectThunk(reg),
+        None => ExportKind::Function,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thunks_are_known_by_their_exported_names() {
+        assert_eq!(export_kind(b"__x86_indirect_thunk_rax"), ExportKind::IndirectThunk(0));
+        assert_eq!(export_kind(b"__x86_indirect_thunk_r15"), ExportKind::IndirectThunk(15));
+        assert_eq!(export_kind(b"__x86_return_thunk"), ExportKind::ReturnThunk);
+        assert_eq!(export_kind(b"__x86_indirect_thunk_r16"), ExportKind::Function);
+        assert_eq!(export_kind(b"printk"), ExportKind::Function);
+    }
+
     use super::*;
     use alloc::vec;
 

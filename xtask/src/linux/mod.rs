@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{output, run, work_dir, Fail};
+use crate::util::{output, output_bytes, run, work_dir, Fail};
 
 mod cpio;
 pub mod modules;
@@ -28,14 +28,45 @@ fn cache() -> PathBuf {
     work_dir().join("debian")
 }
 
-/// The versioned image package the meta-package points at.
-pub fn kernel_package() -> Result<String, Fail> {
-    let deps = output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
-    deps.lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-        .map(str::to_string)
-        .ok_or_else(|| Fail(format!("apt-cache knows no {META_PACKAGE}; run `apt-get update` first")))
+/// Which Debian cloud kernel a Linux guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// What `linux-image-cloud-amd64` points at: 6.1 on bookworm.
+    Default,
+    /// The newest 6.4+ cloud kernel apt offers (bookworm's 6.12 backports):
+    /// modules laid out in `mod->mem[]`.
+    Newer,
+}
+
+/// The versioned image package of a kernel choice.
+pub fn kernel_package(kernel: Kernel) -> Result<String, Fail> {
+    match kernel {
+        Kernel::Default => {
+            let deps = output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
+            deps.lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|p| p.starts_with("linux-image-"))
+                .map(str::to_string)
+                .ok_or_else(|| Fail(format!("apt-cache knows no {META_PACKAGE}; run `apt-get update` first")))
+        }
+        Kernel::Newer => newest_cloud_image(),
+    }
+}
+
+/// The newest `linux-image-6.X...-cloud-amd64` of 6.4 or later apt knows.
+fn newest_cloud_image() -> Result<String, Fail> {
+    let list = output(Command::new("apt-cache").args(["search", "--names-only", "^linux-image-6.*-cloud-amd64$"]))?;
+    let version = |p: &str| -> Option<Vec<u32>> {
+        let v = p.strip_prefix("linux-image-")?.split(['+', '-']).next()?;
+        v.split('.').map(|n| n.parse().ok()).collect()
+    };
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|p| Some((version(p)?, p.to_string())))
+        .filter(|(v, _)| v.as_slice() >= [6, 4].as_slice())
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| Fail::new("apt knows no cloud kernel of 6.4 or later (bookworm's backports have 6.12)"))
 }
 
 /// Downloads (once) and unpacks a Debian package; returns the unpack directory.
@@ -67,6 +98,20 @@ pub fn unpack_into(package: &str, root: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
+/// An in-tree module as a plain `.ko`: newer kernels ship them xz-compressed,
+/// and busybox's insmod hands the kernel the file's bytes as they are.
+fn in_tree_module(dir: &Path, name: &str, out: &Path) -> Result<PathBuf, Fail> {
+    let plain = dir.join(format!("{name}.ko"));
+    if plain.exists() {
+        return Ok(plain);
+    }
+    let packed = dir.join(format!("{name}.ko.xz"));
+    let unpacked = out.join(format!("{name}.ko"));
+    let data = output_bytes(Command::new("xz").arg("-dc").arg(&packed))?;
+    fs::write(&unpacked, data)?;
+    Ok(unpacked)
+}
+
 fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>, Fail> {
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
@@ -79,8 +124,8 @@ fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>, Fail> {
 }
 
 /// Fetches the kernel and busybox and builds the initramfs.
-pub fn assets() -> Result<LinuxAssets, Fail> {
-    let package = kernel_package()?;
+pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
+    let package = kernel_package(choice)?;
     let version = package.trim_start_matches("linux-image-").to_string();
     let kernel_root = unpack(&package)?;
     let kernel = kernel_root.join("boot").join(format!("vmlinuz-{version}"));
@@ -88,12 +133,15 @@ pub fn assets() -> Result<LinuxAssets, Fail> {
         return Err(Fail(format!("{} is missing from {package}", kernel.display())));
     }
     let busybox = unpack("busybox-static")?.join("bin").join("busybox");
-    let kos = modules::build()?;
+    let kos = modules::build(&package)?;
+    let out = work_dir().join("linux").join(&version);
+    fs::create_dir_all(&out)?;
     let tree = kernel_root.join("lib").join("modules").join(&version).join("kernel");
-    let in_tree =
-        [tree.join("drivers/net/dummy.ko"), tree.join("drivers/net/veth.ko"), tree.join("drivers/net/ifb.ko")];
-    let initrd = work_dir().join("linux").join("initramfs.cpio");
-    fs::create_dir_all(initrd.parent().expect("has a parent"))?;
+    let in_tree: Vec<PathBuf> = ["dummy", "veth", "ifb"]
+        .iter()
+        .map(|m| in_tree_module(&tree.join("drivers/net"), m, &out))
+        .collect::<Result<_, _>>()?;
+    let initrd = out.join("initramfs.cpio");
     let mut archive = cpio::Archive::default();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib/ctvm"] {
         archive.directory(dir);
@@ -102,13 +150,17 @@ pub fn assets() -> Result<LinuxAssets, Fail> {
     for ko in kos.iter().chain(&in_tree) {
         let name = ko.file_name().and_then(|n| n.to_str()).ok_or_else(|| Fail::new("module name"))?;
         // The twin of a trusted module shares its file name.
-        let twin = ko.parent().and_then(Path::file_name).is_some_and(|d| d == "twin");
+        let twin =
+            ko.parent().and_then(Path::file_name).and_then(|d| d.to_str()).is_some_and(|d| d.starts_with("twin-"));
         let dir = if twin { "lib/ctvm/twin" } else { "lib/ctvm" };
         archive.file(&format!("{dir}/{name}"), 0o644, &fs::read(ko)?);
     }
     // The modules the guests trust, pinned by their code.
-    let agent = kos.iter().find(|k| k.ends_with("agent/ctvm_agent.ko")).ok_or_else(|| Fail::new("no agent"))?;
-    let policy = work_dir().join("linux").join("ctvm.policy");
+    let agent = kos
+        .iter()
+        .find(|k| k.file_name().is_some_and(|n| n == "ctvm_agent.ko"))
+        .ok_or_else(|| Fail::new("no agent"))?;
+    let policy = out.join("ctvm.policy");
     fs::write(&policy, policy::file(&[agent, &in_tree[2]])?)?;
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);

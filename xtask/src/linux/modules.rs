@@ -6,12 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{kernel_package, unpack_into};
+use super::unpack_into;
 use crate::util::{output, root, run, work_dir, Fail};
 
-/// The unpacked headers tree of the guest kernel, to pass to `make -C`.
-fn headers() -> Result<PathBuf, Fail> {
-    let image = kernel_package()?;
+/// The unpacked headers tree of a kernel image package, to pass to `make -C`.
+fn headers(image: &str) -> Result<PathBuf, Fail> {
     headers_of(&format!("linux-headers-{}", image.trim_start_matches("linux-image-")))
 }
 
@@ -41,7 +40,7 @@ fn headers_of(flavour_pkg: &str) -> Result<PathBuf, Fail> {
     Ok(build)
 }
 
-/// Builds one directory of module sources; returns the .ko files.
+/// Builds one directory of module sources into `build/NAME`; returns the .ko files.
 fn build_dir(headers: &Path, sources: &Path, name: &str, extra: &[(&str, String)]) -> Result<Vec<PathBuf>, Fail> {
     let dir = work_dir().join("linux").join("build").join(name);
     let _ = fs::remove_dir_all(&dir);
@@ -79,51 +78,23 @@ fn build_dir(headers: &Path, sources: &Path, name: &str, extra: &[(&str, String)
     Ok(kos)
 }
 
-/// The agent and the test modules, built for the guest kernel.
-pub fn build() -> Result<Vec<PathBuf>, Fail> {
+/// The agent and the test modules, built for a kernel image package, in
+/// `build/{agent,tests,twin}-VERSION`.
+pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
     crate::packages::ensure_packages(&missing_tools())?;
-    let headers = headers()?;
+    let headers = headers(image)?;
+    let version = image.trim_start_matches("linux-image-");
     let header = guest_agent::integrity::c_header();
-    let mut kos = build_dir(&headers, &root().join("guest-agent/linux"), "agent", &[("ctvm_abi.h", header)])?;
+    let agent = root().join("guest-agent/linux");
+    let mut kos = build_dir(&headers, &agent, &format!("agent-{version}"), &[("ctvm_abi.h", header)])?;
     let tests = root().join("tests/guests/linux-modules");
-    kos.extend(build_dir(&headers, &tests, "tests", &[])?);
+    kos.extend(build_dir(&headers, &tests, &format!("tests-{version}"), &[])?);
     // The twin reuses an attack's source under another module's name.
     let shared = |f: &'static str| fs::read_to_string(tests.join(f)).map(|text| (f, text));
     let extra = [shared("alias.h")?, shared("atk_syscall.c")?];
-    kos.extend(build_dir(&headers, &tests.join("twin"), "twin", &extra)?);
+    kos.extend(build_dir(&headers, &tests.join("twin"), &format!("twin-{version}"), &extra)?);
     run(Command::new("strip").arg("--strip-debug").args(&kos))?;
     Ok(kos)
-}
-
-/// The newest Debian cloud kernel headers of the `mod->mem[]` era (6.4 and
-/// later) that apt knows, e.g. bookworm's 6.12 backports.
-fn newer_headers_package() -> Result<String, Fail> {
-    let list = output(Command::new("apt-cache").args(["search", "--names-only", "^linux-headers-6.*-cloud-amd64$"]))?;
-    let version = |p: &str| -> Option<Vec<u32>> {
-        let v = p.strip_prefix("linux-headers-")?.split(['+', '-']).next()?;
-        v.split('.').map(|n| n.parse().ok()).collect()
-    };
-    list.lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|p| Some((version(p)?, p.to_string())))
-        .filter(|(v, _)| v.as_slice() >= [6, 4].as_slice())
-        .max()
-        .map(|(_, p)| p)
-        .ok_or_else(|| Fail::new("apt knows no cloud kernel headers of 6.4 or later"))
-}
-
-/// Builds the agent against the newest 6.4+ headers apt offers: its
-/// `mod->mem[]` path compiles there, though no such kernel boots in the tests.
-pub fn agent_builds_on_newer_kernel() -> Result<String, Fail> {
-    crate::packages::ensure_packages(&missing_tools())?;
-    let package = newer_headers_package()?;
-    let headers = headers_of(&package)?;
-    let header = guest_agent::integrity::c_header();
-    let kos = build_dir(&headers, &root().join("guest-agent/linux"), "agent-newer", &[("ctvm_abi.h", header)])?;
-    if kos.is_empty() {
-        return Err(Fail(format!("the agent built no module against {package}")));
-    }
-    Ok(package)
 }
 
 fn missing_tools() -> Vec<&'static str> {
