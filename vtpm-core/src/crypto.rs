@@ -5,7 +5,8 @@
 //! re-seeded on StirRandom, at power-on and every [`RESEED_INTERVAL`] bytes.
 
 use alloc::vec::Vec;
-use crypto_bigint::{BoxedUint, Integer, NonZero, Resize};
+use crypto_bigint::modular::{BoxedMontyForm, BoxedMontyParams};
+use crypto_bigint::{BoxedUint, ConcatenatingMul, Integer, Limb, NonZero, Resize, SquareAssign};
 use hmac::{Hmac, KeyInit, Mac};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -13,7 +14,7 @@ use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, Pkcs1v15Encrypt, Pkcs1v15Sign, PrivateKey, PublicKey};
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Modulus size of every key this TPM makes or accepts, in bits.
 pub const RSA_BITS: usize = 2048;
@@ -234,7 +235,12 @@ impl RsaKey {
             return None;
         }
         let p = p_half;
-        let key = PrivateKey::from_p_q(p, q, BoxedUint::from(65537u64)).ok()?;
+        let d = private_exponent(&p, &q)?;
+        // from_components checks p·q = n and e·d ≡ 1 mod p-1 and mod q-1
+        // (so a wrong d is refused, never used), then precomputes the CRT
+        // values; from_p_q would also compute d, through a general modular
+        // inverse that costs several times more than the rest together.
+        let key = PrivateKey::from_components(nb, BoxedUint::from(PUBLIC_EXPONENT), d, alloc::vec![p, q]).ok()?;
         if key.n_bytes().as_ref() != n {
             return None;
         }
@@ -259,8 +265,7 @@ impl RsaKey {
     /// reusing its precomputed Montgomery form of the modulus (rebuilding it
     /// from the modulus bytes costs more than the encryption itself).
     pub fn oaep_encrypt(&self, drbg: &mut Drbg, msg: &[u8]) -> Option<Vec<u8>> {
-        let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);
-        self.key.as_public_key().encrypt(drbg.rng(), pad, msg).ok()
+        oaep_encrypt_with(self.key.n_params(), drbg, msg)
     }
 
     /// Decrypts OAEP (SHA-1, MGF1, label "TCPA").
@@ -299,8 +304,87 @@ impl RsaKey {
 /// (for keys the TPM does not hold; see [`RsaKey::oaep_encrypt`]).
 pub fn oaep_encrypt(drbg: &mut Drbg, n: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
     let key = public_key(n)?;
-    let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);
-    key.encrypt(drbg.rng(), pad, msg).ok()
+    oaep_encrypt_with(key.n_params(), drbg, msg)
+}
+
+/// The public exponent of every key: 65537 = 2^16 + 1.
+const PUBLIC_EXPONENT: u64 = 65537;
+
+/// d = 65537^-1 mod (p-1)(q-1), or None when 65537 divides p-1 or q-1 (no
+/// inverse; `PrivateKey::from_p_q` refuses the same primes). With e small,
+/// d = (k·φ + 1) / e for the k in [1, e) with k·φ ≡ -1 (mod e), and k
+/// comes from φ mod e: no inverse modulo a 2048-bit number is needed. The
+/// arithmetic is constant-time (limb division, u64 arithmetic modulo a
+/// constant). This d is not the one modulo λ(n) that from_p_q picks, but
+/// the CRT exponents d mod (p-1), d mod (q-1), all that private operations
+/// use, are the same, and d itself is never stored or sent.
+fn private_exponent(p: &BoxedUint, q: &BoxedUint) -> Option<BoxedUint> {
+    const E: u64 = PUBLIC_EXPONENT;
+    let one = BoxedUint::one_with_precision(p.bits_precision());
+    let pm1 = Zeroizing::new(p.wrapping_sub(&one));
+    let qm1 = Zeroizing::new(q.wrapping_sub(&one));
+    let phi = Zeroizing::new(pm1.concatenating_mul(&*qm1));
+    let e_limb = NonZero::new(Limb::from(E as u32)).into_option()?;
+    let r = phi.rem_limb(e_limb).0;
+    // r^(e-2) = r^-1 mod e (e is prime); e-2 = 0xFFFF, every bit set.
+    let mut inv = 1u64;
+    for _ in 0..16 {
+        inv = inv.wrapping_mul(inv) % E;
+        inv = inv.wrapping_mul(r) % E;
+    }
+    if inv == 0 {
+        return None;
+    }
+    let k = E.wrapping_sub(inv);
+    let mut kphi = Zeroizing::new(phi.concatenating_mul(&BoxedUint::from(k)));
+    kphi.wrapping_add_assign(BoxedUint::one());
+    let (d, rem) = kphi.div_rem_limb(e_limb);
+    let d = Zeroizing::new(d);
+    if rem.0 != 0 {
+        return None;
+    }
+    (&*d).try_resize(RSA_BITS as u32)
+}
+
+/// MGF1 with SHA-1 (RFC 8017 B.2.1): XORs the mask of `seed` into `out`.
+fn mgf1_xor(out: &mut [u8], seed: &[u8]) {
+    for (counter, chunk) in (0u32..).zip(out.chunks_mut(20)) {
+        let mut mask = sha1_parts(&[seed, &counter.to_be_bytes()]);
+        for (o, m) in chunk.iter_mut().zip(mask.iter()) {
+            *o ^= m;
+        }
+        mask.zeroize();
+    }
+}
+
+/// RSAES-OAEP encryption (RFC 8017 7.1.1: SHA-1, MGF1-SHA1, label "TCPA")
+/// under the modulus of `n_params`. The same bytes as `rsa`'s `Oaep`
+/// encryption from the same DRBG state (it draws the seed the same way),
+/// but the public exponentiation is 16 squarings and one multiplication:
+/// the generic windowed exponentiation spends as much again building a
+/// table that e = 65537 hardly uses.
+fn oaep_encrypt_with(n_params: &BoxedMontyParams, drbg: &mut Drbg, msg: &[u8]) -> Option<Vec<u8>> {
+    const H: usize = 20;
+    if msg.len() > RSA_BYTES - 2 * H - 2 || n_params.bits_precision() != RSA_BITS as u32 {
+        return None;
+    }
+    let mut em = Zeroizing::new([0u8; RSA_BYTES]);
+    let (seed, db) = em.get_mut(1..)?.split_at_mut(H);
+    drbg.rng().fill_bytes(seed);
+    let m_at = db.len().checked_sub(msg.len())?;
+    db.get_mut(..H)?.copy_from_slice(&sha1(b"TCPA"));
+    *db.get_mut(m_at.checked_sub(1)?)? = 1;
+    db.get_mut(m_at..)?.copy_from_slice(msg);
+    mgf1_xor(db, seed);
+    mgf1_xor(seed, db);
+    let m = BoxedUint::from_be_slice(&em[..], RSA_BITS as u32).ok()?;
+    let x = Zeroizing::new(BoxedMontyForm::new(m, n_params));
+    let mut acc = Zeroizing::new((*x).clone());
+    for _ in 0..16 {
+        acc.square_assign();
+    }
+    *acc = acc.mul(&x);
+    Some(be_padded(&acc.retrieve(), RSA_BYTES))
 }
 
 /// Verifies a PKCS#1 v1.5 SHA-1 signature (used by tests and self-test).
@@ -363,6 +447,39 @@ mod tests {
         assert_eq!(a.nonce(), b.nonce());
         b.mix(b"entropy");
         assert_ne!(a.nonce(), b.nonce());
+    }
+
+    #[test]
+    fn oaep_encryption_is_the_rsa_crates() {
+        let mut d = Drbg::new([5; 32]);
+        let k = RsaKey::generate(&mut d).unwrap();
+        let n = k.modulus();
+        for msg in [&b""[..], b"x", &[7u8; 214]] {
+            let (mut a, mut b, mut c) = (d.clone(), d.clone(), d.clone());
+            let ours = k.oaep_encrypt(&mut a, msg).unwrap();
+            let pad = Oaep::<Sha1>::new_with_label(&b"TCPA"[..]);
+            let theirs = k.key.as_public_key().encrypt(b.rng(), pad, msg).unwrap();
+            assert_eq!(ours, theirs);
+            assert_eq!(oaep_encrypt(&mut c, &n, msg).unwrap(), theirs);
+            assert_eq!(k.oaep_decrypt(&mut d, &ours).unwrap(), msg);
+        }
+        assert!(k.oaep_encrypt(&mut d, &[0; 215]).is_none());
+    }
+
+    #[test]
+    fn rebuilt_key_has_from_p_q_crt_values() {
+        use rsa::traits::PrivateKeyParts;
+        let mut d = Drbg::new([4; 32]);
+        let k = RsaKey::generate(&mut d).unwrap();
+        let rebuilt = RsaKey::from_n_p(&k.modulus(), &k.prime()).unwrap();
+        let primes = k.key.primes();
+        let reference =
+            PrivateKey::from_p_q(primes[0].as_ref().clone(), primes[1].as_ref().clone(), BoxedUint::from(65537u64))
+                .unwrap();
+        assert_eq!(rebuilt.key.dp(), reference.dp());
+        assert_eq!(rebuilt.key.dq(), reference.dq());
+        assert_eq!(rebuilt.key.crt_coefficient(), reference.crt_coefficient());
+        assert_eq!(rebuilt.key.primes(), reference.primes());
     }
 
     #[test]
