@@ -175,6 +175,7 @@ pub fn exits_cost() -> Result<(), Fail> {
         mem_mib: 16,
         vtpm: true,
         args: "test=cost",
+        options: "",
     };
     let modules = scenarios::modules_for(&[spec], &bins)?;
     let iso = image::make_iso("bench-exits", &bins.hypervisor, "exit=bochs", &modules)?;

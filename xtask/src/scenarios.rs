@@ -21,6 +21,8 @@ pub struct GuestSpec {
     pub vtpm: bool,
     /// The guest's own command line (after `--`).
     pub args: &'static str,
+    /// More of the hypervisor's options for this guest (before `--`).
+    pub options: &'static str,
 }
 
 /// What a guest boots.
@@ -83,7 +85,7 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
                 println!("xtask: Linux guest {}: Debian kernel {}", g.name, assets.version);
                 out.push(ModuleSpec {
                     file: assets.kernel,
-                    args: format!("guest={} kind=linux trust=ctvm_agent,ifb -- {}", g.name, g.args),
+                    args: format!("guest={} kind=linux trust=ctvm_agent,ifb {} -- {}", g.name, g.options, g.args),
                 });
                 out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
                 out.push(ModuleSpec { file: assets.policy, args: "ctvm.policy".into() });
@@ -104,7 +106,7 @@ const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
 const ALWAYS_REJECT: &[&str] = &["hypervisor panic", "Kernel panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
-    GuestSpec { name, kind: GuestImage::Test, mem_mib: 16, vtpm: false, args }
+    GuestSpec { name, kind: GuestImage::Test, mem_mib: 16, vtpm: false, args, options: "" }
 }
 
 fn guest_with_vtpm(name: &'static str, args: &'static str) -> GuestSpec {
@@ -115,7 +117,14 @@ fn guest_with_vtpm(name: &'static str, args: &'static str) -> GuestSpec {
 pub const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
 
 pub fn linux_guest(args: &'static str) -> GuestSpec {
-    GuestSpec { name: "linux", kind: GuestImage::Linux(linux::Kernel::Default), mem_mib: 0, vtpm: true, args }
+    GuestSpec {
+        name: "linux",
+        kind: GuestImage::Linux(linux::Kernel::Default),
+        mem_mib: 0,
+        vtpm: true,
+        args,
+        options: "",
+    }
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -261,6 +270,7 @@ pub fn all() -> Vec<Scenario> {
                     mem_mib: 0,
                     vtpm: false,
                     args: "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
+                    options: "",
                 },
                 guest_with_vtpm("alpha", "test=vtpm mode=first"),
                 guest_with_vtpm("beta", "test=vtpm mode=second"),
@@ -351,6 +361,31 @@ pub fn all() -> Vec<Scenario> {
             "linux-integrity on the newest 6.4+ cloud kernel apt offers (modules in mod->mem[])",
             linux::Kernel::Newer,
         ),
+        Scenario {
+            name: "linux-audit",
+            about: "integrity=audit: a module's call to a non-exported function (set_memory_rw) is reported and let through",
+            hypervisor_args: "",
+            guests: vec![GuestSpec {
+                options: "integrity=audit",
+                ..linux_guest(concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0", " ctvm.audit"))
+            }],
+            megs: 1024,
+            timeout: Duration::from_secs(400),
+            expect: vec![
+                "ctvm-init: agent loaded",
+                "ctvm: violation guest=linux module=atk_setmem kind=call-non-entry",
+                "action=allow",
+                // Linux itself keeps its rodata read-only (static protections).
+                "ctvm-init: audit atk_setmem: set_memory_rw returned 0; rodata write blocked",
+                "ctvm: guest linux stopped: ACPI sleep requested",
+                CLEAN_END,
+            ],
+            // The call's return into the module is no second violation.
+            reject: vec!["action=deny", "enter-module-off-entry", "ctvm-init: FAIL"],
+            checks: vec![],
+            ends_cleanly: true,
+            interactive: false,
+        },
         Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
@@ -746,6 +781,7 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             mem_mib: 0,
             vtpm: true,
             args: concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0", " ctvm.integrity"),
+            options: "",
         }],
         megs: 1024,
         timeout: Duration::from_secs(600),

@@ -171,6 +171,14 @@ if grep -qw ctvm.integrity /proc/cmdline; then
     integrity_tests
 fi
 
+# ctvm.audit (with integrity=audit for the guest): a module's call to a
+# non-exported kernel function is reported and let through.
+if grep -qw ctvm.audit /proc/cmdline; then
+    load_agent
+    insmod /lib/ctvm/atk_setmem.ko rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw) 2>/dev/null
+    say "audit $(dmesg | grep 'ctvm-test: atk_setmem:' | tail -n 1 | sed 's/^.*ctvm-test: //')"
+fi
+
 # ctvm.bench=agent|bare ctvm.loops=N: the cost of isolation on a module
 # that calls into the kernel in a loop, with the agent (isolated) or without.
 bench=$(cmdline_value ctvm.bench)
