@@ -499,6 +499,7 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
         let action = loop {
             let vcpu = vm.vcpu.as_mut().expect("running guests have a vCPU");
             let (exit, failure) = vcpu.run(vmx);
+            let handling = cpu::rdtsc();
             if exit.reason == u16::MAX {
                 // VMLAUNCH/VMRESUME itself failed (bad control or host state).
                 break Action::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
@@ -519,6 +520,7 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 }
                 (a, _) => a,
             };
+            vm.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
             if action != Action::Resume {
                 break action;
             }
@@ -568,7 +570,8 @@ pub fn report(vms: &[Vm]) {
     for vm in vms {
         info!("  guest {}", vm.guest.name());
         for (reason, name, count) in vm.guest.exits.seen() {
-            info!("    {reason:>3} {name:<28} {count:>10}");
+            let mean = vm.guest.exits.mean_ticks(reason);
+            info!("    {reason:>3} {name:<28} {count:>10}   {mean:>8} ticks each");
         }
         info!("  total {} {}", vm.guest.name(), vm.guest.exits.total());
         if let Some(i) = &vm.guest.integrity {
