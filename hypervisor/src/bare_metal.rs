@@ -157,7 +157,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             .map(|m| m.range),
     );
     // The seed as a file: GRUB measures a module's digest, not its contents.
-    if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == "vtpm.seed") {
+    if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == config::SEED_MODULE) {
         match hypervisor::tpm::parse_seed(vmm::module_bytes(m)) {
             Some(seed) => vtpm_seed = Some(seed),
             None => log::warn!("the vtpm.seed module must hold 64 hexadecimal digits; ignored"),
@@ -191,7 +191,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
 /// command line is `ctvm.policy`. A malformed policy trusts nothing: every
 /// guest naming a module in `trust=` then refuses to start.
 fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
-    let Some(m) = modules.iter().find(|m| m.cmdline.trim() == "ctvm.policy") else {
+    let Some(m) = modules.iter().find(|m| m.cmdline.trim() == config::POLICY_MODULE) else {
         return Policy::default();
     };
     let parsed = core::str::from_utf8(vmm::module_bytes(m))

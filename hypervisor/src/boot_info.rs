@@ -101,6 +101,20 @@ pub fn options(cmdline: &str) -> impl Iterator<Item = (&str, &str)> {
     cmdline.split_ascii_whitespace().map(|word| word.split_once('=').unwrap_or((word, "")))
 }
 
+/// 32 bytes from exactly 64 hexadecimal digits (a vTPM seed, a policy
+/// digest), or `None`.
+pub fn hex32(text: &[u8]) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        let digit = |b: u8| (b as char).to_digit(16);
+        *o = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

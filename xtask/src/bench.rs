@@ -15,7 +15,7 @@ const MARKER: &str = "ctvm-init: started";
 /// Linux to /init bare under Bochs against Linux under CTVM under Bochs.
 pub fn linux_boot() -> Result<(), Fail> {
     let assets = linux::assets(linux::Kernel::Default)?;
-    let args = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
+    let args = scenarios::LINUX_ARGS;
     let bare = image::make_linux_iso("bench-bare-linux", &assets.kernel, &assets.initrd, args)?;
     let scenario = scenarios::find("linux-boot")?;
     let bins = image::build_all()?;

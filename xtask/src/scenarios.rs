@@ -11,6 +11,13 @@ use crate::image::{self, Binaries, ModuleSpec};
 use crate::linux;
 use crate::util::Fail;
 
+/// The Linux guests' kernel command line, with more words for a scenario.
+macro_rules! linux_args {
+    ($($more:literal),*) => {
+        concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0" $(, " ", $more)*)
+    };
+}
+
 /// A guest booted from a module.
 #[derive(Clone, Debug)]
 pub struct GuestSpec {
@@ -114,7 +121,7 @@ fn guest_with_vtpm(name: &'static str, args: &'static str) -> GuestSpec {
 }
 
 /// The kernel command line of the Linux scenarios.
-pub const LINUX_ARGS: &str = "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0";
+pub const LINUX_ARGS: &str = linux_args!();
 
 pub fn linux_guest(args: &'static str) -> GuestSpec {
     GuestSpec {
@@ -308,10 +315,7 @@ pub fn all() -> Vec<Scenario> {
             name: "linux-tpm",
             about: "Linux finds its vTPM through ACPI; PCRs 8-10 match the event log, IMA and the files on the ISO",
             hypervisor_args: "",
-            guests: vec![linux_guest(concat!(
-                "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0 ima_policy=tcb",
-                " ctvm.tpm ctvm.ima=files"
-            ))],
+            guests: vec![linux_guest(linux_args!("ima_policy=tcb ctvm.tpm ctvm.ima=files"))],
             megs: 1024,
             timeout: Duration::from_secs(500),
             expect: vec![
@@ -334,10 +338,7 @@ pub fn all() -> Vec<Scenario> {
             name: "linux-containment",
             about: "Linux writing to the hypervisor's memory through /dev/mem is stopped with a report",
             hypervisor_args: "",
-            guests: vec![linux_guest(concat!(
-                "console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0",
-                " ctvm.poke=0x200000"
-            ))],
+            guests: vec![linux_guest(linux_args!("ctvm.poke=0x200000"))],
             megs: 1024,
             timeout: Duration::from_secs(400),
             expect: vec![
@@ -367,7 +368,7 @@ pub fn all() -> Vec<Scenario> {
             hypervisor_args: "",
             guests: vec![GuestSpec {
                 options: "integrity=audit",
-                ..linux_guest(concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0", " ctvm.audit"))
+                ..linux_guest(linux_args!("ctvm.audit"))
             }],
             megs: 1024,
             timeout: Duration::from_secs(400),
@@ -775,14 +776,7 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
         name,
         about,
         hypervisor_args: "",
-        guests: vec![GuestSpec {
-            name: "linux",
-            kind: GuestImage::Linux(kernel),
-            mem_mib: 0,
-            vtpm: true,
-            args: concat!("console=ttyS0,115200 nokaslr quiet panic=-1 tpm_tis.interrupts=0", " ctvm.integrity"),
-            options: "",
-        }],
+        guests: vec![GuestSpec { kind: GuestImage::Linux(kernel), ..linux_guest(linux_args!("ctvm.integrity")) }],
         megs: 1024,
         timeout: Duration::from_secs(600),
         expect: vec![

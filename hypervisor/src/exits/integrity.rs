@@ -359,15 +359,11 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return Err(Error::NotPermitted);
     };
-    let mismatch = match &verdict {
-        Some(Err(m)) => Some(m.clone()),
-        _ => None,
-    };
     // Audit mode reports a mismatch and trusts the module all the same.
-    let trusted = match verdict {
-        None => false,
-        Some(Ok(())) => true,
-        Some(Err(_)) => state.engine.mode == crate::integrity::Mode::Audit,
+    let (trusted, mismatch) = match verdict {
+        None => (false, None),
+        Some(Ok(())) => (true, None),
+        Some(Err(m)) => (state.engine.mode == crate::integrity::Mode::Audit, Some(m)),
     };
     let name = info.name.clone();
     let fixups = info.fixups.len();

@@ -80,10 +80,15 @@ pub fn is_pass_through_module(cmdline: &str) -> bool {
     is_guest_module(cmdline) && options.filter_map(|w| w.strip_prefix("kind=")).next_back() == Some("linux")
 }
 
+/// The command line of the module holding the vTPM seed.
+pub const SEED_MODULE: &str = "vtpm.seed";
+/// The command line of the module holding the trusted-module policy.
+pub const POLICY_MODULE: &str = "ctvm.policy";
+
 /// Whether a module is data for the hypervisor itself: the vTPM seed or the
 /// trusted-module policy.
 pub fn is_data_module(cmdline: &str) -> bool {
-    matches!(cmdline.trim(), "vtpm.seed" | "ctvm.policy")
+    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE)
 }
 
 /// Whether a module's command line describes a guest at all.

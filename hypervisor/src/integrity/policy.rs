@@ -21,6 +21,8 @@ use core::fmt;
 
 use sha2::{Digest, Sha256};
 
+use crate::boot_info::hex32;
+
 /// Bounds on what a policy may describe; a module's text is far smaller.
 const MAX_TEXT: u64 = 64 << 20;
 const MAX_MASKS: usize = 1 << 20;
@@ -111,7 +113,7 @@ fn parse_entry(line: &str) -> Result<Entry, &'static str> {
         match w.split_once('=') {
             Some(("text", v)) => text_len = Some(v.parse::<u64>().map_err(|_| "bad text=")?),
             Some(("init", v)) => init_len = Some(v.parse::<u64>().map_err(|_| "bad init=")?),
-            Some(("sha256", v)) => sha256 = Some(unhex32(v).ok_or("sha256= needs 64 hex digits")?),
+            Some(("sha256", v)) => sha256 = Some(hex32(v.as_bytes()).ok_or("sha256= needs 64 hex digits")?),
             Some(("mask", v)) => masks = Some(parse_masks(v)?),
             _ => return Err("unknown field"),
         }
@@ -137,20 +139,6 @@ fn parse_masks(v: &str) -> Result<Vec<(u64, u64)>, &'static str> {
         }
     }
     Ok(out)
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.as_bytes();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        *o = (hi * 16 + lo) as u8;
-    }
-    Some(out)
 }
 
 impl Entry {

@@ -115,15 +115,7 @@ impl GuestTpm {
 /// The vTPM seed: 64 hexadecimal digits (32 bytes), surrounding whitespace
 /// allowed, as `openssl rand -hex 32` writes them.
 pub fn parse_seed(text: &[u8]) -> Option<[u8; 32]> {
-    let text = text.trim_ascii();
-    if text.len() != 64 {
-        return None;
-    }
-    let mut seed = [0u8; 32];
-    for (out, pair) in seed.iter_mut().zip(text.chunks(2)) {
-        *out = u8::from_str_radix(core::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(seed)
+    crate::boot_info::hex32(text.trim_ascii())
 }
 
 /// The launch measurements of a guest, GRUB's way: the command line into
@@ -199,6 +191,8 @@ mod tests {
         assert_eq!(super::parse_seed(&hex.as_bytes()[..62]), None);
         assert_eq!(super::parse_seed(hex.replace('0', "g").as_bytes()), None);
         assert_eq!(super::parse_seed(b"+1122334455667788990011223344556677889900112233445566778899001122"), None);
+        // A sign inside a pair is no hexadecimal digit either.
+        assert_eq!(super::parse_seed(b"+f22334455667788990011223344556677889900112233445566778899001122"), None);
     }
 
     use super::fake::FakeTpm;

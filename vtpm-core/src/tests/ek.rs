@@ -41,12 +41,7 @@ fn making_saving_and_booting_a_chip_do_not_generate_its_ek() {
     ok(&mut t, 0, &Cmd::new(ORD_CONTINUE_SELF_TEST).bytes());
     ok(&mut t, 0, &Cmd::new(ORD_SELF_TEST_FULL).bytes());
     ok(&mut t, 0, &Cmd::new(ORD_GET_CAPABILITY).u32(4).sized(&0x108u32.to_be_bytes()).bytes());
-    let parms = Cmd::new(0)
-        .u32(ALG_RSA)
-        .u16(ES_RSAESOAEP_SHA1_MGF1)
-        .u16(SS_NONE)
-        .sized(&Cmd::new(0).u32(2048).u32(2).u32(0).body)
-        .body;
+    let parms = rsa_key_parms(2048);
     err(&mut t, &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR).raw(&[1; 20]).raw(&parms).bytes(), TPM_DISABLED_CMD);
     ok(&mut t, 0, &Cmd::new(ORD_SAVE_STATE).bytes());
     let saved = t.saved_state().unwrap();

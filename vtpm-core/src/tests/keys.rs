@@ -257,16 +257,8 @@ fn capabilities_about_keys_and_handles() {
     err(&mut t, &getcap(CAP_HANDLE, &9u32.to_be_bytes()), TPM_BAD_MODE);
     let free = ok(&mut t, 0, &getcap(CAP_PROPERTY, &0x104u32.to_be_bytes()));
     assert_eq!(be32(&free[4..]), 19);
-    let parms = |bits: u32| {
-        Cmd::new(0)
-            .u32(ALG_RSA)
-            .u16(ES_RSAESOAEP_SHA1_MGF1)
-            .u16(SS_NONE)
-            .sized(&Cmd::new(0).u32(bits).u32(2).u32(0).body)
-            .body
-    };
-    assert_eq!(ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &parms(2048))), [0, 0, 0, 1, 1]);
-    assert_eq!(ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &parms(4096))), [0, 0, 0, 1, 0]);
+    assert_eq!(ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &rsa_key_parms(2048))), [0, 0, 0, 1, 1]);
+    assert_eq!(ok(&mut t, 0, &getcap(CAP_CHECK_LOADED, &rsa_key_parms(4096))), [0, 0, 0, 1, 0]);
     err(&mut t, &getcap(CAP_CHECK_LOADED, &[]), TPM_BAD_PARAM_SIZE);
     assert_eq!(ok(&mut t, 0, &getcap(CAP_SELECT_SIZE, &[1, 2, 0, 3])), [0, 0, 0, 1, 1]);
     assert_eq!(ok(&mut t, 0, &getcap(CAP_SELECT_SIZE, &[1, 2, 0, 4])), [0, 0, 0, 1, 0]);

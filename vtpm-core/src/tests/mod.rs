@@ -262,6 +262,12 @@ pub fn read_pubek(t: &mut T) -> Vec<u8> {
     b[28..284].to_vec()
 }
 
+/// TPM_KEY_PARMS of an RSA OAEP key (an EK, a CAP_CHECK_LOADED query) of `bits`.
+pub fn rsa_key_parms(bits: u32) -> Vec<u8> {
+    let rsa = Cmd::new(0).u32(bits).u32(2).u32(0).body;
+    Cmd::new(0).u32(ALG_RSA).u16(ES_RSAESOAEP_SHA1_MGF1).u16(SS_NONE).sized(&rsa).body
+}
+
 /// A TPM_KEY (v1.1) template.
 pub fn template(usage: u16, enc: u16, sig: u16, flags: u32, auth_usage: u8, pcr: &[u8]) -> Vec<u8> {
     let mut c = Cmd::new(0).raw(&[1, 1, 0, 0]).u16(usage).u32(flags).u8(auth_usage);

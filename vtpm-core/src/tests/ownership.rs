@@ -28,22 +28,12 @@ fn read_pubek_returns_ek_and_checksum() {
 
 #[test]
 fn create_endorsement_key_pair_only_once() {
-    let parms = Cmd::new(0)
-        .u32(ALG_RSA)
-        .u16(ES_RSAESOAEP_SHA1_MGF1)
-        .u16(SS_NONE)
-        .sized(&Cmd::new(0).u32(2048).u32(2).u32(0).body)
-        .body;
+    let parms = rsa_key_parms(2048);
     let mut t = started();
     err(&mut t, &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR).raw(&[1; 20]).raw(&parms).bytes(), TPM_DISABLED_CMD);
     let mut bare = Tpm::manufacture_without_ek(TestPlatform::new(6));
     ok(&mut bare, 0, &startup(ST_CLEAR));
-    let bad = Cmd::new(0)
-        .u32(ALG_RSA)
-        .u16(ES_RSAESOAEP_SHA1_MGF1)
-        .u16(SS_NONE)
-        .sized(&Cmd::new(0).u32(1024).u32(2).u32(0).body)
-        .body;
+    let bad = rsa_key_parms(1024);
     err(&mut bare, &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR).raw(&[1; 20]).raw(&bad).bytes(), TPM_BAD_KEY_PROPERTY);
     let b = ok(&mut bare, 0, &Cmd::new(ORD_CREATE_ENDORSEMENT_KEY_PAIR).raw(&[1; 20]).raw(&parms).bytes());
     assert_eq!(&b[284..], &sha1_parts(&[&b[..284], &[1; 20]]));

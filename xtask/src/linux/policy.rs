@@ -105,7 +105,7 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
         // Patch tables: each relocation at the start of a record names a site.
         let table = name_of(target);
         let contents = data_of(target);
-        let Some((mut record, field)) = patch_table(table) else { continue };
+        let Some(mut record) = patch_record_size(table) else { continue };
         if table == ".altinstructions" {
             // 12 bytes a record in 6.1, 14 in 6.12 (wider flags): two
             // relocated fields each, so the third relocation starts record two.
@@ -113,7 +113,7 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
             offsets.sort_unstable();
             record = offsets.get(2).copied().unwrap_or(contents.len() as u64).max(10);
         }
-        for r in relas.iter().filter(|r| r.r_offset % record == field) {
+        for r in relas.iter().filter(|r| r.r_offset % record == 0) {
             let Some(at) = site(r) else { continue };
             let len = match table {
                 // instrlen, then replacementlen, end the record.
@@ -161,17 +161,15 @@ fn field_len(kind: u32) -> Option<u64> {
     }
 }
 
-/// The patch tables of Linux 6.1 x86-64 that name code sites, as (record
-/// size, offset of the site's field within a record).
-fn patch_table(name: &str) -> Option<(u64, u64)> {
+/// The patch tables of x86-64 Linux that name code sites, with their record
+/// size; each record starts with its site's field.
+fn patch_record_size(name: &str) -> Option<u64> {
     match name {
-        ".altinstructions" => Some((12, 0)), // the record size is measured
-
-        ".parainstructions" => Some((16, 0)),
-        "__jump_table" => Some((16, 0)),
-        ".static_call_sites" => Some((8, 0)),
-        "__mcount_loc" => Some((8, 0)),
-        ".retpoline_sites" | ".return_sites" | ".smp_locks" | ".ibt_endbr_seal" => Some((4, 0)),
+        // Linux 6.1's size; measured from the relocations for newer kernels.
+        ".altinstructions" => Some(12),
+        ".parainstructions" | "__jump_table" => Some(16),
+        ".static_call_sites" | "__mcount_loc" => Some(8),
+        ".retpoline_sites" | ".return_sites" | ".smp_locks" | ".ibt_endbr_seal" => Some(4),
         _ => None,
     }
 }
