@@ -103,6 +103,7 @@ fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, megs: u32) -> String {
          com1: enabled=1, {com1}\n\
          log: {}\n\
          speaker: enabled=0\n\
+         sound: driver=dummy\n\
          clock: sync=none, time0=local\n",
         iso.display(),
         log.display()

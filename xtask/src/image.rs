@@ -36,7 +36,7 @@ pub struct ModuleSpec {
 
 /// Writes grub.cfg and runs grub-mkrescue; returns the ISO's path.
 pub fn make_iso(name: &str, hypervisor: &Path, hv_args: &str, modules: &[ModuleSpec]) -> Result<PathBuf, Fail> {
-    packages::ensure_image_tools()?;
+    packages::ensure(packages::Purpose::Images)?;
     let root = work_dir().join("iso").join(name);
     let _ = fs::remove_dir_all(&root);
     let boot = root.join("boot");
@@ -81,7 +81,7 @@ pub fn iso_for(scenario: &Scenario) -> Result<PathBuf, Fail> {
 
 /// An ISO that boots Linux straight from GRUB, without CTVM (for comparisons).
 pub fn make_linux_iso(name: &str, kernel: &Path, initrd: &Path, args: &str) -> Result<PathBuf, Fail> {
-    packages::ensure_image_tools()?;
+    packages::ensure(packages::Purpose::Images)?;
     let root = work_dir().join("iso").join(name);
     let _ = fs::remove_dir_all(&root);
     let boot = root.join("boot");

@@ -95,6 +95,12 @@ fn run(args: &[String]) -> Result<(), Fail> {
                     other => names.push(other.to_string()),
                 }
             }
+            // Everything the run will call, installed (or named) before it starts.
+            packages::ensure(match (host, emulated) {
+                (true, true) => packages::Purpose::Test,
+                (true, false) => packages::Purpose::HostTests,
+                _ => packages::Purpose::Images,
+            })?;
             if host {
                 util::lint()?;
                 util::host_tests()?;

@@ -1,11 +1,18 @@
 //! Debian packages and the Rust target the build needs, installed on demand.
+//!
+//! Each command states up front everything it will call, so a machine that
+//! lacks several packages gets one `apt-get` line (or one installation, as
+//! root), never a failure half-way through a test run.
 
 use std::process::Command;
 
 use crate::util::{output, run, Fail};
 
-/// (command that must exist, Debian package providing it)
-const TOOLS: &[(&str, &str)] = &[
+/// (command or file that must exist, Debian package providing it)
+type Need = (&'static str, &'static str);
+
+/// Building and booting an image: the emulator, GRUB and the ISO tools.
+const IMAGE: &[Need] = &[
     ("bochs", "bochs"),
     ("/usr/share/bochs/BIOS-bochs-latest", "bochsbios"),
     ("/usr/share/bochs/VGABIOS-lgpl-latest", "vgabios"),
@@ -15,41 +22,69 @@ const TOOLS: &[(&str, &str)] = &[
     ("mformat", "mtools"),
 ];
 
+/// The Linux guest's files: Debian's packages fetched with `apt-get
+/// download` and unpacked, its modules built against the kernel's headers
+/// (newer kernels ship their in-tree modules xz-compressed).
+const LINUX_GUEST: &[Need] =
+    &[("dpkg-deb", "dpkg"), ("gcc-12", "gcc-12"), ("make", "make"), ("strip", "binutils"), ("xz", "xz-utils")];
+
 /// What the host tests call out to: ACPICA's disassembler checks the ACPI
-/// tables CTVM builds.
-const TEST_TOOLS: &[(&str, &str)] = &[("iasl", "acpica-tools")];
+/// tables CTVM builds; libtpms (through swtpm) is the reference the vTPM is
+/// compared with; TrouSerS and tpm-tools are the real client stack.
+const HOST_TESTS: &[Need] = &[
+    ("iasl", "acpica-tools"),
+    ("swtpm", "swtpm"),
+    ("swtpm_setup", "swtpm-tools"),
+    ("swtpm_ioctl", "swtpm-tools"),
+    ("tcsd", "trousers"),
+    ("tpm_version", "tpm-tools"),
+    ("tpm_getquote", "tpm-quote-tools"),
+];
 
 pub const BARE_TARGET: &str = "x86_64-unknown-none";
 
+/// What a command needs.
+#[derive(Clone, Copy, Debug)]
+pub enum Purpose {
+    /// `cargo xtask test`: all of it.
+    Test,
+    /// Host tests only.
+    HostTests,
+    /// Images, scenarios, `run` and `bench`.
+    Images,
+}
+
+fn needs(purpose: Purpose) -> Vec<Need> {
+    let groups: &[&[Need]] = match purpose {
+        Purpose::Test => &[IMAGE, LINUX_GUEST, HOST_TESTS],
+        Purpose::HostTests => &[HOST_TESTS],
+        Purpose::Images => &[IMAGE, LINUX_GUEST],
+    };
+    groups.iter().flat_map(|g| g.iter().copied()).collect()
+}
+
 fn have(tool: &str) -> bool {
     if tool.starts_with('/') {
-        std::path::Path::new(tool).exists()
-    } else {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
-            .status()
-            .is_ok_and(|s| s.success())
+        return std::path::Path::new(tool).exists();
     }
+    // Daemons such as tcsd live in sbin, which a non-root PATH may lack.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).any(|dir| dir.join(tool).is_file())
 }
 
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
-/// Installs missing emulator and ISO tools when running as root; otherwise
-/// prints the exact command and fails.
-pub fn ensure_image_tools() -> Result<(), Fail> {
-    let missing: Vec<&str> = TOOLS.iter().filter(|(tool, _)| !have(tool)).map(|(_, pkg)| *pkg).collect();
+/// Installs every missing package `purpose` needs when running as root;
+/// otherwise names them all in one `apt-get` line and fails.
+pub fn ensure(purpose: Purpose) -> Result<(), Fail> {
+    let mut missing: Vec<&str> = needs(purpose).into_iter().filter(|(tool, _)| !have(tool)).map(|(_, p)| p).collect();
+    missing.dedup();
     ensure_packages(&missing)
 }
 
-/// Installs (or names) the tools the host tests need.
-pub fn ensure_test_tools() -> Result<(), Fail> {
-    let missing: Vec<&str> = TEST_TOOLS.iter().filter(|(tool, _)| !have(tool)).map(|(_, pkg)| *pkg).collect();
-    ensure_packages(&missing)
-}
-
-pub fn ensure_packages(missing: &[&str]) -> Result<(), Fail> {
+fn ensure_packages(missing: &[&str]) -> Result<(), Fail> {
     if missing.is_empty() {
         return Ok(());
     }

@@ -109,6 +109,6 @@ pub fn lint() -> Result<(), Fail> {
 /// The host-side test suite: every crate that runs on Linux.
 pub fn host_tests() -> Result<(), Fail> {
     println!("xtask: host tests");
-    crate::packages::ensure_test_tools()?;
+    crate::packages::ensure(crate::packages::Purpose::HostTests)?;
     run(cargo().args(["test", "--workspace", "--exclude", "testguest"]))
 }

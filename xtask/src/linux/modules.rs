@@ -81,7 +81,7 @@ fn build_dir(headers: &Path, sources: &Path, name: &str, extra: &[(&str, String)
 /// The agent and the test modules, built for a kernel image package, in
 /// `build/{agent,tests,twin}-VERSION`.
 pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
-    crate::packages::ensure_packages(&missing_tools())?;
+    crate::packages::ensure(crate::packages::Purpose::Images)?;
     let headers = headers(image)?;
     let version = image.trim_start_matches("linux-image-");
     let header = guest_agent::integrity::c_header();
@@ -95,14 +95,4 @@ pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
     kos.extend(build_dir(&headers, &tests.join("twin"), &format!("twin-{version}"), &extra)?);
     run(Command::new("strip").arg("--strip-debug").args(&kos))?;
     Ok(kos)
-}
-
-fn missing_tools() -> Vec<&'static str> {
-    [("gcc-12", "gcc-12"), ("make", "make"), ("strip", "binutils")]
-        .into_iter()
-        .filter(|(tool, _)| {
-            !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, p)| p)
-        .collect()
 }
