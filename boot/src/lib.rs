@@ -15,7 +15,7 @@
 pub const MULTIBOOT2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
 
 /// Size of the boot stack the hypervisor starts on.
-pub const BOOT_STACK_SIZE: usize = 64 * 1024;
+pub const BOOT_STACK_SIZE: usize = 128 * 1024;
 
 #[cfg(target_os = "none")]
 core::arch::global_asm!(

@@ -270,12 +270,6 @@ static struct notifier_block module_nb = {
 	.priority = INT_MIN,
 };
 
-static const char *const kinds[] = {
-	"?", "write-kernel-text", "write-rodata", "write-syscall-table", "write-idt",
-	"write-module-code", "write-protected-data", "call-non-entry", "call-denied-api",
-	"enter-module-off-entry", "execute-data", "control-register", "descriptor-table",
-	"syscall-msr", "code-digest",
-};
 
 /* /proc/ctvm_violations: the records CTVM kept, read by hypercall. */
 static int violations_show(struct seq_file *m, void *v)
@@ -290,7 +284,8 @@ static int violations_show(struct seq_file *m, void *v)
 		n = ctvm_call(CTVM_CALL_VIOLATIONS_READ, (unsigned long)records, 64, 0, 0);
 		for (i = 0; i < n; i++) {
 			const struct ctvm_violation_record *r = &records[i];
-			const char *kind = r->kind < ARRAY_SIZE(kinds) ? kinds[r->kind] : "?";
+			const char *kind = r->kind < ARRAY_SIZE(ctvm_violation_kinds) ?
+				ctvm_violation_kinds[r->kind] : "?";
 
 			seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s\n",
 				   r->sequence, kind, (int)r->module, r->rip, r->target,

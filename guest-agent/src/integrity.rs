@@ -129,24 +129,93 @@ impl Default for ModuleInfo {
     }
 }
 
-/// Violation kinds, as numbered in [`ViolationRecord::kind`].
+/// What was attempted, as numbered in [`ViolationRecord::kind`]: the one
+/// definition the hypervisor and the agents share (the C header carries
+/// the names).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViolationKindCode {
+pub enum ViolationKind {
     WriteKernelText = 1,
     WriteReadOnlyData = 2,
     WriteSyscallTable = 3,
     WriteIdt = 4,
     WriteModuleCode = 5,
+    /// Kernel data that only the kernel may write (page tables, the module
+    /// list, other modules' and the agent's data).
     WriteProtectedData = 6,
+    /// A module called into the kernel somewhere that is not an entry.
     CallNonEntry = 7,
+    /// A module called a kernel API it may not use.
     CallDeniedApi = 8,
+    /// The kernel (or another module) jumped into a module off its entries.
     EnterModuleOffEntry = 9,
+    /// Execution of something that is not code in this view.
     ExecuteData = 10,
+    /// CR0.WP or CR4.SMEP/SMAP cleared after the lock.
     ControlRegister = 11,
+    /// LIDT/LGDT after the lock.
     DescriptorTable = 12,
-    SyscallMsr = 13,
+    /// A write to a guarded MSR (the syscall entry points, EFER, the GS
+    /// bases, the APIC base, the microcode trigger) after the lock.
+    GuardedMsr = 13,
+    /// A module named as trusted whose code is not the code the policy pins.
     CodeDigest = 14,
+    /// A hypercall from an isolated module.
+    Hypercall = 15,
+    /// An MSR write from an isolated module.
+    ModuleMsr = 16,
+    /// Port I/O from an isolated module.
+    ModulePortIo = 17,
+    /// An INIT or start-up IPI: the guest tried to start a CPU it was not given.
+    StartCpu = 18,
+}
+
+impl ViolationKind {
+    /// Every kind, in code order.
+    pub const ALL: [ViolationKind; 18] = [
+        Self::WriteKernelText,
+        Self::WriteReadOnlyData,
+        Self::WriteSyscallTable,
+        Self::WriteIdt,
+        Self::WriteModuleCode,
+        Self::WriteProtectedData,
+        Self::CallNonEntry,
+        Self::CallDeniedApi,
+        Self::EnterModuleOffEntry,
+        Self::ExecuteData,
+        Self::ControlRegister,
+        Self::DescriptorTable,
+        Self::GuardedMsr,
+        Self::CodeDigest,
+        Self::Hypercall,
+        Self::ModuleMsr,
+        Self::ModulePortIo,
+        Self::StartCpu,
+    ];
+
+    /// The name on console lines and in `/proc/ctvm_violations`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::WriteKernelText => "write-kernel-text",
+            Self::WriteReadOnlyData => "write-rodata",
+            Self::WriteSyscallTable => "write-syscall-table",
+            Self::WriteIdt => "write-idt",
+            Self::WriteModuleCode => "write-module-code",
+            Self::WriteProtectedData => "write-protected-data",
+            Self::CallNonEntry => "call-non-entry",
+            Self::CallDeniedApi => "call-denied-api",
+            Self::EnterModuleOffEntry => "enter-module-off-entry",
+            Self::ExecuteData => "execute-data",
+            Self::ControlRegister => "control-register",
+            Self::DescriptorTable => "descriptor-table",
+            Self::GuardedMsr => "guarded-msr",
+            Self::CodeDigest => "code-digest",
+            Self::Hypercall => "hypercall",
+            Self::ModuleMsr => "module-msr",
+            Self::ModulePortIo => "module-port-io",
+            Self::StartCpu => "start-cpu",
+        }
+    }
 }
 
 /// What the hypervisor did about a violation.
@@ -242,6 +311,11 @@ pub fn c_header() -> alloc::string::String {
         h,
         "struct ctvm_violation_record {{\n\t__u64 sequence;\n\t__u32 kind;\n\t__u32 module;\n\t__u64 rip;\n\t__u64 target;\n\t__u32 action;\n\t__u32 reserved;\n}};\n"
     );
+    let _ = write!(h, "static const char *const ctvm_violation_kinds[] = {{\n\t\"?\",");
+    for kind in ViolationKind::ALL {
+        let _ = write!(h, " \"{}\",", kind.name());
+    }
+    let _ = writeln!(h, "\n}};\n");
     for (c, size) in [
         ("struct ctvm_kernel_layout", size_of::<KernelLayout>()),
         ("struct ctvm_module_info", size_of::<ModuleInfo>()),
@@ -284,6 +358,23 @@ pub fn c_header() -> alloc::string::String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn violation_kinds_are_listed_in_code_order_with_distinct_names() {
+        for (i, kind) in ViolationKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i + 1, "{kind:?}");
+        }
+        for (i, a) in ViolationKind::ALL.iter().enumerate() {
+            assert!(ViolationKind::ALL[i + 1..].iter().all(|b| a.name() != b.name()), "{a:?}");
+        }
+    }
+
+    #[cfg(feature = "c-header")]
+    #[test]
+    fn the_agents_kind_names_are_generated() {
+        assert!(c_header().contains("\"?\", \"write-kernel-text\","));
+        assert!(c_header().contains(" \"start-cpu\","));
+    }
 
     #[test]
     fn structure_sizes_are_fixed() {

@@ -164,6 +164,13 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         }
     }
     let policy = trusted_module_policy(&boot.modules);
+    // The PCI devices' I/O ports, found before any guest can move them.
+    let pci_io = hypervisor::pci::io_ranges(&mut cpu::PortConfigSpace);
+    // This CPU's local APIC: its page, unless it runs in x2APIC mode.
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 processor.
+    let apic_base = unsafe { cpu::rdmsr(0x1b) };
+    let lapic = (apic_base & (1 << 10) == 0).then_some(apic_base & 0x000f_ffff_ffff_f000);
+    let apic_id = cpu::cpuid(1, 0).ebx >> 24;
     let machine = vmm::Machine {
         modules: &boot.modules,
         firmware_map: &boot.memory,
@@ -171,6 +178,9 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
         policy: &policy,
+        pci_io: &pci_io,
+        lapic,
+        apic_id,
     };
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");

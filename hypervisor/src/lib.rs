@@ -19,6 +19,7 @@ pub mod guest;
 pub mod integrity;
 pub mod mm;
 pub mod mmio;
+pub mod pci;
 pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]

@@ -89,6 +89,9 @@ pub enum Field {
     Cr4ReadShadow,
     Efer,
     Pat,
+    /// Loaded on entry, where the processor switches it (see
+    /// `Guest::perf_switched`).
+    PerfGlobalCtrl,
     FsBase,
     GsBase,
     SysenterCs,

@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::entropy::HardwarePlatform;
-use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrAccess, MsrBitmap};
+use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::Vmx;
 use crate::arch::x86_64::vmx::vcpu::{current, Bitmaps, Ept, Vcpu, VcpuSetup};
@@ -22,7 +22,7 @@ use crate::exits::{self, Action, ExitContext, StopReason};
 use crate::guest::config::{self, GuestConfig, GuestKind};
 use crate::guest::linux::{self, boot_data, e820, BzImage, E820Entry, LoadPlan};
 use crate::guest::memory::GuestMemory;
-use crate::guest::{loader, CrLimits, Guest, Platform, RunState};
+use crate::guest::{loader, CrLimits, Guest, Platform, PortSet, RunState};
 use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
@@ -48,6 +48,12 @@ pub struct Machine<'a> {
     pub vtpm_seed: Option<[u8; 32]>,
     /// The trusted-module digests (the `ctvm.policy` module).
     pub policy: &'a crate::integrity::policy::Policy,
+    /// The I/O ranges the PCI devices decode.
+    pub pci_io: &'a [(u16, u16)],
+    /// The local APIC's page, in xAPIC mode.
+    pub lapic: Option<u64>,
+    /// The APIC ID of the CPU the guests run on.
+    pub apic_id: u32,
 }
 
 /// A guest with its virtual CPU and memory.
@@ -59,6 +65,10 @@ pub struct Vm {
     /// One view per isolated module (MEPT).
     module_views: BTreeMap<u32, Ept>,
     bitmaps: Option<Bitmaps>,
+    /// The bitmaps of the module views: every port and MSR write exits.
+    module_bitmaps: Option<Bitmaps>,
+    /// DR0-DR3 and DR6 while another guest runs.
+    debug_registers: [u64; 5],
     /// RAM taken from the frame pool (native guests only).
     ram: Option<Region>,
 }
@@ -84,7 +94,16 @@ pub fn module_bytes(module: &Module) -> &'static [u8] {
 
 impl Vm {
     fn empty(guest: Guest) -> Vm {
-        Vm { guest, vcpu: None, ept: None, module_views: BTreeMap::new(), bitmaps: None, ram: None }
+        Vm {
+            guest,
+            vcpu: None,
+            ept: None,
+            module_views: BTreeMap::new(),
+            bitmaps: None,
+            module_bitmaps: None,
+            debug_registers: [0, 0, 0, 0, 0xffff_0ff0],
+            ram: None,
+        }
     }
 
     /// A native guest: RAM from the frame pool, emulated devices only.
@@ -164,7 +183,7 @@ impl Vm {
                 None
             }
         });
-        let platform = Platform::PassThrough { pm1a_control };
+        let platform = Platform::PassThrough { pm1a_control, lapic: machine.lapic };
         let mut trusted = Vec::new();
         for name in &config.trusted {
             let entry = machine.policy.get(name);
@@ -178,13 +197,15 @@ impl Vm {
             vm.guest.capabilities |= guest_agent::Capabilities::INTEGRITY;
         }
 
-        let ept = pass_through_ept(vmx, &map, machine.hypervisor_ranges)?;
-        let mut rsdp = None;
+        let ept = pass_through_ept(vmx, &map, machine.hypervisor_ranges, machine.lapic)?;
         if vm.guest.config.vtpm {
             let cmdline = vm.guest.config.args.clone();
             vm.attach_vtpm(machine.vtpm_seed, module_bytes(kernel), cmdline.as_bytes(), initrd.map(module_bytes))?;
-            rsdp = install_acpi(&vm.guest, machine.rsdp);
         }
+        let rsdp = install_acpi(&vm.guest, machine);
+        // Counters may count for the guest only where they are switched off on every exit.
+        let pmu_version = cpu::cpuid(0xa, 0).eax & 0xff;
+        vm.guest.perf_switched = vmx.controls.features.perf_global_ctrl && pmu_version >= 2;
         let plan = LoadPlan {
             image: &image,
             load_address,
@@ -203,22 +224,28 @@ impl Vm {
             ram.iter().map(Region::len).sum::<u64>() >> 20
         );
 
-        let mut io = IoBitmap::pass_all();
-        io.trap(exits::io_guarded_ports(pm1a_control));
-        let mut msr = MsrBitmap::pass_all();
-        for (index, read, write) in exits::msr_pass_through_traps() {
-            if read {
-                msr.trap(index, MsrAccess::Read);
-            }
-            if write {
-                msr.trap(index, MsrAccess::Write);
-            }
+        // Ports and MSRs by allow-list: the legacy devices the guest owns,
+        // ACPI's register blocks, the PCI devices' ports.
+        let mut allowed = PortSet::default();
+        let fadt = machine.rsdp.and_then(|rsdp| acpi::find_fadt(&Identity, rsdp).ok()).unwrap_or_default();
+        let ranges = exits::io::LEGACY_PASS
+            .iter()
+            .map(|&(first, last, _)| (first, last))
+            .chain(acpi::fadt_ports(&fadt))
+            .chain(machine.pci_io.iter().copied());
+        for (first, last) in ranges {
+            (first..=last).for_each(|p| allowed.insert(p));
         }
+        let (io, module_io) = exits::io::pass_through_bitmaps(&allowed, pm1a_control);
+        vm.guest.ports_passed = allowed;
+        let (msr, module_msr) = exits::msr::pass_through_bitmaps();
         let bitmaps = Bitmaps::new(&io, &msr).ok_or("no memory for bitmaps")?;
+        let module_bitmaps = Bitmaps::new(&module_io, &module_msr).ok_or("no memory for bitmaps")?;
         let setup = VcpuSetup { entry: &entry, bitmaps: &bitmaps, timeslice, pass_through: true };
         vm.vcpu = Some(Vcpu::new(vmx, &ept, &setup)?);
         vm.ept = Some(ept);
         vm.bitmaps = Some(bitmaps);
+        vm.module_bitmaps = Some(module_bitmaps);
         Ok(vm)
     }
 
@@ -249,6 +276,7 @@ impl Vm {
     fn tear_down(&mut self) {
         self.vcpu = None;
         self.bitmaps = None;
+        self.module_bitmaps = None;
         for (_, view) in core::mem::take(&mut self.module_views) {
             view.destroy();
         }
@@ -276,6 +304,9 @@ struct Views<'a> {
     kernel: &'a mut Ept,
     modules: &'a mut BTreeMap<u32, Ept>,
     bitmaps: &'a Bitmaps,
+    /// The module views' bitmaps (every port and MSR write exits), if the
+    /// guest has its own for them.
+    module_bitmaps: Option<&'a Bitmaps>,
 }
 
 impl Views<'_> {
@@ -291,6 +322,10 @@ impl GuestControl for Views<'_> {
     fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
         let eptp = self.view(view)?.pointer();
         current::set_eptp(eptp);
+        // The bitmaps go with the view: a module's traps every port and MSR write.
+        if let Some(module_bitmaps) = self.module_bitmaps {
+            current::set_bitmaps(if view == View::Kernel { self.bitmaps } else { module_bitmaps });
+        }
         Ok(())
     }
 
@@ -359,35 +394,53 @@ impl GuestControl for Views<'_> {
     }
 }
 
-/// Writes the ACPI overlay (TCPA with the event log, SSDT with the TPM
-/// device, new RSDP/RSDT/XSDT listing the firmware's tables too) into the
-/// boot data area; returns the new RSDP's address. Without firmware ACPI
-/// tables the guest still finds the TPM with `tpm_tis.force=1`.
-fn install_acpi(guest: &Guest, firmware_rsdp: Option<&[u8]>) -> Option<u64> {
-    let vtpm = guest.vtpm.as_ref()?;
-    let Some(rsdp) = firmware_rsdp.and_then(|b| acpi::Rsdp::parse(b).ok()) else {
-        warn!("guest {}: no firmware RSDP: the vTPM is not described in ACPI", guest.name());
+/// Writes the pass-through guest's ACPI overlay into the boot data area: a
+/// MADT listing only the guest's CPU, and with a vTPM a TCPA table with the
+/// event log and an SSDT with the TPM device; a new RSDP, RSDT and XSDT list
+/// them with the firmware's other tables. Returns the new RSDP's address.
+/// Without firmware ACPI tables the guest still finds the TPM with
+/// `tpm_tis.force=1`.
+fn install_acpi(guest: &Guest, machine: &Machine<'_>) -> Option<u64> {
+    let Some(rsdp) = machine.rsdp.and_then(|b| acpi::Rsdp::parse(b).ok()) else {
+        warn!("guest {}: no firmware RSDP: its ACPI tables are the firmware's, or none", guest.name());
         return None;
     };
-    let tables: Vec<u64> = match acpi::tables(&Identity, &rsdp) {
-        Ok(t) => t.iter().map(|t| t.address).collect(),
+    let firmware = match acpi::tables(&Identity, &rsdp) {
+        Ok(t) => t,
         Err(e) => {
-            warn!("guest {}: firmware ACPI tables unreadable ({e:?}): the vTPM is not described", guest.name());
+            warn!("guest {}: firmware ACPI tables unreadable ({e:?}): they are left as they are", guest.name());
             return None;
         }
     };
+    let mut tables = Vec::new();
+    let madt = firmware.iter().find(|t| &t.signature == b"APIC");
+    match madt.and_then(|t| acpi::read_table(&Identity, t.address).ok()) {
+        Some(bytes) => match acpi::build::madt_for(&bytes, &[machine.apic_id]) {
+            Some(madt) => tables.push(madt),
+            None => warn!("guest {}: the firmware's MADT is malformed: it sees every CPU", guest.name()),
+        },
+        None => warn!("guest {}: no firmware MADT to narrow to its CPU", guest.name()),
+    }
     let area = (boot_data::EVENT_LOG - boot_data::ACPI) as usize;
     let log_area = (boot_data::END - boot_data::EVENT_LOG) as u32;
-    let tis = (TIS_WINDOW.start as u32, TIS_WINDOW.len() as u32);
-    let (bytes, overlay) = acpi::build::overlay(boot_data::ACPI, area, &tables, (boot_data::EVENT_LOG, log_area), tis)?;
-    let log = vtpm.log.as_bytes();
-    let ok = guest.memory.write(&Identity, boot_data::ACPI, &bytes).is_ok()
-        && guest.memory.write(&Identity, boot_data::EVENT_LOG, log).is_ok()
-        && guest
-            .memory
-            .zero(&Identity, boot_data::EVENT_LOG + log.len() as u64, u64::from(log_area) - log.len() as u64)
-            .is_ok();
-    ok.then_some(overlay.rsdp)
+    if let Some(vtpm) = guest.vtpm.as_ref() {
+        tables.push(acpi::build::tcpa(boot_data::EVENT_LOG, log_area));
+        tables.push(acpi::build::ssdt_tpm(TIS_WINDOW.start as u32, TIS_WINDOW.len() as u32));
+        let log = vtpm.log.as_bytes();
+        let ok = guest.memory.write(&Identity, boot_data::EVENT_LOG, log).is_ok()
+            && guest
+                .memory
+                .zero(&Identity, boot_data::EVENT_LOG + log.len() as u64, u64::from(log_area) - log.len() as u64)
+                .is_ok();
+        if !ok {
+            warn!("guest {}: the event log does not fit its area", guest.name());
+            return None;
+        }
+    }
+    let listed: Vec<(u64, [u8; 4])> = firmware.iter().map(|t| (t.address, t.signature)).collect();
+    let (bytes, overlay) = acpi::build::overlay(boot_data::ACPI, area, &listed, &tables)?;
+    guest.memory.write(&Identity, boot_data::ACPI, &bytes).ok()?;
+    Some(overlay.rsdp)
 }
 
 /// Whole pages covering `r`.
@@ -403,7 +456,7 @@ fn shrink(r: Region) -> Region {
 /// The identity EPT of a pass-through guest: everything up to the top of
 /// RAM (at least 4 GiB, for MMIO) uncacheable, RAM and ACPI memory
 /// write-back, minus the hypervisor's memory and the TIS window.
-fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region]) -> Result<Ept, String> {
+fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region], lapic: Option<u64>) -> Result<Ept, String> {
     let mut ept = Ept::new(vmx).ok_or("no memory for EPT tables")?;
     let top = map.iter().map(|e| e.region.end).max().unwrap_or(0).max(4 << 30).next_multiple_of(1 << 30);
     let fail = |e| format!("EPT mapping failed: {e:?}");
@@ -419,6 +472,10 @@ fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region]) -> Resu
     for &r in hypervisor.iter().chain(core::iter::once(&TIS_WINDOW)) {
         let r = widen(r);
         ept.unmap(r.start, r.len()).map_err(fail)?;
+    }
+    // The local APIC read-only: its writes are checked (no INIT or start-up IPI).
+    if let Some(page) = lapic {
+        ept.protect(page, PAGE_SIZE, Perms::READ).map_err(fail)?;
     }
     Ok(ept)
 }
@@ -484,7 +541,11 @@ const TIMESLICE_TICKS: u32 = 10_000_000;
 
 /// Runs every guest until all have stopped.
 pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
-    let host = HostCpu;
+    let lapic = vms.iter().find_map(|vm| match vm.guest.platform {
+        Platform::PassThrough { lapic, .. } => lapic,
+        Platform::Emulated => None,
+    });
+    let host = HostCpu { xcr0_offered: vmx.xcr0_offered, lapic: lapic.unwrap_or(0xfee0_0000) };
     let mut current: Option<usize> = None;
     let mut next = 0;
     while let Some(i) = (0..vms.len()).map(|k| (next + k) % vms.len()).find(|&k| vms[k].guest.is_running()) {
@@ -505,9 +566,13 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 break Action::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
             }
             let mut views = match (&vm.guest.integrity, vm.ept.as_mut(), vm.bitmaps.as_ref()) {
-                (Some(_), Some(kernel), Some(bitmaps)) => {
-                    Some(Views { vmx, kernel, modules: &mut vm.module_views, bitmaps })
-                }
+                (Some(_), Some(kernel), Some(bitmaps)) => Some(Views {
+                    vmx,
+                    kernel,
+                    modules: &mut vm.module_views,
+                    bitmaps,
+                    module_bitmaps: vm.module_bitmaps.as_ref(),
+                }),
                 _ => None,
             };
             let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
@@ -537,6 +602,7 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
 fn switch_away(vmx: &Vmx, vm: &mut Vm) {
     let Some(vcpu) = vm.vcpu.as_mut() else { return };
     vcpu.save_extended_state(vmx);
+    vm.debug_registers = cpu::read_debug_registers();
     let s = &mut vm.guest.msrs;
     for (msr, slot) in SHADOWED_MSRS.into_iter().zip([
         &mut s.star,
@@ -557,6 +623,7 @@ fn switch_to(vmx: &Vmx, vm: &mut Vm) {
     let vcpu = vm.vcpu.as_mut().expect("running guests have a vCPU");
     vcpu.load();
     vcpu.restore_extended_state(vmx, xcr0);
+    cpu::write_debug_registers(vm.debug_registers);
     let values = [msrs.star, msrs.lstar, msrs.cstar, msrs.sfmask, msrs.kernel_gs_base, msrs.tsc_aux];
     for (msr, value) in SHADOWED_MSRS.into_iter().zip(values) {
         // SAFETY: architectural syscall MSRs; the hypervisor does not use them.
@@ -574,6 +641,9 @@ pub fn report(vms: &[Vm]) {
             info!("    {reason:>3} {name:<28} {count:>10}   {mean:>8} ticks each");
         }
         info!("  total {} {}", vm.guest.name(), vm.guest.exits.total());
+        for (kind, count) in vm.guest.refusals.seen() {
+            info!("  refused {}: {kind} {count}", vm.guest.name());
+        }
         if let Some(i) = &vm.guest.integrity {
             let s = i.engine.stats;
             info!(

@@ -39,19 +39,26 @@ impl AcpiHandler for Memory {
 /// The overlay plus one stand-in firmware table, in a buffer.
 fn guest_memory() -> (Memory, build::Overlay, Vec<u8>) {
     let mut mem = vec![0u8; 0x1_0000];
-    // A firmware table (an APIC-signature table with a valid checksum).
+    // The firmware's MADT: two processors (APIC IDs 0 and 1) and an IOAPIC.
     let mut apic = b"APIC".to_vec();
-    apic.extend_from_slice(&44u32.to_le_bytes());
-    apic.extend_from_slice(&[1, 0]);
+    apic.extend_from_slice(&0u32.to_le_bytes());
+    apic.extend_from_slice(&[3, 0]);
     apic.extend_from_slice(b"BOCHS BXPCAPIC");
-    apic.extend_from_slice(&[0; 22]);
-    apic.truncate(44);
+    apic.extend_from_slice(&[0; 12]);
+    apic.extend_from_slice(&[0, 0, 0xe0, 0xfe, 1, 0, 0, 0]);
+    apic.extend_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+    apic.extend_from_slice(&[0, 8, 1, 1, 1, 0, 0, 0]);
+    apic.extend_from_slice(&[1, 12, 2, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]);
+    let len = apic.len() as u32;
+    apic[4..8].copy_from_slice(&len.to_le_bytes());
     let sum = apic.iter().fold(0u8, |a, &b| a.wrapping_add(b));
     apic[9] = 0u8.wrapping_sub(sum);
     let at = (FIRMWARE_TABLE - 0x7_0000) as usize;
     mem[at..at + apic.len()].copy_from_slice(&apic);
-    let (bytes, overlay) =
-        build::overlay(BASE, 0x3000, &[FIRMWARE_TABLE], (0x7_c000, 0x4000), (0xfed4_0000, 0x5000)).unwrap();
+    // The guest's: its one CPU, and its vTPM.
+    let tables =
+        [build::madt_for(&apic, &[0]).unwrap(), build::tcpa(0x7_c000, 0x4000), build::ssdt_tpm(0xfed4_0000, 0x5000)];
+    let (bytes, overlay) = build::overlay(BASE, 0x3000, &[(FIRMWARE_TABLE, *b"APIC")], &tables).unwrap();
     let at = (BASE - 0x7_0000) as usize;
     mem[at..at + bytes.len()].copy_from_slice(&bytes);
     let ssdt_at = bytes.windows(4).position(|w| w == b"SSDT").unwrap();
@@ -69,6 +76,21 @@ fn the_acpi_crate_walks_the_overlay() {
     let mut names: Vec<String> = tables.headers().map(|h| h.signature.as_str().to_string()).collect();
     names.sort();
     assert_eq!(names, ["APIC", "SSDT", "TCPA"]);
+    // The MADT the guest finds lists its one processor and the IOAPIC.
+    let madt = tables.find_table::<acpi::madt::Madt>().expect("a MADT");
+    assert_ne!(madt.physical_start(), FIRMWARE_TABLE as usize, "the guest's MADT, not the firmware's");
+    let (mut cpus, mut ioapics) = (0, 0);
+    for entry in madt.get().entries() {
+        match entry {
+            acpi::madt::MadtEntry::LocalApic(e) => {
+                assert_eq!(e.apic_id, 0);
+                cpus += 1;
+            }
+            acpi::madt::MadtEntry::IoApic(_) => ioapics += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((cpus, ioapics), (1, 1));
     let ssdts: Vec<_> = tables.ssdts().collect();
     assert_eq!(ssdts.len(), 1);
     assert!(ssdts[0].length > 20, "the SSDT carries AML");

@@ -25,7 +25,7 @@ pub fn linux_boot() -> Result<(), Fail> {
     let mut rows = Vec::new();
     for (name, iso) in [("bare", &bare), ("ctvm", &ctvm)] {
         println!("xtask: bench: booting Linux {name}");
-        let out = emulator::boot(Emulator::Bochs, iso, &format!("bench-{name}"), 1024, timeout, Some(MARKER))?;
+        let out = emulator::boot(Emulator::Bochs, iso, &format!("bench-{name}"), (1024, 1), timeout, Some(MARKER))?;
         let at =
             out.marker_at.ok_or_else(|| Fail(format!("{name}: no {MARKER:?} line; logs in {}", out.dir.display())))?;
         rows.push((name, at, out.elapsed, exits(&out.serial)));
@@ -64,10 +64,10 @@ pub fn integrity() -> Result<(), Fail> {
         let modules = scenarios::modules_for(&[spec], &bins)?;
         let iso = image::make_iso(&name, &bins.hypervisor, "exit=bochs", &modules)?;
         println!("xtask: bench: {mode}, {loops} rounds");
-        let out = emulator::boot(Emulator::Bochs, &iso, &name, 1024, timeout, None)?;
+        let out = emulator::boot(Emulator::Bochs, &iso, &name, (1024, 1), timeout, None)?;
         let prefix = format!("ctvm-init: bench {mode}: {loops} rounds of snprintf/kstrtoint/strlen, 0 wrong, ");
-        let ns = out
-            .serial
+        let guest = out.guest("linux");
+        let ns = guest
             .lines()
             .find_map(|l| l.strip_prefix(prefix.as_str())?.split(' ').next()?.parse::<u64>().ok())
             .ok_or_else(|| Fail(format!("{name}: no result line; logs in {}", out.dir.display())))?;
@@ -79,7 +79,7 @@ pub fn integrity() -> Result<(), Fail> {
         rows.push((mode, loops, ns, exits(&out.serial).unwrap_or(0), switches));
         let marker = format!("ctvm-init: bench {mode} workload ");
         workloads.push(
-            out.serial
+            guest
                 .lines()
                 .filter_map(|l| {
                     let (name, us) = l.strip_prefix(marker.as_str())?.split_once(": ")?;
@@ -128,9 +128,9 @@ pub fn ima() -> Result<(), Fail> {
         let run = format!("bench-{name}");
         let iso = image::make_iso(&run, &bins.hypervisor, "exit=bochs", &modules)?;
         println!("xtask: bench: {name}");
-        let out = emulator::boot(Emulator::Bochs, &iso, &run, 1024, Duration::from_secs(600), None)?;
-        let line = out
-            .serial
+        let out = emulator::boot(Emulator::Bochs, &iso, &run, (1024, 1), Duration::from_secs(600), None)?;
+        let guest = out.guest("linux");
+        let line = guest
             .lines()
             .find_map(|l| l.strip_prefix("ctvm-init: tpm tests done: "))
             .ok_or_else(|| Fail(format!("{run}: no summary line; logs in {}", out.dir.display())))?;
@@ -139,8 +139,7 @@ pub fn ima() -> Result<(), Fail> {
         let [measurements, uptime] = numbers[..] else {
             return Err(Fail(format!("{run}: cannot read {line:?}")));
         };
-        let read_us = out
-            .serial
+        let read_us = guest
             .lines()
             .find_map(|l| {
                 l.strip_prefix("ctvm-init: read ")?.split(" in ").nth(1)?.strip_suffix(" us")?.parse::<f64>().ok()
@@ -179,7 +178,7 @@ pub fn exits_cost() -> Result<(), Fail> {
     };
     let modules = scenarios::modules_for(&[spec], &bins)?;
     let iso = image::make_iso("bench-exits", &bins.hypervisor, "exit=bochs", &modules)?;
-    let out = emulator::boot(Emulator::Bochs, &iso, "bench-exits", 256, Duration::from_secs(300), None)?;
+    let out = emulator::boot(Emulator::Bochs, &iso, "bench-exits", (256, 1), Duration::from_secs(300), None)?;
     let lines: Vec<&str> = out.serial.lines().filter_map(|l| l.strip_prefix("[alpha] cost ")).collect();
     if lines.len() < 5 || !out.serial.contains("[alpha] all checks passed") {
         return Err(Fail(format!("the cost test did not complete; logs in {}", out.dir.display())));

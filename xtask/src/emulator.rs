@@ -67,6 +67,63 @@ fn kvm_offers_vmx() -> bool {
     kvm && vmx && nested
 }
 
+/// Who wrote a console line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The hypervisor: lines starting with `ctvm:`, which no guest can write.
+    Hypervisor,
+    /// A guest: lines the hypervisor prefixed with `[name] `.
+    Guest(String),
+    /// The firmware and the boot loader, before the hypervisor runs.
+    Other,
+}
+
+/// One line of the console, a guest's pieces joined again where the
+/// hypervisor's own lines cut it (its continuation lines start `[name]+ `).
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub source: Source,
+    pub text: String,
+}
+
+impl Line {
+    /// The line as the console showed it (a guest's with its prefix).
+    pub fn shown(&self) -> String {
+        match &self.source {
+            Source::Guest(name) => format!("[{name}] {}", self.text),
+            _ => self.text.clone(),
+        }
+    }
+}
+
+/// Splits a console log into lines by who wrote them.
+pub fn lines(serial: &str) -> Vec<Line> {
+    let mut out: Vec<Line> = Vec::new();
+    for raw in serial.lines() {
+        let guest = raw.strip_prefix('[').and_then(|r| {
+            let (name, rest) = r.split_once(']')?;
+            let (continued, text) = match rest.strip_prefix("+ ") {
+                Some(text) => (true, text),
+                None => (false, rest.strip_prefix(' ').unwrap_or(rest)),
+            };
+            (!name.is_empty() && !name.contains(' ')).then(|| (name.to_string(), continued, text))
+        });
+        match guest {
+            Some((name, true, text)) => {
+                let source = Source::Guest(name.clone());
+                match out.iter_mut().rev().find(|l| l.source == source) {
+                    Some(previous) => previous.text.push_str(text),
+                    None => out.push(Line { source, text: text.to_string() }),
+                }
+            }
+            Some((name, false, text)) => out.push(Line { source: Source::Guest(name), text: text.to_string() }),
+            None if raw.starts_with("ctvm:") => out.push(Line { source: Source::Hypervisor, text: raw.to_string() }),
+            None => out.push(Line { source: Source::Other, text: raw.to_string() }),
+        }
+    }
+    out
+}
+
 /// The result of one emulator run.
 pub struct RunOutput {
     pub serial: String,
@@ -78,6 +135,33 @@ pub struct RunOutput {
     pub dir: PathBuf,
 }
 
+impl RunOutput {
+    pub fn lines(&self) -> Vec<Line> {
+        lines(&self.serial)
+    }
+
+    /// What a guest wrote on its console, one line per line it wrote.
+    pub fn guest(&self, name: &str) -> String {
+        let source = Source::Guest(name.to_string());
+        let mut text = String::new();
+        for l in self.lines().into_iter().filter(|l| l.source == source) {
+            text.push_str(&l.text);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// The hypervisor's own lines.
+    pub fn hypervisor(&self) -> String {
+        let mut text = String::new();
+        for l in self.lines().into_iter().filter(|l| l.source == Source::Hypervisor) {
+            text.push_str(&l.text);
+            text.push('\n');
+        }
+        text
+    }
+}
+
 const BOCHS_DBG_RC: &str = "continue\nquit\n";
 
 /// Where Bochs' COM1 goes: a file (tests), or a TCP socket xtask bridges to
@@ -87,14 +171,14 @@ enum Com1<'a> {
     Socket(u16),
 }
 
-fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, megs: u32) -> String {
+fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, (megs, cpus): (u32, u32)) -> String {
     let com1 = match com1 {
         Com1::File(path) => format!("mode=file, dev={}", path.display()),
         Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
     };
     format!(
         "megs: {megs}\n\
-         cpu: model=corei7_skylake_x, count=1, ips=200000000, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips=200000000, quantum=16, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
          ata0-master: type=cdrom, path={}, status=inserted\n\
@@ -116,7 +200,7 @@ pub fn boot(
     emulator: Emulator,
     iso: &Path,
     run_name: &str,
-    megs: u32,
+    (megs, cpus): (u32, u32),
     timeout: Duration,
     marker: Option<&str>,
 ) -> Result<RunOutput, Fail> {
@@ -130,7 +214,7 @@ pub fn boot(
     let mut child = match emulator {
         Emulator::Bochs => {
             let rc = dir.join("bochsrc");
-            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, megs))?;
+            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, (megs, cpus)))?;
             fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
             Command::new("bochs")
                 .current_dir(&dir)
@@ -145,6 +229,8 @@ pub fn boot(
             .current_dir(&dir)
             .args(["-enable-kvm", "-cpu", "host", "-m"])
             .arg(megs.to_string())
+            .arg("-smp")
+            .arg(cpus.to_string())
             .arg("-cdrom")
             .arg(iso)
             .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
@@ -223,7 +309,10 @@ pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> 
     }
     println!("xtask: booting under Bochs (VT-x emulated; no usable KVM here). Ctrl-] quits.");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    fs::write(dir.join("bochsrc"), bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), scenario.megs))?;
+    fs::write(
+        dir.join("bochsrc"),
+        bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), (scenario.megs, scenario.cpus)),
+    )?;
     fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
     let mut child = Command::new("bochs")
         .current_dir(&dir)

@@ -100,6 +100,27 @@ fn ensure_packages(missing: &[&str]) -> Result<(), Fail> {
         .args(missing))
 }
 
+/// Makes sure apt knows Debian's package lists (a fresh root may have none):
+/// the Linux guest's kernel and headers are found through them.
+pub fn ensure_apt_lists(probe: &str) -> Result<(), Fail> {
+    let known = || Command::new("apt-cache").args(["show", probe]).output().is_ok_and(|o| o.status.success());
+    if known() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(Fail(format!("apt knows no {probe}; update its package lists with:\n    sudo apt-get update")));
+    }
+    println!("xtask: apt knows no {probe}: updating its package lists");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    if known() {
+        Ok(())
+    } else {
+        Err(Fail(format!(
+            "apt knows no {probe} even after apt-get update: is a bookworm (or newer) mirror configured?"
+        )))
+    }
+}
+
 /// Adds the bare-metal target to the pinned toolchain if it is missing
 /// (rustup does not, with RUSTUP_AUTO_INSTALL=0).
 pub fn ensure_bare_target() -> Result<(), Fail> {

@@ -120,16 +120,12 @@ pub struct Overlay {
     pub rsdp: u64,
 }
 
-/// Lays out a new RSDP, RSDT, XSDT, TCPA and SSDT at `base` (fitting in
-/// `len` bytes): the firmware's tables `firmware` stay where they are and
-/// are listed first. Returns the bytes to write at `base` and the RSDP address.
-pub fn overlay(
-    base: u64,
-    len: usize,
-    firmware: &[u64],
-    log: (u64, u32),
-    tis: (u32, u32),
-) -> Option<(Vec<u8>, Overlay)> {
+/// Lays out the hypervisor's tables and a new RSDP, RSDT and XSDT at `base`
+/// (fitting in `len` bytes). The firmware's tables (`(address, signature)`)
+/// stay where they are and are listed first, except those a new table of
+/// the same signature replaces (the MADT); the other new tables follow.
+/// Returns the bytes to write at `base` and the RSDP address.
+pub fn overlay(base: u64, len: usize, firmware: &[(u64, [u8; 4])], tables: &[Vec<u8>]) -> Option<(Vec<u8>, Overlay)> {
     let mut out = Vec::new();
     let place = |out: &mut Vec<u8>, bytes: &[u8]| -> u64 {
         while !out.len().is_multiple_of(16) {
@@ -139,15 +135,95 @@ pub fn overlay(
         out.extend_from_slice(bytes);
         at
     };
-    let tcpa_at = place(&mut out, &tcpa(log.0, log.1));
-    let ssdt_at = place(&mut out, &ssdt_tpm(tis.0, tis.1));
-    let mut entries: Vec<u64> = firmware.to_vec();
-    entries.extend([tcpa_at, ssdt_at]);
-    let narrow: Option<Vec<u32>> = entries.iter().map(|&e| u32::try_from(e).ok()).collect();
+    let mut entries: Vec<(u64, [u8; 4])> = firmware.to_vec();
+    for t in tables {
+        let signature: [u8; 4] = t.get(..4)?.try_into().ok()?;
+        let at = place(&mut out, t);
+        match entries.iter_mut().find(|(_, s)| *s == signature) {
+            Some(entry) => entry.0 = at,
+            None => entries.push((at, signature)),
+        }
+    }
+    let addresses: Vec<u64> = entries.iter().map(|e| e.0).collect();
+    let narrow: Option<Vec<u32>> = addresses.iter().map(|&e| u32::try_from(e).ok()).collect();
     let rsdt_at = place(&mut out, &rsdt(&narrow?));
-    let xsdt_at = place(&mut out, &xsdt(&entries));
+    let xsdt_at = place(&mut out, &xsdt(&addresses));
     let rsdp_at = place(&mut out, &rsdp(u32::try_from(rsdt_at).ok()?, xsdt_at));
     (out.len() <= len).then_some((out, Overlay { rsdp: rsdp_at }))
+}
+
+/// MADT entry types.
+mod madt {
+    pub const LOCAL_APIC: u8 = 0;
+    pub const LOCAL_APIC_NMI: u8 = 4;
+    pub const LOCAL_X2APIC: u8 = 9;
+    pub const LOCAL_X2APIC_NMI: u8 = 0xa;
+    /// The processor UID that means "all processors" in the NMI entries.
+    pub const ALL_PROCESSORS: u32 = 0xff;
+    pub const ALL_X2_PROCESSORS: u32 = 0xffff_ffff;
+}
+
+/// The firmware's MADT with only the processors whose APIC IDs are in
+/// `apic_ids`: the guest sees, and starts, exactly the CPUs it is given.
+/// The interrupt controllers, overrides and the other entries stay as the
+/// firmware wrote them. `None` if the table is malformed.
+pub fn madt_for(firmware: &[u8], apic_ids: &[u32]) -> Option<Vec<u8>> {
+    let length = u32::from_le_bytes(firmware.get(4..8)?.try_into().ok()?) as usize;
+    if length < 44 || length > firmware.len() || &firmware[..4] != b"APIC" {
+        return None;
+    }
+    let mut kept_uids = Vec::new();
+    let mut entries = Vec::new();
+    let mut at = 44;
+    while at < length {
+        let (kind, size) = (*firmware.get(at)?, usize::from(*firmware.get(at + 1)?));
+        let entry = firmware.get(at..at + size).filter(|_| size >= 2 && at + size <= length)?;
+        let u32_at = |o: usize| entry.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+        let keep = match kind {
+            madt::LOCAL_APIC => {
+                let (uid, id) = (u32::from(*entry.get(2)?), u32::from(*entry.get(3)?));
+                let keep = apic_ids.contains(&id);
+                if keep {
+                    kept_uids.push(uid);
+                }
+                keep
+            }
+            madt::LOCAL_X2APIC => {
+                let (id, uid) = (u32_at(4)?, u32_at(12)?);
+                let keep = apic_ids.contains(&id);
+                if keep {
+                    kept_uids.push(uid);
+                }
+                keep
+            }
+            _ => true,
+        };
+        if keep {
+            entries.push((kind, entry));
+        }
+        at += size;
+    }
+    // NMI wiring for processors that are gone goes too.
+    entries.retain(|(kind, entry)| match *kind {
+        madt::LOCAL_APIC_NMI => {
+            let uid = u32::from(entry.get(2).copied().unwrap_or(0));
+            uid == madt::ALL_PROCESSORS || kept_uids.contains(&uid)
+        }
+        madt::LOCAL_X2APIC_NMI => {
+            let uid = entry.get(4..8).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
+            uid == madt::ALL_X2_PROCESSORS || kept_uids.contains(&uid)
+        }
+        _ => true,
+    });
+    let mut t = firmware[..44].to_vec();
+    for (_, entry) in entries {
+        t.extend_from_slice(entry);
+    }
+    let len = t.len() as u32;
+    t[4..8].copy_from_slice(&len.to_le_bytes());
+    t[9] = 0;
+    t[9] = 0u8.wrapping_sub(checksum(&t));
+    Some(t)
 }
 
 #[cfg(test)]
@@ -186,10 +262,14 @@ mod tests {
         assert!(aml.windows(4).any(|w| w == 0xfed4_0000u32.to_le_bytes()));
     }
 
+    fn tpm_tables() -> Vec<Vec<u8>> {
+        alloc::vec![tcpa(0x7c000, 0x4000), ssdt_tpm(0xfed4_0000, 0x5000)]
+    }
+
     #[test]
     fn overlay_lists_firmware_tables_first_and_fits() {
-        let (bytes, o) =
-            overlay(0x79000, 0x3000, &[0x3fff_0000, 0x3fff_1000], (0x7c000, 0x4000), (0xfed4_0000, 0x5000)).unwrap();
+        let firmware = [(0x3fff_0000, *b"FACP"), (0x3fff_1000, *b"APIC")];
+        let (bytes, o) = overlay(0x79000, 0x3000, &firmware, &tpm_tables()).unwrap();
         let at = (o.rsdp - 0x79000) as usize;
         let r = Rsdp::parse(&bytes[at..]).unwrap();
         let xsdt_at = (r.xsdt.unwrap() - 0x79000) as usize;
@@ -199,6 +279,58 @@ mod tests {
         assert_eq!(entries[..2], [0x3fff_0000, 0x3fff_1000]);
         assert_eq!(&bytes[(entries[2] - 0x79000) as usize..][..4], b"TCPA");
         assert_eq!(&bytes[(entries[3] - 0x79000) as usize..][..4], b"SSDT");
-        assert!(overlay(0x79000, 64, &[], (0, 0), (0, 0)).is_none(), "too small an area is refused");
+        assert!(overlay(0x79000, 64, &[], &tpm_tables()).is_none(), "too small an area is refused");
+        // A new MADT takes the firmware's place in the lists.
+        let mut tables = tpm_tables();
+        tables.push(table(b"APIC", 4, &[0; 8]));
+        let (bytes, o) = overlay(0x79000, 0x3000, &firmware, &tables).unwrap();
+        let r = Rsdp::parse(&bytes[(o.rsdp - 0x79000) as usize..]).unwrap();
+        let xsdt_at = (r.xsdt.unwrap() - 0x79000) as usize;
+        let entries: Vec<u64> = bytes[xsdt_at + 36..xsdt_at + 36 + 32]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(entries[0], 0x3fff_0000);
+        assert_eq!(&bytes[(entries[1] - 0x79000) as usize..][..4], b"APIC", "in the firmware MADT's place");
+        assert_eq!(entries.len(), 4);
+    }
+
+    /// Bochs' MADT with two processors: LAPICs (UID 0, ID 0) and (UID 1,
+    /// ID 1), an IOAPIC, an override, LAPIC NMIs for UID 0xff and UID 1.
+    fn two_cpu_madt() -> Vec<u8> {
+        let mut body = alloc::vec![0, 0, 0xe0, 0xfe, 1, 0, 0, 0];
+        body.extend_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+        body.extend_from_slice(&[0, 8, 1, 1, 1, 0, 0, 0]);
+        body.extend_from_slice(&[1, 12, 2, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]);
+        body.extend_from_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&[4, 6, 0xff, 5, 0, 1]);
+        body.extend_from_slice(&[4, 6, 1, 5, 0, 1]);
+        table(b"APIC", 3, &body)
+    }
+
+    #[test]
+    fn the_madt_lists_only_the_guests_cpus() {
+        let fw = two_cpu_madt();
+        let t = madt_for(&fw, &[0]).unwrap();
+        assert_eq!(checksum(&t), 0);
+        assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+        let entries = &t[44..];
+        // One LAPIC (ID 0), the IOAPIC, the override and the all-processor NMI.
+        assert_eq!(
+            entries,
+            &[
+                0, 8, 0, 0, 1, 0, 0, 0, 1, 12, 2, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0, 2, 10, 0, 0, 2, 0, 0, 0, 0, 0, 4, 6,
+                0xff, 5, 0, 1,
+            ][..]
+        );
+        assert_eq!(&t[..36][10..], &fw[..36][10..], "the firmware's header (OEM ...) stays");
+        // Malformed: an entry running past the table, a zero-sized entry.
+        let mut bad = fw.clone();
+        bad[44 + 9] = 200;
+        assert_eq!(madt_for(&bad, &[0]), None);
+        let mut bad = fw.clone();
+        bad[44 + 9] = 0;
+        assert_eq!(madt_for(&bad, &[0]), None);
+        assert_eq!(madt_for(&fw[..40], &[0]), None);
     }
 }

@@ -132,14 +132,60 @@ pub fn pm1a_control_port(fadt: &[u8]) -> Option<u16> {
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
-/// Finds the FADT through the RSDP copy GRUB handed over, and returns its
-/// PM1a control port.
-pub fn find_pm1a_control_port(phys: &impl HostPhys, rsdp_bytes: &[u8]) -> Result<u16, AcpiError> {
+/// The FADT's I/O ports, as (first port, last port): the SMI command port,
+/// then the register blocks PM1a/b event and control, PM2 control, the PM
+/// timer, GPE0 and GPE1 (the 32-bit fields, or their `X_` forms when those
+/// name ports). The pass-through guest's ACPI driver reaches them directly.
+pub fn fadt_ports(fadt: &[u8]) -> Vec<(u16, u16)> {
+    // (32-bit block field, its length field, the X_ generic address).
+    const BLOCKS: [(usize, usize, usize); 8] = [
+        (56, 88, 148), // PM1a_EVT
+        (60, 88, 160), // PM1b_EVT
+        (64, 89, 172), // PM1a_CNT
+        (68, 89, 184), // PM1b_CNT
+        (72, 90, 196), // PM2_CNT
+        (76, 91, 208), // PM_TMR
+        (80, 92, 220), // GPE0
+        (84, 93, 232), // GPE1
+    ];
+    const SMI_CMD: usize = 48;
+    let mut out = Vec::new();
+    // The SMI command port: where the OS asks the firmware to hand ACPI over.
+    if let Some(b) = fadt.get(SMI_CMD..SMI_CMD + 4) {
+        if let Ok(port) = u16::try_from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) {
+            if port != 0 {
+                out.push((port, port));
+            }
+        }
+    }
+    for (field, len_field, x_field) in BLOCKS {
+        let Some(&len) = fadt.get(len_field) else { continue };
+        let x = fadt.get(x_field..x_field + 12).and_then(|g| {
+            let address = u64::from_le_bytes(g[4..12].try_into().ok()?);
+            (g[0] == 1 && address != 0).then_some(address)
+        });
+        let legacy = fadt.get(field..field + 4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        let Some(base) = x.or(legacy.filter(|&p| p != 0)) else { continue };
+        let (Ok(first), true) = (u16::try_from(base), len > 0) else { continue };
+        if let Some(last) = first.checked_add(u16::from(len) - 1) {
+            out.push((first, last));
+        }
+    }
+    out
+}
+
+/// Finds the FADT through the RSDP copy GRUB handed over.
+pub fn find_fadt(phys: &impl HostPhys, rsdp_bytes: &[u8]) -> Result<Vec<u8>, AcpiError> {
     let rsdp = Rsdp::parse(rsdp_bytes)?;
     let facp =
         tables(phys, &rsdp)?.into_iter().find(|t| &t.signature == b"FACP").ok_or(AcpiError::NotFound(*b"FACP"))?;
-    let fadt = read_table(phys, facp.address)?;
-    pm1a_control_port(&fadt).ok_or(AcpiError::NotFound(*b"FACP"))
+    read_table(phys, facp.address)
+}
+
+/// Finds the FADT through the RSDP copy GRUB handed over, and returns its
+/// PM1a control port.
+pub fn find_pm1a_control_port(phys: &impl HostPhys, rsdp_bytes: &[u8]) -> Result<u16, AcpiError> {
+    pm1a_control_port(&find_fadt(phys, rsdp_bytes)?).ok_or(AcpiError::NotFound(*b"FACP"))
 }
 
 #[cfg(test)]
@@ -195,6 +241,33 @@ pub mod tests {
         xsdt_body.extend_from_slice(&0x3000u64.to_le_bytes());
         put_table(&phys, 0x4000, b"XSDT", &xsdt_body);
         assert_eq!(find_pm1a_control_port(&phys, &rsdp(0x1000, Some(0x4000))), Ok(0xb004));
+    }
+
+    #[test]
+    fn fadt_port_blocks() {
+        // Bochs' PIIX4: PM1a_EVT 0xb000 (4), PM1a_CNT 0xb004 (2), PM_TMR 0xb008 (4), GPE0 0xafe0 (4).
+        let mut fadt = alloc::vec![0u8; 244];
+        for (field, value) in [(48usize, 0xb2u32), (56, 0xb000), (64, 0xb004), (76, 0xb008), (80, 0xafe0)] {
+            fadt[field..field + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        fadt[88] = 4;
+        fadt[89] = 2;
+        fadt[91] = 4;
+        fadt[92] = 4;
+        assert_eq!(
+            fadt_ports(&fadt),
+            [(0xb2, 0xb2), (0xb000, 0xb003), (0xb004, 0xb005), (0xb008, 0xb00b), (0xafe0, 0xafe3)]
+        );
+        // An X_ block naming memory, not ports, is not taken; one naming ports wins.
+        fadt[172] = 0;
+        fadt[176..184].copy_from_slice(&0xfed0_0000u64.to_le_bytes());
+        fadt[208] = 1;
+        fadt[212..220].copy_from_slice(&0x608u64.to_le_bytes());
+        assert_eq!(fadt_ports(&fadt)[2..4], [(0xb004, 0xb005), (0x608, 0x60b)]);
+        // Short or hostile tables: no panic, blocks that do not fit dropped.
+        assert_eq!(fadt_ports(&fadt[..60]), [(0xb2, 0xb2)]);
+        fadt[64..68].copy_from_slice(&0xffffu32.to_le_bytes());
+        assert!(!fadt_ports(&fadt).contains(&(0xffff, 0x0000)));
     }
 
     #[test]

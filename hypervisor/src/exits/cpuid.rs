@@ -3,12 +3,18 @@
 
 use guest_agent::{ABI_VERSION, CPUID_LEAF_INTERFACE, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
+use super::misc::xcr0;
 use super::{Action, ExitContext};
 use crate::vcpu::{skip_instruction, Field};
 
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 const LEAF1_ECX_SMX: u32 = 1 << 6;
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF1_ECX_AVX: u32 = 1 << 28;
+const LEAF7_EBX_AVX512F: u32 = 1 << 16;
+/// AMX-BF16, AMX-TILE, AMX-INT8.
+const LEAF7_EDX_AMX: u32 = (1 << 22) | (1 << 24) | (1 << 25);
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF7_ECX_OSPKE: u32 = 1 << 4;
 const CR4_OSXSAVE: u64 = 1 << 18;
@@ -33,12 +39,20 @@ pub fn answer(ctx: &ExitContext<'_>, leaf: u32, subleaf: u32) -> [u32; 4] {
         0x4000_0002..=0x4000_00ff => [0; 4],
         _ => {
             let mut r = ctx.host.cpuid(leaf, subleaf);
+            // Extended state as far as the hypervisor switches it for guests.
+            let offered = ctx.host.xcr0_offered();
+            let lacks = |group: u64| offered & group != group;
             match leaf {
                 1 => {
                     r[2] &= !(LEAF1_ECX_VMX | LEAF1_ECX_SMX | LEAF1_ECX_OSXSAVE);
                     r[2] |= LEAF1_ECX_HYPERVISOR;
-                    if guest_cr4 & CR4_OSXSAVE != 0 {
+                    if offered == 0 {
+                        r[2] &= !(LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
+                    } else if guest_cr4 & CR4_OSXSAVE != 0 {
                         r[2] |= LEAF1_ECX_OSXSAVE;
+                    }
+                    if lacks(xcr0::AVX) {
+                        r[2] &= !LEAF1_ECX_AVX;
                     }
                 }
                 7 if subleaf == 0 => {
@@ -46,7 +60,18 @@ pub fn answer(ctx: &ExitContext<'_>, leaf: u32, subleaf: u32) -> [u32; 4] {
                     if guest_cr4 & CR4_PKE != 0 {
                         r[2] |= LEAF7_ECX_OSPKE;
                     }
+                    if lacks(xcr0::AVX512) {
+                        r[1] &= !LEAF7_EBX_AVX512F;
+                    }
+                    if lacks(xcr0::AMX) {
+                        r[3] &= !LEAF7_EDX_AMX;
+                    }
                 }
+                0xd if subleaf == 0 => {
+                    r[0] &= offered as u32;
+                    r[3] &= (offered >> 32) as u32;
+                }
+                0xd if (2..63).contains(&subleaf) && offered & (1 << subleaf) == 0 => r = [0; 4],
                 _ => {}
             }
             r
@@ -98,6 +123,33 @@ mod tests {
     fn osxsave_follows_the_guest_cr4() {
         assert_eq!(cpuid(1, 0)[2] & (1 << 27), 0);
         assert_ne!(cpuid(1, 1 << 18)[2] & (1 << 27), 0);
+    }
+
+    #[test]
+    fn extended_state_is_announced_only_as_far_as_it_is_switched() {
+        // The fake host's XSAVE leaf lists x87, SSE and AVX; it offers x87 and SSE only.
+        let host = crate::exits::testing::FakeHost { xcr0_offered: Some(0x3), ..Default::default() };
+        let ask = |leaf: u32, subleaf: u32| {
+            let mut g = test_guest();
+            let mut v = FakeVcpu::new();
+            v.write(Field::Cr4ReadShadow, 1 << 18);
+            v.regs.rax = u64::from(leaf);
+            v.regs.rcx = u64::from(subleaf);
+            let exit = ExitInfo { reason: reason::CPUID, instruction_len: 2, ..Default::default() };
+            let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
+            let mut ctx = crate::exits::ExitContext {
+                guest: &mut g,
+                vcpu: &mut v,
+                exit: &exit,
+                host: &host,
+                phys: &phys,
+                control: None,
+            };
+            crate::exits::dispatch(&mut ctx);
+            [v.regs.rax as u32, v.regs.rbx as u32, v.regs.rcx as u32, v.regs.rdx as u32]
+        };
+        assert_eq!(ask(0xd, 0)[0], 0x3, "AVX's state is not offered");
+        assert_eq!(ask(1, 0)[2] & (1 << 28), 0, "nor is AVX");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //! violations; SGDT/SIDT/SLDT/STR and LLDT/LTR are emulated.
 
 use super::{integrity, Action, ExitContext, StopReason};
-use crate::guest::virt;
-use crate::mmio::walk::Paging;
+use crate::guest::access::AccessError;
 use crate::vcpu::{inject_exception, skip_instruction, Field, VECTOR_GP};
 
 /// The instruction-information field of exits 46 and 47 (SDM Tables 28-10, 28-11).
@@ -59,33 +58,66 @@ fn linear(ctx: &mut ExitContext<'_>, op: &Operand) -> u64 {
     }
 }
 
-fn fault(ctx: &mut ExitContext<'_>) -> Action {
+/// What Linux's UMIP emulation gives user space for SGDT and SIDT: a limit
+/// of 0 and these bases (arch/x86/kernel/umip.c); SLDT and STR give 0.
+pub const UMIP_DUMMY_GDT_BASE: u64 = 0xffff_ffff_fffe_0000;
+pub const UMIP_DUMMY_IDT_BASE: u64 = 0xffff_ffff_ffff_0000;
+
+fn general_protection(ctx: &mut ExitContext<'_>) -> Action {
     inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
     Action::Resume
 }
 
+/// An operand the principal may not access: the fault the processor would
+/// raise, or, for a page its view may not write, a reported refusal and
+/// the instruction skipped with nothing written.
+fn access_failed(ctx: &mut ExitContext<'_>, e: AccessError) -> Action {
+    if e.deliver(ctx.vcpu) {
+        return Action::Resume;
+    }
+    match e {
+        AccessError::Refused { address, gpa, kind } => integrity::refused_access(ctx, address, gpa, kind),
+        _ => Action::Stop(StopReason::Unsupported {
+            what: "a descriptor-table operand in this paging mode",
+            rip: ctx.vcpu.read(Field::Rip),
+        }),
+    }
+}
+
+/// The descriptor-table instructions, which exit once integrity is locked.
+/// They run as their principal would run them: the operand is read or
+/// written through the guest-access service, checked against the guest's
+/// page tables and the view. User space gets what UMIP would give it, never
+/// the real tables' addresses, and never a write where it could not write
+/// itself.
 pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
     let op = Operand::decode(ctx.exit.instruction_info);
-    let paging = Paging::from_vcpu(ctx.vcpu);
+    let user = ctx.principal().cpl != 0;
     let gdt = ctx.exit.reason == super::reason::DESCRIPTOR_TABLE;
     if gdt {
-        let (base_field, limit_field) = match op.identity & 1 {
-            0 => (Field::GdtrBase, Field::GdtrLimit),
-            _ => (Field::IdtrBase, Field::IdtrLimit),
+        let (base_field, limit_field, dummy) = match op.identity & 1 {
+            0 => (Field::GdtrBase, Field::GdtrLimit, UMIP_DUMMY_GDT_BASE),
+            _ => (Field::IdtrBase, Field::IdtrLimit, UMIP_DUMMY_IDT_BASE),
         };
         let at = linear(ctx, &op);
         if op.identity < 2 {
             // SGDT/SIDT: limit, then the 64-bit base.
+            let (limit, base) =
+                if user { (0, dummy) } else { (ctx.vcpu.read(limit_field) as u16, ctx.vcpu.read(base_field)) };
             let mut bytes = [0u8; 10];
-            bytes[..2].copy_from_slice(&(ctx.vcpu.read(limit_field) as u16).to_le_bytes());
-            bytes[2..].copy_from_slice(&ctx.vcpu.read(base_field).to_le_bytes());
-            if virt::write(&ctx.guest.memory, &ctx.phys, &paging, at, &bytes).is_err() {
-                return fault(ctx);
+            bytes[..2].copy_from_slice(&limit.to_le_bytes());
+            bytes[2..].copy_from_slice(&base.to_le_bytes());
+            if let Err(e) = ctx.access().write(at, &bytes) {
+                return access_failed(ctx, e);
             }
         } else {
+            // LGDT/LIDT are privileged.
+            if user {
+                return general_protection(ctx);
+            }
             let mut bytes = [0u8; 10];
-            if virt::read(&ctx.guest.memory, &ctx.phys, &paging, at, &mut bytes).is_err() {
-                return fault(ctx);
+            if let Err(e) = ctx.access().read(at, &mut bytes) {
+                return access_failed(ctx, e);
             }
             let limit = u64::from(u16::from_le_bytes([bytes[0], bytes[1]]));
             let base = u64::from_le_bytes(bytes[2..].try_into().unwrap_or([0; 8]));
@@ -101,7 +133,7 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             // SLDT/STR: the selector to a register or memory.
             0 | 1 => {
                 let field = if op.identity == 0 { Field::LdtrSelector } else { Field::TrSelector };
-                let selector = ctx.vcpu.read(field);
+                let selector = if user { 0 } else { ctx.vcpu.read(field) };
                 if op.register_operand {
                     let rsp = ctx.vcpu.read(Field::Rsp);
                     let old = ctx.vcpu.regs().get(op.register, rsp);
@@ -111,12 +143,13 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
                     }
                 } else {
                     let at = linear(ctx, &op);
-                    if virt::write(&ctx.guest.memory, &ctx.phys, &paging, at, &(selector as u16).to_le_bytes()).is_err()
-                    {
-                        return fault(ctx);
+                    if let Err(e) = ctx.access().write(at, &(selector as u16).to_le_bytes()) {
+                        return access_failed(ctx, e);
                     }
                 }
             }
+            // LLDT/LTR are privileged.
+            _ if user => return general_protection(ctx),
             // LLDT/LTR load descriptors from the GDT; CTVM does not emulate
             // them (the kernel runs them before the lock, when they do not exit).
             _ => {

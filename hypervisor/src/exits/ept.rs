@@ -7,8 +7,11 @@ use alloc::format;
 pub use crate::arch::x86_64::vmx::ept::Access;
 use crate::arch::x86_64::vmx::ept::ViolationInfo;
 
+use super::apic;
 use super::{Action, ExitContext, StopReason};
 use crate::devices::tis;
+use crate::guest::access::{GuestAccess, Paging, Principal};
+use crate::guest::Platform;
 use crate::mmio;
 use crate::vcpu::Field;
 
@@ -18,10 +21,18 @@ pub fn violation(ctx: &mut ExitContext<'_>) -> Action {
     }
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     let gpa = ctx.exit.guest_physical;
+    let who = ctx.principal();
+    let paging = Paging::from_vcpu(ctx.vcpu);
+    if let Platform::PassThrough { lapic: Some(lapic), .. } = ctx.guest.platform {
+        if gpa & !0xfff == lapic {
+            return apic_write(ctx, lapic, who, paging);
+        }
+    }
     let guest = &mut *ctx.guest;
     if let Some(vtpm) = guest.vtpm.as_mut() {
         if (tis::BASE..tis::BASE + tis::SIZE).contains(&gpa) {
-            return match mmio::emulate(ctx.vcpu, ctx.exit, &guest.memory, &ctx.phys, &mut vtpm.tis, tis::BASE) {
+            let memory = GuestAccess::new(&guest.memory, ctx.phys, paging, who, ctx.control.as_deref());
+            return match mmio::emulate(ctx.vcpu, ctx.exit, &memory, &mut vtpm.tis, tis::BASE) {
                 Ok(_) => Action::Resume,
                 Err(e) => Action::Stop(StopReason::Mmio(format!("{e}"))),
             };
@@ -34,6 +45,36 @@ pub fn violation(ctx: &mut ExitContext<'_>) -> Action {
         linear: info.linear_valid.then_some(ctx.exit.guest_linear),
         guest_memory: ctx.guest.memory.contains(gpa),
     })
+}
+
+/// The real APIC, through the host.
+struct HostApic<'a>(&'a dyn super::HostCpu);
+
+impl apic::ApicRegisters for HostApic<'_> {
+    fn read(&mut self, offset: u64) -> u32 {
+        self.0.lapic_read(offset)
+    }
+    fn write(&mut self, offset: u64, value: u32) {
+        self.0.lapic_write(offset, value)
+    }
+}
+
+/// A write to the local APIC's page, which is mapped read-only: emulated,
+/// and passed on unless it would start a CPU.
+fn apic_write(ctx: &mut ExitContext<'_>, lapic: u64, who: Principal, paging: Paging) -> Action {
+    let mut window = apic::XapicWindow { apic: &mut HostApic(ctx.host), refused: None };
+    let memory = GuestAccess::new(&ctx.guest.memory, ctx.phys, paging, who, ctx.control.as_deref());
+    let result = mmio::emulate(ctx.vcpu, ctx.exit, &memory, &mut window, lapic);
+    let refused = window.refused;
+    match result {
+        Ok(_) => {
+            if let Some(icr) = refused {
+                super::integrity::refusal(ctx, crate::integrity::ViolationKind::StartCpu, icr);
+            }
+            Action::Resume
+        }
+        Err(e) => Action::Stop(StopReason::Mmio(format!("{e}"))),
+    }
 }
 
 pub fn misconfiguration(ctx: &mut ExitContext<'_>) -> Action {

@@ -3,9 +3,8 @@
 use guest_agent::{Call, Error, Registers, ABI_VERSION};
 
 use super::{integrity, Action, ExitContext, StopReason};
-use crate::guest::virt;
-use crate::mmio::walk::Paging;
-use crate::vcpu::{cpl, skip_instruction};
+use crate::integrity::{View, ViolationKind};
+use crate::vcpu::skip_instruction;
 
 /// A validated request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,22 +78,35 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
     }
 }
 
-/// Copies part of the event log into the guest; returns the log's size.
+/// Copies part of the event log into the guest's buffer, as the kernel
+/// that asked may write it; returns the log's size.
 fn read_event_log(ctx: &mut ExitContext<'_>, buffer: u64, size: u32, offset: u32) -> Result<u64, Error> {
     let log = ctx.guest.vtpm.as_ref().ok_or(Error::NotPermitted)?.log.as_bytes();
     let total = log.len() as u64;
     let start = (offset as usize).min(log.len());
     let end = start.saturating_add(size as usize).min(log.len());
-    let paging = Paging::from_vcpu(ctx.vcpu);
-    virt::write(&ctx.guest.memory, &ctx.phys, &paging, buffer, &log[start..end]).map_err(|_| Error::BadAddress)?;
+    ctx.access().write(buffer, &log[start..end]).map_err(|_| Error::BadAddress)?;
     Ok(total)
 }
 
 pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
-    let user_mode = cpl(ctx.vcpu) != 0;
+    let who = ctx.principal();
     let regs = ctx.vcpu.regs();
     let call = Registers { rax: regs.rax, rbx: regs.rbx, rcx: regs.rcx, rdx: regs.rdx, rsi: regs.rsi };
-    let result = if user_mode { Err(Error::NotPermitted) } else { decode(&call) };
+    // An isolated module may make no hypercall at all, not even one that
+    // only reads: refused before anything is decoded, and reported. User
+    // space may make none either.
+    let result = match who.view {
+        View::Module(_) => {
+            integrity::refusal(ctx, ViolationKind::Hypercall, call.rax);
+            Err(Error::NotPermitted)
+        }
+        View::Kernel if who.cpl != 0 => {
+            integrity::refusal(ctx, ViolationKind::Hypercall, call.rax);
+            Err(Error::NotPermitted)
+        }
+        View::Kernel => decode(&call),
+    };
     let action = match result {
         Ok(Request::Version) => {
             let caps = ctx.guest.capabilities;
@@ -114,11 +126,7 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             Action::Resume
         }
         Ok(request) => {
-            // Only the kernel view may call: an isolated module's VMCALL
-            // must not register, unregister or read anything.
-            let from_module = ctx.guest.integrity.as_ref().is_some_and(|i| i.view != crate::integrity::View::Kernel);
             let result = match request {
-                _ if from_module => Err(Error::NotPermitted),
                 Request::KernelRegister { layout } => integrity::register_kernel(ctx, layout),
                 Request::KernelLock => integrity::lock(ctx),
                 Request::ModuleRegister { info } => integrity::register_module(ctx, info),

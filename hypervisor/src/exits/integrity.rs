@@ -11,15 +11,14 @@ use guest_agent::Error;
 use super::{Action, ExitContext, StopReason};
 use crate::arch::x86_64::vmx::ept::ViolationInfo;
 use crate::console;
-use crate::guest::virt;
+use crate::guest::access::Kind;
 use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
-use crate::integrity::violation::{Line, Violation};
+use crate::integrity::violation::{Line, Violation, ViolationKind};
 use crate::integrity::{wire, Stepping, View};
 use crate::mm::paging::Perms;
-use crate::mmio::walk::{translate, Paging};
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
 
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -33,18 +32,15 @@ const EPERM: u64 = 1;
 /// Most exported symbols a kernel may have (Linux 6.x has about 30 000).
 const MAX_SYMBOLS: u64 = 200_000;
 
-fn paging(ctx: &ExitContext<'_>) -> Paging {
-    Paging::from_vcpu(ctx.vcpu)
-}
-
+/// Copies in a structure the agent passed, as the kernel that called may
+/// read it.
 fn read_guest(ctx: &ExitContext<'_>, gva: u64, len: usize) -> Result<Vec<u8>, Error> {
-    let mut buf = alloc::vec![0u8; len];
-    virt::read(&ctx.guest.memory, &ctx.phys, &paging(ctx), gva, &mut buf).map_err(|_| Error::BadAddress)?;
-    Ok(buf)
+    ctx.access().read_vec(gva, len).map_err(|_| Error::BadAddress)
 }
 
+/// The guest-physical page behind a kernel address (guest RAM only).
 fn gpa_of(ctx: &ExitContext<'_>, gva: u64) -> Result<u64, Error> {
-    translate(&ctx.guest.memory, &ctx.phys, &paging(ctx), gva).map_err(|_| Error::BadAddress)
+    ctx.inspect().translate(gva).map_err(|_| Error::BadAddress)
 }
 
 /// The largest range registered in one piece (a kernel's text is some tens
@@ -59,12 +55,7 @@ fn pages_of(ctx: &ExitContext<'_>, r: Range) -> Result<Vec<u64>, Error> {
     if !r.is_empty() && (r.end - 1) / 0x1000 - r.start / 0x1000 >= MAX_RANGE_PAGES {
         return Err(Error::InvalidArgument);
     }
-    r.pages()
-        .map(|p| match gpa_of(ctx, p) {
-            Ok(gpa) if ctx.guest.memory.contains(gpa) => Ok(gpa & !0xfff),
-            _ => Err(Error::BadAddress),
-        })
-        .collect()
+    r.pages().map(|p| gpa_of(ctx, p).map(|gpa| gpa & !0xfff)).collect()
 }
 
 fn control<'c>(ctx: &'c mut ExitContext<'_>) -> Result<&'c mut dyn GuestControl, Error> {
@@ -470,8 +461,7 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     let mut bytes = Vec::with_capacity(log.len().min(count as usize) * VIOLATION_RECORD_SIZE);
     let records = log.peek(count as usize).map(|r| bytes.extend_from_slice(&r.to_bytes())).count();
     let dropped = log.dropped;
-    let p = paging(ctx);
-    virt::write(&ctx.guest.memory, &ctx.phys, &p, buffer, &bytes).map_err(|_| Error::BadAddress)?;
+    ctx.access().write(buffer, &bytes).map_err(|_| Error::BadAddress)?;
     // Records leave the log only once the agent has them.
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.violations.take(records).for_each(drop);
@@ -489,6 +479,65 @@ fn report(ctx: &ExitContext<'_>, v: &Violation) {
     console::write_line(format_args!("{}", Line { guest: ctx.guest.name(), module, violation: v }));
 }
 
+/// An attempt refused outside the EPT: a hypercall from an isolated module
+/// or from user space, a module's MSR write or port access, an IPI that
+/// would start a CPU. Refused whatever the integrity mode, and reported:
+/// the kernel's and its modules' attempts are recorded as violations (when
+/// the guest has integrity views); user space's are counted per kind and
+/// the first of each shown, so that no process can flood the log the agent
+/// reads.
+pub fn refusal(ctx: &mut ExitContext<'_>, kind: ViolationKind, target: u64) {
+    let who = ctx.principal();
+    let rip = ctx.vcpu.read(Field::Rip);
+    if who.cpl == 0 {
+        if let Some(state) = ctx.guest.integrity.as_mut() {
+            let v = state.engine.record_denied(kind, who.view, rip, target);
+            report(ctx, &v);
+            return;
+        }
+    }
+    if ctx.guest.refusals.count(kind) == 1 {
+        console::write_line(format_args!(
+            "ctvm: refused guest={} kind={} cpl={} rip={rip:#x} target={target:#x} (further ones are counted)",
+            ctx.guest.name(),
+            kind.name(),
+            who.cpl
+        ));
+    }
+}
+
+/// An access the hypervisor was to make for the guest (an emulated
+/// instruction's operand) that the principal's view does not allow, or
+/// that is not the guest's RAM. With integrity views it is what the
+/// processor's EPT violation would have been: reported by the class of the
+/// page, and the instruction skipped with nothing written (in audit mode
+/// too: the hypervisor never writes where the guest could not). Without
+/// them, the guest touched memory it does not own and stops, as it would
+/// on an EPT violation.
+pub fn refused_access(ctx: &mut ExitContext<'_>, address: u64, gpa: u64, kind: Kind) -> Action {
+    let view = ctx.view();
+    let rip = ctx.vcpu.read(Field::Rip);
+    let locked = ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked());
+    if locked && ctx.guest.memory.contains(gpa) {
+        let Some(state) = ctx.guest.integrity.as_mut() else { return Action::Resume };
+        let v = state.engine.refused_access(view, gpa, rip, address, kind);
+        report(ctx, &v);
+        return skip(ctx);
+    }
+    let access = match kind {
+        Kind::Read => super::Access::Read,
+        Kind::Write => super::Access::Write,
+        Kind::Fetch => super::Access::Execute,
+    };
+    Action::Stop(StopReason::EptViolation {
+        gpa,
+        access,
+        rip,
+        linear: Some(address),
+        guest_memory: ctx.guest.memory.contains(gpa),
+    })
+}
+
 /// An EPT violation in a guest with integrity views, or `None` when it is
 /// not an integrity matter.
 pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
@@ -501,14 +550,27 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     // the access is handled (emulated, or the guest stopped) as it would be
     // without integrity.
     let page = ctx.exit.guest_physical & !0xfff;
-    if ctx.control.as_deref().is_none_or(|c| c.perms(View::Kernel, page).is_none()) {
+    let kept = ctx.control.as_deref().and_then(|c| c.perms(View::Kernel, page))?;
+    let info = ViolationInfo::from_qualification(ctx.exit.qualification);
+    // A module's view never gets more than the kernel view has: an access
+    // the kernel view itself refuses on an untracked page (the local APIC's,
+    // which is read-only so that its writes are checked) is not the views'
+    // business either.
+    let needed = match info.access {
+        super::Access::Read => Perms::READ,
+        super::Access::Write => Perms::WRITE,
+        super::Access::Execute => Perms::EXECUTE,
+    };
+    let untracked = state.engine.class_of(page).is_none();
+    if matches!(state.view, View::Module(_)) && untracked && !kept.contains(needed) {
         return None;
     }
-    let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     let rip = ctx.vcpu.read(Field::Rip);
     let rsp = ctx.vcpu.read(Field::Rsp);
-    let word = |at: u64| read_guest(ctx, at, 8).ok().map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
-    let stack = [word(rsp), word(rsp.wrapping_add(8))];
+    // What the stack shows is the hypervisor's own look, not an access made
+    // for the guest: it changes nothing and needs no right.
+    let inspect = ctx.inspect();
+    let stack = [inspect.read_u64(rsp).ok(), inspect.read_u64(rsp.wrapping_add(8)).ok()];
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let regs = *ctx.vcpu.regs();
     let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
@@ -537,7 +599,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             }
             Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
         },
-        Step::Grant(perms) => match control(ctx).ok()?.set_perms(view, page, perms) {
+        Step::Grant(perms) => match control(ctx).ok()?.set_perms(view, page, perms & kept) {
             Ok(()) => Action::Resume,
             Err(_) => Action::Stop(StopReason::HypervisorError("out of memory for a module view".into())),
         },
@@ -589,9 +651,10 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
 /// or, when it cannot be decoded, faults with #GP.
 fn skip(ctx: &mut ExitContext<'_>) -> Action {
     let rip = ctx.vcpu.read(Field::Rip);
-    let mut bytes = [0u8; crate::mmio::walk::MAX_INSTRUCTION_LEN];
-    let p = paging(ctx);
-    let len = crate::mmio::walk::fetch_instruction(&ctx.guest.memory, &ctx.phys, &p, rip, &mut bytes)
+    let mut bytes = [0u8; crate::guest::access::MAX_INSTRUCTION_LEN];
+    let len = ctx
+        .access()
+        .fetch_instruction(rip, &mut bytes)
         .ok()
         .and_then(|n| crate::mmio::decode::instruction_length(&bytes[..n]));
     match len {
@@ -683,7 +746,7 @@ pub fn msr_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> bool {
     }
     let view = state.view;
     let v = state.engine.record(
-        crate::integrity::ViolationKind::SyscallMsr,
+        crate::integrity::ViolationKind::GuardedMsr,
         view,
         ctx.vcpu.read(Field::Rip),
         u64::from(msr),
@@ -820,7 +883,7 @@ mod tests {
         w(&phys, MODULE_CODE + 0x10, &[0x48, 0x89, 0x18]);
 
         let mut guest = test_guest();
-        guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None };
+        guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None, lapic: None };
         guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![]));
         let mut vcpu = FakeVcpu::new();
         vcpu.write(Field::Cr0, 0x8000_0031);
@@ -952,11 +1015,11 @@ mod tests {
         assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
         assert!(f.control.views.contains(&id));
         assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::READ));
-        assert_eq!(violation_kinds(&mut f), [abi::ViolationKindCode::CodeDigest as u32]);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
         // Audit mode reports the mismatch and trusts it all the same.
         let (mut f, id) = register_pinned(Mode::Audit, 0xcc);
         assert!(f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
-        assert_eq!(violation_kinds(&mut f), [abi::ViolationKindCode::CodeDigest as u32]);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
     }
 
     #[test]
@@ -984,7 +1047,7 @@ mod tests {
         assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, rip), Action::Resume);
         assert_eq!(f.vcpu.read(Field::Rip), rip + 3, "mov [rax], rbx skipped");
         let last = f.guest.integrity.as_mut().unwrap().engine.violations.take(1).next().unwrap();
-        assert_eq!(last.kind, abi::ViolationKindCode::WriteSyscallTable as u32);
+        assert_eq!(last.kind, ViolationKind::WriteSyscallTable as u32);
         // It reads kernel data: granted read-only in its view.
         assert_eq!(f.ept(READ, 0x20_0000, K + 0x20_0000, rip), Action::Resume);
         assert_eq!(f.control.perms(module, 0x20_0000), Some(Perms::READ));
@@ -1049,8 +1112,172 @@ mod tests {
         assert_eq!(f.vcpu.read(Field::Cr0ReadShadow), 0x8005_0033, "not written");
         assert_eq!(f.vcpu.read(Field::Rip), 0x1003);
         let v = f.guest.integrity.as_mut().unwrap().engine.violations.take(1).next().unwrap();
-        assert_eq!(v.kind, abi::ViolationKindCode::ControlRegister as u32);
+        assert_eq!(v.kind, ViolationKind::ControlRegister as u32);
         let _ = ViolationKind::ControlRegister;
+    }
+
+    // -------------------------------------------------------------------
+    // Containment routes: the hypervisor never writes for a principal where
+    // that principal could not write itself.
+    // -------------------------------------------------------------------
+
+    /// A user page at linear 0 (2 MiB, user, writable) at guest-physical 10 MiB.
+    const USER_PAGE: u64 = 0xa0_0000;
+
+    fn with_user_page(f: &mut Fixture) {
+        w(&f.phys, 0x1000, &(0x4000u64 | 7).to_le_bytes());
+        w(&f.phys, 0x4000, &(0x5000u64 | 7).to_le_bytes());
+        w(&f.phys, 0x5000, &(USER_PAGE | 0x87).to_le_bytes());
+    }
+
+    fn as_user(f: &mut Fixture) {
+        f.vcpu.write(Field::SsAccessRights, 0x93 | (3 << 5));
+        f.vcpu.write(Field::CsAccessRights, 0xa0fb);
+    }
+
+    fn guest_bytes(f: &Fixture, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = alloc::vec![0u8; len];
+        f.phys.read(0x1000_0000 + gpa, &mut b);
+        b
+    }
+
+    /// A descriptor-table exit: `identity` (SGDT 0, SIDT 1, SLDT 0, STR 1 with
+    /// reason 47) with a memory operand at [RAX].
+    fn dtable_exit(f: &mut Fixture, reason: u16, identity: u64, at: u64) -> Action {
+        f.vcpu.regs.rax = at;
+        // 64-bit addresses, DS, no index, base RAX.
+        let info = (2 << 7) | (3 << 15) | (1 << 22) | (identity << 28);
+        f.exit(ExitInfo { reason, instruction_info: info, instruction_len: 3, ..Default::default() })
+    }
+
+    #[test]
+    fn user_space_descriptor_table_stores_never_write_kernel_memory() {
+        for (reason, identity) in [(reason::DESCRIPTOR_TABLE, 0), (reason::DESCRIPTOR_TABLE, 1), (47, 0), (47, 1)] {
+            let mut f = fixture(Mode::Enforce);
+            f.register_everything();
+            as_user(&mut f);
+            let before = guest_bytes(&f, SYSCALL_TABLE, 16);
+            f.vcpu.write(Field::Rip, 0x1000);
+            assert_eq!(dtable_exit(&mut f, reason, identity, K + SYSCALL_TABLE + 8), Action::Resume);
+            assert_eq!(guest_bytes(&f, SYSCALL_TABLE, 16), before, "reason {reason} identity {identity}");
+            // The page fault the processor would raise for a user write to a
+            // supervisor page: present, write, user.
+            assert_eq!(f.vcpu.injected(), Some((14, Some(7))), "reason {reason} identity {identity}");
+            assert_eq!(f.vcpu.regs.cr2, K + SYSCALL_TABLE + 8);
+            assert_eq!(f.vcpu.read(Field::Rip), 0x1000, "the instruction faults, it is not skipped");
+        }
+    }
+
+    #[test]
+    fn user_space_gets_what_umip_would_give_it() {
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        with_user_page(&mut f);
+        as_user(&mut f);
+        assert_eq!(dtable_exit(&mut f, reason::DESCRIPTOR_TABLE, 1, 0x100), Action::Resume);
+        let mut want = alloc::vec![0u8, 0];
+        want.extend_from_slice(&super::super::dtable::UMIP_DUMMY_IDT_BASE.to_le_bytes());
+        assert_eq!(guest_bytes(&f, USER_PAGE + 0x100, 10), want, "limit 0 and the dummy base, not the real IDT");
+        assert_eq!(dtable_exit(&mut f, 47, 1, 0x200), Action::Resume);
+        assert_eq!(guest_bytes(&f, USER_PAGE + 0x200, 2), [0, 0]);
+        // LIDT from user space: #GP, nothing loaded.
+        f.vcpu.write(Field::IdtrBase, K + IDT);
+        assert_eq!(dtable_exit(&mut f, reason::DESCRIPTOR_TABLE, 3, 0x100), Action::Resume);
+        assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
+        assert_eq!(f.vcpu.read(Field::IdtrBase), K + IDT);
+    }
+
+    #[test]
+    fn the_kernel_cannot_store_a_descriptor_table_over_protected_pages_either() {
+        // SIDT by kernel code onto the syscall table, which the kernel view maps read-only.
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        let before = guest_bytes(&f, SYSCALL_TABLE, 16);
+        f.vcpu.write(Field::Rip, K + TEXT + 0x10);
+        w(&f.phys, TEXT + 0x10, &[0x0f, 0x01, 0x08]); // sidt [rax]
+        assert_eq!(dtable_exit(&mut f, reason::DESCRIPTOR_TABLE, 1, K + SYSCALL_TABLE), Action::Resume);
+        assert_eq!(guest_bytes(&f, SYSCALL_TABLE, 16), before);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteSyscallTable as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), K + TEXT + 0x13, "refused and skipped");
+    }
+
+    fn with_event_log(f: &mut Fixture) {
+        let mut vtpm = crate::tpm::GuestTpm::new(alloc::boxed::Box::new(crate::tpm::fake::FakeTpm::default()));
+        let event = crate::tpm::event_log::Event { pcr: 9, kind: 0xd, digest: [0x5a; 20], data: alloc::vec![b'k'; 64] };
+        vtpm.log.push(&event).unwrap();
+        f.guest.vtpm = Some(vtpm);
+    }
+
+    #[test]
+    fn an_isolated_module_makes_no_hypercall_at_all() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        with_event_log(&mut f);
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        let before = guest_bytes(&f, SYSCALL_TABLE, 64);
+        // The event log copied over the syscall table; the version; a shutdown.
+        for (nr, rbx, rcx) in [(0x20, K + SYSCALL_TABLE, 64), (0, 0, 0), (1, 0, 0)] {
+            f.vcpu.regs.rdx = 0;
+            assert_eq!(f.call(nr, rbx, rcx), Error::NotPermitted.code(), "call {nr:#x}");
+        }
+        assert!(f.guest.is_running());
+        assert_eq!(guest_bytes(&f, SYSCALL_TABLE, 64), before);
+        let kinds = violation_kinds(&mut f);
+        assert_eq!(kinds, [ViolationKind::Hypercall as u32; 3], "each attempt reported");
+    }
+
+    #[test]
+    fn the_event_log_goes_only_where_the_kernel_may_write() {
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        with_event_log(&mut f);
+        let before = guest_bytes(&f, SYSCALL_TABLE, 64);
+        f.vcpu.regs.rdx = 0;
+        assert_eq!(f.call(0x20, K + SYSCALL_TABLE, 64), Error::BadAddress.code());
+        assert_eq!(guest_bytes(&f, SYSCALL_TABLE, 64), before);
+        // Into kernel data it may write: the log's size comes back.
+        let size = f.call(0x20, K + STACK - 0x1000, 64);
+        assert!(size > 64, "{size}");
+        assert_ne!(guest_bytes(&f, STACK - 0x1000, 64), [0u8; 64]);
+    }
+
+    #[test]
+    fn user_space_hypercalls_are_refused_and_counted() {
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        as_user(&mut f);
+        for nr in [0u64, 1, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x20] {
+            assert_eq!(f.call(nr, 0, 0), Error::NotPermitted.code(), "call {nr:#x}");
+        }
+        assert!(f.guest.is_running());
+        assert_eq!(f.guest.refusals.seen().collect::<Vec<_>>(), [("hypercall", 9)]);
+        // Not in the agent's log: user space cannot flood it.
+        assert_eq!(violation_kinds(&mut f), [0u32; 0]);
+    }
+
+    #[test]
+    fn a_module_view_gets_no_more_than_the_kernel_view() {
+        // The local APIC's page: read-only in the kernel view, so that its
+        // writes (the ICR's INIT and start-up IPIs) are checked.
+        const LAPIC: u64 = 0xfee0_0000;
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.control.set_perms(View::Kernel, LAPIC, Perms::READ).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.control.active = Some(View::Module(id));
+        let rip = K + MODULE_CODE + 0x10;
+        // A write is not granted: it goes on to the APIC's emulation (here,
+        // with no LAPIC configured, the guest stops for the access).
+        let a = f.ept(WRITE, LAPIC + 0x300, 0xffff_c900_0000_0300, rip);
+        assert!(matches!(a, Action::Stop(StopReason::EptViolation { .. })), "{a:?}");
+        assert_eq!(f.control.perms(View::Module(id), LAPIC), None);
+        // A read is granted, read-only.
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.control.set_perms(View::Kernel, LAPIC, Perms::READ).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        assert_eq!(f.ept(READ, LAPIC, 0xffff_c900_0000_0000, rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Module(id), LAPIC), Some(Perms::READ));
     }
 
     #[test]

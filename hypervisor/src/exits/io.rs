@@ -5,9 +5,11 @@
 use log::info;
 
 use super::{Action, ExitContext, StopReason};
+use crate::arch::x86_64::vmx::bitmaps::IoBitmap;
 use crate::console;
 use crate::devices::uart;
-use crate::guest::Platform;
+use crate::guest::{Platform, PortSet};
+use crate::integrity::{View, ViolationKind};
 use crate::vcpu::{skip_instruction, Field};
 
 /// An I/O instruction, from its exit qualification (SDM Table 28-5).
@@ -34,51 +36,209 @@ impl IoAccess {
 /// make the guest's addresses wrap, so they are ignored.
 const PORT_A20: u16 = 0x92;
 
-/// Emulator control ports (Bochs' shutdown port, QEMU's isa-debug-exit):
-/// only the hypervisor may end the run.
-const EMULATOR_PORTS: [u16; 5] = [0x8900, 0xf4, 0xf5, 0xf6, 0xf7];
-
 /// ACPI PM1 control: writing SLP_EN with a sleep type enters that state.
 const PM1_SLP_EN: u32 = 1 << 13;
 
 /// The 8042 keyboard controller's command port: command 0xFE pulses the
 /// CPU reset line.
 const PORT_8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u32 = 0xfe;
 /// The PCI reset control register: bit 2 resets the machine.
 const PORT_RESET_CONTROL: u16 = 0xcf9;
 const RESET_CONTROL_RESET: u32 = 1 << 2;
 
-/// The ports a pass-through guest cannot reach directly: they exit and are
-/// handled here. Every other port goes straight to the hardware. A guest
-/// resetting or powering off the machine would end the hypervisor with it.
-pub fn guarded_ports(pm1a_control: Option<u16>) -> impl Iterator<Item = u16> {
-    let pm1a = pm1a_control.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
-    [PORT_A20, PORT_8042_COMMAND, PORT_RESET_CONTROL].into_iter().chain(EMULATOR_PORTS).chain(pm1a)
+/// The 8042's "write output port" command: its next data byte drives the
+/// CPU reset line (bit 0) and A20 (bit 1), through port 0x60, which passes.
+const I8042_WRITE_OUTPUT: u32 = 0xd1;
+/// The PCI configuration address: only a dword access at 0xCF8 reaches it.
+const PORT_PCI_ADDRESS: u16 = 0xcf8;
+
+/// The ports a pass-through guest's kernel reaches without an exit: the
+/// PC's legacy devices it owns, each with why letting it through is safe.
+/// The ACPI register blocks of the FADT and the PCI devices' I/O BARs are
+/// added at start; every other port exits, and is emulated as absent
+/// unless it is guarded below. Left out on purpose: the ISA DMA controller
+/// (0x00-0x1F, 0x81-0x9F, 0xC0-0xDF), whose transfers reach the low 16 MiB
+/// of physical memory, the hypervisor's included, and COM1, which the
+/// hypervisor's console owns.
+pub const LEGACY_PASS: &[(u16, u16, &str)] = &[
+    (0x20, 0x21, "8259 interrupt controller (master)"),
+    (0x40, 0x43, "8254 timer"),
+    (0x60, 0x60, "8042 keyboard data (its commands on 0x64 are guarded)"),
+    (0x61, 0x61, "NMI status and the timer's gate 2"),
+    (0x70, 0x71, "RTC and CMOS"),
+    (0x80, 0x80, "POST code, Linux's I/O delay port"),
+    (0xa0, 0xa1, "8259 interrupt controller (slave)"),
+    (0x170, 0x177, "ATA, secondary channel"),
+    (0x1f0, 0x1f7, "ATA, primary channel"),
+    (0x2e8, 0x2ef, "COM4"),
+    (0x2f8, 0x2ff, "COM2"),
+    (0x376, 0x376, "ATA, secondary control"),
+    (0x378, 0x37f, "LPT1"),
+    (0x3b0, 0x3df, "VGA"),
+    (0x3e8, 0x3ef, "COM3"),
+    (0x3f6, 0x3f6, "ATA, primary control"),
+    (0x4d0, 0x4d1, "ELCR: interrupt trigger modes"),
+    (0xcf8, 0xcf8, "PCI configuration address (a dword; 0xCF9 beside it is the reset register)"),
+    (0xcfa, 0xcff, "PCI configuration data"),
+];
+
+/// The ports of a pass-through guest that exit and are handled here rather
+/// than treated as absent: resets, the power-off register, A20 and COM1.
+fn guarded(port: u16, pm1a_control: Option<u16>) -> bool {
+    matches!(port, PORT_A20 | PORT_8042_COMMAND | PORT_RESET_CONTROL)
+        || uart::PORTS.contains(&port)
+        || pm1a_control.is_some_and(|p| port == p || port == p.wrapping_add(1))
 }
 
-/// A pass-through guest's device port that can end the machine: a sleep
-/// request (PM1a control) or a reset (8042 command 0xFE, reset control bit 2)
-/// stops the guest instead, and the hypervisor then decides what happens to
-/// the machine. Anything else reaches the hardware.
-fn guarded_hardware_port(ctx: &mut ExitContext<'_>, access: IoAccess, pm1a: bool) -> Action {
-    let mask = (1u64 << (8 * u32::from(access.size.min(4)))) - 1;
+/// The pass-through guest's I/O bitmaps: (kernel view, module views). The
+/// kernel view passes `allowed` (the legacy list, ACPI blocks, PCI BARs)
+/// minus the guarded ports; a module's view passes nothing.
+pub fn pass_through_bitmaps(allowed: &PortSet, pm1a_control: Option<u16>) -> (IoBitmap, IoBitmap) {
+    let mut kernel = IoBitmap::trap_all();
+    let mut passed = IoBitmap::pass_all();
+    passed.trap((0..=u16::MAX).filter(|&p| allowed.contains(p) && !guarded(p, pm1a_control)));
+    for (k, p) in kernel.0.iter_mut().zip(passed.0.iter()) {
+        *k &= !p;
+    }
+    (kernel, IoBitmap::trap_all())
+}
+
+/// What becomes of one byte written to a guarded port.
+#[derive(Debug, PartialEq)]
+enum Guard {
+    Pass,
+    /// Refused: the byte goes nowhere.
+    Drop,
+    /// A reset or a sleep request: the guest stops instead, and the
+    /// hypervisor decides what becomes of the machine.
+    Stop(StopReason),
+}
+
+fn guard_write(port: u16, byte: u8, pm1a_control: Option<u16>) -> Guard {
+    let byte = u32::from(byte);
+    match port {
+        // Commands 0xF0-0xFF pulse the output lines whose bit is clear;
+        // bit 0 is the reset line.
+        PORT_8042_COMMAND if byte >= 0xf0 && byte & 1 == 0 => {
+            Guard::Stop(StopReason::Reset { what: "keyboard-controller reset" })
+        }
+        // "Write output port" would let port 0x60, which passes, drive the
+        // reset line and A20.
+        PORT_8042_COMMAND if byte == I8042_WRITE_OUTPUT => Guard::Drop,
+        PORT_RESET_CONTROL if byte & RESET_CONTROL_RESET != 0 => {
+            Guard::Stop(StopReason::Reset { what: "reset-control register" })
+        }
+        // SLP_EN is bit 13 of the 16-bit PM1 control register: bit 5 of its
+        // second byte, SLP_TYP bits 2-4 of it.
+        _ if pm1a_control.is_some_and(|p| port == p.wrapping_add(1)) && byte & (PM1_SLP_EN >> 8) != 0 => {
+            Guard::Stop(StopReason::AcpiSleep { sleep_type: ((byte >> 2) & 7) as u16 })
+        }
+        _ => Guard::Pass,
+    }
+}
+
+/// The real COM1, through the host's port I/O.
+struct HostCom1<'a>(&'a dyn super::HostCpu);
+
+impl uart::HostSerial for HostCom1<'_> {
+    fn read(&mut self, offset: u16) -> u8 {
+        self.0.port_read(uart::BASE + offset, 1) as u8
+    }
+    fn write(&mut self, offset: u16, value: u8) {
+        self.0.port_write(uart::BASE + offset, 1, u32::from(value));
+    }
+}
+
+/// A port exit of a pass-through guest: an access that touches a port off
+/// the allow-list or a guarded one.
+fn pass_through(ctx: &mut ExitContext<'_>, access: IoAccess, pm1a_control: Option<u16>) -> Action {
+    // An isolated module reaches no port: reported, and emulated as absent.
+    if let View::Module(_) = ctx.view() {
+        super::integrity::refusal(ctx, ViolationKind::ModulePortIo, u64::from(access.port));
+        return absent(ctx, access);
+    }
+    let lanes = || (0..access.size).map(|i| access.port.wrapping_add(u16::from(i)));
+    let hardware = |p: u16| ctx.guest.ports_passed.contains(p) || guarded(p, pm1a_control);
+    let whole = access.port == PORT_PCI_ADDRESS && access.size == 4
+        || lanes().all(|p| hardware(p) && p != PORT_A20 && !uart::PORTS.contains(&p));
+    let mask = (1u64 << (8 * u32::from(access.size))) - 1;
     if access.input {
-        let value = u64::from(ctx.host.port_read(access.port, access.size));
+        let value = if whole {
+            u64::from(ctx.host.port_read(access.port, access.size))
+        } else {
+            let mut v = 0u64;
+            for (i, p) in lanes().enumerate() {
+                v |= u64::from(pass_through_read_byte(ctx, p)) << (8 * i);
+            }
+            v
+        };
         let rax = &mut ctx.vcpu.regs().rax;
         *rax = if access.size == 4 { value } else { (*rax & !mask) | (value & mask) };
     } else {
-        let value = (ctx.vcpu.regs().rax & mask) as u32;
-        if pm1a && value & PM1_SLP_EN != 0 {
-            return Action::Stop(StopReason::AcpiSleep { sleep_type: ((value >> 10) & 7) as u16 });
+        let value = ctx.vcpu.regs().rax & mask;
+        let pci_address = access.port == PORT_PCI_ADDRESS && access.size == 4;
+        let mut dropped = false;
+        if !pci_address {
+            for (i, p) in lanes().enumerate() {
+                match guard_write(p, (value >> (8 * i)) as u8, pm1a_control) {
+                    Guard::Pass => {}
+                    Guard::Drop => dropped = true,
+                    Guard::Stop(stop) => return Action::Stop(stop),
+                }
+            }
         }
-        if access.port == PORT_8042_COMMAND && access.size == 1 && value == I8042_RESET {
-            return Action::Stop(StopReason::Reset { what: "keyboard-controller reset" });
+        if dropped {
+            note_unhandled(ctx, access.port, "refused write");
+        } else if whole {
+            ctx.host.port_write(access.port, access.size, value as u32);
+        } else {
+            for (i, p) in lanes().enumerate() {
+                pass_through_write_byte(ctx, p, (value >> (8 * i)) as u8);
+            }
         }
-        if access.port == PORT_RESET_CONTROL && access.size == 1 && value & RESET_CONTROL_RESET != 0 {
-            return Action::Stop(StopReason::Reset { what: "reset-control register" });
+    }
+    skip_instruction(ctx.vcpu, ctx.exit);
+    Action::Resume
+}
+
+fn pass_through_read_byte(ctx: &mut ExitContext<'_>, port: u16) -> u8 {
+    if uart::PORTS.contains(&port) {
+        let host = ctx.host;
+        ctx.guest.serial.read(port - uart::BASE, &mut HostCom1(host))
+    } else if port == PORT_A20 {
+        0x02
+    } else if ctx.guest.ports_passed.contains(port) || guarded(port, None) {
+        ctx.host.port_read(port, 1) as u8
+    } else {
+        note_unhandled(ctx, port, "read");
+        0xff
+    }
+}
+
+fn pass_through_write_byte(ctx: &mut ExitContext<'_>, port: u16, value: u8) {
+    if uart::PORTS.contains(&port) {
+        let host = ctx.host;
+        if let Some(byte) = ctx.guest.serial.write(port - uart::BASE, value, &mut HostCom1(host)) {
+            console::guest_bytes(ctx.guest.name(), &[byte]);
         }
-        ctx.host.port_write(access.port, access.size, value);
+    } else if port == PORT_A20 {
+        // Bit 0 resets the CPU, bit 1 gates A20: neither is the guest's.
+    } else if ctx.guest.ports_passed.contains(port) || guarded(port, None) {
+        ctx.host.port_write(port, 1, u32::from(value));
+    } else {
+        note_unhandled(ctx, port, "write");
+    }
+}
+
+/// An access to no device: reads give all-ones, writes go nowhere.
+fn absent(ctx: &mut ExitContext<'_>, access: IoAccess) -> Action {
+    if access.input {
+        let rax = &mut ctx.vcpu.regs().rax;
+        *rax = match access.size {
+            1 => *rax | 0xff,
+            2 => *rax | 0xffff,
+            _ => 0xffff_ffff,
+        };
     }
     skip_instruction(ctx.vcpu, ctx.exit);
     Action::Resume
@@ -122,16 +282,8 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             rip: ctx.vcpu.read(Field::Rip),
         });
     }
-    if let Platform::PassThrough { pm1a_control } = ctx.guest.platform {
-        let port = access.port;
-        // Emulator ports, and A20 written as a byte, stay emulated below.
-        // Everything else reaches the hardware through the guard, including
-        // wider accesses that merely overlap a guarded port (PCI's 32-bit
-        // 0xCF8 covers 0xCF9).
-        let emulated = EMULATOR_PORTS.contains(&port) || (port == PORT_A20 && access.size == 1);
-        if !emulated {
-            return guarded_hardware_port(ctx, access, pm1a_control == Some(port));
-        }
+    if let Platform::PassThrough { pm1a_control, .. } = ctx.guest.platform {
+        return pass_through(ctx, access, pm1a_control);
     }
     // Multi-byte accesses reach consecutive ports, as on the ISA bus.
     if access.input {
@@ -164,6 +316,7 @@ mod tests {
     use crate::guest::{test_guest, Guest};
     use crate::vcpu::fake::FakeVcpu;
     use crate::vcpu::{ExitInfo, VcpuState};
+    use alloc::vec::Vec;
 
     fn qual(port: u16, size: u8, input: bool) -> u64 {
         (u64::from(port) << 16) | u64::from(size - 1) | (u64::from(input) << 3)
@@ -220,33 +373,147 @@ mod tests {
         assert_eq!(io(&mut g, 0x92, 1, true, 0).1, 0x02);
     }
 
+    /// A pass-through guest with Bochs' PM1a control port on its allow-list.
+    fn pass_through_guest() -> Guest {
+        let mut g = test_guest();
+        g.platform = Platform::PassThrough { pm1a_control: Some(0xb004), lapic: None };
+        for &(first, last, _) in LEGACY_PASS.iter().chain(&[(0xb000, 0xb00b, "ACPI")]) {
+            (first..=last).for_each(|p| g.ports_passed.insert(p));
+        }
+        g
+    }
+
+    /// Runs one port exit with a host that records what reaches it.
+    fn pt_io(g: &mut Guest, port: u16, size: u8, input: bool, rax: u64) -> (Action, u64, Vec<(u16, u8, u32)>) {
+        let mut v = FakeVcpu::new();
+        v.regs.rax = rax;
+        let exit = ExitInfo {
+            reason: reason::IO_INSTRUCTION,
+            qualification: qual(port, size, input),
+            instruction_len: 1,
+            ..Default::default()
+        };
+        let host = crate::exits::testing::FakeHost::default();
+        let phys = crate::guest::memory::fake::FakePhys::new(0, 0);
+        let mut ctx =
+            crate::exits::ExitContext { guest: g, vcpu: &mut v, exit: &exit, host: &host, phys: &phys, control: None };
+        let a = crate::exits::dispatch(&mut ctx);
+        let writes = host.port_writes.borrow().clone();
+        (a, v.regs.rax, writes)
+    }
+
     #[test]
     fn pass_through_sleep_request_stops_the_guest() {
-        let mut g = test_guest();
-        g.platform = Platform::PassThrough { pm1a_control: Some(0xb004) };
+        let mut g = pass_through_guest();
         // SLP_TYP 5 with SLP_EN: Linux's power-off on Bochs.
-        let (a, _) = io(&mut g, 0xb004, 2, false, (5 << 10) | (1 << 13));
+        let (a, _, _) = pt_io(&mut g, 0xb004, 2, false, (5 << 10) | (1 << 13));
         assert_eq!(a, Action::Stop(StopReason::AcpiSleep { sleep_type: 5 }));
-        // Without SLP_EN the write reaches the hardware (checked through FakeHost in msr tests' style).
-        let (a, rax) = io(&mut g, 0xb004, 2, true, 0xffff_0000);
-        assert_eq!(a, Action::Resume);
-        assert_eq!(rax, 0xffff_0000 | u64::from(0xb004u32 ^ 0x5a5a) & 0xffff);
-        // The emulator's shutdown port is not the guest's to use.
-        let (a, _) = io(&mut g, 0x8900, 1, false, u64::from(b'S'));
-        assert_eq!(a, Action::Resume);
-        let (a, _) = io(&mut g, 0x64, 1, false, 0xfe);
-        assert_eq!(a, Action::Stop(StopReason::Reset { what: "keyboard-controller reset" }));
-        let (a, _) = io(&mut g, 0xcf9, 1, false, 0x06);
-        assert_eq!(a, Action::Stop(StopReason::Reset { what: "reset-control register" }));
-        assert_eq!(io(&mut g, 0x64, 1, false, 0x60).0, Action::Resume);
-        // A PCI configuration address written as a dword spans 0xCF9: it must
-        // reach the hardware, not be taken for a reset.
-        let (a, _) = io(&mut g, 0xcf8, 4, false, 0x8000_0004);
-        assert_eq!(a, Action::Resume);
-        let (_, rax) = io(&mut g, 0xcf8, 4, true, 0);
+        // The same through the register's second byte alone.
+        let (a, _, w) = pt_io(&mut g, 0xb005, 1, false, (5 << 2) | (1 << 5));
+        assert_eq!(a, Action::Stop(StopReason::AcpiSleep { sleep_type: 5 }));
+        assert!(w.is_empty(), "it never reached the chipset");
+        // Without SLP_EN the write reaches the hardware.
+        let (a, _, w) = pt_io(&mut g, 0xb004, 2, false, 1);
+        assert_eq!((a, w), (Action::Resume, alloc::vec![(0xb004, 2, 1)]));
+    }
+
+    #[test]
+    fn no_width_of_access_resets_the_machine_behind_the_hypervisor() {
+        // (port, size, value): the reset register, the 8042's reset pulse,
+        // fast reset through port 0x92, each as bytes and wider.
+        for (port, size, value, stops) in [
+            (0xcf9, 1, 0x06, true),
+            (0xcf9, 2, 0x0006, true),
+            (0xcf9, 4, 0x0000_0006, true),
+            (0xcf8, 2, 0x0600, true), // the high byte lands on 0xCF9
+            (0x64, 1, 0xfe, true),
+            (0x64, 2, 0x00fe, true),
+            (0x63, 2, 0xfe00, true),
+            (0x64, 1, 0xf0, true), // any pulse with bit 0 clear
+            (0x92, 1, 0x01, false),
+            (0x92, 2, 0x0001, false),
+            (0x91, 4, 0x0000_0100, false),
+        ] {
+            let mut g = pass_through_guest();
+            let (a, _, writes) = pt_io(&mut g, port, size, false, value);
+            if stops {
+                assert!(matches!(a, Action::Stop(StopReason::Reset { .. })), "{port:#x}/{size}: {a:?}");
+            } else {
+                assert_eq!(a, Action::Resume, "{port:#x}/{size}");
+            }
+            // Nothing that could reset reached the hardware: no byte at 0x92,
+            // no reset value at 0xCF9 or 0x64.
+            for (p, s, v) in writes {
+                for k in 0..s {
+                    let lane = p + u16::from(k);
+                    assert!(
+                        lane != 0x92 && lane != 0xcf9 && lane != 0x64,
+                        "{port:#x}/{size}: reached {lane:#x} ({v:#x})"
+                    );
+                }
+            }
+        }
+        // "Write output port" is refused: 0x60 then cannot drive the reset line.
+        let mut g = pass_through_guest();
+        let (a, _, w) = pt_io(&mut g, 0x64, 1, false, 0xd1);
+        assert_eq!((a, w), (Action::Resume, alloc::vec![]));
+        // Ordinary 8042 commands and PCI's configuration address go through.
+        let (a, _, w) = pt_io(&mut g, 0x64, 1, false, 0x60);
+        assert_eq!((a, w), (Action::Resume, alloc::vec![(0x64, 1, 0x60)]));
+        let (_, _, w) = pt_io(&mut g, 0xcf8, 4, false, 0x8000_0004);
+        assert_eq!(w, [(0xcf8, 4, 0x8000_0004)], "a dword at 0xCF8 is the configuration address");
+        let (_, rax, _) = pt_io(&mut g, 0xcf8, 4, true, 0);
         assert_eq!(rax, u64::from(0xcf8u32 ^ 0x5a5a));
-        let guarded: alloc::vec::Vec<u16> = guarded_ports(Some(0xb004)).collect();
-        assert!(guarded.contains(&0x8900) && guarded.contains(&0xb005) && guarded.contains(&0x92));
+    }
+
+    #[test]
+    fn ports_off_the_allow_list_are_absent() {
+        // The ISA DMA controller, whose transfers could reach the hypervisor's memory.
+        let mut g = pass_through_guest();
+        for port in [0x00u16, 0x0a, 0x81, 0xc0, 0xd6, 0x8900] {
+            let (a, _, w) = pt_io(&mut g, port, 1, false, 0x55);
+            assert_eq!((a, w), (Action::Resume, alloc::vec![]), "{port:#x}");
+            assert_eq!(pt_io(&mut g, port, 1, true, 0x1200).1, 0x12ff, "{port:#x} reads as absent");
+        }
+        // A listed device's port reaches the hardware.
+        assert_eq!(pt_io(&mut g, 0x70, 1, false, 0x8f).2, [(0x70, 1, 0x8f)]);
+        // The bitmaps: the kernel view passes the list but not the guarded
+        // ports; a module's view passes nothing.
+        let (kernel, module) = pass_through_bitmaps(&g.ports_passed, Some(0xb004));
+        assert!(!kernel.traps(0x70) && !kernel.traps(0xb008) && !kernel.traps(0xcf8));
+        for p in [0x00, 0x92, 0x64, 0xcf9, 0x3f8, 0x3fd, 0xb004, 0xb005, 0x8900] {
+            assert!(kernel.traps(p), "{p:#x}");
+        }
+        assert!((0..=u16::MAX).all(|p| module.traps(p)));
+    }
+
+    #[test]
+    fn an_isolated_module_reaches_no_port() {
+        use crate::integrity::{GuestIntegrity, Mode, View};
+        let mut g = pass_through_guest();
+        let mut integrity = GuestIntegrity::new(Mode::Enforce, alloc::vec![]);
+        integrity.view = View::Module(3);
+        g.integrity = Some(integrity);
+        for (port, size, input) in [(0xcf9, 1, false), (0xcf8, 4, false), (0x70, 1, true), (0x3f8, 1, false)] {
+            let (a, rax, w) = pt_io(&mut g, port, size, input, 0x06);
+            assert_eq!((a, w), (Action::Resume, alloc::vec![]), "{port:#x}");
+            if input {
+                assert_eq!(rax & 0xff, 0xff);
+            }
+        }
+        let kinds: Vec<u32> = g.integrity.as_mut().unwrap().engine.violations.take(9).map(|r| r.kind).collect();
+        assert_eq!(kinds, [crate::integrity::ViolationKind::ModulePortIo as u32; 4]);
+    }
+
+    #[test]
+    fn com1_output_is_the_hypervisors_to_print() {
+        let mut g = pass_through_guest();
+        let (a, _, w) = pt_io(&mut g, 0x3f8, 1, false, u64::from(b'x'));
+        assert_eq!((a, w), (Action::Resume, alloc::vec![]), "the byte never reaches the chip directly");
+        // The divisor the guest programs stays its own.
+        pt_io(&mut g, 0x3fb, 1, false, 0x80);
+        let (_, _, w) = pt_io(&mut g, 0x3f8, 1, false, 0x0c);
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -4,26 +4,27 @@
 //! the exit information and the host CPU) and returns an [`Action`]. A reason
 //! without a handler stops the guest with a report; it is never ignored.
 
+pub mod apic;
 mod cpuid;
 mod cr;
-mod dtable;
+pub mod dtable;
 mod ept;
 pub mod hypercall;
 pub mod integrity;
-mod io;
+pub mod io;
 mod misc;
-mod msr;
+pub mod msr;
 
 use alloc::string::String;
 use core::fmt;
 
+use crate::guest::access::{GuestAccess, Inspector, Paging, Principal};
 use crate::guest::memory::HostPhys;
 use crate::guest::Guest;
 use crate::vcpu::{ExitInfo, VcpuState};
 
 pub use ept::Access;
-pub use io::guarded_ports as io_guarded_ports;
-pub use msr::pass_through_traps as msr_pass_through_traps;
+pub use misc::{xcr0_offered, xcr0_valid};
 
 /// What the host processor offers the handlers; faked in tests.
 pub trait HostCpu {
@@ -35,10 +36,17 @@ pub trait HostCpu {
     fn write_msr(&self, msr: u32, value: u64);
     /// Loads XCR0 (the running guest's value).
     fn set_xcr0(&self, value: u64);
+    /// The XCR0 components guests may enable (0: XSAVE is not available to
+    /// them, and XSETBV is #UD).
+    fn xcr0_offered(&self) -> u64;
     /// Port I/O on the real machine, for pass-through ports the hypervisor
     /// watches (`size` is 1, 2 or 4).
     fn port_read(&self, port: u16, size: u8) -> u32;
     fn port_write(&self, port: u16, size: u8, value: u32);
+    /// The real local APIC's registers (xAPIC, by offset in its page), for
+    /// the pass-through guest's writes the hypervisor checks and passes on.
+    fn lapic_read(&self, offset: u64) -> u32;
+    fn lapic_write(&self, offset: u64, value: u32);
 }
 
 /// What to do after handling an exit.
@@ -149,6 +157,33 @@ pub struct ExitContext<'a> {
     pub phys: &'a dyn HostPhys,
     /// EPT views and register guards, for guests with integrity views.
     pub control: Option<&'a mut dyn crate::integrity::control::GuestControl>,
+}
+
+impl ExitContext<'_> {
+    /// The EPT view the vCPU runs in (the kernel's, for a guest without views).
+    pub fn view(&self) -> crate::integrity::View {
+        self.guest.integrity.as_ref().map_or(crate::integrity::View::Kernel, |i| i.view)
+    }
+
+    /// Who ran the instruction that exited.
+    pub fn principal(&self) -> Principal {
+        Principal::current(self.vcpu, self.view())
+    }
+
+    /// Guest memory as `who` may use it.
+    pub fn access_as(&self, who: Principal) -> GuestAccess<'_> {
+        GuestAccess::new(&self.guest.memory, self.phys, Paging::from_vcpu(self.vcpu), who, self.control.as_deref())
+    }
+
+    /// Guest memory as whoever ran the instruction that exited may use it.
+    pub fn access(&self) -> GuestAccess<'_> {
+        self.access_as(self.principal())
+    }
+
+    /// The hypervisor's own read-only look at guest memory.
+    pub fn inspect(&self) -> Inspector<'_> {
+        Inspector::new(&self.guest.memory, self.phys, Paging::from_vcpu(self.vcpu))
+    }
 }
 
 pub type Handler = fn(&mut ExitContext<'_>) -> Action;
@@ -393,6 +428,9 @@ pub mod testing {
         pub msr_writes: RefCell<alloc::vec::Vec<(u32, u64)>>,
         pub xcr0: RefCell<u64>,
         pub port_writes: RefCell<alloc::vec::Vec<(u16, u8, u32)>>,
+        pub lapic_writes: RefCell<alloc::vec::Vec<(u64, u32)>>,
+        /// What XSAVE offers guests (default: x87, SSE, AVX).
+        pub xcr0_offered: Option<u64>,
     }
 
     impl HostCpu for FakeHost {
@@ -418,11 +456,21 @@ pub mod testing {
         fn set_xcr0(&self, value: u64) {
             *self.xcr0.borrow_mut() = value;
         }
+        fn xcr0_offered(&self) -> u64 {
+            self.xcr0_offered.unwrap_or(0x7)
+        }
         fn port_read(&self, port: u16, _size: u8) -> u32 {
             u32::from(port) ^ 0x5a5a
         }
         fn port_write(&self, port: u16, size: u8, value: u32) {
             self.port_writes.borrow_mut().push((port, size, value));
+        }
+        fn lapic_read(&self, offset: u64) -> u32 {
+            // The last value written, as the ICR's destination reads back.
+            self.lapic_writes.borrow().iter().rev().find(|w| w.0 == offset).map_or(0, |w| w.1)
+        }
+        fn lapic_write(&self, offset: u64, value: u32) {
+            self.lapic_writes.borrow_mut().push((offset, value));
         }
     }
 

@@ -9,6 +9,10 @@ use crate::mm::frames::Region;
 pub trait HostPhys {
     fn read(&self, hpa: u64, buf: &mut [u8]);
     fn write(&self, hpa: u64, data: &[u8]);
+    /// Atomically replaces the aligned u64 at `hpa` with `new` if it still
+    /// holds `current` (a guest page-table entry the guest may be changing
+    /// on another CPU); whether it did.
+    fn compare_exchange_u64(&self, hpa: u64, current: u64, new: u64) -> bool;
 }
 
 impl<T: HostPhys + ?Sized> HostPhys for &T {
@@ -17,6 +21,9 @@ impl<T: HostPhys + ?Sized> HostPhys for &T {
     }
     fn write(&self, hpa: u64, data: &[u8]) {
         (**self).write(hpa, data)
+    }
+    fn compare_exchange_u64(&self, hpa: u64, current: u64, new: u64) -> bool {
+        (**self).compare_exchange_u64(hpa, current, new)
     }
 }
 
@@ -98,6 +105,23 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Compare-and-exchange of an aligned u64 of guest RAM (see
+    /// [`HostPhys::compare_exchange_u64`]); whether it was exchanged.
+    pub fn compare_exchange_u64(
+        &self,
+        phys: &impl HostPhys,
+        gpa: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<bool, OutOfRange> {
+        if !gpa.is_multiple_of(8) {
+            return Err(OutOfRange(gpa));
+        }
+        self.check(gpa, 8)?;
+        let (hpa, _) = self.translate(gpa).ok_or(OutOfRange(gpa))?;
+        Ok(phys.compare_exchange_u64(hpa, current, new))
+    }
+
     /// Zero-fills a range.
     pub fn zero(&self, phys: &impl HostPhys, gpa: u64, len: u64) -> Result<(), OutOfRange> {
         self.check(gpa, len)?;
@@ -147,6 +171,15 @@ pub mod fake {
         fn write(&self, hpa: u64, data: &[u8]) {
             let at = (hpa - self.base) as usize;
             self.bytes.borrow_mut()[at..at + data.len()].copy_from_slice(data);
+        }
+        fn compare_exchange_u64(&self, hpa: u64, current: u64, new: u64) -> bool {
+            let mut b = [0u8; 8];
+            self.read(hpa, &mut b);
+            let ok = u64::from_le_bytes(b) == current;
+            if ok {
+                self.write(hpa, &new.to_le_bytes());
+            }
+            ok
         }
     }
 }

@@ -2,12 +2,12 @@
 //! emulated registers and counters. The VMX side (VMCS, EPT, run loop)
 //! wraps it in the bare-metal binary.
 
+pub mod access;
 pub mod boot64;
 pub mod config;
 pub mod linux;
 pub mod loader;
 pub mod memory;
-pub mod virt;
 
 use alloc::boxed::Box;
 
@@ -39,22 +39,67 @@ pub struct CrLimits {
     pub unrestricted: bool,
 }
 
-/// Ports logged once per guest: 64 Ki bits.
-pub struct PortLog(Box<[u64; 1024]>);
+/// A set of I/O ports (or of MSR numbers' low 16 bits): 64 Ki bits.
+#[derive(Clone)]
+pub struct PortSet(Box<[u64; 1024]>);
 
-impl Default for PortLog {
+impl Default for PortSet {
     fn default() -> Self {
-        PortLog(Box::new([0; 1024]))
+        PortSet(Box::new([0; 1024]))
     }
 }
 
-impl PortLog {
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port) / 64] & (1 << (port % 64)) != 0
+    }
+
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port) / 64] |= 1 << (port % 64);
+    }
+
     /// True the first time a port is seen.
     pub fn first_time(&mut self, port: u16) -> bool {
-        let (word, bit) = (usize::from(port) / 64, port % 64);
-        let fresh = self.0[word] & (1 << bit) == 0;
-        self.0[word] |= 1 << bit;
+        let fresh = !self.contains(port);
+        self.insert(port);
         fresh
+    }
+}
+
+/// MSRs logged once per guest.
+#[derive(Default)]
+pub struct MsrLog(alloc::collections::BTreeSet<u32>);
+
+impl MsrLog {
+    /// True the first time an MSR is seen (at most 1024 are remembered:
+    /// past that, nothing more is logged).
+    pub fn first_time(&mut self, msr: u32) -> bool {
+        self.0.len() < 1024 && self.0.insert(msr)
+    }
+}
+
+/// Attempts refused outside the integrity log (user space's, or a guest's
+/// without integrity views), counted per kind.
+#[derive(Clone, Debug, Default)]
+pub struct Refusals {
+    counts: alloc::collections::BTreeMap<u32, u64>,
+}
+
+impl Refusals {
+    /// Counts one; returns how many of this kind there have been.
+    pub fn count(&mut self, kind: crate::integrity::ViolationKind) -> u64 {
+        let n = self.counts.entry(kind as u32).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// (kind, count) for every kind seen.
+    pub fn seen(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        use crate::integrity::ViolationKind;
+        self.counts.iter().filter_map(|(&k, &n)| {
+            let kind = ViolationKind::ALL.get((k as usize).checked_sub(1)?)?;
+            Some((kind.name(), n))
+        })
     }
 }
 
@@ -66,7 +111,12 @@ pub enum Platform {
     /// The machine's own devices, memory identity-mapped: only the ports and
     /// MSRs the hypervisor must guard exit. `pm1a_control` is the ACPI port
     /// whose sleep-enable bit powers the machine off.
-    PassThrough { pm1a_control: Option<u16> },
+    PassThrough {
+        pm1a_control: Option<u16>,
+        /// The page of the local APIC (xAPIC mode), mapped read-only: its
+        /// writes are emulated, so that no INIT or start-up IPI leaves.
+        lapic: Option<u64>,
+    },
 }
 
 impl Platform {
@@ -86,12 +136,24 @@ pub struct Guest {
     pub platform: Platform,
     pub memory: GuestMemory,
     pub uart: Uart,
-    pub ports_logged: PortLog,
+    /// COM1 of a pass-through guest: the real chip's receiver, the
+    /// hypervisor's transmitter.
+    pub serial: crate::devices::uart::SerialFront,
+    /// The ports a pass-through guest reaches (the allow-list of
+    /// [`crate::exits::io::LEGACY_PASS`], ACPI's and PCI's).
+    pub ports_passed: PortSet,
+    pub ports_logged: PortSet,
+    pub msrs_logged: MsrLog,
     pub msrs: MsrShadow,
     pub xcr0: u64,
     pub cr_limits: CrLimits,
+    /// IA32_PERF_GLOBAL_CTRL is the VMCS's (loaded on entry, 0 on exit):
+    /// the guest may enable counters. Without it, it may not.
+    pub perf_switched: bool,
     pub capabilities: u64,
     pub exits: ExitStats,
+    /// Attempts refused outside the integrity log.
+    pub refusals: Refusals,
     pub state: RunState,
     /// The guest's virtual TPM, if it has one.
     pub vtpm: Option<crate::tpm::GuestTpm>,
@@ -106,12 +168,17 @@ impl Guest {
             platform,
             memory,
             uart: Uart::default(),
-            ports_logged: PortLog::default(),
+            serial: Default::default(),
+            ports_passed: PortSet::default(),
+            ports_logged: PortSet::default(),
+            msrs_logged: MsrLog::default(),
             msrs: MsrShadow::default(),
             xcr0: 1,
             cr_limits,
+            perf_switched: false,
             capabilities: guest_agent::Capabilities::SHUTDOWN,
             exits: ExitStats::default(),
+            refusals: Refusals::default(),
             state: RunState::Runnable,
             vtpm: None,
             integrity: None,

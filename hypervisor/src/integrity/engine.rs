@@ -300,6 +300,23 @@ impl Engine {
             Mode::Enforce => ViolationAction::Denied,
             Mode::Audit => ViolationAction::Allowed,
         };
+        self.record_action(kind, view, rip, target, action)
+    }
+
+    /// Records a violation that was refused whatever the mode (containment:
+    /// no mode lets a guest out of the hypervisor's hands).
+    pub fn record_denied(&mut self, kind: ViolationKind, view: View, rip: u64, target: u64) -> Violation {
+        self.record_action(kind, view, rip, target, ViolationAction::Denied)
+    }
+
+    fn record_action(
+        &mut self,
+        kind: ViolationKind,
+        view: View,
+        rip: u64,
+        target: u64,
+        action: ViolationAction,
+    ) -> Violation {
         let module = match view {
             View::Module(m) => Some(m),
             View::Kernel => None,
@@ -605,17 +622,43 @@ impl Engine {
         self.modules.get(&m).is_some_and(|md| in_ranges(&md.info.code, addr))
     }
 
+    /// An access the hypervisor refused to make for `view` (an emulated
+    /// operand its view does not allow): recorded by the class of the page,
+    /// always denied.
+    pub fn refused_access(
+        &mut self,
+        view: View,
+        gpa: u64,
+        rip: u64,
+        target: u64,
+        kind: crate::guest::access::Kind,
+    ) -> Violation {
+        let class = self.class_of(gpa);
+        let violation = match kind {
+            crate::guest::access::Kind::Fetch => ViolationKind::ExecuteData,
+            _ => Self::write_kind(class).unwrap_or(ViolationKind::WriteProtectedData),
+        };
+        self.record_denied(violation, view, rip, target)
+    }
+
+    /// The violation a write to a page of this class is.
+    fn write_kind(class: Option<PageClass>) -> Option<ViolationKind> {
+        Some(match class? {
+            PageClass::KernelText => ViolationKind::WriteKernelText,
+            PageClass::KernelReadOnly => ViolationKind::WriteReadOnlyData,
+            PageClass::SyscallTable => ViolationKind::WriteSyscallTable,
+            PageClass::Idt => ViolationKind::WriteIdt,
+            PageClass::ModuleCode(_) => ViolationKind::WriteModuleCode,
+            PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_) => ViolationKind::WriteProtectedData,
+        })
+    }
+
     /// A write to a page one of the views protects.
     fn write_to_protected(&mut self, fault: &Fault, class: Option<PageClass>, from_module: bool) -> Outcome {
-        let kind = match class {
-            Some(PageClass::KernelText) => ViolationKind::WriteKernelText,
-            Some(PageClass::KernelReadOnly) => ViolationKind::WriteReadOnlyData,
-            Some(PageClass::SyscallTable) => ViolationKind::WriteSyscallTable,
-            Some(PageClass::Idt) => ViolationKind::WriteIdt,
-            Some(PageClass::ModuleCode(_)) => ViolationKind::WriteModuleCode,
-            Some(PageClass::PageTable | PageClass::Sensitive) if from_module => ViolationKind::WriteProtectedData,
-            Some(PageClass::ModuleData(_)) if from_module => ViolationKind::WriteProtectedData,
-            // The kernel view may write its page tables and module data.
+        // The kernel view may write its page tables and module data.
+        let kernel_may = matches!(class, Some(PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_)));
+        let kind = match Self::write_kind(class) {
+            Some(kind) if from_module || !kernel_may => kind,
             _ => return Outcome::step(Step::NotMine),
         };
         // The kernel's own text patching (static keys, alternatives, ftrace,

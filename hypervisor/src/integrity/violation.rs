@@ -5,74 +5,9 @@
 use alloc::collections::VecDeque;
 use core::fmt;
 
-use guest_agent::integrity::{ViolationAction, ViolationKindCode, ViolationRecord};
+use guest_agent::integrity::{ViolationAction, ViolationRecord};
 
-/// What was attempted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViolationKind {
-    WriteKernelText,
-    WriteReadOnlyData,
-    WriteSyscallTable,
-    WriteIdt,
-    WriteModuleCode,
-    WriteProtectedData,
-    /// A module called into the kernel somewhere that is not an entry.
-    CallNonEntry,
-    /// A module called a kernel API on its deny-list.
-    CallDeniedApi,
-    /// The kernel (or another module) jumped into a module off its entries.
-    EnterModuleOffEntry,
-    /// Execution of something that is not code in this view.
-    ExecuteData,
-    /// CR0.WP or CR4.SMEP/SMAP cleared after the lock.
-    ControlRegister,
-    /// LIDT/LGDT after the lock.
-    DescriptorTable,
-    /// A write to LSTAR, CSTAR or SYSENTER_* after the lock.
-    SyscallMsr,
-    /// A module named as trusted whose code is not the code the policy pins.
-    CodeDigest,
-}
-
-impl ViolationKind {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::WriteKernelText => "write-kernel-text",
-            Self::WriteReadOnlyData => "write-rodata",
-            Self::WriteSyscallTable => "write-syscall-table",
-            Self::WriteIdt => "write-idt",
-            Self::WriteModuleCode => "write-module-code",
-            Self::WriteProtectedData => "write-protected-data",
-            Self::CallNonEntry => "call-non-entry",
-            Self::CallDeniedApi => "call-denied-api",
-            Self::EnterModuleOffEntry => "enter-module-off-entry",
-            Self::ExecuteData => "execute-data",
-            Self::ControlRegister => "control-register",
-            Self::DescriptorTable => "descriptor-table",
-            Self::SyscallMsr => "syscall-msr",
-            Self::CodeDigest => "code-digest",
-        }
-    }
-
-    const fn code(self) -> ViolationKindCode {
-        match self {
-            Self::WriteKernelText => ViolationKindCode::WriteKernelText,
-            Self::WriteReadOnlyData => ViolationKindCode::WriteReadOnlyData,
-            Self::WriteSyscallTable => ViolationKindCode::WriteSyscallTable,
-            Self::WriteIdt => ViolationKindCode::WriteIdt,
-            Self::WriteModuleCode => ViolationKindCode::WriteModuleCode,
-            Self::WriteProtectedData => ViolationKindCode::WriteProtectedData,
-            Self::CallNonEntry => ViolationKindCode::CallNonEntry,
-            Self::CallDeniedApi => ViolationKindCode::CallDeniedApi,
-            Self::EnterModuleOffEntry => ViolationKindCode::EnterModuleOffEntry,
-            Self::ExecuteData => ViolationKindCode::ExecuteData,
-            Self::ControlRegister => ViolationKindCode::ControlRegister,
-            Self::DescriptorTable => ViolationKindCode::DescriptorTable,
-            Self::SyscallMsr => ViolationKindCode::SyscallMsr,
-            Self::CodeDigest => ViolationKindCode::CodeDigest,
-        }
-    }
-}
+pub use guest_agent::integrity::ViolationKind;
 
 /// One violation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,7 +67,7 @@ impl ViolationLog {
         }
         let record = ViolationRecord {
             sequence: self.next_sequence,
-            kind: v.kind.code() as u32,
+            kind: v.kind as u32,
             module: v.module.unwrap_or(u32::MAX),
             rip: v.rip,
             target: v.target,
@@ -199,7 +134,7 @@ mod tests {
         assert_eq!(log.dropped, 1);
         let got: Vec<_> = log.take(10).collect();
         assert_eq!(got.iter().map(|r| r.sequence).collect::<Vec<_>>(), [2, 3]);
-        assert_eq!(got[0].kind, ViolationKindCode::WriteIdt as u32);
+        assert_eq!(got[0].kind, ViolationKind::WriteIdt as u32);
         assert_eq!(got[0].module, 3);
         assert!(log.is_empty());
     }

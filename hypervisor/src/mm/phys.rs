@@ -53,6 +53,17 @@ impl HostPhys for Identity {
         // SAFETY: as above.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), hpa as *mut u8, data.len()) };
     }
+
+    fn compare_exchange_u64(&self, hpa: u64, current: u64, new: u64) -> bool {
+        if !hpa.is_multiple_of(8) {
+            return false;
+        }
+        // SAFETY: an aligned u64 of guest RAM, identity mapped (as above);
+        // the guest may change it concurrently, hence the atomic access.
+        let word = unsafe { core::sync::atomic::AtomicU64::from_ptr(hpa as *mut u64) };
+        word.compare_exchange(current, new, core::sync::atomic::Ordering::SeqCst, core::sync::atomic::Ordering::SeqCst)
+            .is_ok()
+    }
 }
 
 /// Page-table frames from the shared allocator.

@@ -14,10 +14,9 @@ use core::fmt;
 use iced_x86::{OpKind, Register};
 
 use super::decode::{self, gpr, DecodeError, Extend, Gpr, MmioOp, Source};
-use super::walk::{self, Paging, WalkError, MAX_INSTRUCTION_LEN};
 use super::MmioDevice;
 use crate::arch::x86_64::vmx::ept::{Access, ViolationInfo};
-use crate::guest::memory::{GuestMemory, HostPhys};
+use crate::guest::access::{AccessError, GuestAccess, MAX_INSTRUCTION_LEN};
 use crate::vcpu::{skip_instruction, ExitInfo, Field, VcpuState};
 
 const EFER_LMA: u64 = 1 << 10;
@@ -44,7 +43,7 @@ pub enum Reason {
     NotLongMode {
         bitness: u32,
     },
-    Fetch(WalkError),
+    Fetch(AccessError),
     Decode(DecodeError),
     /// The processor reported `access`, the instruction does the other
     /// (or an instruction fetch from the window).
@@ -140,8 +139,7 @@ impl fmt::Display for MmioError {
 pub fn emulate(
     vcpu: &mut dyn VcpuState,
     exit: &ExitInfo,
-    memory: &GuestMemory,
-    phys: &impl HostPhys,
+    memory: &GuestAccess<'_>,
     device: &mut dyn MmioDevice,
     base: u64,
 ) -> Result<Emulated, MmioError> {
@@ -164,8 +162,7 @@ pub fn emulate(
     if bitness != 64 {
         return fail(error, Reason::NotLongMode { bitness });
     }
-    let paging = Paging::from_vcpu(vcpu);
-    let fetched = match walk::fetch_instruction(memory, phys, &paging, rip, &mut error.bytes) {
+    let fetched = match memory.fetch_instruction(rip, &mut error.bytes) {
         Ok(n) => n,
         Err(e) => return fail(error, Reason::Fetch(e)),
     };
@@ -316,7 +313,8 @@ fn write_gpr(vcpu: &mut dyn VcpuState, g: Gpr, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mmio::walk::testing::{TestGuest, PML4};
+    use crate::guest::access::testing::{TestGuest, PML4};
+    use crate::guest::access::{AccessError, GuestAccess, Paging, Principal};
     use crate::vcpu::fake::FakeVcpu;
     use crate::vcpu::GuestRegisters;
     use alloc::vec::Vec;
@@ -398,9 +396,15 @@ mod tests {
     const READ: u64 = 1;
     const WRITE: u64 = 2;
 
+    /// The guest's memory as its kernel (the test vCPU's CS and SS are DPL 0) uses it.
+    fn kernel_access<'a>(g: &'a TestGuest, v: &FakeVcpu) -> GuestAccess<'a> {
+        GuestAccess::new(&g.memory, &g.phys, Paging::from_vcpu(v), Principal::KERNEL, None)
+    }
+
     fn run(s: &mut Setup, qualification: u64, offset: u64) -> Result<Emulated, MmioError> {
         let e = exit(qualification, offset);
-        emulate(&mut s.v, &e, &s.g.memory, &s.g.phys, &mut s.dev, WINDOW)
+        let access = kernel_access(&s.g, &s.v);
+        emulate(&mut s.v, &e, &access, &mut s.dev, WINDOW)
     }
 
     /// Register overrides: (index, value); index 4 is RSP (the VMCS field).
@@ -649,11 +653,11 @@ mod tests {
         let mut s = setup(&[]);
         s.v.write(Field::Rip, CODE_VA + 0x2000);
         let e = refused(&mut s, READ, 0);
-        assert_eq!(e.reason, Reason::Fetch(WalkError::NotPresent { linear: CODE_VA + 0x2000, level: 1 }));
+        assert_eq!(e.reason, Reason::Fetch(AccessError::PageFault { address: CODE_VA + 0x2000, code: 0x10 }));
         assert_eq!(
             alloc::format!("{e}"),
             "cannot emulate the access at rip 0xffffffff81002000, guest-physical 0xfed40000: \
-             cannot fetch the instruction: guest-linear 0xffffffff81002000 is not mapped (PTE not present)"
+             cannot fetch the instruction: guest-linear 0xffffffff81002000: page fault (error code 0x10)"
         );
         // The last 4 bytes of the mapped code, a 6-byte instruction.
         let mut s = setup(&[]);
@@ -748,7 +752,8 @@ mod tests {
         s.v.regs.rsi = value;
         s.v.regs.rax = 0xdead_beef_dead_beef;
         let e = exit(if store { WRITE } else { READ }, offset);
-        emulate(&mut s.v, &e, &s.g.memory, &s.g.phys, tis, WINDOW).unwrap();
+        let access = kernel_access(&s.g, &s.v);
+        emulate(&mut s.v, &e, &access, tis, WINDOW).unwrap();
         s.v.regs.rax
     }
 

@@ -1,11 +1,11 @@
 //! Trapped MMIO: the guest's access to an emulated window exits (the window
 //! is absent from its EPT); the faulting instruction is fetched through the
-//! guest's own page tables ([`walk`]), decoded ([`decode`]) and carried out
-//! against an [`MmioDevice`] ([`emulate`]).
+//! guest-access service ([`crate::guest::access`]), as the principal that ran
+//! it, decoded ([`decode`]) and carried out against an [`MmioDevice`]
+//! ([`emulate`]).
 
 pub mod decode;
 pub mod emulate;
-pub mod walk;
 
 pub use emulate::{emulate, Emulated, MmioError, Reason};
 

@@ -110,6 +110,7 @@ integrity_tests() {
     say "kprobe hits: $(grep -c ctvm_probe $T/trace)"
 
     # The attacks.
+    attack atk_msrio
     attack atk_syscall table=$(sym sys_call_table)
     attack atk_idt idt=$(sym idt_table)
     attack atk_text
@@ -197,6 +198,22 @@ if [ -n "$bench" ]; then
     measure syscalls-100000 'dd if=/dev/zero of=/dev/null bs=1 count=50000 2>/dev/null'
 fi
 
+# ctvm.uattack: user space attacks the hypervisor's emulation once the
+# agent has locked the layout (descriptor-table instructions then exit).
+if grep -qw ctvm.uattack /proc/cmdline; then
+    load_agent
+    /bin/ctvm-uattack
+    if uname -r > /dev/null && grep -q . /proc/version; then say "kernel still works after user attacks"; fi
+fi
+
+# ctvm.sipi: start the CPU the guest was not given, with INIT and start-up
+# IPIs in both of the APIC's forms; this CPU must run on.
+if grep -qw ctvm.sipi /proc/cmdline; then
+    insmod /lib/ctvm/atk_sipi.ko target=1 2>/dev/null
+    say "sipi $(dmesg | grep 'ctvm-test: atk_sipi:' | tail -n 1 | sed 's/^.*ctvm-test: //')"
+    say "cpus after: $(grep -c ^processor /proc/cpuinfo), online $(cat /sys/devices/system/cpu/online)"
+fi
+
 # ctvm.poke=ADDR: write to a physical address the guest does not own (the
 # hypervisor's memory); CTVM must stop the guest before the write lands.
 poke=$(cmdline_value ctvm.poke)
@@ -207,9 +224,27 @@ if [ -n "$poke" ]; then
 fi
 
 if grep -qw ctvm.shell /proc/cmdline; then
-    say "starting a shell (exit or poweroff -f to stop)"
+    load_agent
+    cat <<'EOT'
+
+  CTVM: this Linux runs under the hypervisor with run-time integrity in
+  enforce mode (the agent is loaded) and its own vTPM. Things to try:
+
+    insmod /lib/ctvm/atk_syscall.ko table=0x$(awk '$3=="sys_call_table"{print $1}' /proc/kallsyms)
+        an untrusted module hooks the syscall table: refused, reported
+    ls /lib/ctvm                   more attack modules (atk_*.ko) and benign ones
+    cat /proc/ctvm_violations      what the hypervisor refused, as the agent reads it
+    cat /sys/class/tpm/tpm0/device/pcrs
+                                   the vTPM's PCRs: 8 and 9 hold the measured launch
+    hexdump -C /sys/kernel/security/tpm0/binary_bios_measurements | head
+                                   the event log those PCRs replay from
+    /bin/ctvm-uattack              user space attacking the hypervisor's emulation
+
+  Lines starting with "ctvm:" are the hypervisor's; the guest's start with "[linux]".
+  poweroff -f stops the machine.
+
+EOT
     setsid cttyhack sh
 fi
-# Let the console drain: poweroff -f does not wait for the UART.
-sleep 1
+# The console is the hypervisor's: everything printed is out before power-off.
 poweroff -f

@@ -40,6 +40,7 @@ pub enum Kernel {
 
 /// The versioned image package of a kernel choice.
 pub fn kernel_package(kernel: Kernel) -> Result<String, Fail> {
+    crate::packages::ensure_apt_lists(META_PACKAGE)?;
     match kernel {
         Kernel::Default => {
             let deps = output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
@@ -164,6 +165,9 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
     fs::write(&policy, policy::file(&[agent, &in_tree[2]])?)?;
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
+    for (name, bin) in modules::user_programs()? {
+        archive.file(&format!("bin/{name}"), 0o755, &fs::read(&bin)?);
+    }
     archive.file("init", 0o755, INIT.as_bytes());
     fs::write(&initrd, archive.finish())?;
     Ok(LinuxAssets { kernel, initrd, version, policy })

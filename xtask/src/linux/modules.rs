@@ -96,3 +96,25 @@ pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
     run(Command::new("strip").arg("--strip-debug").args(&kos))?;
     Ok(kos)
 }
+
+/// The static user-space attack program (`tests/guests/linux-user/`), for
+/// the guest's initramfs.
+pub fn user_programs() -> Result<Vec<(String, PathBuf)>, Fail> {
+    crate::packages::ensure(crate::packages::Purpose::Images)?;
+    let dir = work_dir().join("linux").join("build").join("user");
+    fs::create_dir_all(&dir)?;
+    let sources = root().join("tests/guests/linux-user");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&sources)? {
+        let src = entry?.path();
+        if src.extension().is_none_or(|e| e != "c") {
+            continue;
+        }
+        let name = src.file_stem().and_then(|n| n.to_str()).ok_or_else(|| Fail::new("program name"))?.to_string();
+        let bin = dir.join(&name);
+        run(Command::new("gcc").args(["-static", "-O2", "-Wall", "-Werror", "-o"]).arg(&bin).arg(&src))?;
+        out.push((name, bin));
+    }
+    out.sort();
+    Ok(out)
+}

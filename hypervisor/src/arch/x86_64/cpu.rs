@@ -130,7 +130,12 @@ pub fn hardware_random() -> Option<u64> {
 }
 
 /// The host processor as the exit handlers see it.
-pub struct HostCpu;
+pub struct HostCpu {
+    /// The XCR0 components guests may enable.
+    pub xcr0_offered: u64,
+    /// The local APIC's page (xAPIC mode), identity-mapped uncached.
+    pub lapic: u64,
+}
 
 impl crate::exits::HostCpu for HostCpu {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -182,10 +187,78 @@ impl crate::exits::HostCpu for HostCpu {
         }
     }
 
+    fn lapic_read(&self, offset: u64) -> u32 {
+        // SAFETY: a 16-byte-aligned register of the local APIC's page, which
+        // the boot page tables map (the first 4 GiB), and MTRRs keep uncached.
+        unsafe { core::ptr::read_volatile((self.lapic + (offset & 0xff0)) as *const u32) }
+    }
+
+    fn lapic_write(&self, offset: u64, value: u32) {
+        // SAFETY: as above; the guest owns its APIC, and the caller refused
+        // the writes that would start a CPU.
+        unsafe { core::ptr::write_volatile((self.lapic + (offset & 0xff0)) as *mut u32, value) }
+    }
+
+    fn xcr0_offered(&self) -> u64 {
+        self.xcr0_offered
+    }
+
     fn set_xcr0(&self, value: u64) {
         // SAFETY: the XSETBV handler validated the value against CPUID.0xD.
         unsafe {
             asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
         };
+    }
+}
+
+/// PCI configuration mechanism #1, through ports 0xCF8 and 0xCFC.
+pub struct PortConfigSpace;
+
+impl crate::pci::ConfigSpace for PortConfigSpace {
+    fn read32(&mut self, bus: u8, device: u8, function: u8, offset: u8) -> u32 {
+        let value: u32;
+        // SAFETY: the configuration ports, used by the hypervisor alone
+        // before any guest runs.
+        unsafe {
+            outl(0xcf8, crate::pci::address(bus, device, function, offset));
+            asm!("in eax, dx", in("dx") 0xcfcu16, out("eax") value, options(nomem, nostack, preserves_flags));
+        }
+        value
+    }
+
+    fn write32(&mut self, bus: u8, device: u8, function: u8, offset: u8, value: u32) {
+        // SAFETY: as above.
+        unsafe {
+            outl(0xcf8, crate::pci::address(bus, device, function, offset));
+            outl(0xcfc, value);
+        }
+    }
+}
+
+/// The debug address registers DR0-DR3 and the status register DR6, which
+/// VMX does not switch (DR7 and DEBUGCTL are in the VMCS): saved and
+/// restored when guests share the CPU.
+pub fn read_debug_registers() -> [u64; 5] {
+    let (dr0, dr1, dr2, dr3, dr6): (u64, u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effect.
+    unsafe {
+        asm!("mov {}, dr0", out(reg) dr0, options(nomem, nostack));
+        asm!("mov {}, dr1", out(reg) dr1, options(nomem, nostack));
+        asm!("mov {}, dr2", out(reg) dr2, options(nomem, nostack));
+        asm!("mov {}, dr3", out(reg) dr3, options(nomem, nostack));
+        asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack));
+    }
+    [dr0, dr1, dr2, dr3, dr6]
+}
+
+pub fn write_debug_registers(regs: [u64; 5]) {
+    // SAFETY: breakpoints armed in DR0-3 only fire when DR7 enables them,
+    // and the host's DR7 is 0x400 after every VM exit; DR6 is status.
+    unsafe {
+        asm!("mov dr0, {}", in(reg) regs[0], options(nomem, nostack));
+        asm!("mov dr1, {}", in(reg) regs[1], options(nomem, nostack));
+        asm!("mov dr2, {}", in(reg) regs[2], options(nomem, nostack));
+        asm!("mov dr3, {}", in(reg) regs[3], options(nomem, nostack));
+        asm!("mov dr6, {}", in(reg) regs[4] | 0xffff_0ff0, options(nomem, nostack));
     }
 }

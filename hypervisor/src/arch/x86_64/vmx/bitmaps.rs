@@ -3,19 +3,27 @@
 //! Pure layouts (SDM Vol. 3C 25.6.4 and 25.6.9), built here and copied into
 //! frames by the VMX layer.
 
+use alloc::boxed::Box;
+
+/// `N` bytes of `value` on the heap: the bitmaps are too big for the
+/// hypervisor's stack (several live at once while a guest is built).
+fn filled<const N: usize>(value: u8) -> Box<[u8; N]> {
+    alloc::vec![value; N].into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("N bytes"))
+}
+
 /// Two 4 KiB pages: bitmap A for ports 0–0x7FFF, B for 0x8000–0xFFFF.
 #[derive(Clone)]
-pub struct IoBitmap(pub [u8; 8192]);
+pub struct IoBitmap(pub Box<[u8; 8192]>);
 
 impl IoBitmap {
     /// Every port exits (guests with emulated devices only).
     pub fn trap_all() -> Self {
-        IoBitmap([0xff; 8192])
+        IoBitmap(filled(0xff))
     }
 
     /// No port exits, until some are trapped (pass-through guests).
     pub fn pass_all() -> Self {
-        IoBitmap([0; 8192])
+        IoBitmap(filled(0))
     }
 
     pub fn trap(&mut self, ports: impl IntoIterator<Item = u16>) {
@@ -33,7 +41,7 @@ impl IoBitmap {
 /// (0xC0000000–0xC0001FFF) MSRs, then the write bitmaps. MSRs outside both
 /// ranges always exit.
 #[derive(Clone)]
-pub struct MsrBitmap(pub [u8; 4096]);
+pub struct MsrBitmap(pub Box<[u8; 4096]>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrAccess {
@@ -43,11 +51,11 @@ pub enum MsrAccess {
 
 impl MsrBitmap {
     pub fn trap_all() -> Self {
-        MsrBitmap([0xff; 4096])
+        MsrBitmap(filled(0xff))
     }
 
     pub fn pass_all() -> Self {
-        MsrBitmap([0; 4096])
+        MsrBitmap(filled(0))
     }
 
     /// The bit for an MSR, or `None` when the MSR always exits.

@@ -205,6 +205,8 @@ pub struct Features {
     pub invept_single_context: bool,
     pub invvpid: bool,
     pub hlt_activity_state: bool,
+    /// IA32_PERF_GLOBAL_CTRL is loaded on both VM exit (0) and entry.
+    pub perf_global_ctrl: bool,
 }
 
 /// The control words every VMCS starts from.
@@ -293,6 +295,12 @@ impl Controls {
             procbased2 &= !SecondaryControls::ENABLE_VM_FUNCTIONS.bits();
         }
 
+        // IA32_PERF_GLOBAL_CTRL switched on exit and entry, where both
+        // directions exist: the guest's counters (and PEBS) then never count
+        // in the hypervisor. Without it, guests may not enable counters.
+        let perf_exit = ExitControls::LOAD_IA32_PERF_GLOBAL_CTRL.bits();
+        let perf_entry = EntryControls::LOAD_IA32_PERF_GLOBAL_CTRL.bits();
+        let perf = allowed1(m.exit) & perf_exit != 0 && allowed1(m.entry) & perf_entry != 0;
         let exit = adjust(
             "VM-exit",
             m.exit,
@@ -302,14 +310,13 @@ impl Controls {
                 | ExitControls::SAVE_IA32_PAT
                 | ExitControls::LOAD_IA32_PAT)
                 .bits(),
-            0,
+            if perf { perf_exit } else { 0 },
         )?;
         let entry = adjust(
             "VM-entry",
             m.entry,
             (EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits(),
-            // Allowed here so that the per-guest toggle is known to be legal.
-            0,
+            if perf { perf_entry } else { 0 },
         )?;
         if allowed1(m.entry) & EntryControls::IA32E_MODE_GUEST.bits() == 0 {
             return Err(Missing::Control { word: "VM-entry", bits: EntryControls::IA32E_MODE_GUEST.bits() });
@@ -328,6 +335,7 @@ impl Controls {
             invept_single_context: cap & ept_cap::INVEPT_SINGLE != 0,
             invvpid,
             hlt_activity_state: m.misc & (1 << 6) != 0,
+            perf_global_ctrl: perf,
         };
         // #VE and VM functions need per-view set-up the baseline does not do;
         // they are switched on where used.
@@ -462,8 +470,9 @@ mod tests {
                 procbased: 0x0400_6172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
                 // EPT, RDTSCP, VPID, unrestricted, INVPCID, XSAVES (VMFUNC/#VE stay off by default).
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000 | 0x10_0000,
-                exit: 0x0003_6dfb | (1 << 9) | (0xf << 18),
-                entry: 0x11fb | (1 << 14) | (1 << 15),
+                // IA32_PERF_GLOBAL_CTRL loaded on exit (bit 12) and entry (bit 13).
+                exit: 0x0003_6dfb | (1 << 9) | (0xf << 18) | (1 << 12),
+                entry: 0x11fb | (1 << 14) | (1 << 15) | (1 << 13),
                 unrestricted: true,
                 preemption_timer: true,
                 vmfunc: true,
@@ -489,8 +498,8 @@ mod tests {
                 // CR3-load and CR3-store exiting (bits 15, 16) are forced on.
                 procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000,
-                exit: 0x0003_6dff | (1 << 9) | (0xf << 18),
-                entry: 0x11ff | (1 << 14) | (1 << 15),
+                exit: 0x0003_6dff | (1 << 9) | (0xf << 18) | (1 << 12),
+                entry: 0x11ff | (1 << 14) | (1 << 15) | (1 << 13),
                 unrestricted: true,
                 preemption_timer: true,
                 vmfunc: true,
@@ -508,6 +517,7 @@ mod tests {
             assert_eq!(got.features.preemption_timer, c.preemption_timer, "{}", c.name);
             assert_eq!(got.features.vmfunc_eptp_switching, c.vmfunc, "{}", c.name);
             assert_eq!(got.features.ept_1g_pages, c.ept_1g, "{}", c.name);
+            assert_eq!(got.features.perf_global_ctrl, got.exit & (1 << 12) != 0, "{}", c.name);
             // Every word respects both halves of its capability MSR.
             for (word, caps) in [
                 (got.pinbased, c.msrs.pinbased),

@@ -12,7 +12,9 @@ pub struct Vmx {
     pub controls: Controls,
     /// Guest-physical address bits (CPUID 0x80000008).
     pub physical_bits: u8,
-    pub xsave: bool,
+    /// The XCR0 components guests may enable, switched through a 4 KiB
+    /// XSAVE area (0: no XSAVE for guests).
+    pub xcr0_offered: u64,
     _vmxon: Region,
 }
 
@@ -62,10 +64,15 @@ pub fn enable() -> Result<Vmx, VmxError> {
     let msrs = VmxMsrs::read(|m| unsafe { cpu::rdmsr(m) });
     let controls = Controls::compute(&msrs).map_err(VmxError::Missing)?;
 
-    // Guests' extended state is switched with XSAVE into a 4 KiB area.
-    let xsave = cpu::cpuid(1, 0).ecx & (1 << 26) != 0 && cpu::cpuid(0xd, 0).ecx <= 4096;
+    // Guests' extended state is switched with XSAVE into a 4 KiB area:
+    // guests get the components that fit.
+    let host_cpuid = |leaf, subleaf| {
+        let r = cpu::cpuid(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    };
+    let xcr0_offered = crate::exits::xcr0_offered(&host_cpuid, 4096);
     let mut cr4 = msrs.fix_cr4(cpu::read_cr4());
-    if xsave {
+    if xcr0_offered != 0 {
         // Needed to switch guests' XCR0 and extended state.
         cr4 |= CR4_OSXSAVE;
     }
@@ -82,7 +89,7 @@ pub fn enable() -> Result<Vmx, VmxError> {
 
     let physical_bits =
         if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
-    Ok(Vmx { msrs, controls, physical_bits, xsave, _vmxon: vmxon })
+    Ok(Vmx { msrs, controls, physical_bits, xcr0_offered, _vmxon: vmxon })
 }
 
 impl Vmx {

@@ -214,7 +214,7 @@ impl Bitmaps {
             Identity.write(frame, bytes);
             Some(frame)
         };
-        Some(Bitmaps { io_a: page(&io.0[..4096])?, io_b: page(&io.0[4096..])?, msr: page(&msr.0)? })
+        Some(Bitmaps { io_a: page(&io.0[..4096])?, io_b: page(&io.0[4096..])?, msr: page(&msr.0[..])? })
     }
 }
 
@@ -222,9 +222,9 @@ impl Bitmaps {
     /// Makes guest writes to an MSR exit from now on.
     pub fn trap_msr_write(&self, msr: u32) {
         let mut page = MsrBitmap::pass_all();
-        Identity.read(self.msr, &mut page.0);
+        Identity.read(self.msr, &mut page.0[..]);
         page.trap(msr, super::bitmaps::MsrAccess::Write);
-        Identity.write(self.msr, &page.0);
+        Identity.write(self.msr, &page.0[..]);
     }
 }
 
@@ -377,6 +377,11 @@ impl Vcpu {
         vmcs::write(guest::ACTIVITY_STATE, 0);
         vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
         vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
+        if vmx.controls.features.perf_global_ctrl {
+            // No counter counts until the guest enables one, and none in the hypervisor.
+            vmcs::write(guest::IA32_PERF_GLOBAL_CTRL_FULL, 0);
+            vmcs::write(host::IA32_PERF_GLOBAL_CTRL_FULL, 0);
+        }
 
         let regs = GuestRegisters { rdi: entry.rdi, rsi: entry.rsi, ..Default::default() };
         Ok(Vcpu {
@@ -490,7 +495,7 @@ impl Vcpu {
 
     /// Saves this guest's extended state before another guest runs.
     pub fn save_extended_state(&mut self, vmx: &Vmx) {
-        if vmx.xsave {
+        if vmx.xcr0_offered != 0 {
             // SAFETY: the area is 64-byte aligned and large enough for every
             // component the processor supports (checked against CPUID.0xD at start-up).
             unsafe {
@@ -501,7 +506,7 @@ impl Vcpu {
 
     /// Restores this guest's extended state and XCR0 before it runs.
     pub fn restore_extended_state(&mut self, vmx: &Vmx, xcr0: u64) {
-        if vmx.xsave {
+        if vmx.xcr0_offered != 0 {
             // SAFETY: XCR0 holds a value XSETBV validated (or the x87-only reset
             // value), and the area holds state saved under it or zeroes (init state).
             unsafe {
@@ -579,6 +584,13 @@ pub mod current {
     pub fn set_eptp(eptp: u64) {
         vmcs::write(control::EPTP_FULL, eptp);
     }
+
+    /// Points the vCPU at other I/O and MSR bitmaps (a view's).
+    pub fn set_bitmaps(bitmaps: &Bitmaps) {
+        vmcs::write(control::IO_BITMAP_A_ADDR_FULL, bitmaps.io_a);
+        vmcs::write(control::IO_BITMAP_B_ADDR_FULL, bitmaps.io_b);
+        vmcs::write(control::MSR_BITMAPS_ADDR_FULL, bitmaps.msr);
+    }
 }
 
 fn write_host_state() {
@@ -621,6 +633,7 @@ fn field_encoding(field: Field) -> u32 {
         Field::Cr4ReadShadow => control::CR4_READ_SHADOW,
         Field::Efer => guest::IA32_EFER_FULL,
         Field::Pat => guest::IA32_PAT_FULL,
+        Field::PerfGlobalCtrl => guest::IA32_PERF_GLOBAL_CTRL_FULL,
         Field::FsBase => guest::FS_BASE,
         Field::GsBase => guest::GS_BASE,
         Field::SysenterCs => guest::IA32_SYSENTER_CS,

@@ -1,31 +1,37 @@
 //! Guest-linear to guest-physical translation through the guest's own page
-//! tables, and instruction fetch at a guest RIP.
+//! tables: the private walker of the guest-access service.
 //!
 //! Every table entry is read through [`GuestMemory::read`], so a table the
 //! guest placed outside its RAM is an error, never a host access. The walk
-//! only translates: it neither checks access rights (the processor already
-//! did, for the access that exited) nor sets accessed/dirty bits.
+//! reports what the guest's tables allow (user, write, execute, each the
+//! conjunction over all levels) and where the entries are, so that the
+//! service can check rights and set the accessed and dirty bits as the
+//! processor would.
 
 use core::fmt;
 
 use crate::guest::memory::{GuestMemory, HostPhys};
 use crate::vcpu::{Field, VcpuState};
 
-/// The longest x86 instruction.
-pub const MAX_INSTRUCTION_LEN: usize = 15;
-
-const PAGE_SIZE: u64 = 0x1000;
-const CR0_PG: u64 = 1 << 31;
+pub(super) const CR0_PG: u64 = 1 << 31;
+pub(super) const CR0_WP: u64 = 1 << 16;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_LA57: u64 = 1 << 12;
+pub(super) const CR4_SMEP: u64 = 1 << 20;
+pub(super) const CR4_SMAP: u64 = 1 << 21;
 const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+pub(super) const EFER_NXE: u64 = 1 << 11;
 
-const PRESENT: u64 = 1 << 0;
+pub(super) const PRESENT: u64 = 1 << 0;
+pub(super) const WRITABLE: u64 = 1 << 1;
+pub(super) const USER: u64 = 1 << 2;
+pub(super) const ACCESSED: u64 = 1 << 5;
+pub(super) const DIRTY: u64 = 1 << 6;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
-const XD: u64 = 1 << 63;
+pub(super) const XD: u64 = 1 << 63;
 /// Physical-address bits 51:12 of an entry.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub(super) const PAGE_SIZE: u64 = 0x1000;
 
 /// The guest's paging controls, as the VMCS holds them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,11 +104,39 @@ const fn large_page_reserved(level: u8) -> u64 {
     }
 }
 
+/// One translation: where the byte is, what the guest's tables allow for
+/// it, and the entries walked (for the accessed and dirty bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Walk {
+    pub gpa: u64,
+    /// U/S set at every level.
+    pub user: bool,
+    /// R/W set at every level.
+    pub writable: bool,
+    /// XD clear at every level (always, with EFER.NXE clear).
+    pub executable: bool,
+    /// (guest-physical address, value) of each entry, PML4E first; `levels`
+    /// of them are valid. None without paging.
+    pub entries: [(u64, u64); 4],
+    pub levels: usize,
+}
+
+impl Walk {
+    fn unpaged(gpa: u64) -> Self {
+        Walk { gpa, user: true, writable: true, executable: true, entries: [(0, 0); 4], levels: 0 }
+    }
+}
+
 /// Translates a guest-linear address.
 pub fn translate(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, linear: u64) -> Result<u64, WalkError> {
+    walk(memory, phys, paging, linear).map(|w| w.gpa)
+}
+
+/// Walks the guest's tables for a guest-linear address.
+pub fn walk(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, linear: u64) -> Result<Walk, WalkError> {
     if paging.cr0 & CR0_PG == 0 {
         // No paging: linear addresses are 32-bit physical addresses.
-        return Ok(linear & 0xffff_ffff);
+        return Ok(Walk::unpaged(linear & 0xffff_ffff));
     }
     if paging.efer & EFER_LMA == 0 || paging.cr4 & CR4_PAE == 0 {
         return Err(WalkError::UnsupportedMode(if paging.cr4 & CR4_PAE == 0 {
@@ -117,7 +151,9 @@ pub fn translate(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, li
     if !crate::vcpu::is_canonical(linear) {
         return Err(WalkError::NotCanonical { linear });
     }
-    let reserved_xd = if paging.efer & EFER_NXE == 0 { XD } else { 0 };
+    let nx = paging.efer & EFER_NXE != 0;
+    let reserved_xd = if nx { 0 } else { XD };
+    let mut out = Walk { gpa: 0, user: true, writable: true, executable: true, entries: [(0, 0); 4], levels: 0 };
     let mut table = paging.cr3 & ADDR_MASK;
     for level in (1..=4u8).rev() {
         let shift = 12 + 9 * u32::from(level - 1);
@@ -133,6 +169,11 @@ pub fn translate(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, li
         if entry & reserved_xd != 0 {
             return Err(reserved(entry));
         }
+        out.entries[out.levels] = (entry_gpa, entry);
+        out.levels += 1;
+        out.user &= entry & USER != 0;
+        out.writable &= entry & WRITABLE != 0;
+        out.executable &= !nx || entry & XD == 0;
         let large = entry & PAGE_SIZE_BIT != 0;
         if large && level == 4 {
             return Err(reserved(entry));
@@ -142,55 +183,13 @@ pub fn translate(memory: &GuestMemory, phys: &impl HostPhys, paging: &Paging, li
                 return Err(reserved(entry));
             }
             let page_mask = (1u64 << shift) - 1;
-            return Ok((entry & ADDR_MASK & !page_mask) | (linear & page_mask));
+            out.gpa = (entry & ADDR_MASK & !page_mask) | (linear & page_mask);
+            return Ok(out);
         }
         table = entry & ADDR_MASK;
     }
-    Ok(table | (linear & (PAGE_SIZE - 1)))
-}
-
-/// Fetches up to [`MAX_INSTRUCTION_LEN`] bytes at guest-linear `rip`,
-/// translating each page separately. Returns how many bytes were fetched:
-/// fewer when the next page is not mapped or not guest RAM (the
-/// instruction may end before it). Fails only if the first byte cannot be
-/// fetched.
-pub fn fetch_instruction(
-    memory: &GuestMemory,
-    phys: &impl HostPhys,
-    paging: &Paging,
-    rip: u64,
-    buf: &mut [u8; MAX_INSTRUCTION_LEN],
-) -> Result<usize, WalkError> {
-    let mut got = 0usize;
-    while got < MAX_INSTRUCTION_LEN {
-        let linear = rip.wrapping_add(got as u64);
-        let step = match fetch_run(memory, phys, paging, linear, &mut buf[got..]) {
-            Ok(n) => n,
-            Err(e) if got == 0 => return Err(e),
-            Err(_) => break,
-        };
-        got += step;
-    }
-    Ok(got)
-}
-
-/// Reads as many bytes at `linear` as fit in `out` without leaving its page
-/// or its piece of guest RAM (at least one).
-fn fetch_run(
-    memory: &GuestMemory,
-    phys: &impl HostPhys,
-    paging: &Paging,
-    linear: u64,
-    out: &mut [u8],
-) -> Result<usize, WalkError> {
-    let gpa = translate(memory, phys, paging, linear)?;
-    let outside = WalkError::OutsideRam { linear, gpa };
-    let (_, contiguous) = memory.translate(gpa).ok_or(outside)?;
-    let page_left = PAGE_SIZE - (linear & (PAGE_SIZE - 1));
-    let n = (out.len() as u64).min(page_left).min(contiguous) as usize;
-    let dst = out.get_mut(..n).ok_or(outside)?;
-    memory.read(phys, gpa, dst).map_err(|_| outside)?;
-    Ok(n)
+    out.gpa = table | (linear & (PAGE_SIZE - 1));
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -254,21 +253,27 @@ pub mod testing {
             t
         }
 
-        /// Maps one page of `size` (4 KiB, 2 MiB or 1 GiB) at `linear` to `gpa`.
+        /// Maps one page of `size` (4 KiB, 2 MiB or 1 GiB) at `linear` to
+        /// `gpa`, present, writable and user.
         pub fn map(&mut self, linear: u64, gpa: u64, size: u64) {
+            self.map_with(linear, gpa, size, 0x7);
+        }
+
+        /// As [`Self::map`], with the leaf's flags (P, R/W, U/S, XD...) given.
+        pub fn map_with(&mut self, linear: u64, gpa: u64, size: u64, flags: u64) {
             let idx = |level: u32| (linear >> (12 + 9 * (level - 1))) & 0x1ff;
             let pdpt = self.next(PML4, idx(4));
             if size == 1 << 30 {
-                self.set_entry(pdpt, idx(3), gpa | 0x87);
+                self.set_entry(pdpt, idx(3), gpa | flags | 0x80);
                 return;
             }
             let pd = self.next(pdpt, idx(3));
             if size == 2 << 20 {
-                self.set_entry(pd, idx(2), gpa | 0x87);
+                self.set_entry(pd, idx(2), gpa | flags | 0x80);
                 return;
             }
             let pt = self.next(pd, idx(2));
-            self.set_entry(pt, idx(1), gpa | 0x7);
+            self.set_entry(pt, idx(1), gpa | flags);
         }
 
         /// The address of the entry that maps `linear` at `level`.
@@ -287,8 +292,6 @@ pub mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
-
-    const CODE: u64 = 0x30_0000;
 
     #[test]
     fn translates_4k_2m_and_1g_pages() {
@@ -405,51 +408,6 @@ mod tests {
             translate(&g.memory, &g.phys, &base, 0x0000_8000_0000_0000),
             Err(WalkError::NotCanonical { linear: 0x0000_8000_0000_0000 })
         );
-    }
-
-    #[test]
-    fn fetch_crosses_a_page_boundary_through_separate_translations() {
-        let mut g = TestGuest::new();
-        // Two linear pages that are far apart physically, in reverse order.
-        let va = 0xffff_ffff_8000_0000u64;
-        g.map(va, CODE + 0x5000, 0x1000);
-        g.map(va + 0x1000, CODE, 0x1000);
-        let code: [u8; 15] = core::array::from_fn(|i| 0xa0 + i as u8);
-        g.write(CODE + 0x5000 + 0xff9, &code[..7]);
-        g.write(CODE, &code[7..]);
-        let mut buf = [0; 15];
-        let n = fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xff9, &mut buf).unwrap();
-        assert_eq!(n, 15);
-        assert_eq!(buf, code);
-    }
-
-    #[test]
-    fn fetch_stops_at_the_end_of_mapped_memory() {
-        let mut g = TestGuest::new();
-        let va = 0x7000_0000u64;
-        g.map(va, CODE, 0x1000);
-        g.write(CODE + 0xffc, &[1, 2, 3, 4]);
-        let mut buf = [0; 15];
-        // The next page is not mapped: 4 bytes.
-        assert_eq!(fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf), Ok(4));
-        assert_eq!(&buf[..4], &[1, 2, 3, 4]);
-        // The next page maps outside guest RAM: still 4 bytes.
-        g.map(va + 0x1000, 0x8000_0000, 0x1000);
-        assert_eq!(fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0xffc, &mut buf), Ok(4));
-        // The first byte unmapped or outside RAM: an error.
-        assert_eq!(
-            fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0x1000, &mut buf),
-            Err(WalkError::OutsideRam { linear: va + 0x1000, gpa: 0x8000_0000 })
-        );
-        assert_eq!(
-            fetch_instruction(&g.memory, &g.phys, &g.paging(), va + 0x2000, &mut buf),
-            Err(WalkError::NotPresent { linear: va + 0x2000, level: 1 })
-        );
-        // RAM that ends inside the fetch window (unpaged: linear = physical).
-        let unpaged = Paging { cr0: 1, ..Paging::default() };
-        g.write(RAM - 3, &[7, 8, 9]);
-        assert_eq!(fetch_instruction(&g.memory, &g.phys, &unpaged, RAM - 3, &mut buf), Ok(3));
-        assert_eq!(&buf[..3], &[7, 8, 9]);
     }
 
     #[test]
