@@ -38,6 +38,7 @@ extern crate alloc;
 
 pub mod consts;
 pub mod crypto;
+pub mod da;
 pub mod flags;
 pub mod key;
 pub mod keys;
@@ -103,6 +104,8 @@ struct Volatile {
     tos_present: bool,
     /// The SHA-1 of a TPM_HASH_START … TPM_HASH_END sequence in progress.
     drtm: Option<crypto::Sha1Stream>,
+    /// Dictionary-attack mitigation (TPM_STCLEAR_DATA in libtpms).
+    da: da::DaState,
 }
 
 /// A TPM 1.2. Cloning (when the platform clones) snapshots the whole
@@ -143,6 +146,7 @@ impl<P: Platform> Tpm<P> {
                 tick_base_us,
                 tos_present: false,
                 drtm: None,
+                da: da::DaState::default(),
             },
             saved: None,
             selftest_full_done: false,
@@ -243,6 +247,7 @@ impl<P: Platform> Tpm<P> {
         self.vol.tick_base_us = self.platform.ticks_us();
         self.vol.tos_present = false;
         self.vol.drtm = None;
+        self.vol.da = da::DaState::default();
         self.selftest_full_done = false;
     }
 
@@ -380,6 +385,18 @@ impl<P: Platform> Tpm<P> {
             self.dirty = true;
         }
         self.perm.ek.key().ok_or(consts::TPM_NO_ENDORSEMENT)
+    }
+
+    /// The platform's clock in whole seconds, the dictionary-attack
+    /// logic's unit (libtpms reads the time of day in seconds).
+    fn now_s(&mut self) -> u32 {
+        (self.platform.ticks_us() / 1_000_000) as u32
+    }
+
+    /// Authorisation failures counted by the dictionary-attack logic since
+    /// its last reset (GetCapability(DA_LOGIC) reports the same).
+    pub fn auth_fail_count(&self) -> u32 {
+        self.vol.da.fail_count
     }
 
     fn mark_dirty(&mut self) {
