@@ -103,20 +103,48 @@ struct Tools {
 
 impl Tools {
     fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.run_with_input(program, args, "")
+    }
+
+    /// Runs a tool with `input` on its standard input. The tools read
+    /// passwords with getpass(3), which prefers /dev/tty: `setsid` gives
+    /// them no controlling terminal, so they read the input instead.
+    fn run_with_input(&self, program: &str, args: &[&str], input: &str) -> Output {
         let package = match program {
             "tpm_mkaik" | "tpm_loadkey" | "tpm_getquote" | "tpm_mkuuid" => "tpm-quote-tools",
             _ => "tpm-tools",
         };
         let exe = require_tool(program, package);
-        Command::new(exe)
+        let mut child = Command::new("setsid")
+            .arg(exe)
             .args(args)
             .current_dir(&self.work)
             .env("TSS_TCSD_HOSTNAME", "127.0.0.1")
             .env("TSS_TCSD_PORT", self.tcsd_port.to_string())
             .env("HOME", &self.home)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    /// Runs a tool that must succeed, answering its password prompts.
+    fn ok_with_input(&self, program: &str, args: &[&str], input: &str) -> String {
+        let out = self.run_with_input(program, args, input);
+        assert!(
+            out.status.success(),
+            "[{}] {program} {args:?} failed ({}):\n{}{}",
+            self.label,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs a tool that must succeed; returns its standard output.
@@ -220,6 +248,19 @@ fn stack_flow(program: Program) {
     t.ok("tpm_selftest", &[]);
     let ek = pubek_block(&t.ok("tpm_getpubek", &[]));
     t.ok("tpm_takeownership", &["-y", "-z"]);
+
+    // tpm_changeownerauth (TPM_ChangeAuthOwner): owner and SRK secrets
+    // away from the well-known one, each checked, then back.
+    t.ok_with_input("tpm_changeownerauth", &["-z", "-o"], "ctvm owner\nctvm owner\n");
+    t.fails("tpm_getpubek", &["-z"]);
+    assert_eq!(pubek_block(&t.ok_with_input("tpm_getpubek", &[], "ctvm owner\n")), ek, "[{label}] EK by new owner");
+    t.ok_with_input("tpm_changeownerauth", &["-s"], "ctvm owner\nctvm srk\nctvm srk\n");
+    fs::write(t.file("srk-plain"), b"srk check\n").unwrap();
+    t.fails("tpm_sealdata", &["-z", "-i", "srk-plain", "-o", "srk-sealed"]);
+    t.ok_with_input("tpm_changeownerauth", &["-s", "-r"], "ctvm owner\n");
+    t.ok("tpm_sealdata", &["-z", "-i", "srk-plain", "-o", "srk-sealed"]);
+    t.ok_with_input("tpm_changeownerauth", &["-o", "-r"], "ctvm owner\n");
+    assert_eq!(pubek_block(&t.ok("tpm_getpubek", &["-z"])), ek, "[{label}] EK by the well-known owner again");
 
     // NV: define, write, read back, describe.
     t.ok("tpm_nvdefine", &["-y", "-z", "-i", NV_INDEX, "-s", "32", "-p", "OWNERWRITE|OWNERREAD"]);
