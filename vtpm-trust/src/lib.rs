@@ -15,3 +15,4 @@
 extern crate alloc;
 
 pub mod blob;
+pub mod durability;
