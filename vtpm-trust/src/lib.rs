@@ -16,3 +16,4 @@ extern crate alloc;
 
 pub mod blob;
 pub mod durability;
+pub mod ekcert;
