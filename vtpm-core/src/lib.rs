@@ -200,6 +200,26 @@ impl<P: Platform> Tpm<P> {
         self.perm.ek.key().is_some()
     }
 
+    /// The EK's public modulus (256 bytes), for its certificate. A deferred
+    /// EK is generated now (seconds of RSA work; the permanent state then
+    /// holds it and is dirty). TPM_NO_ENDORSEMENT without an EK.
+    pub fn endorsement_modulus(&mut self) -> Result<Vec<u8>, u32> {
+        self.endorsement_key().map(|k| k.modulus())
+    }
+
+    /// Ends manufacturing: sets TPM_PERMANENT_FLAGS.nvLocked, as
+    /// NV_DefineSpace(TPM_NV_INDEX_LOCK) does. Until then NV attributes
+    /// are not enforced (TPM 1.2's manufacturing mode, kept by
+    /// [`Tpm::manufacture`] as swtpm_setup leaves a chip): anyone could
+    /// rewrite the EK certificate without the owner. Call it after
+    /// [`Tpm::provision_nv`].
+    pub fn lock_nv(&mut self) {
+        if !self.perm.flags.nv_locked {
+            self.perm.flags.nv_locked = true;
+            self.dirty = true;
+        }
+    }
+
     /// The versioned, checksummed permanent state.
     pub fn permanent_state(&self) -> Vec<u8> {
         self.perm.to_blob()

@@ -360,3 +360,56 @@ fn trousers_stack_against_swtpm() {
 fn trousers_stack_against_vtpm_server() {
     stack_flow(Program::VtpmServer);
 }
+
+/// The EK certificate a CTVM host writes at a vTPM's first boot, read by
+/// the real stack: `tpm_nvinfo` lists TPM_NV_INDEX_EKCert with the
+/// manufacturer's attributes, `tpm_nvread` reads it without any
+/// authorisation, and what it read is a TCG_PCCLIENT_STORED_CERT whose
+/// certificate verifies under the host's CA and certifies the very EK
+/// `tpm_getpubek` reports. vtpm-server only: swtpm provisions its own
+/// certificates (swtpm_setup --create-ek-cert) with a CA of its own.
+#[test]
+fn ek_certificate_through_the_trousers_stack() {
+    use vtpm_trust::ekcert::{self, CaKey};
+    require_root();
+    let work = TempDir::new("stack-ekcert");
+    let state = work.path().join("state");
+    let home = work.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    fs::create_dir_all(&state).unwrap();
+
+    // First boot, as the hypervisor does it: make the chip, certify its
+    // EK with the host's CA, provision the NV index, persist.
+    let ca = CaKey::derive(&[0x5e; 32]);
+    let mut chip = vtpm_core::Tpm::manufacture(vtpm_server::platform::OsPlatform::new());
+    let ek = chip.endorsement_modulus().expect("EK");
+    let der = ca.issue_ek_certificate(&ek, "stack", 1_767_225_600).expect("issue");
+    let nv = ekcert::nv_stored_cert(&der).unwrap();
+    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &nv).expect("provision");
+    chip.lock_nv();
+    fs::write(state.join(vtpm_server::state::PERMANENT_FILE), chip.permanent_state()).unwrap();
+
+    let server = ServerProcess::start_in_dir(Program::VtpmServer, &state, Start::StartupClear);
+    let tcsd = Tcsd::start(work.path(), server.tpm.command_addr.port());
+    let t = Tools { work: work.path().to_path_buf(), home, tcsd_port: tcsd.port, label: "vtpm-server" };
+    t.ok("tpm_takeownership", &["-y", "-z"]);
+    let info = t.ok("tpm_nvinfo", &["-i", "0x1000f000"]);
+    assert!(info.contains("0x1000f000") && info.contains("(WRITEALL|OWNERWRITE)"), "tpm_nvinfo:\n{info}");
+    assert!(info.contains(&nv.len().to_string()), "tpm_nvinfo size:\n{info}");
+    t.ok("tpm_nvread", &["-i", "0x1000f000", "-s", &nv.len().to_string(), "-f", "ekcert.nv"]);
+    let read = fs::read(t.file("ekcert.nv")).unwrap();
+    let cert = ekcert::parse_nv_stored_cert(&read).expect("TCG_PCCLIENT_STORED_CERT");
+    assert_eq!(cert, der.as_slice());
+    let certified = ekcert::verify_signed_by(cert, ca.modulus()).expect("the certificate verifies under the CA");
+    let pubek = pubek_block(&t.ok("tpm_getpubek", &["-z"]));
+    let certified_hex: String = certified.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(pubek.to_lowercase().contains(&certified_hex), "the certificate certifies another key than the EK");
+    // Not writable without the owner, even in full; writable by the owner.
+    fs::write(t.file("forged"), vec![0x5a; nv.len()]).unwrap();
+    t.fails("tpm_nvwrite", &["-i", "0x1000f000", "-f", "forged"]);
+    t.ok("tpm_nvread", &["-i", "0x1000f000", "-s", &nv.len().to_string(), "-f", "ekcert.again"]);
+    assert_eq!(fs::read(t.file("ekcert.again")).unwrap(), nv, "the certificate was overwritten without the owner");
+    t.ok("tpm_nvwrite", &["-z", "-i", "0x1000f000", "-f", "ekcert.nv"]);
+    tcsd.stop();
+    server.stop();
+}
