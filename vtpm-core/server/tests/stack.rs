@@ -413,3 +413,120 @@ fn ek_certificate_through_the_trousers_stack() {
     tcsd.stop();
     server.stop();
 }
+
+/// The remote verifier on what the real stack produces: the host plays
+/// the hypervisor (EK certificate in NV, launch and configuration events
+/// extended on the command port and logged), the guest side is TrouSerS
+/// (`tpm_takeownership`, `tpm_mkaik`, `tpm_getquote` over PCRs 8–11), the
+/// AIK is activated against the certified EK through TPM_ActivateIdentity,
+/// and ctvm-verify accepts, then rejects the same evidence for another
+/// kernel and for a replayed nonce.
+#[test]
+fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
+    use ctvm_verify::{privacy_ca, tpm::TpmPubKey, verify, Evidence, Manifest};
+    use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+    use hypervisor::tpm::event_log::EventLog;
+    use hypervisor::tpm::launch_measurements;
+    use support::client::{Client, Kind};
+    use vtpm_trust::ekcert::{self, CaKey};
+    require_root();
+    let work = TempDir::new("stack-verify");
+    let state = work.path().join("state");
+    let home = work.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    fs::create_dir_all(&state).unwrap();
+    let ca = CaKey::derive(&[0x6d; 32]);
+    let mut chip = vtpm_core::Tpm::manufacture(vtpm_server::platform::OsPlatform::new());
+    let cert = ca.issue_ek_certificate(&chip.endorsement_modulus().unwrap(), "stack", 1_767_225_600).unwrap();
+    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &ekcert::nv_stored_cert(&cert).unwrap())
+        .unwrap();
+    chip.lock_nv();
+    fs::write(state.join(vtpm_server::state::PERMANENT_FILE), chip.permanent_state()).unwrap();
+    let server = ServerProcess::start_in_dir(Program::VtpmServer, &state, Start::StartupClear);
+
+    // The hypervisor's launch measurements, extended and logged.
+    let (kernel, initrd, cmdline) =
+        (b"stack kernel".as_slice(), b"stack initrd".as_slice(), b"console=ttyS0".as_slice());
+    let mut log = EventLog::new(1 << 14);
+    let mut events: Vec<_> = launch_measurements(vtpm_core::sha1, kernel, cmdline, Some(initrd))
+        .iter()
+        .map(|m| hypervisor::tpm::event_log::Event {
+            pcr: m.pcr,
+            kind: 0x0d,
+            digest: m.digest,
+            data: m.description.to_vec(),
+        })
+        .collect();
+    let cfg = SecurityConfig {
+        hypervisor: [0x42; 32],
+        integrity: IntegrityMode::Enforce,
+        trust: &[],
+        policy: None,
+        vtpm_durable: true,
+    };
+    events.push(config_event(vtpm_core::sha1, &cfg));
+    {
+        let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
+        for e in &events {
+            let r = direct.raw(&Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(e.pcr).bytes(&e.digest).finish());
+            assert_eq!(header(&r).rc, rc::SUCCESS);
+            log.push(e).unwrap();
+        }
+    }
+
+    // The guest: ownership, an AIK, a quote over the verifier's nonce.
+    let tcsd = Tcsd::start(work.path(), server.tpm.command_addr.port());
+    let t = Tools { work: work.path().to_path_buf(), home, tcsd_port: tcsd.port, label: "vtpm-server" };
+    t.ok("tpm_takeownership", &["-y", "-z"]);
+    t.ok("tpm_mkaik", &["-z", "aik.blob", "aik.pub"]);
+    t.ok("tpm_mkuuid", &["aik.uuid"]);
+    t.ok("tpm_loadkey", &["aik.blob", "aik.uuid"]);
+    let nonce: Digest20 = privacy_ca::random();
+    fs::write(t.file("nonce"), nonce).unwrap();
+    t.ok("tpm_getquote", &["-p", "pcrvals", "aik.uuid", "nonce", "quote", "8", "9", "11"]);
+    tcsd.stop();
+
+    // The privacy CA's challenge, answered by TPM_ActivateIdentity.
+    let aik_blob = fs::read(t.file("aik.blob")).unwrap();
+    let challenge =
+        privacy_ca::challenge(&cert, ca.modulus(), &TpmPubKey::parse(&aik_blob).unwrap(), privacy_ca::random())
+            .expect("challenge");
+    let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
+    let mut c = Client::new(&mut direct);
+    let aik = parse_key(&mut Reader::new(&aik_blob));
+    let handle = c.load_key2(TPM_KH_SRK, &WELL_KNOWN, &aik).expect("LoadKey2(AIK)");
+    // tpm_mkaik -z gives the AIK the well-known secret too.
+    let mut sk = c.oiap(&WELL_KNOWN);
+    let mut so = c.oiap(&WELL_KNOWN);
+    let cmd = Cmd::new(tag::RQU_AUTH2, ord::ACTIVATE_IDENTITY).handle(handle).sized(&challenge.blob);
+    let returned =
+        c.authorised("ActivateIdentity", Kind::Shape, cmd, &mut [&mut sk, &mut so], false).expect("ActivateIdentity");
+
+    let pcrvals = fs::read_to_string(t.file("pcrvals")).unwrap();
+    let sig = fs::read(t.file("quote")).unwrap();
+    let evidence = Evidence {
+        ek_certificate: &cert,
+        aik: &aik_blob,
+        activation: Some((&challenge.expected, &returned)),
+        pcrvals: &pcrvals,
+        quote_signature: &sig,
+        event_log: log.as_bytes(),
+        ima: None,
+    };
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let manifest = Manifest {
+        kernel_sha1: hex(&sha1(&[kernel])),
+        initrd_sha1: Some(hex(&sha1(&[initrd]))),
+        cmdline: "console=ttyS0".into(),
+        hypervisor_sha256: hex(&[0x42; 32]),
+        vtpm: Some("durable".into()),
+        ..Manifest::default()
+    };
+    let v = verify(&evidence, &manifest, ca.modulus(), &nonce);
+    assert!(v.accepted, "{}", v.summary());
+    eprintln!("{} ({:?})", v.summary(), v.quote_kind);
+    let other = Manifest { kernel_sha1: hex(&sha1(&[b"another kernel"])), ..manifest.clone() };
+    assert_eq!(verify(&evidence, &other, ca.modulus(), &nonce).failed, Some("kernel"));
+    assert_eq!(verify(&evidence, &manifest, ca.modulus(), &privacy_ca::random()).failed, Some("quote"));
+    server.stop();
+}
