@@ -308,3 +308,112 @@ fn rejects_an_ek_certificate_from_another_host() {
     run.ek_cert = CaKey::derive(&[0x99; 32]).issue_ek_certificate(&vec![0xc1; 256], "alpha", NOT_BEFORE).unwrap();
     assert_eq!(run.verify(&manifest()).failed, Some("ek_certificate"));
 }
+
+/// The command line on the accepted run's files: `ca` derives the CA
+/// certificate from the platform secret, `activate` checks the answer,
+/// `quote` accepts (exit 0) and writes the JSON verdict, and rejects
+/// another kernel (exit 1) naming the check; `challenge` builds a blob.
+#[test]
+fn the_command_line_decides_like_the_library() {
+    let run = accepted();
+    let dir = std::env::temp_dir().join(format!("ctvm-verify-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let secret_hex = ctvm_verify::tpm::hex(&SECRET);
+    let files: [(&str, &[u8]); 9] = [
+        ("secret.hex", secret_hex.as_bytes()),
+        ("ek.der", &run.ek_cert),
+        ("aik.blob", &run.aik),
+        ("expected", &run.expected),
+        ("returned", &run.returned),
+        ("nonce", &run.nonce),
+        ("pcrvals", run.pcrvals.as_bytes()),
+        ("quote", &run.sig),
+        ("log", &run.log),
+    ];
+    for (n, d) in files {
+        std::fs::write(p(n), d).unwrap();
+    }
+    std::fs::write(p("ima"), &run.ima).unwrap();
+    std::fs::write(p("good.json"), serde_json::to_vec(&manifest()).unwrap()).unwrap();
+    let mut bad = manifest();
+    bad.kernel_sha1 = sha1hex(b"another kernel");
+    std::fs::write(p("bad.json"), serde_json::to_vec(&bad).unwrap()).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ctvm-verify")).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    assert_eq!(cli(&["ca", "--secret", &p("secret.hex"), "--out", &p("ca.der")]).0, Some(0));
+    let (code, text) = cli(&["activate", "--secret-in", &p("expected"), "--returned", &p("returned")]);
+    assert_eq!(code, Some(0), "{text}");
+    let quote = |manifest: &str| {
+        let (ca, ek, aik, exp, ret, nonce, pcr, q, log, ima, m, json) = (
+            p("ca.der"),
+            p("ek.der"),
+            p("aik.blob"),
+            p("expected"),
+            p("returned"),
+            p("nonce"),
+            p("pcrvals"),
+            p("quote"),
+            p("log"),
+            p("ima"),
+            p(manifest),
+            p("verdict.json"),
+        );
+        cli(&[
+            "quote",
+            "--ca",
+            &ca,
+            "--ek-cert",
+            &ek,
+            "--aik",
+            &aik,
+            "--secret-in",
+            &exp,
+            "--returned",
+            &ret,
+            "--nonce",
+            &nonce,
+            "--pcrvals",
+            &pcr,
+            "--quote",
+            &q,
+            "--event-log",
+            &log,
+            "--ima",
+            &ima,
+            "--manifest",
+            &m,
+            "--json",
+            &json,
+        ])
+    };
+    let (code, text) = quote("good.json");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("ACCEPT guest=alpha"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(p("verdict.json")).unwrap()).unwrap();
+    assert_eq!(json["accepted"], true);
+    let (code, text) = quote("bad.json");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.starts_with("REJECT [kernel]"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(p("verdict.json")).unwrap()).unwrap();
+    assert_eq!(json["failed"], "kernel");
+    let (code, text) = cli(&[
+        "challenge",
+        "--ca",
+        &p("ca.der"),
+        "--ek-cert",
+        &p("ek.der"),
+        "--aik",
+        &p("aik.blob"),
+        "--blob-out",
+        &p("blob"),
+        "--secret-out",
+        &p("key"),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(std::fs::read(p("blob")).unwrap().len(), 256, "one RSA-2048 block for ActivateIdentity");
+    assert_eq!(cli(&["quote"]).0, Some(2), "missing arguments are a usage error");
+    let _ = std::fs::remove_dir_all(&dir);
+}
