@@ -22,7 +22,8 @@ fn main() {
     // 8 KiB stands for one with NV indices in use.
     for size in [1536usize, 8192] {
         let payload = StatePayload { permanent: vec![0xa5; size], saved: Some(vec![0x5a; 900]) }.encode();
-        let blob = time(&format!("seal {} B", payload.len()), 1000, || seal(&key, "alpha", 7, &payload, [1; 12]).unwrap());
+        let blob =
+            time(&format!("seal {} B", payload.len()), 1000, || seal(&key, "alpha", 7, &payload, [1; 12]).unwrap());
         time(&format!("open {} B", blob.len()), 1000, || open(&key, "alpha", 7, &blob).unwrap());
     }
     let ca = time("CaKey::derive (RSA-2048 generation)", 5, || CaKey::derive(&secret));
