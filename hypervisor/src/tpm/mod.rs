@@ -10,6 +10,7 @@
 pub mod config_event;
 pub mod engine;
 pub mod event_log;
+pub mod persist;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
