@@ -69,11 +69,13 @@ pub const TPM_DECRYPT_ERROR: u32 = 0x21;
 pub const TPM_INAPPROPRIATE_SIG: u32 = 0x27;
 pub const TPM_NEEDS_SELFTEST: u32 = 0x801;
 pub const TPM_DOING_SELFTEST: u32 = 0x802;
+pub const TPM_DEFEND_LOCK_RUNNING: u32 = 0x803;
 
 // Ordinals.
 pub const ORD_OIAP: u32 = 0x0A;
 pub const ORD_OSAP: u32 = 0x0B;
 pub const ORD_TAKE_OWNERSHIP: u32 = 0x0D;
+pub const ORD_CHANGE_AUTH_OWNER: u32 = 0x10;
 pub const ORD_EXTEND: u32 = 0x14;
 pub const ORD_PCR_READ: u32 = 0x15;
 pub const ORD_QUOTE: u32 = 0x16;
@@ -86,6 +88,7 @@ pub const ORD_GET_PUB_KEY: u32 = 0x21;
 pub const ORD_EVICT_KEY: u32 = 0x22;
 pub const ORD_SIGN: u32 = 0x3C;
 pub const ORD_QUOTE2: u32 = 0x3E;
+pub const ORD_RESET_LOCK_VALUE: u32 = 0x40;
 pub const ORD_LOAD_KEY2: u32 = 0x41;
 pub const ORD_GET_RANDOM: u32 = 0x46;
 pub const ORD_STIR_RANDOM: u32 = 0x47;
@@ -186,6 +189,8 @@ pub const PT_BIND: u8 = 0x02;
 pub const PT_SEAL: u8 = 0x05;
 
 // Protocol ids.
+/// TPM_PID_ADCP: the protocol of TPM_ChangeAuthOwner.
+pub const PID_ADCP: u16 = 0x0004;
 pub const PID_OWNER: u16 = 0x0005;
 
 // Physical presence bits (TSC_PhysicalPresence).

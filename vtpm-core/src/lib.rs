@@ -38,6 +38,7 @@ extern crate alloc;
 
 pub mod consts;
 pub mod crypto;
+pub mod da;
 pub mod flags;
 pub mod key;
 pub mod keys;
@@ -103,6 +104,8 @@ struct Volatile {
     tos_present: bool,
     /// The SHA-1 of a TPM_HASH_START … TPM_HASH_END sequence in progress.
     drtm: Option<crypto::Sha1Stream>,
+    /// Dictionary-attack mitigation (TPM_STCLEAR_DATA in libtpms).
+    da: da::DaState,
 }
 
 /// A TPM 1.2. Cloning (when the platform clones) snapshots the whole
@@ -143,6 +146,7 @@ impl<P: Platform> Tpm<P> {
                 tick_base_us,
                 tos_present: false,
                 drtm: None,
+                da: da::DaState::default(),
             },
             saved: None,
             selftest_full_done: false,
@@ -196,6 +200,26 @@ impl<P: Platform> Tpm<P> {
         self.perm.ek.key().is_some()
     }
 
+    /// The EK's public modulus (256 bytes), for its certificate. A deferred
+    /// EK is generated now (seconds of RSA work; the permanent state then
+    /// holds it and is dirty). TPM_NO_ENDORSEMENT without an EK.
+    pub fn endorsement_modulus(&mut self) -> Result<Vec<u8>, u32> {
+        self.endorsement_key().map(|k| k.modulus())
+    }
+
+    /// Ends manufacturing: sets TPM_PERMANENT_FLAGS.nvLocked, as
+    /// NV_DefineSpace(TPM_NV_INDEX_LOCK) does. Until then NV attributes
+    /// are not enforced (TPM 1.2's manufacturing mode, kept by
+    /// [`Tpm::manufacture`] as swtpm_setup leaves a chip): anyone could
+    /// rewrite the EK certificate without the owner. Call it after
+    /// [`Tpm::provision_nv`].
+    pub fn lock_nv(&mut self) {
+        if !self.perm.flags.nv_locked {
+            self.perm.flags.nv_locked = true;
+            self.dirty = true;
+        }
+    }
+
     /// The versioned, checksummed permanent state.
     pub fn permanent_state(&self) -> Vec<u8> {
         self.perm.to_blob()
@@ -243,6 +267,7 @@ impl<P: Platform> Tpm<P> {
         self.vol.tick_base_us = self.platform.ticks_us();
         self.vol.tos_present = false;
         self.vol.drtm = None;
+        self.vol.da = da::DaState::default();
         self.selftest_full_done = false;
     }
 
@@ -380,6 +405,18 @@ impl<P: Platform> Tpm<P> {
             self.dirty = true;
         }
         self.perm.ek.key().ok_or(consts::TPM_NO_ENDORSEMENT)
+    }
+
+    /// The platform's clock in whole seconds, the dictionary-attack
+    /// logic's unit (libtpms reads the time of day in seconds).
+    fn now_s(&mut self) -> u32 {
+        (self.platform.ticks_us() / 1_000_000) as u32
+    }
+
+    /// Authorisation failures counted by the dictionary-attack logic since
+    /// its last reset (GetCapability(DA_LOGIC) reports the same).
+    pub fn auth_fail_count(&self) -> u32 {
+        self.vol.da.fail_count
     }
 
     fn mark_dirty(&mut self) {

@@ -115,6 +115,17 @@ impl AuthIn {
     }
 }
 
+/// Why a session did not authorise a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyError {
+    /// Refused before any HMAC was compared (no such session, a session
+    /// for another entity): the dictionary-attack logic does not count it.
+    Refused(u32),
+    /// The HMAC did not match: a guess, which the dictionary-attack logic
+    /// counts.
+    Mismatch(u32),
+}
+
 /// A verified session, kept until the response is authorised.
 pub struct Verified {
     pub handle: u32,
@@ -138,20 +149,20 @@ impl Sessions {
         secret: &Secret,
         in_digest: &[u8; 20],
         fail: u32,
-    ) -> TpmResult<Verified> {
-        let s = self.get(auth.handle).ok_or(TPM_INVALID_AUTHHANDLE)?;
+    ) -> Result<Verified, VerifyError> {
+        let s = self.get(auth.handle).ok_or(VerifyError::Refused(TPM_INVALID_AUTHHANDLE))?;
         let key = match &s.kind {
             Kind::Oiap => secret.clone(),
             Kind::Osap { entity: e, shared } => {
                 if *e != entity {
-                    return Err(fail);
+                    return Err(VerifyError::Refused(fail));
                 }
                 shared.clone()
             }
         };
         let want = auth_hmac(&key.0, in_digest, &s.nonce_even, &auth.nonce_odd, auth.cont);
         if !ct_eq(&want, &auth.hmac) {
-            return Err(fail);
+            return Err(VerifyError::Mismatch(fail));
         }
         Ok(Verified { handle: auth.handle, key, nonce_odd: auth.nonce_odd, cont: auth.cont })
     }

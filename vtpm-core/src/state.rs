@@ -24,6 +24,10 @@ pub const STATE_VERSION: u32 = 1;
 /// [`STATE_VERSION`], so that an engine without deferred EKs still reads
 /// them and refuses the others by their version.
 pub const PERMANENT_VERSION_DEFERRED_EK: u32 = 2;
+/// Version of a saved state that carries the dictionary-attack state
+/// (libtpms keeps it in TPM_STCLEAR_DATA, which SaveState preserves).
+/// Version 1 saved states still load, with a zero count.
+pub const SAVED_VERSION_DA: u32 = 2;
 
 /// Why a state blob was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +261,8 @@ pub struct Saved {
     pub keys: Vec<(u32, Key)>,
     /// Per-index (readSTClear, writeSTClear) locks.
     pub nv_locks: Vec<(u32, bool, bool)>,
+    /// The dictionary-attack count, lockout start and reset lock.
+    pub da: crate::da::DaState,
 }
 
 impl Saved {
@@ -278,17 +284,18 @@ impl Saved {
             b.put_u8(u8::from(*r));
             b.put_u8(u8::from(*w));
         }
-        let blob = seal_blob(SAVED_MAGIC, STATE_VERSION, &b);
+        self.da.write(&mut b);
+        let blob = seal_blob(SAVED_MAGIC, SAVED_VERSION_DA, &b);
         zeroize::Zeroize::zeroize(&mut b);
         blob
     }
 
     pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
-        let (_, body) = open_blob(SAVED_MAGIC, &[STATE_VERSION], blob)?;
-        Self::parse_body(body).ok_or(StateError::Malformed)
+        let (version, body) = open_blob(SAVED_MAGIC, &[STATE_VERSION, SAVED_VERSION_DA], blob)?;
+        Self::parse_body(version, body).ok_or(StateError::Malformed)
     }
 
-    fn parse_body(body: &[u8]) -> Option<Self> {
+    fn parse_body(version: u32, body: &[u8]) -> Option<Self> {
         let mut r = Reader::new(body);
         let identity = r.digest().ok()?;
         let flags = StclearFlags::read(&mut r).ok()?;
@@ -313,7 +320,8 @@ impl Saved {
         for _ in 0..nlocks {
             nv_locks.push((r.u32().ok()?, r.bool().ok()?, r.bool().ok()?));
         }
+        let da = if version == SAVED_VERSION_DA { crate::da::DaState::read(&mut r).ok()? } else { Default::default() };
         r.finish().ok()?;
-        Some(Saved { identity, flags, pcrs, keys, nv_locks })
+        Some(Saved { identity, flags, pcrs, keys, nv_locks, da })
     }
 }

@@ -332,7 +332,8 @@ fn state_loaders_refuse_rather_than_panic() {
     let mut rng = Rng::new(0x5EED_0003);
     // Real blobs: an owned chip's permanent state (EK, SRK, an NV index),
     // its SaveState blob with a key loaded, and a new chip's permanent
-    // state (its EK deferred: version 2).
+    // state (its EK deferred: version 2). Saved states are version 2 (they
+    // carry the dictionary-attack state).
     let fx = fixture();
     let mut t = fx.tpm;
     // NV_DefineSpace without authorisation (nvLocked is clear): an
@@ -355,7 +356,7 @@ fn state_loaders_refuse_rather_than_panic() {
     let saved = t.saved_state().expect("SaveState produced a blob");
     let fresh = Tpm::manufacture(FuzzPlatform(3)).permanent_state();
     let strip = |b: &[u8]| b[16..b.len() - 20].to_vec();
-    let blobs = [(b"CTVMTPMP", 1, &permanent), (b"CTVMTPMS", 1, &saved), (b"CTVMTPMP", 2, &fresh)];
+    let blobs = [(b"CTVMTPMP", 1, &permanent), (b"CTVMTPMS", 2, &saved), (b"CTVMTPMP", 2, &fresh)];
     let bodies: Vec<_> = blobs.iter().map(|(magic, version, b)| (*magic, *version, strip(b))).collect();
     let corpus: Vec<Vec<u8>> = bodies.iter().map(|(_, _, b)| b.clone()).collect();
     for ((_, version, body), (magic, _, blob)) in bodies.iter().zip(&blobs) {

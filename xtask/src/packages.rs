@@ -30,7 +30,8 @@ const LINUX_GUEST: &[Need] =
 
 /// What the host tests call out to: ACPICA's disassembler checks the ACPI
 /// tables CTVM builds; libtpms (through swtpm) is the reference the vTPM is
-/// compared with; TrouSerS and tpm-tools are the real client stack.
+/// compared with; TrouSerS and tpm-tools are the real client stack; OpenSSL
+/// reads and verifies the EK certificates vtpm-trust issues.
 const HOST_TESTS: &[Need] = &[
     ("iasl", "acpica-tools"),
     ("swtpm", "swtpm"),
@@ -39,6 +40,8 @@ const HOST_TESTS: &[Need] = &[
     ("tcsd", "trousers"),
     ("tpm_version", "tpm-tools"),
     ("tpm_getquote", "tpm-quote-tools"),
+    ("openssl", "openssl"),
+    ("setsid", "util-linux"),
 ];
 
 pub const BARE_TARGET: &str = "x86_64-unknown-none";

@@ -15,6 +15,9 @@ use alloc::vec::Vec;
 pub mod event_type {
     pub const NO_ACTION: u32 = 0x03;
     pub const SEPARATOR: u32 = 0x04;
+    /// EV_EVENT_TAG: a TCG_PCClientTaggedEvent (taggedEventID, size, data).
+    /// CTVM's security-configuration event is one (tag "CTVM").
+    pub const EVENT_TAG: u32 = 0x06;
     /// Boot-loader measurements: GRUB uses it for command lines (PCR 8)
     /// and loaded files (PCR 9); so does CTVM.
     pub const IPL: u32 = 0x0d;
@@ -26,6 +29,10 @@ pub mod pcr {
     pub const COMMAND_LINE: u32 = 8;
     /// Files: the kernel and the initrd.
     pub const FILES: u32 = 9;
+    /// IMA's measurement list (Linux's default IMA PCR).
+    pub const IMA: u32 = 10;
+    /// CTVM's security configuration (`ctvm.config`), alone in its PCR.
+    pub const CONFIG: u32 = 11;
 }
 
 pub const DIGEST_SIZE: usize = 20;

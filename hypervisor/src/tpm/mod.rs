@@ -7,8 +7,10 @@
 //! `TPM_Extend` per measurement. Any backend that answers TPM 1.2 commands
 //! works, and the host tests use a small fake.
 
+pub mod config_event;
 pub mod engine;
 pub mod event_log;
+pub mod persist;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -108,6 +110,21 @@ impl GuestTpm {
                 data: m.description.to_vec(),
             })?;
         }
+        Ok(())
+    }
+}
+
+impl GuestTpm {
+    /// Extends and logs one event of any type (the security-configuration
+    /// event of [`config_event::config_event`]), after
+    /// [`GuestTpm::measure_launch`] started the TPM.
+    pub fn measure_event(&mut self, event: &Event) -> Result<(), MeasureError> {
+        let backend: &mut dyn TpmBackend = self.tis.backend_mut().as_mut();
+        let mut params = Vec::with_capacity(24);
+        params.extend_from_slice(&event.pcr.to_be_bytes());
+        params.extend_from_slice(&event.digest);
+        run(backend, ORD_EXTEND, &params)?;
+        self.log.push(event)?;
         Ok(())
     }
 }
@@ -236,6 +253,27 @@ mod tests {
             assert_eq!(&cmd[10..14], &event.pcr.to_be_bytes());
             assert_eq!(&cmd[14..34], &event.digest);
         }
+    }
+
+    #[test]
+    fn the_configuration_event_is_extended_into_pcr_11_and_logged() {
+        let fake = alloc::rc::Rc::new(core::cell::RefCell::new(FakeTpm::default()));
+        let mut tpm = GuestTpm::new(Box::new(Shared(fake.clone())));
+        tpm.measure_launch(&launch_measurements(digest_of, b"K", b"C", None)).unwrap();
+        let cfg = config_event::SecurityConfig {
+            hypervisor: [1; 32],
+            integrity: config_event::IntegrityMode::Enforce,
+            trust: &["ifb"],
+            policy: None,
+            vtpm_durable: false,
+        };
+        let event = config_event::config_event(digest_of, &cfg);
+        tpm.measure_event(&event).unwrap();
+        let events = event_log::parse(tpm.log.as_bytes()).unwrap();
+        assert_eq!(events.last(), Some(&event));
+        let sent = fake.borrow().commands.last().unwrap().clone();
+        assert_eq!(&sent[10..14], &11u32.to_be_bytes());
+        assert_eq!(&sent[14..34], &event.digest);
     }
 
     #[test]

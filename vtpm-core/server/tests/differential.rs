@@ -1074,3 +1074,187 @@ fn vtpm_refuses_tier_c() {
         assert_eq!(supported, Ok(vec![0]), "GetCapability(ORD, {name})");
     }
 }
+
+// ---------------------------------------------------------------------------
+// TPM_ChangeAuthOwner, GetCapabilityOwner's version, dictionary attacks
+// ---------------------------------------------------------------------------
+
+/// TPM_ChangeAuthOwner through an owner OSAP session, its secret ADIP
+/// encrypted: `owner` authorises, `new` is the new secret of `entity`.
+fn change_auth(
+    c: &mut Client<'_>,
+    label: &str,
+    owner: &Digest20,
+    protocol: u16,
+    new: &Digest20,
+    entity: u16,
+) -> Result<Vec<u8>, u32> {
+    let mut s = c.osap(TPM_ET_OWNER, TPM_KH_OWNER, owner);
+    let enc = xor_encrypt(new, &s.shared.unwrap(), &s.nonce_even);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::CHANGE_AUTH_OWNER).u16(protocol).bytes(&enc).u16(entity);
+    c.authorised(label, Kind::Shape, cmd, &mut [&mut s], false)
+}
+
+/// GetCapabilityOwner: its four version bytes and two flag words.
+fn capability_owner(c: &mut Client<'_>, label: &str, owner: &Digest20) -> Result<Vec<u8>, u32> {
+    let mut s = c.oiap(owner);
+    c.authorised(label, Kind::Shape, Cmd::new(tag::RQU_AUTH1, ord::GET_CAPABILITY_OWNER), &mut [&mut s], false)
+}
+
+/// TPM_DA_INFO for the owner: (state, currentCount, actionDependValue).
+fn da_logic(c: &mut Client<'_>, kind: Kind) -> (u8, u16, u32) {
+    let info = c.get_capability(kind, cap::DA_LOGIC, &TPM_ET_OWNER.to_be_bytes()).expect("DA_LOGIC");
+    assert_eq!(info.len(), 21, "{}: TPM_DA_INFO", c.name());
+    (info[2], u16::from_be_bytes([info[3], info[4]]), u32::from_be_bytes(info[13..17].try_into().unwrap()))
+}
+
+/// The owner changes its own secret and the SRK's (tpm_changeownerauth),
+/// with every refusal on the way; GetCapabilityOwner reports the chip's
+/// version (that of GetCapability(VERSION_VAL)).
+fn change_auth_owner(c: &mut Client<'_>) {
+    let name = c.name();
+    for ordinal in [ord::CHANGE_AUTH_OWNER, ord::RESET_LOCK_VALUE] {
+        let supported = c.get_capability(Kind::Exact, cap::ORD, &ordinal.to_be_bytes());
+        assert_eq!(supported, Ok(vec![1]), "{name}: GetCapability(ORD, {ordinal:#x})");
+    }
+    let ek = c.read_pubek().expect("ReadPubek");
+    c.take_ownership(&ek, &OWNER, &SRK).expect("TakeOwnership");
+    let new_owner = sha1(&[b"new owner secret"]);
+    let new_srk = sha1(&[b"new SRK secret"]);
+
+    let version = c.get_capability(Kind::Exact, cap::VERSION_VAL, &[]).expect("VERSION_VAL");
+    let out = capability_owner(c, "GetCapabilityOwner", &OWNER).expect("GetCapabilityOwner");
+    assert_eq!(out[..4], version[2..6], "{name}: GetCapabilityOwner's version is VERSION_VAL's");
+
+    // Refusals: an OIAP session, another protocol, another entity, a wrong owner secret.
+    let mut s = c.oiap(&OWNER);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::CHANGE_AUTH_OWNER).u16(TPM_PID_ADCP).bytes(&new_owner).u16(TPM_ET_OWNER);
+    let r = c.authorised("ChangeAuthOwner on OIAP", Kind::Shape, cmd, &mut [&mut s], false);
+    assert_eq!(r.err(), Some(rc::BAD_MODE), "{name}: ChangeAuthOwner needs OSAP");
+    let r = change_auth(c, "ChangeAuthOwner(PID_OWNER)", &OWNER, TPM_PID_OWNER, &new_owner, TPM_ET_OWNER);
+    assert_eq!(r.err(), Some(rc::BAD_PARAMETER), "{name}: protocol other than ADCP");
+    let r = change_auth(c, "ChangeAuthOwner(ET_KEYHANDLE)", &OWNER, TPM_PID_ADCP, &new_owner, TPM_ET_KEYHANDLE);
+    assert_eq!(r.err(), Some(rc::WRONG_ENTITYTYPE), "{name}: entity other than owner or SRK");
+    let wrong = sha1(&[b"wrong"]);
+    let r = change_auth(c, "ChangeAuthOwner (wrong owner)", &wrong, TPM_PID_ADCP, &new_owner, TPM_ET_OWNER);
+    assert_eq!(r.err(), Some(rc::AUTHFAIL), "{name}: a wrong owner secret");
+    assert_eq!(capability_owner(c, "GetCapabilityOwner (unchanged)", &OWNER).map(|o| o.len()), Ok(12));
+
+    // The owner's secret changes; an owner OSAP session opened before dies.
+    let mut before = c.osap(TPM_ET_OWNER, TPM_KH_OWNER, &OWNER);
+    change_auth(c, "ChangeAuthOwner(owner)", &OWNER, TPM_PID_ADCP, &new_owner, TPM_ET_OWNER)
+        .unwrap_or_else(|rc| panic!("{name}: ChangeAuthOwner(owner) rc {rc:#x}"));
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::GET_CAPABILITY_OWNER);
+    let r = c.authorised("GetCapabilityOwner on an older OSAP", Kind::Shape, cmd, &mut [&mut before], false);
+    assert_eq!(r.err(), Some(rc::INVALID_AUTHHANDLE), "{name}: owner OSAP sessions end with the old secret");
+    assert_eq!(capability_owner(c, "GetCapabilityOwner (old)", &OWNER).err(), Some(rc::AUTHFAIL));
+    assert!(capability_owner(c, "GetCapabilityOwner (new)", &new_owner).is_ok(), "{name}: new owner secret");
+    assert_eq!(c.nv_define(&new_owner, NV_INDEX, TPM_NV_PER_OWNERWRITE | TPM_NV_PER_OWNERREAD, 8), rc::SUCCESS);
+
+    // The SRK's secret changes, by the new owner.
+    change_auth(c, "ChangeAuthOwner(SRK)", &new_owner, TPM_PID_ADCP, &new_srk, TPM_ET_SRK)
+        .unwrap_or_else(|rc| panic!("{name}: ChangeAuthOwner(SRK) rc {rc:#x}"));
+    let data_auth = sha1(&[b"data"]);
+    let info = pcr_info(&[], &[]);
+    assert_eq!(c.seal(TPM_KH_SRK, &SRK, &data_auth, &info, b"x").err(), Some(rc::AUTHFAIL), "{name}: old SRK");
+    let sealed = c.seal(TPM_KH_SRK, &new_srk, &data_auth, &info, b"x").expect("Seal with the new SRK secret");
+    assert_eq!(c.unseal(TPM_KH_SRK, &new_srk, &data_auth, &sealed), Ok(b"x".to_vec()));
+    // Three wrong HMACs so far (the OIAP refusal checked none): counted alike.
+    assert_eq!(da_logic(c, Kind::Exact), (0, 3, 0), "{name}: DA_LOGIC");
+}
+
+#[test]
+fn reference_change_auth_owner() {
+    reference_twice(Start::StartupClear, change_auth_owner);
+}
+
+#[test]
+fn differential_change_auth_owner() {
+    differential(Start::StartupClear, change_auth_owner);
+}
+
+/// A dictionary attack on the owner secret: the threshold, what a lockout
+/// refuses (every authorised command, any entity, even with the right
+/// secret, before the tag is looked at), TPM_ResetLockValue (and how a
+/// failed one disables it), the lockout's end by time, and where the count
+/// lives (SaveState keeps it, Startup(ST_CLEAR) clears it). Lockout
+/// lengths are whole seconds on the TPM's clock, so the steps that depend
+/// on time sleep past the boundary, and the seconds left are checked for
+/// range rather than compared.
+fn dictionary_attack(c: &mut Client<'_>, reinit: &mut dyn FnMut()) {
+    use std::thread::sleep;
+    use std::time::Duration;
+    let name = c.name();
+    let ek = c.read_pubek().expect("ReadPubek");
+    c.take_ownership(&ek, &OWNER, &SRK).expect("TakeOwnership");
+    let wrong = sha1(&[b"guess"]);
+    let guess = |c: &mut Client<'_>, i: u32| capability_owner(c, &format!("guess {i}"), &wrong);
+    let reset_lock = |c: &mut Client<'_>, label: &str, secret: &Digest20| {
+        let mut s = c.oiap(secret);
+        c.authorised(label, Kind::Shape, Cmd::new(tag::RQU_AUTH1, ord::RESET_LOCK_VALUE), &mut [&mut s], false)
+    };
+    assert_eq!(da_logic(c, Kind::Exact), (0, 0, 0));
+    for i in 1..=5 {
+        assert_eq!(guess(c, i).err(), Some(rc::AUTHFAIL), "{name}: guess {i}");
+    }
+    assert_eq!(da_logic(c, Kind::Exact), (0, 5, 0), "{name}: five failures lock nothing");
+    assert!(capability_owner(c, "owner after 5 guesses", &OWNER).is_ok(), "{name}: not locked at 5");
+    assert_eq!(guess(c, 6).err(), Some(rc::AUTHFAIL));
+    // The sixth failure locks for one second; after it the seventh locks for two.
+    sleep(Duration::from_millis(1100));
+    assert_eq!(guess(c, 7).err(), Some(rc::AUTHFAIL), "{name}: a guess after the first lockout");
+    let (state, count, left) = da_logic(c, Kind::Shape);
+    assert_eq!((state, count), (1, 7), "{name}: DA_LOGIC during the lockout");
+    assert!((1..=2).contains(&left), "{name}: {left} s left of a 2 s lockout");
+    let r = capability_owner(c, "owner during the lockout", &OWNER);
+    assert_eq!(r.err(), Some(rc::DEFEND_LOCK_RUNNING), "{name}: the right secret during a lockout");
+    let r = c.seal(TPM_KH_SRK, &SRK, &sha1(&[b"d"]), &pcr_info(&[], &[]), b"x");
+    assert_eq!(r.err(), Some(rc::DEFEND_LOCK_RUNNING), "{name}: SRK-authorised command during a lockout");
+    // An authorised tag on a command that takes none: the lockout answers first.
+    let auth_tagged = [unhex("00c2 0000003b 00000015 00000000"), vec![0; 41]].concat();
+    c.raw("PCRRead with an auth tag during the lockout", Kind::Exact, auth_tagged);
+    assert!(c.pcr_read(0).is_ok(), "{name}: unauthorised commands run during a lockout");
+    // A failed ResetLockValue disables it for the rest of the lockout.
+    assert_eq!(reset_lock(c, "ResetLockValue (wrong)", &wrong).err(), Some(rc::AUTHFAIL));
+    assert_eq!(reset_lock(c, "ResetLockValue (disabled)", &OWNER).err(), Some(rc::AUTHFAIL));
+    assert_eq!(da_logic(c, Kind::Shape).1, 8, "{name}: the failed ResetLockValue counted");
+    // Time ends the lockout (4 s after the eighth failure) and re-enables it.
+    sleep(Duration::from_millis(4100));
+    assert_eq!(da_logic(c, Kind::Exact), (0, 8, 0), "{name}: DA_LOGIC after the lockout");
+    reset_lock(c, "ResetLockValue", &OWNER).unwrap_or_else(|rc| panic!("{name}: ResetLockValue rc {rc:#x}"));
+    assert_eq!(da_logic(c, Kind::Exact), (0, 0, 0), "{name}: ResetLockValue zeroes the count");
+
+    // The count is TPM_STCLEAR_DATA: SaveState keeps it, ST_CLEAR drops it.
+    for i in 1..=3 {
+        let _ = guess(c, i);
+    }
+    let r = c.raw("SaveState", Kind::Exact, Cmd::new(tag::RQU_COMMAND, ord::SAVE_STATE).finish());
+    assert_eq!(header(&r).rc, rc::SUCCESS);
+    reinit();
+    assert_eq!(c.startup(2), rc::SUCCESS, "{name}: Startup(ST_STATE)");
+    assert_eq!(da_logic(c, Kind::Exact), (0, 3, 0), "{name}: the count after Startup(ST_STATE)");
+    reinit();
+    assert_eq!(c.startup(1), rc::SUCCESS);
+    assert_eq!(da_logic(c, Kind::Exact), (0, 0, 0), "{name}: the count after Startup(ST_CLEAR)");
+}
+
+#[test]
+fn reference_dictionary_attack() {
+    let mut a = Swtpm::start(Start::StartupClear);
+    let mut b = Swtpm::start(Start::StartupClear);
+    let (ca, cb) = (a.control_addr(), b.control_addr());
+    let ta = run(&mut a, &mut |c| dictionary_attack(c, &mut || assert_eq!(init(ca), 0)));
+    let tb = run(&mut b, &mut |c| dictionary_attack(c, &mut || assert_eq!(init(cb), 0)));
+    compare(&ta, &tb, "swtpm #2");
+}
+
+#[test]
+fn differential_dictionary_attack() {
+    let mut reference = Swtpm::start(Start::StartupClear);
+    let ctrl = reference.control_addr();
+    let expected = run(&mut reference, &mut |c| dictionary_attack(c, &mut || assert_eq!(init(ctrl), 0)));
+    let mut subject = Vtpm::start(Start::StartupClear);
+    let ctrl = subject.tpm.control_addr;
+    let got = run(&mut subject, &mut |c| dictionary_attack(c, &mut || assert_eq!(init(ctrl), 0)));
+    compare(&expected, &got, "vtpm-core");
+}

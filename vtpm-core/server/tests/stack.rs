@@ -103,20 +103,48 @@ struct Tools {
 
 impl Tools {
     fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.run_with_input(program, args, "")
+    }
+
+    /// Runs a tool with `input` on its standard input. The tools read
+    /// passwords with getpass(3), which prefers /dev/tty: `setsid` gives
+    /// them no controlling terminal, so they read the input instead.
+    fn run_with_input(&self, program: &str, args: &[&str], input: &str) -> Output {
         let package = match program {
             "tpm_mkaik" | "tpm_loadkey" | "tpm_getquote" | "tpm_mkuuid" => "tpm-quote-tools",
             _ => "tpm-tools",
         };
         let exe = require_tool(program, package);
-        Command::new(exe)
+        let mut child = Command::new("setsid")
+            .arg(exe)
             .args(args)
             .current_dir(&self.work)
             .env("TSS_TCSD_HOSTNAME", "127.0.0.1")
             .env("TSS_TCSD_PORT", self.tcsd_port.to_string())
             .env("HOME", &self.home)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    /// Runs a tool that must succeed, answering its password prompts.
+    fn ok_with_input(&self, program: &str, args: &[&str], input: &str) -> String {
+        let out = self.run_with_input(program, args, input);
+        assert!(
+            out.status.success(),
+            "[{}] {program} {args:?} failed ({}):\n{}{}",
+            self.label,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs a tool that must succeed; returns its standard output.
@@ -221,6 +249,19 @@ fn stack_flow(program: Program) {
     let ek = pubek_block(&t.ok("tpm_getpubek", &[]));
     t.ok("tpm_takeownership", &["-y", "-z"]);
 
+    // tpm_changeownerauth (TPM_ChangeAuthOwner): owner and SRK secrets
+    // away from the well-known one, each checked, then back.
+    t.ok_with_input("tpm_changeownerauth", &["-z", "-o"], "ctvm owner\nctvm owner\n");
+    t.fails("tpm_getpubek", &["-z"]);
+    assert_eq!(pubek_block(&t.ok_with_input("tpm_getpubek", &[], "ctvm owner\n")), ek, "[{label}] EK by new owner");
+    t.ok_with_input("tpm_changeownerauth", &["-s"], "ctvm owner\nctvm srk\nctvm srk\n");
+    fs::write(t.file("srk-plain"), b"srk check\n").unwrap();
+    t.fails("tpm_sealdata", &["-z", "-i", "srk-plain", "-o", "srk-sealed"]);
+    t.ok_with_input("tpm_changeownerauth", &["-s", "-r"], "ctvm owner\n");
+    t.ok("tpm_sealdata", &["-z", "-i", "srk-plain", "-o", "srk-sealed"]);
+    t.ok_with_input("tpm_changeownerauth", &["-o", "-r"], "ctvm owner\n");
+    assert_eq!(pubek_block(&t.ok("tpm_getpubek", &["-z"])), ek, "[{label}] EK by the well-known owner again");
+
     // NV: define, write, read back, describe.
     t.ok("tpm_nvdefine", &["-y", "-z", "-i", NV_INDEX, "-s", "32", "-p", "OWNERWRITE|OWNERREAD"]);
     t.ok("tpm_nvwrite", &["-z", "-i", NV_INDEX, "-d", NV_DATA]);
@@ -318,4 +359,174 @@ fn trousers_stack_against_swtpm() {
 #[test]
 fn trousers_stack_against_vtpm_server() {
     stack_flow(Program::VtpmServer);
+}
+
+/// The EK certificate a CTVM host writes at a vTPM's first boot, read by
+/// the real stack: `tpm_nvinfo` lists TPM_NV_INDEX_EKCert with the
+/// manufacturer's attributes, `tpm_nvread` reads it without any
+/// authorisation, and what it read is a TCG_PCCLIENT_STORED_CERT whose
+/// certificate verifies under the host's CA and certifies the very EK
+/// `tpm_getpubek` reports. vtpm-server only: swtpm provisions its own
+/// certificates (swtpm_setup --create-ek-cert) with a CA of its own.
+#[test]
+fn ek_certificate_through_the_trousers_stack() {
+    use vtpm_trust::ekcert::{self, CaKey};
+    require_root();
+    let work = TempDir::new("stack-ekcert");
+    let state = work.path().join("state");
+    let home = work.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    fs::create_dir_all(&state).unwrap();
+
+    // First boot, as the hypervisor does it: make the chip, certify its
+    // EK with the host's CA, provision the NV index, persist.
+    let ca = CaKey::derive(&[0x5e; 32]);
+    let mut chip = vtpm_core::Tpm::manufacture(vtpm_server::platform::OsPlatform::new());
+    let ek = chip.endorsement_modulus().expect("EK");
+    let der = ca.issue_ek_certificate(&ek, "stack", 1_767_225_600).expect("issue");
+    let nv = ekcert::nv_stored_cert(&der).unwrap();
+    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &nv).expect("provision");
+    chip.lock_nv();
+    fs::write(state.join(vtpm_server::state::PERMANENT_FILE), chip.permanent_state()).unwrap();
+
+    let server = ServerProcess::start_in_dir(Program::VtpmServer, &state, Start::StartupClear);
+    let tcsd = Tcsd::start(work.path(), server.tpm.command_addr.port());
+    let t = Tools { work: work.path().to_path_buf(), home, tcsd_port: tcsd.port, label: "vtpm-server" };
+    t.ok("tpm_takeownership", &["-y", "-z"]);
+    let info = t.ok("tpm_nvinfo", &["-i", "0x1000f000"]);
+    assert!(info.contains("0x1000f000") && info.contains("(WRITEALL|OWNERWRITE)"), "tpm_nvinfo:\n{info}");
+    assert!(info.contains(&nv.len().to_string()), "tpm_nvinfo size:\n{info}");
+    t.ok("tpm_nvread", &["-i", "0x1000f000", "-s", &nv.len().to_string(), "-f", "ekcert.nv"]);
+    let read = fs::read(t.file("ekcert.nv")).unwrap();
+    let cert = ekcert::parse_nv_stored_cert(&read).expect("TCG_PCCLIENT_STORED_CERT");
+    assert_eq!(cert, der.as_slice());
+    let certified = ekcert::verify_signed_by(cert, ca.modulus()).expect("the certificate verifies under the CA");
+    let pubek = pubek_block(&t.ok("tpm_getpubek", &["-z"]));
+    let certified_hex: String = certified.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(pubek.to_lowercase().contains(&certified_hex), "the certificate certifies another key than the EK");
+    // Not writable without the owner, even in full; writable by the owner.
+    fs::write(t.file("forged"), vec![0x5a; nv.len()]).unwrap();
+    t.fails("tpm_nvwrite", &["-i", "0x1000f000", "-f", "forged"]);
+    t.ok("tpm_nvread", &["-i", "0x1000f000", "-s", &nv.len().to_string(), "-f", "ekcert.again"]);
+    assert_eq!(fs::read(t.file("ekcert.again")).unwrap(), nv, "the certificate was overwritten without the owner");
+    t.ok("tpm_nvwrite", &["-z", "-i", "0x1000f000", "-f", "ekcert.nv"]);
+    tcsd.stop();
+    server.stop();
+}
+
+/// The remote verifier on what the real stack produces: the host plays
+/// the hypervisor (EK certificate in NV, launch and configuration events
+/// extended on the command port and logged), the guest side is TrouSerS
+/// (`tpm_takeownership`, `tpm_mkaik`, `tpm_getquote` over PCRs 8–11), the
+/// AIK is activated against the certified EK through TPM_ActivateIdentity,
+/// and ctvm-verify accepts, then rejects the same evidence for another
+/// kernel and for a replayed nonce.
+#[test]
+fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
+    use ctvm_verify::{privacy_ca, tpm::TpmPubKey, verify, Evidence, Manifest};
+    use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+    use hypervisor::tpm::event_log::EventLog;
+    use hypervisor::tpm::launch_measurements;
+    use support::client::{Client, Kind};
+    use vtpm_trust::ekcert::{self, CaKey};
+    require_root();
+    let work = TempDir::new("stack-verify");
+    let state = work.path().join("state");
+    let home = work.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    fs::create_dir_all(&state).unwrap();
+    let ca = CaKey::derive(&[0x6d; 32]);
+    let mut chip = vtpm_core::Tpm::manufacture(vtpm_server::platform::OsPlatform::new());
+    let cert = ca.issue_ek_certificate(&chip.endorsement_modulus().unwrap(), "stack", 1_767_225_600).unwrap();
+    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &ekcert::nv_stored_cert(&cert).unwrap())
+        .unwrap();
+    chip.lock_nv();
+    fs::write(state.join(vtpm_server::state::PERMANENT_FILE), chip.permanent_state()).unwrap();
+    let server = ServerProcess::start_in_dir(Program::VtpmServer, &state, Start::StartupClear);
+
+    // The hypervisor's launch measurements, extended and logged.
+    let (kernel, initrd, cmdline) =
+        (b"stack kernel".as_slice(), b"stack initrd".as_slice(), b"console=ttyS0".as_slice());
+    let mut log = EventLog::new(1 << 14);
+    let mut events: Vec<_> = launch_measurements(vtpm_core::sha1, kernel, cmdline, Some(initrd))
+        .iter()
+        .map(|m| hypervisor::tpm::event_log::Event {
+            pcr: m.pcr,
+            kind: 0x0d,
+            digest: m.digest,
+            data: m.description.to_vec(),
+        })
+        .collect();
+    let cfg = SecurityConfig {
+        hypervisor: [0x42; 32],
+        integrity: IntegrityMode::Enforce,
+        trust: &[],
+        policy: None,
+        vtpm_durable: true,
+    };
+    events.push(config_event(vtpm_core::sha1, &cfg));
+    {
+        let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
+        for e in &events {
+            let r = direct.raw(&Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(e.pcr).bytes(&e.digest).finish());
+            assert_eq!(header(&r).rc, rc::SUCCESS);
+            log.push(e).unwrap();
+        }
+    }
+
+    // The guest: ownership, an AIK, a quote over the verifier's nonce.
+    let tcsd = Tcsd::start(work.path(), server.tpm.command_addr.port());
+    let t = Tools { work: work.path().to_path_buf(), home, tcsd_port: tcsd.port, label: "vtpm-server" };
+    t.ok("tpm_takeownership", &["-y", "-z"]);
+    t.ok("tpm_mkaik", &["-z", "aik.blob", "aik.pub"]);
+    t.ok("tpm_mkuuid", &["aik.uuid"]);
+    t.ok("tpm_loadkey", &["aik.blob", "aik.uuid"]);
+    let nonce: Digest20 = privacy_ca::random();
+    fs::write(t.file("nonce"), nonce).unwrap();
+    t.ok("tpm_getquote", &["-p", "pcrvals", "aik.uuid", "nonce", "quote", "8", "9", "11"]);
+    tcsd.stop();
+
+    // The privacy CA's challenge, answered by TPM_ActivateIdentity.
+    let aik_blob = fs::read(t.file("aik.blob")).unwrap();
+    let challenge =
+        privacy_ca::challenge(&cert, ca.modulus(), &TpmPubKey::parse(&aik_blob).unwrap(), privacy_ca::random())
+            .expect("challenge");
+    let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
+    let mut c = Client::new(&mut direct);
+    let aik = parse_key(&mut Reader::new(&aik_blob));
+    let handle = c.load_key2(TPM_KH_SRK, &WELL_KNOWN, &aik).expect("LoadKey2(AIK)");
+    // tpm_mkaik -z gives the AIK the well-known secret too.
+    let mut sk = c.oiap(&WELL_KNOWN);
+    let mut so = c.oiap(&WELL_KNOWN);
+    let cmd = Cmd::new(tag::RQU_AUTH2, ord::ACTIVATE_IDENTITY).handle(handle).sized(&challenge.blob);
+    let returned =
+        c.authorised("ActivateIdentity", Kind::Shape, cmd, &mut [&mut sk, &mut so], false).expect("ActivateIdentity");
+
+    let pcrvals = fs::read_to_string(t.file("pcrvals")).unwrap();
+    let sig = fs::read(t.file("quote")).unwrap();
+    let evidence = Evidence {
+        ek_certificate: &cert,
+        aik: &aik_blob,
+        activation: Some((&challenge.expected, &returned)),
+        pcrvals: &pcrvals,
+        quote_signature: &sig,
+        event_log: log.as_bytes(),
+        ima: None,
+    };
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let manifest = Manifest {
+        kernel_sha1: hex(&sha1(&[kernel])),
+        initrd_sha1: Some(hex(&sha1(&[initrd]))),
+        cmdline: "console=ttyS0".into(),
+        hypervisor_sha256: hex(&[0x42; 32]),
+        vtpm: Some("durable".into()),
+        ..Manifest::default()
+    };
+    let v = verify(&evidence, &manifest, ca.modulus(), &nonce);
+    assert!(v.accepted, "{}", v.summary());
+    eprintln!("{} ({:?})", v.summary(), v.quote_kind);
+    let other = Manifest { kernel_sha1: hex(&sha1(&[b"another kernel"])), ..manifest.clone() };
+    assert_eq!(verify(&evidence, &other, ca.modulus(), &nonce).failed, Some("kernel"));
+    assert_eq!(verify(&evidence, &manifest, ca.modulus(), &privacy_ca::random()).failed, Some("quote"));
+    server.stop();
 }

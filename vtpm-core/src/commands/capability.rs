@@ -14,11 +14,6 @@ use alloc::vec::Vec;
 /// TPM_CAP_VERSION_INFO as libtpms reports it (spec 1.2 rev 116, "IBM").
 pub(crate) const VERSION_INFO: [u8; 15] =
     [0x00, 0x30, 0x01, 0x02, 0x12, 0x9e, 0x00, 0x02, 0x03, 0x49, 0x42, 0x4d, 0x00, 0x00, 0x00];
-/// TPM_DA_INFO of a TPM with dictionary-attack logic idle.
-const DA_INFO: [u8; 21] = [
-    0x00, 0x37, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x39, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00,
-];
 /// Transport sessions are not implemented but libtpms reports 16 free.
 const TRANS_SESSIONS: u32 = 16;
 
@@ -45,7 +40,7 @@ impl<P: Platform> Tpm<P> {
         Ok(out)
     }
 
-    fn capability(&self, area: u32, sub: &[u8]) -> TpmResult<Vec<u8>> {
+    fn capability(&mut self, area: u32, sub: &[u8]) -> TpmResult<Vec<u8>> {
         let sub32 = || -> TpmResult<u32> {
             let b: [u8; 4] = sub.try_into().map_err(|_| TPM_BAD_MODE)?;
             Ok(u32::from_be_bytes(b))
@@ -119,11 +114,28 @@ impl<P: Platform> Tpm<P> {
                 let ok = major == 1 && (minor == 1 || minor == 2) && usize::from(size) <= crate::pcr::SELECT_BYTES;
                 out.put_u8(u8::from(ok));
             }
-            CAP_DA_LOGIC => out.put(&DA_INFO),
+            CAP_DA_LOGIC => self.da_info(&mut out)?,
             CAP_VERSION_VAL => out.put(&VERSION_INFO),
             _ => return Err(TPM_BAD_MODE),
         }
         Ok(out)
+    }
+
+    /// TPM_DA_INFO as libtpms fills it: state, failure count, threshold,
+    /// the action (a timeout) and the seconds of lockout left.
+    fn da_info(&mut self, out: &mut Vec<u8>) -> TpmResult<()> {
+        let now = self.now_s();
+        let left = self.vol.da.time_left(now);
+        let count = u16::try_from(self.vol.da.fail_count).map_err(|_| TPM_FAIL)?;
+        out.put_u16(0x0037); // TPM_TAG_DA_INFO
+        out.put_u8(u8::from(left > 0)); // TPM_DA_STATE_ACTIVE / INACTIVE
+        out.put_u16(count);
+        out.put_u16(crate::da::LOCKOUT_THRESHOLD as u16);
+        out.put_u16(0x0039); // TPM_TAG_DA_ACTION_TYPE
+        out.put_u32(1); // TPM_DA_ACTION_TIMEOUT
+        out.put_u32(left);
+        out.put_u32(0); // no vendor data
+        Ok(())
     }
 
     fn key_handle_list(&self, out: &mut Vec<u8>) {
@@ -212,7 +224,8 @@ impl<P: Platform> Tpm<P> {
             )
         };
         let mut out = Vec::new();
-        out.put(&[1, 1, 0, 0]);
+        // The chip's version, as GetCapability(VERSION_VAL) reports it.
+        out.put(VERSION_INFO.get(2..6).ok_or(TPM_FAIL)?);
         out.put_u32(bitmap(&pf));
         out.put_u32(bitmap(&sf));
         self.respond(c, &[&v], &mut out, 0);

@@ -21,7 +21,7 @@ use crate::consts::*;
 use crate::crypto::sha1_parts;
 use crate::marshal::{Put, Reader, TpmResult};
 use crate::secret::Secret;
-use crate::session::{AuthIn, Entity, Verified};
+use crate::session::{AuthIn, Entity, Verified, VerifyError};
 use crate::{Mode, Platform, Tpm};
 use alloc::vec::Vec;
 
@@ -159,7 +159,9 @@ fn availability(ordinal: u32) -> Option<Avail> {
         | ORD_MAKE_IDENTITY
         | ORD_ACTIVATE_IDENTITY
         | ORD_NV_WRITE_VALUE_AUTH
-        | ORD_NV_READ_VALUE_AUTH => OWNED,
+        | ORD_NV_READ_VALUE_AUTH
+        | ORD_CHANGE_AUTH_OWNER
+        | ORD_RESET_LOCK_VALUE => OWNED,
         _ => return None,
     })
 }
@@ -246,6 +248,8 @@ fn dispatch<P: Platform>(tpm: &mut Tpm<P>, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>
         ORD_DISABLE_PUBEK_READ => tpm.cmd_disable_pubek_read(c),
         ORD_TAKE_OWNERSHIP => tpm.cmd_take_ownership(c),
         ORD_OWNER_CLEAR => tpm.cmd_owner_clear(c),
+        ORD_CHANGE_AUTH_OWNER => tpm.cmd_change_auth_owner(c),
+        ORD_RESET_LOCK_VALUE => tpm.cmd_reset_lock_value(c),
         ORD_FORCE_CLEAR => tpm.cmd_force_clear(c),
         ORD_PHYSICAL_ENABLE | ORD_PHYSICAL_DISABLE => tpm.cmd_physical_enable(c),
         ORD_PHYSICAL_SET_DEACTIVATED => tpm.cmd_physical_set_deactivated(c),
@@ -277,7 +281,15 @@ impl<P: Platform> Tpm<P> {
     /// (TPM_FAILEDSELFTEST, except for GetCapability, GetTestResult and
     /// Startup, which handle it themselves), waiting for Startup
     /// (TPM_INVALID_POSTINIT), enabled, activated, owner present.
-    pub(crate) fn check(&self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
+    ///
+    /// Before all of them, as libtpms' TPM_CheckState, the dictionary-attack
+    /// lockout for authorised commands (Startup, which libtpms never checks,
+    /// and TPM_ResetLockValue, the way out of a lockout, excepted).
+    pub(crate) fn check(&mut self, c: &Cmd<'_>, tags: &[u16]) -> TpmResult<()> {
+        if c.tag != TAG_RQU_COMMAND && !matches!(c.ordinal, ORD_STARTUP | ORD_RESET_LOCK_VALUE) {
+            let now = self.now_s();
+            self.vol.da.check(now)?;
+        }
         let exempt = matches!(c.ordinal, ORD_GET_TEST_RESULT | ORD_GET_CAPABILITY | ORD_STARTUP);
         if matches!(self.mode, Mode::Failed | Mode::PostInitFailed) && !exempt {
             return Err(TPM_FAILEDSELFTEST);
@@ -313,7 +325,15 @@ impl<P: Platform> Tpm<P> {
         let a = c.auth(i)?;
         let fail = if i == 0 { TPM_AUTHFAIL } else { TPM_AUTH2FAIL };
         let digest = c.in_digest(handle_bytes);
-        self.vol.sessions.verify(&a, entity, secret, &digest, fail)
+        match self.vol.sessions.verify(&a, entity, secret, &digest, fail) {
+            Ok(v) => Ok(v),
+            Err(VerifyError::Refused(rc)) => Err(rc),
+            Err(VerifyError::Mismatch(rc)) => {
+                let now = self.now_s();
+                self.vol.da.fail(now);
+                Err(rc)
+            }
+        }
     }
 
     /// Appends the response trailers of the verified sessions to `out`

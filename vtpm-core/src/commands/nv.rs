@@ -264,3 +264,53 @@ fn check_attributes(p: &NvPublic) -> TpmResult<()> {
     }
     Ok(())
 }
+
+impl<P: Platform> Tpm<P> {
+    /// Defines NV index `index` with `attributes` and fills it with `data`,
+    /// as a TPM manufacturer does before the chip ships (the EK
+    /// certificate at TPM_NV_INDEX_EKCert): no authorisation, no PCR
+    /// binding, any locality, an all-zero area secret. The attribute rules
+    /// of TPM_NV_DefineSpace apply, and so does the NV budget. A defined
+    /// index is replaced. Indices with the D bit (0x10000000) survive
+    /// OwnerClear, as a manufacturer's must.
+    pub fn provision_nv(&mut self, index: u32, attributes: u32, data: &[u8]) -> TpmResult<()> {
+        if index == NV_INDEX_LOCK || index == NV_INDEX0 || index == crate::consts::NV_INDEX_DIR {
+            return Err(TPM_BADINDEX);
+        }
+        let size = u32::try_from(data.len()).map_err(|_| TPM_SIZE)?;
+        if size == 0 {
+            return Err(TPM_BAD_PARAM_SIZE);
+        }
+        if size > crate::marshal::ALLOC_MAX {
+            return Err(TPM_SIZE);
+        }
+        let open = crate::key::PcrInfoShort {
+            selection: crate::pcr::PcrSelection { size: 3, ..Default::default() },
+            locality_at_release: 0x1f,
+            at_release: [0; 20],
+        };
+        let public = NvPublic {
+            index,
+            pcr_read: open.clone(),
+            pcr_write: open,
+            attributes,
+            read_st_clear: false,
+            write_st_clear: false,
+            write_define: false,
+            size,
+        };
+        check_attributes(&public)?;
+        let reclaimed = self.perm.nv.get(index).map_or(0, |i| i.public.size.saturating_add(crate::nv::INDEX_OVERHEAD));
+        let exists = self.perm.nv.get(index).is_some();
+        if size.saturating_add(crate::nv::INDEX_OVERHEAD) > self.perm.nv.free().saturating_add(reclaimed)
+            || (!exists && self.perm.nv.indices.len() >= MAX_INDICES)
+        {
+            return Err(TPM_NOSPACE);
+        }
+        self.perm.nv.remove(index);
+        self.vol.sessions.terminate_entity(Entity::Nv(index));
+        self.perm.nv.indices.push(NvIndex { public, auth: Secret([0; 20]), data: data.to_vec() });
+        self.mark_dirty();
+        Ok(())
+    }
+}

@@ -1,4 +1,5 @@
-//! TPM_TakeOwnership, TPM_OwnerClear and TPM_ForceClear.
+//! TPM_TakeOwnership, TPM_OwnerClear, TPM_ForceClear, TPM_ChangeAuthOwner
+//! and TPM_ResetLockValue.
 
 use super::Cmd;
 use crate::consts::*;
@@ -116,5 +117,79 @@ impl<P: Platform> Tpm<P> {
         self.vol.keys.clear();
         self.vol.sessions.clear();
         self.mark_dirty();
+    }
+}
+
+impl<P: Platform> Tpm<P> {
+    /// TPM_ChangeAuthOwner (Part 3, 17.2): the owner gives the owner or the
+    /// SRK a new secret, sent ADIP-encrypted under an OSAP session for the
+    /// owner. As libtpms: the session ends with the command whatever the
+    /// caller asked (the response says continueAuthSession = FALSE and is
+    /// authorised with the old shared secret), and every other owner OSAP
+    /// session ends too, since their shared secrets derive from the old
+    /// owner secret.
+    pub(crate) fn cmd_change_auth_owner(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
+        let protocol = c.r.u16()?;
+        let new_auth = c.r.digest()?;
+        let entity_type = c.r.u16()?;
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
+        c.done()?;
+        let handle = c.auth(0)?.handle;
+        match self.vol.sessions.get(handle).map(|s| &s.kind) {
+            None => return Err(TPM_INVALID_AUTHHANDLE),
+            Some(Kind::Oiap) => return Err(TPM_BAD_MODE),
+            Some(Kind::Osap { .. }) => {}
+        }
+        let even = self.nonce_even(handle)?;
+        let secret = self.owner_auth()?;
+        let mut v = self.verify(c, 0, Entity::Owner, &secret, 0)?;
+        if protocol != PID_ADCP {
+            return Err(TPM_BAD_PARAMETER);
+        }
+        if entity_type != ET_OWNER && entity_type != ET_SRK {
+            return Err(TPM_WRONG_ENTITYTYPE);
+        }
+        let new = self.adip_decrypt(handle, &new_auth, &even)?;
+        let owner = self.perm.owner.as_mut().ok_or(TPM_NOSRK)?;
+        if entity_type == ET_OWNER {
+            owner.auth = new;
+        } else {
+            owner.srk.usage_auth = new;
+        }
+        self.mark_dirty();
+        v.cont = false;
+        let mut out = Vec::new();
+        self.respond(c, &[&v], &mut out, 0);
+        self.vol.sessions.terminate_entity(Entity::Owner);
+        Ok(out)
+    }
+
+    /// TPM_ResetLockValue (Part 3, 5.?): the owner ends
+    /// the dictionary-attack lockout and zeroes the failure count. It runs
+    /// during a lockout (it is the way out), but a failed attempt disables
+    /// it until the lockout period is over, as in libtpms.
+    pub(crate) fn cmd_reset_lock_value(&mut self, c: &mut Cmd<'_>) -> TpmResult<Vec<u8>> {
+        // libtpms re-enables the command first when no lockout runs, and
+        // ignores the lockout itself.
+        let now = self.now_s();
+        let _ = self.vol.da.check(now);
+        self.check(c, &[TAG_RQU_AUTH1_COMMAND])?;
+        c.done()?;
+        if self.vol.da.disable_reset_lock {
+            return Err(TPM_AUTHFAIL);
+        }
+        let secret = self.owner_auth()?;
+        match self.verify(c, 0, Entity::Owner, &secret, 0) {
+            Ok(v) => {
+                self.vol.da.fail_count = 0;
+                let mut out = Vec::new();
+                self.respond(c, &[&v], &mut out, 0);
+                Ok(out)
+            }
+            Err(rc) => {
+                self.vol.da.disable_reset_lock = true;
+                Err(rc)
+            }
+        }
     }
 }

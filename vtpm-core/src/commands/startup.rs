@@ -71,6 +71,7 @@ impl<P: Platform> Tpm<P> {
         self.vol.pcrs = PcrBank::cleared();
         self.vol.sessions.clear();
         self.vol.keys.clear();
+        self.vol.da = crate::da::DaState::default();
         self.perm.nv.clear_stclear_locks();
     }
 
@@ -87,6 +88,9 @@ impl<P: Platform> Tpm<P> {
         self.vol.sessions.clear();
         self.vol.keys.clear();
         self.vol.keys.slots = s.keys;
+        let now = self.now_s();
+        self.vol.da = s.da;
+        self.vol.da.rebase(now);
         self.perm.nv.clear_stclear_locks();
         for (index, r, w) in s.nv_locks {
             if let Some(i) = self.perm.nv.get_mut(index) {
@@ -121,6 +125,7 @@ impl<P: Platform> Tpm<P> {
             pcrs: self.vol.pcrs.clone(),
             keys,
             nv_locks,
+            da: self.vol.da.clone(),
         };
         self.saved = Some(zeroize::Zeroizing::new(s.to_blob()));
         Ok(Vec::new())

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![allow(clippy::arithmetic_side_effects, dead_code)]
 
+mod da;
 mod ek;
 mod keys;
 mod nv;

@@ -216,3 +216,40 @@ fn nv_data_survives_a_restore_and_owner_clear_removes_it() {
     ok(&mut r, 0, &Cmd::new(ORD_PHYSICAL_ENABLE).bytes());
     err(&mut r, &read(0x1000, 0, 4), TPM_BADINDEX);
 }
+
+/// The manufacturer's EK-certificate index: readable by anyone once the
+/// chip is locked and owned, writable only by the owner and in full, kept
+/// across OwnerClear, in the capability list with the attributes given.
+#[test]
+fn provisioned_ek_certificate_index_reads_without_authorisation() {
+    const EK_CERT: u32 = 0x1000_f000;
+    let attrs = NV_PER_OWNERWRITE | NV_PER_WRITEALL;
+    let cert = [0x10, 0x01, 0x00, 0x00, 0x05, 0x10, 0x02, 0x30, 0x01, 0x00];
+    let mut t = owned();
+    lock(&mut t);
+    t.clear_dirty();
+    t.provision_nv(EK_CERT, attrs, &cert).unwrap();
+    assert!(t.permanent_dirty(), "provisioning is persisted");
+    let r = ok(&mut t, 0, &read(EK_CERT, 0, cert.len() as u32));
+    assert_eq!(&r[4..], &cert, "NV_ReadValue without authorisation");
+    let cap = ok(&mut t, 0, &Cmd::new(ORD_GET_CAPABILITY).u32(CAP_NV_INDEX).sized(&EK_CERT.to_be_bytes()).bytes());
+    assert_eq!(be32(&cap[4 + 2 + 4 + 26 + 26 + 2..]), attrs);
+    // Writes: not without the owner, not in part.
+    err(&mut t, &write(EK_CERT, 0, &[0; 10]), TPM_AUTH_CONFLICT);
+    let mut s = oiap(&mut t);
+    let params = Cmd::new(0).u32(EK_CERT).u32(0).sized(&[1; 4]).body;
+    assert_eq!(
+        run_authed(&mut t, 0, ORD_NV_WRITE_VALUE, &[], &params, &mut [(&mut s, OWNER, false)], 0),
+        Err(TPM_NOT_FULLWRITE)
+    );
+    // It survives OwnerClear (D bit) and stays readable.
+    let mut s = oiap(&mut t);
+    run_authed(&mut t, 0, ORD_OWNER_CLEAR, &[], &[], &mut [(&mut s, OWNER, false)], 0).unwrap();
+    let mut back = Tpm::from_permanent(&t.permanent_state(), TestPlatform::new(4)).unwrap();
+    back.power_on();
+    ok(&mut back, 0, &startup(ST_CLEAR));
+    assert!(back.permanent_state() == t.permanent_state());
+    assert_eq!(back.provision_nv(NV_INDEX_LOCK, attrs, &cert), Err(TPM_BADINDEX));
+    assert_eq!(back.provision_nv(EK_CERT, 0, &cert), Err(TPM_PER_NOWRITE), "DefineSpace's attribute rules");
+    assert_eq!(back.provision_nv(EK_CERT, attrs, &alloc::vec![0; 0x7000]), Err(TPM_NOSPACE));
+}

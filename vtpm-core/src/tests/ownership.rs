@@ -190,7 +190,11 @@ fn get_capability_owner_reports_flag_bitmaps() {
     let mut t = owned();
     let mut s = oiap(&mut t);
     let out = run_authed(&mut t, 0, ORD_GET_CAPABILITY_OWNER, &[], &[], &mut [(&mut s, OWNER, false)], 0).unwrap();
-    assert_eq!(&out[..4], &[1, 1, 0, 0]);
+    // The version GetCapability(VERSION_VAL) reports (1.2, rev 0x12.0x9e),
+    // as libtpms: not the TPM 1.1 structure version.
+    let cap = t.execute(0, &[0x00, 0xc1, 0, 0, 0, 18, 0, 0, 0, 0x65, 0, 0, 0, 0x1a, 0, 0, 0, 0]);
+    assert_eq!(&out[..4], &cap[16..20]);
+    assert_eq!(&out[..4], &[1, 2, 0x12, 0x9e]);
     // ownership (bit 1), allowMaintenance (5), ppCMDEnable (8), CEKPUsed (9).
     assert_eq!(be32(&out[4..]), (1 << 1) | (1 << 5) | (1 << 8) | (1 << 9));
     assert_eq!(be32(&out[8..]), 0);

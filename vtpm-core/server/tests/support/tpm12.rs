@@ -27,6 +27,8 @@ pub mod ord {
     pub const OIAP: u32 = 0x0a;
     pub const OSAP: u32 = 0x0b;
     pub const TAKE_OWNERSHIP: u32 = 0x0d;
+    pub const CHANGE_AUTH_OWNER: u32 = 0x10;
+    pub const RESET_LOCK_VALUE: u32 = 0x40;
     pub const EXTEND: u32 = 0x14;
     pub const PCR_READ: u32 = 0x15;
     pub const QUOTE: u32 = 0x16;
@@ -85,6 +87,9 @@ pub mod rc {
     pub const INVALID_POSTINIT: u32 = 0x26;
     pub const NOT_RESETABLE: u32 = 0x32;
     pub const AREA_LOCKED: u32 = 0x3c;
+    pub const BAD_MODE: u32 = 0x2c;
+    pub const WRONG_ENTITYTYPE: u32 = 0x25;
+    pub const DEFEND_LOCK_RUNNING: u32 = 0x803;
 }
 
 /// Capability areas and sub-capabilities the Linux driver and TrouSerS use.
@@ -97,6 +102,7 @@ pub mod cap {
     pub const NV_LIST: u32 = 0x0d;
     pub const NV_INDEX: u32 = 0x11;
     pub const VERSION_VAL: u32 = 0x1a;
+    pub const DA_LOGIC: u32 = 0x19;
     pub const FLAG_PERMANENT: u32 = 0x108;
     pub const FLAG_VOLATILE: u32 = 0x109;
     pub const PROP_PCR: u32 = 0x101;
@@ -116,6 +122,8 @@ pub const TPM_NV_PER_AUTHWRITE: u32 = 0x0000_0004;
 pub const TPM_NV_PER_AUTHREAD: u32 = 0x0004_0000;
 pub const TPM_ET_KEYHANDLE: u16 = 0x0001;
 pub const TPM_ET_OWNER: u16 = 0x0002;
+pub const TPM_ET_SRK: u16 = 0x0004;
+pub const TPM_PID_ADCP: u16 = 0x0004;
 pub const TPM_ET_NV: u16 = 0x000b;
 pub const TPM_PID_OWNER: u16 = 0x0005;
 pub const TPM_KEY_SIGNING: u16 = 0x0010;

@@ -1,0 +1,175 @@
+//! The security-configuration measurement: what CTVM itself enforces for a
+//! guest, measured into the guest's vTPM so that a remote verifier can
+//! check it in a quote.
+//!
+//! One event per launch, in [`pcr::CONFIG`] (PCR 11) and nowhere else,
+//! logged as `EV_EVENT_TAG` (0x06) with a `TCG_PCClientTaggedEvent`
+//! whose taggedEventID is [`CONFIG_TAG`] ("CTVM") and whose data is the
+//! canonical text, e.g.
+//!
+//! ```text
+//! ctvm.config v1 hypervisor=<sha256 hex> integrity=enforce trust=ctvm_agent,ifb policy=<sha256 hex> vtpm=durable
+//! ```
+//!
+//! Fields come in that order, separated by one space; `trust` lists the
+//! trusted module names sorted and deduplicated (`-` for none); `policy` is
+//! the SHA-256 of the `ctvm.policy` module (`none` without one); `vtpm` is
+//! `durable` when a store service keeps the vTPM's state, `volatile`
+//! otherwise (see `vtpm_trust::durability`). The extended digest is the
+//! SHA-1 of the text alone, so a verifier recomputes it from the log.
+//!
+//! The guest can extend PCR 11 too (it reaches the vTPM at locality 0), so
+//! a verifier must accept PCR 11 only when the log holds exactly this one
+//! event there: anything the guest adds shows as a second event.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use super::event_log::{event_type, pcr, Event};
+
+/// taggedEventID of the configuration event: "CTVM".
+pub const CONFIG_TAG: u32 = 0x4354_564D;
+/// The text's first word and version.
+pub const CONFIG_PREFIX: &str = "ctvm.config v1";
+
+/// The run-time integrity mode on the guest's line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntegrityMode {
+    Enforce,
+    Audit,
+    Off,
+}
+
+impl IntegrityMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrityMode::Enforce => "enforce",
+            IntegrityMode::Audit => "audit",
+            IntegrityMode::Off => "off",
+        }
+    }
+}
+
+/// What the configuration event records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityConfig<'a> {
+    /// SHA-256 of the hypervisor image (the multiboot2 ELF GRUB loaded).
+    pub hypervisor: [u8; 32],
+    pub integrity: IntegrityMode,
+    /// Module names from `trust=`.
+    pub trust: &'a [&'a str],
+    /// SHA-256 of the `ctvm.policy` module, if there is one.
+    pub policy: Option<[u8; 32]>,
+    /// True when a store service keeps the vTPM's state across reboots.
+    pub vtpm_durable: bool,
+}
+
+fn hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
+/// The canonical text.
+pub fn config_text(c: &SecurityConfig<'_>) -> String {
+    let mut s = String::with_capacity(200);
+    s.push_str(CONFIG_PREFIX);
+    s.push_str(" hypervisor=");
+    hex(&mut s, &c.hypervisor);
+    s.push_str(" integrity=");
+    s.push_str(c.integrity.as_str());
+    s.push_str(" trust=");
+    let mut names: Vec<&str> = c.trust.iter().copied().filter(|n| !n.is_empty()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        s.push('-');
+    } else {
+        s.push_str(&names.join(","));
+    }
+    s.push_str(" policy=");
+    match &c.policy {
+        Some(p) => hex(&mut s, p),
+        None => s.push_str("none"),
+    }
+    s.push_str(" vtpm=");
+    s.push_str(if c.vtpm_durable { "durable" } else { "volatile" });
+    s
+}
+
+/// The event to extend into PCR 11 and log, before the guest runs.
+/// `sha1` is the workspace's SHA-1 (`vtpm_core::sha1`).
+pub fn config_event(sha1: impl Fn(&[u8]) -> [u8; 20], c: &SecurityConfig<'_>) -> Event {
+    let text = config_text(c);
+    let mut data = Vec::with_capacity(8 + text.len());
+    data.extend_from_slice(&CONFIG_TAG.to_le_bytes());
+    data.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    data.extend_from_slice(text.as_bytes());
+    Event { pcr: pcr::CONFIG, kind: event_type::EVENT_TAG, digest: sha1(text.as_bytes()), data }
+}
+
+/// The text of a configuration event, if `e` is one (for tests and for
+/// guests' own checks).
+pub fn parse_config_event(e: &Event) -> Option<&str> {
+    if e.kind != event_type::EVENT_TAG {
+        return None;
+    }
+    let tag = u32::from_le_bytes(e.data.get(..4)?.try_into().ok()?);
+    let len = u32::from_le_bytes(e.data.get(4..8)?.try_into().ok()?) as usize;
+    if tag != CONFIG_TAG || e.data.len() != 8usize.checked_add(len)? {
+        return None;
+    }
+    core::str::from_utf8(e.data.get(8..)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_sha1(d: &[u8]) -> [u8; 20] {
+        let mut o = [0u8; 20];
+        for (i, b) in d.iter().enumerate() {
+            o[i % 20] = o[i % 20].wrapping_mul(31).wrapping_add(*b);
+        }
+        o
+    }
+
+    fn cfg<'a>(trust: &'a [&'a str]) -> SecurityConfig<'a> {
+        SecurityConfig {
+            hypervisor: [0xab; 32],
+            integrity: IntegrityMode::Enforce,
+            trust,
+            policy: Some([0x01; 32]),
+            vtpm_durable: true,
+        }
+    }
+
+    #[test]
+    fn the_text_is_canonical() {
+        let t = config_text(&cfg(&["ifb", "ctvm_agent", "ifb", ""]));
+        let want = alloc::format!(
+            "ctvm.config v1 hypervisor={} integrity=enforce trust=ctvm_agent,ifb policy={} vtpm=durable",
+            "ab".repeat(32),
+            "01".repeat(32)
+        );
+        assert_eq!(t, want);
+        // The same set in another order gives the same text.
+        assert_eq!(config_text(&cfg(&["ctvm_agent", "ifb"])), t);
+        let off = SecurityConfig { integrity: IntegrityMode::Off, policy: None, vtpm_durable: false, ..cfg(&[]) };
+        assert!(config_text(&off).ends_with("integrity=off trust=- policy=none vtpm=volatile"));
+    }
+
+    #[test]
+    fn the_event_is_a_tagged_event_in_pcr_11_over_the_text() {
+        let c = cfg(&["ifb"]);
+        let e = config_event(fake_sha1, &c);
+        assert_eq!((e.pcr, e.kind), (11, 0x06));
+        assert_eq!(&e.data[..4], &0x4354_564Du32.to_le_bytes());
+        assert_eq!(parse_config_event(&e), Some(config_text(&c).as_str()));
+        assert_eq!(e.digest, fake_sha1(config_text(&c).as_bytes()));
+        let mut other = e.clone();
+        other.data[0] ^= 1;
+        assert_eq!(parse_config_event(&other), None, "another tag is not a configuration event");
+    }
+}
