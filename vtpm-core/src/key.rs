@@ -465,13 +465,19 @@ impl Key {
 
     /// Parses [`Key::write_internal`] output.
     pub fn read_internal(r: &mut Reader<'_>) -> TpmResult<Key> {
+        Self::read_internal_reusing(r, &[])
+    }
+
+    /// [`Key::read_internal`], taking the RSA key from `known` when one
+    /// matches (see [`RsaKey::from_n_p_reusing`]).
+    pub fn read_internal_reusing(r: &mut Reader<'_>, known: &[&RsaKey]) -> TpmResult<Key> {
         let mut pr = Reader::new(r.sized32()?);
         let public = KeyPublic::read(&mut pr)?;
         pr.finish()?;
         let usage_auth = Secret(r.digest()?);
         let migration_auth = Secret(r.digest()?);
         let prime = r.sized32()?;
-        let rsa = RsaKey::from_n_p(&public.modulus, prime).ok_or(TPM_FAIL)?;
+        let rsa = RsaKey::from_n_p_reusing(&public.modulus, prime, known).ok_or(TPM_FAIL)?;
         Ok(Key { public, usage_auth, migration_auth, rsa })
     }
 

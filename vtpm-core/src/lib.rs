@@ -193,6 +193,15 @@ impl<P: Platform> Tpm<P> {
         Ok(Self::with_permanent(platform, perm))
     }
 
+    /// [`Tpm::from_permanent`], reusing `like`'s RSA keys (EK, SRK) where
+    /// the blob holds exactly the same ones instead of rebuilding them: the
+    /// result is the chip `from_permanent` would make, without the key
+    /// precomputation. For round trips (the fuzzer's state check, tests).
+    pub fn from_permanent_like(blob: &[u8], platform: P, like: &Tpm<P>) -> Result<Self, StateError> {
+        let perm = state::Permanent::from_blob_reusing(blob, &like.perm.rsa_keys())?;
+        Ok(Self::with_permanent(platform, perm))
+    }
+
     /// True once the EK exists as a key: false while it is deferred (see
     /// [`Tpm::manufacture`]) or absent. Callers check with it that bringing
     /// a chip up did not pay for an RSA key generation.

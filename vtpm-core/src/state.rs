@@ -198,12 +198,24 @@ impl Permanent {
 
     /// Parses a blob made by [`Permanent::to_blob`].
     pub fn from_blob(blob: &[u8]) -> Result<Self, StateError> {
-        let versions = [STATE_VERSION, PERMANENT_VERSION_DEFERRED_EK];
-        let (version, body) = open_blob(PERMANENT_MAGIC, &versions, blob)?;
-        Self::parse_body(version, body).ok_or(StateError::Malformed)
+        Self::from_blob_reusing(blob, &[])
     }
 
-    fn parse_body(version: u32, body: &[u8]) -> Option<Self> {
+    /// [`Permanent::from_blob`], taking RSA keys from `known` where the blob
+    /// holds exactly their modulus and prime (see
+    /// [`RsaKey::from_n_p_reusing`]).
+    pub fn from_blob_reusing(blob: &[u8], known: &[&RsaKey]) -> Result<Self, StateError> {
+        let versions = [STATE_VERSION, PERMANENT_VERSION_DEFERRED_EK];
+        let (version, body) = open_blob(PERMANENT_MAGIC, &versions, blob)?;
+        Self::parse_body(version, body, known).ok_or(StateError::Malformed)
+    }
+
+    /// The RSA keys this state holds (EK, SRK).
+    pub fn rsa_keys(&self) -> Vec<&RsaKey> {
+        self.ek.key().into_iter().chain(self.owner.as_ref().map(|o| &o.srk.rsa)).collect()
+    }
+
+    fn parse_body(version: u32, body: &[u8], known: &[&RsaKey]) -> Option<Self> {
         let mut r = Reader::new(body);
         let flags = PermanentFlags::read(&mut r).ok()?;
         let no_owner_nv_write = r.u32().ok()?;
@@ -212,7 +224,7 @@ impl Permanent {
             (1, STATE_VERSION) => {
                 let n = r.sized32().ok()?;
                 let p = r.sized32().ok()?;
-                Endorsement::Present(RsaKey::from_n_p(n, p)?)
+                Endorsement::Present(RsaKey::from_n_p_reusing(n, p, known)?)
             }
             (2, PERMANENT_VERSION_DEFERRED_EK) => Endorsement::Deferred(DrbgSnapshot {
                 seed: r.array().ok()?,
@@ -225,7 +237,7 @@ impl Permanent {
             1 => Some(Owner {
                 auth: Secret(r.digest().ok()?),
                 tpm_proof: Secret(r.digest().ok()?),
-                srk: Key::read_internal(&mut r).ok()?,
+                srk: Key::read_internal_reusing(&mut r, known).ok()?,
             }),
             _ => return None,
         };

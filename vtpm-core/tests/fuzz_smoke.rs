@@ -18,7 +18,7 @@
 #[path = "../fuzz/fuzz_targets/common.rs"]
 mod common;
 
-use common::{check_exchange, cmd, envelope, exec, fixture, run_execute, run_state, FuzzPlatform};
+use common::{check_exchange, cmd, envelope, exec, fixture, run_execute, run_execute_keys, run_state, FuzzPlatform};
 use std::time::Instant;
 use vtpm_core::Tpm;
 
@@ -256,14 +256,25 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn execute_harness_on_seeds_and_mutations() {
+    execute_on_seeds_and_mutations("execute", run_execute, 0x5EED_0001, 1500);
+}
+
+/// The `execute_keys` interpreter: fewer inputs, as those that reach a
+/// private key cost milliseconds each.
+#[test]
+fn execute_keys_harness_on_seeds_and_mutations() {
+    execute_on_seeds_and_mutations("execute_keys", run_execute_keys, 0x5EED_0011, 400);
+}
+
+fn execute_on_seeds_and_mutations(target: &str, run: fn(&[u8]), seed: u64, inputs: usize) {
     let start = Instant::now();
     let seeds = seeds();
     for (i, s) in seeds.iter().enumerate() {
-        run_named(&format!("seed {i}"), s, run_execute);
+        run_named(&format!("{target} seed {i}"), s, run);
     }
-    let mut rng = Rng::new(0x5EED_0001);
+    let mut rng = Rng::new(seed);
     let mut corpus = seeds.clone();
-    let n = 1500 * scale();
+    let n = inputs * scale();
     for i in 0..n {
         let input = if i % 4 == 3 {
             random_records(&mut rng)
@@ -271,7 +282,7 @@ fn execute_harness_on_seeds_and_mutations() {
             let base = rng.pick(&corpus).clone();
             mutate(&mut rng, &base, &corpus, 4096)
         };
-        run_named(&format!("execute input {i}"), &input, run_execute);
+        run_named(&format!("{target} input {i}"), &input, run);
         // Keep a bounded pool of what was tried, to mutate further.
         if corpus.len() < 200 {
             corpus.push(input);
@@ -280,7 +291,7 @@ fn execute_harness_on_seeds_and_mutations() {
             corpus[at] = input;
         }
     }
-    eprintln!("execute: {} seeds and {n} inputs in {:.1?}", seeds.len(), start.elapsed());
+    eprintln!("{target}: {} seeds and {n} inputs in {:.1?}", seeds.len(), start.elapsed());
 }
 
 #[test]

@@ -7,10 +7,13 @@
 //!                              boot it, streaming the serial console
 //! cargo xtask test [--host-only|--scenarios-only] [NAME...]
 //!                              host tests, then every Bochs scenario
+//! cargo xtask fuzz [TARGET] [--time S]
+//!                              the long fuzzing campaign, every core
 //! ```
 
 mod bench;
 mod emulator;
+mod fuzz;
 mod image;
 mod linux;
 mod packages;
@@ -35,7 +38,7 @@ fn main() -> ExitCode {
 /// What `cargo xtask run` boots without a name.
 const DEFAULT_RUN: &str = "linux-shell";
 
-const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios|modules|bench> [options]
+const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios|modules|bench|fuzz> [options]
   build                          build the hypervisor and the test guests
   iso [SCENARIO]                 build the ISO of a scenario (default: linux-shell)
   run [--emulator E] [SCENARIO]  boot it with the serial console shown (E: auto, bochs, qemu)
@@ -48,7 +51,9 @@ const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios|modules|be
                                  of an exit, a vTIS access and a TPM command
   scenarios                      list the scenarios
   modules [--newer-kernel]       build the agent and test modules for the guest kernel
-                                 (or the newest 6.4+ cloud kernel apt offers)";
+                                 (or the newest 6.4+ cloud kernel apt offers)
+  fuzz [TARGET] [--time S]       each cargo-fuzz target (or TARGET) for S seconds (600) on
+                                 every core: executions, exec/s, coverage, crashes";
 
 fn run(args: &[String]) -> Result<(), Fail> {
     let Some((command, rest)) = args.split_first() else {
@@ -127,6 +132,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Some("exits") => bench::exits_cost(),
             Some(other) => Err(Fail(format!("no benchmark {other:?}; benchmarks: linux-boot, integrity, ima, exits"))),
         },
+        "fuzz" => fuzz::fuzz(rest),
         "scenarios" => {
             for s in scenarios::all() {
                 println!("{:<20} {}", s.name, s.about);

@@ -1,4 +1,5 @@
-//! Feeds arbitrary command sequences to `Tpm::execute` (the input format
+//! Feeds arbitrary command sequences to `Tpm::execute`, without RSA
+//! private-key operations (`execute_keys` has them; the input format
 //! and the checked properties are documented on `common::run_execute`).
 //! `vtpm-core/tests/fuzz_smoke.rs` runs the same interpreter on stable.
 #![no_main]

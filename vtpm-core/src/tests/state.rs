@@ -25,6 +25,22 @@ fn permanent_state_round_trips_exactly() {
 }
 
 #[test]
+fn restoring_like_a_chip_reuses_its_keys_and_equals_a_full_restore() {
+    let t = owned();
+    let blob = t.permanent_state();
+    let like = Tpm::from_permanent_like(&blob, TestPlatform::new(4), &t).unwrap();
+    assert_eq!(like.permanent_state(), blob);
+    // A chip with other keys shares nothing: every key is rebuilt, same result.
+    let other = Tpm::manufacture_without_ek(TestPlatform::new(5));
+    let rebuilt = Tpm::from_permanent_like(&blob, TestPlatform::new(4), &other).unwrap();
+    assert_eq!(rebuilt.permanent_state(), blob);
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert_eq!(Tpm::from_permanent_like(&bad, TestPlatform::new(4), &t).err(), Some(StateError::ChecksumMismatch));
+}
+
+#[test]
 fn dirty_tracks_permanent_changes_only() {
     let mut t = started();
     t.clear_dirty();
