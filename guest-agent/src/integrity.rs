@@ -168,11 +168,19 @@ pub enum ViolationKind {
     ModulePortIo = 17,
     /// An INIT or start-up IPI: the guest tried to start a CPU it was not given.
     StartCpu = 18,
+    /// Code reached through a linear address that does not map the code
+    /// registered there (page tables edited to alias other code).
+    Alias = 19,
+    /// A module the hypervisor could not isolate: its load is vetoed.
+    RegistrationRefused = 20,
+    /// A kernel function a module called wrote what the module may not
+    /// (the module's deputy).
+    DeputyWrite = 21,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 18] = [
+    pub const ALL: [ViolationKind; 21] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -191,6 +199,9 @@ impl ViolationKind {
         Self::ModuleMsr,
         Self::ModulePortIo,
         Self::StartCpu,
+        Self::Alias,
+        Self::RegistrationRefused,
+        Self::DeputyWrite,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -214,6 +225,9 @@ impl ViolationKind {
             Self::ModuleMsr => "module-msr",
             Self::ModulePortIo => "module-port-io",
             Self::StartCpu => "start-cpu",
+            Self::Alias => "alias",
+            Self::RegistrationRefused => "registration-refused",
+            Self::DeputyWrite => "deputy-write",
         }
     }
 }

@@ -322,6 +322,7 @@ impl GuestControl for Views<'_> {
     fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
         let eptp = self.view(view)?.pointer();
         current::set_eptp(eptp);
+        current::set_event_exiting(matches!(view, View::Module(_)));
         // The bitmaps go with the view: a module's traps every port and MSR write.
         if let Some(module_bitmaps) = self.module_bitmaps {
             current::set_bitmaps(if view == View::Kernel { self.bitmaps } else { module_bitmaps });
@@ -363,6 +364,10 @@ impl GuestControl for Views<'_> {
         if let Some(ept) = self.modules.remove(&module) {
             ept.destroy();
         }
+    }
+
+    fn set_interrupt_window(&mut self, on: bool) {
+        current::set_primary_control(PrimaryControls::INTERRUPT_WINDOW_EXITING, on);
     }
 
     fn has_monitor_trap(&self) -> bool {

@@ -2121,6 +2121,7 @@ mod integrity_views {
                 _ => Ok(()),
             }
         }
+        fn set_interrupt_window(&mut self, _: bool) {}
         fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
             assert_eq!(page & 0xfff, 0, "set_perms on an unaligned page {page:#x}");
             if let View::Module(m) = view {

@@ -111,13 +111,15 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         return Err(Error::InvalidArgument);
     }
     let gates = read_guest(ctx, layout.idt.start, 256 * 16)?;
-    layout.interrupt_handlers = gates
+    layout.gates = gates
         .chunks_exact(16)
-        .filter(|g| g[5] & 0x80 != 0)
-        .map(|g| {
-            u64::from(u16::from_le_bytes([g[0], g[1]]))
+        .enumerate()
+        .filter(|(_, g)| g[5] & 0x80 != 0)
+        .map(|(vector, g)| {
+            let handler = u64::from(u16::from_le_bytes([g[0], g[1]]))
                 | (u64::from(u16::from_le_bytes([g[6], g[7]])) << 16)
-                | (u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32)
+                | (u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32);
+            (vector as u8, handler)
         })
         .collect();
     // The exported symbols, read from the kernel's own tables.
@@ -148,6 +150,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             }
         }
     }
+    layout.text_pages = pages_of(ctx, layout.text)?;
     let mut pages = Vec::new();
     for (range, class) in [
         (layout.text, PageClass::KernelText),
@@ -170,7 +173,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         layout.text.end,
         layout.entries.len(),
         layout.denied_entries.len(),
-        layout.interrupt_handlers.len(),
+        layout.gates.len(),
         layout.indirect_thunks.iter().filter(|&&t| t != 0).count(),
         layout.return_thunks.len()
     );
@@ -574,7 +577,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let regs = *ctx.vcpu.regs();
     let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
-    let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack, gprs };
+    let fault =
+        Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, rsp, stack, gprs };
     let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
@@ -631,6 +635,19 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Action::Resume
         }
         Step::Branch { view: to, rip: target, pop } => {
+            // The hypervisor carries the branch out: the target must map the
+            // code registered there, or the next fetch would run other code.
+            let expected = ctx.guest.integrity.as_ref()?.engine.expected_page(target);
+            let actual = ctx.inspect().translate(target).ok().map(|gpa| gpa & !0xfff);
+            if expected.is_some() && actual != expected {
+                let state = ctx.guest.integrity.as_mut()?;
+                let v = state.engine.record(crate::integrity::ViolationKind::Alias, view, rip, target);
+                report(ctx, &v);
+                if v.action == abi::ViolationAction::Denied {
+                    inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
+                    return Some(Action::Resume);
+                }
+            }
             if to != view {
                 if control(ctx).ok()?.activate_view(to).is_err() {
                     return Some(Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))));
@@ -711,18 +728,131 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
     Action::Resume
 }
 
-/// Exception exits: only #DB is intercepted, and only to end a single step.
+/// Interruption types (SDM Vol. 3C, 25.8.3 and 27.2.2).
+mod event_type {
+    pub const EXTERNAL: u32 = 0;
+    pub const HARDWARE_EXCEPTION: u32 = 3;
+    pub const SOFTWARE_INTERRUPT: u32 = 4;
+    pub const PRIVILEGED_SOFTWARE_EXCEPTION: u32 = 5;
+    pub const SOFTWARE_EXCEPTION: u32 = 6;
+}
+
+const EVENT_VALID: u32 = 1 << 31;
+const ERROR_CODE_VALID: u32 = 1 << 11;
+const NMI_UNBLOCKING: u32 = 1 << 12;
+const VECTOR_PF: u32 = 14;
+const RFLAGS_IF: u64 = 1 << 9;
+const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+
+/// Leaves a module's view for the kernel's, for an event: the handler's
+/// return (or the kernel's exception fixup) into the module is recorded,
+/// and events exit no more.
+fn leave_module_for_event(ctx: &mut ExitContext<'_>, m: u32, resume: u64) -> Result<(), ControlError> {
+    let (rip, rsp) = (ctx.vcpu.read(Field::Rip), ctx.vcpu.read(Field::Rsp));
+    control(ctx).map_err(|_| ControlError)?.activate_view(View::Kernel)?;
+    let state = ctx.guest.integrity.as_mut().ok_or(ControlError)?;
+    state.engine.event_leaves_module(m, rip, resume, rsp);
+    state.view = View::Kernel;
+    Ok(())
+}
+
+/// Whether the guest can take an external interrupt now.
+fn interruptible(ctx: &ExitContext<'_>) -> bool {
+    ctx.vcpu.read(Field::Rflags) & RFLAGS_IF != 0
+        && ctx.vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
+}
+
+/// Queues an event for the next VM entry, as the exit reported it.
+fn inject(ctx: &mut ExitContext<'_>, info: u32, error: Option<u32>, len: u64) {
+    let mut entry = (info & !NMI_UNBLOCKING & !ERROR_CODE_VALID) | EVENT_VALID;
+    if let Some(code) = error {
+        entry |= ERROR_CODE_VALID;
+        ctx.vcpu.write(Field::EntryExceptionErrorCode, u64::from(code));
+    }
+    ctx.vcpu.write(Field::EntryInterruptionInfo, u64::from(entry));
+    ctx.vcpu.write(Field::EntryInstructionLength, len);
+}
+
+/// Delivers the oldest held-back external interrupt if the guest can take
+/// it, leaving a module's view for it first; keeps the interrupt window
+/// open while more wait.
+fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
+    let pending = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    let busy = ctx.vcpu.read(Field::EntryInterruptionInfo) & u64::from(EVENT_VALID) != 0;
+    if pending && !busy && interruptible(ctx) {
+        if let View::Module(m) = ctx.view() {
+            let rip = ctx.vcpu.read(Field::Rip);
+            if leave_module_for_event(ctx, m, rip).is_err() {
+                return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+            }
+        }
+        if let Some(vector) = ctx.guest.integrity.as_mut().and_then(|s| s.pending_interrupts.pop_front()) {
+            inject(ctx, u32::from(vector) | (event_type::EXTERNAL << 8), None, 0);
+        }
+    }
+    let more = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    if let Ok(control) = control(ctx) {
+        control.set_interrupt_window(more);
+    }
+    Action::Resume
+}
+
+/// An event that exited from a module's view: an external interrupt
+/// (acknowledged on exit), an NMI, or an exception. It is delivered in the
+/// kernel view, as the processor would have delivered it, and the
+/// handler's return into the module is recorded. Interrupts the guest
+/// cannot take yet wait for its interrupt window.
+pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
+    let info = ctx.exit.interruption_info;
+    if info & EVENT_VALID == 0 {
+        return Action::Stop(StopReason::HypervisorError("an event exit without its event".into()));
+    }
+    let kind = (info >> 8) & 7;
+    if kind == event_type::EXTERNAL {
+        if let Some(state) = ctx.guest.integrity.as_mut() {
+            state.pending_interrupts.push_back(info as u8);
+        }
+        return deliver_pending(ctx);
+    }
+    let rip = ctx.vcpu.read(Field::Rip);
+    let software = matches!(
+        kind,
+        event_type::SOFTWARE_INTERRUPT | event_type::PRIVILEGED_SOFTWARE_EXCEPTION | event_type::SOFTWARE_EXCEPTION
+    );
+    let len = if software { ctx.exit.instruction_len } else { 0 };
+    if leave_module_for_event(ctx, m, rip.wrapping_add(len)).is_err() {
+        return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+    }
+    // A page fault that exits leaves CR2 alone: the guest's handler needs it.
+    if kind == event_type::HARDWARE_EXCEPTION && info & 0xff == VECTOR_PF {
+        ctx.vcpu.regs().cr2 = ctx.exit.qualification;
+    }
+    let error = (info & ERROR_CODE_VALID != 0).then_some(ctx.exit.interruption_error);
+    inject(ctx, info, error, len);
+    Action::Resume
+}
+
+/// Exception and NMI exits: the end of a single step (#DB), or an event
+/// leaving a module's view.
 pub fn exception(ctx: &mut ExitContext<'_>) -> Action {
     let vector = ctx.exit.interruption_info & 0xff;
     let stepping = ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.is_some());
     if vector == 1 && stepping {
         return monitor_trap(ctx);
     }
+    if let View::Module(m) = ctx.view() {
+        return module_event(ctx, m);
+    }
     Action::Stop(StopReason::Unhandled {
         reason: 0,
         qualification: u64::from(ctx.exit.interruption_info),
         rip: ctx.vcpu.read(Field::Rip),
     })
+}
+
+/// The guest can take an interrupt again: deliver what waits.
+pub fn interrupt_window(ctx: &mut ExitContext<'_>) -> Action {
+    deliver_pending(ctx)
 }
 
 /// Whether writing `new` over `old` clears a guarded bit after the lock;
@@ -955,7 +1085,7 @@ mod tests {
         assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
-        assert_eq!(e.layout().unwrap().interrupt_handlers, alloc::vec![K + HANDLER]);
+        assert_eq!(e.layout().unwrap().gates, alloc::vec![(14, K + HANDLER)]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
         assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::RX));
@@ -1278,6 +1408,83 @@ mod tests {
         f.guest.integrity.as_mut().unwrap().view = View::Module(id);
         assert_eq!(f.ept(READ, LAPIC, 0xffff_c900_0000_0000, rip), Action::Resume);
         assert_eq!(f.control.perms(View::Module(id), LAPIC), Some(Perms::READ));
+    }
+
+    /// The fixture registered, running in its module's view at `rip`.
+    fn in_module(rip: u64) -> (Fixture, u32) {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.control.activate_view(View::Module(id)).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.vcpu.write(Field::Rip, rip);
+        (f, id)
+    }
+
+    #[test]
+    fn events_leave_a_module_through_the_hypervisor() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        assert!(f.control.events_exit, "in a module's view every event exits");
+        // The timer interrupt (acknowledged on exit) while interrupts are on.
+        f.vcpu.write(Field::Rflags, 0x202);
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel), "delivered in the kernel view");
+        assert!(!f.control.events_exit);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+        // Its handler's iretq comes back to the interrupted instruction, at its RSP.
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, rip, rip), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+    }
+
+    #[test]
+    fn an_interrupt_the_module_cannot_take_yet_waits_for_its_window() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        f.vcpu.write(Field::Rflags, 0x2); // cli
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)), "still in the module");
+        assert!(f.control.interrupt_window);
+        assert_eq!(f.vcpu.injected(), None);
+        // sti: the window opens; the interrupt is delivered in the kernel view.
+        f.vcpu.write(Field::Rflags, 0x202);
+        f.vcpu.write(Field::Rip, rip + 1);
+        assert_eq!(f.exit(ExitInfo { reason: reason::INTERRUPT_WINDOW, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel));
+        assert!(!f.control.interrupt_window);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+    }
+
+    #[test]
+    fn a_page_fault_in_a_module_is_delivered_with_its_address() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, _) = in_module(rip);
+        let pf = ExitInfo {
+            reason: reason::EXCEPTION_OR_NMI,
+            interruption_info: 0x8000_0b0e,
+            interruption_error: 2,
+            qualification: 0x7f00_dead_0000,
+            ..Default::default()
+        };
+        assert_eq!(f.exit(pf), Action::Resume);
+        assert_eq!(f.vcpu.injected(), Some((14, Some(2))));
+        assert_eq!(f.vcpu.regs.cr2, 0x7f00_dead_0000, "the handler needs CR2");
+        assert_eq!(f.control.active, Some(View::Kernel));
+    }
+
+    #[test]
+    fn a_jump_to_a_handler_with_a_forged_frame_is_no_interrupt() {
+        // The module pushes a frame that would iretq into kernel text and
+        // jumps to the page-fault handler: no event exited, so this is a jump.
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, _) = in_module(rip);
+        w(&f.phys, STACK, &(K + TEXT + 0x9999).to_le_bytes());
+        f.ept(FETCH | READ, TEXT + 0x4000, K + HANDLER, K + HANDLER);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CallNonEntry as u32]);
+        assert_eq!(f.vcpu.injected(), Some((13, Some(0))), "refused: the jump faults");
     }
 
     #[test]

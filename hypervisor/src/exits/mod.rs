@@ -195,6 +195,7 @@ pub mod reason {
     pub const TRIPLE_FAULT: u16 = 2;
     pub const INIT: u16 = 3;
     pub const SIPI: u16 = 4;
+    pub const INTERRUPT_WINDOW: u16 = 7;
     pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
     pub const GETSEC: u16 = 11;
@@ -308,6 +309,7 @@ const fn table() -> [Option<Handler>; reason::COUNT] {
     t[reason::EXCEPTION_OR_NMI as usize] = Some(integrity::exception);
     t[reason::EXTERNAL_INTERRUPT as usize] = Some(misc::external_interrupt);
     t[reason::TRIPLE_FAULT as usize] = Some(misc::triple_fault);
+    t[reason::INTERRUPT_WINDOW as usize] = Some(integrity::interrupt_window);
     t[reason::INIT as usize] = Some(misc::init_signal);
     t[reason::CPUID as usize] = Some(cpuid::handle);
     t[reason::GETSEC as usize] = Some(misc::undefined_opcode);

@@ -55,8 +55,12 @@ pub struct KernelLayout {
     pub entries: Vec<u64>,
     /// Entries untrusted modules may not call (dangerous kernel APIs), sorted.
     pub denied_entries: Vec<u64>,
-    /// Interrupt and exception handlers (from the IDT), sorted.
-    pub interrupt_handlers: Vec<u64>,
+    /// The IDT's present gates: (vector, handler), by vector. A handler is
+    /// a legitimate target only for its own vector's delivery.
+    pub gates: Vec<(u8, u64)>,
+    /// The guest-physical pages of the text, in order: what a text address
+    /// must translate to.
+    pub text_pages: Vec<u64>,
     /// Kernel data only the kernel view may write (the module list, ...).
     pub sensitive: Vec<Range>,
     /// The kernel's top-level page table (guest-virtual).
@@ -65,6 +69,13 @@ pub struct KernelLayout {
     pub indirect_thunks: [u64; 16],
     /// The return thunks (each a `ret`), sorted.
     pub return_thunks: Vec<u64>,
+}
+
+impl KernelLayout {
+    /// The handler of `vector`'s gate.
+    pub fn gate(&self, vector: u8) -> Option<u64> {
+        self.gates.binary_search_by_key(&vector, |g| g.0).ok().map(|i| self.gates[i].1)
+    }
 }
 
 /// Why a layout is refused.

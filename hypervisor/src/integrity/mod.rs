@@ -23,6 +23,7 @@ pub mod control;
 pub mod engine;
 pub mod layout;
 pub mod policy;
+pub mod returns;
 pub mod violation;
 pub mod wire;
 
@@ -63,6 +64,9 @@ pub struct GuestIntegrity {
     pub engine: Engine,
     pub view: View,
     pub stepping: Option<Stepping>,
+    /// External interrupts taken from a module's view and not yet delivered
+    /// (the guest could not take them yet), oldest first.
+    pub pending_interrupts: alloc::collections::VecDeque<u8>,
     /// The modules this guest trusts, each pinned by its code's digest: a
     /// module whose name and code match runs in the kernel view.
     pub trusted: alloc::vec::Vec<policy::Entry>,
@@ -70,6 +74,12 @@ pub struct GuestIntegrity {
 
 impl GuestIntegrity {
     pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
-        GuestIntegrity { engine: Engine::new(mode), view: View::Kernel, stepping: None, trusted }
+        GuestIntegrity {
+            engine: Engine::new(mode),
+            view: View::Kernel,
+            stepping: None,
+            pending_interrupts: alloc::collections::VecDeque::new(),
+            trusted,
+        }
     }
 }
