@@ -245,8 +245,9 @@ static int module_event(struct notifier_block *nb, unsigned long state, void *da
 	case MODULE_STATE_COMING:
 		id = report_module(mod);
 		if (id < 0) {
-			pr_err("ctvm: module %s not registered (%ld)\n", mod->name, id);
-			break;
+			/* Fail closed: a module CTVM cannot isolate does not load. */
+			pr_err("ctvm: module %s not loaded: CTVM could not isolate it (%ld)\n", mod->name, id);
+			return notifier_from_errno(-EPERM);
 		}
 		track(mod, id);
 		break;

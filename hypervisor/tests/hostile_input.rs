@@ -2550,6 +2550,12 @@ mod integrity_views {
                     let last = self.integrity().engine.violations.peek(usize::MAX).last().copied();
                     assert_eq!(last.map(|r| r.kind), Some(ViolationKind::Hypercall as u32), "recorded");
                     after.violations -= 1;
+                } else if rax == 0x12 && !user && before.0.locked {
+                    // A module that cannot be isolated is reported, and the
+                    // agent vetoes its load: one `registration-refused`.
+                    let last = self.integrity().engine.violations.peek(usize::MAX).last().copied();
+                    assert_eq!(last.map(|r| r.kind), Some(ViolationKind::RegistrationRefused as u32), "recorded");
+                    after.violations -= 1;
                 }
                 let after = (after, control);
                 assert!(

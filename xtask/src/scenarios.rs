@@ -903,6 +903,8 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm-init: after twin ifb: getpid ok",
             "ctvm: guest linux: module ifb registered as trusted",
             "ctvm-init: ifb up: yes",
+            "ctvm: violation guest=linux module=kernel kind=registration-refused",
+            "ctvm-init: atk_huge refused: module atk_huge not loaded: CTVM could not isolate it",
             "ctvm: violation guest=linux module=atk_msrio kind=module-msr",
             "ctvm: violation guest=linux module=atk_msrio kind=module-port-io",
             "ctvm: violation guest=linux module=atk_msrio kind=hypercall",

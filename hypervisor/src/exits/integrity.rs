@@ -310,6 +310,10 @@ fn module_views(
             }
         }
     }
+    // Its data is never executable for the kernel (W^X across views).
+    for &p in data {
+        undo.set(control, View::Kernel, p, Perms::RW)?;
+    }
     if trusted {
         // Runs in the kernel view; its code is not writable there either.
         for &p in code {
@@ -328,8 +332,23 @@ fn module_views(
     Ok(())
 }
 
-/// [`guest_agent::Call::ModuleRegister`].
+/// [`guest_agent::Call::ModuleRegister`]. A module the hypervisor cannot
+/// isolate is reported (`kind=registration-refused`): the agent then
+/// vetoes its load, so no module runs unisolated.
 pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    let result = register_module_checked(ctx, address);
+    if let Err(e) = result {
+        let rip = ctx.vcpu.read(Field::Rip);
+        if let Some(state) = ctx.guest.integrity.as_mut().filter(|s| s.engine.is_locked()) {
+            let v = state.engine.record_denied(ViolationKind::RegistrationRefused, View::Kernel, rip, address);
+            log::warn!("guest {}: a module could not be isolated ({e:?}): its load is vetoed", ctx.guest.name());
+            report(ctx, &v);
+        }
+    }
+    result
+}
+
+fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
     let bytes = read_guest(ctx, address, core::mem::size_of::<abi::ModuleInfo>())?;
     let message = wire::module_info(&bytes).map_err(|_| Error::InvalidArgument)?;
     let mut info = message.info;
@@ -404,10 +423,20 @@ fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Resu
     Ok(Some(entry.check(&lengths, &mut code)))
 }
 
-/// Returns a module's pages to the kernel view and drops them from its view.
-fn release_pages(control: &mut dyn GuestControl, id: u32, pages: &[u64]) {
-    for &p in pages {
-        let _ = control.set_perms(View::Kernel, p, Perms::RWX);
+/// Returns a module's pages to the kernel view and drops them from its
+/// view. Untrusted code is scrubbed first, so that no page that held it
+/// becomes executable for the kernel; untrusted data stays non-executable
+/// (the engine keeps it tainted).
+fn release_pages(ctx: &mut ExitContext<'_>, id: u32, trusted: bool, code: &[u64], data: &[u64]) {
+    if !trusted {
+        for &p in code {
+            let _ = ctx.guest.memory.zero(&ctx.phys, p, 0x1000);
+        }
+    }
+    let data_perms = if trusted { Perms::RWX } else { Perms::RW };
+    let Ok(control) = control(ctx) else { return };
+    for (&p, perms) in code.iter().map(|p| (p, Perms::RWX)).chain(data.iter().map(|p| (p, data_perms))) {
+        let _ = control.set_perms(View::Kernel, p, perms);
         let _ = control.set_perms(View::Module(id), p, Perms::empty());
     }
 }
@@ -425,31 +454,39 @@ pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     // The init ranges translate anew, to anything by now: only the module's
     // own pages go back to the kernel view.
-    let own = |c: Option<PageClass>| matches!(c, Some(PageClass::ModuleCode(m) | PageClass::ModuleData(m)) if m == id);
-    pages.retain(|&p| own(state.engine.class_of(p)));
-    state.engine.module_live(id, &pages).map_err(map_err)?;
-    if let Ok(control) = control(ctx) {
-        release_pages(control, id, &pages);
+    let (mut code, mut data) = (Vec::new(), Vec::new());
+    for p in pages {
+        match state.engine.class_of(p) {
+            Some(PageClass::ModuleCode(m)) if m == id => code.push(p),
+            Some(PageClass::ModuleData(m)) if m == id => data.push(p),
+            _ => {}
+        }
     }
+    let freed: Vec<u64> = code.iter().chain(&data).copied().collect();
+    let trusted = state.engine.is_trusted(id);
+    state.engine.module_live(id, &freed).map_err(map_err)?;
+    release_pages(ctx, id, trusted, &code, &data);
     Ok(0)
 }
 
 /// [`guest_agent::Call::ModuleUnregister`].
 pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
-    let pages: Vec<u64> = state
-        .engine
-        .pages()
-        .filter(|(_, c)| matches!(c, PageClass::ModuleCode(m) | PageClass::ModuleData(m) if *m == id))
-        .map(|(p, _)| p)
-        .collect();
+    let (mut code, mut data) = (Vec::new(), Vec::new());
+    for (p, c) in state.engine.pages() {
+        match c {
+            PageClass::ModuleCode(m) if m == id => code.push(p),
+            PageClass::ModuleData(m) if m == id => data.push(p),
+            _ => {}
+        }
+    }
     let trusted = state.engine.is_trusted(id);
     state.engine.unregister_module(id).map_err(map_err)?;
     if state.view == View::Module(id) {
         state.view = View::Kernel;
     }
+    release_pages(ctx, id, trusted, &code, &data);
     if let Ok(control) = control(ctx) {
-        release_pages(control, id, &pages);
         if !trusted {
             let _ = control.activate_view(View::Kernel).ok();
             control.destroy_view(id);
@@ -603,9 +640,25 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             }
             Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
         },
-        Step::Grant(perms) => match control(ctx).ok()?.set_perms(view, page, perms & kept) {
+        Step::Grant(perms) => {
+            let perms = perms & kept;
+            let control = control(ctx).ok()?;
+            // What a module may write, the kernel may not execute (W^X across views).
+            let w_x = perms.contains(Perms::WRITE) && kept.contains(Perms::EXECUTE);
+            let granted = (!w_x || control.set_perms(View::Kernel, page, kept - Perms::EXECUTE).is_ok())
+                && control.set_perms(view, page, perms).is_ok();
+            if perms.contains(Perms::WRITE) {
+                ctx.guest.integrity.as_mut()?.engine.taint(page);
+            }
+            if granted {
+                Action::Resume
+            } else {
+                Action::Stop(StopReason::HypervisorError("out of memory for a module view".into()))
+            }
+        }
+        Step::AllowExecute => match control(ctx).ok()?.set_perms(view, page, kept | Perms::EXECUTE) {
             Ok(()) => Action::Resume,
-            Err(_) => Action::Stop(StopReason::HypervisorError("out of memory for a module view".into())),
+            Err(_) => Action::Stop(StopReason::HypervisorError("cannot map a page executable".into())),
         },
         Step::StepOver => {
             let control = control(ctx).ok()?;
@@ -1485,6 +1538,44 @@ mod tests {
         f.ept(FETCH | READ, TEXT + 0x4000, K + HANDLER, K + HANDLER);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::CallNonEntry as u32]);
         assert_eq!(f.vcpu.injected(), Some((13, Some(0))), "refused: the jump faults");
+    }
+
+    #[test]
+    fn what_a_module_can_write_the_kernel_cannot_execute() {
+        // The shellcode route: the module writes a heap page, then makes
+        // the kernel jump there through a function pointer.
+        const HEAP: u64 = 0x50_0000;
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        assert_eq!(f.control.perms(View::Kernel, MODULE_DATA), Some(Perms::RW), "its own data: not executable");
+        assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Module(id), HEAP), Some(Perms::RW));
+        assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RW), "no longer executable for the kernel");
+        f.control.activate_view(View::Kernel).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        for (page, gva) in [(HEAP, K + HEAP), (MODULE_DATA, K + MODULE_DATA)] {
+            assert_eq!(f.ept(FETCH | READ, page, gva, gva), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32], "{page:#x}");
+            assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
+            f.vcpu.write(Field::EntryInterruptionInfo, 0);
+        }
+    }
+
+    #[test]
+    fn a_gone_modules_code_is_scrubbed_before_the_kernel_gets_it_back() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        assert_ne!(guest_bytes(&f, MODULE_CODE + 0x10, 3), [0, 0, 0]);
+        assert_eq!(f.call(0x14, u64::from(id), 0), 0, "unregistered");
+        assert_eq!(guest_bytes(&f, MODULE_CODE, 0x1000), alloc::vec![0u8; 0x1000], "code scrubbed");
+        assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::RWX));
+        assert_eq!(f.control.perms(View::Kernel, MODULE_DATA), Some(Perms::RW), "data never executable");
+        // A pointer it left behind into its old data: the kernel's jump is
+        // a reported violation, not shellcode run.
+        let gva = K + MODULE_DATA;
+        assert_eq!(f.ept(FETCH | READ, MODULE_DATA, gva, gva), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32]);
+        assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
     }
 
     #[test]

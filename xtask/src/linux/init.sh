@@ -110,6 +110,7 @@ integrity_tests() {
     say "kprobe hits: $(grep -c ctvm_probe $T/trace)"
 
     # The attacks.
+    if insmod /lib/ctvm/atk_huge.ko 2>/dev/null; then say "FAIL: atk_huge loaded"; else say "atk_huge refused: $(dmesg | grep 'ctvm: module atk_huge not loaded' | tail -n 1 | sed 's/^.*ctvm: //')"; fi
     attack atk_msrio
     attack atk_syscall table=$(sym sys_call_table)
     attack atk_idt idt=$(sym idt_table)
