@@ -176,11 +176,14 @@ pub enum ViolationKind {
     /// A kernel function a module called wrote what the module may not
     /// (the module's deputy).
     DeputyWrite = 21,
+    /// An IPI to a CPU the guest was not given, or of a kind no guest may
+    /// send (SMI, the reserved delivery modes).
+    ForeignIpi = 22,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 21] = [
+    pub const ALL: [ViolationKind; 22] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -202,6 +205,7 @@ impl ViolationKind {
         Self::Alias,
         Self::RegistrationRefused,
         Self::DeputyWrite,
+        Self::ForeignIpi,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -228,6 +232,7 @@ impl ViolationKind {
             Self::Alias => "alias",
             Self::RegistrationRefused => "registration-refused",
             Self::DeputyWrite => "deputy-write",
+            Self::ForeignIpi => "foreign-ipi",
         }
     }
 }

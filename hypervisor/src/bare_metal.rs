@@ -2,17 +2,23 @@
 
 extern crate alloc;
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use hypervisor::arch::x86_64::percpu::{self, PerCpu};
 use hypervisor::arch::x86_64::vmx::enable::enable;
-use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
+use hypervisor::arch::x86_64::vmx::enable::Vmx;
+use hypervisor::arch::x86_64::{cpu, gdt, lapic, power, serial, timer, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
 use hypervisor::guest::config;
+use hypervisor::guest::linux::{boot_data, e820};
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
+use hypervisor::smp::{self, CpuSet};
 use hypervisor::vmm;
 use linked_list_allocator::LockedHeap;
-use log::{error, info};
+use log::{error, info, warn};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -30,9 +36,11 @@ const ADDRESSABLE_LIMIT: u64 = 4 << 30;
 
 #[no_mangle]
 extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
+    // SAFETY: no per-CPU data yet: GS must not point anywhere.
+    unsafe { cpu::wrmsr(0xc000_0101, 0) };
     serial::init();
     console::init(serial::write_bytes, log::LevelFilter::Info);
-    gdt::init();
+    let boot_ist = gdt::init();
     traps::init();
     info!("CTVM {} starting", env!("CARGO_PKG_VERSION"));
 
@@ -97,6 +105,15 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(b) => b,
         Err(e) => fatal(format_args!("boot information: {e:?}")),
     };
+    // The APs' real-mode trampoline: a page of low RAM that no boot
+    // structure uses, and that a Linux guest's boot data does not take.
+    let trampoline = {
+        let ram: Vec<Region> = boot.memory.iter().filter(|e| e.kind == e820::RAM).map(|e| e.region).collect();
+        let mut avoid =
+            alloc::vec![image, Region::new(info_addr, info_addr + mb.total_size() as u64), boot_data::region()];
+        avoid.extend(boot.modules.iter().map(|m| m.range));
+        smp::trampoline_page(&ram, &avoid)
+    };
     let mut debug_fault = false;
     let mut corrupt_guest = None;
     let mut vtpm_seed = None;
@@ -134,13 +151,36 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     );
     phys::install(frames);
     mask_legacy_pic();
+    let bsp = Box::leak(Box::new(PerCpu::new(0, lapic::id(), ctvm_boot::boot_stack(), boot_ist)));
+    let bsp_apic = bsp.apic_id;
+    percpu::install(bsp);
+    let tsc_per_ms = timer::calibrate();
 
-    let vmx = match enable() {
-        Ok(vmx) => vmx,
+    let vmx: &'static Vmx = match enable() {
+        Ok(vmx) => Box::leak(Box::new(vmx)),
         Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
     };
     vmx.report();
     info!("VMX on");
+    // Every CPU the firmware lists, the boot CPU first, each into VMX.
+    let apic_ids = machine_cpus(boot.rsdp.as_deref(), bsp_apic);
+    let online = match trampoline {
+        Some(page) => vmm::start_aps(vmx, page, &apic_ids),
+        None => {
+            warn!("no free page below 1 MiB for the APs' trampoline: CTVM runs on the boot CPU alone");
+            CpuSet::single(0)
+        }
+    };
+    if online.len() > 1 {
+        power::others_online();
+    }
+    info!(
+        "{} of {} CPUs run under the hypervisor (APIC IDs {:?}); TSC {} kHz",
+        online.len(),
+        apic_ids.len(),
+        online.iter().map(|c| apic_ids[c]).collect::<Vec<_>>(),
+        tsc_per_ms
+    );
     if debug_fault {
         info!("debug.fault: reading unmapped memory at 64 GiB");
         // SAFETY: deliberately faults; the handler reports and stops the machine.
@@ -150,6 +190,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // modules of the other guests.
     let mut hypervisor_ranges = alloc::vec![image];
     hypervisor_ranges.extend(pool);
+    hypervisor_ranges.extend(trampoline.map(|page| Region::new(page, page + 4096)));
     hypervisor_ranges.extend(
         boot.modules
             .iter()
@@ -170,7 +211,6 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // SAFETY: IA32_APIC_BASE exists on every x86-64 processor.
     let apic_base = unsafe { cpu::rdmsr(0x1b) };
     let lapic = (apic_base & (1 << 10) == 0).then_some(apic_base & 0x000f_ffff_ffff_f000);
-    let apic_id = cpu::cpuid(1, 0).ebx >> 24;
     let machine = vmm::Machine {
         modules: &boot.modules,
         firmware_map: &boot.memory,
@@ -180,23 +220,40 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         policy: &policy,
         pci_io: &pci_io,
         lapic,
-        apic_id,
+        online,
+        apic_ids: &apic_ids,
     };
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
     }
-    let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
+    let vms = vmm::create_vms(vmx, &machine, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
     } else {
-        vmm::run(&vmx, &mut vms);
+        vmm::run(vmx, &vms);
         vmm::report(&vms);
     }
     info!("all guests stopped; powering off");
     power::stop_machine(power::EXIT_OK)
 }
 
-/// 32 bytes from 64 hexadecimal digits.
+/// The machine's CPUs as APIC IDs, the boot CPU's first, then the others
+/// in the MADT's order. Without a readable MADT, the boot CPU alone.
+fn machine_cpus(rsdp: Option<&[u8]>, bsp: u32) -> Vec<u32> {
+    use hypervisor::acpi;
+    let mut ids = alloc::vec![bsp];
+    let madt = rsdp
+        .and_then(|b| acpi::Rsdp::parse(b).ok())
+        .and_then(|rsdp| acpi::tables(&phys::Identity, &rsdp).ok())
+        .and_then(|tables| tables.into_iter().find(|t| &t.signature == b"APIC"))
+        .and_then(|t| acpi::read_table(&phys::Identity, t.address).ok());
+    match madt.as_deref().map(acpi::build::madt_cpus) {
+        Some(Some(cpus)) => ids.extend(cpus.into_iter().filter(|&id| id != bsp)),
+        _ => warn!("no readable MADT: CTVM runs on the boot CPU alone"),
+    }
+    ids
+}
+
 /// The digests of the modules guests may trust, from the module whose
 /// command line is `ctvm.policy`. A malformed policy trusts nothing: every
 /// guest naming a module in `trust=` then refuses to start.

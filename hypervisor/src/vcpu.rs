@@ -108,6 +108,8 @@ pub enum Field {
     SsAccessRights,
     Interruptibility,
     ActivityState,
+    /// The VM-entry controls (the IA-32e mode guest bit follows EFER.LMA).
+    EntryControls,
     /// VM-entry interruption information (event injection).
     EntryInterruptionInfo,
     EntryExceptionErrorCode,

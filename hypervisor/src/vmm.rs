@@ -1,33 +1,50 @@
 //! The virtual machine monitor proper: guests created from boot modules,
-//! scheduled round-robin on this CPU, each exit dispatched to the generic
-//! handlers, and a report when every guest has stopped.
+//! their vCPUs placed on the CPUs, each CPU running its own vCPUs
+//! round-robin, each exit dispatched to the generic handlers, and a report
+//! when every guest has stopped.
+//!
+//! A guest ([`Vm`]) is shared by the CPUs its vCPUs run on: what every
+//! exit handler may change (the generic guest, its EPT views, its
+//! bitmaps) sits behind one lock per guest, taken for the handling of one
+//! exit, so a guest's exits are handled one at a time, whichever CPUs they
+//! come from. Exits are the slow path; one lock keeps every handler's
+//! reasoning single-threaded. A vCPU (its VMCS, registers, extended state)
+//! belongs to the CPU that runs it, and never moves. Its mailbox takes the
+//! INIT, start-up and NMI IPIs its guest's other vCPUs send it
+//! (`smp::startup`); its CPU applies them before it next enters.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use log::{error, info, warn};
+use spin::{Mutex, Once};
 
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::entropy::HardwarePlatform;
+use crate::arch::x86_64::percpu::{self, PerCpu};
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
-use crate::arch::x86_64::vmx::enable::Vmx;
-use crate::arch::x86_64::vmx::vcpu::{current, Bitmaps, Ept, Vcpu, VcpuSetup};
+use crate::arch::x86_64::vmx::enable::{self, Vmx};
+use crate::arch::x86_64::vmx::vcpu::{self as vmx_vcpu, current, BitmapFrames, Bitmaps, Ept, Start, Vcpu, VcpuSetup};
+use crate::arch::x86_64::{lapic, power, timer};
 use crate::boot_info::Module;
 use crate::console;
-use crate::exits::{self, Action, ExitContext, StopReason};
+use crate::exits::{self, reason, Action, ExitContext, StopReason};
 use crate::guest::config::{self, GuestConfig, GuestKind};
 use crate::guest::linux::{self, boot_data, e820, BzImage, E820Entry, LoadPlan};
 use crate::guest::memory::GuestMemory;
-use crate::guest::{loader, CrLimits, Guest, Platform, PortSet, RunState};
+use crate::guest::{loader, CrLimits, Guest, Platform, PortSet, RunState, VcpuLocal};
 use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
+use crate::smp::{startup, Activity, CpuSet, Mailbox, VcpuEvent, MAX_CPUS, SIGNALS};
 use crate::tpm::{engine, launch_measurements, GuestTpm};
 
 /// The TPM TIS window, never mapped for a pass-through guest: it belongs to
@@ -39,8 +56,9 @@ pub struct Machine<'a> {
     pub modules: &'a [Module],
     /// The firmware's memory map with its e820 types.
     pub firmware_map: &'a [E820Entry],
-    /// Memory the hypervisor keeps (image, frame pool, modules of other
-    /// guests): reserved in a pass-through guest's e820 and absent from its EPT.
+    /// Memory the hypervisor keeps (image, frame pool, the APs'
+    /// trampoline, modules of other guests): reserved in a pass-through
+    /// guest's e820 and absent from its EPT.
     pub hypervisor_ranges: &'a [Region],
     /// The RSDP copy from the boot loader.
     pub rsdp: Option<&'a [u8]>,
@@ -52,14 +70,24 @@ pub struct Machine<'a> {
     pub pci_io: &'a [(u16, u16)],
     /// The local APIC's page, in xAPIC mode.
     pub lapic: Option<u64>,
-    /// The APIC ID of the CPU the guests run on.
-    pub apic_id: u32,
+    /// The CPUs running under the hypervisor.
+    pub online: CpuSet,
+    /// Every CPU of the machine, by index: its APIC ID (online or not).
+    pub apic_ids: &'a [u32],
 }
 
-/// A guest with its virtual CPU and memory.
-pub struct Vm {
+/// Where a vCPU runs, and how to reach it.
+struct VcpuHome {
+    cpu: usize,
+    apic_id: u32,
+    mailbox: Mailbox,
+    /// TSC ticks between preemption-timer exits, when its CPU is shared.
+    timeslice: Option<u32>,
+}
+
+/// What a guest's exits may change: behind its lock.
+pub struct Shared {
     pub guest: Guest,
-    vcpu: Option<Vcpu>,
     /// The guest's EPT: its only view, or the kernel view (KEPT).
     ept: Option<Ept>,
     /// One view per isolated module (MEPT).
@@ -67,10 +95,47 @@ pub struct Vm {
     bitmaps: Option<Bitmaps>,
     /// The bitmaps of the module views: every port and MSR write exits.
     module_bitmaps: Option<Bitmaps>,
-    /// DR0-DR3 and DR6 while another guest runs.
-    debug_registers: [u64; 5],
     /// RAM taken from the frame pool (native guests only).
     ram: Option<Region>,
+    /// Each vCPU's counters, stored when it stops.
+    vcpu_stats: Vec<VcpuStats>,
+}
+
+// SAFETY: a guest's shared state is only ever reached through its lock;
+// the raw frames it names (EPT, bitmaps, RAM) are the guest's alone.
+unsafe impl Send for Shared {}
+
+/// A guest and its vCPUs.
+pub struct Vm {
+    pub name: String,
+    shared: Mutex<Shared>,
+    vcpus: Vec<VcpuHome>,
+    /// The CPUs its vCPUs run on.
+    cpus: CpuSet,
+    /// How its boot vCPU starts (the others wait for a start-up IPI).
+    start: Start,
+    eptp: u64,
+    bitmaps: BitmapFrames,
+    pass_through: bool,
+    /// Its boot vCPU's initial state is broken on purpose (a test knob).
+    corrupt: bool,
+    /// It stopped: its vCPUs leave their CPUs.
+    stopping: AtomicBool,
+    /// vCPUs not yet dropped by their CPUs.
+    live: AtomicUsize,
+}
+
+/// A vCPU's counters, for the report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VcpuStats {
+    /// VM exits of every kind.
+    pub exits: u64,
+    /// Of those, NMIs the hypervisor sent (cross-CPU signals).
+    pub kicks: u64,
+    /// NMIs delivered to the guest.
+    pub guest_nmis: u64,
+    /// Start-up IPIs that started it.
+    pub startups: u64,
 }
 
 /// The syscall MSRs that live in hardware while a guest runs.
@@ -92,34 +157,32 @@ pub fn module_bytes(module: &Module) -> &'static [u8] {
     unsafe { core::slice::from_raw_parts(module.range.start as *const u8, module.range.len() as usize) }
 }
 
-impl Vm {
-    fn empty(guest: Guest) -> Vm {
-        Vm {
+/// A guest being built: everything but its placement.
+struct Built {
+    shared: Shared,
+    start: Start,
+}
+
+impl Shared {
+    fn empty(guest: Guest) -> Shared {
+        Shared {
             guest,
-            vcpu: None,
             ept: None,
             module_views: BTreeMap::new(),
             bitmaps: None,
             module_bitmaps: None,
-            debug_registers: [0, 0, 0, 0, 0xffff_0ff0],
             ram: None,
+            vcpu_stats: Vec::new(),
         }
     }
-
     /// A native guest: RAM from the frame pool, emulated devices only.
-    fn create_native(
-        vmx: &Vmx,
-        config: GuestConfig,
-        image: &[u8],
-        timeslice: Option<u32>,
-        seed: Option<[u8; 32]>,
-    ) -> Result<Vm, String> {
+    fn create_native(vmx: &Vmx, config: GuestConfig, image: &[u8], seed: Option<[u8; 32]>) -> Result<Built, String> {
         let size = config.mem_bytes;
         let hpa =
             phys::alloc_zeroed(size, 2 << 20).ok_or_else(|| format!("no {} MiB of free RAM for it", size >> 20))?;
         let mut memory = GuestMemory::new();
         memory.add(Region::new(0, size), hpa).map_err(|_| "overlapping memory")?;
-        let mut vm = Vm::empty(Guest::new(config, Platform::Emulated, memory, cr_limits(vmx)));
+        let mut vm = Shared::empty(Guest::new(config, Platform::Emulated, memory, cr_limits(vmx)));
         vm.ram = Some(Region::new(hpa, hpa + size));
 
         let mut ept = Ept::new(vmx).ok_or("no memory for EPT tables")?;
@@ -132,11 +195,9 @@ impl Vm {
             vm.attach_vtpm(seed, image, cmdline.as_bytes(), None)?;
         }
         let bitmaps = Bitmaps::new(&IoBitmap::trap_all(), &MsrBitmap::trap_all()).ok_or("no memory for bitmaps")?;
-        let setup = VcpuSetup { entry: &entry, bitmaps: &bitmaps, timeslice, pass_through: false };
-        vm.vcpu = Some(Vcpu::new(vmx, &ept, &setup)?);
         vm.ept = Some(ept);
         vm.bitmaps = Some(bitmaps);
-        Ok(vm)
+        Ok(Built { shared: vm, start: Start::Entry(entry) })
     }
 
     /// A Linux guest on the pass-through platform: the machine's devices and
@@ -147,8 +208,8 @@ impl Vm {
         kernel: &Module,
         initrd: Option<&Module>,
         machine: &Machine<'_>,
-        timeslice: Option<u32>,
-    ) -> Result<Vm, String> {
+        apic_ids: &[u32],
+    ) -> Result<Built, String> {
         let image = BzImage::parse(module_bytes(kernel)).map_err(|e| format!("{e}"))?;
         let mut overlays: Vec<E820Entry> =
             machine.hypervisor_ranges.iter().map(|&r| E820Entry { region: widen(r), kind: e820::RESERVED }).collect();
@@ -191,7 +252,7 @@ impl Vm {
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
         let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, trusted));
-        let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
+        let mut vm = Shared::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
             vm.guest.capabilities |= guest_agent::Capabilities::INTEGRITY;
@@ -202,7 +263,7 @@ impl Vm {
             let cmdline = vm.guest.config.args.clone();
             vm.attach_vtpm(machine.vtpm_seed, module_bytes(kernel), cmdline.as_bytes(), initrd.map(module_bytes))?;
         }
-        let rsdp = install_acpi(&vm.guest, machine);
+        let rsdp = install_acpi(&vm.guest, machine, apic_ids);
         // Counters may count for the guest only where they are switched off on every exit.
         let pmu_version = cpu::cpuid(0xa, 0).eax & 0xff;
         vm.guest.perf_switched = vmx.controls.features.perf_global_ctrl && pmu_version >= 2;
@@ -241,12 +302,10 @@ impl Vm {
         let (msr, module_msr) = exits::msr::pass_through_bitmaps();
         let bitmaps = Bitmaps::new(&io, &msr).ok_or("no memory for bitmaps")?;
         let module_bitmaps = Bitmaps::new(&module_io, &module_msr).ok_or("no memory for bitmaps")?;
-        let setup = VcpuSetup { entry: &entry, bitmaps: &bitmaps, timeslice, pass_through: true };
-        vm.vcpu = Some(Vcpu::new(vmx, &ept, &setup)?);
         vm.ept = Some(ept);
         vm.bitmaps = Some(bitmaps);
         vm.module_bitmaps = Some(module_bitmaps);
-        Ok(vm)
+        Ok(Built { shared: vm, start: Start::Entry(entry) })
     }
 
     /// Gives the guest its vTPM and measures what it is about to run (its
@@ -272,9 +331,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Returns the guest's memory and tables to the pool.
+    /// Returns the guest's memory and tables to the pool, once no CPU runs it.
     fn tear_down(&mut self) {
-        self.vcpu = None;
         self.bitmaps = None;
         self.module_bitmaps = None;
         for (_, view) in core::mem::take(&mut self.module_views) {
@@ -287,14 +345,75 @@ impl Vm {
             phys::free(ram.start, ram.len());
         }
     }
+}
 
-    fn stop(&mut self, reason: StopReason) {
-        if let Some(line) = self.guest.uart.flush() {
-            console::guest_line(self.guest.name(), &line);
+impl Vm {
+    /// Stops the guest: the one line that says why, then every vCPU leaves
+    /// its CPU (those inside the guest are signalled, one waiting for a
+    /// start-up IPI is woken by one).
+    fn stop(&'static self, reason: StopReason) {
+        {
+            let mut sh = self.shared.lock();
+            if sh.guest.is_running() {
+                if let Some(line) = sh.guest.uart.flush() {
+                    console::guest_line(&self.name, &line);
+                }
+                info!("guest {} stopped: {reason}", self.name);
+                sh.guest.state = RunState::Stopped(reason);
+            }
         }
-        info!("guest {} stopped: {reason}", self.guest.name());
-        self.guest.state = RunState::Stopped(reason);
-        self.tear_down();
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        vmx_vcpu::shootdown(&self.cpus);
+        let here = percpu::current().index;
+        for home in self.vcpus.iter().filter(|h| h.cpu != here) {
+            lapic::send_startup(home.apic_id, 0);
+        }
+    }
+
+    /// A CPU dropped one of the guest's vCPUs; the last one frees the guest.
+    fn vcpu_gone(&self, index: usize, stats: VcpuStats) {
+        let mut sh = self.shared.lock();
+        if let Some(s) = sh.vcpu_stats.get_mut(index) {
+            *s = stats;
+        }
+        if self.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            sh.tear_down();
+        }
+    }
+
+    /// Posts an event (an IPI the guest sent) to one of its vCPUs and rings
+    /// its CPU: an NMI takes it out of the guest; a start-up IPI, which
+    /// also wakes a vCPU waiting for one, is repeated until it is taken
+    /// (one arriving while the CPU is in the hypervisor is discarded).
+    fn post(&self, target: usize, event: VcpuEvent) {
+        let Some(home) = self.vcpus.get(target) else { return };
+        if !home.mailbox.post(event) {
+            return;
+        }
+        if home.cpu == percpu::current().index {
+            return;
+        }
+        SIGNALS.kick(home.cpu, &|_| lapic::send_nmi(home.apic_id));
+        if let VcpuEvent::Startup(vector) = event {
+            for _ in 0..20 {
+                lapic::send_startup(home.apic_id, vector);
+                let deadline = timer::deadline_us(50);
+                while home.mailbox.startup_pending() && !timer::passed(deadline) {
+                    core::hint::spin_loop();
+                }
+                if !home.mailbox.startup_pending() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether the guest runs in an isolated module's view (only guests on
+    /// one CPU have views).
+    fn in_module_view(&self) -> bool {
+        self.shared.lock().guest.integrity.as_ref().is_some_and(|i| matches!(i.view, View::Module(_)))
     }
 }
 
@@ -353,7 +472,8 @@ impl GuestControl for Views<'_> {
     }
 
     fn create_view(&mut self, module: u32) -> Result<(), ControlError> {
-        let ept = Ept::new(self.vmx).ok_or(ControlError)?;
+        let mut ept = Ept::new(self.vmx).ok_or(ControlError)?;
+        ept.set_cpus(self.kernel.cpus());
         if let Some(old) = self.modules.insert(module, ept) {
             old.destroy();
         }
@@ -400,12 +520,12 @@ impl GuestControl for Views<'_> {
 }
 
 /// Writes the pass-through guest's ACPI overlay into the boot data area: a
-/// MADT listing only the guest's CPU, and with a vTPM a TCPA table with the
+/// MADT listing only the guest's CPUs, and with a vTPM a TCPA table with the
 /// event log and an SSDT with the TPM device; a new RSDP, RSDT and XSDT list
 /// them with the firmware's other tables. Returns the new RSDP's address.
 /// Without firmware ACPI tables the guest still finds the TPM with
 /// `tpm_tis.force=1`.
-fn install_acpi(guest: &Guest, machine: &Machine<'_>) -> Option<u64> {
+fn install_acpi(guest: &Guest, machine: &Machine<'_>, apic_ids: &[u32]) -> Option<u64> {
     let Some(rsdp) = machine.rsdp.and_then(|b| acpi::Rsdp::parse(b).ok()) else {
         warn!("guest {}: no firmware RSDP: its ACPI tables are the firmware's, or none", guest.name());
         return None;
@@ -420,7 +540,7 @@ fn install_acpi(guest: &Guest, machine: &Machine<'_>) -> Option<u64> {
     let mut tables = Vec::new();
     let madt = firmware.iter().find(|t| &t.signature == b"APIC");
     match madt.and_then(|t| acpi::read_table(&Identity, t.address).ok()) {
-        Some(bytes) => match acpi::build::madt_for(&bytes, &[machine.apic_id]) {
+        Some(bytes) => match acpi::build::madt_for(&bytes, apic_ids) {
             Some(madt) => tables.push(madt),
             None => warn!("guest {}: the firmware's MADT is malformed: it sees every CPU", guest.name()),
         },
@@ -485,10 +605,11 @@ fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region], lapic: 
     Ok(ept)
 }
 
-/// Creates a VM per guest module. A module that fails to load is reported
-/// and skipped; the others still run. `corrupt` names a guest whose initial
-/// state is broken on purpose (a test knob).
-pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Vec<Vm> {
+/// Creates a VM per guest module and places its vCPUs on CPUs. A module
+/// that fails to load is reported and skipped; the others still run.
+/// `corrupt` names a guest whose initial state is broken on purpose (a
+/// test knob).
+pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Vec<&'static Vm> {
     let modules = machine.modules;
     let guest_modules: Vec<&Module> = modules.iter().filter(|m| config::is_guest_module(&m.cmdline)).collect();
     let initrds: Vec<&Module> = modules.iter().filter(|m| config::initrd_owner(&m.cmdline).is_some()).collect();
@@ -497,10 +618,8 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
     if ignored > 0 {
         warn!("{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed or ctvm.policy are ignored");
     }
-    // Time slicing only matters with more than one guest.
-    let timeslice = (guest_modules.len() > 1 && vmx.controls.features.preemption_timer)
-        .then_some(TIMESLICE_TICKS >> vmx.msrs.preemption_timer_rate());
-    let mut vms: Vec<Vm> = Vec::new();
+    // First every guest's CPUs, so that each CPU knows whether it is shared.
+    let mut placed: Vec<(&Module, GuestConfig, CpuSet)> = Vec::new();
     for (i, module) in guest_modules.into_iter().enumerate() {
         let config = match config::parse(&module.cmdline) {
             Ok(c) => c,
@@ -509,107 +628,443 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
                 continue;
             }
         };
-        let name = config.name.clone();
-        if vms.iter().any(|vm| vm.guest.name() == name) {
-            error!("boot module {i}: a guest named {name} exists already; skipped");
+        if placed.iter().any(|(_, c, _)| c.name == config.name) {
+            error!("boot module {i}: a guest named {} exists already; skipped", config.name);
             continue;
         }
-        let created = match config.kind {
-            GuestKind::Native => Vm::create_native(vmx, config, module_bytes(module), timeslice, machine.vtpm_seed),
-            GuestKind::Linux if vms.iter().any(|vm| vm.guest.platform.is_pass_through()) => {
+        match config.resolve_cpus(&machine.online) {
+            Ok((cpus, why)) => {
+                if let Some(why) = why {
+                    info!("guest {}: runs on CPU {cpus} only: {why}", config.name);
+                }
+                placed.push((module, config, cpus));
+            }
+            Err(e) => error!("guest {}: {e}; skipped", config.name),
+        }
+    }
+    let mut load = [0u32; MAX_CPUS];
+    for (_, _, cpus) in &placed {
+        cpus.iter().for_each(|c| load[c] += 1);
+    }
+    // Time slicing only matters where a CPU has more than one vCPU.
+    let slice = vmx.controls.features.preemption_timer.then_some(TIMESLICE_TICKS >> vmx.msrs.preemption_timer_rate());
+    let whole_machine = |cpus: &CpuSet| *cpus == machine.online && cpus.len() == machine.apic_ids.len();
+    let mut vms: Vec<&'static Vm> = Vec::new();
+    for (module, config, cpus) in placed {
+        let name = config.name.clone();
+        let apic_ids: Vec<u32> = cpus.iter().map(|c| machine.apic_ids[c]).collect();
+        let pass_through = config.kind == GuestKind::Linux;
+        let built = match config.kind {
+            GuestKind::Native => Shared::create_native(vmx, config, module_bytes(module), machine.vtpm_seed),
+            GuestKind::Linux if vms.iter().any(|vm| vm.pass_through) => {
                 Err(String::from("only one guest can own the machine's devices"))
             }
             GuestKind::Linux => {
                 let initrd = initrds.iter().copied().find(|m| config::initrd_owner(&m.cmdline) == Some(&name));
-                Vm::create_linux(vmx, config, module, initrd, machine, timeslice)
+                Shared::create_linux(vmx, config, module, initrd, machine, &apic_ids)
             }
         };
-        match created {
-            Ok(mut vm) => {
-                info!("guest {name}: loaded");
-                if corrupt == Some(name.as_str()) {
-                    warn!("guest {name}: corrupting its initial CR4 (debug.corrupt-guest)");
-                    if let Some(vcpu) = vm.vcpu.as_mut() {
-                        vcpu.debug_corrupt_guest_cr4();
-                    }
-                }
-                vms.push(vm);
+        let Built { mut shared, start } = match built {
+            Ok(b) => b,
+            Err(why) => {
+                error!("guest {name}: could not be loaded: {why}");
+                continue;
             }
-            Err(why) => error!("guest {name}: could not be loaded: {why}"),
-        }
+        };
+        let Some(ept) = shared.ept.as_mut() else { continue };
+        ept.set_cpus(cpus);
+        let eptp = ept.pointer();
+        let Some(bitmaps) = shared.bitmaps.as_ref().map(Bitmaps::frames) else { continue };
+        shared.guest.cpus = crate::exits::apic::GuestCpus::new(apic_ids.clone(), whole_machine(&cpus));
+        shared.vcpu_stats = alloc::vec![VcpuStats::default(); cpus.len()];
+        let vcpus = cpus
+            .iter()
+            .map(|c| VcpuHome {
+                cpu: c,
+                apic_id: machine.apic_ids[c],
+                mailbox: Mailbox::default(),
+                timeslice: slice.filter(|_| load[c] > 1),
+            })
+            .collect::<Vec<_>>();
+        info!("guest {name}: loaded, on CPU {cpus} ({} vCPU{})", vcpus.len(), if vcpus.len() == 1 { "" } else { "s" });
+        let live = AtomicUsize::new(vcpus.len());
+        vms.push(Box::leak(Box::new(Vm {
+            name,
+            shared: Mutex::new(shared),
+            vcpus,
+            cpus,
+            start,
+            eptp,
+            bitmaps,
+            pass_through,
+            corrupt: corrupt == Some(module_name(module)),
+            stopping: AtomicBool::new(false),
+            live,
+        })));
     }
     vms
+}
+
+/// The `guest=` name of a guest module.
+fn module_name(module: &Module) -> &str {
+    module.cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("guest=")).unwrap_or("")
 }
 
 /// TSC ticks per time slice (about 10 ms at 1 GHz; the exact length does not matter).
 const TIMESLICE_TICKS: u32 = 10_000_000;
 
-/// Runs every guest until all have stopped.
-pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
-    let lapic = vms.iter().find_map(|vm| match vm.guest.platform {
+/// Bytes of hypervisor stack per AP (as the boot CPU's).
+const AP_STACK: u64 = ctvm_boot::BOOT_STACK_SIZE as u64;
+
+/// Where each CPU stands while the boot CPU brings it up.
+const STATUS_STARTING: u8 = 0;
+const STATUS_READY: u8 = 1;
+const STATUS_FAILED: u8 = 2;
+static STATUS: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(STATUS_STARTING) }; MAX_CPUS];
+
+/// VMX as the boot CPU found it, for the APs.
+static VMX: Once<&'static Vmx> = Once::new();
+
+/// The vCPUs each CPU runs (guest, vCPU index), by CPU index: published
+/// once every guest is built, which lets the APs go.
+type Plan = Vec<Vec<(&'static Vm, usize)>>;
+static PLAN: Once<Plan> = Once::new();
+
+/// Brings up every AP in `apic_ids` (index 0 is this, the boot CPU)
+/// through the trampoline at `trampoline`, each into VMX root operation,
+/// and returns the CPUs that made it. One that does not is reported and
+/// left out: no guest ever sees it.
+pub fn start_aps(vmx: &'static Vmx, trampoline: u64, apic_ids: &[u32]) -> CpuSet {
+    VMX.call_once(|| vmx);
+    let mut online = CpuSet::single(0);
+    if apic_ids.len() < 2 {
+        return online;
+    }
+    crate::arch::x86_64::ap::install(trampoline);
+    // SAFETY: reading EFER has no side effects.
+    let efer = unsafe { cpu::rdmsr(0xc000_0080) };
+    let (cr0, cr4) = (cpu::read_cr0(), cpu::read_cr4());
+    for (index, &apic_id) in apic_ids.iter().enumerate().skip(1) {
+        if index >= MAX_CPUS {
+            warn!("more than {MAX_CPUS} CPUs: the others stay off");
+            break;
+        }
+        let (Some(stack), Some(tables)) = (
+            phys::alloc_zeroed(AP_STACK, PAGE_SIZE),
+            phys::alloc_zeroed(crate::arch::x86_64::gdt::CPU_TABLES_SIZE, PAGE_SIZE),
+        ) else {
+            warn!("CPU {index} (APIC {apic_id}) stays off: no memory for its stacks");
+            break;
+        };
+        let p = Box::leak(Box::new(PerCpu::new(index, apic_id, stack..stack + AP_STACK, Default::default())));
+        let start = Box::leak(Box::new(crate::arch::x86_64::ap::Start {
+            percpu: Some(p),
+            tables,
+            efer,
+            cr0,
+            cr4,
+            main: ap_main,
+        }));
+        if let Err(why) = crate::arch::x86_64::ap::start(trampoline, apic_id, stack + AP_STACK, start) {
+            warn!("CPU {index} (APIC {apic_id}) is left out: {why}");
+            continue;
+        }
+        let deadline = timer::deadline_us(1_000_000);
+        while STATUS[index].load(Ordering::SeqCst) == STATUS_STARTING && !timer::passed(deadline) {
+            core::hint::spin_loop();
+        }
+        match STATUS[index].load(Ordering::SeqCst) {
+            STATUS_READY => online.insert(index),
+            STATUS_FAILED => {}
+            _ => warn!("CPU {index} (APIC {apic_id}) is left out: it did not turn VMX on within a second"),
+        }
+    }
+    online
+}
+
+/// An AP, on its own stack with its own tables: VMX on, then the vCPUs the
+/// boot CPU placed here, then idle (NMIs wake it, and it halts again).
+fn ap_main(p: &'static PerCpu) -> ! {
+    let Some(&vmx) = VMX.get() else { cpu::halt_forever() };
+    if let Err(e) = enable::enable_ap(vmx) {
+        error!("CPU {} (APIC {}) cannot use VT-x: {e}; it stays idle", p.index, p.apic_id);
+        STATUS[p.index].store(STATUS_FAILED, Ordering::SeqCst);
+        cpu::halt_forever();
+    }
+    STATUS[p.index].store(STATUS_READY, Ordering::SeqCst);
+    let plan = loop {
+        if let Some(plan) = PLAN.get() {
+            break plan;
+        }
+        core::hint::spin_loop();
+    };
+    if let Some(mine) = plan.get(p.index) {
+        run_cpu(vmx, p.index, mine);
+    }
+    cpu::halt_forever()
+}
+
+/// Runs every guest until all have stopped: the APs run theirs, this (the
+/// boot) CPU runs its own, then waits for the others' to finish.
+pub fn run(vmx: &'static Vmx, vms: &[&'static Vm]) {
+    let mut plan: Plan = alloc::vec![Vec::new(); MAX_CPUS];
+    for &vm in vms {
+        for (index, home) in vm.vcpus.iter().enumerate() {
+            plan[home.cpu].push((vm, index));
+        }
+    }
+    let plan = PLAN.call_once(|| plan);
+    run_cpu(vmx, percpu::current().index, &plan[percpu::current().index]);
+    while vms.iter().any(|vm| vm.live.load(Ordering::SeqCst) > 0) {
+        core::hint::spin_loop();
+    }
+}
+
+/// A vCPU on the CPU that runs it.
+struct Slot {
+    vm: &'static Vm,
+    index: usize,
+    vcpu: Vcpu,
+    local: VcpuLocal,
+    /// DR0-DR3 and DR6 while another vCPU uses the CPU.
+    debug_registers: [u64; 5],
+    activity: Activity,
+    /// An NMI waits for the guest to be able to take it.
+    nmi_pending: bool,
+    stats: VcpuStats,
+}
+
+fn new_slot(vmx: &Vmx, vm: &'static Vm, index: usize) -> Result<Slot, String> {
+    let boot = index == 0;
+    let start = if boot { &vm.start } else { &Start::WaitForSipi };
+    let setup = VcpuSetup {
+        start,
+        eptp: vm.eptp,
+        bitmaps: vm.bitmaps,
+        timeslice: vm.vcpus[index].timeslice,
+        pass_through: vm.pass_through,
+    };
+    let mut vcpu = Vcpu::new(vmx, &setup)?;
+    if boot && vm.corrupt {
+        warn!("guest {}: corrupting its initial CR4 (debug.corrupt-guest)", vm.name);
+        vcpu.debug_corrupt_guest_cr4();
+    }
+    Ok(Slot {
+        vm,
+        index,
+        vcpu,
+        local: VcpuLocal::default(),
+        debug_registers: [0, 0, 0, 0, 0xffff_0ff0],
+        activity: if boot { Activity::Running } else { Activity::WaitForSipi },
+        nmi_pending: false,
+        stats: VcpuStats::default(),
+    })
+}
+
+/// How a vCPU left its CPU.
+enum Outcome {
+    /// Its time slice ended, or it waits for a start-up IPI on a shared CPU.
+    Yield,
+    Stop(StopReason),
+    /// Its guest stopped.
+    Gone,
+}
+
+/// One CPU's loop: its vCPUs, round-robin, until every one's guest stopped.
+fn run_cpu(vmx: &Vmx, cpu: usize, assigned: &[(&'static Vm, usize)]) {
+    let mut slots: Vec<Slot> = Vec::new();
+    for &(vm, index) in assigned {
+        match new_slot(vmx, vm, index) {
+            Ok(s) => slots.push(s),
+            Err(why) => {
+                vm.stop(StopReason::LoadFailed(why));
+                vm.vcpu_gone(index, VcpuStats::default());
+            }
+        }
+    }
+    let lapic = assigned.iter().find_map(|(vm, _)| match vm.shared.lock().guest.platform {
         Platform::PassThrough { lapic, .. } => lapic,
         Platform::Emulated => None,
     });
     let host = HostCpu { xcr0_offered: vmx.xcr0_offered, lapic: lapic.unwrap_or(0xfee0_0000) };
-    let mut current: Option<usize> = None;
+    let mut loaded: Option<usize> = None;
     let mut next = 0;
-    while let Some(i) = (0..vms.len()).map(|k| (next + k) % vms.len()).find(|&k| vms[k].guest.is_running()) {
-        if current != Some(i) {
-            if let Some(prev) = current {
-                switch_away(vmx, &mut vms[prev]);
+    loop {
+        let mut i = 0;
+        while i < slots.len() {
+            if !slots[i].vm.stopping.load(Ordering::SeqCst) {
+                i += 1;
+                continue;
             }
-            switch_to(vmx, &mut vms[i]);
-            current = Some(i);
+            let slot = slots.remove(i);
+            loaded = match loaded {
+                Some(l) if l == i => None,
+                Some(l) if l > i => Some(l - 1),
+                l => l,
+            };
+            let (vm, index, stats) = (slot.vm, slot.index, slot.stats);
+            drop(slot);
+            vm.vcpu_gone(index, stats);
         }
-        let vm = &mut vms[i];
-        let action = loop {
-            let vcpu = vm.vcpu.as_mut().expect("running guests have a vCPU");
-            let (exit, failure) = vcpu.run(vmx);
-            let handling = cpu::rdtsc();
-            if exit.reason == u16::MAX {
-                // VMLAUNCH/VMRESUME itself failed (bad control or host state).
-                break Action::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
-            }
-            let mut views = match (&vm.guest.integrity, vm.ept.as_mut(), vm.bitmaps.as_ref()) {
-                (Some(_), Some(kernel), Some(bitmaps)) => Some(Views {
-                    vmx,
-                    kernel,
-                    modules: &mut vm.module_views,
-                    bitmaps,
-                    module_bitmaps: vm.module_bitmaps.as_ref(),
-                }),
-                _ => None,
-            };
-            let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
-            let mut ctx =
-                ExitContext { guest: &mut vm.guest, vcpu, exit: &exit, host: &host, phys: &Identity, control };
-            let action = exits::dispatch(&mut ctx);
-            let action = match (action, failure) {
-                (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {
-                    Action::Stop(StopReason::EntryFailed { reason, qualification, detail })
-                }
-                (a, _) => a,
-            };
-            vm.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
-            if action != Action::Resume {
-                break action;
-            }
+        if slots.is_empty() {
+            return;
+        }
+        let count = slots.len();
+        // A vCPU waiting for a start-up IPI only enters (and sleeps) on a
+        // CPU of its own; on a shared one it is looked at when its mailbox
+        // has something.
+        let runnable =
+            |s: &Slot| s.activity == Activity::Running || count == 1 || !s.vm.vcpus[s.index].mailbox.is_empty();
+        let Some(i) = (0..count).map(|k| (next + k) % count).find(|&k| runnable(&slots[k])) else {
+            core::hint::spin_loop();
+            continue;
         };
-        if let Action::Stop(reason) = action {
-            vm.stop(reason);
-            current = None;
+        if loaded != Some(i) {
+            if let Some(prev) = loaded {
+                switch_away(vmx, &mut slots[prev]);
+            }
+            switch_to(vmx, &mut slots[i]);
+            loaded = Some(i);
+        }
+        if let Outcome::Stop(reason) = run_slot(vmx, cpu, &host, &mut slots[i], count > 1) {
+            slots[i].vm.stop(reason);
         }
         next = i + 1;
     }
 }
 
-/// Saves what the guest left in hardware before another guest runs.
-fn switch_away(vmx: &Vmx, vm: &mut Vm) {
-    let Some(vcpu) = vm.vcpu.as_mut() else { return };
-    vcpu.save_extended_state(vmx);
-    vm.debug_registers = cpu::read_debug_registers();
-    let s = &mut vm.guest.msrs;
-    for (msr, slot) in SHADOWED_MSRS.into_iter().zip([
+/// Runs one vCPU until its time slice ends, it must wait, or its guest stops.
+fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: bool) -> Outcome {
+    let vm = slot.vm;
+    loop {
+        if vm.stopping.load(Ordering::SeqCst) {
+            return Outcome::Gone;
+        }
+        // The IPIs the guest's other vCPUs sent this one.
+        let changes = startup::take(&vm.vcpus[slot.index].mailbox, &mut slot.activity);
+        if changes.reset {
+            slot.vcpu.reset(vmx);
+            slot.nmi_pending = false;
+        }
+        if let Some(vector) = changes.start {
+            slot.vcpu.start_at(vector);
+            slot.stats.startups += 1;
+        }
+        slot.nmi_pending |= changes.nmi;
+        // An NMI for the guest that arrived while the hypervisor ran.
+        if vm.pass_through && SIGNALS.take_guest_nmi(cpu) {
+            slot.nmi_pending = true;
+        }
+        if slot.activity == Activity::WaitForSipi {
+            if shared_cpu {
+                return Outcome::Yield;
+            }
+            // It runs no guest code there: nothing to catch up with, and
+            // (NMIs being blocked) nothing to wait for from it.
+        } else {
+            if slot.nmi_pending && slot.vcpu.offer_nmi() {
+                slot.nmi_pending = false;
+                slot.stats.guest_nmis += 1;
+            }
+            if let Some(epoch) = SIGNALS.entering(cpu) {
+                vmx_vcpu::invept_all_contexts();
+                SIGNALS.caught_up(cpu, epoch);
+            }
+        }
+        let (exit, failure) = slot.vcpu.run(vmx);
+        SIGNALS.left(cpu);
+        if power::stopping() {
+            cpu::halt_forever();
+        }
+        slot.stats.exits += 1;
+        if exit.reason == u16::MAX {
+            // VMLAUNCH/VMRESUME itself failed (bad control or host state).
+            return Outcome::Stop(StopReason::LaunchFailed(failure.unwrap_or_default()));
+        }
+        // The hypervisor's own exits, handled without the guest's lock.
+        let own = match exit.reason {
+            reason::EXCEPTION_OR_NMI if (exit.interruption_info >> 8) & 7 == NMI_TYPE => {
+                if SIGNALS.nmi_arrived(cpu) {
+                    slot.stats.kicks += 1;
+                    true
+                } else if !vm.pass_through {
+                    // No guest of emulated devices takes the platform's NMIs.
+                    true
+                } else if !vm.in_module_view() {
+                    slot.nmi_pending = true;
+                    true
+                } else {
+                    // From a module's view: delivered in the kernel view.
+                    false
+                }
+            }
+            // A start-up IPI's doorbell: the mailbox says what it was.
+            reason::SIPI | reason::NMI_WINDOW => true,
+            _ => false,
+        };
+        if own {
+            crate::vcpu::redeliver_interrupted_event(&mut slot.vcpu, &exit);
+            continue;
+        }
+        let (action, outbox) = dispatch(slot, &exit, failure, host);
+        for (target, event) in outbox {
+            vm.post(target, event);
+        }
+        match action {
+            Action::Resume => {}
+            Action::Yield => return Outcome::Yield,
+            Action::Stop(reason) => return Outcome::Stop(reason),
+        }
+    }
+}
+
+/// Interruption type of an NMI (SDM Vol. 3C, 25.9.2).
+const NMI_TYPE: u32 = 2;
+
+/// One exit through the generic handlers, under the guest's lock, with
+/// the vCPU's own state swapped in. Returns the IPIs to post.
+fn dispatch(
+    slot: &mut Slot,
+    exit: &crate::vcpu::ExitInfo,
+    failure: Option<String>,
+    host: &HostCpu,
+) -> (Action, Vec<(usize, VcpuEvent)>) {
+    let handling = cpu::rdtsc();
+    let vmx = VMX.get().copied();
+    let mut guard = slot.vm.shared.lock();
+    let sh = &mut *guard;
+    sh.guest.swap_local(&mut slot.local);
+    sh.guest.cpus.current = slot.index;
+    let mut views = match (vmx, &sh.guest.integrity, sh.ept.as_mut(), sh.bitmaps.as_ref()) {
+        (Some(vmx), Some(_), Some(kernel), Some(bitmaps)) => Some(Views {
+            vmx,
+            kernel,
+            modules: &mut sh.module_views,
+            bitmaps,
+            module_bitmaps: sh.module_bitmaps.as_ref(),
+        }),
+        _ => None,
+    };
+    let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
+    let mut ctx = ExitContext { guest: &mut sh.guest, vcpu: &mut slot.vcpu, exit, host, phys: &Identity, control };
+    let action = exits::dispatch(&mut ctx);
+    let action = match (action, failure) {
+        (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {
+            Action::Stop(StopReason::EntryFailed { reason, qualification, detail })
+        }
+        (a, _) => a,
+    };
+    sh.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
+    sh.guest.swap_local(&mut slot.local);
+    (action, core::mem::take(&mut sh.guest.cpus.outbox))
+}
+
+/// Saves what the vCPU left in hardware before another vCPU runs here.
+fn switch_away(vmx: &Vmx, slot: &mut Slot) {
+    slot.vcpu.save_extended_state(vmx);
+    slot.debug_registers = cpu::read_debug_registers();
+    let s = &mut slot.local.msrs;
+    for (msr, value) in SHADOWED_MSRS.into_iter().zip([
         &mut s.star,
         &mut s.lstar,
         &mut s.cstar,
@@ -618,17 +1073,15 @@ fn switch_away(vmx: &Vmx, vm: &mut Vm) {
         &mut s.tsc_aux,
     ]) {
         // SAFETY: architectural syscall MSRs, present on every x86-64 CPU.
-        *slot = unsafe { cpu::rdmsr(msr) };
+        *value = unsafe { cpu::rdmsr(msr) };
     }
 }
 
-fn switch_to(vmx: &Vmx, vm: &mut Vm) {
-    let xcr0 = vm.guest.xcr0;
-    let msrs = vm.guest.msrs;
-    let vcpu = vm.vcpu.as_mut().expect("running guests have a vCPU");
-    vcpu.load();
-    vcpu.restore_extended_state(vmx, xcr0);
-    cpu::write_debug_registers(vm.debug_registers);
+fn switch_to(vmx: &Vmx, slot: &mut Slot) {
+    let msrs = slot.local.msrs;
+    slot.vcpu.load();
+    slot.vcpu.restore_extended_state(vmx, slot.local.xcr0);
+    cpu::write_debug_registers(slot.debug_registers);
     let values = [msrs.star, msrs.lstar, msrs.cstar, msrs.sfmask, msrs.kernel_gs_base, msrs.tsc_aux];
     for (msr, value) in SHADOWED_MSRS.into_iter().zip(values) {
         // SAFETY: architectural syscall MSRs; the hypervisor does not use them.
@@ -636,24 +1089,37 @@ fn switch_to(vmx: &Vmx, vm: &mut Vm) {
     }
 }
 
-/// The exit counts of every guest, then a total per guest.
-pub fn report(vms: &[Vm]) {
+/// The exit counts of every guest, a total per guest, and each vCPU's.
+pub fn report(vms: &[&'static Vm]) {
     info!("VM exits by reason:");
     for vm in vms {
-        info!("  guest {}", vm.guest.name());
-        for (reason, name, count) in vm.guest.exits.seen() {
-            let mean = vm.guest.exits.mean_ticks(reason);
+        let sh = vm.shared.lock();
+        let guest = &sh.guest;
+        info!("  guest {}", guest.name());
+        for (reason, name, count) in guest.exits.seen() {
+            let mean = guest.exits.mean_ticks(reason);
             info!("    {reason:>3} {name:<28} {count:>10}   {mean:>8} ticks each");
         }
-        info!("  total {} {}", vm.guest.name(), vm.guest.exits.total());
-        for (kind, count) in vm.guest.refusals.seen() {
-            info!("  refused {}: {kind} {count}", vm.guest.name());
+        info!("  total {} {}", guest.name(), guest.exits.total());
+        for (home, s) in vm.vcpus.iter().zip(&sh.vcpu_stats) {
+            info!(
+                "  cpu {} (APIC {}): {} exits, {} of them signals from other CPUs; {} NMIs for the guest; started {} times",
+                home.cpu,
+                home.apic_id,
+                s.exits,
+                s.kicks,
+                s.guest_nmis,
+                s.startups
+            );
         }
-        if let Some(i) = &vm.guest.integrity {
+        for (kind, count) in guest.refusals.seen() {
+            info!("  refused {}: {kind} {count}", guest.name());
+        }
+        if let Some(i) = &guest.integrity {
             let s = i.engine.stats;
             info!(
                 "  integrity {}: {} view switches, {} thunk branches, {} pages granted, {} text pokes let through, {} violations",
-                vm.guest.name(),
+                guest.name(),
                 s.switches,
                 s.branches,
                 s.grants,

@@ -163,6 +163,36 @@ mod madt {
     pub const ALL_X2_PROCESSORS: u32 = 0xffff_ffff;
 }
 
+/// The enabled processors the MADT lists, as APIC IDs in the table's order
+/// (the order in which CTVM numbers them: its boot CPU comes first anyway).
+/// Disabled and duplicate entries are left out. `None` if the table is
+/// malformed.
+pub fn madt_cpus(madt: &[u8]) -> Option<Vec<u32>> {
+    let length = u32::from_le_bytes(madt.get(4..8)?.try_into().ok()?) as usize;
+    if length < 44 || length > madt.len() || &madt[..4] != b"APIC" {
+        return None;
+    }
+    let mut ids = Vec::new();
+    let mut at = 44;
+    while at < length {
+        let (kind, size) = (*madt.get(at)?, usize::from(*madt.get(at + 1)?));
+        let entry = madt.get(at..at + size).filter(|_| size >= 2 && at + size <= length)?;
+        let u32_at = |o: usize| entry.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+        let cpu = match kind {
+            madt::LOCAL_APIC => Some((u32::from(*entry.get(3)?), u32_at(4)?)),
+            madt::LOCAL_X2APIC => Some((u32_at(4)?, u32_at(8)?)),
+            _ => None,
+        };
+        if let Some((id, flags)) = cpu {
+            if flags & 1 != 0 && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        at += size;
+    }
+    Some(ids)
+}
+
 /// The firmware's MADT with only the processors whose APIC IDs are in
 /// `apic_ids`: the guest sees, and starts, exactly the CPUs it is given.
 /// The interrupt controllers, overrides and the other entries stay as the
@@ -306,6 +336,25 @@ mod tests {
         body.extend_from_slice(&[4, 6, 0xff, 5, 0, 1]);
         body.extend_from_slice(&[4, 6, 1, 5, 0, 1]);
         table(b"APIC", 3, &body)
+    }
+
+    #[test]
+    fn the_madt_names_the_machines_cpus() {
+        let fw = two_cpu_madt();
+        assert_eq!(madt_cpus(&fw), Some(alloc::vec![0, 1]));
+        // A disabled processor, an x2APIC one, a duplicate.
+        let mut body = alloc::vec![0, 0, 0xe0, 0xfe, 1, 0, 0, 0];
+        body.extend_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+        body.extend_from_slice(&[0, 8, 1, 3, 0, 0, 0, 0]);
+        body.extend_from_slice(&[9, 16, 0, 0, 0x00, 0x01, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0]);
+        body.extend_from_slice(&[0, 8, 2, 0, 1, 0, 0, 0]);
+        assert_eq!(madt_cpus(&table(b"APIC", 3, &body)), Some(alloc::vec![0, 0x100]));
+        // Malformed tables.
+        let mut bad = fw.clone();
+        bad[44 + 9] = 0;
+        assert_eq!(madt_cpus(&bad), None);
+        assert_eq!(madt_cpus(&fw[..40]), None);
+        assert_eq!(madt_cpus(b"FACP"), None);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Control-register accesses. The guest/host masks make writes to CR0.NE,
 //! CR0.PE/PG and CR4.VMXE exit; the guest sees its own values through the
-//! read shadows while the real registers keep what VMX requires.
+//! read shadows while the real registers keep what VMX requires. With
+//! unrestricted guests, CR0.PE and CR0.PG may change (a vCPU started by a
+//! start-up IPI goes from real mode to long mode): entering or leaving
+//! paging with EFER.LME set moves EFER.LMA and the IA-32e mode entry
+//! control with it, as the processor would.
 
 use super::{Action, ExitContext, StopReason};
 use crate::vcpu::{inject_exception, skip_instruction, Field, VECTOR_GP};
@@ -29,7 +33,12 @@ impl CrAccess {
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const ENTRY_IA32E_MODE: u64 = 1 << 9;
+const CS_LONG: u64 = 1 << 13;
 
 fn read_gpr(ctx: &mut ExitContext<'_>, gpr: u8) -> u64 {
     let rsp = ctx.vcpu.read(Field::Rsp);
@@ -47,32 +56,60 @@ fn gp(ctx: &mut ExitContext<'_>) -> Action {
     Action::Resume
 }
 
+/// MOV to CR0 (and LMSW): checked as the processor would, then the read
+/// shadow takes the guest's value and CR0 the value with VMX's fixed bits.
+fn write_cr0(ctx: &mut ExitContext<'_>, value: u64) -> Action {
+    let rip = ctx.vcpu.read(Field::Rip);
+    let limits = ctx.guest.cr_limits;
+    let old = ctx.vcpu.read(Field::Cr0ReadShadow);
+    if value >> 32 != 0 || (value & CR0_PG != 0 && value & CR0_PE == 0) {
+        return gp(ctx);
+    }
+    if (value ^ old) & (CR0_PG | CR0_PE) != 0 {
+        if !limits.unrestricted {
+            // Without unrestricted guests the processor needs PE and PG.
+            return Action::Stop(StopReason::Unsupported { what: "switching CR0.PE/PG", rip });
+        }
+        let efer = ctx.vcpu.read(Field::Efer);
+        let entry = ctx.vcpu.read(Field::EntryControls);
+        if value & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
+            // Paging on with LME: IA-32e mode, which needs PAE.
+            if ctx.vcpu.read(Field::Cr4) & CR4_PAE == 0 {
+                return gp(ctx);
+            }
+            ctx.vcpu.write(Field::Efer, efer | EFER_LMA);
+            ctx.vcpu.write(Field::EntryControls, entry | ENTRY_IA32E_MODE);
+        } else if value & CR0_PG == 0 && old & CR0_PG != 0 && efer & EFER_LMA != 0 {
+            // Paging off leaves IA-32e mode, from compatibility mode only.
+            if ctx.vcpu.read(Field::CsAccessRights) & CS_LONG != 0 {
+                return gp(ctx);
+            }
+            ctx.vcpu.write(Field::Efer, efer & !EFER_LMA);
+            ctx.vcpu.write(Field::EntryControls, entry & !ENTRY_IA32E_MODE);
+        }
+    }
+    let mut must_be_1 = limits.cr0_fixed0;
+    if limits.unrestricted {
+        must_be_1 &= !(CR0_PE | CR0_PG);
+    }
+    // Once integrity is locked, clearing CR0.WP is refused.
+    if super::integrity::control_register_write(ctx, old, value, super::integrity::CR0_WP) {
+        skip_instruction(ctx.vcpu, ctx.exit);
+        return Action::Resume;
+    }
+    ctx.vcpu.write(Field::Cr0ReadShadow, value);
+    ctx.vcpu.write(Field::Cr0, (value | must_be_1) & limits.cr0_fixed1);
+    skip_instruction(ctx.vcpu, ctx.exit);
+    Action::Resume
+}
+
 pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
     let rip = ctx.vcpu.read(Field::Rip);
     let limits = ctx.guest.cr_limits;
     match CrAccess::from_qualification(ctx.exit.qualification) {
         CrAccess::MovTo { cr: 0, gpr } => {
             let value = read_gpr(ctx, gpr);
-            let old = ctx.vcpu.read(Field::Cr0ReadShadow);
-            if value >> 32 != 0 || (value & CR0_PG != 0 && value & CR0_PE == 0) {
-                return gp(ctx);
-            }
-            if (value ^ old) & (CR0_PG | CR0_PE) != 0 {
-                // Leaving or entering paging would need the IA-32e entry control
-                // and EFER.LMA to follow; no guest kind here does that yet.
-                return Action::Stop(StopReason::Unsupported { what: "switching CR0.PE/PG", rip });
-            }
-            let mut must_be_1 = limits.cr0_fixed0;
-            if limits.unrestricted {
-                must_be_1 &= !(CR0_PE | CR0_PG);
-            }
-            // Once integrity is locked, clearing CR0.WP is refused.
-            if super::integrity::control_register_write(ctx, old, value, super::integrity::CR0_WP) {
-                skip_instruction(ctx.vcpu, ctx.exit);
-                return Action::Resume;
-            }
-            ctx.vcpu.write(Field::Cr0ReadShadow, value);
-            ctx.vcpu.write(Field::Cr0, (value | must_be_1) & limits.cr0_fixed1);
+            return write_cr0(ctx, value);
         }
         CrAccess::MovTo { cr: 4, gpr } => {
             let value = read_gpr(ctx, gpr);
@@ -101,8 +138,14 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
         CrAccess::MovTo { .. } | CrAccess::MovFrom { .. } => {
             return Action::Stop(StopReason::Unsupported { what: "this control-register access", rip });
         }
-        CrAccess::Clts | CrAccess::Lmsw => {
-            return Action::Stop(StopReason::Unsupported { what: "CLTS/LMSW on a masked CR0 bit", rip });
+        // LMSW loads CR0's low four bits, and can set PE but not clear it.
+        CrAccess::Lmsw => {
+            let source = (ctx.exit.qualification >> 16) & 0xf;
+            let old = ctx.vcpu.read(Field::Cr0ReadShadow);
+            return write_cr0(ctx, (old & !0xe) | source | (old & CR0_PE));
+        }
+        CrAccess::Clts => {
+            return Action::Stop(StopReason::Unsupported { what: "CLTS on a masked CR0 bit", rip });
         }
     }
     skip_instruction(ctx.vcpu, ctx.exit);
@@ -155,7 +198,58 @@ mod tests {
         assert_eq!(v.read(Field::Cr0ReadShadow), 0x8000_0011);
         assert_eq!(v.read(Field::Cr0), 0x8000_0031);
         assert_eq!(mov_to(0, 0x8000_0000).1.injected(), Some((13, Some(0))));
-        assert!(matches!(mov_to(0, 0x31).0, Action::Stop(StopReason::Unsupported { .. })));
+    }
+
+    /// Runs one CR access on a guest whose processor has (or lacks)
+    /// unrestricted guests, from the given CR0 shadow, EFER and CR4.
+    fn cr_access(
+        unrestricted: bool,
+        shadow: u64,
+        efer: u64,
+        cr4: u64,
+        qualification: u64,
+        rbx: u64,
+    ) -> (Action, FakeVcpu) {
+        let mut g = test_guest();
+        g.cr_limits.unrestricted = unrestricted;
+        let mut v = FakeVcpu::new();
+        v.write(Field::Cr0ReadShadow, shadow);
+        v.write(Field::Efer, efer);
+        v.write(Field::Cr4, cr4);
+        v.regs.rbx = rbx;
+        let exit = ExitInfo { reason: reason::CR_ACCESS, qualification, instruction_len: 3, ..Default::default() };
+        let a = run(&mut g, &mut v, exit);
+        (a, v)
+    }
+
+    #[test]
+    fn a_started_vcpu_goes_from_real_mode_to_long_mode() {
+        // Without unrestricted guests, PE and PG stay.
+        assert!(matches!(
+            cr_access(false, 0x8000_0031, 0, 0, 3 << 8, 0x31).0,
+            Action::Stop(StopReason::Unsupported { .. })
+        ));
+        // Real mode (INIT's CR0) to protected mode.
+        let (a, v) = cr_access(true, 0x6000_0010, 0, 0, 3 << 8, 0x11);
+        assert_eq!((a, v.read(Field::Cr0ReadShadow), v.read(Field::Cr0)), (Action::Resume, 0x11, 0x31));
+        // LMSW sets PE too, and cannot clear it.
+        let (_, v) = cr_access(true, 0x6000_0010, 0, 0, (3 << 4) | (0x1 << 16), 0);
+        assert_eq!(v.read(Field::Cr0ReadShadow), 0x6000_0011);
+        let (_, v) = cr_access(true, 0x11, 0, 0, 3 << 4, 0);
+        assert_eq!(v.read(Field::Cr0ReadShadow), 0x11);
+        // Paging with LME: LMA and the IA-32e mode entry control follow.
+        let (_, v) = cr_access(true, 0x11, EFER_LME, CR4_PAE, 3 << 8, 0x8005_0033);
+        assert_eq!(v.read(Field::Efer), EFER_LME | EFER_LMA);
+        assert_eq!(v.read(Field::EntryControls) & ENTRY_IA32E_MODE, ENTRY_IA32E_MODE);
+        assert_eq!(v.read(Field::Cr0), 0x8005_0033);
+        // ... but not without PAE.
+        assert_eq!(cr_access(true, 0x11, EFER_LME, 0, 3 << 8, 0x8000_0011).1.injected(), Some((13, Some(0))));
+        // Paging off from compatibility mode leaves IA-32e mode.
+        let (_, v) = cr_access(true, 0x8000_0011, EFER_LME | EFER_LMA, CR4_PAE, 3 << 8, 0x11);
+        assert_eq!(v.read(Field::Efer), EFER_LME);
+        // Without LME, paging stays 32-bit.
+        let (_, v) = cr_access(true, 0x11, 0, 0, 3 << 8, 0x8000_0011);
+        assert_eq!((v.read(Field::Efer), v.read(Field::EntryControls)), (0, 0));
     }
 
     #[test]

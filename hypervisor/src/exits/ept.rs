@@ -60,16 +60,17 @@ impl apic::ApicRegisters for HostApic<'_> {
 }
 
 /// A write to the local APIC's page, which is mapped read-only: emulated,
-/// and passed on unless it would start a CPU.
+/// and passed on but for the ICR, whose IPIs are routed (`apic`).
 fn apic_write(ctx: &mut ExitContext<'_>, lapic: u64, who: Principal, paging: Paging) -> Action {
-    let mut window = apic::XapicWindow { apic: &mut HostApic(ctx.host), refused: None };
-    let memory = GuestAccess::new(&ctx.guest.memory, ctx.phys, paging, who, ctx.control.as_deref());
+    let guest = &mut *ctx.guest;
+    let mut window = apic::XapicWindow { apic: &mut HostApic(ctx.host), cpus: &mut guest.cpus, refused: None };
+    let memory = GuestAccess::new(&guest.memory, ctx.phys, paging, who, ctx.control.as_deref());
     let result = mmio::emulate(ctx.vcpu, ctx.exit, &memory, &mut window, lapic);
     let refused = window.refused;
     match result {
         Ok(_) => {
-            if let Some(icr) = refused {
-                super::integrity::refusal(ctx, crate::integrity::ViolationKind::StartCpu, icr);
+            if let Some((kind, icr)) = refused {
+                super::integrity::refusal(ctx, kind, icr);
             }
             Action::Resume
         }

@@ -196,6 +196,7 @@ pub mod reason {
     pub const INIT: u16 = 3;
     pub const SIPI: u16 = 4;
     pub const INTERRUPT_WINDOW: u16 = 7;
+    pub const NMI_WINDOW: u16 = 8;
     pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
     pub const GETSEC: u16 = 11;

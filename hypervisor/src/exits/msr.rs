@@ -99,6 +99,8 @@ const MISC_ENABLE_XD_DISABLE: u64 = 1 << 34;
 /// The x2APIC interrupt command register: INIT and start-up IPIs go here.
 pub const X2APIC_ICR: u32 = 0x830;
 const APIC_BASE_ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
 
 /// The MSRs a pass-through guest's kernel writes without an exit: an
 /// allow-list, each range with why letting it through is safe. Every other
@@ -225,20 +227,20 @@ fn pass_through_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> Action
                 log::debug!("guest {}: write to the TSC ignored (the hypervisor's clock too)", ctx.guest.name());
             }
             APIC_BASE => {
-                // The LAPIC stays where the hypervisor watches it: its
-                // mode may change (x2APIC on), its address may not.
+                // The LAPIC stays where the hypervisor watches it, and on:
+                // its mode may change (x2APIC on), its address may not, and
+                // a disabled APIC would take no signal from other CPUs.
                 let now = ctx.host.read_msr(APIC_BASE);
-                if (now ^ value) & APIC_BASE_ADDRESS != 0 {
+                if (now ^ value) & APIC_BASE_ADDRESS != 0 || value & APIC_BASE_ENABLE == 0 {
                     super::integrity::refusal(ctx, ViolationKind::GuardedMsr, u64::from(msr));
                 } else {
                     ctx.host.write_msr(msr, value);
                 }
             }
-            X2APIC_ICR => {
-                if !super::apic::icr_write(ctx, value) {
-                    ctx.host.write_msr(msr, value);
-                }
-            }
+            // The ICR exists as an MSR in x2APIC mode only; elsewhere the
+            // processor faults, and the hypervisor must not.
+            X2APIC_ICR if ctx.host.read_msr(APIC_BASE) & APIC_BASE_X2APIC == 0 => return deny(ctx),
+            X2APIC_ICR => super::apic::x2apic_icr_write(ctx, value),
             XSS if value == 0 => ctx.host.write_msr(msr, 0),
             // The MTRRs set the hypervisor's own memory types too, and under
             // EPT they do not set the guest's (EPT's types and its PAT do):
@@ -519,20 +521,41 @@ mod tests {
         let mut host = FakeHost::default();
         host.msrs.insert(APIC_BASE, 0xfee0_0900);
         let mut v = FakeVcpu::new();
-        // Moving the APIC out of the hypervisor's sight: refused.
+        // Moving the APIC out of the hypervisor's sight, or turning it off: refused.
         access(&mut g, &mut v, &host, true, APIC_BASE, 0xfed0_0900);
+        access(&mut g, &mut v, &host, true, APIC_BASE, 0xfee0_0100);
         // x2APIC mode on, same base: fine.
         access(&mut g, &mut v, &host, true, APIC_BASE, 0xfee0_0d00);
-        // INIT then SIPI to APIC 1; a fixed IPI passes.
+        host.msrs.insert(APIC_BASE, 0xfee0_0d00);
+        // INIT then SIPI to APIC 1, which the guest was not given; a fixed IPI to it is refused too.
         access(&mut g, &mut v, &host, true, X2APIC_ICR, (1 << 32) | 0x4500);
         access(&mut g, &mut v, &host, true, X2APIC_ICR, (1 << 32) | 0x069a);
         access(&mut g, &mut v, &host, true, X2APIC_ICR, (1 << 32) | 0x00ec);
-        assert_eq!(host.msr_writes.borrow().as_slice(), [(APIC_BASE, 0xfee0_0d00), (X2APIC_ICR, (1 << 32) | 0xec)]);
+        // A fixed IPI to itself goes out as written.
+        access(&mut g, &mut v, &host, true, X2APIC_ICR, 0x00ec);
+        assert_eq!(host.msr_writes.borrow().as_slice(), [(APIC_BASE, 0xfee0_0d00), (X2APIC_ICR, 0xec)]);
         assert_eq!(
             kinds(&mut g),
-            [ViolationKind::GuardedMsr as u32, ViolationKind::StartCpu as u32, ViolationKind::StartCpu as u32]
+            [
+                ViolationKind::GuardedMsr as u32,
+                ViolationKind::GuardedMsr as u32,
+                ViolationKind::StartCpu as u32,
+                ViolationKind::StartCpu as u32,
+                ViolationKind::ForeignIpi as u32
+            ]
         );
         assert!(g.is_running(), "the guest runs on");
+    }
+
+    #[test]
+    fn the_x2apic_icr_faults_in_xapic_mode_and_never_reaches_the_hardware() {
+        let mut g = pass_through_guest();
+        let mut host = FakeHost::default();
+        host.msrs.insert(APIC_BASE, 0xfee0_0900);
+        let mut v = FakeVcpu::new();
+        access(&mut g, &mut v, &host, true, X2APIC_ICR, 0x00ec);
+        assert_eq!(v.injected(), Some((13, Some(0))));
+        assert!(host.msr_writes.borrow().is_empty());
     }
 
     #[test]

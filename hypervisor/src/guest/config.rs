@@ -4,6 +4,8 @@
 use alloc::string::{String, ToString};
 use core::fmt;
 
+use crate::smp::CpuSet;
+
 pub const NAME_MAX: usize = 31;
 pub const MEM_MIN: u64 = 4 << 20;
 pub const MEM_MAX: u64 = 64 << 30;
@@ -32,6 +34,9 @@ pub struct GuestConfig {
     pub trusted: alloc::vec::Vec<String>,
     /// A virtual TPM at 0xFED40000 (`vtpm=on|off`; on for Linux guests).
     pub vtpm: bool,
+    /// The CPUs it runs on (`cpus=0-3`), by the hypervisor's CPU index;
+    /// `None`: its default (see [`GuestConfig::resolve_cpus`]).
+    pub cpus: Option<CpuSet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +46,11 @@ pub enum ConfigError {
     BadMemory(String),
     UnknownKind(String),
     UnknownOption(String),
+    BadCpus(String),
+    /// A native guest has one vCPU.
+    NativeOneCpu,
+    /// Integrity views run on one CPU for now.
+    IntegrityOneCpu,
 }
 
 impl fmt::Display for ConfigError {
@@ -58,6 +68,13 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::UnknownKind(k) => write!(f, "unknown guest kind {k:?}"),
             ConfigError::UnknownOption(o) => write!(f, "unknown option {o:?}"),
+            ConfigError::BadCpus(c) => write!(f, "cpus={c:?} must list CPU indices and ranges, such as 0-3 or 1,3"),
+            ConfigError::NativeOneCpu => write!(f, "a test guest has one vCPU: cpus= must name one CPU"),
+            ConfigError::IntegrityOneCpu => write!(
+                f,
+                "run-time integrity (integrity=enforce|audit) runs a guest on one CPU in this version: \
+                 give it cpus=N, or integrity=off for more CPUs"
+            ),
         }
     }
 }
@@ -119,6 +136,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     let mut integrity_set = false;
     let mut trusted = alloc::vec::Vec::new();
     let mut vtpm = None;
+    let mut cpus = None;
     for word in options.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("guest", n)) => {
@@ -151,6 +169,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
             Some(("vtpm", "on")) => vtpm = Some(true),
             Some(("vtpm", "off")) => vtpm = Some(false),
             Some(("trust", names)) => trusted.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from)),
+            Some(("cpus", list)) => cpus = Some(CpuSet::parse(list).ok_or_else(|| ConfigError::BadCpus(list.into()))?),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
         }
     }
@@ -161,7 +180,38 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
         integrity = Some(crate::integrity::Mode::Enforce);
     }
     let vtpm = vtpm.unwrap_or(kind == GuestKind::Linux);
-    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm })
+    let many = cpus.is_some_and(|c: CpuSet| c.len() > 1);
+    if many && kind == GuestKind::Native {
+        return Err(ConfigError::NativeOneCpu);
+    }
+    if many && integrity.is_some() {
+        return Err(ConfigError::IntegrityOneCpu);
+    }
+    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm, cpus })
+}
+
+impl GuestConfig {
+    /// The CPUs the guest runs on, of those the hypervisor runs (`online`):
+    /// what `cpus=` names, or by default the boot CPU for a test guest and
+    /// every CPU for a Linux guest, but the boot CPU alone for one with
+    /// integrity views (they run on one CPU in this version). The second
+    /// value says why a Linux guest got fewer CPUs than it would have.
+    pub fn resolve_cpus(&self, online: &CpuSet) -> Result<(CpuSet, Option<&'static str>), String> {
+        if let Some(c) = self.cpus {
+            if !c.is_subset(online) {
+                return Err(alloc::format!("cpus={c}: the hypervisor runs on CPUs {online} only"));
+            }
+            return Ok((c, None));
+        }
+        let boot = CpuSet::single(online.lowest().unwrap_or(0));
+        Ok(match self.kind {
+            GuestKind::Native => (boot, None),
+            GuestKind::Linux if self.integrity.is_some() && online.len() > 1 => {
+                (boot, Some("run-time integrity runs on one CPU in this version (integrity=off gives it every CPU)"))
+            }
+            GuestKind::Linux => (*online, None),
+        })
+    }
 }
 
 /// `16M`, `1G`, `4096K` or plain bytes.
@@ -232,6 +282,32 @@ mod tests {
         assert_eq!(initrd_owner("guest=l kind=linux -- console=ttyS0 initrd=/boot/initrd.img"), None);
         assert_eq!(initrd_owner("guest=a initrd=l"), None);
         assert_eq!(initrd_owner("other -- initrd=l"), None);
+    }
+
+    #[test]
+    fn cpu_sets() {
+        let online = CpuSet::first(4);
+        let c = parse("guest=l kind=linux integrity=off cpus=0-2").unwrap();
+        assert_eq!(c.resolve_cpus(&online).unwrap(), (CpuSet::parse("0-2").unwrap(), None));
+        // By default: every CPU for Linux, the boot CPU for a test guest,
+        // and one CPU for Linux with integrity views, saying why.
+        let c = parse("guest=l kind=linux integrity=off").unwrap();
+        assert_eq!(c.resolve_cpus(&online).unwrap().0, online);
+        let c = parse("guest=l kind=linux").unwrap();
+        let (cpus, why) = c.resolve_cpus(&online).unwrap();
+        assert_eq!(cpus, CpuSet::single(0));
+        assert!(why.unwrap().contains("integrity=off"));
+        assert_eq!(c.resolve_cpus(&CpuSet::single(0)).unwrap(), (CpuSet::single(0), None));
+        assert_eq!(parse("guest=a").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(0));
+        assert_eq!(parse("guest=a cpus=3").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(3));
+        // CPUs the hypervisor does not run: refused when the guest is placed.
+        assert!(parse("guest=a cpus=7").unwrap().resolve_cpus(&online).is_err());
+        // Refused when parsed.
+        assert_eq!(parse("guest=a cpus=0-1"), Err(ConfigError::NativeOneCpu));
+        assert_eq!(parse("guest=l kind=linux cpus=0,1"), Err(ConfigError::IntegrityOneCpu));
+        assert_eq!(parse("guest=l kind=linux integrity=audit cpus=2-3"), Err(ConfigError::IntegrityOneCpu));
+        assert!(parse("guest=l kind=linux cpus=1").is_ok());
+        assert_eq!(parse("guest=l kind=linux integrity=off cpus=3-1"), Err(ConfigError::BadCpus("3-1".into())));
     }
 
     #[test]

@@ -29,6 +29,22 @@ pub struct MsrShadow {
     pub tsc_aux: u64,
 }
 
+/// What each vCPU keeps of its own among the state the exit handlers use.
+/// A guest's exits are handled one at a time (under its lock); the vCPU
+/// whose exit it is swaps its own in for the time of the handling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuLocal {
+    pub msrs: MsrShadow,
+    pub xcr0: u64,
+}
+
+impl Default for VcpuLocal {
+    fn default() -> Self {
+        // XCR0 after reset: x87 only.
+        VcpuLocal { msrs: MsrShadow::default(), xcr0: 1 }
+    }
+}
+
 /// What the guest's CR0/CR4 must and may hold on this processor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrLimits {
@@ -159,6 +175,8 @@ pub struct Guest {
     pub vtpm: Option<crate::tpm::GuestTpm>,
     /// Run-time kernel integrity, for guests whose agent reports to us.
     pub integrity: Option<crate::integrity::GuestIntegrity>,
+    /// Its CPUs as its IPIs address them, and the IPIs for them.
+    pub cpus: crate::exits::apic::GuestCpus,
 }
 
 impl Guest {
@@ -182,6 +200,7 @@ impl Guest {
             state: RunState::Runnable,
             vtpm: None,
             integrity: None,
+            cpus: crate::exits::apic::GuestCpus::new(alloc::vec![0], false),
         }
     }
 
@@ -191,6 +210,12 @@ impl Guest {
 
     pub fn is_running(&self) -> bool {
         self.state == RunState::Runnable
+    }
+
+    /// Swaps a vCPU's own state in (before its exit is handled) or back out.
+    pub fn swap_local(&mut self, local: &mut VcpuLocal) {
+        core::mem::swap(&mut self.msrs, &mut local.msrs);
+        core::mem::swap(&mut self.xcr0, &mut local.xcr0);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Stopping the machine: how CTVM ends a run under an emulator or on hardware.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use super::cpu;
 
@@ -38,8 +38,30 @@ pub fn set_method(method: ExitMethod) {
     METHOD.store(method as u8, Ordering::Relaxed);
 }
 
-/// Powers the machine off (emulators) or halts it (hardware).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+static OTHERS_ONLINE: AtomicBool = AtomicBool::new(false);
+
+/// Other CPUs run under the hypervisor: stopping the machine stops them first.
+pub fn others_online() {
+    OTHERS_ONLINE.store(true, Ordering::SeqCst);
+}
+
+/// Whether the machine is being stopped (the NMI handler then halts its CPU).
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Powers the machine off (emulators) or halts it (hardware). Every other
+/// CPU is halted first, by an NMI: none goes on running a guest after the
+/// hypervisor gave up (the vCPU loops halt on an NMI exit too).
 pub fn stop_machine(code: u8) -> ! {
+    if STOPPING.swap(true, Ordering::SeqCst) {
+        // Another CPU is stopping the machine already.
+        cpu::halt_forever();
+    }
+    if OTHERS_ONLINE.load(Ordering::SeqCst) {
+        super::lapic::send_nmi_to_others();
+    }
     super::serial::drain();
     match METHOD.load(Ordering::Relaxed) {
         m if m == ExitMethod::Bochs as u8 => {

@@ -57,11 +57,35 @@ ctvm_exception_\vector:
     ctvm_stub 31, 0
     ctvm_stub 32, 0
 
-    // An NMI in the hypervisor is not an error (a watchdog or the platform
-    // may send one); it is counted and dropped.
+    // An NMI in the hypervisor is not an error: another CPU's signal, or
+    // the guest's (a watchdog, a counter), which is held for it.
     .balign 16
 ctvm_nmi:
-    lock inc qword ptr [rip + CTVM_NMI_COUNT]
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    push rbp
+    mov rbp, rsp
+    and rsp, -16
+    cld
+    call ctvm_nmi_in_hypervisor
+    mov rsp, rbp
+    pop rbp
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
     iretq
 
 ctvm_exception_common:
@@ -102,8 +126,21 @@ ctvm_exception_stubs:
 );
 
 /// NMIs taken while the hypervisor itself ran.
+pub static NMI_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Sorts an NMI taken in the hypervisor: a kick needs nothing more (the CPU
+/// looks at what changed before it enters a guest); a guest's is held for
+/// the guest. Touches atomics only: it may interrupt any hypervisor code.
 #[no_mangle]
-static CTVM_NMI_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+extern "C" fn ctvm_nmi_in_hypervisor() {
+    NMI_COUNT.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    if super::power::stopping() {
+        super::cpu::halt_forever();
+    }
+    if let Some(p) = super::percpu::try_current() {
+        crate::smp::SIGNALS.nmi_in_hypervisor(p.index);
+    }
+}
 
 extern "C" {
     static ctvm_exception_stubs: [u64; 33];
@@ -173,7 +210,9 @@ struct Idt([Gate; 256]);
 static IDT: Once<Idt> = Once::new();
 
 /// Loads the IDT: every exception vector, plus vector 32 as a catch-all for a
-/// stray interrupt (the hypervisor runs with interrupts off).
+/// stray interrupt (the hypervisor runs with interrupts off). Every CPU
+/// loads the same table: it is read-only, and each CPU's TSS gives it its
+/// own interrupt stacks.
 pub fn init() {
     let idt = IDT.call_once(|| {
         let mut idt = Idt([Gate::ABSENT; 256]);
@@ -246,8 +285,10 @@ extern "C" fn ctvm_exception(frame: &TrapFrame) -> ! {
     super::serial::force_unlock();
     let name = NAMES.get(frame.vector as usize).copied().unwrap_or("unknown");
     crate::console::write_line(format_args!(
-        "ctvm: FATAL: exception {} ({name}) in the hypervisor, error code {:#x}",
-        frame.vector, frame.error_code
+        "ctvm: FATAL: exception {} ({name}) in the hypervisor, error code {:#x}, cpu {}",
+        frame.vector,
+        frame.error_code,
+        super::percpu::try_current().map_or(0, |p| p.index)
     ));
     crate::console::write_line(format_args!(
         "ctvm:   rip {:#018x}  rsp {:#018x}  rflags {:#x}  cr2 {:#018x}",
@@ -267,9 +308,11 @@ extern "C" fn ctvm_exception(frame: &TrapFrame) -> ! {
 /// Follows the frame-pointer chain, trusting only addresses inside the
 /// hypervisor's stacks.
 pub fn print_backtrace(mut rbp: u64) {
-    let boot = ctvm_boot::boot_stack();
-    let ists = gdt::ist_stack_ranges();
-    let on_stack = |a: u64| boot.contains(&a) || ists.iter().any(|r| r.contains(&a));
+    let (stack, ists) = match super::percpu::try_current() {
+        Some(p) => (p.stack.clone(), p.ist.clone()),
+        None => (ctvm_boot::boot_stack(), gdt::boot_ist()),
+    };
+    let on_stack = |a: u64| stack.contains(&a) || ists.iter().any(|r| r.contains(&a));
     let mut line = heapless_line();
     let _ = write!(line, "ctvm:   backtrace:");
     for _ in 0..24 {

@@ -205,6 +205,12 @@ pub struct Features {
     pub invept_single_context: bool,
     pub invvpid: bool,
     pub hlt_activity_state: bool,
+    /// A vCPU may wait for a start-up IPI in VMX non-root operation.
+    pub wait_for_sipi_activity_state: bool,
+    /// INVEPT of every EPT hierarchy at once (what a CPU catching up does).
+    pub invept_all_context: bool,
+    /// An exit when the guest can take an NMI again.
+    pub nmi_window_exiting: bool,
     /// IA32_PERF_GLOBAL_CTRL is loaded on both VM exit (0) and entry.
     pub perf_global_ctrl: bool,
 }
@@ -234,11 +240,16 @@ impl Controls {
 
         // External interrupts exit by default: a guest with emulated devices
         // only must never take the host's interrupts. Pass-through guests turn
-        // this off. NMIs go to whichever guest runs (no NMI exiting).
+        // this off. NMIs always exit: they are the hypervisor's signal between
+        // CPUs, and a guest's own NMIs are delivered to it as virtual NMIs
+        // (whose blocking the processor tracks for the guest).
         let pinbased = adjust(
             "pin-based",
             m.pinbased,
-            PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits(),
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VIRTUAL_NMIS)
+                .bits(),
             PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
         )?;
 
@@ -335,6 +346,9 @@ impl Controls {
             invept_single_context: cap & ept_cap::INVEPT_SINGLE != 0,
             invvpid,
             hlt_activity_state: m.misc & (1 << 6) != 0,
+            wait_for_sipi_activity_state: m.misc & (1 << 8) != 0,
+            invept_all_context: cap & ept_cap::INVEPT_ALL != 0,
+            nmi_window_exiting: allowed1(m.procbased) & PrimaryControls::NMI_WINDOW_EXITING.bits() != 0,
             perf_global_ctrl: perf,
         };
         // #VE and VM functions need per-view set-up the baseline does not do;
@@ -466,7 +480,7 @@ mod tests {
             Case {
                 name: "bochs skylake-x",
                 msrs: bochs_skylake_x(),
-                pinbased: 0x16 | 0x1,
+                pinbased: 0x16 | 0x1 | 0x8 | 0x20,
                 procbased: 0x0400_6172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
                 // EPT, RDTSCP, VPID, unrestricted, INVPCID, XSAVES (VMFUNC/#VE stay off by default).
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000 | 0x10_0000,
@@ -481,7 +495,7 @@ mod tests {
             Case {
                 name: "kvm nested",
                 msrs: kvm_nested(),
-                pinbased: 0x16 | 0x1,
+                pinbased: 0x16 | 0x1 | 0x8 | 0x20,
                 procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000 | 0x10_0000,
                 exit: 0x0003_6dff | (1 << 9) | (0xf << 18),
@@ -494,7 +508,7 @@ mod tests {
             Case {
                 name: "haswell",
                 msrs: haswell_without_true_msrs(),
-                pinbased: 0x16 | 0x1,
+                pinbased: 0x16 | 0x1 | 0x8 | 0x20,
                 // CR3-load and CR3-store exiting (bits 15, 16) are forced on.
                 procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000,
@@ -518,6 +532,13 @@ mod tests {
             assert_eq!(got.features.vmfunc_eptp_switching, c.vmfunc, "{}", c.name);
             assert_eq!(got.features.ept_1g_pages, c.ept_1g, "{}", c.name);
             assert_eq!(got.features.perf_global_ctrl, got.exit & (1 << 12) != 0, "{}", c.name);
+            // NMIs exit, as virtual NMIs, everywhere; Bochs also has what
+            // SMP guests use: NMI windows, wait-for-SIPI, INVEPT of all contexts.
+            assert_eq!(got.pinbased & 0x28, 0x28, "{}", c.name);
+            if c.name.starts_with("bochs") {
+                let f = got.features;
+                assert!(f.nmi_window_exiting && f.wait_for_sipi_activity_state && f.invept_all_context);
+            }
             // Every word respects both halves of its capability MSR.
             for (word, caps) in [
                 (got.pinbased, c.msrs.pinbased),

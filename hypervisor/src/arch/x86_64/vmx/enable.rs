@@ -15,7 +15,6 @@ pub struct Vmx {
     /// The XCR0 components guests may enable, switched through a 4 KiB
     /// XSAVE area (0: no XSAVE for guests).
     pub xcr0_offered: u64,
-    _vmxon: Region,
 }
 
 #[derive(Debug)]
@@ -25,6 +24,8 @@ pub enum VmxError {
     Missing(Missing),
     OutOfMemory,
     VmxonFailed,
+    /// Another CPU's VMX differs from the boot CPU's.
+    Different,
 }
 
 impl fmt::Display for VmxError {
@@ -38,14 +39,49 @@ impl fmt::Display for VmxError {
             VmxError::Missing(m) => write!(f, "a required VMX feature is missing: {m}"),
             VmxError::OutOfMemory => write!(f, "no memory for the VMXON region"),
             VmxError::VmxonFailed => write!(f, "VMXON failed"),
+            VmxError::Different => write!(f, "its VMX capabilities differ from the boot CPU's"),
         }
     }
 }
 
 const CR4_OSXSAVE: u64 = 1 << 18;
 
-/// Detects VMX, checks every required feature, and enters VMX root operation.
+/// Detects VMX, checks every required feature, and enters VMX root
+/// operation on this CPU (the boot CPU).
 pub fn enable() -> Result<Vmx, VmxError> {
+    feature_control()?;
+    // SAFETY: VmxMsrs::read only reads the MSRs whose existence the earlier ones announce.
+    let msrs = VmxMsrs::read(|m| unsafe { cpu::rdmsr(m) });
+    let controls = Controls::compute(&msrs).map_err(VmxError::Missing)?;
+
+    // Guests' extended state is switched with XSAVE into a 4 KiB area:
+    // guests get the components that fit.
+    let host_cpuid = |leaf, subleaf| {
+        let r = cpu::cpuid(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    };
+    let xcr0_offered = crate::exits::xcr0_offered(&host_cpuid, 4096);
+    let physical_bits =
+        if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
+    let vmx = Vmx { msrs, controls, physical_bits, xcr0_offered };
+    vmxon(&vmx)?;
+    Ok(vmx)
+}
+
+/// Enters VMX root operation on another CPU, which must offer what the boot
+/// CPU offers (the controls and VMCSs are shared).
+pub fn enable_ap(vmx: &Vmx) -> Result<(), VmxError> {
+    feature_control()?;
+    // SAFETY: as in `enable`.
+    let msrs = VmxMsrs::read(|m| unsafe { cpu::rdmsr(m) });
+    if msrs != vmx.msrs {
+        return Err(VmxError::Different);
+    }
+    vmxon(vmx)
+}
+
+/// VMX on in IA32_FEATURE_CONTROL (set and locked if the firmware left it open).
+fn feature_control() -> Result<(), VmxError> {
     if cpu::cpuid(1, 0).ecx & (1 << 5) == 0 {
         return Err(VmxError::NoVmx);
     }
@@ -59,20 +95,15 @@ pub fn enable() -> Result<Vmx, VmxError> {
     } else if fc & feature_control::VMX_OUTSIDE_SMX == 0 {
         return Err(VmxError::LockedOff(fc));
     }
+    Ok(())
+}
 
-    // SAFETY: VmxMsrs::read only reads the MSRs whose existence the earlier ones announce.
-    let msrs = VmxMsrs::read(|m| unsafe { cpu::rdmsr(m) });
-    let controls = Controls::compute(&msrs).map_err(VmxError::Missing)?;
-
-    // Guests' extended state is switched with XSAVE into a 4 KiB area:
-    // guests get the components that fit.
-    let host_cpuid = |leaf, subleaf| {
-        let r = cpu::cpuid(leaf, subleaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    };
-    let xcr0_offered = crate::exits::xcr0_offered(&host_cpuid, 4096);
+/// Fixes CR0/CR4 for VMX operation and runs VMXON with a new region, which
+/// this CPU keeps for as long as the machine runs.
+fn vmxon(vmx: &Vmx) -> Result<(), VmxError> {
+    let msrs = &vmx.msrs;
     let mut cr4 = msrs.fix_cr4(cpu::read_cr4());
-    if xcr0_offered != 0 {
+    if vmx.xcr0_offered != 0 {
         // Needed to switch guests' XCR0 and extended state.
         cr4 |= CR4_OSXSAVE;
     }
@@ -82,14 +113,11 @@ pub fn enable() -> Result<Vmx, VmxError> {
         cpu::write_cr0(msrs.fix_cr0(cpu::read_cr0(), false));
         cpu::write_cr4(cr4);
     }
-
-    let vmxon = Region::new(msrs.revision()).ok_or(VmxError::OutOfMemory)?;
+    let region = Region::new(msrs.revision()).ok_or(VmxError::OutOfMemory)?;
     // SAFETY: the region is 4 KiB aligned, stamped with the revision, and CR0/CR4 are fixed.
-    unsafe { x86::bits64::vmx::vmxon(vmxon.phys) }.map_err(|_| VmxError::VmxonFailed)?;
-
-    let physical_bits =
-        if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
-    Ok(Vmx { msrs, controls, physical_bits, xcr0_offered, _vmxon: vmxon })
+    unsafe { x86::bits64::vmx::vmxon(region.phys) }.map_err(|_| VmxError::VmxonFailed)?;
+    core::mem::forget(region);
+    Ok(())
 }
 
 impl Vmx {

@@ -14,11 +14,13 @@ use super::enable::Vmx;
 use super::entry_check::{self, GuestStateSnapshot, Segment};
 use super::ept::{eptp, EptTable};
 use super::vmcs::{self, Region};
-use crate::arch::x86_64::{cpu, gdt, traps};
+use crate::arch::x86_64::percpu;
+use crate::arch::x86_64::{cpu, gdt, lapic, traps};
 use crate::guest::boot64::{self, EntryState};
 use crate::guest::memory::HostPhys;
 use crate::mm::paging::{Attrs, MapError, PageSize, Perms};
 use crate::mm::phys::{self, Identity, Tables};
+use crate::smp::{CpuSet, SIGNALS};
 use crate::vcpu::{ExitInfo, Field, GuestRegisters, VcpuState};
 
 global_asm!(
@@ -118,10 +120,13 @@ extern "C" {
 
 const _: () = assert!(core::mem::size_of::<GuestRegisters>() == 16 * 8);
 
-/// A guest's EPT hierarchy, invalidated whenever a change needs it.
+/// A guest's EPT hierarchy, invalidated whenever a change needs it: on
+/// this CPU, and on every other CPU the guest runs on (a shootdown).
 pub struct Ept {
     table: EptTable,
     single_context: bool,
+    /// The CPUs whose vCPUs use this hierarchy.
+    cpus: CpuSet,
 }
 
 impl Ept {
@@ -135,7 +140,17 @@ impl Ept {
             PageSize::Size4K
         };
         let table = EptTable::new(&mut Tables, largest).ok()?;
-        Some(Ept { table, single_context: f.invept_single_context })
+        Some(Ept { table, single_context: f.invept_single_context, cpus: CpuSet::new() })
+    }
+
+    /// The CPUs whose vCPUs use this hierarchy: a change that removes rights
+    /// reaches all of them before it completes.
+    pub fn set_cpus(&mut self, cpus: CpuSet) {
+        self.cpus = cpus;
+    }
+
+    pub fn cpus(&self) -> CpuSet {
+        self.cpus
     }
 
     pub fn pointer(&self) -> u64 {
@@ -171,18 +186,51 @@ impl Ept {
         self.table.translate(&Tables, gpa)
     }
 
-    /// INVEPT for this hierarchy (single-context), or for all of them.
+    /// INVEPT for this hierarchy (single-context, or all of them) here, and a
+    /// shootdown on the other CPUs that use it.
     pub fn invalidate(&self) {
-        let (kind, descriptor): (u64, [u64; 2]) =
-            if self.single_context { (1, [self.pointer(), 0]) } else { (2, [0, 0]) };
-        // SAFETY: a valid INVEPT type with a descriptor naming this hierarchy.
-        unsafe { asm!("invept {}, [{}]", in(reg) kind, in(reg) &descriptor, options(nostack)) };
+        if self.single_context {
+            invept(1, self.pointer());
+        } else {
+            invept(2, 0);
+        }
+        let here = percpu::current().index;
+        if self.cpus.iter().any(|c| c != here) {
+            shootdown(&self.cpus);
+        }
     }
 
     pub fn destroy(self) {
         self.invalidate();
         self.table.destroy(&mut Tables);
     }
+}
+
+fn invept(kind: u64, eptp: u64) {
+    let descriptor: [u64; 2] = [eptp, 0];
+    // SAFETY: INVEPT type 1 names a hierarchy the caller owns; type 2
+    // flushes every hierarchy's cached translations, which is always allowed.
+    unsafe { asm!("invept {}, [{}]", in(reg) kind, in(reg) &descriptor, options(nostack)) };
+}
+
+/// Flushes every EPT-derived translation this CPU caches: what a CPU does
+/// when it catches up with changes other CPUs published.
+pub fn invept_all_contexts() {
+    invept(2, 0);
+}
+
+/// Makes a change already made in shared memory (EPT rights removed, a
+/// guest stopped) reach every CPU of `cpus` before each runs guest code
+/// again: those inside a guest are stopped with an NMI and flush before
+/// they re-enter; the others flush on their way in. Returns the NMIs sent.
+pub fn shootdown(cpus: &CpuSet) -> u32 {
+    let here = percpu::current().index;
+    let send = |cpu: usize| {
+        if let Some(p) = percpu::of(cpu) {
+            lapic::send_nmi(p.apic_id);
+        }
+    };
+    SIGNALS.publish(cpus, here, &send, &mut || core::hint::spin_loop()).kicks
 }
 
 /// Extended processor state (x87/SSE/AVX) saved while another guest runs.
@@ -207,6 +255,14 @@ pub struct Bitmaps {
     msr: u64,
 }
 
+/// Where a guest's bitmaps are, for the CPUs that set up its vCPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct BitmapFrames {
+    io_a: u64,
+    io_b: u64,
+    msr: u64,
+}
+
 impl Bitmaps {
     pub fn new(io: &IoBitmap, msr: &MsrBitmap) -> Option<Self> {
         let page = |bytes: &[u8]| -> Option<u64> {
@@ -219,6 +275,10 @@ impl Bitmaps {
 }
 
 impl Bitmaps {
+    pub fn frames(&self) -> BitmapFrames {
+        BitmapFrames { io_a: self.io_a, io_b: self.io_b, msr: self.msr }
+    }
+
     /// Makes guest writes to an MSR exit from now on.
     pub fn trap_msr_write(&self, msr: u32) {
         let mut page = MsrBitmap::pass_all();
@@ -236,10 +296,21 @@ impl Drop for Bitmaps {
     }
 }
 
+/// How a vCPU starts.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// In 64-bit mode at the loader's entry (the guest's boot vCPU).
+    Entry(EntryState),
+    /// In the processor's INIT state, waiting for a start-up IPI (the
+    /// guest's other vCPUs: its own INIT-SIPI-SIPI starts them).
+    WaitForSipi,
+}
+
 /// How to set up a vCPU.
 pub struct VcpuSetup<'a> {
-    pub entry: &'a EntryState,
-    pub bitmaps: &'a Bitmaps,
+    pub start: &'a Start,
+    pub eptp: u64,
+    pub bitmaps: BitmapFrames,
     /// TSC ticks between preemption-timer exits, when time slicing.
     pub timeslice: Option<u32>,
     /// The guest owns the machine's interrupts and may halt the CPU: no
@@ -257,6 +328,8 @@ const CR0_PE: u64 = 1;
 const CR0_NE: u64 = 1 << 5;
 const CR0_PG: u64 = 1 << 31;
 const CR0_ET: u64 = 1 << 4;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
@@ -267,8 +340,8 @@ const DEFAULT_PAT: u64 = 0x0007_0406_0007_0406;
 impl Vcpu {
     /// Creates the VMCS and fills every control, host and guest field for a
     /// guest that starts in 64-bit mode at `setup.entry`.
-    pub fn new(vmx: &Vmx, ept: &Ept, setup: &VcpuSetup<'_>) -> Result<Vcpu, String> {
-        let (entry, bitmaps) = (setup.entry, setup.bitmaps);
+    pub fn new(vmx: &Vmx, setup: &VcpuSetup<'_>) -> Result<Vcpu, String> {
+        let bitmaps = setup.bitmaps;
         let region = Region::new(vmx.msrs.revision()).ok_or("no memory for a VMCS")?;
         // SAFETY: the region is a fresh, revision-stamped VMCS.
         unsafe { x86::bits64::vmx::vmclear(region.phys) }.map_err(|_| "VMCLEAR failed")?;
@@ -298,8 +371,9 @@ impl Vcpu {
                 vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(ticks));
             }
         }
+        let long_mode = matches!(setup.start, Start::Entry(_));
         let entry_ctls =
-            c.entry_with(m, EntryControls::IA32E_MODE_GUEST, true).ok_or("IA-32e mode guests not allowed")?;
+            c.entry_with(m, EntryControls::IA32E_MODE_GUEST, long_mode).ok_or("IA-32e mode guests not allowed")?;
         let mut proc2 = c.procbased2;
         if c.features.vpid {
             let vpid = NEXT_VPID.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +390,7 @@ impl Vcpu {
         vmcs::write(control::IO_BITMAP_A_ADDR_FULL, bitmaps.io_a);
         vmcs::write(control::IO_BITMAP_B_ADDR_FULL, bitmaps.io_b);
         vmcs::write(control::MSR_BITMAPS_ADDR_FULL, bitmaps.msr);
-        vmcs::write(control::EPTP_FULL, ept.pointer());
+        vmcs::write(control::EPTP_FULL, setup.eptp);
         vmcs::write(control::CR3_TARGET_COUNT, 0);
         vmcs::write(control::VMEXIT_MSR_STORE_COUNT, 0);
         vmcs::write(control::VMEXIT_MSR_LOAD_COUNT, 0);
@@ -329,12 +403,35 @@ impl Vcpu {
         let cr4_mask = CR4_VMXE;
         vmcs::write(control::CR0_GUEST_HOST_MASK, cr0_mask);
         vmcs::write(control::CR4_GUEST_HOST_MASK, cr4_mask);
+
+        write_host_state();
+        vmcs::write(guest::LINK_PTR_FULL, u64::MAX);
+        vmcs::write(guest::IA32_PAT_FULL, DEFAULT_PAT);
+        if vmx.controls.features.perf_global_ctrl {
+            // No counter counts until the guest enables one, and none in the hypervisor.
+            vmcs::write(guest::IA32_PERF_GLOBAL_CTRL_FULL, 0);
+            vmcs::write(host::IA32_PERF_GLOBAL_CTRL_FULL, 0);
+        }
+        let entry = match setup.start {
+            Start::Entry(entry) => entry,
+            Start::WaitForSipi => {
+                if !c.features.unrestricted_guest || !c.features.wait_for_sipi_activity_state {
+                    return Err("starting a vCPU needs unrestricted guests and the wait-for-SIPI state".into());
+                }
+                write_init_state(vmx);
+                return Ok(Vcpu {
+                    vmcs: region,
+                    regs: GuestRegisters::default(),
+                    launched: false,
+                    xsave: Box::new(XsaveArea([0; 4096])),
+                    cr_masks: (cr0_mask, cr4_mask),
+                });
+            }
+        };
         let guest_cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
         let guest_cr4 = CR4_PAE;
         vmcs::write(control::CR0_READ_SHADOW, guest_cr0);
         vmcs::write(control::CR4_READ_SHADOW, guest_cr4);
-
-        write_host_state();
 
         let unrestricted = c.features.unrestricted_guest;
         vmcs::write(guest::CR0, m.fix_cr0(guest_cr0, unrestricted));
@@ -374,20 +471,13 @@ impl Vcpu {
         vmcs::write(guest::IDTR_BASE, 0);
         vmcs::write(guest::IDTR_LIMIT, 0);
         vmcs::write(guest::IA32_EFER_FULL, EFER_LME | EFER_LMA | EFER_NXE);
-        vmcs::write(guest::IA32_PAT_FULL, DEFAULT_PAT);
         vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
         vmcs::write(guest::IA32_SYSENTER_CS, 0);
         vmcs::write(guest::IA32_SYSENTER_ESP, 0);
         vmcs::write(guest::IA32_SYSENTER_EIP, 0);
-        vmcs::write(guest::LINK_PTR_FULL, u64::MAX);
         vmcs::write(guest::ACTIVITY_STATE, 0);
         vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
         vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
-        if vmx.controls.features.perf_global_ctrl {
-            // No counter counts until the guest enables one, and none in the hypervisor.
-            vmcs::write(guest::IA32_PERF_GLOBAL_CTRL_FULL, 0);
-            vmcs::write(host::IA32_PERF_GLOBAL_CTRL_FULL, 0);
-        }
 
         let regs = GuestRegisters { rdi: entry.rdi, rsi: entry.rsi, ..Default::default() };
         Ok(Vcpu {
@@ -522,6 +612,43 @@ impl Vcpu {
         }
     }
 
+    /// INIT: the processor's INIT state, waiting for a start-up IPI. The
+    /// real APIC and the MSRs outside the VMCS keep their values, as INIT
+    /// leaves the APIC's registers and most MSRs to the software that
+    /// starts the CPU (which Linux re-initialises).
+    pub fn reset(&mut self, vmx: &Vmx) {
+        self.regs = GuestRegisters::default();
+        write_init_state(vmx);
+    }
+
+    /// A start-up IPI: leaves wait-for-SIPI for real mode at `vector * 0x1000`.
+    pub fn start_at(&mut self, vector: u8) {
+        vmcs::write(guest::CS_SELECTOR, u64::from(vector) << 8);
+        vmcs::write(guest::CS_BASE, u64::from(vector) << 12);
+        vmcs::write(guest::RIP, 0);
+        vmcs::write(guest::ACTIVITY_STATE, ACTIVITY_ACTIVE);
+    }
+
+    /// Queues an NMI for the guest if it can take one now (nothing else
+    /// being injected, no virtual-NMI or MOV SS blocking); otherwise asks
+    /// for an NMI-window exit. Returns whether it was queued.
+    pub fn offer_nmi(&mut self) -> bool {
+        let busy = vmcs::read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & (1 << 31) != 0;
+        let blocked = vmcs::read(guest::INTERRUPTIBILITY_STATE) & (BLOCKING_BY_NMI | BLOCKING_BY_MOV_SS) != 0;
+        let ready = !busy && !blocked;
+        if ready {
+            // Type 2 (NMI), vector 2, valid.
+            vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, (1 << 31) | (2 << 8) | 2);
+        }
+        current::set_primary_control(PrimaryControls::NMI_WINDOW_EXITING, !ready);
+        ready
+    }
+
+    /// Whether the vCPU waits for a start-up IPI.
+    pub fn waits_for_sipi(&self) -> bool {
+        vmcs::read(guest::ACTIVITY_STATE) == ACTIVITY_WAIT_FOR_SIPI
+    }
+
     /// For the entry-failure scenario: clears CR4.VMXE in the guest state,
     /// which VM entry must refuse and CTVM must diagnose.
     pub fn debug_corrupt_guest_cr4(&mut self) {
@@ -586,10 +713,10 @@ pub mod current {
         vmcs::write(control::EXCEPTION_BITMAP, if on { bitmap | bit } else { bitmap & !bit });
     }
 
-    /// Every interrupt, NMI and exception exits (a module's view), or none
-    /// but #DB while single-stepping (the kernel's).
+    /// Every interrupt and exception exits (a module's view), or none but
+    /// #DB while single-stepping (the kernel's). NMIs always exit.
     pub fn set_event_exiting(on: bool) {
-        let events = (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits();
+        let events = PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits();
         let pin = vmcs::read(control::PINBASED_EXEC_CONTROLS);
         vmcs::write(
             control::PINBASED_EXEC_CONTROLS,
@@ -612,6 +739,73 @@ pub mod current {
     }
 }
 
+const ACTIVITY_ACTIVE: u64 = 0;
+const ACTIVITY_WAIT_FOR_SIPI: u64 = 3;
+const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
+const BLOCKING_BY_NMI: u64 = 1 << 3;
+/// Access rights of real-mode segments after INIT: present, accessed,
+/// read/write data or execute/read code.
+const AR_REAL_DATA: u64 = 0x93;
+const AR_REAL_CODE: u64 = 0x9b;
+
+/// The guest state after INIT (SDM Vol. 3A, Table 10-1), with the activity
+/// state wait-for-SIPI. CR0's read shadow shows INIT's value; the real
+/// CR0 keeps what VMX requires (NE). Nothing waits to be injected.
+fn write_init_state(vmx: &Vmx) {
+    let m = &vmx.msrs;
+    let cr0 = CR0_CD | CR0_NW | CR0_ET;
+    vmcs::write(control::CR0_READ_SHADOW, cr0);
+    vmcs::write(control::CR4_READ_SHADOW, 0);
+    vmcs::write(guest::CR0, m.fix_cr0(cr0, true));
+    vmcs::write(guest::CR3, 0);
+    vmcs::write(guest::CR4, m.fix_cr4(0));
+    vmcs::write(guest::DR7, 0x400);
+    vmcs::write(guest::RSP, 0);
+    vmcs::write(guest::RIP, 0xfff0);
+    vmcs::write(guest::RFLAGS, 0x2);
+    let segments = [
+        (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+        (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+        (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+        (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+        (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+    ];
+    for (sel, base, limit, ar) in segments {
+        vmcs::write(sel, 0);
+        vmcs::write(base, 0);
+        vmcs::write(limit, 0xffff);
+        vmcs::write(ar, AR_REAL_DATA);
+    }
+    vmcs::write(guest::CS_SELECTOR, 0xf000);
+    vmcs::write(guest::CS_BASE, 0xffff_0000);
+    vmcs::write(guest::CS_LIMIT, 0xffff);
+    vmcs::write(guest::CS_ACCESS_RIGHTS, AR_REAL_CODE);
+    vmcs::write(guest::TR_SELECTOR, 0);
+    vmcs::write(guest::TR_BASE, 0);
+    vmcs::write(guest::TR_LIMIT, 0xffff);
+    vmcs::write(guest::TR_ACCESS_RIGHTS, AR_TSS_BUSY);
+    vmcs::write(guest::LDTR_SELECTOR, 0);
+    vmcs::write(guest::LDTR_BASE, 0);
+    vmcs::write(guest::LDTR_LIMIT, 0xffff);
+    vmcs::write(guest::LDTR_ACCESS_RIGHTS, AR_UNUSABLE);
+    vmcs::write(guest::GDTR_BASE, 0);
+    vmcs::write(guest::GDTR_LIMIT, 0xffff);
+    vmcs::write(guest::IDTR_BASE, 0);
+    vmcs::write(guest::IDTR_LIMIT, 0xffff);
+    vmcs::write(guest::IA32_EFER_FULL, 0);
+    vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
+    vmcs::write(guest::IA32_SYSENTER_CS, 0);
+    vmcs::write(guest::IA32_SYSENTER_ESP, 0);
+    vmcs::write(guest::IA32_SYSENTER_EIP, 0);
+    let entry = vmcs::read(control::VMENTRY_CONTROLS) & !u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+    vmcs::write(control::VMENTRY_CONTROLS, entry);
+    vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
+    vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
+    vmcs::write(guest::ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
+    current::set_primary_control(PrimaryControls::NMI_WINDOW_EXITING, false);
+}
+
 fn write_host_state() {
     let sel = gdt::selectors();
     vmcs::write(host::CR0, cpu::read_cr0());
@@ -625,7 +819,8 @@ fn write_host_state() {
     vmcs::write(host::GS_SELECTOR, 0);
     vmcs::write(host::TR_SELECTOR, u64::from(sel.tss.0));
     vmcs::write(host::FS_BASE, 0);
-    vmcs::write(host::GS_BASE, 0);
+    // This CPU's per-CPU data: the VMCS belongs to this CPU for good.
+    vmcs::write(host::GS_BASE, percpu::gs_base());
     vmcs::write(host::TR_BASE, gdt::tss_base());
     vmcs::write(host::GDTR_BASE, gdt::gdt_base());
     vmcs::write(host::IDTR_BASE, traps::idt_base());
@@ -669,6 +864,7 @@ fn field_encoding(field: Field) -> u32 {
         Field::SsAccessRights => guest::SS_ACCESS_RIGHTS,
         Field::Interruptibility => guest::INTERRUPTIBILITY_STATE,
         Field::ActivityState => guest::ACTIVITY_STATE,
+        Field::EntryControls => control::VMENTRY_CONTROLS,
         Field::EntryInterruptionInfo => control::VMENTRY_INTERRUPTION_INFO_FIELD,
         Field::EntryExceptionErrorCode => control::VMENTRY_EXCEPTION_ERR_CODE,
         Field::EntryInstructionLength => control::VMENTRY_INSTRUCTION_LEN,
