@@ -116,12 +116,18 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     };
     let mut debug_fault = false;
     let mut corrupt_guest = None;
+    let mut stall_ap = None;
     let mut vtpm_seed = None;
     for (key, value) in boot_info::options(&boot.cmdline) {
         match key {
             // Test knobs: prove that faults and failed entries are reported.
             "debug.fault" => debug_fault = true,
             "debug.corrupt-guest" => corrupt_guest = Some(value),
+            // An AP that never reports back: its failure is a line, not a hang.
+            "debug.stall-ap" => match value.parse::<usize>() {
+                Ok(cpu) if cpu > 0 => stall_ap = Some(cpu),
+                _ => log::warn!("debug.stall-ap must name an AP (1 or more); ignored"),
+            },
             "hv.pool" => {}
             "vtpm.seed" => match hypervisor::tpm::parse_seed(value.as_bytes()) {
                 Some(seed) => {
@@ -165,7 +171,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // Every CPU the firmware lists, the boot CPU first, each into VMX.
     let apic_ids = machine_cpus(boot.rsdp.as_deref(), bsp_apic);
     let online = match trampoline {
-        Some(page) => vmm::start_aps(vmx, page, &apic_ids),
+        Some(page) => vmm::start_aps(vmx, page, &apic_ids, stall_ap),
         None => {
             warn!("no free page below 1 MiB for the APs' trampoline: CTVM runs on the boot CPU alone");
             CpuSet::single(0)

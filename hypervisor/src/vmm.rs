@@ -389,13 +389,13 @@ impl Vm {
     /// (one arriving while the CPU is in the hypervisor is discarded).
     fn post(&self, target: usize, event: VcpuEvent) {
         let Some(home) = self.vcpus.get(target) else { return };
-        if !home.mailbox.post(event) {
-            return;
-        }
         if home.cpu == percpu::current().index {
+            home.mailbox.post(event);
             return;
         }
-        SIGNALS.kick(home.cpu, &|_| lapic::send_nmi(home.apic_id));
+        if !SIGNALS.post(home.cpu, &home.mailbox, event, &|_| lapic::send_nmi(home.apic_id)) {
+            return;
+        }
         if let VcpuEvent::Startup(vector) = event {
             for _ in 0..20 {
                 lapic::send_startup(home.apic_id, vector);
@@ -721,6 +721,8 @@ const STATUS_STARTING: u8 = 0;
 const STATUS_READY: u8 = 1;
 const STATUS_FAILED: u8 = 2;
 static STATUS: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(STATUS_STARTING) }; MAX_CPUS];
+/// The CPU `debug.stall-ap=` stops before VMXON (none: `usize::MAX`).
+static STALL: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// VMX as the boot CPU found it, for the APs.
 static VMX: Once<&'static Vmx> = Once::new();
@@ -733,9 +735,13 @@ static PLAN: Once<Plan> = Once::new();
 /// Brings up every AP in `apic_ids` (index 0 is this, the boot CPU)
 /// through the trampoline at `trampoline`, each into VMX root operation,
 /// and returns the CPUs that made it. One that does not is reported and
-/// left out: no guest ever sees it.
-pub fn start_aps(vmx: &'static Vmx, trampoline: u64, apic_ids: &[u32]) -> CpuSet {
+/// left out: no guest ever sees it. `stall` names a CPU that stops before
+/// VMXON without a word (a test knob: the boot CPU must not wait for it).
+pub fn start_aps(vmx: &'static Vmx, trampoline: u64, apic_ids: &[u32], stall: Option<usize>) -> CpuSet {
     VMX.call_once(|| vmx);
+    if let Some(cpu) = stall {
+        STALL.store(cpu, Ordering::SeqCst);
+    }
     let mut online = CpuSet::single(0);
     if apic_ids.len() < 2 {
         return online;
@@ -786,11 +792,15 @@ pub fn start_aps(vmx: &'static Vmx, trampoline: u64, apic_ids: &[u32]) -> CpuSet
 /// boot CPU placed here, then idle (NMIs wake it, and it halts again).
 fn ap_main(p: &'static PerCpu) -> ! {
     let Some(&vmx) = VMX.get() else { cpu::halt_forever() };
+    if STALL.load(Ordering::SeqCst) == p.index {
+        cpu::halt_forever();
+    }
     if let Err(e) = enable::enable_ap(vmx) {
         error!("CPU {} (APIC {}) cannot use VT-x: {e}; it stays idle", p.index, p.apic_id);
         STATUS[p.index].store(STATUS_FAILED, Ordering::SeqCst);
         cpu::halt_forever();
     }
+    info!("CPU {} (APIC {}): VMX on", p.index, p.apic_id);
     STATUS[p.index].store(STATUS_READY, Ordering::SeqCst);
     let plan = loop {
         if let Some(plan) = PLAN.get() {
@@ -940,6 +950,9 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
         if vm.stopping.load(Ordering::SeqCst) {
             return Outcome::Gone;
         }
+        // Inside first, then the mailbox and the epoch: what another CPU
+        // posts or publishes from now on is seen here, or kicks this CPU.
+        let epoch = SIGNALS.entering(cpu);
         // The IPIs the guest's other vCPUs sent this one.
         let changes = startup::take(&vm.vcpus[slot.index].mailbox, &mut slot.activity);
         if changes.reset {
@@ -956,17 +969,18 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
             slot.nmi_pending = true;
         }
         if slot.activity == Activity::WaitForSipi {
+            // It runs no guest code there: nothing to catch up with, and
+            // (NMIs being blocked) nothing to wait for from it.
+            SIGNALS.left(cpu);
             if shared_cpu {
                 return Outcome::Yield;
             }
-            // It runs no guest code there: nothing to catch up with, and
-            // (NMIs being blocked) nothing to wait for from it.
         } else {
             if slot.nmi_pending && slot.vcpu.offer_nmi() {
                 slot.nmi_pending = false;
                 slot.stats.guest_nmis += 1;
             }
-            if let Some(epoch) = SIGNALS.entering(cpu) {
+            if let Some(epoch) = epoch {
                 vmx_vcpu::invept_all_contexts();
                 SIGNALS.caught_up(cpu, epoch);
             }
@@ -1127,6 +1141,13 @@ pub fn report(vms: &[&'static Vm]) {
                 s.violations
             );
         }
+    }
+    let c = SIGNALS.costs.summary();
+    if c.rounds > 0 {
+        info!(
+            "shootdowns: {} ({} NMIs), {} TSC ticks each on average, {} at most",
+            c.rounds, c.kicks, c.mean_ticks, c.most_ticks
+        );
     }
     let (free, total) = phys::usage();
     info!("free RAM {} of {} MiB", free >> 20, total >> 20);

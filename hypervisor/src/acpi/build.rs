@@ -168,15 +168,8 @@ mod madt {
 /// Disabled and duplicate entries are left out. `None` if the table is
 /// malformed.
 pub fn madt_cpus(madt: &[u8]) -> Option<Vec<u32>> {
-    let length = u32::from_le_bytes(madt.get(4..8)?.try_into().ok()?) as usize;
-    if length < 44 || length > madt.len() || &madt[..4] != b"APIC" {
-        return None;
-    }
     let mut ids = Vec::new();
-    let mut at = 44;
-    while at < length {
-        let (kind, size) = (*madt.get(at)?, usize::from(*madt.get(at + 1)?));
-        let entry = madt.get(at..at + size).filter(|_| size >= 2 && at + size <= length)?;
+    for (kind, entry) in madt_entries(madt)? {
         let u32_at = |o: usize| entry.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
         let cpu = match kind {
             madt::LOCAL_APIC => Some((u32::from(*entry.get(3)?), u32_at(4)?)),
@@ -188,9 +181,24 @@ pub fn madt_cpus(madt: &[u8]) -> Option<Vec<u32>> {
                 ids.push(id);
             }
         }
-        at += size;
     }
     Some(ids)
+}
+
+/// A MADT's entries (type, bytes), each checked to lie within the table.
+fn madt_entries(madt: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let length = u32::from_le_bytes(madt.get(4..8)?.try_into().ok()?) as usize;
+    if length < 44 || length > madt.len() || &madt[..4] != b"APIC" {
+        return None;
+    }
+    let mut entries = Vec::new();
+    let mut at = 44;
+    while at < length {
+        let (kind, size) = (*madt.get(at)?, usize::from(*madt.get(at + 1)?));
+        entries.push((kind, madt.get(at..at + size).filter(|_| size >= 2 && at + size <= length)?));
+        at += size;
+    }
+    Some(entries)
 }
 
 /// The firmware's MADT with only the processors whose APIC IDs are in
@@ -198,16 +206,9 @@ pub fn madt_cpus(madt: &[u8]) -> Option<Vec<u32>> {
 /// The interrupt controllers, overrides and the other entries stay as the
 /// firmware wrote them. `None` if the table is malformed.
 pub fn madt_for(firmware: &[u8], apic_ids: &[u32]) -> Option<Vec<u8>> {
-    let length = u32::from_le_bytes(firmware.get(4..8)?.try_into().ok()?) as usize;
-    if length < 44 || length > firmware.len() || &firmware[..4] != b"APIC" {
-        return None;
-    }
     let mut kept_uids = Vec::new();
     let mut entries = Vec::new();
-    let mut at = 44;
-    while at < length {
-        let (kind, size) = (*firmware.get(at)?, usize::from(*firmware.get(at + 1)?));
-        let entry = firmware.get(at..at + size).filter(|_| size >= 2 && at + size <= length)?;
+    for (kind, entry) in madt_entries(firmware)? {
         let u32_at = |o: usize| entry.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
         let keep = match kind {
             madt::LOCAL_APIC => {
@@ -231,7 +232,6 @@ pub fn madt_for(firmware: &[u8], apic_ids: &[u32]) -> Option<Vec<u8>> {
         if keep {
             entries.push((kind, entry));
         }
-        at += size;
     }
     // NMI wiring for processors that are gone goes too.
     entries.retain(|(kind, entry)| match *kind {

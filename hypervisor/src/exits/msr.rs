@@ -61,11 +61,21 @@ const EFER_SCE: u64 = 1 << 0;
 const EFER_NXE: u64 = 1 << 11;
 /// EFER bits a running 64-bit guest may change: LME/LMA are fixed once in long mode.
 const EFER_WRITABLE: u64 = EFER_SCE | EFER_NXE;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = 1 << 31;
 
 /// Whether a value is acceptable for an MSR, as the hardware would check it.
-fn valid(msr: u32, value: u64, current: u64) -> bool {
+/// Whether a write of `value` over `current` is one the processor takes.
+/// EFER: SCE and NXE change; LME only while paging is off (a CPU on its
+/// way into long mode; the processor faults otherwise); LMA is the
+/// processor's, whatever the write says (the caller keeps the current one).
+fn valid(msr: u32, value: u64, current: u64, paging: bool) -> bool {
     match msr {
-        EFER => (value ^ current) & !EFER_WRITABLE == 0,
+        EFER => {
+            let writable = EFER_WRITABLE | if paging { 0 } else { EFER_LME };
+            (value ^ current) & !(writable | EFER_LMA) == 0
+        }
         PAT => (0..8).all(|i| matches!((value >> (8 * i)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7)),
         FS_BASE | GS_BASE | KERNEL_GS_BASE | LSTAR | CSTAR | SYSENTER_ESP | SYSENTER_EIP => is_canonical(value),
         SYSENTER_CS | TSC_AUX | SFMASK => value >> 32 == 0,
@@ -208,9 +218,11 @@ fn pass_through_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> Action
         return Action::Resume;
     }
     if GUARDED_AFTER_LOCK.contains(&msr) || msr == KERNEL_GS_BASE {
-        if !valid(msr, value, current(ctx, msr)) {
+        let paging = ctx.vcpu.read(Field::Cr0) & CR0_PG != 0;
+        if !valid(msr, value, current(ctx, msr), paging) {
             return deny(ctx);
         }
+        let value = if msr == EFER { (value & !EFER_LMA) | (current(ctx, msr) & EFER_LMA) } else { value };
         // The user's GS base, while the kernel runs: never a kernel address.
         let kernel_address = msr == KERNEL_GS_BASE && value >> 63 != 0;
         let changes = current(ctx, msr) != value || kernel_address;
@@ -310,13 +322,13 @@ pub fn wrmsr(ctx: &mut ExitContext<'_>) -> Action {
     }
     match home(msr) {
         Some(Home::Vmcs(field)) => {
-            if !valid(msr, value, ctx.vcpu.read(field)) {
+            if !valid(msr, value, ctx.vcpu.read(field), true) {
                 return deny(ctx);
             }
             ctx.vcpu.write(field, value);
         }
         Some(Home::Shadowed) => {
-            if !valid(msr, value, 0) {
+            if !valid(msr, value, 0, true) {
                 return deny(ctx);
             }
             *shadow_slot(&mut ctx.guest.msrs, msr) = value;
@@ -545,6 +557,22 @@ mod tests {
             ]
         );
         assert!(g.is_running(), "the guest runs on");
+    }
+
+    #[test]
+    fn efer_lme_changes_only_with_paging_off_and_lma_stays_the_processors() {
+        let host = FakeHost::default();
+        // A vCPU started by a start-up IPI, in protected mode without paging.
+        let mut g = pass_through_guest();
+        let mut v = FakeVcpu::new();
+        v.write(Field::Cr0, 0x11);
+        access(&mut g, &mut v, &host, true, EFER, 0xd01 | (1 << 10));
+        assert_eq!((v.injected(), v.read(Field::Efer)), (None, 0x901), "LME and NXE set; LMA not taken");
+        // With paging on, LME is fixed.
+        let mut v = FakeVcpu::new();
+        v.write(Field::Cr0, 0x8000_0011);
+        access(&mut g, &mut v, &host, true, EFER, 0x100);
+        assert_eq!(v.injected(), Some((13, Some(0))));
     }
 
     #[test]

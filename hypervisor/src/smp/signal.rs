@@ -29,9 +29,10 @@
 //! guest's own NMI IPIs never travel as real NMIs (see `exits::apic`), so
 //! only its local NMI sources share this fate.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use core::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::SeqCst};
 
 use super::cpuset::{CpuSet, MAX_CPUS};
+use super::startup::{Mailbox, VcpuEvent};
 
 /// One CPU's side of the protocol.
 pub struct CpuSignal {
@@ -60,6 +61,50 @@ impl CpuSignal {
 pub struct Signals {
     cpus: [CpuSignal; MAX_CPUS],
     epoch: AtomicU64,
+    /// What the publications cost, for the report.
+    pub costs: Costs,
+}
+
+/// Publications, the NMIs they sent, and the time they took (in the
+/// caller's unit: TSC ticks).
+#[derive(Default)]
+pub struct Costs {
+    rounds: AtomicU64,
+    kicks: AtomicU64,
+    ticks: AtomicU64,
+    most: AtomicU64,
+}
+
+/// A snapshot of [`Costs`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CostSummary {
+    pub rounds: u64,
+    pub kicks: u64,
+    pub mean_ticks: u64,
+    pub most_ticks: u64,
+}
+
+impl Costs {
+    const fn new() -> Self {
+        Costs { rounds: AtomicU64::new(0), kicks: AtomicU64::new(0), ticks: AtomicU64::new(0), most: AtomicU64::new(0) }
+    }
+
+    pub fn record(&self, round: &Round, ticks: u64) {
+        self.rounds.fetch_add(1, SeqCst);
+        self.kicks.fetch_add(u64::from(round.kicks + round.resent), SeqCst);
+        self.ticks.fetch_add(ticks, SeqCst);
+        self.most.fetch_max(ticks, SeqCst);
+    }
+
+    pub fn summary(&self) -> CostSummary {
+        let rounds = self.rounds.load(SeqCst);
+        CostSummary {
+            rounds,
+            kicks: self.kicks.load(SeqCst),
+            mean_ticks: self.ticks.load(SeqCst).checked_div(rounds).unwrap_or(0),
+            most_ticks: self.most.load(SeqCst),
+        }
+    }
 }
 
 impl Default for Signals {
@@ -73,11 +118,13 @@ impl Default for Signals {
 pub struct Round {
     pub epoch: u64,
     pub kicks: u32,
+    /// NMIs sent again after a long wait.
+    pub resent: u32,
 }
 
 impl Signals {
     pub const fn new() -> Self {
-        Signals { cpus: [const { CpuSignal::new() }; MAX_CPUS], epoch: AtomicU64::new(0) }
+        Signals { cpus: [const { CpuSignal::new() }; MAX_CPUS], epoch: AtomicU64::new(0), costs: Costs::new() }
     }
 
     fn cpu(&self, cpu: usize) -> &CpuSignal {
@@ -91,6 +138,9 @@ impl Signals {
     pub fn entering(&self, cpu: usize) -> Option<u64> {
         let c = self.cpu(cpu);
         c.in_guest.store(true, SeqCst);
+        // What is read next (the epoch, the vCPU's mailbox) is read after
+        // the mark is visible: see [`Signals::post`].
+        fence(SeqCst);
         let epoch = self.epoch.load(SeqCst);
         (c.seen.load(SeqCst) != epoch).then_some(epoch)
     }
@@ -128,19 +178,53 @@ impl Signals {
 
     /// Publishes a change made in shared memory and returns once no CPU of
     /// `targets` but `this` can run guest code without having caught up.
-    /// `send` delivers the NMI; `spin` is called while waiting.
-    pub fn publish(&self, targets: &CpuSet, this: usize, send: &dyn Fn(usize), spin: &mut dyn FnMut()) -> Round {
+    /// `send` delivers the NMI; `spin` is called while waiting, with the
+    /// CPU waited for, and returns true when it has waited too long: the
+    /// NMI is then sent again (one lost on its way, for instance to a CPU
+    /// whose guest parked it, would otherwise stall every later signal).
+    pub fn publish(
+        &self,
+        targets: &CpuSet,
+        this: usize,
+        send: &dyn Fn(usize),
+        spin: &mut dyn FnMut(usize) -> bool,
+    ) -> Round {
         let epoch = self.begin();
-        let mut round = Round { epoch, kicks: 0 };
+        let mut round = Round { epoch, kicks: 0, resent: 0 };
         for cpu in targets.iter().filter(|&c| c != this) {
             while self.lags(cpu, epoch) {
                 if self.kick(cpu, send) {
                     round.kicks += 1;
                 }
-                spin();
+                if spin(cpu) {
+                    self.cpu(cpu).kick.store(false, SeqCst);
+                    round.resent += 1;
+                }
             }
         }
         round
+    }
+
+    /// Posts `event` to a vCPU of `cpu`, and rings that CPU if it is inside
+    /// its guest. One outside takes its mailbox before it next enters: it
+    /// marks itself inside first ([`Signals::entering`]), and each side
+    /// fences between its write and its read, so either the CPU sees the
+    /// event or this sees it inside and kicks it. False when the mailbox
+    /// is full (the event is dropped and counted).
+    pub fn post(&self, cpu: usize, mailbox: &Mailbox, event: VcpuEvent, send: &dyn Fn(usize)) -> bool {
+        if !mailbox.post(event) {
+            return false;
+        }
+        fence(SeqCst);
+        if self.cpu(cpu).in_guest.load(SeqCst) {
+            self.kick(cpu, send);
+        }
+        true
+    }
+
+    /// Whether a kick is on its way to `cpu` (for diagnostics).
+    pub fn kick_outstanding(&self, cpu: usize) -> bool {
+        self.cpu(cpu).kick.load(SeqCst)
     }
 
     /// An NMI arrived on `cpu` (as a VM exit, or in the hypervisor): true
@@ -222,6 +306,15 @@ mod tests {
     }
 
     #[test]
+    fn costs_add_up() {
+        let s = Signals::new();
+        assert_eq!(s.costs.summary(), CostSummary::default());
+        s.costs.record(&Round { epoch: 1, kicks: 1, resent: 0 }, 100);
+        s.costs.record(&Round { epoch: 2, kicks: 2, resent: 1 }, 300);
+        assert_eq!(s.costs.summary(), CostSummary { rounds: 2, kicks: 4, mean_ticks: 200, most_ticks: 300 });
+    }
+
+    #[test]
     fn nmis_are_told_apart() {
         let s = Signals::new();
         // Nobody kicked: the guest's.
@@ -237,6 +330,54 @@ mod tests {
         s.kick(0, &|_| {});
         s.nmi_in_hypervisor(0);
         assert!(!s.take_guest_nmi(0));
+    }
+
+    /// A thread stands in for a CPU whose guest never exits on its own (it
+    /// leaves only on a kick), and takes its mailbox on each way in; at
+    /// times it dawdles between its mark and its mailbox. Another posts
+    /// events one at a time and waits for each to be taken: an event that
+    /// is neither seen nor rung for leaves it waiting, and the test fails.
+    #[test]
+    fn a_posted_event_is_seen_on_entry_or_rung_for() {
+        use super::super::startup::{take, Activity};
+        const EVENTS: u32 = 3000;
+        let s: Arc<Signals> = Arc::new(Signals::new());
+        let mailbox = Arc::new(Mailbox::default());
+        let nmi = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = {
+            let (s, mailbox, nmi, taken, stop) = (s.clone(), mailbox.clone(), nmi.clone(), taken.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut activity = Activity::Running;
+                let mut round = 0u32;
+                while !stop.load(SeqCst) {
+                    s.entering(1);
+                    round = round.wrapping_add(1);
+                    if round.is_multiple_of(7) {
+                        std::thread::yield_now();
+                    }
+                    taken.fetch_add(take(&mailbox, &mut activity).ignored_startups, SeqCst);
+                    // Guest code, until a kick (or the end of the test).
+                    while !nmi.swap(false, SeqCst) && !stop.load(SeqCst) {
+                        core::hint::spin_loop();
+                    }
+                    s.nmi_arrived(1);
+                    s.left(1);
+                }
+            })
+        };
+        let send = |_: usize| nmi.store(true, SeqCst);
+        for i in 1..=EVENTS {
+            assert!(s.post(1, &mailbox, VcpuEvent::Startup(1), &send));
+            let start = std::time::Instant::now();
+            while taken.load(SeqCst) < i {
+                assert!(start.elapsed().as_secs() < 20, "event {i} was neither seen nor rung for");
+                std::thread::yield_now();
+            }
+        }
+        stop.store(true, SeqCst);
+        target.join().unwrap();
     }
 
     /// Threads stand in for CPUs. Each caches the version of a shared right
@@ -304,7 +445,10 @@ mod tests {
                 kicks.fetch_add(1, SeqCst);
                 nmi[c].store(true, SeqCst);
             };
-            s.publish(&targets, 0, &send, &mut || core::hint::spin_loop());
+            s.publish(&targets, 0, &send, &mut |_| {
+                core::hint::spin_loop();
+                false
+            });
             completed.store(round + 1, SeqCst);
         }
         stop.store(true, SeqCst);

@@ -13,6 +13,17 @@ say "started: Linux $(uname -r), uptime $(cut -d' ' -f1 /proc/uptime) s"
 say "cmdline: $(cat /proc/cmdline)"
 say "memory: $(grep MemTotal /proc/meminfo | tr -s ' ')"
 say "cpus: $(grep -c ^processor /proc/cpuinfo)"
+# Work on each CPU: a loop pinned to it, which says where it ran (the
+# 39th field of /proc/self/stat), and the kernel's per-CPU interrupt counts.
+work=""
+c=0
+while [ $c -lt "$(nproc)" ]; do
+    ran=$(taskset "$(printf '%x' $((1 << c)))" sh -c 'i=0; while [ $i -lt 300 ]; do i=$((i+1)); done; cut -d" " -f39 /proc/self/stat')
+    work="$work cpu$c:ran-on-$ran"
+    c=$((c + 1))
+done
+say "work:$work"
+say "interrupts: $(grep -E '^ *(LOC|RES|CAL|TLB):' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 if grep -qw vmx /proc/cpuinfo; then say "vmx visible: yes"; else say "vmx visible: no"; fi
 if grep -qw hypervisor /proc/cpuinfo; then say "hypervisor flag: yes"; else say "hypervisor flag: no"; fi
 if [ -e /sys/class/tpm/tpm0 ]; then say "tpm0: present"; else say "tpm0: absent"; fi

@@ -96,6 +96,33 @@ pub unsafe fn inb(port: u16) -> u8 {
     value
 }
 
+/// Ends any blocking of NMIs on this CPU with an IRET to the next
+/// instruction (the only architectural way). NMIs stay blocked in the
+/// hypervisor after a VM exit caused by one until an IRET; Bochs also
+/// keeps them blocked after a start-up IPI ended a wait-for-SIPI in a
+/// guest. Harmless when nothing is blocked.
+pub fn end_nmi_blocking() {
+    // SAFETY: builds a 64-bit IRET frame for the current CS:RIP, SS:RSP and
+    // RFLAGS and returns through it: control, stack and flags are unchanged.
+    unsafe {
+        asm!(
+            "mov {ss:x}, ss",
+            "mov {rsp}, rsp",
+            "push {ss}",
+            "push {rsp}",
+            "pushfq",
+            "mov {ss:x}, cs",
+            "push {ss}",
+            "lea {rsp}, [rip + 2f]",
+            "push {rsp}",
+            "iretq",
+            "2:",
+            ss = out(reg) _,
+            rsp = out(reg) _,
+        )
+    };
+}
+
 /// Stops this CPU for good.
 pub fn halt_forever() -> ! {
     loop {

@@ -246,6 +246,10 @@ pub fn check(s: &GuestStateSnapshot, m: &VmxMsrs) -> Vec<Problem> {
     if s.interruptibility >> 5 != 0 || s.interruptibility & 3 == 3 {
         fail("GUEST_INTERRUPTIBILITY_INFO", format!("{:#x} is invalid", s.interruptibility));
     }
+    // The hypervisor never runs in SMM: SMI blocking cannot be entered with.
+    if s.interruptibility & (1 << 2) != 0 {
+        fail("GUEST_INTERRUPTIBILITY_INFO", "blocking by SMI outside SMM".into());
+    }
     if s.vmcs_link_pointer != u64::MAX {
         fail("VMCS_LINK_POINTER", format!("{:#x} must be all ones without VMCS shadowing", s.vmcs_link_pointer));
     }
@@ -322,6 +326,7 @@ mod tests {
             ("GUEST_RIP", |s| s.rip = 0x8000_0000_0000),
             ("GUEST_RFLAGS", |s| s.rflags = 0),
             ("GUEST_INTERRUPTIBILITY_INFO", |s| s.interruptibility = 3),
+            ("GUEST_INTERRUPTIBILITY_INFO", |s| s.interruptibility = 4),
             ("VMCS_LINK_POINTER", |s| s.vmcs_link_pointer = 0),
             ("GUEST_CS", |s| s.cs.limit = 0x1000),
         ];

@@ -15,7 +15,7 @@ use super::entry_check::{self, GuestStateSnapshot, Segment};
 use super::ept::{eptp, EptTable};
 use super::vmcs::{self, Region};
 use crate::arch::x86_64::percpu;
-use crate::arch::x86_64::{cpu, gdt, lapic, traps};
+use crate::arch::x86_64::{cpu, gdt, lapic, timer, traps};
 use crate::guest::boot64::{self, EntryState};
 use crate::guest::memory::HostPhys;
 use crate::mm::paging::{Attrs, MapError, PageSize, Perms};
@@ -230,7 +230,23 @@ pub fn shootdown(cpus: &CpuSet) -> u32 {
             lapic::send_nmi(p.apic_id);
         }
     };
-    SIGNALS.publish(cpus, here, &send, &mut || core::hint::spin_loop()).kicks
+    let mut deadline = timer::deadline_us(1_000_000);
+    let mut spin = |cpu: usize| {
+        core::hint::spin_loop();
+        if !timer::passed(deadline) {
+            return false;
+        }
+        log::warn!(
+            "CPU {cpu} has not answered a cross-CPU signal for a second (signal outstanding: {}); sending it again",
+            SIGNALS.kick_outstanding(cpu)
+        );
+        deadline = timer::deadline_us(1_000_000);
+        true
+    };
+    let started = cpu::rdtsc();
+    let round = SIGNALS.publish(cpus, here, &send, &mut spin);
+    SIGNALS.costs.record(&round, cpu::rdtsc().wrapping_sub(started));
+    round.kicks
 }
 
 /// Extended processor state (x87/SSE/AVX) saved while another guest runs.
@@ -412,74 +428,19 @@ impl Vcpu {
             vmcs::write(guest::IA32_PERF_GLOBAL_CTRL_FULL, 0);
             vmcs::write(host::IA32_PERF_GLOBAL_CTRL_FULL, 0);
         }
-        let entry = match setup.start {
-            Start::Entry(entry) => entry,
+        let regs = match setup.start {
+            Start::Entry(entry) => {
+                write_entry_state(vmx, entry);
+                GuestRegisters { rdi: entry.rdi, rsi: entry.rsi, ..Default::default() }
+            }
             Start::WaitForSipi => {
                 if !c.features.unrestricted_guest || !c.features.wait_for_sipi_activity_state {
                     return Err("starting a vCPU needs unrestricted guests and the wait-for-SIPI state".into());
                 }
                 write_init_state(vmx);
-                return Ok(Vcpu {
-                    vmcs: region,
-                    regs: GuestRegisters::default(),
-                    launched: false,
-                    xsave: Box::new(XsaveArea([0; 4096])),
-                    cr_masks: (cr0_mask, cr4_mask),
-                });
+                GuestRegisters::default()
             }
         };
-        let guest_cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-        let guest_cr4 = CR4_PAE;
-        vmcs::write(control::CR0_READ_SHADOW, guest_cr0);
-        vmcs::write(control::CR4_READ_SHADOW, guest_cr4);
-
-        let unrestricted = c.features.unrestricted_guest;
-        vmcs::write(guest::CR0, m.fix_cr0(guest_cr0, unrestricted));
-        vmcs::write(guest::CR3, entry.cr3);
-        vmcs::write(guest::CR4, m.fix_cr4(guest_cr4));
-        vmcs::write(guest::DR7, 0x400);
-        vmcs::write(guest::RSP, entry.rsp);
-        vmcs::write(guest::RIP, entry.rip);
-        vmcs::write(guest::RFLAGS, 0x2);
-        let segments = [
-            (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
-            (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
-            (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
-            (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
-            (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
-        ];
-        for (sel, base, limit, ar) in segments {
-            vmcs::write(sel, u64::from(entry.selectors.data));
-            vmcs::write(base, 0);
-            vmcs::write(limit, 0xffff_ffff);
-            vmcs::write(ar, AR_DATA);
-        }
-        vmcs::write(guest::CS_SELECTOR, u64::from(entry.selectors.code));
-        vmcs::write(guest::CS_BASE, 0);
-        vmcs::write(guest::CS_LIMIT, 0xffff_ffff);
-        vmcs::write(guest::CS_ACCESS_RIGHTS, AR_CODE64);
-        vmcs::write(guest::TR_SELECTOR, u64::from(entry.selectors.tss));
-        vmcs::write(guest::TR_BASE, entry.tss_base);
-        vmcs::write(guest::TR_LIMIT, u64::from(boot64::TSS_LIMIT));
-        vmcs::write(guest::TR_ACCESS_RIGHTS, AR_TSS_BUSY);
-        vmcs::write(guest::LDTR_SELECTOR, 0);
-        vmcs::write(guest::LDTR_BASE, 0);
-        vmcs::write(guest::LDTR_LIMIT, 0);
-        vmcs::write(guest::LDTR_ACCESS_RIGHTS, AR_UNUSABLE);
-        vmcs::write(guest::GDTR_BASE, entry.gdt_base);
-        vmcs::write(guest::GDTR_LIMIT, u64::from(entry.gdt_limit));
-        vmcs::write(guest::IDTR_BASE, 0);
-        vmcs::write(guest::IDTR_LIMIT, 0);
-        vmcs::write(guest::IA32_EFER_FULL, EFER_LME | EFER_LMA | EFER_NXE);
-        vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
-        vmcs::write(guest::IA32_SYSENTER_CS, 0);
-        vmcs::write(guest::IA32_SYSENTER_ESP, 0);
-        vmcs::write(guest::IA32_SYSENTER_EIP, 0);
-        vmcs::write(guest::ACTIVITY_STATE, 0);
-        vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
-        vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
-
-        let regs = GuestRegisters { rdi: entry.rdi, rsi: entry.rsi, ..Default::default() };
         Ok(Vcpu {
             vmcs: region,
             regs,
@@ -523,7 +484,21 @@ impl Vcpu {
             return (exit, Some(detail));
         }
         self.launched = true;
+        // VM exits that end outside SMM save blocking by SMI as 0 (SDM Vol.
+        // 3C, 28.3.1.5); Bochs 2.7 saves the blocking a wait for a start-up
+        // IPI left, which the next entry would refuse.
+        let interruptibility = vmcs::read(guest::INTERRUPTIBILITY_STATE);
+        if interruptibility & BLOCKING_BY_SMI != 0 {
+            vmcs::write(guest::INTERRUPTIBILITY_STATE, interruptibility & !BLOCKING_BY_SMI);
+        }
         let raw_reason = vmcs::read(ro::EXIT_REASON);
+        let interruption_info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+        // An NMI's exit leaves NMIs blocked here, and a start-up IPI's does
+        // in Bochs: the next cross-CPU signal must get through.
+        let nmi = raw_reason & 0xffff == 0 && (interruption_info >> 8) & 7 == 2;
+        if nmi || raw_reason & 0xffff == EXIT_SIPI {
+            cpu::end_nmi_blocking();
+        }
         let exit = ExitInfo {
             reason: raw_reason as u16,
             entry_failed: raw_reason & (1 << 31) != 0,
@@ -532,7 +507,7 @@ impl Vcpu {
             instruction_info: vmcs::read(ro::VMEXIT_INSTRUCTION_INFO),
             guest_physical: vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL),
             guest_linear: vmcs::read(ro::GUEST_LINEAR_ADDR),
-            interruption_info: vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32,
+            interruption_info,
             interruption_error: vmcs::read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32,
             idt_vectoring_info: vmcs::read(ro::IDT_VECTORING_INFO) as u32,
             idt_vectoring_error: vmcs::read(ro::IDT_VECTORING_ERR_CODE) as u32,
@@ -622,10 +597,13 @@ impl Vcpu {
     }
 
     /// A start-up IPI: leaves wait-for-SIPI for real mode at `vector * 0x1000`.
+    /// The blocking the wait recorded (of SMIs, NMIs) ends with it.
     pub fn start_at(&mut self, vector: u8) {
         vmcs::write(guest::CS_SELECTOR, u64::from(vector) << 8);
         vmcs::write(guest::CS_BASE, u64::from(vector) << 12);
         vmcs::write(guest::RIP, 0);
+        vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
+        vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
         vmcs::write(guest::ACTIVITY_STATE, ACTIVITY_ACTIVE);
     }
 
@@ -742,11 +720,78 @@ pub mod current {
 const ACTIVITY_ACTIVE: u64 = 0;
 const ACTIVITY_WAIT_FOR_SIPI: u64 = 3;
 const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
+const BLOCKING_BY_SMI: u64 = 1 << 2;
+/// Basic exit reason of a start-up IPI.
+const EXIT_SIPI: u64 = 4;
 const BLOCKING_BY_NMI: u64 = 1 << 3;
 /// Access rights of real-mode segments after INIT: present, accessed,
 /// read/write data or execute/read code.
 const AR_REAL_DATA: u64 = 0x93;
 const AR_REAL_CODE: u64 = 0x9b;
+
+/// The guest state of a boot vCPU: 64-bit mode at the loader's entry,
+/// with the loader's GDT and page tables.
+fn write_entry_state(vmx: &Vmx, entry: &EntryState) {
+    let m = &vmx.msrs;
+    let guest_cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+    let guest_cr4 = CR4_PAE;
+    vmcs::write(control::CR0_READ_SHADOW, guest_cr0);
+    vmcs::write(control::CR4_READ_SHADOW, guest_cr4);
+
+    let unrestricted = vmx.controls.features.unrestricted_guest;
+    vmcs::write(guest::CR0, m.fix_cr0(guest_cr0, unrestricted));
+    vmcs::write(guest::CR3, entry.cr3);
+    vmcs::write(guest::CR4, m.fix_cr4(guest_cr4));
+    vmcs::write(guest::RSP, entry.rsp);
+    vmcs::write(guest::RIP, entry.rip);
+    let data = u64::from(entry.selectors.data);
+    for segment in DATA_SEGMENTS {
+        write_segment(segment, data, 0, 0xffff_ffff, AR_DATA);
+    }
+    write_segment(CS, u64::from(entry.selectors.code), 0, 0xffff_ffff, AR_CODE64);
+    write_segment(TR, u64::from(entry.selectors.tss), entry.tss_base, u64::from(boot64::TSS_LIMIT), AR_TSS_BUSY);
+    write_segment(LDTR, 0, 0, 0, AR_UNUSABLE);
+    vmcs::write(guest::GDTR_BASE, entry.gdt_base);
+    vmcs::write(guest::GDTR_LIMIT, u64::from(entry.gdt_limit));
+    vmcs::write(guest::IDTR_BASE, 0);
+    vmcs::write(guest::IDTR_LIMIT, 0);
+    vmcs::write(guest::IA32_EFER_FULL, EFER_LME | EFER_LMA | EFER_NXE);
+    write_reset_state();
+    vmcs::write(guest::ACTIVITY_STATE, ACTIVITY_ACTIVE);
+}
+
+/// A guest segment register's selector, base, limit and access-rights fields.
+type SegmentFields = [u32; 4];
+const CS: SegmentFields = [guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS];
+const TR: SegmentFields = [guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS];
+const LDTR: SegmentFields = [guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS];
+const DATA_SEGMENTS: [SegmentFields; 5] = [
+    [guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS],
+    [guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS],
+    [guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS],
+    [guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS],
+    [guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS],
+];
+
+fn write_segment(fields: SegmentFields, selector: u64, base: u64, limit: u64, access_rights: u64) {
+    for (field, value) in fields.into_iter().zip([selector, base, limit, access_rights]) {
+        vmcs::write(field, value);
+    }
+}
+
+/// The state both a boot vCPU and a reset one start with: no debug
+/// registers armed, flags reset, SYSENTER clear, no blocking or pending
+/// debug exception.
+fn write_reset_state() {
+    vmcs::write(guest::DR7, 0x400);
+    vmcs::write(guest::RFLAGS, 0x2);
+    vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
+    vmcs::write(guest::IA32_SYSENTER_CS, 0);
+    vmcs::write(guest::IA32_SYSENTER_ESP, 0);
+    vmcs::write(guest::IA32_SYSENTER_EIP, 0);
+    vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
+    vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
+}
 
 /// The guest state after INIT (SDM Vol. 3A, Table 10-1), with the activity
 /// state wait-for-SIPI. CR0's read shadow shows INIT's value; the real
@@ -759,49 +804,23 @@ fn write_init_state(vmx: &Vmx) {
     vmcs::write(guest::CR0, m.fix_cr0(cr0, true));
     vmcs::write(guest::CR3, 0);
     vmcs::write(guest::CR4, m.fix_cr4(0));
-    vmcs::write(guest::DR7, 0x400);
     vmcs::write(guest::RSP, 0);
     vmcs::write(guest::RIP, 0xfff0);
-    vmcs::write(guest::RFLAGS, 0x2);
-    let segments = [
-        (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
-        (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
-        (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
-        (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
-        (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
-    ];
-    for (sel, base, limit, ar) in segments {
-        vmcs::write(sel, 0);
-        vmcs::write(base, 0);
-        vmcs::write(limit, 0xffff);
-        vmcs::write(ar, AR_REAL_DATA);
+    for segment in DATA_SEGMENTS {
+        write_segment(segment, 0, 0, 0xffff, AR_REAL_DATA);
     }
-    vmcs::write(guest::CS_SELECTOR, 0xf000);
-    vmcs::write(guest::CS_BASE, 0xffff_0000);
-    vmcs::write(guest::CS_LIMIT, 0xffff);
-    vmcs::write(guest::CS_ACCESS_RIGHTS, AR_REAL_CODE);
-    vmcs::write(guest::TR_SELECTOR, 0);
-    vmcs::write(guest::TR_BASE, 0);
-    vmcs::write(guest::TR_LIMIT, 0xffff);
-    vmcs::write(guest::TR_ACCESS_RIGHTS, AR_TSS_BUSY);
-    vmcs::write(guest::LDTR_SELECTOR, 0);
-    vmcs::write(guest::LDTR_BASE, 0);
-    vmcs::write(guest::LDTR_LIMIT, 0xffff);
-    vmcs::write(guest::LDTR_ACCESS_RIGHTS, AR_UNUSABLE);
+    write_segment(CS, 0xf000, 0xffff_0000, 0xffff, AR_REAL_CODE);
+    write_segment(TR, 0, 0, 0xffff, AR_TSS_BUSY);
+    write_segment(LDTR, 0, 0, 0xffff, AR_UNUSABLE);
     vmcs::write(guest::GDTR_BASE, 0);
     vmcs::write(guest::GDTR_LIMIT, 0xffff);
     vmcs::write(guest::IDTR_BASE, 0);
     vmcs::write(guest::IDTR_LIMIT, 0xffff);
     vmcs::write(guest::IA32_EFER_FULL, 0);
-    vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
-    vmcs::write(guest::IA32_SYSENTER_CS, 0);
-    vmcs::write(guest::IA32_SYSENTER_ESP, 0);
-    vmcs::write(guest::IA32_SYSENTER_EIP, 0);
+    write_reset_state();
     let entry = vmcs::read(control::VMENTRY_CONTROLS) & !u64::from(EntryControls::IA32E_MODE_GUEST.bits());
     vmcs::write(control::VMENTRY_CONTROLS, entry);
     vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
-    vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
     vmcs::write(guest::ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
     current::set_primary_control(PrimaryControls::NMI_WINDOW_EXITING, false);
 }
