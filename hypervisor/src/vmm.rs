@@ -190,7 +190,7 @@ impl Vm {
             trusted
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
-        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, trusted));
+        let integrity = config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted)).transpose()?;
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
