@@ -2,8 +2,8 @@
 
 extern crate alloc;
 
-use hypervisor::arch::x86_64::vmx::enable::enable;
-use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
+use hypervisor::arch::x86_64::vmx::enable::{enable, VmxError};
+use hypervisor::arch::x86_64::{cpu, gdt, platform, power, serial, traps};
 use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::console;
 use hypervisor::guest::config;
@@ -68,6 +68,12 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // With a guest that owns the machine, the hypervisor keeps one block of
     // RAM (its pool) and leaves the rest to that guest.
     let pass_through = mb.module_tags().any(|m| m.cmdline().is_ok_and(config::is_pass_through_module));
+    // The test image's DMA test builds the DMA view as for a device owner
+    // (read before the heap exists: no allocation).
+    #[cfg(feature = "test-hooks")]
+    let pass_through = pass_through
+        || boot_info::options(mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or(""))
+            .any(|(k, v)| hypervisor::arch::x86_64::testing::Options::makes_device_owner(k, v));
     let mut pool = None;
     if pass_through {
         let cmdline = mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
@@ -97,14 +103,13 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(b) => b,
         Err(e) => fatal(format_args!("boot information: {e:?}")),
     };
-    let mut debug_fault = false;
-    let mut corrupt_guest = None;
     let mut vtpm_seed = None;
+    #[cfg(feature = "test-hooks")]
+    let mut tests = hypervisor::arch::x86_64::testing::Options::default();
     for (key, value) in boot_info::options(&boot.cmdline) {
         match key {
-            // Test knobs: prove that faults and failed entries are reported.
-            "debug.fault" => debug_fault = true,
-            "debug.corrupt-guest" => corrupt_guest = Some(value),
+            #[cfg(feature = "test-hooks")]
+            key if tests.accept(key, value) => {}
             "hv.pool" => {}
             "vtpm.seed" => match hypervisor::tpm::parse_seed(value.as_bytes()) {
                 Some(seed) => {
@@ -135,17 +140,6 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     phys::install(frames);
     mask_legacy_pic();
 
-    let vmx = match enable() {
-        Ok(vmx) => vmx,
-        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
-    };
-    vmx.report();
-    info!("VMX on");
-    if debug_fault {
-        info!("debug.fault: reading unmapped memory at 64 GiB");
-        // SAFETY: deliberately faults; the handler reports and stops the machine.
-        unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
-    }
     // Memory a pass-through guest must not see: the image, the pool, and the
     // modules of the other guests.
     let mut hypervisor_ranges = alloc::vec![image];
@@ -156,6 +150,29 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
             .map(|m| m.range),
     );
+    // The platform pieces (IOMMU, platform TPM, tboot) before VMX and
+    // before any guest: they run even where VT-x is missing.
+    let platform = platform::start(&boot, &hypervisor_ranges, pass_through);
+    hypervisor_ranges.extend(platform.hidden.iter().copied());
+    #[cfg(feature = "test-hooks")]
+    if tests.dma {
+        let pm_timer = boot.rsdp.as_deref().and_then(|r| hypervisor::acpi::find_fadt(&phys::Identity, r).ok());
+        let port =
+            pm_timer.as_deref().and_then(|f| f.get(76..80)).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        hypervisor::arch::x86_64::testing::edu_dma(port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0));
+    }
+
+    let vmx = match enable() {
+        Ok(vmx) => vmx,
+        Err(e @ VmxError::NoVmx) => platform::without_vmx(alloc::format!("{e}")),
+        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
+    };
+    vmx.report();
+    info!("VMX on");
+    #[cfg(feature = "test-hooks")]
+    if tests.fault {
+        hypervisor::arch::x86_64::testing::fault();
+    }
     // The seed as a file: GRUB measures a module's digest, not its contents.
     if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == config::SEED_MODULE) {
         match hypervisor::tpm::parse_seed(vmm::module_bytes(m)) {
@@ -185,6 +202,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
     }
+    #[cfg(feature = "test-hooks")]
+    let corrupt_guest = tests.corrupt_guest.as_deref();
+    #[cfg(not(feature = "test-hooks"))]
+    let corrupt_guest = None;
     let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
@@ -193,7 +214,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         vmm::report(&vms);
     }
     info!("all guests stopped; powering off");
-    power::stop_machine(power::EXIT_OK)
+    platform::power_off(power::EXIT_OK)
 }
 
 /// 32 bytes from 64 hexadecimal digits.

@@ -12,6 +12,7 @@
 //! ```
 
 mod bench;
+mod elf32;
 mod emulator;
 mod fuzz;
 mod image;

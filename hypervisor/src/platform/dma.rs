@@ -17,7 +17,7 @@
 use alloc::vec::Vec;
 
 use super::dmar::Reserved;
-use super::vtd::format::{context_entry, root_entry, SlTable};
+use super::vtd::format::{context_entry, root_entry, Fault, FaultAccess, SlTable};
 use crate::guest::linux::{e820, E820Entry};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, Flush, MapError, MemType, PageSize, Perms, TableMemory};
@@ -159,6 +159,32 @@ fn subtract(r: Region, holes: &[Region], out: &mut Vec<Region>) {
             .collect();
     }
     out.extend(pieces);
+}
+
+/// One fault a unit recorded, as its console line:
+/// `ctvm: dma-violation device=00:03.0 address=0x200000 access=write reason=0x5 (...) unit=0xfed90000`.
+pub struct Violation {
+    pub unit: u64,
+    pub fault: Fault,
+}
+
+impl core::fmt::Display for Violation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (bus, dev, func) = self.fault.device();
+        let access = match self.fault.access {
+            FaultAccess::Read => "read",
+            FaultAccess::Write => "write",
+            FaultAccess::Interrupt => "interrupt",
+        };
+        write!(
+            f,
+            "ctvm: dma-violation device={bus:02x}:{dev:02x}.{func} address={:#x} access={access} reason={:#x} ({}) unit={:#x}",
+            self.fault.address,
+            self.fault.reason,
+            self.fault.reason_text(),
+            self.unit
+        )
+    }
 }
 
 /// The largest leaf both the view and every unit support.
@@ -349,6 +375,16 @@ mod tests {
         );
         assert!(grants.contains(&Region::new(0xe8000, 0xf0000)));
         assert_eq!(refused, [Region::new(2 * M, 2 * M + 0x1000)]);
+    }
+
+    #[test]
+    fn violations_read_as_one_line() {
+        let fault = Fault::decode(0x20_0000, (1 << 63) | (7 << 32) | 0x18).unwrap();
+        let line = alloc::format!("{}", Violation { unit: 0xfed9_0000, fault });
+        assert_eq!(
+            line,
+            "ctvm: dma-violation device=00:03.0 address=0x200000 access=write reason=0x7 (paging entry not present) unit=0xfed90000"
+        );
     }
 
     #[test]
