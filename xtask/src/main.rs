@@ -18,6 +18,7 @@ mod fuzz;
 mod image;
 mod linux;
 mod packages;
+mod platform_checks;
 mod scenarios;
 mod util;
 

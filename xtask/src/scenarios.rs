@@ -540,6 +540,9 @@ pub fn all() -> Vec<Scenario> {
             ends_cleanly: true,
             interactive: false,
         },
+        qemu_tpm("qemu-tpm2-tis", TpmDevice::Tpm2Tis),
+        qemu_tpm("qemu-tpm2-crb", TpmDevice::Tpm2Crb),
+        qemu_tpm("qemu-tpm12-tis", TpmDevice::Tpm12Tis),
         Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
@@ -1011,6 +1014,47 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
         return Err(Fail(format!("{failed} of {} scenarios failed", results.len())));
     }
     Ok(())
+}
+
+/// CTVM's measured launch into a platform TPM (swtpm behind QEMU's TIS or
+/// CRB): its log replays to the PCRs libtpms holds, every digest is the
+/// hash of what the ISO holds.
+fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
+    let expect = match tpm {
+        TpmDevice::Tpm12Tis => "ctvm: platform TPM 1.2 via TIS: started by firmware; banks sha1; 10 events measured into PCRs 12 and 13",
+        TpmDevice::Tpm2Tis => "ctvm: platform TPM 2.0 via TIS: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
+        TpmDevice::Tpm2Crb => "ctvm: platform TPM 2.0 via CRB: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
+    };
+    Scenario {
+        name,
+        about: match tpm {
+            TpmDevice::Tpm12Tis => "the platform TPM 1.2 via TIS (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its SHA-1 log",
+            TpmDevice::Tpm2Tis => "the platform TPM 2.0 via TIS (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
+            TpmDevice::Tpm2Crb => "the platform TPM 2.0 via CRB (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
+        },
+        hypervisor_args: "log=debug",
+        guests: vec![
+            GuestSpec {
+                name: "seed",
+                kind: GuestImage::VtpmSeed,
+                mem_mib: 0,
+                vtpm: false,
+                args: "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
+                options: "",
+            },
+            guest_with_vtpm("alpha", "test=vtpm exit=5"),
+            guest("beta", "test=basics"),
+        ],
+        target: Target { devices: Devices { iommu: false, edu: false, tpm: Some(tpm) }, ..QEMU },
+        megs: 512,
+        cpus: 1,
+        timeout: Duration::from_secs(60),
+        expect: vec![expect, "ctvm: platform TPM: the measured launch took", NO_VMX_END],
+        reject: vec!["ctvm: warning: platform TPM", "ctvm: warning: no platform TPM"],
+        checks: vec![crate::platform_checks::platform_tpm_replays],
+        ends_cleanly: true,
+        interactive: false,
+    }
 }
 
 /// The integrity scenario on one kernel.

@@ -6,18 +6,35 @@
 //! run once the platform is up (DMA faults reported, the platform TPM shut
 //! down in order, tboot's shutdown entry called after a measured launch).
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use log::{info, warn};
+use log::{debug, info, warn};
+use spin::Mutex;
 
-use super::{iommu, power};
+use super::mmio::MmioRegion;
+use super::{cpu, iommu, power};
 use crate::acpi;
 use crate::boot_info::BootInfo;
 use crate::guest::linux::{self, boot_data, e820, E820Entry};
 use crate::mm::frames::Region;
 use crate::mm::phys::Identity;
+use crate::platform::tpm::launch::{self, PlatformTpm};
+use crate::platform::tpm::tpm2::alg_name;
+use crate::platform::tpm::{self, crb::Crb, tis::Tis, Family, Interface, Transport};
 use crate::platform::{dma, dmar};
+
+/// The platform TPM, kept for the hypervisor's own use after the launch.
+pub type Chip = PlatformTpm<Box<dyn Transport + Send>>;
+
+static PLATFORM_TPM: Mutex<Option<Chip>> = Mutex::new(None);
+
+/// Runs `f` on the platform TPM, if there is one (sealing the vTPM state
+/// key, the monotonic counter).
+pub fn with_platform_tpm<R>(f: impl FnOnce(&mut Chip) -> R) -> Option<R> {
+    PLATFORM_TPM.lock().as_mut().map(f)
+}
 
 /// What the platform pieces found and took.
 pub struct Platform {
@@ -49,7 +66,101 @@ fn device_owner_e820(boot: &BootInfo, keep: &[Region]) -> Vec<E820Entry> {
 pub fn start(boot: &BootInfo, keep: &[Region], device_owner: bool) -> Platform {
     let mut platform = Platform { hidden: Vec::new() };
     start_iommu(boot, keep, device_owner, &mut platform);
+    start_tpm(boot);
     platform
+}
+
+/// TSC ticks per microsecond, from the ACPI PM timer (3.579545 MHz) over
+/// about 5 ms; `None` without one.
+fn tsc_per_us(boot: &BootInfo) -> Option<u64> {
+    let fadt = acpi::find_fadt(&Identity, boot.rsdp.as_deref()?).ok()?;
+    let port = u16::try_from(u32::from_le_bytes(fadt.get(76..80)?.try_into().ok()?)).ok().filter(|&p| p != 0)?;
+    // SAFETY: the FADT's PM timer block; reading it has no side effect.
+    let read = || unsafe { cpu::inl(port) } & 0x00ff_ffff;
+    let (p0, t0) = (read(), cpu::rdtsc());
+    let mut p1 = p0;
+    while (p1.wrapping_sub(p0) & 0x00ff_ffff) < 17_898 {
+        p1 = read();
+    }
+    let ticks = cpu::rdtsc().wrapping_sub(t0);
+    let us = u64::from(p1.wrapping_sub(p0) & 0x00ff_ffff) * 1_000_000 / 3_579_545;
+    (us > 0).then(|| (ticks / us).max(1))
+}
+
+/// Finds the platform TPM through ACPI, starts it, and measures CTVM's
+/// configuration and its guests into it with a TCG event log (see
+/// `platform::tpm::launch`). The log and the PCRs go to the console at
+/// `log=debug`, for a verifier.
+fn start_tpm(boot: &BootInfo) {
+    let tpm2_table = firmware_table(boot, b"TPM2");
+    let tcpa_table = firmware_table(boot, b"TCPA");
+    let (family, interface) = match tpm::from_acpi(tpm2_table.as_deref(), tcpa_table.as_deref()) {
+        Ok(found) => found,
+        Err(e) => {
+            warn!("no platform TPM ({e}): CTVM's launch is not measured, the vTPM state key cannot be sealed");
+            return;
+        }
+    };
+    let opened: Result<Box<dyn Transport + Send>, tpm::TransportError> = match interface {
+        Interface::Tis => MmioRegion::new(tpm::TPM_BASE, tpm::TPM_WINDOW)
+            .ok_or(tpm::TransportError::Protocol("out of reach"))
+            .and_then(|regs| Tis::open(regs, 0))
+            .map(|t| Box::new(t) as Box<dyn Transport + Send>),
+        Interface::Crb { base } => MmioRegion::new(base, 0x1000)
+            .ok_or(tpm::TransportError::Protocol("out of reach"))
+            .and_then(|regs| Crb::open(regs, base))
+            .map(|t| Box::new(t) as Box<dyn Transport + Send>),
+    };
+    let what = match (family, interface) {
+        (Family::V12, _) => "1.2 via TIS",
+        (Family::V2, Interface::Tis) => "2.0 via TIS",
+        (Family::V2, Interface::Crb { .. }) => "2.0 via CRB",
+    };
+    let transport = match opened {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("platform TPM {what}: {e}; CTVM's launch is not measured");
+            return;
+        }
+    };
+    let mut chip: Chip = PlatformTpm::new(family, transport);
+    let modules: Vec<(&[u8], &str)> =
+        boot.modules.iter().map(|m| (crate::vmm::module_bytes(m), m.cmdline.as_str())).collect();
+    let measurements = launch::measurements(&boot.cmdline, &modules);
+    let per_us = tsc_per_us(boot);
+    let start = cpu::rdtsc();
+    let result = launch::measure(&mut chip, &measurements, &mut cpu::rdtsc);
+    let total = cpu::rdtsc().wrapping_sub(start);
+    match result {
+        Ok(l) => {
+            let banks: Vec<&str> = l.banks.iter().map(|&b| alg_name(b)).collect();
+            let us =
+                |ticks: u64| per_us.map_or(alloc::format!("{ticks} TSC ticks"), |r| alloc::format!("{} us", ticks / r));
+            info!(
+                "platform TPM {what}: {}; banks {}; {} events measured into PCRs {} and {}",
+                if l.started { "started by CTVM" } else { "started by firmware" },
+                banks.join(" "),
+                measurements.len(),
+                launch::PCR_CONFIG,
+                launch::PCR_GUESTS
+            );
+            info!(
+                "platform TPM: the measured launch took {} ({} in TPM commands, {} hashing)",
+                us(total),
+                us(l.tpm_ticks),
+                us(l.hash_ticks)
+            );
+            for (pcr, bank, value) in &l.pcrs {
+                debug!("platform-pcr {pcr} {} {}", alg_name(*bank), launch::hex(value));
+            }
+            for chunk in l.log.chunks(96) {
+                debug!("platform-log {}", launch::hex(chunk));
+            }
+            debug!("platform-log end ({} bytes)", l.log.len());
+            *PLATFORM_TPM.lock() = Some(chip);
+        }
+        Err(e) => warn!("platform TPM {what}: the measured launch failed: {e}"),
+    }
 }
 
 fn start_iommu(boot: &BootInfo, keep: &[Region], device_owner: bool, platform: &mut Platform) {
@@ -102,10 +213,15 @@ fn start_iommu(boot: &BootInfo, keep: &[Region], device_owner: bool, platform: &
     }
 }
 
-/// Ends the run: reports the last DMA faults, then powers off (or halts)
-/// with `code`.
+/// Ends the run: reports the last DMA faults, shuts the platform TPM down
+/// in order, then powers off (or halts) with `code`.
 pub fn power_off(code: u8) -> ! {
     iommu::report_faults();
+    if let Some(PlatformTpm::V2(t)) = PLATFORM_TPM.lock().as_mut() {
+        if let Err(e) = t.shutdown() {
+            warn!("platform TPM: orderly shutdown failed: {e}");
+        }
+    }
     power::stop_machine(code)
 }
 
