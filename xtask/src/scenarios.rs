@@ -544,6 +544,37 @@ pub fn all() -> Vec<Scenario> {
         qemu_tpm("qemu-tpm2-crb", TpmDevice::Tpm2Crb),
         qemu_tpm("qemu-tpm12-tis", TpmDevice::Tpm12Tis),
         Scenario {
+            name: "qemu-tboot",
+            about: "GRUB loads tboot 1.10.5, tboot loads CTVM's 32-bit image and its guests (no TXT here: no measured launch); CTVM parses what tboot left, then stops without VT-x",
+            hypervisor_args: "log=debug",
+            guests: vec![guest("alpha", "test=basics"), guest("beta", "test=ticks count=2")],
+            target: Target {
+                loader: Loader::Tboot,
+                devices: Devices { iommu: true, edu: false, tpm: Some(TpmDevice::Tpm2Tis) },
+                ..QEMU
+            },
+            megs: 512,
+            cpus: 1,
+            timeout: Duration::from_secs(60),
+            expect: vec![
+                "TBOOT: command line: logging=serial,memory",
+                "TBOOT: This is an ELF32 file.",
+                "TBOOT: transfering control to kernel @0x2000",
+                "ctvm: CTVM 0.1.0 starting",
+                "ctvm: image 0x200000..* 2 modules, command line \"exit=qemu log=debug\"",
+                "ctvm: tboot 1.10.5: its memory log at 0x60000 (* bytes used) stays reserved",
+                "ctvm: tboot: no measured launch (no TXT): no shared page was handed over",
+                // Multiboot 1 gives no RSDP: CTVM finds it in the BIOS areas.
+                "ctvm: DMA contained: 1 remapping unit(s)",
+                "ctvm: platform TPM 2.0 via TIS:",
+                NO_VMX_END,
+            ],
+            reject: vec!["TBOOT: Error", "ERROR", "Load floor"],
+            checks: vec![crate::platform_checks::platform_tpm_replays],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
             hypervisor_args: "test.fault",

@@ -61,6 +61,34 @@ impl Rsdp {
     }
 }
 
+/// Finds the RSDP where BIOS firmware leaves it (ACPI 6.5, 5.2.5.1): the
+/// first KiB of the EBDA, then 0xE0000-0xFFFFF, on 16-byte boundaries.
+/// For loaders that pass none (multiboot 1). Returns its bytes (36 from
+/// revision 2 on, else 20) with every checksum valid.
+pub fn find_rsdp(phys: &impl HostPhys) -> Option<Vec<u8>> {
+    let mut segment = [0u8; 2];
+    phys.read(0x40e, &mut segment);
+    let ebda = u64::from(u16::from_le_bytes(segment)) << 4;
+    let ebda = (0x8_0000..0xa_0000).contains(&ebda).then_some(ebda..ebda + 1024);
+    for area in ebda.into_iter().chain(core::iter::once(0xe_0000..0x10_0000)) {
+        for at in (area.start..area.end - 19).step_by(16) {
+            let mut candidate = [0u8; 36];
+            phys.read(at, &mut candidate[..20]);
+            if &candidate[..8] != b"RSD PTR " {
+                continue;
+            }
+            if candidate[15] >= 2 && at + 36 <= 0x10_0000 {
+                phys.read(at, &mut candidate);
+            }
+            if let Ok(rsdp) = Rsdp::parse(&candidate) {
+                let len = if rsdp.revision >= 2 { 36 } else { 20 };
+                return Some(candidate[..len].to_vec());
+            }
+        }
+    }
+    None
+}
+
 /// Largest table this code reads (the DSDT can be large; it is not read).
 const MAX_TABLE: u32 = 64 * 1024;
 
@@ -241,6 +269,24 @@ pub mod tests {
         xsdt_body.extend_from_slice(&0x3000u64.to_le_bytes());
         put_table(&phys, 0x4000, b"XSDT", &xsdt_body);
         assert_eq!(find_pm1a_control_port(&phys, &rsdp(0x1000, Some(0x4000))), Ok(0xb004));
+    }
+
+    #[test]
+    fn the_rsdp_is_found_in_the_bios_areas() {
+        let phys = FakePhys::new(0, 0x10_0000);
+        assert_eq!(find_rsdp(&phys), None);
+        // A signature with a bad checksum first, then a good v1 table.
+        let mut bad = rsdp(0x1000, None);
+        bad[8] ^= 1;
+        phys.write(0xe_0010, &bad);
+        phys.write(0xf_5a40, &rsdp(0x1234, None));
+        assert_eq!(find_rsdp(&phys).map(|r| Rsdp::parse(&r).unwrap().rsdt), Some(0x1234));
+        // The EBDA comes first; a v2 RSDP is returned whole.
+        phys.write(0x40e, &0x9fc0u16.to_le_bytes());
+        phys.write(0x9_fc00 + 0x20, &rsdp(0x5678, Some(0x9000)));
+        let found = find_rsdp(&phys).unwrap();
+        assert_eq!(found.len(), 36);
+        assert_eq!(Rsdp::parse(&found).unwrap().xsdt, Some(0x9000));
     }
 
     #[test]

@@ -18,12 +18,13 @@ use super::{cpu, iommu, power};
 use crate::acpi;
 use crate::boot_info::BootInfo;
 use crate::guest::linux::{self, boot_data, e820, E820Entry};
+use crate::guest::memory::HostPhys;
 use crate::mm::frames::Region;
 use crate::mm::phys::Identity;
 use crate::platform::tpm::launch::{self, PlatformTpm};
 use crate::platform::tpm::tpm2::alg_name;
 use crate::platform::tpm::{self, crb::Crb, tis::Tis, Family, Interface, Transport};
-use crate::platform::{dma, dmar};
+use crate::platform::{dma, dmar, tboot, txt};
 
 /// The platform TPM, kept for the hypervisor's own use after the launch.
 pub type Chip = PlatformTpm<Box<dyn Transport + Send>>;
@@ -38,10 +39,15 @@ pub fn with_platform_tpm<R>(f: impl FnOnce(&mut Chip) -> R) -> Option<R> {
 
 /// What the platform pieces found and took.
 pub struct Platform {
-    /// Register blocks the guest must never reach (the remapping units'):
-    /// absent from its EPT like the hypervisor's memory.
+    /// What the guest must never reach, absent from its EPT like the
+    /// hypervisor's memory and reserved in its e820: the remapping units'
+    /// registers, tboot's memory and log, the TXT heap and what SINIT
+    /// protects.
     pub hidden: Vec<Region>,
 }
+
+/// tboot's shared page after a measured launch: where to go at shutdown.
+static TBOOT: Mutex<Option<tboot::Shared>> = Mutex::new(None);
 
 /// The firmware ACPI tables by signature, read whole and checksummed.
 fn firmware_table(boot: &BootInfo, signature: &[u8; 4]) -> Option<Vec<u8>> {
@@ -65,9 +71,99 @@ fn device_owner_e820(boot: &BootInfo, keep: &[Region]) -> Vec<E820Entry> {
 /// machine's devices (DMA into its memory is then allowed).
 pub fn start(boot: &BootInfo, keep: &[Region], device_owner: bool) -> Platform {
     let mut platform = Platform { hidden: Vec::new() };
-    start_iommu(boot, keep, device_owner, &mut platform);
+    let sinit_dmar = start_tboot(boot, &mut platform);
+    let mut keep = keep.to_vec();
+    keep.extend(platform.hidden.iter().copied());
+    start_iommu(boot, &keep, device_owner, sinit_dmar, &mut platform);
     start_tpm(boot);
     platform
+}
+
+/// Copies `len` bytes of physical memory.
+fn read_phys(address: u64, len: usize) -> Vec<u8> {
+    let mut buf = alloc::vec![0u8; len];
+    Identity.read(address, &mut buf);
+    buf
+}
+
+/// What tboot left: its log (measured launch or not), and after a measured
+/// launch its shared page and the TXT heap. Returns SINIT's copy of the
+/// DMAR table, if any.
+fn start_tboot(boot: &BootInfo, platform: &mut Platform) -> Option<Vec<u8>> {
+    let log = tboot::parse_log(&read_phys(tboot::LOG_ADDR, tboot::LOG_SIZE as usize));
+    if let Some(l) = &log {
+        info!(
+            "tboot {}: its memory log at {:#x} ({} bytes used) stays reserved",
+            l.version.as_deref().unwrap_or("(version unknown)"),
+            tboot::LOG_ADDR,
+            l.used
+        );
+        platform.hidden.push(Region::new(tboot::LOG_ADDR, tboot::LOG_ADDR + tboot::LOG_SIZE));
+    }
+    let shared = match tboot::shared_page_address(&boot.cmdline) {
+        Ok(address) => {
+            let mut page = [0u8; 4096];
+            Identity.read(address, &mut page);
+            tboot::parse_shared(address, &page)
+        }
+        Err(e) => Err(e),
+    };
+    let shared = match shared {
+        Ok(s) => s,
+        Err(tboot::TbootError::NotLaunched) => {
+            if log.is_some() {
+                info!(
+                    "tboot: no measured launch (no TXT): no shared page was handed over, nothing to call at shutdown"
+                );
+            }
+            return None;
+        }
+        Err(e) => {
+            warn!("tboot: {e}: the shared page is ignored (no measured launch is assumed)");
+            return None;
+        }
+    };
+    info!(
+        "tboot: measured launch: shared page {:#x} (version {}), tboot's memory {:?} kept, shutdown entry {:#x}, {} CPU(s) waiting for SIPI",
+        shared.address, shared.version, shared.tboot, shared.shutdown_entry, shared.waiting_cpus
+    );
+    platform.hidden.push(shared.tboot);
+    *TBOOT.lock() = Some(shared);
+    start_txt(platform)
+}
+
+/// The TXT heap, after a measured launch.
+fn start_txt(platform: &mut Platform) -> Option<Vec<u8>> {
+    let mut regs = MmioRegion::new(txt::reg::PUBLIC_BASE, 0x1000)?;
+    use crate::platform::Mmio;
+    if regs.read64(txt::reg::STS) & txt::reg::STS_SENTER_DONE == 0 {
+        warn!("tboot: TXT.STS says SENTER did not complete: the TXT heap is not read");
+        return None;
+    }
+    let (base, size) = (regs.read64(txt::reg::HEAP_BASE), regs.read64(txt::reg::HEAP_SIZE));
+    if size == 0 || size > 16 << 20 || base.checked_add(size).is_none_or(|e| e > 4 << 30) {
+        warn!("TXT: heap {base:#x}+{size:#x} out of reach");
+        return None;
+    }
+    platform.hidden.push(Region::new(base, base + size));
+    match txt::parse(&read_phys(base, size as usize)) {
+        Ok(heap) => {
+            info!(
+                "TXT: heap {base:#x}+{size:#x}: SINIT-to-MLE data version {}, {} memory descriptor(s), DMAR copy of {} bytes; PMRs low {:?} high {:?}",
+                heap.sinit_mle_version,
+                heap.mdrs.len(),
+                heap.dmar.as_ref().map_or(0, Vec::len),
+                heap.pmr_low,
+                heap.pmr_high
+            );
+            platform.hidden.extend(heap.reserved());
+            heap.dmar
+        }
+        Err(e) => {
+            warn!("TXT: the heap does not parse ({e:?})");
+            None
+        }
+    }
 }
 
 /// TSC ticks per microsecond, from the ACPI PM timer (3.579545 MHz) over
@@ -163,8 +259,15 @@ fn start_tpm(boot: &BootInfo) {
     }
 }
 
-fn start_iommu(boot: &BootInfo, keep: &[Region], device_owner: bool, platform: &mut Platform) {
-    let Some(table) = firmware_table(boot, b"DMAR") else {
+fn start_iommu(
+    boot: &BootInfo,
+    keep: &[Region],
+    device_owner: bool,
+    sinit_dmar: Option<Vec<u8>>,
+    platform: &mut Platform,
+) {
+    // After a measured launch, SINIT's verified copy rather than firmware's.
+    let Some(table) = sinit_dmar.or_else(|| firmware_table(boot, b"DMAR")) else {
         warn!("DMA is not contained: no IOMMU (no ACPI DMAR table); a device a guest programs can write anywhere");
         return;
     };
@@ -214,15 +317,44 @@ fn start_iommu(boot: &BootInfo, keep: &[Region], device_owner: bool, platform: &
 }
 
 /// Ends the run: reports the last DMA faults, shuts the platform TPM down
-/// in order, then powers off (or halts) with `code`.
+/// in order, then powers off (or halts) with `code`. After a measured
+/// launch, tboot ends it instead (see [`tboot_shutdown`]).
 pub fn power_off(code: u8) -> ! {
     iommu::report_faults();
-    if let Some(PlatformTpm::V2(t)) = PLATFORM_TPM.lock().as_mut() {
-        if let Err(e) = t.shutdown() {
-            warn!("platform TPM: orderly shutdown failed: {e}");
+    if let Some(chip) = PLATFORM_TPM.lock().as_mut() {
+        if let PlatformTpm::V2(t) = chip {
+            if let Err(e) = t.shutdown() {
+                warn!("platform TPM: orderly shutdown failed: {e}");
+            }
+        }
+        // tboot asks for its own locality at shutdown.
+        match chip {
+            PlatformTpm::V2(t) => t.transport.relinquish(),
+            PlatformTpm::V12(t) => t.transport.relinquish(),
         }
     }
+    if let Some(shared) = TBOOT.lock().clone() {
+        tboot_shutdown(&shared, tboot::Shutdown::Halt);
+    }
     power::stop_machine(code)
+}
+
+/// Hands the machine back to tboot: it caps the dynamic PCRs, scrubs
+/// secrets, leaves the measured environment and halts (or reboots).
+/// CTVM asks for a halt at power-off rather than S5: an S5 needs the
+/// sleep type from the DSDT's AML, which CTVM does not interpret.
+fn tboot_shutdown(shared: &tboot::Shared, kind: tboot::Shutdown) -> ! {
+    info!("tboot: calling its shutdown entry {:#x} ({kind:?}): PCRs capped, secrets scrubbed", shared.shutdown_entry);
+    super::serial::drain();
+    super::vmx::enable::leave();
+    // SAFETY: the shared page was validated (tboot's UUID, version, an
+    // entry inside tboot's memory, which no guest or device could reach);
+    // the first 4 GiB are identity mapped as tboot's 64-bit entry expects,
+    // interrupts are off, and nothing of CTVM runs after this.
+    unsafe {
+        core::ptr::write_volatile((shared.address + 28) as *mut u32, kind as u32);
+        core::arch::asm!("cli", "jmp {}", in(reg) shared.shutdown_entry, options(noreturn));
+    }
 }
 
 /// VT-x is absent (an emulator without VMX): the platform pieces ran, no

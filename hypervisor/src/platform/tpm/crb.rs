@@ -48,8 +48,7 @@ impl<M: Mmio> Crb<M> {
         if regs.read32(reg::LOC_STATE) & LOC_STATE_VALID == 0 {
             return Err(TransportError::Protocol("no CRB registers"));
         }
-        regs.write32(reg::LOC_CTRL, LOC_REQUEST);
-        poll(&mut regs, reg::LOC_STS, LOC_GRANTED, LOC_GRANTED, "the locality")?;
+        request(&mut regs)?;
         let cmd_addr = u64::from(regs.read32(reg::CMD_LADDR)) | (u64::from(regs.read32(reg::CMD_HADDR)) << 32);
         let cmd_size = regs.read32(reg::CMD_SIZE) as usize;
         let rsp_addr = regs.read64(reg::RSP_ADDR);
@@ -64,12 +63,19 @@ impl<M: Mmio> Crb<M> {
         Ok(Crb { regs, cmd: (cmd_addr - page, cmd_size), rsp: (rsp_addr - page, rsp_size) })
     }
 
-    /// Goes idle and gives the locality up.
+    /// Goes idle, gives the locality up and returns the registers.
     pub fn close(mut self) -> M {
-        self.regs.write32(reg::CTRL_REQ, REQ_GO_IDLE);
-        self.regs.write32(reg::LOC_CTRL, LOC_RELINQUISH);
+        self.relinquish();
         self.regs
     }
+}
+
+fn request<M: Mmio>(regs: &mut M) -> Result<(), TransportError> {
+    if regs.read32(reg::LOC_STS) & LOC_GRANTED != 0 {
+        return Ok(());
+    }
+    regs.write32(reg::LOC_CTRL, LOC_REQUEST);
+    poll(regs, reg::LOC_STS, LOC_GRANTED, LOC_GRANTED, "the locality")
 }
 
 fn poll<M: Mmio>(regs: &mut M, at: u64, mask: u32, value: u32, what: &'static str) -> Result<(), TransportError> {
@@ -87,6 +93,7 @@ impl<M: Mmio> Transport for Crb<M> {
         if command.len() < 10 || command.len() > self.cmd.1 {
             return Err(TransportError::TooLong);
         }
+        request(&mut self.regs)?;
         self.regs.write32(reg::CTRL_REQ, REQ_CMD_READY);
         poll(&mut self.regs, reg::CTRL_REQ, REQ_CMD_READY, 0, "command ready")?;
         poll(&mut self.regs, reg::CTRL_STS, STS_IDLE, 0, "the chip to leave idle")?;
@@ -107,6 +114,11 @@ impl<M: Mmio> Transport for Crb<M> {
         response.extend(read(&mut self.regs, self.rsp.0 + 10, size - 10));
         self.regs.write32(reg::CTRL_REQ, REQ_GO_IDLE);
         Ok(response)
+    }
+
+    fn relinquish(&mut self) {
+        self.regs.write32(reg::CTRL_REQ, REQ_GO_IDLE);
+        self.regs.write32(reg::LOC_CTRL, LOC_RELINQUISH);
     }
 }
 

@@ -30,12 +30,18 @@ pub const TPM_WINDOW: u64 = 0x5000;
 
 /// Sends one command and returns the chip's response.
 pub trait Transport {
+    /// Requests the locality first if it was given up.
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError>;
+    /// Gives the locality up, so that another (tboot at shutdown) can have it.
+    fn relinquish(&mut self) {}
 }
 
 impl<T: Transport + ?Sized> Transport for alloc::boxed::Box<T> {
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
         (**self).transmit(command)
+    }
+    fn relinquish(&mut self) {
+        (**self).relinquish()
     }
 }
 

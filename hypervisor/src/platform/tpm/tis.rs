@@ -44,24 +44,26 @@ pub struct Tis<M: Mmio> {
 
 impl<M: Mmio> Tis<M> {
     /// Requests `locality` and waits until it is granted.
-    pub fn open(mut regs: M, locality: u8) -> Result<Self, TransportError> {
-        let base = u64::from(locality) << 12;
+    pub fn open(regs: M, locality: u8) -> Result<Self, TransportError> {
+        let mut tis = Tis { regs, locality };
+        tis.request()?;
+        Ok(tis)
+    }
+
+    fn request(&mut self) -> Result<(), TransportError> {
+        let at = self.at(reg::ACCESS);
         let held = |a: u8| a & (access::VALID | access::ACTIVE) == access::VALID | access::ACTIVE;
-        if !held(regs.read8(base + reg::ACCESS)) {
-            regs.write8(base + reg::ACCESS, access::REQUEST);
-            let mut granted = false;
-            for _ in 0..POLLS {
-                if held(regs.read8(base + reg::ACCESS)) {
-                    granted = true;
-                    break;
-                }
-                core::hint::spin_loop();
-            }
-            if !granted {
-                return Err(TransportError::Timeout("the locality"));
-            }
+        if held(self.regs.read8(at)) {
+            return Ok(());
         }
-        Ok(Tis { regs, locality })
+        self.regs.write8(at, access::REQUEST);
+        for _ in 0..POLLS {
+            if held(self.regs.read8(at)) {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(TransportError::Timeout("the locality"))
     }
 
     fn at(&self, offset: u64) -> u64 {
@@ -114,10 +116,9 @@ impl<M: Mmio> Tis<M> {
         Ok(())
     }
 
-    /// Gives the locality up (the chip is idle again).
+    /// Gives the locality up and returns the registers.
     pub fn close(mut self) -> M {
-        let at = self.at(reg::ACCESS);
-        self.regs.write8(at, access::ACTIVE);
+        self.relinquish();
         self.regs
     }
 }
@@ -127,6 +128,7 @@ impl<M: Mmio> Transport for Tis<M> {
         if command.len() < 10 || command.len() > MAX_RESPONSE {
             return Err(TransportError::TooLong);
         }
+        self.request()?;
         let sts_at = self.at(reg::STS);
         let fifo = self.at(reg::FIFO);
         // Ready for a command.
@@ -168,6 +170,11 @@ impl<M: Mmio> Transport for Tis<M> {
             return Err(TransportError::Protocol("more response bytes than the response says"));
         }
         Ok(response)
+    }
+
+    fn relinquish(&mut self) {
+        let at = self.at(reg::ACCESS);
+        self.regs.write8(at, access::ACTIVE);
     }
 }
 
@@ -232,7 +239,9 @@ mod tests {
         let r = tis.transmit(&cmd).unwrap();
         assert_eq!(r.len(), cmd.len());
         assert_eq!(&r[10..], &cmd[10..]);
-        // Another command on the same locality, then another locality.
+        // Another command on the same locality, after giving it up (it is
+        // requested again), then another locality.
+        tis.relinquish();
         assert_eq!(tis.transmit(&cmd).unwrap(), r);
         let chip = tis.close();
         let mut tis = Tis::open(chip, 2).unwrap();
