@@ -22,6 +22,7 @@ use crate::guest::memory::HostPhys;
 use crate::mm::frames::Region;
 use crate::mm::phys::Identity;
 use crate::platform::tpm::launch::{self, PlatformTpm};
+use crate::platform::tpm::seal;
 use crate::platform::tpm::tpm2::alg_name;
 use crate::platform::tpm::{self, crb::Crb, tis::Tis, Family, Interface, Transport};
 use crate::platform::{dma, dmar, tboot, txt};
@@ -164,6 +165,58 @@ fn start_txt(platform: &mut Platform) -> Option<Vec<u8>> {
             None
         }
     }
+}
+
+/// The PCRs the vTPM state key is sealed to: CTVM's configuration, and
+/// after a measured launch the dynamic PCRs SINIT and tboot extended
+/// (17: tboot and its policy, 18: what tboot measured, CTVM included).
+pub fn seal_pcrs() -> Vec<u32> {
+    let mut pcrs = alloc::vec![launch::PCR_CONFIG];
+    if TBOOT.lock().is_some() {
+        pcrs.extend([17, 18]);
+    }
+    pcrs
+}
+
+fn nonce() -> [u8; 20] {
+    let mut out = [0u8; 20];
+    for chunk in out.chunks_mut(8) {
+        let r = cpu::hardware_random().unwrap_or_else(cpu::rdtsc).to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    out
+}
+
+/// The vTPM state key's side in the platform TPM, for `vtpm_trust`:
+/// seals `key` to [`seal_pcrs`]; the blob goes with the vTPM's state.
+pub fn seal_vtpm_key(key: &[u8; 32]) -> Result<Vec<u8>, String> {
+    let pcrs = seal_pcrs();
+    with_platform_tpm(|chip| seal::seal_key(chip, key, &pcrs, &mut nonce))
+        .ok_or_else(|| String::from("no platform TPM"))?
+        .map_err(|e| alloc::format!("{e}"))
+}
+
+/// Releases a key [`seal_vtpm_key`] sealed: only under the same CTVM
+/// configuration (and, after TXT, the same measured launch).
+pub fn unseal_vtpm_key(blob: &[u8]) -> Result<[u8; 32], String> {
+    with_platform_tpm(|chip| seal::unseal_key(chip, blob, &mut nonce))
+        .ok_or_else(|| String::from("no platform TPM"))?
+        .map_err(|e| alloc::format!("{e}"))
+}
+
+/// CTVM's monotonic counter in the platform TPM (created on first use):
+/// `advance` moves it forward by one; returns its value.
+pub fn vtpm_counter(advance: bool) -> Result<u64, String> {
+    with_platform_tpm(|chip| {
+        let counter = seal::create_counter(chip, &mut nonce)?;
+        if advance {
+            seal::increment_counter(chip, counter, &mut nonce)
+        } else {
+            seal::read_counter(chip, counter)
+        }
+    })
+    .ok_or_else(|| String::from("no platform TPM"))?
+    .map_err(|e| alloc::format!("{e}"))
 }
 
 /// TSC ticks per microsecond, from the ACPI PM timer (3.579545 MHz) over

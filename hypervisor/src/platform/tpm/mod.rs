@@ -8,6 +8,7 @@
 //! - [`agile`]: the TCG crypto-agile event log (TPM 2.0); TPM 1.2 uses the
 //!   SHA-1 log of [`crate::tpm::event_log`].
 //! - [`launch`]: what CTVM measures at launch, and the measured launch itself.
+//! - [`seal`]: the vTPM state key sealed to the launch PCRs, and a monotonic counter.
 //!
 //! Guests never reach the chip: its ACPI tables are hidden from them and
 //! its registers sit under their vTIS, at the same address.
@@ -15,6 +16,7 @@
 pub mod agile;
 pub mod crb;
 pub mod launch;
+pub mod seal;
 pub mod tis;
 pub mod tpm12;
 pub mod tpm2;

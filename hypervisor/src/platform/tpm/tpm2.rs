@@ -267,6 +267,182 @@ impl<T: Transport> Tpm2<T> {
     }
 }
 
+/// The objects and sessions sealing needs (TPM 2.0 part 2).
+mod object {
+    pub const ALG_KEYEDHASH: u16 = 0x0008;
+    pub const ALG_AES: u16 = 0x0006;
+    pub const ALG_NULL: u16 = 0x0010;
+    pub const ALG_CFB: u16 = 0x0043;
+    pub const ALG_ECC: u16 = 0x0023;
+    pub const ECC_NIST_P256: u16 = 0x0003;
+    pub const FIXED_TPM: u32 = 1 << 1;
+    pub const FIXED_PARENT: u32 = 1 << 4;
+    pub const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+    pub const USER_WITH_AUTH: u32 = 1 << 6;
+    pub const NO_DA: u32 = 1 << 10;
+    pub const RESTRICTED: u32 = 1 << 16;
+    pub const DECRYPT: u32 = 1 << 17;
+    pub const SE_POLICY: u8 = 0x01;
+}
+
+/// NV index attributes (part 2, 13.4).
+pub mod nv {
+    pub const AUTHWRITE: u32 = 1 << 2;
+    /// TPM_NT_COUNTER in bits 7:4.
+    pub const COUNTER: u32 = 1 << 4;
+    pub const AUTHREAD: u32 = 1 << 18;
+    pub const NO_DA: u32 = 1 << 25;
+    pub const RC_NV_UNINITIALIZED: u32 = 0x14a;
+    pub const RC_NV_DEFINED: u32 = 0x14c;
+}
+
+/// The storage key sealed objects live under: an ECC P-256 primary of the
+/// owner hierarchy with an empty authorization. The same template gives the
+/// same key at every boot (primary keys derive from the hierarchy's seed),
+/// so nothing needs storing; ECC because it is generated in milliseconds.
+pub fn storage_key_template() -> Vec<u8> {
+    use object::*;
+    let mut o = Out::default();
+    o.u16(ALG_ECC)
+        .u16(alg::SHA256)
+        .u32(FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | NO_DA | RESTRICTED | DECRYPT)
+        .sized(&[])
+        .u16(ALG_AES)
+        .u16(128)
+        .u16(ALG_CFB)
+        .u16(ALG_NULL)
+        .u16(ECC_NIST_P256)
+        .u16(ALG_NULL)
+        .sized(&[])
+        .sized(&[]);
+    o.0
+}
+
+/// A sealed data object: no user authorization at all (only its policy
+/// can release it), bound to this chip and parent.
+pub fn sealed_object_template(policy: &[u8]) -> Vec<u8> {
+    use object::*;
+    let mut o = Out::default();
+    o.u16(ALG_KEYEDHASH).u16(alg::SHA256).u32(FIXED_TPM | FIXED_PARENT | NO_DA).sized(policy).u16(ALG_NULL).sized(&[]);
+    o.0
+}
+
+/// The policy digest of `TPM2_PolicyPCR` over `pcrs` of the SHA-256 bank
+/// holding `values` (in selection order), from an empty policy.
+pub fn policy_pcr_digest(pcrs: &[u32], values: &[Vec<u8>]) -> Vec<u8> {
+    let pcr_digest = digest(alg::SHA256, &values.concat()).unwrap_or_default();
+    let mut data = alloc::vec![0u8; 32];
+    data.extend_from_slice(&cc::POLICY_PCR.to_be_bytes());
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&selection(alg::SHA256, pcrs));
+    data.extend_from_slice(&pcr_digest);
+    digest(alg::SHA256, &data).unwrap_or_default()
+}
+
+/// A sealed object as the chip returned it: its private and public parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    pub private: Vec<u8>,
+    pub public: Vec<u8>,
+}
+
+impl<T: Transport> Tpm2<T> {
+    /// Creates (re-derives) the storage key; returns its transient handle.
+    pub fn storage_key(&mut self) -> Result<u32, Tpm2Error> {
+        let mut p = Out::default();
+        // inSensitive: no auth, no data; the template; no outside info or creation PCRs.
+        p.u16(4).sized(&[]).sized(&[]).sized(&storage_key_template()).sized(&[]).u32(0);
+        let c = command(cc::CREATE_PRIMARY, &[RH_OWNER], &[password_session(&[])], &p.0);
+        Ok(self.run(cc::CREATE_PRIMARY, &c, 1)?.handles[0])
+    }
+
+    pub fn flush(&mut self, handle: u32) -> Result<(), Tpm2Error> {
+        let c = command(cc::FLUSH_CONTEXT, &[], &[], &handle.to_be_bytes());
+        self.run(cc::FLUSH_CONTEXT, &c, 0).map(|_| ())
+    }
+
+    /// Seals `data` under `parent`, releasable only under `policy`.
+    pub fn create_sealed(&mut self, parent: u32, data: &[u8], policy: &[u8]) -> Result<Sealed, Tpm2Error> {
+        let bad = Tpm2Error::Malformed { command: cc::CREATE };
+        let mut sensitive = Out::default();
+        sensitive.sized(&[]).sized(data);
+        let mut p = Out::default();
+        p.sized(&sensitive.0).sized(&sealed_object_template(policy)).sized(&[]).u32(0);
+        let c = command(cc::CREATE, &[parent], &[password_session(&[])], &p.0);
+        let r = self.run(cc::CREATE, &c, 0)?;
+        let mut i = In::new(&r.params);
+        let private = i.sized().ok_or(bad)?.to_vec();
+        let public = i.sized().ok_or(bad)?.to_vec();
+        Ok(Sealed { private, public })
+    }
+
+    /// Loads a sealed object under `parent`; returns its transient handle.
+    pub fn load(&mut self, parent: u32, sealed: &Sealed) -> Result<u32, Tpm2Error> {
+        let mut p = Out::default();
+        p.sized(&sealed.private).sized(&sealed.public);
+        let c = command(cc::LOAD, &[parent], &[password_session(&[])], &p.0);
+        Ok(self.run(cc::LOAD, &c, 1)?.handles[0])
+    }
+
+    /// An unsalted, unbound policy session; returns its handle.
+    pub fn policy_session(&mut self, nonce: &[u8; 16]) -> Result<u32, Tpm2Error> {
+        let mut p = Out::default();
+        p.sized(nonce).sized(&[]).u8(object::SE_POLICY).u16(object::ALG_NULL).u16(alg::SHA256);
+        let c = command(cc::START_AUTH_SESSION, &[RH_NULL, RH_NULL], &[], &p.0);
+        Ok(self.run(cc::START_AUTH_SESSION, &c, 1)?.handles[0])
+    }
+
+    /// TPM2_PolicyPCR: the session's policy now requires these PCRs of
+    /// the SHA-256 bank to hold what they hold now.
+    pub fn policy_pcr(&mut self, session: u32, pcrs: &[u32]) -> Result<(), Tpm2Error> {
+        let mut p = Out::default();
+        p.sized(&[]).u32(1).bytes(&selection(alg::SHA256, pcrs));
+        let c = command(cc::POLICY_PCR, &[session], &[], &p.0);
+        self.run(cc::POLICY_PCR, &c, 0).map(|_| ())
+    }
+
+    /// TPM2_Unseal with the policy session (which ends with the command).
+    pub fn unseal(&mut self, item: u32, session: u32) -> Result<Vec<u8>, Tpm2Error> {
+        let mut auth = Out::default();
+        auth.u32(session).sized(&[]).u8(0).sized(&[]);
+        let c = command(cc::UNSEAL, &[item], &[auth.0], &[]);
+        let r = self.run(cc::UNSEAL, &c, 0)?;
+        In::new(&r.params).sized().map(<[u8]>::to_vec).ok_or(Tpm2Error::Malformed { command: cc::UNSEAL })
+    }
+
+    /// Defines an 8-byte monotonic counter at `index`: written and read
+    /// with an empty authorization, outside dictionary-attack lockout.
+    pub fn nv_define_counter(&mut self, index: u32) -> Result<(), Tpm2Error> {
+        let mut public = Out::default();
+        public
+            .u32(index)
+            .u16(alg::SHA256)
+            .u32(nv::COUNTER | nv::AUTHWRITE | nv::AUTHREAD | nv::NO_DA)
+            .sized(&[])
+            .u16(8);
+        let mut p = Out::default();
+        p.sized(&[]).sized(&public.0);
+        let c = command(cc::NV_DEFINE_SPACE, &[RH_OWNER], &[password_session(&[])], &p.0);
+        self.run(cc::NV_DEFINE_SPACE, &c, 0).map(|_| ())
+    }
+
+    pub fn nv_increment(&mut self, index: u32) -> Result<(), Tpm2Error> {
+        let c = command(cc::NV_INCREMENT, &[index, index], &[password_session(&[])], &[]);
+        self.run(cc::NV_INCREMENT, &c, 0).map(|_| ())
+    }
+
+    /// The counter's value.
+    pub fn nv_read_counter(&mut self, index: u32) -> Result<u64, Tpm2Error> {
+        let mut p = Out::default();
+        p.u16(8).u16(0);
+        let c = command(cc::NV_READ, &[index, index], &[password_session(&[])], &p.0);
+        let r = self.run(cc::NV_READ, &c, 0)?;
+        let data = In::new(&r.params).sized().ok_or(Tpm2Error::Malformed { command: cc::NV_READ })?;
+        let bytes: [u8; 8] = data.try_into().map_err(|_| Tpm2Error::Malformed { command: cc::NV_READ })?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+}
+
 /// The algorithms of a TPMS_CAPABILITY_DATA for TPM_CAP_PCRS that select
 /// at least one PCR.
 fn parse_pcr_banks(params: &[u8]) -> Option<Vec<u16>> {
