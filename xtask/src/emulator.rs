@@ -421,6 +421,16 @@ fn wait_streaming(
 /// `cargo xtask run`: boot a scenario with the serial console on this
 /// terminal, input included, until the machine powers off.
 pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> {
+    // The platform scenarios need QEMU TCG's devices; they end by themselves.
+    if scenario.target.emulator == Emulator::QemuTcg {
+        let iso = image::iso_for_emulator(scenario, Emulator::QemuTcg)?;
+        let machine = (scenario.megs, scenario.cpus);
+        let run = format!("run-{}", scenario.name);
+        let out = boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.timeout, None, scenario.target.devices)?;
+        print!("{}", out.serial);
+        println!("xtask: QEMU exited ({:?}) after {:.1} s", out.exit_code, out.elapsed.as_secs_f64());
+        return Ok(());
+    }
     let emulator = choice.resolve();
     let iso = image::iso_for_emulator(scenario, emulator)?;
     let dir = work_dir().join("runs").join(format!("run-{}", scenario.name));
