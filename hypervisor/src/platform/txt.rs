@@ -20,6 +20,11 @@ use crate::mm::frames::Region;
 
 /// TXT public configuration registers.
 pub mod reg {
+    use crate::mm::frames::Region;
+
+    /// The private (0xFED20000) and public (0xFED30000) configuration spaces.
+    pub const PRIVATE_SPACE: Region = Region::new(0xfed2_0000, 0xfed3_0000);
+    pub const PUBLIC_SPACE: Region = Region::new(0xfed3_0000, 0xfed4_0000);
     pub const PUBLIC_BASE: u64 = 0xfed3_0000;
     pub const STS: u64 = 0x000;
     pub const HEAP_BASE: u64 = 0x300;

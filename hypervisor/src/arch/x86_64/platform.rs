@@ -129,6 +129,9 @@ fn start_tboot(boot: &BootInfo, platform: &mut Platform) -> Option<Vec<u8>> {
         shared.address, shared.version, shared.tboot, shared.shutdown_entry, shared.waiting_cpus
     );
     platform.hidden.push(shared.tboot);
+    // TXT's register spaces: a guest must not open localities 2 and 3 or
+    // clear the secrets flag (TXT.CMD.NO-SECRETS) behind CTVM's back.
+    platform.hidden.extend([txt::reg::PRIVATE_SPACE, txt::reg::PUBLIC_SPACE]);
     *TBOOT.lock() = Some(shared);
     start_txt(platform)
 }
