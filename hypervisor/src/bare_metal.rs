@@ -166,10 +166,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     hypervisor_ranges.extend(platform.hidden.iter().copied());
     #[cfg(feature = "test-hooks")]
     if tests.dma {
-        let pm_timer = boot.rsdp.as_deref().and_then(|r| hypervisor::acpi::find_fadt(&phys::Identity, r).ok());
-        let port =
-            pm_timer.as_deref().and_then(|f| f.get(76..80)).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        hypervisor::arch::x86_64::testing::edu_dma(port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0));
+        hypervisor::arch::x86_64::testing::edu_dma(platform::pm_timer_port(&boot));
     }
 
     let vmx = match enable() {

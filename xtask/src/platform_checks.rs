@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use sha2::Digest;
 
 use crate::emulator::RunOutput;
+use crate::scenarios::{hex, unhex};
 
 const SHA1: u16 = 0x0004;
 const SHA256: u16 = 0x000b;
@@ -26,14 +27,6 @@ fn hash(alg: u16, data: &[u8]) -> Option<Vec<u8>> {
         SHA512 => sha2::Sha512::digest(data).to_vec(),
         _ => return None,
     })
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 struct Event {

@@ -693,7 +693,7 @@ fn extend(old: [u8; 20], digest: [u8; 20]) -> [u8; 20] {
     sha1(&both)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -732,7 +732,7 @@ fn pcrs_match_the_images(out: &RunOutput) -> Result<(), String> {
     Ok(())
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }

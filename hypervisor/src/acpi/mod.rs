@@ -160,6 +160,13 @@ pub fn pm1a_control_port(fadt: &[u8]) -> Option<u16> {
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
+/// The ACPI PM timer's port (`PM_TMR_BLK`): a 3.579545 MHz counter.
+pub fn pm_timer_port(fadt: &[u8]) -> Option<u16> {
+    const PM_TMR_BLK: usize = 76;
+    let port = u32::from_le_bytes(fadt.get(PM_TMR_BLK..PM_TMR_BLK + 4)?.try_into().ok()?);
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
 /// The FADT's I/O ports, as (first port, last port): the SMI command port,
 /// then the register blocks PM1a/b event and control, PM2 control, the PM
 /// timer, GPE0 and GPE1 (the 32-bit fields, or their `X_` forms when those
@@ -304,6 +311,8 @@ pub mod tests {
             fadt_ports(&fadt),
             [(0xb2, 0xb2), (0xb000, 0xb003), (0xb004, 0xb005), (0xb008, 0xb00b), (0xafe0, 0xafe3)]
         );
+        assert_eq!(pm_timer_port(&fadt), Some(0xb008));
+        assert_eq!(pm_timer_port(&fadt[..78]), None);
         // An X_ block naming memory, not ports, is not taken; one naming ports wins.
         fadt[172] = 0;
         fadt[176..184].copy_from_slice(&0xfed0_0000u64.to_le_bytes());

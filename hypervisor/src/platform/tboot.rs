@@ -14,6 +14,7 @@
 
 use alloc::string::String;
 
+use super::Reader;
 use crate::mm::frames::Region;
 
 /// `{663C8DFF-E8B3-4b82-AABF-19EA4D057A08}` as it lies in memory.
@@ -88,33 +89,25 @@ pub fn shared_page_address(cmdline: &str) -> Result<u64, TbootError> {
     Ok(address)
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Parses the 4 KiB shared page found at `address`.
 pub fn parse_shared(address: u64, page: &[u8; PAGE]) -> Result<Shared, TbootError> {
     if page[..16] != SHARED_UUID {
         return Err(TbootError::Uuid);
     }
-    let version = le32(page, 16);
+    let r = Reader(page);
+    // Every offset is inside the 4 KiB page: the reads cannot fail.
+    let le32 = |at| r.u32(at).unwrap_or(0);
+    let version = le32(16);
     if version < MIN_VERSION {
         return Err(TbootError::Version(version));
     }
-    let (base, size) = (u64::from(le32(page, 104)), u64::from(le32(page, 108)));
+    let (base, size) = (u64::from(le32(104)), u64::from(le32(108)));
     let tboot = Region::new(base, base + size);
-    let shutdown_entry = u64::from(le32(page, 24));
+    let shutdown_entry = u64::from(le32(24));
     if size == 0 || tboot.end > 4 << 30 || !tboot.contains(shutdown_entry) || !tboot.contains(address) {
         return Err(TbootError::Layout);
     }
-    Ok(Shared {
-        address,
-        version,
-        log: u64::from(le32(page, 20)),
-        shutdown_entry,
-        tboot,
-        waiting_cpus: le32(page, 564),
-    })
+    Ok(Shared { address, version, log: u64::from(le32(20)), shutdown_entry, tboot, waiting_cpus: le32(564) })
 }
 
 /// tboot's memory log: how much of it is used and the version it names.

@@ -222,11 +222,15 @@ pub fn vtpm_counter(advance: bool) -> Result<u64, String> {
     .map_err(|e| alloc::format!("{e}"))
 }
 
+/// The ACPI PM timer's port, from the FADT.
+pub fn pm_timer_port(boot: &BootInfo) -> Option<u16> {
+    acpi::pm_timer_port(&acpi::find_fadt(&Identity, boot.rsdp.as_deref()?).ok()?)
+}
+
 /// TSC ticks per microsecond, from the ACPI PM timer (3.579545 MHz) over
 /// about 5 ms; `None` without one.
 fn tsc_per_us(boot: &BootInfo) -> Option<u64> {
-    let fadt = acpi::find_fadt(&Identity, boot.rsdp.as_deref()?).ok()?;
-    let port = u16::try_from(u32::from_le_bytes(fadt.get(76..80)?.try_into().ok()?)).ok().filter(|&p| p != 0)?;
+    let port = pm_timer_port(boot)?;
     // SAFETY: the FADT's PM timer block; reading it has no side effect.
     let read = || unsafe { cpu::inl(port) } & 0x00ff_ffff;
     let (p0, t0) = (read(), cpu::rdtsc());

@@ -5,6 +5,7 @@
 
 use alloc::vec::Vec;
 
+use super::super::Reader;
 use super::tpm2::digest_size;
 use crate::tpm::event_log::{event_type, LogFull};
 
@@ -77,45 +78,37 @@ impl AgileLog {
     }
 }
 
-fn le32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
-}
-
-fn le16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
-}
-
 /// A parsed log: the header's algorithms (id, digest size), the records.
 pub type Parsed = (Vec<(u16, u16)>, Vec<Event>);
 
 /// Parses a log. `Err(offset)` at the first record that does not parse.
 pub fn parse(b: &[u8]) -> Result<Parsed, usize> {
-    let spec_size = le32(b, 28).ok_or(0usize)? as usize;
+    let spec_size = Reader(b).u32(28).ok_or(0usize)? as usize;
     let spec = b.get(32..32 + spec_size).ok_or(0usize)?;
     if spec.get(..16) != Some(SPEC_ID) {
         return Err(0);
     }
-    let n = le32(spec, 24).ok_or(0usize)? as usize;
+    let n = Reader(spec).u32(24).ok_or(0usize)? as usize;
     let mut algs = Vec::new();
     for i in 0..n.min(8) {
-        algs.push((le16(spec, 28 + 4 * i).ok_or(0usize)?, le16(spec, 30 + 4 * i).ok_or(0usize)?));
+        algs.push((Reader(spec).u16(28 + 4 * i).ok_or(0usize)?, Reader(spec).u16(30 + 4 * i).ok_or(0usize)?));
     }
     let mut events = Vec::new();
     let mut at = 32 + spec_size;
     while at < b.len() {
         let start = at;
-        let pcr = le32(b, at).ok_or(start)?;
-        let kind = le32(b, at + 4).ok_or(start)?;
-        let count = le32(b, at + 8).ok_or(start)? as usize;
+        let pcr = Reader(b).u32(at).ok_or(start)?;
+        let kind = Reader(b).u32(at + 4).ok_or(start)?;
+        let count = Reader(b).u32(at + 8).ok_or(start)? as usize;
         at += 12;
         let mut digests = Vec::new();
         for _ in 0..count.min(8) {
-            let a = le16(b, at).ok_or(start)?;
+            let a = Reader(b).u16(at).ok_or(start)?;
             let size = usize::from(algs.iter().find(|(x, _)| *x == a).ok_or(start)?.1);
             digests.push((a, b.get(at + 2..at + 2 + size).ok_or(start)?.to_vec()));
             at += 2 + size;
         }
-        let size = le32(b, at).ok_or(start)? as usize;
+        let size = Reader(b).u32(at).ok_or(start)? as usize;
         let data = b.get(at + 4..at + 4 + size).ok_or(start)?.to_vec();
         at += 4 + size;
         events.push(Event { pcr, kind, digests, data });
