@@ -329,26 +329,15 @@ pub fn boot_with(
                 .spawn()
                 .map_err(|e| Fail(format!("cannot start bochs: {e}")))?
         }
-        Emulator::QemuKvm => Command::new("qemu-system-x86_64")
-            .current_dir(&dir)
-            .args(["-enable-kvm", "-cpu", "host", "-m"])
-            .arg(megs.to_string())
-            .arg("-smp")
-            .arg(cpus.to_string())
-            .arg("-cdrom")
-            .arg(iso)
-            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&emu_log)?)
-            .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?))
-            .spawn()
-            .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?,
-        Emulator::QemuTcg => {
+        Emulator::QemuKvm | Emulator::QemuTcg => {
             let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.current_dir(&dir).args(["-machine", "q35", "-accel", "tcg", "-m"]).arg(megs.to_string());
-            cmd.arg("-smp").arg(cpus.to_string());
+            cmd.current_dir(&dir);
+            if emulator == Emulator::QemuKvm {
+                cmd.args(["-enable-kvm", "-cpu", "host"]);
+            } else {
+                cmd.args(["-machine", "q35", "-accel", "tcg", "-nic", "none"]);
+            }
+            cmd.arg("-m").arg(megs.to_string()).arg("-smp").arg(cpus.to_string());
             // The IOMMU must come before the PCI devices it translates.
             if devices.iommu {
                 cmd.args(["-device", "intel-iommu"]);
@@ -363,7 +352,7 @@ pub fn boot_with(
             }
             cmd.arg("-cdrom")
                 .arg(iso)
-                .args(["-nic", "none", "-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
+                .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
                 .arg("-serial")
                 .arg(format!("file:{}", serial.display()))
                 .stdin(Stdio::null())
