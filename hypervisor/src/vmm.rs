@@ -18,7 +18,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use log::{error, info, warn};
 use spin::{Mutex, Once};
@@ -44,7 +44,7 @@ use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
-use crate::smp::{startup, Activity, CpuSet, Mailbox, VcpuEvent, MAX_CPUS, SIGNALS};
+use crate::smp::{startup, Activity, CpuSet, Exclusive, Mailbox, VcpuEvent, MAX_CPUS, SIGNALS};
 use crate::tpm::{engine, launch_measurements, GuestTpm};
 
 /// The TPM TIS window, never mapped for a pass-through guest: it belongs to
@@ -99,6 +99,19 @@ pub struct Shared {
     ram: Option<Region>,
     /// Each vCPU's counters, stored when it stops.
     vcpu_stats: Vec<VcpuStats>,
+    /// What every vCPU's VMCS must trap once the agent locked the kernel.
+    guards: VmcsGuards,
+}
+
+/// Exits the integrity lock asks for, in each vCPU's own VMCS: set on the
+/// vCPU that locks, then on each other one before it next enters.
+#[derive(Clone, Copy, Default)]
+struct VmcsGuards {
+    /// CR0 and CR4 bits whose changes exit.
+    control_registers: (u64, u64),
+    descriptor_tables: bool,
+    /// Bumped at each change (also in [`Vm::guards_changed`]).
+    generation: u64,
 }
 
 // SAFETY: a guest's shared state is only ever reached through its lock;
@@ -118,9 +131,14 @@ pub struct Vm {
     bitmaps: BitmapFrames,
     pass_through: bool,
     /// Its boot vCPU's initial state is broken on purpose (a test knob).
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     corrupt: bool,
     /// It stopped: its vCPUs leave their CPUs.
     stopping: AtomicBool,
+    /// The vCPU that runs it alone, if one does (integrity views).
+    exclusive: Exclusive,
+    /// The generation of its [`VmcsGuards`].
+    guards_changed: AtomicU64,
     /// vCPUs not yet dropped by their CPUs.
     live: AtomicUsize,
 }
@@ -173,6 +191,7 @@ impl Shared {
             module_bitmaps: None,
             ram: None,
             vcpu_stats: Vec::new(),
+            guards: VmcsGuards::default(),
         }
     }
     /// A native guest: RAM from the frame pool, emulated devices only.
@@ -251,7 +270,7 @@ impl Shared {
             trusted
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
-        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, trusted));
+        let integrity = config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted)).transpose()?;
         let mut vm = Shared::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
@@ -410,10 +429,11 @@ impl Vm {
         }
     }
 
-    /// Whether the guest runs in an isolated module's view (only guests on
-    /// one CPU have views).
-    fn in_module_view(&self) -> bool {
-        self.shared.lock().guest.integrity.as_ref().is_some_and(|i| matches!(i.view, View::Module(_)))
+    /// Whether vCPU `vcpu` runs in an isolated module's view: only the
+    /// vCPU that holds the guest can (see `smp::exclusive`).
+    fn in_module_view(&self, vcpu: usize) -> bool {
+        (self.vcpus.len() == 1 || self.exclusive.holder() == Some(vcpu))
+            && self.shared.lock().guest.integrity.as_ref().is_some_and(|i| matches!(i.view, View::Module(_)))
     }
 }
 
@@ -426,6 +446,16 @@ struct Views<'a> {
     /// The module views' bitmaps (every port and MSR write exits), if the
     /// guest has its own for them.
     module_bitmaps: Option<&'a Bitmaps>,
+    /// What the other vCPUs' VMCSs must trap too.
+    guards: &'a mut VmcsGuards,
+    guards_changed: &'a AtomicU64,
+}
+
+impl Views<'_> {
+    fn guards_changed(&mut self) {
+        self.guards.generation += 1;
+        self.guards_changed.store(self.guards.generation, Ordering::SeqCst);
+    }
 }
 
 impl Views<'_> {
@@ -460,6 +490,10 @@ impl GuestControl for Views<'_> {
         } else {
             ept.map(page, page, PAGE_SIZE, Attrs::new(perms, mem_type))
         };
+        // Devices never write what the kernel view does not (DMA view in step with KEPT).
+        if view == View::Kernel && result.is_ok() {
+            crate::arch::x86_64::iommu::kernel_view_changed(page, perms);
+        }
         result.map_err(|_| ControlError)
     }
 
@@ -504,12 +538,17 @@ impl GuestControl for Views<'_> {
 
     fn guard_control_registers(&mut self, cr0: u64, cr4: u64) {
         current::guard_control_registers(cr0, cr4);
+        let (old0, old4) = self.guards.control_registers;
+        self.guards.control_registers = (old0 | cr0, old4 | cr4);
+        self.guards_changed();
     }
 
     fn trap_descriptor_tables(&mut self) {
         if !current::enable_secondary_control(self.vmx, SecondaryControls::DTABLE_EXITING) {
             warn!("descriptor-table exiting is not available: LGDT/LIDT are not trapped");
         }
+        self.guards.descriptor_tables = true;
+        self.guards_changed();
     }
 
     fn trap_msr_writes(&mut self, msrs: &[u32]) {
@@ -562,7 +601,14 @@ fn install_acpi(guest: &Guest, machine: &Machine<'_>, apic_ids: &[u32]) -> Optio
             return None;
         }
     }
-    let listed: Vec<(u64, [u8; 4])> = firmware.iter().map(|t| (t.address, t.signature)).collect();
+    // Hidden from the guest: the DMAR table (the remapping units are the
+    // hypervisor's; their registers are absent from the guest's EPT too) and
+    // the platform TPM's tables (the guest's TPM is its vTPM).
+    let listed: Vec<(u64, [u8; 4])> = firmware
+        .iter()
+        .filter(|t| !matches!(&t.signature, b"DMAR" | b"TPM2" | b"TCPA"))
+        .map(|t| (t.address, t.signature))
+        .collect();
     let (bytes, overlay) = acpi::build::overlay(boot_data::ACPI, area, &listed, &tables)?;
     guest.memory.write(&Identity, boot_data::ACPI, &bytes).ok()?;
     Some(overlay.rsdp)
@@ -608,7 +654,7 @@ fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region], lapic: 
 /// Creates a VM per guest module and places its vCPUs on CPUs. A module
 /// that fails to load is reported and skipped; the others still run.
 /// `corrupt` names a guest whose initial state is broken on purpose (a
-/// test knob).
+/// test knob, test image only).
 pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Vec<&'static Vm> {
     let modules = machine.modules;
     let guest_modules: Vec<&Module> = modules.iter().filter(|m| config::is_guest_module(&m.cmdline)).collect();
@@ -697,8 +743,10 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
             eptp,
             bitmaps,
             pass_through,
-            corrupt: corrupt == Some(module_name(module)),
+            corrupt: cfg!(feature = "test-hooks") && corrupt == Some(module_name(module)),
             stopping: AtomicBool::new(false),
+            exclusive: Exclusive::default(),
+            guards_changed: AtomicU64::new(0),
             live,
         })));
     }
@@ -842,6 +890,8 @@ struct Slot {
     /// An NMI waits for the guest to be able to take it.
     nmi_pending: bool,
     stats: VcpuStats,
+    /// The generation of the guest's [`VmcsGuards`] its VMCS has.
+    guards: u64,
 }
 
 fn new_slot(vmx: &Vmx, vm: &'static Vm, index: usize) -> Result<Slot, String> {
@@ -854,10 +904,13 @@ fn new_slot(vmx: &Vmx, vm: &'static Vm, index: usize) -> Result<Slot, String> {
         timeslice: vm.vcpus[index].timeslice,
         pass_through: vm.pass_through,
     };
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let mut vcpu = Vcpu::new(vmx, &setup)?;
+    // Only the test image can break a guest on purpose.
+    #[cfg(feature = "test-hooks")]
     if boot && vm.corrupt {
-        warn!("guest {}: corrupting its initial CR4 (debug.corrupt-guest)", vm.name);
-        vcpu.debug_corrupt_guest_cr4();
+        warn!("guest {}: corrupting its initial CR4 (test.corrupt-guest)", vm.name);
+        vcpu.test_corrupt_guest_cr4();
     }
     Ok(Slot {
         vm,
@@ -868,6 +921,7 @@ fn new_slot(vmx: &Vmx, vm: &'static Vm, index: usize) -> Result<Slot, String> {
         activity: if boot { Activity::Running } else { Activity::WaitForSipi },
         nmi_pending: false,
         stats: VcpuStats::default(),
+        guards: 0,
     })
 }
 
@@ -946,6 +1000,8 @@ fn run_cpu(vmx: &Vmx, cpu: usize, assigned: &[(&'static Vm, usize)]) {
 /// Runs one vCPU until its time slice ends, it must wait, or its guest stops.
 fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: bool) -> Outcome {
     let vm = slot.vm;
+    // Since when another vCPU has kept this one out (see `smp::exclusive`).
+    let mut held_since: Option<u64> = None;
     loop {
         if vm.stopping.load(Ordering::SeqCst) {
             return Outcome::Gone;
@@ -953,6 +1009,24 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
         // Inside first, then the mailbox and the epoch: what another CPU
         // posts or publishes from now on is seen here, or kicks this CPU.
         let epoch = SIGNALS.entering(cpu);
+        // Another vCPU runs the guest alone: wait outside.
+        if vm.exclusive.excludes(slot.index) {
+            SIGNALS.left(cpu);
+            if shared_cpu {
+                return Outcome::Yield;
+            }
+            let waited = *held_since.get_or_insert_with(cpu::rdtsc);
+            if cpu::rdtsc().wrapping_sub(waited) > HELD_REPORT_TICKS {
+                held_since = Some(cpu::rdtsc());
+                report_held(vm, slot.index);
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        held_since = None;
+        if vm.guards_changed.load(Ordering::SeqCst) != slot.guards {
+            apply_guards(vmx, slot);
+        }
         // The IPIs the guest's other vCPUs sent this one.
         let changes = startup::take(&vm.vcpus[slot.index].mailbox, &mut slot.activity);
         if changes.reset {
@@ -1004,7 +1078,7 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
                 } else if !vm.pass_through {
                     // No guest of emulated devices takes the platform's NMIs.
                     true
-                } else if !vm.in_module_view() {
+                } else if !vm.in_module_view(slot.index) {
                     slot.nmi_pending = true;
                     true
                 } else {
@@ -1021,6 +1095,7 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
             continue;
         }
         let (action, outbox) = dispatch(slot, &exit, failure, host);
+        crate::arch::x86_64::iommu::poll();
         for (target, event) in outbox {
             vm.post(target, event);
         }
@@ -1045,8 +1120,26 @@ fn dispatch(
 ) -> (Action, Vec<(usize, VcpuEvent)>) {
     let handling = cpu::rdtsc();
     let vmx = VMX.get().copied();
-    let mut guard = slot.vm.shared.lock();
+    let vm = slot.vm;
+    // Another vCPU runs the guest alone: this exit waits for it (its
+    // handling would see that vCPU's view).
+    let mut guard = loop {
+        let guard = vm.shared.lock();
+        if !vm.exclusive.excludes(slot.index) {
+            break guard;
+        }
+        drop(guard);
+        core::hint::spin_loop();
+    };
     let sh = &mut *guard;
+    // Exits that may leave the kernel view, open a page or register a
+    // module run with the other vCPUs out of the guest.
+    // (The local APIC's page, read-only for its ICR checks, changes no view.)
+    let apic_write = matches!(sh.guest.platform, Platform::PassThrough { lapic: Some(page), .. }
+        if exit.reason == reason::EPT_VIOLATION && exit.guest_physical & !0xfff == page);
+    if vm.vcpus.len() > 1 && sh.guest.integrity.is_some() && EXCLUSIVE_EXITS.contains(&exit.reason) && !apic_write {
+        vmx_vcpu::take_exclusive(&vm.exclusive, slot.index, &vm.cpus);
+    }
     sh.guest.swap_local(&mut slot.local);
     sh.guest.cpus.current = slot.index;
     let mut views = match (vmx, &sh.guest.integrity, sh.ept.as_mut(), sh.bitmaps.as_ref()) {
@@ -1056,6 +1149,8 @@ fn dispatch(
             modules: &mut sh.module_views,
             bitmaps,
             module_bitmaps: sh.module_bitmaps.as_ref(),
+            guards: &mut sh.guards,
+            guards_changed: &vm.guards_changed,
         }),
         _ => None,
     };
@@ -1068,9 +1163,64 @@ fn dispatch(
         }
         (a, _) => a,
     };
+    // Back in the kernel view with nothing opened or held: the others run again.
+    let alone = sh
+        .guest
+        .integrity
+        .as_ref()
+        .is_some_and(|i| i.view != View::Kernel || i.stepping.is_some() || !i.pending_interrupts.is_empty());
+    if !alone {
+        vm.exclusive.release(slot.index);
+    }
+    slot.guards = sh.guards.generation;
     sh.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
     sh.guest.swap_local(&mut slot.local);
     (action, core::mem::take(&mut sh.guest.cpus.outbox))
+}
+
+/// The exits that take a multi-vCPU integrity guest exclusively: those
+/// whose handling may switch views, open or grant a page, or read guest
+/// structures to register a module (no other vCPU can change them meanwhile).
+const EXCLUSIVE_EXITS: [u16; 6] = [
+    reason::EPT_VIOLATION,
+    reason::VMCALL,
+    reason::MONITOR_TRAP,
+    reason::EXCEPTION_OR_NMI,
+    reason::INTERRUPT_WINDOW,
+    reason::EXTERNAL_INTERRUPT,
+];
+
+/// TSC ticks a vCPU waits for another that runs the guest alone before
+/// it says so (about a second at 3.5 GHz; the exact length does not matter).
+const HELD_REPORT_TICKS: u64 = 3_500_000_000;
+
+/// Says that vCPU `vcpu` has waited long for the one that runs the guest
+/// alone, and what that one is doing (if its lock is free to look).
+fn report_held(vm: &Vm, vcpu: usize) {
+    let holder = vm.exclusive.holder();
+    let state = vm.shared.try_lock().and_then(|sh| {
+        sh.guest.integrity.as_ref().map(|i| {
+            format!(
+                "view {:?}, stepping {}, {} interrupts held",
+                i.view,
+                i.stepping.is_some(),
+                i.pending_interrupts.len()
+            )
+        })
+    });
+    warn!("guest {}: vCPU {vcpu} has waited long for vCPU {holder:?}, which runs it alone ({state:?})", vm.name);
+}
+
+/// Applies to this vCPU's VMCS what the integrity lock asked of every vCPU.
+fn apply_guards(vmx: &Vmx, slot: &mut Slot) {
+    let guards = slot.vm.shared.lock().guards;
+    if guards.control_registers != (0, 0) {
+        current::guard_control_registers(guards.control_registers.0, guards.control_registers.1);
+    }
+    if guards.descriptor_tables {
+        current::enable_secondary_control(vmx, SecondaryControls::DTABLE_EXITING);
+    }
+    slot.guards = guards.generation;
 }
 
 /// Saves what the vCPU left in hardware before another vCPU runs here.

@@ -20,6 +20,11 @@ const IMAGE: &[Need] = &[
     ("grub-mkrescue", "grub-common"),
     ("xorriso", "xorriso"),
     ("mformat", "mtools"),
+    // QEMU TCG runs the platform scenarios (VT-d, the platform TPM, tboot):
+    // no VT-x there, but a VT-d model, the edu DMA device and swtpm's TPMs.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("swtpm", "swtpm"),
+    ("/boot/tboot.gz", "tboot"),
 ];
 
 /// The Linux guest's files: Debian's packages fetched with `apt-get

@@ -49,8 +49,6 @@ pub enum ConfigError {
     BadCpus(String),
     /// A native guest has one vCPU.
     NativeOneCpu,
-    /// Integrity views run on one CPU for now.
-    IntegrityOneCpu,
 }
 
 impl fmt::Display for ConfigError {
@@ -70,11 +68,6 @@ impl fmt::Display for ConfigError {
             ConfigError::UnknownOption(o) => write!(f, "unknown option {o:?}"),
             ConfigError::BadCpus(c) => write!(f, "cpus={c:?} must list CPU indices and ranges, such as 0-3 or 1,3"),
             ConfigError::NativeOneCpu => write!(f, "a test guest has one vCPU: cpus= must name one CPU"),
-            ConfigError::IntegrityOneCpu => write!(
-                f,
-                "run-time integrity (integrity=enforce|audit) runs a guest on one CPU in this version: \
-                 give it cpus=N, or integrity=off for more CPUs"
-            ),
         }
     }
 }
@@ -114,7 +107,7 @@ pub fn is_guest_module(cmdline: &str) -> bool {
 }
 
 /// The options, and the guest's arguments after the first word `--`.
-fn split_args(cmdline: &str) -> (&str, &str) {
+pub fn split_args(cmdline: &str) -> (&str, &str) {
     let mut at = 0;
     while let Some(start) = cmdline[at..].find(|c: char| !c.is_ascii_whitespace()).map(|i| at + i) {
         let end = cmdline[start..].find(|c: char| c.is_ascii_whitespace()).map_or(cmdline.len(), |i| start + i);
@@ -184,9 +177,6 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     if many && kind == GuestKind::Native {
         return Err(ConfigError::NativeOneCpu);
     }
-    if many && integrity.is_some() {
-        return Err(ConfigError::IntegrityOneCpu);
-    }
     Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm, cpus })
 }
 
@@ -194,8 +184,10 @@ impl GuestConfig {
     /// The CPUs the guest runs on, of those the hypervisor runs (`online`):
     /// what `cpus=` names, or by default the boot CPU for a test guest and
     /// every CPU for a Linux guest, but the boot CPU alone for one with
-    /// integrity views (they run on one CPU in this version). The second
-    /// value says why a Linux guest got fewer CPUs than it would have.
+    /// integrity views unless `cpus=` says otherwise (a module's view runs
+    /// on one CPU at a time, the others waiting: see `smp::exclusive`).
+    /// The second value says why a Linux guest got fewer CPUs than it
+    /// would have.
     pub fn resolve_cpus(&self, online: &CpuSet) -> Result<(CpuSet, Option<&'static str>), String> {
         if let Some(c) = self.cpus {
             if !c.is_subset(online) {
@@ -207,7 +199,7 @@ impl GuestConfig {
         Ok(match self.kind {
             GuestKind::Native => (boot, None),
             GuestKind::Linux if self.integrity.is_some() && online.len() > 1 => {
-                (boot, Some("run-time integrity runs on one CPU in this version (integrity=off gives it every CPU)"))
+                (boot, Some("run-time integrity runs on one CPU by default (cpus= gives it more)"))
             }
             GuestKind::Linux => (*online, None),
         })
@@ -296,7 +288,7 @@ mod tests {
         let c = parse("guest=l kind=linux").unwrap();
         let (cpus, why) = c.resolve_cpus(&online).unwrap();
         assert_eq!(cpus, CpuSet::single(0));
-        assert!(why.unwrap().contains("integrity=off"));
+        assert!(why.unwrap().contains("cpus="));
         assert_eq!(c.resolve_cpus(&CpuSet::single(0)).unwrap(), (CpuSet::single(0), None));
         assert_eq!(parse("guest=a").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(0));
         assert_eq!(parse("guest=a cpus=3").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(3));
@@ -304,8 +296,9 @@ mod tests {
         assert!(parse("guest=a cpus=7").unwrap().resolve_cpus(&online).is_err());
         // Refused when parsed.
         assert_eq!(parse("guest=a cpus=0-1"), Err(ConfigError::NativeOneCpu));
-        assert_eq!(parse("guest=l kind=linux cpus=0,1"), Err(ConfigError::IntegrityOneCpu));
-        assert_eq!(parse("guest=l kind=linux integrity=audit cpus=2-3"), Err(ConfigError::IntegrityOneCpu));
+        // Integrity views on several CPUs, when asked for.
+        let c = parse("guest=l kind=linux integrity=audit cpus=2-3").unwrap();
+        assert_eq!(c.resolve_cpus(&online).unwrap(), (CpuSet::parse("2-3").unwrap(), None));
         assert!(parse("guest=l kind=linux cpus=1").is_ok());
         assert_eq!(parse("guest=l kind=linux integrity=off cpus=3-1"), Err(ConfigError::BadCpus("3-1".into())));
     }

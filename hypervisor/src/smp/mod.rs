@@ -1,6 +1,8 @@
 //! Every CPU under the hypervisor: the generic, host-tested side.
 //!
 //! - [`cpuset`]: sets of CPUs and the `cpus=` syntax.
+//! - [`exclusive`]: one vCPU running its guest alone, while it is out of
+//!   the kernel's integrity view or has a page opened.
 //! - [`signal`]: the cross-CPU signal (NMI) and the publish/catch-up
 //!   protocol behind shootdowns: a change made in shared memory reaches
 //!   every CPU before that CPU runs guest code again.
@@ -11,12 +13,14 @@
 //! are arch code (`arch::x86_64`, `vmm`).
 
 pub mod cpuset;
+pub mod exclusive;
 pub mod signal;
 pub mod startup;
 
 use crate::mm::frames::Region;
 
 pub use cpuset::{CpuSet, MAX_CPUS};
+pub use exclusive::Exclusive;
 pub use signal::{Round, Signals};
 pub use startup::{Activity, Mailbox, VcpuEvent};
 

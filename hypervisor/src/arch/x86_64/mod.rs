@@ -11,13 +11,21 @@ pub mod entropy;
 #[cfg(target_os = "none")]
 pub mod gdt;
 #[cfg(target_os = "none")]
+pub mod iommu;
+#[cfg(target_os = "none")]
 pub mod lapic;
 #[cfg(target_os = "none")]
+pub mod mmio;
+#[cfg(target_os = "none")]
 pub mod percpu;
+#[cfg(target_os = "none")]
+pub mod platform;
 #[cfg(target_os = "none")]
 pub mod power;
 #[cfg(target_os = "none")]
 pub mod serial;
+#[cfg(all(target_os = "none", feature = "test-hooks"))]
+pub mod testing;
 #[cfg(target_os = "none")]
 pub mod timer;
 #[cfg(target_os = "none")]

@@ -46,6 +46,21 @@ impl fmt::Display for VmxError {
 
 const CR4_OSXSAVE: u64 = 1 << 18;
 
+/// Whether the boot CPU is in VMX root operation.
+static IN_VMX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Leaves VMX operation on the boot CPU, if it is in it: before tboot's
+/// shutdown entry, which leaves the measured environment. (The APs are
+/// not taken out of VMX: tboot with more than one CPU under CTVM is not
+/// supported yet.)
+pub fn leave() {
+    if IN_VMX.swap(false, core::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: in VMX root operation (the flag says so); no guest runs
+        // again after this.
+        let _ = unsafe { x86::bits64::vmx::vmxoff() };
+    }
+}
+
 /// Detects VMX, checks every required feature, and enters VMX root
 /// operation on this CPU (the boot CPU).
 pub fn enable() -> Result<Vmx, VmxError> {
@@ -65,6 +80,7 @@ pub fn enable() -> Result<Vmx, VmxError> {
         if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
     let vmx = Vmx { msrs, controls, physical_bits, xcr0_offered };
     vmxon(&vmx)?;
+    IN_VMX.store(true, core::sync::atomic::Ordering::SeqCst);
     Ok(vmx)
 }
 

@@ -20,7 +20,7 @@ use crate::guest::boot64::{self, EntryState};
 use crate::guest::memory::HostPhys;
 use crate::mm::paging::{Attrs, MapError, PageSize, Perms};
 use crate::mm::phys::{self, Identity, Tables};
-use crate::smp::{CpuSet, SIGNALS};
+use crate::smp::{CpuSet, Exclusive, Round, SIGNALS};
 use crate::vcpu::{ExitInfo, Field, GuestRegisters, VcpuState};
 
 global_asm!(
@@ -225,6 +225,19 @@ pub fn invept_all_contexts() {
 /// they re-enter; the others flush on their way in. Returns the NMIs sent.
 pub fn shootdown(cpus: &CpuSet) -> u32 {
     let here = percpu::current().index;
+    with_nmis(|send, spin| Some(SIGNALS.publish(cpus, here, send, spin))).kicks
+}
+
+/// vCPU `vcpu` of a guest on `cpus` takes it exclusively (see
+/// `smp::exclusive`): returns once no other of its vCPUs runs guest code.
+pub fn take_exclusive(exclusive: &Exclusive, vcpu: usize, cpus: &CpuSet) {
+    let here = percpu::current().index;
+    with_nmis(|send, spin| exclusive.take(vcpu, &SIGNALS, cpus, here, send, spin));
+}
+
+/// Runs a publication with NMIs as the signal (sent again after a second
+/// without an answer, and said so), and counts its cost.
+fn with_nmis(publish: impl FnOnce(&dyn Fn(usize), &mut dyn FnMut(usize) -> bool) -> Option<Round>) -> Round {
     let send = |cpu: usize| {
         if let Some(p) = percpu::of(cpu) {
             lapic::send_nmi(p.apic_id);
@@ -244,9 +257,9 @@ pub fn shootdown(cpus: &CpuSet) -> u32 {
         true
     };
     let started = cpu::rdtsc();
-    let round = SIGNALS.publish(cpus, here, &send, &mut spin);
+    let Some(round) = publish(&send, &mut spin) else { return Round::default() };
     SIGNALS.costs.record(&round, cpu::rdtsc().wrapping_sub(started));
-    round.kicks
+    round
 }
 
 /// Extended processor state (x87/SSE/AVX) saved while another guest runs.
@@ -627,9 +640,10 @@ impl Vcpu {
         vmcs::read(guest::ACTIVITY_STATE) == ACTIVITY_WAIT_FOR_SIPI
     }
 
-    /// For the entry-failure scenario: clears CR4.VMXE in the guest state,
-    /// which VM entry must refuse and CTVM must diagnose.
-    pub fn debug_corrupt_guest_cr4(&mut self) {
+    /// For the entry-failure scenario (test image only): clears CR4.VMXE in
+    /// the guest state, which VM entry must refuse and CTVM must diagnose.
+    #[cfg(feature = "test-hooks")]
+    pub fn test_corrupt_guest_cr4(&mut self) {
         self.load();
         let cr4 = vmcs::read(guest::CR4);
         vmcs::write(guest::CR4, cr4 & !CR4_VMXE);
