@@ -72,15 +72,35 @@ load_agent() {
 
 # ctvm.integrity: load the CTVM agent, then attack the kernel from modules
 # and check that every attack is stopped while benign modules keep working.
+getpid_ok() { sh -c 'read -r pid rest < /proc/self/stat; [ "$pid" = "$$" ]'; }
+last() { dmesg | grep "ctvm-test: $1:" | tail -n 1 | sed 's/^.*ctvm-test: //'; }
+# attack NAME ARGS...: loads an attack module (on the CPUs of $cpus, a
+# taskset mask, if set) and says what it reports and whether getpid works.
+attack() {
+    name=$1; shift
+    taskset "${cpus:-ff}" insmod /lib/ctvm/$name.ko "$@" 2>/dev/null
+    say "attack $(last $name)"
+    if getpid_ok; then say "after $name: getpid ok"; else say "after $name: getpid WRONG"; fi
+}
+twin_ifb() {
+    # Trust follows code, not names: a twin of the trusted ifb driver built
+    # from attack code is isolated and stopped.
+    insmod /lib/ctvm/twin/ifb.ko table=$(sym sys_call_table) 2>/dev/null
+    say "twin $(last ifb)"
+    if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
+}
+
+# ctvm.smpintegrity: the agent locks the kernel with two CPUs running; an
+# attack module on each CPU is stopped (CR0.WP's guard reaches the CPU
+# that did not lock).
+integrity_smp_tests() {
+    load_agent
+    twin_ifb
+    cpus=1 attack atk_syscall table=$(sym sys_call_table)
+    cpus=2 attack atk_wp rodata=$(sym linux_banner)
+}
+
 integrity_tests() {
-    getpid_ok() { sh -c 'read -r pid rest < /proc/self/stat; [ "$pid" = "$$" ]'; }
-    last() { dmesg | grep "ctvm-test: $1:" | tail -n 1 | sed 's/^.*ctvm-test: //'; }
-    attack() {
-        name=$1; shift
-        insmod /lib/ctvm/$name.ko "$@" 2>/dev/null
-        say "attack $(last $name)"
-        if getpid_ok; then say "after $name: getpid ok"; else say "after $name: getpid WRONG"; fi
-    }
 
     say "spectre_v2: $(cat /sys/devices/system/cpu/vulnerabilities/spectre_v2); retbleed: $(cat /sys/devices/system/cpu/vulnerabilities/retbleed)"
     for s in _stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table idt_table entry_SYSCALL_64 __text_poke modules _sdata; do
@@ -88,11 +108,8 @@ integrity_tests() {
     done
     load_agent
 
-    # Trust follows code, not names: a twin of the trusted ifb driver built
-    # from attack code is isolated and stopped; the real ifb then runs trusted.
-    insmod /lib/ctvm/twin/ifb.ko table=$(sym sys_call_table) 2>/dev/null
-    say "twin $(last ifb)"
-    if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
+    # The twin is stopped; the real ifb then runs trusted.
+    twin_ifb
     insmod /lib/ctvm/ifb.ko && ip link add i0 type ifb && ip link set i0 up
     say "ifb up: $(ip link show i0 | grep -q ',UP' && echo yes || echo no)"
 
@@ -188,6 +205,10 @@ fi
 
 if grep -qw ctvm.integrity /proc/cmdline; then
     integrity_tests
+fi
+
+if grep -qw ctvm.smpintegrity /proc/cmdline; then
+    integrity_smp_tests
 fi
 
 # ctvm.audit (with integrity=audit for the guest): a module's call to a
