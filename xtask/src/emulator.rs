@@ -415,7 +415,8 @@ pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> 
         let iso = image::iso_for_emulator(scenario, Emulator::QemuTcg)?;
         let machine = (scenario.megs, scenario.cpus);
         let run = format!("run-{}", scenario.name);
-        let out = boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.timeout, None, scenario.target.devices)?;
+        let out =
+            boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.time_limit(), None, scenario.target.devices)?;
         print!("{}", out.serial);
         println!("xtask: QEMU exited ({:?}) after {:.1} s", out.exit_code, out.elapsed.as_secs_f64());
         return Ok(());

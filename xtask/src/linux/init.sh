@@ -127,6 +127,13 @@ integrity_tests() {
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
     attack atk_agentcall ctvm_call=$(awk '$3 ~ /^ctvm_call/ && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
 
+    # A burst of refused writes: every one is a record, none lost.
+    before=$(grep -c '^seq=' /proc/ctvm_violations)
+    attack atk_burst table=$(sym sys_call_table) count=1500
+    sleep 2
+    after=$(grep -c '^seq=' /proc/ctvm_violations)
+    if [ $((after - before)) -ge 1500 ]; then say "burst: every refused write recorded"; else say "FAIL: burst: $((after - before)) records for 1500 writes"; fi
+
     # The agent cannot be unloaded.
     if rmmod ctvm_agent 2>/dev/null; then say "FAIL: the agent was unloaded"; else say "agent unload refused"; fi
     say "kernel still works: $(uname -r), $(ls /lib/ctvm | wc -l) files"
