@@ -201,6 +201,27 @@ pub fn image_range() -> core::ops::Range<u64> {
     (core::ptr::addr_of!(__image_start) as u64)..(core::ptr::addr_of!(__image_end) as u64)
 }
 
+/// The image's code and read-only data as loaded: the bytes of its two
+/// read-only ELF segments, which nothing writes at run time. The
+/// hypervisor's measurement of itself (SHA-256 over both, in order) is
+/// what `cargo xtask` computes from the ELF file's read-only PT_LOAD
+/// segments.
+#[cfg(target_os = "none")]
+pub fn readonly_ranges() -> [core::ops::Range<u64>; 2] {
+    extern "C" {
+        static __image_start: u8;
+        static __text_end: u8;
+        static __rodata_start: u8;
+        static __rodata_end: u8;
+    }
+    // Only the addresses of the linker.ld symbols are taken.
+    let at = |s: *const u8| s as u64;
+    [
+        at(core::ptr::addr_of!(__image_start))..at(core::ptr::addr_of!(__text_end)),
+        at(core::ptr::addr_of!(__rodata_start))..at(core::ptr::addr_of!(__rodata_end)),
+    ]
+}
+
 /// The boot stack, for the hypervisor's fault handler to tell a stack overflow.
 #[cfg(target_os = "none")]
 pub fn boot_stack() -> core::ops::Range<u64> {

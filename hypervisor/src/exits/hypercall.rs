@@ -18,6 +18,8 @@ pub enum Request {
     ModuleUnregister { id: u32 },
     ViolationsRead { buffer: u64, count: u32 },
     EventLogRead { buffer: u64, size: u32, offset: u32 },
+    VtpmStoreFetch { buffer: u64, size: u32 },
+    VtpmStoreDone { version: u64 },
 }
 
 /// Largest event-log read.
@@ -75,6 +77,52 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
             regs.rbx.checked_add(regs.rcx).ok_or(Error::BadAddress)?;
             Ok(Request::EventLogRead { buffer: regs.rbx, size: regs.rcx as u32, offset: regs.rdx as u32 })
         }
+        Call::VtpmStoreFetch => {
+            let size = usize::try_from(regs.rcx).ok().filter(|&s| s <= guest_agent::vtpm_store::MAX_BLOB);
+            let size = size.ok_or(Error::InvalidArgument)?;
+            let buffer = kernel_pointer(regs.rbx, size as u64)?;
+            Ok(Request::VtpmStoreFetch { buffer, size: size as u32 })
+        }
+        Call::VtpmStoreDone => Ok(Request::VtpmStoreDone { version: regs.rbx }),
+    }
+}
+
+/// Hands the store service the durable vTPM's next blob: copied into the
+/// kernel's buffer as the kernel may write it. Returns the blob's size (0
+/// when nothing waits) and its version; a buffer too small gets NoSpace
+/// and the size it needs.
+fn vtpm_store_fetch(ctx: &mut ExitContext<'_>, buffer: u64, size: u32) -> Result<(u64, u64), (Error, u64)> {
+    let vtpm = ctx.guest.vtpm.as_mut().ok_or((Error::NotPermitted, 0))?;
+    let channel = vtpm.tis.backend_mut().store().ok_or((Error::NotPermitted, 0))?;
+    let blob = match channel.fetch() {
+        Ok(Some((version, blob))) => (version, alloc::vec::Vec::from(blob)),
+        Ok(None) => return Ok((0, 0)),
+        Err(e) => {
+            log::error!("guest {}: vTPM store: {e:?}", ctx.guest.name());
+            return Err((Error::NotFound, 0));
+        }
+    };
+    let (version, bytes) = blob;
+    if bytes.len() > size as usize {
+        return Err((Error::NoSpace, bytes.len() as u64));
+    }
+    ctx.access().write(buffer, &bytes).map_err(|_| (Error::BadAddress, 0))?;
+    Ok((bytes.len() as u64, version))
+}
+
+/// The store service wrote and synced `version`: the counter moves and the
+/// held response (if this blob holds it) is released.
+fn vtpm_store_done(ctx: &mut ExitContext<'_>, version: u64) -> Result<u64, Error> {
+    let name = alloc::string::String::from(ctx.guest.name());
+    let vtpm = ctx.guest.vtpm.as_mut().ok_or(Error::NotPermitted)?;
+    let channel = vtpm.tis.backend_mut().store().ok_or(Error::NotPermitted)?;
+    match channel.stored(version) {
+        Ok(()) => Ok(0),
+        Err(crate::tpm::durable::StoreError::Counter(e)) => {
+            log::error!("guest {name}: vTPM state version {version} stored but the counter did not move: {}", e.0);
+            Err(Error::Locked)
+        }
+        Err(_) => Err(Error::InvalidArgument),
     }
 }
 
@@ -125,6 +173,20 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             ctx.vcpu.regs().rax = status;
             Action::Resume
         }
+        Ok(Request::VtpmStoreFetch { buffer, size }) => {
+            let (rax, rbx) = match vtpm_store_fetch(ctx, buffer, size) {
+                Ok(r) => r,
+                Err((e, needed)) => (e.code() as u64, needed),
+            };
+            let regs = ctx.vcpu.regs();
+            regs.rax = rax;
+            regs.rbx = rbx;
+            Action::Resume
+        }
+        Ok(Request::VtpmStoreDone { version }) => {
+            ctx.vcpu.regs().rax = vtpm_store_done(ctx, version).unwrap_or_else(|e| e.code() as u64);
+            Action::Resume
+        }
         Ok(request) => {
             let result = match request {
                 Request::KernelRegister { layout } => integrity::register_kernel(ctx, layout),
@@ -133,7 +195,11 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
                 Request::ModuleLive { id } => integrity::module_live(ctx, id),
                 Request::ModuleUnregister { id } => integrity::unregister_module(ctx, id),
                 Request::ViolationsRead { buffer, count } => integrity::read_violations(ctx, buffer, count),
-                Request::Version | Request::Shutdown { .. } | Request::EventLogRead { .. } => Err(Error::UnknownCall),
+                Request::Version
+                | Request::Shutdown { .. }
+                | Request::EventLogRead { .. }
+                | Request::VtpmStoreFetch { .. }
+                | Request::VtpmStoreDone { .. } => Err(Error::UnknownCall),
             };
             ctx.vcpu.regs().rax = result.unwrap_or_else(|e| e.code() as u64);
             Action::Resume

@@ -1,19 +1,7 @@
 //! The glue between a guest's vtpm-core TPM and `vtpm-trust`: what the
-//! hypervisor calls at a vTPM's first boot (EK certificate) and around
-//! every durable change (sealed state blobs). Pure and host-tested; not
-//! wired into the boot path yet.
-//!
-//! The order of calls for one guest, with `secret` the platform secret:
-//!
-//! ```text
-//! boot:   counter = <the hypervisor's committed version for this guest>
-//!         tpm = open_state(&key, name, counter, blob, platform)   // or guest_tpm(..) + provision_ek_certificate(..) on first boot
-//!         (d, Step::Store { version }) = Durability::boot(counter)
-//!         send seal_state(&key, name, version, &tpm, nonce) to the store service ...
-//! command: response = tpm.execute(..); step = d.command_done(tpm.permanent_dirty())
-//! ```
-//!
-//! See `vtpm_trust::durability` for the rest of the exchange.
+//! boot path (`tpm::setup`) calls at a vTPM's first boot (EK certificate)
+//! and to open its sealed state, and what the durable backend
+//! (`tpm::durable`) calls to seal it for the store service.
 
 use alloc::vec::Vec;
 
