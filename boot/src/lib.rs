@@ -162,10 +162,13 @@ long_mode_entry:
 
     .section .rodata.boot32, "a"
     .balign 8
+    // The accessed bits are set: the processor would otherwise set them
+    // itself when the segments are loaded, writing into read-only data the
+    // hypervisor measures (its image digest in PCR 11).
 boot_gdt:
     .quad 0
-    .quad 0x00AF9A000000FFFF        // 0x08: 64-bit code
-    .quad 0x00CF92000000FFFF        // 0x10: data
+    .quad 0x00AF9B000000FFFF        // 0x08: 64-bit code
+    .quad 0x00CF93000000FFFF        // 0x10: data
 boot_gdt_ptr:
     .short boot_gdt_ptr - boot_gdt - 1
     .long boot_gdt

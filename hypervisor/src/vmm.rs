@@ -302,6 +302,7 @@ impl Vm {
             }
         }
         let durable = setup.durable();
+        let failed = matches!(setup.outcome, setup::Outcome::Failed(_));
         let trust: Vec<&str> = config.trusted.iter().map(String::as_str).collect();
         let integrity = match config.integrity {
             Some(crate::integrity::Mode::Enforce) => IntegrityMode::Enforce,
@@ -313,16 +314,18 @@ impl Vm {
             integrity,
             trust: &trust,
             policy: machine.policy_digest,
-            vtpm_durable: durable,
+            // What the configuration asks for, even when the state was refused.
+            vtpm_durable: config.vtpm_durable,
         };
         let event = config_event(vtpm_core::sha1, &security);
         let measurements = launch_measurements(vtpm_core::sha1, kernel, cmdline, initrd);
         let vtpm = GuestTpm::launch(setup.prepared, &measurements, &event)
             .map_err(|e| format!("measured launch failed: {e:?}"))?;
         info!(
-            "guest {name}: vTPM ready; kernel, command line{} measured into PCRs 8 and 9, configuration ({}) into PCR 11",
+            "guest {name}: vTPM {}; kernel, command line{} measured into PCRs 8 and 9, configuration ({}) into PCR 11",
+            if failed { "in failure mode after its launch was measured" } else { "ready" },
             if initrd.is_some() { " and initrd" } else { "" },
-            if durable { "vtpm=durable" } else { "vtpm=volatile" }
+            if security.vtpm_durable { "vtpm=durable" } else { "vtpm=volatile" }
         );
         self.guest.vtpm = Some(vtpm);
         self.guest.capabilities |= guest_agent::Capabilities::VTPM | guest_agent::Capabilities::EVENT_LOG;

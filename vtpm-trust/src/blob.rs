@@ -429,6 +429,19 @@ mod tests {
     }
 
     #[test]
+    fn another_format_or_algorithm_is_refused() {
+        // A blob of an older (or newer) format, or sealed with another
+        // algorithm, is refused before any decryption is tried.
+        let key = StateKey::derive(&SECRET);
+        let blob = seal(&key, "alpha", 5, &sample(), NONCE).unwrap();
+        for (at, value, want) in [(9, 0u8, 0u16), (9, 2, 2), (11, 0, 0), (11, 2, 2)] {
+            let mut b = blob.clone();
+            b[at] = value;
+            assert_eq!(open(&key, "alpha", 0, &b), Err(BlobError::UnsupportedFormat(want)), "byte {at} = {value}");
+        }
+    }
+
+    #[test]
     fn names_are_bounded() {
         let key = StateKey::derive(&SECRET);
         assert_eq!(seal(&key, "", 1, b"x", NONCE), Err(BlobError::BadName));

@@ -12,6 +12,7 @@
 //! ```
 
 mod bench;
+mod durable;
 mod emulator;
 mod fuzz;
 mod image;
@@ -137,6 +138,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
             for s in scenarios::all() {
                 println!("{:<20} {}", s.name, s.about);
             }
+            println!("{:<20} {}", durable::NAME, durable::ABOUT);
             Ok(())
         }
         "help" | "--help" | "-h" => {

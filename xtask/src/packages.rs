@@ -20,6 +20,10 @@ const IMAGE: &[Need] = &[
     ("grub-mkrescue", "grub-common"),
     ("xorriso", "xorriso"),
     ("mformat", "mtools"),
+    // The durable-vTPM scenario's disk: made, read and written without
+    // mounting it (no root needed).
+    ("mke2fs", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
 ];
 
 /// The Linux guest's files: Debian's packages fetched with `apt-get

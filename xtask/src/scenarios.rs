@@ -847,10 +847,12 @@ fn total_exits(serial: &str) -> Option<u64> {
 }
 
 pub fn run_all(names: &[String]) -> Result<(), Fail> {
+    // The multi-boot durable-vTPM scenario runs after the single boots.
+    let series = names.is_empty() || names.iter().any(|n| n == crate::durable::NAME);
     let selected: Vec<Scenario> = if names.is_empty() {
         all().into_iter().filter(|s| !s.interactive).collect()
     } else {
-        names.iter().map(|n| find(n)).collect::<Result<_, _>>()?
+        names.iter().filter(|n| *n != crate::durable::NAME).map(|n| find(n)).collect::<Result<_, _>>()?
     };
     let mut results = Vec::new();
     for s in &selected {
@@ -870,12 +872,18 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
                 println!("xtask: logs kept in {}", out.dir.display());
             }
         }
-        results.push((s.name, v.is_ok(), out.elapsed, total_exits(&out.serial)));
+        results.push((s.name.to_string(), v.is_ok(), out.elapsed, total_exits(&out.serial)));
     }
-    println!("\n{:<16} {:<7} {:>9} {:>10}", "scenario", "result", "wall (s)", "VM exits");
+    if series {
+        println!("xtask: scenario {}: {}", crate::durable::NAME, crate::durable::ABOUT);
+        for b in crate::durable::run_series()? {
+            results.push((b.label, b.passed, b.output.elapsed, total_exits(&b.output.serial)));
+        }
+    }
+    println!("\n{:<22} {:<7} {:>9} {:>10}", "scenario", "result", "wall (s)", "VM exits");
     for (name, ok, t, exits) in &results {
         let exits = exits.map_or("-".to_string(), |e| e.to_string());
-        println!("{name:<16} {:<7} {:>9.1} {exits:>10}", if *ok { "pass" } else { "FAIL" }, t.as_secs_f64());
+        println!("{name:<22} {:<7} {:>9.1} {exits:>10}", if *ok { "pass" } else { "FAIL" }, t.as_secs_f64());
     }
     let failed = results.iter().filter(|r| !r.1).count();
     if failed > 0 {
