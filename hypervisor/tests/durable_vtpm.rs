@@ -587,3 +587,23 @@ fn the_store_channel_refuses_what_a_guest_makes_up() {
     // Through it all the TIS answered nothing it should not have.
     assert_eq!(vtpm.tis.state(), State::Idle);
 }
+
+#[test]
+fn a_vtpm_with_all_its_nv_in_use_still_fits_the_store_channel() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let mut disk = disk.clone();
+    let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+    let mut c = Client::new(&mut d);
+    c.record = false;
+    // Every byte of NV the chip still offers (TPM_CAP_PROP_MAX_NV_AVAILABLE),
+    // in one index (its bookkeeping costs 53 bytes).
+    let free = u32::from_be_bytes(c.property(client::Kind::Shape, 0x123).unwrap()[..4].try_into().unwrap());
+    assert_eq!(c.nv_define(&OWNER, NV + 1, NV_PER_WRITE_STCLEAR, free - 53), 0);
+    assert_eq!(c.property(client::Kind::Shape, 0x123).unwrap(), [0; 4], "NV is full");
+    let largest = disk.synced.iter().map(Vec::len).max().unwrap();
+    assert!(largest > 28_000, "the blob holds the NV data ({largest} bytes)");
+    assert!(largest <= guest_agent::vtpm_store::MAX_BLOB, "a {largest}-byte blob does not fit the store channel");
+}

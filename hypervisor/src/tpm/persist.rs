@@ -37,7 +37,9 @@ pub fn provision_ek_certificate<P: Platform>(
 }
 
 /// The sealed blob of `tpm`'s state (permanent, and saved when the guest
-/// suspended with TPM_SaveState) as version `version` of `guest`.
+/// suspended with TPM_SaveState) as version `version` of `guest`; `nonce`
+/// is fresh random bytes, mixed into a synthetic nonce
+/// (`blob::seal_synthetic`).
 pub fn seal_state<P: Platform>(
     key: &StateKey,
     guest: &str,
@@ -46,7 +48,7 @@ pub fn seal_state<P: Platform>(
     nonce: [u8; blob::NONCE_LEN],
 ) -> Result<Vec<u8>, BlobError> {
     let payload = StatePayload { permanent: tpm.permanent_state(), saved: tpm.saved_state() };
-    blob::seal(key, guest, version, &payload.encode(), nonce)
+    blob::seal_synthetic(key, guest, version, &payload.encode(), nonce)
 }
 
 /// Why a sealed state did not restore.
