@@ -20,6 +20,7 @@ pub mod integrity;
 pub mod mm;
 pub mod mmio;
 pub mod pci;
+pub mod platform;
 pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]

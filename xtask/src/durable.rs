@@ -369,6 +369,7 @@ fn boot(
         about: ABOUT,
         hypervisor_args: "",
         guests: vec![],
+        target: scenarios::BOCHS,
         megs: 1024,
         cpus: 1,
         timeout: b.timeout,

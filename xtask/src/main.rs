@@ -13,11 +13,13 @@
 
 mod bench;
 mod durable;
+mod elf32;
 mod emulator;
 mod fuzz;
 mod image;
 mod linux;
 mod packages;
+mod platform_checks;
 mod scenarios;
 mod util;
 

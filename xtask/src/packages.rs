@@ -24,6 +24,11 @@ const IMAGE: &[Need] = &[
     // mounting it (no root needed).
     ("mke2fs", "e2fsprogs"),
     ("debugfs", "e2fsprogs"),
+    // QEMU TCG runs the platform scenarios (VT-d, the platform TPM, tboot):
+    // no VT-x there, but a VT-d model, the edu DMA device and swtpm's TPMs.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("swtpm", "swtpm"),
+    ("/boot/tboot.gz", "tboot"),
 ];
 
 /// The Linux guest's files: Debian's packages fetched with `apt-get

@@ -16,7 +16,7 @@ use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
-use crate::integrity::violation::{Line, Violation, ViolationKind};
+use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
 use crate::integrity::{wire, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
@@ -72,6 +72,7 @@ fn map_err(e: RegisterError) -> Error {
         RegisterError::Overlap => Error::InvalidArgument,
         RegisterError::TooMany => Error::NoSpace,
         RegisterError::UnknownModule => Error::NotFound,
+        RegisterError::Pinned => Error::NotPermitted,
     }
 }
 
@@ -257,10 +258,68 @@ impl Undo {
     }
 }
 
-/// [`guest_agent::Call::KernelLock`].
-pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
+/// Why the lock was refused.
+#[derive(Debug)]
+pub enum LockRefused {
+    /// A bad call: nothing changed, and the guest may try again.
+    Call(Error),
+    /// The agent is not the code `ctvm.policy` pins: nothing may drive
+    /// the views, so enforcement cannot start.
+    Agent(alloc::string::String),
+}
+
+/// [`guest_agent::Call::KernelLock`]: pins the agent, whose own
+/// registration `agent` points to, then locks the layout; returns the
+/// agent's module id.
+pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
+    if ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked()) {
+        return Err(LockRefused::Call(Error::Locked));
+    }
+    let module = read_module(ctx, agent).map_err(LockRefused::Call)?;
+    if module.info.name != abi::AGENT_NAME {
+        return Err(LockRefused::Agent(alloc::format!(
+            "the module locking is {:?}, not {}",
+            module.info.name,
+            abi::AGENT_NAME
+        )));
+    }
+    match trust_verdict(ctx, &module.info).map_err(LockRefused::Call)? {
+        Some(Ok(())) => {}
+        None => {
+            return Err(LockRefused::Agent(alloc::format!(
+                "{} is not named in trust= with a ctvm.policy entry",
+                abi::AGENT_NAME
+            )))
+        }
+        Some(Err(m)) => return Err(LockRefused::Agent(alloc::format!("its code has {m}"))),
+    }
+    let (undo, added) = lock_layout(ctx).map_err(LockRefused::Call)?;
+    let pinned = add_module(ctx, module, true, None).and_then(|id| {
+        let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+        state.engine.set_agent(id as u32).map_err(map_err).map(|()| id)
+    });
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(LockRefused::Call(Error::NotPermitted));
+    };
+    let id = match pinned {
+        Ok(id) => id,
+        Err(e) => {
+            undo.revert(control);
+            state.engine.revert_lock(&added);
+            return Err(LockRefused::Call(e));
+        }
+    };
+    control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
+    control.trap_descriptor_tables();
+    control.trap_msr_writes(&GUARDED_MSRS);
+    log::info!("guest {}: kernel layout locked, agent pinned; protections on", ctx.guest.name());
+    Ok(id)
+}
+
+/// Locks the layout in the engine and the kernel view; the caller pins
+/// the agent, or reverts both.
+fn lock_layout(ctx: &mut ExitContext<'_>) -> Result<(Undo, Vec<u64>), Error> {
     let tables = kernel_page_tables(ctx)?;
-    let name = alloc::string::String::from(ctx.guest.name());
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return Err(Error::NotPermitted);
     };
@@ -280,15 +339,13 @@ pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
             return Err(Error::NoSpace);
         }
     }
-    if let Err(e) = state.engine.lock(tables) {
-        undo.revert(control);
-        return Err(map_err(e));
+    match state.engine.lock(tables) {
+        Ok(added) => Ok((undo, added)),
+        Err(e) => {
+            undo.revert(control);
+            Err(map_err(e))
+        }
     }
-    control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
-    control.trap_descriptor_tables();
-    control.trap_msr_writes(&GUARDED_MSRS);
-    log::info!("guest {name}: kernel layout locked; protections on");
-    Ok(0)
 }
 
 /// Maps a new module's pages into the views. Pages that other modules'
@@ -348,7 +405,15 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     result
 }
 
-fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+/// A module's registration, read in once: nothing the guest changes
+/// afterwards alters what was checked.
+struct ModuleRead {
+    info: ModuleInfo,
+    code: Vec<u64>,
+    data: Vec<u64>,
+}
+
+fn read_module(ctx: &ExitContext<'_>, address: u64) -> Result<ModuleRead, Error> {
     let bytes = read_guest(ctx, address, core::mem::size_of::<abi::ModuleInfo>())?;
     let message = wire::module_info(&bytes).map_err(|_| Error::InvalidArgument)?;
     let mut info = message.info;
@@ -358,6 +423,14 @@ fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u6
     if fixup_bytes > 0 {
         info.fixups = wire::fixups(&read_guest(ctx, message.fixups_address, fixup_bytes)?, &info.code);
     }
+    for table in message.ksymtabs.iter().filter(|t| !t.is_empty()) {
+        let bytes = read_guest(ctx, table.start, table.len() as usize)?;
+        let in_code = |a: u64| info.code.iter().any(|r| r.contains(a));
+        info.exports.extend(wire::ksymtab(*table, &bytes).into_iter().map(|(value, _)| value).filter(|&v| in_code(v)));
+    }
+    if module_state(ctx, info.module_struct)? != abi::module_state::COMING {
+        return Err(Error::InvalidArgument);
+    }
     let mut code = Vec::new();
     for r in &info.code {
         code.extend(pages_of(ctx, *r)?);
@@ -366,17 +439,40 @@ fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u6
     for r in &info.data {
         data.extend(pages_of(ctx, *r)?);
     }
-    let verdict = trust_verdict(ctx, &info)?;
-    let rip = ctx.vcpu.read(Field::Rip);
-    let guest = alloc::string::String::from(ctx.guest.name());
-    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
-        return Err(Error::NotPermitted);
-    };
+    Ok(ModuleRead { info, code, data })
+}
+
+/// The kernel's `state` of the `struct module` at `address`.
+fn module_state(ctx: &ExitContext<'_>, address: u64) -> Result<u32, Error> {
+    let bytes = read_guest(ctx, address, 4)?;
+    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    let module = read_module(ctx, address)?;
+    let verdict = trust_verdict(ctx, &module.info)?;
+    let mode = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine.mode;
     // Audit mode reports a mismatch and trusts the module all the same.
     let (trusted, mismatch) = match verdict {
         None => (false, None),
         Some(Ok(())) => (true, None),
-        Some(Err(m)) => (state.engine.mode == crate::integrity::Mode::Audit, Some(m)),
+        Some(Err(m)) => (mode == crate::integrity::Mode::Audit, Some(m)),
+    };
+    add_module(ctx, module, trusted, mismatch)
+}
+
+/// Adds a module that was read and judged to the engine and the views.
+fn add_module(
+    ctx: &mut ExitContext<'_>,
+    module: ModuleRead,
+    trusted: bool,
+    mismatch: Option<Mismatch>,
+) -> Result<u64, Error> {
+    let ModuleRead { info, code, data } = module;
+    let rip = ctx.vcpu.read(Field::Rip);
+    let guest = alloc::string::String::from(ctx.guest.name());
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(Error::NotPermitted);
     };
     let name = info.name.clone();
     let fixups = info.fixups.len();
@@ -441,12 +537,40 @@ fn release_pages(ctx: &mut ExitContext<'_>, id: u32, trusted: bool, code: &[u64]
     }
 }
 
+/// Whether the kernel's own `struct module` of module `id` is in `state`:
+/// a report that a module is live or going must be the kernel's news, not
+/// a call forged through the agent's code.
+fn kernel_says(ctx: &ExitContext<'_>, id: u32, state: u32) -> Result<(), Error> {
+    let engine = &ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine;
+    let address = engine.module_struct(id).ok_or(Error::NotFound)?;
+    if module_state(ctx, address)? != state {
+        log::warn!("guest {}: module {id} is not in the state its report says ({state}): refused", ctx.guest.name());
+        return Err(Error::InvalidArgument);
+    }
+    Ok(())
+}
+
+/// Whether the hypercall being served comes from the pinned agent's code,
+/// fetched through the page it is registered at. Before the lock there is
+/// no agent yet: the measured kernel's init registers its layout.
+pub fn from_agent(ctx: &ExitContext<'_>) -> bool {
+    let Some(state) = ctx.guest.integrity.as_ref() else {
+        return false;
+    };
+    if !state.engine.is_locked() {
+        return true;
+    }
+    let rip = ctx.vcpu.read(Field::Rip);
+    gpa_of(ctx, rip).is_ok_and(|gpa| state.engine.is_agent_code(rip, gpa))
+}
+
 /// [`guest_agent::Call::ModuleLive`].
 pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
     let init = {
         let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
         state.engine.module_init(id).ok_or(Error::NotFound)?
     };
+    kernel_says(ctx, id, abi::module_state::LIVE)?;
     let mut pages = Vec::new();
     for r in init {
         pages.extend(pages_of(ctx, r).unwrap_or_default());
@@ -471,6 +595,7 @@ pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
 
 /// [`guest_agent::Call::ModuleUnregister`].
 pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
+    kernel_says(ctx, id, abi::module_state::GOING)?;
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     let (mut code, mut data) = (Vec::new(), Vec::new());
     for (p, c) in state.engine.pages() {
@@ -510,13 +635,19 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
 }
 
 /// Prints a violation's console line.
-fn report(ctx: &ExitContext<'_>, v: &Violation) {
+fn report(ctx: &mut ExitContext<'_>, v: &Violation) {
+    let say = ctx.guest.integrity.as_mut().map_or(Say::Line, |s| s.repeats.note(v));
     let state = ctx.guest.integrity.as_ref();
     let module = match v.module {
         Some(m) => state.and_then(|s| s.engine.module_name(m)).unwrap_or("?"),
         None => "kernel",
     };
-    console::write_line(format_args!("{}", Line { guest: ctx.guest.name(), module, violation: v }));
+    let line = Line { guest: ctx.guest.name(), module, violation: v };
+    match say {
+        Say::Line => console::write_line(format_args!("{line}")),
+        Say::Repeated(n) => console::write_line(format_args!("{line} repeated={n}")),
+        Say::Quiet => {}
+    }
 }
 
 /// An attempt refused outside the EPT: a hypercall from an isolated module
@@ -987,6 +1118,13 @@ mod tests {
     const MODULE_ENTRIES: u64 = 0x13_1000;
     const MODULE_CODE: u64 = 0x80_0000;
     const MODULE_DATA: u64 = 0x80_1000;
+    /// Its `struct module`, in its data.
+    const MODULE_STRUCT: u64 = MODULE_DATA + 0xf00;
+    /// The agent: one code page whose VMCALL makes the calls, one data page.
+    const AGENT_INFO: u64 = 0x14_0000;
+    const AGENT_CODE: u64 = 0x82_0000;
+    const AGENT_VMCALL: u64 = AGENT_CODE + 0x40;
+    const AGENT_DATA: u64 = 0x82_1000;
     const STACK: u64 = 0x90_0000;
 
     struct Fixture {
@@ -999,6 +1137,11 @@ mod tests {
 
     fn w(phys: &FakePhys, gpa: u64, bytes: &[u8]) {
         phys.write(0x1000_0000 + gpa, bytes);
+    }
+
+    fn as_bytes(m: &abi::ModuleInfo) -> &[u8] {
+        // SAFETY: repr(C) plain data viewed as bytes.
+        unsafe { core::slice::from_raw_parts((m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(m)) }
     }
 
     fn fixture(mode: Mode) -> Fixture {
@@ -1057,17 +1200,32 @@ mod tests {
         m.data[0] = abi::WireRange { start: K + MODULE_DATA, end: K + MODULE_DATA + 0x1000 };
         m.entries = K + MODULE_ENTRIES;
         m.entry_count = 1;
-        // SAFETY: as above.
-        let bytes = unsafe {
-            core::slice::from_raw_parts((&m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&m))
-        };
-        w(&phys, MODULE_INFO, bytes);
+        m.module = K + MODULE_STRUCT;
+        w(&phys, MODULE_INFO, as_bytes(&m));
         w(&phys, MODULE_ENTRIES, &(K + MODULE_CODE).to_le_bytes());
         w(&phys, MODULE_CODE + 0x10, &[0x48, 0x89, 0x18]);
+        w(&phys, MODULE_STRUCT, &abi::module_state::COMING.to_le_bytes());
+        // The agent, pinned by its code.
+        let mut a = abi::ModuleInfo { module: K + AGENT_DATA, ..Default::default() };
+        a.name[..abi::AGENT_NAME.len()].copy_from_slice(abi::AGENT_NAME.as_bytes());
+        a.code[0] = abi::WireRange { start: K + AGENT_CODE, end: K + AGENT_CODE + 0x1000 };
+        a.data[0] = abi::WireRange { start: K + AGENT_DATA, end: K + AGENT_DATA + 0x1000 };
+        w(&phys, AGENT_INFO, as_bytes(&a));
+        w(&phys, AGENT_VMCALL, &[0x0f, 0x01, 0xc1]);
+        w(&phys, AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
+        let mut agent_code = alloc::vec![0u8; 0x1000];
+        agent_code[0x40..0x43].copy_from_slice(&[0x0f, 0x01, 0xc1]);
+        let agent = Entry {
+            name: abi::AGENT_NAME.into(),
+            text_len: 0x1000,
+            init_len: 0,
+            sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
+            masks: alloc::vec![],
+        };
 
         let mut guest = test_guest();
         guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None, lapic: None };
-        guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![]));
+        guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![agent]));
         let mut vcpu = FakeVcpu::new();
         vcpu.write(Field::Cr0, 0x8000_0031);
         vcpu.write(Field::Cr3, 0x1000);
@@ -1094,7 +1252,13 @@ mod tests {
             dispatch(&mut ctx)
         }
 
+        /// A hypercall from the agent's VMCALL.
         fn call(&mut self, nr: u64, rbx: u64, rcx: u64) -> i64 {
+            self.call_at(K + AGENT_VMCALL, nr, rbx, rcx)
+        }
+
+        fn call_at(&mut self, rip: u64, nr: u64, rbx: u64, rcx: u64) -> i64 {
+            self.vcpu.write(Field::Rip, rip);
             self.vcpu.regs.rax = nr;
             self.vcpu.regs.rbx = rbx;
             self.vcpu.regs.rcx = rcx;
@@ -1117,8 +1281,8 @@ mod tests {
         fn register_everything(&mut self) -> u32 {
             let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
             assert_eq!(self.call(0x10, K + LAYOUT, layout_size), 0, "kernel registered");
-            assert_eq!(self.call(0x11, 0, 0), 0, "locked");
             let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+            assert_eq!(self.call(0x11, K + AGENT_INFO, info_size), 1, "locked; the agent is module 1");
             let id = self.call(0x12, K + MODULE_INFO, info_size);
             assert!(id > 0, "module registered: {id}");
             id as u32
@@ -1160,7 +1324,8 @@ mod tests {
         // A second registration or lock is refused.
         let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
         assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::Locked.code());
-        assert_eq!(f.call(0x11, 0, 0), Error::Locked.code());
+        let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+        assert_eq!(f.call(0x11, K + AGENT_INFO, info_size), Error::Locked.code());
     }
 
     /// Registers the fixture's module (one code page holding `mov [rax], rbx`)
@@ -1175,7 +1340,7 @@ mod tests {
         let sha256 = sha2::Sha256::digest(&code).into();
         let entry = Entry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: alloc::vec![(0x11, 1)] };
         let mut f = fixture(mode);
-        f.guest.integrity.as_mut().unwrap().trusted = alloc::vec![entry];
+        f.guest.integrity.as_mut().unwrap().trusted.push(entry);
         let id = f.register_everything();
         (f, id)
     }
@@ -1562,10 +1727,70 @@ mod tests {
     }
 
     #[test]
+    fn only_the_agents_code_drives_the_views() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let agent = f.guest.integrity.as_ref().unwrap().engine.agent().expect("pinned at the lock");
+        w(&f.phys, MODULE_STRUCT, &abi::module_state::GOING.to_le_bytes());
+        let before = f.control.clone();
+        // Kernel code that is not the agent's (a module's deputy, or the
+        // kernel itself): refused and reported, nothing changes.
+        assert_eq!(f.call_at(K + PRINTK, 0x14, u64::from(id), 0), Error::NotPermitted.code());
+        assert_eq!(f.call_at(K + PRINTK, 0x15, K + STACK, 16), Error::NotPermitted.code());
+        // The agent's physical page through another linear address (a
+        // page-table alias, here PD[6] -> the 2 MiB page holding it).
+        w(&f.phys, 0x3000 + 6 * 8, &((4u64 << 21) | 0x83).to_le_bytes());
+        let alias = K + (6 << 21) + (AGENT_VMCALL - (4 << 21));
+        assert_eq!(f.call_at(alias, 0x14, u64::from(id), 0), Error::NotPermitted.code());
+        let e = &mut f.guest.integrity.as_mut().unwrap().engine;
+        assert!(e.modules().any(|m| m == id), "still registered");
+        let records: Vec<_> = e.violations.take(usize::MAX).collect();
+        assert_eq!(records.iter().map(|r| r.kind).collect::<Vec<_>>(), [ViolationKind::Hypercall as u32; 3]);
+        assert!(records.iter().all(|r| r.module == u32::MAX), "reported for the kernel view");
+        assert_eq!(f.control, before);
+        // The agent itself is pinned for good.
+        w(&f.phys, AGENT_DATA, &abi::module_state::GOING.to_le_bytes());
+        assert_eq!(f.call(0x14, u64::from(agent), 0), Error::NotPermitted.code());
+        // Its own calls work.
+        assert_eq!(f.call(0x14, u64::from(id), 0), 0);
+    }
+
+    #[test]
+    fn the_lock_pins_the_agent_or_the_guest_stops() {
+        // Locks with `info` as the agent's registration: the stop's reason.
+        fn lock_with(f: &mut Fixture, info: u64) -> alloc::string::String {
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            assert_eq!(f.call(0x10, K + LAYOUT, layout_size), 0);
+            f.vcpu.write(Field::Rip, K + AGENT_VMCALL);
+            (f.vcpu.regs.rax, f.vcpu.regs.rbx, f.vcpu.regs.rcx) = (0x11, info, size_of::<abi::ModuleInfo>() as u64);
+            let stop = f.exit(ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() });
+            assert!(!f.guest.integrity.as_ref().unwrap().engine.is_locked());
+            match stop {
+                Action::Stop(StopReason::IntegrityRefused(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        }
+        // Another module offering itself as the agent.
+        assert!(lock_with(&mut fixture(Mode::Enforce), K + MODULE_INFO).contains("evil"));
+        // The agent's name with other code: the same (in audit mode too).
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let mut f = fixture(mode);
+            w(&f.phys, AGENT_CODE + 0x100, &[0xcc]);
+            assert!(lock_with(&mut f, K + AGENT_INFO).contains("sha256"));
+        }
+        // A guest that asks for integrity without naming the agent does not boot.
+        assert!(GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![]).is_err());
+    }
+
+    #[test]
     fn a_gone_modules_code_is_scrubbed_before_the_kernel_gets_it_back() {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         assert_ne!(guest_bytes(&f, MODULE_CODE + 0x10, 3), [0, 0, 0]);
+        // Not going yet, as the kernel's own record says: refused.
+        assert_eq!(f.call(0x14, u64::from(id), 0), Error::InvalidArgument.code());
+        assert_ne!(guest_bytes(&f, MODULE_CODE + 0x10, 3), [0, 0, 0], "nothing scrubbed");
+        w(&f.phys, MODULE_STRUCT, &abi::module_state::GOING.to_le_bytes());
         assert_eq!(f.call(0x14, u64::from(id), 0), 0, "unregistered");
         assert_eq!(guest_bytes(&f, MODULE_CODE, 0x1000), alloc::vec![0u8; 0x1000], "code scrubbed");
         assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::RWX));

@@ -106,6 +106,8 @@ pub enum StopReason {
     Mmio(String),
     LoadFailed(String),
     HypervisorError(String),
+    /// Run-time integrity was asked for and cannot be enforced.
+    IntegrityRefused(String),
 }
 
 impl fmt::Display for StopReason {
@@ -143,6 +145,7 @@ impl fmt::Display for StopReason {
             StopReason::Mmio(why) => f.write_str(why),
             StopReason::LoadFailed(why) => write!(f, "could not be loaded: {why}"),
             StopReason::HypervisorError(why) => write!(f, "hypervisor error: {why}"),
+            StopReason::IntegrityRefused(why) => write!(f, "integrity cannot be enforced: {why}"),
         }
     }
 }

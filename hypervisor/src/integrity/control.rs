@@ -49,7 +49,7 @@ pub mod fake {
     use alloc::vec::Vec;
 
     /// Records every request; the kernel view starts with every page RWX.
-    #[derive(Default)]
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
     pub struct FakeControl {
         pub active: Option<View>,
         pub perms: BTreeMap<(View, u64), Perms>,

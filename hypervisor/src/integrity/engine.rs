@@ -114,6 +114,8 @@ pub enum RegisterError {
     Overlap,
     TooMany,
     UnknownModule,
+    /// The agent is pinned for the guest's lifetime.
+    Pinned,
 }
 
 pub struct Engine {
@@ -128,6 +130,9 @@ pub struct Engine {
     /// executable for the kernel again (until registered as module code,
     /// whose checks they then pass).
     tainted: alloc::collections::BTreeSet<u64>,
+    /// The guest's agent, pinned at the lock: the only code that may make
+    /// integrity hypercalls from then on.
+    agent: Option<u32>,
     pub violations: ViolationLog,
     pub stats: Stats,
 }
@@ -146,8 +151,12 @@ pub struct Stats {
     pub violations: u64,
 }
 
-/// Modules registered at once: servers load a few hundred.
-const MAX_MODULES: usize = 1024;
+/// Violation records kept for the agent, which drains them every second
+/// and whenever `/proc/ctvm_violations` is read: a burst of thousands fits.
+/// Past it, the oldest are dropped and counted (a gap in the sequence).
+pub const VIOLATION_LOG: usize = 8192;
+
+const MAX_MODULES: usize = guest_agent::integrity::MODULES_MAX as usize;
 /// Pages tracked for modules, all together (256 MiB of module memory): the
 /// bookkeeping lives on the hypervisor's heap, which a guest must not
 /// exhaust. Debian's largest module, amdgpu, is 4.7 MiB of text and 2.5 MiB
@@ -173,7 +182,8 @@ impl Engine {
             next_id: 1,
             returns: ReturnPoints::default(),
             tainted: alloc::collections::BTreeSet::new(),
-            violations: ViolationLog::new(256),
+            agent: None,
+            violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
         }
     }
@@ -214,18 +224,34 @@ impl Engine {
     }
 
     /// Locks the layout; from now on it cannot change and the protections hold.
-    pub fn lock(&mut self, page_tables: impl IntoIterator<Item = u64>) -> Result<(), RegisterError> {
+    /// Returns the page-table pages it classified, for [`Self::revert_lock`].
+    pub fn lock(&mut self, page_tables: impl IntoIterator<Item = u64>) -> Result<Vec<u64>, RegisterError> {
         if self.layout.is_none() {
             return Err(RegisterError::NotLocked);
         }
         if self.locked {
             return Err(RegisterError::Locked);
         }
+        let mut added = Vec::new();
         for gpa in page_tables {
-            self.pages.entry(page(gpa)).or_insert(PageClass::PageTable);
+            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
+                v.insert(PageClass::PageTable);
+                added.push(page(gpa));
+            }
         }
         self.locked = true;
-        Ok(())
+        Ok(added)
+    }
+
+    /// Undoes a lock whose agent could not be put in place (before any
+    /// other module registered): the lock is all or nothing.
+    pub fn revert_lock(&mut self, added: &[u64]) {
+        if self.agent.is_none() && self.modules.is_empty() {
+            for p in added {
+                self.pages.remove(p);
+            }
+            self.locked = false;
+        }
     }
 
     /// Adds a module with the guest-physical pages of its code and data.
@@ -262,6 +288,8 @@ impl Engine {
         }
         info.entries.sort_unstable();
         info.entries.dedup();
+        info.exports.sort_unstable();
+        info.exports.dedup();
         self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec() });
         Ok(id)
     }
@@ -308,6 +336,9 @@ impl Engine {
     /// untrusted module's data stays tainted: it wrote there, so the kernel
     /// must not execute it whatever the page holds next.
     pub fn unregister_module(&mut self, id: u32) -> Result<ModuleInfo, RegisterError> {
+        if self.agent == Some(id) {
+            return Err(RegisterError::Pinned);
+        }
         let m = self.modules.remove(&id).ok_or(RegisterError::UnknownModule)?;
         let tainted = &mut self.tainted;
         self.pages.retain(|&p, c| match c {
@@ -374,6 +405,31 @@ impl Engine {
 
     pub fn is_trusted(&self, id: u32) -> bool {
         self.modules.get(&id).is_some_and(|m| m.trusted)
+    }
+
+    /// Pins module `id`, registered trusted, as the guest's agent.
+    pub fn set_agent(&mut self, id: u32) -> Result<(), RegisterError> {
+        if self.agent.is_some() || !self.is_trusted(id) {
+            return Err(RegisterError::Pinned);
+        }
+        self.agent = Some(id);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Option<u32> {
+        self.agent
+    }
+
+    /// Whether code at `addr`, fetched from guest-physical `gpa`, is the
+    /// pinned agent's, reached through the page it is registered at.
+    pub fn is_agent_code(&self, addr: u64, gpa: u64) -> bool {
+        self.agent.is_some_and(|a| self.class_of(gpa) == Some(PageClass::ModuleCode(a)))
+            && self.translates_as_registered(addr, gpa)
+    }
+
+    /// The address of module `id`'s `struct module`.
+    pub fn module_struct(&self, id: u32) -> Option<u64> {
+        self.modules.get(&id).map(|m| m.info.module_struct)
     }
 
     pub fn class_of(&self, gpa: u64) -> Option<PageClass> {
@@ -665,8 +721,14 @@ impl Engine {
                 Err(ViolationKind::CallNonEntry)
             }
             Destination::Module(other) => {
-                let is_entry =
-                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+                // A module in the kernel's view is part of the kernel: it is
+                // called at what it exports, like the kernel. An isolated one
+                // also at the callbacks it hands out.
+                let trusted = back_into == View::Kernel;
+                let is_entry = self.modules.get(&other).is_some_and(|md| {
+                    let entries = if trusted { &md.info.exports } else { &md.info.entries };
+                    entries.binary_search(&target).is_ok()
+                });
                 if !is_entry {
                     return Err(if back_into == View::Kernel {
                         ViolationKind::CallNonEntry
@@ -827,6 +889,7 @@ mod tests {
             init: vec![Range::new(MOD, MOD + 0x20)],
             entries: vec![MOD_FN, MOD_INIT],
             fixups: vec![(MOD + 0x400, MOD + 0x480)],
+            ..Default::default()
         };
         let id = e.register_module(info, false, &[MOD_CODE_GPA], &[MOD_DATA_GPA]).unwrap();
         (e, id)
@@ -1142,16 +1205,21 @@ mod tests {
         let info = ModuleInfo {
             name: String::from("agent"),
             code: vec![Range::new(0xffff_ffff_c100_0000, 0xffff_ffff_c100_1000)],
-            entries: vec![0xffff_ffff_c100_0000],
+            entries: vec![0xffff_ffff_c100_0000, 0xffff_ffff_c100_0800],
+            exports: vec![0xffff_ffff_c100_0000],
             ..Default::default()
         };
         let id = e.register_module(info, true, &[0x4000_0000], &[0x4000_1000]).unwrap();
+        // It is part of the kernel: a module calls it at its exports only,
+        // not at the functions it hands the kernel (the agent's notifier).
+        let out = e.decide(&fault(View::Module(evil), Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0800, 0));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallNonEntry));
         assert!(e.is_trusted(id));
         assert_eq!(e.class_of(0x4000_1000), Some(PageClass::ModuleData(id)));
         // An isolated module may not write a trusted module's data.
         let out = e.decide(&fault(View::Module(evil), Access::Write, 0x4000_1000, 0, 0));
         assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::WriteProtectedData));
-        // It may call a trusted module's entry: that is the kernel view.
+        // It may call a trusted module's export: that is the kernel view.
         let out = e.decide(&fault(View::Module(evil), Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0000, 0));
         assert_eq!(out.step, Step::Switch(View::Kernel));
         // The kernel view executing a trusted module is not a crossing.

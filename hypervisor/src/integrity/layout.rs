@@ -24,6 +24,11 @@ impl Range {
         self.end <= self.start
     }
 
+    /// Its length in bytes (0 when empty).
+    pub const fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
     /// Every 4 KiB page the range touches, by page address. Ends at the top
     /// of the address space rather than wrap around to page 0.
     pub fn pages(&self) -> impl Iterator<Item = u64> {
@@ -140,6 +145,12 @@ pub struct ModuleInfo {
     /// Its exception table as (faulting instruction, fixup): after a fault
     /// at the first, the kernel resumes it at the second.
     pub fixups: Vec<(u64, u64)>,
+    /// Its exported functions: where another module may call it when it
+    /// runs in the kernel's view (a trusted module is part of the kernel).
+    pub exports: Vec<u64>,
+    /// Its `struct module` (inside its data), whose `state` the hypervisor
+    /// reads to check a LIVE or GOING report.
+    pub module_struct: u64,
 }
 
 impl KernelLayout {

@@ -70,9 +70,23 @@ pub struct GuestIntegrity {
     /// The modules this guest trusts, each pinned by its code's digest: a
     /// module whose name and code match runs in the kernel view.
     pub trusted: alloc::vec::Vec<policy::Entry>,
+    /// What the console has shown of the violations.
+    pub repeats: violation::Repeats,
 }
 
 impl GuestIntegrity {
+    /// A guest's integrity state, if its trust list pins the agent: the
+    /// views are driven by the agent alone, identified by its code.
+    pub fn for_guest(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Result<Self, alloc::string::String> {
+        if !trusted.iter().any(|e| e.name == guest_agent::integrity::AGENT_NAME) {
+            return Err(alloc::format!(
+                "integrity needs its agent pinned: add trust={} (with its ctvm.policy entry, which cargo xtask writes), or integrity=off",
+                guest_agent::integrity::AGENT_NAME
+            ));
+        }
+        Ok(Self::new(mode, trusted))
+    }
+
     pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
         GuestIntegrity {
             engine: Engine::new(mode),
@@ -80,6 +94,7 @@ impl GuestIntegrity {
             stepping: None,
             pending_interrupts: alloc::collections::VecDeque::new(),
             trusted,
+            repeats: violation::Repeats::default(),
         }
     }
 }

@@ -121,11 +121,13 @@ integrity_tests() {
     attack atk_ftrace target=$(sym __x64_sys_getpid)
     attack atk_setmem rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw)
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
+    attack atk_agentcall ctvm_call=$(awk '$3 ~ /^ctvm_call/ && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
 
     # The agent cannot be unloaded.
     if rmmod ctvm_agent 2>/dev/null; then say "FAIL: the agent was unloaded"; else say "agent unload refused"; fi
     say "kernel still works: $(uname -r), $(ls /lib/ctvm | wc -l) files"
-    say "violations recorded: $(wc -l < /proc/ctvm_violations)"
+    say "violations recorded: $(head -n 1 /proc/ctvm_violations)"
+    say "violation records lost: $(head -n 1 /proc/ctvm_violations | sed 's/.*lost=//')"
 }
 
 # ctvm.tpm: print what the harness checks about the vTPM: the PCRs, the

@@ -522,9 +522,10 @@ impl Vcpu {
         }
     }
 
-    /// For the entry-failure scenario: clears CR4.VMXE in the guest state,
-    /// which VM entry must refuse and CTVM must diagnose.
-    pub fn debug_corrupt_guest_cr4(&mut self) {
+    /// For the entry-failure scenario (test image only): clears CR4.VMXE in
+    /// the guest state, which VM entry must refuse and CTVM must diagnose.
+    #[cfg(feature = "test-hooks")]
+    pub fn test_corrupt_guest_cr4(&mut self) {
         self.load();
         let cr4 = vmcs::read(guest::CR4);
         vmcs::write(guest::CR4, cr4 & !CR4_VMXE);
