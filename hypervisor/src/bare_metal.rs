@@ -168,6 +168,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     if tests.dma {
         hypervisor::arch::x86_64::testing::edu_dma(platform::pm_timer_port(&boot));
     }
+    #[cfg(feature = "test-hooks")]
+    if tests.vtpm_seal {
+        hypervisor::arch::x86_64::testing::vtpm_seal();
+    }
 
     let vmx = match enable() {
         Ok(vmx) => vmx,

@@ -12,6 +12,7 @@ use log::{error, info, warn};
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::entropy::HardwarePlatform;
+use crate::arch::x86_64::platform::Sealer;
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::Vmx;
@@ -28,7 +29,9 @@ use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
-use crate::tpm::anchor::{NoCounter, SealingRoot, SeedRoot};
+use crate::tpm::anchor::{
+    CounterElsewhere, NoCounter, PlatformCounter, PlatformRoot, RollbackAnchor, SealingRoot, SeedRoot,
+};
 use crate::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
 use crate::tpm::setup::{self, Level, VtpmMode};
 use crate::tpm::{launch_measurements, GuestTpm};
@@ -91,6 +94,17 @@ fn cr_limits(vmx: &Vmx) -> CrLimits {
         cr4_fixed1: vmx.msrs.cr4_fixed1,
         unrestricted: vmx.controls.features.unrestricted_guest,
     }
+}
+
+/// The durable guest the platform TPM's one monotonic counter guards: the
+/// first in module order (keep that order: a guest that takes the counter
+/// over later finds its older versions below it and refuses them).
+static COUNTER_OWNER: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+
+/// Whether `guest` gets the platform counter (the first to ask does).
+fn claim_counter(guest: &str) -> bool {
+    let mut owner = COUNTER_OWNER.lock();
+    owner.get_or_insert_with(|| String::from(guest)) == guest
 }
 
 pub fn module_bytes(module: &Module) -> &'static [u8] {
@@ -272,18 +286,27 @@ impl Vm {
         let mode =
             if config.vtpm_durable { VtpmMode::Durable { reset: config.vtpm_reset } } else { VtpmMode::Volatile };
         let blob = machine.modules.iter().find(|m| config::state_owner(&m.cmdline) == Some(&name)).map(module_bytes);
-        let root = machine.vtpm_seed.map(SeedRoot::new);
-        let mut nonces = HardwarePlatform::new();
-        let request = setup::Request {
-            guest: &name,
-            mode,
-            root: root.as_ref().map(|r| r as &dyn SealingRoot),
-            seed: machine.vtpm_seed,
-            blob,
+        // With a platform TPM the state key is sealed to CTVM's measured
+        // configuration and its counter guards the first durable guest;
+        // without one, the seed and no counter (both reported as weaker).
+        let sealer = Sealer::found();
+        let root: Option<alloc::boxed::Box<dyn SealingRoot>> = match (machine.vtpm_seed, sealer) {
+            (Some(seed), Some(chip)) => Some(alloc::boxed::Box::new(PlatformRoot::new(chip, seed))),
+            (Some(seed), None) => Some(alloc::boxed::Box::new(SeedRoot::new(seed))),
+            (None, _) => None,
         };
+        let anchor: alloc::boxed::Box<dyn RollbackAnchor> = match sealer {
+            Some(chip) if config.vtpm_durable && claim_counter(&name) => {
+                alloc::boxed::Box::new(PlatformCounter::new(chip, &name))
+            }
+            Some(_) if config.vtpm_durable => alloc::boxed::Box::new(CounterElsewhere),
+            _ => alloc::boxed::Box::new(NoCounter),
+        };
+        let mut nonces = HardwarePlatform::new();
+        let request = setup::Request { guest: &name, mode, root: root.as_deref(), seed: machine.vtpm_seed, blob };
         let setup = setup::prepare(
             &request,
-            alloc::boxed::Box::new(NoCounter),
+            anchor,
             HardwarePlatform::new,
             alloc::boxed::Box::new(move |b: &mut [u8]| vtpm_core::Platform::fill_random(&mut nonces, b)),
         );

@@ -12,9 +12,15 @@
 //!   command, the store service's write and report, the driver's read),
 //!   and the machine rebooted on every blob the guest could hand back: no
 //!   acknowledged write is ever missing from a blob the vTPM accepts.
+//! * With a platform TPM (libtpms, 2.0 and 1.2, through swtpm): the state
+//!   key sealed to CTVM's measured configuration and the versions anchored
+//!   in its monotonic counter, across power cycles: fresh, restored, stale,
+//!   corrupt, foreign, and refused to unseal after a changed measurement.
 
 #[path = "../../vtpm-core/server/tests/support/client.rs"]
 mod client;
+#[path = "support/swtpm.rs"]
+mod swtpm;
 #[path = "../../vtpm-core/server/tests/support/tpm12.rs"]
 mod tpm12;
 
@@ -24,7 +30,12 @@ use std::sync::OnceLock;
 
 use client::{Client, Transport};
 use hypervisor::devices::tis::{sts, State, Tis, TpmBackend};
-use hypervisor::tpm::anchor::{AnchorError, NoCounter, RollbackAnchor, SealingRoot, SeedRoot};
+use hypervisor::platform::tpm::launch::{self, PlatformTpm};
+use hypervisor::platform::tpm::{seal, Family};
+use hypervisor::tpm::anchor::{
+    AnchorError, KeyError, NoCounter, PlatformCounter, PlatformRoot, PlatformSeal, RollbackAnchor, SealingRoot,
+    SeedRoot, PLATFORM_SEALED,
+};
 use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
 use hypervisor::tpm::durable::{Entropy, StoreError, TPM_RETRY};
 use hypervisor::tpm::persist::RestoreError;
@@ -115,9 +126,21 @@ fn boot_as(
     anchor: Box<dyn RollbackAnchor>,
 ) -> Booted {
     let root = seed.map(SeedRoot::new);
-    let request = Request { guest, mode, root: root.as_ref().map(|r| r as &dyn SealingRoot), seed, blob };
+    boot_under(guest, mode, seed, root.as_ref().map(|r| r as &dyn SealingRoot), blob, anchor)
+}
+
+/// [`boot_as`] under any sealing root.
+fn boot_under(
+    guest: &str,
+    mode: VtpmMode,
+    seed: Option<[u8; 32]>,
+    root: Option<&dyn SealingRoot>,
+    blob: Option<&[u8]>,
+    anchor: Box<dyn RollbackAnchor>,
+) -> Booted {
+    let request = Request { guest, mode, root, seed, blob };
     let setup = prepare(&request, anchor, platforms(), nonces());
-    let report = setup.report(guest, "vtpm.seed");
+    let report = setup.report(guest, root.map_or("nothing", |r| r.name()));
     let durable = setup.durable();
     let cfg = SecurityConfig {
         hypervisor: [7; 32],
@@ -226,18 +249,23 @@ fn owned_with_nv() -> &'static (Disk, u64) {
         assert_eq!(outcome, Outcome::New { refused: None });
         assert!(ca.is_some(), "the CA certificate is printed at a first boot");
         let mut disk = Disk::default();
-        let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
-        let mut c = Client::new(&mut d);
-        c.record = false;
-        let ek = c.read_pubek().unwrap();
-        c.take_ownership(&ek, &OWNER, &WELL_KNOWN).unwrap();
-        // Writable without authorisation (until a zero-length write locks it
-        // for one boot, which nothing here does).
-        assert_eq!(c.nv_define(&OWNER, NV, NV_PER_WRITE_STCLEAR, NV_SIZE), 0);
+        own_and_define_nv(&mut vtpm, &mut disk);
         let v = *counter.value.borrow();
         assert!(disk.synced.len() >= 3, "fence, ownership and the NV index each stored");
         (disk, v)
     })
+}
+
+/// TakeOwnership and an NV index anyone may write (until a zero-length
+/// write locks it for one boot, which nothing here does), each through the
+/// durable path.
+fn own_and_define_nv(vtpm: &mut GuestTpm, disk: &mut Disk) {
+    let mut d = Driver { tis: &mut vtpm.tis, disk };
+    let mut c = Client::new(&mut d);
+    c.record = false;
+    let ek = c.read_pubek().unwrap();
+    c.take_ownership(&ek, &OWNER, &WELL_KNOWN).unwrap();
+    assert_eq!(c.nv_define(&OWNER, NV, NV_PER_WRITE_STCLEAR, NV_SIZE), 0);
 }
 
 fn nv_write(offset: u32, data: &[u8]) -> Vec<u8> {
@@ -255,7 +283,11 @@ fn a_first_boot_certifies_the_ek_and_a_second_boot_has_the_owner_and_nv() {
     let (outcome, report, _, mut vtpm) =
         boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
     assert!(matches!(outcome, Outcome::Opened { reset_ignored: false, .. }), "{outcome:?}");
-    assert!(report.iter().all(|(l, _)| *l == Level::Info), "a counter guards it: {report:?}");
+    assert!(!report.iter().any(|(_, t)| t.contains("rollback")), "a counter guards it: {report:?}");
+    // The seed as the root is said to be weaker than a platform TPM.
+    let warnings: Vec<_> = report.iter().filter(|(l, _)| *l != Level::Info).collect();
+    assert_eq!(warnings.len(), 1, "{report:?}");
+    assert!(warnings[0].1.contains("not sealed to a platform TPM: whoever reads the seed module can open and forge"));
     let mut disk = disk.clone();
     let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
     let mut c = Client::new(&mut d);
@@ -606,4 +638,186 @@ fn a_vtpm_with_all_its_nv_in_use_still_fits_the_store_channel() {
     let largest = disk.synced.iter().map(Vec::len).max().unwrap();
     assert!(largest > 28_000, "the blob holds the NV data ({largest} bytes)");
     assert!(largest <= guest_agent::vtpm_store::MAX_BLOB, "a {largest}-byte blob does not fit the store channel");
+}
+
+// ---- With a platform TPM: libtpms through swtpm ------------------------
+
+/// The platform TPM as CTVM's bare-metal `Sealer` drives it
+/// (`arch::x86_64::platform`): the same `platform::tpm::seal` calls, the
+/// key sealed to PCR 12, over swtpm instead of the TIS.
+#[derive(Clone)]
+struct Libtpms(Rc<RefCell<PlatformTpm<swtpm::Tcp>>>);
+
+impl PlatformSeal for Libtpms {
+    fn seal(&self, key: &[u8; 32]) -> Result<Vec<u8>, String> {
+        seal::seal_key(&mut self.0.borrow_mut(), key, &[launch::PCR_CONFIG], &mut swtpm::nonces())
+            .map_err(|e| e.to_string())
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<[u8; 32], String> {
+        seal::unseal_key(&mut self.0.borrow_mut(), sealed, &mut swtpm::nonces()).map_err(|e| e.to_string())
+    }
+
+    fn counter(&self, advance: bool) -> Result<u64, String> {
+        seal::vtpm_counter(&mut self.0.borrow_mut(), advance, &mut swtpm::nonces()).map_err(|e| e.to_string())
+    }
+}
+
+/// One machine with a platform TPM whose state outlives its power cycles.
+struct Machine {
+    state: swtpm::TempDir,
+    tpm2: bool,
+}
+
+impl Machine {
+    fn new(tag: &str, tpm2: bool) -> Machine {
+        let state = swtpm::TempDir::new(tag);
+        if !tpm2 {
+            swtpm::owned_tpm12_state(&state.0);
+        }
+        Machine { state, tpm2 }
+    }
+
+    /// Power on and CTVM's measured launch with `cmdline`; the chip dies
+    /// with the returned swtpm (a power cut).
+    fn power_on(&self, cmdline: &str) -> (swtpm::Swtpm, Libtpms) {
+        let sw = swtpm::Swtpm::start(&self.state.0, self.tpm2);
+        let mut tpm = if self.tpm2 { PlatformTpm::new(Family::V2, sw.transport()) } else { swtpm::tpm12(&sw) };
+        swtpm::launch_ctvm(&mut tpm, cmdline);
+        (sw, Libtpms(Rc::new(RefCell::new(tpm))))
+    }
+}
+
+/// A durable boot rooted in `chip`: key and counter.
+fn boot_on(chip: &Libtpms, blob: Option<&[u8]>, reset: bool) -> Booted {
+    let root = PlatformRoot::new(chip.clone(), SEED);
+    let anchor = Box::new(PlatformCounter::new(chip.clone(), GUEST));
+    boot_under(GUEST, VtpmMode::Durable { reset }, Some(SEED), Some(&root), blob, anchor)
+}
+
+fn refused_key(o: &Outcome) -> Option<&KeyError> {
+    match o {
+        Outcome::Failed(Failure::Refused(RestoreError::Key(k))) => Some(k),
+        _ => None,
+    }
+}
+
+fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
+    const CONFIG: &str = "log=info";
+    let machine = Machine::new(if tpm2 { "vtpm-tpm2" } else { "vtpm-tpm12" }, tpm2);
+    let mut disk = Disk::default();
+    // Boot 1, fresh: a new key sealed in the chip, ownership, NV and two
+    // writes, each committed in the chip's counter.
+    let before_second;
+    {
+        let (_power, chip) = machine.power_on(CONFIG);
+        let start = chip.counter(false).unwrap();
+        let (o, report, ca, mut vtpm) = boot_on(&chip, None, true);
+        assert_eq!(o, Outcome::New { refused: None });
+        assert!(ca.is_some());
+        assert!(report.iter().all(|(_, t)| !t.contains("rollback") && !t.contains("forge")), "{report:?}");
+        own_and_define_nv(&mut vtpm, &mut disk);
+        let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"first"))), 0);
+        before_second = disk.latest().unwrap().clone();
+        let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"second"))), 0);
+        assert!(disk.synced.iter().all(|b| b.starts_with(PLATFORM_SEALED)), "every blob carries its sealed key");
+        let last = chip.counter(false).unwrap();
+        assert!(last >= start + 5, "fence, ownership, NV index, two writes: {start} -> {last}");
+    }
+    let newest = disk.latest().unwrap().clone();
+    // Boot 2, restored after a power cycle under the same configuration.
+    {
+        let (_power, chip) = machine.power_on(CONFIG);
+        let (o, report, _, mut vtpm) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(o, Outcome::Opened { reset_ignored: false, .. }), "{o:?}");
+        assert!(report.iter().all(|(l, _)| *l == Level::Info), "nothing weaker to report: {report:?}");
+        assert!(report[0].1.contains("sealed under the platform TPM"), "{report:?}");
+        assert_eq!(&nv_contents(&mut vtpm)[..6], b"second");
+        // Stale: the blob from before the second write, rolled back.
+        let (o, _, _, mut vtpm) = boot_on(&chip, Some(&before_second), false);
+        assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+        assert_failed(&mut vtpm);
+        // Corrupt: a bit of the state blob, a bit of the sealed key, the
+        // length of the sealed key.
+        let mut bad = newest.clone();
+        let at = bad.len() - 20;
+        bad[at] ^= 0x10;
+        let (o, _, _, mut vtpm) = boot_on(&chip, Some(&bad), false);
+        assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Forged))));
+        assert_failed(&mut vtpm);
+        let mut bad = newest.clone();
+        bad[PLATFORM_SEALED.len() + 2 + 40] ^= 1;
+        let (o, _, _, _) = boot_on(&chip, Some(&bad), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_) | KeyError::Malformed)), "{o:?}");
+        let mut bad = newest.clone();
+        bad[PLATFORM_SEALED.len()] = 0xff;
+        let (o, _, _, _) = boot_on(&chip, Some(&bad), false);
+        assert_eq!(refused_key(&o), Some(&KeyError::Malformed));
+        // Foreign: a blob sealed under the seed alone (which anyone who reads
+        // the seed module can make) is refused where a platform TPM roots the keys.
+        let (seed_disk, _) = owned_with_nv();
+        let (o, _, _, _) = boot_on(&chip, seed_disk.latest().map(Vec::as_slice), false);
+        assert_eq!(refused_key(&o), Some(&KeyError::SeedOnly));
+        // And a platform-sealed blob on a boot without a platform TPM.
+        let (o, _, _, _) = boot(VtpmMode::Durable { reset: false }, Some(SEED), Some(&newest), Box::new(NoCounter));
+        assert_eq!(refused_key(&o), Some(&KeyError::NeedsPlatformTpm));
+    }
+    // Boot 3, CTVM's configuration changed (another command line, PCR 12):
+    // the chip refuses to unseal the key; failure mode, said plainly; a
+    // reset makes a new vTPM and says which blob it gave up.
+    {
+        let (_power, chip) = machine.power_on("log=debug");
+        let (o, report, _, mut vtpm) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+        assert_failed(&mut vtpm);
+        assert!(
+            report.iter().any(|(l, t)| *l == Level::Error
+                && t.contains("vTPM in failure mode: state blob refused: the platform TPM refused to unseal its key")),
+            "{report:?}"
+        );
+    }
+    // Boot 4, the original configuration again: the key unseals, the
+    // newest blob opens, the older one stays stale.
+    let (_power, chip) = machine.power_on(CONFIG);
+    let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    let (o, _, _, _) = boot_on(&chip, Some(&before_second), false);
+    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+    if tpm2 {
+        // Another machine's platform TPM cannot unseal this one's key.
+        let other = Machine::new("vtpm-tpm2-other", true);
+        let (_power, chip) = other.power_on(CONFIG);
+        let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+    }
+}
+
+#[test]
+fn a_vtpm_sealed_to_a_tpm2_lives_across_power_cycles_and_refuses_every_bad_blob() {
+    platform_rooted_vtpm_lifecycle(true);
+}
+
+#[test]
+fn a_vtpm_sealed_to_a_tpm12_lives_across_power_cycles_and_refuses_every_bad_blob() {
+    platform_rooted_vtpm_lifecycle(false);
+}
+
+/// The platform counter moves one step at a time up to the version, never
+/// past it and never back; it guards one guest only.
+#[test]
+fn the_platform_counter_anchors_versions_one_step_at_a_time() {
+    let machine = Machine::new("vtpm-counter", true);
+    let (_power, chip) = machine.power_on("log=info");
+    let mut anchor = PlatformCounter::new(chip.clone(), GUEST);
+    let start = anchor.committed(GUEST).unwrap().unwrap();
+    anchor.commit(GUEST, start + 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 2);
+    anchor.commit(GUEST, start + 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 2, "committing the same version again moves nothing");
+    assert!(anchor.commit(GUEST, start + 1).is_err(), "never back");
+    assert!(anchor.commit(GUEST, start + 100).is_err(), "a version far above is refused, not counted up to");
+    assert!(anchor.committed("other").is_err() && anchor.commit("other", start + 3).is_err());
+    assert_eq!(chip.counter(false).unwrap(), start + 2);
 }

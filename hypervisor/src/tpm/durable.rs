@@ -76,6 +76,9 @@ pub struct DurableTpm<P: Platform> {
     held: Option<Vec<u8>>,
     /// A released response the TIS has not taken yet.
     released: Option<Vec<u8>>,
+    /// What goes in front of every blob: the state key sealed to the
+    /// platform TPM (`anchor::PlatformRoot`), or nothing.
+    prefix: Vec<u8>,
     /// The blob with the store service.
     outbox: Option<(u64, Vec<u8>)>,
     /// Fresh bytes for the blobs' AES-GCM nonces.
@@ -120,10 +123,18 @@ impl<P: Platform> DurableTpm<P> {
             protocol: Durability::boot(counter),
             held: None,
             released: None,
+            prefix: Vec::new(),
             outbox: None,
             entropy,
             stats: DurableStats::default(),
         }
+    }
+
+    /// Puts `prefix` in front of every blob handed to the store service
+    /// (the platform-sealed state key, which the next boot needs first).
+    pub fn with_prefix(mut self, prefix: Vec<u8>) -> Self {
+        self.prefix = prefix;
+        self
     }
 
     /// Where the protocol is.
@@ -184,8 +195,11 @@ impl<P: Platform> StoreChannel for DurableTpm<P> {
             Some(Store::Seal(version)) => {
                 let mut nonce = [0u8; vtpm_trust::blob::NONCE_LEN];
                 (self.entropy)(&mut nonce);
-                let blob = super::persist::seal_state(&self.key, &self.guest, version, &self.tpm, nonce)
+                let sealed = super::persist::seal_state(&self.key, &self.guest, version, &self.tpm, nonce)
                     .map_err(StoreError::Seal)?;
+                let mut blob = Vec::with_capacity(self.prefix.len() + sealed.len());
+                blob.extend_from_slice(&self.prefix);
+                blob.extend_from_slice(&sealed);
                 self.stats.sealed = self.stats.sealed.saturating_add(1);
                 self.outbox = Some((version, blob));
                 version

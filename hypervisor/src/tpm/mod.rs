@@ -237,6 +237,34 @@ pub mod fake {
             }
         }
     }
+
+    /// A durable backend's store channel alone: hands over version 9 and
+    /// records the reports it takes, shared with the test that boxed it.
+    #[derive(Default)]
+    pub struct FakeStore {
+        pub reports: alloc::rc::Rc<core::cell::RefCell<Vec<u64>>>,
+    }
+
+    impl TpmBackend for FakeStore {
+        fn execute(&mut self, _locality: u8, _command: &[u8]) -> Vec<u8> {
+            reply(0, &[])
+        }
+
+        fn store(&mut self) -> Option<&mut dyn durable::StoreChannel> {
+            Some(self)
+        }
+    }
+
+    impl durable::StoreChannel for FakeStore {
+        fn fetch(&mut self) -> Result<Option<(u64, &[u8])>, durable::StoreError> {
+            Ok(Some((9, b"sealed state")))
+        }
+
+        fn stored(&mut self, version: u64) -> Result<(), durable::StoreError> {
+            self.reports.borrow_mut().push(version);
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -52,8 +52,10 @@ pub fn seal_state<P: Platform>(
 }
 
 /// Why a sealed state did not restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RestoreError {
+    /// Its state key could not be had (see `anchor::SealingRoot`).
+    Key(super::anchor::KeyError),
     Blob(BlobError),
     State(vtpm_core::StateError),
 }

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 
 use vtpm_core::{Platform, Tpm};
 
-use super::anchor::{AnchorError, RollbackAnchor, SealingRoot};
+use super::anchor::{AnchorError, KeyError, RollbackAnchor, SealingRoot};
 use super::durable::{DurableTpm, Entropy};
 use super::engine::guest_tpm;
 use super::persist::{open_state, provision_ek_certificate, ProvisionError, RestoreError};
@@ -53,6 +53,8 @@ pub enum Failure {
     Anchor(AnchorError),
     /// A new vTPM could not be provisioned.
     Provision(ProvisionError),
+    /// A new vTPM's state key could not be sealed.
+    Key(KeyError),
 }
 
 impl core::fmt::Display for Failure {
@@ -65,12 +67,14 @@ impl core::fmt::Display for Failure {
             Failure::Refused(e) => write!(f, "state blob refused: {}", describe(e)),
             Failure::Anchor(e) => write!(f, "the rollback counter cannot be read: {}", e.0),
             Failure::Provision(e) => write!(f, "a new vTPM could not be provisioned: {e:?}"),
+            Failure::Key(e) => write!(f, "a new vTPM could not be made: {e}"),
         }
     }
 }
 
 fn describe(e: &RestoreError) -> String {
     match e {
+        RestoreError::Key(k) => format!("{k}"),
         RestoreError::Blob(b) => format!("{b}"),
         RestoreError::State(s) => format!("its state does not load ({s:?})"),
     }
@@ -110,6 +114,10 @@ pub struct Setup<P: Platform> {
     pub ca_certificate: Option<Vec<u8>>,
     /// Whether a counter guards this vTPM against rollback.
     pub rollback_detected: bool,
+    /// Why not, when it does not.
+    pub why_undetected: &'static str,
+    /// What the sealing root leaves open (`SealingRoot::weakness`).
+    pub key_weakness: Option<&'static str>,
 }
 
 /// A console line's weight.
@@ -158,11 +166,17 @@ impl<P: Platform> Setup<P> {
                 format!("guest {guest}: vTPM in failure mode: {f}; no state was loaded or made (vtpm.reset makes a new vTPM)"),
             )),
         }
+        if self.durable() {
+            if let Some(weakness) = self.key_weakness {
+                out.push((Level::Warn, format!("guest {guest}: {weakness}")));
+            }
+        }
         if self.durable() && !self.rollback_detected {
             out.push((
                 Level::Warn,
                 format!(
-                    "guest {guest}: rollback of the vTPM state cannot be detected: no platform TPM counter (an older blob of this guest would be accepted)"
+                    "guest {guest}: rollback of the vTPM state cannot be detected: {} (an older blob of this guest would be accepted)",
+                    self.why_undetected
                 ),
             ));
         }
@@ -192,10 +206,19 @@ pub fn prepare<P: Platform>(
 ) -> Setup<P> {
     let Request { guest, mode, root, seed, blob } = *request;
     let rollback_detected = anchor.detects_rollback();
+    let why_undetected = anchor.why_undetected();
+    let key_weakness = root.and_then(|r| r.weakness());
     let failed = |platform: &mut dyn FnMut() -> P, f: Failure| {
         let mut tpm = Tpm::manufacture_without_ek(platform());
         tpm.power_on();
-        Setup { prepared: Prepared::Failed(tpm), outcome: Outcome::Failed(f), ca_certificate: None, rollback_detected }
+        Setup {
+            prepared: Prepared::Failed(tpm),
+            outcome: Outcome::Failed(f),
+            ca_certificate: None,
+            rollback_detected,
+            why_undetected,
+            key_weakness,
+        }
     };
     let reset = match mode {
         VtpmMode::Volatile => {
@@ -204,6 +227,8 @@ pub fn prepare<P: Platform>(
                 outcome: Outcome::Volatile,
                 ca_certificate: None,
                 rollback_detected: false,
+                why_undetected,
+                key_weakness: None,
             }
         }
         VtpmMode::Durable { reset } => reset,
@@ -215,16 +240,23 @@ pub fn prepare<P: Platform>(
         Ok(c) => c,
         Err(e) => return failed(&mut platform, Failure::Anchor(e)),
     };
-    let key = root.state_key();
-    let refused = match blob.map(|b| open_state(&key, guest, committed.unwrap_or(0), b, platform())) {
-        Some(Ok((tpm, version))) => {
+    let opened = blob.map(|file| {
+        let (key, prefix, sealed) = root.open_key(file).map_err(RestoreError::Key)?;
+        let (tpm, version) = open_state(&key, guest, committed.unwrap_or(0), sealed, platform())?;
+        Ok((tpm, version, key, prefix))
+    });
+    let refused = match opened {
+        Some(Ok((tpm, version, key, prefix))) => {
             // Without a counter the opened version is the best knowledge.
             let counter = committed.unwrap_or(version);
+            let durable = DurableTpm::new(tpm, guest, key, anchor, counter, entropy).with_prefix(prefix);
             return Setup {
-                prepared: Prepared::Durable(Box::new(DurableTpm::new(tpm, guest, key, anchor, counter, entropy))),
+                prepared: Prepared::Durable(Box::new(durable)),
                 outcome: Outcome::Opened { version, reset_ignored: reset },
                 ca_certificate: None,
                 rollback_detected,
+                why_undetected,
+                key_weakness,
             };
         }
         Some(Err(e)) => Some(e),
@@ -234,6 +266,11 @@ pub fn prepare<P: Platform>(
         let f = refused.map_or(Failure::Missing, Failure::Refused);
         return failed(&mut platform, f);
     }
+    let mut entropy = entropy;
+    let (key, prefix) = match root.new_key(&mut *entropy) {
+        Ok(k) => k,
+        Err(e) => return failed(&mut platform, Failure::Key(e)),
+    };
     let mut tpm = guest_tpm(guest, seed, &mut platform);
     let ca = root.ca();
     if let Err(e) = provision_ek_certificate(&mut tpm, &ca, guest, CERT_NOT_BEFORE) {
@@ -242,10 +279,14 @@ pub fn prepare<P: Platform>(
     let ca_certificate = ca.certificate(CERT_NOT_BEFORE).ok();
     let counter = committed.unwrap_or(0);
     Setup {
-        prepared: Prepared::Durable(Box::new(DurableTpm::new(tpm, guest, key, anchor, counter, entropy))),
+        prepared: Prepared::Durable(Box::new(
+            DurableTpm::new(tpm, guest, key, anchor, counter, entropy).with_prefix(prefix),
+        )),
         outcome: Outcome::New { refused },
         ca_certificate,
         rollback_detected,
+        why_undetected,
+        key_weakness,
     }
 }
 
