@@ -121,6 +121,8 @@ fn boots() -> Vec<Boot> {
             timeout: Duration::from_secs(900),
             expect: vec![
                 "ctvm: guest linux: vTPM state blob version * opened (sealed under vtpm.seed)",
+                // No platform TPM in Bochs: both weaknesses said plainly.
+                "ctvm: warning: guest linux: the state key is derived from vtpm.seed, not sealed to a platform TPM: whoever reads the seed module can open and forge this guest's blobs",
                 "ctvm: warning: guest linux: rollback of the vTPM state cannot be detected: no platform TPM counter (an older blob of this guest would be accepted)",
                 "ctvm-init: durable phase rollback; tpm0 present",
                 "ctvm-tpm: NV 0x11000 holds: first write",
