@@ -7,6 +7,7 @@ use hypervisor::arch::x86_64::{cpu, gdt, platform, power, serial, traps};
 use hypervisor::boot_info::{self, Loader, Mb1, Memory};
 use hypervisor::console;
 use hypervisor::guest::config;
+use hypervisor::integrity::api::ApiPolicy;
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
@@ -188,6 +189,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         }
     }
     let policy = trusted_module_policy(&boot.modules);
+    let api = kernel_api_policy(&boot.modules);
     // The PCI devices' I/O ports, found before any guest can move them.
     let pci_io = hypervisor::pci::io_ranges(&mut cpu::PortConfigSpace);
     // This CPU's local APIC: its page, unless it runs in x2APIC mode.
@@ -202,6 +204,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
         policy: &policy,
+        api: api.as_ref(),
         pci_io: &pci_io,
         lapic,
         apic_id,
@@ -243,6 +246,31 @@ fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
         Err(e) => {
             error!("ctvm.policy: {e}; no module is trusted");
             Policy::default()
+        }
+    }
+}
+
+/// What isolated modules may call, from the module whose command line is
+/// `ctvm.api`. Without one, or with a malformed one, there is none: every
+/// guest asking for integrity then refuses to start.
+fn kernel_api_policy(modules: &[boot_info::Module]) -> Option<alloc::sync::Arc<ApiPolicy>> {
+    let m = modules.iter().find(|m| m.cmdline.trim() == config::API_MODULE)?;
+    let parsed = core::str::from_utf8(vmm::module_bytes(m))
+        .map_err(|_| alloc::string::String::from("not UTF-8"))
+        .and_then(|text| ApiPolicy::parse(text).map_err(|e| alloc::format!("{e}")));
+    match parsed {
+        Ok(p) => {
+            let (allowed, denied) = p.counts();
+            info!(
+                "ctvm.api: kernel {}: {allowed} exports allowed to isolated modules, {denied} in {} dangerous groups",
+                p.kernel,
+                p.groups.len()
+            );
+            Some(alloc::sync::Arc::new(p))
+        }
+        Err(e) => {
+            error!("ctvm.api: {e}; guests asking for integrity will not start");
+            None
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct Machine<'a> {
     pub vtpm_seed: Option<[u8; 32]>,
     /// The trusted-module digests (the `ctvm.policy` module).
     pub policy: &'a crate::integrity::policy::Policy,
+    /// What isolated modules may call (the `ctvm.api` module), if given.
+    pub api: Option<&'a alloc::sync::Arc<crate::integrity::api::ApiPolicy>>,
     /// The I/O ranges the PCI devices decode.
     pub pci_io: &'a [(u16, u16)],
     /// The local APIC's page, in xAPIC mode.
@@ -190,7 +192,8 @@ impl Vm {
             trusted
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
-        let integrity = config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted)).transpose()?;
+        let integrity =
+            config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted, machine.api.cloned())).transpose()?;
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
@@ -508,7 +511,9 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
     let data = modules.iter().filter(|m| config::is_data_module(&m.cmdline)).count();
     let ignored = modules.len() - guest_modules.len() - initrds.len() - data;
     if ignored > 0 {
-        warn!("{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed or ctvm.policy are ignored");
+        warn!(
+            "{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed, ctvm.policy or ctvm.api are ignored"
+        );
     }
     // Time slicing only matters with more than one guest.
     let timeslice = (guest_modules.len() > 1 && vmx.controls.features.preemption_timer)

@@ -84,11 +84,13 @@ pub fn is_pass_through_module(cmdline: &str) -> bool {
 pub const SEED_MODULE: &str = "vtpm.seed";
 /// The command line of the module holding the trusted-module policy.
 pub const POLICY_MODULE: &str = "ctvm.policy";
+/// The command line of the module holding the kernel-API policy.
+pub const API_MODULE: &str = "ctvm.api";
 
-/// Whether a module is data for the hypervisor itself: the vTPM seed or the
-/// trusted-module policy.
+/// Whether a module is data for the hypervisor itself: the vTPM seed, the
+/// trusted-module policy or the kernel-API policy.
 pub fn is_data_module(cmdline: &str) -> bool {
-    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE)
+    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE | API_MODULE)
 }
 
 /// Whether a module's command line describes a guest at all.
