@@ -11,6 +11,7 @@ use hypervisor::boot_info::{self, Loader, Mb1, Memory};
 use hypervisor::console;
 use hypervisor::guest::config;
 use hypervisor::guest::linux::{boot_data, e820};
+use hypervisor::integrity::api::ApiPolicy;
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
@@ -191,6 +192,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     if tests.dma {
         hypervisor::arch::x86_64::testing::edu_dma(platform::pm_timer_port(&boot));
     }
+    #[cfg(feature = "test-hooks")]
+    if tests.vtpm_seal {
+        hypervisor::arch::x86_64::testing::vtpm_seal();
+    }
 
     let vmx: &'static Vmx = match enable() {
         Ok(vmx) => Box::leak(Box::new(vmx)),
@@ -234,6 +239,21 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         }
     }
     let policy = trusted_module_policy(&boot.modules);
+    let module_digest =
+        |name: &str| boot.modules.iter().find(|m| m.cmdline.trim() == name).map(|m| sha256(&[vmm::module_bytes(m)]));
+    let policy_digest = module_digest(config::POLICY_MODULE);
+    let api_digest = module_digest(config::API_MODULE);
+    // SAFETY: the ranges are the image's read-only segments, mapped and
+    // never written.
+    let hypervisor_digest = sha256(
+        &ctvm_boot::readonly_ranges()
+            .map(|r| unsafe { core::slice::from_raw_parts(r.start as *const u8, (r.end - r.start) as usize) }),
+    );
+    info!(
+        "hypervisor image: code and read-only data SHA-256 {}",
+        hypervisor::tpm::config_event::to_hex(&hypervisor_digest)
+    );
+    let api = kernel_api_policy(&boot.modules);
     // The PCI devices' I/O ports, found before any guest can move them.
     let pci_io = hypervisor::pci::io_ranges(&mut cpu::PortConfigSpace);
     // This CPU's local APIC: its page, unless it runs in x2APIC mode.
@@ -246,7 +266,11 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         hypervisor_ranges: &hypervisor_ranges,
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
+        hypervisor_digest,
+        policy_digest,
+        api_digest,
         policy: &policy,
+        api: api.as_ref(),
         pci_io: &pci_io,
         lapic,
         online,
@@ -287,6 +311,16 @@ fn machine_cpus(rsdp: Option<&[u8]>, bsp: u32) -> Vec<u32> {
     ids
 }
 
+/// SHA-256 over `parts`, in order.
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
 /// 32 bytes from 64 hexadecimal digits.
 /// The digests of the modules guests may trust, from the module whose
 /// command line is `ctvm.policy`. A malformed policy trusts nothing: every
@@ -306,6 +340,31 @@ fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
         Err(e) => {
             error!("ctvm.policy: {e}; no module is trusted");
             Policy::default()
+        }
+    }
+}
+
+/// What isolated modules may call, from the module whose command line is
+/// `ctvm.api`. Without one, or with a malformed one, there is none: every
+/// guest asking for integrity then refuses to start.
+fn kernel_api_policy(modules: &[boot_info::Module]) -> Option<alloc::sync::Arc<ApiPolicy>> {
+    let m = modules.iter().find(|m| m.cmdline.trim() == config::API_MODULE)?;
+    let parsed = core::str::from_utf8(vmm::module_bytes(m))
+        .map_err(|_| alloc::string::String::from("not UTF-8"))
+        .and_then(|text| ApiPolicy::parse(text).map_err(|e| alloc::format!("{e}")));
+    match parsed {
+        Ok(p) => {
+            let (allowed, denied) = p.counts();
+            info!(
+                "ctvm.api: kernel {}: {allowed} exports allowed to isolated modules, {denied} in {} dangerous groups",
+                p.kernel,
+                p.groups.len()
+            );
+            Some(alloc::sync::Arc::new(p))
+        }
+        Err(e) => {
+            error!("ctvm.api: {e}; guests asking for integrity will not start");
+            None
         }
     }
 }

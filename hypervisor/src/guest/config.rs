@@ -32,11 +32,19 @@ pub struct GuestConfig {
     pub integrity: Option<crate::integrity::Mode>,
     /// Modules the policy trusts (`trust=name,name`): they run in the kernel view.
     pub trusted: alloc::vec::Vec<String>,
-    /// A virtual TPM at 0xFED40000 (`vtpm=on|off`; on for Linux guests).
+    /// A virtual TPM at 0xFED40000 (`vtpm=on|off|volatile|durable`; on for
+    /// Linux guests).
     pub vtpm: bool,
     /// The CPUs it runs on (`cpus=0-3`), by the hypervisor's CPU index;
     /// `None`: its default (see [`GuestConfig::resolve_cpus`]).
     pub cpus: Option<CpuSet>,
+    /// Its state kept by the guest's store service (`vtpm=durable`), in the
+    /// blob module `vtpm.state=NAME`; otherwise volatile (`vtpm=on`, the
+    /// same as `vtpm=volatile`).
+    pub vtpm_durable: bool,
+    /// `vtpm.reset`: a durable vTPM without an acceptable blob starts new
+    /// (its first boot) instead of staying in failure mode.
+    pub vtpm_reset: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +57,8 @@ pub enum ConfigError {
     BadCpus(String),
     /// A native guest has one vCPU.
     NativeOneCpu,
+    /// Options that do not go together.
+    Conflict(&'static str),
 }
 
 impl fmt::Display for ConfigError {
@@ -68,6 +78,7 @@ impl fmt::Display for ConfigError {
             ConfigError::UnknownOption(o) => write!(f, "unknown option {o:?}"),
             ConfigError::BadCpus(c) => write!(f, "cpus={c:?} must list CPU indices and ranges, such as 0-3 or 1,3"),
             ConfigError::NativeOneCpu => write!(f, "a test guest has one vCPU: cpus= must name one CPU"),
+            ConfigError::Conflict(why) => f.write_str(why),
         }
     }
 }
@@ -94,11 +105,22 @@ pub fn is_pass_through_module(cmdline: &str) -> bool {
 pub const SEED_MODULE: &str = "vtpm.seed";
 /// The command line of the module holding the trusted-module policy.
 pub const POLICY_MODULE: &str = "ctvm.policy";
+/// The command line of the module holding the kernel-API policy.
+pub const API_MODULE: &str = "ctvm.api";
 
-/// Whether a module is data for the hypervisor itself: the vTPM seed or the
-/// trusted-module policy.
+/// The command-line word of a guest's vTPM state blob module.
+pub const STATE_MODULE: &str = "vtpm.state";
+
+/// The guest whose sealed vTPM state a module holds (`vtpm.state=NAME`,
+/// the whole command line).
+pub fn state_owner(cmdline: &str) -> Option<&str> {
+    cmdline.trim().strip_prefix(STATE_MODULE)?.strip_prefix('=').filter(|n| !n.is_empty() && !n.contains(' '))
+}
+
+/// Whether a module is data for the hypervisor itself: the vTPM seed, the
+/// trusted-module policy, the kernel-API policy or a vTPM state blob.
 pub fn is_data_module(cmdline: &str) -> bool {
-    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE)
+    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE | API_MODULE) || state_owner(cmdline).is_some()
 }
 
 /// Whether a module's command line describes a guest at all.
@@ -130,7 +152,13 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     let mut trusted = alloc::vec::Vec::new();
     let mut vtpm = None;
     let mut cpus = None;
+    let mut vtpm_durable = false;
+    let mut vtpm_reset = false;
     for word in options.split_ascii_whitespace() {
+        if word == "vtpm.reset" {
+            vtpm_reset = true;
+            continue;
+        }
         match word.split_once('=') {
             Some(("guest", n)) => {
                 let valid = !n.is_empty()
@@ -159,8 +187,18 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
                     _ => return Err(ConfigError::UnknownOption(word.to_string())),
                 };
             }
-            Some(("vtpm", "on")) => vtpm = Some(true),
-            Some(("vtpm", "off")) => vtpm = Some(false),
+            Some(("vtpm", "on" | "volatile")) => {
+                vtpm = Some(true);
+                vtpm_durable = false;
+            }
+            Some(("vtpm", "durable")) => {
+                vtpm = Some(true);
+                vtpm_durable = true;
+            }
+            Some(("vtpm", "off")) => {
+                vtpm = Some(false);
+                vtpm_durable = false;
+            }
             Some(("trust", names)) => trusted.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from)),
             Some(("cpus", list)) => cpus = Some(CpuSet::parse(list).ok_or_else(|| ConfigError::BadCpus(list.into()))?),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
@@ -177,7 +215,21 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     if many && kind == GuestKind::Native {
         return Err(ConfigError::NativeOneCpu);
     }
-    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm, cpus })
+    if vtpm_reset && !vtpm_durable {
+        return Err(ConfigError::Conflict("vtpm.reset applies to vtpm=durable only"));
+    }
+    Ok(GuestConfig {
+        name,
+        mem_bytes,
+        kind,
+        args: args.to_string(),
+        integrity,
+        trusted,
+        vtpm,
+        vtpm_durable,
+        vtpm_reset,
+        cpus,
+    })
 }
 
 impl GuestConfig {
@@ -301,6 +353,27 @@ mod tests {
         assert_eq!(c.resolve_cpus(&online).unwrap(), (CpuSet::parse("2-3").unwrap(), None));
         assert!(parse("guest=l kind=linux cpus=1").is_ok());
         assert_eq!(parse("guest=l kind=linux integrity=off cpus=3-1"), Err(ConfigError::BadCpus("3-1".into())));
+    }
+
+    #[test]
+    fn vtpm_modes_and_state_modules() {
+        let c = parse("guest=a kind=linux -- x").unwrap();
+        assert!(c.vtpm && !c.vtpm_durable && !c.vtpm_reset, "volatile by default");
+        let c = parse("guest=a vtpm=durable vtpm.reset -- x").unwrap();
+        assert!(c.vtpm && c.vtpm_durable && c.vtpm_reset);
+        assert!(!parse("guest=a vtpm=durable vtpm=volatile").unwrap().vtpm_durable, "the last vtpm= counts");
+        assert!(!parse("guest=a vtpm=durable vtpm=off").unwrap().vtpm);
+        assert!(matches!(parse("guest=a vtpm.reset"), Err(ConfigError::Conflict(_))));
+        assert!(matches!(parse("guest=a vtpm=maybe"), Err(ConfigError::UnknownOption(_))));
+        // After `--`, vtpm.reset is the guest's own word.
+        assert!(!parse("guest=a vtpm=durable -- vtpm.reset").unwrap().vtpm_reset);
+        assert_eq!(state_owner("vtpm.state=linux"), Some("linux"));
+        assert_eq!(state_owner(" vtpm.state=linux "), Some("linux"));
+        assert_eq!(state_owner("vtpm.state="), None);
+        assert_eq!(state_owner("vtpm.state=a b"), None);
+        assert_eq!(state_owner("vtpm.statex=a"), None);
+        assert_eq!(state_owner("guest=a -- vtpm.state=a"), None);
+        assert!(is_data_module("vtpm.state=linux") && is_data_module("vtpm.seed"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use crate::util::{output, output_bytes, run, work_dir, Fail};
 
+pub mod api;
 mod cpio;
 pub mod modules;
 pub mod policy;
@@ -19,6 +20,8 @@ pub struct LinuxAssets {
     pub version: String,
     /// The trusted-module digests for the hypervisor (`ctvm.policy`).
     pub policy: PathBuf,
+    /// The kernel-API allow-list for isolated modules (`ctvm.api`).
+    pub api: PathBuf,
 }
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -163,6 +166,9 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
         .ok_or_else(|| Fail::new("no agent"))?;
     let policy = out.join("ctvm.policy");
     fs::write(&policy, policy::file(&[agent, &in_tree[2]])?)?;
+    // What isolated modules may call, from this kernel's own exports.
+    let api = out.join("ctvm.api");
+    api::write(&version, &modules::headers(&package)?, &api)?;
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
     for (name, bin) in modules::user_programs()? {
@@ -170,5 +176,31 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
     }
     archive.file("init", 0o755, INIT.as_bytes());
     fs::write(&initrd, archive.finish())?;
-    Ok(LinuxAssets { kernel, initrd, version, policy })
+    Ok(LinuxAssets { kernel, initrd, version, policy, api })
+}
+
+/// The disk driver stack Debian's cloud kernel builds as modules, in load
+/// order: what the guest needs to reach `/dev/sda` (Bochs' ATA disk).
+pub const DISK_MODULES: [&str; 5] = ["scsi/scsi_common", "scsi/scsi_mod", "ata/libata", "ata/ata_piix", "scsi/sd_mod"];
+
+/// The initramfs of the durable-vTPM scenario: the standard one with a
+/// second archive appended (the kernel unpacks both) holding the disk
+/// driver modules (`/lib/ctvm/disk/`) and the TPM client `ctvm-tpm`.
+pub fn durable_initrd(choice: Kernel, assets: &LinuxAssets) -> Result<PathBuf, Fail> {
+    let package = kernel_package(choice)?;
+    let tree = unpack(&package)?.join("lib").join("modules").join(&assets.version).join("kernel").join("drivers");
+    let out = work_dir().join("linux").join(&assets.version);
+    let mut archive = cpio::Archive::default();
+    archive.directory("lib/ctvm/disk");
+    for m in DISK_MODULES {
+        let (dir, name) = m.split_once('/').ok_or_else(|| Fail::new("module path"))?;
+        let ko = in_tree_module(&tree.join(dir), name, &out)?;
+        archive.file(&format!("lib/ctvm/disk/{name}.ko"), 0o644, &fs::read(ko)?);
+    }
+    archive.file("bin/ctvm-tpm", 0o755, &fs::read(modules::tpm_client()?)?);
+    let mut bytes = fs::read(&assets.initrd)?;
+    bytes.extend_from_slice(&archive.finish());
+    let initrd = out.join("initramfs-durable.cpio");
+    fs::write(&initrd, bytes)?;
+    Ok(initrd)
 }

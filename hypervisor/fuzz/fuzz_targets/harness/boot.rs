@@ -3,16 +3,20 @@
 //! * multiboot2 boot information (`BootInfo::parse`, the memory map and the
 //!   ranges kept from the allocator), from any bytes behind a valid total size;
 //! * command lines: `options`, the guest's line (`config::parse` and the
-//!   module classifiers), `vtpm.seed`'s 64 hex digits (`hex32`);
+//!   module classifiers), `vtpm.seed`'s 64 hex digits (`hex32`), and the
+//!   same bytes as a durable vTPM's state blob (`tpm::setup::prepare`);
 //! * bzImage: `BzImage::parse`, `load_address`, `boot_params`;
 //! * ELF test guests: `parse_elf`;
 //! * `ctvm.policy`: `Policy::parse`, then `Entry::check` on code bytes;
+//!   the same text as `ctvm.api` (`ApiPolicy::parse`, `classify`);
 //! * e820: `build_e820` from firmware entries and overlays.
 //!
 //! Properties: a parsed value stays inside its input (segments inside the
 //! image and the guest's memory, the kernel inside the bzImage, a load
 //! address inside RAM, aligned, clear of what must be avoided and below the
-//! limit), a seed is exactly 64 hex digits and says what they say, a guest's
+//! limit), a seed is exactly 64 hex digits and says what they say, a state
+//! blob the fuzzer makes is refused and leaves the vTPM in failure mode
+//! (nothing authentic can come of it), a guest's
 //! memory is whole 2 MiB pages, policy masks stay inside the code, and an
 //! e820 map is sorted and without overlaps.
 
@@ -21,6 +25,7 @@ use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::guest::config;
 use hypervisor::guest::linux::{self, BootLayout, BzImage, E820Entry};
 use hypervisor::guest::loader;
+use hypervisor::integrity::api::{ApiPolicy, Class};
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::Region;
 
@@ -79,6 +84,23 @@ fn command_line(data: &[u8]) {
         }
         None => assert!(data.len() != 64 || !data.iter().all(u8::is_ascii_hexdigit), "a valid seed refused"),
     }
+    state_blob(data);
+}
+
+/// The bytes as the state blob GRUB handed a durable vTPM (`vtpm.state=`).
+fn state_blob(data: &[u8]) {
+    use hypervisor::tpm::anchor::{NoCounter, SeedRoot};
+    use hypervisor::tpm::setup::{prepare, Failure, Outcome, Request, VtpmMode};
+    let root = SeedRoot::new([7; 32]);
+    let request = Request {
+        guest: "fuzz",
+        mode: VtpmMode::Durable { reset: false },
+        root: Some(&root),
+        seed: Some([7; 32]),
+        blob: Some(data),
+    };
+    let setup = prepare(&request, Box::new(NoCounter), || super::tis::FuzzPlatform::new(1), Box::new(|b| b.fill(0)));
+    assert!(matches!(setup.outcome, Outcome::Failed(Failure::Refused(_))), "a made-up blob: {:?}", setup.outcome);
 }
 
 fn guest_config(data: &[u8]) {
@@ -162,6 +184,7 @@ fn policy(data: &[u8]) {
         None => (data, &[][..]),
     };
     let Ok(text) = core::str::from_utf8(text) else { return };
+    api_policy(text);
     let Ok(p) = Policy::parse(text) else { return };
     for e in &p.entries {
         let total = e.text_len + e.init_len;
@@ -200,4 +223,22 @@ fn e820(data: &[u8]) {
     for w in map.windows(2) {
         assert!(w[0].region.end <= w[1].region.start, "unsorted or overlapping: {:?} {:?}", w[0], w[1]);
     }
+}
+
+/// A kernel-API policy: what it allows is exactly its `allow` lines; any
+/// other name is denied.
+fn api_policy(text: &str) {
+    let Ok(p) = ApiPolicy::parse(text) else { return };
+    let allowed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| match l.split('#').next()?.trim().split_ascii_whitespace().collect::<Vec<_>>()[..] {
+            ["allow", name] => Some(name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(p.counts().0, allowed.len(), "allowed names miscounted");
+    for n in &allowed {
+        assert_eq!(p.classify(n.as_bytes()), Class::Allowed, "{n}");
+    }
+    assert_ne!(p.classify(b"\xffnot-a-name"), Class::Allowed);
 }
