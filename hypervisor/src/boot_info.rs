@@ -4,7 +4,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use multiboot2::{BootInformation, MemoryAreaType};
+use multiboot2::{BootInformation, MemoryAreaType, TagType};
 
 use crate::guest::linux::E820Entry;
 use crate::mm::frames::{MemoryKind, Region};
@@ -69,11 +69,7 @@ impl BootInfo {
                 cmdline: m.cmdline().unwrap_or("").into(),
             })
             .collect();
-        let rsdp = if let Some(v2) = mb.rsdp_v2_tag() {
-            Some(as_bytes(v2, 36))
-        } else {
-            mb.rsdp_v1_tag().map(|v1| as_bytes(v1, 20))
-        };
+        let rsdp = rsdp_copy(mb, TagType::AcpiV2, 36).or_else(|| rsdp_copy(mb, TagType::AcpiV1, 20));
         let memory = mb
             .memory_map_tag()
             .into_iter()
@@ -87,13 +83,15 @@ impl BootInfo {
     }
 }
 
-/// The RSDP copy GRUB put in its tag, which starts after the 8-byte tag header.
-fn as_bytes<T>(tag: &T, len: usize) -> Vec<u8> {
-    let start = tag as *const T as *const u8;
-    // SAFETY: an RSDP tag is an 8-byte header followed by the RSDP structure of
-    // at least `len` bytes (20 for ACPI 1.0, 36 for 2.0), all inside the
-    // multiboot2 information, which stays mapped and unchanged.
-    unsafe { core::slice::from_raw_parts(start.add(8), len) }.to_vec()
+/// The RSDP copy GRUB put in its first tag of type `typ` (the firmware's
+/// RSDP after the tag header): `len` bytes (20 for ACPI 1.0, 36 for 2.0),
+/// or `None` when the tag is too short to hold them. Read as the tag's
+/// payload, whose size the crate checked against the structure's: the typed
+/// getters (`rsdp_v1_tag`) panic on a short tag, and nothing here reads past
+/// a tag's end.
+fn rsdp_copy(mb: &BootInformation<'_>, typ: TagType, len: usize) -> Option<Vec<u8>> {
+    let tag = mb.tags().find(|t| t.header().typ == typ)?;
+    tag.payload().get(..len).map(<[u8]>::to_vec)
 }
 
 /// `key=value` words of a command line. A word without `=` has an empty value.

@@ -1441,6 +1441,71 @@ mod boot_inputs {
         "-- initrd=y",
     ];
 
+    /// A multiboot2 information structure: the given tags (type, payload),
+    /// each padded to 8 bytes, after a memory map and before the end tag,
+    /// in 8-aligned memory.
+    fn multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
+        let mut b = vec![0u8; 8];
+        let mut tag = |b: &mut Vec<u8>, typ: u32, payload: &[u8]| {
+            b.extend_from_slice(&typ.to_le_bytes());
+            b.extend_from_slice(&(8 + payload.len() as u32).to_le_bytes());
+            b.extend_from_slice(payload);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        };
+        // One available region (entry size 24, version 0).
+        let mut mmap = vec![];
+        mmap.extend_from_slice(&24u32.to_le_bytes());
+        mmap.extend_from_slice(&0u32.to_le_bytes());
+        mmap.extend_from_slice(&0u64.to_le_bytes());
+        mmap.extend_from_slice(&(64u64 << 20).to_le_bytes());
+        mmap.extend_from_slice(&1u32.to_le_bytes());
+        mmap.extend_from_slice(&0u32.to_le_bytes());
+        tag(&mut b, 6, &mmap);
+        for &(typ, payload) in tags {
+            tag(&mut b, typ, payload);
+        }
+        tag(&mut b, 0, &[]);
+        let len = b.len() as u32;
+        b[0..4].copy_from_slice(&len.to_le_bytes());
+        b.chunks(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()
+    }
+
+    fn boot_info_of(words: &[u64]) -> Option<hypervisor::boot_info::BootInfo> {
+        use multiboot2::{BootInformation, BootInformationHeader};
+        // SAFETY: `words` is the whole structure its header describes, 8-aligned.
+        let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.ok()?;
+        hypervisor::boot_info::BootInfo::parse(&mb).ok()
+    }
+
+    /// GRUB's RSDP tags copy the firmware's RSDP (20 bytes for ACPI 1.0, 36
+    /// for 2.0) after their header. A tag whose size leaves less than that
+    /// is not an RSDP: it is ignored (the other kind is used if present),
+    /// never read past, and never panics the boot.
+    #[test]
+    fn rsdp_tags_shorter_than_an_rsdp_are_ignored() {
+        let mut v1 = [0u8; 20];
+        v1[..8].copy_from_slice(b"RSD PTR ");
+        let mut v2 = [0u8; 36];
+        v2[..8].copy_from_slice(b"RSD PTR ");
+        v2[15] = 2;
+        let cases: [(&[(u32, &[u8])], Option<&[u8]>); 7] = [
+            (&[(14, &v1)], Some(&v1)),
+            (&[(15, &v2)], Some(&v2)),
+            (&[(14, &v1[..12])], None),
+            (&[(14, &[])], None),
+            (&[(15, &v2[..20])], None),
+            (&[(15, &v2[..35]), (14, &v1)], Some(&v1)),
+            (&[(14, &v1[..19]), (15, &v2[..1])], None),
+        ];
+        for (i, (tags, want)) in cases.iter().enumerate() {
+            let words = multiboot_info(tags);
+            let info = std::panic::catch_unwind(|| boot_info_of(&words))
+                .unwrap_or_else(|_| panic!("case {i}: parsing the boot information panicked"))
+                .expect("a memory map");
+            assert_eq!(info.rsdp.as_deref(), *want, "case {i}");
+        }
+    }
+
     fn command_line(rng: &mut Rng) -> String {
         let mut s = String::new();
         if rng.chance(50) {
