@@ -2043,6 +2043,26 @@ mod agent_abi {
         assert!(layouts > 100 && modules > 1_000, "{layouts} {modules}");
     }
 
+    /// A symbol table whose start the guest put in the last bytes of the
+    /// address space: entry addresses must not wrap (nor overflow, which
+    /// panics a debug build) while their PREL32 fields are resolved.
+    #[test]
+    fn a_ksymtab_at_the_top_of_the_address_space_does_not_overflow() {
+        let raw = [0u8; 3 * wire::KERNEL_SYMBOL_SIZE as usize];
+        for start in [u64::MAX, u64::MAX - 3, u64::MAX - 11, u64::MAX - 12, u64::MAX - 30] {
+            let table = Range::new(start, u64::MAX);
+            let symbols = std::panic::catch_unwind(|| wire::ksymtab(table, &raw))
+                .unwrap_or_else(|_| panic!("ksymtab at {start:#x} panicked"));
+            // Only entries whose three fields have addresses are decoded.
+            let whole = (u64::MAX - start + 1) / wire::KERNEL_SYMBOL_SIZE;
+            assert_eq!(symbols.len() as u64, whole.min(3), "table at {start:#x}");
+            for (i, &(value, name)) in symbols.iter().enumerate() {
+                let base = start + i as u64 * wire::KERNEL_SYMBOL_SIZE;
+                assert_eq!((value, name), (base, base + 4), "entry {i} of the table at {start:#x}");
+            }
+        }
+    }
+
     #[test]
     fn ranges_list_exactly_the_pages_they_touch_even_at_the_top_of_the_address_space() {
         let mut rng = Rng::new(0x9a9e);
