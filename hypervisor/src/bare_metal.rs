@@ -45,6 +45,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         Ok(mb) => mb,
         Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
     };
+    // Before any typed getter: the crate's assert on a malformed tag.
+    if let Err(e) = boot_info::check(&mb) {
+        fatal(format_args!("the multiboot2 information is unusable: {e:?}"));
+    }
 
     let image = ctvm_boot::image_range();
     let image = Region::new(image.start, image.end);

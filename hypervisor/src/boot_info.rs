@@ -31,12 +31,46 @@ pub struct BootInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootInfoError {
     NoMemoryMap,
+    /// A module or memory-map tag of `size` bytes that cannot hold its
+    /// fields (or a memory map whose entries are not whole 24-byte ones).
+    MalformedTag {
+        typ: u32,
+        size: u32,
+    },
+}
+
+/// Memory-map entries, as GRUB writes them and the crate reads them.
+const MEMORY_AREA_SIZE: usize = 24;
+
+/// Whether every module and memory-map tag can hold what the multiboot2
+/// crate reads from it: its typed getters assert on short tags and on
+/// memory-map entries of another size, which would be a panic at boot.
+/// Nothing else in this module reads a tag that did not pass.
+pub fn check(mb: &BootInformation<'_>) -> Result<(), BootInfoError> {
+    for tag in mb.tags() {
+        let payload = tag.payload();
+        let fits = if tag.header().typ == TagType::Module {
+            payload.len() >= 8
+        } else if tag.header().typ == TagType::Mmap {
+            let entry_size = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            let areas = payload.len().checked_sub(8);
+            entry_size == Some(MEMORY_AREA_SIZE) && areas.is_some_and(|n| n.is_multiple_of(MEMORY_AREA_SIZE))
+        } else {
+            true
+        };
+        if !fits {
+            return Err(BootInfoError::MalformedTag { typ: tag.header().typ.get(), size: tag.header().size });
+        }
+    }
+    Ok(())
 }
 
 /// The memory map as (region, kind), without allocating: this runs before
-/// the heap exists. Lengths that would wrap are clipped.
+/// the heap exists. Lengths that would wrap are clipped. Empty if the
+/// structure fails [`check`].
 pub fn memory_map<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = (Region, MemoryKind)> + Clone + 'a {
-    mb.memory_map_tag().into_iter().flat_map(|tag| tag.memory_areas()).map(|area| {
+    let tag = check(mb).ok().and_then(|()| mb.memory_map_tag());
+    tag.into_iter().flat_map(|tag| tag.memory_areas()).map(|area| {
         let start = area.start_address();
         let region = Region::new(start, start.saturating_add(area.size()));
         let kind = if area.typ() == MemoryAreaType::Available { MemoryKind::Available } else { MemoryKind::Reserved };
@@ -46,11 +80,14 @@ pub fn memory_map<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = (Regi
 
 /// The ranges the frame allocator must never hand out: the first MiB (BIOS
 /// data, real-mode structures), the modules, and GRUB's information itself.
-/// The caller adds the hypervisor image.
+/// The caller adds the hypervisor image. Without the modules if the
+/// structure fails [`check`].
 pub fn boot_ranges<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = Region> + 'a {
     let info = Region::new(mb.start_address() as u64, mb.end_address() as u64);
-    let modules = mb
-        .module_tags()
+    let modules = check(mb)
+        .ok()
+        .into_iter()
+        .flat_map(|()| mb.module_tags())
         .map(|m| Region::new(u64::from(m.start_address()), u64::from(m.end_address().max(m.start_address()))));
     [Region::new(0, 1 << 20), info].into_iter().chain(modules)
 }
@@ -58,6 +95,7 @@ pub fn boot_ranges<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = Regi
 impl BootInfo {
     /// Copies everything out of GRUB's structure (needs the heap).
     pub fn parse(mb: &BootInformation<'_>) -> Result<Self, BootInfoError> {
+        check(mb)?;
         if mb.memory_map_tag().is_none() {
             return Err(BootInfoError::NoMemoryMap);
         }

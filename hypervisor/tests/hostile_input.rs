@@ -1442,32 +1442,40 @@ mod boot_inputs {
     ];
 
     /// A multiboot2 information structure: the given tags (type, payload),
-    /// each padded to 8 bytes, after a memory map and before the end tag,
-    /// in 8-aligned memory.
-    fn multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
+    /// each padded to 8 bytes, then the end tag, in 8-aligned memory.
+    fn raw_multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
         let mut b = vec![0u8; 8];
-        let mut tag = |b: &mut Vec<u8>, typ: u32, payload: &[u8]| {
+        for &(typ, payload) in tags.iter().chain(&[(0, &[][..])]) {
             b.extend_from_slice(&typ.to_le_bytes());
             b.extend_from_slice(&(8 + payload.len() as u32).to_le_bytes());
             b.extend_from_slice(payload);
             b.resize(b.len().div_ceil(8) * 8, 0);
-        };
-        // One available region (entry size 24, version 0).
-        let mut mmap = vec![];
-        mmap.extend_from_slice(&24u32.to_le_bytes());
-        mmap.extend_from_slice(&0u32.to_le_bytes());
-        mmap.extend_from_slice(&0u64.to_le_bytes());
-        mmap.extend_from_slice(&(64u64 << 20).to_le_bytes());
-        mmap.extend_from_slice(&1u32.to_le_bytes());
-        mmap.extend_from_slice(&0u32.to_le_bytes());
-        tag(&mut b, 6, &mmap);
-        for &(typ, payload) in tags {
-            tag(&mut b, typ, payload);
         }
-        tag(&mut b, 0, &[]);
         let len = b.len() as u32;
         b[0..4].copy_from_slice(&len.to_le_bytes());
         b.chunks(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()
+    }
+
+    /// A memory map tag's payload: entry size and version, then the entries.
+    fn memory_map_payload(entry_size: u32, areas: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut m = vec![];
+        m.extend_from_slice(&entry_size.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        for &(base, len, kind) in areas {
+            m.extend_from_slice(&base.to_le_bytes());
+            m.extend_from_slice(&len.to_le_bytes());
+            m.extend_from_slice(&kind.to_le_bytes());
+            m.extend_from_slice(&0u32.to_le_bytes());
+        }
+        m
+    }
+
+    /// The given tags after a memory map of one available region.
+    fn multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
+        let mmap = memory_map_payload(24, &[(0, 64 << 20, 1)]);
+        let mut all = vec![(6, &mmap[..])];
+        all.extend_from_slice(tags);
+        raw_multiboot_info(&all)
     }
 
     fn boot_info_of(words: &[u64]) -> Option<hypervisor::boot_info::BootInfo> {
@@ -1475,6 +1483,52 @@ mod boot_inputs {
         // SAFETY: `words` is the whole structure its header describes, 8-aligned.
         let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.ok()?;
         hypervisor::boot_info::BootInfo::parse(&mb).ok()
+    }
+
+    /// Module and memory-map tags too short for their fixed fields, or a
+    /// memory map whose entries are not whole 24-byte entries: the
+    /// multiboot2 crate's getters assert on them (a panic at boot). The
+    /// structure is refused instead, by `check`, `BootInfo::parse`, and the
+    /// allocator's views of it (which then list nothing).
+    #[test]
+    fn malformed_module_and_memory_map_tags_are_refused_not_a_panic() {
+        use hypervisor::boot_info::{self, BootInfoError};
+        use multiboot2::{BootInformation, BootInformationHeader};
+        let good = memory_map_payload(24, &[(0, 64 << 20, 1)]);
+        let mut odd = good.clone();
+        odd.push(0);
+        let wide = memory_map_payload(32, &[(0, 64 << 20, 1)]);
+        let module = [0u8; 12];
+        let cases: [&[(u32, &[u8])]; 8] = [
+            &[(6, &good[..4])],
+            &[(6, &[])],
+            &[(6, &odd)],
+            &[(6, &wide)],
+            &[(6, &good), (3, &module[..7])],
+            &[(6, &good), (3, &[])],
+            &[(3, &module[..4]), (6, &good)],
+            &[(6, &good), (6, &good[..7])],
+        ];
+        for (i, tags) in cases.iter().enumerate() {
+            let words = raw_multiboot_info(tags);
+            let outcome = std::panic::catch_unwind(|| {
+                // SAFETY: `words` is the whole structure its header describes, 8-aligned.
+                let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.unwrap();
+                let checked = boot_info::check(&mb);
+                let parsed = boot_info::BootInfo::parse(&mb).err();
+                (checked, parsed, boot_info::memory_map(&mb).count(), boot_info::boot_ranges(&mb).count())
+            });
+            let (checked, parsed, areas, ranges) = outcome.unwrap_or_else(|_| panic!("case {i} panicked"));
+            assert!(matches!(checked, Err(BootInfoError::MalformedTag { .. })), "case {i}: {checked:?}");
+            assert_eq!(parsed, checked.err(), "case {i}");
+            // The first MiB and the structure itself stay excluded; no module, no memory.
+            assert_eq!((areas, ranges), (0, 2), "case {i}");
+        }
+        let words = multiboot_info(&[(3, &module), (1, b"x\0")]);
+        // SAFETY: as above.
+        let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.unwrap();
+        assert_eq!(boot_info::check(&mb), Ok(()));
+        assert_eq!((boot_info::memory_map(&mb).count(), boot_info::boot_ranges(&mb).count()), (1, 3));
     }
 
     /// GRUB's RSDP tags copy the firmware's RSDP (20 bytes for ACPI 1.0, 36
