@@ -20,6 +20,8 @@ pub mod integrity;
 pub mod mm;
 pub mod mmio;
 pub mod pci;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]
