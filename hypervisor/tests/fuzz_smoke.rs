@@ -121,3 +121,23 @@ fn boot() {
 fn acpi() {
     smoke("acpi", harness::acpi::run, 0xac91, 1500, 800);
 }
+
+#[test]
+fn access() {
+    smoke("access", harness::access::run, 0xacce55, 3000, 900);
+}
+
+#[test]
+fn hypercall() {
+    smoke("hypercall", harness::hypercall::run, 0x4ca11, 1500, 600);
+}
+
+#[test]
+fn platform() {
+    smoke("platform", harness::platform::run, 0x91a7, 1500, 700);
+}
+
+#[test]
+fn blob() {
+    smoke("blob", harness::blob::run, 0xb10b, 1500, 600);
+}

@@ -1565,7 +1565,8 @@ mod boot_inputs {
         let mut v2 = [0u8; 36];
         v2[..8].copy_from_slice(b"RSD PTR ");
         v2[15] = 2;
-        let cases: [(&[(u32, &[u8])], Option<&[u8]>); 7] = [
+        type Tags<'a> = &'a [(u32, &'a [u8])];
+        let cases: [(Tags, Option<&[u8]>); 7] = [
             (&[(14, &v1)], Some(&v1)),
             (&[(15, &v2)], Some(&v2)),
             (&[(14, &v1[..12])], None),

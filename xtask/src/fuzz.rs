@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz [TARGET] [--time S]`: the long fuzzing campaign.
 //!
 //! Runs each cargo-fuzz target (or the one named) for `S` seconds on every
-//! core (libFuzzer's fork mode, crashes counted rather than fatal), with its
+//! core (or `--jobs N` of them) (libFuzzer's fork mode, crashes counted rather than fatal), with its
 //! corpus in `target/ctvm/fuzz/<target>/` seeded from the repository's
 //! regression seeds, and prints executions, executions per second, coverage
 //! and crashes per target. Crashing inputs land in
@@ -41,6 +41,10 @@ const TARGETS: &[Target] = &[
     Target { name: "agent", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
     Target { name: "boot", krate: "hypervisor", sanitizer: "address", max_len: 8192, extra: &[] },
     Target { name: "acpi", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "access", krate: "hypervisor", sanitizer: "address", max_len: 1024, extra: &[] },
+    Target { name: "hypercall", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
+    Target { name: "platform", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
+    Target { name: "blob", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
 ];
 
 /// What one campaign did, from libFuzzer's last status line.
@@ -55,12 +59,23 @@ struct Stats {
 pub fn fuzz(args: &[String]) -> Result<(), Fail> {
     let mut seconds = 600u64;
     let mut only = None;
+    let mut cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--time" => {
                 let s = it.next().ok_or(Fail::new("--time needs seconds"))?;
                 seconds = s.parse().map_err(|_| Fail(format!("--time {s:?}: not a number of seconds")))?;
+            }
+            // Fewer cores than the machine has: on a machine shared with
+            // other work (emulator runs).
+            "--jobs" => {
+                let s = it.next().ok_or(Fail::new("--jobs needs a number of cores"))?;
+                cores = s
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| Fail(format!("--jobs {s:?}: not a number of cores")))?;
             }
             other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}"))),
             other => only = Some(other.to_string()),
@@ -72,7 +87,6 @@ pub fn fuzz(args: &[String]) -> Result<(), Fail> {
         return Err(Fail(format!("no fuzz target {:?}; targets: {}", only.unwrap_or_default(), names.join(", "))));
     }
     ensure_cargo_fuzz()?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut results = Vec::new();
     for t in targets {
         println!("xtask: fuzzing {} for {seconds} s on {cores} cores", t.name);
