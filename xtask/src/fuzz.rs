@@ -180,7 +180,13 @@ fn parse_status(line: &str) -> Option<Stats> {
     let words: Vec<&str> = rest.split_whitespace().collect();
     let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
     let coverage = after("cov:")?.parse().ok()?;
-    let per_second = after("exec/s:")?.parse().ok()?;
+    // The whole run's rate (libFuzzer's own is the last job's): executions
+    // over the time elapsed.
+    let seconds: Option<u64> = after("time:").and_then(|t| t.trim_end_matches('s').parse().ok());
+    let per_second = match seconds {
+        Some(s) if s > 0 => executions / s,
+        _ => after("exec/s:")?.parse().ok()?,
+    };
     let crashes = after("oom/timeout/crash:")?.rsplit('/').next()?.parse().ok()?;
     Some(Stats { executions, per_second, coverage, crashes })
 }
@@ -195,7 +201,9 @@ mod tests {
             "#1318522: cov: 1535 ft: 5987 corp: 1387 exec/s: 43950 oom/timeout/crash: 0/0/2 time: 31s job: 3 dft_time: 0",
         )
         .unwrap();
-        assert_eq!((s.executions, s.coverage, s.per_second, s.crashes), (1318522, 1535, 43950, 2));
+        assert_eq!((s.executions, s.coverage, s.per_second, s.crashes), (1318522, 1535, 42532, 2));
+        let s = parse_status("#1000: cov: 10 ft: 20 corp: 3 exec/s: 7 oom/timeout/crash: 0/0/0").unwrap();
+        assert_eq!(s.per_second, 7, "without a time, libFuzzer's rate");
         assert!(parse_status("#4096\tpulse  cov: 1502 ft: 5300").is_none());
     }
 }
