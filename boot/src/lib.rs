@@ -1,7 +1,8 @@
 //! The first instructions of CTVM.
 //!
-//! GRUB loads the hypervisor image as a multiboot2 kernel and jumps to
-//! [`ctvm_entry32`] in 32-bit protected mode with paging off. This crate
+//! GRUB loads the hypervisor image as a multiboot2 kernel (or tboot loads
+//! it as a multiboot 1 kernel) and jumps to [`ctvm_entry32`] in 32-bit
+//! protected mode with paging off. This crate
 //! carries everything that has to happen before Rust code can run: the
 //! multiboot2 header, a check that the CPU has long mode, page tables that
 //! identity-map the first 4 GiB with 2 MiB pages, the switch to long mode, and
@@ -13,6 +14,8 @@
 
 /// The multiboot2 magic GRUB leaves in EAX.
 pub const MULTIBOOT2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
+/// The multiboot 1 magic (GRUB's `multiboot`, and tboot after it).
+pub const MULTIBOOT1_BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 
 /// Size of the boot stack the hypervisor starts on.
 pub const BOOT_STACK_SIZE: usize = 128 * 1024;
@@ -52,6 +55,18 @@ mb2_header_start:
     .short 0, 0
     .long 8
 mb2_header_end:
+
+    // Multiboot 1 as well, for tboot: GRUB loads tboot with `multiboot`
+    // (its `multiboot2` path loses modules and crashes GRUB under Bochs),
+    // and tboot hands the kernel the protocol it was given. Flags: modules
+    // page aligned (bit 0), memory information (bit 1); the ELF header
+    // gives the load addresses.
+    .set MB1_MAGIC, 0x1BADB002
+    .set MB1_FLAGS, 0x3
+    .balign 4
+    .long MB1_MAGIC
+    .long MB1_FLAGS
+    .long 0x100000000 - MB1_MAGIC - MB1_FLAGS
 
     .section .text.boot32, "ax"
     .code32

@@ -18,6 +18,7 @@
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
 #include <linux/version.h>
+#include <linux/workqueue.h>
 #include <linux/elf.h>
 #include <linux/extable.h>
 #include <asm/processor.h>
@@ -52,17 +53,20 @@ static unsigned long return_thunks[CTVM_RETURN_THUNKS - 1];
 static int return_thunk_count;
 module_param_array(return_thunks, ulong, &return_thunk_count, 0400);
 
-/* One entry per module CTVM knows, to find its id again at LIVE and GOING. */
+/* One entry per module CTVM knows, to find its id again at LIVE and GOING.
+ * In the agent's own data, which CTVM lets no module write (a list in the
+ * kernel's heap would share pages with anyone's objects). */
 struct tracked {
-	struct list_head link;
 	struct module *mod;
 	long id;
 };
-static LIST_HEAD(tracked_modules);
+static struct tracked tracked_modules[CTVM_MODULES_MAX];
 static DEFINE_MUTEX(tracked_lock);
 
-static long ctvm_call(unsigned long nr, unsigned long a, unsigned long b,
-		      unsigned long c, unsigned long d)
+/* The agent's one VMCALL for the integrity calls: CTVM takes them only from
+ * the agent's pinned code. Not exported: no module may call it. */
+static noinline long ctvm_call(unsigned long nr, unsigned long a, unsigned long b,
+			       unsigned long c, unsigned long d)
 {
 	long ret;
 
@@ -171,84 +175,114 @@ static struct ctvm_fixup *module_fixups(struct module *mod, u32 *count)
 	return fixups;
 }
 
-static long report_module(struct module *mod)
+/* Fills in a module's registration: ranges, entries, fault fixups, its
+ * struct module and its export tables. The caller frees the arrays. */
+static int module_report(struct module *mod, struct ctvm_module_info *info,
+			 u64 **entries, struct ctvm_fixup **fixups)
 {
-	struct ctvm_module_info *info;
-	struct ctvm_fixup *fixups;
-	u64 *entries;
 	u32 count = 0, fixup_count = 0;
-	long id;
 
-	info = kzalloc(sizeof(*info), GFP_KERNEL);
-	entries = module_entries(mod, &count);
-	fixups = module_fixups(mod, &fixup_count);
-	if (!info || !entries || !fixups) {
-		kfree(info);
-		kfree(entries);
-		kfree(fixups);
+	*entries = module_entries(mod, &count);
+	*fixups = module_fixups(mod, &fixup_count);
+	if (!*entries || !*fixups) {
+		kfree(*entries);
+		kfree(*fixups);
 		return -ENOMEM;
 	}
+	memset(info, 0, sizeof(*info));
 	info->version = CTVM_STRUCT_VERSION;
 	info->size = sizeof(*info);
 	strscpy(info->name, mod->name, sizeof(info->name));
 	module_ranges(mod, info);
-	info->entries = (unsigned long)entries;
+	info->entries = (unsigned long)*entries;
 	info->entry_count = count;
-	info->fixups = (unsigned long)fixups;
+	info->fixups = (unsigned long)*fixups;
 	info->fixup_count = fixup_count;
-	id = ctvm_call(CTVM_CALL_MODULE_REGISTER, (unsigned long)info, sizeof(*info), 0, 0);
-	kfree(fixups);
-	kfree(entries);
+	info->module = (unsigned long)mod;
+	/* struct kernel_symbol is private to the module loader since 6.4;
+	 * x86-64 uses its PREL32 form everywhere. */
+	range(&info->ksymtab, (unsigned long)mod->syms, mod->num_syms * CTVM_KERNEL_SYMBOL_SIZE);
+	range(&info->ksymtab_gpl, (unsigned long)mod->gpl_syms, mod->num_gpl_syms * CTVM_KERNEL_SYMBOL_SIZE);
+	return 0;
+}
+
+/* Registers a module (CTVM_CALL_MODULE_REGISTER), or the agent itself while
+ * locking (CTVM_CALL_KERNEL_LOCK): its id, or a negative error. */
+static long report_module(unsigned long call, struct module *mod)
+{
+	struct ctvm_module_info *info = kzalloc(sizeof(*info), GFP_KERNEL);
+	struct ctvm_fixup *fixups;
+	u64 *entries;
+	long id;
+
+	if (!info)
+		return -ENOMEM;
+	id = module_report(mod, info, &entries, &fixups);
+	if (id == 0) {
+		id = ctvm_call(call, (unsigned long)info, sizeof(*info), 0, 0);
+		kfree(fixups);
+		kfree(entries);
+	}
 	kfree(info);
 	return id;
 }
 
-static void track(struct module *mod, long id)
+static bool track(struct module *mod, long id)
 {
-	struct tracked *t = kmalloc(sizeof(*t), GFP_KERNEL);
+	bool done = false;
+	int i;
 
-	if (!t)
-		return;
-	t->mod = mod;
-	t->id = id;
 	mutex_lock(&tracked_lock);
-	list_add(&t->link, &tracked_modules);
+	for (i = 0; i < ARRAY_SIZE(tracked_modules) && !done; i++) {
+		if (!tracked_modules[i].mod) {
+			tracked_modules[i] = (struct tracked){ mod, id };
+			done = true;
+		}
+	}
 	mutex_unlock(&tracked_lock);
+	return done;
 }
 
 static long tracked_id(struct module *mod, bool remove)
 {
-	struct tracked *t;
 	long id = -1;
+	int i;
 
 	mutex_lock(&tracked_lock);
-	list_for_each_entry(t, &tracked_modules, link) {
-		if (t->mod == mod) {
-			id = t->id;
-			if (remove) {
-				list_del(&t->link);
-				kfree(t);
-			}
+	for (i = 0; i < ARRAY_SIZE(tracked_modules); i++) {
+		if (tracked_modules[i].mod == mod) {
+			id = tracked_modules[i].id;
+			if (remove)
+				tracked_modules[i] = (struct tracked){ NULL, 0 };
 			break;
 		}
 	}
 	mutex_unlock(&tracked_lock);
 	return id;
 }
+
+static struct notifier_block module_nb;
 
 static int module_event(struct notifier_block *nb, unsigned long state, void *data)
 {
 	struct module *mod = data;
 	long id;
 
+	/* Only the kernel's module notifier chain calls this (a work item or
+	 * timer a module aimed here would not pass its own notifier block). */
+	if (nb != &module_nb)
+		return NOTIFY_DONE;
 	switch (state) {
 	case MODULE_STATE_COMING:
-		id = report_module(mod);
+		id = report_module(CTVM_CALL_MODULE_REGISTER, mod);
 		if (id < 0) {
-			pr_err("ctvm: module %s not registered (%ld)\n", mod->name, id);
-			break;
+			/* Fail closed: a module CTVM cannot isolate does not load. */
+			pr_err("ctvm: module %s not loaded: CTVM could not isolate it (%ld)\n", mod->name, id);
+			return notifier_from_errno(-EPERM);
 		}
-		track(mod, id);
+		/* CTVM holds at most as many modules as the table. */
+		if (!track(mod, id))
+			pr_err("ctvm: module %s: the agent's table is full\n", mod->name);
 		break;
 	case MODULE_STATE_LIVE:
 		id = tracked_id(mod, false);
@@ -271,30 +305,112 @@ static struct notifier_block module_nb = {
 };
 
 
-/* /proc/ctvm_violations: the records CTVM kept, read by hypercall. */
-static int violations_show(struct seq_file *m, void *v)
+/*
+ * Violation records, drained from CTVM every second and whenever
+ * /proc/ctvm_violations is opened, and kept here, in the agent's own data
+ * (which CTVM lets no module write), until the ring wraps. Reading the file
+ * consumes nothing: it shows every record kept, after a line counting what
+ * was lost (a gap in CTVM's sequence: its log overflowed before a drain; or
+ * the ring wrapped before a read).
+ */
+#define RECORDS 4096
+static struct ctvm_violation_record records[RECORDS];
+static struct ctvm_violation_record batch[64];
+static u64 records_stored, records_lost, next_sequence = 1;
+static DEFINE_MUTEX(records_lock);
+
+static void drain(void)
 {
-	struct ctvm_violation_record *records;
 	long n, i;
 
-	records = kmalloc_array(64, sizeof(*records), GFP_KERNEL);
-	if (!records)
-		return -ENOMEM;
+	mutex_lock(&records_lock);
 	do {
-		n = ctvm_call(CTVM_CALL_VIOLATIONS_READ, (unsigned long)records, 64, 0, 0);
+		n = ctvm_call(CTVM_CALL_VIOLATIONS_READ, (unsigned long)batch, ARRAY_SIZE(batch), 0, 0);
 		for (i = 0; i < n; i++) {
-			const struct ctvm_violation_record *r = &records[i];
-			const char *kind = r->kind < ARRAY_SIZE(ctvm_violation_kinds) ?
-				ctvm_violation_kinds[r->kind] : "?";
-
-			seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s\n",
-				   r->sequence, kind, (int)r->module, r->rip, r->target,
-				   r->action == 2 ? "deny" : "allow");
+			if (batch[i].sequence > next_sequence)
+				records_lost += batch[i].sequence - next_sequence;
+			next_sequence = batch[i].sequence + 1;
+			records[records_stored++ % RECORDS] = batch[i];
 		}
-	} while (n == 64);
-	kfree(records);
-	return n < 0 ? (int)n : 0;
+	} while (n == ARRAY_SIZE(batch));
+	mutex_unlock(&records_lock);
 }
+
+static void drain_work(struct work_struct *work);
+static DECLARE_DELAYED_WORK(drainer, drain_work);
+
+static void drain_work(struct work_struct *work)
+{
+	drain();
+	schedule_delayed_work(&drainer, HZ);
+}
+
+/* The seq_file position is the record's index since boot (0 the header):
+ * a show that runs again after its buffer filled prints the same record. */
+static u64 oldest_kept(void)
+{
+	return records_stored > RECORDS ? records_stored - RECORDS : 0;
+}
+
+static void *violations_start(struct seq_file *m, loff_t *pos)
+{
+	mutex_lock(&records_lock);
+	if (*pos == 0)
+		return SEQ_START_TOKEN;
+	if (*pos - 1 < oldest_kept())
+		*pos = oldest_kept() + 1;
+	return *pos - 1 < records_stored ? &records[(*pos - 1) % RECORDS] : NULL;
+}
+
+static void *violations_next(struct seq_file *m, void *v, loff_t *pos)
+{
+	++*pos;
+	if (*pos - 1 < oldest_kept())
+		*pos = oldest_kept() + 1;
+	return *pos - 1 < records_stored ? &records[(*pos - 1) % RECORDS] : NULL;
+}
+
+static void violations_stop(struct seq_file *m, void *v)
+{
+	mutex_unlock(&records_lock);
+}
+
+static int violations_show(struct seq_file *m, void *v)
+{
+	const struct ctvm_violation_record *r = v;
+	const char *kind;
+
+	if (v == SEQ_START_TOKEN) {
+		seq_printf(m, "# records=%llu lost=%llu\n", records_stored,
+			   records_lost + oldest_kept());
+		return 0;
+	}
+	kind = r->kind < ARRAY_SIZE(ctvm_violation_kinds) ? ctvm_violation_kinds[r->kind] : "?";
+	seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s\n",
+		   r->sequence, kind, (int)r->module, r->rip, r->target,
+		   r->action == 2 ? "deny" : "allow");
+	return 0;
+}
+
+static const struct seq_operations violations_ops = {
+	.start = violations_start,
+	.next = violations_next,
+	.stop = violations_stop,
+	.show = violations_show,
+};
+
+static int violations_open(struct inode *inode, struct file *file)
+{
+	drain();
+	return seq_open(file, &violations_ops);
+}
+
+static const struct proc_ops violations_proc = {
+	.proc_open = violations_open,
+	.proc_read = seq_read,
+	.proc_lseek = seq_lseek,
+	.proc_release = seq_release,
+};
 
 /* The kernel's branch thunks: a module's indirect calls and returns go
  * through them, so CTVM judges the branch, not the thunk. */
@@ -321,14 +437,19 @@ static void branch_thunks(struct ctvm_kernel_layout *layout)
 static int __init ctvm_agent_init(void)
 {
 	struct ctvm_kernel_layout *layout;
+	unsigned long version;
 	long ret, caps;
 
 	if (!ctvm_present()) {
 		pr_err("ctvm: not running under CTVM\n");
 		return -ENODEV;
 	}
-	asm volatile("vmcall" : "=a"(ret), "=c"(caps) : "a"(CTVM_CALL_VERSION) : "rbx", "rdx", "memory");
-	if (ret != 0 || !(caps & CTVM_CAP_INTEGRITY)) {
+	asm volatile("vmcall" : "=a"(ret), "=b"(version), "=c"(caps) : "a"(CTVM_CALL_VERSION) : "rdx", "memory");
+	if (ret != 0 || version >> 16 != CTVM_ABI_VERSION >> 16) {
+		pr_err("ctvm: the hypervisor speaks ABI %#lx, the agent %#x\n", version, CTVM_ABI_VERSION);
+		return -EPROTO;
+	}
+	if (!(caps & CTVM_CAP_INTEGRITY)) {
 		pr_err("ctvm: the hypervisor offers no integrity views for this guest\n");
 		return -EOPNOTSUPP;
 	}
@@ -354,25 +475,31 @@ static int __init ctvm_agent_init(void)
 		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
 	layout->kernel_page_table = page_table;
 	branch_thunks(layout);
+	/* Reported from now on; until the lock, CTVM refuses them and they do
+	 * not load: nothing loads unisolated while the agent starts. */
+	ret = register_module_notifier(&module_nb);
+	if (ret) {
+		kfree(layout);
+		return ret;
+	}
 	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
 	kfree(layout);
 	if (ret < 0) {
 		pr_err("ctvm: kernel layout refused (%ld)\n", ret);
+		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}
-	ret = ctvm_call(CTVM_CALL_KERNEL_LOCK, 0, 0, 0, 0);
+	/* The lock pins the agent: CTVM checks its code against ctvm.policy,
+	 * and takes the integrity calls from its code alone from now on. */
+	ret = report_module(CTVM_CALL_KERNEL_LOCK, THIS_MODULE);
 	if (ret < 0) {
 		pr_err("ctvm: lock refused (%ld)\n", ret);
+		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}
-	/* The agent itself: trusted by policy, its pages protected. */
-	ret = report_module(THIS_MODULE);
-	if (ret >= 0)
-		track(THIS_MODULE, ret);
-	proc_create_single("ctvm_violations", 0400, NULL, violations_show);
-	ret = register_module_notifier(&module_nb);
-	if (ret)
-		return ret;
+	track(THIS_MODULE, ret);
+	proc_create("ctvm_violations", 0400, NULL, &violations_proc);
+	schedule_delayed_work(&drainer, HZ);
 	/* The agent must not go away: hold a reference forever. */
 	__module_get(THIS_MODULE);
 	pr_info("ctvm: agent ready; kernel layout locked\n");

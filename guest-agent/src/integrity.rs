@@ -4,7 +4,7 @@
 //! a leading `size` field, so both sides can check what they were given.
 
 /// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 2;
+pub const STRUCT_VERSION: u32 = 3;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -96,7 +96,39 @@ pub struct ModuleInfo {
     pub fixups: u64,
     pub fixup_count: u32,
     pub reserved: u32,
+    /// Its `struct module`, inside its data: the kernel's `state` (the
+    /// first field) shows whether a LIVE or GOING report is true.
+    pub module: u64,
+    /// Its exported-symbol tables (`mod->syms`, `mod->gpl_syms`: `struct
+    /// kernel_symbol`, PREL32), inside its data: the only places another
+    /// module may call it if it runs in the kernel's view.
+    pub ksymtab: WireRange,
+    pub ksymtab_gpl: WireRange,
 }
+
+/// The module the hypervisor pins as the guest's agent: named in `trust=`,
+/// its code matched against `ctvm.policy`, and the only code that may make
+/// integrity hypercalls once the layout is locked.
+pub const AGENT_NAME: &str = "ctvm_agent";
+
+/// `enum module_state` (`include/linux/module.h`): the first field of
+/// `struct module`, stable since 2.6.
+pub mod module_state {
+    pub const LIVE: u32 = 0;
+    pub const COMING: u32 = 1;
+    pub const GOING: u32 = 2;
+}
+
+/// Modules registered at once (the agent's own table holds as many):
+/// servers load a few hundred.
+pub const MODULES_MAX: u32 = 1024;
+
+/// A `struct kernel_symbol` on x86-64: three PREL32 offsets (value, name,
+/// namespace), each relative to its own address.
+pub const KERNEL_SYMBOL_SIZE: u64 = 12;
+
+/// Upper bound on a module's exported symbols in one registration.
+pub const MODULE_EXPORTS_MAX: u32 = 16384;
 
 /// Upper bound on a module's exception-table entries in one registration.
 pub const MODULE_FIXUPS_MAX: u32 = 4096;
@@ -125,6 +157,9 @@ impl Default for ModuleInfo {
             fixups: 0,
             fixup_count: 0,
             reserved: 0,
+            module: 0,
+            ksymtab: WireRange::default(),
+            ksymtab_gpl: WireRange::default(),
         }
     }
 }
@@ -168,11 +203,19 @@ pub enum ViolationKind {
     ModulePortIo = 17,
     /// An INIT or start-up IPI: the guest tried to start a CPU it was not given.
     StartCpu = 18,
+    /// Code reached through a linear address that does not map the code
+    /// registered there (page tables edited to alias other code).
+    Alias = 19,
+    /// A module the hypervisor could not isolate: its load is vetoed.
+    RegistrationRefused = 20,
+    /// A kernel function a module called wrote what the module may not
+    /// (the module's deputy).
+    DeputyWrite = 21,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 18] = [
+    pub const ALL: [ViolationKind; 21] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -191,6 +234,9 @@ impl ViolationKind {
         Self::ModuleMsr,
         Self::ModulePortIo,
         Self::StartCpu,
+        Self::Alias,
+        Self::RegistrationRefused,
+        Self::DeputyWrite,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -214,6 +260,9 @@ impl ViolationKind {
             Self::ModuleMsr => "module-msr",
             Self::ModulePortIo => "module-port-io",
             Self::StartCpu => "start-cpu",
+            Self::Alias => "alias",
+            Self::RegistrationRefused => "registration-refused",
+            Self::DeputyWrite => "deputy-write",
         }
     }
 }
@@ -296,7 +345,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}");
     let _ = writeln!(
         h,
-        "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n"
+        "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n#define CTVM_AGENT_NAME \"{AGENT_NAME}\"\n#define CTVM_MODULES_MAX {MODULES_MAX}\n#define CTVM_KERNEL_SYMBOL_SIZE {KERNEL_SYMBOL_SIZE}\n"
     );
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
@@ -305,7 +354,7 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
-        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n\t__u64 fixups;\n\t__u32 fixup_count;\n\t__u32 reserved;\n}};\n\nstruct ctvm_fixup {{ __u64 insn; __u64 fixup; }};"
+        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n\t__u64 fixups;\n\t__u32 fixup_count;\n\t__u32 reserved;\n\t__u64 module;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n}};\n\nstruct ctvm_fixup {{ __u64 insn; __u64 fixup; }};"
     );
     let _ = writeln!(
         h,
@@ -346,6 +395,8 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ =
         writeln!(h, "static_assert(offsetof(struct ctvm_module_info, fixups) == {});", offset_of!(ModuleInfo, fixups));
+    let _ =
+        writeln!(h, "static_assert(offsetof(struct ctvm_module_info, module) == {});", offset_of!(ModuleInfo, module));
     let _ = writeln!(
         h,
         "static_assert(offsetof(struct ctvm_violation_record, action) == {});",
@@ -390,7 +441,7 @@ mod tests {
                 + 8 * INDIRECT_THUNKS
                 + 8 * RETURN_THUNKS
         );
-        assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16);
+        assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);
         assert_eq!(core::mem::size_of::<Fixup>(), 16);
         assert_eq!(VIOLATION_RECORD_SIZE, 40);
     }

@@ -19,7 +19,7 @@ pub mod start_info;
 
 /// ABI version: major in the high 16 bits, minor in the low 16 bits. A
 /// different major is incompatible; a higher minor only adds calls.
-pub const ABI_VERSION: u32 = abi_version(1, 0);
+pub const ABI_VERSION: u32 = abi_version(2, 0);
 
 /// Packs a major and minor version the way [`ABI_VERSION`] holds them.
 pub const fn abi_version(major: u16, minor: u16) -> u32 {
@@ -44,7 +44,10 @@ pub enum Call {
     /// RBX = address of an [`integrity::KernelLayout`], RCX = its size.
     KernelRegister = 0x10,
     /// Locks the registered layout and turns the protections on; nothing
-    /// can change the layout afterwards.
+    /// can change the layout afterwards. RBX = address of the agent's own
+    /// [`integrity::ModuleInfo`], RCX = its size: the agent is pinned (its
+    /// code must match its `ctvm.policy` entry), and from now on only its
+    /// code may make the integrity calls. Returns the agent's module id.
     KernelLock = 0x11,
     /// RBX = address of an [`integrity::ModuleInfo`], RCX = its size.
     /// Returns the module's id in RAX (zero or positive).

@@ -2,9 +2,9 @@
 
 extern crate alloc;
 
-use hypervisor::arch::x86_64::vmx::enable::enable;
-use hypervisor::arch::x86_64::{cpu, gdt, power, serial, traps};
-use hypervisor::boot_info::{self, BootInfo};
+use hypervisor::arch::x86_64::vmx::enable::{enable, VmxError};
+use hypervisor::arch::x86_64::{cpu, gdt, platform, power, serial, traps};
+use hypervisor::boot_info::{self, Loader, Mb1, Memory};
 use hypervisor::console;
 use hypervisor::guest::config;
 use hypervisor::integrity::policy::Policy;
@@ -36,45 +36,58 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     traps::init();
     info!("CTVM {} starting", env!("CARGO_PKG_VERSION"));
 
-    if magic != ctvm_boot::MULTIBOOT2_BOOTLOADER_MAGIC {
-        error!("not started by a multiboot2 loader (magic {magic:#x}); halting");
-        power::stop_machine(power::EXIT_HYPERVISOR_FAULT);
-    }
-    // SAFETY: a multiboot2 loader passed this pointer with the magic above.
-    let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
-        Ok(mb) => mb,
-        Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
+    let loader = match magic {
+        ctvm_boot::MULTIBOOT2_BOOTLOADER_MAGIC => {
+            // SAFETY: a multiboot2 loader passed this pointer with the magic above.
+            let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
+                Ok(mb) => mb,
+                Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
+            };
+            // Before any typed getter: the crate's assert on a malformed tag.
+            if let Err(e) = boot_info::check(&mb) {
+                fatal(format_args!("the multiboot2 information is unusable: {e:?}"));
+            }
+            Loader::V2(mb)
+        }
+        // tboot (after GRUB's `multiboot`) passes multiboot 1 on.
+        ctvm_boot::MULTIBOOT1_BOOTLOADER_MAGIC => match Mb1::new(low_memory(), info_addr) {
+            Some(mb) => Loader::V1(mb),
+            None => fatal(format_args!("the multiboot information at {info_addr:#x} is out of reach")),
+        },
+        _ => {
+            error!("not started by a multiboot loader (magic {magic:#x}); halting");
+            power::stop_machine(power::EXIT_HYPERVISOR_FAULT);
+        }
     };
-    // Before any typed getter: the crate's assert on a malformed tag.
-    if let Err(e) = boot_info::check(&mb) {
-        fatal(format_args!("the multiboot2 information is unusable: {e:?}"));
-    }
 
     let image = ctvm_boot::image_range();
     let image = Region::new(image.start, image.end);
-    let mut excluded: [Region; 40] = [Region::default(); 40];
+    let mut excluded: [Region; 72] = [Region::default(); 72];
     let mut count = 0;
-    for r in core::iter::once(image).chain(boot_info::boot_ranges(&mb)) {
+    for r in core::iter::once(image).chain(loader.boot_ranges()) {
         if count == excluded.len() {
-            fatal(format_args!("more than {} boot modules", excluded.len() - 2));
+            fatal(format_args!("too many boot modules"));
         }
         excluded[count] = r;
         count += 1;
     }
-    let mut free = match frames::free_memory::<{ phys::REGIONS }>(
-        boot_info::memory_map(&mb),
-        &excluded[..count],
-        ADDRESSABLE_LIMIT,
-    ) {
-        Ok(free) => free,
-        Err(_) => fatal(format_args!("the memory map is too fragmented")),
-    };
+    let mut free =
+        match frames::free_memory::<{ phys::REGIONS }>(loader.memory_map(), &excluded[..count], ADDRESSABLE_LIMIT) {
+            Ok(free) => free,
+            Err(_) => fatal(format_args!("the memory map is too fragmented")),
+        };
     // With a guest that owns the machine, the hypervisor keeps one block of
     // RAM (its pool) and leaves the rest to that guest.
-    let pass_through = mb.module_tags().any(|m| m.cmdline().is_ok_and(config::is_pass_through_module));
+    let pass_through = loader.module_cmdlines().any(config::is_pass_through_module);
+    // The test image's DMA test builds the DMA view as for a device owner
+    // (read before the heap exists: no allocation).
+    #[cfg(feature = "test-hooks")]
+    let pass_through = pass_through
+        || boot_info::options(loader.cmdline())
+            .any(|(k, v)| hypervisor::arch::x86_64::testing::Options::makes_device_owner(k, v));
     let mut pool = None;
     if pass_through {
-        let cmdline = mb.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+        let cmdline = loader.cmdline();
         let size = boot_info::options(cmdline)
             .find(|(k, _)| *k == "hv.pool")
             .and_then(|(_, v)| config::parse_size(v))
@@ -97,19 +110,22 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     // SAFETY: the frames are free RAM, identity mapped, and handed to the heap alone.
     unsafe { HEAP.lock().init(heap as *mut u8, HEAP_SIZE as usize) };
 
-    let boot = match BootInfo::parse(&mb) {
+    let mut boot = match loader.parse() {
         Ok(b) => b,
         Err(e) => fatal(format_args!("boot information: {e:?}")),
     };
-    let mut debug_fault = false;
-    let mut corrupt_guest = None;
+    if boot.rsdp.is_none() {
+        boot.rsdp = hypervisor::acpi::find_rsdp(&phys::Identity);
+    }
     let mut vtpm_seed = None;
+    #[cfg(feature = "test-hooks")]
+    let mut tests = hypervisor::arch::x86_64::testing::Options::default();
     for (key, value) in boot_info::options(&boot.cmdline) {
         match key {
-            // Test knobs: prove that faults and failed entries are reported.
-            "debug.fault" => debug_fault = true,
-            "debug.corrupt-guest" => corrupt_guest = Some(value),
-            "hv.pool" => {}
+            #[cfg(feature = "test-hooks")]
+            key if tests.accept(key, value) => {}
+            // tboot's shared page: read by the platform start-up.
+            "hv.pool" | "tboot" => {}
             "vtpm.seed" => match hypervisor::tpm::parse_seed(value.as_bytes()) {
                 Some(seed) => {
                     log::warn!("vtpm.seed on the command line: a measuring GRUB logs it in clear; use a module");
@@ -139,17 +155,6 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     phys::install(frames);
     mask_legacy_pic();
 
-    let vmx = match enable() {
-        Ok(vmx) => vmx,
-        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
-    };
-    vmx.report();
-    info!("VMX on");
-    if debug_fault {
-        info!("debug.fault: reading unmapped memory at 64 GiB");
-        // SAFETY: deliberately faults; the handler reports and stops the machine.
-        unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
-    }
     // Memory a pass-through guest must not see: the image, the pool, and the
     // modules of the other guests.
     let mut hypervisor_ranges = alloc::vec![image];
@@ -160,6 +165,26 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
             .filter(|m| !config::is_pass_through_module(&m.cmdline) && config::initrd_owner(&m.cmdline).is_none())
             .map(|m| m.range),
     );
+    // The platform pieces (IOMMU, platform TPM, tboot) before VMX and
+    // before any guest: they run even where VT-x is missing.
+    let platform = platform::start(&boot, &hypervisor_ranges, pass_through);
+    hypervisor_ranges.extend(platform.hidden.iter().copied());
+    #[cfg(feature = "test-hooks")]
+    if tests.dma {
+        hypervisor::arch::x86_64::testing::edu_dma(platform::pm_timer_port(&boot));
+    }
+
+    let vmx = match enable() {
+        Ok(vmx) => vmx,
+        Err(e @ VmxError::NoVmx) => platform::without_vmx(alloc::format!("{e}")),
+        Err(e) => fatal(format_args!("cannot use VT-x: {e}")),
+    };
+    vmx.report();
+    info!("VMX on");
+    #[cfg(feature = "test-hooks")]
+    if tests.fault {
+        hypervisor::arch::x86_64::testing::fault();
+    }
     // The seed as a file: GRUB measures a module's digest, not its contents.
     if let Some(m) = boot.modules.iter().find(|m| m.cmdline.trim() == config::SEED_MODULE) {
         match hypervisor::tpm::parse_seed(vmm::module_bytes(m)) {
@@ -189,6 +214,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     if vtpm_seed.is_none() {
         info!("no vtpm.seed: vTPM endorsement keys are new at every boot");
     }
+    #[cfg(feature = "test-hooks")]
+    let corrupt_guest = tests.corrupt_guest.as_deref();
+    #[cfg(not(feature = "test-hooks"))]
+    let corrupt_guest = None;
     let mut vms = vmm::create_vms(&vmx, &machine, corrupt_guest);
     if vms.is_empty() {
         info!("no guests configured");
@@ -197,7 +226,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         vmm::report(&vms);
     }
     info!("all guests stopped; powering off");
-    power::stop_machine(power::EXIT_OK)
+    platform::power_off(power::EXIT_OK)
 }
 
 /// 32 bytes from 64 hexadecimal digits.
@@ -231,6 +260,16 @@ fn mask_legacy_pic() {
         cpu::outb(0x21, 0xff);
         cpu::outb(0xa1, 0xff);
     }
+}
+
+/// Physical memory below 4 GiB (the boot page tables' identity mapping),
+/// for reading multiboot 1 structures at the addresses the loader gave.
+fn low_memory() -> Memory<'static> {
+    const BASE: u64 = 0x1000;
+    // SAFETY: the boot page tables map the first 4 GiB one to one, and
+    // only the bytes the loader's structures name are ever read.
+    let bytes = unsafe { core::slice::from_raw_parts(BASE as *const u8, ((4u64 << 30) - BASE) as usize) };
+    Memory { base: BASE, bytes }
 }
 
 fn fatal(args: core::fmt::Arguments<'_>) -> ! {

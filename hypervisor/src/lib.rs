@@ -20,6 +20,7 @@ pub mod integrity;
 pub mod mm;
 pub mod mmio;
 pub mod pci;
+pub mod platform;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tpm;

@@ -8,5 +8,10 @@ fn main() {
     std::process::exit(2);
 }
 
+// The release image never carries the scenario hooks: they exist only in
+// the `ctvm-test` binary.
+#[cfg(feature = "test-hooks")]
+compile_error!("the release image is built without `test-hooks`; build the `ctvm-test` binary instead");
+
 #[cfg(target_os = "none")]
 mod bare_metal;

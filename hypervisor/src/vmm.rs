@@ -190,7 +190,7 @@ impl Vm {
             trusted
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
-        let integrity = config.integrity.map(|mode| GuestIntegrity::new(mode, trusted));
+        let integrity = config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted)).transpose()?;
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
@@ -322,6 +322,7 @@ impl GuestControl for Views<'_> {
     fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
         let eptp = self.view(view)?.pointer();
         current::set_eptp(eptp);
+        current::set_event_exiting(matches!(view, View::Module(_)));
         // The bitmaps go with the view: a module's traps every port and MSR write.
         if let Some(module_bitmaps) = self.module_bitmaps {
             current::set_bitmaps(if view == View::Kernel { self.bitmaps } else { module_bitmaps });
@@ -340,6 +341,10 @@ impl GuestControl for Views<'_> {
         } else {
             ept.map(page, page, PAGE_SIZE, Attrs::new(perms, mem_type))
         };
+        // Devices never write what the kernel view does not (DMA view in step with KEPT).
+        if view == View::Kernel && result.is_ok() {
+            crate::arch::x86_64::iommu::kernel_view_changed(page, perms);
+        }
         result.map_err(|_| ControlError)
     }
 
@@ -363,6 +368,10 @@ impl GuestControl for Views<'_> {
         if let Some(ept) = self.modules.remove(&module) {
             ept.destroy();
         }
+    }
+
+    fn set_interrupt_window(&mut self, on: bool) {
+        current::set_primary_control(PrimaryControls::INTERRUPT_WINDOW_EXITING, on);
     }
 
     fn has_monitor_trap(&self) -> bool {
@@ -437,7 +446,14 @@ fn install_acpi(guest: &Guest, machine: &Machine<'_>) -> Option<u64> {
             return None;
         }
     }
-    let listed: Vec<(u64, [u8; 4])> = firmware.iter().map(|t| (t.address, t.signature)).collect();
+    // Hidden from the guest: the DMAR table (the remapping units are the
+    // hypervisor's; their registers are absent from the guest's EPT too) and
+    // the platform TPM's tables (the guest's TPM is its vTPM).
+    let listed: Vec<(u64, [u8; 4])> = firmware
+        .iter()
+        .filter(|t| !matches!(&t.signature, b"DMAR" | b"TPM2" | b"TCPA"))
+        .map(|t| (t.address, t.signature))
+        .collect();
     let (bytes, overlay) = acpi::build::overlay(boot_data::ACPI, area, &listed, &tables)?;
     guest.memory.write(&Identity, boot_data::ACPI, &bytes).ok()?;
     Some(overlay.rsdp)
@@ -481,9 +497,11 @@ fn pass_through_ept(vmx: &Vmx, map: &[E820Entry], hypervisor: &[Region], lapic: 
 }
 
 /// Creates a VM per guest module. A module that fails to load is reported
-/// and skipped; the others still run. `corrupt` names a guest whose initial
+/// and skipped; the others still run. `corrupt` (test image only) names a guest whose initial
 /// state is broken on purpose (a test knob).
 pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Vec<Vm> {
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = corrupt;
     let modules = machine.modules;
     let guest_modules: Vec<&Module> = modules.iter().filter(|m| config::is_guest_module(&m.cmdline)).collect();
     let initrds: Vec<&Module> = modules.iter().filter(|m| config::initrd_owner(&m.cmdline).is_some()).collect();
@@ -520,12 +538,15 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
             }
         };
         match created {
+            #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
             Ok(mut vm) => {
                 info!("guest {name}: loaded");
+                // Only the test image can break a guest on purpose.
+                #[cfg(feature = "test-hooks")]
                 if corrupt == Some(name.as_str()) {
-                    warn!("guest {name}: corrupting its initial CR4 (debug.corrupt-guest)");
+                    warn!("guest {name}: corrupting its initial CR4 (test.corrupt-guest)");
                     if let Some(vcpu) = vm.vcpu.as_mut() {
-                        vcpu.debug_corrupt_guest_cr4();
+                        vcpu.test_corrupt_guest_cr4();
                     }
                 }
                 vms.push(vm);
@@ -586,6 +607,7 @@ pub fn run(vmx: &Vmx, vms: &mut [Vm]) {
                 (a, _) => a,
             };
             vm.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
+            crate::arch::x86_64::iommu::poll();
             if action != Action::Resume {
                 break action;
             }

@@ -144,6 +144,21 @@ fn hypercall() {
     smoke("hypercall", harness::hypercall::run, 0x4ca11, 1500, 600);
 }
 
+/// The hypercall harness reaches what its properties are about: the agent's
+/// boot calls lock the layout with the agent pinned and register "evil"
+/// (isolated, its init freed at LIVE); an agent pinned to other code is
+/// refused and nothing is locked.
+#[test]
+fn hypercall_boot_reaches_the_locked_states() {
+    let state = harness::hypercall::boot(false).expect("integrity on");
+    assert!(state.locked, "{state:?}");
+    assert_eq!(state.agent, Some(1), "{state:?}");
+    let evil = state.modules.iter().find(|m| m.1.as_deref() == Some("evil")).expect("evil registered");
+    assert!(!evil.2, "evil is not trusted");
+    let state = harness::hypercall::boot(true).expect("integrity on");
+    assert!(!state.locked && state.agent.is_none() && state.modules.is_empty(), "{state:?}");
+}
+
 #[test]
 fn platform() {
     smoke("platform", harness::platform::run, 0x91a7, 1500, 700);

@@ -2010,10 +2010,9 @@ mod agent_abi {
                             assert_eq!((layout, regs.rcx), (regs.rbx, layout_size), "{what}");
                             assert!(kernel_range(layout, layout_size), "{what}");
                         }
-                        Request::KernelLock => assert_eq!(regs.rax, 0x11, "{what}"),
-                        Request::ModuleRegister { info } => {
-                            assert_eq!((info, regs.rcx), (regs.rbx, info_size), "{what}");
-                            assert!(kernel_range(info, info_size), "{what}");
+                        Request::ModuleRegister { info: module } | Request::KernelLock { agent: module } => {
+                            assert_eq!((module, regs.rcx), (regs.rbx, info_size), "{what}");
+                            assert!(kernel_range(module, info_size), "{what}");
                         }
                         Request::ModuleLive { id } | Request::ModuleUnregister { id } => {
                             assert_eq!(u64::from(id), regs.rbx, "{what}")
@@ -2204,7 +2203,12 @@ mod integrity_views {
     const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
     const HANDLER: u64 = TEXT + 0x4000;
     const POKE: u64 = TEXT + 0x5000;
-    const AGENT: u64 = TEXT + 0x6000;
+    /// The agent: its code page (a VMCALL at its start), its data page
+    /// (its `struct module` at the start), its registration.
+    const AGENT: u64 = 0x64_0000;
+    const AGENT_DATA: u64 = 0x64_1000;
+    const AGENT_INFO: u64 = 0x65_0000;
+    const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
     const RODATA: u64 = 0x60_0000;
     const RO_AFTER_INIT: u64 = 0x60_4000;
     const SYSCALL_TABLE: u64 = 0x61_0000;
@@ -2284,6 +2288,7 @@ mod integrity_views {
                 _ => Ok(()),
             }
         }
+        fn set_interrupt_window(&mut self, _: bool) {}
         fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
             assert_eq!(page & 0xfff, 0, "set_perms on an unaligned page {page:#x}");
             if let View::Module(m) = view {
@@ -2397,8 +2402,13 @@ mod integrity_views {
         /// Kernel registered and locked.
         fn new(seed: u64, mode: Mode) -> World {
             let mut w = World::unlocked(seed, mode);
-            assert_eq!(w.call(0x11, 0, 0, 0).1, 0, "kernel locked");
+            assert_eq!(w.lock().1, 1, "kernel locked; the agent is module 1");
             w
+        }
+
+        /// The agent locks the layout, offering its own registration.
+        fn lock(&mut self) -> (Action, i64) {
+            self.call(0x11, K + AGENT_INFO, core::mem::size_of::<abi::ModuleInfo>() as u64, 0)
         }
 
         /// Kernel registered, not locked yet.
@@ -2469,7 +2479,23 @@ mod integrity_views {
                 sha256: <sha2::Sha256 as sha2::Digest>::digest([0u8; 0x1000]).into(),
                 masks: vec![],
             };
-            guest.integrity = Some(GuestIntegrity::new(mode, vec![pinned]));
+            let mut agent_code = vec![0u8; 0x1000];
+            agent_code[..3].copy_from_slice(&VMCALL);
+            ram.write(AGENT, &agent_code);
+            ram.write(AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
+            let mut a = abi::ModuleInfo { module: K + AGENT_DATA, ..Default::default() };
+            a.name[..abi::AGENT_NAME.len()].copy_from_slice(abi::AGENT_NAME.as_bytes());
+            a.code[0] = abi::WireRange { start: K + AGENT, end: K + AGENT + 0x1000 };
+            a.data[0] = abi::WireRange { start: K + AGENT_DATA, end: K + AGENT_DATA + 0x1000 };
+            ram.write(AGENT_INFO, &bytes_of(&a));
+            let agent = hypervisor::integrity::policy::Entry {
+                name: abi::AGENT_NAME.into(),
+                text_len: 0x1000,
+                init_len: 0,
+                sha256: <sha2::Sha256 as sha2::Digest>::digest(&agent_code).into(),
+                masks: vec![],
+            };
+            guest.integrity = Some(GuestIntegrity::new(mode, vec![pinned, agent]));
             let mut vcpu = long_mode_vcpu(PML4);
             vcpu.write(Field::IdtrBase, K + IDT);
             let protected = (TEXT..TEXT_END)
@@ -2633,10 +2659,38 @@ mod integrity_views {
             self.ram.write(FIXUPS, &bytes);
             m.fixups = if self.rng.chance(90) { K + FIXUPS } else { self.rng.edgy() };
             m.fixup_count = fixups;
+            // Its struct module, at the start of its data (the kernel's
+            // COMING), or anywhere.
+            m.module = if self.rng.chance(90) { m.data[0].start } else { self.rng.edgy() };
+            if let Ok(gpa) = self.translate(m.module) {
+                self.ram.write(gpa, &abi::module_state::COMING.to_le_bytes());
+            }
             if self.rng.chance(5) {
                 m.version ^= 1 << self.rng.below(32);
             }
             m
+        }
+
+        /// Sets the kernel's state of registered module `id`, mostly.
+        fn kernel_state(&mut self, id: u32, state: u32) {
+            let Some(at) = self.integrity().engine.module_struct(id) else { return };
+            let state = if self.rng.chance(90) { state } else { self.rng.below(4) as u32 };
+            if let Ok(gpa) = self.translate(at) {
+                self.ram.write(gpa, &state.to_le_bytes());
+            }
+        }
+
+        /// Where the guest's page tables map `va` (4 KiB pages, as built).
+        fn translate(&self, va: u64) -> Result<u64, ()> {
+            let off = va.checked_sub(K).ok_or(())?;
+            if off >= RAM {
+                return Err(());
+            }
+            let e = self.ram.u64_at(pte(off & !0xfff));
+            if e & 1 == 0 || (e & PTE_ADDR) >= RAM {
+                return Err(());
+            }
+            Ok((e & PTE_ADDR) | (off & 0xfff))
         }
 
         /// Points a module-area PTE somewhere a hostile kernel might.
@@ -2678,9 +2732,15 @@ mod integrity_views {
                 }
                 5 | 6 => {
                     let id = if self.rng.chance(50) { self.ids.last().copied() } else { None };
-                    (0x13, u64::from(id.unwrap_or_else(|| pick_id(self))), 0, 0)
+                    let id = id.unwrap_or_else(|| pick_id(self));
+                    self.kernel_state(id, abi::module_state::LIVE);
+                    (0x13, u64::from(id), 0, 0)
                 }
-                7 => (0x14, u64::from(pick_id(self)), 0, 0),
+                7 => {
+                    let id = pick_id(self);
+                    self.kernel_state(id, abi::module_state::GOING);
+                    (0x14, u64::from(id), 0, 0)
+                }
                 8 => {
                     let buffer = match self.rng.below(4) {
                         0 => K + BUFFER,
@@ -2691,7 +2751,7 @@ mod integrity_views {
                     (0x15, buffer, self.rng.pick(&[1, 16, 1024, 1025, 0]), 0)
                 }
                 9 => (0x10, K + LAYOUT, layout_size, 0),
-                10 => (0x11, 0, 0, 0),
+                10 => (0x11, K + AGENT_INFO, info_size, 0),
                 _ => (self.rng.pick(&[0x20, 0x16, 0x1f, 0]), self.rng.edgy(), self.rng.edgy(), self.rng.edgy()),
             };
             let user = self.rng.chance(3);
@@ -2711,6 +2771,12 @@ mod integrity_views {
                     assert_eq!(status, Error::NotPermitted.code(), "a module's hypercall");
                     let last = self.integrity().engine.violations.peek(usize::MAX).last().copied();
                     assert_eq!(last.map(|r| r.kind), Some(ViolationKind::Hypercall as u32), "recorded");
+                    after.violations -= 1;
+                } else if rax == 0x12 && !user && before.0.locked {
+                    // A module that cannot be isolated is reported, and the
+                    // agent vetoes its load: one `registration-refused`.
+                    let last = self.integrity().engine.violations.peek(usize::MAX).last().copied();
+                    assert_eq!(last.map(|r| r.kind), Some(ViolationKind::RegistrationRefused as u32), "recorded");
                     after.violations -= 1;
                 }
                 let after = (after, control);
@@ -2887,7 +2953,7 @@ mod integrity_views {
             }
             w.control.fail_percent = if case % 2 == 0 { 0 } else { 1 + w.rng.below(20) };
             let before = (w.engine_state(), w.control.state());
-            let (_, status) = w.call(0x11, 0, 0, 0);
+            let (_, status) = w.lock();
             let what = format!("case {case}: lock -> {status}");
             if status < 0 {
                 refused += 1;
@@ -2924,6 +2990,9 @@ mod integrity_views {
             let mut m = abi::ModuleInfo::default();
             m.name[..3].copy_from_slice(b"big");
             m.code[0] = abi::WireRange { start: base + (1 << 30), end: base + (1 << 30) + len };
+            m.data[0] = abi::WireRange { start: K + STACK - 0x1000, end: K + STACK };
+            m.module = m.data[0].start;
+            w.ram.write(STACK - 0x1000, &abi::module_state::COMING.to_le_bytes());
             w.ram.write(INFO, &bytes_of(&m));
             let reads = w.ram.phys.reads.get();
             let (_, status) = w.call(0x12, K + INFO, info_size, 0);
@@ -2931,6 +3000,7 @@ mod integrity_views {
             assert_eq!(status >= 0, accepted, "{len:#x} bytes: {status}");
             assert!(reads <= 4 * (16 << 20) / 0x1000 + 100, "{len:#x} bytes: {reads} reads of guest memory");
             if accepted {
+                w.ram.write(STACK - 0x1000, &abi::module_state::GOING.to_le_bytes());
                 assert_eq!(w.call(0x14, status as u64, 0, 0).1, 0);
             }
         }

@@ -1,4 +1,6 @@
-//! Running an ISO under Bochs (VT-x emulated) or QEMU with KVM (nested VT-x).
+//! Running an ISO under Bochs (VT-x emulated), QEMU with KVM (nested VT-x),
+//! or QEMU TCG (no VT-x, but a real VT-d model, the `edu` DMA device and
+//! swtpm's TPMs: the platform pieces run there, then CTVM stops).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -14,6 +16,7 @@ use crate::util::{work_dir, Fail};
 pub enum Emulator {
     Bochs,
     QemuKvm,
+    QemuTcg,
 }
 
 impl Emulator {
@@ -21,6 +24,7 @@ impl Emulator {
         match self {
             Emulator::Bochs => "bochs",
             Emulator::QemuKvm => "qemu",
+            Emulator::QemuTcg => "qemu-tcg",
         }
     }
 
@@ -28,7 +32,7 @@ impl Emulator {
     pub fn exit_method(self) -> &'static str {
         match self {
             Emulator::Bochs => "bochs",
-            Emulator::QemuKvm => "qemu",
+            Emulator::QemuKvm | Emulator::QemuTcg => "qemu",
         }
     }
 }
@@ -65,6 +69,24 @@ fn kvm_offers_vmx() -> bool {
     let nested =
         fs::read_to_string("/sys/module/kvm_intel/parameters/nested").is_ok_and(|v| matches!(v.trim(), "Y" | "1"));
     kvm && vmx && nested
+}
+
+/// The platform QEMU TCG gives the machine besides its q35 chipset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// `-device intel-iommu` (VT-d, 39-bit walks, interrupt remapping).
+    pub iommu: bool,
+    /// `-device edu`: a PCI device that DMAs where it is told.
+    pub edu: bool,
+    pub tpm: Option<TpmDevice>,
+}
+
+/// A platform TPM from swtpm (libtpms), the way PLATFORM-S2 measured them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TpmDevice {
+    Tpm2Tis,
+    Tpm2Crb,
+    Tpm12Tis,
 }
 
 /// Who wrote a console line.
@@ -133,6 +155,10 @@ pub struct RunOutput {
     /// When the marker line first appeared on the console, from the start.
     pub marker_at: Option<Duration>,
     pub dir: PathBuf,
+    /// The emulator's exit status (QEMU's isa-debug-exit: (code << 1) | 1).
+    pub exit_code: Option<i32>,
+    /// swtpm's log of every TPM command and response (QEMU TCG with a TPM).
+    pub tpm_log: String,
 }
 
 impl RunOutput {
@@ -200,9 +226,86 @@ pub fn boot(
     emulator: Emulator,
     iso: &Path,
     run_name: &str,
+    machine: (u32, u32),
+    timeout: Duration,
+    marker: Option<&str>,
+) -> Result<RunOutput, Fail> {
+    boot_with(emulator, iso, run_name, machine, timeout, marker, Devices::default())
+}
+
+/// swtpm serving one run's TPM on a UNIX socket, logging every command
+/// and response (level 20) for the harness to check.
+struct Swtpm {
+    pid_file: PathBuf,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Swtpm {
+    fn start(dir: &Path, version2: bool) -> Result<Swtpm, Fail> {
+        let state = dir.join("tpm-state");
+        fs::create_dir_all(&state)?;
+        let swtpm =
+            Swtpm { pid_file: dir.join("swtpm.pid"), log: dir.join("swtpm.log"), socket: dir.join("swtpm.sock") };
+        let mut cmd = Command::new("swtpm");
+        cmd.arg("socket");
+        if version2 {
+            cmd.arg("--tpm2");
+        }
+        cmd.arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", swtpm.socket.display()))
+            .arg("--log")
+            .arg(format!("file={},level=20", swtpm.log.display()))
+            .arg("--pid")
+            .arg(format!("file={}", swtpm.pid_file.display()))
+            .arg("--daemon");
+        crate::util::run(&mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !swtpm.socket.exists() {
+            if Instant::now() > deadline {
+                return Err(Fail("swtpm did not open its socket".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(swtpm)
+    }
+
+    /// QEMU's TPM options for `device`.
+    fn qemu_args(&self, device: TpmDevice) -> Vec<String> {
+        let model = if device == TpmDevice::Tpm2Crb { "tpm-crb" } else { "tpm-tis" };
+        vec![
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", self.socket.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            format!("{model},tpmdev=tpm0"),
+        ]
+    }
+}
+
+impl Drop for Swtpm {
+    /// swtpm exits with QEMU; this only ends one that outlived a killed QEMU.
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(&self.pid_file) {
+            if let Ok(pid) = pid.trim().parse::<u32>() {
+                let _ = Command::new("kill").arg(pid.to_string()).stderr(Stdio::null()).status();
+            }
+        }
+    }
+}
+
+/// [`boot`] with QEMU TCG's devices.
+pub fn boot_with(
+    emulator: Emulator,
+    iso: &Path,
+    run_name: &str,
     (megs, cpus): (u32, u32),
     timeout: Duration,
     marker: Option<&str>,
+    devices: Devices,
 ) -> Result<RunOutput, Fail> {
     let dir = work_dir().join("runs").join(run_name);
     let _ = fs::remove_dir_all(&dir);
@@ -211,6 +314,7 @@ pub fn boot(
     let emu_log = dir.join(format!("{}.log", emulator.name()));
     fs::write(&serial, "")?;
     let start = Instant::now();
+    let mut swtpm = None;
     let mut child = match emulator {
         Emulator::Bochs => {
             let rc = dir.join("bochsrc");
@@ -225,24 +329,42 @@ pub fn boot(
                 .spawn()
                 .map_err(|e| Fail(format!("cannot start bochs: {e}")))?
         }
-        Emulator::QemuKvm => Command::new("qemu-system-x86_64")
-            .current_dir(&dir)
-            .args(["-enable-kvm", "-cpu", "host", "-m"])
-            .arg(megs.to_string())
-            .arg("-smp")
-            .arg(cpus.to_string())
-            .arg("-cdrom")
-            .arg(iso)
-            .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&emu_log)?)
-            .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?))
-            .spawn()
-            .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?,
+        Emulator::QemuKvm | Emulator::QemuTcg => {
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.current_dir(&dir);
+            if emulator == Emulator::QemuKvm {
+                cmd.args(["-enable-kvm", "-cpu", "host"]);
+            } else {
+                cmd.args(["-machine", "q35", "-accel", "tcg", "-nic", "none"]);
+            }
+            cmd.arg("-m").arg(megs.to_string()).arg("-smp").arg(cpus.to_string());
+            // The IOMMU must come before the PCI devices it translates.
+            if devices.iommu {
+                cmd.args(["-device", "intel-iommu"]);
+            }
+            if devices.edu {
+                cmd.args(["-device", "edu"]);
+            }
+            if let Some(tpm) = devices.tpm {
+                let t = Swtpm::start(&dir, tpm != TpmDevice::Tpm12Tis)?;
+                cmd.args(t.qemu_args(tpm));
+                swtpm = Some(t);
+            }
+            cmd.arg("-cdrom")
+                .arg(iso)
+                .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])
+                .arg("-serial")
+                .arg(format!("file:{}", serial.display()))
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&emu_log)?)
+                .stderr(Stdio::from(fs::File::create(dir.join("qemu.err"))?))
+                .spawn()
+                .map_err(|e| Fail(format!("cannot start qemu-system-x86_64: {e}")))?
+        }
     };
     let (timed_out, marker_at) = wait_streaming(&mut child, &serial, timeout, marker)?;
+    let exit_code = child.try_wait().ok().flatten().and_then(|s| s.code());
+    drop(swtpm);
     let elapsed = start.elapsed();
     let serial_text = String::from_utf8_lossy(&fs::read(&serial)?).replace('\r', "");
     let mut emulator_log = String::new();
@@ -251,7 +373,8 @@ pub fn boot(
             emulator_log.push_str(&s);
         }
     }
-    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, marker_at, dir })
+    let tpm_log = fs::read_to_string(dir.join("swtpm.log")).unwrap_or_default();
+    Ok(RunOutput { serial: serial_text, emulator_log, timed_out, elapsed, marker_at, dir, exit_code, tpm_log })
 }
 
 /// Polls the child until it exits or the deadline passes (then kills it).
@@ -287,6 +410,16 @@ fn wait_streaming(
 /// `cargo xtask run`: boot a scenario with the serial console on this
 /// terminal, input included, until the machine powers off.
 pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> {
+    // The platform scenarios need QEMU TCG's devices; they end by themselves.
+    if scenario.target.emulator == Emulator::QemuTcg {
+        let iso = image::iso_for_emulator(scenario, Emulator::QemuTcg)?;
+        let machine = (scenario.megs, scenario.cpus);
+        let run = format!("run-{}", scenario.name);
+        let out = boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.timeout, None, scenario.target.devices)?;
+        print!("{}", out.serial);
+        println!("xtask: QEMU exited ({:?}) after {:.1} s", out.exit_code, out.elapsed.as_secs_f64());
+        return Ok(());
+    }
     let emulator = choice.resolve();
     let iso = image::iso_for_emulator(scenario, emulator)?;
     let dir = work_dir().join("runs").join(format!("run-{}", scenario.name));

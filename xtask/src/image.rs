@@ -11,20 +11,68 @@ use crate::util::{cargo, run, work_dir, Fail};
 
 /// The bare-metal artefacts.
 pub struct Binaries {
+    /// The release image (ELF64, what GRUB loads).
     pub hypervisor: PathBuf,
+    /// The test image: the same start-up with the scenario hooks.
+    pub test_image: PathBuf,
     pub testguest: PathBuf,
 }
 
-/// Builds the hypervisor and the test guests (release: Bochs runs debug
-/// builds several times slower).
+/// Which hypervisor image a scenario boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Image {
+    Release,
+    /// `ctvm-test`, built with the `test-hooks` feature.
+    Test,
+}
+
+/// How the image is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loader {
+    /// GRUB's `multiboot2`.
+    Grub,
+    /// GRUB's `multiboot` loads Debian's tboot, which loads CTVM's 32-bit
+    /// image (`module`) and hands the guests' modules on.
+    Tboot,
+}
+
+/// Builds the hypervisor, its test image and the test guests (release:
+/// Bochs runs debug builds several times slower).
 pub fn build_all() -> Result<Binaries, Fail> {
     packages::ensure_bare_target()?;
     run(cargo().args(["build", "--release", "--target", BARE_TARGET, "-p", "hypervisor", "-p", "testguest"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        BARE_TARGET,
+        "-p",
+        "hypervisor",
+        "--features",
+        "test-hooks",
+        "--bin",
+        "ctvm-test",
+    ]))?;
     let dir = crate::util::root().join("target").join(BARE_TARGET).join("release");
-    let bins = Binaries { hypervisor: dir.join("hypervisor"), testguest: dir.join("testguest") };
+    let bins = Binaries {
+        hypervisor: dir.join("hypervisor"),
+        test_image: dir.join("ctvm-test"),
+        testguest: dir.join("testguest"),
+    };
     let size = fs::metadata(&bins.hypervisor)?.len();
     println!("xtask: hypervisor image {} ({} KiB)", bins.hypervisor.display(), size / 1024);
+    let wrapped = tboot_image(&bins.hypervisor)?;
+    println!("xtask: tboot-loadable image {}", wrapped.display());
     Ok(bins)
+}
+
+/// The 32-bit wrapping of an image (see `elf32`), next to it as `NAME32.elf`.
+pub fn tboot_image(elf64: &Path) -> Result<PathBuf, Fail> {
+    let name = elf64.file_name().and_then(|n| n.to_str()).unwrap_or("image");
+    let out = elf64.with_file_name(format!("{name}32.elf"));
+    let wrapped = crate::elf32::wrap(&fs::read(elf64)?).map_err(|e| Fail(format!("{}: {e}", elf64.display())))?;
+    fs::write(&out, wrapped)?;
+    Ok(out)
 }
 
 /// A module line for grub.cfg: which file, and the arguments after it.
@@ -36,21 +84,49 @@ pub struct ModuleSpec {
 
 /// Writes grub.cfg and runs grub-mkrescue; returns the ISO's path.
 pub fn make_iso(name: &str, hypervisor: &Path, hv_args: &str, modules: &[ModuleSpec]) -> Result<PathBuf, Fail> {
+    make_iso_with(name, hypervisor, hv_args, modules, Loader::Grub)
+}
+
+/// tboot's own options: its log on COM1 and in memory (at 0x60000).
+pub const TBOOT_ARGS: &str = "logging=serial,memory serial=115200,8n1,0x3f8";
+
+/// [`make_iso`] with a choice of loader.
+pub fn make_iso_with(
+    name: &str,
+    hypervisor: &Path,
+    hv_args: &str,
+    modules: &[ModuleSpec],
+    loader: Loader,
+) -> Result<PathBuf, Fail> {
     packages::ensure(packages::Purpose::Images)?;
     let root = work_dir().join("iso").join(name);
     let _ = fs::remove_dir_all(&root);
     let boot = root.join("boot");
     fs::create_dir_all(boot.join("grub"))?;
-    fs::copy(hypervisor, boot.join("ctvm.elf"))?;
     let mut cfg = String::from(
         "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset timeout=0\n\n\
          menuentry \"CTVM\" {\n",
     );
-    cfg.push_str(&format!("    multiboot2 /boot/ctvm.elf {hv_args}\n"));
+    let module_command = match loader {
+        Loader::Grub => {
+            fs::copy(hypervisor, boot.join("ctvm.elf"))?;
+            cfg.push_str(&format!("    multiboot2 /boot/ctvm.elf {hv_args}\n"));
+            "module2"
+        }
+        Loader::Tboot => {
+            // Multiboot 1 with modules above tboot: see the README's tboot
+            // section for why (tboot 1.10.5 loses GRUB's modules otherwise).
+            fs::copy("/boot/tboot.gz", boot.join("tboot.gz"))?;
+            fs::copy(tboot_image(hypervisor)?, boot.join("ctvm32.elf"))?;
+            cfg.push_str(&format!("    multiboot --quirk-modules-after-kernel /boot/tboot.gz {TBOOT_ARGS}\n"));
+            cfg.push_str(&format!("    module /boot/ctvm32.elf {hv_args}\n"));
+            "module"
+        }
+    };
     for (i, m) in modules.iter().enumerate() {
         let file_name = format!("m{i}-{}", m.file.file_name().and_then(|n| n.to_str()).unwrap_or("module"));
         fs::copy(&m.file, boot.join(&file_name))?;
-        cfg.push_str(&format!("    module2 /boot/{file_name} {}\n", m.args));
+        cfg.push_str(&format!("    {module_command} /boot/{file_name} {}\n", m.args));
     }
     cfg.push_str("    boot\n}\n");
     fs::write(boot.join("grub").join("grub.cfg"), &cfg)?;
@@ -72,11 +148,16 @@ pub fn iso_for_emulator(scenario: &Scenario, emulator: Emulator) -> Result<PathB
     let bins = build_all()?;
     let modules = scenario.modules(&bins)?;
     let hv_args = format!("exit={} {}", emulator.exit_method(), scenario.hypervisor_args);
-    make_iso(&format!("{}-{}", scenario.name, emulator.name()), &bins.hypervisor, hv_args.trim(), &modules)
+    let image = match scenario.target.image {
+        Image::Release => &bins.hypervisor,
+        Image::Test => &bins.test_image,
+    };
+    let name = format!("{}-{}", scenario.name, emulator.name());
+    make_iso_with(&name, image, hv_args.trim(), &modules, scenario.target.loader)
 }
 
 pub fn iso_for(scenario: &Scenario) -> Result<PathBuf, Fail> {
-    iso_for_emulator(scenario, Emulator::Bochs)
+    iso_for_emulator(scenario, scenario.target.emulator)
 }
 
 /// An ISO that boots Linux straight from GRUB, without CTVM (for comparisons).

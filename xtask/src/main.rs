@@ -12,11 +12,13 @@
 //! ```
 
 mod bench;
+mod elf32;
 mod emulator;
 mod fuzz;
 mod image;
 mod linux;
 mod packages;
+mod platform_checks;
 mod scenarios;
 mod util;
 

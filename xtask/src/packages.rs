@@ -20,13 +20,27 @@ const IMAGE: &[Need] = &[
     ("grub-mkrescue", "grub-common"),
     ("xorriso", "xorriso"),
     ("mformat", "mtools"),
+    // QEMU TCG runs the platform scenarios (VT-d, the platform TPM, tboot):
+    // no VT-x there, but a VT-d model, the edu DMA device and swtpm's TPMs.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("swtpm", "swtpm"),
+    ("/boot/tboot.gz", "tboot"),
 ];
 
 /// The Linux guest's files: Debian's packages fetched with `apt-get
 /// download` and unpacked, its modules built against the kernel's headers
 /// (newer kernels ship their in-tree modules xz-compressed).
-const LINUX_GUEST: &[Need] =
-    &[("dpkg-deb", "dpkg"), ("gcc-12", "gcc-12"), ("make", "make"), ("strip", "binutils"), ("xz", "xz-utils")];
+const LINUX_GUEST: &[Need] = &[
+    ("dpkg-deb", "dpkg"),
+    ("gcc-12", "gcc-12"),
+    ("make", "make"),
+    ("strip", "binutils"),
+    ("xz", "xz-utils"),
+    // The headers' objtool, which every module build runs, links libelf.
+    ("/usr/lib/x86_64-linux-gnu/libelf.so.1", "libelf1"),
+    // The static user-space test programs link glibc's static libc.
+    ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
+];
 
 /// What the host tests call out to: ACPICA's disassembler checks the ACPI
 /// tables CTVM builds; libtpms (through swtpm) is the reference the vTPM is

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use crate::emulator::{self, Emulator, RunOutput};
-use crate::image::{self, Binaries, ModuleSpec};
+use crate::emulator::{self, Devices, Emulator, RunOutput, TpmDevice};
+use crate::image::{self, Binaries, Image, Loader, ModuleSpec};
 use crate::linux;
 use crate::util::Fail;
 
@@ -47,11 +47,33 @@ pub enum GuestImage {
 
 pub type Check = fn(&RunOutput) -> Result<(), String>;
 
+/// Where a scenario runs: the emulator, the image, its loader, and (QEMU
+/// TCG) the platform devices.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    pub emulator: Emulator,
+    pub image: Image,
+    pub loader: Loader,
+    pub devices: Devices,
+}
+
+/// The release image under Bochs, started by GRUB: most scenarios.
+pub const BOCHS: Target = Target {
+    emulator: Emulator::Bochs,
+    image: Image::Release,
+    loader: Loader::Grub,
+    devices: Devices { iommu: false, edu: false, tpm: None },
+};
+
+/// QEMU TCG (no VT-x) with no extra device.
+pub const QEMU: Target = Target { emulator: Emulator::QemuTcg, ..BOCHS };
+
 pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub hypervisor_args: &'static str,
     pub guests: Vec<GuestSpec>,
+    pub target: Target,
     pub megs: u32,
     /// Processors the emulator gives the machine.
     pub cpus: u32,
@@ -114,6 +136,11 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
 
 /// What every run must end with, and must never show.
 const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
+/// How a run ends where VT-x is missing (QEMU TCG): after the platform pieces.
+const NO_VMX_END: &str =
+    "ctvm: VT-x is missing (*): the platform pieces ran; no guest can run on this processor; powering off";
+/// QEMU's exit status for CTVM's exit codes 0 and 0x10 (no VT-x) through isa-debug-exit.
+const QEMU_EXIT_NO_VMX: i32 = (0x10 << 1) | 1;
 const ALWAYS_REJECT: &[&str] = &["ctvm: FATAL: hypervisor panic", "Kernel panic"];
 
 fn guest(name: &'static str, args: &'static str) -> GuestSpec {
@@ -145,6 +172,7 @@ pub fn all() -> Vec<Scenario> {
             about: "what `cargo xtask run` boots: Debian's cloud kernel under CTVM, leaving a busybox shell",
             hypervisor_args: "",
             guests: vec![linux_guest(concat!("console=ttyS0,115200 quiet tpm_tis.interrupts=0", " ctvm.shell"))],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(3600),
@@ -159,6 +187,7 @@ pub fn all() -> Vec<Scenario> {
             about: "the hypervisor boots, reports the VT-x features it found, and powers off",
             hypervisor_args: "log=debug",
             guests: vec![],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(60),
@@ -180,6 +209,7 @@ pub fn all() -> Vec<Scenario> {
             about: "a test guest prints through the vUART, queries the version, and shuts down with exit code 42",
             hypervisor_args: "",
             guests: vec![guest("alpha", "test=basics exit=42")],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(90),
@@ -211,6 +241,7 @@ pub fn all() -> Vec<Scenario> {
                 guest("beta", "test=triple-fault"),
                 guest("gamma", "test=wild-write"),
             ],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(90),
@@ -225,6 +256,7 @@ pub fn all() -> Vec<Scenario> {
             about: "two guests share the CPU: the preemption timer interleaves their work",
             hypervisor_args: "",
             guests: vec![guest("alpha", "test=ticks count=4"), guest("beta", "test=ticks count=4")],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(120),
@@ -237,8 +269,9 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "entry-failure",
             about: "a guest whose state VM entry refuses is stopped with the failing field named",
-            hypervisor_args: "debug.corrupt-guest=beta",
+            hypervisor_args: "test.corrupt-guest=beta",
             guests: vec![guest("alpha", "test=basics exit=3"), guest("beta", "test=basics")],
+            target: Target { image: Image::Test, ..BOCHS },
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(90),
@@ -253,6 +286,7 @@ pub fn all() -> Vec<Scenario> {
             about: "a test guest drives its vTPM through the virtual TIS and checks the measured launch against its event log",
             hypervisor_args: "",
             guests: vec![guest_with_vtpm("alpha", "test=vtpm exit=5")],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(300),
@@ -293,6 +327,7 @@ pub fn all() -> Vec<Scenario> {
                 guest_with_vtpm("alpha", "test=vtpm mode=first"),
                 guest_with_vtpm("beta", "test=vtpm mode=second"),
             ],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(400),
@@ -307,6 +342,7 @@ pub fn all() -> Vec<Scenario> {
             about: "Debian's cloud kernel boots to /init under CTVM on the pass-through platform and powers off",
             hypervisor_args: "",
             guests: vec![linux_guest(LINUX_ARGS)],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(400),
@@ -329,6 +365,7 @@ pub fn all() -> Vec<Scenario> {
             about: "Linux finds its vTPM through ACPI; PCRs 8-10 match the event log, IMA and the files on the ISO",
             hypervisor_args: "",
             guests: vec![linux_guest(linux_args!("ima_policy=tcb ctvm.tpm ctvm.ima=files"))],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(500),
@@ -353,6 +390,7 @@ pub fn all() -> Vec<Scenario> {
             about: "Linux writing to the hypervisor's memory through /dev/mem is stopped with a report",
             hypervisor_args: "",
             guests: vec![linux_guest(linux_args!("ctvm.poke=0x200000"))],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(400),
@@ -385,6 +423,7 @@ pub fn all() -> Vec<Scenario> {
                 options: "integrity=audit",
                 ..linux_guest(linux_args!("ctvm.audit"))
             }],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(400),
@@ -407,6 +446,7 @@ pub fn all() -> Vec<Scenario> {
             about: "user space turns the hypervisor's emulation on the kernel: SGDT/SIDT/SLDT/STR at kernel addresses, every hypercall",
             hypervisor_args: "",
             guests: vec![linux_guest(linux_args!("ctvm.uattack"))],
+            target: BOCHS,
             megs: 1024,
             cpus: 1,
             timeout: Duration::from_secs(400),
@@ -432,6 +472,7 @@ pub fn all() -> Vec<Scenario> {
             hypervisor_args: "",
             // Without the agent, so that the APIC's own guard is what stops the IPIs.
             guests: vec![GuestSpec { options: "integrity=off", ..linux_guest(linux_args!("ctvm.sipi")) }],
+            target: BOCHS,
             megs: 1024,
             cpus: 2,
             timeout: Duration::from_secs(600),
@@ -452,10 +493,120 @@ pub fn all() -> Vec<Scenario> {
             interactive: false,
         },
         Scenario {
+            name: "qemu-vtd",
+            about: "QEMU's VT-d: edu's DMA into guest memory lands; into the hypervisor, or a page the kernel view protects, it faults, is reported, and changes nothing",
+            hypervisor_args: "log=debug test.dma=edu",
+            guests: vec![],
+            target: Target { image: Image::Test, devices: Devices { iommu: true, edu: true, tpm: None }, ..QEMU },
+            megs: 512,
+            cpus: 1,
+            timeout: Duration::from_secs(60),
+            expect: vec![
+                "ctvm: DMA contained: 1 remapping unit(s), 3-level tables, devices reach",
+                "ctvm: test dma: edu at ",
+                "ctvm: test dma: ok: edu DMA into guest memory",
+                "ctvm: test dma: ok: no fault for guest memory",
+                "ctvm: dma-violation device=* address=* access=write reason=* unit=0xfed90000",
+                "ctvm: test dma: ok: edu's write into the hypervisor at",
+                "ctvm: test dma: ok: hypervisor page * unchanged",
+                "ctvm: dma-violation device=* address=* access=read reason=* unit=0xfed90000",
+                "ctvm: test dma: ok: edu's read of the hypervisor at",
+                "ctvm: test dma: ok: the device read none of the hypervisor's bytes",
+                "ctvm: dma-violation device=* address=* access=write reason=0x5 (write to a page without write rights)",
+                "ctvm: test dma: ok: edu's write into the protected page",
+                "ctvm: test dma: ok: protected page * unchanged",
+                "ctvm: test dma: ok: devices may still read the protected page",
+                "ctvm: test dma: cost of one kernel-view change on the DMA tables:",
+                "ctvm: test dma: done",
+                NO_VMX_END,
+            ],
+            reject: vec!["test dma: FAIL", "DMA is not contained"],
+            checks: vec![violations_name_the_attacked_pages],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
+            name: "qemu-no-iommu",
+            about: "without an IOMMU CTVM says that DMA is not contained, and goes on",
+            hypervisor_args: "",
+            guests: vec![],
+            target: QEMU,
+            megs: 256,
+            cpus: 1,
+            timeout: Duration::from_secs(60),
+            expect: vec!["ctvm: warning: DMA is not contained: no IOMMU (no ACPI DMAR table)", NO_VMX_END],
+            reject: vec!["ctvm: DMA contained"],
+            checks: vec![],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        qemu_tpm("qemu-tpm2-tis", TpmDevice::Tpm2Tis),
+        qemu_tpm("qemu-tpm2-crb", TpmDevice::Tpm2Crb),
+        qemu_tpm("qemu-tpm12-tis", TpmDevice::Tpm12Tis),
+        Scenario {
+            name: "qemu-tboot",
+            about: "GRUB loads tboot 1.10.5, tboot loads CTVM's 32-bit image and its guests (no TXT here: no measured launch); CTVM parses what tboot left, then stops without VT-x",
+            hypervisor_args: "log=debug",
+            guests: vec![guest("alpha", "test=basics"), guest("beta", "test=ticks count=2")],
+            target: Target {
+                loader: Loader::Tboot,
+                devices: Devices { iommu: true, edu: false, tpm: Some(TpmDevice::Tpm2Tis) },
+                ..QEMU
+            },
+            megs: 512,
+            cpus: 1,
+            timeout: Duration::from_secs(60),
+            expect: vec![
+                "TBOOT: command line: logging=serial,memory",
+                "TBOOT: This is an ELF32 file.",
+                "TBOOT: transfering control to kernel @0x2000",
+                "ctvm: CTVM 0.1.0 starting",
+                "ctvm: image 0x200000..* 2 modules, command line \"exit=qemu log=debug\"",
+                "ctvm: tboot 1.10.5: its memory log at 0x60000 (* bytes used) stays reserved",
+                "ctvm: tboot: no measured launch (no TXT): no shared page was handed over",
+                // Multiboot 1 gives no RSDP: CTVM finds it in the BIOS areas.
+                "ctvm: DMA contained: 1 remapping unit(s)",
+                "ctvm: platform TPM 2.0 via TIS:",
+                NO_VMX_END,
+            ],
+            reject: vec!["TBOOT: Error", "ERROR", "Load floor"],
+            checks: vec![crate::platform_checks::platform_tpm_replays],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
+            name: "tboot-linux",
+            about: "GRUB -> tboot 1.10.5 -> CTVM -> Linux under Bochs (no TXT: tboot falls through to a plain launch); linux-boot with tboot in the chain",
+            hypervisor_args: "",
+            guests: vec![linux_guest(LINUX_ARGS)],
+            target: Target { loader: Loader::Tboot, ..BOCHS },
+            megs: 1024,
+            cpus: 1,
+            timeout: Duration::from_secs(600),
+            expect: vec![
+                "TBOOT: This is an ELF32 file.",
+                "TBOOT: transfering control to kernel @0x2000",
+                "ctvm: CTVM 0.1.0 starting",
+                "ctvm: tboot 1.10.5: its memory log at 0x60000 (* bytes used) stays reserved",
+                "ctvm: tboot: no measured launch (no TXT)",
+                "ctvm: VMX on",
+                "ctvm: guest linux: Linux boot protocol 2.15",
+                "ctvm-init: started: Linux",
+                "ctvm-init: done",
+                "ctvm: guest linux stopped: ACPI sleep requested",
+                CLEAN_END,
+            ],
+            reject: vec!["TBOOT: Error", "Load floor"],
+            checks: vec![],
+            ends_cleanly: true,
+            interactive: false,
+        },
+        Scenario {
             name: "hypervisor-fault",
             about: "a fault inside the hypervisor is reported with vector, RIP, CR2 and a backtrace, then the machine stops",
-            hypervisor_args: "debug.fault",
+            hypervisor_args: "test.fault",
             guests: vec![],
+            target: Target { image: Image::Test, ..BOCHS },
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(60),
@@ -474,6 +625,7 @@ pub fn all() -> Vec<Scenario> {
             about: "two test guests sharing the CPU (`cargo xtask run test-guests`)",
             hypervisor_args: "",
             guests: vec![guest("alpha", "test=basics exit=0"), guest("beta", "test=ticks count=3")],
+            target: BOCHS,
             megs: 256,
             cpus: 1,
             timeout: Duration::from_secs(120),
@@ -484,6 +636,36 @@ pub fn all() -> Vec<Scenario> {
             interactive: false,
         },
     ]
+}
+
+/// Each reported DMA violation names the very page the test attacked: the
+/// hypervisor's page (write, then read) and the protected guest page.
+fn violations_name_the_attacked_pages(out: &RunOutput) -> Result<(), String> {
+    let hv = out.hypervisor();
+    let after = |prefix: &str| -> Option<String> {
+        let rest = &hv[hv.find(prefix)? + prefix.len()..];
+        Some(rest.split_whitespace().next()?.to_string())
+    };
+    let edu = after("ctvm: test dma: edu at ").ok_or("no edu line")?;
+    let secret = after("ctvm: test dma: ok: hypervisor page ").ok_or("no hypervisor page line")?;
+    let protected = after("ctvm: test dma: ok: protected page ").ok_or("no protected page line")?;
+    let violations: Vec<(&str, &str)> = hv
+        .lines()
+        .filter(|l| l.starts_with("ctvm: dma-violation "))
+        .filter_map(|l| {
+            if !l.starts_with(&format!("ctvm: dma-violation device={edu} ")) {
+                return Some(("another device", l));
+            }
+            let address = l.split(" address=").nth(1)?.split(' ').next()?;
+            let access = l.split(" access=").nth(1)?.split(' ').next()?;
+            Some((address, access))
+        })
+        .collect();
+    let want = [(secret.as_str(), "write"), (secret.as_str(), "read"), (protected.as_str(), "write")];
+    if violations != want {
+        return Err(format!("violations {violations:?}, expected {want:?}"));
+    }
+    Ok(())
 }
 
 fn unknown_port_logged_once(out: &RunOutput) -> Result<(), String> {
@@ -511,7 +693,7 @@ fn extend(old: [u8; 20], digest: [u8; 20]) -> [u8; 20] {
     sha1(&both)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -550,7 +732,7 @@ fn pcrs_match_the_images(out: &RunOutput) -> Result<(), String> {
     Ok(())
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
@@ -825,11 +1007,18 @@ pub fn verdict(s: &Scenario, out: &RunOutput) -> Result<(), String> {
         }
     }
     let hypervisor = |p: &str| lines.iter().any(|l| matches(l, p));
-    if s.ends_cleanly && (hypervisor("ctvm: FATAL") || !hypervisor(CLEAN_END)) {
+    let end = if s.target.emulator == Emulator::QemuTcg { NO_VMX_END } else { CLEAN_END };
+    if s.ends_cleanly && (hypervisor("ctvm: FATAL") || !hypervisor(end)) {
         return Err("the hypervisor did not power off cleanly".into());
     }
-    if !out.emulator_log.contains("shutdown requested") {
-        return Err("Bochs did not see the power-off on its shutdown port".into());
+    match s.target.emulator {
+        Emulator::Bochs if !out.emulator_log.contains("shutdown requested") => {
+            return Err("Bochs did not see the power-off on its shutdown port".into());
+        }
+        Emulator::QemuTcg if s.ends_cleanly && out.exit_code != Some(QEMU_EXIT_NO_VMX) => {
+            return Err(format!("QEMU exited with {:?}, not through CTVM's isa-debug-exit", out.exit_code));
+        }
+        _ => {}
     }
     for check in &s.checks {
         check(out)?;
@@ -854,9 +1043,10 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
     };
     let mut results = Vec::new();
     for s in &selected {
-        let iso = image::iso_for_emulator(s, Emulator::Bochs)?;
+        let iso = image::iso_for_emulator(s, s.target.emulator)?;
         println!("xtask: scenario {}: {}", s.name, s.about);
-        let out = emulator::boot(Emulator::Bochs, &iso, s.name, (s.megs, s.cpus), s.timeout, None)?;
+        let out =
+            emulator::boot_with(s.target.emulator, &iso, s.name, (s.megs, s.cpus), s.timeout, None, s.target.devices)?;
         let v = verdict(s, &out);
         match &v {
             Ok(()) => println!("xtask: scenario {} passed in {:.1} s", s.name, out.elapsed.as_secs_f64()),
@@ -884,6 +1074,47 @@ pub fn run_all(names: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
+/// CTVM's measured launch into a platform TPM (swtpm behind QEMU's TIS or
+/// CRB): its log replays to the PCRs libtpms holds, every digest is the
+/// hash of what the ISO holds.
+fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
+    let expect = match tpm {
+        TpmDevice::Tpm12Tis => "ctvm: platform TPM 1.2 via TIS: started by firmware; banks sha1; 10 events measured into PCRs 12 and 13",
+        TpmDevice::Tpm2Tis => "ctvm: platform TPM 2.0 via TIS: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
+        TpmDevice::Tpm2Crb => "ctvm: platform TPM 2.0 via CRB: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
+    };
+    Scenario {
+        name,
+        about: match tpm {
+            TpmDevice::Tpm12Tis => "the platform TPM 1.2 via TIS (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its SHA-1 log",
+            TpmDevice::Tpm2Tis => "the platform TPM 2.0 via TIS (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
+            TpmDevice::Tpm2Crb => "the platform TPM 2.0 via CRB (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
+        },
+        hypervisor_args: "log=debug",
+        guests: vec![
+            GuestSpec {
+                name: "seed",
+                kind: GuestImage::VtpmSeed,
+                mem_mib: 0,
+                vtpm: false,
+                args: "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e",
+                options: "",
+            },
+            guest_with_vtpm("alpha", "test=vtpm exit=5"),
+            guest("beta", "test=basics"),
+        ],
+        target: Target { devices: Devices { iommu: false, edu: false, tpm: Some(tpm) }, ..QEMU },
+        megs: 512,
+        cpus: 1,
+        timeout: Duration::from_secs(60),
+        expect: vec![expect, "ctvm: platform TPM: the measured launch took", NO_VMX_END],
+        reject: vec!["ctvm: warning: platform TPM", "ctvm: warning: no platform TPM"],
+        checks: vec![crate::platform_checks::platform_tpm_replays],
+        ends_cleanly: true,
+        interactive: false,
+    }
+}
+
 /// The integrity scenario on one kernel.
 fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kernel) -> Scenario {
     Scenario {
@@ -891,6 +1122,7 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
         about,
         hypervisor_args: "",
         guests: vec![GuestSpec { kind: GuestImage::Linux(kernel), ..linux_guest(linux_args!("ctvm.integrity")) }],
+        target: BOCHS,
         megs: 1024,
         cpus: 1,
         timeout: Duration::from_secs(600),
@@ -903,6 +1135,8 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm-init: after twin ifb: getpid ok",
             "ctvm: guest linux: module ifb registered as trusted",
             "ctvm-init: ifb up: yes",
+            "ctvm: violation guest=linux module=kernel kind=registration-refused",
+            "ctvm-init: atk_huge refused: module atk_huge not loaded: CTVM could not isolate it",
             "ctvm: violation guest=linux module=atk_msrio kind=module-msr",
             "ctvm: violation guest=linux module=atk_msrio kind=module-port-io",
             "ctvm: violation guest=linux module=atk_msrio kind=hypercall",
@@ -927,8 +1161,12 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm-init: attack atk_setmem: set_memory_rw returned -1; rodata write blocked",
             "ctvm: violation guest=linux module=atk_agent kind=write-protected-data",
             "ctvm-init: attack atk_agent: agent data write blocked",
+            "ctvm: violation guest=linux module=atk_agentcall kind=call-non-entry",
+            "ctvm-init: attack atk_agentcall: agent call blocked",
             "ctvm-init: agent unload refused",
             "ctvm-init: kernel still works",
+            "ctvm-init: violations recorded: # records=",
+            "ctvm-init: violation records lost: 0",
             "ctvm: guest linux stopped: ACPI sleep requested",
             CLEAN_END,
         ],

@@ -103,6 +103,23 @@ pub fn lint() -> Result<(), Fail> {
         "--",
         "-D",
         "warnings",
+    ]))?;
+    // The test image's hooks (only `ctvm-test` may carry them).
+    run(cargo().args([
+        "clippy",
+        "--quiet",
+        "-p",
+        "hypervisor",
+        "--features",
+        "test-hooks",
+        "--lib",
+        "--bin",
+        "ctvm-test",
+        "--target",
+        crate::packages::BARE_TARGET,
+        "--",
+        "-D",
+        "warnings",
     ]))
 }
 

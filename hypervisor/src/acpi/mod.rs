@@ -61,6 +61,34 @@ impl Rsdp {
     }
 }
 
+/// Finds the RSDP where BIOS firmware leaves it (ACPI 6.5, 5.2.5.1): the
+/// first KiB of the EBDA, then 0xE0000-0xFFFFF, on 16-byte boundaries.
+/// For loaders that pass none (multiboot 1). Returns its bytes (36 from
+/// revision 2 on, else 20) with every checksum valid.
+pub fn find_rsdp(phys: &impl HostPhys) -> Option<Vec<u8>> {
+    let mut segment = [0u8; 2];
+    phys.read(0x40e, &mut segment);
+    let ebda = u64::from(u16::from_le_bytes(segment)) << 4;
+    let ebda = (0x8_0000..0xa_0000).contains(&ebda).then_some(ebda..ebda + 1024);
+    for area in ebda.into_iter().chain(core::iter::once(0xe_0000..0x10_0000)) {
+        for at in (area.start..area.end - 19).step_by(16) {
+            let mut candidate = [0u8; 36];
+            phys.read(at, &mut candidate[..20]);
+            if &candidate[..8] != b"RSD PTR " {
+                continue;
+            }
+            if candidate[15] >= 2 && at + 36 <= 0x10_0000 {
+                phys.read(at, &mut candidate);
+            }
+            if let Ok(rsdp) = Rsdp::parse(&candidate) {
+                let len = if rsdp.revision >= 2 { 36 } else { 20 };
+                return Some(candidate[..len].to_vec());
+            }
+        }
+    }
+    None
+}
+
 /// Largest table this code reads (the DSDT can be large; it is not read).
 const MAX_TABLE: u32 = 64 * 1024;
 
@@ -129,6 +157,13 @@ pub fn pm1a_control_port(fadt: &[u8]) -> Option<u16> {
         }
     }
     let port = u32::from_le_bytes(fadt.get(PM1A_CNT_BLK..PM1A_CNT_BLK + 4)?.try_into().ok()?);
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
+/// The ACPI PM timer's port (`PM_TMR_BLK`): a 3.579545 MHz counter.
+pub fn pm_timer_port(fadt: &[u8]) -> Option<u16> {
+    const PM_TMR_BLK: usize = 76;
+    let port = u32::from_le_bytes(fadt.get(PM_TMR_BLK..PM_TMR_BLK + 4)?.try_into().ok()?);
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
@@ -244,6 +279,24 @@ pub mod tests {
     }
 
     #[test]
+    fn the_rsdp_is_found_in_the_bios_areas() {
+        let phys = FakePhys::new(0, 0x10_0000);
+        assert_eq!(find_rsdp(&phys), None);
+        // A signature with a bad checksum first, then a good v1 table.
+        let mut bad = rsdp(0x1000, None);
+        bad[8] ^= 1;
+        phys.write(0xe_0010, &bad);
+        phys.write(0xf_5a40, &rsdp(0x1234, None));
+        assert_eq!(find_rsdp(&phys).map(|r| Rsdp::parse(&r).unwrap().rsdt), Some(0x1234));
+        // The EBDA comes first; a v2 RSDP is returned whole.
+        phys.write(0x40e, &0x9fc0u16.to_le_bytes());
+        phys.write(0x9_fc00 + 0x20, &rsdp(0x5678, Some(0x9000)));
+        let found = find_rsdp(&phys).unwrap();
+        assert_eq!(found.len(), 36);
+        assert_eq!(Rsdp::parse(&found).unwrap().xsdt, Some(0x9000));
+    }
+
+    #[test]
     fn fadt_port_blocks() {
         // Bochs' PIIX4: PM1a_EVT 0xb000 (4), PM1a_CNT 0xb004 (2), PM_TMR 0xb008 (4), GPE0 0xafe0 (4).
         let mut fadt = alloc::vec![0u8; 244];
@@ -258,6 +311,8 @@ pub mod tests {
             fadt_ports(&fadt),
             [(0xb2, 0xb2), (0xb000, 0xb003), (0xb004, 0xb005), (0xb008, 0xb00b), (0xafe0, 0xafe3)]
         );
+        assert_eq!(pm_timer_port(&fadt), Some(0xb008));
+        assert_eq!(pm_timer_port(&fadt[..78]), None);
         // An X_ block naming memory, not ports, is not taken; one naming ports wins.
         fadt[172] = 0;
         fadt[176..184].copy_from_slice(&0xfed0_0000u64.to_le_bytes());

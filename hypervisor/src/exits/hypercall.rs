@@ -12,7 +12,7 @@ pub enum Request {
     Version,
     Shutdown { code: u32 },
     KernelRegister { layout: u64 },
-    KernelLock,
+    KernelLock { agent: u64 },
     ModuleRegister { info: u64 },
     ModuleLive { id: u32 },
     ModuleUnregister { id: u32 },
@@ -56,7 +56,7 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
         Call::KernelRegister => {
             Ok(Request::KernelRegister { layout: structure(regs, core::mem::size_of::<KernelLayout>())? })
         }
-        Call::KernelLock => Ok(Request::KernelLock),
+        Call::KernelLock => Ok(Request::KernelLock { agent: structure(regs, core::mem::size_of::<ModuleInfo>())? }),
         Call::ModuleRegister => {
             Ok(Request::ModuleRegister { info: structure(regs, core::mem::size_of::<ModuleInfo>())? })
         }
@@ -125,15 +125,40 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             ctx.vcpu.regs().rax = status;
             Action::Resume
         }
+        // Once the layout is locked, only the pinned agent's code drives
+        // the views and reads the violation log: a call from anywhere else
+        // in the kernel is refused and reported.
+        Ok(_) if !integrity::from_agent(ctx) => {
+            integrity::refusal(ctx, ViolationKind::Hypercall, call.rax);
+            ctx.vcpu.regs().rax = Error::NotPermitted.code() as u64;
+            Action::Resume
+        }
+        Ok(Request::KernelLock { agent }) => match integrity::lock(ctx, agent) {
+            Ok(status) => {
+                ctx.vcpu.regs().rax = status;
+                Action::Resume
+            }
+            Err(integrity::LockRefused::Call(e)) => {
+                ctx.vcpu.regs().rax = e.code() as u64;
+                Action::Resume
+            }
+            // Enforcement was asked for and cannot start: the guest stops
+            // rather than run with modules nothing isolates.
+            Err(integrity::LockRefused::Agent(why)) => {
+                return Action::Stop(StopReason::IntegrityRefused(alloc::format!("the agent cannot be pinned: {why}")))
+            }
+        },
         Ok(request) => {
             let result = match request {
                 Request::KernelRegister { layout } => integrity::register_kernel(ctx, layout),
-                Request::KernelLock => integrity::lock(ctx),
                 Request::ModuleRegister { info } => integrity::register_module(ctx, info),
                 Request::ModuleLive { id } => integrity::module_live(ctx, id),
                 Request::ModuleUnregister { id } => integrity::unregister_module(ctx, id),
                 Request::ViolationsRead { buffer, count } => integrity::read_violations(ctx, buffer, count),
-                Request::Version | Request::Shutdown { .. } | Request::EventLogRead { .. } => Err(Error::UnknownCall),
+                Request::Version
+                | Request::Shutdown { .. }
+                | Request::EventLogRead { .. }
+                | Request::KernelLock { .. } => Err(Error::UnknownCall),
             };
             ctx.vcpu.regs().rax = result.unwrap_or_else(|e| e.code() as u64);
             Action::Resume

@@ -16,7 +16,7 @@ use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
-use crate::integrity::violation::{Line, Violation, ViolationKind};
+use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
 use crate::integrity::{wire, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
@@ -72,6 +72,7 @@ fn map_err(e: RegisterError) -> Error {
         RegisterError::Overlap => Error::InvalidArgument,
         RegisterError::TooMany => Error::NoSpace,
         RegisterError::UnknownModule => Error::NotFound,
+        RegisterError::Pinned => Error::NotPermitted,
     }
 }
 
@@ -111,13 +112,15 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         return Err(Error::InvalidArgument);
     }
     let gates = read_guest(ctx, layout.idt.start, 256 * 16)?;
-    layout.interrupt_handlers = gates
+    layout.gates = gates
         .chunks_exact(16)
-        .filter(|g| g[5] & 0x80 != 0)
-        .map(|g| {
-            u64::from(u16::from_le_bytes([g[0], g[1]]))
+        .enumerate()
+        .filter(|(_, g)| g[5] & 0x80 != 0)
+        .map(|(vector, g)| {
+            let handler = u64::from(u16::from_le_bytes([g[0], g[1]]))
                 | (u64::from(u16::from_le_bytes([g[6], g[7]])) << 16)
-                | (u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32)
+                | (u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32);
+            (vector as u8, handler)
         })
         .collect();
     // The exported symbols, read from the kernel's own tables.
@@ -148,6 +151,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             }
         }
     }
+    layout.text_pages = pages_of(ctx, layout.text)?;
     let mut pages = Vec::new();
     for (range, class) in [
         (layout.text, PageClass::KernelText),
@@ -170,7 +174,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         layout.text.end,
         layout.entries.len(),
         layout.denied_entries.len(),
-        layout.interrupt_handlers.len(),
+        layout.gates.len(),
         layout.indirect_thunks.iter().filter(|&&t| t != 0).count(),
         layout.return_thunks.len()
     );
@@ -254,10 +258,68 @@ impl Undo {
     }
 }
 
-/// [`guest_agent::Call::KernelLock`].
-pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
+/// Why the lock was refused.
+#[derive(Debug)]
+pub enum LockRefused {
+    /// A bad call: nothing changed, and the guest may try again.
+    Call(Error),
+    /// The agent is not the code `ctvm.policy` pins: nothing may drive
+    /// the views, so enforcement cannot start.
+    Agent(alloc::string::String),
+}
+
+/// [`guest_agent::Call::KernelLock`]: pins the agent, whose own
+/// registration `agent` points to, then locks the layout; returns the
+/// agent's module id.
+pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
+    if ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked()) {
+        return Err(LockRefused::Call(Error::Locked));
+    }
+    let module = read_module(ctx, agent).map_err(LockRefused::Call)?;
+    if module.info.name != abi::AGENT_NAME {
+        return Err(LockRefused::Agent(alloc::format!(
+            "the module locking is {:?}, not {}",
+            module.info.name,
+            abi::AGENT_NAME
+        )));
+    }
+    match trust_verdict(ctx, &module.info).map_err(LockRefused::Call)? {
+        Some(Ok(())) => {}
+        None => {
+            return Err(LockRefused::Agent(alloc::format!(
+                "{} is not named in trust= with a ctvm.policy entry",
+                abi::AGENT_NAME
+            )))
+        }
+        Some(Err(m)) => return Err(LockRefused::Agent(alloc::format!("its code has {m}"))),
+    }
+    let (undo, added) = lock_layout(ctx).map_err(LockRefused::Call)?;
+    let pinned = add_module(ctx, module, true, None).and_then(|id| {
+        let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
+        state.engine.set_agent(id as u32).map_err(map_err).map(|()| id)
+    });
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(LockRefused::Call(Error::NotPermitted));
+    };
+    let id = match pinned {
+        Ok(id) => id,
+        Err(e) => {
+            undo.revert(control);
+            state.engine.revert_lock(&added);
+            return Err(LockRefused::Call(e));
+        }
+    };
+    control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
+    control.trap_descriptor_tables();
+    control.trap_msr_writes(&GUARDED_MSRS);
+    log::info!("guest {}: kernel layout locked, agent pinned; protections on", ctx.guest.name());
+    Ok(id)
+}
+
+/// Locks the layout in the engine and the kernel view; the caller pins
+/// the agent, or reverts both.
+fn lock_layout(ctx: &mut ExitContext<'_>) -> Result<(Undo, Vec<u64>), Error> {
     let tables = kernel_page_tables(ctx)?;
-    let name = alloc::string::String::from(ctx.guest.name());
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return Err(Error::NotPermitted);
     };
@@ -277,15 +339,13 @@ pub fn lock(ctx: &mut ExitContext<'_>) -> Result<u64, Error> {
             return Err(Error::NoSpace);
         }
     }
-    if let Err(e) = state.engine.lock(tables) {
-        undo.revert(control);
-        return Err(map_err(e));
+    match state.engine.lock(tables) {
+        Ok(added) => Ok((undo, added)),
+        Err(e) => {
+            undo.revert(control);
+            Err(map_err(e))
+        }
     }
-    control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
-    control.trap_descriptor_tables();
-    control.trap_msr_writes(&GUARDED_MSRS);
-    log::info!("guest {name}: kernel layout locked; protections on");
-    Ok(0)
 }
 
 /// Maps a new module's pages into the views. Pages that other modules'
@@ -307,6 +367,10 @@ fn module_views(
             }
         }
     }
+    // Its data is never executable for the kernel (W^X across views).
+    for &p in data {
+        undo.set(control, View::Kernel, p, Perms::RW)?;
+    }
     if trusted {
         // Runs in the kernel view; its code is not writable there either.
         for &p in code {
@@ -325,8 +389,31 @@ fn module_views(
     Ok(())
 }
 
-/// [`guest_agent::Call::ModuleRegister`].
+/// [`guest_agent::Call::ModuleRegister`]. A module the hypervisor cannot
+/// isolate is reported (`kind=registration-refused`): the agent then
+/// vetoes its load, so no module runs unisolated.
 pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    let result = register_module_checked(ctx, address);
+    if let Err(e) = result {
+        let rip = ctx.vcpu.read(Field::Rip);
+        if let Some(state) = ctx.guest.integrity.as_mut().filter(|s| s.engine.is_locked()) {
+            let v = state.engine.record_denied(ViolationKind::RegistrationRefused, View::Kernel, rip, address);
+            log::warn!("guest {}: a module could not be isolated ({e:?}): its load is vetoed", ctx.guest.name());
+            report(ctx, &v);
+        }
+    }
+    result
+}
+
+/// A module's registration, read in once: nothing the guest changes
+/// afterwards alters what was checked.
+struct ModuleRead {
+    info: ModuleInfo,
+    code: Vec<u64>,
+    data: Vec<u64>,
+}
+
+fn read_module(ctx: &ExitContext<'_>, address: u64) -> Result<ModuleRead, Error> {
     let bytes = read_guest(ctx, address, core::mem::size_of::<abi::ModuleInfo>())?;
     let message = wire::module_info(&bytes).map_err(|_| Error::InvalidArgument)?;
     let mut info = message.info;
@@ -336,6 +423,14 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     if fixup_bytes > 0 {
         info.fixups = wire::fixups(&read_guest(ctx, message.fixups_address, fixup_bytes)?, &info.code);
     }
+    for table in message.ksymtabs.iter().filter(|t| !t.is_empty()) {
+        let bytes = read_guest(ctx, table.start, table.len() as usize)?;
+        let in_code = |a: u64| info.code.iter().any(|r| r.contains(a));
+        info.exports.extend(wire::ksymtab(*table, &bytes).into_iter().map(|(value, _)| value).filter(|&v| in_code(v)));
+    }
+    if module_state(ctx, info.module_struct)? != abi::module_state::COMING {
+        return Err(Error::InvalidArgument);
+    }
     let mut code = Vec::new();
     for r in &info.code {
         code.extend(pages_of(ctx, *r)?);
@@ -344,17 +439,40 @@ pub fn register_module(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     for r in &info.data {
         data.extend(pages_of(ctx, *r)?);
     }
-    let verdict = trust_verdict(ctx, &info)?;
-    let rip = ctx.vcpu.read(Field::Rip);
-    let guest = alloc::string::String::from(ctx.guest.name());
-    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
-        return Err(Error::NotPermitted);
-    };
+    Ok(ModuleRead { info, code, data })
+}
+
+/// The kernel's `state` of the `struct module` at `address`.
+fn module_state(ctx: &ExitContext<'_>, address: u64) -> Result<u32, Error> {
+    let bytes = read_guest(ctx, address, 4)?;
+    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, Error> {
+    let module = read_module(ctx, address)?;
+    let verdict = trust_verdict(ctx, &module.info)?;
+    let mode = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine.mode;
     // Audit mode reports a mismatch and trusts the module all the same.
     let (trusted, mismatch) = match verdict {
         None => (false, None),
         Some(Ok(())) => (true, None),
-        Some(Err(m)) => (state.engine.mode == crate::integrity::Mode::Audit, Some(m)),
+        Some(Err(m)) => (mode == crate::integrity::Mode::Audit, Some(m)),
+    };
+    add_module(ctx, module, trusted, mismatch)
+}
+
+/// Adds a module that was read and judged to the engine and the views.
+fn add_module(
+    ctx: &mut ExitContext<'_>,
+    module: ModuleRead,
+    trusted: bool,
+    mismatch: Option<Mismatch>,
+) -> Result<u64, Error> {
+    let ModuleRead { info, code, data } = module;
+    let rip = ctx.vcpu.read(Field::Rip);
+    let guest = alloc::string::String::from(ctx.guest.name());
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return Err(Error::NotPermitted);
     };
     let name = info.name.clone();
     let fixups = info.fixups.len();
@@ -401,12 +519,49 @@ fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Resu
     Ok(Some(entry.check(&lengths, &mut code)))
 }
 
-/// Returns a module's pages to the kernel view and drops them from its view.
-fn release_pages(control: &mut dyn GuestControl, id: u32, pages: &[u64]) {
-    for &p in pages {
-        let _ = control.set_perms(View::Kernel, p, Perms::RWX);
+/// Returns a module's pages to the kernel view and drops them from its
+/// view. Untrusted code is scrubbed first, so that no page that held it
+/// becomes executable for the kernel; untrusted data stays non-executable
+/// (the engine keeps it tainted).
+fn release_pages(ctx: &mut ExitContext<'_>, id: u32, trusted: bool, code: &[u64], data: &[u64]) {
+    if !trusted {
+        for &p in code {
+            let _ = ctx.guest.memory.zero(&ctx.phys, p, 0x1000);
+        }
+    }
+    let data_perms = if trusted { Perms::RWX } else { Perms::RW };
+    let Ok(control) = control(ctx) else { return };
+    for (&p, perms) in code.iter().map(|p| (p, Perms::RWX)).chain(data.iter().map(|p| (p, data_perms))) {
+        let _ = control.set_perms(View::Kernel, p, perms);
         let _ = control.set_perms(View::Module(id), p, Perms::empty());
     }
+}
+
+/// Whether the kernel's own `struct module` of module `id` is in `state`:
+/// a report that a module is live or going must be the kernel's news, not
+/// a call forged through the agent's code.
+fn kernel_says(ctx: &ExitContext<'_>, id: u32, state: u32) -> Result<(), Error> {
+    let engine = &ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.engine;
+    let address = engine.module_struct(id).ok_or(Error::NotFound)?;
+    if module_state(ctx, address)? != state {
+        log::warn!("guest {}: module {id} is not in the state its report says ({state}): refused", ctx.guest.name());
+        return Err(Error::InvalidArgument);
+    }
+    Ok(())
+}
+
+/// Whether the hypercall being served comes from the pinned agent's code,
+/// fetched through the page it is registered at. Before the lock there is
+/// no agent yet: the measured kernel's init registers its layout.
+pub fn from_agent(ctx: &ExitContext<'_>) -> bool {
+    let Some(state) = ctx.guest.integrity.as_ref() else {
+        return false;
+    };
+    if !state.engine.is_locked() {
+        return true;
+    }
+    let rip = ctx.vcpu.read(Field::Rip);
+    gpa_of(ctx, rip).is_ok_and(|gpa| state.engine.is_agent_code(rip, gpa))
 }
 
 /// [`guest_agent::Call::ModuleLive`].
@@ -415,6 +570,7 @@ pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
         let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
         state.engine.module_init(id).ok_or(Error::NotFound)?
     };
+    kernel_says(ctx, id, abi::module_state::LIVE)?;
     let mut pages = Vec::new();
     for r in init {
         pages.extend(pages_of(ctx, r).unwrap_or_default());
@@ -422,31 +578,40 @@ pub fn module_live(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     // The init ranges translate anew, to anything by now: only the module's
     // own pages go back to the kernel view.
-    let own = |c: Option<PageClass>| matches!(c, Some(PageClass::ModuleCode(m) | PageClass::ModuleData(m)) if m == id);
-    pages.retain(|&p| own(state.engine.class_of(p)));
-    state.engine.module_live(id, &pages).map_err(map_err)?;
-    if let Ok(control) = control(ctx) {
-        release_pages(control, id, &pages);
+    let (mut code, mut data) = (Vec::new(), Vec::new());
+    for p in pages {
+        match state.engine.class_of(p) {
+            Some(PageClass::ModuleCode(m)) if m == id => code.push(p),
+            Some(PageClass::ModuleData(m)) if m == id => data.push(p),
+            _ => {}
+        }
     }
+    let freed: Vec<u64> = code.iter().chain(&data).copied().collect();
+    let trusted = state.engine.is_trusted(id);
+    state.engine.module_live(id, &freed).map_err(map_err)?;
+    release_pages(ctx, id, trusted, &code, &data);
     Ok(0)
 }
 
 /// [`guest_agent::Call::ModuleUnregister`].
 pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Error> {
+    kernel_says(ctx, id, abi::module_state::GOING)?;
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
-    let pages: Vec<u64> = state
-        .engine
-        .pages()
-        .filter(|(_, c)| matches!(c, PageClass::ModuleCode(m) | PageClass::ModuleData(m) if *m == id))
-        .map(|(p, _)| p)
-        .collect();
+    let (mut code, mut data) = (Vec::new(), Vec::new());
+    for (p, c) in state.engine.pages() {
+        match c {
+            PageClass::ModuleCode(m) if m == id => code.push(p),
+            PageClass::ModuleData(m) if m == id => data.push(p),
+            _ => {}
+        }
+    }
     let trusted = state.engine.is_trusted(id);
     state.engine.unregister_module(id).map_err(map_err)?;
     if state.view == View::Module(id) {
         state.view = View::Kernel;
     }
+    release_pages(ctx, id, trusted, &code, &data);
     if let Ok(control) = control(ctx) {
-        release_pages(control, id, &pages);
         if !trusted {
             let _ = control.activate_view(View::Kernel).ok();
             control.destroy_view(id);
@@ -470,13 +635,19 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
 }
 
 /// Prints a violation's console line.
-fn report(ctx: &ExitContext<'_>, v: &Violation) {
+fn report(ctx: &mut ExitContext<'_>, v: &Violation) {
+    let say = ctx.guest.integrity.as_mut().map_or(Say::Line, |s| s.repeats.note(v));
     let state = ctx.guest.integrity.as_ref();
     let module = match v.module {
         Some(m) => state.and_then(|s| s.engine.module_name(m)).unwrap_or("?"),
         None => "kernel",
     };
-    console::write_line(format_args!("{}", Line { guest: ctx.guest.name(), module, violation: v }));
+    let line = Line { guest: ctx.guest.name(), module, violation: v };
+    match say {
+        Say::Line => console::write_line(format_args!("{line}")),
+        Say::Repeated(n) => console::write_line(format_args!("{line} repeated={n}")),
+        Say::Quiet => {}
+    }
 }
 
 /// An attempt refused outside the EPT: a hypercall from an isolated module
@@ -574,7 +745,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let regs = *ctx.vcpu.regs();
     let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
-    let fault = Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, stack, gprs };
+    let fault =
+        Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, rsp, stack, gprs };
     let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
@@ -599,9 +771,25 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             }
             Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
         },
-        Step::Grant(perms) => match control(ctx).ok()?.set_perms(view, page, perms & kept) {
+        Step::Grant(perms) => {
+            let perms = perms & kept;
+            let control = control(ctx).ok()?;
+            // What a module may write, the kernel may not execute (W^X across views).
+            let w_x = perms.contains(Perms::WRITE) && kept.contains(Perms::EXECUTE);
+            let granted = (!w_x || control.set_perms(View::Kernel, page, kept - Perms::EXECUTE).is_ok())
+                && control.set_perms(view, page, perms).is_ok();
+            if perms.contains(Perms::WRITE) {
+                ctx.guest.integrity.as_mut()?.engine.taint(page);
+            }
+            if granted {
+                Action::Resume
+            } else {
+                Action::Stop(StopReason::HypervisorError("out of memory for a module view".into()))
+            }
+        }
+        Step::AllowExecute => match control(ctx).ok()?.set_perms(view, page, kept | Perms::EXECUTE) {
             Ok(()) => Action::Resume,
-            Err(_) => Action::Stop(StopReason::HypervisorError("out of memory for a module view".into())),
+            Err(_) => Action::Stop(StopReason::HypervisorError("cannot map a page executable".into())),
         },
         Step::StepOver => {
             let control = control(ctx).ok()?;
@@ -631,6 +819,19 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Action::Resume
         }
         Step::Branch { view: to, rip: target, pop } => {
+            // The hypervisor carries the branch out: the target must map the
+            // code registered there, or the next fetch would run other code.
+            let expected = ctx.guest.integrity.as_ref()?.engine.expected_page(target);
+            let actual = ctx.inspect().translate(target).ok().map(|gpa| gpa & !0xfff);
+            if expected.is_some() && actual != expected {
+                let state = ctx.guest.integrity.as_mut()?;
+                let v = state.engine.record(crate::integrity::ViolationKind::Alias, view, rip, target);
+                report(ctx, &v);
+                if v.action == abi::ViolationAction::Denied {
+                    inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
+                    return Some(Action::Resume);
+                }
+            }
             if to != view {
                 if control(ctx).ok()?.activate_view(to).is_err() {
                     return Some(Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))));
@@ -711,18 +912,131 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
     Action::Resume
 }
 
-/// Exception exits: only #DB is intercepted, and only to end a single step.
+/// Interruption types (SDM Vol. 3C, 25.8.3 and 27.2.2).
+mod event_type {
+    pub const EXTERNAL: u32 = 0;
+    pub const HARDWARE_EXCEPTION: u32 = 3;
+    pub const SOFTWARE_INTERRUPT: u32 = 4;
+    pub const PRIVILEGED_SOFTWARE_EXCEPTION: u32 = 5;
+    pub const SOFTWARE_EXCEPTION: u32 = 6;
+}
+
+const EVENT_VALID: u32 = 1 << 31;
+const ERROR_CODE_VALID: u32 = 1 << 11;
+const NMI_UNBLOCKING: u32 = 1 << 12;
+const VECTOR_PF: u32 = 14;
+const RFLAGS_IF: u64 = 1 << 9;
+const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+
+/// Leaves a module's view for the kernel's, for an event: the handler's
+/// return (or the kernel's exception fixup) into the module is recorded,
+/// and events exit no more.
+fn leave_module_for_event(ctx: &mut ExitContext<'_>, m: u32, resume: u64) -> Result<(), ControlError> {
+    let (rip, rsp) = (ctx.vcpu.read(Field::Rip), ctx.vcpu.read(Field::Rsp));
+    control(ctx).map_err(|_| ControlError)?.activate_view(View::Kernel)?;
+    let state = ctx.guest.integrity.as_mut().ok_or(ControlError)?;
+    state.engine.event_leaves_module(m, rip, resume, rsp);
+    state.view = View::Kernel;
+    Ok(())
+}
+
+/// Whether the guest can take an external interrupt now.
+fn interruptible(ctx: &ExitContext<'_>) -> bool {
+    ctx.vcpu.read(Field::Rflags) & RFLAGS_IF != 0
+        && ctx.vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
+}
+
+/// Queues an event for the next VM entry, as the exit reported it.
+fn inject(ctx: &mut ExitContext<'_>, info: u32, error: Option<u32>, len: u64) {
+    let mut entry = (info & !NMI_UNBLOCKING & !ERROR_CODE_VALID) | EVENT_VALID;
+    if let Some(code) = error {
+        entry |= ERROR_CODE_VALID;
+        ctx.vcpu.write(Field::EntryExceptionErrorCode, u64::from(code));
+    }
+    ctx.vcpu.write(Field::EntryInterruptionInfo, u64::from(entry));
+    ctx.vcpu.write(Field::EntryInstructionLength, len);
+}
+
+/// Delivers the oldest held-back external interrupt if the guest can take
+/// it, leaving a module's view for it first; keeps the interrupt window
+/// open while more wait.
+fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
+    let pending = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    let busy = ctx.vcpu.read(Field::EntryInterruptionInfo) & u64::from(EVENT_VALID) != 0;
+    if pending && !busy && interruptible(ctx) {
+        if let View::Module(m) = ctx.view() {
+            let rip = ctx.vcpu.read(Field::Rip);
+            if leave_module_for_event(ctx, m, rip).is_err() {
+                return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+            }
+        }
+        if let Some(vector) = ctx.guest.integrity.as_mut().and_then(|s| s.pending_interrupts.pop_front()) {
+            inject(ctx, u32::from(vector) | (event_type::EXTERNAL << 8), None, 0);
+        }
+    }
+    let more = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    if let Ok(control) = control(ctx) {
+        control.set_interrupt_window(more);
+    }
+    Action::Resume
+}
+
+/// An event that exited from a module's view: an external interrupt
+/// (acknowledged on exit), an NMI, or an exception. It is delivered in the
+/// kernel view, as the processor would have delivered it, and the
+/// handler's return into the module is recorded. Interrupts the guest
+/// cannot take yet wait for its interrupt window.
+pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
+    let info = ctx.exit.interruption_info;
+    if info & EVENT_VALID == 0 {
+        return Action::Stop(StopReason::HypervisorError("an event exit without its event".into()));
+    }
+    let kind = (info >> 8) & 7;
+    if kind == event_type::EXTERNAL {
+        if let Some(state) = ctx.guest.integrity.as_mut() {
+            state.pending_interrupts.push_back(info as u8);
+        }
+        return deliver_pending(ctx);
+    }
+    let rip = ctx.vcpu.read(Field::Rip);
+    let software = matches!(
+        kind,
+        event_type::SOFTWARE_INTERRUPT | event_type::PRIVILEGED_SOFTWARE_EXCEPTION | event_type::SOFTWARE_EXCEPTION
+    );
+    let len = if software { ctx.exit.instruction_len } else { 0 };
+    if leave_module_for_event(ctx, m, rip.wrapping_add(len)).is_err() {
+        return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+    }
+    // A page fault that exits leaves CR2 alone: the guest's handler needs it.
+    if kind == event_type::HARDWARE_EXCEPTION && info & 0xff == VECTOR_PF {
+        ctx.vcpu.regs().cr2 = ctx.exit.qualification;
+    }
+    let error = (info & ERROR_CODE_VALID != 0).then_some(ctx.exit.interruption_error);
+    inject(ctx, info, error, len);
+    Action::Resume
+}
+
+/// Exception and NMI exits: the end of a single step (#DB), or an event
+/// leaving a module's view.
 pub fn exception(ctx: &mut ExitContext<'_>) -> Action {
     let vector = ctx.exit.interruption_info & 0xff;
     let stepping = ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.is_some());
     if vector == 1 && stepping {
         return monitor_trap(ctx);
     }
+    if let View::Module(m) = ctx.view() {
+        return module_event(ctx, m);
+    }
     Action::Stop(StopReason::Unhandled {
         reason: 0,
         qualification: u64::from(ctx.exit.interruption_info),
         rip: ctx.vcpu.read(Field::Rip),
     })
+}
+
+/// The guest can take an interrupt again: deliver what waits.
+pub fn interrupt_window(ctx: &mut ExitContext<'_>) -> Action {
+    deliver_pending(ctx)
 }
 
 /// Whether writing `new` over `old` clears a guarded bit after the lock;
@@ -804,6 +1118,13 @@ mod tests {
     const MODULE_ENTRIES: u64 = 0x13_1000;
     const MODULE_CODE: u64 = 0x80_0000;
     const MODULE_DATA: u64 = 0x80_1000;
+    /// Its `struct module`, in its data.
+    const MODULE_STRUCT: u64 = MODULE_DATA + 0xf00;
+    /// The agent: one code page whose VMCALL makes the calls, one data page.
+    const AGENT_INFO: u64 = 0x14_0000;
+    const AGENT_CODE: u64 = 0x82_0000;
+    const AGENT_VMCALL: u64 = AGENT_CODE + 0x40;
+    const AGENT_DATA: u64 = 0x82_1000;
     const STACK: u64 = 0x90_0000;
 
     struct Fixture {
@@ -816,6 +1137,11 @@ mod tests {
 
     fn w(phys: &FakePhys, gpa: u64, bytes: &[u8]) {
         phys.write(0x1000_0000 + gpa, bytes);
+    }
+
+    fn as_bytes(m: &abi::ModuleInfo) -> &[u8] {
+        // SAFETY: repr(C) plain data viewed as bytes.
+        unsafe { core::slice::from_raw_parts((m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(m)) }
     }
 
     fn fixture(mode: Mode) -> Fixture {
@@ -874,17 +1200,32 @@ mod tests {
         m.data[0] = abi::WireRange { start: K + MODULE_DATA, end: K + MODULE_DATA + 0x1000 };
         m.entries = K + MODULE_ENTRIES;
         m.entry_count = 1;
-        // SAFETY: as above.
-        let bytes = unsafe {
-            core::slice::from_raw_parts((&m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&m))
-        };
-        w(&phys, MODULE_INFO, bytes);
+        m.module = K + MODULE_STRUCT;
+        w(&phys, MODULE_INFO, as_bytes(&m));
         w(&phys, MODULE_ENTRIES, &(K + MODULE_CODE).to_le_bytes());
         w(&phys, MODULE_CODE + 0x10, &[0x48, 0x89, 0x18]);
+        w(&phys, MODULE_STRUCT, &abi::module_state::COMING.to_le_bytes());
+        // The agent, pinned by its code.
+        let mut a = abi::ModuleInfo { module: K + AGENT_DATA, ..Default::default() };
+        a.name[..abi::AGENT_NAME.len()].copy_from_slice(abi::AGENT_NAME.as_bytes());
+        a.code[0] = abi::WireRange { start: K + AGENT_CODE, end: K + AGENT_CODE + 0x1000 };
+        a.data[0] = abi::WireRange { start: K + AGENT_DATA, end: K + AGENT_DATA + 0x1000 };
+        w(&phys, AGENT_INFO, as_bytes(&a));
+        w(&phys, AGENT_VMCALL, &[0x0f, 0x01, 0xc1]);
+        w(&phys, AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
+        let mut agent_code = alloc::vec![0u8; 0x1000];
+        agent_code[0x40..0x43].copy_from_slice(&[0x0f, 0x01, 0xc1]);
+        let agent = Entry {
+            name: abi::AGENT_NAME.into(),
+            text_len: 0x1000,
+            init_len: 0,
+            sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
+            masks: alloc::vec![],
+        };
 
         let mut guest = test_guest();
         guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None, lapic: None };
-        guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![]));
+        guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![agent]));
         let mut vcpu = FakeVcpu::new();
         vcpu.write(Field::Cr0, 0x8000_0031);
         vcpu.write(Field::Cr3, 0x1000);
@@ -911,7 +1252,13 @@ mod tests {
             dispatch(&mut ctx)
         }
 
+        /// A hypercall from the agent's VMCALL.
         fn call(&mut self, nr: u64, rbx: u64, rcx: u64) -> i64 {
+            self.call_at(K + AGENT_VMCALL, nr, rbx, rcx)
+        }
+
+        fn call_at(&mut self, rip: u64, nr: u64, rbx: u64, rcx: u64) -> i64 {
+            self.vcpu.write(Field::Rip, rip);
             self.vcpu.regs.rax = nr;
             self.vcpu.regs.rbx = rbx;
             self.vcpu.regs.rcx = rcx;
@@ -934,8 +1281,8 @@ mod tests {
         fn register_everything(&mut self) -> u32 {
             let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
             assert_eq!(self.call(0x10, K + LAYOUT, layout_size), 0, "kernel registered");
-            assert_eq!(self.call(0x11, 0, 0), 0, "locked");
             let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+            assert_eq!(self.call(0x11, K + AGENT_INFO, info_size), 1, "locked; the agent is module 1");
             let id = self.call(0x12, K + MODULE_INFO, info_size);
             assert!(id > 0, "module registered: {id}");
             id as u32
@@ -955,7 +1302,7 @@ mod tests {
         assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
-        assert_eq!(e.layout().unwrap().interrupt_handlers, alloc::vec![K + HANDLER]);
+        assert_eq!(e.layout().unwrap().gates, alloc::vec![(14, K + HANDLER)]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
         assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::RX));
@@ -977,7 +1324,8 @@ mod tests {
         // A second registration or lock is refused.
         let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
         assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::Locked.code());
-        assert_eq!(f.call(0x11, 0, 0), Error::Locked.code());
+        let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+        assert_eq!(f.call(0x11, K + AGENT_INFO, info_size), Error::Locked.code());
     }
 
     /// Registers the fixture's module (one code page holding `mov [rax], rbx`)
@@ -992,7 +1340,7 @@ mod tests {
         let sha256 = sha2::Sha256::digest(&code).into();
         let entry = Entry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: alloc::vec![(0x11, 1)] };
         let mut f = fixture(mode);
-        f.guest.integrity.as_mut().unwrap().trusted = alloc::vec![entry];
+        f.guest.integrity.as_mut().unwrap().trusted.push(entry);
         let id = f.register_everything();
         (f, id)
     }
@@ -1278,6 +1626,181 @@ mod tests {
         f.guest.integrity.as_mut().unwrap().view = View::Module(id);
         assert_eq!(f.ept(READ, LAPIC, 0xffff_c900_0000_0000, rip), Action::Resume);
         assert_eq!(f.control.perms(View::Module(id), LAPIC), Some(Perms::READ));
+    }
+
+    /// The fixture registered, running in its module's view at `rip`.
+    fn in_module(rip: u64) -> (Fixture, u32) {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.control.activate_view(View::Module(id)).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.vcpu.write(Field::Rip, rip);
+        (f, id)
+    }
+
+    #[test]
+    fn events_leave_a_module_through_the_hypervisor() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        assert!(f.control.events_exit, "in a module's view every event exits");
+        // The timer interrupt (acknowledged on exit) while interrupts are on.
+        f.vcpu.write(Field::Rflags, 0x202);
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel), "delivered in the kernel view");
+        assert!(!f.control.events_exit);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+        // Its handler's iretq comes back to the interrupted instruction, at its RSP.
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, rip, rip), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+    }
+
+    #[test]
+    fn an_interrupt_the_module_cannot_take_yet_waits_for_its_window() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        f.vcpu.write(Field::Rflags, 0x2); // cli
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)), "still in the module");
+        assert!(f.control.interrupt_window);
+        assert_eq!(f.vcpu.injected(), None);
+        // sti: the window opens; the interrupt is delivered in the kernel view.
+        f.vcpu.write(Field::Rflags, 0x202);
+        f.vcpu.write(Field::Rip, rip + 1);
+        assert_eq!(f.exit(ExitInfo { reason: reason::INTERRUPT_WINDOW, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel));
+        assert!(!f.control.interrupt_window);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+    }
+
+    #[test]
+    fn a_page_fault_in_a_module_is_delivered_with_its_address() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, _) = in_module(rip);
+        let pf = ExitInfo {
+            reason: reason::EXCEPTION_OR_NMI,
+            interruption_info: 0x8000_0b0e,
+            interruption_error: 2,
+            qualification: 0x7f00_dead_0000,
+            ..Default::default()
+        };
+        assert_eq!(f.exit(pf), Action::Resume);
+        assert_eq!(f.vcpu.injected(), Some((14, Some(2))));
+        assert_eq!(f.vcpu.regs.cr2, 0x7f00_dead_0000, "the handler needs CR2");
+        assert_eq!(f.control.active, Some(View::Kernel));
+    }
+
+    #[test]
+    fn a_jump_to_a_handler_with_a_forged_frame_is_no_interrupt() {
+        // The module pushes a frame that would iretq into kernel text and
+        // jumps to the page-fault handler: no event exited, so this is a jump.
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, _) = in_module(rip);
+        w(&f.phys, STACK, &(K + TEXT + 0x9999).to_le_bytes());
+        f.ept(FETCH | READ, TEXT + 0x4000, K + HANDLER, K + HANDLER);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CallNonEntry as u32]);
+        assert_eq!(f.vcpu.injected(), Some((13, Some(0))), "refused: the jump faults");
+    }
+
+    #[test]
+    fn what_a_module_can_write_the_kernel_cannot_execute() {
+        // The shellcode route: the module writes a heap page, then makes
+        // the kernel jump there through a function pointer.
+        const HEAP: u64 = 0x50_0000;
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        assert_eq!(f.control.perms(View::Kernel, MODULE_DATA), Some(Perms::RW), "its own data: not executable");
+        assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Module(id), HEAP), Some(Perms::RW));
+        assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RW), "no longer executable for the kernel");
+        f.control.activate_view(View::Kernel).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        for (page, gva) in [(HEAP, K + HEAP), (MODULE_DATA, K + MODULE_DATA)] {
+            assert_eq!(f.ept(FETCH | READ, page, gva, gva), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32], "{page:#x}");
+            assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
+            f.vcpu.write(Field::EntryInterruptionInfo, 0);
+        }
+    }
+
+    #[test]
+    fn only_the_agents_code_drives_the_views() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let agent = f.guest.integrity.as_ref().unwrap().engine.agent().expect("pinned at the lock");
+        w(&f.phys, MODULE_STRUCT, &abi::module_state::GOING.to_le_bytes());
+        let before = f.control.clone();
+        // Kernel code that is not the agent's (a module's deputy, or the
+        // kernel itself): refused and reported, nothing changes.
+        assert_eq!(f.call_at(K + PRINTK, 0x14, u64::from(id), 0), Error::NotPermitted.code());
+        assert_eq!(f.call_at(K + PRINTK, 0x15, K + STACK, 16), Error::NotPermitted.code());
+        // The agent's physical page through another linear address (a
+        // page-table alias, here PD[6] -> the 2 MiB page holding it).
+        w(&f.phys, 0x3000 + 6 * 8, &((4u64 << 21) | 0x83).to_le_bytes());
+        let alias = K + (6 << 21) + (AGENT_VMCALL - (4 << 21));
+        assert_eq!(f.call_at(alias, 0x14, u64::from(id), 0), Error::NotPermitted.code());
+        let e = &mut f.guest.integrity.as_mut().unwrap().engine;
+        assert!(e.modules().any(|m| m == id), "still registered");
+        let records: Vec<_> = e.violations.take(usize::MAX).collect();
+        assert_eq!(records.iter().map(|r| r.kind).collect::<Vec<_>>(), [ViolationKind::Hypercall as u32; 3]);
+        assert!(records.iter().all(|r| r.module == u32::MAX), "reported for the kernel view");
+        assert_eq!(f.control, before);
+        // The agent itself is pinned for good.
+        w(&f.phys, AGENT_DATA, &abi::module_state::GOING.to_le_bytes());
+        assert_eq!(f.call(0x14, u64::from(agent), 0), Error::NotPermitted.code());
+        // Its own calls work.
+        assert_eq!(f.call(0x14, u64::from(id), 0), 0);
+    }
+
+    #[test]
+    fn the_lock_pins_the_agent_or_the_guest_stops() {
+        // Locks with `info` as the agent's registration: the stop's reason.
+        fn lock_with(f: &mut Fixture, info: u64) -> alloc::string::String {
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            assert_eq!(f.call(0x10, K + LAYOUT, layout_size), 0);
+            f.vcpu.write(Field::Rip, K + AGENT_VMCALL);
+            (f.vcpu.regs.rax, f.vcpu.regs.rbx, f.vcpu.regs.rcx) = (0x11, info, size_of::<abi::ModuleInfo>() as u64);
+            let stop = f.exit(ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() });
+            assert!(!f.guest.integrity.as_ref().unwrap().engine.is_locked());
+            match stop {
+                Action::Stop(StopReason::IntegrityRefused(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        }
+        // Another module offering itself as the agent.
+        assert!(lock_with(&mut fixture(Mode::Enforce), K + MODULE_INFO).contains("evil"));
+        // The agent's name with other code: the same (in audit mode too).
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let mut f = fixture(mode);
+            w(&f.phys, AGENT_CODE + 0x100, &[0xcc]);
+            assert!(lock_with(&mut f, K + AGENT_INFO).contains("sha256"));
+        }
+        // A guest that asks for integrity without naming the agent does not boot.
+        assert!(GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![]).is_err());
+    }
+
+    #[test]
+    fn a_gone_modules_code_is_scrubbed_before_the_kernel_gets_it_back() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        assert_ne!(guest_bytes(&f, MODULE_CODE + 0x10, 3), [0, 0, 0]);
+        // Not going yet, as the kernel's own record says: refused.
+        assert_eq!(f.call(0x14, u64::from(id), 0), Error::InvalidArgument.code());
+        assert_ne!(guest_bytes(&f, MODULE_CODE + 0x10, 3), [0, 0, 0], "nothing scrubbed");
+        w(&f.phys, MODULE_STRUCT, &abi::module_state::GOING.to_le_bytes());
+        assert_eq!(f.call(0x14, u64::from(id), 0), 0, "unregistered");
+        assert_eq!(guest_bytes(&f, MODULE_CODE, 0x1000), alloc::vec![0u8; 0x1000], "code scrubbed");
+        assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::RWX));
+        assert_eq!(f.control.perms(View::Kernel, MODULE_DATA), Some(Perms::RW), "data never executable");
+        // A pointer it left behind into its old data: the kernel's jump is
+        // a reported violation, not shellcode run.
+        let gva = K + MODULE_DATA;
+        assert_eq!(f.ept(FETCH | READ, MODULE_DATA, gva, gva), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32]);
+        assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
     }
 
     #[test]

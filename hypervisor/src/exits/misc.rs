@@ -40,7 +40,12 @@ pub fn rdtsc(ctx: &mut ExitContext<'_>) -> Action {
 }
 
 /// The host took an interrupt while the guest ran; the guest waits its turn.
-pub fn external_interrupt(_: &mut ExitContext<'_>) -> Action {
+/// From a module's view (where every event exits), the interrupt is
+/// delivered in the kernel view.
+pub fn external_interrupt(ctx: &mut ExitContext<'_>) -> Action {
+    if let crate::integrity::View::Module(m) = ctx.view() {
+        return super::integrity::module_event(ctx, m);
+    }
     Action::Yield
 }
 

@@ -106,6 +106,8 @@ pub enum StopReason {
     Mmio(String),
     LoadFailed(String),
     HypervisorError(String),
+    /// Run-time integrity was asked for and cannot be enforced.
+    IntegrityRefused(String),
 }
 
 impl fmt::Display for StopReason {
@@ -143,6 +145,7 @@ impl fmt::Display for StopReason {
             StopReason::Mmio(why) => f.write_str(why),
             StopReason::LoadFailed(why) => write!(f, "could not be loaded: {why}"),
             StopReason::HypervisorError(why) => write!(f, "hypervisor error: {why}"),
+            StopReason::IntegrityRefused(why) => write!(f, "integrity cannot be enforced: {why}"),
         }
     }
 }
@@ -195,6 +198,7 @@ pub mod reason {
     pub const TRIPLE_FAULT: u16 = 2;
     pub const INIT: u16 = 3;
     pub const SIPI: u16 = 4;
+    pub const INTERRUPT_WINDOW: u16 = 7;
     pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
     pub const GETSEC: u16 = 11;
@@ -308,6 +312,7 @@ const fn table() -> [Option<Handler>; reason::COUNT] {
     t[reason::EXCEPTION_OR_NMI as usize] = Some(integrity::exception);
     t[reason::EXTERNAL_INTERRUPT as usize] = Some(misc::external_interrupt);
     t[reason::TRIPLE_FAULT as usize] = Some(misc::triple_fault);
+    t[reason::INTERRUPT_WINDOW as usize] = Some(integrity::interrupt_window);
     t[reason::INIT as usize] = Some(misc::init_signal);
     t[reason::CPUID as usize] = Some(cpuid::handle);
     t[reason::GETSEC as usize] = Some(misc::undefined_opcode);

@@ -97,7 +97,7 @@ pub fn is_guest_module(cmdline: &str) -> bool {
 }
 
 /// The options, and the guest's arguments after the first word `--`.
-fn split_args(cmdline: &str) -> (&str, &str) {
+pub fn split_args(cmdline: &str) -> (&str, &str) {
     let mut at = 0;
     while let Some(start) = cmdline[at..].find(|c: char| !c.is_ascii_whitespace()).map(|i| at + i) {
         let end = cmdline[start..].find(|c: char| c.is_ascii_whitespace()).map_or(cmdline.len(), |i| start + i);

@@ -12,8 +12,14 @@ use crate::mm::paging::Perms;
 pub struct ControlError;
 
 pub trait GuestControl {
-    /// Makes `view` the EPT the vCPU runs on.
+    /// Makes `view` the EPT the vCPU runs on. In a module's view every
+    /// interrupt, NMI and exception exits (and the hypervisor delivers it
+    /// in the kernel view): no event leaves a module unseen, and no jump
+    /// into a handler passes for one.
     fn activate_view(&mut self, view: View) -> Result<(), ControlError>;
+    /// An exit as soon as the guest can take an interrupt (to deliver one
+    /// held back while it could not).
+    fn set_interrupt_window(&mut self, on: bool);
     /// Sets a 4 KiB page's rights in a view (identity-mapped, with the
     /// kernel view's memory type); empty rights unmap it.
     fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError>;
@@ -56,6 +62,9 @@ pub mod fake {
         pub guarded: (u64, u64),
         pub descriptor_tables: bool,
         pub trapped_msrs: Vec<u32>,
+        /// Events exit (a module's view is active).
+        pub events_exit: bool,
+        pub interrupt_window: bool,
     }
 
     impl GuestControl for FakeControl {
@@ -66,7 +75,11 @@ pub mod fake {
                 }
             }
             self.active = Some(view);
+            self.events_exit = matches!(view, View::Module(_));
             Ok(())
+        }
+        fn set_interrupt_window(&mut self, on: bool) {
+            self.interrupt_window = on;
         }
         fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
             self.perms.insert((view, page), perms);

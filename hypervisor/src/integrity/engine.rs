@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 use guest_agent::integrity::ViolationAction;
 
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
+use super::returns::{ReturnPoint, ReturnPoints};
 use super::violation::{Violation, ViolationKind, ViolationLog};
 use super::{Mode, View};
 use crate::exits::Access;
@@ -35,8 +36,10 @@ pub struct Fault {
     /// The guest-linear address accessed (for a fetch: the target).
     pub gva: u64,
     pub rip: u64,
-    /// The two words at the top of the guest stack, where a call or an
-    /// interrupt left its return address (`None` if unreadable).
+    /// The stack pointer: return points are tied to it.
+    pub rsp: u64,
+    /// The two words at the top of the guest stack, where a call left its
+    /// return address (`None` if unreadable).
     pub stack: [Option<u64>; 2],
     /// The general-purpose registers by number (RSP is 4): where a
     /// branch thunk goes.
@@ -63,6 +66,8 @@ pub enum Step {
     /// Let this one write to a protected page through: open it, single-step
     /// the instruction, close it again.
     StepOver,
+    /// Audit mode: make the page executable for the kernel again.
+    AllowExecute,
     /// Refuse a write: the instruction is skipped, memory is unchanged.
     Skip,
     /// Refuse a call: return to the caller with an error (-EPERM in RAX).
@@ -89,22 +94,13 @@ impl Outcome {
     }
 }
 
-/// A place control may legitimately come back to: the view it returns into
-/// and the address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ReturnPoint {
-    view: View,
-    address: u64,
-}
-
-/// Pending return points kept per guest. Tasks interleave (a module sleeps,
-/// another task calls another module), so this is a bounded set, not a stack.
-const MAX_RETURN_POINTS: usize = 512;
-
 struct Module {
     info: ModuleInfo,
     trusted: bool,
     live: bool,
+    /// The guest-physical pages of its code ranges, in order: what a code
+    /// address must translate to.
+    code_pages: Vec<u64>,
 }
 
 /// Why a registration is refused.
@@ -118,6 +114,8 @@ pub enum RegisterError {
     Overlap,
     TooMany,
     UnknownModule,
+    /// The agent is pinned for the guest's lifetime.
+    Pinned,
 }
 
 pub struct Engine {
@@ -127,7 +125,14 @@ pub struct Engine {
     pages: BTreeMap<u64, PageClass>,
     modules: BTreeMap<u32, Module>,
     next_id: u32,
-    returns: Vec<ReturnPoint>,
+    returns: ReturnPoints,
+    /// Pages an untrusted module was given write access to: never
+    /// executable for the kernel again (until registered as module code,
+    /// whose checks they then pass).
+    tainted: alloc::collections::BTreeSet<u64>,
+    /// The guest's agent, pinned at the lock: the only code that may make
+    /// integrity hypercalls from then on.
+    agent: Option<u32>,
     pub violations: ViolationLog,
     pub stats: Stats,
 }
@@ -146,9 +151,16 @@ pub struct Stats {
     pub violations: u64,
 }
 
-const MAX_MODULES: usize = 256;
+/// Violation records kept for the agent, which drains them every second
+/// and whenever `/proc/ctvm_violations` is read: a burst of thousands fits.
+/// Past it, the oldest are dropped and counted (a gap in the sequence).
+pub const VIOLATION_LOG: usize = 8192;
+
+const MAX_MODULES: usize = guest_agent::integrity::MODULES_MAX as usize;
 /// Pages tracked for modules, all together (256 MiB of module memory): the
-/// bookkeeping lives on the hypervisor's heap, which a guest must not exhaust.
+/// bookkeeping lives on the hypervisor's heap, which a guest must not
+/// exhaust. Debian's largest module, amdgpu, is 4.7 MiB of text and 2.5 MiB
+/// of data (1 850 pages; i915 550, xfs 300, mlx5_core 280).
 pub const MAX_MODULE_PAGES: usize = 1 << 16;
 
 fn page(addr: u64) -> u64 {
@@ -168,8 +180,10 @@ impl Engine {
             pages: BTreeMap::new(),
             modules: BTreeMap::new(),
             next_id: 1,
-            returns: Vec::new(),
-            violations: ViolationLog::new(256),
+            returns: ReturnPoints::default(),
+            tainted: alloc::collections::BTreeSet::new(),
+            agent: None,
+            violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
         }
     }
@@ -195,7 +209,8 @@ impl Engine {
         layout.entries.sort_unstable();
         layout.entries.dedup();
         layout.denied_entries.sort_unstable();
-        layout.interrupt_handlers.sort_unstable();
+        layout.gates.sort_unstable();
+        layout.gates.dedup_by_key(|g| g.0);
         layout.return_thunks.sort_unstable();
         layout.return_thunks.dedup();
         self.pages.retain(|_, c| {
@@ -209,18 +224,34 @@ impl Engine {
     }
 
     /// Locks the layout; from now on it cannot change and the protections hold.
-    pub fn lock(&mut self, page_tables: impl IntoIterator<Item = u64>) -> Result<(), RegisterError> {
+    /// Returns the page-table pages it classified, for [`Self::revert_lock`].
+    pub fn lock(&mut self, page_tables: impl IntoIterator<Item = u64>) -> Result<Vec<u64>, RegisterError> {
         if self.layout.is_none() {
             return Err(RegisterError::NotLocked);
         }
         if self.locked {
             return Err(RegisterError::Locked);
         }
+        let mut added = Vec::new();
         for gpa in page_tables {
-            self.pages.entry(page(gpa)).or_insert(PageClass::PageTable);
+            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
+                v.insert(PageClass::PageTable);
+                added.push(page(gpa));
+            }
         }
         self.locked = true;
-        Ok(())
+        Ok(added)
+    }
+
+    /// Undoes a lock whose agent could not be put in place (before any
+    /// other module registered): the lock is all or nothing.
+    pub fn revert_lock(&mut self, added: &[u64]) {
+        if self.agent.is_none() && self.modules.is_empty() {
+            for p in added {
+                self.pages.remove(p);
+            }
+            self.locked = false;
+        }
     }
 
     /// Adds a module with the guest-physical pages of its code and data.
@@ -250,13 +281,16 @@ impl Engine {
         // tracked: no isolated module may write them.
         for &p in code_pages {
             self.pages.insert(page(p), PageClass::ModuleCode(id));
+            self.tainted.remove(&page(p));
         }
         for &p in data_pages {
             self.pages.insert(page(p), PageClass::ModuleData(id));
         }
         info.entries.sort_unstable();
         info.entries.dedup();
-        self.modules.insert(id, Module { info, trusted, live: false });
+        info.exports.sort_unstable();
+        info.exports.dedup();
+        self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec() });
         Ok(id)
     }
 
@@ -266,20 +300,58 @@ impl Engine {
         m.live = true;
         let init = core::mem::take(&mut m.info.init);
         m.info.entries.retain(|&e| !in_ranges(&init, e));
+        // Its init code is freed: those addresses may soon be another
+        // module's, and must not be taken for this one's.
+        let within_init = |r: &Range| init.iter().any(|i| i.start <= r.start && r.end <= i.end);
+        let mut pages = core::mem::take(&mut m.code_pages).into_iter();
+        let mut kept = Vec::new();
+        for r in &m.info.code {
+            let n = r.pages().count();
+            let slice: Vec<u64> = pages.by_ref().take(n).collect();
+            if !within_init(r) {
+                kept.extend(slice);
+            }
+        }
+        m.code_pages = kept;
+        m.info.code.retain(|r| !within_init(r));
+        let trusted = m.trusted;
         for p in init_pages {
-            if matches!(self.pages.get(&page(*p)), Some(PageClass::ModuleCode(m) | PageClass::ModuleData(m)) if *m == id)
-            {
-                self.pages.remove(&page(*p));
+            match self.pages.get(&page(*p)) {
+                Some(PageClass::ModuleCode(m)) if *m == id => {
+                    self.pages.remove(&page(*p));
+                }
+                Some(PageClass::ModuleData(m)) if *m == id => {
+                    self.pages.remove(&page(*p));
+                    if !trusted {
+                        self.tainted.insert(page(*p));
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
-    /// The module is going: its pages and return points go too.
+    /// The module is going: its pages and return points go too. An
+    /// untrusted module's data stays tainted: it wrote there, so the kernel
+    /// must not execute it whatever the page holds next.
     pub fn unregister_module(&mut self, id: u32) -> Result<ModuleInfo, RegisterError> {
+        if self.agent == Some(id) {
+            return Err(RegisterError::Pinned);
+        }
         let m = self.modules.remove(&id).ok_or(RegisterError::UnknownModule)?;
-        self.pages.retain(|_, c| !matches!(c, PageClass::ModuleCode(x) | PageClass::ModuleData(x) if *x == id));
-        self.returns.retain(|r| r.view != View::Module(id));
+        let tainted = &mut self.tainted;
+        self.pages.retain(|&p, c| match c {
+            PageClass::ModuleCode(x) if *x == id => false,
+            PageClass::ModuleData(x) if *x == id => {
+                if !m.trusted {
+                    tainted.insert(p);
+                }
+                false
+            }
+            _ => true,
+        });
+        self.returns.forget(View::Module(id));
         Ok(m.info)
     }
 
@@ -335,6 +407,31 @@ impl Engine {
         self.modules.get(&id).is_some_and(|m| m.trusted)
     }
 
+    /// Pins module `id`, registered trusted, as the guest's agent.
+    pub fn set_agent(&mut self, id: u32) -> Result<(), RegisterError> {
+        if self.agent.is_some() || !self.is_trusted(id) {
+            return Err(RegisterError::Pinned);
+        }
+        self.agent = Some(id);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Option<u32> {
+        self.agent
+    }
+
+    /// Whether code at `addr`, fetched from guest-physical `gpa`, is the
+    /// pinned agent's, reached through the page it is registered at.
+    pub fn is_agent_code(&self, addr: u64, gpa: u64) -> bool {
+        self.agent.is_some_and(|a| self.class_of(gpa) == Some(PageClass::ModuleCode(a)))
+            && self.translates_as_registered(addr, gpa)
+    }
+
+    /// The address of module `id`'s `struct module`.
+    pub fn module_struct(&self, id: u32) -> Option<u64> {
+        self.modules.get(&id).map(|m| m.info.module_struct)
+    }
+
     pub fn class_of(&self, gpa: u64) -> Option<PageClass> {
         self.pages.get(&page(gpa)).copied()
     }
@@ -344,25 +441,43 @@ impl Engine {
         self.pages.iter().map(|(&p, &c)| (p, c))
     }
 
-    fn remember_return(&mut self, view: View, address: u64) {
-        let point = ReturnPoint { view, address };
-        if self.returns.contains(&point) {
-            return;
-        }
-        if self.returns.len() == MAX_RETURN_POINTS {
-            self.returns.remove(0);
-        }
-        self.returns.push(point);
+    fn remember(&mut self, into: View, from: View, address: u64, rsp: u64) {
+        self.returns.remember(ReturnPoint { into, from, address, rsp });
     }
 
-    fn take_return(&mut self, view: View, address: u64) -> bool {
-        match self.returns.iter().position(|r| r.view == view && r.address == address) {
-            Some(i) => {
-                self.returns.swap_remove(i);
-                true
-            }
-            None => false,
+    /// Return points live, and forgotten to their bound.
+    pub fn return_points(&self) -> (usize, u64) {
+        (self.returns.len(), self.returns.forgotten)
+    }
+
+    /// The module on whose behalf kernel code running at `rsp` runs (the
+    /// nearest module call live on that stack), if any.
+    pub fn deputy_of(&self, rsp: u64) -> Option<u32> {
+        self.returns.caller_on_stack(rsp)
+    }
+
+    /// The guest-physical page a code address must translate to: kernel
+    /// text or a module's code as registered.
+    pub fn expected_page(&self, addr: u64) -> Option<u64> {
+        let page_index = |r: &Range| (addr >> 12) - (r.start >> 12);
+        if let Some(l) = self.layout.as_ref().filter(|l| l.text.contains(addr)) {
+            return l.text_pages.get(page_index(&l.text) as usize).copied();
         }
+        let (_, md) = self.modules.iter().find(|(_, md)| in_ranges(&md.info.code, addr))?;
+        let mut before = 0u64;
+        for r in &md.info.code {
+            if r.contains(addr) {
+                return md.code_pages.get((before + page_index(r)) as usize).copied();
+            }
+            before += r.pages().count() as u64;
+        }
+        None
+    }
+
+    /// Whether a code address was reached through the page it is
+    /// registered at (a remapped linear address gains nothing).
+    fn translates_as_registered(&self, addr: u64, gpa: u64) -> bool {
+        self.expected_page(addr) == Some(page(gpa))
     }
 
     fn violation(&mut self, fault: &Fault, kind: ViolationKind, deny: Step, allow: Step) -> Outcome {
@@ -420,8 +535,19 @@ impl Engine {
         }
     }
 
-    /// The kernel view runs into code it may not execute: a module's.
+    /// A page a module was given write access to.
+    pub fn taint(&mut self, gpa: u64) {
+        self.tainted.insert(page(gpa));
+    }
+
+    /// The kernel view runs into code it may not execute: a module's, or
+    /// a page a module could write.
     fn kernel_executes(&mut self, fault: &Fault, class: Option<PageClass>) -> Outcome {
+        let written_by_module = matches!(class, None | Some(PageClass::ModuleData(_)))
+            && (self.tainted.contains(&page(fault.gpa)) || matches!(class, Some(PageClass::ModuleData(_))));
+        if written_by_module {
+            return self.violation(fault, ViolationKind::ExecuteData, Step::Fault, Step::AllowExecute);
+        }
         let Some(PageClass::ModuleCode(m)) = class else {
             return Outcome::step(Step::NotMine);
         };
@@ -429,29 +555,45 @@ impl Engine {
             return Outcome::step(Step::NotMine);
         }
         let target = fault.gva;
-        if self.take_return(View::Module(m), target) || self.resumes_after_fault(m, target) {
+        // A call from the kernel gets an error back; anything else faults.
+        let deny = if fault.stack[0].is_some_and(is_kernel_address) { Step::ReturnError } else { Step::Fault };
+        if !self.translates_as_registered(target, fault.gpa) {
+            return self.violation(fault, ViolationKind::Alias, deny, Step::Switch(View::Module(m)));
+        }
+        if self.returns.take(View::Module(m), View::Kernel, target, fault.rsp) {
             return Outcome::step(Step::Switch(View::Module(m)));
         }
         let is_entry = self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
         if is_entry {
             // A call from the kernel: it returns to the address it pushed.
             if let Some(ret) = fault.stack[0].filter(|&a| is_kernel_address(a)) {
-                self.remember_return(View::Kernel, ret);
+                self.remember(View::Kernel, View::Module(m), ret, fault.rsp.wrapping_add(8));
             }
             return Outcome::step(Step::Switch(View::Module(m)));
         }
-        // A call from the kernel gets an error back; anything else faults.
-        let deny = if fault.stack[0].is_some_and(is_kernel_address) { Step::ReturnError } else { Step::Fault };
         self.violation(fault, ViolationKind::EnterModuleOffEntry, deny, Step::Switch(View::Module(m)))
     }
 
-    /// After a fault in module `m`, the kernel resumes it at an
-    /// exception-table fixup: legitimate once for the faulting instruction
-    /// the module was interrupted at.
-    fn resumes_after_fault(&mut self, m: u32, target: u64) -> bool {
-        let Some(md) = self.modules.get(&m) else { return false };
-        let insns: Vec<u64> = md.info.fixups.iter().filter(|&&(_, f)| f == target).map(|&(i, _)| i).collect();
-        insns.into_iter().any(|insn| self.take_return(View::Module(m), insn))
+    /// The fixup the kernel resumes module `m` at after a fault at `insn`.
+    fn fixup_for(&self, m: u32, insn: u64) -> Option<u64> {
+        let md = self.modules.get(&m)?;
+        md.info.fixups.iter().find(|&&(i, _)| i == insn).map(|&(_, f)| f)
+    }
+
+    /// An interrupt, NMI or exception leaves module `m`: the hypervisor saw
+    /// it exit from the module's view and delivers it in the kernel view.
+    /// The handler's `iretq` may come back to `resume` (the interrupted
+    /// instruction, or the one after a software interrupt) at the
+    /// interrupted RSP, or, after a fault at an instruction with an
+    /// exception-table entry, to its fixup. (In a module's view every event
+    /// exits, so a jump to a handler is never an interrupt.)
+    pub fn event_leaves_module(&mut self, m: u32, at: u64, resume: u64, rsp: u64) {
+        let mut points = alloc::vec![ReturnPoint { into: View::Module(m), from: View::Kernel, address: resume, rsp }];
+        if let Some(fixup) = self.fixup_for(m, at) {
+            points.push(ReturnPoint { into: View::Module(m), from: View::Kernel, address: fixup, rsp });
+        }
+        self.returns.remember_all(&points);
+        self.stats.switches += 1;
     }
 
     /// A module's view runs into code outside the module.
@@ -478,7 +620,11 @@ impl Engine {
         };
         let allowed = self.destination_view(m, dest);
         let deny = self.refusal(fault, m, false);
-        match self.leave_module(fault, m, target, dest, fault.stack[0]) {
+        let crossing = matches!(dest, Destination::Kernel | Destination::Module(_));
+        if crossing && !self.translates_as_registered(target, fault.gpa) {
+            return self.violation(fault, ViolationKind::Alias, deny, Step::Switch(allowed));
+        }
+        match self.leave_module(fault, m, target, dest, fault.stack[0], fault.rsp) {
             Ok(view) => Outcome::step(Step::Switch(view)),
             Err(kind) => self.violation(fault, kind, deny, Step::Switch(allowed)),
         }
@@ -500,9 +646,10 @@ impl Engine {
         let allowed = self.destination_view(m, dest);
         let deny = self.refusal(fault, m, pop);
         // A jump leaves the caller's return address on top of the stack; a
-        // return consumes it.
+        // return consumes it, and arrives 8 bytes higher.
         let return_address = if pop { None } else { fault.stack[0] };
-        match self.leave_module(fault, m, target, dest, return_address) {
+        let rsp = if pop { fault.rsp.wrapping_add(8) } else { fault.rsp };
+        match self.leave_module(fault, m, target, dest, return_address, rsp) {
             Ok(view) => Outcome::step(Step::Branch { view, rip: target, pop }),
             Err(kind) => {
                 // Reported at the module's call site rather than in the thunk.
@@ -515,6 +662,9 @@ impl Engine {
 
     /// Whether control may go from module `m` to `target` in `dest`, and
     /// the view it runs in there; records the return point of a call.
+    /// Whether control may go from module `m` to `target` in `dest`, and
+    /// the view it runs in there; records the return point of a call.
+    /// `rsp` is the stack pointer once the transfer is done.
     fn leave_module(
         &mut self,
         fault: &Fault,
@@ -522,13 +672,15 @@ impl Engine {
         target: u64,
         dest: Destination,
         return_address: Option<u64>,
+        rsp: u64,
     ) -> Result<View, ViolationKind> {
-        let verdict = self.judge_leaving(fault, m, target, dest, return_address);
+        let call_return = return_address.filter(|&a| self.is_code_of(m, a));
+        let verdict = self.judge_leaving(fault, m, target, dest, call_return, rsp);
         // Audit mode lets a refused call go: its return is then as
         // legitimate as any, not a second violation.
         if verdict.is_err() && self.mode == Mode::Audit {
-            if let Some(ret) = return_address.filter(|&a| self.is_code_of(m, a)) {
-                self.remember_return(View::Module(m), ret);
+            if let Some(ret) = call_return {
+                self.remember(View::Module(m), View::Kernel, ret, rsp.wrapping_add(8));
             }
         }
         verdict
@@ -536,60 +688,58 @@ impl Engine {
 
     fn judge_leaving(
         &mut self,
-        fault: &Fault,
+        _fault: &Fault,
         m: u32,
         target: u64,
         dest: Destination,
-        return_address: Option<u64>,
+        call_return: Option<u64>,
+        rsp: u64,
     ) -> Result<View, ViolationKind> {
-        let call_return = return_address.filter(|&a| self.is_code_of(m, a));
+        // A return to where this module's caller called it from, on this
+        // stack: wherever that is (kernel text, a trampoline, a module).
+        let back_into = match dest {
+            Destination::Own => return Ok(View::Module(m)),
+            Destination::Module(other) if !self.is_trusted(other) => View::Module(other),
+            _ => View::Kernel,
+        };
+        if self.returns.take(back_into, View::Module(m), target, rsp) {
+            return Ok(back_into);
+        }
         match dest {
             Destination::Own => Ok(View::Module(m)),
             Destination::Kernel => {
-                if self.take_return(View::Kernel, target) {
-                    return Ok(View::Kernel);
-                }
                 let layout = self.layout.as_ref().expect("locked implies a layout");
                 if layout.denied_entries.binary_search(&target).is_ok() {
                     return Err(ViolationKind::CallDeniedApi);
                 }
-                if layout.interrupt_handlers.binary_search(&target).is_ok() {
-                    // An interrupt or exception: the frame holds the interrupted
-                    // RIP at the top, or after an error code.
-                    for word in fault.stack {
-                        if let Some(rip) = word.filter(|&w| self.is_code_of(m, w)) {
-                            self.remember_return(View::Module(m), rip);
-                        }
-                    }
-                    return Ok(View::Kernel);
-                }
                 if layout.entries.binary_search(&target).is_ok() {
                     if let Some(ret) = call_return {
-                        self.remember_return(View::Module(m), ret);
+                        self.remember(View::Module(m), View::Kernel, ret, rsp.wrapping_add(8));
                     }
                     return Ok(View::Kernel);
                 }
                 Err(ViolationKind::CallNonEntry)
             }
             Destination::Module(other) => {
-                // A trusted module runs in the kernel view.
-                let view = if self.is_trusted(other) { View::Kernel } else { View::Module(other) };
-                if self.take_return(view, target) {
-                    return Ok(view);
-                }
-                let is_entry =
-                    self.modules.get(&other).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+                // A module in the kernel's view is part of the kernel: it is
+                // called at what it exports, like the kernel. An isolated one
+                // also at the callbacks it hands out.
+                let trusted = back_into == View::Kernel;
+                let is_entry = self.modules.get(&other).is_some_and(|md| {
+                    let entries = if trusted { &md.info.exports } else { &md.info.entries };
+                    entries.binary_search(&target).is_ok()
+                });
                 if !is_entry {
-                    return Err(if view == View::Kernel {
+                    return Err(if back_into == View::Kernel {
                         ViolationKind::CallNonEntry
                     } else {
                         ViolationKind::EnterModuleOffEntry
                     });
                 }
                 if let Some(ret) = call_return {
-                    self.remember_return(View::Module(m), ret);
+                    self.remember(View::Module(m), back_into, ret, rsp.wrapping_add(8));
                 }
-                Ok(view)
+                Ok(back_into)
             }
             Destination::Elsewhere => Err(ViolationKind::ExecuteData),
         }
@@ -702,25 +852,34 @@ mod tests {
     const MOD_FN: u64 = MOD + 0x100;
     const HEAP_GPA: u64 = 0x5000_0000;
 
+    /// Pages of kernel text, mapped contiguously at TEXT_GPA.
+    const TEXT_PAGES: u64 = 0x1000;
+    /// The kernel stack the faults happen on, and a second task's.
+    const STACK: u64 = 0xffff_c900_0001_3f00;
+    const OTHER_STACK: u64 = 0xffff_c900_0002_3f00;
+    const VECTOR_PF: u8 = 14;
+    const VECTOR_TIMER: u8 = 0xec;
+
     fn engine(mode: Mode) -> (Engine, u32) {
         let mut e = Engine::new(mode);
         let layout = KernelLayout {
-            text: Range::new(TEXT, TEXT + 0x100_0000),
+            text: Range::new(TEXT, TEXT + TEXT_PAGES * 0x1000),
+            text_pages: (0..TEXT_PAGES).map(|i| TEXT_GPA + i * 0x1000).collect(),
             entry_syscall: TEXT + 0x80_0000,
             poke_routines: vec![Range::new(POKE, POKE + 0x100)],
             entries: vec![PRINTK, SET_MEMORY_RW],
             denied_entries: vec![SET_MEMORY_RW],
-            interrupt_handlers: vec![IRQ_HANDLER],
+            gates: vec![(VECTOR_PF, IRQ_HANDLER), (VECTOR_TIMER, IRQ_HANDLER + 0x40)],
             indirect_thunks: core::array::from_fn(|r| if r == 0 { THUNK_RAX } else { 0 }),
             return_thunks: vec![RETURN_THUNK],
             ..Default::default()
         };
-        let pages = [
-            (TEXT_GPA, PageClass::KernelText),
+        let text = (0..TEXT_PAGES).map(|i| (TEXT_GPA + i * 0x1000, PageClass::KernelText));
+        let pages = text.chain([
             (RODATA_GPA, PageClass::KernelReadOnly),
             (SYSCALL_GPA, PageClass::SyscallTable),
             (IDT_GPA, PageClass::Idt),
-        ];
+        ]);
         e.register_kernel(layout, pages).unwrap();
         e.lock([PT_GPA]).unwrap();
         let info = ModuleInfo {
@@ -730,13 +889,22 @@ mod tests {
             init: vec![Range::new(MOD, MOD + 0x20)],
             entries: vec![MOD_FN, MOD_INIT],
             fixups: vec![(MOD + 0x400, MOD + 0x480)],
+            ..Default::default()
         };
         let id = e.register_module(info, false, &[MOD_CODE_GPA], &[MOD_DATA_GPA]).unwrap();
         (e, id)
     }
 
+    /// A fault on STACK; `gpa` TEXT_GPA stands for the page a text address
+    /// is registered at.
     fn fault(view: View, access: Access, gpa: u64, gva: u64, stack: u64) -> Fault {
-        Fault { view, access, gpa, gva, rip: MOD + 0x200, stack: [Some(stack), None], gprs: [0; 16] }
+        let in_text = (TEXT..TEXT + TEXT_PAGES * 0x1000).contains(&gva);
+        let gpa = if gpa == TEXT_GPA && in_text { TEXT_GPA + ((gva - TEXT) & !0xfff) } else { gpa };
+        Fault { view, access, gpa, gva, rip: MOD + 0x200, rsp: STACK, stack: [Some(stack), None], gprs: [0; 16] }
+    }
+
+    fn at_rsp(f: Fault, rsp: u64) -> Fault {
+        Fault { rsp, ..f }
     }
 
     #[test]
@@ -774,7 +942,8 @@ mod tests {
             (m, Access::Execute, TEXT_GPA, SET_MEMORY_RW, Step::ReturnError, Some(ViolationKind::CallDeniedApi)),
             (m, Access::Execute, TEXT_GPA, TEXT + 0x9999, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
             (m, Access::Execute, HEAP_GPA, 0xffff_8880_0000_0000, Step::ReturnError, Some(ViolationKind::ExecuteData)),
-            (m, Access::Execute, TEXT_GPA, IRQ_HANDLER, Step::Switch(View::Kernel), None),
+            // An interrupt handler is no entry: only an event being delivered makes it one.
+            (m, Access::Execute, TEXT_GPA, IRQ_HANDLER, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
             // Module data accesses: reads granted read-only, heap writes granted, protected writes refused.
             (m, Access::Read, TEXT_GPA, TEXT, Step::Grant(Perms::READ), None),
             (m, Access::Read, HEAP_GPA, 0xffff_8880_0000_0000, Step::Grant(Perms::READ), None),
@@ -816,7 +985,7 @@ mod tests {
         let module_ret = MOD + 0x123;
         let out = e.decide(&fault(View::Module(id), Access::Execute, TEXT_GPA, PRINTK + 5, module_ret));
         assert_eq!(out.step, Step::Switch(View::Kernel));
-        let back = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0));
+        let back = e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0), STACK + 8));
         assert_eq!(back.step, Step::Switch(View::Module(id)));
         assert!(back.violation.is_none());
         assert_eq!(e.violations.len(), 2);
@@ -828,23 +997,67 @@ mod tests {
         let m = View::Module(id);
         let kernel_ret = TEXT + 0x5555;
         let module_ret = MOD + 0x123;
-        // The kernel calls the module's init; the return address is in the kernel.
+        let kernel = |gva, rsp| at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, gva, 0), rsp);
+        // The kernel calls the module's init at STACK; its return address is in the kernel.
         assert_eq!(
-            e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, kernel_ret)).step,
+            e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, kernel_ret), STACK)).step,
             Step::Switch(m)
         );
-        // The module calls printk, which will return into the module.
-        assert_eq!(e.decide(&fault(m, Access::Execute, TEXT_GPA, PRINTK, module_ret)).step, Step::Switch(View::Kernel));
-        // printk returns into the middle of the module: allowed once, as recorded.
-        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0)).step, Step::Switch(m));
-        let again = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0));
+        // The module calls printk deeper, which will return into the module.
+        let call = at_rsp(fault(m, Access::Execute, TEXT_GPA, PRINTK, module_ret), STACK - 0x100);
+        assert_eq!(e.decide(&call).step, Step::Switch(View::Kernel));
+        // printk's return must land at the address, with the stack pointer, of that call.
+        let wrong = e.decide(&kernel(module_ret, STACK - 0x100 + 0x10));
+        assert_eq!(wrong.violation.map(|v| v.kind), Some(ViolationKind::EnterModuleOffEntry), "another depth");
+        assert_eq!(e.decide(&kernel(module_ret, STACK - 0x100 + 8)).step, Step::Switch(m));
+        let again = e.decide(&kernel(module_ret, STACK - 0x100 + 8));
         assert_eq!(
             again.violation.map(|v| v.kind),
             Some(ViolationKind::EnterModuleOffEntry),
             "a return point is used once"
         );
         // The module returns to the kernel (not an exported symbol, but the recorded return).
-        assert_eq!(e.decide(&fault(m, Access::Execute, TEXT_GPA, kernel_ret, 0)).step, Step::Switch(View::Kernel));
+        let ret = at_rsp(fault(m, Access::Execute, TEXT_GPA, kernel_ret, 0), STACK + 8);
+        assert_eq!(e.decide(&ret).step, Step::Switch(View::Kernel));
+    }
+
+    #[test]
+    fn a_return_point_is_its_own_tasks_and_its_own_modules() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let other = e
+            .register_module(
+                ModuleInfo {
+                    name: "other".into(),
+                    code: vec![Range::new(MOD + 0x10_0000, MOD + 0x10_1000)],
+                    entries: vec![MOD + 0x10_0100],
+                    ..Default::default()
+                },
+                false,
+                &[0x3100_0000],
+                &[],
+            )
+            .unwrap();
+        let module_ret = MOD + 0x123;
+        // Two tasks call printk from the same call site and sleep there.
+        for rsp in [STACK, OTHER_STACK] {
+            let call = at_rsp(fault(View::Module(id), Access::Execute, TEXT_GPA, PRINTK, module_ret), rsp);
+            assert_eq!(e.decide(&call).step, Step::Switch(View::Kernel));
+        }
+        // The second task's return uses its own point; the first's is still there.
+        let back = |e: &mut Engine, rsp| {
+            e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0), rsp))
+        };
+        assert_eq!(back(&mut e, OTHER_STACK + 8).step, Step::Switch(View::Module(id)));
+        assert_eq!(back(&mut e, STACK + 8).step, Step::Switch(View::Module(id)));
+        // Another module cannot return through a point recorded for this one:
+        // it may not reach module `evil`'s code in the middle anyway, and a
+        // kernel return point recorded for `evil`'s caller is not `other`'s.
+        let kernel_ret = TEXT + 0x5555;
+        e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, kernel_ret), STACK));
+        let stolen = at_rsp(fault(View::Module(other), Access::Execute, TEXT_GPA, kernel_ret, 0), STACK + 8);
+        assert_eq!(e.decide(&stolen).violation.map(|v| v.kind), Some(ViolationKind::CallNonEntry));
+        let own = at_rsp(fault(View::Module(id), Access::Execute, TEXT_GPA, kernel_ret, 0), STACK + 8);
+        assert_eq!(e.decide(&own).step, Step::Switch(View::Kernel));
     }
 
     #[test]
@@ -852,9 +1065,60 @@ mod tests {
         let (mut e, id) = engine(Mode::Enforce);
         let m = View::Module(id);
         let interrupted = MOD + 0x456;
-        let f = Fault { stack: [Some(0), Some(interrupted)], ..fault(m, Access::Execute, TEXT_GPA, IRQ_HANDLER, 0) };
-        assert_eq!(e.decide(&f).step, Step::Switch(View::Kernel));
-        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, interrupted, 0)).step, Step::Switch(m));
+        // The timer's interrupt exits from the module's view at `interrupted`.
+        e.event_leaves_module(id, interrupted, interrupted, STACK);
+        let back = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, interrupted, 0), STACK);
+        assert_eq!(e.decide(&back).step, Step::Switch(m));
+        let again = e.decide(&back);
+        assert!(again.violation.is_some(), "once");
+    }
+
+    #[test]
+    fn a_forged_interrupt_frame_gains_nothing() {
+        // The module pushes a frame pointing into the kernel and jumps to a
+        // harmless handler: no event is being delivered, so it is no interrupt.
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let mut jump = fault(m, Access::Execute, TEXT_GPA, IRQ_HANDLER + 0x40, TEXT + 0x9999);
+        jump.stack = [Some(TEXT + 0x9999), Some(0x10)];
+        let out = e.decide(&jump);
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::Fault, Some(ViolationKind::CallNonEntry)));
+        // And the handler's `iretq` finds no return point anywhere else.
+        let back = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x777, 0), STACK);
+        assert_eq!(e.decide(&back).violation.map(|v| v.kind), Some(ViolationKind::EnterModuleOffEntry));
+    }
+
+    #[test]
+    fn code_reached_through_an_alias_is_refused() {
+        // A module calls `printk`'s linear address, which its page-table
+        // edit maps onto another text page (a denied API's).
+        let (mut e, id) = engine(Mode::Enforce);
+        let mut call = fault(View::Module(id), Access::Execute, TEXT_GPA, PRINTK, MOD + 0x123);
+        call.gpa = TEXT_GPA + (SET_MEMORY_RW - TEXT);
+        let out = e.decide(&call);
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::ReturnError, Some(ViolationKind::Alias)));
+        // The kernel entering the module at its entry through another page.
+        let mut enter = fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, TEXT + 0x10);
+        enter.gpa = 0x3000_5000;
+        // (The page is not this module's code: not even a crossing.)
+        assert_eq!(e.decide(&enter).step, Step::NotMine);
+        e.register_module(
+            ModuleInfo {
+                name: "b".into(),
+                code: vec![Range::new(MOD + 0x20_0000, MOD + 0x20_1000)],
+                ..Default::default()
+            },
+            false,
+            &[0x3000_5000],
+            &[],
+        )
+        .unwrap();
+        let out = e.decide(&enter);
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::Alias));
+        // The expected page of each code address.
+        assert_eq!(e.expected_page(PRINTK + 0x10), Some(TEXT_GPA + 0x1000));
+        assert_eq!(e.expected_page(MOD_FN), Some(MOD_CODE_GPA));
+        assert_eq!(e.expected_page(0xffff_8880_0000_0000), None);
     }
 
     #[test]
@@ -895,6 +1159,7 @@ mod tests {
         assert_eq!(e.register_module(ModuleInfo::default(), false, &[TEXT_GPA], &[]), Err(RegisterError::Overlap));
         // Going live drops the init entry; unregistering drops the pages.
         e.module_live(id, &[]).unwrap();
+        assert_eq!(e.expected_page(MOD_FN), Some(MOD_CODE_GPA), "core code keeps its pages");
         let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_INIT, TEXT + 0x10));
         assert_eq!(out.step, Step::ReturnError);
         e.unregister_module(id).unwrap();
@@ -906,17 +1171,55 @@ mod tests {
     }
 
     #[test]
+    fn freed_init_code_is_no_longer_the_modules() {
+        // A module with core text and init text (6.1's two layouts); after
+        // it goes live, the kernel reuses the init text's addresses for the
+        // next module, whose entry must translate as that module's.
+        let (mut e, _) = engine(Mode::Enforce);
+        let (core, init) = (MOD + 0x40_0000, MOD + 0x50_0000);
+        let info = ModuleInfo {
+            name: "a".into(),
+            code: vec![Range::new(core, core + 0x1000), Range::new(init, init + 0x1000)],
+            init: vec![Range::new(init, init + 0x2000)],
+            entries: vec![core + 0x10, init],
+            ..Default::default()
+        };
+        let a = e.register_module(info, false, &[0x3200_0000, 0x3201_0000], &[]).unwrap();
+        e.module_live(a, &[0x3201_0000]).unwrap();
+        assert_eq!(e.expected_page(core + 0x10), Some(0x3200_0000));
+        assert_eq!(e.expected_page(init), None);
+        let info = ModuleInfo {
+            name: "b".into(),
+            code: vec![Range::new(init, init + 0x1000)],
+            entries: vec![init],
+            ..Default::default()
+        };
+        let b = e.register_module(info, false, &[0x3300_0000], &[]).unwrap();
+        let out = e.decide(&fault(View::Kernel, Access::Execute, 0x3300_0000, init, TEXT + 0x10));
+        assert_eq!((out.step, out.violation), (Step::Switch(View::Module(b)), None));
+    }
+
+    #[test]
     fn trusted_modules_run_in_the_kernel_view_but_stay_protected() {
         let (mut e, evil) = engine(Mode::Enforce);
-        let info =
-            ModuleInfo { name: String::from("agent"), entries: vec![0xffff_ffff_c100_0000], ..Default::default() };
+        let info = ModuleInfo {
+            name: String::from("agent"),
+            code: vec![Range::new(0xffff_ffff_c100_0000, 0xffff_ffff_c100_1000)],
+            entries: vec![0xffff_ffff_c100_0000, 0xffff_ffff_c100_0800],
+            exports: vec![0xffff_ffff_c100_0000],
+            ..Default::default()
+        };
         let id = e.register_module(info, true, &[0x4000_0000], &[0x4000_1000]).unwrap();
+        // It is part of the kernel: a module calls it at its exports only,
+        // not at the functions it hands the kernel (the agent's notifier).
+        let out = e.decide(&fault(View::Module(evil), Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0800, 0));
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallNonEntry));
         assert!(e.is_trusted(id));
         assert_eq!(e.class_of(0x4000_1000), Some(PageClass::ModuleData(id)));
         // An isolated module may not write a trusted module's data.
         let out = e.decide(&fault(View::Module(evil), Access::Write, 0x4000_1000, 0, 0));
         assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::WriteProtectedData));
-        // It may call a trusted module's entry: that is the kernel view.
+        // It may call a trusted module's export: that is the kernel view.
         let out = e.decide(&fault(View::Module(evil), Access::Execute, 0x4000_0000, 0xffff_ffff_c100_0000, 0));
         assert_eq!(out.step, Step::Switch(View::Kernel));
         // The kernel view executing a trusted module is not a crossing.
@@ -940,7 +1243,8 @@ mod tests {
         // out in the kernel view, and the call returns as usual.
         let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK, module_ret));
         assert_eq!(out.step, Step::Branch { view: View::Kernel, rip: PRINTK, pop: false });
-        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0)).step, Step::Switch(m));
+        let back = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0), STACK + 8);
+        assert_eq!(e.decide(&back).step, Step::Switch(m));
         // To the middle of a function, or a denied API: refused, reported
         // with the real target, and the call gets an error back.
         let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK + 4, module_ret));
@@ -985,15 +1289,16 @@ mod tests {
     fn a_fault_resumes_the_module_at_its_fixup_only() {
         let (mut e, id) = engine(Mode::Enforce);
         let m = View::Module(id);
+        let resume =
+            |e: &mut Engine, gva| e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, gva, 0), STACK));
         // No fault pending: the fixup is not an entry.
-        let out = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, TEXT + 0x10));
+        let out = resume(&mut e, MOD + 0x480);
         assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::EnterModuleOffEntry));
-        // A page fault at the instruction the table names: the handler
-        // resumes the module at the fixup, once.
-        let f = Fault { stack: [Some(0), Some(MOD + 0x400)], ..fault(m, Access::Execute, TEXT_GPA, IRQ_HANDLER, 0) };
-        assert_eq!(e.decide(&f).step, Step::Switch(View::Kernel));
-        assert_eq!(e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, 0)).step, Step::Switch(m));
-        let again = e.decide(&fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD + 0x480, 0));
+        // A page fault at the instruction the table names leaves the
+        // module: the handler may resume it at the fixup, once.
+        e.event_leaves_module(id, MOD + 0x400, MOD + 0x400, STACK);
+        assert_eq!(resume(&mut e, MOD + 0x480).step, Step::Switch(m));
+        let again = resume(&mut e, MOD + 0x480);
         assert_eq!(again.step, Step::Fault, "not a call from the kernel: the transfer faults");
     }
 }

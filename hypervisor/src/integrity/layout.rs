@@ -24,6 +24,11 @@ impl Range {
         self.end <= self.start
     }
 
+    /// Its length in bytes (0 when empty).
+    pub const fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
     /// Every 4 KiB page the range touches, by page address. Ends at the top
     /// of the address space rather than wrap around to page 0.
     pub fn pages(&self) -> impl Iterator<Item = u64> {
@@ -55,8 +60,12 @@ pub struct KernelLayout {
     pub entries: Vec<u64>,
     /// Entries untrusted modules may not call (dangerous kernel APIs), sorted.
     pub denied_entries: Vec<u64>,
-    /// Interrupt and exception handlers (from the IDT), sorted.
-    pub interrupt_handlers: Vec<u64>,
+    /// The IDT's present gates: (vector, handler), by vector. A handler is
+    /// a legitimate target only for its own vector's delivery.
+    pub gates: Vec<(u8, u64)>,
+    /// The guest-physical pages of the text, in order: what a text address
+    /// must translate to.
+    pub text_pages: Vec<u64>,
     /// Kernel data only the kernel view may write (the module list, ...).
     pub sensitive: Vec<Range>,
     /// The kernel's top-level page table (guest-virtual).
@@ -65,6 +74,13 @@ pub struct KernelLayout {
     pub indirect_thunks: [u64; 16],
     /// The return thunks (each a `ret`), sorted.
     pub return_thunks: Vec<u64>,
+}
+
+impl KernelLayout {
+    /// The handler of `vector`'s gate.
+    pub fn gate(&self, vector: u8) -> Option<u64> {
+        self.gates.binary_search_by_key(&vector, |g| g.0).ok().map(|i| self.gates[i].1)
+    }
 }
 
 /// Why a layout is refused.
@@ -129,6 +145,12 @@ pub struct ModuleInfo {
     /// Its exception table as (faulting instruction, fixup): after a fault
     /// at the first, the kernel resumes it at the second.
     pub fixups: Vec<(u64, u64)>,
+    /// Its exported functions: where another module may call it when it
+    /// runs in the kernel's view (a trusted module is part of the kernel).
+    pub exports: Vec<u64>,
+    /// Its `struct module` (inside its data), whose `state` the hypervisor
+    /// reads to check a LIVE or GOING report.
+    pub module_struct: u64,
 }
 
 impl KernelLayout {

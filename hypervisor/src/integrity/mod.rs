@@ -23,6 +23,7 @@ pub mod control;
 pub mod engine;
 pub mod layout;
 pub mod policy;
+pub mod returns;
 pub mod violation;
 pub mod wire;
 
@@ -63,13 +64,37 @@ pub struct GuestIntegrity {
     pub engine: Engine,
     pub view: View,
     pub stepping: Option<Stepping>,
+    /// External interrupts taken from a module's view and not yet delivered
+    /// (the guest could not take them yet), oldest first.
+    pub pending_interrupts: alloc::collections::VecDeque<u8>,
     /// The modules this guest trusts, each pinned by its code's digest: a
     /// module whose name and code match runs in the kernel view.
     pub trusted: alloc::vec::Vec<policy::Entry>,
+    /// What the console has shown of the violations.
+    pub repeats: violation::Repeats,
 }
 
 impl GuestIntegrity {
+    /// A guest's integrity state, if its trust list pins the agent: the
+    /// views are driven by the agent alone, identified by its code.
+    pub fn for_guest(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Result<Self, alloc::string::String> {
+        if !trusted.iter().any(|e| e.name == guest_agent::integrity::AGENT_NAME) {
+            return Err(alloc::format!(
+                "integrity needs its agent pinned: add trust={} (with its ctvm.policy entry, which cargo xtask writes), or integrity=off",
+                guest_agent::integrity::AGENT_NAME
+            ));
+        }
+        Ok(Self::new(mode, trusted))
+    }
+
     pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
-        GuestIntegrity { engine: Engine::new(mode), view: View::Kernel, stepping: None, trusted }
+        GuestIntegrity {
+            engine: Engine::new(mode),
+            view: View::Kernel,
+            stepping: None,
+            pending_interrupts: alloc::collections::VecDeque::new(),
+            trusted,
+            repeats: violation::Repeats::default(),
+        }
     }
 }

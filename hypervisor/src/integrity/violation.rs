@@ -98,6 +98,64 @@ impl ViolationLog {
     }
 }
 
+/// What the console shows of a violation: every record goes to the log,
+/// but a repeat (same kind, module and instruction) is not a new line, or
+/// a looping module in audit mode would bury the console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Say {
+    /// The first of its kind at this instruction: the whole line.
+    Line,
+    /// The `n`th (10, 100, 1000, ...): one line with the count.
+    Repeated(u64),
+    /// Counted, not shown.
+    Quiet,
+}
+
+/// Counts of violations by (kind, module, instruction), for the console.
+#[derive(Clone, Debug, Default)]
+pub struct Repeats {
+    seen: alloc::collections::BTreeMap<(u32, u32, u64), u64>,
+    /// Violations at instructions past the map's bound, by kind.
+    others: alloc::collections::BTreeMap<u32, u64>,
+}
+
+/// Instructions tracked per guest; past them, repeats count per kind.
+const REPEATS_TRACKED: usize = 4096;
+
+impl Repeats {
+    pub fn note(&mut self, v: &Violation) -> Say {
+        let key = (v.kind as u32, v.module.unwrap_or(u32::MAX), v.rip);
+        let n = if let Some(n) = self.seen.get_mut(&key) {
+            *n += 1;
+            *n
+        } else if self.seen.len() < REPEATS_TRACKED {
+            self.seen.insert(key, 1);
+            1
+        } else {
+            let n = self.others.entry(key.0).or_insert(0);
+            *n += 1;
+            // Past the bound, the first of each kind was shown already.
+            return if Self::milestone(*n) { Say::Repeated(*n) } else { Say::Quiet };
+        };
+        match n {
+            1 => Say::Line,
+            n if Self::milestone(n) => Say::Repeated(n),
+            _ => Say::Quiet,
+        }
+    }
+
+    /// 10, 100, 1000, ...
+    fn milestone(mut n: u64) -> bool {
+        if n < 10 {
+            return false;
+        }
+        while n.is_multiple_of(10) {
+            n /= 10;
+        }
+        n == 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +195,33 @@ mod tests {
         assert_eq!(got[0].kind, ViolationKind::WriteIdt as u32);
         assert_eq!(got[0].module, 3);
         assert!(log.is_empty());
+    }
+
+    #[test]
+    fn repeats_are_counted_not_printed() {
+        let mut r = Repeats::default();
+        let says: Vec<Say> = (0..1000).map(|_| r.note(&v(ViolationKind::WriteIdt))).collect();
+        assert_eq!(says[0], Say::Line);
+        let shown: Vec<(usize, Say)> = says.iter().copied().enumerate().filter(|(_, s)| *s != Say::Quiet).collect();
+        assert_eq!(
+            shown,
+            [(0, Say::Line), (9, Say::Repeated(10)), (99, Say::Repeated(100)), (999, Say::Repeated(1000))]
+        );
+        // Another instruction, module or kind is a line of its own.
+        let mut other = v(ViolationKind::WriteIdt);
+        other.rip += 1;
+        assert_eq!(r.note(&other), Say::Line);
+        other.module = None;
+        assert_eq!(r.note(&other), Say::Line);
+        // A flood of distinct instructions stays bounded, counted by kind.
+        let mut r = Repeats::default();
+        let lines = (0..100_000u64)
+            .filter(|&i| {
+                let mut x = v(ViolationKind::ExecuteData);
+                x.rip = i;
+                r.note(&x) != Say::Quiet
+            })
+            .count();
+        assert_eq!(lines, REPEATS_TRACKED + 4, "4096 lines, then 10, 100, 1000 and 10000 more, counted");
     }
 }

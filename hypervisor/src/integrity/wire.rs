@@ -123,6 +123,8 @@ pub struct ModuleMessage {
     pub entry_count: u32,
     pub fixups_address: u64,
     pub fixup_count: u32,
+    /// Its exported-symbol tables, inside its data (possibly empty).
+    pub ksymtabs: [Range; 2],
 }
 
 pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
@@ -152,8 +154,28 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
     if entry_count > abi::MODULE_ENTRIES_MAX || fixup_count > abi::MODULE_FIXUPS_MAX {
         return Err(WireError::Size);
     }
-    let info = ModuleInfo { name, code, data, init, entries: Vec::new(), fixups: Vec::new() };
-    Ok(ModuleMessage { info, entries_address, entry_count, fixups_address, fixup_count })
+    let module_struct = u64_at(b, at + 32);
+    let ksymtabs = [range_at(b, at + 40)?, range_at(b, at + 56)?];
+    let in_data = |r: &Range| r.is_empty() || data.iter().any(|d| d.start <= r.start && r.end <= d.end);
+    let exports_fit = ksymtabs.iter().all(|r| {
+        in_data(r)
+            && r.len() % KERNEL_SYMBOL_SIZE == 0
+            && r.len() / KERNEL_SYMBOL_SIZE <= u64::from(abi::MODULE_EXPORTS_MAX)
+    });
+    if !exports_fit || !data.iter().any(|d| d.contains(module_struct) && d.end - module_struct >= 4) {
+        return Err(WireError::Range);
+    }
+    let info = ModuleInfo {
+        name,
+        code,
+        data,
+        init,
+        entries: Vec::new(),
+        fixups: Vec::new(),
+        exports: Vec::new(),
+        module_struct,
+    };
+    Ok(ModuleMessage { info, entries_address, entry_count, fixups_address, fixup_count, ksymtabs })
 }
 
 /// Decodes an array of [`abi::Fixup`]s, keeping those whose instruction
@@ -167,9 +189,7 @@ pub fn fixups(bytes: &[u8], code: &[Range]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// One `struct kernel_symbol` with PREL32 references (x86-64): three `i32`
-/// offsets, relative to each field's own address: value, name, namespace.
-pub const KERNEL_SYMBOL_SIZE: u64 = 12;
+pub use abi::KERNEL_SYMBOL_SIZE;
 
 /// Decodes an exported-symbol table at guest-virtual `table` from its raw
 /// bytes into (address, name address) pairs. The table's start is the
@@ -308,12 +328,31 @@ mod tests {
         m.data[1] = WireRange { start: 0xffff_ffff_c000_2000, end: 0xffff_ffff_c000_3000 };
         m.entries = 0xffff_8880_0000_1000;
         m.entry_count = 12;
+        m.module = 0xffff_ffff_c000_2100;
+        m.ksymtab = WireRange { start: 0xffff_ffff_c000_2200, end: 0xffff_ffff_c000_2200 + 3 * 12 };
         // SAFETY: as above.
         let bytes = unsafe {
             core::slice::from_raw_parts((&m as *const abi::ModuleInfo).cast::<u8>(), core::mem::size_of_val(&m))
         }
         .to_vec();
         let got = module_info(&bytes).unwrap();
+        assert_eq!(got.info.module_struct, 0xffff_ffff_c000_2100);
+        assert_eq!(got.ksymtabs[0], Range::new(0xffff_ffff_c000_2200, 0xffff_ffff_c000_2224));
+        // Its struct module and export tables lie in its own data, whole.
+        for (module, ksymtab) in [
+            (0xffff_ffff_c000_4000, m.ksymtab),
+            (0xffff_ffff_c000_2ffe, m.ksymtab),
+            (m.module, WireRange { start: 0xffff_ffff_c000_2ff0, end: 0xffff_ffff_c000_3008 }),
+            (m.module, WireRange { start: 0xffff_ffff_c000_2200, end: 0xffff_ffff_c000_2201 }),
+        ] {
+            let mut bad = m;
+            (bad.module, bad.ksymtab_gpl) = (module, ksymtab);
+            // SAFETY: as above.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((&bad as *const abi::ModuleInfo).cast::<u8>(), size_of_val(&bad))
+            };
+            assert_eq!(module_info(bytes).err(), Some(WireError::Range), "{module:#x} {ksymtab:x?}");
+        }
         assert_eq!(got.info.name, "dummy");
         assert_eq!(got.info.code.len(), 1);
         assert_eq!(got.info.data, vec![Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000)]);

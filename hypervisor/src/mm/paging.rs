@@ -8,6 +8,10 @@
 //!
 //! Every mutating operation returns a [`Flush`] that says whether a present
 //! translation changed; the caller must then invalidate (INVEPT for EPT).
+//!
+//! A hierarchy has 4 levels (48-bit addresses, as EPT and x86 paging) or 3
+//! (39-bit, what many VT-d remapping units walk): the level count is chosen
+//! when it is created, and everything else is the same code.
 
 use bitflags::bitflags;
 
@@ -160,8 +164,6 @@ pub struct Translation {
 }
 
 const ENTRIES: usize = 512;
-const TOP_LEVEL: u8 = 3;
-const ADDRESS_LIMIT: u64 = 1 << 48;
 
 const fn level_bytes(level: u8) -> u64 {
     1 << (12 + 9 * level as u64)
@@ -171,18 +173,38 @@ const fn index(addr: u64, level: u8) -> usize {
     ((addr >> (12 + 9 * level as u64)) & 511) as usize
 }
 
-/// A 4-level hierarchy rooted at one frame.
+/// A 4-level (or 3-level) hierarchy rooted at one frame.
 pub struct PageTable<F: EntryFormat> {
     root: u64,
     largest: PageSize,
+    /// The level of the root table: 3 for a 4-level walk, 2 for a 3-level one.
+    top: u8,
     _format: core::marker::PhantomData<F>,
 }
 
 impl<F: EntryFormat> PageTable<F> {
-    /// An empty hierarchy whose leaves are at most `largest`.
+    /// An empty 4-level hierarchy whose leaves are at most `largest`.
     pub fn new(mem: &mut impl TableMemory, largest: PageSize) -> Result<Self, MapError> {
+        Self::with_levels(mem, largest, 4)
+    }
+
+    /// An empty hierarchy of `levels` (3 or 4) levels: 39 or 48 bits of address.
+    pub fn with_levels(mem: &mut impl TableMemory, largest: PageSize, levels: u8) -> Result<Self, MapError> {
+        if !(3..=4).contains(&levels) {
+            return Err(MapError::Misaligned);
+        }
         let root = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
-        Ok(PageTable { root, largest, _format: core::marker::PhantomData })
+        Ok(PageTable { root, largest, top: levels - 1, _format: core::marker::PhantomData })
+    }
+
+    /// Levels walked from the root: 3 or 4.
+    pub fn levels(&self) -> u8 {
+        self.top + 1
+    }
+
+    /// The first address the hierarchy cannot map.
+    pub fn address_limit(&self) -> u64 {
+        level_bytes(self.top + 1)
     }
 
     /// The physical address of the top-level table (for EPTP or CR3).
@@ -200,8 +222,8 @@ impl<F: EntryFormat> PageTable<F> {
         len: u64,
         attrs: Attrs,
     ) -> Result<Flush, MapError> {
-        check_range(addr, len)?;
-        check_range(target, len)?;
+        self.check(addr, len)?;
+        self.check(target, len)?;
         let mut flush = Flush::NONE;
         let mut offset = 0;
         while offset < len {
@@ -224,7 +246,7 @@ impl<F: EntryFormat> PageTable<F> {
     /// Removes every translation in `[addr, addr + len)`, splitting large pages
     /// that the range covers only in part.
     pub fn unmap(&mut self, mem: &mut impl TableMemory, addr: u64, len: u64) -> Result<Flush, MapError> {
-        check_range(addr, len)?;
+        self.check(addr, len)?;
         let mut flush = Flush::NONE;
         let mut offset = 0;
         while offset < len {
@@ -256,7 +278,7 @@ impl<F: EntryFormat> PageTable<F> {
         len: u64,
         perms: Perms,
     ) -> Result<Flush, MapError> {
-        check_range(addr, len)?;
+        self.check(addr, len)?;
         let mut offset = 0;
         while offset < len {
             let a = addr + offset;
@@ -315,12 +337,12 @@ impl<F: EntryFormat> PageTable<F> {
 
     /// Frees every table of the hierarchy, the root included.
     pub fn destroy(self, mem: &mut impl TableMemory) {
-        free_subtree::<F>(mem, self.root, TOP_LEVEL);
+        free_subtree::<F>(mem, self.root, self.top);
     }
 
     /// Calls `f(address, translation)` for every leaf, in address order.
     pub fn for_each_leaf(&self, mem: &impl TableMemory, mut f: impl FnMut(u64, Translation)) {
-        walk_leaves::<F>(mem, self.root, TOP_LEVEL, 0, &mut f);
+        walk_leaves::<F>(mem, self.root, self.top, 0, &mut f);
     }
 
     fn best_level(&self, addr: u64, target: u64, remaining: u64) -> u8 {
@@ -345,7 +367,7 @@ impl<F: EntryFormat> PageTable<F> {
         flush: &mut Flush,
     ) -> Result<(u64, usize), MapError> {
         let mut table = self.root;
-        let mut l = TOP_LEVEL;
+        let mut l = self.top;
         while l > level {
             let i = index(addr, l);
             let entry = mem.read(table, i);
@@ -363,11 +385,11 @@ impl<F: EntryFormat> PageTable<F> {
 
     /// Finds the present leaf mapping `addr`: (table, index, level).
     fn find(&self, mem: &impl TableMemory, addr: u64) -> Option<(u64, usize, u8)> {
-        if addr >= ADDRESS_LIMIT {
+        if addr >= self.address_limit() {
             return None;
         }
         let mut table = self.root;
-        let mut level = TOP_LEVEL;
+        let mut level = self.top;
         loop {
             let i = index(addr, level);
             let entry = mem.read(table, i);
@@ -402,7 +424,7 @@ impl<F: EntryFormat> PageTable<F> {
 /// How many bytes from `addr` up to the next possibly-mapped boundary.
 fn skip_unmapped<F: EntryFormat>(pt: &PageTable<F>, mem: &impl TableMemory, addr: u64) -> u64 {
     let mut table = pt.root;
-    let mut level = TOP_LEVEL;
+    let mut level = pt.top;
     loop {
         let entry = mem.read(table, index(addr, level));
         if !F::is_present(entry) || level == 0 {
@@ -449,12 +471,15 @@ fn walk_leaves<F: EntryFormat>(
     }
 }
 
-fn check_range(addr: u64, len: u64) -> Result<(), MapError> {
-    let end = addr.checked_add(len).ok_or(MapError::Misaligned)?;
-    if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || end > ADDRESS_LIMIT {
-        return Err(MapError::Misaligned);
+impl<F: EntryFormat> PageTable<F> {
+    /// Page-aligned, not wrapping, and inside the hierarchy's address space.
+    fn check(&self, addr: u64, len: u64) -> Result<(), MapError> {
+        let end = addr.checked_add(len).ok_or(MapError::Misaligned)?;
+        if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || end > self.address_limit() {
+            return Err(MapError::Misaligned);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Table memory in ordinary heap allocations, for host tests and tools.

@@ -110,6 +110,7 @@ integrity_tests() {
     say "kprobe hits: $(grep -c ctvm_probe $T/trace)"
 
     # The attacks.
+    if insmod /lib/ctvm/atk_huge.ko 2>/dev/null; then say "FAIL: atk_huge loaded"; else say "atk_huge refused: $(dmesg | grep 'ctvm: module atk_huge not loaded' | tail -n 1 | sed 's/^.*ctvm: //')"; fi
     attack atk_msrio
     attack atk_syscall table=$(sym sys_call_table)
     attack atk_idt idt=$(sym idt_table)
@@ -120,11 +121,13 @@ integrity_tests() {
     attack atk_ftrace target=$(sym __x64_sys_getpid)
     attack atk_setmem rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw)
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
+    attack atk_agentcall ctvm_call=$(awk '$3 ~ /^ctvm_call/ && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
 
     # The agent cannot be unloaded.
     if rmmod ctvm_agent 2>/dev/null; then say "FAIL: the agent was unloaded"; else say "agent unload refused"; fi
     say "kernel still works: $(uname -r), $(ls /lib/ctvm | wc -l) files"
-    say "violations recorded: $(wc -l < /proc/ctvm_violations)"
+    say "violations recorded: $(head -n 1 /proc/ctvm_violations)"
+    say "violation records lost: $(head -n 1 /proc/ctvm_violations | sed 's/.*lost=//')"
 }
 
 # ctvm.tpm: print what the harness checks about the vTPM: the PCRs, the

@@ -62,8 +62,8 @@ fn hypercall_decode(data: &[u8]) {
         Request::KernelRegister { layout } => {
             assert!(kernel(layout, rcx) && rcx == core::mem::size_of::<abi::KernelLayout>() as u64)
         }
-        Request::ModuleRegister { info } => {
-            assert!(kernel(info, rcx) && rcx == core::mem::size_of::<abi::ModuleInfo>() as u64)
+        Request::ModuleRegister { info: module } | Request::KernelLock { agent: module } => {
+            assert!(kernel(module, rcx) && rcx == core::mem::size_of::<abi::ModuleInfo>() as u64)
         }
         Request::ViolationsRead { buffer, count } => {
             assert!((1..=MAX_RECORDS_PER_READ).contains(&count));
@@ -75,7 +75,7 @@ fn hypercall_decode(data: &[u8]) {
         }
         Request::Shutdown { code } => assert_eq!(u64::from(code), rbx),
         Request::ModuleLive { id } | Request::ModuleUnregister { id } => assert_eq!(u64::from(id), rbx),
-        Request::Version | Request::KernelLock => {}
+        Request::Version => {}
     }
 }
 

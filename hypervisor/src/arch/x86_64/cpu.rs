@@ -96,6 +96,15 @@ pub unsafe fn inb(port: u16) -> u8 {
     value
 }
 
+/// # Safety
+/// Port I/O reaches devices directly; reads can have side effects.
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: the caller owns the device behind the port.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
 /// Stops this CPU for good.
 pub fn halt_forever() -> ! {
     loop {

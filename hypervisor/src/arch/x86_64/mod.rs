@@ -9,8 +9,16 @@ pub mod entropy;
 #[cfg(target_os = "none")]
 pub mod gdt;
 #[cfg(target_os = "none")]
+pub mod iommu;
+#[cfg(target_os = "none")]
+pub mod mmio;
+#[cfg(target_os = "none")]
+pub mod platform;
+#[cfg(target_os = "none")]
 pub mod power;
 #[cfg(target_os = "none")]
 pub mod serial;
+#[cfg(all(target_os = "none", feature = "test-hooks"))]
+pub mod testing;
 #[cfg(target_os = "none")]
 pub mod traps;

@@ -29,6 +29,9 @@ impl ExitMethod {
 
 /// Exit code when every guest stopped and the hypervisor is done.
 pub const EXIT_OK: u8 = 0;
+/// Exit code when the processor has no VT-x (an emulator without VMX): the
+/// platform pieces ran, and the run ends cleanly without guests.
+pub const EXIT_NO_VMX: u8 = 0x10;
 /// Exit code after a fault or panic inside the hypervisor.
 pub const EXIT_HYPERVISOR_FAULT: u8 = 0x7f;
 

@@ -44,6 +44,19 @@ impl fmt::Display for VmxError {
 
 const CR4_OSXSAVE: u64 = 1 << 18;
 
+/// Whether this CPU is in VMX root operation.
+static IN_VMX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Leaves VMX operation, if this CPU is in it: before tboot's shutdown
+/// entry, which leaves the measured environment.
+pub fn leave() {
+    if IN_VMX.swap(false, core::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: in VMX root operation (the flag says so); no guest runs
+        // again after this.
+        let _ = unsafe { x86::bits64::vmx::vmxoff() };
+    }
+}
+
 /// Detects VMX, checks every required feature, and enters VMX root operation.
 pub fn enable() -> Result<Vmx, VmxError> {
     if cpu::cpuid(1, 0).ecx & (1 << 5) == 0 {
@@ -86,6 +99,7 @@ pub fn enable() -> Result<Vmx, VmxError> {
     let vmxon = Region::new(msrs.revision()).ok_or(VmxError::OutOfMemory)?;
     // SAFETY: the region is 4 KiB aligned, stamped with the revision, and CR0/CR4 are fixed.
     unsafe { x86::bits64::vmx::vmxon(vmxon.phys) }.map_err(|_| VmxError::VmxonFailed)?;
+    IN_VMX.store(true, core::sync::atomic::Ordering::SeqCst);
 
     let physical_bits =
         if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0).eax as u8 } else { 36 };

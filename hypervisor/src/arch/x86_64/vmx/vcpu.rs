@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU16, Ordering};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use super::bitmaps::{IoBitmap, MsrBitmap};
-use super::caps::{EntryControls, PinbasedControls, PrimaryControls, SecondaryControls};
+use super::caps::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
 use super::enable::Vmx;
 use super::entry_check::{self, GuestStateSnapshot, Segment};
 use super::ept::{eptp, EptTable};
@@ -279,10 +279,16 @@ impl Vcpu {
         let m = &vmx.msrs;
         let mut pin = c.pinbased;
         let mut proc = c.procbased;
+        let mut exit_ctls = c.exit;
         if setup.pass_through {
             pin = c
                 .pinbased_with(m, PinbasedControls::EXTERNAL_INTERRUPT_EXITING, false)
                 .ok_or("external-interrupt exiting cannot be turned off")?;
+            // Interrupts that exit from a module's view are acknowledged on
+            // exit, so the hypervisor can deliver them in the kernel view.
+            exit_ctls = c
+                .exit_with(m, ExitControls::ACK_INTERRUPT_ON_EXIT, true)
+                .ok_or("interrupts cannot be acknowledged on exit")?;
             proc =
                 c.procbased_with(m, PrimaryControls::HLT_EXITING, false).ok_or("HLT exiting cannot be turned off")?;
         }
@@ -304,7 +310,7 @@ impl Vcpu {
         vmcs::write(control::PINBASED_EXEC_CONTROLS, u64::from(pin));
         vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(proc));
         vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, u64::from(proc2));
-        vmcs::write(control::VMEXIT_CONTROLS, u64::from(c.exit));
+        vmcs::write(control::VMEXIT_CONTROLS, u64::from(exit_ctls));
         vmcs::write(control::VMENTRY_CONTROLS, u64::from(entry_ctls));
         vmcs::write(control::EXCEPTION_BITMAP, 0);
         vmcs::write(control::IO_BITMAP_A_ADDR_FULL, bitmaps.io_a);
@@ -516,9 +522,10 @@ impl Vcpu {
         }
     }
 
-    /// For the entry-failure scenario: clears CR4.VMXE in the guest state,
-    /// which VM entry must refuse and CTVM must diagnose.
-    pub fn debug_corrupt_guest_cr4(&mut self) {
+    /// For the entry-failure scenario (test image only): clears CR4.VMXE in
+    /// the guest state, which VM entry must refuse and CTVM must diagnose.
+    #[cfg(feature = "test-hooks")]
+    pub fn test_corrupt_guest_cr4(&mut self) {
         self.load();
         let cr4 = vmcs::read(guest::CR4);
         vmcs::write(guest::CR4, cr4 & !CR4_VMXE);
@@ -578,6 +585,19 @@ pub mod current {
         let bitmap = vmcs::read(control::EXCEPTION_BITMAP);
         let bit = 1u64 << (vector & 31);
         vmcs::write(control::EXCEPTION_BITMAP, if on { bitmap | bit } else { bitmap & !bit });
+    }
+
+    /// Every interrupt, NMI and exception exits (a module's view), or none
+    /// but #DB while single-stepping (the kernel's).
+    pub fn set_event_exiting(on: bool) {
+        let events = (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits();
+        let pin = vmcs::read(control::PINBASED_EXEC_CONTROLS);
+        vmcs::write(
+            control::PINBASED_EXEC_CONTROLS,
+            if on { pin | u64::from(events) } else { pin & !u64::from(events) },
+        );
+        let bitmap = vmcs::read(control::EXCEPTION_BITMAP);
+        vmcs::write(control::EXCEPTION_BITMAP, if on { u64::from(u32::MAX) } else { bitmap & (1 << 1) });
     }
 
     /// Points the vCPU at another EPT hierarchy.
