@@ -168,3 +168,18 @@ fn platform() {
 fn blob() {
     smoke("blob", harness::blob::run, 0xb10b, 1500, 600);
 }
+
+#[test]
+fn dmar() {
+    smoke("dmar", harness::dmar::run, 0xd3a7, 1500, 700);
+}
+
+#[test]
+fn txt() {
+    smoke("txt", harness::txt::run, 0x7e47, 1500, 700);
+}
+
+#[test]
+fn ptpm() {
+    smoke("ptpm", harness::ptpm::run, 0x9793, 1500, 900);
+}

@@ -45,6 +45,9 @@ const TARGETS: &[Target] = &[
     Target { name: "hypercall", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
     Target { name: "platform", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
     Target { name: "blob", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "dmar", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "txt", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "ptpm", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
 ];
 
 /// What one campaign did, from libFuzzer's last status line.
