@@ -417,8 +417,16 @@ pub fn boot(wrong_agent: bool) -> Option<EngineState> {
     run_input(&input)
 }
 
+thread_local! {
+    /// The last input's RAM buffer, reused: a fresh 576 KiB allocation per
+    /// input cost more in page faults than the calls themselves.
+    static SPARE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn run_input(input: &Input) -> Option<EngineState> {
-    let mut image = pristine().to_vec();
+    let mut image = SPARE.with(|s| s.take());
+    image.clear();
+    image.extend_from_slice(pristine());
     for p in input.patches.iter().take(16) {
         p.apply(&mut image);
     }
@@ -633,12 +641,6 @@ fn run_input(input: &Input) -> Option<EngineState> {
             // Every write goes through the log.
             assert!(writes.is_empty(), "{what}: a refused call wrote guest memory: {writes:x?}");
         } else if !writes.is_empty() {
-            // Guest memory before the call: the writes undone.
-            let mut before_ram = ram.bytes.borrow().clone();
-            for w in writes.iter().rev() {
-                let at = (w.hpa - HOST_BASE) as usize;
-                before_ram[at..at + w.old.len()].copy_from_slice(&w.old);
-            }
             let returns_data = matches!(number, 0x15 | 0x20);
             let len = if number == 0x15 { rax * abi::VIOLATION_RECORD_SIZE as u64 } else { rcx };
             // A module going live or away: its code pages, if untrusted, scrubbed.
@@ -649,7 +651,7 @@ fn run_input(input: &Input) -> Option<EngineState> {
                 _ => Vec::new(),
             };
             let call = Served { buffer: rbx, len, returns_data, scrubbed };
-            check_writes(&what, &before_ram, &writes, &before_vcpu, &before_control, input.views, &call);
+            check_writes(&what, &ram.bytes.borrow(), &writes, &before_vcpu, &before_control, input.views, &call);
         }
         // Whatever the engine tracks and the views map is guest RAM.
         if let Some(s) = &guest.integrity {
@@ -664,7 +666,9 @@ fn run_input(input: &Input) -> Option<EngineState> {
             s.view = View::Kernel;
         }
     }
-    engine_state(&guest)
+    let state = engine_state(&guest);
+    SPARE.with(|s| *s.borrow_mut() = ram.bytes.take());
+    state
 }
 
 /// The id of the module owning a page of module code (0: not module code).
@@ -718,7 +722,7 @@ struct Served {
 /// scrubbed pages, and accessed or dirty bits of entries.
 fn check_writes(
     what: &What<'_>,
-    before: &[u8],
+    after: &[u8],
     writes: &[Write],
     vcpu: &Vcpu,
     control: &FakeControl,
@@ -732,16 +736,25 @@ fn check_writes(
             && call.scrubbed.contains(&(gpa & !0xfff))
             && (gpa + w.new.len() as u64 - 1) & !0xfff == gpa & !0xfff
     };
-    let writes: Vec<&Write> = writes.iter().filter(|w| !scrub(w)).collect();
+    let kept: Vec<&Write> = writes.iter().filter(|w| !scrub(w)).collect();
     if !call.returns_data {
-        assert!(
-            writes.iter().all(|w| w.exchange),
-            "{what}: a call that returns no data wrote guest memory: {writes:x?}"
-        );
+        assert!(kept.iter().all(|w| w.exchange), "{what}: a call that returns no data wrote guest memory: {kept:x?}");
     }
     let (buffer, len) = (call.buffer, if call.returns_data { call.len } else { 0 });
     let paging = Paging::from_vcpu(vcpu);
-    let read = |gpa: u64| entry_at(before, gpa);
+    // An entry as it was before the call: the writes undone over it.
+    let read = |gpa: u64| {
+        let mut e = entry_at(after, gpa)?.to_le_bytes();
+        for w in writes.iter().rev() {
+            let at = w.hpa - HOST_BASE;
+            for (k, &old) in w.old.iter().enumerate() {
+                if let Some(i) = (at + k as u64).checked_sub(gpa).filter(|&i| i < 8) {
+                    e[i as usize] = old;
+                }
+            }
+        }
+        Some(u64::from_le_bytes(e))
+    };
     // Where the buffer's bytes are, page by page, by the tables before the call.
     let mut targets = Vec::new();
     let mut at = 0u64;
@@ -756,7 +769,7 @@ fn check_writes(
         }
         at += n;
     }
-    for w in writes {
+    for w in kept {
         let gpa = w.hpa - HOST_BASE;
         if w.exchange {
             let (old, new) =

@@ -7,7 +7,11 @@
 //! * tboot's shared page (`tboot::parse_shared`) at an address inside its
 //!   memory or not;
 //! * tboot's memory log (`tboot::parse_log`);
-//! * the `tboot=` option of CTVM's command line (`tboot::shared_page_address`).
+//! * the `tboot=` option of CTVM's command line (`tboot::shared_page_address`);
+//! * the multiboot 1 information tboot passes on (`boot_info::Mb1`): the
+//!   command line, modules and memory map, described by the input (each
+//!   field present or not) or raw bytes, at an address inside or outside
+//!   the memory given.
 //!
 //! Properties:
 //! * an honest heap parses to exactly what it holds (PMRs, records, the
@@ -19,9 +23,13 @@
 //!   tboot writes them (an independent model of each), and what is accepted
 //!   holds: tboot's memory below 4 GiB holding its shutdown entry and the
 //!   page itself; a log's used size within its maximum; an address that is
-//!   a nonzero page below 4 GiB.
+//!   a nonzero page below 4 GiB;
+//! * multiboot 1 information reads exactly as described, and whatever the
+//!   bytes: strings, tables and entries only from the memory given, at
+//!   most 256 modules and memory-map entries, no region that wraps.
 
 use arbitrary::{Arbitrary, Unstructured};
+use hypervisor::boot_info;
 use hypervisor::mm::frames::Region;
 use hypervisor::platform::tboot;
 use hypervisor::platform::txt::{self, Heap, Mdr, MdrKind};
@@ -31,7 +39,7 @@ use super::dmar as dmar_harness;
 pub fn run(data: &[u8]) {
     let Some((&which, rest)) = data.split_first() else { return };
     let mut u = Unstructured::new(rest);
-    match which % 5 {
+    match which % 6 {
         0 => heap_raw(rest),
         1 => {
             if let Ok(h) = HeapInput::arbitrary_take_rest(u) {
@@ -48,9 +56,14 @@ pub fn run(data: &[u8]) {
                 log(&l, u.take_rest())
             }
         }
-        _ => {
+        4 => {
             if let Ok(c) = CmdlineInput::arbitrary_take_rest(u) {
                 cmdline(&c)
+            }
+        }
+        _ => {
+            if let Ok(m) = Mb1Input::arbitrary_take_rest(u) {
+                multiboot1(&m)
             }
         }
     }
@@ -329,4 +342,123 @@ fn cmdline(c: &CmdlineInput) {
         _ => Err(tboot::TbootError::NotLaunched),
     };
     assert_eq!(got, expected, "{line:?}");
+}
+
+#[derive(Arbitrary, Debug)]
+enum Mb1Input {
+    /// Memory as the input's bytes, the structure at an offset into it.
+    Raw { at: u16, bytes: Vec<u8> },
+    Described {
+        cmdline: Option<String>,
+        modules: Option<Vec<(u32, u32, String)>>,
+        mmap: Option<Vec<(u64, u64, u32)>>,
+        /// Where the structure is, from the memory's start (0: its place).
+        at: u16,
+    },
+}
+
+/// Guest-physical base of the memory the information lies in.
+const MB1_BASE: u64 = 0x1_0000;
+const MB1_MODULES: usize = 0x200;
+const MB1_STRINGS: usize = 0x800;
+const MB1_CMDLINE: usize = 0x1100;
+const MB1_MMAP: usize = 0x3000;
+const MB1_SIZE: usize = 0x4000;
+
+/// Whether `s` lies inside `mem`'s bytes.
+fn inside(mem: &[u8], s: &str) -> bool {
+    let (start, end) = (mem.as_ptr() as usize, mem.as_ptr() as usize + mem.len());
+    s.is_empty() || (start..=end).contains(&(s.as_ptr() as usize)) && s.as_ptr() as usize + s.len() <= end
+}
+
+fn mb1_invariants(mem: &[u8], mb: &boot_info::Mb1<'_>) {
+    assert!(inside(mem, mb.cmdline()) && mb.cmdline().len() <= 4096);
+    assert!(mb.modules().count() <= 256 && mb.memory_map().count() <= 256);
+    for (r, line) in mb.modules() {
+        assert!(r.start <= r.end && inside(mem, line) && line.len() <= 4096, "{r:x?}");
+    }
+    for (r, _) in mb.memory_map() {
+        assert!(r.start <= r.end, "{r:x?}");
+    }
+    let loader = boot_info::Loader::V1(*mb);
+    assert!(loader.boot_ranges().all(|r| r.start <= r.end));
+    assert!(loader.boot_ranges().any(|r| r.start == 0 && r.end >= 1 << 20), "the first MiB kept");
+}
+
+fn multiboot1(m: &Mb1Input) {
+    match m {
+        Mb1Input::Raw { at, bytes } => {
+            let mem = boot_info::Memory { base: MB1_BASE, bytes };
+            if let Some(mb) = boot_info::Mb1::new(mem, MB1_BASE + u64::from(*at)) {
+                assert!(usize::from(*at) + 88 <= bytes.len());
+                mb1_invariants(bytes, &mb);
+            } else {
+                assert!(usize::from(*at) + 88 > bytes.len());
+            }
+        }
+        Mb1Input::Described { cmdline, modules, mmap, at } => {
+            let mut b = vec![0u8; MB1_SIZE];
+            let info = usize::from(*at) % 0x100;
+            let addr = |off: usize| (MB1_BASE + off as u64) as u32;
+            let mut flags = 0u32;
+            let c_string = |b: &mut Vec<u8>, off: usize, text: &str| {
+                let text = &text.as_bytes()[..text.len().min(120)];
+                b[off..off + text.len()].copy_from_slice(text);
+                b[off + text.len()] = 0;
+            };
+            if let Some(c) = cmdline {
+                flags |= 1 << 2;
+                c_string(&mut b, MB1_CMDLINE + info, c);
+                b[info + 16..info + 20].copy_from_slice(&addr(MB1_CMDLINE + info).to_le_bytes());
+            }
+            let listed = modules.is_some();
+            let modules: &[(u32, u32, String)] = modules.as_deref().map_or(&[], |m| &m[..m.len().min(16)]);
+            if listed {
+                flags |= 1 << 3;
+                b[info + 20..info + 24].copy_from_slice(&(modules.len() as u32).to_le_bytes());
+                b[info + 24..info + 28].copy_from_slice(&addr(MB1_MODULES).to_le_bytes());
+                for (i, (start, end, line)) in modules.iter().enumerate() {
+                    let at = MB1_MODULES + 16 * i;
+                    let string = MB1_STRINGS + 128 * i;
+                    c_string(&mut b, string, line);
+                    for (k, v) in [*start, *end, addr(string), 0].into_iter().enumerate() {
+                        b[at + 4 * k..at + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            let entries: &[(u64, u64, u32)] = mmap.as_deref().map_or(&[], |e| &e[..e.len().min(40)]);
+            if mmap.is_some() {
+                flags |= 1 << 6;
+                b[info + 44..info + 48].copy_from_slice(&((24 * entries.len()) as u32).to_le_bytes());
+                b[info + 48..info + 52].copy_from_slice(&addr(MB1_MMAP).to_le_bytes());
+                for (i, (base, len, kind)) in entries.iter().enumerate() {
+                    let at = MB1_MMAP + 24 * i;
+                    b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+                    b[at + 4..at + 12].copy_from_slice(&base.to_le_bytes());
+                    b[at + 12..at + 20].copy_from_slice(&len.to_le_bytes());
+                    b[at + 20..at + 24].copy_from_slice(&kind.to_le_bytes());
+                }
+            }
+            b[info..info + 4].copy_from_slice(&flags.to_le_bytes());
+            let mem = boot_info::Memory { base: MB1_BASE, bytes: &b };
+            let mb = boot_info::Mb1::new(mem, MB1_BASE + info as u64).expect("the structure is in memory");
+            mb1_invariants(&b, &mb);
+            // As described: strings up to their first NUL.
+            let text = |t: &str| {
+                let t = &t.as_bytes()[..t.len().min(120)];
+                let t = t.split(|&c| c == 0).next().unwrap_or_default();
+                core::str::from_utf8(t).unwrap_or("").to_string()
+            };
+            assert_eq!(mb.cmdline(), cmdline.as_deref().map(text).unwrap_or_default());
+            let want: Vec<(Region, String)> = modules
+                .iter()
+                .map(|(s, e, l)| (Region::new(u64::from(*s), u64::from((*e).max(*s))), text(l)))
+                .collect();
+            let got: Vec<(Region, String)> = mb.modules().map(|(r, l)| (r, l.to_string())).collect();
+            assert_eq!(got, want);
+            let want: Vec<(Region, u32)> =
+                entries.iter().map(|&(base, len, k)| (Region::new(base, base.saturating_add(len)), k)).collect();
+            assert_eq!(mb.memory_map().collect::<Vec<_>>(), want);
+        }
+    }
 }
