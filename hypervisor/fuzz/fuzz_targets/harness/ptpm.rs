@@ -4,10 +4,12 @@
 //! * the operations the boot path runs over a scripted chip (TPM 2.0 or
 //!   1.2): the measured launch, sealing the vTPM key and unsealing it, the
 //!   monotonic counter, PCR reads; each reply honest in form (tag, size,
-//!   handles, parameters shaped as the command's, retries, error codes) or
-//!   raw bytes, or no reply at all;
-//! * the TIS and CRB register drivers over registers that answer as the
-//!   input says (then pseudo-randomly), for one command;
+//!   handles, parameters shaped as the command's, or a well-formed answer
+//!   to whatever was asked; retries, error codes) or raw bytes, or no
+//!   reply at all;
+//! * the TIS and CRB register drivers over an honest chip (the vTIS model,
+//!   a CRB page model) answering the input's response, whose register
+//!   reads the input overrides where it likes, for one command;
 //! * the crypto-agile event log: a log CTVM's writer builds from the
 //!   input's events, or raw bytes, through the parser and the replay;
 //! * the ACPI TPM2/TCPA tables that say which chip there is.
@@ -115,6 +117,10 @@ impl Params {
 /// One answer of the chip.
 #[derive(Arbitrary, Debug)]
 enum Reply {
+    /// A well-formed success for whatever the command was, its variable
+    /// parts (digests, sealed parts, handles' nonces, counter values) from
+    /// these bytes: the deep paths, reached at once.
+    Auto(Vec<u8>),
     /// Success: handles, parameters (TPM 2.0: with a session area or not).
     Ok {
         handles: Vec<u32>,
@@ -134,7 +140,7 @@ enum Reply {
 }
 
 impl Reply {
-    fn bytes(&self, family: Family) -> Result<Vec<u8>, TransportError> {
+    fn bytes(&self, family: Family, command: &[u8]) -> Result<Vec<u8>, TransportError> {
         let tag = |sessions: bool| match (family, sessions) {
             (Family::V2, false) => 0x8001u16,
             (Family::V2, true) => 0x8002,
@@ -148,6 +154,7 @@ impl Reply {
             v
         };
         Ok(match self {
+            Reply::Auto(seed) => auto(family, command, seed),
             Reply::Ok { handles, params, sessions } => {
                 let mut body = Vec::new();
                 for h in handles.iter().take(3) {
@@ -197,11 +204,103 @@ impl Transport for Chip<'_> {
         let size = command.get(2..6).map(|s| u32::from_be_bytes(s.try_into().unwrap()) as usize);
         assert_eq!(size, Some(command.len()), "a malformed command: {command:02x?}");
         let reply = match self.replies.get(self.log.len()) {
-            Some(r) => r.bytes(self.family),
+            Some(r) => r.bytes(self.family, command),
             None => Err(TransportError::Timeout("the script's end")),
         };
         self.log.push((command.to_vec(), reply.clone()));
         reply
+    }
+}
+
+/// `n` bytes from `seed`, cycled (zeros when it is empty).
+fn fill(seed: &[u8], n: usize) -> Vec<u8> {
+    (0..n).map(|i| if seed.is_empty() { 0 } else { seed[i % seed.len()] }).collect()
+}
+
+/// A well-formed successful answer to `command`.
+fn auto(family: Family, command: &[u8], seed: &[u8]) -> Vec<u8> {
+    let sized = |b: &[u8]| [(b.len() as u16).to_be_bytes().to_vec(), b.to_vec()].concat();
+    let (mut handles, mut params) = (Vec::new(), Vec::new());
+    let c = code(command);
+    let frame = |tag: u16, body: &[u8]| {
+        let mut v = tag.to_be_bytes().to_vec();
+        v.extend_from_slice(&(10 + body.len() as u32).to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    };
+    if family == Family::V12 {
+        let auth = [fill(seed, 20), vec![1], fill(seed, 20)].concat();
+        let counter = [vec![0, 0x0e], b"CTVM".to_vec(), fill(seed, 4)].concat();
+        let body = match c {
+            0x14 | 0x15 => fill(seed, 20),
+            0x0a => [fill(seed, 4), fill(seed, 20)].concat(),
+            0x0b => [fill(seed, 4), fill(seed, 40)].concat(),
+            0x17 => [vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32], fill(seed, 32), auth].concat(),
+            0x18 => [32u32.to_be_bytes().to_vec(), fill(seed, 32), auth.clone(), auth].concat(),
+            0xdc => [fill(seed, 4), counter, auth].concat(),
+            0xdd => [counter, auth].concat(),
+            0xde => counter,
+            0x65 => [6u32.to_be_bytes().to_vec(), vec![0, 1], fill(seed, 4)].concat(),
+            _ => Vec::new(),
+        };
+        return frame(0x00c4, &body);
+    }
+    match c {
+        cc::GET_CAPABILITY => {
+            params.extend_from_slice(&[0, 0, 0, 0, 5]);
+            let banks = [alg::SHA1, alg::SHA256, alg::SHA384, alg::SHA512];
+            let chosen: Vec<u16> = banks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| fill(seed, 4)[*i] & 1 == 0 || *i == 1)
+                .map(|(_, a)| *a)
+                .collect();
+            params.extend_from_slice(&(chosen.len() as u32).to_be_bytes());
+            for a in chosen {
+                params.extend_from_slice(&a.to_be_bytes());
+                params.extend_from_slice(&[3, 0xff, 0xff, 0xff]);
+            }
+        }
+        cc::PCR_READ => {
+            let alg = command.get(14..16).map_or(0, |a| u16::from_be_bytes([a[0], a[1]]));
+            let select = command.get(17..20).unwrap_or_default();
+            let n: u32 = select.iter().map(|b| b.count_ones()).sum();
+            params.extend_from_slice(&fill(seed, 4));
+            params.extend_from_slice(&1u32.to_be_bytes());
+            params.extend_from_slice(&alg.to_be_bytes());
+            params.push(3);
+            params.extend_from_slice(select);
+            params.extend_from_slice(&n.to_be_bytes());
+            for _ in 0..n {
+                params.extend(sized(&fill(seed, tpm2::digest_size(alg).unwrap_or(32))));
+            }
+        }
+        cc::CREATE_PRIMARY | cc::LOAD => handles.push(0x8000_0000 | u32::from(fill(seed, 1)[0])),
+        cc::START_AUTH_SESSION => {
+            handles.push(0x0300_0000);
+            params.extend(sized(&fill(seed, 16)));
+        }
+        cc::CREATE => {
+            let n = usize::from(fill(seed, 1)[0]);
+            params.extend(sized(&fill(seed, n)));
+            params.extend(sized(&fill(&seed[seed.len().min(1)..], 2 * n + 3)));
+        }
+        cc::UNSEAL => params.extend(sized(&fill(seed, 32))),
+        cc::NV_READ => params.extend(sized(&fill(seed, 8))),
+        _ => {}
+    }
+    // A command with sessions is answered with a session area.
+    let sessions = command.get(..2) == Some(&[0x80, 0x02]);
+    let mut body: Vec<u8> = handles.iter().flat_map(|h| h.to_be_bytes()).collect();
+    if sessions {
+        body.extend_from_slice(&(params.len() as u32).to_be_bytes());
+        body.extend_from_slice(&params);
+        body.extend_from_slice(&[0, 0, 1, 0, 0]);
+        frame(0x8002, &body)
+    } else {
+        body.extend_from_slice(&params);
+        frame(0x8001, &body)
     }
 }
 
@@ -386,49 +485,120 @@ struct DriverInput {
     crb: bool,
     locality: u8,
     command: Vec<u8>,
-    seed: u64,
-    reads: Vec<u32>,
+    /// The chip's response to the command (its size field as given).
+    response: Vec<u8>,
+    /// Register reads the chip answers otherwise than an honest one: (which
+    /// read, value).
+    faults: Vec<(u16, u32)>,
 }
 
-/// Registers that answer with the input's values, then pseudo-randomly.
-struct Regs<'a> {
-    reads: &'a [u32],
-    next: usize,
-    rng: u64,
+/// A backend that answers every command with the input's response.
+struct Answer(Vec<u8>);
+
+impl hypervisor::devices::tis::TpmBackend for Answer {
+    fn execute(&mut self, _: u8, _: &[u8]) -> Vec<u8> {
+        self.0.clone()
+    }
+}
+
+/// A CRB locality page, honest: locality granted on request, idle until
+/// asked ready, buffers inside the page, the command answered at START.
+struct CrbModel {
+    page: Vec<u8>,
+    granted: bool,
+    ready: bool,
+    response: Vec<u8>,
+}
+
+const CRB_BUFFER: u64 = 0x80;
+const CRB_BUFFER_SIZE: u32 = 0xf80;
+
+impl CrbModel {
+    fn read32(&mut self, o: u64) -> u32 {
+        match o {
+            0x00 => 1 << 7,
+            0x0c => u32::from(self.granted),
+            0x40 => 0,
+            0x44 => u32::from(!self.ready) << 1,
+            0x4c => 0,
+            0x58 | 0x64 => CRB_BUFFER_SIZE,
+            0x5c | 0x68 => (tpm::TPM_BASE + CRB_BUFFER) as u32,
+            0x60 | 0x6c => ((tpm::TPM_BASE + CRB_BUFFER) >> 32) as u32,
+            o => u32::from_le_bytes(self.page[o as usize..o as usize + 4].try_into().unwrap()),
+        }
+    }
+    fn write32(&mut self, o: u64, v: u32) {
+        match o {
+            0x08 => self.granted = v & 1 != 0,
+            0x40 => self.ready = v & 1 != 0,
+            0x4c if v & 1 != 0 => {
+                let n = self.response.len().min(CRB_BUFFER_SIZE as usize);
+                let at = CRB_BUFFER as usize;
+                self.page[at..at + n].copy_from_slice(&self.response[..n]);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The registers a driver sees: an honest chip (the vTIS model, or the CRB
+/// model) whose answers the input overrides at chosen reads; every access
+/// must stay in the locality's registers.
+struct Regs {
+    tis: Option<hypervisor::devices::tis::Tis<Answer>>,
+    crb: CrbModel,
+    faults: Vec<(usize, u32)>,
+    reads: usize,
     window: core::ops::Range<u64>,
 }
 
-impl Regs<'_> {
+impl Regs {
     fn check(&self, offset: u64, len: u64) {
         let inside = self.window.contains(&offset) && self.window.contains(&(offset + len - 1));
         assert!(inside, "a register access at {offset:#x}+{len}, outside {:x?}", self.window);
     }
 
-    fn value(&mut self, offset: u64, len: u64) -> u32 {
-        self.check(offset, len);
-        self.next += 1;
-        if let Some(&v) = self.reads.get(self.next - 1) {
-            return v;
+    fn read(&mut self, offset: u64, len: u8) -> u32 {
+        self.check(offset, u64::from(len));
+        self.reads += 1;
+        let honest = match &mut self.tis {
+            Some(t) => t.read(offset, len) as u32,
+            None if len == 4 => self.crb.read32(offset),
+            None => (self.crb.read32(offset & !3) >> ((offset & 3) * 8)) as u8 as u32,
+        };
+        match self.faults.iter().find(|f| f.0 == self.reads - 1) {
+            Some(&(_, v)) => v,
+            None => honest,
         }
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng as u32
+    }
+
+    fn write(&mut self, offset: u64, len: u8, value: u32) {
+        self.check(offset, u64::from(len));
+        match &mut self.tis {
+            Some(t) => t.write(offset, len, u64::from(value)),
+            None if len == 4 => self.crb.write32(offset, value),
+            None => {
+                let at = offset as usize;
+                if let Some(b) = self.crb.page.get_mut(at) {
+                    *b = value as u8;
+                }
+            }
+        }
     }
 }
 
-impl Mmio for Regs<'_> {
+impl Mmio for Regs {
     fn read32(&mut self, offset: u64) -> u32 {
-        self.value(offset, 4)
+        self.read(offset, 4)
     }
-    fn write32(&mut self, offset: u64, _: u32) {
-        self.check(offset, 4);
+    fn write32(&mut self, offset: u64, value: u32) {
+        self.write(offset, 4, value)
     }
     fn read8(&mut self, offset: u64) -> u8 {
-        self.value(offset, 1) as u8
+        self.read(offset, 1) as u8
     }
-    fn write8(&mut self, offset: u64, _: u8) {
-        self.check(offset, 1);
+    fn write8(&mut self, offset: u64, value: u8) {
+        self.write(offset, 1, u32::from(value))
     }
 }
 
@@ -438,16 +608,20 @@ fn driver(d: &DriverInput) {
         let n = command.len() as u32;
         command[2..6].copy_from_slice(&n.to_be_bytes());
     }
-    let reads = &d.reads[..d.reads.len().min(4096)];
-    let response = if d.crb {
-        let regs = Regs { reads, next: 0, rng: d.seed | 1, window: 0..0x1000 };
+    let response = d.response[..d.response.len().min(5000)].to_vec();
+    let faults: Vec<(usize, u32)> = d.faults.iter().take(16).map(|&(i, v)| (usize::from(i), v)).collect();
+    let crb = CrbModel { page: vec![0; 0x1000], granted: false, ready: false, response: response.clone() };
+    let got = if d.crb {
+        let regs = Regs { tis: None, crb, faults, reads: 0, window: 0..0x1000 };
         Crb::open(regs, tpm::TPM_BASE).and_then(|mut c| c.transmit(&command))
     } else {
-        let loc = u64::from(d.locality % 5);
-        let regs = Regs { reads, next: 0, rng: d.seed | 1, window: loc << 12..(loc + 1) << 12 };
-        Tis::open(regs, d.locality % 5).and_then(|mut t| t.transmit(&command))
+        let loc = d.locality % 5;
+        let window = u64::from(loc) << 12..u64::from(loc + 1) << 12;
+        let model = hypervisor::devices::tis::Tis::new(Answer(response.clone()), 0);
+        let regs = Regs { tis: Some(model), crb, faults, reads: 0, window };
+        Tis::open(regs, loc).and_then(|mut t| t.transmit(&command))
     };
-    if let Ok(r) = response {
+    if let Ok(r) = got {
         let size = u32::from_be_bytes(r[2..6].try_into().unwrap()) as usize;
         assert!(size == r.len() && (10..=4096).contains(&size), "a response of {} bytes says {size}", r.len());
     }
