@@ -199,6 +199,7 @@ static int module_report(struct module *mod, struct ctvm_module_info *info,
 	info->fixups = (unsigned long)*fixups;
 	info->fixup_count = fixup_count;
 	info->module = (unsigned long)mod;
+	info->module_size = sizeof(*mod);
 	/* struct kernel_symbol is private to the module loader since 6.4;
 	 * x86-64 uses its PREL32 form everywhere. */
 	range(&info->ksymtab, (unsigned long)mod->syms, mod->num_syms * CTVM_KERNEL_SYMBOL_SIZE);

@@ -4,7 +4,7 @@
 //! a leading `size` field, so both sides can check what they were given.
 
 /// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 3;
+pub const STRUCT_VERSION: u32 = 4;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -95,7 +95,9 @@ pub struct ModuleInfo {
     /// exception table, where the kernel may resume it after a fault.
     pub fixups: u64,
     pub fixup_count: u32,
-    pub reserved: u32,
+    /// `sizeof(struct module)`: the whole structure is the kernel's, not
+    /// the module's, though it lies in the module's data.
+    pub module_size: u32,
     /// Its `struct module`, inside its data: the kernel's `state` (the
     /// first field) shows whether a LIVE or GOING report is true.
     pub module: u64,
@@ -127,6 +129,12 @@ pub const MODULES_MAX: u32 = 1024;
 /// namespace), each relative to its own address.
 pub const KERNEL_SYMBOL_SIZE: u64 = 12;
 
+/// Bounds on `sizeof(struct module)` (about 1 KiB on x86-64 kernels from
+/// 5.x to 6.12, whatever the configuration): a size outside them is no
+/// `struct module`.
+pub const MODULE_STRUCT_MIN: u32 = 64;
+pub const MODULE_STRUCT_MAX: u32 = 16384;
+
 /// Upper bound on a module's exported symbols in one registration.
 pub const MODULE_EXPORTS_MAX: u32 = 16384;
 
@@ -156,7 +164,7 @@ impl Default for ModuleInfo {
             flags: 0,
             fixups: 0,
             fixup_count: 0,
-            reserved: 0,
+            module_size: 0,
             module: 0,
             ksymtab: WireRange::default(),
             ksymtab_gpl: WireRange::default(),
@@ -354,7 +362,7 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
-        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n\t__u64 fixups;\n\t__u32 fixup_count;\n\t__u32 reserved;\n\t__u64 module;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n}};\n\nstruct ctvm_fixup {{ __u64 insn; __u64 fixup; }};"
+        "struct ctvm_module_info {{\n\t__u32 version;\n\t__u32 size;\n\tchar name[CTVM_MODULE_NAME_MAX];\n\tstruct ctvm_range code[{MODULE_CODE_RANGES}];\n\tstruct ctvm_range data[{MODULE_DATA_RANGES}];\n\tstruct ctvm_range init[{MODULE_INIT_RANGES}];\n\t__u64 entries;\n\t__u32 entry_count;\n\t__u32 flags;\n\t__u64 fixups;\n\t__u32 fixup_count;\n\t__u32 module_size;\n\t__u64 module;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n}};\n\nstruct ctvm_fixup {{ __u64 insn; __u64 fixup; }};"
     );
     let _ = writeln!(
         h,

@@ -2095,6 +2095,7 @@ mod agent_abi {
             (i.entries, i.fixups) = (rng.edgy(), rng.edgy());
             i.entry_count = if rng.chance(80) { rng.below(4097) as u32 } else { rng.edgy() as u32 };
             i.fixup_count = if rng.chance(80) { rng.below(4097) as u32 } else { rng.edgy() as u32 };
+            i.module_size = if rng.chance(80) { abi::MODULE_STRUCT_MIN } else { rng.edgy() as u32 };
             let b = tamper(&mut rng, bytes_of(&i));
             if let Ok(m) = wire::module_info(&b) {
                 modules += 1;
@@ -2392,6 +2393,8 @@ mod integrity_views {
         /// Guest-physical pages of the kernel's upper page-table levels.
         tables: Vec<u64>,
         ids: Vec<u32>,
+        /// Registrations that succeeded (some modules go again).
+        registrations: usize,
     }
 
     fn pte(gpa: u64) -> u64 {
@@ -2483,7 +2486,7 @@ mod integrity_views {
             agent_code[..3].copy_from_slice(&VMCALL);
             ram.write(AGENT, &agent_code);
             ram.write(AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
-            let mut a = abi::ModuleInfo { module: K + AGENT_DATA, ..Default::default() };
+            let mut a = abi::ModuleInfo { module: K + AGENT_DATA, module_size: 0x100, ..Default::default() };
             a.name[..abi::AGENT_NAME.len()].copy_from_slice(abi::AGENT_NAME.as_bytes());
             a.code[0] = abi::WireRange { start: K + AGENT, end: K + AGENT + 0x1000 };
             a.data[0] = abi::WireRange { start: K + AGENT_DATA, end: K + AGENT_DATA + 0x1000 };
@@ -2512,6 +2515,7 @@ mod integrity_views {
                 protected,
                 tables: vec![PML4, PDPT, PD],
                 ids: Vec::new(),
+                registrations: 0,
             };
             let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
             assert_eq!(w.call(0x10, K + LAYOUT, layout_size, 0).1, 0, "kernel registered");
@@ -2662,6 +2666,8 @@ mod integrity_views {
             // Its struct module, at the start of its data (the kernel's
             // COMING), or anywhere.
             m.module = if self.rng.chance(90) { m.data[0].start } else { self.rng.edgy() };
+            let fits = m.data[0].end.saturating_sub(m.data[0].start).clamp(64, 0x400) as u32;
+            m.module_size = if self.rng.chance(97) { fits } else { self.rng.edgy() as u32 };
             if let Ok(gpa) = self.translate(m.module) {
                 self.ram.write(gpa, &abi::module_state::COMING.to_le_bytes());
             }
@@ -2786,6 +2792,7 @@ mod integrity_views {
                 );
             } else if rax == 0x12 {
                 self.ids.push(status as u32);
+                self.registrations += 1;
             }
         }
 
@@ -2904,7 +2911,7 @@ mod integrity_views {
     #[test]
     fn a_hostile_agent_and_hostile_modules_never_break_the_views() {
         let mut registered = 0;
-        for run in 0..scaled(6) {
+        for run in 0..scaled(8) {
             let mode = if run % 2 == 0 { Mode::Enforce } else { Mode::Audit };
             let mut w = World::new(run as u64, mode);
             w.check_views("after the lock");
@@ -2927,7 +2934,7 @@ mod integrity_views {
                 }
                 w.check_views(&what);
             }
-            registered += w.ids.len();
+            registered += w.registrations;
         }
         assert!(registered > 20, "only {registered} modules registered");
     }
@@ -2992,6 +2999,7 @@ mod integrity_views {
             m.code[0] = abi::WireRange { start: base + (1 << 30), end: base + (1 << 30) + len };
             m.data[0] = abi::WireRange { start: K + STACK - 0x1000, end: K + STACK };
             m.module = m.data[0].start;
+            m.module_size = 0x100;
             w.ram.write(STACK - 0x1000, &abi::module_state::COMING.to_le_bytes());
             w.ram.write(INFO, &bytes_of(&m));
             let reads = w.ram.phys.reads.get();

@@ -17,7 +17,7 @@ use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
-use crate::integrity::{wire, Stepping, View};
+use crate::integrity::{wire, Guard, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
 
@@ -348,18 +348,28 @@ fn lock_layout(ctx: &mut ExitContext<'_>) -> Result<(Undo, Vec<u64>), Error> {
     }
 }
 
+/// A module's guest-physical pages: its code, its data, and those of its
+/// data that hold its `struct module`.
+#[derive(Clone, Copy)]
+struct Placement<'a> {
+    code: &'a [u64],
+    data: &'a [u64],
+    shielded: &'a [u64],
+}
+
 /// Maps a new module's pages into the views. Pages that other modules'
 /// views were granted while nobody owned them are taken back first: they
-/// are this module's now.
+/// are this module's now. Its own view may read, not write, the pages of
+/// its data in `shielded` (its `struct module`'s).
 fn module_views(
     control: &mut dyn GuestControl,
     undo: &mut Undo,
     id: u32,
     trusted: bool,
     others: &[u32],
-    code: &[u64],
-    data: &[u64],
+    pages: Placement<'_>,
 ) -> Result<(), ControlError> {
+    let Placement { code, data, shielded } = pages;
     for &other in others {
         for &p in code.iter().chain(data) {
             if control.perms(View::Module(other), p).is_some() {
@@ -384,7 +394,8 @@ fn module_views(
         undo.set(control, View::Kernel, p, Perms::READ)?;
     }
     for &p in data {
-        undo.set(control, View::Module(id), p, Perms::RW)?;
+        let own = if shielded.contains(&p) { Perms::READ } else { Perms::RW };
+        undo.set(control, View::Module(id), p, own)?;
     }
     Ok(())
 }
@@ -428,7 +439,7 @@ fn read_module(ctx: &ExitContext<'_>, address: u64) -> Result<ModuleRead, Error>
         let in_code = |a: u64| info.code.iter().any(|r| r.contains(a));
         info.exports.extend(wire::ksymtab(*table, &bytes).into_iter().map(|(value, _)| value).filter(|&v| in_code(v)));
     }
-    if module_state(ctx, info.module_struct)? != abi::module_state::COMING {
+    if module_state(ctx, info.module_struct.start)? != abi::module_state::COMING {
         return Err(Error::InvalidArgument);
     }
     let mut code = Vec::new();
@@ -479,8 +490,18 @@ fn add_module(
     let code_start = info.code.first().map_or(0, |r| r.start);
     let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
     let others: Vec<u32> = state.engine.modules().filter(|&m| m != id).collect();
+    let shielded = state.engine.shielded_pages(id);
     let mut undo = Undo::default();
-    if module_views(control, &mut undo, id, trusted, &others, &code, &data).is_err() {
+    if module_views(
+        control,
+        &mut undo,
+        id,
+        trusted,
+        &others,
+        Placement { code: &code, data: &data, shielded: &shielded },
+    )
+    .is_err()
+    {
         undo.revert(control);
         let _ = state.engine.unregister_module(id);
         return Err(Error::NoSpace);
@@ -791,26 +812,13 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Ok(()) => Action::Resume,
             Err(_) => Action::Stop(StopReason::HypervisorError("cannot map a page executable".into())),
         },
-        Step::StepOver => {
-            let control = control(ctx).ok()?;
-            let before = control.perms(view, page);
-            let open = before.unwrap_or(Perms::READ) | Perms::WRITE;
-            if control.set_perms(view, page, open).is_err() {
-                return Some(Action::Stop(StopReason::HypervisorError("cannot open a page for one write".into())));
+        Step::StepOver => step_over(ctx, view, page, None),
+        Step::StepBeside(kept) => {
+            let mut bytes = alloc::vec![0; kept.len() as usize];
+            if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
+                return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
             }
-            // One instruction, then close: with the monitor trap flag, or
-            // else with RFLAGS.TF and a #DB exit.
-            let trap_flag = if control.has_monitor_trap() {
-                control.set_monitor_trap(true);
-                None
-            } else {
-                control.intercept_debug_exceptions(true);
-                let rflags = ctx.vcpu.read(Field::Rflags);
-                ctx.vcpu.write(Field::Rflags, rflags | RFLAGS_TF);
-                Some(rflags & RFLAGS_TF != 0)
-            };
-            ctx.guest.integrity.as_mut()?.stepping = Some(Stepping { view, page, before, trap_flag });
-            Action::Resume
+            step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip }))
         }
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0]),
@@ -846,6 +854,51 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         }
     };
     Some(action)
+}
+
+/// Lets one write to `page` through in `view`: opens the page, and arms a
+/// single step that closes it again ([`monitor_trap`]).
+fn step_over(ctx: &mut ExitContext<'_>, view: View, page: u64, guard: Option<Guard>) -> Action {
+    let Ok(control) = control(ctx) else {
+        return Action::Stop(StopReason::HypervisorError("a write to step over without integrity views".into()));
+    };
+    let before = control.perms(view, page);
+    let open = before.unwrap_or(Perms::READ) | Perms::WRITE;
+    if control.set_perms(view, page, open).is_err() {
+        return Action::Stop(StopReason::HypervisorError("cannot open a page for one write".into()));
+    }
+    // One instruction, then close: with the monitor trap flag, or
+    // else with RFLAGS.TF and a #DB exit.
+    let trap_flag = if control.has_monitor_trap() {
+        control.set_monitor_trap(true);
+        None
+    } else {
+        control.intercept_debug_exceptions(true);
+        let rflags = ctx.vcpu.read(Field::Rflags);
+        ctx.vcpu.write(Field::Rflags, rflags | RFLAGS_TF);
+        Some(rflags & RFLAGS_TF != 0)
+    };
+    if let Some(state) = ctx.guest.integrity.as_mut() {
+        state.stepping = Some(Stepping { view, page, before, trap_flag, guard });
+    }
+    Action::Resume
+}
+
+/// After a write let through beside guarded bytes: if it changed them, they
+/// are put back (in enforce mode) and the writer is reported.
+fn check_guard(ctx: &mut ExitContext<'_>, view: View, guard: Guard) -> Option<Action> {
+    let mut now = alloc::vec![0; guard.bytes.len()];
+    if ctx.guest.memory.read(&ctx.phys, guard.at, &mut now).is_err() {
+        return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
+    }
+    let changed = now.iter().zip(&guard.bytes).position(|(a, b)| a != b)?;
+    let state = ctx.guest.integrity.as_mut()?;
+    let v = state.engine.shield_breached(view, guard.rip, guard.at + changed as u64);
+    if v.action == abi::ViolationAction::Denied && ctx.guest.memory.write(&ctx.phys, guard.at, &guard.bytes).is_err() {
+        return Some(Action::Stop(StopReason::HypervisorError("cannot restore guarded bytes".into())));
+    }
+    report(ctx, &v);
+    None
 }
 
 /// Refuses a write: the instruction is skipped (decoded for its length),
@@ -899,6 +952,11 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
     }
     if control.set_perms(stepping.view, stepping.page, stepping.before.unwrap_or(Perms::empty())).is_err() {
         return Action::Stop(StopReason::HypervisorError("cannot close a page after one write".into()));
+    }
+    if let Some(guard) = stepping.guard {
+        if let Some(stop) = check_guard(ctx, stepping.view, guard) {
+            return stop;
+        }
     }
     if let Some(guest_had_tf) = stepping.trap_flag {
         if guest_had_tf {
@@ -1201,12 +1259,13 @@ mod tests {
         m.entries = K + MODULE_ENTRIES;
         m.entry_count = 1;
         m.module = K + MODULE_STRUCT;
+        m.module_size = 0x100;
         w(&phys, MODULE_INFO, as_bytes(&m));
         w(&phys, MODULE_ENTRIES, &(K + MODULE_CODE).to_le_bytes());
         w(&phys, MODULE_CODE + 0x10, &[0x48, 0x89, 0x18]);
         w(&phys, MODULE_STRUCT, &abi::module_state::COMING.to_le_bytes());
         // The agent, pinned by its code.
-        let mut a = abi::ModuleInfo { module: K + AGENT_DATA, ..Default::default() };
+        let mut a = abi::ModuleInfo { module: K + AGENT_DATA, module_size: 0x100, ..Default::default() };
         a.name[..abi::AGENT_NAME.len()].copy_from_slice(abi::AGENT_NAME.as_bytes());
         a.code[0] = abi::WireRange { start: K + AGENT_CODE, end: K + AGENT_CODE + 0x1000 };
         a.data[0] = abi::WireRange { start: K + AGENT_DATA, end: K + AGENT_DATA + 0x1000 };
@@ -1308,9 +1367,10 @@ mod tests {
         assert_eq!(f.control.perms(View::Kernel, SYSCALL_TABLE), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Kernel, IDT), Some(Perms::RX));
         assert_eq!(f.control.perms(View::Kernel, MODULE_CODE), Some(Perms::READ));
-        // The module's view: its code RX, its data RW, nothing else.
+        // The module's view: its code RX, its data RW but for the page of
+        // its struct module (the kernel's structure), nothing else.
         assert_eq!(f.control.perms(View::Module(id), MODULE_CODE), Some(Perms::RX));
-        assert_eq!(f.control.perms(View::Module(id), MODULE_DATA), Some(Perms::RW));
+        assert_eq!(f.control.perms(View::Module(id), MODULE_DATA), Some(Perms::READ));
         assert_eq!(f.control.perms(View::Module(id), TEXT), None);
         // The kernel's own page tables (PML4, PDPT, PD) are the kernel's alone.
         for table in [0x1000, 0x2000, 0x3000] {
@@ -1801,6 +1861,50 @@ mod tests {
         assert_eq!(f.ept(FETCH | READ, MODULE_DATA, gva, gva), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32]);
         assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
+    }
+
+    /// A rootkit hides by unlinking its own `struct module` from the
+    /// kernel's list: the neighbours' links are the kernel's (refused), and
+    /// so are its own, though they lie in its data; else the list is left
+    /// half-unlinked and the next walk of it oopses.
+    #[test]
+    fn a_module_cannot_write_its_own_struct_module() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::READ), "the page of its struct module");
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        let writer = K + MODULE_CODE + 0x10;
+        // Into the structure (its list links at +8): refused and skipped.
+        let links = MODULE_STRUCT + 8;
+        assert_eq!(f.ept(WRITE, links, K + links, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+        assert!(!f.control.monitor_trap);
+        // Beside it, on the same page: let through alone, and the page closes again.
+        assert_eq!(f.ept(WRITE, MODULE_DATA + 0x10, K + MODULE_DATA + 0x10, writer), Action::Resume);
+        assert!(f.control.monitor_trap);
+        assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::RW));
+        w(&f.phys, MODULE_DATA + 0x10, &[0x5a; 8]);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::READ));
+        assert_eq!(guest_bytes(&f, MODULE_DATA + 0x10, 8), [0x5a; 8], "its own data written");
+        assert!(violation_kinds(&mut f).is_empty());
+        // A wide store that starts beside the structure and reaches into
+        // it: put back after the step, and reported at the writer.
+        let before = guest_bytes(&f, MODULE_STRUCT, 0x100);
+        assert_eq!(f.ept(WRITE, MODULE_STRUCT - 0x20, K + MODULE_STRUCT - 0x20, writer), Action::Resume);
+        w(&f.phys, MODULE_STRUCT - 0x20, &[0xee; 0x40]);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(guest_bytes(&f, MODULE_STRUCT, 0x100), before, "the structure put back");
+        assert_eq!(guest_bytes(&f, MODULE_STRUCT - 0x20, 0x20), [0xee; 0x20], "its own bytes kept");
+        let records: Vec<_> = f.guest.integrity.as_ref().unwrap().engine.violations.peek(4).copied().collect();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, ViolationKind::WriteProtectedData as u32);
+        assert_eq!((records[0].rip, records[0].target), (writer, K + MODULE_STRUCT));
+        let kernel_writes = f.control.perms(View::Kernel, MODULE_DATA);
+        assert_eq!(kernel_writes, Some(Perms::RW), "the kernel still writes the structure");
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub enum Step {
     /// Let this one write to a protected page through: open it, single-step
     /// the instruction, close it again.
     StepOver,
+    /// As `StepOver`, for a write beside bytes the writer may not change
+    /// (guest-physical, on the same page): they are kept before the step
+    /// and put back after it if it changed them.
+    StepBeside(Range),
     /// Audit mode: make the page executable for the kernel again.
     AllowExecute,
     /// Refuse a write: the instruction is skipped, memory is unchanged.
@@ -101,6 +105,9 @@ struct Module {
     /// The guest-physical pages of its code ranges, in order: what a code
     /// address must translate to.
     code_pages: Vec<u64>,
+    /// Where its `struct module` lies in guest-physical memory, one piece
+    /// per page: the kernel's structure, which its own view may not write.
+    shield: Vec<Range>,
 }
 
 /// Why a registration is refused.
@@ -165,6 +172,20 @@ pub const MAX_MODULE_PAGES: usize = 1 << 16;
 
 fn page(addr: u64) -> u64 {
     addr & !0xfff
+}
+
+/// The guest-physical pieces (one per page) of `r`, a guest-virtual range
+/// inside `ranges`, whose pages translate to `pages` in order (as a
+/// registration reads them). Parts outside `ranges` have no pieces.
+fn physical(ranges: &[Range], pages: &[u64], r: Range) -> Vec<Range> {
+    let gpa_of = |va: u64| ranges.iter().flat_map(Range::pages).zip(pages).find(|(v, _)| *v == va).map(|(_, g)| *g);
+    r.pages()
+        .filter_map(|va| {
+            let gpa = page(gpa_of(va)?);
+            let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
+            Some(Range::new(gpa + (from - va), gpa + (to - va)))
+        })
+        .collect()
 }
 
 fn in_ranges(ranges: &[Range], addr: u64) -> bool {
@@ -290,7 +311,8 @@ impl Engine {
         info.entries.dedup();
         info.exports.sort_unstable();
         info.exports.dedup();
-        self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec() });
+        let shield = physical(&info.data, data_pages, info.module_struct);
+        self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec(), shield });
         Ok(id)
     }
 
@@ -429,7 +451,7 @@ impl Engine {
 
     /// The address of module `id`'s `struct module`.
     pub fn module_struct(&self, id: u32) -> Option<u64> {
-        self.modules.get(&id).map(|m| m.info.module_struct)
+        self.modules.get(&id).map(|m| m.info.module_struct.start)
     }
 
     pub fn class_of(&self, gpa: u64) -> Option<PageClass> {
@@ -528,11 +550,51 @@ impl Engine {
             (View::Module(m), Access::Execute) => self.module_executes(fault, m, class),
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
-                Some(PageClass::ModuleData(owner)) if owner == m => Outcome::step(Step::Grant(Perms::RW)),
+                Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
                 None => Outcome::step(Step::Grant(Perms::RW)),
                 _ => self.write_to_protected(fault, class, true),
             },
         }
+    }
+
+    /// A module writes its own data. The page holding its `struct module`
+    /// (the kernel's list links, state and reference count, which a rootkit
+    /// unlinks to hide) stays read-only in its view: a write into the
+    /// structure is refused, a write beside it goes through alone, with the
+    /// structure's bytes checked afterwards (an instruction's width is not
+    /// known here: a wide store may start beside the structure and reach into it).
+    fn own_data_write(&mut self, fault: &Fault, m: u32) -> Outcome {
+        let shield = self.modules.get(&m).and_then(|x| x.shield.iter().find(|r| page(r.start) == page(fault.gpa)));
+        match shield.copied() {
+            None => Outcome::step(Step::Grant(Perms::RW)),
+            Some(r) if r.contains(fault.gpa) => {
+                self.violation(fault, ViolationKind::WriteProtectedData, Step::Skip, Step::StepOver)
+            }
+            Some(r) => Outcome::step(Step::StepBeside(r)),
+        }
+    }
+
+    /// The guest-physical pages of a module's data that its own view maps
+    /// read-only: those holding its `struct module`.
+    pub fn shielded_pages(&self, id: u32) -> Vec<u64> {
+        self.modules.get(&id).map_or_else(Vec::new, |m| m.shield.iter().map(|r| page(r.start)).collect())
+    }
+
+    /// A write let through beside a module's `struct module` changed the
+    /// structure: the caller put its bytes back; recorded at the writer.
+    pub fn shield_breached(&mut self, view: View, rip: u64, gpa: u64) -> Violation {
+        let target = match view {
+            View::Module(m) => self.modules.get(&m).and_then(|x| {
+                let mut at = x.info.module_struct.start;
+                x.shield.iter().find_map(|r| {
+                    let found = r.contains(gpa).then(|| at + (gpa - r.start));
+                    at += r.len();
+                    found
+                })
+            }),
+            View::Kernel => None,
+        };
+        self.record(ViolationKind::WriteProtectedData, view, rip, target.unwrap_or(gpa))
     }
 
     /// A page a module was given write access to.
@@ -1168,6 +1230,37 @@ mod tests {
         // Before the lock nothing is an integrity matter.
         let mut fresh = Engine::new(Mode::Enforce);
         assert_eq!(fresh.decide(&fault(View::Kernel, Access::Write, TEXT_GPA, 0, 0)).step, Step::NotMine);
+    }
+
+    #[test]
+    fn a_struct_module_across_two_pages_is_shielded_on_both() {
+        let (mut e, _) = engine(Mode::Enforce);
+        // Data over two virtual pages backed by scattered physical ones; its
+        // struct module straddles them.
+        let data = Range::new(MOD + 0x10_0000, MOD + 0x10_2000);
+        let info = ModuleInfo {
+            name: String::from("hider"),
+            code: vec![Range::new(MOD + 0x20_0000, MOD + 0x20_1000)],
+            data: vec![data],
+            module_struct: Range::new(data.start + 0xe00, data.start + 0x1300),
+            ..Default::default()
+        };
+        let id = e.register_module(info, false, &[0x3400_0000], &[0x3500_0000, 0x3600_7000]).unwrap();
+        assert_eq!(e.shielded_pages(id), [0x3500_0000, 0x3600_7000]);
+        let at = |gpa: u64| at_rsp(fault(View::Module(id), Access::Write, gpa, 0, MOD + 0x20_0010), STACK);
+        // Into the structure, on either page: refused.
+        for gpa in [0x3500_0e00, 0x3500_0fff, 0x3600_7000, 0x3600_72ff] {
+            let out = e.decide(&at(gpa));
+            assert_eq!(out.step, Step::Skip, "{gpa:#x}");
+            assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::WriteProtectedData));
+        }
+        // Beside it: through alone, the structure's piece on that page kept.
+        assert_eq!(e.decide(&at(0x3500_0100)).step, Step::StepBeside(Range::new(0x3500_0e00, 0x3500_1000)));
+        assert_eq!(e.decide(&at(0x3600_7300)).step, Step::StepBeside(Range::new(0x3600_7000, 0x3600_7300)));
+        // A breach found after the step is reported at the structure's address.
+        let v = e.shield_breached(View::Module(id), MOD + 0x20_0010, 0x3600_7008);
+        assert_eq!(v.target, data.start + 0x1008);
+        assert_eq!(v.action, ViolationAction::Denied);
     }
 
     #[test]

@@ -149,8 +149,9 @@ pub struct ModuleInfo {
     /// runs in the kernel's view (a trusted module is part of the kernel).
     pub exports: Vec<u64>,
     /// Its `struct module` (inside its data), whose `state` the hypervisor
-    /// reads to check a LIVE or GOING report.
-    pub module_struct: u64,
+    /// reads to check a LIVE or GOING report. The structure is the
+    /// kernel's: the module's own view may not write it.
+    pub module_struct: Range,
 }
 
 impl KernelLayout {

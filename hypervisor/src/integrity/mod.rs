@@ -48,7 +48,7 @@ pub enum View {
 }
 
 /// A write being let through: the page opened, and how the single step is done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stepping {
     pub view: View,
     pub page: u64,
@@ -56,6 +56,17 @@ pub struct Stepping {
     /// Stepped with RFLAGS.TF (no monitor trap flag); whether TF was already
     /// set by the guest, whose own #DB must then still arrive.
     pub trap_flag: Option<bool>,
+    /// Bytes on the page the write must leave as they were.
+    pub guard: Option<Guard>,
+}
+
+/// Guest-physical bytes kept across a let-through write
+/// ([`engine::Step::StepBeside`]), and the instruction that wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Guard {
+    pub at: u64,
+    pub bytes: alloc::vec::Vec<u8>,
+    pub rip: u64,
 }
 
 /// A guest's integrity state: the engine, the view the vCPU runs in, and a

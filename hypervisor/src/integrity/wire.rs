@@ -154,7 +154,12 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
     if entry_count > abi::MODULE_ENTRIES_MAX || fixup_count > abi::MODULE_FIXUPS_MAX {
         return Err(WireError::Size);
     }
-    let module_struct = u64_at(b, at + 32);
+    let module_size = u32_at(b, at + 28);
+    if !(abi::MODULE_STRUCT_MIN..=abi::MODULE_STRUCT_MAX).contains(&module_size) {
+        return Err(WireError::Size);
+    }
+    let module_at = u64_at(b, at + 32);
+    let module_struct = Range::new(module_at, module_at.checked_add(u64::from(module_size)).ok_or(WireError::Range)?);
     let ksymtabs = [range_at(b, at + 40)?, range_at(b, at + 56)?];
     let in_data = |r: &Range| r.is_empty() || data.iter().any(|d| d.start <= r.start && r.end <= d.end);
     let exports_fit = ksymtabs.iter().all(|r| {
@@ -162,7 +167,7 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
             && r.len() % KERNEL_SYMBOL_SIZE == 0
             && r.len() / KERNEL_SYMBOL_SIZE <= u64::from(abi::MODULE_EXPORTS_MAX)
     });
-    if !exports_fit || !data.iter().any(|d| d.contains(module_struct) && d.end - module_struct >= 4) {
+    if !exports_fit || !in_data(&module_struct) {
         return Err(WireError::Range);
     }
     let info = ModuleInfo {
@@ -329,6 +334,7 @@ mod tests {
         m.entries = 0xffff_8880_0000_1000;
         m.entry_count = 12;
         m.module = 0xffff_ffff_c000_2100;
+        m.module_size = 0x600;
         m.ksymtab = WireRange { start: 0xffff_ffff_c000_2200, end: 0xffff_ffff_c000_2200 + 3 * 12 };
         // SAFETY: as above.
         let bytes = unsafe {
@@ -336,12 +342,14 @@ mod tests {
         }
         .to_vec();
         let got = module_info(&bytes).unwrap();
-        assert_eq!(got.info.module_struct, 0xffff_ffff_c000_2100);
+        assert_eq!(got.info.module_struct, Range::new(0xffff_ffff_c000_2100, 0xffff_ffff_c000_2700));
         assert_eq!(got.ksymtabs[0], Range::new(0xffff_ffff_c000_2200, 0xffff_ffff_c000_2224));
         // Its struct module and export tables lie in its own data, whole.
         for (module, ksymtab) in [
             (0xffff_ffff_c000_4000, m.ksymtab),
             (0xffff_ffff_c000_2ffe, m.ksymtab),
+            // Its start inside the data, its end past it.
+            (0xffff_ffff_c000_2a01, m.ksymtab),
             (m.module, WireRange { start: 0xffff_ffff_c000_2ff0, end: 0xffff_ffff_c000_3008 }),
             (m.module, WireRange { start: 0xffff_ffff_c000_2200, end: 0xffff_ffff_c000_2201 }),
         ] {
@@ -352,6 +360,16 @@ mod tests {
                 core::slice::from_raw_parts((&bad as *const abi::ModuleInfo).cast::<u8>(), size_of_val(&bad))
             };
             assert_eq!(module_info(bytes).err(), Some(WireError::Range), "{module:#x} {ksymtab:x?}");
+        }
+        // A size no struct module has.
+        for size in [0, abi::MODULE_STRUCT_MIN - 1, abi::MODULE_STRUCT_MAX + 1, u32::MAX] {
+            let mut bad = m;
+            bad.module_size = size;
+            // SAFETY: as above.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((&bad as *const abi::ModuleInfo).cast::<u8>(), size_of_val(&bad))
+            };
+            assert_eq!(module_info(bytes).err(), Some(WireError::Size), "{size:#x}");
         }
         assert_eq!(got.info.name, "dummy");
         assert_eq!(got.info.code.len(), 1);

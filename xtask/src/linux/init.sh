@@ -118,6 +118,10 @@ integrity_tests() {
     attack atk_wp rodata=$(sym linux_banner)
     attack atk_call hidden=$(sym __x64_sys_getpid)
     attack atk_dkom
+    # Hiding as rootkits do, and staying loaded: the list must stay whole.
+    attack atk_hide
+    say "atk_hide: $(grep -c '^atk_hide ' /proc/modules) in /proc/modules"
+    rmmod atk_hide && say "atk_hide removed: $(grep -c '^atk_hide ' /proc/modules) left"
     attack atk_ftrace target=$(sym __x64_sys_getpid)
     attack atk_setmem rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw)
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
