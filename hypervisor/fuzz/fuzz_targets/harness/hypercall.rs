@@ -82,6 +82,8 @@ const MODULE_DATA: u64 = 0x8_1000;
 const AGENT_CODE: u64 = 0x8_2000;
 const AGENT_DATA: u64 = 0x8_3000;
 const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+/// `sizeof(struct module)` as the modules report it (their export table follows).
+const MODULE_STRUCT: u32 = 0x80;
 const MSR_LSTAR: u32 = 0xc000_0082;
 
 fn put(b: &mut [u8], at: u64, v: &[u8]) {
@@ -159,13 +161,15 @@ fn pristine() -> &'static [u8] {
 }
 
 /// A `struct ModuleInfo` at `at` for one code page and one data page
-/// (`struct module` at its start, in the kernel's COMING state).
+/// (`struct module`, [`MODULE_STRUCT`] bytes, at its start, in the
+/// kernel's COMING state).
 fn module_info(b: &mut [u8], at: u64, name: &[u8], code: u64, data: u64) {
     put(b, at, &abi::STRUCT_VERSION.to_le_bytes());
     put(b, at + 4, &(INFO_SIZE as u32).to_le_bytes());
     put(b, at + 8, name);
     range(b, at + 64, K + code, K + code + 0x1000);
     range(b, at + 96, K + data, K + data + 0x1000);
+    put(b, at + 220, &MODULE_STRUCT.to_le_bytes());
     put(b, at + 224, &(K + data).to_le_bytes());
     put(b, data, &abi::module_state::COMING.to_le_bytes());
 }
@@ -356,7 +360,7 @@ fn engine_state(g: &Guest) -> Option<EngineState> {
     let e = &s.engine;
     Some(EngineState {
         view: s.view,
-        stepping: s.stepping,
+        stepping: s.stepping.clone(),
         locked: e.is_locked(),
         agent: e.agent(),
         layout: e.layout().cloned(),
