@@ -177,10 +177,13 @@ long_mode_entry:
 
     .section .rodata.boot32, "a"
     .balign 8
+    // The accessed bits are set: the processor would otherwise set them
+    // itself when the segments are loaded, writing into read-only data the
+    // hypervisor measures (its image digest in PCR 11).
 boot_gdt:
     .quad 0
-    .quad 0x00AF9A000000FFFF        // 0x08: 64-bit code
-    .quad 0x00CF92000000FFFF        // 0x10: data
+    .quad 0x00AF9B000000FFFF        // 0x08: 64-bit code
+    .quad 0x00CF93000000FFFF        // 0x10: data
 boot_gdt_ptr:
     .short boot_gdt_ptr - boot_gdt - 1
     .long boot_gdt
@@ -214,6 +217,27 @@ pub fn image_range() -> core::ops::Range<u64> {
     }
     // Only the addresses of the linker.ld symbols are taken.
     (core::ptr::addr_of!(__image_start) as u64)..(core::ptr::addr_of!(__image_end) as u64)
+}
+
+/// The image's code and read-only data as loaded: the bytes of its two
+/// read-only ELF segments, which nothing writes at run time. The
+/// hypervisor's measurement of itself (SHA-256 over both, in order) is
+/// what `cargo xtask` computes from the ELF file's read-only PT_LOAD
+/// segments.
+#[cfg(target_os = "none")]
+pub fn readonly_ranges() -> [core::ops::Range<u64>; 2] {
+    extern "C" {
+        static __image_start: u8;
+        static __text_end: u8;
+        static __rodata_start: u8;
+        static __rodata_end: u8;
+    }
+    // Only the addresses of the linker.ld symbols are taken.
+    let at = |s: *const u8| s as u64;
+    [
+        at(core::ptr::addr_of!(__image_start))..at(core::ptr::addr_of!(__text_end)),
+        at(core::ptr::addr_of!(__rodata_start))..at(core::ptr::addr_of!(__rodata_end)),
+    ]
 }
 
 /// The boot stack, for the hypervisor's fault handler to tell a stack overflow.

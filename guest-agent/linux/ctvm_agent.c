@@ -435,6 +435,9 @@ static void branch_thunks(struct ctvm_kernel_layout *layout)
 		layout->return_thunks[n++] = return_thunks[i];
 }
 
+/* The durable vTPM's store channel (/dev/ctvm_vtpm_store), kept apart. */
+#include "ctvm_vtpm_store.c"
+
 static int __init ctvm_agent_init(void)
 {
 	struct ctvm_kernel_layout *layout;
@@ -451,6 +454,12 @@ static int __init ctvm_agent_init(void)
 		return -EPROTO;
 	}
 	if (!(caps & CTVM_CAP_INTEGRITY)) {
+		/* A guest without integrity views may still need its vTPM store. */
+		if (ctvm_vtpm_store_register(caps) == 0) {
+			__module_get(THIS_MODULE);
+			pr_info("ctvm: agent ready; vTPM store only (no integrity views for this guest)\n");
+			return 0;
+		}
 		pr_err("ctvm: the hypervisor offers no integrity views for this guest\n");
 		return -EOPNOTSUPP;
 	}
@@ -503,6 +512,7 @@ static int __init ctvm_agent_init(void)
 	schedule_delayed_work(&drainer, HZ);
 	/* The agent must not go away: hold a reference forever. */
 	__module_get(THIS_MODULE);
+	ctvm_vtpm_store_register(caps);
 	pr_info("ctvm: agent ready; kernel layout locked\n");
 	return 0;
 }

@@ -16,10 +16,12 @@ extern crate alloc;
 
 pub mod integrity;
 pub mod start_info;
+pub mod vtpm_store;
 
 /// ABI version: major in the high 16 bits, minor in the low 16 bits. A
-/// different major is incompatible; a higher minor only adds calls.
-pub const ABI_VERSION: u32 = abi_version(2, 0);
+/// different major is incompatible; a higher minor only adds calls (2.1:
+/// the durable vTPM's store channel, 0x30 and 0x31).
+pub const ABI_VERSION: u32 = abi_version(2, 1);
 
 /// Packs a major and minor version the way [`ABI_VERSION`] holds them.
 pub const fn abi_version(major: u16, minor: u16) -> u32 {
@@ -63,6 +65,13 @@ pub enum Call {
     /// address, RCX = buffer size (at most 64 KiB), RDX = offset in the log.
     /// Copies what fits and returns the log's total size.
     EventLogRead = 0x20,
+    /// The durable vTPM's next state blob for the store service
+    /// ([`vtpm_store`]): RBX = buffer address, RCX = buffer size. Returns
+    /// the blob's size (0: nothing to store) with RBX = its version; a
+    /// buffer too small gives [`Error::NoSpace`] with RBX = the size needed.
+    VtpmStoreFetch = 0x30,
+    /// The store service wrote and synced the blob of version RBX.
+    VtpmStoreDone = 0x31,
 }
 
 impl Call {
@@ -78,6 +87,8 @@ impl Call {
             0x14 => Self::ModuleUnregister,
             0x15 => Self::ViolationsRead,
             0x20 => Self::EventLogRead,
+            0x30 => Self::VtpmStoreFetch,
+            0x31 => Self::VtpmStoreDone,
             _ => return None,
         })
     }
@@ -96,6 +107,8 @@ impl Capabilities {
     pub const EVENT_LOG: u64 = 1 << 2;
     /// Run-time kernel integrity (KEPT/MEPT) calls are available.
     pub const INTEGRITY: u64 = 1 << 3;
+    /// The vTPM is durable: its store service's calls are available.
+    pub const VTPM_STORE: u64 = 1 << 4;
 
     pub const fn contains(self, bits: u64) -> bool {
         self.0 & bits == bits
@@ -197,6 +210,8 @@ mod tests {
             Call::ModuleUnregister,
             Call::ViolationsRead,
             Call::EventLogRead,
+            Call::VtpmStoreFetch,
+            Call::VtpmStoreDone,
         ] {
             assert_eq!(Call::from_raw(call as u64), Some(call));
         }

@@ -173,6 +173,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     if tests.dma {
         hypervisor::arch::x86_64::testing::edu_dma(platform::pm_timer_port(&boot));
     }
+    #[cfg(feature = "test-hooks")]
+    if tests.vtpm_seal {
+        hypervisor::arch::x86_64::testing::vtpm_seal();
+    }
 
     let vmx = match enable() {
         Ok(vmx) => vmx,
@@ -193,6 +197,21 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         }
     }
     let policy = trusted_module_policy(&boot.modules);
+    let policy_digest = boot
+        .modules
+        .iter()
+        .find(|m| m.cmdline.trim() == config::POLICY_MODULE)
+        .map(|m| sha256(&[vmm::module_bytes(m)]));
+    // SAFETY: the ranges are the image's read-only segments, mapped and
+    // never written.
+    let hypervisor_digest = sha256(
+        &ctvm_boot::readonly_ranges()
+            .map(|r| unsafe { core::slice::from_raw_parts(r.start as *const u8, (r.end - r.start) as usize) }),
+    );
+    info!(
+        "hypervisor image: code and read-only data SHA-256 {}",
+        hypervisor::tpm::config_event::to_hex(&hypervisor_digest)
+    );
     // The PCI devices' I/O ports, found before any guest can move them.
     let pci_io = hypervisor::pci::io_ranges(&mut cpu::PortConfigSpace);
     // This CPU's local APIC: its page, unless it runs in x2APIC mode.
@@ -206,6 +225,8 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         hypervisor_ranges: &hypervisor_ranges,
         rsdp: boot.rsdp.as_deref(),
         vtpm_seed,
+        hypervisor_digest,
+        policy_digest,
         policy: &policy,
         pci_io: &pci_io,
         lapic,
@@ -229,7 +250,16 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     platform::power_off(power::EXIT_OK)
 }
 
-/// 32 bytes from 64 hexadecimal digits.
+/// SHA-256 over `parts`, in order.
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
 /// The digests of the modules guests may trust, from the module whose
 /// command line is `ctvm.policy`. A malformed policy trusts nothing: every
 /// guest naming a module in `trust=` then refuses to start.

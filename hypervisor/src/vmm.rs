@@ -12,6 +12,7 @@ use log::{error, info, warn};
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::entropy::HardwarePlatform;
+use crate::arch::x86_64::platform::Sealer;
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::Vmx;
@@ -28,7 +29,12 @@ use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
-use crate::tpm::{engine, launch_measurements, GuestTpm};
+use crate::tpm::anchor::{
+    CounterElsewhere, NoCounter, PlatformCounter, PlatformRoot, RollbackAnchor, SealingRoot, SeedRoot,
+};
+use crate::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+use crate::tpm::setup::{self, Level, VtpmMode};
+use crate::tpm::{launch_measurements, GuestTpm};
 
 /// The TPM TIS window, never mapped for a pass-through guest: it belongs to
 /// the virtual TPM.
@@ -46,6 +52,10 @@ pub struct Machine<'a> {
     pub rsdp: Option<&'a [u8]>,
     /// The platform secret vTPM identities derive from (`vtpm.seed=`).
     pub vtpm_seed: Option<[u8; 32]>,
+    /// SHA-256 of the hypervisor's code and read-only data, for PCR 11.
+    pub hypervisor_digest: [u8; 32],
+    /// SHA-256 of the `ctvm.policy` module, for PCR 11.
+    pub policy_digest: Option<[u8; 32]>,
     /// The trusted-module digests (the `ctvm.policy` module).
     pub policy: &'a crate::integrity::policy::Policy,
     /// The I/O ranges the PCI devices decode.
@@ -86,6 +96,17 @@ fn cr_limits(vmx: &Vmx) -> CrLimits {
     }
 }
 
+/// The durable guest the platform TPM's one monotonic counter guards: the
+/// first in module order (keep that order: a guest that takes the counter
+/// over later finds its older versions below it and refuses them).
+static COUNTER_OWNER: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+
+/// Whether `guest` gets the platform counter (the first to ask does).
+fn claim_counter(guest: &str) -> bool {
+    let mut owner = COUNTER_OWNER.lock();
+    owner.get_or_insert_with(|| String::from(guest)) == guest
+}
+
 pub fn module_bytes(module: &Module) -> &'static [u8] {
     // SAFETY: GRUB loaded the module there, the frame allocator never hands
     // out module ranges, and no guest's EPT maps a module it does not own.
@@ -112,7 +133,7 @@ impl Vm {
         config: GuestConfig,
         image: &[u8],
         timeslice: Option<u32>,
-        seed: Option<[u8; 32]>,
+        machine: &Machine<'_>,
     ) -> Result<Vm, String> {
         let size = config.mem_bytes;
         let hpa =
@@ -129,7 +150,7 @@ impl Vm {
             .map_err(|e| format!("{e}"))?;
         if vm.guest.config.vtpm {
             let cmdline = vm.guest.config.args.clone();
-            vm.attach_vtpm(seed, image, cmdline.as_bytes(), None)?;
+            vm.attach_vtpm(machine, image, cmdline.as_bytes(), None)?;
         }
         let bitmaps = Bitmaps::new(&IoBitmap::trap_all(), &MsrBitmap::trap_all()).ok_or("no memory for bitmaps")?;
         let setup = VcpuSetup { entry: &entry, bitmaps: &bitmaps, timeslice, pass_through: false };
@@ -200,7 +221,7 @@ impl Vm {
         let ept = pass_through_ept(vmx, &map, machine.hypervisor_ranges, machine.lapic)?;
         if vm.guest.config.vtpm {
             let cmdline = vm.guest.config.args.clone();
-            vm.attach_vtpm(machine.vtpm_seed, module_bytes(kernel), cmdline.as_bytes(), initrd.map(module_bytes))?;
+            vm.attach_vtpm(machine, module_bytes(kernel), cmdline.as_bytes(), initrd.map(module_bytes))?;
         }
         let rsdp = install_acpi(&vm.guest, machine);
         // Counters may count for the guest only where they are switched off on every exit.
@@ -249,26 +270,91 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Gives the guest its vTPM and measures what it is about to run (its
-    /// kernel, command line and initrd) before its first instruction.
+    /// Gives the guest its vTPM (volatile, or durable from its sealed
+    /// state blob: see `tpm::setup`) and measures what it is about to run
+    /// (its kernel, command line and initrd; its security configuration
+    /// into PCR 11) before its first instruction.
     fn attach_vtpm(
         &mut self,
-        seed: Option<[u8; 32]>,
+        machine: &Machine<'_>,
         kernel: &[u8],
         cmdline: &[u8],
         initrd: Option<&[u8]>,
     ) -> Result<(), String> {
-        let tpm = engine::guest_tpm(self.guest.name(), seed, HardwarePlatform::new);
-        let mut vtpm = GuestTpm::new(engine::backend(tpm));
+        let name = String::from(self.guest.name());
+        let config = &self.guest.config;
+        let mode =
+            if config.vtpm_durable { VtpmMode::Durable { reset: config.vtpm_reset } } else { VtpmMode::Volatile };
+        let blob = machine.modules.iter().find(|m| config::state_owner(&m.cmdline) == Some(&name)).map(module_bytes);
+        // With a platform TPM the state key is sealed to CTVM's measured
+        // configuration and its counter guards the first durable guest;
+        // without one, the seed and no counter (both reported as weaker).
+        let sealer = Sealer::found();
+        let root: Option<alloc::boxed::Box<dyn SealingRoot>> = match (machine.vtpm_seed, sealer) {
+            (Some(seed), Some(chip)) => Some(alloc::boxed::Box::new(PlatformRoot::new(chip, seed))),
+            (Some(seed), None) => Some(alloc::boxed::Box::new(SeedRoot::new(seed))),
+            (None, _) => None,
+        };
+        let anchor: alloc::boxed::Box<dyn RollbackAnchor> = match sealer {
+            Some(chip) if config.vtpm_durable && claim_counter(&name) => {
+                alloc::boxed::Box::new(PlatformCounter::new(chip, &name))
+            }
+            Some(_) if config.vtpm_durable => alloc::boxed::Box::new(CounterElsewhere),
+            _ => alloc::boxed::Box::new(NoCounter),
+        };
+        let mut nonces = HardwarePlatform::new();
+        let request = setup::Request { guest: &name, mode, root: root.as_deref(), seed: machine.vtpm_seed, blob };
+        let setup = setup::prepare(
+            &request,
+            anchor,
+            HardwarePlatform::new,
+            alloc::boxed::Box::new(move |b: &mut [u8]| vtpm_core::Platform::fill_random(&mut nonces, b)),
+        );
+        for (level, line) in setup.report(&name, root.as_ref().map_or("nothing", |r| r.name())) {
+            match level {
+                Level::Info => info!("{line}"),
+                Level::Warn => warn!("{line}"),
+                Level::Error => error!("{line}"),
+            }
+        }
+        if let Some(ca) = &setup.ca_certificate {
+            let digest: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(ca)).into();
+            info!("vTPM CA certificate (DER SHA-256 {}), for the verifier:", crate::tpm::config_event::to_hex(&digest));
+            for line in setup::pem_lines(ca) {
+                info!("  {line}");
+            }
+        }
+        let durable = setup.durable();
+        let failed = matches!(setup.outcome, setup::Outcome::Failed(_));
+        let trust: Vec<&str> = config.trusted.iter().map(String::as_str).collect();
+        let integrity = match config.integrity {
+            Some(crate::integrity::Mode::Enforce) => IntegrityMode::Enforce,
+            Some(crate::integrity::Mode::Audit) => IntegrityMode::Audit,
+            None => IntegrityMode::Off,
+        };
+        let security = SecurityConfig {
+            hypervisor: machine.hypervisor_digest,
+            integrity,
+            trust: &trust,
+            policy: machine.policy_digest,
+            // What the configuration asks for, even when the state was refused.
+            vtpm_durable: config.vtpm_durable,
+        };
+        let event = config_event(vtpm_core::sha1, &security);
         let measurements = launch_measurements(vtpm_core::sha1, kernel, cmdline, initrd);
-        vtpm.measure_launch(&measurements).map_err(|e| format!("measured launch failed: {e:?}"))?;
+        let vtpm = GuestTpm::launch(setup.prepared, &measurements, &event)
+            .map_err(|e| format!("measured launch failed: {e:?}"))?;
         info!(
-            "guest {}: vTPM ready; kernel, command line{} measured into PCRs 8 and 9",
-            self.guest.name(),
-            if initrd.is_some() { " and initrd" } else { "" }
+            "guest {name}: vTPM {}; kernel, command line{} measured into PCRs 8 and 9, configuration ({}) into PCR 11",
+            if failed { "in failure mode after its launch was measured" } else { "ready" },
+            if initrd.is_some() { " and initrd" } else { "" },
+            if security.vtpm_durable { "vtpm=durable" } else { "vtpm=volatile" }
         );
         self.guest.vtpm = Some(vtpm);
         self.guest.capabilities |= guest_agent::Capabilities::VTPM | guest_agent::Capabilities::EVENT_LOG;
+        if durable {
+            self.guest.capabilities |= guest_agent::Capabilities::VTPM_STORE;
+        }
         Ok(())
     }
 
@@ -508,7 +594,9 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
     let data = modules.iter().filter(|m| config::is_data_module(&m.cmdline)).count();
     let ignored = modules.len() - guest_modules.len() - initrds.len() - data;
     if ignored > 0 {
-        warn!("{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed or ctvm.policy are ignored");
+        warn!(
+            "{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed, vtpm.state=NAME or ctvm.policy are ignored"
+        );
     }
     // Time slicing only matters with more than one guest.
     let timeslice = (guest_modules.len() > 1 && vmx.controls.features.preemption_timer)
@@ -528,7 +616,7 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
             continue;
         }
         let created = match config.kind {
-            GuestKind::Native => Vm::create_native(vmx, config, module_bytes(module), timeslice, machine.vtpm_seed),
+            GuestKind::Native => Vm::create_native(vmx, config, module_bytes(module), timeslice, machine),
             GuestKind::Linux if vms.iter().any(|vm| vm.guest.platform.is_pass_through()) => {
                 Err(String::from("only one guest can own the machine's devices"))
             }

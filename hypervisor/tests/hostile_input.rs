@@ -1982,13 +1982,14 @@ mod agent_abi {
     #[test]
     fn hypercall_arguments_are_decoded_only_when_every_check_holds() {
         let mut rng = Rng::new(0x4ca11);
-        let numbers = [0u64, 1, 2, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x1f, 0x20, 0x21];
+        let numbers = [0u64, 1, 2, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x1f, 0x20, 0x21, 0x30, 0x31, 0x32];
+        let max_blob = guest_agent::vtpm_store::MAX_BLOB as u64;
         let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
         let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
         let mut decoded = 0;
         for case in 0..scaled(100_000) {
             let arg = |rng: &mut Rng| match rng.below(4) {
-                0 => rng.pick(&[layout_size, info_size, 1, 1024, 1025, MAX_LOG_READ, MAX_LOG_READ + 1]),
+                0 => rng.pick(&[layout_size, info_size, 1, 1024, 1025, MAX_LOG_READ, MAX_LOG_READ + 1, max_blob + 1]),
                 _ => rng.edgy(),
             };
             let regs = Registers {
@@ -2030,6 +2031,11 @@ mod agent_abi {
                             assert_eq!((buffer, u64::from(offset)), (regs.rbx, regs.rdx), "{what}");
                             assert!(buffer.checked_add(u64::from(size)).is_some(), "{what}");
                         }
+                        Request::VtpmStoreFetch { buffer, size } => {
+                            assert!(u64::from(size) <= max_blob && u64::from(size) == regs.rcx, "{what}");
+                            assert!(buffer == regs.rbx && kernel_range(buffer, u64::from(size)), "{what}");
+                        }
+                        Request::VtpmStoreDone { version } => assert_eq!(version, regs.rbx, "{what}"),
                     }
                 }
                 Err(e) => {

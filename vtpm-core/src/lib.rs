@@ -359,6 +359,15 @@ impl<P: Platform> Tpm<P> {
         Ok(())
     }
 
+    /// Puts the chip in failure mode, as a failed self-test does, until
+    /// the next TPM_Init: every command but GetCapability (version and
+    /// vendor properties), GetTestResult and Startup answers
+    /// TPM_FAILEDSELFTEST. The hypervisor's answer to a vTPM state it
+    /// refused to load: the guest sees a broken chip, never a new one.
+    pub fn fail(&mut self) {
+        self.enter_failure_mode();
+    }
+
     /// Failure mode until the next TPM_Init, keeping the post-init state.
     fn enter_failure_mode(&mut self) {
         self.mode = match self.mode {

@@ -106,6 +106,8 @@ impl core::fmt::Display for BlobError {
 /// unsealed from the platform TPM). Zeroised when dropped.
 pub struct StateKey {
     key: Zeroizing<[u8; 32]>,
+    /// Keys the synthetic nonces of [`seal_synthetic`].
+    nonce_key: Zeroizing<[u8; 32]>,
     id: [u8; KEY_ID_LEN],
 }
 
@@ -116,11 +118,13 @@ impl StateKey {
     pub fn derive(platform_secret: &[u8; 32]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(SALT), platform_secret);
         let mut key = Zeroizing::new([0u8; 32]);
+        let mut nonce_key = Zeroizing::new([0u8; 32]);
         let mut id = [0u8; KEY_ID_LEN];
-        // Both lengths are far below HKDF-SHA256's 8160-byte limit.
+        // All lengths are far below HKDF-SHA256's 8160-byte limit.
         let _ = hk.expand(b"aead key", key.as_mut());
+        let _ = hk.expand(b"nonce key", nonce_key.as_mut());
         let _ = hk.expand(b"key id", &mut id);
-        StateKey { key, id }
+        StateKey { key, nonce_key, id }
     }
 
     /// The key id written into blobs.
@@ -177,6 +181,35 @@ pub fn seal(
     out.extend_from_slice(&(ct.len() as u32).to_be_bytes());
     out.extend_from_slice(&ct);
     Ok(out)
+}
+
+/// [`seal`] with a synthetic nonce: HMAC-SHA256 under a key of its own
+/// over `random`, the version, the guest and the plaintext, truncated to
+/// 12 bytes. Two blobs can then share a nonce only if they share all of
+/// these, that is, if they are the same blob: weak or repeating entropy (a
+/// processor without RDRAND, a deterministic emulator) cannot make AES-GCM
+/// reuse a nonce for two different plaintexts, which would give away both
+/// and the authentication key. Fresh `random` bytes still keep two seals of
+/// the same state apart.
+pub fn seal_synthetic(
+    key: &StateKey,
+    guest: &str,
+    version: u64,
+    plaintext: &[u8],
+    random: [u8; NONCE_LEN],
+) -> Result<Vec<u8>, BlobError> {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key.nonce_key.as_ref()).map_err(|_| BlobError::Malformed)?;
+    mac.update(&random);
+    mac.update(&version.to_be_bytes());
+    mac.update(&(guest.len() as u64).to_be_bytes());
+    mac.update(guest.as_bytes());
+    mac.update(plaintext);
+    let tag = mac.finalize().into_bytes();
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(tag.get(..NONCE_LEN).ok_or(BlobError::Malformed)?);
+    seal(key, guest, version, plaintext, nonce)
 }
 
 /// A cursor over the blob's bytes; every read past the end is `Truncated`.
@@ -426,6 +459,41 @@ mod tests {
         let mut raised = blob.clone();
         raised[35] = 6;
         assert_eq!(open(&key, "alpha", 6, &raised), Err(BlobError::Forged));
+    }
+
+    #[test]
+    fn another_format_or_algorithm_is_refused() {
+        // A blob of an older (or newer) format, or sealed with another
+        // algorithm, is refused before any decryption is tried.
+        let key = StateKey::derive(&SECRET);
+        let blob = seal(&key, "alpha", 5, &sample(), NONCE).unwrap();
+        for (at, value, want) in [(9, 0u8, 0u16), (9, 2, 2), (11, 0, 0), (11, 2, 2)] {
+            let mut b = blob.clone();
+            b[at] = value;
+            assert_eq!(open(&key, "alpha", 0, &b), Err(BlobError::UnsupportedFormat(want)), "byte {at} = {value}");
+        }
+    }
+
+    #[test]
+    fn synthetic_nonces_differ_with_the_plaintext_even_without_entropy() {
+        let key = StateKey::derive(&SECRET);
+        let nonce_of = |b: &[u8]| b[43..55].to_vec(); // "alpha": 38 + 5
+        let a = seal_synthetic(&key, "alpha", 5, b"state one", [0; NONCE_LEN]).unwrap();
+        let b = seal_synthetic(&key, "alpha", 5, b"state two", [0; NONCE_LEN]).unwrap();
+        let c = seal_synthetic(&key, "alpha", 6, b"state one", [0; NONCE_LEN]).unwrap();
+        let d = seal_synthetic(&key, "alpha", 5, b"state one", [1; NONCE_LEN]).unwrap();
+        let nonces = [nonce_of(&a), nonce_of(&b), nonce_of(&c), nonce_of(&d)];
+        for i in 0..4 {
+            for j in 0..i {
+                assert_ne!(nonces[i], nonces[j], "blobs {i} and {j} share a nonce");
+            }
+        }
+        // The same inputs give the same blob (nothing two plaintexts could leak).
+        assert_eq!(a, seal_synthetic(&key, "alpha", 5, b"state one", [0; NONCE_LEN]).unwrap());
+        assert_eq!(open(&key, "alpha", 5, &a).unwrap().plaintext.as_slice(), b"state one");
+        // Another host's key gives other nonces for the same inputs.
+        let other = seal_synthetic(&StateKey::derive(&[1; 32]), "alpha", 5, b"state one", [0; NONCE_LEN]).unwrap();
+        assert_ne!(nonce_of(&other), nonces[0]);
     }
 
     #[test]

@@ -1,37 +1,54 @@
 //! The durability protocol: no state change the vTPM acknowledged to the
-//! guest is ever lost to a power cut, and no older state is ever accepted.
+//! guest is ever lost to a power cut, and no older state is accepted once
+//! a newer one was acknowledged (where a counter exists to tell).
 //!
 //! # Parties
 //! * The hypervisor, which runs the vTPM and drives this state machine.
-//! * The guest's **store service**, a process in the guest that writes
-//!   sealed blobs ([`crate::blob`]) to the guest's disk, `fsync`s them
-//!   (file and directory, after a rename over the previous blob) and
-//!   answers with the version it stored. It is untrusted: it can lie,
-//!   lose blobs, or hand back any blob it ever saw.
+//! * The guest's **store service**, a process in the guest that asks the
+//!   hypervisor for sealed blobs ([`crate::blob`]), writes each to the
+//!   guest's disk, `fsync`s it (file and directory, after a rename over
+//!   the previous blob) and reports the version it stored. It is
+//!   untrusted: it can lie, lose blobs, or hand back any blob it ever saw.
 //! * A **counter** that survives power cuts and that the guest cannot
 //!   touch: the newest committed version. Blobs below it are refused
-//!   ([`crate::blob::BlobError::Stale`]). Where it lives (platform TPM NV
-//!   counter, a hypervisor-owned disk sector) is the hypervisor's choice.
+//!   ([`crate::blob::BlobError::Stale`]). A platform TPM's monotonic
+//!   counter is one; without one, the hypervisor keeps the counter in
+//!   memory only and rollback across reboots goes undetected (it says so).
 //!
 //! # Protocol
 //! 1. A command that changes nothing durable (PCRs, sessions, GetRandom,
-//!    loaded keys, ...) is answered at once.
-//! 2. A command that changed the permanent state (TakeOwnership, NV writes,
-//!    ChangeAuth, OwnerClear, the EK's first use, ...) has its response
-//!    **held**. The state is sealed as version `counter + 1` and sent to
-//!    the store service ([`Step::Store`]). No other command runs meanwhile:
-//!    the TIS has one command in flight, and the next waits.
-//! 3. When the store service reports that version stored, the counter is
-//!    advanced to it ([`Step::AdvanceCounter`]).
-//! 4. Once the counter is durable, the response is released
-//!    ([`Step::Release`]).
-//! 5. At boot the hypervisor opens the blob the store service hands it with
-//!    `minimum = counter`, then **fences**: before the guest's first
-//!    command it re-seals the loaded state as version `counter + 2` and
-//!    commits it as in 2–4. At most one blob beyond the counter can exist
-//!    (step 2 holds everything else back), so `counter + 2` is above every
-//!    version ever written: no two different blobs ever share a version,
-//!    and every blob written before the boot becomes stale.
+//!    loaded keys, reads) is answered at once ([`Step::Release`]).
+//! 2. A command that changed the durable state (TakeOwnership, NV writes,
+//!    ChangeAuth, OwnerClear, SaveState, ...) has its response **held**
+//!    ([`Step::Hold`]). No other command runs meanwhile: the TIS has one
+//!    command in flight, and the next is answered TPM_RETRY.
+//! 3. The store service asks for work ([`Durability::next_store`]); the
+//!    hypervisor seals the current state as the version given, hands the
+//!    blob over, and keeps it to hand over again unchanged if asked again
+//!    before a report ([`Store::Resend`]).
+//! 4. The store service reports that version stored ([`Durability::stored`]);
+//!    the hypervisor makes the counter that version, durably
+//!    ([`Step::AdvanceCounter`]), then calls [`Durability::counter_advanced`].
+//! 5. Once a blob that holds the change is committed, the response is
+//!    released ([`Step::Release`]).
+//!
+//! # The fence
+//! At boot the hypervisor opens the blob GRUB handed it with
+//! `minimum = counter`. The first blob stored in a boot is the **fence**,
+//! version `counter + 2`: at most one blob beyond the counter can exist
+//! (step 2 holds everything back until its commit), so `counter + 2` is
+//! above every version the previous boot left behind, and committing it
+//! makes every blob written before this boot stale. A change is released
+//! only after a commit that follows the fence (version `counter + 3` or
+//! later), never by the fence itself: another boot cut short may have left
+//! a different fence of the same version, and only what comes after it
+//! cannot collide with anything.
+//!
+//! Commands that change nothing run before the fence is committed, so the
+//! guest's kernel can probe and measure into its vTPM before its store
+//! service starts. Until then the loaded state is not pinned: a power cut
+//! before the fence's commit may bring back an older blob at the next boot,
+//! which lacks only changes the previous boot never acknowledged.
 //!
 //! Why each order: writing the blob before advancing the counter means a
 //! cut between the two leaves the old state acceptable, so the guest always
@@ -41,54 +58,59 @@
 //! acknowledged, as a real TPM may when power fails during its NV write.
 //!
 //! # Without a store service
-//! If the guest runs no store service (none registered at boot, the common
-//! case for a guest that does not care), responses are released at once
-//! ([`Durability::volatile`]): the vTPM's state lives until the host
-//! powers off, as the EK-only vTPM did before. The security-configuration
-//! measurement records it (`vtpm=volatile` in `ctvm.config`), so a remote
-//! verifier can refuse such a guest. A store service that disappears
-//! mid-exchange leaves the response held: the guest's TPM driver times out
-//! (TPM_TIMEOUT for long commands) and its later commands wait, fail-closed,
-//! until the store service answers; the held blob is resent unchanged.
+//! A guest configured volatile gets [`Durability::volatile`]: responses
+//! are released at once and the state lives until the host powers off.
+//! The security-configuration measurement records it (`vtpm=volatile` in
+//! `ctvm.config`), so a remote verifier can refuse such a guest. A durable
+//! guest whose store service never runs, or disappears mid-exchange,
+//! keeps its response held: its TPM driver times out and later commands
+//! are answered TPM_RETRY, fail-closed, until the store service answers;
+//! the held blob is resent unchanged.
 //!
 //! A store service that acknowledges without writing only hurts its own
 //! guest: at the next boot its blob is stale or missing, and the vTPM
 //! refuses to start on older state (it never silently rolls back).
 
-/// What the hypervisor must do next.
+/// What the hypervisor must do with the response of the command that just
+/// ran, or after a report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Release the held (or just computed) response to the guest.
     Release,
-    /// Seal the vTPM's current state as this version and send it to the
-    /// store service; hold the response.
-    Store { version: u64 },
+    /// Hold the response until a later step releases it.
+    Hold,
     /// Make the counter this value, durably, then call
     /// [`Durability::counter_advanced`].
     AdvanceCounter { to: u64 },
-    /// Nothing to do: wait for the store service or the counter.
+    /// Nothing to do: wait for the store service.
     Wait,
-    /// The boot fence is committed: the guest may run.
-    Ready,
 }
 
-/// Where the protocol is.
+/// What to hand the store service when it asks for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Seal the vTPM's current state as this version, keep the blob, and
+    /// hand it over.
+    Seal(u64),
+    /// Hand over the blob of this version sealed before, unchanged.
+    Resend(u64),
+}
+
+/// Where the exchange with the store service is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Boot: the loaded state is not fenced yet.
-    Booting,
-    /// Commands run.
-    Running,
+    /// No blob outstanding.
+    Idle,
     /// A blob of this version is with the store service.
-    Storing { version: u64, fence: bool },
+    Storing(u64),
     /// The counter is being advanced to this version.
-    Advancing { version: u64, fence: bool },
+    Advancing(u64),
 }
 
 /// Why a call was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProtocolError {
-    /// A command arrived while a store is in flight or before the fence.
+    /// A command arrived while a response is held.
     Busy,
     /// A store report or counter value that is not the one expected (a
     /// lying or confused store service): ignored.
@@ -98,27 +120,39 @@ pub enum ProtocolError {
 /// The hypervisor's side of the protocol for one vTPM.
 #[derive(Clone, Debug)]
 pub struct Durability {
+    /// The newest committed version.
     counter: u64,
+    /// The version the fence is stored as; None once it is committed.
+    fence: Option<u64>,
     phase: Phase,
+    /// A response is held.
+    held: bool,
+    /// The state changed since the last blob was sealed, or a held change
+    /// still needs a store after the fence.
+    dirty: bool,
     volatile: bool,
 }
 
 impl Durability {
-    /// A boot with a store service. `counter` is the committed version;
-    /// the state the vTPM starts from (the blob opened with
-    /// `minimum = counter`, or a new chip when there is none) must be
-    /// fenced: the returned step stores it as `counter + 2`.
-    pub fn boot(counter: u64) -> (Self, Step) {
-        let mut d = Durability { counter, phase: Phase::Booting, volatile: false };
-        let version = counter.saturating_add(2);
-        d.phase = Phase::Storing { version, fence: true };
-        (d, Step::Store { version })
+    /// A boot with a store service. `counter` is the committed version:
+    /// the state the vTPM starts from is the blob opened with
+    /// `minimum = counter`, or a new chip. The first store is the fence,
+    /// at `counter + 2`.
+    pub fn boot(counter: u64) -> Self {
+        Durability {
+            counter,
+            fence: Some(counter.saturating_add(2)),
+            phase: Phase::Idle,
+            held: false,
+            dirty: false,
+            volatile: false,
+        }
     }
 
     /// A boot without a store service: nothing is persisted, every
     /// response is released at once.
     pub fn volatile() -> Self {
-        Durability { counter: 0, phase: Phase::Running, volatile: true }
+        Durability { counter: 0, fence: None, phase: Phase::Idle, held: false, dirty: false, volatile: true }
     }
 
     /// True when the vTPM has no store service.
@@ -131,30 +165,64 @@ impl Durability {
         self.counter
     }
 
-    /// True when the vTPM may execute the guest's next command.
-    pub fn may_execute(&self) -> bool {
-        self.phase == Phase::Running
+    /// True once the boot's fence is committed: the loaded state is pinned.
+    pub fn fenced(&self) -> bool {
+        self.fence.is_none()
     }
 
-    /// A command ran; `changed` says whether it changed the permanent
-    /// state (vtpm-core's `permanent_dirty`).
+    /// True while a response is held.
+    pub fn holding(&self) -> bool {
+        self.held
+    }
+
+    /// True when the vTPM may execute the guest's next command: no
+    /// response is held.
+    pub fn may_execute(&self) -> bool {
+        !self.held
+    }
+
+    /// A command ran; `changed` says whether it changed the durable state
+    /// (vtpm-core's `permanent_dirty`, or a new saved state).
     pub fn command_done(&mut self, changed: bool) -> Result<Step, ProtocolError> {
-        if self.phase != Phase::Running {
+        if self.held {
             return Err(ProtocolError::Busy);
         }
         if !changed || self.volatile {
             return Ok(Step::Release);
         }
-        let version = self.counter.saturating_add(1);
-        self.phase = Phase::Storing { version, fence: false };
-        Ok(Step::Store { version })
+        self.held = true;
+        self.dirty = true;
+        Ok(Step::Hold)
     }
 
-    /// The store service reports `version` written and synced.
+    /// The store service asks for work: what to hand it, or None when
+    /// there is nothing to store.
+    pub fn next_store(&mut self) -> Option<Store> {
+        if self.volatile {
+            return None;
+        }
+        match self.phase {
+            Phase::Storing(v) => return Some(Store::Resend(v)),
+            Phase::Advancing(_) => return None,
+            Phase::Idle => {}
+        }
+        let version = match self.fence {
+            Some(fence) => fence,
+            None if self.dirty => self.counter.saturating_add(1),
+            None => return None,
+        };
+        self.dirty = false;
+        self.phase = Phase::Storing(version);
+        Some(Store::Seal(version))
+    }
+
+    /// The store service reports `version` written and synced. Repeating
+    /// the report while the counter is being advanced asks for the same
+    /// advance again (a counter write that failed is retried).
     pub fn stored(&mut self, version: u64) -> Result<Step, ProtocolError> {
         match self.phase {
-            Phase::Storing { version: v, fence } if v == version => {
-                self.phase = Phase::Advancing { version, fence };
+            Phase::Storing(v) | Phase::Advancing(v) if v == version => {
+                self.phase = Phase::Advancing(version);
                 Ok(Step::AdvanceCounter { to: version })
             }
             _ => Err(ProtocolError::Unexpected),
@@ -164,20 +232,32 @@ impl Durability {
     /// The counter now durably holds `to`.
     pub fn counter_advanced(&mut self, to: u64) -> Result<Step, ProtocolError> {
         match self.phase {
-            Phase::Advancing { version, fence } if version == to => {
+            Phase::Advancing(v) if v == to => {
                 self.counter = to;
-                self.phase = Phase::Running;
-                Ok(if fence { Step::Ready } else { Step::Release })
+                self.phase = Phase::Idle;
+                if self.fence == Some(to) {
+                    self.fence = None;
+                    // A change held across the fence is released only by a
+                    // later commit (see the module documentation).
+                    if self.held {
+                        self.dirty = true;
+                    }
+                }
+                if self.held && !self.dirty {
+                    self.held = false;
+                    Ok(Step::Release)
+                } else {
+                    Ok(Step::Wait)
+                }
             }
             _ => Err(ProtocolError::Unexpected),
         }
     }
 
-    /// The version being stored, to resend the same blob when the store
-    /// service comes back.
+    /// The version being stored, if a blob is with the store service.
     pub fn in_flight(&self) -> Option<u64> {
         match self.phase {
-            Phase::Storing { version, .. } => Some(version),
+            Phase::Storing(v) => Some(v),
             _ => None,
         }
     }
@@ -187,8 +267,8 @@ impl Durability {
 mod tests {
     //! A model of the whole system (hypervisor, vTPM, store service, disk,
     //! counter, an adversarial guest) in which power is cut at every step
-    //! of every exchange, and the machine rebooted with every blob the
-    //! guest could hand back.
+    //! of every exchange, over three boots, each rebooted with every blob
+    //! the guest could hand back.
 
     use super::*;
     use crate::blob::{self, BlobError, StateKey};
@@ -207,6 +287,10 @@ mod tests {
         b.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect()
     }
 
+    fn key() -> StateKey {
+        StateKey::derive(&[3; 32])
+    }
+
     /// Everything that survives a power cut, plus what the guest saw.
     #[derive(Clone, Debug, Default)]
     struct World {
@@ -220,44 +304,26 @@ mod tests {
         acknowledged: BTreeSet<u32>,
     }
 
+    impl World {
+        /// Nothing was ever acknowledged: a first boot may make a new chip.
+        fn fresh(&self) -> bool {
+            self.counter == 0 && self.acknowledged.is_empty()
+        }
+    }
+
     /// One running boot.
     struct Machine {
         d: Durability,
         state: State,
+        /// The change whose response is held (None: a held read never
+        /// happens, reads are released at once).
         held: Option<u32>,
-        in_flight: Option<Vec<u8>>,
+        /// The blob with the store service, kept for a resend.
+        outbox: Option<(u64, Vec<u8>)>,
     }
 
-    const KEY: [u8; 32] = [3; 32];
-
-    /// The events of a run, one per call to `step`; power can be cut
-    /// before any of them.
-    #[derive(Clone, Copy, Debug)]
-    enum Event {
-        /// The guest sends a command; `Some(id)` if it changes durable state.
-        Command(Option<u32>),
-    }
-
-    /// Boots from what the world holds, as the hypervisor would with the
-    /// blob `pick` chooses. Returns None if the vTPM refuses to start (a
-    /// stale or forged blob): fail-closed, never a rollback.
-    fn boot(world: &World, blob: Option<&Vec<u8>>) -> Option<(Machine, Vec<Action>)> {
-        let key = StateKey::derive(&KEY);
-        let state = match blob {
-            Some(b) => match blob::open(&key, "guest", world.counter, b) {
-                Ok(o) => decode(&o.plaintext),
-                Err(BlobError::Stale { .. }) => return None,
-                Err(e) => panic!("unexpected refusal {e:?}"),
-            },
-            // No blob: only right on a fresh machine (counter 0).
-            None if world.counter == 0 => State::new(),
-            None => return None,
-        };
-        let (d, step) = Durability::boot(world.counter);
-        let mut m = Machine { d, state, held: None, in_flight: None };
-        let actions = m.follow(step);
-        Some((m, actions))
-    }
+    /// A guest command; `Some(id)` if it changes durable state.
+    type Event = Option<u32>;
 
     /// The protocol's side effects, performed one at a time so that power
     /// can be cut between any two.
@@ -271,26 +337,52 @@ mod tests {
         Deliver,
     }
 
+    /// Boots on the blob the guest hands over. None when the vTPM refuses
+    /// to start (a stale blob, or none on a machine that had a vTPM):
+    /// fail-closed, never a rollback.
+    fn boot(world: &World, blob: Option<&Vec<u8>>) -> Option<Machine> {
+        let state = match blob {
+            Some(b) => match blob::open(&key(), "guest", world.counter, b) {
+                Ok(o) => decode(&o.plaintext),
+                Err(BlobError::Stale { .. }) => return None,
+                Err(e) => panic!("unexpected refusal {e:?}"),
+            },
+            None if world.fresh() => State::new(),
+            None => return None,
+        };
+        Some(Machine { d: Durability::boot(world.counter), state, held: None, outbox: None })
+    }
+
     impl Machine {
         fn follow(&mut self, step: Step) -> Vec<Action> {
             match step {
-                Step::Store { version } => {
-                    let key = StateKey::derive(&KEY);
-                    let nonce = [version as u8; 12];
-                    self.in_flight = Some(blob::seal(&key, "guest", version, &encode(&self.state), nonce).unwrap());
-                    alloc::vec![Action::StoreAndReport(version)]
-                }
                 Step::AdvanceCounter { to } => alloc::vec![Action::WriteCounter(to)],
                 Step::Release => alloc::vec![Action::Deliver],
-                Step::Wait | Step::Ready => Vec::new(),
+                Step::Hold | Step::Wait => Vec::new(),
             }
         }
 
-        /// Performs one action against the world; returns the next ones.
+        /// The store service asks for work; returns its action, if any.
+        fn poll(&mut self) -> Option<Action> {
+            let v = match self.d.next_store()? {
+                Store::Seal(v) => {
+                    let nonce = [(v as u8) ^ (self.state.len() as u8); 12];
+                    let b = blob::seal(&key(), "guest", v, &encode(&self.state), nonce).unwrap();
+                    self.outbox = Some((v, b));
+                    v
+                }
+                Store::Resend(v) => {
+                    assert_eq!(self.outbox.as_ref().map(|o| o.0), Some(v), "a resend is the kept blob");
+                    v
+                }
+            };
+            Some(Action::StoreAndReport(v))
+        }
+
         fn perform(&mut self, a: &Action, w: &mut World) -> Vec<Action> {
             match *a {
                 Action::StoreAndReport(v) => {
-                    let b = self.in_flight.take().expect("a blob in flight");
+                    let (_, b) = self.outbox.clone().expect("a blob in flight");
                     w.synced.push(b.clone());
                     w.latest = Some(b);
                     let step = self.d.stored(v).unwrap();
@@ -311,48 +403,57 @@ mod tests {
         }
 
         fn command(&mut self, e: Event) -> Vec<Action> {
-            assert!(self.d.may_execute(), "a command ran before the previous one was committed");
-            let Event::Command(change) = e;
-            if let Some(id) = change {
+            assert!(self.d.may_execute(), "a command ran while a response was held");
+            if let Some(id) = e {
                 self.state.push(id);
             }
-            // Every command's response is held until Release.
-            self.held = change;
-            let step = self.d.command_done(change.is_some()).unwrap();
+            let step = self.d.command_done(e.is_some()).unwrap();
+            if step == Step::Hold {
+                self.held = e;
+            }
             self.follow(step)
         }
     }
 
-    /// Boots with the blob the store service hands over (`Some(None)`: the
-    /// honest newest one), runs `events`, cutting power after `cut` steps
-    /// (or never). Returns the world as the cut left it, and whether it
-    /// was cut; None when the vTPM refused that blob.
-    fn run(world: &World, handed: Option<&Vec<u8>>, events: &[Event], cut: usize) -> Option<(World, bool)> {
+    /// Boots on `handed`, runs `events` with the store service starting
+    /// after `service_from` of them (or when a held response would wait
+    /// for it forever), cutting power after `cut` steps. Returns the world
+    /// the cut left and whether it was cut; None when the vTPM refused.
+    fn run(
+        world: &World,
+        handed: Option<&Vec<u8>>,
+        events: &[Event],
+        service_from: usize,
+        cut: usize,
+    ) -> Option<(World, bool)> {
         let mut w = world.clone();
-        let (mut m, mut pending) = boot(&w, handed)?;
-        let mut done = 0usize;
-        let mut events = events.iter();
+        let mut m = boot(&w, handed)?;
+        let mut pending: Vec<Action> = Vec::new();
+        let (mut done, mut next) = (0usize, 0usize);
         loop {
-            if let Some(a) = pending.first().cloned() {
-                if done == cut {
-                    return Some((w, true));
-                }
-                pending.remove(0);
-                let more = m.perform(&a, &mut w);
-                pending.extend(more);
-                done += 1;
-                continue;
+            let service = next >= service_from || !m.d.may_execute();
+            let action = if !pending.is_empty() {
+                Some(pending.remove(0))
+            } else if service {
+                m.poll()
+            } else {
+                None
+            };
+            if done == cut && (action.is_some() || next < events.len()) {
+                return Some((w, true));
             }
-            match events.next() {
-                Some(e) => {
-                    if done == cut {
-                        return Some((w, true));
-                    }
-                    pending = m.command(*e);
-                    done += 1;
+            match action {
+                Some(a) => pending.extend(m.perform(&a, &mut w)),
+                None if next < events.len() => {
+                    pending = m.command(events[next]);
+                    next += 1;
                 }
-                None => return Some((w, false)),
+                None => {
+                    assert!(m.d.may_execute(), "a response held with nothing left to do");
+                    return Some((w, false));
+                }
             }
+            done += 1;
         }
     }
 
@@ -360,18 +461,8 @@ mod tests {
     /// (stale) or holds every acknowledged change; the newest synced blob
     /// always boots.
     fn check_reboot(w: &World) {
-        let key = StateKey::derive(&KEY);
-        // A version names one state: no two synced blobs share a version
-        // with different contents (else the older could stand in for the
-        // newer once the counter reaches that version).
-        let mut seen = alloc::collections::BTreeMap::new();
         for b in &w.synced {
-            let o = blob::open(&key, "guest", 0, b).unwrap();
-            let prev = seen.insert(o.version, decode(&o.plaintext));
-            assert!(prev.is_none_or(|p| p == decode(&o.plaintext)), "two states under version {}", o.version);
-        }
-        for b in &w.synced {
-            match blob::open(&key, "guest", w.counter, b) {
+            match blob::open(&key(), "guest", w.counter, b) {
                 Ok(o) => {
                     let state: BTreeSet<u32> = decode(&o.plaintext).into_iter().collect();
                     assert!(
@@ -388,88 +479,104 @@ mod tests {
             }
         }
         if let Some(latest) = &w.latest {
-            assert!(blob::open(&key, "guest", w.counter, latest).is_ok(), "the newest blob must boot");
+            assert!(blob::open(&key(), "guest", w.counter, latest).is_ok(), "the newest blob must boot");
         }
     }
 
+    /// A reading command, two changes, a read, a change.
     fn script(first_id: u32) -> Vec<Event> {
-        alloc::vec![
-            Event::Command(Some(first_id)),
-            Event::Command(None),
-            Event::Command(Some(first_id + 1)),
-            Event::Command(Some(first_id + 2)),
-            Event::Command(None),
-        ]
+        alloc::vec![None, Some(first_id), None, Some(first_id + 1), Some(first_id + 2), None]
     }
 
-    /// The blobs a reboot may be handed: the honest newest one and every
-    /// other synced blob the vTPM accepts (the adversary's choices).
-    fn choices(w: &World) -> Vec<Vec<u8>> {
-        let key = StateKey::derive(&KEY);
-        let mut v: Vec<Vec<u8>> = w.latest.iter().cloned().collect();
-        v.extend(w.synced.iter().filter(|b| blob::open(&key, "guest", w.counter, b).is_ok()).cloned());
+    /// The blobs a reboot may be handed: every synced blob the vTPM
+    /// accepts (the adversary's choices, the honest newest one among them),
+    /// and none at all on a fresh machine.
+    fn choices(w: &World) -> Vec<Option<Vec<u8>>> {
+        let mut v: Vec<Option<Vec<u8>>> =
+            w.synced.iter().filter(|b| blob::open(&key(), "guest", w.counter, b).is_ok()).cloned().map(Some).collect();
+        v.dedup();
+        if w.fresh() {
+            v.push(None);
+        }
         v
     }
 
-    #[test]
-    fn no_acknowledged_change_is_lost_to_a_cut_at_any_step() {
-        // Every cut point of a first boot's run; after each, a reboot on
-        // every blob the guest could hand back, every cut point of that
-        // second run, and the adversary's choice checked after each cut.
-        let (_, full) = run(&World::default(), None, &script(1), usize::MAX).unwrap();
-        assert!(!full);
-        let (mut first_cuts, mut second_runs) = (0, 0);
-        for cut1 in 0.. {
-            let (w1, cut) = run(&World::default(), None, &script(1), cut1).unwrap();
-            check_reboot(&w1);
-            let handed = choices(&w1);
-            if w1.latest.is_none() {
-                // Cut before the first fence reached the disk: a new chip.
-                assert!(run(&w1, None, &script(100), usize::MAX).is_some(), "a new machine boots");
-            }
-            for b in &handed {
-                for cut2 in 0.. {
-                    let (w2, cut_again) = run(&w1, Some(b), &script(100), cut2).expect("an accepted blob must boot");
-                    check_reboot(&w2);
-                    second_runs += 1;
-                    if !cut_again {
-                        assert!([100, 101, 102].iter().all(|c| w2.acknowledged.contains(c)));
-                        break;
-                    }
+    /// Every cut point of one boot from `w` on `handed`; calls `then` with
+    /// the world after each (checked) cut, and once with the uncut end.
+    fn every_cut(
+        w: &World,
+        handed: Option<&Vec<u8>>,
+        events: &[Event],
+        service_from: usize,
+        then: &mut dyn FnMut(&World, bool),
+    ) -> usize {
+        let mut runs = 0;
+        for cut in 0.. {
+            let (after, was_cut) = run(w, handed, events, service_from, cut).expect("an accepted blob must boot");
+            check_reboot(&after);
+            then(&after, was_cut);
+            runs += 1;
+            if !was_cut {
+                for id in events.iter().flatten() {
+                    assert!(after.acknowledged.contains(id), "change {id} was never acknowledged");
                 }
-            }
-            first_cuts += 1;
-            if !cut {
-                break;
+                return runs;
             }
         }
-        assert!(first_cuts > 10 && second_runs > 100, "{first_cuts} cuts, {second_runs} second runs");
+        unreachable!()
+    }
+
+    #[test]
+    fn no_acknowledged_change_is_lost_to_a_cut_at_any_step_of_three_boots() {
+        let mut runs = 0;
+        for service_from in [0, 3] {
+            runs += every_cut(&World::default(), None, &script(1), service_from, &mut |w1, _| {
+                for b1 in choices(w1) {
+                    runs += every_cut(w1, b1.as_ref(), &script(100), service_from, &mut |w2, _| {
+                        for b2 in choices(w2) {
+                            runs += every_cut(w2, b2.as_ref(), &[Some(200), None], 0, &mut |_, _| {});
+                        }
+                    });
+                }
+            });
+        }
+        assert!(runs > 10_000, "{runs} runs");
     }
 
     #[test]
     fn an_older_blob_is_refused_once_a_change_was_acknowledged() {
-        let (w, _) = run(&World::default(), None, &script(1), usize::MAX).unwrap();
-        let key = StateKey::derive(&KEY);
-        let stale = w.synced.iter().filter(|b| blob::open(&key, "guest", w.counter, b).is_err()).count();
-        assert_eq!(stale, w.synced.len() - 1, "only the newest blob opens");
+        let (w, cut) = run(&World::default(), None, &script(1), 0, usize::MAX).unwrap();
+        assert!(!cut);
+        let accepted = w.synced.iter().filter(|b| blob::open(&key(), "guest", w.counter, b).is_ok()).count();
+        assert_eq!(accepted, 1, "only the newest blob opens");
     }
 
     #[test]
-    fn versions_are_never_reused_across_reboots() {
-        // Cut right after a store reached the disk but before the counter
-        // moved; the adversary boots the older blob; the fence must put the
-        // next version above the unacknowledged one.
-        let (w, _) = run(&World::default(), None, &script(1), usize::MAX).unwrap();
-        let counter = w.counter;
-        let (d, step) = Durability::boot(counter);
-        assert_eq!(step, Step::Store { version: counter + 2 });
-        let mut d = d;
-        assert_eq!(d.command_done(true), Err(ProtocolError::Busy), "no command before the fence");
-        assert_eq!(d.stored(counter + 1), Err(ProtocolError::Unexpected), "a store report for another version");
-        assert_eq!(d.stored(counter + 2), Ok(Step::AdvanceCounter { to: counter + 2 }));
-        assert_eq!(d.counter_advanced(counter + 2), Ok(Step::Ready));
-        assert_eq!(d.command_done(true), Ok(Step::Store { version: counter + 3 }));
-        assert_eq!(d.in_flight(), Some(counter + 3));
+    fn the_fence_comes_first_and_a_held_change_waits_for_the_store_after_it() {
+        let mut d = Durability::boot(10);
+        assert!(!d.fenced());
+        // Reads run before the store service ever asks.
+        assert_eq!(d.command_done(false), Ok(Step::Release));
+        // A change before the fence is held, and blocks the next command.
+        assert_eq!(d.command_done(true), Ok(Step::Hold));
+        assert_eq!(d.command_done(false), Err(ProtocolError::Busy));
+        assert_eq!(d.next_store(), Some(Store::Seal(12)), "the fence, above any blob of the last boot");
+        assert_eq!(d.next_store(), Some(Store::Resend(12)), "asked again: the same blob");
+        assert_eq!(d.stored(11), Err(ProtocolError::Unexpected), "a report for another version");
+        assert_eq!(d.stored(12), Ok(Step::AdvanceCounter { to: 12 }));
+        assert_eq!(d.stored(12), Ok(Step::AdvanceCounter { to: 12 }), "a repeated report retries the counter");
+        assert_eq!(d.next_store(), None, "nothing while the counter moves");
+        assert_eq!(d.counter_advanced(11), Err(ProtocolError::Unexpected));
+        assert_eq!(d.counter_advanced(12), Ok(Step::Wait), "the fence alone releases nothing");
+        assert!(d.fenced() && d.holding());
+        assert_eq!(d.next_store(), Some(Store::Seal(13)));
+        assert_eq!(d.stored(13), Ok(Step::AdvanceCounter { to: 13 }));
+        assert_eq!(d.counter_advanced(13), Ok(Step::Release));
+        assert!(!d.holding() && d.may_execute());
+        assert_eq!(d.next_store(), None, "nothing changed since");
+        assert_eq!(d.command_done(true), Ok(Step::Hold));
+        assert_eq!(d.next_store(), Some(Store::Seal(14)));
+        assert_eq!(d.in_flight(), Some(14));
     }
 
     #[test]
@@ -478,6 +585,7 @@ mod tests {
         assert!(d.is_volatile());
         assert_eq!(d.command_done(true), Ok(Step::Release));
         assert_eq!(d.command_done(false), Ok(Step::Release));
+        assert_eq!(d.next_store(), None);
         assert_eq!(d.stored(1), Err(ProtocolError::Unexpected));
     }
 }

@@ -197,17 +197,26 @@ enum Com1<'a> {
     Socket(u16),
 }
 
-fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, (megs, cpus): (u32, u32)) -> String {
+/// Bytes per cylinder of the disk geometry Bochs picks for a flat image
+/// (16 heads, 63 sectors of 512 bytes): a disk image's size must be a
+/// multiple of it, or Bochs leaves its end out of reach.
+pub const DISK_CYLINDER: u64 = 16 * 63 * 512;
+
+fn bochsrc(iso: &Path, com1: Com1<'_>, log: &Path, (megs, cpus): (u32, u32), disk: Option<&Path>) -> String {
     let com1 = match com1 {
         Com1::File(path) => format!("mode=file, dev={}", path.display()),
         Com1::Socket(port) => format!("mode=socket-server, dev=localhost:{port}"),
     };
+    // The hard disk beside the CD: the BIOS and GRUB see it as (hd0), Linux
+    // as /dev/sda through ata_piix.
+    let disk = disk.map_or(String::new(), |d| format!("ata0-slave: type=disk, path={}, mode=flat\n", d.display()));
     format!(
         "megs: {megs}\n\
          cpu: model=corei7_skylake_x, count={cpus}, ips=200000000, quantum=16, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
          ata0-master: type=cdrom, path={}, status=inserted\n\
+         {disk}\
          boot: cdrom\n\
          display_library: rfb, options=\"timeout=0\"\n\
          com1: enabled=1, {com1}\n\
@@ -302,10 +311,38 @@ pub fn boot_with(
     emulator: Emulator,
     iso: &Path,
     run_name: &str,
+    machine: (u32, u32),
+    timeout: Duration,
+    marker: Option<&str>,
+    devices: Devices,
+) -> Result<RunOutput, Fail> {
+    run(emulator, iso, run_name, machine, timeout, marker, devices, None)
+}
+
+/// [`boot`] with a hard disk image (Bochs only), which keeps what the
+/// guest writes for the next boot.
+pub fn boot_with_disk(
+    emulator: Emulator,
+    iso: &Path,
+    run_name: &str,
+    machine: (u32, u32),
+    timeout: Duration,
+    marker: Option<&str>,
+    disk: Option<&Path>,
+) -> Result<RunOutput, Fail> {
+    run(emulator, iso, run_name, machine, timeout, marker, Devices::default(), disk)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    emulator: Emulator,
+    iso: &Path,
+    run_name: &str,
     (megs, cpus): (u32, u32),
     timeout: Duration,
     marker: Option<&str>,
     devices: Devices,
+    disk: Option<&Path>,
 ) -> Result<RunOutput, Fail> {
     let dir = work_dir().join("runs").join(run_name);
     let _ = fs::remove_dir_all(&dir);
@@ -318,7 +355,11 @@ pub fn boot_with(
     let mut child = match emulator {
         Emulator::Bochs => {
             let rc = dir.join("bochsrc");
-            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, (megs, cpus)))?;
+            if let Some(d) = disk {
+                // A run that was killed leaves Bochs' lock behind.
+                let _ = fs::remove_file(format!("{}.lock", d.display()));
+            }
+            fs::write(&rc, bochsrc(iso, Com1::File(&serial), &emu_log, (megs, cpus), disk))?;
             fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
             Command::new("bochs")
                 .current_dir(&dir)
@@ -415,7 +456,8 @@ pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> 
         let iso = image::iso_for_emulator(scenario, Emulator::QemuTcg)?;
         let machine = (scenario.megs, scenario.cpus);
         let run = format!("run-{}", scenario.name);
-        let out = boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.timeout, None, scenario.target.devices)?;
+        let out =
+            boot_with(Emulator::QemuTcg, &iso, &run, machine, scenario.time_limit(), None, scenario.target.devices)?;
         print!("{}", out.serial);
         println!("xtask: QEMU exited ({:?}) after {:.1} s", out.exit_code, out.elapsed.as_secs_f64());
         return Ok(());
@@ -444,7 +486,7 @@ pub fn run_interactive(scenario: &Scenario, choice: Choice) -> Result<(), Fail> 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     fs::write(
         dir.join("bochsrc"),
-        bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), (scenario.megs, scenario.cpus)),
+        bochsrc(&iso, Com1::Socket(port), &dir.join("bochs.log"), (scenario.megs, scenario.cpus), None),
     )?;
     fs::write(dir.join("dbg.rc"), BOCHS_DBG_RC)?;
     let mut child = Command::new("bochs")

@@ -82,6 +82,16 @@ pub struct ModuleSpec {
     pub args: String,
 }
 
+/// A module GRUB loads from the hard disk (ext2/3/4 on the whole disk,
+/// `(hd0)`) when the file is there: how a durable vTPM's state blob comes
+/// back at each boot.
+#[derive(Clone, Debug)]
+pub struct DiskModule {
+    /// The path on the disk's filesystem.
+    pub path: String,
+    pub args: String,
+}
+
 /// Writes grub.cfg and runs grub-mkrescue; returns the ISO's path.
 pub fn make_iso(name: &str, hypervisor: &Path, hv_args: &str, modules: &[ModuleSpec]) -> Result<PathBuf, Fail> {
     make_iso_with(name, hypervisor, hv_args, modules, Loader::Grub)
@@ -97,6 +107,30 @@ pub fn make_iso_with(
     hv_args: &str,
     modules: &[ModuleSpec],
     loader: Loader,
+) -> Result<PathBuf, Fail> {
+    write_iso(name, hypervisor, hv_args, modules, loader, &[])
+}
+
+/// [`make_iso`] with modules GRUB reads from the hard disk, each only if
+/// its file exists (a missing state blob is then CTVM's to refuse, not
+/// GRUB's error).
+pub fn make_iso_with_disk(
+    name: &str,
+    hypervisor: &Path,
+    hv_args: &str,
+    modules: &[ModuleSpec],
+    disk_modules: &[DiskModule],
+) -> Result<PathBuf, Fail> {
+    write_iso(name, hypervisor, hv_args, modules, Loader::Grub, disk_modules)
+}
+
+fn write_iso(
+    name: &str,
+    hypervisor: &Path,
+    hv_args: &str,
+    modules: &[ModuleSpec],
+    loader: Loader,
+    disk_modules: &[DiskModule],
 ) -> Result<PathBuf, Fail> {
     packages::ensure(packages::Purpose::Images)?;
     let root = work_dir().join("iso").join(name);
@@ -127,6 +161,16 @@ pub fn make_iso_with(
         let file_name = format!("m{i}-{}", m.file.file_name().and_then(|n| n.to_str()).unwrap_or("module"));
         fs::copy(&m.file, boot.join(&file_name))?;
         cfg.push_str(&format!("    {module_command} /boot/{file_name} {}\n", m.args));
+    }
+    if !disk_modules.is_empty() {
+        cfg.push_str("    insmod ext2\n");
+    }
+    for m in disk_modules {
+        cfg.push_str(&format!(
+            "    if [ -f (hd0){path} ]; then\n        {module_command} (hd0){path} {args}\n    fi\n",
+            path = m.path,
+            args = m.args
+        ));
     }
     cfg.push_str("    boot\n}\n");
     fs::write(boot.join("grub").join("grub.cfg"), &cfg)?;

@@ -12,6 +12,7 @@
 //! ```
 
 mod bench;
+mod durable;
 mod elf32;
 mod emulator;
 mod fuzz;
@@ -140,6 +141,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
             for s in scenarios::all() {
                 println!("{:<20} {}", s.name, s.about);
             }
+            println!("{:<20} {}", durable::NAME, durable::ABOUT);
             Ok(())
         }
         "help" | "--help" | "-h" => {

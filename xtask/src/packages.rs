@@ -20,6 +20,10 @@ const IMAGE: &[Need] = &[
     ("grub-mkrescue", "grub-common"),
     ("xorriso", "xorriso"),
     ("mformat", "mtools"),
+    // The durable-vTPM scenario's disk: made, read and written without
+    // mounting it (no root needed).
+    ("mke2fs", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
     // QEMU TCG runs the platform scenarios (VT-d, the platform TPM, tboot):
     // no VT-x there, but a VT-d model, the edu DMA device and swtpm's TPMs.
     ("qemu-system-x86_64", "qemu-system-x86"),

@@ -37,8 +37,14 @@
 //!   while receiving, bytes left while answering), capped at 255 so that a
 //!   driver reading only the low byte, or the two bytes separately, never
 //!   sees 0 or an overstated count. 0 only when nothing can move.
-//! - **stsValid** is always 1: execution is synchronous, so `dataAvail` and
-//!   `Expect` are always valid when read.
+//! - **stsValid** is always 1: `dataAvail` and `Expect` are always valid
+//!   when read.
+//! - **Execution**: a backend may hold a response ([`TpmBackend::submit`]
+//!   returns `None`: a durable vTPM waits until its state is on disk). The
+//!   command then shows as executing (stsValid, no dataAvail, burstCount 0)
+//!   and the backend is asked at each access whether the response is
+//!   there. commandReady during execution aborts the wait, as TIS allows:
+//!   the response, when it comes, is dropped.
 //! - **STS writes** act only when exactly one of commandReady, tpmGo and
 //!   responseRetry is set; other combinations are ignored.
 //! - **Interrupts**: an event sets its INT_STATUS bit only when
@@ -116,17 +122,45 @@ pub mod int {
     pub const SOURCES: u32 = COMMAND_READY | LOCALITY_CHANGE | STS_VALID | DATA_AVAIL;
 }
 
-/// What executes complete commands: the vTPM. Synchronous: the answer is
-/// there when `execute` returns.
+/// What executes complete commands: the vTPM.
 pub trait TpmBackend {
     /// Runs one command (10..=4096 bytes, `paramSize` equal to its length)
-    /// sent from `locality` (0..=3) and returns the response.
+    /// sent from `locality` (0..=3) and returns the response at once.
     fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8>;
+
+    /// Starts one command from the guest. `None` when the response is held
+    /// (a durable vTPM waits for its store service): the TIS then shows the
+    /// command executing and asks [`TpmBackend::poll`] at each access.
+    fn submit(&mut self, locality: u8, command: &[u8]) -> Option<Vec<u8>> {
+        Some(self.execute(locality, command))
+    }
+
+    /// The held response, once released.
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// The guest's store service's side of a durable vTPM.
+    fn store(&mut self) -> Option<&mut dyn crate::tpm::durable::StoreChannel> {
+        None
+    }
 }
 
 impl<T: TpmBackend + ?Sized> TpmBackend for Box<T> {
     fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
         (**self).execute(locality, command)
+    }
+
+    fn submit(&mut self, locality: u8, command: &[u8]) -> Option<Vec<u8>> {
+        (**self).submit(locality, command)
+    }
+
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        (**self).poll()
+    }
+
+    fn store(&mut self) -> Option<&mut dyn crate::tpm::durable::StoreChannel> {
+        (**self).store()
     }
 }
 
@@ -216,8 +250,7 @@ pub fn register_at(offset: u16) -> Option<&'static RegisterInfo> {
     REGISTERS.iter().find(|r| r.offset == offset & !3)
 }
 
-/// The command state (TIS 1.2 section 5.6.12). There is no visible
-/// Execution state: the backend is synchronous.
+/// The command state (TIS 1.2 section 5.6.12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     Idle,
@@ -225,6 +258,9 @@ pub enum State {
     Ready,
     /// Command bytes arriving.
     Reception,
+    /// The backend holds the response (a durable vTPM waiting for its
+    /// store service): stsValid without dataAvail, burstCount 0.
+    Execution,
     /// A response is there to read.
     Completion,
 }
@@ -333,6 +369,7 @@ impl<B: TpmBackend> Tis<B> {
     /// register of its dword.
     pub fn read(&mut self, offset: u64, size: u8) -> u64 {
         self.stats.accesses = self.stats.accesses.wrapping_add(1);
+        self.poll_backend();
         let size = size.min(8);
         let mut value = 0u64;
         let mut done = 0u8;
@@ -349,6 +386,7 @@ impl<B: TpmBackend> Tis<B> {
     /// A write of `size` bytes (1, 2, 4 or 8) at `offset` from [`BASE`].
     pub fn write(&mut self, offset: u64, size: u8, value: u64) {
         self.stats.accesses = self.stats.accesses.wrapping_add(1);
+        self.poll_backend();
         let size = size.min(8);
         let mut done = 0u8;
         while done < size {
@@ -539,7 +577,7 @@ impl<B: TpmBackend> Tis<B> {
                 status |= sts::EXPECT;
                 BUFFER_SIZE.saturating_sub(self.len)
             }
-            State::Reception => 0,
+            State::Reception | State::Execution => 0,
             State::Completion => {
                 let left = self.len.saturating_sub(self.pos);
                 if left > 0 {
@@ -575,7 +613,7 @@ impl<B: TpmBackend> Tis<B> {
         match self.state {
             State::Ready => self.reset_command(State::Reception),
             State::Reception => {}
-            State::Idle | State::Completion => return,
+            State::Idle | State::Execution | State::Completion => return,
         }
         let was_expecting = self.expecting();
         for byte in bytes.to_le_bytes().into_iter().take(usize::from(n)) {
@@ -627,25 +665,55 @@ impl<B: TpmBackend> Tis<B> {
         let framed = !self.overrun && self.param_size() == Some(self.len);
         if framed && Self::size_acceptable(self.len) {
             let command = self.buffer.get(..self.len).unwrap_or(&[]);
-            let response = self.backend.execute(locality, command);
+            let submitted = self.backend.submit(locality, command);
             self.stats.commands = self.stats.commands.wrapping_add(1);
-            let consistent = Self::size_acceptable(response.len())
-                && response
-                    .get(2..6)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map(u32::from_be_bytes)
-                    .and_then(|s| usize::try_from(s).ok())
-                    == Some(response.len());
-            match self.buffer.get_mut(..response.len()) {
-                Some(dst) if consistent => {
-                    dst.copy_from_slice(&response);
-                    self.len = response.len();
+            match submitted {
+                Some(response) => self.complete(locality, &response),
+                None => {
+                    // Held: nothing of the command stays readable meanwhile.
+                    self.buffer.fill(0);
+                    self.state = State::Execution;
+                    self.len = 0;
+                    self.pos = 0;
+                    self.overrun = false;
                 }
-                _ => self.error_response(TPM_FAIL),
             }
         } else {
             self.error_response(TPM_BAD_PARAM_SIZE);
+            self.finish(locality);
         }
+    }
+
+    /// Takes a held response the backend released.
+    fn poll_backend(&mut self) {
+        if self.state != State::Execution {
+            return;
+        }
+        if let (Some(response), Some(locality)) = (self.backend.poll(), self.active) {
+            self.complete(locality, &response);
+        }
+    }
+
+    /// The backend's answer, checked, as the response to read.
+    fn complete(&mut self, locality: u8, response: &[u8]) {
+        let consistent = Self::size_acceptable(response.len())
+            && response
+                .get(2..6)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .and_then(|s| usize::try_from(s).ok())
+                == Some(response.len());
+        match self.buffer.get_mut(..response.len()) {
+            Some(dst) if consistent => {
+                dst.copy_from_slice(response);
+                self.len = response.len();
+            }
+            _ => self.error_response(TPM_FAIL),
+        }
+        self.finish(locality);
+    }
+
+    fn finish(&mut self, locality: u8) {
         self.state = State::Completion;
         self.pos = 0;
         self.overrun = false;

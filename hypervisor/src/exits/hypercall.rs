@@ -18,6 +18,8 @@ pub enum Request {
     ModuleUnregister { id: u32 },
     ViolationsRead { buffer: u64, count: u32 },
     EventLogRead { buffer: u64, size: u32, offset: u32 },
+    VtpmStoreFetch { buffer: u64, size: u32 },
+    VtpmStoreDone { version: u64 },
 }
 
 /// Largest event-log read.
@@ -75,6 +77,52 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
             regs.rbx.checked_add(regs.rcx).ok_or(Error::BadAddress)?;
             Ok(Request::EventLogRead { buffer: regs.rbx, size: regs.rcx as u32, offset: regs.rdx as u32 })
         }
+        Call::VtpmStoreFetch => {
+            let size = usize::try_from(regs.rcx).ok().filter(|&s| s <= guest_agent::vtpm_store::MAX_BLOB);
+            let size = size.ok_or(Error::InvalidArgument)?;
+            let buffer = kernel_pointer(regs.rbx, size as u64)?;
+            Ok(Request::VtpmStoreFetch { buffer, size: size as u32 })
+        }
+        Call::VtpmStoreDone => Ok(Request::VtpmStoreDone { version: regs.rbx }),
+    }
+}
+
+/// Hands the store service the durable vTPM's next blob: copied into the
+/// kernel's buffer as the kernel may write it. Returns the blob's size (0
+/// when nothing waits) and its version; a buffer too small gets NoSpace
+/// and the size it needs.
+fn vtpm_store_fetch(ctx: &mut ExitContext<'_>, buffer: u64, size: u32) -> Result<(u64, u64), (Error, u64)> {
+    let vtpm = ctx.guest.vtpm.as_mut().ok_or((Error::NotPermitted, 0))?;
+    let channel = vtpm.tis.backend_mut().store().ok_or((Error::NotPermitted, 0))?;
+    let blob = match channel.fetch() {
+        Ok(Some((version, blob))) => (version, alloc::vec::Vec::from(blob)),
+        Ok(None) => return Ok((0, 0)),
+        Err(e) => {
+            log::error!("guest {}: vTPM store: {e:?}", ctx.guest.name());
+            return Err((Error::NotFound, 0));
+        }
+    };
+    let (version, bytes) = blob;
+    if bytes.len() > size as usize {
+        return Err((Error::NoSpace, bytes.len() as u64));
+    }
+    ctx.access().write(buffer, &bytes).map_err(|_| (Error::BadAddress, 0))?;
+    Ok((bytes.len() as u64, version))
+}
+
+/// The store service wrote and synced `version`: the counter moves and the
+/// held response (if this blob holds it) is released.
+fn vtpm_store_done(ctx: &mut ExitContext<'_>, version: u64) -> Result<u64, Error> {
+    let name = alloc::string::String::from(ctx.guest.name());
+    let vtpm = ctx.guest.vtpm.as_mut().ok_or(Error::NotPermitted)?;
+    let channel = vtpm.tis.backend_mut().store().ok_or(Error::NotPermitted)?;
+    match channel.stored(version) {
+        Ok(()) => Ok(0),
+        Err(crate::tpm::durable::StoreError::Counter(e)) => {
+            log::error!("guest {name}: vTPM state version {version} stored but the counter did not move: {}", e.0);
+            Err(Error::Locked)
+        }
+        Err(_) => Err(Error::InvalidArgument),
     }
 }
 
@@ -125,6 +173,31 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             ctx.vcpu.regs().rax = status;
             Action::Resume
         }
+        // The store channel answers the kernel, and once the layout is
+        // locked only the pinned agent (the store service's device lives in
+        // it): a module loaded later cannot confirm a store that never
+        // happened and so release a held response.
+        Ok(Request::VtpmStoreFetch { .. } | Request::VtpmStoreDone { .. })
+            if ctx.guest.integrity.is_some() && !integrity::from_agent(ctx) =>
+        {
+            integrity::refusal(ctx, ViolationKind::Hypercall, call.rax);
+            ctx.vcpu.regs().rax = Error::NotPermitted.code() as u64;
+            Action::Resume
+        }
+        Ok(Request::VtpmStoreFetch { buffer, size }) => {
+            let (rax, rbx) = match vtpm_store_fetch(ctx, buffer, size) {
+                Ok(r) => r,
+                Err((e, needed)) => (e.code() as u64, needed),
+            };
+            let regs = ctx.vcpu.regs();
+            regs.rax = rax;
+            regs.rbx = rbx;
+            Action::Resume
+        }
+        Ok(Request::VtpmStoreDone { version }) => {
+            ctx.vcpu.regs().rax = vtpm_store_done(ctx, version).unwrap_or_else(|e| e.code() as u64);
+            Action::Resume
+        }
         // Once the layout is locked, only the pinned agent's code drives
         // the views and reads the violation log: a call from anywhere else
         // in the kernel is refused and reported.
@@ -158,6 +231,8 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
                 Request::Version
                 | Request::Shutdown { .. }
                 | Request::EventLogRead { .. }
+                | Request::VtpmStoreFetch { .. }
+                | Request::VtpmStoreDone { .. }
                 | Request::KernelLock { .. } => Err(Error::UnknownCall),
             };
             ctx.vcpu.regs().rax = result.unwrap_or_else(|e| e.code() as u64);
@@ -264,6 +339,97 @@ mod tests {
         run(&mut g, &mut v, exit);
         assert_eq!(v.regs.rax as i64, Error::BadAddress.code());
         assert_eq!(decode(&Registers { rax: 0x20, rcx: 1 << 20, ..Default::default() }), Err(Error::InvalidArgument));
+    }
+
+    /// The store channel on a durable vTPM, through VMCALLs from a kernel
+    /// whose page tables map K + x to guest-physical x.
+    #[test]
+    fn the_store_channel_hands_over_blobs_and_takes_only_true_reports() {
+        use crate::exits::testing::FakeHost;
+        use crate::guest::memory::fake::FakePhys;
+        use crate::guest::memory::HostPhys;
+        use crate::tpm::anchor::NoCounter;
+        use crate::tpm::durable::DurableTpm;
+        use vtpm_trust::blob::{self, StateKey};
+        const K: u64 = 0xffff_ffff_8000_0000;
+        const BUFFER: u64 = 0x20_0000;
+        struct Counter(u8);
+        impl vtpm_core::Platform for Counter {
+            fn fill_random(&mut self, buf: &mut [u8]) {
+                for b in buf {
+                    self.0 = self.0.wrapping_add(7);
+                    *b = self.0;
+                }
+            }
+            fn ticks_us(&mut self) -> u64 {
+                0
+            }
+        }
+        let phys = FakePhys::new(0x1000_0000, 16 << 20);
+        phys.write(0x1000_0000 + 0x1000 + 511 * 8, &(0x2000u64 | 3).to_le_bytes());
+        phys.write(0x1000_0000 + 0x2000 + 510 * 8, &(0x3000u64 | 3).to_le_bytes());
+        for i in 0..8u64 {
+            phys.write(0x1000_0000 + 0x3000 + i * 8, &((i << 21) | 0x83).to_le_bytes());
+        }
+        let mut g = test_guest();
+        let mut tpm = vtpm_core::Tpm::manufacture_without_ek(Counter(1));
+        tpm.power_on();
+        let key = StateKey::derive(&[4; 32]);
+        let durable = DurableTpm::new(
+            tpm,
+            "t",
+            key,
+            alloc::boxed::Box::new(NoCounter),
+            7,
+            alloc::boxed::Box::new(|b: &mut [u8]| b.fill(9)),
+        );
+        g.vtpm = Some(crate::tpm::GuestTpm::new(alloc::boxed::Box::new(durable)));
+        let mut v = FakeVcpu::new();
+        v.write(Field::Cr0, 0x8000_0031);
+        v.write(Field::Cr3, 0x1000);
+        v.write(Field::Cr4, 0x20);
+        v.write(Field::Efer, 0x500);
+        v.write(Field::CsAccessRights, 0xa09b);
+        let host = FakeHost::default();
+        let call = |g: &mut crate::guest::Guest, v: &mut FakeVcpu, rax: u64, rbx: u64, rcx: u64| {
+            v.regs.rax = rax;
+            v.regs.rbx = rbx;
+            v.regs.rcx = rcx;
+            let exit = ExitInfo { reason: reason::VMCALL, instruction_len: 3, ..Default::default() };
+            let mut ctx = ExitContext { guest: g, vcpu: v, exit: &exit, host: &host, phys: &phys, control: None };
+            assert_eq!(crate::exits::dispatch(&mut ctx), Action::Resume);
+            (v.regs.rax as i64, v.regs.rbx)
+        };
+        // A guest whose vTPM is not durable has no store channel.
+        let durable = g.vtpm.take();
+        g.vtpm = Some(crate::tpm::GuestTpm::new(alloc::boxed::Box::new(crate::tpm::fake::FakeTpm::default())));
+        assert_eq!(call(&mut g, &mut v, 0x30, K + BUFFER, 4096).0, Error::NotPermitted.code());
+        assert_eq!(call(&mut g, &mut v, 0x31, 9, 0).0, Error::NotPermitted.code());
+        g.vtpm = durable;
+        // A buffer the guest's page tables do not map: refused, nothing lost.
+        assert_eq!(call(&mut g, &mut v, 0x30, 0xffff_8000_0000_0000, 4096).0, Error::BadAddress.code());
+        // Too small: the size needed comes back.
+        let (rax, needed) = call(&mut g, &mut v, 0x30, K + BUFFER, 16);
+        assert_eq!(rax, Error::NoSpace.code());
+        // The fence, above the counter, sealed for this guest.
+        let (size, version) = call(&mut g, &mut v, 0x30, K + BUFFER, 4096);
+        assert_eq!((size as u64, version), (needed, 9));
+        let mut sealed = alloc::vec![0u8; size as usize];
+        phys.read(0x1000_0000 + BUFFER, &mut sealed);
+        assert_eq!(blob::open(&key_again(), "t", 9, &sealed).map(|o| o.version), Ok(9));
+        // Reports of other versions are refused; the true one is taken once.
+        for wrong in [0, 8, 10, u64::MAX] {
+            assert_eq!(call(&mut g, &mut v, 0x31, wrong, 0).0, Error::InvalidArgument.code());
+        }
+        assert_eq!(call(&mut g, &mut v, 0x31, 9, 0).0, 0);
+        assert_eq!(call(&mut g, &mut v, 0x31, 9, 0).0, Error::InvalidArgument.code());
+        assert_eq!(call(&mut g, &mut v, 0x30, K + BUFFER, 4096), (0, 0), "nothing more to store");
+        // From user space, nothing at all.
+        v.write(Field::SsAccessRights, 0x93 | (3 << 5));
+        assert_eq!(call(&mut g, &mut v, 0x30, K + BUFFER, 4096).0, Error::NotPermitted.code());
+        fn key_again() -> StateKey {
+            StateKey::derive(&[4; 32])
+        }
     }
 
     #[test]

@@ -1816,6 +1816,31 @@ mod tests {
     }
 
     #[test]
+    fn after_the_lock_only_the_agent_reaches_the_vtpm_store_channel() {
+        // A module's deputy confirming a store that never happened would
+        // release a held TPM response before its state is on disk.
+        let mut f = fixture(Mode::Enforce);
+        f.register_everything();
+        let store = crate::tpm::fake::FakeStore::default();
+        let reports = store.reports.clone();
+        f.guest.vtpm = Some(crate::tpm::GuestTpm::new(alloc::boxed::Box::new(store)));
+        w(&f.phys, MODULE_DATA, &[0xee; 16]);
+        assert_eq!(f.call_at(K + PRINTK, 0x30, K + MODULE_DATA, 4096), Error::NotPermitted.code());
+        assert_eq!(f.call_at(K + PRINTK, 0x31, 9, 0), Error::NotPermitted.code());
+        let mut buffer = [0u8; 16];
+        f.phys.read(0x1000_0000 + MODULE_DATA, &mut buffer);
+        assert_eq!(buffer, [0xee; 16], "no blob handed over");
+        assert!(reports.borrow().is_empty(), "no report taken");
+        let e = &mut f.guest.integrity.as_mut().unwrap().engine;
+        let kinds: Vec<_> = e.violations.take(usize::MAX).map(|r| r.kind).collect();
+        assert_eq!(kinds, [ViolationKind::Hypercall as u32; 2]);
+        // The agent's own calls are served.
+        assert_eq!(f.call(0x30, K + MODULE_DATA, 4096), 12);
+        assert_eq!(f.call(0x31, 9, 0), 0);
+        assert_eq!(*reports.borrow(), [9]);
+    }
+
+    #[test]
     fn the_lock_pins_the_agent_or_the_guest_stops() {
         // Locks with `info` as the agent's registration: the stop's reason.
         fn lock_with(f: &mut Fixture, info: u64) -> alloc::string::String {

@@ -30,8 +30,16 @@ pub struct GuestConfig {
     pub integrity: Option<crate::integrity::Mode>,
     /// Modules the policy trusts (`trust=name,name`): they run in the kernel view.
     pub trusted: alloc::vec::Vec<String>,
-    /// A virtual TPM at 0xFED40000 (`vtpm=on|off`; on for Linux guests).
+    /// A virtual TPM at 0xFED40000 (`vtpm=on|off|volatile|durable`; on for
+    /// Linux guests).
     pub vtpm: bool,
+    /// Its state kept by the guest's store service (`vtpm=durable`), in the
+    /// blob module `vtpm.state=NAME`; otherwise volatile (`vtpm=on`, the
+    /// same as `vtpm=volatile`).
+    pub vtpm_durable: bool,
+    /// `vtpm.reset`: a durable vTPM without an acceptable blob starts new
+    /// (its first boot) instead of staying in failure mode.
+    pub vtpm_reset: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +49,8 @@ pub enum ConfigError {
     BadMemory(String),
     UnknownKind(String),
     UnknownOption(String),
+    /// Options that do not go together.
+    Conflict(&'static str),
 }
 
 impl fmt::Display for ConfigError {
@@ -58,6 +68,7 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::UnknownKind(k) => write!(f, "unknown guest kind {k:?}"),
             ConfigError::UnknownOption(o) => write!(f, "unknown option {o:?}"),
+            ConfigError::Conflict(why) => f.write_str(why),
         }
     }
 }
@@ -85,10 +96,19 @@ pub const SEED_MODULE: &str = "vtpm.seed";
 /// The command line of the module holding the trusted-module policy.
 pub const POLICY_MODULE: &str = "ctvm.policy";
 
-/// Whether a module is data for the hypervisor itself: the vTPM seed or the
-/// trusted-module policy.
+/// The command-line word of a guest's vTPM state blob module.
+pub const STATE_MODULE: &str = "vtpm.state";
+
+/// The guest whose sealed vTPM state a module holds (`vtpm.state=NAME`,
+/// the whole command line).
+pub fn state_owner(cmdline: &str) -> Option<&str> {
+    cmdline.trim().strip_prefix(STATE_MODULE)?.strip_prefix('=').filter(|n| !n.is_empty() && !n.contains(' '))
+}
+
+/// Whether a module is data for the hypervisor itself: the vTPM seed, the
+/// trusted-module policy or a vTPM state blob.
 pub fn is_data_module(cmdline: &str) -> bool {
-    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE)
+    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE) || state_owner(cmdline).is_some()
 }
 
 /// Whether a module's command line describes a guest at all.
@@ -119,7 +139,13 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
     let mut integrity_set = false;
     let mut trusted = alloc::vec::Vec::new();
     let mut vtpm = None;
+    let mut vtpm_durable = false;
+    let mut vtpm_reset = false;
     for word in options.split_ascii_whitespace() {
+        if word == "vtpm.reset" {
+            vtpm_reset = true;
+            continue;
+        }
         match word.split_once('=') {
             Some(("guest", n)) => {
                 let valid = !n.is_empty()
@@ -148,8 +174,18 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
                     _ => return Err(ConfigError::UnknownOption(word.to_string())),
                 };
             }
-            Some(("vtpm", "on")) => vtpm = Some(true),
-            Some(("vtpm", "off")) => vtpm = Some(false),
+            Some(("vtpm", "on" | "volatile")) => {
+                vtpm = Some(true);
+                vtpm_durable = false;
+            }
+            Some(("vtpm", "durable")) => {
+                vtpm = Some(true);
+                vtpm_durable = true;
+            }
+            Some(("vtpm", "off")) => {
+                vtpm = Some(false);
+                vtpm_durable = false;
+            }
             Some(("trust", names)) => trusted.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from)),
             _ => return Err(ConfigError::UnknownOption(word.to_string())),
         }
@@ -161,7 +197,20 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
         integrity = Some(crate::integrity::Mode::Enforce);
     }
     let vtpm = vtpm.unwrap_or(kind == GuestKind::Linux);
-    Ok(GuestConfig { name, mem_bytes, kind, args: args.to_string(), integrity, trusted, vtpm })
+    if vtpm_reset && !vtpm_durable {
+        return Err(ConfigError::Conflict("vtpm.reset applies to vtpm=durable only"));
+    }
+    Ok(GuestConfig {
+        name,
+        mem_bytes,
+        kind,
+        args: args.to_string(),
+        integrity,
+        trusted,
+        vtpm,
+        vtpm_durable,
+        vtpm_reset,
+    })
 }
 
 /// `16M`, `1G`, `4096K` or plain bytes.
@@ -232,6 +281,27 @@ mod tests {
         assert_eq!(initrd_owner("guest=l kind=linux -- console=ttyS0 initrd=/boot/initrd.img"), None);
         assert_eq!(initrd_owner("guest=a initrd=l"), None);
         assert_eq!(initrd_owner("other -- initrd=l"), None);
+    }
+
+    #[test]
+    fn vtpm_modes_and_state_modules() {
+        let c = parse("guest=a kind=linux -- x").unwrap();
+        assert!(c.vtpm && !c.vtpm_durable && !c.vtpm_reset, "volatile by default");
+        let c = parse("guest=a vtpm=durable vtpm.reset -- x").unwrap();
+        assert!(c.vtpm && c.vtpm_durable && c.vtpm_reset);
+        assert!(!parse("guest=a vtpm=durable vtpm=volatile").unwrap().vtpm_durable, "the last vtpm= counts");
+        assert!(!parse("guest=a vtpm=durable vtpm=off").unwrap().vtpm);
+        assert!(matches!(parse("guest=a vtpm.reset"), Err(ConfigError::Conflict(_))));
+        assert!(matches!(parse("guest=a vtpm=maybe"), Err(ConfigError::UnknownOption(_))));
+        // After `--`, vtpm.reset is the guest's own word.
+        assert!(!parse("guest=a vtpm=durable -- vtpm.reset").unwrap().vtpm_reset);
+        assert_eq!(state_owner("vtpm.state=linux"), Some("linux"));
+        assert_eq!(state_owner(" vtpm.state=linux "), Some("linux"));
+        assert_eq!(state_owner("vtpm.state="), None);
+        assert_eq!(state_owner("vtpm.state=a b"), None);
+        assert_eq!(state_owner("vtpm.statex=a"), None);
+        assert_eq!(state_owner("guest=a -- vtpm.state=a"), None);
+        assert!(is_data_module("vtpm.state=linux") && is_data_module("vtpm.seed"));
     }
 
     #[test]

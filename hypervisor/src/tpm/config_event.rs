@@ -71,6 +71,14 @@ fn hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// Lower-case hexadecimal, as the configuration text and the console
+/// write digests.
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    hex(&mut s, bytes);
+    s
+}
+
 /// The canonical text.
 pub fn config_text(c: &SecurityConfig<'_>) -> String {
     let mut s = String::with_capacity(200);

@@ -7,10 +7,13 @@
 //! `TPM_Extend` per measurement. Any backend that answers TPM 1.2 commands
 //! works, and the host tests use a small fake.
 
+pub mod anchor;
 pub mod config_event;
+pub mod durable;
 pub mod engine;
 pub mod event_log;
 pub mod persist;
+pub mod setup;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -84,6 +87,34 @@ pub struct Measurement<'a> {
     pub digest: [u8; 20],
 }
 
+/// Starts the TPM as firmware does at power-on, then extends and logs
+/// each measurement, in order.
+fn measure_launch_into(
+    backend: &mut dyn TpmBackend,
+    log: &mut EventLog,
+    measurements: &[Measurement<'_>],
+) -> Result<(), MeasureError> {
+    match run(backend, ORD_STARTUP, &ST_CLEAR.to_be_bytes()) {
+        Ok(_) | Err(MeasureError::Tpm { code: TPM_INVALID_POSTINIT, .. }) => {}
+        Err(e) => return Err(e),
+    }
+    for m in measurements {
+        let event = Event { pcr: m.pcr, kind: event_type::IPL, digest: m.digest, data: m.description.to_vec() };
+        measure_event_into(backend, log, &event)?;
+    }
+    Ok(())
+}
+
+/// Extends and logs one event.
+fn measure_event_into(backend: &mut dyn TpmBackend, log: &mut EventLog, event: &Event) -> Result<(), MeasureError> {
+    let mut params = Vec::with_capacity(24);
+    params.extend_from_slice(&event.pcr.to_be_bytes());
+    params.extend_from_slice(&event.digest);
+    run(backend, ORD_EXTEND, &params)?;
+    log.push(event)?;
+    Ok(())
+}
+
 impl GuestTpm {
     pub fn new(backend: Box<dyn TpmBackend>) -> Self {
         // The TIS has no interrupt line wired: guests poll (tpm_tis.interrupts=0).
@@ -93,39 +124,49 @@ impl GuestTpm {
     /// Starts the TPM as firmware does at power-on, then extends and logs
     /// each measurement, in order, before the guest's first instruction.
     pub fn measure_launch(&mut self, measurements: &[Measurement<'_>]) -> Result<(), MeasureError> {
-        let backend: &mut dyn TpmBackend = self.tis.backend_mut().as_mut();
-        match run(backend, ORD_STARTUP, &ST_CLEAR.to_be_bytes()) {
-            Ok(_) | Err(MeasureError::Tpm { code: TPM_INVALID_POSTINIT, .. }) => {}
-            Err(e) => return Err(e),
-        }
-        for m in measurements {
-            let mut params = Vec::with_capacity(24);
-            params.extend_from_slice(&m.pcr.to_be_bytes());
-            params.extend_from_slice(&m.digest);
-            run(backend, ORD_EXTEND, &params)?;
-            self.log.push(&Event {
-                pcr: m.pcr,
-                kind: event_type::IPL,
-                digest: m.digest,
-                data: m.description.to_vec(),
-            })?;
-        }
-        Ok(())
+        measure_launch_into(self.tis.backend_mut().as_mut(), &mut self.log, measurements)
     }
-}
 
-impl GuestTpm {
     /// Extends and logs one event of any type (the security-configuration
     /// event of [`config_event::config_event`]), after
     /// [`GuestTpm::measure_launch`] started the TPM.
     pub fn measure_event(&mut self, event: &Event) -> Result<(), MeasureError> {
-        let backend: &mut dyn TpmBackend = self.tis.backend_mut().as_mut();
-        let mut params = Vec::with_capacity(24);
-        params.extend_from_slice(&event.pcr.to_be_bytes());
-        params.extend_from_slice(&event.digest);
-        run(backend, ORD_EXTEND, &params)?;
-        self.log.push(event)?;
-        Ok(())
+        measure_event_into(self.tis.backend_mut().as_mut(), &mut self.log, event)
+    }
+
+    /// The vTPM [`setup::prepare`] made, with the launch and the
+    /// configuration event measured into it, behind its TIS. A vTPM whose
+    /// state was refused enters failure mode after the measurements: its
+    /// event log still tells what was launched, and its chip answers as a
+    /// real one whose self-test failed.
+    pub fn launch<P: vtpm_core::Platform + 'static>(
+        prepared: setup::Prepared<P>,
+        measurements: &[Measurement<'_>],
+        config: &Event,
+    ) -> Result<Self, MeasureError> {
+        let mut log = EventLog::new(LOG_AREA);
+        let mut measure = |backend: &mut dyn TpmBackend| -> Result<(), MeasureError> {
+            measure_launch_into(backend, &mut log, measurements)?;
+            measure_event_into(backend, &mut log, config)
+        };
+        let backend: Box<dyn TpmBackend> = match prepared {
+            setup::Prepared::Volatile(tpm) => {
+                let mut e = engine::Engine(tpm);
+                measure(&mut e)?;
+                Box::new(e)
+            }
+            setup::Prepared::Durable(mut d) => {
+                measure(d.as_mut())?;
+                d
+            }
+            setup::Prepared::Failed(tpm) => {
+                let mut e = engine::Engine(tpm);
+                measure(&mut e)?;
+                e.0.fail();
+                Box::new(e)
+            }
+        };
+        Ok(GuestTpm { tis: Tis::new(backend, 0), log })
     }
 }
 
@@ -194,6 +235,34 @@ pub mod fake {
                 }
                 _ => reply(0x26, &[]),
             }
+        }
+    }
+
+    /// A durable backend's store channel alone: hands over version 9 and
+    /// records the reports it takes, shared with the test that boxed it.
+    #[derive(Default)]
+    pub struct FakeStore {
+        pub reports: alloc::rc::Rc<core::cell::RefCell<Vec<u64>>>,
+    }
+
+    impl TpmBackend for FakeStore {
+        fn execute(&mut self, _locality: u8, _command: &[u8]) -> Vec<u8> {
+            reply(0, &[])
+        }
+
+        fn store(&mut self) -> Option<&mut dyn durable::StoreChannel> {
+            Some(self)
+        }
+    }
+
+    impl durable::StoreChannel for FakeStore {
+        fn fetch(&mut self) -> Result<Option<(u64, &[u8])>, durable::StoreError> {
+            Ok(Some((9, b"sealed state")))
+        }
+
+        fn stored(&mut self, version: u64) -> Result<(), durable::StoreError> {
+            self.reports.borrow_mut().push(version);
+            Ok(())
         }
     }
 }

@@ -1,19 +1,7 @@
 //! The glue between a guest's vtpm-core TPM and `vtpm-trust`: what the
-//! hypervisor calls at a vTPM's first boot (EK certificate) and around
-//! every durable change (sealed state blobs). Pure and host-tested; not
-//! wired into the boot path yet.
-//!
-//! The order of calls for one guest, with `secret` the platform secret:
-//!
-//! ```text
-//! boot:   counter = <the hypervisor's committed version for this guest>
-//!         tpm = open_state(&key, name, counter, blob, platform)   // or guest_tpm(..) + provision_ek_certificate(..) on first boot
-//!         (d, Step::Store { version }) = Durability::boot(counter)
-//!         send seal_state(&key, name, version, &tpm, nonce) to the store service ...
-//! command: response = tpm.execute(..); step = d.command_done(tpm.permanent_dirty())
-//! ```
-//!
-//! See `vtpm_trust::durability` for the rest of the exchange.
+//! boot path (`tpm::setup`) calls at a vTPM's first boot (EK certificate)
+//! and to open its sealed state, and what the durable backend
+//! (`tpm::durable`) calls to seal it for the store service.
 
 use alloc::vec::Vec;
 
@@ -49,7 +37,9 @@ pub fn provision_ek_certificate<P: Platform>(
 }
 
 /// The sealed blob of `tpm`'s state (permanent, and saved when the guest
-/// suspended with TPM_SaveState) as version `version` of `guest`.
+/// suspended with TPM_SaveState) as version `version` of `guest`; `nonce`
+/// is fresh random bytes, mixed into a synthetic nonce
+/// (`blob::seal_synthetic`).
 pub fn seal_state<P: Platform>(
     key: &StateKey,
     guest: &str,
@@ -58,12 +48,14 @@ pub fn seal_state<P: Platform>(
     nonce: [u8; blob::NONCE_LEN],
 ) -> Result<Vec<u8>, BlobError> {
     let payload = StatePayload { permanent: tpm.permanent_state(), saved: tpm.saved_state() };
-    blob::seal(key, guest, version, &payload.encode(), nonce)
+    blob::seal_synthetic(key, guest, version, &payload.encode(), nonce)
 }
 
 /// Why a sealed state did not restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RestoreError {
+    /// Its state key could not be had (see `anchor::SealingRoot`).
+    Key(super::anchor::KeyError),
     Blob(BlobError),
     State(vtpm_core::StateError),
 }

@@ -418,9 +418,10 @@ fn ek_certificate_through_the_trousers_stack() {
 /// the hypervisor (EK certificate in NV, launch and configuration events
 /// extended on the command port and logged), the guest side is TrouSerS
 /// (`tpm_takeownership`, `tpm_mkaik`, `tpm_getquote` over PCRs 8–11), the
-/// AIK is activated against the certified EK through TPM_ActivateIdentity,
-/// and ctvm-verify accepts, then rejects the same evidence for another
-/// kernel and for a replayed nonce.
+/// AIK is activated against the certified EK (as `tpm_nvread` reads its
+/// certificate from NV 0x1000f000) through TPM_ActivateIdentity, and
+/// ctvm-verify accepts, then rejects the same evidence for another kernel
+/// and for a replayed nonce.
 #[test]
 fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
     use ctvm_verify::{privacy_ca, tpm::TpmPubKey, verify, Evidence, Manifest};
@@ -478,6 +479,12 @@ fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
     let tcsd = Tcsd::start(work.path(), server.tpm.command_addr.port());
     let t = Tools { work: work.path().to_path_buf(), home, tcsd_port: tcsd.port, label: "vtpm-server" };
     t.ok("tpm_takeownership", &["-y", "-z"]);
+    // The EK certificate as a TrouSerS client reads it: the verifier checks
+    // these bytes, not the ones the test issued.
+    let nv_len = ekcert::nv_stored_cert(&cert).unwrap().len().to_string();
+    t.ok("tpm_nvread", &["-i", "0x1000f000", "-s", &nv_len, "-f", "ekcert.nv"]);
+    let read = fs::read(t.file("ekcert.nv")).unwrap();
+    let read_cert = ekcert::parse_nv_stored_cert(&read).expect("TCG_PCCLIENT_STORED_CERT").to_vec();
     t.ok("tpm_mkaik", &["-z", "aik.blob", "aik.pub"]);
     t.ok("tpm_mkuuid", &["aik.uuid"]);
     t.ok("tpm_loadkey", &["aik.blob", "aik.uuid"]);
@@ -489,7 +496,7 @@ fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
     // The privacy CA's challenge, answered by TPM_ActivateIdentity.
     let aik_blob = fs::read(t.file("aik.blob")).unwrap();
     let challenge =
-        privacy_ca::challenge(&cert, ca.modulus(), &TpmPubKey::parse(&aik_blob).unwrap(), privacy_ca::random())
+        privacy_ca::challenge(&read_cert, ca.modulus(), &TpmPubKey::parse(&aik_blob).unwrap(), privacy_ca::random())
             .expect("challenge");
     let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
     let mut c = Client::new(&mut direct);
@@ -505,7 +512,7 @@ fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
     let pcrvals = fs::read_to_string(t.file("pcrvals")).unwrap();
     let sig = fs::read(t.file("quote")).unwrap();
     let evidence = Evidence {
-        ek_certificate: &cert,
+        ek_certificate: &read_cert,
         aik: &aik_blob,
         activation: Some((&challenge.expected, &returned)),
         pcrvals: &pcrvals,

@@ -62,6 +62,25 @@ fn startup_state_without_saved_state_enters_failure_mode() {
 }
 
 #[test]
+fn a_chip_the_platform_fails_stays_failed_until_tpm_init() {
+    let mut t = started();
+    t.fail();
+    err(&mut t, &pcr_read(0), TPM_FAILEDSELFTEST);
+    err(&mut t, &hex("00c1 0000000a 00000053"), TPM_FAILEDSELFTEST); // ContinueSelfTest
+    err(&mut t, &startup(ST_CLEAR), TPM_INVALID_POSTINIT);
+    // What Linux's probe reads still answers: the version and the TIS timeouts.
+    ok(&mut t, 0, &getcap(CAP_VERSION, &[]));
+    ok(&mut t, 0, &getcap(CAP_PROPERTY, &0x115u32.to_be_bytes()));
+    let result = ok(&mut t, 0, &hex("00c1 0000000a 00000054"));
+    assert!(result.windows(12).any(|w| w == b"failure mode"), "GetTestResult says why");
+    // Before Startup too: the chip never becomes usable without TPM_Init.
+    let mut t = manufactured();
+    t.fail();
+    err(&mut t, &startup(ST_CLEAR), TPM_FAILEDSELFTEST);
+    err(&mut t, &pcr_read(0), TPM_FAILEDSELFTEST);
+}
+
+#[test]
 fn tpm2_probe_gets_bad_ordinal_like_libtpms() {
     let mut t = started();
     let probe = hex("8001 00000016 0000017a 00000006 00000100 00000001");

@@ -127,6 +127,13 @@ integrity_tests() {
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
     attack atk_agentcall ctvm_call=$(awk '$3 ~ /^ctvm_call/ && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
 
+    # A burst of refused writes: every one is a record, none lost.
+    before=$(grep -c '^seq=' /proc/ctvm_violations)
+    attack atk_burst table=$(sym sys_call_table) count=1500
+    sleep 2
+    after=$(grep -c '^seq=' /proc/ctvm_violations)
+    if [ $((after - before)) -ge 1500 ]; then say "burst: every refused write recorded"; else say "FAIL: burst: $((after - before)) records for 1500 writes"; fi
+
     # The agent cannot be unloaded.
     if rmmod ctvm_agent 2>/dev/null; then say "FAIL: the agent was unloaded"; else say "agent unload refused"; fi
     say "kernel still works: $(uname -r), $(ls /lib/ctvm | wc -l) files"
@@ -170,6 +177,68 @@ tpm_tests() {
     rmmod ctvm_tpm_rng
     say "tpm tests done: $(wc -l < /sys/kernel/security/ima/ascii_runtime_measurements) IMA measurements, uptime $(cut -d' ' -f1 /proc/uptime) s"
 }
+
+# ctvm.durable: the durable-vTPM scenario, four boots on one disk
+# (/dev/sda, mounted at /boot) that keeps the vTPM's sealed state between
+# them. What to do comes from the disk (/boot/ctvm/test/phase, written by
+# the harness between boots), so the kernel's command line, and PCR 8,
+# stay the same. The store service writes the state blob to
+# /boot/ctvm/linux.vtpm, where GRUB finds it at the next boot.
+durable_tests() {
+    for m in scsi_common scsi_mod libata ata_piix sd_mod; do
+        insmod /lib/ctvm/disk/$m.ko || say "FAIL: insmod $m"
+    done
+    n=0
+    while [ ! -b /dev/sda ] && [ $n -lt 30 ]; do sleep 1; n=$((n + 1)); done
+    mkdir -p /boot
+    mount -t ext4 /dev/sda /boot || { say "FAIL: the disk does not mount"; return; }
+    T=/boot/ctvm/test
+    phase=$(cat $T/phase)
+    if [ -e /dev/tpm0 ]; then tpm=present; else tpm="absent ($(dmesg | grep -i 'tpm' | tail -n 2 | tr '\n' ' '))"; fi
+    say "durable phase $phase; tpm0 $tpm"
+    load_agent
+    # Evidence for the verifier, right after the quote (before any other
+    # file is read, which IMA would measure into PCR 10).
+    evidence() {
+        cp /sys/kernel/security/tpm0/binary_bios_measurements $T/log
+        cp /sys/kernel/security/ima/ascii_runtime_measurements $T/ima
+    }
+    case $phase in
+    provision | check)
+        /bin/ctvm-vtpm-store -d /boot/ctvm &
+        store=$!
+        if [ "$phase" = provision ]; then
+            /bin/ctvm-tpm provision $T /boot/ctvm/linux.vtpm /boot/ctvm/linux.vtpm.before-last-write \
+                || say "FAIL: ctvm-tpm provision"
+        else
+            /bin/ctvm-tpm check $T || say "FAIL: ctvm-tpm check"
+            evidence
+            # A corrupted copy of the newest blob, for the last boot: one bit
+            # flipped in its ciphertext.
+            cp /boot/ctvm/linux.vtpm /boot/ctvm/linux.vtpm.corrupt
+            b=$(dd if=/boot/ctvm/linux.vtpm.corrupt bs=1 skip=100 count=1 2>/dev/null | hexdump -v -e '1/1 "%u"')
+            printf "\\$(printf %o $((b ^ 4)))" | dd of=/boot/ctvm/linux.vtpm.corrupt bs=1 seek=100 conv=notrunc 2>/dev/null
+            say "corrupted copy: $(cmp -l /boot/ctvm/linux.vtpm /boot/ctvm/linux.vtpm.corrupt | wc -l) byte differs"
+        fi
+        kill $store
+        ;;
+    rollback)
+        /bin/ctvm-tpm nv
+        /bin/ctvm-tpm quote $T || say "FAIL: ctvm-tpm quote"
+        evidence
+        ;;
+    corrupt)
+        /bin/ctvm-tpm nv
+        ;;
+    esac
+    ls /boot/ctvm | while read -r f; do say "disk: $f $(wc -c < /boot/ctvm/$f 2>/dev/null)"; done
+    sync
+    umount /boot
+}
+
+if grep -qw ctvm.durable /proc/cmdline; then
+    durable_tests
+fi
 
 if grep -qw ctvm.tpm /proc/cmdline; then
     tpm_tests

@@ -172,3 +172,29 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
     fs::write(&initrd, archive.finish())?;
     Ok(LinuxAssets { kernel, initrd, version, policy })
 }
+
+/// The disk driver stack Debian's cloud kernel builds as modules, in load
+/// order: what the guest needs to reach `/dev/sda` (Bochs' ATA disk).
+pub const DISK_MODULES: [&str; 5] = ["scsi/scsi_common", "scsi/scsi_mod", "ata/libata", "ata/ata_piix", "scsi/sd_mod"];
+
+/// The initramfs of the durable-vTPM scenario: the standard one with a
+/// second archive appended (the kernel unpacks both) holding the disk
+/// driver modules (`/lib/ctvm/disk/`) and the TPM client `ctvm-tpm`.
+pub fn durable_initrd(choice: Kernel, assets: &LinuxAssets) -> Result<PathBuf, Fail> {
+    let package = kernel_package(choice)?;
+    let tree = unpack(&package)?.join("lib").join("modules").join(&assets.version).join("kernel").join("drivers");
+    let out = work_dir().join("linux").join(&assets.version);
+    let mut archive = cpio::Archive::default();
+    archive.directory("lib/ctvm/disk");
+    for m in DISK_MODULES {
+        let (dir, name) = m.split_once('/').ok_or_else(|| Fail::new("module path"))?;
+        let ko = in_tree_module(&tree.join(dir), name, &out)?;
+        archive.file(&format!("lib/ctvm/disk/{name}.ko"), 0o644, &fs::read(ko)?);
+    }
+    archive.file("bin/ctvm-tpm", 0o755, &fs::read(modules::tpm_client()?)?);
+    let mut bytes = fs::read(&assets.initrd)?;
+    bytes.extend_from_slice(&archive.finish());
+    let initrd = out.join("initramfs-durable.cpio");
+    fs::write(&initrd, bytes)?;
+    Ok(initrd)
+}

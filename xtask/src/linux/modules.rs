@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::unpack_into;
-use crate::util::{output, root, run, work_dir, Fail};
+use crate::util::{cargo, output, root, run, work_dir, Fail};
 
 /// The unpacked headers tree of a kernel image package, to pass to `make -C`.
 fn headers(image: &str) -> Result<PathBuf, Fail> {
@@ -86,7 +86,8 @@ pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
     let version = image.trim_start_matches("linux-image-");
     let header = guest_agent::integrity::c_header();
     let agent = root().join("guest-agent/linux");
-    let mut kos = build_dir(&headers, &agent, &format!("agent-{version}"), &[("ctvm_abi.h", header)])?;
+    let extra = [("ctvm_abi.h", header), ("ctvm_vtpm_abi.h", guest_agent::vtpm_store::c_header())];
+    let mut kos = build_dir(&headers, &agent, &format!("agent-{version}"), &extra)?;
     let tests = root().join("tests/guests/linux-modules");
     kos.extend(build_dir(&headers, &tests, &format!("tests-{version}"), &[])?);
     // The twin reuses an attack's source under another module's name.
@@ -97,16 +98,21 @@ pub fn build(image: &str) -> Result<Vec<PathBuf>, Fail> {
     Ok(kos)
 }
 
-/// The static user-space attack program (`tests/guests/linux-user/`), for
-/// the guest's initramfs.
+/// The static user-space programs for the guest's initramfs: the attack
+/// program (`tests/guests/linux-user/`) and the agent's vTPM store service
+/// (`guest-agent/service/`).
 pub fn user_programs() -> Result<Vec<(String, PathBuf)>, Fail> {
     crate::packages::ensure(crate::packages::Purpose::Images)?;
     let dir = work_dir().join("linux").join("build").join("user");
     fs::create_dir_all(&dir)?;
-    let sources = root().join("tests/guests/linux-user");
+    let mut sources = Vec::new();
+    for d in ["tests/guests/linux-user", "guest-agent/service"] {
+        for entry in fs::read_dir(root().join(d))? {
+            sources.push(entry?.path());
+        }
+    }
     let mut out = Vec::new();
-    for entry in fs::read_dir(&sources)? {
-        let src = entry?.path();
+    for src in sources {
         if src.extension().is_none_or(|e| e != "c") {
             continue;
         }
@@ -117,4 +123,19 @@ pub fn user_programs() -> Result<Vec<(String, PathBuf)>, Fail> {
     }
     out.sort();
     Ok(out)
+}
+
+/// `ctvm-tpm` (`tests/guests/linux-tpm/`), the guest's TPM 1.2 client for
+/// the durable-vTPM scenario: Rust, linked static for the initramfs
+/// (its own target directory, so the host build is not rebuilt).
+pub fn tpm_client() -> Result<PathBuf, Fail> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    run(cargo()
+        .args(["build", "-q", "--release", "--target", TARGET, "-p", "ctvm-tpm"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    let bin = root().join("target").join(TARGET).join("release").join("ctvm-tpm");
+    let stripped = work_dir().join("linux").join("build").join("user").join("ctvm-tpm");
+    fs::create_dir_all(stripped.parent().expect("a directory"))?;
+    run(Command::new("strip").arg("-o").arg(&stripped).arg(&bin))?;
+    Ok(stripped)
 }

@@ -52,6 +52,8 @@ fn hypercall_decode(data: &[u8]) {
         n @ 2..=6 => 0x10 + u64::from(n - 2),
         7 => 0x15,
         8 => 0x20,
+        9 => 0x30,
+        10 => 0x31,
         _ => rbx.rotate_left(17),
     };
     let regs = Registers { rax, rbx, rcx, rdx, rsi };
@@ -73,6 +75,11 @@ fn hypercall_decode(data: &[u8]) {
             assert!(u64::from(size) <= MAX_LOG_READ && buffer.checked_add(u64::from(size)).is_some());
             assert_eq!((u64::from(size), u64::from(offset)), (rcx, rdx));
         }
+        Request::VtpmStoreFetch { buffer, size } => {
+            assert!(size as usize <= guest_agent::vtpm_store::MAX_BLOB && kernel(buffer, u64::from(size)));
+            assert_eq!(u64::from(size), rcx);
+        }
+        Request::VtpmStoreDone { version } => assert_eq!(version, rbx),
         Request::Shutdown { code } => assert_eq!(u64::from(code), rbx),
         Request::ModuleLive { id } | Request::ModuleUnregister { id } => assert_eq!(u64::from(id), rbx),
         Request::Version => {}

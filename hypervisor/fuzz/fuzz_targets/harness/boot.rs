@@ -5,7 +5,8 @@
 //!   total size, or from tags the input describes (sizes that lie, short
 //!   module, memory-map and RSDP tags);
 //! * command lines: `options`, the guest's line (`config::parse` and the
-//!   module classifiers), `vtpm.seed`'s 64 hex digits (`hex32`);
+//!   module classifiers), `vtpm.seed`'s 64 hex digits (`hex32`), and the
+//!   same bytes as a durable vTPM's state blob (`tpm::setup::prepare`);
 //! * bzImage: `BzImage::parse`, `load_address`, `boot_params`;
 //! * ELF test guests: `parse_elf`;
 //! * `ctvm.policy`: `Policy::parse`, then `Entry::check` on code bytes;
@@ -14,7 +15,9 @@
 //! Properties: a parsed value stays inside its input (segments inside the
 //! image and the guest's memory, the kernel inside the bzImage, a load
 //! address inside RAM, aligned, clear of what must be avoided and below the
-//! limit), a seed is exactly 64 hex digits and says what they say, a guest's
+//! limit), a seed is exactly 64 hex digits and says what they say, a state
+//! blob the fuzzer makes is refused and leaves the vTPM in failure mode
+//! (nothing authentic can come of it), a guest's
 //! memory is whole 2 MiB pages, policy masks stay inside the code, and an
 //! e820 map is sorted and without overlaps.
 
@@ -129,6 +132,23 @@ fn command_line(data: &[u8]) {
         }
         None => assert!(data.len() != 64 || !data.iter().all(u8::is_ascii_hexdigit), "a valid seed refused"),
     }
+    state_blob(data);
+}
+
+/// The bytes as the state blob GRUB handed a durable vTPM (`vtpm.state=`).
+fn state_blob(data: &[u8]) {
+    use hypervisor::tpm::anchor::{NoCounter, SeedRoot};
+    use hypervisor::tpm::setup::{prepare, Failure, Outcome, Request, VtpmMode};
+    let root = SeedRoot::new([7; 32]);
+    let request = Request {
+        guest: "fuzz",
+        mode: VtpmMode::Durable { reset: false },
+        root: Some(&root),
+        seed: Some([7; 32]),
+        blob: Some(data),
+    };
+    let setup = prepare(&request, Box::new(NoCounter), || super::tis::FuzzPlatform::new(1), Box::new(|b| b.fill(0)));
+    assert!(matches!(setup.outcome, Outcome::Failed(Failure::Refused(_))), "a made-up blob: {:?}", setup.outcome);
 }
 
 fn guest_config(data: &[u8]) {

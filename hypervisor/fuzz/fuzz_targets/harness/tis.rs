@@ -27,6 +27,12 @@ use vtpm_core::{Platform, Tpm};
 #[derive(Clone)]
 pub struct FuzzPlatform(pub u64);
 
+impl FuzzPlatform {
+    pub fn new(seed: u64) -> Self {
+        FuzzPlatform(seed)
+    }
+}
+
 impl Platform for FuzzPlatform {
     fn fill_random(&mut self, buf: &mut [u8]) {
         for b in buf {

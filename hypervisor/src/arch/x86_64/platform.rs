@@ -210,16 +210,36 @@ pub fn unseal_vtpm_key(blob: &[u8]) -> Result<[u8; 32], String> {
 /// CTVM's monotonic counter in the platform TPM (created on first use):
 /// `advance` moves it forward by one; returns its value.
 pub fn vtpm_counter(advance: bool) -> Result<u64, String> {
-    with_platform_tpm(|chip| {
-        let counter = seal::create_counter(chip, &mut nonce)?;
-        if advance {
-            seal::increment_counter(chip, counter, &mut nonce)
-        } else {
-            seal::read_counter(chip, counter)
-        }
-    })
-    .ok_or_else(|| String::from("no platform TPM"))?
-    .map_err(|e| alloc::format!("{e}"))
+    with_platform_tpm(|chip| seal::vtpm_counter(chip, advance, &mut nonce))
+        .ok_or_else(|| String::from("no platform TPM"))?
+        .map_err(|e| alloc::format!("{e}"))
+}
+
+/// The platform TPM behind the vTPM roots (`tpm::anchor::PlatformRoot`
+/// and `PlatformCounter`): the three calls above.
+#[derive(Clone, Copy, Debug)]
+pub struct Sealer;
+
+impl Sealer {
+    /// The sealer, when the platform TPM measured CTVM's launch (without
+    /// that, nothing to seal to).
+    pub fn found() -> Option<Sealer> {
+        with_platform_tpm(|_| Sealer)
+    }
+}
+
+impl crate::tpm::anchor::PlatformSeal for Sealer {
+    fn seal(&self, key: &[u8; 32]) -> Result<Vec<u8>, String> {
+        seal_vtpm_key(key)
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<[u8; 32], String> {
+        unseal_vtpm_key(sealed)
+    }
+
+    fn counter(&self, advance: bool) -> Result<u64, String> {
+        vtpm_counter(advance)
+    }
 }
 
 /// The ACPI PM timer's port, from the FADT.

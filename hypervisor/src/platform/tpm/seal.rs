@@ -202,3 +202,18 @@ pub fn read_counter<T: Transport>(tpm: &mut PlatformTpm<T>, counter: Counter) ->
         _ => Err(SealError::Blob),
     }
 }
+
+/// CTVM's counter, created on first use: its value, after one step forward
+/// when `advance`.
+pub fn vtpm_counter<T: Transport>(
+    tpm: &mut PlatformTpm<T>,
+    advance: bool,
+    nonces: Nonces<'_>,
+) -> Result<u64, SealError> {
+    let counter = create_counter(tpm, nonces)?;
+    if advance {
+        increment_counter(tpm, counter, nonces)
+    } else {
+        read_counter(tpm, counter)
+    }
+}

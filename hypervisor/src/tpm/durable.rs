@@ -1,0 +1,229 @@
+//! A durable vTPM: a vtpm-core TPM whose state changes reach the guest's
+//! disk, sealed, before the guest sees them acknowledged.
+//!
+//! [`DurableTpm`] sits between the TIS and the TPM and drives
+//! `vtpm_trust::durability` (the protocol, its proof by a power-cut model
+//! and the reasons for each order are there). A command whose execution
+//! changed the durable state has its response held: the TIS shows it
+//! executing. The guest's store service fetches the sealed blob through
+//! [`StoreChannel::fetch`] (a hypercall the agent makes for it), writes and
+//! `fsync`s it, and reports it with [`StoreChannel::stored`]; the
+//! hypervisor then advances the [`RollbackAnchor`]'s counter and releases
+//! the response. Until then every other command is answered TPM_RETRY.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use vtpm_core::{Platform, Tpm};
+use vtpm_trust::blob::{BlobError, StateKey};
+use vtpm_trust::durability::{Durability, Step, Store};
+
+use super::anchor::{AnchorError, RollbackAnchor};
+use crate::devices::tis::TpmBackend;
+
+/// TPM_RETRY: "the TPM is too busy to respond to the command immediately,
+/// but the command could be resubmitted at a later time".
+pub const TPM_RETRY: u32 = 0x800;
+const ORD_SAVE_STATE: u32 = 0x98;
+
+/// Fresh random bytes (the blobs' AES-GCM nonces): RDRAND in the hypervisor.
+pub type Entropy = Box<dyn FnMut(&mut [u8])>;
+
+/// The store service's side of a durable vTPM, as the hypercalls see it.
+pub trait StoreChannel {
+    /// The blob to store next, with its version; None when nothing waits.
+    /// Asked again before a report, it hands over the same blob.
+    fn fetch(&mut self) -> Result<Option<(u64, &[u8])>, StoreError>;
+    /// The store service wrote and synced this version.
+    fn stored(&mut self, version: u64) -> Result<(), StoreError>;
+}
+
+/// Why the store channel refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// A report of a version that is not the one handed over (a confused
+    /// or lying store service): ignored.
+    Unexpected,
+    /// Sealing failed (cannot happen with a valid guest name).
+    Seal(BlobError),
+    /// The counter could not be advanced: the response stays held and a
+    /// repeated report retries.
+    Counter(AnchorError),
+}
+
+/// What happened, for the report at power-off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurableStats {
+    /// Responses held for a store.
+    pub held: u64,
+    /// Blobs sealed for the store service.
+    pub sealed: u64,
+    /// Versions committed.
+    pub committed: u64,
+    /// Commands answered TPM_RETRY while a response was held.
+    pub retries: u64,
+}
+
+/// A vtpm-core TPM whose durable changes wait for the store service.
+pub struct DurableTpm<P: Platform> {
+    tpm: Tpm<P>,
+    guest: String,
+    key: StateKey,
+    anchor: Box<dyn RollbackAnchor>,
+    protocol: Durability,
+    /// The response of the change being stored.
+    held: Option<Vec<u8>>,
+    /// A released response the TIS has not taken yet.
+    released: Option<Vec<u8>>,
+    /// What goes in front of every blob: the state key sealed to the
+    /// platform TPM (`anchor::PlatformRoot`), or nothing.
+    prefix: Vec<u8>,
+    /// The blob with the store service.
+    outbox: Option<(u64, Vec<u8>)>,
+    /// Fresh bytes for the blobs' AES-GCM nonces.
+    entropy: Entropy,
+    pub stats: DurableStats,
+}
+
+fn error_response(code: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(10);
+    r.extend_from_slice(&0x00c4u16.to_be_bytes());
+    r.extend_from_slice(&10u32.to_be_bytes());
+    r.extend_from_slice(&code.to_be_bytes());
+    r
+}
+
+fn ordinal(command: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(command.get(6..10)?.try_into().ok()?))
+}
+
+fn return_code(response: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(response.get(6..10)?.try_into().ok()?))
+}
+
+impl<P: Platform> DurableTpm<P> {
+    /// `tpm` is the state just opened (or made) for `guest`; `counter` the
+    /// committed version it is fenced above (see `Durability::boot`).
+    pub fn new(
+        mut tpm: Tpm<P>,
+        guest: &str,
+        key: StateKey,
+        anchor: Box<dyn RollbackAnchor>,
+        counter: u64,
+        entropy: Entropy,
+    ) -> Self {
+        // Whatever the boot did (provisioning) goes out with the fence.
+        tpm.clear_dirty();
+        DurableTpm {
+            tpm,
+            guest: guest.into(),
+            key,
+            anchor,
+            protocol: Durability::boot(counter),
+            held: None,
+            released: None,
+            prefix: Vec::new(),
+            outbox: None,
+            entropy,
+            stats: DurableStats::default(),
+        }
+    }
+
+    /// Puts `prefix` in front of every blob handed to the store service
+    /// (the platform-sealed state key, which the next boot needs first).
+    pub fn with_prefix(mut self, prefix: Vec<u8>) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// Where the protocol is.
+    pub fn protocol(&self) -> &Durability {
+        &self.protocol
+    }
+
+    /// The TPM itself (for the hypervisor's own checks and tests).
+    pub fn tpm(&self) -> &Tpm<P> {
+        &self.tpm
+    }
+}
+
+impl<P: Platform> TpmBackend for DurableTpm<P> {
+    /// The hypervisor's own commands (Startup and the launch measurements)
+    /// go through the same path as the guest's: none of them changes
+    /// durable state, and nothing bypasses the protocol.
+    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+        self.submit(locality, command).unwrap_or_else(|| error_response(TPM_RETRY))
+    }
+
+    fn submit(&mut self, locality: u8, command: &[u8]) -> Option<Vec<u8>> {
+        // A response released after its command was aborted is dropped.
+        self.released = None;
+        if !self.protocol.may_execute() {
+            self.stats.retries = self.stats.retries.saturating_add(1);
+            return Some(error_response(TPM_RETRY));
+        }
+        let response = self.tpm.execute(locality, command);
+        let saved = ordinal(command) == Some(ORD_SAVE_STATE) && return_code(&response) == Some(0);
+        let changed = self.tpm.permanent_dirty() || saved;
+        self.tpm.clear_dirty();
+        match self.protocol.command_done(changed) {
+            Ok(Step::Hold) => {
+                self.stats.held = self.stats.held.saturating_add(1);
+                self.held = Some(response);
+                None
+            }
+            // Release; the protocol's other answers cannot follow a command
+            // that ran (may_execute was checked).
+            _ => Some(response),
+        }
+    }
+
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        self.released.take()
+    }
+
+    fn store(&mut self) -> Option<&mut dyn StoreChannel> {
+        Some(self)
+    }
+}
+
+impl<P: Platform> StoreChannel for DurableTpm<P> {
+    fn fetch(&mut self) -> Result<Option<(u64, &[u8])>, StoreError> {
+        let version = match self.protocol.next_store() {
+            None => return Ok(None),
+            Some(Store::Seal(version)) => {
+                let mut nonce = [0u8; vtpm_trust::blob::NONCE_LEN];
+                (self.entropy)(&mut nonce);
+                let sealed = super::persist::seal_state(&self.key, &self.guest, version, &self.tpm, nonce)
+                    .map_err(StoreError::Seal)?;
+                let mut blob = Vec::with_capacity(self.prefix.len() + sealed.len());
+                blob.extend_from_slice(&self.prefix);
+                blob.extend_from_slice(&sealed);
+                self.stats.sealed = self.stats.sealed.saturating_add(1);
+                self.outbox = Some((version, blob));
+                version
+            }
+            Some(Store::Resend(version)) => version,
+        };
+        match &self.outbox {
+            Some((v, blob)) if *v == version => Ok(Some((version, blob.as_slice()))),
+            _ => Err(StoreError::Unexpected),
+        }
+    }
+
+    fn stored(&mut self, version: u64) -> Result<(), StoreError> {
+        let Ok(Step::AdvanceCounter { to }) = self.protocol.stored(version) else {
+            return Err(StoreError::Unexpected);
+        };
+        self.anchor.commit(&self.guest, to).map_err(StoreError::Counter)?;
+        if let Ok(step) = self.protocol.counter_advanced(to) {
+            self.stats.committed = self.stats.committed.saturating_add(1);
+            self.outbox = None;
+            if step == Step::Release {
+                self.released = self.held.take();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,823 @@
+//! A durable vTPM on the host, through the path a guest's takes: the boot
+//! decision (`tpm::setup`), the measured launch, the virtual TIS a driver
+//! polls, the durable backend, and the store channel the hypercalls use,
+//! with vtpm-core behind them and a disk, a counter and a store service
+//! modelled around them.
+//!
+//! * Every boot outcome: volatile, opened, new on `vtpm.reset`, and failure
+//!   mode for a missing, corrupted, foreign, another guest's or stale blob.
+//! * A change's response is held until its blob is stored and committed;
+//!   the TIS shows it executing; a lying store service changes nothing.
+//! * Power is cut at every step of a run of NV writes (the driver's
+//!   command, the store service's write and report, the driver's read),
+//!   and the machine rebooted on every blob the guest could hand back: no
+//!   acknowledged write is ever missing from a blob the vTPM accepts.
+//! * With a platform TPM (libtpms, 2.0 and 1.2, through swtpm): the state
+//!   key sealed to CTVM's measured configuration and the versions anchored
+//!   in its monotonic counter, across power cycles: fresh, restored, stale,
+//!   corrupt, foreign, and refused to unseal after a changed measurement.
+
+#[path = "../../vtpm-core/server/tests/support/client.rs"]
+mod client;
+#[path = "support/swtpm.rs"]
+mod swtpm;
+#[path = "../../vtpm-core/server/tests/support/tpm12.rs"]
+mod tpm12;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::OnceLock;
+
+use client::{Client, Transport};
+use hypervisor::devices::tis::{sts, State, Tis, TpmBackend};
+use hypervisor::platform::tpm::launch::{self, PlatformTpm};
+use hypervisor::platform::tpm::{seal, Family};
+use hypervisor::tpm::anchor::{
+    AnchorError, KeyError, NoCounter, PlatformCounter, PlatformRoot, PlatformSeal, RollbackAnchor, SealingRoot,
+    SeedRoot, PLATFORM_SEALED,
+};
+use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+use hypervisor::tpm::durable::{Entropy, StoreError, TPM_RETRY};
+use hypervisor::tpm::persist::RestoreError;
+use hypervisor::tpm::setup::{prepare, Failure, Level, Outcome, Request, VtpmMode};
+use hypervisor::tpm::{event_log, launch_measurements, GuestTpm};
+use tpm12::*;
+use vtpm_core::Platform;
+use vtpm_trust::blob::BlobError;
+use vtpm_trust::ekcert;
+
+const SEED: [u8; 32] = [0x5e; 32];
+const GUEST: &str = "linux";
+const OWNER: Digest20 = WELL_KNOWN;
+const NV: u32 = 0x0001_1000;
+const NV_SIZE: u32 = 64;
+const TPM_FAILEDSELFTEST: u32 = 0x1c;
+const NV_PER_WRITE_STCLEAR: u32 = 0x4000;
+
+/// Deterministic entropy, distinct per instance.
+struct TestPlatform(u64);
+
+impl Platform for TestPlatform {
+    fn fill_random(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+    fn ticks_us(&mut self) -> u64 {
+        0
+    }
+}
+
+fn platforms() -> impl FnMut() -> TestPlatform {
+    let mut n = 0x1234_5678u64;
+    move || {
+        n += 0x9e37_79b9;
+        TestPlatform(n)
+    }
+}
+
+fn nonces() -> Entropy {
+    let mut p = TestPlatform(0xabcd_ef01);
+    Box::new(move |b| p.fill_random(b))
+}
+
+/// A monotonic counter that outlives the machines built on it, as a
+/// platform TPM's would; `broken` makes every commit fail.
+#[derive(Clone, Default)]
+struct Counter {
+    value: Rc<RefCell<u64>>,
+    broken: Rc<RefCell<bool>>,
+}
+
+impl RollbackAnchor for Counter {
+    fn detects_rollback(&self) -> bool {
+        true
+    }
+    fn committed(&mut self, _guest: &str) -> Result<Option<u64>, AnchorError> {
+        Ok(Some(*self.value.borrow()))
+    }
+    fn commit(&mut self, _guest: &str, version: u64) -> Result<(), AnchorError> {
+        if *self.broken.borrow() {
+            return Err(AnchorError("the platform TPM does not answer".into()));
+        }
+        let mut v = self.value.borrow_mut();
+        *v = (*v).max(version);
+        Ok(())
+    }
+}
+
+/// A boot's outcome, console lines, CA certificate (first boots) and vTPM.
+type Booted = (Outcome, Vec<(Level, String)>, Option<Vec<u8>>, GuestTpm);
+
+/// Boots `guest`'s vTPM as the hypervisor does: decide, then measure the
+/// launch and the configuration into it.
+fn boot(mode: VtpmMode, seed: Option<[u8; 32]>, blob: Option<&[u8]>, anchor: Box<dyn RollbackAnchor>) -> Booted {
+    boot_as(GUEST, mode, seed, blob, anchor)
+}
+
+fn boot_as(
+    guest: &str,
+    mode: VtpmMode,
+    seed: Option<[u8; 32]>,
+    blob: Option<&[u8]>,
+    anchor: Box<dyn RollbackAnchor>,
+) -> Booted {
+    let root = seed.map(SeedRoot::new);
+    boot_under(guest, mode, seed, root.as_ref().map(|r| r as &dyn SealingRoot), blob, anchor)
+}
+
+/// [`boot_as`] under any sealing root.
+fn boot_under(
+    guest: &str,
+    mode: VtpmMode,
+    seed: Option<[u8; 32]>,
+    root: Option<&dyn SealingRoot>,
+    blob: Option<&[u8]>,
+    anchor: Box<dyn RollbackAnchor>,
+) -> Booted {
+    let request = Request { guest, mode, root, seed, blob };
+    let setup = prepare(&request, anchor, platforms(), nonces());
+    let report = setup.report(guest, root.map_or("nothing", |r| r.name()));
+    let durable = setup.durable();
+    let cfg = SecurityConfig {
+        hypervisor: [7; 32],
+        integrity: IntegrityMode::Enforce,
+        trust: &["ctvm_agent"],
+        policy: None,
+        vtpm_durable: durable,
+    };
+    let event = config_event(vtpm_core::sha1, &cfg);
+    let m = launch_measurements(vtpm_core::sha1, b"bzImage", b"console=ttyS0", Some(b"initrd"));
+    let outcome = setup.outcome.clone();
+    let ca = setup.ca_certificate.clone();
+    let vtpm = GuestTpm::launch(setup.prepared, &m, &event).expect("the launch is measured");
+    (outcome, report, ca, vtpm)
+}
+
+// ---- A driver on the TIS, as Linux's tpm_tis polls it ------------------
+
+type GuestTis = Tis<Box<dyn TpmBackend>>;
+
+/// Sends a command: locality 0, commandReady, the bytes, tpmGo.
+fn send(tis: &mut GuestTis, command: &[u8]) {
+    if tis.read(0, 1) & 0x20 == 0 {
+        tis.write(0, 1, 0x02);
+    }
+    tis.write(0x18, 1, u64::from(sts::COMMAND_READY));
+    for b in command {
+        tis.write(0x24, 1, u64::from(*b));
+    }
+    tis.write(0x18, 1, u64::from(sts::GO));
+}
+
+/// The response, once stsValid and dataAvail say it is there.
+fn response(tis: &mut GuestTis) -> Option<Vec<u8>> {
+    let status = tis.read(0x18, 1) as u8;
+    if status & (sts::VALID | sts::DATA_AVAIL) != sts::VALID | sts::DATA_AVAIL {
+        return None;
+    }
+    let mut out = Vec::new();
+    while tis.read(0x18, 1) as u8 & sts::DATA_AVAIL != 0 {
+        out.push(tis.read(0x24, 1) as u8);
+    }
+    tis.write(0x18, 1, u64::from(sts::COMMAND_READY));
+    Some(out)
+}
+
+fn rc(response: &[u8]) -> u32 {
+    u32::from_be_bytes(response[6..10].try_into().unwrap())
+}
+
+/// The guest's disk: every blob ever synced, the newest last.
+#[derive(Clone, Default)]
+struct Disk {
+    synced: Vec<Vec<u8>>,
+}
+
+impl Disk {
+    fn latest(&self) -> Option<&Vec<u8>> {
+        self.synced.last()
+    }
+}
+
+/// An honest store service: one fetch, write and sync, report. Returns
+/// the version stored, if there was work.
+fn serve(tis: &mut GuestTis, disk: &mut Disk) -> Option<u64> {
+    let channel = tis.backend_mut().store().expect("a durable vTPM");
+    let (version, blob) = channel.fetch().expect("fetch")?;
+    disk.synced.push(blob.to_vec());
+    channel.stored(version).expect("the report is taken");
+    Some(version)
+}
+
+/// A driver that runs the store service while it waits, as the guest's
+/// kernel and its store service do side by side.
+struct Driver<'a> {
+    tis: &'a mut GuestTis,
+    disk: &'a mut Disk,
+}
+
+impl Transport for Driver<'_> {
+    fn name(&self) -> &str {
+        "durable vTPM behind the TIS"
+    }
+    fn transmit(&mut self, command: &[u8]) -> Vec<u8> {
+        send(self.tis, command);
+        for _ in 0..10 {
+            if let Some(r) = response(self.tis) {
+                return r;
+            }
+            serve(self.tis, self.disk);
+        }
+        panic!("the response never came");
+    }
+    fn set_locality(&mut self, _: u8) {}
+}
+
+/// The first boot's work: a new vTPM (EK certificate), TakeOwnership and an
+/// NV index anyone may write, each through the durable path. Made once:
+/// RSA key generation is slow. Returns the disk and the counter after it.
+fn owned_with_nv() -> &'static (Disk, u64) {
+    static FIRST: OnceLock<(Disk, u64)> = OnceLock::new();
+    FIRST.get_or_init(|| {
+        let counter = Counter::default();
+        let (outcome, _, ca, mut vtpm) =
+            boot(VtpmMode::Durable { reset: true }, Some(SEED), None, Box::new(counter.clone()));
+        assert_eq!(outcome, Outcome::New { refused: None });
+        assert!(ca.is_some(), "the CA certificate is printed at a first boot");
+        let mut disk = Disk::default();
+        own_and_define_nv(&mut vtpm, &mut disk);
+        let v = *counter.value.borrow();
+        assert!(disk.synced.len() >= 3, "fence, ownership and the NV index each stored");
+        (disk, v)
+    })
+}
+
+/// TakeOwnership and an NV index anyone may write (until a zero-length
+/// write locks it for one boot, which nothing here does), each through the
+/// durable path.
+fn own_and_define_nv(vtpm: &mut GuestTpm, disk: &mut Disk) {
+    let mut d = Driver { tis: &mut vtpm.tis, disk };
+    let mut c = Client::new(&mut d);
+    c.record = false;
+    let ek = c.read_pubek().unwrap();
+    c.take_ownership(&ek, &OWNER, &WELL_KNOWN).unwrap();
+    assert_eq!(c.nv_define(&OWNER, NV, NV_PER_WRITE_STCLEAR, NV_SIZE), 0);
+}
+
+fn nv_write(offset: u32, data: &[u8]) -> Vec<u8> {
+    Cmd::new(tag::RQU_COMMAND, ord::NV_WRITE_VALUE).u32(NV).u32(offset).sized(data).finish()
+}
+
+fn nv_read_command() -> Vec<u8> {
+    Cmd::new(tag::RQU_COMMAND, ord::NV_READ_VALUE).u32(NV).u32(0).u32(NV_SIZE).finish()
+}
+
+#[test]
+fn a_first_boot_certifies_the_ek_and_a_second_boot_has_the_owner_and_nv() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (outcome, report, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    assert!(matches!(outcome, Outcome::Opened { reset_ignored: false, .. }), "{outcome:?}");
+    assert!(!report.iter().any(|(_, t)| t.contains("rollback")), "a counter guards it: {report:?}");
+    // The seed as the root is said to be weaker than a platform TPM.
+    let warnings: Vec<_> = report.iter().filter(|(l, _)| *l != Level::Info).collect();
+    assert_eq!(warnings.len(), 1, "{report:?}");
+    assert!(warnings[0].1.contains("not sealed to a platform TPM: whoever reads the seed module can open and forge"));
+    let mut disk = disk.clone();
+    let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+    let mut c = Client::new(&mut d);
+    c.record = false;
+    // The owner authorises (an owner-only read of the EK), NV is there.
+    let pubek = c.read_pubek();
+    assert!(pubek.is_err(), "ReadPubek is closed once owned");
+    let mut s = c.oiap(&OWNER);
+    let cmd = Cmd::new(tag::RQU_AUTH1, ord::OWNER_READ_INTERNAL_PUB).u32(TPM_KH_EK);
+    assert!(c.authorised("OwnerReadInternalPub", client::Kind::Shape, cmd, &mut [&mut s], false).is_ok());
+    let cmd = Cmd::new(tag::RQU_COMMAND, ord::NV_READ_VALUE).u32(NV).u32(0).u32(4);
+    let nv = Reader::new(&c.plain("NV_ReadValue", client::Kind::Shape, cmd).unwrap()).sized().to_vec();
+    assert_eq!(nv, [0xff; 4], "the NV index, as defined");
+    // The EK certificate is in NV, readable without authorisation, and
+    // names this vTPM's EK under this host's CA.
+    let cmd = Cmd::new(tag::RQU_COMMAND, ord::NV_READ_VALUE).u32(ekcert::EK_CERT_NV_INDEX).u32(0).u32(5);
+    let head = Reader::new(&c.plain("NV_ReadValue", client::Kind::Shape, cmd).unwrap()).sized().to_vec();
+    let len = 5 + u32::from(u16::from_be_bytes([head[3], head[4]]));
+    let cmd = Cmd::new(tag::RQU_COMMAND, ord::NV_READ_VALUE).u32(ekcert::EK_CERT_NV_INDEX).u32(0).u32(len);
+    let nv = Reader::new(&c.plain("NV_ReadValue", client::Kind::Shape, cmd).unwrap()).sized().to_vec();
+    let cert = ekcert::parse_nv_stored_cert(&nv).unwrap();
+    let ca = SeedRoot::new(SEED).ca();
+    assert!(ekcert::verify_signed_by(cert, ca.modulus()).is_ok());
+}
+
+#[test]
+fn a_held_change_waits_for_its_store_and_commit_and_blocks_the_next_command() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) = boot(
+        VtpmMode::Durable { reset: false },
+        Some(SEED),
+        disk.latest().map(Vec::as_slice),
+        Box::new(counter.clone()),
+    );
+    let tis = &mut vtpm.tis;
+    let mut disk = disk.clone();
+    // A read runs before the store service ever comes (the kernel's probe).
+    send(tis, &nv_read_command());
+    assert_eq!(rc(&response(tis).expect("reads are answered at once")), 0);
+    // A write is held: executing, stsValid without dataAvail, burstCount 0.
+    send(tis, &nv_write(0, b"first"));
+    assert_eq!(tis.state(), State::Execution);
+    assert_eq!(tis.read(0x18, 4), u64::from(sts::VALID));
+    assert_eq!(tis.read(0x24, 1), 0xff, "nothing to read while executing");
+    // Another command meanwhile (the driver gave up and aborted) is told to retry.
+    tis.write(0x18, 1, u64::from(sts::COMMAND_READY));
+    send(tis, &nv_read_command());
+    assert_eq!(rc(&response(tis).unwrap()), TPM_RETRY);
+    // The store service: the fence, which releases nothing.
+    let fence = serve(tis, &mut disk).unwrap();
+    assert_eq!(fence, committed + 2);
+    // A lying report, a report of the fence again: refused, nothing moves.
+    let channel = tis.backend_mut().store().unwrap();
+    let (v, blob) = channel.fetch().unwrap().unwrap();
+    let blob = blob.to_vec();
+    assert_eq!(v, fence + 1);
+    assert_eq!(channel.fetch().unwrap().unwrap(), (v, blob.as_slice()), "asked again: the same blob");
+    assert_eq!(channel.stored(v + 1), Err(StoreError::Unexpected));
+    assert_eq!(channel.stored(fence), Err(StoreError::Unexpected));
+    assert_eq!(*counter.value.borrow(), fence);
+    // The counter fails: stored, not committed, still held; a repeated report retries.
+    *counter.broken.borrow_mut() = true;
+    assert!(matches!(channel.stored(v), Err(StoreError::Counter(_))));
+    *counter.broken.borrow_mut() = false;
+    channel.stored(v).unwrap();
+    assert_eq!(*counter.value.borrow(), v);
+    disk.synced.push(blob);
+    // The aborted write's response is gone; the write itself is durable.
+    send(tis, &nv_read_command());
+    let r = response(tis).unwrap();
+    assert_eq!(&r[14..19], b"first");
+    // A held write, released only once its blob is committed.
+    send(tis, &nv_write(5, b"second"));
+    assert!(response(tis).is_none());
+    let v2 = serve(tis, &mut disk).unwrap();
+    assert_eq!(v2, v + 1);
+    assert_eq!(rc(&response(tis).expect("released by the commit")), 0);
+    assert_eq!(tis.backend_mut().store().unwrap().fetch(), Ok(None), "nothing more to store");
+}
+
+#[test]
+fn without_a_store_service_a_change_stays_held() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    send(&mut vtpm.tis, &nv_write(0, b"x"));
+    for _ in 0..1000 {
+        assert!(response(&mut vtpm.tis).is_none(), "released without a store");
+    }
+    assert_eq!(vtpm.tis.state(), State::Execution);
+}
+
+#[test]
+fn a_volatile_vtpm_has_no_store_channel_and_answers_at_once() {
+    let (outcome, report, _, mut vtpm) = boot(VtpmMode::Volatile, Some(SEED), None, Box::new(NoCounter));
+    assert_eq!(outcome, Outcome::Volatile);
+    assert!(report[0].1.contains("vTPM volatile"));
+    assert!(vtpm.tis.backend_mut().store().is_none());
+    let events = event_log::parse(vtpm.log.as_bytes()).unwrap();
+    let text = hypervisor::tpm::config_event::parse_config_event(events.last().unwrap()).unwrap().to_string();
+    assert!(text.ends_with("vtpm=volatile"), "{text}");
+}
+
+/// The outcome of booting on `blob` with `anchor`.
+fn outcome_of(blob: Option<&[u8]>, reset: bool, anchor: Box<dyn RollbackAnchor>) -> (Outcome, GuestTpm) {
+    let (o, _, _, vtpm) = boot(VtpmMode::Durable { reset }, Some(SEED), blob, anchor);
+    (o, vtpm)
+}
+
+/// A vTPM in failure mode: as a chip whose self-test failed.
+fn assert_failed(vtpm: &mut GuestTpm) {
+    let pcr_read = Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(0).finish();
+    send(&mut vtpm.tis, &pcr_read);
+    assert_eq!(rc(&response(&mut vtpm.tis).unwrap()), TPM_FAILEDSELFTEST);
+    let get_test_result = Cmd::new(tag::RQU_COMMAND, 0x54).finish();
+    send(&mut vtpm.tis, &get_test_result);
+    assert_eq!(rc(&response(&mut vtpm.tis).unwrap()), 0);
+    assert!(vtpm.tis.backend_mut().store().is_none(), "no state to store");
+    // The launch is in the event log all the same.
+    assert_eq!(event_log::parse(vtpm.log.as_bytes()).unwrap().len(), 4);
+}
+
+#[test]
+fn a_refused_blob_leaves_the_vtpm_in_failure_mode_never_fresh() {
+    let (disk, committed) = owned_with_nv();
+    let good = disk.latest().unwrap().clone();
+    let counter = || Box::new(Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() });
+    // Missing.
+    let (o, mut vtpm) = outcome_of(None, false, counter());
+    assert_eq!(o, Outcome::Failed(Failure::Missing));
+    assert_failed(&mut vtpm);
+    // Corrupted: a flipped bit in the ciphertext.
+    let mut bad = good.clone();
+    let at = bad.len() - 20;
+    bad[at] ^= 0x10;
+    let (o, mut vtpm) = outcome_of(Some(&bad), false, counter());
+    assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Forged))));
+    assert_failed(&mut vtpm);
+    // Truncated.
+    let (o, _) = outcome_of(Some(&good[..good.len() - 1]), false, counter());
+    assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Truncated))));
+    // Foreign: another host's seed.
+    let (o, _, _, _) = boot(VtpmMode::Durable { reset: false }, Some([1; 32]), Some(&good), counter());
+    assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::ForeignKey))));
+    // Another guest's.
+    let (o, _, _, _) = boot_as("other", VtpmMode::Durable { reset: false }, Some(SEED), Some(&good), counter());
+    assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::WrongGuest))));
+    // Stale: an older blob, once the counter moved past it.
+    let old = &disk.synced[0];
+    let (o, mut vtpm) = outcome_of(Some(old), false, counter());
+    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+    assert_failed(&mut vtpm);
+    // No platform secret at all.
+    let (o, _, _, _) = boot(VtpmMode::Durable { reset: false }, None, Some(&good), counter());
+    assert_eq!(o, Outcome::Failed(Failure::NoSecret));
+    // Without a counter the old blob opens, and the boot says rollback goes unseen.
+    let (o, report, _, _) = boot(VtpmMode::Durable { reset: false }, Some(SEED), Some(old), Box::new(NoCounter));
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    assert!(report
+        .iter()
+        .any(|(l, t)| *l == Level::Warn && t.contains("rollback of the vTPM state cannot be detected")));
+}
+
+#[test]
+fn vtpm_reset_makes_a_new_vtpm_only_without_an_acceptable_blob() {
+    let (disk, committed) = owned_with_nv();
+    let counter = || Box::new(Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() });
+    let good = disk.latest().unwrap();
+    let (o, report, _, _) = boot(VtpmMode::Durable { reset: true }, Some(SEED), Some(good), counter());
+    assert!(matches!(o, Outcome::Opened { reset_ignored: true, .. }), "{o:?}");
+    assert!(report.iter().any(|(_, t)| t.contains("vtpm.reset ignored")));
+    let mut bad = good.clone();
+    bad[3] ^= 1;
+    let (o, report, ca, _) = boot(VtpmMode::Durable { reset: true }, Some(SEED), Some(&bad), counter());
+    assert_eq!(o, Outcome::New { refused: Some(RestoreError::Blob(BlobError::BadMagic)) });
+    assert!(ca.is_some() && report[0].1.contains("new vTPM (vtpm.reset, the state blob was refused"), "{report:?}");
+}
+
+/// A guest command in the power-cut model; `Some` for a write (durable).
+#[derive(Clone, Copy)]
+enum Op {
+    Write(u32, &'static [u8]),
+    Read,
+}
+
+/// What survives a power cut, and what the guest saw acknowledged.
+#[derive(Clone)]
+struct World {
+    disk: Disk,
+    counter: u64,
+    /// (offset, bytes) of every write whose response the guest received.
+    acknowledged: Vec<(u32, &'static [u8])>,
+}
+
+/// Boots on `blob`; None if the vTPM refused it (failure mode).
+fn reboot(w: &World, blob: &[u8], counter: &Counter) -> Option<GuestTpm> {
+    *counter.value.borrow_mut() = w.counter;
+    let (o, vtpm) = outcome_of(Some(blob), false, Box::new(counter.clone()));
+    match o {
+        Outcome::Opened { .. } => Some(vtpm),
+        Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. }))) => None,
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+/// The NV index as a booted vTPM holds it.
+fn nv_contents(vtpm: &mut GuestTpm) -> Vec<u8> {
+    send(&mut vtpm.tis, &nv_read_command());
+    let r = response(&mut vtpm.tis).expect("a read is answered at once");
+    assert_eq!(rc(&r), 0);
+    r[14..].to_vec()
+}
+
+/// Runs `ops` from a boot on `blob`, cutting power after `cut` steps.
+/// Steps: the driver sends a command; the store service writes and syncs
+/// a blob; it reports it (the counter moves, a response may be released);
+/// the driver reads a response. Returns the world the cut left, and
+/// whether it was cut.
+fn run(w: &World, blob: &[u8], ops: &[Op], cut: usize) -> (World, bool) {
+    let counter = Counter::default();
+    let mut vtpm = reboot(w, blob, &counter).expect("an acceptable blob boots");
+    let mut w = w.clone();
+    let mut steps = 0;
+    let mut step = || {
+        steps += 1;
+        steps > cut
+    };
+    for op in ops {
+        if step() {
+            return (w, true);
+        }
+        let (command, written) = match *op {
+            Op::Write(offset, data) => (nv_write(offset, data), Some((offset, data))),
+            Op::Read => (nv_read_command(), None),
+        };
+        send(&mut vtpm.tis, &command);
+        loop {
+            if let Some(r) = response(&mut vtpm.tis) {
+                if step() {
+                    return (w, true);
+                }
+                assert_eq!(rc(&r), 0);
+                w.acknowledged.extend(written);
+                break;
+            }
+            let channel = vtpm.tis.backend_mut().store().unwrap();
+            let (version, b) = channel.fetch().unwrap().expect("a held change has a blob to store");
+            let b = b.to_vec();
+            if step() {
+                return (w, true);
+            }
+            w.disk.synced.push(b);
+            if step() {
+                return (w, true);
+            }
+            let channel = vtpm.tis.backend_mut().store().unwrap();
+            channel.stored(version).unwrap();
+            w.counter = *counter.value.borrow();
+        }
+    }
+    (w, false)
+}
+
+/// Every blob the guest could hand back is refused, or holds every
+/// acknowledged write; the newest always boots.
+fn check(w: &World) {
+    let counter = Counter::default();
+    for (i, blob) in w.disk.synced.iter().enumerate() {
+        let Some(mut vtpm) = reboot(w, blob, &counter) else { continue };
+        let nv = nv_contents(&mut vtpm);
+        for (offset, data) in &w.acknowledged {
+            let at = *offset as usize;
+            assert_eq!(&nv[at..at + data.len()], *data, "blob {i} accepted without an acknowledged write");
+        }
+    }
+    let newest = w.disk.latest().unwrap();
+    assert!(reboot(w, newest, &counter).is_some(), "the newest blob must boot");
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_to_a_power_cut_at_any_step() {
+    let (disk, committed) = owned_with_nv();
+    let start = World { disk: disk.clone(), counter: *committed, acknowledged: Vec::new() };
+    let ops = [Op::Read, Op::Write(0, b"one"), Op::Write(8, b"two"), Op::Read, Op::Write(16, b"three")];
+    let mut cuts = 0;
+    for cut in 0.. {
+        let (w, was_cut) = run(&start, start.disk.latest().unwrap(), &ops, cut);
+        check(&w);
+        // And a second boot, on each blob the vTPM accepts, cut at each step too.
+        let counter = Counter::default();
+        let accepted: Vec<Vec<u8>> =
+            w.disk.synced.iter().filter(|b| reboot(&w, b, &counter).is_some()).cloned().collect();
+        for b in &accepted {
+            for cut2 in 0.. {
+                let (w2, again) = run(&w, b, &[Op::Write(24, b"four"), Op::Read], cut2);
+                check(&w2);
+                if !again {
+                    break;
+                }
+            }
+        }
+        cuts += 1;
+        if !was_cut {
+            assert_eq!(w.acknowledged.len(), 3);
+            break;
+        }
+    }
+    assert!(cuts > 10, "{cuts} cut points");
+}
+
+#[test]
+fn the_store_channel_refuses_what_a_guest_makes_up() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let channel = vtpm.tis.backend_mut().store().unwrap();
+    for v in [0, 1, *committed, u64::MAX] {
+        assert_eq!(channel.stored(v), Err(StoreError::Unexpected), "report of {v} with nothing handed over");
+    }
+    let (fence, _) = channel.fetch().unwrap().unwrap();
+    for v in [0, fence - 1, fence + 1, u64::MAX] {
+        assert_eq!(channel.stored(v), Err(StoreError::Unexpected));
+    }
+    assert_eq!(channel.stored(fence), Ok(()));
+    assert_eq!(channel.stored(fence), Err(StoreError::Unexpected), "a second report of the same version");
+    // Through it all the TIS answered nothing it should not have.
+    assert_eq!(vtpm.tis.state(), State::Idle);
+}
+
+#[test]
+fn a_vtpm_with_all_its_nv_in_use_still_fits_the_store_channel() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let mut disk = disk.clone();
+    let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+    let mut c = Client::new(&mut d);
+    c.record = false;
+    // Every byte of NV the chip still offers (TPM_CAP_PROP_MAX_NV_AVAILABLE),
+    // in one index (its bookkeeping costs 53 bytes).
+    let free = u32::from_be_bytes(c.property(client::Kind::Shape, 0x123).unwrap()[..4].try_into().unwrap());
+    assert_eq!(c.nv_define(&OWNER, NV + 1, NV_PER_WRITE_STCLEAR, free - 53), 0);
+    assert_eq!(c.property(client::Kind::Shape, 0x123).unwrap(), [0; 4], "NV is full");
+    let largest = disk.synced.iter().map(Vec::len).max().unwrap();
+    assert!(largest > 28_000, "the blob holds the NV data ({largest} bytes)");
+    assert!(largest <= guest_agent::vtpm_store::MAX_BLOB, "a {largest}-byte blob does not fit the store channel");
+}
+
+// ---- With a platform TPM: libtpms through swtpm ------------------------
+
+/// The platform TPM as CTVM's bare-metal `Sealer` drives it
+/// (`arch::x86_64::platform`): the same `platform::tpm::seal` calls, the
+/// key sealed to PCR 12, over swtpm instead of the TIS.
+#[derive(Clone)]
+struct Libtpms(Rc<RefCell<PlatformTpm<swtpm::Tcp>>>);
+
+impl PlatformSeal for Libtpms {
+    fn seal(&self, key: &[u8; 32]) -> Result<Vec<u8>, String> {
+        seal::seal_key(&mut self.0.borrow_mut(), key, &[launch::PCR_CONFIG], &mut swtpm::nonces())
+            .map_err(|e| e.to_string())
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<[u8; 32], String> {
+        seal::unseal_key(&mut self.0.borrow_mut(), sealed, &mut swtpm::nonces()).map_err(|e| e.to_string())
+    }
+
+    fn counter(&self, advance: bool) -> Result<u64, String> {
+        seal::vtpm_counter(&mut self.0.borrow_mut(), advance, &mut swtpm::nonces()).map_err(|e| e.to_string())
+    }
+}
+
+/// One machine with a platform TPM whose state outlives its power cycles.
+struct Machine {
+    state: swtpm::TempDir,
+    tpm2: bool,
+}
+
+impl Machine {
+    fn new(tag: &str, tpm2: bool) -> Machine {
+        let state = swtpm::TempDir::new(tag);
+        if !tpm2 {
+            swtpm::owned_tpm12_state(&state.0);
+        }
+        Machine { state, tpm2 }
+    }
+
+    /// Power on and CTVM's measured launch with `cmdline`; the chip dies
+    /// with the returned swtpm (a power cut).
+    fn power_on(&self, cmdline: &str) -> (swtpm::Swtpm, Libtpms) {
+        let sw = swtpm::Swtpm::start(&self.state.0, self.tpm2);
+        let mut tpm = if self.tpm2 { PlatformTpm::new(Family::V2, sw.transport()) } else { swtpm::tpm12(&sw) };
+        swtpm::launch_ctvm(&mut tpm, cmdline);
+        (sw, Libtpms(Rc::new(RefCell::new(tpm))))
+    }
+}
+
+/// A durable boot rooted in `chip`: key and counter.
+fn boot_on(chip: &Libtpms, blob: Option<&[u8]>, reset: bool) -> Booted {
+    let root = PlatformRoot::new(chip.clone(), SEED);
+    let anchor = Box::new(PlatformCounter::new(chip.clone(), GUEST));
+    boot_under(GUEST, VtpmMode::Durable { reset }, Some(SEED), Some(&root), blob, anchor)
+}
+
+fn refused_key(o: &Outcome) -> Option<&KeyError> {
+    match o {
+        Outcome::Failed(Failure::Refused(RestoreError::Key(k))) => Some(k),
+        _ => None,
+    }
+}
+
+fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
+    const CONFIG: &str = "log=info";
+    let machine = Machine::new(if tpm2 { "vtpm-tpm2" } else { "vtpm-tpm12" }, tpm2);
+    let mut disk = Disk::default();
+    // Boot 1, fresh: a new key sealed in the chip, ownership, NV and two
+    // writes, each committed in the chip's counter.
+    let before_second;
+    {
+        let (_power, chip) = machine.power_on(CONFIG);
+        let start = chip.counter(false).unwrap();
+        let (o, report, ca, mut vtpm) = boot_on(&chip, None, true);
+        assert_eq!(o, Outcome::New { refused: None });
+        assert!(ca.is_some());
+        assert!(report.iter().all(|(_, t)| !t.contains("rollback") && !t.contains("forge")), "{report:?}");
+        own_and_define_nv(&mut vtpm, &mut disk);
+        let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"first"))), 0);
+        before_second = disk.latest().unwrap().clone();
+        let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"second"))), 0);
+        assert!(disk.synced.iter().all(|b| b.starts_with(PLATFORM_SEALED)), "every blob carries its sealed key");
+        let last = chip.counter(false).unwrap();
+        assert!(last >= start + 5, "fence, ownership, NV index, two writes: {start} -> {last}");
+    }
+    let newest = disk.latest().unwrap().clone();
+    // Boot 2, restored after a power cycle under the same configuration.
+    {
+        let (_power, chip) = machine.power_on(CONFIG);
+        let (o, report, _, mut vtpm) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(o, Outcome::Opened { reset_ignored: false, .. }), "{o:?}");
+        assert!(report.iter().all(|(l, _)| *l == Level::Info), "nothing weaker to report: {report:?}");
+        assert!(report[0].1.contains("sealed under the platform TPM"), "{report:?}");
+        assert_eq!(&nv_contents(&mut vtpm)[..6], b"second");
+        // Stale: the blob from before the second write, rolled back.
+        let (o, _, _, mut vtpm) = boot_on(&chip, Some(&before_second), false);
+        assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+        assert_failed(&mut vtpm);
+        // Corrupt: a bit of the state blob, a bit of the sealed key, the
+        // length of the sealed key.
+        let mut bad = newest.clone();
+        let at = bad.len() - 20;
+        bad[at] ^= 0x10;
+        let (o, _, _, mut vtpm) = boot_on(&chip, Some(&bad), false);
+        assert_eq!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Forged))));
+        assert_failed(&mut vtpm);
+        let mut bad = newest.clone();
+        bad[PLATFORM_SEALED.len() + 2 + 40] ^= 1;
+        let (o, _, _, _) = boot_on(&chip, Some(&bad), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_) | KeyError::Malformed)), "{o:?}");
+        let mut bad = newest.clone();
+        bad[PLATFORM_SEALED.len()] = 0xff;
+        let (o, _, _, _) = boot_on(&chip, Some(&bad), false);
+        assert_eq!(refused_key(&o), Some(&KeyError::Malformed));
+        // Foreign: a blob sealed under the seed alone (which anyone who reads
+        // the seed module can make) is refused where a platform TPM roots the keys.
+        let (seed_disk, _) = owned_with_nv();
+        let (o, _, _, _) = boot_on(&chip, seed_disk.latest().map(Vec::as_slice), false);
+        assert_eq!(refused_key(&o), Some(&KeyError::SeedOnly));
+        // And a platform-sealed blob on a boot without a platform TPM.
+        let (o, _, _, _) = boot(VtpmMode::Durable { reset: false }, Some(SEED), Some(&newest), Box::new(NoCounter));
+        assert_eq!(refused_key(&o), Some(&KeyError::NeedsPlatformTpm));
+    }
+    // Boot 3, CTVM's configuration changed (another command line, PCR 12):
+    // the chip refuses to unseal the key; failure mode, said plainly; a
+    // reset makes a new vTPM and says which blob it gave up.
+    {
+        let (_power, chip) = machine.power_on("log=debug");
+        let (o, report, _, mut vtpm) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+        assert_failed(&mut vtpm);
+        assert!(
+            report.iter().any(|(l, t)| *l == Level::Error
+                && t.contains("vTPM in failure mode: state blob refused: the platform TPM refused to unseal its key")),
+            "{report:?}"
+        );
+    }
+    // Boot 4, the original configuration again: the key unseals, the
+    // newest blob opens, the older one stays stale.
+    let (_power, chip) = machine.power_on(CONFIG);
+    let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    let (o, _, _, _) = boot_on(&chip, Some(&before_second), false);
+    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+    if tpm2 {
+        // Another machine's platform TPM cannot unseal this one's key.
+        let other = Machine::new("vtpm-tpm2-other", true);
+        let (_power, chip) = other.power_on(CONFIG);
+        let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
+        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+    }
+}
+
+#[test]
+fn a_vtpm_sealed_to_a_tpm2_lives_across_power_cycles_and_refuses_every_bad_blob() {
+    platform_rooted_vtpm_lifecycle(true);
+}
+
+#[test]
+fn a_vtpm_sealed_to_a_tpm12_lives_across_power_cycles_and_refuses_every_bad_blob() {
+    platform_rooted_vtpm_lifecycle(false);
+}
+
+/// The platform counter moves one step at a time up to the version, never
+/// past it and never back; it guards one guest only.
+#[test]
+fn the_platform_counter_anchors_versions_one_step_at_a_time() {
+    let machine = Machine::new("vtpm-counter", true);
+    let (_power, chip) = machine.power_on("log=info");
+    let mut anchor = PlatformCounter::new(chip.clone(), GUEST);
+    let start = anchor.committed(GUEST).unwrap().unwrap();
+    anchor.commit(GUEST, start + 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 2);
+    anchor.commit(GUEST, start + 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 2, "committing the same version again moves nothing");
+    assert!(anchor.commit(GUEST, start + 1).is_err(), "never back");
+    assert!(anchor.commit(GUEST, start + 100).is_err(), "a version far above is refused, not counted up to");
+    assert!(anchor.committed("other").is_err() && anchor.commit("other", start + 3).is_err());
+    assert_eq!(chip.counter(false).unwrap(), start + 2);
+}
