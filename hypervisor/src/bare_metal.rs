@@ -7,6 +7,7 @@ use hypervisor::arch::x86_64::{cpu, gdt, platform, power, serial, traps};
 use hypervisor::boot_info::{self, Loader, Mb1, Memory};
 use hypervisor::console;
 use hypervisor::guest::config;
+use hypervisor::integrity::api::ApiPolicy;
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::{self, FrameAllocator, Region};
 use hypervisor::mm::phys;
@@ -197,11 +198,10 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         }
     }
     let policy = trusted_module_policy(&boot.modules);
-    let policy_digest = boot
-        .modules
-        .iter()
-        .find(|m| m.cmdline.trim() == config::POLICY_MODULE)
-        .map(|m| sha256(&[vmm::module_bytes(m)]));
+    let module_digest =
+        |name: &str| boot.modules.iter().find(|m| m.cmdline.trim() == name).map(|m| sha256(&[vmm::module_bytes(m)]));
+    let policy_digest = module_digest(config::POLICY_MODULE);
+    let api_digest = module_digest(config::API_MODULE);
     // SAFETY: the ranges are the image's read-only segments, mapped and
     // never written.
     let hypervisor_digest = sha256(
@@ -212,6 +212,7 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         "hypervisor image: code and read-only data SHA-256 {}",
         hypervisor::tpm::config_event::to_hex(&hypervisor_digest)
     );
+    let api = kernel_api_policy(&boot.modules);
     // The PCI devices' I/O ports, found before any guest can move them.
     let pci_io = hypervisor::pci::io_ranges(&mut cpu::PortConfigSpace);
     // This CPU's local APIC: its page, unless it runs in x2APIC mode.
@@ -227,7 +228,9 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
         vtpm_seed,
         hypervisor_digest,
         policy_digest,
+        api_digest,
         policy: &policy,
+        api: api.as_ref(),
         pci_io: &pci_io,
         lapic,
         apic_id,
@@ -278,6 +281,31 @@ fn trusted_module_policy(modules: &[boot_info::Module]) -> Policy {
         Err(e) => {
             error!("ctvm.policy: {e}; no module is trusted");
             Policy::default()
+        }
+    }
+}
+
+/// What isolated modules may call, from the module whose command line is
+/// `ctvm.api`. Without one, or with a malformed one, there is none: every
+/// guest asking for integrity then refuses to start.
+fn kernel_api_policy(modules: &[boot_info::Module]) -> Option<alloc::sync::Arc<ApiPolicy>> {
+    let m = modules.iter().find(|m| m.cmdline.trim() == config::API_MODULE)?;
+    let parsed = core::str::from_utf8(vmm::module_bytes(m))
+        .map_err(|_| alloc::string::String::from("not UTF-8"))
+        .and_then(|text| ApiPolicy::parse(text).map_err(|e| alloc::format!("{e}")));
+    match parsed {
+        Ok(p) => {
+            let (allowed, denied) = p.counts();
+            info!(
+                "ctvm.api: kernel {}: {allowed} exports allowed to isolated modules, {denied} in {} dangerous groups",
+                p.kernel,
+                p.groups.len()
+            );
+            Some(alloc::sync::Arc::new(p))
+        }
+        Err(e) => {
+            error!("ctvm.api: {e}; guests asking for integrity will not start");
+            None
         }
     }
 }

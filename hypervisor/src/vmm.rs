@@ -56,8 +56,12 @@ pub struct Machine<'a> {
     pub hypervisor_digest: [u8; 32],
     /// SHA-256 of the `ctvm.policy` module, for PCR 11.
     pub policy_digest: Option<[u8; 32]>,
+    /// SHA-256 of the `ctvm.api` module, for PCR 11.
+    pub api_digest: Option<[u8; 32]>,
     /// The trusted-module digests (the `ctvm.policy` module).
     pub policy: &'a crate::integrity::policy::Policy,
+    /// What isolated modules may call (the `ctvm.api` module), if given.
+    pub api: Option<&'a alloc::sync::Arc<crate::integrity::api::ApiPolicy>>,
     /// The I/O ranges the PCI devices decode.
     pub pci_io: &'a [(u16, u16)],
     /// The local APIC's page, in xAPIC mode.
@@ -211,7 +215,8 @@ impl Vm {
             trusted
                 .push(entry.cloned().ok_or_else(|| format!("trust={name}: no entry for it in a ctvm.policy module"))?);
         }
-        let integrity = config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted)).transpose()?;
+        let integrity =
+            config.integrity.map(|mode| GuestIntegrity::for_guest(mode, trusted, machine.api.cloned())).transpose()?;
         let mut vm = Vm::empty(Guest::new(config, platform, memory, cr_limits(vmx)));
         vm.guest.integrity = integrity;
         if vm.guest.integrity.is_some() {
@@ -337,6 +342,7 @@ impl Vm {
             integrity,
             trust: &trust,
             policy: machine.policy_digest,
+            api: machine.api_digest,
             // What the configuration asks for, even when the state was refused.
             vtpm_durable: config.vtpm_durable,
         };
@@ -595,7 +601,7 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
     let ignored = modules.len() - guest_modules.len() - initrds.len() - data;
     if ignored > 0 {
         warn!(
-            "{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed, vtpm.state=NAME or ctvm.policy are ignored"
+            "{ignored} boot module(s) without guest=NAME, initrd=NAME, vtpm.seed, vtpm.state=NAME, ctvm.policy or ctvm.api are ignored"
         );
     }
     // Time slicing only matters with more than one guest.

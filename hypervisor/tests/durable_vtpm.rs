@@ -147,6 +147,7 @@ fn boot_under(
         integrity: IntegrityMode::Enforce,
         trust: &["ctvm_agent"],
         policy: None,
+        api: None,
         vtpm_durable: durable,
     };
     let event = config_event(vtpm_core::sha1, &cfg);

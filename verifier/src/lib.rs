@@ -19,7 +19,7 @@
 //! 6. `kernel`, `initrd`, `cmdline`: the measured digests are the
 //!    manifest's.
 //! 7. `config` (the `ctvm.config v1` event is well formed), `hypervisor`,
-//!    `integrity` (must be `enforce`), `trust`, `policy`, `vtpm`: the
+//!    `integrity` (must be `enforce`), `trust`, `policy`, `api`, `vtpm`: the
 //!    security configuration is the manifest's.
 //! 8. `ima_allow_list`: every IMA entry's file digest is allowed (when
 //!    the manifest has a list; boot_aggregate is exempt).
@@ -52,6 +52,10 @@ pub struct Manifest {
     /// SHA-256 of the `ctvm.policy` module, or null for none.
     #[serde(default)]
     pub policy_sha256: Option<String>,
+    /// SHA-256 of the `ctvm.api` module (the kernel-API allow-list), or
+    /// null for none.
+    #[serde(default)]
+    pub api_sha256: Option<String>,
     /// "durable" to require a vTPM whose state survives reboots; null
     /// accepts either.
     #[serde(default)]
@@ -144,7 +148,7 @@ fn parse_hex20(what: &str, s: &str) -> Result<Digest20, String> {
 /// The fields of a `ctvm.config v1` text, in their fixed order.
 pub fn parse_config(text: &str) -> Result<Vec<(&str, &str)>, String> {
     let rest = text.strip_prefix("ctvm.config v1 ").ok_or("not a ctvm.config v1 text")?;
-    let keys = ["hypervisor", "integrity", "trust", "policy", "vtpm"];
+    let keys = ["hypervisor", "integrity", "trust", "policy", "api", "vtpm"];
     let fields: Vec<(&str, &str)> = rest.split(' ').filter_map(|f| f.split_once('=')).collect();
     if fields.len() != keys.len() || rest.split(' ').count() != keys.len() {
         return Err(format!("configuration text has other fields than {keys:?}: {text:?}"));
@@ -374,15 +378,17 @@ fn verify_steps(
             Err(format!("trusted modules {:?} are not the manifest's {want_trust:?}", field("trust")))
         },
     )?;
-    let want_policy = m.policy_sha256.as_deref().map(str::to_ascii_lowercase).unwrap_or_else(|| "none".into());
-    run.check(
-        "policy",
-        if field("policy") == want_policy {
-            Ok(format!("policy={want_policy}"))
-        } else {
-            Err(format!("measured policy {} is not the manifest's {want_policy}", field("policy")))
-        },
-    )?;
+    for (name, want) in [("policy", &m.policy_sha256), ("api", &m.api_sha256)] {
+        let want = want.as_deref().map(str::to_ascii_lowercase).unwrap_or_else(|| "none".into());
+        run.check(
+            name,
+            if field(name) == want {
+                Ok(format!("{name}={want}"))
+            } else {
+                Err(format!("measured {name} {} is not the manifest's {want}", field(name)))
+            },
+        )?;
+    }
     run.check(
         "vtpm",
         match m.vtpm.as_deref() {

@@ -31,6 +31,8 @@ const OWNER: Digest20 = WELL_KNOWN;
 const SRK: Digest20 = WELL_KNOWN;
 const KERNEL: &[u8] = b"a bzImage";
 const INITRD: &[u8] = b"an initramfs";
+/// The `ctvm.api` module's digest the guest ran with.
+const API_POLICY: [u8; 32] = [0x5a; 32];
 const CMDLINE: &[u8] = b"console=ttyS0 ima_policy=tcb";
 const HYPERVISOR: [u8; 32] = [0xc7; 32];
 const NOT_BEFORE: u64 = 1_767_225_600;
@@ -101,6 +103,7 @@ fn manifest() -> Manifest {
         hypervisor_sha256: ctvm_verify::tpm::hex(&HYPERVISOR),
         trust: vec!["ctvm_agent".into()],
         policy_sha256: None,
+        api_sha256: Some(ctvm_verify::tpm::hex(&API_POLICY)),
         vtpm: None,
         ima_allow: Some(vec![sha1hex(b"/sbin/init"), format!("sha1:{}", sha1hex(b"/bin/sh"))]),
     }
@@ -119,8 +122,14 @@ fn attest(name: &str, integrity: IntegrityMode, ima: &str) -> Run {
     chip.lock_nv();
     let mut guest = GuestTpm::new(engine::backend(chip));
     guest.measure_launch(&launch_measurements(vtpm_core::sha1, KERNEL, CMDLINE, Some(INITRD))).unwrap();
-    let cfg =
-        SecurityConfig { hypervisor: HYPERVISOR, integrity, trust: &["ctvm_agent"], policy: None, vtpm_durable: false };
+    let cfg = SecurityConfig {
+        hypervisor: HYPERVISOR,
+        integrity,
+        trust: &["ctvm_agent"],
+        policy: None,
+        api: Some(API_POLICY),
+        vtpm_durable: false,
+    };
     guest.measure_event(&config_event(vtpm_core::sha1, &cfg)).unwrap();
     let log = guest.log.as_bytes().to_vec();
 
@@ -217,6 +226,7 @@ fn accepts_a_guest_that_runs_what_the_manifest_says() {
             "integrity",
             "trust",
             "policy",
+            "api",
             "vtpm",
             "ima_allow_list"
         ]
@@ -239,6 +249,19 @@ fn rejects_another_kernel() {
     m.kernel_sha1 = sha1hex(b"the kernel the owner expects");
     let v = accepted().verify(&m);
     assert_eq!(v.failed, Some("kernel"), "{}", v.summary());
+}
+
+#[test]
+fn rejects_another_kernel_api_policy() {
+    // The guest ran with isolated modules held to another allow-list (or
+    // none): not what the owner approved.
+    for other in [None, Some(ctvm_verify::tpm::hex(&[0x11; 32]))] {
+        let mut m = manifest();
+        m.api_sha256 = other;
+        let v = accepted().verify(&m);
+        assert_eq!(v.failed, Some("api"), "{}", v.summary());
+        assert!(v.reason.unwrap().contains(&ctvm_verify::tpm::hex(&API_POLICY)));
+    }
 }
 
 #[test]

@@ -296,6 +296,7 @@ struct Manifest {
     cmdline: String,
     hypervisor_sha256: String,
     policy_sha256: String,
+    api_sha256: String,
     ima_allow: Vec<String>,
 }
 
@@ -304,13 +305,14 @@ impl Manifest {
         let list = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
         let trust: Vec<String> = TRUST.iter().map(|s| s.to_string()).collect();
         format!(
-            "{{\n  \"kernel_sha1\": \"{}\",\n  \"initrd_sha1\": \"{}\",\n  \"cmdline\": \"{}\",\n  \"hypervisor_sha256\": \"{}\",\n  \"trust\": [{}],\n  \"policy_sha256\": \"{}\",\n  \"vtpm\": \"durable\",\n  \"ima_allow\": [{}]\n}}\n",
+            "{{\n  \"kernel_sha1\": \"{}\",\n  \"initrd_sha1\": \"{}\",\n  \"cmdline\": \"{}\",\n  \"hypervisor_sha256\": \"{}\",\n  \"trust\": [{}],\n  \"policy_sha256\": \"{}\",\n  \"api_sha256\": \"{}\",\n  \"vtpm\": \"durable\",\n  \"ima_allow\": [{}]\n}}\n",
             self.kernel_sha1,
             self.initrd_sha1,
             self.cmdline,
             self.hypervisor_sha256,
             list(&trust),
             self.policy_sha256,
+            self.api_sha256,
             list(&self.ima_allow)
         )
     }
@@ -406,6 +408,7 @@ pub fn run_series() -> Result<Vec<BootResult>, Fail> {
         ModuleSpec { file: assets.kernel.clone(), args: String::new() },
         ModuleSpec { file: initrd.clone(), args: "initrd=linux".into() },
         ModuleSpec { file: assets.policy.clone(), args: "ctvm.policy".into() },
+        ModuleSpec { file: assets.api.clone(), args: "ctvm.api".into() },
         ModuleSpec { file: seed.clone(), args: "vtpm.seed".into() },
     ];
     let disk = Disk::create(&dir)?;
@@ -419,6 +422,7 @@ pub fn run_series() -> Result<Vec<BootResult>, Fail> {
         cmdline: args.clone(),
         hypervisor_sha256: hex(&hypervisor_digest(&bins.hypervisor)?),
         policy_sha256: hex(&Sha256::digest(fs::read(&assets.policy)?)),
+        api_sha256: hex(&Sha256::digest(fs::read(&assets.api)?)),
         ima_allow: Vec::new(),
     };
 

@@ -124,6 +124,7 @@ fn expected_events(out: &RunOutput) -> Result<Vec<Expected>, String> {
     for (bytes, args) in &modules {
         match args.trim() {
             "ctvm.policy" => want.push((12, b"ctvm.policy".to_vec(), bytes.clone())),
+            "ctvm.api" => want.push((12, b"ctvm.api".to_vec(), bytes.clone())),
             "vtpm.seed" => want.push((12, b"vtpm.seed".to_vec(), bytes.clone())),
             _ => {}
         }

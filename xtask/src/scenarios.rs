@@ -130,6 +130,7 @@ pub fn modules_for(guests: &[GuestSpec], bins: &Binaries) -> Result<Vec<ModuleSp
                 });
                 out.push(ModuleSpec { file: assets.initrd, args: format!("initrd={}", g.name) });
                 out.push(ModuleSpec { file: assets.policy, args: "ctvm.policy".into() });
+                out.push(ModuleSpec { file: assets.api, args: "ctvm.api".into() });
             }
             GuestImage::VtpmSeed => {
                 let file = crate::util::work_dir().join(format!("vtpm-seed-{}", &g.args[..8.min(g.args.len())]));
@@ -1208,6 +1209,24 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm-init: attack atk_agent: agent data write blocked",
             "ctvm: violation guest=linux module=atk_agentcall kind=call-non-entry",
             "ctvm-init: attack atk_agentcall: agent call blocked",
+            "ctvm: violation guest=linux module=atk_umh kind=call-denied-api * api=call_usermodehelper_setup group=usermode-helper",
+            "ctvm: violation guest=linux module=atk_umh kind=call-denied-api * api=call_usermodehelper_exec group=usermode-helper",
+            "ctvm-init: attack atk_umh: usermode helper exec returned -1: blocked",
+            "ctvm-init: after atk_umh: getpid ok",
+            "ctvm-init: atk_umh: no user program ran",
+            "ctvm: violation guest=linux module=atk_skey kind=call-denied-api * api=static_key_enable group=text-patching",
+            "ctvm-init: attack atk_skey: static_key_enable on a kernel key: count 0 -> 0, blocked",
+            "ctvm: violation guest=linux module=atk_ftdirect kind=call-denied-api * group=tracing-hooks",
+            "ctvm-init: attack atk_ftdirect: ftrace direct hook blocked",
+            "ctvm: violation guest=linux module=atk_tp kind=call-denied-api * api=tracepoint_probe_register group=tracing-hooks",
+            "ctvm-init: attack atk_tp: tracepoint probe blocked",
+            "ctvm: violation guest=linux module=atk_file kind=call-denied-api * api=filp_open group=kernel-file-access",
+            "ctvm: violation guest=linux module=atk_file kind=call-denied-api * api=kernel_write group=kernel-file-access",
+            "ctvm-init: attack atk_file: filp_open blocked (-1); kernel_write blocked (-1)",
+            "ctvm-init: atk_file: no file created",
+            "ctvm: violation guest=linux module=atk_bpf kind=call-denied-api * api=bpf_prog_create group=bpf-loading",
+            "ctvm-init: attack atk_bpf: bpf_prog_create blocked (-1)",
+            "ctvm-init: after atk_bpf: getpid ok",
             "ctvm: violation guest=linux module=atk_burst kind=write-syscall-table",
             "ctvm: violation guest=linux module=atk_burst kind=write-syscall-table * repeated=1000",
             "ctvm-init: attack atk_burst: burst of 1500 syscall table writes: all blocked",

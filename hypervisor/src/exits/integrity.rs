@@ -17,7 +17,7 @@ use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::policy::Mismatch;
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
-use crate::integrity::{wire, Guard, Stepping, View};
+use crate::integrity::{api, wire, Guard, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
 
@@ -123,7 +123,10 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             (vector as u8, handler)
         })
         .collect();
-    // The exported symbols, read from the kernel's own tables.
+    // The exported symbols, read from the kernel's own tables, each judged
+    // by the kernel-API policy: an isolated module calls only what it allows.
+    let api = alloc::sync::Arc::clone(&ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.api);
+    let mut denied_apis = alloc::collections::BTreeMap::new();
     for table in [message.ksymtab, message.ksymtab_gpl] {
         let len = table.end.saturating_sub(table.start);
         if len % wire::KERNEL_SYMBOL_SIZE != 0 || len / wire::KERNEL_SYMBOL_SIZE > MAX_SYMBOLS {
@@ -144,10 +147,17 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             match wire::export_kind(&n) {
                 wire::ExportKind::IndirectThunk(reg) => layout.indirect_thunks[reg] = value,
                 wire::ExportKind::ReturnThunk => layout.return_thunks.push(value),
-                wire::ExportKind::Function => layout.entries.push(value),
-            }
-            if wire::DENIED_APIS.iter().any(|d| d.as_bytes() == n.as_slice()) {
-                layout.denied_entries.push(value);
+                wire::ExportKind::Function => {
+                    layout.entries.push(value);
+                    // A function exported under two names, one of them
+                    // denied, is denied.
+                    let class = api.classify(&n);
+                    if class != api::Class::Allowed {
+                        layout.denied_entries.push(value);
+                        let name = alloc::string::String::from_utf8_lossy(&n).into_owned();
+                        denied_apis.insert(value, api::DeniedApi { name, group: api.class_name(class).into() });
+                    }
+                }
             }
         }
     }
@@ -167,19 +177,22 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             pages.push((gpa, class));
         }
     }
+    let unlisted = denied_apis.values().filter(|d| d.group == "unlisted").count();
     log::info!(
-        "guest {}: kernel layout registered: text {:#x}..{:#x}, {} exported entry points, {} denied, {} interrupt handlers, {} branch thunks, {} return thunks",
+        "guest {}: kernel layout registered: text {:#x}..{:#x}, {} exported entry points, {} denied by the API policy for {} ({unlisted} not in it), {} interrupt handlers, {} branch thunks, {} return thunks",
         ctx.guest.name(),
         layout.text.start,
         layout.text.end,
         layout.entries.len(),
         layout.denied_entries.len(),
+        api.kernel,
         layout.gates.len(),
         layout.indirect_thunks.iter().filter(|&&t| t != 0).count(),
         layout.return_thunks.len()
     );
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.register_kernel(layout, pages).map_err(map_err)?;
+    state.denied_apis = denied_apis;
     Ok(0)
 }
 
@@ -663,7 +676,12 @@ fn report(ctx: &mut ExitContext<'_>, v: &Violation) {
         Some(m) => state.and_then(|s| s.engine.module_name(m)).unwrap_or("?"),
         None => "kernel",
     };
-    let line = Line { guest: ctx.guest.name(), module, violation: v };
+    // A refused kernel API is named, with its group.
+    let api = state
+        .filter(|_| v.kind == ViolationKind::CallDeniedApi)
+        .and_then(|s| s.denied_apis.get(&v.target))
+        .map(|d| (d.name.as_str(), d.group.as_str()));
+    let line = Line { guest: ctx.guest.name(), module, violation: v, api };
     match say {
         Say::Line => console::write_line(format_args!("{line}")),
         Say::Repeated(n) => console::write_line(format_args!("{line} repeated={n}")),
@@ -1285,6 +1303,7 @@ mod tests {
         let mut guest = test_guest();
         guest.platform = crate::guest::Platform::PassThrough { pm1a_control: None, lapic: None };
         guest.integrity = Some(GuestIntegrity::new(mode, alloc::vec![agent]));
+        guest.integrity.as_mut().unwrap().api = alloc::sync::Arc::new(api_policy(API));
         let mut vcpu = FakeVcpu::new();
         vcpu.write(Field::Cr0, 0x8000_0031);
         vcpu.write(Field::Cr3, 0x1000);
@@ -1296,6 +1315,14 @@ mod tests {
         let mut host = FakeHost::default();
         host.msrs.insert(MSR_LSTAR, K + ENTRY_SYSCALL);
         Fixture { guest, vcpu, host, phys, control: FakeControl::default() }
+    }
+
+    /// The fixture kernel's API policy: printk allowed, set_memory_rw in a group.
+    const API: &str = "ctvm.api v1 kernel=test\ngroup code-permissions\nallow printk\n\
+                       deny code-permissions set_memory_rw\n";
+
+    fn api_policy(text: &str) -> api::ApiPolicy {
+        api::ApiPolicy::parse(text).unwrap()
     }
 
     impl Fixture {
@@ -1353,6 +1380,35 @@ mod tests {
     const FETCH: u64 = 4;
 
     #[test]
+    fn the_api_policy_is_an_allow_list() {
+        // A kernel export the policy does not name is denied like a grouped
+        // one (another kernel, a renamed API); an empty policy denies all.
+        for (text, denied) in [
+            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 2),
+            ("ctvm.api v1 kernel=other\n", 2),
+        ] {
+            let mut f = fixture(Mode::Enforce);
+            f.guest.integrity.as_mut().unwrap().api = alloc::sync::Arc::new(api_policy(text));
+            let id = f.register_everything();
+            let state = f.guest.integrity.as_ref().unwrap();
+            assert_eq!(state.engine.layout().unwrap().denied_entries.len(), denied, "{text}");
+            assert_eq!(state.denied_apis.get(&(K + PRINTK)).map(|d| d.group.as_str()), Some("unlisted"));
+            // The module's call to printk is now refused with -EPERM, reported.
+            let module = View::Module(id);
+            f.guest.integrity.as_mut().unwrap().view = module;
+            f.control.active = Some(module);
+            w(&f.phys, STACK, &(K + MODULE_CODE + 0x40).to_le_bytes());
+            f.vcpu.write(Field::Rsp, K + STACK);
+            assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);
+            assert_eq!(f.vcpu.read(Field::Rip), K + MODULE_CODE + 0x40);
+            assert_eq!(f.vcpu.regs.rax as i64, -1);
+            assert_eq!(f.control.active, Some(module), "still in the module's view");
+            let v = f.guest.integrity.as_mut().unwrap().engine.violations.take(8).last().unwrap();
+            assert_eq!((v.kind, v.target), (ViolationKind::CallDeniedApi as u32, K + PRINTK));
+        }
+    }
+
+    #[test]
     fn registration_protects_the_kernel_and_isolates_the_module() {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
@@ -1361,6 +1417,12 @@ mod tests {
         assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
+        let denied = &f.guest.integrity.as_ref().unwrap().denied_apis;
+        assert_eq!(
+            denied.get(&(K + SET_MEMORY_RW)).map(|d| (d.name.as_str(), d.group.as_str())),
+            Some(("set_memory_rw", "code-permissions"))
+        );
+        assert_eq!(denied.len(), 1);
         assert_eq!(e.layout().unwrap().gates, alloc::vec![(14, K + HANDLER)]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
         assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
@@ -1863,8 +1925,15 @@ mod tests {
             w(&f.phys, AGENT_CODE + 0x100, &[0xcc]);
             assert!(lock_with(&mut f, K + AGENT_INFO).contains("sha256"));
         }
-        // A guest that asks for integrity without naming the agent does not boot.
-        assert!(GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![]).is_err());
+        // A guest that asks for integrity without naming the agent, or
+        // without a kernel-API policy, does not boot.
+        let api = Some(alloc::sync::Arc::new(api_policy(API)));
+        assert!(GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![], api.clone()).is_err());
+        let agent = fixture(Mode::Enforce).guest.integrity.unwrap().trusted[0].clone();
+        let err = GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![agent.clone()], None).err().unwrap();
+        assert!(err.contains("ctvm.api"), "{err}");
+        let ok = GuestIntegrity::for_guest(Mode::Enforce, alloc::vec![agent], api).unwrap();
+        assert_eq!(ok.api.kernel, "test");
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub fn is_pass_through_module(cmdline: &str) -> bool {
 pub const SEED_MODULE: &str = "vtpm.seed";
 /// The command line of the module holding the trusted-module policy.
 pub const POLICY_MODULE: &str = "ctvm.policy";
+/// The command line of the module holding the kernel-API policy.
+pub const API_MODULE: &str = "ctvm.api";
 
 /// The command-line word of a guest's vTPM state blob module.
 pub const STATE_MODULE: &str = "vtpm.state";
@@ -106,9 +108,9 @@ pub fn state_owner(cmdline: &str) -> Option<&str> {
 }
 
 /// Whether a module is data for the hypervisor itself: the vTPM seed, the
-/// trusted-module policy or a vTPM state blob.
+/// trusted-module policy, the kernel-API policy or a vTPM state blob.
 pub fn is_data_module(cmdline: &str) -> bool {
-    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE) || state_owner(cmdline).is_some()
+    matches!(cmdline.trim(), SEED_MODULE | POLICY_MODULE | API_MODULE) || state_owner(cmdline).is_some()
 }
 
 /// Whether a module's command line describes a guest at all.

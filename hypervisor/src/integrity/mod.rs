@@ -16,9 +16,11 @@
 //!   read-only by default, writable where the policy allows, never executable.
 //! - Crossings: kernel → module only at m's registered entries or at a
 //!   recorded return address into m; module → kernel only at legitimate
-//!   kernel entries (exported symbols, minus a deny-list of dangerous APIs),
-//!   interrupt handlers, or a recorded return address into the kernel.
+//!   kernel entries (exported functions the kernel-API policy [`api`]
+//!   allows), interrupt handlers, or a recorded return address into the
+//!   kernel.
 
+pub mod api;
 pub mod control;
 pub mod engine;
 pub mod layout;
@@ -83,21 +85,37 @@ pub struct GuestIntegrity {
     pub trusted: alloc::vec::Vec<policy::Entry>,
     /// What the console has shown of the violations.
     pub repeats: violation::Repeats,
+    /// Which exported kernel functions an isolated module may call
+    /// (`ctvm.api`); resolved against the kernel's exports at registration.
+    pub api: alloc::sync::Arc<api::ApiPolicy>,
+    /// The exports the policy denies, by address, for reports.
+    pub denied_apis: alloc::collections::BTreeMap<u64, api::DeniedApi>,
 }
 
 impl GuestIntegrity {
-    /// A guest's integrity state, if its trust list pins the agent: the
-    /// views are driven by the agent alone, identified by its code.
-    pub fn for_guest(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Result<Self, alloc::string::String> {
+    /// A guest's integrity state, if its trust list pins the agent (the
+    /// views are driven by the agent alone, identified by its code) and a
+    /// kernel-API policy says what isolated modules may call.
+    pub fn for_guest(
+        mode: Mode,
+        trusted: alloc::vec::Vec<policy::Entry>,
+        api: Option<alloc::sync::Arc<api::ApiPolicy>>,
+    ) -> Result<Self, alloc::string::String> {
         if !trusted.iter().any(|e| e.name == guest_agent::integrity::AGENT_NAME) {
             return Err(alloc::format!(
                 "integrity needs its agent pinned: add trust={} (with its ctvm.policy entry, which cargo xtask writes), or integrity=off",
                 guest_agent::integrity::AGENT_NAME
             ));
         }
-        Ok(Self::new(mode, trusted))
+        let api = api.ok_or(
+            "integrity needs a kernel-API policy: a ctvm.api module (cargo xtask writes it from the kernel's exports), or integrity=off",
+        )?;
+        let mut state = Self::new(mode, trusted);
+        state.api = api;
+        Ok(state)
     }
 
+    /// With an empty kernel-API policy: isolated modules may call nothing.
     pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
         GuestIntegrity {
             engine: Engine::new(mode),
@@ -106,6 +124,8 @@ impl GuestIntegrity {
             pending_interrupts: alloc::collections::VecDeque::new(),
             trusted,
             repeats: violation::Repeats::default(),
+            api: alloc::sync::Arc::default(),
+            denied_apis: alloc::collections::BTreeMap::new(),
         }
     }
 }

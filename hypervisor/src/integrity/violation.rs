@@ -27,6 +27,8 @@ pub struct Line<'a> {
     pub guest: &'a str,
     pub module: &'a str,
     pub violation: &'a Violation,
+    /// For a refused kernel API: its name and group (` api=... group=...`).
+    pub api: Option<(&'a str, &'a str)>,
 }
 
 impl fmt::Display for Line<'_> {
@@ -41,7 +43,11 @@ impl fmt::Display for Line<'_> {
             v.rip,
             v.target,
             v.action.name()
-        )
+        )?;
+        match self.api {
+            Some((name, group)) => write!(f, " api={name} group={group}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -175,12 +181,17 @@ mod tests {
     #[test]
     fn the_console_line_has_every_field() {
         let violation = v(ViolationKind::WriteSyscallTable);
-        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation });
+        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api: None });
         assert_eq!(
             line,
             "ctvm: violation guest=linux module=evil kind=write-syscall-table rip=0xffffffffc0001234 \
              target=0xffffffff82300008 action=deny"
         );
+        // A refused kernel API says which, and its group.
+        let violation = v(ViolationKind::CallDeniedApi);
+        let api = Some(("call_usermodehelper_exec", "usermode-helper"));
+        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api });
+        assert!(line.ends_with("action=deny api=call_usermodehelper_exec group=usermode-helper"), "{line}");
     }
 
     #[test]

@@ -215,38 +215,6 @@ pub fn ksymtab(table: Range, bytes: &[u8]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Kernel APIs an untrusted module may not call: they would let it reach
-/// its goal through the kernel (code patching, hooks, page permissions,
-/// symbol lookup).
-pub const DENIED_APIS: &[&str] = &[
-    "kallsyms_lookup_name",
-    "kallsyms_on_each_symbol",
-    "set_memory_rw",
-    "set_memory_x",
-    "set_memory_nx",
-    "set_memory_ro",
-    "set_direct_map_default_noflush",
-    "text_poke",
-    "text_poke_kgdb",
-    "text_poke_copy",
-    "register_ftrace_function",
-    "ftrace_set_filter_ip",
-    "ftrace_set_filter",
-    "register_kprobe",
-    "register_kprobes",
-    "register_kretprobe",
-    "register_kretprobes",
-    "unregister_kprobe",
-    "override_creds",
-    "commit_creds",
-    "prepare_kernel_cred",
-    "native_write_cr0",
-    "native_write_cr4",
-    "__x64_sys_call",
-    "x64_sys_call",
-    "call_usermodehelper",
-];
-
 /// What an exported kernel symbol's name says it is, for the crossings a
 /// module may make: a branch thunk is judged by where it branches, so it is
 /// never an entry point in its own right.

@@ -8,12 +8,14 @@
 //! canonical text, e.g.
 //!
 //! ```text
-//! ctvm.config v1 hypervisor=<sha256 hex> integrity=enforce trust=ctvm_agent,ifb policy=<sha256 hex> vtpm=durable
+//! ctvm.config v1 hypervisor=<sha256 hex> integrity=enforce trust=ctvm_agent,ifb policy=<sha256 hex> api=<sha256 hex> vtpm=durable
 //! ```
 //!
 //! Fields come in that order, separated by one space; `trust` lists the
 //! trusted module names sorted and deduplicated (`-` for none); `policy` is
-//! the SHA-256 of the `ctvm.policy` module (`none` without one); `vtpm` is
+//! the SHA-256 of the `ctvm.policy` module (`none` without one); `api` the
+//! SHA-256 of the `ctvm.api` module, the kernel-API allow-list isolated
+//! modules are held to (`none` without one); `vtpm` is
 //! `durable` when a store service keeps the vTPM's state, `volatile`
 //! otherwise (see `vtpm_trust::durability`). The extended digest is the
 //! SHA-1 of the text alone, so a verifier recomputes it from the log.
@@ -61,6 +63,8 @@ pub struct SecurityConfig<'a> {
     pub trust: &'a [&'a str],
     /// SHA-256 of the `ctvm.policy` module, if there is one.
     pub policy: Option<[u8; 32]>,
+    /// SHA-256 of the `ctvm.api` module, if there is one.
+    pub api: Option<[u8; 32]>,
     /// True when a store service keeps the vTPM's state across reboots.
     pub vtpm_durable: bool,
 }
@@ -96,10 +100,12 @@ pub fn config_text(c: &SecurityConfig<'_>) -> String {
     } else {
         s.push_str(&names.join(","));
     }
-    s.push_str(" policy=");
-    match &c.policy {
-        Some(p) => hex(&mut s, p),
-        None => s.push_str("none"),
+    for (key, digest) in [(" policy=", &c.policy), (" api=", &c.api)] {
+        s.push_str(key);
+        match digest {
+            Some(d) => hex(&mut s, d),
+            None => s.push_str("none"),
+        }
     }
     s.push_str(" vtpm=");
     s.push_str(if c.vtpm_durable { "durable" } else { "volatile" });
@@ -149,6 +155,7 @@ mod tests {
             integrity: IntegrityMode::Enforce,
             trust,
             policy: Some([0x01; 32]),
+            api: Some([0x02; 32]),
             vtpm_durable: true,
         }
     }
@@ -157,15 +164,22 @@ mod tests {
     fn the_text_is_canonical() {
         let t = config_text(&cfg(&["ifb", "ctvm_agent", "ifb", ""]));
         let want = alloc::format!(
-            "ctvm.config v1 hypervisor={} integrity=enforce trust=ctvm_agent,ifb policy={} vtpm=durable",
+            "ctvm.config v1 hypervisor={} integrity=enforce trust=ctvm_agent,ifb policy={} api={} vtpm=durable",
             "ab".repeat(32),
-            "01".repeat(32)
+            "01".repeat(32),
+            "02".repeat(32)
         );
         assert_eq!(t, want);
         // The same set in another order gives the same text.
         assert_eq!(config_text(&cfg(&["ctvm_agent", "ifb"])), t);
-        let off = SecurityConfig { integrity: IntegrityMode::Off, policy: None, vtpm_durable: false, ..cfg(&[]) };
-        assert!(config_text(&off).ends_with("integrity=off trust=- policy=none vtpm=volatile"));
+        let off =
+            SecurityConfig { integrity: IntegrityMode::Off, policy: None, api: None, vtpm_durable: false, ..cfg(&[]) };
+        assert!(config_text(&off).ends_with("integrity=off trust=- policy=none api=none vtpm=volatile"));
+        // Another kernel-API policy is another configuration.
+        assert_ne!(
+            config_text(&SecurityConfig { api: Some([0x03; 32]), ..cfg(&["ifb"]) }),
+            config_text(&cfg(&["ifb"]))
+        );
     }
 
     #[test]

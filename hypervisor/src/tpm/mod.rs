@@ -334,6 +334,7 @@ mod tests {
             integrity: config_event::IntegrityMode::Enforce,
             trust: &["ifb"],
             policy: None,
+            api: None,
             vtpm_durable: false,
         };
         let event = config_event::config_event(digest_of, &cfg);

@@ -463,6 +463,7 @@ fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
         integrity: IntegrityMode::Enforce,
         trust: &[],
         policy: None,
+        api: None,
         vtpm_durable: true,
     };
     events.push(config_event(vtpm_core::sha1, &cfg));

@@ -23,7 +23,7 @@ say "done"
 SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
     idt_table entry_SYSCALL_64 __text_poke modules _sdata __start___ksymtab __stop___ksymtab __start___ksymtab_gpl
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
-    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw"
+    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -126,6 +126,15 @@ integrity_tests() {
     attack atk_setmem rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw)
     attack atk_agent target=$(awk '$3 == "tracked_modules" && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
     attack atk_agentcall ctvm_call=$(awk '$3 ~ /^ctvm_call/ && $4 == "[ctvm_agent]" { print "0x" $1; exit }' /proc/kallsyms)
+    # Kernel APIs outside the allow-list (ctvm.api), one dangerous group each.
+    attack atk_umh
+    if [ -e /tmp/ctvm_umh_ran ]; then say "FAIL: atk_umh: a root user program ran"; else say "atk_umh: no user program ran"; fi
+    attack atk_skey key=$(sym sched_schedstats)
+    attack atk_ftdirect target=$(sym __x64_sys_getpid)
+    attack atk_tp tp=$(sym __tracepoint_sched_process_exec)
+    attack atk_file
+    if [ -e /tmp/ctvm_file_written ]; then say "FAIL: atk_file: the file was created"; else say "atk_file: no file created"; fi
+    attack atk_bpf
 
     # A burst of refused writes: every one is a record, none lost.
     before=$(grep -c '^seq=' /proc/ctvm_violations)

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use crate::util::{output, output_bytes, run, work_dir, Fail};
 
+pub mod api;
 mod cpio;
 pub mod modules;
 pub mod policy;
@@ -19,6 +20,8 @@ pub struct LinuxAssets {
     pub version: String,
     /// The trusted-module digests for the hypervisor (`ctvm.policy`).
     pub policy: PathBuf,
+    /// The kernel-API allow-list for isolated modules (`ctvm.api`).
+    pub api: PathBuf,
 }
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -163,6 +166,9 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
         .ok_or_else(|| Fail::new("no agent"))?;
     let policy = out.join("ctvm.policy");
     fs::write(&policy, policy::file(&[agent, &in_tree[2]])?)?;
+    // What isolated modules may call, from this kernel's own exports.
+    let api = out.join("ctvm.api");
+    api::write(&version, &modules::headers(&package)?, &api)?;
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
     for (name, bin) in modules::user_programs()? {
@@ -170,7 +176,7 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
     }
     archive.file("init", 0o755, INIT.as_bytes());
     fs::write(&initrd, archive.finish())?;
-    Ok(LinuxAssets { kernel, initrd, version, policy })
+    Ok(LinuxAssets { kernel, initrd, version, policy, api })
 }
 
 /// The disk driver stack Debian's cloud kernel builds as modules, in load

@@ -10,7 +10,7 @@ use super::unpack_into;
 use crate::util::{cargo, output, root, run, work_dir, Fail};
 
 /// The unpacked headers tree of a kernel image package, to pass to `make -C`.
-fn headers(image: &str) -> Result<PathBuf, Fail> {
+pub fn headers(image: &str) -> Result<PathBuf, Fail> {
     headers_of(&format!("linux-headers-{}", image.trim_start_matches("linux-image-")))
 }
 

@@ -10,6 +10,7 @@
 //! * bzImage: `BzImage::parse`, `load_address`, `boot_params`;
 //! * ELF test guests: `parse_elf`;
 //! * `ctvm.policy`: `Policy::parse`, then `Entry::check` on code bytes;
+//!   the same text as `ctvm.api` (`ApiPolicy::parse`, `classify`);
 //! * e820: `build_e820` from firmware entries and overlays.
 //!
 //! Properties: a parsed value stays inside its input (segments inside the
@@ -26,6 +27,7 @@ use hypervisor::boot_info::{self, BootInfo};
 use hypervisor::guest::config;
 use hypervisor::guest::linux::{self, BootLayout, BzImage, E820Entry};
 use hypervisor::guest::loader;
+use hypervisor::integrity::api::{ApiPolicy, Class};
 use hypervisor::integrity::policy::Policy;
 use hypervisor::mm::frames::Region;
 
@@ -232,6 +234,7 @@ fn policy(data: &[u8]) {
         None => (data, &[][..]),
     };
     let Ok(text) = core::str::from_utf8(text) else { return };
+    api_policy(text);
     let Ok(p) = Policy::parse(text) else { return };
     for e in &p.entries {
         let total = e.text_len + e.init_len;
@@ -270,4 +273,22 @@ fn e820(data: &[u8]) {
     for w in map.windows(2) {
         assert!(w[0].region.end <= w[1].region.start, "unsorted or overlapping: {:?} {:?}", w[0], w[1]);
     }
+}
+
+/// A kernel-API policy: what it allows is exactly its `allow` lines; any
+/// other name is denied.
+fn api_policy(text: &str) {
+    let Ok(p) = ApiPolicy::parse(text) else { return };
+    let allowed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| match l.split('#').next()?.trim().split_ascii_whitespace().collect::<Vec<_>>()[..] {
+            ["allow", name] => Some(name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(p.counts().0, allowed.len(), "allowed names miscounted");
+    for n in &allowed {
+        assert_eq!(p.classify(n.as_bytes()), Class::Allowed, "{n}");
+    }
+    assert_ne!(p.classify(b"\xffnot-a-name"), Class::Allowed);
 }

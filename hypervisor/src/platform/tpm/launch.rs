@@ -4,7 +4,7 @@
 //!
 //! | PCR | what |
 //! | --- | --- |
-//! | 12 | CTVM's configuration: its command line (`ctvm.cmdline <text>`), the `ctvm.policy` module, the `vtpm.seed` module (digest of the file, as GRUB measures files) |
+//! | 12 | CTVM's configuration: its command line (`ctvm.cmdline <text>`), the `ctvm.policy` and `ctvm.api` modules, the `vtpm.seed` module (digest of the file, as GRUB measures files) |
 //! | 13 | each guest, in module order: `ctvm.guest NAME kernel`, `... initrd`, `... cmdline <text>`, `... config <text>` (its options: kind, memory, integrity, trusted modules, vTPM) |
 //!
 //! Every event is `EV_IPL`; a text event's digest is the hash of the text
@@ -95,6 +95,7 @@ pub fn measurements<'a>(cmdline: &str, modules: &[(&'a [u8], &'a str)]) -> Vec<M
     for &(bytes, line) in modules {
         match line.trim() {
             config::POLICY_MODULE => out.push(file(PCR_CONFIG, "ctvm.policy".into(), bytes)),
+            config::API_MODULE => out.push(file(PCR_CONFIG, "ctvm.api".into(), bytes)),
             config::SEED_MODULE => out.push(file(PCR_CONFIG, "vtpm.seed".into(), bytes)),
             _ => {}
         }
@@ -278,6 +279,7 @@ mod tests {
             (&b"KERNEL"[..], "guest=linux kind=linux trust=ctvm_agent -- console=ttyS0 quiet"),
             (&b"INITRD"[..], "initrd=linux"),
             (&b"POLICY"[..], "ctvm.policy"),
+            (&b"API"[..], "ctvm.api"),
             (&b"ELF"[..], "guest=alpha mem=16M vtpm=on -- test=basics"),
             (&b"junk"[..], "no guest here"),
             (&b"BAD"[..], "guest=Bad! -- x"),
@@ -293,6 +295,7 @@ mod tests {
         let want = [
             (12, format!("ctvm.cmdline log=debug vtpm.seed=sha256:{seed_digest}")),
             (12, "ctvm.policy".into()),
+            (12, "ctvm.api".into()),
             (12, "\0\0\0\0".into()),
             (13, "ctvm.guest linux kernel".into()),
             (13, "ctvm.guest linux initrd".into()),
@@ -308,8 +311,10 @@ mod tests {
         assert!(m.iter().all(|m| !String::from_utf8_lossy(&m.description).contains(SEED)));
         assert!(m.iter().all(|m| !String::from_utf8_lossy(&m.content).contains(SEED)));
         // A text event's digest is of the text after its label.
-        assert_eq!(&*m[5].content, b"console=ttyS0 quiet");
-        assert_eq!(&*m[3].content, b"KERNEL");
+        assert_eq!(&*m[6].content, b"console=ttyS0 quiet");
+        assert_eq!(&*m[4].content, b"KERNEL");
+        // A module file's digest is of its bytes: the kernel-API policy too.
+        assert_eq!(&*m[2].content, b"API");
     }
 
     fn clock() -> impl FnMut() -> u64 {
