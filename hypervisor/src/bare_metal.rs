@@ -47,10 +47,15 @@ extern "C" fn ctvm_main(magic: u32, info_addr: u64) -> ! {
     let loader = match magic {
         ctvm_boot::MULTIBOOT2_BOOTLOADER_MAGIC => {
             // SAFETY: a multiboot2 loader passed this pointer with the magic above.
-            match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
-                Ok(mb) => Loader::V2(mb),
+            let mb = match unsafe { multiboot2::BootInformation::load(info_addr as *const _) } {
+                Ok(mb) => mb,
                 Err(e) => fatal(format_args!("the multiboot2 information is unusable: {e:?}")),
+            };
+            // Before any typed getter: the crate's assert on a malformed tag.
+            if let Err(e) = boot_info::check(&mb) {
+                fatal(format_args!("the multiboot2 information is unusable: {e:?}"));
             }
+            Loader::V2(mb)
         }
         // tboot (after GRUB's `multiboot`) passes multiboot 1 on.
         ctvm_boot::MULTIBOOT1_BOOTLOADER_MAGIC => match Mb1::new(low_memory(), info_addr) {

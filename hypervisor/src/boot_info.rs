@@ -8,7 +8,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use multiboot2::{BootInformation, MemoryAreaType};
+use multiboot2::{BootInformation, MemoryAreaType, TagType};
 
 use crate::guest::linux::E820Entry;
 use crate::mm::frames::{MemoryKind, Region};
@@ -35,12 +35,46 @@ pub struct BootInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootInfoError {
     NoMemoryMap,
+    /// A module or memory-map tag of `size` bytes that cannot hold its
+    /// fields (or a memory map whose entries are not whole 24-byte ones).
+    MalformedTag {
+        typ: u32,
+        size: u32,
+    },
+}
+
+/// Memory-map entries, as GRUB writes them and the crate reads them.
+const MEMORY_AREA_SIZE: usize = 24;
+
+/// Whether every module and memory-map tag can hold what the multiboot2
+/// crate reads from it: its typed getters assert on short tags and on
+/// memory-map entries of another size, which would be a panic at boot.
+/// Nothing else in this module reads a tag that did not pass.
+pub fn check(mb: &BootInformation<'_>) -> Result<(), BootInfoError> {
+    for tag in mb.tags() {
+        let payload = tag.payload();
+        let fits = if tag.header().typ == TagType::Module {
+            payload.len() >= 8
+        } else if tag.header().typ == TagType::Mmap {
+            let entry_size = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            let areas = payload.len().checked_sub(8);
+            entry_size == Some(MEMORY_AREA_SIZE) && areas.is_some_and(|n| n.is_multiple_of(MEMORY_AREA_SIZE))
+        } else {
+            true
+        };
+        if !fits {
+            return Err(BootInfoError::MalformedTag { typ: tag.header().typ.get(), size: tag.header().size });
+        }
+    }
+    Ok(())
 }
 
 /// The memory map as (region, kind), without allocating: this runs before
-/// the heap exists. Lengths that would wrap are clipped.
+/// the heap exists. Lengths that would wrap are clipped. Empty if the
+/// structure fails [`check`].
 pub fn memory_map<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = (Region, MemoryKind)> + Clone + 'a {
-    mb.memory_map_tag().into_iter().flat_map(|tag| tag.memory_areas()).map(|area| {
+    let tag = check(mb).ok().and_then(|()| mb.memory_map_tag());
+    tag.into_iter().flat_map(|tag| tag.memory_areas()).map(|area| {
         let start = area.start_address();
         let region = Region::new(start, start.saturating_add(area.size()));
         let kind = if area.typ() == MemoryAreaType::Available { MemoryKind::Available } else { MemoryKind::Reserved };
@@ -50,11 +84,14 @@ pub fn memory_map<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = (Regi
 
 /// The ranges the frame allocator must never hand out: the first MiB (BIOS
 /// data, real-mode structures), the modules, and GRUB's information itself.
-/// The caller adds the hypervisor image.
+/// The caller adds the hypervisor image. Without the modules if the
+/// structure fails [`check`].
 pub fn boot_ranges<'a>(mb: &'a BootInformation<'a>) -> impl Iterator<Item = Region> + 'a {
     let info = Region::new(mb.start_address() as u64, mb.end_address() as u64);
-    let modules = mb
-        .module_tags()
+    let modules = check(mb)
+        .ok()
+        .into_iter()
+        .flat_map(|()| mb.module_tags())
         .map(|m| Region::new(u64::from(m.start_address()), u64::from(m.end_address().max(m.start_address()))));
     [Region::new(0, 1 << 20), info].into_iter().chain(modules)
 }
@@ -272,6 +309,7 @@ impl<'a> Loader<'a> {
 impl BootInfo {
     /// Copies everything out of GRUB's structure (needs the heap).
     pub fn parse(mb: &BootInformation<'_>) -> Result<Self, BootInfoError> {
+        check(mb)?;
         if mb.memory_map_tag().is_none() {
             return Err(BootInfoError::NoMemoryMap);
         }
@@ -283,11 +321,7 @@ impl BootInfo {
                 cmdline: m.cmdline().unwrap_or("").into(),
             })
             .collect();
-        let rsdp = if let Some(v2) = mb.rsdp_v2_tag() {
-            Some(as_bytes(v2, 36))
-        } else {
-            mb.rsdp_v1_tag().map(|v1| as_bytes(v1, 20))
-        };
+        let rsdp = rsdp_copy(mb, TagType::AcpiV2, 36).or_else(|| rsdp_copy(mb, TagType::AcpiV1, 20));
         let memory = mb
             .memory_map_tag()
             .into_iter()
@@ -301,13 +335,15 @@ impl BootInfo {
     }
 }
 
-/// The RSDP copy GRUB put in its tag, which starts after the 8-byte tag header.
-fn as_bytes<T>(tag: &T, len: usize) -> Vec<u8> {
-    let start = tag as *const T as *const u8;
-    // SAFETY: an RSDP tag is an 8-byte header followed by the RSDP structure of
-    // at least `len` bytes (20 for ACPI 1.0, 36 for 2.0), all inside the
-    // multiboot2 information, which stays mapped and unchanged.
-    unsafe { core::slice::from_raw_parts(start.add(8), len) }.to_vec()
+/// The RSDP copy GRUB put in its first tag of type `typ` (the firmware's
+/// RSDP after the tag header): `len` bytes (20 for ACPI 1.0, 36 for 2.0),
+/// or `None` when the tag is too short to hold them. Read as the tag's
+/// payload, whose size the crate checked against the structure's: the typed
+/// getters (`rsdp_v1_tag`) panic on a short tag, and nothing here reads past
+/// a tag's end.
+fn rsdp_copy(mb: &BootInformation<'_>, typ: TagType, len: usize) -> Option<Vec<u8>> {
+    let tag = mb.tags().find(|t| t.header().typ == typ)?;
+    tag.payload().get(..len).map(<[u8]>::to_vec)
 }
 
 /// `key=value` words of a command line. A word without `=` has an empty value.

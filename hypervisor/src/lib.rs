@@ -22,6 +22,8 @@ pub mod mmio;
 pub mod pci;
 pub mod platform;
 pub mod smp;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tpm;
 pub mod vcpu;
 #[cfg(target_os = "none")]

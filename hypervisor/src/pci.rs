@@ -49,8 +49,10 @@ fn function_io_ranges(cfg: &mut dyn ConfigSpace, b: u8, d: u8, f: u8, bars: u8, 
         cfg.write32(b, d, f, offset, value);
         let base = value & 0xffff_fffc;
         let size = (!(mask & 0xffff_fffc)).wrapping_add(1) & 0xffff;
-        if base != 0 && size != 0 && base + size - 1 <= 0xffff {
-            out.push((base as u16, (base + size - 1) as u16));
+        // In 64 bits: a base near the top of the 32-bit space must not wrap.
+        let last = (u64::from(base) + u64::from(size)).checked_sub(1);
+        if let Some(last) = last.filter(|&l| base != 0 && size != 0 && l <= 0xffff) {
+            out.push((base as u16, last as u16));
         }
     }
     cfg.write32(b, d, f, COMMAND, command);
@@ -144,6 +146,21 @@ mod tests {
         f.regs.retain(|k, v| *v != 0 || before.contains_key(k));
         assert_eq!(f.regs, before, "every BAR and command register restored");
         assert!(f.writes > 0);
+    }
+
+    /// An I/O BAR whose base is near the top of the 32-bit space (hardware
+    /// is not obliged to be sane): its range is not port space, and base
+    /// plus size must not overflow (a panic in debug builds, a range that
+    /// wraps to port 0 in release). Found by the `platform` fuzz target.
+    #[test]
+    fn an_io_bar_at_the_top_of_the_address_space_is_not_a_port_range() {
+        for base in [0xffff_fffcu32, 0xffff_fff0, 0xfffc] {
+            let mut f = Fake::default();
+            f.regs.insert((0, 2, 0, 0), 0x1234_1af4);
+            f.regs.insert((0, 2, 0, 0x10), base | 1);
+            f.sizes.insert((0, 2, 0, 0x10), 16);
+            assert_eq!(io_ranges(&mut f), [], "an I/O BAR at {base:#x}");
+        }
     }
 
     #[test]

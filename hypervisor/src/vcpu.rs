@@ -211,7 +211,7 @@ pub const fn is_canonical(addr: u64) -> bool {
     top == 0 || top == -1
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake {
     //! A VcpuState over a map, for host tests.
     use super::*;

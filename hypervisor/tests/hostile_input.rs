@@ -948,6 +948,29 @@ mod page_walk {
         ram
     }
 
+    /// Guest RAM with a hole inside one page (two backings, the first
+    /// ending and the second starting mid-page): a write whose piece in
+    /// that page starts and ends in RAM but spans the hole is refused
+    /// before any byte of it, or of the pieces before it, is written. The
+    /// fuzz target `access` found it writing the first pieces, then failing.
+    #[test]
+    fn a_write_across_a_hole_inside_a_page_writes_nothing() {
+        let mut memory = GuestMemory::new();
+        memory.add(Region::new(0, 0x8400), HOST_BASE + 0x7400).unwrap();
+        memory.add(Region::new(0x8c00, 0x1_0000), HOST_BASE).unwrap();
+        let phys = Ram::new(HOST_BASE, 0xf800);
+        let unpaged = Paging { cr0: 1, ..Paging::default() };
+        for (gva, len) in [(0x7800u64, 0x1800usize), (0x8000, 0x1000), (0x8100, 0xe00), (0x8300, 0xa00)] {
+            let before = phys.bytes.borrow().clone();
+            let r = GuestAccess::new(&memory, &phys, unpaged, Principal::KERNEL, None).write(gva, &vec![0xa5; len]);
+            assert!(matches!(r, Err(AccessError::Refused { .. })), "{len:#x} bytes at {gva:#x}: {r:?}");
+            assert!(*phys.bytes.borrow() == before, "{len:#x} bytes at {gva:#x}: a refused write changed guest memory");
+        }
+        // Either side of the hole is fine.
+        GuestAccess::new(&memory, &phys, unpaged, Principal::KERNEL, None).write(0x8000, &[1; 0x400]).unwrap();
+        GuestAccess::new(&memory, &phys, unpaged, Principal::KERNEL, None).write(0x8c00, &[2; 0x400]).unwrap();
+    }
+
     #[test]
     fn copies_through_hostile_tables_are_checked_and_all_or_nothing() {
         let mut rng = Rng::new(0xc097);
@@ -1440,6 +1463,126 @@ mod boot_inputs {
         "-- x",
         "-- initrd=y",
     ];
+
+    /// A multiboot2 information structure: the given tags (type, payload),
+    /// each padded to 8 bytes, then the end tag, in 8-aligned memory.
+    fn raw_multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
+        let mut b = vec![0u8; 8];
+        for &(typ, payload) in tags.iter().chain(&[(0, &[][..])]) {
+            b.extend_from_slice(&typ.to_le_bytes());
+            b.extend_from_slice(&(8 + payload.len() as u32).to_le_bytes());
+            b.extend_from_slice(payload);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        }
+        let len = b.len() as u32;
+        b[0..4].copy_from_slice(&len.to_le_bytes());
+        b.chunks(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()
+    }
+
+    /// A memory map tag's payload: entry size and version, then the entries.
+    fn memory_map_payload(entry_size: u32, areas: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut m = vec![];
+        m.extend_from_slice(&entry_size.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        for &(base, len, kind) in areas {
+            m.extend_from_slice(&base.to_le_bytes());
+            m.extend_from_slice(&len.to_le_bytes());
+            m.extend_from_slice(&kind.to_le_bytes());
+            m.extend_from_slice(&0u32.to_le_bytes());
+        }
+        m
+    }
+
+    /// The given tags after a memory map of one available region.
+    fn multiboot_info(tags: &[(u32, &[u8])]) -> Vec<u64> {
+        let mmap = memory_map_payload(24, &[(0, 64 << 20, 1)]);
+        let mut all = vec![(6, &mmap[..])];
+        all.extend_from_slice(tags);
+        raw_multiboot_info(&all)
+    }
+
+    fn boot_info_of(words: &[u64]) -> Option<hypervisor::boot_info::BootInfo> {
+        use multiboot2::{BootInformation, BootInformationHeader};
+        // SAFETY: `words` is the whole structure its header describes, 8-aligned.
+        let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.ok()?;
+        hypervisor::boot_info::BootInfo::parse(&mb).ok()
+    }
+
+    /// Module and memory-map tags too short for their fixed fields, or a
+    /// memory map whose entries are not whole 24-byte entries: the
+    /// multiboot2 crate's getters assert on them (a panic at boot). The
+    /// structure is refused instead, by `check`, `BootInfo::parse`, and the
+    /// allocator's views of it (which then list nothing).
+    #[test]
+    fn malformed_module_and_memory_map_tags_are_refused_not_a_panic() {
+        use hypervisor::boot_info::{self, BootInfoError};
+        use multiboot2::{BootInformation, BootInformationHeader};
+        let good = memory_map_payload(24, &[(0, 64 << 20, 1)]);
+        let mut odd = good.clone();
+        odd.push(0);
+        let wide = memory_map_payload(32, &[(0, 64 << 20, 1)]);
+        let module = [0u8; 12];
+        let cases: [&[(u32, &[u8])]; 8] = [
+            &[(6, &good[..4])],
+            &[(6, &[])],
+            &[(6, &odd)],
+            &[(6, &wide)],
+            &[(6, &good), (3, &module[..7])],
+            &[(6, &good), (3, &[])],
+            &[(3, &module[..4]), (6, &good)],
+            &[(6, &good), (6, &good[..7])],
+        ];
+        for (i, tags) in cases.iter().enumerate() {
+            let words = raw_multiboot_info(tags);
+            let outcome = std::panic::catch_unwind(|| {
+                // SAFETY: `words` is the whole structure its header describes, 8-aligned.
+                let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.unwrap();
+                let checked = boot_info::check(&mb);
+                let parsed = boot_info::BootInfo::parse(&mb).err();
+                (checked, parsed, boot_info::memory_map(&mb).count(), boot_info::boot_ranges(&mb).count())
+            });
+            let (checked, parsed, areas, ranges) = outcome.unwrap_or_else(|_| panic!("case {i} panicked"));
+            assert!(matches!(checked, Err(BootInfoError::MalformedTag { .. })), "case {i}: {checked:?}");
+            assert_eq!(parsed, checked.err(), "case {i}");
+            // The first MiB and the structure itself stay excluded; no module, no memory.
+            assert_eq!((areas, ranges), (0, 2), "case {i}");
+        }
+        let words = multiboot_info(&[(3, &module), (1, b"x\0")]);
+        // SAFETY: as above.
+        let mb = unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }.unwrap();
+        assert_eq!(boot_info::check(&mb), Ok(()));
+        assert_eq!((boot_info::memory_map(&mb).count(), boot_info::boot_ranges(&mb).count()), (1, 3));
+    }
+
+    /// GRUB's RSDP tags copy the firmware's RSDP (20 bytes for ACPI 1.0, 36
+    /// for 2.0) after their header. A tag whose size leaves less than that
+    /// is not an RSDP: it is ignored (the other kind is used if present),
+    /// never read past, and never panics the boot.
+    #[test]
+    fn rsdp_tags_shorter_than_an_rsdp_are_ignored() {
+        let mut v1 = [0u8; 20];
+        v1[..8].copy_from_slice(b"RSD PTR ");
+        let mut v2 = [0u8; 36];
+        v2[..8].copy_from_slice(b"RSD PTR ");
+        v2[15] = 2;
+        type Tags<'a> = &'a [(u32, &'a [u8])];
+        let cases: [(Tags, Option<&[u8]>); 7] = [
+            (&[(14, &v1)], Some(&v1)),
+            (&[(15, &v2)], Some(&v2)),
+            (&[(14, &v1[..12])], None),
+            (&[(14, &[])], None),
+            (&[(15, &v2[..20])], None),
+            (&[(15, &v2[..35]), (14, &v1)], Some(&v1)),
+            (&[(14, &v1[..19]), (15, &v2[..1])], None),
+        ];
+        for (i, (tags, want)) in cases.iter().enumerate() {
+            let words = multiboot_info(tags);
+            let info = std::panic::catch_unwind(|| boot_info_of(&words))
+                .unwrap_or_else(|_| panic!("case {i}: parsing the boot information panicked"))
+                .expect("a memory map");
+            assert_eq!(info.rsdp.as_deref(), *want, "case {i}");
+        }
+    }
 
     fn command_line(rng: &mut Rng) -> String {
         let mut s = String::new();
@@ -1982,6 +2125,26 @@ mod agent_abi {
             }
         }
         assert!(layouts > 100 && modules > 1_000, "{layouts} {modules}");
+    }
+
+    /// A symbol table whose start the guest put in the last bytes of the
+    /// address space: entry addresses must not wrap (nor overflow, which
+    /// panics a debug build) while their PREL32 fields are resolved.
+    #[test]
+    fn a_ksymtab_at_the_top_of_the_address_space_does_not_overflow() {
+        let raw = [0u8; 3 * wire::KERNEL_SYMBOL_SIZE as usize];
+        for start in [u64::MAX, u64::MAX - 3, u64::MAX - 11, u64::MAX - 12, u64::MAX - 30] {
+            let table = Range::new(start, u64::MAX);
+            let symbols = std::panic::catch_unwind(|| wire::ksymtab(table, &raw))
+                .unwrap_or_else(|_| panic!("ksymtab at {start:#x} panicked"));
+            // Only entries whose three fields have addresses are decoded.
+            let whole = (u64::MAX - start + 1) / wire::KERNEL_SYMBOL_SIZE;
+            assert_eq!(symbols.len() as u64, whole.min(3), "table at {start:#x}");
+            for (i, &(value, name)) in symbols.iter().enumerate() {
+                let base = start + i as u64 * wire::KERNEL_SYMBOL_SIZE;
+                assert_eq!((value, name), (base, base + 4), "entry {i} of the table at {start:#x}");
+            }
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! A fuzz smoke test that runs with `cargo test` on the stable toolchain.
 //!
 //! It drives the same harness as the cargo-fuzz targets in `fuzz/` (the
-//! module is included from there, not copied): the `execute` interpreter
-//! on the hand-made seeds and on inputs derived from them, raw commands in
-//! every power state, and the state-blob loaders. Inputs come from a seeded
+//! module is included from there, not copied): the `execute` and
+//! `execute_keys` interpreters on their regression seeds (`fuzz/seeds/`)
+//! and on inputs derived from them, raw commands in every power state, and
+//! the state-blob loaders on mutated blobs and on the `state` seeds. Inputs come from a seeded
 //! xorshift generator, so every run is the same and a failure names the
 //! input that caused it; the harness asserts the properties (no panic,
 //! well-formed response headers whose size field is the length, bare
@@ -228,12 +229,14 @@ fn random_records(rng: &mut Rng) -> Vec<u8> {
     v
 }
 
-fn seeds() -> Vec<Vec<u8>> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/execute");
-    let mut names: Vec<_> = std::fs::read_dir(dir).expect("fuzz/seeds/execute").map(|e| e.unwrap().path()).collect();
+/// A target's regression seeds (`fuzz/seeds/<target>/`: the hand-made ones
+/// and the minimised corpora of the long campaigns), in name order.
+fn seeds_of(target: &str) -> Vec<Vec<u8>> {
+    let dir = format!("{}/fuzz/seeds/{target}", env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<_> = std::fs::read_dir(&dir).expect(&dir).map(|e| e.unwrap().path()).collect();
     names.sort();
     let seeds: Vec<_> = names.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    assert!(seeds.len() >= 10, "the hand-made seeds are missing");
+    assert!(seeds.len() >= 10, "the seeds in {dir} are missing");
     seeds
 }
 
@@ -259,8 +262,9 @@ fn execute_harness_on_seeds_and_mutations() {
     execute_on_seeds_and_mutations("execute", run_execute, 0x5EED_0001, 1500);
 }
 
-/// The `execute_keys` interpreter: fewer inputs, as those that reach a
-/// private key cost milliseconds each.
+/// The `execute_keys` interpreter on its own seeds (which reach private
+/// keys) and `execute`'s: fewer inputs, as those that reach a private key
+/// cost milliseconds each.
 #[test]
 fn execute_keys_harness_on_seeds_and_mutations() {
     execute_on_seeds_and_mutations("execute_keys", run_execute_keys, 0x5EED_0011, 400);
@@ -268,7 +272,10 @@ fn execute_keys_harness_on_seeds_and_mutations() {
 
 fn execute_on_seeds_and_mutations(target: &str, run: fn(&[u8]), seed: u64, inputs: usize) {
     let start = Instant::now();
-    let seeds = seeds();
+    let mut seeds = seeds_of(target);
+    if target != "execute" {
+        seeds.extend(seeds_of("execute"));
+    }
     for (i, s) in seeds.iter().enumerate() {
         run_named(&format!("{target} seed {i}"), s, run);
     }
@@ -412,4 +419,16 @@ fn state_loaders_refuse_rather_than_panic() {
         run_named(&format!("state input {i}"), &input, run_state);
     }
     eprintln!("state loaders: {n} blobs in {:.1?}", start.elapsed());
+}
+
+/// The `state` target's regression seeds (its campaign's corpus), through
+/// the cargo-fuzz interpreter.
+#[test]
+fn state_seeds() {
+    let start = Instant::now();
+    let seeds = seeds_of("state");
+    for (i, s) in seeds.iter().enumerate() {
+        run_named(&format!("state seed {i}"), s, run_state);
+    }
+    eprintln!("state: {} seeds in {:.1?}", seeds.len(), start.elapsed());
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz [TARGET] [--time S]`: the long fuzzing campaign.
 //!
 //! Runs each cargo-fuzz target (or the one named) for `S` seconds on every
-//! core (libFuzzer's fork mode, crashes counted rather than fatal), with its
+//! core (or `--jobs N` of them) (libFuzzer's fork mode, crashes counted rather than fatal), with its
 //! corpus in `target/ctvm/fuzz/<target>/` seeded from the repository's
 //! regression seeds, and prints executions, executions per second, coverage
 //! and crashes per target. Crashing inputs land in
@@ -41,6 +41,13 @@ const TARGETS: &[Target] = &[
     Target { name: "agent", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
     Target { name: "boot", krate: "hypervisor", sanitizer: "address", max_len: 8192, extra: &[] },
     Target { name: "acpi", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "access", krate: "hypervisor", sanitizer: "address", max_len: 1024, extra: &[] },
+    Target { name: "hypercall", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
+    Target { name: "platform", krate: "hypervisor", sanitizer: "address", max_len: 2048, extra: &[] },
+    Target { name: "blob", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "dmar", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "txt", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "ptpm", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
 ];
 
 /// What one campaign did, from libFuzzer's last status line.
@@ -55,12 +62,23 @@ struct Stats {
 pub fn fuzz(args: &[String]) -> Result<(), Fail> {
     let mut seconds = 600u64;
     let mut only = None;
+    let mut cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--time" => {
                 let s = it.next().ok_or(Fail::new("--time needs seconds"))?;
                 seconds = s.parse().map_err(|_| Fail(format!("--time {s:?}: not a number of seconds")))?;
+            }
+            // Fewer cores than the machine has: on a machine shared with
+            // other work (emulator runs).
+            "--jobs" => {
+                let s = it.next().ok_or(Fail::new("--jobs needs a number of cores"))?;
+                cores = s
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| Fail(format!("--jobs {s:?}: not a number of cores")))?;
             }
             other if other.starts_with('-') => return Err(Fail(format!("unknown option {other}"))),
             other => only = Some(other.to_string()),
@@ -72,7 +90,6 @@ pub fn fuzz(args: &[String]) -> Result<(), Fail> {
         return Err(Fail(format!("no fuzz target {:?}; targets: {}", only.unwrap_or_default(), names.join(", "))));
     }
     ensure_cargo_fuzz()?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut results = Vec::new();
     for t in targets {
         println!("xtask: fuzzing {} for {seconds} s on {cores} cores", t.name);
@@ -166,7 +183,13 @@ fn parse_status(line: &str) -> Option<Stats> {
     let words: Vec<&str> = rest.split_whitespace().collect();
     let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
     let coverage = after("cov:")?.parse().ok()?;
-    let per_second = after("exec/s:")?.parse().ok()?;
+    // The whole run's rate (libFuzzer's own is the last job's): executions
+    // over the time elapsed.
+    let seconds: Option<u64> = after("time:").and_then(|t| t.trim_end_matches('s').parse().ok());
+    let per_second = match seconds {
+        Some(s) if s > 0 => executions / s,
+        _ => after("exec/s:")?.parse().ok()?,
+    };
     let crashes = after("oom/timeout/crash:")?.rsplit('/').next()?.parse().ok()?;
     Some(Stats { executions, per_second, coverage, crashes })
 }
@@ -181,7 +204,9 @@ mod tests {
             "#1318522: cov: 1535 ft: 5987 corp: 1387 exec/s: 43950 oom/timeout/crash: 0/0/2 time: 31s job: 3 dft_time: 0",
         )
         .unwrap();
-        assert_eq!((s.executions, s.coverage, s.per_second, s.crashes), (1318522, 1535, 43950, 2));
+        assert_eq!((s.executions, s.coverage, s.per_second, s.crashes), (1318522, 1535, 42532, 2));
+        let s = parse_status("#1000: cov: 10 ft: 20 corp: 3 exec/s: 7 oom/timeout/crash: 0/0/0").unwrap();
+        assert_eq!(s.per_second, 7, "without a time, libFuzzer's rate");
         assert!(parse_status("#4096\tpulse  cov: 1502 ft: 5300").is_none());
     }
 }

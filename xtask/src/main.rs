@@ -7,8 +7,8 @@
 //!                              boot it, streaming the serial console
 //! cargo xtask test [--host-only|--scenarios-only] [NAME...]
 //!                              host tests, then every Bochs scenario
-//! cargo xtask fuzz [TARGET] [--time S]
-//!                              the long fuzzing campaign, every core
+//! cargo xtask fuzz [TARGET] [--time S] [--jobs N]
+//!                              the long fuzzing campaign, every core (or N)
 //! ```
 
 mod bench;
@@ -55,8 +55,9 @@ const USAGE: &str = "usage: cargo xtask <build|iso|run|test|scenarios|modules|be
   scenarios                      list the scenarios
   modules [--newer-kernel]       build the agent and test modules for the guest kernel
                                  (or the newest 6.4+ cloud kernel apt offers)
-  fuzz [TARGET] [--time S]       each cargo-fuzz target (or TARGET) for S seconds (600) on
-                                 every core: executions, exec/s, coverage, crashes";
+  fuzz [TARGET] [--time S] [--jobs N]
+                                 each cargo-fuzz target (or TARGET) for S seconds (600) on
+                                 every core (or N): executions, exec/s, coverage, crashes";
 
 fn run(args: &[String]) -> Result<(), Fail> {
     let Some((command, rest)) = args.split_first() else {

@@ -420,7 +420,7 @@ impl ExitStats {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     //! A fake host CPU and a helper to run one exit through the table.
     use super::*;

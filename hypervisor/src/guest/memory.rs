@@ -146,7 +146,7 @@ impl GuestMemory {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake {
     use super::HostPhys;
     use core::cell::RefCell;

@@ -220,7 +220,7 @@ impl Guest {
 }
 
 /// A guest for the exit handlers' host tests.
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub fn test_guest() -> Guest {
     let config = config::parse("guest=t mem=16M").unwrap();
     let mut memory = GuestMemory::new();

@@ -42,13 +42,14 @@ pub trait GuestControl {
     fn trap_msr_writes(&mut self, msrs: &[u32]);
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake {
     use super::*;
     use alloc::collections::{BTreeMap, BTreeSet};
     use alloc::vec::Vec;
 
     /// Records every request; the kernel view starts with every page RWX.
+    /// Comparable, so that a test can tell whether a request changed anything.
     #[derive(Clone, Debug, Default, PartialEq, Eq)]
     pub struct FakeControl {
         pub active: Option<View>,

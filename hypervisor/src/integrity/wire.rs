@@ -197,10 +197,16 @@ pub fn fixups(bytes: &[u8], code: &[Range]) -> Vec<(u64, u64)> {
 pub use abi::KERNEL_SYMBOL_SIZE;
 
 /// Decodes an exported-symbol table at guest-virtual `table` from its raw
-/// bytes into (address, name address) pairs.
+/// bytes into (address, name address) pairs. The table's start is the
+/// guest's word: decoding stops at the first entry whose fields would lie
+/// past the top of the address space.
 pub fn ksymtab(table: Range, bytes: &[u8]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (i, entry) in bytes.chunks_exact(KERNEL_SYMBOL_SIZE as usize).enumerate() {
+        let end = (i as u64 + 1).checked_mul(KERNEL_SYMBOL_SIZE).and_then(|n| table.start.checked_add(n - 1));
+        if end.is_none() {
+            break;
+        }
         let base = table.start + i as u64 * KERNEL_SYMBOL_SIZE;
         let value = i32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
         let name = i32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]);

@@ -434,7 +434,8 @@ pub fn envelope(magic: &[u8; 8], version: u32, body: &[u8]) -> Vec<u8> {
 /// permanent state, its version by the top bit). Two thirds of the inputs
 /// are wrapped in a valid envelope so that the body parsers, not just the
 /// checksum, are reached. The loaders must refuse or load, never
-/// panic; a loaded permanent state must serialise and restore exactly, and
+/// panic; a loaded permanent state must serialise to exactly the bytes it
+/// was loaded from and restore again, and
 /// the chip must then answer well-formed responses.
 pub fn run_state(data: &[u8]) {
     let Some((&mode, body)) = data.split_first() else {
@@ -443,8 +444,13 @@ pub fn run_state(data: &[u8]) {
     match mode % 3 {
         0 => {
             let version = if mode & 0x80 != 0 { 2 } else { 1 };
-            if let Ok(mut t) = Tpm::from_permanent(&envelope(b"CTVMTPMP", version, body), FuzzPlatform(1)) {
+            let input = envelope(b"CTVMTPMP", version, body);
+            if let Ok(mut t) = Tpm::from_permanent(&input, FuzzPlatform(1)) {
+                // The encoding is canonical: what loads re-serialises to
+                // exactly its input (the round trip is the identity), and
+                // loads again.
                 let blob = t.permanent_state();
+                assert!(blob == input, "a loaded permanent state re-serialises differently");
                 let again = Tpm::from_permanent(&blob, FuzzPlatform(1)).expect("re-load");
                 assert_eq!(again.permanent_state(), blob);
                 t.power_on();

@@ -1,7 +1,9 @@
 //! The `boot` target: what boot modules and GRUB hand the hypervisor. The
 //! first byte picks the parser:
-//! * multiboot2 boot information (`BootInfo::parse`, the memory map and the
-//!   ranges kept from the allocator), from any bytes behind a valid total size;
+//! * multiboot2 boot information (`check`, `BootInfo::parse`, the memory map
+//!   and the ranges kept from the allocator), from any bytes behind a valid
+//!   total size, or from tags the input describes (sizes that lie, short
+//!   module, memory-map and RSDP tags);
 //! * command lines: `options`, the guest's line (`config::parse` and the
 //!   module classifiers), `vtpm.seed`'s 64 hex digits (`hex32`), and the
 //!   same bytes as a durable vTPM's state blob (`tpm::setup::prepare`);
@@ -42,8 +44,49 @@ pub fn run(data: &[u8]) {
     }
 }
 
+/// A multiboot2 tag: a type the hypervisor reads (command line, module,
+/// memory map, RSDPs) or any, its payload, and a size field that may lie.
+#[derive(Arbitrary, Debug)]
+struct Tag {
+    typ: Result<u8, u32>,
+    payload: Vec<u8>,
+    size: Option<u32>,
+}
+
+/// The tags, each 8-aligned, then the end tag; a memory map's payload
+/// starts as GRUB's does (entry size 24, version 0) unless it is short.
+fn tags(data: &[u8]) -> Vec<u8> {
+    let Ok(tags) = <Vec<Tag>>::arbitrary_take_rest(Unstructured::new(data)) else { return Vec::new() };
+    let mut b = Vec::new();
+    for t in tags.iter().take(12) {
+        let typ = match t.typ {
+            Ok(k) => [1, 3, 6, 14, 15, 4, 5, 8][usize::from(k) % 8],
+            Err(any) => any,
+        };
+        let mut payload = t.payload.clone();
+        if typ == 6 && payload.len() >= 8 && payload[0] & 1 == 0 {
+            payload[..8].copy_from_slice(&[24, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        b.extend_from_slice(&typ.to_le_bytes());
+        b.extend_from_slice(&t.size.unwrap_or(8 + payload.len() as u32).to_le_bytes());
+        b.extend_from_slice(&payload);
+        b.resize(b.len().div_ceil(8) * 8, 0);
+    }
+    b.extend_from_slice(&[0, 0, 0, 0, 8, 0, 0, 0]);
+    b
+}
+
 fn multiboot(data: &[u8]) {
     use multiboot2::{BootInformation, BootInformationHeader};
+    // Tags the input describes (first byte's top bit), or raw bytes.
+    let structured;
+    let data = match data.split_first() {
+        Some((flags, rest)) if flags & 0x80 != 0 => {
+            structured = tags(rest);
+            &structured[..]
+        }
+        _ => data,
+    };
     // An 8-aligned copy whose header states its real size, as GRUB's would.
     let len = (8 + data.len()).div_ceil(8) * 8;
     let mut words = vec![0u64; len / 8];
@@ -57,9 +100,16 @@ fn multiboot(data: &[u8]) {
     let Ok(mb) = (unsafe { BootInformation::load(words.as_ptr().cast::<BootInformationHeader>()) }) else {
         return;
     };
-    let _ = boot_info::memory_map(&mb).count();
-    let _ = boot_info::boot_ranges(&mb).count();
-    let Ok(info) = BootInfo::parse(&mb) else { return };
+    let areas = boot_info::memory_map(&mb).count();
+    let ranges = boot_info::boot_ranges(&mb).count();
+    let checked = boot_info::check(&mb);
+    let parsed = BootInfo::parse(&mb);
+    if let Err(e) = checked {
+        // A structure that fails the check is read no further.
+        assert_eq!((areas, ranges), (0, 2), "{e:?}");
+        assert_eq!(parsed.as_ref().err(), Some(&e));
+    }
+    let Ok(info) = parsed else { return };
     for m in &info.modules {
         assert!(m.range.start <= m.range.end, "{m:?}");
     }

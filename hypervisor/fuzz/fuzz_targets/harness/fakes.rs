@@ -15,11 +15,41 @@ pub struct Ram {
     pub bytes: RefCell<Vec<u8>>,
     /// Writes seen, to tell a refused request that wrote anything.
     pub writes: Cell<u64>,
+    /// Every write since the last [`Ram::take_log`], to check where it went.
+    pub log: RefCell<Vec<Write>>,
+}
+
+/// One write to host memory.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub hpa: u64,
+    pub old: Vec<u8>,
+    pub new: Vec<u8>,
+    /// By compare-and-exchange (the accessed and dirty bits of an entry).
+    pub exchange: bool,
 }
 
 impl Ram {
     pub fn new(base: u64, len: usize) -> Self {
-        Ram { base, bytes: RefCell::new(vec![0; len]), writes: Cell::new(0) }
+        Ram { base, bytes: RefCell::new(vec![0; len]), writes: Cell::new(0), log: RefCell::new(Vec::new()) }
+    }
+
+    /// Host memory at `base` holding `bytes`.
+    pub fn with_bytes(base: u64, bytes: Vec<u8>) -> Self {
+        Ram { base, bytes: RefCell::new(bytes), writes: Cell::new(0), log: RefCell::new(Vec::new()) }
+    }
+
+    pub fn take_log(&self) -> Vec<Write> {
+        self.log.take()
+    }
+
+    fn put(&self, hpa: u64, data: &[u8], exchange: bool) {
+        let at = self.offset(hpa, data.len());
+        self.writes.set(self.writes.get() + 1);
+        let mut bytes = self.bytes.borrow_mut();
+        let old = bytes[at..at + data.len()].to_vec();
+        self.log.borrow_mut().push(Write { hpa, old, new: data.to_vec(), exchange });
+        bytes[at..at + data.len()].copy_from_slice(data);
     }
 
     fn offset(&self, hpa: u64, len: usize) -> usize {
@@ -38,9 +68,7 @@ impl HostPhys for Ram {
     }
 
     fn write(&self, hpa: u64, data: &[u8]) {
-        let at = self.offset(hpa, data.len());
-        self.writes.set(self.writes.get() + 1);
-        self.bytes.borrow_mut()[at..at + data.len()].copy_from_slice(data);
+        self.put(hpa, data, false);
     }
 
     fn compare_exchange_u64(&self, hpa: u64, current: u64, new: u64) -> bool {
@@ -49,7 +77,7 @@ impl HostPhys for Ram {
         self.read(hpa, &mut b);
         let same = u64::from_le_bytes(b) == current;
         if same {
-            self.write(hpa, &new.to_le_bytes());
+            self.put(hpa, &new.to_le_bytes(), true);
         }
         same
     }

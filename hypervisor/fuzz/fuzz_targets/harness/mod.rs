@@ -11,9 +11,17 @@
 //! bytes, so the fuzzer, `cargo fuzz cmin` and the smoke test all deal in
 //! plain byte files.
 
+pub mod access;
 pub mod acpi;
 pub mod agent;
+pub mod blob;
 pub mod boot;
+pub mod dmar;
 pub mod fakes;
+pub mod hypercall;
 pub mod mmio;
+pub mod platform;
+pub mod ptpm;
+pub mod reference;
 pub mod tis;
+pub mod txt;

@@ -25,7 +25,7 @@ use hypervisor::devices::tis::{self, access, sts, State, Tis, TpmBackend};
 use vtpm_core::{Platform, Tpm};
 
 #[derive(Clone)]
-pub struct FuzzPlatform(u64);
+pub struct FuzzPlatform(pub u64);
 
 impl FuzzPlatform {
     pub fn new(seed: u64) -> Self {

@@ -373,10 +373,15 @@ impl<'a> GuestAccess<'a> {
         Ok(n)
     }
 
-    /// The whole piece must be guest RAM (a page may end the RAM mid-way).
+    /// The whole piece must be guest RAM: a page may end the RAM mid-way,
+    /// or hold a hole between two backings, and a write is refused before
+    /// any of it lands.
     fn ram_range(&self, at: u64, gpa: u64, n: usize, kind: Kind) -> Result<(), AccessError> {
-        if n > 0 && !self.memory.contains(gpa + n as u64 - 1) {
-            return Err(self.refused(at, gpa, kind));
+        let end = gpa.saturating_add(n as u64);
+        let mut p = gpa;
+        while p < end {
+            let (_, run) = self.memory.translate(p).ok_or(self.refused(at, gpa, kind))?;
+            p = p.saturating_add(run);
         }
         Ok(())
     }
