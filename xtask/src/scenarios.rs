@@ -591,8 +591,9 @@ pub fn all() -> Vec<Scenario> {
             name: "linux-smp-containment",
             about: "two CPUs: Linux sees the one it is given; its INIT and start-up IPIs to the other are refused and reported",
             hypervisor_args: "",
-            // Without the agent, so that the APIC's own guard is what stops the IPIs.
-            guests: vec![GuestSpec { options: "integrity=off", ..linux_guest(linux_args!("ctvm.sipi")) }],
+            // Without the agent, so that the APIC's own guard is what stops the
+            // IPIs; given CPU 0 only (`cpus=0`), so CPU 1 is not the guest's to start.
+            guests: vec![GuestSpec { options: "integrity=off cpus=0", ..linux_guest(linux_args!("ctvm.sipi")) }],
             target: BOCHS,
             megs: 1024,
             cpus: 2,
@@ -605,7 +606,7 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm: guest linux stopped: ACPI sleep requested",
                 // INIT and two start-up IPIs through the xAPIC, INIT and one
                 // through the x2APIC MSR; busybox's insmod runs a failed init twice.
-                "ctvm:   refused linux: start-cpu 10",
+                "ctvm:   refused linux: start-cpu 6",
                 CLEAN_END,
             ],
             reject: vec!["ctvm-init: FAIL"],
