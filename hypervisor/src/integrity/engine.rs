@@ -296,6 +296,12 @@ impl Engine {
         if clash {
             return Err(RegisterError::Overlap);
         }
+        let shield = physical(&info.data, data_pages, info.module_struct);
+        // Two virtual pages of the structure on one physical page would let
+        // a write into one piece pass as a write beside the other.
+        if shield.iter().enumerate().any(|(i, r)| shield[..i].iter().any(|o| page(o.start) == page(r.start))) {
+            return Err(RegisterError::Overlap);
+        }
         let id = self.next_id;
         self.next_id += 1;
         // Trusted modules run in the kernel view, but their pages are still
@@ -311,7 +317,6 @@ impl Engine {
         info.entries.dedup();
         info.exports.sort_unstable();
         info.exports.dedup();
-        let shield = physical(&info.data, data_pages, info.module_struct);
         self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec(), shield });
         Ok(id)
     }
@@ -1257,6 +1262,17 @@ mod tests {
         // Beside it: through alone, the structure's piece on that page kept.
         assert_eq!(e.decide(&at(0x3500_0100)).step, Step::StepBeside(Range::new(0x3500_0e00, 0x3500_1000)));
         assert_eq!(e.decide(&at(0x3600_7300)).step, Step::StepBeside(Range::new(0x3600_7000, 0x3600_7300)));
+        // Two virtual pages of a structure on one physical page: refused.
+        let folded = Range::new(MOD + 0x30_0000, MOD + 0x30_2000);
+        let info = ModuleInfo {
+            name: String::from("folded"),
+            code: vec![Range::new(MOD + 0x40_0000, MOD + 0x40_1000)],
+            data: vec![folded],
+            module_struct: Range::new(folded.start + 0xe00, folded.start + 0x1100),
+            ..Default::default()
+        };
+        let pages = [0x3800_0000, 0x3800_0000];
+        assert_eq!(e.register_module(info, false, &[0x3700_0000], &pages), Err(RegisterError::Overlap));
         // A breach found after the step is reported at the structure's address.
         let v = e.shield_breached(View::Module(id), MOD + 0x20_0010, 0x3600_7008);
         assert_eq!(v.target, data.start + 0x1008);
