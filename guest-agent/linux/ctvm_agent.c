@@ -17,6 +17,10 @@
 #include <linux/mutex.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
+#include <linux/mm.h>
+#include <linux/pid_namespace.h>
+#include <net/net_namespace.h>
+#include <linux/uaccess.h>
 #include <linux/version.h>
 #include <linux/workqueue.h>
 #include <linux/elf.h>
@@ -47,6 +51,18 @@ module_param(poke_start, ulong, 0400);
 module_param(poke_end, ulong, 0400);
 module_param(module_list, ulong, 0400);
 module_param(page_table, ulong, 0400);
+/* The image's .data and .bss (modprobe_path, init_task, init_cred, ...). */
+static unsigned long data_start, data_end, bss_start, bss_end;
+module_param(data_start, ulong, 0400);
+module_param(data_end, ulong, 0400);
+module_param(bss_start, ulong, 0400);
+module_param(bss_end, ulong, 0400);
+/* The addresses of the kernel's variables that hold its protected slab
+ * caches, in CTVM's slot order (cred_jar, task_struct_cachep, -, signal,
+ * sighand, files, fs, mm); 0 where absent. Slot 2 (pids) the agent fills. */
+static unsigned long caches[CTVM_PROTECTED_CACHES];
+static int cache_count;
+module_param_array(caches, ulong, &cache_count, 0400);
 /* The return thunks a module's returns may be patched into (srso_return_thunk
  * and the like are not exported); __x86_return_thunk is added here. */
 static unsigned long return_thunks[CTVM_RETURN_THUNKS - 1];
@@ -413,6 +429,50 @@ static const struct proc_ops violations_proc = {
 	.proc_release = seq_release,
 };
 
+/* Where a slab's head struct page holds its kmem_cache (struct slab is
+ * private to mm/): found on an object of a cache of our own. 0 if not. */
+static u32 slab_cache_offset(void)
+{
+	struct kmem_cache *probe = kmem_cache_create("ctvm_probe", 64, 0, 0, NULL);
+	unsigned long *words;
+	void *obj;
+	u32 off, found = 0;
+
+	if (!probe)
+		return 0;
+	obj = kmem_cache_alloc(probe, GFP_KERNEL);
+	if (obj) {
+		words = (unsigned long *)virt_to_head_page(obj);
+		for (off = 8; off + 8 <= sizeof(struct page) && !found; off += 8)
+			if (words[off / 8] == (unsigned long)probe)
+				found = off;
+		kmem_cache_free(probe, obj);
+	}
+	kmem_cache_destroy(probe);
+	return found;
+}
+
+/* The kernel's own objects in its heap: CTVM reads a page's struct page to
+ * tell a credential or a task from a module's object. */
+static void kernel_objects(struct ctvm_kernel_layout *layout)
+{
+	u32 offset = slab_cache_offset();
+	unsigned long cache;
+	int i;
+
+	if (!offset) {
+		pr_warn("ctvm: no slab cache field found in struct page: kernel objects not protected\n");
+		return;
+	}
+	layout->page_structs = (unsigned long)vmemmap;
+	layout->page_struct_size = sizeof(struct page);
+	layout->slab_cache_offset = offset;
+	for (i = 0; i < cache_count && i < CTVM_PROTECTED_CACHES; i++)
+		if (caches[i] && !get_kernel_nofault(cache, (unsigned long *)caches[i]))
+			layout->protected_caches[i] = cache;
+	layout->protected_caches[2] = (unsigned long)init_pid_ns.pid_cachep;
+}
+
 /* The kernel's branch thunks: a module's indirect calls and returns go
  * through them, so CTVM judges the branch, not the thunk. */
 static void branch_thunks(struct ctvm_kernel_layout *layout)
@@ -483,6 +543,18 @@ static int __init ctvm_agent_init(void)
 	layout->poke_routines[0] = (struct ctvm_range){ poke_start, poke_end };
 	if (module_list)
 		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
+	if (data_start && data_end > data_start)
+		layout->sensitive[1] = (struct ctvm_range){ data_start, data_end };
+	if (bss_start && bss_end > bss_start)
+		layout->sensitive[2] = (struct ctvm_range){ bss_start, bss_end };
+	kernel_objects(layout);
+	/* Reference counts the kernel's inline get_net()/put_net() change from
+	 * module code (veth drops its hold on init_net): each module may write
+	 * these fields, and nothing beside them. */
+	layout->shared[0] = (struct ctvm_range){ (unsigned long)&init_net.ns.count,
+						 (unsigned long)(&init_net.ns.count + 1) };
+	layout->shared[1] = (struct ctvm_range){ (unsigned long)&init_net.passive,
+						 (unsigned long)(&init_net.passive + 1) };
 	layout->kernel_page_table = page_table;
 	branch_thunks(layout);
 	/* Reported from now on; until the lock, CTVM refuses them and they do

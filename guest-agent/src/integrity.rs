@@ -4,7 +4,7 @@
 //! a leading `size` field, so both sides can check what they were given.
 
 /// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 4;
+pub const STRUCT_VERSION: u32 = 5;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -54,7 +54,45 @@ pub struct KernelLayout {
     /// (`__x86_return_thunk`, `srso_return_thunk`, ...), zero-padded: each
     /// is a `ret`, judged by the return address.
     pub return_thunks: [u64; RETURN_THUNKS],
+    /// The `struct page` array (Linux's `vmemmap`), zero if the kernel has none: a
+    /// slab page's `struct page` names the cache its objects come from.
+    pub page_structs: u64,
+    /// `sizeof(struct page)`.
+    pub page_struct_size: u32,
+    /// Where a slab's head `struct page` holds its `struct kmem_cache *`
+    /// (`offsetof(struct slab, slab_cache)`, found by the agent).
+    pub slab_cache_offset: u32,
+    /// The slab caches of the kernel's own bookkeeping (credentials, tasks,
+    /// pids, ...) in [`PROTECTED_CACHES_NAMES`] order, zero where absent:
+    /// no isolated module writes their objects.
+    pub protected_caches: [u64; PROTECTED_CACHES],
+    /// Fields of the image's data that every module may write, because the
+    /// kernel's inline helpers do so from module code (the reference counts
+    /// of `init_net`, which `get_net`/`put_net` change); unused slots zero.
+    /// Each lies within one page and is at most [`SHARED_FIELD_MAX`] bytes.
+    pub shared: [WireRange; SHARED_FIELDS],
 }
+
+/// How many shared fields the layout can name, and their largest size.
+pub const SHARED_FIELDS: usize = 4;
+pub const SHARED_FIELD_MAX: u64 = 16;
+
+/// How many protected slab caches the layout can name.
+pub const PROTECTED_CACHES: usize = 8;
+
+/// What each slot of [`KernelLayout::protected_caches`] holds: the kernel's
+/// variable (or, for `pid`, `init_pid_ns.pid_cachep`) and the name violation
+/// lines give the object.
+pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
+    ("cred_jar", "cred"),
+    ("task_struct_cachep", "task"),
+    ("init_pid_ns.pid_cachep", "pid"),
+    ("signal_cachep", "signal"),
+    ("sighand_cachep", "sighand"),
+    ("files_cachep", "files"),
+    ("fs_cachep", "fs"),
+    ("mm_cachep", "mm"),
+];
 
 /// One indirect-branch thunk per general-purpose register.
 pub const INDIRECT_THUNKS: usize = 16;
@@ -222,11 +260,14 @@ pub enum ViolationKind {
     /// An IPI to a CPU the guest was not given, or of a kind no guest may
     /// send (SMI, the reserved delivery modes).
     ForeignIpi = 22,
+    /// An object of the kernel's own bookkeeping (a `cred`, a task, a pid,
+    /// ...) in a protected slab cache.
+    WriteKernelObject = 23,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 22] = [
+    pub const ALL: [ViolationKind; 23] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -249,6 +290,7 @@ impl ViolationKind {
         Self::RegistrationRefused,
         Self::DeputyWrite,
         Self::ForeignIpi,
+        Self::WriteKernelObject,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -276,6 +318,7 @@ impl ViolationKind {
             Self::RegistrationRefused => "registration-refused",
             Self::DeputyWrite => "deputy-write",
             Self::ForeignIpi => "foreign-ipi",
+            Self::WriteKernelObject => "write-kernel-object",
         }
     }
 }
@@ -355,7 +398,7 @@ pub fn c_header() -> alloc::string::String {
     }
     let _ = writeln!(h, "#define CTVM_STRUCT_VERSION {STRUCT_VERSION}");
     let _ = writeln!(h, "#define CTVM_POKE_ROUTINES {POKE_ROUTINES}\n#define CTVM_SENSITIVE_RANGES {SENSITIVE_RANGES}");
-    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}");
+    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}");
     let _ = writeln!(
         h,
         "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n#define CTVM_AGENT_NAME \"{AGENT_NAME}\"\n#define CTVM_MODULES_MAX {MODULES_MAX}\n#define CTVM_KERNEL_SYMBOL_SIZE {KERNEL_SYMBOL_SIZE}\n"
@@ -363,7 +406,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n}};"
     );
     let _ = writeln!(
         h,
@@ -403,6 +446,11 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, protected_caches) == {});",
+        offset_of!(KernelLayout, protected_caches)
+    );
+    let _ = writeln!(
+        h,
         "static_assert(offsetof(struct ctvm_module_info, entries) == {});",
         offset_of!(ModuleInfo, entries)
     );
@@ -438,6 +486,7 @@ mod tests {
     fn the_agents_kind_names_are_generated() {
         assert!(c_header().contains("\"?\", \"write-kernel-text\","));
         assert!(c_header().contains(" \"start-cpu\","));
+        assert!(c_header().contains(" \"write-kernel-object\","));
     }
 
     #[test]
@@ -453,6 +502,9 @@ mod tests {
                 + 8
                 + 8 * INDIRECT_THUNKS
                 + 8 * RETURN_THUNKS
+                + 16
+                + 8 * PROTECTED_CACHES
+                + 16 * SHARED_FIELDS
         );
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);
         assert_eq!(core::mem::size_of::<Fixup>(), 16);

@@ -15,6 +15,7 @@ use crate::guest::access::Kind;
 use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
+use crate::integrity::objects::ObjectMap;
 use crate::integrity::policy::Mismatch;
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
 use crate::integrity::{api, wire, Guard, Stepping, View};
@@ -162,20 +163,49 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         }
     }
     layout.text_pages = pages_of(ctx, layout.text)?;
-    let mut pages = Vec::new();
+    // A page shared by two classes keeps the first, the more specific: the
+    // syscall table lies in rodata, the IDT in .bss.
+    let mut pages = alloc::collections::BTreeMap::new();
     for (range, class) in [
+        (layout.syscall_table, PageClass::SyscallTable),
+        (layout.idt, PageClass::Idt),
         (layout.text, PageClass::KernelText),
         (layout.rodata, PageClass::KernelReadOnly),
         (layout.ro_after_init, PageClass::KernelReadOnly),
-        (layout.syscall_table, PageClass::SyscallTable),
-        (layout.idt, PageClass::Idt),
     ]
     .into_iter()
     .chain(layout.sensitive.iter().map(|&r| (r, PageClass::Sensitive)))
     {
         for gpa in pages_of(ctx, range)? {
-            pages.push((gpa, class));
+            pages.entry(gpa).or_insert(class);
         }
+    }
+    // Shared fields are judged by the physical page, like everything else.
+    for r in &mut layout.shared {
+        let gpa = gpa_of(ctx, r.start)?;
+        *r = Range::new(gpa, gpa + r.len());
+    }
+    match layout.objects.as_mut() {
+        Some(objects) => {
+            let backing = struct_page_array(ctx, objects)?;
+            objects.set_backing(backing);
+            for gpa in objects.backing_pages() {
+                pages.entry(gpa).or_insert(PageClass::Sensitive);
+            }
+            let names: Vec<&str> = objects.caches.iter().map(|&(_, name)| name).collect();
+            log::info!(
+                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array; objects of the {} caches protected; {} shared fields",
+                ctx.guest.name(),
+                pages.values().filter(|&&c| c == PageClass::Sensitive).count(),
+                objects.backing_pages().count(),
+                names.join(", "),
+                layout.shared.len()
+            );
+        }
+        None => log::warn!(
+            "guest {}: the agent gave no struct page array: credentials and tasks in the kernel's heap are not protected from modules",
+            ctx.guest.name()
+        ),
     }
     let unlisted = denied_apis.values().filter(|d| d.group == "unlisted").count();
     log::info!(
@@ -194,6 +224,20 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     state.engine.register_kernel(layout, pages).map_err(map_err)?;
     state.denied_apis = denied_apis;
     Ok(0)
+}
+
+/// The guest-physical pages behind the kernel's `struct page` array for
+/// all of guest RAM, zero where the kernel maps none (holes).
+fn struct_page_array(ctx: &ExitContext<'_>, objects: &ObjectMap) -> Result<Vec<u64>, Error> {
+    let ram_end = ctx.guest.memory.backings().iter().map(|b| b.gpa.end).max().unwrap_or(0);
+    let array = objects.array(ram_end);
+    if array.len() / 0x1000 >= MAX_RANGE_PAGES {
+        return Err(Error::InvalidArgument);
+    }
+    Ok(array
+        .pages()
+        .map(|p| gpa_of(ctx, p).ok().map(|g| g & !0xfff).filter(|&g| ctx.guest.memory.contains(g)).unwrap_or(0))
+        .collect())
 }
 
 /// The kernel's own page-table pages (its PML4 and the upper levels of the
@@ -665,11 +709,46 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.violations.take(records).for_each(drop);
     ctx.vcpu.regs().rbx = dropped;
+    revoke_heap_grants(ctx);
     Ok(records as u64)
+}
+
+/// The protected kernel object guest-physical `page` holds, if any (see
+/// [`ObjectMap::object_at`]); pages outside guest RAM hold none.
+fn kernel_object(ctx: &ExitContext<'_>, page: u64) -> Option<&'static str> {
+    let objects = ctx.guest.integrity.as_ref()?.engine.layout()?.objects.as_ref()?;
+    if !ctx.guest.memory.contains(page) {
+        return None;
+    }
+    let read = |at: u64| {
+        let mut b = [0u8; 8];
+        ctx.guest.memory.read(&ctx.phys, at, &mut b).ok().map(|()| u64::from_le_bytes(b))
+    };
+    objects.object_at(page, read).unwrap_or(Some("unknown"))
+}
+
+/// Takes back every heap page granted writable to a module view since the
+/// last call: a page may since have been freed and now serve a protected
+/// cache. A module's next write to it is judged again. Called on the
+/// agent's drain, every second.
+fn revoke_heap_grants(ctx: &mut ExitContext<'_>) {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return };
+    let grants = core::mem::take(&mut state.heap_grants);
+    let Some(control) = ctx.control.as_deref_mut() else { return };
+    for (m, page) in grants {
+        if control.perms(View::Module(m), page).is_some() {
+            let _ = control.set_perms(View::Module(m), page, Perms::READ);
+        }
+    }
 }
 
 /// Prints a violation's console line.
 fn report(ctx: &mut ExitContext<'_>, v: &Violation) {
+    report_object(ctx, v, None);
+}
+
+/// Prints a violation's console line, naming the kernel object written.
+fn report_object(ctx: &mut ExitContext<'_>, v: &Violation, object: Option<&str>) {
     let say = ctx.guest.integrity.as_mut().map_or(Say::Line, |s| s.repeats.note(v));
     let state = ctx.guest.integrity.as_ref();
     let module = match v.module {
@@ -681,7 +760,7 @@ fn report(ctx: &mut ExitContext<'_>, v: &Violation) {
         .filter(|_| v.kind == ViolationKind::CallDeniedApi)
         .and_then(|s| s.denied_apis.get(&v.target))
         .map(|d| (d.name.as_str(), d.group.as_str()));
-    let line = Line { guest: ctx.guest.name(), module, violation: v, api };
+    let line = Line { guest: ctx.guest.name(), module, violation: v, api, object };
     match say {
         Say::Line => console::write_line(format_args!("{line}")),
         Say::Repeated(n) => console::write_line(format_args!("{line} repeated={n}")),
@@ -784,8 +863,21 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let regs = *ctx.vcpu.regs();
     let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
-    let fault =
-        Fault { view: state.view, access: info.access, gpa: ctx.exit.guest_physical, gva, rip, rsp, stack, gprs };
+    let kernel_object = match (state.view, info.access) {
+        (View::Module(_), super::Access::Write) if untracked => kernel_object(ctx, page),
+        _ => None,
+    };
+    let fault = Fault {
+        view: state.view,
+        access: info.access,
+        gpa: ctx.exit.guest_physical,
+        gva,
+        rip,
+        rsp,
+        stack,
+        gprs,
+        kernel_object,
+    };
     let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
@@ -798,7 +890,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         outcome.step
     );
     if let Some(v) = &outcome.violation {
-        report(ctx, v);
+        report_object(ctx, v, kernel_object);
     }
     let view = ctx.guest.integrity.as_ref()?.view;
     let action = match outcome.step {
@@ -818,7 +910,11 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             let granted = (!w_x || control.set_perms(View::Kernel, page, kept - Perms::EXECUTE).is_ok())
                 && control.set_perms(view, page, perms).is_ok();
             if perms.contains(Perms::WRITE) {
-                ctx.guest.integrity.as_mut()?.engine.taint(page);
+                let state = ctx.guest.integrity.as_mut()?;
+                state.engine.taint(page);
+                if let (true, View::Module(m)) = (untracked, view) {
+                    state.heap_grants.insert((m, page));
+                }
             }
             if granted {
                 Action::Resume
@@ -836,7 +932,14 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
                 return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
             }
-            step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip }))
+            step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip, allowed: None }))
+        }
+        Step::StepWithin { guard, allowed } => {
+            let mut bytes = alloc::vec![0; guard.len() as usize];
+            if ctx.guest.memory.read(&ctx.phys, guard.start, &mut bytes).is_err() {
+                return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
+            }
+            step_over(ctx, view, page, Some(Guard { at: guard.start, bytes, rip, allowed: Some(allowed) }))
         }
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0]),
@@ -909,10 +1012,20 @@ fn check_guard(ctx: &mut ExitContext<'_>, view: View, guard: Guard) -> Option<Ac
     if ctx.guest.memory.read(&ctx.phys, guard.at, &mut now).is_err() {
         return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
     }
-    let changed = now.iter().zip(&guard.bytes).position(|(a, b)| a != b)?;
+    // What the write may change keeps its new value.
+    let allowed = |i: usize| guard.allowed.is_some_and(|r| r.contains(guard.at + i as u64));
+    let mut restored = guard.bytes.clone();
+    for (i, b) in restored.iter_mut().enumerate().filter(|&(i, _)| allowed(i)) {
+        *b = now[i];
+    }
+    let changed = now.iter().zip(&restored).position(|(a, b)| a != b)?;
     let state = ctx.guest.integrity.as_mut()?;
-    let v = state.engine.shield_breached(view, guard.rip, guard.at + changed as u64);
-    if v.action == abi::ViolationAction::Denied && ctx.guest.memory.write(&ctx.phys, guard.at, &guard.bytes).is_err() {
+    let at = guard.at + changed as u64;
+    let v = match guard.allowed {
+        None => state.engine.shield_breached(view, guard.rip, at),
+        Some(_) => state.engine.record(ViolationKind::WriteProtectedData, view, guard.rip, at),
+    };
+    if v.action == abi::ViolationAction::Denied && ctx.guest.memory.write(&ctx.phys, guard.at, &restored).is_err() {
         return Some(Action::Stop(StopReason::HypervisorError("cannot restore guarded bytes".into())));
     }
     report(ctx, &v);
@@ -1202,6 +1315,14 @@ mod tests {
     const AGENT_VMCALL: u64 = AGENT_CODE + 0x40;
     const AGENT_DATA: u64 = 0x82_1000;
     const STACK: u64 = 0x90_0000;
+    /// A page of the kernel image's .data; the `struct page` array (16 MiB
+    /// of RAM: 4096 frames, 64 pages); a page of credentials (its struct
+    /// page names CRED_JAR) and an ordinary heap page.
+    const KERNEL_DATA: u64 = 0x98_0000;
+    const VMEMMAP: u64 = 0xa0_0000;
+    const CRED_JAR: u64 = K + 0xb0_0000;
+    const CRED_PAGE: u64 = 0xc0_0000;
+    const HEAP_PAGE: u64 = 0xc1_0000;
 
     struct Fixture {
         guest: Guest,
@@ -1242,6 +1363,13 @@ mod tests {
             ..Default::default()
         };
         l.poke_routines[0] = abi::WireRange { start: K + TEXT + 0x5000, end: K + TEXT + 0x5100 };
+        // The image's .data, and the struct page array with one protected cache.
+        l.sensitive[1] = abi::WireRange { start: K + KERNEL_DATA, end: K + KERNEL_DATA + 0x1000 };
+        l.page_structs = K + VMEMMAP;
+        l.page_struct_size = 64;
+        l.slab_cache_offset = 24;
+        l.protected_caches[0] = CRED_JAR;
+        l.shared[0] = abi::WireRange { start: K + KERNEL_DATA + 0x94, end: K + KERNEL_DATA + 0x98 };
         // SAFETY: repr(C) plain data viewed as bytes.
         let bytes = unsafe {
             core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
@@ -1290,6 +1418,7 @@ mod tests {
         w(&phys, AGENT_INFO, as_bytes(&a));
         w(&phys, AGENT_VMCALL, &[0x0f, 0x01, 0xc1]);
         w(&phys, AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
+        w(&phys, VMEMMAP + (CRED_PAGE >> 12) * 64 + 24, &CRED_JAR.to_le_bytes());
         let mut agent_code = alloc::vec![0u8; 0x1000];
         agent_code[0x40..0x43].copy_from_slice(&[0x0f, 0x01, 0xc1]);
         let agent = Entry {
@@ -1999,6 +2128,60 @@ mod tests {
         assert_eq!((records[0].rip, records[0].target), (writer, K + MODULE_STRUCT));
         let kernel_writes = f.control.perms(View::Kernel, MODULE_DATA);
         assert_eq!(kernel_writes, Some(Perms::RW), "the kernel still writes the structure");
+    }
+
+    /// Least privilege for the kernel's data: the image's .data and .bss,
+    /// the objects of protected caches (found through the struct page
+    /// array, itself unwritable) are refused; an ordinary heap page is
+    /// granted, and the grant is taken back at the agent's next drain.
+    #[test]
+    fn a_module_writes_no_kernel_data_it_was_not_given() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        let writer = K + MODULE_CODE + 0x10;
+        let struct_page = VMEMMAP + (CRED_PAGE >> 12) * 64;
+        for (gpa, kind) in [
+            (KERNEL_DATA + 0x80, ViolationKind::WriteProtectedData),
+            (struct_page + 24, ViolationKind::WriteProtectedData),
+            (CRED_PAGE + 0x48, ViolationKind::WriteKernelObject),
+        ] {
+            f.vcpu.write(Field::Rip, writer);
+            assert_eq!(f.ept(WRITE, gpa, K + gpa, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [kind as u32], "{gpa:#x}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+            assert_eq!(f.control.perms(module, gpa & !0xfff), None, "not granted");
+        }
+        // The kernel itself writes all of them.
+        for page in [KERNEL_DATA, VMEMMAP] {
+            assert_eq!(f.control.perms(View::Kernel, page), Some(Perms::RW));
+        }
+        // A shared reference count on the .data page: written, guarded; a
+        // wide store reaching past it is put back beyond the field.
+        w(&f.phys, KERNEL_DATA + 0x90, &[0x11; 16]);
+        assert_eq!(f.ept(WRITE, KERNEL_DATA + 0x94, K + KERNEL_DATA + 0x94, writer), Action::Resume);
+        assert!(f.control.monitor_trap);
+        w(&f.phys, KERNEL_DATA + 0x94, &[0x22; 8]);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        let expected = [[0x11; 4], [0x22; 4], [0x11; 4], [0x11; 4]].concat();
+        assert_eq!(guest_bytes(&f, KERNEL_DATA + 0x90, 16), expected);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
+        assert_eq!(f.control.perms(module, KERNEL_DATA), None, "closed again");
+        assert_eq!(f.ept(WRITE, HEAP_PAGE + 8, K + HEAP_PAGE + 8, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW), "an ordinary heap page is granted");
+        // The agent drains the log: the grant is taken back, to be judged
+        // again (the page may serve credentials by then).
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ));
+        f.guest.integrity.as_mut().unwrap().view = module;
+        w(&f.phys, struct_page - (CRED_PAGE >> 12) * 64 + (HEAP_PAGE >> 12) * 64 + 24, &CRED_JAR.to_le_bytes());
+        assert_eq!(f.ept(WRITE, HEAP_PAGE + 8, K + HEAP_PAGE + 8, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelObject as u32]);
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ), "no longer granted");
     }
 
     #[test]

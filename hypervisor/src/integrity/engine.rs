@@ -44,6 +44,10 @@ pub struct Fault {
     /// The general-purpose registers by number (RSP is 4): where a
     /// branch thunk goes.
     pub gprs: [u64; 16],
+    /// For a module's write to an untracked page: the kernel object it
+    /// holds if that is one of the protected kinds (`"cred"`, `"task"`,
+    /// ...; `"unknown"` when the page's `struct page` cannot be read).
+    pub kernel_object: Option<&'static str>,
 }
 
 /// Where control goes when it leaves a module.
@@ -70,6 +74,11 @@ pub enum Step {
     /// (guest-physical, on the same page): they are kept before the step
     /// and put back after it if it changed them.
     StepBeside(Range),
+    /// As `StepOver`, for a write into a field every module may write
+    /// (`allowed`) on a page it may not: the bytes the instruction could
+    /// reach (`guard`, from the faulting address on) are kept, and those
+    /// outside `allowed` put back after the step if it changed them.
+    StepWithin { guard: Range, allowed: Range },
     /// Audit mode: make the page executable for the kernel again.
     AllowExecute,
     /// Refuse a write: the instruction is skipped, memory is unchanged.
@@ -169,6 +178,9 @@ const MAX_MODULES: usize = guest_agent::integrity::MODULES_MAX as usize;
 /// exhaust. Debian's largest module, amdgpu, is 4.7 MiB of text and 2.5 MiB
 /// of data (1 850 pages; i915 550, xfs 300, mlx5_core 280).
 pub const MAX_MODULE_PAGES: usize = 1 << 16;
+
+/// The most bytes one instruction stores (a 512-bit vector register).
+const MAX_STORE: u64 = 64;
 
 fn page(addr: u64) -> u64 {
     addr & !0xfff
@@ -556,6 +568,10 @@ impl Engine {
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
                 Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
+                // The kernel's bookkeeping in its heap is the kernel's.
+                None if fault.kernel_object.is_some() => {
+                    self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver)
+                }
                 None => Outcome::step(Step::Grant(Perms::RW)),
                 _ => self.write_to_protected(fault, class, true),
             },
@@ -872,6 +888,13 @@ impl Engine {
 
     /// A write to a page one of the views protects.
     fn write_to_protected(&mut self, fault: &Fault, class: Option<PageClass>, from_module: bool) -> Outcome {
+        // A field of the kernel's data that every module's inline helpers
+        // write (a reference count): that field, and nothing beside it.
+        let shared = self.layout.as_ref().and_then(|l| l.shared.iter().find(|r| r.contains(fault.gpa)));
+        if let (true, Some(PageClass::Sensitive), Some(&allowed)) = (from_module, class, shared) {
+            let end = (fault.gpa + MAX_STORE).min(page(fault.gpa) + 0x1000);
+            return Outcome::step(Step::StepWithin { guard: Range::new(fault.gpa, end), allowed });
+        }
         // The kernel view may write its page tables and module data.
         let kernel_may = matches!(class, Some(PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_)));
         let kind = match Self::write_kind(class) {
@@ -906,6 +929,8 @@ mod tests {
     const SYSCALL_GPA: u64 = 0x230_0000;
     const IDT_GPA: u64 = 0x240_0000;
     const PT_GPA: u64 = 0x9000;
+    /// A page of the kernel image's .data (modprobe_path, init_task, ...).
+    const DATA_GPA: u64 = 0x250_0000;
     const PRINTK: u64 = TEXT + 0x1000;
     const SET_MEMORY_RW: u64 = TEXT + 0x2000;
     const IRQ_HANDLER: u64 = TEXT + 0x3000;
@@ -946,6 +971,7 @@ mod tests {
             (RODATA_GPA, PageClass::KernelReadOnly),
             (SYSCALL_GPA, PageClass::SyscallTable),
             (IDT_GPA, PageClass::Idt),
+            (DATA_GPA, PageClass::Sensitive),
         ]);
         e.register_kernel(layout, pages).unwrap();
         e.lock([PT_GPA]).unwrap();
@@ -967,7 +993,17 @@ mod tests {
     fn fault(view: View, access: Access, gpa: u64, gva: u64, stack: u64) -> Fault {
         let in_text = (TEXT..TEXT + TEXT_PAGES * 0x1000).contains(&gva);
         let gpa = if gpa == TEXT_GPA && in_text { TEXT_GPA + ((gva - TEXT) & !0xfff) } else { gpa };
-        Fault { view, access, gpa, gva, rip: MOD + 0x200, rsp: STACK, stack: [Some(stack), None], gprs: [0; 16] }
+        Fault {
+            view,
+            access,
+            gpa,
+            gva,
+            rip: MOD + 0x200,
+            rsp: STACK,
+            stack: [Some(stack), None],
+            gprs: [0; 16],
+            kernel_object: None,
+        }
     }
 
     fn at_rsp(f: Fault, rsp: u64) -> Fault {
@@ -1022,6 +1058,10 @@ mod tests {
             (m, Access::Write, IDT_GPA, 0, Step::Skip, Some(ViolationKind::WriteIdt)),
             (m, Access::Write, PT_GPA, 0, Step::Skip, Some(ViolationKind::WriteProtectedData)),
             (m, Access::Write, MOD_CODE_GPA, MOD, Step::Skip, Some(ViolationKind::WriteModuleCode)),
+            // The kernel image's data (modprobe_path, core_pattern, init_task) is the kernel's.
+            (m, Access::Write, DATA_GPA, TEXT + 0x150_0000, Step::Skip, Some(ViolationKind::WriteProtectedData)),
+            (m, Access::Read, DATA_GPA, TEXT + 0x150_0000, Step::Grant(Perms::READ), None),
+            (View::Kernel, Access::Write, DATA_GPA, 0, Step::NotMine, None),
             // The kernel view: writes to protected pages are refused, reads are not integrity matters.
             (View::Kernel, Access::Write, SYSCALL_GPA, 0, Step::Skip, Some(ViolationKind::WriteSyscallTable)),
             (View::Kernel, Access::Write, TEXT_GPA, PRINTK, Step::Skip, Some(ViolationKind::WriteKernelText)),
@@ -1039,6 +1079,57 @@ mod tests {
                 assert_eq!(e.violations.len(), 1, "every violation is recorded");
             }
         }
+    }
+
+    /// A heap page serving a protected slab cache (credentials, tasks) is
+    /// never granted; any other heap page is.
+    #[test]
+    fn the_kernels_objects_in_its_heap_are_not_the_modules() {
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let (mut e, id) = engine(mode);
+            let heap = fault(View::Module(id), Access::Write, HEAP_GPA, 0xffff_8880_5000_0010, 0);
+            for object in ["cred", "task", "unknown"] {
+                let out = e.decide(&Fault { kernel_object: Some(object), ..heap });
+                let v = out.violation.expect("reported");
+                assert_eq!(v.kind, ViolationKind::WriteKernelObject);
+                let expected = if mode == Mode::Enforce { Step::Skip } else { Step::StepOver };
+                assert_eq!(out.step, expected, "{object}: never a grant");
+            }
+            assert_eq!(e.stats.grants, 0);
+            assert_eq!(e.decide(&heap).step, Step::Grant(Perms::RW));
+        }
+    }
+
+    /// A shared field (init_net's reference count) on a page of the
+    /// kernel's data: that field's write goes through, guarded; the rest
+    /// of the page stays refused.
+    #[test]
+    fn a_shared_field_and_nothing_beside_it() {
+        let mut e = Engine::new(Mode::Enforce);
+        let count = Range::new(DATA_GPA + 0x94, DATA_GPA + 0x98);
+        let layout = KernelLayout { shared: vec![count], ..Default::default() };
+        e.register_kernel(layout, [(DATA_GPA, PageClass::Sensitive)]).unwrap();
+        e.lock([]).unwrap();
+        let m = e.register_module(ModuleInfo { name: "veth".into(), ..Default::default() }, false, &[], &[]).unwrap();
+        let write = |gpa| fault(View::Module(m), Access::Write, gpa, 0xffff_ffff_8290_0000 + (gpa & 0xfff), 0);
+        let out = e.decide(&write(DATA_GPA + 0x94));
+        assert_eq!(out.step, Step::StepWithin { guard: Range::new(DATA_GPA + 0x94, DATA_GPA + 0xd4), allowed: count });
+        assert!(out.violation.is_none());
+        // Near the end of the page, the guard stops at it.
+        let e2 = KernelLayout { shared: vec![Range::new(DATA_GPA + 0xffc, DATA_GPA + 0x1000)], ..Default::default() };
+        let mut late = Engine::new(Mode::Enforce);
+        late.register_kernel(e2, [(DATA_GPA, PageClass::Sensitive)]).unwrap();
+        late.lock([]).unwrap();
+        let id = late.register_module(ModuleInfo { name: "x".into(), ..Default::default() }, false, &[], &[]).unwrap();
+        let out = late.decide(&fault(View::Module(id), Access::Write, DATA_GPA + 0xffc, 0, 0));
+        assert!(matches!(out.step, Step::StepWithin { guard, .. } if guard.end == DATA_GPA + 0x1000));
+        for beside in [DATA_GPA + 0x90, DATA_GPA + 0x98, DATA_GPA] {
+            let out = e.decide(&write(beside));
+            assert_eq!(out.step, Step::Skip, "{beside:#x}");
+            assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::WriteProtectedData));
+        }
+        // The kernel writes the page as ever.
+        assert_eq!(e.decide(&fault(View::Kernel, Access::Write, DATA_GPA + 0x10, 0, 0)).step, Step::NotMine);
     }
 
     #[test]

@@ -74,6 +74,13 @@ pub struct KernelLayout {
     pub indirect_thunks: [u64; 16],
     /// The return thunks (each a `ret`), sorted.
     pub return_thunks: Vec<u64>,
+    /// The kernel's `struct page` array and the slab caches whose objects
+    /// no module may write; `None` if the agent gave none.
+    pub objects: Option<super::objects::ObjectMap>,
+    /// Fields of the kernel's data every module may write (reference
+    /// counts its inline helpers change): guest-virtual as reported, made
+    /// guest-physical at registration.
+    pub shared: Vec<Range>,
 }
 
 impl KernelLayout {

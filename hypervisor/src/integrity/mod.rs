@@ -24,6 +24,7 @@ pub mod api;
 pub mod control;
 pub mod engine;
 pub mod layout;
+pub mod objects;
 pub mod policy;
 pub mod returns;
 pub mod violation;
@@ -69,6 +70,8 @@ pub struct Guard {
     pub at: u64,
     pub bytes: alloc::vec::Vec<u8>,
     pub rip: u64,
+    /// Bytes inside the guarded ones that the write may change.
+    pub allowed: Option<Range>,
 }
 
 /// A guest's integrity state: the engine, the view the vCPU runs in, and a
@@ -90,6 +93,9 @@ pub struct GuestIntegrity {
     pub api: alloc::sync::Arc<api::ApiPolicy>,
     /// The exports the policy denies, by address, for reports.
     pub denied_apis: alloc::collections::BTreeMap<u64, api::DeniedApi>,
+    /// Untracked (heap) pages granted writable to a module view, by
+    /// (module, page): revoked on the agent's next drain.
+    pub heap_grants: alloc::collections::BTreeSet<(u32, u64)>,
 }
 
 impl GuestIntegrity {
@@ -126,6 +132,7 @@ impl GuestIntegrity {
             repeats: violation::Repeats::default(),
             api: alloc::sync::Arc::default(),
             denied_apis: alloc::collections::BTreeMap::new(),
+            heap_grants: alloc::collections::BTreeSet::new(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Line<'a> {
     pub violation: &'a Violation,
     /// For a refused kernel API: its name and group (` api=... group=...`).
     pub api: Option<(&'a str, &'a str)>,
+    /// For a write to a protected kernel object: what it is (` object=cred`).
+    pub object: Option<&'a str>,
 }
 
 impl fmt::Display for Line<'_> {
@@ -44,8 +46,11 @@ impl fmt::Display for Line<'_> {
             v.target,
             v.action.name()
         )?;
-        match self.api {
-            Some((name, group)) => write!(f, " api={name} group={group}"),
+        if let Some((name, group)) = self.api {
+            write!(f, " api={name} group={group}")?;
+        }
+        match self.object {
+            Some(object) => write!(f, " object={object}"),
             None => Ok(()),
         }
     }
@@ -181,7 +186,8 @@ mod tests {
     #[test]
     fn the_console_line_has_every_field() {
         let violation = v(ViolationKind::WriteSyscallTable);
-        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api: None });
+        let line =
+            format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api: None, object: None });
         assert_eq!(
             line,
             "ctvm: violation guest=linux module=evil kind=write-syscall-table rip=0xffffffffc0001234 \
@@ -190,7 +196,7 @@ mod tests {
         // A refused kernel API says which, and its group.
         let violation = v(ViolationKind::CallDeniedApi);
         let api = Some(("call_usermodehelper_exec", "usermode-helper"));
-        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api });
+        let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api, object: None });
         assert!(line.ends_with("action=deny api=call_usermodehelper_exec group=usermode-helper"), "{line}");
     }
 

@@ -7,7 +7,8 @@ use alloc::vec::Vec;
 
 use guest_agent::integrity::{self as abi, WireRange};
 
-use super::layout::{KernelLayout, ModuleInfo, Range};
+use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
+use super::objects::ObjectMap;
 
 /// A structure that does not check out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +99,29 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         (0..abi::RETURN_THUNKS).map(|i| u64_at(b, at + 8 * i)).filter(|&t| t != 0).collect();
     return_thunks.sort_unstable();
     return_thunks.dedup();
+    at += 8 * abi::RETURN_THUNKS;
+    let vmemmap = u64_at(b, at);
+    let (page_struct_size, slab_cache_offset) = (u32_at(b, at + 8), u32_at(b, at + 12));
+    at += 16;
+    let caches = core::array::from_fn(|i| u64_at(b, at + 8 * i));
+    at += 8 * abi::PROTECTED_CACHES;
+    let mut shared = Vec::new();
+    for i in 0..abi::SHARED_FIELDS {
+        let r = range_at(b, at + 16 * i)?;
+        if r.is_empty() {
+            continue;
+        }
+        let one_page = (r.end - 1) & !0xfff == r.start & !0xfff;
+        if !is_kernel_address(r.start) || r.len() > abi::SHARED_FIELD_MAX || !one_page {
+            return Err(WireError::Range);
+        }
+        shared.push(r);
+    }
+    let objects =
+        ObjectMap::from_wire(vmemmap, page_struct_size, slab_cache_offset, &caches).map_err(|_| WireError::Range)?;
     let layout = KernelLayout {
+        objects,
+        shared,
         page_table,
         indirect_thunks,
         return_thunks,
@@ -268,6 +291,11 @@ mod tests {
         l.indirect_thunks[15] = 0xffff_ffff_81e0_01e0;
         l.return_thunks[3] = 0xffff_ffff_81e0_1000;
         l.return_thunks[1] = 0xffff_ffff_81e0_0800;
+        l.page_structs = 0xffff_ea00_0000_0000;
+        l.page_struct_size = 64;
+        l.slab_cache_offset = 24;
+        l.protected_caches[0] = 0xffff_8880_0100_0000;
+        l.shared[1] = WireRange { start: 0xffff_ffff_8290_0094, end: 0xffff_ffff_8290_0098 };
         // SAFETY: repr(C) plain data, viewed as bytes.
         unsafe {
             core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
@@ -284,6 +312,30 @@ mod tests {
         assert_eq!(m.layout.poke_routines, vec![Range::new(0xffff_ffff_8105_0000, 0xffff_ffff_8105_0200)]);
         assert_eq!(m.layout.thunk_register(0xffff_ffff_81e0_01e0), Some(15));
         assert_eq!(m.layout.return_thunks, vec![0xffff_ffff_81e0_0800, 0xffff_ffff_81e0_1000]);
+        let objects = m.layout.objects.unwrap();
+        assert_eq!(
+            (objects.vmemmap, objects.page_struct_size, objects.slab_cache_offset),
+            (0xffff_ea00_0000_0000, 64, 24)
+        );
+        assert_eq!(objects.caches, vec![(0xffff_8880_0100_0000, "cred")]);
+        assert_eq!(m.layout.shared, vec![Range::new(0xffff_ffff_8290_0094, 0xffff_ffff_8290_0098)]);
+        // A shared field is small, in one page, in the kernel.
+        let at = core::mem::offset_of!(abi::KernelLayout, shared) + 16;
+        for (start, end) in [
+            (0xffff_ffff_8290_0000, 0xffff_ffff_8290_0100),
+            (0xffff_ffff_8290_0ffc, 0xffff_ffff_8290_1004),
+            (0x1000, 0x1004),
+        ] {
+            let mut bad = layout_bytes();
+            bad[at..at + 8].copy_from_slice(&u64::to_le_bytes(start));
+            bad[at + 8..at + 16].copy_from_slice(&u64::to_le_bytes(end));
+            assert_eq!(kernel_layout(&bad).err(), Some(WireError::Range), "{start:#x}..{end:#x}");
+        }
+        // A struct page the hypervisor could not read right is refused.
+        let mut odd = layout_bytes();
+        let at = core::mem::offset_of!(abi::KernelLayout, slab_cache_offset);
+        odd[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+        assert_eq!(kernel_layout(&odd).err(), Some(WireError::Range));
         let mut bad = layout_bytes();
         bad[0] = 9;
         assert_eq!(kernel_layout(&bad).err(), Some(WireError::Version));

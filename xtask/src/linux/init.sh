@@ -34,7 +34,9 @@ say "done"
 SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
     idt_table entry_SYSCALL_64 __text_poke modules _sdata __start___ksymtab __stop___ksymtab __start___ksymtab_gpl
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
-    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec"
+    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
+    _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
+    mm_cachep modprobe_path core_pattern init_task"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -43,6 +45,13 @@ sym() {
     awk -v s="$1" '$1 == s { print $2; exit }' /tmp/symbols
 }
 after() { sym "after:$1"; }
+# The variables holding the kernel's protected slab caches, in the agent's
+# slot order (slot 2, the pid cache, the agent finds itself).
+caches() {
+    list=$(for c in cred_jar task_struct_cachep - signal_cachep sighand_cachep files_cachep fs_cachep mm_cachep; do
+        v=$(sym $c); echo "${v:-0}"; done | tr '\n' ',' | sed 's/,$//')
+    echo "caches=$list"
+}
 # The return thunks this kernel has (which one modules use depends on the CPU).
 return_thunks() {
     list=$(for t in retbleed_return_thunk srso_return_thunk srso_alias_return_thunk its_return_thunk; do sym $t; done \
@@ -66,7 +75,9 @@ load_agent() {
         ksymtab_start=$(sym __start___ksymtab) ksymtab_end=$(sym __stop___ksymtab) \
         ksymtab_gpl_start=$(sym __start___ksymtab_gpl) ksymtab_gpl_end=$(sym __stop___ksymtab_gpl) \
         poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \
-        page_table=$(sym init_top_pgt) $(return_thunks)
+        page_table=$(sym init_top_pgt) $(return_thunks) \
+        data_start=$(sym _sdata) data_end=$(sym _edata) bss_start=$(sym __bss_start) bss_end=$(sym __bss_stop) \
+        $(caches)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
 }
 
@@ -163,6 +174,12 @@ integrity_tests() {
     attack atk_file
     if [ -e /tmp/ctvm_file_written ]; then say "FAIL: atk_file: the file was created"; else say "atk_file: no file created"; fi
     attack atk_bpf
+    # Data-only attacks on the kernel's own data and objects.
+    attack atk_kdata modprobe=$(sym modprobe_path) core=$(sym core_pattern)
+    say "modprobe path now: $(cat /proc/sys/kernel/modprobe), core pattern: $(cat /proc/sys/kernel/core_pattern)"
+    attack atk_cred
+    attack atk_tasks
+    say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
 
     # A burst of refused writes: every one is a record, none lost.
     before=$(grep -c '^seq=' /proc/ctvm_violations)

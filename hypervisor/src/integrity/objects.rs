@@ -1,0 +1,220 @@
+//! The kernel's own objects in its heap. Credentials, tasks, pids and the
+//! like come from slab caches of their own; the slab a guest-physical page
+//! belongs to is named in the kernel's `struct page` array (`vmemmap`).
+//! So when an isolated module first writes a heap page, the hypervisor
+//! reads that page's `struct page` and refuses the page if it serves a
+//! protected cache. The array itself is read-only to every module (else a
+//! module would rename the cache of the page it wants), and grants of heap
+//! pages are revoked periodically, since a page a module was granted may
+//! later be freed and serve a protected cache.
+
+use alloc::vec::Vec;
+
+use guest_agent::integrity as abi;
+
+use super::layout::{is_kernel_address, Range};
+
+/// Where the kernel's `struct page` array is and which caches it protects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectMap {
+    /// `vmemmap`: the `struct page` of page frame `n` is at `vmemmap + n * size`.
+    pub vmemmap: u64,
+    pub page_struct_size: u64,
+    /// Where a slab's head `struct page` holds its cache.
+    pub slab_cache_offset: u64,
+    /// The protected caches, with the name reports give their objects.
+    pub caches: Vec<(u64, &'static str)>,
+    /// The guest-physical page behind each page of the array (for guest
+    /// RAM), zero where the kernel did not map one.
+    backing: Vec<u64>,
+}
+
+/// Why the agent's description of the `struct page` array is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadObjectMap;
+
+/// A `struct page` is 64 bytes on x86-64 kernels without debug options;
+/// anything outside these bounds is not one.
+const PAGE_STRUCT_MIN: u32 = 32;
+const PAGE_STRUCT_MAX: u32 = 256;
+
+impl ObjectMap {
+    /// From the layout's fields; `None` when the agent gave no array (the
+    /// kernel's objects are then not protected, and the caller says so).
+    pub fn from_wire(
+        vmemmap: u64,
+        size: u32,
+        slab_cache_offset: u32,
+        caches: &[u64; abi::PROTECTED_CACHES],
+    ) -> Result<Option<Self>, BadObjectMap> {
+        if vmemmap == 0 {
+            return Ok(None);
+        }
+        let sane = is_kernel_address(vmemmap)
+            && vmemmap & 0xfff == 0
+            && (PAGE_STRUCT_MIN..=PAGE_STRUCT_MAX).contains(&size)
+            && size.is_multiple_of(8)
+            && slab_cache_offset.is_multiple_of(8)
+            && slab_cache_offset >= 8
+            && slab_cache_offset + 8 <= size;
+        if !sane {
+            return Err(BadObjectMap);
+        }
+        let caches: Vec<(u64, &'static str)> = caches
+            .iter()
+            .zip(abi::PROTECTED_CACHES_NAMES)
+            .filter(|(&c, _)| c != 0)
+            .map(|(&c, (_, name))| (c, name))
+            .collect();
+        if caches.iter().any(|&(c, _)| !is_kernel_address(c)) {
+            return Err(BadObjectMap);
+        }
+        Ok(Some(ObjectMap {
+            vmemmap,
+            page_struct_size: u64::from(size),
+            slab_cache_offset: u64::from(slab_cache_offset),
+            caches,
+            backing: Vec::new(),
+        }))
+    }
+
+    /// The array's guest-virtual range for page frames below `ram_end`.
+    pub fn array(&self, ram_end: u64) -> Range {
+        let len = (ram_end >> 12).saturating_mul(self.page_struct_size);
+        Range::new(self.vmemmap, self.vmemmap.saturating_add(len))
+    }
+
+    /// The guest-physical page behind each page of [`Self::array`], in
+    /// order, zero where unmapped.
+    pub fn set_backing(&mut self, pages: Vec<u64>) {
+        self.backing = pages;
+    }
+
+    /// The pages holding the array: no module may write them.
+    pub fn backing_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.backing.iter().copied().filter(|&p| p != 0)
+    }
+
+    /// The guest-physical address of the `struct page` at guest-virtual `va`.
+    fn struct_gpa(&self, va: u64) -> Option<u64> {
+        let offset = va.checked_sub(self.vmemmap)?;
+        if !offset.is_multiple_of(self.page_struct_size) {
+            return None;
+        }
+        let page = *self.backing.get(usize::try_from(offset >> 12).ok()?)?;
+        (page != 0).then_some(page + (offset & 0xfff))
+    }
+
+    /// What guest RAM page `gpa` holds: `Ok(Some(name))` for an object of a
+    /// protected cache, `Ok(None)` for anything else, `Err` when its
+    /// `struct page` cannot be read or names an impossible head (refused:
+    /// the check fails closed). `read` reads a guest-physical u64.
+    pub fn object_at(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> Result<Option<&'static str>, BadObjectMap> {
+        let va = (gpa >> 12)
+            .checked_mul(self.page_struct_size)
+            .and_then(|o| o.checked_add(self.vmemmap))
+            .ok_or(BadObjectMap)?;
+        let mut at = self.struct_gpa(va).ok_or(BadObjectMap)?;
+        // A tail page of a compound page (a slab of several pages) points
+        // to its head, bit 0 set.
+        let head = read(at + 8).ok_or(BadObjectMap)?;
+        if head & 1 != 0 {
+            at = self.struct_gpa(head - 1).ok_or(BadObjectMap)?;
+        }
+        let cache = read(at + self.slab_cache_offset).ok_or(BadObjectMap)?;
+        Ok(self.caches.iter().find(|&&(c, _)| c == cache).map(|&(_, name)| name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeMap;
+    use alloc::vec;
+
+    const VMEMMAP: u64 = 0xffff_ea00_0000_0000;
+    const CRED_JAR: u64 = 0xffff_8880_0100_0000;
+    const TASKS: u64 = 0xffff_8880_0100_0100;
+    const KMALLOC: u64 = 0xffff_8880_0100_0200;
+    /// The array's pages live at 0x70_0000.. in guest RAM.
+    const ARRAY_GPA: u64 = 0x70_0000;
+
+    fn map() -> ObjectMap {
+        let mut caches = [0; abi::PROTECTED_CACHES];
+        caches[0] = CRED_JAR;
+        caches[1] = TASKS;
+        let mut m = ObjectMap::from_wire(VMEMMAP, 64, 24, &caches).unwrap().unwrap();
+        // 16 MiB of RAM: 4096 frames, 64 pages of array; the 3rd unmapped.
+        let pages = (0..64).map(|i| if i == 2 { 0 } else { ARRAY_GPA + i * 0x1000 }).collect();
+        m.set_backing(pages);
+        assert_eq!(m.array(16 << 20), Range::new(VMEMMAP, VMEMMAP + 64 * 0x1000));
+        m
+    }
+
+    /// Guest memory holding `struct page`s: frame → (word 1, slab cache).
+    fn memory(frames: &[(u64, u64, u64)]) -> BTreeMap<u64, u64> {
+        let mut mem = BTreeMap::new();
+        for &(pfn, compound, cache) in frames {
+            let at = ARRAY_GPA + pfn * 64;
+            mem.insert(at + 8, compound);
+            mem.insert(at + 24, cache);
+        }
+        mem
+    }
+
+    #[test]
+    fn a_page_of_a_protected_cache_is_named() {
+        let m = map();
+        let mem =
+            memory(&[(0x10, 0, CRED_JAR), (0x11, 0, KMALLOC), (0x20, 0, TASKS), (0x21, VMEMMAP + 0x20 * 64 + 1, 0)]);
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        assert_eq!(m.object_at(0x10_123, read), Ok(Some("cred")));
+        assert_eq!(m.object_at(0x11_000, read), Ok(None));
+        // A tail page of a task_struct slab is judged by its head.
+        assert_eq!(m.object_at(0x21_ff8, read), Ok(Some("task")));
+        // A page that is no slab (word at the offset is not a cache).
+        assert_eq!(m.object_at(0x30_000, read), Ok(None));
+    }
+
+    #[test]
+    fn what_cannot_be_read_is_refused() {
+        let m = map();
+        // Frames 0x80..0xc0 have their struct pages on the unmapped page.
+        assert_eq!(m.object_at(0x90_000, |_| Some(0)), Err(BadObjectMap));
+        // Beyond the array.
+        assert_eq!(m.object_at(64 << 20, |_| Some(0)), Err(BadObjectMap));
+        // An unreadable struct page.
+        assert_eq!(m.object_at(0x10_000, |_| None), Err(BadObjectMap));
+        // A head pointer outside the array, or not at a struct page.
+        let mem = memory(&[(0x12, 0xffff_8880_0000_0001, 0), (0x13, VMEMMAP + 8 + 1, 0)]);
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        assert_eq!(m.object_at(0x12_000, read), Err(BadObjectMap));
+        assert_eq!(m.object_at(0x13_000, read), Err(BadObjectMap));
+        assert_eq!(m.backing_pages().count(), 63);
+    }
+
+    #[test]
+    fn the_agents_description_is_checked() {
+        let none = [0; abi::PROTECTED_CACHES];
+        assert_eq!(ObjectMap::from_wire(0, 64, 24, &none), Ok(None));
+        for (vmemmap, size, offset) in [
+            (0x1000, 64, 24),
+            (VMEMMAP + 8, 64, 24),
+            (VMEMMAP, 12, 8),
+            (VMEMMAP, 64, 64),
+            (VMEMMAP, 64, 0),
+            (VMEMMAP, 64, 20),
+        ] {
+            assert_eq!(
+                ObjectMap::from_wire(vmemmap, size, offset, &none),
+                Err(BadObjectMap),
+                "{vmemmap:#x} {size} {offset}"
+            );
+        }
+        let mut user = none;
+        user[3] = 0x4000;
+        assert_eq!(ObjectMap::from_wire(VMEMMAP, 64, 24, &user), Err(BadObjectMap));
+        let got = ObjectMap::from_wire(VMEMMAP, 64, 24, &[CRED_JAR, 0, 0, 0, 0, 0, 0, TASKS]).unwrap().unwrap();
+        assert_eq!(got.caches, vec![(CRED_JAR, "cred"), (TASKS, "mm")]);
+    }
+}
