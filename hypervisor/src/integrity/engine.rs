@@ -278,6 +278,21 @@ impl Engine {
         Ok(added)
     }
 
+    /// Page tables the kernel allocated after the lock, found by a later
+    /// walk: classified where nothing else claims the page. Returns those
+    /// newly classified. (Kernel page tables are not freed on x86-64 short
+    /// of memory hot-unplug, so a class once given stays.)
+    pub fn add_page_tables(&mut self, tables: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut added = Vec::new();
+        for gpa in tables {
+            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
+                v.insert(PageClass::PageTable);
+                added.push(page(gpa));
+            }
+        }
+        added
+    }
+
     /// Undoes a lock whose agent could not be put in place (before any
     /// other module registered): the lock is all or nothing.
     pub fn revert_lock(&mut self, added: &[u64]) {
