@@ -2353,6 +2353,23 @@ mod tests {
         assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
     }
 
+    /// On a guest with several CPUs, a violation names the one it happened on.
+    #[test]
+    fn a_violation_names_its_cpu() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.control.active = Some(View::Module(id));
+        for cpu in [1usize, 0, 3] {
+            f.guest.cpus.current = cpu;
+            let writer = K + MODULE_CODE + 0x10;
+            assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, writer), Action::Resume);
+            let records: Vec<_> = f.guest.integrity.as_mut().unwrap().engine.violations.take(4).collect();
+            assert_eq!(records.iter().map(|r| r.cpu).collect::<Vec<_>>(), [cpu as u32]);
+            assert_eq!(records[0].to_bytes()[36..40], (cpu as u32).to_le_bytes());
+        }
+    }
+
     #[test]
     fn audit_mode_lets_the_write_through_once() {
         let mut f = fixture(Mode::Audit);

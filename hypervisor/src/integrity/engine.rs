@@ -151,6 +151,8 @@ pub struct Engine {
     agent: Option<u32>,
     pub violations: ViolationLog,
     pub stats: Stats,
+    /// The guest CPU whose exit is being handled: violations name it.
+    pub cpu: u32,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -218,6 +220,7 @@ impl Engine {
             agent: None,
             violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
+            cpu: 0,
         }
     }
 
@@ -449,7 +452,7 @@ impl Engine {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
-        let v = Violation { kind, module, rip, target, action };
+        let v = Violation { kind, module, rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
         self.stats.violations += 1;
         v
@@ -596,7 +599,7 @@ impl Engine {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
-        let v = Violation { kind, module, rip: fault.rip, target, action };
+        let v = Violation { kind, module, rip: fault.rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
         Outcome { step, violation: Some(v) }
     }
