@@ -158,6 +158,9 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
                     let class = api.classify(&n);
                     if class != api::Class::Allowed {
                         layout.denied_entries.push(value);
+                        if api::ApiPolicy::fails_with_null(&n) {
+                            layout.null_on_failure.push(value);
+                        }
                         let name = alloc::string::String::from_utf8_lossy(&n).into_owned();
                         denied_apis.insert(value, api::DeniedApi { name, group: api.class_name(class).into() });
                     }
@@ -1024,7 +1027,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             step_over(ctx, view, page, Some(Guard { at: guard.start, bytes, rip, allowed: Some(allowed) }))
         }
         Step::Skip => skip(ctx),
-        Step::ReturnError => return_error(ctx, stack[0]),
+        Step::ReturnError => return_error(ctx, stack[0], EPERM.wrapping_neg()),
+        Step::ReturnNull => return_error(ctx, stack[0], 0),
         Step::Fault => {
             inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
             Action::Resume
@@ -1134,14 +1138,15 @@ fn skip(ctx: &mut ExitContext<'_>) -> Action {
     Action::Resume
 }
 
-/// Refuses a call: returns to the caller with -EPERM, as if the callee had.
-fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>) -> Action {
+/// Refuses a call: returns to the caller with `value` (-EPERM, or NULL for
+/// a callee that fails with NULL), as if the callee had.
+fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>, value: u64) -> Action {
     match return_address {
         Some(ret) => {
             let rsp = ctx.vcpu.read(Field::Rsp);
             ctx.vcpu.write(Field::Rsp, rsp.wrapping_add(8));
             ctx.vcpu.write(Field::Rip, ret);
-            ctx.vcpu.regs().rax = EPERM.wrapping_neg();
+            ctx.vcpu.regs().rax = value;
         }
         None => inject_exception(ctx.vcpu, VECTOR_GP, Some(0)),
     }
@@ -1380,6 +1385,7 @@ mod tests {
     const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
     const HANDLER: u64 = TEXT + 0x4000;
     const MEMCPY: u64 = TEXT + 0x6000;
+    const SYMBOL_GET: u64 = TEXT + 0x7000;
     const RODATA: u64 = 0x60_0000;
     const SYSCALL_TABLE: u64 = 0x61_0000;
     const IDT: u64 = 0x62_0000;
@@ -1441,7 +1447,7 @@ mod tests {
             syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
             idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
             entry_syscall: K + ENTRY_SYSCALL,
-            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 48 },
+            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 60 },
             kernel_page_table: K + 0x1000,
             ..Default::default()
         };
@@ -1464,6 +1470,7 @@ mod tests {
             (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..]),
             (THUNK_RAX, NAMES + 0x20, &b"__x86_indirect_thunk_rax\0"[..]),
             (MEMCPY, NAMES + 0x40, &b"memcpy\0"[..]),
+            (SYMBOL_GET, NAMES + 0x50, &b"__symbol_get\0"[..]),
         ]
         .iter()
         .enumerate()
@@ -1597,8 +1604,8 @@ mod tests {
         // A kernel export the policy does not name is denied like a grouped
         // one (another kernel, a renamed API); an empty policy denies all.
         for (text, denied) in [
-            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 3),
-            ("ctvm.api v1 kernel=other\n", 3),
+            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 4),
+            ("ctvm.api v1 kernel=other\n", 4),
         ] {
             let mut f = fixture(Mode::Enforce);
             f.guest.integrity.as_mut().unwrap().api = alloc::sync::Arc::new(api_policy(text));
@@ -1627,18 +1634,20 @@ mod tests {
         let id = f.register_everything();
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         // The thunk, known by its exported name, is a branch to judge, not an entry.
-        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW, K + MEMCPY]);
+        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW, K + MEMCPY, K + SYMBOL_GET]);
+        // __symbol_get fails with NULL: refused, it returns NULL.
+        assert_eq!(e.layout().unwrap().null_on_failure, alloc::vec![K + SYMBOL_GET]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         // memcpy is an entry that writes where its caller points.
         let deputies: Vec<u64> = e.layout().unwrap().deputies.iter().map(|d| d.0).collect();
         assert_eq!(deputies, alloc::vec![K + MEMCPY]);
-        assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
+        assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW, K + SYMBOL_GET]);
         let denied = &f.guest.integrity.as_ref().unwrap().denied_apis;
         assert_eq!(
             denied.get(&(K + SET_MEMORY_RW)).map(|d| (d.name.as_str(), d.group.as_str())),
             Some(("set_memory_rw", "code-permissions"))
         );
-        assert_eq!(denied.len(), 1);
+        assert_eq!(denied.len(), 2, "set_memory_rw, and __symbol_get (unlisted)");
         assert_eq!(e.layout().unwrap().gates, alloc::vec![(14, K + HANDLER)]);
         // The kernel view: text RX, the syscall table and IDT read-only, module code not executable.
         assert_eq!(f.control.perms(View::Kernel, TEXT), Some(Perms::RX));
@@ -1743,6 +1752,10 @@ mod tests {
         assert_eq!(f.vcpu.read(Field::Rip), K + MODULE_CODE + 0x40);
         assert_eq!(f.vcpu.regs.rax as i64, -1);
         assert_eq!(f.control.active, Some(module), "still in the module's view");
+        // It looks a symbol up with __symbol_get: refused, NULL, as a failed lookup.
+        f.vcpu.write(Field::Rsp, K + STACK);
+        assert_eq!(f.ept(FETCH | READ, SYMBOL_GET, K + SYMBOL_GET, K + SYMBOL_GET), Action::Resume);
+        assert_eq!((f.vcpu.read(Field::Rip), f.vcpu.regs.rax), (K + MODULE_CODE + 0x40, 0));
         // It calls printk: switch to the kernel view.
         f.vcpu.write(Field::Rsp, K + STACK);
         assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);

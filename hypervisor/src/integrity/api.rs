@@ -130,6 +130,33 @@ impl ApiPolicy {
         Ok(())
     }
 
+    /// Whether an export reports failure with NULL rather than an error
+    /// code or pointer: a refused call to it then returns 0, which its
+    /// callers check for (`if (!addr)`), where -EPERM would be taken for
+    /// an address. The C return conventions of the kernel's lookups and
+    /// object constructors in the dangerous groups.
+    pub fn fails_with_null(name: &[u8]) -> bool {
+        matches!(
+            name,
+            b"kallsyms_lookup_name"
+                | b"__symbol_get"
+                | b"find_symbol"
+                | b"__module_address"
+                | b"__module_text_address"
+                | b"find_module"
+                | b"call_usermodehelper_setup"
+                | b"prepare_kernel_cred"
+                | b"prepare_creds"
+                | b"get_task_cred"
+                | b"find_task_by_vpid"
+                | b"find_get_task_by_vpid"
+                | b"pid_task"
+                | b"get_pid_task"
+                | b"find_vpid"
+                | b"find_get_pid"
+        )
+    }
+
     /// What the policy says of an exported name, as read from the guest.
     pub fn classify(&self, name: &[u8]) -> Class {
         match core::str::from_utf8(name) {

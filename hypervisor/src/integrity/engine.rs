@@ -85,6 +85,9 @@ pub enum Step {
     Skip,
     /// Refuse a call: return to the caller with an error (-EPERM in RAX).
     ReturnError,
+    /// Refuse a call to a function whose failure value is NULL: return to
+    /// the caller with 0 in RAX.
+    ReturnNull,
     /// Refuse a transfer that is not a call (a jump or a return): #GP.
     Fault,
     /// Carry out a branch the hypervisor emulates (a thunk): continue at
@@ -250,6 +253,8 @@ impl Engine {
         layout.return_thunks.sort_unstable();
         layout.return_thunks.dedup();
         layout.deputies.sort_unstable_by_key(|d| d.0);
+        layout.null_on_failure.sort_unstable();
+        layout.null_on_failure.dedup();
         layout.deputies.dedup_by_key(|d| d.0);
         self.pages.retain(|_, c| {
             !matches!(c, PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt)
@@ -550,7 +555,7 @@ impl Engine {
     /// deputy. Refused in enforce mode; in audit mode reported, and the
     /// call judged as any other.
     pub fn deputy_refused(&mut self, fault: &Fault, m: u32, at: u64) -> Outcome {
-        let deny = self.refusal(fault, m, false);
+        let deny = self.refusal(fault, m, false, fault.gva);
         // Reported at the module's call site.
         let call_site = fault.stack[0].filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip);
         let site = Fault { rip: call_site, ..*fault };
@@ -769,7 +774,7 @@ impl Engine {
             _ => Destination::Elsewhere,
         };
         let allowed = self.destination_view(m, dest);
-        let deny = self.refusal(fault, m, false);
+        let deny = self.refusal(fault, m, false, target);
         let crossing = matches!(dest, Destination::Kernel | Destination::Module(_));
         if crossing && !self.translates_as_registered(target, fault.gpa) {
             return self.violation(fault, ViolationKind::Alias, deny, Step::Switch(allowed));
@@ -794,7 +799,7 @@ impl Engine {
             Destination::Elsewhere
         };
         let allowed = self.destination_view(m, dest);
-        let deny = self.refusal(fault, m, pop);
+        let deny = self.refusal(fault, m, pop, target);
         // A jump leaves the caller's return address on top of the stack; a
         // return consumes it, and arrives 8 bytes higher.
         let return_address = if pop { None } else { fault.stack[0] };
@@ -904,13 +909,19 @@ impl Engine {
         }
     }
 
-    /// How a refused transfer out of module `m` ends: a call returns an
-    /// error to the module; anything else (a return, a jump) faults.
-    fn refusal(&self, fault: &Fault, m: u32, pop: bool) -> Step {
-        if !pop && fault.stack[0].is_some_and(|a| self.is_code_of(m, a)) {
-            Step::ReturnError
+    /// How a refused transfer out of module `m` to `target` ends: a call
+    /// returns the callee's own failure value to the module (NULL for the
+    /// exports that fail with NULL, so that a caller checking for it goes
+    /// on cleanly, else -EPERM); anything else (a return, a jump) faults.
+    fn refusal(&self, fault: &Fault, m: u32, pop: bool, target: u64) -> Step {
+        if pop || !fault.stack[0].is_some_and(|a| self.is_code_of(m, a)) {
+            return Step::Fault;
+        }
+        let null = self.layout.as_ref().is_some_and(|l| l.null_on_failure.binary_search(&target).is_ok());
+        if null {
+            Step::ReturnNull
         } else {
-            Step::Fault
+            Step::ReturnError
         }
     }
 
@@ -1000,6 +1011,8 @@ mod tests {
     const DATA_GPA: u64 = 0x250_0000;
     const PRINTK: u64 = TEXT + 0x1000;
     const SET_MEMORY_RW: u64 = TEXT + 0x2000;
+    /// A denied lookup that fails with NULL (`__symbol_get`).
+    const LOOKUP: u64 = TEXT + 0x2800;
     const IRQ_HANDLER: u64 = TEXT + 0x3000;
     const POKE: u64 = TEXT + 0x4000;
     const THUNK_RAX: u64 = TEXT + 0x5000;
@@ -1026,8 +1039,9 @@ mod tests {
             text_pages: (0..TEXT_PAGES).map(|i| TEXT_GPA + i * 0x1000).collect(),
             entry_syscall: TEXT + 0x80_0000,
             poke_routines: vec![Range::new(POKE, POKE + 0x100)],
-            entries: vec![PRINTK, SET_MEMORY_RW],
-            denied_entries: vec![SET_MEMORY_RW],
+            entries: vec![PRINTK, SET_MEMORY_RW, LOOKUP],
+            denied_entries: vec![SET_MEMORY_RW, LOOKUP],
+            null_on_failure: vec![LOOKUP],
             gates: vec![(VECTOR_PF, IRQ_HANDLER), (VECTOR_TIMER, IRQ_HANDLER + 0x40)],
             indirect_thunks: core::array::from_fn(|r| if r == 0 { THUNK_RAX } else { 0 }),
             return_thunks: vec![RETURN_THUNK],
@@ -1110,6 +1124,8 @@ mod tests {
             (m, Access::Execute, TEXT_GPA, PRINTK, Step::Switch(View::Kernel), None),
             (m, Access::Execute, TEXT_GPA, PRINTK + 5, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
             (m, Access::Execute, TEXT_GPA, SET_MEMORY_RW, Step::ReturnError, Some(ViolationKind::CallDeniedApi)),
+            // A refused lookup returns what a failed one does, NULL, not an error a caller takes for an address.
+            (m, Access::Execute, TEXT_GPA, LOOKUP, Step::ReturnNull, Some(ViolationKind::CallDeniedApi)),
             (m, Access::Execute, TEXT_GPA, TEXT + 0x9999, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
             (m, Access::Execute, HEAP_GPA, 0xffff_8880_0000_0000, Step::ReturnError, Some(ViolationKind::ExecuteData)),
             // An interrupt handler is no entry: only an event being delivered makes it one.
@@ -1520,6 +1536,8 @@ mod tests {
         assert_eq!((v.kind, v.target, v.rip), (ViolationKind::CallNonEntry, PRINTK + 4, module_ret));
         let out = e.decide(&thunk_fault(id, THUNK_RAX, SET_MEMORY_RW, module_ret));
         assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallDeniedApi));
+        let out = e.decide(&thunk_fault(id, THUNK_RAX, LOOKUP, module_ret));
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::ReturnNull, Some(ViolationKind::CallDeniedApi)));
         // To the module's own code: no crossing at all.
         let out = e.decide(&thunk_fault(id, THUNK_RAX, MOD + 0x700, module_ret));
         assert_eq!((out.step, out.violation), (Step::Branch { view: m, rip: MOD + 0x700, pop: false }, None));

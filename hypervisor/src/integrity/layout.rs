@@ -85,6 +85,9 @@ pub struct KernelLayout {
     /// (`memcpy`, `kobject_del`, ...), by address, sorted: a module's call
     /// to one is judged by its destination.
     pub deputies: Vec<(u64, super::deputy::Spec)>,
+    /// Denied exports whose failure value is NULL (lookups, allocations of
+    /// kernel objects), sorted: a refused call to one returns 0.
+    pub null_on_failure: Vec<u64>,
 }
 
 impl KernelLayout {
