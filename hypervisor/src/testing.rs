@@ -10,4 +10,6 @@ pub use crate::exits::testing::FakeHost;
 pub use crate::guest::memory::fake::FakePhys;
 pub use crate::guest::test_guest;
 pub use crate::integrity::control::fake::FakeControl;
+pub use crate::mm::paging::host::HeapTables;
+pub use crate::platform::vtd::model::{ModelUnit, Shared, QEMU_CAP, QEMU_ECAP};
 pub use crate::vcpu::fake::FakeVcpu;

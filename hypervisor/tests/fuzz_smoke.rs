@@ -183,3 +183,8 @@ fn txt() {
 fn ptpm() {
     smoke("ptpm", harness::ptpm::run, 0x9793, 1500, 900);
 }
+
+#[test]
+fn vtd() {
+    smoke("vtd", harness::vtd::run, 0x7d7d, 1500, 900);
+}

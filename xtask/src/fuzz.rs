@@ -48,6 +48,7 @@ const TARGETS: &[Target] = &[
     Target { name: "dmar", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
     Target { name: "txt", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
     Target { name: "ptpm", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
+    Target { name: "vtd", krate: "hypervisor", sanitizer: "address", max_len: 4096, extra: &[] },
 ];
 
 /// What one campaign did, from libFuzzer's last status line.

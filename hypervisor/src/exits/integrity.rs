@@ -13,7 +13,7 @@ use crate::arch::x86_64::vmx::ept::ViolationInfo;
 use crate::console;
 use crate::guest::access::Kind;
 use crate::integrity::control::{ControlError, GuestControl};
-use crate::integrity::engine::{Fault, PageClass, RegisterError, Step};
+use crate::integrity::engine::{Fault, Outcome, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::objects::ObjectMap;
 use crate::integrity::policy::Mismatch;
@@ -150,6 +150,9 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
                 wire::ExportKind::ReturnThunk => layout.return_thunks.push(value),
                 wire::ExportKind::Function => {
                     layout.entries.push(value);
+                    if let Some(spec) = crate::integrity::deputy::spec(&n) {
+                        layout.deputies.push((value, spec));
+                    }
                     // A function exported under two names, one of them
                     // denied, is denied.
                     let class = api.classify(&n);
@@ -713,6 +716,37 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     Ok(records as u64)
 }
 
+/// A module's branch to a write-through kernel function (`memcpy`,
+/// `kobject_del`, ...) whose destination it could not write itself: the
+/// refusal, or `None` when the branch is judged as any other.
+fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
+    let (View::Module(m), super::Access::Execute) = (fault.view, fault.access) else {
+        return None;
+    };
+    let engine = &ctx.guest.integrity.as_ref()?.engine;
+    let target = engine.call_target(fault);
+    let blocked = match engine.deputy_destination(target, &fault.gprs)? {
+        Some(range) => first_unwritable(ctx, m, range)?,
+        None => fault.gprs[7],
+    };
+    Some(ctx.guest.integrity.as_mut()?.engine.deputy_refused(fault, m, blocked))
+}
+
+/// The first address of `range` (guest-virtual, as the kernel would
+/// write it) that module `m` could not write itself, if any.
+fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> {
+    let engine = &ctx.guest.integrity.as_ref()?.engine;
+    range.pages().find_map(|va| {
+        let from = range.start.max(va);
+        let to = range.end.min(va + 0x1000);
+        let Ok(gpa) = ctx.inspect().translate(from) else {
+            return Some(from);
+        };
+        let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };
+        (!engine.module_may_write(m, Range::new(gpa, gpa + (to - from)), object)).then_some(from)
+    })
+}
+
 /// The protected kernel object guest-physical `page` holds, if any (see
 /// [`ObjectMap::object_at`]); pages outside guest RAM hold none.
 fn kernel_object(ctx: &ExitContext<'_>, page: u64) -> Option<&'static str> {
@@ -878,7 +912,10 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         gprs,
         kernel_object,
     };
-    let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
+    let outcome = match deputy_check(ctx, &fault) {
+        Some(refused) => refused,
+        None => ctx.guest.integrity.as_mut()?.engine.decide(&fault),
+    };
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",
         fault.view,
@@ -1297,6 +1334,7 @@ mod tests {
     const THUNK_RAX: u64 = TEXT + 0x3000;
     const ENTRY_SYSCALL: u64 = TEXT + 0x3000;
     const HANDLER: u64 = TEXT + 0x4000;
+    const MEMCPY: u64 = TEXT + 0x6000;
     const RODATA: u64 = 0x60_0000;
     const SYSCALL_TABLE: u64 = 0x61_0000;
     const IDT: u64 = 0x62_0000;
@@ -1358,7 +1396,7 @@ mod tests {
             syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
             idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
             entry_syscall: K + ENTRY_SYSCALL,
-            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 36 },
+            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 48 },
             kernel_page_table: K + 0x1000,
             ..Default::default()
         };
@@ -1380,6 +1418,7 @@ mod tests {
             (PRINTK, NAMES, &b"printk\0"[..]),
             (SET_MEMORY_RW, NAMES + 0x10, &b"set_memory_rw\0"[..]),
             (THUNK_RAX, NAMES + 0x20, &b"__x86_indirect_thunk_rax\0"[..]),
+            (MEMCPY, NAMES + 0x40, &b"memcpy\0"[..]),
         ]
         .iter()
         .enumerate()
@@ -1447,7 +1486,7 @@ mod tests {
     }
 
     /// The fixture kernel's API policy: printk allowed, set_memory_rw in a group.
-    const API: &str = "ctvm.api v1 kernel=test\ngroup code-permissions\nallow printk\n\
+    const API: &str = "ctvm.api v1 kernel=test\ngroup code-permissions\nallow printk\nallow memcpy\n\
                        deny code-permissions set_memory_rw\n";
 
     fn api_policy(text: &str) -> api::ApiPolicy {
@@ -1513,8 +1552,8 @@ mod tests {
         // A kernel export the policy does not name is denied like a grouped
         // one (another kernel, a renamed API); an empty policy denies all.
         for (text, denied) in [
-            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 2),
-            ("ctvm.api v1 kernel=other\n", 2),
+            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 3),
+            ("ctvm.api v1 kernel=other\n", 3),
         ] {
             let mut f = fixture(Mode::Enforce);
             f.guest.integrity.as_mut().unwrap().api = alloc::sync::Arc::new(api_policy(text));
@@ -1543,8 +1582,11 @@ mod tests {
         let id = f.register_everything();
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         // The thunk, known by its exported name, is a branch to judge, not an entry.
-        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW]);
+        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW, K + MEMCPY]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
+        // memcpy is an entry that writes where its caller points.
+        let deputies: Vec<u64> = e.layout().unwrap().deputies.iter().map(|d| d.0).collect();
+        assert_eq!(deputies, alloc::vec![K + MEMCPY]);
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW]);
         let denied = &f.guest.integrity.as_ref().unwrap().denied_apis;
         assert_eq!(
@@ -2182,6 +2224,58 @@ mod tests {
         assert_eq!(f.ept(WRITE, HEAP_PAGE + 8, K + HEAP_PAGE + 8, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelObject as u32]);
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ), "no longer granted");
+    }
+
+    /// A module asks memcpy to write for it: judged by the destination, as
+    /// if the module wrote it itself, whether called directly or through a
+    /// retpoline thunk.
+    #[test]
+    fn a_write_through_call_is_judged_by_its_destination() {
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let mut f = fixture(mode);
+            let id = f.register_everything();
+            let module = View::Module(id);
+            let call_site = K + MODULE_CODE + 0x40;
+            let call = |f: &mut Fixture, dest: u64, len: u64, through_thunk: bool| {
+                f.guest.integrity.as_mut().unwrap().view = module;
+                f.control.active = Some(module);
+                f.vcpu.write(Field::Rsp, K + STACK);
+                w(&f.phys, STACK, &call_site.to_le_bytes());
+                f.vcpu.regs.rdi = dest;
+                f.vcpu.regs.rdx = len;
+                f.vcpu.regs.rax = K + MEMCPY;
+                let (gpa, at) = if through_thunk { (THUNK_RAX, K + THUNK_RAX) } else { (MEMCPY, K + MEMCPY) };
+                f.ept(FETCH | READ, gpa, at, at);
+                let kinds = violation_kinds(f);
+                (f.vcpu.read(Field::Rip), kinds)
+            };
+            let refused = [ViolationKind::DeputyWrite as u32];
+            for (dest, len, thunk) in [
+                (K + KERNEL_DATA + 0x10, 16, false),
+                (K + KERNEL_DATA + 0x10, 16, true),
+                (K + CRED_PAGE + 0x40, 8, false),
+                // Its own struct module, and a range that runs into the .data page.
+                (K + MODULE_STRUCT + 8, 16, false),
+                (K + KERNEL_DATA - 8, 16, false),
+                (K + HEAP_PAGE, crate::integrity::deputy::MAX_DESTINATION + 1, false),
+            ] {
+                let (rip, kinds) = call(&mut f, dest, len, thunk);
+                assert_eq!(kinds, refused, "{mode:?} {dest:#x}+{len}");
+                if mode == Mode::Enforce {
+                    assert_eq!(rip, call_site, "returned to the caller");
+                    assert_eq!(f.vcpu.regs.rax as i64, -1);
+                    assert_eq!(f.control.active, Some(module));
+                } else {
+                    assert_eq!(f.control.active, Some(View::Kernel), "audit: the call goes on");
+                }
+            }
+            // Its own data beside the structure, a heap page: the call goes on.
+            for dest in [K + MODULE_DATA + 0x10, K + HEAP_PAGE + 0x100] {
+                let (rip, kinds) = call(&mut f, dest, 16, false);
+                assert!(kinds.is_empty(), "{dest:#x}");
+                assert_eq!((rip, f.control.active), (K + MEMCPY, Some(View::Kernel)));
+            }
+        }
     }
 
     #[test]

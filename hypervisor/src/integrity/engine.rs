@@ -246,6 +246,8 @@ impl Engine {
         layout.gates.dedup_by_key(|g| g.0);
         layout.return_thunks.sort_unstable();
         layout.return_thunks.dedup();
+        layout.deputies.sort_unstable_by_key(|d| d.0);
+        layout.deputies.dedup_by_key(|d| d.0);
         self.pages.retain(|_, c| {
             !matches!(c, PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt)
         });
@@ -493,6 +495,53 @@ impl Engine {
     /// nearest module call live on that stack), if any.
     pub fn deputy_of(&self, rsp: u64) -> Option<u32> {
         self.returns.caller_on_stack(rsp)
+    }
+
+    /// Where a branch out of a module really goes: the register of an
+    /// indirect-branch thunk, else the fetched address.
+    pub fn call_target(&self, fault: &Fault) -> u64 {
+        let thunk = self.layout.as_ref().and_then(|l| l.thunk_register(fault.gva));
+        thunk.map_or(fault.gva, |reg| fault.gprs[reg])
+    }
+
+    /// For a branch to a write-through kernel function (see [`super::deputy`]):
+    /// the guest-virtual range it would write, or `Some(None)` when that
+    /// range is too long to judge. `None` for any other target.
+    pub fn deputy_destination(&self, target: u64, gprs: &[u64; 16]) -> Option<Option<Range>> {
+        let deputies = &self.layout.as_ref()?.deputies;
+        let i = deputies.binary_search_by_key(&target, |d| d.0).ok()?;
+        Some(super::deputy::destination(deputies[i].1, gprs))
+    }
+
+    /// Whether module `m` may itself write `bytes` (guest-physical, on one
+    /// page, which holds the protected `object` if any): what it may ask a
+    /// write-through function to write for it.
+    pub fn module_may_write(&self, m: u32, bytes: Range, object: Option<&str>) -> bool {
+        match self.class_of(bytes.start) {
+            None => object.is_none(),
+            Some(PageClass::ModuleData(owner)) if owner == m => self
+                .modules
+                .get(&m)
+                .is_some_and(|md| md.shield.iter().all(|s| s.end <= bytes.start || bytes.end <= s.start)),
+            _ => false,
+        }
+    }
+
+    /// A module's call to a write-through function whose destination (at
+    /// `at`, guest-virtual) it may not write: the function would be its
+    /// deputy. Refused in enforce mode; in audit mode reported, and the
+    /// call judged as any other.
+    pub fn deputy_refused(&mut self, fault: &Fault, m: u32, at: u64) -> Outcome {
+        let deny = self.refusal(fault, m, false);
+        // Reported at the module's call site.
+        let call_site = fault.stack[0].filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip);
+        let site = Fault { rip: call_site, ..*fault };
+        let out = self.violation_at(&site, ViolationKind::DeputyWrite, at, deny, Step::NotMine);
+        self.stats.violations += 1;
+        if out.step != Step::NotMine {
+            return out;
+        }
+        Outcome { step: self.decide(fault).step, violation: out.violation }
     }
 
     /// The guest-physical page a code address must translate to: kernel

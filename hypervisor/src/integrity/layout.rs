@@ -81,6 +81,10 @@ pub struct KernelLayout {
     /// counts its inline helpers change): guest-virtual as reported, made
     /// guest-physical at registration.
     pub shared: Vec<Range>,
+    /// The exported functions that write where an argument points
+    /// (`memcpy`, `kobject_del`, ...), by address, sorted: a module's call
+    /// to one is judged by its destination.
+    pub deputies: Vec<(u64, super::deputy::Spec)>,
 }
 
 impl KernelLayout {

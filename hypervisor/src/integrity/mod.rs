@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod control;
+pub mod deputy;
 pub mod engine;
 pub mod layout;
 pub mod objects;

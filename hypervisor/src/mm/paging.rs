@@ -482,8 +482,9 @@ impl<F: EntryFormat> PageTable<F> {
     }
 }
 
-/// Table memory in ordinary heap allocations, for host tests and tools.
-#[cfg(test)]
+/// Table memory in ordinary heap allocations, for host tests, tools and
+/// the fuzz harness.
+#[cfg(any(test, feature = "testing"))]
 pub mod host {
     use super::TableMemory;
     use alloc::boxed::Box;
@@ -506,6 +507,12 @@ pub mod host {
 
         pub fn live(&self) -> usize {
             self.tables.len()
+        }
+
+        /// An entry, or `None` when `table` is no live table (what a
+        /// device model reads where the hardware would find no memory).
+        pub fn get(&self, table: u64, index: usize) -> Option<u64> {
+            self.tables.get(&table)?.get(index).copied()
         }
     }
 

@@ -11,7 +11,8 @@
 //! The view then follows the guest's kernel view (KEPT): a page the kernel
 //! view maps without write rights (kernel text, rodata, the IDT, the syscall
 //! table, the kernel's page tables, the agent) is read-only to devices too,
-//! and a page the kernel view unmaps is unmapped for devices. The integrity
+//! a page the kernel view unmaps is unmapped for devices, and mapped again
+//! (if it was granted) when the kernel view maps it again. The integrity
 //! code reports each change through [`DmaControl::kernel_view_changed`].
 
 use alloc::vec::Vec;
@@ -40,6 +41,8 @@ pub struct DmaView<T: TableMemory> {
     table: SlTable,
     pub mem: T,
     root: u64,
+    /// What [`DmaView::grant`] covered: the most a device may ever reach.
+    granted: Vec<Region>,
 }
 
 impl<T: TableMemory> DmaView<T> {
@@ -56,7 +59,7 @@ impl<T: TableMemory> DmaView<T> {
         for bus in 0..256 {
             mem.write(root, 2 * bus, root_entry(context));
         }
-        Ok(DmaView { table, mem, root })
+        Ok(DmaView { table, mem, root, granted: Vec::new() })
     }
 
     /// The root table, for every unit's RTADDR.
@@ -70,23 +73,36 @@ impl<T: TableMemory> DmaView<T> {
 
     /// Lets devices read and write `region` (identity mapped).
     pub fn grant(&mut self, region: Region) -> Result<Flush, MapError> {
-        self.table.map(
+        let flush = self.table.map(
             &mut self.mem,
             region.start,
             region.start,
             region.len(),
             Attrs::new(Perms::RW, MemType::WriteBack),
-        )
+        )?;
+        self.granted.push(region);
+        Ok(flush)
     }
 
     /// Devices' rights on one page: the read and write parts of `perms`.
     /// A page outside the guest's memory is never mapped by this, whatever
-    /// `perms` says: only a page [`DmaView::grant`] covered can change.
+    /// `perms` says: only a page [`DmaView::grant`] covered can change, and
+    /// one the kernel view unmapped comes back when it maps it again.
     pub fn set_perms(&mut self, page: u64, perms: Perms) -> Result<Flush, MapError> {
         let page = page & !(PAGE_SIZE - 1);
         let perms = perms & Perms::RW;
         match self.table.translate(&self.mem, page) {
-            None => Ok(Flush::NONE),
+            None if perms.is_empty() => Ok(Flush::NONE),
+            None => {
+                let end = page.checked_add(PAGE_SIZE).ok_or(MapError::Misaligned)?;
+                if !self.granted.iter().any(|g| g.start <= page && end <= g.end) {
+                    return Ok(Flush::NONE);
+                }
+                let _ = self.table.map(&mut self.mem, page, page, PAGE_SIZE, Attrs::new(perms, MemType::WriteBack))?;
+                // Not present to present: a unit in caching mode may have
+                // cached the absence.
+                Ok(Flush::NEEDED)
+            }
             Some(_) if perms.is_empty() => self.table.unmap(&mut self.mem, page, PAGE_SIZE),
             Some(_) => self.table.protect(&mut self.mem, page, PAGE_SIZE, perms),
         }
@@ -322,6 +338,16 @@ mod tests {
         let _ = v.set_perms(text, Perms::RWX).unwrap();
         unit.invalidate_pages(&mut v.mem, DOMAIN, &[text]).unwrap();
         assert_eq!(model.dma_write(dev, text, b"e"), Ok(()));
+        // So does the page it unmapped, when it maps it again (an undone
+        // change puts back what was there): not present to present, which
+        // a unit in caching mode may have cached, so it is invalidated too.
+        assert!(v.set_perms(text + 0x1000, Perms::RWX).unwrap().is_needed());
+        unit.invalidate_pages(&mut v.mem, DOMAIN, &[text + 0x1000]).unwrap();
+        assert_eq!(v.perms(text + 0x1000), Some(Perms::RW));
+        assert_eq!(model.dma_write(dev, text + 0x1000, b"f"), Ok(()));
+        // Never beyond what was granted.
+        assert_eq!(v.set_perms(64 * M, Perms::RWX).unwrap(), Flush::NONE);
+        assert_eq!(v.perms(64 * M), None);
     }
 
     /// A kernel-view change can never widen devices' reach beyond the

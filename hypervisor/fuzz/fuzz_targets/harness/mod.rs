@@ -25,3 +25,4 @@ pub mod ptpm;
 pub mod reference;
 pub mod tis;
 pub mod txt;
+pub mod vtd;

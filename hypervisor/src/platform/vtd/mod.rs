@@ -166,6 +166,10 @@ impl core::fmt::Display for VtdError {
     }
 }
 
+/// The registers at fixed offsets end here (PEUADDR, 0xec); the IOTLB
+/// registers, wherever ECAP.IRO puts them, come after (QEMU: 0xf0).
+const FIXED_REGISTERS_END: u64 = 0xf0;
+
 /// Polls of a status bit before a command counts as failed. Hardware
 /// completes in microseconds; emulators in a few polls.
 const POLLS: u32 = 10_000_000;
@@ -191,11 +195,15 @@ pub struct Unit<M: Mmio> {
     queue: Option<Queue>,
     /// Protected memory regions were on when CTVM took the unit (TXT).
     pub pmr_was_on: bool,
+    /// Polls before a command counts as failed ([`POLLS`]).
+    polls: u32,
 }
 
 impl<M: Mmio> Unit<M> {
     /// Reads the unit's capabilities; refuses a block that reads all-ones
-    /// or whose register offsets lie outside `size` bytes.
+    /// or whose register offsets lie outside `size` bytes, over the
+    /// registers at fixed offsets, or over each other (an IOTLB
+    /// invalidation written over GCMD would turn translation off).
     pub fn probe(mut regs: M, base: u64, size: u64) -> Result<Self, VtdError> {
         let version = regs.read32(reg::VER);
         let cap = Cap(regs.read64(reg::CAP));
@@ -204,14 +212,28 @@ impl<M: Mmio> Unit<M> {
             return Err(VtdError::NoUnit);
         }
         let fault_end = cap.fault_offset() + 16 * cap.fault_records();
-        if fault_end > size || ecap.iotlb_offset() + 16 > size || cap.fault_offset() < 0x100 {
+        let iotlb = ecap.iotlb_offset();
+        let iotlb_among_faults = iotlb < fault_end && cap.fault_offset() < iotlb + 16;
+        if fault_end > size
+            || iotlb + 16 > size
+            || cap.fault_offset() < 0x100
+            || iotlb < FIXED_REGISTERS_END
+            || iotlb_among_faults
+        {
             return Err(VtdError::NoUnit);
         }
-        Ok(Unit { regs, base, cap, ecap, queue: None, pmr_was_on: false })
+        Ok(Unit { regs, base, cap, ecap, queue: None, pmr_was_on: false, polls: POLLS })
+    }
+
+    /// Gives up on a command after `polls` polls rather than [`POLLS`]: the
+    /// fuzz harness's stuck units then cost microseconds, not seconds.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn set_polls(&mut self, polls: u32) {
+        self.polls = polls.max(1);
     }
 
     fn wait_status(&mut self, mask: u32, set: bool, what: &'static str) -> Result<(), VtdError> {
-        for _ in 0..POLLS {
+        for _ in 0..self.polls {
             if (self.regs.read32(reg::GSTS) & mask != 0) == set {
                 return Ok(());
             }
@@ -258,7 +280,7 @@ impl<M: Mmio> Unit<M> {
         if (self.cap.plmr() || self.cap.phmr()) && pmen & PMEN_EPM != 0 {
             self.pmr_was_on = true;
             self.regs.write32(reg::PMEN, 0);
-            for _ in 0..POLLS {
+            for _ in 0..self.polls {
                 if self.regs.read32(reg::PMEN) & PMEN_PRS == 0 {
                     return Ok(());
                 }
@@ -299,7 +321,7 @@ impl<M: Mmio> Unit<M> {
         }
         let (status, tail) = (q.status, q.tail);
         self.regs.write64(reg::IQT, tail << 4);
-        for _ in 0..POLLS {
+        for _ in 0..self.polls {
             if mem.read(status, 0) as u32 == sequence {
                 return Ok(());
             }
@@ -361,7 +383,7 @@ impl<M: Mmio> Unit<M> {
     }
 
     fn poll64(&mut self, offset: u64, bit: u64, what: &'static str) -> Result<(), VtdError> {
-        for _ in 0..POLLS {
+        for _ in 0..self.polls {
             if self.regs.read64(offset) & bit == 0 {
                 return Ok(());
             }
@@ -424,7 +446,7 @@ impl<M: Mmio> Unit<M> {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod model;
 
 #[cfg(test)]
@@ -496,6 +518,25 @@ mod tests {
         assert!(unit.pmr_was_on);
         assert_eq!(regs.read32(reg::PMEN), 0);
         assert_ne!(model.status() & gcmd::TE, 0);
+    }
+
+    /// A unit whose ECAP places the IOTLB registers over the registers at
+    /// fixed offsets is refused: with IRO 1 the invalidate register would
+    /// be GCMD, and the first register-based IOTLB invalidation would write
+    /// GCMD with translation off. Nor may they lie among the fault records.
+    #[test]
+    fn iotlb_registers_must_be_clear_of_the_others() {
+        let mem = Shared::default();
+        let no_queue = QEMU_ECAP & !0b1010 & !(0x3ff << 8);
+        for iro in [0, 1, 2, 0xe, 0x22] {
+            let model = ModelUnit::new(mem.clone(), QEMU_CAP, no_queue | (iro << 8));
+            assert_eq!(Unit::probe(model, 0, 4096).err(), Some(VtdError::NoUnit), "IRO {iro:#x}");
+        }
+        // QEMU's 0xf0, and past the fault records, are fine.
+        for iro in [0xf, 0x23] {
+            let model = ModelUnit::new(mem.clone(), QEMU_CAP, no_queue | (iro << 8));
+            assert!(Unit::probe(model, 0, 4096).is_ok(), "IRO {iro:#x}");
+        }
     }
 
     #[test]

