@@ -1021,3 +1021,41 @@ fn a_host_record_cut_or_flipped_anywhere_is_refused() {
         assert!(matches!(o, Outcome::Failed(_)), "cut at {cut}: {o:?}");
     }
 }
+
+/// Through the store channels: while the first guest's blob (and its
+/// version table) is with its store service, the second guest's change is
+/// held and its store service told nothing waits; once the first reports,
+/// the second's blob goes out, its table holding the first's version.
+#[test]
+fn one_version_table_is_out_at_a_time_through_the_store_channels() {
+    let machine = Machine::new("vtpm-one-out", true);
+    let (va, blob_a, vb, blob_b) = {
+        let (_power, chip) = machine.power_on("log=info");
+        let host = host_on(&chip, &[]);
+        let (_, _, _, mut a) = boot_guest(&host, &chip, "first", None, true);
+        let (_, _, _, mut b) = boot_guest(&host, &chip, "second", None, true);
+        // Both have a fence to store; the first takes its out.
+        let (va, blob_a) = {
+            let (v, blob) = a.tis.backend_mut().store().unwrap().fetch().unwrap().unwrap();
+            (v, blob.to_vec())
+        };
+        assert_eq!(b.tis.backend_mut().store().unwrap().fetch(), Ok(None), "the first's table is out");
+        a.tis.backend_mut().store().unwrap().stored(va).unwrap();
+        let (vb, blob_b) = {
+            let (v, blob) = b.tis.backend_mut().store().unwrap().fetch().unwrap().unwrap();
+            (v, blob.to_vec())
+        };
+        b.tis.backend_mut().store().unwrap().stored(vb).unwrap();
+        (va, blob_a, vb, blob_b)
+    };
+    // After a power cycle both versions are known, and the second's blob
+    // alone tells the first's.
+    let (_power, chip) = machine.power_on("log=info");
+    let mut anchor = host_on(&chip, &[&blob_a, &blob_b]).anchor("x");
+    assert_eq!((anchor.committed("first").unwrap(), anchor.committed("second").unwrap()), (Some(va), Some(vb)));
+    let mut anchor = host_on(&chip, &[&blob_b]).anchor("x");
+    assert_eq!(anchor.committed("first").unwrap(), Some(va), "the second's table holds the first's version");
+    // The first's blob alone is older than the counter: nothing starts.
+    let mut anchor = host_on(&chip, &[&blob_a]).anchor("x");
+    assert!(anchor.committed("first").is_err());
+}
