@@ -403,9 +403,9 @@ static int violations_show(struct seq_file *m, void *v)
 		return 0;
 	}
 	kind = r->kind < ARRAY_SIZE(ctvm_violation_kinds) ? ctvm_violation_kinds[r->kind] : "?";
-	seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s\n",
+	seq_printf(m, "seq=%llu kind=%s module=%d rip=%#llx target=%#llx action=%s cpu=%u\n",
 		   r->sequence, kind, (int)r->module, r->rip, r->target,
-		   r->action == 2 ? "deny" : "allow");
+		   r->action == 2 ? "deny" : "allow", r->cpu);
 	return 0;
 }
 

@@ -354,7 +354,8 @@ pub struct ViolationRecord {
     pub rip: u64,
     pub target: u64,
     pub action: u32,
-    pub reserved: u32,
+    /// The guest CPU (vCPU index) that made the attempt.
+    pub cpu: u32,
 }
 
 pub const VIOLATION_RECORD_SIZE: usize = core::mem::size_of::<ViolationRecord>();
@@ -368,6 +369,7 @@ impl ViolationRecord {
         out[16..24].copy_from_slice(&self.rip.to_le_bytes());
         out[24..32].copy_from_slice(&self.target.to_le_bytes());
         out[32..36].copy_from_slice(&self.action.to_le_bytes());
+        out[36..40].copy_from_slice(&self.cpu.to_le_bytes());
         out
     }
 }
@@ -414,7 +416,7 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
-        "struct ctvm_violation_record {{\n\t__u64 sequence;\n\t__u32 kind;\n\t__u32 module;\n\t__u64 rip;\n\t__u64 target;\n\t__u32 action;\n\t__u32 reserved;\n}};\n"
+        "struct ctvm_violation_record {{\n\t__u64 sequence;\n\t__u32 kind;\n\t__u32 module;\n\t__u64 rip;\n\t__u64 target;\n\t__u32 action;\n\t__u32 cpu;\n}};\n"
     );
     let _ = write!(h, "static const char *const ctvm_violation_kinds[] = {{\n\t\"?\",");
     for kind in ViolationKind::ALL {
@@ -513,8 +515,7 @@ mod tests {
 
     #[test]
     fn record_bytes_match_the_repr_c_layout() {
-        let r =
-            ViolationRecord { sequence: 7, kind: 3, module: 2, rip: 0x1122, target: 0x3344, action: 2, reserved: 0 };
+        let r = ViolationRecord { sequence: 7, kind: 3, module: 2, rip: 0x1122, target: 0x3344, action: 2, cpu: 1 };
         let bytes = r.to_bytes();
         // SAFETY: ViolationRecord is repr(C) plain data of exactly this size.
         let back: ViolationRecord = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };

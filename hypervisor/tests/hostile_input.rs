@@ -2970,7 +2970,9 @@ mod integrity_views {
             let what = format!("case {case}: lock -> {status}");
             if status < 0 {
                 refused += 1;
-                assert_eq!(status, Error::NoSpace.code(), "{what}");
+                // Out of table memory, or tables found over the agent's own
+                // pages (the walk follows every level): refused either way.
+                assert!([Error::NoSpace.code(), Error::InvalidArgument.code()].contains(&status), "{what}");
                 assert!((w.engine_state(), w.control.state()) == before, "{what}: a refused lock changed state");
             } else {
                 locked += 1;

@@ -516,10 +516,10 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm: violation guest=linux module=ifb kind=write-syscall-table",
                 "ctvm-init: twin ifb: syscall table write blocked",
                 "ctvm-init: after twin ifb: getpid ok",
-                "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table",
+                "ctvm: violation guest=linux module=atk_syscall kind=write-syscall-table * cpu=0",
                 "ctvm-init: attack atk_syscall: syscall table write blocked",
                 "ctvm-init: after atk_syscall: getpid ok",
-                "ctvm: violation guest=linux module=atk_wp kind=control-register",
+                "ctvm: violation guest=linux module=atk_wp kind=control-register * cpu=1",
                 "ctvm-init: attack atk_wp: CR0.WP stayed set; rodata write blocked",
                 "ctvm-init: after atk_wp: getpid ok",
                 "ctvm: guest linux stopped: ACPI sleep requested",
@@ -538,7 +538,7 @@ pub fn all() -> Vec<Scenario> {
         ),
         Scenario {
             name: "linux-audit",
-            about: "integrity=audit: a module's call to a non-exported function (set_memory_rw) is reported and let through",
+            about: "integrity=audit: a module's call to a non-exported function (set_memory_rw) is reported and let through; a flood of 1,500 violations is recorded whole, the console merges repeats, the guest powers off on time",
             hypervisor_args: "",
             guests: vec![GuestSpec {
                 options: "integrity=audit",
@@ -553,6 +553,11 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm: violation guest=linux module=atk_setmem kind=call-non-entry * action=allow",
                 // Linux itself keeps its rodata read-only (static protections).
                 "ctvm-init: audit atk_setmem: set_memory_rw returned 0; rodata write blocked",
+                "ctvm: violation guest=linux module=atk_flood kind=write-protected-data * action=allow",
+                "ctvm: violation guest=linux module=atk_flood kind=write-protected-data * action=allow * repeated=1000",
+                "ctvm-init: audit atk_flood: flood of 1500 same-value writes done, byte unchanged",
+                "ctvm-init: audit flood: every write recorded",
+                "ctvm-init: audit records lost: 0",
                 "ctvm: guest linux stopped: ACPI sleep requested",
                 CLEAN_END,
             ],

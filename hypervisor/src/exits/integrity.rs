@@ -243,12 +243,16 @@ fn struct_page_array(ctx: &ExitContext<'_>, objects: &ObjectMap) -> Result<Vec<u
         .collect())
 }
 
-/// The kernel's own page-table pages (its PML4 and the upper levels of the
-/// kernel half, which every process shares), which no module may write.
+/// Most page-table pages the kernel half may have for the hypervisor to
+/// follow (a walk reads each once; Linux has some hundreds).
+const MAX_KERNEL_TABLES: usize = 1 << 16;
+
+/// The kernel's own page-table pages at every level (its PML4 and, below
+/// its kernel half, which every process shares, the PDPTs, PDs and PTs),
+/// which no module may write.
 fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
     let layout = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).ok_or(Error::NotPermitted)?;
     let root = gpa_of(ctx, layout.page_table)?;
-    let mut out = alloc::vec![root];
     let read_table = |at: u64| -> Vec<u64> {
         let mut t = [0u8; 4096];
         if ctx.guest.memory.read(&ctx.phys, at, &mut t).is_err() {
@@ -256,18 +260,54 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
         }
         t.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap_or([0; 8]))).collect()
     };
-    let pml4 = read_table(root);
-    for e in pml4.iter().skip(256).filter(|e| *e & 1 != 0) {
-        let pdpt = e & 0x000f_ffff_ffff_f000;
-        out.push(pdpt);
-        for e in read_table(pdpt).iter().filter(|e| *e & 1 != 0 && *e & 0x80 == 0) {
-            out.push(e & 0x000f_ffff_ffff_f000);
+    // Present entries that point to a table (not a large page), by level.
+    let tables_in = |table: u64, skip: usize| -> Vec<u64> {
+        read_table(table)
+            .iter()
+            .skip(skip)
+            .filter(|e| *e & 1 != 0 && *e & 0x80 == 0)
+            .map(|e| e & 0x000f_ffff_ffff_f000)
+            .collect()
+    };
+    let mut out = alloc::vec![root];
+    let mut level = tables_in(root, 256);
+    for depth in 0..3 {
+        out.extend_from_slice(&level);
+        if depth == 2 || out.len() > MAX_KERNEL_TABLES {
+            break;
         }
+        level = level.iter().flat_map(|&t| tables_in(t, 0)).take(MAX_KERNEL_TABLES).collect();
     }
     // Entries may point outside guest RAM: those are no tables to protect,
     // and must not be mapped into the kernel view by the lock.
     out.retain(|&t| ctx.guest.memory.contains(t));
+    out.sort_unstable();
+    out.dedup();
     Ok(out)
+}
+
+/// Tables the kernel allocated since the last look (vmalloc, a split of
+/// the direct map): classified as page tables, read-only to every module
+/// view from now on (a grant made before is taken back). Called on the
+/// agent's drain, every second.
+fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
+    let Ok(tables) = kernel_page_tables(ctx) else { return };
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
+        return;
+    };
+    let added = state.engine.add_page_tables(tables);
+    let modules: Vec<u32> = state.engine.modules().collect();
+    for &page in &added {
+        let _ = control.set_perms(View::Kernel, page, kernel_view_perms(PageClass::PageTable));
+        for &m in &modules {
+            if control.perms(View::Module(m), page).is_some() {
+                let _ = control.set_perms(View::Module(m), page, Perms::READ);
+            }
+        }
+    }
+    if !added.is_empty() {
+        log::debug!("guest {}: {} new kernel page tables protected", ctx.guest.name(), added.len());
+    }
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -372,7 +412,11 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
     control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
     control.trap_descriptor_tables();
     control.trap_msr_writes(&GUARDED_MSRS);
-    log::info!("guest {}: kernel layout locked, agent pinned; protections on", ctx.guest.name());
+    let tables = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
+    log::info!(
+        "guest {}: kernel layout locked, agent pinned; protections on ({tables} kernel page tables)",
+        ctx.guest.name()
+    );
     Ok(id)
 }
 
@@ -712,6 +756,7 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.violations.take(records).for_each(drop);
     ctx.vcpu.regs().rbx = dropped;
+    refresh_page_tables(ctx);
     revoke_heap_grants(ctx);
     Ok(records as u64)
 }
@@ -2275,6 +2320,53 @@ mod tests {
                 assert!(kinds.is_empty(), "{dest:#x}");
                 assert_eq!((rip, f.control.active), (K + MEMCPY, Some(View::Kernel)));
             }
+        }
+    }
+
+    /// A page table the kernel allocates after the lock (here a PT under
+    /// the kernel's PD) is found at the agent's next drain: a module's grant
+    /// on it is taken back and its writes are refused from then on.
+    #[test]
+    fn page_tables_allocated_after_the_lock_are_protected() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        let new_table = 0xd0_0000;
+        let writer = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        assert_eq!(f.ept(WRITE, new_table, K + new_table, writer), Action::Resume);
+        assert_eq!(f.control.perms(module, new_table), Some(Perms::RW), "a heap page, for now");
+        // The kernel makes it a table: PD[9] -> it.
+        w(&f.phys, 0x3000 + 9 * 8, &(new_table | 3).to_le_bytes());
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
+        let e = &f.guest.integrity.as_ref().unwrap().engine;
+        assert_eq!(e.class_of(new_table), Some(PageClass::PageTable));
+        assert_eq!(e.class_of(0x3000), Some(PageClass::PageTable), "the PD, since the lock");
+        assert_eq!(f.control.perms(module, new_table), Some(Perms::READ));
+        assert_eq!(f.control.perms(View::Kernel, new_table), Some(Perms::RW), "the kernel writes it, never runs it");
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, new_table + 8, K + new_table + 8, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+    }
+
+    /// On a guest with several CPUs, a violation names the one it happened on.
+    #[test]
+    fn a_violation_names_its_cpu() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.control.active = Some(View::Module(id));
+        for cpu in [1usize, 0, 3] {
+            f.guest.cpus.current = cpu;
+            let writer = K + MODULE_CODE + 0x10;
+            assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, writer), Action::Resume);
+            let records: Vec<_> = f.guest.integrity.as_mut().unwrap().engine.violations.take(4).collect();
+            assert_eq!(records.iter().map(|r| r.cpu).collect::<Vec<_>>(), [cpu as u32]);
+            assert_eq!(records[0].to_bytes()[36..40], (cpu as u32).to_le_bytes());
         }
     }
 

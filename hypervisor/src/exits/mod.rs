@@ -355,6 +355,11 @@ pub static HANDLERS: [Option<Handler>; reason::COUNT] = table();
 pub fn dispatch(ctx: &mut ExitContext<'_>) -> Action {
     let reason = ctx.exit.reason;
     ctx.guest.exits.count(reason);
+    // Violations recorded while handling this exit name the vCPU.
+    let cpu = ctx.guest.cpus.current as u32;
+    if let Some(integrity) = ctx.guest.integrity.as_mut() {
+        integrity.engine.cpu = cpu;
+    }
     if ctx.exit.entry_failed
         && !matches!(
             reason,

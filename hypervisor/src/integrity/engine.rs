@@ -151,6 +151,8 @@ pub struct Engine {
     agent: Option<u32>,
     pub violations: ViolationLog,
     pub stats: Stats,
+    /// The guest CPU whose exit is being handled: violations name it.
+    pub cpu: u32,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -218,6 +220,7 @@ impl Engine {
             agent: None,
             violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
+            cpu: 0,
         }
     }
 
@@ -276,6 +279,21 @@ impl Engine {
         }
         self.locked = true;
         Ok(added)
+    }
+
+    /// Page tables the kernel allocated after the lock, found by a later
+    /// walk: classified where nothing else claims the page. Returns those
+    /// newly classified. (Kernel page tables are not freed on x86-64 short
+    /// of memory hot-unplug, so a class once given stays.)
+    pub fn add_page_tables(&mut self, tables: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut added = Vec::new();
+        for gpa in tables {
+            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
+                v.insert(PageClass::PageTable);
+                added.push(page(gpa));
+            }
+        }
+        added
     }
 
     /// Undoes a lock whose agent could not be put in place (before any
@@ -434,7 +452,7 @@ impl Engine {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
-        let v = Violation { kind, module, rip, target, action };
+        let v = Violation { kind, module, rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
         self.stats.violations += 1;
         v
@@ -581,7 +599,7 @@ impl Engine {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
-        let v = Violation { kind, module, rip: fault.rip, target, action };
+        let v = Violation { kind, module, rip: fault.rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
         Outcome { step, violation: Some(v) }
     }

@@ -19,6 +19,8 @@ pub struct Violation {
     /// The address written, or jumped to.
     pub target: u64,
     pub action: ViolationAction,
+    /// The guest CPU (vCPU index) it happened on.
+    pub cpu: u32,
 }
 
 /// Formats the console line: `ctvm: violation guest=... module=... kind=...
@@ -38,13 +40,14 @@ impl fmt::Display for Line<'_> {
         let v = self.violation;
         write!(
             f,
-            "ctvm: violation guest={} module={} kind={} rip={:#x} target={:#x} action={}",
+            "ctvm: violation guest={} module={} kind={} rip={:#x} target={:#x} action={} cpu={}",
             self.guest,
             self.module,
             v.kind.name(),
             v.rip,
             v.target,
-            v.action.name()
+            v.action.name(),
+            v.cpu
         )?;
         if let Some((name, group)) = self.api {
             write!(f, " api={name} group={group}")?;
@@ -83,7 +86,7 @@ impl ViolationLog {
             rip: v.rip,
             target: v.target,
             action: v.action as u32,
-            reserved: 0,
+            cpu: v.cpu,
         };
         self.next_sequence += 1;
         self.records.push_back(record);
@@ -180,6 +183,7 @@ mod tests {
             rip: 0xffff_ffff_c000_1234,
             target: 0xffff_ffff_8230_0008,
             action: ViolationAction::Denied,
+            cpu: 2,
         }
     }
 
@@ -191,13 +195,13 @@ mod tests {
         assert_eq!(
             line,
             "ctvm: violation guest=linux module=evil kind=write-syscall-table rip=0xffffffffc0001234 \
-             target=0xffffffff82300008 action=deny"
+             target=0xffffffff82300008 action=deny cpu=2"
         );
         // A refused kernel API says which, and its group.
         let violation = v(ViolationKind::CallDeniedApi);
         let api = Some(("call_usermodehelper_exec", "usermode-helper"));
         let line = format!("{}", Line { guest: "linux", module: "evil", violation: &violation, api, object: None });
-        assert!(line.ends_with("action=deny api=call_usermodehelper_exec group=usermode-helper"), "{line}");
+        assert!(line.ends_with("action=deny cpu=2 api=call_usermodehelper_exec group=usermode-helper"), "{line}");
     }
 
     #[test]

@@ -314,6 +314,15 @@ if grep -qw ctvm.audit /proc/cmdline; then
     load_agent
     insmod /lib/ctvm/atk_setmem.ko rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw) 2>/dev/null
     say "audit $(dmesg | grep 'ctvm-test: atk_setmem:' | tail -n 1 | sed 's/^.*ctvm-test: //')"
+    # A flood of violations audit lets through: every one a record, the
+    # console readable (repeats merged), the guest on time.
+    before=$(grep -c '^seq=' /proc/ctvm_violations)
+    insmod /lib/ctvm/atk_flood.ko target=$(sym modprobe_path) count=1500 2>/dev/null
+    say "audit $(last atk_flood)"
+    sleep 2
+    after=$(grep -c '^seq=' /proc/ctvm_violations)
+    if [ $((after - before)) -ge 1500 ]; then say "audit flood: every write recorded"; else say "FAIL: audit flood: $((after - before)) records for 1500 writes"; fi
+    say "audit records lost: $(head -n 1 /proc/ctvm_violations | sed 's/.*lost=//')"
 fi
 
 # ctvm.bench=agent|bare ctvm.loops=N: the cost of isolation on a module
