@@ -46,8 +46,22 @@
 static unsigned char record[RECORD_HEADER + MAX_BLOB];
 
 /* The guest name a blob carries, if it is one a file may be named after:
- * the hypervisor's guest names are [a-z0-9_-]{1,31}. */
+ * the hypervisor's guest names are [a-z0-9_-]{1,31}. With a platform TPM
+ * the state blob follows the platform-sealed key and the host record
+ * (hypervisor/src/tpm/host.rs): the first "CTVMVTPM" whose name parses. */
+static int state_name(const unsigned char *blob, size_t len, char *name);
+
 static int blob_name(const unsigned char *blob, size_t len, char *name)
+{
+	size_t at;
+
+	for (at = 0; at + 8 <= len; at++)
+		if (memcmp(blob + at, "CTVMVTPM", 8) == 0 && state_name(blob + at, len - at, name) == 0)
+			return 0;
+	return -1;
+}
+
+static int state_name(const unsigned char *blob, size_t len, char *name)
 {
 	size_t n, i;
 

@@ -46,10 +46,9 @@ use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
 use crate::smp::{startup, Activity, CpuSet, Exclusive, Mailbox, VcpuEvent, MAX_CPUS, SIGNALS};
-use crate::tpm::anchor::{
-    CounterElsewhere, NoCounter, PlatformCounter, PlatformRoot, RollbackAnchor, SealingRoot, SeedRoot,
-};
+use crate::tpm::anchor::{NoCounter, PlatformRoot, RollbackAnchor, SealingRoot, SeedRoot};
 use crate::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+use crate::tpm::host::Host;
 use crate::tpm::setup::{self, Level, VtpmMode};
 use crate::tpm::{launch_measurements, GuestTpm};
 
@@ -183,15 +182,24 @@ fn cr_limits(vmx: &Vmx) -> CrLimits {
     }
 }
 
-/// The durable guest the platform TPM's one monotonic counter guards: the
-/// first in module order (keep that order: a guest that takes the counter
-/// over later finds its older versions below it and refuses them).
-static COUNTER_OWNER: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+/// The host's vTPM roots over the platform TPM (`tpm::host`): opened once,
+/// at the first durable guest, from the state blobs of every guest.
+static HOST: spin::Once<Host<Sealer>> = spin::Once::new();
 
-/// Whether `guest` gets the platform counter (the first to ask does).
-fn claim_counter(guest: &str) -> bool {
-    let mut owner = COUNTER_OWNER.lock();
-    owner.get_or_insert_with(|| String::from(guest)) == guest
+/// The host's roots, opened (and said on the console) at the first call.
+fn host(machine: &Machine<'_>, chip: Sealer, seed: [u8; 32]) -> Host<Sealer> {
+    HOST.call_once(|| {
+        let files: Vec<&[u8]> =
+            machine.modules.iter().filter(|m| config::state_owner(&m.cmdline).is_some()).map(module_bytes).collect();
+        let mut random = HardwarePlatform::new();
+        let host = Host::open(chip, seed, &files, &mut |b| vtpm_core::Platform::fill_random(&mut random, b));
+        match host.report() {
+            (true, line) => error!("{line}"),
+            (false, line) => info!("{line}"),
+        }
+        host
+    })
+    .clone()
 }
 
 pub fn module_bytes(module: &Module) -> &'static [u8] {
@@ -369,21 +377,25 @@ impl Shared {
         let mode =
             if config.vtpm_durable { VtpmMode::Durable { reset: config.vtpm_reset } } else { VtpmMode::Volatile };
         let blob = machine.modules.iter().find(|m| config::state_owner(&m.cmdline) == Some(&name)).map(module_bytes);
-        // With a platform TPM the state key is sealed to CTVM's measured
-        // configuration and its counter guards the first durable guest;
-        // without one, the seed and no counter (both reported as weaker).
+        // With a platform TPM the state key, the CA secret and the version
+        // table of every durable guest are sealed to CTVM's measured
+        // configuration and the table anchored in its counter; without one,
+        // the seed and no counter (both reported as weaker).
         let sealer = Sealer::found();
-        let root: Option<alloc::boxed::Box<dyn SealingRoot>> = match (machine.vtpm_seed, sealer) {
-            (Some(seed), Some(chip)) => Some(alloc::boxed::Box::new(PlatformRoot::new(chip, seed))),
-            (Some(seed), None) => Some(alloc::boxed::Box::new(SeedRoot::new(seed))),
-            (None, _) => None,
+        let host = match (machine.vtpm_seed, sealer) {
+            (Some(seed), Some(chip)) if config.vtpm_durable => Some(host(machine, chip, seed)),
+            _ => None,
         };
-        let anchor: alloc::boxed::Box<dyn RollbackAnchor> = match sealer {
-            Some(chip) if config.vtpm_durable && claim_counter(&name) => {
-                alloc::boxed::Box::new(PlatformCounter::new(chip, &name))
+        let root: Option<alloc::boxed::Box<dyn SealingRoot>> = match (machine.vtpm_seed, sealer, &host) {
+            (Some(seed), Some(chip), Some(host)) => {
+                Some(alloc::boxed::Box::new(PlatformRoot::new(chip, seed, host.clone())))
             }
-            Some(_) if config.vtpm_durable => alloc::boxed::Box::new(CounterElsewhere),
-            _ => alloc::boxed::Box::new(NoCounter),
+            (Some(seed), _, _) => Some(alloc::boxed::Box::new(SeedRoot::new(seed))),
+            (None, _, _) => None,
+        };
+        let anchor: alloc::boxed::Box<dyn RollbackAnchor> = match &host {
+            Some(host) => alloc::boxed::Box::new(host.anchor(&name)),
+            None => alloc::boxed::Box::new(NoCounter),
         };
         let mut nonces = HardwarePlatform::new();
         let request = setup::Request { guest: &name, mode, root: root.as_deref(), seed: machine.vtpm_seed, blob };

@@ -33,11 +33,12 @@ use hypervisor::devices::tis::{sts, State, Tis, TpmBackend};
 use hypervisor::platform::tpm::launch::{self, PlatformTpm};
 use hypervisor::platform::tpm::{seal, Family};
 use hypervisor::tpm::anchor::{
-    AnchorError, KeyError, NoCounter, PlatformCounter, PlatformRoot, PlatformSeal, RollbackAnchor, SealingRoot,
-    SeedRoot, PLATFORM_SEALED,
+    AnchorError, KeyError, NoCounter, PlatformRoot, PlatformSeal, RollbackAnchor, SealingRoot, SeedRoot,
+    PLATFORM_SEALED,
 };
 use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
 use hypervisor::tpm::durable::{Entropy, StoreError, TPM_RETRY};
+use hypervisor::tpm::host::{Host, HOST_RECORD};
 use hypervisor::tpm::persist::RestoreError;
 use hypervisor::tpm::setup::{prepare, Failure, Level, Outcome, Request, VtpmMode};
 use hypervisor::tpm::{event_log, launch_measurements, GuestTpm};
@@ -310,7 +311,7 @@ fn a_first_boot_certifies_the_ek_and_a_second_boot_has_the_owner_and_nv() {
     let cmd = Cmd::new(tag::RQU_COMMAND, ord::NV_READ_VALUE).u32(ekcert::EK_CERT_NV_INDEX).u32(0).u32(len);
     let nv = Reader::new(&c.plain("NV_ReadValue", client::Kind::Shape, cmd).unwrap()).sized().to_vec();
     let cert = ekcert::parse_nv_stored_cert(&nv).unwrap();
-    let ca = SeedRoot::new(SEED).ca();
+    let ca = SeedRoot::new(SEED).ca().unwrap();
     assert!(ekcert::verify_signed_by(cert, ca.modulus()).is_ok());
 }
 
@@ -689,11 +690,40 @@ impl Machine {
     }
 }
 
-/// A durable boot rooted in `chip`: key and counter.
+/// The host's roots on `chip`, opened from the blobs handed over.
+/// Each opening draws other random bytes (a new host secret differs).
+fn host_on(chip: &Libtpms, files: &[&[u8]]) -> Host<Libtpms> {
+    static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x0bad_cafe);
+    let mut p = TestPlatform(OPENED.fetch_add(0x9e37_79b9, std::sync::atomic::Ordering::Relaxed));
+    Host::open(chip.clone(), SEED, files, &mut |b| p.fill_random(b))
+}
+
+/// A durable boot of `guest` rooted in `host`: key, CA and version table.
+fn boot_guest(host: &Host<Libtpms>, chip: &Libtpms, guest: &str, blob: Option<&[u8]>, reset: bool) -> Booted {
+    let root = PlatformRoot::new(chip.clone(), SEED, host.clone());
+    let anchor = Box::new(host.anchor(guest));
+    boot_under(guest, VtpmMode::Durable { reset }, Some(SEED), Some(&root), blob, anchor)
+}
+
+/// A durable boot of the one guest rooted in `chip`, its blob the only one.
 fn boot_on(chip: &Libtpms, blob: Option<&[u8]>, reset: bool) -> Booted {
-    let root = PlatformRoot::new(chip.clone(), SEED);
-    let anchor = Box::new(PlatformCounter::new(chip.clone(), GUEST));
-    boot_under(GUEST, VtpmMode::Durable { reset }, Some(SEED), Some(&root), blob, anchor)
+    let host = host_on(chip, blob.as_slice());
+    boot_guest(&host, chip, GUEST, blob, reset)
+}
+
+/// Refused as rolled back: below its guest's entry, or (when the blob
+/// carried the newest version table) the table below the counter.
+fn rolled_back(o: &Outcome) -> bool {
+    match o {
+        Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. }))) => true,
+        Outcome::Failed(Failure::Anchor(e)) => e.0.contains("older than the platform counter"),
+        _ => false,
+    }
+}
+
+/// The host secret would not unseal: the guest's vTPM fails, said plainly.
+fn host_unsealed_not(o: &Outcome) -> bool {
+    matches!(o, Outcome::Failed(Failure::Anchor(e)) if e.0.contains("would not unseal"))
 }
 
 fn refused_key(o: &Outcome) -> Option<&KeyError> {
@@ -724,6 +754,10 @@ fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
         let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
         assert_eq!(rc(&d.transmit(&nv_write(0, b"second"))), 0);
         assert!(disk.synced.iter().all(|b| b.starts_with(PLATFORM_SEALED)), "every blob carries its sealed key");
+        assert!(
+            disk.synced.iter().all(|b| b.windows(HOST_RECORD.len()).any(|w| w == HOST_RECORD)),
+            "and the host record"
+        );
         let last = chip.counter(false).unwrap();
         assert!(last >= start + 5, "fence, ownership, NV index, two writes: {start} -> {last}");
     }
@@ -738,7 +772,7 @@ fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
         assert_eq!(&nv_contents(&mut vtpm)[..6], b"second");
         // Stale: the blob from before the second write, rolled back.
         let (o, _, _, mut vtpm) = boot_on(&chip, Some(&before_second), false);
-        assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+        assert!(rolled_back(&o), "{o:?}");
         assert_failed(&mut vtpm);
         // Corrupt: a bit of the state blob, a bit of the sealed key, the
         // length of the sealed key.
@@ -771,11 +805,11 @@ fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
     {
         let (_power, chip) = machine.power_on("log=debug");
         let (o, report, _, mut vtpm) = boot_on(&chip, Some(&newest), false);
-        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+        assert!(host_unsealed_not(&o), "{o:?}");
         assert_failed(&mut vtpm);
         assert!(
             report.iter().any(|(l, t)| *l == Level::Error
-                && t.contains("vTPM in failure mode: state blob refused: the platform TPM refused to unseal its key")),
+                && t.contains("vTPM in failure mode: the rollback counter cannot be read: the host secret sealed to the platform TPM would not unseal")),
             "{report:?}"
         );
     }
@@ -785,13 +819,13 @@ fn platform_rooted_vtpm_lifecycle(tpm2: bool) {
     let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
     assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
     let (o, _, _, _) = boot_on(&chip, Some(&before_second), false);
-    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+    assert!(rolled_back(&o), "{o:?}");
     if tpm2 {
-        // Another machine's platform TPM cannot unseal this one's key.
+        // Another machine's platform TPM cannot unseal this one's secrets.
         let other = Machine::new("vtpm-tpm2-other", true);
         let (_power, chip) = other.power_on(CONFIG);
         let (o, _, _, _) = boot_on(&chip, Some(&newest), false);
-        assert!(matches!(refused_key(&o), Some(KeyError::Unseal(_))), "{o:?}");
+        assert!(host_unsealed_not(&o), "{o:?}");
     }
 }
 
@@ -805,20 +839,223 @@ fn a_vtpm_sealed_to_a_tpm12_lives_across_power_cycles_and_refuses_every_bad_blob
     platform_rooted_vtpm_lifecycle(false);
 }
 
-/// The platform counter moves one step at a time up to the version, never
-/// past it and never back; it guards one guest only.
+/// The version table's counter moves one step at a time up to the table's
+/// sequence (a fence two steps up first), never back, and only for the
+/// table handed out; one table is out at a time.
 #[test]
-fn the_platform_counter_anchors_versions_one_step_at_a_time() {
+fn the_platform_counter_anchors_one_version_table_at_a_time() {
     let machine = Machine::new("vtpm-counter", true);
     let (_power, chip) = machine.power_on("log=info");
-    let mut anchor = PlatformCounter::new(chip.clone(), GUEST);
-    let start = anchor.committed(GUEST).unwrap().unwrap();
-    anchor.commit(GUEST, start + 2).unwrap();
-    assert_eq!(chip.counter(false).unwrap(), start + 2);
-    anchor.commit(GUEST, start + 2).unwrap();
-    assert_eq!(chip.counter(false).unwrap(), start + 2, "committing the same version again moves nothing");
-    assert!(anchor.commit(GUEST, start + 1).is_err(), "never back");
-    assert!(anchor.commit(GUEST, start + 100).is_err(), "a version far above is refused, not counted up to");
-    assert!(anchor.committed("other").is_err() && anchor.commit("other", start + 3).is_err());
-    assert_eq!(chip.counter(false).unwrap(), start + 2);
+    let start = chip.counter(false).unwrap();
+    let host = host_on(&chip, &[]);
+    let (mut a, mut b) = (host.anchor("a"), host.anchor("b"));
+    assert_eq!(a.committed("a").unwrap(), Some(0));
+    assert!(a.commit("a", 2).is_err(), "no table was handed out");
+    assert!(a.record("a", 2).unwrap().is_some());
+    assert_eq!(b.record("b", 2).unwrap(), None, "a's table is out: b waits");
+    a.commit("a", 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 2, "the fence: two steps");
+    assert!(a.commit("a", 2).is_err(), "committed once");
+    assert!(b.record("b", 2).unwrap().is_some());
+    b.commit("b", 2).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 3);
+    assert_eq!((a.committed("a").unwrap(), a.committed("b").unwrap()), (Some(2), Some(2)));
+    // A table handed out to a guest that stops is skipped over.
+    assert!(a.record("a", 3).unwrap().is_some());
+    drop(a);
+    assert!(b.record("b", 3).unwrap().is_some());
+    b.commit("b", 3).unwrap();
+    assert_eq!(chip.counter(false).unwrap(), start + 5);
+}
+
+// ---- Attacks on the CA and on a second guest ---------------------------
+
+/// A CTVM configured differently (another PCR 12) must not issue
+/// certificates under the CA of the first: it cannot unseal the CA secret,
+/// issues nothing while the blobs are there, and a CA it makes afresh is
+/// another key. Under the first configuration the CA stays the same
+/// across power cycles, and it is not the one the seed alone gives.
+#[test]
+fn a_ctvm_configured_differently_cannot_issue_under_the_same_ca() {
+    let machine = Machine::new("vtpm-ca-config", true);
+    let ca_of = |host: &Host<Libtpms>, chip: &Libtpms| {
+        PlatformRoot::new(chip.clone(), SEED, host.clone()).ca().map(|ca| ca.modulus().to_vec())
+    };
+    let (ca, blob) = {
+        let (_power, chip) = machine.power_on("log=info");
+        let host = host_on(&chip, &[]);
+        let (o, report, cert, mut vtpm) = boot_guest(&host, &chip, GUEST, None, true);
+        assert_eq!(o, Outcome::New { refused: None });
+        assert!(report.iter().all(|(_, t)| !t.contains("not bound to a measured launch")), "{report:?}");
+        let mut disk = Disk::default();
+        own_and_define_nv(&mut vtpm, &mut disk);
+        let ca = ca_of(&host, &chip).unwrap();
+        let cert = cert.expect("the CA certificate is printed");
+        assert_eq!(ekcert::ca_modulus_from_der(&cert).unwrap(), ca);
+        (ca, disk.latest().unwrap().clone())
+    };
+    assert_ne!(ca, SeedRoot::new(SEED).ca().unwrap().modulus(), "the seed alone gives another CA");
+    {
+        let (_power, chip) = machine.power_on("log=debug");
+        let host = host_on(&chip, &[&blob]);
+        let refused = ca_of(&host, &chip);
+        assert!(matches!(&refused, Err(KeyError::Ca(e)) if e.contains("would not unseal")), "{refused:?}");
+        let (error, line) = host.report();
+        assert!(error && line.contains("no EK certificate is issued"), "{line}");
+        // Asked for a new vTPM anyway: refused, no certificate.
+        let (o, _, cert, _) = boot_guest(&host, &chip, "other", None, true);
+        assert!(cert.is_none() && matches!(o, Outcome::Failed(_)), "{o:?}");
+        // Without the blobs it makes a CA of its own: another key.
+        let fresh = host_on(&chip, &[]);
+        assert_ne!(ca_of(&fresh, &chip).unwrap(), ca, "the other configuration issues under the same CA");
+    }
+    let (_power, chip) = machine.power_on("log=info");
+    assert_eq!(ca_of(&host_on(&chip, &[&blob]), &chip).unwrap(), ca, "the same CA after a power cycle");
+}
+
+/// Without a platform TPM the CA comes from the seed, and a first boot
+/// says it is not bound to a measured launch.
+#[test]
+fn a_seed_derived_ca_is_said_to_be_unbound() {
+    let (o, report, cert, _) = boot(VtpmMode::Durable { reset: true }, Some(SEED), None, Box::new(NoCounter));
+    assert_eq!(o, Outcome::New { refused: None });
+    assert_eq!(ekcert::ca_modulus_from_der(&cert.unwrap()).unwrap(), SeedRoot::new(SEED).ca().unwrap().modulus());
+    assert!(
+        report.iter().any(|(l, t)| *l == Level::Warn
+            && t.contains("the vTPM CA is derived from vtpm.seed, not bound to a measured launch")),
+        "{report:?}"
+    );
+}
+
+/// Two durable guests on one platform counter: a rolled-back blob of the
+/// second is refused as the first's is, across a power cycle, on a TPM
+/// 2.0 and a TPM 1.2.
+fn two_guests_on_one_counter(tpm2: bool) {
+    let machine = Machine::new(if tpm2 { "vtpm-two-tpm2" } else { "vtpm-two-tpm12" }, tpm2);
+    let (mut first, mut second) = (Disk::default(), Disk::default());
+    let second_old;
+    {
+        let (_power, chip) = machine.power_on("log=info");
+        let host = host_on(&chip, &[]);
+        let (o, _, _, mut a) = boot_guest(&host, &chip, "first", None, true);
+        assert_eq!(o, Outcome::New { refused: None });
+        let (o, _, _, mut b) = boot_guest(&host, &chip, "second", None, true);
+        assert_eq!(o, Outcome::New { refused: None });
+        own_and_define_nv(&mut a, &mut first);
+        own_and_define_nv(&mut b, &mut second);
+        second_old = second.latest().unwrap().clone();
+        let mut d = Driver { tis: &mut b.tis, disk: &mut second };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"newer"))), 0);
+        // The first guest commits after: its table holds the second's version.
+        let mut d = Driver { tis: &mut a.tis, disk: &mut first };
+        assert_eq!(rc(&d.transmit(&nv_write(0, b"first"))), 0);
+    }
+    let (a_new, b_new) = (first.latest().unwrap().clone(), second.latest().unwrap().clone());
+    let (_power, chip) = machine.power_on("log=info");
+    // Every guest's newest blob: both open.
+    let host = host_on(&chip, &[&a_new, &b_new]);
+    let (o, _, _, _) = boot_guest(&host, &chip, "first", Some(&a_new), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    let (o, _, _, mut b) = boot_guest(&host, &chip, "second", Some(&b_new), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    assert_eq!(&nv_contents(&mut b)[..5], b"newer");
+    drop(b);
+    // The second guest's old blob: refused, the first still opens.
+    let host = host_on(&chip, &[&a_new, &second_old]);
+    let (o, _, _, mut b) = boot_guest(&host, &chip, "second", Some(&second_old), false);
+    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+    assert_failed(&mut b);
+    let (o, _, _, _) = boot_guest(&host, &chip, "first", Some(&a_new), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    // The second guest's old blob, the first's withheld: the newest table
+    // is missing, nothing starts.
+    let host = host_on(&chip, &[&second_old]);
+    let (o, _, _, _) = boot_guest(&host, &chip, "second", Some(&second_old), false);
+    assert!(rolled_back(&o), "{o:?}");
+    // A blob made up of the second's sealed key and state behind the
+    // first's newer table: the table's entry for the second still refuses it.
+    let host = host_on(&chip, &[&a_new, &b_new]);
+    let (o, _, _, _) = boot_guest(&host, &chip, "second", Some(&second_old), false);
+    assert!(matches!(o, Outcome::Failed(Failure::Refused(RestoreError::Blob(BlobError::Stale { .. })))), "{o:?}");
+}
+
+#[test]
+fn a_second_guests_rolled_back_blob_is_refused_on_a_tpm2() {
+    two_guests_on_one_counter(true);
+}
+
+#[test]
+fn a_second_guests_rolled_back_blob_is_refused_on_a_tpm12() {
+    two_guests_on_one_counter(false);
+}
+
+/// Hostile host records: every truncation and a flipped bit in each
+/// byte of a blob's front (sealed key, host record, table) is refused,
+/// never a panic, and never opens.
+#[test]
+fn a_host_record_cut_or_flipped_anywhere_is_refused() {
+    let machine = Machine::new("vtpm-host-flip", true);
+    let (_power, chip) = machine.power_on("log=info");
+    let host = host_on(&chip, &[]);
+    let (_, _, _, mut vtpm) = boot_guest(&host, &chip, GUEST, None, true);
+    let mut disk = Disk::default();
+    own_and_define_nv(&mut vtpm, &mut disk);
+    drop(vtpm);
+    let good = disk.latest().unwrap().clone();
+    let front = good.windows(8).position(|w| w == b"CTVMVTPM").unwrap();
+    let host = host_on(&chip, &[&good]);
+    let (o, _, _, _) = boot_guest(&host, &chip, GUEST, Some(&good), false);
+    assert!(matches!(o, Outcome::Opened { .. }), "{o:?}");
+    // Past the sealed key (whose bits the chip checks, slowly), every byte.
+    let sealed_end = PLATFORM_SEALED.len() + 2 + usize::from(u16::from_be_bytes([good[8], good[9]]));
+    for at in (sealed_end..front).chain([0, 8, 9]) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x40;
+        let host = host_on(&chip, &[&bad]);
+        let (o, _, _, _) = boot_guest(&host, &chip, GUEST, Some(&bad), false);
+        assert!(matches!(o, Outcome::Failed(_)), "byte {at} flipped: {o:?}");
+    }
+    for cut in [1, 9, sealed_end, sealed_end + 5, front - 1, front] {
+        let host = host_on(&chip, &[&good[..cut]]);
+        let (o, _, _, _) = boot_guest(&host, &chip, GUEST, Some(&good[..cut]), false);
+        assert!(matches!(o, Outcome::Failed(_)), "cut at {cut}: {o:?}");
+    }
+}
+
+/// Through the store channels: while the first guest's blob (and its
+/// version table) is with its store service, the second guest's change is
+/// held and its store service told nothing waits; once the first reports,
+/// the second's blob goes out, its table holding the first's version.
+#[test]
+fn one_version_table_is_out_at_a_time_through_the_store_channels() {
+    let machine = Machine::new("vtpm-one-out", true);
+    let (va, blob_a, vb, blob_b) = {
+        let (_power, chip) = machine.power_on("log=info");
+        let host = host_on(&chip, &[]);
+        let (_, _, _, mut a) = boot_guest(&host, &chip, "first", None, true);
+        let (_, _, _, mut b) = boot_guest(&host, &chip, "second", None, true);
+        // Both have a fence to store; the first takes its out.
+        let (va, blob_a) = {
+            let (v, blob) = a.tis.backend_mut().store().unwrap().fetch().unwrap().unwrap();
+            (v, blob.to_vec())
+        };
+        assert_eq!(b.tis.backend_mut().store().unwrap().fetch(), Ok(None), "the first's table is out");
+        a.tis.backend_mut().store().unwrap().stored(va).unwrap();
+        let (vb, blob_b) = {
+            let (v, blob) = b.tis.backend_mut().store().unwrap().fetch().unwrap().unwrap();
+            (v, blob.to_vec())
+        };
+        b.tis.backend_mut().store().unwrap().stored(vb).unwrap();
+        (va, blob_a, vb, blob_b)
+    };
+    // After a power cycle both versions are known, and the second's blob
+    // alone tells the first's.
+    let (_power, chip) = machine.power_on("log=info");
+    let mut anchor = host_on(&chip, &[&blob_a, &blob_b]).anchor("x");
+    assert_eq!((anchor.committed("first").unwrap(), anchor.committed("second").unwrap()), (Some(va), Some(vb)));
+    let mut anchor = host_on(&chip, &[&blob_b]).anchor("x");
+    assert_eq!(anchor.committed("first").unwrap(), Some(va), "the second's table holds the first's version");
+    // The first's blob alone is older than the counter: nothing starts.
+    let mut anchor = host_on(&chip, &[&blob_a]).anchor("x");
+    assert!(anchor.committed("first").is_err());
 }

@@ -421,3 +421,48 @@ fn verify_steps(
 pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
+
+/// The CTVM vTPM CA certificate (DER) CTVM printed on its console at a
+/// vTPM's first boot: the PEM block after the `vTPM CA certificate` line,
+/// each line's console prefix ignored. With a platform TPM the CA is
+/// derived from a secret sealed to CTVM's measured launch, so this (and
+/// not `vtpm.seed`) is where a verifier learns it. The certificate must be
+/// a self-signed CA certificate whose key signed it.
+pub fn printed_ca(console: &str) -> Result<Vec<u8>, String> {
+    let mut lines = console.lines().skip_while(|l| !l.contains("vTPM CA certificate"));
+    lines.next().ok_or("no \"vTPM CA certificate\" line")?;
+    let mut lines = lines.map(|l| l.split_whitespace().last().unwrap_or(""));
+    if lines.next() != Some("CERTIFICATE-----") {
+        return Err("no PEM block after the \"vTPM CA certificate\" line".into());
+    }
+    let mut b64 = String::new();
+    for l in lines.by_ref() {
+        if l == "CERTIFICATE-----" {
+            let der = base64_decode(&b64)?;
+            let modulus =
+                vtpm_trust::ekcert::ca_modulus_from_der(&der).map_err(|e| format!("not a certificate ({e:?})"))?;
+            vtpm_trust::ekcert::verify_signed_by(&der, &modulus)
+                .map_err(|e| format!("the printed CA certificate is not signed by its own key ({e:?})"))?;
+            return Ok(der);
+        }
+        b64.push_str(l);
+    }
+    Err("the PEM block does not end".into())
+}
+
+fn base64_decode(text: &str) -> Result<Vec<u8>, String> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        let v = A.iter().position(|&a| a == c).ok_or("not base64")? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! ctvm-verify ca --secret SEED_FILE --out ca.der [--not-before UNIX]
+//! ctvm-verify ca --console CONSOLE_LOG --out ca.der
 //! ctvm-verify nonce --out nonce
 //! ctvm-verify challenge --ca ca.der --ek-cert ek.der --aik aik.blob --blob-out blob --secret-out key
 //! ctvm-verify activate --secret-in key --returned answer
@@ -13,6 +14,12 @@
 //! `quote` prints one line (ACCEPT or REJECT [check] reason) and writes
 //! the whole verdict as JSON with `--json` (`-` for standard output); it
 //! exits 0 on ACCEPT, 1 on REJECT, 2 on a usage or input error.
+//!
+//! `ca --secret` derives the CA of a host without a platform TPM from its
+//! `vtpm.seed`. With a platform TPM the CA comes from a secret sealed to
+//! CTVM's measured launch, which no seed gives: `ca --console` takes the
+//! CA certificate CTVM printed at a vTPM's first boot (checked to be
+//! self-signed by its own key).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -52,6 +59,10 @@ fn ca_modulus(a: &HashMap<String, String>) -> Result<Vec<u8>, String> {
 fn run() -> Result<bool, String> {
     let (sub, a) = args();
     match sub.as_str() {
+        "ca" if a.contains_key("console") => {
+            let console = String::from_utf8_lossy(&read(&a, "console")?).into_owned();
+            write(&a, "out", &ctvm_verify::printed_ca(&console).map_err(|e| format!("--console: {e}"))?)?;
+        }
         "ca" => {
             let text = String::from_utf8(read(&a, "secret")?).map_err(|_| "--secret: not text")?;
             let seed = tpm::hex_decode(text.trim()).map_err(|e| format!("--secret: {e}"))?;

@@ -367,6 +367,26 @@ fn the_command_line_decides_like_the_library() {
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     assert_eq!(cli(&["ca", "--secret", &p("secret.hex"), "--out", &p("ca.der")]).0, Some(0));
+    // The CA as CTVM prints it at boot (with a platform TPM the only way
+    // to learn it) is the same certificate; an edited one is refused.
+    let der = std::fs::read(p("ca.der")).unwrap();
+    let mut console = String::from("ctvm: info: vTPM CA certificate (DER SHA-256 ab), for the verifier:\n");
+    for l in hypervisor::tpm::setup::pem_lines(&der) {
+        console += &format!("[  1.0] ctvm: info:   {l}\n");
+    }
+    std::fs::write(p("console.log"), &console).unwrap();
+    assert_eq!(cli(&["ca", "--console", &p("console.log"), "--out", &p("printed.der")]).0, Some(0));
+    assert_eq!(std::fs::read(p("printed.der")).unwrap(), der);
+    let mut edited = der.clone();
+    let at = edited.len() - 300;
+    edited[at] ^= 1;
+    let mut console = String::from("vTPM CA certificate\n");
+    for l in hypervisor::tpm::setup::pem_lines(&edited) {
+        console += &format!("ctvm: {l}\n");
+    }
+    std::fs::write(p("edited.log"), &console).unwrap();
+    let (code, text) = cli(&["ca", "--console", &p("edited.log"), "--out", &p("edited.der")]);
+    assert_eq!(code, Some(2), "{text}");
     let (code, text) = cli(&["activate", "--secret-in", &p("expected"), "--returned", &p("returned")]);
     assert_eq!(code, Some(0), "{text}");
     let quote = |manifest: &str| {

@@ -195,6 +195,22 @@ impl Durability {
         Ok(Step::Hold)
     }
 
+    /// What [`Durability::next_store`] would answer now, without taking it.
+    pub fn peek_store(&self) -> Option<Store> {
+        if self.volatile {
+            return None;
+        }
+        match self.phase {
+            Phase::Storing(v) => Some(Store::Resend(v)),
+            Phase::Advancing(_) => None,
+            Phase::Idle => match self.fence {
+                Some(fence) => Some(Store::Seal(fence)),
+                None if self.dirty => Some(Store::Seal(self.counter.saturating_add(1))),
+                None => None,
+            },
+        }
+    }
+
     /// The store service asks for work: what to hand it, or None when
     /// there is nothing to store.
     pub fn next_store(&mut self) -> Option<Store> {
@@ -364,6 +380,9 @@ mod tests {
 
         /// The store service asks for work; returns its action, if any.
         fn poll(&mut self) -> Option<Action> {
+            // What a caller peeks first (an anchor's record) is what it gets.
+            let peeked = self.d.peek_store();
+            assert_eq!(peeked, self.d.clone().next_store());
             let v = match self.d.next_store()? {
                 Store::Seal(v) => {
                     let nonce = [(v as u8) ^ (self.state.len() as u8); 12];

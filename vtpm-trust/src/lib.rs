@@ -8,6 +8,8 @@
 //!   acknowledged to the guest through a power cut, as a state machine.
 //! * [`ekcert`]: the per-host "CTVM vTPM CA" and the X.509 EK certificate
 //!   it issues for each vTPM, in the NV format TPM 1.2 clients read.
+//! * [`table`]: the hypervisor-wide table of every durable vTPM's committed
+//!   version, authenticated, which one platform counter anchors.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -17,3 +19,4 @@ extern crate alloc;
 pub mod blob;
 pub mod durability;
 pub mod ekcert;
+pub mod table;

@@ -5,12 +5,14 @@
 //! With a platform TPM, [`PlatformRoot`] makes each durable vTPM a random
 //! state key, seals it to CTVM's measured configuration in the chip, and
 //! writes the sealed key in front of every blob of that vTPM; a boot under
-//! another configuration (or on another machine) cannot unseal it.
-//! [`PlatformCounter`] anchors the versions in the chip's monotonic
-//! counter. Without a platform TPM, [`SeedRoot`] derives the key from the
-//! `vtpm.seed` module and [`NoCounter`] is honest about having no counter;
-//! CTVM says at boot that both are weaker (whoever reads the seed module
-//! can open and forge the blobs; an older blob of the guest is accepted).
+//! another configuration (or on another machine) cannot unseal it. Its CA
+//! and the version table of every durable guest, anchored in the chip's
+//! monotonic counter, are the host's (`tpm::host`). Without a platform
+//! TPM, [`SeedRoot`] derives the key and the CA from the `vtpm.seed`
+//! module and [`NoCounter`] is honest about having no counter; CTVM says
+//! at boot that all three are weaker (whoever reads the seed module can
+//! open and forge the blobs and issue certificates under the CA; an older
+//! blob of the guest is accepted).
 
 use alloc::format;
 use alloc::string::String;
@@ -20,6 +22,8 @@ use sha2::{Digest, Sha256};
 use vtpm_trust::blob::StateKey;
 use vtpm_trust::ekcert::CaKey;
 use zeroize::Zeroizing;
+
+use super::host::Host;
 
 /// Why a blob's state key could not be had, or a new one made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub enum KeyError {
     Unseal(String),
     /// The platform TPM could not seal a new key.
     Seal(String),
+    /// The CA is bound to the platform TPM and its secret is not to be had
+    /// (`tpm::host::HostError`): no certificate is issued.
+    Ca(String),
 }
 
 impl core::fmt::Display for KeyError {
@@ -53,6 +60,7 @@ impl core::fmt::Display for KeyError {
                 "the platform TPM refused to unseal its key ({e}): CTVM's measured configuration changed, or the blob is another machine's"
             ),
             KeyError::Seal(e) => write!(f, "the platform TPM could not seal a new state key ({e})"),
+            KeyError::Ca(e) => write!(f, "the vTPM CA is sealed to the platform TPM and not available: {e}"),
         }
     }
 }
@@ -72,8 +80,13 @@ pub trait SealingRoot {
     /// next blobs, and the sealed blob itself.
     fn open_key<'b>(&self, file: &'b [u8]) -> Result<(StateKey, Vec<u8>, &'b [u8]), KeyError>;
     /// The host's "CTVM vTPM CA". Deriving it costs an RSA-2048 key
-    /// generation: call it only to issue a certificate.
-    fn ca(&self) -> CaKey;
+    /// generation: call it only to issue a certificate. An error when it
+    /// is bound to a platform TPM that would not give its secret: never a
+    /// fallback to another CA.
+    fn ca(&self) -> Result<CaKey, KeyError>;
+    /// What an attacker gains over the CA, said when it issues; None when
+    /// it is bound to the measured launch.
+    fn ca_weakness(&self) -> Option<&'static str>;
 }
 
 /// Why the counter could not be read or moved.
@@ -96,6 +109,17 @@ pub trait RollbackAnchor {
     /// Makes `version` the committed version, durably, before returning.
     /// Never moves the counter back.
     fn commit(&mut self, guest: &str, version: u64) -> Result<(), AnchorError>;
+    /// Checks and removes this anchor's record at the front of a stored
+    /// blob (after the sealing root's prefix); what follows it.
+    fn strip<'b>(&mut self, _guest: &str, file: &'b [u8]) -> Result<&'b [u8], AnchorError> {
+        Ok(file)
+    }
+    /// The record to put in front of `guest`'s blob of `version` (after
+    /// the sealing root's prefix), to be committed with it; None while the
+    /// anchor cannot take it yet (another guest's is out: ask again).
+    fn record(&mut self, _guest: &str, _version: u64) -> Result<Option<Vec<u8>>, AnchorError> {
+        Ok(Some(Vec::new()))
+    }
 }
 
 /// The sealing root derived from the `vtpm.seed` module: HKDF-SHA256 for
@@ -136,8 +160,12 @@ impl SealingRoot for SeedRoot {
         Ok((self.state_key(), Vec::new(), file))
     }
 
-    fn ca(&self) -> CaKey {
-        CaKey::derive(&self.seed)
+    fn ca(&self) -> Result<CaKey, KeyError> {
+        Ok(CaKey::derive(&self.seed))
+    }
+
+    fn ca_weakness(&self) -> Option<&'static str> {
+        Some("the vTPM CA is derived from vtpm.seed, not bound to a measured launch: whoever reads the seed module can issue EK certificates under it")
     }
 }
 
@@ -158,17 +186,17 @@ pub trait PlatformSeal {
 /// (u16 length, big-endian) and the state blob (`vtpm_trust::blob`).
 pub const PLATFORM_SEALED: &[u8; 8] = b"CTVMPSK1";
 
-/// The state key sealed to the platform TPM, one per vTPM; the CA still
-/// comes from `vtpm.seed` (see the README: the CA is not yet bound to the
-/// measured launch).
+/// The state key sealed to the platform TPM, one per vTPM; the CA derived
+/// from the host secret sealed to the same measurement (`tpm::host`).
 pub struct PlatformRoot<S: PlatformSeal> {
     chip: S,
     seed: SeedRoot,
+    host: Host<S>,
 }
 
 impl<S: PlatformSeal> PlatformRoot<S> {
-    pub fn new(chip: S, seed: [u8; 32]) -> Self {
-        PlatformRoot { chip, seed: SeedRoot::new(seed) }
+    pub fn new(chip: S, seed: [u8; 32], host: Host<S>) -> Self {
+        PlatformRoot { chip, seed: SeedRoot::new(seed), host }
     }
 
     /// The state key of a sealed secret: the secret and the seed, hashed
@@ -215,91 +243,13 @@ impl<S: PlatformSeal> SealingRoot for PlatformRoot<S> {
         Ok((self.key_of(&secret), prefix, &rest[2 + len..]))
     }
 
-    fn ca(&self) -> CaKey {
-        self.seed.ca()
-    }
-}
-
-/// The platform TPM's monotonic counter as one guest's anchor. The chip
-/// has one counter for CTVM (a TPM 1.2 lets only one counter move between
-/// two starts), so it guards one durable guest; the others get
-/// [`CounterElsewhere`]. Versions live in the counter's own range: a new
-/// vTPM starts at the counter's value, and a commit moves it one step at a
-/// time up to the version (never past it, so the blob just stored stays
-/// acceptable if power is cut halfway).
-pub struct PlatformCounter<S: PlatformSeal> {
-    chip: S,
-    guest: String,
-}
-
-impl<S: PlatformSeal> PlatformCounter<S> {
-    pub fn new(chip: S, guest: &str) -> Self {
-        PlatformCounter { chip, guest: guest.into() }
+    fn ca(&self) -> Result<CaKey, KeyError> {
+        let secret = self.host.ca_secret().map_err(|e| KeyError::Ca(format!("{e}")))?;
+        Ok(CaKey::derive(&secret))
     }
 
-    fn check(&self, guest: &str) -> Result<(), AnchorError> {
-        if guest == self.guest {
-            Ok(())
-        } else {
-            Err(AnchorError(format!("the platform counter guards guest {}, not {guest}", self.guest)))
-        }
-    }
-}
-
-/// How far one commit may move the counter: the protocol's fence is two
-/// steps above the counter, every later commit one.
-const MAX_STEPS: u64 = 4;
-
-impl<S: PlatformSeal> RollbackAnchor for PlatformCounter<S> {
-    fn detects_rollback(&self) -> bool {
-        true
-    }
-
-    fn committed(&mut self, guest: &str) -> Result<Option<u64>, AnchorError> {
-        self.check(guest)?;
-        self.chip.counter(false).map(Some).map_err(AnchorError)
-    }
-
-    fn commit(&mut self, guest: &str, version: u64) -> Result<(), AnchorError> {
-        self.check(guest)?;
-        let mut value = self.chip.counter(false).map_err(AnchorError)?;
-        if value > version {
-            return Err(AnchorError(format!("the platform counter is at {value}, past version {version}")));
-        }
-        if version - value > MAX_STEPS {
-            return Err(AnchorError(format!("version {version} is too far above the platform counter ({value})")));
-        }
-        while value < version {
-            let next = self.chip.counter(true).map_err(AnchorError)?;
-            if next != value + 1 {
-                return Err(AnchorError(format!("the platform counter went from {value} to {next}")));
-            }
-            value = next;
-        }
-        Ok(())
-    }
-}
-
-/// A durable guest whose rollback the platform counter cannot guard: it
-/// guards another guest's vTPM.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CounterElsewhere;
-
-impl RollbackAnchor for CounterElsewhere {
-    fn detects_rollback(&self) -> bool {
-        false
-    }
-
-    fn why_undetected(&self) -> &'static str {
-        "the platform TPM's one counter guards an earlier durable guest"
-    }
-
-    fn committed(&mut self, _guest: &str) -> Result<Option<u64>, AnchorError> {
-        Ok(None)
-    }
-
-    fn commit(&mut self, _guest: &str, _version: u64) -> Result<(), AnchorError> {
-        Ok(())
+    fn ca_weakness(&self) -> Option<&'static str> {
+        None
     }
 }
 

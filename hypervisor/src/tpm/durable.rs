@@ -77,7 +77,8 @@ pub struct DurableTpm<P: Platform> {
     /// A released response the TIS has not taken yet.
     released: Option<Vec<u8>>,
     /// What goes in front of every blob: the state key sealed to the
-    /// platform TPM (`anchor::PlatformRoot`), or nothing.
+    /// platform TPM (`anchor::PlatformRoot`), or nothing. The anchor's
+    /// record (the host's version table) follows it.
     prefix: Vec<u8>,
     /// The blob with the store service.
     outbox: Option<(u64, Vec<u8>)>,
@@ -190,6 +191,16 @@ impl<P: Platform> TpmBackend for DurableTpm<P> {
 
 impl<P: Platform> StoreChannel for DurableTpm<P> {
     fn fetch(&mut self) -> Result<Option<(u64, &[u8])>, StoreError> {
+        // The anchor's record first: while another guest's is out, nothing
+        // is taken from the protocol and nothing waits for this one yet.
+        let record = match self.protocol.peek_store() {
+            Some(Store::Seal(version)) => match self.anchor.record(&self.guest, version) {
+                Ok(Some(record)) => record,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(StoreError::Counter(e)),
+            },
+            _ => Vec::new(),
+        };
         let version = match self.protocol.next_store() {
             None => return Ok(None),
             Some(Store::Seal(version)) => {
@@ -197,8 +208,9 @@ impl<P: Platform> StoreChannel for DurableTpm<P> {
                 (self.entropy)(&mut nonce);
                 let sealed = super::persist::seal_state(&self.key, &self.guest, version, &self.tpm, nonce)
                     .map_err(StoreError::Seal)?;
-                let mut blob = Vec::with_capacity(self.prefix.len() + sealed.len());
+                let mut blob = Vec::with_capacity(self.prefix.len() + record.len() + sealed.len());
                 blob.extend_from_slice(&self.prefix);
+                blob.extend_from_slice(&record);
                 blob.extend_from_slice(&sealed);
                 self.stats.sealed = self.stats.sealed.saturating_add(1);
                 self.outbox = Some((version, blob));

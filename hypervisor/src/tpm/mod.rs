@@ -12,6 +12,7 @@ pub mod config_event;
 pub mod durable;
 pub mod engine;
 pub mod event_log;
+pub mod host;
 pub mod persist;
 pub mod setup;
 

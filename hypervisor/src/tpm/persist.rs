@@ -58,6 +58,8 @@ pub enum RestoreError {
     Key(super::anchor::KeyError),
     Blob(BlobError),
     State(vtpm_core::StateError),
+    /// The version table in front of it was refused (`tpm::host`).
+    Table(super::anchor::AnchorError),
 }
 
 /// Restores `guest`'s TPM from its sealed blob, refusing versions below

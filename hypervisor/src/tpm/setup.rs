@@ -77,6 +77,7 @@ fn describe(e: &RestoreError) -> String {
         RestoreError::Key(k) => format!("{k}"),
         RestoreError::Blob(b) => format!("{b}"),
         RestoreError::State(s) => format!("its state does not load ({s:?})"),
+        RestoreError::Table(a) => a.0.clone(),
     }
 }
 
@@ -118,6 +119,9 @@ pub struct Setup<P: Platform> {
     pub why_undetected: &'static str,
     /// What the sealing root leaves open (`SealingRoot::weakness`).
     pub key_weakness: Option<&'static str>,
+    /// What the CA that issued this boot's certificate leaves open
+    /// (`SealingRoot::ca_weakness`).
+    pub ca_weakness: Option<&'static str>,
 }
 
 /// A console line's weight.
@@ -171,6 +175,9 @@ impl<P: Platform> Setup<P> {
                 out.push((Level::Warn, format!("guest {guest}: {weakness}")));
             }
         }
+        if let Some(weakness) = self.ca_weakness {
+            out.push((Level::Warn, format!("guest {guest}: {weakness}")));
+        }
         if self.durable() && !self.rollback_detected {
             out.push((
                 Level::Warn,
@@ -218,6 +225,7 @@ pub fn prepare<P: Platform>(
             rollback_detected,
             why_undetected,
             key_weakness,
+            ca_weakness: None,
         }
     };
     let reset = match mode {
@@ -229,6 +237,7 @@ pub fn prepare<P: Platform>(
                 rollback_detected: false,
                 why_undetected,
                 key_weakness: None,
+                ca_weakness: None,
             }
         }
         VtpmMode::Durable { reset } => reset,
@@ -241,7 +250,8 @@ pub fn prepare<P: Platform>(
         Err(e) => return failed(&mut platform, Failure::Anchor(e)),
     };
     let opened = blob.map(|file| {
-        let (key, prefix, sealed) = root.open_key(file).map_err(RestoreError::Key)?;
+        let (key, prefix, rest) = root.open_key(file).map_err(RestoreError::Key)?;
+        let sealed = anchor.strip(guest, rest).map_err(RestoreError::Table)?;
         let (tpm, version) = open_state(&key, guest, committed.unwrap_or(0), sealed, platform())?;
         Ok((tpm, version, key, prefix))
     });
@@ -257,6 +267,7 @@ pub fn prepare<P: Platform>(
                 rollback_detected,
                 why_undetected,
                 key_weakness,
+                ca_weakness: None,
             };
         }
         Some(Err(e)) => Some(e),
@@ -271,8 +282,11 @@ pub fn prepare<P: Platform>(
         Ok(k) => k,
         Err(e) => return failed(&mut platform, Failure::Key(e)),
     };
+    let ca = match root.ca() {
+        Ok(ca) => ca,
+        Err(e) => return failed(&mut platform, Failure::Key(e)),
+    };
     let mut tpm = guest_tpm(guest, seed, &mut platform);
-    let ca = root.ca();
     if let Err(e) = provision_ek_certificate(&mut tpm, &ca, guest, CERT_NOT_BEFORE) {
         return failed(&mut platform, Failure::Provision(e));
     }
@@ -287,6 +301,7 @@ pub fn prepare<P: Platform>(
         rollback_detected,
         why_undetected,
         key_weakness,
+        ca_weakness: root.ca_weakness(),
     }
 }
 

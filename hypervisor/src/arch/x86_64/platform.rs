@@ -216,7 +216,7 @@ pub fn vtpm_counter(advance: bool) -> Result<u64, String> {
 }
 
 /// The platform TPM behind the vTPM roots (`tpm::anchor::PlatformRoot`
-/// and `PlatformCounter`): the three calls above.
+/// and `tpm::host::Host`): the three calls above.
 #[derive(Clone, Copy, Debug)]
 pub struct Sealer;
 

@@ -13,7 +13,8 @@
 //!   page the kernel view protects (scenario `qemu-vtd`).
 //! - `test.vtpm-seal`: the durable vTPM's roots over the platform TPM as
 //!   the boot path uses them (a state key sealed and unsealed through
-//!   `PlatformRoot`, the counter moved through `PlatformCounter`), where
+//!   `PlatformRoot`, the counter moved through a version table of
+//!   `tpm::host`), where
 //!   QEMU gives a TPM but no VT-x to run a guest on (scenarios `qemu-tpm*`).
 
 use alloc::string::String;
@@ -62,19 +63,25 @@ impl Options {
 }
 
 /// `test.vtpm-seal`: a state key sealed to the platform TPM and found again
-/// from the blob prefix it makes; the counter moved to a fence two steps
-/// up and refused below it. The outcomes across power cycles and
+/// from the blob prefix it makes; the host's CA secret sealed; the counter
+/// moved to a version table's fence two steps up and a commit of a table
+/// never handed out refused. The outcomes across power cycles and
 /// configurations are host-tested against libtpms
 /// (`hypervisor/tests/durable_vtpm.rs`).
 pub fn vtpm_seal() {
-    use crate::tpm::anchor::{PlatformCounter, PlatformRoot, RollbackAnchor, SealingRoot};
+    use crate::tpm::anchor::{PlatformRoot, RollbackAnchor, SealingRoot};
+    use crate::tpm::host::Host;
     let fail = |what: &str| log::error!("test vtpm-seal: FAIL: {what}");
     let Some(chip) = super::platform::Sealer::found() else {
         return fail("no platform TPM measured the launch");
     };
-    let root = PlatformRoot::new(chip, [0x5c; 32]);
     let mut random = super::entropy::HardwarePlatform::new();
     let mut entropy = |b: &mut [u8]| vtpm_core::Platform::fill_random(&mut random, b);
+    let host = Host::open(chip, [0x5c; 32], &[], &mut entropy);
+    if let (true, line) = host.report() {
+        return fail(&line);
+    }
+    let root = PlatformRoot::new(chip, [0x5c; 32], host.clone());
     let (key, prefix) = match root.new_key(&mut entropy) {
         Ok(k) => k,
         Err(e) => return fail(&alloc::format!("{e}")),
@@ -90,20 +97,28 @@ pub fn vtpm_seal() {
         Ok(_) => return fail("the unsealed key is not the sealed one"),
         Err(e) => return fail(&alloc::format!("{e}")),
     }
-    let mut counter = PlatformCounter::new(chip, "test");
-    let start = match counter.committed("test") {
-        Ok(Some(v)) => v,
-        other => return fail(&alloc::format!("the counter reads {other:?}")),
+    let mut counter = host.anchor("test");
+    let start = match chip_counter(chip) {
+        Ok(v) => v,
+        Err(e) => return fail(&alloc::format!("the counter reads {e}")),
     };
-    if let Err(e) = counter.commit("test", start + 2) {
+    match counter.record("test", 3) {
+        Ok(Some(_)) => {}
+        other => return fail(&alloc::format!("no version table handed out: {other:?}")),
+    }
+    if let Err(e) = counter.commit("test", 3) {
         return fail(&e.0);
     }
-    match (counter.committed("test"), counter.commit("test", start + 1)) {
-        (Ok(Some(v)), Err(_)) if v == start + 2 => {
-            info!("test vtpm-seal: ok: the platform counter {start} -> {v}, and not back")
+    match (chip_counter(chip), counter.commit("test", 4)) {
+        (Ok(v), Err(_)) if v == start + 2 => {
+            info!("test vtpm-seal: ok: the platform counter {start} -> {v} (a version table's fence), and no commit of a table not handed out")
         }
         other => fail(&alloc::format!("the counter after a commit: {other:?}")),
     }
+}
+
+fn chip_counter(chip: super::platform::Sealer) -> Result<u64, String> {
+    crate::tpm::anchor::PlatformSeal::counter(&chip, false)
 }
 
 /// Reads unmapped memory: the fault handler must report and stop.
