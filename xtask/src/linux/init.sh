@@ -181,8 +181,8 @@ integrity_tests() {
     attack atk_tasks
     say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
     attack atk_deputy modprobe=$(sym modprobe_path)
-    attack atk_lookup
     say "after atk_deputy: modprobe path $(cat /proc/sys/kernel/modprobe), $(ls -d /sys/module/ifb 2>/dev/null | wc -l) ifb in /sys/module"
+    attack atk_lookup
 
     # A burst of refused writes: every one is a record, none lost.
     before=$(grep -c '^seq=' /proc/ctvm_violations)
