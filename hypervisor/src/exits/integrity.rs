@@ -396,7 +396,8 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
         }
         Some(Err(m)) => return Err(LockRefused::Agent(alloc::format!("its code has {m}"))),
     }
-    let (undo, added) = lock_layout(ctx).map_err(LockRefused::Call)?;
+    let agent_pages: Vec<u64> = module.code.iter().chain(&module.data).copied().collect();
+    let (undo, added) = lock_layout(ctx, &agent_pages).map_err(LockRefused::Call)?;
     let pinned = add_module(ctx, module, true, None).and_then(|id| {
         let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
         state.engine.set_agent(id as u32).map_err(map_err).map(|()| id)
@@ -425,8 +426,18 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
 
 /// Locks the layout in the engine and the kernel view; the caller pins
 /// the agent, or reverts both.
-fn lock_layout(ctx: &mut ExitContext<'_>) -> Result<(Undo, Vec<u64>), Error> {
-    let tables = kernel_page_tables(ctx)?;
+fn lock_layout(ctx: &mut ExitContext<'_>, agent: &[u64]) -> Result<(Undo, Vec<u64>), Error> {
+    let mut tables = kernel_page_tables(ctx)?;
+    // The agent's own pages are no page tables in a sane kernel; should the
+    // walk say so, they stay the agent's (protected from modules either
+    // way), and the console says which.
+    tables.retain(|&t| {
+        let agents = agent.contains(&(t & !0xfff));
+        if agents {
+            log::warn!("guest {}: page {t:#x} is both the agent's and a kernel page table", ctx.guest.name());
+        }
+        !agents
+    });
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return Err(Error::NotPermitted);
     };
@@ -595,7 +606,14 @@ fn add_module(
     let name = info.name.clone();
     let fixups = info.fixups.len();
     let code_start = info.code.first().map_or(0, |r| r.start);
-    let id = state.engine.register_module(info, trusted, &code, &data).map_err(map_err)?;
+    let id = state.engine.register_module(info, trusted, &code, &data).map_err(|e| {
+        // Say which page clashes, and with what: an overlap is either a
+        // lying registration or a page the hypervisor misclassified.
+        if let Some((page, class)) = code.iter().chain(&data).find_map(|&p| Some((p, state.engine.class_of(p)?))) {
+            log::warn!("module {}: page {:#x} is already {:?}", name, page, class);
+        }
+        map_err(e)
+    })?;
     let others: Vec<u32> = state.engine.modules().filter(|&m| m != id).collect();
     let shielded = state.engine.shielded_pages(id);
     let mut undo = Undo::default();
