@@ -303,9 +303,7 @@ fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
     for &page in &added {
         let _ = control.set_perms(View::Kernel, page, kernel_view_perms(PageClass::PageTable));
         for &m in &modules {
-            if control.perms(View::Module(m), page).is_some() {
-                let _ = control.set_perms(View::Module(m), page, Perms::READ);
-            }
+            take_back_write(control, m, page);
         }
     }
     if !added.is_empty() {
@@ -836,9 +834,14 @@ fn revoke_heap_grants(ctx: &mut ExitContext<'_>) {
     let grants = core::mem::take(&mut state.heap_grants);
     let Some(control) = ctx.control.as_deref_mut() else { return };
     for (m, page) in grants {
-        if control.perms(View::Module(m), page).is_some() {
-            let _ = control.set_perms(View::Module(m), page, Perms::READ);
-        }
+        take_back_write(control, m, page);
+    }
+}
+
+/// Leaves module `m`'s view able to read `page`, if it maps it, no more.
+fn take_back_write(control: &mut dyn GuestControl, m: u32, page: u64) {
+    if control.perms(View::Module(m), page).is_some() {
+        let _ = control.set_perms(View::Module(m), page, Perms::READ);
     }
 }
 
@@ -1030,20 +1033,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Err(_) => Action::Stop(StopReason::HypervisorError("cannot map a page executable".into())),
         },
         Step::StepOver => step_over(ctx, view, page, None),
-        Step::StepBeside(kept) => {
-            let mut bytes = alloc::vec![0; kept.len() as usize];
-            if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
-                return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
-            }
-            step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip, allowed: None }))
-        }
-        Step::StepWithin { guard, allowed } => {
-            let mut bytes = alloc::vec![0; guard.len() as usize];
-            if ctx.guest.memory.read(&ctx.phys, guard.start, &mut bytes).is_err() {
-                return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
-            }
-            step_over(ctx, view, page, Some(Guard { at: guard.start, bytes, rip, allowed: Some(allowed) }))
-        }
+        Step::StepBeside(kept) => guarded_step(ctx, view, page, rip, kept, None),
+        Step::StepWithin { guard, allowed } => guarded_step(ctx, view, page, rip, guard, Some(allowed)),
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0], EPERM.wrapping_neg()),
         Step::ReturnNull => return_error(ctx, stack[0], 0),
@@ -1107,6 +1098,24 @@ fn step_over(ctx: &mut ExitContext<'_>, view: View, page: u64, guard: Option<Gua
         state.stepping = Some(Stepping { view, page, before, trap_flag, guard });
     }
     Action::Resume
+}
+
+/// Lets one write to `page` through with the bytes of `kept` (guest-physical)
+/// kept: after the step, those outside `allowed` are put back if it changed
+/// them ([`check_guard`]).
+fn guarded_step(
+    ctx: &mut ExitContext<'_>,
+    view: View,
+    page: u64,
+    rip: u64,
+    kept: Range,
+    allowed: Option<Range>,
+) -> Action {
+    let mut bytes = alloc::vec![0; kept.len() as usize];
+    if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
+        return Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into()));
+    }
+    step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip, allowed }))
 }
 
 /// After a write let through beside guarded bytes: if it changed them, they
