@@ -567,6 +567,16 @@ static int __init ctvm_agent_init(void)
 		layout->pgd_list = pgd_list_address;
 		layout->pgd_link_offset = offsetof(struct page, lru);
 		layout->pgd_pages = 1 << PGD_ALLOCATION_ORDER;
+		/* A process's PTE and PMD pages are typed as page tables in
+		 * their struct page from the moment they are made. */
+		layout->page_type_offset = offsetof(struct page, page_type);
+#ifdef PG_table
+		layout->page_table_mask = PAGE_TYPE_BASE | PG_table;
+		layout->page_table_value = PAGE_TYPE_BASE;
+#else
+		layout->page_table_mask = 0xff000000;
+		layout->page_table_value = (u32)PGTY_table << 24;
+#endif
 	} else {
 		pr_warn("ctvm: no pgd_list: processes' page tables not protected\n");
 	}

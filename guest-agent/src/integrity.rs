@@ -4,7 +4,7 @@
 //! a leading `size` field, so both sides can check what they were given.
 
 /// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 6;
+pub const STRUCT_VERSION: u32 = 7;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -82,6 +82,15 @@ pub struct KernelLayout {
     /// Pages per top-level table (`1 << PGD_ALLOCATION_ORDER`: two with
     /// page-table isolation, whose user copy follows the kernel's).
     pub pgd_pages: u32,
+    /// Where a `struct page` holds its type (`page_type`), and the bits
+    /// that mark a process's page table there: `(page_type & mask) ==
+    /// value` (6.1: `PAGE_TYPE_BASE | PG_table`, `PAGE_TYPE_BASE`; 6.12:
+    /// the top byte, `PGTY_table`). Zero mask: not given. Lets a module's
+    /// first write to a table the last walk has not seen yet be refused.
+    pub page_type_offset: u32,
+    pub page_table_mask: u32,
+    pub page_table_value: u32,
+    pub reserved: u32,
 }
 
 /// How many shared fields the layout can name, and their largest size.
@@ -423,7 +432,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 reserved;\n}};"
     );
     let _ = writeln!(
         h,
@@ -527,6 +536,7 @@ mod tests {
                 + 16
                 + 8 * PROTECTED_CACHES
                 + 16 * SHARED_FIELDS
+                + 16
                 + 16
         );
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);

@@ -1000,6 +1000,15 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if matches!(state.view, View::Module(_)) && untracked && !kept.contains(needed) {
         return None;
     }
+    // The processor's own walk for a module's access, setting an accessed
+    // or dirty bit in a table the module may not write.
+    let walk = info.linear_valid && !info.final_translation && info.access == super::Access::Write;
+    let protected_table =
+        matches!(state.view, View::Module(_)) && state.engine.class_of(page) == Some(PageClass::PageTable);
+    if walk && protected_table && set_accessed_or_dirty(ctx, ctx.exit.guest_physical) {
+        return Some(Action::Resume);
+    }
+    let state = ctx.guest.integrity.as_ref()?;
     let rip = ctx.vcpu.read(Field::Rip);
     let rsp = ctx.vcpu.read(Field::Rsp);
     // What the stack shows is the hypervisor's own look, not an access made
@@ -1410,6 +1419,31 @@ pub fn control_register_write(ctx: &mut ExitContext<'_>, old: u64, new: u64, gua
     v.action == abi::ViolationAction::Denied
 }
 
+/// The accessed or dirty bit the processor's page walk could not set in
+/// a protected table (the entry at guest-physical `entry`), set for it:
+/// accessed first, then, with accessed already set, dirty (the walk comes
+/// back for it on a write through a leaf). Nothing else of the entry
+/// changes, atomically (the kernel may be changing it on another CPU: then
+/// the walk comes back); `false` when both are set already (then the exit
+/// is judged as a write).
+fn set_accessed_or_dirty(ctx: &mut ExitContext<'_>, entry: u64) -> bool {
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
+    let at = entry & !7;
+    let mut b = [0u8; 8];
+    if ctx.guest.memory.read(&ctx.phys, at, &mut b).is_err() {
+        return false;
+    }
+    let value = u64::from_le_bytes(b);
+    let bit = if value & ACCESSED == 0 { ACCESSED } else { DIRTY };
+    if value & 1 == 0 || value & bit != 0 {
+        return false;
+    }
+    // Lost to a change on another CPU: the processor walks again.
+    let _ = ctx.guest.memory.compare_exchange_u64(&ctx.phys, at, value, value | bit);
+    true
+}
+
 /// A MOV to CR3 from a module's view after the lock: refused in enforce
 /// mode. Page tables of its own would map any linear address to any page
 /// (a denied API under an allowed one's address, kernel data under a user
@@ -1569,6 +1603,10 @@ mod tests {
         l.pgd_list = K + PGD_LIST;
         l.pgd_link_offset = 8;
         l.pgd_pages = 2;
+        // Page tables typed in their struct page as 6.1 types them.
+        l.page_type_offset = 48;
+        l.page_table_mask = 0xf000_0200;
+        l.page_table_value = 0xf000_0000;
         let link = K + VMEMMAP + (PROCESS_PGD >> 12) * 64 + 8;
         w(&phys, PGD_LIST, &link.to_le_bytes());
         w(&phys, VMEMMAP + (PROCESS_PGD >> 12) * 64 + 8, &(K + PGD_LIST).to_le_bytes());
@@ -2555,6 +2593,70 @@ mod tests {
         assert_eq!(f.control.perms(module, PROCESS_PT), Some(Perms::RW));
         assert_eq!(f.ept(WRITE, PROCESS_PD + 8, 0xffff_8880_0000_0000 + PROCESS_PD, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "still a table");
+    }
+
+    /// A process's page table made since the last walk is typed in its
+    /// struct page from the start: a module's first write is refused all
+    /// the same, and the next walk classifies it.
+    #[test]
+    fn a_page_table_newer_than_the_walk_is_refused_by_its_type() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let fresh = 0xdc_0000;
+        w(&f.phys, VMEMMAP + (fresh >> 12) * 64 + 48, &0xffff_fdffu32.to_le_bytes());
+        let module = View::Module(id);
+        let writer = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+        assert_eq!(f.control.perms(module, fresh), None, "not granted");
+        // A page whose type is anything else is a heap page.
+        w(&f.phys, VMEMMAP + (fresh >> 12) * 64 + 48, &0xffff_ffffu32.to_le_bytes());
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, fresh), Some(Perms::RW));
+    }
+
+    /// The processor's walk for a module's access sets accessed and dirty
+    /// bits in tables the module may not write: the hypervisor sets them
+    /// for it, one bit at a time and nothing else, and a write to an entry
+    /// whose bits are both set is the module's, refused.
+    #[test]
+    fn the_walk_of_a_modules_access_may_set_accessed_and_dirty_bits() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        let rip = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        let entry = PROCESS_PT + 7 * 8;
+        let walk = |f: &mut Fixture| {
+            f.vcpu.write(Field::Rip, rip);
+            // Linear address valid, not the final translation: a paging-structure access.
+            let exit = ExitInfo {
+                reason: reason::EPT_VIOLATION,
+                qualification: WRITE | (1 << 7),
+                guest_physical: entry,
+                guest_linear: 0x7000,
+                ..Default::default()
+            };
+            assert_eq!(f.exit(exit), Action::Resume);
+            u64::from_le_bytes(guest_bytes(f, entry, 8).try_into().unwrap())
+        };
+        let before = HEAP_PAGE | 7;
+        assert_eq!(walk(&mut f), before | 0x20, "accessed");
+        assert_eq!(walk(&mut f), before | 0x60, "then dirty");
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.vcpu.read(Field::Rip), rip, "the instruction runs again");
+        assert_eq!(walk(&mut f), before | 0x60, "nothing more to set: the module's own write");
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
+        // A not-present entry is the guest's page fault, not ours to fill.
+        w(&f.phys, entry, &0x7000u64.to_le_bytes());
+        assert_eq!(walk(&mut f), 0x7000);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
     }
 
     /// A module's view makes MOV to CR3 exit: its load is refused (enforce)

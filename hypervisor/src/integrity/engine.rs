@@ -693,6 +693,10 @@ impl Engine {
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
                 Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
+                // A process's page table the last walk has not seen yet.
+                None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
+                    self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
+                }
                 // The kernel's bookkeeping in its heap is the kernel's.
                 None if fault.kernel_object.is_some() => {
                     self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver)

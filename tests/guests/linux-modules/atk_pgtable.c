@@ -13,6 +13,9 @@
  *     other physical memory, as a rootkit maps a credential into user space.
  *  4. Load CR3 with a copy of the current top-level table carrying the
  *     same alias.
+ *  5. Map fresh memory far from any other mapping of this process (so the
+ *     kernel makes new tables for it, after the module was loaded and the
+ *     hypervisor last looked), and re-point its page-table entry.
  *
  * Every write is undone at once if it went through, and the alias is never
  * called: the report says which step went through. (The pages of the
@@ -24,6 +27,8 @@
 #include <linux/sched/task_stack.h>
 #include <linux/ptrace.h>
 #include <linux/umh.h>
+#include <linux/mman.h>
+#include <linux/uaccess.h>
 #include "alias.h"
 
 #define ENTRY_PRESENT 1ULL
@@ -66,8 +71,10 @@ static u64 phys_of(u64 *top, unsigned long addr)
 	return e ? (*e & ENTRY_ADDRESS & ~(size - 1)) + (addr & (size - 1)) : 0;
 }
 
-/* Writes `value` over the entry at `e`; whether it stuck (then put back). */
-static bool write_entry(u64 *e, u64 value)
+/* Writes `value` over the entry at `e`; whether it stuck (then put back).
+ * Inlined: each attack writes from an instruction of its own, so each has
+ * a console line of its own. */
+static __always_inline bool write_entry(u64 *e, u64 value)
 {
 	volatile u64 *p = e;
 	u64 before = *p;
@@ -147,7 +154,9 @@ static int __init atk_init(void)
 	u64 *top = table_at(cr3);
 	unsigned long at = (unsigned long)_printk, user = current_user_stack_pointer();
 	u64 *pdpt = NULL, *new_top = NULL, *e_text, *e_user;
-	bool text = false, pgd = false, user_pte = false, loaded = false;
+	bool text = false, pgd = false, user_pte = false, loaded = false, fresh_pte = false;
+	unsigned long fresh;
+	u64 *e_fresh = NULL;
 	int level, err;
 
 	if (pgtable_l5_enabled()) {
@@ -175,11 +184,21 @@ static int __init atk_init(void)
 		if (loaded)
 			asm volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
 	}
-	report("kernel text mapping write %s; process top-level table write %s; user PTE write %s; CR3 load %s%s",
+	/* 5: a table younger than the module. */
+	fresh = vm_mmap(NULL, 0x5a5a00000000UL, PAGE_SIZE, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, 0);
+	if (!IS_ERR_VALUE(fresh) && copy_to_user((void __user *)fresh, &fresh, sizeof(fresh)) == 0) {
+		e_fresh = leaf(top, fresh, &level);
+		if (e_fresh)
+			fresh_pte = write_entry(e_fresh, *e_fresh ^ (1ULL << (12 + 9 * (level - 1))));
+		vm_munmap(fresh, PAGE_SIZE);
+	}
+	report("kernel text mapping write %s; process top-level table write %s; user PTE write %s; CR3 load %s; new PTE write %s%s",
 	       !e_text ? "not tried" : text ? "WENT THROUGH" : "blocked",
 	       err ? "not tried" : pgd ? "WENT THROUGH" : "blocked",
 	       !e_user ? "not tried" : user_pte ? "WENT THROUGH" : "blocked",
 	       err ? "not tried" : loaded ? "WENT THROUGH" : "blocked",
+	       !e_fresh ? "not tried" : fresh_pte ? "WENT THROUGH" : "blocked",
 	       err ? " (no alias built)" : "");
 	return -EACCES;
 }
