@@ -195,6 +195,37 @@ fn branch_len(at: &[u8]) -> Option<u64> {
     }
 }
 
+/// A look-alike of a module: the same file with one call in its text
+/// relocated to another function it imports. Its text bytes are the
+/// original's; only where the loader points that call differs.
+pub fn retarget_call(ko: &Path, from: &str, to: &str) -> Result<Vec<u8>, Fail> {
+    let mut bytes = std::fs::read(ko)?;
+    let err = |what: String| Fail(format!("{}: {what}", ko.display()));
+    let (at, info) = {
+        let file = ElfBytes::<LittleEndian>::minimal_parse(&bytes).map_err(|e| err(format!("not ELF: {e}")))?;
+        let (symtab, strtab) =
+            file.symbol_table().map_err(|e| err(e.to_string()))?.ok_or_else(|| err("no symbol table".into()))?;
+        let index_of = |name: &str| {
+            symtab.iter().position(|s| s.st_shndx == 0 && strtab.get(s.st_name as usize).is_ok_and(|n| n == name))
+        };
+        let (Some(from_sym), Some(to_sym)) = (index_of(from), index_of(to)) else {
+            return Err(err(format!("{from} or {to} is not imported")));
+        };
+        let rela = file
+            .section_header_by_name(".rela.text")
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err("no .rela.text".into()))?;
+        let relas = file.section_data_as_relas(&rela).map_err(|e| err(e.to_string()))?;
+        let Some(i) = relas.into_iter().position(|r| r.r_sym as usize == from_sym && r.r_type == 4) else {
+            return Err(err(format!("no call to {from} in .rela.text")));
+        };
+        // Elf64_Rela: r_offset, then r_info (symbol << 32 | type).
+        (rela.sh_offset as usize + i * 24 + 8, ((to_sym as u64) << 32) | 4)
+    };
+    bytes[at..at + 8].copy_from_slice(&info.to_le_bytes());
+    Ok(bytes)
+}
+
 /// The policy file for a set of modules.
 pub fn file(kos: &[&Path]) -> Result<String, Fail> {
     let mut out = String::from("# CTVM trusted-module policy, written by cargo xtask\n");
