@@ -223,7 +223,23 @@ pub fn retarget_call(ko: &Path, from: &str, to: &str) -> Result<Vec<u8>, Fail> {
         (rela.sh_offset as usize + i * 24 + 8, ((to_sym as u64) << 32) | 4)
     };
     bytes[at..at + 8].copy_from_slice(&info.to_le_bytes());
+    // Without the distribution's signature, which no longer matches (the
+    // kernel refuses a bad signature even where it loads unsigned modules).
+    if let Some(at) = signature_start(&bytes) {
+        bytes.truncate(at);
+    }
     Ok(bytes)
+}
+
+/// Where a module's appended signature (`struct module_signature`, then
+/// the marker) begins, if it has one.
+fn signature_start(bytes: &[u8]) -> Option<usize> {
+    const MARKER: &[u8] = b"~Module signature appended~\n";
+    let body = bytes.strip_suffix(MARKER)?;
+    // The structure's last field is the signature's length, big-endian.
+    let info_at = body.len().checked_sub(12)?;
+    let sig_len = u32::from_be_bytes(body[body.len() - 4..].try_into().ok()?) as usize;
+    info_at.checked_sub(sig_len)
 }
 
 /// The policy file for a set of modules.
