@@ -348,12 +348,6 @@ fn parse_relocs(v: &str) -> Result<Vec<Reloc>, &'static str> {
 }
 
 impl Entry {
-    /// The lengths of the module's code ranges, as the agent reports them:
-    /// text, then init text unless the module has none.
-    pub fn range_lengths(&self) -> Vec<u64> {
-        [self.text_len, self.init_len].into_iter().filter(|&l| l != 0).collect()
-    }
-
     /// Whether a module's regions have this entry's sizes: only then are
     /// its bytes worth reading.
     pub fn sizes_match(&self, s: &Sections) -> bool {

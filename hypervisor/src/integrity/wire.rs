@@ -404,6 +404,11 @@ mod tests {
         assert_eq!(got.info.name, "dummy");
         assert_eq!(got.info.code.len(), 1);
         assert_eq!(got.info.data, vec![Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000)]);
+        // Each slot keeps its region, empty or not: data slot 1 is rodata,
+        // the base a trusted module's relocations into rodata resolve to.
+        assert_eq!(got.info.sections.rodata, Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000));
+        assert_eq!(got.info.sections.text, Range::new(0xffff_ffff_c000_0000, 0xffff_ffff_c000_1000));
+        assert!(got.info.sections.data.is_empty() && got.info.sections.init.is_empty());
         assert_eq!((got.entries_address, got.entry_count), (0xffff_8880_0000_1000, 12));
         let mut many = m;
         many.entry_count = abi::MODULE_ENTRIES_MAX + 1;
