@@ -675,7 +675,7 @@ fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Resu
     }
     // Bounded by the policy's sizes, which match.
     let mut code = Vec::new();
-    for r in [s.text, s.init, s.rodata].iter().filter(|r| !r.is_empty()) {
+    for r in [s.text, s.init, s.rodata, s.ro_after_init].iter().filter(|r| !r.is_empty()) {
         code.extend(read_guest(ctx, r.start, r.len() as usize)?);
     }
     Ok(Some(entry.check(s, &mut code, &kernel)))
@@ -1562,6 +1562,7 @@ mod tests {
             text_len: 0x1000,
             init_len: 0,
             rodata_len: 0,
+            roinit_len: 0,
             sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
             masks: alloc::vec![],
             relocs: alloc::vec![],
@@ -1746,6 +1747,7 @@ mod tests {
             text_len: 0x1000,
             init_len: 0,
             rodata_len: 0,
+            roinit_len: 0,
             sha256,
             masks: alloc::vec![(0x11, 1)],
             relocs: alloc::vec![call],

@@ -2,8 +2,9 @@
 //! pinned by the SHA-256 of their code and read-only data rather than by a
 //! name any module can claim, and by where each of their relocations points.
 //!
-//! The digest covers the module's core text, its init text, then its
-//! read-only data, laid out as the kernel lays them out. Two kinds of bytes
+//! The digest covers the module's core text, its init text, its read-only
+//! data, then its read-only-after-init data as loaded (before its init can
+//! write it), laid out as the kernel lays them out. Two kinds of bytes
 //! are the loader's to write, and are zeroed before hashing:
 //!
 //! * Relocated fields. Each is pinned on its own: the policy says, from the
@@ -16,7 +17,7 @@
 //! * Masks: the sites the loader patches (alternatives, paravirt,
 //!   retpolines, return thunks, jump labels, static calls, ftrace, SMP lock
 //!   prefixes) and the tables it sorts in place (`__mcount_loc`, ORC,
-//!   `__ex_table`). What a mask hides is which patch the loader applies or
+//!   `__ex_table`, `__jump_table`). What a mask hides is which patch the loader applies or
 //!   how it ordered a table, not the code around it. A relocated field
 //!   inside an ftrace or return-thunk site is pinned all the same, with the
 //!   loader's own rewrites of that site as the only other outcomes (a
@@ -29,9 +30,9 @@
 //! supplies the bytes being judged and where the kernel placed the regions.
 //!
 //! Format, one module per line (`#` starts a comment):
-//! `module NAME text=BYTES init=BYTES rodata=BYTES sha256=HEX mask=OFF+LEN,...
-//! rel=OFF:TYPE:TARGET:ADDEND[:SITE],...` with offsets into text, init and
-//! rodata end to end; TYPE is the ELF x86-64 relocation number; TARGET a
+//! `module NAME text=BYTES init=BYTES rodata=BYTES roinit=BYTES sha256=HEX
+//! mask=OFF+LEN,... rel=OFF:TYPE:TARGET:ADDEND[:SITE],...` with offsets into
+//! text, init, rodata and roinit end to end; TYPE is the ELF x86-64 relocation number; TARGET a
 //! symbol name or one of the module's regions (`@text`, `@init`, `@rodata`,
 //! `@roinit`, `@data`, `@initdata`), with the place in it in the addend;
 //! SITE `ftrace` or `return` for a field inside such a patch site.
@@ -120,7 +121,7 @@ pub enum Site {
 /// One relocated field and what the loader must have written there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reloc {
-    /// Into text || init || rodata.
+    /// Into text || init || rodata || roinit.
     pub offset: u64,
     /// ELF x86-64 relocation type.
     pub kind: u32,
@@ -159,8 +160,10 @@ pub struct Entry {
     pub text_len: u64,
     pub init_len: u64,
     pub rodata_len: u64,
+    pub roinit_len: u64,
     pub sha256: [u8; 32],
-    /// Byte ranges (offset, length) into text || init || rodata that are zeroed.
+    /// Byte ranges (offset, length) into text || init || rodata || roinit
+    /// that are zeroed.
     pub masks: Vec<(u64, u64)>,
     /// The relocated fields, each checked then zeroed.
     pub relocs: Vec<Reloc>,
@@ -199,7 +202,7 @@ pub enum RelocError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mismatch {
     /// A region has another size than the policy's.
-    Size { text_len: u64, init_len: u64, rodata_len: u64 },
+    Size { text_len: u64, init_len: u64, rodata_len: u64, roinit_len: u64 },
     /// A relocated field, at `offset` into text || init || rodata, against
     /// `target`.
     Relocation { offset: u64, target: String, why: RelocError },
@@ -210,8 +213,8 @@ pub enum Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Mismatch::Size { text_len, init_len, rodata_len } => {
-                write!(f, "text {text_len} + init {init_len} + rodata {rodata_len} bytes")
+            Mismatch::Size { text_len, init_len, rodata_len, roinit_len } => {
+                write!(f, "text {text_len} + init {init_len} + rodata {rodata_len} + roinit {roinit_len} bytes")
             }
             Mismatch::Relocation { offset, target, why } => {
                 write!(f, "a relocation at {offset:#x} against {target} that ")?;
@@ -263,13 +266,14 @@ fn parse_entry(line: &str) -> Result<Entry, &'static str> {
     if name.len() > 55 || name.contains('=') {
         return Err("bad module name");
     }
-    let (mut text_len, mut init_len, mut rodata_len, mut sha256, mut masks, mut relocs) =
-        (None, None, None, None, None, None);
+    let (mut text_len, mut init_len, mut rodata_len, mut roinit_len) = (None, None, None, None);
+    let (mut sha256, mut masks, mut relocs) = (None, None, None);
     for w in words {
         match w.split_once('=') {
             Some(("text", v)) => text_len = Some(v.parse::<u64>().map_err(|_| "bad text=")?),
             Some(("init", v)) => init_len = Some(v.parse::<u64>().map_err(|_| "bad init=")?),
             Some(("rodata", v)) => rodata_len = Some(v.parse::<u64>().map_err(|_| "bad rodata=")?),
+            Some(("roinit", v)) => roinit_len = Some(v.parse::<u64>().map_err(|_| "bad roinit=")?),
             Some(("sha256", v)) => sha256 = Some(hex32(v.as_bytes()).ok_or("sha256= needs 64 hex digits")?),
             Some(("mask", v)) => masks = Some(parse_masks(v)?),
             Some(("rel", v)) => relocs = Some(parse_relocs(v)?),
@@ -277,8 +281,8 @@ fn parse_entry(line: &str) -> Result<Entry, &'static str> {
         }
     }
     let (text_len, init_len) = (text_len.ok_or("no text=")?, init_len.ok_or("no init=")?);
-    let rodata_len = rodata_len.ok_or("no rodata=")?;
-    let total = text_len.saturating_add(init_len).saturating_add(rodata_len);
+    let (rodata_len, roinit_len) = (rodata_len.ok_or("no rodata=")?, roinit_len.ok_or("no roinit=")?);
+    let total = text_len.saturating_add(init_len).saturating_add(rodata_len).saturating_add(roinit_len);
     if total > MAX_TEXT {
         return Err("text too large");
     }
@@ -297,7 +301,7 @@ fn parse_entry(line: &str) -> Result<Entry, &'static str> {
         return Err("a patch site's relocation is no rel32");
     }
     let sha256 = sha256.ok_or("no sha256=")?;
-    Ok(Entry { name: name.into(), text_len, init_len, rodata_len, sha256, masks, relocs })
+    Ok(Entry { name: name.into(), text_len, init_len, rodata_len, roinit_len, sha256, masks, relocs })
 }
 
 fn parse_masks(v: &str) -> Result<Vec<(u64, u64)>, &'static str> {
@@ -351,7 +355,8 @@ impl Entry {
     /// Whether a module's regions have this entry's sizes: only then are
     /// its bytes worth reading.
     pub fn sizes_match(&self, s: &Sections) -> bool {
-        (s.text.len(), s.init.len(), s.rodata.len()) == (self.text_len, self.init_len, self.rodata_len)
+        let reported = [s.text.len(), s.init.len(), s.rodata.len(), s.ro_after_init.len()];
+        reported == [self.text_len, self.init_len, self.rodata_len, self.roinit_len]
     }
 
     /// The exported symbols this entry's relocations name.
@@ -363,11 +368,12 @@ impl Entry {
     }
 
     /// Checks a module against this entry: `sections` are its regions as
-    /// reported, `code` the bytes of text, init and rodata end to end (read
+    /// reported, `code` the bytes of text, init, rodata and roinit end to end (read
     /// from the guest; relocated and masked bytes are zeroed here), and
     /// `kernel` what the relocations resolve against.
     pub fn check(&self, sections: &Sections, code: &mut [u8], kernel: &Kernel<'_>) -> Result<(), Mismatch> {
-        let total = self.text_len.saturating_add(self.init_len).saturating_add(self.rodata_len);
+        let total =
+            [self.init_len, self.rodata_len, self.roinit_len].iter().fold(self.text_len, |t, &l| t.saturating_add(l));
         // Parsed entries keep their masks and fields inside; others are
         // refused rather than trusted.
         let inside = |off: u64, len: u64| off.checked_add(len).is_some_and(|end| end <= total);
@@ -381,6 +387,7 @@ impl Entry {
                 text_len: sections.text.len(),
                 init_len: sections.init.len(),
                 rodata_len: sections.rodata.len(),
+                roinit_len: sections.ro_after_init.len(),
             });
         }
         for r in &self.relocs {
@@ -401,15 +408,17 @@ impl Entry {
         }
     }
 
-    /// The guest-virtual address of `offset` into text || init || rodata.
+    /// The guest-virtual address of `offset` into text || init || rodata
+    /// || roinit (inside them: `check` verified the sizes).
     fn address_of(&self, s: &Sections, offset: u64) -> u64 {
-        if offset < self.text_len {
-            s.text.start.wrapping_add(offset)
-        } else if offset < self.text_len + self.init_len {
-            s.init.start.wrapping_add(offset - self.text_len)
-        } else {
-            s.rodata.start.wrapping_add(offset - self.text_len - self.init_len)
+        let mut at = offset;
+        for (region, len) in [(s.text, self.text_len), (s.init, self.init_len), (s.rodata, self.rodata_len)] {
+            if at < len {
+                return region.start.wrapping_add(at);
+            }
+            at -= len;
         }
+        s.ro_after_init.start.wrapping_add(at)
     }
 
     /// Recomputes one relocated field as `apply_relocate_add` does (S + A,
@@ -481,12 +490,14 @@ mod tests {
     const DATA: u64 = 0xffff_ffff_c000_3000;
     const PRINTK: u64 = 0xffff_ffff_8123_4560;
 
+    const ROINIT: u64 = 0xffff_ffff_c000_2000;
+
     fn sections(text: u64, init: u64, rodata: u64) -> Sections {
         Sections {
             text: Range::new(TEXT, TEXT + text),
             init: Range::new(INIT, INIT + init),
             rodata: Range::new(RODATA, RODATA + rodata),
-            ro_after_init: Range::default(),
+            ro_after_init: Range::new(ROINIT, ROINIT),
             data: Range::new(DATA, DATA + 0x1000),
             init_data: Range::default(),
         }
@@ -524,7 +535,7 @@ mod tests {
         let d: [u8; 32] = Sha256::digest(&code).into();
         let hex: String = d.iter().map(|b| alloc::format!("{b:02x}")).collect();
         let [t, i, r] = lens;
-        alloc::format!("module m text={t} init={i} rodata={r} sha256={hex} mask={masks} rel={rel}\n")
+        alloc::format!("module m text={t} init={i} rodata={r} roinit=0 sha256={hex} mask={masks} rel={rel}\n")
     }
 
     /// Writes what the loader writes for `rel` into `code` laid out at `s`.
@@ -606,7 +617,7 @@ mod tests {
         let (e, _, code) = module();
         let bigger = sections(64, 16, 0x1000);
         let got = e.check(&bigger, &mut code.clone(), &KERNEL);
-        assert_eq!(got, Err(Mismatch::Size { text_len: 64, init_len: 16, rodata_len: 0x1000 }));
+        assert_eq!(got, Err(Mismatch::Size { text_len: 64, init_len: 16, rodata_len: 0x1000, roinit_len: 0 }));
     }
 
     #[test]
@@ -691,6 +702,31 @@ mod tests {
     }
 
     #[test]
+    fn ro_after_init_data_is_pinned_as_loaded() {
+        // 8 bytes of text, 16 of ro_after_init data: a pointer to the text
+        // at 8 (64), then at 16 its own offset from itself (PC64).
+        let line = entry_for(&[0x90; 24], [8, 0, 0], "", "8:1:@text:0,16:24:@roinit:8");
+        let line = line.replace("text=8 init=0 rodata=0 roinit=0", "text=8 init=0 rodata=0 roinit=16");
+        let e = Policy::parse(&line).unwrap().entries[0].clone();
+        let mut s = sections(8, 0, 0);
+        s.ro_after_init = Range::new(ROINIT, ROINIT + 16);
+        let mut code = alloc::vec![0x90u8; 24];
+        code[8..16].copy_from_slice(&TEXT.to_le_bytes());
+        code[16..24].copy_from_slice(&0u64.to_le_bytes()); // S - P: its own address
+        assert_eq!(e.check(&s, &mut code.clone(), &KERNEL), Ok(()));
+        // Pointed elsewhere, or with another byte.
+        let mut other = code.clone();
+        other[8] = 0x10;
+        assert!(matches!(e.check(&s, &mut other, &KERNEL), Err(Mismatch::Relocation { offset: 8, .. })));
+        let mut other = code.clone();
+        other[20] ^= 1;
+        assert!(matches!(e.check(&s, &mut other, &KERNEL), Err(Mismatch::Relocation { offset: 16, .. })));
+        // Not reported, or of another size.
+        s.ro_after_init = Range::default();
+        assert!(matches!(e.check(&s, &mut code, &KERNEL), Err(Mismatch::Size { roinit_len: 0, .. })));
+    }
+
+    #[test]
     fn out_of_range_values_match_no_field() {
         // R_X86_64_32 of a kernel address cannot have been applied (the
         // loader refuses it); no 4-byte field equals it.
@@ -722,7 +758,7 @@ mod tests {
         // The same bytes split otherwise between text and init are refused.
         let split = sections(60, 4, 0);
         let got = e.check(&split, &mut text.to_vec(), &KERNEL);
-        assert_eq!(got, Err(Mismatch::Size { text_len: 60, init_len: 4, rodata_len: 0 }));
+        assert_eq!(got, Err(Mismatch::Size { text_len: 60, init_len: 4, rodata_len: 0, roinit_len: 0 }));
     }
 
     #[test]
@@ -730,17 +766,21 @@ mod tests {
         let good = entry_for(&[0; 8], [8, 0, 0], "", "");
         for (text, what) in [
             ("modul m text=1 init=0 sha256=00 mask=", "expected `module NAME ...`"),
-            ("module m text=8 init=0 rodata=0 mask= rel=", "no sha256="),
-            ("module m text=8 init=0 rodata=0 sha256=zz mask=", "sha256= needs 64 hex digits"),
+            ("module m text=8 init=0 rodata=0 roinit=0 mask= rel=", "no sha256="),
+            ("module m text=8 init=0 rodata=0 roinit=0 sha256=zz mask=", "sha256= needs 64 hex digits"),
             ("module m text=x init=0", "bad text="),
-            ("module m text=99999999999 init=0 rodata=0 mask=", "text too large"),
-            ("module m text=18446744073709551615 init=9 rodata=0 mask=", "text too large"),
+            ("module m text=99999999999 init=0 rodata=0 roinit=0 mask=", "text too large"),
+            ("module m text=1 init=0 rodata=0 roinit=18446744073709551615 mask=", "text too large"),
             ("module m text=8 init=0 mask=", "no rodata="),
-            ("module m text=8 init=0 rodata=0 mask= rel=1:2:@stack:0", "unknown region"),
-            ("module m text=8 init=0 rodata=0 mask= rel=1:2:x", "a relocation is OFF:TYPE:TARGET:ADDEND[:SITE]"),
-            ("module m text=8 init=0 rodata=0 mask= rel=1:2:x:0:alt", "unknown patch site"),
-            ("module m text=8 init=0 rodata=0 mask= rel=1:2::0", "bad symbol name"),
-            ("module m text=8 init=0 rodata=0 mask= rel=1:2:x:y", "bad relocation addend"),
+            ("module m text=8 init=0 rodata=0 mask=", "no roinit="),
+            ("module m text=8 init=0 rodata=0 roinit=0 mask= rel=1:2:@stack:0", "unknown region"),
+            (
+                "module m text=8 init=0 rodata=0 roinit=0 mask= rel=1:2:x",
+                "a relocation is OFF:TYPE:TARGET:ADDEND[:SITE]",
+            ),
+            ("module m text=8 init=0 rodata=0 roinit=0 mask= rel=1:2:x:0:alt", "unknown patch site"),
+            ("module m text=8 init=0 rodata=0 roinit=0 mask= rel=1:2::0", "bad symbol name"),
+            ("module m text=8 init=0 rodata=0 roinit=0 mask= rel=1:2:x:y", "bad relocation addend"),
         ] {
             assert_eq!(Policy::parse(&alloc::format!("# c\n{text}")), Err(PolicyError { line: 2, what }), "{text}");
         }

@@ -7,9 +7,10 @@
 //! The layout follows Linux's `layout_sections` (6.1 and 6.4+ alike):
 //! allocated sections by kind (text, rodata, ro_after_init, data) in file
 //! order, each at its own alignment, `.init*` ones in the init regions, each
-//! region rounded up to a page. The digest covers core text, init text and
-//! core rodata; the masks are every site a patch table names and the tables
-//! the loader sorts in place; the pins are every other relocated field there.
+//! region rounded up to a page. The digest covers core text, init text,
+//! core rodata and ro_after_init data; the masks are every site a patch
+//! table names and the tables the loader sorts in place; the pins are every
+//! other relocated field there.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -61,9 +62,9 @@ impl Region {
 /// Sections the loader drops from the module's memory (`SHF_ALLOC` cleared).
 const NOT_LOADED: [&str; 3] = [".modinfo", "__versions", ".data..percpu"];
 
-/// Rodata tables the loader sorts in place (ftrace, ORC, the exception
-/// table): hashed as zeros, like a patch site.
-const SORTED: [&str; 4] = ["__mcount_loc", ".orc_unwind", ".orc_unwind_ip", "__ex_table"];
+/// Tables the loader sorts in place (ftrace, ORC, the exception table, jump
+/// labels): hashed as zeros, like a patch site.
+const SORTED: [&str; 5] = ["__mcount_loc", ".orc_unwind", ".orc_unwind_ip", "__ex_table", "__jump_table"];
 
 /// Which region an allocated section lands in.
 fn region_of(name: &str, flags: u64) -> Option<Region> {
@@ -130,11 +131,13 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
     }
     let len_of = |r: Region| region_len[ORDER.iter().position(|&o| o == r).unwrap_or(0)];
     let (text_len, init_len, rodata_len) = (len_of(Region::Text), len_of(Region::Init), len_of(Region::Rodata));
-    // Where a region starts in text || init || rodata, the bytes hashed.
+    let roinit_len = len_of(Region::RoAfterInit);
+    // Where a region starts in text || init || rodata || roinit, the bytes hashed.
     let hashed = |r: Region| match r {
         Region::Text => Some(0),
         Region::Init => Some(text_len),
         Region::Rodata => Some(text_len + init_len),
+        Region::RoAfterInit => Some(text_len + init_len + rodata_len),
         _ => None,
     };
     // A section's offset in the hashed bytes, and its size.
@@ -143,7 +146,7 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
         Some((hashed(region)? + at, size))
     };
     let code_place = |i: usize| place(i).filter(|&(at, _)| at < text_len + init_len);
-    let total = text_len + init_len + rodata_len;
+    let total = text_len + init_len + rodata_len + roinit_len;
     let mut code = vec![0u8; total as usize];
     for (i, s) in sections.iter().enumerate() {
         if let Some((at, size)) = place(i).filter(|_| s.sh_type != SHT_NOBITS) {
@@ -271,7 +274,8 @@ pub fn entry(ko: &Path) -> Result<Entry, Fail> {
         code[off as usize..(off + len) as usize].fill(0);
     }
     let digest = Sha256::digest(&code);
-    let mut line = format!("module {module} text={text_len} init={init_len} rodata={rodata_len} sha256=");
+    let mut line =
+        format!("module {module} text={text_len} init={init_len} rodata={rodata_len} roinit={roinit_len} sha256=");
     digest.iter().for_each(|b| {
         let _ = write!(line, "{b:02x}");
     });

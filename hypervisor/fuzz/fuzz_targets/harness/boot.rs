@@ -244,7 +244,7 @@ fn policy(data: &[u8]) {
     let is_return_thunk = |a: u64| a == 0xffff_ffff_81e0_0000;
     let kernel = Kernel { symbol: &symbol, is_return_thunk: &is_return_thunk };
     for e in &p.entries {
-        let total = e.text_len + e.init_len + e.rodata_len;
+        let total = e.text_len + e.init_len + e.rodata_len + e.roinit_len;
         for &(off, len) in &e.masks {
             assert!(off.checked_add(len).is_some_and(|end| end <= total), "mask {off:#x}+{len:#x} past {total:#x}");
         }
@@ -253,6 +253,7 @@ fn policy(data: &[u8]) {
             text: at(0xffff_ffff_c000_0000, e.text_len),
             init: at(0xffff_ffff_d000_0000, e.init_len),
             rodata: at(0xffff_ffff_e000_0000, e.rodata_len),
+            ro_after_init: at(0xffff_ffff_e800_0000, e.roinit_len),
             data: at(0xffff_ffff_f000_0000, 0x1000),
             ..Default::default()
         };
