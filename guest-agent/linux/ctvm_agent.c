@@ -27,6 +27,7 @@
 #include <linux/extable.h>
 #include <asm/processor.h>
 #include <asm/nospec-branch.h>
+#include <asm/pgalloc.h>
 #include "ctvm_abi.h"
 
 static unsigned long text_start, text_end, rodata_start, rodata_end;
@@ -51,6 +52,10 @@ module_param(poke_start, ulong, 0400);
 module_param(poke_end, ulong, 0400);
 module_param(module_list, ulong, 0400);
 module_param(page_table, ulong, 0400);
+/* x86's pgd_list (declared by the kernel's headers, not exported): every
+ * process's top-level page table. */
+static unsigned long pgd_list_address;
+module_param_named(pgd_list, pgd_list_address, ulong, 0400);
 /* The image's .data and .bss (modprobe_path, init_task, init_cred, ...). */
 static unsigned long data_start, data_end, bss_start, bss_end;
 module_param(data_start, ulong, 0400);
@@ -562,6 +567,15 @@ static int __init ctvm_agent_init(void)
 	layout->shared[1] = (struct ctvm_range){ (unsigned long)&init_net.passive,
 						 (unsigned long)(&init_net.passive + 1) };
 	layout->kernel_page_table = page_table;
+	/* Each process's page tables, which modules must not edit: listed
+	 * through their struct page (6.x's ptdesc.pt_list overlays lru). */
+	if (pgd_list_address && layout->page_structs) {
+		layout->pgd_list = pgd_list_address;
+		layout->pgd_link_offset = offsetof(struct page, lru);
+		layout->pgd_pages = 1 << PGD_ALLOCATION_ORDER;
+	} else {
+		pr_warn("ctvm: no pgd_list: processes' page tables not protected\n");
+	}
 	branch_thunks(layout);
 	/* Reported from now on; until the lock, CTVM refuses them and they do
 	 * not load: nothing loads unisolated while the agent starts. */

@@ -28,6 +28,7 @@ pub mod layout;
 pub mod objects;
 pub mod policy;
 pub mod returns;
+pub mod tables;
 pub mod violation;
 pub mod wire;
 

@@ -95,6 +95,18 @@ impl ObjectMap {
         self.backing.iter().copied().filter(|&p| p != 0)
     }
 
+    /// The page frame whose `struct page` is at guest-virtual `va`.
+    pub fn frame_of(&self, va: u64) -> Option<u64> {
+        let offset = va.checked_sub(self.vmemmap)?;
+        offset.is_multiple_of(self.page_struct_size).then(|| offset / self.page_struct_size)
+    }
+
+    /// The guest-physical address of the `struct page` at guest-virtual
+    /// `va`, if the array maps it.
+    pub fn struct_gpa_of(&self, va: u64) -> Option<u64> {
+        self.struct_gpa(va)
+    }
+
     /// The guest-physical address of the `struct page` at guest-virtual `va`.
     fn struct_gpa(&self, va: u64) -> Option<u64> {
         let offset = va.checked_sub(self.vmemmap)?;

@@ -10,6 +10,7 @@ use guest_agent::integrity::{self as abi, WireRange};
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
 use super::objects::ObjectMap;
 use super::policy::Sections;
+use super::tables::ProcessList;
 
 /// A structure that does not check out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,10 +119,15 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         }
         shared.push(r);
     }
+    at += 16 * abi::SHARED_FIELDS;
     let objects =
         ObjectMap::from_wire(vmemmap, page_struct_size, slab_cache_offset, &caches).map_err(|_| WireError::Range)?;
+    let (pgd_list, link_offset, pgd_pages) = (u64_at(b, at), u32_at(b, at + 8), u32_at(b, at + 12));
+    let processes =
+        ProcessList::from_wire(pgd_list, link_offset, pgd_pages, objects.as_ref()).map_err(|_| WireError::Range)?;
     let layout = KernelLayout {
         objects,
+        processes,
         shared,
         page_table,
         indirect_thunks,
