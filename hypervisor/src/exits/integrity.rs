@@ -1656,12 +1656,9 @@ mod tests {
         let agent = Entry {
             name: abi::AGENT_NAME.into(),
             text_len: 0x1000,
-            init_len: 0,
-            rodata_len: 0,
-            roinit_len: 0,
             sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
             masks: alloc::vec![],
-            relocs: alloc::vec![],
+            ..Default::default()
         };
 
         let mut guest = test_guest();
@@ -1841,12 +1838,10 @@ mod tests {
         let entry = Entry {
             name: "evil".into(),
             text_len: 0x1000,
-            init_len: 0,
-            rodata_len: 0,
-            roinit_len: 0,
             sha256,
             masks: alloc::vec![(0x11, 1)],
             relocs: alloc::vec![call],
+            ..Default::default()
         };
         let mut f = fixture(mode);
         let rel = callee.wrapping_sub(K + MODULE_CODE + 0x35) as u32;

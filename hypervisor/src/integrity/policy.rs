@@ -154,7 +154,7 @@ const R_32S: u32 = 11;
 const R_PC64: u32 = 24;
 
 /// One trusted module.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     pub name: String,
     pub text_len: u64,
