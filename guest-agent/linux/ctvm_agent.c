@@ -137,9 +137,15 @@ static void module_ranges(struct module *mod, struct ctvm_module_info *info)
 
 	range(&info->code[0], core, mod->core_layout.text_size);
 	range(&info->code[1], init, mod->init_layout.text_size);
-	range(&info->data[0], core + mod->core_layout.text_size,
-	      mod->core_layout.size - mod->core_layout.text_size);
-	range(&info->data[1], init + mod->init_layout.text_size,
+	/* The core layout is text, rodata, ro_after_init, data, each part
+	 * page-aligned; init data here includes init rodata. */
+	range(&info->data[0], core + mod->core_layout.ro_after_init_size,
+	      mod->core_layout.size - mod->core_layout.ro_after_init_size);
+	range(&info->data[1], core + mod->core_layout.text_size,
+	      mod->core_layout.ro_size - mod->core_layout.text_size);
+	range(&info->data[2], core + mod->core_layout.ro_size,
+	      mod->core_layout.ro_after_init_size - mod->core_layout.ro_size);
+	range(&info->data[3], init + mod->init_layout.text_size,
 	      mod->init_layout.size - mod->init_layout.text_size);
 	range(&info->init[0], init, mod->init_layout.size);
 #endif

@@ -3,7 +3,10 @@
 //! violation records). Every structure has a fixed little-endian layout and
 //! a leading `size` field, so both sides can check what they were given.
 
-/// Version of the structures below.
+/// Version of the structures below (6: every process's page tables in the
+/// kernel layout; 7: how a page table is marked in its struct page, and a
+/// module's data slots one region each, rodata on its own, on 6.1 as on
+/// 6.4+).
 pub const STRUCT_VERSION: u32 = 7;
 
 /// A half-open range of guest-virtual addresses.
@@ -140,7 +143,11 @@ pub struct ModuleInfo {
     pub name: [u8; MODULE_NAME_MAX],
     /// Core text, init text.
     pub code: [WireRange; MODULE_CODE_RANGES],
-    /// Writable data, read-only data, read-only-after-init data, bss.
+    /// One region each, in this order: writable data (with bss), read-only
+    /// data, read-only-after-init data, init data (6.4's `MOD_DATA`,
+    /// `MOD_RODATA`, `MOD_RO_AFTER_INIT`, `MOD_INIT_DATA`; the same parts of
+    /// 6.1's core and init layouts). Trusted modules' relocations and rodata
+    /// are checked against these bases.
     pub data: [WireRange; MODULE_DATA_RANGES],
     /// Init text and init data (dropped at MODULE_STATE_LIVE).
     pub init: [WireRange; MODULE_INIT_RANGES],

@@ -16,7 +16,7 @@ use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, Outcome, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::objects::ObjectMap;
-use crate::integrity::policy::Mismatch;
+use crate::integrity::policy::{Kernel, Mismatch};
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
 use crate::integrity::{api, tables, wire, Guard, Stepping, View};
 use crate::mm::paging::Perms;
@@ -126,7 +126,12 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         .collect();
     // The exported symbols, read from the kernel's own tables, each judged
     // by the kernel-API policy: an isolated module calls only what it allows.
-    let api = alloc::sync::Arc::clone(&ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.api);
+    let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
+    let api = alloc::sync::Arc::clone(&state.api);
+    // The exports trusted modules' relocations resolve against, by name.
+    let mut symbols: alloc::collections::BTreeMap<alloc::string::String, Option<u64>> =
+        state.trusted.iter().flat_map(|e| e.symbols()).map(|n| (n.into(), None)).collect();
+    let mut found = alloc::collections::BTreeSet::new();
     let mut denied_apis = alloc::collections::BTreeMap::new();
     for table in [message.ksymtab, message.ksymtab_gpl] {
         let len = table.end.saturating_sub(table.start);
@@ -138,10 +143,18 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         }
         let raw = read_guest(ctx, table.start, len as usize)?;
         for (value, name) in wire::ksymtab(table, &raw) {
+            let n = name_at(ctx, name).unwrap_or_default();
+            if let Some(slot) = core::str::from_utf8(&n).ok().and_then(|n| symbols.get_mut(n)) {
+                // A name exported twice resolves only if both agree.
+                if found.insert(n.clone()) {
+                    *slot = Some(value);
+                } else if *slot != Some(value) {
+                    *slot = None;
+                }
+            }
             if !layout.text.contains(value) {
                 continue; // exported data, not an entry point
             }
-            let n = name_at(ctx, name).unwrap_or_default();
             // Thunks come from the kernel's own table too, so that a kernel
             // the agent does not know (renamed configs) cannot turn them
             // into entries that jump anywhere.
@@ -229,6 +242,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.register_kernel(layout, pages).map_err(map_err)?;
     state.denied_apis = denied_apis;
+    state.symbols = symbols;
     Ok(0)
 }
 
@@ -688,16 +702,20 @@ fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Resu
     let Some(entry) = state.trusted.iter().find(|e| e.name == info.name) else {
         return Ok(None);
     };
-    let lengths: Vec<u64> = info.code.iter().map(|r| r.end - r.start).collect();
-    if lengths != entry.range_lengths() {
+    let s = &info.sections;
+    let symbol = |name: &str| state.symbols.get(name).copied().flatten();
+    let is_return_thunk = |a: u64| state.engine.layout().is_some_and(|l| l.is_return_thunk(a));
+    let kernel = Kernel { symbol: &symbol, is_return_thunk: &is_return_thunk };
+    if !entry.sizes_match(s) {
         // Sizes alone decide; nothing is read for a module of another size.
-        return Ok(Some(entry.check(&lengths, &mut [])));
+        return Ok(Some(entry.check(s, &mut [], &kernel)));
     }
+    // Bounded by the policy's sizes, which match.
     let mut code = Vec::new();
-    for r in &info.code {
-        code.extend(read_guest(ctx, r.start, (r.end - r.start) as usize)?);
+    for r in [s.text, s.init, s.rodata, s.ro_after_init].iter().filter(|r| !r.is_empty()) {
+        code.extend(read_guest(ctx, r.start, r.len() as usize)?);
     }
-    Ok(Some(entry.check(&lengths, &mut code)))
+    Ok(Some(entry.check(s, &mut code, &kernel)))
 }
 
 /// Returns a module's pages to the kernel view and drops them from its
@@ -1676,9 +1694,9 @@ mod tests {
         let agent = Entry {
             name: abi::AGENT_NAME.into(),
             text_len: 0x1000,
-            init_len: 0,
             sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
             masks: alloc::vec![],
+            ..Default::default()
         };
 
         let mut guest = test_guest();
@@ -1839,15 +1857,34 @@ mod tests {
     /// Registers the fixture's module (one code page holding `mov [rax], rbx`)
     /// under a policy that pins `evil` to that page with `byte` at 0x20.
     fn register_pinned(mode: Mode, byte: u8) -> (Fixture, u32) {
+        register_pinned_calling(mode, byte, K + PRINTK)
+    }
+
+    /// The same, its code calling `callee` at 0x30 where the policy says
+    /// the `.ko` calls printk.
+    fn register_pinned_calling(mode: Mode, byte: u8, callee: u64) -> (Fixture, u32) {
+        use crate::integrity::policy::{Reloc, Target};
         use sha2::Digest;
         let mut code = alloc::vec![0u8; 0x1000];
         code[0x10..0x13].copy_from_slice(&[0x48, 0x89, 0x18]);
         code[0x20] = byte;
+        code[0x30] = 0xe8;
         // The masked byte counts for nothing, whatever the loader put there.
         code[0x11] = 0;
         let sha256 = sha2::Sha256::digest(&code).into();
-        let entry = Entry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: alloc::vec![(0x11, 1)] };
+        let call = Reloc { offset: 0x31, kind: 4, target: Target::Symbol("printk".into()), addend: -4, site: None };
+        let entry = Entry {
+            name: "evil".into(),
+            text_len: 0x1000,
+            sha256,
+            masks: alloc::vec![(0x11, 1)],
+            relocs: alloc::vec![call],
+            ..Default::default()
+        };
         let mut f = fixture(mode);
+        let rel = callee.wrapping_sub(K + MODULE_CODE + 0x35) as u32;
+        w(&f.phys, MODULE_CODE + 0x30, &[0xe8]);
+        w(&f.phys, MODULE_CODE + 0x31, &rel.to_le_bytes());
         f.guest.integrity.as_mut().unwrap().trusted.push(entry);
         let id = f.register_everything();
         (f, id)
@@ -1876,6 +1913,21 @@ mod tests {
         let (mut f, id) = register_pinned(Mode::Audit, 0xcc);
         assert!(f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
         assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
+    }
+
+    #[test]
+    fn a_look_alike_whose_call_points_elsewhere_is_isolated() {
+        // Its bytes are the pinned ones; its call, which the `.ko` says is
+        // to printk (resolved from the kernel's __ksymtab), goes to
+        // set_memory_rw.
+        let (mut f, id) = register_pinned_calling(Mode::Enforce, 0, K + SET_MEMORY_RW);
+        assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
+        assert!(f.control.views.contains(&id));
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
+        assert_eq!(f.guest.integrity.as_ref().unwrap().symbols.get("printk"), Some(&Some(K + PRINTK)));
+        // One byte past printk is elsewhere too.
+        let (f, id) = register_pinned_calling(Mode::Enforce, 0, K + PRINTK + 1);
+        assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct ModuleInfo {
     /// reads to check a LIVE or GOING report. The structure is the
     /// kernel's: the module's own view may not write it.
     pub module_struct: Range,
+    /// Its regions by kind (text, init text, rodata, ...), as reported:
+    /// what a trusted module's relocations are checked against.
+    pub sections: super::policy::Sections,
 }
 
 impl KernelLayout {

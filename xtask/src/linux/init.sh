@@ -100,6 +100,14 @@ twin_ifb() {
     say "twin $(last ifb)"
     if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
 }
+lookalike_ifb() {
+    # Trust follows what the code calls too: ifb's own text with one call
+    # relocated to another function is isolated, then removed.
+    insmod /lib/ctvm/lookalike/ifb.ko numifbs=0 2>/dev/null
+    say "lookalike ifb: $(grep -q '^ifb ' /proc/modules && echo loaded || echo not loaded)"
+    rmmod ifb 2>/dev/null
+    say "lookalike ifb removed: $(grep -c '^ifb ' /proc/modules) left"
+}
 
 # ctvm.smpintegrity: the agent locks the kernel with two CPUs running; an
 # attack module on each CPU is stopped (CR0.WP's guard reaches the CPU
@@ -119,8 +127,9 @@ integrity_tests() {
     done
     load_agent
 
-    # The twin is stopped; the real ifb then runs trusted.
+    # The twin and the look-alike are isolated; the real ifb then runs trusted.
     twin_ifb
+    lookalike_ifb
     insmod /lib/ctvm/ifb.ko && ip link add i0 type ifb && ip link set i0 up
     say "ifb up: $(ip link show i0 | grep -q ',UP' && echo yes || echo no)"
 
