@@ -153,6 +153,9 @@ pub struct Engine {
     /// them (the kernel's own never go away): the class goes when the
     /// process's table does, so a page the kernel reuses is not refused.
     process_tables: alloc::collections::BTreeSet<u64>,
+    /// Pages of the image's data the lock found to be page tables (and
+    /// classified so), given back to `Sensitive` if the lock is undone.
+    tables_in_data: Vec<u64>,
     /// The guest's agent, pinned at the lock: the only code that may make
     /// integrity hypercalls from then on.
     agent: Option<u32>,
@@ -225,6 +228,7 @@ impl Engine {
             returns: ReturnPoints::default(),
             tainted: alloc::collections::BTreeSet::new(),
             process_tables: alloc::collections::BTreeSet::new(),
+            tables_in_data: Vec::new(),
             agent: None,
             violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
@@ -281,10 +285,20 @@ impl Engine {
             return Err(RegisterError::Locked);
         }
         let mut added = Vec::new();
+        self.tables_in_data.clear();
         for gpa in page_tables {
-            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
-                v.insert(PageClass::PageTable);
-                added.push(page(gpa));
+            match self.pages.entry(page(gpa)) {
+                alloc::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(PageClass::PageTable);
+                    added.push(page(gpa));
+                }
+                // The image's static tables (level2_kernel_pgt, ...) lie in
+                // its .data: the same rights, named for what they are.
+                alloc::collections::btree_map::Entry::Occupied(mut o) if *o.get() == PageClass::Sensitive => {
+                    o.insert(PageClass::PageTable);
+                    self.tables_in_data.push(page(gpa));
+                }
+                alloc::collections::btree_map::Entry::Occupied(_) => {}
             }
         }
         self.locked = true;
@@ -352,6 +366,9 @@ impl Engine {
         if self.agent.is_none() && self.modules.is_empty() {
             for p in added {
                 self.pages.remove(p);
+            }
+            for p in core::mem::take(&mut self.tables_in_data) {
+                self.pages.insert(p, PageClass::Sensitive);
             }
             self.locked = false;
         }
@@ -1643,5 +1660,29 @@ mod tests {
         assert_eq!(resume(&mut e, MOD + 0x480).step, Step::Switch(m));
         let again = resume(&mut e, MOD + 0x480);
         assert_eq!(again.step, Step::Fault, "not a call from the kernel: the transfer faults");
+    }
+
+    /// The image's static page tables lie in its .data: found by the lock's
+    /// walk, they are named page tables (same rights), and an undone lock
+    /// gives them back to the data.
+    #[test]
+    fn the_images_own_page_tables_are_named_page_tables() {
+        let mut e = Engine::new(Mode::Enforce);
+        e.register_kernel(
+            KernelLayout::default(),
+            [(DATA_GPA, PageClass::Sensitive), (DATA_GPA + 0x1000, PageClass::Sensitive)],
+        )
+        .unwrap();
+        let added = e.lock([DATA_GPA, PT_GPA]).unwrap();
+        assert_eq!(added, vec![PT_GPA]);
+        assert_eq!(e.class_of(DATA_GPA), Some(PageClass::PageTable));
+        assert_eq!(e.class_of(DATA_GPA + 0x1000), Some(PageClass::Sensitive));
+        e.revert_lock(&added);
+        assert_eq!(e.class_of(DATA_GPA), Some(PageClass::Sensitive));
+        assert_eq!(e.class_of(PT_GPA), None);
+        e.lock([DATA_GPA]).unwrap();
+        let id = e.register_module(ModuleInfo { name: "x".into(), ..Default::default() }, false, &[], &[]).unwrap();
+        let out = e.decide(&fault(View::Module(id), Access::Write, DATA_GPA + 8, 0, 0));
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::Skip, Some(ViolationKind::WritePageTable)));
     }
 }
