@@ -27,6 +27,7 @@
 #include <linux/extable.h>
 #include <asm/processor.h>
 #include <asm/nospec-branch.h>
+#include <asm/pgalloc.h>
 #include "ctvm_abi.h"
 
 static unsigned long text_start, text_end, rodata_start, rodata_end;
@@ -51,6 +52,10 @@ module_param(poke_start, ulong, 0400);
 module_param(poke_end, ulong, 0400);
 module_param(module_list, ulong, 0400);
 module_param(page_table, ulong, 0400);
+/* x86's pgd_list (declared by the kernel's headers, not exported): every
+ * process's top-level page table. */
+static unsigned long pgd_list_address;
+module_param_named(pgd_list, pgd_list_address, ulong, 0400);
 /* The image's .data and .bss (modprobe_path, init_task, init_cred, ...). */
 static unsigned long data_start, data_end, bss_start, bss_end;
 module_param(data_start, ulong, 0400);
@@ -132,9 +137,15 @@ static void module_ranges(struct module *mod, struct ctvm_module_info *info)
 
 	range(&info->code[0], core, mod->core_layout.text_size);
 	range(&info->code[1], init, mod->init_layout.text_size);
-	range(&info->data[0], core + mod->core_layout.text_size,
-	      mod->core_layout.size - mod->core_layout.text_size);
-	range(&info->data[1], init + mod->init_layout.text_size,
+	/* The core layout is text, rodata, ro_after_init, data, each part
+	 * page-aligned; init data here includes init rodata. */
+	range(&info->data[0], core + mod->core_layout.ro_after_init_size,
+	      mod->core_layout.size - mod->core_layout.ro_after_init_size);
+	range(&info->data[1], core + mod->core_layout.text_size,
+	      mod->core_layout.ro_size - mod->core_layout.text_size);
+	range(&info->data[2], core + mod->core_layout.ro_size,
+	      mod->core_layout.ro_after_init_size - mod->core_layout.ro_size);
+	range(&info->data[3], init + mod->init_layout.text_size,
 	      mod->init_layout.size - mod->init_layout.text_size);
 	range(&info->init[0], init, mod->init_layout.size);
 #endif
@@ -556,6 +567,25 @@ static int __init ctvm_agent_init(void)
 	layout->shared[1] = (struct ctvm_range){ (unsigned long)&init_net.passive,
 						 (unsigned long)(&init_net.passive + 1) };
 	layout->kernel_page_table = page_table;
+	/* Each process's page tables, which modules must not edit: listed
+	 * through their struct page (6.x's ptdesc.pt_list overlays lru). */
+	if (pgd_list_address && layout->page_structs) {
+		layout->pgd_list = pgd_list_address;
+		layout->pgd_link_offset = offsetof(struct page, lru);
+		layout->pgd_pages = 1 << PGD_ALLOCATION_ORDER;
+		/* A process's PTE and PMD pages are typed as page tables in
+		 * their struct page from the moment they are made. */
+		layout->page_type_offset = offsetof(struct page, page_type);
+#ifdef PG_table
+		layout->page_table_mask = PAGE_TYPE_BASE | PG_table;
+		layout->page_table_value = PAGE_TYPE_BASE;
+#else
+		layout->page_table_mask = 0xff000000;
+		layout->page_table_value = (u32)PGTY_table << 24;
+#endif
+	} else {
+		pr_warn("ctvm: no pgd_list: processes' page tables not protected\n");
+	}
 	branch_thunks(layout);
 	/* Reported from now on; until the lock, CTVM refuses them and they do
 	 * not load: nothing loads unisolated while the agent starts. */

@@ -3,8 +3,11 @@
 //! violation records). Every structure has a fixed little-endian layout and
 //! a leading `size` field, so both sides can check what they were given.
 
-/// Version of the structures below.
-pub const STRUCT_VERSION: u32 = 5;
+/// Version of the structures below (6: every process's page tables in the
+/// kernel layout; 7: how a page table is marked in its struct page, and a
+/// module's data slots one region each, rodata on its own, on 6.1 as on
+/// 6.4+).
+pub const STRUCT_VERSION: u32 = 7;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -71,6 +74,26 @@ pub struct KernelLayout {
     /// of `init_net`, which `get_net`/`put_net` change); unused slots zero.
     /// Each lies within one page and is at most [`SHARED_FIELD_MAX`] bytes.
     pub shared: [WireRange; SHARED_FIELDS],
+    /// x86's `pgd_list`: every process's top-level page table, linked
+    /// through its `struct page` (zero if the agent gives none). A module
+    /// that could edit a process's tables would alias kernel data into
+    /// user space or other code under a kernel address.
+    pub pgd_list: u64,
+    /// Where a `struct page` holds the link of that list (`lru`, which
+    /// 6.x's `ptdesc.pt_list` overlays).
+    pub pgd_link_offset: u32,
+    /// Pages per top-level table (`1 << PGD_ALLOCATION_ORDER`: two with
+    /// page-table isolation, whose user copy follows the kernel's).
+    pub pgd_pages: u32,
+    /// Where a `struct page` holds its type (`page_type`), and the bits
+    /// that mark a process's page table there: `(page_type & mask) ==
+    /// value` (6.1: `PAGE_TYPE_BASE | PG_table`, `PAGE_TYPE_BASE`; 6.12:
+    /// the top byte, `PGTY_table`). Zero mask: not given. Lets a module's
+    /// first write to a table the last walk has not seen yet be refused.
+    pub page_type_offset: u32,
+    pub page_table_mask: u32,
+    pub page_table_value: u32,
+    pub reserved: u32,
 }
 
 /// How many shared fields the layout can name, and their largest size.
@@ -120,7 +143,11 @@ pub struct ModuleInfo {
     pub name: [u8; MODULE_NAME_MAX],
     /// Core text, init text.
     pub code: [WireRange; MODULE_CODE_RANGES],
-    /// Writable data, read-only data, read-only-after-init data, bss.
+    /// One region each, in this order: writable data (with bss), read-only
+    /// data, read-only-after-init data, init data (6.4's `MOD_DATA`,
+    /// `MOD_RODATA`, `MOD_RO_AFTER_INIT`, `MOD_INIT_DATA`; the same parts of
+    /// 6.1's core and init layouts). Trusted modules' relocations and rodata
+    /// are checked against these bases.
     pub data: [WireRange; MODULE_DATA_RANGES],
     /// Init text and init data (dropped at MODULE_STATE_LIVE).
     pub init: [WireRange; MODULE_INIT_RANGES],
@@ -263,11 +290,13 @@ pub enum ViolationKind {
     /// An object of the kernel's own bookkeeping (a `cred`, a task, a pid,
     /// ...) in a protected slab cache.
     WriteKernelObject = 23,
+    /// A page table: the kernel's, at any level, or a process's.
+    WritePageTable = 24,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 23] = [
+    pub const ALL: [ViolationKind; 24] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -291,6 +320,7 @@ impl ViolationKind {
         Self::DeputyWrite,
         Self::ForeignIpi,
         Self::WriteKernelObject,
+        Self::WritePageTable,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -319,6 +349,7 @@ impl ViolationKind {
             Self::DeputyWrite => "deputy-write",
             Self::ForeignIpi => "foreign-ipi",
             Self::WriteKernelObject => "write-kernel-object",
+            Self::WritePageTable => "write-page-table",
         }
     }
 }
@@ -408,7 +439,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 reserved;\n}};"
     );
     let _ = writeln!(
         h,
@@ -450,6 +481,11 @@ pub fn c_header() -> alloc::string::String {
         h,
         "static_assert(offsetof(struct ctvm_kernel_layout, protected_caches) == {});",
         offset_of!(KernelLayout, protected_caches)
+    );
+    let _ = writeln!(
+        h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, pgd_list) == {});",
+        offset_of!(KernelLayout, pgd_list)
     );
     let _ = writeln!(
         h,
@@ -507,6 +543,8 @@ mod tests {
                 + 16
                 + 8 * PROTECTED_CACHES
                 + 16 * SHARED_FIELDS
+                + 16
+                + 16
         );
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);
         assert_eq!(core::mem::size_of::<Fixup>(), 16);

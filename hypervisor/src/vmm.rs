@@ -576,6 +576,11 @@ impl GuestControl for Views<'_> {
         let eptp = self.view(view)?.pointer();
         current::set_eptp(eptp);
         current::set_event_exiting(matches!(view, View::Module(_)));
+        // A module never loads CR3: its own tables would alias anything.
+        // Kernel views keep the loads exit-free, unless the processor forces them.
+        let c = &self.vmx.controls;
+        let forced = c.procbased_with(&self.vmx.msrs, PrimaryControls::CR3_LOAD_EXITING, false).is_none();
+        current::set_primary_control(PrimaryControls::CR3_LOAD_EXITING, forced || matches!(view, View::Module(_)));
         // The bitmaps go with the view: a module's traps every port and MSR write.
         if let Some(module_bitmaps) = self.module_bitmaps {
             current::set_bitmaps(if view == View::Kernel { self.bitmaps } else { module_bitmaps });

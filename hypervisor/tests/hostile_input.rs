@@ -2484,9 +2484,9 @@ mod integrity_views {
             let pinned = hypervisor::integrity::policy::Entry {
                 name: "trusted".into(),
                 text_len: 0x1000,
-                init_len: 0,
                 sha256: <sha2::Sha256 as sha2::Digest>::digest([0u8; 0x1000]).into(),
                 masks: vec![],
+                ..Default::default()
             };
             let mut agent_code = vec![0u8; 0x1000];
             agent_code[..3].copy_from_slice(&VMCALL);
@@ -2500,9 +2500,9 @@ mod integrity_views {
             let agent = hypervisor::integrity::policy::Entry {
                 name: abi::AGENT_NAME.into(),
                 text_len: 0x1000,
-                init_len: 0,
                 sha256: <sha2::Sha256 as sha2::Digest>::digest(&agent_code).into(),
                 masks: vec![],
+                ..Default::default()
             };
             guest.integrity = Some(GuestIntegrity::new(mode, vec![pinned, agent]));
             let mut vcpu = long_mode_vcpu(PML4);

@@ -126,10 +126,13 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
             ctx.vcpu.write(Field::Cr4ReadShadow, value);
             ctx.vcpu.write(Field::Cr4, (value | limits.cr4_fixed0) & limits.cr4_fixed1);
         }
-        // CR3-load/store exiting is forced on by some processors.
+        // CR3-load/store exiting is forced on by some processors; a
+        // module's view makes the loads exit too, and they are refused.
         CrAccess::MovTo { cr: 3, gpr } => {
             let value = read_gpr(ctx, gpr);
-            ctx.vcpu.write(Field::Cr3, value & !(1 << 63));
+            if !super::integrity::cr3_load(ctx, value) {
+                ctx.vcpu.write(Field::Cr3, value & !(1 << 63));
+            }
         }
         CrAccess::MovFrom { cr: 3, gpr } => {
             let value = ctx.vcpu.read(Field::Cr3);

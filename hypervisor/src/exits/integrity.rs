@@ -16,9 +16,9 @@ use crate::integrity::control::{ControlError, GuestControl};
 use crate::integrity::engine::{Fault, Outcome, PageClass, RegisterError, Step};
 use crate::integrity::layout::{ModuleInfo, Range};
 use crate::integrity::objects::ObjectMap;
-use crate::integrity::policy::Mismatch;
+use crate::integrity::policy::{Kernel, Mismatch};
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
-use crate::integrity::{api, wire, Guard, Stepping, View};
+use crate::integrity::{api, tables, wire, Guard, Stepping, View};
 use crate::mm::paging::Perms;
 use crate::vcpu::{inject_exception, Field, VECTOR_GP};
 
@@ -126,7 +126,12 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         .collect();
     // The exported symbols, read from the kernel's own tables, each judged
     // by the kernel-API policy: an isolated module calls only what it allows.
-    let api = alloc::sync::Arc::clone(&ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?.api);
+    let state = ctx.guest.integrity.as_ref().ok_or(Error::NotPermitted)?;
+    let api = alloc::sync::Arc::clone(&state.api);
+    // The exports trusted modules' relocations resolve against, by name.
+    let mut symbols: alloc::collections::BTreeMap<alloc::string::String, Option<u64>> =
+        state.trusted.iter().flat_map(|e| e.symbols()).map(|n| (n.into(), None)).collect();
+    let mut found = alloc::collections::BTreeSet::new();
     let mut denied_apis = alloc::collections::BTreeMap::new();
     for table in [message.ksymtab, message.ksymtab_gpl] {
         let len = table.end.saturating_sub(table.start);
@@ -138,10 +143,18 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
         }
         let raw = read_guest(ctx, table.start, len as usize)?;
         for (value, name) in wire::ksymtab(table, &raw) {
+            let n = name_at(ctx, name).unwrap_or_default();
+            if let Some(slot) = core::str::from_utf8(&n).ok().and_then(|n| symbols.get_mut(n)) {
+                // A name exported twice resolves only if both agree.
+                if found.insert(n.clone()) {
+                    *slot = Some(value);
+                } else if *slot != Some(value) {
+                    *slot = None;
+                }
+            }
             if !layout.text.contains(value) {
                 continue; // exported data, not an entry point
             }
-            let n = name_at(ctx, name).unwrap_or_default();
             // Thunks come from the kernel's own table too, so that a kernel
             // the agent does not know (renamed configs) cannot turn them
             // into entries that jump anywhere.
@@ -229,6 +242,7 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let state = ctx.guest.integrity.as_mut().ok_or(Error::NotPermitted)?;
     state.engine.register_kernel(layout, pages).map_err(map_err)?;
     state.denied_apis = denied_apis;
+    state.symbols = symbols;
     Ok(0)
 }
 
@@ -246,59 +260,74 @@ fn struct_page_array(ctx: &ExitContext<'_>, objects: &ObjectMap) -> Result<Vec<u
         .collect())
 }
 
-/// Most page-table pages the kernel half may have for the hypervisor to
-/// follow (a walk reads each once; Linux has some hundreds).
-const MAX_KERNEL_TABLES: usize = 1 << 16;
+/// Reads a guest-physical page table, `None` outside guest RAM.
+fn read_table(ctx: &ExitContext<'_>, at: u64) -> Option<tables::Table> {
+    let mut t = [0u8; 4096];
+    ctx.guest.memory.read(&ctx.phys, at, &mut t).ok()?;
+    Some(core::array::from_fn(|i| u64::from_le_bytes(t[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))))
+}
+
+/// Pages per top-level table: two with page-table isolation (the user
+/// copy follows), as the agent says; one without a list to say it.
+fn pgd_pages(ctx: &ExitContext<'_>) -> u64 {
+    let layout = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout());
+    layout.and_then(|l| l.processes).map_or(1, |p| p.pgd_pages)
+}
 
 /// The kernel's own page-table pages at every level (its PML4 and, below
-/// its kernel half, which every process shares, the PDPTs, PDs and PTs),
-/// which no module may write.
+/// its kernel half, which every process shares, the PDPTs, PDs and PTs;
+/// with page-table isolation also the user copy's kernel half, the entry
+/// trampolines' tables), which no module may write.
 fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
     let layout = ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).ok_or(Error::NotPermitted)?;
     let root = gpa_of(ctx, layout.page_table)?;
-    let read_table = |at: u64| -> Vec<u64> {
-        let mut t = [0u8; 4096];
-        if ctx.guest.memory.read(&ctx.phys, at, &mut t).is_err() {
-            return Vec::new();
-        }
-        t.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap_or([0; 8]))).collect()
+    let roots: Vec<tables::Root> =
+        (0..pgd_pages(ctx)).map(|i| tables::Root { table: root + i * 0x1000, first: 256 }).collect();
+    Ok(tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), |_| false))
+}
+
+/// Every process's page tables, found through `pgd_list`, below the
+/// kernel's (which are followed by their own walk): empty when the agent
+/// named no list.
+fn process_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
+    let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return Vec::new() };
+    let Some((list, objects)) = engine.layout().and_then(|l| Some((l.processes?, l.objects.as_ref()?))) else {
+        return Vec::new();
     };
-    // Present entries that point to a table (not a large page), by level.
-    let tables_in = |table: u64, skip: usize| -> Vec<u64> {
-        read_table(table)
-            .iter()
-            .skip(skip)
-            .filter(|e| *e & 1 != 0 && *e & 0x80 == 0)
-            .map(|e| e & 0x000f_ffff_ffff_f000)
-            .collect()
+    let read = |at: u64| {
+        let mut b = [0u8; 8];
+        ctx.guest.memory.read(&ctx.phys, at, &mut b).ok().map(|()| u64::from_le_bytes(b))
     };
-    let mut out = alloc::vec![root];
-    let mut level = tables_in(root, 256);
-    for depth in 0..3 {
-        out.extend_from_slice(&level);
-        if depth == 2 || out.len() > MAX_KERNEL_TABLES {
-            break;
-        }
-        level = level.iter().flat_map(|&t| tables_in(t, 0)).take(MAX_KERNEL_TABLES).collect();
-    }
-    // Entries may point outside guest RAM: those are no tables to protect,
-    // and must not be mapped into the kernel view by the lock.
-    out.retain(|&t| ctx.guest.memory.contains(t));
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
+    let Some(first) = gpa_of(ctx, list.head).ok().and_then(read) else { return Vec::new() };
+    let roots: Vec<tables::Root> =
+        list.roots(first, objects, read).into_iter().map(|table| tables::Root { table, first: 0 }).collect();
+    let kernel = |t: u64| engine.class_of(t) == Some(PageClass::PageTable) && !engine.is_process_table(t);
+    tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), kernel)
 }
 
 /// Tables the kernel allocated since the last look (vmalloc, a split of
-/// the direct map): classified as page tables, read-only to every module
-/// view from now on (a grant made before is taken back). Called on the
-/// agent's drain, every second.
+/// the direct map, a new process's) are classified as page tables,
+/// read-only to every module view from now on (a grant made before is
+/// taken back); the class of a process's table that is gone is dropped.
+/// Called on the agent's drain (every second), before a module is
+/// registered, and before a decision on a process's table.
 fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
-    let Ok(tables) = kernel_page_tables(ctx) else { return };
+    if !ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked()) {
+        return;
+    }
+    let Ok(kernel) = kernel_page_tables(ctx) else { return };
+    let Some(state) = ctx.guest.integrity.as_mut() else { return };
+    let mut added = state.engine.add_page_tables(kernel);
+    let processes = process_page_tables(ctx);
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return;
     };
-    let added = state.engine.add_page_tables(tables);
+    let (new, gone) = if state.engine.layout().is_some_and(|l| l.processes.is_some()) {
+        state.engine.set_process_tables(&processes)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    added.extend_from_slice(&new);
     let modules: Vec<u32> = state.engine.modules().collect();
     for &page in &added {
         let _ = control.set_perms(View::Kernel, page, kernel_view_perms(PageClass::PageTable));
@@ -306,8 +335,14 @@ fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
             take_back_write(control, m, page);
         }
     }
-    if !added.is_empty() {
-        log::debug!("guest {}: {} new kernel page tables protected", ctx.guest.name(), added.len());
+    // An untracked page again: the kernel's to use, executable unless a
+    // module was ever granted a write to it.
+    for &page in &gone {
+        let perms = if state.engine.is_tainted(page) { Perms::RW } else { Perms::RWX };
+        let _ = control.set_perms(View::Kernel, page, perms);
+    }
+    if !added.is_empty() || !gone.is_empty() {
+        log::debug!("guest {}: page tables: {} protected, {} released", ctx.guest.name(), added.len(), gone.len());
     }
 }
 
@@ -414,9 +449,21 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
     control.guard_control_registers(CR0_WP, CR4_SMEP | CR4_SMAP);
     control.trap_descriptor_tables();
     control.trap_msr_writes(&GUARDED_MSRS);
-    let tables = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
+    let kernel = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
+    refresh_page_tables(ctx);
+    let all = ctx
+        .guest
+        .integrity
+        .as_ref()
+        .map_or(0, |s| s.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count());
+    let processes =
+        if ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()).is_some_and(|l| l.processes.is_some()) {
+            alloc::format!("{} of processes", all - kernel)
+        } else {
+            "none of processes: the agent named no pgd_list".into()
+        };
     log::info!(
-        "guest {}: kernel layout locked, agent pinned; protections on ({tables} kernel page tables)",
+        "guest {}: kernel layout locked, agent pinned; protections on ({kernel} kernel page tables, {processes})",
         ctx.guest.name()
     );
     Ok(id)
@@ -585,7 +632,11 @@ fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u6
         Some(Ok(())) => (true, None),
         Some(Err(m)) => (mode == crate::integrity::Mode::Audit, Some(m)),
     };
-    add_module(ctx, module, trusted, mismatch)
+    let id = add_module(ctx, module, trusted, mismatch)?;
+    // The process loading the module may be younger than the last walk:
+    // its tables are protected before the module's code runs.
+    refresh_page_tables(ctx);
+    Ok(id)
 }
 
 /// Adds a module that was read and judged to the engine and the views.
@@ -651,16 +702,20 @@ fn trust_verdict(ctx: &ExitContext<'_>, info: &ModuleInfo) -> Result<Option<Resu
     let Some(entry) = state.trusted.iter().find(|e| e.name == info.name) else {
         return Ok(None);
     };
-    let lengths: Vec<u64> = info.code.iter().map(|r| r.end - r.start).collect();
-    if lengths != entry.range_lengths() {
+    let s = &info.sections;
+    let symbol = |name: &str| state.symbols.get(name).copied().flatten();
+    let is_return_thunk = |a: u64| state.engine.layout().is_some_and(|l| l.is_return_thunk(a));
+    let kernel = Kernel { symbol: &symbol, is_return_thunk: &is_return_thunk };
+    if !entry.sizes_match(s) {
         // Sizes alone decide; nothing is read for a module of another size.
-        return Ok(Some(entry.check(&lengths, &mut [])));
+        return Ok(Some(entry.check(s, &mut [], &kernel)));
     }
+    // Bounded by the policy's sizes, which match.
     let mut code = Vec::new();
-    for r in &info.code {
-        code.extend(read_guest(ctx, r.start, (r.end - r.start) as usize)?);
+    for r in [s.text, s.init, s.rodata, s.ro_after_init].iter().filter(|r| !r.is_empty()) {
+        code.extend(read_guest(ctx, r.start, r.len() as usize)?);
     }
-    Ok(Some(entry.check(&lengths, &mut code)))
+    Ok(Some(entry.check(s, &mut code, &kernel)))
 }
 
 /// Returns a module's pages to the kernel view and drops them from its
@@ -942,6 +997,12 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     // the access is handled (emulated, or the guest stopped) as it would be
     // without integrity.
     let page = ctx.exit.guest_physical & !0xfff;
+    // A process's table may have gone since the last walk, and its page
+    // been reused: the class is confirmed before it decides anything.
+    if state.engine.is_process_table(page) {
+        refresh_page_tables(ctx);
+    }
+    let state = ctx.guest.integrity.as_ref()?;
     let kept = ctx.control.as_deref().and_then(|c| c.perms(View::Kernel, page))?;
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     // A module's view never gets more than the kernel view has: an access
@@ -957,6 +1018,15 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if matches!(state.view, View::Module(_)) && untracked && !kept.contains(needed) {
         return None;
     }
+    // The processor's own walk for a module's access, setting an accessed
+    // or dirty bit in a table the module may not write.
+    let walk = info.linear_valid && !info.final_translation && info.access == super::Access::Write;
+    let protected_table =
+        matches!(state.view, View::Module(_)) && state.engine.class_of(page) == Some(PageClass::PageTable);
+    if walk && protected_table && set_accessed_or_dirty(ctx, ctx.exit.guest_physical) {
+        return Some(Action::Resume);
+    }
+    let state = ctx.guest.integrity.as_ref()?;
     let rip = ctx.vcpu.read(Field::Rip);
     let rsp = ctx.vcpu.read(Field::Rsp);
     // What the stack shows is the hypervisor's own look, not an access made
@@ -1038,10 +1108,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0], EPERM.wrapping_neg()),
         Step::ReturnNull => return_error(ctx, stack[0], 0),
-        Step::Fault => {
-            inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
-            Action::Resume
-        }
+        Step::Fault => general_protection(ctx),
         Step::Branch { view: to, rip: target, pop } => {
             // The hypervisor carries the branch out: the target must map the
             // code registered there, or the next fetch would run other code.
@@ -1052,8 +1119,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
                 let v = state.engine.record(crate::integrity::ViolationKind::Alias, view, rip, target);
                 report(ctx, &v);
                 if v.action == abi::ViolationAction::Denied {
-                    inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
-                    return Some(Action::Resume);
+                    return Some(general_protection(ctx));
                 }
             }
             if to != view {
@@ -1160,8 +1226,24 @@ fn skip(ctx: &mut ExitContext<'_>) -> Action {
             let exit = crate::vcpu::ExitInfo { instruction_len: u64::from(len), ..*ctx.exit };
             crate::vcpu::skip_instruction(ctx.vcpu, &exit);
         }
-        None => inject_exception(ctx.vcpu, VECTOR_GP, Some(0)),
+        None => return general_protection(ctx),
     }
+    Action::Resume
+}
+
+/// Refuses a transfer that cannot return a value: a #GP, delivered as the
+/// processor delivers any exception from a module's view, in the kernel
+/// view (the handler is no entry of the module's). Injected in the
+/// module's view, the handler's fetch would be refused in turn, and so on
+/// until the guest's stack overflows.
+fn general_protection(ctx: &mut ExitContext<'_>) -> Action {
+    if let View::Module(m) = ctx.view() {
+        let rip = ctx.vcpu.read(Field::Rip);
+        if leave_module_for_event(ctx, m, rip).is_err() {
+            return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+        }
+    }
+    inject_exception(ctx.vcpu, VECTOR_GP, Some(0));
     Action::Resume
 }
 
@@ -1175,7 +1257,7 @@ fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>, value: u
             ctx.vcpu.write(Field::Rip, ret);
             ctx.vcpu.regs().rax = value;
         }
-        None => inject_exception(ctx.vcpu, VECTOR_GP, Some(0)),
+        None => return general_protection(ctx),
     }
     Action::Resume
 }
@@ -1355,6 +1437,46 @@ pub fn control_register_write(ctx: &mut ExitContext<'_>, old: u64, new: u64, gua
     v.action == abi::ViolationAction::Denied
 }
 
+/// The accessed or dirty bit the processor's page walk could not set in
+/// a protected table (the entry at guest-physical `entry`), set for it:
+/// accessed first, then, with accessed already set, dirty (the walk comes
+/// back for it on a write through a leaf). Nothing else of the entry
+/// changes, atomically (the kernel may be changing it on another CPU: then
+/// the walk comes back); `false` when both are set already (then the exit
+/// is judged as a write).
+fn set_accessed_or_dirty(ctx: &mut ExitContext<'_>, entry: u64) -> bool {
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
+    let at = entry & !7;
+    let mut b = [0u8; 8];
+    if ctx.guest.memory.read(&ctx.phys, at, &mut b).is_err() {
+        return false;
+    }
+    let value = u64::from_le_bytes(b);
+    let bit = if value & ACCESSED == 0 { ACCESSED } else { DIRTY };
+    if value & 1 == 0 || value & bit != 0 {
+        return false;
+    }
+    // Lost to a change on another CPU: the processor walks again.
+    let _ = ctx.guest.memory.compare_exchange_u64(&ctx.phys, at, value, value | bit);
+    true
+}
+
+/// A MOV to CR3 from a module's view after the lock: refused in enforce
+/// mode. Page tables of its own would map any linear address to any page
+/// (a denied API under an allowed one's address, kernel data under a user
+/// one), and the kernel's own loads run in the kernel view.
+pub fn cr3_load(ctx: &mut ExitContext<'_>, value: u64) -> bool {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return false };
+    if !state.engine.is_locked() || !matches!(state.view, View::Module(_)) {
+        return false;
+    }
+    let view = state.view;
+    let v = state.engine.record(ViolationKind::ControlRegister, view, ctx.vcpu.read(Field::Rip), value);
+    report(ctx, &v);
+    v.action == abi::ViolationAction::Denied
+}
+
 /// A guarded MSR write after the lock (the syscall entry points).
 pub fn msr_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> bool {
     let Some(state) = ctx.guest.integrity.as_mut() else { return false };
@@ -1439,6 +1561,12 @@ mod tests {
     const CRED_JAR: u64 = K + 0xb0_0000;
     const CRED_PAGE: u64 = 0xc0_0000;
     const HEAP_PAGE: u64 = 0xc1_0000;
+    /// `pgd_list`, in the image's data, and one process's page tables.
+    const PGD_LIST: u64 = KERNEL_DATA + 0x200;
+    const PROCESS_PGD: u64 = 0xd8_0000;
+    const PROCESS_PDPT: u64 = 0xd9_0000;
+    const PROCESS_PD: u64 = 0xda_0000;
+    const PROCESS_PT: u64 = 0xdb_0000;
 
     struct Fixture {
         guest: Guest,
@@ -1486,6 +1614,30 @@ mod tests {
         l.slab_cache_offset = 24;
         l.protected_caches[0] = CRED_JAR;
         l.shared[0] = abi::WireRange { start: K + KERNEL_DATA + 0x94, end: K + KERNEL_DATA + 0x98 };
+        // pgd_list in the image's data, holding one process's top-level
+        // table (two pages, as with page-table isolation), linked through
+        // its struct page: PGD[0] -> PDPT -> PD -> PT; PGD[511] -> the
+        // kernel's PDPT, shared.
+        l.pgd_list = K + PGD_LIST;
+        l.pgd_link_offset = 8;
+        l.pgd_pages = 2;
+        // Page tables typed in their struct page as 6.1 types them.
+        l.page_type_offset = 48;
+        l.page_table_mask = 0xf000_0200;
+        l.page_table_value = 0xf000_0000;
+        let link = K + VMEMMAP + (PROCESS_PGD >> 12) * 64 + 8;
+        w(&phys, PGD_LIST, &link.to_le_bytes());
+        w(&phys, VMEMMAP + (PROCESS_PGD >> 12) * 64 + 8, &(K + PGD_LIST).to_le_bytes());
+        for (table, index, next) in [
+            (PROCESS_PGD, 0, PROCESS_PDPT),
+            (PROCESS_PGD + 0x1000, 0, PROCESS_PDPT),
+            (PROCESS_PGD, 511, 0x2000),
+            (PROCESS_PDPT, 0, PROCESS_PD),
+            (PROCESS_PD, 3, PROCESS_PT),
+            (PROCESS_PT, 7, HEAP_PAGE),
+        ] {
+            w(&phys, table + index * 8, &(next | 7).to_le_bytes());
+        }
         // SAFETY: repr(C) plain data viewed as bytes.
         let bytes = unsafe {
             core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
@@ -1542,9 +1694,9 @@ mod tests {
         let agent = Entry {
             name: abi::AGENT_NAME.into(),
             text_len: 0x1000,
-            init_len: 0,
             sha256: sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &agent_code)).into(),
             masks: alloc::vec![],
+            ..Default::default()
         };
 
         let mut guest = test_guest();
@@ -1705,15 +1857,34 @@ mod tests {
     /// Registers the fixture's module (one code page holding `mov [rax], rbx`)
     /// under a policy that pins `evil` to that page with `byte` at 0x20.
     fn register_pinned(mode: Mode, byte: u8) -> (Fixture, u32) {
+        register_pinned_calling(mode, byte, K + PRINTK)
+    }
+
+    /// The same, its code calling `callee` at 0x30 where the policy says
+    /// the `.ko` calls printk.
+    fn register_pinned_calling(mode: Mode, byte: u8, callee: u64) -> (Fixture, u32) {
+        use crate::integrity::policy::{Reloc, Target};
         use sha2::Digest;
         let mut code = alloc::vec![0u8; 0x1000];
         code[0x10..0x13].copy_from_slice(&[0x48, 0x89, 0x18]);
         code[0x20] = byte;
+        code[0x30] = 0xe8;
         // The masked byte counts for nothing, whatever the loader put there.
         code[0x11] = 0;
         let sha256 = sha2::Sha256::digest(&code).into();
-        let entry = Entry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: alloc::vec![(0x11, 1)] };
+        let call = Reloc { offset: 0x31, kind: 4, target: Target::Symbol("printk".into()), addend: -4, site: None };
+        let entry = Entry {
+            name: "evil".into(),
+            text_len: 0x1000,
+            sha256,
+            masks: alloc::vec![(0x11, 1)],
+            relocs: alloc::vec![call],
+            ..Default::default()
+        };
         let mut f = fixture(mode);
+        let rel = callee.wrapping_sub(K + MODULE_CODE + 0x35) as u32;
+        w(&f.phys, MODULE_CODE + 0x30, &[0xe8]);
+        w(&f.phys, MODULE_CODE + 0x31, &rel.to_le_bytes());
         f.guest.integrity.as_mut().unwrap().trusted.push(entry);
         let id = f.register_everything();
         (f, id)
@@ -1742,6 +1913,21 @@ mod tests {
         let (mut f, id) = register_pinned(Mode::Audit, 0xcc);
         assert!(f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
         assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
+    }
+
+    #[test]
+    fn a_look_alike_whose_call_points_elsewhere_is_isolated() {
+        // Its bytes are the pinned ones; its call, which the `.ko` says is
+        // to printk (resolved from the kernel's __ksymtab), goes to
+        // set_memory_rw.
+        let (mut f, id) = register_pinned_calling(Mode::Enforce, 0, K + SET_MEMORY_RW);
+        assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
+        assert!(f.control.views.contains(&id));
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CodeDigest as u32]);
+        assert_eq!(f.guest.integrity.as_ref().unwrap().symbols.get("printk"), Some(&Some(K + PRINTK)));
+        // One byte past printk is elsewhere too.
+        let (f, id) = register_pinned_calling(Mode::Enforce, 0, K + PRINTK + 1);
+        assert!(!f.guest.integrity.as_ref().unwrap().engine.is_trusted(id));
     }
 
     #[test]
@@ -2081,6 +2267,11 @@ mod tests {
         f.ept(FETCH | READ, TEXT + 0x4000, K + HANDLER, K + HANDLER);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::CallNonEntry as u32]);
         assert_eq!(f.vcpu.injected(), Some((13, Some(0))), "refused: the jump faults");
+        // The #GP is delivered in the kernel view, as any exception from a
+        // module's view is: in the module's, its handler's fetch would be
+        // refused in turn, again and again.
+        assert_eq!(f.control.active, Some(View::Kernel));
+        assert_eq!(f.guest.integrity.as_ref().unwrap().view, View::Kernel);
     }
 
     #[test]
@@ -2389,8 +2580,165 @@ mod tests {
         f.guest.integrity.as_mut().unwrap().view = module;
         f.vcpu.write(Field::Rip, writer);
         assert_eq!(f.ept(WRITE, new_table + 8, K + new_table + 8, writer), Action::Resume);
-        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
         assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+    }
+
+    /// A process's page tables, at every level and in both halves of its
+    /// top-level pair, are found through pgd_list at the lock: no module
+    /// writes them. When the process goes, the class goes too, and the
+    /// pages are the kernel's (executable) and a module's heap again; a
+    /// kernel table its top level pointed at stays protected.
+    #[test]
+    fn process_page_tables_are_protected_while_they_live() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let tables = [PROCESS_PGD, PROCESS_PGD + 0x1000, PROCESS_PDPT, PROCESS_PD, PROCESS_PT];
+        let e = &f.guest.integrity.as_ref().unwrap().engine;
+        for t in tables {
+            assert_eq!(e.class_of(t), Some(PageClass::PageTable), "{t:#x}");
+            assert!(e.is_process_table(t), "{t:#x}");
+            assert_eq!(f.control.perms(View::Kernel, t), Some(Perms::RW), "{t:#x}");
+        }
+        assert!(!e.is_process_table(0x2000), "the kernel's PDPT stays the kernel's");
+        assert_eq!(e.class_of(HEAP_PAGE), None, "a page a PT maps is no table");
+        let module = View::Module(id);
+        let writer = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        for t in tables {
+            assert_eq!(f.ept(WRITE, t + 0x18, 0xffff_8880_0000_0000 + t, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "{t:#x}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+        }
+        // The process exits: pgd_list is empty, and the agent drains.
+        w(&f.phys, PGD_LIST, &(K + PGD_LIST).to_le_bytes());
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
+        let e = &f.guest.integrity.as_ref().unwrap().engine;
+        for t in tables {
+            assert_eq!(e.class_of(t), None, "{t:#x}");
+            assert_eq!(f.control.perms(View::Kernel, t), Some(Perms::RWX), "{t:#x}");
+        }
+        assert_eq!(e.class_of(0x2000), Some(PageClass::PageTable));
+        f.guest.integrity.as_mut().unwrap().view = module;
+        assert_eq!(f.ept(WRITE, PROCESS_PT + 0x18, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
+        assert_eq!(f.control.perms(module, PROCESS_PT), Some(Perms::RW), "a heap page again");
+        assert!(violation_kinds(&mut f).is_empty());
+    }
+
+    /// A page that was a process's table may be freed and reused before
+    /// the next drain: a fault on it is judged on a fresh walk, so the
+    /// reuse is not refused, and a table still listed still is.
+    #[test]
+    fn a_process_table_is_confirmed_before_a_refusal() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        let writer = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        // The PT is unhooked from the PD (the process unmapped that range).
+        w(&f.phys, PROCESS_PD + 3 * 8, &0u64.to_le_bytes());
+        assert_eq!(f.ept(WRITE, PROCESS_PT + 8, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty(), "no table any more");
+        assert_eq!(f.control.perms(module, PROCESS_PT), Some(Perms::RW));
+        assert_eq!(f.ept(WRITE, PROCESS_PD + 8, 0xffff_8880_0000_0000 + PROCESS_PD, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "still a table");
+    }
+
+    /// A process's page table made since the last walk is typed in its
+    /// struct page from the start: a module's first write is refused all
+    /// the same, and the next walk classifies it.
+    #[test]
+    fn a_page_table_newer_than_the_walk_is_refused_by_its_type() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let fresh = 0xdc_0000;
+        w(&f.phys, VMEMMAP + (fresh >> 12) * 64 + 48, &0xffff_fdffu32.to_le_bytes());
+        let module = View::Module(id);
+        let writer = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+        assert_eq!(f.control.perms(module, fresh), None, "not granted");
+        // A page whose type is anything else is a heap page.
+        w(&f.phys, VMEMMAP + (fresh >> 12) * 64 + 48, &0xffff_ffffu32.to_le_bytes());
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, fresh), Some(Perms::RW));
+    }
+
+    /// The processor's walk for a module's access sets accessed and dirty
+    /// bits in tables the module may not write: the hypervisor sets them
+    /// for it, one bit at a time and nothing else, and a write to an entry
+    /// whose bits are both set is the module's, refused.
+    #[test]
+    fn the_walk_of_a_modules_access_may_set_accessed_and_dirty_bits() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        let rip = K + MODULE_CODE + 0x10;
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        let entry = PROCESS_PT + 7 * 8;
+        let walk = |f: &mut Fixture| {
+            f.vcpu.write(Field::Rip, rip);
+            // Linear address valid, not the final translation: a paging-structure access.
+            let exit = ExitInfo {
+                reason: reason::EPT_VIOLATION,
+                qualification: WRITE | (1 << 7),
+                guest_physical: entry,
+                guest_linear: 0x7000,
+                ..Default::default()
+            };
+            assert_eq!(f.exit(exit), Action::Resume);
+            u64::from_le_bytes(guest_bytes(f, entry, 8).try_into().unwrap())
+        };
+        let before = HEAP_PAGE | 7;
+        assert_eq!(walk(&mut f), before | 0x20, "accessed");
+        assert_eq!(walk(&mut f), before | 0x60, "then dirty");
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.vcpu.read(Field::Rip), rip, "the instruction runs again");
+        assert_eq!(walk(&mut f), before | 0x60, "nothing more to set: the module's own write");
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
+        // A not-present entry is the guest's page fault, not ours to fill.
+        w(&f.phys, entry, &0x7000u64.to_le_bytes());
+        assert_eq!(walk(&mut f), 0x7000);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
+    }
+
+    /// A module's view makes MOV to CR3 exit: its load is refused (enforce)
+    /// or reported and done (audit); the kernel's loads are its own.
+    #[test]
+    fn a_module_cannot_load_cr3() {
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let mut f = fixture(mode);
+            let id = f.register_everything();
+            let load = |f: &mut Fixture, value: u64| {
+                f.vcpu.write(Field::Cr3, 0x1000);
+                f.vcpu.regs.rbx = value;
+                f.vcpu.write(Field::Rip, K + MODULE_CODE + 0x20);
+                let exit = ExitInfo {
+                    reason: reason::CR_ACCESS,
+                    qualification: 3 | (3 << 8),
+                    instruction_len: 3,
+                    ..Default::default()
+                };
+                assert_eq!(f.exit(exit), Action::Resume);
+                assert_eq!(f.vcpu.read(Field::Rip), K + MODULE_CODE + 0x23, "past the MOV");
+                f.vcpu.read(Field::Cr3)
+            };
+            assert_eq!(load(&mut f, 0x5000), 0x5000, "the kernel's");
+            assert!(violation_kinds(&mut f).is_empty());
+            f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+            let expected = if mode == Mode::Enforce { 0x1000 } else { 0x5000 };
+            assert_eq!(load(&mut f, 0x5000), expected, "{mode:?}");
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::ControlRegister as u32]);
+        }
     }
 
     /// On a guest with several CPUs, a violation names the one it happened on.

@@ -15,7 +15,7 @@ pub trait GuestControl {
     /// Makes `view` the EPT the vCPU runs on. In a module's view every
     /// interrupt, NMI and exception exits (and the hypervisor delivers it
     /// in the kernel view): no event leaves a module unseen, and no jump
-    /// into a handler passes for one.
+    /// into a handler passes for one. It also makes its MOV to CR3 exit.
     fn activate_view(&mut self, view: View) -> Result<(), ControlError>;
     /// An exit as soon as the guest can take an interrupt (to deliver one
     /// held back while it could not).

@@ -1,5 +1,6 @@
 //! Kernel functions that write where their caller points them: `memcpy`,
-//! `memset`, the string copies, `copy_from_user`, `kobject_del`. An isolated
+//! `memset`, the string copies, `copy_from_user`, the `printf` family into
+//! a buffer, the `kstrto*` parsers, `kobject_del`. An isolated
 //! module may call them (they are ordinary, allowed exports), but the
 //! kernel view runs them with the kernel's rights: a module that cannot
 //! write `modprobe_path` itself would ask `memcpy` to. So a call to one of
@@ -25,7 +26,12 @@ pub struct Spec {
 }
 
 const RDI: usize = 7;
+const RSI: usize = 6;
 const RDX: usize = 2;
+const RCX: usize = 1;
+
+/// What a `kstrto*` parser stores: at most a `u64`.
+const PARSED: u64 = 8;
 
 /// The most bytes one judged call may name: beyond it the call is refused
 /// (every page is looked up, so the cost of a crossing stays bounded).
@@ -63,7 +69,30 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
         | b"copy_from_kernel_nofault"
         | b"strncpy_from_user"
         | b"memcpy_and_pad" => arg(RDI, Length::Register(RDX)),
-        b"strcpy" | b"strcat" => arg(RDI, Length::Fixed(STRING_BOUND)),
+        b"strcpy" | b"strcat" | b"sprintf" | b"vsprintf" | b"strreplace" | b"strim" => {
+            arg(RDI, Length::Fixed(STRING_BOUND))
+        }
+        // Bounded by their second argument.
+        b"snprintf" | b"vsnprintf" | b"scnprintf" | b"vscnprintf" | b"memzero_explicit" => {
+            arg(RDI, Length::Register(RSI))
+        }
+        b"hex2bin" | b"match_strlcpy" => arg(RDI, Length::Register(RDX)),
+        b"string_unescape" => arg(RSI, Length::Register(RDX)),
+        // The parsers store their result through their last argument.
+        b"kstrtobool" => arg(RSI, Length::Fixed(PARSED)),
+        b"kstrtoint" | b"kstrtouint" | b"kstrtol" | b"kstrtoul" | b"kstrtoll" | b"kstrtoull" | b"_kstrtol"
+        | b"_kstrtoul" | b"kstrtos8" | b"kstrtou8" | b"kstrtos16" | b"kstrtou16" => arg(RDX, Length::Fixed(PARSED)),
+        b"kstrtobool_from_user" => arg(RDX, Length::Fixed(PARSED)),
+        b"kstrtoint_from_user"
+        | b"kstrtouint_from_user"
+        | b"kstrtol_from_user"
+        | b"kstrtoul_from_user"
+        | b"kstrtoll_from_user"
+        | b"kstrtoull_from_user"
+        | b"kstrtos8_from_user"
+        | b"kstrtou8_from_user"
+        | b"kstrtos16_from_user"
+        | b"kstrtou16_from_user" => arg(RCX, Length::Fixed(PARSED)),
         b"kobject_del" | b"kobject_put" | b"kobject_rename" | b"kobject_move" => arg(RDI, Length::Fixed(KOBJECT)),
         _ => None,
     }
@@ -100,6 +129,21 @@ mod tests {
         for name in [&b"printk"[..], b"kmalloc", b"memcmp", b"strlen"] {
             assert_eq!(spec(name), None);
         }
+        // The printf family by its size argument, the parsers by their result.
+        gprs[RSI] = 256;
+        assert_eq!(destination(spec(b"snprintf").unwrap(), &gprs).map(|r| r.len()), Some(256));
+        gprs[RDX] = 0xffff_8880_0000_1000;
+        assert_eq!(
+            destination(spec(b"kstrtouint").unwrap(), &gprs),
+            Some(Range::new(0xffff_8880_0000_1000, 0xffff_8880_0000_1008))
+        );
+        gprs[RCX] = 0xffff_8880_0000_2000;
+        assert_eq!(
+            destination(spec(b"kstrtoint_from_user").unwrap(), &gprs).map(|r| r.start),
+            Some(0xffff_8880_0000_2000)
+        );
+        assert_eq!(destination(spec(b"kstrtobool").unwrap(), &gprs).map(|r| r.start), Some(256));
+        gprs[RDX] = 16;
         // Too long, or wrapping: refused.
         gprs[RDX] = MAX_DESTINATION + 1;
         assert_eq!(destination(memcpy, &gprs), None);

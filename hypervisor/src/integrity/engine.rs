@@ -149,6 +149,10 @@ pub struct Engine {
     /// executable for the kernel again (until registered as module code,
     /// whose checks they then pass).
     tainted: alloc::collections::BTreeSet<u64>,
+    /// Pages classified as page tables because a process's tables hold
+    /// them (the kernel's own never go away): the class goes when the
+    /// process's table does, so a page the kernel reuses is not refused.
+    process_tables: alloc::collections::BTreeSet<u64>,
     /// The guest's agent, pinned at the lock: the only code that may make
     /// integrity hypercalls from then on.
     agent: Option<u32>,
@@ -220,6 +224,7 @@ impl Engine {
             next_id: 1,
             returns: ReturnPoints::default(),
             tainted: alloc::collections::BTreeSet::new(),
+            process_tables: alloc::collections::BTreeSet::new(),
             agent: None,
             violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
@@ -256,9 +261,9 @@ impl Engine {
         layout.null_on_failure.sort_unstable();
         layout.null_on_failure.dedup();
         layout.deputies.dedup_by_key(|d| d.0);
-        self.pages.retain(|_, c| {
-            !matches!(c, PageClass::KernelText | PageClass::KernelReadOnly | PageClass::SyscallTable | PageClass::Idt)
-        });
+        // Before the lock only the kernel's classes exist: a layout given
+        // again replaces them all, leaving nothing of the one before.
+        self.pages.clear();
         for (gpa, class) in pages {
             self.pages.insert(page(gpa), class);
         }
@@ -293,12 +298,52 @@ impl Engine {
     pub fn add_page_tables(&mut self, tables: impl IntoIterator<Item = u64>) -> Vec<u64> {
         let mut added = Vec::new();
         for gpa in tables {
-            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(page(gpa)) {
-                v.insert(PageClass::PageTable);
-                added.push(page(gpa));
+            match self.pages.entry(page(gpa)) {
+                alloc::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(PageClass::PageTable);
+                    added.push(page(gpa));
+                }
+                // A process's table the kernel now holds as its own stays.
+                alloc::collections::btree_map::Entry::Occupied(o) => {
+                    self.process_tables.remove(o.key());
+                }
             }
         }
         added
+    }
+
+    /// The processes' page tables, as a fresh walk found them: the pages
+    /// newly classified, and those no longer tables whose class is
+    /// dropped (the process went and the kernel may reuse the page).
+    /// Pages something else claims are left alone.
+    pub fn set_process_tables(&mut self, found: &[u64]) -> (Vec<u64>, Vec<u64>) {
+        let found: alloc::collections::BTreeSet<u64> = found.iter().map(|&p| page(p)).collect();
+        let mut added = Vec::new();
+        for &p in &found {
+            if let alloc::collections::btree_map::Entry::Vacant(v) = self.pages.entry(p) {
+                v.insert(PageClass::PageTable);
+                self.process_tables.insert(p);
+                added.push(p);
+            }
+        }
+        let gone: Vec<u64> = self.process_tables.iter().copied().filter(|p| !found.contains(p)).collect();
+        for p in &gone {
+            self.process_tables.remove(p);
+            self.pages.remove(p);
+        }
+        (added, gone)
+    }
+
+    /// Whether `gpa` is classified because a process's tables hold it
+    /// (a class the next walk may drop).
+    pub fn is_process_table(&self, gpa: u64) -> bool {
+        self.process_tables.contains(&page(gpa))
+    }
+
+    /// Whether an isolated module was ever granted a write to `gpa`: the
+    /// page is never executable for the kernel.
+    pub fn is_tainted(&self, gpa: u64) -> bool {
+        self.tainted.contains(&page(gpa))
     }
 
     /// Undoes a lock whose agent could not be put in place (before any
@@ -329,7 +374,12 @@ impl Engine {
         {
             return Err(RegisterError::TooMany);
         }
-        let clash = code_pages.iter().chain(data_pages).any(|&p| self.pages.contains_key(&page(p)));
+        // A page a process's table held until lately is the kernel's to
+        // give: the kernel freed it and the walk has not looked since.
+        let clash = code_pages
+            .iter()
+            .chain(data_pages)
+            .any(|&p| self.pages.contains_key(&page(p)) && !self.process_tables.contains(&page(p)));
         if clash {
             return Err(RegisterError::Overlap);
         }
@@ -343,6 +393,9 @@ impl Engine {
         self.next_id += 1;
         // Trusted modules run in the kernel view, but their pages are still
         // tracked: no isolated module may write them.
+        for &p in code_pages.iter().chain(data_pages) {
+            self.process_tables.remove(&page(p));
+        }
         for &p in code_pages {
             self.pages.insert(page(p), PageClass::ModuleCode(id));
             self.tainted.remove(&page(p));
@@ -640,6 +693,10 @@ impl Engine {
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
                 Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
+                // A process's page table the last walk has not seen yet.
+                None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
+                    self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
+                }
                 // The kernel's bookkeeping in its heap is the kernel's.
                 None if fault.kernel_object.is_some() => {
                     self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver)
@@ -960,7 +1017,8 @@ impl Engine {
             PageClass::SyscallTable => ViolationKind::WriteSyscallTable,
             PageClass::Idt => ViolationKind::WriteIdt,
             PageClass::ModuleCode(_) => ViolationKind::WriteModuleCode,
-            PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_) => ViolationKind::WriteProtectedData,
+            PageClass::PageTable => ViolationKind::WritePageTable,
+            PageClass::Sensitive | PageClass::ModuleData(_) => ViolationKind::WriteProtectedData,
         })
     }
 
@@ -1139,7 +1197,7 @@ mod tests {
             (m, Access::Write, RODATA_GPA, 0, Step::Skip, Some(ViolationKind::WriteReadOnlyData)),
             (m, Access::Write, SYSCALL_GPA, 0, Step::Skip, Some(ViolationKind::WriteSyscallTable)),
             (m, Access::Write, IDT_GPA, 0, Step::Skip, Some(ViolationKind::WriteIdt)),
-            (m, Access::Write, PT_GPA, 0, Step::Skip, Some(ViolationKind::WriteProtectedData)),
+            (m, Access::Write, PT_GPA, 0, Step::Skip, Some(ViolationKind::WritePageTable)),
             (m, Access::Write, MOD_CODE_GPA, MOD, Step::Skip, Some(ViolationKind::WriteModuleCode)),
             // The kernel image's data (modprobe_path, core_pattern, init_task) is the kernel's.
             (m, Access::Write, DATA_GPA, TEXT + 0x150_0000, Step::Skip, Some(ViolationKind::WriteProtectedData)),

@@ -77,6 +77,9 @@ pub struct KernelLayout {
     /// The kernel's `struct page` array and the slab caches whose objects
     /// no module may write; `None` if the agent gave none.
     pub objects: Option<super::objects::ObjectMap>,
+    /// Where every process's top-level page table is listed; `None` if
+    /// the agent gave no list.
+    pub processes: Option<super::tables::ProcessList>,
     /// Fields of the kernel's data every module may write (reference
     /// counts its inline helpers change): guest-virtual as reported, made
     /// guest-physical at registration.
@@ -166,6 +169,9 @@ pub struct ModuleInfo {
     /// reads to check a LIVE or GOING report. The structure is the
     /// kernel's: the module's own view may not write it.
     pub module_struct: Range,
+    /// Its regions by kind (text, init text, rodata, ...), as reported:
+    /// what a trusted module's relocations are checked against.
+    pub sections: super::policy::Sections,
 }
 
 impl KernelLayout {

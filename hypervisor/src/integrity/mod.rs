@@ -28,6 +28,7 @@ pub mod layout;
 pub mod objects;
 pub mod policy;
 pub mod returns;
+pub mod tables;
 pub mod violation;
 pub mod wire;
 
@@ -94,6 +95,10 @@ pub struct GuestIntegrity {
     pub api: alloc::sync::Arc<api::ApiPolicy>,
     /// The exports the policy denies, by address, for reports.
     pub denied_apis: alloc::collections::BTreeMap<u64, api::DeniedApi>,
+    /// The kernel exports trusted modules' relocations name, by name, read
+    /// from the kernel's own `__ksymtab` at registration; `None` for a name
+    /// exported twice at two addresses (nothing resolves against it).
+    pub symbols: alloc::collections::BTreeMap<alloc::string::String, Option<u64>>,
     /// Untracked (heap) pages granted writable to a module view, by
     /// (module, page): revoked on the agent's next drain.
     pub heap_grants: alloc::collections::BTreeSet<(u32, u64)>,
@@ -133,6 +138,7 @@ impl GuestIntegrity {
             repeats: violation::Repeats::default(),
             api: alloc::sync::Arc::default(),
             denied_apis: alloc::collections::BTreeMap::new(),
+            symbols: alloc::collections::BTreeMap::new(),
             heap_grants: alloc::collections::BTreeSet::new(),
         }
     }

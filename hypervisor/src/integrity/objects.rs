@@ -27,7 +27,13 @@ pub struct ObjectMap {
     /// The guest-physical page behind each page of the array (for guest
     /// RAM), zero where the kernel did not map one.
     backing: Vec<u64>,
+    /// Where a `struct page` holds its type, and the mask and value that
+    /// mark a page table there.
+    table_type: Option<(u64, u32, u32)>,
 }
+
+/// What [`ObjectMap::object_at`] calls a page typed as a page table.
+pub const PAGE_TABLE: &str = "page-table";
 
 /// Why the agent's description of the `struct page` array is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +81,24 @@ impl ObjectMap {
             slab_cache_offset: u64::from(slab_cache_offset),
             caches,
             backing: Vec::new(),
+            table_type: None,
         }))
+    }
+
+    /// How a page table is marked in its `struct page` (`page_type`): a
+    /// 32-bit field at `offset`, `(field & mask) == value`. A zero mask
+    /// leaves it unknown.
+    pub fn set_table_type(&mut self, offset: u32, mask: u32, value: u32) -> Result<(), BadObjectMap> {
+        if mask == 0 {
+            self.table_type = None;
+            return Ok(());
+        }
+        let sane = offset.is_multiple_of(4) && u64::from(offset) + 8 <= self.page_struct_size && value & !mask == 0;
+        if !sane {
+            return Err(BadObjectMap);
+        }
+        self.table_type = Some((u64::from(offset), mask, value));
+        Ok(())
     }
 
     /// The array's guest-virtual range for page frames below `ram_end`.
@@ -95,6 +118,18 @@ impl ObjectMap {
         self.backing.iter().copied().filter(|&p| p != 0)
     }
 
+    /// The page frame whose `struct page` is at guest-virtual `va`.
+    pub fn frame_of(&self, va: u64) -> Option<u64> {
+        let offset = va.checked_sub(self.vmemmap)?;
+        offset.is_multiple_of(self.page_struct_size).then(|| offset / self.page_struct_size)
+    }
+
+    /// The guest-physical address of the `struct page` at guest-virtual
+    /// `va`, if the array maps it.
+    pub fn struct_gpa_of(&self, va: u64) -> Option<u64> {
+        self.struct_gpa(va)
+    }
+
     /// The guest-physical address of the `struct page` at guest-virtual `va`.
     fn struct_gpa(&self, va: u64) -> Option<u64> {
         let offset = va.checked_sub(self.vmemmap)?;
@@ -106,7 +141,8 @@ impl ObjectMap {
     }
 
     /// What guest RAM page `gpa` holds: `Ok(Some(name))` for an object of a
-    /// protected cache, `Ok(None)` for anything else, `Err` when its
+    /// protected cache or, [`PAGE_TABLE`], a page typed as a page table
+    /// (a process's, made since the last walk), `Ok(None)` for anything else, `Err` when its
     /// `struct page` cannot be read or names an impossible head (refused:
     /// the check fails closed). `read` reads a guest-physical u64.
     pub fn object_at(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> Result<Option<&'static str>, BadObjectMap> {
@@ -115,6 +151,12 @@ impl ObjectMap {
             .and_then(|o| o.checked_add(self.vmemmap))
             .ok_or(BadObjectMap)?;
         let mut at = self.struct_gpa(va).ok_or(BadObjectMap)?;
+        if let Some((offset, mask, value)) = self.table_type {
+            let field = read(at + offset).ok_or(BadObjectMap)? as u32;
+            if field & mask == value {
+                return Ok(Some(PAGE_TABLE));
+            }
+        }
         // A tail page of a compound page (a slab of several pages) points
         // to its head, bit 0 set.
         let head = read(at + 8).ok_or(BadObjectMap)?;
@@ -174,6 +216,35 @@ mod tests {
         assert_eq!(m.object_at(0x21_ff8, read), Ok(Some("task")));
         // A page that is no slab (word at the offset is not a cache).
         assert_eq!(m.object_at(0x30_000, read), Ok(None));
+    }
+
+    #[test]
+    fn a_page_typed_as_a_page_table_is_named() {
+        let mut m = map();
+        // 6.1's encoding: PG_table cleared under PAGE_TYPE_BASE.
+        m.set_table_type(48, 0xf000_0200, 0xf000_0000).unwrap();
+        let mut mem = memory(&[(0x10, 0, CRED_JAR), (0x11, 0, KMALLOC)]);
+        mem.insert(ARRAY_GPA + 0x40 * 64 + 48, 0xffff_fdff); // a table
+        mem.insert(ARRAY_GPA + 0x41 * 64 + 48, 0xffff_ff7f); // a free (buddy) page
+        mem.insert(ARRAY_GPA + 0x42 * 64 + 48, 0x0000_0003); // mapped four times
+        mem.insert(ARRAY_GPA + 0x10 * 64 + 48, 0xffff_ffff); // a slab's
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        assert_eq!(m.object_at(0x40_000, read), Ok(Some(PAGE_TABLE)));
+        assert_eq!(m.object_at(0x41_000, read), Ok(None));
+        assert_eq!(m.object_at(0x42_000, read), Ok(None));
+        assert_eq!(m.object_at(0x10_000, read), Ok(Some("cred")));
+        // 6.12's: the top byte.
+        m.set_table_type(48, 0xff00_0000, 0xf200_0000).unwrap();
+        mem.insert(ARRAY_GPA + 0x40 * 64 + 48, 0xf200_0000);
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        assert_eq!(m.object_at(0x40_000, read), Ok(Some(PAGE_TABLE)));
+        assert_eq!(m.object_at(0x41_000, read), Ok(None));
+        // A description that cannot hold: refused; none given: unknown.
+        for (offset, mask, value) in [(50, 0xff00_0000, 0xf200_0000), (60, 1, 1), (48, 0xff00_0000, 0xf2)] {
+            assert_eq!(m.set_table_type(offset, mask, value), Err(BadObjectMap), "{offset} {mask:#x} {value:#x}");
+        }
+        m.set_table_type(0, 0, 0).unwrap();
+        assert_eq!(m.object_at(0x40_000, read), Ok(None));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use guest_agent::integrity::{self as abi, WireRange};
 
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
 use super::objects::ObjectMap;
+use super::policy::Sections;
+use super::tables::ProcessList;
 
 /// A structure that does not check out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,10 +119,20 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         }
         shared.push(r);
     }
+    at += 16 * abi::SHARED_FIELDS;
     let objects =
         ObjectMap::from_wire(vmemmap, page_struct_size, slab_cache_offset, &caches).map_err(|_| WireError::Range)?;
+    let (pgd_list, link_offset, pgd_pages) = (u64_at(b, at), u32_at(b, at + 8), u32_at(b, at + 12));
+    let (type_offset, table_mask, table_value) = (u32_at(b, at + 16), u32_at(b, at + 20), u32_at(b, at + 24));
+    let mut objects = objects;
+    if let Some(o) = objects.as_mut() {
+        o.set_table_type(type_offset, table_mask, table_value).map_err(|_| WireError::Range)?;
+    }
+    let processes =
+        ProcessList::from_wire(pgd_list, link_offset, pgd_pages, objects.as_ref()).map_err(|_| WireError::Range)?;
     let layout = KernelLayout {
         objects,
+        processes,
         shared,
         page_table,
         indirect_thunks,
@@ -156,20 +168,28 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
     let len = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
     let name: String = name_bytes[..len].iter().map(|&c| if c.is_ascii_graphic() { c as char } else { '?' }).collect();
     let mut at = 8 + abi::MODULE_NAME_MAX;
+    // Each slot is one region (see `abi::ModuleInfo`); empty ones are dropped.
     let mut take = |n: usize| -> Result<Vec<Range>, WireError> {
         let mut v = Vec::new();
         for _ in 0..n {
-            let r = range_at(b, at)?;
+            v.push(range_at(b, at)?);
             at += 16;
-            if !r.is_empty() {
-                v.push(r);
-            }
         }
         Ok(v)
     };
-    let code = take(abi::MODULE_CODE_RANGES)?;
-    let data = take(abi::MODULE_DATA_RANGES)?;
-    let init = take(abi::MODULE_INIT_RANGES)?;
+    let code_slots = take(abi::MODULE_CODE_RANGES)?;
+    let data_slots = take(abi::MODULE_DATA_RANGES)?;
+    let init_slots = take(abi::MODULE_INIT_RANGES)?;
+    let sections = Sections {
+        text: code_slots[0],
+        init: code_slots[1],
+        data: data_slots[0],
+        rodata: data_slots[1],
+        ro_after_init: data_slots[2],
+        init_data: data_slots[3],
+    };
+    let present = |slots: Vec<Range>| -> Vec<Range> { slots.into_iter().filter(|r| !r.is_empty()).collect() };
+    let (code, data, init) = (present(code_slots), present(data_slots), present(init_slots));
     let entries_address = u64_at(b, at);
     let entry_count = u32_at(b, at + 8);
     let fixups_address = u64_at(b, at + 16);
@@ -202,6 +222,7 @@ pub fn module_info(b: &[u8]) -> Result<ModuleMessage, WireError> {
         fixups: Vec::new(),
         exports: Vec::new(),
         module_struct,
+        sections,
     };
     Ok(ModuleMessage { info, entries_address, entry_count, fixups_address, fixup_count, ksymtabs })
 }
@@ -394,6 +415,11 @@ mod tests {
         assert_eq!(got.info.name, "dummy");
         assert_eq!(got.info.code.len(), 1);
         assert_eq!(got.info.data, vec![Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000)]);
+        // Each slot keeps its region, empty or not: data slot 1 is rodata,
+        // the base a trusted module's relocations into rodata resolve to.
+        assert_eq!(got.info.sections.rodata, Range::new(0xffff_ffff_c000_2000, 0xffff_ffff_c000_3000));
+        assert_eq!(got.info.sections.text, Range::new(0xffff_ffff_c000_0000, 0xffff_ffff_c000_1000));
+        assert!(got.info.sections.data.is_empty() && got.info.sections.init.is_empty());
         assert_eq!((got.entries_address, got.entry_count), (0xffff_8880_0000_1000, 12));
         let mut many = m;
         many.entry_count = abi::MODULE_ENTRIES_MAX + 1;

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Attack: have the kernel write for us (a confused deputy). memcpy unlinks
- * us from the module list, memset blanks modprobe_path, kobject_del takes
- * us out of /sys/module: exported, allowed functions, which run with the
- * kernel's rights.
+ * us from the module list, memset blanks modprobe_path, snprintf prints
+ * our helper's path over it and kstrtouint parses a number into it,
+ * kobject_del takes us out of /sys/module: exported, allowed functions,
+ * which run with the kernel's rights.
  */
 #include <linux/module.h>
 #include <linux/string.h>
@@ -25,7 +26,8 @@ static int __init atk_init(void)
 	void *(*volatile fill)(void *, int, size_t) = memset;
 	size_t w = word, n = path;
 	char before[8];
-	bool unlinked, blanked;
+	unsigned int *number = (unsigned int *)modprobe;
+	bool unlinked, blanked, printed, parsed;
 
 	if (!modprobe || w != sizeof(void *) || n > sizeof(before))
 		return -EINVAL;
@@ -39,9 +41,18 @@ static int __init atk_init(void)
 	blanked = memcmp(before, (void *)modprobe, n) != 0;
 	if (blanked)
 		copy((void *)modprobe, before, n);
+	snprintf((char *)modprobe, n, "/tmp/x");
+	printed = memcmp(before, (void *)modprobe, n) != 0;
+	if (printed)
+		copy((void *)modprobe, before, n);
+	/* A refused call fails (-EPERM) and leaves the bytes alone. */
+	parsed = kstrtouint("1", 10, number) == 0 || memcmp(before, (void *)modprobe, n) != 0;
+	if (parsed)
+		copy((void *)modprobe, before, n);
 	kobject_del(&THIS_MODULE->mkobj.kobj);
-	report("memcpy onto the module list %s, memset on modprobe_path %s, kobject_del of its own kobject %s",
+	report("memcpy onto the module list %s, memset on modprobe_path %s, snprintf on modprobe_path %s, kstrtouint into modprobe_path %s, kobject_del of its own kobject %s",
 	       unlinked ? "WENT THROUGH" : "blocked", blanked ? "WENT THROUGH" : "blocked",
+	       printed ? "WENT THROUGH" : "blocked", parsed ? "WENT THROUGH" : "blocked",
 	       THIS_MODULE->mkobj.kobj.state_in_sysfs ? "blocked" : "WENT THROUGH");
 	return -EACCES;
 }

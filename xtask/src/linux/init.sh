@@ -36,7 +36,7 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
-    mm_cachep modprobe_path core_pattern init_task"
+    mm_cachep modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -75,7 +75,7 @@ load_agent() {
         ksymtab_start=$(sym __start___ksymtab) ksymtab_end=$(sym __stop___ksymtab) \
         ksymtab_gpl_start=$(sym __start___ksymtab_gpl) ksymtab_gpl_end=$(sym __stop___ksymtab_gpl) \
         poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \
-        page_table=$(sym init_top_pgt) $(return_thunks) \
+        page_table=$(sym init_top_pgt) pgd_list=$(sym pgd_list) $(return_thunks) \
         data_start=$(sym _sdata) data_end=$(sym _edata) bss_start=$(sym __bss_start) bss_end=$(sym __bss_stop) \
         $(caches)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
@@ -100,6 +100,14 @@ twin_ifb() {
     say "twin $(last ifb)"
     if getpid_ok; then say "after twin ifb: getpid ok"; else say "after twin ifb: getpid WRONG"; fi
 }
+lookalike_ifb() {
+    # Trust follows what the code calls too: ifb's own text with one call
+    # relocated to another function is isolated, then removed.
+    insmod /lib/ctvm/lookalike/ifb.ko numifbs=0 2>/dev/null
+    say "lookalike ifb: $(grep -q '^ifb ' /proc/modules && echo loaded || echo not loaded)"
+    rmmod ifb 2>/dev/null
+    say "lookalike ifb removed: $(grep -c '^ifb ' /proc/modules) left"
+}
 
 # ctvm.smpintegrity: the agent locks the kernel with two CPUs running; an
 # attack module on each CPU is stopped (CR0.WP's guard reaches the CPU
@@ -119,8 +127,9 @@ integrity_tests() {
     done
     load_agent
 
-    # The twin is stopped; the real ifb then runs trusted.
+    # The twin and the look-alike are isolated; the real ifb then runs trusted.
     twin_ifb
+    lookalike_ifb
     insmod /lib/ctvm/ifb.ko && ip link add i0 type ifb && ip link set i0 up
     say "ifb up: $(ip link show i0 | grep -q ',UP' && echo yes || echo no)"
 
@@ -183,6 +192,11 @@ integrity_tests() {
     attack atk_deputy modprobe=$(sym modprobe_path)
     say "after atk_deputy: modprobe path $(cat /proc/sys/kernel/modprobe), $(ls -d /sys/module/ifb 2>/dev/null | wc -l) ifb in /sys/module"
     attack atk_lookup
+    # Page tables: the kernel's, this process's, and a CR3 of its own.
+    attack atk_pgtable
+    # A forged interrupt frame, and shellcode the kernel is handed to call.
+    attack atk_iret hidden=$(sym __x64_sys_getpid) handler=$(sym asm_exc_int3)
+    attack atk_wx set_memory_x_addr=$(sym set_memory_x)
 
     # A burst of refused writes: every one is a record, none lost.
     before=$(grep -c '^seq=' /proc/ctvm_violations)
@@ -315,6 +329,10 @@ if grep -qw ctvm.audit /proc/cmdline; then
     load_agent
     insmod /lib/ctvm/atk_setmem.ko rodata=$(sym linux_banner) set_memory_rw_addr=$(sym set_memory_rw) 2>/dev/null
     say "audit $(dmesg | grep 'ctvm-test: atk_setmem:' | tail -n 1 | sed 's/^.*ctvm-test: //')"
+    # Shellcode the kernel is handed, once the guest's NX is lifted: CTVM's
+    # W^X across views reports the kernel's fetch (and audit lets it run).
+    insmod /lib/ctvm/atk_wx.ko set_memory_x_addr=$(sym set_memory_x) 2>/dev/null
+    say "audit $(last atk_wx)"
     # A flood of violations audit lets through: every one a record, the
     # console readable (repeats merged), the guest on time.
     before=$(grep -c '^seq=' /proc/ctvm_violations)

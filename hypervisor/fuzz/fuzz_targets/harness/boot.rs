@@ -19,8 +19,9 @@
 //! limit), a seed is exactly 64 hex digits and says what they say, a state
 //! blob the fuzzer makes is refused and leaves the vTPM in failure mode
 //! (nothing authentic can come of it), a guest's
-//! memory is whole 2 MiB pages, policy masks stay inside the code, and an
-//! e820 map is sorted and without overlaps.
+//! memory is whole 2 MiB pages, policy masks stay inside the code, a
+//! relocation against a symbol the kernel does not export never passes, and
+//! an e820 map is sorted and without overlaps.
 
 use arbitrary::{Arbitrary, Unstructured};
 use hypervisor::boot_info::{self, BootInfo};
@@ -28,7 +29,8 @@ use hypervisor::guest::config;
 use hypervisor::guest::linux::{self, BootLayout, BzImage, E820Entry};
 use hypervisor::guest::loader;
 use hypervisor::integrity::api::{ApiPolicy, Class};
-use hypervisor::integrity::policy::Policy;
+use hypervisor::integrity::layout::Range;
+use hypervisor::integrity::policy::{Kernel, Mismatch, Policy, Sections};
 use hypervisor::mm::frames::Region;
 
 pub fn run(data: &[u8]) {
@@ -236,22 +238,41 @@ fn policy(data: &[u8]) {
     let Ok(text) = core::str::from_utf8(text) else { return };
     api_policy(text);
     let Ok(p) = Policy::parse(text) else { return };
+    // Every symbol resolves, one name nowhere: a relocation against it
+    // never passes.
+    let symbol = |name: &str| (name != "nowhere").then_some(0xffff_ffff_8100_0000u64 + name.len() as u64);
+    let is_return_thunk = |a: u64| a == 0xffff_ffff_81e0_0000;
+    let kernel = Kernel { symbol: &symbol, is_return_thunk: &is_return_thunk };
     for e in &p.entries {
-        let total = e.text_len + e.init_len;
+        let total = e.text_len + e.init_len + e.rodata_len + e.roinit_len;
         for &(off, len) in &e.masks {
             assert!(off.checked_add(len).is_some_and(|end| end <= total), "mask {off:#x}+{len:#x} past {total:#x}");
         }
-        let lengths = e.range_lengths();
+        let at = |base: u64, len: u64| Range::new(base, base + len);
+        let sections = Sections {
+            text: at(0xffff_ffff_c000_0000, e.text_len),
+            init: at(0xffff_ffff_d000_0000, e.init_len),
+            rodata: at(0xffff_ffff_e000_0000, e.rodata_len),
+            ro_after_init: at(0xffff_ffff_e800_0000, e.roinit_len),
+            data: at(0xffff_ffff_f000_0000, 0x1000),
+            ..Default::default()
+        };
         let mut bytes: Vec<u8> = code.iter().copied().cycle().take(total.min(1 << 16) as usize).collect();
         if bytes.len() as u64 == total {
-            let _ = e.check(&lengths, &mut bytes);
-            for &(off, len) in &e.masks {
-                assert!(bytes[off as usize..(off + len) as usize].iter().all(|&b| b == 0), "mask not zeroed");
+            let result = e.check(&sections, &mut bytes, &kernel);
+            if result.is_ok() {
+                assert!(!e.symbols().any(|n| n == "nowhere"), "an unresolved relocation passed");
+            }
+            // Once the relocations pass, the digest is of the masked bytes.
+            if matches!(result, Ok(()) | Err(Mismatch::Digest(_))) {
+                for &(off, len) in &e.masks {
+                    assert!(bytes[off as usize..(off + len) as usize].iter().all(|&b| b == 0), "mask not zeroed");
+                }
             }
         }
         let mut short = bytes.clone();
         short.pop();
-        assert!(e.check(&lengths, &mut short).is_err() || total == 0, "a short module passed");
+        assert!(e.check(&sections, &mut short, &kernel).is_err() || total == 0, "a short module passed");
         assert!(p.get(&e.name).is_some());
     }
 }

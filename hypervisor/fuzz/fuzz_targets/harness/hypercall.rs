@@ -184,7 +184,7 @@ fn pin(wrong: bool) -> PolicyEntry {
         code[0x20] ^= 1;
     }
     let sha256 = sha2::Sha256::digest(&code).into();
-    PolicyEntry { name: "evil".into(), text_len: 0x1000, init_len: 0, sha256, masks: vec![(0x11, 1)] }
+    PolicyEntry { name: "evil".into(), text_len: 0x1000, sha256, masks: vec![(0x11, 1)], ..Default::default() }
 }
 
 /// The agent's policy entry: its code page as loaded, or (`wrong`) a page
@@ -193,7 +193,7 @@ fn pin_agent(wrong: bool) -> PolicyEntry {
     use sha2::Digest;
     let code = if wrong { vec![0xcc; 0x1000] } else { pristine()[page(AGENT_CODE)].to_vec() };
     let sha256 = sha2::Sha256::digest(&code).into();
-    PolicyEntry { name: abi::AGENT_NAME.into(), text_len: 0x1000, init_len: 0, sha256, masks: vec![] }
+    PolicyEntry { name: abi::AGENT_NAME.into(), text_len: 0x1000, sha256, masks: vec![], ..Default::default() }
 }
 
 fn page(gpa: u64) -> core::ops::Range<usize> {

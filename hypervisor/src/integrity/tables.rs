@@ -1,0 +1,237 @@
+//! The guest's page tables, which no module may write: the kernel's
+//! (below its top-level table's kernel half, shared by every process) and
+//! every process's, found through x86's `pgd_list`.
+//!
+//! EPT judges the guest-physical page, but the page tables decide which
+//! linear address reaches it. A module that edited one would point a kernel
+//! address at other code, or map a credential writable into a user process,
+//! which runs in the kernel view. So the hypervisor walks the tables and
+//! classifies every level; the walk is pure over a reader of guest-physical
+//! tables, bounded, and takes nothing the guest says on trust but where the
+//! tables are (a table outside guest RAM is none).
+
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+
+use super::layout::is_kernel_address;
+use super::objects::ObjectMap;
+
+/// Most page-table pages one walk follows (Linux has some hundreds for
+/// the kernel and a few dozen per process).
+pub const MAX_TABLES: usize = 1 << 16;
+
+/// Most processes' top-level tables read from `pgd_list`.
+pub const MAX_PROCESSES: usize = 1 << 14;
+
+/// The entries of a 4 KiB table.
+pub type Table = [u64; 512];
+
+/// Present entries that point to a table (not a large page).
+const PRESENT: u64 = 1;
+const LARGE: u64 = 1 << 7;
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+
+/// A top-level table to walk from, and its first entry to follow (256 for
+/// a kernel half alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Root {
+    pub table: u64,
+    pub first: usize,
+}
+
+/// The roots and every table below them down to the page tables (PML4 →
+/// PDPT → PD → PT), sorted and without duplicates. Tables `known` accepts
+/// are neither followed nor returned (they were walked before); tables
+/// outside guest RAM (`in_ram`) are no tables to protect.
+pub fn walk(
+    roots: &[Root],
+    read: impl Fn(u64) -> Option<Table>,
+    in_ram: impl Fn(u64) -> bool,
+    known: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut found = BTreeSet::new();
+    let mut level: Vec<(u64, usize)> = Vec::new();
+    for r in roots.iter().filter(|r| in_ram(r.table) && r.first < 512) {
+        if found.insert(r.table) {
+            level.push((r.table, r.first));
+        }
+    }
+    // Three levels below the top: PDPTs, PDs, PTs.
+    for depth in 0..3 {
+        let mut next = Vec::new();
+        for &(table, first) in &level {
+            let Some(entries) = read(table) else { continue };
+            for &e in &entries[first..] {
+                let child = e & ADDRESS;
+                if e & PRESENT == 0 || e & LARGE != 0 || !in_ram(child) || known(child) {
+                    continue;
+                }
+                if found.len() >= MAX_TABLES {
+                    return found.into_iter().collect();
+                }
+                if found.insert(child) && depth < 2 {
+                    next.push((child, 0));
+                }
+            }
+        }
+        level = next;
+    }
+    found.into_iter().collect()
+}
+
+/// Where the processes' top-level tables are listed: x86's `pgd_list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessList {
+    /// The list head (guest-virtual, in the kernel image's data).
+    pub head: u64,
+    /// Where a `struct page` holds the list link.
+    pub link_offset: u64,
+    /// Pages per top-level table: 2 with page-table isolation.
+    pub pgd_pages: u64,
+}
+
+/// Why the agent's description of the list is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadProcessList;
+
+impl ProcessList {
+    /// From the layout's fields: `None` without a list (processes' tables
+    /// are then not protected, and the caller says so). The list is linked
+    /// through the `struct page` array, so it needs one.
+    pub fn from_wire(
+        head: u64,
+        link_offset: u32,
+        pgd_pages: u32,
+        objects: Option<&ObjectMap>,
+    ) -> Result<Option<Self>, BadProcessList> {
+        if head == 0 {
+            return Ok(None);
+        }
+        let objects = objects.ok_or(BadProcessList)?;
+        let sane = is_kernel_address(head)
+            && head.is_multiple_of(8)
+            && link_offset.is_multiple_of(8)
+            && u64::from(link_offset) + 16 <= objects.page_struct_size
+            && matches!(pgd_pages, 1 | 2);
+        if !sane {
+            return Err(BadProcessList);
+        }
+        Ok(Some(ProcessList { head, link_offset: u64::from(link_offset), pgd_pages: u64::from(pgd_pages) }))
+    }
+
+    /// The guest-physical pages of every listed top-level table (each
+    /// followed by its user copy with page-table isolation), starting from
+    /// `first`, the head's `next`. Each link is a `struct page`'s, read at
+    /// its place in the array (`read` takes a guest-physical address); the
+    /// walk stops at the head, at a link that is no `struct page`, or at
+    /// the bound.
+    pub fn roots(&self, first: u64, objects: &ObjectMap, read: impl Fn(u64) -> Option<u64>) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut node = first;
+        let mut seen = BTreeSet::new();
+        while node != self.head && out.len() < MAX_PROCESSES * 2 && seen.insert(node) {
+            let Some(page) = node.checked_sub(self.link_offset) else { break };
+            let (Some(frame), Some(at)) = (objects.frame_of(page), objects.struct_gpa_of(page)) else { break };
+            let pgd = frame << 12;
+            out.extend((0..self.pgd_pages).map(|i| pgd + i * 0x1000));
+            let Some(next) = read(at + self.link_offset) else { break };
+            node = next;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeMap;
+    use alloc::vec;
+
+    const RAM: u64 = 64 << 20;
+
+    fn table(entries: &[(usize, u64)]) -> Table {
+        let mut t = [0u64; 512];
+        for &(i, e) in entries {
+            t[i] = e;
+        }
+        t
+    }
+
+    fn reader(mem: &BTreeMap<u64, Table>) -> impl Fn(u64) -> Option<Table> + '_ {
+        |at| Some(mem.get(&at).copied().unwrap_or([0; 512]))
+    }
+
+    #[test]
+    fn every_level_below_the_roots_is_found_and_large_pages_end_the_walk() {
+        let mut mem = BTreeMap::new();
+        // PML4 0x1000: user entry 0 → PDPT 0x2000, kernel entry 511 → PDPT 0x3000.
+        mem.insert(0x1000, table(&[(0, 0x2003), (511, 0x3003), (300, 0x0)]));
+        // PDPT 0x3000: a 1 GiB page, a PD, a not-present entry.
+        mem.insert(0x3000, table(&[(0, 0x4000_0083), (1, 0x4003), (2, 0x5002)]));
+        // PD 0x4000: a 2 MiB page and a PT; an entry outside RAM.
+        mem.insert(0x4000, table(&[(0, 0x20_0083), (1, 0x6003), (2, RAM | 3)]));
+        // PT 0x6000: its entries are pages, never followed.
+        mem.insert(0x6000, table(&[(0, 0x7003)]));
+        let in_ram = |a: u64| a < RAM;
+        let kernel = walk(&[Root { table: 0x1000, first: 256 }], reader(&mem), in_ram, |_| false);
+        assert_eq!(kernel, vec![0x1000, 0x3000, 0x4000, 0x6000]);
+        let all = walk(&[Root { table: 0x1000, first: 0 }], reader(&mem), in_ram, |_| false);
+        assert_eq!(all, vec![0x1000, 0x2000, 0x3000, 0x4000, 0x6000]);
+        // Known tables are neither followed nor returned.
+        let process = walk(&[Root { table: 0x1000, first: 0 }], reader(&mem), in_ram, |t| t == 0x3000);
+        assert_eq!(process, vec![0x1000, 0x2000]);
+    }
+
+    #[test]
+    fn a_hostile_hierarchy_is_bounded() {
+        // Every entry of every table points at the next page: a walk that
+        // followed everything would visit far more than the bound.
+        let read = |at: u64| Some(core::array::from_fn(|i| ((at + 0x1000 * (i as u64 + 1)) % RAM) | 3));
+        let found = walk(&[Root { table: 0, first: 0 }], read, |a| a < RAM, |_| false);
+        assert!(found.len() <= MAX_TABLES + 1);
+        // A table that points at itself is found once.
+        let looped = walk(&[Root { table: 0x1000, first: 0 }], |_| Some([0x1003; 512]), |a| a < RAM, |_| false);
+        assert_eq!(looped, vec![0x1000]);
+    }
+
+    const VMEMMAP: u64 = 0xffff_ea00_0000_0000;
+    const HEAD: u64 = 0xffff_ffff_8300_0040;
+    const ARRAY_GPA: u64 = 0x70_0000;
+
+    fn objects() -> ObjectMap {
+        let mut m = ObjectMap::from_wire(VMEMMAP, 64, 24, &[0; 8]).unwrap().unwrap();
+        m.set_backing((0..256).map(|i| ARRAY_GPA + i * 0x1000).collect());
+        m
+    }
+
+    #[test]
+    fn the_list_gives_each_process_table_and_its_user_copy() {
+        let o = objects();
+        let list = ProcessList::from_wire(HEAD, 8, 2, Some(&o)).unwrap().unwrap();
+        let link = |frame: u64| VMEMMAP + frame * 64 + 8;
+        // head → frame 0x100 → frame 0x240 → head.
+        let mut mem = BTreeMap::new();
+        mem.insert(ARRAY_GPA + 0x100 * 64 + 8, link(0x240));
+        mem.insert(ARRAY_GPA + 0x240 * 64 + 8, HEAD);
+        let read = |a: u64| mem.get(&a).copied();
+        assert_eq!(list.roots(link(0x100), &o, read), vec![0x10_0000, 0x10_1000, 0x24_0000, 0x24_1000]);
+        // An empty list.
+        assert!(list.roots(HEAD, &o, read).is_empty());
+        // A link that is no struct page, or a cycle, ends the walk.
+        assert!(list.roots(VMEMMAP + 3, &o, read).is_empty());
+        let mut cyc = BTreeMap::new();
+        cyc.insert(ARRAY_GPA + 0x100 * 64 + 8, link(0x100));
+        assert_eq!(list.roots(link(0x100), &o, |a| cyc.get(&a).copied()), vec![0x10_0000, 0x10_1000]);
+    }
+
+    #[test]
+    fn the_agents_description_is_checked() {
+        let o = objects();
+        assert_eq!(ProcessList::from_wire(0, 8, 2, None), Ok(None));
+        assert_eq!(ProcessList::from_wire(HEAD, 8, 2, None), Err(BadProcessList));
+        for (head, link, pages) in [(0x4000, 8, 2), (HEAD + 4, 8, 2), (HEAD, 12, 2), (HEAD, 56, 2), (HEAD, 8, 3)] {
+            assert_eq!(ProcessList::from_wire(head, link, pages, Some(&o)), Err(BadProcessList), "{head:#x} {link}");
+        }
+        assert!(ProcessList::from_wire(HEAD, 48, 1, Some(&o)).unwrap().is_some());
+    }
+}
