@@ -306,9 +306,58 @@ impl<M: Mmio> Unit<M> {
     }
 
     /// Submits descriptors then a wait descriptor, and polls its status
-    /// write: when this returns, the unit has carried them all out.
+    /// write: when this returns `Ok`, the unit has carried them all out.
+    /// A descriptor the unit refuses (FSTS.IQE) is replaced, as the
+    /// specification asks, by a global IOTLB invalidation (valid, and a
+    /// superset of any IOTLB one), the error cleared so the queue drains,
+    /// and the whole batch submitted once more on the drained queue.
     fn submit(&mut self, mem: &mut impl TableMemory, descriptors: &[(u64, u64)]) -> Result<(), VtdError> {
+        match self.submit_once(mem, descriptors) {
+            Err(VtdError::QueueError) if self.regs.read32(reg::FSTS) & fsts::IQE != 0 => {
+                self.recover_queue(mem)?;
+                self.submit_once(mem, descriptors)
+            }
+            other => other,
+        }
+    }
+
+    /// Replaces the descriptor the unit stopped at, clears the error and
+    /// waits for the queue to drain to the last wait descriptor.
+    fn recover_queue(&mut self, mem: &mut impl TableMemory) -> Result<(), VtdError> {
+        log::warn!("DMA: the unit at {:#x} refused a queued invalidation: replaced by a global one", self.base);
+        let head = (self.regs.read64(reg::IQH) >> 4) % QUEUE_LEN;
+        let Some(q) = self.queue.as_ref() else { return Err(VtdError::NoQueuedInvalidation) };
+        let (low, high) = descriptor::iotlb_global();
+        mem.write(q.page, (head * 2) as usize, low);
+        mem.write(q.page, (head * 2) as usize + 1, high);
+        let (status, sequence) = (q.status, q.sequence);
+        self.regs.write32(reg::FSTS, fsts::IQE);
+        self.wait_for(mem, status, sequence)
+    }
+
+    /// Polls a wait descriptor's status write.
+    fn wait_for(&mut self, mem: &mut impl TableMemory, status: u64, sequence: u32) -> Result<(), VtdError> {
+        for _ in 0..self.polls {
+            if mem.read(status, 0) as u32 == sequence {
+                return Ok(());
+            }
+            if self.regs.read32(reg::FSTS) & fsts::IQE != 0 {
+                return Err(VtdError::QueueError);
+            }
+            core::hint::spin_loop();
+        }
+        Err(VtdError::Timeout("invalidation wait"))
+    }
+
+    fn submit_once(&mut self, mem: &mut impl TableMemory, descriptors: &[(u64, u64)]) -> Result<(), VtdError> {
+        // Room for the batch and its wait descriptor, behind what the unit
+        // has not fetched yet (after a timeout, the queue may not be empty).
+        let head = (self.regs.read64(reg::IQH) >> 4) % QUEUE_LEN;
         let Some(q) = self.queue.as_mut() else { return Err(VtdError::NoQueuedInvalidation) };
+        let free = (head + QUEUE_LEN - q.tail - 1) % QUEUE_LEN;
+        if descriptors.len() as u64 + 1 > free {
+            return Err(VtdError::QueueError);
+        }
         q.sequence = q.sequence.wrapping_add(1).max(1);
         let sequence = q.sequence;
         mem.write(q.status, 0, 0);
@@ -321,16 +370,7 @@ impl<M: Mmio> Unit<M> {
         }
         let (status, tail) = (q.status, q.tail);
         self.regs.write64(reg::IQT, tail << 4);
-        for _ in 0..self.polls {
-            if mem.read(status, 0) as u32 == sequence {
-                return Ok(());
-            }
-            if self.regs.read32(reg::FSTS) & fsts::IQE != 0 {
-                return Err(VtdError::QueueError);
-            }
-            core::hint::spin_loop();
-        }
-        Err(VtdError::Timeout("invalidation wait"))
+        self.wait_for(mem, status, sequence)
     }
 
     fn flush_write_buffer(&mut self) -> Result<(), VtdError> {
@@ -482,6 +522,30 @@ mod tests {
             unit.invalidate_pages(&mut v.mem, DOMAIN, &[i << 12]).unwrap();
         }
         assert_eq!(model.log().iotlb_pages.len(), 300);
+    }
+
+    /// A descriptor the unit refuses (IQE) is replaced by a global IOTLB
+    /// invalidation and the batch carried out again: the call returns only
+    /// once no stale translation can be left, and the queue works on.
+    #[test]
+    fn a_refused_invalidation_is_recovered_not_just_logged() {
+        let mut v = view();
+        let model = ModelUnit::new(v.mem.clone(), QEMU_CAP, QEMU_ECAP);
+        let mut unit = Unit::probe(model.clone(), 0xfed9_0000, 4096).unwrap();
+        let root = v.root_table();
+        unit.enable(&mut v.mem, root, DOMAIN).unwrap();
+        let global = model.log().iotlb_global;
+        model.0.borrow_mut().refuse_descriptors = 1;
+        unit.invalidate_pages(&mut v.mem, DOMAIN, &[0x20_0000]).unwrap();
+        let log = model.log();
+        assert_eq!(log.iotlb_global, global + 1, "the refused descriptor became a global invalidation");
+        assert_eq!(log.iotlb_pages, [0x20_0000], "and the batch ran again");
+        assert_eq!(model.fault_status() & fsts::IQE, 0, "error cleared");
+        unit.invalidate_pages(&mut v.mem, DOMAIN, &[0x30_0000]).unwrap();
+        assert_eq!(model.log().iotlb_pages, [0x20_0000, 0x30_0000]);
+        // A unit that refuses everything: an error, never a silent success.
+        model.0.borrow_mut().refuse_descriptors = u32::MAX;
+        assert!(unit.invalidate_pages(&mut v.mem, DOMAIN, &[0x40_0000]).is_err());
     }
 
     #[test]

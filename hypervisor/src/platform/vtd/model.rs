@@ -61,6 +61,9 @@ pub struct State {
     /// Memory behind the unit: the bytes a DMA reaches, by page.
     pub ram: BTreeMap<u64, Vec<u8>>,
     pub blocked_compat: BTreeSet<u16>,
+    /// Descriptors still to refuse (FSTS.IQE, the head left on them), as a
+    /// unit does with one it cannot carry out.
+    pub refuse_descriptors: u32,
 }
 
 /// The register block (what the driver holds) and the device side (what
@@ -90,6 +93,7 @@ impl ModelUnit {
             log: Log::default(),
             ram: BTreeMap::new(),
             blocked_compat: BTreeSet::new(),
+            refuse_descriptors: 0,
         })))
     }
 
@@ -99,6 +103,11 @@ impl ModelUnit {
 
     pub fn status(&self) -> u32 {
         self.0.borrow().status
+    }
+
+    /// The fault status register as the unit holds it.
+    pub fn fault_status(&self) -> u32 {
+        self.0.borrow().regs.get(&reg::FSTS).copied().unwrap_or(0)
     }
 
     pub fn log(&self) -> Log {
@@ -257,6 +266,11 @@ impl State {
             | (u64::from(self.regs.get(&(reg::IQA + 4)).copied().unwrap_or(0)) << 32);
         let page = iqa & !0xfff;
         while self.head != tail {
+            if self.refuse_descriptors > 0 {
+                self.refuse_descriptors -= 1;
+                *self.regs.entry(reg::FSTS).or_default() |= fsts::IQE;
+                return;
+            }
             let slot = (self.head * 2) as usize;
             let (Some(low), Some(high)) = (self.table(page, slot), self.table(page, slot + 1)) else {
                 let f = self.regs.entry(reg::FSTS).or_default();
@@ -399,7 +413,13 @@ impl Mmio for ModelUnit {
             }
             reg::FSTS => {
                 let f = s.regs.entry(reg::FSTS).or_default();
+                let resumes = *f & value & fsts::IQE != 0;
                 *f &= !(value & (fsts::PFO | fsts::IQE));
+                // Clearing a queue error resumes fetching at the head.
+                if resumes && s.status & gcmd::QIE != 0 {
+                    let tail = u64::from(s.regs.get(&reg::IQT).copied().unwrap_or(0) >> 4) & 0xff;
+                    s.process_queue(tail);
+                }
             }
             reg::PMEN => {
                 // The status bit follows the enable bit at once.
