@@ -260,6 +260,12 @@ fn struct_page_array(ctx: &ExitContext<'_>, objects: &ObjectMap) -> Result<Vec<u
         .collect())
 }
 
+/// Reads a guest-physical u64, `None` outside guest RAM.
+fn read_phys_u64(ctx: &ExitContext<'_>, at: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    ctx.guest.memory.read(&ctx.phys, at, &mut b).ok().map(|()| u64::from_le_bytes(b))
+}
+
 /// Reads a guest-physical page table, `None` outside guest RAM.
 fn read_table(ctx: &ExitContext<'_>, at: u64) -> Option<tables::Table> {
     let mut t = [0u8; 4096];
@@ -294,10 +300,7 @@ fn process_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
     let Some((list, objects)) = engine.layout().and_then(|l| Some((l.processes?, l.objects.as_ref()?))) else {
         return Vec::new();
     };
-    let read = |at: u64| {
-        let mut b = [0u8; 8];
-        ctx.guest.memory.read(&ctx.phys, at, &mut b).ok().map(|()| u64::from_le_bytes(b))
-    };
+    let read = |at: u64| read_phys_u64(ctx, at);
     let Some(first) = gpa_of(ctx, list.head).ok().and_then(read) else { return Vec::new() };
     let roots: Vec<tables::Root> =
         list.roots(first, objects, read).into_iter().map(|table| tables::Root { table, first: 0 }).collect();
@@ -451,17 +454,11 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
     control.trap_msr_writes(&GUARDED_MSRS);
     let kernel = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
     refresh_page_tables(ctx);
-    let all = ctx
-        .guest
-        .integrity
-        .as_ref()
-        .map_or(0, |s| s.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count());
-    let processes =
-        if ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()).is_some_and(|l| l.processes.is_some()) {
-            alloc::format!("{} of processes", all - kernel)
-        } else {
-            "none of processes: the agent named no pgd_list".into()
-        };
+    let engine = ctx.guest.integrity.as_ref().map(|s| &s.engine);
+    let processes = match engine.filter(|e| e.layout().is_some_and(|l| l.processes.is_some())) {
+        Some(e) => alloc::format!("{} of processes", e.process_table_count()),
+        None => "none of processes: the agent named no pgd_list".into(),
+    };
     log::info!(
         "guest {}: kernel layout locked, agent pinned; protections on ({kernel} kernel page tables, {processes})",
         ctx.guest.name()
@@ -873,11 +870,7 @@ fn kernel_object(ctx: &ExitContext<'_>, page: u64) -> Option<&'static str> {
     if !ctx.guest.memory.contains(page) {
         return None;
     }
-    let read = |at: u64| {
-        let mut b = [0u8; 8];
-        ctx.guest.memory.read(&ctx.phys, at, &mut b).ok().map(|()| u64::from_le_bytes(b))
-    };
-    objects.object_at(page, read).unwrap_or(Some("unknown"))
+    objects.object_at(page, |at| read_phys_u64(ctx, at)).unwrap_or(Some("unknown"))
 }
 
 /// Takes back every heap page granted writable to a module view since the
@@ -1448,11 +1441,7 @@ fn set_accessed_or_dirty(ctx: &mut ExitContext<'_>, entry: u64) -> bool {
     const ACCESSED: u64 = 1 << 5;
     const DIRTY: u64 = 1 << 6;
     let at = entry & !7;
-    let mut b = [0u8; 8];
-    if ctx.guest.memory.read(&ctx.phys, at, &mut b).is_err() {
-        return false;
-    }
-    let value = u64::from_le_bytes(b);
+    let Some(value) = read_phys_u64(ctx, at) else { return false };
     let bit = if value & ACCESSED == 0 { ACCESSED } else { DIRTY };
     if value & 1 == 0 || value & bit != 0 {
         return false;
@@ -2591,8 +2580,9 @@ mod tests {
     /// kernel table its top level pointed at stays protected.
     #[test]
     fn process_page_tables_are_protected_while_they_live() {
-        let mut f = fixture(Mode::Enforce);
-        let id = f.register_everything();
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
         let tables = [PROCESS_PGD, PROCESS_PGD + 0x1000, PROCESS_PDPT, PROCESS_PD, PROCESS_PT];
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         for t in tables {
@@ -2602,10 +2592,6 @@ mod tests {
         }
         assert!(!e.is_process_table(0x2000), "the kernel's PDPT stays the kernel's");
         assert_eq!(e.class_of(HEAP_PAGE), None, "a page a PT maps is no table");
-        let module = View::Module(id);
-        let writer = K + MODULE_CODE + 0x10;
-        f.guest.integrity.as_mut().unwrap().view = module;
-        f.control.active = Some(module);
         for t in tables {
             assert_eq!(f.ept(WRITE, t + 0x18, 0xffff_8880_0000_0000 + t, writer), Action::Resume);
             assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "{t:#x}");
@@ -2632,12 +2618,9 @@ mod tests {
     /// reuse is not refused, and a table still listed still is.
     #[test]
     fn a_process_table_is_confirmed_before_a_refusal() {
-        let mut f = fixture(Mode::Enforce);
-        let id = f.register_everything();
-        let module = View::Module(id);
         let writer = K + MODULE_CODE + 0x10;
-        f.guest.integrity.as_mut().unwrap().view = module;
-        f.control.active = Some(module);
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
         // The PT is unhooked from the PD (the process unmapped that range).
         w(&f.phys, PROCESS_PD + 3 * 8, &0u64.to_le_bytes());
         assert_eq!(f.ept(WRITE, PROCESS_PT + 8, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
@@ -2652,14 +2635,11 @@ mod tests {
     /// the same, and the next walk classifies it.
     #[test]
     fn a_page_table_newer_than_the_walk_is_refused_by_its_type() {
-        let mut f = fixture(Mode::Enforce);
-        let id = f.register_everything();
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
         let fresh = 0xdc_0000;
         w(&f.phys, VMEMMAP + (fresh >> 12) * 64 + 48, &0xffff_fdffu32.to_le_bytes());
-        let module = View::Module(id);
-        let writer = K + MODULE_CODE + 0x10;
-        f.guest.integrity.as_mut().unwrap().view = module;
-        f.control.active = Some(module);
         assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
         assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
@@ -2678,12 +2658,8 @@ mod tests {
     /// whose bits are both set is the module's, refused.
     #[test]
     fn the_walk_of_a_modules_access_may_set_accessed_and_dirty_bits() {
-        let mut f = fixture(Mode::Enforce);
-        let id = f.register_everything();
-        let module = View::Module(id);
         let rip = K + MODULE_CODE + 0x10;
-        f.guest.integrity.as_mut().unwrap().view = module;
-        f.control.active = Some(module);
+        let (mut f, _) = in_module(rip);
         let entry = PROCESS_PT + 7 * 8;
         let walk = |f: &mut Fixture| {
             f.vcpu.write(Field::Rip, rip);

@@ -348,6 +348,11 @@ impl Engine {
         (added, gone)
     }
 
+    /// How many pages are classified as processes' page tables.
+    pub fn process_table_count(&self) -> usize {
+        self.process_tables.len()
+    }
+
     /// Whether `gpa` is classified because a process's tables hold it
     /// (a class the next walk may drop).
     pub fn is_process_table(&self, gpa: u64) -> bool {

@@ -120,11 +120,10 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         shared.push(r);
     }
     at += 16 * abi::SHARED_FIELDS;
-    let objects =
+    let mut objects =
         ObjectMap::from_wire(vmemmap, page_struct_size, slab_cache_offset, &caches).map_err(|_| WireError::Range)?;
     let (pgd_list, link_offset, pgd_pages) = (u64_at(b, at), u32_at(b, at + 8), u32_at(b, at + 12));
     let (type_offset, table_mask, table_value) = (u32_at(b, at + 16), u32_at(b, at + 20), u32_at(b, at + 24));
-    let mut objects = objects;
     if let Some(o) = objects.as_mut() {
         o.set_table_type(type_offset, table_mask, table_value).map_err(|_| WireError::Range)?;
     }

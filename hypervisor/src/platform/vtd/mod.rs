@@ -503,13 +503,19 @@ mod tests {
         v
     }
 
-    #[test]
-    fn enabling_with_queued_invalidation() {
+    /// QEMU's unit, enabled on [`view`]'s tables.
+    fn qemu_unit() -> (DmaView<Shared>, ModelUnit, Unit<ModelUnit>) {
         let mut v = view();
         let model = ModelUnit::new(v.mem.clone(), QEMU_CAP, QEMU_ECAP);
         let mut unit = Unit::probe(model.clone(), 0xfed9_0000, 4096).unwrap();
         let root = v.root_table();
         unit.enable(&mut v.mem, root, DOMAIN).unwrap();
+        (v, model, unit)
+    }
+
+    #[test]
+    fn enabling_with_queued_invalidation() {
+        let (mut v, model, mut unit) = qemu_unit();
         assert_eq!(model.status() & (gcmd::TE | gcmd::QIE), gcmd::TE | gcmd::QIE);
         let log = model.log();
         assert_eq!((log.context_invalidations, log.iotlb_global), (1, 1), "caches invalidated before translation");
@@ -529,11 +535,7 @@ mod tests {
     /// once no stale translation can be left, and the queue works on.
     #[test]
     fn a_refused_invalidation_is_recovered_not_just_logged() {
-        let mut v = view();
-        let model = ModelUnit::new(v.mem.clone(), QEMU_CAP, QEMU_ECAP);
-        let mut unit = Unit::probe(model.clone(), 0xfed9_0000, 4096).unwrap();
-        let root = v.root_table();
-        unit.enable(&mut v.mem, root, DOMAIN).unwrap();
+        let (mut v, model, mut unit) = qemu_unit();
         let global = model.log().iotlb_global;
         model.0.borrow_mut().refuse_descriptors = 1;
         unit.invalidate_pages(&mut v.mem, DOMAIN, &[0x20_0000]).unwrap();
@@ -648,11 +650,7 @@ mod tests {
     /// own vector to the device it names.
     #[test]
     fn devices_cannot_raise_vectors_they_were_not_given() {
-        let mut v = view();
-        let model = ModelUnit::new(v.mem.clone(), QEMU_CAP, QEMU_ECAP);
-        let mut unit = Unit::probe(model.clone(), 0, 4096).unwrap();
-        let root = v.root_table();
-        unit.enable(&mut v.mem, root, DOMAIN).unwrap();
+        let (mut v, model, mut unit) = qemu_unit();
         let table = v.mem.alloc_table().unwrap();
         let (low, high) = format::irte(0x40, 0, format::Delivery::Fixed, 0x18).unwrap();
         v.mem.write(table, 0, low);
