@@ -293,19 +293,20 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
 }
 
 /// Every process's page tables, found through `pgd_list`, below the
-/// kernel's (which are followed by their own walk): empty when the agent
-/// named no list.
-fn process_page_tables(ctx: &ExitContext<'_>) -> Vec<u64> {
-    let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return Vec::new() };
+/// kernel's (which are followed by their own walk), and whether the list
+/// was read whole: only then may a table missing from it lose its class.
+/// Empty, and not whole, when the agent named no list.
+fn process_page_tables(ctx: &ExitContext<'_>) -> (Vec<u64>, bool) {
+    let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return (Vec::new(), false) };
     let Some((list, objects)) = engine.layout().and_then(|l| Some((l.processes?, l.objects.as_ref()?))) else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
     let read = |at: u64| read_phys_u64(ctx, at);
-    let Some(first) = gpa_of(ctx, list.head).ok().and_then(read) else { return Vec::new() };
-    let roots: Vec<tables::Root> =
-        list.roots(first, objects, read).into_iter().map(|table| tables::Root { table, first: 0 }).collect();
+    let Some(first) = gpa_of(ctx, list.head).ok().and_then(read) else { return (Vec::new(), false) };
+    let (pgds, whole) = list.roots(first, objects, read);
+    let roots: Vec<tables::Root> = pgds.into_iter().map(|table| tables::Root { table, first: 0 }).collect();
     let kernel = |t: u64| engine.class_of(t) == Some(PageClass::PageTable) && !engine.is_process_table(t);
-    tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), kernel)
+    (tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), kernel), whole)
 }
 
 /// Tables the kernel allocated since the last look (vmalloc, a split of
@@ -321,15 +322,11 @@ fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
     let Ok(kernel) = kernel_page_tables(ctx) else { return };
     let Some(state) = ctx.guest.integrity.as_mut() else { return };
     let mut added = state.engine.add_page_tables(kernel);
-    let processes = process_page_tables(ctx);
+    let (processes, whole) = process_page_tables(ctx);
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else {
         return;
     };
-    let (new, gone) = if state.engine.layout().is_some_and(|l| l.processes.is_some()) {
-        state.engine.set_process_tables(&processes)
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let (new, gone) = state.engine.set_process_tables(&processes, whole);
     added.extend_from_slice(&new);
     let modules: Vec<u32> = state.engine.modules().collect();
     for &page in &added {
@@ -2611,6 +2608,24 @@ mod tests {
         assert_eq!(f.ept(WRITE, PROCESS_PT + 0x18, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
         assert_eq!(f.control.perms(module, PROCESS_PT), Some(Perms::RW), "a heap page again");
         assert!(violation_kinds(&mut f).is_empty());
+    }
+
+    /// A pgd_list read in part (a link that is no struct page, as a list
+    /// changed under the walk on another CPU may show) drops no class: a
+    /// table is released only when a whole list no longer holds it.
+    #[test]
+    fn a_list_read_in_part_releases_no_table() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        w(&f.phys, PGD_LIST, &(K + VMEMMAP + 3).to_le_bytes());
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
+        let e = &f.guest.integrity.as_ref().unwrap().engine;
+        assert_eq!(e.class_of(PROCESS_PT), Some(PageClass::PageTable));
+        assert!(e.is_process_table(PROCESS_PGD));
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        assert_eq!(f.ept(WRITE, PROCESS_PT + 8, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
     }
 
     /// A page that was a process's table may be freed and reused before

@@ -328,9 +328,10 @@ impl Engine {
 
     /// The processes' page tables, as a fresh walk found them: the pages
     /// newly classified, and those no longer tables whose class is
-    /// dropped (the process went and the kernel may reuse the page).
+    /// dropped (the process went and the kernel may reuse the page), but
+    /// only from a `whole` walk: a list read in part drops nothing.
     /// Pages something else claims are left alone.
-    pub fn set_process_tables(&mut self, found: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    pub fn set_process_tables(&mut self, found: &[u64], whole: bool) -> (Vec<u64>, Vec<u64>) {
         let found: alloc::collections::BTreeSet<u64> = found.iter().map(|&p| page(p)).collect();
         let mut added = Vec::new();
         for &p in &found {
@@ -340,7 +341,11 @@ impl Engine {
                 added.push(p);
             }
         }
-        let gone: Vec<u64> = self.process_tables.iter().copied().filter(|p| !found.contains(p)).collect();
+        let gone: Vec<u64> = if whole {
+            self.process_tables.iter().copied().filter(|p| !found.contains(p)).collect()
+        } else {
+            Vec::new()
+        };
         for p in &gone {
             self.process_tables.remove(p);
             self.pages.remove(p);

@@ -124,8 +124,10 @@ impl ProcessList {
     /// `first`, the head's `next`. Each link is a `struct page`'s, read at
     /// its place in the array (`read` takes a guest-physical address); the
     /// walk stops at the head, at a link that is no `struct page`, or at
-    /// the bound.
-    pub fn roots(&self, first: u64, objects: &ObjectMap, read: impl Fn(u64) -> Option<u64>) -> Vec<u64> {
+    /// the bound. Whether it came back to the head says whether the list
+    /// was read whole (a list changed under the walk on another CPU may
+    /// not be).
+    pub fn roots(&self, first: u64, objects: &ObjectMap, read: impl Fn(u64) -> Option<u64>) -> (Vec<u64>, bool) {
         let mut out = Vec::new();
         let mut node = first;
         let mut seen = BTreeSet::new();
@@ -137,7 +139,7 @@ impl ProcessList {
             let Some(next) = read(at + self.link_offset) else { break };
             node = next;
         }
-        out
+        (out, node == self.head)
     }
 }
 
@@ -214,14 +216,14 @@ mod tests {
         mem.insert(ARRAY_GPA + 0x100 * 64 + 8, link(0x240));
         mem.insert(ARRAY_GPA + 0x240 * 64 + 8, HEAD);
         let read = |a: u64| mem.get(&a).copied();
-        assert_eq!(list.roots(link(0x100), &o, read), vec![0x10_0000, 0x10_1000, 0x24_0000, 0x24_1000]);
+        assert_eq!(list.roots(link(0x100), &o, read), (vec![0x10_0000, 0x10_1000, 0x24_0000, 0x24_1000], true));
         // An empty list.
-        assert!(list.roots(HEAD, &o, read).is_empty());
-        // A link that is no struct page, or a cycle, ends the walk.
-        assert!(list.roots(VMEMMAP + 3, &o, read).is_empty());
+        assert_eq!(list.roots(HEAD, &o, read), (vec![], true));
+        // A link that is no struct page, or a cycle, ends the walk: not whole.
+        assert_eq!(list.roots(VMEMMAP + 3, &o, read), (vec![], false));
         let mut cyc = BTreeMap::new();
         cyc.insert(ARRAY_GPA + 0x100 * 64 + 8, link(0x100));
-        assert_eq!(list.roots(link(0x100), &o, |a| cyc.get(&a).copied()), vec![0x10_0000, 0x10_1000]);
+        assert_eq!(list.roots(link(0x100), &o, |a| cyc.get(&a).copied()), (vec![0x10_0000, 0x10_1000], false));
     }
 
     #[test]
