@@ -1020,6 +1020,7 @@ fn benign_modules_work(out: &RunOutput) -> Result<(), String> {
     }
     for need in [
         "ctvm-init: calls: calls: 2000 rounds of snprintf/kstrtoint/strlen, 0 wrong",
+        "ctvm-init: refs: refs: task ok, cred ok, pid ok, mm ok",
         "ctvm-init: static key sched_schedstats flipped: 0",
     ] {
         if !s.contains(need) {
@@ -1375,12 +1376,21 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm: violation guest=linux module=atk_pgtable kind=write-page-table * object=page-table",
             "ctvm-init: attack atk_pgtable: kernel text mapping write blocked; process top-level table write blocked; user PTE write blocked; CR3 load blocked; new PTE write blocked",
             "ctvm-init: after atk_pgtable: getpid ok",
+            "ctvm: violation guest=linux module=atk_newpgd kind=write-page-table",
+            "ctvm-init: attack atk_newpgd: new process's top-level table write blocked",
             "ctvm: violation guest=linux module=atk_iret kind=call-non-entry",
             "ctvm-init: attack atk_iret: forged interrupt frame: the attacking thread was stopped",
             "ctvm-init: after atk_iret: getpid ok",
             "ctvm: violation guest=linux module=atk_wx kind=call-non-entry",
             "ctvm-init: attack atk_wx: set_memory_x returned -1; shellcode in a kmalloc'd page, called by the kernel: did not run",
             "ctvm-init: after atk_wx: getpid ok",
+            "ctvm: violation guest=linux module=atk_quar kind=write-syscall-table",
+            "ctvm: guest linux: module atk_quar quarantined: the kernel may enter it only to unload it",
+            "ctvm-init: attack atk_quar: syscall table write blocked",
+            "ctvm-init: after atk_quar: getpid ok",
+            "ctvm: violation guest=linux module=kernel kind=enter-quarantined",
+            "ctvm-init: atk_quar: callback refused",
+            "ctvm-init: atk_quar removed: 0 left, 0 proc file, exit ran",
             "ctvm: violation guest=linux module=atk_burst kind=write-syscall-table",
             "ctvm: violation guest=linux module=atk_burst kind=write-syscall-table * repeated=1000",
             "ctvm-init: attack atk_burst: burst of 1500 syscall table writes: all blocked",
@@ -1399,6 +1409,8 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm: violation * action=allow",
             "POISONED",
             "CHANGED",
+            "callback RAN",
+            "ctvm: violation guest=linux module=refs ",
         ],
         checks: vec![benign_modules_work],
         ends_cleanly: true,
