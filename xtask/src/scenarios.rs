@@ -1368,7 +1368,7 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm-init: attack atk_tasks: task list unlink blocked",
             "ctvm-init: after atk_tasks: getpid ok",
             "ctvm: violation guest=linux module=atk_deputy kind=deputy-write",
-            "ctvm-init: attack atk_deputy: memcpy onto the module list blocked, memset on modprobe_path blocked, snprintf on modprobe_path blocked, kstrtouint into modprobe_path blocked, kobject_del of its own kobject blocked",
+            "ctvm-init: attack atk_deputy: memcpy onto the module list blocked, memset on modprobe_path blocked, snprintf on modprobe_path blocked, kstrtouint into modprobe_path blocked, bin2hex on modprobe_path blocked, __bitmap_set on modprobe_path blocked, kobject_del of its own kobject blocked",
             "ctvm-init: after atk_deputy: getpid ok",
             "ctvm-init: after atk_deputy: modprobe path /sbin/modprobe",
             "ctvm: violation guest=linux module=atk_lookup kind=call-denied-api * api=__symbol_get group=module-loading",

