@@ -534,7 +534,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "linux-integrity-race",
             about: "two CPUs racing: an attack module's thread on CPU 1 hammers the syscall table, writes over and calls \
-                    into a static key's patch site that CPU 0's kernel rewrites with text_poke, and writes a benign \
+                    into (and has the kernel write) a static key's patch site that CPU 0's kernel rewrites with text_poke, and writes a benign \
                     module's data and calls into its code, while CPU 0 flips the key and loads and unloads that module in a loop; every \
                     attempt is refused and recorded, both CPUs run on",
             hypervisor_args: "",
@@ -551,6 +551,7 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm: violation guest=linux module=atk_race kind=write-syscall-table * cpu=1",
                 "ctvm: violation guest=linux module=atk_race kind=write-kernel-text * cpu=1",
                 "ctvm: violation guest=linux module=atk_race kind=call-non-entry * cpu=1",
+                "ctvm: violation guest=linux module=kernel kind=write-kernel-text * cpu=1",
                 "ctvm: violation guest=linux module=atk_race kind=write-protected-data * cpu=1",
                 "ctvm: violation guest=linux module=atk_race kind=enter-module-off-entry * cpu=1",
                 "load/unload cycles of race_peer on CPU 0, the static key flipped each time",
@@ -560,6 +561,7 @@ pub fn all() -> Vec<Scenario> {
                 "ctvm-init: after atk_race: getpid ok",
                 "attempts, 0 allowed",
                 "ctvm-init: race: every attempt recorded",
+                "ctvm-init: race: no records on CPU 0",
                 "ctvm-init: race records lost: 0",
                 "ctvm-init: race: both CPUs still run: cpu0:ran-on-0 cpu1:ran-on-1",
                 "ctvm-init: race: timer interrupts moved on both CPUs",
@@ -573,6 +575,7 @@ pub fn all() -> Vec<Scenario> {
                 "getpid WRONG",
                 "ctvm-init: FAIL",
                 "ctvm: violation * action=allow",
+                "ctvm: violation * cpu=0",
                 "has waited long",
                 "Oops",
                 "BUG: ",
