@@ -19,6 +19,9 @@
 #include <linux/seq_file.h>
 #include <linux/mm.h>
 #include <linux/pid_namespace.h>
+#include <linux/cred.h>
+#include <linux/sched.h>
+#include <linux/mm_types.h>
 #include <net/net_namespace.h>
 #include <linux/uaccess.h>
 #include <linux/version.h>
@@ -463,6 +466,63 @@ static u32 slab_cache_offset(void)
 	return found;
 }
 
+static void probe_ctor(void *obj)
+{
+}
+
+/* Where struct kmem_cache holds its object stride (`size`, just before
+ * `object_size`; the structure is private to mm/ since 6.9): found on a
+ * cache of our own whose constructor puts the free pointer after each
+ * 200-byte object. -1 unless found exactly once. */
+static int kmem_cache_size_offset(void)
+{
+	struct kmem_cache *probe = kmem_cache_create("ctvm_probe_ctor", 200, 8, 0, probe_ctor);
+	u32 *words;
+	int i, found = -1, seen = 0;
+
+	if (!probe)
+		return -1;
+	words = (u32 *)probe;
+	for (i = 0; i + 1 < 32; i++)
+		if (words[i + 1] == 200 && words[i] > 200 && words[i] <= 264 && words[i] % 8 == 0) {
+			found = i * 4;
+			seen++;
+		}
+	kmem_cache_destroy(probe);
+	return seen == 1 ? found : -1;
+}
+
+static void object_field(struct ctvm_kernel_layout *layout, int n, int slot, u32 offset, u32 size)
+{
+	layout->object_fields[n] = (struct ctvm_object_field){ slot + 1, offset, size, 0 };
+}
+
+/* The reference counts in the protected objects that the kernel's inline
+ * helpers (get_cred, get_task_struct, get_pid, mmget, mmgrab) change from
+ * a module's own code: CTVM lets a module write those fields alone.
+ * Caches the kernel merged (cred_jar and pid share one on 6.1) share the
+ * fields of both. */
+static void shared_object_fields(struct ctvm_kernel_layout *layout)
+{
+	int size_offset = kmem_cache_size_offset();
+	int i;
+
+	if (size_offset < 0) {
+		pr_warn("ctvm: no object size found in struct kmem_cache: modules may not take references to kernel objects\n");
+		return;
+	}
+	for (i = 0; i < CTVM_PROTECTED_CACHES; i++)
+		if (layout->protected_caches[i])
+			layout->protected_strides[i] = *(u32 *)(layout->protected_caches[i] + size_offset);
+	object_field(layout, 0, 0, offsetof(struct cred, usage), sizeof_field(struct cred, usage));
+	/* get_cred() also clears non_rcu, so that the last put frees through RCU. */
+	object_field(layout, 5, 0, offsetof(struct cred, non_rcu), sizeof_field(struct cred, non_rcu));
+	object_field(layout, 1, 1, offsetof(struct task_struct, usage), sizeof_field(struct task_struct, usage));
+	object_field(layout, 2, 2, offsetof(struct pid, count), sizeof_field(struct pid, count));
+	object_field(layout, 3, 7, offsetof(struct mm_struct, mm_users), sizeof_field(struct mm_struct, mm_users));
+	object_field(layout, 4, 7, offsetof(struct mm_struct, mm_count), sizeof_field(struct mm_struct, mm_count));
+}
+
 /* The kernel's own objects in its heap: CTVM reads a page's struct page to
  * tell a credential or a task from a module's object. */
 static void kernel_objects(struct ctvm_kernel_layout *layout)
@@ -482,6 +542,7 @@ static void kernel_objects(struct ctvm_kernel_layout *layout)
 		if (caches[i] && !get_kernel_nofault(cache, (unsigned long *)caches[i]))
 			layout->protected_caches[i] = cache;
 	layout->protected_caches[2] = (unsigned long)init_pid_ns.pid_cachep;
+	shared_object_fields(layout);
 }
 
 /* The kernel's branch thunks: a module's indirect calls and returns go
@@ -579,10 +640,14 @@ static int __init ctvm_agent_init(void)
 #ifdef PG_table
 		layout->page_table_mask = PAGE_TYPE_BASE | PG_table;
 		layout->page_table_value = PAGE_TYPE_BASE;
+		layout->pgd_owner_offset = offsetof(struct page, pt_mm);
 #else
 		layout->page_table_mask = 0xff000000;
 		layout->page_table_value = (u32)PGTY_table << 24;
+		layout->pgd_owner_offset = offsetof(struct ptdesc, pt_mm);
 #endif
+		/* A new process's top-level table is untyped, but its struct
+		 * page names its mm_struct from the moment it is listed. */
 	} else {
 		pr_warn("ctvm: no pgd_list: processes' page tables not protected\n");
 	}

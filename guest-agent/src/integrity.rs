@@ -6,8 +6,10 @@
 /// Version of the structures below (6: every process's page tables in the
 /// kernel layout; 7: how a page table is marked in its struct page, and a
 /// module's data slots one region each, rodata on its own, on 6.1 as on
-/// 6.4+).
-pub const STRUCT_VERSION: u32 = 7;
+/// 6.4+; 8: the protected caches' object strides, the reference counts
+/// in their objects every module may change, and where a top-level table's
+/// struct page names its process).
+pub const STRUCT_VERSION: u32 = 8;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -93,8 +95,38 @@ pub struct KernelLayout {
     pub page_type_offset: u32,
     pub page_table_mask: u32,
     pub page_table_value: u32,
+    /// Where a top-level table's `struct page` names the process's
+    /// `mm_struct` (`pt_mm`; zero: not given). A new process's table is on
+    /// `pgd_list` from its first moment but untyped: a page whose
+    /// `struct page` names an `mm_struct` there is one, and the hypervisor
+    /// walks the list before a module's first write to it.
+    pub pgd_owner_offset: u32,
+    /// The distance between two objects of each protected cache
+    /// (`kmem_cache->size`), in slot order, zero where not known: where in
+    /// its object a write lands.
+    pub protected_strides: [u32; PROTECTED_CACHES],
+    /// Fields of protected objects that every module may change, because
+    /// the kernel's inline helpers do so from module code: the reference
+    /// counts `get_task_struct`, `get_cred`, `get_pid`, `mmgrab` and
+    /// `mmget` take; unused slots zero.
+    pub object_fields: [ObjectField; OBJECT_FIELDS],
+}
+
+/// A field of the objects of one protected cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectField {
+    /// The cache's slot in [`KernelLayout::protected_caches`], plus one
+    /// (zero: an unused slot).
+    pub cache: u32,
+    /// Its offset in the object, and its size (at most [`SHARED_FIELD_MAX`]).
+    pub offset: u32,
+    pub size: u32,
     pub reserved: u32,
 }
+
+/// How many object fields the layout can name.
+pub const OBJECT_FIELDS: usize = 8;
 
 /// How many shared fields the layout can name, and their largest size.
 pub const SHARED_FIELDS: usize = 4;
@@ -116,6 +148,9 @@ pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
     ("fs_cachep", "fs"),
     ("mm_cachep", "mm"),
 ];
+
+/// The slot of `mm_cachep` in [`KernelLayout::protected_caches`].
+pub const MM_CACHE_SLOT: usize = 7;
 
 /// One indirect-branch thunk per general-purpose register.
 pub const INDIRECT_THUNKS: usize = 16;
@@ -292,11 +327,14 @@ pub enum ViolationKind {
     WriteKernelObject = 23,
     /// A page table: the kernel's, at any level, or a process's.
     WritePageTable = 24,
+    /// The kernel (or another module) called a quarantined module, one
+    /// that attacked before, other than to unload it.
+    EnterQuarantined = 25,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 24] = [
+    pub const ALL: [ViolationKind; 25] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -321,6 +359,7 @@ impl ViolationKind {
         Self::ForeignIpi,
         Self::WriteKernelObject,
         Self::WritePageTable,
+        Self::EnterQuarantined,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -350,6 +389,7 @@ impl ViolationKind {
             Self::ForeignIpi => "foreign-ipi",
             Self::WriteKernelObject => "write-kernel-object",
             Self::WritePageTable => "write-page-table",
+            Self::EnterQuarantined => "enter-quarantined",
         }
     }
 }
@@ -431,15 +471,16 @@ pub fn c_header() -> alloc::string::String {
     }
     let _ = writeln!(h, "#define CTVM_STRUCT_VERSION {STRUCT_VERSION}");
     let _ = writeln!(h, "#define CTVM_POKE_ROUTINES {POKE_ROUTINES}\n#define CTVM_SENSITIVE_RANGES {SENSITIVE_RANGES}");
-    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}");
+    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}\n#define CTVM_OBJECT_FIELDS {OBJECT_FIELDS}");
     let _ = writeln!(
         h,
         "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n#define CTVM_AGENT_NAME \"{AGENT_NAME}\"\n#define CTVM_MODULES_MAX {MODULES_MAX}\n#define CTVM_KERNEL_SYMBOL_SIZE {KERNEL_SYMBOL_SIZE}\n"
     );
     let _ = writeln!(h, "struct ctvm_range {{ __u64 start; __u64 end; }};\n");
+    let _ = writeln!(h, "struct ctvm_object_field {{ __u32 cache; __u32 offset; __u32 size; __u32 reserved; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 reserved;\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n}};"
     );
     let _ = writeln!(
         h,
@@ -486,6 +527,11 @@ pub fn c_header() -> alloc::string::String {
         h,
         "static_assert(offsetof(struct ctvm_kernel_layout, pgd_list) == {});",
         offset_of!(KernelLayout, pgd_list)
+    );
+    let _ = writeln!(
+        h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, object_fields) == {});",
+        offset_of!(KernelLayout, object_fields)
     );
     let _ = writeln!(
         h,
@@ -545,7 +591,10 @@ mod tests {
                 + 16 * SHARED_FIELDS
                 + 16
                 + 16
+                + 4 * PROTECTED_CACHES
+                + 16 * OBJECT_FIELDS
         );
+        assert_eq!(core::mem::size_of::<ObjectField>(), 16);
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);
         assert_eq!(core::mem::size_of::<Fixup>(), 16);
         assert_eq!(VIOLATION_RECORD_SIZE, 40);

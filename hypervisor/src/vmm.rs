@@ -26,6 +26,7 @@ use spin::{Mutex, Once};
 use crate::acpi;
 use crate::arch::x86_64::cpu::{self, HostCpu};
 use crate::arch::x86_64::entropy::HardwarePlatform;
+use crate::arch::x86_64::iommu;
 use crate::arch::x86_64::percpu::{self, PerCpu};
 use crate::arch::x86_64::platform::Sealer;
 use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
@@ -45,6 +46,7 @@ use crate::integrity::{GuestIntegrity, View};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, MemType, Perms};
 use crate::mm::phys::{self, Identity};
+use crate::platform::dma::{self, ContainmentLost, DmaControl};
 use crate::smp::{startup, Activity, CpuSet, Exclusive, Mailbox, VcpuEvent, MAX_CPUS, SIGNALS};
 use crate::tpm::anchor::{NoCounter, PlatformRoot, RollbackAnchor, SealingRoot, SeedRoot};
 use crate::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
@@ -553,6 +555,12 @@ struct Views<'a> {
     /// What the other vCPUs' VMCSs must trap too.
     guards: &'a mut VmcsGuards,
     guards_changed: &'a AtomicU64,
+    /// Devices' side of the kernel view (the IOMMU).
+    dma: &'a mut dyn DmaControl,
+    /// The first change of this exit devices could not be shown to
+    /// follow: the device owners stop after the exit ([`stop_device_owners`]).
+    /// The kernel view's own change stands, so `set_perms` still succeeds.
+    dma_lost: Option<ContainmentLost>,
 }
 
 impl Views<'_> {
@@ -601,7 +609,9 @@ impl GuestControl for Views<'_> {
         };
         // Devices never write what the kernel view does not (DMA view in step with KEPT).
         if view == View::Kernel && result.is_ok() {
-            crate::arch::x86_64::iommu::kernel_view_changed(page, perms);
+            if let Err(lost) = self.dma.kernel_view_changed(page, perms) {
+                self.dma_lost.get_or_insert(lost);
+            }
         }
         result.map_err(|_| ControlError)
     }
@@ -891,6 +901,23 @@ static VMX: Once<&'static Vmx> = Once::new();
 type Plan = Vec<Vec<(&'static Vm, usize)>>;
 static PLAN: Once<Plan> = Once::new();
 
+/// Every guest, published with [`PLAN`]: a CPU may have to stop a guest
+/// it does not run ([`stop_device_owners`]).
+static GUESTS: Once<Vec<&'static Vm>> = Once::new();
+
+/// DMA containment is lost: stops every guest that owns the machine's
+/// devices, whichever CPU noticed (the decision is `dma::stops`, host-tested).
+fn stop_device_owners(lost: &ContainmentLost) {
+    let guests = GUESTS.get().map_or(&[][..], Vec::as_slice);
+    let stops = dma::stops(lost, guests, |vm| vm.pass_through);
+    if stops.is_empty() {
+        error!("DMA containment lost: {lost}");
+    }
+    for (vm, reason) in stops {
+        vm.stop(reason);
+    }
+}
+
 /// Brings up every AP in `apic_ids` (index 0 is this, the boot CPU)
 /// through the trampoline at `trampoline`, each into VMX root operation,
 /// and returns the CPUs that made it. One that does not is reported and
@@ -982,6 +1009,7 @@ pub fn run(vmx: &'static Vmx, vms: &[&'static Vm]) {
             plan[home.cpu].push((vm, index));
         }
     }
+    GUESTS.call_once(|| vms.to_vec());
     let plan = PLAN.call_once(|| plan);
     run_cpu(vmx, percpu::current().index, &plan[percpu::current().index]);
     while vms.iter().any(|vm| vm.live.load(Ordering::SeqCst) > 0) {
@@ -1205,8 +1233,12 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
             crate::vcpu::redeliver_interrupted_event(&mut slot.vcpu, &exit);
             continue;
         }
-        let (action, outbox) = dispatch(slot, &exit, failure, host);
-        crate::arch::x86_64::iommu::poll();
+        let (action, outbox, dma_lost) = dispatch(slot, &exit, failure, host);
+        // Before this vCPU can enter again (it returns as stopped, below).
+        if let Some(lost) = dma_lost {
+            stop_device_owners(&lost);
+        }
+        iommu::poll();
         for (target, event) in outbox {
             vm.post(target, event);
         }
@@ -1222,13 +1254,14 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
 const NMI_TYPE: u32 = 2;
 
 /// One exit through the generic handlers, under the guest's lock, with
-/// the vCPU's own state swapped in. Returns the IPIs to post.
+/// the vCPU's own state swapped in. Returns the IPIs to post, and whether
+/// DMA containment was lost in a kernel-view change.
 fn dispatch(
     slot: &mut Slot,
     exit: &crate::vcpu::ExitInfo,
     failure: Option<String>,
     host: &HostCpu,
-) -> (Action, Vec<(usize, VcpuEvent)>) {
+) -> (Action, Vec<(usize, VcpuEvent)>, Option<ContainmentLost>) {
     let handling = cpu::rdtsc();
     let vmx = VMX.get().copied();
     let vm = slot.vm;
@@ -1253,6 +1286,7 @@ fn dispatch(
     }
     sh.guest.swap_local(&mut slot.local);
     sh.guest.cpus.current = slot.index;
+    let mut iommu = iommu::Hook;
     let mut views = match (vmx, &sh.guest.integrity, sh.ept.as_mut(), sh.bitmaps.as_ref()) {
         (Some(vmx), Some(_), Some(kernel), Some(bitmaps)) => Some(Views {
             vmx,
@@ -1262,12 +1296,15 @@ fn dispatch(
             module_bitmaps: sh.module_bitmaps.as_ref(),
             guards: &mut sh.guards,
             guards_changed: &vm.guards_changed,
+            dma: &mut iommu,
+            dma_lost: None,
         }),
         _ => None,
     };
     let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
     let mut ctx = ExitContext { guest: &mut sh.guest, vcpu: &mut slot.vcpu, exit, host, phys: &Identity, control };
     let action = exits::dispatch(&mut ctx);
+    let dma_lost = views.and_then(|v| v.dma_lost);
     let action = match (action, failure) {
         (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {
             Action::Stop(StopReason::EntryFailed { reason, qualification, detail })
@@ -1286,7 +1323,7 @@ fn dispatch(
     slot.guards = sh.guards.generation;
     sh.guest.exits.add_ticks(exit.reason, cpu::rdtsc().wrapping_sub(handling));
     sh.guest.swap_local(&mut slot.local);
-    (action, core::mem::take(&mut sh.guest.cpus.outbox))
+    (action, core::mem::take(&mut sh.guest.cpus.outbox), dma_lost)
 }
 
 /// The exits that take a multi-vCPU integrity guest exclusively: those

@@ -289,12 +289,13 @@ fn kernel_page_tables(ctx: &ExitContext<'_>) -> Result<Vec<u64>, Error> {
     let root = gpa_of(ctx, layout.page_table)?;
     let roots: Vec<tables::Root> =
         (0..pgd_pages(ctx)).map(|i| tables::Root { table: root + i * 0x1000, first: 256 }).collect();
-    Ok(tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), |_| false))
+    Ok(tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), |_| false).tables)
 }
 
 /// Every process's page tables, found through `pgd_list`, below the
 /// kernel's (which are followed by their own walk), and whether the list
-/// was read whole: only then may a table missing from it lose its class.
+/// and every table below it were read whole: only then may a table missing
+/// from them lose its class.
 /// Empty, and not whole, when the agent named no list.
 fn process_page_tables(ctx: &ExitContext<'_>) -> (Vec<u64>, bool) {
     let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return (Vec::new(), false) };
@@ -306,7 +307,8 @@ fn process_page_tables(ctx: &ExitContext<'_>) -> (Vec<u64>, bool) {
     let (pgds, whole) = list.roots(first, objects, read);
     let roots: Vec<tables::Root> = pgds.into_iter().map(|table| tables::Root { table, first: 0 }).collect();
     let kernel = |t: u64| engine.class_of(t) == Some(PageClass::PageTable) && !engine.is_process_table(t);
-    (tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), kernel), whole)
+    let walk = tables::walk(&roots, |at| read_table(ctx, at), |t| ctx.guest.memory.contains(t), kernel);
+    (walk.tables, whole && walk.whole)
 }
 
 /// Tables the kernel allocated since the last look (vmalloc, a split of
@@ -846,15 +848,22 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
 }
 
 /// The first address of `range` (guest-virtual, as the kernel would
-/// write it) that module `m` could not write itself, if any.
+/// write it) that module `m` could not write itself, if any. A page its
+/// view already maps writable was judged when it was granted (its own
+/// data, a heap page), and grants are taken back whenever a page changes
+/// class: no need to read its `struct page` again.
 fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> {
     let engine = &ctx.guest.integrity.as_ref()?.engine;
+    let control = ctx.control.as_deref();
     range.pages().find_map(|va| {
         let from = range.start.max(va);
         let to = range.end.min(va + 0x1000);
         let Ok(gpa) = ctx.inspect().translate(from) else {
             return Some(from);
         };
+        if control.and_then(|c| c.perms(View::Module(m), gpa & !0xfff)).is_some_and(|p| p.contains(Perms::WRITE)) {
+            return None;
+        }
         let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };
         (!engine.module_may_write(m, Range::new(gpa, gpa + (to - from)), object)).then_some(from)
     })
@@ -868,6 +877,31 @@ fn kernel_object(ctx: &ExitContext<'_>, page: u64) -> Option<&'static str> {
         return None;
     }
     objects.object_at(page, |at| read_phys_u64(ctx, at)).unwrap_or(Some("unknown"))
+}
+
+/// Whether guest RAM `page` looks like a top-level page table made since
+/// the last walk: its `struct page` (or, with page-table isolation, that
+/// of the kernel copy before it) names an `mm_struct` where x86 keeps a
+/// table's process (`pt_mm`). The kernel puts such a table on `pgd_list`
+/// before any process runs on it, but gives it no page type; a walk then
+/// decides. A page that merely looks like one costs a walk, no refusal.
+fn new_top_level_table(ctx: &ExitContext<'_>, page: u64) -> bool {
+    let Some(layout) = ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()) else { return false };
+    let (Some(list), Some(objects)) = (layout.processes, layout.objects.as_ref()) else { return false };
+    let Some(owner_offset) = list.owner_offset else { return false };
+    let read = |at: u64| read_phys_u64(ctx, at);
+    let first = if list.pgd_pages == 2 { page & !0x1fff } else { page };
+    let Some(mm) = objects.page_word(first, owner_offset, read) else { return false };
+    crate::integrity::layout::is_kernel_address(mm)
+        && ctx.inspect().translate(mm).is_ok_and(|gpa| objects.in_cache(gpa, abi::MM_CACHE_SLOT, read))
+}
+
+/// The reference count every module may write that guest-physical
+/// `gpa`, in a protected kernel object, lies in (see
+/// [`ObjectMap::shared_field_at`]).
+fn shared_field(ctx: &ExitContext<'_>, gpa: u64) -> Option<Range> {
+    let objects = ctx.guest.integrity.as_ref()?.engine.layout()?.objects.as_ref()?;
+    objects.shared_field_at(gpa, |at| read_phys_u64(ctx, at))
 }
 
 /// Takes back every heap page granted writable to a module view since the
@@ -913,6 +947,32 @@ fn report_object(ctx: &mut ExitContext<'_>, v: &Violation, object: Option<&str>)
         Say::Line => console::write_line(format_args!("{line}")),
         Say::Repeated(n) => console::write_line(format_args!("{line} repeated={n}")),
         Say::Quiet => {}
+    }
+    let Some(newly) = ctx.guest.integrity.as_mut().map(|s| s.engine.take_quarantined()) else { return };
+    let state = ctx.guest.integrity.as_ref();
+    for m in newly {
+        let name = state.and_then(|s| s.engine.module_name(m)).unwrap_or("?");
+        console::write_line(format_args!(
+            "ctvm: guest {}: module {name} quarantined: the kernel may enter it only to unload it",
+            ctx.guest.name()
+        ));
+    }
+}
+
+/// The kernel runs into a quarantined module's code: if it is unloading
+/// the module (the state in its `struct module`, which no module can
+/// write, reads GOING), its exit routine may run. A state that cannot be
+/// read changes nothing: the entry stays refused.
+fn unloading_check(ctx: &mut ExitContext<'_>, fault: &Fault) {
+    if fault.access != super::Access::Execute {
+        return;
+    }
+    let Some(state) = ctx.guest.integrity.as_ref() else { return };
+    let Some((m, module)) = state.engine.quarantined_code(fault.gpa) else { return };
+    if module_state(ctx, module).ok() == Some(abi::module_state::GOING) {
+        if let Some(state) = ctx.guest.integrity.as_mut() {
+            state.engine.set_unloading(m);
+        }
     }
 }
 
@@ -992,9 +1052,15 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if state.engine.is_process_table(page) {
         refresh_page_tables(ctx);
     }
+    let info = ViolationInfo::from_qualification(ctx.exit.qualification);
+    // A new process's top-level table, which no walk has seen yet.
+    let state = ctx.guest.integrity.as_ref()?;
+    let module_write = matches!(state.view, View::Module(_)) && info.access == super::Access::Write;
+    if module_write && state.engine.class_of(page).is_none() && new_top_level_table(ctx, page) {
+        refresh_page_tables(ctx);
+    }
     let state = ctx.guest.integrity.as_ref()?;
     let kept = ctx.control.as_deref().and_then(|c| c.perms(View::Kernel, page))?;
-    let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     // A module's view never gets more than the kernel view has: an access
     // the kernel view itself refuses on an untracked page (the local APIC's,
     // which is read-only so that its writes are checked) is not the views'
@@ -1030,6 +1096,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         (View::Module(_), super::Access::Write) if untracked => kernel_object(ctx, page),
         _ => None,
     };
+    let shared_field = kernel_object.and_then(|_| shared_field(ctx, ctx.exit.guest_physical));
     let fault = Fault {
         view: state.view,
         access: info.access,
@@ -1040,7 +1107,9 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         stack,
         gprs,
         kernel_object,
+        shared_field,
     };
+    unloading_check(ctx, &fault);
     let outcome = match deputy_check(ctx, &fault) {
         Some(refused) => refused,
         None => ctx.guest.integrity.as_mut()?.engine.decide(&fault),
@@ -1553,6 +1622,9 @@ mod tests {
     const PROCESS_PDPT: u64 = 0xd9_0000;
     const PROCESS_PD: u64 = 0xda_0000;
     const PROCESS_PT: u64 = 0xdb_0000;
+    /// The mm_structs' cache, and a page of them.
+    const MM_CACHE: u64 = K + 0xb2_0000;
+    const MM_PAGE: u64 = 0xc2_0000;
 
     struct Fixture {
         guest: Guest,
@@ -1599,6 +1671,9 @@ mod tests {
         l.page_struct_size = 64;
         l.slab_cache_offset = 24;
         l.protected_caches[0] = CRED_JAR;
+        // Credentials 0xc0 bytes apart, their reference count first.
+        l.protected_strides[0] = 0xc0;
+        l.object_fields[0] = abi::ObjectField { cache: 1, offset: 0, size: 4, reserved: 0 };
         l.shared[0] = abi::WireRange { start: K + KERNEL_DATA + 0x94, end: K + KERNEL_DATA + 0x98 };
         // pgd_list in the image's data, holding one process's top-level
         // table (two pages, as with page-table isolation), linked through
@@ -1607,6 +1682,10 @@ mod tests {
         l.pgd_list = K + PGD_LIST;
         l.pgd_link_offset = 8;
         l.pgd_pages = 2;
+        // A top-level table's struct page names its mm_struct here; the
+        // mm_structs' cache.
+        l.pgd_owner_offset = 32;
+        l.protected_caches[abi::MM_CACHE_SLOT] = MM_CACHE;
         // Page tables typed in their struct page as 6.1 types them.
         l.page_type_offset = 48;
         l.page_table_mask = 0xf000_0200;
@@ -1675,6 +1754,7 @@ mod tests {
         w(&phys, AGENT_VMCALL, &[0x0f, 0x01, 0xc1]);
         w(&phys, AGENT_DATA, &abi::module_state::COMING.to_le_bytes());
         w(&phys, VMEMMAP + (CRED_PAGE >> 12) * 64 + 24, &CRED_JAR.to_le_bytes());
+        w(&phys, VMEMMAP + (MM_PAGE >> 12) * 64 + 24, &MM_CACHE.to_le_bytes());
         let mut agent_code = alloc::vec![0u8; 0x1000];
         agent_code[0x40..0x43].copy_from_slice(&[0x0f, 0x01, 0xc1]);
         let agent = Entry {
@@ -2261,6 +2341,33 @@ mod tests {
     }
 
     #[test]
+    fn a_quarantined_module_is_entered_only_to_unload_it() {
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        w(&f.phys, SYSCALL_TABLE, &[0; 8]);
+        assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, rip), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteSyscallTable as u32]);
+        assert!(f.guest.integrity.as_ref().unwrap().engine.is_quarantined(id));
+        // Back in the kernel, which calls the callback the module handed it.
+        f.control.activate_view(View::Kernel).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        let caller = K + TEXT + 0x9999;
+        w(&f.phys, STACK, &caller.to_le_bytes());
+        let entry = K + MODULE_CODE;
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, entry, entry), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::EnterQuarantined as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), caller, "the kernel's call returns at once");
+        assert_eq!(f.vcpu.regs().rax, EPERM.wrapping_neg());
+        assert_eq!(f.control.active, Some(View::Kernel));
+        // rmmod: the kernel set GOING in the structure the module cannot write.
+        w(&f.phys, MODULE_STRUCT, &abi::module_state::GOING.to_le_bytes());
+        f.vcpu.write(Field::Rip, caller);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, entry, entry), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.active, Some(View::Module(id)), "its exit routine runs");
+    }
+
+    #[test]
     fn what_a_module_can_write_the_kernel_cannot_execute() {
         // The shellcode route: the module writes a heap page, then makes
         // the kernel jump there through a function pointer.
@@ -2488,6 +2595,31 @@ mod tests {
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ), "no longer granted");
     }
 
+    /// `get_cred` inlined in a module: the reference count of a protected
+    /// object, and no byte beside it.
+    #[test]
+    fn a_module_changes_a_kernel_objects_reference_count_alone() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
+        let count = CRED_PAGE + 2 * 0xc0;
+        w(&f.phys, count, &[0x11; 16]);
+        assert_eq!(f.ept(WRITE, count, K + count, writer), Action::Resume);
+        assert!(f.control.monitor_trap, "stepped, not skipped");
+        assert_eq!(f.control.perms(module, CRED_PAGE), Some(Perms::RW), "open for the one step");
+        // A store as wide as 8 bytes: the uid after the count is put back.
+        w(&f.phys, count, &[0x22; 8]);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(guest_bytes(&f, count, 16), [[0x22; 4], [0x11; 4], [0x11; 4], [0x11; 4]].concat());
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
+        assert_eq!(f.control.perms(module, CRED_PAGE), None, "closed again");
+        // A write beside the count, in the same object: refused.
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, count + 4, K + count + 4, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelObject as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+    }
+
     /// A module asks memcpy to write for it: judged by the destination, as
     /// if the module wrote it itself, whether called directly or through a
     /// retpoline thunk.
@@ -2665,6 +2797,36 @@ mod tests {
         assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
         assert!(violation_kinds(&mut f).is_empty());
         assert_eq!(f.control.perms(module, fresh), Some(Perms::RW));
+    }
+
+    /// A process forked since the last walk: its top-level table is on
+    /// pgd_list but untyped. Its struct page names its mm_struct, so a
+    /// module's first write makes the hypervisor walk before deciding.
+    #[test]
+    fn a_new_processs_top_level_table_is_walked_before_a_write() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
+        let pgd = 0xde_0000;
+        let page_of = |t: u64| VMEMMAP + (t >> 12) * 64;
+        // The kernel lists it (head -> it -> the old process -> head) and names its mm.
+        w(&f.phys, page_of(pgd) + 32, &(K + MM_PAGE + 0x140).to_le_bytes());
+        w(&f.phys, PGD_LIST, &(K + page_of(pgd) + 8).to_le_bytes());
+        w(&f.phys, page_of(pgd) + 8, &(K + page_of(PROCESS_PGD) + 8).to_le_bytes());
+        for (at, name) in [(pgd, "kernel copy"), (pgd + 0x1000, "user copy")] {
+            f.vcpu.write(Field::Rip, writer);
+            assert_eq!(f.ept(WRITE, at + 0x18, 0xffff_8880_0000_0000 + at, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "{name}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+            assert_eq!(f.control.perms(module, at), None, "not granted");
+        }
+        // A page whose struct page names no mm_struct there is a heap page.
+        let other = 0xdf_0000;
+        w(&f.phys, page_of(other) + 32, &(K + CRED_PAGE).to_le_bytes());
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, other + 8, 0xffff_8880_0000_0000 + other, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, other), Some(Perms::RW));
     }
 
     /// The processor's walk for a module's access sets accessed and dirty

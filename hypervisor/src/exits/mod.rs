@@ -108,6 +108,9 @@ pub enum StopReason {
     HypervisorError(String),
     /// Run-time integrity was asked for and cannot be enforced.
     IntegrityRefused(String),
+    /// Devices' rights can no longer be shown to follow the kernel view
+    /// (see `platform::dma::stops`).
+    DmaContainmentLost(crate::platform::dma::ContainmentLost),
 }
 
 impl fmt::Display for StopReason {
@@ -146,6 +149,7 @@ impl fmt::Display for StopReason {
             StopReason::LoadFailed(why) => write!(f, "could not be loaded: {why}"),
             StopReason::HypervisorError(why) => write!(f, "hypervisor error: {why}"),
             StopReason::IntegrityRefused(why) => write!(f, "integrity cannot be enforced: {why}"),
+            StopReason::DmaContainmentLost(lost) => write!(f, "DMA containment lost: {lost}"),
         }
     }
 }

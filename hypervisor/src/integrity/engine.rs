@@ -48,6 +48,9 @@ pub struct Fault {
     /// holds if that is one of the protected kinds (`"cred"`, `"task"`,
     /// ...; `"unknown"` when the page's `struct page` cannot be read).
     pub kernel_object: Option<&'static str>,
+    /// For a write into such an object: the field there every module may
+    /// write (a reference count), if the write lands in one.
+    pub shared_field: Option<Range>,
 }
 
 /// Where control goes when it leaves a module.
@@ -120,6 +123,10 @@ struct Module {
     /// Where its `struct module` lies in guest-physical memory, one piece
     /// per page: the kernel's structure, which its own view may not write.
     shield: Vec<Range>,
+    /// It attacked (a refusal in enforce mode): see [`Engine::quarantine`].
+    quarantined: bool,
+    /// The kernel is unloading it (its `struct module` says GOING).
+    unloading: bool,
 }
 
 /// Why a registration is refused.
@@ -163,6 +170,8 @@ pub struct Engine {
     pub stats: Stats,
     /// The guest CPU whose exit is being handled: violations name it.
     pub cpu: u32,
+    /// Modules quarantined since the caller last asked ([`Engine::take_quarantined`]).
+    newly_quarantined: Vec<u32>,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -196,6 +205,11 @@ const MAX_STORE: u64 = 64;
 
 fn page(addr: u64) -> u64 {
     addr & !0xfff
+}
+
+/// The bytes one store at `gpa` can reach on its page.
+fn store_guard(gpa: u64) -> Range {
+    Range::new(gpa, (gpa + MAX_STORE).min(page(gpa) + 0x1000))
 }
 
 /// The guest-physical pieces (one per page) of `r`, a guest-virtual range
@@ -233,6 +247,7 @@ impl Engine {
             violations: ViolationLog::new(VIOLATION_LOG),
             stats: Stats::default(),
             cpu: 0,
+            newly_quarantined: Vec::new(),
         }
     }
 
@@ -434,7 +449,16 @@ impl Engine {
         info.entries.dedup();
         info.exports.sort_unstable();
         info.exports.dedup();
-        self.modules.insert(id, Module { info, trusted, live: false, code_pages: code_pages.to_vec(), shield });
+        let module = Module {
+            info,
+            trusted,
+            live: false,
+            code_pages: code_pages.to_vec(),
+            shield,
+            quarantined: false,
+            unloading: false,
+        };
+        self.modules.insert(id, module);
         Ok(id)
     }
 
@@ -540,7 +564,65 @@ impl Engine {
         let v = Violation { kind, module, rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
         self.stats.violations += 1;
+        self.quarantine(&v);
         v
+    }
+
+    /// A module that attacked is quarantined (enforce mode): each of its
+    /// refused actions is already undone, but a module that tried once will
+    /// try again, through every callback it handed the kernel. From now on
+    /// the kernel and other modules may not enter it, except while the
+    /// kernel unloads it (its `struct module`, which it cannot write, says
+    /// GOING), so that its exit routine can take its hooks back and `rmmod`
+    /// works. Returns into it stay allowed: the call chain it is in ends as
+    /// it would, each further step judged as before. Audit mode reports and
+    /// quarantines nothing.
+    fn quarantine(&mut self, v: &Violation) {
+        // An action the module's code took. Not: calling a module
+        // quarantined before (no attack of the caller's), nor a verdict on
+        // the module's identity at registration (a look-alike of a trusted
+        // module runs isolated, each of its actions judged).
+        let not_an_action = matches!(
+            v.kind,
+            ViolationKind::EnterQuarantined | ViolationKind::CodeDigest | ViolationKind::RegistrationRefused
+        );
+        let attack = self.mode == Mode::Enforce && v.action == ViolationAction::Denied && !not_an_action;
+        let Some(id) = v.module.filter(|_| attack) else { return };
+        if let Some(m) = self.modules.get_mut(&id).filter(|m| !m.trusted && !m.quarantined) {
+            m.quarantined = true;
+            self.newly_quarantined.push(id);
+        }
+    }
+
+    /// The modules quarantined since the last call, for the console.
+    pub fn take_quarantined(&mut self) -> Vec<u32> {
+        core::mem::take(&mut self.newly_quarantined)
+    }
+
+    pub fn is_quarantined(&self, id: u32) -> bool {
+        self.modules.get(&id).is_some_and(|m| m.quarantined)
+    }
+
+    /// For an execution of module code at `gpa`: the quarantined module
+    /// whose `struct module` (at the address returned) the caller must
+    /// read to tell whether the kernel is unloading it.
+    pub fn quarantined_code(&self, gpa: u64) -> Option<(u32, u64)> {
+        let Some(PageClass::ModuleCode(id)) = self.class_of(gpa) else { return None };
+        let m = self.modules.get(&id).filter(|m| m.quarantined && !m.unloading)?;
+        Some((id, m.info.module_struct.start))
+    }
+
+    /// The kernel unloads module `id` (its state read GOING): a state it
+    /// never leaves, so the exit routine may run.
+    pub fn set_unloading(&mut self, id: u32) {
+        if let Some(m) = self.modules.get_mut(&id) {
+            m.unloading = true;
+        }
+    }
+
+    /// Whether the kernel or another module may enter module `id` now.
+    fn enterable(&self, id: u32) -> bool {
+        self.modules.get(&id).is_some_and(|m| !m.quarantined || m.unloading)
     }
 
     pub fn module_name(&self, id: u32) -> Option<&str> {
@@ -686,6 +768,7 @@ impl Engine {
         };
         let v = Violation { kind, module, rip: fault.rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
+        self.quarantine(&v);
         Outcome { step, violation: Some(v) }
     }
 
@@ -724,10 +807,13 @@ impl Engine {
                 None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
                     self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
                 }
-                // The kernel's bookkeeping in its heap is the kernel's.
-                None if fault.kernel_object.is_some() => {
-                    self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver)
-                }
+                // The kernel's bookkeeping in its heap is the kernel's, but
+                // for a reference count the kernel's inline helpers change
+                // from module code: that field alone.
+                None if fault.kernel_object.is_some() => match fault.shared_field {
+                    Some(allowed) => Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed }),
+                    None => self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver),
+                },
                 None => Outcome::step(Step::Grant(Perms::RW)),
                 _ => self.write_to_protected(fault, class, true),
             },
@@ -803,6 +889,9 @@ impl Engine {
             return Outcome::step(Step::Switch(View::Module(m)));
         }
         let is_entry = self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+        if is_entry && !self.enterable(m) {
+            return self.violation(fault, ViolationKind::EnterQuarantined, deny, Step::Switch(View::Module(m)));
+        }
         if is_entry {
             // A call from the kernel: it returns to the address it pushed.
             if let Some(ret) = fault.stack[0].filter(|&a| is_kernel_address(a)) {
@@ -975,6 +1064,9 @@ impl Engine {
                         ViolationKind::EnterModuleOffEntry
                     });
                 }
+                if !self.enterable(other) {
+                    return Err(ViolationKind::EnterQuarantined);
+                }
                 if let Some(ret) = call_return {
                     self.remember(View::Module(m), back_into, ret, rsp.wrapping_add(8));
                 }
@@ -1055,8 +1147,7 @@ impl Engine {
         // write (a reference count): that field, and nothing beside it.
         let shared = self.layout.as_ref().and_then(|l| l.shared.iter().find(|r| r.contains(fault.gpa)));
         if let (true, Some(PageClass::Sensitive), Some(&allowed)) = (from_module, class, shared) {
-            let end = (fault.gpa + MAX_STORE).min(page(fault.gpa) + 0x1000);
-            return Outcome::step(Step::StepWithin { guard: Range::new(fault.gpa, end), allowed });
+            return Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed });
         }
         // The kernel view may write its page tables and module data.
         let kernel_may = matches!(class, Some(PageClass::PageTable | PageClass::Sensitive | PageClass::ModuleData(_)));
@@ -1169,6 +1260,7 @@ mod tests {
             stack: [Some(stack), None],
             gprs: [0; 16],
             kernel_object: None,
+            shared_field: None,
         }
     }
 
@@ -1315,6 +1407,66 @@ mod tests {
         assert_eq!(back.step, Step::Switch(View::Module(id)));
         assert!(back.violation.is_none());
         assert_eq!(e.violations.len(), 2);
+    }
+
+    /// A module that attacked keeps no way back in: the callbacks it handed
+    /// the kernel are refused, by the kernel and by other modules, until the
+    /// kernel unloads it; the call it is in still returns to it.
+    #[test]
+    fn a_module_that_attacked_is_quarantined() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let m = View::Module(id);
+        let kernel_ret = TEXT + 0x5555;
+        let module_ret = MOD + 0x123;
+        let enter = |e: &mut Engine, gva, rsp| {
+            e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, gva, kernel_ret), rsp))
+        };
+        // The kernel calls a callback; the module calls printk, then attacks.
+        assert_eq!(enter(&mut e, MOD_FN, STACK).step, Step::Switch(m));
+        let call = at_rsp(fault(m, Access::Execute, TEXT_GPA, PRINTK, module_ret), STACK - 0x100);
+        assert_eq!(e.decide(&call).step, Step::Switch(View::Kernel));
+        // A look-alike of a trusted module runs isolated: no attack yet.
+        e.record(ViolationKind::CodeDigest, m, 0, MOD);
+        assert!(!e.is_quarantined(id));
+        assert_eq!(e.decide(&fault(m, Access::Write, SYSCALL_GPA, 0, 0)).step, Step::Skip);
+        assert!(e.is_quarantined(id));
+        assert_eq!(e.take_quarantined(), [id]);
+        assert!(e.take_quarantined().is_empty(), "announced once");
+        // printk still returns into it.
+        let back = e.decide(&at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0), STACK - 0xf8));
+        assert_eq!(back.step, Step::Switch(m));
+        // The kernel's next call of the callback is refused with an error.
+        let again = enter(&mut e, MOD_FN, STACK - 0x400);
+        assert_eq!(again.step, Step::ReturnError);
+        let v = again.violation.unwrap();
+        assert_eq!((v.kind, v.module, v.target), (ViolationKind::EnterQuarantined, None, MOD_FN));
+        // So is another isolated module's call of it.
+        let other = ModuleInfo {
+            name: "other".into(),
+            code: vec![Range::new(MOD + 0x10_0000, MOD + 0x10_1000)],
+            ..Default::default()
+        };
+        let o = e.register_module(other, false, &[0x3100_0000], &[]).unwrap();
+        let from_other = fault(View::Module(o), Access::Execute, MOD_CODE_GPA, MOD_FN, MOD + 0x10_0100);
+        let out = e.decide(&from_other);
+        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::EnterQuarantined));
+        assert!(!e.is_quarantined(o), "refusing a call into a quarantined module is no attack");
+        // Unloading it: its exit routine may run.
+        assert_eq!(e.quarantined_code(MOD_CODE_GPA), Some((id, 0)));
+        e.set_unloading(id);
+        assert_eq!(e.quarantined_code(MOD_CODE_GPA), None);
+        assert_eq!(enter(&mut e, MOD_FN, STACK - 0x800).step, Step::Switch(m));
+    }
+
+    #[test]
+    fn audit_mode_quarantines_nothing() {
+        let (mut e, id) = engine(Mode::Audit);
+        assert_eq!(e.decide(&fault(View::Module(id), Access::Write, SYSCALL_GPA, 0, 0)).step, Step::StepOver);
+        let refused = e.record_denied(ViolationKind::Hypercall, View::Module(id), MOD + 0x200, 0);
+        assert_eq!(refused.action, ViolationAction::Denied);
+        assert!(!e.is_quarantined(id) && e.take_quarantined().is_empty());
+        let entry = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, TEXT + 0x5555), STACK);
+        assert_eq!(e.decide(&entry).step, Step::Switch(View::Module(id)));
     }
 
     #[test]

@@ -30,6 +30,19 @@ pub struct ObjectMap {
     /// Where a `struct page` holds its type, and the mask and value that
     /// mark a page table there.
     table_type: Option<(u64, u32, u32)>,
+    /// The protected caches by slot, zero where absent.
+    slots: [u64; abi::PROTECTED_CACHES],
+    /// Fields of protected objects every module may write: (cache, object
+    /// stride, offset, size).
+    fields: Vec<(u64, u64, u64, u64)>,
+}
+
+/// What a page's `struct page` says it holds.
+enum Holds {
+    /// A page table.
+    Table,
+    /// Objects of a slab cache, from the guest-physical address on.
+    Slab { cache: u64, base: u64 },
 }
 
 /// What [`ObjectMap::object_at`] calls a page typed as a page table.
@@ -44,6 +57,10 @@ pub struct BadObjectMap;
 const PAGE_STRUCT_MIN: u32 = 32;
 const PAGE_STRUCT_MAX: u32 = 256;
 
+/// Larger than any object of the protected caches (a `task_struct` is
+/// about 10 KiB).
+const OBJECT_STRIDE_MAX: u64 = 1 << 16;
+
 impl ObjectMap {
     /// From the layout's fields; `None` when the agent gave no array (the
     /// kernel's objects are then not protected, and the caller says so).
@@ -53,6 +70,7 @@ impl ObjectMap {
         slab_cache_offset: u32,
         caches: &[u64; abi::PROTECTED_CACHES],
     ) -> Result<Option<Self>, BadObjectMap> {
+        let caches_by_slot = caches;
         if vmemmap == 0 {
             return Ok(None);
         }
@@ -82,7 +100,42 @@ impl ObjectMap {
             caches,
             backing: Vec::new(),
             table_type: None,
+            slots: *caches_by_slot,
+            fields: Vec::new(),
         }))
+    }
+
+    /// The fields of protected objects every module may write (a reference
+    /// count its inline helpers change), given the caches' object strides.
+    /// Each is 4 or 8 bytes, naturally aligned, inside its object: so never
+    /// across a page, as slabs and objects start 8-aligned.
+    pub fn set_shared_fields(
+        &mut self,
+        strides: &[u32; abi::PROTECTED_CACHES],
+        fields: &[abi::ObjectField; abi::OBJECT_FIELDS],
+    ) -> Result<(), BadObjectMap> {
+        let mut kept = Vec::new();
+        for f in fields.iter().filter(|f| f.cache != 0) {
+            let slot = usize::try_from(f.cache - 1).map_err(|_| BadObjectMap)?;
+            let (Some(&cache), Some(&stride)) = (self.slots.get(slot), strides.get(slot)) else {
+                return Err(BadObjectMap);
+            };
+            let stride = u64::from(stride);
+            let (offset, size) = (u64::from(f.offset), u64::from(f.size));
+            let sane = matches!(size, 4 | 8)
+                && offset.is_multiple_of(size)
+                && stride.is_multiple_of(8)
+                && (8..=OBJECT_STRIDE_MAX).contains(&stride)
+                && offset + size <= stride;
+            if !sane {
+                return Err(BadObjectMap);
+            }
+            if cache != 0 {
+                kept.push((cache, stride, offset, size));
+            }
+        }
+        self.fields = kept;
+        Ok(())
     }
 
     /// How a page table is marked in its `struct page` (`page_type`): a
@@ -146,6 +199,38 @@ impl ObjectMap {
     /// `struct page` cannot be read or names an impossible head (refused:
     /// the check fails closed). `read` reads a guest-physical u64.
     pub fn object_at(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> Result<Option<&'static str>, BadObjectMap> {
+        Ok(match self.holds(gpa, read)? {
+            Holds::Table => Some(PAGE_TABLE),
+            Holds::Slab { cache, .. } => self.caches.iter().find(|&&(c, _)| c == cache).map(|&(_, name)| name),
+        })
+    }
+
+    /// The field every module may write that byte `gpa` of a protected
+    /// object lies in, as a guest-physical range; `None` for any other byte.
+    pub fn shared_field_at(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> Option<Range> {
+        let Ok(Holds::Slab { cache, base }) = self.holds(gpa, read) else { return None };
+        let within = gpa.checked_sub(base)?;
+        self.fields.iter().filter(|f| f.0 == cache).find_map(|&(_, stride, offset, size)| {
+            let start = gpa - within % stride + offset;
+            Range::new(start, start + size).contains(gpa).then(|| Range::new(start, start + size))
+        })
+    }
+
+    /// The word at `offset` in the `struct page` of guest RAM page `gpa`.
+    pub fn page_word(&self, gpa: u64, offset: u64, read: impl Fn(u64) -> Option<u64>) -> Option<u64> {
+        let va = (gpa >> 12).checked_mul(self.page_struct_size)?.checked_add(self.vmemmap)?;
+        read(self.struct_gpa(va)?.checked_add(offset)?)
+    }
+
+    /// Whether guest-physical `gpa` lies in a slab of the protected cache in
+    /// `slot` (the cache itself, not a name: merged caches share one).
+    pub fn in_cache(&self, gpa: u64, slot: usize, read: impl Fn(u64) -> Option<u64>) -> bool {
+        let cache = self.slots.get(slot).copied().unwrap_or(0);
+        cache != 0 && matches!(self.holds(gpa, read), Ok(Holds::Slab { cache: c, .. }) if c == cache)
+    }
+
+    /// What guest RAM page `gpa` holds, by its `struct page`.
+    fn holds(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> Result<Holds, BadObjectMap> {
         let va = (gpa >> 12)
             .checked_mul(self.page_struct_size)
             .and_then(|o| o.checked_add(self.vmemmap))
@@ -154,17 +239,19 @@ impl ObjectMap {
         if let Some((offset, mask, value)) = self.table_type {
             let field = read(at + offset).ok_or(BadObjectMap)? as u32;
             if field & mask == value {
-                return Ok(Some(PAGE_TABLE));
+                return Ok(Holds::Table);
             }
         }
         // A tail page of a compound page (a slab of several pages) points
-        // to its head, bit 0 set.
+        // to its head, bit 0 set; a slab's objects start at its head.
         let head = read(at + 8).ok_or(BadObjectMap)?;
+        let mut frame = gpa >> 12;
         if head & 1 != 0 {
             at = self.struct_gpa(head - 1).ok_or(BadObjectMap)?;
+            frame = self.frame_of(head - 1).ok_or(BadObjectMap)?;
         }
         let cache = read(at + self.slab_cache_offset).ok_or(BadObjectMap)?;
-        Ok(self.caches.iter().find(|&&(c, _)| c == cache).map(|&(_, name)| name))
+        Ok(Holds::Slab { cache, base: frame << 12 })
     }
 }
 
@@ -216,6 +303,45 @@ mod tests {
         assert_eq!(m.object_at(0x21_ff8, read), Ok(Some("task")));
         // A page that is no slab (word at the offset is not a cache).
         assert_eq!(m.object_at(0x30_000, read), Ok(None));
+    }
+
+    #[test]
+    fn a_reference_count_is_found_in_every_object_of_its_cache() {
+        let mut m = map();
+        let mut strides = [0; abi::PROTECTED_CACHES];
+        strides[1] = 0x2880; // task_struct: objects across the pages of an order-3 slab
+        let mut fields = [abi::ObjectField::default(); abi::OBJECT_FIELDS];
+        fields[0] = abi::ObjectField { cache: 2, offset: 0x18, size: 4, reserved: 0 };
+        m.set_shared_fields(&strides, &fields).unwrap();
+        // A slab of eight frames from 0x20: the head, then tails.
+        let head = VMEMMAP + 0x20 * 64;
+        let frames: Vec<(u64, u64, u64)> = (0..8).map(|i| (0x20 + i, if i == 0 { 0 } else { head + 1 }, 0)).collect();
+        let mut mem = memory(&frames);
+        mem.insert(ARRAY_GPA + 0x20 * 64 + 24, TASKS);
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        // The third object starts at 0x20_000 + 2 * 0x2880 = 0x25_100, on a tail page.
+        let count = 0x25_100 + 0x18;
+        assert_eq!(m.shared_field_at(count, read), Some(Range::new(count, count + 4)));
+        assert_eq!(m.shared_field_at(count + 3, read), Some(Range::new(count, count + 4)));
+        assert_eq!(m.shared_field_at(count + 4, read), None, "beside it");
+        assert_eq!(m.shared_field_at(count - 1, read), None);
+        assert_eq!(m.shared_field_at(0x20_018, read), Some(Range::new(0x20_018, 0x20_01c)), "the first object's");
+        // Another cache's object at the same offset: none.
+        let creds = memory(&[(0x10, 0, CRED_JAR)]);
+        assert_eq!(m.shared_field_at(0x10_018, |a| creds.get(&a).copied().or(Some(0))), None);
+        // Descriptions that cannot hold are refused.
+        for (cache, offset, size, stride) in
+            [(9, 0, 4, 0x100), (2, 2, 4, 0x100), (2, 0, 2, 0x100), (2, 0xfc, 8, 0x100), (2, 0, 4, 0), (2, 0, 4, 0x104)]
+        {
+            let mut strides = strides;
+            strides[1] = stride;
+            fields[0] = abi::ObjectField { cache, offset, size, reserved: 0 };
+            assert_eq!(
+                m.set_shared_fields(&strides, &fields),
+                Err(BadObjectMap),
+                "{cache} {offset} {size} {stride:#x}"
+            );
+        }
     }
 
     #[test]

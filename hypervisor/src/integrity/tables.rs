@@ -39,16 +39,27 @@ pub struct Root {
     pub first: usize,
 }
 
+/// What a walk found: every table, sorted and without duplicates, and
+/// whether that is all of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Walk {
+    pub tables: Vec<u64>,
+    /// Every table was read and followed: false when one could not be read
+    /// or the walk stopped at [`MAX_TABLES`]. Only a whole walk may show
+    /// that a table is gone.
+    pub whole: bool,
+}
+
 /// The roots and every table below them down to the page tables (PML4 →
-/// PDPT → PD → PT), sorted and without duplicates. Tables `known` accepts
-/// are neither followed nor returned (they were walked before); tables
-/// outside guest RAM (`in_ram`) are no tables to protect.
+/// PDPT → PD → PT). Tables `known` accepts are neither followed nor
+/// returned (they were walked before); tables outside guest RAM (`in_ram`)
+/// are no tables to protect.
 pub fn walk(
     roots: &[Root],
     read: impl Fn(u64) -> Option<Table>,
     in_ram: impl Fn(u64) -> bool,
     known: impl Fn(u64) -> bool,
-) -> Vec<u64> {
+) -> Walk {
     let mut found = BTreeSet::new();
     let mut level: Vec<(u64, usize)> = Vec::new();
     for r in roots.iter().filter(|r| in_ram(r.table) && r.first < 512) {
@@ -56,18 +67,22 @@ pub fn walk(
             level.push((r.table, r.first));
         }
     }
+    let mut whole = true;
     // Three levels below the top: PDPTs, PDs, PTs.
     for depth in 0..3 {
         let mut next = Vec::new();
         for &(table, first) in &level {
-            let Some(entries) = read(table) else { continue };
+            let Some(entries) = read(table) else {
+                whole = false;
+                continue;
+            };
             for &e in &entries[first..] {
                 let child = e & ADDRESS;
                 if e & PRESENT == 0 || e & LARGE != 0 || !in_ram(child) || known(child) {
                     continue;
                 }
                 if found.len() >= MAX_TABLES {
-                    return found.into_iter().collect();
+                    return Walk { tables: found.into_iter().collect(), whole: false };
                 }
                 if found.insert(child) && depth < 2 {
                     next.push((child, 0));
@@ -76,7 +91,7 @@ pub fn walk(
         }
         level = next;
     }
-    found.into_iter().collect()
+    Walk { tables: found.into_iter().collect(), whole }
 }
 
 /// Where the processes' top-level tables are listed: x86's `pgd_list`.
@@ -88,6 +103,9 @@ pub struct ProcessList {
     pub link_offset: u64,
     /// Pages per top-level table: 2 with page-table isolation.
     pub pgd_pages: u64,
+    /// Where a top-level table's `struct page` names its `mm_struct`
+    /// (`pt_mm`), if the agent said.
+    pub owner_offset: Option<u64>,
 }
 
 /// Why the agent's description of the list is refused.
@@ -102,6 +120,7 @@ impl ProcessList {
         head: u64,
         link_offset: u32,
         pgd_pages: u32,
+        owner_offset: u32,
         objects: Option<&ObjectMap>,
     ) -> Result<Option<Self>, BadProcessList> {
         if head == 0 {
@@ -112,11 +131,18 @@ impl ProcessList {
             && head.is_multiple_of(8)
             && link_offset.is_multiple_of(8)
             && u64::from(link_offset) + 16 <= objects.page_struct_size
-            && matches!(pgd_pages, 1 | 2);
+            && matches!(pgd_pages, 1 | 2)
+            && owner_offset.is_multiple_of(8)
+            && u64::from(owner_offset) + 8 <= objects.page_struct_size;
         if !sane {
             return Err(BadProcessList);
         }
-        Ok(Some(ProcessList { head, link_offset: u64::from(link_offset), pgd_pages: u64::from(pgd_pages) }))
+        Ok(Some(ProcessList {
+            head,
+            link_offset: u64::from(link_offset),
+            pgd_pages: u64::from(pgd_pages),
+            owner_offset: (owner_offset != 0).then_some(u64::from(owner_offset)),
+        }))
     }
 
     /// The guest-physical pages of every listed top-level table (each
@@ -176,12 +202,16 @@ mod tests {
         mem.insert(0x6000, table(&[(0, 0x7003)]));
         let in_ram = |a: u64| a < RAM;
         let kernel = walk(&[Root { table: 0x1000, first: 256 }], reader(&mem), in_ram, |_| false);
-        assert_eq!(kernel, vec![0x1000, 0x3000, 0x4000, 0x6000]);
+        assert_eq!(kernel, Walk { tables: vec![0x1000, 0x3000, 0x4000, 0x6000], whole: true });
         let all = walk(&[Root { table: 0x1000, first: 0 }], reader(&mem), in_ram, |_| false);
-        assert_eq!(all, vec![0x1000, 0x2000, 0x3000, 0x4000, 0x6000]);
+        assert_eq!(all, Walk { tables: vec![0x1000, 0x2000, 0x3000, 0x4000, 0x6000], whole: true });
+        // A PDPT that cannot be read: found, and the walk is not whole.
+        let unreadable = |at: u64| (at != 0x3000).then(|| reader(&mem)(at)).flatten();
+        let part = walk(&[Root { table: 0x1000, first: 0 }], unreadable, in_ram, |_| false);
+        assert_eq!(part, Walk { tables: vec![0x1000, 0x2000, 0x3000], whole: false });
         // Known tables are neither followed nor returned.
         let process = walk(&[Root { table: 0x1000, first: 0 }], reader(&mem), in_ram, |t| t == 0x3000);
-        assert_eq!(process, vec![0x1000, 0x2000]);
+        assert_eq!(process.tables, vec![0x1000, 0x2000]);
     }
 
     #[test]
@@ -190,10 +220,15 @@ mod tests {
         // followed everything would visit far more than the bound.
         let read = |at: u64| Some(core::array::from_fn(|i| ((at + 0x1000 * (i as u64 + 1)) % RAM) | 3));
         let found = walk(&[Root { table: 0, first: 0 }], read, |a| a < RAM, |_| false);
-        assert!(found.len() <= MAX_TABLES + 1);
+        assert!(found.tables.len() <= MAX_TABLES + 1);
+        // Every entry a table of its own: 512 PDPTs, 262,144 PDs.
+        let fan_out = |at: u64| Some(core::array::from_fn(|i| (at * 512 + 0x1000 * (i as u64 + 1)) | 3));
+        let cut = walk(&[Root { table: 0, first: 0 }], fan_out, |_| true, |_| false);
+        assert_eq!(cut.tables.len(), MAX_TABLES);
+        assert!(!cut.whole, "a walk cut at the bound shows no table gone");
         // A table that points at itself is found once.
         let looped = walk(&[Root { table: 0x1000, first: 0 }], |_| Some([0x1003; 512]), |a| a < RAM, |_| false);
-        assert_eq!(looped, vec![0x1000]);
+        assert_eq!(looped, Walk { tables: vec![0x1000], whole: true });
     }
 
     const VMEMMAP: u64 = 0xffff_ea00_0000_0000;
@@ -209,7 +244,7 @@ mod tests {
     #[test]
     fn the_list_gives_each_process_table_and_its_user_copy() {
         let o = objects();
-        let list = ProcessList::from_wire(HEAD, 8, 2, Some(&o)).unwrap().unwrap();
+        let list = ProcessList::from_wire(HEAD, 8, 2, 32, Some(&o)).unwrap().unwrap();
         let link = |frame: u64| VMEMMAP + frame * 64 + 8;
         // head → frame 0x100 → frame 0x240 → head.
         let mut mem = BTreeMap::new();
@@ -229,11 +264,21 @@ mod tests {
     #[test]
     fn the_agents_description_is_checked() {
         let o = objects();
-        assert_eq!(ProcessList::from_wire(0, 8, 2, None), Ok(None));
-        assert_eq!(ProcessList::from_wire(HEAD, 8, 2, None), Err(BadProcessList));
-        for (head, link, pages) in [(0x4000, 8, 2), (HEAD + 4, 8, 2), (HEAD, 12, 2), (HEAD, 56, 2), (HEAD, 8, 3)] {
-            assert_eq!(ProcessList::from_wire(head, link, pages, Some(&o)), Err(BadProcessList), "{head:#x} {link}");
+        assert_eq!(ProcessList::from_wire(0, 8, 2, 32, None), Ok(None));
+        assert_eq!(ProcessList::from_wire(HEAD, 8, 2, 32, None), Err(BadProcessList));
+        for (head, link, pages, owner) in [
+            (0x4000, 8, 2, 32),
+            (HEAD + 4, 8, 2, 32),
+            (HEAD, 12, 2, 32),
+            (HEAD, 56, 2, 32),
+            (HEAD, 8, 3, 32),
+            (HEAD, 8, 2, 36),
+            (HEAD, 8, 2, 64),
+        ] {
+            let got = ProcessList::from_wire(head, link, pages, owner, Some(&o));
+            assert_eq!(got, Err(BadProcessList), "{head:#x} {link} {pages} {owner}");
         }
-        assert!(ProcessList::from_wire(HEAD, 48, 1, Some(&o)).unwrap().is_some());
+        let list = ProcessList::from_wire(HEAD, 48, 1, 0, Some(&o)).unwrap().unwrap();
+        assert_eq!(list.owner_offset, None, "not given");
     }
 }

@@ -124,11 +124,21 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         ObjectMap::from_wire(vmemmap, page_struct_size, slab_cache_offset, &caches).map_err(|_| WireError::Range)?;
     let (pgd_list, link_offset, pgd_pages) = (u64_at(b, at), u32_at(b, at + 8), u32_at(b, at + 12));
     let (type_offset, table_mask, table_value) = (u32_at(b, at + 16), u32_at(b, at + 20), u32_at(b, at + 24));
+    let owner_offset = u32_at(b, at + 28);
+    // Then the strides and the object fields.
+    at += 32;
+    let strides: [u32; abi::PROTECTED_CACHES] = core::array::from_fn(|i| u32_at(b, at + 4 * i));
+    at += 4 * abi::PROTECTED_CACHES;
+    let fields: [abi::ObjectField; abi::OBJECT_FIELDS] = core::array::from_fn(|i| {
+        let f = at + 16 * i;
+        abi::ObjectField { cache: u32_at(b, f), offset: u32_at(b, f + 4), size: u32_at(b, f + 8), reserved: 0 }
+    });
     if let Some(o) = objects.as_mut() {
         o.set_table_type(type_offset, table_mask, table_value).map_err(|_| WireError::Range)?;
+        o.set_shared_fields(&strides, &fields).map_err(|_| WireError::Range)?;
     }
-    let processes =
-        ProcessList::from_wire(pgd_list, link_offset, pgd_pages, objects.as_ref()).map_err(|_| WireError::Range)?;
+    let processes = ProcessList::from_wire(pgd_list, link_offset, pgd_pages, owner_offset, objects.as_ref())
+        .map_err(|_| WireError::Range)?;
     let layout = KernelLayout {
         objects,
         processes,

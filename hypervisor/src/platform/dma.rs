@@ -13,12 +13,18 @@
 //! table, the kernel's page tables, the agent) is read-only to devices too,
 //! a page the kernel view unmaps is unmapped for devices, and mapped again
 //! (if it was granted) when the kernel view maps it again. The integrity
-//! code reports each change through [`DmaControl::kernel_view_changed`].
+//! code reports each change through [`DmaControl::kernel_view_changed`]
+//! ([`Remapping`] carries it out on the units). When devices' rights can
+//! no longer be shown to follow (tables or an invalidation failed), DMA
+//! containment is lost and [`stops`] says which guests stop: fail closed.
 
 use alloc::vec::Vec;
 
 use super::dmar::Reserved;
 use super::vtd::format::{context_entry, root_entry, Fault, FaultAccess, SlTable};
+use super::vtd::{Unit, VtdError};
+use super::Mmio;
+use crate::exits::StopReason;
 use crate::guest::linux::{e820, E820Entry};
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Attrs, Flush, MapError, MemType, PageSize, Perms, TableMemory};
@@ -32,7 +38,87 @@ pub const DOMAIN: u16 = 1;
 pub trait DmaControl {
     /// The kernel view now grants `perms` on the 4 KiB page at `page`
     /// (empty: unmapped). Devices get at most its read and write rights.
-    fn kernel_view_changed(&mut self, page: u64, perms: Perms);
+    /// `Err`: that can no longer be shown to hold for every device (a
+    /// device may keep more than the kernel view grants): the caller must
+    /// stop the guests of [`stops`], not run on.
+    fn kernel_view_changed(&mut self, page: u64, perms: Perms) -> Result<(), ContainmentLost>;
+}
+
+/// Why devices' rights can no longer be shown to follow the kernel view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContainmentLost {
+    /// The DMA tables could not take the change of `page` (no memory to
+    /// split a large page): devices keep the rights they had.
+    Tables { page: u64, error: MapError },
+    /// A unit did not confirm the IOTLB invalidation, even after the
+    /// driver's recovery of a refused descriptor, or timed out: it may
+    /// still hold the old, wider rights.
+    Invalidation { unit: u64, error: VtdError },
+}
+
+impl core::fmt::Display for ContainmentLost {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Tables { page, error: MapError::OutOfMemory } => {
+                write!(f, "devices' rights on {page:#x} could not follow the kernel view: no memory for the DMA tables")
+            }
+            Self::Tables { page, error } => {
+                write!(f, "devices' rights on {page:#x} could not follow the kernel view: {error:?}")
+            }
+            Self::Invalidation { unit, error } => {
+                write!(f, "IOTLB invalidation on the unit at {unit:#x} failed: {error}")
+            }
+        }
+    }
+}
+
+/// The machine's remapping units and the one DMA view they all walk: the
+/// [`DmaControl`] of a machine with an IOMMU (the arch layer holds one
+/// behind its lock and adds only the registers and the frames).
+pub struct Remapping<T: TableMemory, M: Mmio> {
+    pub units: Vec<Unit<M>>,
+    pub view: DmaView<T>,
+}
+
+impl<T: TableMemory, M: Mmio> DmaControl for Remapping<T, M> {
+    /// Every unit is invalidated even after one failed: the others must not
+    /// be left stale too. The first failure is returned.
+    fn kernel_view_changed(&mut self, page: u64, perms: Perms) -> Result<(), ContainmentLost> {
+        let flush = self.view.set_perms(page, perms).map_err(|error| ContainmentLost::Tables { page, error })?;
+        if !flush.is_needed() {
+            return Ok(());
+        }
+        let mut lost = None;
+        for u in &mut self.units {
+            if let Err(error) = u.invalidate_pages(&mut self.view.mem, DOMAIN, &[page]) {
+                lost.get_or_insert(ContainmentLost::Invalidation { unit: u.base, error });
+            }
+        }
+        lost.map_or(Ok(()), Err)
+    }
+}
+
+/// Which guests stop, and why, once DMA containment is lost: every guest
+/// that can program the machine's devices (`owns_devices`; there is at
+/// most one, the pass-through guest). The others keep running: the view
+/// never mapped their memory, so no device reaches it, stale entry or not.
+///
+/// The units are left translating on the view as it now is. Turning
+/// translation off would let DMA through untranslated, to anything.
+/// Pointing the context entries at an empty table takes effect on a unit
+/// only through a context-cache and IOTLB invalidation: on the unit that
+/// just failed one, that proves nothing; on the others it would only cut
+/// devices off from the stopped guest's RAM. That RAM is all a stale entry
+/// can reach (the view maps only the device owner's RAM and clean RMRRs,
+/// never the hypervisor's memory or another guest's, and the owner's RAM
+/// never returns to the pool), and once its guest is stopped nothing relies
+/// on what is in it.
+pub fn stops<'g, G>(
+    lost: &ContainmentLost,
+    guests: &'g [G],
+    owns_devices: impl Fn(&G) -> bool,
+) -> Vec<(&'g G, StopReason)> {
+    guests.iter().filter(|g| owns_devices(g)).map(|g| (g, StopReason::DmaContainmentLost(lost.clone()))).collect()
 }
 
 /// The device tables: a root table whose 256 buses share one context table
@@ -219,7 +305,6 @@ mod tests {
     use crate::guest::linux::build_e820;
     use crate::mm::paging::host::HeapTables;
     use crate::platform::vtd::model::{ModelUnit, Shared};
-    use crate::platform::vtd::Unit;
 
     const M: u64 = 1 << 20;
 
@@ -431,6 +516,103 @@ mod tests {
         }
         let with_queue = start.elapsed() / N;
         std::println!("kernel-view change on the DMA tables: {tables:?} (tables), {with_queue:?} (tables and a modelled invalidation)");
+    }
+
+    /// Two of QEMU's units enabled on a view granting 1 MiB..64 MiB (2 MiB
+    /// leaves), as `iommu::take_over` builds them; each gives up on a
+    /// command after a few polls.
+    fn remapping() -> (Remapping<Shared, ModelUnit>, [ModelUnit; 2]) {
+        let (mut view, mem) = view(&[Region::new(M, 64 * M)]);
+        let models = [ModelUnit::qemu(mem.clone()), ModelUnit::qemu(mem)];
+        let mut units = Vec::new();
+        for (model, base) in models.iter().zip([0xfed9_0000, 0xfed9_1000]) {
+            let mut unit = Unit::probe(model.clone(), base, 4096).unwrap();
+            unit.set_polls(1000);
+            let root = view.root_table();
+            unit.enable(&mut view.mem, root, DOMAIN).unwrap();
+            units.push(unit);
+        }
+        (Remapping { units, view }, models)
+    }
+
+    /// A native guest, the device-owning Linux guest, another native one.
+    const GUESTS: [(&str, bool); 3] = [("native", false), ("linux", true), ("native2", false)];
+
+    /// The guests [`stops`] stops, by name, with their console line.
+    fn stopped(lost: &ContainmentLost) -> Vec<String> {
+        stops(lost, &GUESTS, |g| g.1)
+            .into_iter()
+            .map(|(g, why)| alloc::format!("guest {} stopped: {why}", g.0))
+            .collect()
+    }
+
+    /// The attack on a unit that will not invalidate: a device warms its
+    /// IOTLB on kernel text, the kernel view then protects the text, and the
+    /// unit refuses the invalidation twice (the refused descriptor, then
+    /// the global one the recovery puts in its place). Its stale entry
+    /// still lets the device write the text: the change must come back as
+    /// lost containment that stops the device-owning guest (and only it),
+    /// not as a log line the guest runs on after.
+    #[test]
+    fn a_unit_that_will_not_invalidate_stops_the_device_owner() {
+        let (mut r, [bad, good]) = remapping();
+        let (text, dev) = (0x100_0000, 3 << 3);
+        assert_eq!(r.kernel_view_changed(text + 0x1000, Perms::RX), Ok(()), "an honest change");
+        for model in [&bad, &good] {
+            assert_eq!(model.dma_write(dev, text, b"a"), Ok(()));
+        }
+        bad.0.borrow_mut().refuse_descriptors = 2;
+        let lost = r.kernel_view_changed(text, Perms::RX).unwrap_err();
+        assert_eq!(lost, ContainmentLost::Invalidation { unit: 0xfed9_0000, error: VtdError::QueueError });
+        assert_eq!(bad.dma_write(dev, text, b"b"), Ok(()), "the failed unit's stale entry still lets the write land");
+        assert_eq!(good.dma_write(dev, text, b"c"), Err(5), "the other unit was invalidated all the same");
+        assert_eq!(
+            stopped(&lost),
+            ["guest linux stopped: DMA containment lost: IOTLB invalidation on the unit at 0xfed90000 failed: invalidation queue error"]
+        );
+        assert!(
+            stops(&lost, &GUESTS[..1], |g| g.1).is_empty(),
+            "no device owner: nothing reaches memory, nobody stops"
+        );
+    }
+
+    /// A unit that stops fetching its queue times out: containment lost too.
+    #[test]
+    fn a_unit_that_times_out_stops_the_device_owner() {
+        let (mut r, [_, hung]) = remapping();
+        hung.0.borrow_mut().stalled = true;
+        let lost = r.kernel_view_changed(0x100_0000, Perms::READ).unwrap_err();
+        assert_eq!(
+            lost,
+            ContainmentLost::Invalidation { unit: 0xfed9_1000, error: VtdError::Timeout("invalidation wait") }
+        );
+        assert_eq!(
+            stopped(&lost),
+            ["guest linux stopped: DMA containment lost: IOTLB invalidation on the unit at 0xfed91000 failed: the unit did not complete invalidation wait"]
+        );
+    }
+
+    /// Protecting one 4 KiB page inside a 2 MiB leaf needs a new table; with
+    /// no memory for it the tables keep the old rights and devices write
+    /// the page the kernel view protects: containment lost, the owner stops.
+    #[test]
+    fn rights_the_tables_cannot_take_stop_the_device_owner() {
+        let (mut r, [model, _]) = remapping();
+        let text = 0x100_0000;
+        let full = r.view.mem.0.borrow().allocated;
+        r.view.mem.0.borrow_mut().limit = Some(full);
+        let lost = r.kernel_view_changed(text, Perms::RX).unwrap_err();
+        assert_eq!(lost, ContainmentLost::Tables { page: text, error: MapError::OutOfMemory });
+        assert_eq!(r.view.perms(text), Some(Perms::RW));
+        assert_eq!(model.dma_write(3 << 3, text, b"x"), Ok(()));
+        assert_eq!(
+            stopped(&lost),
+            ["guest linux stopped: DMA containment lost: devices' rights on 0x1000000 could not follow the kernel view: no memory for the DMA tables"]
+        );
+        // With memory again, the change follows.
+        r.view.mem.0.borrow_mut().limit = None;
+        assert_eq!(r.kernel_view_changed(text, Perms::RX), Ok(()));
+        assert_eq!(model.dma_write(3 << 3, text, b"y"), Err(5));
     }
 
     #[test]

@@ -219,6 +219,8 @@ integrity_tests() {
     arping -c 10 -w 12 -I v0 10.9.0.2 > /dev/null
     say "veth: tx packets $(cat /sys/class/net/v0/statistics/tx_packets), peer rx packets $(cat /sys/class/net/veth0/statistics/rx_packets)"
     insmod /lib/ctvm/calls.ko loops=2000 && say "calls: $(last calls)"
+    # References to the kernel's objects, taken by inline helpers in its own code.
+    insmod /lib/ctvm/refs.ko && say "refs: $(last refs)"
 
     # The kernel's own text patching keeps working: a static key and a kprobe.
     echo 1 > /proc/sys/kernel/sched_schedstats && echo 0 > /proc/sys/kernel/sched_schedstats \
@@ -267,9 +269,23 @@ integrity_tests() {
     attack atk_lookup
     # Page tables: the kernel's, this process's, and a CR3 of its own.
     attack atk_pgtable
+    # A process forked after the last walk: its top-level table, listed but
+    # untyped, written by a module that waited for it on pgd_list.
+    # (The processes outlive the module's wait, so that none reuses the
+    # table page of one the module saw at its start.)
+    insmod /lib/ctvm/atk_newpgd.ko list=$(sym pgd_list) 2>/dev/null &
+    loading=$!
+    while kill -0 $loading 2>/dev/null; do sh -c 'sleep 8' & sleep 1; done
+    say "attack $(last atk_newpgd)"
+    rmmod atk_newpgd
     # A forged interrupt frame, and shellcode the kernel is handed to call.
     attack atk_iret hidden=$(sym __x64_sys_getpid) handler=$(sym asm_exc_int3)
     attack atk_wx set_memory_x_addr=$(sym set_memory_x)
+    # A module that attacked is quarantined: the callback it handed the
+    # kernel is refused from then on, and rmmod still unloads it.
+    attack atk_quar table=$(sym sys_call_table)
+    if out=$(cat /proc/ctvm_quar 2>&1); then say "atk_quar: callback read gave: $out"; else say "atk_quar: callback refused ($out)"; fi
+    rmmod atk_quar && say "atk_quar removed: $(grep -c '^atk_quar ' /proc/modules) left, $(ls /proc/ctvm_quar 2>/dev/null | wc -l) proc file, exit $(dmesg | grep -q 'atk_quar: exit ran' && echo ran || echo 'did not run')"
 
     # A burst of refused writes: every one is a record, none lost.
     before=$(grep -c '^seq=' /proc/ctvm_violations)

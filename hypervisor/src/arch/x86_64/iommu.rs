@@ -7,7 +7,8 @@
 //! - [`kernel_view_changed`] (and [`Hook`], its [`DmaControl`] form): the
 //!   integrity code calls it whenever the kernel view (KEPT) changes a
 //!   page's rights; the table changes and every unit's IOTLB is
-//!   invalidated before it returns.
+//!   invalidated before it returns ([`Remapping`] does it), or it returns
+//!   the lost containment for the caller to stop the device owner.
 //! - [`poll`]: reads the units' fault records (at most once per
 //!   [`POLL_TICKS`]) and reports each as a `ctvm: dma-violation` line.
 
@@ -21,7 +22,7 @@ use crate::console;
 use crate::mm::frames::{Region, PAGE_SIZE};
 use crate::mm::paging::{Perms, TableMemory};
 use crate::mm::phys;
-use crate::platform::dma::{self, DmaControl, DmaView, Violation, DOMAIN};
+use crate::platform::dma::{self, ContainmentLost, DmaControl, DmaView, Remapping, Violation, DOMAIN};
 use crate::platform::dmar::Dmar;
 use crate::platform::vtd::Unit;
 
@@ -63,8 +64,7 @@ impl TableMemory for DmaTables {
 }
 
 struct Iommu {
-    units: Vec<Unit<MmioRegion>>,
-    view: DmaView<DmaTables>,
+    remapping: Remapping<DmaTables, MmioRegion>,
     last_poll: u64,
     interrupt_remapping: bool,
 }
@@ -137,7 +137,7 @@ pub fn take_over(
         pmr_was_on: units.iter().any(|u| u.pmr_was_on),
         interrupt_remapping,
     };
-    *IOMMU.lock() = Some(Iommu { units, view, last_poll: 0, interrupt_remapping });
+    *IOMMU.lock() = Some(Iommu { remapping: Remapping { units, view }, last_poll: 0, interrupt_remapping });
     Ok(summary)
 }
 
@@ -152,25 +152,17 @@ pub fn interrupt_remapping() -> bool {
 
 /// Devices' rights at `address` (`None`: no access, or no IOMMU).
 pub fn device_perms(address: u64) -> Option<Perms> {
-    IOMMU.lock().as_ref()?.view.perms(address)
+    IOMMU.lock().as_ref()?.remapping.view.perms(address)
 }
 
 /// The kernel view now grants `perms` on `page`: devices get its read and
-/// write rights, effective on every unit when this returns. Without an
-/// IOMMU there is nothing to do.
-pub fn kernel_view_changed(page: u64, perms: Perms) {
-    let mut guard = IOMMU.lock();
-    let Some(iommu) = guard.as_mut() else { return };
-    match iommu.view.set_perms(page, perms) {
-        Ok(flush) if flush.is_needed() => {
-            for u in &mut iommu.units {
-                if let Err(e) = u.invalidate_pages(&mut iommu.view.mem, DOMAIN, &[page]) {
-                    log::error!("DMA: IOTLB invalidation on the unit at {:#x} failed: {e}", u.base);
-                }
-            }
-        }
-        Ok(_) => {}
-        Err(e) => log::error!("DMA: devices' rights on {page:#x} could not follow the kernel view: {e:?}"),
+/// write rights, effective on every unit when this returns `Ok`; `Err`:
+/// containment is lost and the device owner must stop ([`dma::stops`]).
+/// Without an IOMMU there is nothing to do.
+pub fn kernel_view_changed(page: u64, perms: Perms) -> Result<(), ContainmentLost> {
+    match IOMMU.lock().as_mut() {
+        Some(iommu) => iommu.remapping.kernel_view_changed(page, perms),
+        None => Ok(()),
     }
 }
 
@@ -178,8 +170,8 @@ pub fn kernel_view_changed(page: u64, perms: Perms) {
 pub struct Hook;
 
 impl DmaControl for Hook {
-    fn kernel_view_changed(&mut self, page: u64, perms: Perms) {
-        kernel_view_changed(page, perms);
+    fn kernel_view_changed(&mut self, page: u64, perms: Perms) -> Result<(), ContainmentLost> {
+        kernel_view_changed(page, perms)
     }
 }
 
@@ -207,7 +199,7 @@ pub fn report_faults() -> usize {
     let mut lines = Vec::new();
     let mut overflowed = Vec::new();
     if let Some(iommu) = IOMMU.lock().as_mut() {
-        for u in &mut iommu.units {
+        for u in &mut iommu.remapping.units {
             let (faults, overflow) = u.take_faults();
             lines.extend(faults.into_iter().map(|fault| Violation { unit: u.base, fault }));
             if overflow {

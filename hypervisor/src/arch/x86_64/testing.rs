@@ -199,6 +199,14 @@ fn check(ok: bool, what: core::fmt::Arguments<'_>) {
     }
 }
 
+/// [`check`] of a kernel-view change: a failure says why containment was lost.
+fn check_followed(followed: Result<(), crate::platform::dma::ContainmentLost>, what: core::fmt::Arguments<'_>) {
+    match followed {
+        Ok(()) => check(true, what),
+        Err(lost) => check(false, format_args!("{what}: DMA containment lost: {lost}")),
+    }
+}
+
 /// The ACPI PM timer (3.579545 MHz) at its port, for wall-clock costs.
 fn pm_timer(port: u16) -> u32 {
     // SAFETY: the FADT's PM timer block; reading it has no side effect.
@@ -256,8 +264,9 @@ pub fn edu_dma(pm_timer_port: Option<u16>) {
     // 4. A page the kernel view protects (as kernel text after the agent's lock).
     fill(c, 0xc3, 64);
     let start = cpu::rdtsc();
-    iommu::kernel_view_changed(c, Perms::RX);
+    let followed = iommu::kernel_view_changed(c, Perms::RX);
     let ticks = cpu::rdtsc().wrapping_sub(start);
+    check_followed(followed, format_args!("the kernel-view change of {c:#x} reached every unit"));
     let _ = edu.transfer(c, true, 64);
     check(iommu::report_faults() >= 1, format_args!("edu's write into the protected page {c:#x} faulted"));
     check(read_page(c, 64).iter().all(|&x| x == 0xc3), format_args!("protected page {c:#x} unchanged"));
@@ -270,10 +279,12 @@ pub fn edu_dma(pm_timer_port: Option<u16>) {
         const ROUNDS: u32 = 200;
         let t0 = pm_timer(port);
         let s0 = cpu::rdtsc();
+        let mut followed = Ok(());
         for _ in 0..ROUNDS {
-            iommu::kernel_view_changed(c, Perms::RWX);
-            iommu::kernel_view_changed(c, Perms::RX);
+            followed = followed.and(iommu::kernel_view_changed(c, Perms::RWX));
+            followed = followed.and(iommu::kernel_view_changed(c, Perms::RX));
         }
+        check_followed(followed, format_args!("every timed kernel-view change reached every unit"));
         let pm = pm_timer(port).wrapping_sub(t0) & 0x00ff_ffff;
         let tsc = cpu::rdtsc().wrapping_sub(s0);
         let ns = u64::from(pm) * 1_000_000_000 / 3_579_545 / u64::from(2 * ROUNDS);
@@ -283,6 +294,7 @@ pub fn edu_dma(pm_timer_port: Option<u16>) {
             2 * ROUNDS
         );
     }
-    iommu::kernel_view_changed(c, Perms::RWX);
+    let followed = iommu::kernel_view_changed(c, Perms::RWX);
+    check_followed(followed, format_args!("{c:#x} writable to devices again"));
     info!("test dma: done");
 }

@@ -64,6 +64,9 @@ pub struct State {
     /// Descriptors still to refuse (FSTS.IQE, the head left on them), as a
     /// unit does with one it cannot carry out.
     pub refuse_descriptors: u32,
+    /// The unit fetches no descriptor any more (hung): every wait for the
+    /// queue times out.
+    pub stalled: bool,
 }
 
 /// The register block (what the driver holds) and the device side (what
@@ -94,6 +97,7 @@ impl ModelUnit {
             ram: BTreeMap::new(),
             blocked_compat: BTreeSet::new(),
             refuse_descriptors: 0,
+            stalled: false,
         })))
     }
 
@@ -265,7 +269,7 @@ impl State {
         let iqa = u64::from(self.regs.get(&reg::IQA).copied().unwrap_or(0))
             | (u64::from(self.regs.get(&(reg::IQA + 4)).copied().unwrap_or(0)) << 32);
         let page = iqa & !0xfff;
-        while self.head != tail {
+        while self.head != tail && !self.stalled {
             if self.refuse_descriptors > 0 {
                 self.refuse_descriptors -= 1;
                 *self.regs.entry(reg::FSTS).or_default() |= fsts::IQE;
