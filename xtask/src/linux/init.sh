@@ -119,6 +119,79 @@ integrity_smp_tests() {
     cpus=2 attack atk_wp rodata=$(sym linux_banner)
 }
 
+# ctvm.race: a race between the CPUs. atk_race's thread on CPU 1 hammers
+# the syscall table, writes over, calls into, and has the kernel write
+# (through an export), a static key's patch site that CPU 0's kernel
+# rewrites with text_poke, and writes race_peer's data (pages granted to
+# race_peer's view) and calls into its code; meanwhile CPU 0 flips the
+# key and loads and unloads race_peer in a loop. Nothing may go through,
+# both CPUs run on. (A module's view runs on one CPU at a time: the
+# attempts interleave with CPU 0's work, as the counts of what the thread
+# saw change show.)
+cpu_ran() { taskset "$1" sh -c 'i=0; while [ $i -lt 300 ]; do i=$((i+1)); done; cut -d" " -f39 /proc/self/stat'; }
+timer_counts() { awk '/^ *LOC:/ { print $2, $3; exit }' /proc/interrupts; }
+race_tests() {
+    load_agent
+    # This shell, and what it starts, on CPU 0.
+    taskset -p 1 $$ > /dev/null
+    records() { grep -c "^seq=.* cpu=$1\$" /proc/ctvm_violations; }
+    before=$(records 1)
+    before0=$(records 0)
+    timers_before=$(timer_counts)
+    insmod /lib/ctvm/atk_race.ko table=$(sym sys_call_table) key=$(sym sched_schedstats) rounds=600 \
+        || say "FAIL: atk_race did not load"
+    say "race $(last atk_race)"
+    bait=$(cat /sys/module/atk_race/parameters/bait)
+    cycles=0
+    while [ "$(cat /sys/module/atk_race/parameters/done)" = 0 ] && [ $cycles -lt 12 ]; do
+        echo 1 > /proc/sys/kernel/sched_schedstats
+        insmod /lib/ctvm/race_peer.ko page="$bait" || say "FAIL: race_peer did not load"
+        # (CPU 1's thread gets rounds while race_peer is in, and between
+        # the key's flips.)
+        usleep 100000
+        rmmod race_peer || say "FAIL: race_peer did not unload"
+        echo 0 > /proc/sys/kernel/sched_schedstats
+        usleep 50000
+        cycles=$((cycles + 1))
+    done
+    say "race: $cycles load/unload cycles of race_peer on CPU 0, the static key flipped each time"
+    say "race $(last race_peer)"
+    if dmesg | grep -q 'race_peer: unloading.*CHANGED'; then say "FAIL: race: race_peer's data CHANGED"; fi
+    # module_exit stops the thread (if its rounds are not done yet).
+    rmmod atk_race || say "FAIL: atk_race did not unload"
+    report=$(last atk_race)
+    say "race $report"
+    pokes=$(echo "$report" | sed -n 's/.* saw \([0-9]*\) pokes and \([0-9]*\) peer writes.*/\1/p')
+    peer=$(echo "$report" | sed -n 's/.* saw \([0-9]*\) pokes and \([0-9]*\) peer writes.*/\2/p')
+    attempts=$(echo "$report" | sed -n 's/.* \([0-9]*\) total;.*/\1/p')
+    if [ "${pokes:-0}" -gt 0 ] && [ "${peer:-0}" -gt 0 ]; then
+        say "race: CPU 1 saw CPU 0's pokes and peer writes between its attempts"
+    else
+        say "FAIL: race: no overlap seen (pokes ${pokes:-?}, peer writes ${peer:-?})"
+    fi
+    if getpid_ok; then say "after atk_race: getpid ok"; else say "after atk_race: getpid WRONG"; fi
+    after=$(records 1)
+    say "race records: $((after - before)) on CPU 1 for ${attempts:-?} attempts, $(grep -c 'action=allow' /proc/ctvm_violations) allowed"
+    if [ -n "$attempts" ] && [ "$attempts" -gt 0 ] && [ $((after - before)) -ge "$attempts" ]; then
+        say "race: every attempt recorded"
+    else
+        say "FAIL: race: $((after - before)) records for ${attempts:-?} attempts"
+    fi
+    # Only the thread on CPU 1 attacks: a record on CPU 0 is one too many.
+    after0=$(records 0)
+    if [ "$after0" = "$before0" ]; then say "race: no records on CPU 0"; else say "FAIL: race: $((after0 - before0)) records on CPU 0"; fi
+    say "race records lost: $(head -n 1 /proc/ctvm_violations | sed 's/.*lost=//')"
+    say "race: both CPUs still run: cpu0:ran-on-$(cpu_ran 1) cpu1:ran-on-$(cpu_ran 2)"
+    timers_after=$(timer_counts)
+    say "race: timer interrupts per CPU: $timers_before before, $timers_after after"
+    set -- $timers_before $timers_after
+    if [ "$3" -gt "$1" ] && [ "$4" -gt "$2" ]; then
+        say "race: timer interrupts moved on both CPUs"
+    else
+        say "FAIL: race: timer interrupts did not move on both CPUs"
+    fi
+}
+
 integrity_tests() {
 
     say "spectre_v2: $(cat /sys/devices/system/cpu/vulnerabilities/spectre_v2); retbleed: $(cat /sys/devices/system/cpu/vulnerabilities/retbleed)"
@@ -337,6 +410,10 @@ fi
 
 if grep -qw ctvm.smpintegrity /proc/cmdline; then
     integrity_smp_tests
+fi
+
+if grep -qw ctvm.race /proc/cmdline; then
+    race_tests
 fi
 
 # ctvm.audit (with integrity=audit for the guest): a module's call to a
