@@ -1144,10 +1144,10 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             let w_x = perms.contains(Perms::WRITE) && kept.contains(Perms::EXECUTE);
             let granted = (!w_x || control.set_perms(View::Kernel, page, kept - Perms::EXECUTE).is_ok())
                 && control.set_perms(view, page, perms).is_ok();
-            if perms.contains(Perms::WRITE) {
+            if let (true, View::Module(m)) = (perms.contains(Perms::WRITE), view) {
                 let state = ctx.guest.integrity.as_mut()?;
-                state.engine.taint(page);
-                if let (true, View::Module(m)) = (untracked, view) {
+                state.engine.taint(m, page);
+                if untracked {
                     state.heap_grants.insert((m, page));
                 }
             }

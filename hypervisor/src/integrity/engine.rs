@@ -152,10 +152,17 @@ pub struct Engine {
     modules: BTreeMap<u32, Module>,
     next_id: u32,
     returns: ReturnPoints,
-    /// Pages an untrusted module was given write access to: never
-    /// executable for the kernel again (until registered as module code,
-    /// whose checks they then pass).
-    tainted: alloc::collections::BTreeSet<u64>,
+    /// Pages an untrusted module could write (the heap pages it was
+    /// granted; its data once it is gone), with the modules that could: not
+    /// executable for the kernel (W^X across views), until registered as
+    /// module code, whose checks they then pass, or until the kernel makes
+    /// code of its own there once every such module is gone (see
+    /// [`Engine::gone_data`]).
+    tainted: BTreeMap<u64, Vec<u32>>,
+    /// The linear ranges gone untrusted modules' data had, most recent
+    /// last (at most [`GONE_RANGES`]): a jump there is a stale pointer into
+    /// the module's leftovers, refused even after the module is gone.
+    gone_data: alloc::collections::VecDeque<Range>,
     /// Pages classified as page tables because a process's tables hold
     /// them (the kernel's own never go away): the class goes when the
     /// process's table does, so a page the kernel reuses is not refused.
@@ -200,6 +207,10 @@ const MAX_MODULES: usize = guest_agent::integrity::MODULES_MAX as usize;
 /// of data (1 850 pages; i915 550, xfs 300, mlx5_core 280).
 pub const MAX_MODULE_PAGES: usize = 1 << 16;
 
+/// Gone modules' data ranges remembered ([`Engine::gone_data`]): a module
+/// gone this many unloads ago has long had its addresses freed.
+const GONE_RANGES: usize = 4096;
+
 /// The most bytes one instruction stores (a 512-bit vector register).
 const MAX_STORE: u64 = 64;
 
@@ -240,7 +251,8 @@ impl Engine {
             modules: BTreeMap::new(),
             next_id: 1,
             returns: ReturnPoints::default(),
-            tainted: alloc::collections::BTreeSet::new(),
+            tainted: BTreeMap::new(),
+            gone_data: alloc::collections::VecDeque::new(),
             process_tables: alloc::collections::BTreeSet::new(),
             tables_in_data: Vec::new(),
             agent: None,
@@ -382,7 +394,7 @@ impl Engine {
     /// Whether an isolated module was ever granted a write to `gpa`: the
     /// page is never executable for the kernel.
     pub fn is_tainted(&self, gpa: u64) -> bool {
-        self.tainted.contains(&page(gpa))
+        self.tainted.contains_key(&page(gpa))
     }
 
     /// Undoes a lock whose agent could not be put in place (before any
@@ -491,7 +503,7 @@ impl Engine {
                 Some(PageClass::ModuleData(m)) if *m == id => {
                     self.pages.remove(&page(*p));
                     if !trusted {
-                        self.tainted.insert(page(*p));
+                        self.taint(id, *p);
                     }
                 }
                 _ => {}
@@ -508,17 +520,26 @@ impl Engine {
             return Err(RegisterError::Pinned);
         }
         let m = self.modules.remove(&id).ok_or(RegisterError::UnknownModule)?;
-        let tainted = &mut self.tainted;
+        let mut data = Vec::new();
         self.pages.retain(|&p, c| match c {
             PageClass::ModuleCode(x) if *x == id => false,
             PageClass::ModuleData(x) if *x == id => {
-                if !m.trusted {
-                    tainted.insert(p);
-                }
+                data.push(p);
                 false
             }
             _ => true,
         });
+        if !m.trusted {
+            for p in data {
+                self.taint(id, p);
+            }
+            for &r in &m.info.data {
+                if self.gone_data.len() == GONE_RANGES {
+                    self.gone_data.pop_front();
+                }
+                self.gone_data.push_back(r);
+            }
+        }
         self.returns.forget(View::Module(id));
         Ok(m.info)
     }
@@ -860,16 +881,40 @@ impl Engine {
         self.record(ViolationKind::WriteProtectedData, view, rip, target.unwrap_or(gpa))
     }
 
-    /// A page a module was given write access to.
-    pub fn taint(&mut self, gpa: u64) {
-        self.tainted.insert(page(gpa));
+    /// A page module `m` was given write access to.
+    pub fn taint(&mut self, m: u32, gpa: u64) {
+        let writers = self.tainted.entry(page(gpa)).or_default();
+        if !writers.contains(&m) {
+            writers.push(m);
+        }
+    }
+
+    /// The kernel executes a page only gone modules could write, through
+    /// a linear address none of them had: the kernel freed the page and
+    /// mapped it anew for code of its own (an ftrace trampoline, a kprobe
+    /// slot). No view can write it any more, so it is untainted and the
+    /// kernel's. A stale pointer into a gone module's data still lands in
+    /// [`Engine::gone_data`] and is refused. (What the kernel left of the
+    /// module's bytes on the page is reachable only through the new
+    /// address, which no gone module knew.)
+    fn reused_by_kernel(&mut self, fault: &Fault) -> bool {
+        let p = page(fault.gpa);
+        let only_gone = self.tainted.get(&p).is_some_and(|w| w.iter().all(|m| !self.modules.contains_key(m)));
+        if !only_gone || self.gone_data.iter().any(|r| r.contains(fault.gva)) {
+            return false;
+        }
+        self.tainted.remove(&p);
+        true
     }
 
     /// The kernel view runs into code it may not execute: a module's, or
     /// a page a module could write.
     fn kernel_executes(&mut self, fault: &Fault, class: Option<PageClass>) -> Outcome {
+        if class.is_none() && self.reused_by_kernel(fault) {
+            return Outcome::step(Step::AllowExecute);
+        }
         let written_by_module = matches!(class, None | Some(PageClass::ModuleData(_)))
-            && (self.tainted.contains(&page(fault.gpa)) || matches!(class, Some(PageClass::ModuleData(_))));
+            && (self.tainted.contains_key(&page(fault.gpa)) || matches!(class, Some(PageClass::ModuleData(_))));
         if written_by_module {
             return self.violation(fault, ViolationKind::ExecuteData, Step::Fault, Step::AllowExecute);
         }
@@ -1467,6 +1512,29 @@ mod tests {
         assert!(!e.is_quarantined(id) && e.take_quarantined().is_empty());
         let entry = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, TEXT + 0x5555), STACK);
         assert_eq!(e.decide(&entry).step, Step::Switch(View::Module(id)));
+    }
+
+    /// The kernel makes code of its own (an ftrace trampoline) in a page a
+    /// gone module wrote, through an address of its own: the kernel's.
+    /// Through the module's old address it is a stale pointer, refused; a
+    /// page a loaded module can write stays refused through any address.
+    #[test]
+    fn a_gone_modules_page_is_the_kernels_to_make_code_in() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let other = ModuleInfo { name: "other".into(), ..Default::default() };
+        let live = e.register_module(other, false, &[], &[]).unwrap();
+        e.taint(live, HEAP_GPA);
+        e.taint(id, HEAP_GPA + 0x1000);
+        e.unregister_module(id).unwrap();
+        let trampoline = 0xffff_ffff_c100_0000;
+        let kernel = |gpa, gva| fault(View::Kernel, Access::Execute, gpa, gva, TEXT + 0x100);
+        let stale = e.decide(&kernel(MOD_DATA_GPA, MOD + 0x1040));
+        assert_eq!(stale.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData), "its old address");
+        assert_eq!(e.decide(&kernel(MOD_DATA_GPA, trampoline)).step, Step::AllowExecute);
+        assert!(!e.is_tainted(MOD_DATA_GPA));
+        assert_eq!(e.decide(&kernel(HEAP_GPA + 0x1000, trampoline + 0x1000)).step, Step::AllowExecute);
+        let writable = e.decide(&kernel(HEAP_GPA, trampoline + 0x2000));
+        assert_eq!(writable.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData), "a loaded module's");
     }
 
     #[test]

@@ -10,10 +10,10 @@
  *    (counting the times it saw CPU 0's text_poke change it) and, every
  *    round, writes ud2 over the site through a writable alias, calls into
  *    the site (the middle of a kernel function), and has the kernel set
- *    the site's first byte to 0xff through the alias (__bitmap_set, a
- *    write-through export the hypervisor does not judge by destination:
- *    the kernel's view writes the site, as text_poke does on CPU 0 while
- *    the page is opened for it);
+ *    the site's first byte to 0xff through the alias (sscanf, whose
+ *    destinations the hypervisor cannot judge by its arguments, since the
+ *    format decides how many there are: the kernel's view writes the site,
+ *    as text_poke does on CPU 0 while the page is opened for it);
  *  - it writes over a variable in race_peer's data (a page granted to
  *    race_peer's view) and calls into the middle of one of race_peer's
  *    functions, at the addresses race_peer leaves in the heap page, with
@@ -33,7 +33,7 @@
 #include <linux/jump_label.h>
 #include <linux/syscalls.h>
 #include <linux/gfp.h>
-#include <linux/bitmap.h>
+#include <linux/kernel.h>
 #include <asm/irqflags.h>
 #include "alias.h"
 
@@ -133,7 +133,7 @@ static int race(void *unused)
 			text_calls++;
 			if (r >= 0 || r < -4095)
 				through++;
-			__bitmap_set((unsigned long *)((unsigned long)text & ~7UL), ((unsigned long)text & 7) * 8, 8);
+			sscanf("255", "%hhu", (u8 *)text);
 			deputy_writes++;
 			if (READ_ONCE(*(u8 *)site) == 0xff)
 				through++;
