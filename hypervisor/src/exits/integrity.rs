@@ -1082,6 +1082,23 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if walk && protected_table && set_accessed_or_dirty(ctx, ctx.exit.guest_physical) {
         return Some(Action::Resume);
     }
+    // The kernel runs code of its own in a page a module could once write.
+    let state = ctx.guest.integrity.as_ref()?;
+    let kernel_fetch = state.view == View::Kernel && info.access == super::Access::Execute;
+    if kernel_fetch && state.engine.class_of(page).is_none() && state.engine.is_tainted(page) {
+        let gva = if info.linear_valid { ctx.exit.guest_linear } else { ctx.vcpu.read(Field::Rip) };
+        let views = ctx.control.as_deref()?;
+        let writable = state
+            .engine
+            .modules()
+            .any(|m| views.perms(View::Module(m), page).is_some_and(|p| p.contains(Perms::WRITE)));
+        if ctx.guest.integrity.as_mut()?.engine.kernel_reuses(page, gva, writable) {
+            return match control(ctx).ok()?.set_perms(View::Kernel, page, kept | Perms::EXECUTE) {
+                Ok(()) => Some(Action::Resume),
+                Err(_) => Some(Action::Stop(StopReason::HypervisorError("cannot map a page executable".into()))),
+            };
+        }
+    }
     let state = ctx.guest.integrity.as_ref()?;
     let rip = ctx.vcpu.read(Field::Rip);
     let rsp = ctx.vcpu.read(Field::Rsp);
@@ -2386,6 +2403,35 @@ mod tests {
             assert_eq!(f.vcpu.injected(), Some((13, Some(0))));
             f.vcpu.write(Field::EntryInterruptionInfo, 0);
         }
+    }
+
+    /// A page a module was granted (its task's stack, say) is freed and
+    /// becomes an ftrace trampoline: once no module view can write it, the
+    /// kernel runs its own code there; while one can, it may not (W^X).
+    #[test]
+    fn the_kernel_runs_its_code_in_a_page_no_module_can_write_any_more() {
+        const HEAP: u64 = 0x50_0000;
+        let rip = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(rip);
+        assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Module(id), HEAP), Some(Perms::RW));
+        f.control.activate_view(View::Kernel).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        let trampoline = K + HEAP;
+        assert_eq!(f.ept(FETCH | READ, HEAP, trampoline, trampoline), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32], "the module can write it");
+        f.vcpu.write(Field::EntryInterruptionInfo, 0);
+        // The agent drains: the grant is taken back.
+        assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
+        assert_eq!(f.ept(FETCH | READ, HEAP, trampoline, trampoline), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.vcpu.injected(), None);
+        assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RWX));
+        // The module writes it again: a new grant, and the kernel may not execute it.
+        f.control.activate_view(View::Module(id)).unwrap();
+        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
+        assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RW));
     }
 
     #[test]

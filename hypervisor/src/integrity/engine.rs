@@ -889,30 +889,32 @@ impl Engine {
         }
     }
 
-    /// The kernel executes a page only gone modules could write, through
-    /// a linear address none of them had: the kernel freed the page and
-    /// mapped it anew for code of its own (an ftrace trampoline, a kprobe
-    /// slot). No view can write it any more, so it is untainted and the
-    /// kernel's. A stale pointer into a gone module's data still lands in
-    /// [`Engine::gone_data`] and is refused. (What the kernel left of the
+    /// The kernel executes an untracked page a module could once write,
+    /// which no module view can write now (its grant was taken back, or
+    /// its module is gone), through a linear address no gone module had
+    /// for its data: the kernel freed the page and mapped it anew for code
+    /// of its own (an ftrace trampoline in what was a task's stack). It is
+    /// untainted and the kernel's to execute; a module's next write to it
+    /// is a new grant, which takes execution away again (W^X). A stale
+    /// pointer into a gone module's data still lands in
+    /// [`Engine::gone_data`] and is refused. (What the kernel left of a
     /// module's bytes on the page is reachable only through the new
-    /// address, which no gone module knew.)
-    fn reused_by_kernel(&mut self, fault: &Fault) -> bool {
-        let p = page(fault.gpa);
-        let only_gone = self.tainted.get(&p).is_some_and(|w| w.iter().all(|m| !self.modules.contains_key(m)));
-        if !only_gone || self.gone_data.iter().any(|r| r.contains(fault.gva)) {
-            return false;
+    /// address.) The caller says whether any module view can write it.
+    pub fn kernel_reuses(&mut self, gpa: u64, gva: u64, writable_by_module: bool) -> bool {
+        let p = page(gpa);
+        let reusable = self.class_of(p).is_none()
+            && self.tainted.contains_key(&p)
+            && !writable_by_module
+            && !self.gone_data.iter().any(|r| r.contains(gva));
+        if reusable {
+            self.tainted.remove(&p);
         }
-        self.tainted.remove(&p);
-        true
+        reusable
     }
 
     /// The kernel view runs into code it may not execute: a module's, or
     /// a page a module could write.
     fn kernel_executes(&mut self, fault: &Fault, class: Option<PageClass>) -> Outcome {
-        if class.is_none() && self.reused_by_kernel(fault) {
-            return Outcome::step(Step::AllowExecute);
-        }
         let written_by_module = matches!(class, None | Some(PageClass::ModuleData(_)))
             && (self.tainted.contains_key(&page(fault.gpa)) || matches!(class, Some(PageClass::ModuleData(_))));
         if written_by_module {
@@ -1528,13 +1530,17 @@ mod tests {
         e.unregister_module(id).unwrap();
         let trampoline = 0xffff_ffff_c100_0000;
         let kernel = |gpa, gva| fault(View::Kernel, Access::Execute, gpa, gva, TEXT + 0x100);
+        assert!(!e.kernel_reuses(MOD_DATA_GPA, MOD + 0x1040, false), "its old address");
         let stale = e.decide(&kernel(MOD_DATA_GPA, MOD + 0x1040));
-        assert_eq!(stale.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData), "its old address");
-        assert_eq!(e.decide(&kernel(MOD_DATA_GPA, trampoline)).step, Step::AllowExecute);
+        assert_eq!(stale.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData));
+        assert!(e.kernel_reuses(MOD_DATA_GPA, trampoline, false));
         assert!(!e.is_tainted(MOD_DATA_GPA));
-        assert_eq!(e.decide(&kernel(HEAP_GPA + 0x1000, trampoline + 0x1000)).step, Step::AllowExecute);
+        assert!(e.kernel_reuses(HEAP_GPA + 0x1000, trampoline + 0x1000, false));
+        // A page a loaded module's view can write now stays refused.
+        assert!(!e.kernel_reuses(HEAP_GPA, trampoline + 0x2000, true));
         let writable = e.decide(&kernel(HEAP_GPA, trampoline + 0x2000));
         assert_eq!(writable.violation.map(|v| v.kind), Some(ViolationKind::ExecuteData), "a loaded module's");
+        assert!(e.kernel_reuses(HEAP_GPA, trampoline + 0x2000, false), "once its grant is taken back");
     }
 
     #[test]
