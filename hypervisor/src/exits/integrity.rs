@@ -959,6 +959,21 @@ fn report_object(ctx: &mut ExitContext<'_>, v: &Violation, object: Option<&str>)
     }
 }
 
+/// The kernel runs code of its own in an untracked page a module could
+/// once write: the kernel's, if no module view can write it now (see
+/// `Engine::kernel_reuses`).
+fn kernel_reuses(ctx: &mut ExitContext<'_>, fault: &Fault) -> bool {
+    let page = fault.gpa & !0xfff;
+    let (Some(state), Some(views)) = (ctx.guest.integrity.as_ref(), ctx.control.as_deref()) else { return false };
+    let kernel_fetch = fault.view == View::Kernel && fault.access == super::Access::Execute;
+    if !kernel_fetch || state.engine.class_of(page).is_some() || !state.engine.is_tainted(page) {
+        return false;
+    }
+    let writable =
+        state.engine.modules().any(|m| views.perms(View::Module(m), page).is_some_and(|p| p.contains(Perms::WRITE)));
+    ctx.guest.integrity.as_mut().is_some_and(|s| s.engine.kernel_reuses(page, fault.gva, writable))
+}
+
 /// The kernel runs into a quarantined module's code: if it is unloading
 /// the module (the state in its `struct module`, which no module can
 /// write, reads GOING), its exit routine may run. A state that cannot be
@@ -1082,23 +1097,6 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     if walk && protected_table && set_accessed_or_dirty(ctx, ctx.exit.guest_physical) {
         return Some(Action::Resume);
     }
-    // The kernel runs code of its own in a page a module could once write.
-    let state = ctx.guest.integrity.as_ref()?;
-    let kernel_fetch = state.view == View::Kernel && info.access == super::Access::Execute;
-    if kernel_fetch && state.engine.class_of(page).is_none() && state.engine.is_tainted(page) {
-        let gva = if info.linear_valid { ctx.exit.guest_linear } else { ctx.vcpu.read(Field::Rip) };
-        let views = ctx.control.as_deref()?;
-        let writable = state
-            .engine
-            .modules()
-            .any(|m| views.perms(View::Module(m), page).is_some_and(|p| p.contains(Perms::WRITE)));
-        if ctx.guest.integrity.as_mut()?.engine.kernel_reuses(page, gva, writable) {
-            return match control(ctx).ok()?.set_perms(View::Kernel, page, kept | Perms::EXECUTE) {
-                Ok(()) => Some(Action::Resume),
-                Err(_) => Some(Action::Stop(StopReason::HypervisorError("cannot map a page executable".into()))),
-            };
-        }
-    }
     let state = ctx.guest.integrity.as_ref()?;
     let rip = ctx.vcpu.read(Field::Rip);
     let rsp = ctx.vcpu.read(Field::Rsp);
@@ -1127,9 +1125,13 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         shared_field,
     };
     unloading_check(ctx, &fault);
-    let outcome = match deputy_check(ctx, &fault) {
-        Some(refused) => refused,
-        None => ctx.guest.integrity.as_mut()?.engine.decide(&fault),
+    let outcome = if kernel_reuses(ctx, &fault) {
+        Outcome { step: Step::AllowExecute, violation: None }
+    } else {
+        match deputy_check(ctx, &fault) {
+            Some(refused) => refused,
+            None => ctx.guest.integrity.as_mut()?.engine.decide(&fault),
+        }
     };
     log::trace!(
         "integrity: {:?} {:?} gpa {:#x} gva {:#x} rip {:#x} stack {:x?} -> {:?}",

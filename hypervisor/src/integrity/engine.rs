@@ -578,13 +578,19 @@ impl Engine {
         target: u64,
         action: ViolationAction,
     ) -> Violation {
+        self.stats.violations += 1;
+        self.log(kind, view, rip, target, action)
+    }
+
+    /// Every violation goes through here: logged for the agent, and the
+    /// module that made it quarantined if that is what it means.
+    fn log(&mut self, kind: ViolationKind, view: View, rip: u64, target: u64, action: ViolationAction) -> Violation {
         let module = match view {
             View::Module(m) => Some(m),
             View::Kernel => None,
         };
         let v = Violation { kind, module, rip, target, action, cpu: self.cpu };
         self.violations.push(&v);
-        self.stats.violations += 1;
         self.quarantine(&v);
         v
     }
@@ -783,13 +789,7 @@ impl Engine {
             Mode::Enforce => (deny, ViolationAction::Denied),
             Mode::Audit => (allow, ViolationAction::Allowed),
         };
-        let module = match fault.view {
-            View::Module(m) => Some(m),
-            View::Kernel => None,
-        };
-        let v = Violation { kind, module, rip: fault.rip, target, action, cpu: self.cpu };
-        self.violations.push(&v);
-        self.quarantine(&v);
+        let v = self.log(kind, fault.view, fault.rip, target, action);
         Outcome { step, violation: Some(v) }
     }
 
