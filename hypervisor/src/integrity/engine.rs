@@ -717,12 +717,11 @@ impl Engine {
     }
 
     /// For a branch to a write-through kernel function (see [`super::deputy`]):
-    /// the guest-virtual range it would write, or `Some(None)` when that
-    /// range is too long to judge. `None` for any other target.
-    pub fn deputy_destination(&self, target: u64, gprs: &[u64; 16]) -> Option<Option<Range>> {
+    /// what it writes. `None` for any other target.
+    pub fn deputy_spec(&self, target: u64) -> Option<super::deputy::Spec> {
         let deputies = &self.layout.as_ref()?.deputies;
         let i = deputies.binary_search_by_key(&target, |d| d.0).ok()?;
-        Some(super::deputy::destination(deputies[i].1, gprs))
+        Some(deputies[i].1)
     }
 
     /// Whether module `m` may itself write `bytes` (guest-physical, on one
