@@ -8,8 +8,9 @@
 /// module's data slots one region each, rodata on its own, on 6.1 as on
 /// 6.4+; 8: the protected caches' object strides, the reference counts
 /// in their objects every module may change, and where a top-level table's
-/// struct page names its process).
-pub const STRUCT_VERSION: u32 = 8;
+/// struct page names its process; 9: the slab caches' own `kmem_cache` and
+/// `kmem_cache_node` caches protected too).
+pub const STRUCT_VERSION: u32 = 9;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -133,7 +134,7 @@ pub const SHARED_FIELDS: usize = 4;
 pub const SHARED_FIELD_MAX: u64 = 16;
 
 /// How many protected slab caches the layout can name.
-pub const PROTECTED_CACHES: usize = 8;
+pub const PROTECTED_CACHES: usize = 10;
 
 /// What each slot of [`KernelLayout::protected_caches`] holds: the kernel's
 /// variable (or, for `pid`, `init_pid_ns.pid_cachep`) and the name violation
@@ -147,6 +148,11 @@ pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
     ("files_cachep", "files"),
     ("fs_cachep", "fs"),
     ("mm_cachep", "mm"),
+    // The caches' own bookkeeping: a module that rewrote a protected
+    // cache's `struct kmem_cache` would change its object size or its
+    // constructor, a function pointer the kernel calls.
+    ("kmem_cache", "kmem-cache"),
+    ("kmem_cache_node", "kmem-cache-node"),
 ];
 
 /// The slot of `mm_cachep` in [`KernelLayout::protected_caches`].

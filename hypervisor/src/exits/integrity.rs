@@ -959,6 +959,20 @@ fn report_object(ctx: &mut ExitContext<'_>, v: &Violation, object: Option<&str>)
     }
 }
 
+/// Whose protected data a refused write landed in, for its console line:
+/// the kernel's (`.data`, `.bss`, the module list) or a module's, named.
+fn protected_data_owner(ctx: &ExitContext<'_>, v: &Violation, gpa: u64) -> Option<alloc::string::String> {
+    if v.kind != ViolationKind::WriteProtectedData {
+        return None;
+    }
+    let engine = &ctx.guest.integrity.as_ref()?.engine;
+    match engine.class_of(gpa)? {
+        PageClass::Sensitive => Some("kernel-data".into()),
+        PageClass::ModuleData(m) => Some(alloc::format!("module-data:{}", engine.module_name(m).unwrap_or("?"))),
+        _ => None,
+    }
+}
+
 /// The kernel runs code of its own in an untracked page a module could
 /// once write: the kernel's, if no module view can write it now (see
 /// `Engine::kernel_reuses`).
@@ -1144,7 +1158,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         outcome.step
     );
     if let Some(v) = &outcome.violation {
-        report_object(ctx, v, kernel_object);
+        let whose = protected_data_owner(ctx, v, fault.gpa);
+        report_object(ctx, v, kernel_object.or(whose.as_deref()));
     }
     let view = ctx.guest.integrity.as_ref()?.view;
     let action = match outcome.step {

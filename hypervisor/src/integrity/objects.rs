@@ -411,7 +411,9 @@ mod tests {
         let mut user = none;
         user[3] = 0x4000;
         assert_eq!(ObjectMap::from_wire(VMEMMAP, 64, 24, &user), Err(BadObjectMap));
-        let got = ObjectMap::from_wire(VMEMMAP, 64, 24, &[CRED_JAR, 0, 0, 0, 0, 0, 0, TASKS]).unwrap().unwrap();
-        assert_eq!(got.caches, vec![(CRED_JAR, "cred"), (TASKS, "mm")]);
+        let mut slots = none;
+        (slots[0], slots[7], slots[8]) = (CRED_JAR, TASKS, KMALLOC);
+        let got = ObjectMap::from_wire(VMEMMAP, 64, 24, &slots).unwrap().unwrap();
+        assert_eq!(got.caches, vec![(CRED_JAR, "cred"), (TASKS, "mm"), (KMALLOC, "kmem-cache")]);
     }
 }

@@ -236,7 +236,8 @@ mod tests {
     const ARRAY_GPA: u64 = 0x70_0000;
 
     fn objects() -> ObjectMap {
-        let mut m = ObjectMap::from_wire(VMEMMAP, 64, 24, &[0; 8]).unwrap().unwrap();
+        let mut m =
+            ObjectMap::from_wire(VMEMMAP, 64, 24, &[0; guest_agent::integrity::PROTECTED_CACHES]).unwrap().unwrap();
         m.set_backing((0..256).map(|i| ARRAY_GPA + i * 0x1000).collect());
         m
     }

@@ -367,7 +367,7 @@ mod tests {
         odd[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
         assert_eq!(kernel_layout(&odd).err(), Some(WireError::Range));
         let mut bad = layout_bytes();
-        bad[0] = 9;
+        bad[0] = abi::STRUCT_VERSION as u8 + 1;
         assert_eq!(kernel_layout(&bad).err(), Some(WireError::Version));
         assert_eq!(kernel_layout(&layout_bytes()[..100]).err(), Some(WireError::Size));
         let mut reversed = layout_bytes();
