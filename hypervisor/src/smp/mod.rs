@@ -11,8 +11,8 @@
 //! - [`startup`]: the guest's INIT, start-up and NMI IPIs as events in the
 //!   target vCPU's mailbox, and the SDM's start-up state machine.
 //!
-//! Only the sending of NMIs and start-up IPIs, INVEPT and the VMCS writes
-//! are arch code (`arch::x86_64`, `vmm`).
+//! Only the sending of NMIs and start-up IPIs, INVEPT, the VMCS writes,
+//! VMXOFF and the halting are arch code (`arch::x86_64`, `vmm`).
 
 pub mod cpuset;
 pub mod exclusive;
