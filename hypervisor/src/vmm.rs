@@ -33,7 +33,7 @@ use crate::arch::x86_64::vmx::bitmaps::{IoBitmap, MsrBitmap};
 use crate::arch::x86_64::vmx::caps::{PrimaryControls, SecondaryControls};
 use crate::arch::x86_64::vmx::enable::{self, Vmx};
 use crate::arch::x86_64::vmx::vcpu::{self as vmx_vcpu, current, BitmapFrames, Bitmaps, Ept, Start, Vcpu, VcpuSetup};
-use crate::arch::x86_64::{lapic, power, timer};
+use crate::arch::x86_64::{lapic, park, power, timer};
 use crate::boot_info::Module;
 use crate::console;
 use crate::exits::{self, reason, Action, ExitContext, StopReason};
@@ -995,12 +995,14 @@ fn ap_main(p: &'static PerCpu) -> ! {
         if let Some(plan) = PLAN.get() {
             break plan;
         }
+        // No guest at all: the power-off comes while it waits here.
+        park::if_asked(p.index);
         core::hint::spin_loop();
     };
     if let Some(mine) = plan.get(p.index) {
         run_cpu(vmx, p.index, mine);
     }
-    cpu::halt_forever()
+    park::idle(p.index)
 }
 
 /// Runs every guest until all have stopped: the APs run theirs, this (the
@@ -1014,8 +1016,10 @@ pub fn run(vmx: &'static Vmx, vms: &[&'static Vm]) {
     }
     GUESTS.call_once(|| vms.to_vec());
     let plan = PLAN.call_once(|| plan);
-    run_cpu(vmx, percpu::current().index, &plan[percpu::current().index]);
+    let here = percpu::current().index;
+    run_cpu(vmx, here, &plan[here]);
     while vms.iter().any(|vm| vm.live.load(Ordering::SeqCst) > 0) {
+        park::if_asked(here);
         core::hint::spin_loop();
     }
 }
@@ -1096,6 +1100,7 @@ fn run_cpu(vmx: &Vmx, cpu: usize, assigned: &[(&'static Vm, usize)]) {
     let mut loaded: Option<usize> = None;
     let mut next = 0;
     loop {
+        park::if_asked(cpu);
         let mut i = 0;
         while i < slots.len() {
             if !slots[i].vm.stopping.load(Ordering::SeqCst) {
@@ -1151,6 +1156,8 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
         // Inside first, then the mailbox and the epoch: what another CPU
         // posts or publishes from now on is seen here, or kicks this CPU.
         let epoch = SIGNALS.entering(cpu);
+        // The machine is being handed back: out of VMX before any entry.
+        park::if_asked(cpu);
         // Another vCPU runs the guest alone: wait outside.
         if vm.exclusive.excludes(slot.index) {
             SIGNALS.left(cpu);

@@ -885,8 +885,10 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
     };
     let engine = &ctx.guest.integrity.as_ref()?.engine;
     let target = engine.call_target(fault);
-    let blocked = match engine.deputy_destination(target, &fault.gprs)? {
-        Some(range) => first_unwritable(ctx, m, range)?,
+    let spec = engine.deputy_spec(target)?;
+    let read = |at: u64, len: usize| read_guest(ctx, at, len).ok();
+    let blocked = match crate::integrity::deputy::destinations(spec, &fault.gprs, &read) {
+        Some(ranges) => ranges.into_iter().find_map(|range| first_unwritable(ctx, m, range))?,
         None => fault.gprs[7],
     };
     Some(ctx.guest.integrity.as_mut()?.engine.deputy_refused(fault, m, blocked))
@@ -1001,6 +1003,20 @@ fn report_object(ctx: &mut ExitContext<'_>, v: &Violation, object: Option<&str>)
             "ctvm: guest {}: module {name} quarantined: the kernel may enter it only to unload it",
             ctx.guest.name()
         ));
+    }
+}
+
+/// Whose protected data a refused write landed in, for its console line:
+/// the kernel's (`.data`, `.bss`, the module list) or a module's, named.
+fn protected_data_owner(ctx: &ExitContext<'_>, v: &Violation, gpa: u64) -> Option<alloc::string::String> {
+    if v.kind != ViolationKind::WriteProtectedData {
+        return None;
+    }
+    let engine = &ctx.guest.integrity.as_ref()?.engine;
+    match engine.class_of(gpa)? {
+        PageClass::Sensitive => Some("kernel-data".into()),
+        PageClass::ModuleData(m) => Some(alloc::format!("module-data:{}", engine.module_name(m).unwrap_or("?"))),
+        _ => None,
     }
 }
 
@@ -1189,7 +1205,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         outcome.step
     );
     if let Some(v) = &outcome.violation {
-        report_object(ctx, v, kernel_object);
+        let whose = protected_data_owner(ctx, v, fault.gpa);
+        report_object(ctx, v, kernel_object.or(whose.as_deref()));
     }
     let view = ctx.guest.integrity.as_ref()?.view;
     let action = match outcome.step {

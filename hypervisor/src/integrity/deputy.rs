@@ -1,12 +1,15 @@
 //! Kernel functions that write where their caller points them: `memcpy`,
 //! `memset`, the string copies, `copy_from_user`, the `printf` family into
 //! a buffer, the `kstrto*` parsers, `bin2hex`, the bitmap operations,
-//! `kobject_del`. An isolated
+//! `kobject_del`, the `scanf` family (through the pointers its format
+//! consumes) and the `seq_file` writers (into the file's buffer). An isolated
 //! module may call them (they are ordinary, allowed exports), but the
 //! kernel view runs them with the kernel's rights: a module that cannot
 //! write `modprobe_path` itself would ask `memcpy` to. So a call to one of
 //! them is judged by its destination, read from the argument registers at
 //! the crossing: every page of it must be one the module could write itself.
+
+use alloc::vec::Vec;
 
 use super::layout::Range;
 
@@ -26,11 +29,26 @@ pub enum Length {
     BitSpan(usize, usize),
 }
 
-/// Where a call writes: the register holding the destination, and how much.
+/// Where a call writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Spec {
-    pub destination: usize,
-    pub length: Length,
+pub enum Spec {
+    /// One range: the register holding the destination, and how much.
+    Range { destination: usize, length: Length },
+    /// The `scanf` family: each conversion of the format (in register
+    /// `format`) stores through the next of the variable arguments.
+    Scan { format: usize, args: Args },
+    /// The `seq_file` writers: the `struct seq_file` (in register `file`),
+    /// whose count they advance, and the buffer it names.
+    Seq { file: usize },
+}
+
+/// Where a `scanf` function's variable arguments are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Args {
+    /// Passed as arguments from this one on (`sscanf`: 2).
+    From(usize),
+    /// In a `va_list` the register points at (`vsscanf`).
+    VaList(usize),
 }
 
 const RDI: usize = 7;
@@ -58,8 +76,28 @@ const KOBJECT: u64 = 64;
 /// The call's spec, by the export's name; `None` for the functions that do
 /// not write through a pointer argument.
 pub fn spec(name: &[u8]) -> Option<Spec> {
-    let arg = |destination, length| Some(Spec { destination, length });
+    let arg = |destination, length| Some(Spec::Range { destination, length });
     match name {
+        b"sscanf" => Some(Spec::Scan { format: RSI, args: Args::From(2) }),
+        b"vsscanf" => Some(Spec::Scan { format: RSI, args: Args::VaList(RDX) }),
+        b"seq_printf"
+        | b"seq_vprintf"
+        | b"seq_bprintf"
+        | b"seq_puts"
+        | b"seq_putc"
+        | b"seq_write"
+        | b"seq_pad"
+        | b"seq_put_decimal_ull"
+        | b"seq_put_decimal_ull_width"
+        | b"seq_put_decimal_ll"
+        | b"seq_put_hex_ll"
+        | b"seq_escape_mem"
+        | b"seq_hex_dump"
+        | b"seq_path"
+        | b"seq_path_root"
+        | b"seq_file_path"
+        | b"seq_dentry" => Some(Spec::Seq { file: RDI }),
+        b"mangle_path" => arg(RDI, Length::Fixed(STRING_BOUND)),
         b"memcpy"
         | b"__memcpy"
         | b"memmove"
@@ -124,12 +162,192 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
     }
 }
 
-/// The guest-virtual range a call with these registers writes; `None` for
-/// a length beyond [`MAX_DESTINATION`] or a range that wraps (refused).
-pub fn destination(spec: Spec, gprs: &[u64; 16]) -> Option<Range> {
-    let start = gprs[spec.destination];
+/// What a judgement reads of the guest: `len` bytes at a guest-virtual
+/// address, `None` where unreadable.
+pub type Read<'a> = &'a dyn Fn(u64, usize) -> Option<Vec<u8>>;
+
+/// The guest-virtual ranges a call with these registers (RSP is 4) would
+/// write; `None` when they cannot be told (a length beyond
+/// [`MAX_DESTINATION`], a range that wraps, a format or structure that
+/// cannot be read or understood): the call is then refused.
+///
+/// What the ranges are read from (a format, a pointer on the stack, a
+/// `seq_file`) may lie in memory the module can write, and the kernel
+/// reads it again later: another of the module's threads could change it
+/// in between (see the README).
+pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<Range>> {
+    match spec {
+        Spec::Range { destination: register, length } => Some(alloc::vec![destination(register, length, gprs)?]),
+        Spec::Scan { format, args } => {
+            let sizes = scan_sizes(&read_format(gprs[format], read)?)?;
+            let va = match args {
+                Args::From(_) => None,
+                Args::VaList(r) => Some(VaList::read(gprs[r], read)?),
+            };
+            let mut out = Vec::with_capacity(sizes.len());
+            for (i, size) in sizes.into_iter().enumerate() {
+                let pointer = match (args, &va) {
+                    (_, Some(va)) => va.arg(i, read)?,
+                    (Args::From(first), None) => argument(first + i, gprs, read)?,
+                    (Args::VaList(_), None) => return None,
+                };
+                out.push(Range::new(pointer, pointer.checked_add(size)?));
+            }
+            Some(out)
+        }
+        Spec::Seq { file } => {
+            let m = gprs[file];
+            let fields = read(m, 16)?;
+            let buf = u64::from_le_bytes(fields[..8].try_into().ok()?);
+            let size = u64::from_le_bytes(fields[8..].try_into().ok()?);
+            if size > MAX_DESTINATION {
+                return None;
+            }
+            Some(alloc::vec![Range::new(m, m.checked_add(SEQ_FILE_COUNTS)?), Range::new(buf, buf.checked_add(size)?)])
+        }
+    }
+}
+
+/// The longest `scanf` format judged (a longer one is refused).
+const MAX_FORMAT: usize = 256;
+/// The most conversions one judged `scanf` format may store.
+const MAX_CONVERSIONS: usize = 32;
+/// The fields of a `struct seq_file` its writers change: `buf`, `size`,
+/// `from`, `count`, `pad_until` (6.1 and 6.12 alike).
+const SEQ_FILE_COUNTS: u64 = 40;
+
+/// A format string, up to its NUL or [`MAX_FORMAT`] bytes, a page at a
+/// time: a format near the end of its mapping is read, not refused.
+fn read_format(mut at: u64, read: Read<'_>) -> Option<Vec<u8>> {
+    let mut text = Vec::new();
+    while text.len() < MAX_FORMAT && !text.contains(&0) {
+        let chunk = (MAX_FORMAT - text.len()).min(0x1000 - (at & 0xfff) as usize);
+        text.extend(read(at, chunk)?);
+        at = at.checked_add(chunk as u64)?;
+    }
+    Some(text)
+}
+
+/// Argument `i` of a call (System V: six in registers, then the stack
+/// above the return address).
+fn argument(i: usize, gprs: &[u64; 16], read: Read<'_>) -> Option<u64> {
+    const REGISTERS: [usize; 6] = [RDI, RSI, RDX, RCX, R8, 9];
+    match REGISTERS.get(i) {
+        Some(&r) => Some(gprs[r]),
+        None => {
+            let at = gprs[4].checked_add(8 * (i - REGISTERS.len() + 1) as u64)?;
+            Some(u64::from_le_bytes(read(at, 8)?.try_into().ok()?))
+        }
+    }
+}
+
+/// A System V `va_list`: how far into the saved registers the next
+/// integer argument is, and where the rest are.
+struct VaList {
+    gp_offset: u64,
+    overflow: u64,
+    saved: u64,
+}
+
+impl VaList {
+    fn read(at: u64, read: Read<'_>) -> Option<Self> {
+        let b = read(at, 24)?;
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        let gp_offset = u64::from(u32::from_le_bytes(b[..4].try_into().ok()?));
+        if gp_offset > 48 || gp_offset % 8 != 0 {
+            return None;
+        }
+        Some(VaList { gp_offset, overflow: word(8), saved: word(16) })
+    }
+
+    /// The `i`th integer argument still to come.
+    fn arg(&self, i: usize, read: Read<'_>) -> Option<u64> {
+        let in_registers = (48 - self.gp_offset) / 8;
+        let i = i as u64;
+        let at = if i < in_registers {
+            self.saved.checked_add(self.gp_offset + 8 * i)?
+        } else {
+            self.overflow.checked_add(8 * (i - in_registers))?
+        };
+        Some(u64::from_le_bytes(read(at, 8)?.try_into().ok()?))
+    }
+}
+
+/// The size each stored conversion of a Linux `vsscanf` format writes, in
+/// order; `None` for a format without its NUL within [`MAX_FORMAT`] bytes,
+/// with more than [`MAX_CONVERSIONS`] conversions, or with a conversion
+/// the kernel's `vsscanf` does not take (refused rather than guessed).
+pub fn scan_sizes(format: &[u8]) -> Option<Vec<u64>> {
+    let end = format.iter().position(|&b| b == 0)?;
+    let f = &format[..end];
+    let mut sizes = Vec::new();
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] != b'%' {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        if f.get(i) == Some(&b'%') {
+            i += 1;
+            continue;
+        }
+        let store = f.get(i) != Some(&b'*');
+        if !store {
+            i += 1;
+        }
+        let mut width: Option<u64> = None;
+        while let Some(d) = f.get(i).filter(|c| c.is_ascii_digit()) {
+            width = Some(width.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(d - b'0')));
+            i += 1;
+        }
+        let (integer, qualifier) = match (f.get(i), f.get(i + 1)) {
+            (Some(b'h'), Some(b'h')) => (1, 2),
+            (Some(b'h'), _) => (2, 1),
+            (Some(b'l' | b'L' | b'z' | b'Z'), Some(b'l' | b'L')) => (8, 2),
+            (Some(b'l' | b'L' | b'z' | b'Z'), _) => (8, 1),
+            _ => (4, 0),
+        };
+        i += qualifier;
+        let string = width.map_or(STRING_BOUND, |w| w.saturating_add(1));
+        let size = match f.get(i)? {
+            b'd' | b'i' | b'u' | b'o' | b'x' | b'X' | b'n' => integer,
+            b'c' => width.unwrap_or(1),
+            b's' => string,
+            b'[' => {
+                // The set ends at the next ']', which may come first (or after '^').
+                let mut j = i + 1;
+                if f.get(j) == Some(&b'^') {
+                    j += 1;
+                }
+                j += 1;
+                while f.get(j).is_some_and(|&c| c != b']') {
+                    j += 1;
+                }
+                f.get(j)?;
+                i = j;
+                string
+            }
+            _ => return None,
+        };
+        i += 1;
+        if store {
+            if sizes.len() == MAX_CONVERSIONS {
+                return None;
+            }
+            sizes.push(size);
+        }
+    }
+    Some(sizes)
+}
+
+/// The guest-virtual range a call with these registers writes at
+/// `register`; `None` for a length beyond [`MAX_DESTINATION`] or a range
+/// that wraps (refused).
+fn destination(register: usize, length: Length, gprs: &[u64; 16]) -> Option<Range> {
+    let start = gprs[register];
     let words = |bits: u64| bits.div_ceil(64) * 8;
-    let len = match spec.length {
+    let len = match length {
         Length::Register(r) => gprs[r],
         Length::Fixed(n) => n,
         Length::Twice(r) => gprs[r].checked_mul(2)?,
@@ -145,56 +363,178 @@ pub fn destination(spec: Spec, gprs: &[u64; 16]) -> Option<Range> {
 
 #[cfg(test)]
 mod tests {
+    use alloc::collections::BTreeMap;
+
+    /// The single range of a one-range call, reading nothing.
+    fn one(spec: Spec, gprs: &[u64; 16]) -> Option<Range> {
+        let ranges = destinations(spec, gprs, &|_, _| None)?;
+        assert_eq!(ranges.len(), 1);
+        Some(ranges[0])
+    }
+
+    /// Guest memory for a judgement: bytes at addresses.
+    fn memory(parts: &[(u64, &[u8])]) -> BTreeMap<u64, u8> {
+        let mut m = BTreeMap::new();
+        for &(at, bytes) in parts {
+            for (i, &b) in bytes.iter().enumerate() {
+                m.insert(at + i as u64, b);
+            }
+        }
+        m
+    }
+
+    /// Reads as the guest's memory does: all of a range, or nothing. Bytes
+    /// not set read as zero within the page of a set one.
+    fn reader(m: &BTreeMap<u64, u8>) -> impl Fn(u64, usize) -> Option<Vec<u8>> + '_ {
+        |at, len| {
+            let mapped = |a: u64| m.range(a & !0xfff..(a & !0xfff) + 0x1000).next().is_some();
+            (at..at + len as u64).map(|a| mapped(a).then(|| m.get(&a).copied().unwrap_or(0))).collect()
+        }
+    }
+
+    #[test]
+    fn scanf_formats_are_read_conversion_by_conversion() {
+        assert_eq!(scan_sizes(b"%d %s\0"), Some(alloc::vec![4, STRING_BOUND]));
+        assert_eq!(scan_sizes(b"%hhx:%hd %lu %llx %zu %5s %3c %*d %% %n\0"), Some(alloc::vec![1, 2, 8, 8, 8, 6, 3, 4]));
+        assert_eq!(scan_sizes(b"%[^]a]%10[a-z]\0"), Some(alloc::vec![STRING_BOUND, 11]));
+        // No NUL, an unknown conversion, an open set, too many: refused.
+        assert_eq!(scan_sizes(b"%d"), None);
+        assert_eq!(scan_sizes(b"%p\0"), None);
+        assert_eq!(scan_sizes(b"%f\0"), None);
+        assert_eq!(scan_sizes(b"%[abc\0"), None);
+        assert_eq!(scan_sizes(b"%d%\0"), None);
+        let many = [&b"%d"[..]; MAX_CONVERSIONS + 1].concat();
+        assert_eq!(scan_sizes(&[&many[..], b"\0"].concat()), None);
+    }
+
+    #[test]
+    fn sscanf_is_judged_by_every_pointer_its_format_consumes() {
+        const FMT: u64 = 0xffff_ffff_c000_1000;
+        const RSP: u64 = 0xffff_c900_0000_3f00;
+        let mut gprs = [0u64; 16];
+        gprs[RSI] = FMT;
+        gprs[4] = RSP;
+        (gprs[RDX], gprs[RCX], gprs[R8], gprs[9]) = (0x1000, 0x2000, 0x3000, 0x4000);
+        // The fifth and sixth pointers are on the stack, above the return address.
+        let m = memory(&[
+            (FMT, b"%d %d %d %d %8s %hhu\0"),
+            (RSP + 8, &0x5000u64.to_le_bytes()),
+            (RSP + 16, &0xffff_ffff_8290_0000u64.to_le_bytes()),
+        ]);
+        let got = destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)).unwrap();
+        let starts: Vec<(u64, u64)> = got.iter().map(|r| (r.start, r.len())).collect();
+        assert_eq!(
+            starts,
+            [(0x1000, 4), (0x2000, 4), (0x3000, 4), (0x4000, 4), (0x5000, 9), (0xffff_ffff_8290_0000, 1)]
+        );
+        // A format that ends just before an unmapped page is read all the same.
+        let end = FMT + 0x1000 - 4;
+        gprs[RSI] = end;
+        let m = memory(&[(end, b"%d\0")]);
+        assert_eq!(
+            destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)),
+            Some(alloc::vec![Range::new(0x1000, 0x1004)])
+        );
+        gprs[RSI] = FMT;
+        // A pointer beyond the mapped stack: refused.
+        gprs[4] = 0xffff_c900_0000_3ff0;
+        let m = memory(&[(FMT, b"%d %d %d %d %d %d\0"), (gprs[4] + 8, &0x5000u64.to_le_bytes())]);
+        assert_eq!(destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), None);
+    }
+
+    #[test]
+    fn vsscanf_reads_its_pointers_from_the_va_list() {
+        const FMT: u64 = 0xffff_ffff_c000_1000;
+        const VA: u64 = 0xffff_c900_0000_3e00;
+        const SAVED: u64 = 0xffff_c900_0000_3d00;
+        const OVERFLOW: u64 = 0xffff_c900_0000_3f10;
+        let mut gprs = [0u64; 16];
+        (gprs[RSI], gprs[RDX]) = (FMT, VA);
+        // Two integer registers were used for fixed arguments (gp_offset 16).
+        let mut va = Vec::new();
+        va.extend_from_slice(&16u32.to_le_bytes());
+        va.extend_from_slice(&48u32.to_le_bytes());
+        va.extend_from_slice(&OVERFLOW.to_le_bytes());
+        va.extend_from_slice(&SAVED.to_le_bytes());
+        let saved: Vec<u8> = (0..6u64).flat_map(|i| (0x1000 * i).to_le_bytes()).collect();
+        let m = memory(&[(FMT, b"%d %d %d %d %d\0"), (VA, &va), (SAVED, &saved), (OVERFLOW, &0x9000u64.to_le_bytes())]);
+        let got = destinations(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)).unwrap();
+        let starts: Vec<u64> = got.iter().map(|r| r.start).collect();
+        assert_eq!(starts, [0x2000, 0x3000, 0x4000, 0x5000, 0x9000]);
+        // A va_list that does not look like one: refused.
+        let mut bad = va.clone();
+        bad[0] = 52;
+        let m = memory(&[(FMT, b"%d\0"), (VA, &bad)]);
+        assert_eq!(destinations(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)), None);
+    }
+
+    #[test]
+    fn seq_file_writers_are_judged_by_the_file_and_its_buffer() {
+        const FILE: u64 = 0xffff_c900_0000_3f00;
+        let mut gprs = [0u64; 16];
+        gprs[RDI] = FILE;
+        let mut fields = 0xffff_ffff_8290_0040u64.to_le_bytes().to_vec();
+        fields.extend_from_slice(&256u64.to_le_bytes());
+        let m = memory(&[(FILE, &fields)]);
+        let got = destinations(spec(b"seq_printf").unwrap(), &gprs, &reader(&m)).unwrap();
+        assert_eq!(
+            got,
+            [Range::new(FILE, FILE + SEQ_FILE_COUNTS), Range::new(0xffff_ffff_8290_0040, 0xffff_ffff_8290_0140)]
+        );
+        // A buffer too big to judge, or a file that cannot be read: refused.
+        fields[8..].copy_from_slice(&(MAX_DESTINATION + 1).to_le_bytes());
+        let m = memory(&[(FILE, &fields)]);
+        assert_eq!(destinations(spec(b"seq_puts").unwrap(), &gprs, &reader(&m)), None);
+        assert_eq!(destinations(spec(b"seq_putc").unwrap(), &gprs, &|_, _| None), None);
+    }
+
     use super::*;
 
     #[test]
-    fn write_through_functions_are_judged_by_their_destination() {
+    fn write_through_functions_are_judged_by_their_one() {
         let mut gprs = [0u64; 16];
         gprs[RDI] = 0xffff_ffff_8290_0040;
         gprs[RDX] = 16;
         let memcpy = spec(b"memcpy").unwrap();
-        assert_eq!(destination(memcpy, &gprs), Some(Range::new(0xffff_ffff_8290_0040, 0xffff_ffff_8290_0050)));
+        assert_eq!(one(memcpy, &gprs), Some(Range::new(0xffff_ffff_8290_0040, 0xffff_ffff_8290_0050)));
         let kobject = spec(b"kobject_del").unwrap();
-        assert_eq!(destination(kobject, &gprs).map(|r| r.len()), Some(64));
-        assert_eq!(destination(spec(b"strcpy").unwrap(), &gprs).map(|r| r.len()), Some(0x1000));
+        assert_eq!(one(kobject, &gprs).map(|r| r.len()), Some(64));
+        assert_eq!(one(spec(b"strcpy").unwrap(), &gprs).map(|r| r.len()), Some(0x1000));
         for name in [&b"printk"[..], b"kmalloc", b"memcmp", b"strlen"] {
             assert_eq!(spec(name), None);
         }
         // The printf family by its size argument, the parsers by their result.
         gprs[RSI] = 256;
-        assert_eq!(destination(spec(b"snprintf").unwrap(), &gprs).map(|r| r.len()), Some(256));
+        assert_eq!(one(spec(b"snprintf").unwrap(), &gprs).map(|r| r.len()), Some(256));
         gprs[RDX] = 0xffff_8880_0000_1000;
         assert_eq!(
-            destination(spec(b"kstrtouint").unwrap(), &gprs),
+            one(spec(b"kstrtouint").unwrap(), &gprs),
             Some(Range::new(0xffff_8880_0000_1000, 0xffff_8880_0000_1008))
         );
         gprs[RCX] = 0xffff_8880_0000_2000;
-        assert_eq!(
-            destination(spec(b"kstrtoint_from_user").unwrap(), &gprs).map(|r| r.start),
-            Some(0xffff_8880_0000_2000)
-        );
-        assert_eq!(destination(spec(b"kstrtobool").unwrap(), &gprs).map(|r| r.start), Some(256));
+        assert_eq!(one(spec(b"kstrtoint_from_user").unwrap(), &gprs).map(|r| r.start), Some(0xffff_8880_0000_2000));
+        assert_eq!(one(spec(b"kstrtobool").unwrap(), &gprs).map(|r| r.start), Some(256));
         gprs[RDX] = 16;
         // bin2hex writes two digits a byte; bitmaps whole words, by their bit count.
         gprs[RDI] = 0xffff_8880_0000_3000;
-        assert_eq!(destination(spec(b"bin2hex").unwrap(), &gprs).map(|r| r.len()), Some(32));
+        assert_eq!(one(spec(b"bin2hex").unwrap(), &gprs).map(|r| r.len()), Some(32));
         gprs[RDX] = 0xdead_0000_0000_0041; // an unsigned int: the upper half is not the caller's
-        assert_eq!(destination(spec(b"__bitmap_complement").unwrap(), &gprs).map(|r| r.len()), Some(16));
+        assert_eq!(one(spec(b"__bitmap_complement").unwrap(), &gprs).map(|r| r.len()), Some(16));
         for (start, len, bytes) in [(0u64, 8u64, 8u64), (60, 8, 16), (130, 0, 24), (0, u64::from(u32::MAX), 8)] {
             (gprs[RSI], gprs[RDX]) = (start, len);
-            let got = destination(spec(b"__bitmap_set").unwrap(), &gprs);
+            let got = one(spec(b"__bitmap_set").unwrap(), &gprs);
             assert_eq!(got, Some(Range::new(gprs[RDI], gprs[RDI] + bytes)), "{start} {len}");
         }
         gprs[R8] = 100;
-        assert_eq!(destination(spec(b"__bitmap_replace").unwrap(), &gprs).map(|r| r.len()), Some(16));
+        assert_eq!(one(spec(b"__bitmap_replace").unwrap(), &gprs).map(|r| r.len()), Some(16));
         gprs[RDX] = u64::MAX;
-        assert_eq!(destination(spec(b"bin2hex").unwrap(), &gprs), None, "overflowing");
+        assert_eq!(one(spec(b"bin2hex").unwrap(), &gprs), None, "overflowing");
         gprs[RDX] = 16;
         // Too long, or wrapping: refused.
         gprs[RDX] = MAX_DESTINATION + 1;
-        assert_eq!(destination(memcpy, &gprs), None);
+        assert_eq!(one(memcpy, &gprs), None);
         gprs[RDI] = u64::MAX - 4;
         gprs[RDX] = 16;
-        assert_eq!(destination(memcpy, &gprs), None);
+        assert_eq!(one(memcpy, &gprs), None);
     }
 }

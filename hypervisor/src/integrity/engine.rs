@@ -721,12 +721,11 @@ impl Engine {
     }
 
     /// For a branch to a write-through kernel function (see [`super::deputy`]):
-    /// the guest-virtual range it would write, or `Some(None)` when that
-    /// range is too long to judge. `None` for any other target.
-    pub fn deputy_destination(&self, target: u64, gprs: &[u64; 16]) -> Option<Option<Range>> {
+    /// what it writes. `None` for any other target.
+    pub fn deputy_spec(&self, target: u64) -> Option<super::deputy::Spec> {
         let deputies = &self.layout.as_ref()?.deputies;
         let i = deputies.binary_search_by_key(&target, |d| d.0).ok()?;
-        Some(super::deputy::destination(deputies[i].1, gprs))
+        Some(deputies[i].1)
     }
 
     /// Whether module `m` may itself write `bytes` (guest-physical, on one
@@ -748,7 +747,9 @@ impl Engine {
     /// deputy. Refused in enforce mode; in audit mode reported, and the
     /// call judged as any other.
     pub fn deputy_refused(&mut self, fault: &Fault, m: u32, at: u64) -> Outcome {
-        let deny = self.refusal(fault, m, false, fault.gva);
+        // Write-through functions are exports returning a count, a status
+        // or their destination, never checked for NULL: -EPERM.
+        let deny = if self.is_call_from(fault, m, false) { Step::ReturnError } else { Step::Fault };
         // Reported at the module's call site.
         let call_site = fault.stack[0].filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip);
         let site = Fault { rip: call_site, ..*fault };
@@ -1136,19 +1137,41 @@ impl Engine {
         }
     }
 
+    /// Whether a transfer is a call module `m` made, which a refusal can
+    /// return from: its return address, on top of the stack, is the
+    /// module's code.
+    fn is_call_from(&self, fault: &Fault, m: u32, pop: bool) -> bool {
+        !pop && fault.stack[0].is_some_and(|a| self.is_code_of(m, a))
+    }
+
     /// How a refused transfer out of module `m` to `target` ends: a call
-    /// returns the callee's own failure value to the module (NULL for the
-    /// exports that fail with NULL, so that a caller checking for it goes
-    /// on cleanly, else -EPERM); anything else (a return, a jump) faults.
+    /// returns the callee's own failure value to the module; anything else
+    /// (a return, a jump) faults.
+    ///
+    /// An export's convention is known from its name: NULL for the ones
+    /// that fail with NULL, so that a caller checking for it goes on
+    /// cleanly, else -EPERM. Any other target (a kernel function that is
+    /// not exported, such as `kallsyms_lookup_name` found through a kprobe,
+    /// the middle of a function, data) has no convention a caller could
+    /// rely on, and a caller that reached it for an address checks for 0:
+    /// it gets 0, which no caller can take for a valid pointer, where
+    /// -EPERM would pass its check and turn into a wild one.
     fn refusal(&self, fault: &Fault, m: u32, pop: bool, target: u64) -> Step {
-        if pop || !fault.stack[0].is_some_and(|a| self.is_code_of(m, a)) {
+        if !self.is_call_from(fault, m, pop) {
             return Step::Fault;
         }
-        let null = self.layout.as_ref().is_some_and(|l| l.null_on_failure.binary_search(&target).is_ok());
-        if null {
-            Step::ReturnNull
-        } else {
+        let Some(layout) = self.layout.as_ref() else { return Step::ReturnNull };
+        if layout.null_on_failure.binary_search(&target).is_ok() {
+            return Step::ReturnNull;
+        }
+        let exported = layout.entries.binary_search(&target).is_ok()
+            || self
+                .module_with_code(target)
+                .is_some_and(|o| self.modules.get(&o).is_some_and(|md| md.info.entries.binary_search(&target).is_ok()));
+        if exported {
             Step::ReturnError
+        } else {
+            Step::ReturnNull
         }
     }
 
@@ -1350,14 +1373,16 @@ mod tests {
             ),
             // Module → kernel: exported function yes, mid-function or denied API no.
             (m, Access::Execute, TEXT_GPA, PRINTK, Step::Switch(View::Kernel), None),
-            (m, Access::Execute, TEXT_GPA, PRINTK + 5, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
+            // Code that is no export has no return convention a caller could
+            // know: the refusal returns 0, never an error taken for an address.
+            (m, Access::Execute, TEXT_GPA, PRINTK + 5, Step::ReturnNull, Some(ViolationKind::CallNonEntry)),
             (m, Access::Execute, TEXT_GPA, SET_MEMORY_RW, Step::ReturnError, Some(ViolationKind::CallDeniedApi)),
             // A refused lookup returns what a failed one does, NULL, not an error a caller takes for an address.
             (m, Access::Execute, TEXT_GPA, LOOKUP, Step::ReturnNull, Some(ViolationKind::CallDeniedApi)),
-            (m, Access::Execute, TEXT_GPA, TEXT + 0x9999, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
-            (m, Access::Execute, HEAP_GPA, 0xffff_8880_0000_0000, Step::ReturnError, Some(ViolationKind::ExecuteData)),
+            (m, Access::Execute, TEXT_GPA, TEXT + 0x9999, Step::ReturnNull, Some(ViolationKind::CallNonEntry)),
+            (m, Access::Execute, HEAP_GPA, 0xffff_8880_0000_0000, Step::ReturnNull, Some(ViolationKind::ExecuteData)),
             // An interrupt handler is no entry: only an event being delivered makes it one.
-            (m, Access::Execute, TEXT_GPA, IRQ_HANDLER, Step::ReturnError, Some(ViolationKind::CallNonEntry)),
+            (m, Access::Execute, TEXT_GPA, IRQ_HANDLER, Step::ReturnNull, Some(ViolationKind::CallNonEntry)),
             // Module data accesses: reads granted read-only, heap writes granted, protected writes refused.
             (m, Access::Read, TEXT_GPA, TEXT, Step::Grant(Perms::READ), None),
             (m, Access::Read, HEAP_GPA, 0xffff_8880_0000_0000, Step::Grant(Perms::READ), None),
@@ -1844,13 +1869,14 @@ mod tests {
         let back = at_rsp(fault(View::Kernel, Access::Execute, MOD_CODE_GPA, module_ret, 0), STACK + 8);
         assert_eq!(e.decide(&back).step, Step::Switch(m));
         // To the middle of a function, or a denied API: refused, reported
-        // with the real target, and the call gets an error back.
+        // with the real target, and the call gets 0 (no export's
+        // convention) or an error back.
         let out = e.decide(&thunk_fault(id, THUNK_RAX, PRINTK + 4, module_ret));
-        assert_eq!(out.step, Step::ReturnError);
+        assert_eq!(out.step, Step::ReturnNull);
         let v = out.violation.unwrap();
         assert_eq!((v.kind, v.target, v.rip), (ViolationKind::CallNonEntry, PRINTK + 4, module_ret));
         let out = e.decide(&thunk_fault(id, THUNK_RAX, SET_MEMORY_RW, module_ret));
-        assert_eq!(out.violation.map(|v| v.kind), Some(ViolationKind::CallDeniedApi));
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::ReturnError, Some(ViolationKind::CallDeniedApi)));
         let out = e.decide(&thunk_fault(id, THUNK_RAX, LOOKUP, module_ret));
         assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::ReturnNull, Some(ViolationKind::CallDeniedApi)));
         // To the module's own code: no crossing at all.

@@ -3,17 +3,20 @@
 //! - [`cpuset`]: sets of CPUs and the `cpus=` syntax.
 //! - [`exclusive`]: one vCPU running its guest alone, while it is out of
 //!   the kernel's integrity view or has a page opened.
+//! - [`park`]: every other CPU out of VMX before the machine is handed
+//!   back (power-off, tboot's shutdown).
 //! - [`signal`]: the cross-CPU signal (NMI) and the publish/catch-up
 //!   protocol behind shootdowns: a change made in shared memory reaches
 //!   every CPU before that CPU runs guest code again.
 //! - [`startup`]: the guest's INIT, start-up and NMI IPIs as events in the
 //!   target vCPU's mailbox, and the SDM's start-up state machine.
 //!
-//! Only the sending of NMIs and start-up IPIs, INVEPT and the VMCS writes
-//! are arch code (`arch::x86_64`, `vmm`).
+//! Only the sending of NMIs and start-up IPIs, INVEPT, the VMCS writes,
+//! VMXOFF and the halting are arch code (`arch::x86_64`, `vmm`).
 
 pub mod cpuset;
 pub mod exclusive;
+pub mod park;
 pub mod signal;
 pub mod startup;
 
@@ -21,12 +24,16 @@ use crate::mm::frames::Region;
 
 pub use cpuset::{CpuSet, MAX_CPUS};
 pub use exclusive::Exclusive;
+pub use park::{Park, Parked};
 pub use signal::{Round, Signals};
 pub use startup::{Activity, Mailbox, VcpuEvent};
 
 /// The machine's CPUs' signals (the hypervisor's NMIs and the epoch they
 /// catch up with).
 pub static SIGNALS: Signals = Signals::new();
+
+/// The request that takes the other CPUs out of VMX at power-off.
+pub static PARK: Park = Park::new();
 
 /// The page for the APs' real-mode trampoline: the lowest 4 KiB page below
 /// 1 MiB, past the real-mode interrupt table's, that `ram` holds whole and

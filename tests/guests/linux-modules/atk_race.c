@@ -9,11 +9,10 @@
  *  - it watches one of the static key's patch sites in kernel text
  *    (counting the times it saw CPU 0's text_poke change it) and, every
  *    round, writes ud2 over the site through a writable alias, calls into
- *    the site (the middle of a kernel function), and has the kernel set
- *    the site's first byte to 0xff through the alias (sscanf, whose
- *    destinations the hypervisor cannot judge by its arguments, since the
- *    format decides how many there are: the kernel's view writes the site,
- *    as text_poke does on CPU 0 while the page is opened for it);
+ *    the site (the middle of a kernel function), and asks the kernel to
+ *    set the site's first byte to 0xff through the alias (sscanf, whose
+ *    destinations the hypervisor reads from its format and its pointers
+ *    at the call, while CPU 0's text_poke has the page opened for it);
  *  - it writes over a variable in race_peer's data (a page granted to
  *    race_peer's view) and calls into the middle of one of race_peer's
  *    functions, at the addresses race_peer leaves in the heap page, with

@@ -36,7 +36,7 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
-    mm_cachep kmem_cache kmem_cache_node modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x"
+    mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -266,7 +266,7 @@ integrity_tests() {
     say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
     attack atk_deputy modprobe=$(sym modprobe_path)
     say "after atk_deputy: modprobe path $(cat /proc/sys/kernel/modprobe), $(ls -d /sys/module/ifb 2>/dev/null | wc -l) ifb in /sys/module"
-    attack atk_lookup
+    attack atk_lookup kln=$(sym kallsyms_lookup_name)
     # Page tables: the kernel's, this process's, and a CR3 of its own.
     attack atk_pgtable
     # A process forked after the last walk: its top-level table, listed but

@@ -17,6 +17,8 @@ pub mod lapic;
 #[cfg(target_os = "none")]
 pub mod mmio;
 #[cfg(target_os = "none")]
+pub mod park;
+#[cfg(target_os = "none")]
 pub mod percpu;
 #[cfg(target_os = "none")]
 pub mod platform;

@@ -396,10 +396,12 @@ fn start_iommu(
     }
 }
 
-/// Ends the run: reports the last DMA faults, shuts the platform TPM down
-/// in order, then powers off (or halts) with `code`. After a measured
-/// launch, tboot ends it instead (see [`tboot_shutdown`]).
+/// Ends the run: takes every other CPU out of VMX (see `park`), reports
+/// the last DMA faults, shuts the platform TPM down in order, leaves VMX,
+/// then powers off (or halts) with `code`. After a measured launch, tboot
+/// ends it instead (see [`tboot_shutdown`]).
 pub fn power_off(code: u8) -> ! {
+    super::park::others();
     iommu::report_faults();
     if let Some(chip) = PLATFORM_TPM.lock().as_mut() {
         if let PlatformTpm::V2(t) = chip {
@@ -416,6 +418,7 @@ pub fn power_off(code: u8) -> ! {
     if let Some(shared) = TBOOT.lock().clone() {
         tboot_shutdown(&shared, tboot::Shutdown::Halt);
     }
+    super::vmx::enable::leave();
     power::stop_machine(code)
 }
 

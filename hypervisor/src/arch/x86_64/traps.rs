@@ -134,10 +134,15 @@ pub static NMI_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::Atomic
 #[no_mangle]
 extern "C" fn ctvm_nmi_in_hypervisor() {
     NMI_COUNT.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    let this = super::percpu::try_current();
+    // A CPU out of VMX for good: back to its HLT, nothing else.
+    if this.is_some_and(|p| crate::smp::PARK.parked(p.index)) {
+        return;
+    }
     if super::power::stopping() {
         super::cpu::halt_forever();
     }
-    if let Some(p) = super::percpu::try_current() {
+    if let Some(p) = this {
         crate::smp::SIGNALS.nmi_in_hypervisor(p.index);
     }
 }

@@ -4,7 +4,7 @@ use core::fmt;
 
 use super::caps::{feature_control, msr, Controls, Missing, VmxMsrs};
 use super::vmcs::Region;
-use crate::arch::x86_64::cpu;
+use crate::arch::x86_64::{cpu, percpu};
 
 /// VMX as this processor offers it, switched on.
 pub struct Vmx {
@@ -49,15 +49,39 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 /// Whether the boot CPU is in VMX root operation.
 static IN_VMX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Leaves VMX operation on the boot CPU, if it is in it: before tboot's
-/// shutdown entry, which leaves the measured environment. (The APs are
-/// not taken out of VMX: tboot with more than one CPU under CTVM is not
-/// supported yet.)
+const CR4_VMXE: u64 = 1 << 13;
+
+/// Leaves VMX operation on the boot CPU, if it is in it: at power-off and
+/// before tboot's shutdown entry, which leaves the measured environment
+/// (the other CPUs left already: `arch::x86_64::park`).
 pub fn leave() {
     if IN_VMX.swap(false, core::sync::atomic::Ordering::SeqCst) {
         // SAFETY: in VMX root operation (the flag says so); no guest runs
         // again after this.
-        let _ = unsafe { x86::bits64::vmx::vmxoff() };
+        unsafe { off_here() };
+    }
+}
+
+/// Leaves VMX operation on this CPU: the current VMCS cleared (its state
+/// written back, none left active on the CPU), VMXOFF, then CR4.VMXE
+/// cleared, so INIT reaches the CPU again and nothing after CTVM finds
+/// VMX half on.
+///
+/// # Safety
+/// The CPU is in VMX root operation and runs no guest after this.
+pub unsafe fn off_here() {
+    use x86::bits64::vmx;
+    // SAFETY: in VMX root operation (the caller's word): VMPTRST and
+    // VMCLEAR of the current VMCS, then VMXOFF; CR4.VMXE may be cleared
+    // outside VMX operation.
+    unsafe {
+        if let Ok(current) = vmx::vmptrst() {
+            if current != u64::MAX {
+                let _ = vmx::vmclear(current);
+            }
+        }
+        let _ = vmx::vmxoff();
+        cpu::write_cr4(cpu::read_cr4() & !CR4_VMXE);
     }
 }
 
@@ -81,6 +105,7 @@ pub fn enable() -> Result<Vmx, VmxError> {
     let vmx = Vmx { msrs, controls, physical_bits, xcr0_offered };
     vmxon(&vmx)?;
     IN_VMX.store(true, core::sync::atomic::Ordering::SeqCst);
+    crate::smp::PARK.entered_vmx(percpu::current().index);
     Ok(vmx)
 }
 
@@ -93,7 +118,10 @@ pub fn enable_ap(vmx: &Vmx) -> Result<(), VmxError> {
     if msrs != vmx.msrs {
         return Err(VmxError::Different);
     }
-    vmxon(vmx)
+    vmxon(vmx)?;
+    // From now on it must leave VMX before the machine is handed back.
+    crate::smp::PARK.entered_vmx(percpu::current().index);
+    Ok(())
 }
 
 /// VMX on in IA32_FEATURE_CONTROL (set and locked if the firmware left it open).
