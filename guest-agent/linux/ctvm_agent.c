@@ -443,6 +443,58 @@ static const struct proc_ops violations_proc = {
 	.proc_release = seq_release,
 };
 
+/*
+ * /proc/ctvm_event_log: the measured-launch event log as CTVM keeps it now.
+ * Linux copies the ACPI log area once, when its TPM driver probes, so
+ * binary_bios_measurements ends before the events CTVM measures later: the
+ * lock event in PCR 11 above all, which a quote of a protected guest must
+ * replay to. Each open takes a fresh copy (the log is public: a quote, not
+ * this file, is what a verifier trusts).
+ */
+#define EVENT_LOG_MAX (64 * 1024)
+
+struct event_log_copy {
+	size_t len;
+	char data[];
+};
+
+static int event_log_open(struct inode *inode, struct file *file)
+{
+	struct event_log_copy *copy = kvmalloc(sizeof(*copy) + EVENT_LOG_MAX, GFP_KERNEL);
+	long total;
+
+	if (!copy)
+		return -ENOMEM;
+	total = ctvm_call(CTVM_CALL_EVENT_LOG_READ, (unsigned long)copy->data, EVENT_LOG_MAX, 0, 0);
+	if (total < 0 || total > EVENT_LOG_MAX) {
+		kvfree(copy);
+		return total < 0 ? -EIO : -EFBIG;
+	}
+	copy->len = total;
+	file->private_data = copy;
+	return 0;
+}
+
+static ssize_t event_log_read(struct file *file, char __user *buf, size_t count, loff_t *pos)
+{
+	struct event_log_copy *copy = file->private_data;
+
+	return simple_read_from_buffer(buf, count, pos, copy->data, copy->len);
+}
+
+static int event_log_release(struct inode *inode, struct file *file)
+{
+	kvfree(file->private_data);
+	return 0;
+}
+
+static const struct proc_ops event_log_proc = {
+	.proc_open = event_log_open,
+	.proc_read = event_log_read,
+	.proc_lseek = default_llseek,
+	.proc_release = event_log_release,
+};
+
 /* Where a slab's head struct page holds its kmem_cache (struct slab is
  * private to mm/): found on an object of a cache of our own. 0 if not. */
 static u32 slab_cache_offset(void)
@@ -588,6 +640,8 @@ static int __init ctvm_agent_init(void)
 	if (!(caps & CTVM_CAP_INTEGRITY)) {
 		/* A guest without integrity views may still need its vTPM store. */
 		if (ctvm_vtpm_store_register(caps) == 0) {
+			if (caps & CTVM_CAP_EVENT_LOG)
+				proc_create("ctvm_event_log", 0400, NULL, &event_log_proc);
 			__module_get(THIS_MODULE);
 			pr_info("ctvm: agent ready; vTPM store only (no integrity views for this guest)\n");
 			return 0;
@@ -676,6 +730,8 @@ static int __init ctvm_agent_init(void)
 	}
 	track(THIS_MODULE, ret);
 	proc_create("ctvm_violations", 0400, NULL, &violations_proc);
+	if (caps & CTVM_CAP_EVENT_LOG)
+		proc_create("ctvm_event_log", 0400, NULL, &event_log_proc);
 	schedule_delayed_work(&drainer, HZ);
 	/* The agent must not go away: hold a reference forever. */
 	__module_get(THIS_MODULE);

@@ -464,6 +464,7 @@ pub fn c_header() -> alloc::string::String {
         writeln!(h, "#ifndef CTVM_ABI_H\n#define CTVM_ABI_H\n#include <linux/types.h>\n#include <linux/build_bug.h>\n");
     let _ = writeln!(h, "#define CTVM_ABI_VERSION {:#x}", crate::ABI_VERSION);
     let _ = writeln!(h, "#define CTVM_CAP_INTEGRITY {:#x}ULL", crate::Capabilities::INTEGRITY);
+    let _ = writeln!(h, "#define CTVM_CAP_EVENT_LOG {:#x}ULL", crate::Capabilities::EVENT_LOG);
     for (name, call) in [
         ("VERSION", crate::Call::Version),
         ("KERNEL_REGISTER", crate::Call::KernelRegister),
@@ -472,6 +473,7 @@ pub fn c_header() -> alloc::string::String {
         ("MODULE_LIVE", crate::Call::ModuleLive),
         ("MODULE_UNREGISTER", crate::Call::ModuleUnregister),
         ("VIOLATIONS_READ", crate::Call::ViolationsRead),
+        ("EVENT_LOG_READ", crate::Call::EventLogRead),
     ] {
         let _ = writeln!(h, "#define CTVM_CALL_{name} {:#x}", call as u64);
     }

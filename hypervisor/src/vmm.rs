@@ -484,6 +484,9 @@ impl Vm {
                     console::guest_line(&self.name, &line);
                 }
                 info!("guest {} stopped: {reason}", self.name);
+                if let Some(line) = crate::exits::integrity::never_locked(&sh.guest) {
+                    warn!("{line}");
+                }
                 sh.guest.state = RunState::Stopped(reason);
             }
         }

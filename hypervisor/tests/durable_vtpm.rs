@@ -1059,3 +1059,37 @@ fn one_version_table_is_out_at_a_time_through_the_store_channels() {
     let mut anchor = host_on(&chip, &[&blob_a]).anchor("x");
     assert!(anchor.committed("first").is_err());
 }
+
+/// PCR 11 of a durable vTPM is the hypervisor's from its first command:
+/// reserved at every launch (configuration, not in the blob), a guest's
+/// Extend of it through the TIS is refused, and CTVM's lock event reaches
+/// it even while a guest's change waits for the store service.
+#[test]
+fn pcr_11_takes_the_lock_event_and_no_guest_extend() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let extend = |pcr: u32| Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(pcr).bytes(&[0x66; 20]).finish();
+    let read = Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(11).finish();
+    send(&mut vtpm.tis, &read);
+    let before = response(&mut vtpm.tis).unwrap()[10..30].to_vec();
+    send(&mut vtpm.tis, &extend(11));
+    assert_eq!(rc(&response(&mut vtpm.tis).unwrap()), 0x3d, "TPM_BAD_LOCALITY");
+    send(&mut vtpm.tis, &extend(12));
+    assert_eq!(rc(&response(&mut vtpm.tis).unwrap()), 0, "PCR 12 is the guest's");
+    // A change held for the store service; then the agent locks.
+    send(&mut vtpm.tis, &nv_write(0, b"held"));
+    assert!(response(&mut vtpm.tis).is_none());
+    let lock = hypervisor::tpm::config_event::lock_event(vtpm_core::sha1, &[0xa5; 32], IntegrityMode::Enforce);
+    vtpm.measure_event(&lock).expect("measured while the change is held");
+    let events = event_log::parse(vtpm.log.as_bytes()).unwrap();
+    assert_eq!(events.last(), Some(&lock));
+    let mut disk = disk.clone();
+    serve(&mut vtpm.tis, &mut disk);
+    serve(&mut vtpm.tis, &mut disk);
+    assert_eq!(rc(&response(&mut vtpm.tis).expect("released")), 0);
+    send(&mut vtpm.tis, &read);
+    let after = response(&mut vtpm.tis).unwrap()[10..30].to_vec();
+    assert_eq!(after, vtpm_core::sha1(&[&before[..], &lock.digest[..]].concat()), "PCR 11 = old ‖ lock");
+}

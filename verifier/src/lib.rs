@@ -13,14 +13,20 @@
 //!    carries another nonce and fails), and covers PCRs 8, 9, 11 (and 10
 //!    with an IMA list).
 //! 4. `event_log`: the event log replays to every quoted PCR but 10; PCRs
-//!    8, 9 and 11 hold exactly CTVM's launch events.
+//!    8, 9 and 11 hold exactly CTVM's events: in 11 its configuration
+//!    event, then at most its lock event (nothing else: the guest's vTPM
+//!    takes no extend of PCR 11, so whatever replays there is CTVM's).
 //! 5. `ima_list`: IMA's list replays to PCR 10, each line's template hash
 //!    matching its fields.
 //! 6. `kernel`, `initrd`, `cmdline`: the measured digests are the
 //!    manifest's.
 //! 7. `config` (the `ctvm.config v1` event is well formed), `hypervisor`,
-//!    `integrity` (must be `enforce`), `trust`, `policy`, `api`, `vtpm`: the
-//!    security configuration is the manifest's.
+//!    `integrity` (must be `enforce`), `lock` (a guest with integrity
+//!    enforce or audit has CTVM's `ctvm.lock v1` event, measured when its
+//!    agent locked the kernel layout and module isolation began, naming
+//!    the manifest's agent digest and the same mode; with integrity off it
+//!    has none), `trust`, `policy`, `api`, `vtpm`: the security
+//!    configuration is the manifest's.
 //! 8. `ima_allow_list`: every IMA entry's file digest is allowed (when
 //!    the manifest has a list; boot_aggregate is exempt).
 
@@ -56,6 +62,11 @@ pub struct Manifest {
     /// null for none.
     #[serde(default)]
     pub api_sha256: Option<String>,
+    /// SHA-256 `ctvm.policy` pins `ctvm_agent` by (its `sha256=`), which
+    /// the lock event names; null accepts any (the policy's own digest
+    /// already decides which agent could lock).
+    #[serde(default)]
+    pub agent_sha256: Option<String>,
     /// "durable" to require a vTPM whose state survives reboots; null
     /// accepts either.
     #[serde(default)]
@@ -105,6 +116,8 @@ pub struct Verdict {
     pub guest: Option<String>,
     pub quote_kind: Option<QuoteKind>,
     pub config: Option<String>,
+    /// The lock event's text, when PCR 11 has one.
+    pub lock: Option<String>,
 }
 
 impl Verdict {
@@ -173,6 +186,7 @@ pub fn verify(evidence: &Evidence<'_>, manifest: &Manifest, ca_modulus: &[u8], n
         guest: vtpm_trust::ekcert::guest_of(evidence.ek_certificate),
         quote_kind: None,
         config: None,
+        lock: None,
     };
     let outcome = verify_steps(evidence, manifest, ca_modulus, nonce, &mut run, &mut verdict);
     verdict.checks = run.checks;
@@ -271,8 +285,17 @@ fn verify_steps(
             return Err(format!("PCR 9 holds {} events, not CTVM's kernel{}", p9.len(), ["", " and initrd"][want - 1]));
         }
         let p11 = in_pcr(PCR_CONFIG);
-        if p11.len() != 1 || logs::config_text(p11[0]).is_none() {
-            return Err(format!("PCR 11 holds {} events, not CTVM's one configuration event", p11.len()));
+        let ctvm = |e: &Event, prefix: &str| logs::config_text(e).is_some_and(|t| t.starts_with(prefix));
+        let shaped = match p11.as_slice() {
+            [config] => ctvm(config, CONFIG_PREFIX),
+            [config, lock] => ctvm(config, CONFIG_PREFIX) && ctvm(lock, LOCK_PREFIX),
+            _ => false,
+        };
+        if !shaped {
+            return Err(format!(
+                "PCR 11 holds {} events, not CTVM's configuration event and at most its lock event",
+                p11.len()
+            ));
         }
         Ok(())
     };
@@ -338,7 +361,8 @@ fn verify_steps(
     )?;
 
     // 7. The security configuration.
-    let config_event = in_pcr(PCR_CONFIG)[0];
+    let p11 = in_pcr(PCR_CONFIG);
+    let config_event = p11[0];
     let text = logs::config_text(config_event).unwrap_or_default();
     verdict.config = Some(text.to_string());
     let fields = match parse_config(text) {
@@ -366,6 +390,9 @@ fn verify_steps(
             other => Err(format!("run-time integrity is {other:?}, it must be \"enforce\"")),
         },
     )?;
+    let lock = p11.get(1).copied();
+    verdict.lock = lock.and_then(logs::config_text).map(str::to_string);
+    run.check("lock", check_lock(field("integrity"), lock, m))?;
     let mut want_trust: Vec<&str> = m.trust.iter().map(String::as_str).collect();
     want_trust.sort_unstable();
     want_trust.dedup();
@@ -415,6 +442,49 @@ fn verify_steps(
         )?;
     }
     Ok(())
+}
+
+/// The configuration text's first word and version.
+const CONFIG_PREFIX: &str = "ctvm.config v1 ";
+/// The lock text's.
+const LOCK_PREFIX: &str = "ctvm.lock v1 ";
+
+/// The `lock` check: a guest with run-time integrity must show CTVM's lock
+/// event, `ctvm.lock v1 agent=<sha256> mode=<its integrity>`, digest the
+/// SHA-1 of that text, agent the manifest's (when it names one); a guest
+/// without must show none.
+fn check_lock(integrity: &str, lock: Option<&Event>, m: &Manifest) -> Result<String, String> {
+    let Some(event) = lock else {
+        return match integrity {
+            "off" => Ok("integrity=off: no lock event, as expected".into()),
+            mode => Err(format!(
+                "integrity={mode} but the agent never locked: PCR 11 holds no ctvm.lock event, so the guest ran \
+                 without module isolation (its agent did not load, or failed) when it quoted"
+            )),
+        };
+    };
+    let text = logs::config_text(event).unwrap_or_default();
+    if integrity == "off" {
+        return Err(format!("integrity=off but PCR 11 holds a lock event: {text:?}"));
+    }
+    if sha1(&[text.as_bytes()]) != event.digest {
+        return Err("the lock event's digest is not the SHA-1 of its text".into());
+    }
+    let fields: Vec<(&str, &str)> =
+        text.strip_prefix(LOCK_PREFIX).unwrap_or_default().split(' ').filter_map(|f| f.split_once('=')).collect();
+    let (agent, mode) = match fields.as_slice() {
+        [("agent", a), ("mode", m)] if a.len() == 64 && a.bytes().all(|b| b.is_ascii_hexdigit()) => (*a, *m),
+        _ => return Err(format!("the lock event is not `ctvm.lock v1 agent=<sha256> mode=<mode>`: {text:?}")),
+    };
+    if mode != integrity {
+        return Err(format!("the lock event says mode={mode}, the configuration integrity={integrity}"));
+    }
+    if let Some(want) = m.agent_sha256.as_deref().map(str::to_ascii_lowercase) {
+        if agent != want {
+            return Err(format!("the agent that locked is {agent}, not the manifest's {want}"));
+        }
+    }
+    Ok(text.to_string())
 }
 
 /// SHA-256 in hex, for manifests (hypervisor image, policy module).

@@ -21,7 +21,7 @@ use ctvm_verify::logs::ima_ng_line;
 use ctvm_verify::tpm::{format_pcrvals, TpmPubKey};
 use ctvm_verify::{privacy_ca, verify, Evidence, Manifest, Verdict};
 use hypervisor::devices::tis::TpmBackend;
-use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+use hypervisor::tpm::config_event::{config_event, lock_event, IntegrityMode, SecurityConfig};
 use hypervisor::tpm::{engine, launch_measurements, GuestTpm};
 use tpm12::*;
 use vtpm_trust::ekcert::{self, CaKey};
@@ -35,6 +35,8 @@ const INITRD: &[u8] = b"an initramfs";
 const API_POLICY: [u8; 32] = [0x5a; 32];
 const CMDLINE: &[u8] = b"console=ttyS0 ima_policy=tcb";
 const HYPERVISOR: [u8; 32] = [0xc7; 32];
+/// The digest `ctvm.policy` pins the agent by.
+const AGENT: [u8; 32] = [0xa9; 32];
 const NOT_BEFORE: u64 = 1_767_225_600;
 
 /// The guest's view of its vTPM: commands through the TIS backend.
@@ -104,24 +106,22 @@ fn manifest() -> Manifest {
         trust: vec!["ctvm_agent".into()],
         policy_sha256: None,
         api_sha256: Some(ctvm_verify::tpm::hex(&API_POLICY)),
+        agent_sha256: Some(ctvm_verify::tpm::hex(&AGENT)),
         vtpm: None,
         ima_allow: Some(vec![sha1hex(b"/sbin/init"), format!("sha1:{}", sha1hex(b"/bin/sh"))]),
     }
 }
 
-/// A guest's whole life up to its quote. `activate_with` names the AIK
-/// the challenge is built for (another guest's, to model a stolen one).
+/// A guest's whole life up to its quote, its agent locking when it has
+/// run-time integrity (as the real agent does when it loads).
 fn attest(name: &str, integrity: IntegrityMode, ima: &str) -> Run {
-    // The hypervisor at the guest's first boot.
-    let ca = CaKey::derive(&SECRET);
-    let mut chip = engine::guest_tpm(name, Some(SECRET), vtpm_server::platform::OsPlatform::new);
-    let ek = chip.endorsement_modulus().unwrap();
-    let cert = ca.issue_ek_certificate(&ek, name, NOT_BEFORE).unwrap();
-    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &ekcert::nv_stored_cert(&cert).unwrap())
-        .unwrap();
-    chip.lock_nv();
-    let mut guest = GuestTpm::new(engine::backend(chip));
-    guest.measure_launch(&launch_measurements(vtpm_core::sha1, KERNEL, CMDLINE, Some(INITRD))).unwrap();
+    let locks: &[([u8; 32], IntegrityMode)] = if integrity == IntegrityMode::Off { &[] } else { &[(AGENT, integrity)] };
+    attest_with(name, integrity, ima, locks)
+}
+
+/// The vTPM as CTVM launches it: PCR 11 reserved, the launch and the
+/// configuration measured.
+fn launch(chip: vtpm_core::Tpm<vtpm_server::platform::OsPlatform>, integrity: IntegrityMode) -> GuestTpm {
     let cfg = SecurityConfig {
         hypervisor: HYPERVISOR,
         integrity,
@@ -130,7 +130,30 @@ fn attest(name: &str, integrity: IntegrityMode, ima: &str) -> Run {
         api: Some(API_POLICY),
         vtpm_durable: false,
     };
-    guest.measure_event(&config_event(vtpm_core::sha1, &cfg)).unwrap();
+    GuestTpm::launch(
+        hypervisor::tpm::setup::Prepared::Volatile(chip),
+        &launch_measurements(vtpm_core::sha1, KERNEL, CMDLINE, Some(INITRD)),
+        &config_event(vtpm_core::sha1, &cfg),
+    )
+    .unwrap()
+}
+
+/// [`attest`], with the lock events CTVM measures: one per (agent digest,
+/// mode) in `locks` (none: the agent never locked).
+fn attest_with(name: &str, integrity: IntegrityMode, ima: &str, locks: &[([u8; 32], IntegrityMode)]) -> Run {
+    // The hypervisor at the guest's first boot.
+    let ca = CaKey::derive(&SECRET);
+    let mut chip = engine::guest_tpm(name, Some(SECRET), vtpm_server::platform::OsPlatform::new);
+    let ek = chip.endorsement_modulus().unwrap();
+    let cert = ca.issue_ek_certificate(&ek, name, NOT_BEFORE).unwrap();
+    chip.provision_nv(ekcert::EK_CERT_NV_INDEX, ekcert::EK_CERT_NV_ATTRIBUTES, &ekcert::nv_stored_cert(&cert).unwrap())
+        .unwrap();
+    chip.lock_nv();
+    let mut guest = launch(chip, integrity);
+    // The agent locks (CTVM measures it at locality 4).
+    for (agent, mode) in locks {
+        guest.measure_event(&lock_event(vtpm_core::sha1, agent, *mode)).unwrap();
+    }
     let log = guest.log.as_bytes().to_vec();
 
     // The guest.
@@ -224,6 +247,7 @@ fn accepts_a_guest_that_runs_what_the_manifest_says() {
             "config",
             "hypervisor",
             "integrity",
+            "lock",
             "trust",
             "policy",
             "api",
@@ -459,4 +483,84 @@ fn the_command_line_decides_like_the_library() {
     assert_eq!(std::fs::read(p("blob")).unwrap().len(), 256, "one RSA-2048 block for ActivateIdentity");
     assert_eq!(cli(&["quote"]).0, Some(2), "missing arguments are a usage error");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The attack this test suite exists for: a guest launched with
+/// integrity=enforce whose agent never locked (root kept it from loading)
+/// must not quote like a protected one.
+#[test]
+fn rejects_a_guest_whose_agent_never_locked() {
+    let run = attest_with("alpha", IntegrityMode::Enforce, &ima_lines(), &[]);
+    let v = run.verify(&manifest());
+    assert_eq!(v.failed, Some("lock"), "{}", v.summary());
+    assert!(v.reason.unwrap().starts_with("integrity=enforce but the agent never locked"));
+    // Root adds the lock event it can compute to the log: PCR 11 does not
+    // replay to it (the guest cannot extend PCR 11).
+    let mut forged = run.clone();
+    let mut log = hypervisor::tpm::event_log::EventLog::new(1 << 16);
+    for e in hypervisor::tpm::event_log::parse(&run.log).unwrap() {
+        log.push(&e).unwrap();
+    }
+    log.push(&lock_event(vtpm_core::sha1, &AGENT, IntegrityMode::Enforce)).unwrap();
+    forged.log = log.as_bytes().to_vec();
+    let v = forged.verify(&manifest());
+    assert_eq!(v.failed, Some("event_log"), "{}", v.summary());
+    assert!(v.reason.unwrap().contains("replays PCR 11"));
+}
+
+#[test]
+fn accepts_the_lock_event_and_reports_it() {
+    let v = accepted().verify(&manifest());
+    assert!(v.accepted, "{}", v.summary());
+    let want = format!("ctvm.lock v1 agent={} mode=enforce", ctvm_verify::tpm::hex(&AGENT));
+    assert_eq!(v.lock.as_deref(), Some(want.as_str()));
+    // A manifest that names no agent accepts any the policy pinned.
+    let mut m = manifest();
+    m.agent_sha256 = None;
+    assert!(accepted().verify(&m).accepted);
+    // Integrity off: exactly the configuration event, no lock.
+    let off = attest("alpha", IntegrityMode::Off, &ima_lines());
+    assert_eq!(off.verify(&manifest()).failed, Some("integrity"));
+}
+
+#[test]
+fn rejects_a_lock_event_that_is_not_the_manifests() {
+    // Another agent locked (the manifest's policy names another digest).
+    let run = attest_with("alpha", IntegrityMode::Enforce, &ima_lines(), &[([0x11; 32], IntegrityMode::Enforce)]);
+    let v = run.verify(&manifest());
+    assert_eq!(v.failed, Some("lock"), "{}", v.summary());
+    assert!(v.reason.unwrap().contains(&ctvm_verify::tpm::hex(&[0x11; 32])));
+    // A lock in another mode than the configuration's.
+    let run = attest_with("alpha", IntegrityMode::Enforce, &ima_lines(), &[(AGENT, IntegrityMode::Audit)]);
+    let v = run.verify(&manifest());
+    assert_eq!(v.failed, Some("lock"), "{}", v.summary());
+    assert!(v.reason.unwrap().contains("mode=audit"));
+}
+
+#[test]
+fn rejects_an_extra_event_in_pcr_11() {
+    // Two lock events replay (as a second extend at locality 4 would):
+    // PCR 11 is [configuration, lock] or [configuration], nothing else.
+    let lock = (AGENT, IntegrityMode::Enforce);
+    let run = attest_with("alpha", IntegrityMode::Enforce, &ima_lines(), &[lock, lock]);
+    let v = run.verify(&manifest());
+    assert_eq!(v.failed, Some("event_log"), "{}", v.summary());
+    assert!(v.reason.unwrap().contains("PCR 11 holds 3 events"));
+}
+
+/// Root without the agent extends PCR 11 with the digest of the lock
+/// event it can compute: its vTPM refuses, whatever the locality it asks.
+#[test]
+fn a_guest_cannot_extend_pcr_11() {
+    let chip = engine::guest_tpm("alpha", Some(SECRET), vtpm_server::platform::OsPlatform::new);
+    let mut guest = launch(chip, IntegrityMode::Enforce);
+    for locality in 0..4 {
+        let mut t = InProcess(&mut guest, locality);
+        let mut c = Client::new(&mut t);
+        c.record = false;
+        let before = c.pcr_read(11).unwrap();
+        assert_eq!(c.extend(11, &sha1(&[b"forged lock"])), Err(0x3d), "TPM_BAD_LOCALITY from locality {locality}");
+        assert_eq!(c.pcr_read(11).unwrap(), before, "PCR 11 unchanged");
+        assert!(c.extend(12, &[1; 20]).is_ok(), "PCRs 12-15 stay the guest's");
+    }
 }

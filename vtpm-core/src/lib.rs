@@ -122,6 +122,9 @@ pub struct Tpm<P: Platform> {
     saved: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// True once the full self-test ran in this power cycle.
     selftest_full_done: bool,
+    /// Bit n: PCR n is the platform's ([`Tpm::reserve_pcrs_to_platform`]).
+    /// Configuration, not state: no blob carries it.
+    platform_pcrs: u32,
 }
 
 impl<P: Platform> Tpm<P> {
@@ -150,6 +153,7 @@ impl<P: Platform> Tpm<P> {
             },
             saved: None,
             selftest_full_done: false,
+            platform_pcrs: 0,
         }
     }
 
@@ -382,7 +386,7 @@ impl<P: Platform> Tpm<P> {
     }
 
     /// Extends a PCR for the hypervisor (measured launch), with the same
-    /// locality rules as TPM_Extend. Returns the new value or a TPM error.
+    /// locality rules as TPM_Extend (platform PCRs included). Returns the new value or a TPM error.
     ///
     /// Startup(ST_CLEAR) resets the PCRs, so measure after Startup: the
     /// hypervisor can send Startup(ST_CLEAR) itself through [`Tpm::execute`]
@@ -390,7 +394,34 @@ impl<P: Platform> Tpm<P> {
     /// own Startup only if it sends one, and it sends one only when its first
     /// GetCapability answers TPM_INVALID_POSTINIT.
     pub fn extend(&mut self, locality: u8, pcr: u32, digest: &[u8; 20]) -> Result<[u8; 20], u32> {
+        if usize::try_from(pcr).is_ok_and(|i| self.reserved_from(locality, i)) {
+            return Err(consts::TPM_BAD_LOCALITY);
+        }
         self.vol.pcrs.extend(locality, pcr, digest)
+    }
+
+    /// Reserves the PCRs of `mask` (bit n = PCR n) to the platform: a
+    /// command sent from a locality below 4 may read and quote them but not
+    /// extend (TPM_BAD_LOCALITY) or reset (TPM_NOTLOCAL) them; locality 4
+    /// (the hypervisor, which no TIS page gives a guest) still may. Off by
+    /// default, so that the chip stays a specification TPM 1.2 (a PC Client
+    /// TPM lets locality 0 extend PCRs 0–16). It is configuration, not
+    /// state: neither the permanent nor the saved state carries it, and a
+    /// chip restored from either has none until its owner sets it again.
+    pub fn reserve_pcrs_to_platform(&mut self, mask: u32) {
+        self.platform_pcrs = mask & ((1u32 << pcr::NUM_PCRS) - 1);
+    }
+
+    /// The PCRs [`Tpm::reserve_pcrs_to_platform`] reserved.
+    pub fn platform_pcrs(&self) -> u32 {
+        self.platform_pcrs
+    }
+
+    /// True when `locality` may not change PCR `index` because it is the
+    /// platform's.
+    fn reserved_from(&self, locality: u8, index: usize) -> bool {
+        locality != 4
+            && u32::try_from(index).ok().and_then(|i| 1u32.checked_shl(i)).is_some_and(|b| self.platform_pcrs & b != 0)
     }
 
     /// Current value of a PCR, or None for an index beyond 23.

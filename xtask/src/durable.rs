@@ -19,13 +19,16 @@
 //! 2. `check`, the newest blob: the owner authorises, NV reads back, the
 //!    AIK loads, the data unseals; the guest answers the challenge and
 //!    quotes PCRs 8–11. `ctvm-verify` accepts the quote with the event log
+//!    (CTVM's, with the agent's lock event, read from `/proc/ctvm_event_log`)
 //!    and IMA list, and rejects a replayed nonce, another kernel, an edited
 //!    event log and an IMA entry outside the allow-list.
-//! 3. `rollback`, the copy from before the last NV write, `integrity=off`:
-//!    without a platform TPM counter CTVM cannot tell, accepts it and says
-//!    rollback goes undetected; the guest reads the older NV. The scenario
-//!    shows that (the version is below boot 2's), and `ctvm-verify` rejects
-//!    this boot's quote for `integrity=off`.
+//! 3. `rollback`, the copy from before the last NV write: without a
+//!    platform TPM counter CTVM cannot tell, accepts it and says rollback
+//!    goes undetected; the guest reads the older NV. The scenario shows
+//!    that (the version is below boot 2's). This boot is also a root that
+//!    keeps the agent from loading under `integrity=enforce`: CTVM says at
+//!    power-off that the guest ran without module isolation, and
+//!    `ctvm-verify` rejects its quote because PCR 11 has no lock event.
 //! 4. `corrupt`, the newest blob with one bit flipped: refused, the vTPM
 //!    in failure mode, no state loaded or made.
 
@@ -102,6 +105,7 @@ fn boots() -> Vec<Boot> {
                 "ctvm: guest linux: vTPM state blob version * opened (sealed under vtpm.seed)",
                 "ctvm: warning: guest linux: rollback of the vTPM state cannot be detected",
                 "ctvm-init: durable phase check; tpm0 present",
+                "ctvm: guest linux: lock measured into PCR 11 (ctvm.lock v1, mode=enforce)",
                 "ctvm-tpm: the owner authorises (OwnerReadInternalPub): the EK certified at the first boot",
                 "ctvm-tpm: NV 0x11000 reads back: second write, the last",
                 "ctvm-tpm: the AIK loads (LoadKey2 under the SRK)",
@@ -117,7 +121,7 @@ fn boots() -> Vec<Boot> {
         },
         Boot {
             phase: "rollback",
-            options: "vtpm=durable integrity=off",
+            options: "vtpm=durable",
             blob: "linux.vtpm.before-last-write",
             timeout: Duration::from_secs(900),
             expect: vec![
@@ -126,12 +130,14 @@ fn boots() -> Vec<Boot> {
                 "ctvm: warning: guest linux: the state key is derived from vtpm.seed, not sealed to a platform TPM: whoever reads the seed module can open and forge this guest's blobs",
                 "ctvm: warning: guest linux: rollback of the vTPM state cannot be detected: no platform TPM counter (an older blob of this guest would be accepted)",
                 "ctvm-init: durable phase rollback; tpm0 present",
+                "ctvm-init: agent kept from loading",
                 "ctvm-tpm: NV 0x11000 holds: first write",
                 "ctvm-tpm: Quote2 over PCRs 8-11 with the verifier's nonce",
                 "ctvm: guest linux stopped: ACPI sleep requested",
+                "ctvm: warning: guest linux: ran without module isolation: integrity=enforce, but its agent never locked the kernel layout",
                 CLEAN_END,
             ],
-            reject: fail.clone(),
+            reject: [fail.as_slice(), &["lock measured into PCR 11"]].concat(),
         },
         Boot {
             phase: "corrupt",
@@ -298,6 +304,8 @@ struct Manifest {
     hypervisor_sha256: String,
     policy_sha256: String,
     api_sha256: String,
+    /// What `ctvm.policy` pins the agent by: the lock event names it.
+    agent_sha256: String,
     ima_allow: Vec<String>,
 }
 
@@ -306,7 +314,7 @@ impl Manifest {
         let list = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
         let trust: Vec<String> = TRUST.iter().map(|s| s.to_string()).collect();
         format!(
-            "{{\n  \"kernel_sha1\": \"{}\",\n  \"initrd_sha1\": \"{}\",\n  \"cmdline\": \"{}\",\n  \"hypervisor_sha256\": \"{}\",\n  \"trust\": [{}],\n  \"policy_sha256\": \"{}\",\n  \"api_sha256\": \"{}\",\n  \"vtpm\": \"durable\",\n  \"ima_allow\": [{}]\n}}\n",
+            "{{\n  \"kernel_sha1\": \"{}\",\n  \"initrd_sha1\": \"{}\",\n  \"cmdline\": \"{}\",\n  \"hypervisor_sha256\": \"{}\",\n  \"trust\": [{}],\n  \"policy_sha256\": \"{}\",\n  \"api_sha256\": \"{}\",\n  \"agent_sha256\": \"{}\",\n  \"vtpm\": \"durable\",\n  \"ima_allow\": [{}]\n}}\n",
             self.kernel_sha1,
             self.initrd_sha1,
             self.cmdline,
@@ -314,6 +322,7 @@ impl Manifest {
             list(&trust),
             self.policy_sha256,
             self.api_sha256,
+            self.agent_sha256,
             list(&self.ima_allow)
         )
     }
@@ -396,6 +405,7 @@ pub fn run_series() -> Result<Vec<BootResult>, Fail> {
         hypervisor_sha256: hex(&hypervisor_digest(&bins.hypervisor)?),
         policy_sha256: hex(&Sha256::digest(fs::read(&assets.policy)?)),
         api_sha256: hex(&Sha256::digest(fs::read(&assets.api)?)),
+        agent_sha256: agent_digest(&fs::read_to_string(&assets.policy)?)?,
         ima_allow: Vec::new(),
     };
 
@@ -545,9 +555,21 @@ fn after_check(disk: &Disk, v: &Verifier, m: &Manifest) -> Result<(), String> {
     new_nonce(disk, v, "nonce3")
 }
 
-/// After boot 3 (`integrity=off`): its quote is rejected for that.
+/// After boot 3 (the agent kept from loading): its quote is rejected,
+/// the lock event missing from PCR 11.
 fn after_rollback(disk: &Disk, v: &Verifier, m: &Manifest) -> Result<(), String> {
     collect(disk, v)?;
     let good = Manifest { ima_allow: allow_list(disk, &READ_BEFORE_QUOTE)?, ..m.clone() };
-    expect_verdict(v, "nonce3", &good, "log", Some("integrity"))
+    expect_verdict(v, "nonce3", &good, "log", Some("lock"))
+}
+
+/// The `sha256=` `ctvm.policy` pins `ctvm_agent` by, as a verifier's owner
+/// reads it from the policy file.
+fn agent_digest(policy: &str) -> Result<String, Fail> {
+    policy
+        .lines()
+        .filter(|l| l.starts_with("module ctvm_agent "))
+        .find_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("sha256=")))
+        .map(str::to_string)
+        .ok_or_else(|| Fail("ctvm.policy has no ctvm_agent entry".into()))
 }

@@ -61,6 +61,10 @@ pub const BASE: u64 = 0xFED4_0000;
 pub const SIZE: u64 = 0x5000;
 /// Localities 0..=3 answer the guest; locality 4 is the processor's.
 pub const GUEST_LOCALITIES: u8 = 4;
+/// The locality of the hypervisor's own commands
+/// ([`TpmBackend::execute_platform`]): the processor's, beyond
+/// [`GUEST_LOCALITIES`], so no guest access ever carries it.
+pub const PLATFORM_LOCALITY: u8 = GUEST_LOCALITIES;
 /// The command/response buffer (Linux's TPM_BUFSIZE, QEMU's TIS buffer).
 pub const BUFFER_SIZE: usize = 4096;
 /// Largest burstCount reported (see the module documentation).
@@ -144,6 +148,15 @@ pub trait TpmBackend {
     fn store(&mut self) -> Option<&mut dyn crate::tpm::durable::StoreChannel> {
         None
     }
+
+    /// Runs one of the hypervisor's own commands from
+    /// [`PLATFORM_LOCALITY`], which no page of this TIS gives the guest:
+    /// Startup and the measurements into PCRs the guest may not change.
+    /// They change no durable state, so a durable vTPM runs them at once,
+    /// even while it holds a guest's response.
+    fn execute_platform(&mut self, command: &[u8]) -> Vec<u8> {
+        self.execute(PLATFORM_LOCALITY, command)
+    }
 }
 
 impl<T: TpmBackend + ?Sized> TpmBackend for Box<T> {
@@ -157,6 +170,10 @@ impl<T: TpmBackend + ?Sized> TpmBackend for Box<T> {
 
     fn poll(&mut self) -> Option<Vec<u8>> {
         (**self).poll()
+    }
+
+    fn execute_platform(&mut self, command: &[u8]) -> Vec<u8> {
+        (**self).execute_platform(command)
     }
 
     fn store(&mut self) -> Option<&mut dyn crate::tpm::durable::StoreChannel> {

@@ -462,7 +462,52 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
         "guest {}: kernel layout locked, agent pinned; protections on ({kernel} kernel page tables, {processes})",
         ctx.guest.name()
     );
+    measure_lock(ctx);
     Ok(id)
+}
+
+/// The console line for a guest configured with run-time integrity that
+/// stops without its agent ever having locked: it ran without module
+/// isolation (the agent was kept from loading, or failed), and nothing
+/// else would say so. `None` when it locked, or asked for no integrity.
+pub fn never_locked(guest: &crate::guest::Guest) -> Option<alloc::string::String> {
+    let mode = match guest.config.integrity? {
+        crate::integrity::Mode::Enforce => "enforce",
+        crate::integrity::Mode::Audit => "audit",
+    };
+    if guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked()) {
+        return None;
+    }
+    Some(alloc::format!(
+        "guest {}: ran without module isolation: integrity={mode}, but its agent never locked the kernel layout \
+         (its quotes show no lock event)",
+        guest.name()
+    ))
+}
+
+/// Extends the lock event into the guest's PCR 11 and its event log: the
+/// one thing in a quote that says module isolation started, and which a
+/// guest whose agent never locked cannot add (PCR 11 takes no guest
+/// extend). Should it fail, the lock stands (the guest is protected) and
+/// the console says that its quotes will not show it.
+fn measure_lock(ctx: &mut ExitContext<'_>) {
+    use crate::tpm::config_event::{lock_event, IntegrityMode};
+    let Some(state) = ctx.guest.integrity.as_ref() else { return };
+    let mode = match state.engine.mode() {
+        crate::integrity::Mode::Enforce => IntegrityMode::Enforce,
+        crate::integrity::Mode::Audit => IntegrityMode::Audit,
+    };
+    // The digest the lock just checked the agent's code against.
+    let Some(agent) = state.trusted.iter().find(|e| e.name == abi::AGENT_NAME).map(|e| e.sha256) else { return };
+    let name = ctx.guest.config.name.clone();
+    // A guest without a vTPM quotes nothing to mislead a verifier with.
+    let Some(vtpm) = ctx.guest.vtpm.as_mut() else { return };
+    match vtpm.measure_event(&lock_event(vtpm_core::sha1, &agent, mode)) {
+        Ok(()) => log::info!("guest {name}: lock measured into PCR 11 (ctvm.lock v1, mode={})", mode.as_str()),
+        Err(e) => log::error!(
+            "guest {name}: the lock could not be measured into PCR 11 ({e:?}): its quotes will say the agent never locked"
+        ),
+    }
 }
 
 /// Locks the layout in the engine and the kernel view; the caller pins
@@ -2505,6 +2550,44 @@ mod tests {
         assert_eq!(f.call(0x30, K + MODULE_DATA, 4096), 12);
         assert_eq!(f.call(0x31, 9, 0), 0);
         assert_eq!(*reports.borrow(), [9]);
+    }
+
+    #[test]
+    fn a_guest_that_never_locked_is_named_when_it_stops() {
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let mut f = fixture(mode);
+            f.guest.config.integrity = Some(mode);
+            let line = never_locked(&f.guest).expect("never locked");
+            assert!(line.contains("ran without module isolation"), "{line}");
+            f.register_everything();
+            assert_eq!(never_locked(&f.guest), None, "locked");
+        }
+        let mut f = fixture(Mode::Enforce);
+        f.guest.config.integrity = None;
+        f.guest.integrity = None;
+        assert_eq!(never_locked(&f.guest), None, "integrity=off asks for no lock");
+    }
+
+    /// The lock is what a quote must show: measured into PCR 11 with the
+    /// agent's pinned digest and the mode, once, when it succeeds; a
+    /// refused lock measures nothing.
+    #[test]
+    fn the_lock_is_measured_into_pcr_11() {
+        use crate::tpm::config_event::{lock_event, IntegrityMode};
+        for (mode, want) in [(Mode::Enforce, IntegrityMode::Enforce), (Mode::Audit, IntegrityMode::Audit)] {
+            let mut f = fixture(mode);
+            let mut vtpm = crate::tpm::GuestTpm::new(alloc::boxed::Box::new(crate::tpm::fake::FakeTpm::default()));
+            vtpm.measure_launch(&[]).unwrap();
+            f.guest.vtpm = Some(vtpm);
+            f.register_everything();
+            let agent = f.guest.integrity.as_ref().unwrap().trusted[0].sha256;
+            let events = crate::tpm::event_log::parse(f.guest.vtpm.as_ref().unwrap().log.as_bytes()).unwrap();
+            assert_eq!(events, [lock_event(vtpm_core::sha1, &agent, want)]);
+            // A second lock is refused and measures nothing more.
+            let info_size = core::mem::size_of::<abi::ModuleInfo>() as u64;
+            assert_eq!(f.call(0x11, K + AGENT_INFO, info_size), Error::Locked.code());
+            assert_eq!(crate::tpm::event_log::parse(f.guest.vtpm.as_ref().unwrap().log.as_bytes()).unwrap().len(), 1);
+        }
     }
 
     #[test]

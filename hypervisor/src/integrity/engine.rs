@@ -271,6 +271,10 @@ impl Engine {
         self.locked
     }
 
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Takes the kernel's layout (already validated against LSTAR) and the
     /// guest-physical pages of its protected parts, as (page, class).
     pub fn register_kernel(

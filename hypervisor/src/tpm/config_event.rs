@@ -20,9 +20,25 @@
 //! otherwise (see `vtpm_trust::durability`). The extended digest is the
 //! SHA-1 of the text alone, so a verifier recomputes it from the log.
 //!
-//! The guest can extend PCR 11 too (it reaches the vTPM at locality 0), so
-//! a verifier must accept PCR 11 only when the log holds exactly this one
-//! event there: anything the guest adds shows as a second event.
+//! A guest with run-time integrity (`integrity=enforce` or `audit`) gets a
+//! second event there when its agent locks the kernel layout (the moment
+//! module isolation starts), same tag, over the text
+//!
+//! ```text
+//! ctvm.lock v1 agent=<sha256 hex> mode=enforce
+//! ```
+//!
+//! where `agent` is the digest `ctvm.policy` pins `ctvm_agent` by (its
+//! `sha256=`, which the lock just checked the agent's code against) and
+//! `mode` the guest's integrity mode. Nothing in it depends on where the
+//! kernel was loaded, so a verifier recomputes it from the policy file.
+//!
+//! PCR 11 is the hypervisor's: the guest's vTPM refuses TPM_Extend of it
+//! from every locality the TIS gives a guest (`vtpm_core::Tpm::
+//! reserve_pcrs_to_platform`, [`super::PLATFORM_PCRS`]), and CTVM extends
+//! at locality 4. A guest that never locked therefore cannot add the lock
+//! event, and a verifier accepts PCR 11 only as exactly [configuration]
+//! (integrity off) or [configuration, lock] (enforce, audit).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -115,7 +131,30 @@ pub fn config_text(c: &SecurityConfig<'_>) -> String {
 /// The event to extend into PCR 11 and log, before the guest runs.
 /// `sha1` is the workspace's SHA-1 (`vtpm_core::sha1`).
 pub fn config_event(sha1: impl Fn(&[u8]) -> [u8; 20], c: &SecurityConfig<'_>) -> Event {
-    let text = config_text(c);
+    tagged_event(sha1, &config_text(c))
+}
+
+/// The lock event's first word and version.
+pub const LOCK_PREFIX: &str = "ctvm.lock v1";
+
+/// The canonical text of the lock event: the agent's pinned digest and
+/// the guest's integrity mode.
+pub fn lock_text(agent: &[u8; 32], mode: IntegrityMode) -> String {
+    let mut s = String::with_capacity(100);
+    s.push_str(LOCK_PREFIX);
+    s.push_str(" agent=");
+    hex(&mut s, agent);
+    s.push_str(" mode=");
+    s.push_str(mode.as_str());
+    s
+}
+
+/// The event to extend into PCR 11 and log when the agent locks.
+pub fn lock_event(sha1: impl Fn(&[u8]) -> [u8; 20], agent: &[u8; 32], mode: IntegrityMode) -> Event {
+    tagged_event(sha1, &lock_text(agent, mode))
+}
+
+fn tagged_event(sha1: impl Fn(&[u8]) -> [u8; 20], text: &str) -> Event {
     let mut data = Vec::with_capacity(8 + text.len());
     data.extend_from_slice(&CONFIG_TAG.to_le_bytes());
     data.extend_from_slice(&(text.len() as u32).to_le_bytes());
@@ -123,8 +162,8 @@ pub fn config_event(sha1: impl Fn(&[u8]) -> [u8; 20], c: &SecurityConfig<'_>) ->
     Event { pcr: pcr::CONFIG, kind: event_type::EVENT_TAG, digest: sha1(text.as_bytes()), data }
 }
 
-/// The text of a configuration event, if `e` is one (for tests and for
-/// guests' own checks).
+/// The text of a CTVM tagged event (configuration or lock), if `e` is one
+/// (for tests and for guests' own checks).
 pub fn parse_config_event(e: &Event) -> Option<&str> {
     if e.kind != event_type::EVENT_TAG {
         return None;
@@ -193,5 +232,15 @@ mod tests {
         let mut other = e.clone();
         other.data[0] ^= 1;
         assert_eq!(parse_config_event(&other), None, "another tag is not a configuration event");
+    }
+
+    #[test]
+    fn the_lock_event_names_the_pinned_agent_and_the_mode() {
+        let e = lock_event(fake_sha1, &[0xa5; 32], IntegrityMode::Audit);
+        let want = alloc::format!("ctvm.lock v1 agent={} mode=audit", "a5".repeat(32));
+        assert_eq!((e.pcr, e.kind), (11, 0x06));
+        assert_eq!(parse_config_event(&e), Some(want.as_str()));
+        assert_eq!(e.digest, fake_sha1(want.as_bytes()));
+        assert_eq!(lock_text(&[0xa5; 32], IntegrityMode::Enforce), want.replace("audit", "enforce"));
     }
 }

@@ -147,6 +147,12 @@ impl<P: Platform> DurableTpm<P> {
     pub fn tpm(&self) -> &Tpm<P> {
         &self.tpm
     }
+
+    /// Reserves PCRs to the platform (`Tpm::reserve_pcrs_to_platform`):
+    /// configuration set at every launch, never sealed into a blob.
+    pub fn reserve_pcrs_to_platform(&mut self, mask: u32) {
+        self.tpm.reserve_pcrs_to_platform(mask);
+    }
 }
 
 impl<P: Platform> TpmBackend for DurableTpm<P> {
@@ -186,6 +192,15 @@ impl<P: Platform> TpmBackend for DurableTpm<P> {
 
     fn store(&mut self) -> Option<&mut dyn StoreChannel> {
         Some(self)
+    }
+
+    /// Straight to the TPM, outside the protocol: the hypervisor's Startup
+    /// and PCR extends change no durable state, and the lock event must
+    /// reach PCR 11 even while a guest's change waits for its store
+    /// service. Should a command dirty the permanent state all the same,
+    /// the flag stays set and the guest's next command is held for it.
+    fn execute_platform(&mut self, command: &[u8]) -> Vec<u8> {
+        self.tpm.execute(crate::devices::tis::PLATFORM_LOCALITY, command)
     }
 }
 

@@ -26,6 +26,11 @@ use crate::devices::tis::{Tis, TpmBackend};
 /// Bytes set aside for the event log (and its ACPI log area).
 pub const LOG_AREA: usize = 16 * 1024;
 
+/// The PCRs only CTVM extends in every guest's vTPM (bit n = PCR n): PCR
+/// 11, the security configuration and the agent's lock. The guest may read
+/// and quote them; its TPM_Extend of them is answered TPM_BAD_LOCALITY.
+pub const PLATFORM_PCRS: u32 = 1 << pcr::CONFIG;
+
 /// A guest's vTPM.
 pub struct GuestTpm {
     pub tis: Tis<Box<dyn TpmBackend>>,
@@ -70,7 +75,7 @@ fn command(ordinal: u32, params: &[u8]) -> Vec<u8> {
 
 /// Sends one command; returns the response parameters on success.
 fn run(backend: &mut dyn TpmBackend, ordinal: u32, params: &[u8]) -> Result<Vec<u8>, MeasureError> {
-    let response = backend.execute(0, &command(ordinal, params));
+    let response = backend.execute_platform(&command(ordinal, params));
     if response.len() < 10 {
         return Err(MeasureError::Malformed { ordinal });
     }
@@ -129,8 +134,9 @@ impl GuestTpm {
     }
 
     /// Extends and logs one event of any type (the security-configuration
-    /// event of [`config_event::config_event`]), after
-    /// [`GuestTpm::measure_launch`] started the TPM.
+    /// event of [`config_event::config_event`], the agent's lock event of
+    /// [`config_event::lock_event`]), after [`GuestTpm::measure_launch`]
+    /// started the TPM. From the platform's locality: PCR 11 takes it.
     pub fn measure_event(&mut self, event: &Event) -> Result<(), MeasureError> {
         measure_event_into(self.tis.backend_mut().as_mut(), &mut self.log, event)
     }
@@ -150,17 +156,22 @@ impl GuestTpm {
             measure_launch_into(backend, &mut log, measurements)?;
             measure_event_into(backend, &mut log, config)
         };
+        // PCR 11 becomes the platform's before anything runs: configuration
+        // of this launch, which no state blob carries.
         let backend: Box<dyn TpmBackend> = match prepared {
-            setup::Prepared::Volatile(tpm) => {
+            setup::Prepared::Volatile(mut tpm) => {
+                tpm.reserve_pcrs_to_platform(PLATFORM_PCRS);
                 let mut e = engine::Engine(tpm);
                 measure(&mut e)?;
                 Box::new(e)
             }
             setup::Prepared::Durable(mut d) => {
+                d.reserve_pcrs_to_platform(PLATFORM_PCRS);
                 measure(d.as_mut())?;
                 d
             }
-            setup::Prepared::Failed(tpm) => {
+            setup::Prepared::Failed(mut tpm) => {
+                tpm.reserve_pcrs_to_platform(PLATFORM_PCRS);
                 let mut e = engine::Engine(tpm);
                 measure(&mut e)?;
                 e.0.fail();

@@ -425,7 +425,7 @@ fn ek_certificate_through_the_trousers_stack() {
 #[test]
 fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
     use ctvm_verify::{privacy_ca, tpm::TpmPubKey, verify, Evidence, Manifest};
-    use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
+    use hypervisor::tpm::config_event::{config_event, lock_event, IntegrityMode, SecurityConfig};
     use hypervisor::tpm::event_log::EventLog;
     use hypervisor::tpm::launch_measurements;
     use support::client::{Client, Kind};
@@ -467,6 +467,8 @@ fn verifier_accepts_a_trousers_quote_against_vtpm_server() {
         vtpm_durable: true,
     };
     events.push(config_event(vtpm_core::sha1, &cfg));
+    // The agent locked: CTVM's second PCR 11 event.
+    events.push(lock_event(vtpm_core::sha1, &[0xa9; 32], IntegrityMode::Enforce));
     {
         let mut direct = TcpTpm::new("direct", server.tpm.command_addr, server.tpm.control_addr);
         for e in &events {

@@ -3,7 +3,7 @@
 use super::Cmd;
 use crate::consts::*;
 use crate::marshal::{Put, TpmResult};
-use crate::pcr::PcrSelection;
+use crate::pcr::{self, PcrSelection};
 use crate::{Platform, Tpm};
 use alloc::vec::Vec;
 
@@ -25,6 +25,9 @@ impl<P: Platform> Tpm<P> {
         let digest = c.r.digest()?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
+        if usize::try_from(index).is_ok_and(|i| self.reserved_from(c.locality, i)) {
+            return Err(TPM_BAD_LOCALITY);
+        }
         let v = self.vol.pcrs.extend(c.locality, index, &digest)?;
         let mut out = Vec::with_capacity(20);
         if self.vol.flags.deactivated {
@@ -39,6 +42,11 @@ impl<P: Platform> Tpm<P> {
         let sel = PcrSelection::read(&mut c.r)?;
         self.check(c, &[TAG_RQU_COMMAND])?;
         c.done()?;
+        // A platform PCR that is resettable at all is reset by locality 4
+        // alone (one that is not stays TPM_NOTRESETABLE, as the bank says).
+        if sel.indices().any(|i| pcr::is_resettable(i) && self.reserved_from(c.locality, i)) {
+            return Err(TPM_NOTLOCAL);
+        }
         self.vol.pcrs.reset(c.locality, &sel, self.vol.tos_present)?;
         Ok(Vec::new())
     }

@@ -532,3 +532,38 @@ fn mutated_commands_always_get_well_formed_answers() {
         }
     }
 }
+
+/// PCRs reserved to the platform: a guest (localities 0-3) reads and
+/// quotes them but cannot extend or reset them, locality 4 can; off by
+/// default (a specification TPM), and not part of any saved state.
+#[test]
+fn platform_pcrs_take_changes_from_locality_4_only() {
+    let mut t = started();
+    assert_eq!(t.platform_pcrs(), 0);
+    assert_eq!(rc(&t.execute(0, &extend(11, [1; 20]))), 0, "off by default: locality 0 extends PCR 11");
+    t.reserve_pcrs_to_platform(1 << 11 | 1 << 16 | 1 << 31);
+    assert_eq!(t.platform_pcrs(), 1 << 11 | 1 << 16, "no PCR beyond 23");
+    let before = t.pcr(11).unwrap();
+    for locality in 0..4 {
+        assert_eq!(rc(&t.execute(locality, &extend(11, [2; 20]))), TPM_BAD_LOCALITY);
+        assert_eq!(t.extend(locality, 11, &[2; 20]), Err(TPM_BAD_LOCALITY));
+        // A resettable platform PCR is not the guest's to reset either;
+        // PCR 11 is not resettable at all.
+        assert_eq!(rc(&t.execute(locality, &reset(&hex("0003 000001")))), TPM_NOTLOCAL);
+        assert_eq!(rc(&t.execute(locality, &reset(&hex("0003 000800")))), TPM_NOTRESETABLE);
+    }
+    assert_eq!(ok(&mut t, 0, &pcr_read(11)), before, "readable, and unchanged");
+    // The rest stays the guest's.
+    assert_eq!(rc(&t.execute(0, &extend(12, [2; 20]))), 0);
+    assert_eq!(rc(&t.execute(0, &reset(&hex("0003 000080")))), 0, "PCR 23");
+    let want = sha1_parts(&[&before, &[3; 20]]);
+    assert_eq!(ok(&mut t, 4, &extend(11, [3; 20])), want, "the platform extends it");
+    assert_eq!(rc(&t.execute(4, &reset(&hex("0003 000001")))), 0);
+    // A power cycle keeps it (it is the chip's configuration) ...
+    t.power_on();
+    assert_eq!(rc(&t.execute(0, &startup(ST_CLEAR))), 0);
+    assert_eq!(rc(&t.execute(0, &extend(11, [2; 20]))), TPM_BAD_LOCALITY);
+    // ... but it is not state: a chip restored from its blob has none.
+    let restored = crate::Tpm::from_permanent(&t.permanent_state(), TestPlatform::new(5)).unwrap();
+    assert_eq!(restored.platform_pcrs(), 0);
+}
