@@ -128,9 +128,12 @@ static int race(void *unused)
 			text_writes++;
 			if (READ_ONCE(*(u16 *)site) == ud2)
 				through++;
+			/* A refused call returns 0 (the site is no export, so no
+			 * convention); the code there would have left something
+			 * else. The records count every refusal besides. */
 			r = mid();
 			text_calls++;
-			if (r >= 0 || r < -4095)
+			if (r != 0)
 				through++;
 			sscanf("255", "%hhu", (u8 *)text);
 			deputy_writes++;
@@ -154,7 +157,7 @@ static int race(void *unused)
 					through++;
 				r = peer_mid();
 				peer_calls++;
-				if (r >= 0 || r < -4095)
+				if (r != 0)
 					through++;
 			} else {
 gone:
