@@ -53,6 +53,103 @@ fn tpm2_seal_unseal_and_counter_against_libtpms() {
     assert!(after >= 2);
 }
 
+/// A bus interposer records every byte between CTVM and a TPM 2.0 while
+/// the key is sealed and unsealed: the key (or any 8 of its bytes in a
+/// row) is in none of them.
+#[test]
+fn tpm2_key_never_crosses_the_bus_in_the_clear() {
+    let state = TempDir::new("tpm2-wire");
+    let swtpm = Swtpm::start(&state.0, true);
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let mut tpm = PlatformTpm::new(Family::V2, Wire { inner: swtpm.transport(), seen: seen.clone() });
+    launch_ctvm(&mut tpm, "log=info");
+    let blob = seal::seal_key(&mut tpm, &KEY, &[launch::PCR_CONFIG], &mut nonces()).unwrap();
+    assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);
+    let seen = seen.borrow();
+    assert!(seen.len() > 10, "the capture saw the traffic");
+    for piece in KEY.windows(8) {
+        assert!(!appears(&seen, piece), "key bytes {piece:02x?} crossed the bus in the clear");
+    }
+}
+
+/// An active interposer alters TPM2_Unseal's or TPM2_Create's answer: a
+/// bit of the encrypted key, of the response HMAC, or the whole session
+/// area dropped. CTVM refuses each answer rather than use what it says;
+/// the chip refuses a command whose HMAC was altered.
+#[test]
+fn tpm2_altered_answers_are_refused() {
+    use hypervisor::platform::tpm::tpm2::cc;
+    let state = TempDir::new("tpm2-mitm");
+    let swtpm = Swtpm::start(&state.0, true);
+    let mut plain = PlatformTpm::new(Family::V2, swtpm.transport());
+    launch_ctvm(&mut plain, "log=info");
+    let blob = seal::seal_key(&mut plain, &KEY, &[launch::PCR_CONFIG], &mut nonces()).unwrap();
+    drop(plain);
+    // (command, how the response is changed)
+    type Change = fn(&mut Vec<u8>);
+    let cases: [(u32, &str, Change); 6] = [
+        (cc::UNSEAL, "a bit of the encrypted key", |r| r[16] ^= 1),
+        (cc::UNSEAL, "a bit of the response HMAC", |r| *r.last_mut().unwrap() ^= 0x80),
+        (cc::UNSEAL, "the nonceTPM", |r| r[16 + 32 + 2 + 3] ^= 1),
+        (cc::UNSEAL, "the session area dropped", |r| {
+            // ST_NO_SESSIONS, the parameters alone.
+            let params = u32::from_be_bytes(r[10..14].try_into().unwrap()) as usize;
+            let mut bare = vec![0x80, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
+            bare.extend_from_slice(&r[14..14 + params]);
+            let n = bare.len() as u32;
+            bare[2..6].copy_from_slice(&n.to_be_bytes());
+            *r = bare;
+        }),
+        (cc::CREATE, "a bit of the sealed object", |r| r[20] ^= 1),
+        (cc::CREATE, "a bit of the response HMAC", |r| *r.last_mut().unwrap() ^= 1),
+    ];
+    for (code, what, change) in cases {
+        let alter = move |c: &mut Vec<u8>, r: Option<&mut Vec<u8>>| {
+            if let Some(r) = r {
+                if command_code(c) == code && r[6..10] == [0; 4] {
+                    change(r);
+                }
+            }
+        };
+        let mut tpm = PlatformTpm::new(Family::V2, Interposer { inner: swtpm.transport(), alter });
+        let got = if code == cc::UNSEAL {
+            seal::unseal_key(&mut tpm, &blob, &mut nonces()).map(|_| ())
+        } else {
+            seal::seal_key(&mut tpm, &KEY, &[launch::PCR_CONFIG], &mut nonces()).map(|_| ())
+        };
+        let Err(SealError::V2(e)) = got else { panic!("{what}: accepted ({got:?})") };
+        // Without a session area there is no HMAC to check: malformed.
+        let expected = if what.contains("dropped") {
+            Tpm2Error::Malformed { command: code }
+        } else {
+            Tpm2Error::ResponseHmac { command: code }
+        };
+        assert_eq!(e, expected, "{what}");
+    }
+    // The other way: a command whose session HMAC was altered is refused
+    // by the chip (TPM_RC_BAD_AUTH for session 1): libtpms checks the
+    // policy session's HMAC too, under the salted session key.
+    for code in [cc::UNSEAL, cc::CREATE] {
+        let alter = move |c: &mut Vec<u8>, r: Option<&mut Vec<u8>>| {
+            if r.is_none() && command_code(c) == code {
+                // The HMAC's last byte: header, one handle, authSize,
+                // session handle, nonce (32), attributes, HMAC (32).
+                c[10 + 4 + 4 + 4 + 2 + 32 + 1 + 2 + 31] ^= 1;
+            }
+        };
+        let mut tpm = PlatformTpm::new(Family::V2, Interposer { inner: swtpm.transport(), alter });
+        let got = if code == cc::UNSEAL {
+            seal::unseal_key(&mut tpm, &blob, &mut nonces()).map(|_| ())
+        } else {
+            seal::seal_key(&mut tpm, &KEY, &[launch::PCR_CONFIG], &mut nonces()).map(|_| ())
+        };
+        assert_eq!(got, Err(SealError::V2(Tpm2Error::Rc { command: code, rc: 0x9a2 })));
+    }
+    // Untouched, the same chip still unseals the key.
+    let mut tpm = PlatformTpm::new(Family::V2, swtpm.transport());
+    assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);
+}
+
 #[test]
 fn tpm12_seal_unseal_and_counter_against_libtpms() {
     let state = TempDir::new("tpm12");

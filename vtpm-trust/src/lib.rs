@@ -10,6 +10,9 @@
 //!   it issues for each vTPM, in the NV format TPM 1.2 clients read.
 //! * [`table`]: the hypervisor-wide table of every durable vTPM's committed
 //!   version, authenticated, which one platform counter anchors.
+//! * [`tpm2_session`]: the cryptography of the salted, parameter-encrypted
+//!   TPM 2.0 sessions that carry that counter's sealed key to and from the
+//!   platform TPM.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -20,3 +23,4 @@ pub mod blob;
 pub mod durability;
 pub mod ekcert;
 pub mod table;
+pub mod tpm2_session;

@@ -123,7 +123,7 @@ pub fn nonces() -> impl FnMut() -> [u8; 20] {
 pub const KEY: [u8; 32] = *b"the vTPM state key, 32 bytes lng";
 
 /// One boot of CTVM with `cmdline`: start-up and the measured launch.
-pub fn launch_ctvm(tpm: &mut PlatformTpm<Tcp>, cmdline: &str) {
+pub fn launch_ctvm<T: Transport>(tpm: &mut PlatformTpm<T>, cmdline: &str) {
     let modules: Vec<(&[u8], &str)> = vec![(b"KERNEL", "guest=alpha -- x")];
     let m = launch::measurements(cmdline, &modules);
     let mut t = 0u64;
@@ -156,4 +156,47 @@ pub fn owned_tpm12_state(state: &Path) {
         .status()
         .expect("swtpm_setup (Debian package swtpm-tools) is needed for this test");
     assert!(setup.success(), "swtpm_setup failed");
+}
+
+/// A transport that keeps a copy of every command and response, as an
+/// interposer on the chip's bus would see them.
+pub struct Wire<T> {
+    pub inner: T,
+    pub seen: std::rc::Rc<std::cell::RefCell<Vec<Vec<u8>>>>,
+}
+
+impl<T: Transport> Transport for Wire<T> {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        self.seen.borrow_mut().push(command.to_vec());
+        let r = self.inner.transmit(command)?;
+        self.seen.borrow_mut().push(r.clone());
+        Ok(r)
+    }
+}
+
+/// Whether `needle` occurs in any of the messages.
+pub fn appears(messages: &[Vec<u8>], needle: &[u8]) -> bool {
+    messages.iter().any(|m| m.windows(needle.len()).any(|w| w == needle))
+}
+
+/// A transport through an active interposer: `alter` may change the
+/// command before the chip sees it and the response before CTVM does.
+pub struct Interposer<T, F> {
+    pub inner: T,
+    pub alter: F,
+}
+
+impl<T: Transport, F: FnMut(&mut Vec<u8>, Option<&mut Vec<u8>>)> Transport for Interposer<T, F> {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        let mut c = command.to_vec();
+        (self.alter)(&mut c, None);
+        let mut r = self.inner.transmit(&c)?;
+        (self.alter)(&mut c, Some(&mut r));
+        Ok(r)
+    }
+}
+
+/// A command's code.
+pub fn command_code(c: &[u8]) -> u32 {
+    u32::from_be_bytes(c[6..10].try_into().unwrap())
 }

@@ -15,16 +15,19 @@
 //! The blob: `"CTVMKEY1"`, the family (1 = 1.2, 2 = 2.0), the PCR count and
 //! the PCRs (one byte each), then the chip's sealed structure(s).
 //!
-//! Known limit: the unsealed key crosses the bus to the chip in the clear
-//! (no salted session with parameter encryption), so an interposer on a
-//! discrete TPM's LPC/SPI bus can read it as CTVM unseals it.
+//! On a TPM 2.0 the key never crosses the bus in the clear: `TPM2_Create`
+//! and `TPM2_Unseal` run in sessions salted by ECDH to the storage key,
+//! with AES-128-CFB parameter encryption and checked response HMACs
+//! (`vtpm_trust::tpm2_session`). Known limit: on a TPM 1.2 `TPM_Seal`'s data and
+//! `TPM_Unseal`'s answer still cross in the clear.
 
 use alloc::vec::Vec;
 
 use super::launch::PlatformTpm;
 use super::tpm12::Tpm12Error;
-use super::tpm2::{alg, Sealed, Tpm2Error};
+use super::tpm2::{alg, Sealed, SessionSecrets, Tpm2Error, SE_HMAC, SE_POLICY};
 use super::Transport;
+use sha2::Digest;
 
 const MAGIC: &[u8; 8] = b"CTVMKEY1";
 
@@ -79,8 +82,15 @@ pub fn seal_key<T: Transport>(
             let values = t.pcr_read(alg::SHA256, pcrs).map_err(SealError::V2)?;
             let policy = super::tpm2::policy_pcr_digest(pcrs, &values);
             let parent = t.storage_key().map_err(SealError::V2)?;
-            let sealed = t.create_sealed(parent, key, &policy);
-            let _ = t.flush(parent);
+            let secrets = session_secrets(nonces);
+            let sealed = t.salted_session(&parent, SE_HMAC, &secrets).and_then(|mut session| {
+                let r = t.create_sealed(&parent, &mut session, &secrets.nonce_command, key, &policy);
+                if r.is_err() {
+                    let _ = t.flush(session.handle);
+                }
+                r
+            });
+            let _ = t.flush(parent.handle);
             let sealed = sealed.map_err(SealError::V2)?;
             blob.push(2);
             header(&mut blob, pcrs);
@@ -130,15 +140,23 @@ pub fn unseal_key<T: Transport>(
                 return Err(SealError::Blob);
             }
             let parent = t.storage_key().map_err(SealError::V2)?;
-            let item = t.load(parent, &Sealed { private, public });
-            let _ = t.flush(parent);
-            let item = item.map_err(SealError::V2)?;
-            let mut nonce = [0u8; 16];
-            nonce.copy_from_slice(&nonces()[..16]);
-            let result = t.policy_session(&nonce).and_then(|session| {
-                let r = t.policy_pcr(session, &pcrs).and_then(|()| t.unseal(item, session));
+            let (item, name) = match t.load(parent.handle, &Sealed { private, public }) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    let _ = t.flush(parent.handle);
+                    return Err(SealError::V2(e));
+                }
+            };
+            // The session's salt goes to the storage key, flushed once it started.
+            let secrets = session_secrets(nonces);
+            let session = t.salted_session(&parent, SE_POLICY, &secrets);
+            let _ = t.flush(parent.handle);
+            let result = session.and_then(|mut session| {
+                let r = t
+                    .policy_pcr(session.handle, &pcrs)
+                    .and_then(|()| t.unseal(item, &name, &mut session, &secrets.nonce_command));
                 if r.is_err() {
-                    let _ = t.flush(session);
+                    let _ = t.flush(session.handle);
                 }
                 r
             });
@@ -148,7 +166,25 @@ pub fn unseal_key<T: Transport>(
         (PlatformTpm::V12(t), 1) => t.unseal(rest, [nonces(), nonces()]).map_err(SealError::V12)?,
         _ => return Err(SealError::Blob),
     };
-    key.as_slice().try_into().map_err(|_| SealError::Length)
+    let out = key.as_slice().try_into().map_err(|_| SealError::Length);
+    let mut key = key;
+    zeroize::Zeroize::zeroize(&mut key);
+    out
+}
+
+/// An ECDH ephemeral scalar and the caller's nonces for one session, each
+/// the SHA-256 of two fresh 20-byte nonces.
+fn session_secrets(nonces: Nonces<'_>) -> SessionSecrets {
+    let mut fresh = || -> [u8; 32] {
+        let (mut a, mut b) = (nonces(), nonces());
+        let mut h = sha2::Sha256::new();
+        h.update(a);
+        h.update(b);
+        zeroize::Zeroize::zeroize(&mut a);
+        zeroize::Zeroize::zeroize(&mut b);
+        h.finalize().into()
+    };
+    SessionSecrets { ephemeral: fresh(), nonce_start: fresh(), nonce_command: fresh() }
 }
 
 /// CTVM's monotonic counter: found again, or created the first time (a

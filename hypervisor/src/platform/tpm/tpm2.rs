@@ -5,6 +5,8 @@ use alloc::vec::Vec;
 
 use sha2::Digest;
 
+use vtpm_trust::tpm2_session as session;
+
 use super::{In, Out, Transport, TransportError};
 
 /// Command codes.
@@ -63,6 +65,11 @@ pub enum Tpm2Error {
     Malformed {
         command: u32,
     },
+    /// A response whose session HMAC is wrong or missing: forged or
+    /// altered on its way (refused, whatever it says).
+    ResponseHmac {
+        command: u32,
+    },
 }
 
 impl From<TransportError> for Tpm2Error {
@@ -77,6 +84,9 @@ impl core::fmt::Display for Tpm2Error {
             Self::Transport(e) => write!(f, "{e}"),
             Self::Rc { command, rc } => write!(f, "command {command:#x} answered {rc:#x}"),
             Self::Malformed { command } => write!(f, "command {command:#x}: malformed response"),
+            Self::ResponseHmac { command } => {
+                write!(f, "command {command:#x}: the response's session HMAC does not verify (altered on the bus?)")
+            }
         }
     }
 }
@@ -137,11 +147,12 @@ pub fn password_session(password: &[u8]) -> Vec<u8> {
     o.0
 }
 
-/// A response split up: its handles and its parameters (the authorization
-/// area that follows is not needed by CTVM's sessions).
+/// A response split up: its handles, its parameters and the authorization
+/// area after them (empty without sessions).
 pub struct Response {
     pub handles: Vec<u32>,
     pub params: Vec<u8>,
+    pub auth: Vec<u8>,
 }
 
 /// Parses a response with `handles` handles; `Err` with its code when the
@@ -162,15 +173,15 @@ pub fn parse_response(code: u32, bytes: &[u8], handles: usize) -> Result<Respons
     for _ in 0..handles {
         hs.push(r.u32().ok_or(bad)?);
     }
-    let params = match tag {
+    let (params, auth) = match tag {
         ST_SESSIONS => {
             let n = r.u32().ok_or(bad)? as usize;
-            r.take(n).ok_or(bad)?.to_vec()
+            (r.take(n).ok_or(bad)?.to_vec(), r.rest().to_vec())
         }
-        ST_NO_SESSIONS => r.rest().to_vec(),
+        ST_NO_SESSIONS => (r.rest().to_vec(), Vec::new()),
         _ => return Err(bad),
     };
-    Ok(Response { handles: hs, params })
+    Ok(Response { handles: hs, params, auth })
 }
 
 /// A PCR selection: which PCRs of one bank.
@@ -282,7 +293,19 @@ mod object {
     pub const NO_DA: u32 = 1 << 10;
     pub const RESTRICTED: u32 = 1 << 16;
     pub const DECRYPT: u32 = 1 << 17;
+    pub const SE_HMAC: u8 = 0x00;
     pub const SE_POLICY: u8 = 0x01;
+    pub const ALG_SHA256: u16 = super::alg::SHA256;
+}
+
+pub use object::{SE_HMAC, SE_POLICY};
+
+/// Session attributes (part 2, TPMA_SESSION).
+pub mod attr {
+    /// The first command parameter is encrypted.
+    pub const DECRYPT: u8 = 0x20;
+    /// The first response parameter comes back encrypted.
+    pub const ENCRYPT: u8 = 0x40;
 }
 
 /// NV index attributes (part 2, 13.4).
@@ -346,14 +369,186 @@ pub struct Sealed {
     pub public: Vec<u8>,
 }
 
+/// The storage key as the chip created it: its handle, its public P-256
+/// point (the salt of a session is sent to it) and its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageKey {
+    pub handle: u32,
+    pub x: Vec<u8>,
+    pub y: Vec<u8>,
+    pub name: Vec<u8>,
+}
+
+/// A salted session as CTVM keeps it: the chip's handle and latest nonce,
+/// and the session key (zeroed on drop).
+pub struct Session {
+    pub handle: u32,
+    pub nonce_tpm: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+/// Fresh secrets for one session: the ECDH ephemeral scalar and the
+/// caller's nonces (one at the start, one for the command).
+pub struct SessionSecrets {
+    pub ephemeral: [u8; 32],
+    pub nonce_start: [u8; 32],
+    pub nonce_command: [u8; 32],
+}
+
+impl Drop for SessionSecrets {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.ephemeral);
+    }
+}
+
+/// The (x, y) of the ECC point in a TPM2B_PUBLIC's body (TPMT_PUBLIC).
+fn ecc_point(public: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut i = In::new(public);
+    if i.u16()? != object::ALG_ECC {
+        return None;
+    }
+    let _name_alg = i.u16()?;
+    let _attributes = i.u32()?;
+    i.sized()?;
+    if i.u16()? != object::ALG_NULL {
+        i.u16()?;
+        i.u16()?;
+    }
+    if i.u16()? != object::ALG_NULL {
+        i.u16()?;
+    }
+    if i.u16()? != object::ECC_NIST_P256 {
+        return None;
+    }
+    if i.u16()? != object::ALG_NULL {
+        i.u16()?;
+    }
+    let x = i.sized()?.to_vec();
+    let y = i.sized()?.to_vec();
+    Some((x, y))
+}
+
 impl<T: Transport> Tpm2<T> {
-    /// Creates (re-derives) the storage key; returns its transient handle.
-    pub fn storage_key(&mut self) -> Result<u32, Tpm2Error> {
+    /// Creates (re-derives) the storage key.
+    pub fn storage_key(&mut self) -> Result<StorageKey, Tpm2Error> {
+        let bad = Tpm2Error::Malformed { command: cc::CREATE_PRIMARY };
         let mut p = Out::default();
         // inSensitive: no auth, no data; the template; no outside info or creation PCRs.
         p.u16(4).sized(&[]).sized(&[]).sized(&storage_key_template()).sized(&[]).u32(0);
         let c = command(cc::CREATE_PRIMARY, &[RH_OWNER], &[password_session(&[])], &p.0);
-        Ok(self.run(cc::CREATE_PRIMARY, &c, 1)?.handles[0])
+        let r = self.run(cc::CREATE_PRIMARY, &c, 1)?;
+        let handle = r.handles[0];
+        let parsed = (|| {
+            let mut i = In::new(&r.params);
+            let (x, y) = ecc_point(i.sized()?)?;
+            i.sized()?; // creationData
+            i.sized()?; // creationHash
+            i.u16()?; // creationTicket
+            i.u32()?;
+            i.sized()?;
+            let name = i.sized()?.to_vec();
+            Some(StorageKey { handle, x, y, name })
+        })();
+        match parsed {
+            Some(k) => Ok(k),
+            None => {
+                let _ = self.flush(handle);
+                Err(bad)
+            }
+        }
+    }
+
+    /// TPM2_StartAuthSession, salted by ECDH to `tpm_key`, unbound, with
+    /// AES-128-CFB for parameter encryption and SHA-256 for its HMACs.
+    pub fn salted_session(
+        &mut self,
+        tpm_key: &StorageKey,
+        kind: u8,
+        secrets: &SessionSecrets,
+    ) -> Result<Session, Tpm2Error> {
+        let bad = Tpm2Error::Malformed { command: cc::START_AUTH_SESSION };
+        let (mut salt, point) = session::ecdh_salt(&tpm_key.x, &tpm_key.y, &secrets.ephemeral).ok_or(bad)?;
+        let mut p = Out::default();
+        p.sized(&secrets.nonce_start)
+            .sized(&point)
+            .u8(kind)
+            .u16(object::ALG_AES)
+            .u16(128)
+            .u16(object::ALG_CFB)
+            .u16(object::ALG_SHA256);
+        let c = command(cc::START_AUTH_SESSION, &[tpm_key.handle, RH_NULL], &[], &p.0);
+        let r = self.run(cc::START_AUTH_SESSION, &c, 1);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                zeroize::Zeroize::zeroize(&mut salt);
+                return Err(e);
+            }
+        };
+        let nonce_tpm = In::new(&r.params).sized().map(<[u8]>::to_vec);
+        let key = session::session_key(&salt, nonce_tpm.as_deref().unwrap_or(&[]), &secrets.nonce_start);
+        zeroize::Zeroize::zeroize(&mut salt);
+        let session = Session { handle: r.handles[0], nonce_tpm: nonce_tpm.unwrap_or_default(), key };
+        if session.nonce_tpm.len() < 16 {
+            let _ = self.flush(session.handle);
+            return Err(bad);
+        }
+        Ok(session)
+    }
+
+    /// Runs `code` with one salted session (not continued): the first
+    /// parameter encrypted when `attributes` has DECRYPT, the response's
+    /// HMAC checked (a response without one is refused), its first
+    /// parameter decrypted when `attributes` has ENCRYPT. Each handle comes
+    /// with its name, for cpHash. (CTVM's session commands return no handle.)
+    fn run_in_session(
+        &mut self,
+        code: u32,
+        handles: &[(u32, &[u8])],
+        session: &mut Session,
+        nonce_caller: &[u8],
+        attributes: u8,
+        mut params: Vec<u8>,
+    ) -> Result<Response, Tpm2Error> {
+        let bad = Tpm2Error::Malformed { command: code };
+        if attributes & attr::DECRYPT != 0 {
+            let n = usize::from(u16::from_be_bytes([*params.first().ok_or(bad)?, *params.get(1).ok_or(bad)?]));
+            let body = params.get_mut(2..2 + n).ok_or(bad)?;
+            session::cfb(&session.key, nonce_caller, &session.nonce_tpm, body, true);
+        }
+        let names: Vec<&[u8]> = handles.iter().map(|&(_, name)| name).collect();
+        let handles: Vec<u32> = handles.iter().map(|&(h, _)| h).collect();
+        let cp = session::cp_hash(code, &names, &params);
+        let hmac = session::session_hmac(&session.key, &cp, nonce_caller, &session.nonce_tpm, attributes);
+        let mut auth = Out::default();
+        auth.u32(session.handle).sized(nonce_caller).u8(attributes).sized(&hmac);
+        let c = command(code, &handles, &[auth.0], &params);
+        let mut r = self.run(code, &c, 0)?;
+        let mut i = In::new(&r.auth);
+        let nonce_tpm = i.sized().ok_or(bad)?.to_vec();
+        let their_attributes = i.u8().ok_or(bad)?;
+        let their_hmac = i.sized().ok_or(bad)?;
+        if !i.rest().is_empty() || nonce_tpm.len() < 16 {
+            return Err(bad);
+        }
+        let rp = session::rp_hash(code, &r.params);
+        let want = session::session_hmac(&session.key, &rp, &nonce_tpm, nonce_caller, their_attributes);
+        if !session::hmac_matches(&want, their_hmac) {
+            return Err(Tpm2Error::ResponseHmac { command: code });
+        }
+        session.nonce_tpm = nonce_tpm;
+        if attributes & attr::ENCRYPT != 0 {
+            let n = usize::from(u16::from_be_bytes([*r.params.first().ok_or(bad)?, *r.params.get(1).ok_or(bad)?]));
+            let body = r.params.get_mut(2..2 + n).ok_or(bad)?;
+            session::cfb(&session.key, &session.nonce_tpm, nonce_caller, body, false);
+        }
+        Ok(r)
     }
 
     pub fn flush(&mut self, handle: u32) -> Result<(), Tpm2Error> {
@@ -361,35 +556,50 @@ impl<T: Transport> Tpm2<T> {
         self.run(cc::FLUSH_CONTEXT, &c, 0).map(|_| ())
     }
 
-    /// Seals `data` under `parent`, releasable only under `policy`.
-    pub fn create_sealed(&mut self, parent: u32, data: &[u8], policy: &[u8]) -> Result<Sealed, Tpm2Error> {
+    /// Seals `data` under `parent`, releasable only under `policy`; the
+    /// data crosses the bus encrypted (`inSensitive` under `session`).
+    pub fn create_sealed(
+        &mut self,
+        parent: &StorageKey,
+        session: &mut Session,
+        nonce_caller: &[u8],
+        data: &[u8],
+        policy: &[u8],
+    ) -> Result<Sealed, Tpm2Error> {
         let bad = Tpm2Error::Malformed { command: cc::CREATE };
         let mut sensitive = Out::default();
         sensitive.sized(&[]).sized(data);
         let mut p = Out::default();
         p.sized(&sensitive.0).sized(&sealed_object_template(policy)).sized(&[]).u32(0);
-        let c = command(cc::CREATE, &[parent], &[password_session(&[])], &p.0);
-        let r = self.run(cc::CREATE, &c, 0)?;
+        zeroize::Zeroize::zeroize(&mut sensitive.0);
+        let r = self.run_in_session(
+            cc::CREATE,
+            &[(parent.handle, &parent.name)],
+            session,
+            nonce_caller,
+            attr::DECRYPT,
+            p.0,
+        )?;
         let mut i = In::new(&r.params);
         let private = i.sized().ok_or(bad)?.to_vec();
         let public = i.sized().ok_or(bad)?.to_vec();
         Ok(Sealed { private, public })
     }
 
-    /// Loads a sealed object under `parent`; returns its transient handle.
-    pub fn load(&mut self, parent: u32, sealed: &Sealed) -> Result<u32, Tpm2Error> {
+    /// Loads a sealed object under `parent`; returns its transient handle
+    /// and its name.
+    pub fn load(&mut self, parent: u32, sealed: &Sealed) -> Result<(u32, Vec<u8>), Tpm2Error> {
         let mut p = Out::default();
         p.sized(&sealed.private).sized(&sealed.public);
         let c = command(cc::LOAD, &[parent], &[password_session(&[])], &p.0);
-        Ok(self.run(cc::LOAD, &c, 1)?.handles[0])
-    }
-
-    /// An unsalted, unbound policy session; returns its handle.
-    pub fn policy_session(&mut self, nonce: &[u8; 16]) -> Result<u32, Tpm2Error> {
-        let mut p = Out::default();
-        p.sized(nonce).sized(&[]).u8(object::SE_POLICY).u16(object::ALG_NULL).u16(alg::SHA256);
-        let c = command(cc::START_AUTH_SESSION, &[RH_NULL, RH_NULL], &[], &p.0);
-        Ok(self.run(cc::START_AUTH_SESSION, &c, 1)?.handles[0])
+        let r = self.run(cc::LOAD, &c, 1)?;
+        match In::new(&r.params).sized() {
+            Some(name) => Ok((r.handles[0], name.to_vec())),
+            None => {
+                let _ = self.flush(r.handles[0]);
+                Err(Tpm2Error::Malformed { command: cc::LOAD })
+            }
+        }
     }
 
     /// TPM2_PolicyPCR: the session's policy now requires these PCRs of
@@ -401,12 +611,17 @@ impl<T: Transport> Tpm2<T> {
         self.run(cc::POLICY_PCR, &c, 0).map(|_| ())
     }
 
-    /// TPM2_Unseal with the policy session (which ends with the command).
-    pub fn unseal(&mut self, item: u32, session: u32) -> Result<Vec<u8>, Tpm2Error> {
-        let mut auth = Out::default();
-        auth.u32(session).sized(&[]).u8(0).sized(&[]);
-        let c = command(cc::UNSEAL, &[item], &[auth.0], &[]);
-        let r = self.run(cc::UNSEAL, &c, 0)?;
+    /// TPM2_Unseal with the salted policy session (which ends with the
+    /// command): the data comes back encrypted, under a checked HMAC.
+    pub fn unseal(
+        &mut self,
+        item: u32,
+        item_name: &[u8],
+        session: &mut Session,
+        nonce_caller: &[u8],
+    ) -> Result<Vec<u8>, Tpm2Error> {
+        let r =
+            self.run_in_session(cc::UNSEAL, &[(item, item_name)], session, nonce_caller, attr::ENCRYPT, Vec::new())?;
         In::new(&r.params).sized().map(<[u8]>::to_vec).ok_or(Tpm2Error::Malformed { command: cc::UNSEAL })
     }
 
