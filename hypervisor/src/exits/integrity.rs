@@ -888,7 +888,7 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
     let spec = engine.deputy_spec(target)?;
     let read = |at: u64, len: usize| read_guest(ctx, at, len).ok();
     let blocked = match crate::integrity::deputy::destinations(spec, &fault.gprs, &read) {
-        Some(ranges) => ranges.into_iter().find_map(|range| first_unwritable(ctx, m, range))?,
+        Some(ranges) => ranges.iter().find_map(|range| first_unwritable(ctx, m, range))?,
         None => fault.gprs[7],
     };
     Some(ctx.guest.integrity.as_mut()?.engine.deputy_refused(fault, m, blocked))

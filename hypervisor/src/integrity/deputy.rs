@@ -175,9 +175,11 @@ pub type Read<'a> = &'a dyn Fn(u64, usize) -> Option<Vec<u8>>;
 /// `seq_file`) may lie in memory the module can write, and the kernel
 /// reads it again later: another of the module's threads could change it
 /// in between (see the README).
-pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<Range>> {
+pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Ranges> {
     match spec {
-        Spec::Range { destination: register, length } => Some(alloc::vec![destination(register, length, gprs)?]),
+        Spec::Range { destination: register, length } => {
+            Some(Ranges::Fixed([Some(destination(register, length, gprs)?), None]))
+        }
         Spec::Scan { format, args } => {
             let sizes = scan_sizes(&read_format(gprs[format], read)?)?;
             let va = match args {
@@ -193,7 +195,7 @@ pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<
                 };
                 out.push(Range::new(pointer, pointer.checked_add(size)?));
             }
-            Some(out)
+            Some(Ranges::Scanned(out))
         }
         Spec::Seq { file } => {
             let m = gprs[file];
@@ -203,8 +205,27 @@ pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<
             if size > MAX_DESTINATION {
                 return None;
             }
-            Some(alloc::vec![Range::new(m, m.checked_add(SEQ_FILE_COUNTS)?), Range::new(buf, buf.checked_add(size)?)])
+            let file = Range::new(m, m.checked_add(SEQ_FILE_COUNTS)?);
+            Some(Ranges::Fixed([Some(file), Some(Range::new(buf, buf.checked_add(size)?))]))
         }
+    }
+}
+
+/// The ranges a call writes: one or two without an allocation (a deputy
+/// call is judged at every crossing), or as many as a format names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ranges {
+    Fixed([Option<Range>; 2]),
+    Scanned(Vec<Range>),
+}
+
+impl Ranges {
+    pub fn iter(&self) -> impl Iterator<Item = Range> + '_ {
+        let (fixed, scanned): (&[Option<Range>], &[Range]) = match self {
+            Ranges::Fixed(f) => (f, &[]),
+            Ranges::Scanned(v) => (&[], v),
+        };
+        fixed.iter().flatten().chain(scanned).copied()
     }
 }
 
@@ -367,9 +388,13 @@ mod tests {
 
     /// The single range of a one-range call, reading nothing.
     fn one(spec: Spec, gprs: &[u64; 16]) -> Option<Range> {
-        let ranges = destinations(spec, gprs, &|_, _| None)?;
+        let ranges = all(spec, gprs, &|_, _| None)?;
         assert_eq!(ranges.len(), 1);
         Some(ranges[0])
+    }
+
+    fn all(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<Range>> {
+        destinations(spec, gprs, read).map(|r| r.iter().collect())
     }
 
     /// Guest memory for a judgement: bytes at addresses.
@@ -421,7 +446,7 @@ mod tests {
             (RSP + 8, &0x5000u64.to_le_bytes()),
             (RSP + 16, &0xffff_ffff_8290_0000u64.to_le_bytes()),
         ]);
-        let got = destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)).unwrap();
+        let got = all(spec(b"sscanf").unwrap(), &gprs, &reader(&m)).unwrap();
         let starts: Vec<(u64, u64)> = got.iter().map(|r| (r.start, r.len())).collect();
         assert_eq!(
             starts,
@@ -431,15 +456,12 @@ mod tests {
         let end = FMT + 0x1000 - 4;
         gprs[RSI] = end;
         let m = memory(&[(end, b"%d\0")]);
-        assert_eq!(
-            destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)),
-            Some(alloc::vec![Range::new(0x1000, 0x1004)])
-        );
+        assert_eq!(all(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), Some(alloc::vec![Range::new(0x1000, 0x1004)]));
         gprs[RSI] = FMT;
         // A pointer beyond the mapped stack: refused.
         gprs[4] = 0xffff_c900_0000_3ff0;
         let m = memory(&[(FMT, b"%d %d %d %d %d %d\0"), (gprs[4] + 8, &0x5000u64.to_le_bytes())]);
-        assert_eq!(destinations(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), None);
+        assert_eq!(all(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), None);
     }
 
     #[test]
@@ -458,14 +480,14 @@ mod tests {
         va.extend_from_slice(&SAVED.to_le_bytes());
         let saved: Vec<u8> = (0..6u64).flat_map(|i| (0x1000 * i).to_le_bytes()).collect();
         let m = memory(&[(FMT, b"%d %d %d %d %d\0"), (VA, &va), (SAVED, &saved), (OVERFLOW, &0x9000u64.to_le_bytes())]);
-        let got = destinations(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)).unwrap();
+        let got = all(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)).unwrap();
         let starts: Vec<u64> = got.iter().map(|r| r.start).collect();
         assert_eq!(starts, [0x2000, 0x3000, 0x4000, 0x5000, 0x9000]);
         // A va_list that does not look like one: refused.
         let mut bad = va.clone();
         bad[0] = 52;
         let m = memory(&[(FMT, b"%d\0"), (VA, &bad)]);
-        assert_eq!(destinations(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)), None);
+        assert_eq!(all(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)), None);
     }
 
     #[test]
@@ -476,7 +498,7 @@ mod tests {
         let mut fields = 0xffff_ffff_8290_0040u64.to_le_bytes().to_vec();
         fields.extend_from_slice(&256u64.to_le_bytes());
         let m = memory(&[(FILE, &fields)]);
-        let got = destinations(spec(b"seq_printf").unwrap(), &gprs, &reader(&m)).unwrap();
+        let got = all(spec(b"seq_printf").unwrap(), &gprs, &reader(&m)).unwrap();
         assert_eq!(
             got,
             [Range::new(FILE, FILE + SEQ_FILE_COUNTS), Range::new(0xffff_ffff_8290_0040, 0xffff_ffff_8290_0140)]
@@ -484,8 +506,8 @@ mod tests {
         // A buffer too big to judge, or a file that cannot be read: refused.
         fields[8..].copy_from_slice(&(MAX_DESTINATION + 1).to_le_bytes());
         let m = memory(&[(FILE, &fields)]);
-        assert_eq!(destinations(spec(b"seq_puts").unwrap(), &gprs, &reader(&m)), None);
-        assert_eq!(destinations(spec(b"seq_putc").unwrap(), &gprs, &|_, _| None), None);
+        assert_eq!(all(spec(b"seq_puts").unwrap(), &gprs, &reader(&m)), None);
+        assert_eq!(all(spec(b"seq_putc").unwrap(), &gprs, &|_, _| None), None);
     }
 
     use super::*;
