@@ -999,14 +999,19 @@ impl Engine {
             _ => Destination::Elsewhere,
         };
         let allowed = self.destination_view(m, dest);
-        let deny = self.refusal(fault, m, false, target);
+        // How a refusal would end is worked out only for a refusal: every
+        // allowed call crosses here.
         let crossing = matches!(dest, Destination::Kernel | Destination::Module(_));
         if crossing && !self.translates_as_registered(target, fault.gpa) {
+            let deny = self.refusal(fault, m, false, target);
             return self.violation(fault, ViolationKind::Alias, deny, Step::Switch(allowed));
         }
         match self.leave_module(fault, m, target, dest, fault.stack[0], fault.rsp) {
             Ok(view) => Outcome::step(Step::Switch(view)),
-            Err(kind) => self.violation(fault, kind, deny, Step::Switch(allowed)),
+            Err(kind) => {
+                let deny = self.refusal(fault, m, false, target);
+                self.violation(fault, kind, deny, Step::Switch(allowed))
+            }
         }
     }
 
@@ -1024,7 +1029,6 @@ impl Engine {
             Destination::Elsewhere
         };
         let allowed = self.destination_view(m, dest);
-        let deny = self.refusal(fault, m, pop, target);
         // A jump leaves the caller's return address on top of the stack; a
         // return consumes it, and arrives 8 bytes higher.
         let return_address = if pop { None } else { fault.stack[0] };
@@ -1032,6 +1036,7 @@ impl Engine {
         match self.leave_module(fault, m, target, dest, return_address, rsp) {
             Ok(view) => Outcome::step(Step::Branch { view, rip: target, pop }),
             Err(kind) => {
+                let deny = self.refusal(fault, m, pop, target);
                 // Reported at the module's call site rather than in the thunk.
                 let at =
                     Fault { rip: return_address.filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip), ..*fault };
