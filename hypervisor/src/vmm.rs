@@ -424,11 +424,7 @@ impl Shared {
         let durable = setup.durable();
         let failed = matches!(setup.outcome, setup::Outcome::Failed(_));
         let trust: Vec<&str> = config.trusted.iter().map(String::as_str).collect();
-        let integrity = match config.integrity {
-            Some(crate::integrity::Mode::Enforce) => IntegrityMode::Enforce,
-            Some(crate::integrity::Mode::Audit) => IntegrityMode::Audit,
-            None => IntegrityMode::Off,
-        };
+        let integrity = IntegrityMode::of(config.integrity);
         let security = SecurityConfig {
             hypervisor: machine.hypervisor_digest,
             integrity,

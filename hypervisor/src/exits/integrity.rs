@@ -471,10 +471,7 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
 /// isolation (the agent was kept from loading, or failed), and nothing
 /// else would say so. `None` when it locked, or asked for no integrity.
 pub fn never_locked(guest: &crate::guest::Guest) -> Option<alloc::string::String> {
-    let mode = match guest.config.integrity? {
-        crate::integrity::Mode::Enforce => "enforce",
-        crate::integrity::Mode::Audit => "audit",
-    };
+    let mode = crate::tpm::config_event::IntegrityMode::of(Some(guest.config.integrity?)).as_str();
     if guest.integrity.as_ref().is_some_and(|s| s.engine.is_locked()) {
         return None;
     }
@@ -493,10 +490,7 @@ pub fn never_locked(guest: &crate::guest::Guest) -> Option<alloc::string::String
 fn measure_lock(ctx: &mut ExitContext<'_>) {
     use crate::tpm::config_event::{lock_event, IntegrityMode};
     let Some(state) = ctx.guest.integrity.as_ref() else { return };
-    let mode = match state.engine.mode() {
-        crate::integrity::Mode::Enforce => IntegrityMode::Enforce,
-        crate::integrity::Mode::Audit => IntegrityMode::Audit,
-    };
+    let mode = IntegrityMode::of(Some(state.engine.mode()));
     // The digest the lock just checked the agent's code against.
     let Some(agent) = state.trusted.iter().find(|e| e.name == abi::AGENT_NAME).map(|e| e.sha256) else { return };
     let name = ctx.guest.config.name.clone();

@@ -35,8 +35,10 @@ pub enum Spec {
     /// One range: the register holding the destination, and how much.
     Range { destination: usize, length: Length },
     /// The `scanf` family: each conversion of the format (in register
-    /// `format`) stores through the next of the variable arguments.
-    Scan { format: usize, args: Args },
+    /// `format`) stores through the next of the variable arguments; a
+    /// string conversion without a width stores at most the input (in
+    /// register `input`) and its NUL.
+    Scan { input: usize, format: usize, args: Args },
     /// The `seq_file` writers: the `struct seq_file` (in register `file`),
     /// whose count they advance, and the buffer it names.
     Seq { file: usize },
@@ -78,8 +80,8 @@ const KOBJECT: u64 = 64;
 pub fn spec(name: &[u8]) -> Option<Spec> {
     let arg = |destination, length| Some(Spec::Range { destination, length });
     match name {
-        b"sscanf" => Some(Spec::Scan { format: RSI, args: Args::From(2) }),
-        b"vsscanf" => Some(Spec::Scan { format: RSI, args: Args::VaList(RDX) }),
+        b"sscanf" => Some(Spec::Scan { input: RDI, format: RSI, args: Args::From(2) }),
+        b"vsscanf" => Some(Spec::Scan { input: RDI, format: RSI, args: Args::VaList(RDX) }),
         b"seq_printf"
         | b"seq_vprintf"
         | b"seq_bprintf"
@@ -180,8 +182,9 @@ pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Rang
         Spec::Range { destination: register, length } => {
             Some(Ranges::Fixed([Some(destination(register, length, gprs)?), None]))
         }
-        Spec::Scan { format, args } => {
-            let sizes = scan_sizes(&read_format(gprs[format], read)?)?;
+        Spec::Scan { input, format, args } => {
+            let text = read_string(gprs[input], STRING_BOUND as usize, read)?;
+            let sizes = scan_sizes(&read_string(gprs[format], MAX_FORMAT, read)?, &text)?;
             let va = match args {
                 Args::From(_) => None,
                 Args::VaList(r) => Some(VaList::read(gprs[r], read)?),
@@ -237,12 +240,12 @@ const MAX_CONVERSIONS: usize = 32;
 /// `from`, `count`, `pad_until` (6.1 and 6.12 alike).
 const SEQ_FILE_COUNTS: u64 = 40;
 
-/// A format string, up to its NUL or [`MAX_FORMAT`] bytes, a page at a
-/// time: a format near the end of its mapping is read, not refused.
-fn read_format(mut at: u64, read: Read<'_>) -> Option<Vec<u8>> {
+/// A string, up to its NUL or `limit` bytes, a page at a time: a string
+/// near the end of its mapping is read, not refused.
+fn read_string(mut at: u64, limit: usize, read: Read<'_>) -> Option<Vec<u8>> {
     let mut text = Vec::new();
-    while text.len() < MAX_FORMAT && !text.contains(&0) {
-        let chunk = (MAX_FORMAT - text.len()).min(0x1000 - (at & 0xfff) as usize);
+    while text.len() < limit && !text.contains(&0) {
+        let chunk = (limit - text.len()).min(0x1000 - (at & 0xfff) as usize);
         text.extend(read(at, chunk)?);
         at = at.checked_add(chunk as u64)?;
     }
@@ -295,12 +298,16 @@ impl VaList {
 }
 
 /// The size each stored conversion of a Linux `vsscanf` format writes, in
-/// order; `None` for a format without its NUL within [`MAX_FORMAT`] bytes,
-/// with more than [`MAX_CONVERSIONS`] conversions, or with a conversion
-/// the kernel's `vsscanf` does not take (refused rather than guessed).
-pub fn scan_sizes(format: &[u8]) -> Option<Vec<u64>> {
+/// order, parsing `input`; `None` for a format without its NUL within
+/// [`MAX_FORMAT`] bytes, with more than [`MAX_CONVERSIONS`] conversions,
+/// with a conversion the kernel's `vsscanf` does not take (refused rather
+/// than guessed), or with a string conversion without a width when the
+/// input has no NUL within a page (the kernel would copy as far as it).
+pub fn scan_sizes(format: &[u8], input: &[u8]) -> Option<Vec<u64>> {
     let end = format.iter().position(|&b| b == 0)?;
     let f = &format[..end];
+    // A token is no longer than the input it comes from, plus its NUL.
+    let unbounded = input.iter().position(|&b| b == 0).map(|n| n as u64 + 1);
     let mut sizes = Vec::new();
     let mut i = 0;
     while i < f.len() {
@@ -330,10 +337,13 @@ pub fn scan_sizes(format: &[u8]) -> Option<Vec<u64>> {
             _ => (4, 0),
         };
         i += qualifier;
-        let string = width.map_or(STRING_BOUND, |w| w.saturating_add(1));
+        let string = match width {
+            Some(w) => Some(w.saturating_add(1)),
+            None => unbounded,
+        };
         let size = match f.get(i)? {
-            b'd' | b'i' | b'u' | b'o' | b'x' | b'X' | b'n' => integer,
-            b'c' => width.unwrap_or(1),
+            b'd' | b'i' | b'u' | b'o' | b'x' | b'X' | b'n' => Some(integer),
+            b'c' => Some(width.unwrap_or(1)),
             b's' => string,
             b'[' => {
                 // The set ends at the next ']', which may come first (or after '^').
@@ -356,7 +366,7 @@ pub fn scan_sizes(format: &[u8]) -> Option<Vec<u64>> {
             if sizes.len() == MAX_CONVERSIONS {
                 return None;
             }
-            sizes.push(size);
+            sizes.push(size?);
         }
     }
     Some(sizes)
@@ -397,6 +407,9 @@ mod tests {
         destinations(spec, gprs, read).map(|r| r.iter().collect())
     }
 
+    /// Where the tests' `scanf` input lies.
+    const INPUT: u64 = 0xffff_ffff_c000_5000;
+
     /// Guest memory for a judgement: bytes at addresses.
     fn memory(parts: &[(u64, &[u8])]) -> BTreeMap<u64, u8> {
         let mut m = BTreeMap::new();
@@ -419,17 +432,28 @@ mod tests {
 
     #[test]
     fn scanf_formats_are_read_conversion_by_conversion() {
-        assert_eq!(scan_sizes(b"%d %s\0"), Some(alloc::vec![4, STRING_BOUND]));
-        assert_eq!(scan_sizes(b"%hhx:%hd %lu %llx %zu %5s %3c %*d %% %n\0"), Some(alloc::vec![1, 2, 8, 8, 8, 6, 3, 4]));
-        assert_eq!(scan_sizes(b"%[^]a]%10[a-z]\0"), Some(alloc::vec![STRING_BOUND, 11]));
+        let input = b"12 /tmp/x\0";
+        assert_eq!(scan_sizes(b"%d %s\0", input), Some(alloc::vec![4, 10]));
+        assert_eq!(
+            scan_sizes(b"%hhx:%hd %lu %llx %zu %5s %3c %*d %% %n\0", input),
+            Some(alloc::vec![1, 2, 8, 8, 8, 6, 3, 4])
+        );
+        assert_eq!(scan_sizes(b"%[^]a]%10[a-z]\0", input), Some(alloc::vec![10, 11]));
+        // A string without a width, from an input with no NUL within a page:
+        // the kernel would copy as far as the input goes. Refused; with a
+        // width, or suppressed, it is bounded.
+        let long = [b'a'; STRING_BOUND as usize];
+        assert_eq!(scan_sizes(b"%s\0", &long), None);
+        assert_eq!(scan_sizes(b"%[a]\0", &long), None);
+        assert_eq!(scan_sizes(b"%7s%*s\0", &long), Some(alloc::vec![8]));
         // No NUL, an unknown conversion, an open set, too many: refused.
-        assert_eq!(scan_sizes(b"%d"), None);
-        assert_eq!(scan_sizes(b"%p\0"), None);
-        assert_eq!(scan_sizes(b"%f\0"), None);
-        assert_eq!(scan_sizes(b"%[abc\0"), None);
-        assert_eq!(scan_sizes(b"%d%\0"), None);
+        assert_eq!(scan_sizes(b"%d", input), None);
+        assert_eq!(scan_sizes(b"%p\0", input), None);
+        assert_eq!(scan_sizes(b"%f\0", input), None);
+        assert_eq!(scan_sizes(b"%[abc\0", input), None);
+        assert_eq!(scan_sizes(b"%d%\0", input), None);
         let many = [&b"%d"[..]; MAX_CONVERSIONS + 1].concat();
-        assert_eq!(scan_sizes(&[&many[..], b"\0"].concat()), None);
+        assert_eq!(scan_sizes(&[&many[..], b"\0"].concat(), input), None);
     }
 
     #[test]
@@ -437,11 +461,13 @@ mod tests {
         const FMT: u64 = 0xffff_ffff_c000_1000;
         const RSP: u64 = 0xffff_c900_0000_3f00;
         let mut gprs = [0u64; 16];
+        gprs[RDI] = INPUT;
         gprs[RSI] = FMT;
         gprs[4] = RSP;
         (gprs[RDX], gprs[RCX], gprs[R8], gprs[9]) = (0x1000, 0x2000, 0x3000, 0x4000);
         // The fifth and sixth pointers are on the stack, above the return address.
         let m = memory(&[
+            (INPUT, b"1 2 3 4 5 6\0"),
             (FMT, b"%d %d %d %d %8s %hhu\0"),
             (RSP + 8, &0x5000u64.to_le_bytes()),
             (RSP + 16, &0xffff_ffff_8290_0000u64.to_le_bytes()),
@@ -455,12 +481,16 @@ mod tests {
         // A format that ends just before an unmapped page is read all the same.
         let end = FMT + 0x1000 - 4;
         gprs[RSI] = end;
-        let m = memory(&[(end, b"%d\0")]);
+        let m = memory(&[(INPUT, b"1 2 3 4 5 6\0"), (end, b"%d\0")]);
         assert_eq!(all(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), Some(alloc::vec![Range::new(0x1000, 0x1004)]));
         gprs[RSI] = FMT;
         // A pointer beyond the mapped stack: refused.
         gprs[4] = 0xffff_c900_0000_3ff0;
-        let m = memory(&[(FMT, b"%d %d %d %d %d %d\0"), (gprs[4] + 8, &0x5000u64.to_le_bytes())]);
+        let m = memory(&[
+            (INPUT, b"1 2 3 4 5 6\0"),
+            (FMT, b"%d %d %d %d %d %d\0"),
+            (gprs[4] + 8, &0x5000u64.to_le_bytes()),
+        ]);
         assert_eq!(all(spec(b"sscanf").unwrap(), &gprs, &reader(&m)), None);
     }
 
@@ -471,6 +501,7 @@ mod tests {
         const SAVED: u64 = 0xffff_c900_0000_3d00;
         const OVERFLOW: u64 = 0xffff_c900_0000_3f10;
         let mut gprs = [0u64; 16];
+        gprs[RDI] = INPUT;
         (gprs[RSI], gprs[RDX]) = (FMT, VA);
         // Two integer registers were used for fixed arguments (gp_offset 16).
         let mut va = Vec::new();
@@ -479,14 +510,20 @@ mod tests {
         va.extend_from_slice(&OVERFLOW.to_le_bytes());
         va.extend_from_slice(&SAVED.to_le_bytes());
         let saved: Vec<u8> = (0..6u64).flat_map(|i| (0x1000 * i).to_le_bytes()).collect();
-        let m = memory(&[(FMT, b"%d %d %d %d %d\0"), (VA, &va), (SAVED, &saved), (OVERFLOW, &0x9000u64.to_le_bytes())]);
+        let m = memory(&[
+            (INPUT, b"1 2 3 4 5 6\0"),
+            (FMT, b"%d %d %d %d %d\0"),
+            (VA, &va),
+            (SAVED, &saved),
+            (OVERFLOW, &0x9000u64.to_le_bytes()),
+        ]);
         let got = all(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)).unwrap();
         let starts: Vec<u64> = got.iter().map(|r| r.start).collect();
         assert_eq!(starts, [0x2000, 0x3000, 0x4000, 0x5000, 0x9000]);
         // A va_list that does not look like one: refused.
         let mut bad = va.clone();
         bad[0] = 52;
-        let m = memory(&[(FMT, b"%d\0"), (VA, &bad)]);
+        let m = memory(&[(INPUT, b"1 2 3 4 5 6\0"), (FMT, b"%d\0"), (VA, &bad)]);
         assert_eq!(all(spec(b"vsscanf").unwrap(), &gprs, &reader(&m)), None);
     }
 

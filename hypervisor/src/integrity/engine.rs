@@ -940,7 +940,7 @@ impl Engine {
         if self.returns.take(View::Module(m), View::Kernel, target, fault.rsp) {
             return Outcome::step(Step::Switch(View::Module(m)));
         }
-        let is_entry = self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok());
+        let is_entry = self.is_module_entry(m, target);
         if is_entry && !self.enterable(m) {
             return self.violation(fault, ViolationKind::EnterQuarantined, deny, Step::Switch(View::Module(m)));
         }
@@ -1142,6 +1142,11 @@ impl Engine {
         }
     }
 
+    /// Whether `target` is one of module `m`'s registered entries.
+    fn is_module_entry(&self, m: u32, target: u64) -> bool {
+        self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok())
+    }
+
     /// Whether a transfer is a call module `m` made, which a refusal can
     /// return from: its return address, on top of the stack, is the
     /// module's code.
@@ -1170,9 +1175,7 @@ impl Engine {
             return Step::ReturnNull;
         }
         let exported = layout.entries.binary_search(&target).is_ok()
-            || self
-                .module_with_code(target)
-                .is_some_and(|o| self.modules.get(&o).is_some_and(|md| md.info.entries.binary_search(&target).is_ok()));
+            || self.module_with_code(target).is_some_and(|o| self.is_module_entry(o, target));
         if exported {
             Step::ReturnError
         } else {

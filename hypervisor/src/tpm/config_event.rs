@@ -60,6 +60,15 @@ pub enum IntegrityMode {
 }
 
 impl IntegrityMode {
+    /// The mode a guest's configuration asks for (`None`: off).
+    pub fn of(mode: Option<crate::integrity::Mode>) -> Self {
+        match mode {
+            Some(crate::integrity::Mode::Enforce) => IntegrityMode::Enforce,
+            Some(crate::integrity::Mode::Audit) => IntegrityMode::Audit,
+            None => IntegrityMode::Off,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             IntegrityMode::Enforce => "enforce",
