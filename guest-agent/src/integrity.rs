@@ -336,11 +336,15 @@ pub enum ViolationKind {
     /// The kernel (or another module) called a quarantined module, one
     /// that attacked before, other than to unload it.
     EnterQuarantined = 25,
+    /// A kernel stack outside the module's own frames and the
+    /// out-parameters it was handed: the kernel's frames (return addresses,
+    /// saved registers), another task's.
+    WriteKernelStack = 26,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 25] = [
+    pub const ALL: [ViolationKind; 26] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -366,6 +370,7 @@ impl ViolationKind {
         Self::WriteKernelObject,
         Self::WritePageTable,
         Self::EnterQuarantined,
+        Self::WriteKernelStack,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -396,6 +401,7 @@ impl ViolationKind {
             Self::WriteKernelObject => "write-kernel-object",
             Self::WritePageTable => "write-page-table",
             Self::EnterQuarantined => "enter-quarantined",
+            Self::WriteKernelStack => "write-kernel-stack",
         }
     }
 }

@@ -110,6 +110,9 @@ pub enum Field {
     ActivityState,
     /// The VM-entry controls (the IA-32e mode guest bit follows EFER.LMA).
     EntryControls,
+    /// Debug exceptions pending at the next instruction boundary (a trap
+    /// flag's single step, a data breakpoint's hit) across an exit.
+    PendingDebugExceptions,
     /// VM-entry interruption information (event injection).
     EntryInterruptionInfo,
     EntryExceptionErrorCode,

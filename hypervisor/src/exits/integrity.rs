@@ -905,6 +905,10 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> 
         if control.and_then(|c| c.perms(View::Module(m), gpa & !0xfff)).is_some_and(|p| p.contains(Perms::WRITE)) {
             return None;
         }
+        let untracked = engine.class_of(gpa).is_none();
+        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), untracked && is_task_stack(ctx, from)) {
+            return (!ok).then_some(from);
+        }
         let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };
         (!engine.module_may_write(m, Range::new(gpa, gpa + (to - from)), object)).then_some(from)
     })
@@ -954,6 +958,73 @@ fn revoke_heap_grants(ctx: &mut ExitContext<'_>) {
     let grants = core::mem::take(&mut state.heap_grants);
     let Some(control) = ctx.control.as_deref_mut() else { return };
     for (m, page) in grants {
+        take_back_write(control, m, page);
+    }
+}
+
+/// The kernel's end-of-stack mark, at the lowest word of every task's stack.
+const STACK_END_MAGIC: u64 = 0x57ac_6e9d;
+
+/// Whether `gva` lies on a task's kernel stack: the 16 KiB-aligned stack
+/// it would be on starts with the kernel's mark. A module cannot remove the
+/// mark (it lies on that stack, where the module may not write); a module
+/// that puts it into its own memory only refuses itself.
+fn is_task_stack(ctx: &ExitContext<'_>, gva: u64) -> bool {
+    crate::integrity::layout::is_kernel_address(gva)
+        && ctx.inspect().read_u64(crate::integrity::returns::stack_of(gva).start) == Ok(STACK_END_MAGIC)
+}
+
+/// The out-parameters the kernel hands a module it calls at `rsp`: its
+/// argument registers that point into its own frames above (see
+/// [`crate::integrity::returns::out_parameter`]).
+fn out_parameters(ctx: &ExitContext<'_>, gprs: &[u64; 16], rsp: u64) -> [Option<Range>; 6] {
+    use crate::integrity::returns::{out_parameter, same_stack, stack_of};
+    // RDI, RSI, RDX, RCX, R8, R9.
+    const ARGS: [usize; 6] = [7, 6, 2, 1, 8, 9];
+    core::array::from_fn(|i| {
+        let arg = gprs[ARGS[i]];
+        if !same_stack(arg, rsp) || arg < rsp.wrapping_add(8) {
+            return None;
+        }
+        let first = arg & !7;
+        let len = (stack_of(arg).end.min(first + 4096 + 8) - first) as usize;
+        let mut bytes = alloc::vec![0u8; len];
+        ctx.inspect().read(first, &mut bytes).ok()?;
+        let words: Vec<u64> =
+            bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        out_parameter(arg, rsp, &words, |w| is_return_address(ctx, w))
+    })
+}
+
+/// Whether `addr` is where a call in the kernel's or a module's code
+/// returns to: registered code, right after a call instruction.
+fn is_return_address(ctx: &ExitContext<'_>, addr: u64) -> bool {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let Some(state) = ctx.guest.integrity.as_ref() else { return false };
+    if state.engine.expected_page(addr).is_none() {
+        return false;
+    }
+    let mut before = [0u8; 7];
+    if ctx.inspect().read(addr.wrapping_sub(7), &mut before).is_err() {
+        return false;
+    }
+    // call rel32 (5 bytes), call *reg (2 or 3), call *disp32(reg) (6 or 7).
+    [5usize, 2, 3, 6, 7].iter().any(|&len| {
+        let at = addr.wrapping_sub(len as u64);
+        let insn = Decoder::with_ip(64, &before[7 - len..], at, DecoderOptions::NONE).decode();
+        !insn.is_invalid() && insn.len() == len && insn.mnemonic() == Mnemonic::Call
+    })
+}
+
+/// Control entered `view` with the stack at `rsp`: a module's view loses
+/// the stack pages it may no longer write wholly (another task's stack,
+/// the kernel's frames above where it was called this time).
+fn enter_view(ctx: &mut ExitContext<'_>, view: View, rsp: u64) {
+    let View::Module(m) = view else { return };
+    let Some(state) = ctx.guest.integrity.as_mut() else { return };
+    let stale = state.engine.stale_stack_grants(m, rsp);
+    let Some(control) = ctx.control.as_deref_mut() else { return };
+    for page in stale {
         take_back_write(control, m, page);
     }
 }
@@ -1167,6 +1238,15 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         _ => None,
     };
     let shared_field = kernel_object.and_then(|_| shared_field(ctx, ctx.exit.guest_physical));
+    let task_stack = match (state.view, info.access) {
+        (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
+        _ => false,
+    };
+    let into_module = matches!(state.engine.class_of(page), Some(PageClass::ModuleCode(_)));
+    let out_params = match (state.view, info.access) {
+        (View::Kernel, super::Access::Execute) if into_module => out_parameters(ctx, &gprs, rsp),
+        _ => [None; 6],
+    };
     let fault = Fault {
         view: state.view,
         access: info.access,
@@ -1178,6 +1258,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         gprs,
         kernel_object,
         shared_field,
+        task_stack,
+        out_params,
     };
     unloading_check(ctx, &fault);
     let outcome = if kernel_reuses(ctx, &fault) {
@@ -1208,6 +1290,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         Step::Switch(to) => match control(ctx).ok()?.activate_view(to) {
             Ok(()) => {
                 ctx.guest.integrity.as_mut()?.view = to;
+                enter_view(ctx, to, rsp);
                 Action::Resume
             }
             Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
@@ -1237,8 +1320,18 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Err(_) => Action::Stop(StopReason::HypervisorError("cannot map a page executable".into())),
         },
         Step::StepOver => step_over(ctx, view, page, None),
-        Step::StepBeside(kept) => guarded_step(ctx, view, page, rip, kept, None),
-        Step::StepWithin { guard, allowed } => guarded_step(ctx, view, page, rip, guard, Some(allowed)),
+        Step::StepBeside(kept) => {
+            match call_carried_out(ctx, view, rip, rsp, |r| r.end <= kept.start || kept.end <= r.start) {
+                Some(done) => done,
+                None => guarded_step(ctx, view, page, rip, kept, None),
+            }
+        }
+        Step::StepWithin { guard, allowed } => {
+            match call_carried_out(ctx, view, rip, rsp, |r| allowed.start <= r.start && r.end <= allowed.end) {
+                Some(done) => done,
+                None => guarded_step(ctx, view, page, rip, guard, Some(allowed)),
+            }
+        }
         Step::Skip => skip(ctx),
         Step::ReturnError => return_error(ctx, stack[0], EPERM.wrapping_neg()),
         Step::ReturnNull => return_error(ctx, stack[0], 0),
@@ -1261,6 +1354,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
                     return Some(Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))));
                 }
                 ctx.guest.integrity.as_mut()?.view = to;
+                enter_view(ctx, to, if pop { rsp.wrapping_add(8) } else { rsp });
             }
             if pop {
                 ctx.vcpu.write(Field::Rsp, rsp.wrapping_add(8));
@@ -1269,7 +1363,18 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Action::Resume
         }
     };
+    reopen_window(ctx);
     Some(action)
+}
+
+/// Interrupts held while a module's branch out waited for its judgement
+/// (see [`branched_out`]) are delivered once the guest can take them.
+fn reopen_window(ctx: &mut ExitContext<'_>) {
+    if ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty()) {
+        if let Ok(control) = control(ctx) {
+            control.set_interrupt_window(true);
+        }
+    }
 }
 
 /// Lets one write to `page` through in `view`: opens the page, and arms a
@@ -1292,6 +1397,12 @@ fn step_over(ctx: &mut ExitContext<'_>, view: View, page: u64, guard: Option<Gua
         control.intercept_debug_exceptions(true);
         let rflags = ctx.vcpu.read(Field::Rflags);
         ctx.vcpu.write(Field::Rflags, rflags | RFLAGS_TF);
+        // The step's trap is the only one due: nothing pending from before
+        // may fire at entry, ahead of the instruction (a trap flag the guest
+        // does not have set leaves none due).
+        if rflags & RFLAGS_TF == 0 {
+            ctx.vcpu.write(Field::PendingDebugExceptions, 0);
+        }
         Some(rflags & RFLAGS_TF != 0)
     };
     if let Some(state) = ctx.guest.integrity.as_mut() {
@@ -1303,6 +1414,64 @@ fn step_over(ctx: &mut ExitContext<'_>, view: View, page: u64, guard: Option<Gua
 /// Lets one write to `page` through with the bytes of `kept` (guest-physical)
 /// kept: after the step, those outside `allowed` are put back if it changed
 /// them ([`check_guard`]).
+/// A module's near call whose return-address push lands where only some
+/// bytes are its own (a stack page beside the kernel's frames): carried out
+/// here, push and jump, when `may_write` allows the eight bytes (guest-
+/// physical), rather than stepped. Its target's fetch is then judged as any
+/// branch out of the module. Stepping a branch has the processor fetch the
+/// target inside the step, where a trap flag's #DB can come before the
+/// fetch's own exit (so Bochs does, for a target whose translation exits,
+/// retrying the call forever); and it saves an exit per call.
+fn call_carried_out(
+    ctx: &mut ExitContext<'_>,
+    view: View,
+    rip: u64,
+    rsp: u64,
+    may_write: impl Fn(Range) -> bool,
+) -> Option<Action> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+    let View::Module(m) = view else { return None };
+    let push = rsp.checked_sub(8)?;
+    if ctx.exit.guest_linear != push || push & 0xfff > 0xff8 {
+        return None;
+    }
+    let mut bytes = [0u8; 15];
+    ctx.inspect().read(rip, &mut bytes).ok()?;
+    let insn = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE).decode();
+    if insn.is_invalid() || insn.mnemonic() != Mnemonic::Call {
+        return None;
+    }
+    let target = match insn.op0_kind() {
+        OpKind::NearBranch64 => insn.near_branch64(),
+        OpKind::Register => {
+            let reg = crate::mmio::decode::gpr(insn.op0_register()).filter(|r| r.size == 8)?;
+            ctx.vcpu.regs().get(reg.index, rsp)
+        }
+        _ => return None,
+    };
+    let gpa = ctx.exit.guest_physical;
+    if !may_write(Range::new(gpa, gpa + 8)) {
+        return None;
+    }
+    ctx.guest.memory.write(&ctx.phys, gpa, &insn.next_ip().to_le_bytes()).ok()?;
+    ctx.vcpu.write(Field::Rsp, push);
+    ctx.vcpu.write(Field::Rip, target);
+    let blocking = ctx.vcpu.read(Field::Interruptibility);
+    ctx.vcpu.write(Field::Interruptibility, blocking & !BLOCKING_BY_STI_OR_MOV_SS);
+    // The module's own trap flag: the call's single-step trap is due, as a
+    // trap after any branch (see [`branched_out`]).
+    if ctx.vcpu.read(Field::Rflags) & RFLAGS_TF != 0 {
+        if branched_out(ctx, m) {
+            drop_debug_traps(ctx);
+        } else if leave_module_for_event(ctx, m, target).is_ok() {
+            inject_exception(ctx.vcpu, 1, None);
+        } else {
+            return Some(Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into())));
+        }
+    }
+    Some(Action::Resume)
+}
+
 fn guarded_step(
     ctx: &mut ExitContext<'_>,
     view: View,
@@ -1404,6 +1573,10 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
     let Some(stepping) = stepping else {
         return Action::Stop(StopReason::Unsupported { what: "a single-step exit with nothing being stepped", rip });
     };
+    if stepping.trap_flag.is_some() {
+        // The step's trap was taken by this exit: none of it stays pending.
+        ctx.vcpu.write(Field::PendingDebugExceptions, 0);
+    }
     let Ok(control) = control(ctx) else {
         return Action::Stop(StopReason::Unsupported { what: "a single-step exit without integrity views", rip });
     };
@@ -1419,21 +1592,50 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
             return stop;
         }
     }
-    if let Some(guest_had_tf) = stepping.trap_flag {
-        if guest_had_tf {
-            // The guest was single-stepping itself: its #DB is due.
-            inject_exception(ctx.vcpu, 1, None);
-        } else {
-            let rflags = ctx.vcpu.read(Field::Rflags);
-            ctx.vcpu.write(Field::Rflags, rflags & !RFLAGS_TF);
+    // The stepped instruction branched out of the module (a call whose push
+    // was stepped): its trap would outrun the fetch's judgement.
+    if let View::Module(m) = stepping.view {
+        if branched_out(ctx, m) {
+            drop_debug_traps(ctx);
+            return step_done(ctx);
         }
     }
+    if let Some(guest_had_tf) = stepping.trap_flag {
+        if !guest_had_tf {
+            let rflags = ctx.vcpu.read(Field::Rflags);
+            ctx.vcpu.write(Field::Rflags, rflags & !RFLAGS_TF);
+        } else if let View::Module(m) = stepping.view {
+            // The module single-steps itself: its #DB is due, delivered in
+            // the kernel view as any event from a module's view.
+            if leave_module_for_event(ctx, m, rip).is_err() {
+                return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+            }
+            inject_exception(ctx.vcpu, 1, None);
+        } else {
+            // The guest was single-stepping itself: its #DB is due.
+            inject_exception(ctx.vcpu, 1, None);
+        }
+    }
+    step_done(ctx)
+}
+
+/// After a step: a module's view keeps every event exiting, #DB included
+/// (the step's own interception of #DB ends only in the kernel view), and
+/// interrupts held meanwhile wait for their window.
+fn step_done(ctx: &mut ExitContext<'_>) -> Action {
+    if matches!(ctx.view(), View::Module(_)) {
+        if let Ok(control) = control(ctx) {
+            control.intercept_debug_exceptions(true);
+        }
+    }
+    reopen_window(ctx);
     Action::Resume
 }
 
 /// Interruption types (SDM Vol. 3C, 25.8.3 and 27.2.2).
 mod event_type {
     pub const EXTERNAL: u32 = 0;
+    pub const NMI: u32 = 2;
     pub const HARDWARE_EXCEPTION: u32 = 3;
     pub const SOFTWARE_INTERRUPT: u32 = 4;
     pub const PRIVILEGED_SOFTWARE_EXCEPTION: u32 = 5;
@@ -1444,6 +1646,8 @@ const EVENT_VALID: u32 = 1 << 31;
 const ERROR_CODE_VALID: u32 = 1 << 11;
 const NMI_UNBLOCKING: u32 = 1 << 12;
 const VECTOR_PF: u32 = 14;
+const VECTOR_DB: u32 = 1;
+const VECTOR_NMI: u32 = 2;
 const RFLAGS_IF: u64 = 1 << 9;
 const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
 
@@ -1457,6 +1661,29 @@ fn leave_module_for_event(ctx: &mut ExitContext<'_>, m: u32, resume: u64) -> Res
     state.engine.event_leaves_module(m, rip, resume, rsp);
     state.view = View::Kernel;
     Ok(())
+}
+
+/// Whether module `m`'s view stands at an address outside the module's
+/// code: its last instruction branched out (a call, a jump, a return) and
+/// the fetch there, which exits and is judged, has not happened yet. An
+/// event taken now would come back there in the kernel's view, and the
+/// branch would never be judged: the event waits for that fetch (an
+/// interrupt), or gives way to it (the single-step trap of the branch).
+fn branched_out(ctx: &ExitContext<'_>, m: u32) -> bool {
+    let rip = ctx.vcpu.read(Field::Rip);
+    ctx.guest.integrity.as_ref().is_some_and(|s| !s.engine.is_code_of(m, rip))
+}
+
+/// The debug traps of a module's branch out that stands before its fetch
+/// (see [`branched_out`]) are dropped, with the trap flag, as the kernel's
+/// own #DB handler clears a trap flag it finds set in kernel code: a trap
+/// taken there, delivered or pending across the exit (which the processor
+/// may deliver through the IDT at the next entry), would come back to the
+/// branch's target in the kernel's view.
+fn drop_debug_traps(ctx: &mut ExitContext<'_>) {
+    let rflags = ctx.vcpu.read(Field::Rflags);
+    ctx.vcpu.write(Field::Rflags, rflags & !RFLAGS_TF);
+    ctx.vcpu.write(Field::PendingDebugExceptions, 0);
 }
 
 /// Whether the guest can take an external interrupt now.
@@ -1482,6 +1709,17 @@ fn inject(ctx: &mut ExitContext<'_>, info: u32, error: Option<u32>, len: u64) {
 fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
     let pending = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
     let busy = ctx.vcpu.read(Field::EntryInterruptionInfo) & u64::from(EVENT_VALID) != 0;
+    if let (View::Module(m), true) = (ctx.view(), pending) {
+        if branched_out(ctx, m) {
+            // The fetch there exits next and is judged; the interrupt waits
+            // for it (see [`branched_out`]).
+            drop_debug_traps(ctx);
+            if let Ok(control) = control(ctx) {
+                control.set_interrupt_window(false);
+            }
+            return Action::Resume;
+        }
+    }
     if pending && !busy && interruptible(ctx) {
         if let View::Module(m) = ctx.view() {
             let rip = ctx.vcpu.read(Field::Rip);
@@ -1490,7 +1728,8 @@ fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
             }
         }
         if let Some(vector) = ctx.guest.integrity.as_mut().and_then(|s| s.pending_interrupts.pop_front()) {
-            inject(ctx, u32::from(vector) | (event_type::EXTERNAL << 8), None, 0);
+            let kind = if u32::from(vector) == VECTOR_NMI { event_type::NMI } else { event_type::EXTERNAL };
+            inject(ctx, u32::from(vector) | (kind << 8), None, 0);
         }
     }
     let more = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
@@ -1517,6 +1756,29 @@ pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
         }
         return deliver_pending(ctx);
     }
+    let vector = info & 0xff;
+    if branched_out(ctx, m) {
+        match (kind, vector) {
+            // Held as an interrupt is (vector 2 is no external interrupt's).
+            (event_type::NMI, _) => {
+                if let Some(state) = ctx.guest.integrity.as_mut() {
+                    state.pending_interrupts.push_back(VECTOR_NMI as u8);
+                }
+                return deliver_pending(ctx);
+            }
+            // The branch's single-step or data-breakpoint trap: dropped, so
+            // that the fetch comes first, and the trap flag cleared with it
+            // (as the kernel's own #DB handler clears a trap flag it finds
+            // set in kernel code).
+            (event_type::HARDWARE_EXCEPTION, VECTOR_DB) => {
+                drop_debug_traps(ctx);
+                return Action::Resume;
+            }
+            // A fault fetching the target (not mapped): the kernel would take
+            // the same fault fetching it itself.
+            _ => {}
+        }
+    }
     let rip = ctx.vcpu.read(Field::Rip);
     let software = matches!(
         kind,
@@ -1539,7 +1801,10 @@ pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
 /// leaving a module's view.
 pub fn exception(ctx: &mut ExitContext<'_>) -> Action {
     let vector = ctx.exit.interruption_info & 0xff;
-    let stepping = ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.is_some());
+    // Only a step made with the trap flag ends in #DB; with the monitor
+    // trap flag, a #DB is the guest's own (its trap flag, a breakpoint).
+    let stepping =
+        ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.as_ref().is_some_and(|s| s.trap_flag.is_some()));
     if vector == 1 && stepping {
         return monitor_trap(ctx);
     }
@@ -2359,6 +2624,167 @@ mod tests {
         // Its handler's iretq comes back to the interrupted instruction, at its RSP.
         assert_eq!(f.ept(FETCH | READ, MODULE_CODE, rip, rip), Action::Resume);
         assert_eq!(f.control.active, Some(View::Module(id)));
+    }
+
+    #[test]
+    fn an_interrupt_after_a_branch_out_waits_for_the_branchs_judgement() {
+        // The module's `call set_memory_rw` is done; the fetch there, which
+        // exits and is judged, is not. A timer interrupt exits first.
+        let target = K + SET_MEMORY_RW;
+        let (mut f, id) = in_module(target);
+        f.vcpu.write(Field::Rflags, 0x202);
+        w(&f.phys, STACK, &(K + MODULE_CODE + 0x20).to_le_bytes());
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)), "not taken in the kernel view at the target");
+        assert_eq!(f.vcpu.injected(), None);
+        assert!(!f.control.interrupt_window, "no window before the fetch: it would exit again at once");
+        // The fetch exits and the call is refused; the interrupt waits for its window.
+        f.ept(FETCH | READ, SET_MEMORY_RW, target, target);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CallDeniedApi as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), K + MODULE_CODE + 0x20, "the refused call returns");
+        assert!(f.control.interrupt_window);
+        assert_eq!(f.exit(ExitInfo { reason: reason::INTERRUPT_WINDOW, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Kernel));
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec);
+    }
+
+    #[test]
+    fn a_trap_after_a_branch_out_does_not_carry_it_past_its_judgement() {
+        // The module sets the trap flag and calls set_memory_rw: the
+        // single-step trap exits with RIP at the target.
+        let target = K + SET_MEMORY_RW;
+        let (mut f, id) = in_module(target);
+        f.vcpu.write(Field::Rflags, 0x302);
+        let db = ExitInfo { reason: reason::EXCEPTION_OR_NMI, interruption_info: 0x8000_0301, ..Default::default() };
+        assert_eq!(f.exit(db), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::Rflags), 0x202, "the trap flag cleared: no trap is due again");
+        assert_eq!(f.control.active, Some(View::Module(id)), "the fetch comes first");
+        assert_eq!(f.vcpu.injected(), None);
+        // An NMI there waits too, and is delivered as an NMI.
+        let nmi = ExitInfo { reason: reason::EXCEPTION_OR_NMI, interruption_info: 0x8000_0202, ..Default::default() };
+        f.vcpu.write(Field::Rflags, 0x202);
+        assert_eq!(f.exit(nmi), Action::Resume);
+        assert_eq!((f.control.active, f.vcpu.injected()), (Some(View::Module(id)), None));
+        w(&f.phys, STACK, &(K + MODULE_CODE + 0x20).to_le_bytes());
+        f.ept(FETCH | READ, SET_MEMORY_RW, target, target);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CallDeniedApi as u32]);
+        assert_eq!(f.exit(ExitInfo { reason: reason::INTERRUPT_WINDOW, ..Default::default() }), Action::Resume);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_0202);
+    }
+
+    #[test]
+    fn the_guests_own_trap_during_a_monitor_trap_step_is_no_end_of_step() {
+        // A `call` whose push is let through alone (beside the module's
+        // struct module, as a stack write beside a kernel frame is) with
+        // the trap flag set: its #DB exits before the monitor trap does.
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        let module = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().view = module;
+        f.control.active = Some(module);
+        assert_eq!(f.ept(WRITE, MODULE_DATA + 0x10, K + MODULE_DATA + 0x10, K + MODULE_CODE + 0x10), Action::Resume);
+        assert!(f.control.monitor_trap);
+        f.vcpu.write(Field::Rip, K + SET_MEMORY_RW);
+        f.vcpu.write(Field::Rflags, 0x302);
+        let db = ExitInfo { reason: reason::EXCEPTION_OR_NMI, interruption_info: 0x8000_0301, ..Default::default() };
+        assert_eq!(f.exit(db), Action::Resume);
+        assert_eq!(f.vcpu.injected(), None);
+        assert!(f.control.monitor_trap, "still stepping: the page closes at the monitor trap");
+        assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::RW));
+        f.vcpu.write(Field::Rflags, 0x302);
+        f.vcpu.write(Field::PendingDebugExceptions, 1 << 14);
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::READ));
+        assert_eq!(f.vcpu.read(Field::PendingDebugExceptions), 0, "no single step pending past the exit");
+        assert_eq!(f.vcpu.read(Field::Rflags), 0x202);
+        // And the call is judged at its fetch.
+        w(&f.phys, STACK, &(K + MODULE_CODE + 0x20).to_le_bytes());
+        f.ept(FETCH | READ, SET_MEMORY_RW, K + SET_MEMORY_RW, K + SET_MEMORY_RW);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::CallDeniedApi as u32]);
+    }
+
+    #[test]
+    fn a_modules_own_trap_flag_does_not_carry_a_stepped_call_past_its_judgement() {
+        // Without the monitor trap flag, a step is a trap flag of CTVM's; the
+        // module had set its own, and the stepped instruction is a `call`.
+        for branch in [true, false] {
+            let mut f = fixture(Mode::Enforce);
+            f.control.no_monitor_trap = true;
+            let id = f.register_everything();
+            let module = View::Module(id);
+            f.guest.integrity.as_mut().unwrap().view = module;
+            f.control.active = Some(module);
+            f.vcpu.write(Field::Rflags, 0x302);
+            let writer = K + MODULE_CODE + 0x10;
+            assert_eq!(f.ept(WRITE, MODULE_DATA + 0x10, K + MODULE_DATA + 0x10, writer), Action::Resume);
+            assert!(f.control.debug_exits);
+            let next = if branch { K + SET_MEMORY_RW } else { writer + 3 };
+            f.vcpu.write(Field::Rip, next);
+            let db =
+                ExitInfo { reason: reason::EXCEPTION_OR_NMI, interruption_info: 0x8000_0301, ..Default::default() };
+            assert_eq!(f.exit(db), Action::Resume);
+            assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::READ), "the page closed");
+            assert_eq!(f.control.debug_exits, branch, "#DB keeps exiting in a module's view, not in the kernel's");
+            if branch {
+                // No #DB delivered at the target: the fetch there is judged first.
+                assert_eq!(f.vcpu.injected(), None);
+                assert_eq!(f.control.active, Some(module));
+                assert_eq!(f.vcpu.read(Field::Rflags), 0x202);
+                w(&f.phys, STACK, &(K + MODULE_CODE + 0x20).to_le_bytes());
+                f.ept(FETCH | READ, SET_MEMORY_RW, K + SET_MEMORY_RW, K + SET_MEMORY_RW);
+                assert_eq!(violation_kinds(&mut f), [ViolationKind::CallDeniedApi as u32]);
+            } else {
+                // Its own single step inside its code: the #DB is due, in the kernel view.
+                assert_eq!(f.vcpu.injected(), Some((1, None)));
+                assert_eq!(f.control.active, Some(View::Kernel));
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_pushing_beside_the_kernels_frames_is_carried_out_not_stepped() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        // The kernel calls the module's entry with its return address at
+        // STACK + 0x800, mid-page.
+        let entry_rsp = K + STACK + 0x800;
+        w(&f.phys, STACK + 0x800, &(K + TEXT + 0x9999).to_le_bytes());
+        f.vcpu.write(Field::Rsp, entry_rsp);
+        let entry = K + MODULE_CODE;
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, entry, entry), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+        // In its frame, it calls its own function: `call rel32`.
+        let (at, callee) = (MODULE_CODE + 0x10, MODULE_CODE + 0x100);
+        let rel = (callee - (at + 5)) as u32;
+        w(&f.phys, at, &[&[0xe8][..], &rel.to_le_bytes()].concat());
+        let rsp = entry_rsp - 0x40;
+        f.vcpu.write(Field::Rsp, rsp);
+        let push = STACK + 0x800 - 0x48;
+        let before = guest_bytes(&f, STACK + 0x800, 0x10);
+        assert_eq!(f.ept(WRITE, push, rsp - 8, K + at), Action::Resume);
+        assert!(!f.control.monitor_trap, "not stepped");
+        assert_eq!(f.vcpu.read(Field::Rip), K + callee);
+        assert_eq!(f.vcpu.read(Field::Rsp), rsp - 8);
+        assert_eq!(guest_bytes(&f, push, 8), (K + at + 5).to_le_bytes());
+        assert_eq!(guest_bytes(&f, STACK + 0x800, 0x10), before, "the kernel's frame untouched");
+        assert!(violation_kinds(&mut f).is_empty());
+        // With its trap flag set, a call out of its code: the trap is
+        // dropped with the flag, the fetch judged first.
+        let (at2, out) = (MODULE_CODE + 0x20, PRINTK);
+        let rel = (out.wrapping_sub(at2 + 5)) as u32;
+        w(&f.phys, at2, &[&[0xe8][..], &rel.to_le_bytes()].concat());
+        f.vcpu.write(Field::Rsp, rsp);
+        f.vcpu.write(Field::Rflags, 0x302);
+        assert_eq!(f.ept(WRITE, push, rsp - 8, K + at2), Action::Resume);
+        assert_eq!((f.vcpu.read(Field::Rip), f.vcpu.read(Field::Rflags)), (K + out, 0x202));
+        assert_eq!(f.vcpu.injected(), None);
+        // A push onto the kernel's return address is no call of its own: refused.
+        f.vcpu.write(Field::Rsp, entry_rsp + 8);
+        assert_eq!(f.ept(WRITE, STACK + 0x800, entry_rsp, K + at), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
+        assert_eq!(guest_bytes(&f, STACK + 0x800, 0x10), before);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use guest_agent::integrity::ViolationAction;
 
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
-use super::returns::{ReturnPoint, ReturnPoints};
+use super::returns::{same_stack, ReturnPoint, ReturnPoints};
 use super::violation::{Violation, ViolationKind, ViolationLog};
 use super::{Mode, View};
 use crate::exits::Access;
@@ -51,6 +51,13 @@ pub struct Fault {
     /// For a write into such an object: the field there every module may
     /// write (a reference count), if the write lands in one.
     pub shared_field: Option<Range>,
+    /// For a module's write to an untracked page: the 16 KiB stack the
+    /// address would lie on starts with the kernel's end-of-stack mark (a
+    /// task's stack, whatever that task is doing).
+    pub task_stack: bool,
+    /// For the kernel's call into a module: the out-parameters it hands it
+    /// in its own frames (see [`super::returns::out_parameter`]).
+    pub out_params: [Option<Range>; 6],
 }
 
 /// Where control goes when it leaves a module.
@@ -179,6 +186,11 @@ pub struct Engine {
     pub cpu: u32,
     /// Modules quarantined since the caller last asked ([`Engine::take_quarantined`]).
     newly_quarantined: Vec<u32>,
+    /// Stack pages granted writable to a module's view (the module, the
+    /// page's linear and guest-physical address): its own frames then,
+    /// taken back once they may hold the kernel's (see
+    /// [`Engine::stale_stack_grants`]).
+    stack_grants: Vec<(u32, u64, u64)>,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -260,6 +272,7 @@ impl Engine {
             stats: Stats::default(),
             cpu: 0,
             newly_quarantined: Vec::new(),
+            stack_grants: Vec::new(),
         }
     }
 
@@ -545,6 +558,7 @@ impl Engine {
             }
         }
         self.returns.forget(View::Module(id));
+        self.stack_grants.retain(|g| g.0 != id);
         Ok(m.info)
     }
 
@@ -829,6 +843,7 @@ impl Engine {
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
                 Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
+                None if self.is_stack(fault) => self.stack_write(fault, m),
                 // A process's page table the last walk has not seen yet.
                 None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
                     self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
@@ -861,6 +876,83 @@ impl Engine {
             }
             Some(r) => Outcome::step(Step::StepBeside(r)),
         }
+    }
+
+    /// Whether a module's write lands on a kernel stack: one a crossing is
+    /// live on, or a task's (its end-of-stack mark).
+    fn is_stack(&self, fault: &Fault) -> bool {
+        fault.task_stack || self.returns.owner(fault.gva).is_some()
+    }
+
+    /// A module writes a kernel stack. It runs on the kernel's stacks, and
+    /// the kernel's frames share them: the caller of a callback lies above
+    /// it, a task the module called the kernel from sleeps on its own. The
+    /// module may write its own frames and the out-parameters a call handed
+    /// it, nothing else: a return address or a saved register there would
+    /// steer the kernel's view where no crossing is judged.
+    ///
+    /// A page of the running stack wholly the module's is granted (until
+    /// it may hold the kernel's frames again); any other write exits and is
+    /// stepped over alone, with the bytes around it that are not the
+    /// module's put back.
+    fn stack_write(&mut self, fault: &Fault, m: u32) -> Outcome {
+        let me = View::Module(m);
+        let (owner, run) = self.returns.owner(fault.gva).unwrap_or((View::Kernel, Range::new(0, 0)));
+        let page_va = page(fault.gva);
+        let on_page = |r: Range| {
+            let (from, to) = (r.start.max(page_va), r.end.min(page_va + 0x1000));
+            Range::new(page(fault.gpa) + (from - page_va), page(fault.gpa) + (to - page_va))
+        };
+        let allowed = if owner == me {
+            if same_stack(fault.gva, fault.rsp) && run.start <= page_va && page_va + 0x1000 <= run.end {
+                let grant = (m, page_va, page(fault.gpa));
+                if !self.stack_grants.contains(&grant) {
+                    self.stack_grants.push(grant);
+                }
+                return Outcome::step(Step::Grant(Perms::RW));
+            }
+            Some(run)
+        } else {
+            self.returns.window(me, fault.gva)
+        };
+        match allowed {
+            Some(r) => Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed: on_page(r) }),
+            None => self.violation(fault, ViolationKind::WriteKernelStack, Step::Skip, Step::StepOver),
+        }
+    }
+
+    /// Whether module `m` may write `bytes` (guest-virtual) of a kernel
+    /// stack itself: `None` when they are on no stack CTVM knows of.
+    pub fn stack_may_write(&self, m: u32, bytes: Range, task_stack: bool) -> Option<bool> {
+        let me = View::Module(m);
+        let within = |r: Range| r.start <= bytes.start && bytes.end <= r.end;
+        match self.returns.owner(bytes.start) {
+            Some((owner, run)) => {
+                Some((owner == me && within(run)) || self.returns.window(me, bytes.start).is_some_and(within))
+            }
+            None => task_stack.then_some(false),
+        }
+    }
+
+    /// Stack pages granted to module `m`'s view that are no longer wholly
+    /// its own frames now that it runs at `rsp`: another task's stack (a
+    /// module's view serves every task that enters it), or pages above
+    /// where the kernel called it this time. The caller takes write back.
+    pub fn stale_stack_grants(&mut self, m: u32, rsp: u64) -> Vec<u64> {
+        let returns = &self.returns;
+        let mut stale = Vec::new();
+        self.stack_grants.retain(|&(owner, va, gpa)| {
+            let own = owner != m
+                || same_stack(va, rsp)
+                    && returns
+                        .owner(va)
+                        .is_some_and(|(o, run)| o == View::Module(m) && run.start <= va && va + 0x1000 <= run.end);
+            if !own {
+                stale.push(gpa);
+            }
+            own
+        });
+        stale
     }
 
     /// The guest-physical pages of a module's data that its own view maps
@@ -947,7 +1039,14 @@ impl Engine {
         if is_entry {
             // A call from the kernel: it returns to the address it pushed.
             if let Some(ret) = fault.stack[0].filter(|&a| is_kernel_address(a)) {
-                self.remember(View::Kernel, View::Module(m), ret, fault.rsp.wrapping_add(8));
+                let point = ReturnPoint {
+                    into: View::Kernel,
+                    from: View::Module(m),
+                    address: ret,
+                    rsp: fault.rsp.wrapping_add(8),
+                };
+                let out: Vec<Range> = fault.out_params.iter().flatten().copied().collect();
+                self.returns.remember_call(point, &out);
             }
             return Outcome::step(Step::Switch(View::Module(m)));
         }
@@ -1187,7 +1286,8 @@ impl Engine {
         self.modules.iter().find(|(_, md)| in_ranges(&md.info.code, addr)).map(|(&id, _)| id)
     }
 
-    fn is_code_of(&self, m: u32, addr: u64) -> bool {
+    /// Whether `addr` is module `m`'s code.
+    pub fn is_code_of(&self, m: u32, addr: u64) -> bool {
         self.modules.get(&m).is_some_and(|md| in_ranges(&md.info.code, addr))
     }
 
@@ -1343,6 +1443,8 @@ mod tests {
             gprs: [0; 16],
             kernel_object: None,
             shared_field: None,
+            task_stack: false,
+            out_params: [None; 6],
         }
     }
 
@@ -1958,5 +2060,151 @@ mod tests {
         let id = e.register_module(ModuleInfo { name: "x".into(), ..Default::default() }, false, &[], &[]).unwrap();
         let out = e.decide(&fault(View::Module(id), Access::Write, DATA_GPA + 8, 0, 0));
         assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::Skip, Some(ViolationKind::WritePageTable)));
+    }
+
+    /// The kernel calls module `id`'s entry with the stack at `rsp`,
+    /// handing it `out` in its frames.
+    fn kernel_calls(e: &mut Engine, id: u32, rsp: u64, out: Option<Range>) {
+        let call = Fault {
+            out_params: [out, None, None, None, None, None],
+            ..fault(View::Kernel, Access::Execute, MOD_CODE_GPA, MOD_FN, TEXT + 0x123)
+        };
+        assert_eq!(e.decide(&at_rsp(call, rsp)).step, Step::Switch(View::Module(id)));
+    }
+
+    /// Module `id` writes stack address `gva` (at guest-physical `gpa`)
+    /// running at `rsp`.
+    fn stack_write(e: &mut Engine, id: u32, gva: u64, gpa: u64, rsp: u64) -> (Step, Option<ViolationKind>) {
+        let out = e.decide(&at_rsp(fault(View::Module(id), Access::Write, gpa, gva, 0), rsp));
+        (out.step, out.violation.map(|v| v.kind))
+    }
+
+    const STACK_BASE: u64 = STACK & !0x3fff;
+    const STACK_GPA: u64 = 0x6000_0000;
+
+    #[test]
+    fn a_module_writes_its_own_frames_and_no_kernel_frame_above_them() {
+        for mode in [Mode::Enforce, Mode::Audit] {
+            let (mut e, id) = engine(mode);
+            // The kernel calls the module at B = STACK: its return address is at B.
+            kernel_calls(&mut e, id, STACK, None);
+            let deeper = STACK - 0x100;
+            // A page wholly below B is the module's: granted.
+            assert_eq!(
+                stack_write(&mut e, id, STACK_BASE + 0x2010, STACK_GPA + 0x10, deeper),
+                (Step::Grant(Perms::RW), None)
+            );
+            // B's page below B: this write alone, the kernel's bytes from B on kept.
+            let own = Range::new(STACK_GPA, STACK_GPA + (STACK & 0xfff));
+            assert_eq!(
+                stack_write(&mut e, id, STACK - 0x10, STACK_GPA + (STACK & 0xfff) - 0x10, deeper),
+                (Step::StepWithin { guard: store_guard(STACK_GPA + (STACK & 0xfff) - 0x10), allowed: own }, None)
+            );
+            // The kernel's return address at B, and a frame above it: refused.
+            let refused = if mode == Mode::Enforce { Step::Skip } else { Step::StepOver };
+            for above in [STACK, STACK + 0x78] {
+                let gpa = STACK_GPA + (above & 0xfff);
+                assert_eq!(
+                    stack_write(&mut e, id, above, gpa, deeper),
+                    (refused, Some(ViolationKind::WriteKernelStack))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_module_writes_the_out_parameter_it_was_handed_and_no_more() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let out = Range::new(STACK + 0x40, STACK + 0x70);
+        kernel_calls(&mut e, id, STACK, Some(out));
+        let gpa = |va: u64| STACK_GPA + (va & 0xfff);
+        assert_eq!(
+            stack_write(&mut e, id, STACK + 0x48, gpa(STACK + 0x48), STACK - 0x80),
+            (
+                Step::StepWithin {
+                    guard: store_guard(gpa(STACK + 0x48)),
+                    allowed: Range::new(gpa(out.start), gpa(out.end))
+                },
+                None
+            )
+        );
+        let past = stack_write(&mut e, id, STACK + 0x70, gpa(STACK + 0x70), STACK - 0x80);
+        assert_eq!(past, (Step::Skip, Some(ViolationKind::WriteKernelStack)));
+        // Another module handed nothing there gets nothing.
+        let other =
+            e.register_module(ModuleInfo { name: "other".into(), ..Default::default() }, false, &[], &[]).unwrap();
+        let theirs = stack_write(&mut e, other, STACK + 0x48, gpa(STACK + 0x48), STACK - 0x80);
+        assert_eq!(theirs.1, Some(ViolationKind::WriteKernelStack));
+    }
+
+    #[test]
+    fn a_module_writes_no_other_tasks_stack() {
+        let (mut e, id) = engine(Mode::Enforce);
+        // Another task inside the module (it called the kernel, which
+        // sleeps): its module frames are the module's, the kernel's are not.
+        kernel_calls(&mut e, id, OTHER_STACK, None);
+        let call_out =
+            at_rsp(fault(View::Module(id), Access::Execute, TEXT_GPA, PRINTK, MOD + 0x300), OTHER_STACK - 0x100);
+        assert_eq!(e.decide(&call_out).step, Step::Switch(View::Kernel));
+        kernel_calls(&mut e, id, STACK, None);
+        let from_here = STACK - 0x80;
+        let (own, kernels) = (OTHER_STACK - 0x80, OTHER_STACK - 0x200);
+        let gpa = |va: u64| STACK_GPA + 0x8000 + (va & 0xfff);
+        assert!(matches!(stack_write(&mut e, id, own, gpa(own), from_here), (Step::StepWithin { .. }, None)));
+        // A task's stack no crossing is live on (its end-of-stack mark), and
+        // the same address holding no stack: heap.
+        let elsewhere = OTHER_STACK + 0x10_0000;
+        let heap = at_rsp(fault(View::Module(id), Access::Write, STACK_GPA + 0x10_0000, elsewhere, 0), from_here);
+        assert_eq!(e.decide(&heap).step, Step::Grant(Perms::RW));
+        let sleeping = Fault { task_stack: true, ..heap };
+        let out = e.decide(&sleeping);
+        assert_eq!((out.step, out.violation.map(|v| v.kind)), (Step::Skip, Some(ViolationKind::WriteKernelStack)));
+        assert_eq!(
+            stack_write(&mut e, id, kernels, gpa(kernels), from_here),
+            (Step::Skip, Some(ViolationKind::WriteKernelStack))
+        );
+        assert_eq!(
+            stack_write(&mut e, id, OTHER_STACK + 8, gpa(OTHER_STACK + 8), from_here).1,
+            Some(ViolationKind::WriteKernelStack)
+        );
+    }
+
+    #[test]
+    fn stack_grants_are_taken_back_once_the_kernels_frames_may_be_there() {
+        let (mut e, id) = engine(Mode::Enforce);
+        kernel_calls(&mut e, id, STACK, None);
+        let low = STACK_BASE + 0x2000;
+        assert_eq!(stack_write(&mut e, id, low, STACK_GPA + 0x2000, STACK - 0x100).0, Step::Grant(Perms::RW));
+        assert!(e.stale_stack_grants(id, STACK - 0x100).is_empty(), "still its frames");
+        // It returns; the kernel calls it again from deeper, below that page.
+        let ret = at_rsp(fault(View::Module(id), Access::Execute, TEXT_GPA, TEXT + 0x123, 0), STACK + 8);
+        assert_eq!(e.decide(&ret).step, Step::Switch(View::Kernel));
+        kernel_calls(&mut e, id, STACK_BASE + 0x1800, None);
+        assert_eq!(e.stale_stack_grants(id, STACK_BASE + 0x1700), vec![STACK_GPA + 0x2000]);
+        // A grant on one task's stack is taken back when another enters.
+        assert_eq!(
+            stack_write(&mut e, id, STACK_BASE + 0x0800, STACK_GPA + 0x0800, STACK_BASE + 0x1700).0,
+            Step::Grant(Perms::RW)
+        );
+        kernel_calls(&mut e, id, OTHER_STACK, None);
+        assert_eq!(e.stale_stack_grants(id, OTHER_STACK - 0x100), vec![STACK_GPA]);
+    }
+
+    #[test]
+    fn a_deputy_writes_only_what_the_module_could_on_a_stack() {
+        let (mut e, id) = engine(Mode::Enforce);
+        let out = Range::new(STACK + 0x40, STACK + 0x70);
+        kernel_calls(&mut e, id, STACK, Some(out));
+        let may = |e: &Engine, from: u64, len: u64| e.stack_may_write(id, Range::new(from, from + len), false);
+        assert_eq!(may(&e, STACK - 0x40, 0x40), Some(true), "its own frame");
+        assert_eq!(may(&e, STACK - 0x8, 0x10), Some(false), "reaching the return address");
+        assert_eq!(may(&e, STACK + 0x40, 0x30), Some(true), "the out-parameter");
+        assert_eq!(may(&e, STACK + 0x40, 0x38), Some(false), "past it");
+        assert_eq!(
+            e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), true),
+            Some(false),
+            "a task's stack"
+        );
+        assert_eq!(e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), false), None, "no stack");
     }
 }

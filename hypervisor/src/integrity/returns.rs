@@ -15,10 +15,18 @@
 //! many tasks sleep inside modules, and needs no eviction in practice; past
 //! [`MAX`] points, the stack used least recently is forgotten (its tasks'
 //! returns are then refused, and counted).
+//!
+//! The same points say whose frames a stack holds: the bytes between two
+//! live crossings belong to the code that runs between them, so a module's
+//! view may write its own frames and nothing of the kernel's above them
+//! (see [`ReturnPoints::owner`]). A call into a module may hand it pointers
+//! into the kernel's frames (`dev_get_stats`' result, a `read`'s position):
+//! those out-parameters are recorded with the call ([`ReturnPoints::window`]).
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::layout::Range;
 use super::View;
 
 /// A place control may come back to.
@@ -35,12 +43,54 @@ pub struct ReturnPoint {
 /// exception stacks too): the key that groups a stack's points.
 const STACK_SHIFT: u32 = 14;
 
+/// The kernel stack (16 KiB, aligned) that holds `addr`.
+pub fn stack_of(addr: u64) -> Range {
+    let base = addr & !((1 << STACK_SHIFT) - 1);
+    Range::new(base, base.saturating_add(1 << STACK_SHIFT))
+}
+
+/// Whether two addresses lie on the same kernel stack.
+pub fn same_stack(a: u64, b: u64) -> bool {
+    a >> STACK_SHIFT == b >> STACK_SHIFT
+}
+
+/// The most an out-parameter reaches (a kernel frame's object is smaller).
+const MAX_OUT_PARAMETER: u64 = 4096;
+
+/// The out-parameter a call into a module at stack pointer `rsp` (its
+/// return address is there) hands it in `arg`, if `arg` points into the
+/// caller's frames on the same stack: from `arg` up to the first word above
+/// it that holds a return address (the frame's own, which the object lies
+/// below), at most [`MAX_OUT_PARAMETER`] bytes and never past the stack.
+/// `words` are the stack's words from `arg` rounded down to 8 bytes on.
+/// What a frame keeps between its object and its return address (its
+/// other locals, the registers it saved) is inside the window.
+pub fn out_parameter(arg: u64, rsp: u64, words: &[u64], is_return_address: impl Fn(u64) -> bool) -> Option<Range> {
+    if !same_stack(arg, rsp) || arg < rsp.saturating_add(8) {
+        return None;
+    }
+    let cap = stack_of(rsp).end.min(arg.saturating_add(MAX_OUT_PARAMETER));
+    let first = arg & !7;
+    let end = words
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (first + 8 * i as u64, w))
+        .take_while(|&(at, _)| at < cap)
+        .find(|&(at, w)| at >= arg && is_return_address(w))
+        .map_or(cap, |(at, _)| at);
+    (end > arg).then(|| Range::new(arg, end))
+}
+
 /// Most points kept: far more crossing frames than a kernel has live.
 pub const MAX: usize = 1 << 16;
 
 #[derive(Default)]
 struct Stack {
+    /// Live points, deepest last.
     points: Vec<ReturnPoint>,
+    /// Out-parameters handed at calls into modules: the point's RSP, the
+    /// module, and the kernel bytes it may write.
+    windows: Vec<(u64, View, Range)>,
     /// When a point was last added or taken here (for the bound).
     used: u64,
 }
@@ -80,6 +130,7 @@ impl ReturnPoints {
         let stack = self.stacks.entry(Self::key(first.rsp)).or_default();
         let before = stack.points.len();
         stack.points.retain(|p| p.rsp > first.rsp);
+        stack.windows.retain(|w| w.0 > first.rsp);
         stack.points.extend(points.iter().filter(|p| Self::key(p.rsp) == Self::key(first.rsp)));
         stack.used = self.clock;
         self.count = self.count + stack.points.len() - before;
@@ -108,6 +159,7 @@ impl ReturnPoints {
         let before = stack.points.len();
         // This frame's points (an interrupt's fixup twin) and the ones below go.
         stack.points.retain(|p| p.rsp > rsp);
+        stack.windows.retain(|w| w.0 > rsp);
         self.clock += 1;
         stack.used = self.clock;
         self.count -= before - stack.points.len();
@@ -115,6 +167,49 @@ impl ReturnPoints {
             self.stacks.remove(&key);
         }
         true
+    }
+
+    /// Records a call from the kernel into `point.from`, with the
+    /// out-parameters it hands the module in the kernel's frames.
+    pub fn remember_call(&mut self, point: ReturnPoint, out: &[Range]) {
+        self.remember(point);
+        if let Some(stack) = self.stacks.get_mut(&Self::key(point.rsp)) {
+            stack.windows.extend(out.iter().map(|&r| (point.rsp, point.from, r)));
+        }
+    }
+
+    /// Whose frames hold stack byte `addr`, and the run of bytes around it
+    /// that are theirs: `None` when no crossing is live on that stack.
+    ///
+    /// Below the deepest point run the frames of the code that was called
+    /// there (`from`); between two points, those of the code that the lower
+    /// one returns into, which must be the code the upper one called (else
+    /// the kernel's: a run two points disagree about is no module's); above
+    /// the highest, those of the code it returns into. A point's own return
+    /// address belongs to the code it returns into.
+    pub fn owner(&self, addr: u64) -> Option<(View, Range)> {
+        let stack = self.stacks.get(&Self::key(addr))?;
+        let whole = stack_of(addr);
+        let slot = |p: &ReturnPoint| p.rsp.wrapping_sub(8);
+        // The deepest point whose slot lies above addr, and the highest at or below it.
+        let above = stack.points.iter().filter(|p| slot(p) > addr).min_by_key(|p| p.rsp);
+        let below = stack.points.iter().filter(|p| slot(p) <= addr).max_by_key(|p| p.rsp);
+        let run = Range::new(below.map_or(whole.start, slot), above.map_or(whole.end, slot));
+        let owner = match (below, above) {
+            (None, Some(a)) => a.from,
+            (Some(b), None) => b.into,
+            (Some(b), Some(a)) if b.into == a.from => b.into,
+            (Some(_), Some(_)) => View::Kernel,
+            (None, None) => return None,
+        };
+        Some((owner, run))
+    }
+
+    /// The out-parameter handed to module `view` on `addr`'s stack that
+    /// holds `addr`, if any.
+    pub fn window(&self, view: View, addr: u64) -> Option<Range> {
+        let stack = self.stacks.get(&Self::key(addr))?;
+        stack.windows.iter().find(|w| w.1 == view && w.2.contains(addr)).map(|w| w.2)
     }
 
     /// The module whose call is the nearest one live on this stack above
@@ -135,6 +230,7 @@ impl ReturnPoints {
         for stack in self.stacks.values_mut() {
             let before = stack.points.len();
             stack.points.retain(|p| p.into != view && p.from != view);
+            stack.windows.retain(|w| w.1 != view);
             self.count -= before - stack.points.len();
         }
         self.stacks.retain(|_, s| !s.points.is_empty());
@@ -227,5 +323,71 @@ mod tests {
         r.forget(M);
         assert_eq!(r.len(), 1);
         assert!(r.take(OTHER, K, 0xb, STACK_B + 0x3f00));
+    }
+
+    #[test]
+    fn frames_belong_to_the_code_between_two_crossings() {
+        let mut r = ReturnPoints::default();
+        assert_eq!(r.owner(STACK_A + 0x3000), None, "no crossing live: unknown");
+        // The kernel calls M (its return address at 0x3f00), M calls the
+        // kernel (at 0x3e00), which calls OTHER (at 0x3d00).
+        r.remember(point(K, M, 0xa, STACK_A + 0x3f08));
+        r.remember(point(M, K, 0xb, STACK_A + 0x3e08));
+        r.remember(point(K, OTHER, 0xc, STACK_A + 0x3d08));
+        let whole_top = STACK_A + 0x4000;
+        assert_eq!(
+            r.owner(STACK_A + 0x3f00),
+            Some((K, Range::new(STACK_A + 0x3f00, whole_top))),
+            "the kernel's return address"
+        );
+        assert_eq!(r.owner(STACK_A + 0x3e80), Some((M, Range::new(STACK_A + 0x3e00, STACK_A + 0x3f00))));
+        assert_eq!(r.owner(STACK_A + 0x3d80), Some((K, Range::new(STACK_A + 0x3d00, STACK_A + 0x3e00))));
+        assert_eq!(r.owner(STACK_A + 0x100), Some((OTHER, Range::new(STACK_A, STACK_A + 0x3d00))));
+        // Two points that disagree about a run leave it to the kernel.
+        let mut odd = ReturnPoints::default();
+        odd.remember(point(K, M, 0xa, STACK_A + 0x3f08));
+        odd.remember(point(OTHER, K, 0xb, STACK_A + 0x3e08));
+        assert_eq!(odd.owner(STACK_A + 0x3e80).map(|o| o.0), Some(K));
+    }
+
+    #[test]
+    fn an_out_parameter_ends_below_the_frames_return_address() {
+        let rsp = STACK_A + 0x3e00;
+        let ret = 0xffff_ffff_8100_0000;
+        // Words from rsp: its return address, then a frame's object at
+        // +0x20, a saved register at +0x38, the frame's return address at +0x40.
+        let mut words = [0u64; 16];
+        words[0] = ret;
+        words[7] = 0xffff_8880_0000_1000;
+        words[8] = ret + 0x40;
+        let is_ret = |w: u64| w == ret || w == ret + 0x40;
+        let from = |arg: u64| &words[((arg & !7) - rsp) as usize / 8..];
+        assert_eq!(out_parameter(rsp + 0x20, rsp, from(rsp + 0x20), is_ret), Some(Range::new(rsp + 0x20, rsp + 0x40)));
+        assert_eq!(out_parameter(rsp + 0x24, rsp, from(rsp + 0x24), is_ret), Some(Range::new(rsp + 0x24, rsp + 0x40)));
+        assert_eq!(out_parameter(rsp + 0x40, rsp, from(rsp + 0x40), is_ret), None, "a return address is no object");
+        assert_eq!(out_parameter(rsp, rsp, from(rsp), is_ret), None, "the call's own return address");
+        assert_eq!(out_parameter(rsp - 0x20, rsp, &words, is_ret), None, "below: the callee's");
+        assert_eq!(out_parameter(STACK_B + 0x20, rsp, &words, is_ret), None, "another stack");
+        // No return address in reach: at most a page, never past the stack.
+        let none = [0u64; 600];
+        assert_eq!(
+            out_parameter(STACK_A + 0x800, STACK_A + 0x700, &none, is_ret),
+            Some(Range::new(STACK_A + 0x800, STACK_A + 0x1800))
+        );
+        assert_eq!(
+            out_parameter(STACK_A + 0x3f00, STACK_A + 0x3000, &none, is_ret),
+            Some(Range::new(STACK_A + 0x3f00, STACK_A + 0x4000))
+        );
+    }
+
+    #[test]
+    fn an_out_parameter_goes_with_its_call() {
+        let mut r = ReturnPoints::default();
+        let w = Range::new(STACK_A + 0x3f40, STACK_A + 0x3f70);
+        r.remember_call(point(K, M, 0xa, STACK_A + 0x3f08), &[w]);
+        assert_eq!(r.window(M, STACK_A + 0x3f48), Some(w));
+        assert_eq!(r.window(OTHER, STACK_A + 0x3f48), None);
+        assert!(r.take(K, M, 0xa, STACK_A + 0x3f08));
+        assert_eq!(r.window(M, STACK_A + 0x3f48), None, "gone once the call returned");
     }
 }

@@ -267,6 +267,10 @@ integrity_tests() {
     attack atk_deputy modprobe=$(sym modprobe_path)
     say "after atk_deputy: modprobe path $(cat /proc/sys/kernel/modprobe), $(ls -d /sys/module/ifb 2>/dev/null | wc -l) ifb in /sys/module"
     attack atk_lookup kln=$(sym kallsyms_lookup_name)
+    # A call carried past its judgement by the trap flag's single-step trap.
+    attack atk_trap kln=$(sym kallsyms_lookup_name)
+    # Kernel frames on the stacks: its caller's, a sleeping task's.
+    attack atk_stack text_lo=$(sym _stext) text_hi=$(sym _etext)
     # Page tables: the kernel's, this process's, and a CR3 of its own.
     attack atk_pgtable
     # A process forked after the last walk: its top-level table, listed but

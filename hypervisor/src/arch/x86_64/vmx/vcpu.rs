@@ -897,6 +897,7 @@ fn field_encoding(field: Field) -> u32 {
         Field::SsAccessRights => guest::SS_ACCESS_RIGHTS,
         Field::Interruptibility => guest::INTERRUPTIBILITY_STATE,
         Field::ActivityState => guest::ACTIVITY_STATE,
+        Field::PendingDebugExceptions => guest::PENDING_DBG_EXCEPTIONS,
         Field::EntryControls => control::VMENTRY_CONTROLS,
         Field::EntryInterruptionInfo => control::VMENTRY_INTERRUPTION_INFO_FIELD,
         Field::EntryExceptionErrorCode => control::VMENTRY_EXCEPTION_ERR_CODE,
