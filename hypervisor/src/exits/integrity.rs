@@ -966,12 +966,17 @@ fn revoke_heap_grants(ctx: &mut ExitContext<'_>) {
 const STACK_END_MAGIC: u64 = 0x57ac_6e9d;
 
 /// Whether `gva` lies on a task's kernel stack: the 16 KiB-aligned stack
-/// it would be on starts with the kernel's mark. A module cannot remove the
-/// mark (it lies on that stack, where the module may not write); a module
-/// that puts it into its own memory only refuses itself.
+/// it would be on starts with the kernel's mark, and the page below it is
+/// a guard page (stacks are vmalloc'd; in the direct map, which has no
+/// guard pages, any physical page may happen to start with the mark). A
+/// module cannot remove the mark (it lies on that stack, where the module
+/// may not write); a module that puts it into its own memory only refuses
+/// itself.
 fn is_task_stack(ctx: &ExitContext<'_>, gva: u64) -> bool {
+    let base = crate::integrity::returns::stack_of(gva).start;
     crate::integrity::layout::is_kernel_address(gva)
-        && ctx.inspect().read_u64(crate::integrity::returns::stack_of(gva).start) == Ok(STACK_END_MAGIC)
+        && ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC)
+        && ctx.inspect().translate(base.wrapping_sub(0x1000)).is_err()
 }
 
 /// The out-parameters the kernel hands a module it calls at `rsp`: its
@@ -3148,6 +3153,9 @@ mod tests {
         assert_eq!(guest_bytes(&f, KERNEL_DATA + 0x90, 16), expected);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32]);
         assert_eq!(f.control.perms(module, KERNEL_DATA), None, "closed again");
+        // Starting with the end-of-stack mark makes no stack of a page with
+        // no guard page below it (the direct map's pages).
+        w(&f.phys, HEAP_PAGE, &STACK_END_MAGIC.to_le_bytes());
         assert_eq!(f.ept(WRITE, HEAP_PAGE + 8, K + HEAP_PAGE + 8, writer), Action::Resume);
         assert!(violation_kinds(&mut f).is_empty());
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW), "an ordinary heap page is granted");
