@@ -1247,9 +1247,14 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
     };
-    let into_module = matches!(state.engine.class_of(page), Some(PageClass::ModuleCode(_)));
+    // Only a call to a module's entry hands it out-parameters (a return
+    // into its code finds the kernel's leftovers in those registers).
+    let entry = match state.engine.class_of(page) {
+        Some(PageClass::ModuleCode(m)) => state.engine.is_module_entry(m, gva),
+        _ => false,
+    };
     let out_params = match (state.view, info.access) {
-        (View::Kernel, super::Access::Execute) if into_module => out_parameters(ctx, &gprs, rsp),
+        (View::Kernel, super::Access::Execute) if entry => out_parameters(ctx, &gprs, rsp),
         _ => [None; 6],
     };
     let fault = Fault {
@@ -1468,13 +1473,22 @@ fn call_carried_out(
     if ctx.vcpu.read(Field::Rflags) & RFLAGS_TF != 0 {
         if branched_out(ctx, m) {
             drop_debug_traps(ctx);
-        } else if leave_module_for_event(ctx, m, target).is_ok() {
-            inject_exception(ctx.vcpu, 1, None);
-        } else {
-            return Some(Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into())));
+        } else if let Err(stop) = own_single_step(ctx, m) {
+            return Some(stop);
         }
     }
     Some(Action::Resume)
+}
+
+/// Module `m` single-steps itself inside its code: its #DB is due,
+/// delivered in the kernel view as any event from a module's view.
+fn own_single_step(ctx: &mut ExitContext<'_>, m: u32) -> Result<(), Action> {
+    let rip = ctx.vcpu.read(Field::Rip);
+    if leave_module_for_event(ctx, m, rip).is_err() {
+        return Err(Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into())));
+    }
+    inject_exception(ctx.vcpu, VECTOR_DB as u8, None);
+    Ok(())
 }
 
 fn guarded_step(
@@ -1610,12 +1624,9 @@ pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
             let rflags = ctx.vcpu.read(Field::Rflags);
             ctx.vcpu.write(Field::Rflags, rflags & !RFLAGS_TF);
         } else if let View::Module(m) = stepping.view {
-            // The module single-steps itself: its #DB is due, delivered in
-            // the kernel view as any event from a module's view.
-            if leave_module_for_event(ctx, m, rip).is_err() {
-                return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
+            if let Err(stop) = own_single_step(ctx, m) {
+                return stop;
             }
-            inject_exception(ctx.vcpu, 1, None);
         } else {
             // The guest was single-stepping itself: its #DB is due.
             inject_exception(ctx.vcpu, 1, None);
@@ -2684,11 +2695,8 @@ mod tests {
         // A `call` whose push is let through alone (beside the module's
         // struct module, as a stack write beside a kernel frame is) with
         // the trap flag set: its #DB exits before the monitor trap does.
-        let mut f = fixture(Mode::Enforce);
-        let id = f.register_everything();
+        let (mut f, id) = in_module(K + MODULE_CODE + 0x10);
         let module = View::Module(id);
-        f.guest.integrity.as_mut().unwrap().view = module;
-        f.control.active = Some(module);
         assert_eq!(f.ept(WRITE, MODULE_DATA + 0x10, K + MODULE_DATA + 0x10, K + MODULE_CODE + 0x10), Action::Resume);
         assert!(f.control.monitor_trap);
         f.vcpu.write(Field::Rip, K + SET_MEMORY_RW);
@@ -2715,14 +2723,11 @@ mod tests {
         // Without the monitor trap flag, a step is a trap flag of CTVM's; the
         // module had set its own, and the stepped instruction is a `call`.
         for branch in [true, false] {
-            let mut f = fixture(Mode::Enforce);
-            f.control.no_monitor_trap = true;
-            let id = f.register_everything();
-            let module = View::Module(id);
-            f.guest.integrity.as_mut().unwrap().view = module;
-            f.control.active = Some(module);
-            f.vcpu.write(Field::Rflags, 0x302);
             let writer = K + MODULE_CODE + 0x10;
+            let (mut f, id) = in_module(writer);
+            f.control.no_monitor_trap = true;
+            let module = View::Module(id);
+            f.vcpu.write(Field::Rflags, 0x302);
             assert_eq!(f.ept(WRITE, MODULE_DATA + 0x10, K + MODULE_DATA + 0x10, writer), Action::Resume);
             assert!(f.control.debug_exits);
             let next = if branch { K + SET_MEMORY_RW } else { writer + 3 };
@@ -2790,6 +2795,34 @@ mod tests {
         assert_eq!(f.ept(WRITE, STACK + 0x800, entry_rsp, K + at), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
         assert_eq!(guest_bytes(&f, STACK + 0x800, 0x10), before);
+    }
+
+    #[test]
+    fn a_call_to_a_module_hands_it_the_out_parameter_in_its_callers_frame() {
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        // The caller's frame: an object at +0x20 above the entry, its own
+        // return address (right after a call instruction) at +0x40.
+        let entry_rsp = K + STACK + 0x800;
+        let (caller, callers_caller) = (TEXT + 0x9999, TEXT + 0x8888);
+        w(&f.phys, STACK + 0x800, &(K + caller).to_le_bytes());
+        w(&f.phys, STACK + 0x840, &(K + callers_caller).to_le_bytes());
+        w(&f.phys, callers_caller - 5, &[0xe8, 0, 0, 0, 0]);
+        f.vcpu.write(Field::Rsp, entry_rsp);
+        f.vcpu.regs().rdi = entry_rsp + 0x20;
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        f.vcpu.write(Field::Rsp, entry_rsp - 0x40);
+        let writer = K + MODULE_CODE + 0x10;
+        assert_eq!(f.ept(WRITE, STACK + 0x828, entry_rsp + 0x28, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty(), "the out-parameter is the module's to write");
+        f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() });
+        assert_eq!(f.ept(WRITE, STACK + 0x840, entry_rsp + 0x40, writer), Action::Resume);
+        assert_eq!(
+            violation_kinds(&mut f),
+            [ViolationKind::WriteKernelStack as u32],
+            "the frame's return address is not"
+        );
+        assert_eq!(f.guest.integrity.as_ref().map(|s| s.engine.is_quarantined(id)), Some(true));
     }
 
     #[test]

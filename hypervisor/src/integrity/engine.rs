@@ -1242,7 +1242,7 @@ impl Engine {
     }
 
     /// Whether `target` is one of module `m`'s registered entries.
-    fn is_module_entry(&self, m: u32, target: u64) -> bool {
+    pub fn is_module_entry(&self, m: u32, target: u64) -> bool {
         self.modules.get(&m).is_some_and(|md| md.info.entries.binary_search(&target).is_ok())
     }
 
