@@ -346,6 +346,67 @@ fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
     if !added.is_empty() || !gone.is_empty() {
         log::debug!("guest {}: page tables: {} protected, {} released", ctx.guest.name(), added.len(), gone.len());
     }
+    refresh_stacks(ctx);
+}
+
+/// Finds every task's stack in the kernel's tables (see
+/// [`tables::stacks`]), so that a module's write through another address
+/// of a stack's page (the direct map) is judged as one to the stack. A
+/// stack known before needs no mark again: a module that cleared the mark
+/// through such an address does not unmake it.
+fn refresh_stacks(ctx: &mut ExitContext<'_>) {
+    let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return };
+    let Some(Ok(root)) = engine.layout().map(|l| gpa_of(ctx, l.page_table)) else { return };
+    let (found, whole) = tables::stacks(
+        root,
+        |at| read_table(ctx, at),
+        |t| ctx.guest.memory.contains(t),
+        |va, gpa| engine.stack_page(gpa) == Some(va) || read_phys_u64(ctx, gpa) == Some(STACK_END_MAGIC),
+    );
+    stacks_found(ctx, &found, whole);
+}
+
+/// Stacks found (`whole`: all of them): a page newly known as a stack's is
+/// no module view's to write as a heap page any more.
+fn stacks_found(ctx: &mut ExitContext<'_>, found: &[tables::Stack], whole: bool) {
+    let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else { return };
+    let new = state.engine.set_stacks(found, whole);
+    let modules: Vec<u32> = state.engine.modules().collect();
+    for &page in &new {
+        for &m in &modules {
+            take_back_write(control, m, page);
+        }
+    }
+}
+
+/// The stack's own linear address of guest-physical `gpa`, when its page is
+/// a task's stack page, whatever linear address a module reached it
+/// through: a stack the last walk found whose mapping still holds, or the
+/// stack the CPU runs on (`rsp`), which may be younger than the walk.
+fn stack_alias(ctx: &mut ExitContext<'_>, gpa: u64, rsp: u64) -> Option<u64> {
+    note_running_stack(ctx, rsp);
+    let at = ctx.guest.integrity.as_ref()?.engine.stack_page(gpa)?;
+    if ctx.inspect().translate(at).is_ok_and(|g| g & !0xfff == gpa & !0xfff) {
+        return Some(at);
+    }
+    // The kernel freed that stack since the walk: its page is not one now.
+    ctx.guest.integrity.as_mut()?.engine.forget_stack_page(gpa);
+    None
+}
+
+/// Makes the task stack the CPU runs on (`rsp`) known by its pages.
+fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
+    let base = crate::integrity::returns::stack_of(rsp).start;
+    let known = ctx.guest.integrity.as_ref().is_none_or(|i| i.engine.knows_stack(base));
+    if known || !is_task_stack(ctx, rsp) {
+        return;
+    }
+    let mut pages = [0; tables::STACK_PAGES];
+    for (i, p) in pages.iter_mut().enumerate() {
+        let Ok(gpa) = ctx.inspect().translate(base + 0x1000 * i as u64) else { return };
+        *p = gpa & !0xfff;
+    }
+    stacks_found(ctx, &[tables::Stack { va: base, pages }], false);
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -906,7 +967,9 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> 
             return None;
         }
         let untracked = engine.class_of(gpa).is_none();
-        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), untracked && is_task_stack(ctx, from)) {
+        let alias = engine.stack_page(gpa).filter(|&at| ctx.inspect().translate(at) == Ok(gpa));
+        let task_stack = untracked && is_task_stack(ctx, from);
+        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), task_stack, alias.filter(|_| untracked)) {
             return (!ok).then_some(from);
         }
         let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };
@@ -1247,6 +1310,11 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
     };
+    let stack_alias = match (state.view, info.access) {
+        (View::Module(_), super::Access::Write) if untracked => stack_alias(ctx, ctx.exit.guest_physical, rsp),
+        _ => None,
+    };
+    let state = ctx.guest.integrity.as_ref()?;
     // Only a call to a module's entry hands it out-parameters (a return
     // into its code finds the kernel's leftovers in those registers).
     let entry = match state.engine.class_of(page) {
@@ -1269,6 +1337,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         kernel_object,
         shared_field,
         task_stack,
+        stack_alias,
         out_params,
     };
     unloading_check(ctx, &fault);

@@ -55,6 +55,9 @@ pub struct Fault {
     /// address would lie on starts with the kernel's end-of-stack mark (a
     /// task's stack, whatever that task is doing).
     pub task_stack: bool,
+    /// For such a write through another linear address of a task's stack
+    /// page (the direct map): the stack's own address of the byte written.
+    pub stack_alias: Option<u64>,
     /// For the kernel's call into a module: the out-parameters it hands it
     /// in its own frames (see [`super::returns::out_parameter`]).
     pub out_params: [Option<Range>; 6],
@@ -191,6 +194,10 @@ pub struct Engine {
     /// taken back once they may hold the kernel's (see
     /// [`Engine::stale_stack_grants`]).
     stack_grants: Vec<(u32, u64, u64)>,
+    /// Tasks' stack pages by guest-physical page: the stack's own linear
+    /// address of each. A module may reach them through other addresses
+    /// (the direct map); its write is judged as one to the stack.
+    stacks: BTreeMap<u64, u64>,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -273,6 +280,7 @@ impl Engine {
             cpu: 0,
             newly_quarantined: Vec::new(),
             stack_grants: Vec::new(),
+            stacks: BTreeMap::new(),
         }
     }
 
@@ -843,7 +851,9 @@ impl Engine {
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
             (View::Module(m), Access::Write) => match class {
                 Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
-                None if self.is_stack(fault) => self.stack_write(fault, m),
+                None if self.stack_address(fault.gva, fault.task_stack, fault.stack_alias).is_some() => {
+                    self.stack_write(fault, m)
+                }
                 // A process's page table the last walk has not seen yet.
                 None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
                     self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
@@ -878,10 +888,56 @@ impl Engine {
         }
     }
 
-    /// Whether a module's write lands on a kernel stack: one a crossing is
-    /// live on, or a task's (its end-of-stack mark).
-    fn is_stack(&self, fault: &Fault) -> bool {
-        fault.task_stack || self.returns.owner(fault.gva).is_some()
+    /// Where a module's write to `gva` lands on a kernel stack, by the
+    /// stack's own linear address: a stack a crossing is live on, or a
+    /// task's (its end-of-stack mark, `task_stack`), or, reached through
+    /// another address of its page, `alias`. `None`: on no stack.
+    fn stack_address(&self, gva: u64, task_stack: bool, alias: Option<u64>) -> Option<u64> {
+        if task_stack || self.returns.owner(gva).is_some() {
+            return Some(gva);
+        }
+        alias
+    }
+
+    /// The tasks' stacks the kernel's tables map now, from a walk: whole,
+    /// or (`whole` false) some of them, added to those known. Returns the
+    /// guest-physical pages that were not known as stack pages: a module
+    /// view that could write one as a heap page must lose that right.
+    pub fn set_stacks(&mut self, found: &[super::tables::Stack], whole: bool) -> Vec<u64> {
+        let mut new = Vec::new();
+        let mut stacks = BTreeMap::new();
+        for s in found {
+            for (i, &gpa) in s.pages.iter().enumerate() {
+                let va = s.va + 0x1000 * i as u64;
+                if self.stacks.get(&page(gpa)) != Some(&va) {
+                    new.push(page(gpa));
+                }
+                stacks.insert(page(gpa), va);
+            }
+        }
+        if whole {
+            self.stacks = stacks;
+        } else {
+            self.stacks.extend(stacks);
+        }
+        new
+    }
+
+    /// The stack's own linear address of guest-physical `gpa`, if its page
+    /// is a task's stack page (as the last walk, or [`Engine::note_stack`],
+    /// saw it; the caller checks the mapping still holds).
+    pub fn stack_page(&self, gpa: u64) -> Option<u64> {
+        self.stacks.get(&page(gpa)).map(|va| va + (gpa & 0xfff))
+    }
+
+    /// Whether the stack at linear `va` is known with its pages.
+    pub fn knows_stack(&self, va: u64) -> bool {
+        self.stacks.values().any(|&v| v == page(va))
+    }
+
+    /// A stack page whose mapping is gone (the kernel freed the stack).
+    pub fn forget_stack_page(&mut self, gpa: u64) {
+        self.stacks.remove(&page(gpa));
     }
 
     /// A module writes a kernel stack. It runs on the kernel's stacks, and
@@ -897,14 +953,15 @@ impl Engine {
     /// module's put back.
     fn stack_write(&mut self, fault: &Fault, m: u32) -> Outcome {
         let me = View::Module(m);
-        let (owner, run) = self.returns.owner(fault.gva).unwrap_or((View::Kernel, Range::new(0, 0)));
-        let page_va = page(fault.gva);
+        let at = self.stack_address(fault.gva, fault.task_stack, fault.stack_alias).unwrap_or(fault.gva);
+        let (owner, run) = self.returns.owner(at).unwrap_or((View::Kernel, Range::new(0, 0)));
+        let page_va = page(at);
         let on_page = |r: Range| {
             let (from, to) = (r.start.max(page_va), r.end.min(page_va + 0x1000));
             Range::new(page(fault.gpa) + (from - page_va), page(fault.gpa) + (to - page_va))
         };
         let allowed = if owner == me {
-            if same_stack(fault.gva, fault.rsp) && run.start <= page_va && page_va + 0x1000 <= run.end {
+            if same_stack(at, fault.rsp) && run.start <= page_va && page_va + 0x1000 <= run.end {
                 let grant = (m, page_va, page(fault.gpa));
                 if !self.stack_grants.contains(&grant) {
                     self.stack_grants.push(grant);
@@ -913,7 +970,7 @@ impl Engine {
             }
             Some(run)
         } else {
-            self.returns.window(me, fault.gva)
+            self.returns.window(me, at)
         };
         match allowed {
             Some(r) => Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed: on_page(r) }),
@@ -921,17 +978,18 @@ impl Engine {
         }
     }
 
-    /// Whether module `m` may write `bytes` (guest-virtual) of a kernel
-    /// stack itself: `None` when they are on no stack CTVM knows of.
-    pub fn stack_may_write(&self, m: u32, bytes: Range, task_stack: bool) -> Option<bool> {
+    /// Whether module `m` may write `bytes` (guest-virtual, on one page)
+    /// of a kernel stack itself: `None` when they are on no stack CTVM
+    /// knows of. `task_stack` and `alias` as for a [`Fault`].
+    pub fn stack_may_write(&self, m: u32, bytes: Range, task_stack: bool, alias: Option<u64>) -> Option<bool> {
+        let at = self.stack_address(bytes.start, task_stack, alias)?;
+        let bytes = Range::new(at, at + bytes.len());
         let me = View::Module(m);
         let within = |r: Range| r.start <= bytes.start && bytes.end <= r.end;
-        match self.returns.owner(bytes.start) {
-            Some((owner, run)) => {
-                Some((owner == me && within(run)) || self.returns.window(me, bytes.start).is_some_and(within))
-            }
-            None => task_stack.then_some(false),
-        }
+        Some(match self.returns.owner(at) {
+            Some((owner, run)) => (owner == me && within(run)) || self.returns.window(me, at).is_some_and(within),
+            None => false,
+        })
     }
 
     /// Stack pages granted to module `m`'s view that are no longer wholly
@@ -1444,6 +1502,7 @@ mod tests {
             kernel_object: None,
             shared_field: None,
             task_stack: false,
+            stack_alias: None,
             out_params: [None; 6],
         }
     }
@@ -2082,6 +2141,11 @@ mod tests {
     const STACK_BASE: u64 = STACK & !0x3fff;
     const STACK_GPA: u64 = 0x6000_0000;
 
+    /// The guest-physical address of `va` on STACK's page.
+    fn gpa_of_stack(va: u64) -> u64 {
+        STACK_GPA + (va & 0xfff)
+    }
+
     #[test]
     fn a_module_writes_its_own_frames_and_no_kernel_frame_above_them() {
         for mode in [Mode::Enforce, Mode::Audit] {
@@ -2195,16 +2259,68 @@ mod tests {
         let (mut e, id) = engine(Mode::Enforce);
         let out = Range::new(STACK + 0x40, STACK + 0x70);
         kernel_calls(&mut e, id, STACK, Some(out));
-        let may = |e: &Engine, from: u64, len: u64| e.stack_may_write(id, Range::new(from, from + len), false);
+        let may = |e: &Engine, from: u64, len: u64| e.stack_may_write(id, Range::new(from, from + len), false, None);
         assert_eq!(may(&e, STACK - 0x40, 0x40), Some(true), "its own frame");
         assert_eq!(may(&e, STACK - 0x8, 0x10), Some(false), "reaching the return address");
         assert_eq!(may(&e, STACK + 0x40, 0x30), Some(true), "the out-parameter");
         assert_eq!(may(&e, STACK + 0x40, 0x38), Some(false), "past it");
         assert_eq!(
-            e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), true),
+            e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), true, None),
             Some(false),
             "a task's stack"
         );
-        assert_eq!(e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), false), None, "no stack");
+        assert_eq!(e.stack_may_write(id, Range::new(OTHER_STACK, OTHER_STACK + 8), false, None), None, "no stack");
+    }
+
+    #[test]
+    fn a_stack_reached_through_the_direct_map_is_judged_as_the_stack() {
+        let (mut e, id) = engine(Mode::Enforce);
+        kernel_calls(&mut e, id, STACK, None);
+        // The direct map's address of the stack's page: no crossing is live
+        // there and no end-of-stack mark sits 16 KiB below it.
+        const DIRECT: u64 = 0xffff_8880_0000_0000;
+        let alias = |va: u64| DIRECT + gpa_of_stack(va);
+        let write = |e: &mut Engine, va: u64, alias: Option<u64>| {
+            let f = at_rsp(
+                fault(View::Module(id), Access::Write, gpa_of_stack(va), DIRECT + gpa_of_stack(va), 0),
+                STACK - 0x80,
+            );
+            let out = e.decide(&Fault { stack_alias: alias, ..f });
+            (out.step, out.violation.map(|v| v.kind))
+        };
+        // Unknown as a stack page, the write is a heap page's: the gap this closes.
+        assert_eq!(write(&mut e, STACK, None), (Step::Grant(Perms::RW), None));
+        // Known, the kernel's return address is refused whatever the address.
+        assert_eq!(write(&mut e, STACK, Some(STACK)), (Step::Skip, Some(ViolationKind::WriteKernelStack)));
+        // Its own frame goes through, alone, with the kernel's bytes around it guarded.
+        let (step, v) = write(&mut e, STACK - 0x40, Some(STACK - 0x40));
+        assert!(v.is_none());
+        let Step::StepWithin { allowed, .. } = step else { panic!("{step:?}") };
+        assert!(allowed.contains(gpa_of_stack(STACK - 0x40)) && !allowed.contains(gpa_of_stack(STACK)));
+        assert_ne!(alias(STACK), STACK);
+        // A deputy is held to the same.
+        let bytes = Range::new(alias(STACK), alias(STACK) + 8);
+        assert_eq!(e.stack_may_write(id, bytes, false, Some(STACK)), Some(false));
+        assert_eq!(e.stack_may_write(id, bytes, false, None), None);
+    }
+
+    #[test]
+    fn stack_pages_are_known_by_their_physical_page_from_the_walk() {
+        use super::super::tables::Stack;
+        let (mut e, _) = engine(Mode::Enforce);
+        let s = Stack { va: STACK_BASE, pages: [0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000] };
+        assert_eq!(e.set_stacks(&[s], true), vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
+        assert_eq!(e.stack_page(0x30_0123), Some(STACK_BASE + 0x2123));
+        assert!(e.knows_stack(STACK_BASE + 0x1000));
+        assert_eq!(e.set_stacks(&[s], true), Vec::<u64>::new(), "nothing new");
+        // A partial walk adds; a whole one replaces: a freed stack's pages are heap again.
+        let t = Stack { va: STACK_BASE + 0x8000, pages: [0x50_0000, 0x51_0000, 0x52_0000, 0x53_0000] };
+        assert_eq!(e.set_stacks(&[t], false).len(), 4);
+        assert!(e.stack_page(0x10_0000).is_some());
+        e.set_stacks(&[t], true);
+        assert_eq!(e.stack_page(0x10_0000), None);
+        e.forget_stack_page(0x50_0000);
+        assert_eq!(e.stack_page(0x50_0008), None);
+        assert!(e.stack_page(0x51_0000).is_some());
     }
 }

@@ -94,6 +94,108 @@ pub fn walk(
     Walk { tables: found.into_iter().collect(), whole }
 }
 
+/// Pages of a task's kernel stack (`THREAD_SIZE`, 16 KiB on x86-64).
+pub const STACK_PAGES: usize = 4;
+
+/// A task's kernel stack as the kernel's tables map it: its linear address
+/// (16 KiB-aligned) and the guest-physical page behind each of its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stack {
+    pub va: u64,
+    pub pages: [u64; STACK_PAGES],
+}
+
+/// Every task stack the kernel half of top-level table `root` maps. The
+/// direct map reaches a stack's pages too, at other linear addresses; only
+/// these tables say which physical pages are stacks. A stack is vmalloc'd:
+/// four 4 KiB pages mapped at a 16 KiB-aligned address, with the page below
+/// unmapped (vmalloc's guard page), and `is_stack` accepts it given its
+/// address and first page (where the kernel's end-of-stack mark is). Also
+/// says whether every table was read (only then may a stack be gone).
+pub fn stacks(
+    root: u64,
+    read: impl Fn(u64) -> Option<Table>,
+    in_ram: impl Fn(u64) -> bool,
+    is_stack: impl Fn(u64, u64) -> bool,
+) -> (Vec<Stack>, bool) {
+    let mut runs = Runs { mapped_to: 0, start: 0, pages: [0; STACK_PAGES], len: 0, found: Vec::new() };
+    let mut whole = true;
+    let mut tables = 0;
+    let mut open = |t: u64, whole: &mut bool| {
+        tables += 1;
+        let table = (tables <= MAX_TABLES && in_ram(t)).then(|| read(t)).flatten();
+        *whole &= table.is_some();
+        table
+    };
+    let Some(pml4) = open(root, &mut whole) else { return (Vec::new(), false) };
+    for (i4, &e4) in pml4.iter().enumerate().skip(256) {
+        let va4 = 0xffff_0000_0000_0000 | (i4 as u64) << 39;
+        let Some(pdpt) = runs.descend(e4, va4, 1 << 39, &mut |t| open(t, &mut whole)) else { continue };
+        for (i3, &e3) in pdpt.iter().enumerate() {
+            let va3 = va4 | (i3 as u64) << 30;
+            let Some(pd) = runs.descend(e3, va3, 1 << 30, &mut |t| open(t, &mut whole)) else { continue };
+            for (i2, &e2) in pd.iter().enumerate() {
+                let va2 = va3 | (i2 as u64) << 21;
+                let Some(pt) = runs.descend(e2, va2, 1 << 21, &mut |t| open(t, &mut whole)) else { continue };
+                for (i1, &e1) in pt.iter().enumerate() {
+                    if e1 & PRESENT != 0 {
+                        runs.page(va2 | (i1 as u64) << 12, e1 & ADDRESS, &is_stack);
+                    }
+                }
+            }
+        }
+    }
+    (runs.found, whole)
+}
+
+/// The walk's state in linear-address order: how far the mapped range
+/// reaches, and the run of pages that may become a stack.
+struct Runs {
+    mapped_to: u64,
+    start: u64,
+    pages: [u64; STACK_PAGES],
+    len: usize,
+    found: Vec<Stack>,
+}
+
+impl Runs {
+    /// The table entry `e` maps `size` bytes at `va`: the table below, if it
+    /// points to one; a large page is mapped memory, but never a stack.
+    fn descend(&mut self, e: u64, va: u64, size: u64, open: &mut impl FnMut(u64) -> Option<Table>) -> Option<Table> {
+        if e & PRESENT == 0 {
+            return None;
+        }
+        if e & LARGE != 0 && size < 1 << 39 {
+            self.len = 0;
+            self.mapped_to = va + size;
+            return None;
+        }
+        open(e & ADDRESS)
+    }
+
+    /// A 4 KiB page mapped at `va`.
+    fn page(&mut self, va: u64, gpa: u64, is_stack: &impl Fn(u64, u64) -> bool) {
+        let below_mapped = self.mapped_to == va;
+        self.mapped_to = va + 0x1000;
+        if self.len > 0 && va == self.start + 0x1000 * self.len as u64 {
+            self.pages[self.len] = gpa;
+            self.len += 1;
+            if self.len == STACK_PAGES {
+                self.len = 0;
+                if is_stack(self.start, self.pages[0]) {
+                    self.found.push(Stack { va: self.start, pages: self.pages });
+                }
+            }
+        } else if va.is_multiple_of(0x1000 * STACK_PAGES as u64) && !below_mapped {
+            self.start = va;
+            self.pages[0] = gpa;
+            self.len = 1;
+        } else {
+            self.len = 0;
+        }
+    }
+}
+
 /// Where the processes' top-level tables are listed: x86's `pgd_list`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessList {
@@ -281,5 +383,84 @@ mod tests {
         }
         let list = ProcessList::from_wire(HEAD, 48, 1, 0, Some(&o)).unwrap().unwrap();
         assert_eq!(list.owner_offset, None, "not given");
+    }
+    #[test]
+    fn stacks_are_four_pages_at_16k_above_a_hole_with_the_mark() {
+        const K: u64 = 0xffff_c900_0000_0000; // PML4 entry 402.
+        let mut mem = BTreeMap::new();
+        mem.insert(0x1000, table(&[(402, 0x2003), (300, 0x2_0083)]));
+        mem.insert(0x2000, table(&[(0, 0x3003)]));
+        // PD 0x3000: PT 0x4000 for 0..2 MiB, PT 0x5000 for 2..4 MiB.
+        mem.insert(0x3000, table(&[(0, 0x4003), (1, 0x5003)]));
+        let page = |gpa: u64| gpa | 3;
+        mem.insert(
+            0x4000,
+            table(&[
+                // A stack at 16 KiB (4 pages), the guard below it unmapped.
+                (4, page(0x10_0000)),
+                (5, page(0x20_0000)),
+                (6, page(0x30_0000)),
+                (7, page(0x40_0000)),
+                // Four pages at 48 KiB, but the page below (44 KiB) mapped.
+                (11, page(0x50_0000)),
+                (12, page(0x51_0000)),
+                (13, page(0x52_0000)),
+                (14, page(0x53_0000)),
+                (15, page(0x54_0000)),
+                // Three pages at 128 KiB: too short.
+                (32, page(0x60_0000)),
+                (33, page(0x61_0000)),
+                (34, page(0x62_0000)),
+                // A stack whose mark is gone.
+                (64, page(0x70_0000)),
+                (65, page(0x71_0000)),
+                (66, page(0x72_0000)),
+                (67, page(0x73_0000)),
+                // A stack in the table's last four entries.
+                (508, page(0x80_0000)),
+                (509, page(0x81_0000)),
+                (510, page(0x82_0000)),
+                (511, page(0x83_0000)),
+            ]),
+        );
+        mem.insert(
+            0x5000,
+            table(&[
+                (0, page(0x90_0000)),
+                (4, page(0xa0_0000)),
+                (5, page(0xa1_0000)),
+                (6, page(0xa2_0000)),
+                (7, page(0xa3_0000)),
+            ]),
+        );
+        let marked = |_va: u64, gpa: u64| gpa != 0x70_0000;
+        let (found, whole) = stacks(0x1000, reader(&mem), |a| a < RAM, marked);
+        assert!(whole);
+        let vas: Vec<u64> = found.iter().map(|s| s.va - K).collect();
+        assert_eq!(vas, vec![0x4000, 0x1f_c000, 0x20_4000]);
+        assert_eq!(found[0].pages, [0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
+        // In the next table: 2 MiB is mapped right above the last stack, so
+        // only the run at 2 MiB + 16 KiB, above a hole, is one.
+        assert_eq!(found[2].pages, [0xa0_0000, 0xa1_0000, 0xa2_0000, 0xa3_0000]);
+        // An unreadable table: what was read, and not whole.
+        let partial = |at: u64| (at != 0x5000).then(|| reader(&mem)(at)).flatten();
+        let (found, whole) = stacks(0x1000, partial, |a| a < RAM, marked);
+        assert!(!whole);
+        assert_eq!(found.len(), 2);
+        // The user half is never walked; a root outside RAM is no walk.
+        assert_eq!(stacks(RAM, reader(&mem), |a| a < RAM, marked), (vec![], false));
+    }
+
+    #[test]
+    fn a_stack_right_above_a_mapped_page_of_the_previous_table_is_none() {
+        let mut mem = BTreeMap::new();
+        mem.insert(0x1000, table(&[(402, 0x2003)]));
+        mem.insert(0x2000, table(&[(0, 0x3003)]));
+        mem.insert(0x3000, table(&[(0, 0x4003), (1, 0x5003)]));
+        mem.insert(0x4000, table(&[(511, 0x9003)]));
+        mem.insert(0x5000, table(&[(0, 0x10_0003), (1, 0x11_0003), (2, 0x12_0003), (3, 0x13_0003)]));
+        assert_eq!(stacks(0x1000, reader(&mem), |a| a < RAM, |_, _| true), (vec![], true));
+        mem.insert(0x4000, table(&[]));
+        assert_eq!(stacks(0x1000, reader(&mem), |a| a < RAM, |_, _| true).0.len(), 1);
     }
 }

@@ -9,11 +9,16 @@
  *     init's own, into do_one_initcall).
  *  2. Another task's stack: a return address on the stack of the shell
  *     that runs insmod, asleep in wait4.
+ * Each word is written twice: through the stack's own (vmalloc) address,
+ * then through the direct map, another linear address of the same
+ * physical page, which no stack check by linear address sees.
  * Each write flips a bit, reads back, and puts the word back.
  */
 #include <linux/module.h>
 #include <linux/sched.h>
 #include <linux/sched/task_stack.h>
+#include <linux/mm.h>
+#include <linux/vmalloc.h>
 #include "alias.h"
 
 static unsigned long text_lo, text_hi;
@@ -37,18 +42,34 @@ static const char *flip(unsigned long *slot)
 	return changed ? "WENT THROUGH" : "blocked";
 }
 
-static noinline const char *callers_frame(void)
+/* The same word through the direct map, NULL if the stack is not vmalloc'd. */
+static unsigned long *direct_map_alias(unsigned long *p)
+{
+	struct page *page = is_vmalloc_addr(p) ? vmalloc_to_page(p) : NULL;
+
+	return page ? (unsigned long *)((char *)page_address(page) + offset_in_page(p)) : NULL;
+}
+
+/* Flips *slot through its own address, then through the direct map. */
+static void flip_both(unsigned long *slot, const char **own, const char **alias)
+{
+	unsigned long *other = direct_map_alias(slot);
+
+	*own = flip(slot);
+	*alias = other ? flip(other) : "not found";
+}
+
+static noinline void callers_frame(const char **own, const char **alias)
 {
 	unsigned long *p = (unsigned long *)current_stack_pointer;
 	int seen = 0, i;
 
 	for (i = 0; i < 256; i++)
 		if (is_text(p[i]) && ++seen == 2)
-			return flip(&p[i]);
-	return "not found";
+			return flip_both(&p[i], own, alias);
 }
 
-static noinline const char *parents_stack(void)
+static noinline void parents_stack(const char **own, const char **alias)
 {
 	struct task_struct *parent = READ_ONCE(current->real_parent);
 	unsigned long *bottom = task_stack_page(parent);
@@ -58,19 +79,20 @@ static noinline const char *parents_stack(void)
 	/* The deepest return address the sleeping task's frames hold. */
 	for (p = bottom + 8; p < top; p++)
 		if (is_text(READ_ONCE(*p)))
-			return flip(p);
-	return "not found";
+			return flip_both(p, own, alias);
 }
 
 static int __init atk_init(void)
 {
-	const char *caller, *parent;
+	const char *caller = "not found", *caller_alias = "not found";
+	const char *parent = "not found", *parent_alias = "not found";
 
 	if (!text_lo || !text_hi)
 		return -EINVAL;
-	caller = callers_frame();
-	parent = parents_stack();
-	report("caller's return address write %s, sleeping parent's stack write %s", caller, parent);
+	callers_frame(&caller, &caller_alias);
+	parents_stack(&parent, &parent_alias);
+	report("caller's return address write %s (direct map %s), sleeping parent's stack write %s (direct map %s)",
+	       caller, caller_alias, parent, parent_alias);
 	return -EACCES;
 }
 module_init(atk_init);
