@@ -363,14 +363,28 @@ fn refresh_stacks(ctx: &mut ExitContext<'_>) {
         |t| ctx.guest.memory.contains(t),
         |va, gpa| engine.stack_page(gpa) == Some(va) || read_phys_u64(ctx, gpa) == Some(STACK_END_MAGIC),
     );
-    stacks_found(ctx, &found, whole);
+    stacks_found(ctx, found.iter().flat_map(tables::Stack::pages).collect(), whole);
 }
 
-/// Stacks found (`whole`: all of them): a page newly known as a stack's is
-/// no module view's to write as a heap page any more.
-fn stacks_found(ctx: &mut ExitContext<'_>, found: &[tables::Stack], whole: bool) {
+/// Stack pages found, (linear, guest-physical) (`whole`: every task's):
+/// a page newly known as a stack's is no module view's to write as a heap
+/// page any more.
+fn stacks_found(ctx: &mut ExitContext<'_>, found: Vec<(u64, u64)>, whole: bool) {
+    let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return };
+    // Pages known before and not found: kept while their mapping holds.
+    let mapped: Vec<(u64, u64)> = if whole {
+        let found_gpas: alloc::collections::BTreeSet<u64> = found.iter().map(|&(_, g)| g & !0xfff).collect();
+        engine
+            .stack_pages()
+            .filter(|&(va, gpa)| {
+                !found_gpas.contains(&gpa) && ctx.inspect().translate(va).is_ok_and(|g| g & !0xfff == gpa)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else { return };
-    let new = state.engine.set_stacks(found, whole);
+    let new = state.engine.set_stacks(found, whole, |va, gpa| mapped.contains(&(va, gpa)));
     let modules: Vec<u32> = state.engine.modules().collect();
     for &page in &new {
         for &m in &modules {
@@ -394,19 +408,38 @@ fn stack_alias(ctx: &mut ExitContext<'_>, gpa: u64, rsp: u64) -> Option<u64> {
     None
 }
 
-/// Makes the task stack the CPU runs on (`rsp`) known by its pages.
+/// Makes the stack the CPU runs on (`rsp`) known by its pages: a task's
+/// younger than the last walk, or one no walk finds (an interrupt or an
+/// exception stack), which a module's handler runs on below the kernel's
+/// frames.
 fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
-    let base = crate::integrity::returns::stack_of(rsp).start;
-    let known = ctx.guest.integrity.as_ref().is_none_or(|i| i.engine.knows_stack(base));
-    if known || !is_task_stack(ctx, rsp) {
+    if ctx.guest.integrity.as_ref().is_none_or(|i| i.engine.knows_stack(rsp)) {
         return;
     }
-    let mut pages = [0; tables::STACK_PAGES];
-    for (i, p) in pages.iter_mut().enumerate() {
-        let Ok(gpa) = ctx.inspect().translate(base + 0x1000 * i as u64) else { return };
-        *p = gpa & !0xfff;
+    if let Some(pages) = stack_around(ctx, rsp) {
+        stacks_found(ctx, pages, false);
     }
-    stacks_found(ctx, &[tables::Stack { va: base, pages }], false);
+}
+
+/// The pages of the stack `rsp` is on, (linear, guest-physical): a task's
+/// 16 KiB (its end-of-stack mark), or else the run of mapped pages around
+/// `rsp` between two unmapped ones, if it is no longer than a stack (an
+/// interrupt stack is vmap'd, with guard pages; exception stacks sit
+/// between guard pages in the CPU entry area). `None` otherwise (the
+/// direct map, the kernel image).
+fn stack_around(ctx: &ExitContext<'_>, rsp: u64) -> Option<Vec<(u64, u64)>> {
+    let mapped = |va: u64| ctx.inspect().translate(va).ok().map(|g| g & !0xfff);
+    let max = tables::STACK_PAGES as u64;
+    let (low, len) = if is_task_stack(ctx, rsp) {
+        (crate::integrity::returns::stack_of(rsp).start, max)
+    } else {
+        let top = rsp & !0xfff;
+        let low = (1..=max).map(|i| top.wrapping_sub(0x1000 * i)).find(|&va| mapped(va).is_none())? + 0x1000;
+        let high = (1..=max).map(|i| top.wrapping_add(0x1000 * i)).find(|&va| mapped(va).is_none())?;
+        let len = (high - low) / 0x1000;
+        (len <= max).then_some((low, len))?
+    };
+    (0..len).map(|i| low + 0x1000 * i).map(|va| Some((va, mapped(va)?))).collect()
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -1089,6 +1122,9 @@ fn is_return_address(ctx: &ExitContext<'_>, addr: u64) -> bool {
 /// the kernel's frames above where it was called this time).
 fn enter_view(ctx: &mut ExitContext<'_>, view: View, rsp: u64) {
     let View::Module(m) = view else { return };
+    // The kernel's frames above, on any stack the module runs on, are
+    // known by their pages whatever address a module writes them through.
+    note_running_stack(ctx, rsp);
     let Some(state) = ctx.guest.integrity.as_mut() else { return };
     let stale = state.engine.stale_stack_grants(m, rsp);
     let Some(control) = ctx.control.as_deref_mut() else { return };
@@ -1545,8 +1581,39 @@ fn call_carried_out(
         } else if let Err(stop) = own_single_step(ctx, m) {
             return Some(stop);
         }
+        return Some(Action::Resume);
     }
-    Some(Action::Resume)
+    Some(fetch_now(ctx, view, target).unwrap_or(Action::Resume))
+}
+
+/// The fetch at `target` the guest would make next, in `view`, judged now
+/// if the view would refuse it (a call out of a module): the exit it would
+/// take, saved. The guest stands exactly where that exit would find it; an
+/// interrupt that comes meanwhile is held for the judgement either way (see
+/// [`branched_out`]). `None`: the fetch is the guest's to make.
+fn fetch_now(ctx: &mut ExitContext<'_>, view: View, target: u64) -> Option<Action> {
+    let gpa = ctx.inspect().translate(target).ok()?;
+    let perms = ctx.control.as_deref()?.perms(view, gpa & !0xfff);
+    if perms.is_some_and(|p| p.contains(Perms::EXECUTE)) {
+        return None;
+    }
+    // An instruction fetch, through a linear address, at its final translation.
+    let fetch = crate::vcpu::ExitInfo {
+        reason: super::reason::EPT_VIOLATION,
+        qualification: (1 << 2) | (1 << 7) | (1 << 8),
+        guest_physical: gpa,
+        guest_linear: target,
+        ..*ctx.exit
+    };
+    let mut at_fetch = ExitContext {
+        guest: &mut *ctx.guest,
+        vcpu: &mut *ctx.vcpu,
+        exit: &fetch,
+        host: ctx.host,
+        phys: ctx.phys,
+        control: ctx.control.as_deref_mut().map(|c| c as &mut dyn GuestControl),
+    };
+    ept_violation(&mut at_fetch)
 }
 
 /// Module `m` single-steps itself inside its code: its #DB is due,
@@ -1629,6 +1696,11 @@ fn skip(ctx: &mut ExitContext<'_>) -> Action {
 /// until the guest's stack overflows.
 fn general_protection(ctx: &mut ExitContext<'_>) -> Action {
     if let View::Module(m) = ctx.view() {
+        // Faulted in the module's own code, not at the refused target (see
+        // [`crate::integrity::engine::Engine::fault_site`]).
+        if let Some(site) = ctx.guest.integrity.as_ref().and_then(|s| s.engine.fault_site(m)) {
+            ctx.vcpu.write(Field::Rip, site);
+        }
         let rip = ctx.vcpu.read(Field::Rip);
         if leave_module_for_event(ctx, m, rip).is_err() {
             return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
@@ -2849,6 +2921,20 @@ mod tests {
         assert_eq!(guest_bytes(&f, push, 8), (K + at + 5).to_le_bytes());
         assert_eq!(guest_bytes(&f, STACK + 0x800, 0x10), before, "the kernel's frame untouched");
         assert!(violation_kinds(&mut f).is_empty());
+        // A call out of its code, to printk: the fetch its view would refuse
+        // is judged in the same exit, and the kernel's view runs printk.
+        let (at3, out3) = (MODULE_CODE + 0x30, PRINTK);
+        let rel = (out3.wrapping_sub(at3 + 5)) as u32;
+        w(&f.phys, at3, &[&[0xe8][..], &rel.to_le_bytes()].concat());
+        f.vcpu.write(Field::Rsp, rsp);
+        assert_eq!(f.ept(WRITE, push, rsp - 8, K + at3), Action::Resume);
+        assert_eq!((f.vcpu.read(Field::Rip), f.control.active), (K + out3, Some(View::Kernel)));
+        assert!(violation_kinds(&mut f).is_empty());
+        // printk returns into the module.
+        f.vcpu.write(Field::Rsp, rsp);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + at3 + 5, K + at3 + 5), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+        assert!(violation_kinds(&mut f).is_empty());
         // With its trap flag set, a call out of its code: the trap is
         // dropped with the flag, the fetch judged first.
         let (at2, out) = (MODULE_CODE + 0x20, PRINTK);
@@ -2936,11 +3022,17 @@ mod tests {
         // The module pushes a frame that would iretq into kernel text and
         // jumps to the page-fault handler: no event exited, so this is a jump.
         let rip = K + MODULE_CODE + 0x10;
-        let (mut f, _) = in_module(rip);
+        let (mut f, id) = in_module(rip);
         w(&f.phys, STACK, &(K + TEXT + 0x9999).to_le_bytes());
         f.ept(FETCH | READ, TEXT + 0x4000, K + HANDLER, K + HANDLER);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::CallNonEntry as u32]);
         assert_eq!(f.vcpu.injected(), Some((13, Some(0))), "refused: the jump faults");
+        // In the module's code, which has no fixup there: at the handler's
+        // address, an exception-table entry there would have the kernel's
+        // view run on from its fixup.
+        let site = f.vcpu.read(Field::Rip);
+        let engine = &f.guest.integrity.as_ref().unwrap().engine;
+        assert!(engine.is_code_of(id, site), "{site:#x}");
         // The #GP is delivered in the kernel view, as any exception from a
         // module's view is: in the module's, its handler's fetch would be
         // refused in turn, again and again.
@@ -3598,5 +3690,56 @@ mod tests {
         assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, K + MODULE_CODE + 0x10), Action::Resume);
         assert!(f.control.monitor_trap, "stepped over, not skipped");
         assert_eq!(f.guest.integrity.as_ref().unwrap().engine.violations.len(), 1);
+    }
+    /// Maps four pages at `va` (in PML4 slot 402, as vmalloc's area) to
+    /// guest-physical `pages`, through tables of their own.
+    fn map_stack(f: &Fixture, va: u64, pages: [u64; 4]) {
+        const PDPT: u64 = 0xe0_0000;
+        const PD: u64 = 0xe1_0000;
+        const PT: u64 = 0xe2_0000;
+        w(&f.phys, 0x1000 + 402 * 8, &(PDPT | 3).to_le_bytes());
+        w(&f.phys, PDPT, &(PD | 3).to_le_bytes());
+        w(&f.phys, PD, &(PT | 3).to_le_bytes());
+        for (i, gpa) in pages.iter().enumerate() {
+            let index = ((va >> 12) & 0x1ff) + i as u64;
+            w(&f.phys, PT + index * 8, &(gpa | 3).to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn a_stack_written_through_another_address_of_its_page_is_judged_as_the_stack() {
+        // A task's stack (its end-of-stack mark at the bottom) and an
+        // interrupt stack (none), both vmap'd between unmapped pages.
+        const TASK: u64 = 0xffff_c900_0000_4000;
+        const IRQ: u64 = 0xffff_c900_0001_0000;
+        let task_pages = [0xe4_0000, 0xe5_0000, 0xe6_0000, 0xe7_0000];
+        let irq_pages = [0xe8_0000, 0xe9_0000, 0xea_0000, 0xeb_0000];
+        for (at, pages, mark) in [(TASK, task_pages, true), (IRQ, irq_pages, false)] {
+            let mut f = fixture(Mode::Enforce);
+            map_stack(&f, at, pages);
+            if mark {
+                w(&f.phys, pages[0], &STACK_END_MAGIC.to_le_bytes());
+            }
+            let id = f.register_everything();
+            // The kernel calls the module's entry from the stack's top page.
+            let rsp = at + 0x3f00;
+            w(&f.phys, pages[3] + 0xf00, &(K + TEXT + 0x77).to_le_bytes());
+            f.vcpu.write(Field::Rsp, rsp);
+            assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+            assert_eq!(f.control.active, Some(View::Module(id)));
+            f.vcpu.write(Field::Rsp, rsp - 0x100);
+            // The kernel's return address, through the direct map's address
+            // of its page: refused, skipped.
+            let writer = K + MODULE_CODE + 0x10;
+            let alias = K + pages[3] + 0xf00;
+            assert_eq!(f.ept(WRITE, pages[3] + 0xf00, alias, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32], "mark {mark}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+            assert_eq!(f.control.perms(View::Module(id), pages[3]), None, "not granted");
+            // Its own frame there goes through, alone.
+            assert_eq!(f.ept(WRITE, pages[3] + 0xe00, K + pages[3] + 0xe00, writer), Action::Resume);
+            assert!(violation_kinds(&mut f).is_empty());
+            assert!(f.control.monitor_trap, "stepped alone");
+        }
     }
 }

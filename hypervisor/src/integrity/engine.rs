@@ -198,6 +198,8 @@ pub struct Engine {
     /// address of each. A module may reach them through other addresses
     /// (the direct map); its write is judged as one to the stack.
     stacks: BTreeMap<u64, u64>,
+    /// The same pages by linear address.
+    stack_vas: alloc::collections::BTreeSet<u64>,
 }
 
 /// What the engine decided, counted: the cost of isolation is in these.
@@ -281,6 +283,7 @@ impl Engine {
             newly_quarantined: Vec::new(),
             stack_grants: Vec::new(),
             stacks: BTreeMap::new(),
+            stack_vas: alloc::collections::BTreeSet::new(),
         }
     }
 
@@ -899,27 +902,37 @@ impl Engine {
         alias
     }
 
-    /// The tasks' stacks the kernel's tables map now, from a walk: whole,
-    /// or (`whole` false) some of them, added to those known. Returns the
+    /// Stack pages found, as (linear, guest-physical) pairs: by a walk of
+    /// the kernel's tables (`whole`: all the tasks' stacks there are), or
+    /// of a stack a module runs on. Returns the
     /// guest-physical pages that were not known as stack pages: a module
-    /// view that could write one as a heap page must lose that right.
-    pub fn set_stacks(&mut self, found: &[super::tables::Stack], whole: bool) -> Vec<u64> {
+    /// view that could write one as a heap page must lose that right. After
+    /// a whole walk, a page known before and not found again stays known
+    /// while `still_mapped(va, gpa)` (an interrupt or exception stack,
+    /// which no walk finds); the rest were freed.
+    pub fn set_stacks(
+        &mut self,
+        found: impl IntoIterator<Item = (u64, u64)>,
+        whole: bool,
+        still_mapped: impl Fn(u64, u64) -> bool,
+    ) -> Vec<u64> {
         let mut new = Vec::new();
         let mut stacks = BTreeMap::new();
-        for s in found {
-            for (i, &gpa) in s.pages.iter().enumerate() {
-                let va = s.va + 0x1000 * i as u64;
-                if self.stacks.get(&page(gpa)) != Some(&va) {
-                    new.push(page(gpa));
-                }
-                stacks.insert(page(gpa), va);
+        for (va, gpa) in found {
+            let (va, gpa) = (page(va), page(gpa));
+            if self.stacks.get(&gpa) != Some(&va) {
+                new.push(gpa);
+            }
+            stacks.insert(gpa, va);
+        }
+        let kept = core::mem::take(&mut self.stacks);
+        for (gpa, va) in kept {
+            if !whole || !stacks.contains_key(&gpa) && still_mapped(va, gpa) {
+                stacks.entry(gpa).or_insert(va);
             }
         }
-        if whole {
-            self.stacks = stacks;
-        } else {
-            self.stacks.extend(stacks);
-        }
+        self.stack_vas = stacks.values().copied().collect();
+        self.stacks = stacks;
         new
     }
 
@@ -930,14 +943,21 @@ impl Engine {
         self.stacks.get(&page(gpa)).map(|va| va + (gpa & 0xfff))
     }
 
-    /// Whether the stack at linear `va` is known with its pages.
+    /// Every known stack page, (linear, guest-physical).
+    pub fn stack_pages(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.stacks.iter().map(|(&gpa, &va)| (va, gpa))
+    }
+
+    /// Whether the stack page at linear `va` is known.
     pub fn knows_stack(&self, va: u64) -> bool {
-        self.stacks.values().any(|&v| v == page(va))
+        self.stack_vas.contains(&page(va))
     }
 
     /// A stack page whose mapping is gone (the kernel freed the stack).
     pub fn forget_stack_page(&mut self, gpa: u64) {
-        self.stacks.remove(&page(gpa));
+        if let Some(va) = self.stacks.remove(&page(gpa)) {
+            self.stack_vas.remove(&va);
+        }
     }
 
     /// A module writes a kernel stack. It runs on the kernel's stacks, and
@@ -1115,6 +1135,28 @@ impl Engine {
     fn fixup_for(&self, m: u32, insn: u64) -> Option<u64> {
         let md = self.modules.get(&m)?;
         md.info.fixups.iter().find(|&&(i, _)| i == insn).map(|&(_, f)| f)
+    }
+
+    /// Where a transfer module `m` made, refused with #GP, is reported to
+    /// the kernel: the first address of the module's code that its own
+    /// exception table does not cover. Not the target's address: the
+    /// kernel's #GP handler resumes an instruction it finds in its exception
+    /// table at the fixup, so a jump to such an instruction would have the
+    /// kernel's view run on from the fixup, mid-function, with the module's
+    /// registers. Reported in the module's code, the fault is the module's
+    /// (an oops, its task killed).
+    pub fn fault_site(&self, m: u32) -> Option<u64> {
+        let md = self.modules.get(&m)?;
+        let covered = |a: u64| md.info.fixups.iter().any(|&(i, _)| i == a);
+        // Each address a fixup covers moves the site by one: bounded by
+        // the module's fixups.
+        md.info.code.iter().find_map(|r| {
+            let mut a = r.start;
+            while a < r.end && covered(a) {
+                a += 1;
+            }
+            (a < r.end).then_some(a)
+        })
     }
 
     /// An interrupt, NMI or exception leaves module `m`: the hypervisor saw
@@ -2309,18 +2351,38 @@ mod tests {
         use super::super::tables::Stack;
         let (mut e, _) = engine(Mode::Enforce);
         let s = Stack { va: STACK_BASE, pages: [0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000] };
-        assert_eq!(e.set_stacks(&[s], true), vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
+        let unmapped = |_: u64, _: u64| false;
+        assert_eq!(e.set_stacks(s.pages(), true, unmapped), vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
         assert_eq!(e.stack_page(0x30_0123), Some(STACK_BASE + 0x2123));
         assert!(e.knows_stack(STACK_BASE + 0x1000));
-        assert_eq!(e.set_stacks(&[s], true), Vec::<u64>::new(), "nothing new");
-        // A partial walk adds; a whole one replaces: a freed stack's pages are heap again.
+        assert_eq!(e.set_stacks(s.pages(), true, unmapped), Vec::<u64>::new(), "nothing new");
+        // A stack a module runs on adds; a whole walk drops what is no longer mapped.
         let t = Stack { va: STACK_BASE + 0x8000, pages: [0x50_0000, 0x51_0000, 0x52_0000, 0x53_0000] };
-        assert_eq!(e.set_stacks(&[t], false).len(), 4);
+        assert_eq!(e.set_stacks(t.pages(), false, unmapped).len(), 4);
         assert!(e.stack_page(0x10_0000).is_some());
-        e.set_stacks(&[t], true);
-        assert_eq!(e.stack_page(0x10_0000), None);
+        e.set_stacks(t.pages(), true, unmapped);
+        assert_eq!((e.stack_page(0x10_0000), e.knows_stack(STACK_BASE)), (None, false));
+        // An interrupt stack no walk finds stays known while it is mapped.
+        let irq = Stack { va: 0xffff_fe00_0000_1000, pages: [0x60_0000, 0x61_0000, 0x62_0000, 0x63_0000] };
+        e.set_stacks(irq.pages(), false, unmapped);
+        e.set_stacks(t.pages(), true, |va, gpa| va == irq.va && gpa == 0x60_0000);
+        assert_eq!(e.stack_page(0x60_0010), Some(irq.va + 0x10));
+        assert_eq!(e.stack_page(0x61_0000), None);
         e.forget_stack_page(0x50_0000);
-        assert_eq!(e.stack_page(0x50_0008), None);
+        assert_eq!((e.stack_page(0x50_0008), e.knows_stack(t.va)), (None, false));
         assert!(e.stack_page(0x51_0000).is_some());
+    }
+    #[test]
+    fn a_refused_transfer_faults_in_the_modules_code_where_it_has_no_fixup() {
+        let (e, id) = engine(Mode::Enforce);
+        let code = e.modules[&id].info.code[0];
+        assert_eq!(e.fault_site(id), Some(code.start));
+        // A module that covers its first bytes with fixups moves the site past them.
+        let (mut e, _) = engine(Mode::Enforce);
+        let fixups: Vec<(u64, u64)> = (0..3).map(|i| (code.start + i, code.start + 0x480)).collect();
+        let info = ModuleInfo { name: "covered".into(), code: vec![code], fixups, ..Default::default() };
+        let other = e.register_module(info, false, &[], &[]).unwrap();
+        assert_eq!(e.fault_site(other), Some(code.start + 3));
+        assert_eq!(e.fault_site(other + 1), None, "no such module");
     }
 }

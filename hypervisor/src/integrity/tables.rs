@@ -105,6 +105,13 @@ pub struct Stack {
     pub pages: [u64; STACK_PAGES],
 }
 
+impl Stack {
+    /// Each page's linear and guest-physical address.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pages.iter().enumerate().map(|(i, &gpa)| (self.va + 0x1000 * i as u64, gpa))
+    }
+}
+
 /// Every task stack the kernel half of top-level table `root` maps. The
 /// direct map reaches a stack's pages too, at other linear addresses; only
 /// these tables say which physical pages are stacks. A stack is vmalloc'd:

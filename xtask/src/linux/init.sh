@@ -36,7 +36,8 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
-    mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x"
+    mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
+    __start___ex_table __stop___ex_table __get_user_1 __get_user_2"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -284,6 +285,9 @@ integrity_tests() {
     rmmod atk_newpgd
     # A forged interrupt frame, and shellcode the kernel is handed to call.
     attack atk_iret hidden=$(sym __x64_sys_getpid) handler=$(sym asm_exc_int3)
+    # A jump to a kernel instruction with an exception-table fixup: the
+    # refusal's #GP must be the module's, not the kernel's to fix up.
+    attack atk_extable table_start=$(sym __start___ex_table) table_end=$(sym __stop___ex_table) fn=$(sym __get_user_1) fn_end=$(sym __get_user_2)
     attack atk_wx set_memory_x_addr=$(sym set_memory_x)
     # A module that attacked is quarantined: the callback it handed the
     # kernel is refused from then on, and rmmod still unloads it.
