@@ -1346,8 +1346,11 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
     };
+    let by_address = state.engine.is_stack_address(gva, task_stack);
     let stack_alias = match (state.view, info.access) {
-        (View::Module(_), super::Access::Write) if untracked => stack_alias(ctx, ctx.exit.guest_physical, rsp),
+        (View::Module(_), super::Access::Write) if untracked && !by_address => {
+            stack_alias(ctx, ctx.exit.guest_physical, rsp)
+        }
         _ => None,
     };
     let state = ctx.guest.integrity.as_ref()?;

@@ -896,10 +896,17 @@ impl Engine {
     /// task's (its end-of-stack mark, `task_stack`), or, reached through
     /// another address of its page, `alias`. `None`: on no stack.
     fn stack_address(&self, gva: u64, task_stack: bool, alias: Option<u64>) -> Option<u64> {
-        if task_stack || self.returns.owner(gva).is_some() {
+        if self.is_stack_address(gva, task_stack) {
             return Some(gva);
         }
         alias
+    }
+
+    /// Whether `gva` is known as a kernel stack's own address: a crossing
+    /// is live on its stack, or the stack is a task's (`task_stack`). A
+    /// write there needs no look for another address of its page.
+    pub fn is_stack_address(&self, gva: u64, task_stack: bool) -> bool {
+        task_stack || self.returns.owner(gva).is_some()
     }
 
     /// Stack pages found, as (linear, guest-physical) pairs: by a walk of
