@@ -394,11 +394,10 @@ fn stacks_found(ctx: &mut ExitContext<'_>, found: Vec<(u64, u64)>, whole: bool) 
 }
 
 /// The stack's own linear address of guest-physical `gpa`, when its page is
-/// a task's stack page, whatever linear address a module reached it
-/// through: a stack the last walk found whose mapping still holds, or the
-/// stack the CPU runs on (`rsp`), which may be younger than the walk.
-fn stack_alias(ctx: &mut ExitContext<'_>, gpa: u64, rsp: u64) -> Option<u64> {
-    note_running_stack(ctx, rsp);
+/// a known stack page, whatever linear address a module reached it
+/// through: a stack the last walk found, or one a module was entered on
+/// (see [`enter_view`]), whose mapping still holds.
+fn stack_alias(ctx: &mut ExitContext<'_>, gpa: u64) -> Option<u64> {
     let at = ctx.guest.integrity.as_ref()?.engine.stack_page(gpa)?;
     if ctx.inspect().translate(at).is_ok_and(|g| g & !0xfff == gpa & !0xfff) {
         return Some(at);
@@ -427,19 +426,28 @@ fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
 /// interrupt stack is vmap'd, with guard pages; exception stacks sit
 /// between guard pages in the CPU entry area). `None` otherwise (the
 /// direct map, the kernel image).
+///
+/// Such a stack is page-aligned, not 16 KiB-aligned, and the return
+/// points judge a stack's frames within its 16 KiB-aligned window (see
+/// [`crate::integrity::returns::stack_of`]): of the run, only the pages in
+/// `rsp`'s window are taken, those the live return points can speak for.
+/// The rest stays judged by its linear address alone.
 fn stack_around(ctx: &ExitContext<'_>, rsp: u64) -> Option<Vec<(u64, u64)>> {
     let mapped = |va: u64| ctx.inspect().translate(va).ok().map(|g| g & !0xfff);
     let max = tables::STACK_PAGES as u64;
-    let (low, len) = if is_task_stack(ctx, rsp) {
-        (crate::integrity::returns::stack_of(rsp).start, max)
+    let window = crate::integrity::returns::stack_of(rsp);
+    let (low, high) = if is_task_stack(ctx, rsp) {
+        (window.start, window.end)
     } else {
         let top = rsp & !0xfff;
         let low = (1..=max).map(|i| top.wrapping_sub(0x1000 * i)).find(|&va| mapped(va).is_none())? + 0x1000;
         let high = (1..=max).map(|i| top.wrapping_add(0x1000 * i)).find(|&va| mapped(va).is_none())?;
-        let len = (high - low) / 0x1000;
-        (len <= max).then_some((low, len))?
+        if (high - low) / 0x1000 > max {
+            return None;
+        }
+        (low.max(window.start), high.min(window.end))
     };
-    (0..len).map(|i| low + 0x1000 * i).map(|va| Some((va, mapped(va)?))).collect()
+    (low..high).step_by(0x1000).map(|va| Some((va, mapped(va)?))).collect()
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -1349,7 +1357,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let by_address = state.engine.is_stack_address(gva, task_stack);
     let stack_alias = match (state.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked && !by_address => {
-            stack_alias(ctx, ctx.exit.guest_physical, rsp)
+            stack_alias(ctx, ctx.exit.guest_physical)
         }
         _ => None,
     };
@@ -3744,5 +3752,29 @@ mod tests {
             assert!(violation_kinds(&mut f).is_empty());
             assert!(f.control.monitor_trap, "stepped alone");
         }
+    }
+    #[test]
+    fn of_an_interrupt_stack_across_a_16k_boundary_only_the_entrys_window_is_known() {
+        // Page-aligned, as vmap places it: pages 0x12000..0x16000, the
+        // boundary at 0x14000. The module is entered at its top.
+        const IRQ: u64 = 0xffff_c900_0001_2000;
+        let pages = [0xe8_0000, 0xe9_0000, 0xea_0000, 0xeb_0000];
+        let mut f = fixture(Mode::Enforce);
+        map_stack(&f, IRQ, pages);
+        let id = f.register_everything();
+        let rsp = IRQ + 0x3f00;
+        w(&f.phys, pages[3] + 0xf00, &(K + TEXT + 0x77).to_le_bytes());
+        f.vcpu.write(Field::Rsp, rsp);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        f.vcpu.write(Field::Rsp, IRQ + 0x1800);
+        let writer = K + MODULE_CODE + 0x10;
+        // The kernel's return address, in the entry's window: refused through the direct map.
+        assert_eq!(f.ept(WRITE, pages[3] + 0xf00, K + pages[3] + 0xf00, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
+        // Its own deep frames past the boundary, which no return point speaks
+        // for: judged by address, as before, not refused as the kernel's.
+        assert_eq!(f.ept(WRITE, pages[1] + 0x800, IRQ + 0x1800, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [0u32; 0]);
+        assert_eq!(f.control.perms(View::Module(id), pages[1]), Some(Perms::RW));
     }
 }
