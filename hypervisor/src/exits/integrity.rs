@@ -346,14 +346,15 @@ fn refresh_page_tables(ctx: &mut ExitContext<'_>) {
     if !added.is_empty() || !gone.is_empty() {
         log::debug!("guest {}: page tables: {} protected, {} released", ctx.guest.name(), added.len(), gone.len());
     }
-    refresh_stacks(ctx);
 }
 
 /// Finds every task's stack in the kernel's tables (see
 /// [`tables::stacks`]), so that a module's write through another address
 /// of a stack's page (the direct map) is judged as one to the stack. A
 /// stack known before needs no mark again: a module that cleared the mark
-/// through such an address does not unmake it.
+/// through such an address does not unmake it. Called with the periodic
+/// refresh of the page tables (the agent's drain, the lock, a module's
+/// registration), not with the refreshes a fault on a table asks for.
 fn refresh_stacks(ctx: &mut ExitContext<'_>) {
     let Some(engine) = ctx.guest.integrity.as_ref().map(|i| &i.engine) else { return };
     let Some(Ok(root)) = engine.layout().map(|l| gpa_of(ctx, l.page_table)) else { return };
@@ -374,12 +375,7 @@ fn stacks_found(ctx: &mut ExitContext<'_>, found: Vec<(u64, u64)>, whole: bool) 
     // Pages known before and not found: kept while their mapping holds.
     let mapped: Vec<(u64, u64)> = if whole {
         let found_gpas: alloc::collections::BTreeSet<u64> = found.iter().map(|&(_, g)| g & !0xfff).collect();
-        engine
-            .stack_pages()
-            .filter(|&(va, gpa)| {
-                !found_gpas.contains(&gpa) && ctx.inspect().translate(va).is_ok_and(|g| g & !0xfff == gpa)
-            })
-            .collect()
+        engine.stack_pages().filter(|&(va, gpa)| !found_gpas.contains(&gpa) && maps_page(ctx, va, gpa)).collect()
     } else {
         Vec::new()
     };
@@ -399,12 +395,18 @@ fn stacks_found(ctx: &mut ExitContext<'_>, found: Vec<(u64, u64)>, whole: bool) 
 /// (see [`enter_view`]), whose mapping still holds.
 fn stack_alias(ctx: &mut ExitContext<'_>, gpa: u64) -> Option<u64> {
     let at = ctx.guest.integrity.as_ref()?.engine.stack_page(gpa)?;
-    if ctx.inspect().translate(at).is_ok_and(|g| g & !0xfff == gpa & !0xfff) {
+    if maps_page(ctx, at, gpa) {
         return Some(at);
     }
     // The kernel freed that stack since the walk: its page is not one now.
     ctx.guest.integrity.as_mut()?.engine.forget_stack_page(gpa);
     None
+}
+
+/// Whether linear `va` still maps guest-physical `gpa`'s page: a stack page
+/// known by its page is one only while its mapping holds.
+fn maps_page(ctx: &ExitContext<'_>, va: u64, gpa: u64) -> bool {
+    ctx.inspect().translate(va).is_ok_and(|g| g & !0xfff == gpa & !0xfff)
 }
 
 /// Makes the stack the CPU runs on (`rsp`) known by its pages: a task's
@@ -555,6 +557,7 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
     control.trap_msr_writes(&GUARDED_MSRS);
     let kernel = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
     refresh_page_tables(ctx);
+    refresh_stacks(ctx);
     let engine = ctx.guest.integrity.as_ref().map(|s| &s.engine);
     let processes = match engine.filter(|e| e.layout().is_some_and(|l| l.processes.is_some())) {
         Some(e) => alloc::format!("{} of processes", e.process_table_count()),
@@ -773,6 +776,7 @@ fn register_module_checked(ctx: &mut ExitContext<'_>, address: u64) -> Result<u6
     // The process loading the module may be younger than the last walk:
     // its tables are protected before the module's code runs.
     refresh_page_tables(ctx);
+    refresh_stacks(ctx);
     Ok(id)
 }
 
@@ -968,6 +972,7 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     state.engine.violations.take(records).for_each(drop);
     ctx.vcpu.regs().rbx = dropped;
     refresh_page_tables(ctx);
+    refresh_stacks(ctx);
     revoke_heap_grants(ctx);
     Ok(records as u64)
 }
@@ -1008,9 +1013,14 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> 
             return None;
         }
         let untracked = engine.class_of(gpa).is_none();
-        let alias = engine.stack_page(gpa).filter(|&at| ctx.inspect().translate(at) == Ok(gpa));
         let task_stack = untracked && is_task_stack(ctx, from);
-        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), task_stack, alias.filter(|_| untracked)) {
+        // As for a module's own write (see [`ept_violation`]).
+        let alias = if untracked && !engine.is_stack_address(from, task_stack) {
+            engine.stack_page(gpa).filter(|&at| maps_page(ctx, at, gpa))
+        } else {
+            None
+        };
+        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), task_stack, alias) {
             return (!ok).then_some(from);
         }
         let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };

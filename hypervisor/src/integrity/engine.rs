@@ -944,8 +944,8 @@ impl Engine {
     }
 
     /// The stack's own linear address of guest-physical `gpa`, if its page
-    /// is a task's stack page (as the last walk, or [`Engine::note_stack`],
-    /// saw it; the caller checks the mapping still holds).
+    /// is a known stack page (from the last walk, or a stack a module was
+    /// entered on; the caller checks the mapping still holds).
     pub fn stack_page(&self, gpa: u64) -> Option<u64> {
         self.stacks.get(&page(gpa)).map(|va| va + (gpa & 0xfff))
     }
