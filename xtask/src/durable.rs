@@ -376,8 +376,20 @@ pub struct BootResult {
     pub output: RunOutput,
 }
 
-/// Runs the four boots and the verifier; stops at the first failure.
-pub fn run_series() -> Result<Vec<BootResult>, Fail> {
+/// The series, built and ready to boot: everything that runs `cargo` is
+/// done here, so the boots can run beside other scenarios.
+pub struct Series {
+    hypervisor: PathBuf,
+    modules: Vec<ModuleSpec>,
+    args: String,
+    seed: PathBuf,
+    disk: Disk,
+    verifier: Verifier,
+    manifest: Manifest,
+}
+
+/// Builds what the four boots need and makes a fresh disk.
+pub fn prepare() -> Result<Series, Fail> {
     let bins = image::build_all()?;
     let assets = linux::assets(linux::Kernel::Default)?;
     let initrd = linux::durable_initrd(linux::Kernel::Default, &assets)?;
@@ -408,16 +420,21 @@ pub fn run_series() -> Result<Vec<BootResult>, Fail> {
         agent_sha256: agent_digest(&fs::read_to_string(&assets.policy)?)?,
         ima_allow: Vec::new(),
     };
+    Ok(Series { hypervisor: bins.hypervisor, modules, args, seed, disk, verifier: v, manifest })
+}
 
+/// Runs the four boots and the verifier; stops at the first failure.
+pub fn run_series(series: &Series) -> Result<Vec<BootResult>, Fail> {
+    let Series { hypervisor, modules, args, seed, disk, verifier: v, manifest } = series;
     let mut results = Vec::new();
     let mut versions = Vec::new();
     for (i, b) in boots().iter().enumerate() {
         let n = i + 1;
-        let (out, verdict) = boot(n, b, &disk, &bins.hypervisor, &modules, &args)?;
+        let (out, verdict) = boot(n, b, disk, hypervisor, modules, args)?;
         let after = verdict.and_then(|()| match b.phase {
-            "provision" => after_provision(&out, &disk, &v, &seed, &manifest),
-            "check" => after_check(&disk, &v, &manifest),
-            "rollback" => after_rollback(&disk, &v, &manifest),
+            "provision" => after_provision(&out, disk, v, seed, manifest),
+            "check" => after_check(disk, v, manifest),
+            "rollback" => after_rollback(disk, v, manifest),
             _ => Ok(()),
         });
         versions.push(opened_version(&out));
@@ -435,12 +452,7 @@ pub fn run_series() -> Result<Vec<BootResult>, Fail> {
         match &after {
             Ok(()) => println!("xtask: {NAME} boot {n} ({}) passed in {:.1} s", b.phase, out.elapsed.as_secs_f64()),
             Err(why) => {
-                println!("xtask: {NAME} boot {n} ({}) FAILED: {why}", b.phase);
-                let lines: Vec<&str> = out.serial.lines().collect();
-                for l in &lines[lines.len().saturating_sub(25)..] {
-                    println!("    {l}");
-                }
-                println!("xtask: logs kept in {}", out.dir.display());
+                scenarios::report_failure(&format!("{NAME} boot {n} ({})", b.phase), why, &out);
             }
         }
         results.push(BootResult { label: format!("{NAME}:{n}"), passed, output: out });

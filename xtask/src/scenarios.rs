@@ -4,6 +4,10 @@
 //! with the hypervisor's own clean power-off line, so a hang, a crash or a
 //! missing line fails it; logs stay in `target/ctvm/runs/<scenario>/`.
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::emulator::{self, Devices, Emulator, RunOutput, TpmDevice};
@@ -1231,48 +1235,126 @@ fn total_exits(serial: &str) -> Option<u64> {
         .reduce(|a, b| a + b)
 }
 
+/// One line of the summary table: name, passed, wall time, VM exits.
+type Row = (String, bool, Duration, Option<u64>);
+
+/// What one worker runs: a scenario, or the durable series (whose boots
+/// follow each other on one disk).
+enum Job<'a> {
+    One(&'a Scenario, PathBuf),
+    Series(&'a crate::durable::Series),
+}
+
+impl Job<'_> {
+    /// A guess at its length, to start the long ones first.
+    fn weight(&self) -> Duration {
+        match self {
+            Job::One(s, _) => s.timeout,
+            Job::Series(_) => Duration::MAX,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Job::One(s, _) => s.name,
+            Job::Series(_) => crate::durable::NAME,
+        }
+    }
+
+    /// Its rows; one failed row if it could not run at all.
+    fn run(&self) -> Vec<Row> {
+        self.try_run().unwrap_or_else(|Fail(why)| {
+            println!("xtask: scenario {} could not run: {why}", self.name());
+            vec![(self.name().to_string(), false, Duration::ZERO, None)]
+        })
+    }
+
+    fn try_run(&self) -> Result<Vec<Row>, Fail> {
+        match self {
+            Job::One(s, iso) => {
+                println!("xtask: scenario {}: {}", s.name, s.about);
+                let out = emulator::boot_with(
+                    s.target.emulator,
+                    iso,
+                    s.name,
+                    (s.megs, s.cpus),
+                    s.time_limit(),
+                    None,
+                    s.target.devices,
+                )?;
+                let v = verdict(s, &out);
+                match &v {
+                    Ok(()) => println!("xtask: scenario {} passed in {:.1} s", s.name, out.elapsed.as_secs_f64()),
+                    Err(why) => report_failure(&format!("scenario {}", s.name), why, &out),
+                }
+                Ok(vec![(s.name.to_string(), v.is_ok(), out.elapsed, total_exits(&out.serial))])
+            }
+            Job::Series(series) => {
+                println!("xtask: scenario {}: {}", crate::durable::NAME, crate::durable::ABOUT);
+                let boots = crate::durable::run_series(series)?;
+                Ok(boots
+                    .into_iter()
+                    .map(|b| (b.label, b.passed, b.output.elapsed, total_exits(&b.output.serial)))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// A failed run's reason, its last console lines and where its logs are,
+/// printed as one block (runs go on beside it).
+pub fn report_failure(what: &str, why: &str, out: &RunOutput) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "xtask: {what} FAILED: {why}");
+    let _ = writeln!(o, "xtask: last console lines:");
+    let lines: Vec<&str> = out.serial.lines().collect();
+    for l in &lines[lines.len().saturating_sub(25)..] {
+        let _ = writeln!(o, "    {l}");
+    }
+    let _ = writeln!(o, "xtask: logs kept in {}", out.dir.display());
+}
+
+/// How many emulators run at once: `CTVM_JOBS`, or one per host core. Each
+/// emulator keeps one core busy, and a guest's clock follows its
+/// instructions, not the host's, so runs side by side see what a run alone
+/// sees; only the wall time changes.
+fn jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("CTVM_JOBS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0).unwrap_or(cores)
+}
+
 pub fn run_all(names: &[String]) -> Result<(), Fail> {
-    // The multi-boot durable-vTPM scenario runs after the single boots.
+    // The multi-boot durable-vTPM scenario runs with the others.
     let series = names.is_empty() || names.iter().any(|n| n == crate::durable::NAME);
     let selected: Vec<Scenario> = if names.is_empty() {
         all().into_iter().filter(|s| !s.interactive).collect()
     } else {
         names.iter().filter(|n| *n != crate::durable::NAME).map(|n| find(n)).collect::<Result<_, _>>()?
     };
-    let mut results = Vec::new();
+    // Everything is built first, one build at a time; then only emulators run.
+    let mut work = Vec::new();
     for s in &selected {
-        let iso = image::iso_for_emulator(s, s.target.emulator)?;
-        println!("xtask: scenario {}: {}", s.name, s.about);
-        let out = emulator::boot_with(
-            s.target.emulator,
-            &iso,
-            s.name,
-            (s.megs, s.cpus),
-            s.time_limit(),
-            None,
-            s.target.devices,
-        )?;
-        let v = verdict(s, &out);
-        match &v {
-            Ok(()) => println!("xtask: scenario {} passed in {:.1} s", s.name, out.elapsed.as_secs_f64()),
-            Err(why) => {
-                println!("xtask: scenario {} FAILED: {why}", s.name);
-                println!("xtask: last console lines:");
-                let lines: Vec<&str> = out.serial.lines().collect();
-                for l in &lines[lines.len().saturating_sub(25)..] {
-                    println!("    {l}");
+        work.push(Job::One(s, image::iso_for_emulator(s, s.target.emulator)?));
+    }
+    let prepared = if series { Some(crate::durable::prepare()?) } else { None };
+    work.extend(prepared.as_ref().map(Job::Series));
+    let mut order: Vec<usize> = (0..work.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(work[i].weight()));
+
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Vec<Row>>> = Mutex::new((0..work.len()).map(|_| Vec::new()).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs().min(work.len()) {
+            scope.spawn(|| {
+                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let rows = work[i].run();
+                    done.lock().unwrap_or_else(|e| e.into_inner())[i] = rows;
                 }
-                println!("xtask: logs kept in {}", out.dir.display());
-            }
+            });
         }
-        results.push((s.name.to_string(), v.is_ok(), out.elapsed, total_exits(&out.serial)));
-    }
-    if series {
-        println!("xtask: scenario {}: {}", crate::durable::NAME, crate::durable::ABOUT);
-        for b in crate::durable::run_series()? {
-            results.push((b.label, b.passed, b.output.elapsed, total_exits(&b.output.serial)));
-        }
-    }
+    });
+    let results: Vec<Row> = done.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
+
     println!("\n{:<22} {:<7} {:>9} {:>10}", "scenario", "result", "wall (s)", "VM exits");
     for (name, ok, t, exits) in &results {
         let exits = exits.map_or("-".to_string(), |e| e.to_string());
