@@ -31,6 +31,10 @@
 #include <asm/processor.h>
 #include <asm/nospec-branch.h>
 #include <asm/pgalloc.h>
+#include <asm/cpu_entry_area.h>
+#include <asm/percpu.h>
+#include <linux/tracepoint.h>
+#include <linux/sched/task_stack.h>
 #include "ctvm_abi.h"
 
 static unsigned long text_start, text_end, rodata_start, rodata_end;
@@ -65,6 +69,14 @@ module_param(data_start, ulong, 0400);
 module_param(data_end, ulong, 0400);
 module_param(bss_start, ulong, 0400);
 module_param(bss_end, ulong, 0400);
+/* The kernel's static per-CPU area (__per_cpu_start..__per_cpu_end) and the
+ * interrupt and exception stacks' backing stores in it, as the per-CPU
+ * offsets /proc/kallsyms shows for them. */
+static unsigned long percpu_start, percpu_end, irq_stacks, exception_stacks;
+module_param(percpu_start, ulong, 0400);
+module_param(percpu_end, ulong, 0400);
+module_param(irq_stacks, ulong, 0400);
+module_param(exception_stacks, ulong, 0400);
 /* The addresses of the kernel's variables that hold its protected slab
  * caches, in CTVM's slot order (cred_jar, task_struct_cachep, -, signal,
  * sighand, files, fs, mm); 0 where absent. Slot 2 (pids) the agent fills. */
@@ -577,6 +589,40 @@ static void shared_object_fields(struct ctvm_kernel_layout *layout)
 
 /* The kernel's own objects in its heap: CTVM reads a page's struct page to
  * tell a credential or a task from a module's object. */
+/* Each CPU's copy of the kernel's static per-CPU area: its control data
+ * (the syscall entry's stack pointer, the TSS, current) is no module's to
+ * write, but for the preempt count their inline helpers change. */
+static int percpu_areas(struct ctvm_kernel_layout *layout)
+{
+	unsigned int cpu;
+
+	if (!percpu_end || percpu_end <= percpu_start) {
+		pr_err("ctvm: the kernel's per-CPU area was not given (module parameters)\n");
+		return -EINVAL;
+	}
+	layout->percpu = (struct ctvm_range){ percpu_start, percpu_end };
+	if (irq_stacks)
+		layout->percpu_stacks[0] = (struct ctvm_range){ irq_stacks, irq_stacks + sizeof(struct irq_stack) };
+	if (exception_stacks)
+		layout->percpu_stacks[1] =
+			(struct ctvm_range){ exception_stacks, exception_stacks + sizeof(struct exception_stacks) };
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+	layout->percpu_shared = (struct ctvm_range){ (unsigned long)&pcpu_hot.preempt_count,
+						     (unsigned long)(&pcpu_hot.preempt_count + 1) };
+#else
+	layout->percpu_shared = (struct ctvm_range){ (unsigned long)&__preempt_count,
+						     (unsigned long)(&__preempt_count + 1) };
+#endif
+	for_each_possible_cpu(cpu) {
+		if (cpu >= CTVM_CPUS_MAX) {
+			pr_err("ctvm: more possible CPUs than CTVM can protect (%u)\n", CTVM_CPUS_MAX);
+			return -E2BIG;
+		}
+		layout->percpu_bases[cpu] = per_cpu_offset(cpu);
+	}
+	return 0;
+}
+
 static void kernel_objects(struct ctvm_kernel_layout *layout)
 {
 	u32 offset = slab_cache_offset();
@@ -617,6 +663,34 @@ static void branch_thunks(struct ctvm_kernel_layout *layout)
 #endif
 	for (i = 0; i < return_thunk_count && n < CTVM_RETURN_THUNKS; i++)
 		layout->return_thunks[n++] = return_thunks[i];
+}
+
+/* Each new task's stack, reported the moment the kernel made it (the
+ * task_newtask tracepoint fires in copy_process, before the task is on any
+ * list a module could find it by): CTVM knows its pages as a stack's from
+ * then on, not only from its next walk of the kernel's tables, so a module
+ * cannot write a young task's frames through the direct map. */
+static struct tracepoint *task_newtask;
+
+static void new_task(void *data, struct task_struct *task, unsigned long clone_flags)
+{
+	ctvm_call(CTVM_CALL_STACK_NEW, (unsigned long)task_stack_page(task), 0, 0, 0);
+}
+
+static void find_task_newtask(struct tracepoint *tp, void *priv)
+{
+	if (!strcmp(tp->name, "task_newtask"))
+		task_newtask = tp;
+}
+
+static int watch_new_tasks(void)
+{
+	for_each_kernel_tracepoint(find_task_newtask, NULL);
+	if (!task_newtask) {
+		pr_err("ctvm: no task_newtask tracepoint: new tasks' stacks cannot be reported\n");
+		return -ENOENT;
+	}
+	return tracepoint_probe_register(task_newtask, new_task, NULL);
 }
 
 /* The durable vTPM's store channel (/dev/ctvm_vtpm_store), kept apart. */
@@ -674,6 +748,11 @@ static int __init ctvm_agent_init(void)
 	if (bss_start && bss_end > bss_start)
 		layout->sensitive[2] = (struct ctvm_range){ bss_start, bss_end };
 	kernel_objects(layout);
+	ret = percpu_areas(layout);
+	if (ret) {
+		kfree(layout);
+		return ret;
+	}
 	/* Reference counts the kernel's inline get_net()/put_net() change from
 	 * module code (veth drops its hold on init_net): each module may write
 	 * these fields, and nothing beside them. */
@@ -713,10 +792,18 @@ static int __init ctvm_agent_init(void)
 		kfree(layout);
 		return ret;
 	}
+	/* From before the lock's walk on: no task falls between the two. */
+	ret = watch_new_tasks();
+	if (ret) {
+		kfree(layout);
+		unregister_module_notifier(&module_nb);
+		return ret;
+	}
 	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
 	kfree(layout);
 	if (ret < 0) {
 		pr_err("ctvm: kernel layout refused (%ld)\n", ret);
+		tracepoint_probe_unregister(task_newtask, new_task, NULL);
 		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}
@@ -725,6 +812,7 @@ static int __init ctvm_agent_init(void)
 	ret = report_module(CTVM_CALL_KERNEL_LOCK, THIS_MODULE);
 	if (ret < 0) {
 		pr_err("ctvm: lock refused (%ld)\n", ret);
+		tracepoint_probe_unregister(task_newtask, new_task, NULL);
 		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}

@@ -9,8 +9,9 @@
 /// 6.4+; 8: the protected caches' object strides, the reference counts
 /// in their objects every module may change, and where a top-level table's
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
-/// `kmem_cache_node` caches protected too).
-pub const STRUCT_VERSION: u32 = 9;
+/// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
+/// area).
+pub const STRUCT_VERSION: u32 = 10;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -111,7 +112,41 @@ pub struct KernelLayout {
     /// counts `get_task_struct`, `get_cred`, `get_pid`, `mmgrab` and
     /// `mmget` take; unused slots zero.
     pub object_fields: [ObjectField; OBJECT_FIELDS],
+    /// The kernel's static per-CPU area, as offsets from a CPU's base
+    /// (`__per_cpu_start..__per_cpu_end`: x86-64's per-CPU symbols are
+    /// offsets). It holds each CPU's control data: the stack pointer the
+    /// syscall entry loads, the TSS with its interrupt stack pointers,
+    /// `current`. No isolated module writes it. Required.
+    pub percpu: WireRange,
+    /// The interrupt and exception stacks' backing stores in it
+    /// (`irq_stack_backing_store`, `exception_stacks`), as offsets: a
+    /// module's handler runs on them, and writes there are judged as
+    /// writes to a stack, not to data. Empty slots are zero.
+    pub percpu_stacks: [WireRange; PERCPU_STACKS],
+    /// The field of it every module's inline helpers write
+    /// (`__preempt_count`; 6.2+: `pcpu_hot.preempt_count`), as an offset:
+    /// that field, and nothing beside it, is each module's to change.
+    pub percpu_shared: WireRange,
+    /// Each possible CPU's base (`__per_cpu_offset[cpu]`), zero past the
+    /// last: the agent refuses to lock a kernel with more possible CPUs.
+    pub percpu_bases: CpuBases,
 }
+
+/// Each possible CPU's per-CPU base, zero past the last.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuBases(pub [u64; CPUS_MAX]);
+
+impl Default for CpuBases {
+    fn default() -> Self {
+        CpuBases([0; CPUS_MAX])
+    }
+}
+
+/// How many per-CPU stacks the layout can name.
+pub const PERCPU_STACKS: usize = 2;
+/// How many CPUs' per-CPU areas the layout can name.
+pub const CPUS_MAX: usize = 256;
 
 /// A field of the objects of one protected cache.
 #[repr(C)]
@@ -479,13 +514,14 @@ pub fn c_header() -> alloc::string::String {
         ("MODULE_LIVE", crate::Call::ModuleLive),
         ("MODULE_UNREGISTER", crate::Call::ModuleUnregister),
         ("VIOLATIONS_READ", crate::Call::ViolationsRead),
+        ("STACK_NEW", crate::Call::StackNew),
         ("EVENT_LOG_READ", crate::Call::EventLogRead),
     ] {
         let _ = writeln!(h, "#define CTVM_CALL_{name} {:#x}", call as u64);
     }
     let _ = writeln!(h, "#define CTVM_STRUCT_VERSION {STRUCT_VERSION}");
     let _ = writeln!(h, "#define CTVM_POKE_ROUTINES {POKE_ROUTINES}\n#define CTVM_SENSITIVE_RANGES {SENSITIVE_RANGES}");
-    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}\n#define CTVM_OBJECT_FIELDS {OBJECT_FIELDS}");
+    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}\n#define CTVM_OBJECT_FIELDS {OBJECT_FIELDS}\n#define CTVM_PERCPU_STACKS {PERCPU_STACKS}\n#define CTVM_CPUS_MAX {CPUS_MAX}");
     let _ = writeln!(
         h,
         "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n#define CTVM_AGENT_NAME \"{AGENT_NAME}\"\n#define CTVM_MODULES_MAX {MODULES_MAX}\n#define CTVM_KERNEL_SYMBOL_SIZE {KERNEL_SYMBOL_SIZE}\n"
@@ -494,7 +530,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_object_field {{ __u32 cache; __u32 offset; __u32 size; __u32 reserved; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n\tstruct ctvm_range percpu;\n\tstruct ctvm_range percpu_stacks[CTVM_PERCPU_STACKS];\n\tstruct ctvm_range percpu_shared;\n\t__u64 percpu_bases[CTVM_CPUS_MAX];\n}};"
     );
     let _ = writeln!(
         h,
@@ -546,6 +582,11 @@ pub fn c_header() -> alloc::string::String {
         h,
         "static_assert(offsetof(struct ctvm_kernel_layout, object_fields) == {});",
         offset_of!(KernelLayout, object_fields)
+    );
+    let _ = writeln!(
+        h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, percpu_bases) == {});",
+        offset_of!(KernelLayout, percpu_bases)
     );
     let _ = writeln!(
         h,
@@ -607,6 +648,8 @@ mod tests {
                 + 16
                 + 4 * PROTECTED_CACHES
                 + 16 * OBJECT_FIELDS
+                + 16 * (2 + PERCPU_STACKS)
+                + 8 * CPUS_MAX
         );
         assert_eq!(core::mem::size_of::<ObjectField>(), 16);
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);

@@ -61,6 +61,13 @@ pub enum Call {
     /// RBX = address of an array of [`integrity::ViolationRecord`], RCX =
     /// how many fit. Returns how many were written; RBX = records dropped so far.
     ViolationsRead = 0x15,
+    /// RBX = the base of a kernel stack the kernel just made for a new task
+    /// (16 KiB-aligned, its end-of-stack mark there): from now on CTVM
+    /// knows its pages as a stack's, whatever address reaches them, rather
+    /// than from its next look at the kernel's tables. The agent reports
+    /// each task from the kernel's `task_newtask` tracepoint, before any
+    /// module can learn of the task.
+    StackNew = 0x16,
     /// Reads the measured-launch event log (TCG 1.2 format): RBX = buffer
     /// address, RCX = buffer size (at most 64 KiB), RDX = offset in the log.
     /// Copies what fits and returns the log's total size.
@@ -86,6 +93,7 @@ impl Call {
             0x13 => Self::ModuleLive,
             0x14 => Self::ModuleUnregister,
             0x15 => Self::ViolationsRead,
+            0x16 => Self::StackNew,
             0x20 => Self::EventLogRead,
             0x30 => Self::VtpmStoreFetch,
             0x31 => Self::VtpmStoreDone,

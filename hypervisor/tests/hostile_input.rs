@@ -2036,6 +2036,9 @@ mod agent_abi {
                             assert!(buffer == regs.rbx && kernel_range(buffer, u64::from(size)), "{what}");
                         }
                         Request::VtpmStoreDone { version } => assert_eq!(version, regs.rbx, "{what}"),
+                        Request::StackNew { base } => {
+                            assert!(base == regs.rbx && base & 0x3fff == 0 && kernel_range(base, 0x4000), "{what}")
+                        }
                     }
                 }
                 Err(e) => {

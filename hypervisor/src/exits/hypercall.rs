@@ -17,6 +17,7 @@ pub enum Request {
     ModuleLive { id: u32 },
     ModuleUnregister { id: u32 },
     ViolationsRead { buffer: u64, count: u32 },
+    StackNew { base: u64 },
     EventLogRead { buffer: u64, size: u32, offset: u32 },
     VtpmStoreFetch { buffer: u64, size: u32 },
     VtpmStoreDone { version: u64 },
@@ -69,6 +70,12 @@ pub fn decode(regs: &Registers) -> Result<Request, Error> {
             let count = count.ok_or(Error::InvalidArgument)?;
             let buffer = kernel_pointer(regs.rbx, u64::from(count) * VIOLATION_RECORD_SIZE as u64)?;
             Ok(Request::ViolationsRead { buffer, count })
+        }
+        Call::StackNew => {
+            if regs.rbx & 0x3fff != 0 {
+                return Err(Error::InvalidArgument);
+            }
+            Ok(Request::StackNew { base: kernel_pointer(regs.rbx, 0x4000)? })
         }
         Call::EventLogRead => {
             if regs.rcx > MAX_LOG_READ || regs.rdx > u64::from(u32::MAX) {
@@ -228,6 +235,7 @@ pub fn handle(ctx: &mut ExitContext<'_>) -> Action {
                 Request::ModuleLive { id } => integrity::module_live(ctx, id),
                 Request::ModuleUnregister { id } => integrity::unregister_module(ctx, id),
                 Request::ViolationsRead { buffer, count } => integrity::read_violations(ctx, buffer, count),
+                Request::StackNew { base } => integrity::new_stack(ctx, base),
                 Request::Version
                 | Request::Shutdown { .. }
                 | Request::EventLogRead { .. }
@@ -275,6 +283,14 @@ mod tests {
         assert_eq!(decode(&call(0x10, k, size - 1)), Err(Error::InvalidArgument));
         assert_eq!(decode(&call(0x10, 0x1000, size)), Err(Error::BadAddress));
         assert_eq!(decode(&call(0x10, u64::MAX - 8, size)), Err(Error::BadAddress));
+        // A new task's stack: 16 KiB-aligned, in the kernel's half.
+        assert_eq!(
+            decode(&call(0x16, 0xffff_c900_0000_4000, 0)),
+            Ok(Request::StackNew { base: 0xffff_c900_0000_4000 })
+        );
+        assert_eq!(decode(&call(0x16, 0xffff_c900_0000_5000, 0)), Err(Error::InvalidArgument));
+        assert_eq!(decode(&call(0x16, 0x7fff_ffff_c000, 0)), Err(Error::BadAddress));
+        assert_eq!(decode(&call(0x16, 0xffff_ffff_ffff_c000, 0)), Err(Error::BadAddress));
         assert_eq!(decode(&call(0x13, 7, 0)), Ok(Request::ModuleLive { id: 7 }));
         assert_eq!(decode(&call(0x14, 1 << 33, 0)), Err(Error::InvalidArgument));
         assert_eq!(decode(&call(0x15, k, 16)), Ok(Request::ViolationsRead { buffer: k, count: 16 }));

@@ -213,10 +213,11 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             }
             let names: Vec<&str> = objects.caches.iter().map(|&(_, name)| name).collect();
             log::info!(
-                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array; objects of the {} caches protected; {} shared fields",
+                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array, with the per-CPU areas of {} CPUs; objects of the {} caches protected; {} shared fields",
                 ctx.guest.name(),
                 pages.values().filter(|&&c| c == PageClass::Sensitive).count(),
                 objects.backing_pages().count(),
+                layout.percpu_cpus,
                 names.join(", "),
                 layout.shared.len()
             );
@@ -975,6 +976,23 @@ pub fn read_violations(ctx: &mut ExitContext<'_>, buffer: u64, count: u32) -> Re
     refresh_stacks(ctx);
     revoke_heap_grants(ctx);
     Ok(records as u64)
+}
+
+/// [`guest_agent::Call::StackNew`]: a task's stack the moment the kernel
+/// made it, before any module can know the task. Without this, a module
+/// that made a kthread would write the new task's stack through the
+/// direct map as a heap page until the next walk (scenario attack
+/// `atk_young`).
+pub fn new_stack(ctx: &mut ExitContext<'_>, base: u64) -> Result<u64, Error> {
+    if ctx.guest.integrity.as_ref().and_then(|i| i.engine.layout()).is_none() {
+        return Err(Error::NotPermitted);
+    }
+    if !is_task_stack(ctx, base) {
+        return Err(Error::InvalidArgument);
+    }
+    let pages = stack_around(ctx, base).ok_or(Error::BadAddress)?;
+    stacks_found(ctx, pages, false);
+    Ok(0)
 }
 
 /// A module's branch to a write-through kernel function (`memcpy`,
@@ -3763,6 +3781,34 @@ mod tests {
             assert!(f.control.monitor_trap, "stepped alone");
         }
     }
+    #[test]
+    fn a_task_stack_the_agent_reports_at_its_birth_is_judged_as_a_stack_before_any_walk() {
+        const TASK: u64 = 0xffff_c900_0000_4000;
+        const UNMARKED: u64 = 0xffff_c900_0001_0000;
+        let pages = [0xe4_0000, 0xe5_0000, 0xe6_0000, 0xe7_0000];
+        let mut f = fixture(Mode::Enforce);
+        let id = f.register_everything();
+        // The kernel makes a task after the lock's walk.
+        map_stack(&f, TASK, pages);
+        w(&f.phys, pages[0], &STACK_END_MAGIC.to_le_bytes());
+        map_stack(&f, UNMARKED, [0xe8_0000, 0xe9_0000, 0xea_0000, 0xeb_0000]);
+        // No stack at the base, or a base off its 16 KiB: refused.
+        assert_eq!(f.call(0x16, UNMARKED, 0), Error::InvalidArgument.code());
+        assert_eq!(f.call(0x16, TASK + 0x1000, 0), Error::InvalidArgument.code());
+        assert_eq!(f.call(0x16, TASK, 0), 0);
+        // The module runs on another stack and writes the new task's frame
+        // through the direct map: refused as the kernel's stack, not granted.
+        let rsp = K + 0x70_0f00;
+        w(&f.phys, 0x70_0f00, &(K + TEXT + 0x77).to_le_bytes());
+        f.vcpu.write(Field::Rsp, rsp);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+        let writer = K + MODULE_CODE + 0x10;
+        assert_eq!(f.ept(WRITE, pages[3] + 0xe80, K + pages[3] + 0xe80, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
+        assert_eq!(f.control.perms(View::Module(id), pages[3]), None, "not granted");
+    }
+
     #[test]
     fn of_an_interrupt_stack_across_a_16k_boundary_only_the_entrys_window_is_known() {
         // Page-aligned, as vmap places it: pages 0x12000..0x16000, the

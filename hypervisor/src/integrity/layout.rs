@@ -66,8 +66,11 @@ pub struct KernelLayout {
     /// The guest-physical pages of the text, in order: what a text address
     /// must translate to.
     pub text_pages: Vec<u64>,
-    /// Kernel data only the kernel view may write (the module list, ...).
+    /// Kernel data only the kernel view may write (the module list, the
+    /// image's data, each CPU's per-CPU area, ...).
     pub sensitive: Vec<Range>,
+    /// How many CPUs' per-CPU areas are among them.
+    pub percpu_cpus: usize,
     /// The kernel's top-level page table (guest-virtual).
     pub page_table: u64,
     /// `__x86_indirect_thunk_<reg>` by register number, zero where absent.

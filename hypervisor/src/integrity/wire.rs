@@ -54,6 +54,74 @@ pub struct KernelMessage {
     pub ksymtab_gpl: Range,
 }
 
+/// The largest static per-CPU area taken (a kernel's is some 200 KiB): a
+/// bound on the pages one layout makes CTVM track, 256 CPUs' worth.
+const PERCPU_AREA_MAX: u64 = 1 << 20;
+
+/// Each CPU's copy of the kernel's static per-CPU area (offsets `area` from
+/// each of `bases`): the parts modules may not write, less the stacks a
+/// module's handler runs on; and the fields they may (`shared`, each CPU's
+/// preempt count, and the tail of the area's last page, where the modules'
+/// own static per-CPU variables begin).
+fn percpu_areas(
+    area: Range,
+    stacks: &[Range],
+    shared: Range,
+    bases: &[u64],
+) -> Result<(Vec<Range>, Vec<Range>), WireError> {
+    let (mut data, mut fields) = (Vec::new(), Vec::new());
+    if area.is_empty() {
+        return Ok((data, fields));
+    }
+    let inside = |r: &Range| r.is_empty() || area.start <= r.start && r.end <= area.end;
+    if area.len() > PERCPU_AREA_MAX
+        || !stacks.iter().all(inside)
+        || !inside(&shared)
+        || shared.len() > abi::SHARED_FIELD_MAX
+    {
+        return Err(WireError::Range);
+    }
+    let mut holes: Vec<Range> = stacks.iter().copied().filter(|r| !r.is_empty()).collect();
+    holes.sort_unstable_by_key(|r| r.start);
+    for &base in bases {
+        let at = |r: Range| -> Result<Range, WireError> {
+            let moved = Range::new(
+                base.checked_add(r.start).ok_or(WireError::Range)?,
+                base.checked_add(r.end).ok_or(WireError::Range)?,
+            );
+            if !is_kernel_address(moved.start) || !is_kernel_address(moved.end - 1) {
+                return Err(WireError::Range);
+            }
+            Ok(moved)
+        };
+        let whole = at(area)?;
+        let mut from = whole.start;
+        for hole in &holes {
+            let hole = at(*hole)?;
+            if from < hole.start {
+                data.push(Range::new(from, hole.start));
+            }
+            from = from.max(hole.end);
+        }
+        if from < whole.end {
+            data.push(Range::new(from, whole.end));
+        }
+        if !shared.is_empty() {
+            let field = at(shared)?;
+            if (field.end - 1) & !0xfff != field.start & !0xfff {
+                return Err(WireError::Range);
+            }
+            fields.push(field);
+        }
+        // The modules' static per-CPU variables follow the kernel's.
+        let tail = Range::new(whole.end, whole.end.checked_add(0xfff).ok_or(WireError::Range)? & !0xfff);
+        if !tail.is_empty() {
+            fields.push(tail);
+        }
+    }
+    Ok((data, fields))
+}
+
 pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
     header(b, core::mem::size_of::<abi::KernelLayout>())?;
     let mut at = 8;
@@ -137,6 +205,17 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         o.set_table_type(type_offset, table_mask, table_value).map_err(|_| WireError::Range)?;
         o.set_shared_fields(&strides, &fields).map_err(|_| WireError::Range)?;
     }
+    let at = core::mem::offset_of!(abi::KernelLayout, percpu);
+    let percpu = range_at(b, at)?;
+    let percpu_stacks: Vec<Range> =
+        (0..abi::PERCPU_STACKS).map(|i| range_at(b, at + 16 * (1 + i))).collect::<Result<_, _>>()?;
+    let percpu_shared = range_at(b, core::mem::offset_of!(abi::KernelLayout, percpu_shared))?;
+    let at = core::mem::offset_of!(abi::KernelLayout, percpu_bases);
+    let bases: Vec<u64> = (0..abi::CPUS_MAX).map(|i| u64_at(b, at + 8 * i)).filter(|&base| base != 0).collect();
+    let (data, fields) = percpu_areas(percpu, &percpu_stacks, percpu_shared, &bases)?;
+    let percpu_cpus = if percpu.is_empty() { 0 } else { bases.len() };
+    sensitive.extend(data);
+    shared.extend(fields);
     let processes = ProcessList::from_wire(pgd_list, link_offset, pgd_pages, owner_offset, objects.as_ref())
         .map_err(|_| WireError::Range)?;
     let layout = KernelLayout {
@@ -154,6 +233,7 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         idt,
         entry_syscall,
         poke_routines,
+        percpu_cpus,
         ..Default::default()
     };
     Ok(KernelMessage { layout, ksymtab, ksymtab_gpl })
@@ -373,6 +453,62 @@ mod tests {
         let mut reversed = layout_bytes();
         reversed[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(kernel_layout(&reversed).err(), Some(WireError::Range));
+    }
+
+    #[test]
+    fn each_cpus_per_cpu_area_is_data_but_its_stacks_and_preempt_count() {
+        const CPU0: u64 = 0xffff_8880_7fc0_0000;
+        const CPU1: u64 = 0xffff_8880_7fc4_0000;
+        let mut l = abi::KernelLayout { version: abi::STRUCT_VERSION, ..Default::default() };
+        l.size = core::mem::size_of::<abi::KernelLayout>() as u32;
+        // 6.1's shape: 0x3_2a40 bytes, the IRQ stack at 0x4000, the
+        // exception stacks at 0xc000, the preempt count at 0x2_0e4c.
+        l.percpu = WireRange { start: 0, end: 0x3_2a40 };
+        l.percpu_stacks[0] = WireRange { start: 0x4000, end: 0x8000 };
+        l.percpu_stacks[1] = WireRange { start: 0xc000, end: 0x1_2000 };
+        l.percpu_shared = WireRange { start: 0x2_0e4c, end: 0x2_0e50 };
+        l.percpu_bases.0[..2].copy_from_slice(&[CPU0, CPU1]);
+        let bytes = |l: &abi::KernelLayout| {
+            // SAFETY: repr(C) plain data, viewed as bytes.
+            unsafe {
+                core::slice::from_raw_parts((l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(l))
+            }
+            .to_vec()
+        };
+        let m = kernel_layout(&bytes(&l)).unwrap().layout;
+        let data: Vec<Range> = [CPU0, CPU1]
+            .iter()
+            .flat_map(|&b| {
+                [Range::new(b, b + 0x4000), Range::new(b + 0x8000, b + 0xc000), Range::new(b + 0x1_2000, b + 0x3_2a40)]
+            })
+            .collect();
+        assert_eq!(m.sensitive, data);
+        assert_eq!(m.percpu_cpus, 2);
+        // Each CPU's preempt count, and the page's tail past the kernel's
+        // variables (the modules' own per-CPU variables).
+        let fields: Vec<Range> = [CPU0, CPU1]
+            .iter()
+            .flat_map(|&b| [Range::new(b + 0x2_0e4c, b + 0x2_0e50), Range::new(b + 0x3_2a40, b + 0x3_3000)])
+            .collect();
+        assert_eq!(m.shared, fields);
+        // Stacks or a field outside the area, a wide field, an area past
+        // any kernel's, a base that takes the area out of the kernel's
+        // half: refused.
+        for bad in [
+            abi::KernelLayout { percpu: WireRange { start: 0, end: 0x10_1000 }, ..l },
+            abi::KernelLayout { percpu_stacks: [WireRange { start: 0x3_2000, end: 0x3_6000 }; 2], ..l },
+            abi::KernelLayout { percpu_shared: WireRange { start: 0x2_0e4c, end: 0x2_0e6c }, ..l },
+            abi::KernelLayout { percpu_shared: WireRange { start: 0x3_2a40, end: 0x3_2a44 }, ..l },
+        ] {
+            assert_eq!(kernel_layout(&bytes(&bad)).err(), Some(WireError::Range));
+        }
+        let mut low = l;
+        low.percpu_bases.0[1] = 0x7fff_ffff_f000;
+        assert_eq!(kernel_layout(&bytes(&low)).err(), Some(WireError::Range));
+        // No area given: nothing added (the agent refuses to lock without one).
+        let none = abi::KernelLayout { percpu: WireRange::default(), ..l };
+        let m = kernel_layout(&bytes(&none)).unwrap().layout;
+        assert!(m.sensitive.is_empty() && m.shared.is_empty() && m.percpu_cpus == 0);
     }
 
     #[test]

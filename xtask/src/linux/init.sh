@@ -37,7 +37,8 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
     mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
-    __start___ex_table __stop___ex_table __get_user_1 __get_user_2"
+    __start___ex_table __stop___ex_table __get_user_1 __get_user_2 cpu_current_top_of_stack
+    __per_cpu_start __per_cpu_end irq_stack_backing_store exception_stacks"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -59,6 +60,15 @@ return_thunks() {
         | tr '\n' ',' | sed 's/,$//')
     [ -n "$list" ] && echo "return_thunks=$list"
 }
+# The per-CPU area and its stacks, as far as kallsyms shows them (the agent
+# refuses to lock without the area).
+percpu() {
+    for p in percpu_start:__per_cpu_start percpu_end:__per_cpu_end irq_stacks:irq_stack_backing_store \
+        exception_stacks:exception_stacks; do
+        v=$(sym "${p#*:}")
+        [ -n "$v" ] && echo "${p%%:*}=$v"
+    done
+}
 # Guest time in nanoseconds (Bochs' guest time counts emulated instructions).
 now_ns() {
     awk '/^now at/ { print $3; exit }' /proc/timer_list 2>/dev/null || awk '{ printf "%d", $1 * 1e9 }' /proc/uptime
@@ -78,7 +88,7 @@ load_agent() {
         poke_start=$(sym __text_poke) poke_end=$(after __text_poke) module_list=$(sym modules) \
         page_table=$(sym init_top_pgt) pgd_list=$(sym pgd_list) $(return_thunks) \
         data_start=$(sym _sdata) data_end=$(sym _edata) bss_start=$(sym __bss_start) bss_end=$(sym __bss_stop) \
-        $(caches)
+        $(percpu) $(caches)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
 }
 
@@ -262,6 +272,11 @@ integrity_tests() {
     # Data-only attacks on the kernel's own data and objects.
     attack atk_kdata modprobe=$(sym modprobe_path) core=$(sym core_pattern)
     say "modprobe path now: $(cat /proc/sys/kernel/modprobe), core pattern: $(cat /proc/sys/kernel/core_pattern)"
+    # Per-CPU control data: the syscall entry's stack pointer, the TSS's
+    # interrupt stack pointers (6.1 keeps the first in a per-CPU variable
+    # of its own; 6.2+ in pcpu_hot, which the module finds itself).
+    top=$(sym cpu_current_top_of_stack)
+    attack atk_percpu top=${top:-0}
     attack atk_cred jar=$(sym cred_jar)
     attack atk_tasks
     say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
@@ -272,6 +287,8 @@ integrity_tests() {
     attack atk_trap kln=$(sym kallsyms_lookup_name)
     # Kernel frames on the stacks: its caller's, a sleeping task's.
     attack atk_stack text_lo=$(sym _stext) text_hi=$(sym _etext)
+    # A task younger than the hypervisor's last walk: its resume address.
+    attack atk_young
     # Page tables: the kernel's, this process's, and a CR3 of its own.
     attack atk_pgtable
     # A process forked after the last walk: its top-level table, listed but

@@ -46,7 +46,7 @@ fn hypercall_decode(data: &[u8]) {
     let mut u = Unstructured::new(data);
     let Ok((call, rbx, rcx, rdx, rsi)) = <(u8, u64, u64, u64, u64)>::arbitrary(&mut u) else { return };
     // The call number: one of the ABI's, or anything.
-    let rax = match call % 12 {
+    let rax = match call % 13 {
         0 => 0,
         1 => 1,
         n @ 2..=6 => 0x10 + u64::from(n - 2),
@@ -54,6 +54,7 @@ fn hypercall_decode(data: &[u8]) {
         8 => 0x20,
         9 => 0x30,
         10 => 0x31,
+        11 => 0x16,
         _ => rbx.rotate_left(17),
     };
     let regs = Registers { rax, rbx, rcx, rdx, rsi };
@@ -80,6 +81,7 @@ fn hypercall_decode(data: &[u8]) {
             assert_eq!(u64::from(size), rcx);
         }
         Request::VtpmStoreDone { version } => assert_eq!(version, rbx),
+        Request::StackNew { base } => assert!(base == rbx && base & 0x3fff == 0 && kernel(base, 0x4000)),
         Request::Shutdown { code } => assert_eq!(u64::from(code), rbx),
         Request::ModuleLive { id } | Request::ModuleUnregister { id } => assert_eq!(u64::from(id), rbx),
         Request::Version => {}
