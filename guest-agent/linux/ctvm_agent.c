@@ -587,8 +587,6 @@ static void shared_object_fields(struct ctvm_kernel_layout *layout)
 	object_field(layout, 4, 7, offsetof(struct mm_struct, mm_count), sizeof_field(struct mm_struct, mm_count));
 }
 
-/* The kernel's own objects in its heap: CTVM reads a page's struct page to
- * tell a credential or a task from a module's object. */
 /* Each CPU's copy of the kernel's static per-CPU area: its control data
  * (the syscall entry's stack pointer, the TSS, current) is no module's to
  * write, but for the preempt count their inline helpers change. */
@@ -623,6 +621,8 @@ static int percpu_areas(struct ctvm_kernel_layout *layout)
 	return 0;
 }
 
+/* The kernel's own objects in its heap: CTVM reads a page's struct page to
+ * tell a credential or a task from a module's object. */
 static void kernel_objects(struct ctvm_kernel_layout *layout)
 {
 	u32 offset = slab_cache_offset();
@@ -691,6 +691,14 @@ static int watch_new_tasks(void)
 		return -ENOENT;
 	}
 	return tracepoint_probe_register(task_newtask, new_task, NULL);
+}
+
+/* Only if the agent fails to start: the probe must be gone, on every CPU,
+ * before the agent's code is. */
+static void stop_watching_new_tasks(void)
+{
+	tracepoint_probe_unregister(task_newtask, new_task, NULL);
+	tracepoint_synchronize_unregister();
 }
 
 /* The durable vTPM's store channel (/dev/ctvm_vtpm_store), kept apart. */
@@ -803,7 +811,7 @@ static int __init ctvm_agent_init(void)
 	kfree(layout);
 	if (ret < 0) {
 		pr_err("ctvm: kernel layout refused (%ld)\n", ret);
-		tracepoint_probe_unregister(task_newtask, new_task, NULL);
+		stop_watching_new_tasks();
 		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}
@@ -812,7 +820,7 @@ static int __init ctvm_agent_init(void)
 	ret = report_module(CTVM_CALL_KERNEL_LOCK, THIS_MODULE);
 	if (ret < 0) {
 		pr_err("ctvm: lock refused (%ld)\n", ret);
-		tracepoint_probe_unregister(task_newtask, new_task, NULL);
+		stop_watching_new_tasks();
 		unregister_module_notifier(&module_nb);
 		return -EPERM;
 	}

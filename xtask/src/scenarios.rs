@@ -1438,6 +1438,8 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
         cpus: 1,
         timeout: Duration::from_secs(600),
         expect: vec![
+            // The per-CPU area less its interrupt and exception stacks.
+            "ctvm: guest linux: kernel data kept from modules: * with the per-CPU areas of 1 CPUs less 2 stacks each;",
             "ctvm: guest linux: module ctvm_agent registered as trusted",
             "ctvm: guest linux: kernel layout locked, agent pinned; protections on (* kernel page tables, * of processes)",
             "ctvm-init: agent loaded",

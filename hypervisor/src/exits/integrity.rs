@@ -213,11 +213,12 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             }
             let names: Vec<&str> = objects.caches.iter().map(|&(_, name)| name).collect();
             log::info!(
-                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array, with the per-CPU areas of {} CPUs; objects of the {} caches protected; {} shared fields",
+                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array, with the per-CPU areas of {} CPUs less {} stacks each; objects of the {} caches protected; {} shared fields",
                 ctx.guest.name(),
                 pages.values().filter(|&&c| c == PageClass::Sensitive).count(),
                 objects.backing_pages().count(),
                 layout.percpu_cpus,
+                layout.percpu_stacks,
                 names.join(", "),
                 layout.shared.len()
             );

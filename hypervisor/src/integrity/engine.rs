@@ -924,6 +924,23 @@ impl Engine {
         still_mapped: impl Fn(u64, u64) -> bool,
     ) -> Vec<u64> {
         let mut new = Vec::new();
+        if !whole {
+            // A few pages added (a task's birth, a stack a module is entered
+            // on): in place, at the cost of those pages alone.
+            for (va, gpa) in found {
+                let (va, gpa) = (page(va), page(gpa));
+                match self.stacks.insert(gpa, va) {
+                    Some(old) if old == va => continue,
+                    Some(old) if !self.stacks.values().any(|&v| v == old) => {
+                        self.stack_vas.remove(&old);
+                    }
+                    _ => {}
+                }
+                self.stack_vas.insert(va);
+                new.push(gpa);
+            }
+            return new;
+        }
         let mut stacks = BTreeMap::new();
         for (va, gpa) in found {
             let (va, gpa) = (page(va), page(gpa));
@@ -934,7 +951,7 @@ impl Engine {
         }
         let kept = core::mem::take(&mut self.stacks);
         for (gpa, va) in kept {
-            if !whole || !stacks.contains_key(&gpa) && still_mapped(va, gpa) {
+            if !stacks.contains_key(&gpa) && still_mapped(va, gpa) {
                 stacks.entry(gpa).or_insert(va);
             }
         }

@@ -69,8 +69,10 @@ pub struct KernelLayout {
     /// Kernel data only the kernel view may write (the module list, the
     /// image's data, each CPU's per-CPU area, ...).
     pub sensitive: Vec<Range>,
-    /// How many CPUs' per-CPU areas are among them.
+    /// How many CPUs' per-CPU areas are among them, and how many stacks
+    /// each leaves out (the interrupt and exception stacks).
     pub percpu_cpus: usize,
+    pub percpu_stacks: usize,
     /// The kernel's top-level page table (guest-virtual).
     pub page_table: u64,
     /// `__x86_indirect_thunk_<reg>` by register number, zero where absent.

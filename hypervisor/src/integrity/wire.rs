@@ -214,6 +214,7 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
     let bases: Vec<u64> = (0..abi::CPUS_MAX).map(|i| u64_at(b, at + 8 * i)).filter(|&base| base != 0).collect();
     let (data, fields) = percpu_areas(percpu, &percpu_stacks, percpu_shared, &bases)?;
     let percpu_cpus = if percpu.is_empty() { 0 } else { bases.len() };
+    let percpu_stacks = percpu_stacks.iter().filter(|r| !r.is_empty()).count();
     sensitive.extend(data);
     shared.extend(fields);
     let processes = ProcessList::from_wire(pgd_list, link_offset, pgd_pages, owner_offset, objects.as_ref())
@@ -234,6 +235,7 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         entry_syscall,
         poke_routines,
         percpu_cpus,
+        percpu_stacks,
         ..Default::default()
     };
     Ok(KernelMessage { layout, ksymtab, ksymtab_gpl })
@@ -483,7 +485,7 @@ mod tests {
             })
             .collect();
         assert_eq!(m.sensitive, data);
-        assert_eq!(m.percpu_cpus, 2);
+        assert_eq!((m.percpu_cpus, m.percpu_stacks), (2, 2));
         // Each CPU's preempt count, and the page's tail past the kernel's
         // variables (the modules' own per-CPU variables).
         let fields: Vec<Range> = [CPU0, CPU1]
