@@ -1314,13 +1314,19 @@ pub fn report_failure(what: &str, why: &str, out: &RunOutput) {
     let _ = writeln!(o, "xtask: logs kept in {}", out.dir.display());
 }
 
-/// How many emulators run at once: `CTVM_JOBS`, or one per host core. Each
-/// emulator keeps one core busy, and a guest's clock follows its
+/// How many emulators run at once: `CTVM_JOBS`, or one per host core and
+/// per 2 GiB of available memory (a Linux scenario's machine has 1 GiB).
+/// Each emulator keeps one core busy, and a guest's clock follows its
 /// instructions, not the host's, so runs side by side see what a run alone
 /// sees; only the wall time changes.
 fn jobs() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::env::var("CTVM_JOBS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0).unwrap_or(cores)
+    let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let kib = m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?;
+        kib.trim().parse::<usize>().ok().map(|kib| (kib >> 21).max(1))
+    });
+    let fits = cores.min(memory.unwrap_or(cores));
+    std::env::var("CTVM_JOBS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0).unwrap_or(fits)
 }
 
 pub fn run_all(names: &[String]) -> Result<(), Fail> {
