@@ -382,7 +382,11 @@ fn stacks_found(ctx: &mut ExitContext<'_>, found: Vec<(u64, u64)>, whole: bool) 
         Vec::new()
     };
     let (Some(state), Some(control)) = (ctx.guest.integrity.as_mut(), ctx.control.as_deref_mut()) else { return };
-    let new = state.engine.set_stacks(found, whole, |va, gpa| mapped.contains(&(va, gpa)));
+    let new = if whole {
+        state.engine.set_stacks(found, |va, gpa| mapped.contains(&(va, gpa)))
+    } else {
+        state.engine.add_stacks(found)
+    };
     let modules: Vec<u32> = state.engine.modules().collect();
     for &page in &new {
         for &m in &modules {
@@ -437,7 +441,7 @@ fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
 /// `rsp`'s window are taken, those the live return points can speak for.
 /// The rest stays judged by its linear address alone.
 fn stack_around(ctx: &ExitContext<'_>, rsp: u64) -> Option<Vec<(u64, u64)>> {
-    let mapped = |va: u64| ctx.inspect().translate(va).ok().map(|g| g & !0xfff);
+    let mapped = |va: u64| page_of(ctx, va);
     let max = tables::STACK_PAGES as u64;
     let window = crate::integrity::returns::stack_of(rsp);
     let (low, high) = if is_task_stack(ctx, rsp) {
@@ -451,7 +455,17 @@ fn stack_around(ctx: &ExitContext<'_>, rsp: u64) -> Option<Vec<(u64, u64)>> {
         }
         (low.max(window.start), high.min(window.end))
     };
-    (low..high).step_by(0x1000).map(|va| Some((va, mapped(va)?))).collect()
+    mapped_pages(ctx, low, high)
+}
+
+/// The pages `low..high`, (linear, guest-physical), if all are mapped.
+fn mapped_pages(ctx: &ExitContext<'_>, low: u64, high: u64) -> Option<Vec<(u64, u64)>> {
+    (low..high).step_by(0x1000).map(|va| Some((va, page_of(ctx, va)?))).collect()
+}
+
+/// The guest-physical page linear `va` maps to, in the guest's tables.
+fn page_of(ctx: &ExitContext<'_>, va: u64) -> Option<u64> {
+    ctx.inspect().translate(va).ok().map(|g| g & !0xfff)
 }
 
 /// The rights a tracked page has in the kernel view. Read-only kernel data
@@ -991,7 +1005,7 @@ pub fn new_stack(ctx: &mut ExitContext<'_>, base: u64) -> Result<u64, Error> {
     if !is_task_stack(ctx, base) {
         return Err(Error::InvalidArgument);
     }
-    let pages = stack_around(ctx, base).ok_or(Error::BadAddress)?;
+    let pages = mapped_pages(ctx, base, base + 0x4000).ok_or(Error::BadAddress)?;
     stacks_found(ctx, pages, false);
     Ok(0)
 }

@@ -909,38 +909,39 @@ impl Engine {
         task_stack || self.returns.owner(gva).is_some()
     }
 
-    /// Stack pages found, as (linear, guest-physical) pairs: by a walk of
-    /// the kernel's tables (`whole`: all the tasks' stacks there are), or
-    /// of a stack a module runs on. Returns the
-    /// guest-physical pages that were not known as stack pages: a module
-    /// view that could write one as a heap page must lose that right. After
-    /// a whole walk, a page known before and not found again stays known
-    /// while `still_mapped(va, gpa)` (an interrupt or exception stack,
-    /// which no walk finds); the rest were freed.
+    /// Stack pages found, as (linear, guest-physical) pairs, by a walk cut
+    /// short, at a task's birth or on a stack a module runs on: added in
+    /// place, at the cost of those pages alone (a birth is a fork). Returns
+    /// the guest-physical pages that were not known as stack pages: a
+    /// module view that could write one as a heap page must lose that right.
+    pub fn add_stacks(&mut self, found: impl IntoIterator<Item = (u64, u64)>) -> Vec<u64> {
+        let mut new = Vec::new();
+        for (va, gpa) in found {
+            let (va, gpa) = (page(va), page(gpa));
+            match self.stacks.insert(gpa, va) {
+                Some(old) if old == va => continue,
+                Some(old) if !self.stacks.values().any(|&v| v == old) => {
+                    self.stack_vas.remove(&old);
+                }
+                _ => {}
+            }
+            self.stack_vas.insert(va);
+            new.push(gpa);
+        }
+        new
+    }
+
+    /// Every task's stack pages, found by a whole walk of the kernel's
+    /// tables: they replace what was known, but a page known before and
+    /// not found again stays known while `still_mapped(va, gpa)` (an
+    /// interrupt or exception stack, which no walk finds); the rest were
+    /// freed. Returns the pages not known before, as [`Engine::add_stacks`].
     pub fn set_stacks(
         &mut self,
         found: impl IntoIterator<Item = (u64, u64)>,
-        whole: bool,
         still_mapped: impl Fn(u64, u64) -> bool,
     ) -> Vec<u64> {
         let mut new = Vec::new();
-        if !whole {
-            // A few pages added (a task's birth, a stack a module is entered
-            // on): in place, at the cost of those pages alone.
-            for (va, gpa) in found {
-                let (va, gpa) = (page(va), page(gpa));
-                match self.stacks.insert(gpa, va) {
-                    Some(old) if old == va => continue,
-                    Some(old) if !self.stacks.values().any(|&v| v == old) => {
-                        self.stack_vas.remove(&old);
-                    }
-                    _ => {}
-                }
-                self.stack_vas.insert(va);
-                new.push(gpa);
-            }
-            return new;
-        }
         let mut stacks = BTreeMap::new();
         for (va, gpa) in found {
             let (va, gpa) = (page(va), page(gpa));
@@ -2376,20 +2377,20 @@ mod tests {
         let (mut e, _) = engine(Mode::Enforce);
         let s = Stack { va: STACK_BASE, pages: [0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000] };
         let unmapped = |_: u64, _: u64| false;
-        assert_eq!(e.set_stacks(s.pages(), true, unmapped), vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
+        assert_eq!(e.set_stacks(s.pages(), unmapped), vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
         assert_eq!(e.stack_page(0x30_0123), Some(STACK_BASE + 0x2123));
         assert!(e.knows_stack(STACK_BASE + 0x1000));
-        assert_eq!(e.set_stacks(s.pages(), true, unmapped), Vec::<u64>::new(), "nothing new");
+        assert_eq!(e.set_stacks(s.pages(), unmapped), Vec::<u64>::new(), "nothing new");
         // A stack a module runs on adds; a whole walk drops what is no longer mapped.
         let t = Stack { va: STACK_BASE + 0x8000, pages: [0x50_0000, 0x51_0000, 0x52_0000, 0x53_0000] };
-        assert_eq!(e.set_stacks(t.pages(), false, unmapped).len(), 4);
+        assert_eq!(e.add_stacks(t.pages()).len(), 4);
         assert!(e.stack_page(0x10_0000).is_some());
-        e.set_stacks(t.pages(), true, unmapped);
+        e.set_stacks(t.pages(), unmapped);
         assert_eq!((e.stack_page(0x10_0000), e.knows_stack(STACK_BASE)), (None, false));
         // An interrupt stack no walk finds stays known while it is mapped.
         let irq = Stack { va: 0xffff_fe00_0000_1000, pages: [0x60_0000, 0x61_0000, 0x62_0000, 0x63_0000] };
-        e.set_stacks(irq.pages(), false, unmapped);
-        e.set_stacks(t.pages(), true, |va, gpa| va == irq.va && gpa == 0x60_0000);
+        e.add_stacks(irq.pages());
+        e.set_stacks(t.pages(), |va, gpa| va == irq.va && gpa == 0x60_0000);
         assert_eq!(e.stack_page(0x60_0010), Some(irq.va + 0x10));
         assert_eq!(e.stack_page(0x61_0000), None);
         e.forget_stack_page(0x50_0000);

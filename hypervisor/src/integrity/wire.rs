@@ -408,11 +408,13 @@ mod tests {
         l.slab_cache_offset = 24;
         l.protected_caches[0] = 0xffff_8880_0100_0000;
         l.shared[1] = WireRange { start: 0xffff_ffff_8290_0094, end: 0xffff_ffff_8290_0098 };
+        bytes_of(&l)
+    }
+
+    fn bytes_of(l: &abi::KernelLayout) -> Vec<u8> {
         // SAFETY: repr(C) plain data, viewed as bytes.
-        unsafe {
-            core::slice::from_raw_parts((&l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(&l))
-        }
-        .to_vec()
+        unsafe { core::slice::from_raw_parts((l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(l)) }
+            .to_vec()
     }
 
     #[test]
@@ -470,14 +472,7 @@ mod tests {
         l.percpu_stacks[1] = WireRange { start: 0xc000, end: 0x1_2000 };
         l.percpu_shared = WireRange { start: 0x2_0e4c, end: 0x2_0e50 };
         l.percpu_bases.0[..2].copy_from_slice(&[CPU0, CPU1]);
-        let bytes = |l: &abi::KernelLayout| {
-            // SAFETY: repr(C) plain data, viewed as bytes.
-            unsafe {
-                core::slice::from_raw_parts((l as *const abi::KernelLayout).cast::<u8>(), core::mem::size_of_val(l))
-            }
-            .to_vec()
-        };
-        let m = kernel_layout(&bytes(&l)).unwrap().layout;
+        let m = kernel_layout(&bytes_of(&l)).unwrap().layout;
         let data: Vec<Range> = [CPU0, CPU1]
             .iter()
             .flat_map(|&b| {
@@ -502,14 +497,14 @@ mod tests {
             abi::KernelLayout { percpu_shared: WireRange { start: 0x2_0e4c, end: 0x2_0e6c }, ..l },
             abi::KernelLayout { percpu_shared: WireRange { start: 0x3_2a40, end: 0x3_2a44 }, ..l },
         ] {
-            assert_eq!(kernel_layout(&bytes(&bad)).err(), Some(WireError::Range));
+            assert_eq!(kernel_layout(&bytes_of(&bad)).err(), Some(WireError::Range));
         }
         let mut low = l;
         low.percpu_bases.0[1] = 0x7fff_ffff_f000;
-        assert_eq!(kernel_layout(&bytes(&low)).err(), Some(WireError::Range));
+        assert_eq!(kernel_layout(&bytes_of(&low)).err(), Some(WireError::Range));
         // No area given: nothing added (the agent refuses to lock without one).
         let none = abi::KernelLayout { percpu: WireRange::default(), ..l };
-        let m = kernel_layout(&bytes(&none)).unwrap().layout;
+        let m = kernel_layout(&bytes_of(&none)).unwrap().layout;
         assert!(m.sensitive.is_empty() && m.shared.is_empty() && m.percpu_cpus == 0);
     }
 
