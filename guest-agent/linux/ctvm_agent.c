@@ -77,6 +77,10 @@ module_param(percpu_start, ulong, 0400);
 module_param(percpu_end, ulong, 0400);
 module_param(irq_stacks, ulong, 0400);
 module_param(exception_stacks, ulong, 0400);
+/* 6.1's hardirq_stack_ptr, a per-CPU offset from /proc/kallsyms (6.2+ keeps
+ * it in pcpu_hot, which the agent reads itself). */
+static unsigned long irq_stack_top;
+module_param(irq_stack_top, ulong, 0400);
 /* The addresses of the kernel's variables that hold its protected slab
  * caches, in CTVM's slot order (cred_jar, task_struct_cachep, -, signal,
  * sighand, files, fs, mm); 0 where absent. Slot 2 (pids) the agent fills. */
@@ -604,6 +608,18 @@ static int percpu_areas(struct ctvm_kernel_layout *layout)
 	if (exception_stacks)
 		layout->percpu_stacks[1] =
 			(struct ctvm_range){ exception_stacks, exception_stacks + sizeof(struct exception_stacks) };
+	/* Where each CPU finds those stacks: CTVM reads the tops to know every
+	 * CPU's stacks at their own addresses from the lock. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+	layout->percpu_stack_tops[0] = (unsigned long)&pcpu_hot.hardirq_stack_ptr;
+#else
+	layout->percpu_stack_tops[0] = irq_stack_top;
+#endif
+	layout->percpu_stack_tops[1] = (unsigned long)&cpu_tss_rw.x86_tss.ist;
+	if (!layout->percpu_stacks[0].end || !layout->percpu_stacks[1].end || !layout->percpu_stack_tops[0]) {
+		pr_err("ctvm: the interrupt and exception stacks were not given (module parameters)\n");
+		return -EINVAL;
+	}
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
 	layout->percpu_shared = (struct ctvm_range){ (unsigned long)&pcpu_hot.preempt_count,
 						     (unsigned long)(&pcpu_hot.preempt_count + 1) };

@@ -11,7 +11,7 @@
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
 /// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
 /// area).
-pub const STRUCT_VERSION: u32 = 10;
+pub const STRUCT_VERSION: u32 = 11;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -130,6 +130,14 @@ pub struct KernelLayout {
     /// Each possible CPU's base (`__per_cpu_offset[cpu]`), zero past the
     /// last: the agent refuses to lock a kernel with more possible CPUs.
     pub percpu_bases: CpuBases,
+    /// Where each CPU keeps the tops of the stacks in `percpu_stacks`, as
+    /// offsets: [0] the word holding its interrupt stack's top less 8
+    /// (`hardirq_stack_ptr`; 6.2+: `pcpu_hot.hardirq_stack_ptr`), [1] its
+    /// TSS's interrupt stack table (`cpu_tss_rw.x86_tss.ist`, seven tops).
+    /// The hypervisor reads them to know every CPU's interrupt and
+    /// exception stacks from the lock, at their own addresses; required
+    /// with the backing stores.
+    pub percpu_stack_tops: [u64; PERCPU_STACKS],
 }
 
 /// Each possible CPU's per-CPU base, zero past the last.
@@ -530,7 +538,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_object_field {{ __u32 cache; __u32 offset; __u32 size; __u32 reserved; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n\tstruct ctvm_range percpu;\n\tstruct ctvm_range percpu_stacks[CTVM_PERCPU_STACKS];\n\tstruct ctvm_range percpu_shared;\n\t__u64 percpu_bases[CTVM_CPUS_MAX];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n\tstruct ctvm_range percpu;\n\tstruct ctvm_range percpu_stacks[CTVM_PERCPU_STACKS];\n\tstruct ctvm_range percpu_shared;\n\t__u64 percpu_bases[CTVM_CPUS_MAX];\n\t__u64 percpu_stack_tops[CTVM_PERCPU_STACKS];\n}};"
     );
     let _ = writeln!(
         h,
@@ -587,6 +595,11 @@ pub fn c_header() -> alloc::string::String {
         h,
         "static_assert(offsetof(struct ctvm_kernel_layout, percpu_bases) == {});",
         offset_of!(KernelLayout, percpu_bases)
+    );
+    let _ = writeln!(
+        h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, percpu_stack_tops) == {});",
+        offset_of!(KernelLayout, percpu_stack_tops)
     );
     let _ = writeln!(
         h,
@@ -650,6 +663,7 @@ mod tests {
                 + 16 * OBJECT_FIELDS
                 + 16 * (2 + PERCPU_STACKS)
                 + 8 * CPUS_MAX
+                + 8 * PERCPU_STACKS
         );
         assert_eq!(core::mem::size_of::<ObjectField>(), 16);
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);

@@ -519,6 +519,7 @@ pub fn all() -> Vec<Scenario> {
             expect: vec![
                 "ctvm: guest linux: loaded, on CPU 0-1 (2 vCPUs)",
                 "ctvm-init: cpus: 2",
+                "ctvm: guest linux: kernel data kept from modules: * with the per-CPU areas of 2 CPUs less 2 stacks each (10 interrupt and exception stacks, known at their own addresses);",
                 "ctvm: guest linux: module ctvm_agent registered as trusted",
                 "ctvm: guest linux: kernel layout locked, agent pinned; protections on",
                 "ctvm-init: agent loaded",
@@ -1444,8 +1445,10 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
         cpus: 1,
         timeout: Duration::from_secs(600),
         expect: vec![
-            // The per-CPU area less its interrupt and exception stacks.
-            "ctvm: guest linux: kernel data kept from modules: * with the per-CPU areas of 1 CPUs less 2 stacks each;",
+            // The per-CPU area less its interrupt and exception stacks'
+            // stores; the stacks themselves (interrupt, double fault, NMI,
+            // debug, machine check) at their own addresses.
+            "ctvm: guest linux: kernel data kept from modules: * with the per-CPU areas of 1 CPUs less 2 stacks each (5 interrupt and exception stacks, known at their own addresses);",
             "ctvm: guest linux: module ctvm_agent registered as trusted",
             "ctvm: guest linux: kernel layout locked, agent pinned; protections on (* kernel page tables, * of processes)",
             "ctvm-init: agent loaded",
@@ -1543,6 +1546,9 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm: violation guest=linux module=atk_young kind=write-kernel-stack",
             "ctvm-init: attack atk_young: new tasks' resume address writes through the direct map blocked",
             "ctvm-init: after atk_young: getpid ok",
+            "ctvm: violation guest=linux module=atk_irqstack kind=write-kernel-stack",
+            "ctvm-init: attack atk_irqstack: interrupt stack write blocked, through the direct map blocked; NMI stack write blocked, through the direct map blocked",
+            "ctvm-init: after atk_irqstack: getpid ok",
             "ctvm: violation guest=linux module=atk_pgtable kind=write-page-table",
             "ctvm: violation guest=linux module=atk_pgtable kind=control-register",
             "ctvm: violation guest=linux module=atk_pgtable kind=write-page-table * object=page-table",

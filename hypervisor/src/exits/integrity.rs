@@ -100,6 +100,10 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     let bytes = read_guest(ctx, address, core::mem::size_of::<abi::KernelLayout>())?;
     let message = wire::kernel_layout(&bytes).map_err(|_| Error::InvalidArgument)?;
     let mut layout = message.layout;
+    layout.interrupt_stacks = interrupt_stacks(ctx, &message.cpu_stacks).map_err(|e| {
+        log::warn!("guest {}: kernel layout refused: {e}", ctx.guest.name());
+        Error::InvalidArgument
+    })?;
     // The anchor: what the hypervisor sees in the processor.
     let lstar = ctx.host.read_msr(MSR_LSTAR);
     if let Err(e) = layout.validate(lstar) {
@@ -213,12 +217,13 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
             }
             let names: Vec<&str> = objects.caches.iter().map(|&(_, name)| name).collect();
             log::info!(
-                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array, with the per-CPU areas of {} CPUs less {} stacks each; objects of the {} caches protected; {} shared fields",
+                "guest {}: kernel data kept from modules: {} pages, of which {} hold the struct page array, with the per-CPU areas of {} CPUs less {} stacks each ({} interrupt and exception stacks, known at their own addresses); objects of the {} caches protected; {} shared fields",
                 ctx.guest.name(),
                 pages.values().filter(|&&c| c == PageClass::Sensitive).count(),
                 objects.backing_pages().count(),
                 layout.percpu_cpus,
                 layout.percpu_stacks,
+                layout.interrupt_stacks.len(),
                 names.join(", "),
                 layout.shared.len()
             );
@@ -246,6 +251,50 @@ pub fn register_kernel(ctx: &mut ExitContext<'_>, address: u64) -> Result<u64, E
     state.denied_apis = denied_apis;
     state.symbols = symbols;
     Ok(0)
+}
+
+/// Every CPU's interrupt and exception stacks at their own addresses, from
+/// the tops each CPU keeps (its interrupt stack's pointer, its TSS's
+/// interrupt stack table), each checked to map that CPU's backing store:
+/// the stacks a module's handler runs on below the kernel's frames, which
+/// no walk of the tasks finds. An interrupt stack is its whole store below
+/// its top; an exception stack the mapped pages below its top, down to its
+/// guard page (an IST top with nothing mapped below is unused: the #VC
+/// stacks without SEV-ES).
+fn interrupt_stacks(ctx: &ExitContext<'_>, cpus: &[wire::CpuStacks]) -> Result<Vec<Range>, alloc::string::String> {
+    use alloc::format;
+    let mut stacks = Vec::new();
+    for (cpu, c) in cpus.iter().enumerate() {
+        let store =
+            |r: Range| pages_of(ctx, r).map_err(|_| format!("CPU {cpu}'s stack store at {:#x} is not mapped", r.start));
+        let (irq_store, exception_store) = (store(c.stores[0])?, store(c.stores[1])?);
+        let read =
+            |at: u64| ctx.inspect().read_u64(at).map_err(|_| format!("CPU {cpu}'s stack top at {at:#x} is unreadable"));
+        let top = read(c.irq_top)?.wrapping_add(8);
+        let irq = Range::new(top.wrapping_sub(c.stores[0].len()), top);
+        let pages = (top & 0xfff == 0 && irq.start < top).then(|| mapped_pages(ctx, irq.start, irq.end)).flatten();
+        if pages.map(|p| p.into_iter().map(|(_, gpa)| gpa).collect::<Vec<u64>>()).as_ref() != Some(&irq_store) {
+            return Err(format!("CPU {cpu}'s interrupt stack below {top:#x} does not map its backing store"));
+        }
+        stacks.push(irq);
+        let most = c.stores[1].len() / 0x1000;
+        for i in 0..wire::IST_ENTRIES {
+            let top = read(c.ist + 8 * i)?;
+            if top == 0 {
+                continue;
+            }
+            let below: Vec<u64> =
+                (1..=most + 1).map_while(|n| top.checked_sub(n * 0x1000)).map_while(|va| page_of(ctx, va)).collect();
+            if below.is_empty() {
+                continue;
+            }
+            if top & 0xfff != 0 || below.len() as u64 > most || !below.iter().all(|g| exception_store.contains(g)) {
+                return Err(format!("CPU {cpu}'s exception stack {i} below {top:#x} does not map its backing store"));
+            }
+            stacks.push(Range::new(top - 0x1000 * below.len() as u64, top));
+        }
+    }
+    Ok(stacks)
 }
 
 /// The guest-physical pages behind the kernel's `struct page` array for
@@ -416,9 +465,10 @@ fn maps_page(ctx: &ExitContext<'_>, va: u64, gpa: u64) -> bool {
 }
 
 /// Makes the stack the CPU runs on (`rsp`) known by its pages: a task's
-/// younger than the last walk, or one no walk finds (an interrupt or an
-/// exception stack), which a module's handler runs on below the kernel's
-/// frames.
+/// younger than the last walk (every CPU's interrupt and exception stacks
+/// are known from the lock, see [`interrupt_stacks`]; should one be
+/// unknown, it is taken here too), which a module's handler runs on below
+/// the kernel's frames.
 fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
     if ctx.guest.integrity.as_ref().is_none_or(|i| i.engine.knows_stack(rsp)) {
         return;
@@ -435,15 +485,16 @@ fn note_running_stack(ctx: &mut ExitContext<'_>, rsp: u64) {
 /// between guard pages in the CPU entry area). `None` otherwise (the
 /// direct map, the kernel image).
 ///
-/// Such a stack is page-aligned, not 16 KiB-aligned, and the return
-/// points judge a stack's frames within its 16 KiB-aligned window (see
-/// [`crate::integrity::returns::stack_of`]): of the run, only the pages in
-/// `rsp`'s window are taken, those the live return points can speak for.
-/// The rest stays judged by its linear address alone.
+/// Such a stack is page-aligned, not 16 KiB-aligned, and unless its extent
+/// is known the return points judge its frames within the 16 KiB-aligned
+/// window of `rsp` (see [`crate::integrity::returns::ReturnPoints::stack_of`]):
+/// of the run, only the pages in that window are taken, those the live
+/// return points can speak for. The rest stays judged by its linear
+/// address alone.
 fn stack_around(ctx: &ExitContext<'_>, rsp: u64) -> Option<Vec<(u64, u64)>> {
     let mapped = |va: u64| page_of(ctx, va);
     let max = tables::STACK_PAGES as u64;
-    let window = crate::integrity::returns::stack_of(rsp);
+    let window = ctx.guest.integrity.as_ref()?.engine.stack_of(rsp);
     let (low, high) = if is_task_stack(ctx, rsp) {
         (window.start, window.end)
     } else {
@@ -574,6 +625,17 @@ pub fn lock(ctx: &mut ExitContext<'_>, agent: u64) -> Result<u64, LockRefused> {
     let kernel = state.engine.pages().filter(|&(_, c)| c == PageClass::PageTable).count();
     refresh_page_tables(ctx);
     refresh_stacks(ctx);
+    // Every CPU's interrupt and exception stacks, known by their pages from
+    // now on (a later walk keeps them while they are mapped).
+    let interrupt_stacks =
+        ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()).map(|l| l.interrupt_stacks.clone());
+    let pages = interrupt_stacks
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| mapped_pages(ctx, r.start, r.end))
+        .flatten()
+        .collect();
+    stacks_found(ctx, pages, false);
     let engine = ctx.guest.integrity.as_ref().map(|s| &s.engine);
     let processes = match engine.filter(|e| e.layout().is_some_and(|l| l.processes.is_some())) {
         Some(e) => alloc::format!("{} of processes", e.process_table_count()),
@@ -1120,7 +1182,7 @@ const STACK_END_MAGIC: u64 = 0x57ac_6e9d;
 /// may not write); a module that puts it into its own memory only refuses
 /// itself.
 fn is_task_stack(ctx: &ExitContext<'_>, gva: u64) -> bool {
-    let base = crate::integrity::returns::stack_of(gva).start;
+    let base = crate::integrity::returns::task_stack_of(gva).start;
     crate::integrity::layout::is_kernel_address(gva)
         && ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC)
         && ctx.inspect().translate(base.wrapping_sub(0x1000)).is_err()
@@ -1130,21 +1192,22 @@ fn is_task_stack(ctx: &ExitContext<'_>, gva: u64) -> bool {
 /// argument registers that point into its own frames above (see
 /// [`crate::integrity::returns::out_parameter`]).
 fn out_parameters(ctx: &ExitContext<'_>, gprs: &[u64; 16], rsp: u64) -> [Option<Range>; 6] {
-    use crate::integrity::returns::{out_parameter, same_stack, stack_of};
+    use crate::integrity::returns::out_parameter;
     // RDI, RSI, RDX, RCX, R8, R9.
     const ARGS: [usize; 6] = [7, 6, 2, 1, 8, 9];
+    let stack = ctx.guest.integrity.as_ref().map(|s| s.engine.stack_of(rsp));
     core::array::from_fn(|i| {
-        let arg = gprs[ARGS[i]];
-        if !same_stack(arg, rsp) || arg < rsp.wrapping_add(8) {
+        let (arg, stack) = (gprs[ARGS[i]], stack?);
+        if !stack.contains(arg) || arg < rsp.wrapping_add(8) {
             return None;
         }
         let first = arg & !7;
-        let len = (stack_of(arg).end.min(first + 4096 + 8) - first) as usize;
+        let len = (stack.end.min(first + 4096 + 8) - first) as usize;
         let mut bytes = alloc::vec![0u8; len];
         ctx.inspect().read(first, &mut bytes).ok()?;
         let words: Vec<u64> =
             bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-        out_parameter(arg, rsp, &words, |w| is_return_address(ctx, w))
+        out_parameter(arg, rsp, stack, &words, |w| is_return_address(ctx, w))
     })
 }
 
@@ -3822,6 +3885,92 @@ mod tests {
         assert_eq!(f.ept(WRITE, pages[3] + 0xe80, K + pages[3] + 0xe80, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
         assert_eq!(f.control.perms(View::Module(id), pages[3]), None, "not granted");
+    }
+
+    /// One CPU's per-CPU area at guest-physical [`PERCPU`], as the agent
+    /// reports it: the interrupt stack's store at 0x1000..0x5000, the
+    /// exception stacks' at 0x5000..0x7000; the interrupt stack's top less
+    /// 8 at 0x10, the TSS's interrupt stack table at 0x100. The interrupt
+    /// stack is vmap'd page-aligned at `irq` (across a 16 KiB boundary); the
+    /// NMI and debug stacks are single pages between guard pages, named by
+    /// IST entries 1 and 2 (entry 4 names a top with nothing mapped, as
+    /// #VC's without SEV-ES).
+    const PERCPU: u64 = 0xf0_0000;
+    const IRQ_STACK: u64 = 0xffff_c900_0001_2000;
+    const NMI_STACK: u64 = 0xffff_c900_0002_0000;
+    const DB_STACK: u64 = 0xffff_c900_0002_2000;
+
+    fn give_cpu_stacks(f: &Fixture, irq_top: u64) {
+        let at = |field: usize| LAYOUT + field as u64;
+        let range = |start: u64, end: u64| [start.to_le_bytes(), end.to_le_bytes()].concat();
+        w(&f.phys, at(core::mem::offset_of!(abi::KernelLayout, percpu)), &range(0, 0x8000));
+        let stacks = at(core::mem::offset_of!(abi::KernelLayout, percpu_stacks));
+        w(&f.phys, stacks, &range(0x1000, 0x5000));
+        w(&f.phys, stacks + 16, &range(0x5000, 0x7000));
+        w(&f.phys, at(core::mem::offset_of!(abi::KernelLayout, percpu_bases)), &(K + PERCPU).to_le_bytes());
+        let tops = at(core::mem::offset_of!(abi::KernelLayout, percpu_stack_tops));
+        w(&f.phys, tops, &[0x10u64.to_le_bytes(), 0x100u64.to_le_bytes()].concat());
+        map_stack(f, IRQ_STACK, core::array::from_fn(|i| PERCPU + 0x1000 * (1 + i as u64)));
+        const PT: u64 = 0xe2_0000;
+        for (va, gpa) in [(NMI_STACK, PERCPU + 0x5000), (DB_STACK, PERCPU + 0x6000)] {
+            w(&f.phys, PT + ((va >> 12) & 0x1ff) * 8, &(gpa | 3).to_le_bytes());
+        }
+        w(&f.phys, PERCPU + 0x10, &(irq_top - 8).to_le_bytes());
+        for (entry, top) in [(1, NMI_STACK + 0x1000), (2, DB_STACK + 0x1000), (4, 0xffff_c900_0002_8000)] {
+            w(&f.phys, PERCPU + 0x100 + 8 * entry, &top.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn every_cpus_interrupt_and_exception_stacks_are_known_from_the_lock() {
+        let irq = Range::new(IRQ_STACK, IRQ_STACK + 0x4000);
+        let (nmi, db) = (Range::new(NMI_STACK, NMI_STACK + 0x1000), Range::new(DB_STACK, DB_STACK + 0x1000));
+        let mut f = fixture(Mode::Enforce);
+        give_cpu_stacks(&f, irq.end);
+        let id = f.register_everything();
+        let engine = &f.guest.integrity.as_ref().unwrap().engine;
+        assert_eq!(engine.layout().unwrap().interrupt_stacks, [irq, nmi, db]);
+        let writer = K + MODULE_CODE + 0x10;
+        // No module ever ran on them: a write to each, through its own
+        // address or the direct map's, is a write to a kernel stack (it was
+        // a heap page's before, granted).
+        for (gva, gpa) in [
+            (NMI_STACK + 0x800, PERCPU + 0x5800),
+            (K + PERCPU + 0x6800, PERCPU + 0x6800),
+            (IRQ_STACK + 0x100, PERCPU + 0x1100),
+            (K + PERCPU + 0x4f00, PERCPU + 0x4f00),
+        ] {
+            let module = View::Module(id);
+            f.guest.integrity.as_mut().unwrap().view = module;
+            f.control.active = Some(module);
+            f.vcpu.write(Field::Rsp, K + STACK + 0x800);
+            assert_eq!(f.ept(WRITE, gpa, gva, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32], "{gva:#x}");
+            assert_eq!(f.control.perms(module, gpa & !0xfff), None, "not granted");
+        }
+        // A handler of the module entered high on the interrupt stack: its
+        // own frames reach past the 16 KiB boundary, and are its own there
+        // too; the kernel's return address above them is not.
+        let mut f = fixture(Mode::Enforce);
+        give_cpu_stacks(&f, irq.end);
+        let id = f.register_everything();
+        w(&f.phys, PERCPU + 0x4f00, &(K + TEXT + 0x77).to_le_bytes());
+        f.vcpu.write(Field::Rsp, IRQ_STACK + 0x3f00);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        f.vcpu.write(Field::Rsp, IRQ_STACK + 0x1800);
+        assert_eq!(f.ept(WRITE, PERCPU + 0x2800, IRQ_STACK + 0x1800, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [0u32; 0]);
+        assert_eq!(f.control.perms(View::Module(id), PERCPU + 0x2000), Some(Perms::RW), "wholly its frames");
+        assert_eq!(f.ept(WRITE, PERCPU + 0x4f00, K + PERCPU + 0x4f00, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
+        // A top that is not its CPU's store, or not a page's end: the layout
+        // is refused, and nothing locks.
+        for top in [irq.end + 0x1000, irq.end - 0x10] {
+            let mut f = fixture(Mode::Enforce);
+            give_cpu_stacks(&f, top);
+            let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
+            assert_eq!(f.call(0x10, K + LAYOUT, layout_size), Error::InvalidArgument.code(), "{top:#x}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use guest_agent::integrity::ViolationAction;
 
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
-use super::returns::{same_stack, ReturnPoint, ReturnPoints};
+use super::returns::{ReturnPoint, ReturnPoints};
 use super::violation::{Violation, ViolationKind, ViolationLog};
 use super::{Mode, View};
 use crate::exits::Access;
@@ -320,6 +320,11 @@ impl Engine {
         layout.null_on_failure.sort_unstable();
         layout.null_on_failure.dedup();
         layout.deputies.dedup_by_key(|d| d.0);
+        layout.interrupt_stacks.sort_unstable_by_key(|r| r.start);
+        layout.interrupt_stacks.dedup();
+        if !self.returns.set_extents(layout.interrupt_stacks.clone()) {
+            return Err(RegisterError::Overlap);
+        }
         // Before the lock only the kernel's classes exist: a layout given
         // again replaces them all, leaving nothing of the one before.
         self.pages.clear();
@@ -902,6 +907,12 @@ impl Engine {
         alias
     }
 
+    /// The kernel stack that holds `addr`: a CPU's interrupt or exception
+    /// stack, or else a task's 16 KiB window.
+    pub fn stack_of(&self, addr: u64) -> Range {
+        self.returns.stack_of(addr)
+    }
+
     /// Whether `gva` is known as a kernel stack's own address: a crossing
     /// is live on its stack, or the stack is a task's (`task_stack`). A
     /// write there needs no look for another address of its page.
@@ -1006,7 +1017,7 @@ impl Engine {
             Range::new(page(fault.gpa) + (from - page_va), page(fault.gpa) + (to - page_va))
         };
         let allowed = if owner == me {
-            if same_stack(at, fault.rsp) && run.start <= page_va && page_va + 0x1000 <= run.end {
+            if self.returns.same_stack(at, fault.rsp) && run.start <= page_va && page_va + 0x1000 <= run.end {
                 let grant = (m, page_va, page(fault.gpa));
                 if !self.stack_grants.contains(&grant) {
                     self.stack_grants.push(grant);
@@ -1046,7 +1057,7 @@ impl Engine {
         let mut stale = Vec::new();
         self.stack_grants.retain(|&(owner, va, gpa)| {
             let own = owner != m
-                || same_stack(va, rsp)
+                || returns.same_stack(va, rsp)
                     && returns
                         .owner(va)
                         .is_some_and(|(o, run)| o == View::Module(m) && run.start <= va && va + 0x1000 <= run.end);

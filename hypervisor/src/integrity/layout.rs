@@ -73,6 +73,9 @@ pub struct KernelLayout {
     /// each leaves out (the interrupt and exception stacks).
     pub percpu_cpus: usize,
     pub percpu_stacks: usize,
+    /// Every CPU's interrupt and exception stacks, at their own addresses
+    /// (exact: they are not 16 KiB-aligned like a task's).
+    pub interrupt_stacks: Vec<Range>,
     /// The kernel's top-level page table (guest-virtual).
     pub page_table: u64,
     /// `__x86_indirect_thunk_<reg>` by register number, zero where absent.

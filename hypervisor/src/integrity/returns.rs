@@ -8,8 +8,15 @@
 //! only for that exact (view, view, address, RSP): another module, another
 //! task's stack, or a forged frame elsewhere on the stack does not match.
 //!
-//! Points are kept per kernel stack (16 KiB, aligned), and only those of
-//! frames still live: a new point at RSP R on a stack drops the points at
+//! Points are kept per kernel stack, and only those of frames still live.
+//! A task's stack is 16 KiB, aligned; each CPU's interrupt and exception
+//! stacks are not (vmap'd page-aligned, or single pages between guard
+//! pages in the CPU entry area), and are known by their exact extents
+//! ([`ReturnPoints::set_extents`]), so that two of them never share one
+//! 16 KiB window's points, nor one of them two windows'.
+//! A new point at RSP R on a stack drops the points at
+//! or below R there (their frames have unwound), and taking one drops those
+//! below it. a new point at RSP R on a stack drops the points at
 //! or below R there (their frames have unwound), and taking one drops those
 //! below it. So the set holds one point per live crossing frame, however
 //! many tasks sleep inside modules, and needs no eviction in practice; past
@@ -39,19 +46,13 @@ pub struct ReturnPoint {
     pub rsp: u64,
 }
 
-/// Kernel stacks are THREAD_SIZE (16 KiB) and aligned to it (the IRQ and
-/// exception stacks too): the key that groups a stack's points.
+/// A task's kernel stack is THREAD_SIZE (16 KiB) and aligned to it.
 const STACK_SHIFT: u32 = 14;
 
-/// The kernel stack (16 KiB, aligned) that holds `addr`.
-pub fn stack_of(addr: u64) -> Range {
+/// The task stack (16 KiB, aligned) that would hold `addr`.
+pub fn task_stack_of(addr: u64) -> Range {
     let base = addr & !((1 << STACK_SHIFT) - 1);
     Range::new(base, base.saturating_add(1 << STACK_SHIFT))
-}
-
-/// Whether two addresses lie on the same kernel stack.
-pub fn same_stack(a: u64, b: u64) -> bool {
-    a >> STACK_SHIFT == b >> STACK_SHIFT
 }
 
 /// The most an out-parameter reaches (a kernel frame's object is smaller).
@@ -65,11 +66,18 @@ const MAX_OUT_PARAMETER: u64 = 4096;
 /// `words` are the stack's words from `arg` rounded down to 8 bytes on.
 /// What a frame keeps between its object and its return address (its
 /// other locals, the registers it saved) is inside the window.
-pub fn out_parameter(arg: u64, rsp: u64, words: &[u64], is_return_address: impl Fn(u64) -> bool) -> Option<Range> {
-    if !same_stack(arg, rsp) || arg < rsp.saturating_add(8) {
+/// `stack` is the stack `rsp` is on.
+pub fn out_parameter(
+    arg: u64,
+    rsp: u64,
+    stack: Range,
+    words: &[u64],
+    is_return_address: impl Fn(u64) -> bool,
+) -> Option<Range> {
+    if !stack.contains(arg) || arg < rsp.saturating_add(8) {
         return None;
     }
-    let cap = stack_of(rsp).end.min(arg.saturating_add(MAX_OUT_PARAMETER));
+    let cap = stack.end.min(arg.saturating_add(MAX_OUT_PARAMETER));
     let first = arg & !7;
     let end = words
         .iter()
@@ -97,7 +105,10 @@ struct Stack {
 
 #[derive(Default)]
 pub struct ReturnPoints {
+    /// Each stack's points, by the stack's base.
     stacks: BTreeMap<u64, Stack>,
+    /// The stacks that are not a task's 16 KiB window, sorted, disjoint.
+    extents: Vec<Range>,
     count: usize,
     clock: u64,
     /// Points forgotten to the bound.
@@ -105,8 +116,36 @@ pub struct ReturnPoints {
 }
 
 impl ReturnPoints {
-    fn key(rsp: u64) -> u64 {
-        rsp >> STACK_SHIFT
+    /// The stacks known by their exact extents (each CPU's interrupt and
+    /// exception stacks); any other address is on a task's 16 KiB window.
+    /// Overlapping extents are refused (`false`), and nothing changes.
+    pub fn set_extents(&mut self, mut extents: Vec<Range>) -> bool {
+        extents.retain(|r| !r.is_empty());
+        extents.sort_unstable_by_key(|r| r.start);
+        if extents.windows(2).any(|w| w[0].end > w[1].start) {
+            return false;
+        }
+        self.extents = extents;
+        true
+    }
+
+    /// The kernel stack that holds `addr`: an extent, or else the task
+    /// stack window.
+    pub fn stack_of(&self, addr: u64) -> Range {
+        let i = self.extents.partition_point(|r| r.start <= addr);
+        match i.checked_sub(1).map(|i| self.extents[i]) {
+            Some(r) if r.contains(addr) => r,
+            _ => task_stack_of(addr),
+        }
+    }
+
+    /// Whether two addresses lie on the same kernel stack.
+    pub fn same_stack(&self, a: u64, b: u64) -> bool {
+        self.stack_of(a) == self.stack_of(b)
+    }
+
+    fn key(&self, rsp: u64) -> u64 {
+        self.stack_of(rsp).start
     }
 
     pub fn len(&self) -> usize {
@@ -126,12 +165,14 @@ impl ReturnPoints {
     /// exception fixup share the interrupted RSP).
     pub fn remember_all(&mut self, points: &[ReturnPoint]) {
         let Some(first) = points.first() else { return };
+        let key = self.key(first.rsp);
+        let same: Vec<ReturnPoint> = points.iter().filter(|p| self.key(p.rsp) == key).copied().collect();
         self.clock += 1;
-        let stack = self.stacks.entry(Self::key(first.rsp)).or_default();
+        let stack = self.stacks.entry(key).or_default();
         let before = stack.points.len();
         stack.points.retain(|p| p.rsp > first.rsp);
         stack.windows.retain(|w| w.0 > first.rsp);
-        stack.points.extend(points.iter().filter(|p| Self::key(p.rsp) == Self::key(first.rsp)));
+        stack.points.extend(same);
         stack.used = self.clock;
         self.count = self.count + stack.points.len() - before;
         while self.count > MAX {
@@ -150,7 +191,7 @@ impl ReturnPoints {
     /// Takes the point for this return, if there is one: the points below
     /// it on its stack go too.
     pub fn take(&mut self, into: View, from: View, address: u64, rsp: u64) -> bool {
-        let key = Self::key(rsp);
+        let key = self.key(rsp);
         let Some(stack) = self.stacks.get_mut(&key) else { return false };
         let wanted = ReturnPoint { into, from, address, rsp };
         if !stack.points.contains(&wanted) {
@@ -173,7 +214,8 @@ impl ReturnPoints {
     /// out-parameters it hands the module in the kernel's frames.
     pub fn remember_call(&mut self, point: ReturnPoint, out: &[Range]) {
         self.remember(point);
-        if let Some(stack) = self.stacks.get_mut(&Self::key(point.rsp)) {
+        let key = self.key(point.rsp);
+        if let Some(stack) = self.stacks.get_mut(&key) {
             stack.windows.extend(out.iter().map(|&r| (point.rsp, point.from, r)));
         }
     }
@@ -188,8 +230,8 @@ impl ReturnPoints {
     /// the highest, those of the code it returns into. A point's own return
     /// address belongs to the code it returns into.
     pub fn owner(&self, addr: u64) -> Option<(View, Range)> {
-        let stack = self.stacks.get(&Self::key(addr))?;
-        let whole = stack_of(addr);
+        let whole = self.stack_of(addr);
+        let stack = self.stacks.get(&whole.start)?;
         let slot = |p: &ReturnPoint| p.rsp.wrapping_sub(8);
         // The deepest point whose slot lies above addr, and the highest at or below it.
         let above = stack.points.iter().filter(|p| slot(p) > addr).min_by_key(|p| p.rsp);
@@ -208,14 +250,14 @@ impl ReturnPoints {
     /// The out-parameter handed to module `view` on `addr`'s stack that
     /// holds `addr`, if any.
     pub fn window(&self, view: View, addr: u64) -> Option<Range> {
-        let stack = self.stacks.get(&Self::key(addr))?;
+        let stack = self.stacks.get(&self.key(addr))?;
         stack.windows.iter().find(|w| w.1 == view && w.2.contains(addr)).map(|w| w.2)
     }
 
     /// The module whose call is the nearest one live on this stack above
     /// `rsp`: the kernel code running here runs on that module's behalf.
     pub fn caller_on_stack(&self, rsp: u64) -> Option<u32> {
-        let stack = self.stacks.get(&Self::key(rsp))?;
+        let stack = self.stacks.get(&self.key(rsp))?;
         let nearest = stack.points.iter().filter(|p| p.rsp > rsp).min_by_key(|p| p.rsp)?;
         match (nearest.into, nearest.from) {
             (View::Module(m), _) => Some(m),
@@ -362,22 +404,72 @@ mod tests {
         words[8] = ret + 0x40;
         let is_ret = |w: u64| w == ret || w == ret + 0x40;
         let from = |arg: u64| &words[((arg & !7) - rsp) as usize / 8..];
-        assert_eq!(out_parameter(rsp + 0x20, rsp, from(rsp + 0x20), is_ret), Some(Range::new(rsp + 0x20, rsp + 0x40)));
-        assert_eq!(out_parameter(rsp + 0x24, rsp, from(rsp + 0x24), is_ret), Some(Range::new(rsp + 0x24, rsp + 0x40)));
-        assert_eq!(out_parameter(rsp + 0x40, rsp, from(rsp + 0x40), is_ret), None, "a return address is no object");
-        assert_eq!(out_parameter(rsp, rsp, from(rsp), is_ret), None, "the call's own return address");
-        assert_eq!(out_parameter(rsp - 0x20, rsp, &words, is_ret), None, "below: the callee's");
-        assert_eq!(out_parameter(STACK_B + 0x20, rsp, &words, is_ret), None, "another stack");
+        assert_eq!(
+            out_parameter(rsp + 0x20, rsp, task_stack_of(rsp), from(rsp + 0x20), is_ret),
+            Some(Range::new(rsp + 0x20, rsp + 0x40))
+        );
+        assert_eq!(
+            out_parameter(rsp + 0x24, rsp, task_stack_of(rsp), from(rsp + 0x24), is_ret),
+            Some(Range::new(rsp + 0x24, rsp + 0x40))
+        );
+        assert_eq!(
+            out_parameter(rsp + 0x40, rsp, task_stack_of(rsp), from(rsp + 0x40), is_ret),
+            None,
+            "a return address is no object"
+        );
+        assert_eq!(
+            out_parameter(rsp, rsp, task_stack_of(rsp), from(rsp), is_ret),
+            None,
+            "the call's own return address"
+        );
+        assert_eq!(out_parameter(rsp - 0x20, rsp, task_stack_of(rsp), &words, is_ret), None, "below: the callee's");
+        assert_eq!(out_parameter(STACK_B + 0x20, rsp, task_stack_of(rsp), &words, is_ret), None, "another stack");
         // No return address in reach: at most a page, never past the stack.
         let none = [0u64; 600];
         assert_eq!(
-            out_parameter(STACK_A + 0x800, STACK_A + 0x700, &none, is_ret),
+            out_parameter(STACK_A + 0x800, STACK_A + 0x700, task_stack_of(STACK_A + 0x700), &none, is_ret),
             Some(Range::new(STACK_A + 0x800, STACK_A + 0x1800))
         );
         assert_eq!(
-            out_parameter(STACK_A + 0x3f00, STACK_A + 0x3000, &none, is_ret),
+            out_parameter(STACK_A + 0x3f00, STACK_A + 0x3000, task_stack_of(STACK_A + 0x3000), &none, is_ret),
             Some(Range::new(STACK_A + 0x3f00, STACK_A + 0x4000))
         );
+    }
+
+    /// An interrupt stack vmap'd page-aligned lies across two 16 KiB
+    /// windows, and two single-page exception stacks share one: each is
+    /// one stack by its extent, whatever window its bytes are in.
+    #[test]
+    fn interrupt_and_exception_stacks_are_judged_by_their_extents() {
+        let irq = Range::new(STACK_A + 0x3000, STACK_A + 0x7000);
+        let (nmi, db) =
+            (Range::new(STACK_B + 0x1000, STACK_B + 0x2000), Range::new(STACK_B + 0x3000, STACK_B + 0x4000));
+        let mut r = ReturnPoints::default();
+        assert!(!r.set_extents(alloc::vec![irq, Range::new(STACK_A + 0x6000, STACK_A + 0x8000)]), "overlap");
+        assert!(r.set_extents(alloc::vec![db, irq, nmi]));
+        assert_eq!(r.stack_of(STACK_A + 0x3008), irq);
+        assert_eq!(r.stack_of(STACK_A + 0x6ff8), irq);
+        assert_eq!(r.stack_of(STACK_A + 0x2ff8), task_stack_of(STACK_A), "below it: a task's window");
+        assert!(r.same_stack(STACK_A + 0x3008, STACK_A + 0x6ff8));
+        assert!(!r.same_stack(STACK_B + 0x1ff8, STACK_B + 0x3ff8));
+        // A handler of M entered high on the interrupt stack, its frames
+        // reaching down into the window below: still M's.
+        r.remember(point(K, M, 0xa, STACK_A + 0x4008));
+        assert_eq!(r.owner(STACK_A + 0x3800), Some((M, Range::new(irq.start, STACK_A + 0x4000))));
+        assert_eq!(r.owner(STACK_A + 0x6000), Some((K, Range::new(STACK_A + 0x4000, irq.end))));
+        // An NMI's point is no DB stack's, nor dropped by a deeper one there.
+        r.remember(point(K, M, 0xb, nmi.end - 0x40));
+        r.remember(point(K, OTHER, 0xc, db.end - 0x40));
+        assert_eq!(r.owner(nmi.start + 0x10).map(|o| o.0), Some(M));
+        assert_eq!(r.owner(db.start + 0x10).map(|o| o.0), Some(OTHER));
+        assert!(r.take(K, M, 0xb, nmi.end - 0x40));
+        // Out-parameters stay within the stack of the call.
+        let none = [0u64; 600];
+        assert_eq!(
+            out_parameter(STACK_A + 0x3f00, STACK_A + 0x3e00, irq, &none, |_| false),
+            Some(Range::new(STACK_A + 0x3f00, STACK_A + 0x4f00))
+        );
+        assert_eq!(out_parameter(STACK_A + 0x7010, STACK_A + 0x6e00, irq, &none, |_| false), None, "past the stack");
     }
 
     #[test]

@@ -52,6 +52,50 @@ pub struct KernelMessage {
     pub layout: KernelLayout,
     pub ksymtab: Range,
     pub ksymtab_gpl: Range,
+    /// Each CPU's interrupt and exception stacks, as the agent places them:
+    /// the registration reads the tops and checks them against the stores.
+    pub cpu_stacks: Vec<CpuStacks>,
+}
+
+/// Where one CPU keeps the tops of its interrupt and exception stacks, and
+/// their backing stores (guest-virtual, in its per-CPU area).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStacks {
+    /// The word holding its interrupt stack's top less 8.
+    pub irq_top: u64,
+    /// Its TSS's interrupt stack table: [`IST_ENTRIES`] tops, zero unused.
+    pub ist: u64,
+    /// The interrupt stack's backing store, then the exception stacks'.
+    pub stores: [Range; abi::PERCPU_STACKS],
+}
+
+/// Entries of a TSS's interrupt stack table.
+pub const IST_ENTRIES: u64 = 7;
+
+/// Each CPU's [`CpuStacks`], from the offsets in its per-CPU area: with an
+/// area, both backing stores and both tops (non-zero) must be given, inside it (the
+/// stores were checked by [`percpu_areas`]); none without one.
+fn cpu_stacks(area: Range, stores: &[Range], tops: [u64; 2], bases: &[u64]) -> Result<Vec<CpuStacks>, WireError> {
+    if area.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Zero is "not given" (no variable of these sits at the area's start).
+    let inside =
+        |at: u64, len: u64| at != 0 && at.checked_add(len).is_some_and(|end| area.start <= at && end <= area.end);
+    let [irq_store, exception_store] = [stores[0], stores[1]];
+    if irq_store.is_empty() || exception_store.is_empty() || !inside(tops[0], 8) || !inside(tops[1], 8 * IST_ENTRIES) {
+        return Err(WireError::Range);
+    }
+    // The bases keep the area in the kernel's half (checked by percpu_areas).
+    let at = |base: u64, r: Range| Range::new(base + r.start, base + r.end);
+    Ok(bases
+        .iter()
+        .map(|&base| CpuStacks {
+            irq_top: base + tops[0],
+            ist: base + tops[1],
+            stores: [at(base, irq_store), at(base, exception_store)],
+        })
+        .collect())
 }
 
 /// The largest static per-CPU area taken (a kernel's is some 200 KiB): a
@@ -213,6 +257,8 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
     let at = core::mem::offset_of!(abi::KernelLayout, percpu_bases);
     let bases: Vec<u64> = (0..abi::CPUS_MAX).map(|i| u64_at(b, at + 8 * i)).filter(|&base| base != 0).collect();
     let (data, fields) = percpu_areas(percpu, &percpu_stacks, percpu_shared, &bases)?;
+    let at = core::mem::offset_of!(abi::KernelLayout, percpu_stack_tops);
+    let cpu_stacks = cpu_stacks(percpu, &percpu_stacks, [u64_at(b, at), u64_at(b, at + 8)], &bases)?;
     let percpu_cpus = if percpu.is_empty() { 0 } else { bases.len() };
     let percpu_stacks = percpu_stacks.iter().filter(|r| !r.is_empty()).count();
     sensitive.extend(data);
@@ -238,7 +284,7 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         percpu_stacks,
         ..Default::default()
     };
-    Ok(KernelMessage { layout, ksymtab, ksymtab_gpl })
+    Ok(KernelMessage { layout, ksymtab, ksymtab_gpl, cpu_stacks })
 }
 
 /// A `ModuleInfo` message; `entries` and `fixups` are read by the caller
@@ -472,7 +518,16 @@ mod tests {
         l.percpu_stacks[1] = WireRange { start: 0xc000, end: 0x1_2000 };
         l.percpu_shared = WireRange { start: 0x2_0e4c, end: 0x2_0e50 };
         l.percpu_bases.0[..2].copy_from_slice(&[CPU0, CPU1]);
-        let m = kernel_layout(&bytes_of(&l)).unwrap().layout;
+        l.percpu_stack_tops = [0x1_d6f0, 0x2_4024];
+        let message = kernel_layout(&bytes_of(&l)).unwrap();
+        // Where each CPU keeps its stacks' tops, and their stores.
+        let stacks = |b: u64| CpuStacks {
+            irq_top: b + 0x1_d6f0,
+            ist: b + 0x2_4024,
+            stores: [Range::new(b + 0x4000, b + 0x8000), Range::new(b + 0xc000, b + 0x1_2000)],
+        };
+        assert_eq!(message.cpu_stacks, [stacks(CPU0), stacks(CPU1)]);
+        let m = message.layout;
         let data: Vec<Range> = [CPU0, CPU1]
             .iter()
             .flat_map(|&b| {
@@ -496,6 +551,11 @@ mod tests {
             abi::KernelLayout { percpu_stacks: [WireRange { start: 0x3_2000, end: 0x3_6000 }; 2], ..l },
             abi::KernelLayout { percpu_shared: WireRange { start: 0x2_0e4c, end: 0x2_0e6c }, ..l },
             abi::KernelLayout { percpu_shared: WireRange { start: 0x3_2a40, end: 0x3_2a44 }, ..l },
+            // Stacks without their tops, tops outside the area, no stores.
+            abi::KernelLayout { percpu_stack_tops: [0, 0x2_4024], ..l },
+            abi::KernelLayout { percpu_stack_tops: [0x1_d6f0, 0x3_2a10], ..l },
+            abi::KernelLayout { percpu_stack_tops: [u64::MAX - 4, 0x2_4024], ..l },
+            abi::KernelLayout { percpu_stacks: [WireRange::default(); 2], ..l },
         ] {
             assert_eq!(kernel_layout(&bytes_of(&bad)).err(), Some(WireError::Range));
         }
@@ -504,7 +564,9 @@ mod tests {
         assert_eq!(kernel_layout(&bytes_of(&low)).err(), Some(WireError::Range));
         // No area given: nothing added (the agent refuses to lock without one).
         let none = abi::KernelLayout { percpu: WireRange::default(), ..l };
-        let m = kernel_layout(&bytes_of(&none)).unwrap().layout;
+        let m = kernel_layout(&bytes_of(&none)).unwrap();
+        assert!(m.cpu_stacks.is_empty());
+        let m = m.layout;
         assert!(m.sensitive.is_empty() && m.shared.is_empty() && m.percpu_cpus == 0);
     }
 

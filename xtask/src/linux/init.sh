@@ -38,7 +38,7 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
     mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
     __start___ex_table __stop___ex_table __get_user_1 __get_user_2 cpu_current_top_of_stack
-    __per_cpu_start __per_cpu_end irq_stack_backing_store exception_stacks"
+    __per_cpu_start __per_cpu_end irq_stack_backing_store exception_stacks hardirq_stack_ptr"
 sym() {
     [ -s /tmp/symbols ] || awk -v want="$SYMBOLS" '
         BEGIN { n = split(want, w, /[ \n]+/); for (i = 1; i <= n; i++) wanted[w[i]] = 1 }
@@ -64,7 +64,7 @@ return_thunks() {
 # refuses to lock without the area).
 percpu() {
     for p in percpu_start:__per_cpu_start percpu_end:__per_cpu_end irq_stacks:irq_stack_backing_store \
-        exception_stacks:exception_stacks; do
+        exception_stacks:exception_stacks irq_stack_top:hardirq_stack_ptr; do
         v=$(sym "${p#*:}")
         [ -n "$v" ] && echo "${p%%:*}=$v"
     done
@@ -289,6 +289,11 @@ integrity_tests() {
     attack atk_stack text_lo=$(sym _stext) text_hi=$(sym _etext)
     # A task younger than the hypervisor's last walk: its resume address.
     attack atk_young
+    # The interrupt and exception stacks, which no task owns (6.1 keeps the
+    # interrupt stack's pointer in a per-CPU variable of its own; 6.2+ in
+    # pcpu_hot, which the module finds itself).
+    irq_ptr=$(sym hardirq_stack_ptr)
+    attack atk_irqstack irq_ptr=${irq_ptr:-0}
     # Page tables: the kernel's, this process's, and a CR3 of its own.
     attack atk_pgtable
     # A process forked after the last walk: its top-level table, listed but
