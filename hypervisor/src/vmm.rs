@@ -533,13 +533,6 @@ impl Vm {
             }
         }
     }
-
-    /// Whether vCPU `vcpu` runs in an isolated module's view: only the
-    /// vCPU that holds the guest can (see `smp::exclusive`).
-    fn in_module_view(&self, vcpu: usize) -> bool {
-        (self.vcpus.len() == 1 || self.exclusive.holder() == Some(vcpu))
-            && self.shared.lock().guest.integrity.as_ref().is_some_and(|i| matches!(i.view, View::Module(_)))
-    }
 }
 
 /// The VMX side of a guest's integrity views.
@@ -556,10 +549,62 @@ struct Views<'a> {
     guards_changed: &'a AtomicU64,
     /// Devices' side of the kernel view (the IOMMU).
     dma: &'a mut dyn DmaControl,
+    /// How this vCPU keeps the others from what it opens.
+    hold: Hold<'a>,
+    /// Why the guest must stop after this exit: a module's view was to go
+    /// while another vCPU runs it (the view stays until the guest is torn down).
+    stop: Option<String>,
     /// The first change of this exit devices could not be shown to
     /// follow: the device owners stop after the exit ([`stop_device_owners`]).
     /// The kernel view's own change stands, so `set_perms` still succeeds.
     dma_lost: Option<ContainmentLost>,
+}
+
+/// A vCPU of a guest with several (see `smp::exclusive`), during the
+/// handling of its exit: what it must take before it enters a module's view
+/// or opens a page of the kernel's. `None`: the guest has one vCPU.
+#[derive(Clone, Copy)]
+struct Hold<'a>(Option<(&'a Exclusive, usize, &'a Vm)>);
+
+impl Hold<'_> {
+    /// Runs the guest alone from now until the vCPU is back in the kernel
+    /// view with nothing opened or held.
+    fn alone(self) {
+        if let Some((exclusive, vcpu, vm)) = self.0 {
+            vmx_vcpu::take_exclusive(exclusive, vcpu, &vm.cpus);
+        }
+    }
+
+    /// A module's view lost a right (this CPU flushed its own copy): the
+    /// one vCPU that may run a module's view meanwhile, the token holder,
+    /// is stopped until it has flushed too; every other CPU flushes on its
+    /// way back into the guest, before it can enter a module's view (the
+    /// epoch moves on), so none is signalled.
+    fn module_view_narrowed(self) {
+        let Some((exclusive, vcpu, vm)) = self.0 else { return };
+        let mut targets = CpuSet::new();
+        if let Some(home) = exclusive.token_holder().filter(|&h| h != vcpu).and_then(|h| vm.vcpus.get(h)) {
+            targets.insert(home.cpu);
+        }
+        vmx_vcpu::shootdown(&targets);
+    }
+
+    /// Before entering a module's view: the module token. The exits that
+    /// enter one from the kernel view wait for it before their handling
+    /// ([`waits_for_token`]); should another vCPU hold it all the same, the
+    /// view is not entered (that vCPU's grants on its stack are in the
+    /// view): the guest stops.
+    fn enter_module(self) -> Result<(), ControlError> {
+        let Some((exclusive, vcpu, _)) = self.0 else { return Ok(()) };
+        if exclusive.take_token(vcpu) {
+            return Ok(());
+        }
+        log::error!(
+            "vCPU {vcpu} would enter a module's view while vCPU {:?} holds the module token",
+            exclusive.token_holder()
+        );
+        Err(ControlError)
+    }
 }
 
 impl Views<'_> {
@@ -581,6 +626,12 @@ impl Views<'_> {
 impl GuestControl for Views<'_> {
     fn activate_view(&mut self, view: View) -> Result<(), ControlError> {
         let eptp = self.view(view)?.pointer();
+        if matches!(view, View::Module(_)) {
+            self.hold.enter_module()?;
+        }
+        if let Some((exclusive, vcpu, _)) = self.hold.0 {
+            exclusive.token_runs(vcpu, if let View::Module(m) = view { Some(m) } else { None });
+        }
         current::set_eptp(eptp);
         current::set_event_exiting(matches!(view, View::Module(_)));
         // A module never loads CR3: its own tables would alias anything.
@@ -598,7 +649,13 @@ impl GuestControl for Views<'_> {
     fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
         // Module views map pages one to one, with the kernel view's memory type.
         let mem_type = self.kernel.translate(page).map_or(MemType::WriteBack, |t| t.attrs.mem_type);
+        // A right the kernel view gains (a page opened for one step, most
+        // often) would serve every vCPU running it: none runs meanwhile.
+        if view == View::Kernel && !self.kernel.translate(page).is_some_and(|t| t.attrs.perms.contains(perms)) {
+            self.hold.alone();
+        }
         let ept = self.view(view)?;
+        let narrowed = ept.translate(page).is_some_and(|t| !perms.contains(t.attrs.perms));
         let result = if perms.is_empty() {
             ept.unmap(page, PAGE_SIZE)
         } else if ept.translate(page).is_some() {
@@ -606,6 +663,9 @@ impl GuestControl for Views<'_> {
         } else {
             ept.map(page, page, PAGE_SIZE, Attrs::new(perms, mem_type))
         };
+        if matches!(view, View::Module(_)) && narrowed {
+            self.hold.module_view_narrowed();
+        }
         // Devices never write what the kernel view does not (DMA view in step with KEPT).
         if view == View::Kernel && result.is_ok() {
             if let Err(lost) = self.dma.kernel_view_changed(page, perms) {
@@ -624,8 +684,9 @@ impl GuestControl for Views<'_> {
     }
 
     fn create_view(&mut self, module: u32) -> Result<(), ControlError> {
-        let mut ept = Ept::new(self.vmx).ok_or(ControlError)?;
-        ept.set_cpus(self.kernel.cpus());
+        // Its changes reach other CPUs through `Hold::module_view_narrowed`,
+        // not through a shootdown of every CPU of the guest.
+        let ept = Ept::new(self.vmx).ok_or(ControlError)?;
         if let Some(old) = self.modules.insert(module, ept) {
             old.destroy();
         }
@@ -633,8 +694,17 @@ impl GuestControl for Views<'_> {
     }
 
     fn destroy_view(&mut self, module: u32) {
+        if let Some((exclusive, vcpu, _)) = self.hold.0.filter(|(e, v, _)| e.other_runs(*v, module)) {
+            let holder = exclusive.token_holder();
+            self.stop = Some(format!(
+                "module {module}'s view was to go while vCPU {holder:?} runs it (vCPU {vcpu} unloads it)"
+            ));
+            return;
+        }
         if let Some(ept) = self.modules.remove(&module) {
             ept.destroy();
+            // No CPU may keep translations of tables that are freed.
+            self.hold.module_view_narrowed();
         }
     }
 
@@ -1168,7 +1238,9 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
             core::hint::spin_loop();
             continue;
         }
-        held_since = None;
+        if held_since.take().is_some_and(|since| cpu::rdtsc().wrapping_sub(since) > HELD_REPORT_TICKS) {
+            warn!("guest {}: vCPU {} has waited long for another, which ran it alone", vm.name, slot.index);
+        }
         if vm.guards_changed.load(Ordering::SeqCst) != slot.guards {
             apply_guards(vmx, slot);
         }
@@ -1223,7 +1295,7 @@ fn run_slot(vmx: &Vmx, cpu: usize, host: &HostCpu, slot: &mut Slot, shared_cpu: 
                 } else if !vm.pass_through {
                     // No guest of emulated devices takes the platform's NMIs.
                     true
-                } else if !vm.in_module_view(slot.index) {
+                } else if slot.local.integrity.view == View::Kernel {
                     slot.nmi_pending = true;
                     true
                 } else {
@@ -1271,24 +1343,27 @@ fn dispatch(
     let handling = cpu::rdtsc();
     let vmx = VMX.get().copied();
     let vm = slot.vm;
-    // Another vCPU runs the guest alone: this exit waits for it (its
-    // handling would see that vCPU's view).
+    // Another vCPU runs the guest alone, or holds the module token this
+    // exit will need: its handling waits (the other needs the lock to let go).
     let mut guard = loop {
         let guard = vm.shared.lock();
-        if !vm.exclusive.excludes(slot.index) {
+        if !vm.exclusive.excludes(slot.index) && !waits_for_token(vm, &guard.guest, slot, exit) {
             break guard;
         }
         drop(guard);
         core::hint::spin_loop();
+        if vm.stopping.load(Ordering::SeqCst) {
+            break vm.shared.lock();
+        }
     };
     let sh = &mut *guard;
-    // Exits that may leave the kernel view, open a page or register a
-    // module run with the other vCPUs out of the guest.
-    // (The local APIC's page, read-only for its ICR checks, changes no view.)
-    let apic_write = matches!(sh.guest.platform, Platform::PassThrough { lapic: Some(page), .. }
-        if exit.reason == reason::EPT_VIOLATION && exit.guest_physical & !0xfff == page);
-    if vm.vcpus.len() > 1 && sh.guest.integrity.is_some() && EXCLUSIVE_EXITS.contains(&exit.reason) && !apic_write {
-        vmx_vcpu::take_exclusive(&vm.exclusive, slot.index, &vm.cpus);
+    // What the handling takes of the other vCPUs (see `smp::exclusive`):
+    // the module token to enter a module's view, the guest alone to open a
+    // page of the kernel view, or to read the agent's structures (no other
+    // vCPU changes them meanwhile).
+    let hold = Hold((vm.vcpus.len() > 1 && sh.guest.integrity.is_some()).then_some((&vm.exclusive, slot.index, vm)));
+    if exit.reason == reason::VMCALL {
+        hold.alone();
     }
     sh.guest.swap_local(&mut slot.local);
     sh.guest.cpus.current = slot.index;
@@ -1304,26 +1379,28 @@ fn dispatch(
             guards_changed: &vm.guards_changed,
             dma: &mut iommu,
             dma_lost: None,
+            hold,
+            stop: None,
         }),
         _ => None,
     };
     let control = views.as_mut().map(|v| v as &mut dyn GuestControl);
     let mut ctx = ExitContext { guest: &mut sh.guest, vcpu: &mut slot.vcpu, exit, host, phys: &Identity, control };
     let action = exits::dispatch(&mut ctx);
-    let dma_lost = views.and_then(|v| v.dma_lost);
+    let (dma_lost, stop) = views.map_or((None, None), |v| (v.dma_lost, v.stop));
+    let action = match stop {
+        Some(reason) => Action::Stop(StopReason::HypervisorError(reason)),
+        None => action,
+    };
     let action = match (action, failure) {
         (Action::Stop(StopReason::EntryFailed { reason, qualification, .. }), Some(detail)) => {
             Action::Stop(StopReason::EntryFailed { reason, qualification, detail })
         }
         (a, _) => a,
     };
-    // Back in the kernel view with nothing opened or held: the others run again.
-    let alone = sh
-        .guest
-        .integrity
-        .as_ref()
-        .is_some_and(|i| i.view != View::Kernel || i.stepping.is_some() || !i.pending_interrupts.is_empty());
-    if !alone {
+    // Back in the kernel view with nothing opened or held: the others run
+    // again, and may enter a module's view.
+    if !sh.guest.integrity.as_ref().is_some_and(|i| i.is_busy()) {
         vm.exclusive.release(slot.index);
     }
     slot.guards = sh.guards.generation;
@@ -1332,37 +1409,33 @@ fn dispatch(
     (action, core::mem::take(&mut sh.guest.cpus.outbox), dma_lost)
 }
 
-/// The exits that take a multi-vCPU integrity guest exclusively: those
-/// whose handling may switch views, open or grant a page, or read guest
-/// structures to register a module (no other vCPU can change them meanwhile).
-const EXCLUSIVE_EXITS: [u16; 6] = [
-    reason::EPT_VIOLATION,
-    reason::VMCALL,
-    reason::MONITOR_TRAP,
-    reason::EXCEPTION_OR_NMI,
-    reason::INTERRUPT_WINDOW,
-    reason::EXTERNAL_INTERRUPT,
-];
+/// Whether this exit of a vCPU in the kernel view enters a module's view
+/// (the kernel fetching an isolated module's code: a call, a return, an
+/// interrupt's return into it) while another vCPU holds the module token:
+/// then its handling waits until the token is free (see `smp::exclusive`).
+fn waits_for_token(vm: &Vm, guest: &Guest, slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bool {
+    const FETCH: u64 = 1 << 2;
+    exit.reason == reason::EPT_VIOLATION
+        && exit.qualification & FETCH != 0
+        && slot.local.integrity.view == View::Kernel
+        && vm.exclusive.token_holder().is_some_and(|h| h != slot.index)
+        && guest.integrity.as_ref().is_some_and(|i| {
+            matches!(i.engine.class_of(exit.guest_physical), Some(crate::integrity::engine::PageClass::ModuleCode(_)))
+        })
+}
 
 /// TSC ticks a vCPU waits for another that runs the guest alone before
 /// it says so (about a second at 3.5 GHz; the exact length does not matter).
 const HELD_REPORT_TICKS: u64 = 3_500_000_000;
 
 /// Says that vCPU `vcpu` has waited long for the one that runs the guest
-/// alone, and what that one is doing (if its lock is free to look).
+/// alone (and which vCPU holds the module token).
 fn report_held(vm: &Vm, vcpu: usize) {
-    let holder = vm.exclusive.holder();
-    let state = vm.shared.try_lock().and_then(|sh| {
-        sh.guest.integrity.as_ref().map(|i| {
-            format!(
-                "view {:?}, stepping {}, {} interrupts held",
-                i.view,
-                i.stepping.is_some(),
-                i.pending_interrupts.len()
-            )
-        })
-    });
-    warn!("guest {}: vCPU {vcpu} has waited long for vCPU {holder:?}, which runs it alone ({state:?})", vm.name);
+    let (holder, token) = (vm.exclusive.holder(), vm.exclusive.token_holder());
+    warn!(
+        "guest {}: vCPU {vcpu} has waited long for vCPU {holder:?}, which runs it alone (module token: {token:?})",
+        vm.name
+    );
 }
 
 /// Applies to this vCPU's VMCS what the integrity lock asked of every vCPU.

@@ -509,7 +509,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "linux-integrity-smp",
             about: "two CPUs: the agent locks the kernel; a twin of a trusted module and an attack module on each CPU \
-                    are stopped (a module's view runs on one CPU at a time, the other held outside its guest)",
+                    are stopped (one CPU at a time runs a module's view, the other runs the kernel's meanwhile)",
             hypervisor_args: "",
             guests: vec![GuestSpec { options: "cpus=0-1", ..linux_guest(linux_args!("ctvm.smpintegrity")) }],
             target: BOCHS,

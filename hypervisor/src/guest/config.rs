@@ -236,8 +236,9 @@ impl GuestConfig {
     /// The CPUs the guest runs on, of those the hypervisor runs (`online`):
     /// what `cpus=` names, or by default the boot CPU for a test guest and
     /// every CPU for a Linux guest, but the boot CPU alone for one with
-    /// integrity views unless `cpus=` says otherwise (a module's view runs
-    /// on one CPU at a time, the others waiting: see `smp::exclusive`).
+    /// integrity views unless `cpus=` says otherwise (one CPU at a time runs
+    /// a module's view, and a page opened for a step stops the others: see
+    /// `smp::exclusive`).
     /// The second value says why a Linux guest got fewer CPUs than it
     /// would have.
     pub fn resolve_cpus(&self, online: &CpuSet) -> Result<(CpuSet, Option<&'static str>), String> {

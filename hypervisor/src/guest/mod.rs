@@ -32,16 +32,17 @@ pub struct MsrShadow {
 /// What each vCPU keeps of its own among the state the exit handlers use.
 /// A guest's exits are handled one at a time (under its lock); the vCPU
 /// whose exit it is swaps its own in for the time of the handling.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VcpuLocal {
     pub msrs: MsrShadow,
     pub xcr0: u64,
+    pub integrity: crate::integrity::VcpuIntegrity,
 }
 
 impl Default for VcpuLocal {
     fn default() -> Self {
         // XCR0 after reset: x87 only.
-        VcpuLocal { msrs: MsrShadow::default(), xcr0: 1 }
+        VcpuLocal { msrs: MsrShadow::default(), xcr0: 1, integrity: Default::default() }
     }
 }
 
@@ -216,6 +217,9 @@ impl Guest {
     pub fn swap_local(&mut self, local: &mut VcpuLocal) {
         core::mem::swap(&mut self.msrs, &mut local.msrs);
         core::mem::swap(&mut self.xcr0, &mut local.xcr0);
+        if let Some(integrity) = self.integrity.as_mut() {
+            integrity.swap_local(&mut local.integrity);
+        }
     }
 }
 

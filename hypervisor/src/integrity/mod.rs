@@ -52,6 +52,25 @@ pub enum View {
     Module(u32),
 }
 
+/// What each vCPU has of its own in the integrity views: the view it
+/// runs, the write being let through on it, and the interrupts it took in
+/// a module's view, held for the kernel view. Kept with the vCPU
+/// (`guest::VcpuLocal`) and swapped into [`GuestIntegrity`] for the
+/// handling of its exits, so that one vCPU can run a module's view while
+/// the others run the kernel's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuIntegrity {
+    pub view: View,
+    pub stepping: Option<Stepping>,
+    pub pending_interrupts: alloc::collections::VecDeque<u8>,
+}
+
+impl Default for VcpuIntegrity {
+    fn default() -> Self {
+        VcpuIntegrity { view: View::Kernel, stepping: None, pending_interrupts: Default::default() }
+    }
+}
+
 /// A write being let through: the page opened, and how the single step is done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stepping {
@@ -105,6 +124,20 @@ pub struct GuestIntegrity {
 }
 
 impl GuestIntegrity {
+    /// Whether the vCPU whose exit is handled is anywhere but plainly in
+    /// the kernel view: in a module's view, in a step, or with interrupts
+    /// held for the kernel view.
+    pub fn is_busy(&self) -> bool {
+        self.view != View::Kernel || self.stepping.is_some() || !self.pending_interrupts.is_empty()
+    }
+
+    /// Swaps a vCPU's own state in (before its exit is handled) or back out.
+    pub fn swap_local(&mut self, local: &mut VcpuIntegrity) {
+        core::mem::swap(&mut self.view, &mut local.view);
+        core::mem::swap(&mut self.stepping, &mut local.stepping);
+        core::mem::swap(&mut self.pending_interrupts, &mut local.pending_interrupts);
+    }
+
     /// A guest's integrity state, if its trust list pins the agent (the
     /// views are driven by the agent alone, identified by its code) and a
     /// kernel-API policy says what isolated modules may call.
