@@ -564,14 +564,14 @@ struct Views<'a> {
 /// handling of its exit: what it must take before it enters a module's view
 /// or opens a page of the kernel's. `None`: the guest has one vCPU.
 #[derive(Clone, Copy)]
-struct Hold<'a>(Option<(&'a Exclusive, usize, &'a Vm)>);
+struct Hold<'a>(Option<(&'a Vm, usize)>);
 
 impl Hold<'_> {
     /// Runs the guest alone from now until the vCPU is back in the kernel
     /// view with nothing opened or held.
     fn alone(self) {
-        if let Some((exclusive, vcpu, vm)) = self.0 {
-            vmx_vcpu::take_exclusive(exclusive, vcpu, &vm.cpus);
+        if let Some((vm, vcpu)) = self.0 {
+            vmx_vcpu::take_exclusive(&vm.exclusive, vcpu, &vm.cpus);
         }
     }
 
@@ -581,9 +581,9 @@ impl Hold<'_> {
     /// way back into the guest, before it can enter a module's view (the
     /// epoch moves on), so none is signalled.
     fn module_view_narrowed(self) {
-        let Some((exclusive, vcpu, vm)) = self.0 else { return };
+        let Some((vm, vcpu)) = self.0 else { return };
         let mut targets = CpuSet::new();
-        if let Some(home) = exclusive.token_holder().filter(|&h| h != vcpu).and_then(|h| vm.vcpus.get(h)) {
+        if let Some(home) = vm.exclusive.token_holder().filter(|&h| h != vcpu).and_then(|h| vm.vcpus.get(h)) {
             targets.insert(home.cpu);
         }
         vmx_vcpu::shootdown(&targets);
@@ -595,13 +595,13 @@ impl Hold<'_> {
     /// view is not entered (that vCPU's grants on its stack are in the
     /// view): the guest stops.
     fn enter_module(self) -> Result<(), ControlError> {
-        let Some((exclusive, vcpu, _)) = self.0 else { return Ok(()) };
-        if exclusive.take_token(vcpu) {
+        let Some((vm, vcpu)) = self.0 else { return Ok(()) };
+        if vm.exclusive.take_token(vcpu) {
             return Ok(());
         }
         log::error!(
             "vCPU {vcpu} would enter a module's view while vCPU {:?} holds the module token",
-            exclusive.token_holder()
+            vm.exclusive.token_holder()
         );
         Err(ControlError)
     }
@@ -629,8 +629,8 @@ impl GuestControl for Views<'_> {
         if matches!(view, View::Module(_)) {
             self.hold.enter_module()?;
         }
-        if let Some((exclusive, vcpu, _)) = self.hold.0 {
-            exclusive.token_runs(vcpu, if let View::Module(m) = view { Some(m) } else { None });
+        if let Some((vm, vcpu)) = self.hold.0 {
+            vm.exclusive.token_runs(vcpu, if let View::Module(m) = view { Some(m) } else { None });
         }
         current::set_eptp(eptp);
         current::set_event_exiting(matches!(view, View::Module(_)));
@@ -694,8 +694,8 @@ impl GuestControl for Views<'_> {
     }
 
     fn destroy_view(&mut self, module: u32) {
-        if let Some((exclusive, vcpu, _)) = self.hold.0.filter(|(e, v, _)| e.other_runs(*v, module)) {
-            let holder = exclusive.token_holder();
+        if let Some((vm, vcpu)) = self.hold.0.filter(|(vm, v)| vm.exclusive.other_runs(*v, module)) {
+            let holder = vm.exclusive.token_holder();
             self.stop = Some(format!(
                 "module {module}'s view was to go while vCPU {holder:?} runs it (vCPU {vcpu} unloads it)"
             ));
@@ -1351,17 +1351,19 @@ fn dispatch(
             break guard;
         }
         drop(guard);
-        core::hint::spin_loop();
+        // A guest that stops while this exit waits: nothing to handle (the
+        // caller finds it stopping before any entry).
         if vm.stopping.load(Ordering::SeqCst) {
-            break vm.shared.lock();
+            return (Action::Resume, Vec::new(), None);
         }
+        core::hint::spin_loop();
     };
     let sh = &mut *guard;
     // What the handling takes of the other vCPUs (see `smp::exclusive`):
     // the module token to enter a module's view, the guest alone to open a
     // page of the kernel view, or to read the agent's structures (no other
     // vCPU changes them meanwhile).
-    let hold = Hold((vm.vcpus.len() > 1 && sh.guest.integrity.is_some()).then_some((&vm.exclusive, slot.index, vm)));
+    let hold = Hold((vm.vcpus.len() > 1 && sh.guest.integrity.is_some()).then_some((vm, slot.index)));
     if exit.reason == reason::VMCALL {
         hold.alone();
     }

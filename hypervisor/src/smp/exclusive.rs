@@ -14,18 +14,23 @@
 //! atomic exchange, with no signal to any CPU: a module's crossings cost
 //! the other CPUs nothing.
 //!
-//! A page opened for one stepped instruction must not serve any other CPU
-//! (it would write through it), nor may a vCPU enter a module's view while
-//! another holds the token. Then the vCPU takes its guest *alone*. Taking
-//! publishes (see [`super::signal`]): when [`Exclusive::take`] returns,
-//! every other vCPU of the guest is out of guest code, and none goes back
-//! in until the holder releases, which it does when it is back in the
-//! kernel view with nothing opened or held. A token holder kept out so
-//! waits in its module's view, not running it.
+//! A vCPU that needs the token while another holds it waits for it to be
+//! given back, outside the guest's lock (`vmm::waits_for_token`); it never
+//! enters a module's view without it. A right a module's view loses must
+//! then reach only the token holder's CPU: the others flush on their way
+//! back into the guest, before they can enter one.
 //!
-//! So at any moment at most one vCPU runs guest code in a module's view
-//! (the token holder, or the vCPU running alone), and an opened page
-//! serves the one vCPU running alone.
+//! A page opened in the kernel view for one stepped instruction must not
+//! serve any other CPU (it would write through it). A vCPU that opens one
+//! takes its guest *alone*. Taking publishes (see [`super::signal`]): when
+//! [`Exclusive::take`] returns, every other vCPU of the guest is out of
+//! guest code, and none goes back in until the holder releases, which it
+//! does when it is back in the kernel view with nothing opened or held. A
+//! token holder kept out so waits in its module's view, not running it.
+//!
+//! So at any moment at most one vCPU runs guest code in a module's view,
+//! the token holder, and an opened kernel-view page serves the one vCPU
+//! running alone.
 //!
 //! Ordering: the holder stores itself, then publishes; a vCPU marks
 //! itself in the guest ([`Signals::entering`]) and then looks at the
@@ -89,7 +94,7 @@ impl Exclusive {
     /// `vcpu` takes the module token, if it is free (or its own already):
     /// then it may run a module's view while the others run the kernel's.
     /// The caller holds the guest's lock. `false`: another vCPU holds it,
-    /// and `vcpu` must take the guest alone instead.
+    /// and `vcpu` must not enter a module's view.
     pub fn take_token(&self, vcpu: usize) -> bool {
         match self.token.compare_exchange(NONE, vcpu, SeqCst, SeqCst) {
             Ok(_) => true,
