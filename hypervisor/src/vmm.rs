@@ -648,17 +648,19 @@ impl GuestControl for Views<'_> {
 
     fn set_perms(&mut self, view: View, page: u64, perms: Perms) -> Result<(), ControlError> {
         // Module views map pages one to one, with the kernel view's memory type.
-        let mem_type = self.kernel.translate(page).map_or(MemType::WriteBack, |t| t.attrs.mem_type);
+        let in_kernel = self.kernel.translate(page);
+        let mem_type = in_kernel.as_ref().map_or(MemType::WriteBack, |t| t.attrs.mem_type);
         // A right the kernel view gains (a page opened for one step, most
         // often) would serve every vCPU running it: none runs meanwhile.
-        if view == View::Kernel && !self.kernel.translate(page).is_some_and(|t| t.attrs.perms.contains(perms)) {
+        if view == View::Kernel && !in_kernel.as_ref().is_some_and(|t| t.attrs.perms.contains(perms)) {
             self.hold.alone();
         }
         let ept = self.view(view)?;
-        let narrowed = ept.translate(page).is_some_and(|t| !perms.contains(t.attrs.perms));
+        let now = if view == View::Kernel { in_kernel } else { ept.translate(page) };
+        let narrowed = now.as_ref().is_some_and(|t| !perms.contains(t.attrs.perms));
         let result = if perms.is_empty() {
             ept.unmap(page, PAGE_SIZE)
-        } else if ept.translate(page).is_some() {
+        } else if now.is_some() {
             ept.protect(page, PAGE_SIZE, perms)
         } else {
             ept.map(page, page, PAGE_SIZE, Attrs::new(perms, mem_type))

@@ -320,8 +320,6 @@ impl Engine {
         layout.null_on_failure.sort_unstable();
         layout.null_on_failure.dedup();
         layout.deputies.dedup_by_key(|d| d.0);
-        layout.interrupt_stacks.sort_unstable_by_key(|r| r.start);
-        layout.interrupt_stacks.dedup();
         if !self.returns.set_extents(layout.interrupt_stacks.clone()) {
             return Err(RegisterError::Overlap);
         }

@@ -16,8 +16,6 @@
 //! 16 KiB window's points, nor one of them two windows'.
 //! A new point at RSP R on a stack drops the points at
 //! or below R there (their frames have unwound), and taking one drops those
-//! below it. a new point at RSP R on a stack drops the points at
-//! or below R there (their frames have unwound), and taking one drops those
 //! below it. So the set holds one point per live crossing frame, however
 //! many tasks sleep inside modules, and needs no eviction in practice; past
 //! [`MAX`] points, the stack used least recently is forgotten (its tasks'
@@ -118,10 +116,12 @@ pub struct ReturnPoints {
 impl ReturnPoints {
     /// The stacks known by their exact extents (each CPU's interrupt and
     /// exception stacks); any other address is on a task's 16 KiB window.
-    /// Overlapping extents are refused (`false`), and nothing changes.
+    /// The same extent named twice counts once; overlapping extents are
+    /// refused (`false`), and nothing changes.
     pub fn set_extents(&mut self, mut extents: Vec<Range>) -> bool {
         extents.retain(|r| !r.is_empty());
         extents.sort_unstable_by_key(|r| r.start);
+        extents.dedup();
         if extents.windows(2).any(|w| w[0].end > w[1].start) {
             return false;
         }
