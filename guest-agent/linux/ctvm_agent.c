@@ -591,6 +591,45 @@ static void shared_object_fields(struct ctvm_kernel_layout *layout)
 	object_field(layout, 4, 7, offsetof(struct mm_struct, mm_count), sizeof_field(struct mm_struct, mm_count));
 }
 
+/* The image's .data and .bss as the kernel still holds them (its pages
+ * stay reserved): pages it gave back after boot are heap, where a task's
+ * stack or anyone's object may land. .bss ends with some 2 MiB of it: the
+ * unused part of .bss..decrypted, freed at free_initmem(). Protected as
+ * kernel data, a module's own stack there would be refused to it. */
+static unsigned long image_given_back;
+
+static int image_data(struct ctvm_kernel_layout *layout)
+{
+	const unsigned long parts[2][2] = { { data_start, data_end }, { bss_start, bss_end } };
+	unsigned int slot = 1, i;
+
+	for (i = 0; i < ARRAY_SIZE(parts); i++) {
+		unsigned long va, next, run = 0, end = parts[i][1];
+
+		if (!parts[i][0] || end <= parts[i][0])
+			continue;
+		for (va = parts[i][0]; va < end; va = next) {
+			bool held = PageReserved(virt_to_page((void *)va));
+
+			next = min((va & PAGE_MASK) + PAGE_SIZE, end);
+			if (held && !run)
+				run = va;
+			if (!held)
+				image_given_back++;
+			/* A run ends at a page given back, or at the part's end. */
+			if (!run || (held && next < end))
+				continue;
+			if (slot >= CTVM_SENSITIVE_RANGES) {
+				pr_err("ctvm: the kernel's .data and .bss are in more pieces than CTVM takes\n");
+				return -E2BIG;
+			}
+			layout->sensitive[slot++] = (struct ctvm_range){ run, held ? next : va };
+			run = 0;
+		}
+	}
+	return 0;
+}
+
 /* Each CPU's copy of the kernel's static per-CPU area: its control data
  * (the syscall entry's stack pointer, the TSS, current) is no module's to
  * write, but for the preempt count their inline helpers change. */
@@ -767,12 +806,10 @@ static int __init ctvm_agent_init(void)
 	layout->poke_routines[0] = (struct ctvm_range){ poke_start, poke_end };
 	if (module_list)
 		layout->sensitive[0] = (struct ctvm_range){ module_list, module_list + 16 };
-	if (data_start && data_end > data_start)
-		layout->sensitive[1] = (struct ctvm_range){ data_start, data_end };
-	if (bss_start && bss_end > bss_start)
-		layout->sensitive[2] = (struct ctvm_range){ bss_start, bss_end };
+	ret = image_data(layout);
+	if (!ret)
+		ret = percpu_areas(layout);
 	kernel_objects(layout);
-	ret = percpu_areas(layout);
 	if (ret) {
 		kfree(layout);
 		return ret;
@@ -849,6 +886,9 @@ static int __init ctvm_agent_init(void)
 	__module_get(THIS_MODULE);
 	ctvm_vtpm_store_register(caps);
 	pr_info("ctvm: agent ready; kernel layout locked\n");
+	if (image_given_back)
+		pr_info("ctvm: %lu pages of the kernel's .data and .bss given back after boot: heap, not image\n",
+			image_given_back);
 	return 0;
 }
 

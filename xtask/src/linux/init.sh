@@ -90,6 +90,7 @@ load_agent() {
         data_start=$(sym _sdata) data_end=$(sym _edata) bss_start=$(sym __bss_start) bss_end=$(sym __bss_stop) \
         $(percpu) $(caches)
     if dmesg | grep -q "ctvm: agent ready"; then say "agent loaded"; else say "FAIL: agent not loaded: $(dmesg | grep 'ctvm:' | tail -n 3)"; fi
+    dmesg | sed -n 's/^.*ctvm: \(.* given back after boot.*\)$/\1/p' | while read -r l; do say "agent: $l"; done
 }
 
 # ctvm.integrity: load the CTVM agent, then attack the kernel from modules
