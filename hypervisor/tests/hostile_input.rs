@@ -2573,7 +2573,7 @@ mod integrity_views {
                     .collect(),
                 violations: e.violations.len(),
                 dropped: e.violations.dropped,
-                view: i.view,
+                view: i.local.view,
             }
         }
 
@@ -2814,7 +2814,7 @@ mod integrity_views {
             } else {
                 View::Module(self.rng.pick(&views))
             };
-            self.guest.integrity.as_mut().unwrap().view = view;
+            self.guest.integrity.as_mut().unwrap().local.view = view;
             let rng = &mut self.rng;
             let page = match rng.below(10) {
                 0 => rng.pick(&self.protected),
@@ -2853,10 +2853,10 @@ mod integrity_views {
                 instruction_len: 3,
                 ..Default::default()
             });
-            if self.integrity().stepping.is_some() {
+            if self.integrity().local.stepping.is_some() {
                 // The single step ends: the page closes again.
                 assert_eq!(self.exit(ExitInfo { reason: 37, ..Default::default() }), Action::Resume);
-                assert!(self.integrity().stepping.is_none());
+                assert!(self.integrity().local.stepping.is_none());
             }
             action
         }

@@ -1025,8 +1025,8 @@ pub fn unregister_module(ctx: &mut ExitContext<'_>, id: u32) -> Result<u64, Erro
     }
     let trusted = state.engine.is_trusted(id);
     state.engine.unregister_module(id).map_err(map_err)?;
-    if state.view == View::Module(id) {
-        state.view = View::Kernel;
+    if state.local.view == View::Module(id) {
+        state.local.view = View::Kernel;
     }
     release_pages(ctx, id, trusted, &code, &data);
     if let Ok(control) = control(ctx) {
@@ -1414,7 +1414,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let info = ViolationInfo::from_qualification(ctx.exit.qualification);
     // A new process's top-level table, which no walk has seen yet.
     let state = ctx.guest.integrity.as_ref()?;
-    let module_write = matches!(state.view, View::Module(_)) && info.access == super::Access::Write;
+    let module_write = matches!(state.local.view, View::Module(_)) && info.access == super::Access::Write;
     if module_write && state.engine.class_of(page).is_none() && new_top_level_table(ctx, page) {
         refresh_page_tables(ctx);
     }
@@ -1430,14 +1430,14 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         super::Access::Execute => Perms::EXECUTE,
     };
     let untracked = state.engine.class_of(page).is_none();
-    if matches!(state.view, View::Module(_)) && untracked && !kept.contains(needed) {
+    if matches!(state.local.view, View::Module(_)) && untracked && !kept.contains(needed) {
         return None;
     }
     // The processor's own walk for a module's access, setting an accessed
     // or dirty bit in a table the module may not write.
     let walk = info.linear_valid && !info.final_translation && info.access == super::Access::Write;
     let protected_table =
-        matches!(state.view, View::Module(_)) && state.engine.class_of(page) == Some(PageClass::PageTable);
+        matches!(state.local.view, View::Module(_)) && state.engine.class_of(page) == Some(PageClass::PageTable);
     if walk && protected_table && set_accessed_or_dirty(ctx, ctx.exit.guest_physical) {
         return Some(Action::Resume);
     }
@@ -1451,17 +1451,17 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     let gva = if info.linear_valid { ctx.exit.guest_linear } else { rip };
     let regs = *ctx.vcpu.regs();
     let gprs = core::array::from_fn(|i| regs.get(i as u8, rsp));
-    let kernel_object = match (state.view, info.access) {
+    let kernel_object = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked => kernel_object(ctx, page),
         _ => None,
     };
     let shared_field = kernel_object.and_then(|_| shared_field(ctx, ctx.exit.guest_physical));
-    let task_stack = match (state.view, info.access) {
+    let task_stack = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
     };
     let by_address = state.engine.is_stack_address(gva, task_stack);
-    let stack_alias = match (state.view, info.access) {
+    let stack_alias = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked && !by_address => {
             stack_alias(ctx, ctx.exit.guest_physical)
         }
@@ -1474,12 +1474,12 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         Some(PageClass::ModuleCode(m)) => state.engine.is_module_entry(m, gva),
         _ => false,
     };
-    let out_params = match (state.view, info.access) {
+    let out_params = match (state.local.view, info.access) {
         (View::Kernel, super::Access::Execute) if entry => out_parameters(ctx, &gprs, rsp),
         _ => [None; 6],
     };
     let fault = Fault {
-        view: state.view,
+        view: state.local.view,
         access: info.access,
         gpa: ctx.exit.guest_physical,
         gva,
@@ -1516,12 +1516,12 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         let whose = protected_data_owner(ctx, v, fault.gpa);
         report_object(ctx, v, kernel_object.or(whose.as_deref()));
     }
-    let view = ctx.guest.integrity.as_ref()?.view;
+    let view = ctx.guest.integrity.as_ref()?.local.view;
     let action = match outcome.step {
         Step::NotMine => return None,
         Step::Switch(to) => match control(ctx).ok()?.activate_view(to) {
             Ok(()) => {
-                ctx.guest.integrity.as_mut()?.view = to;
+                ctx.guest.integrity.as_mut()?.local.view = to;
                 enter_view(ctx, to, rsp);
                 Action::Resume
             }
@@ -1585,7 +1585,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
                 if control(ctx).ok()?.activate_view(to).is_err() {
                     return Some(Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))));
                 }
-                ctx.guest.integrity.as_mut()?.view = to;
+                ctx.guest.integrity.as_mut()?.local.view = to;
                 enter_view(ctx, to, if pop { rsp.wrapping_add(8) } else { rsp });
             }
             if pop {
@@ -1602,7 +1602,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
 /// Interrupts held while a module's branch out waited for its judgement
 /// (see [`branched_out`]) are delivered once the guest can take them.
 fn reopen_window(ctx: &mut ExitContext<'_>) {
-    if ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty()) {
+    if ctx.guest.integrity.as_ref().is_some_and(|s| !s.local.pending_interrupts.is_empty()) {
         if let Ok(control) = control(ctx) {
             control.set_interrupt_window(true);
         }
@@ -1638,7 +1638,7 @@ fn step_over(ctx: &mut ExitContext<'_>, view: View, page: u64, guard: Option<Gua
         Some(rflags & RFLAGS_TF != 0)
     };
     if let Some(state) = ctx.guest.integrity.as_mut() {
-        state.stepping = Some(Stepping { view, page, before, trap_flag, guard });
+        state.local.stepping = Some(Stepping { view, page, before, trap_flag, guard });
     }
     Action::Resume
 }
@@ -1845,7 +1845,7 @@ fn return_error(ctx: &mut ExitContext<'_>, return_address: Option<u64>, value: u
 /// The exit after a let-through write (monitor trap, or the #DB of
 /// RFLAGS.TF): close the page again.
 pub fn monitor_trap(ctx: &mut ExitContext<'_>) -> Action {
-    let stepping = ctx.guest.integrity.as_mut().and_then(|s| s.stepping.take());
+    let stepping = ctx.guest.integrity.as_mut().and_then(|s| s.local.stepping.take());
     let rip = ctx.vcpu.read(Field::Rip);
     let Some(stepping) = stepping else {
         return Action::Stop(StopReason::Unsupported { what: "a single-step exit with nothing being stepped", rip });
@@ -1933,7 +1933,7 @@ fn leave_module_for_event(ctx: &mut ExitContext<'_>, m: u32, resume: u64) -> Res
     control(ctx).map_err(|_| ControlError)?.activate_view(View::Kernel)?;
     let state = ctx.guest.integrity.as_mut().ok_or(ControlError)?;
     state.engine.event_leaves_module(m, rip, resume, rsp);
-    state.view = View::Kernel;
+    state.local.view = View::Kernel;
     Ok(())
 }
 
@@ -1981,7 +1981,7 @@ fn inject(ctx: &mut ExitContext<'_>, info: u32, error: Option<u32>, len: u64) {
 /// it, leaving a module's view for it first; keeps the interrupt window
 /// open while more wait.
 fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
-    let pending = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    let pending = ctx.guest.integrity.as_ref().is_some_and(|s| !s.local.pending_interrupts.is_empty());
     let busy = ctx.vcpu.read(Field::EntryInterruptionInfo) & u64::from(EVENT_VALID) != 0;
     if let (View::Module(m), true) = (ctx.view(), pending) {
         if branched_out(ctx, m) {
@@ -2001,12 +2001,12 @@ fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
                 return Action::Stop(StopReason::HypervisorError("cannot leave a module's view".into()));
             }
         }
-        if let Some(vector) = ctx.guest.integrity.as_mut().and_then(|s| s.pending_interrupts.pop_front()) {
+        if let Some(vector) = ctx.guest.integrity.as_mut().and_then(|s| s.local.pending_interrupts.pop_front()) {
             let kind = if u32::from(vector) == VECTOR_NMI { event_type::NMI } else { event_type::EXTERNAL };
             inject(ctx, u32::from(vector) | (kind << 8), None, 0);
         }
     }
-    let more = ctx.guest.integrity.as_ref().is_some_and(|s| !s.pending_interrupts.is_empty());
+    let more = ctx.guest.integrity.as_ref().is_some_and(|s| !s.local.pending_interrupts.is_empty());
     if let Ok(control) = control(ctx) {
         control.set_interrupt_window(more);
     }
@@ -2026,7 +2026,7 @@ pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
     let kind = (info >> 8) & 7;
     if kind == event_type::EXTERNAL {
         if let Some(state) = ctx.guest.integrity.as_mut() {
-            state.pending_interrupts.push_back(info as u8);
+            state.local.pending_interrupts.push_back(info as u8);
         }
         return deliver_pending(ctx);
     }
@@ -2036,7 +2036,7 @@ pub fn module_event(ctx: &mut ExitContext<'_>, m: u32) -> Action {
             // Held as an interrupt is (vector 2 is no external interrupt's).
             (event_type::NMI, _) => {
                 if let Some(state) = ctx.guest.integrity.as_mut() {
-                    state.pending_interrupts.push_back(VECTOR_NMI as u8);
+                    state.local.pending_interrupts.push_back(VECTOR_NMI as u8);
                 }
                 return deliver_pending(ctx);
             }
@@ -2078,7 +2078,7 @@ pub fn exception(ctx: &mut ExitContext<'_>) -> Action {
     // Only a step made with the trap flag ends in #DB; with the monitor
     // trap flag, a #DB is the guest's own (its trap flag, a breakpoint).
     let stepping =
-        ctx.guest.integrity.as_ref().is_some_and(|s| s.stepping.as_ref().is_some_and(|s| s.trap_flag.is_some()));
+        ctx.guest.integrity.as_ref().is_some_and(|s| s.local.stepping.as_ref().is_some_and(|s| s.trap_flag.is_some()));
     if vector == 1 && stepping {
         return monitor_trap(ctx);
     }
@@ -2104,7 +2104,7 @@ pub fn control_register_write(ctx: &mut ExitContext<'_>, old: u64, new: u64, gua
     if !state.engine.is_locked() || old & guarded & !new == 0 {
         return false;
     }
-    let view = state.view;
+    let view = state.local.view;
     let v = state.engine.record(crate::integrity::ViolationKind::ControlRegister, view, ctx.vcpu.read(Field::Rip), new);
     report(ctx, &v);
     v.action == abi::ViolationAction::Denied
@@ -2137,10 +2137,10 @@ fn set_accessed_or_dirty(ctx: &mut ExitContext<'_>, entry: u64) -> bool {
 /// one), and the kernel's own loads run in the kernel view.
 pub fn cr3_load(ctx: &mut ExitContext<'_>, value: u64) -> bool {
     let Some(state) = ctx.guest.integrity.as_mut() else { return false };
-    if !state.engine.is_locked() || !matches!(state.view, View::Module(_)) {
+    if !state.engine.is_locked() || !matches!(state.local.view, View::Module(_)) {
         return false;
     }
-    let view = state.view;
+    let view = state.local.view;
     let v = state.engine.record(ViolationKind::ControlRegister, view, ctx.vcpu.read(Field::Rip), value);
     report(ctx, &v);
     v.action == abi::ViolationAction::Denied
@@ -2152,7 +2152,7 @@ pub fn msr_write(ctx: &mut ExitContext<'_>, msr: u32, value: u64) -> bool {
     if !state.engine.is_locked() || ctx.host.read_msr(msr) == value {
         return false;
     }
-    let view = state.view;
+    let view = state.local.view;
     let v = state.engine.record(
         crate::integrity::ViolationKind::GuardedMsr,
         view,
@@ -2169,7 +2169,7 @@ pub fn descriptor_table_load(ctx: &mut ExitContext<'_>, base: u64) -> bool {
     if !state.engine.is_locked() {
         return false;
     }
-    let view = state.view;
+    let view = state.local.view;
     let v =
         state.engine.record(crate::integrity::ViolationKind::DescriptorTable, view, ctx.vcpu.read(Field::Rip), base);
     report(ctx, &v);
@@ -2474,7 +2474,7 @@ mod tests {
             assert_eq!(state.denied_apis.get(&(K + PRINTK)).map(|d| d.group.as_str()), Some("unlisted"));
             // The module's call to printk is now refused with -EPERM, reported.
             let module = View::Module(id);
-            f.guest.integrity.as_mut().unwrap().view = module;
+            f.guest.integrity.as_mut().unwrap().local.view = module;
             f.control.active = Some(module);
             w(&f.phys, STACK, &(K + MODULE_CODE + 0x40).to_le_bytes());
             f.vcpu.write(Field::Rsp, K + STACK);
@@ -2654,7 +2654,7 @@ mod tests {
         assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);
         assert_eq!(f.control.active, Some(View::Kernel));
         // An isolated module's own VMCALL is refused.
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         assert_eq!(f.call(0x14, u64::from(id), 0), Error::NotPermitted.code());
     }
 
@@ -2805,7 +2805,7 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         with_event_log(&mut f);
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         let before = guest_bytes(&f, SYSCALL_TABLE, 64);
         // The event log copied over the syscall table; the version; a shutdown.
         for (nr, rbx, rcx) in [(0x20, K + SYSCALL_TABLE, 64), (0, 0, 0), (1, 0, 0)] {
@@ -2855,7 +2855,7 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         f.control.set_perms(View::Kernel, LAPIC, Perms::READ).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         f.control.active = Some(View::Module(id));
         let rip = K + MODULE_CODE + 0x10;
         // A write is not granted: it goes on to the APIC's emulation (here,
@@ -2867,7 +2867,7 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         f.control.set_perms(View::Kernel, LAPIC, Perms::READ).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         assert_eq!(f.ept(READ, LAPIC, 0xffff_c900_0000_0000, rip), Action::Resume);
         assert_eq!(f.control.perms(View::Module(id), LAPIC), Some(Perms::READ));
     }
@@ -2877,7 +2877,7 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         f.control.activate_view(View::Module(id)).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         f.vcpu.write(Field::Rip, rip);
         (f, id)
     }
@@ -3154,7 +3154,7 @@ mod tests {
         // module's view is: in the module's, its handler's fetch would be
         // refused in turn, again and again.
         assert_eq!(f.control.active, Some(View::Kernel));
-        assert_eq!(f.guest.integrity.as_ref().unwrap().view, View::Kernel);
+        assert_eq!(f.guest.integrity.as_ref().unwrap().local.view, View::Kernel);
     }
 
     #[test]
@@ -3167,7 +3167,7 @@ mod tests {
         assert!(f.guest.integrity.as_ref().unwrap().engine.is_quarantined(id));
         // Back in the kernel, which calls the callback the module handed it.
         f.control.activate_view(View::Kernel).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         let caller = K + TEXT + 0x9999;
         w(&f.phys, STACK, &caller.to_le_bytes());
         let entry = K + MODULE_CODE;
@@ -3196,7 +3196,7 @@ mod tests {
         assert_eq!(f.control.perms(View::Module(id), HEAP), Some(Perms::RW));
         assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RW), "no longer executable for the kernel");
         f.control.activate_view(View::Kernel).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         for (page, gva) in [(HEAP, K + HEAP), (MODULE_DATA, K + MODULE_DATA)] {
             assert_eq!(f.ept(FETCH | READ, page, gva, gva), Action::Resume);
             assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32], "{page:#x}");
@@ -3216,7 +3216,7 @@ mod tests {
         assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
         assert_eq!(f.control.perms(View::Module(id), HEAP), Some(Perms::RW));
         f.control.activate_view(View::Kernel).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         let trampoline = K + HEAP;
         assert_eq!(f.ept(FETCH | READ, HEAP, trampoline, trampoline), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::ExecuteData as u32], "the module can write it");
@@ -3229,7 +3229,7 @@ mod tests {
         assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RWX));
         // The module writes it again: a new grant, and the kernel may not execute it.
         f.control.activate_view(View::Module(id)).unwrap();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         assert_eq!(f.ept(WRITE, HEAP, K + HEAP, rip), Action::Resume);
         assert_eq!(f.control.perms(View::Kernel, HEAP), Some(Perms::RW));
     }
@@ -3391,7 +3391,7 @@ mod tests {
         let id = f.register_everything();
         let module = View::Module(id);
         assert_eq!(f.control.perms(module, MODULE_DATA), Some(Perms::READ), "the page of its struct module");
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         f.control.active = Some(module);
         let writer = K + MODULE_CODE + 0x10;
         // Into the structure (its list links at +8): refused and skipped.
@@ -3434,7 +3434,7 @@ mod tests {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
         let module = View::Module(id);
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         f.control.active = Some(module);
         let writer = K + MODULE_CODE + 0x10;
         let struct_page = VMEMMAP + (CRED_PAGE >> 12) * 64;
@@ -3472,10 +3472,10 @@ mod tests {
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW), "an ordinary heap page is granted");
         // The agent drains the log: the grant is taken back, to be judged
         // again (the page may serve credentials by then).
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ));
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         w(&f.phys, struct_page - (CRED_PAGE >> 12) * 64 + (HEAP_PAGE >> 12) * 64 + 24, &CRED_JAR.to_le_bytes());
         assert_eq!(f.ept(WRITE, HEAP_PAGE + 8, K + HEAP_PAGE + 8, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelObject as u32]);
@@ -3518,7 +3518,7 @@ mod tests {
             let module = View::Module(id);
             let call_site = K + MODULE_CODE + 0x40;
             let call = |f: &mut Fixture, dest: u64, len: u64, through_thunk: bool| {
-                f.guest.integrity.as_mut().unwrap().view = module;
+                f.guest.integrity.as_mut().unwrap().local.view = module;
                 f.control.active = Some(module);
                 f.vcpu.write(Field::Rsp, K + STACK);
                 w(&f.phys, STACK, &call_site.to_le_bytes());
@@ -3569,20 +3569,20 @@ mod tests {
         let module = View::Module(id);
         let new_table = 0xd0_0000;
         let writer = K + MODULE_CODE + 0x10;
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         f.control.active = Some(module);
         assert_eq!(f.ept(WRITE, new_table, K + new_table, writer), Action::Resume);
         assert_eq!(f.control.perms(module, new_table), Some(Perms::RW), "a heap page, for now");
         // The kernel makes it a table: PD[9] -> it.
         w(&f.phys, 0x3000 + 9 * 8, &(new_table | 3).to_le_bytes());
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         assert_eq!(e.class_of(new_table), Some(PageClass::PageTable));
         assert_eq!(e.class_of(0x3000), Some(PageClass::PageTable), "the PD, since the lock");
         assert_eq!(f.control.perms(module, new_table), Some(Perms::READ));
         assert_eq!(f.control.perms(View::Kernel, new_table), Some(Perms::RW), "the kernel writes it, never runs it");
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         f.vcpu.write(Field::Rip, writer);
         assert_eq!(f.ept(WRITE, new_table + 8, K + new_table + 8, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
@@ -3615,7 +3615,7 @@ mod tests {
         }
         // The process exits: pgd_list is empty, and the agent drains.
         w(&f.phys, PGD_LIST, &(K + PGD_LIST).to_le_bytes());
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         for t in tables {
@@ -3623,7 +3623,7 @@ mod tests {
             assert_eq!(f.control.perms(View::Kernel, t), Some(Perms::RWX), "{t:#x}");
         }
         assert_eq!(e.class_of(0x2000), Some(PageClass::PageTable));
-        f.guest.integrity.as_mut().unwrap().view = module;
+        f.guest.integrity.as_mut().unwrap().local.view = module;
         assert_eq!(f.ept(WRITE, PROCESS_PT + 0x18, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
         assert_eq!(f.control.perms(module, PROCESS_PT), Some(Perms::RW), "a heap page again");
         assert!(violation_kinds(&mut f).is_empty());
@@ -3637,12 +3637,12 @@ mod tests {
         let writer = K + MODULE_CODE + 0x10;
         let (mut f, id) = in_module(writer);
         w(&f.phys, PGD_LIST, &(K + VMEMMAP + 3).to_le_bytes());
-        f.guest.integrity.as_mut().unwrap().view = View::Kernel;
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
         assert_eq!(f.call(0x15, K + AGENT_DATA + 0x800, 4), 0);
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         assert_eq!(e.class_of(PROCESS_PT), Some(PageClass::PageTable));
         assert!(e.is_process_table(PROCESS_PGD));
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         assert_eq!(f.ept(WRITE, PROCESS_PT + 8, 0xffff_8880_0000_0000 + PROCESS_PT, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32]);
     }
@@ -3774,7 +3774,7 @@ mod tests {
             };
             assert_eq!(load(&mut f, 0x5000), 0x5000, "the kernel's");
             assert!(violation_kinds(&mut f).is_empty());
-            f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+            f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
             let expected = if mode == Mode::Enforce { 0x1000 } else { 0x5000 };
             assert_eq!(load(&mut f, 0x5000), expected, "{mode:?}");
             assert_eq!(violation_kinds(&mut f), [ViolationKind::ControlRegister as u32]);
@@ -3786,7 +3786,7 @@ mod tests {
     fn a_violation_names_its_cpu() {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         f.control.active = Some(View::Module(id));
         for cpu in [1usize, 0, 3] {
             f.guest.cpus.current = cpu;
@@ -3802,7 +3802,7 @@ mod tests {
     fn audit_mode_lets_the_write_through_once() {
         let mut f = fixture(Mode::Audit);
         let id = f.register_everything();
-        f.guest.integrity.as_mut().unwrap().view = View::Module(id);
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
         f.control.active = Some(View::Module(id));
         assert_eq!(f.ept(WRITE, SYSCALL_TABLE, K + SYSCALL_TABLE, K + MODULE_CODE + 0x10), Action::Resume);
         assert!(f.control.monitor_trap, "stepped over, not skipped");
@@ -3941,7 +3941,7 @@ mod tests {
             (K + PERCPU + 0x4f00, PERCPU + 0x4f00),
         ] {
             let module = View::Module(id);
-            f.guest.integrity.as_mut().unwrap().view = module;
+            f.guest.integrity.as_mut().unwrap().local.view = module;
             f.control.active = Some(module);
             f.vcpu.write(Field::Rsp, K + STACK + 0x800);
             assert_eq!(f.ept(WRITE, gpa, gva, writer), Action::Resume);

@@ -492,7 +492,7 @@ mod tests {
         use crate::integrity::{GuestIntegrity, Mode, View};
         let mut g = pass_through_guest();
         let mut integrity = GuestIntegrity::new(Mode::Enforce, alloc::vec![]);
-        integrity.view = View::Module(3);
+        integrity.local.view = View::Module(3);
         g.integrity = Some(integrity);
         for (port, size, input) in [(0xcf9, 1, false), (0xcf8, 4, false), (0x70, 1, true), (0x3f8, 1, false)] {
             let (a, rax, w) = pt_io(&mut g, port, size, input, 0x06);

@@ -169,7 +169,7 @@ pub struct ExitContext<'a> {
 impl ExitContext<'_> {
     /// The EPT view the vCPU runs in (the kernel's, for a guest without views).
     pub fn view(&self) -> crate::integrity::View {
-        self.guest.integrity.as_ref().map_or(crate::integrity::View::Kernel, |i| i.view)
+        self.guest.integrity.as_ref().map_or(crate::integrity::View::Kernel, |i| i.local.view)
     }
 
     /// Who ran the instruction that exited.

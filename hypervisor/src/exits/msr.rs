@@ -470,7 +470,7 @@ mod tests {
         let layout = crate::integrity::KernelLayout::default();
         i.engine.register_kernel(layout, []).unwrap();
         i.engine.lock([]).unwrap();
-        i.view = view;
+        i.local.view = view;
         g.integrity = Some(i);
         g
     }

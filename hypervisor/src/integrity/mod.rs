@@ -62,6 +62,8 @@ pub enum View {
 pub struct VcpuIntegrity {
     pub view: View,
     pub stepping: Option<Stepping>,
+    /// External interrupts taken from a module's view and not yet delivered
+    /// (the guest could not take them yet), oldest first.
     pub pending_interrupts: alloc::collections::VecDeque<u8>,
 }
 
@@ -99,11 +101,9 @@ pub struct Guard {
 /// write being let through.
 pub struct GuestIntegrity {
     pub engine: Engine,
-    pub view: View,
-    pub stepping: Option<Stepping>,
-    /// External interrupts taken from a module's view and not yet delivered
-    /// (the guest could not take them yet), oldest first.
-    pub pending_interrupts: alloc::collections::VecDeque<u8>,
+    /// The state of the vCPU whose exit is handled (swapped in from its
+    /// own [`VcpuIntegrity`] before, and back out after).
+    pub local: VcpuIntegrity,
     /// The modules this guest trusts, each pinned by its code's digest: a
     /// module whose name and code match runs in the kernel view.
     pub trusted: alloc::vec::Vec<policy::Entry>,
@@ -128,14 +128,13 @@ impl GuestIntegrity {
     /// the kernel view: in a module's view, in a step, or with interrupts
     /// held for the kernel view.
     pub fn is_busy(&self) -> bool {
-        self.view != View::Kernel || self.stepping.is_some() || !self.pending_interrupts.is_empty()
+        let l = &self.local;
+        l.view != View::Kernel || l.stepping.is_some() || !l.pending_interrupts.is_empty()
     }
 
     /// Swaps a vCPU's own state in (before its exit is handled) or back out.
     pub fn swap_local(&mut self, local: &mut VcpuIntegrity) {
-        core::mem::swap(&mut self.view, &mut local.view);
-        core::mem::swap(&mut self.stepping, &mut local.stepping);
-        core::mem::swap(&mut self.pending_interrupts, &mut local.pending_interrupts);
+        core::mem::swap(&mut self.local, local);
     }
 
     /// A guest's integrity state, if its trust list pins the agent (the
@@ -164,9 +163,7 @@ impl GuestIntegrity {
     pub fn new(mode: Mode, trusted: alloc::vec::Vec<policy::Entry>) -> Self {
         GuestIntegrity {
             engine: Engine::new(mode),
-            view: View::Kernel,
-            stepping: None,
-            pending_interrupts: alloc::collections::VecDeque::new(),
+            local: VcpuIntegrity::default(),
             trusted,
             repeats: violation::Repeats::default(),
             api: alloc::sync::Arc::default(),

@@ -359,8 +359,8 @@ fn engine_state(g: &Guest) -> Option<EngineState> {
     let s = g.integrity.as_ref()?;
     let e = &s.engine;
     Some(EngineState {
-        view: s.view,
-        stepping: s.stepping.clone(),
+        view: s.local.view,
+        stepping: s.local.stepping.clone(),
         locked: e.is_locked(),
         agent: e.agent(),
         layout: e.layout().cloned(),
@@ -522,7 +522,7 @@ fn run_input(input: &Input) -> Option<EngineState> {
         vcpu.write(Field::SsAccessRights, if call.user { 0xf3 } else { 0x93 });
         let from_module = call.from_module && guest.integrity.is_some();
         if let Some(s) = guest.integrity.as_mut() {
-            s.view = if from_module { View::Module(last_module) } else { View::Kernel };
+            s.local.view = if from_module { View::Module(last_module) } else { View::Kernel };
         }
         let what = What { i, call, number, rbx: vcpu.regs.rbx, rcx: vcpu.regs.rcx };
         let (rbx, rcx) = (vcpu.regs.rbx, vcpu.regs.rcx);
@@ -667,7 +667,7 @@ fn run_input(input: &Input) -> Option<EngineState> {
             assert!(*page < RAM, "{what}: view {view:?} maps {page:#x}, not guest RAM");
         }
         if let Some(s) = guest.integrity.as_mut() {
-            s.view = View::Kernel;
+            s.local.view = View::Kernel;
         }
     }
     let state = engine_state(&guest);
