@@ -591,7 +591,7 @@ impl Hold<'_> {
 
     /// Before entering a module's view: the module token. The exits that
     /// enter one from the kernel view wait for it before their handling
-    /// ([`waits_for_token`]); should another vCPU hold it all the same, the
+    /// ([`enters_module`]); should another vCPU hold it all the same, the
     /// view is not entered (that vCPU's grants on its stack are in the
     /// view): the guest stops.
     fn enter_module(self) -> Result<(), ControlError> {
@@ -1349,7 +1349,12 @@ fn dispatch(
     // exit will need: its handling waits (the other needs the lock to let go).
     let mut guard = loop {
         let guard = vm.shared.lock();
-        if !vm.exclusive.excludes(slot.index) && !waits_for_token(vm, &guard.guest, slot, exit) {
+        let entry = enters_module(&guard.guest, slot, exit);
+        if entry && vm.pass_through && interrupt_comes_first(slot, exit) {
+            return (Action::Resume, Vec::new(), None);
+        }
+        let token_here = vm.exclusive.token_holder().is_none_or(|h| h == slot.index);
+        if !vm.exclusive.excludes(slot.index) && (!entry || token_here) {
             break guard;
         }
         drop(guard);
@@ -1413,19 +1418,41 @@ fn dispatch(
     (action, core::mem::take(&mut sh.guest.cpus.outbox), dma_lost)
 }
 
-/// Whether this exit of a vCPU in the kernel view enters a module's view
-/// (the kernel fetching an isolated module's code: a call, a return, an
-/// interrupt's return into it) while another vCPU holds the module token:
-/// then its handling waits until the token is free (see `smp::exclusive`).
-fn waits_for_token(vm: &Vm, guest: &Guest, slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bool {
+/// Whether this exit of a vCPU in the kernel view enters a module's view:
+/// the kernel fetching an isolated module's code (a call, a return, an
+/// interrupt's return into it). It needs the module token, and waits while
+/// another vCPU holds it (see `smp::exclusive`).
+fn enters_module(guest: &Guest, slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bool {
     const FETCH: u64 = 1 << 2;
     exit.reason == reason::EPT_VIOLATION
         && exit.qualification & FETCH != 0
         && slot.local.integrity.view == View::Kernel
-        && vm.exclusive.token_holder().is_some_and(|h| h != slot.index)
         && guest.integrity.as_ref().is_some_and(|i| {
             matches!(i.engine.class_of(exit.guest_physical), Some(crate::integrity::engine::PageClass::ModuleCode(_)))
         })
+}
+
+/// Whether the guest takes an interrupt before it enters a module's view:
+/// it can take one, and its APIC (which it owns) has one to deliver. Then
+/// the entry is not handled yet: the guest takes the interrupt in the
+/// kernel's view at once, and its fetch of the module's code exits again
+/// once the handler returns. Taken in the module's view, the interrupt
+/// would take the vCPU straight out of it again before the module ran an
+/// instruction: one more exit, two view switches, and the token given
+/// back. A vCPU waiting for the token takes its interrupts meanwhile,
+/// rather than holding them off while it waits.
+fn interrupt_comes_first(slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bool {
+    use crate::vcpu::{Field, VcpuState};
+    const IF: u64 = 1 << 9;
+    const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+    const VALID: u32 = 1 << 31;
+    exit.idt_vectoring_info & VALID == 0
+        && slot.vcpu.read(Field::Rflags) & IF != 0
+        && slot.vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
+        && {
+            let (irr, ppr) = lapic::requests();
+            exits::apic::deliverable(&irr, ppr).is_some()
+        }
 }
 
 /// TSC ticks a vCPU waits for another that runs the guest alone before

@@ -233,6 +233,16 @@ pub fn deliver(cpus: &mut GuestCpus, ipi: &Ipi, low: u32, high: u32, sink: &mut 
     decision.refused
 }
 
+/// The vector a local APIC delivers next, from its interrupt request
+/// register (eight 32-bit words, vector 0 first) and its processor
+/// priority: the highest requested vector whose priority class is above
+/// the processor's (SDM Vol. 3A, 11.8.3.1). `None`: nothing to deliver.
+pub fn deliverable(irr: &[u32; 8], ppr: u32) -> Option<u8> {
+    let (word, bits) = irr.iter().enumerate().rev().find(|(_, &w)| w != 0)?;
+    let vector = (word * 32 + 31 - bits.leading_zeros() as usize) as u8;
+    (vector >> 4 > (ppr as u8) >> 4).then_some(vector)
+}
+
 /// A write to the ICR in x2APIC form (the ICR MSR): routed, sent through
 /// the MSR; what was refused is reported.
 pub fn x2apic_icr_write(ctx: &mut ExitContext<'_>, value: u64) {
@@ -324,6 +334,23 @@ impl MmioDevice for XapicWindow<'_> {
 mod tests {
     use super::*;
     use alloc::vec;
+
+    #[test]
+    fn the_next_interrupt_is_the_highest_request_above_the_processor_priority() {
+        let mut irr = [0u32; 8];
+        assert_eq!(deliverable(&irr, 0), None, "nothing requested");
+        irr[7] = 1 << 12; // 0xec, the local timer
+        irr[1] = 1 << 3; // 0x23
+        assert_eq!(deliverable(&irr, 0), Some(0xec));
+        assert_eq!(deliverable(&irr, 0xd0), Some(0xec), "class 0xe above 0xd");
+        assert_eq!(deliverable(&irr, 0xe0), None, "the same class as the one in service waits");
+        assert_eq!(deliverable(&irr, 0xef), None);
+        irr[7] = 0;
+        assert_eq!(deliverable(&irr, 0x10), Some(0x23));
+        assert_eq!(deliverable(&irr, 0x20), None, "the highest request decides, not a lower one");
+        irr[0] = 1;
+        assert_eq!(deliverable(&irr, 0x20), None);
+    }
 
     #[derive(Default)]
     struct Apic {

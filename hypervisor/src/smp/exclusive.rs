@@ -15,8 +15,11 @@
 //! the other CPUs nothing.
 //!
 //! A vCPU that needs the token while another holds it waits for it to be
-//! given back, outside the guest's lock (`vmm::waits_for_token`); it never
-//! enters a module's view without it. A right a module's view loses must
+//! given back, outside the guest's lock (`vmm::enters_module`); it never
+//! enters a module's view without it. One its APIC has an interrupt for
+//! takes the interrupt in the kernel view first, and crosses after
+//! (`vmm::interrupt_comes_first`), waiting or not: the interrupt would take
+//! it straight out of the module's view again, token and all. A right a module's view loses must
 //! then reach only the token holder's CPU: the others flush on their way
 //! back into the guest, before they can enter one.
 //!

@@ -15,6 +15,10 @@ const X2APIC_ICR: u32 = 0x830;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const DELIVERY_PENDING: u32 = 1 << 12;
+const IRR: u64 = 0x200;
+const PPR: u64 = 0xa0;
+const X2APIC_IRR: u32 = 0x820;
+const X2APIC_PPR: u32 = 0x80a;
 
 const NMI: u32 = 4 << 8;
 const INIT_ASSERT: u32 = (5 << 8) | (1 << 14) | (1 << 15);
@@ -55,6 +59,19 @@ pub fn id() -> u32 {
         unsafe { cpu::rdmsr(X2APIC_ID) as u32 }
     } else {
         read(0x20) >> 24
+    }
+}
+
+/// This CPU's interrupt request register (eight words, vector 0 first) and
+/// processor priority, as the guest that owns the APIC left them: what it
+/// would be delivered at its next VM entry (see `exits::apic::deliverable`).
+pub fn requests() -> ([u32; 8], u32) {
+    if x2apic() {
+        // SAFETY: the IRR and PPR MSRs exist in x2APIC mode; reads change nothing.
+        let read = |msr: u32| unsafe { cpu::rdmsr(msr) as u32 };
+        (core::array::from_fn(|i| read(X2APIC_IRR + i as u32)), read(X2APIC_PPR))
+    } else {
+        (core::array::from_fn(|i| read(IRR + 0x10 * i as u64)), read(PPR))
     }
 }
 
