@@ -159,7 +159,14 @@ pub enum EventType {
 pub const VECTOR_UD: u8 = 6;
 pub const VECTOR_GP: u8 = 13;
 
-const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+pub const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Whether the guest can take an external interrupt now: interrupts on,
+/// and no STI or MOV SS shadow.
+pub fn interruptible(vcpu: &dyn VcpuState) -> bool {
+    vcpu.read(Field::Rflags) & RFLAGS_IF != 0 && vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
+}
 
 /// Moves RIP past the instruction that exited, as if it had executed.
 pub fn skip_instruction(vcpu: &mut dyn VcpuState, exit: &ExitInfo) {

@@ -1442,17 +1442,11 @@ fn enters_module(guest: &Guest, slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bo
 /// back. A vCPU waiting for the token takes its interrupts meanwhile,
 /// rather than holding them off while it waits.
 fn interrupt_comes_first(slot: &Slot, exit: &crate::vcpu::ExitInfo) -> bool {
-    use crate::vcpu::{Field, VcpuState};
-    const IF: u64 = 1 << 9;
-    const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
     const VALID: u32 = 1 << 31;
-    exit.idt_vectoring_info & VALID == 0
-        && slot.vcpu.read(Field::Rflags) & IF != 0
-        && slot.vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
-        && {
-            let (irr, ppr) = lapic::requests();
-            exits::apic::deliverable(&irr, ppr).is_some()
-        }
+    exit.idt_vectoring_info & VALID == 0 && crate::vcpu::interruptible(&slot.vcpu) && {
+        let (irr, ppr) = lapic::requests();
+        exits::apic::deliverable(&irr, ppr).is_some()
+    }
 }
 
 /// TSC ticks a vCPU waits for another that runs the guest alone before

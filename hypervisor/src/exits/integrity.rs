@@ -20,7 +20,7 @@ use crate::integrity::policy::{Kernel, Mismatch};
 use crate::integrity::violation::{Line, Say, Violation, ViolationKind};
 use crate::integrity::{api, tables, wire, Guard, Stepping, View};
 use crate::mm::paging::Perms;
-use crate::vcpu::{inject_exception, Field, VECTOR_GP};
+use crate::vcpu::{inject_exception, Field, BLOCKING_BY_STI_OR_MOV_SS, VECTOR_GP};
 
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 pub const GUARDED_MSRS: [u32; 5] = [0x174, 0x175, 0x176, MSR_LSTAR, 0xc000_0083];
@@ -1922,8 +1922,6 @@ const NMI_UNBLOCKING: u32 = 1 << 12;
 const VECTOR_PF: u32 = 14;
 const VECTOR_DB: u32 = 1;
 const VECTOR_NMI: u32 = 2;
-const RFLAGS_IF: u64 = 1 << 9;
-const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
 
 /// Leaves a module's view for the kernel's, for an event: the handler's
 /// return (or the kernel's exception fixup) into the module is recorded,
@@ -1960,12 +1958,6 @@ fn drop_debug_traps(ctx: &mut ExitContext<'_>) {
     ctx.vcpu.write(Field::PendingDebugExceptions, 0);
 }
 
-/// Whether the guest can take an external interrupt now.
-fn interruptible(ctx: &ExitContext<'_>) -> bool {
-    ctx.vcpu.read(Field::Rflags) & RFLAGS_IF != 0
-        && ctx.vcpu.read(Field::Interruptibility) & BLOCKING_BY_STI_OR_MOV_SS == 0
-}
-
 /// Queues an event for the next VM entry, as the exit reported it.
 fn inject(ctx: &mut ExitContext<'_>, info: u32, error: Option<u32>, len: u64) {
     let mut entry = (info & !NMI_UNBLOCKING & !ERROR_CODE_VALID) | EVENT_VALID;
@@ -1994,7 +1986,7 @@ fn deliver_pending(ctx: &mut ExitContext<'_>) -> Action {
             return Action::Resume;
         }
     }
-    if pending && !busy && interruptible(ctx) {
+    if pending && !busy && crate::vcpu::interruptible(ctx.vcpu) {
         if let View::Module(m) = ctx.view() {
             let rip = ctx.vcpu.read(Field::Rip);
             if leave_module_for_event(ctx, m, rip).is_err() {
