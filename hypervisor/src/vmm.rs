@@ -1409,7 +1409,7 @@ fn dispatch(
     };
     // Back in the kernel view with nothing opened or held: the others run
     // again, and may enter a module's view.
-    if !sh.guest.integrity.as_ref().is_some_and(|i| i.is_busy()) {
+    if !sh.guest.integrity.as_ref().is_some_and(|i| i.local.is_busy()) {
         vm.exclusive.release(slot.index);
     }
     slot.guards = sh.guards.generation;

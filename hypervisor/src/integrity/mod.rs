@@ -67,6 +67,14 @@ pub struct VcpuIntegrity {
     pub pending_interrupts: alloc::collections::VecDeque<u8>,
 }
 
+impl VcpuIntegrity {
+    /// Whether the vCPU is anywhere but plainly in the kernel view: in a
+    /// module's view, in a step, or with interrupts held for the kernel view.
+    pub fn is_busy(&self) -> bool {
+        self.view != View::Kernel || self.stepping.is_some() || !self.pending_interrupts.is_empty()
+    }
+}
+
 impl Default for VcpuIntegrity {
     fn default() -> Self {
         VcpuIntegrity { view: View::Kernel, stepping: None, pending_interrupts: Default::default() }
@@ -124,14 +132,6 @@ pub struct GuestIntegrity {
 }
 
 impl GuestIntegrity {
-    /// Whether the vCPU whose exit is handled is anywhere but plainly in
-    /// the kernel view: in a module's view, in a step, or with interrupts
-    /// held for the kernel view.
-    pub fn is_busy(&self) -> bool {
-        let l = &self.local;
-        l.view != View::Kernel || l.stepping.is_some() || !l.pending_interrupts.is_empty()
-    }
-
     /// Swaps a vCPU's own state in (before its exit is handled) or back out.
     pub fn swap_local(&mut self, local: &mut VcpuIntegrity) {
         core::mem::swap(&mut self.local, local);

@@ -19,9 +19,9 @@
 //! enters a module's view without it. One its APIC has an interrupt for
 //! takes the interrupt in the kernel view first, and crosses after
 //! (`vmm::interrupt_comes_first`), waiting or not: the interrupt would take
-//! it straight out of the module's view again, token and all. A right a module's view loses must
-//! then reach only the token holder's CPU: the others flush on their way
-//! back into the guest, before they can enter one.
+//! it straight out of the module's view again, token and all. A right a
+//! module's view loses must then reach only the token holder's CPU: the
+//! others flush on their way back into the guest, before they can enter one.
 //!
 //! A page opened in the kernel view for one stepped instruction must not
 //! serve any other CPU (it would write through it). A vCPU that opens one
