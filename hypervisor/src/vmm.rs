@@ -746,6 +746,9 @@ impl GuestControl for Views<'_> {
             self.bitmaps.trap_msr_write(msr);
         }
     }
+    fn run_alone(&mut self) {
+        self.hold.alone();
+    }
 }
 
 /// Writes the pass-through guest's ACPI overlay into the boot data area: a

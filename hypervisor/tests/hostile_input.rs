@@ -2346,6 +2346,7 @@ mod integrity_views {
         fn guard_control_registers(&mut self, _: u64, _: u64) {}
         fn trap_descriptor_tables(&mut self) {}
         fn trap_msr_writes(&mut self, _: &[u32]) {}
+        fn run_alone(&mut self) {}
     }
 
     struct Host;

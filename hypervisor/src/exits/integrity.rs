@@ -1752,6 +1752,13 @@ fn guarded_step(
     kept: Range,
     allowed: Option<Range>,
 ) -> Action {
+    // The bytes kept are read, and compared after the step, with no other
+    // vCPU running: the kernel there may write them meanwhile (the next
+    // object's reference count), and its write is neither the module's nor
+    // to be undone.
+    if let Ok(control) = control(ctx) {
+        control.run_alone();
+    }
     let mut bytes = alloc::vec![0; kept.len() as usize];
     if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
         return Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into()));
@@ -3497,6 +3504,27 @@ mod tests {
         assert_eq!(f.ept(WRITE, count + 4, K + count + 4, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelObject as u32]);
         assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+    }
+
+    /// A guarded step compares the bytes beside the write before and after
+    /// it: on several CPUs the kernel may write them meanwhile (the next
+    /// object's own reference count, 0xc0 bytes on), and its write would
+    /// be blamed on the module and undone. The step runs the guest alone,
+    /// from before the bytes are kept; a step with no guard does not.
+    #[test]
+    fn a_guarded_step_runs_the_guest_alone() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let count = CRED_PAGE + 2 * 0xc0;
+        assert_eq!(f.ept(WRITE, count, K + count, writer), Action::Resume);
+        assert!(f.control.monitor_trap, "stepped");
+        assert!(f.control.alone, "no other vCPU runs while the bytes beside the count are kept");
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        // A write to a heap page no object of the kernel's holds: granted, no guard.
+        let (mut f, _) = in_module(writer);
+        assert_eq!(f.ept(WRITE, HEAP_PAGE, K + HEAP_PAGE, writer), Action::Resume);
+        assert_eq!(f.control.perms(View::Module(id), HEAP_PAGE), Some(Perms::RW));
+        assert!(!f.control.alone, "nothing beside the write is compared");
     }
 
     /// A module asks memcpy to write for it: judged by the destination, as

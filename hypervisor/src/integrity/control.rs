@@ -40,6 +40,10 @@ pub trait GuestControl {
     fn trap_descriptor_tables(&mut self);
     /// Writes to these MSRs exit (pass-through guests).
     fn trap_msr_writes(&mut self, msrs: &[u32]);
+    /// No other vCPU of the guest runs from now until this one is back in
+    /// the kernel view with nothing opened: a step's guard must see only
+    /// this vCPU's write (the kernel on another CPU may write beside it).
+    fn run_alone(&mut self);
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -65,6 +69,8 @@ pub mod fake {
         /// Events exit (a module's view is active).
         pub events_exit: bool,
         pub interrupt_window: bool,
+        /// No other vCPU runs (see [`GuestControl::run_alone`]).
+        pub alone: bool,
     }
 
     impl GuestControl for FakeControl {
@@ -118,6 +124,9 @@ pub mod fake {
         }
         fn trap_msr_writes(&mut self, msrs: &[u32]) {
             self.trapped_msrs.extend_from_slice(msrs);
+        }
+        fn run_alone(&mut self) {
+            self.alone = true;
         }
     }
 }
