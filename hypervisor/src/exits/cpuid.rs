@@ -1,5 +1,10 @@
-//! CPUID: the host's answers, with VMX and SMX hidden, the hypervisor bit
-//! set, OS-controlled bits taken from the guest's CR4, and CTVM's leaves.
+//! CPUID: the host's answers, with VMX, SMX and MONITOR/MWAIT hidden, the
+//! hypervisor bit set, OS-controlled bits taken from the guest's CR4, and
+//! CTVM's leaves. A guest idles with HLT, which a pass-through guest runs
+//! without an exit: an MWAIT waits for a write to a cache line, which one
+//! CPU's guest makes to wake another (Linux's idle loop), and under Bochs
+//! a vCPU in MWAIT missed it and slept on to its next timer (a 4-CPU
+//! Linux stopped booting). KVM and Xen hide it by default as well.
 
 use guest_agent::{ABI_VERSION, CPUID_LEAF_INTERFACE, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
@@ -7,6 +12,7 @@ use super::misc::xcr0;
 use super::{Action, ExitContext};
 use crate::vcpu::{skip_instruction, Field};
 
+const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 const LEAF1_ECX_SMX: u32 = 1 << 6;
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
@@ -44,7 +50,7 @@ pub fn answer(ctx: &ExitContext<'_>, leaf: u32, subleaf: u32) -> [u32; 4] {
             let lacks = |group: u64| offered & group != group;
             match leaf {
                 1 => {
-                    r[2] &= !(LEAF1_ECX_VMX | LEAF1_ECX_SMX | LEAF1_ECX_OSXSAVE);
+                    r[2] &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_VMX | LEAF1_ECX_SMX | LEAF1_ECX_OSXSAVE);
                     r[2] |= LEAF1_ECX_HYPERVISOR;
                     if offered == 0 {
                         r[2] &= !(LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
@@ -67,6 +73,8 @@ pub fn answer(ctx: &ExitContext<'_>, leaf: u32, subleaf: u32) -> [u32; 4] {
                         r[3] &= !LEAF7_EDX_AMX;
                     }
                 }
+                // MONITOR/MWAIT's own leaf, with the feature.
+                5 => r = [0; 4],
                 0xd if subleaf == 0 => {
                     r[0] &= offered as u32;
                     r[3] &= (offered >> 32) as u32;
@@ -117,6 +125,21 @@ mod tests {
         assert_eq!(ecx & (1 << 5), 0);
         assert_eq!(ecx & (1 << 6), 0);
         assert_ne!(ecx & (1 << 31), 0);
+    }
+
+    /// The guest idles with HLT: MONITOR/MWAIT are not announced, their
+    /// leaf is empty, and the instructions raise #UD.
+    #[test]
+    fn monitor_and_mwait_are_hidden_and_refused() {
+        assert_eq!(cpuid(1, 0)[2] & (1 << 3), 0, "the host has MONITOR; the guest does not see it");
+        assert_eq!(cpuid(5, 0), [0; 4]);
+        for r in [reason::MWAIT, reason::MONITOR] {
+            let (mut g, mut v) = (test_guest(), FakeVcpu::new());
+            let exit = ExitInfo { reason: r, instruction_len: 3, ..Default::default() };
+            assert_eq!(run(&mut g, &mut v, exit), crate::exits::Action::Resume);
+            assert_eq!(v.read(Field::EntryInterruptionInfo) & 0x8000_07ff, 0x8000_0306, "#UD, a hardware exception");
+            assert_eq!(v.read(Field::Rip), 0x10_0000, "not skipped");
+        }
     }
 
     #[test]

@@ -219,7 +219,9 @@ pub mod reason {
     pub const WRMSR: u16 = 32;
     pub const ENTRY_FAIL_GUEST_STATE: u16 = 33;
     pub const ENTRY_FAIL_MSR_LOADING: u16 = 34;
+    pub const MWAIT: u16 = 36;
     pub const MONITOR_TRAP: u16 = 37;
+    pub const MONITOR: u16 = 39;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
     pub const DESCRIPTOR_TABLE: u16 = 46;
     pub const LDTR_TR: u16 = 47;
@@ -332,6 +334,9 @@ const fn table() -> [Option<Handler>; reason::COUNT] {
         vmx += 1;
     }
     t[reason::INVEPT as usize] = Some(misc::undefined_opcode);
+    // So are MONITOR and MWAIT (see `cpuid`).
+    t[reason::MWAIT as usize] = Some(misc::undefined_opcode);
+    t[reason::MONITOR as usize] = Some(misc::undefined_opcode);
     t[reason::INVVPID as usize] = Some(misc::undefined_opcode);
     t[reason::VMFUNC as usize] = Some(misc::undefined_opcode);
     t[reason::CR_ACCESS as usize] = Some(cr::handle);
@@ -518,16 +523,16 @@ mod tests {
     fn unhandled_reasons_stop_the_guest_with_a_report() {
         let mut g = test_guest();
         let mut v = FakeVcpu::new();
-        let a = run(&mut g, &mut v, ExitInfo { reason: 36, qualification: 5, ..Default::default() });
-        assert_eq!(a, Action::Stop(StopReason::Unhandled { reason: 36, qualification: 5, rip: 0x10_0000 }));
+        let a = run(&mut g, &mut v, ExitInfo { reason: 40, qualification: 5, ..Default::default() });
+        assert_eq!(a, Action::Stop(StopReason::Unhandled { reason: 40, qualification: 5, rip: 0x10_0000 }));
         // Reasons beyond the table too.
         let a = run(&mut g, &mut v, ExitInfo { reason: 999, ..Default::default() });
         assert!(matches!(a, Action::Stop(StopReason::Unhandled { reason: 999, .. })));
         let counted: alloc::vec::Vec<_> = g.exits.seen().collect();
-        assert_eq!(counted, [(36, "MWAIT", 1), (70, "unknown", 1)]);
-        g.exits.add_ticks(36, 900);
+        assert_eq!(counted, [(40, "PAUSE", 1), (70, "unknown", 1)]);
+        g.exits.add_ticks(40, 900);
         g.exits.add_ticks(999, 7);
-        assert_eq!((g.exits.mean_ticks(36), g.exits.mean_ticks(70), g.exits.mean_ticks(10)), (900, 7, 0));
+        assert_eq!((g.exits.mean_ticks(40), g.exits.mean_ticks(70), g.exits.mean_ticks(10)), (900, 7, 0));
     }
 
     #[test]

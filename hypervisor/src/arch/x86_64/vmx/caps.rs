@@ -257,6 +257,8 @@ impl Controls {
             "primary processor-based",
             m.procbased,
             (PrimaryControls::HLT_EXITING
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::MONITOR_EXITING
                 | PrimaryControls::USE_IO_BITMAPS
                 | PrimaryControls::USE_MSR_BITMAPS
                 | PrimaryControls::SECONDARY_CONTROLS)
@@ -463,6 +465,8 @@ mod tests {
     /// Table-driven: (CPU, expected control words, expected features).
     #[test]
     fn controls_from_real_capability_values() {
+        // MWAIT and MONITOR exit (the guest is told it has neither).
+        const MWAIT_AND_MONITOR: u32 = (1 << 10) | (1 << 29);
         struct Case {
             name: &'static str,
             msrs: VmxMsrs,
@@ -481,7 +485,7 @@ mod tests {
                 name: "bochs skylake-x",
                 msrs: bochs_skylake_x(),
                 pinbased: 0x16 | 0x1 | 0x8 | 0x20,
-                procbased: 0x0400_6172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
+                procbased: 0x0400_6172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31) | MWAIT_AND_MONITOR,
                 // EPT, RDTSCP, VPID, unrestricted, INVPCID, XSAVES (VMFUNC/#VE stay off by default).
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000 | 0x10_0000,
                 // IA32_PERF_GLOBAL_CTRL loaded on exit (bit 12) and entry (bit 13).
@@ -496,7 +500,7 @@ mod tests {
                 name: "kvm nested",
                 msrs: kvm_nested(),
                 pinbased: 0x16 | 0x1 | 0x8 | 0x20,
-                procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
+                procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31) | MWAIT_AND_MONITOR,
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000 | 0x10_0000,
                 exit: 0x0003_6dff | (1 << 9) | (0xf << 18),
                 entry: 0x11ff | (1 << 14) | (1 << 15),
@@ -510,7 +514,7 @@ mod tests {
                 msrs: haswell_without_true_msrs(),
                 pinbased: 0x16 | 0x1 | 0x8 | 0x20,
                 // CR3-load and CR3-store exiting (bits 15, 16) are forced on.
-                procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31),
+                procbased: 0x0401_e172 | 0x80 | (1 << 25) | (1 << 28) | (1 << 31) | MWAIT_AND_MONITOR,
                 procbased2: 0x2 | 0x8 | 0x20 | 0x80 | 0x1000,
                 exit: 0x0003_6dff | (1 << 9) | (0xf << 18) | (1 << 12),
                 entry: 0x11ff | (1 << 14) | (1 << 15) | (1 << 13),
