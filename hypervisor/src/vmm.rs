@@ -874,12 +874,7 @@ pub fn create_vms(vmx: &Vmx, machine: &Machine<'_>, corrupt: Option<&str>) -> Ve
             continue;
         }
         match config.resolve_cpus(&machine.online) {
-            Ok((cpus, why)) => {
-                if let Some(why) = why {
-                    info!("guest {}: runs on CPU {cpus} only: {why}", config.name);
-                }
-                placed.push((module, config, cpus));
-            }
+            Ok(cpus) => placed.push((module, config, cpus)),
             Err(e) => error!("guest {}: {e}; skipped", config.name),
         }
     }

@@ -12,7 +12,10 @@ use crate::util::{work_dir, Fail};
 
 const MARKER: &str = "ctvm-init: started";
 
-/// Linux to /init bare under Bochs against Linux under CTVM under Bochs.
+/// Linux to /init bare under Bochs against Linux under CTVM under Bochs, on
+/// 1, 2 and 4 CPUs (the guest gets them all): wall time, and the guest's own
+/// uptime at /init, which counts emulated instructions whatever the host's
+/// load.
 pub fn linux_boot() -> Result<(), Fail> {
     let assets = linux::assets(linux::Kernel::Default)?;
     let args = scenarios::LINUX_ARGS;
@@ -21,22 +24,51 @@ pub fn linux_boot() -> Result<(), Fail> {
     let bins = image::build_all()?;
     let modules: Vec<ModuleSpec> = scenario.modules(&bins)?;
     let ctvm = image::make_iso("bench-ctvm-linux", &bins.hypervisor, "exit=bochs", &modules)?;
-    let timeout = Duration::from_secs(600);
+    let timeout = Duration::from_secs(1800);
     let mut rows = Vec::new();
-    for (name, iso) in [("bare", &bare), ("ctvm", &ctvm)] {
-        println!("xtask: bench: booting Linux {name}");
-        let out = emulator::boot(Emulator::Bochs, iso, &format!("bench-{name}"), (1024, 1), timeout, Some(MARKER))?;
-        let at =
-            out.marker_at.ok_or_else(|| Fail(format!("{name}: no {MARKER:?} line; logs in {}", out.dir.display())))?;
-        rows.push((name, at, out.elapsed, exits(&out.serial)));
+    for cpus in [1, 2, 4] {
+        for (name, iso) in [("bare", &bare), ("ctvm", &ctvm)] {
+            println!("xtask: bench: booting Linux {name} on {cpus} CPUs");
+            let run = format!("bench-{name}-{cpus}");
+            let out = emulator::boot(Emulator::Bochs, iso, &run, (1024, cpus), timeout, Some(MARKER))?;
+            let at = out
+                .marker_at
+                .ok_or_else(|| Fail(format!("{run}: no {MARKER:?} line; logs in {}", out.dir.display())))?;
+            let uptime = uptime_at_init(&out.serial).unwrap_or(f64::NAN);
+            let wakeups = scenarios::number_after(&out.serial, "cross-CPU wakeups: 50 round trips in ");
+            rows.push((name, cpus, at, uptime, out.elapsed, exits(&out.serial), wakeups));
+        }
     }
-    println!("\n{:<6} {:>16} {:>16} {:>10}", "run", "to /init (s)", "power-off (s)", "VM exits");
-    for (name, at, total, exits) in &rows {
-        println!("{name:<6} {:>16.1} {:>16.1} {:>10}", at.as_secs_f64(), total.as_secs_f64(), exits.unwrap_or(0));
+    println!(
+        "\n{:<6} {:>5} {:>13} {:>15} {:>15} {:>10} {:>22}",
+        "run", "CPUs", "to /init (s)", "guest time (s)", "power-off (s)", "VM exits", "50 wakeup trips (us)"
+    );
+    for (name, cpus, at, uptime, total, exits, wakeups) in &rows {
+        println!(
+            "{name:<6} {cpus:>5} {:>13.1} {uptime:>15.2} {:>15.1} {:>10} {:>22}",
+            at.as_secs_f64(),
+            total.as_secs_f64(),
+            exits.unwrap_or(0),
+            wakeups.map_or("-".into(), |w| w.to_string())
+        );
     }
-    let ratio = rows[1].1.as_secs_f64() / rows[0].1.as_secs_f64();
-    println!("ratio to /init, ctvm / bare: {ratio:.2} (logs in {})", work_dir().join("runs").display());
+    for pair in rows.chunks(2) {
+        let (bare, ctvm) = (&pair[0], &pair[1]);
+        println!(
+            "{} CPUs, ctvm / bare to /init: wall {:.2}, guest time {:.2}",
+            bare.1,
+            ctvm.2.as_secs_f64() / bare.2.as_secs_f64(),
+            ctvm.3 / bare.3
+        );
+    }
+    println!("(logs in {})", work_dir().join("runs").display());
     Ok(())
+}
+
+/// The guest's uptime on its `ctvm-init: started: Linux ..., uptime S s` line.
+fn uptime_at_init(serial: &str) -> Option<f64> {
+    let line = serial.lines().find(|l| l.contains(MARKER))?;
+    line.split_once("uptime ")?.1.split_whitespace().next()?.parse().ok()
 }
 
 fn exits(serial: &str) -> Option<u64> {

@@ -234,28 +234,18 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, ConfigError> {
 
 impl GuestConfig {
     /// The CPUs the guest runs on, of those the hypervisor runs (`online`):
-    /// what `cpus=` names, or by default the boot CPU for a test guest and
-    /// every CPU for a Linux guest, but the boot CPU alone for one with
-    /// integrity views unless `cpus=` says otherwise (one CPU at a time runs
-    /// a module's view, and a page opened for a step stops the others: see
-    /// `smp::exclusive`).
-    /// The second value says why a Linux guest got fewer CPUs than it
-    /// would have.
-    pub fn resolve_cpus(&self, online: &CpuSet) -> Result<(CpuSet, Option<&'static str>), String> {
-        if let Some(c) = self.cpus {
-            if !c.is_subset(online) {
-                return Err(alloc::format!("cpus={c}: the hypervisor runs on CPUs {online} only"));
+    /// what `cpus=` names, or by default the boot CPU for a test guest (it
+    /// has one vCPU) and every CPU for a Linux guest, with integrity views
+    /// or without (each vCPU runs its own view: see `smp::exclusive`).
+    pub fn resolve_cpus(&self, online: &CpuSet) -> Result<CpuSet, String> {
+        match (self.cpus, self.kind) {
+            (Some(c), _) if !c.is_subset(online) => {
+                Err(alloc::format!("cpus={c}: the hypervisor runs on CPUs {online} only"))
             }
-            return Ok((c, None));
+            (Some(c), _) => Ok(c),
+            (None, GuestKind::Native) => Ok(CpuSet::single(online.lowest().unwrap_or(0))),
+            (None, GuestKind::Linux) => Ok(*online),
         }
-        let boot = CpuSet::single(online.lowest().unwrap_or(0));
-        Ok(match self.kind {
-            GuestKind::Native => (boot, None),
-            GuestKind::Linux if self.integrity.is_some() && online.len() > 1 => {
-                (boot, Some("run-time integrity runs on one CPU by default (cpus= gives it more)"))
-            }
-            GuestKind::Linux => (*online, None),
-        })
     }
 }
 
@@ -333,25 +323,23 @@ mod tests {
     fn cpu_sets() {
         let online = CpuSet::first(4);
         let c = parse("guest=l kind=linux integrity=off cpus=0-2").unwrap();
-        assert_eq!(c.resolve_cpus(&online).unwrap(), (CpuSet::parse("0-2").unwrap(), None));
-        // By default: every CPU for Linux, the boot CPU for a test guest,
-        // and one CPU for Linux with integrity views, saying why.
+        assert_eq!(c.resolve_cpus(&online).unwrap(), CpuSet::parse("0-2").unwrap());
+        // By default: every CPU for Linux, with integrity views or without,
+        // and the boot CPU for a test guest.
         let c = parse("guest=l kind=linux integrity=off").unwrap();
-        assert_eq!(c.resolve_cpus(&online).unwrap().0, online);
+        assert_eq!(c.resolve_cpus(&online).unwrap(), online);
         let c = parse("guest=l kind=linux").unwrap();
-        let (cpus, why) = c.resolve_cpus(&online).unwrap();
-        assert_eq!(cpus, CpuSet::single(0));
-        assert!(why.unwrap().contains("cpus="));
-        assert_eq!(c.resolve_cpus(&CpuSet::single(0)).unwrap(), (CpuSet::single(0), None));
-        assert_eq!(parse("guest=a").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(0));
-        assert_eq!(parse("guest=a cpus=3").unwrap().resolve_cpus(&online).unwrap().0, CpuSet::single(3));
+        assert_eq!(c.resolve_cpus(&online).unwrap(), online);
+        assert_eq!(c.resolve_cpus(&CpuSet::single(0)).unwrap(), CpuSet::single(0));
+        assert_eq!(parse("guest=a").unwrap().resolve_cpus(&online).unwrap(), CpuSet::single(0));
+        assert_eq!(parse("guest=a cpus=3").unwrap().resolve_cpus(&online).unwrap(), CpuSet::single(3));
         // CPUs the hypervisor does not run: refused when the guest is placed.
         assert!(parse("guest=a cpus=7").unwrap().resolve_cpus(&online).is_err());
         // Refused when parsed.
         assert_eq!(parse("guest=a cpus=0-1"), Err(ConfigError::NativeOneCpu));
-        // Integrity views on several CPUs, when asked for.
+        // A subset, when asked for.
         let c = parse("guest=l kind=linux integrity=audit cpus=2-3").unwrap();
-        assert_eq!(c.resolve_cpus(&online).unwrap(), (CpuSet::parse("2-3").unwrap(), None));
+        assert_eq!(c.resolve_cpus(&online).unwrap(), CpuSet::parse("2-3").unwrap());
         assert!(parse("guest=l kind=linux cpus=1").is_ok());
         assert_eq!(parse("guest=l kind=linux integrity=off cpus=3-1"), Err(ConfigError::BadCpus("3-1".into())));
     }

@@ -23,12 +23,13 @@ static unsigned long hidden, handler;
 module_param(hidden, ulong, 0400);
 module_param(handler, ulong, 0400);
 
-static bool came_back;
+static bool jumping, came_back;
 
 static int attack(void *unused)
 {
 	unsigned long rsp;
 
+	WRITE_ONCE(jumping, true);
 	asm volatile("mov %%rsp, %0" : "=r"(rsp));
 	/* iretq pops RIP, CS, RFLAGS, RSP, SS: back to this stack at `hidden`. */
 	asm volatile("push %[ss]\n\t"
@@ -50,13 +51,18 @@ static int attack(void *unused)
 static int __init atk_init(void)
 {
 	struct task_struct *t;
+	int waited;
 
 	if (!hidden || !handler)
 		return -EINVAL;
 	t = kthread_run(attack, NULL, "atk_iret");
 	if (IS_ERR(t))
 		return PTR_ERR(t);
-	msleep(1000);
+	/* Until the thread is about to jump, then a grace period: a jump let
+	 * through comes back within microseconds, a refused one never. */
+	for (waited = 0; !READ_ONCE(jumping) && waited < 1000; waited += 10)
+		msleep(10);
+	msleep(100);
 	report("forged interrupt frame: the attacking thread %s", READ_ONCE(came_back) ? "CAME BACK" : "was stopped");
 	return -EACCES;
 }
