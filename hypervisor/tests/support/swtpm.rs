@@ -79,8 +79,21 @@ impl Swtpm {
         panic!("swtpm did not start");
     }
 
+    /// A new connection to the command channel. swtpm serves one client
+    /// at a time; a connect right after the last client left was refused
+    /// once (a CI run of `tpm2_altered_answers_are_refused`, which
+    /// reconnects six times): tried again for up to 5 s.
     pub fn transport(&self) -> Tcp {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let s = loop {
+            match TcpStream::connect(("127.0.0.1", self.port)) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("swtpm's command channel: {e}"),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         Tcp(s)
     }
