@@ -1419,9 +1419,8 @@ fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
     }
 }
 
-/// The integrity scenario on one kernel.
-/// The `linux-integrity` suite on `cpus` CPUs, all the guest's (its
-/// `atk_syscall` runs on the first, its `atk_wp` on the last).
+/// The integrity scenario on one kernel and `cpus` CPUs, all the guest's
+/// (its `atk_syscall` runs on the first, its `atk_wp` on the last).
 fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kernel, cpus: u32) -> Scenario {
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let last = cpus - 1;

@@ -104,14 +104,17 @@ load_agent() {
     dmesg | sed -n 's/^.*ctvm: \(.* given back after boot.*\)$/\1/p' | while read -r l; do say "agent: $l"; done
 }
 
-# ctvm.integrity: load the CTVM agent, then attack the kernel from modules
-# and check that every attack is stopped while benign modules keep working.
-# drained N: waits (5 s at most) until /proc/ctvm_violations holds N
-# records: the agent drains the hypervisor's log every second.
+# The violation records the agent has drained into /proc/ctvm_violations.
+recorded() { grep -c '^seq=' /proc/ctvm_violations; }
+# drained N: waits (5 s at most) until N are recorded: the agent drains the
+# hypervisor's log every second.
 drained() {
     n=0
-    while [ "$(grep -c '^seq=' /proc/ctvm_violations)" -lt "$1" ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+    while [ "$(recorded)" -lt "$1" ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
 }
+
+# ctvm.integrity: load the CTVM agent, then attack the kernel from modules
+# and check that every attack is stopped while benign modules keep working.
 getpid_ok() { sh -c 'read -r pid rest < /proc/self/stat; [ "$pid" = "$$" ]'; }
 last() { dmesg | grep "ctvm-test: $1:" | tail -n 1 | sed 's/^.*ctvm-test: //'; }
 # attack NAME ARGS...: loads an attack module (on the CPUs of $cpus, a
@@ -345,10 +348,10 @@ integrity_tests() {
     rmmod atk_quar && say "atk_quar removed: $(grep -c '^atk_quar ' /proc/modules) left, $(ls /proc/ctvm_quar 2>/dev/null | wc -l) proc file, exit $(dmesg | grep -q 'atk_quar: exit ran' && echo ran || echo 'did not run')"
 
     # A burst of refused writes: every one is a record, none lost.
-    before=$(grep -c '^seq=' /proc/ctvm_violations)
+    before=$(recorded)
     attack atk_burst table=$(sym sys_call_table) count=1500
     drained $((before + 1500))
-    after=$(grep -c '^seq=' /proc/ctvm_violations)
+    after=$(recorded)
     if [ $((after - before)) -ge 1500 ]; then say "burst: every refused write recorded"; else say "FAIL: burst: $((after - before)) records for 1500 writes"; fi
 
     # The agent cannot be unloaded.
@@ -491,11 +494,11 @@ if grep -qw ctvm.audit /proc/cmdline; then
     say "audit $(last atk_wx)"
     # A flood of violations audit lets through: every one a record, the
     # console readable (repeats merged), the guest on time.
-    before=$(grep -c '^seq=' /proc/ctvm_violations)
+    before=$(recorded)
     insmod /lib/ctvm/atk_flood.ko target=$(sym modprobe_path) count=1500 2>/dev/null
     say "audit $(last atk_flood)"
     drained $((before + 1500))
-    after=$(grep -c '^seq=' /proc/ctvm_violations)
+    after=$(recorded)
     if [ $((after - before)) -ge 1500 ]; then say "audit flood: every write recorded"; else say "FAIL: audit flood: $((after - before)) records for 1500 writes"; fi
     say "audit records lost: $(head -n 1 /proc/ctvm_violations | sed 's/.*lost=//')"
 fi
