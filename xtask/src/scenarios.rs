@@ -18,9 +18,13 @@ use crate::util::Fail;
 /// The Linux guests' kernel command line, with more words for a scenario.
 /// KASLR stays on, as on real systems: the agent and the hypervisor take
 /// the kernel's layout from the running kernel, never from the image.
+/// RCU's grace periods are expedited: they end by IPIs rather than by
+/// waiting for timer ticks, and idle guest time is dear under Bochs (on
+/// several CPUs a guest's idle second lasts about a minute of the wall's).
+/// Each module unloaded, or refused at its init, waits for several.
 macro_rules! linux_args {
     ($($more:literal),*) => {
-        concat!("console=ttyS0,115200 quiet panic=-1 tpm_tis.interrupts=0" $(, " ", $more)*)
+        concat!("console=ttyS0,115200 quiet panic=-1 tpm_tis.interrupts=0 rcupdate.rcu_expedited=1" $(, " ", $more)*)
     };
 }
 

@@ -8,6 +8,8 @@
 #include <linux/vmalloc.h>
 #include <linux/mm.h>
 #include <linux/string.h>
+#include <linux/delay.h>
+#include <linux/sched.h>
 
 /* Writes `len` bytes at kernel address `target` through a vmap alias;
  * returns 0 if the bytes read back changed, 1 if they did not. */
@@ -41,3 +43,16 @@ static __maybe_unused int nofault_write(unsigned long target, u8 value)
 fault:
 	return -EFAULT;
 }
+
+/* Waits until `cond` holds or the kernel thread `t` (held: get_task_struct)
+ * has died, a second at most, in 10 ms steps: an attack run in a thread of
+ * its own either reports at once or dies of the refusal. (A fixed wait
+ * would cost: an idle second of the guest lasts about a minute of the
+ * wall's on two CPUs under Bochs.) */
+#define wait_for_thread(t, cond)                                                          \
+	do {                                                                               \
+		int __waited;                                                              \
+		for (__waited = 0; !(cond) && !READ_ONCE((t)->exit_state) && __waited < 1000; \
+		     __waited += 10)                                                       \
+			msleep(10);                                                        \
+	} while (0)

@@ -17,6 +17,7 @@
 #include <linux/module.h>
 #include <linux/kthread.h>
 #include <linux/completion.h>
+#include <linux/sched/task.h>
 #include <asm/nospec-branch.h>
 #include "alias.h"
 
@@ -75,11 +76,16 @@ static int __init atk_init(void)
 		report("no exception-table entry in the function");
 		return -ENOENT;
 	}
-	t = kthread_run(attack, NULL, "atk_extable");
+	t = kthread_create(attack, NULL, "atk_extable");
 	if (IS_ERR(t))
 		return PTR_ERR(t);
+	/* (A fixup that ran completes `done` before the thread dies.) */
+	get_task_struct(t);
+	wake_up_process(t);
+	wait_for_thread(t, completion_done(&done));
+	put_task_struct(t);
 	report("jump to an instruction with an exception-table fixup: the kernel's view %s",
-	       wait_for_completion_timeout(&done, HZ) ? "ran complete() for it: WENT THROUGH" : "ran nothing for it");
+	       completion_done(&done) ? "ran complete() for it: WENT THROUGH" : "ran nothing for it");
 	return -EACCES;
 }
 module_init(atk_init);

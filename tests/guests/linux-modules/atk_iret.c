@@ -9,13 +9,11 @@
  * The attack runs in a kernel thread of its own: the refused jump faults
  * there (the thread dies with an oops, the kernel runs on), and the init
  * routine reports whether it came back. Whether the jump was taken for an
- * interrupt is the hypervisor's line to tell (`kind=call-non-entry`). (No
- * reference to the thread is taken: a task's reference count is the
- * kernel's object, which an isolated module may not write.)
+ * interrupt is the hypervisor's line to tell (`kind=call-non-entry`).
  */
 #include <linux/module.h>
 #include <linux/kthread.h>
-#include <linux/delay.h>
+#include <linux/sched/task.h>
 #include <asm/nospec-branch.h>
 #include "alias.h"
 
@@ -23,13 +21,12 @@ static unsigned long hidden, handler;
 module_param(hidden, ulong, 0400);
 module_param(handler, ulong, 0400);
 
-static bool jumping, came_back;
+static bool came_back;
 
 static int attack(void *unused)
 {
 	unsigned long rsp;
 
-	WRITE_ONCE(jumping, true);
 	asm volatile("mov %%rsp, %0" : "=r"(rsp));
 	/* iretq pops RIP, CS, RFLAGS, RSP, SS: back to this stack at `hidden`. */
 	asm volatile("push %[ss]\n\t"
@@ -51,18 +48,18 @@ static int attack(void *unused)
 static int __init atk_init(void)
 {
 	struct task_struct *t;
-	int waited;
 
 	if (!hidden || !handler)
 		return -EINVAL;
-	t = kthread_run(attack, NULL, "atk_iret");
+	t = kthread_create(attack, NULL, "atk_iret");
 	if (IS_ERR(t))
 		return PTR_ERR(t);
-	/* Until the thread is about to jump, then a grace period: a jump let
-	 * through comes back within microseconds, a refused one never. */
-	for (waited = 0; !READ_ONCE(jumping) && waited < 1000; waited += 10)
-		msleep(10);
-	msleep(100);
+	/* A jump let through comes back within microseconds; a refused one
+	 * never, and the thread dies of it. */
+	get_task_struct(t);
+	wake_up_process(t);
+	wait_for_thread(t, READ_ONCE(came_back));
+	put_task_struct(t);
 	report("forged interrupt frame: the attacking thread %s", READ_ONCE(came_back) ? "CAME BACK" : "was stopped");
 	return -EACCES;
 }

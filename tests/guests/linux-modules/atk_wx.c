@@ -15,8 +15,8 @@
  */
 #include <linux/module.h>
 #include <linux/kthread.h>
-#include <linux/delay.h>
 #include <linux/slab.h>
+#include <linux/sched/task.h>
 #include "alias.h"
 
 static unsigned long set_memory_x_addr;
@@ -45,8 +45,10 @@ static int __init atk_init(void)
 	t = kthread_create((int (*)(void *))page, NULL, "atk_wx");
 	if (IS_ERR(t))
 		return PTR_ERR(t);
+	get_task_struct(t);
 	wake_up_process(t);
-	msleep(1000);
+	wait_for_thread(t, READ_ONCE(ran));
+	put_task_struct(t);
 	report("set_memory_x returned %d; shellcode in a kmalloc'd page, called by the kernel: %s", r,
 	       READ_ONCE(ran) ? "it RAN" : "did not run");
 	/* The page stays allocated: the dead thread's frames may point at it. */
