@@ -141,16 +141,6 @@ lookalike_ifb() {
     say "lookalike ifb removed: $(grep -c '^ifb ' /proc/modules) left"
 }
 
-# ctvm.smpintegrity: the agent locks the kernel with two CPUs running; an
-# attack module on each CPU is stopped (CR0.WP's guard reaches the CPU
-# that did not lock).
-integrity_smp_tests() {
-    load_agent
-    twin_ifb
-    cpus=1 attack atk_syscall table=$(sym sys_call_table)
-    cpus=2 attack atk_wp rodata=$(sym linux_banner)
-}
-
 # ctvm.race: a race between the CPUs. atk_race's thread on CPU 1 hammers
 # the syscall table, writes over, calls into, and has the kernel write
 # (through an export), a static key's patch site that CPU 0's kernel
@@ -480,10 +470,6 @@ fi
 
 if grep -qw ctvm.integrity /proc/cmdline; then
     integrity_tests
-fi
-
-if grep -qw ctvm.smpintegrity /proc/cmdline; then
-    integrity_smp_tests
 fi
 
 if grep -qw ctvm.race /proc/cmdline; then
