@@ -483,6 +483,10 @@ impl Vm {
                 if let Some(line) = crate::exits::integrity::never_locked(&sh.guest) {
                     warn!("{line}");
                 }
+                let vtpm = sh.guest.vtpm.as_ref().and_then(|t| t.tis.backend().durable_report());
+                if let Some(line) = vtpm.and_then(|r| r.unstored(&self.name)) {
+                    warn!("{line}");
+                }
                 sh.guest.state = RunState::Stopped(reason);
             }
         }
@@ -1540,6 +1544,9 @@ pub fn report(vms: &[&'static Vm]) {
                 s.pokes,
                 s.violations
             );
+        }
+        if let Some(r) = guest.vtpm.as_ref().and_then(|t| t.tis.backend().durable_report()) {
+            info!("  {}", r.summary(guest.name()));
         }
     }
     let c = SIGNALS.costs.summary();

@@ -37,7 +37,7 @@ use hypervisor::tpm::anchor::{
     PLATFORM_SEALED,
 };
 use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
-use hypervisor::tpm::durable::{Entropy, StoreError, TPM_RETRY};
+use hypervisor::tpm::durable::{Entropy, StoreError, Unstored, TPM_RETRY};
 use hypervisor::tpm::host::{Host, HOST_RECORD};
 use hypervisor::tpm::persist::RestoreError;
 use hypervisor::tpm::setup::{prepare, Failure, Level, Outcome, Request, VtpmMode};
@@ -384,12 +384,55 @@ fn without_a_store_service_a_change_stays_held() {
     assert_eq!(vtpm.tis.state(), State::Execution);
 }
 
+/// A change never stored is named at the guest's stop, with what its
+/// store service did: nothing, not the last fetch, or no report.
+#[test]
+fn a_change_never_stored_is_named_with_what_the_store_service_did() {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, mut vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let report = |vtpm: &GuestTpm| vtpm.tis.backend().durable_report().expect("a durable vTPM accounts");
+    let tis = &mut vtpm.tis;
+    send(tis, &nv_read_command());
+    assert!(response(tis).is_some());
+    assert_eq!(report(&vtpm).unstored(GUEST), None, "a read changes nothing");
+    let tis = &mut vtpm.tis;
+    send(tis, &nv_write(0, b"x"));
+    let r = report(&vtpm);
+    assert_eq!(r.unstored, Some(Unstored::NoService));
+    let line = r.unstored(GUEST).unwrap();
+    assert!(
+        line.contains("guest linux:")
+            && line.contains("is ctvm-vtpm-store running?")
+            && line.ends_with("lost with the power"),
+        "{line}"
+    );
+    // The fence stored: a store service ran, and has not come back for the change.
+    let mut disk = disk.clone();
+    serve(&mut vtpm.tis, &mut disk).unwrap();
+    assert_eq!(report(&vtpm).unstored, Some(Unstored::NotFetched));
+    // Fetched, never reported.
+    let channel = vtpm.tis.backend_mut().store().unwrap();
+    let (v, _) = channel.fetch().unwrap().unwrap();
+    let line = report(&vtpm).unstored(GUEST).unwrap();
+    assert!(line.contains("never reported it written") && line.ends_with("reached the disk"), "{line}");
+    vtpm.tis.backend_mut().store().unwrap().stored(v).unwrap();
+    let r = report(&vtpm);
+    assert_eq!(r.unstored, None, "stored and committed: acknowledged");
+    assert_eq!((r.stats.held, r.stats.sealed, r.stats.committed), (1, 2, 2));
+    assert!(r
+        .summary(GUEST)
+        .starts_with("vtpm linux: 1 changes held for the store service, 2 blobs sealed, 2 versions committed"));
+}
+
 #[test]
 fn a_volatile_vtpm_has_no_store_channel_and_answers_at_once() {
     let (outcome, report, _, mut vtpm) = boot(VtpmMode::Volatile, Some(SEED), None, Box::new(NoCounter));
     assert_eq!(outcome, Outcome::Volatile);
     assert!(report[0].1.contains("vTPM volatile"));
     assert!(vtpm.tis.backend_mut().store().is_none());
+    assert!(vtpm.tis.backend().durable_report().is_none(), "nothing to account for");
     let events = event_log::parse(vtpm.log.as_bytes()).unwrap();
     let text = hypervisor::tpm::config_event::parse_config_event(events.last().unwrap()).unwrap().to_string();
     assert!(text.ends_with("vtpm=volatile"), "{text}");

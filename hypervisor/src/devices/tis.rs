@@ -149,6 +149,11 @@ pub trait TpmBackend {
         None
     }
 
+    /// A durable vTPM's account of its changes and its store service.
+    fn durable_report(&self) -> Option<crate::tpm::durable::DurableReport> {
+        None
+    }
+
     /// Runs one of the hypervisor's own commands from
     /// [`PLATFORM_LOCALITY`], which no page of this TIS gives the guest:
     /// Startup and the measurements into PCRs the guest may not change.
@@ -178,6 +183,10 @@ impl<T: TpmBackend + ?Sized> TpmBackend for Box<T> {
 
     fn store(&mut self) -> Option<&mut dyn crate::tpm::durable::StoreChannel> {
         (**self).store()
+    }
+
+    fn durable_report(&self) -> Option<crate::tpm::durable::DurableReport> {
+        (**self).durable_report()
     }
 }
 

@@ -65,6 +65,56 @@ pub struct DurableStats {
     pub retries: u64,
 }
 
+/// A durable vTPM's account, for the report when its guest stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurableReport {
+    pub stats: DurableStats,
+    /// A change still waits (the guest was not answered), and why.
+    pub unstored: Option<Unstored>,
+}
+
+/// Why a durable vTPM still holds a change: its store service never
+/// reported the blob written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unstored {
+    /// No store service fetched any blob this boot.
+    NoService,
+    /// The store service fetched earlier blobs, not this one.
+    NotFetched,
+    /// It fetched the blob and never reported it written and synced.
+    NotReported,
+}
+
+impl DurableReport {
+    /// The counts, for the report at power-off.
+    pub fn summary(&self, guest: &str) -> String {
+        let s = self.stats;
+        alloc::format!(
+            "vtpm {guest}: {} changes held for the store service, {} blobs sealed, {} versions committed, {} commands answered TPM_RETRY",
+            s.held,
+            s.sealed,
+            s.committed,
+            s.retries
+        )
+    }
+
+    /// The line a guest's stop needs when a change of its vTPM was never
+    /// stored: without it, a store service that is missing or stuck goes
+    /// unnoticed until a later boot lacks the change.
+    pub fn unstored(&self, guest: &str) -> Option<String> {
+        const LOST: &str = "the change is lost with the power";
+        let (why, fate) = match self.unstored? {
+            Unstored::NoService => ("no store service fetched a blob this boot (is ctvm-vtpm-store running?)", LOST),
+            Unstored::NotFetched => ("its store service did not come back for the blob", LOST),
+            Unstored::NotReported => (
+                "its store service fetched the blob but never reported it written and synced",
+                "a later boot has the change only if the blob reached the disk",
+            ),
+        };
+        Some(alloc::format!("guest {guest}: its durable vTPM's last change was never acknowledged: {why}; {fate}"))
+    }
+}
+
 /// A vtpm-core TPM whose durable changes wait for the store service.
 pub struct DurableTpm<P: Platform> {
     tpm: Tpm<P>,
@@ -192,6 +242,15 @@ impl<P: Platform> TpmBackend for DurableTpm<P> {
 
     fn store(&mut self) -> Option<&mut dyn StoreChannel> {
         Some(self)
+    }
+
+    fn durable_report(&self) -> Option<DurableReport> {
+        let unstored = self.held.as_ref().map(|_| match (&self.outbox, self.stats.sealed) {
+            (Some(_), _) => Unstored::NotReported,
+            (None, 0) => Unstored::NoService,
+            (None, _) => Unstored::NotFetched,
+        });
+        Some(DurableReport { stats: self.stats, unstored })
     }
 
     /// Straight to the TPM, outside the protocol: the hypervisor's Startup
