@@ -483,7 +483,7 @@ impl Vm {
                 if let Some(line) = crate::exits::integrity::never_locked(&sh.guest) {
                     warn!("{line}");
                 }
-                let vtpm = sh.guest.vtpm.as_ref().and_then(|t| t.tis.backend().durable_report());
+                let vtpm = sh.guest.vtpm.as_ref().and_then(crate::tpm::GuestTpm::durable_report);
                 if let Some(line) = vtpm.and_then(|r| r.unstored(&self.name)) {
                     warn!("{line}");
                 }
@@ -1545,7 +1545,7 @@ pub fn report(vms: &[&'static Vm]) {
                 s.violations
             );
         }
-        if let Some(r) = guest.vtpm.as_ref().and_then(|t| t.tis.backend().durable_report()) {
+        if let Some(r) = guest.vtpm.as_ref().and_then(crate::tpm::GuestTpm::durable_report) {
             info!("  {}", r.summary(guest.name()));
         }
     }

@@ -261,6 +261,17 @@ fn owned_with_nv() -> &'static (Disk, u64) {
 /// TakeOwnership and an NV index anyone may write (until a zero-length
 /// write locks it for one boot, which nothing here does), each through the
 /// durable path.
+/// A later boot on the first boot's disk, its counter at the version the
+/// first committed: the owned vTPM, opened again. Returns the disk, that
+/// version and the vTPM.
+fn reopened() -> (&'static Disk, u64, GuestTpm) {
+    let (disk, committed) = owned_with_nv();
+    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
+    let (_, _, _, vtpm) =
+        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    (disk, *committed, vtpm)
+}
+
 fn own_and_define_nv(vtpm: &mut GuestTpm, disk: &mut Disk) {
     let mut d = Driver { tis: &mut vtpm.tis, disk };
     let mut c = Client::new(&mut d);
@@ -373,10 +384,7 @@ fn a_held_change_waits_for_its_store_and_commit_and_blocks_the_next_command() {
 
 #[test]
 fn without_a_store_service_a_change_stays_held() {
-    let (disk, committed) = owned_with_nv();
-    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
-    let (_, _, _, mut vtpm) =
-        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let (_, _, mut vtpm) = reopened();
     send(&mut vtpm.tis, &nv_write(0, b"x"));
     for _ in 0..1000 {
         assert!(response(&mut vtpm.tis).is_none(), "released without a store");
@@ -388,11 +396,8 @@ fn without_a_store_service_a_change_stays_held() {
 /// store service did: nothing, not the last fetch, or no report.
 #[test]
 fn a_change_never_stored_is_named_with_what_the_store_service_did() {
-    let (disk, committed) = owned_with_nv();
-    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
-    let (_, _, _, mut vtpm) =
-        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
-    let report = |vtpm: &GuestTpm| vtpm.tis.backend().durable_report().expect("a durable vTPM accounts");
+    let (disk, _, mut vtpm) = reopened();
+    let report = |vtpm: &GuestTpm| vtpm.durable_report().expect("a durable vTPM accounts");
     let tis = &mut vtpm.tis;
     send(tis, &nv_read_command());
     assert!(response(tis).is_some());
@@ -432,7 +437,7 @@ fn a_volatile_vtpm_has_no_store_channel_and_answers_at_once() {
     assert_eq!(outcome, Outcome::Volatile);
     assert!(report[0].1.contains("vTPM volatile"));
     assert!(vtpm.tis.backend_mut().store().is_none());
-    assert!(vtpm.tis.backend().durable_report().is_none(), "nothing to account for");
+    assert!(vtpm.durable_report().is_none(), "nothing to account for");
     let events = event_log::parse(vtpm.log.as_bytes()).unwrap();
     let text = hypervisor::tpm::config_event::parse_config_event(events.last().unwrap()).unwrap().to_string();
     assert!(text.ends_with("vtpm=volatile"), "{text}");
@@ -647,12 +652,9 @@ fn no_acknowledged_write_is_lost_to_a_power_cut_at_any_step() {
 
 #[test]
 fn the_store_channel_refuses_what_a_guest_makes_up() {
-    let (disk, committed) = owned_with_nv();
-    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
-    let (_, _, _, mut vtpm) =
-        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let (_, committed, mut vtpm) = reopened();
     let channel = vtpm.tis.backend_mut().store().unwrap();
-    for v in [0, 1, *committed, u64::MAX] {
+    for v in [0, 1, committed, u64::MAX] {
         assert_eq!(channel.stored(v), Err(StoreError::Unexpected), "report of {v} with nothing handed over");
     }
     let (fence, _) = channel.fetch().unwrap().unwrap();
@@ -667,10 +669,7 @@ fn the_store_channel_refuses_what_a_guest_makes_up() {
 
 #[test]
 fn a_vtpm_with_all_its_nv_in_use_still_fits_the_store_channel() {
-    let (disk, committed) = owned_with_nv();
-    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
-    let (_, _, _, mut vtpm) =
-        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let (disk, _, mut vtpm) = reopened();
     let mut disk = disk.clone();
     let mut d = Driver { tis: &mut vtpm.tis, disk: &mut disk };
     let mut c = Client::new(&mut d);
@@ -1109,10 +1108,7 @@ fn one_version_table_is_out_at_a_time_through_the_store_channels() {
 /// it even while a guest's change waits for the store service.
 #[test]
 fn pcr_11_takes_the_lock_event_and_no_guest_extend() {
-    let (disk, committed) = owned_with_nv();
-    let counter = Counter { value: Rc::new(RefCell::new(*committed)), ..Default::default() };
-    let (_, _, _, mut vtpm) =
-        boot(VtpmMode::Durable { reset: false }, Some(SEED), disk.latest().map(Vec::as_slice), Box::new(counter));
+    let (disk, _, mut vtpm) = reopened();
     let extend = |pcr: u32| Cmd::new(tag::RQU_COMMAND, ord::EXTEND).u32(pcr).bytes(&[0x66; 20]).finish();
     let read = Cmd::new(tag::RQU_COMMAND, ord::PCR_READ).u32(11).finish();
     send(&mut vtpm.tis, &read);

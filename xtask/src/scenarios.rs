@@ -160,6 +160,7 @@ const CLEAN_END: &str = "ctvm: all guests stopped; powering off";
 /// The attack modules' oopses are expected in the integrity scenarios;
 /// these are not, whether a module or CTVM (undoing a write, say) did it.
 const KERNEL_DATA_CORRUPTED: [&str; 3] = ["refcount_t: ", "list_add corruption", "list_del corruption"];
+
 /// How a run ends where VT-x is missing (QEMU TCG): after the platform pieces.
 const NO_VMX_END: &str =
     "ctvm: VT-x is missing (*): the platform pieces ran; no guest can run on this processor; powering off";

@@ -127,6 +127,11 @@ impl GuestTpm {
         GuestTpm { tis: Tis::new(backend, 0), log: EventLog::new(LOG_AREA) }
     }
 
+    /// What a durable vTPM did with its store service; None for a volatile one.
+    pub fn durable_report(&self) -> Option<durable::DurableReport> {
+        self.tis.backend().durable_report()
+    }
+
     /// Starts the TPM as firmware does at power-on, then extends and logs
     /// each measurement, in order, before the guest's first instruction.
     pub fn measure_launch(&mut self, measurements: &[Measurement<'_>]) -> Result<(), MeasureError> {
