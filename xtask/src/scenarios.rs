@@ -1532,7 +1532,7 @@ fn linux_integrity(name: &'static str, about: &'static str, kernel: linux::Kerne
             "ctvm: violation guest=linux module=atk_pgtable kind=write-page-table",
             "ctvm: violation guest=linux module=atk_pgtable kind=control-register",
             "ctvm: violation guest=linux module=atk_pgtable kind=write-page-table * object=page-table",
-            "ctvm-init: attack atk_pgtable: kernel text mapping write blocked; process top-level table write blocked; user PTE write blocked; CR3 load blocked; new PTE write blocked",
+            "ctvm-init: attack atk_pgtable: kernel text mapping write blocked; process top-level table write blocked; user PTE write blocked; CR3 load blocked; new PTE write blocked; new PUD write blocked; new kernel table write blocked",
             "ctvm-init: after atk_pgtable: getpid ok",
             "ctvm: violation guest=linux module=atk_newpgd kind=write-page-table",
             "ctvm-init: attack atk_newpgd: new process's top-level table write blocked",

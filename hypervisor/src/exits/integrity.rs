@@ -1150,6 +1150,17 @@ fn new_top_level_table(ctx: &ExitContext<'_>, page: u64) -> bool {
         && ctx.inspect().translate(mm).is_ok_and(|gpa| objects.in_cache(gpa, abi::MM_CACHE_SLOT, read))
 }
 
+/// Whether guest RAM `page` may be a page table the kernel made since the
+/// last walk without a page type (see [`ObjectMap::may_be_untyped_table`]):
+/// a module's first write to one costs a walk. Outside guest RAM no walk
+/// would find a table.
+fn may_be_untyped_table(ctx: &ExitContext<'_>, page: u64) -> bool {
+    let Some(objects) = ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()?.objects.as_ref()) else {
+        return false;
+    };
+    ctx.guest.memory.contains(page) && objects.may_be_untyped_table(page, |at| read_phys_u64(ctx, at))
+}
+
 /// The reference count every module may write that guest-physical
 /// `gpa`, in a protected kernel object, lies in (see
 /// [`ObjectMap::shared_field_at`]).
@@ -1528,6 +1539,18 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             Err(_) => Action::Stop(StopReason::HypervisorError(alloc::format!("no view {to:?}"))),
         },
         Step::Grant(perms) => {
+            // A plain page is granted writable only once a walk has shown it
+            // is no table the kernel left untyped; one it is, is judged again
+            // as one (the write exits again).
+            if untracked && perms.contains(Perms::WRITE) && may_be_untyped_table(ctx, page) {
+                refresh_page_tables(ctx);
+                let engine = &mut ctx.guest.integrity.as_mut()?.engine;
+                engine.stats.table_walks += 1;
+                if engine.class_of(page).is_some() {
+                    engine.stats.grants -= 1;
+                    return Some(Action::Resume);
+                }
+            }
             let perms = perms & kept;
             let control = control(ctx).ok()?;
             // What a module may write, the kernel may not execute (W^X across views).
@@ -3704,6 +3727,36 @@ mod tests {
         assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
         assert!(violation_kinds(&mut f).is_empty());
         assert_eq!(f.control.perms(module, fresh), Some(Perms::RW));
+    }
+
+    /// Tables the kernel makes without a page type (6.1's PUDs, and the
+    /// kernel's own PTE tables for vmalloc space on 6.1 and 6.12), linked
+    /// since the last walk: the hypervisor walks before it grants a plain
+    /// page, so the module's write is refused from the start.
+    #[test]
+    fn an_untyped_table_newer_than_the_walk_is_walked_before_a_write() {
+        let writer = K + MODULE_CODE + 0x10;
+        for (parent, index, name) in [(0x3000, 8, "a kernel PTE table"), (PROCESS_PGD, 1, "a process's PUD")] {
+            let (mut f, id) = in_module(writer);
+            let module = View::Module(id);
+            let fresh: u64 = 0xdc_0000;
+            w(&f.phys, parent + index * 8, &(fresh | 3).to_le_bytes());
+            let walks = |f: &Fixture| f.guest.integrity.as_ref().unwrap().engine.stats.table_walks;
+            // The walk finds it: not granted, and the write comes again.
+            assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+            assert_eq!((walks(&f), f.vcpu.read(Field::Rip)), (1, writer), "{name}: walked");
+            assert_eq!(f.control.perms(module, fresh), None, "{name}: not granted");
+            assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "{name}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "{name}: skipped");
+            assert_eq!(f.control.perms(module, fresh), None, "{name}: not granted");
+        }
+        // The same page linked nowhere is a heap page.
+        let (mut f, id) = in_module(writer);
+        let fresh = 0xdc_0000;
+        assert_eq!(f.ept(WRITE, fresh + 0x20, 0xffff_8880_0000_0000 + fresh, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(View::Module(id), fresh), Some(Perms::RW));
     }
 
     /// A process forked since the last walk: its top-level table is on

@@ -57,6 +57,11 @@ pub struct BadObjectMap;
 const PAGE_STRUCT_MIN: u32 = 32;
 const PAGE_STRUCT_MAX: u32 = 256;
 
+/// Where every x86-64 `struct page` (and a page table's `ptdesc`) holds
+/// `compound_head` (bit 0 set in a tail page) and `mapping`.
+const COMPOUND_HEAD_OFFSET: u64 = 8;
+const MAPPING_OFFSET: u64 = 24;
+
 /// Larger than any object of the protected caches (a `task_struct` is
 /// about 10 KiB).
 const OBJECT_STRIDE_MAX: u64 = 1 << 16;
@@ -222,6 +227,22 @@ impl ObjectMap {
         read(self.struct_gpa(va)?.checked_add(offset)?)
     }
 
+    /// Whether guest RAM page `gpa` may be a page table its `struct page`
+    /// does not type (6.1's PUDs; the kernel's own PTE tables on 6.1 and
+    /// 6.12): neither a tail of a compound page nor owned through
+    /// `mapping` (the page cache's, an anonymous mapping's, or, at the same
+    /// word, a slab's cache on 6.1). Only a walk tells such a table from
+    /// other plain pages; `true` (a walk) when the `struct page` cannot be
+    /// read. The array is read-only to modules, so a module cannot make a
+    /// table look otherwise.
+    pub fn may_be_untyped_table(&self, gpa: u64, read: impl Fn(u64) -> Option<u64>) -> bool {
+        let word = |offset| self.page_word(gpa, offset, &read);
+        match (word(COMPOUND_HEAD_OFFSET), word(MAPPING_OFFSET)) {
+            (Some(head), Some(mapping)) => head & 1 == 0 && mapping == 0,
+            _ => true,
+        }
+    }
+
     /// Whether guest-physical `gpa` lies in a slab of the protected cache in
     /// `slot` (the cache itself, not a name: merged caches share one).
     pub fn in_cache(&self, gpa: u64, slot: usize, read: impl Fn(u64) -> Option<u64>) -> bool {
@@ -244,7 +265,7 @@ impl ObjectMap {
         }
         // A tail page of a compound page (a slab of several pages) points
         // to its head, bit 0 set; a slab's objects start at its head.
-        let head = read(at + 8).ok_or(BadObjectMap)?;
+        let head = read(at + COMPOUND_HEAD_OFFSET).ok_or(BadObjectMap)?;
         let mut frame = gpa >> 12;
         if head & 1 != 0 {
             at = self.struct_gpa(head - 1).ok_or(BadObjectMap)?;
@@ -303,6 +324,24 @@ mod tests {
         assert_eq!(m.object_at(0x21_ff8, read), Ok(Some("task")));
         // A page that is no slab (word at the offset is not a cache).
         assert_eq!(m.object_at(0x30_000, read), Ok(None));
+    }
+
+    /// Only a plain page may be an untyped table: a slab's page (its cache
+    /// where 6.1 keeps `mapping`), a page cache page, a compound page's
+    /// tail cannot; a page whose `struct page` is unmapped may.
+    #[test]
+    fn only_a_plain_page_may_be_an_untyped_table() {
+        let m = map();
+        let mem =
+            memory(&[(0x10, 0, CRED_JAR), (0x11, 0, 0xffff_8880_0200_0000), (0x12, VMEMMAP + 1, 0), (0x13, 0, 0)]);
+        let read = |a: u64| mem.get(&a).copied().or(Some(0));
+        assert!(!m.may_be_untyped_table(0x10_000, read), "a slab page");
+        assert!(!m.may_be_untyped_table(0x11_000, read), "a page with a mapping");
+        assert!(!m.may_be_untyped_table(0x12_000, read), "a tail page");
+        assert!(m.may_be_untyped_table(0x13_000, read), "a plain page");
+        // Frames 0x80.. have their struct pages on the array's unmapped page.
+        assert!(m.may_be_untyped_table(0x80_000, read), "unknown: a walk decides");
+        assert!(m.may_be_untyped_table(0x13_000, |_| None), "unreadable: a walk decides");
     }
 
     #[test]

@@ -15,7 +15,12 @@
  *     same alias.
  *  5. Map fresh memory far from any other mapping of this process (so the
  *     kernel makes new tables for it, after the module was loaded and the
- *     hypervisor last looked), and re-point its page-table entry.
+ *     hypervisor last looked), and re-point its page-table entry, and the
+ *     entry of the new PUD above it (a table 6.1 gives no page type).
+ *  6. Map 4 MiB of kernel memory (so the kernel makes a new page table of
+ *     its own for a 2 MiB run of it, untyped on 6.1 and 6.12) and re-point
+ *     an entry there: the table of a kernel stack or a BPF image mapped
+ *     later, which the module could re-point too.
  *
  * Every write is undone at once if it went through, and the alias is never
  * called: the report says which step went through. (The pages of the
@@ -29,6 +34,8 @@
 #include <linux/umh.h>
 #include <linux/mman.h>
 #include <linux/uaccess.h>
+#include <linux/vmalloc.h>
+#include <linux/slab.h>
 #include "alias.h"
 
 #define ENTRY_PRESENT 1ULL
@@ -148,15 +155,69 @@ static unsigned long read_cr3(void)
 	return cr3;
 }
 
+/* The entry at `want` (3 = PDPT ... 1 = PT) on the path to `addr` under
+ * `top`; NULL if the path ends above it. */
+static u64 *entry_at(u64 *top, unsigned long addr, int want)
+{
+	u64 *table = top;
+	int l;
+
+	for (l = 4; l > want; l--) {
+		u64 e = table[(addr >> (12 + 9 * (l - 1))) & 511];
+
+		if (!(e & ENTRY_PRESENT) || (e & ENTRY_LARGE))
+			return NULL;
+		table = table_at(e);
+	}
+	return &table[(addr >> (12 + 9 * (want - 1))) & 511];
+}
+
+#define KERNEL_RUN 1024
+
+/* 6: a kernel page table younger than the module. Whether it went
+ * through; `tried` says whether there was an entry to write. */
+static bool new_kernel_table(u64 *top, bool *tried)
+{
+	struct page **pages = kmalloc_array(KERNEL_RUN, sizeof(*pages), GFP_KERNEL);
+	struct page *one = alloc_page(GFP_KERNEL);
+	bool went = false;
+	void *run = NULL;
+	u64 *e;
+	int i;
+
+	*tried = false;
+	if (pages && one) {
+		for (i = 0; i < KERNEL_RUN; i++)
+			pages[i] = one;
+		run = vmap(pages, KERNEL_RUN, VM_MAP, PAGE_KERNEL);
+	}
+	if (run) {
+		e = entry_at(top, ALIGN((unsigned long)run, PMD_SIZE), 1);
+		*tried = e && (*e & ENTRY_PRESENT);
+		if (*tried)
+			went = write_entry(e, *e ^ (1ULL << 12));
+		/* Left mapped: the kernel never frees its own tables, so a run
+		 * unmapped here would leave the next load (busybox's insmod
+		 * loads a refused module twice) a table the hypervisor has
+		 * walked since, and the attack would test nothing new. */
+		return went;
+	}
+	if (one)
+		__free_page(one);
+	kfree(pages);
+	return went;
+}
+
 static int __init atk_init(void)
 {
 	unsigned long cr3 = read_cr3();
 	u64 *top = table_at(cr3);
 	unsigned long at = (unsigned long)_printk, user = current_user_stack_pointer();
 	u64 *pdpt = NULL, *new_top = NULL, *e_text, *e_user;
-	bool text = false, pgd = false, user_pte = false, loaded = false, fresh_pte = false;
+	bool text = false, pgd = false, user_pte = false, loaded = false, fresh_pte = false, fresh_pud = false;
+	bool kernel_tried, kernel_table;
 	unsigned long fresh;
-	u64 *e_fresh = NULL;
+	u64 *e_fresh = NULL, *e_pud = NULL;
 	int level, err;
 
 	if (pgtable_l5_enabled()) {
@@ -191,14 +252,23 @@ static int __init atk_init(void)
 		e_fresh = leaf(top, fresh, &level);
 		if (e_fresh)
 			fresh_pte = write_entry(e_fresh, *e_fresh ^ (1ULL << (12 + 9 * (level - 1))));
+		e_pud = entry_at(top, fresh, 3);
+		if (e_pud && (*e_pud & ENTRY_PRESENT))
+			fresh_pud = write_entry(e_pud, *e_pud ^ (1ULL << 12));
+		else
+			e_pud = NULL;
 		vm_munmap(fresh, PAGE_SIZE);
 	}
-	report("kernel text mapping write %s; process top-level table write %s; user PTE write %s; CR3 load %s; new PTE write %s%s",
+	/* 6: a kernel table younger than the module. */
+	kernel_table = new_kernel_table(top, &kernel_tried);
+	report("kernel text mapping write %s; process top-level table write %s; user PTE write %s; CR3 load %s; new PTE write %s; new PUD write %s; new kernel table write %s%s",
 	       !e_text ? "not tried" : text ? "WENT THROUGH" : "blocked",
 	       err ? "not tried" : pgd ? "WENT THROUGH" : "blocked",
 	       !e_user ? "not tried" : user_pte ? "WENT THROUGH" : "blocked",
 	       err ? "not tried" : loaded ? "WENT THROUGH" : "blocked",
 	       !e_fresh ? "not tried" : fresh_pte ? "WENT THROUGH" : "blocked",
+	       !e_pud ? "not tried" : fresh_pud ? "WENT THROUGH" : "blocked",
+	       !kernel_tried ? "not tried" : kernel_table ? "WENT THROUGH" : "blocked",
 	       err ? " (no alias built)" : "");
 	return -EACCES;
 }
