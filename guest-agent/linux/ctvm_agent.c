@@ -860,6 +860,10 @@ static int __init ctvm_agent_init(void)
 		unregister_module_notifier(&module_nb);
 		return ret;
 	}
+	/* The probe list the kernel calls new_task through is a heap object:
+	 * CTVM keeps modules from writing it (else one would take the probe
+	 * out, or have every fork call a function of its choosing). */
+	layout->probe_lists[0] = (unsigned long)&task_newtask->funcs;
 	ret = ctvm_call(CTVM_CALL_KERNEL_REGISTER, (unsigned long)layout, sizeof(*layout), 0, 0);
 	kfree(layout);
 	if (ret < 0) {

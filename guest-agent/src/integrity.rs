@@ -10,8 +10,8 @@
 /// in their objects every module may change, and where a top-level table's
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
 /// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
-/// area).
-pub const STRUCT_VERSION: u32 = 11;
+/// area; 12: the probe lists of the tracepoints the agent hooks).
+pub const STRUCT_VERSION: u32 = 12;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -138,6 +138,13 @@ pub struct KernelLayout {
     /// exception stacks from the lock, at their own addresses; required
     /// with the backing stores.
     pub percpu_stack_tops: [u64; PERCPU_STACKS],
+    /// Where the kernel keeps the probe list of each tracepoint the agent
+    /// hooks (`&tracepoint->funcs`, in the image's data), zero-padded. The
+    /// list itself is a heap object (`struct tracepoint_func`s, ended by a
+    /// null function) that the kernel calls through: no module may write
+    /// it, or it would blind the agent, or have the kernel call a function
+    /// of its choosing at every fork.
+    pub probe_lists: [u64; PROBE_LISTS],
 }
 
 /// Each possible CPU's per-CPU base, zero past the last.
@@ -153,6 +160,9 @@ impl Default for CpuBases {
 
 /// How many per-CPU stacks the layout can name.
 pub const PERCPU_STACKS: usize = 2;
+
+/// How many tracepoints' probe lists the layout can name.
+pub const PROBE_LISTS: usize = 2;
 /// How many CPUs' per-CPU areas the layout can name.
 pub const CPUS_MAX: usize = 256;
 
@@ -529,7 +539,7 @@ pub fn c_header() -> alloc::string::String {
     }
     let _ = writeln!(h, "#define CTVM_STRUCT_VERSION {STRUCT_VERSION}");
     let _ = writeln!(h, "#define CTVM_POKE_ROUTINES {POKE_ROUTINES}\n#define CTVM_SENSITIVE_RANGES {SENSITIVE_RANGES}");
-    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}\n#define CTVM_OBJECT_FIELDS {OBJECT_FIELDS}\n#define CTVM_PERCPU_STACKS {PERCPU_STACKS}\n#define CTVM_CPUS_MAX {CPUS_MAX}");
+    let _ = writeln!(h, "#define CTVM_INDIRECT_THUNKS {INDIRECT_THUNKS}\n#define CTVM_RETURN_THUNKS {RETURN_THUNKS}\n#define CTVM_PROTECTED_CACHES {PROTECTED_CACHES}\n#define CTVM_SHARED_FIELDS {SHARED_FIELDS}\n#define CTVM_OBJECT_FIELDS {OBJECT_FIELDS}\n#define CTVM_PERCPU_STACKS {PERCPU_STACKS}\n#define CTVM_CPUS_MAX {CPUS_MAX}\n#define CTVM_PROBE_LISTS {PROBE_LISTS}");
     let _ = writeln!(
         h,
         "#define CTVM_MODULE_NAME_MAX {MODULE_NAME_MAX}\n#define CTVM_MODULE_ENTRIES_MAX {MODULE_ENTRIES_MAX}\n#define CTVM_MODULE_FIXUPS_MAX {MODULE_FIXUPS_MAX}\n#define CTVM_AGENT_NAME \"{AGENT_NAME}\"\n#define CTVM_MODULES_MAX {MODULES_MAX}\n#define CTVM_KERNEL_SYMBOL_SIZE {KERNEL_SYMBOL_SIZE}\n"
@@ -538,7 +548,7 @@ pub fn c_header() -> alloc::string::String {
     let _ = writeln!(h, "struct ctvm_object_field {{ __u32 cache; __u32 offset; __u32 size; __u32 reserved; }};\n");
     let _ = writeln!(
         h,
-        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n\tstruct ctvm_range percpu;\n\tstruct ctvm_range percpu_stacks[CTVM_PERCPU_STACKS];\n\tstruct ctvm_range percpu_shared;\n\t__u64 percpu_bases[CTVM_CPUS_MAX];\n\t__u64 percpu_stack_tops[CTVM_PERCPU_STACKS];\n}};"
+        "struct ctvm_kernel_layout {{\n\t__u32 version;\n\t__u32 size;\n\tstruct ctvm_range text, rodata, ro_after_init, syscall_table, idt;\n\t__u64 entry_syscall;\n\tstruct ctvm_range ksymtab, ksymtab_gpl;\n\tstruct ctvm_range poke_routines[CTVM_POKE_ROUTINES];\n\tstruct ctvm_range sensitive[CTVM_SENSITIVE_RANGES];\n\t__u64 kernel_page_table;\n\t__u64 indirect_thunks[CTVM_INDIRECT_THUNKS];\n\t__u64 return_thunks[CTVM_RETURN_THUNKS];\n\t__u64 page_structs;\n\t__u32 page_struct_size;\n\t__u32 slab_cache_offset;\n\t__u64 protected_caches[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_range shared[CTVM_SHARED_FIELDS];\n\t__u64 pgd_list;\n\t__u32 pgd_link_offset;\n\t__u32 pgd_pages;\n\t__u32 page_type_offset;\n\t__u32 page_table_mask;\n\t__u32 page_table_value;\n\t__u32 pgd_owner_offset;\n\t__u32 protected_strides[CTVM_PROTECTED_CACHES];\n\tstruct ctvm_object_field object_fields[CTVM_OBJECT_FIELDS];\n\tstruct ctvm_range percpu;\n\tstruct ctvm_range percpu_stacks[CTVM_PERCPU_STACKS];\n\tstruct ctvm_range percpu_shared;\n\t__u64 percpu_bases[CTVM_CPUS_MAX];\n\t__u64 percpu_stack_tops[CTVM_PERCPU_STACKS];\n\t__u64 probe_lists[CTVM_PROBE_LISTS];\n}};"
     );
     let _ = writeln!(
         h,
@@ -603,6 +613,11 @@ pub fn c_header() -> alloc::string::String {
     );
     let _ = writeln!(
         h,
+        "static_assert(offsetof(struct ctvm_kernel_layout, probe_lists) == {});",
+        offset_of!(KernelLayout, probe_lists)
+    );
+    let _ = writeln!(
+        h,
         "static_assert(offsetof(struct ctvm_module_info, entries) == {});",
         offset_of!(ModuleInfo, entries)
     );
@@ -664,6 +679,7 @@ mod tests {
                 + 16 * (2 + PERCPU_STACKS)
                 + 8 * CPUS_MAX
                 + 8 * PERCPU_STACKS
+                + 8 * PROBE_LISTS
         );
         assert_eq!(core::mem::size_of::<ObjectField>(), 16);
         assert_eq!(core::mem::size_of::<ModuleInfo>(), 8 + 56 + 16 * 8 + 8 + 8 + 16 + 8 + 32);

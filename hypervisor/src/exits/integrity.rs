@@ -1118,8 +1118,13 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> 
         if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), task_stack, alias) {
             return (!ok).then_some(from);
         }
-        let object = if engine.class_of(gpa).is_none() { kernel_object(ctx, gpa & !0xfff) } else { None };
-        (!engine.module_may_write(m, Range::new(gpa, gpa + (to - from)), object)).then_some(from)
+        let bytes = Range::new(gpa, gpa + (to - from));
+        let untracked = engine.class_of(gpa).is_none();
+        if untracked && probe_list_on(ctx, gpa & !0xfff).is_some_and(|list| list.overlaps(&bytes)) {
+            return Some(from);
+        }
+        let object = if untracked { kernel_object(ctx, gpa & !0xfff) } else { None };
+        (!engine.module_may_write(m, bytes, object)).then_some(from)
     })
 }
 
@@ -1159,6 +1164,28 @@ fn may_be_untyped_table(ctx: &ExitContext<'_>, page: u64) -> bool {
         return false;
     };
     ctx.guest.memory.contains(page) && objects.may_be_untyped_table(page, |at| read_phys_u64(ctx, at))
+}
+
+/// What a violation names a write into a probe list.
+const PROBE_LIST: &str = "probe-list";
+
+/// The bytes of guest RAM `page` that hold a probe list of a tracepoint
+/// the agent hooks (see [`crate::integrity::layout::KernelLayout::probe_lists`]),
+/// guest-physical. Read afresh at each judgement: the kernel replaces the
+/// list whenever a probe comes or goes, and the pointer to it lies in the
+/// image's data, which no module writes.
+fn probe_list_on(ctx: &ExitContext<'_>, page: u64) -> Option<Range> {
+    let layout = ctx.guest.integrity.as_ref()?.engine.layout()?;
+    let inspect = ctx.inspect();
+    layout.probe_lists.iter().find_map(|&at| {
+        let list = inspect.read_u64(at).ok().filter(|&l| l != 0)?;
+        let r = crate::integrity::layout::probe_list(list, |a| inspect.read_u64(a).ok());
+        r.pages().find_map(|va| {
+            let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
+            let gpa = inspect.translate(from).ok()?;
+            (gpa & !0xfff == page).then(|| Range::new(gpa, gpa + (to - from)))
+        })
+    })
 }
 
 /// The reference count every module may write that guest-physical
@@ -1467,6 +1494,10 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         _ => None,
     };
     let shared_field = kernel_object.and_then(|_| shared_field(ctx, ctx.exit.guest_physical));
+    let kernel_shield = match (state.local.view, info.access) {
+        (View::Module(_), super::Access::Write) if untracked => probe_list_on(ctx, page),
+        _ => None,
+    };
     let task_stack = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
@@ -1500,6 +1531,7 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         gprs,
         kernel_object,
         shared_field,
+        kernel_shield,
         task_stack,
         stack_alias,
         out_params,
@@ -1525,7 +1557,8 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
     );
     if let Some(v) = &outcome.violation {
         let whose = protected_data_owner(ctx, v, fault.gpa);
-        report_object(ctx, v, kernel_object.or(whose.as_deref()));
+        let shielded = kernel_shield.filter(|s| s.contains(fault.gpa)).map(|_| PROBE_LIST);
+        report_object(ctx, v, kernel_object.or(shielded).or(whose.as_deref()));
     }
     let view = ctx.guest.integrity.as_ref()?.local.view;
     let action = match outcome.step {
@@ -2261,6 +2294,8 @@ mod tests {
     /// The mm_structs' cache, and a page of them.
     const MM_CACHE: u64 = K + 0xb2_0000;
     const MM_PAGE: u64 = 0xc2_0000;
+    /// Where the tracepoint the agent hooks keeps its probe list, in .data.
+    const PROBE_LIST_AT: u64 = KERNEL_DATA + 0x300;
 
     struct Fixture {
         guest: Guest,
@@ -2321,6 +2356,8 @@ mod tests {
         // A top-level table's struct page names its mm_struct here; the
         // mm_structs' cache.
         l.pgd_owner_offset = 32;
+        // The agent's tracepoint keeps its probe list's address in .data.
+        l.probe_lists[0] = K + PROBE_LIST_AT;
         l.protected_caches[abi::MM_CACHE_SLOT] = MM_CACHE;
         // Page tables typed in their struct page as 6.1 types them.
         l.page_type_offset = 48;
@@ -3600,6 +3637,51 @@ mod tests {
                 assert_eq!((rip, f.control.active), (K + MEMCPY, Some(View::Kernel)));
             }
         }
+    }
+
+    /// The probe list the agent's `task_newtask` probe sits in is a heap
+    /// object the kernel calls through at every fork: a module may write
+    /// the objects beside it, not the list, neither itself nor through a
+    /// write-through call.
+    #[test]
+    fn a_probe_list_the_agent_hooks_is_no_modules_to_write() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
+        // One probe (function, data, priority), then the ending entry.
+        let list = HEAP_PAGE + 0x100;
+        w(&f.phys, PROBE_LIST_AT, &(K + list).to_le_bytes());
+        w(&f.phys, list, &(K + AGENT_CODE).to_le_bytes());
+        for (at, what) in [(list, "the probe's function"), (list + 8, "its data"), (list + 24, "the ending entry")] {
+            f.vcpu.write(Field::Rip, writer);
+            assert_eq!(f.ept(WRITE, at, K + at, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteProtectedData as u32], "{what}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "{what}: skipped");
+            assert_eq!(f.control.perms(module, HEAP_PAGE), None, "{what}: not granted");
+        }
+        // An object beside it on the page: the write goes through alone.
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, HEAP_PAGE + 0x800, K + HEAP_PAGE + 0x800, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert!(f.control.monitor_trap, "stepped, not granted");
+        let walks = f.guest.integrity.as_ref().unwrap().engine.stats.table_walks;
+        assert_eq!(walks, 0, "a write stepped alone grants nothing: no walk for it");
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(f.control.perms(module, HEAP_PAGE), None, "closed again");
+        // memcpy onto the list, for the module.
+        let call_site = K + MODULE_CODE + 0x40;
+        w(&f.phys, STACK, &call_site.to_le_bytes());
+        f.vcpu.write(Field::Rsp, K + STACK);
+        (f.vcpu.regs.rdi, f.vcpu.regs.rdx) = (K + list - 8, 16);
+        f.ept(FETCH | READ, MEMCPY, K + MEMCPY, K + MEMCPY);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyWrite as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), call_site, "returned to the caller");
+        // With the list elsewhere, the page is a heap page again.
+        w(&f.phys, PROBE_LIST_AT, &0u64.to_le_bytes());
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, list + 8, K + list + 8, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
     }
 
     /// A page table the kernel allocates after the lock (here a PT under

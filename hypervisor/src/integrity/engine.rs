@@ -51,6 +51,10 @@ pub struct Fault {
     /// For a write into such an object: the field there every module may
     /// write (a reference count), if the write lands in one.
     pub shared_field: Option<Range>,
+    /// For a module's write to an untracked page: the bytes of it that
+    /// hold a kernel structure in the heap no module may write (a probe
+    /// list the kernel calls through), guest-physical.
+    pub kernel_shield: Option<Range>,
     /// For a module's write to an untracked page: the 16 KiB stack the
     /// address would lie on starts with the kernel's end-of-stack mark (a
     /// task's stack, whatever that task is doing).
@@ -867,6 +871,8 @@ impl Engine {
                 None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
                     self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
                 }
+                // A structure the kernel calls through, amid heap objects.
+                None if fault.kernel_shield.is_some() => self.shielded_write(fault, fault.kernel_shield),
                 // The kernel's bookkeeping in its heap is the kernel's, but
                 // for a reference count the kernel's inline helpers change
                 // from module code: that field alone.
@@ -888,7 +894,14 @@ impl Engine {
     /// known here: a wide store may start beside the structure and reach into it).
     fn own_data_write(&mut self, fault: &Fault, m: u32) -> Outcome {
         let shield = self.modules.get(&m).and_then(|x| x.shield.iter().find(|r| page(r.start) == page(fault.gpa)));
-        match shield.copied() {
+        self.shielded_write(fault, shield.copied())
+    }
+
+    /// A module writes a page that may hold bytes it must not change
+    /// (`shield`, on the same page): into them it is refused, beside them
+    /// it goes through alone, the shield's bytes kept.
+    fn shielded_write(&mut self, fault: &Fault, shield: Option<Range>) -> Outcome {
+        match shield {
             None => Outcome::step(Step::Grant(Perms::RW)),
             Some(r) if r.contains(fault.gpa) => {
                 self.violation(fault, ViolationKind::WriteProtectedData, Step::Skip, Step::StepOver)
@@ -1580,6 +1593,7 @@ mod tests {
             gprs: [0; 16],
             kernel_object: None,
             shared_field: None,
+            kernel_shield: None,
             task_stack: false,
             stack_alias: None,
             out_params: [None; 6],

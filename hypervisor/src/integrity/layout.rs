@@ -29,6 +29,11 @@ impl Range {
         self.end.saturating_sub(self.start)
     }
 
+    /// Whether the two share a byte.
+    pub const fn overlaps(&self, other: &Range) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+
     /// Every 4 KiB page the range touches, by page address. Ends at the top
     /// of the address space rather than wrap around to page 0.
     pub fn pages(&self) -> impl Iterator<Item = u64> {
@@ -36,6 +41,23 @@ impl Range {
         let end = self.end;
         core::iter::successors(first, |&p| p.checked_add(0x1000)).take_while(move |&p| p < end)
     }
+}
+
+/// A tracepoint's probe list: `struct tracepoint_func { func, data, prio }`
+/// entries, the last with a null function.
+const PROBE_ENTRY: u64 = 24;
+/// Far more probes than one tracepoint ever has.
+const PROBES_MAX: u64 = 64;
+
+/// The bytes of the probe list at `list`, its ending entry included, given
+/// a reader of guest-virtual words. A list that does not end within
+/// [`PROBES_MAX`] entries, or cannot be read, is taken at its longest (it
+/// guards more, never less).
+pub fn probe_list(list: u64, read: impl Fn(u64) -> Option<u64>) -> Range {
+    let entries = (0..PROBES_MAX)
+        .find(|&i| list.checked_add(i * PROBE_ENTRY).and_then(&read) == Some(0))
+        .map_or(PROBES_MAX, |last| last + 1);
+    Range::new(list, list.saturating_add(entries * PROBE_ENTRY))
 }
 
 /// Kernel addresses live in the upper canonical half.
@@ -99,6 +121,10 @@ pub struct KernelLayout {
     /// Denied exports whose failure value is NULL (lookups, allocations of
     /// kernel objects), sorted: a refused call to one returns 0.
     pub null_on_failure: Vec<u64>,
+    /// Where the kernel keeps the probe lists of the tracepoints the agent
+    /// hooks (guest-virtual, in the image's data): the lists are heap
+    /// objects no module may write.
+    pub probe_lists: Vec<u64>,
 }
 
 impl KernelLayout {
@@ -196,6 +222,25 @@ impl KernelLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_list_ends_with_its_null_entry_and_is_bounded() {
+        let list = 0xffff_8880_0200_0040;
+        let words = |funcs: &'static [u64]| {
+            move |at: u64| {
+                let i = (at - list) / 24;
+                funcs.get(i as usize).copied()
+            }
+        };
+        // Two probes and the ending entry.
+        assert_eq!(
+            probe_list(list, words(&[0xffff_ffff_c000_0000, 0xffff_ffff_8100_0000, 0])),
+            Range::new(list, list + 72)
+        );
+        // No ending within reach (unreadable past two entries, or never null): the longest.
+        assert_eq!(probe_list(list, words(&[1, 2])).len(), 64 * 24);
+        assert_eq!(probe_list(list, |_| Some(1)).len(), 64 * 24);
+    }
 
     pub fn layout() -> KernelLayout {
         KernelLayout {

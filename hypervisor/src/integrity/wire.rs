@@ -261,6 +261,14 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
     let cpu_stacks = cpu_stacks(percpu, &percpu_stacks, [u64_at(b, at), u64_at(b, at + 8)], &bases)?;
     let percpu_cpus = if percpu.is_empty() { 0 } else { bases.len() };
     let percpu_stacks = percpu_stacks.iter().filter(|r| !r.is_empty()).count();
+    // Each pointer to a probe list must lie in the image's data, which only
+    // the kernel view writes: else a module would re-point it.
+    let at = core::mem::offset_of!(abi::KernelLayout, probe_lists);
+    let probe_lists: Vec<u64> = (0..abi::PROBE_LISTS).map(|i| u64_at(b, at + 8 * i)).filter(|&p| p != 0).collect();
+    let in_data = |p: u64| sensitive.iter().any(|r| r.contains(p) && r.contains(p.saturating_add(7)));
+    if !probe_lists.iter().all(|&p| in_data(p)) {
+        return Err(WireError::Range);
+    }
     sensitive.extend(data);
     shared.extend(fields);
     let processes = ProcessList::from_wire(pgd_list, link_offset, pgd_pages, owner_offset, objects.as_ref())
@@ -282,6 +290,7 @@ pub fn kernel_layout(b: &[u8]) -> Result<KernelMessage, WireError> {
         poke_routines,
         percpu_cpus,
         percpu_stacks,
+        probe_lists,
         ..Default::default()
     };
     Ok(KernelMessage { layout, ksymtab, ksymtab_gpl, cpu_stacks })
@@ -437,6 +446,10 @@ mod tests {
     use alloc::vec;
 
     fn layout_bytes() -> Vec<u8> {
+        bytes_of(&layout())
+    }
+
+    fn layout() -> abi::KernelLayout {
         let mut l = abi::KernelLayout {
             version: abi::STRUCT_VERSION,
             size: core::mem::size_of::<abi::KernelLayout>() as u32,
@@ -454,7 +467,7 @@ mod tests {
         l.slab_cache_offset = 24;
         l.protected_caches[0] = 0xffff_8880_0100_0000;
         l.shared[1] = WireRange { start: 0xffff_ffff_8290_0094, end: 0xffff_ffff_8290_0098 };
-        bytes_of(&l)
+        l
     }
 
     fn bytes_of(l: &abi::KernelLayout) -> Vec<u8> {
@@ -650,6 +663,20 @@ mod tests {
         }
         .to_vec();
         assert_eq!(module_info(&bytes).err(), Some(WireError::Size));
+    }
+
+    /// A probe list's pointer is taken only from the image's data, which
+    /// no module writes; anywhere else a module could re-point it.
+    #[test]
+    fn probe_lists_lie_in_the_images_data() {
+        let mut l = layout();
+        l.sensitive[2] = WireRange { start: 0xffff_ffff_8290_0000, end: 0xffff_ffff_8290_2000 };
+        l.probe_lists[1] = 0xffff_ffff_8290_1ff0;
+        assert_eq!(kernel_layout(&bytes_of(&l)).unwrap().layout.probe_lists, vec![0xffff_ffff_8290_1ff0]);
+        for outside in [0xffff_ffff_8290_1ffc, 0xffff_8880_0100_0000, 0x1000] {
+            l.probe_lists[1] = outside;
+            assert_eq!(kernel_layout(&bytes_of(&l)).err(), Some(WireError::Range), "{outside:#x}");
+        }
     }
 
     #[test]

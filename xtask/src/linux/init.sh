@@ -49,7 +49,7 @@ say "done"
 SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
     idt_table entry_SYSCALL_64 __text_poke modules _sdata __start___ksymtab __stop___ksymtab __start___ksymtab_gpl
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
-    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec
+    its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec __tracepoint_task_newtask
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
     mm_cachep kmem_cache kmem_cache_node kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
     __start___ex_table __stop___ex_table __get_user_1 __get_user_2 cpu_current_top_of_stack
@@ -300,6 +300,9 @@ integrity_tests() {
     # Data-only attacks on the kernel's own data and objects.
     attack atk_kdata modprobe=$(sym modprobe_path) core=$(sym core_pattern)
     say "modprobe path now: $(cat /proc/sys/kernel/modprobe), core pattern: $(cat /proc/sys/kernel/core_pattern)"
+    # The agent's own hook: the probe list the kernel calls it through at
+    # every fork lies in the heap.
+    attack atk_probes tp=$(sym __tracepoint_task_newtask)
     # Per-CPU control data: the syscall entry's stack pointer, the TSS's
     # interrupt stack pointers (6.1 keeps the first in a per-CPU variable
     # of its own; 6.2+ in pcpu_hot, which the module finds itself).
