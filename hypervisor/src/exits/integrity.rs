@@ -270,7 +270,15 @@ fn interrupt_stacks(ctx: &ExitContext<'_>, cpus: &[wire::CpuStacks]) -> Result<V
         let (irq_store, exception_store) = (store(c.stores[0])?, store(c.stores[1])?);
         let read =
             |at: u64| ctx.inspect().read_u64(at).map_err(|_| format!("CPU {cpu}'s stack top at {at:#x} is unreadable"));
-        let top = read(c.irq_top)?.wrapping_add(8);
+        // x86 gives a CPU its interrupt stack when it first starts, and
+        // keeps it: one never started yet (`maxcpus=`) has none to know.
+        let pointer = read(c.irq_top)?;
+        if pointer == 0 {
+            return Err(format!(
+                "CPU {cpu} has no interrupt stack yet (never started): start every CPU before the agent"
+            ));
+        }
+        let top = pointer.wrapping_add(8);
         let irq = Range::new(top.wrapping_sub(c.stores[0].len()), top);
         let pages = (top & 0xfff == 0 && irq.start < top).then(|| mapped_pages(ctx, irq.start, irq.end)).flatten();
         if pages.map(|p| p.into_iter().map(|(_, gpa)| gpa).collect::<Vec<u64>>()).as_ref() != Some(&irq_store) {
@@ -4118,9 +4126,9 @@ mod tests {
         assert_eq!(f.control.perms(View::Module(id), PERCPU + 0x2000), Some(Perms::RW), "wholly its frames");
         assert_eq!(f.ept(WRITE, PERCPU + 0x4f00, K + PERCPU + 0x4f00, writer), Action::Resume);
         assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
-        // A top that is not its CPU's store, or not a page's end: the layout
-        // is refused, and nothing locks.
-        for top in [irq.end + 0x1000, irq.end - 0x10] {
+        // A top that is not its CPU's store, or not a page's end, or none
+        // (a CPU never started): the layout is refused, and nothing locks.
+        for top in [irq.end + 0x1000, irq.end - 0x10, 8] {
             let mut f = fixture(Mode::Enforce);
             give_cpu_stacks(&f, top);
             let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
