@@ -37,7 +37,7 @@ use hypervisor::tpm::anchor::{
     PLATFORM_SEALED,
 };
 use hypervisor::tpm::config_event::{config_event, IntegrityMode, SecurityConfig};
-use hypervisor::tpm::durable::{Entropy, StoreError, Unstored, TPM_RETRY};
+use hypervisor::tpm::durable::{Entropy, StoreError, Unstored, LATE_US, TPM_RETRY};
 use hypervisor::tpm::host::{Host, HOST_RECORD};
 use hypervisor::tpm::persist::RestoreError;
 use hypervisor::tpm::setup::{prepare, Failure, Level, Outcome, Request, VtpmMode};
@@ -68,8 +68,17 @@ impl Platform for TestPlatform {
         }
     }
     fn ticks_us(&mut self) -> u64 {
-        0
+        CLOCK_US.with(|c| c.get())
     }
+}
+
+std::thread_local! {
+    /// The test platforms' clock: each test runs on a thread of its own.
+    static CLOCK_US: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
+}
+
+fn advance_clock(us: u64) {
+    CLOCK_US.with(|c| c.set(c.get() + us));
 }
 
 fn platforms() -> impl FnMut() -> TestPlatform {
@@ -428,7 +437,41 @@ fn a_change_never_stored_is_named_with_what_the_store_service_did() {
     assert_eq!((r.stats.held, r.stats.sealed, r.stats.committed), (1, 2, 2));
     assert!(r
         .summary(GUEST)
-        .starts_with("vtpm linux: 1 changes held for the store service, 2 blobs sealed, 2 versions committed"));
+        .starts_with("vtpm linux: 1 changes held for the store service (0 named for waiting 10 s), 2 blobs sealed, 2 versions committed"));
+}
+
+/// A change that waits ten seconds for the store service is named while
+/// the guest's command waits, once, with what the service did; not only
+/// at the guest's stop.
+#[test]
+fn a_change_waiting_ten_seconds_for_the_store_service_is_named_while_it_waits() {
+    let (disk, _, mut vtpm) = reopened();
+    let late = |vtpm: &GuestTpm| vtpm.durable_report().expect("a durable vTPM accounts").stats.late;
+    send(&mut vtpm.tis, &nv_write(0, b"x"));
+    advance_clock(LATE_US - 1);
+    assert!(response(&mut vtpm.tis).is_none());
+    assert_eq!(late(&vtpm), 0, "not yet");
+    advance_clock(1);
+    assert!(response(&mut vtpm.tis).is_none(), "still held");
+    assert_eq!(late(&vtpm), 1, "named as it waits");
+    let r = vtpm.durable_report().unwrap();
+    let line = r.waiting(GUEST, LATE_US).unwrap();
+    assert!(line.contains("waited 10 s") && line.contains("is ctvm-vtpm-store running?"), "{line}");
+    advance_clock(60 * LATE_US);
+    assert!(response(&mut vtpm.tis).is_none());
+    assert_eq!(late(&vtpm), 1, "once");
+    // Stored at last: released, and the next change is timed afresh.
+    // (The fence before it first: this boot's first store.)
+    let mut disk = disk.clone();
+    let released = (0..2).find_map(|_| {
+        serve(&mut vtpm.tis, &mut disk).unwrap();
+        response(&mut vtpm.tis)
+    });
+    assert_eq!(rc(&released.expect("released by the store")), 0);
+    send(&mut vtpm.tis, &nv_write(0, b"y"));
+    advance_clock(LATE_US / 2);
+    assert!(response(&mut vtpm.tis).is_none());
+    assert_eq!(late(&vtpm), 1, "the next change has waited half as long");
 }
 
 #[test]

@@ -412,6 +412,12 @@ impl<P: Platform> Tpm<P> {
         self.platform_pcrs = mask & ((1u32 << pcr::NUM_PCRS) - 1);
     }
 
+    /// The platform's monotonic clock, in microseconds: for the one who
+    /// runs the chip to time what waits on it.
+    pub fn platform_ticks_us(&mut self) -> u64 {
+        self.platform.ticks_us()
+    }
+
     /// The PCRs [`Tpm::reserve_pcrs_to_platform`] reserved.
     pub fn platform_pcrs(&self) -> u32 {
         self.platform_pcrs

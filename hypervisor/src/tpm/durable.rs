@@ -61,9 +61,18 @@ pub struct DurableStats {
     pub sealed: u64,
     /// Versions committed.
     pub committed: u64,
+    /// Changes named on the console for waiting [`LATE_US`] for the store
+    /// service, while they waited.
+    pub late: u64,
     /// Commands answered TPM_RETRY while a response was held.
     pub retries: u64,
 }
+
+/// How long a change waits for the store service before it is named on the
+/// console, while the guest's command waits with it: far beyond a store
+/// service's round trip (a write and two syncs), well within Linux's
+/// `tpm_tis` timeouts for the ordinals that change state.
+pub const LATE_US: u64 = 10_000_000;
 
 /// A durable vTPM's account, for the report when its guest stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +99,10 @@ impl DurableReport {
     pub fn summary(&self, guest: &str) -> String {
         let s = self.stats;
         alloc::format!(
-            "vtpm {guest}: {} changes held for the store service, {} blobs sealed, {} versions committed, {} commands answered TPM_RETRY",
+            "vtpm {guest}: {} changes held for the store service ({} named for waiting {} s), {} blobs sealed, {} versions committed, {} commands answered TPM_RETRY",
             s.held,
+            s.late,
+            LATE_US / 1_000_000,
             s.sealed,
             s.committed,
             s.retries
@@ -102,16 +113,31 @@ impl DurableReport {
     /// stored: without it, a store service that is missing or stuck goes
     /// unnoticed until a later boot lacks the change.
     pub fn unstored(&self, guest: &str) -> Option<String> {
+        let (why, fate) = self.why()?;
+        Some(alloc::format!("guest {guest}: its durable vTPM's last change was never acknowledged: {why}; {fate}"))
+    }
+
+    /// The line for a change that has waited `waited_us` for the store
+    /// service and waits on: the guest's command waits with it.
+    pub fn waiting(&self, guest: &str, waited_us: u64) -> Option<String> {
+        let (why, fate) = self.why()?;
+        let s = waited_us / 1_000_000;
+        Some(alloc::format!(
+            "guest {guest}: a change of its durable vTPM has waited {s} s for the store service, and the guest's TPM command with it: {why}; if the power goes now, {fate}"
+        ))
+    }
+
+    /// Why the change waiting was not stored, and what becomes of it.
+    fn why(&self) -> Option<(&'static str, &'static str)> {
         const LOST: &str = "the change is lost with the power";
-        let (why, fate) = match self.unstored? {
+        Some(match self.unstored? {
             Unstored::NoService => ("no store service fetched a blob this boot (is ctvm-vtpm-store running?)", LOST),
             Unstored::NotFetched => ("its store service did not come back for the blob", LOST),
             Unstored::NotReported => (
                 "its store service fetched the blob but never reported it written and synced",
                 "a later boot has the change only if the blob reached the disk",
             ),
-        };
-        Some(alloc::format!("guest {guest}: its durable vTPM's last change was never acknowledged: {why}; {fate}"))
+        })
     }
 }
 
@@ -124,6 +150,10 @@ pub struct DurableTpm<P: Platform> {
     protocol: Durability,
     /// The response of the change being stored.
     held: Option<Vec<u8>>,
+    /// When it was held (the platform's clock, µs), and whether it has been
+    /// named for waiting long.
+    held_at: u64,
+    named_late: bool,
     /// A released response the TIS has not taken yet.
     released: Option<Vec<u8>>,
     /// What goes in front of every blob: the state key sealed to the
@@ -173,6 +203,8 @@ impl<P: Platform> DurableTpm<P> {
             anchor,
             protocol: Durability::boot(counter),
             held: None,
+            held_at: 0,
+            named_late: false,
             released: None,
             prefix: Vec::new(),
             outbox: None,
@@ -228,6 +260,8 @@ impl<P: Platform> TpmBackend for DurableTpm<P> {
             Ok(Step::Hold) => {
                 self.stats.held = self.stats.held.saturating_add(1);
                 self.held = Some(response);
+                self.held_at = self.tpm.platform_ticks_us();
+                self.named_late = false;
                 None
             }
             // Release; the protocol's other answers cannot follow a command
@@ -236,7 +270,20 @@ impl<P: Platform> TpmBackend for DurableTpm<P> {
         }
     }
 
+    /// The guest polls while its command waits: a change that has waited
+    /// [`LATE_US`] is named on the console then (once), not only at the
+    /// guest's stop.
     fn poll(&mut self) -> Option<Vec<u8>> {
+        if self.held.is_some() && !self.named_late {
+            let waited = self.tpm.platform_ticks_us().saturating_sub(self.held_at);
+            if waited >= LATE_US {
+                self.named_late = true;
+                self.stats.late = self.stats.late.saturating_add(1);
+                if let Some(line) = self.durable_report().and_then(|r| r.waiting(&self.guest, waited)) {
+                    log::warn!("{line}");
+                }
+            }
+        }
         self.released.take()
     }
 
