@@ -1187,6 +1187,12 @@ fn probe_list_on(ctx: &ExitContext<'_>, page: u64) -> Option<Range> {
     let inspect = ctx.inspect();
     layout.probe_lists.iter().find_map(|&at| {
         let list = inspect.read_u64(at).ok().filter(|&l| l != 0)?;
+        // The list's entries are read only when its start, or the page after
+        // it (a list is far shorter than a page), is `page`.
+        let near = |va: u64| inspect.translate(va).is_ok_and(|gpa| gpa & !0xfff == page);
+        if !near(list) && !near((list & !0xfff).wrapping_add(0x1000)) {
+            return None;
+        }
         let r = crate::integrity::layout::probe_list(list, |a| inspect.read_u64(a).ok());
         r.pages().find_map(|va| {
             let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
@@ -1502,10 +1508,6 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         _ => None,
     };
     let shared_field = kernel_object.and_then(|_| shared_field(ctx, ctx.exit.guest_physical));
-    let kernel_shield = match (state.local.view, info.access) {
-        (View::Module(_), super::Access::Write) if untracked => probe_list_on(ctx, page),
-        _ => None,
-    };
     let task_stack = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
@@ -1518,6 +1520,14 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         _ => None,
     };
     let state = ctx.guest.integrity.as_ref()?;
+    // A stack page holds no probe list (and a write there is judged as one
+    // to the stack first).
+    let kernel_shield = match (state.local.view, info.access) {
+        (View::Module(_), super::Access::Write) if untracked && !by_address && stack_alias.is_none() => {
+            probe_list_on(ctx, page)
+        }
+        _ => None,
+    };
     // Only a call to a module's entry hands it out-parameters (a return
     // into its code finds the kernel's leftovers in those registers).
     let entry = match state.engine.class_of(page) {
@@ -1583,12 +1593,13 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
             // A plain page is granted writable only once a walk has shown it
             // is no table the kernel left untyped; one it is, is judged again
             // as one (the write exits again).
-            if untracked && perms.contains(Perms::WRITE) && may_be_untyped_table(ctx, page) {
+            let module_view = matches!(view, View::Module(_));
+            if module_view && untracked && perms.contains(Perms::WRITE) && may_be_untyped_table(ctx, page) {
                 refresh_page_tables(ctx);
                 let engine = &mut ctx.guest.integrity.as_mut()?.engine;
                 engine.stats.table_walks += 1;
                 if engine.class_of(page).is_some() {
-                    engine.stats.grants -= 1;
+                    engine.stats.grants = engine.stats.grants.saturating_sub(1);
                     return Some(Action::Resume);
                 }
             }
