@@ -1165,7 +1165,7 @@ fn new_top_level_table(ctx: &ExitContext<'_>, page: u64) -> bool {
 
 /// Whether guest RAM `page` may be a page table the kernel made since the
 /// last walk without a page type (see [`ObjectMap::may_be_untyped_table`]):
-/// a module's first write to one costs a walk. Outside guest RAM no walk
+/// granting one to a module costs a walk first. Outside guest RAM no walk
 /// would find a table.
 fn may_be_untyped_table(ctx: &ExitContext<'_>, page: u64) -> bool {
     let Some(objects) = ctx.guest.integrity.as_ref().and_then(|s| s.engine.layout()?.objects.as_ref()) else {
