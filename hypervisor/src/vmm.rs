@@ -1536,7 +1536,7 @@ pub fn report(vms: &[&'static Vm]) {
         if let Some(i) = &guest.integrity {
             let s = i.engine.stats;
             info!(
-                "  integrity {}: {} view switches, {} thunk branches, {} pages granted, {} page-table walks before a first write, {} text pokes let through, {} violations",
+                "  integrity {}: {} view switches, {} thunk branches, {} pages granted, {} page-table walks before a grant, {} text pokes let through, {} violations",
                 guest.name(),
                 s.switches,
                 s.branches,

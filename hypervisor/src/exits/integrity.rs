@@ -1187,18 +1187,15 @@ fn probe_list_on(ctx: &ExitContext<'_>, page: u64) -> Option<Range> {
     let inspect = ctx.inspect();
     layout.probe_lists.iter().find_map(|&at| {
         let list = inspect.read_u64(at).ok().filter(|&l| l != 0)?;
-        // The list's entries are read only when its start, or the page after
-        // it (a list is far shorter than a page), is `page`.
-        let near = |va: u64| inspect.translate(va).is_ok_and(|gpa| gpa & !0xfff == page);
-        if !near(list) && !near((list & !0xfff).wrapping_add(0x1000)) {
-            return None;
-        }
+        // A list spans two pages at most: the one it starts on and the next.
+        // Its entries are read only when one of them is `page`.
+        let va = [0, 0x1000]
+            .map(|o| (list & !0xfff).wrapping_add(o))
+            .into_iter()
+            .find(|&va| inspect.translate(va).is_ok_and(|gpa| gpa & !0xfff == page))?;
         let r = crate::integrity::layout::probe_list(list, |a| inspect.read_u64(a).ok());
-        r.pages().find_map(|va| {
-            let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
-            let gpa = inspect.translate(from).ok()?;
-            (gpa & !0xfff == page).then(|| Range::new(gpa, gpa + (to - from)))
-        })
+        let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
+        (from < to).then(|| Range::new(page + (from - va), page + (to - va)))
     })
 }
 

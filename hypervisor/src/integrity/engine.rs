@@ -217,8 +217,8 @@ pub struct Stats {
     pub grants: u64,
     /// Writes to protected text let through for the kernel's own patching.
     pub pokes: u64,
-    /// Walks of the page tables before a module's first write to a page
-    /// that may be a table no walk has seen.
+    /// Walks of the page tables before a module is granted a page that
+    /// may be a table no walk has seen.
     pub table_walks: u64,
     pub violations: u64,
 }

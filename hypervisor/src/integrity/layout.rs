@@ -46,8 +46,10 @@ impl Range {
 /// A tracepoint's probe list: `struct tracepoint_func { func, data, prio }`
 /// entries, the last with a null function.
 const PROBE_ENTRY: u64 = 24;
-/// Far more probes than one tracepoint ever has.
+/// Far more probes than one tracepoint ever has; the longest list still
+/// spans two pages at most.
 const PROBES_MAX: u64 = 64;
+const _: () = assert!(PROBES_MAX * PROBE_ENTRY <= 0x1000);
 
 /// The bytes of the probe list at `list`, its ending entry included, given
 /// a reader of guest-virtual words. A list that does not end within
