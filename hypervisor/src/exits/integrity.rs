@@ -1092,7 +1092,20 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
     let spec = engine.deputy_spec(target)?;
     let read = |at: u64, len: usize| read_guest(ctx, at, len).ok();
     let blocked = match crate::integrity::deputy::destinations(spec, &fault.gprs, &read) {
-        Some(ranges) => ranges.iter().find_map(|range| first_unwritable(ctx, m, range))?,
+        Some(ranges) => {
+            // A destination on a plain page no walk has seen may be a table
+            // the kernel left untyped: walked for, as a grant would be.
+            let mut walk = false;
+            match ranges.iter().find_map(|range| first_unwritable(ctx, m, range, &mut walk)) {
+                Some(at) => at,
+                None if walk => {
+                    refresh_page_tables(ctx);
+                    ctx.guest.integrity.as_mut()?.engine.stats.table_walks += 1;
+                    ranges.iter().find_map(|range| first_unwritable(ctx, m, range, &mut false))?
+                }
+                None => return None,
+            }
+        }
         None => fault.gprs[7],
     };
     Some(ctx.guest.integrity.as_mut()?.engine.deputy_refused(fault, m, blocked))
@@ -1102,8 +1115,9 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
 /// write it) that module `m` could not write itself, if any. A page its
 /// view already maps writable was judged when it was granted (its own
 /// data, a heap page), and grants are taken back whenever a page changes
-/// class: no need to read its `struct page` again.
-fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> {
+/// class: no need to read its `struct page` again. `walk` is set when a
+/// page judged writable may be a table no walk has seen.
+fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range, walk: &mut bool) -> Option<u64> {
     let engine = &ctx.guest.integrity.as_ref()?.engine;
     let control = ctx.control.as_deref();
     range.pages().find_map(|va| {
@@ -1127,12 +1141,15 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range) -> Option<u64> 
             return (!ok).then_some(from);
         }
         let bytes = Range::new(gpa, gpa + (to - from));
-        let untracked = engine.class_of(gpa).is_none();
         if untracked && probe_list_on(ctx, gpa & !0xfff).is_some_and(|list| list.overlaps(&bytes)) {
             return Some(from);
         }
         let object = if untracked { kernel_object(ctx, gpa & !0xfff) } else { None };
-        (!engine.module_may_write(m, bytes, object)).then_some(from)
+        if !engine.module_may_write(m, bytes, object) {
+            return Some(from);
+        }
+        *walk |= untracked && may_be_untyped_table(ctx, gpa & !0xfff);
+        None
     })
 }
 
@@ -3848,6 +3865,20 @@ mod tests {
             assert_eq!(violation_kinds(&mut f), [ViolationKind::WritePageTable as u32], "{name}");
             assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "{name}: skipped");
             assert_eq!(f.control.perms(module, fresh), None, "{name}: not granted");
+        }
+        // memcpy onto such a table, for the module: the deputy's
+        // destination is walked for too.
+        for (parent, index, name) in [(0x3000, 8, "a kernel PTE table"), (PROCESS_PGD, 1, "a process's PUD")] {
+            let (mut f, _) = in_module(writer);
+            let fresh: u64 = 0xdc_0000;
+            w(&f.phys, parent + index * 8, &(fresh | 3).to_le_bytes());
+            let call_site = K + MODULE_CODE + 0x40;
+            w(&f.phys, STACK, &call_site.to_le_bytes());
+            f.vcpu.write(Field::Rsp, K + STACK);
+            (f.vcpu.regs.rdi, f.vcpu.regs.rdx) = (K + fresh + 0x20, 8);
+            f.ept(FETCH | READ, MEMCPY, K + MEMCPY, K + MEMCPY);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyWrite as u32], "{name}: memcpy");
+            assert_eq!(f.vcpu.read(Field::Rip), call_site, "{name}: returned to the caller");
         }
         // The same page linked nowhere is a heap page.
         let (mut f, id) = in_module(writer);
