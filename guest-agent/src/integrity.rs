@@ -393,11 +393,16 @@ pub enum ViolationKind {
     /// out-parameters it was handed: the kernel's frames (return addresses,
     /// saved registers), another task's.
     WriteKernelStack = 26,
+    /// What a write-through call still running was judged by (its format,
+    /// its input, the pointers it reads from the stack, its `seq_file`),
+    /// changed before it returned: by a module's write, or by another
+    /// write-through call's destination.
+    DeputyInput = 27,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 26] = [
+    pub const ALL: [ViolationKind; 27] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -424,6 +429,7 @@ impl ViolationKind {
         Self::WritePageTable,
         Self::EnterQuarantined,
         Self::WriteKernelStack,
+        Self::DeputyInput,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -455,6 +461,7 @@ impl ViolationKind {
             Self::WritePageTable => "write-page-table",
             Self::EnterQuarantined => "enter-quarantined",
             Self::WriteKernelStack => "write-kernel-stack",
+            Self::DeputyInput => "deputy-input",
         }
     }
 }

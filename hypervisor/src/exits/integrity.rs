@@ -1080,10 +1080,21 @@ pub fn new_stack(ctx: &mut ExitContext<'_>, base: u64) -> Result<u64, Error> {
     Ok(0)
 }
 
+/// A module's write-through call that may run: held, once let go, until it
+/// returns (see [`crate::integrity::returns::InFlight`]). Guest-physical
+/// pieces, each with the guest-virtual address it starts at.
+struct Deputy {
+    m: u32,
+    inputs: Vec<(u64, Range)>,
+    writes: Vec<(u64, Range)>,
+}
+
 /// A module's branch to a write-through kernel function (`memcpy`,
-/// `kobject_del`, ...) whose destination it could not write itself: the
-/// refusal, or `None` when the branch is judged as any other.
-fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
+/// `kobject_del`, ...): `Err` with the refusal when it would write what the
+/// module could not itself, or what another such call still running was
+/// judged by, or when it is judged by what one writes; `Ok` with the call to
+/// hold; `None` when the branch is judged as any other.
+fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deputy, Outcome>> {
     let (View::Module(m), super::Access::Execute) = (fault.view, fault.access) else {
         return None;
     };
@@ -1091,24 +1102,73 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
     let target = engine.call_target(fault);
     let spec = engine.deputy_spec(target)?;
     let read = |at: u64, len: usize| read_guest(ctx, at, len).ok();
-    let blocked = match crate::integrity::deputy::destinations(spec, &fault.gprs, &read) {
-        Some(ranges) => {
-            // A destination on a plain page no walk has seen may be a table
-            // the kernel left untyped: walked for, as a grant would be.
-            let mut walk = false;
-            match ranges.iter().find_map(|range| first_unwritable(ctx, m, range, &mut walk)) {
-                Some(at) => at,
-                None if walk => {
-                    refresh_page_tables(ctx);
-                    ctx.guest.integrity.as_mut()?.engine.stats.table_walks += 1;
-                    ranges.iter().find_map(|range| first_unwritable(ctx, m, range, &mut false))?
-                }
-                None => return None,
+    let refuse = |ctx: &mut ExitContext<'_>, kind, at| {
+        ctx.guest.integrity.as_mut().map(|s| Err(s.engine.deputy_refused(fault, m, kind, at)))
+    };
+    let Some(judged) = crate::integrity::deputy::destinations(spec, &fault.gprs, &read) else {
+        return refuse(ctx, ViolationKind::DeputyWrite, fault.gprs[7]);
+    };
+    // A destination on a plain page no walk has seen may be a table the
+    // kernel left untyped: walked for, as a grant would be.
+    let mut walk = false;
+    let mut writes = Vec::new();
+    let mut blocked = judged.writes.iter().find_map(|range| first_unwritable(ctx, m, range, &mut walk, &mut writes));
+    if blocked.is_none() && walk {
+        refresh_page_tables(ctx);
+        ctx.guest.integrity.as_mut()?.engine.stats.table_walks += 1;
+        writes.clear();
+        blocked = judged.writes.iter().find_map(|range| first_unwritable(ctx, m, range, &mut false, &mut writes));
+    }
+    if let Some(at) = blocked {
+        return refuse(ctx, ViolationKind::DeputyWrite, at);
+    }
+    let mut inputs = Vec::new();
+    for &range in &judged.inputs {
+        if let Err(at) = physical_pieces(ctx, range, &mut inputs) {
+            return refuse(ctx, ViolationKind::DeputyWrite, at);
+        }
+    }
+    let gpas = |pieces: &[(u64, Range)]| pieces.iter().map(|p| p.1).collect::<Vec<_>>();
+    let engine = &ctx.guest.integrity.as_ref()?.engine;
+    if let Some(gpa) = engine.call_conflict(&gpas(&inputs), &gpas(&writes)) {
+        let at =
+            inputs.iter().chain(&writes).find(|p| p.1.contains(gpa)).map_or(fault.gprs[7], |p| p.0 + (gpa - p.1.start));
+        return refuse(ctx, ViolationKind::DeputyInput, at);
+    }
+    Some(Ok(Deputy { m, inputs, writes }))
+}
+
+/// The guest-physical pieces of guest-virtual `range`, a page at a time,
+/// each with its guest-virtual start; `Err` with the first address that
+/// does not translate.
+fn physical_pieces(ctx: &ExitContext<'_>, range: Range, out: &mut Vec<(u64, Range)>) -> Result<(), u64> {
+    for va in range.pages() {
+        let from = range.start.max(va);
+        let to = range.end.min(va + 0x1000);
+        let gpa = ctx.inspect().translate(from).map_err(|_| from)?;
+        out.push((from, Range::new(gpa, gpa + (to - from))));
+    }
+    Ok(())
+}
+
+/// A write-through call let go: held until it returns, and no module view
+/// keeps a right to write what it was judged by (a module's next write
+/// there is judged, and refused or let through beside it).
+fn hold_call(ctx: &mut ExitContext<'_>, fault: &Fault, call: Deputy) {
+    let Some(state) = ctx.guest.integrity.as_mut() else { return };
+    let mut pages: Vec<u64> = call.inputs.iter().map(|p| p.1.start & !0xfff).collect();
+    pages.dedup();
+    let modules: Vec<u32> = state.engine.modules().collect();
+    let gpas = |pieces: Vec<(u64, Range)>| pieces.into_iter().map(|p| p.1).collect();
+    state.engine.hold_call(call.m, fault.rsp.wrapping_add(8), gpas(call.inputs), gpas(call.writes));
+    let Some(control) = ctx.control.as_deref_mut() else { return };
+    for page in pages {
+        for &m in &modules {
+            if control.perms(View::Module(m), page).is_some_and(|p| p.contains(Perms::WRITE)) {
+                take_back_write(control, m, page);
             }
         }
-        None => fault.gprs[7],
-    };
-    Some(ctx.guest.integrity.as_mut()?.engine.deputy_refused(fault, m, blocked))
+    }
 }
 
 /// The first address of `range` (guest-virtual, as the kernel would
@@ -1117,7 +1177,13 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Outcome> {
 /// data, a heap page), and grants are taken back whenever a page changes
 /// class: no need to read its `struct page` again. `walk` is set when a
 /// page judged writable may be a table no walk has seen.
-fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range, walk: &mut bool) -> Option<u64> {
+fn first_unwritable(
+    ctx: &ExitContext<'_>,
+    m: u32,
+    range: Range,
+    walk: &mut bool,
+    pieces: &mut Vec<(u64, Range)>,
+) -> Option<u64> {
     let engine = &ctx.guest.integrity.as_ref()?.engine;
     let control = ctx.control.as_deref();
     range.pages().find_map(|va| {
@@ -1126,6 +1192,7 @@ fn first_unwritable(ctx: &ExitContext<'_>, m: u32, range: Range, walk: &mut bool
         let Ok(gpa) = ctx.inspect().translate(from) else {
             return Some(from);
         };
+        pieces.push((from, Range::new(gpa, gpa + (to - from))));
         if control.and_then(|c| c.perms(View::Module(m), gpa & !0xfff)).is_some_and(|p| p.contains(Perms::WRITE)) {
             return None;
         }
@@ -1573,7 +1640,14 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         Outcome { step: Step::AllowExecute, violation: None }
     } else {
         match deputy_check(ctx, &fault) {
-            Some(refused) => refused,
+            Some(Err(refused)) => refused,
+            Some(Ok(call)) => {
+                let outcome = ctx.guest.integrity.as_mut()?.engine.decide(&fault);
+                if matches!(outcome.step, Step::Switch(View::Kernel) | Step::Branch { view: View::Kernel, .. }) {
+                    hold_call(ctx, &fault, call);
+                }
+                outcome
+            }
             None => ctx.guest.integrity.as_mut()?.engine.decide(&fault),
         }
     };
@@ -1771,7 +1845,8 @@ fn call_carried_out(
         _ => return None,
     };
     let gpa = ctx.exit.guest_physical;
-    if !may_write(Range::new(gpa, gpa + 8)) {
+    let held = ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.holds_input(Range::new(gpa, gpa + 8)));
+    if held || !may_write(Range::new(gpa, gpa + 8)) {
         return None;
     }
     ctx.guest.memory.write(&ctx.phys, gpa, &insn.next_ip().to_le_bytes()).ok()?;
@@ -1848,11 +1923,15 @@ fn guarded_step(
     if let Ok(control) = control(ctx) {
         control.run_alone();
     }
-    let mut bytes = alloc::vec![0; kept.len() as usize];
-    if ctx.guest.memory.read(&ctx.phys, kept.start, &mut bytes).is_err() {
+    // What write-through calls still running were judged by is kept too.
+    let held = ctx.guest.integrity.as_ref().map_or_else(Vec::new, |s| s.engine.inputs_on(page));
+    let start = held.iter().fold(kept.start, |a, r| a.min(r.start));
+    let end = held.iter().fold(kept.end, |a, r| a.max(r.end));
+    let mut bytes = alloc::vec![0; (end - start) as usize];
+    if ctx.guest.memory.read(&ctx.phys, start, &mut bytes).is_err() {
         return Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into()));
     }
-    step_over(ctx, view, page, Some(Guard { at: kept.start, bytes, rip, allowed }))
+    step_over(ctx, view, page, Some(Guard { at: start, bytes, rip, kept, allowed, held }))
 }
 
 /// After a write let through beside guarded bytes: if it changed them, they
@@ -1863,17 +1942,19 @@ fn check_guard(ctx: &mut ExitContext<'_>, view: View, guard: Guard) -> Option<Ac
         return Some(Action::Stop(StopReason::HypervisorError("a guarded range outside guest RAM".into())));
     }
     // What the write may change keeps its new value.
-    let allowed = |i: usize| guard.allowed.is_some_and(|r| r.contains(guard.at + i as u64));
     let mut restored = guard.bytes.clone();
-    for (i, b) in restored.iter_mut().enumerate().filter(|&(i, _)| allowed(i)) {
+    for (i, b) in restored.iter_mut().enumerate().filter(|&(i, _)| guard.may_change(guard.at + i as u64)) {
         *b = now[i];
     }
     let changed = now.iter().zip(&restored).position(|(a, b)| a != b)?;
     let state = ctx.guest.integrity.as_mut()?;
     let at = guard.at + changed as u64;
-    let v = match guard.allowed {
-        None => state.engine.shield_breached(view, guard.rip, at),
-        Some(_) => state.engine.record(ViolationKind::WriteProtectedData, view, guard.rip, at),
+    let v = if guard.held.iter().any(|r| r.contains(at)) {
+        state.engine.record(ViolationKind::DeputyInput, view, guard.rip, at)
+    } else if guard.allowed.is_none() {
+        state.engine.shield_breached(view, guard.rip, at)
+    } else {
+        state.engine.record(ViolationKind::WriteProtectedData, view, guard.rip, at)
     };
     if v.action == abi::ViolationAction::Denied && ctx.guest.memory.write(&ctx.phys, guard.at, &restored).is_err() {
         return Some(Action::Stop(StopReason::HypervisorError("cannot restore guarded bytes".into())));
@@ -2292,6 +2373,7 @@ mod tests {
     const HANDLER: u64 = TEXT + 0x4000;
     const MEMCPY: u64 = TEXT + 0x6000;
     const SYMBOL_GET: u64 = TEXT + 0x7000;
+    const SEQ_PUTS: u64 = TEXT + 0x8000;
     const RODATA: u64 = 0x60_0000;
     const SYSCALL_TABLE: u64 = 0x61_0000;
     const IDT: u64 = 0x62_0000;
@@ -2364,7 +2446,7 @@ mod tests {
             syscall_table: abi::WireRange { start: K + SYSCALL_TABLE, end: K + SYSCALL_TABLE + 0x1000 },
             idt: abi::WireRange { start: K + IDT, end: K + IDT + 0x1000 },
             entry_syscall: K + ENTRY_SYSCALL,
-            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 60 },
+            ksymtab: abi::WireRange { start: K + KSYMTAB, end: K + KSYMTAB + 72 },
             kernel_page_table: K + 0x1000,
             ..Default::default()
         };
@@ -2421,6 +2503,7 @@ mod tests {
             (THUNK_RAX, NAMES + 0x20, &b"__x86_indirect_thunk_rax\0"[..]),
             (MEMCPY, NAMES + 0x40, &b"memcpy\0"[..]),
             (SYMBOL_GET, NAMES + 0x50, &b"__symbol_get\0"[..]),
+            (SEQ_PUTS, NAMES + 0x60, &b"seq_puts\0"[..]),
         ]
         .iter()
         .enumerate()
@@ -2489,7 +2572,7 @@ mod tests {
     }
 
     /// The fixture kernel's API policy: printk allowed, set_memory_rw in a group.
-    const API: &str = "ctvm.api v1 kernel=test\ngroup code-permissions\nallow printk\nallow memcpy\n\
+    const API: &str = "ctvm.api v1 kernel=test\ngroup code-permissions\nallow printk\nallow memcpy\nallow seq_puts\n\
                        deny code-permissions set_memory_rw\n";
 
     fn api_policy(text: &str) -> api::ApiPolicy {
@@ -2555,8 +2638,8 @@ mod tests {
         // A kernel export the policy does not name is denied like a grouped
         // one (another kernel, a renamed API); an empty policy denies all.
         for (text, denied) in [
-            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 4),
-            ("ctvm.api v1 kernel=other\n", 4),
+            ("ctvm.api v1 kernel=test\ngroup code-permissions\ndeny code-permissions set_memory_rw\n", 5),
+            ("ctvm.api v1 kernel=other\n", 5),
         ] {
             let mut f = fixture(Mode::Enforce);
             f.guest.integrity.as_mut().unwrap().api = alloc::sync::Arc::new(api_policy(text));
@@ -2585,13 +2668,14 @@ mod tests {
         let id = f.register_everything();
         let e = &f.guest.integrity.as_ref().unwrap().engine;
         // The thunk, known by its exported name, is a branch to judge, not an entry.
-        assert_eq!(e.layout().unwrap().entries, alloc::vec![K + PRINTK, K + SET_MEMORY_RW, K + MEMCPY, K + SYMBOL_GET]);
+        let entries = alloc::vec![K + PRINTK, K + SET_MEMORY_RW, K + MEMCPY, K + SYMBOL_GET, K + SEQ_PUTS];
+        assert_eq!(e.layout().unwrap().entries, entries);
         // __symbol_get fails with NULL: refused, it returns NULL.
         assert_eq!(e.layout().unwrap().null_on_failure, alloc::vec![K + SYMBOL_GET]);
         assert_eq!(e.layout().unwrap().thunk_register(K + THUNK_RAX), Some(0));
         // memcpy is an entry that writes where its caller points.
         let deputies: Vec<u64> = e.layout().unwrap().deputies.iter().map(|d| d.0).collect();
-        assert_eq!(deputies, alloc::vec![K + MEMCPY]);
+        assert_eq!(deputies, alloc::vec![K + MEMCPY, K + SEQ_PUTS]);
         assert_eq!(e.layout().unwrap().denied_entries, alloc::vec![K + SET_MEMORY_RW, K + SYMBOL_GET]);
         let denied = &f.guest.integrity.as_ref().unwrap().denied_apis;
         assert_eq!(
@@ -3713,6 +3797,78 @@ mod tests {
         w(&f.phys, PROBE_LIST_AT, &0u64.to_le_bytes());
         f.vcpu.write(Field::Rip, writer);
         assert_eq!(f.ept(WRITE, list + 8, K + list + 8, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
+    }
+
+    /// What a write-through call was judged by (here a `seq_file` the
+    /// module forged in a heap page of its own: the buffer and size the
+    /// kernel writes by) must stay as judged until the call returns: a
+    /// module (another of its threads, on another CPU or once the call is
+    /// preempted) would otherwise point the buffer at `modprobe_path` once
+    /// the check is done. The module's grant on the page is taken back;
+    /// its write into the fields is refused, beside them let through
+    /// alone; another call that would write them is refused. Once the call
+    /// returns, the page is the module's again.
+    #[test]
+    fn what_a_write_through_call_was_judged_by_holds_until_it_returns() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
+        let file = HEAP_PAGE + 0x100;
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW), "a heap page of its own");
+        w(&f.phys, file, &(K + HEAP_PAGE + 0x800).to_le_bytes());
+        w(&f.phys, file + 8, &0x100u64.to_le_bytes());
+        // seq_puts(file, ...): judged by the buffer it names, and let go.
+        let call_site = K + MODULE_CODE + 0x40;
+        w(&f.phys, STACK, &call_site.to_le_bytes());
+        f.vcpu.write(Field::Rsp, K + STACK);
+        f.vcpu.regs.rdi = K + file;
+        f.ept(FETCH | READ, SEQ_PUTS, K + SEQ_PUTS, K + SEQ_PUTS);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.active, Some(View::Kernel), "the call runs");
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ), "the grant taken back");
+        // Meanwhile, the module: into the buffer pointer and the size, refused.
+        let in_module = |f: &mut Fixture| {
+            f.guest.integrity.as_mut().unwrap().local.view = module;
+            f.control.active = Some(module);
+            f.vcpu.write(Field::Rsp, K + STACK - 0x1000);
+        };
+        for at in [file, file + 12] {
+            in_module(&mut f);
+            assert_eq!(f.ept(WRITE, at, K + at, writer), Action::Resume);
+            assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyInput as u32], "{at:#x}");
+            assert_eq!(f.vcpu.read(Field::Rip), writer + 3, "skipped");
+        }
+        // Beside them: let through alone, the page still not granted.
+        in_module(&mut f);
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, file + 16, K + file + 16, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert!(f.control.monitor_trap, "stepped, not granted");
+        // A wide store that reached from beside into the size is undone.
+        w(&f.phys, file + 8, &0x1000_0000u64.to_le_bytes());
+        assert_eq!(f.exit(ExitInfo { reason: reason::MONITOR_TRAP, ..Default::default() }), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyInput as u32]);
+        assert_eq!(guest_bytes(&f, file + 8, 8), 0x100u64.to_le_bytes(), "put back");
+        assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::READ), "closed again");
+        // memcpy onto the size, for the module (from another task): refused.
+        in_module(&mut f);
+        let other_site = K + MODULE_CODE + 0x48;
+        w(&f.phys, STACK - 0x1000, &other_site.to_le_bytes());
+        (f.vcpu.regs.rdi, f.vcpu.regs.rdx) = (K + file + 8, 8);
+        f.ept(FETCH | READ, MEMCPY, K + MEMCPY, K + MEMCPY);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyInput as u32]);
+        assert_eq!(f.vcpu.read(Field::Rip), other_site, "returned to the caller");
+        // seq_puts returns: the page is a heap page of the module's again.
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
+        f.control.active = Some(View::Kernel);
+        f.vcpu.write(Field::Rsp, K + STACK + 8);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, call_site, call_site), Action::Resume);
+        assert_eq!(f.control.active, Some(module));
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
         assert!(violation_kinds(&mut f).is_empty());
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
     }

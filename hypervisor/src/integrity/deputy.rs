@@ -168,50 +168,65 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
 /// address, `None` where unreadable.
 pub type Read<'a> = &'a dyn Fn(u64, usize) -> Option<Vec<u8>>;
 
-/// The guest-virtual ranges a call with these registers (RSP is 4) would
-/// write; `None` when they cannot be told (a length beyond
+/// What a call was judged by: the guest-virtual ranges it would write,
+/// and the guest-virtual bytes the judgement read to tell them (a format,
+/// an input, pointers on the stack, a `va_list`, a `seq_file`'s buffer and
+/// size). The kernel reads those bytes again as the call runs: they must
+/// not change until it returns (see `returns::InFlight`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub writes: Ranges,
+    pub inputs: Vec<Range>,
+}
+
+/// What a call with these registers (RSP is 4) would write, and what that
+/// was read from; `None` when it cannot be told (a length beyond
 /// [`MAX_DESTINATION`], a range that wraps, a format or structure that
 /// cannot be read or understood): the call is then refused.
-///
-/// What the ranges are read from (a format, a pointer on the stack, a
-/// `seq_file`) may lie in memory the module can write, and the kernel
-/// reads it again later: another of the module's threads could change it
-/// in between (see the README).
-pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Ranges> {
-    match spec {
+pub fn destinations(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Judgement> {
+    let mut inputs = Vec::new();
+    let writes = match spec {
         Spec::Range { destination: register, length } => {
-            Some(Ranges::Fixed([Some(destination(register, length, gprs)?), None]))
+            Ranges::Fixed([Some(destination(register, length, gprs)?), None])
         }
         Spec::Scan { input, format, args } => {
-            let text = read_string(gprs[input], STRING_BOUND as usize, read)?;
-            let sizes = scan_sizes(&read_string(gprs[format], MAX_FORMAT, read)?, &text)?;
+            let text = read_string(gprs[input], STRING_BOUND as usize, read, &mut inputs)?;
+            let sizes = scan_sizes(&read_string(gprs[format], MAX_FORMAT, read, &mut inputs)?, &text)?;
             let va = match args {
                 Args::From(_) => None,
-                Args::VaList(r) => Some(VaList::read(gprs[r], read)?),
+                Args::VaList(r) => Some(VaList::read(gprs[r], read, &mut inputs)?),
             };
             let mut out = Vec::with_capacity(sizes.len());
             for (i, size) in sizes.into_iter().enumerate() {
                 let pointer = match (args, &va) {
-                    (_, Some(va)) => va.arg(i, read)?,
-                    (Args::From(first), None) => argument(first + i, gprs, read)?,
+                    (_, Some(va)) => va.arg(i, read, &mut inputs)?,
+                    (Args::From(first), None) => argument(first + i, gprs, read, &mut inputs)?,
                     (Args::VaList(_), None) => return None,
                 };
                 out.push(Range::new(pointer, pointer.checked_add(size)?));
             }
-            Some(Ranges::Scanned(out))
+            Ranges::Scanned(out)
         }
         Spec::Seq { file } => {
             let m = gprs[file];
-            let fields = read(m, 16)?;
+            let fields = read_recorded(m, 16, read, &mut inputs)?;
             let buf = u64::from_le_bytes(fields[..8].try_into().ok()?);
             let size = u64::from_le_bytes(fields[8..].try_into().ok()?);
             if size > MAX_DESTINATION {
                 return None;
             }
             let file = Range::new(m, m.checked_add(SEQ_FILE_COUNTS)?);
-            Some(Ranges::Fixed([Some(file), Some(Range::new(buf, buf.checked_add(size)?))]))
+            Ranges::Fixed([Some(file), Some(Range::new(buf, buf.checked_add(size)?))])
         }
-    }
+    };
+    Some(Judgement { writes, inputs })
+}
+
+/// Reads `len` bytes at `at` and notes them among a judgement's inputs.
+fn read_recorded(at: u64, len: usize, read: Read<'_>, inputs: &mut Vec<Range>) -> Option<Vec<u8>> {
+    let bytes = read(at, len)?;
+    inputs.push(Range::new(at, at.checked_add(len as u64)?));
+    Some(bytes)
 }
 
 /// The ranges a call writes: one or two without an allocation (a deputy
@@ -241,28 +256,37 @@ const MAX_CONVERSIONS: usize = 32;
 const SEQ_FILE_COUNTS: u64 = 40;
 
 /// A string, up to its NUL or `limit` bytes, a page at a time: a string
-/// near the end of its mapping is read, not refused.
-fn read_string(mut at: u64, limit: usize, read: Read<'_>) -> Option<Vec<u8>> {
+/// near the end of its mapping is read, not refused. Its bytes up to the
+/// NUL are noted among the inputs (what lies beyond it judged nothing).
+fn read_string(at: u64, limit: usize, read: Read<'_>, inputs: &mut Vec<Range>) -> Option<Vec<u8>> {
     let mut text = Vec::new();
+    let mut next = at;
     while text.len() < limit && !text.contains(&0) {
-        let chunk = (limit - text.len()).min(0x1000 - (at & 0xfff) as usize);
-        text.extend(read(at, chunk)?);
-        at = at.checked_add(chunk as u64)?;
+        let chunk = (limit - text.len()).min(0x1000 - (next & 0xfff) as usize);
+        text.extend(read(next, chunk)?);
+        next = next.checked_add(chunk as u64)?;
     }
+    let used = text.iter().position(|&b| b == 0).map_or(text.len(), |n| n + 1);
+    inputs.push(Range::new(at, at.checked_add(used as u64)?));
     Some(text)
 }
 
 /// Argument `i` of a call (System V: six in registers, then the stack
 /// above the return address).
-fn argument(i: usize, gprs: &[u64; 16], read: Read<'_>) -> Option<u64> {
+fn argument(i: usize, gprs: &[u64; 16], read: Read<'_>, inputs: &mut Vec<Range>) -> Option<u64> {
     const REGISTERS: [usize; 6] = [RDI, RSI, RDX, RCX, R8, 9];
     match REGISTERS.get(i) {
         Some(&r) => Some(gprs[r]),
         None => {
             let at = gprs[4].checked_add(8 * (i - REGISTERS.len() + 1) as u64)?;
-            Some(u64::from_le_bytes(read(at, 8)?.try_into().ok()?))
+            word(at, read, inputs)
         }
     }
+}
+
+/// The word at `at`, noted among the inputs.
+fn word(at: u64, read: Read<'_>, inputs: &mut Vec<Range>) -> Option<u64> {
+    Some(u64::from_le_bytes(read_recorded(at, 8, read, inputs)?.try_into().ok()?))
 }
 
 /// A System V `va_list`: how far into the saved registers the next
@@ -274,8 +298,8 @@ struct VaList {
 }
 
 impl VaList {
-    fn read(at: u64, read: Read<'_>) -> Option<Self> {
-        let b = read(at, 24)?;
+    fn read(at: u64, read: Read<'_>, inputs: &mut Vec<Range>) -> Option<Self> {
+        let b = read_recorded(at, 24, read, inputs)?;
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
         let gp_offset = u64::from(u32::from_le_bytes(b[..4].try_into().ok()?));
         if gp_offset > 48 || gp_offset % 8 != 0 {
@@ -285,7 +309,7 @@ impl VaList {
     }
 
     /// The `i`th integer argument still to come.
-    fn arg(&self, i: usize, read: Read<'_>) -> Option<u64> {
+    fn arg(&self, i: usize, read: Read<'_>, inputs: &mut Vec<Range>) -> Option<u64> {
         let in_registers = (48 - self.gp_offset) / 8;
         let i = i as u64;
         let at = if i < in_registers {
@@ -293,7 +317,7 @@ impl VaList {
         } else {
             self.overflow.checked_add(8 * (i - in_registers))?
         };
-        Some(u64::from_le_bytes(read(at, 8)?.try_into().ok()?))
+        word(at, read, inputs)
     }
 }
 
@@ -404,7 +428,7 @@ mod tests {
     }
 
     fn all(spec: Spec, gprs: &[u64; 16], read: Read<'_>) -> Option<Vec<Range>> {
-        destinations(spec, gprs, read).map(|r| r.iter().collect())
+        destinations(spec, gprs, read).map(|j| j.writes.iter().collect())
     }
 
     /// Where the tests' `scanf` input lies.
@@ -545,6 +569,31 @@ mod tests {
         let m = memory(&[(FILE, &fields)]);
         assert_eq!(all(spec(b"seq_puts").unwrap(), &gprs, &reader(&m)), None);
         assert_eq!(all(spec(b"seq_putc").unwrap(), &gprs, &|_, _| None), None);
+    }
+
+    /// Everything a verdict was read from is named, to be held until the
+    /// call returns; bytes past a string's NUL judged nothing.
+    #[test]
+    fn a_judgement_names_what_it_read() {
+        const FMT: u64 = 0xffff_ffff_c000_1000;
+        const RSP: u64 = 0xffff_c900_0000_3f00;
+        let inputs =
+            |spec: Spec, gprs: &[u64; 16], m: &BTreeMap<u64, u8>| destinations(spec, gprs, &reader(m)).unwrap().inputs;
+        let mut gprs = [0u64; 16];
+        (gprs[RDI], gprs[RSI], gprs[4]) = (INPUT, FMT, RSP);
+        let m =
+            memory(&[(INPUT, b"1 2 3 4 5 6\0tail"), (FMT, b"%d %d %d %d %d\0%d"), (RSP + 8, &0x5000u64.to_le_bytes())]);
+        assert_eq!(
+            inputs(spec(b"sscanf").unwrap(), &gprs, &m),
+            [Range::new(INPUT, INPUT + 12), Range::new(FMT, FMT + 15), Range::new(RSP + 8, RSP + 16)]
+        );
+        // The seq_file's buffer and size; a plain copy reads nothing.
+        let mut fields = 0xffff_ffff_8290_0040u64.to_le_bytes().to_vec();
+        fields.extend_from_slice(&256u64.to_le_bytes());
+        gprs[RDI] = RSP;
+        let m = memory(&[(RSP, &fields)]);
+        assert_eq!(inputs(spec(b"seq_puts").unwrap(), &gprs, &m), [Range::new(RSP, RSP + 16)]);
+        assert!(inputs(spec(b"memcpy").unwrap(), &gprs, &m).is_empty());
     }
 
     use super::*;

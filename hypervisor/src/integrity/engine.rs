@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use guest_agent::integrity::ViolationAction;
 
 use super::layout::{is_kernel_address, KernelLayout, ModuleInfo, Range};
-use super::returns::{ReturnPoint, ReturnPoints};
+use super::returns::{InFlight, ReturnPoint, ReturnPoints};
 use super::violation::{Violation, ViolationKind, ViolationLog};
 use super::{Mode, View};
 use crate::exits::Access;
@@ -781,19 +781,53 @@ impl Engine {
     /// `at`, guest-virtual) it may not write: the function would be its
     /// deputy. Refused in enforce mode; in audit mode reported, and the
     /// call judged as any other.
-    pub fn deputy_refused(&mut self, fault: &Fault, m: u32, at: u64) -> Outcome {
+    pub fn deputy_refused(&mut self, fault: &Fault, m: u32, kind: ViolationKind, at: u64) -> Outcome {
         // Write-through functions are exports returning a count, a status
         // or their destination, never checked for NULL: -EPERM.
         let deny = if self.is_call_from(fault, m, false) { Step::ReturnError } else { Step::Fault };
         // Reported at the module's call site.
         let call_site = fault.stack[0].filter(|&a| self.is_code_of(m, a)).unwrap_or(fault.rip);
         let site = Fault { rip: call_site, ..*fault };
-        let out = self.violation_at(&site, ViolationKind::DeputyWrite, at, deny, Step::NotMine);
+        let out = self.violation_at(&site, kind, at, deny, Step::NotMine);
         self.stats.violations += 1;
         if out.step != Step::NotMine {
             return out;
         }
         Outcome { step: self.decide(fault).step, violation: out.violation }
+    }
+
+    /// Where a module's write-through call (judged by `inputs`, writing
+    /// `writes`, guest-physical) and the calls already running disagree:
+    /// the first byte one writes that another was judged by. `Some(0)`
+    /// when no more calls can be held. Refused, as a call whose
+    /// destination the module could not write is ([`Self::deputy_refused`]).
+    pub fn call_conflict(&self, inputs: &[Range], writes: &[Range]) -> Option<u64> {
+        if !self.returns.can_hold_call() {
+            return Some(0);
+        }
+        self.returns.conflict(inputs, writes)
+    }
+
+    /// Holds a module's write-through call, let run, until it returns: with
+    /// RSP `rsp`, the frame above its return address.
+    pub fn hold_call(&mut self, m: u32, rsp: u64, inputs: Vec<Range>, writes: Vec<Range>) {
+        if !inputs.is_empty() || !writes.is_empty() {
+            // Room was made sure of by `call_conflict`.
+            let held = self.returns.hold_call(rsp, InFlight { module: m, inputs, writes });
+            debug_assert!(held);
+        }
+    }
+
+    /// The bytes of guest-physical `page` that write-through calls still
+    /// running were judged by (a write beside them keeps them).
+    pub fn inputs_on(&self, page: u64) -> Vec<Range> {
+        self.returns.inputs_on(page)
+    }
+
+    /// Whether `bytes` (guest-physical) reach into what a write-through
+    /// call still running was judged by.
+    pub fn holds_input(&self, bytes: Range) -> bool {
+        self.returns.holds_input(bytes)
     }
 
     /// The guest-physical page a code address must translate to: kernel
@@ -862,27 +896,51 @@ impl Engine {
             (View::Kernel, Access::Read) => Outcome::step(Step::NotMine),
             (View::Module(m), Access::Execute) => self.module_executes(fault, m, class),
             (View::Module(_), Access::Read) => Outcome::step(Step::Grant(Perms::READ)),
-            (View::Module(m), Access::Write) => match class {
-                Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
-                None if self.stack_address(fault.gva, fault.task_stack, fault.stack_alias).is_some() => {
-                    self.stack_write(fault, m)
-                }
-                // A process's page table the last walk has not seen yet.
-                None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
-                    self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
-                }
-                // A structure the kernel calls through, amid heap objects.
-                None if fault.kernel_shield.is_some() => self.shielded_write(fault, fault.kernel_shield),
-                // The kernel's bookkeeping in its heap is the kernel's, but
-                // for a reference count the kernel's inline helpers change
-                // from module code: that field alone.
-                None if fault.kernel_object.is_some() => match fault.shared_field {
-                    Some(allowed) => Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed }),
-                    None => self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver),
-                },
-                None => Outcome::step(Step::Grant(Perms::RW)),
-                _ => self.write_to_protected(fault, class, true),
+            // What a write-through call still running was judged by.
+            (View::Module(_), Access::Write) if self.returns.holds_input(Range::new(fault.gpa, fault.gpa + 1)) => {
+                self.violation(fault, ViolationKind::DeputyInput, Step::Skip, Step::StepOver)
+            }
+            (View::Module(m), Access::Write) => {
+                let out = self.module_writes(fault, m, class);
+                self.beside_inputs(fault, out)
+            }
+        }
+    }
+
+    /// A module's write to a page holding what a write-through call still
+    /// running was judged by is let through alone, never granted: the
+    /// bytes held are put back if it changed them (see `exits::check_guard`).
+    fn beside_inputs(&self, fault: &Fault, out: Outcome) -> Outcome {
+        let page_range = Range::new(page(fault.gpa), page(fault.gpa) + 0x1000);
+        match out.step {
+            Step::Grant(perms) if perms.contains(Perms::WRITE) && self.returns.holds_input(page_range) => {
+                Outcome { step: Step::StepWithin { guard: page_range, allowed: page_range }, ..out }
+            }
+            _ => out,
+        }
+    }
+
+    fn module_writes(&mut self, fault: &Fault, m: u32, class: Option<PageClass>) -> Outcome {
+        match class {
+            Some(PageClass::ModuleData(owner)) if owner == m => self.own_data_write(fault, m),
+            None if self.stack_address(fault.gva, fault.task_stack, fault.stack_alias).is_some() => {
+                self.stack_write(fault, m)
+            }
+            // A process's page table the last walk has not seen yet.
+            None if fault.kernel_object == Some(super::objects::PAGE_TABLE) => {
+                self.violation(fault, ViolationKind::WritePageTable, Step::Skip, Step::StepOver)
+            }
+            // A structure the kernel calls through, amid heap objects.
+            None if fault.kernel_shield.is_some() => self.shielded_write(fault, fault.kernel_shield),
+            // The kernel's bookkeeping in its heap is the kernel's, but
+            // for a reference count the kernel's inline helpers change
+            // from module code: that field alone.
+            None if fault.kernel_object.is_some() => match fault.shared_field {
+                Some(allowed) => Outcome::step(Step::StepWithin { guard: store_guard(fault.gpa), allowed }),
+                None => self.violation(fault, ViolationKind::WriteKernelObject, Step::Skip, Step::StepOver),
             },
+            None => Outcome::step(Step::Grant(Perms::RW)),
+            _ => self.write_to_protected(fault, class, true),
         }
     }
 

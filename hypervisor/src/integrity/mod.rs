@@ -98,11 +98,26 @@ pub struct Stepping {
 /// ([`engine::Step::StepBeside`]), and the instruction that wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Guard {
+    /// The bytes read before the write: `kept` and every range of `held`.
     pub at: u64,
     pub bytes: alloc::vec::Vec<u8>,
     pub rip: u64,
-    /// Bytes inside the guarded ones that the write may change.
+    /// The bytes guarded for the step's own reason (a `struct module`, a
+    /// kernel object beside a shared field, a stack's other frames).
+    pub kept: Range,
+    /// Bytes inside `kept` that the write may change.
     pub allowed: Option<Range>,
+    /// Bytes on the page that write-through calls still running were
+    /// judged by: never the write's to change.
+    pub held: alloc::vec::Vec<Range>,
+}
+
+impl Guard {
+    /// Whether the write may change guest-physical byte `at`.
+    pub fn may_change(&self, at: u64) -> bool {
+        !self.held.iter().any(|r| r.contains(at))
+            && (!self.kept.contains(at) || self.allowed.is_some_and(|r| r.contains(at)))
+    }
 }
 
 /// A guest's integrity state: the engine, the view the vCPU runs in, and a

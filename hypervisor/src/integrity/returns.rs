@@ -27,6 +27,11 @@
 //! (see [`ReturnPoints::owner`]). A call into a module may hand it pointers
 //! into the kernel's frames (`dev_get_stats`' result, a `read`'s position):
 //! those out-parameters are recorded with the call ([`ReturnPoints::window`]).
+//!
+//! A module's call to a write-through function (see `super::deputy`) is
+//! held here too while it runs ([`InFlight`]), by the frame it returns to:
+//! the bytes its verdict was read from must not change until it returns,
+//! and it ends with that frame, as the frame's return point does.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -90,6 +95,23 @@ pub fn out_parameter(
 /// Most points kept: far more crossing frames than a kernel has live.
 pub const MAX: usize = 1 << 16;
 
+/// A module's write-through call while the kernel runs it: what its
+/// verdict was read from (a format, pointers on the stack, a `seq_file`)
+/// and what it writes, both guest-physical. No module may write the first
+/// and no other such call may write it; no other such call may be judged
+/// by the second (it changes as that call runs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub module: u32,
+    pub inputs: Vec<Range>,
+    pub writes: Vec<Range>,
+}
+
+/// Most write-through calls held at once: one per task inside one, and a
+/// call whose task never came back lingers only until its stack is used
+/// again. Past it a call is refused, not let run unheld.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
 #[derive(Default)]
 struct Stack {
     /// Live points, deepest last.
@@ -101,6 +123,26 @@ struct Stack {
     used: u64,
 }
 
+impl Stack {
+    /// The frames at or below `rsp` have unwound: what they held goes.
+    /// Returns the number of points gone.
+    fn unwind(&mut self, rsp: u64) -> usize {
+        let points = self.points.len();
+        self.points.retain(|p| p.rsp > rsp);
+        self.windows.retain(|w| w.0 > rsp);
+        points - self.points.len()
+    }
+}
+
+/// A write-through call held: its stack (by base), the RSP it returns
+/// with, and what it holds.
+#[derive(Debug)]
+struct Held {
+    stack: u64,
+    rsp: u64,
+    call: InFlight,
+}
+
 #[derive(Default)]
 pub struct ReturnPoints {
     /// Each stack's points, by the stack's base.
@@ -108,6 +150,9 @@ pub struct ReturnPoints {
     /// The stacks that are not a task's 16 KiB window, sorted, disjoint.
     extents: Vec<Range>,
     count: usize,
+    /// Write-through calls held, on all stacks (few at a time: looked
+    /// through at every write a module's view takes).
+    calls: Vec<Held>,
     clock: u64,
     /// Points forgotten to the bound.
     pub forgotten: u64,
@@ -169,19 +214,23 @@ impl ReturnPoints {
         let same: Vec<ReturnPoint> = points.iter().filter(|p| self.key(p.rsp) == key).copied().collect();
         self.clock += 1;
         let stack = self.stacks.entry(key).or_default();
-        let before = stack.points.len();
-        stack.points.retain(|p| p.rsp > first.rsp);
-        stack.windows.retain(|w| w.0 > first.rsp);
+        let points = stack.unwind(first.rsp);
+        let added = same.len();
         stack.points.extend(same);
         stack.used = self.clock;
-        self.count = self.count + stack.points.len() - before;
+        self.count = self.count + added - points;
+        self.unwind_calls(key, first.rsp);
         while self.count > MAX {
             self.forget_least_used();
         }
     }
 
+    /// Forgets the stack used least recently, one holding no write-through
+    /// call if there is one (forgetting a call would free what it holds).
     fn forget_least_used(&mut self) {
-        let Some((&key, _)) = self.stacks.iter().min_by_key(|(_, s)| s.used) else { return };
+        let holds = |key: &u64| self.calls.iter().any(|c| c.stack == *key);
+        let unheld = self.stacks.iter().filter(|(k, _)| !holds(k)).min_by_key(|(_, s)| s.used);
+        let Some((&key, _)) = unheld.or_else(|| self.stacks.iter().min_by_key(|(_, s)| s.used)) else { return };
         if let Some(stack) = self.stacks.remove(&key) {
             self.count -= stack.points.len();
             self.forgotten += stack.points.len() as u64;
@@ -197,17 +246,66 @@ impl ReturnPoints {
         if !stack.points.contains(&wanted) {
             return false;
         }
-        let before = stack.points.len();
         // This frame's points (an interrupt's fixup twin) and the ones below go.
-        stack.points.retain(|p| p.rsp > rsp);
-        stack.windows.retain(|w| w.0 > rsp);
+        self.count -= stack.unwind(rsp);
         self.clock += 1;
         stack.used = self.clock;
-        self.count -= before - stack.points.len();
         if stack.points.is_empty() {
             self.stacks.remove(&key);
         }
+        self.unwind_calls(key, rsp);
         true
+    }
+
+    /// The calls held on stack `key` at or below `rsp` have returned.
+    fn unwind_calls(&mut self, key: u64, rsp: u64) {
+        if !self.calls.is_empty() {
+            self.calls.retain(|c| c.stack != key || c.rsp > rsp);
+        }
+    }
+
+    /// Holds a module's write-through call that returns with RSP `rsp`
+    /// until that frame unwinds; `false` (nothing held) past
+    /// [`MAX_IN_FLIGHT`].
+    pub fn hold_call(&mut self, rsp: u64, call: InFlight) -> bool {
+        if !self.can_hold_call() {
+            return false;
+        }
+        self.calls.push(Held { stack: self.key(rsp), rsp, call });
+        true
+    }
+
+    /// Whether another call can be held.
+    pub fn can_hold_call(&self) -> bool {
+        self.calls.len() < MAX_IN_FLIGHT
+    }
+
+    fn held(&self) -> impl Iterator<Item = &InFlight> {
+        self.calls.iter().map(|c| &c.call)
+    }
+
+    /// Whether `bytes` (guest-physical) reach into what a call held was
+    /// judged by.
+    pub fn holds_input(&self, bytes: Range) -> bool {
+        self.held().any(|c| c.inputs.iter().any(|r| r.overlaps(&bytes)))
+    }
+
+    /// The bytes of guest-physical `page` that calls held were judged by.
+    pub fn inputs_on(&self, page: u64) -> Vec<Range> {
+        let whole = Range::new(page, page + 0x1000);
+        let clip = |r: &Range| Range::new(r.start.max(whole.start), r.end.min(whole.end));
+        self.held().flat_map(|c| c.inputs.iter().filter(|r| r.overlaps(&whole)).map(clip)).collect()
+    }
+
+    /// The first guest-physical byte a new call (judged by `inputs`,
+    /// writing `writes`) and the calls held disagree on: one it would write
+    /// that a held call was judged by, or one it was judged by that a held
+    /// call writes.
+    pub fn conflict(&self, inputs: &[Range], writes: &[Range]) -> Option<u64> {
+        let first = |mine: &[Range], theirs: &[Range]| {
+            mine.iter().flat_map(|a| theirs.iter().filter(|b| a.overlaps(b)).map(move |b| a.start.max(b.start))).min()
+        };
+        self.held().filter_map(|c| first(writes, &c.inputs).into_iter().chain(first(inputs, &c.writes)).min()).min()
     }
 
     /// Records a call from the kernel into `point.from`, with the
@@ -276,6 +374,7 @@ impl ReturnPoints {
             self.count -= before - stack.points.len();
         }
         self.stacks.retain(|_, s| !s.points.is_empty());
+        self.calls.retain(|c| View::Module(c.call.module) != view);
     }
 }
 
@@ -314,6 +413,60 @@ mod tests {
         r.remember(point(M, K, 0x1000, STACK_B + 0x3f00));
         assert!(r.take(M, K, 0x1000, STACK_B + 0x3f00));
         assert!(r.take(M, K, 0x1000, STACK_A + 0x3f00));
+    }
+
+    fn call(inputs: &[Range], writes: &[Range]) -> InFlight {
+        InFlight { module: 1, inputs: inputs.to_vec(), writes: writes.to_vec() }
+    }
+
+    /// A write-through call is held until its frame unwinds: by its
+    /// return, by a new crossing at or above it, or by its module's going;
+    /// never by the bound on points.
+    #[test]
+    fn a_call_in_flight_is_held_until_its_frame_unwinds() {
+        let fmt = Range::new(0x5000, 0x5004);
+        let buf = Range::new(0x6000, 0x6100);
+        let mut r = ReturnPoints::default();
+        r.remember(point(M, K, 0xb, STACK_A + 0x3e00));
+        assert!(r.hold_call(STACK_A + 0x3e00, call(&[fmt], &[buf])));
+        assert!(r.holds_input(Range::new(0x5003, 0x5008)) && !r.holds_input(Range::new(0x5004, 0x5008)));
+        assert_eq!(r.inputs_on(0x5000), [fmt]);
+        // Another call that would write the format, or be judged by the buffer.
+        assert_eq!(r.conflict(&[], &[Range::new(0x4ff0, 0x5010)]), Some(0x5000));
+        assert_eq!(r.conflict(&[Range::new(0x6080, 0x6081)], &[]), Some(0x6080));
+        assert_eq!(r.conflict(&[Range::new(buf.end, buf.end + 1)], &[Range::new(fmt.end, fmt.end + 4)]), None);
+        // A crossing deeper on the stack (the call interrupted) keeps it.
+        r.remember(point(K, M, 0xc, STACK_A + 0x3c00));
+        assert!(r.holds_input(fmt));
+        // Its return takes it.
+        assert!(r.take(M, K, 0xb, STACK_A + 0x3e00));
+        assert!(!r.holds_input(fmt) && r.conflict(&[buf], &[fmt]).is_none());
+        // A call that never came back goes once its stack is used above it.
+        assert!(r.hold_call(STACK_A + 0x3e00, call(&[fmt], &[])));
+        r.remember(point(M, K, 0xd, STACK_A + 0x3d00));
+        assert!(r.holds_input(fmt));
+        r.remember(point(M, K, 0xe, STACK_A + 0x3f00));
+        assert!(!r.holds_input(fmt));
+        // Its module's going takes it.
+        assert!(r.hold_call(STACK_B + 0x3e00, call(&[fmt], &[])));
+        r.forget(OTHER);
+        assert!(r.holds_input(fmt));
+        r.forget(M);
+        assert!(!r.holds_input(fmt));
+        // Points past the bound forget other stacks first.
+        assert!(r.hold_call(STACK_B + 0x3e00, call(&[fmt], &[])));
+        r.remember(point(M, K, 0xf, STACK_B + 0x3f00 - 0x1000));
+        for i in 0..MAX as u64 {
+            r.remember(point(M, K, i, 0xffff_c900_1000_0000 + (i << 14) + 0x3f00));
+        }
+        assert!(r.forgotten > 0);
+        assert!(r.holds_input(fmt), "held through the bound");
+        // Past the most calls held, no more.
+        let mut r = ReturnPoints::default();
+        for i in 0..MAX_IN_FLIGHT as u64 {
+            assert!(r.hold_call(STACK_A + 0x3000 + i, call(&[fmt], &[])));
+        }
+        assert!(!r.can_hold_call() && !r.hold_call(STACK_B, call(&[fmt], &[])));
     }
 
     #[test]

@@ -311,6 +311,9 @@ integrity_tests() {
     attack atk_cred jar=$(sym cred_jar)
     attack atk_tasks
     say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
+    # The same, racing the check: a thread on the other CPU changes the
+    # format sscanf was judged by while the kernel runs it (from CPU 0).
+    cpus=1 attack atk_toctou modprobe=$(sym modprobe_path)
     attack atk_deputy modprobe=$(sym modprobe_path)
     say "after atk_deputy: modprobe path $(cat /proc/sys/kernel/modprobe), $(ls -d /sys/module/ifb 2>/dev/null | wc -l) ifb in /sys/module"
     attack atk_lookup kln=$(sym kallsyms_lookup_name)
