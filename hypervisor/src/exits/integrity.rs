@@ -1108,6 +1108,14 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
     let Some(judged) = crate::integrity::deputy::destinations(spec, &fault.gprs, &read) else {
         return refuse(ctx, ViolationKind::DeputyWrite, fault.gprs[7]);
     };
+    // A destination where a dead task's stack was is judged as what is there now.
+    for va in judged.writes.iter().flat_map(|r| r.pages().map(move |p| p.max(r.start))) {
+        if ctx.guest.integrity.as_ref()?.engine.crossings_on_task_window(va) {
+            if let Ok(gpa) = ctx.inspect().translate(va) {
+                forget_if_dead_stack(ctx, va, gpa);
+            }
+        }
+    }
     // A destination on a plain page no walk has seen may be a table the
     // kernel left untyped: walked for, as a grant would be.
     let mut walk = false;
@@ -1301,6 +1309,31 @@ fn revoke_heap_grants(ctx: &mut ExitContext<'_>) {
     let Some(control) = ctx.control.as_deref_mut() else { return };
     for (m, page) in grants {
         take_back_write(control, m, page);
+    }
+}
+
+/// A module's write at `gva` (guest-physical `gpa`), on a task stack window
+/// crossings were left on, where no task stack is now (no end-of-stack
+/// mark at the window's base): if no walk finds a stack there either, the
+/// task is gone, and so are its crossings. Otherwise memory the kernel
+/// reused at that address (a `vmalloc` buffer) would be judged as another
+/// task's stack, and a benign module's writes to it refused. A module
+/// cannot make a live stack look gone: a stack page a walk knows stays
+/// known, mark or not.
+fn forget_if_dead_stack(ctx: &mut ExitContext<'_>, gva: u64, gpa: u64) {
+    let known = |ctx: &ExitContext<'_>| {
+        ctx.guest.integrity.as_ref().is_none_or(|s| s.engine.stack_page(gpa) == Some(gva & !0xfff))
+    };
+    let base = crate::integrity::returns::task_stack_of(gva).start;
+    let crossings = ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.crossings_on_task_window(gva));
+    if !crossings || ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC) || known(ctx) {
+        return;
+    }
+    refresh_stacks(ctx);
+    if !known(ctx) {
+        if let Some(state) = ctx.guest.integrity.as_mut() {
+            state.engine.forget_dead_stack(gva);
+        }
     }
 }
 
@@ -1593,6 +1626,10 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         (View::Module(_), super::Access::Write) if untracked => is_task_stack(ctx, gva),
         _ => false,
     };
+    if matches!((state.local.view, info.access), (View::Module(_), super::Access::Write)) && untracked && !task_stack {
+        forget_if_dead_stack(ctx, gva, ctx.exit.guest_physical);
+    }
+    let state = ctx.guest.integrity.as_ref()?;
     let by_address = state.engine.is_stack_address(gva, task_stack);
     let stack_alias = match (state.local.view, info.access) {
         (View::Module(_), super::Access::Write) if untracked && !by_address => {
@@ -2618,6 +2655,11 @@ mod tests {
             })
         }
 
+        /// The 16 KiB at STACK are a task's stack: its end-of-stack mark.
+        fn mark_stack(&mut self) {
+            w(&self.phys, STACK, &STACK_END_MAGIC.to_le_bytes());
+        }
+
         fn register_everything(&mut self) -> u32 {
             let layout_size = core::mem::size_of::<abi::KernelLayout>() as u64;
             assert_eq!(self.call(0x10, K + LAYOUT, layout_size), 0, "kernel registered");
@@ -3191,6 +3233,7 @@ mod tests {
     fn a_call_pushing_beside_the_kernels_frames_is_carried_out_not_stepped() {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
+        f.mark_stack();
         // The kernel calls the module's entry with its return address at
         // STACK + 0x800, mid-page.
         let entry_rsp = K + STACK + 0x800;
@@ -3249,6 +3292,7 @@ mod tests {
     fn a_call_to_a_module_hands_it_the_out_parameter_in_its_callers_frame() {
         let mut f = fixture(Mode::Enforce);
         let id = f.register_everything();
+        f.mark_stack();
         // The caller's frame: an object at +0x20 above the entry, its own
         // return address (right after a call instruction) at +0x40.
         let entry_rsp = K + STACK + 0x800;
@@ -3799,6 +3843,56 @@ mod tests {
         assert_eq!(f.ept(WRITE, list + 8, K + list + 8, writer), Action::Resume);
         assert!(violation_kinds(&mut f).is_empty());
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
+    }
+
+    /// A task that died inside a call into a module (or left it through
+    /// `do_exit`) leaves that crossing on its stack, and the kernel reuses
+    /// the address (a `vmalloc` buffer). A module's write there is then a
+    /// write to that memory, not to a stack's kernel frames: refusing it
+    /// would break the benign module that owns the buffer. While the stack
+    /// lives (its end-of-stack mark), the same write is refused.
+    #[test]
+    fn crossings_a_dead_task_left_make_no_stack_of_reused_memory() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        // The kernel called the module on the stack at STACK; that task is
+        // still in it, or died there.
+        f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
+        f.control.active = Some(View::Kernel);
+        w(&f.phys, STACK + 0x800, &(K + TEXT + 0x9999).to_le_bytes());
+        f.vcpu.write(Field::Rsp, K + STACK + 0x800);
+        assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+        assert_eq!(f.control.active, Some(View::Module(id)));
+        // Another task in the module, on its own stack, writes above that
+        // crossing: the kernel's frames while the task lives.
+        f.mark_stack();
+        let at = STACK + 0x900;
+        f.vcpu.write(Field::Rsp, K + STACK + 0x1_0800);
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, at, K + at, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::WriteKernelStack as u32]);
+        let memcpy = |f: &mut Fixture| {
+            f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
+            f.control.active = Some(View::Module(id));
+            w(&f.phys, STACK + 0x1_0800, &(writer + 3).to_le_bytes());
+            f.vcpu.write(Field::Rsp, K + STACK + 0x1_0800);
+            (f.vcpu.regs.rdi, f.vcpu.regs.rdx) = (K + at, 8);
+            f.ept(FETCH | READ, MEMCPY, K + MEMCPY, K + MEMCPY);
+            violation_kinds(f)
+        };
+        assert_eq!(memcpy(&mut f), [ViolationKind::DeputyWrite as u32]);
+        // The task is gone, its stack's address reused: no mark, and no
+        // walk finds a stack there. The memory is a heap page's, for a
+        // write-through call as for the module's own write.
+        w(&f.phys, STACK, &0u64.to_le_bytes());
+        assert!(memcpy(&mut f).is_empty());
+        f.guest.integrity.as_mut().unwrap().local.view = View::Module(id);
+        f.control.active = Some(View::Module(id));
+        f.vcpu.write(Field::Rsp, K + STACK + 0x1_0800);
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, at, K + at, writer), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.perms(View::Module(id), STACK), Some(Perms::RW));
     }
 
     /// What a write-through call was judged by (here a `seq_file` the

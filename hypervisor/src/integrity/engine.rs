@@ -1068,6 +1068,20 @@ impl Engine {
         }
     }
 
+    /// Whether crossings are live on the task stack window holding `gva`:
+    /// a stack only while its task is alive (see [`Self::forget_dead_stack`]).
+    pub fn crossings_on_task_window(&self, gva: u64) -> bool {
+        self.returns.crossings_on_task_window(gva)
+    }
+
+    /// The task whose stack held `gva` is gone (it died inside a call into a
+    /// module, or left one through `do_exit`), and the kernel reuses the
+    /// address for other memory: the crossings it left there no longer
+    /// make that memory a stack.
+    pub fn forget_dead_stack(&mut self, gva: u64) {
+        self.returns.forget_stack(gva);
+    }
+
     /// A module writes a kernel stack. It runs on the kernel's stacks, and
     /// the kernel's frames share them: the caller of a callback lies above
     /// it, a task the module called the kernel from sleeps on its own. The

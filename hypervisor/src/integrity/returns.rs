@@ -184,6 +184,23 @@ impl ReturnPoints {
         }
     }
 
+    /// Whether crossings are live on the task stack window holding `addr`
+    /// (not a CPU's interrupt or exception stack).
+    pub fn crossings_on_task_window(&self, addr: u64) -> bool {
+        let stack = self.stack_of(addr);
+        stack == task_stack_of(addr) && self.stacks.contains_key(&stack.start)
+    }
+
+    /// The task that owned the stack holding `addr` is gone: what its
+    /// crossings left there goes too.
+    pub fn forget_stack(&mut self, addr: u64) {
+        let key = self.key(addr);
+        if let Some(stack) = self.stacks.remove(&key) {
+            self.count -= stack.points.len();
+        }
+        self.calls.retain(|c| c.stack != key);
+    }
+
     /// Whether two addresses lie on the same kernel stack.
     pub fn same_stack(&self, a: u64, b: u64) -> bool {
         self.stack_of(a) == self.stack_of(b)
