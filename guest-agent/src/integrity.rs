@@ -398,11 +398,16 @@ pub enum ViolationKind {
     /// changed before it returned: by a module's write, or by another
     /// write-through call's destination.
     DeputyInput = 27,
+    /// A module left its code (a branch out, or an event) with its stack
+    /// pointer on a stack other than the one its view was entered on:
+    /// there its crossings would end another task's frames (their return
+    /// points, the write-through calls they hold).
+    StackPivot = 28,
 }
 
 impl ViolationKind {
     /// Every kind, in code order.
-    pub const ALL: [ViolationKind; 27] = [
+    pub const ALL: [ViolationKind; 28] = [
         Self::WriteKernelText,
         Self::WriteReadOnlyData,
         Self::WriteSyscallTable,
@@ -430,6 +435,7 @@ impl ViolationKind {
         Self::EnterQuarantined,
         Self::WriteKernelStack,
         Self::DeputyInput,
+        Self::StackPivot,
     ];
 
     /// The name on console lines and in `/proc/ctvm_violations`.
@@ -462,6 +468,7 @@ impl ViolationKind {
             Self::EnterQuarantined => "enter-quarantined",
             Self::WriteKernelStack => "write-kernel-stack",
             Self::DeputyInput => "deputy-input",
+            Self::StackPivot => "stack-pivot",
         }
     }
 }

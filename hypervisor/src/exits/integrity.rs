@@ -1080,6 +1080,26 @@ pub fn new_stack(ctx: &mut ExitContext<'_>, base: u64) -> Result<u64, Error> {
     Ok(0)
 }
 
+/// A module's branch out of its code (to `page`) on a stack other than the
+/// one its view was entered on (see [`crate::integrity::Engine::pivoted`]):
+/// refused with #GP in enforce mode (reported as the #GP leaves the
+/// module), reported and let go in audit mode.
+fn stack_pivot(ctx: &mut ExitContext<'_>, fault: &Fault, page: u64) -> Option<Action> {
+    let (View::Module(m), super::Access::Execute) = (fault.view, fault.access) else { return None };
+    let state = ctx.guest.integrity.as_mut()?;
+    if state.engine.class_of(page) == Some(PageClass::ModuleCode(m))
+        || !state.engine.is_pivoted(fault.rsp, state.local.stack)
+    {
+        return None;
+    }
+    if state.engine.mode() == crate::integrity::Mode::Enforce {
+        return Some(general_protection(ctx));
+    }
+    let v = state.engine.pivoted(m, fault.rip, fault.rsp, state.local.stack)?;
+    report(ctx, &v);
+    None
+}
+
 /// A module's write-through call that may run: held, once let go, until it
 /// returns (see [`crate::integrity::returns::InFlight`]). Guest-physical
 /// pieces, each with the guest-virtual address it starts at.
@@ -1406,6 +1426,7 @@ fn enter_view(ctx: &mut ExitContext<'_>, view: View, rsp: u64) {
     // known by their pages whatever address a module writes them through.
     note_running_stack(ctx, rsp);
     let Some(state) = ctx.guest.integrity.as_mut() else { return };
+    state.local.stack = Some(state.engine.stack_of(rsp));
     let stale = state.engine.stale_stack_grants(m, rsp);
     let Some(control) = ctx.control.as_deref_mut() else { return };
     for page in stale {
@@ -1673,6 +1694,9 @@ pub fn ept_violation(ctx: &mut ExitContext<'_>) -> Option<Action> {
         out_params,
     };
     unloading_check(ctx, &fault);
+    if let Some(refused) = stack_pivot(ctx, &fault, page) {
+        return Some(refused);
+    }
     let outcome = if kernel_reuses(ctx, &fault) {
         Outcome { step: Step::AllowExecute, violation: None }
     } else {
@@ -2144,8 +2168,21 @@ fn leave_module_for_event(ctx: &mut ExitContext<'_>, m: u32, resume: u64) -> Res
     let (rip, rsp) = (ctx.vcpu.read(Field::Rip), ctx.vcpu.read(Field::Rsp));
     control(ctx).map_err(|_| ControlError)?.activate_view(View::Kernel)?;
     let state = ctx.guest.integrity.as_mut().ok_or(ControlError)?;
-    state.engine.event_leaves_module(m, rip, resume, rsp);
+    let entered = state.local.stack.take();
     state.local.view = View::Kernel;
+    // On a stack it moved to, the event's return point would end another
+    // task's frames: none is recorded, and the return into the module is
+    // refused.
+    match state.engine.pivoted(m, rip, rsp, entered) {
+        Some(v) => {
+            let denied = v.action == abi::ViolationAction::Denied;
+            if !denied {
+                state.engine.event_leaves_module(m, rip, resume, rsp);
+            }
+            report(ctx, &v);
+        }
+        None => state.engine.event_leaves_module(m, rip, resume, rsp),
+    }
     Ok(())
 }
 
@@ -3845,6 +3882,78 @@ mod tests {
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
     }
 
+    /// A module's code runs on the stack the kernel entered it on. One that
+    /// moves its stack pointer onto another task's stack would have its
+    /// crossings end that task's frames: here, the `seq_puts` task A is
+    /// inside, whose `seq_file` is held until it returns. Task B, entered
+    /// on its own stack, points RSP above A's call and calls `printk`: the
+    /// call is refused (`kind=stack-pivot`), A's call stays held, and B's
+    /// write to the `seq_file` is refused. So is an interrupt taken there:
+    /// no return point is left on A's stack for it.
+    #[test]
+    fn a_module_ends_no_other_tasks_crossings_from_its_stack() {
+        let writer = K + MODULE_CODE + 0x10;
+        let (mut f, id) = in_module(writer);
+        let module = View::Module(id);
+        let file = HEAP_PAGE + 0x100;
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        w(&f.phys, file, &(K + HEAP_PAGE + 0x800).to_le_bytes());
+        w(&f.phys, file + 8, &0x100u64.to_le_bytes());
+        let enter = |f: &mut Fixture, rsp: u64| {
+            f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
+            f.control.active = Some(View::Kernel);
+            w(&f.phys, rsp - K, &(K + TEXT + 0x9999).to_le_bytes());
+            f.vcpu.write(Field::Rsp, rsp);
+            assert_eq!(f.ept(FETCH | READ, MODULE_CODE, K + MODULE_CODE, K + MODULE_CODE), Action::Resume);
+            assert_eq!(f.control.active, Some(module));
+        };
+        // Task A, entered at STACK + 0x800, calls seq_puts from its frame.
+        let (a, b) = (K + STACK + 0x800, K + STACK + 0x1_0800);
+        enter(&mut f, a);
+        let call_site = K + MODULE_CODE + 0x40;
+        w(&f.phys, a - 0x48 - K, &call_site.to_le_bytes());
+        f.vcpu.write(Field::Rsp, a - 0x48);
+        f.vcpu.regs.rdi = K + file;
+        f.ept(FETCH | READ, SEQ_PUTS, K + SEQ_PUTS, K + SEQ_PUTS);
+        assert!(violation_kinds(&mut f).is_empty());
+        // Task B, entered on its own stack, calls printk with RSP above A's call.
+        enter(&mut f, b);
+        let pivot = a - 0x20;
+        w(&f.phys, pivot - K, &(K + MODULE_CODE + 0x48).to_le_bytes());
+        f.vcpu.write(Field::Rsp, pivot);
+        assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::StackPivot as u32]);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo) & 0xff, 13, "refused with #GP");
+        // A's call is still held: B's write to the seq_file is refused.
+        f.guest.integrity.as_mut().unwrap().local.view = module;
+        f.control.active = Some(module);
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyInput as u32]);
+        // An interrupt taken there leaves no return point on A's stack.
+        let b_stack = Some(Range::new(b & !0x3fff, (b & !0x3fff) + 0x4000));
+        f.guest.integrity.as_mut().unwrap().local.stack = b_stack;
+        f.vcpu.write(Field::Rflags, 0x202);
+        f.vcpu.write(Field::EntryInterruptionInfo, 0);
+        let timer =
+            ExitInfo { reason: reason::EXTERNAL_INTERRUPT, interruption_info: 0x8000_00ec, ..Default::default() };
+        assert_eq!(f.exit(timer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::StackPivot as u32]);
+        assert_eq!(f.vcpu.read(Field::EntryInterruptionInfo), 0x8000_00ec, "delivered all the same");
+        f.guest.integrity.as_mut().unwrap().local.view = module;
+        f.control.active = Some(module);
+        f.vcpu.write(Field::Rip, writer);
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        assert_eq!(violation_kinds(&mut f), [ViolationKind::DeputyInput as u32], "still held");
+        // On its own stack, B's call goes.
+        f.guest.integrity.as_mut().unwrap().local.stack = b_stack;
+        f.vcpu.write(Field::Rsp, b - 0x40);
+        w(&f.phys, b - 0x40 - K, &(K + MODULE_CODE + 0x48).to_le_bytes());
+        assert_eq!(f.ept(FETCH | READ, TEXT + 0x1000, K + PRINTK, K + PRINTK), Action::Resume);
+        assert!(violation_kinds(&mut f).is_empty());
+        assert_eq!(f.control.active, Some(View::Kernel));
+    }
+
     /// A task that died inside a call into a module (or left it through
     /// `do_exit`) leaves that crossing on its stack, and the kernel reuses
     /// the address (a `vmalloc` buffer). A module's write there is then a
@@ -3866,6 +3975,8 @@ mod tests {
         // Another task in the module, on its own stack, writes above that
         // crossing: the kernel's frames while the task lives.
         f.mark_stack();
+        let own = K + STACK + 0x1_0000;
+        f.guest.integrity.as_mut().unwrap().local.stack = Some(Range::new(own, own + 0x4000));
         let at = STACK + 0x900;
         f.vcpu.write(Field::Rsp, K + STACK + 0x1_0800);
         f.vcpu.write(Field::Rip, writer);

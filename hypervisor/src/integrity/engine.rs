@@ -1297,6 +1297,31 @@ impl Engine {
         self.stats.switches += 1;
     }
 
+    /// Module `m` leaves its code (`rip`: a branch out, or an event taken
+    /// there) with RSP `rsp`, its view entered on stack `entered`: the
+    /// violation if `rsp` lies on another stack. A module's code runs only
+    /// on the stack the kernel entered it on; one that moves its stack
+    /// pointer onto another task's would have its crossings end that
+    /// task's frames (their return points, the write-through calls they
+    /// hold), or forge that task's return into the module.
+    pub fn pivoted(&mut self, m: u32, rip: u64, rsp: u64, entered: Option<Range>) -> Option<Violation> {
+        if !self.is_pivoted(rsp, entered) {
+            return None;
+        }
+        let action = match self.mode {
+            Mode::Enforce => ViolationAction::Denied,
+            Mode::Audit => ViolationAction::Allowed,
+        };
+        self.stats.violations += 1;
+        Some(self.log(ViolationKind::StackPivot, View::Module(m), rip, rsp, action))
+    }
+
+    /// Whether `rsp` lies off `entered`, the stack a module's view was
+    /// entered on (see [`Self::pivoted`]).
+    pub fn is_pivoted(&self, rsp: u64, entered: Option<Range>) -> bool {
+        entered.is_some_and(|stack| self.stack_of(rsp) != stack)
+    }
+
     /// A module's view runs into code outside the module.
     fn module_executes(&mut self, fault: &Fault, m: u32, class: Option<PageClass>) -> Outcome {
         let target = fault.gva;

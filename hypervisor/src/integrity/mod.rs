@@ -65,6 +65,9 @@ pub struct VcpuIntegrity {
     /// External interrupts taken from a module's view and not yet delivered
     /// (the guest could not take them yet), oldest first.
     pub pending_interrupts: alloc::collections::VecDeque<u8>,
+    /// In a module's view: the kernel stack the view was entered on, the
+    /// only one the module's code runs on until it leaves.
+    pub stack: Option<Range>,
 }
 
 impl VcpuIntegrity {
@@ -77,7 +80,7 @@ impl VcpuIntegrity {
 
 impl Default for VcpuIntegrity {
     fn default() -> Self {
-        VcpuIntegrity { view: View::Kernel, stepping: None, pending_interrupts: Default::default() }
+        VcpuIntegrity { view: View::Kernel, stepping: None, pending_interrupts: Default::default(), stack: None }
     }
 }
 
