@@ -1186,9 +1186,12 @@ fn hold_call(ctx: &mut ExitContext<'_>, fault: &Fault, call: Deputy) {
     let Some(state) = ctx.guest.integrity.as_mut() else { return };
     let mut pages: Vec<u64> = call.inputs.iter().map(|p| p.1.start & !0xfff).collect();
     pages.dedup();
-    let modules: Vec<u32> = state.engine.modules().collect();
     let gpas = |pieces: Vec<(u64, Range)>| pieces.into_iter().map(|p| p.1).collect();
     state.engine.hold_call(call.m, fault.rsp.wrapping_add(8), gpas(call.inputs), gpas(call.writes));
+    if pages.is_empty() {
+        return;
+    }
+    let modules: Vec<u32> = state.engine.modules().collect();
     let Some(control) = ctx.control.as_deref_mut() else { return };
     for page in pages {
         for &m in &modules {

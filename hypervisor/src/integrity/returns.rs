@@ -187,8 +187,9 @@ impl ReturnPoints {
     /// Whether crossings are live on the task stack window holding `addr`
     /// (not a CPU's interrupt or exception stack).
     pub fn crossings_on_task_window(&self, addr: u64) -> bool {
-        let stack = self.stack_of(addr);
-        stack == task_stack_of(addr) && self.stacks.contains_key(&stack.start)
+        let i = self.extents.partition_point(|r| r.start <= addr);
+        let extent = i.checked_sub(1).is_some_and(|i| self.extents[i].contains(addr));
+        !extent && self.stacks.contains_key(&task_stack_of(addr).start)
     }
 
     /// The task that owned the stack holding `addr` is gone: what its
@@ -484,6 +485,23 @@ mod tests {
             assert!(r.hold_call(STACK_A + 0x3000 + i, call(&[fmt], &[])));
         }
         assert!(!r.can_hold_call() && !r.hold_call(STACK_B, call(&[fmt], &[])));
+    }
+
+    /// An interrupt stack is no task's, even where its extent is one
+    /// aligned 16 KiB window (x86-64 vmaps each CPU's so): no end-of-stack
+    /// mark makes it a dead task's.
+    #[test]
+    fn only_a_task_window_has_a_task_to_die() {
+        let mut r = ReturnPoints::default();
+        assert!(r.set_extents(vec![Range::new(STACK_B, STACK_B + 0x4000)]));
+        r.remember(point(M, K, 0x1, STACK_A + 0x3e00));
+        r.remember(point(M, K, 0x2, STACK_B + 0x3e00));
+        assert!(r.crossings_on_task_window(STACK_A + 0x100));
+        assert!(!r.crossings_on_task_window(STACK_B + 0x100), "an interrupt stack");
+        assert!(!r.crossings_on_task_window(STACK_A + 0x4100), "no crossing there");
+        r.forget_stack(STACK_A + 0x100);
+        assert!(!r.crossings_on_task_window(STACK_A + 0x100));
+        assert_eq!(r.len(), 1);
     }
 
     #[test]
