@@ -1317,9 +1317,10 @@ impl Engine {
     }
 
     /// Whether `rsp` lies off `entered`, the stack a module's view was
-    /// entered on (see [`Self::pivoted`]).
+    /// entered on (see [`Self::pivoted`]), nor just past its top (where a
+    /// return from the stack's top slot leaves it).
     pub fn is_pivoted(&self, rsp: u64, entered: Option<Range>) -> bool {
-        entered.is_some_and(|stack| self.stack_of(rsp) != stack)
+        entered.is_some_and(|stack| self.stack_of(rsp) != stack && self.stack_of(rsp.wrapping_sub(8)) != stack)
     }
 
     /// A module's view runs into code outside the module.
