@@ -1101,12 +1101,12 @@ fn stack_pivot(ctx: &mut ExitContext<'_>, fault: &Fault, page: u64) -> Option<Ac
 }
 
 /// A module's write-through call that may run: held, once let go, until it
-/// returns (see [`crate::integrity::returns::InFlight`]). Guest-physical
-/// pieces, each with the guest-virtual address it starts at.
+/// returns (see [`crate::integrity::returns::InFlight`]). Guest-physical,
+/// a piece a page.
 struct Deputy {
     m: u32,
-    inputs: Vec<(u64, Range)>,
-    writes: Vec<(u64, Range)>,
+    inputs: Vec<Range>,
+    writes: Vec<Range>,
 }
 
 /// A module's branch to a write-through kernel function (`memcpy`,
@@ -1128,9 +1128,11 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
     let Some(judged) = crate::integrity::deputy::destinations(spec, &fault.gprs, &read) else {
         return refuse(ctx, ViolationKind::DeputyWrite, fault.gprs[7]);
     };
-    // A destination where a dead task's stack was is judged as what is there now.
+    // A destination where a dead task's stack was is judged as what is
+    // there now (the caller's own stack is alive).
+    let own = ctx.guest.integrity.as_ref()?.engine.stack_of(fault.rsp);
     for va in judged.writes.iter().flat_map(|r| r.pages().map(move |p| p.max(r.start))) {
-        if ctx.guest.integrity.as_ref()?.engine.crossings_on_task_window(va) {
+        if !own.contains(va) && ctx.guest.integrity.as_ref()?.engine.crossings_on_task_window(va) {
             if let Ok(gpa) = ctx.inspect().translate(va) {
                 forget_if_dead_stack(ctx, va, gpa);
             }
@@ -1156,25 +1158,28 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
             return refuse(ctx, ViolationKind::DeputyWrite, at);
         }
     }
-    let gpas = |pieces: &[(u64, Range)]| pieces.iter().map(|p| p.1).collect::<Vec<_>>();
-    let engine = &ctx.guest.integrity.as_ref()?.engine;
-    if let Some(gpa) = engine.call_conflict(&gpas(&inputs), &gpas(&writes)) {
-        let at =
-            inputs.iter().chain(&writes).find(|p| p.1.contains(gpa)).map_or(fault.gprs[7], |p| p.0 + (gpa - p.1.start));
-        return refuse(ctx, ViolationKind::DeputyInput, at);
+    if let Some(gpa) = ctx.guest.integrity.as_ref()?.engine.call_conflict(&inputs, &writes) {
+        // Reported at the guest-virtual address of that byte.
+        let va = judged.inputs.iter().copied().chain(judged.writes.iter()).find_map(|range| {
+            let mut pieces = Vec::new();
+            let _ = physical_pieces(ctx, range, &mut pieces);
+            let i = pieces.iter().position(|p| p.contains(gpa))?;
+            let start = if i == 0 { range.start } else { (range.start & !0xfff) + 0x1000 * i as u64 };
+            Some(start + (gpa - pieces[i].start))
+        });
+        return refuse(ctx, ViolationKind::DeputyInput, va.unwrap_or(fault.gprs[7]));
     }
     Some(Ok(Deputy { m, inputs, writes }))
 }
 
-/// The guest-physical pieces of guest-virtual `range`, a page at a time,
-/// each with its guest-virtual start; `Err` with the first address that
-/// does not translate.
-fn physical_pieces(ctx: &ExitContext<'_>, range: Range, out: &mut Vec<(u64, Range)>) -> Result<(), u64> {
+/// The guest-physical pieces of guest-virtual `range`, a page at a time;
+/// `Err` with the first address that does not translate.
+fn physical_pieces(ctx: &ExitContext<'_>, range: Range, out: &mut Vec<Range>) -> Result<(), u64> {
     for va in range.pages() {
         let from = range.start.max(va);
         let to = range.end.min(va + 0x1000);
         let gpa = ctx.inspect().translate(from).map_err(|_| from)?;
-        out.push((from, Range::new(gpa, gpa + (to - from))));
+        out.push(Range::new(gpa, gpa + (to - from)));
     }
     Ok(())
 }
@@ -1184,10 +1189,9 @@ fn physical_pieces(ctx: &ExitContext<'_>, range: Range, out: &mut Vec<(u64, Rang
 /// there is judged, and refused or let through beside it).
 fn hold_call(ctx: &mut ExitContext<'_>, fault: &Fault, call: Deputy) {
     let Some(state) = ctx.guest.integrity.as_mut() else { return };
-    let mut pages: Vec<u64> = call.inputs.iter().map(|p| p.1.start & !0xfff).collect();
+    let mut pages: Vec<u64> = call.inputs.iter().map(|r| r.start & !0xfff).collect();
     pages.dedup();
-    let gpas = |pieces: Vec<(u64, Range)>| pieces.into_iter().map(|p| p.1).collect();
-    state.engine.hold_call(call.m, fault.rsp.wrapping_add(8), gpas(call.inputs), gpas(call.writes));
+    state.engine.hold_call(call.m, fault.rsp.wrapping_add(8), call.inputs, call.writes);
     if pages.is_empty() {
         return;
     }
@@ -1213,7 +1217,7 @@ fn first_unwritable(
     m: u32,
     range: Range,
     walk: &mut bool,
-    pieces: &mut Vec<(u64, Range)>,
+    pieces: &mut Vec<Range>,
 ) -> Option<u64> {
     let engine = &ctx.guest.integrity.as_ref()?.engine;
     let control = ctx.control.as_deref();
@@ -1223,7 +1227,7 @@ fn first_unwritable(
         let Ok(gpa) = ctx.inspect().translate(from) else {
             return Some(from);
         };
-        pieces.push((from, Range::new(gpa, gpa + (to - from))));
+        pieces.push(Range::new(gpa, gpa + (to - from)));
         if control.and_then(|c| c.perms(View::Module(m), gpa & !0xfff)).is_some_and(|p| p.contains(Perms::WRITE)) {
             return None;
         }
