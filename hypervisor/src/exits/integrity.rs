@@ -1131,7 +1131,7 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
     // A destination where a dead task's stack was is judged as what is
     // there now (the caller's own stack is alive).
     let own = ctx.guest.integrity.as_ref()?.engine.stack_of(fault.rsp);
-    for va in judged.writes.iter().flat_map(|r| r.pages().map(move |p| p.max(r.start))) {
+    for va in judged.writes.iter().flat_map(|r| r.pieces().map(|p| p.start)) {
         if !own.contains(va) && ctx.guest.integrity.as_ref()?.engine.crossings_on_task_window(va) {
             if let Ok(gpa) = ctx.inspect().translate(va) {
                 forget_if_dead_stack(ctx, va, gpa);
@@ -1160,12 +1160,9 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
     }
     if let Some(gpa) = ctx.guest.integrity.as_ref()?.engine.call_conflict(&inputs, &writes) {
         // Reported at the guest-virtual address of that byte.
-        let va = judged.inputs.iter().copied().chain(judged.writes.iter()).find_map(|range| {
-            let mut pieces = Vec::new();
-            let _ = physical_pieces(ctx, range, &mut pieces);
-            let i = pieces.iter().position(|p| p.contains(gpa))?;
-            let start = if i == 0 { range.start } else { (range.start & !0xfff) + 0x1000 * i as u64 };
-            Some(start + (gpa - pieces[i].start))
+        let va = judged.inputs.iter().copied().chain(judged.writes.iter()).flat_map(|r| r.pieces()).find_map(|piece| {
+            let at = ctx.inspect().translate(piece.start).ok()?;
+            Range::new(at, at + piece.len()).contains(gpa).then(|| piece.start + (gpa - at))
         });
         return refuse(ctx, ViolationKind::DeputyInput, va.unwrap_or(fault.gprs[7]));
     }
@@ -1175,11 +1172,9 @@ fn deputy_check(ctx: &mut ExitContext<'_>, fault: &Fault) -> Option<Result<Deput
 /// The guest-physical pieces of guest-virtual `range`, a page at a time;
 /// `Err` with the first address that does not translate.
 fn physical_pieces(ctx: &ExitContext<'_>, range: Range, out: &mut Vec<Range>) -> Result<(), u64> {
-    for va in range.pages() {
-        let from = range.start.max(va);
-        let to = range.end.min(va + 0x1000);
-        let gpa = ctx.inspect().translate(from).map_err(|_| from)?;
-        out.push(Range::new(gpa, gpa + (to - from)));
+    for piece in range.pieces() {
+        let gpa = ctx.inspect().translate(piece.start).map_err(|_| piece.start)?;
+        out.push(Range::new(gpa, gpa + piece.len()));
     }
     Ok(())
 }
@@ -1211,23 +1206,24 @@ fn hold_call(ctx: &mut ExitContext<'_>, fault: &Fault, call: Deputy) {
 /// view already maps writable was judged when it was granted (its own
 /// data, a heap page), and grants are taken back whenever a page changes
 /// class: no need to read its `struct page` again. `walk` is set when a
-/// page judged writable may be a table no walk has seen.
+/// page judged writable may be a table no walk has seen; `physical` gets
+/// the guest-physical piece of each page judged.
 fn first_unwritable(
     ctx: &ExitContext<'_>,
     m: u32,
     range: Range,
     walk: &mut bool,
-    pieces: &mut Vec<Range>,
+    physical: &mut Vec<Range>,
 ) -> Option<u64> {
     let engine = &ctx.guest.integrity.as_ref()?.engine;
     let control = ctx.control.as_deref();
-    range.pages().find_map(|va| {
-        let from = range.start.max(va);
-        let to = range.end.min(va + 0x1000);
+    range.pieces().find_map(|piece| {
+        let from = piece.start;
         let Ok(gpa) = ctx.inspect().translate(from) else {
             return Some(from);
         };
-        pieces.push(Range::new(gpa, gpa + (to - from)));
+        let bytes = Range::new(gpa, gpa + piece.len());
+        physical.push(bytes);
         if control.and_then(|c| c.perms(View::Module(m), gpa & !0xfff)).is_some_and(|p| p.contains(Perms::WRITE)) {
             return None;
         }
@@ -1239,10 +1235,9 @@ fn first_unwritable(
         } else {
             None
         };
-        if let Some(ok) = engine.stack_may_write(m, Range::new(from, to), task_stack, alias) {
+        if let Some(ok) = engine.stack_may_write(m, piece, task_stack, alias) {
             return (!ok).then_some(from);
         }
-        let bytes = Range::new(gpa, gpa + (to - from));
         if untracked && probe_list_on(ctx, gpa & !0xfff).is_some_and(|list| list.overlaps(&bytes)) {
             return Some(from);
         }
@@ -1351,9 +1346,8 @@ fn forget_if_dead_stack(ctx: &mut ExitContext<'_>, gva: u64, gpa: u64) {
     let known = |ctx: &ExitContext<'_>| {
         ctx.guest.integrity.as_ref().is_none_or(|s| s.engine.stack_page(gpa) == Some(gva & !0xfff))
     };
-    let base = crate::integrity::returns::task_stack_of(gva).start;
     let crossings = ctx.guest.integrity.as_ref().is_some_and(|s| s.engine.crossings_on_task_window(gva));
-    if !crossings || ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC) || known(ctx) {
+    if !crossings || has_stack_mark(ctx, gva) || known(ctx) {
         return;
     }
     refresh_stacks(ctx);
@@ -1377,8 +1371,15 @@ const STACK_END_MAGIC: u64 = 0x57ac_6e9d;
 fn is_task_stack(ctx: &ExitContext<'_>, gva: u64) -> bool {
     let base = crate::integrity::returns::task_stack_of(gva).start;
     crate::integrity::layout::is_kernel_address(gva)
-        && ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC)
+        && has_stack_mark(ctx, gva)
         && ctx.inspect().translate(base.wrapping_sub(0x1000)).is_err()
+}
+
+/// Whether the 16 KiB window holding `gva` starts with the kernel's
+/// end-of-stack mark.
+fn has_stack_mark(ctx: &ExitContext<'_>, gva: u64) -> bool {
+    let base = crate::integrity::returns::task_stack_of(gva).start;
+    ctx.inspect().read_u64(base) == Ok(STACK_END_MAGIC)
 }
 
 /// The out-parameters the kernel hands a module it calls at `rsp`: its
@@ -3889,6 +3890,16 @@ mod tests {
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW));
     }
 
+    /// A `seq_file` the module (running at `writer`) forges in a heap page
+    /// it is granted, naming a 256-byte buffer on that page: its address.
+    fn forged_seq_file(f: &mut Fixture, writer: u64) -> u64 {
+        let file = HEAP_PAGE + 0x100;
+        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        w(&f.phys, file, &(K + HEAP_PAGE + 0x800).to_le_bytes());
+        w(&f.phys, file + 8, &0x100u64.to_le_bytes());
+        file
+    }
+
     /// A module's code runs on the stack the kernel entered it on. One that
     /// moves its stack pointer onto another task's stack would have its
     /// crossings end that task's frames: here, the `seq_puts` task A is
@@ -3902,10 +3913,7 @@ mod tests {
         let writer = K + MODULE_CODE + 0x10;
         let (mut f, id) = in_module(writer);
         let module = View::Module(id);
-        let file = HEAP_PAGE + 0x100;
-        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
-        w(&f.phys, file, &(K + HEAP_PAGE + 0x800).to_le_bytes());
-        w(&f.phys, file + 8, &0x100u64.to_le_bytes());
+        let file = forged_seq_file(&mut f, writer);
         let enter = |f: &mut Fixture, rsp: u64| {
             f.guest.integrity.as_mut().unwrap().local.view = View::Kernel;
             f.control.active = Some(View::Kernel);
@@ -4027,11 +4035,8 @@ mod tests {
         let writer = K + MODULE_CODE + 0x10;
         let (mut f, id) = in_module(writer);
         let module = View::Module(id);
-        let file = HEAP_PAGE + 0x100;
-        assert_eq!(f.ept(WRITE, file, K + file, writer), Action::Resume);
+        let file = forged_seq_file(&mut f, writer);
         assert_eq!(f.control.perms(module, HEAP_PAGE), Some(Perms::RW), "a heap page of its own");
-        w(&f.phys, file, &(K + HEAP_PAGE + 0x800).to_le_bytes());
-        w(&f.phys, file + 8, &0x100u64.to_le_bytes());
         // seq_puts(file, ...): judged by the buffer it names, and let go.
         let call_site = K + MODULE_CODE + 0x40;
         w(&f.phys, STACK, &call_site.to_le_bytes());

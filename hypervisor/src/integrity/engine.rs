@@ -256,11 +256,11 @@ fn store_guard(gpa: u64) -> Range {
 /// registration reads them). Parts outside `ranges` have no pieces.
 fn physical(ranges: &[Range], pages: &[u64], r: Range) -> Vec<Range> {
     let gpa_of = |va: u64| ranges.iter().flat_map(Range::pages).zip(pages).find(|(v, _)| *v == va).map(|(_, g)| *g);
-    r.pages()
-        .filter_map(|va| {
+    r.pieces()
+        .filter_map(|piece| {
+            let va = page(piece.start);
             let gpa = page(gpa_of(va)?);
-            let (from, to) = (r.start.max(va), r.end.min(va + 0x1000));
-            Some(Range::new(gpa + (from - va), gpa + (to - va)))
+            Some(Range::new(gpa + (piece.start - va), gpa + (piece.end - va)))
         })
         .collect()
 }

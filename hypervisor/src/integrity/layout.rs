@@ -41,6 +41,13 @@ impl Range {
         let end = self.end;
         core::iter::successors(first, |&p| p.checked_add(0x1000)).take_while(move |&p| p < end)
     }
+
+    /// The range cut at page boundaries: its part on each page it touches,
+    /// in order (what one translation serves).
+    pub fn pieces(&self) -> impl Iterator<Item = Range> {
+        let r = *self;
+        self.pages().map(move |p| Range::new(r.start.max(p), r.end.min(p.saturating_add(0x1000))))
+    }
 }
 
 /// A tracepoint's probe list: `struct tracepoint_func { func, data, prio }`

@@ -177,19 +177,19 @@ impl ReturnPoints {
     /// The kernel stack that holds `addr`: an extent, or else the task
     /// stack window.
     pub fn stack_of(&self, addr: u64) -> Range {
+        self.extent_of(addr).unwrap_or_else(|| task_stack_of(addr))
+    }
+
+    /// The CPU's interrupt or exception stack that holds `addr`, if any.
+    fn extent_of(&self, addr: u64) -> Option<Range> {
         let i = self.extents.partition_point(|r| r.start <= addr);
-        match i.checked_sub(1).map(|i| self.extents[i]) {
-            Some(r) if r.contains(addr) => r,
-            _ => task_stack_of(addr),
-        }
+        i.checked_sub(1).map(|i| self.extents[i]).filter(|r| r.contains(addr))
     }
 
     /// Whether crossings are live on the task stack window holding `addr`
     /// (not a CPU's interrupt or exception stack).
     pub fn crossings_on_task_window(&self, addr: u64) -> bool {
-        let i = self.extents.partition_point(|r| r.start <= addr);
-        let extent = i.checked_sub(1).is_some_and(|i| self.extents[i].contains(addr));
-        !extent && self.stacks.contains_key(&task_stack_of(addr).start)
+        self.extent_of(addr).is_none() && self.stacks.contains_key(&task_stack_of(addr).start)
     }
 
     /// The task that owned the stack holding `addr` is gone: what its
