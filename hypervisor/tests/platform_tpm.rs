@@ -150,6 +150,104 @@ fn tpm2_altered_answers_are_refused() {
     assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);
 }
 
+/// The same capture on a TPM 1.2 (a discrete 1.2 on LPC is the cheap
+/// target): `TPM_Seal`'s data and `TPM_Unseal`'s answer cross inside an
+/// encrypted transport session, so no 8 bytes of the key appear.
+#[test]
+fn tpm12_key_never_crosses_the_bus_in_the_clear() {
+    let state = TempDir::new("tpm12-wire");
+    owned_tpm12_state(&state.0);
+    let swtpm = Swtpm::start(&state.0, false);
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let mut tpm = tpm12_on(Wire { inner: swtpm.transport(), seen: seen.clone() });
+    launch_ctvm(&mut tpm, "log=info");
+    let blob = seal::seal_key(&mut tpm, &KEY, &[launch::PCR_CONFIG], &mut nonces()).unwrap();
+    assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);
+    let seen = seen.borrow();
+    assert!(seen.len() > 10, "the capture saw the traffic");
+    for piece in KEY.windows(8) {
+        assert!(!appears(&seen, piece), "key bytes {piece:02x?} crossed the bus in the clear");
+    }
+}
+
+/// An active interposer on a TPM 1.2's bus alters the answer to the
+/// wrapped `TPM_Unseal` or `TPM_Seal`: a bit of the (encrypted) key or
+/// sealed blob, the transport session's HMAC or its new nonce. CTVM refuses
+/// each rather than use it. The chip refuses a wrapped command whose bytes
+/// or session HMAC were altered (TPM_AUTH2FAIL: the transport's check).
+#[test]
+fn tpm12_altered_answers_are_refused() {
+    use hypervisor::platform::tpm::tpm12::ord;
+    let state = TempDir::new("tpm12-mitm");
+    owned_tpm12_state(&state.0);
+    let swtpm = Swtpm::start(&state.0, false);
+    let mut plain = tpm12(&swtpm);
+    launch_ctvm(&mut plain, "log=info");
+    let blob = seal::seal_key(&mut plain, &KEY, &[launch::PCR_CONFIG], &mut nonces()).unwrap();
+    drop(plain);
+    // ExecuteTransport's answer: header (10), ticks (8), locality (4), the
+    // wrapped answer's size (4), then the wrapped answer (its parameters
+    // from 26 + 10), then nonceEven (20), continue (1), HMAC (20).
+    type Change = fn(&mut Vec<u8>);
+    let cases: [(u32, &str, Change); 5] = [
+        (ord::UNSEAL, "a bit of the encrypted key", |r| r[36 + 4 + 7] ^= 1),
+        (ord::UNSEAL, "a bit of the session HMAC", |r| *r.last_mut().unwrap() ^= 0x80),
+        (ord::UNSEAL, "the new nonceEven", |r| {
+            let at = r.len() - 41;
+            r[at] ^= 1
+        }),
+        (ord::SEAL, "a bit of the sealed blob", |r| r[36 + 20] ^= 1),
+        (ord::SEAL, "a bit of the session HMAC", |r| *r.last_mut().unwrap() ^= 1),
+    ];
+    // The wrapped command's ordinal, in the clear at 14 + 6.
+    let wrapped = |c: &[u8]| command_code(c) == ord::EXECUTE_TRANSPORT && c.len() > 24;
+    let inner = |c: &[u8]| u32::from_be_bytes(c[20..24].try_into().unwrap());
+    fn run<T: hypervisor::platform::tpm::Transport>(
+        tpm: &mut PlatformTpm<T>,
+        code: u32,
+        blob: &[u8],
+    ) -> Result<(), SealError> {
+        if code == ord::UNSEAL {
+            seal::unseal_key(tpm, blob, &mut nonces()).map(|_| ())
+        } else {
+            seal::seal_key(tpm, &KEY, &[launch::PCR_CONFIG], &mut nonces()).map(|_| ())
+        }
+    }
+    for (code, what, change) in cases {
+        let alter = move |c: &mut Vec<u8>, r: Option<&mut Vec<u8>>| {
+            if let Some(r) = r {
+                if wrapped(c) && inner(c) == code && r[6..10] == [0; 4] {
+                    change(r);
+                }
+            }
+        };
+        let mut tpm = tpm12_on(Interposer { inner: swtpm.transport(), alter });
+        let got = run(&mut tpm, code, &blob);
+        assert_eq!(got, Err(SealError::V12(Tpm12Error::TransportHmac { ordinal: code })), "{what}");
+    }
+    // The other way: the encrypted parameters or the HMAC of the command.
+    let changes: [(&str, Change); 2] = [
+        ("a bit of the encrypted parameters", |c| c[14 + 14 + 3] ^= 1),
+        ("a bit of the session HMAC", |c| *c.last_mut().unwrap() ^= 1),
+    ];
+    for code in [ord::UNSEAL, ord::SEAL] {
+        for (what, change) in changes {
+            let alter = move |c: &mut Vec<u8>, r: Option<&mut Vec<u8>>| {
+                if r.is_none() && wrapped(c) && inner(c) == code {
+                    change(c);
+                }
+            };
+            let mut tpm = tpm12_on(Interposer { inner: swtpm.transport(), alter });
+            let got = run(&mut tpm, code, &blob);
+            let refused = Err(SealError::V12(Tpm12Error::Rc { ordinal: ord::EXECUTE_TRANSPORT, rc: 0x1d }));
+            assert_eq!(got, refused, "{what} of {code:#x}");
+        }
+    }
+    // Untouched, the same chip still unseals the key.
+    let mut tpm = tpm12(&swtpm);
+    assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);
+}
+
 #[test]
 fn tpm12_seal_unseal_and_counter_against_libtpms() {
     let state = TempDir::new("tpm12");

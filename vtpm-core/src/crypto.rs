@@ -357,8 +357,9 @@ fn private_exponent(p: &BoxedUint, q: &BoxedUint) -> Option<BoxedUint> {
     (&*d).try_resize(RSA_BITS as u32)
 }
 
-/// MGF1 with SHA-1 (RFC 8017 B.2.1): XORs the mask of `seed` into `out`.
-fn mgf1_xor(out: &mut [u8], seed: &[u8]) {
+/// MGF1 with SHA-1 (RFC 8017 B.2.1): XORs the mask of `seed` into `out`
+/// (OAEP here; the platform TPM 1.2's encrypted transport sessions too).
+pub fn mgf1_xor(out: &mut [u8], seed: &[u8]) {
     for (counter, chunk) in (0u32..).zip(out.chunks_mut(20)) {
         let mut mask = sha1_parts(&[seed, &counter.to_be_bytes()]);
         for (o, m) in chunk.iter_mut().zip(mask.iter()) {

@@ -150,7 +150,12 @@ pub fn launch_ctvm<T: Transport>(tpm: &mut PlatformTpm<T>, cmdline: &str) {
 /// A TPM 1.2 as swtpm_setup owns it with its "well-known" secrets,
 /// which are the SHA-1 of twenty zero bytes.
 pub fn tpm12(swtpm: &Swtpm) -> PlatformTpm<Tcp> {
-    let mut tpm = hypervisor::platform::tpm::tpm12::Tpm12::new(swtpm.transport());
+    tpm12_on(swtpm.transport())
+}
+
+/// The same, over any transport (a capture, an interposer).
+pub fn tpm12_on<T: Transport>(transport: T) -> PlatformTpm<T> {
+    let mut tpm = hypervisor::platform::tpm::tpm12::Tpm12::new(transport);
     let secret = hypervisor::platform::tpm::tpm2::digest(hypervisor::platform::tpm::tpm2::alg::SHA1, &[0; 20]).unwrap();
     tpm.owner_auth.copy_from_slice(&secret);
     tpm.srk_auth.copy_from_slice(&secret);

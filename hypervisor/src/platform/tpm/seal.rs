@@ -102,7 +102,7 @@ pub fn seal_key<T: Transport>(
         PlatformTpm::V12(t) => {
             let values: Vec<[u8; 20]> =
                 pcrs.iter().map(|&p| t.pcr_read(p)).collect::<Result<_, _>>().map_err(SealError::V12)?;
-            let stored = t.seal(key, pcrs, &values, [nonces(), nonces()]).map_err(SealError::V12)?;
+            let stored = t.seal(key, pcrs, &values, nonces).map_err(SealError::V12)?;
             blob.push(1);
             header(&mut blob, pcrs);
             blob.extend_from_slice(&stored);
@@ -163,7 +163,7 @@ pub fn unseal_key<T: Transport>(
             let _ = t.flush(item);
             result.map_err(SealError::V2)?
         }
-        (PlatformTpm::V12(t), 1) => t.unseal(rest, [nonces(), nonces()]).map_err(SealError::V12)?,
+        (PlatformTpm::V12(t), 1) => t.unseal(rest, nonces).map_err(SealError::V12)?,
         _ => return Err(SealError::Blob),
     };
     let out = key.as_slice().try_into().map_err(|_| SealError::Length);
