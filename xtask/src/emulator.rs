@@ -260,6 +260,10 @@ impl Swtpm {
     fn start(dir: &Path, version2: bool) -> Result<Swtpm, Fail> {
         let state = dir.join("tpm-state");
         fs::create_dir_all(&state)?;
+        if !version2 {
+            // A 1.2 comes owned, as `tpm_takeownership -z` leaves a real one.
+            crate::tpm12_owner::own_with_zero_secrets(&state)?;
+        }
         let swtpm =
             Swtpm { pid_file: dir.join("swtpm.pid"), log: dir.join("swtpm.log"), socket: dir.join("swtpm.sock") };
         let mut cmd = Command::new("swtpm");

@@ -21,6 +21,7 @@ mod linux;
 mod packages;
 mod platform_checks;
 mod scenarios;
+mod tpm12_owner;
 mod util;
 
 use std::process::ExitCode;

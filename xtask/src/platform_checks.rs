@@ -146,10 +146,9 @@ fn expected_events(out: &RunOutput) -> Result<Vec<Expected>, String> {
     Ok(want)
 }
 
-/// The PCR values libtpms returned to PCR_Read commands, from swtpm's
-/// log: (PCR, bank) -> value, the last read of each.
-fn pcrs_libtpms_returned(log: &str, tpm2: bool) -> BTreeMap<(u32, u16), Vec<u8>> {
-    // Each I/O line is followed by hex lines holding its bytes.
+/// Every (command, response) swtpm logged: each I/O line is followed by
+/// hex lines holding its bytes.
+fn exchanges(log: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut packets: Vec<(bool, Vec<u8>)> = Vec::new();
     for line in log.lines() {
         let t = line.trim();
@@ -165,9 +164,20 @@ fn pcrs_libtpms_returned(log: &str, tpm2: bool) -> BTreeMap<(u32, u16), Vec<u8>>
             }
         }
     }
+    packets
+        .windows(2)
+        .filter_map(|pair| match pair {
+            [(true, cmd), (false, rsp)] => Some((cmd.clone(), rsp.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The PCR values libtpms returned to PCR_Read commands, from swtpm's
+/// log: (PCR, bank) -> value, the last read of each.
+fn pcrs_libtpms_returned(log: &str, tpm2: bool) -> BTreeMap<(u32, u16), Vec<u8>> {
     let mut out = BTreeMap::new();
-    for pair in packets.windows(2) {
-        let [(true, cmd), (false, rsp)] = pair else { continue };
+    for (cmd, rsp) in exchanges(log) {
         if tpm2 && cmd.get(6..10) == Some(&[0, 0, 1, 0x7e]) && rsp.get(6..10) == Some(&[0, 0, 0, 0]) {
             // selection: count, alg, size, bitmap
             let Some(alg) = cmd.get(14..16).map(|a| u16::from_be_bytes([a[0], a[1]])) else { continue };
@@ -192,6 +202,33 @@ fn pcrs_libtpms_returned(log: &str, tpm2: bool) -> BTreeMap<(u32, u16), Vec<u8>>
         }
     }
     out
+}
+
+/// On a TPM 1.2 the state key crossed the bus only encrypted: the chip saw
+/// no TPM_Seal or TPM_Unseal of its own, only inside transport sessions
+/// established with encryption (TPM_TRANSPORT_ENCRYPT, MGF1), and at least
+/// one such session carried a command through.
+pub fn platform_tpm12_seals_wrapped(out: &RunOutput) -> Result<(), String> {
+    if !out.hypervisor().contains("platform TPM 1.2") {
+        return Ok(());
+    }
+    let ordinal = |c: &[u8]| c.get(6..10).map_or(0, |o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]));
+    let mut wrapped = 0;
+    for (cmd, rsp) in exchanges(&out.tpm_log) {
+        match ordinal(&cmd) {
+            o @ (0x17 | 0x18) => return Err(format!("ordinal {o:#x} reached the chip outside a transport session")),
+            // encHandle, then TPM_TRANSPORT_PUBLIC: tag, attributes, algId.
+            0xe6 if cmd.get(16..20) != Some(&[0, 0, 0, 1]) || cmd.get(20..24) != Some(&[0, 0, 0, 7]) => {
+                return Err("a transport session established without MGF1 encryption".into());
+            }
+            0xe7 if rsp.get(6..10) == Some(&[0; 4]) => wrapped += 1,
+            _ => {}
+        }
+    }
+    match wrapped {
+        0 => Err("no command went through an encrypted transport session".into()),
+        _ => Ok(()),
+    }
 }
 
 /// CTVM's measurements landed in the platform PCRs: the log CTVM printed

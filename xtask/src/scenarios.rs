@@ -1349,14 +1349,9 @@ fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
         TpmDevice::Tpm2Tis => "ctvm: platform TPM 2.0 via TIS: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
         TpmDevice::Tpm2Crb => "ctvm: platform TPM 2.0 via CRB: started by firmware; banks sha1 sha256 * events measured into PCRs 12 and 13",
     };
-    // On a TPM 2.0 the test image's vtpm-seal hook drives the vTPM's roots
-    // over the chip (no VT-x here to run a durable guest). Not on the 1.2:
-    // swtpm_setup's "well-known" owner and SRK secrets are not the 20 zero
-    // bytes of `tpm_takeownership -z` that CTVM uses, so its swtpm cannot
-    // be owned the way a real machine is; libtpms 1.2 is host-tested with
-    // the secrets set to match (hypervisor/tests/durable_vtpm.rs).
-    let sealing = tpm != TpmDevice::Tpm12Tis;
-    let image = if sealing { Image::Test } else { Image::Release };
+    // The test image's vtpm-seal hook drives the vTPM's roots over the chip
+    // (no VT-x here to run a durable guest); the 1.2 comes owned with the
+    // zero secrets (`tpm12_owner`), as `tpm_takeownership -z` leaves one.
     Scenario {
         name,
         about: match tpm {
@@ -1364,7 +1359,7 @@ fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
             TpmDevice::Tpm2Tis => "the platform TPM 2.0 via TIS (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
             TpmDevice::Tpm2Crb => "the platform TPM 2.0 via CRB (swtpm): CTVM's measurements land in PCRs 12 and 13; the harness replays its crypto-agile log",
         },
-        hypervisor_args: if sealing { "log=debug test.vtpm-seal" } else { "log=debug" },
+        hypervisor_args: "log=debug test.vtpm-seal",
         guests: vec![
             GuestSpec {
                 name: "seed",
@@ -1377,23 +1372,19 @@ fn qemu_tpm(name: &'static str, tpm: TpmDevice) -> Scenario {
             guest_with_vtpm("alpha", "test=vtpm exit=5"),
             guest("beta", "test=basics"),
         ],
-        target: Target { image, devices: Devices { iommu: false, edu: false, tpm: Some(tpm) }, ..QEMU },
+        target: Target { image: Image::Test, devices: Devices { iommu: false, edu: false, tpm: Some(tpm) }, ..QEMU },
         megs: 512,
         cpus: 1,
         timeout: Duration::from_secs(60),
-        expect: if sealing {
-            vec![
-                expect,
-                "ctvm: platform TPM: the measured launch took",
-                "ctvm: test vtpm-seal: ok: a state key sealed to PCRs [12] (",
-                "ctvm: test vtpm-seal: ok: the platform counter * -> * (a version table's fence), and no commit of a table not handed out",
-                NO_VMX_END,
-            ]
-        } else {
-            vec![expect, "ctvm: platform TPM: the measured launch took", NO_VMX_END]
-        },
+        expect: vec![
+            expect,
+            "ctvm: platform TPM: the measured launch took",
+            "ctvm: test vtpm-seal: ok: a state key sealed to PCRs [12] (",
+            "ctvm: test vtpm-seal: ok: the platform counter * -> * (a version table's fence), and no commit of a table not handed out",
+            NO_VMX_END,
+        ],
         reject: vec!["ctvm: warning: platform TPM", "ctvm: warning: no platform TPM", "test vtpm-seal: FAIL"],
-        checks: vec![crate::platform_checks::platform_tpm_replays],
+        checks: vec![crate::platform_checks::platform_tpm_replays, crate::platform_checks::platform_tpm12_seals_wrapped],
         ends_cleanly: true,
         interactive: false,
     }
