@@ -11,7 +11,7 @@
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
 /// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
 /// area; 12: the probe lists of the tracepoints the agent hooks).
-pub const STRUCT_VERSION: u32 = 12;
+pub const STRUCT_VERSION: u32 = 13;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -187,7 +187,7 @@ pub const SHARED_FIELDS: usize = 4;
 pub const SHARED_FIELD_MAX: u64 = 16;
 
 /// How many protected slab caches the layout can name.
-pub const PROTECTED_CACHES: usize = 10;
+pub const PROTECTED_CACHES: usize = 12;
 
 /// What each slot of [`KernelLayout::protected_caches`] holds: the kernel's
 /// variable (or, for `pid`, `init_pid_ns.pid_cachep`) and the name violation
@@ -206,6 +206,13 @@ pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
     // constructor, a function pointer the kernel calls.
     ("kmem_cache", "kmem-cache"),
     ("kmem_cache_node", "kmem-cache-node"),
+    // procfs, the surface a rootkit hides behind: an entry's operations
+    // (`proc_ops`, `seq_ops`: swap the `/proc/modules` or `/proc/net/tcp`
+    // entry's and its listing leaves lines out) and a proc inode's `i_fop`
+    // (every later open of that file or directory, `/proc` itself, runs
+    // the module's code). Both heap objects: no page of the image.
+    ("proc_dir_entry_cache", "proc-entry"),
+    ("proc_inode_cachep", "proc-inode"),
 ];
 
 /// The slot of `mm_cachep` in [`KernelLayout::protected_caches`].

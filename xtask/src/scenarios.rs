@@ -1518,6 +1518,10 @@ fn linux_integrity_lines(name: &'static str, about: &'static str, kernel: linux:
             "ctvm: violation guest=linux module=atk_tasks kind=write-*",
             "ctvm-init: attack atk_tasks: task list unlink blocked",
             "ctvm-init: after atk_tasks: getpid ok",
+            "ctvm: violation guest=linux module=atk_procfs kind=write-kernel-object * object=proc-entry",
+            "ctvm: violation guest=linux module=atk_procfs kind=write-kernel-object * object=proc-inode",
+            "ctvm-init: attack atk_procfs: /proc/modules entry seq_ops swap blocked, proc inode i_fop swap blocked",
+            "ctvm-init: after atk_procfs: getpid ok",
             // (atk_toctou's lines, by the number of CPUs: see below.)
             "ctvm-init: after atk_toctou: getpid ok",
             "ctvm: violation guest=linux module=atk_deputy kind=deputy-write",

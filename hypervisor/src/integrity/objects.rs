@@ -286,6 +286,8 @@ mod tests {
     const CRED_JAR: u64 = 0xffff_8880_0100_0000;
     const TASKS: u64 = 0xffff_8880_0100_0100;
     const KMALLOC: u64 = 0xffff_8880_0100_0200;
+    const PROC_ENTRIES: u64 = 0xffff_8880_0100_0300;
+    const PROC_INODES: u64 = 0xffff_8880_0100_0400;
     /// The array's pages live at 0x70_0000.. in guest RAM.
     const ARRAY_GPA: u64 = 0x70_0000;
 
@@ -293,6 +295,8 @@ mod tests {
         let mut caches = [0; abi::PROTECTED_CACHES];
         caches[0] = CRED_JAR;
         caches[1] = TASKS;
+        caches[10] = PROC_ENTRIES;
+        caches[11] = PROC_INODES;
         let mut m = ObjectMap::from_wire(VMEMMAP, 64, 24, &caches).unwrap().unwrap();
         // 16 MiB of RAM: 4096 frames, 64 pages of array; the 3rd unmapped.
         let pages = (0..64).map(|i| if i == 2 { 0 } else { ARRAY_GPA + i * 0x1000 }).collect();
@@ -315,13 +319,22 @@ mod tests {
     #[test]
     fn a_page_of_a_protected_cache_is_named() {
         let m = map();
-        let mem =
-            memory(&[(0x10, 0, CRED_JAR), (0x11, 0, KMALLOC), (0x20, 0, TASKS), (0x21, VMEMMAP + 0x20 * 64 + 1, 0)]);
+        let mem = memory(&[
+            (0x10, 0, CRED_JAR),
+            (0x11, 0, KMALLOC),
+            (0x20, 0, TASKS),
+            (0x21, VMEMMAP + 0x20 * 64 + 1, 0),
+            (0x40, 0, PROC_ENTRIES),
+            (0x41, 0, PROC_INODES),
+        ]);
         let read = |a: u64| mem.get(&a).copied().or(Some(0));
         assert_eq!(m.object_at(0x10_123, read), Ok(Some("cred")));
         assert_eq!(m.object_at(0x11_000, read), Ok(None));
         // A tail page of a task_struct slab is judged by its head.
         assert_eq!(m.object_at(0x21_ff8, read), Ok(Some("task")));
+        // procfs: an entry's operations, an inode's i_fop.
+        assert_eq!(m.object_at(0x40_080, read), Ok(Some("proc-entry")));
+        assert_eq!(m.object_at(0x41_7c0, read), Ok(Some("proc-inode")));
         // A page that is no slab (word at the offset is not a cache).
         assert_eq!(m.object_at(0x30_000, read), Ok(None));
     }
