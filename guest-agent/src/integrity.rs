@@ -11,7 +11,7 @@
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
 /// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
 /// area; 12: the probe lists of the tracepoints the agent hooks).
-pub const STRUCT_VERSION: u32 = 13;
+pub const STRUCT_VERSION: u32 = 14;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -187,7 +187,7 @@ pub const SHARED_FIELDS: usize = 4;
 pub const SHARED_FIELD_MAX: u64 = 16;
 
 /// How many protected slab caches the layout can name.
-pub const PROTECTED_CACHES: usize = 12;
+pub const PROTECTED_CACHES: usize = 14;
 
 /// What each slot of [`KernelLayout::protected_caches`] holds: the kernel's
 /// variable (or, for `pid`, `init_pid_ns.pid_cachep`) and the name violation
@@ -213,6 +213,11 @@ pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
     // the module's code). Both heap objects: no page of the image.
     ("proc_dir_entry_cache", "proc-entry"),
     ("proc_inode_cachep", "proc-inode"),
+    // The namespaces, a way around the credentials: a user namespace's
+    // uid_map onto the host's uid 0 lets its root setuid(0) into the host's
+    // root; an nsproxy's pointers move its tasks out of their container.
+    ("user_ns_cachep", "user-ns"),
+    ("nsproxy_cachep", "nsproxy"),
 ];
 
 /// The slot of `mm_cachep` in [`KernelLayout::protected_caches`].

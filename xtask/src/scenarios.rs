@@ -1522,6 +1522,10 @@ fn linux_integrity_lines(name: &'static str, about: &'static str, kernel: linux:
             "ctvm: violation guest=linux module=atk_procfs kind=write-kernel-object * object=proc-inode",
             "ctvm-init: attack atk_procfs: /proc/modules entry seq_ops swap blocked, proc inode i_fop swap blocked",
             "ctvm-init: after atk_procfs: getpid ok",
+            "ctvm: violation guest=linux module=atk_ns kind=write-kernel-object * object=user-ns",
+            "ctvm: violation guest=linux module=atk_ns kind=write-kernel-object * object=nsproxy",
+            "ctvm-init: attack atk_ns: user namespace uid 0 mapped to the host's blocked, nsproxy moved to the host's network blocked",
+            "ctvm-init: after atk_ns: getpid ok",
             // (atk_toctou's lines, by the number of CPUs: see below.)
             "ctvm-init: after atk_toctou: getpid ok",
             "ctvm: violation guest=linux module=atk_deputy kind=deputy-write",

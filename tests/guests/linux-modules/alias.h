@@ -44,6 +44,20 @@ fault:
 	return -EFAULT;
 }
 
+/* Swaps the pointer-sized word at `slot` for `fake`, reads it back and
+ * puts the old value back if the swap held: "WENT THROUGH" or "blocked". */
+static __maybe_unused const char *swap_held(volatile unsigned long *slot, unsigned long fake)
+{
+	unsigned long old = *slot;
+	bool held;
+
+	*slot = fake;
+	held = *slot == fake;
+	if (held)
+		*slot = old;
+	return held ? "WENT THROUGH" : "blocked";
+}
+
 /* Waits until `cond` holds or the kernel thread `t` (held: get_task_struct)
  * has died, a second at most, in 10 ms steps: an attack run in a thread of
  * its own either reports at once or dies of the refusal. (A fixed wait

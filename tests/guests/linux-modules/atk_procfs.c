@@ -45,20 +45,6 @@ static long field_of(const void *object, size_t len, unsigned long value)
 	return -1;
 }
 
-/* Swaps the pointer at `slot` for `fake`, reads it back and puts the old
- * one back if the swap held: "WENT THROUGH" or "blocked". */
-static const char *swap_held(volatile unsigned long *slot, unsigned long fake)
-{
-	unsigned long old = *slot;
-	bool held;
-
-	*slot = fake;
-	held = *slot == fake;
-	if (held)
-		*slot = old;
-	return held ? "WENT THROUGH" : "blocked";
-}
-
 static const char *entry_swap(void)
 {
 	struct proc_dir_entry *mine = proc_create_seq("atk_procfs", 0, NULL, &fake_seq);
