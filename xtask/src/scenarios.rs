@@ -1526,6 +1526,9 @@ fn linux_integrity_lines(name: &'static str, about: &'static str, kernel: linux:
             "ctvm: violation guest=linux module=atk_ns kind=write-kernel-object * object=nsproxy",
             "ctvm-init: attack atk_ns: user namespace uid 0 mapped to the host's blocked, nsproxy moved to the host's network blocked",
             "ctvm-init: after atk_ns: getpid ok",
+            "ctvm: violation guest=linux module=atk_free kind=deputy-write",
+            "ctvm-init: attack atk_free: kfree of a credential blocked",
+            "ctvm-init: after atk_free: getpid ok",
             // (atk_toctou's lines, by the number of CPUs: see below.)
             "ctvm-init: after atk_toctou: getpid ok",
             "ctvm: violation guest=linux module=atk_deputy kind=deputy-write",

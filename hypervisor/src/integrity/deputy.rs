@@ -2,7 +2,10 @@
 //! `memset`, the string copies, `copy_from_user`, the `printf` family into
 //! a buffer, the `kstrto*` parsers, `bin2hex`, the bitmap operations,
 //! `kobject_del`, the `scanf` family (through the pointers its format
-//! consumes) and the `seq_file` writers (into the file's buffer). An isolated
+//! consumes), the `seq_file` writers (into the file's buffer) and the free
+//! functions (`kfree`, `kmem_cache_free`, `vfree`: the allocator writes its
+//! free pointer into the object, which the kernel hands out again: a module
+//! that frees a credential in use has the next one built over it). An isolated
 //! module may call them (they are ordinary, allowed exports), but the
 //! kernel view runs them with the kernel's rights: a module that cannot
 //! write `modprobe_path` itself would ask `memcpy` to. So a call to one of
@@ -27,6 +30,10 @@ pub enum Length {
     /// The words of a bitmap up to bit `start + len` (`__bitmap_set`):
     /// the registers holding `start` and `len` (a signed `int`).
     BitSpan(usize, usize),
+    /// The object a free function gives back, judged by its first byte (a
+    /// slab's objects share its pages' class, a stack's base is a stack);
+    /// nothing for NULL or `ZERO_SIZE_PTR`, which free nothing.
+    Freed,
 }
 
 /// Where a call writes.
@@ -70,6 +77,9 @@ pub const MAX_DESTINATION: u64 = 1 << 20;
 /// destination starts on and the next: strings longer than that into a
 /// kernel page are not a module's business.
 const STRING_BOUND: u64 = 0x1000;
+
+/// What `kmalloc(0)` returns; freeing it (or NULL) frees nothing.
+const ZERO_SIZE_PTR: u64 = 16;
 
 /// `sizeof(struct kobject)` is 64 bytes on x86-64; a kobject call writes
 /// its links, its state bits and its reference count.
@@ -144,6 +154,10 @@ pub fn spec(name: &[u8]) -> Option<Spec> {
         | b"kstrtou16_from_user" => arg(RCX, Length::Fixed(PARSED)),
         b"kobject_del" | b"kobject_put" | b"kobject_rename" | b"kobject_move" => arg(RDI, Length::Fixed(KOBJECT)),
         b"bin2hex" => arg(RDI, Length::Twice(RDX)),
+        b"kfree" | b"kfree_sensitive" | b"kvfree" | b"kvfree_sensitive" | b"kfree_const" | b"vfree" | b"free_pages" => {
+            arg(RDI, Length::Freed)
+        }
+        b"kmem_cache_free" => arg(RSI, Length::Freed),
         // Bitmaps, by their bit count.
         b"__bitmap_set" | b"__bitmap_clear" => arg(RDI, Length::BitSpan(RSI, RDX)),
         b"__bitmap_complement" | b"bitmap_from_arr32" | b"bitmap_to_arr32" => arg(RDI, Length::Bits(RDX)),
@@ -409,6 +423,7 @@ fn destination(register: usize, length: Length, gprs: &[u64; 16]) -> Option<Rang
         Length::Bits(r) => words(u64::from(gprs[r] as u32)),
         // A length below one still touches the word holding `start`.
         Length::BitSpan(start, len) => words(u64::from(gprs[start] as u32) + (gprs[len] as i32).max(1) as u64),
+        Length::Freed => u64::from(start > ZERO_SIZE_PTR),
     };
     if len > MAX_DESTINATION {
         return None;
@@ -569,6 +584,26 @@ mod tests {
         let m = memory(&[(FILE, &fields)]);
         assert_eq!(all(spec(b"seq_puts").unwrap(), &gprs, &reader(&m)), None);
         assert_eq!(all(spec(b"seq_putc").unwrap(), &gprs, &|_, _| None), None);
+    }
+
+    /// A free is judged by the object it gives back (the allocator writes
+    /// into it, and hands it out again): a credential freed by a module
+    /// would have the next one built over it while its task still uses it.
+    #[test]
+    fn the_free_functions_are_judged_by_the_object_they_give_back() {
+        const CRED: u64 = 0xffff_8880_0123_4540;
+        let mut gprs = [0u64; 16];
+        for name in [&b"kfree"[..], b"kfree_sensitive", b"kvfree", b"kfree_const", b"vfree", b"free_pages"] {
+            gprs[RDI] = CRED;
+            assert_eq!(one(spec(name).unwrap(), &gprs), Some(Range::new(CRED, CRED + 1)), "{name:?}");
+            // NULL and ZERO_SIZE_PTR free nothing.
+            for nothing in [0, ZERO_SIZE_PTR] {
+                gprs[RDI] = nothing;
+                assert_eq!(one(spec(name).unwrap(), &gprs), Some(Range::new(nothing, nothing)));
+            }
+        }
+        (gprs[RDI], gprs[RSI]) = (0xffff_8880_0100_0000, CRED);
+        assert_eq!(one(spec(b"kmem_cache_free").unwrap(), &gprs), Some(Range::new(CRED, CRED + 1)));
     }
 
     /// Everything a verdict was read from is named, to be held until the

@@ -319,6 +319,7 @@ integrity_tests() {
     while [ "$(readlink /proc/$jail/ns/user)" = "$(readlink /proc/self/ns/user)" ]; do usleep 1000; done
     attack atk_ns pid=$jail
     kill $jail
+    attack atk_free jar=$(sym cred_jar)
     say "processes listed: $(ls -d /proc/[0-9]* | wc -l)"
     # The same, racing the check: a thread on the other CPU changes the
     # format sscanf was judged by while the kernel runs it (from CPU 0).
