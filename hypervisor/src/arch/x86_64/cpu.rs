@@ -140,29 +140,30 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Hardware entropy: RDSEED when present, else RDRAND, each retried a few
-/// times as Intel recommends. `None` when neither exists or both keep failing.
+/// Hardware entropy: RDSEED when present, else (or when RDSEED stays empty,
+/// as it may under load: it waits for fresh entropy) RDRAND, each retried
+/// as Intel recommends. `None` when neither exists or both keep failing.
 pub fn hardware_random() -> Option<u64> {
-    let leaf7 = cpuid(7, 0);
-    let leaf1 = cpuid(1, 0);
-    let has_rdseed = leaf7.ebx & (1 << 18) != 0;
-    let has_rdrand = leaf1.ecx & (1 << 30) != 0;
-    for _ in 0..32 {
-        let (value, ok): (u64, u8);
-        if has_rdseed {
-            // SAFETY: CPUID says RDSEED exists.
-            unsafe { asm!("rdseed {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
-        } else if has_rdrand {
-            // SAFETY: CPUID says RDRAND exists.
-            unsafe { asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
-        } else {
-            return None;
-        }
-        if ok != 0 {
-            return Some(value);
-        }
-    }
-    None
+    let has_rdseed = cpuid(7, 0).ebx & (1 << 18) != 0;
+    let has_rdrand = cpuid(1, 0).ecx & (1 << 30) != 0;
+    let retried = |read: fn() -> Option<u64>| (0..32).find_map(|_| read());
+    has_rdseed.then(|| retried(rdseed)).flatten().or_else(|| has_rdrand.then(|| retried(rdrand)).flatten())
+}
+
+/// One RDSEED; the caller checked CPUID.
+fn rdseed() -> Option<u64> {
+    let (value, ok): (u64, u8);
+    // SAFETY: only called where CPUID says RDSEED exists; writes registers only.
+    unsafe { asm!("rdseed {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
+    (ok != 0).then_some(value)
+}
+
+/// One RDRAND; the caller checked CPUID.
+fn rdrand() -> Option<u64> {
+    let (value, ok): (u64, u8);
+    // SAFETY: only called where CPUID says RDRAND exists; writes registers only.
+    unsafe { asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack)) };
+    (ok != 0).then_some(value)
 }
 
 /// The host processor as the exit handlers see it.

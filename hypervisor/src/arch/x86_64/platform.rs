@@ -71,6 +71,12 @@ fn device_owner_e820(boot: &BootInfo, keep: &[Region]) -> Vec<E820Entry> {
 /// pool, other guests' modules); `device_owner`: a guest will own the
 /// machine's devices (DMA into its memory is then allowed).
 pub fn start(boot: &BootInfo, keep: &[Region], device_owner: bool) -> Platform {
+    if cpu::hardware_random().is_none() {
+        warn!(
+            "no hardware random number generator (RDSEED and RDRAND absent or failing): the vTPMs' keys and nonces \
+             and the platform TPM's session secrets come from the time-stamp counter, which an attacker may guess"
+        );
+    }
     let mut platform = Platform { hidden: Vec::new() };
     let sinit_dmar = start_tboot(boot, &mut platform);
     let mut keep = keep.to_vec();
