@@ -243,6 +243,17 @@ fn tpm12_altered_answers_are_refused() {
             assert_eq!(got, refused, "{what} of {code:#x}");
         }
     }
+    // A refused command leaves no session open in the chip: more refusals
+    // than libtpms has authorization sessions (16), two sessions each.
+    for _ in 0..12 {
+        let alter = move |c: &mut Vec<u8>, r: Option<&mut Vec<u8>>| {
+            if r.is_none() && wrapped(c) && inner(c) == ord::UNSEAL {
+                *c.last_mut().unwrap() ^= 1;
+            }
+        };
+        let mut tpm = tpm12_on(Interposer { inner: swtpm.transport(), alter });
+        assert!(run(&mut tpm, ord::UNSEAL, &blob).is_err());
+    }
     // Untouched, the same chip still unseals the key.
     let mut tpm = tpm12(&swtpm);
     assert_eq!(seal::unseal_key(&mut tpm, &blob, &mut nonces()).unwrap(), KEY);

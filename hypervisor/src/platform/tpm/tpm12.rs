@@ -352,6 +352,7 @@ const TAG_TRANSPORT_PUBLIC: u16 = 0x001e;
 const TRANSPORT_ENCRYPT: u32 = 0x0000_0001;
 const ALG_MGF1: u32 = 0x0000_0007;
 const ES_NONE: u16 = 0x0001;
+const RT_AUTH: u32 = 0x0000_0002;
 const RT_TRANS: u32 = 0x0000_0004;
 /// An authorization block's length in a command and in an answer.
 const AUTH_IN: usize = 45;
@@ -395,11 +396,33 @@ impl<T: Transport> Tpm12<T> {
         nonces: Nonces<'_>,
     ) -> Result<Vec<u8>, Tpm12Error> {
         let ordinal = inner.get(6..10).map_or(0, |o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]));
-        let wrap = self.establish_transport(nonces)?;
-        let mut answer = self.execute_transport(wrap, inner, handles, auths, nonces())?;
+        let answer = self
+            .establish_transport(nonces)
+            .and_then(|wrap| self.execute_transport(wrap, inner, handles, auths, nonces()));
+        let mut answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                // The inner command's sessions (a 1.2 may have as few as
+                // three): the chip ends them only once it ran the command.
+                for at in (1..=auths).filter_map(|k| inner.len().checked_sub(AUTH_IN * k)) {
+                    if let Some(h) = inner.get(at..at + 4) {
+                        self.flush(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), RT_AUTH);
+                    }
+                }
+                return Err(e);
+            }
+        };
         let body = response_body(ordinal, &answer);
         answer.zeroize();
         body
+    }
+
+    /// TPM_FlushSpecific of a session a failure may have left open; an
+    /// error (the chip had ended it already) changes nothing.
+    fn flush(&mut self, handle: u32, resource: u32) {
+        let mut b = Out::default();
+        b.u32(handle).u32(resource);
+        let _ = self.run(ord::FLUSH_SPECIFIC, &command(TAG_RQU_COMMAND, ord::FLUSH_SPECIFIC, &b.0));
     }
 
     /// The SRK's modulus, through TPM_OwnerReadInternalPub: a chip owned
@@ -474,9 +497,7 @@ impl<T: Transport> Tpm12<T> {
             Ok(r) => r,
             Err(e) => {
                 // The chip may keep a session whose command it refused.
-                let mut flush = Out::default();
-                flush.u32(wrap.handle).u32(RT_TRANS);
-                let _ = self.run(ord::FLUSH_SPECIFIC, &command(TAG_RQU_COMMAND, ord::FLUSH_SPECIFIC, &flush.0));
+                self.flush(wrap.handle, RT_TRANS);
                 return Err(e);
             }
         };
