@@ -11,7 +11,7 @@
 /// struct page names its process; 9: the slab caches' own `kmem_cache` and
 /// `kmem_cache_node` caches protected too; 10: the kernel's per-CPU
 /// area; 12: the probe lists of the tracepoints the agent hooks).
-pub const STRUCT_VERSION: u32 = 15;
+pub const STRUCT_VERSION: u32 = 16;
 
 /// A half-open range of guest-virtual addresses.
 #[repr(C)]
@@ -187,7 +187,7 @@ pub const SHARED_FIELDS: usize = 4;
 pub const SHARED_FIELD_MAX: u64 = 16;
 
 /// How many protected slab caches the layout can name.
-pub const PROTECTED_CACHES: usize = 15;
+pub const PROTECTED_CACHES: usize = 16;
 
 /// What each slot of [`KernelLayout::protected_caches`] holds: the kernel's
 /// variable (or, for `pid`, `init_pid_ns.pid_cachep`) and the name violation
@@ -222,6 +222,9 @@ pub const PROTECTED_CACHES_NAMES: [(&str, &str); PROTECTED_CACHES] = [
     // rootkit renames or hides its /sys/module directory by; its `attr.ops`
     // is what every read of an attribute runs.
     ("kernfs_node_cache", "kernfs-node"),
+    // A mount's flags (nosuid, noexec, read-only) and its place in its
+    // namespace's tree: lifted or unlinked, a restriction or a mount is gone.
+    ("mnt_cache", "mount"),
 ];
 
 /// The slot of `mm_cachep` in [`KernelLayout::protected_caches`].

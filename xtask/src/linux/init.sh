@@ -51,7 +51,7 @@ SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_r
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec __tracepoint_task_newtask
     _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
-    mm_cachep kmem_cache kmem_cache_node proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache proc_root
+    mm_cachep kmem_cache kmem_cache_node proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache mnt_cache proc_root
     kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
     __start___ex_table __stop___ex_table __get_user_1 __get_user_2 cpu_current_top_of_stack
     __per_cpu_start __per_cpu_end irq_stack_backing_store exception_stacks hardirq_stack_ptr"
@@ -67,7 +67,7 @@ after() { sym "after:$1"; }
 # slot order (slot 2, the pid cache, the agent finds itself).
 caches() {
     list=$(for c in cred_jar task_struct_cachep - signal_cachep sighand_cachep files_cachep fs_cachep mm_cachep kmem_cache kmem_cache_node \
-        proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache; do
+        proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache mnt_cache; do
         v=$(sym $c); echo "${v:-0}"; done | tr '\n' ',' | sed 's/,$//')
     echo "caches=$list"
 }
@@ -314,6 +314,7 @@ integrity_tests() {
     attack atk_tasks
     attack atk_procfs root=$(sym proc_root) 3</proc/modules
     attack atk_sysfs
+    attack atk_mount
     # A process in a user and network namespace of its own, unmapped.
     unshare -U -n sleep 600 &
     jail=$!
