@@ -21,26 +21,23 @@ pub fn own_with_zero_secrets(state: &Path) -> Result<(), Fail> {
     setup.arg("--tpm-state").arg(state).args(["--createek", "--overwrite"]).stdout(Stdio::null());
     crate::util::run(&mut setup)?;
     let socket = state.join("own.sock");
-    let pid_file = state.join("own.pid");
-    let mut swtpm = Command::new("swtpm");
-    swtpm
+    // A child, not a daemon: ended through std, with no `kill` binary
+    // needed (a minimal Debian root has none).
+    let mut swtpm = Command::new("swtpm")
         .arg("socket")
         .arg("--tpmstate")
         .arg(format!("dir={}", state.display()))
         .arg("--server")
         .arg(format!("type=unixio,path={}", socket.display()))
         .args(["--flags", "not-need-init,startup-clear"])
-        .arg("--pid")
-        .arg(format!("file={}", pid_file.display()))
-        .arg("--daemon");
-    crate::util::run(&mut swtpm)?;
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| Fail(format!("cannot start swtpm: {e}")))?;
     let owned = take_ownership(&socket);
-    // swtpm writes the owned state at the command; it can go now.
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
-    }
+    // swtpm wrote the owned state at the command; it can go now.
+    let _ = swtpm.kill();
+    let _ = swtpm.wait();
     let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&pid_file);
     owned
 }
 
