@@ -82,10 +82,9 @@ module_param(exception_stacks, ulong, 0400);
 static unsigned long irq_stack_top;
 module_param(irq_stack_top, ulong, 0400);
 /* The addresses of the kernel's variables that hold its protected slab
- * caches, in CTVM's slot order (cred_jar, task_struct_cachep, -, signal,
- * sighand, files, fs, mm, kmem_cache, kmem_cache_node, proc_dir_entry,
- * proc_inode, user_ns, nsproxy, kernfs_node, mount); 0 where absent. Slot 2
- * (pids) the agent fills. */
+ * caches, in CTVM's slot order (PROTECTED_CACHES_NAMES in
+ * guest-agent/src/integrity.rs); 0 where absent. Slot 2 (pids) the agent
+ * fills. */
 static unsigned long caches[CTVM_PROTECTED_CACHES];
 static int cache_count;
 module_param_array(caches, ulong, &cache_count, 0400);

@@ -44,15 +44,17 @@ if grep -qw hypervisor /proc/cpuinfo; then say "hypervisor flag: yes"; else say 
 if [ -e /sys/class/tpm/tpm0 ]; then say "tpm0: present"; else say "tpm0: absent"; fi
 say "done"
 
+# The variables holding the kernel's protected slab caches, in the agent's
+# slot order (xtask fills them in from the agent's table; "-" is the pid
+# cache, which the agent finds itself).
+CACHES="@PROTECTED_CACHES@"
 # Kernel symbols from one pass over /proc/kallsyms (each pass takes seconds
 # under Bochs); "after:NAME" is the symbol that follows NAME.
-SYMBOLS="_stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
+SYMBOLS="$CACHES _stext _etext __start_rodata __end_rodata __start_ro_after_init __end_ro_after_init sys_call_table
     idt_table entry_SYSCALL_64 __text_poke modules _sdata __start___ksymtab __stop___ksymtab __start___ksymtab_gpl
     __stop___ksymtab_gpl init_top_pgt retbleed_return_thunk srso_return_thunk srso_alias_return_thunk
     its_return_thunk linux_banner __x64_sys_getpid set_memory_rw sched_schedstats __tracepoint_sched_process_exec __tracepoint_task_newtask
-    _edata __bss_start __bss_stop cred_jar task_struct_cachep signal_cachep sighand_cachep files_cachep fs_cachep
-    mm_cachep kmem_cache kmem_cache_node proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache mnt_cache proc_root
-    kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
+    _edata __bss_start __bss_stop proc_root kallsyms_lookup_name modprobe_path core_pattern init_task pgd_list asm_exc_int3 set_memory_x
     __start___ex_table __stop___ex_table __get_user_1 __get_user_2 cpu_current_top_of_stack
     __per_cpu_start __per_cpu_end irq_stack_backing_store exception_stacks hardirq_stack_ptr"
 sym() {
@@ -63,12 +65,8 @@ sym() {
     awk -v s="$1" '$1 == s { print $2; exit }' /tmp/symbols
 }
 after() { sym "after:$1"; }
-# The variables holding the kernel's protected slab caches, in the agent's
-# slot order (slot 2, the pid cache, the agent finds itself).
 caches() {
-    list=$(for c in cred_jar task_struct_cachep - signal_cachep sighand_cachep files_cachep fs_cachep mm_cachep kmem_cache kmem_cache_node \
-        proc_dir_entry_cache proc_inode_cachep user_ns_cachep nsproxy_cachep kernfs_node_cache mnt_cache; do
-        v=$(sym $c); echo "${v:-0}"; done | tr '\n' ',' | sed 's/,$//')
+    list=$(for c in $CACHES; do v=$(sym $c); echo "${v:-0}"; done | tr '\n' ',' | sed 's/,$//')
     echo "caches=$list"
 }
 # The return thunks this kernel has (which one modules use depends on the CPU).

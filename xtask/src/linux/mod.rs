@@ -179,9 +179,20 @@ pub fn assets(choice: Kernel) -> Result<LinuxAssets, Fail> {
     for (name, bin) in modules::user_programs()? {
         archive.file(&format!("bin/{name}"), 0o755, &fs::read(&bin)?);
     }
-    archive.file("init", 0o755, INIT.as_bytes());
+    archive.file("init", 0o755, init_script().as_bytes());
     fs::write(&initrd, archive.finish())?;
     Ok(LinuxAssets { kernel, initrd, version, policy, api })
+}
+
+/// `init.sh` with the kernel variables that hold the protected slab caches
+/// filled in from the agent's own table, in its slot order (`-` for the one
+/// the agent finds itself): the slots have one source.
+fn init_script() -> String {
+    let caches: Vec<&str> = guest_agent::integrity::PROTECTED_CACHES_NAMES
+        .iter()
+        .map(|&(variable, _)| if variable.contains('.') { "-" } else { variable })
+        .collect();
+    INIT.replace("@PROTECTED_CACHES@", &caches.join(" "))
 }
 
 /// The disk driver stack Debian's cloud kernel builds as modules, in load
@@ -208,4 +219,15 @@ pub fn durable_initrd(choice: Kernel, assets: &LinuxAssets) -> Result<PathBuf, F
     let initrd = out.join("initramfs-durable.cpio");
     fs::write(&initrd, bytes)?;
     Ok(initrd)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_init_script_names_the_agents_cache_slots() {
+        let init = super::init_script();
+        assert!(!init.contains("@PROTECTED_CACHES@"));
+        assert!(init.contains("CACHES=\"cred_jar task_struct_cachep - signal_cachep"));
+        assert!(init.contains("kernfs_node_cache mnt_cache\""));
+    }
 }
